@@ -1,0 +1,47 @@
+# pcluster build, test and benchmark entry points.
+# `make demo` and `make test` install what they need (deps) on a fresh
+# Debian machine; .ci/run calls `make test`.
+
+GO        ?= go
+BIN       := bin
+CMDS      := $(notdir $(wildcard cmd/*))
+GOFLAGS   ?=
+export GOFLAGS
+
+.PHONY: all build deps test lint bench demo clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# deps installs the Debian packages and Go tools the tests use, once.
+deps:
+	@missing=""; \
+	for c in gcc python3 ip; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: gcc libc6-dev python3 iproute2"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev python3 iproute2 >/dev/null; \
+	fi
+	@command -v staticcheck >/dev/null 2>&1 || [ -x $$($(GO) env GOPATH)/bin/staticcheck ] || \
+		$(GO) install honnef.co/go/tools/cmd/staticcheck@latest
+	@$(GO) mod download
+
+lint: deps
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	PATH="$$PATH:$$($(GO) env GOPATH)/bin" staticcheck ./...
+
+test: deps build lint
+	$(GO) test -count=1 -timeout 20m ./...
+
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+
+demo: deps build
+	./scripts/demo.sh
+
+clean:
+	rm -rf $(BIN)
