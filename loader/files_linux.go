@@ -1,0 +1,124 @@
+package loader
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+)
+
+// openFiles puts every saved file descriptor back on its number: regular
+// files, directories and devices are reopened by path at their offset,
+// fds that share an open file description share one again, and inherited
+// fds 0-2 stay connected to ours. Every other fd is closed.
+func (p *Process) openFiles() error {
+	if err := p.setRlimits(); err != nil {
+		return err
+	}
+	want := map[int]bool{}
+	for _, f := range p.fds {
+		want[f.Fd] = true
+	}
+	return p.tr.Do(func() error {
+		for _, f := range p.fds {
+			switch {
+			case f.Kind == image.FDInherit:
+				// Already there: the stub inherited our fd.
+			case f.Desc != f.Fd:
+				// Shares the description of an earlier fd: dup3 below.
+			default:
+				if err := p.openFile(f); err != nil {
+					return err
+				}
+			}
+		}
+		for _, f := range p.fds {
+			if f.Kind == image.FDFile && f.Desc != f.Fd {
+				if !want[f.Desc] {
+					return fmt.Errorf("%w: fd %d shares fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, f.Desc)
+				}
+				if _, err := p.call(unix.SYS_DUP3, uintptr(f.Desc), uintptr(f.Fd), uintptr(f.Flags&unix.O_CLOEXEC)); err != nil {
+					return fmt.Errorf("fd %d (%s): dup3: %w", f.Fd, f.What, err)
+				}
+			}
+			var fdflags uintptr
+			if f.Flags&unix.O_CLOEXEC != 0 {
+				fdflags = unix.FD_CLOEXEC
+			}
+			if _, err := p.call(unix.SYS_FCNTL, uintptr(f.Fd), unix.F_SETFD, fdflags); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+		// Close everything else (the stub's memfd, our stdio the process
+		// did not have).
+		ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.pid))
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			n, err := strconv.Atoi(e.Name())
+			if err != nil || want[n] {
+				continue
+			}
+			if _, err := p.call(unix.SYS_CLOSE, uintptr(n)); err != nil {
+				return fmt.Errorf("close fd %d: %w", n, err)
+			}
+		}
+		return nil
+	})
+}
+
+// openFile opens f's path in the process and moves it onto f.Fd.
+// Runs on the tracer thread.
+func (p *Process) openFile(f *image.FD) error {
+	path, err := p.putString(f.Path)
+	if err != nil {
+		return err
+	}
+	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY)
+	tmp, err := p.call(unix.SYS_OPEN, path, flags|unix.O_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("fd %d: open %s: %w", f.Fd, f.Path, err)
+	}
+	if f.Flags&unix.O_PATH == 0 && f.Mode&unix.S_IFMT == unix.S_IFREG {
+		if _, err := p.call(unix.SYS_LSEEK, tmp, uintptr(f.Pos), 0); err != nil {
+			return fmt.Errorf("fd %d: seek %s to %d: %w", f.Fd, f.Path, f.Pos, err)
+		}
+	}
+	if int(tmp) == f.Fd {
+		return nil
+	}
+	if _, err := p.call(unix.SYS_DUP3, tmp, uintptr(f.Fd), 0); err != nil {
+		return fmt.Errorf("fd %d (%s): dup3: %w", f.Fd, f.Path, err)
+	}
+	_, err = p.call(unix.SYS_CLOSE, tmp)
+	return err
+}
+
+// setRlimits applies the saved resource limits. A hard limit above ours
+// needs CAP_SYS_RESOURCE; without it the limit is capped and the user told.
+func (p *Process) setRlimits() error {
+	for res, rl := range p.proc.Rlimits {
+		want := unix.Rlimit{Cur: rl.Cur, Max: rl.Max}
+		if want.Cur > want.Max {
+			return fmt.Errorf("%w: rlimit %d soft %d above hard %d", image.ErrCorrupt, res, want.Cur, want.Max)
+		}
+		err := unix.Prlimit(p.pid, res, &want, nil)
+		if err == unix.EPERM {
+			var cur unix.Rlimit
+			if unix.Prlimit(p.pid, res, nil, &cur) == nil {
+				capped := unix.Rlimit{Cur: min(want.Cur, cur.Max), Max: cur.Max}
+				if err = unix.Prlimit(p.pid, res, &capped, nil); err == nil {
+					p.notice("resource limit %d: hard limit %d lowered to %d (raising it needs CAP_SYS_RESOURCE)", res, want.Max, cur.Max)
+				}
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("resource limit %d: %w", res, err)
+		}
+	}
+	return nil
+}

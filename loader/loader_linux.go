@@ -1,0 +1,400 @@
+// Package loader builds a running process from a snapshot (the seed's
+// pload). It starts a tiny generated stub under ptrace, gives it the
+// snapshot's PID with clone3(set_tid), and then reshapes it by injected
+// system calls: kernel areas moved to their saved addresses, every memory
+// area mapped and filled, files reopened onto their numbers, signal state,
+// mm fields, credentials; last the registers. The process runs only once
+// the whole snapshot has been read and its checksum verified; until then
+// it is stopped, and any failure kills it, so a failed restore leaves
+// nothing behind.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+const pageSize = 4096
+
+// Options control a restore.
+type Options struct {
+	// NewPID restores with a fresh PID even when the saved one is free.
+	NewPID bool
+	// Notice receives one-line messages for the user (the PID was taken...).
+	Notice func(string)
+}
+
+// Process is a restored process, fully built and stopped until Start.
+type Process struct {
+	tr   *ptrace.Tracer
+	opts Options
+	pid  int // the restored process
+	stub int // the first stub, while it lives
+
+	proc   *image.Process
+	thread *image.Thread
+	vmas   []*image.VMA
+	fds    []*image.FD
+	mem    *ptrace.Mem
+	in     *ptrace.Injector
+	base   uint64 // stub load address
+	vdso   uint64 // syscall site in the moved vdso
+	built  bool
+	done   bool
+}
+
+// Pid returns the restored process's PID.
+func (p *Process) Pid() int { return p.pid }
+
+// SavedPid returns the PID the process had when it was frozen.
+func (p *Process) SavedPid() int { return p.proc.Pid }
+
+// Build reads a snapshot from dec and builds the process. On success the
+// whole snapshot has been read and verified, and the process waits,
+// stopped, for Start or Abort. On failure nothing is left behind.
+func Build(tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error) {
+	p := &Process{tr: tr, opts: opts}
+	if err := p.build(dec); err != nil {
+		p.Abort()
+		return nil, fmt.Errorf("thaw: %w", err)
+	}
+	return p, nil
+}
+
+func (p *Process) notice(format string, args ...any) {
+	if p.opts.Notice != nil {
+		p.opts.Notice(fmt.Sprintf(format, args...))
+	}
+}
+
+func (p *Process) build(dec *image.Decoder) error {
+	var rec any
+	var err error
+	// Metadata first: process, thread, memory areas.
+	for {
+		rec, err = dec.Next()
+		if err != nil {
+			return err
+		}
+		switch r := rec.(type) {
+		case *image.Process:
+			if p.proc != nil {
+				return fmt.Errorf("%w: second process record", image.ErrCorrupt)
+			}
+			p.proc = r
+			continue
+		case *image.Thread:
+			if p.proc == nil || p.thread != nil {
+				return fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
+			}
+			p.thread = r
+			continue
+		case *image.VMA:
+			if p.thread == nil {
+				return fmt.Errorf("%w: memory area before thread record", image.ErrCorrupt)
+			}
+			if err := checkVMA(r, p.vmas); err != nil {
+				return err
+			}
+			p.vmas = append(p.vmas, r)
+			continue
+		}
+		break
+	}
+	if p.proc == nil || p.thread == nil {
+		return fmt.Errorf("%w: no process or thread record", image.ErrCorrupt)
+	}
+	if p.proc.Threads != 1 {
+		return fmt.Errorf("snapshot of %d threads: multi-threaded restore is not supported yet", p.proc.Threads)
+	}
+	if len(p.thread.Regs) != ptrace.NumRegs {
+		return fmt.Errorf("%w: %d registers", image.ErrCorrupt, len(p.thread.Regs))
+	}
+	if err := p.checkFiles(); err != nil {
+		return err
+	}
+	if err := p.startStub(); err != nil {
+		return err
+	}
+	if err := p.mapMemory(); err != nil {
+		return err
+	}
+	// Memory contents, then files, then the end record.
+	buf := make([]byte, 4<<20)
+	for {
+		switch r := rec.(type) {
+		case *image.Pages:
+			if err := p.fill(dec, r, buf); err != nil {
+				return err
+			}
+		case *image.FD:
+			if err := checkFD(r, p.fds); err != nil {
+				return err
+			}
+			p.fds = append(p.fds, r)
+		case *image.End:
+			if err := p.finishMemory(); err != nil {
+				return err
+			}
+			if err := p.openFiles(); err != nil {
+				return err
+			}
+			p.built = true
+			return nil
+		default:
+			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
+		}
+		rec, err = dec.Next()
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func checkVMA(v *image.VMA, prev []*image.VMA) error {
+	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > 1<<47 {
+		return fmt.Errorf("%w: memory area %#x-%#x", image.ErrCorrupt, v.Start, v.End)
+	}
+	if len(prev) > 0 && prev[len(prev)-1].End > v.Start {
+		return fmt.Errorf("%w: memory areas overlap or are out of order at %#x", image.ErrCorrupt, v.Start)
+	}
+	switch v.Kind {
+	case image.VMAAnon, image.VMAFile, image.VMASharedAnon, image.VMAVdso, image.VMAVvar, image.VMAVvarVclock:
+	default:
+		return fmt.Errorf("%w: memory area %#x-%#x of unknown kind %d", image.ErrCorrupt, v.Start, v.End, v.Kind)
+	}
+	return nil
+}
+
+func checkFD(f *image.FD, prev []*image.FD) error {
+	if f.Fd < 0 || f.Fd > 1<<20 {
+		return fmt.Errorf("%w: fd %d", image.ErrCorrupt, f.Fd)
+	}
+	if len(prev) > 0 && prev[len(prev)-1].Fd >= f.Fd {
+		return fmt.Errorf("%w: fds out of order at %d", image.ErrCorrupt, f.Fd)
+	}
+	switch f.Kind {
+	case image.FDFile:
+	case image.FDInherit:
+		if f.Fd > 2 {
+			return fmt.Errorf("%w: inherited fd %d", image.ErrCorrupt, f.Fd)
+		}
+	default:
+		return fmt.Errorf("%w: fd %d of unknown kind %d", image.ErrCorrupt, f.Fd, f.Kind)
+	}
+	return nil
+}
+
+func vmaName(v *image.VMA) string {
+	s := fmt.Sprintf("map %#x-%#x", v.Start, v.End)
+	if v.Name != "" {
+		s += " (" + v.Name + ")"
+	}
+	return s
+}
+
+// checkFiles verifies, before anything is built, that every mapped file is
+// the one that was frozen.
+func (p *Process) checkFiles() error {
+	for _, v := range p.vmas {
+		if v.Kind != image.VMAFile {
+			continue
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(v.Name, &st); err != nil {
+			return fmt.Errorf("%s: %w", vmaName(v), err)
+		}
+		mtime := st.Mtim.Sec*1e9 + st.Mtim.Nsec
+		if st.Size != v.FileSize || mtime != v.FileMtime {
+			return fmt.Errorf("%s: file changed since the freeze (size %d, was %d; mtime differs: %v)",
+				vmaName(v), st.Size, v.FileSize, mtime != v.FileMtime)
+		}
+	}
+	return nil
+}
+
+// freeRange finds size bytes not overlapping any of the areas in avoid,
+// searching upward from 4 GiB.
+func freeRange(size uint64, avoid [][2]uint64) uint64 {
+	sort.Slice(avoid, func(i, j int) bool { return avoid[i][0] < avoid[j][0] })
+	addr := uint64(1 << 32)
+	for _, a := range avoid {
+		if a[1]+pageSize <= addr {
+			continue
+		}
+		if addr+size+pageSize <= a[0] {
+			return addr
+		}
+		addr = a[1] + pageSize
+	}
+	return addr
+}
+
+func (p *Process) snapshotRanges() [][2]uint64 {
+	var out [][2]uint64
+	for _, v := range p.vmas {
+		out = append(out, [2]uint64{v.Start, v.End})
+	}
+	// Leave room for the heap to grow back where it was.
+	out = append(out, [2]uint64{p.proc.MM.StartBrk, p.proc.MM.Brk + 64<<20})
+	return out
+}
+
+// startStub creates the stub process and, when possible, gives it the
+// saved PID. Runs the tracer thread for every ptrace step.
+func (p *Process) startStub() error {
+	p.base = freeRange(stubSize, p.snapshotRanges())
+	fd, err := unix.MemfdCreate("pcluster-stub", 0)
+	if err != nil {
+		return fmt.Errorf("memfd_create: %w", err)
+	}
+	memfd := os.NewFile(uintptr(fd), "pcluster-stub")
+	defer memfd.Close()
+	if _, err := memfd.Write(stubELF(p.base)); err != nil {
+		return fmt.Errorf("write stub: %w", err)
+	}
+	return p.tr.Do(func() error {
+		pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"pcluster-stub"}, &syscall.ProcAttr{
+			Env:   []string{},
+			Files: []uintptr{0, 1, 2, memfd.Fd()},
+			Sys:   &syscall.SysProcAttr{Ptrace: true},
+		})
+		if err != nil {
+			return fmt.Errorf("start stub: %w", err)
+		}
+		p.stub, p.pid = pid, pid
+		st, err := ptrace.Wait(pid)
+		if err != nil {
+			return fmt.Errorf("start stub: %w", err)
+		}
+		if st.Sig() != unix.SIGTRAP {
+			return fmt.Errorf("start stub: %v", st)
+		}
+		opts := unix.PTRACE_O_EXITKILL | unix.PTRACE_O_TRACECLONE | unix.PTRACE_O_TRACEFORK
+		if err := ptrace.SetOptions(pid, opts); err != nil {
+			return fmt.Errorf("stub options: %w", err)
+		}
+		in, err := ptrace.NewInjector(pid, uintptr(p.base+stubCodeOff))
+		if err != nil {
+			return err
+		}
+		p.in = in
+		p.mem = ptrace.NewMem(pid)
+		if !p.opts.NewPID && p.proc.Pid != pid {
+			if err := p.clonePID(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// clonePID makes the stub clone3 a copy of itself with the saved PID, as a
+// child of ours (CLONE_PARENT), and continues with the copy.
+// Runs on the tracer thread.
+func (p *Process) clonePID() error {
+	want := p.proc.Pid
+	scratch := p.base + stubScratchOff
+	// struct clone_args (88 bytes) followed by the set_tid array.
+	args := make([]byte, 96)
+	put := func(off int, v uint64) { putLE64(args[off:], v) }
+	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
+	put(0, unix.CLONE_PARENT)     // flags
+	put(64, scratch+88)           // set_tid
+	put(72, 1)                    // set_tid_size
+	put(88, uint64(want))         // set_tid[0]
+	if err := p.mem.Write(scratch, args); err != nil {
+		return fmt.Errorf("clone3 arguments: %w", err)
+	}
+	r, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88)
+	if err != nil {
+		switch {
+		case errors.Is(err, unix.EEXIST):
+			p.notice("pid %d is taken on this host; restored as pid %d", want, p.pid)
+		case errors.Is(err, unix.EPERM):
+			p.notice("cannot restore pid %d without CAP_CHECKPOINT_RESTORE; restored as pid %d", want, p.pid)
+		default:
+			p.notice("cannot restore pid %d (%v); restored as pid %d", want, err, p.pid)
+		}
+		return nil
+	}
+	child := int(r)
+	st, err := ptrace.Wait(child)
+	if err != nil {
+		return fmt.Errorf("clone3 child %d: %w", child, err)
+	}
+	if !st.Status.Stopped() {
+		return fmt.Errorf("clone3 child %d: %v", child, st)
+	}
+	// The first stub has done its job.
+	unix.Kill(p.stub, unix.SIGKILL)
+	for {
+		if _, err := ptrace.Wait(p.stub); err != nil {
+			break
+		}
+	}
+	p.stub = 0
+	p.pid = child
+	p.mem.Close()
+	p.mem = ptrace.NewMem(child)
+	in, err := ptrace.NewInjector(child, uintptr(p.base+stubCodeOff))
+	if err != nil {
+		return err
+	}
+	p.in = in
+	return nil
+}
+
+func putLE64(b []byte, v uint64) {
+	for i := 0; i < 8; i++ {
+		b[i] = byte(v >> (8 * i))
+	}
+}
+
+// Abort kills the process if it was not started.
+func (p *Process) Abort() {
+	if p.done {
+		return
+	}
+	p.done = true
+	if p.mem != nil {
+		p.mem.Close()
+	}
+	for _, pid := range []int{p.stub, p.pid} {
+		if pid <= 0 {
+			continue
+		}
+		unix.Kill(pid, unix.SIGKILL)
+		p.tr.Do(func() error {
+			for {
+				if _, err := ptrace.Wait(pid); err != nil {
+					return nil
+				}
+			}
+		})
+	}
+}
+
+// readAll is io.ReadFull for the decoder's page data.
+func readAll(dec *image.Decoder, b []byte) error {
+	for len(b) > 0 {
+		n, err := dec.ReadData(b)
+		if err == io.EOF {
+			return fmt.Errorf("%w: short page data", image.ErrCorrupt)
+		}
+		if err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}

@@ -1,0 +1,257 @@
+package loader
+
+import (
+	"bytes"
+	"fmt"
+	"sort"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+)
+
+// call injects a system call into the process being built.
+// Runs on the tracer thread.
+func (p *Process) call(nr uintptr, args ...uintptr) (uintptr, error) {
+	return p.in.Syscall(nr, args...)
+}
+
+// putString writes a NUL-terminated string into the stub's scratch page.
+func (p *Process) putString(s string) (uintptr, error) {
+	if len(s)+1 > pageSize {
+		return 0, fmt.Errorf("path too long: %q", s)
+	}
+	addr := p.base + stubScratchOff
+	if err := p.mem.Write(addr, append([]byte(s), 0)); err != nil {
+		return 0, err
+	}
+	return uintptr(addr), nil
+}
+
+// buildProt is the protection an area gets while it is filled.
+func buildProt(v *image.VMA) uint32 {
+	if v.Kind == image.VMAFile && v.Shared {
+		return v.Prot
+	}
+	return v.Prot | unix.PROT_READ | unix.PROT_WRITE
+}
+
+// mapMemory replaces the stub's own areas by the snapshot's.
+func (p *Process) mapMemory() error {
+	return p.tr.Do(func() error {
+		cur, err := procfs.Maps(p.pid)
+		if err != nil {
+			return err
+		}
+		if err := p.moveKernelAreas(cur); err != nil {
+			return err
+		}
+		files := map[string]uintptr{}
+		defer func() {
+			for _, fd := range files {
+				p.call(unix.SYS_CLOSE, fd)
+			}
+		}()
+		for _, v := range p.vmas {
+			if v.Kind.Kernel() {
+				continue
+			}
+			flags := uintptr(unix.MAP_FIXED_NOREPLACE)
+			fd := ^uintptr(0)
+			switch v.Kind {
+			case image.VMAAnon:
+				flags |= unix.MAP_PRIVATE | unix.MAP_ANONYMOUS
+				if v.GrowsDown() {
+					flags |= unix.MAP_GROWSDOWN
+				}
+			case image.VMASharedAnon:
+				flags |= unix.MAP_SHARED | unix.MAP_ANONYMOUS
+			case image.VMAFile:
+				mode := uintptr(unix.O_RDONLY)
+				flags |= unix.MAP_PRIVATE
+				if v.Shared {
+					flags = flags&^unix.MAP_PRIVATE | unix.MAP_SHARED
+					if v.Prot&unix.PROT_WRITE != 0 {
+						mode = unix.O_RDWR
+					}
+				}
+				key := fmt.Sprintf("%d:%s", mode, v.Name)
+				f, ok := files[key]
+				if !ok {
+					path, err := p.putString(v.Name)
+					if err != nil {
+						return err
+					}
+					f, err = p.call(unix.SYS_OPEN, path, mode|unix.O_CLOEXEC)
+					if err != nil {
+						return fmt.Errorf("%s: open: %w", vmaName(v), err)
+					}
+					files[key] = f
+				}
+				fd = f
+			}
+			r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)), flags, fd, uintptr(v.Offset))
+			if err != nil {
+				return fmt.Errorf("%s: mmap: %w", vmaName(v), err)
+			}
+			if uint64(r) != v.Start {
+				return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
+			}
+			if err := p.advise(v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// advise re-applies the madvise flags /proc reported for v.
+func (p *Process) advise(v *image.VMA) error {
+	for _, a := range []struct {
+		flag   string
+		advice uintptr
+	}{
+		{"dd", unix.MADV_DONTDUMP},
+		{"dc", unix.MADV_DONTFORK},
+		{"wf", unix.MADV_WIPEONFORK},
+		{"hg", unix.MADV_HUGEPAGE},
+		{"nh", unix.MADV_NOHUGEPAGE},
+	} {
+		if !hasVmFlag(v.VmFlags, a.flag) {
+			continue
+		}
+		if _, err := p.call(unix.SYS_MADVISE, uintptr(v.Start), uintptr(v.Len()), a.advice); err != nil {
+			return fmt.Errorf("%s: madvise %s: %w", vmaName(v), a.flag, err)
+		}
+	}
+	return nil
+}
+
+func hasVmFlag(flags, f string) bool {
+	for i := 0; i+2 <= len(flags); i += 3 {
+		if flags[i:i+2] == f {
+			return true
+		}
+	}
+	return false
+}
+
+// moveKernelAreas unmaps the stub's stack and moves its vvar, vvar_vclock
+// and vdso to the snapshot's addresses. They are the kernel's own pages,
+// so they can only be moved, and only when this kernel's vdso is the one
+// the process was using. Runs on the tracer thread.
+func (p *Process) moveKernelAreas(cur []procfs.Mapping) error {
+	kinds := map[string]image.VMAKind{"[vdso]": image.VMAVdso, "[vvar]": image.VMAVvar, "[vvar_vclock]": image.VMAVvarVclock}
+	have := map[image.VMAKind]procfs.Mapping{}
+	var avoid [][2]uint64
+	avoid = append(avoid, p.snapshotRanges()...)
+	for _, m := range cur {
+		avoid = append(avoid, [2]uint64{m.Start, m.End})
+		if k, ok := kinds[m.Path]; ok {
+			have[k] = m
+			continue
+		}
+		if (m.Start >= p.base && m.End <= p.base+stubSize) || m.Path == "[vsyscall]" {
+			continue
+		}
+		if _, err := p.call(unix.SYS_MUNMAP, uintptr(m.Start), uintptr(m.End-m.Start)); err != nil {
+			return fmt.Errorf("unmap stub area %#x-%#x %s: %w", m.Start, m.End, m.Path, err)
+		}
+	}
+	var want []*image.VMA
+	for _, v := range p.vmas {
+		if !v.Kind.Kernel() {
+			continue
+		}
+		m, ok := have[v.Kind]
+		if !ok {
+			return fmt.Errorf("%s: this kernel has no such area", vmaName(v))
+		}
+		if m.End-m.Start != v.Len() {
+			return fmt.Errorf("%s: this kernel's is %d bytes, the snapshot's %d", vmaName(v), m.End-m.Start, v.Len())
+		}
+		if v.Kind == image.VMAVdso {
+			here := make([]byte, v.Len())
+			if err := p.mem.Read(m.Start, here); err != nil {
+				return fmt.Errorf("read vdso: %w", err)
+			}
+			if !bytes.Equal(here, v.Content) {
+				return fmt.Errorf("the vdso of this kernel differs from the snapshot's (frozen on kernel %s): not supported yet", p.proc.Kernel)
+			}
+		}
+		want = append(want, v)
+	}
+	if len(want) != len(have) {
+		return fmt.Errorf("snapshot has %d kernel areas, this kernel %d", len(want), len(have))
+	}
+	// Two hops, via a range free in both layouts, so that no move lands
+	// on an area still to be moved.
+	sort.Slice(want, func(i, j int) bool { return want[i].Start < want[j].Start })
+	total := want[len(want)-1].End - want[0].Start
+	tmp := freeRange(total, avoid)
+	for pass := 0; pass < 2; pass++ {
+		for _, v := range want {
+			m := have[v.Kind]
+			dst := tmp + (v.Start - want[0].Start)
+			src := m.Start
+			if pass == 1 {
+				src, dst = dst, v.Start
+			}
+			if _, err := p.call(unix.SYS_MREMAP, uintptr(src), uintptr(v.Len()), uintptr(v.Len()),
+				unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, uintptr(dst)); err != nil {
+				return fmt.Errorf("move %s to %#x: %w", v.Name, dst, err)
+			}
+		}
+	}
+	for _, v := range want {
+		if v.Kind == image.VMAVdso {
+			i := bytes.Index(v.Content, []byte{0x0f, 0x05})
+			if i < 0 {
+				return fmt.Errorf("no syscall instruction in the vdso")
+			}
+			p.vdso = v.Start + uint64(i)
+		}
+	}
+	return nil
+}
+
+// fill writes one run of saved pages into the process.
+func (p *Process) fill(dec *image.Decoder, r *image.Pages, buf []byte) error {
+	i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > r.Addr })
+	if i == len(p.vmas) || r.Addr < p.vmas[i].Start || r.Addr+r.Len > p.vmas[i].End || r.Addr+r.Len < r.Addr {
+		return fmt.Errorf("%w: pages %#x+%#x outside every memory area", image.ErrCorrupt, r.Addr, r.Len)
+	}
+	v := p.vmas[i]
+	if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
+		return fmt.Errorf("%w: pages for %s", image.ErrCorrupt, vmaName(v))
+	}
+	addr := r.Addr
+	for left := r.Len; left > 0; {
+		n := min(uint64(len(buf)), left)
+		if err := readAll(dec, buf[:n]); err != nil {
+			return err
+		}
+		if err := p.mem.Write(addr, buf[:n]); err != nil {
+			return fmt.Errorf("%s: %w", vmaName(v), err)
+		}
+		addr += n
+		left -= n
+	}
+	return nil
+}
+
+// finishMemory gives every area its saved protection.
+func (p *Process) finishMemory() error {
+	return p.tr.Do(func() error {
+		for _, v := range p.vmas {
+			if v.Kind.Kernel() || buildProt(v) == v.Prot {
+				continue
+			}
+			if _, err := p.call(unix.SYS_MPROTECT, uintptr(v.Start), uintptr(v.Len()), uintptr(v.Prot)); err != nil {
+				return fmt.Errorf("%s: mprotect: %w", vmaName(v), err)
+			}
+		}
+		return nil
+	})
+}

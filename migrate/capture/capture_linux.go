@@ -1,0 +1,563 @@
+// Package capture freezes a running process and writes its complete state
+// as snapshot records (migrate/image): registers and XSAVE state, signal
+// state, memory, credentials, limits and open files.
+//
+// The process is stopped with PTRACE_SEIZE + PTRACE_INTERRUPT (no SIGSTOP
+// side effects). State only the process itself can report is read by
+// injecting single system calls at a syscall instruction of its vdso;
+// nothing is written into its code. Anything the snapshot could not carry
+// faithfully makes Freeze refuse with an error naming it.
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// ErrUnsupported wraps every refusal to freeze something the snapshot
+// cannot carry yet.
+var ErrUnsupported = errors.New("not supported")
+
+type unsupportedError struct{ msg string }
+
+func (e *unsupportedError) Error() string        { return e.msg }
+func (e *unsupportedError) Is(target error) bool { return target == ErrUnsupported }
+
+func unsupported(format string, args ...any) error {
+	return &unsupportedError{msg: fmt.Sprintf(format, args...)}
+}
+
+// Frozen is a process stopped by Freeze. Exactly one of Resume or Kill must
+// be called.
+type Frozen struct {
+	Pid int
+	tr  *ptrace.Tracer
+	in  *ptrace.Injector
+	mem *ptrace.Mem
+	// scratch holds target memory borrowed for injected calls.
+	scratchAddr uint64
+	scratchOrig []byte
+	requeue     []unix.Signal
+	attached    bool
+}
+
+// Stopped returns a frozen process whose state has not been written yet.
+// Attach stops pid; Write then streams its state.
+func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("freeze: invalid pid %d", pid)
+	}
+	if _, err := os.Stat(procfs.Path(pid, "")); err != nil {
+		return nil, fmt.Errorf("freeze %d: no such process", pid)
+	}
+	if pid == os.Getpid() {
+		return nil, fmt.Errorf("freeze %d: cannot freeze myself", pid)
+	}
+	if err := checkSupported(pid); err != nil {
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
+	err := tr.Do(func() error {
+		if err := ptrace.Seize(pid, 0); err != nil {
+			return fmt.Errorf("attach: %w", explainPtraceErr(err))
+		}
+		f.attached = true
+		if err := ptrace.Interrupt(pid); err != nil {
+			return fmt.Errorf("interrupt: %w", err)
+		}
+		// A signal may be reported before the interrupt: deliver it (the
+		// process was about to receive it anyway) and wait for the trap.
+		for i := 0; ; i++ {
+			st, err := ptrace.Wait(pid)
+			if err != nil {
+				return err
+			}
+			if st.IsEventStop() {
+				break
+			}
+			if i > 1000 {
+				return fmt.Errorf("does not stop (last: %v)", st)
+			}
+			if err := ptrace.Cont(pid, st.Sig()); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		f.detach()
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	// Threads created while we attached would run on: check again now that
+	// the main thread is stopped (and cannot clone).
+	if tasks, err := procfs.Tasks(pid); err == nil && len(tasks) > 1 {
+		f.Resume()
+		return nil, fmt.Errorf("freeze %d: %w", pid, unsupported("%d threads (multi-threaded processes are not supported yet)", len(tasks)))
+	}
+	return f, nil
+}
+
+func explainPtraceErr(err error) error {
+	if errors.Is(err, unix.EPERM) {
+		return fmt.Errorf("%w (needs CAP_SYS_PTRACE, or the process is already traced)", err)
+	}
+	return err
+}
+
+// checkSupported refuses processes whose state the snapshot cannot carry.
+func checkSupported(pid int) error {
+	tasks, err := procfs.Tasks(pid)
+	if err != nil {
+		return err
+	}
+	if len(tasks) > 1 {
+		return unsupported("%d threads (multi-threaded processes are not supported yet)", len(tasks))
+	}
+	st, err := procfs.Status(pid)
+	if err != nil {
+		return err
+	}
+	if strings.HasPrefix(st["State"], "Z") {
+		return fmt.Errorf("process is a zombie")
+	}
+	if s := st["Seccomp"]; s != "" && s != "0" {
+		return unsupported("seccomp filters (mode %s)", s)
+	}
+	kids, err := procfs.Children(pid)
+	if err != nil {
+		return err
+	}
+	if len(kids) > 0 {
+		return unsupported("child processes %v (process trees are not supported yet)", kids)
+	}
+	for _, ns := range []string{"mnt", "pid", "user"} {
+		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
+		theirs, err2 := os.Readlink(procfs.Path(pid, "ns/"+ns))
+		if err1 == nil && err2 == nil && mine != theirs {
+			return unsupported("process is in another %s namespace", ns)
+		}
+	}
+	if root, err := os.Readlink(procfs.Path(pid, "root")); err == nil && root != "/" {
+		return unsupported("chroot %s", root)
+	}
+	if b, err := os.ReadFile(procfs.Path(pid, "timers")); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return unsupported("POSIX timers (timer_create)")
+	}
+	return nil
+}
+
+// Write streams the frozen process's state to enc and closes enc.
+func (f *Frozen) Write(enc *image.Encoder) error {
+	if err := f.write(enc); err != nil {
+		return fmt.Errorf("freeze %d: %w", f.Pid, err)
+	}
+	return nil
+}
+
+func (f *Frozen) write(enc *image.Encoder) error {
+	maps, err := procfs.Maps(f.Pid)
+	if err != nil {
+		return err
+	}
+	vmas, err := describeVMAs(f.Pid, maps, f.mem)
+	if err != nil {
+		return err
+	}
+	fds, err := describeFDs(f.Pid)
+	if err != nil {
+		return err
+	}
+	site, err := findSyscallSite(f.mem, vmas)
+	if err != nil {
+		return err
+	}
+	proc, thr, err := f.describe(site, maps)
+	if err != nil {
+		return err
+	}
+	if err := enc.Write(proc); err != nil {
+		return err
+	}
+	if err := enc.Write(thr); err != nil {
+		return err
+	}
+	for i := range vmas {
+		if err := enc.Write(&vmas[i]); err != nil {
+			return err
+		}
+	}
+	if err := dumpMemory(f.Pid, f.mem, vmas, enc); err != nil {
+		return err
+	}
+	for i := range fds {
+		if err := enc.Write(&fds[i]); err != nil {
+			return err
+		}
+	}
+	return enc.Close()
+}
+
+// describe reads the process and thread state, injecting the calls it needs.
+func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, *image.Thread, error) {
+	pid := f.Pid
+	p := &image.Process{Pid: pid, Threads: 1, FrozenAt: time.Now().UnixNano()}
+	var uts unix.Utsname
+	if unix.Uname(&uts) == nil {
+		p.Kernel = unix.ByteSliceToString(uts.Release[:])
+		p.Host = unix.ByteSliceToString(uts.Nodename[:])
+	}
+	var err error
+	if b, err := os.ReadFile(procfs.Path(pid, "comm")); err == nil {
+		p.Comm = strings.TrimSuffix(string(b), "\n")
+	}
+	if p.Exe, err = os.Readlink(procfs.Path(pid, "exe")); err != nil {
+		return nil, nil, fmt.Errorf("exe: %w", err)
+	}
+	if strings.HasSuffix(p.Exe, " (deleted)") {
+		return nil, nil, unsupported("executable %s", p.Exe)
+	}
+	if p.Cwd, err = os.Readlink(procfs.Path(pid, "cwd")); err != nil {
+		return nil, nil, fmt.Errorf("cwd: %w", err)
+	}
+	if strings.HasSuffix(p.Cwd, " (deleted)") {
+		return nil, nil, unsupported("working directory %s", p.Cwd)
+	}
+	st, err := procfs.Status(pid)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := parseCreds(st, &p.Creds); err != nil {
+		return nil, nil, err
+	}
+	p.Umask = uint32(parseOct(st["Umask"]))
+	if b, err := os.ReadFile(procfs.Path(pid, "personality")); err == nil {
+		p.Personality = procfs.Hex(strings.TrimSpace(string(b)))
+	}
+	stat, err := procfs.Stat(pid)
+	if err != nil {
+		return nil, nil, err
+	}
+	p.MM = image.MM{
+		StartCode: procfs.StatField(stat, 26), EndCode: procfs.StatField(stat, 27),
+		StartStack: procfs.StatField(stat, 28),
+		StartData:  procfs.StatField(stat, 45), EndData: procfs.StatField(stat, 46),
+		StartBrk: procfs.StatField(stat, 47),
+		ArgStart: procfs.StatField(stat, 48), ArgEnd: procfs.StatField(stat, 49),
+		EnvStart: procfs.StatField(stat, 50), EnvEnd: procfs.StatField(stat, 51),
+	}
+	if p.Auxv, err = readAuxv(pid); err != nil {
+		return nil, nil, err
+	}
+	for res := 0; res < 16; res++ {
+		var rl unix.Rlimit
+		if err := unix.Prlimit(pid, res, nil, &rl); err != nil {
+			return nil, nil, fmt.Errorf("prlimit %d: %w", res, err)
+		}
+		p.Rlimits = append(p.Rlimits, image.Rlimit{Cur: rl.Cur, Max: rl.Max})
+	}
+	caught := procfs.Hex(st["SigCgt"]) | procfs.Hex(st["SigIgn"])
+
+	t := &image.Thread{Tid: pid}
+	err = f.tr.Do(func() error {
+		in, err := ptrace.NewInjector(pid, uintptr(site))
+		if err != nil {
+			return err
+		}
+		f.in = in
+		regs := in.Saved()
+		t.Regs = regs.Slice()
+		if t.XState, err = ptrace.GetXState(pid); err != nil {
+			return err
+		}
+		if t.Sigmask, err = ptrace.GetSigmask(pid); err != nil {
+			return err
+		}
+		if t.Pending, err = peek(pid, false); err != nil {
+			return err
+		}
+		if p.Pending, err = peek(pid, true); err != nil {
+			return err
+		}
+		rs, err := ptrace.GetRseq(pid)
+		if err != nil {
+			return err
+		}
+		t.RseqAddr, t.RseqLen, t.RseqSig = rs.Addr, rs.Len, rs.Sig
+		if t.RobustList, t.RobustLen, err = ptrace.GetRobustList(pid); err != nil {
+			return err
+		}
+		if err := f.borrowScratch(regs.Rsp, maps); err != nil {
+			return err
+		}
+		return f.injectQueries(p, t, caught)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return p, t, nil
+}
+
+func peek(tid int, shared bool) ([]image.Siginfo, error) {
+	raw, err := ptrace.PeekSiginfo(tid, shared)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]image.Siginfo, len(raw))
+	for i, r := range raw {
+		out[i] = r
+	}
+	return out, nil
+}
+
+// scratchLen is the target memory borrowed for injected calls' results.
+const scratchLen = 256
+
+// borrowScratch picks scratchLen bytes of writable target memory below the
+// stack's red zone and saves their contents; Resume puts them back.
+func (f *Frozen) borrowScratch(rsp uint64, maps []procfs.Mapping) error {
+	addr := (rsp - 128 - scratchLen) &^ 15
+	ok := false
+	for _, m := range maps {
+		if m.Start <= addr && rsp <= m.End && m.Writable() && !m.Shared() {
+			ok = true
+		}
+	}
+	if !ok {
+		for _, m := range maps {
+			if m.Writable() && !m.Shared() && m.Readable() && m.End-m.Start >= scratchLen {
+				addr, ok = m.Start, true
+				break
+			}
+		}
+	}
+	if !ok {
+		return fmt.Errorf("no writable memory to borrow for injected calls")
+	}
+	buf := make([]byte, scratchLen)
+	if err := f.mem.Read(addr, buf); err != nil {
+		return fmt.Errorf("scratch: %w", err)
+	}
+	f.scratchAddr, f.scratchOrig = addr, buf
+	return nil
+}
+
+// injectQueries reads state only the process can report.
+// Runs on the tracer thread.
+func (f *Frozen) injectQueries(p *image.Process, t *image.Thread, caught uint64) error {
+	in, s := f.in, uintptr(f.scratchAddr)
+	buf := make([]byte, 64)
+	read := func(n int) ([]byte, error) {
+		if err := f.mem.Read(f.scratchAddr, buf[:n]); err != nil {
+			return nil, err
+		}
+		return buf[:n], nil
+	}
+	for sig := 1; sig <= 64; sig++ {
+		if caught&(1<<(sig-1)) == 0 || sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
+			continue
+		}
+		if _, err := in.Syscall(unix.SYS_RT_SIGACTION, uintptr(sig), 0, s, 8); err != nil {
+			return fmt.Errorf("rt_sigaction %d: %w", sig, err)
+		}
+		b, err := read(32)
+		if err != nil {
+			return err
+		}
+		p.Sigacts = append(p.Sigacts, image.Sigact{Sig: sig,
+			Handler: le64(b[0:]), Flags: le64(b[8:]), Restorer: le64(b[16:]), Mask: le64(b[24:])})
+	}
+	if _, err := in.Syscall(unix.SYS_SIGALTSTACK, 0, s); err != nil {
+		return fmt.Errorf("sigaltstack: %w", err)
+	}
+	b, err := read(24)
+	if err != nil {
+		return err
+	}
+	t.AltSP, t.AltFlags, t.AltSize = le64(b[0:]), int32(le64(b[8:])), le64(b[16:])
+	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
+		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
+	}
+	if b, err = read(8); err != nil {
+		return err
+	}
+	t.TidAddress = le64(b)
+	for which := 0; which < 3; which++ {
+		if _, err := in.Syscall(unix.SYS_GETITIMER, uintptr(which), s); err != nil {
+			return fmt.Errorf("getitimer %d: %w", which, err)
+		}
+		if b, err = read(32); err != nil {
+			return err
+		}
+		p.Itimers = append(p.Itimers, image.Itimer{IntervalSec: int64(le64(b[0:])), IntervalUsec: int64(le64(b[8:])),
+			ValueSec: int64(le64(b[16:])), ValueUsec: int64(le64(b[24:]))})
+	}
+	brk, err := in.Syscall(unix.SYS_BRK, 0)
+	if err != nil {
+		return fmt.Errorf("brk: %w", err)
+	}
+	p.MM.Brk = uint64(brk)
+	sb, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_SECUREBITS)
+	if err != nil {
+		return fmt.Errorf("prctl(PR_GET_SECUREBITS): %w", err)
+	}
+	p.Creds.Securebits = uint32(sb)
+	d, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_DUMPABLE)
+	if err != nil {
+		return fmt.Errorf("prctl(PR_GET_DUMPABLE): %w", err)
+	}
+	p.Dumpable = int(d)
+	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_PDEATHSIG, s); err != nil {
+		return fmt.Errorf("prctl(PR_GET_PDEATHSIG): %w", err)
+	}
+	if b, err = read(4); err != nil {
+		return err
+	}
+	p.PdeathSig = int(int32(le64(append(b[:4:4], 0, 0, 0, 0))))
+	// Signals that stopped the thread while we injected were dequeued:
+	// they are pending for the snapshot and re-queued on Resume.
+	for _, sig := range in.Signals {
+		si := make(image.Siginfo, ptrace.SiginfoSize)
+		si[0] = byte(sig)
+		si[8] = 0 // SI_USER
+		t.Pending = append(t.Pending, si)
+		f.requeue = append(f.requeue, sig)
+	}
+	return nil
+}
+
+func le64(b []byte) uint64 {
+	return uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16 | uint64(b[3])<<24 |
+		uint64(b[4])<<32 | uint64(b[5])<<40 | uint64(b[6])<<48 | uint64(b[7])<<56
+}
+
+func parseOct(s string) uint64 {
+	var v uint64
+	fmt.Sscanf(s, "%o", &v)
+	return v
+}
+
+func parseCreds(st map[string]string, c *image.Creds) error {
+	ids := func(key string, out *[4]uint32) error {
+		f := strings.Fields(st[key])
+		if len(f) != 4 {
+			return fmt.Errorf("status: malformed %s: %q", key, st[key])
+		}
+		for i := range f {
+			var v uint32
+			if _, err := fmt.Sscan(f[i], &v); err != nil {
+				return fmt.Errorf("status: malformed %s: %q", key, st[key])
+			}
+			out[i] = v
+		}
+		return nil
+	}
+	if err := ids("Uid", &c.Uid); err != nil {
+		return err
+	}
+	if err := ids("Gid", &c.Gid); err != nil {
+		return err
+	}
+	for _, g := range strings.Fields(st["Groups"]) {
+		var v uint32
+		if _, err := fmt.Sscan(g, &v); err == nil {
+			c.Groups = append(c.Groups, v)
+		}
+	}
+	c.CapInh = procfs.Hex(st["CapInh"])
+	c.CapPrm = procfs.Hex(st["CapPrm"])
+	c.CapEff = procfs.Hex(st["CapEff"])
+	c.CapBnd = procfs.Hex(st["CapBnd"])
+	c.CapAmb = procfs.Hex(st["CapAmb"])
+	c.NoNewPrivs = st["NoNewPrivs"] == "1"
+	return nil
+}
+
+func readAuxv(pid int) ([]uint64, error) {
+	b, err := os.ReadFile(procfs.Path(pid, "auxv"))
+	if err != nil {
+		return nil, fmt.Errorf("auxv: %w", err)
+	}
+	out := make([]uint64, 0, len(b)/8)
+	for i := 0; i+8 <= len(b); i += 8 {
+		out = append(out, le64(b[i:]))
+	}
+	return out, nil
+}
+
+// findSyscallSite finds a syscall instruction (0f 05) in the vdso.
+func findSyscallSite(mem *ptrace.Mem, vmas []image.VMA) (uint64, error) {
+	for _, v := range vmas {
+		if v.Kind != image.VMAVdso {
+			continue
+		}
+		for i := 0; i+1 < len(v.Content); i++ {
+			if v.Content[i] == 0x0f && v.Content[i+1] == 0x05 {
+				return v.Start + uint64(i), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("no syscall instruction found in the vdso")
+}
+
+// Resume puts the process back as it was and lets it run on.
+func (f *Frozen) Resume() error {
+	var errs []error
+	if f.scratchOrig != nil {
+		if err := f.mem.Write(f.scratchAddr, f.scratchOrig); err != nil {
+			errs = append(errs, fmt.Errorf("restore scratch memory: %w", err))
+		}
+	}
+	err := f.tr.Do(func() error {
+		if f.in != nil {
+			if err := f.in.Restore(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	f.detach()
+	for _, sig := range f.requeue {
+		unix.Kill(f.Pid, sig)
+	}
+	f.mem.Close()
+	if len(errs) > 0 {
+		return fmt.Errorf("resume %d: %w", f.Pid, errors.Join(errs...))
+	}
+	return nil
+}
+
+func (f *Frozen) detach() {
+	if !f.attached {
+		return
+	}
+	f.attached = false
+	f.tr.Do(func() error { return ptrace.Detach(f.Pid, 0) })
+}
+
+// Kill ends the frozen process (after its snapshot is safely written).
+func (f *Frozen) Kill() error {
+	defer f.mem.Close()
+	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
+		return fmt.Errorf("kill %d: %w", f.Pid, err)
+	}
+	// Reap the ptrace notifications of the exit so the tracee is released.
+	return f.tr.Do(func() error {
+		for {
+			if _, err := ptrace.Wait(f.Pid); err != nil {
+				return nil
+			}
+		}
+	})
+}

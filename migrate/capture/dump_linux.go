@@ -1,0 +1,204 @@
+package capture
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// Memory is copied in chunks of chunkSize through nbufs buffers: one
+// goroutine fills them with process_vm_readv while the caller encodes the
+// previous one, so peak memory is nbufs*chunkSize whatever the process size.
+const (
+	chunkSize   = 4 << 20
+	nbufs       = 3
+	maxIov      = 1024 // IOV_MAX
+	pagemapStep = 64 << 10
+)
+
+type run struct {
+	addr uint64
+	len  int
+	anon bool // contents of an anonymous area: all-zero pages may be dropped
+}
+
+type chunk struct {
+	buf  []byte
+	runs []run
+	err  error
+}
+
+// dumpMemory writes the saved pages of every VMA as Pages records.
+func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) error {
+	pagemap, err := os.Open(procfs.Path(pid, "pagemap"))
+	if err != nil {
+		return err
+	}
+	defer pagemap.Close()
+
+	free := make(chan []byte, nbufs)
+	for i := 0; i < nbufs; i++ {
+		free <- make([]byte, chunkSize)
+	}
+	full := make(chan chunk, nbufs)
+	stop := make(chan struct{})
+	// The reader goroutine ends when all memory is read, on its first
+	// error, or when stop is closed because the writer failed.
+	go func() {
+		defer close(full)
+		r := &reader{mem: mem, free: free, full: full, stop: stop}
+		if err := r.readAll(pagemap, vmas); err != nil {
+			select {
+			case full <- chunk{err: err}:
+			case <-stop:
+			}
+		}
+	}()
+	defer func() {
+		close(stop)
+		for range full {
+		}
+	}()
+	for c := range full {
+		if c.err != nil {
+			return c.err
+		}
+		off := 0
+		for _, r := range c.runs {
+			data := c.buf[off : off+r.len]
+			off += r.len
+			if err := writeRun(enc, r, data); err != nil {
+				return err
+			}
+		}
+		free <- c.buf
+	}
+	return nil
+}
+
+var zeroPage [pageSize]byte
+
+// writeRun writes one run, leaving out all-zero pages of anonymous areas
+// (they read back as zero from a fresh mapping).
+func writeRun(enc *image.Encoder, r run, data []byte) error {
+	if !r.anon {
+		return enc.WritePages(r.addr, data)
+	}
+	start := -1
+	for p := 0; p <= len(data); p += pageSize {
+		zero := p == len(data) || bytes.Equal(data[p:p+pageSize], zeroPage[:])
+		if !zero && start < 0 {
+			start = p
+		}
+		if zero && start >= 0 {
+			if err := enc.WritePages(r.addr+uint64(start), data[start:p]); err != nil {
+				return err
+			}
+			start = -1
+		}
+	}
+	return nil
+}
+
+type reader struct {
+	mem  *ptrace.Mem
+	free chan []byte
+	full chan chunk
+	stop chan struct{}
+
+	buf  []byte
+	used int
+	runs []run
+	iov  []unix.RemoteIovec
+}
+
+func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
+	entries := make([]uint64, pagemapStep)
+	for i := range vmas {
+		v := &vmas[i]
+		if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
+			continue
+		}
+		anon := v.Kind != image.VMAFile
+		for base := v.Start; base < v.End; base += pagemapStep * pageSize {
+			n := int((v.End - base) / pageSize)
+			if n > pagemapStep {
+				n = pagemapStep
+			}
+			e := entries[:n]
+			if v.Kind != image.VMASharedAnon {
+				if err := readPagemap(pagemap, base, e); err != nil {
+					return err
+				}
+			}
+			for j := 0; j < n; {
+				if !wantPage(v, e[j]) {
+					j++
+					continue
+				}
+				k := j + 1
+				for k < n && wantPage(v, e[k]) {
+					k++
+				}
+				if err := r.add(base+uint64(j)*pageSize, (k-j)*pageSize, anon); err != nil {
+					return err
+				}
+				j = k
+			}
+		}
+	}
+	return r.flush()
+}
+
+// add queues a run of pages, flushing full buffers.
+func (r *reader) add(addr uint64, n int, anon bool) error {
+	for n > 0 {
+		if r.buf == nil {
+			select {
+			case b := <-r.free:
+				r.buf = b[:cap(b)]
+			case <-r.stop:
+				return fmt.Errorf("stopped")
+			}
+			r.used, r.runs, r.iov = 0, r.runs[:0], r.iov[:0]
+		}
+		take := len(r.buf) - r.used
+		if take > n {
+			take = n
+		}
+		r.runs = append(r.runs, run{addr: addr, len: take, anon: anon})
+		r.iov = append(r.iov, unix.RemoteIovec{Base: uintptr(addr), Len: take})
+		r.used += take
+		addr += uint64(take)
+		n -= take
+		if r.used == len(r.buf) || len(r.iov) == maxIov {
+			if err := r.flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (r *reader) flush() error {
+	if r.buf == nil {
+		return nil
+	}
+	if err := r.mem.ReadV(r.buf[:r.used], r.iov); err != nil {
+		return fmt.Errorf("read memory: %w", err)
+	}
+	runs := append([]run(nil), r.runs...)
+	select {
+	case r.full <- chunk{buf: r.buf[:r.used], runs: runs}:
+	case <-r.stop:
+		return fmt.Errorf("stopped")
+	}
+	r.buf = nil
+	return nil
+}

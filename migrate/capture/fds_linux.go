@@ -1,0 +1,96 @@
+package capture
+
+import (
+	"fmt"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+)
+
+// Character devices that carry no state and can simply be reopened.
+var statelessDevices = map[string]bool{
+	"/dev/null": true, "/dev/zero": true, "/dev/full": true,
+	"/dev/random": true, "/dev/urandom": true,
+}
+
+// describeFDs records every open file descriptor, refusing those a restore
+// could not rebuild.
+func describeFDs(pid int) ([]image.FD, error) {
+	infos, err := procfs.FDs(pid)
+	if err != nil {
+		return nil, fmt.Errorf("fds: %w", err)
+	}
+	var out []image.FD
+	for _, fi := range infos {
+		where := fmt.Sprintf("fd %d (%s)", fi.Fd, fi.Link)
+		var st syscall.Stat_t
+		if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fi.Fd), &st); err != nil {
+			return nil, fmt.Errorf("%s: %w", where, err)
+		}
+		fd := image.FD{Fd: fi.Fd, Flags: fi.Flags, Pos: fi.Pos, Mode: st.Mode, What: fi.Link, Desc: fi.Fd}
+		kind := st.Mode & syscall.S_IFMT
+		tty := kind == syscall.S_IFCHR && isTTY(st.Rdev)
+		stream := kind == syscall.S_IFIFO || kind == syscall.S_IFSOCK || tty
+		switch {
+		case fi.Fd <= 2 && stream:
+			fd.Kind = image.FDInherit
+		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
+			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
+		case strings.HasSuffix(fi.Link, " (deleted)"):
+			return nil, unsupported("%s: file deleted", where)
+		case kind == syscall.S_IFCHR:
+			if !statelessDevices[fi.Link] {
+				return nil, unsupported("%s: device", where)
+			}
+			fd.Kind, fd.Path = image.FDFile, fi.Link
+		case kind == syscall.S_IFREG || kind == syscall.S_IFDIR || kind == syscall.S_IFBLK:
+			var pst syscall.Stat_t
+			if err := syscall.Stat(fi.Link, &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
+				return nil, unsupported("%s: path no longer names the open file", where)
+			}
+			fd.Kind, fd.Path = image.FDFile, fi.Link
+		default:
+			return nil, unsupported("%s: file type %#o", where, kind)
+		}
+		out = append(out, fd)
+	}
+	// fds that share one open file description (dup, fork) must share it
+	// again: they share the offset and status flags.
+	for i := range out {
+		for j := 0; j < i; j++ {
+			if out[j].Desc != out[j].Fd || out[j].Kind != out[i].Kind {
+				continue
+			}
+			same, err := kcmpFile(pid, out[i].Fd, out[j].Fd)
+			if err != nil {
+				return nil, err
+			}
+			if same {
+				out[i].Desc = out[j].Fd
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+func isTTY(rdev uint64) bool {
+	switch unix.Major(rdev) {
+	case 4, 5, 136, 137, 138, 139, 140, 141, 142, 143:
+		return true
+	}
+	return false
+}
+
+func kcmpFile(pid, fd1, fd2 int) (bool, error) {
+	const kcmpFile = 0
+	r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(pid), uintptr(pid), kcmpFile, uintptr(fd1), uintptr(fd2), 0)
+	if e != 0 {
+		return false, fmt.Errorf("kcmp fds %d and %d: %w", fd1, fd2, e)
+	}
+	return r == 0, nil
+}

@@ -1,0 +1,292 @@
+package image
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"hash/crc32"
+	"io"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Framing limits. A record header is type (1 byte) + payload length (4
+// bytes, little endian). The limits keep a corrupt length from turning into
+// a huge allocation or an endless read.
+const (
+	frameHeaderLen = 5
+	// MaxMetaLen bounds every record but Pages.
+	MaxMetaLen = 16 << 20
+	// MaxPagesLen bounds the data of one Pages record.
+	MaxPagesLen = 64 << 20
+	// pagesHeadLen is the msgpack prefix of a Pages payload:
+	// fixarray(2), uint64 addr, bin32 length.
+	pagesHeadLen = 1 + 9 + 5
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// ErrCorrupt wraps every error caused by malformed snapshot bytes.
+var ErrCorrupt = errors.New("snapshot corrupt")
+
+func corruptf(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrCorrupt, fmt.Sprintf(format, args...))
+}
+
+// Encoder writes records to a stream. It is not safe for concurrent use.
+type Encoder struct {
+	w   *bufio.Writer
+	crc hash.Hash32
+	n   uint64
+	err error
+	hdr [frameHeaderLen + pagesHeadLen]byte
+}
+
+// NewEncoder returns an Encoder writing to w. Close must be called to
+// write the end record; it does not close w.
+func NewEncoder(w io.Writer) *Encoder {
+	return &Encoder{w: bufio.NewWriterSize(w, 256<<10), crc: crc32.New(castagnoli)}
+}
+
+func (e *Encoder) write(p []byte) {
+	if e.err != nil {
+		return
+	}
+	e.crc.Write(p)
+	e.n += uint64(len(p))
+	_, e.err = e.w.Write(p)
+}
+
+// Write encodes one metadata record (*Process, *Thread, *VMA or *FD).
+func (e *Encoder) Write(rec any) error {
+	var t Type
+	switch rec.(type) {
+	case *Process:
+		t = TypeProcess
+	case *Thread:
+		t = TypeThread
+	case *VMA:
+		t = TypeVMA
+	case *FD:
+		t = TypeFD
+	default:
+		return fmt.Errorf("image: cannot encode %T", rec)
+	}
+	b, err := msgpack.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("image: encode %v: %w", t, err)
+	}
+	if len(b) > MaxMetaLen {
+		return fmt.Errorf("image: %v record of %d bytes exceeds %d", t, len(b), MaxMetaLen)
+	}
+	e.hdr[0] = byte(t)
+	binary.LittleEndian.PutUint32(e.hdr[1:5], uint32(len(b)))
+	e.write(e.hdr[:frameHeaderLen])
+	e.write(b)
+	return e.err
+}
+
+// WritePages writes a run of memory contents starting at addr. Large runs
+// cost one header; data is written through without copying when the
+// buffer is empty.
+func (e *Encoder) WritePages(addr uint64, data []byte) error {
+	for len(data) > 0 {
+		n := len(data)
+		if n > MaxPagesLen {
+			n = MaxPagesLen
+		}
+		h := e.hdr[:]
+		h[0] = byte(TypePages)
+		binary.LittleEndian.PutUint32(h[1:5], uint32(pagesHeadLen+n))
+		h[5] = 0x92 // fixarray of 2
+		h[6] = 0xcf // uint64
+		binary.BigEndian.PutUint64(h[7:15], addr)
+		h[15] = 0xc6 // bin32
+		binary.BigEndian.PutUint32(h[16:20], uint32(n))
+		e.write(h)
+		e.write(data[:n])
+		addr += uint64(n)
+		data = data[n:]
+	}
+	return e.err
+}
+
+// Close writes the end record and flushes.
+func (e *Encoder) Close() error {
+	if e.err != nil {
+		return e.err
+	}
+	end := End{CRC: e.crc.Sum32(), Length: e.n}
+	b, err := msgpack.Marshal(&end)
+	if err != nil {
+		return err
+	}
+	e.hdr[0] = byte(TypeEnd)
+	binary.LittleEndian.PutUint32(e.hdr[1:5], uint32(len(b)))
+	if _, err := e.w.Write(e.hdr[:frameHeaderLen]); err != nil {
+		return err
+	}
+	if _, err := e.w.Write(b); err != nil {
+		return err
+	}
+	e.err = e.w.Flush()
+	return e.err
+}
+
+// Decoder reads records from a stream, verifying framing as it goes and
+// the checksum at the end. Errors stick: once Next fails, it keeps failing.
+type Decoder struct {
+	r       *bufio.Reader
+	crc     hash.Hash32
+	n       uint64
+	err     error
+	pending uint64 // unread data bytes of the current Pages record
+	done    bool
+	buf     []byte
+	hdr     [frameHeaderLen + pagesHeadLen]byte
+}
+
+// NewDecoder returns a Decoder reading from r.
+func NewDecoder(r io.Reader) *Decoder {
+	return &Decoder{r: bufio.NewReaderSize(r, 256<<10), crc: crc32.New(castagnoli)}
+}
+
+func (d *Decoder) read(p []byte) error {
+	if _, err := io.ReadFull(d.r, p); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return corruptf("truncated after %d bytes", d.n)
+		}
+		return err
+	}
+	d.crc.Write(p)
+	d.n += uint64(len(p))
+	return nil
+}
+
+// Next returns the next record: *Process, *Thread, *VMA, *FD, *Pages or,
+// last, *End once the checksum has been verified. After *End, Next
+// returns io.EOF. Unread data of a *Pages record is discarded.
+func (d *Decoder) Next() (any, error) {
+	if d.err != nil {
+		return nil, d.err
+	}
+	rec, err := d.next()
+	if err != nil {
+		d.err = err
+	}
+	return rec, err
+}
+
+func (d *Decoder) next() (any, error) {
+	if d.done {
+		return nil, io.EOF
+	}
+	for d.pending > 0 {
+		if err := d.discard(); err != nil {
+			return nil, err
+		}
+	}
+	crcBefore, nBefore := d.crc.Sum32(), d.n
+	if err := d.read(d.hdr[:frameHeaderLen]); err != nil {
+		return nil, err
+	}
+	t := Type(d.hdr[0])
+	size := binary.LittleEndian.Uint32(d.hdr[1:5])
+	switch t {
+	case TypePages:
+		if size < pagesHeadLen || size-pagesHeadLen > MaxPagesLen {
+			return nil, corruptf("pages record of %d bytes at offset %d", size, nBefore)
+		}
+		h := d.hdr[frameHeaderLen:]
+		if err := d.read(h); err != nil {
+			return nil, err
+		}
+		n := binary.BigEndian.Uint32(h[11:15])
+		if h[0] != 0x92 || h[1] != 0xcf || h[10] != 0xc6 || n != size-pagesHeadLen {
+			return nil, corruptf("malformed pages record at offset %d", nBefore)
+		}
+		p := &Pages{Addr: binary.BigEndian.Uint64(h[2:10]), Len: uint64(n)}
+		d.pending = p.Len
+		return p, nil
+	case TypeEnd:
+		if size > 64 {
+			return nil, corruptf("end record of %d bytes", size)
+		}
+		var eb [64]byte
+		b := eb[:size]
+		if _, err := io.ReadFull(d.r, b); err != nil {
+			return nil, corruptf("truncated end record")
+		}
+		var end End
+		if err := msgpack.Unmarshal(b, &end); err != nil {
+			return nil, corruptf("end record: %v", err)
+		}
+		if end.Length != nBefore || end.CRC != crcBefore {
+			return nil, corruptf("checksum mismatch (crc32c %08x over %d bytes, snapshot says %08x over %d)",
+				crcBefore, nBefore, end.CRC, end.Length)
+		}
+		d.done = true
+		return &end, nil
+	}
+	if size > MaxMetaLen {
+		return nil, corruptf("%v record of %d bytes at offset %d", t, size, nBefore)
+	}
+	if cap(d.buf) < int(size) {
+		d.buf = make([]byte, size)
+	}
+	b := d.buf[:size]
+	if err := d.read(b); err != nil {
+		return nil, err
+	}
+	var rec any
+	switch t {
+	case TypeProcess:
+		rec = new(Process)
+	case TypeThread:
+		rec = new(Thread)
+	case TypeVMA:
+		rec = new(VMA)
+	case TypeFD:
+		rec = new(FD)
+	default:
+		if t&Skippable != 0 {
+			return d.next()
+		}
+		return nil, corruptf("unknown record type %d at offset %d", t, nBefore)
+	}
+	if err := msgpack.Unmarshal(b, rec); err != nil {
+		return nil, corruptf("%v record at offset %d: %v", t, nBefore, err)
+	}
+	return rec, nil
+}
+
+// ReadData reads the data of the current Pages record into p, returning
+// the number of bytes read; it returns io.EOF when the record is consumed.
+func (d *Decoder) ReadData(p []byte) (int, error) {
+	if d.err != nil {
+		return 0, d.err
+	}
+	if d.pending == 0 {
+		return 0, io.EOF
+	}
+	if uint64(len(p)) > d.pending {
+		p = p[:d.pending]
+	}
+	if err := d.read(p); err != nil {
+		d.err = err
+		return 0, err
+	}
+	d.pending -= uint64(len(p))
+	return len(p), nil
+}
+
+func (d *Decoder) discard() error {
+	var scratch [32 << 10]byte
+	_, err := d.ReadData(scratch[:])
+	return err
+}
+
+// Offset is the number of body bytes consumed so far.
+func (d *Decoder) Offset() uint64 { return d.n }

@@ -1,0 +1,133 @@
+package image
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"hash"
+	"io"
+	"sort"
+	"strings"
+)
+
+// Describe reads a whole snapshot from dec and prints a human-readable
+// description to w: the process, its registers, each memory area with a
+// hash of its saved contents, and the open files. Pages that are all zero
+// are left out of the hash, so an area hashes the same whether such a page
+// was saved or not.
+func Describe(w io.Writer, dec *Decoder, regNames []string) error {
+	var (
+		vmas   []*VMA
+		hashes []hash.Hash
+		saved  []uint64
+		fds    []*FD
+		p      *Process
+		ths    []*Thread
+	)
+	buf := make([]byte, 1<<20)
+	zero := make([]byte, 4096)
+	for {
+		rec, err := dec.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		switch r := rec.(type) {
+		case *Process:
+			p = r
+		case *Thread:
+			ths = append(ths, r)
+		case *VMA:
+			vmas = append(vmas, r)
+			hashes = append(hashes, sha256.New())
+			saved = append(saved, 0)
+		case *FD:
+			fds = append(fds, r)
+		case *Pages:
+			i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > r.Addr })
+			if i == len(vmas) || r.Addr < vmas[i].Start || r.Addr+r.Len > vmas[i].End {
+				return fmt.Errorf("%w: pages %#x+%#x outside every memory area", ErrCorrupt, r.Addr, r.Len)
+			}
+			addr := r.Addr
+			for {
+				n, err := dec.ReadData(buf)
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					return err
+				}
+				for off := 0; off < n; off += 4096 {
+					end := min(off+4096, n)
+					page := buf[off:end]
+					if bytes.Equal(page, zero[:len(page)]) {
+						continue
+					}
+					var o [8]byte
+					binary.LittleEndian.PutUint64(o[:], addr+uint64(off)-vmas[i].Start)
+					hashes[i].Write(o[:])
+					hashes[i].Write(page)
+					saved[i] += uint64(len(page))
+				}
+				addr += uint64(n)
+			}
+		}
+	}
+	if p == nil {
+		return fmt.Errorf("%w: no process record", ErrCorrupt)
+	}
+	fmt.Fprintf(w, "Process: %s (pid %d), exe %s, cwd %s\n", p.Comm, p.Pid, p.Exe, p.Cwd)
+	fmt.Fprintf(w, "Frozen on %s (kernel %s), %d thread(s)\n", p.Host, p.Kernel, p.Threads)
+	c := p.Creds
+	fmt.Fprintf(w, "Credentials: uid %v gid %v groups %v cap_eff %#x cap_prm %#x cap_bnd %#x\n", c.Uid, c.Gid, c.Groups, c.CapEff, c.CapPrm, c.CapBnd)
+	fmt.Fprintf(w, "mm: code %#x-%#x data %#x-%#x brk %#x-%#x stack %#x\n", p.MM.StartCode, p.MM.EndCode, p.MM.StartData, p.MM.EndData, p.MM.StartBrk, p.MM.Brk, p.MM.StartStack)
+	for _, s := range p.Sigacts {
+		fmt.Fprintf(w, "Signal %d: handler %#x flags %#x mask %#x\n", s.Sig, s.Handler, s.Flags, s.Mask)
+	}
+	for _, t := range ths {
+		fmt.Fprintf(w, "Thread %d registers:\n", t.Tid)
+		for i, v := range t.Regs {
+			name := fmt.Sprint(i)
+			if i < len(regNames) {
+				name = regNames[i]
+			}
+			fmt.Fprintf(w, "  %-8s 0x%016x", name, v)
+			if i%3 == 2 || i == len(t.Regs)-1 {
+				fmt.Fprintln(w)
+			}
+		}
+		fmt.Fprintf(w, "  xstate %d bytes sha256 %x, sigmask %#x, rseq %#x/%d, tid_address %#x, robust_list %#x\n",
+			len(t.XState), sha256.Sum256(t.XState), t.Sigmask, t.RseqAddr, t.RseqLen, t.TidAddress, t.RobustList)
+	}
+	fmt.Fprintln(w, "Memory:")
+	for i, v := range vmas {
+		prot := []byte("---")
+		if v.Prot&1 != 0 {
+			prot[0] = 'r'
+		}
+		if v.Prot&2 != 0 {
+			prot[1] = 'w'
+		}
+		if v.Prot&4 != 0 {
+			prot[2] = 'x'
+		}
+		share := "p"
+		if v.Shared {
+			share = "s"
+		}
+		fmt.Fprintf(w, "  %d %#x-%#x %s%s %-11s %-40s saved %8d sha256 %x\n", i, v.Start, v.End, prot, share,
+			v.Kind, strings.TrimSpace(v.Name), saved[i], hashes[i].Sum(nil)[:16])
+	}
+	fmt.Fprintln(w, "Files:")
+	for _, f := range fds {
+		kind := "file"
+		if f.Kind == FDInherit {
+			kind = "inherit"
+		}
+		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d\n", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
+	}
+	return nil
+}

@@ -1,0 +1,248 @@
+// Package image defines the snapshot records — the complete state of a
+// frozen process — and their encoding: a stream of typed, length-framed
+// msgpack records closed by an end record that carries a CRC-32C of every
+// byte before it. The format is specified in docs/snapshot-format.md.
+//
+// The package knows nothing of ptrace or of how a process is rebuilt; it is
+// shared by the capture side (migrate/capture) and the loader.
+package image
+
+// Type is the one-byte record type. The list is append-only: a value, once
+// released, keeps its meaning forever. Types with the Skippable bit set may
+// be ignored by a reader that does not know them; any other unknown type is
+// an error.
+type Type uint8
+
+const (
+	TypeProcess Type = 1
+	TypeThread  Type = 2
+	TypeVMA     Type = 3
+	TypePages   Type = 4
+	TypeFD      Type = 5
+	TypeEnd     Type = 6
+
+	// Skippable marks a record that older readers may skip.
+	Skippable Type = 0x80
+)
+
+func (t Type) String() string {
+	switch t {
+	case TypeProcess:
+		return "process"
+	case TypeThread:
+		return "thread"
+	case TypeVMA:
+		return "vma"
+	case TypePages:
+		return "pages"
+	case TypeFD:
+		return "fd"
+	case TypeEnd:
+		return "end"
+	}
+	return "unknown"
+}
+
+// Process is the per-process state (everything shared by its threads).
+type Process struct {
+	Pid         int    `msgpack:"pid"`
+	Comm        string `msgpack:"comm"`
+	Exe         string `msgpack:"exe"`
+	Cwd         string `msgpack:"cwd"`
+	Umask       uint32 `msgpack:"umask"`
+	Personality uint64 `msgpack:"personality"`
+	Dumpable    int    `msgpack:"dumpable"`
+	PdeathSig   int    `msgpack:"pdeathsig"`
+	Kernel      string `msgpack:"kernel"`
+	Host        string `msgpack:"host"`
+	FrozenAt    int64  `msgpack:"frozen_at"` // unix nanoseconds
+
+	Creds   Creds      `msgpack:"creds"`
+	Rlimits []Rlimit   `msgpack:"rlimits"` // indexed by RLIMIT_* resource number
+	MM      MM         `msgpack:"mm"`
+	Auxv    []uint64   `msgpack:"auxv"`
+	Sigacts []Sigact   `msgpack:"sigacts"` // only signals whose action is not SIG_DFL
+	Itimers []Itimer   `msgpack:"itimers"` // ITIMER_REAL, _VIRTUAL, _PROF
+	Pending []Siginfo  `msgpack:"pending"` // process-wide pending signals
+	Threads int        `msgpack:"threads"`
+	Extra   [][]string `msgpack:"extra,omitempty"` // reserved
+}
+
+// Creds are the process credentials as /proc/PID/status reports them.
+type Creds struct {
+	Uid        [4]uint32 `msgpack:"uid"` // real, effective, saved, fs
+	Gid        [4]uint32 `msgpack:"gid"`
+	Groups     []uint32  `msgpack:"groups"`
+	CapInh     uint64    `msgpack:"cap_inh"`
+	CapPrm     uint64    `msgpack:"cap_prm"`
+	CapEff     uint64    `msgpack:"cap_eff"`
+	CapBnd     uint64    `msgpack:"cap_bnd"`
+	CapAmb     uint64    `msgpack:"cap_amb"`
+	Securebits uint32    `msgpack:"securebits"`
+	NoNewPrivs bool      `msgpack:"no_new_privs"`
+}
+
+// Rlimit is one resource limit.
+type Rlimit struct {
+	Cur uint64 `msgpack:"cur"`
+	Max uint64 `msgpack:"max"`
+}
+
+// MM holds the mm_struct fields that prctl(PR_SET_MM_MAP) restores.
+type MM struct {
+	StartCode  uint64 `msgpack:"start_code"`
+	EndCode    uint64 `msgpack:"end_code"`
+	StartData  uint64 `msgpack:"start_data"`
+	EndData    uint64 `msgpack:"end_data"`
+	StartBrk   uint64 `msgpack:"start_brk"`
+	Brk        uint64 `msgpack:"brk"`
+	StartStack uint64 `msgpack:"start_stack"`
+	ArgStart   uint64 `msgpack:"arg_start"`
+	ArgEnd     uint64 `msgpack:"arg_end"`
+	EnvStart   uint64 `msgpack:"env_start"`
+	EnvEnd     uint64 `msgpack:"env_end"`
+}
+
+// Sigact is one signal's disposition (struct kernel_sigaction).
+type Sigact struct {
+	Sig      int    `msgpack:"sig"`
+	Handler  uint64 `msgpack:"handler"`
+	Flags    uint64 `msgpack:"flags"`
+	Restorer uint64 `msgpack:"restorer"`
+	Mask     uint64 `msgpack:"mask"`
+}
+
+// Itimer is one interval timer (struct itimerval, microseconds).
+type Itimer struct {
+	IntervalSec  int64 `msgpack:"isec"`
+	IntervalUsec int64 `msgpack:"iusec"`
+	ValueSec     int64 `msgpack:"vsec"`
+	ValueUsec    int64 `msgpack:"vusec"`
+}
+
+// Siginfo is a raw 128-byte siginfo_t of a pending signal.
+type Siginfo []byte
+
+// Thread is the per-thread state.
+type Thread struct {
+	Tid        int       `msgpack:"tid"`
+	Regs       []uint64  `msgpack:"regs"`   // struct user_regs_struct, in kernel order
+	XState     []byte    `msgpack:"xstate"` // NT_X86_XSTATE regset
+	Sigmask    uint64    `msgpack:"sigmask"`
+	Pending    []Siginfo `msgpack:"pending"`
+	RseqAddr   uint64    `msgpack:"rseq_addr"`
+	RseqLen    uint32    `msgpack:"rseq_len"`
+	RseqSig    uint32    `msgpack:"rseq_sig"`
+	RobustList uint64    `msgpack:"robust_list"`
+	RobustLen  uint64    `msgpack:"robust_len"`
+	TidAddress uint64    `msgpack:"tid_address"`
+	AltSP      uint64    `msgpack:"alt_sp"`
+	AltFlags   int32     `msgpack:"alt_flags"`
+	AltSize    uint64    `msgpack:"alt_size"`
+}
+
+// VMAKind says how a memory area is rebuilt.
+type VMAKind uint8
+
+const (
+	VMAAnon       VMAKind = 1 // anonymous private (heap, stack, mmap(MAP_ANONYMOUS))
+	VMAFile       VMAKind = 2 // file mapping, private or shared
+	VMASharedAnon VMAKind = 3 // MAP_SHARED|MAP_ANONYMOUS
+	VMAVdso       VMAKind = 4 // [vdso]
+	VMAVvar       VMAKind = 5 // [vvar]
+	VMAVvarVclock VMAKind = 6 // [vvar_vclock]
+)
+
+func (k VMAKind) String() string {
+	switch k {
+	case VMAAnon:
+		return "anon"
+	case VMAFile:
+		return "file"
+	case VMASharedAnon:
+		return "shared-anon"
+	case VMAVdso:
+		return "vdso"
+	case VMAVvar:
+		return "vvar"
+	case VMAVvarVclock:
+		return "vvar_vclock"
+	}
+	return "unknown"
+}
+
+// Kernel reports whether the area is created by the kernel (vdso and vvar)
+// and only moved, never mapped, on restore.
+func (k VMAKind) Kernel() bool { return k == VMAVdso || k == VMAVvar || k == VMAVvarVclock }
+
+// VMA is one memory mapping. Its contents, where saved, follow in Pages
+// records after all VMA records.
+type VMA struct {
+	Start   uint64  `msgpack:"start"`
+	End     uint64  `msgpack:"end"`
+	Prot    uint32  `msgpack:"prot"` // PROT_*
+	Shared  bool    `msgpack:"shared"`
+	Kind    VMAKind `msgpack:"kind"`
+	Name    string  `msgpack:"name"` // path, or [heap], [stack], [vdso]...
+	Offset  uint64  `msgpack:"offset"`
+	VmFlags string  `msgpack:"vmflags"` // /proc/PID/smaps VmFlags, e.g. "rd wr mr mw me gd ac"
+	// File identity checked on restore (file mappings only).
+	FileSize  int64 `msgpack:"file_size"`
+	FileMtime int64 `msgpack:"file_mtime"` // unix nanoseconds
+	// Content is the area's bytes for kernel areas that are compared rather
+	// than written (the vdso).
+	Content []byte `msgpack:"content,omitempty"`
+}
+
+// Len is the size of the area in bytes.
+func (v *VMA) Len() uint64 { return v.End - v.Start }
+
+// GrowsDown reports whether the area is a stack that grows down.
+func (v *VMA) GrowsDown() bool { return hasFlag(v.VmFlags, "gd") }
+
+func hasFlag(flags, f string) bool {
+	for i := 0; i+2 <= len(flags); i += 3 {
+		if flags[i:i+2] == f {
+			return true
+		}
+	}
+	return false
+}
+
+// FDKind says how a file descriptor is rebuilt.
+type FDKind uint8
+
+const (
+	// FDFile is a regular file, directory or device reopened by path.
+	FDFile FDKind = 1
+	// FDInherit is a terminal, pipe or socket at fd 0-2 that led outside
+	// the process; it is connected to the restorer's own fd of that number.
+	FDInherit FDKind = 2
+)
+
+// FD is one open file descriptor.
+type FD struct {
+	Fd    int    `msgpack:"fd"`
+	Kind  FDKind `msgpack:"kind"`
+	Path  string `msgpack:"path"`
+	Flags uint32 `msgpack:"flags"` // open flags as in /proc/PID/fdinfo, O_CLOEXEC included
+	Pos   int64  `msgpack:"pos"`
+	Mode  uint32 `msgpack:"mode"` // st_mode of the file
+	// Desc numbers open file descriptions: fds with the same Desc share one
+	// (they were dup'ed) and so share offset and status flags.
+	Desc int    `msgpack:"desc"`
+	What string `msgpack:"what"` // readlink of /proc/PID/fd/N, for messages
+}
+
+// End closes a snapshot.
+type End struct {
+	CRC    uint32 `msgpack:"crc32c"` // CRC-32C of every body byte before this record
+	Length uint64 `msgpack:"length"` // number of body bytes before this record
+}
+
+// Pages introduces a run of page contents at Addr. Its data (Len bytes)
+// follows the record header; readers take it with Decoder.ReadData.
+type Pages struct {
+	Addr uint64
+	Len  uint64
+}

@@ -1,0 +1,92 @@
+package ptrace
+
+import (
+	"fmt"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Injector makes a stopped thread run system calls on our behalf: it points
+// the thread's rip at an existing syscall instruction, loads the number and
+// arguments, single-steps it and reads the result. Nothing is written into
+// the tracee's memory. Restore puts the saved registers back.
+//
+// All methods run on the tracer thread.
+type Injector struct {
+	Tid   int
+	Site  uintptr // address of a 0x0f 0x05 (syscall) instruction in the tracee
+	saved *Regs
+	// Signals holds signals that arrived while injecting; they were
+	// dequeued by the stop and must be re-queued or recorded by the caller.
+	Signals []unix.Signal
+}
+
+// NewInjector saves tid's registers so that Restore can put them back.
+// Runs on the tracer thread.
+func NewInjector(tid int, site uintptr) (*Injector, error) {
+	r, err := GetRegs(tid)
+	if err != nil {
+		return nil, err
+	}
+	return &Injector{Tid: tid, Site: site, saved: r}, nil
+}
+
+// Saved returns the registers the thread had when the injector was made.
+func (in *Injector) Saved() *Regs { return in.saved }
+
+// Syscall runs system call nr with args in the tracee and returns its raw
+// result; a negative result in -4095..-1 is returned as an Errno.
+// Runs on the tracer thread.
+func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
+	r := *in.saved
+	r.setSyscall(in.Site, nr, args)
+	// Clear the trap flag left by a previous step, if any.
+	r.Eflags &^= 0x100
+	if err := SetRegs(in.Tid, &r); err != nil {
+		return 0, err
+	}
+	if err := SingleStep(in.Tid); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: step %d: %w", nr, in.Tid, err)
+	}
+	for {
+		st, err := Wait(in.Tid)
+		if err != nil {
+			return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+		}
+		if !st.Status.Stopped() {
+			return 0, fmt.Errorf("inject syscall %d: tid %d %v", nr, in.Tid, st)
+		}
+		if st.Sig() == unix.SIGTRAP && st.Event() == 0 {
+			break
+		}
+		if st.Event() == 0 {
+			// Another signal stopped the thread first. It has been
+			// dequeued: remember it and keep stepping.
+			in.Signals = append(in.Signals, st.Sig())
+		}
+		if err := SingleStep(in.Tid); err != nil {
+			return 0, fmt.Errorf("inject syscall %d: step %d: %w", nr, in.Tid, err)
+		}
+	}
+	var out Regs
+	if err := unix.PtraceGetRegs(in.Tid, (*unix.PtraceRegs)(&out)); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: getregs %d: %w", nr, in.Tid, err)
+	}
+	if out.Rip != uint64(in.Site)+2 {
+		return 0, fmt.Errorf("inject syscall %d: tid %d stopped at %#x, want %#x", nr, in.Tid, out.Rip, in.Site+2)
+	}
+	ret := int64(out.Rax)
+	if ret < 0 && ret > -4096 {
+		return 0, syscall.Errno(-ret)
+	}
+	return uintptr(out.Rax), nil
+}
+
+// Restore puts back the registers saved when the injector was made (or
+// last given to SetSaved). Runs on the tracer thread.
+func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
+
+// SetSaved replaces the registers Restore will write and on which injected
+// calls are based.
+func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c }
