@@ -308,10 +308,10 @@ func (p *Process) clonePID() error {
 	args := make([]byte, 96)
 	put := func(off int, v uint64) { putLE64(args[off:], v) }
 	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
-	put(0, unix.CLONE_PARENT)     // flags
-	put(64, scratch+88)           // set_tid
-	put(72, 1)                    // set_tid_size
-	put(88, uint64(want))         // set_tid[0]
+	put(0, unix.CLONE_PARENT) // flags
+	put(64, scratch+88)       // set_tid
+	put(72, 1)                // set_tid_size
+	put(88, uint64(want))     // set_tid[0]
 	if err := p.mem.Write(scratch, args); err != nil {
 		return fmt.Errorf("clone3 arguments: %w", err)
 	}

@@ -257,11 +257,11 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, *
 	if p.Auxv, err = readAuxv(pid); err != nil {
 		return nil, nil, err
 	}
-	for res := 0; res < 16; res++ {
-		var rl unix.Rlimit
-		if err := unix.Prlimit(pid, res, nil, &rl); err != nil {
-			return nil, nil, fmt.Errorf("prlimit %d: %w", res, err)
-		}
+	limits, err := procfs.Limits(pid)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, rl := range limits {
 		p.Rlimits = append(p.Rlimits, image.Rlimit{Cur: rl.Cur, Max: rl.Max})
 	}
 	caught := procfs.Hex(st["SigCgt"]) | procfs.Hex(st["SigIgn"])

@@ -230,3 +230,42 @@ func Hex(s string) uint64 {
 	v, _ := strconv.ParseUint(s, 16, 64)
 	return v
 }
+
+// Rlimit is one line of /proc/PID/limits.
+type Rlimit struct{ Cur, Max uint64 }
+
+// Limits parses /proc/PID/limits; entry i is resource i (RLIMIT_CPU = 0).
+// Reading them with prlimit(2) would need CAP_SYS_RESOURCE for another
+// user's process; /proc only needs ptrace access.
+func Limits(pid int) ([]Rlimit, error) {
+	b, err := os.ReadFile(Path(pid, "limits"))
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) < 2 {
+		return nil, fmt.Errorf("%s: malformed", Path(pid, "limits"))
+	}
+	var out []Rlimit
+	for _, line := range lines[1:] {
+		// "%-25s %-20s %-20s %-10s": the name has spaces, the columns are fixed.
+		if len(line) < 68 {
+			return nil, fmt.Errorf("%s: malformed line %q", Path(pid, "limits"), line)
+		}
+		cur, err1 := parseLimit(line[26:47])
+		max, err2 := parseLimit(line[47:68])
+		if err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("%s: malformed line %q", Path(pid, "limits"), line)
+		}
+		out = append(out, Rlimit{Cur: cur, Max: max})
+	}
+	return out, nil
+}
+
+func parseLimit(s string) (uint64, error) {
+	s = strings.TrimSpace(s)
+	if s == "unlimited" {
+		return ^uint64(0), nil
+	}
+	return strconv.ParseUint(s, 10, 64)
+}
