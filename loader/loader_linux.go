@@ -29,6 +29,9 @@ const pageSize = 4096
 type Options struct {
 	// NewPID restores with a fresh PID even when the saved one is free.
 	NewPID bool
+	// Detach says the restorer will not stay the process's parent: the
+	// parent-death signal, which would fire as soon as it exits, is not set.
+	Detach bool
 	// Notice receives one-line messages for the user (the PID was taken...).
 	Notice func(string)
 }

@@ -86,8 +86,10 @@ func (p *Process) finish() error {
 	if _, err := p.call(unix.SYS_PERSONALITY, uintptr(pr.Personality)); err != nil {
 		return fmt.Errorf("personality %#x: %w", pr.Personality, err)
 	}
-	if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(pr.PdeathSig)); err != nil {
-		return fmt.Errorf("pdeathsig: %w", err)
+	if pr.PdeathSig != 0 && !p.opts.Detach {
+		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(pr.PdeathSig)); err != nil {
+			return fmt.Errorf("pdeathsig: %w", err)
+		}
 	}
 	if t.TidAddress != 0 {
 		if _, err := p.call(unix.SYS_SET_TID_ADDRESS, uintptr(t.TidAddress)); err != nil {

@@ -62,7 +62,7 @@ func run(src string, detach, debug, newPID bool) (int, error) {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT)
 	tr := ptrace.NewTracer()
 	defer tr.Close()
-	p, err := loader.Build(tr, dec, loader.Options{NewPID: newPID, Notice: func(s string) {
+	p, err := loader.Build(tr, dec, loader.Options{NewPID: newPID, Detach: detach, Notice: func(s string) {
 		fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
 	}})
 	if err != nil {
