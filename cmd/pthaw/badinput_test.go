@@ -1,0 +1,171 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// TestBadInput feeds pthaw damaged snapshots: every one must fail with one
+// line on stderr and a non-zero exit, and leave no process behind.
+func TestBadInput(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "countforever")
+	p := fixture.Start(t, bin, "5")
+	p.Lines.Expect(t, `^3$`, waitFor)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap)
+	<-p.Exited()
+	good, err := os.ReadFile(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr := bytes.IndexByte(good, '\n') + 1
+	rng := rand.New(rand.NewSource(1))
+
+	cases := map[string][]byte{
+		"empty":         {},
+		"random":        randBytes(rng, 4096),
+		"newer version": bytes.Replace(good, []byte("PCLUSTER-SNAPSHOT 1"), []byte("PCLUSTER-SNAPSHOT 2"), 1),
+		"header only":   good[:hdr],
+		"bad header":    append([]byte("PCLUSTER-SNAPSHOT 1 compress=none encrypt=none bogus=1\n"), good[hdr:]...),
+	}
+	for i := 0; i < 12; i++ {
+		n := hdr + rng.Intn(len(good)-hdr)
+		if i == 0 {
+			n = len(good) - 1
+		}
+		cases[fmt.Sprintf("truncated at %d", n)] = good[:n]
+	}
+	for i := 0; i < 12; i++ {
+		at := rng.Intn(len(good))
+		if i == 0 {
+			at = len(good) - 1
+		}
+		b := append([]byte(nil), good...)
+		b[at] ^= 1 << rng.Intn(8)
+		cases[fmt.Sprintf("bit flipped at %d", at)] = b
+	}
+	dir := t.TempDir()
+	for name, data := range cases {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(name, " ", "_"))
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-src", path)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			if err == nil {
+				t.Fatalf("pthaw accepted a damaged snapshot")
+			}
+			msg := stderr.String()
+			if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pthaw: ") {
+				t.Errorf("stderr %q, want one line starting with \"pthaw: \"", msg)
+			}
+			if pids := processesOf(bin); len(pids) > 0 {
+				t.Errorf("processes %v left behind", pids)
+			}
+		})
+	}
+}
+
+func randBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	rng.Read(b)
+	return b
+}
+
+// processesOf lists live processes running exe, or a pcluster stub.
+func processesOf(exe string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || !fixture.Alive(pid) {
+			continue
+		}
+		link, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if link == exe || strings.HasPrefix(string(comm), "pcluster-stub") {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// TestRefuseThreads: a process pfreeze cannot carry yet is refused with
+// one line, and keeps running.
+func TestRefuseThreads(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	p := fixture.Start(t, py, "-c", "import threading,time,sys\nthreading.Thread(target=time.sleep,args=(60,),daemon=True).start()\nprint('ready',flush=True)\nwhile True:\n  time.sleep(0.05); print('tick',flush=True)")
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatal("pfreeze accepted a multi-threaded process")
+	}
+	want := fmt.Sprintf("pfreeze: freeze %d: 2 threads (multi-threaded processes are not supported yet)\n", p.Pid())
+	if stderr.String() != want {
+		t.Errorf("stderr %q, want %q", stderr.String(), want)
+	}
+	p.Lines.Expect(t, `^tick$`, waitFor)
+}
+
+// TestDebugDescribesSnapshot: the description pfreeze -debug prints of a
+// process and the one pthaw -debug prints of its snapshot agree on the
+// contents of every static memory area.
+func TestDebugDescribesSnapshot(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "bigheap"), "16", "3")
+	p.Lines.Expect(t, `^ready hash=`, waitFor)
+	live, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-debug").Output()
+	if err != nil {
+		t.Fatalf("pfreeze -debug: %v", err)
+	}
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-dest", snap)
+	file, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).Output()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v", err)
+	}
+	// The 16 MiB heap area is the largest anonymous area: same hash.
+	big := func(desc []byte) string {
+		best, size := "", uint64(0)
+		for _, line := range strings.Split(string(desc), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 8 || f[3] != "anon" {
+				continue
+			}
+			a, b, _ := strings.Cut(f[1], "-")
+			lo, err1 := strconv.ParseUint(a, 0, 64)
+			hi, err2 := strconv.ParseUint(b, 0, 64)
+			if err1 != nil || err2 != nil {
+				continue
+			}
+			if hi-lo > size {
+				best, size = line, hi-lo
+			}
+		}
+		return best
+	}
+	if a, b := big(live), big(file); a == "" || a != b {
+		t.Errorf("pfreeze -debug heap line %q, pthaw -debug %q", a, b)
+	}
+	for _, want := range []string{"Registers", "rip", "Memory:", "Files:", "fd 1: inherit"} {
+		if !bytes.Contains(file, []byte(want)) && !bytes.Contains(file, []byte(strings.ToLower(want))) {
+			t.Errorf("pthaw -debug output lacks %q", want)
+		}
+	}
+}
