@@ -36,6 +36,7 @@ lint: deps
 
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 10s ./migrate/image
 
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// BenchmarkFreezeThaw1GiB freezes a process holding 1 GiB of random
+// anonymous memory to /dev/shm and thaws it, next to this machine's
+// memcpy and tmpfs-write bandwidth measured in the same run (the machine
+// is shared and noisy: compare the ratios). Run with make bench.
+func BenchmarkFreezeThaw1GiB(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	const mib = 1024
+	size := float64(mib << 20)
+	bin := fixture.Build(b, "bigheap")
+	var freezeS, thawS, freezeRSS, thawRSS float64
+	for i := 0; i < b.N; i++ {
+		p := fixture.Start(b, bin, strconv.Itoa(mib), "9")
+		hash := p.Lines.Expect(b, `^ready hash=([0-9a-f]+)$`, 120*time.Second)[1]
+		snap := filepath.Join("/dev/shm", "pcluster-bench-"+strconv.Itoa(os.Getpid()))
+		b.Cleanup(func() { os.Remove(snap) })
+
+		fr := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap)
+		t0 := time.Now()
+		if out, err := fr.CombinedOutput(); err != nil {
+			b.Fatalf("pfreeze: %v: %s", err, out)
+		}
+		freezeS += time.Since(t0).Seconds()
+		freezeRSS += float64(fr.ProcessState.SysUsage().(*syscall.Rusage).Maxrss) / 1024
+		<-p.Exited()
+
+		th := exec.Command(filepath.Join(binDir, "pthaw"), "-detach", "-src", snap)
+		th.Stdout, _ = os.Create(os.DevNull)
+		t0 = time.Now()
+		if err := th.Run(); err != nil {
+			b.Fatalf("pthaw: %v", err)
+		}
+		thawS += time.Since(t0).Seconds()
+		thawRSS += float64(th.ProcessState.SysUsage().(*syscall.Rusage).Maxrss) / 1024
+		fixture.KillAtCleanup(b, p.Pid())
+		if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
+			b.Fatal(err)
+		}
+		// The thawed process answers on pthaw's stdout, /dev/null here;
+		// its liveness is what the benchmark checks.
+		time.Sleep(100 * time.Millisecond)
+		if !fixture.Alive(p.Pid()) {
+			b.Fatalf("thawed process %d (hash %s) is not running", p.Pid(), hash)
+		}
+		os.Remove(snap)
+	}
+	// Baselines after the runs: a child forked while this process holds
+	// their buffers would inherit that RSS as its own maximum.
+	memcpy := memcpyBandwidth()
+	tmpfs := tmpfsBandwidth(b)
+	n := float64(b.N)
+	b.ReportMetric(size/(freezeS/n)/1e6, "freeze-MB/s")
+	b.ReportMetric(size/(thawS/n)/1e6, "thaw-MB/s")
+	b.ReportMetric(freezeS/n*1000, "stopped-ms")
+	b.ReportMetric(freezeRSS/n, "pfreeze-maxrss-MiB")
+	b.ReportMetric(thawRSS/n, "pthaw-maxrss-MiB")
+	b.ReportMetric(memcpy/1e6, "memcpy-MB/s")
+	b.ReportMetric(tmpfs/1e6, "tmpfs-write-MB/s")
+	b.ReportMetric(size/(freezeS/n)/tmpfs, "freeze/tmpfs")
+	b.ReportMetric(size/(thawS/n)/memcpy, "thaw/memcpy")
+}
+
+// memcpyBandwidth copies 256 MiB buffers a few times and returns bytes/s.
+func memcpyBandwidth() float64 {
+	src := make([]byte, 256<<20)
+	dst := make([]byte, 256<<20)
+	for i := range src {
+		src[i] = byte(i)
+	}
+	copy(dst, src) // fault the pages in
+	t0 := time.Now()
+	for i := 0; i < 4; i++ {
+		copy(dst, src)
+	}
+	return 4 * float64(len(src)) / time.Since(t0).Seconds()
+}
+
+// tmpfsBandwidth writes 1 GiB to /dev/shm in 1 MiB writes.
+func tmpfsBandwidth(b *testing.B) float64 {
+	path := filepath.Join("/dev/shm", "pcluster-bench-tmpfs-"+strconv.Itoa(os.Getpid()))
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer os.Remove(path)
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i * 7)
+	}
+	t0 := time.Now()
+	for i := 0; i < 1024; i++ {
+		if _, err := f.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return float64(1<<30) / time.Since(t0).Seconds()
+}
