@@ -42,7 +42,7 @@ bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
 
 demo: deps build
-	./scripts/demo.sh
+	./internal/demo/demo.sh
 
 clean:
 	rm -rf $(BIN)
