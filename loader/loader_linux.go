@@ -269,7 +269,7 @@ func (p *Process) startStub() error {
 		pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"pcluster-stub"}, &syscall.ProcAttr{
 			Env:   []string{},
 			Files: []uintptr{0, 1, 2, memfd.Fd()},
-			Sys:   &syscall.SysProcAttr{Ptrace: true},
+			Sys:   &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps()},
 		})
 		if err != nil {
 			return fmt.Errorf("start stub: %w", err)

@@ -266,6 +266,12 @@ func TestClonePipe(t *testing.T) {
 func thawWithStdin(t *testing.T, th *thawed, stdin *os.File) *thawed {
 	t.Helper()
 	th.cmd = exec.Command(filepath.Join(binDir, "pthaw"))
+	return startThawCmd(t, th, stdin)
+}
+
+// startThawCmd starts th.cmd (a pthaw) with stdin as its standard input.
+func startThawCmd(t *testing.T, th *thawed, stdin *os.File) *thawed {
+	t.Helper()
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -531,5 +537,70 @@ func TestDetach(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if !fixture.Alive(pid) {
 		t.Fatalf("detached process %d is not running", pid)
+	}
+}
+
+// TestFileCapabilities runs pfreeze and pthaw as an unprivileged user,
+// with only the capabilities setcap gives them (seed 3.2), on that user's
+// process; and pfreeze without them on root's, which must fail clearly.
+func TestFileCapabilities(t *testing.T) {
+	needRoot(t)
+	setcap, err1 := exec.LookPath("setcap")
+	setpriv, err2 := exec.LookPath("setpriv")
+	if err1 != nil || err2 != nil {
+		t.Skip("setcap (libcap2-bin) or setpriv (util-linux) not installed")
+	}
+	dir := t.TempDir()
+	os.Chmod(filepath.Dir(dir), 0o755) // the user must reach it
+	os.Chmod(dir, 0o777)
+	for _, name := range []string{"pfreeze", "pthaw"} {
+		b, err := os.ReadFile(filepath.Join(binDir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(setcap, "cap_sys_ptrace,cap_checkpoint_restore+ep", filepath.Join(dir, name)).CombinedOutput(); err != nil {
+			t.Skipf("setcap: %v: %s", err, out)
+		}
+	}
+	bin := fixture.Build(t, "countforever")
+	os.Chmod(filepath.Dir(bin), 0o755)
+	user := []string{"--reuid", "1000", "--regid", "1000", "--clear-groups"}
+
+	// Without capabilities, on root's process: one clear line.
+	root := fixture.Start(t, bin, "10")
+	root.Lines.Expect(t, `^2$`, waitFor)
+	cmd := exec.Command(setpriv, append(user, filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(root.Pid()))...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatal("pfreeze without CAP_SYS_PTRACE froze root's process")
+	}
+	if !strings.Contains(stderr.String(), "needs CAP_SYS_PTRACE") || strings.Count(stderr.String(), "\n") != 1 {
+		t.Errorf("stderr %q, want one line saying CAP_SYS_PTRACE is needed", stderr.String())
+	}
+
+	// With file capabilities, on the user's own process: moved, same pid.
+	p := fixture.Start(t, setpriv, append(user, bin, "10")...)
+	p.Lines.Expect(t, `^2$`, waitFor)
+	snap := filepath.Join(dir, "snap")
+	cmd = exec.Command(setpriv, append(user, filepath.Join(dir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap)...)
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("pfreeze with file capabilities: %v: %s", err, out)
+	}
+	<-p.Exited()
+	th := &thawed{done: make(chan struct{})}
+	f, err := os.Open(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	th.cmd = exec.Command(setpriv, append(user, filepath.Join(dir, "pthaw"))...)
+	th = startThawCmd(t, th, f)
+	th.out.Expect(t, `^\d+$`, waitFor)
+	if got := th.restoredPid(t); got != p.Pid() {
+		t.Errorf("restored pid %d, want %d: %s", got, p.Pid(), th.stderr.String())
 	}
 }
