@@ -37,6 +37,10 @@ type Header struct {
 	// Params holds every key=value pair of the line, e.g. compress=zstd,
 	// encrypt=aes-gcm, key=NAME. Layers read the keys they own.
 	Params map[string]string
+
+	// raw is the exact line ReadHeader consumed, newline included; it is
+	// what the encryption layer authenticates.
+	raw string
 }
 
 // Get returns the value of key, or def when the header does not carry it.
@@ -113,7 +117,12 @@ func ReadHeader(r io.Reader, known ...string) (*Header, error) {
 			return nil, fmt.Errorf("snapshot header longer than %d bytes", MaxHeaderLen)
 		}
 	}
-	return parseHeader(string(line), known)
+	h, err := parseHeader(string(line), known)
+	if err != nil {
+		return nil, err
+	}
+	h.raw = string(line) + "\n"
+	return h, nil
 }
 
 func parseHeader(line string, known []string) (*Header, error) {
