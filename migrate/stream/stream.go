@@ -215,6 +215,9 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 	known := append(append([]string{}, ownKeys...), opt.Known...)
 	h, err := ReadHeader(r, known...)
 	if err != nil {
+		if strings.HasPrefix(err.Error(), "read snapshot header: stream: ") {
+			return nil, nil, errors.Unwrap(err)
+		}
 		return nil, nil, fmt.Errorf("%s%w", where, err)
 	}
 	compName := h.Get(KeyCompress, "")
@@ -313,10 +316,14 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 			return n, io.EOF
 		}
 	}
-	if errors.Is(err, io.EOF) {
+	if errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
 		err = io.ErrUnexpectedEOF
 	}
-	b.err = fmt.Errorf("%s%w", b.where, err)
+	if strings.HasPrefix(err.Error(), "stream: ") {
+		b.err = err // already names the operation and the endpoint
+	} else {
+		b.err = fmt.Errorf("%s%w", b.where, err)
+	}
 	b.release()
 	return n, b.err
 }
