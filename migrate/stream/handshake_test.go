@@ -43,7 +43,7 @@ func startSend(t *testing.T, addr string, data []byte, opt Options) (Sink, error
 	return sink, w.Close()
 }
 
-func readAllFrom(src Source, opt ReaderOptions) ([]byte, error) {
+func readAllFrom(src io.Reader, opt ReaderOptions) ([]byte, error) {
 	r, _, err := NewReader(src, opt)
 	if err != nil {
 		return nil, err
