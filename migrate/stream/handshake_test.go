@@ -448,3 +448,24 @@ func TestHandshakeFileNoop(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// Ready(nil) is refused until the body was read to io.EOF: stopping at the
+// end record is not enough, the last chunk and the end frame must verify.
+func TestReadyNeedsEOF(t *testing.T) {
+	src := listenLoopback(t, 5*time.Second)
+	go func() {
+		sink, err := startSend(t, src.Addr(), []byte("records end-record"), Options{})
+		if err == nil {
+			sink.AwaitReady(5 * time.Second)
+		}
+	}()
+	r, _, err := NewReader(src, ReaderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	io.ReadFull(r, make([]byte, len("records end-record")))
+	if err := src.Ready(nil); err == nil || !strings.Contains(err.Error(), "read the body to io.EOF") {
+		t.Errorf("Ready before EOF: got %v", err)
+	}
+}

@@ -178,3 +178,9 @@ func (pr *ProgressReader) link(k []byte, encrypted bool) error {
 	}
 	return nil
 }
+
+func (pr *ProgressReader) bodyEOF() {
+	if e, ok := pr.r.(bodyEnder); ok {
+		e.bodyEOF()
+	}
+}

@@ -58,6 +58,12 @@ type linker interface {
 	link(hsKey []byte, encrypted bool) error
 }
 
+// bodyEnder is told by the body reader that the body was read to a clean
+// io.EOF: every layer verified to the end, so the receiver may report ready.
+type bodyEnder interface {
+	bodyEOF()
+}
+
 // bodyDoner is told by the body writer that every layer was flushed
 // successfully, so the sink may announce the end of the body.
 type bodyDoner interface {
@@ -267,6 +273,7 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 		}
 	}
 	br := &bodyReader{where: where, lower: body}
+	br.src, _ = r.(bodyEnder)
 	if compName != CompressNone {
 		buf := bufio.NewReaderSize(body, 64<<10)
 		d, err := newDecompressor(compName, buf)
@@ -288,6 +295,7 @@ type bodyReader struct {
 	lower  io.Reader
 	closer io.Closer
 	tail   io.Reader // what follows the compressed data; nil without compression
+	src    bodyEnder // told about a clean end, may be nil
 	err    error
 }
 
@@ -313,6 +321,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		if err == io.EOF {
 			b.err = io.EOF
 			b.release()
+			if b.src != nil {
+				b.src.bodyEOF()
+			}
 			return n, io.EOF
 		}
 	}

@@ -373,6 +373,7 @@ type netSource struct {
 	linked, keyed bool
 	hsKey         []byte
 	ended         bool // E received
+	gotEOF        bool // the body reader reached a clean io.EOF
 	handshake     bool // E asked for a handshake
 	readySent     bool
 	nonce         []byte
@@ -505,6 +506,8 @@ func (s *netSource) link(k []byte, encrypted bool) error {
 	return nil
 }
 
+func (s *netSource) bodyEOF() { s.gotEOF = s.ended }
+
 func (s *netSource) Read(p []byte) (int, error) {
 	if s.err != nil {
 		return 0, s.err
@@ -593,8 +596,8 @@ func (s *netSource) Ready(buildErr error) error {
 		}
 		return fmt.Errorf("stream: %s: ready before a sender connected", s.spec)
 	}
-	if buildErr == nil && (!s.ended || s.err != nil) {
-		return fmt.Errorf("stream: %s: ready before the whole stream was received", s.spec)
+	if buildErr == nil && (!s.ended || !s.gotEOF || s.err != nil) {
+		return fmt.Errorf("stream: %s: ready before the whole stream was received and verified (read the body to io.EOF first)", s.spec)
 	}
 	if s.ended && !s.handshake {
 		return nil
