@@ -2,6 +2,7 @@ package stream
 
 import (
 	"bytes"
+	"crypto/hmac"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -261,6 +262,7 @@ func fakeReceiver(t *testing.T, reply []byte) string {
 		}
 		defer c.Close()
 		io.ReadFull(c, make([]byte, len(wireHello)))
+		c.Write(append([]byte(wireHello), make([]byte, hsNonceSize)...))
 		for {
 			var h [frameHeaderSize]byte
 			if _, err := io.ReadFull(c, h[:]); err != nil {
@@ -359,46 +361,49 @@ func recordingProxy(t *testing.T, target string, mangle func([]byte)) (addr stri
 }
 
 // An attacker who recorded a whole migration replays it to a listening
-// receiver: the stream verifies (it is genuine) but the recorded commit
-// answers an old nonce and must be refused, so no clone starts.
-func TestHandshakeReplayedCommit(t *testing.T) {
+// receiver: the stream is genuine, but its header names the nonce of the
+// first receiver's greeting (peer=), so the new receiver refuses it before
+// building anything, with or without -halt.
+func TestHandshakeReplayedStream(t *testing.T) {
 	dir := testKeys(t)
-	src := listenLoopback(t, 5*time.Second)
-	addr, rec := recordingProxy(t, src.Addr(), nil)
-	go func() {
-		sink, err := startSend(t, addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
-		if err == nil && sink.AwaitReady(5*time.Second) == nil {
-			sink.Commit()
+	for _, halt := range []bool{false, true} {
+		src := listenLoopback(t, 5*time.Second)
+		addr, rec := recordingProxy(t, src.Addr(), nil)
+		go send("tcp:"+addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, halt)
+		if _, err := receive(src, ReaderOptions{KeyDir: dir}); err != nil {
+			t.Fatalf("genuine stream: %v", err)
 		}
-	}()
-	if _, err := readAllFrom(src, ReaderOptions{KeyDir: dir}); err != nil {
-		t.Fatal(err)
-	}
-	src.Ready(nil)
-	if err := src.AwaitCommit(5 * time.Second); err != nil {
-		t.Fatalf("genuine commit: %v", err)
-	}
-	recorded := rec()
+		recorded := rec()
 
-	// Replay everything to a fresh receiver.
-	src2 := listenLoopback(t, 5*time.Second)
-	c, err := net.Dial("tcp", src2.Addr())
-	if err != nil {
-		t.Fatal(err)
+		src2 := listenLoopback(t, 5*time.Second)
+		c, err := net.Dial("tcp", src2.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			c.Write(recorded)
+			io.Copy(io.Discard, c)
+		}()
+		_, err = readAllFrom(src2, ReaderOptions{KeyDir: dir})
+		if err == nil || !strings.Contains(err.Error(), "not sent for this connection") {
+			t.Errorf("halt=%v: replayed stream: got %v, want it refused", halt, err)
+		}
+		if err := src2.Ready(nil); err == nil {
+			t.Errorf("halt=%v: Ready after a replayed stream succeeded", halt)
+		}
+		c.Close()
 	}
-	defer c.Close()
-	go func() {
-		c.Write(recorded)
-		io.Copy(io.Discard, c)
-	}()
-	if _, err := readAllFrom(src2, ReaderOptions{KeyDir: dir}); err != nil {
-		t.Fatalf("replayed stream: %v", err)
+}
+
+// A commit is bound to the nonce of this receiver's ready message.
+func TestHandshakeCommitBoundToNonce(t *testing.T) {
+	k := []byte("handshake key of one stream.....")
+	n1, n2 := bytes.Repeat([]byte{1}, hsNonceSize), bytes.Repeat([]byte{2}, hsNonceSize)
+	if hmac.Equal(wireMAC(k, "commit", n1), wireMAC(k, "commit", n2)) {
+		t.Error("a commit for one nonce verifies for another")
 	}
-	if err := src2.Ready(nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := src2.AwaitCommit(2 * time.Second); err == nil || !strings.Contains(err.Error(), "failed authentication") {
-		t.Errorf("replayed commit: got %v, want it refused", err)
+	if hmac.Equal(wireMAC(k, "commit", n1), wireMAC(k, "ack", n1)) {
+		t.Error("a commit can be reflected as an ack")
 	}
 }
 

@@ -184,3 +184,17 @@ func (pr *ProgressReader) bodyEOF() {
 		e.bodyEOF()
 	}
 }
+
+func (pw *ProgressWriter) peerNonce() []byte {
+	if n, ok := pw.w.(peerNoncer); ok {
+		return n.peerNonce()
+	}
+	return nil
+}
+
+func (pr *ProgressReader) peerNonce() []byte {
+	if n, ok := pr.r.(peerNoncer); ok {
+		return n.peerNonce()
+	}
+	return nil
+}

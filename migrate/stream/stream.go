@@ -18,9 +18,19 @@ const (
 	KeyKeyName  = "key"      // base name of the key file (a lookup hint)
 	KeyKeyID    = "keyid"    // KeyID of the key: 16 hex digits
 	KeySalt     = "salt"     // 16 random bytes, 32 hex digits, fresh per stream
+	KeyPeer     = "peer"     // the receiving socket's greeting nonce, 32 hex digits
 )
 
-var ownKeys = []string{KeyCompress, KeyEncrypt, KeyKeyName, KeyKeyID, KeySalt}
+var ownKeys = []string{KeyCompress, KeyEncrypt, KeyKeyName, KeyKeyID, KeySalt, KeyPeer}
+
+// peerNoncer is implemented by network endpoints: the nonce the receiver
+// sent in its greeting. The writer puts it on the header line (peer=), the
+// reader insists on seeing its own: a recorded stream replayed to another
+// connection is refused, and with encryption the header line (so peer=) is
+// authenticated by every chunk.
+type peerNoncer interface {
+	peerNonce() []byte
+}
 
 // Options choose the layers a snapshot body goes through.
 type Options struct {
@@ -110,6 +120,9 @@ func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
 		h.Params[KeyKeyName] = k.name
 		h.Params[KeyKeyID] = k.id
 		h.Params[KeySalt] = hex.EncodeToString(salt[:])
+	}
+	if p, ok := w.(peerNoncer); ok && p.peerNonce() != nil {
+		h.Params[KeyPeer] = hex.EncodeToString(p.peerNonce())
 	}
 	if err := WriteHeader(w, h); err != nil {
 		return nil, fmt.Errorf("stream: write %w", err)
@@ -225,6 +238,11 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 			return nil, nil, errors.Unwrap(err)
 		}
 		return nil, nil, fmt.Errorf("%s%w", where, err)
+	}
+	if p, ok := r.(peerNoncer); ok && p.peerNonce() != nil {
+		if h.Get(KeyPeer, "") != hex.EncodeToString(p.peerNonce()) {
+			return nil, nil, fmt.Errorf("%ssnapshot was not sent for this connection (peer=%s): a replayed stream?", where, h.Get(KeyPeer, "missing"))
+		}
 	}
 	compName := h.Get(KeyCompress, "")
 	if _, err := parseCompress(compName); err != nil || strings.Contains(compName, ":") {

@@ -22,6 +22,7 @@ import (
 // byte for byte in docs/stream.md; in short:
 //
 //	sender → receiver  "PCLUSTER-WIRE 1\n"
+//	receiver → sender  "PCLUSTER-WIRE 1\n" + 16-byte nonce (goes on the header line as peer=)
 //	sender → receiver  D frames (the snapshot: header line and body)
 //	sender → receiver  E frame  (end of body; says whether a handshake follows)
 //	receiver → sender  R frame  (built | failed: reason; receiver nonce)
@@ -151,6 +152,7 @@ type netSink struct {
 	hsKey  []byte
 	done   bool   // body writer closed every layer
 	nonce  []byte // receiver nonce from R
+	peer   []byte // receiver nonce from its greeting
 	err    error  // sticky write error
 }
 
@@ -166,8 +168,25 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 		c.Close()
 		return nil, fmt.Errorf("stream: write %s: %w", spec, err)
 	}
+	// The receiver's greeting carries its nonce; it goes on the header line
+	// (peer=) so that a recorded stream cannot be replayed to another
+	// connection.
+	s.conn.rt = max(opt.DialTimeout, opt.WriteTimeout)
+	var hello [len(wireHello) + hsNonceSize]byte
+	if _, err := io.ReadFull(s.conn, hello[:]); err != nil || string(hello[:len(wireHello)]) != wireHello {
+		c.Close()
+		if err == nil {
+			err = errors.New("not a pcluster receiver (bad greeting)")
+		} else if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			err = errors.New("connection closed by the receiver before its greeting")
+		}
+		return nil, fmt.Errorf("stream: %s: %w", spec, err)
+	}
+	s.peer = append([]byte{}, hello[len(wireHello):]...)
 	return s, nil
 }
+
+func (s *netSink) peerNonce() []byte { return s.peer }
 
 func (s *netSink) String() string { return s.spec }
 
@@ -376,7 +395,8 @@ type netSource struct {
 	gotEOF        bool // the body reader reached a clean io.EOF
 	handshake     bool // E asked for a handshake
 	readySent     bool
-	nonce         []byte
+	nonce         []byte // sent in R
+	peer          []byte // sent in the greeting, expected on the header line
 }
 
 func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, error) {
@@ -485,6 +505,14 @@ func (s *netSource) accept() error {
 	s.conn = &deadlineConn{Conn: c, rt: s.rt}
 	s.mu.Unlock()
 	s.br = bufio.NewReaderSize(s.conn, 256<<10)
+	s.peer = make([]byte, hsNonceSize)
+	if _, err := rand.Read(s.peer); err != nil {
+		return fmt.Errorf("stream: %s: nonce: %w", s.spec, err)
+	}
+	s.conn.wt = s.rt
+	if _, err := s.conn.Write(append([]byte(wireHello), s.peer...)); err != nil {
+		return fmt.Errorf("stream: %s: greet %s: %w", s.spec, c.RemoteAddr(), err)
+	}
 	var hello [len(wireHello)]byte
 	if _, err := io.ReadFull(s.br, hello[:]); err != nil || string(hello[:]) != wireHello {
 		if err == nil {
@@ -494,6 +522,8 @@ func (s *netSource) accept() error {
 	}
 	return nil
 }
+
+func (s *netSource) peerNonce() []byte { return s.peer }
 
 func (s *netSource) link(k []byte, encrypted bool) error {
 	if s.linked {
