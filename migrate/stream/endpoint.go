@@ -1,13 +1,13 @@
 package stream
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -100,7 +100,7 @@ func OpenSink(spec string, opt SinkOptions) (Sink, error) {
 		return openFileSink(spec, rest)
 	}
 	if spec == "stdout" || spec == "-" || spec == "" {
-		return &stdoutSink{}, nil
+		return openStdoutSink(), nil
 	}
 	return openFileSink(spec, spec)
 }
@@ -128,32 +128,25 @@ func OpenSource(spec string, opt SourceOptions) (Source, error) {
 	return openFileSource(spec, spec)
 }
 
-// stdoutSink writes to standard output; it is never closed.
-type stdoutSink struct{}
-
-func (stdoutSink) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
-func (stdoutSink) String() string              { return "stdout" }
-func (stdoutSink) Close() error                { return nil }
-func (stdoutSink) Commit() error               { return nil }
-func (stdoutSink) AwaitReady(time.Duration) error {
-	if err := os.Stdout.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOTSUP) {
-		return fmt.Errorf("stream: sync stdout: %w", err)
-	}
-	return nil
-}
-
-// fileSink writes a regular file through a temporary name in the same
-// directory and renames it into place only when the body is complete, so
-// that a snapshot under its final name is never a truncated one. Other
-// files (devices, FIFOs) are written directly.
+// fileSink writes stdout or a file, through a buffer (a raw record stream
+// is written in small pieces). A regular file is written under a temporary
+// name in the same directory and renamed into place only when the body is
+// complete, so that a snapshot under its final name is never a truncated
+// one. Other files (devices, FIFOs) and stdout are written directly.
 type fileSink struct {
 	spec, path string
 	f          *os.File
+	w          *bufio.Writer
 	tmp        string // "" when writing path directly
+	std        bool   // stdout: never closed
 	linked     bool
 	done       bool // the body writer closed every layer successfully
 	finished   bool
 	err        error
+}
+
+func openStdoutSink() *fileSink {
+	return &fileSink{spec: "stdout", f: os.Stdout, w: bufio.NewWriterSize(os.Stdout, 256<<10), std: true}
 }
 
 func openFileSink(spec, path string) (*fileSink, error) {
@@ -163,15 +156,15 @@ func openFileSink(spec, path string) (*fileSink, error) {
 		if err != nil {
 			return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
 		}
-		s.f = f
+		s.f, s.w = f, bufio.NewWriterSize(f, 256<<10)
 		return s, nil
 	}
-	// Snapshots hold process memory (keys, passwords): 0600.
+	// Snapshots hold process memory (keys, passwords): CreateTemp makes 0600.
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".partial-*")
 	if err != nil {
 		return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
 	}
-	s.f, s.tmp = f, f.Name()
+	s.f, s.tmp, s.w = f, f.Name(), bufio.NewWriterSize(f, 256<<10)
 	return s, nil
 }
 
@@ -181,7 +174,7 @@ func (s *fileSink) Write(p []byte) (int, error) {
 	if s.err != nil {
 		return 0, s.err
 	}
-	n, err := s.f.Write(p)
+	n, err := s.w.Write(p)
 	if err != nil {
 		s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
 	}
@@ -191,7 +184,7 @@ func (s *fileSink) Write(p []byte) (int, error) {
 func (s *fileSink) link([]byte, bool) error { s.linked = true; return nil }
 func (s *fileSink) bodyDone()               { s.done = true }
 
-// finish syncs and closes the file and renames it into place.
+// finish flushes, syncs and closes the file and renames it into place.
 func (s *fileSink) finish() error {
 	if s.finished {
 		return s.err
@@ -200,10 +193,20 @@ func (s *fileSink) finish() error {
 	if s.err == nil && s.linked && !s.done {
 		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
 	}
+	if s.err == nil || s.tmp == "" {
+		if err := s.w.Flush(); err != nil && s.err == nil {
+			s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
+		}
+	}
 	if s.err == nil {
+		// Pipes, terminals and some devices cannot sync; only a regular
+		// file's sync failure matters.
 		if err := s.f.Sync(); err != nil && s.tmp != "" {
 			s.err = fmt.Errorf("stream: sync %s: %w", s.spec, err)
 		}
+	}
+	if s.std {
+		return s.err
 	}
 	if err := s.f.Close(); err != nil && s.err == nil {
 		s.err = fmt.Errorf("stream: close %s: %w", s.spec, err)

@@ -232,7 +232,10 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 		where = "stream: " + s.String() + ": "
 	}
 	known := append(append([]string{}, ownKeys...), opt.Known...)
-	h, err := ReadHeader(r, known...)
+	// One buffer under every layer: the header is read byte by byte and a
+	// raw record stream in small pieces.
+	in := bufio.NewReaderSize(r, 64<<10)
+	h, err := ReadHeader(in, known...)
 	if err != nil {
 		if strings.HasPrefix(err.Error(), "read snapshot header: stream: ") {
 			return nil, nil, errors.Unwrap(err)
@@ -245,12 +248,12 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 		}
 	}
 	compName := h.Get(KeyCompress, "")
-	if _, err := parseCompress(compName); err != nil || strings.Contains(compName, ":") {
+	if !contains([]string{CompressNone, CompressGzip, CompressFlate, CompressSnappy, CompressZstd}, compName) {
 		return nil, nil, fmt.Errorf("%ssnapshot header: bad compress=%q", where, compName)
 	}
 	cipherName := h.Get(KeyEncrypt, "")
 	var hsKey []byte
-	body := r
+	var body io.Reader = in
 	switch cipherName {
 	case CipherNone:
 		for _, k := range []string{KeyKeyName, KeyKeyID, KeySalt} {
@@ -280,7 +283,7 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 		if err != nil {
 			return nil, nil, fmt.Errorf("%s%s: %w", where, cipherName, err)
 		}
-		body = newOpenReader(a, r)
+		body = newOpenReader(a, in)
 		hsKey = hs
 	default:
 		return nil, nil, fmt.Errorf("%ssnapshot header: bad encrypt=%q", where, cipherName)
@@ -293,7 +296,10 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 	br := &bodyReader{where: where, lower: body}
 	br.src, _ = r.(bodyEnder)
 	if compName != CompressNone {
-		buf := bufio.NewReaderSize(body, 64<<10)
+		buf, ok := body.(*bufio.Reader)
+		if !ok {
+			buf = bufio.NewReaderSize(body, 64<<10)
+		}
 		d, err := newDecompressor(compName, buf)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%s%s: %w", where, compName, err)
