@@ -342,3 +342,23 @@ func TestSourceCloseUnblocksAccept(t *testing.T) {
 		t.Fatal("Close did not unblock Accept")
 	}
 }
+
+// A listener that is not pthaw (nc -l) never greets: the sink says so.
+func TestSinkNeedsGreeting(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	_, err = OpenSink("tcp:"+ln.Addr().String(), SinkOptions{DialTimeout: 200 * time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), "no greeting from the receiver") {
+		t.Errorf("got %v, want no greeting", err)
+	}
+}

@@ -171,14 +171,22 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	// The receiver's greeting carries its nonce; it goes on the header line
 	// (peer=) so that a recorded stream cannot be replayed to another
 	// connection.
-	s.conn.rt = max(opt.DialTimeout, opt.WriteTimeout)
+	greet := max(opt.DialTimeout, opt.WriteTimeout)
+	if greet == 0 {
+		greet = defaultGreetTimeout
+	}
+	s.conn.rt = greet
 	var hello [len(wireHello) + hsNonceSize]byte
 	if _, err := io.ReadFull(s.conn, hello[:]); err != nil || string(hello[:len(wireHello)]) != wireHello {
 		c.Close()
-		if err == nil {
+		var ne net.Error
+		switch {
+		case err == nil:
 			err = errors.New("not a pcluster receiver (bad greeting)")
-		} else if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
 			err = errors.New("connection closed by the receiver before its greeting")
+		case errors.As(err, &ne) && ne.Timeout():
+			err = fmt.Errorf("no greeting from the receiver within %v: is pthaw listening there? (plain listeners such as nc cannot take a snapshot; write a file instead)", greet)
 		}
 		return nil, fmt.Errorf("stream: %s: %w", spec, err)
 	}
@@ -247,6 +255,10 @@ func (s *netSink) flush() error {
 	s.buf = s.buf[:frameHeaderSize]
 	return nil
 }
+
+// defaultGreetTimeout bounds the wait for the receiver's greeting when the
+// caller set no timeout: a listener that is not pthaw never greets.
+const defaultGreetTimeout = 30 * time.Second
 
 // directFrame is the write size from which the sink frames the caller's
 // buffer directly instead of copying it.
