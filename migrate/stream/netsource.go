@@ -22,12 +22,11 @@ type netSource struct {
 	spec  string
 	rt    time.Duration
 	ln    net.Listener
-	unix  string // socket path to remove
-	needK bool   // plaintext refused (non-loopback listener with -insecure unset)
+	needK bool // plaintext refused (non-loopback listener with -insecure unset)
 
-	mu   sync.Mutex // guards conn and closed against Close from another goroutine
+	mu   sync.Mutex // guards conn and done against Close from another goroutine
 	conn *deadlineConn
-	done bool
+	done bool // Close was called
 
 	br        *bufio.Reader
 	remaining uint32 // bytes left in the current D frame
@@ -53,7 +52,13 @@ func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, err
 		if err != nil {
 			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
 		}
-		s.ln, s.unix = ln, addr
+		// Whoever can connect can send a process to be built here: only
+		// our own user, whatever the umask.
+		if err := os.Chmod(addr, 0o600); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
+		}
+		s.ln = ln
 		return s, nil
 	}
 	if !strings.Contains(addr, ":") {
