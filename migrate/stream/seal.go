@@ -110,6 +110,7 @@ type sealWriter struct {
 	buf   []byte // plaintext being collected, capacity encChunkSize
 	err   error  // sticky
 	close bool
+	cerr  error // what Close returned
 }
 
 func newSealWriter(a cipher.AEAD, w io.Writer) *sealWriter {
@@ -156,16 +157,17 @@ func (s *sealWriter) flush(last bool) error {
 }
 
 func (s *sealWriter) Close() error {
-	if s.err != nil {
-		return s.err
-	}
 	if s.close {
-		return nil
+		return s.cerr
 	}
 	s.close = true
-	err := s.flush(true)
+	if s.err != nil {
+		s.cerr = s.err
+		return s.cerr
+	}
+	s.cerr = s.flush(true)
 	s.err = errors.New("write after close")
-	return err
+	return s.cerr
 }
 
 // openReader decrypts and verifies chunks. Plaintext of a chunk is returned

@@ -293,7 +293,7 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 			return nil, nil, fmt.Errorf("%s%w", where, err)
 		}
 	}
-	br := &bodyReader{where: where, lower: body}
+	br := &bodyReader{where: where}
 	br.src, _ = r.(bodyEnder)
 	if compName != CompressNone {
 		buf, ok := body.(*bufio.Reader)
@@ -316,7 +316,6 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 type bodyReader struct {
 	where  string
 	upper  io.Reader
-	lower  io.Reader
 	closer io.Closer
 	tail   io.Reader // what follows the compressed data; nil without compression
 	src    bodyEnder // told about a clean end, may be nil
