@@ -26,17 +26,31 @@ func listenLoopback(t *testing.T, rt time.Duration) Source {
 	return src
 }
 
+// goSender runs a sender in a goroutine that the test joins at cleanup,
+// after closing src (which ends any wait of the sender's).
+func goSender(t *testing.T, src Source, fn func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	t.Cleanup(func() {
+		src.Close()
+		<-done
+	})
+}
+
 // startSend writes a snapshot to src and returns the sink, with the body
-// closed, for the caller to run the sender's side of the handshake.
-func startSend(t *testing.T, addr string, data []byte, opt Options) (Sink, error) {
+// closed, for the caller to run the sender's side of the handshake. The
+// caller closes the sink.
+func startSend(_ *testing.T, addr string, data []byte, opt Options) (Sink, error) {
 	sink, err := OpenSink("tcp:"+addr, SinkOptions{DialTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second})
 	if err != nil {
 		return nil, err
 	}
-	t.Cleanup(func() { sink.Close() })
 	w, err := NewWriter(sink, opt)
 	if err != nil {
-		return nil, err
+		return sink, err
 	}
 	if _, err := w.Write(data); err != nil {
 		return sink, err
@@ -65,6 +79,9 @@ func TestHandshakeCommit(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				sink, err := startSend(t, src.Addr(), data, Options{Compress: "snappy", Encrypt: encryptOpt(dir, e, "k1.key")})
+				if sink != nil {
+					defer sink.Close()
+				}
 				if err != nil {
 					sendErr = err
 					return
@@ -97,13 +114,16 @@ func TestHandshakeReceiverFails(t *testing.T) {
 	dir := testKeys(t)
 	src := listenLoopback(t, 5*time.Second)
 	done := make(chan error)
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, src.Addr(), []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		if sink != nil {
+			defer sink.Close()
+		}
 		if err == nil {
 			err = sink.AwaitReady(5 * time.Second)
 		}
 		done <- err
-	}()
+	})
 	if _, err := readAllFrom(src, ReaderOptions{KeyDir: dir}); err != nil {
 		t.Fatal(err)
 	}
@@ -118,13 +138,16 @@ func TestHandshakeReceiverDiesMidStream(t *testing.T) {
 	dir := testKeys(t)
 	src := listenLoopback(t, 5*time.Second)
 	done := make(chan error)
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, src.Addr(), testData(32<<20, 1), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		if sink != nil {
+			defer sink.Close()
+		}
 		if err == nil {
 			err = sink.AwaitReady(5 * time.Second)
 		}
 		done <- err
-	}()
+	})
 	r, _, err := NewReader(src, ReaderOptions{KeyDir: dir})
 	if err != nil {
 		t.Fatal(err)
@@ -169,12 +192,15 @@ func TestHandshakeSenderDiesMidStream(t *testing.T) {
 // receiver must not start the clone.
 func TestHandshakeNoCommit(t *testing.T) {
 	src := listenLoopback(t, 5*time.Second)
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, src.Addr(), []byte("records"), Options{})
+		if sink != nil {
+			defer sink.Close()
+		}
 		if err == nil && sink.AwaitReady(5*time.Second) == nil {
 			sink.Close()
 		}
-	}()
+	})
 	if _, err := readAllFrom(src, ReaderOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -189,14 +215,17 @@ func TestHandshakeNoCommit(t *testing.T) {
 func TestHandshakeTimeouts(t *testing.T) {
 	src := listenLoopback(t, 300*time.Millisecond)
 	sinkc := make(chan Sink, 1)
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, src.Addr(), []byte("records"), Options{})
 		if err != nil {
+			if sink != nil {
+				sink.Close()
+			}
 			close(sinkc)
 			return
 		}
-		sinkc <- sink
-	}()
+		sinkc <- sink // the test goroutine owns it now
+	})
 	if _, err := readAllFrom(src, ReaderOptions{}); err == nil {
 		t.Error("body read without its end frame")
 	}
@@ -204,6 +233,7 @@ func TestHandshakeTimeouts(t *testing.T) {
 	if sink == nil {
 		t.Fatal("send failed")
 	}
+	defer sink.Close()
 	// The receiver is stuck (never calls Ready): the sender times out.
 	start := time.Now()
 	err := sink.AwaitReady(200 * time.Millisecond)
@@ -223,12 +253,15 @@ func TestHandshakeCommitTimeout(t *testing.T) {
 	src := listenLoopback(t, 5*time.Second)
 	hold := make(chan struct{})
 	defer close(hold)
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, src.Addr(), []byte("records"), Options{})
+		if sink != nil {
+			defer sink.Close()
+		}
 		if err == nil && sink.AwaitReady(5*time.Second) == nil {
 			<-hold // the sender hangs before committing
 		}
-	}()
+	})
 	if _, err := readAllFrom(src, ReaderOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -296,6 +329,9 @@ func TestHandshakeForgedReady(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			addr := fakeReceiver(t, reply)
 			sink, err := startSend(t, addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherChaCha20, "k1.key")})
+			if sink != nil {
+				defer sink.Close()
+			}
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -422,12 +458,15 @@ func TestHandshakeForgedEnd(t *testing.T) {
 			flipped = true
 		}
 	})
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		if sink != nil {
+			defer sink.Close()
+		}
 		if err == nil {
 			sink.AwaitReady(3 * time.Second)
 		}
-	}()
+	})
 	_, err := readAllFrom(src, ReaderOptions{KeyDir: dir})
 	if !flipped {
 		t.Skip("the end frame did not arrive in one piece; nothing was flipped")
@@ -458,12 +497,15 @@ func TestHandshakeFileNoop(t *testing.T) {
 // end record is not enough, the last chunk and the end frame must verify.
 func TestReadyNeedsEOF(t *testing.T) {
 	src := listenLoopback(t, 5*time.Second)
-	go func() {
+	goSender(t, src, func() {
 		sink, err := startSend(t, src.Addr(), []byte("records end-record"), Options{})
+		if sink != nil {
+			defer sink.Close()
+		}
 		if err == nil {
 			sink.AwaitReady(5 * time.Second)
 		}
-	}()
+	})
 	r, _, err := NewReader(src, ReaderOptions{})
 	if err != nil {
 		t.Fatal(err)
