@@ -106,7 +106,9 @@ func newDecompressor(name string, r io.Reader) (io.ReadCloser, error) {
 	case CompressFlate:
 		return flate.NewReader(r), nil
 	case CompressSnappy:
-		return io.NopCloser(s2.NewReader(r)), nil
+		// Snappy framing blocks hold at most 64 KiB: do not allocate for
+		// (or accept) the 4 MiB blocks of native s2.
+		return io.NopCloser(s2.NewReader(r, s2.ReaderMaxBlockSize(64<<10))), nil
 	case CompressZstd:
 		d, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(maxZstdWindow))
 		if err != nil {
