@@ -365,3 +365,49 @@ func TestSinkNeedsGreeting(t *testing.T) {
 		t.Errorf("got %v, want no greeting", err)
 	}
 }
+
+// A listener takes one sender and stops listening.
+func TestSourceAcceptsOne(t *testing.T) {
+	src, err := OpenSource("tcp:127.0.0.1:0", SourceOptions{ReadTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	addr := src.Addr()
+	go send("tcp:"+addr, []byte("records"), Options{}, false)
+	if got, err := receive(src, ReaderOptions{}); err != nil || string(got) != "records" {
+		t.Fatalf("got %q, %v", got, err)
+	}
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Error("a second sender could connect")
+	}
+}
+
+// The read timeout bounds a stall, not the transfer: a slow but steady
+// sender is not cut off.
+func TestSourceReadTimeoutExtended(t *testing.T) {
+	src, err := OpenSource("unix:"+filepath.Join(t.TempDir(), "s"), SourceOptions{ReadTimeout: 150 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	go func() {
+		sink, err := OpenSink("unix:"+src.Addr(), SinkOptions{})
+		if err != nil {
+			return
+		}
+		defer sink.Close()
+		w, _ := NewWriter(sink, Options{})
+		for i := 0; i < 8; i++ { // 8 × 50 ms: longer than the timeout in total
+			w.Write([]byte("x"))
+			sink.(*netSink).flush()
+			time.Sleep(50 * time.Millisecond)
+		}
+		w.Close()
+	}()
+	got, err := receive(src, ReaderOptions{})
+	if err != nil || string(got) != "xxxxxxxx" {
+		t.Errorf("got %q, %v; want a slow stream received whole", got, err)
+	}
+}
