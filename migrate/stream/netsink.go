@@ -234,7 +234,7 @@ func (s *netSink) AwaitReady(timeout time.Duration) error {
 }
 
 // Commit tells the receiver to start the clone and waits (up to the write
-// timeout) for its acknowledgement. An error after the commit was sent
+// timeout, 30 s when there is none) for its acknowledgement. An error after the commit was sent
 // means the outcome is unknown: the receiver may or may not start.
 func (s *netSink) Commit() error {
 	if s.state != sinkReady {
@@ -248,6 +248,9 @@ func (s *netSink) Commit() error {
 		return s.netErr("send commit (outcome unknown)", err)
 	}
 	s.conn.rt = s.conn.wt
+	if s.conn.rt == 0 {
+		s.conn.rt = defaultGreetTimeout
+	}
 	_, _, p, err := readFrame(s.conn, func(t byte) int {
 		if t == frameAck {
 			return macSize
