@@ -1,10 +1,21 @@
 // Package stream frames a snapshot for transport: the plain-text header line
 // that opens every snapshot, and the layers (compression, authenticated
-// encryption) and endpoints (files, pipes, sockets) the body travels through.
+// encryption) and endpoints (stdout/stdin, files, FIFOs, tcp and unix
+// sockets) the body travels through, plus the -halt handshake that lets the
+// sender kill the original only once the receiver has built the clone.
+//
+// The writer stacks records → compression → encryption → sink; the header
+// line names every layer, so a reader needs only the key directory. The
+// encryption is a chunked AEAD (STREAM, as in age) under a per-stream key
+// bound to the header line: truncation, reordering and tampering fail.
+// docs/stream.md specifies every byte.
 //
 // The header line is the only part of a snapshot that is not inside the
 // layers it names, so it is parsed defensively: bounded length, known keys
 // only, one version number that says how everything after it is laid out.
+//
+// Sinks, sources and the readers and writers are used by one goroutine
+// each; only Source.Close may be called from another (to stop a listener).
 package stream
 
 import (
@@ -37,6 +48,10 @@ type Header struct {
 	// Params holds every key=value pair of the line, e.g. compress=zstd,
 	// encrypt=aes-gcm, key=NAME. Layers read the keys they own.
 	Params map[string]string
+
+	// raw is the exact line ReadHeader consumed, newline included; it is
+	// what the encryption layer authenticates.
+	raw string
 }
 
 // Get returns the value of key, or def when the header does not carry it.
@@ -113,7 +128,12 @@ func ReadHeader(r io.Reader, known ...string) (*Header, error) {
 			return nil, fmt.Errorf("snapshot header longer than %d bytes", MaxHeaderLen)
 		}
 	}
-	return parseHeader(string(line), known)
+	h, err := parseHeader(string(line), known)
+	if err != nil {
+		return nil, err
+	}
+	h.raw = string(line) + "\n"
+	return h, nil
 }
 
 func parseHeader(line string, known []string) (*Header, error) {

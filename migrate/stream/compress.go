@@ -1,0 +1,129 @@
+package stream
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/klauspost/compress/flate"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/s2"
+	"github.com/klauspost/compress/zstd"
+)
+
+// Compression names as they appear in -compress and on the header line.
+const (
+	CompressNone   = "none"
+	CompressGzip   = "gzip"
+	CompressFlate  = "flate"
+	CompressSnappy = "snappy"
+	CompressZstd   = "zstd"
+)
+
+// maxZstdWindow bounds the memory a (possibly hostile) zstd body can make
+// the reader allocate. Our writer never uses windows above 8 MiB.
+const maxZstdWindow = 64 << 20
+
+// compression is a parsed -compress value. level 0 means the default, which
+// is the fastest level of each codec: a migration is waiting on it.
+type compression struct {
+	name  string
+	level int
+}
+
+func parseCompress(s string) (compression, error) {
+	name, lvl, hasLevel := strings.Cut(s, ":")
+	name = strings.ToLower(name)
+	if name == "" {
+		name = CompressNone
+	}
+	c := compression{name: name}
+	var lo, hi int
+	switch name {
+	case CompressNone, CompressSnappy:
+		if hasLevel {
+			return c, fmt.Errorf("compression %q takes no level", name)
+		}
+		return c, nil
+	case CompressGzip, CompressFlate:
+		lo, hi = 1, 9
+	case CompressZstd:
+		lo, hi = 1, 22
+	default:
+		return c, fmt.Errorf("unknown compression %q (want none, gzip, flate, snappy or zstd, optionally gzip:LEVEL, flate:LEVEL, zstd:LEVEL)", s)
+	}
+	if hasLevel {
+		n, err := strconv.Atoi(lvl)
+		if err != nil || n < lo || n > hi {
+			return c, fmt.Errorf("compression %q: level must be %d..%d", s, lo, hi)
+		}
+		c.level = n
+	}
+	return c, nil
+}
+
+// newCompressor wraps w. Closing the result flushes the codec but not w.
+func (c compression) newCompressor(w io.Writer) (io.WriteCloser, error) {
+	switch c.name {
+	case CompressNone:
+		return nopWriteCloser{w}, nil
+	case CompressGzip:
+		return gzip.NewWriterLevel(w, c.levelOr(gzip.BestSpeed))
+	case CompressFlate:
+		return flate.NewWriter(w, c.levelOr(flate.BestSpeed))
+	case CompressSnappy:
+		return s2.NewWriter(w, s2.WriterSnappyCompat()), nil
+	case CompressZstd:
+		lvl := zstd.SpeedFastest
+		if c.level != 0 {
+			lvl = zstd.EncoderLevelFromZstd(c.level)
+		}
+		return zstd.NewWriter(w, zstd.WithEncoderLevel(lvl))
+	}
+	return nil, fmt.Errorf("unknown compression %q", c.name)
+}
+
+func (c compression) levelOr(def int) int {
+	if c.level == 0 {
+		return def
+	}
+	return c.level
+}
+
+// newDecompressor wraps r, which must be a *bufio.Reader-like io.ByteReader
+// so that the codecs that stop at their own end marker (flate, gzip) consume
+// nothing past it and the caller can check what follows.
+func newDecompressor(name string, r io.Reader) (io.ReadCloser, error) {
+	switch name {
+	case CompressGzip:
+		z, err := gzip.NewReader(r)
+		if err != nil {
+			return nil, err
+		}
+		z.Multistream(false)
+		return z, nil
+	case CompressFlate:
+		return flate.NewReader(r), nil
+	case CompressSnappy:
+		// Snappy framing blocks hold at most 64 KiB: do not allocate for
+		// (or accept) the 4 MiB blocks of native s2.
+		return io.NopCloser(s2.NewReader(r, s2.ReaderMaxBlockSize(64<<10))), nil
+	case CompressZstd:
+		d, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(maxZstdWindow))
+		if err != nil {
+			return nil, err
+		}
+		return zstdCloser{d}, nil
+	}
+	return nil, fmt.Errorf("unknown compression %q", name)
+}
+
+type zstdCloser struct{ d *zstd.Decoder }
+
+func (z zstdCloser) Read(p []byte) (int, error) { return z.d.Read(p) }
+func (z zstdCloser) Close() error               { z.d.Close(); return nil }
+
+type nopWriteCloser struct{ io.Writer }
+
+func (nopWriteCloser) Close() error { return nil }

@@ -1,0 +1,268 @@
+package stream
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Sink is where a snapshot is written: stdout, a file or a socket.
+//
+// With -halt the sender calls AwaitReady after closing the body writer: it
+// returns nil once the receiver reports that it received and verified the
+// whole stream and built the process. The sender then kills the original
+// and calls Commit to let the receiver start the clone. Any error from
+// AwaitReady means the receiver will not start the clone: resume the
+// original. For files and stdout AwaitReady makes the snapshot durable
+// (fsync, then the atomic rename of a file) and Commit does nothing, so
+// "-halt" still means "kill once the snapshot is safely written".
+type Sink interface {
+	io.WriteCloser
+	// String returns the spec the sink was opened with.
+	String() string
+	AwaitReady(timeout time.Duration) error
+	Commit() error
+}
+
+// Source is where a snapshot is read from: stdin, a file or a socket that
+// accepts one sender.
+//
+// After reading the body to io.EOF the receiver builds the process and calls
+// Ready(nil) (or Ready(err) when it failed), then AwaitCommit: nil means
+// start the clone; an error means kill the half-built process. When the
+// sender did not ask for the handshake (no -halt), or the source is not a
+// socket, both return nil at once.
+type Source interface {
+	io.ReadCloser
+	// String returns the spec the source was opened with.
+	String() string
+	// Addr returns the address actually listened on (useful with port 0),
+	// or the path of a file source.
+	Addr() string
+	Ready(err error) error
+	AwaitCommit(timeout time.Duration) error
+}
+
+// SinkOptions tune network sinks; zero means no limit.
+type SinkOptions struct {
+	DialTimeout  time.Duration
+	WriteTimeout time.Duration // per write, extended on progress
+}
+
+// SourceOptions tune sources.
+type SourceOptions struct {
+	ReadTimeout time.Duration // per read once a sender is connected, extended on progress
+	// HaveKeys says the caller will refuse plaintext (pthaw -keydir): only
+	// then may a TCP source listen on a non-loopback address.
+	HaveKeys bool
+	// Insecure allows a non-loopback TCP listener without keys, with a
+	// warning line on Warn.
+	Insecure bool
+	// Warn receives warning lines; nil means os.Stderr.
+	Warn io.Writer
+}
+
+// ErrUDP is returned for udp: specs.
+var ErrUDP = errors.New("udp is refused: a snapshot must arrive complete and in order, and UDP loses and reorders data; use tcp:HOST:PORT")
+
+// splitSpec returns the scheme of a tcp:/unix:/udp:/file: spec, or "" for a
+// plain path.
+func splitSpec(spec string) (scheme, rest string) {
+	s, r, ok := strings.Cut(spec, ":")
+	if !ok {
+		return "", spec
+	}
+	switch strings.ToLower(s) {
+	case "tcp", "unix", "udp", "file", "tcp4", "tcp6", "udp4", "udp6":
+		return strings.ToLower(s), r
+	}
+	return "", spec
+}
+
+// OpenSink opens spec for writing: stdout (or -), FILE (or file:FILE),
+// tcp:HOST:PORT or unix:PATH.
+func OpenSink(spec string, opt SinkOptions) (Sink, error) {
+	scheme, rest := splitSpec(spec)
+	switch scheme {
+	case "udp", "udp4", "udp6":
+		return nil, fmt.Errorf("stream: sink %s: %w", spec, ErrUDP)
+	case "tcp", "tcp4", "tcp6", "unix":
+		if rest == "" {
+			return nil, fmt.Errorf("stream: sink %s: missing address", spec)
+		}
+		return dialSink(spec, scheme, rest, opt)
+	case "file":
+		return openFileSink(spec, rest)
+	}
+	if spec == "stdout" || spec == "-" || spec == "" {
+		return openStdoutSink(), nil
+	}
+	return openFileSink(spec, spec)
+}
+
+// OpenSource opens spec for reading: stdin (or -), FILE (or file:FILE),
+// tcp:[HOST:]PORT or unix:PATH. Sockets listen at once and accept exactly
+// one sender on the first Read. tcp:PORT listens on all addresses, which,
+// like any non-loopback address, needs HaveKeys or Insecure.
+func OpenSource(spec string, opt SourceOptions) (Source, error) {
+	scheme, rest := splitSpec(spec)
+	switch scheme {
+	case "udp", "udp4", "udp6":
+		return nil, fmt.Errorf("stream: source %s: %w", spec, ErrUDP)
+	case "tcp", "tcp4", "tcp6", "unix":
+		if rest == "" {
+			return nil, fmt.Errorf("stream: source %s: missing address", spec)
+		}
+		return listenSource(spec, scheme, rest, opt)
+	case "file":
+		return openFileSource(spec, rest)
+	}
+	if spec == "stdin" || spec == "-" || spec == "" {
+		return &fileSource{spec: "stdin", f: os.Stdin, std: true}, nil
+	}
+	return openFileSource(spec, spec)
+}
+
+// fileSink writes stdout or a file, through a buffer (a raw record stream
+// is written in small pieces). A regular file is written under a temporary
+// name in the same directory and renamed into place only when the body is
+// complete, so that a snapshot under its final name is never a truncated
+// one. Other files (devices, FIFOs) and stdout are written directly.
+type fileSink struct {
+	spec, path string
+	f          *os.File
+	w          *bufio.Writer
+	tmp        string // "" when writing path directly
+	std        bool   // stdout: never closed
+	linked     bool
+	done       bool // the body writer closed every layer successfully
+	finished   bool
+	err        error
+}
+
+func openStdoutSink() *fileSink {
+	return &fileSink{spec: "stdout", f: os.Stdout, w: bufio.NewWriterSize(os.Stdout, 256<<10), std: true}
+}
+
+func openFileSink(spec, path string) (*fileSink, error) {
+	s := &fileSink{spec: spec, path: path}
+	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
+		}
+		s.f, s.w = f, bufio.NewWriterSize(f, 256<<10)
+		return s, nil
+	}
+	// Snapshots hold process memory (keys, passwords): CreateTemp makes 0600.
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".partial-*")
+	if err != nil {
+		return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
+	}
+	s.f, s.tmp, s.w = f, f.Name(), bufio.NewWriterSize(f, 256<<10)
+	return s, nil
+}
+
+func (s *fileSink) String() string { return s.spec }
+
+func (s *fileSink) Write(p []byte) (int, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
+	n, err := s.w.Write(p)
+	if err != nil {
+		s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
+	}
+	return n, s.err
+}
+
+func (s *fileSink) link([]byte, bool) error { s.linked = true; return nil }
+func (s *fileSink) bodyDone()               { s.done = true }
+
+// finish flushes, syncs and closes the file and renames it into place.
+func (s *fileSink) finish() error {
+	if s.finished {
+		return s.err
+	}
+	s.finished = true
+	if s.err == nil && s.linked && !s.done {
+		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
+	}
+	if s.err == nil || s.tmp == "" {
+		if err := s.w.Flush(); err != nil && s.err == nil {
+			s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
+		}
+	}
+	if s.err == nil {
+		// Pipes, terminals and some devices cannot sync; only a regular
+		// file's sync failure matters.
+		if err := s.f.Sync(); err != nil && s.tmp != "" {
+			s.err = fmt.Errorf("stream: sync %s: %w", s.spec, err)
+		}
+	}
+	if s.std {
+		return s.err
+	}
+	if err := s.f.Close(); err != nil && s.err == nil {
+		s.err = fmt.Errorf("stream: close %s: %w", s.spec, err)
+	}
+	if s.tmp == "" {
+		return s.err
+	}
+	if s.err != nil {
+		os.Remove(s.tmp)
+		return s.err
+	}
+	if err := os.Rename(s.tmp, s.path); err != nil {
+		os.Remove(s.tmp)
+		s.err = fmt.Errorf("stream: rename %s: %w", s.spec, err)
+		return s.err
+	}
+	if d, err := os.Open(filepath.Dir(s.path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+func (s *fileSink) AwaitReady(time.Duration) error { return s.finish() }
+func (s *fileSink) Commit() error                  { return s.err }
+func (s *fileSink) Close() error                   { return s.finish() }
+
+// fileSource reads a file or stdin.
+type fileSource struct {
+	spec string
+	f    *os.File
+	std  bool
+}
+
+func openFileSource(spec, path string) (*fileSource, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("stream: open source %s: %w", spec, err)
+	}
+	return &fileSource{spec: spec, f: f}, nil
+}
+
+func (s *fileSource) Read(p []byte) (int, error) {
+	n, err := s.f.Read(p)
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("stream: read %s: %w", s.spec, err)
+	}
+	return n, err
+}
+func (s *fileSource) String() string                  { return s.spec }
+func (s *fileSource) Addr() string                    { return s.f.Name() }
+func (s *fileSource) Ready(error) error               { return nil }
+func (s *fileSource) AwaitCommit(time.Duration) error { return nil }
+func (s *fileSource) Close() error {
+	if s.std {
+		return nil
+	}
+	return s.f.Close()
+}

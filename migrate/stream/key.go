@@ -1,0 +1,117 @@
+package stream
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// KeySize is the exact length of a key file: 32 bytes from a CSPRNG
+// (`head -c 32 /dev/urandom > k.key`). A file of any other length is refused
+// rather than stretched or truncated, so a text file or a public key handed
+// over by mistake is noticed at once.
+const KeySize = 32
+
+// keyIDLen is the length in bytes of a key ID (hex-encoded on the header line).
+const keyIDLen = 8
+
+// key is a loaded pre-shared key: its bytes, the name the header carries and
+// the ID that proves (to the reader) that the right file was found.
+type key struct {
+	name  string
+	id    string
+	bytes [KeySize]byte
+}
+
+// KeyID returns the short public identifier of a 32-byte key: the first 8
+// bytes of HMAC-SHA-256(key, "pcluster-stream key id v1"), hex-encoded. It
+// reveals nothing usable about the key and lets a reader pick the right file
+// out of a key directory even when it was renamed.
+func KeyID(k []byte) string {
+	m := hmac.New(sha256.New, k)
+	m.Write([]byte("pcluster-stream key id v1"))
+	return hex.EncodeToString(m.Sum(nil)[:keyIDLen])
+}
+
+// readKeyFile loads a key file and checks its length. Errors name the file
+// but never its content.
+func readKeyFile(path string) (*key, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var buf [KeySize + 1]byte
+	n, err := io.ReadFull(f, buf[:])
+	switch {
+	case err == nil:
+		return nil, fmt.Errorf("key file %s is longer than %d bytes (make one with: head -c 32 /dev/urandom > %s)", path, KeySize, filepath.Base(path))
+	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		if n != KeySize {
+			return nil, fmt.Errorf("key file %s holds %d bytes, want exactly %d (make one with: head -c 32 /dev/urandom > %s)", path, n, KeySize, filepath.Base(path))
+		}
+	default:
+		return nil, err
+	}
+	k := &key{name: filepath.Base(path)}
+	copy(k.bytes[:], buf[:KeySize])
+	k.id = KeyID(k.bytes[:])
+	clear(buf[:])
+	return k, nil
+}
+
+// validKeyName reports whether name may be looked up in a key directory: a
+// plain file name, never a path, so that a forged header cannot point the
+// reader at a file outside the directory.
+func validKeyName(name string) bool {
+	return validToken(name) && !strings.ContainsAny(name, `/\`) && !strings.HasPrefix(name, ".")
+}
+
+// findKey looks up the key a header names in dir: first the file called
+// name, then (if it is missing or holds another key) any 32-byte regular file
+// in dir whose ID matches. It never reads outside dir.
+func findKey(dir, name, id string) (*key, error) {
+	if dir == "" {
+		return nil, fmt.Errorf("snapshot is encrypted with key %s (id %s): no key directory given", name, id)
+	}
+	var firstErr error
+	if validKeyName(name) {
+		k, err := readKeyFile(filepath.Join(dir, name))
+		if err == nil && hmac.Equal([]byte(k.id), []byte(id)) {
+			k.name = name
+			return k, nil
+		}
+		if err == nil {
+			firstErr = fmt.Errorf("key %s in %s has id %s, the snapshot was encrypted with key id %s: wrong key", name, dir, k.id, id)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			firstErr = err
+		}
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("read key directory: %w", err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() || e.Name() == name {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil || info.Size() != KeySize {
+			continue
+		}
+		k, err := readKeyFile(filepath.Join(dir, e.Name()))
+		if err == nil && hmac.Equal([]byte(k.id), []byte(id)) {
+			return k, nil
+		}
+	}
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	return nil, fmt.Errorf("no key named %s or with id %s in %s", name, id, dir)
+}

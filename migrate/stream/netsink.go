@@ -1,0 +1,290 @@
+package stream
+
+import (
+	"crypto/hmac"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+)
+
+// netSink is the sending end of the wire protocol (see wire.go and
+// docs/stream.md). It is used by one goroutine, the sender.
+
+// sink states
+const (
+	sinkOpen      = iota
+	sinkEnded     // E sent (no handshake), or the sink aborted
+	sinkAwaiting  // E with handshake sent
+	sinkReady     // R built received
+	sinkCommitted // C sent and K received
+)
+
+type netSink struct {
+	spec  string
+	conn  *deadlineConn
+	buf   []byte // a D frame being filled: header + payload
+	state int
+
+	linked bool
+	keyed  bool
+	hsKey  []byte
+	done   bool   // body writer closed every layer
+	nonce  []byte // receiver nonce from R
+	peer   []byte // receiver nonce from its greeting
+	err    error  // sticky write error
+}
+
+func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
+	d := net.Dialer{Timeout: opt.DialTimeout}
+	c, err := d.Dial(scheme, addr)
+	if err != nil {
+		return nil, fmt.Errorf("stream: dial %s: %w", spec, err)
+	}
+	s := &netSink{spec: spec, conn: &deadlineConn{Conn: c, wt: opt.WriteTimeout}}
+	s.buf = make([]byte, frameHeaderSize, frameHeaderSize+sinkFrameSize)
+	if _, err := s.conn.Write([]byte(wireHello)); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("stream: write %s: %w", spec, err)
+	}
+	// The receiver's greeting carries its nonce; it goes on the header line
+	// (peer=) so that a recorded stream cannot be replayed to another
+	// connection.
+	greet := max(opt.DialTimeout, opt.WriteTimeout)
+	if greet == 0 {
+		greet = defaultGreetTimeout
+	}
+	s.conn.rt = greet
+	var hello [len(wireHello) + hsNonceSize]byte
+	if _, err := io.ReadFull(s.conn, hello[:]); err != nil || string(hello[:len(wireHello)]) != wireHello {
+		c.Close()
+		var ne net.Error
+		switch {
+		case err == nil:
+			err = errors.New("not a pcluster receiver (bad greeting)")
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			err = errors.New("connection closed by the receiver before its greeting")
+		case errors.As(err, &ne) && ne.Timeout():
+			err = fmt.Errorf("no greeting from the receiver within %v: is pthaw listening there? (plain listeners such as nc cannot take a snapshot; write a file instead)", greet)
+		}
+		return nil, fmt.Errorf("stream: %s: %w", spec, err)
+	}
+	s.peer = append([]byte{}, hello[len(wireHello):]...)
+	return s, nil
+}
+
+func (s *netSink) peerNonce() []byte { return s.peer }
+
+func (s *netSink) String() string { return s.spec }
+
+func (s *netSink) link(k []byte, encrypted bool) error {
+	if s.linked {
+		return fmt.Errorf("stream: %s: already carries a stream", s.spec)
+	}
+	s.linked, s.keyed, s.hsKey = true, encrypted, k
+	return nil
+}
+
+func (s *netSink) bodyDone() { s.done = true }
+
+func (s *netSink) Write(p []byte) (int, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
+	if s.state != sinkOpen {
+		return 0, fmt.Errorf("stream: write %s: the body has ended", s.spec)
+	}
+	total := len(p)
+	for len(p) > 0 {
+		if len(s.buf) == cap(s.buf) {
+			if err := s.flush(); err != nil {
+				return total - len(p), err
+			}
+		}
+		if len(s.buf) == frameHeaderSize && len(p) >= directFrame {
+			// Large writes (sealed chunks) go out as their own frame
+			// without a copy: one writev of header and payload.
+			n := min(len(p), maxDataFrame)
+			if err := s.writeDirect(p[:n]); err != nil {
+				return total - len(p), err
+			}
+			p = p[n:]
+			continue
+		}
+		n := copy(s.buf[len(s.buf):cap(s.buf)], p)
+		s.buf = s.buf[:len(s.buf)+n]
+		p = p[n:]
+	}
+	return total, nil
+}
+
+func (s *netSink) flush() error {
+	if s.err != nil {
+		return s.err
+	}
+	if len(s.buf) == frameHeaderSize {
+		return nil
+	}
+	s.buf[0] = frameData
+	binary.BigEndian.PutUint32(s.buf[1:], uint32(len(s.buf)-frameHeaderSize))
+	if _, err := s.conn.Write(s.buf); err != nil {
+		s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
+		return s.err
+	}
+	s.buf = s.buf[:frameHeaderSize]
+	return nil
+}
+
+// defaultGreetTimeout bounds the wait for the receiver's greeting when the
+// caller set no timeout: a listener that is not pthaw never greets.
+const defaultGreetTimeout = 30 * time.Second
+
+// directFrame is the write size from which the sink frames the caller's
+// buffer directly instead of copying it.
+const directFrame = 32 << 10
+
+func (s *netSink) writeDirect(p []byte) error {
+	var h [frameHeaderSize]byte
+	h[0] = frameData
+	binary.BigEndian.PutUint32(h[1:], uint32(len(p)))
+	if s.conn.wt > 0 {
+		s.conn.SetWriteDeadline(time.Now().Add(s.conn.wt))
+	}
+	bufs := net.Buffers{h[:], p}
+	if _, err := bufs.WriteTo(s.conn.Conn); err != nil {
+		s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
+		return s.err
+	}
+	return nil
+}
+
+// end flushes the body and sends E. It refuses when the body writer did not
+// finish: the receiver must then see a broken stream, never an end.
+func (s *netSink) end(handshake bool) error {
+	if s.linked && !s.done {
+		return fmt.Errorf("stream: %s: the snapshot body was not completed", s.spec)
+	}
+	if err := s.flush(); err != nil {
+		return err
+	}
+	flag := []byte{0}
+	if handshake {
+		flag[0] = 1
+	}
+	var mac []byte
+	if s.keyed {
+		mac = wireMAC(s.hsKey, "end", flag)
+	}
+	if err := writeFrame(s.conn, frameEnd, flag, mac); err != nil {
+		s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
+		return s.err
+	}
+	return nil
+}
+
+// AwaitReady ends the body announcing a handshake and waits up to timeout
+// (0: no limit) for the receiver's verdict.
+func (s *netSink) AwaitReady(timeout time.Duration) error {
+	if s.state != sinkOpen {
+		return fmt.Errorf("stream: %s: AwaitReady called twice or after Close", s.spec)
+	}
+	s.state = sinkEnded // whatever happens next, never send another E
+	if !s.linked {
+		return fmt.Errorf("stream: %s: handshake needs the sink passed to NewWriter", s.spec)
+	}
+	if err := s.end(true); err != nil {
+		return err
+	}
+	s.state = sinkAwaiting
+	s.conn.rt = timeout
+	_, _, p, err := readFrame(s.conn, func(t byte) int {
+		if t == frameReady {
+			return 1 + hsNonceSize + maxReason + macSize
+		}
+		return -1
+	})
+	if err != nil {
+		return s.netErr("wait for the receiver", err)
+	}
+	if s.keyed {
+		if len(p) < 1+hsNonceSize+macSize {
+			return fmt.Errorf("stream: %s: short ready message", s.spec)
+		}
+		body, mac := p[:len(p)-macSize], p[len(p)-macSize:]
+		if !hmac.Equal(mac, wireMAC(s.hsKey, "ready", body)) {
+			return fmt.Errorf("stream: %s: ready message failed authentication: not sent by the holder of the key", s.spec)
+		}
+		p = body
+	}
+	if len(p) < 1+hsNonceSize {
+		return fmt.Errorf("stream: %s: short ready message", s.spec)
+	}
+	status, nonce, reason := p[0], p[1:1+hsNonceSize], p[1+hsNonceSize:]
+	switch status {
+	case statusBuilt:
+		s.nonce = append([]byte{}, nonce...)
+		s.state = sinkReady
+		return nil
+	case statusFailed:
+		return fmt.Errorf("stream: %s: receiver failed: %s", s.spec, printable(reason))
+	}
+	return fmt.Errorf("stream: %s: protocol error: ready status %d", s.spec, status)
+}
+
+// Commit tells the receiver to start the clone and waits (up to the write
+// timeout, 30 s when there is none) for its acknowledgement. An error after the commit was sent
+// means the outcome is unknown: the receiver may or may not start.
+func (s *netSink) Commit() error {
+	if s.state != sinkReady {
+		return fmt.Errorf("stream: %s: commit without a ready receiver", s.spec)
+	}
+	var mac []byte
+	if s.keyed {
+		mac = wireMAC(s.hsKey, "commit", s.nonce)
+	}
+	if err := writeFrame(s.conn, frameCommit, mac); err != nil {
+		return s.netErr("send commit (outcome unknown)", err)
+	}
+	s.conn.rt = s.conn.wt
+	if s.conn.rt == 0 {
+		s.conn.rt = defaultGreetTimeout
+	}
+	_, _, p, err := readFrame(s.conn, func(t byte) int {
+		if t == frameAck {
+			return macSize
+		}
+		return -1
+	})
+	if err != nil {
+		return s.netErr("commit sent, acknowledgement lost (outcome unknown)", err)
+	}
+	if s.keyed && !hmac.Equal(p, wireMAC(s.hsKey, "ack", s.nonce)) {
+		return fmt.Errorf("stream: %s: commit acknowledgement failed authentication", s.spec)
+	}
+	s.state = sinkCommitted
+	return s.conn.Close()
+}
+
+func (s *netSink) netErr(op string, err error) error {
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+		return fmt.Errorf("stream: %s: %s: connection closed by the receiver", s.spec, op)
+	}
+	return fmt.Errorf("stream: %s: %s: %w", s.spec, op, err)
+}
+
+// Close ends the stream without a handshake (when the body is complete and
+// no handshake was started) and closes the connection. After a failed or
+// unfinished handshake it only closes: the receiver then kills its clone.
+func (s *netSink) Close() error {
+	var err error
+	if s.state == sinkOpen {
+		s.state = sinkEnded
+		err = s.end(false)
+	}
+	if cerr := s.conn.Close(); cerr != nil && err == nil && s.state != sinkCommitted && !errors.Is(cerr, net.ErrClosed) {
+		err = fmt.Errorf("stream: close %s: %w", s.spec, cerr)
+	}
+	return err
+}

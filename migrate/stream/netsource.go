@@ -1,0 +1,378 @@
+package stream
+
+import (
+	"bufio"
+	"crypto/hmac"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// netSource is the receiving end of the wire protocol: it listens, accepts
+// one sender and stops listening. One goroutine reads and runs the
+// handshake; Close may come from any goroutine.
+type netSource struct {
+	spec  string
+	rt    time.Duration
+	ln    net.Listener
+	needK bool // plaintext refused (non-loopback listener with -insecure unset)
+
+	mu   sync.Mutex // guards conn and done against Close from another goroutine
+	conn *deadlineConn
+	done bool // Close was called
+
+	br        *bufio.Reader
+	remaining uint32 // bytes left in the current D frame
+	err       error  // sticky read error
+
+	linked, keyed bool
+	hsKey         []byte
+	ended         bool // E received
+	gotEOF        bool // the body reader reached a clean io.EOF
+	handshake     bool // E asked for a handshake
+	readySent     bool
+	nonce         []byte // sent in R
+	peer          []byte // sent in the greeting, expected on the header line
+}
+
+func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, error) {
+	s := &netSource{spec: spec, rt: opt.ReadTimeout}
+	if scheme == "unix" {
+		if err := removeStaleSocket(addr); err != nil {
+			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
+		}
+		ln, err := net.Listen("unix", addr)
+		if err != nil {
+			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
+		}
+		// Whoever can connect can send a process to be built here: only
+		// our own user, whatever the umask.
+		if err := os.Chmod(addr, 0o600); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
+		}
+		s.ln = ln
+		return s, nil
+	}
+	if !strings.Contains(addr, ":") {
+		addr = ":" + addr
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
+	}
+	if !isLoopback(host) {
+		switch {
+		case opt.HaveKeys && !opt.Insecure:
+			s.needK = true
+		case opt.Insecure:
+			w := opt.Warn
+			if w == nil {
+				w = os.Stderr
+			}
+			fmt.Fprintf(w, "warning: listening on %s without requiring encryption: anyone who can reach it can read the snapshot or send a process to run here\n", spec)
+		default:
+			return nil, fmt.Errorf("stream: listen %s: refusing to listen beyond loopback without keys: anyone could send a process to run here; give a key directory (-keydir), listen on 127.0.0.1, or pass -insecure", spec)
+		}
+	}
+	ln, err := net.Listen(scheme, addr)
+	if err != nil {
+		return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
+	}
+	s.ln = ln
+	return s, nil
+}
+
+// isLoopback reports whether every address host names is a loopback one.
+// "" (all addresses) is not.
+func isLoopback(host string) bool {
+	if host == "" {
+		return false
+	}
+	if ip := net.ParseIP(host); ip != nil {
+		return ip.IsLoopback()
+	}
+	ips, err := net.LookupIP(host)
+	if err != nil || len(ips) == 0 {
+		return false
+	}
+	for _, ip := range ips {
+		if !ip.IsLoopback() {
+			return false
+		}
+	}
+	return true
+}
+
+// removeStaleSocket removes a socket file nobody listens on any more; any
+// other existing file is an error.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket", path)
+	}
+	c, err := net.Dial("unix", path)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("%s: another process is listening", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return err
+	}
+	return os.Remove(path)
+}
+
+func (s *netSource) String() string { return s.spec }
+func (s *netSource) Addr() string   { return s.ln.Addr().String() }
+
+// accept takes the one sender and stops listening.
+func (s *netSource) accept() error {
+	if s.br != nil {
+		return nil
+	}
+	c, err := s.ln.Accept()
+	s.ln.Close()
+	if err != nil {
+		return fmt.Errorf("stream: accept %s: %w", s.spec, err)
+	}
+	s.mu.Lock()
+	if s.done {
+		s.mu.Unlock()
+		c.Close()
+		return fmt.Errorf("stream: accept %s: %w", s.spec, net.ErrClosed)
+	}
+	s.conn = &deadlineConn{Conn: c, rt: s.rt}
+	s.mu.Unlock()
+	s.br = bufio.NewReaderSize(s.conn, 256<<10)
+	s.peer = make([]byte, hsNonceSize)
+	if _, err := rand.Read(s.peer); err != nil {
+		return fmt.Errorf("stream: %s: nonce: %w", s.spec, err)
+	}
+	s.conn.wt = s.rt
+	if _, err := s.conn.Write(append([]byte(wireHello), s.peer...)); err != nil {
+		return fmt.Errorf("stream: %s: greet %s: %w", s.spec, c.RemoteAddr(), err)
+	}
+	var hello [len(wireHello)]byte
+	if _, err := io.ReadFull(s.br, hello[:]); err != nil || string(hello[:]) != wireHello {
+		if err == nil {
+			err = errors.New("not a pcluster sender (bad greeting)")
+		}
+		return fmt.Errorf("stream: %s: from %s: %w", s.spec, c.RemoteAddr(), err)
+	}
+	return nil
+}
+
+func (s *netSource) peerNonce() []byte { return s.peer }
+
+func (s *netSource) link(k []byte, encrypted bool) error {
+	if s.linked {
+		return errors.New("source already carries a stream")
+	}
+	if s.needK && !encrypted {
+		return errors.New("snapshot is not encrypted and this listener is not on loopback: refusing plaintext")
+	}
+	s.linked, s.keyed, s.hsKey = true, encrypted, k
+	return nil
+}
+
+func (s *netSource) bodyEOF() { s.gotEOF = s.ended }
+
+func (s *netSource) Read(p []byte) (int, error) {
+	if s.err != nil {
+		return 0, s.err
+	}
+	if err := s.accept(); err != nil {
+		s.err = err
+		return 0, err
+	}
+	for s.remaining == 0 {
+		if s.ended {
+			return 0, io.EOF
+		}
+		if err := s.nextFrame(); err != nil {
+			s.err = err
+			return 0, err
+		}
+	}
+	if uint32(len(p)) > s.remaining {
+		p = p[:s.remaining]
+	}
+	n, err := s.br.Read(p)
+	s.remaining -= uint32(n)
+	if err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		s.err = s.readErr(err)
+		return n, s.err
+	}
+	return n, nil
+}
+
+func (s *netSource) readErr(err error) error {
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("stream: %s: connection closed before the end of the stream: %w", s.spec, io.ErrUnexpectedEOF)
+	}
+	return fmt.Errorf("stream: read %s: %w", s.spec, err)
+}
+
+func (s *netSource) nextFrame() error {
+	typ, n, p, err := readFrame(s.br, func(t byte) int {
+		switch t {
+		case frameData:
+			return maxDataFrame
+		case frameEnd:
+			return 1 + macSize
+		}
+		return -1
+	})
+	if err != nil {
+		if errors.Is(err, errProtocol) {
+			return fmt.Errorf("stream: %s: %w", s.spec, err)
+		}
+		return s.readErr(err)
+	}
+	if typ == frameData {
+		s.remaining = n
+		return nil
+	}
+	// End of body.
+	if !s.linked {
+		return fmt.Errorf("stream: %s: end of stream before a snapshot header was read (pass the Source to NewReader)", s.spec)
+	}
+	if s.keyed {
+		if len(p) != 1+macSize || !hmac.Equal(p[1:], wireMAC(s.hsKey, "end", p[:1])) {
+			return fmt.Errorf("stream: %s: end-of-stream message failed authentication", s.spec)
+		}
+	} else if len(p) != 1 {
+		return fmt.Errorf("stream: %s: protocol error: end frame of %d bytes", s.spec, len(p))
+	}
+	if p[0] > 1 {
+		return fmt.Errorf("stream: %s: protocol error: end flag %d", s.spec, p[0])
+	}
+	s.ended, s.handshake = true, p[0] == 1
+	return nil
+}
+
+// Ready reports the receiver's verdict to a sender waiting in AwaitReady:
+// nil means the whole stream was received and verified and the process is
+// built; an error is sent as the reason of a failure (and the connection is
+// closed). Without a handshake it does nothing.
+func (s *netSource) Ready(buildErr error) error {
+	if s.conn == nil {
+		if buildErr != nil {
+			return nil
+		}
+		return fmt.Errorf("stream: %s: ready before a sender connected", s.spec)
+	}
+	if buildErr == nil && (!s.ended || !s.gotEOF || s.err != nil) {
+		return fmt.Errorf("stream: %s: ready before the whole stream was received and verified (read the body to io.EOF first)", s.spec)
+	}
+	if s.ended && !s.handshake {
+		return nil
+	}
+	if s.readySent {
+		return fmt.Errorf("stream: %s: Ready called twice", s.spec)
+	}
+	s.readySent = true
+	status := []byte{statusBuilt}
+	var reason []byte
+	if buildErr != nil {
+		status[0] = statusFailed
+		reason = []byte(buildErr.Error())
+		if len(reason) > maxReason {
+			reason = reason[:maxReason]
+		}
+	}
+	s.nonce = make([]byte, hsNonceSize)
+	if _, err := rand.Read(s.nonce); err != nil {
+		return fmt.Errorf("stream: %s: nonce: %w", s.spec, err)
+	}
+	body := append(append(status, s.nonce...), reason...)
+	var mac []byte
+	if s.keyed {
+		mac = wireMAC(s.hsKey, "ready", body)
+	}
+	s.conn.wt = s.rt
+	err := writeFrame(s.conn, frameReady, body, mac)
+	if buildErr != nil {
+		s.closeConn()
+	}
+	if err != nil {
+		return fmt.Errorf("stream: %s: send ready: %w", s.spec, err)
+	}
+	return nil
+}
+
+// AwaitCommit waits up to timeout (0: no limit) for the sender's commit and
+// acknowledges it. nil means start the clone: the original is gone. Any
+// error means the sender did not commit: kill the half-built process.
+func (s *netSource) AwaitCommit(timeout time.Duration) error {
+	if s.conn == nil || !s.ended {
+		return fmt.Errorf("stream: %s: no complete stream to commit", s.spec)
+	}
+	if !s.handshake {
+		return nil
+	}
+	if !s.readySent || s.nonce == nil {
+		return fmt.Errorf("stream: %s: AwaitCommit before Ready", s.spec)
+	}
+	defer s.closeConn()
+	s.conn.rt = timeout
+	_, _, p, err := readFrame(s.br, func(t byte) int {
+		if t == frameCommit {
+			return macSize
+		}
+		return -1
+	})
+	if err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("stream: %s: sender closed the connection without committing", s.spec)
+		}
+		return fmt.Errorf("stream: %s: wait for commit: %w", s.spec, err)
+	}
+	var mac []byte
+	if s.keyed {
+		if !hmac.Equal(p, wireMAC(s.hsKey, "commit", s.nonce)) {
+			return fmt.Errorf("stream: %s: commit message failed authentication", s.spec)
+		}
+		mac = wireMAC(s.hsKey, "ack", s.nonce)
+	} else if len(p) != 0 {
+		return fmt.Errorf("stream: %s: protocol error: commit frame of %d bytes", s.spec, len(p))
+	}
+	s.nonce = nil // a commit is taken once
+	if err := writeFrame(s.conn, frameAck, mac); err != nil {
+		// The sender has committed; start anyway.
+		return nil
+	}
+	return nil
+}
+
+func (s *netSource) closeConn() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != nil {
+		s.conn.Close()
+	}
+}
+
+// Close stops listening (unblocking a pending accept) and closes the
+// connection. It may be called from another goroutine.
+func (s *netSource) Close() error {
+	s.mu.Lock()
+	s.done = true
+	s.mu.Unlock()
+	s.ln.Close()
+	s.closeConn()
+	return nil
+}
