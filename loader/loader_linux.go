@@ -10,12 +10,14 @@
 package loader
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"sort"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -50,9 +52,12 @@ type Process struct {
 	mem    *ptrace.Mem
 	in     *ptrace.Injector
 	base   uint64 // stub load address
-	vdso   uint64 // syscall site in the moved vdso
-	built  bool
-	done   bool
+	// retryPID: the saved PID was taken when the build began; try again
+	// before starting.
+	retryPID bool
+	vdso     uint64 // syscall site in the moved vdso
+	built    bool
+	done     bool
 }
 
 // Pid returns the restored process's PID.
@@ -293,13 +298,65 @@ func (p *Process) startStub() error {
 		p.in = in
 		p.mem = ptrace.NewMem(pid)
 		if !p.opts.NewPID && p.proc.Pid != pid {
-			if err := p.clonePID(); err != nil {
-				return err
-			}
+			return p.takePID(false)
 		}
 		return nil
 	})
 }
+
+// takePID moves the process into its saved PID. At the start of a build
+// the PID may still belong to the original, frozen until we report the
+// restore built (a migration on this host); then the move is tried again
+// just before the process starts, after the original has been killed,
+// waiting briefly for its parent to reap it. Runs on the tracer thread.
+func (p *Process) takePID(late bool) error {
+	want := p.proc.Pid
+	err := p.clonePID()
+	for deadline := time.Now().Add(2 * time.Second); late && errors.Is(err, unix.EEXIST) && dying(want) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+		err = p.clonePID()
+	}
+	switch {
+	case err == nil:
+		p.retryPID = false
+		return nil
+	case errors.Is(err, unix.EEXIST) && !late:
+		p.retryPID = true
+		return nil
+	case errors.Is(err, unix.EEXIST):
+		p.notice("pid %d is taken on this host; restored as pid %d", want, p.pid)
+	case errors.Is(err, unix.EPERM):
+		p.notice("cannot restore pid %d without CAP_CHECKPOINT_RESTORE; restored as pid %d", want, p.pid)
+	case errors.Is(err, errCloneSetup):
+		return err
+	default:
+		p.notice("cannot restore pid %d (%v); restored as pid %d", want, err, p.pid)
+	}
+	p.retryPID = false
+	return nil
+}
+
+// dying reports whether pid is gone, exiting, a zombie, or stopped by a
+// tracer (frozen by a pfreeze -halt that has yet to kill it): a PID that
+// is likely to be free soon.
+func dying(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return true
+	}
+	switch b[i+2] {
+	case 'Z', 'X', 'x', 't':
+		return true
+	}
+	return false
+}
+
+// errCloneSetup marks clonePID failures that are not about the PID.
+var errCloneSetup = errors.New("clone3")
 
 // clonePID makes the stub clone3 a copy of itself with the saved PID, as a
 // child of ours (CLONE_PARENT), and continues with the copy.
@@ -316,27 +373,19 @@ func (p *Process) clonePID() error {
 	put(72, 1)                // set_tid_size
 	put(88, uint64(want))     // set_tid[0]
 	if err := p.mem.Write(scratch, args); err != nil {
-		return fmt.Errorf("clone3 arguments: %w", err)
+		return fmt.Errorf("%w arguments: %v", errCloneSetup, err)
 	}
 	r, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88)
 	if err != nil {
-		switch {
-		case errors.Is(err, unix.EEXIST):
-			p.notice("pid %d is taken on this host; restored as pid %d", want, p.pid)
-		case errors.Is(err, unix.EPERM):
-			p.notice("cannot restore pid %d without CAP_CHECKPOINT_RESTORE; restored as pid %d", want, p.pid)
-		default:
-			p.notice("cannot restore pid %d (%v); restored as pid %d", want, err, p.pid)
-		}
-		return nil
+		return err
 	}
 	child := int(r)
 	st, err := ptrace.Wait(child)
 	if err != nil {
-		return fmt.Errorf("clone3 child %d: %w", child, err)
+		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, err)
 	}
 	if !st.Status.Stopped() {
-		return fmt.Errorf("clone3 child %d: %v", child, st)
+		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, st)
 	}
 	// The first stub has done its job.
 	unix.Kill(p.stub, unix.SIGKILL)
@@ -351,7 +400,7 @@ func (p *Process) clonePID() error {
 	p.mem = ptrace.NewMem(child)
 	in, err := ptrace.NewInjector(child, uintptr(p.base+stubCodeOff))
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %v", errCloneSetup, err)
 	}
 	p.in = in
 	return nil

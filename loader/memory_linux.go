@@ -98,9 +98,6 @@ func (p *Process) mapMemory() error {
 			if uint64(r) != v.Start {
 				return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
 			}
-			if err := p.advise(v); err != nil {
-				return err
-			}
 		}
 		return nil
 	})

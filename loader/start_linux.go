@@ -18,7 +18,14 @@ func (p *Process) Start() error {
 	if !p.built || p.done {
 		return errors.New("thaw: start: process not built")
 	}
-	err := p.tr.Do(p.finish)
+	err := p.tr.Do(func() error {
+		if p.retryPID {
+			if err := p.takePID(true); err != nil {
+				return err
+			}
+		}
+		return p.finish()
+	})
 	if err != nil {
 		p.Abort()
 		return fmt.Errorf("thaw: %w", err)
@@ -34,6 +41,15 @@ func (p *Process) finish() error {
 	scratch := uintptr(p.base + stubScratchOff)
 	write := func(b []byte) error { return p.mem.Write(uint64(scratch), b) }
 
+	// madvise flags here, not when mapping: a fork (takePID) would not
+	// carry MADV_DONTFORK areas and would wipe MADV_WIPEONFORK ones.
+	for _, v := range p.vmas {
+		if !v.Kind.Kernel() {
+			if err := p.advise(v); err != nil {
+				return err
+			}
+		}
+	}
 	// Signal dispositions.
 	for _, s := range pr.Sigacts {
 		if s.Sig < 1 || s.Sig > 64 || s.Sig == int(unix.SIGKILL) || s.Sig == int(unix.SIGSTOP) {

@@ -2,32 +2,43 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"time"
+
+	"golang.org/x/term"
 
 	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
-	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 func main() {
 	pid := flag.Int("pid", -1, "PID of the process to freeze")
-	dest := flag.String("dest", "stdout", "output: stdout | FILE")
-	halt := flag.Bool("halt", false, "kill the process once its snapshot is completely written (a migration)")
+	dest := flag.String("dest", "stdout", "output: stdout | FILE | tcp:HOST:PORT | unix:PATH")
+	compress := flag.String("compress", "none", "compression: none | gzip[:1-9] | flate[:1-9] | snappy | zstd[:1-22]")
+	encrypt := flag.String("encrypt", "none", "authenticated encryption: none | aes-gcm:KEYFILE | chacha20-poly1305:KEYFILE")
+	halt := flag.Bool("halt", false, "kill the process once its snapshot is safe: flushed to its file, or restored by the receiver (a migration)")
 	debug := flag.Bool("debug", false, "print a human-readable description of the process instead of a snapshot")
+	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for a network connection")
+	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a network write may make no progress")
+	readyTimeout := flag.Duration("ready-timeout", 5*time.Minute, "with -halt over a network: how long the receiver may take to build the process")
 	flag.Parse()
-	if err := run(*pid, *dest, *halt, *debug); err != nil {
+	err := run(*pid, *debug, capture.SendOptions{
+		Dest: *dest, Compress: *compress, Encrypt: *encrypt, Halt: *halt,
+		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
+		Progress: term.IsTerminal(int(os.Stderr.Fd())),
+	})
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "pfreeze: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(pid int, dest string, halt, debug bool) error {
+func run(pid int, debug bool, o capture.SendOptions) error {
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q (flags come first: pfreeze -pid P)", flag.Arg(0))
 	}
@@ -37,47 +48,28 @@ func run(pid int, dest string, halt, debug bool) error {
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	if debug {
-		if halt {
+		if o.Halt {
 			return errors.New("-debug describes the process and leaves it running; it cannot be combined with -halt")
 		}
-		pr, pw := io.Pipe()
-		done := make(chan error, 1)
-		go func() {
-			err := image.Describe(os.Stdout, image.NewDecoder(pr), ptrace.RegNames[:])
-			pr.CloseWithError(err)
-			done <- err
-		}()
-		err := capture.Freeze(tr, pid, pw, false, nil)
-		pw.CloseWithError(err)
-		if derr := <-done; err == nil {
-			err = derr
-		}
-		return err
+		return describe(tr, pid)
 	}
-	var out io.Writer = os.Stdout
-	var closeOut func() error = func() error { return nil }
-	if dest != "stdout" {
-		f, err := os.OpenFile(dest, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-		if err != nil {
-			return err
-		}
-		out, closeOut = f, func() error {
-			if err := f.Sync(); err != nil {
-				f.Close()
-				return err
-			}
-			return f.Close()
-		}
+	return capture.Send(tr, pid, o)
+}
+
+// describe freezes pid into a pipe read by the snapshot describer, so the
+// description is exactly what a snapshot would carry.
+func describe(tr *ptrace.Tracer, pid int) error {
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := image.Describe(os.Stdout, image.NewDecoder(pr), ptrace.RegNames[:])
+		pr.CloseWithError(err)
+		done <- err
+	}()
+	err := capture.Freeze(tr, pid, pw, false, nil)
+	pw.CloseWithError(err)
+	if derr := <-done; err == nil {
+		err = derr
 	}
-	bw := bufio.NewWriterSize(out, 1<<20)
-	if err := stream.WriteHeader(bw, &stream.Header{Version: stream.Version, Params: map[string]string{"compress": "none", "encrypt": "none"}}); err != nil {
-		return err
-	}
-	commit := func() error {
-		if err := bw.Flush(); err != nil {
-			return err
-		}
-		return closeOut()
-	}
-	return capture.Freeze(tr, pid, bw, halt, commit)
+	return err
 }

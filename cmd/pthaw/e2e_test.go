@@ -6,8 +6,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -79,54 +81,64 @@ type thawed struct {
 	cmd    *exec.Cmd
 	out    *fixture.Lines
 	stdin  *os.File
-	stderr bytes.Buffer
+	stderr syncBuf
 	done   chan struct{}
 }
 
-// thaw starts pthaw with args; t.Cleanup stops it (SIGTERM reaches the
-// restored process) and waits for it.
+// syncBuf is a bytes.Buffer safe to read while a command writes it.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// listening waits for pthaw to say where it listens.
+func (th *thawed) listening(t *testing.T) string {
+	t.Helper()
+	rx := regexp.MustCompile(`pthaw: listening on (\S+)`)
+	deadline := time.Now().Add(waitFor)
+	for time.Now().Before(deadline) {
+		if m := rx.FindStringSubmatch(th.stderr.String()); m != nil {
+			return m[1]
+		}
+		select {
+		case <-th.done:
+			t.Fatalf("pthaw exited: %s", th.stderr.String())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	t.Fatalf("pthaw does not listen: %s", th.stderr.String())
+	return ""
+}
+
+// thaw starts pthaw with args, its stdin a pipe (th.stdin); t.Cleanup
+// stops it (SIGTERM reaches the restored process) and waits for it.
 func thaw(t *testing.T, args ...string) *thawed {
 	t.Helper()
-	th := &thawed{done: make(chan struct{})}
-	th.cmd = exec.Command(filepath.Join(binDir, "pthaw"), args...)
-	outR, outW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	return thawCmd(t, exec.Command(filepath.Join(binDir, "pthaw"), args...))
+}
+
+// thawCmd starts cmd, a pthaw (perhaps run through nsenter), as thaw does.
+func thawCmd(t *testing.T, cmd *exec.Cmd) *thawed {
+	t.Helper()
 	inR, inW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	th.cmd.Stdout = outW
-	th.cmd.Stdin = inR
-	th.cmd.Stderr = &th.stderr
-	th.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := th.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	outW.Close()
-	inR.Close()
-	th.stdin = inW
-	th.out = fixture.FollowReader(t, outR)
-	go func() {
-		th.cmd.Wait()
-		close(th.done)
-	}()
-	t.Cleanup(func() {
-		if pid := th.child(); pid > 0 {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		th.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-th.done:
-		case <-time.After(waitFor):
-			th.cmd.Process.Kill()
-			<-th.done
-		}
-		inW.Close()
-		outR.Close()
-	})
-	return th
+	th := &thawed{cmd: cmd, stdin: inW}
+	t.Cleanup(func() { inW.Close() })
+	return startThawCmd(t, th, inR)
 }
 
 // child returns the restored process (pthaw's only child), or 0. Children
@@ -244,8 +256,7 @@ func TestClonePipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	pw.Close()
-	th := &thawed{done: make(chan struct{})}
-	th = thawWithStdin(t, th, pr)
+	th := thawWithStdin(t, &thawed{}, pr)
 	if err := fr.Wait(); err != nil {
 		t.Fatalf("pfreeze: %v: %s", err, frErr.String())
 	}
@@ -269,9 +280,11 @@ func thawWithStdin(t *testing.T, th *thawed, stdin *os.File) *thawed {
 	return startThawCmd(t, th, stdin)
 }
 
-// startThawCmd starts th.cmd (a pthaw) with stdin as its standard input.
+// startThawCmd starts th.cmd (a pthaw) with stdin as its standard input,
+// following its stdout; t.Cleanup kills the restored process and pthaw.
 func startThawCmd(t *testing.T, th *thawed, stdin *os.File) *thawed {
 	t.Helper()
+	th.done = make(chan struct{})
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -295,7 +308,12 @@ func startThawCmd(t *testing.T, th *thawed, stdin *os.File) *thawed {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 		th.cmd.Process.Signal(syscall.SIGTERM)
-		<-th.done
+		select {
+		case <-th.done:
+		case <-time.After(waitFor):
+			th.cmd.Process.Kill()
+			<-th.done
+		}
 		outR.Close()
 	})
 	return th
@@ -592,7 +610,7 @@ func TestFileCapabilities(t *testing.T) {
 		t.Fatalf("pfreeze with file capabilities: %v: %s", err, out)
 	}
 	<-p.Exited()
-	th := &thawed{done: make(chan struct{})}
+	th := &thawed{}
 	f, err := os.Open(snap)
 	if err != nil {
 		t.Fatal(err)

@@ -2,28 +2,38 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
+
+	"golang.org/x/term"
 
 	"github.com/pcluster/pcluster/loader"
-	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
-	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 func main() {
-	src := flag.String("src", "stdin", "input: stdin | FILE")
+	src := flag.String("src", "stdin", "input: stdin | FILE | tcp:[HOST:]PORT | unix:PATH (sockets listen for one sender)")
+	keydir := flag.String("keydir", "", "directory of key files for encrypted snapshots; plaintext is then refused")
+	readTimeout := flag.Duration("read-timeout", time.Minute, "how long a network read may make no progress")
+	commitTimeout := flag.Duration("commit-timeout", time.Minute, "with a -halt sender: how long to wait for its go-ahead")
+	insecure := flag.Bool("insecure", false, "listen on a non-loopback address without -keydir (anyone who connects can run code here)")
 	detach := flag.Bool("detach", false, "print the restored PID and leave the process running")
 	debug := flag.Bool("debug", false, "describe the snapshot on stdout instead of restoring it")
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
 	flag.Parse()
-	code, err := run(*src, *detach, *debug, *newPID)
+	o := loader.ReceiveOptions{
+		Src: *src, KeyDir: *keydir, ReadTimeout: *readTimeout, CommitTimeout: *commitTimeout,
+		Insecure: *insecure, Warn: os.Stderr, Progress: term.IsTerminal(int(os.Stderr.Fd())),
+		Options: loader.Options{NewPID: *newPID, Detach: *detach, Notice: func(s string) {
+			fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
+		}},
+	}
+	code, err := run(o, *debug)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "pthaw: %v\n", err)
 		os.Exit(1)
@@ -31,30 +41,12 @@ func main() {
 	os.Exit(code)
 }
 
-func run(src string, detach, debug, newPID bool) (int, error) {
+func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	if flag.NArg() > 0 {
 		return 0, fmt.Errorf("unexpected argument %q", flag.Arg(0))
 	}
-	var in io.Reader = os.Stdin
-	if src != "stdin" {
-		f, err := os.Open(src)
-		if err != nil {
-			return 0, err
-		}
-		defer f.Close()
-		in = f
-	}
-	br := bufio.NewReaderSize(in, 1<<20)
-	h, err := stream.ReadHeader(br, "compress", "encrypt")
-	if err != nil {
-		return 0, err
-	}
-	if h.Get("compress", "none") != "none" || h.Get("encrypt", "none") != "none" {
-		return 0, fmt.Errorf("snapshot uses compress=%s encrypt=%s, which this build does not read", h.Get("compress", "none"), h.Get("encrypt", "none"))
-	}
-	dec := image.NewDecoder(br)
 	if debug {
-		return 0, image.Describe(os.Stdout, dec, ptrace.RegNames[:])
+		return 0, loader.Describe(os.Stdout, o)
 	}
 	// Signals meant for the restored process must not kill us while we
 	// build it; once it runs, we forward them.
@@ -62,16 +54,11 @@ func run(src string, detach, debug, newPID bool) (int, error) {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT)
 	tr := ptrace.NewTracer()
 	defer tr.Close()
-	p, err := loader.Build(tr, dec, loader.Options{NewPID: newPID, Detach: detach, Notice: func(s string) {
-		fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
-	}})
+	p, err := loader.Receive(tr, o)
 	if err != nil {
 		return 0, err
 	}
-	if err := p.Start(); err != nil {
-		return 0, err
-	}
-	if detach {
+	if o.Detach {
 		fmt.Println(p.Pid())
 		return 0, nil
 	}

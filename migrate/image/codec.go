@@ -290,3 +290,19 @@ func (d *Decoder) discard() error {
 
 // Offset is the number of body bytes consumed so far.
 func (d *Decoder) Offset() uint64 { return d.n }
+
+// ExpectEOF checks, after the end record, that the input ends there: bytes
+// after a verified end record are not part of the snapshot, and a
+// transport that authenticates the whole stream needs it read to its end.
+func (d *Decoder) ExpectEOF() error {
+	if !d.done {
+		return fmt.Errorf("%w: no end record", ErrCorrupt)
+	}
+	if _, err := d.r.ReadByte(); err != io.EOF {
+		if err != nil {
+			return err
+		}
+		return fmt.Errorf("%w: data after the end record", ErrCorrupt)
+	}
+	return nil
+}

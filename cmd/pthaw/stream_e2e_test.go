@@ -1,0 +1,308 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/internal/netlab"
+)
+
+// keyDir makes a directory holding one 32-byte key, site.key.
+func keyDir(t *testing.T) (dir, keyfile string) {
+	t.Helper()
+	dir = t.TempDir()
+	key := make([]byte, 32)
+	rand.Read(key)
+	keyfile = filepath.Join(dir, "site.key")
+	if err := os.WriteFile(keyfile, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dir, keyfile
+}
+
+// sendCmd returns a pfreeze command, run on host h (nil: here).
+func sendCmd(h *netlab.Host, args ...string) *exec.Cmd {
+	if h != nil {
+		return h.Command(filepath.Join(binDir, "pfreeze"), args...)
+	}
+	return exec.Command(filepath.Join(binDir, "pfreeze"), args...)
+}
+
+// TestLayersMatrix moves a process through every compression ×
+// encryption × endpoint combination, each with -halt.
+func TestLayersMatrix(t *testing.T) {
+	needRoot(t)
+	dir, keyfile := keyDir(t)
+	bin := fixture.Build(t, "countforever")
+	for _, sink := range []string{"file", "pipe", "tcp", "unix"} {
+		for _, comp := range []string{"none", "gzip", "flate", "snappy", "zstd"} {
+			for _, enc := range []string{"none", "aes-gcm", "chacha20-poly1305"} {
+				t.Run(sink+"/"+comp+"/"+enc, func(t *testing.T) {
+					p := fixture.Start(t, bin, "5")
+					p.Lines.Expect(t, `^2$`, waitFor)
+					args := []string{"-pid", strconv.Itoa(p.Pid()), "-halt", "-compress", comp}
+					var thawArgs []string
+					if enc != "none" {
+						args = append(args, "-encrypt", enc+":"+keyfile)
+						thawArgs = append(thawArgs, "-keydir", dir)
+					}
+					var th *thawed
+					fr := sendCmd(nil)
+					switch sink {
+					case "file":
+						snap := filepath.Join(t.TempDir(), "snap")
+						args = append(args, "-dest", snap)
+						fr.Args = append(fr.Args, args...)
+						if out, err := fr.CombinedOutput(); err != nil {
+							t.Fatalf("pfreeze: %v: %s", err, out)
+						}
+						th = thaw(t, append(thawArgs, "-src", snap)...)
+					case "pipe":
+						pr, pw, err := os.Pipe()
+						if err != nil {
+							t.Fatal(err)
+						}
+						fr.Args = append(fr.Args, args...)
+						fr.Stdout = pw
+						if err := fr.Start(); err != nil {
+							t.Fatal(err)
+						}
+						pw.Close()
+						th = startThawCmd(t, &thawed{cmd: exec.Command(filepath.Join(binDir, "pthaw"), thawArgs...)}, pr)
+						if err := fr.Wait(); err != nil {
+							t.Fatalf("pfreeze: %v", err)
+						}
+					case "tcp", "unix":
+						src := "tcp:127.0.0.1:0"
+						if sink == "unix" {
+							src = "unix:" + filepath.Join(t.TempDir(), "sock")
+						}
+						th = thaw(t, append(thawArgs, "-src", src)...)
+						addr := th.listening(t)
+						if sink == "unix" {
+							addr = strings.TrimPrefix(src, "unix:")
+						}
+						fr.Args = append(fr.Args, append(args, "-dest", sink+":"+addr)...)
+						if out, err := fr.CombinedOutput(); err != nil {
+							t.Fatalf("pfreeze: %v: %s; pthaw: %s", err, out, th.stderr.String())
+						}
+					}
+					th.out.Expect(t, `^\d+$`, waitFor)
+					if got := th.restoredPid(t); got != p.Pid() {
+						t.Errorf("restored pid %d, want %d", got, p.Pid())
+					}
+					select {
+					case <-p.Exited():
+					case <-time.After(waitFor):
+						t.Fatal("the original still runs after pfreeze -halt")
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestMigrateBetweenHosts moves a counter from one test host to another
+// over tcp, compressed and encrypted: it carries on there, and the
+// original is gone.
+func TestMigrateBetweenHosts(t *testing.T) {
+	needRoot(t)
+	lab := netlab.New(t, 2, 10)
+	a, b := lab.Hosts[0], lab.Hosts[1]
+	dir, keyfile := keyDir(t)
+	p := fixture.Start(t, "nsenter", append([]string{"--net=/run/netns/" + a.NS, "--"}, fixture.Build(t, "countforever"), "5")...)
+	p.Lines.Expect(t, `^3$`, waitFor)
+	th := thawCmd(t, b.Command(filepath.Join(binDir, "pthaw"), "-src", "tcp:"+b.Addr+":25088", "-keydir", dir))
+	th.listening(t)
+	fr := sendCmd(a, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+b.Addr+":25088",
+		"-compress", "zstd", "-encrypt", "aes-gcm:"+keyfile, "-halt")
+	if out, err := fr.CombinedOutput(); err != nil {
+		t.Fatalf("pfreeze: %v: %s; pthaw: %s", err, out, th.stderr.String())
+	}
+	n := atoi(t, th.out.Expect(t, `^(\d+)$`, waitFor)[1])
+	th.out.Expect(t, fmt.Sprintf(`^%d$`, n+1), waitFor)
+	select {
+	case <-p.Exited():
+	case <-time.After(waitFor):
+		t.Fatal("the original still runs after the migration")
+	}
+	// The restored process lives in host b's network namespace.
+	pid := th.restoredPid(t)
+	mine, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid))
+	want, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", th.cmd.Process.Pid))
+	if mine != want {
+		t.Errorf("restored process in net namespace %s, want host b's %s", mine, want)
+	}
+}
+
+// TestListenerRefusals: every unauthenticated or unauthentic stream is
+// refused with one line, nothing is restored, and a -halt sender resumes
+// its process.
+func TestListenerRefusals(t *testing.T) {
+	needRoot(t)
+	lab := netlab.New(t, 2, 11)
+	b := lab.Hosts[1]
+	dir, keyfile := keyDir(t)
+	otherDir, otherKey := keyDir(t)
+	_ = otherDir
+
+	t.Run("non-loopback without keys", func(t *testing.T) {
+		out, err := b.Command(filepath.Join(binDir, "pthaw"), "-src", "tcp:"+b.Addr+":25089").CombinedOutput()
+		if err == nil || strings.Count(string(out), "\n") != 1 || !strings.Contains(string(out), "-keydir") {
+			t.Fatalf("pthaw without -keydir on %s: err %v, output %q; want one line refusing", b.Addr, err, out)
+		}
+	})
+	bin := fixture.Build(t, "countforever")
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"wrong key", []string{"-encrypt", "aes-gcm:" + otherKey}},
+		{"plaintext to an encrypted listener", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := fixture.Start(t, bin, "5")
+			p.Lines.Expect(t, `^2$`, waitFor)
+			th := thaw(t, "-src", "tcp:127.0.0.1:0", "-keydir", dir)
+			addr := th.listening(t)
+			fr := sendCmd(nil, append([]string{"-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:" + addr, "-halt"}, tc.args...)...)
+			out, err := fr.CombinedOutput()
+			if err == nil {
+				t.Fatalf("pfreeze succeeded: %s", out)
+			}
+			if code := th.exit(t); code == 0 {
+				t.Fatalf("pthaw accepted it")
+			}
+			if msg := th.stderr.String(); strings.Count(msg, "\n") != 2 { // "listening on" + the error
+				t.Errorf("pthaw stderr %q, want the listening line and one error line", msg)
+			}
+			// The original resumed.
+			n := atoi(t, p.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
+			p.Lines.Expect(t, fmt.Sprintf(`^%d$`, n+1), waitFor)
+			if pids := processesOf(bin); len(pids) != 1 || pids[0] != p.Pid() {
+				t.Errorf("processes running %s: %v, want only the original %d", bin, pids, p.Pid())
+			}
+		})
+	}
+	t.Run("garbage", func(t *testing.T) {
+		th := thaw(t, "-src", "tcp:127.0.0.1:0", "-keydir", dir)
+		c, err := net.Dial("tcp", th.listening(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		junk := make([]byte, 1<<16)
+		rand.Read(junk)
+		c.Write(junk)
+		c.Close()
+		if code := th.exit(t); code == 0 {
+			t.Fatal("pthaw accepted garbage")
+		}
+	})
+	_ = keyfile
+}
+
+// TestHaltFaults breaks a -halt migration in the middle: the original must
+// be running afterwards with its memory intact, and nothing restored.
+func TestHaltFaults(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "bigheap")
+	start := func(t *testing.T, h *netlab.Host) (*fixture.Proc, string) {
+		args := []string{bin, "256", "5"}
+		if h != nil {
+			args = append([]string{"--net=/run/netns/" + h.NS, "--"}, args...)
+			p := fixture.Start(t, "nsenter", args...)
+			return p, p.Lines.Expect(t, `^ready hash=([0-9a-f]+)$`, 60*time.Second)[1]
+		}
+		p := fixture.Start(t, args[0], args[1:]...)
+		return p, p.Lines.Expect(t, `^ready hash=([0-9a-f]+)$`, 60*time.Second)[1]
+	}
+	intact := func(t *testing.T, p *fixture.Proc, hash string) {
+		t.Helper()
+		if err := p.Signal(syscall.SIGUSR1); err != nil {
+			t.Fatalf("the original is gone: %v", err)
+		}
+		p.Lines.Expect(t, fmt.Sprintf(`^check hash=%s ok$`, hash), 60*time.Second)
+		if pids := processesOf(bin); len(pids) != 1 {
+			t.Errorf("processes running %s: %v, want only the original", bin, pids)
+		}
+	}
+	// waitStub waits until pthaw is building (it has a child).
+	waitStub := func(t *testing.T, th *thawed) {
+		t.Helper()
+		th.restoredPid(t)
+	}
+
+	t.Run("pthaw killed mid-transfer", func(t *testing.T) {
+		p, hash := start(t, nil)
+		th := thaw(t, "-src", "tcp:127.0.0.1:0")
+		addr := th.listening(t)
+		fr := sendCmd(nil, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+addr, "-halt", "-compress", "gzip")
+		var frOut bytes.Buffer
+		fr.Stderr = &frOut
+		if err := fr.Start(); err != nil {
+			t.Fatal(err)
+		}
+		waitStub(t, th)
+		th.cmd.Process.Kill()
+		if err := fr.Wait(); err == nil {
+			t.Fatal("pfreeze succeeded although the receiver died")
+		}
+		if strings.Count(frOut.String(), "\n") != 1 {
+			t.Errorf("pfreeze stderr %q, want one line", frOut.String())
+		}
+		intact(t, p, hash)
+	})
+
+	t.Run("link cut", func(t *testing.T) {
+		lab := netlab.New(t, 2, 12)
+		a, b := lab.Hosts[0], lab.Hosts[1]
+		p, hash := start(t, a)
+		th := thawCmd(t, b.Command(filepath.Join(binDir, "pthaw"), "-src", "tcp:"+b.Addr+":25090", "-insecure", "-read-timeout", "2s"))
+		th.listening(t)
+		fr := sendCmd(a, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+b.Addr+":25090", "-halt", "-compress", "gzip", "-write-timeout", "2s")
+		if err := fr.Start(); err != nil {
+			t.Fatal(err)
+		}
+		waitStub(t, th)
+		lab.Cut(t, 1, true)
+		if err := fr.Wait(); err == nil {
+			t.Fatal("pfreeze succeeded over a cut link")
+		}
+		if code := th.exit(t); code == 0 {
+			t.Fatal("pthaw succeeded over a cut link")
+		}
+		intact(t, p, hash)
+	})
+
+	t.Run("restore fails", func(t *testing.T) {
+		// pthaw runs where the program's directory is hidden by an empty
+		// tmpfs: it cannot map the executable, and says so to pfreeze.
+		p, hash := start(t, nil)
+		cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
+			`mount -t tmpfs none "$1" && exec "$2" -src tcp:127.0.0.1:0`, "sh", filepath.Dir(bin), filepath.Join(binDir, "pthaw"))
+		th := thawCmd(t, cmd)
+		addr := th.listening(t)
+		out, err := sendCmd(nil, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+addr, "-halt").CombinedOutput()
+		if err == nil {
+			t.Fatal("pfreeze succeeded although the restore failed")
+		}
+		if !strings.Contains(string(out), "no such file") {
+			t.Errorf("pfreeze said %q, want the receiver's reason", out)
+		}
+		if code := th.exit(t); code == 0 {
+			t.Fatal("pthaw succeeded")
+		}
+		intact(t, p, hash)
+	})
+}

@@ -1,0 +1,82 @@
+package capture
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+	"github.com/pcluster/pcluster/migrate/stream"
+)
+
+// SendOptions say where a snapshot goes and how it is encoded.
+type SendOptions struct {
+	Dest         string // stdout | FILE | tcp:HOST:PORT | unix:PATH
+	Compress     string // see stream.Options
+	Encrypt      string
+	DialTimeout  time.Duration
+	WriteTimeout time.Duration
+	// ReadyTimeout bounds the wait for the receiver to build the process
+	// after the whole snapshot was sent (-halt over a network).
+	ReadyTimeout time.Duration
+	Halt         bool
+	Progress     bool // draw a progress bar on stderr
+}
+
+// Send freezes pid into the sink named by o.Dest. With o.Halt the process
+// is killed only once the snapshot is safe: flushed and synced for a file,
+// received, verified and built for a network receiver, which is then told
+// to start it. Until then any failure resumes the original where it was.
+func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
+	// Everything that can fail without the process is done first: the
+	// process is stopped only once the sink is open and the key read.
+	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout})
+	if err != nil {
+		return err
+	}
+	defer sink.Close()
+	var w io.Writer = sink
+	var prog *stream.ProgressWriter
+	if o.Progress {
+		prog = stream.NewProgressWriter(sink, "pfreeze", residentBytes(pid))
+		w = prog
+	}
+	body, err := stream.NewWriter(w, stream.Options{Compress: o.Compress, Encrypt: o.Encrypt})
+	if err != nil {
+		return err
+	}
+	commit := func() error {
+		if err := body.Close(); err != nil {
+			return err
+		}
+		if o.Halt {
+			return sink.AwaitReady(o.ReadyTimeout)
+		}
+		return sink.Close()
+	}
+	err = Freeze(tr, pid, body, o.Halt, commit)
+	if prog != nil {
+		prog.Finish()
+	}
+	if err != nil {
+		return err
+	}
+	if o.Halt {
+		if err := sink.Commit(); err != nil {
+			return fmt.Errorf("freeze %d: the process was halted but the receiver did not confirm it started it: %w", pid, err)
+		}
+	}
+	return nil
+}
+
+// residentBytes estimates the snapshot size for the progress bar.
+func residentBytes(pid int) int64 {
+	st, err := procfs.Status(pid)
+	if err != nil {
+		return 0
+	}
+	var kb int64
+	fmt.Sscanf(st["VmRSS"], "%d", &kb)
+	return kb << 10
+}
