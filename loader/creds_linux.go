@@ -17,9 +17,9 @@ import (
 // need CAP_SETPCAP/CAP_SETGID, so they go first; keep-caps carries the
 // permitted set across setresuid so capset can then set the saved sets.
 // Runs on the tracer thread.
-func (p *Process) setCreds(scratch uintptr) error {
+func (p *Process) setCreds(tk *task, scratch uintptr) error {
 	c := p.proc.Creds
-	st, err := procfs.Status(p.pid)
+	st, err := procfs.ThreadStatus(p.pid, tk.in.Tid)
 	if err != nil {
 		return err
 	}
@@ -27,7 +27,7 @@ func (p *Process) setCreds(scratch uintptr) error {
 	for capn := 0; capn < 64; capn++ {
 		bit := uint64(1) << capn
 		if bnd&bit != 0 && c.CapBnd&bit == 0 {
-			if _, err := p.call(unix.SYS_PRCTL, unix.PR_CAPBSET_DROP, uintptr(capn)); err != nil {
+			if _, err := tk.call(unix.SYS_PRCTL, unix.PR_CAPBSET_DROP, uintptr(capn)); err != nil {
 				return fmt.Errorf("drop capability %d from the bounding set: %w", capn, err)
 			}
 		}
@@ -42,31 +42,31 @@ func (p *Process) setCreds(scratch uintptr) error {
 				return err
 			}
 		}
-		if _, err := p.call(unix.SYS_SETGROUPS, uintptr(len(c.Groups)), scratch); err != nil {
+		if _, err := tk.call(unix.SYS_SETGROUPS, uintptr(len(c.Groups)), scratch); err != nil {
 			return fmt.Errorf("setgroups %v: %w", c.Groups, err)
 		}
 	}
 	if st["Gid"] != fmt.Sprintf("%d\t%d\t%d\t%d", c.Gid[0], c.Gid[1], c.Gid[2], c.Gid[3]) {
-		if _, err := p.call(unix.SYS_SETRESGID, uintptr(c.Gid[0]), uintptr(c.Gid[1]), uintptr(c.Gid[2])); err != nil {
+		if _, err := tk.call(unix.SYS_SETRESGID, uintptr(c.Gid[0]), uintptr(c.Gid[1]), uintptr(c.Gid[2])); err != nil {
 			return fmt.Errorf("setresgid %v: %w", c.Gid[:3], err)
 		}
-		if _, err := p.call(unix.SYS_SETFSGID, uintptr(c.Gid[3])); err != nil {
+		if _, err := tk.call(unix.SYS_SETFSGID, uintptr(c.Gid[3])); err != nil {
 			return fmt.Errorf("setfsgid %d: %w", c.Gid[3], err)
 		}
 	}
 	const keepCaps, keepCapsLocked = 1 << 4, 1 << 5
 	if st["Uid"] != fmt.Sprintf("%d\t%d\t%d\t%d", c.Uid[0], c.Uid[1], c.Uid[2], c.Uid[3]) {
-		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_SECUREBITS, uintptr(c.Securebits&^keepCapsLocked|keepCaps)); err != nil {
+		if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_SECUREBITS, uintptr(c.Securebits&^keepCapsLocked|keepCaps)); err != nil {
 			return fmt.Errorf("securebits: %w", err)
 		}
-		if _, err := p.call(unix.SYS_SETRESUID, uintptr(c.Uid[0]), uintptr(c.Uid[1]), uintptr(c.Uid[2])); err != nil {
+		if _, err := tk.call(unix.SYS_SETRESUID, uintptr(c.Uid[0]), uintptr(c.Uid[1]), uintptr(c.Uid[2])); err != nil {
 			return fmt.Errorf("setresuid %v: %w", c.Uid[:3], err)
 		}
-		if _, err := p.call(unix.SYS_SETFSUID, uintptr(c.Uid[3])); err != nil {
+		if _, err := tk.call(unix.SYS_SETFSUID, uintptr(c.Uid[3])); err != nil {
 			return fmt.Errorf("setfsuid %d: %w", c.Uid[3], err)
 		}
 	} else if c.Securebits != 0 {
-		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_SECUREBITS, uintptr(c.Securebits)); err != nil {
+		if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_SECUREBITS, uintptr(c.Securebits)); err != nil {
 			return fmt.Errorf("securebits %#x: %w", c.Securebits, err)
 		}
 	}
@@ -83,21 +83,21 @@ func (p *Process) setCreds(scratch uintptr) error {
 	if err := p.mem.Write(uint64(scratch), b); err != nil {
 		return err
 	}
-	if _, err := p.call(unix.SYS_CAPSET, scratch, scratch+8); err != nil {
+	if _, err := tk.call(unix.SYS_CAPSET, scratch, scratch+8); err != nil {
 		return fmt.Errorf("capset eff %#x prm %#x inh %#x: %w", c.CapEff, c.CapPrm, c.CapInh, err)
 	}
-	if _, err := p.call(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
+	if _, err := tk.call(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
 		return fmt.Errorf("clear ambient capabilities: %w", err)
 	}
 	for capn := 0; capn < 64; capn++ {
 		if c.CapAmb&(1<<capn) != 0 {
-			if _, err := p.call(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_RAISE, uintptr(capn), 0, 0); err != nil {
+			if _, err := tk.call(unix.SYS_PRCTL, unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_RAISE, uintptr(capn), 0, 0); err != nil {
 				return fmt.Errorf("raise ambient capability %d: %w", capn, err)
 			}
 		}
 	}
 	if c.Securebits&keepCaps == 0 {
-		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 0); err != nil {
+		if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 0); err != nil {
 			return fmt.Errorf("keepcaps: %w", err)
 		}
 	}

@@ -45,16 +45,17 @@ type Process struct {
 	pid  int // the restored process
 	stub int // the first stub, while it lives
 
-	proc   *image.Process
-	thread *image.Thread
-	vmas   []*image.VMA
-	fds    []*image.FD
-	mem    *ptrace.Mem
-	in     *ptrace.Injector
-	base   uint64 // stub load address
+	proc    *image.Process
+	threads []*image.Thread // main thread first
+	vmas    []*image.VMA
+	fds     []*image.FD
+	mem     *ptrace.Mem
+	in      *ptrace.Injector
+	base    uint64 // stub load address
 	// retryPID: the saved PID was taken when the build began; try again
 	// before starting.
 	retryPID bool
+	tids     []int  // threads made by cloneThread, for Abort
 	vdso     uint64 // syscall site in the moved vdso
 	built    bool
 	done     bool
@@ -101,14 +102,20 @@ func (p *Process) build(dec *image.Decoder) error {
 			p.proc = r
 			continue
 		case *image.Thread:
-			if p.proc == nil || p.thread != nil {
+			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads {
 				return fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
 			}
-			p.thread = r
+			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
+				return fmt.Errorf("%w: thread %d out of place", image.ErrCorrupt, r.Tid)
+			}
+			if len(r.Regs) != ptrace.NumRegs {
+				return fmt.Errorf("%w: thread %d has %d registers", image.ErrCorrupt, r.Tid, len(r.Regs))
+			}
+			p.threads = append(p.threads, r)
 			continue
 		case *image.VMA:
-			if p.thread == nil {
-				return fmt.Errorf("%w: memory area before thread record", image.ErrCorrupt)
+			if p.proc == nil || len(p.threads) != p.proc.Threads {
+				return fmt.Errorf("%w: memory area before the thread records", image.ErrCorrupt)
 			}
 			if err := checkVMA(r, p.vmas); err != nil {
 				return err
@@ -118,14 +125,8 @@ func (p *Process) build(dec *image.Decoder) error {
 		}
 		break
 	}
-	if p.proc == nil || p.thread == nil {
-		return fmt.Errorf("%w: no process or thread record", image.ErrCorrupt)
-	}
-	if p.proc.Threads != 1 {
-		return fmt.Errorf("snapshot of %d threads: multi-threaded restore is not supported yet", p.proc.Threads)
-	}
-	if len(p.thread.Regs) != ptrace.NumRegs {
-		return fmt.Errorf("%w: %d registers", image.ErrCorrupt, len(p.thread.Regs))
+	if p.proc == nil || len(p.threads) == 0 || len(p.threads) != p.proc.Threads {
+		return fmt.Errorf("%w: missing process or thread records", image.ErrCorrupt)
 	}
 	if err := p.checkFiles(); err != nil {
 		return err
@@ -421,7 +422,8 @@ func (p *Process) Abort() {
 	if p.mem != nil {
 		p.mem.Close()
 	}
-	for _, pid := range []int{p.stub, p.pid} {
+	// Threads before their leader: its exit is reported after theirs.
+	for _, pid := range append(p.tids, p.pid, p.stub) {
 		if pid <= 0 {
 			continue
 		}

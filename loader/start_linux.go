@@ -35,9 +35,17 @@ func (p *Process) Start() error {
 	return nil
 }
 
+// task is one thread of the process being started.
+type task struct {
+	img *image.Thread
+	in  *ptrace.Injector
+}
+
+func (t *task) call(nr uintptr, args ...uintptr) (uintptr, error) { return t.in.Syscall(nr, args...) }
+
 // finish runs on the tracer thread.
 func (p *Process) finish() error {
-	pr, t := p.proc, p.thread
+	pr := p.proc
 	scratch := uintptr(p.base + stubScratchOff)
 	write := func(b []byte) error { return p.mem.Write(uint64(scratch), b) }
 
@@ -50,7 +58,7 @@ func (p *Process) finish() error {
 			}
 		}
 	}
-	// Signal dispositions.
+	// Process-wide state, through the main thread.
 	for _, s := range pr.Sigacts {
 		if s.Sig < 1 || s.Sig > 64 || s.Sig == int(unix.SIGKILL) || s.Sig == int(unix.SIGSTOP) {
 			return fmt.Errorf("%w: sigaction for signal %d", image.ErrCorrupt, s.Sig)
@@ -67,18 +75,6 @@ func (p *Process) finish() error {
 			return fmt.Errorf("sigaction %d: %w", s.Sig, err)
 		}
 	}
-	if t.AltSP != 0 || t.AltFlags != 0 {
-		b := make([]byte, 24)
-		binary.LittleEndian.PutUint64(b[0:], t.AltSP)
-		binary.LittleEndian.PutUint32(b[8:], uint32(t.AltFlags&^ssOnStack))
-		binary.LittleEndian.PutUint64(b[16:], t.AltSize)
-		if err := write(b); err != nil {
-			return err
-		}
-		if _, err := p.call(unix.SYS_SIGALTSTACK, scratch, 0); err != nil {
-			return fmt.Errorf("sigaltstack: %w", err)
-		}
-	}
 	if pr.Cwd != "" {
 		path, err := p.putString(pr.Cwd)
 		if err != nil {
@@ -88,38 +84,17 @@ func (p *Process) finish() error {
 			return fmt.Errorf("chdir %s: %w", pr.Cwd, err)
 		}
 	}
-	if pr.Comm != "" {
-		if err := write(append([]byte(pr.Comm), 0)); err != nil {
-			return err
-		}
-		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NAME, scratch); err != nil {
-			return fmt.Errorf("set name: %w", err)
-		}
-	}
 	if _, err := p.call(unix.SYS_UMASK, uintptr(pr.Umask)); err != nil {
 		return fmt.Errorf("umask: %w", err)
 	}
+	// Personality is per task and inherited by clone: set it before the
+	// threads are made.
 	if _, err := p.call(unix.SYS_PERSONALITY, uintptr(pr.Personality)); err != nil {
 		return fmt.Errorf("personality %#x: %w", pr.Personality, err)
 	}
 	if pr.PdeathSig != 0 && !p.opts.Detach {
 		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(pr.PdeathSig)); err != nil {
 			return fmt.Errorf("pdeathsig: %w", err)
-		}
-	}
-	if t.TidAddress != 0 {
-		if _, err := p.call(unix.SYS_SET_TID_ADDRESS, uintptr(t.TidAddress)); err != nil {
-			return fmt.Errorf("set_tid_address: %w", err)
-		}
-	}
-	if t.RobustList != 0 {
-		if _, err := p.call(unix.SYS_SET_ROBUST_LIST, uintptr(t.RobustList), uintptr(t.RobustLen)); err != nil {
-			return fmt.Errorf("set_robust_list: %w", err)
-		}
-	}
-	if t.RseqAddr != 0 {
-		if _, err := p.call(unix.SYS_RSEQ, uintptr(t.RseqAddr), uintptr(t.RseqLen), 0, uintptr(t.RseqSig)); err != nil {
-			return fmt.Errorf("rseq %#x: %w", t.RseqAddr, err)
 		}
 	}
 
@@ -136,12 +111,34 @@ func (p *Process) finish() error {
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}
-	if err := p.setCreds(borrow); err != nil {
-		return err
+	// Threads, each a clone3 of the main thread into its saved TID.
+	tasks := []*task{{img: p.threads[0], in: p.in}}
+	for _, t := range p.threads[1:] {
+		tk, err := p.cloneThread(t, borrow)
+		if err != nil {
+			return err
+		}
+		tasks = append(tasks, tk)
 	}
-	if pr.Creds.NoNewPrivs {
-		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			return fmt.Errorf("no_new_privs: %w", err)
+	// Per-thread state, credentials last: they are per thread too, and
+	// dropping root's first would forbid the rest.
+	for i, tk := range tasks {
+		comm := tk.img.Comm
+		if comm == "" && i == 0 {
+			comm = pr.Comm
+		}
+		if err := p.threadState(tk, borrow, comm); err != nil {
+			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+		}
+	}
+	for _, tk := range tasks {
+		if err := p.setCreds(tk, borrow); err != nil {
+			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+		}
+		if pr.Creds.NoNewPrivs {
+			if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+				return fmt.Errorf("thread %d: no_new_privs: %w", tk.in.Tid, err)
+			}
 		}
 	}
 	if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_DUMPABLE, uintptr(pr.Dumpable)); err != nil {
@@ -149,13 +146,15 @@ func (p *Process) finish() error {
 	}
 	// Pending signals and timers last, so that they fire in the restored
 	// process, not during its construction.
-	for _, si := range t.Pending {
-		if err := p.queueSignal(borrow, si, true); err != nil {
-			return err
+	for _, tk := range tasks {
+		for _, si := range tk.img.Pending {
+			if err := p.queueSignal(borrow, si, tk.in.Tid); err != nil {
+				return err
+			}
 		}
 	}
 	for _, si := range pr.Pending {
-		if err := p.queueSignal(borrow, si, false); err != nil {
+		if err := p.queueSignal(borrow, si, 0); err != nil {
 			return err
 		}
 	}
@@ -178,7 +177,25 @@ func (p *Process) finish() error {
 	if err := p.mem.Write(uint64(borrow), orig); err != nil {
 		return fmt.Errorf("return borrowed memory: %w", err)
 	}
+	// Registers last of all, then every thread runs.
+	for _, tk := range tasks {
+		if err := setRegisters(tk); err != nil {
+			return err
+		}
+	}
+	var errs []error
+	for _, tk := range tasks {
+		if err := ptrace.Detach(tk.in.Tid, 0); err != nil {
+			errs = append(errs, fmt.Errorf("detach %d: %w", tk.in.Tid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
 
+// setRegisters gives a thread its saved registers, XSAVE state and signal
+// mask. Runs on the tracer thread.
+func setRegisters(tk *task) error {
+	t, tid := tk.img, tk.in.Tid
 	regs, err := ptrace.RegsFromSlice(t.Regs)
 	if err != nil {
 		return err
@@ -190,16 +207,103 @@ func (p *Process) finish() error {
 		restart := int64(-ptrace.ERESTARTNOINTR)
 		regs.Rax = uint64(restart)
 	}
-	if err := ptrace.SetXState(p.pid, t.XState); err != nil {
+	if err := ptrace.SetXState(tid, t.XState); err != nil {
 		return err
 	}
-	if err := ptrace.SetSigmask(p.pid, t.Sigmask); err != nil {
+	if err := ptrace.SetSigmask(tid, t.Sigmask); err != nil {
 		return err
 	}
-	if err := ptrace.SetRegs(p.pid, regs); err != nil {
-		return err
+	return ptrace.SetRegs(tid, regs)
+}
+
+// cloneThread makes thread t: clone3 in the main thread with the flags of
+// a pthread and the saved TID (a new one, said, when it is taken). The
+// new thread stops at once (PTRACE_O_TRACECLONE). Runs on the tracer thread.
+func (p *Process) cloneThread(t *image.Thread, scratch uintptr) (*task, error) {
+	const flags = unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SIGHAND |
+		unix.CLONE_THREAD | unix.CLONE_SYSVSEM
+	args := make([]byte, 96)
+	binary.LittleEndian.PutUint64(args[0:], flags)
+	binary.LittleEndian.PutUint64(args[64:], uint64(scratch)+88) // set_tid
+	binary.LittleEndian.PutUint64(args[72:], 1)                  // set_tid_size
+	binary.LittleEndian.PutUint64(args[88:], uint64(t.Tid))
+	if p.opts.NewPID {
+		binary.LittleEndian.PutUint64(args[72:], 0)
+		binary.LittleEndian.PutUint64(args[64:], 0)
 	}
-	return ptrace.Detach(p.pid, 0)
+	if err := p.mem.Write(uint64(scratch), args); err != nil {
+		return nil, err
+	}
+	r, err := p.call(unix.SYS_CLONE3, scratch, 88)
+	if err != nil && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
+		why := err
+		binary.LittleEndian.PutUint64(args[64:], 0)
+		binary.LittleEndian.PutUint64(args[72:], 0)
+		if err := p.mem.Write(uint64(scratch), args); err != nil {
+			return nil, err
+		}
+		r, err = p.call(unix.SYS_CLONE3, scratch, 88)
+		if err == nil {
+			p.notice("thread %d restored as tid %d (%v)", t.Tid, r, why)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("create thread %d: %w", t.Tid, err)
+	}
+	tid := int(r)
+	p.tids = append(p.tids, tid)
+	st, err := ptrace.Wait(tid)
+	if err != nil {
+		return nil, fmt.Errorf("create thread %d: %w", t.Tid, err)
+	}
+	if !st.Status.Stopped() {
+		return nil, fmt.Errorf("create thread %d: %v", t.Tid, st)
+	}
+	in, err := ptrace.NewInjector(tid, uintptr(p.vdso))
+	if err != nil {
+		return nil, err
+	}
+	return &task{img: t, in: in}, nil
+}
+
+// threadState restores what belongs to one thread: its name, tid address,
+// robust futex list, rseq area and signal stack. Runs on the tracer thread.
+func (p *Process) threadState(tk *task, scratch uintptr, comm string) error {
+	t := tk.img
+	if comm != "" {
+		if err := p.mem.Write(uint64(scratch), append([]byte(comm), 0)); err != nil {
+			return err
+		}
+		if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_NAME, scratch); err != nil {
+			return fmt.Errorf("set name: %w", err)
+		}
+	}
+	if _, err := tk.call(unix.SYS_SET_TID_ADDRESS, uintptr(t.TidAddress)); err != nil {
+		return fmt.Errorf("set_tid_address: %w", err)
+	}
+	if t.RobustList != 0 {
+		if _, err := tk.call(unix.SYS_SET_ROBUST_LIST, uintptr(t.RobustList), uintptr(t.RobustLen)); err != nil {
+			return fmt.Errorf("set_robust_list: %w", err)
+		}
+	}
+	if t.RseqAddr != 0 {
+		if _, err := tk.call(unix.SYS_RSEQ, uintptr(t.RseqAddr), uintptr(t.RseqLen), 0, uintptr(t.RseqSig)); err != nil {
+			return fmt.Errorf("rseq %#x: %w", t.RseqAddr, err)
+		}
+	}
+	if t.AltSP != 0 || t.AltFlags != 0 {
+		b := make([]byte, 24)
+		binary.LittleEndian.PutUint64(b[0:], t.AltSP)
+		binary.LittleEndian.PutUint32(b[8:], uint32(t.AltFlags&^ssOnStack))
+		binary.LittleEndian.PutUint64(b[16:], t.AltSize)
+		if err := p.mem.Write(uint64(scratch), b); err != nil {
+			return err
+		}
+		if _, err := tk.call(unix.SYS_SIGALTSTACK, scratch, 0); err != nil {
+			return fmt.Errorf("sigaltstack: %w", err)
+		}
+	}
+	return nil
 }
 
 // ssOnStack is SS_ONSTACK: reported by sigaltstack, never accepted by it.
@@ -212,7 +316,7 @@ const borrowLen = 1024
 // below the saved stack pointer's red zone, and returns its contents so
 // they can be put back. Runs on the tracer thread.
 func (p *Process) borrow() (uintptr, []byte, error) {
-	rsp := p.thread.Regs[19]
+	rsp := p.threads[0].Regs[19]
 	addr := (rsp - 128 - borrowLen) &^ 15
 	ok := false
 	for _, v := range p.vmas {
@@ -281,7 +385,7 @@ func (p *Process) setMM(scratch uintptr) error {
 
 // queueSignal re-queues a pending signal with its siginfo.
 // Runs on the tracer thread.
-func (p *Process) queueSignal(scratch uintptr, si image.Siginfo, thread bool) error {
+func (p *Process) queueSignal(scratch uintptr, si image.Siginfo, tid int) error {
 	if len(si) != ptrace.SiginfoSize {
 		return fmt.Errorf("%w: siginfo of %d bytes", image.ErrCorrupt, len(si))
 	}
@@ -290,8 +394,8 @@ func (p *Process) queueSignal(scratch uintptr, si image.Siginfo, thread bool) er
 		return err
 	}
 	var err error
-	if thread {
-		_, err = p.call(unix.SYS_RT_TGSIGQUEUEINFO, uintptr(p.pid), uintptr(p.pid), sig, scratch)
+	if tid > 0 {
+		_, err = p.call(unix.SYS_RT_TGSIGQUEUEINFO, uintptr(p.pid), uintptr(tid), sig, scratch)
 	} else {
 		_, err = p.call(unix.SYS_RT_SIGQUEUEINFO, uintptr(p.pid), sig, scratch)
 	}

@@ -36,18 +36,24 @@ func unsupported(format string, args ...any) error {
 	return &unsupportedError{msg: fmt.Sprintf(format, args...)}
 }
 
-// Frozen is a process stopped by Freeze. Exactly one of Resume or Kill must
-// be called.
+// Frozen is a process stopped by Attach. Exactly one of Resume or Kill
+// must be called.
 type Frozen struct {
-	Pid int
-	tr  *ptrace.Tracer
-	in  *ptrace.Injector
-	mem *ptrace.Mem
+	Pid     int
+	tr      *ptrace.Tracer
+	mem     *ptrace.Mem
+	threads []*thread // main thread first
+}
+
+// thread is one stopped thread of a Frozen process.
+type thread struct {
+	tid      int
+	attached bool
+	in       *ptrace.Injector
 	// scratch holds target memory borrowed for injected calls.
 	scratchAddr uint64
 	scratchOrig []byte
 	requeue     []unix.Signal
-	attached    bool
 }
 
 // Stopped returns a frozen process whose state has not been written yet.
@@ -66,44 +72,85 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
-	err := tr.Do(func() error {
-		if err := ptrace.Seize(pid, 0); err != nil {
-			return fmt.Errorf("attach: %w", explainPtraceErr(err))
-		}
-		f.attached = true
-		if err := ptrace.Interrupt(pid); err != nil {
-			return fmt.Errorf("interrupt: %w", err)
-		}
-		// A signal may be reported before the interrupt: deliver it (the
-		// process was about to receive it anyway) and wait for the trap.
-		for i := 0; ; i++ {
-			st, err := ptrace.Wait(pid)
-			if err != nil {
-				return err
-			}
-			if st.IsEventStop() {
-				break
-			}
-			if i > 1000 {
-				return fmt.Errorf("does not stop (last: %v)", st)
-			}
-			if err := ptrace.Cont(pid, st.Sig()); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	if err := tr.Do(f.stopAll); err != nil {
 		f.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
-	// Threads created while we attached would run on: check again now that
-	// the main thread is stopped (and cannot clone).
-	if tasks, err := procfs.Tasks(pid); err == nil && len(tasks) > 1 {
-		f.Resume()
-		return nil, fmt.Errorf("freeze %d: %w", pid, unsupported("%d threads (multi-threaded processes are not supported yet)", len(tasks)))
-	}
 	return f, nil
+}
+
+// stopAll seizes and interrupts every thread, again and again until no
+// new thread appears: a thread created before its creator stopped is
+// found on the next listing; once all are stopped none can be created.
+// Runs on the tracer thread.
+func (f *Frozen) stopAll() error {
+	seen := map[int]bool{}
+	for round := 0; ; round++ {
+		tasks, err := procfs.Tasks(f.Pid)
+		if err != nil {
+			return err
+		}
+		var fresh []*thread
+		for _, tid := range tasks {
+			if seen[tid] {
+				continue
+			}
+			seen[tid] = true
+			t := &thread{tid: tid}
+			if err := ptrace.Seize(tid, 0); err != nil {
+				if errors.Is(err, unix.ESRCH) {
+					continue // exited meanwhile
+				}
+				return fmt.Errorf("attach thread %d: %w", tid, explainPtraceErr(err))
+			}
+			t.attached = true
+			if tid == f.Pid {
+				f.threads = append([]*thread{t}, f.threads...)
+			} else {
+				f.threads = append(f.threads, t)
+			}
+			if err := ptrace.Interrupt(tid); err != nil {
+				return fmt.Errorf("interrupt thread %d: %w", tid, err)
+			}
+			fresh = append(fresh, t)
+		}
+		if len(fresh) == 0 {
+			break
+		}
+		if round > 100 {
+			return fmt.Errorf("threads keep appearing")
+		}
+		for _, t := range fresh {
+			if err := waitInterrupt(t.tid); err != nil {
+				return err
+			}
+		}
+	}
+	if len(f.threads) == 0 || f.threads[0].tid != f.Pid {
+		return fmt.Errorf("main thread gone")
+	}
+	return nil
+}
+
+// waitInterrupt waits for a seized thread's interrupt stop. A signal may be
+// reported first: it is delivered (the process was about to receive it
+// anyway) and the trap comes after. Runs on the tracer thread.
+func waitInterrupt(tid int) error {
+	for i := 0; ; i++ {
+		st, err := ptrace.Wait(tid)
+		if err != nil {
+			return err
+		}
+		if st.IsEventStop() {
+			return nil
+		}
+		if i > 1000 {
+			return fmt.Errorf("thread %d does not stop (last: %v)", tid, st)
+		}
+		if err := ptrace.Cont(tid, st.Sig()); err != nil {
+			return err
+		}
+	}
 }
 
 func explainPtraceErr(err error) error {
@@ -115,13 +162,6 @@ func explainPtraceErr(err error) error {
 
 // checkSupported refuses processes whose state the snapshot cannot carry.
 func checkSupported(pid int) error {
-	tasks, err := procfs.Tasks(pid)
-	if err != nil {
-		return err
-	}
-	if len(tasks) > 1 {
-		return unsupported("%d threads (multi-threaded processes are not supported yet)", len(tasks))
-	}
 	st, err := procfs.Status(pid)
 	if err != nil {
 		return err
@@ -180,15 +220,17 @@ func (f *Frozen) write(enc *image.Encoder) error {
 	if err != nil {
 		return err
 	}
-	proc, thr, err := f.describe(site, maps)
+	proc, thrs, err := f.describe(site, maps)
 	if err != nil {
 		return err
 	}
 	if err := enc.Write(proc); err != nil {
 		return err
 	}
-	if err := enc.Write(thr); err != nil {
-		return err
+	for _, t := range thrs {
+		if err := enc.Write(t); err != nil {
+			return err
+		}
 	}
 	for i := range vmas {
 		if err := enc.Write(&vmas[i]); err != nil {
@@ -207,9 +249,9 @@ func (f *Frozen) write(enc *image.Encoder) error {
 }
 
 // describe reads the process and thread state, injecting the calls it needs.
-func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, *image.Thread, error) {
+func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, []*image.Thread, error) {
 	pid := f.Pid
-	p := &image.Process{Pid: pid, Threads: 1, FrozenAt: time.Now().UnixNano()}
+	p := &image.Process{Pid: pid, Threads: len(f.threads), FrozenAt: time.Now().UnixNano()}
 	var uts unix.Utsname
 	if unix.Uname(&uts) == nil {
 		p.Kernel = unix.ByteSliceToString(uts.Release[:])
@@ -266,44 +308,92 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, *
 	}
 	caught := procfs.Hex(st["SigCgt"]) | procfs.Hex(st["SigIgn"])
 
-	t := &image.Thread{Tid: pid}
+	var out []*image.Thread
 	err = f.tr.Do(func() error {
-		in, err := ptrace.NewInjector(pid, uintptr(site))
-		if err != nil {
-			return err
-		}
-		f.in = in
-		regs := in.Saved()
-		t.Regs = regs.Slice()
-		if t.XState, err = ptrace.GetXState(pid); err != nil {
-			return err
-		}
-		if t.Sigmask, err = ptrace.GetSigmask(pid); err != nil {
-			return err
-		}
-		if t.Pending, err = peek(pid, false); err != nil {
-			return err
-		}
 		if p.Pending, err = peek(pid, true); err != nil {
 			return err
 		}
-		rs, err := ptrace.GetRseq(pid)
-		if err != nil {
-			return err
+		for i, th := range f.threads {
+			t, err := f.describeThread(th, site, maps)
+			if err != nil {
+				return fmt.Errorf("thread %d: %w", th.tid, err)
+			}
+			if i == 0 {
+				if err := f.injectProcessQueries(th, p, caught); err != nil {
+					return err
+				}
+			}
+			out = append(out, t)
 		}
-		t.RseqAddr, t.RseqLen, t.RseqSig = rs.Addr, rs.Len, rs.Sig
-		if t.RobustList, t.RobustLen, err = ptrace.GetRobustList(pid); err != nil {
-			return err
+		// Signals that stopped a thread while we injected were dequeued:
+		// they are pending for the snapshot and re-queued on Resume.
+		for i, th := range f.threads {
+			for _, sig := range th.in.Signals {
+				si := make(image.Siginfo, ptrace.SiginfoSize)
+				si[0] = byte(sig)
+				out[i].Pending = append(out[i].Pending, si)
+				th.requeue = append(th.requeue, sig)
+			}
 		}
-		if err := f.borrowScratch(regs.Rsp, maps); err != nil {
-			return err
-		}
-		return f.injectQueries(p, t, caught)
+		return nil
 	})
 	if err != nil {
 		return nil, nil, err
 	}
-	return p, t, nil
+	return p, out, nil
+}
+
+// describeThread reads one thread's state. Runs on the tracer thread.
+func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) (*image.Thread, error) {
+	tid := th.tid
+	st, err := procfs.Status(f.Pid)
+	if err != nil {
+		return nil, err
+	}
+	tst, err := procfs.ThreadStatus(f.Pid, tid)
+	if err != nil {
+		return nil, err
+	}
+	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"} {
+		if tst[k] != st[k] {
+			return nil, unsupported("%s differs between threads (%q, main thread %q)", k, tst[k], st[k])
+		}
+	}
+	t := &image.Thread{Tid: tid}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", f.Pid, tid)); err == nil {
+		t.Comm = strings.TrimSuffix(string(b), "\n")
+	}
+	in, err := ptrace.NewInjector(tid, uintptr(site))
+	if err != nil {
+		return nil, err
+	}
+	th.in = in
+	regs := in.Saved()
+	t.Regs = regs.Slice()
+	if t.XState, err = ptrace.GetXState(tid); err != nil {
+		return nil, err
+	}
+	if t.Sigmask, err = ptrace.GetSigmask(tid); err != nil {
+		return nil, err
+	}
+	if t.Pending, err = peek(tid, false); err != nil {
+		return nil, err
+	}
+	rs, err := ptrace.GetRseq(tid)
+	if err != nil {
+		return nil, err
+	}
+	t.RseqAddr, t.RseqLen, t.RseqSig = rs.Addr, rs.Len, rs.Sig
+	if t.RobustList, t.RobustLen, err = ptrace.GetRobustList(tid); err != nil {
+		return nil, err
+	}
+	if err := f.borrowScratch(th, regs.Rsp, maps); err != nil {
+		return nil, err
+	}
+	if err := f.injectThreadQueries(th, t); err != nil {
+		return nil, err
+	}
+	return t, nil
 }
 
 func peek(tid int, shared bool) ([]image.Siginfo, error) {
@@ -323,7 +413,7 @@ const scratchLen = 256
 
 // borrowScratch picks scratchLen bytes of writable target memory below the
 // stack's red zone and saves their contents; Resume puts them back.
-func (f *Frozen) borrowScratch(rsp uint64, maps []procfs.Mapping) error {
+func (f *Frozen) borrowScratch(th *thread, rsp uint64, maps []procfs.Mapping) error {
 	addr := (rsp - 128 - scratchLen) &^ 15
 	ok := false
 	for _, m := range maps {
@@ -346,21 +436,25 @@ func (f *Frozen) borrowScratch(rsp uint64, maps []procfs.Mapping) error {
 	if err := f.mem.Read(addr, buf); err != nil {
 		return fmt.Errorf("scratch: %w", err)
 	}
-	f.scratchAddr, f.scratchOrig = addr, buf
+	th.scratchAddr, th.scratchOrig = addr, buf
 	return nil
 }
 
-// injectQueries reads state only the process can report.
-// Runs on the tracer thread.
-func (f *Frozen) injectQueries(p *image.Process, t *image.Thread, caught uint64) error {
-	in, s := f.in, uintptr(f.scratchAddr)
+// reader returns a function that reads n bytes of th's scratch memory.
+func (f *Frozen) reader(th *thread) func(n int) ([]byte, error) {
 	buf := make([]byte, 64)
-	read := func(n int) ([]byte, error) {
-		if err := f.mem.Read(f.scratchAddr, buf[:n]); err != nil {
+	return func(n int) ([]byte, error) {
+		if err := f.mem.Read(th.scratchAddr, buf[:n]); err != nil {
 			return nil, err
 		}
 		return buf[:n], nil
 	}
+}
+
+// injectProcessQueries reads process-wide state only the process can
+// report, through its main thread. Runs on the tracer thread.
+func (f *Frozen) injectProcessQueries(th *thread, p *image.Process, caught uint64) error {
+	in, s, read := th.in, uintptr(th.scratchAddr), f.reader(th)
 	for sig := 1; sig <= 64; sig++ {
 		if caught&(1<<(sig-1)) == 0 || sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
 			continue
@@ -375,26 +469,12 @@ func (f *Frozen) injectQueries(p *image.Process, t *image.Thread, caught uint64)
 		p.Sigacts = append(p.Sigacts, image.Sigact{Sig: sig,
 			Handler: le64(b[0:]), Flags: le64(b[8:]), Restorer: le64(b[16:]), Mask: le64(b[24:])})
 	}
-	if _, err := in.Syscall(unix.SYS_SIGALTSTACK, 0, s); err != nil {
-		return fmt.Errorf("sigaltstack: %w", err)
-	}
-	b, err := read(24)
-	if err != nil {
-		return err
-	}
-	t.AltSP, t.AltFlags, t.AltSize = le64(b[0:]), int32(le64(b[8:])), le64(b[16:])
-	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
-		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
-	}
-	if b, err = read(8); err != nil {
-		return err
-	}
-	t.TidAddress = le64(b)
 	for which := 0; which < 3; which++ {
 		if _, err := in.Syscall(unix.SYS_GETITIMER, uintptr(which), s); err != nil {
 			return fmt.Errorf("getitimer %d: %w", which, err)
 		}
-		if b, err = read(32); err != nil {
+		b, err := read(32)
+		if err != nil {
 			return err
 		}
 		p.Itimers = append(p.Itimers, image.Itimer{IntervalSec: int64(le64(b[0:])), IntervalUsec: int64(le64(b[8:])),
@@ -418,19 +498,33 @@ func (f *Frozen) injectQueries(p *image.Process, t *image.Thread, caught uint64)
 	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_PDEATHSIG, s); err != nil {
 		return fmt.Errorf("prctl(PR_GET_PDEATHSIG): %w", err)
 	}
-	if b, err = read(4); err != nil {
+	b, err := read(4)
+	if err != nil {
 		return err
 	}
-	p.PdeathSig = int(int32(le64(append(b[:4:4], 0, 0, 0, 0))))
-	// Signals that stopped the thread while we injected were dequeued:
-	// they are pending for the snapshot and re-queued on Resume.
-	for _, sig := range in.Signals {
-		si := make(image.Siginfo, ptrace.SiginfoSize)
-		si[0] = byte(sig)
-		si[8] = 0 // SI_USER
-		t.Pending = append(t.Pending, si)
-		f.requeue = append(f.requeue, sig)
+	p.PdeathSig = int(int32(uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24))
+	return nil
+}
+
+// injectThreadQueries reads per-thread state only the thread can report.
+// Runs on the tracer thread.
+func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
+	in, s, read := th.in, uintptr(th.scratchAddr), f.reader(th)
+	if _, err := in.Syscall(unix.SYS_SIGALTSTACK, 0, s); err != nil {
+		return fmt.Errorf("sigaltstack: %w", err)
 	}
+	b, err := read(24)
+	if err != nil {
+		return err
+	}
+	t.AltSP, t.AltFlags, t.AltSize = le64(b[0:]), int32(le64(b[8:])), le64(b[16:])
+	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
+		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
+	}
+	if b, err = read(8); err != nil {
+		return err
+	}
+	t.TidAddress = le64(b)
 	return nil
 }
 
@@ -511,25 +605,32 @@ func findSyscallSite(mem *ptrace.Mem, vmas []image.VMA) (uint64, error) {
 // Resume puts the process back as it was and lets it run on.
 func (f *Frozen) Resume() error {
 	var errs []error
-	if f.scratchOrig != nil {
-		if err := f.mem.Write(f.scratchAddr, f.scratchOrig); err != nil {
-			errs = append(errs, fmt.Errorf("restore scratch memory: %w", err))
+	for _, th := range f.threads {
+		if th.scratchOrig != nil {
+			if err := f.mem.Write(th.scratchAddr, th.scratchOrig); err != nil {
+				errs = append(errs, fmt.Errorf("thread %d: restore scratch memory: %w", th.tid, err))
+			}
 		}
 	}
 	err := f.tr.Do(func() error {
-		if f.in != nil {
-			if err := f.in.Restore(); err != nil {
-				return err
+		var errs []error
+		for _, th := range f.threads {
+			if th.in != nil {
+				if err := th.in.Restore(); err != nil {
+					errs = append(errs, err)
+				}
 			}
 		}
-		return nil
+		return errors.Join(errs...)
 	})
 	if err != nil {
 		errs = append(errs, err)
 	}
 	f.detach()
-	for _, sig := range f.requeue {
-		unix.Kill(f.Pid, sig)
+	for _, th := range f.threads {
+		for _, sig := range th.requeue {
+			unix.Tgkill(f.Pid, th.tid, sig)
+		}
 	}
 	f.mem.Close()
 	if len(errs) > 0 {
@@ -539,11 +640,15 @@ func (f *Frozen) Resume() error {
 }
 
 func (f *Frozen) detach() {
-	if !f.attached {
-		return
-	}
-	f.attached = false
-	f.tr.Do(func() error { return ptrace.Detach(f.Pid, 0) })
+	f.tr.Do(func() error {
+		for _, th := range f.threads {
+			if th.attached {
+				th.attached = false
+				ptrace.Detach(th.tid, 0)
+			}
+		}
+		return nil
+	})
 }
 
 // Kill ends the frozen process (after its snapshot is safely written).
@@ -552,12 +657,17 @@ func (f *Frozen) Kill() error {
 	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 		return fmt.Errorf("kill %d: %w", f.Pid, err)
 	}
-	// Reap the ptrace notifications of the exit so the tracee is released.
+	// Reap the ptrace notifications of every thread's exit so the
+	// tracees are released; the leader's comes only after all others'.
 	return f.tr.Do(func() error {
-		for {
-			if _, err := ptrace.Wait(f.Pid); err != nil {
-				return nil
+		for i := len(f.threads) - 1; i >= 0; i-- {
+			th := f.threads[i]
+			for {
+				if _, err := ptrace.Wait(th.tid); err != nil {
+					break
+				}
 			}
 		}
+		return nil
 	})
 }

@@ -126,6 +126,7 @@ type Siginfo []byte
 // Thread is the per-thread state.
 type Thread struct {
 	Tid        int       `msgpack:"tid"`
+	Comm       string    `msgpack:"comm"`
 	Regs       []uint64  `msgpack:"regs"`   // struct user_regs_struct, in kernel order
 	XState     []byte    `msgpack:"xstate"` // NT_X86_XSTATE regset
 	Sigmask    uint64    `msgpack:"sigmask"`

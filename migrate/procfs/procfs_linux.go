@@ -101,7 +101,11 @@ func parseMapLine(line string) (Mapping, error) {
 
 // Status parses /proc/PID/status into key → value.
 func Status(pid int) (map[string]string, error) {
-	b, err := os.ReadFile(Path(pid, "status"))
+	return parseStatus(Path(pid, "status"))
+}
+
+func parseStatus(path string) (map[string]string, error) {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
@@ -113,6 +117,11 @@ func Status(pid int) (map[string]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// ThreadStatus parses /proc/PID/task/TID/status.
+func ThreadStatus(pid, tid int) (map[string]string, error) {
+	return parseStatus(fmt.Sprintf("/proc/%d/task/%d/status", pid, tid))
 }
 
 // Stat returns the fields of /proc/PID/stat after the command name, so
