@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"encoding/binary"
 	"fmt"
 	"os"
 	"strconv"
@@ -35,8 +36,16 @@ func (p *Process) openFiles() error {
 				}
 			}
 		}
+		// Epoll registrations once every fd they watch is in place.
 		for _, f := range p.fds {
-			if f.Kind == image.FDFile && f.Desc != f.Fd {
+			if f.Kind == image.FDEpoll && f.Desc == f.Fd {
+				if err := p.watch(f, want); err != nil {
+					return err
+				}
+			}
+		}
+		for _, f := range p.fds {
+			if f.Kind != image.FDInherit && f.Desc != f.Fd {
 				if !want[f.Desc] {
 					return fmt.Errorf("%w: fd %d shares fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, f.Desc)
 				}
@@ -71,15 +80,36 @@ func (p *Process) openFiles() error {
 	})
 }
 
-// openFile opens f's path in the process and moves it onto f.Fd.
-// Runs on the tracer thread.
+// openFile creates f in the process (opens its path, or makes the eventfd
+// or epoll instance) and moves it onto f.Fd. Runs on the tracer thread.
 func (p *Process) openFile(f *image.FD) error {
+	var tmp uintptr
+	var err error
+	switch f.Kind {
+	case image.FDEventfd:
+		flags := uintptr(f.Flags & unix.O_NONBLOCK)
+		if f.Semaphore {
+			flags |= unix.EFD_SEMAPHORE
+		}
+		if tmp, err = p.call(unix.SYS_EVENTFD2, uintptr(f.EventCount), flags|unix.EFD_CLOEXEC); err != nil {
+			return fmt.Errorf("fd %d: eventfd: %w", f.Fd, err)
+		}
+		return p.moveFd(f, tmp)
+	case image.FDEpoll:
+		if tmp, err = p.call(unix.SYS_EPOLL_CREATE1, unix.EPOLL_CLOEXEC); err != nil {
+			return fmt.Errorf("fd %d: epoll_create1: %w", f.Fd, err)
+		}
+		return p.moveFd(f, tmp)
+	case image.FDFile:
+	default:
+		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
+	}
 	path, err := p.putString(f.Path)
 	if err != nil {
 		return err
 	}
 	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY)
-	tmp, err := p.call(unix.SYS_OPEN, path, flags|unix.O_CLOEXEC)
+	tmp, err = p.call(unix.SYS_OPEN, path, flags|unix.O_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("fd %d: open %s: %w", f.Fd, f.Path, err)
 	}
@@ -88,14 +118,40 @@ func (p *Process) openFile(f *image.FD) error {
 			return fmt.Errorf("fd %d: seek %s to %d: %w", f.Fd, f.Path, f.Pos, err)
 		}
 	}
+	return p.moveFd(f, tmp)
+}
+
+// moveFd puts the new fd tmp on f.Fd. Runs on the tracer thread.
+func (p *Process) moveFd(f *image.FD, tmp uintptr) error {
 	if int(tmp) == f.Fd {
 		return nil
 	}
 	if _, err := p.call(unix.SYS_DUP3, tmp, uintptr(f.Fd), 0); err != nil {
-		return fmt.Errorf("fd %d (%s): dup3: %w", f.Fd, f.Path, err)
+		return fmt.Errorf("fd %d (%s): dup3: %w", f.Fd, f.What, err)
 	}
-	_, err = p.call(unix.SYS_CLOSE, tmp)
+	_, err := p.call(unix.SYS_CLOSE, tmp)
 	return err
+}
+
+// watch adds an epoll instance's registrations. Runs on the tracer thread.
+func (p *Process) watch(f *image.FD, have map[int]bool) error {
+	scratch := p.base + stubScratchOff
+	for _, t := range f.Epoll {
+		if !have[t.Fd] {
+			return fmt.Errorf("%w: fd %d (epoll) watches fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, t.Fd)
+		}
+		// struct epoll_event is packed on x86-64: events, then data.
+		b := make([]byte, 12)
+		binary.LittleEndian.PutUint32(b[0:], t.Events)
+		binary.LittleEndian.PutUint64(b[4:], t.Data)
+		if err := p.mem.Write(scratch, b); err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_EPOLL_CTL, uintptr(f.Fd), unix.EPOLL_CTL_ADD, uintptr(t.Fd), uintptr(scratch)); err != nil {
+			return fmt.Errorf("fd %d: epoll_ctl add fd %d events %#x: %w", f.Fd, t.Fd, t.Events, err)
+		}
+	}
+	return nil
 }
 
 // setRlimits applies the saved resource limits. A hard limit above ours

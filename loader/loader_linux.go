@@ -192,7 +192,7 @@ func checkFD(f *image.FD, prev []*image.FD) error {
 		return fmt.Errorf("%w: fds out of order at %d", image.ErrCorrupt, f.Fd)
 	}
 	switch f.Kind {
-	case image.FDFile:
+	case image.FDFile, image.FDEventfd, image.FDEpoll:
 	case image.FDInherit:
 		if f.Fd > 2 {
 			return fmt.Errorf("%w: inherited fd %d", image.ErrCorrupt, f.Fd)

@@ -2,6 +2,7 @@ package capture
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -38,6 +39,27 @@ func describeFDs(pid int) ([]image.FD, error) {
 		switch {
 		case fi.Fd <= 2 && stream:
 			fd.Kind = image.FDInherit
+		case fi.Link == "anon_inode:[eventfd]":
+			fd.Kind = image.FDEventfd
+			for _, line := range fi.Extra {
+				k, v, _ := strings.Cut(line, ":")
+				v = strings.TrimSpace(v)
+				switch k {
+				case "eventfd-count":
+					fd.EventCount, _ = strconv.ParseUint(v, 16, 64)
+				case "eventfd-semaphore":
+					fd.Semaphore = v == "1"
+				}
+			}
+		case fi.Link == "anon_inode:[eventpoll]":
+			fd.Kind = image.FDEpoll
+			for _, line := range fi.Extra {
+				var t image.EpollTarget
+				if _, err := fmt.Sscanf(line, "tfd: %d events: %x data: %x", &t.Fd, &t.Events, &t.Data); err != nil {
+					return nil, fmt.Errorf("%s: fdinfo line %q: %w", where, line, err)
+				}
+				fd.Epoll = append(fd.Epoll, t)
+			}
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
 		case strings.HasSuffix(fi.Link, " (deleted)"):
@@ -57,6 +79,18 @@ func describeFDs(pid int) ([]image.FD, error) {
 			return nil, unsupported("%s: file type %#o", where, kind)
 		}
 		out = append(out, fd)
+	}
+	// An epoll instance watches fds by number: they must all be here.
+	have := map[int]bool{}
+	for _, f := range out {
+		have[f.Fd] = true
+	}
+	for _, f := range out {
+		for _, t := range f.Epoll {
+			if !have[t.Fd] {
+				return nil, unsupported("fd %d (epoll) watches fd %d, which is closed or was replaced", f.Fd, t.Fd)
+			}
+		}
 	}
 	// fds that share one open file description (dup, fork) must share it
 	// again: they share the offset and status flags.

@@ -123,11 +123,15 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := "file"
-		if f.Kind == FDInherit {
-			kind = "inherit"
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll"}[f.Kind]
+		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
+		if f.Kind == FDEventfd {
+			fmt.Fprintf(w, " count %d semaphore %v", f.EventCount, f.Semaphore)
 		}
-		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d\n", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
+		for _, t := range f.Epoll {
+			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)
+		}
+		fmt.Fprintln(w)
 	}
 	return nil
 }

@@ -219,7 +219,18 @@ const (
 	// FDInherit is a terminal, pipe or socket at fd 0-2 that led outside
 	// the process; it is connected to the restorer's own fd of that number.
 	FDInherit FDKind = 2
+	// FDEventfd is an eventfd, recreated with its counter.
+	FDEventfd FDKind = 3
+	// FDEpoll is an epoll instance, recreated with its registrations.
+	FDEpoll FDKind = 4
 )
+
+// EpollTarget is one registration of an epoll instance.
+type EpollTarget struct {
+	Fd     int    `msgpack:"fd"`
+	Events uint32 `msgpack:"events"`
+	Data   uint64 `msgpack:"data"`
+}
 
 // FD is one open file descriptor.
 type FD struct {
@@ -233,6 +244,10 @@ type FD struct {
 	// (they were dup'ed) and so share offset and status flags.
 	Desc int    `msgpack:"desc"`
 	What string `msgpack:"what"` // readlink of /proc/PID/fd/N, for messages
+
+	EventCount uint64        `msgpack:"event_count,omitempty"` // FDEventfd
+	Semaphore  bool          `msgpack:"semaphore,omitempty"`   // FDEventfd
+	Epoll      []EpollTarget `msgpack:"epoll,omitempty"`       // FDEpoll
 }
 
 // End closes a snapshot.

@@ -191,6 +191,9 @@ type FDInfo struct {
 	Pos   int64
 	Flags uint32
 	MntID int
+	// Extra holds the lines of fdinfo beyond pos/flags/mnt_id/ino, which
+	// describe eventfds, epoll registrations and the like.
+	Extra []string
 }
 
 // FDs lists the open file descriptors of pid, sorted by number.
@@ -226,6 +229,9 @@ func FDs(pid int) ([]FDInfo, error) {
 				info.Flags = uint32(f)
 			case "mnt_id":
 				info.MntID, _ = strconv.Atoi(v)
+			case "ino", "":
+			default:
+				info.Extra = append(info.Extra, line)
 			}
 		}
 		out = append(out, info)

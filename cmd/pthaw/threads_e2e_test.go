@@ -1,0 +1,73 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// tasksOf returns pid's thread ids as printed by the fixtures.
+func tasksOf(t *testing.T, pid int) []int {
+	t.Helper()
+	tids, err := fixture.Tasks(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tids
+}
+
+// TestThreads8: eight pthreads counting in TLS under a mutex keep their
+// TIDs and their counts; the invariants the program checks keep holding.
+func TestThreads8(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "threads8"))
+	tids := p.Lines.Expect(t, `^threads 8 tids=([\d,]+)$`, waitFor)[1]
+	p.Lines.Expect(t, `^tick 3 `, waitFor)
+	before := tasksOf(t, p.Pid())
+	th := migrate(t, p)
+	for i := 0; i < 5; i++ {
+		if line := th.out.Expect(t, `^(tick \d+ total=\d+|FAIL.*)$`, waitFor)[0]; strings.HasPrefix(line, "FAIL") {
+			t.Fatalf("got %q after thaw", line)
+		}
+	}
+	pid := th.restoredPid(t)
+	if after := tasksOf(t, pid); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Errorf("threads after thaw %v, want %v (printed tids %s)", after, before, tids)
+	}
+}
+
+// TestPythonThreads: CPython with 4 threads (and its GIL) carries on.
+func TestPythonThreads(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	p := fixture.Start(t, py, fixture.Build(t, "pythreads"))
+	p.Lines.Expect(t, `^py threads 4 tids=`, waitFor)
+	p.Lines.Expect(t, `^py tick 3 `, waitFor)
+	th := migrate(t, p)
+	for i := 0; i < 5; i++ {
+		if line := th.out.Expect(t, `^(py tick \d+ total=\d+|FAIL.*)$`, waitFor)[0]; strings.HasPrefix(line, "FAIL") {
+			t.Fatalf("got %q after thaw", line)
+		}
+	}
+}
+
+// TestGoRuntime: a Go program (the runtime alone runs several threads)
+// with goroutines mutating shared state carries on.
+func TestGoRuntime(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "gohttp"), "-nonet", "8")
+	p.Lines.Expect(t, `^tick 3 `, waitFor)
+	if n := len(tasksOf(t, p.Pid())); n < 2 {
+		t.Logf("only %d thread(s)", n)
+	}
+	th := migrate(t, p)
+	for i := 0; i < 5; i++ {
+		if line := th.out.Expect(t, `^(tick \d+ sum=\d+|FAIL.*)$`, 2*waitFor)[0]; strings.HasPrefix(line, "FAIL") {
+			t.Fatalf("got %q after thaw", line)
+		}
+	}
+	_ = time.Second
+}
