@@ -6,6 +6,10 @@ GO        ?= go
 BIN       := bin
 CMDS      := $(notdir $(wildcard cmd/*))
 GOFLAGS   ?=
+# Debian packages the tests and benchmarks run: compilers for the target
+# programs, python3, iproute2 (network namespaces), util-linux (nsenter,
+# setpriv), libcap2-bin (setcap), time (peak RSS in benchmarks).
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time
 export GOFLAGS
 
 .PHONY: all build deps test lint bench demo clean
@@ -19,11 +23,11 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages: gcc libc6-dev python3 iproute2"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev python3 iproute2 >/dev/null; \
+		echo "installing Debian packages: $(DEBS)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) >/dev/null; \
 	fi
 	@command -v staticcheck >/dev/null 2>&1 || [ -x $$($(GO) env GOPATH)/bin/staticcheck ] || \
 		$(GO) install honnef.co/go/tools/cmd/staticcheck@latest
