@@ -180,6 +180,10 @@ func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string) {
 // still leads, elsewhere by forwarding to the leader.
 func (s *Server) leaderRead(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("stale") != "" {
+			h(w, r) // the caller asked for this node's replica as it is
+			return
+		}
 		if s.IsLeader() {
 			if err := s.raft.VerifyLeader().Error(); err == nil {
 				h(w, r)

@@ -110,12 +110,11 @@ func (a *Agent) LogPath(id, stream string) (string, error) {
 func (a *Agent) Run(ctx context.Context) {
 	defer a.wg.Wait()
 	a.done = ctx.Done()
-	a.adopt(ctx)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
 		changed := a.cfg.FSM.Changed()
-		a.reconcile()
+		a.reconcile(ctx)
 		a.flush(ctx)
 		select {
 		case <-ctx.Done():
@@ -128,33 +127,26 @@ func (a *Agent) Run(ctx context.Context) {
 	}
 }
 
-// adopt takes over the processes a previous agent on this node started.
-func (a *Agent) adopt(ctx context.Context) {
-	var mine []scheduler.Workload
-	a.cfg.FSM.Read(func(s *scheduler.State) {
-		for _, w := range s.Workloads {
-			if w.Node == a.cfg.Name && (w.State == scheduler.StateRunning || w.State == scheduler.StateLost) && w.PID > 0 {
-				mine = append(mine, *w)
-			}
-		}
-	})
-	for _, w := range mine {
-		a.started[w.ID] = w.Attempt
-		ticks, err := startTicks(w.PID)
-		if err != nil || ticks != w.StartTicks {
-			a.log.Info("workload gone while the agent was away", "workload", w.ID, "pid", w.PID)
-			a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
-				ExitCode: -1, Message: "process ended while pclusterd was not running", At: time.Now()})
-			continue
-		}
-		a.log.Info("adopted running workload", "workload", w.ID, "pid", w.PID)
-		p := &proc{id: w.ID, attempt: w.Attempt, pid: w.PID, adopted: true}
-		a.mu.Lock()
-		a.procs[w.ID] = p
-		a.mu.Unlock()
-		a.wg.Add(1)
-		go a.poll(ctx, w.ID, w.Attempt, w.PID, ticks)
+// adopt takes over a process that an earlier agent on this node started:
+// the state says it runs here, this agent did not start it. The state may
+// arrive well after Run starts (raft replays the log), hence the lazy check
+// from reconcile rather than a scan at start.
+func (a *Agent) adopt(ctx context.Context, w scheduler.Workload) {
+	a.started[w.ID] = w.Attempt
+	ticks, err := startTicks(w.PID)
+	if err != nil || ticks != w.StartTicks {
+		a.log.Info("workload gone while the agent was away", "workload", w.ID, "pid", w.PID)
+		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
+			ExitCode: -1, Message: "process ended while pclusterd was not running", At: time.Now()})
+		return
 	}
+	a.log.Info("adopted running workload", "workload", w.ID, "pid", w.PID)
+	p := &proc{id: w.ID, attempt: w.Attempt, pid: w.PID, adopted: true}
+	a.mu.Lock()
+	a.procs[w.ID] = p
+	a.mu.Unlock()
+	a.wg.Add(1)
+	go a.poll(ctx, w.ID, w.Attempt, w.PID, ticks)
 }
 
 // poll waits for an adopted process (not our child, so no wait status) to
@@ -180,9 +172,8 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 	}
 }
 
-func (a *Agent) reconcile() {
-	var todo []scheduler.Workload
-	var relist []scheduler.Workload
+func (a *Agent) reconcile(ctx context.Context) {
+	var todo, relist, orphans []scheduler.Workload
 	now := time.Now()
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		for _, w := range s.Workloads {
@@ -191,6 +182,9 @@ func (a *Agent) reconcile() {
 			}
 			p := a.procs[w.ID]
 			switch {
+			case p == nil && w.Node == a.cfg.Name && w.PID > 0 && a.started[w.ID] < w.Attempt &&
+				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost):
+				orphans = append(orphans, *w)
 			case p == nil && w.Desired == scheduler.DesiredRunning && w.State == scheduler.StatePending &&
 				w.DesiredNode == a.cfg.Name && a.started[w.ID] < w.Attempt:
 				todo = append(todo, *w)
@@ -207,6 +201,9 @@ func (a *Agent) reconcile() {
 			}
 		}
 	})
+	for _, w := range orphans {
+		a.adopt(ctx, w)
+	}
 	for _, w := range relist {
 		ticks, _ := startTicks(w.PID)
 		a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks, At: now})

@@ -60,6 +60,9 @@ type Client struct {
 	// Wait bounds how long writes are retried while the cluster has no
 	// leader.
 	Wait time.Duration
+	// Stale makes reads answer from the contacted node's replica instead
+	// of the leader's (faster, possibly behind).
+	Stale bool
 }
 
 // New returns a client for address: a unix socket path (absolute, or
@@ -134,6 +137,13 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			return fmt.Errorf("%s %s: %w", method, path, err)
 		}
 		body = b
+	}
+	if c.Stale && method == http.MethodGet {
+		if strings.Contains(path, "?") {
+			path += "&stale=1"
+		} else {
+			path += "?stale=1"
+		}
 	}
 	deadline := time.Now().Add(c.Wait)
 	for {

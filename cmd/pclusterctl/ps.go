@@ -7,18 +7,22 @@ import (
 	"strings"
 )
 
-type psCmd struct{ all bool }
+type psCmd struct{ all, stale bool }
 
 func (*psCmd) name() string { return "ps" }
 func (*psCmd) synopsis() string {
 	return "ps [-a]                  list workloads (-a: ended ones too)"
 }
-func (c *psCmd) flags(fs *flag.FlagSet) { fs.BoolVar(&c.all, "a", false, "include ended workloads") }
+func (c *psCmd) flags(fs *flag.FlagSet) {
+	fs.BoolVar(&c.all, "a", false, "include ended workloads")
+	fs.BoolVar(&c.stale, "stale", false, "answer from the contacted node's replica, not the leader")
+}
 
 func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
 	if len(args) > 0 {
 		return usagef("ps takes no arguments, got %q", args[0])
 	}
+	e.client.Stale = c.stale
 	ws, err := e.client.Workloads(ctx)
 	if err != nil {
 		return err
