@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -51,6 +52,15 @@ func IsUnavailable(err error) bool {
 	var ne net.Error
 	var oe *net.OpError
 	return errors.As(err, &ne) || errors.As(err, &oe) || errors.Is(err, os.ErrNotExist)
+}
+
+// IsAuth reports whether err is a failed TLS authentication: the two ends
+// do not share the cluster key.
+func IsAuth(err error) bool {
+	var ua x509.UnknownAuthorityError
+	var cv *tls.CertificateVerificationError
+	var ae tls.AlertError
+	return errors.As(err, &ua) || errors.As(err, &cv) || errors.As(err, &ae)
 }
 
 // Client talks to one pclusterd.

@@ -2,7 +2,8 @@
 // through the API client package (cluster/api).
 //
 // Exit codes: 0 success, 1 the cluster refused or failed the request,
-// 2 bad usage, 3 not found, 4 no daemon or no leader reachable.
+// 2 bad usage, 3 not found, 4 no daemon or no leader reachable,
+// 5 authentication failed (not the cluster's key).
 package main
 
 import (
@@ -26,6 +27,7 @@ const (
 	exitUsage       = 2
 	exitNotFound    = 3
 	exitUnavailable = 4
+	exitAuth        = 5
 )
 
 // command is one noun-verb; each lives in its own file.
@@ -101,6 +103,8 @@ func realMain(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return exitUsage
 	case api.IsNotFound(err):
 		return exitNotFound
+	case api.IsAuth(err):
+		return exitAuth
 	case api.IsUnavailable(err):
 		return exitUnavailable
 	}
