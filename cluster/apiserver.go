@@ -102,8 +102,17 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("POST "+api.PathWorkloads+"/{id}/stop", s.leaderWrite(s.handleStop))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}/logs", s.handleLogs)
 	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
-	m.Handle("GET "+api.PathMetrics, promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
+}
+
+// metricsHandler refreshes the gauges, then serves them.
+func (s *Server) metricsHandler() http.Handler {
+	h := promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.metrics.update()
+		h.ServeHTTP(w, r)
+	})
 }
 
 // serveAPI starts the HTTP servers; each goroutine ends when its server is
@@ -130,7 +139,7 @@ func (s *Server) serveAPI() {
 			return
 		}
 		mm := http.NewServeMux()
-		mm.Handle("GET "+api.PathMetrics, promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+		mm.Handle("GET "+api.PathMetrics, s.metricsHandler())
 		serve(ln, mm)
 	}
 }

@@ -126,7 +126,7 @@ func TestThreeNodeCluster(t *testing.T) {
 	} {
 		_, errs, code := c.ctlRun(tc.args...)
 		lines := strings.Split(strings.TrimSpace(errs), "\n")
-		if code != tc.code || strings.Contains(errs, "goroutine") || (tc.args[0] != "ps" && len(lines) != 1) {
+		if code != tc.code || strings.Contains(errs, "goroutine") || len(lines) != 1 {
 			t.Errorf("pclusterctl %v: exit %d, stderr %q; want exit %d and one line", tc.args, code, errs, tc.code)
 		}
 	}

@@ -279,17 +279,27 @@ func (c *testCluster) ctlRun(args ...string) (string, string, int) {
 // ctl runs pclusterctl against nd and fails the test unless it exits 0.
 func (c *testCluster) ctl(nd *testNode, args ...string) string {
 	c.tb.Helper()
-	out, errs, code := c.ctlRun(append([]string{args[0], "-address", nd.socket}, args[1:]...)...)
+	out, errs, code := c.ctlRun(withFlags(args, "-address", nd.socket)...)
 	if code != 0 {
 		c.tb.Fatalf("pclusterctl %v on %s: exit %d: %s", args, nd.name, code, errs)
 	}
 	return out
 }
 
+// withFlags puts flags right after the command words ("ps", "node status").
+func withFlags(args []string, flags ...string) []string {
+	n := 1
+	if args[0] == "node" {
+		n = 2
+	}
+	out := append(append([]string{}, args[:n]...), flags...)
+	return append(out, args[n:]...)
+}
+
 // ctlJSON runs pclusterctl ... -json and decodes its output into v.
 func (c *testCluster) ctlJSON(nd *testNode, v any, args ...string) {
 	c.tb.Helper()
-	out := c.ctl(nd, append([]string{args[0], "-json"}, args[1:]...)...)
+	out := c.ctl(nd, withFlags(args, "-json")...)
 	if err := json.Unmarshal([]byte(out), v); err != nil {
 		c.tb.Fatalf("pclusterctl %v: output not JSON: %v\n%s", args, err, out)
 	}

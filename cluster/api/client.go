@@ -65,8 +65,9 @@ func IsAuth(err error) bool {
 
 // Client talks to one pclusterd.
 type Client struct {
-	base string
-	hc   *http.Client
+	base  string
+	where string // for messages: the socket path or host:port
+	hc    *http.Client
 	// Wait bounds how long writes are retried while the cluster has no
 	// leader.
 	Wait time.Duration
@@ -90,7 +91,7 @@ func New(address string, key pki.Key) (*Client, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", p)
 		}}
-		return &Client{base: "http://pclusterd", hc: &http.Client{Transport: tr}, Wait: 10 * time.Second}, nil
+		return &Client{base: "http://pclusterd", where: p, hc: &http.Client{Transport: tr}, Wait: 10 * time.Second}, nil
 	}
 	hostport := strings.TrimPrefix(address, "https://")
 	if _, _, err := net.SplitHostPort(hostport); err != nil {
@@ -114,7 +115,7 @@ func New(address string, key pki.Key) (*Client, error) {
 // already hold a certificate.
 func NewTLS(hostport string, cfg *tls.Config) *Client {
 	tr := &http.Transport{TLSClientConfig: cfg.Clone(), MaxIdleConnsPerHost: 4, IdleConnTimeout: 30 * time.Second}
-	return &Client{base: "https://" + hostport, hc: &http.Client{Transport: tr}, Wait: 10 * time.Second}
+	return &Client{base: "https://" + hostport, where: hostport, hc: &http.Client{Transport: tr}, Wait: 10 * time.Second}
 }
 
 // NewFromEnv returns a client for address, or $PCLUSTER_ADDR, or the default
@@ -192,7 +193,7 @@ func (c *Client) send(ctx context.Context, method, path string, body []byte) (*h
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
-		return nil, fmt.Errorf("reach pclusterd at %s: %w", strings.TrimPrefix(c.base, "http://pclusterd"), err)
+		return nil, fmt.Errorf("reach pclusterd at %s: %w", c.where, err)
 	}
 	return resp, nil
 }

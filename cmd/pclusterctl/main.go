@@ -72,20 +72,20 @@ func realMain(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return exitUsage
 	}
 	fs := flag.NewFlagSet("pclusterctl "+cmd.name(), flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	address := fs.String("address", "", "pclusterd socket path or host:port (default $"+api.EnvAddress+" or "+api.DefaultSocket+")")
 	keyFile := fs.String("key-file", "", "cluster key file, for a host:port address (default $"+api.EnvKeyFile+")")
 	asJSON := fs.Bool("json", false, "print JSON")
 	cmd.flags(fs)
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: pclusterctl %s\n\n", cmd.synopsis())
-		fs.PrintDefaults()
-	}
+	fs.SetOutput(io.Discard) // one line for a bad flag, from us; the list only for -h
 	if err := fs.Parse(rest); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(stderr, "usage: pclusterctl %s\n\n", cmd.synopsis())
+			fs.SetOutput(stderr)
+			fs.PrintDefaults()
 			return exitOK
 		}
-		return exitUsage // flag already printed one line
+		fmt.Fprintf(stderr, "pclusterctl %s: %v\n", cmd.name(), err)
+		return exitUsage
 	}
 	client, err := api.NewFromEnv(*address, *keyFile)
 	if err != nil {

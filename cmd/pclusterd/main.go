@@ -23,12 +23,40 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:], os.Stderr); err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "pclusterd:", err)
-		}
+	err := run(os.Args[1:], os.Stderr)
+	var ue usageError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+	case errors.As(err, &ue):
+		fmt.Fprintln(os.Stderr, "pclusterd:", err)
 		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "pclusterd:", err)
+		os.Exit(1)
 	}
+}
+
+// usageError is bad input on the command line or in the config file.
+type usageError struct{ error }
+
+// parse parses args into fs, printing the flag list only for -h: a bad
+// flag gets one line, from main.
+func parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.SetOutput(stderr)
+		fmt.Fprintf(stderr, "usage of %s:\n", fs.Name())
+		fs.PrintDefaults()
+		return err
+	}
+	if err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
+	}
+	return nil
 }
 
 // labelFlag collects repeated -label k=v.
@@ -49,7 +77,6 @@ func run(args []string, stderr io.Writer) error {
 		return keygen(args[1:], stderr)
 	}
 	fs := flag.NewFlagSet("pclusterd", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	c := fileConfig{Labels: labelFlag{}}
 	configPath := fs.String("config", "", "JSON config `file` (flags override it)")
 	dev := fs.Bool("dev", false, "run a complete single-node cluster with its data in a temporary directory")
@@ -66,11 +93,8 @@ func run(args []string, stderr io.Writer) error {
 	fs.Var(c.Labels, "label", "node label `key=value` for placement constraints (repeatable)")
 	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
-	if err := fs.Parse(args); err != nil {
+	if err := parse(fs, args, stderr); err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	if *join != "" {
 		c.Join = strings.Split(*join, ",")
@@ -79,12 +103,12 @@ func run(args []string, stderr io.Writer) error {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		if err := c.mergeFile(*configPath, set); err != nil {
-			return err
+			return usageError{err}
 		}
 	}
 	cfg, cleanup, err := c.resolve(*dev)
 	if err != nil {
-		return err
+		return usageError{err}
 	}
 	defer cleanup()
 
@@ -105,9 +129,8 @@ func run(args []string, stderr io.Writer) error {
 
 func keygen(args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("pclusterd keygen", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	out := fs.String("out", ".", "`directory` to write cluster.key (0600) and ca.pem into")
-	if err := fs.Parse(args); err != nil {
+	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
 	keyPath, caPath, err := pki.WriteKeyFiles(*out)
