@@ -71,12 +71,13 @@ func BenchmarkGossipConvergence50(b *testing.B) {
 	const n = 50
 	key, _ := pki.NewKey()
 	var total time.Duration
+	run := time.Now().UnixNano() % 1e6
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		var mls []*memberlist.Memberlist
 		for j := 0; j < n; j++ {
 			mc := memberlist.DefaultLANConfig()
-			mc.Name = fmt.Sprintf("g%d-%02d", i, j)
+			mc.Name = fmt.Sprintf("g%d-%d-%02d", run, i, j)
 			mc.BindAddr, mc.BindPort, mc.AdvertisePort = "127.0.0.1", 0, 0
 			mc.SecretKey = key.GossipKey()
 			mc.Logger = log.New(io.Discard, "", 0)
@@ -106,7 +107,11 @@ func BenchmarkGossipConvergence50(b *testing.B) {
 				break
 			}
 			if time.Since(start) > time.Minute {
-				b.Fatal("no convergence within a minute")
+				var counts []int
+				for _, ml := range mls {
+					counts = append(counts, ml.NumMembers())
+				}
+				b.Fatalf("no convergence within a minute: members seen %v", counts)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
