@@ -117,6 +117,7 @@ type testCluster struct {
 type testNode struct {
 	name    string
 	ip      string
+	netns   string // network namespace to run in, or ""
 	bind    string // gossip host:port
 	api     string // TLS API host:port
 	socket  string
@@ -150,10 +151,16 @@ func newTestCluster(tb testing.TB) *testCluster {
 // start launches node name (n = 1, 2, ...) with extra flags.
 func (c *testCluster) start(n int, extra ...string) *testNode {
 	c.tb.Helper()
-	name := fmt.Sprintf("%s-n%d", c.prefix, n)
 	ip := fmt.Sprintf("127.0.0.%d", 10+n)
-	port := freeBase(c.tb, ip)
-	nd := &testNode{name: name, ip: ip, bind: fmt.Sprintf("%s:%d", ip, port), api: fmt.Sprintf("%s:%d", ip, port+2),
+	return c.startAt(n, ip, freeBase(c.tb, ip), "", extra...)
+}
+
+// startAt launches node n on ip:port, inside network namespace netns if
+// not "".
+func (c *testCluster) startAt(n int, ip string, port int, netns string, extra ...string) *testNode {
+	c.tb.Helper()
+	name := fmt.Sprintf("%s-n%d", c.prefix, n)
+	nd := &testNode{name: name, ip: ip, netns: netns, bind: fmt.Sprintf("%s:%d", ip, port), api: fmt.Sprintf("%s:%d", ip, port+2),
 		socket: filepath.Join(c.dir, name+".sock"), dataDir: filepath.Join(c.dir, name), logPath: filepath.Join(c.dir, name+".log")}
 	nd.args = append([]string{"-node", name, "-bind", nd.bind, "-data-dir", nd.dataDir, "-socket", nd.socket,
 		"-log-level", "info"}, extra...)
@@ -181,6 +188,9 @@ func (c *testCluster) launch(nd *testNode) {
 		c.tb.Fatal(err)
 	}
 	cmd := exec.Command(c.daemon, nd.args...)
+	if nd.netns != "" {
+		cmd = exec.Command("ip", append([]string{"netns", "exec", nd.netns, c.daemon}, nd.args...)...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		c.tb.Fatal(err)
