@@ -17,7 +17,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/scheduler"
@@ -240,19 +239,14 @@ func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
 	}
 	var out []api.Member
 	seen := map[string]bool{}
-	for _, n := range s.ml.Members() {
-		m, _ := decodeMeta(n)
-		role := roles[n.Name]
+	for name, mv := range s.members() {
+		role := roles[name]
 		if role == "" {
 			role = "none"
 		}
-		status := "alive"
-		if n.State == memberlist.StateSuspect {
-			status = "suspect"
-		}
-		seen[n.Name] = true
-		out = append(out, api.Member{Name: n.Name, Addr: n.Address(), APIAddr: m.APIAddr, RaftAddr: m.RaftAddr,
-			Status: status, Role: role, Load: apiLoad(m.Load)})
+		seen[name] = true
+		out = append(out, api.Member{Name: name, Addr: mv.node.Address(), APIAddr: mv.meta.APIAddr, RaftAddr: mv.meta.RaftAddr,
+			Status: "alive", Role: role, Load: apiLoad(mv.meta.Load)})
 	}
 	// Nodes the state knows that gossip no longer shows.
 	s.fsm.Read(func(st *scheduler.State) {
@@ -518,7 +512,7 @@ func (s *Server) report(ctx context.Context, rep api.Report) error {
 	if err != nil {
 		return err
 	}
-	c := api.NewTLS(addr, s.peerTLS)
+	c := api.NewWithHTTP(addr, s.peerHTTP)
 	c.Wait = 0
 	return c.Report(ctx, rep)
 }

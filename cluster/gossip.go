@@ -40,9 +40,25 @@ func (e *events) poke() {
 	default:
 	}
 }
-func (e *events) NotifyJoin(n *memberlist.Node)   { e.poke() }
-func (e *events) NotifyLeave(n *memberlist.Node)  { e.poke() }
-func (e *events) NotifyUpdate(n *memberlist.Node) { e.poke() }
+
+// memberlist calls these with its node lock held, so copying the node here
+// is safe; reading the *Node that Members() returns later is not (memberlist
+// keeps changing it).
+func (e *events) NotifyJoin(n *memberlist.Node)   { e.s.setMember(n, true); e.poke() }
+func (e *events) NotifyLeave(n *memberlist.Node)  { e.s.setMember(n, false); e.poke() }
+func (e *events) NotifyUpdate(n *memberlist.Node) { e.s.setMember(n, true); e.poke() }
+
+func (s *Server) setMember(n *memberlist.Node, alive bool) {
+	s.memMu.Lock()
+	defer s.memMu.Unlock()
+	if !alive {
+		delete(s.live, n.Name)
+		return
+	}
+	c := *n
+	c.Meta = append([]byte(nil), n.Meta...)
+	s.live[n.Name] = c
+}
 
 // gossipLoop refreshes this node's load in its gossip metadata, saves the
 // peer list for restarts, and re-joins known peers when the node finds
@@ -98,9 +114,9 @@ func (s *Server) raftBooted() bool {
 
 func (s *Server) savePeers() {
 	var peers []string
-	for _, m := range s.ml.Members() {
-		if m.Name != s.cfg.Name {
-			peers = append(peers, m.Address())
+	for name, m := range s.members() {
+		if name != s.cfg.Name {
+			peers = append(peers, m.node.Address())
 		}
 	}
 	if len(peers) == 0 {
@@ -119,17 +135,19 @@ func (s *Server) savePeers() {
 
 // memberView is one gossip member with its decoded metadata.
 type memberView struct {
-	node *memberlist.Node
+	node memberlist.Node
 	meta meta
 	ok   bool // meta decoded
 }
 
-// members returns the live (alive or suspect) gossip members by name.
+// members returns the live gossip members by name (copies).
 func (s *Server) members() map[string]memberView {
-	out := map[string]memberView{}
-	for _, n := range s.ml.Members() {
-		m, ok := decodeMeta(n)
-		out[n.Name] = memberView{node: n, meta: m, ok: ok}
+	s.memMu.Lock()
+	defer s.memMu.Unlock()
+	out := make(map[string]memberView, len(s.live))
+	for name, n := range s.live {
+		m, ok := decodeMeta(&n)
+		out[name] = memberView{node: n, meta: m, ok: ok}
 	}
 	return out
 }

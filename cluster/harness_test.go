@@ -43,7 +43,11 @@ func binaries(tb testing.TB) (pclusterd, pclusterctl string) {
 			buildErr = err
 			return
 		}
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/pclusterd", "./cmd/pclusterctl")
+		args := []string{"build", "-o", binDir + "/"}
+		if os.Getenv("PCLUSTER_TEST_RACE") != "" {
+			args = append(args, "-race") // daemons built with the race detector
+		}
+		cmd := exec.Command("go", append(args, "./cmd/pclusterd", "./cmd/pclusterctl")...)
 		cmd.Dir = filepath.Dir(strings.TrimSpace(string(out)))
 		if b, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, b)
@@ -249,6 +253,16 @@ func (c *testCluster) cleanup() {
 		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
 		if err == nil && bytes.Contains(env, []byte("PCLUSTER_NODE="+c.prefix+"-")) {
 			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	for _, nd := range c.nodes {
+		if b, _ := os.ReadFile(nd.logPath); bytes.Contains(b, []byte("WARNING: DATA RACE")) {
+			i := bytes.Index(b, []byte("WARNING: DATA RACE"))
+			race := b[i:]
+			if j := bytes.Index(race[1:], []byte("==================")); j > 0 {
+				race = race[:j+1]
+			}
+			c.tb.Errorf("%s: data race reported in its log:\n%s", nd.name, race)
 		}
 	}
 	if c.tb.Failed() {

@@ -45,8 +45,6 @@ type Config struct {
 	LoadInterval   time.Duration // gossip load refresh; 2s
 	RejoinInterval time.Duration // re-join attempts when alone; 5s
 	Reconcile      time.Duration // leader reconciliation period; 1s
-	// Fast shortens gossip and raft timeouts (loopback tests and benchmarks).
-	Fast bool
 }
 
 // Server is one running pclusterd.
@@ -68,6 +66,13 @@ type Server struct {
 	// metaMu guards meta, read by memberlist's delegate.
 	metaMu sync.Mutex
 	meta   meta
+
+	// memMu guards live: copies of the live gossip members, kept by the
+	// event delegate.
+	memMu sync.Mutex
+	live  map[string]memberlist.Node
+
+	gossipAddr string // this node's gossip address, fixed at start
 
 	events   chan struct{} // member change notifications (coalesced)
 	apiLn    net.Listener
@@ -141,7 +146,7 @@ func Start(cfg Config) (s *Server, err error) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(),
-		events: make(chan struct{}, 1), cancel: cancel}
+		events: make(chan struct{}, 1), cancel: cancel, live: map[string]memberlist.Node{}}
 	s.metrics = newMetrics(s)
 	defer func() {
 		if err != nil {
@@ -167,7 +172,7 @@ func Start(cfg Config) (s *Server, err error) {
 	s.goLoop(func() { s.gossipLoop(ctx) })
 	s.goLoop(func() { s.leaderLoop(ctx) })
 	s.serveAPI()
-	s.log.Info("pclusterd started", "gossip", s.ml.LocalNode().Address(), "raft", s.trans.LocalAddr(),
+	s.log.Info("pclusterd started", "gossip", s.gossipAddr, "raft", s.trans.LocalAddr(),
 		"api", s.apiLn.Addr().String(), "socket", cfg.Socket, "data_dir", cfg.DataDir)
 	return s, nil
 }
@@ -234,11 +239,6 @@ func (s *Server) setupRaft() error {
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(s.cfg.Name)
 	rc.Logger = rlog
-	if s.cfg.Fast {
-		rc.HeartbeatTimeout = 500 * time.Millisecond
-		rc.ElectionTimeout = 500 * time.Millisecond
-		rc.LeaderLeaseTimeout = 250 * time.Millisecond
-	}
 	booted, err := raft.HasExistingState(store, store, snaps)
 	if err != nil {
 		return fmt.Errorf("start: raft state: %w", err)
@@ -271,14 +271,6 @@ func (s *Server) bootstrap(servers []raft.Server) error {
 
 func (s *Server) setupGossip() error {
 	mc := memberlist.DefaultLANConfig()
-	if s.cfg.Fast {
-		mc = memberlist.DefaultLocalConfig()
-		mc.ProbeInterval = 200 * time.Millisecond
-		mc.ProbeTimeout = 100 * time.Millisecond
-		mc.GossipInterval = 50 * time.Millisecond
-		mc.PushPullInterval = 2 * time.Second
-		mc.SuspicionMult = 2
-	}
 	mc.Name = s.cfg.Name
 	host, port, _ := net.SplitHostPort(s.cfg.BindAddr)
 	mc.BindAddr = host
@@ -294,6 +286,7 @@ func (s *Server) setupGossip() error {
 		return fmt.Errorf("start: gossip on %s: %w", s.cfg.BindAddr, err)
 	}
 	s.ml = ml
+	s.gossipAddr = ml.LocalNode().Address()
 	if peers := s.seeds(); len(peers) > 0 {
 		if n, err := ml.Join(peers); err != nil {
 			s.log.Warn("join failed; will retry", "peers", peers, "err", err)
@@ -314,11 +307,7 @@ func (s *Server) seeds() []string {
 			peers = append(peers, saved...)
 		}
 	}
-	self := ""
-	if s.ml != nil {
-		self = s.ml.LocalNode().Address()
-	}
-	seen := map[string]bool{self: true}
+	seen := map[string]bool{s.gossipAddr: true}
 	out := peers[:0]
 	for _, p := range peers {
 		if !seen[p] {
@@ -384,7 +373,7 @@ func (s *Server) Leader() string {
 func (s *Server) FSM() *scheduler.FSM { return s.fsm }
 
 // GossipAddr returns the address peers join.
-func (s *Server) GossipAddr() string { return s.ml.LocalNode().Address() }
+func (s *Server) GossipAddr() string { return s.gossipAddr }
 
 // APIAddr returns the TLS API address.
 func (s *Server) APIAddr() string { return s.apiLn.Addr().String() }

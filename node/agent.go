@@ -70,7 +70,7 @@ type Agent struct {
 	procs   map[string]*proc
 	started map[string]int // highest attempt started per workload
 	pending []api.Report   // reports not yet accepted by the leader
-	wg      sync.WaitGroup // waiter goroutines
+	wg      sync.WaitGroup // poll goroutines of adopted processes
 }
 
 // New returns an agent; call Run to start it.
@@ -293,9 +293,9 @@ func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
 	a.mu.Lock()
 	a.procs[w.ID] = &proc{id: w.ID, attempt: w.Attempt, pid: pid}
 	a.mu.Unlock()
-	a.wg.Add(1)
+	// The waiter ends when the process does, not with Run: workloads
+	// outlive the agent, and Run must not wait for them.
 	go func() {
-		defer a.wg.Done()
 		err := cmd.Wait()
 		ev := exitEvent{wid: w.ID, attempt: w.Attempt, at: time.Now()}
 		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {

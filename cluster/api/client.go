@@ -118,6 +118,12 @@ func NewTLS(hostport string, cfg *tls.Config) *Client {
 	return &Client{base: "https://" + hostport, where: hostport, hc: &http.Client{Transport: tr}, Wait: 10 * time.Second}
 }
 
+// NewWithHTTP returns a client for hostport over TLS using hc, whose
+// transport must carry the cluster TLS config (daemons share one).
+func NewWithHTTP(hostport string, hc *http.Client) *Client {
+	return &Client{base: "https://" + hostport, where: hostport, hc: hc, Wait: 10 * time.Second}
+}
+
 // NewFromEnv returns a client for address, or $PCLUSTER_ADDR, or the default
 // socket, reading the key from keyFile or $PCLUSTER_KEY_FILE when remote.
 func NewFromEnv(address, keyFile string) (*Client, error) {
