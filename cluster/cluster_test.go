@@ -89,6 +89,16 @@ func TestThreeNodeCluster(t *testing.T) {
 		}
 	}
 
+	// Constraints select nodes by label; without -node, placement spreads.
+	var zoned api.Workload
+	c.ctlJSON(n1, &zoned, "run", "-constraint", "zone=z3", "--", "true")
+	if zoned.DesiredNode != n3.name {
+		t.Errorf("run -constraint zone=z3: placed on %s, want %s", zoned.DesiredNode, n3.name)
+	}
+	if _, errs, code := c.ctlRun("run", "-address", n1.socket, "-constraint", "zone=mars", "--", "true"); code != 1 || !strings.Contains(errs, "no eligible node") {
+		t.Errorf("unmeetable constraint: exit %d, %q", code, errs)
+	}
+
 	// Logs are served from the node that ran it, whichever node is asked.
 	var echo api.Workload
 	c.ctlJSON(n3, &echo, "run", "-node", n1.name, "--", "sh", "-c", "echo hello from $PCLUSTER_WORKLOAD_ID; echo oops >&2")

@@ -265,6 +265,12 @@ func (c *testCluster) cleanup() {
 			c.tb.Errorf("%s: data race reported in its log:\n%s", nd.name, race)
 		}
 	}
+	if keep := os.Getenv("PCLUSTER_TEST_KEEP_LOGS"); keep != "" && c.tb.Failed() {
+		for _, nd := range c.nodes {
+			b, _ := os.ReadFile(nd.logPath)
+			os.WriteFile(filepath.Join(keep, nd.name+".log"), b, 0o644)
+		}
+	}
 	if c.tb.Failed() {
 		for _, nd := range c.nodes {
 			b, _ := os.ReadFile(nd.logPath)
@@ -379,9 +385,9 @@ func converged(nd *testNode, want int) error {
 // startThree starts a 3-node cluster bootstrapped by gossip and waits for it
 // to converge.
 func startThree(c *testCluster) []*testNode {
-	n1 := c.start(1, "-bootstrap-expect", "3")
-	n2 := c.start(2, "-bootstrap-expect", "3", "-join", n1.bind)
-	n3 := c.start(3, "-bootstrap-expect", "3", "-join", n1.bind)
+	n1 := c.start(1, "-bootstrap-expect", "3", "-label", "zone=z1")
+	n2 := c.start(2, "-bootstrap-expect", "3", "-join", n1.bind, "-label", "zone=z2")
+	n3 := c.start(3, "-bootstrap-expect", "3", "-join", n1.bind, "-label", "zone=z3")
 	nodes := []*testNode{n1, n2, n3}
 	for _, nd := range nodes {
 		c.waitFor(30*time.Second, nd.name+" to converge", func() error { return converged(nd, 3) })

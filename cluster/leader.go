@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sort"
 	"time"
 
@@ -211,17 +212,11 @@ func (s *Server) reconcileNodes(live map[string]memberView) error {
 			}
 			n, ok := st.Nodes[name]
 			if ok && n.Status != scheduler.NodeDown && n.APIAddr == m.meta.APIAddr && n.RaftAddr == m.meta.RaftAddr &&
-				n.GossipAddr == m.node.Address() {
+				n.GossipAddr == m.node.Address() && maps.Equal(n.Labels, m.meta.Labels) {
 				continue
 			}
 			nd := scheduler.Node{Name: name, GossipAddr: m.node.Address(), APIAddr: m.meta.APIAddr,
-				RaftAddr: m.meta.RaftAddr, Load: m.meta.Load, LoadAt: now}
-			if ok {
-				nd.Labels = n.Labels
-			}
-			if name == s.cfg.Name {
-				nd.Labels = s.cfg.Labels
-			}
+				RaftAddr: m.meta.RaftAddr, Labels: m.meta.Labels, Load: m.meta.Load, LoadAt: now}
 			changes = append(changes, change{scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: nd, At: now}})
 		}
 		for name, n := range st.Nodes {

@@ -11,11 +11,12 @@ import (
 // meta is what each node gossips about itself in memberlist's node
 // metadata (at most memberlist.MetaMaxSize bytes).
 type meta struct {
-	APIAddr  string         `msgpack:"a"`
-	RaftAddr string         `msgpack:"r"`
-	Expect   int            `msgpack:"e"` // -bootstrap-expect
-	Booted   bool           `msgpack:"b"` // has raft state: never bootstrap again
-	Load     scheduler.Load `msgpack:"l"`
+	APIAddr  string            `msgpack:"a"`
+	RaftAddr string            `msgpack:"r"`
+	Expect   int               `msgpack:"e"` // -bootstrap-expect
+	Booted   bool              `msgpack:"b"` // has raft state: never bootstrap again
+	Load     scheduler.Load    `msgpack:"l"`
+	Labels   map[string]string `msgpack:"t"` // -label, for placement constraints
 }
 
 func (m meta) encode() ([]byte, error) {

@@ -249,7 +249,7 @@ func (s *Server) setupRaft() error {
 	}
 	s.raft = r
 	s.meta = meta{APIAddr: s.apiLn.Addr().String(), RaftAddr: string(s.trans.LocalAddr()),
-		Expect: s.cfg.BootstrapExpect, Booted: booted}
+		Expect: s.cfg.BootstrapExpect, Booted: booted, Labels: s.cfg.Labels}
 	if !booted && s.cfg.BootstrapExpect == 1 {
 		if err := s.bootstrap([]raft.Server{{ID: rc.LocalID, Address: s.trans.LocalAddr()}}); err != nil {
 			return err
