@@ -1,0 +1,127 @@
+// Package api is pclusterd's HTTP API: the JSON types it speaks and a client
+// for them. It is all pclusterctl imports, so it must never import raft,
+// memberlist or ptrace code (a test in cmd/pclusterctl checks).
+package api
+
+import "time"
+
+// Paths served by pclusterd.
+const (
+	PathMembers   = "/v1/members"
+	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME
+	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
+	PathReport    = "/v1/agent/report" // POST by node agents
+	PathMetrics   = "/metrics"
+)
+
+// Load is a node's compact load vector.
+type Load struct {
+	CPULoad1  float64 `json:"cpu_load1"`
+	NumCPU    int     `json:"num_cpu"`
+	MemUsed   uint64  `json:"mem_used"`
+	MemFree   uint64  `json:"mem_free"`
+	Workloads int     `json:"workloads"`
+}
+
+// Member is a node as gossip and raft see it from the answering node.
+type Member struct {
+	Name     string `json:"name"`
+	Addr     string `json:"addr"` // gossip address
+	APIAddr  string `json:"api_addr"`
+	RaftAddr string `json:"raft_addr"`
+	Status   string `json:"status"` // alive, suspect, dead, left
+	Role     string `json:"role"`   // leader, voter, nonvoter, none
+	Load     Load   `json:"load"`
+}
+
+// Node is a node as the replicated state records it.
+type Node struct {
+	Name       string            `json:"name"`
+	GossipAddr string            `json:"gossip_addr"`
+	RaftAddr   string            `json:"raft_addr"`
+	APIAddr    string            `json:"api_addr"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	Status     string            `json:"status"` // ready, draining, down
+	Eligible   bool              `json:"eligible"`
+	Load       Load              `json:"load"`
+	LoadAt     time.Time         `json:"load_at"`
+	StatusAt   time.Time         `json:"status_at"`
+	Workloads  int               `json:"workloads"` // active workloads placed here
+}
+
+// RunRequest asks for a new workload.
+type RunRequest struct {
+	Name        string            `json:"name,omitempty"`
+	Command     string            `json:"command"`
+	Args        []string          `json:"args,omitempty"`
+	Env         []string          `json:"env,omitempty"`
+	Cwd         string            `json:"cwd,omitempty"`
+	UID         *int              `json:"uid,omitempty"`
+	GID         *int              `json:"gid,omitempty"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	Constraints map[string]string `json:"constraints,omitempty"`
+	VIP         string            `json:"vip,omitempty"`
+	Node        string            `json:"node,omitempty"`
+	Restart     string            `json:"restart,omitempty"` // never, on-failure, always
+	MaxRestarts int               `json:"max_restarts,omitempty"`
+	MemoryMB    uint64            `json:"memory_mb,omitempty"`
+	CPUMilli    int               `json:"cpu_milli,omitempty"`
+}
+
+// Workload is one supervised process.
+type Workload struct {
+	ID          string            `json:"id"`
+	Name        string            `json:"name"`
+	Command     string            `json:"command"`
+	Args        []string          `json:"args,omitempty"`
+	Env         []string          `json:"env,omitempty"`
+	Cwd         string            `json:"cwd,omitempty"`
+	UID         int               `json:"uid"`
+	GID         int               `json:"gid"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	Constraints map[string]string `json:"constraints,omitempty"`
+	VIP         string            `json:"vip,omitempty"`
+	MemoryMB    uint64            `json:"memory_mb,omitempty"`
+	CPUMilli    int               `json:"cpu_milli,omitempty"`
+	Restart     string            `json:"restart"`
+	MaxRestarts int               `json:"max_restarts,omitempty"`
+	Desired     string            `json:"desired"`
+	DesiredNode string            `json:"desired_node"`
+	Node        string            `json:"node"`
+	State       string            `json:"state"`
+	Attempt     int               `json:"attempt"`
+	Restarts    int               `json:"restarts"`
+	PID         int               `json:"pid,omitempty"`
+	ExitCode    int               `json:"exit_code"`
+	Signal      string            `json:"signal,omitempty"`
+	Message     string            `json:"message,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	StartedAt   time.Time         `json:"started_at,omitzero"`
+	EndedAt     time.Time         `json:"ended_at,omitzero"`
+	ModifyIndex uint64            `json:"modify_index"`
+}
+
+// Report kinds sent by node agents.
+const (
+	ReportStarted = "started"
+	ReportExited  = "exited"
+)
+
+// Report is a node agent telling the leader about one of its workloads.
+type Report struct {
+	Kind       string    `json:"kind"`
+	ID         string    `json:"id"`
+	Node       string    `json:"node"`
+	Attempt    int       `json:"attempt"`
+	PID        int       `json:"pid,omitempty"`
+	StartTicks uint64    `json:"start_ticks,omitempty"`
+	ExitCode   int       `json:"exit_code"`
+	Signal     string    `json:"signal,omitempty"`
+	Message    string    `json:"message,omitempty"`
+	At         time.Time `json:"at"`
+}
+
+// ErrorBody is the JSON body of every non-2xx answer.
+type ErrorBody struct {
+	Error string `json:"error"`
+}

@@ -1,0 +1,544 @@
+package cluster
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/scheduler"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// headerForwarded marks a request one node passed to another, so it is never
+// passed on twice.
+const headerForwarded = "X-Pcluster-Forwarded"
+
+// httpError is an error with the status the API answers it with.
+type httpError struct {
+	status int
+	err    error
+}
+
+func (e *httpError) Error() string { return e.err.Error() }
+func (e *httpError) Unwrap() error { return e.err }
+
+func badRequest(format string, args ...any) error {
+	return &httpError{http.StatusBadRequest, fmt.Errorf(format, args...)}
+}
+
+func statusOf(err error) int {
+	var he *httpError
+	switch {
+	case errors.As(err, &he):
+		return he.status
+	case errors.Is(err, scheduler.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, scheduler.ErrExists), errors.Is(err, scheduler.ErrStale), errors.Is(err, scheduler.ErrNoNode):
+		return http.StatusConflict
+	case errors.Is(err, errNotLeader), errors.Is(err, raft.ErrNotLeader):
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(statusOf(err))
+	_ = json.NewEncoder(w).Encode(api.ErrorBody{Error: err.Error()})
+}
+
+func (s *Server) setupAPI() error {
+	if s.cfg.Socket == "" {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(s.cfg.Socket), 0o755); err != nil {
+		return fmt.Errorf("start: socket dir: %w", err)
+	}
+	if c, err := net.Dial("unix", s.cfg.Socket); err == nil {
+		c.Close()
+		return fmt.Errorf("start: socket %s: another pclusterd is listening", s.cfg.Socket)
+	}
+	os.Remove(s.cfg.Socket)
+	ln, err := net.Listen("unix", s.cfg.Socket)
+	if err != nil {
+		return fmt.Errorf("start: socket: %w", err)
+	}
+	if err := os.Chmod(s.cfg.Socket, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("start: socket: %w", err)
+	}
+	s.sockLn = ln
+	return nil
+}
+
+func (s *Server) mux() *http.ServeMux {
+	m := http.NewServeMux()
+	m.HandleFunc("GET "+api.PathMembers, s.handleMembers)
+	m.HandleFunc("GET "+api.PathNodes, s.leaderRead(s.handleNodes))
+	m.HandleFunc("GET "+api.PathNodes+"/{name}", s.handleNode)
+	m.HandleFunc("GET "+api.PathWorkloads, s.leaderRead(s.handleWorkloads))
+	m.HandleFunc("POST "+api.PathWorkloads, s.leaderWrite(s.handleRun))
+	m.HandleFunc("GET "+api.PathWorkloads+"/{id}", s.leaderRead(s.handleWorkload))
+	m.HandleFunc("POST "+api.PathWorkloads+"/{id}/stop", s.leaderWrite(s.handleStop))
+	m.HandleFunc("GET "+api.PathWorkloads+"/{id}/logs", s.handleLogs)
+	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
+	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
+	return m
+}
+
+// metricsHandler refreshes the gauges, then serves them.
+func (s *Server) metricsHandler() http.Handler {
+	h := promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.metrics.update()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// serveAPI starts the HTTP servers; each goroutine ends when its server is
+// shut down.
+func (s *Server) serveAPI() {
+	h := s.mux()
+	serve := func(ln net.Listener, h http.Handler) {
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		s.httpSrvs = append(s.httpSrvs, srv)
+		s.goLoop(func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Warn("api server", "addr", ln.Addr().String(), "err", err)
+			}
+		})
+	}
+	serve(s.apiLn, h)
+	if s.sockLn != nil {
+		serve(s.sockLn, h)
+	}
+	if s.cfg.MetricsAddr != "" {
+		ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+		if err != nil {
+			s.log.Error("metrics listener", "addr", s.cfg.MetricsAddr, "err", err)
+			return
+		}
+		mm := http.NewServeMux()
+		mm.Handle("GET "+api.PathMetrics, s.metricsHandler())
+		serve(ln, mm)
+	}
+}
+
+// leaderAPI returns the leader's API address, from gossip or the state.
+func (s *Server) leaderAPI() (string, error) {
+	_, id := s.raft.LeaderWithID()
+	if id == "" {
+		return "", &httpError{http.StatusServiceUnavailable, errors.New("no cluster leader")}
+	}
+	if m, ok := s.members()[string(id)]; ok && m.ok {
+		return m.meta.APIAddr, nil
+	}
+	var addr string
+	s.fsm.Read(func(st *scheduler.State) {
+		if n, ok := st.Nodes[string(id)]; ok {
+			addr = n.APIAddr
+		}
+	})
+	if addr == "" {
+		return "", &httpError{http.StatusServiceUnavailable, fmt.Errorf("leader %s: API address unknown", id)}
+	}
+	return addr, nil
+}
+
+// proxy passes r to the node whose API is at addr, over mutual TLS.
+func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string) {
+	if r.Header.Get(headerForwarded) != "" {
+		writeErr(w, &httpError{http.StatusServiceUnavailable, errors.New("forwarded request reached a non-leader; retry")})
+		return
+	}
+	target := &url.URL{Scheme: "https", Host: addr}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Header.Set(headerForwarded, s.cfg.Name)
+		},
+		Transport: s.peerHTTP.Transport,
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			writeErr(w, &httpError{http.StatusServiceUnavailable, fmt.Errorf("forward to %s: %w", addr, err)})
+		},
+	}
+	rp.ServeHTTP(w, r)
+}
+
+// leaderRead serves consistent reads: on the leader after confirming it
+// still leads, elsewhere by forwarding to the leader.
+func (s *Server) leaderRead(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("stale") != "" {
+			h(w, r) // the caller asked for this node's replica as it is
+			return
+		}
+		if s.IsLeader() {
+			if err := s.raft.VerifyLeader().Error(); err == nil {
+				h(w, r)
+				return
+			}
+		}
+		addr, err := s.leaderAPI()
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		s.proxy(w, r, addr)
+	}
+}
+
+// leaderWrite runs writes on the leader, forwarding them there if needed.
+func (s *Server) leaderWrite(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.IsLeader() {
+			h(w, r)
+			return
+		}
+		addr, err := s.leaderAPI()
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		s.proxy(w, r, addr)
+	}
+}
+
+func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
+	roles := map[string]string{}
+	if f := s.raft.GetConfiguration(); f.Error() == nil {
+		for _, srv := range f.Configuration().Servers {
+			if srv.Suffrage == raft.Voter {
+				roles[string(srv.ID)] = "voter"
+			} else {
+				roles[string(srv.ID)] = "nonvoter"
+			}
+		}
+	}
+	if l := s.Leader(); l != "" {
+		roles[l] = "leader"
+	}
+	var out []api.Member
+	seen := map[string]bool{}
+	for name, mv := range s.members() {
+		role := roles[name]
+		if role == "" {
+			role = "none"
+		}
+		seen[name] = true
+		out = append(out, api.Member{Name: name, Addr: mv.node.Address(), APIAddr: mv.meta.APIAddr, RaftAddr: mv.meta.RaftAddr,
+			Status: "alive", Role: role, Load: apiLoad(mv.meta.Load)})
+	}
+	// Nodes the state knows that gossip no longer shows.
+	s.fsm.Read(func(st *scheduler.State) {
+		for _, n := range st.SortedNodes() {
+			if seen[n.Name] {
+				continue
+			}
+			role := roles[n.Name]
+			if role == "" {
+				role = "none"
+			}
+			out = append(out, api.Member{Name: n.Name, Addr: n.GossipAddr, APIAddr: n.APIAddr, RaftAddr: n.RaftAddr,
+				Status: "dead", Role: role, Load: apiLoad(n.Load)})
+		}
+	})
+	sortMembers(out)
+	writeJSON(w, out)
+}
+
+func sortMembers(ms []api.Member) {
+	for i := 1; i < len(ms); i++ {
+		for j := i; j > 0 && ms[j].Name < ms[j-1].Name; j-- {
+			ms[j], ms[j-1] = ms[j-1], ms[j]
+		}
+	}
+}
+
+func (s *Server) handleNodes(w http.ResponseWriter, r *http.Request) {
+	var out []api.Node
+	s.fsm.Read(func(st *scheduler.State) {
+		for _, n := range st.SortedNodes() {
+			out = append(out, apiNode(st, n))
+		}
+	})
+	writeJSON(w, out)
+}
+
+func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if name == "self" {
+		// Resolved here: the leader would answer with itself.
+		r.URL.Path = api.PathNodes + "/" + url.PathEscape(s.cfg.Name)
+		r.SetPathValue("name", s.cfg.Name)
+	}
+	s.leaderRead(func(w http.ResponseWriter, r *http.Request) {
+		name := r.PathValue("name")
+		var out api.Node
+		found := false
+		s.fsm.Read(func(st *scheduler.State) {
+			if n, ok := st.Nodes[name]; ok {
+				out, found = apiNode(st, n), true
+			}
+		})
+		if !found {
+			writeErr(w, fmt.Errorf("node %s: %w", name, scheduler.ErrNotFound))
+			return
+		}
+		writeJSON(w, out)
+	})(w, r)
+}
+
+func (s *Server) handleWorkloads(w http.ResponseWriter, r *http.Request) {
+	out := []api.Workload{}
+	s.fsm.Read(func(st *scheduler.State) {
+		for _, wl := range st.SortedWorkloads() {
+			out = append(out, apiWorkload(wl))
+		}
+	})
+	writeJSON(w, out)
+}
+
+func (s *Server) workload(id string) (scheduler.Workload, error) {
+	var wl scheduler.Workload
+	found := false
+	s.fsm.Read(func(st *scheduler.State) {
+		if p, ok := st.Workloads[id]; ok {
+			wl, found = *p, true
+		}
+	})
+	if !found {
+		return wl, fmt.Errorf("workload %s: %w", id, scheduler.ErrNotFound)
+	}
+	return wl, nil
+}
+
+func (s *Server) handleWorkload(w http.ResponseWriter, r *http.Request) {
+	wl, err := s.workload(r.PathValue("id"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, apiWorkload(&wl))
+}
+
+func newID() string {
+	b := make([]byte, 5)
+	_, _ = rand.Read(b)
+	return "w" + hex.EncodeToString(b)
+}
+
+func (s *Server) handleRun(w http.ResponseWriter, r *http.Request) {
+	var req api.RunRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+		writeErr(w, badRequest("run: bad request body: %v", err))
+		return
+	}
+	wl, err := s.newWorkload(req)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	res, err := s.apply(scheduler.CmdWorkloadCreate, &scheduler.WorkloadCreateCmd{Workload: wl})
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	created := res.(scheduler.Workload)
+	s.log.Info("workload created", "workload", created.ID, "placed", created.DesiredNode, "command", created.Command)
+	writeJSON(w, apiWorkload(&created))
+}
+
+// newWorkload validates a run request and places it.
+func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
+	if req.Command == "" {
+		return scheduler.Workload{}, badRequest("run: no command")
+	}
+	if req.VIP != "" && net.ParseIP(req.VIP) == nil {
+		return scheduler.Workload{}, badRequest("run: virtual IP %q is not an IP address", req.VIP)
+	}
+	switch req.Restart {
+	case "":
+		req.Restart = scheduler.RestartNever
+	case scheduler.RestartNever, scheduler.RestartOnFailure, scheduler.RestartAlways:
+	default:
+		return scheduler.Workload{}, badRequest("run: restart policy %q: want never, on-failure or always", req.Restart)
+	}
+	for _, e := range req.Env {
+		if !strings.Contains(e, "=") {
+			return scheduler.Workload{}, badRequest("run: environment entry %q: want KEY=VALUE", e)
+		}
+	}
+	name := req.Name
+	if name == "" {
+		name = filepath.Base(req.Command)
+	}
+	wl := scheduler.Workload{ID: newID(), Name: name, Command: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd,
+		UID: -1, GID: -1, Labels: req.Labels, Constraints: req.Constraints, VIP: req.VIP,
+		Resources: scheduler.Resources{CPUMilli: req.CPUMilli, MemoryMB: req.MemoryMB},
+		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, CreatedAt: time.Now().UnixNano()}
+	if req.UID != nil {
+		wl.UID = *req.UID
+	}
+	if req.GID != nil {
+		wl.GID = *req.GID
+	}
+	var err error
+	s.fsm.Read(func(st *scheduler.State) {
+		wl.DesiredNode, err = scheduler.Place(st, scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
+			Resources: wl.Resources})
+	})
+	if err != nil {
+		return wl, fmt.Errorf("run: %w", err)
+	}
+	return wl, nil
+}
+
+func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
+	res, err := s.apply(scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: r.PathValue("id"), At: time.Now().UnixNano()})
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	wl := res.(scheduler.Workload)
+	writeJSON(w, apiWorkload(&wl))
+}
+
+// handleLogs serves a workload's log from the node that ran it, forwarding
+// the request there when that is another node.
+func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
+	wl, err := s.workload(r.PathValue("id"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	where := wl.Node
+	if where == "" {
+		where = wl.DesiredNode
+	}
+	if where != s.cfg.Name {
+		var addr string
+		s.fsm.Read(func(st *scheduler.State) {
+			if n, ok := st.Nodes[where]; ok {
+				addr = n.APIAddr
+			}
+		})
+		if addr == "" {
+			writeErr(w, &httpError{http.StatusServiceUnavailable, fmt.Errorf("logs %s: node %s unknown", wl.ID, where)})
+			return
+		}
+		s.proxy(w, r, addr)
+		return
+	}
+	stream := r.URL.Query().Get("stream")
+	if stream == "" {
+		stream = "stdout"
+	}
+	p, err := s.agent.LogPath(wl.ID, stream)
+	if err != nil {
+		writeErr(w, &httpError{http.StatusBadRequest, err})
+		return
+	}
+	f, err := os.Open(p)
+	if errors.Is(err, os.ErrNotExist) {
+		w.Header().Set("Content-Type", "text/plain")
+		return // not started yet: empty log
+	}
+	if err != nil {
+		writeErr(w, fmt.Errorf("logs %s: %w", wl.ID, err))
+		return
+	}
+	defer f.Close()
+	w.Header().Set("Content-Type", "text/plain")
+	_, _ = io.Copy(w, f)
+}
+
+func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
+	var rep api.Report
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&rep); err != nil {
+		writeErr(w, badRequest("report: bad request body: %v", err))
+		return
+	}
+	_, err := s.applyReport(rep)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) applyReport(rep api.Report) (any, error) {
+	switch rep.Kind {
+	case api.ReportStarted:
+		return s.apply(scheduler.CmdWorkloadStarted, &scheduler.WorkloadStartedCmd{ID: rep.ID, Node: rep.Node,
+			Attempt: rep.Attempt, PID: rep.PID, StartTicks: rep.StartTicks, At: rep.At.UnixNano()})
+	case api.ReportExited:
+		return s.apply(scheduler.CmdWorkloadExited, &scheduler.WorkloadExitedCmd{ID: rep.ID, Node: rep.Node,
+			Attempt: rep.Attempt, ExitCode: rep.ExitCode, Signal: rep.Signal, Message: rep.Message, At: rep.At.UnixNano()})
+	}
+	return nil, badRequest("report: unknown kind %q", rep.Kind)
+}
+
+// report is the node agent's way to the leader: applied directly when this
+// node leads, otherwise sent to the leader's API.
+func (s *Server) report(ctx context.Context, rep api.Report) error {
+	if s.IsLeader() {
+		_, err := s.applyReport(rep)
+		if err != nil && statusOf(err) < 500 {
+			return &api.Error{Status: statusOf(err), Message: err.Error()}
+		}
+		return err
+	}
+	addr, err := s.leaderAPI()
+	if err != nil {
+		return err
+	}
+	c := api.NewWithHTTP(addr, s.peerHTTP)
+	c.Wait = 0
+	return c.Report(ctx, rep)
+}
+
+func apiLoad(l scheduler.Load) api.Load {
+	return api.Load{CPULoad1: l.CPULoad1, NumCPU: l.NumCPU, MemUsed: l.MemUsed, MemFree: l.MemFree, Workloads: l.Workloads}
+}
+
+func unixTime(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns).UTC()
+}
+
+func apiNode(st *scheduler.State, n *scheduler.Node) api.Node {
+	return api.Node{Name: n.Name, GossipAddr: n.GossipAddr, RaftAddr: n.RaftAddr, APIAddr: n.APIAddr, Labels: n.Labels,
+		Status: string(n.Status), Eligible: n.Eligible, Load: apiLoad(n.Load), LoadAt: unixTime(n.LoadAt),
+		StatusAt: unixTime(n.StatusAt), Workloads: st.ActiveOn(n.Name)}
+}
+
+func apiWorkload(w *scheduler.Workload) api.Workload {
+	return api.Workload{ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
+		GID: w.GID, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
+		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Desired: w.Desired,
+		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
+		PID: w.PID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
+		StartedAt: unixTime(w.StartedAt), EndedAt: unixTime(w.EndedAt), ModifyIndex: w.ModifyIndex}
+}

@@ -1,0 +1,125 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/pcluster/pcluster/cluster/pki"
+)
+
+// BenchmarkFailover3Nodes crashes (SIGKILL) the leader of a 3-node cluster
+// of real pclusterd processes on loopback, with the default (LAN) gossip and
+// raft timings, and reports the time until a survivor reports another
+// leader and until the state records the dead node as down.
+func BenchmarkFailover3Nodes(b *testing.B) {
+	var failover, down time.Duration
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		c := newTestCluster(b)
+		nodes := startThree(c)
+		ms, err := nodes[0].client.Members(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		leader := c.nodes[leaderOf(ms)]
+		var survivor *testNode
+		for _, nd := range nodes {
+			if nd != leader {
+				survivor = nd
+			}
+		}
+		b.StartTimer()
+		killed := time.Now()
+		c.kill(leader)
+		gotLeader := false
+		for {
+			if !gotLeader {
+				if ms, err := survivor.client.Members(context.Background()); err == nil {
+					if l := leaderOf(ms); l != "" && l != leader.name {
+						failover += time.Since(killed)
+						gotLeader = true
+					}
+				}
+			}
+			if gotLeader {
+				if n, err := survivor.client.Node(context.Background(), leader.name); err == nil && n.Status == "down" {
+					down += time.Since(killed)
+					break
+				}
+			}
+			if time.Since(killed) > time.Minute {
+				b.Fatal("no failover within a minute")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		b.StopTimer()
+		c.cleanup()
+	}
+	b.ReportMetric(float64(failover.Milliseconds())/float64(b.N), "ms-new-leader")
+	b.ReportMetric(float64(down.Milliseconds())/float64(b.N), "ms-node-down")
+}
+
+// BenchmarkGossipConvergence50 starts 50 memberlist nodes on loopback with
+// pclusterd's settings (LAN profile, encrypted), joins each to the first,
+// and reports the time from the first join until every node sees all 50.
+func BenchmarkGossipConvergence50(b *testing.B) {
+	const n = 50
+	key, _ := pki.NewKey()
+	var total time.Duration
+	run := time.Now().UnixNano() % 1e6
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		var mls []*memberlist.Memberlist
+		for j := 0; j < n; j++ {
+			mc := memberlist.DefaultLANConfig()
+			mc.Name = fmt.Sprintf("g%d-%d-%02d", run, i, j)
+			mc.BindAddr, mc.BindPort, mc.AdvertisePort = "127.0.0.1", 0, 0
+			mc.SecretKey = key.GossipKey()
+			mc.Logger = log.New(io.Discard, "", 0)
+			ml, err := memberlist.Create(mc)
+			if err != nil {
+				b.Fatal(err)
+			}
+			mls = append(mls, ml)
+		}
+		seed := mls[0].LocalNode().Address()
+		b.StartTimer()
+		start := time.Now()
+		for _, ml := range mls[1:] {
+			if _, err := ml.Join([]string{seed}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		for {
+			all := true
+			for _, ml := range mls {
+				if ml.NumMembers() != n {
+					all = false
+					break
+				}
+			}
+			if all {
+				break
+			}
+			if time.Since(start) > time.Minute {
+				var counts []int
+				for _, ml := range mls {
+					counts = append(counts, ml.NumMembers())
+				}
+				b.Fatalf("no convergence within a minute: members seen %v", counts)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		total += time.Since(start)
+		b.StopTimer()
+		for _, ml := range mls {
+			ml.Shutdown()
+		}
+	}
+	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms-converge")
+}

@@ -1,0 +1,382 @@
+// Package cluster is pclusterd's cluster fabric: memberlist gossip for
+// membership and load, raft for the replicated scheduler state, the leader's
+// membership reconciliation (voters, node status, lost workloads), and the
+// authenticated HTTP API that pclusterctl and peer nodes talk to.
+package cluster
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/node"
+	"github.com/pcluster/pcluster/scheduler"
+)
+
+// Config configures a Server. Zero durations take the defaults noted.
+type Config struct {
+	Name            string            // node name; unique in the cluster
+	BindAddr        string            // gossip host:port (UDP and TCP)
+	RaftAddr        string            // raft host:port; default gossip port + 1
+	APIAddr         string            // TLS API host:port; default gossip port + 2
+	Socket          string            // local API unix socket (0600); "" for none
+	MetricsAddr     string            // plain-HTTP /metrics listener; "" for none
+	DataDir         string            // raft log, snapshots, workload logs
+	Join            []string          // gossip peers to join (and re-join)
+	BootstrapExpect int               // bootstrap raft when this many servers see each other
+	Key             pki.Key           // cluster key
+	Labels          map[string]string // node labels, for placement constraints
+	Logger          *slog.Logger
+
+	LoadInterval   time.Duration // gossip load refresh; 2s
+	RejoinInterval time.Duration // re-join attempts when alone; 5s
+	Reconcile      time.Duration // leader reconciliation period; 1s
+}
+
+// Server is one running pclusterd.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	fsm     *scheduler.FSM
+	raft    *raft.Raft
+	store   *raftboltdb.BoltStore
+	trans   *raft.NetworkTransport
+	ml      *memberlist.Memberlist
+	agent   *node.Agent
+	metrics *metrics
+
+	ca       *pki.Authority
+	peerTLS  *tls.Config
+	peerHTTP *http.Client
+
+	// metaMu guards meta, read by memberlist's delegate.
+	metaMu sync.Mutex
+	meta   meta
+
+	// memMu guards live: copies of the live gossip members, kept by the
+	// event delegate.
+	memMu sync.Mutex
+	live  map[string]memberlist.Node
+
+	gossipAddr string // this node's gossip address, fixed at start
+
+	events   chan struct{} // member change notifications (coalesced)
+	apiLn    net.Listener
+	sockLn   net.Listener
+	httpSrvs []*http.Server
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+func portPlus(hostport string, n int) (string, error) {
+	h, p, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return "", err
+	}
+	pn, err := strconv.Atoi(p)
+	if err != nil {
+		return "", err
+	}
+	return net.JoinHostPort(h, strconv.Itoa(pn+n)), nil
+}
+
+// Start brings a node up: raft (bootstrapping if this is a single-node
+// cluster), gossip, the node agent and the API.
+func Start(cfg Config) (s *Server, err error) {
+	if cfg.Name == "" {
+		h, _ := os.Hostname()
+		cfg.Name = h
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Key == nil {
+		return nil, errors.New("start: no cluster key (-encrypt or -key-file)")
+	}
+	if cfg.LoadInterval == 0 {
+		cfg.LoadInterval = 2 * time.Second
+	}
+	if cfg.RejoinInterval == 0 {
+		cfg.RejoinInterval = 5 * time.Second
+	}
+	if cfg.Reconcile == 0 {
+		cfg.Reconcile = time.Second
+	}
+	if cfg.BindAddr == "" {
+		cfg.BindAddr = "0.0.0.0:7946"
+	}
+	gHost, gPortS, err := net.SplitHostPort(cfg.BindAddr)
+	if err != nil {
+		return nil, fmt.Errorf("start: bind address %q: %w", cfg.BindAddr, err)
+	}
+	gPort, _ := strconv.Atoi(gPortS)
+	if cfg.RaftAddr == "" {
+		if gPort == 0 {
+			cfg.RaftAddr = net.JoinHostPort(gHost, "0")
+		} else if cfg.RaftAddr, err = portPlus(cfg.BindAddr, 1); err != nil {
+			return nil, fmt.Errorf("start: %w", err)
+		}
+	}
+	if cfg.APIAddr == "" {
+		if gPort == 0 {
+			cfg.APIAddr = net.JoinHostPort(gHost, "0")
+		} else if cfg.APIAddr, err = portPlus(cfg.BindAddr, 2); err != nil {
+			return nil, fmt.Errorf("start: %w", err)
+		}
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("start: data dir: %w", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(),
+		events: make(chan struct{}, 1), cancel: cancel, live: map[string]memberlist.Node{}}
+	s.metrics = newMetrics(s)
+	defer func() {
+		if err != nil {
+			s.Shutdown()
+		}
+	}()
+
+	if err := s.setupTLS(); err != nil {
+		return nil, err
+	}
+	if err := s.setupAPI(); err != nil {
+		return nil, err
+	}
+	if err := s.setupRaft(); err != nil {
+		return nil, err
+	}
+	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
+		Report: s.report, Logger: s.log})
+	if err := s.setupGossip(); err != nil {
+		return nil, err
+	}
+	s.goLoop(func() { s.agent.Run(ctx) })
+	s.goLoop(func() { s.gossipLoop(ctx) })
+	s.goLoop(func() { s.leaderLoop(ctx) })
+	s.serveAPI()
+	s.log.Info("pclusterd started", "gossip", s.gossipAddr, "raft", s.trans.LocalAddr(),
+		"api", s.apiLn.Addr().String(), "socket", cfg.Socket, "data_dir", cfg.DataDir)
+	return s, nil
+}
+
+func (s *Server) goLoop(f func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		f()
+	}()
+}
+
+func (s *Server) setupTLS() error {
+	ca, err := s.cfg.Key.CA()
+	if err != nil {
+		return err
+	}
+	var ips []net.IP
+	for _, a := range []string{s.cfg.BindAddr, s.cfg.RaftAddr, s.cfg.APIAddr} {
+		if h, _, err := net.SplitHostPort(a); err == nil {
+			if ip := net.ParseIP(h); ip != nil && !ip.IsUnspecified() {
+				ips = append(ips, ip)
+			}
+		}
+	}
+	cert, err := ca.Issue(s.cfg.Name, ips...)
+	if err != nil {
+		return err
+	}
+	s.ca = ca
+	s.peerTLS = ca.ClientTLS(cert)
+	s.peerHTTP = &http.Client{Transport: &http.Transport{TLSClientConfig: ca.ClientTLS(cert), MaxIdleConnsPerHost: 8,
+		IdleConnTimeout: 30 * time.Second}, Timeout: 30 * time.Second}
+	srvTLS := ca.ServerTLS(cert)
+	ln, err := tls.Listen("tcp", s.cfg.APIAddr, srvTLS)
+	if err != nil {
+		return fmt.Errorf("start: api listen %s: %w", s.cfg.APIAddr, err)
+	}
+	s.apiLn = ln
+	return nil
+}
+
+func (s *Server) setupRaft() error {
+	dir := filepath.Join(s.cfg.DataDir, "raft")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("start: raft dir: %w", err)
+	}
+	srvCert := s.peerTLS.Certificates[0]
+	stream, err := newTLSStream(s.cfg.RaftAddr, s.ca.ServerTLS(srvCert), s.peerTLS)
+	if err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	rlog := newRaftLogger(s.log)
+	s.trans = raft.NewNetworkTransportWithLogger(stream, 3, 10*time.Second, rlog)
+	store, err := raftboltdb.NewBoltStore(filepath.Join(dir, "raft.db"))
+	if err != nil {
+		return fmt.Errorf("start: raft store: %w", err)
+	}
+	s.store = store
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, rlog)
+	if err != nil {
+		return fmt.Errorf("start: raft snapshots: %w", err)
+	}
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(s.cfg.Name)
+	rc.Logger = rlog
+	booted, err := raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		return fmt.Errorf("start: raft state: %w", err)
+	}
+	r, err := raft.NewRaft(rc, s.fsm, store, store, snaps, s.trans)
+	if err != nil {
+		return fmt.Errorf("start: raft: %w", err)
+	}
+	s.raft = r
+	s.meta = meta{APIAddr: s.apiLn.Addr().String(), RaftAddr: string(s.trans.LocalAddr()),
+		Expect: s.cfg.BootstrapExpect, Booted: booted, Labels: s.cfg.Labels}
+	if !booted && s.cfg.BootstrapExpect == 1 {
+		if err := s.bootstrap([]raft.Server{{ID: rc.LocalID, Address: s.trans.LocalAddr()}}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Server) bootstrap(servers []raft.Server) error {
+	s.log.Info("bootstrapping raft", "servers", len(servers))
+	if err := s.raft.BootstrapCluster(raft.Configuration{Servers: servers}).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+		return fmt.Errorf("bootstrap raft: %w", err)
+	}
+	s.metaMu.Lock()
+	s.meta.Booted = true
+	s.metaMu.Unlock()
+	return nil
+}
+
+func (s *Server) setupGossip() error {
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = s.cfg.Name
+	host, port, _ := net.SplitHostPort(s.cfg.BindAddr)
+	mc.BindAddr = host
+	mc.BindPort, _ = strconv.Atoi(port)
+	mc.AdvertisePort = mc.BindPort
+	mc.SecretKey = s.cfg.Key.GossipKey()
+	mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	mc.Delegate = &delegate{s: s}
+	mc.Events = &events{s: s}
+	mc.Logger = newMemberlistLogger(s.log)
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return fmt.Errorf("start: gossip on %s: %w", s.cfg.BindAddr, err)
+	}
+	s.ml = ml
+	s.gossipAddr = ml.LocalNode().Address()
+	if peers := s.seeds(); len(peers) > 0 {
+		if n, err := ml.Join(peers); err != nil {
+			s.log.Warn("join failed; will retry", "peers", peers, "err", err)
+		} else {
+			s.log.Info("joined cluster", "contacted", n)
+		}
+	}
+	return nil
+}
+
+// seeds returns the -join peers plus the members seen before a restart.
+func (s *Server) seeds() []string {
+	peers := append([]string{}, s.cfg.Join...)
+	b, err := os.ReadFile(filepath.Join(s.cfg.DataDir, "peers.json"))
+	if err == nil {
+		var saved []string
+		if json.Unmarshal(b, &saved) == nil {
+			peers = append(peers, saved...)
+		}
+	}
+	seen := map[string]bool{s.gossipAddr: true}
+	out := peers[:0]
+	for _, p := range peers {
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Shutdown stops the node's loops and servers; workloads keep running.
+func (s *Server) Shutdown() {
+	s.once.Do(func() {
+		s.cancel()
+		if s.ml != nil {
+			_ = s.ml.Leave(time.Second)
+		}
+		for _, h := range s.httpSrvs {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_ = h.Shutdown(ctx)
+			cancel()
+		}
+		for _, ln := range []net.Listener{s.apiLn, s.sockLn} {
+			if ln != nil {
+				ln.Close()
+			}
+		}
+		s.wg.Wait()
+		if s.ml != nil {
+			_ = s.ml.Shutdown()
+		}
+		if s.raft != nil {
+			if err := s.raft.Shutdown().Error(); err != nil {
+				s.log.Warn("raft shutdown", "err", err)
+			}
+		}
+		if s.trans != nil {
+			s.trans.Close()
+		}
+		if s.store != nil {
+			s.store.Close()
+		}
+		if s.cfg.Socket != "" && s.sockLn != nil {
+			os.Remove(s.cfg.Socket)
+		}
+		s.log.Info("pclusterd stopped")
+	})
+}
+
+// Name returns the node name.
+func (s *Server) Name() string { return s.cfg.Name }
+
+// IsLeader reports whether this node is the raft leader.
+func (s *Server) IsLeader() bool { return s.raft.State() == raft.Leader }
+
+// Leader returns the leader's node name, or "".
+func (s *Server) Leader() string {
+	_, id := s.raft.LeaderWithID()
+	return string(id)
+}
+
+// FSM returns the node's replica of the state.
+func (s *Server) FSM() *scheduler.FSM { return s.fsm }
+
+// GossipAddr returns the address peers join.
+func (s *Server) GossipAddr() string { return s.gossipAddr }
+
+// APIAddr returns the TLS API address.
+func (s *Server) APIAddr() string { return s.apiLn.Addr().String() }
+
+// NumMembers returns the number of alive gossip members known locally.
+func (s *Server) NumMembers() int { return s.ml.NumMembers() }

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"sort"
+	"strings"
+)
+
+type nodeStatusCmd struct{}
+
+func (*nodeStatusCmd) name() string { return "node status" }
+func (*nodeStatusCmd) synopsis() string {
+	return "node status [NODE]       nodes in the replicated state (one node in detail)"
+}
+func (*nodeStatusCmd) flags(*flag.FlagSet) {}
+
+func (*nodeStatusCmd) run(ctx context.Context, e *env, args []string) error {
+	if len(args) > 1 {
+		return usagef("node status takes at most one node name")
+	}
+	if len(args) == 1 {
+		n, err := e.client.Node(ctx, args[0])
+		if err != nil {
+			return err
+		}
+		if e.json {
+			return printJSON(e.stdout, n)
+		}
+		var labels []string
+		for k, v := range n.Labels {
+			labels = append(labels, k+"="+v)
+		}
+		sort.Strings(labels)
+		fmt.Fprintf(e.stdout, "Name:       %s\nStatus:     %s (since %s)\nEligible:   %v\nGossip:     %s\nRaft:       %s\nAPI:        %s\n",
+			n.Name, n.Status, ago(n.StatusAt), n.Eligible, n.GossipAddr, n.RaftAddr, n.APIAddr)
+		fmt.Fprintf(e.stdout, "Labels:     %s\nLoad:       cpu %.2f/%d, mem used %s free %s (%s)\nWorkloads:  %d\n",
+			dash(strings.Join(labels, ",")), n.Load.CPULoad1, n.Load.NumCPU, bytesHuman(n.Load.MemUsed), bytesHuman(n.Load.MemFree),
+			ago(n.LoadAt), n.Workloads)
+		return nil
+	}
+	ns, err := e.client.Nodes(ctx)
+	if err != nil {
+		return err
+	}
+	if e.json {
+		return printJSON(e.stdout, ns)
+	}
+	var rows [][]string
+	for _, n := range ns {
+		rows = append(rows, []string{n.Name, n.Status, fmt.Sprint(n.Eligible), fmt.Sprint(n.Workloads),
+			fmt.Sprintf("%.2f/%d", n.Load.CPULoad1, n.Load.NumCPU), bytesHuman(n.Load.MemFree), n.APIAddr})
+	}
+	return table(e.stdout, "NAME STATUS ELIGIBLE WORKLOADS LOAD MEM-FREE API", rows)
+}

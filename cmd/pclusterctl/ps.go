@@ -1,0 +1,53 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"strings"
+)
+
+type psCmd struct{ all, stale bool }
+
+func (*psCmd) name() string { return "ps" }
+func (*psCmd) synopsis() string {
+	return "ps [-a]                  list workloads (-a: ended ones too)"
+}
+func (c *psCmd) flags(fs *flag.FlagSet) {
+	fs.BoolVar(&c.all, "a", false, "include ended workloads")
+	fs.BoolVar(&c.stale, "stale", false, "answer from the contacted node's replica, not the leader")
+}
+
+func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
+	if len(args) > 0 {
+		return usagef("ps takes no arguments, got %q", args[0])
+	}
+	e.client.Stale = c.stale
+	ws, err := e.client.Workloads(ctx)
+	if err != nil {
+		return err
+	}
+	if e.json {
+		return printJSON(e.stdout, ws)
+	}
+	var rows [][]string
+	for _, w := range ws {
+		if !c.all && w.State != "pending" && w.State != "running" && w.State != "lost" {
+			continue
+		}
+		node := w.Node
+		if node == "" {
+			node = w.DesiredNode
+		}
+		pid := "-"
+		if w.PID > 0 {
+			pid = fmt.Sprint(w.PID)
+		}
+		cmd := strings.Join(append([]string{w.Command}, w.Args...), " ")
+		if len(cmd) > 40 {
+			cmd = cmd[:37] + "..."
+		}
+		rows = append(rows, []string{w.ID, w.Name, node, w.State, pid, dash(w.VIP), cmd})
+	}
+	return table(e.stdout, "ID NAME NODE STATE PID VIP COMMAND", rows)
+}

@@ -1,0 +1,32 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"strings"
+)
+
+type statusCmd struct{}
+
+func (*statusCmd) name() string        { return "status" }
+func (*statusCmd) synopsis() string    { return "status ID                one workload in detail" }
+func (*statusCmd) flags(*flag.FlagSet) {}
+
+func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
+	if len(args) != 1 {
+		return usagef("status needs exactly one workload ID")
+	}
+	w, err := e.client.Workload(ctx, args[0])
+	if err != nil {
+		return err
+	}
+	if e.json {
+		return printJSON(e.stdout, w)
+	}
+	fmt.Fprintf(e.stdout, "ID:        %s\nName:      %s\nCommand:   %s\nState:     %s (desired %s)\nNode:      %s (placed on %s)\n",
+		w.ID, w.Name, strings.Join(append([]string{w.Command}, w.Args...), " "), w.State, w.Desired, dash(w.Node), w.DesiredNode)
+	fmt.Fprintf(e.stdout, "PID:       %d\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
+		w.PID, w.Attempt, w.Restarts, w.Restart, w.ExitCode, w.Signal, dash(w.VIP), dash(w.Message), ago(w.CreatedAt))
+	return nil
+}

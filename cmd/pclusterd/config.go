@@ -1,0 +1,135 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/pcluster/pcluster/cluster"
+	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/cluster/pki"
+)
+
+// fileConfig is the config file's shape; its keys match the flags.
+type fileConfig struct {
+	Node            string    `json:"node"`
+	Bind            string    `json:"bind"`
+	RaftAddr        string    `json:"raft_addr"`
+	APIAddr         string    `json:"api_addr"`
+	Socket          string    `json:"socket"`
+	DataDir         string    `json:"data_dir"`
+	Join            []string  `json:"join"`
+	BootstrapExpect int       `json:"bootstrap_expect"`
+	Encrypt         string    `json:"encrypt"`
+	KeyFile         string    `json:"key_file"`
+	Labels          labelFlag `json:"labels"`
+	LogLevel        string    `json:"log_level"`
+	MetricsAddr     string    `json:"metrics_addr"`
+}
+
+// mergeFile fills the settings not given as flags from a JSON file.
+func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	var f fileConfig
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	pick := func(flagName string, dst *string, v string) {
+		if !set[flagName] && v != "" {
+			*dst = v
+		}
+	}
+	pick("node", &c.Node, f.Node)
+	pick("bind", &c.Bind, f.Bind)
+	pick("raft-addr", &c.RaftAddr, f.RaftAddr)
+	pick("api-addr", &c.APIAddr, f.APIAddr)
+	pick("socket", &c.Socket, f.Socket)
+	pick("data-dir", &c.DataDir, f.DataDir)
+	pick("encrypt", &c.Encrypt, f.Encrypt)
+	pick("key-file", &c.KeyFile, f.KeyFile)
+	pick("log-level", &c.LogLevel, f.LogLevel)
+	pick("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
+	if !set["join"] && len(f.Join) > 0 {
+		c.Join = f.Join
+	}
+	if !set["bootstrap-expect"] && f.BootstrapExpect != 0 {
+		c.BootstrapExpect = f.BootstrapExpect
+	}
+	for k, v := range f.Labels {
+		if _, ok := c.Labels[k]; !ok {
+			c.Labels[k] = v
+		}
+	}
+	return nil
+}
+
+// resolve checks the settings and turns them into a cluster.Config. The
+// cleanup function removes what -dev created.
+func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
+	cleanup := func() {}
+	var level slog.Level
+	if c.LogLevel != "" {
+		if err := level.UnmarshalText([]byte(c.LogLevel)); err != nil {
+			return cluster.Config{}, cleanup, fmt.Errorf("log level %q: want debug, info, warn or error", c.LogLevel)
+		}
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(logger)
+	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Socket: c.Socket,
+		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
+		Labels: c.Labels, Logger: logger}
+	if cfg.Socket == "" {
+		cfg.Socket = api.DefaultSocket
+	}
+	var err error
+	switch {
+	case c.Encrypt != "" && c.KeyFile != "":
+		return cfg, cleanup, fmt.Errorf("give -encrypt or -key-file, not both")
+	case c.Encrypt != "":
+		cfg.Key, err = pki.ParseKey(c.Encrypt)
+	case c.KeyFile != "":
+		cfg.Key, err = pki.ReadKeyFile(c.KeyFile)
+	}
+	if err != nil {
+		return cfg, cleanup, err
+	}
+	if dev {
+		if cfg.DataDir == "" {
+			dir, err := os.MkdirTemp("", "pclusterd-dev-")
+			if err != nil {
+				return cfg, cleanup, fmt.Errorf("dev data dir: %w", err)
+			}
+			cfg.DataDir = dir
+			cleanup = func() { os.RemoveAll(dir) }
+		}
+		if cfg.Key == nil {
+			if cfg.Key, err = pki.NewKey(); err != nil {
+				return cfg, cleanup, err
+			}
+		}
+		if cfg.BindAddr == "" {
+			cfg.BindAddr = "127.0.0.1:0"
+		}
+		if cfg.BootstrapExpect == 0 {
+			cfg.BootstrapExpect = 1
+		}
+		return cfg, cleanup, nil
+	}
+	if cfg.DataDir == "" {
+		return cfg, cleanup, fmt.Errorf("-data-dir is required (or use -dev)")
+	}
+	if cfg.Key == nil {
+		return cfg, cleanup, fmt.Errorf("no cluster key: give -key-file or -encrypt (make one with: pclusterd keygen)")
+	}
+	if cfg.BootstrapExpect == 0 && len(cfg.Join) == 0 {
+		return cfg, cleanup, fmt.Errorf("give -bootstrap-expect N for a new cluster or -join PEER to join one")
+	}
+	return cfg, cleanup, nil
+}

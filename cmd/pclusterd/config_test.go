@@ -1,0 +1,40 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/pcluster/pcluster/cluster/pki"
+)
+
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	key, _ := pki.NewKey()
+	path := filepath.Join(dir, "pclusterd.json")
+	os.WriteFile(path, []byte(`{"node":"from-file","bind":"127.0.0.1:9000","data_dir":"`+dir+`",
+		"join":["a:1","b:2"],"bootstrap_expect":3,"encrypt":"`+key.String()+`","labels":{"zone":"x","rack":"1"}}`), 0o600)
+	c := fileConfig{Node: "from-flag", Labels: labelFlag{"rack": "2"}}
+	if err := c.mergeFile(path, map[string]bool{"node": true}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, cleanup, err := c.resolve(false)
+	defer cleanup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Name != "from-flag" || cfg.BindAddr != "127.0.0.1:9000" || cfg.BootstrapExpect != 3 ||
+		strings.Join(cfg.Join, ",") != "a:1,b:2" || cfg.Labels["zone"] != "x" || cfg.Labels["rack"] != "2" ||
+		cfg.Key.String() != key.String() {
+		t.Errorf("merged config: got %+v", cfg)
+	}
+
+	os.WriteFile(path, []byte(`{"nodee":"typo"}`), 0o600)
+	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err == nil || !strings.Contains(err.Error(), "nodee") {
+		t.Errorf("unknown key: got %v, want an error naming it", err)
+	}
+	if _, _, err := (&fileConfig{DataDir: dir, BootstrapExpect: 1}).resolve(false); err == nil || !strings.Contains(err.Error(), "key") {
+		t.Errorf("no key: got %v, want an error about the key", err)
+	}
+}

@@ -1,0 +1,142 @@
+// Command pclusterd is the per-host pcluster daemon: gossip membership, the
+// raft-replicated scheduler state, the node agent and the API.
+//
+//	pclusterd -dev
+//	pclusterd -node NAME -bind ADDR -data-dir DIR -key-file F [-join PEER,...] [-bootstrap-expect N]
+//	pclusterd keygen [-out DIR]
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/pcluster/pcluster/cluster"
+	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/cluster/pki"
+)
+
+func main() {
+	err := run(os.Args[1:], os.Stderr)
+	var ue usageError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+	case errors.As(err, &ue):
+		fmt.Fprintln(os.Stderr, "pclusterd:", err)
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "pclusterd:", err)
+		os.Exit(1)
+	}
+}
+
+// usageError is bad input on the command line or in the config file.
+type usageError struct{ error }
+
+// parse parses args into fs, printing the flag list only for -h: a bad
+// flag gets one line, from main.
+func parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.SetOutput(stderr)
+		fmt.Fprintf(stderr, "usage of %s:\n", fs.Name())
+		fs.PrintDefaults()
+		return err
+	}
+	if err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
+	}
+	return nil
+}
+
+// labelFlag collects repeated -label k=v.
+type labelFlag map[string]string
+
+func (l labelFlag) String() string { return "" }
+func (l labelFlag) Set(v string) error {
+	k, val, ok := strings.Cut(v, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("label %q: want KEY=VALUE", v)
+	}
+	l[k] = val
+	return nil
+}
+
+func run(args []string, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "keygen" {
+		return keygen(args[1:], stderr)
+	}
+	fs := flag.NewFlagSet("pclusterd", flag.ContinueOnError)
+	c := fileConfig{Labels: labelFlag{}}
+	configPath := fs.String("config", "", "JSON config `file` (flags override it)")
+	dev := fs.Bool("dev", false, "run a complete single-node cluster with its data in a temporary directory")
+	fs.StringVar(&c.Node, "node", "", "node `name` (default: host name)")
+	fs.StringVar(&c.Bind, "bind", "", "gossip `host:port`; raft uses port+1, the TLS API port+2 (default 0.0.0.0:7946)")
+	fs.StringVar(&c.RaftAddr, "raft-addr", "", "raft `host:port` (default: gossip port + 1)")
+	fs.StringVar(&c.APIAddr, "api-addr", "", "TLS API `host:port` (default: gossip port + 2)")
+	fs.StringVar(&c.Socket, "socket", "", "local API unix `socket` (default "+api.DefaultSocket+")")
+	fs.StringVar(&c.DataDir, "data-dir", "", "`directory` for the raft log, snapshots and workload logs")
+	join := fs.String("join", "", "comma-separated gossip `peers` to join")
+	fs.IntVar(&c.BootstrapExpect, "bootstrap-expect", 0, "bootstrap raft when `N` servers see each other over gossip")
+	fs.StringVar(&c.Encrypt, "encrypt", "", "cluster `key` (base64; see pclusterd keygen)")
+	fs.StringVar(&c.KeyFile, "key-file", "", "`file` holding the cluster key")
+	fs.Var(c.Labels, "label", "node label `key=value` for placement constraints (repeatable)")
+	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if *join != "" {
+		c.Join = strings.Split(*join, ",")
+	}
+	if *configPath != "" {
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		if err := c.mergeFile(*configPath, set); err != nil {
+			return usageError{err}
+		}
+	}
+	cfg, cleanup, err := c.resolve(*dev)
+	if err != nil {
+		return usageError{err}
+	}
+	defer cleanup()
+
+	srv, err := cluster.Start(cfg)
+	if err != nil {
+		return err
+	}
+	if *dev {
+		fmt.Fprintf(stderr, "pclusterd: dev cluster up; data in %s; try: pclusterctl -address %s members\n", cfg.DataDir, cfg.Socket)
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	s := <-sig
+	slog.Info("shutting down", "signal", s.String())
+	srv.Shutdown()
+	return nil
+}
+
+func keygen(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("pclusterd keygen", flag.ContinueOnError)
+	out := fs.String("out", ".", "`directory` to write cluster.key (0600) and ca.pem into")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	keyPath, caPath, err := pki.WriteKeyFiles(*out)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("cluster key: %s\ncluster CA:  %s (derived from the key)\ncopy the key to every node; run pclusterd -key-file %s\n", keyPath, caPath, keyPath)
+	return nil
+}

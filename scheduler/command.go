@@ -1,0 +1,136 @@
+package scheduler
+
+import (
+	"fmt"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// CommandType is the first byte of every raft log entry. The enum is
+// append-only: a value, once released, keeps its meaning forever.
+type CommandType uint8
+
+// Command types. Never renumber; add new ones at the end.
+const (
+	CmdNodeUpsert             CommandType = 1
+	CmdNodeStatus             CommandType = 2
+	CmdNodeLoads              CommandType = 3
+	CmdWorkloadCreate         CommandType = 4
+	CmdWorkloadStarted        CommandType = 5
+	CmdWorkloadExited         CommandType = 6
+	CmdWorkloadStop           CommandType = 7
+	CmdMigrationUpsert        CommandType = 8
+	CmdCheckpointPolicyUpsert CommandType = 9
+	CmdNodeEligibility        CommandType = 10
+)
+
+// SkippableFlag marks a command that an FSM which does not know its type may
+// ignore (Nomad's IgnoreUnknownTypeFlag). Without the flag an unknown type
+// stops the FSM: applying only part of the log would make this node's state
+// differ from its peers'.
+const SkippableFlag CommandType = 0x80
+
+func (t CommandType) String() string {
+	switch t &^ SkippableFlag {
+	case CmdNodeUpsert:
+		return "node-upsert"
+	case CmdNodeStatus:
+		return "node-status"
+	case CmdNodeLoads:
+		return "node-loads"
+	case CmdWorkloadCreate:
+		return "workload-create"
+	case CmdWorkloadStarted:
+		return "workload-started"
+	case CmdWorkloadExited:
+		return "workload-exited"
+	case CmdWorkloadStop:
+		return "workload-stop"
+	case CmdMigrationUpsert:
+		return "migration-upsert"
+	case CmdCheckpointPolicyUpsert:
+		return "checkpoint-policy-upsert"
+	case CmdNodeEligibility:
+		return "node-eligibility"
+	}
+	return fmt.Sprintf("command-%d", uint8(t))
+}
+
+// NodeUpsertCmd registers a node or updates its addresses and labels. A node
+// that was down becomes ready again.
+type NodeUpsertCmd struct {
+	Node Node  `msgpack:"node"`
+	At   int64 `msgpack:"at"`
+}
+
+// NodeStatusCmd changes a node's status. Setting NodeDown marks every active
+// workload on it lost.
+type NodeStatusCmd struct {
+	Name   string     `msgpack:"name"`
+	Status NodeStatus `msgpack:"status"`
+	At     int64      `msgpack:"at"`
+}
+
+// NodeEligibilityCmd sets whether placement may pick the node.
+type NodeEligibilityCmd struct {
+	Name     string `msgpack:"name"`
+	Eligible bool   `msgpack:"eligible"`
+}
+
+// NodeLoadsCmd records the gossiped load of many nodes at once.
+type NodeLoadsCmd struct {
+	Loads map[string]Load `msgpack:"loads"`
+	At    int64           `msgpack:"at"`
+}
+
+// WorkloadCreateCmd adds a workload already placed on DesiredNode.
+type WorkloadCreateCmd struct {
+	Workload Workload `msgpack:"workload"`
+}
+
+// WorkloadStartedCmd is reported by the node that started attempt Attempt.
+type WorkloadStartedCmd struct {
+	ID         string `msgpack:"id"`
+	Node       string `msgpack:"node"`
+	Attempt    int    `msgpack:"attempt"`
+	PID        int    `msgpack:"pid"`
+	StartTicks uint64 `msgpack:"start_ticks"`
+	At         int64  `msgpack:"at"`
+}
+
+// WorkloadExitedCmd is reported by the node whose attempt Attempt ended.
+// ExitCode is -1 when the status is unknown (an adopted process).
+type WorkloadExitedCmd struct {
+	ID       string `msgpack:"id"`
+	Node     string `msgpack:"node"`
+	Attempt  int    `msgpack:"attempt"`
+	ExitCode int    `msgpack:"exit_code"`
+	Signal   string `msgpack:"signal"`
+	Message  string `msgpack:"msg"`
+	At       int64  `msgpack:"at"`
+}
+
+// WorkloadStopCmd asks for a workload to be stopped.
+type WorkloadStopCmd struct {
+	ID string `msgpack:"id"`
+	At int64  `msgpack:"at"`
+}
+
+// MigrationUpsertCmd records a migration step (used by the next issue).
+type MigrationUpsertCmd struct {
+	Migration Migration `msgpack:"migration"`
+}
+
+// CheckpointPolicyUpsertCmd records a checkpoint policy.
+type CheckpointPolicyUpsertCmd struct {
+	Policy CheckpointPolicy `msgpack:"policy"`
+}
+
+// Encode returns the log entry for a command: its type byte, then msgpack.
+func Encode(t CommandType, payload any) ([]byte, error) {
+	b, err := msgpack.Marshal(payload)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s: %w", t, err)
+	}
+	return append([]byte{byte(t)}, b...), nil
+}

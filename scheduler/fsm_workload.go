@@ -1,0 +1,125 @@
+package scheduler
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Errors returned by FSM commands and decisions.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already exists")
+	ErrStale    = errors.New("stale report")
+	ErrNoNode   = errors.New("no eligible node")
+)
+
+func init() {
+	register(CmdWorkloadCreate, applyWorkloadCreate)
+	register(CmdWorkloadStarted, applyWorkloadStarted)
+	register(CmdWorkloadExited, applyWorkloadExited)
+	register(CmdWorkloadStop, applyWorkloadStop)
+}
+
+func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
+	w := c.Workload
+	if w.ID == "" || w.Command == "" {
+		return fmt.Errorf("workload create: id and command are required")
+	}
+	if _, ok := s.Workloads[w.ID]; ok {
+		return fmt.Errorf("workload create %s: %w", w.ID, ErrExists)
+	}
+	if _, ok := s.Nodes[w.DesiredNode]; !ok {
+		return fmt.Errorf("workload create %s: node %q: %w", w.ID, w.DesiredNode, ErrNotFound)
+	}
+	if w.VIP != "" {
+		for _, o := range s.Workloads {
+			if o.VIP == w.VIP && o.State.Active() {
+				return fmt.Errorf("workload create %s: virtual IP %s is used by %s: %w", w.ID, w.VIP, o.ID, ErrExists)
+			}
+		}
+	}
+	if w.Restart.Mode == "" {
+		w.Restart.Mode = RestartNever
+	}
+	w.Desired = DesiredRunning
+	w.State = StatePending
+	w.Attempt = 1
+	w.ModifyIndex = idx
+	s.Workloads[w.ID] = &w
+	return w
+}
+
+func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("workload started %s: %w", c.ID, ErrNotFound)
+	}
+	if c.Attempt != w.Attempt || c.Node != w.DesiredNode {
+		return fmt.Errorf("workload started %s: attempt %d on %s, want attempt %d on %s: %w",
+			c.ID, c.Attempt, c.Node, w.Attempt, w.DesiredNode, ErrStale)
+	}
+	w.State = StateRunning
+	w.Node = c.Node
+	w.PID, w.StartTicks = c.PID, c.StartTicks
+	w.StartedAt = c.At
+	w.Message = ""
+	w.ModifyIndex = idx
+	return *w
+}
+
+func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("workload exited %s: %w", c.ID, ErrNotFound)
+	}
+	if c.Attempt != w.Attempt || c.Node != w.Node {
+		return fmt.Errorf("workload exited %s: attempt %d on %s, want attempt %d on %s: %w",
+			c.ID, c.Attempt, c.Node, w.Attempt, w.Node, ErrStale)
+	}
+	w.ExitCode, w.Signal, w.Message = c.ExitCode, c.Signal, c.Message
+	w.EndedAt = c.At
+	w.PID, w.StartTicks = 0, 0
+	w.ModifyIndex = idx
+	failed := c.ExitCode != 0 || c.Signal != ""
+	switch {
+	case w.Desired == DesiredStopped:
+		w.State = StateStopped
+	case restartDue(w, failed):
+		w.Restarts++
+		w.Attempt++
+		w.State = StatePending
+	case failed:
+		w.State = StateFailed
+	default:
+		w.State = StateExited
+	}
+	return *w
+}
+
+func restartDue(w *Workload, failed bool) bool {
+	if w.Restart.Max > 0 && w.Restarts >= w.Restart.Max {
+		return false
+	}
+	switch w.Restart.Mode {
+	case RestartAlways:
+		return true
+	case RestartOnFailure:
+		return failed
+	}
+	return false
+}
+
+func applyWorkloadStop(s *State, idx uint64, c *WorkloadStopCmd) any {
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("workload stop %s: %w", c.ID, ErrNotFound)
+	}
+	w.Desired = DesiredStopped
+	// Nothing to signal when it never started or its node is gone.
+	if w.State == StatePending || w.State == StateLost {
+		w.State = StateStopped
+		w.EndedAt = c.At
+	}
+	w.ModifyIndex = idx
+	return *w
+}

@@ -1,0 +1,81 @@
+package scheduler
+
+import "fmt"
+
+// PlacementRequest says what a new workload needs from its node.
+type PlacementRequest struct {
+	Node        string            // if set, only this node
+	Constraints map[string]string // node labels that must match exactly
+	Resources   Resources
+}
+
+// Place picks the node for a new workload: among ready, eligible nodes that
+// meet the constraints and the memory hint, the one with the most free
+// capacity. Free capacity is the mean of the idle CPU share (1 − load1/CPUs)
+// and the free memory share from the node's last recorded load, less 0.01
+// per active workload the state assigns to it (so workloads placed since the
+// last load report count). Ties go to the lowest name, so the result depends
+// on the state alone.
+func Place(s *State, req PlacementRequest) (string, error) {
+	if req.Node != "" {
+		n, ok := s.Nodes[req.Node]
+		if !ok {
+			return "", fmt.Errorf("place on %s: %w", req.Node, ErrNotFound)
+		}
+		if why := unfit(n, req); why != "" {
+			return "", fmt.Errorf("place on %s: %s: %w", req.Node, why, ErrNoNode)
+		}
+		return n.Name, nil
+	}
+	active := make(map[string]int, len(s.Nodes))
+	for _, w := range s.Workloads {
+		if w.State.Active() {
+			active[w.DesiredNode]++
+		}
+	}
+	best, bestScore := "", 0.0
+	for _, n := range s.Nodes {
+		if unfit(n, req) != "" {
+			continue
+		}
+		sc := score(n, active[n.Name])
+		if best == "" || sc > bestScore || (sc == bestScore && n.Name < best) {
+			best, bestScore = n.Name, sc
+		}
+	}
+	if best == "" {
+		return "", fmt.Errorf("place among %d nodes: %w", len(s.Nodes), ErrNoNode)
+	}
+	return best, nil
+}
+
+// unfit says why n cannot take the workload, or "" when it can.
+func unfit(n *Node, req PlacementRequest) string {
+	if n.Status != NodeReady {
+		return "node is " + string(n.Status)
+	}
+	if !n.Eligible {
+		return "node is not eligible"
+	}
+	for k, v := range req.Constraints {
+		if got, ok := n.Labels[k]; !ok || got != v {
+			return fmt.Sprintf("label %s=%s not met", k, v)
+		}
+	}
+	if mb := req.Resources.MemoryMB; mb > 0 && n.LoadAt != 0 && n.Load.MemFree < mb<<20 {
+		return fmt.Sprintf("%d MB free, %d MB asked", n.Load.MemFree>>20, mb)
+	}
+	return ""
+}
+
+func score(n *Node, active int) float64 {
+	cpuFree, memFree := 0.5, 0.5 // unknown load: middling
+	if n.LoadAt != 0 {
+		cpus := float64(max(n.Load.NumCPU, 1))
+		cpuFree = 1 - min(max(n.Load.CPULoad1/cpus, 0), 1)
+		if total := n.Load.MemFree + n.Load.MemUsed; total > 0 {
+			memFree = float64(n.Load.MemFree) / float64(total)
+		}
+	}
+	return (cpuFree+memFree)/2 - 0.01*float64(active)
+}

@@ -1,0 +1,197 @@
+// Package scheduler holds the raft-replicated cluster state (nodes, workloads,
+// migrations, checkpoint policies), the FSM that changes it, and the pure
+// decisions taken from it, such as where a new workload runs.
+package scheduler
+
+import "sort"
+
+// NodeStatus is a node's standing in the cluster.
+type NodeStatus string
+
+// Node statuses.
+const (
+	NodeReady    NodeStatus = "ready"
+	NodeDraining NodeStatus = "draining"
+	NodeDown     NodeStatus = "down"
+)
+
+// Load is the compact load vector a node gossips and the leader records.
+type Load struct {
+	CPULoad1  float64 `msgpack:"l1"`
+	NumCPU    int     `msgpack:"cpu"`
+	MemUsed   uint64  `msgpack:"mu"`
+	MemFree   uint64  `msgpack:"mf"`
+	Workloads int     `msgpack:"w"`
+}
+
+// Node is one host running pclusterd.
+type Node struct {
+	Name       string            `msgpack:"name"`
+	GossipAddr string            `msgpack:"gossip"`
+	RaftAddr   string            `msgpack:"raft"`
+	APIAddr    string            `msgpack:"api"`
+	Labels     map[string]string `msgpack:"labels"`
+	Status     NodeStatus        `msgpack:"status"`
+	Eligible   bool              `msgpack:"eligible"`
+	Load       Load              `msgpack:"load"`
+	LoadAt     int64             `msgpack:"load_at"`   // unix nanoseconds
+	StatusAt   int64             `msgpack:"status_at"` // unix nanoseconds
+}
+
+// WorkloadState is where a workload is in its life.
+type WorkloadState string
+
+// Workload states. Lost means the node running it was declared dead: the
+// process may or may not still exist, and deciding what to do is left to an
+// operator or to the rescheduler (a later issue). Lost workloads are never
+// forgotten.
+const (
+	StatePending WorkloadState = "pending" // placed, not yet started by its node
+	StateRunning WorkloadState = "running"
+	StateExited  WorkloadState = "exited" // ended with status 0 and no restart due
+	StateFailed  WorkloadState = "failed" // ended non-zero or by signal, no restart due
+	StateStopped WorkloadState = "stopped"
+	StateLost    WorkloadState = "lost"
+)
+
+// Active reports whether the workload occupies its node.
+func (s WorkloadState) Active() bool {
+	return s == StatePending || s == StateRunning
+}
+
+// Restart modes. Nothing is restarted unless the spec says so.
+const (
+	RestartNever     = "never"
+	RestartOnFailure = "on-failure"
+	RestartAlways    = "always"
+)
+
+// RestartPolicy says whether an ended workload is started again; Max bounds
+// the number of restarts (0 means no bound).
+type RestartPolicy struct {
+	Mode string `msgpack:"mode"`
+	Max  int    `msgpack:"max"`
+}
+
+// Resources is a hint used by placement.
+type Resources struct {
+	CPUMilli int    `msgpack:"cpu"`
+	MemoryMB uint64 `msgpack:"mem"`
+}
+
+// Desired run states.
+const (
+	DesiredRunning = "running"
+	DesiredStopped = "stopped"
+)
+
+// Workload is one supervised process.
+type Workload struct {
+	ID          string            `msgpack:"id"`
+	Name        string            `msgpack:"name"`
+	Command     string            `msgpack:"cmd"`
+	Args        []string          `msgpack:"args"`
+	Env         []string          `msgpack:"env"`
+	Cwd         string            `msgpack:"cwd"`
+	UID         int               `msgpack:"uid"` // -1: the agent's own
+	GID         int               `msgpack:"gid"` // -1: the agent's own
+	Labels      map[string]string `msgpack:"labels"`
+	Constraints map[string]string `msgpack:"constraints"` // node labels required
+	VIP         string            `msgpack:"vip"`
+	Resources   Resources         `msgpack:"res"`
+	Restart     RestartPolicy     `msgpack:"restart"`
+
+	Desired     string        `msgpack:"desired"`
+	DesiredNode string        `msgpack:"desired_node"` // where it should run
+	Node        string        `msgpack:"node"`         // where it runs (or last ran)
+	State       WorkloadState `msgpack:"state"`
+	Attempt     int           `msgpack:"attempt"` // 1 for the first start, +1 per restart
+	Restarts    int           `msgpack:"restarts"`
+	PID         int           `msgpack:"pid"`
+	StartTicks  uint64        `msgpack:"start_ticks"` // /proc/PID/stat starttime, to tell PID reuse
+	ExitCode    int           `msgpack:"exit_code"`
+	Signal      string        `msgpack:"signal"`
+	Message     string        `msgpack:"msg"`
+	CreatedAt   int64         `msgpack:"created_at"`
+	StartedAt   int64         `msgpack:"started_at"`
+	EndedAt     int64         `msgpack:"ended_at"`
+	ModifyIndex uint64        `msgpack:"modify_index"`
+}
+
+// MigrationState is a step of the migration state machine (next issue):
+// planned → transferring → committed → done | aborted.
+type MigrationState string
+
+// Migration records one move of a workload between nodes.
+type Migration struct {
+	ID         string         `msgpack:"id"`
+	WorkloadID string         `msgpack:"workload"`
+	Source     string         `msgpack:"source"`
+	Target     string         `msgpack:"target"`
+	State      MigrationState `msgpack:"state"`
+	Reason     string         `msgpack:"reason"`
+	UpdatedAt  int64          `msgpack:"updated_at"`
+}
+
+// CheckpointPolicy says which workloads are checkpointed how often.
+type CheckpointPolicy struct {
+	Name     string            `msgpack:"name"`
+	Selector map[string]string `msgpack:"selector"`
+	Interval int64             `msgpack:"interval"` // nanoseconds
+	Keep     int               `msgpack:"keep"`
+}
+
+// State is everything the raft log decides.
+type State struct {
+	Nodes              map[string]*Node             `msgpack:"nodes"`
+	Workloads          map[string]*Workload         `msgpack:"workloads"`
+	Migrations         map[string]*Migration        `msgpack:"migrations"`
+	CheckpointPolicies map[string]*CheckpointPolicy `msgpack:"checkpoint_policies"`
+	Index              uint64                       `msgpack:"index"` // last applied raft index
+}
+
+// NewState returns an empty state.
+func NewState() *State {
+	return &State{
+		Nodes:              map[string]*Node{},
+		Workloads:          map[string]*Workload{},
+		Migrations:         map[string]*Migration{},
+		CheckpointPolicies: map[string]*CheckpointPolicy{},
+	}
+}
+
+// SortedNodes returns the nodes ordered by name.
+func (s *State) SortedNodes() []*Node {
+	out := make([]*Node, 0, len(s.Nodes))
+	for _, n := range s.Nodes {
+		out = append(out, n)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// SortedWorkloads returns the workloads ordered by creation, then ID.
+func (s *State) SortedWorkloads() []*Workload {
+	out := make([]*Workload, 0, len(s.Workloads))
+	for _, w := range s.Workloads {
+		out = append(out, w)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].CreatedAt != out[j].CreatedAt {
+			return out[i].CreatedAt < out[j].CreatedAt
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+// ActiveOn counts the active workloads whose desired or actual node is name.
+func (s *State) ActiveOn(name string) int {
+	n := 0
+	for _, w := range s.Workloads {
+		if w.State.Active() && (w.DesiredNode == name || w.Node == name) {
+			n++
+		}
+	}
+	return n
+}
