@@ -103,24 +103,23 @@ func processesOf(exe string) []int {
 	return out
 }
 
-// TestRefuseThreads: a process pfreeze cannot carry yet is refused with
-// one line, and keeps running.
-func TestRefuseThreads(t *testing.T) {
+// TestRefuseTree: a process pfreeze cannot carry yet (one with children)
+// is refused with one line, and keeps running.
+func TestRefuseTree(t *testing.T) {
 	needRoot(t)
-	py := fixture.Python(t)
-	p := fixture.Start(t, py, "-c", "import threading,time,sys\nthreading.Thread(target=time.sleep,args=(60,),daemon=True).start()\nprint('ready',flush=True)\nwhile True:\n  time.sleep(0.05); print('tick',flush=True)")
-	p.Lines.Expect(t, `^ready$`, waitFor)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	p.Lines.Expect(t, `^workers \d+ \d+$`, waitFor)
 	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err == nil {
-		t.Fatal("pfreeze accepted a multi-threaded process")
+		t.Fatal("pfreeze accepted a process with children")
 	}
-	want := fmt.Sprintf("pfreeze: freeze %d: 2 threads (multi-threaded processes are not supported yet)\n", p.Pid())
-	if stderr.String() != want {
-		t.Errorf("stderr %q, want %q", stderr.String(), want)
+	msg := stderr.String()
+	if !strings.HasPrefix(msg, fmt.Sprintf("pfreeze: freeze %d: child processes ", p.Pid())) || strings.Count(msg, "\n") != 1 {
+		t.Errorf("stderr %q, want one line naming the child processes", msg)
 	}
-	p.Lines.Expect(t, `^tick$`, waitFor)
+	p.Lines.Expect(t, `^fork tick \d+ `, waitFor)
 }
 
 // TestDebugDescribesSnapshot: the description pfreeze -debug prints of a
