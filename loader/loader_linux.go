@@ -31,6 +31,10 @@ const pageSize = 4096
 type Options struct {
 	// NewPID restores with a fresh PID even when the saved one is free.
 	NewPID bool
+	// PIDNamespace restores into a new PID namespace, where the process
+	// gets its saved PID whatever this host's PIDs are; the stub stays
+	// behind as the namespace's init (pid 1).
+	PIDNamespace bool
 	// Detach says the restorer will not stay the process's parent: the
 	// parent-death signal, which would fire as soon as it exits, is not set.
 	Detach bool
@@ -56,13 +60,32 @@ type Process struct {
 	// before starting.
 	retryPID bool
 	tids     []int  // threads made by cloneThread, for Abort
+	init     int    // -pidns: the stub, kept as the namespace's init
 	vdso     uint64 // syscall site in the moved vdso
 	built    bool
 	done     bool
 }
 
-// Pid returns the restored process's PID.
+// Pid returns the restored process's PID (in our namespace).
 func (p *Process) Pid() int { return p.pid }
+
+// WaitPid returns our child whose exit status is the restored process's:
+// the process itself, or in -pidns mode the namespace's init, which exits
+// with its status.
+func (p *Process) WaitPid() int {
+	if p.init > 0 {
+		return p.init
+	}
+	return p.pid
+}
+
+// localPid returns the id the process knows thread tid by (tid is ours).
+func (p *Process) localPid(tid int, saved int) int {
+	if p.init > 0 {
+		return saved
+	}
+	return tid
+}
 
 // SavedPid returns the PID the process had when it was frozen.
 func (p *Process) SavedPid() int { return p.proc.Pid }
@@ -272,10 +295,14 @@ func (p *Process) startStub() error {
 		return fmt.Errorf("write stub: %w", err)
 	}
 	return p.tr.Do(func() error {
+		sys := &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps()}
+		if p.opts.PIDNamespace {
+			sys.Cloneflags = syscall.CLONE_NEWPID
+		}
 		pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"pcluster-stub"}, &syscall.ProcAttr{
 			Env:   []string{},
 			Files: []uintptr{0, 1, 2, memfd.Fd()},
-			Sys:   &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps()},
+			Sys:   sys,
 		})
 		if err != nil {
 			return fmt.Errorf("start stub: %w", err)
@@ -298,11 +325,30 @@ func (p *Process) startStub() error {
 		}
 		p.in = in
 		p.mem = ptrace.NewMem(pid)
+		if p.opts.PIDNamespace {
+			return p.forkIntoNamespace()
+		}
 		if !p.opts.NewPID && p.proc.Pid != pid {
 			return p.takePID(false)
 		}
 		return nil
 	})
+}
+
+// forkIntoNamespace makes the stub, init of a new PID namespace, fork a
+// copy of itself with the saved PID there; the copy becomes the process.
+// Runs on the tracer thread.
+func (p *Process) forkIntoNamespace() error {
+	want := p.proc.Pid
+	if want == 1 {
+		return errors.New("cannot restore pid 1 into a new PID namespace: init is the namespace's own")
+	}
+	if err := p.cloneSelf(0, uint64(unix.SIGCHLD), want); err != nil {
+		return fmt.Errorf("fork pid %d in a new PID namespace: %w", want, err)
+	}
+	p.init, p.stub = p.stub, 0
+	p.notice("restored as pid %d in a new PID namespace (pid %d on this host)", want, p.pid)
+	return nil
 }
 
 // takePID moves the process into its saved PID. At the start of a build
@@ -360,27 +406,48 @@ func dying(pid int) bool {
 var errCloneSetup = errors.New("clone3")
 
 // clonePID makes the stub clone3 a copy of itself with the saved PID, as a
-// child of ours (CLONE_PARENT), and continues with the copy.
-// Runs on the tracer thread.
+// child of ours (CLONE_PARENT), and continues with the copy; the first stub
+// is killed. Runs on the tracer thread.
 func (p *Process) clonePID() error {
-	want := p.proc.Pid
+	old := p.stub
+	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
+	if err := p.cloneSelf(unix.CLONE_PARENT, 0, p.proc.Pid); err != nil {
+		return err
+	}
+	unix.Kill(old, unix.SIGKILL)
+	for {
+		if _, err := ptrace.Wait(old); err != nil {
+			break
+		}
+	}
+	p.stub = 0
+	return nil
+}
+
+// cloneSelf injects clone3(flags, exit_signal, set_tid={pid}) into the
+// current process and continues with the child, which ptrace attached for
+// us stopped. Runs on the tracer thread.
+func (p *Process) cloneSelf(flags, exitSignal uint64, pid int) error {
 	scratch := p.base + stubScratchOff
 	// struct clone_args (88 bytes) followed by the set_tid array.
 	args := make([]byte, 96)
 	put := func(off int, v uint64) { putLE64(args[off:], v) }
-	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
-	put(0, unix.CLONE_PARENT) // flags
-	put(64, scratch+88)       // set_tid
-	put(72, 1)                // set_tid_size
-	put(88, uint64(want))     // set_tid[0]
+	put(0, flags)
+	put(32, exitSignal)
+	put(64, scratch+88) // set_tid
+	put(72, 1)          // set_tid_size
+	put(88, uint64(pid))
 	if err := p.mem.Write(scratch, args); err != nil {
 		return fmt.Errorf("%w arguments: %v", errCloneSetup, err)
 	}
-	r, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88)
-	if err != nil {
+	p.in.NewChild = 0
+	if _, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err != nil {
 		return err
 	}
-	child := int(r)
+	child := p.in.NewChild
+	if child <= 0 {
+		return fmt.Errorf("%w: no fork event", errCloneSetup)
+	}
 	st, err := ptrace.Wait(child)
 	if err != nil {
 		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, err)
@@ -388,14 +455,6 @@ func (p *Process) clonePID() error {
 	if !st.Status.Stopped() {
 		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, st)
 	}
-	// The first stub has done its job.
-	unix.Kill(p.stub, unix.SIGKILL)
-	for {
-		if _, err := ptrace.Wait(p.stub); err != nil {
-			break
-		}
-	}
-	p.stub = 0
 	p.pid = child
 	p.mem.Close()
 	p.mem = ptrace.NewMem(child)
@@ -423,7 +482,7 @@ func (p *Process) Abort() {
 		p.mem.Close()
 	}
 	// Threads before their leader: its exit is reported after theirs.
-	for _, pid := range append(p.tids, p.pid, p.stub) {
+	for _, pid := range append(p.tids, p.pid, p.stub, p.init) {
 		if pid <= 0 {
 			continue
 		}

@@ -148,7 +148,7 @@ func (p *Process) finish() error {
 	// process, not during its construction.
 	for _, tk := range tasks {
 		for _, si := range tk.img.Pending {
-			if err := p.queueSignal(borrow, si, tk.in.Tid); err != nil {
+			if err := p.queueSignal(borrow, si, p.localPid(tk.in.Tid, tk.img.Tid)); err != nil {
 				return err
 			}
 		}
@@ -183,6 +183,11 @@ func (p *Process) finish() error {
 			return err
 		}
 	}
+	if p.init > 0 {
+		if err := p.startInit(); err != nil {
+			return err
+		}
+	}
 	var errs []error
 	for _, tk := range tasks {
 		if err := ptrace.Detach(tk.in.Tid, 0); err != nil {
@@ -190,6 +195,24 @@ func (p *Process) finish() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// startInit lets the stub run its init loop (stubInit) for the restored
+// process, whose pid in the namespace is the saved one. Runs on the
+// tracer thread.
+func (p *Process) startInit() error {
+	regs, err := ptrace.GetRegs(p.init)
+	if err != nil {
+		return err
+	}
+	regs.Rip = p.base + stubInitOff
+	regs.R12 = uint64(p.proc.Pid)
+	regs.R13 = p.base + stubScratchOff
+	regs.Orig_rax = ^uint64(0)
+	if err := ptrace.SetRegs(p.init, regs); err != nil {
+		return err
+	}
+	return ptrace.Detach(p.init, 0)
 }
 
 // setRegisters gives a thread its saved registers, XSAVE state and signal
@@ -250,7 +273,10 @@ func (p *Process) cloneThread(t *image.Thread, scratch uintptr) (*task, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create thread %d: %w", t.Tid, err)
 	}
-	tid := int(r)
+	tid := p.in.NewChild // ours; r is the process's own view
+	if tid <= 0 {
+		return nil, fmt.Errorf("create thread %d: no clone event (tid %d)", t.Tid, r)
+	}
 	p.tids = append(p.tids, tid)
 	st, err := ptrace.Wait(tid)
 	if err != nil {
@@ -395,9 +421,9 @@ func (p *Process) queueSignal(scratch uintptr, si image.Siginfo, tid int) error 
 	}
 	var err error
 	if tid > 0 {
-		_, err = p.call(unix.SYS_RT_TGSIGQUEUEINFO, uintptr(p.pid), uintptr(tid), sig, scratch)
+		_, err = p.call(unix.SYS_RT_TGSIGQUEUEINFO, uintptr(p.localPid(p.pid, p.proc.Pid)), uintptr(tid), sig, scratch)
 	} else {
-		_, err = p.call(unix.SYS_RT_SIGQUEUEINFO, uintptr(p.pid), sig, scratch)
+		_, err = p.call(unix.SYS_RT_SIGQUEUEINFO, uintptr(p.localPid(p.pid, p.proc.Pid)), sig, scratch)
 	}
 	if err != nil {
 		return fmt.Errorf("queue signal %d: %w", sig, err)

@@ -24,7 +24,8 @@ const stubEntryOff = stubCodeOff + 3
 
 // stubELF returns the stub executable for load address base.
 func stubELF(base uint64) []byte {
-	b := make([]byte, stubCodeOff+len(stubCode))
+	init := stubInit()
+	b := make([]byte, stubInitOff+len(init))
 	le := binary.LittleEndian
 	// ELF header.
 	copy(b, []byte{0x7f, 'E', 'L', 'F', 2 /*64-bit*/, 1 /*LE*/, 1 /*version*/, 0 /*SysV*/})
@@ -49,5 +50,61 @@ func stubELF(base uint64) []byte {
 	le.PutUint64(ph[40:], stubSize)       // p_memsz
 	le.PutUint64(ph[48:], pageSize)       // p_align
 	copy(b[stubCodeOff:], stubCode)
+	copy(b[stubInitOff:], init)
 	return b
+}
+
+// stubInitOff is where the init loop starts: in -pidns mode the stub
+// stays behind as the namespace's init. It reaps every child and, when the
+// restored process (its pid in r12) ends, exits with its status (128+N
+// for death by signal N). r13 holds the address of a 4-byte status word.
+const stubInitOff = 0xa0
+
+// stubInit assembles the init loop.
+func stubInit() []byte {
+	var code []byte
+	labels := map[string]int{}
+	type fix struct {
+		at    int
+		label string
+	}
+	var fixes []fix
+	emit := func(b ...byte) { code = append(code, b...) }
+	jump := func(op byte, label string) {
+		emit(op, 0)
+		fixes = append(fixes, fix{len(code) - 1, label})
+	}
+	label := func(name string) { labels[name] = len(code) }
+
+	label("loop")
+	emit(0x48, 0xc7, 0xc7, 0xff, 0xff, 0xff, 0xff) // mov rdi, -1
+	emit(0x4c, 0x89, 0xee)                         // mov rsi, r13
+	emit(0x31, 0xd2)                               // xor edx, edx
+	emit(0x45, 0x31, 0xd2)                         // xor r10d, r10d
+	emit(0xb8, 61, 0, 0, 0)                        // mov eax, SYS_wait4
+	emit(0x0f, 0x05)                               // syscall
+	emit(0x48, 0x85, 0xc0)                         // test rax, rax
+	jump(0x78, "fail")                             // js fail
+	emit(0x4c, 0x39, 0xe0)                         // cmp rax, r12
+	jump(0x75, "loop")                             // jne loop
+	emit(0x41, 0x8b, 0x45, 0x00)                   // mov eax, [r13]
+	emit(0x89, 0xc7)                               // mov edi, eax
+	emit(0x83, 0xe7, 0x7f)                         // and edi, 0x7f
+	jump(0x74, "exited")                           // jz exited
+	emit(0x81, 0xc7, 0x80, 0, 0, 0)                // add edi, 128
+	jump(0xeb, "exit")                             // jmp exit
+	label("exited")
+	emit(0xc1, 0xe8, 0x08) // shr eax, 8
+	emit(0x0f, 0xb6, 0xf8) // movzx edi, al
+	jump(0xeb, "exit")     // jmp exit
+	label("fail")
+	emit(0xbf, 1, 0, 0, 0) // mov edi, 1
+	label("exit")
+	emit(0xb8, 231, 0, 0, 0) // mov eax, SYS_exit_group
+	emit(0x0f, 0x05)         // syscall
+	emit(0xeb, 0xfe)         // jmp .
+	for _, f := range fixes {
+		code[f.at] = byte(int8(labels[f.label] - (f.at + 1)))
+	}
+	return code
 }

@@ -25,11 +25,12 @@ func main() {
 	detach := flag.Bool("detach", false, "print the restored PID and leave the process running")
 	debug := flag.Bool("debug", false, "describe the snapshot on stdout instead of restoring it")
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
+	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process has its saved PID even when that PID is taken here")
 	flag.Parse()
 	o := loader.ReceiveOptions{
 		Src: *src, KeyDir: *keydir, ReadTimeout: *readTimeout, CommitTimeout: *commitTimeout,
 		Insecure: *insecure, Warn: os.Stderr, Progress: term.IsTerminal(int(os.Stderr.Fd())),
-		Options: loader.Options{NewPID: *newPID, Detach: *detach, Notice: func(s string) {
+		Options: loader.Options{NewPID: *newPID, PIDNamespace: *pidns, Detach: *detach, Notice: func(s string) {
 			fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
 		}},
 	}
@@ -59,16 +60,17 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 		return 0, err
 	}
 	if o.Detach {
-		fmt.Println(p.Pid())
+		fmt.Println(p.Pid()) // in -pidns mode: its pid on this host
 		return 0, nil
 	}
-	return wait(p.Pid(), sigs)
+	return wait(p.WaitPid(), p.Pid(), sigs)
 }
 
-// wait waits for the restored process, our child, forwarding termination
-// signals (the terminal delivers SIGINT and SIGQUIT to it directly), and
-// returns its exit status the way a shell reports it.
-func wait(pid int, sigs chan os.Signal) (int, error) {
+// wait waits for child (the restored process, or the init of its PID
+// namespace, which exits with its status), forwarding termination signals
+// to the process (the terminal delivers SIGINT and SIGQUIT to it
+// directly), and returns its exit status the way a shell reports it.
+func wait(child, pid int, sigs chan os.Signal) (int, error) {
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
@@ -85,12 +87,12 @@ func wait(pid int, sigs chan os.Signal) (int, error) {
 	}()
 	var ws syscall.WaitStatus
 	for {
-		_, err := syscall.Wait4(pid, &ws, 0, nil)
+		_, err := syscall.Wait4(child, &ws, 0, nil)
 		if errors.Is(err, syscall.EINTR) {
 			continue
 		}
 		if err != nil {
-			return 0, fmt.Errorf("wait for pid %d: %w", pid, err)
+			return 0, fmt.Errorf("wait for pid %d: %w", child, err)
 		}
 		break
 	}

@@ -71,3 +71,42 @@ func TestGoRuntime(t *testing.T) {
 	}
 	_ = time.Second
 }
+
+// TestPIDNamespace is the seed's getpid demo, cloned while the original
+// still holds its PID: restored into a new PID namespace it keeps its PID
+// and prints no PID change (its parent changes, as in the seed).
+func TestPIDNamespace(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "getpid"))
+	pid := atoi(t, p.Lines.Expect(t, `^pid=(\d+) ppid=\d+$`, waitFor)[1])
+	snap := t.TempDir() + "/snap"
+	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap) // a checkpoint: the original keeps its PID
+	th := thaw(t, "-src", snap, "-pidns")
+	th.out.Expect(t, `^PPID changed from \d+ to 1$`, waitFor)
+	line := th.out.Expect(t, `^(no change \d+|PID changed.*)$`, waitFor)[0]
+	if strings.HasPrefix(line, "PID changed") {
+		t.Fatalf("got %q, want no PID change", line)
+	}
+	host := th.restoredPid(t) // pthaw's child is the namespace's init
+	if !strings.Contains(th.stderr.String(), fmt.Sprintf("restored as pid %d in a new PID namespace", pid)) {
+		t.Errorf("pthaw stderr %q does not say which way was taken", th.stderr.String())
+	}
+	// The original is untouched.
+	p.Lines.Expect(t, `^no change \d+$`, waitFor)
+	_ = host
+}
+
+// TestPIDNamespaceExitStatus: the namespace's init passes the restored
+// process's exit status on to pthaw.
+func TestPIDNamespaceExitStatus(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "exitcode"))
+	p.Lines.Expect(t, `^tick 2$`, waitFor)
+	th := migrate(t, p, "-pidns")
+	th.out.Expect(t, `^tick \d+$`, waitFor)
+	fmt.Fprintln(th.stdin, "quit")
+	th.out.Expect(t, `^exit 7$`, waitFor)
+	if code := th.exit(t); code != 7 {
+		t.Fatalf("pthaw exit code %d, want 7", code)
+	}
+}

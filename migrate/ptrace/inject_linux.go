@@ -20,6 +20,9 @@ type Injector struct {
 	// Signals holds signals that arrived while injecting; they were
 	// dequeued by the stop and must be re-queued or recorded by the caller.
 	Signals []unix.Signal
+	// NewChild is the pid, in the tracer's namespace, of the last process
+	// or thread an injected clone made (PTRACE_GETEVENTMSG).
+	NewChild int
 }
 
 // NewInjector saves tid's registers so that Restore can put them back.
@@ -60,10 +63,15 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 		if st.Sig() == unix.SIGTRAP && st.Event() == 0 {
 			break
 		}
-		if st.Event() == 0 {
+		switch st.Event() {
+		case 0:
 			// Another signal stopped the thread first. It has been
 			// dequeued: remember it and keep stepping.
 			in.Signals = append(in.Signals, st.Sig())
+		case unix.PTRACE_EVENT_FORK, unix.PTRACE_EVENT_VFORK, unix.PTRACE_EVENT_CLONE:
+			if msg, err := GetEventMsg(in.Tid); err == nil {
+				in.NewChild = int(msg)
+			}
 		}
 		if err := SingleStep(in.Tid); err != nil {
 			return 0, fmt.Errorf("inject syscall %d: step %d: %w", nr, in.Tid, err)
