@@ -136,3 +136,45 @@ func tmpfsBandwidth(b *testing.B) float64 {
 	}
 	return float64(1<<30) / time.Since(t0).Seconds()
 }
+
+// BenchmarkFreezeThawThreads compares a 16-thread process holding 256 MiB
+// with a single-threaded one holding the same, in the same run (issue 4:
+// within 20%). Each is frozen with -halt to /dev/shm and thawed.
+func BenchmarkFreezeThawThreads(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	const mib = 256
+	run := func(prog string, args ...string) (freeze, thaw float64) {
+		for i := 0; i < b.N; i++ {
+			p := fixture.Start(b, fixture.Build(b, prog), args...)
+			p.Lines.Expect(b, `^ready`, 60*time.Second)
+			snap := filepath.Join("/dev/shm", "pcluster-bench-"+strconv.Itoa(os.Getpid()))
+			t0 := time.Now()
+			if out, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap).CombinedOutput(); err != nil {
+				b.Fatalf("pfreeze %s: %v: %s", prog, err, out)
+			}
+			freeze += time.Since(t0).Seconds()
+			<-p.Exited()
+			th := exec.Command(filepath.Join(binDir, "pthaw"), "-detach", "-src", snap)
+			th.Stdout, _ = os.Create(os.DevNull)
+			t0 = time.Now()
+			if err := th.Run(); err != nil {
+				b.Fatalf("pthaw %s: %v", prog, err)
+			}
+			thaw += time.Since(t0).Seconds()
+			fixture.KillAtCleanup(b, p.Pid())
+			os.Remove(snap)
+		}
+		size := float64(mib<<20) * float64(b.N)
+		return size / freeze / 1e6, size / thaw / 1e6
+	}
+	f1, t1 := run("bigheap", strconv.Itoa(mib), "3")
+	f16, t16 := run("threadheap", "16", strconv.Itoa(mib), "3")
+	b.ReportMetric(f1, "single-freeze-MB/s")
+	b.ReportMetric(t1, "single-thaw-MB/s")
+	b.ReportMetric(f16, "16threads-freeze-MB/s")
+	b.ReportMetric(t16, "16threads-thaw-MB/s")
+	b.ReportMetric(f16/f1, "freeze-16threads/single")
+	b.ReportMetric(t16/t1, "thaw-16threads/single")
+}
