@@ -21,10 +21,7 @@ func TestBadInput(t *testing.T) {
 	bin := fixture.Build(t, "countforever")
 	p := fixture.Start(t, bin, "5")
 	p.Lines.Expect(t, `^3$`, waitFor)
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap)
-	<-p.Exited()
-	good, err := os.ReadFile(snap)
+	good, err := os.ReadFile(haltToFile(t, p))
 	if err != nil {
 		t.Fatal(err)
 	}

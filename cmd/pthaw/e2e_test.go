@@ -193,9 +193,9 @@ func atoi(t *testing.T, s string) int {
 	return n
 }
 
-// migrate freezes p with -halt into a file, waits for it to be gone and
-// thaws the file.
-func migrate(t *testing.T, p *fixture.Proc, thawArgs ...string) *thawed {
+// haltToFile freezes p with -halt into a file, waits for it to be gone and
+// returns the file.
+func haltToFile(t *testing.T, p *fixture.Proc) string {
 	t.Helper()
 	snap := filepath.Join(t.TempDir(), "snap")
 	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap)
@@ -204,7 +204,13 @@ func migrate(t *testing.T, p *fixture.Proc, thawArgs ...string) *thawed {
 	case <-time.After(waitFor):
 		t.Fatalf("pid %d still running after pfreeze -halt", p.Pid())
 	}
-	return thaw(t, append([]string{"-src", snap}, thawArgs...)...)
+	return snap
+}
+
+// migrate moves p through a snapshot file: haltToFile, then pthaw.
+func migrate(t *testing.T, p *fixture.Proc, thawArgs ...string) *thawed {
+	t.Helper()
+	return thaw(t, append([]string{"-src", haltToFile(t, p)}, thawArgs...)...)
 }
 
 func testCountforever(t *testing.T, prog string) {
@@ -484,9 +490,7 @@ func TestRestoreTenTimes(t *testing.T) {
 	p := fixture.Start(t, fixture.Build(t, "countforever"), "5")
 	p.Lines.Expect(t, `^3$`, waitFor)
 	pid := p.Pid()
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(pid), "-halt", "-dest", snap)
-	<-p.Exited()
+	snap := haltToFile(t, p)
 	var first int
 	for i := 0; i < 10; i++ {
 		th := thaw(t, "-src", snap)
@@ -525,9 +529,7 @@ func TestDetach(t *testing.T) {
 	p := fixture.Start(t, fixture.Build(t, "countforever"), "5")
 	p.Lines.Expect(t, `^3$`, waitFor)
 	pid := p.Pid()
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(pid), "-halt", "-dest", snap)
-	<-p.Exited()
+	snap := haltToFile(t, p)
 	// The detached process keeps pthaw's stdout: a file, not a pipe we
 	// would wait on forever.
 	outPath := filepath.Join(t.TempDir(), "out")

@@ -41,30 +41,7 @@ func (m *Mem) procMem() (*os.File, error) {
 
 // Read fills buf from addr.
 func (m *Mem) Read(addr uint64, buf []byte) error {
-	if len(buf) == 0 {
-		return nil
-	}
-	done := 0
-	for done < len(buf) {
-		n, err := unix.ProcessVMReadv(m.Pid,
-			[]unix.Iovec{iovec(buf[done:])},
-			[]unix.RemoteIovec{{Base: uintptr(addr) + uintptr(done), Len: len(buf) - done}}, 0)
-		if err != nil || n == 0 {
-			break
-		}
-		done += n
-	}
-	if done == len(buf) {
-		return nil
-	}
-	f, err := m.procMem()
-	if err != nil {
-		return fmt.Errorf("read %#x: %w", addr+uint64(done), err)
-	}
-	if _, err := f.ReadAt(buf[done:], int64(addr)+int64(done)); err != nil {
-		return fmt.Errorf("read %d bytes at %#x: %w", len(buf)-done, addr+uint64(done), err)
-	}
-	return nil
+	return m.move(addr, buf, unix.ProcessVMReadv, (*os.File).ReadAt, "read")
 }
 
 // ReadV gathers several remote ranges into buf in one system call where
@@ -90,12 +67,22 @@ func (m *Mem) ReadV(buf []byte, ranges []unix.RemoteIovec) error {
 
 // Write copies buf to addr.
 func (m *Mem) Write(addr uint64, buf []byte) error {
+	return m.move(addr, buf, unix.ProcessVMWritev, func(f *os.File, b []byte, off int64) (int, error) {
+		return f.WriteAt(b, off)
+	}, "write")
+}
+
+// move copies between buf and the tracee's memory at addr: through vm
+// (process_vm_readv/writev) as far as it goes, then through /proc/PID/mem.
+func (m *Mem) move(addr uint64, buf []byte,
+	vm func(int, []unix.Iovec, []unix.RemoteIovec, uint) (int, error),
+	file func(*os.File, []byte, int64) (int, error), op string) error {
 	if len(buf) == 0 {
 		return nil
 	}
 	done := 0
 	for done < len(buf) {
-		n, err := unix.ProcessVMWritev(m.Pid,
+		n, err := vm(m.Pid,
 			[]unix.Iovec{iovec(buf[done:])},
 			[]unix.RemoteIovec{{Base: uintptr(addr) + uintptr(done), Len: len(buf) - done}}, 0)
 		if err != nil || n == 0 {
@@ -108,10 +95,10 @@ func (m *Mem) Write(addr uint64, buf []byte) error {
 	}
 	f, err := m.procMem()
 	if err != nil {
-		return fmt.Errorf("write %#x: %w", addr+uint64(done), err)
+		return fmt.Errorf("%s %#x: %w", op, addr+uint64(done), err)
 	}
-	if _, err := f.WriteAt(buf[done:], int64(addr)+int64(done)); err != nil {
-		return fmt.Errorf("write %d bytes at %#x: %w", len(buf)-done, addr+uint64(done), err)
+	if _, err := file(f, buf[done:], int64(addr)+int64(done)); err != nil {
+		return fmt.Errorf("%s %d bytes at %#x: %w", op, len(buf)-done, addr+uint64(done), err)
 	}
 	return nil
 }
