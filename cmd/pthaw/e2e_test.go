@@ -104,7 +104,7 @@ func (s *syncBuf) String() string {
 }
 
 // listening waits for pthaw to say where it listens.
-func (th *thawed) listening(t *testing.T) string {
+func (th *thawed) listening(t testing.TB) string {
 	t.Helper()
 	rx := regexp.MustCompile(`pthaw: listening on (\S+)`)
 	deadline := time.Now().Add(waitFor)
@@ -130,7 +130,7 @@ func thaw(t *testing.T, args ...string) *thawed {
 }
 
 // thawCmd starts cmd, a pthaw (perhaps run through nsenter), as thaw does.
-func thawCmd(t *testing.T, cmd *exec.Cmd) *thawed {
+func thawCmd(t testing.TB, cmd *exec.Cmd) *thawed {
 	t.Helper()
 	inR, inW, err := os.Pipe()
 	if err != nil {
@@ -156,7 +156,7 @@ func (th *thawed) child() int {
 }
 
 // restoredPid waits for pthaw to have a child.
-func (th *thawed) restoredPid(t *testing.T) int {
+func (th *thawed) restoredPid(t testing.TB) int {
 	t.Helper()
 	deadline := time.Now().Add(waitFor)
 	for time.Now().Before(deadline) {
@@ -288,7 +288,7 @@ func thawWithStdin(t *testing.T, th *thawed, stdin *os.File) *thawed {
 
 // startThawCmd starts th.cmd (a pthaw) with stdin as its standard input,
 // following its stdout; t.Cleanup kills the restored process and pthaw.
-func startThawCmd(t *testing.T, th *thawed, stdin *os.File) *thawed {
+func startThawCmd(t testing.TB, th *thawed, stdin *os.File) *thawed {
 	t.Helper()
 	th.done = make(chan struct{})
 	outR, outW, err := os.Pipe()

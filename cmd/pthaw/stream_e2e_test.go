@@ -19,7 +19,7 @@ import (
 )
 
 // keyDir makes a directory holding one 32-byte key, site.key.
-func keyDir(t *testing.T) (dir, keyfile string) {
+func keyDir(t testing.TB) (dir, keyfile string) {
 	t.Helper()
 	dir = t.TempDir()
 	key := make([]byte, 32)
