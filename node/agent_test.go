@@ -172,3 +172,11 @@ func TestSampleLoad(t *testing.T) {
 		t.Errorf("load: got %+v", l)
 	}
 }
+
+func TestRestartDelay(t *testing.T) {
+	for n, want := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 5: 16 * time.Second, 6: 30 * time.Second, 50: 30 * time.Second} {
+		if got := RestartDelay(n); got != want {
+			t.Errorf("RestartDelay(%d): got %v, want %v", n, got, want)
+		}
+	}
+}
