@@ -194,7 +194,9 @@ func (a *Agent) reconcile(ctx context.Context) {
 			p := a.procs[w.ID]
 			switch {
 			case p == nil && w.Node == a.cfg.Name && w.PID > 0 && a.started[w.ID] < w.Attempt &&
-				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost):
+				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost || w.State == scheduler.StateStopped):
+				// Stopped with a PID: stopped while its node was down; the
+				// process may have survived and must still be stopped.
 				orphans = append(orphans, *w)
 			case p == nil && w.Desired == scheduler.DesiredRunning && w.State == scheduler.StatePending &&
 				w.DesiredNode == a.cfg.Name && a.started[w.ID] < w.Attempt:

@@ -147,7 +147,7 @@ func TestAgent(t *testing.T) {
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", w.PID)); err != nil {
 		t.Fatalf("workload died with its agent: %v", err)
 	}
-	b, _ := runAgent(t, l, dir)
+	b, stopB := runAgent(t, l, dir)
 	deadline := time.Now().Add(5 * time.Second)
 	for b.Workloads() != 1 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
@@ -160,6 +160,32 @@ func TestAgent(t *testing.T) {
 	}
 	if w := l.wait(t, "w3", scheduler.StateStopped); w.ExitCode != -1 {
 		t.Errorf("adopted w3: exit %d, want -1 (unknown)", w.ExitCode)
+	}
+
+	// Stopped while its node was down: the next agent still stops it.
+	create("w4", "sleep", "300")
+	w = l.wait(t, "w4", scheduler.StateRunning)
+	pids = append(pids, w.PID)
+	stopB()
+	for _, c := range []struct {
+		t   scheduler.CommandType
+		cmd any
+	}{
+		{scheduler.CmdNodeStatus, &scheduler.NodeStatusCmd{Name: "a", Status: scheduler.NodeDown}},
+		{scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: "w4"}},
+		{scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: "a"}}},
+	} {
+		if err := l.apply(c.t, c.cmd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runAgent(t, l, dir)
+	deadline = time.Now().Add(10 * time.Second)
+	for l.get("w4").PID != 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if w := l.get("w4"); w.PID != 0 || w.State != scheduler.StateStopped {
+		t.Errorf("w4 stopped while its node was down: pid %d state %s, want its process ended", w.PID, w.State)
 	}
 }
 
