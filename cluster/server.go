@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-sockaddr"
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
@@ -33,6 +34,7 @@ type Config struct {
 	BindAddr        string            // gossip host:port (UDP and TCP)
 	RaftAddr        string            // raft host:port; default gossip port + 1
 	APIAddr         string            // TLS API host:port; default gossip port + 2
+	Advertise       string            // IP peers reach this node at; default: the bind IP, or a private IP when binding all
 	Socket          string            // local API unix socket (0600); "" for none
 	MetricsAddr     string            // plain-HTTP /metrics listener; "" for none
 	DataDir         string            // raft log, snapshots, workload logs
@@ -73,6 +75,7 @@ type Server struct {
 	live  map[string]memberlist.Node
 
 	gossipAddr string // this node's gossip address, fixed at start
+	advertise  net.IP // the IP peers reach this node at
 
 	events   chan struct{} // member change notifications (coalesced)
 	apiLn    net.Listener
@@ -143,10 +146,14 @@ func Start(cfg Config) (s *Server, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("start: data dir: %w", err)
 	}
+	adv, err := advertiseIP(cfg.Advertise, gHost)
+	if err != nil {
+		return nil, err
+	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(),
-		events: make(chan struct{}, 1), cancel: cancel, live: map[string]memberlist.Node{}}
+		events: make(chan struct{}, 1), cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
 	s.metrics = newMetrics(s)
 	defer func() {
 		if err != nil {
@@ -173,8 +180,35 @@ func Start(cfg Config) (s *Server, err error) {
 	s.goLoop(func() { s.leaderLoop(ctx) })
 	s.serveAPI()
 	s.log.Info("pclusterd started", "gossip", s.gossipAddr, "raft", s.trans.LocalAddr(),
-		"api", s.apiLn.Addr().String(), "socket", cfg.Socket, "data_dir", cfg.DataDir)
+		"api", s.meta.APIAddr, "socket", cfg.Socket, "data_dir", cfg.DataDir)
 	return s, nil
+}
+
+// advertiseIP picks the address peers use: the -advertise IP, else the
+// bind IP, else (binding all addresses) the host's private IP, as memberlist
+// would pick.
+func advertiseIP(flag, bindHost string) (net.IP, error) {
+	if flag != "" {
+		ip := net.ParseIP(flag)
+		if ip == nil || ip.IsUnspecified() {
+			return nil, fmt.Errorf("start: advertise address %q is not a usable IP", flag)
+		}
+		return ip, nil
+	}
+	if ip := net.ParseIP(bindHost); ip != nil && !ip.IsUnspecified() {
+		return ip, nil
+	}
+	priv, err := sockaddr.GetPrivateIP()
+	if err != nil || priv == "" {
+		return nil, fmt.Errorf("start: binding all addresses and no private IP found to advertise; give -advertise IP")
+	}
+	return net.ParseIP(priv), nil
+}
+
+// advertised returns addr (a listener address) with the advertise IP.
+func (s *Server) advertised(addr net.Addr) string {
+	_, port, _ := net.SplitHostPort(addr.String())
+	return net.JoinHostPort(s.advertise.String(), port)
 }
 
 func (s *Server) goLoop(f func()) {
@@ -190,7 +224,7 @@ func (s *Server) setupTLS() error {
 	if err != nil {
 		return err
 	}
-	var ips []net.IP
+	ips := []net.IP{s.advertise}
 	for _, a := range []string{s.cfg.BindAddr, s.cfg.RaftAddr, s.cfg.APIAddr} {
 		if h, _, err := net.SplitHostPort(a); err == nil {
 			if ip := net.ParseIP(h); ip != nil && !ip.IsUnspecified() {
@@ -225,6 +259,7 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
+	stream.advertise = &net.TCPAddr{IP: s.advertise, Port: stream.Listener.Addr().(*net.TCPAddr).Port}
 	rlog := newRaftLogger(s.log)
 	s.trans = raft.NewNetworkTransportWithLogger(stream, 3, 10*time.Second, rlog)
 	store, err := raftboltdb.NewBoltStore(filepath.Join(dir, "raft.db"))
@@ -248,7 +283,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("start: raft: %w", err)
 	}
 	s.raft = r
-	s.meta = meta{APIAddr: s.apiLn.Addr().String(), RaftAddr: string(s.trans.LocalAddr()),
+	s.meta = meta{APIAddr: s.advertised(s.apiLn.Addr()), RaftAddr: string(s.trans.LocalAddr()),
 		Expect: s.cfg.BootstrapExpect, Booted: booted, Labels: s.cfg.Labels}
 	if !booted && s.cfg.BootstrapExpect == 1 {
 		if err := s.bootstrap([]raft.Server{{ID: rc.LocalID, Address: s.trans.LocalAddr()}}); err != nil {
@@ -275,7 +310,7 @@ func (s *Server) setupGossip() error {
 	host, port, _ := net.SplitHostPort(s.cfg.BindAddr)
 	mc.BindAddr = host
 	mc.BindPort, _ = strconv.Atoi(port)
-	mc.AdvertisePort = mc.BindPort
+	mc.AdvertiseAddr, mc.AdvertisePort = s.advertise.String(), mc.BindPort
 	mc.SecretKey = s.cfg.Key.GossipKey()
 	mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	mc.Delegate = &delegate{s: s}
@@ -376,7 +411,7 @@ func (s *Server) FSM() *scheduler.FSM { return s.fsm }
 func (s *Server) GossipAddr() string { return s.gossipAddr }
 
 // APIAddr returns the TLS API address.
-func (s *Server) APIAddr() string { return s.apiLn.Addr().String() }
+func (s *Server) APIAddr() string { return s.advertised(s.apiLn.Addr()) }
 
 // NumMembers returns the number of alive gossip members known locally.
 func (s *Server) NumMembers() int { return s.ml.NumMembers() }

@@ -12,8 +12,12 @@ import (
 // tlsStream is raft's stream layer over mutual TLS with the cluster CA.
 type tlsStream struct {
 	net.Listener
-	client *tls.Config
+	client    *tls.Config
+	advertise net.Addr // what peers dial; raft records it in its configuration
 }
+
+// Addr is the advertised address: raft refuses an unspecified one (0.0.0.0).
+func (t *tlsStream) Addr() net.Addr { return t.advertise }
 
 func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
 	ln, err := tls.Listen("tcp", addr, server)

@@ -27,6 +27,17 @@ import (
 // DefaultPath is the PATH workloads get unless their env sets one.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+// RestartDelay is how long after the previous attempt ended restart number
+// n (1, 2, ...) starts: 1 s, doubling up to 30 s, so that a crash loop does
+// not flood the raft log.
+func RestartDelay(n int) time.Duration {
+	d := time.Second
+	for i := 1; i < n && d < 30*time.Second; i++ {
+		d *= 2
+	}
+	return min(d, 30*time.Second)
+}
+
 // Config configures an Agent.
 type Config struct {
 	Name    string         // this node's name in the state
@@ -183,10 +194,15 @@ func (a *Agent) reconcile(ctx context.Context) {
 			p := a.procs[w.ID]
 			switch {
 			case p == nil && w.Node == a.cfg.Name && w.PID > 0 && a.started[w.ID] < w.Attempt &&
-				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost):
+				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost || w.State == scheduler.StateStopped):
+				// Stopped with a PID: stopped while its node was down; the
+				// process may have survived and must still be stopped.
 				orphans = append(orphans, *w)
 			case p == nil && w.Desired == scheduler.DesiredRunning && w.State == scheduler.StatePending &&
 				w.DesiredNode == a.cfg.Name && a.started[w.ID] < w.Attempt:
+				if w.Restarts > 0 && now.Before(time.Unix(0, w.EndedAt).Add(RestartDelay(w.Restarts))) {
+					continue // the ticker brings us back
+				}
 				todo = append(todo, *w)
 			case p != nil && w.Desired == scheduler.DesiredStopped && !p.stopping:
 				a.signal(p, syscall.SIGTERM)

@@ -147,7 +147,7 @@ func TestAgent(t *testing.T) {
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", w.PID)); err != nil {
 		t.Fatalf("workload died with its agent: %v", err)
 	}
-	b, _ := runAgent(t, l, dir)
+	b, stopB := runAgent(t, l, dir)
 	deadline := time.Now().Add(5 * time.Second)
 	for b.Workloads() != 1 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
@@ -161,6 +161,32 @@ func TestAgent(t *testing.T) {
 	if w := l.wait(t, "w3", scheduler.StateStopped); w.ExitCode != -1 {
 		t.Errorf("adopted w3: exit %d, want -1 (unknown)", w.ExitCode)
 	}
+
+	// Stopped while its node was down: the next agent still stops it.
+	create("w4", "sleep", "300")
+	w = l.wait(t, "w4", scheduler.StateRunning)
+	pids = append(pids, w.PID)
+	stopB()
+	for _, c := range []struct {
+		t   scheduler.CommandType
+		cmd any
+	}{
+		{scheduler.CmdNodeStatus, &scheduler.NodeStatusCmd{Name: "a", Status: scheduler.NodeDown}},
+		{scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: "w4"}},
+		{scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: "a"}}},
+	} {
+		if err := l.apply(c.t, c.cmd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runAgent(t, l, dir)
+	deadline = time.Now().Add(10 * time.Second)
+	for l.get("w4").PID != 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if w := l.get("w4"); w.PID != 0 || w.State != scheduler.StateStopped {
+		t.Errorf("w4 stopped while its node was down: pid %d state %s, want its process ended", w.PID, w.State)
+	}
 }
 
 func TestSampleLoad(t *testing.T) {
@@ -170,5 +196,13 @@ func TestSampleLoad(t *testing.T) {
 	}
 	if l.NumCPU < 1 || l.MemFree == 0 || l.MemUsed == 0 {
 		t.Errorf("load: got %+v", l)
+	}
+}
+
+func TestRestartDelay(t *testing.T) {
+	for n, want := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 5: 16 * time.Second, 6: 30 * time.Second, 50: 30 * time.Second} {
+		if got := RestartDelay(n); got != want {
+			t.Errorf("RestartDelay(%d): got %v, want %v", n, got, want)
+		}
 	}
 }

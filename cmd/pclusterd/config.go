@@ -18,6 +18,7 @@ type fileConfig struct {
 	Bind            string    `json:"bind"`
 	RaftAddr        string    `json:"raft_addr"`
 	APIAddr         string    `json:"api_addr"`
+	Advertise       string    `json:"advertise"`
 	Socket          string    `json:"socket"`
 	DataDir         string    `json:"data_dir"`
 	Join            []string  `json:"join"`
@@ -50,6 +51,7 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("bind", &c.Bind, f.Bind)
 	pick("raft-addr", &c.RaftAddr, f.RaftAddr)
 	pick("api-addr", &c.APIAddr, f.APIAddr)
+	pick("advertise", &c.Advertise, f.Advertise)
 	pick("socket", &c.Socket, f.Socket)
 	pick("data-dir", &c.DataDir, f.DataDir)
 	pick("encrypt", &c.Encrypt, f.Encrypt)
@@ -82,7 +84,7 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(logger)
-	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Socket: c.Socket,
+	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Advertise: c.Advertise, Socket: c.Socket,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
 		Labels: c.Labels, Logger: logger}
 	if cfg.Socket == "" {

@@ -84,6 +84,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.Bind, "bind", "", "gossip `host:port`; raft uses port+1, the TLS API port+2 (default 0.0.0.0:7946)")
 	fs.StringVar(&c.RaftAddr, "raft-addr", "", "raft `host:port` (default: gossip port + 1)")
 	fs.StringVar(&c.APIAddr, "api-addr", "", "TLS API `host:port` (default: gossip port + 2)")
+	fs.StringVar(&c.Advertise, "advertise", "", "`IP` peers reach this node at (default: the -bind IP, or a private IP when binding 0.0.0.0)")
 	fs.StringVar(&c.Socket, "socket", "", "local API unix `socket` (default "+api.DefaultSocket+")")
 	fs.StringVar(&c.DataDir, "data-dir", "", "`directory` for the raft log, snapshots and workload logs")
 	join := fs.String("join", "", "comma-separated gossip `peers` to join")
