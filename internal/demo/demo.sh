@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The pcluster demo (make demo): the seed's A.1.2 — a counting process is
 # frozen to a snapshot file, halted, and thawed from the file; it carries on
-# counting from where it stopped, with the same PID.
+# counting from where it stopped, with the same PID. Then a single-node
+# cluster (pclusterd -dev) runs a workload through pclusterctl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # The target gets only stdin/stdout/stderr: a pipe some parent leaked to us
@@ -13,7 +14,9 @@ bin=bin
 tmp=$(mktemp -d /tmp/pcluster-demo.XXXXXX)
 pid=""
 thaw=""
+daemon=""
 cleanup() {
+	[ -n "$daemon" ] && kill "$daemon" 2>/dev/null || true
 	[ -n "$thaw" ] && kill "$thaw" 2>/dev/null || true
 	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
 	wait 2>/dev/null || true
@@ -42,4 +45,27 @@ kill "$thaw"
 wait "$thaw" 2>/dev/null || true
 thaw=""
 pid=""
+
+# The cluster's embedded default: a single-node pclusterd -dev, driven by
+# pclusterctl through its local socket.
+sock="$tmp/pclusterd.sock"
+echo "== pclusterd -dev (single-node cluster, data in a temporary directory)"
+"$bin/pclusterd" -dev -socket "$sock" -log-level error &
+daemon=$!
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+ctl() { cmd=$1; shift; "$bin/pclusterctl" "$cmd" -address "$sock" "$@"; }
+for _ in $(seq 100); do ctl members >/dev/null 2>&1 && break; sleep 0.1; done
+echo "== pclusterctl members"
+ctl members
+echo "== pclusterctl run -name counter -- countforever 500"
+id=$(ctl run -json -name counter -- "$tmp/countforever" 500 | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
+sleep 1.5
+echo "== pclusterctl ps"
+ctl ps
+echo "== pclusterctl logs $id"
+ctl logs "$id" | tail -3
+echo "== pclusterctl stop $id"
+ctl stop "$id"
+kill "$daemon"
+wait "$daemon" 2>/dev/null || true
 echo "== done"
