@@ -154,6 +154,17 @@ func (p *Process) build(dec *image.Decoder) error {
 	if err := p.checkFiles(); err != nil {
 		return err
 	}
+	// From here a reader goroutine decodes ahead (memory contents into a
+	// few buffers) while this one builds the process: reading, decrypting
+	// and decompressing overlap with writing the process's memory.
+	items := make(chan item, readAheadBufs)
+	stop := make(chan struct{})
+	defer func() {
+		close(stop)
+		for range items {
+		}
+	}()
+	go readAhead(dec, rec, items, stop)
 	if err := p.startStub(); err != nil {
 		return err
 	}
@@ -161,11 +172,15 @@ func (p *Process) build(dec *image.Decoder) error {
 		return err
 	}
 	// Memory contents, then files, then the end record.
-	buf := make([]byte, 4<<20)
-	for {
-		switch r := rec.(type) {
+	for it := range items {
+		if it.err != nil {
+			return it.err
+		}
+		switch r := it.rec.(type) {
 		case *image.Pages:
-			if err := p.fill(dec, r, buf); err != nil {
+			err := p.fill(r.Addr, it.data)
+			it.free <- it.data[:cap(it.data)]
+			if err != nil {
 				return err
 			}
 		case *image.FD:
@@ -183,11 +198,73 @@ func (p *Process) build(dec *image.Decoder) error {
 			p.built = true
 			return nil
 		default:
-			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
+			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, it.rec)
 		}
-		rec, err = dec.Next()
-		if err != nil {
-			return err
+	}
+	return fmt.Errorf("%w: no end record", image.ErrCorrupt)
+}
+
+const (
+	readAheadBufs = 4
+	readAheadSize = 4 << 20
+)
+
+// item is one decoded record; for *image.Pages, data holds (part of) its
+// contents at the record's Addr, in a buffer to give back on free.
+type item struct {
+	rec  any
+	data []byte
+	free chan []byte
+	err  error
+}
+
+// readAhead decodes records from dec, the first being first, and sends
+// them on items until the end record, an error, or stop. It owns dec.
+func readAhead(dec *image.Decoder, first any, items chan<- item, stop <-chan struct{}) {
+	defer close(items)
+	free := make(chan []byte, readAheadBufs)
+	for i := 0; i < readAheadBufs; i++ {
+		free <- make([]byte, readAheadSize)
+	}
+	send := func(it item) bool {
+		select {
+		case items <- it:
+			return true
+		case <-stop:
+			return false
+		}
+	}
+	rec := first
+	for {
+		if pg, ok := rec.(*image.Pages); ok {
+			for addr, left := pg.Addr, pg.Len; left > 0; {
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-stop:
+					return
+				}
+				n := min(uint64(len(buf)), left)
+				if err := readAll(dec, buf[:n]); err != nil {
+					send(item{err: err})
+					return
+				}
+				if !send(item{rec: &image.Pages{Addr: addr, Len: n}, data: buf[:n], free: free}) {
+					return
+				}
+				addr += n
+				left -= n
+			}
+		} else if !send(item{rec: rec}) {
+			return
+		}
+		if _, ok := rec.(*image.End); ok {
+			return
+		}
+		var err error
+		if rec, err = dec.Next(); err != nil {
+			send(item{err: err})
+			return
 		}
 	}
 }

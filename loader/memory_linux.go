@@ -213,27 +213,19 @@ func (p *Process) moveKernelAreas(cur []procfs.Mapping) error {
 	return nil
 }
 
-// fill writes one run of saved pages into the process.
-func (p *Process) fill(dec *image.Decoder, r *image.Pages, buf []byte) error {
-	i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > r.Addr })
-	if i == len(p.vmas) || r.Addr < p.vmas[i].Start || r.Addr+r.Len > p.vmas[i].End || r.Addr+r.Len < r.Addr {
-		return fmt.Errorf("%w: pages %#x+%#x outside every memory area", image.ErrCorrupt, r.Addr, r.Len)
+// fill writes saved page contents at addr into the process.
+func (p *Process) fill(addr uint64, data []byte) error {
+	n := uint64(len(data))
+	i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
+	if i == len(p.vmas) || addr < p.vmas[i].Start || addr+n > p.vmas[i].End || addr+n < addr {
+		return fmt.Errorf("%w: pages %#x+%#x outside every memory area", image.ErrCorrupt, addr, n)
 	}
 	v := p.vmas[i]
 	if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
 		return fmt.Errorf("%w: pages for %s", image.ErrCorrupt, vmaName(v))
 	}
-	addr := r.Addr
-	for left := r.Len; left > 0; {
-		n := min(uint64(len(buf)), left)
-		if err := readAll(dec, buf[:n]); err != nil {
-			return err
-		}
-		if err := p.mem.Write(addr, buf[:n]); err != nil {
-			return fmt.Errorf("%s: %w", vmaName(v), err)
-		}
-		addr += n
-		left -= n
+	if err := p.mem.Write(addr, data); err != nil {
+		return fmt.Errorf("%s: %w", vmaName(v), err)
 	}
 	return nil
 }
