@@ -306,3 +306,26 @@ func TestHaltFaults(t *testing.T) {
 		intact(t, p, hash)
 	})
 }
+
+// TestLoopbackOtherUser: a plaintext loopback listener refuses a sender
+// running as another user (any local user can reach loopback).
+func TestLoopbackOtherUser(t *testing.T) {
+	needRoot(t)
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		t.Skip("setpriv (util-linux) not installed")
+	}
+	th := thaw(t, "-src", "tcp:127.0.0.1:0")
+	host, port, _ := net.SplitHostPort(th.listening(t))
+	// bash's /dev/tcp: a sender as uid 1000 with nothing else to install.
+	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%s; echo PCLUSTER >&3; sleep 1", host, port)
+	if out, err := exec.Command(setpriv, "--reuid", "1000", "--regid", "1000", "--clear-groups", "/bin/bash", "-c", script).CombinedOutput(); err != nil {
+		t.Logf("sender: %v: %s", err, out)
+	}
+	if code := th.exit(t); code == 0 {
+		t.Fatal("pthaw accepted a stream from uid 1000")
+	}
+	if msg := th.stderr.String(); !strings.Contains(msg, "runs as uid 1000") {
+		t.Errorf("pthaw stderr %q, want it to name the sender's uid", msg)
+	}
+}

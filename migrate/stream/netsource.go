@@ -23,6 +23,9 @@ type netSource struct {
 	rt    time.Duration
 	ln    net.Listener
 	needK bool // plaintext refused (non-loopback listener with -insecure unset)
+	// sameUser: a loopback listener that may receive plaintext accepts
+	// only a sender running as our own user.
+	sameUser bool
 
 	mu   sync.Mutex // guards conn and done against Close from another goroutine
 	conn *deadlineConn
@@ -87,6 +90,7 @@ func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, err
 		return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
 	}
 	s.ln = ln
+	s.sameUser = isLoopback(host) && !opt.HaveKeys && !opt.Insecure
 	return s, nil
 }
 
@@ -153,6 +157,15 @@ func (s *netSource) accept() error {
 	}
 	s.conn = &deadlineConn{Conn: c, rt: s.rt}
 	s.mu.Unlock()
+	if s.sameUser {
+		uid, err := tcpPeerUID(c)
+		if err != nil {
+			return fmt.Errorf("stream: %s: sender %s: %w", s.spec, c.RemoteAddr(), err)
+		}
+		if uid != os.Geteuid() {
+			return fmt.Errorf("stream: %s: sender %s runs as uid %d, not ours (%d): a listener without -keydir accepts only its own user", s.spec, c.RemoteAddr(), uid, os.Geteuid())
+		}
+	}
 	s.br = bufio.NewReaderSize(s.conn, 256<<10)
 	s.peer = make([]byte, hsNonceSize)
 	if _, err := rand.Read(s.peer); err != nil {
