@@ -133,10 +133,11 @@ func TestPartitionHeals(t *testing.T) {
 	})
 	// memberlist keeps gossiping to dead nodes for GossipToTheDeadTime (30 s
 	// in the LAN profile) after marking them dead, which heals short
-	// partitions by itself. Hold the cut longer than that, so that only
-	// pclusterd's own re-join can bring the node back.
+	// partitions by itself. Hold the cut well past that (32 s was seen to be
+	// too short: memberlist can re-suspect a dead node, which restarts its
+	// window), so that only pclusterd's own re-join can bring it back.
 	phase("alone")
-	time.Sleep(32 * time.Second)
+	time.Sleep(45 * time.Second)
 	healed := time.Now()
 	lab.cut(3, false)
 	phase("link up")
