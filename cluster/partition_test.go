@@ -100,7 +100,10 @@ func TestPartitionHeals(t *testing.T) {
 		c.waitFor(30*time.Second, nd.name+" to converge", func() error { return converged(nd, 3) })
 	}
 	isolated := nodes[2]
+	start := time.Now()
+	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(start).Seconds(), what) }
 	lab.cut(3, true)
+	phase("link cut")
 	c.waitFor(30*time.Second, isolated.name+" down in the majority's state", func() error {
 		n, err := nodes[0].client.Node(context.Background(), isolated.name)
 		if err != nil {
@@ -111,6 +114,7 @@ func TestPartitionHeals(t *testing.T) {
 		}
 		return nil
 	})
+	phase("down in the majority's state")
 	c.waitFor(30*time.Second, isolated.name+" to see itself alone", func() error {
 		ms, err := isolated.client.Members(context.Background())
 		if err != nil {
@@ -129,15 +133,19 @@ func TestPartitionHeals(t *testing.T) {
 	})
 	// memberlist keeps gossiping to dead nodes for GossipToTheDeadTime (30 s
 	// in the LAN profile) after marking them dead, which heals short
-	// partitions by itself. Hold the cut longer than that, so that only
-	// pclusterd's own re-join can bring the node back.
-	time.Sleep(32 * time.Second)
+	// partitions by itself. Hold the cut well past that (32 s was seen to be
+	// too short: memberlist can re-suspect a dead node, which restarts its
+	// window), so that only pclusterd's own re-join can bring it back.
+	phase("alone")
+	time.Sleep(45 * time.Second)
 	healed := time.Now()
 	lab.cut(3, false)
+	phase("link up")
 	for _, nd := range nodes {
 		c.waitFor(45*time.Second, nd.name+" to see all three again", func() error { return converged(nd, 3) })
 	}
-	c.waitFor(15*time.Second, isolated.name+" ready again", func() error {
+	phase("converged")
+	c.waitFor(30*time.Second, isolated.name+" ready again", func() error {
 		n, err := nodes[0].client.Node(context.Background(), isolated.name)
 		if err != nil {
 			return err

@@ -238,8 +238,16 @@ func (s *Server) setupTLS() error {
 	}
 	s.ca = ca
 	s.peerTLS = ca.ClientTLS(cert)
-	s.peerHTTP = &http.Client{Transport: &http.Transport{TLSClientConfig: ca.ClientTLS(cert), MaxIdleConnsPerHost: 8,
-		IdleConnTimeout: 30 * time.Second}, Timeout: 30 * time.Second}
+	// Bounded dials: a request forwarded to a leader that just vanished
+	// must fail fast (and be retried) rather than wait out TCP's retries.
+	s.peerHTTP = &http.Client{Transport: &http.Transport{
+		TLSClientConfig:       ca.ClientTLS(cert),
+		DialContext:           (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   5 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+		MaxIdleConnsPerHost:   8,
+		IdleConnTimeout:       30 * time.Second,
+	}, Timeout: 30 * time.Second}
 	srvTLS := ca.ServerTLS(cert)
 	ln, err := tls.Listen("tcp", s.cfg.APIAddr, srvTLS)
 	if err != nil {

@@ -114,7 +114,8 @@ func New(address string, key pki.Key) (*Client, error) {
 // NewTLS returns a client for hostport over TLS with cfg, for daemons that
 // already hold a certificate.
 func NewTLS(hostport string, cfg *tls.Config) *Client {
-	tr := &http.Transport{TLSClientConfig: cfg.Clone(), MaxIdleConnsPerHost: 4, IdleConnTimeout: 30 * time.Second}
+	tr := &http.Transport{TLSClientConfig: cfg.Clone(), MaxIdleConnsPerHost: 4, IdleConnTimeout: 30 * time.Second,
+		DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext, TLSHandshakeTimeout: 10 * time.Second}
 	return &Client{base: "https://" + hostport, where: hostport, hc: &http.Client{Transport: tr}, Wait: 10 * time.Second}
 }
 
