@@ -32,6 +32,9 @@ func (p *Process) setCreds(tk *task, scratch uintptr) error {
 			}
 		}
 	}
+	if len(c.Groups) > maxGroups {
+		return fmt.Errorf("%d supplementary groups, more than NGROUPS_MAX", len(c.Groups))
+	}
 	if !sameGroups(st["Groups"], c.Groups) {
 		b := make([]byte, 4*len(c.Groups))
 		for i, g := range c.Groups {

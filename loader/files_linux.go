@@ -36,14 +36,7 @@ func (p *Process) openFiles() error {
 				}
 			}
 		}
-		// Epoll registrations once every fd they watch is in place.
-		for _, f := range p.fds {
-			if f.Kind == image.FDEpoll && f.Desc == f.Fd {
-				if err := p.watch(f, want); err != nil {
-					return err
-				}
-			}
-		}
+
 		for _, f := range p.fds {
 			if f.Kind != image.FDInherit && f.Desc != f.Fd {
 				if !want[f.Desc] {
@@ -59,6 +52,15 @@ func (p *Process) openFiles() error {
 			}
 			if _, err := p.call(unix.SYS_FCNTL, uintptr(f.Fd), unix.F_SETFD, fdflags); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+		// Epoll registrations once every fd they watch is in place,
+		// dup'ed ones included.
+		for _, f := range p.fds {
+			if f.Kind == image.FDEpoll && f.Desc == f.Fd {
+				if err := p.watch(f, want); err != nil {
+					return err
+				}
 			}
 		}
 		// Close everything else (the stub's memfd, our stdio the process
@@ -91,8 +93,23 @@ func (p *Process) openFile(f *image.FD) error {
 		if f.Semaphore {
 			flags |= unix.EFD_SEMAPHORE
 		}
-		if tmp, err = p.call(unix.SYS_EVENTFD2, uintptr(f.EventCount), flags|unix.EFD_CLOEXEC); err != nil {
+		if tmp, err = p.call(unix.SYS_EVENTFD2, 0, flags|unix.EFD_CLOEXEC); err != nil {
 			return fmt.Errorf("fd %d: eventfd: %w", f.Fd, err)
+		}
+		// The counter is 64 bits; eventfd2's initial value only 32.
+		if f.EventCount > 0 {
+			if f.EventCount == ^uint64(0) {
+				return fmt.Errorf("%w: fd %d: eventfd counter %#x", image.ErrCorrupt, f.Fd, f.EventCount)
+			}
+			scratch := p.base + stubScratchOff
+			b := make([]byte, 8)
+			binary.LittleEndian.PutUint64(b, f.EventCount)
+			if err := p.mem.Write(scratch, b); err != nil {
+				return err
+			}
+			if _, err := p.call(unix.SYS_WRITE, tmp, uintptr(scratch), 8); err != nil {
+				return fmt.Errorf("fd %d: eventfd counter %d: %w", f.Fd, f.EventCount, err)
+			}
 		}
 		return p.moveFd(f, tmp)
 	case image.FDEpoll:

@@ -108,9 +108,8 @@ func (p *Process) notice(format string, args ...any) {
 	}
 }
 
-func (p *Process) build(dec *image.Decoder) error {
+func (p *Process) build(dec *image.Decoder) (err error) {
 	var rec any
-	var err error
 	// Metadata first: process, thread, memory areas.
 	for {
 		rec, err = dec.Next()
@@ -125,7 +124,7 @@ func (p *Process) build(dec *image.Decoder) error {
 			p.proc = r
 			continue
 		case *image.Thread:
-			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads {
+			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads || p.proc.Threads > maxThreads {
 				return fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
 			}
 			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
@@ -151,6 +150,9 @@ func (p *Process) build(dec *image.Decoder) error {
 	if p.proc == nil || len(p.threads) == 0 || len(p.threads) != p.proc.Threads {
 		return fmt.Errorf("%w: missing process or thread records", image.ErrCorrupt)
 	}
+	if err := checkProcess(p.proc, p.threads); err != nil {
+		return err
+	}
 	if err := p.checkFiles(); err != nil {
 		return err
 	}
@@ -161,6 +163,9 @@ func (p *Process) build(dec *image.Decoder) error {
 	stop := make(chan struct{})
 	defer func() {
 		close(stop)
+		if err != nil {
+			p.Abort() // before waiting for a reader that may be stuck on input
+		}
 		for range items {
 		}
 	}()
@@ -269,7 +274,35 @@ func readAhead(dec *image.Decoder, first any, items chan<- item, stop <-chan str
 	}
 }
 
+// Bounds on what a snapshot may ask for: a snapshot can come from anyone
+// who can reach a listener, so nothing it says sizes work unchecked.
+const (
+	maxThreads = 1 << 16
+	maxVMAs    = 1 << 20 // vm.max_map_count is 65530 by default
+	maxPending = 1 << 12 // per queue; RLIMIT_SIGPENDING is in this range
+	maxAuxv    = 512     // words
+)
+
+func checkProcess(pr *image.Process, threads []*image.Thread) error {
+	switch {
+	case pr.Pid <= 0:
+		return fmt.Errorf("%w: pid %d", image.ErrCorrupt, pr.Pid)
+	case len(pr.Rlimits) > 16, len(pr.Sigacts) > 64, len(pr.Itimers) > 3, len(pr.Auxv) > maxAuxv,
+		len(pr.Pending) > maxPending, len(pr.Creds.Groups) > maxGroups:
+		return fmt.Errorf("%w: process record out of bounds", image.ErrCorrupt)
+	}
+	for _, t := range threads {
+		if len(t.Pending) > maxPending || len(t.XState) > 1<<16 {
+			return fmt.Errorf("%w: thread %d record out of bounds", image.ErrCorrupt, t.Tid)
+		}
+	}
+	return nil
+}
+
 func checkVMA(v *image.VMA, prev []*image.VMA) error {
+	if len(prev) >= maxVMAs {
+		return fmt.Errorf("%w: more than %d memory areas", image.ErrCorrupt, maxVMAs)
+	}
 	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > 1<<47 {
 		return fmt.Errorf("%w: memory area %#x-%#x", image.ErrCorrupt, v.Start, v.End)
 	}
@@ -372,7 +405,9 @@ func (p *Process) startStub() error {
 		return fmt.Errorf("write stub: %w", err)
 	}
 	return p.tr.Do(func() error {
-		sys := &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps()}
+		// Pdeathsig: a stub whose pthaw dies before PTRACE_O_EXITKILL is
+		// set must not be left stopped forever.
+		sys := &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps(), Pdeathsig: syscall.SIGKILL}
 		if p.opts.PIDNamespace {
 			sys.Cloneflags = syscall.CLONE_NEWPID
 		}
@@ -395,6 +430,12 @@ func (p *Process) startStub() error {
 		opts := unix.PTRACE_O_EXITKILL | unix.PTRACE_O_TRACECLONE | unix.PTRACE_O_TRACEFORK
 		if err := ptrace.SetOptions(pid, opts); err != nil {
 			return fmt.Errorf("stub options: %w", err)
+		}
+		// Every signal blocked while the process is built (its own mask
+		// comes last, with its registers): a signal would stop an injected
+		// call and be lost, and the signals we queue must stay pending.
+		if err := ptrace.SetSigmask(pid, blockAll); err != nil {
+			return err
 		}
 		in, err := ptrace.NewInjector(pid, uintptr(p.base+stubCodeOff))
 		if err != nil {
@@ -478,6 +519,9 @@ func dying(pid int) bool {
 	}
 	return false
 }
+
+// blockAll is a signal mask of everything that can be blocked.
+const blockAll = ^uint64(0) &^ (1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1))
 
 // errCloneSetup marks clonePID failures that are not about the PID.
 var errCloneSetup = errors.New("clone3")

@@ -92,19 +92,14 @@ func (p *Process) finish() error {
 	if _, err := p.call(unix.SYS_PERSONALITY, uintptr(pr.Personality)); err != nil {
 		return fmt.Errorf("personality %#x: %w", pr.Personality, err)
 	}
-	if pr.PdeathSig != 0 && !p.opts.Detach {
-		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(pr.PdeathSig)); err != nil {
-			return fmt.Errorf("pdeathsig: %w", err)
-		}
-	}
 
 	// The stub's pages go; from here on calls are made at the vdso's
-	// syscall instruction, with scratch memory borrowed from the process.
+	// syscall instruction, with a temporary scratch area for arguments.
 	if _, err := p.call(unix.SYS_MUNMAP, uintptr(p.base), stubSize); err != nil {
 		return fmt.Errorf("unmap stub: %w", err)
 	}
 	p.in.Site = uintptr(p.vdso)
-	borrow, orig, err := p.borrow()
+	borrow, err := p.scratchMap()
 	if err != nil {
 		return err
 	}
@@ -144,6 +139,16 @@ func (p *Process) finish() error {
 	if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_DUMPABLE, uintptr(pr.Dumpable)); err != nil {
 		return fmt.Errorf("dumpable: %w", err)
 	}
+	// After the credentials: changing them resets the parent-death signal.
+	// Always set, 0 included; with -detach not at all, since our exit
+	// would fire it at once.
+	pdeath := uintptr(pr.PdeathSig)
+	if p.opts.Detach || pdeath > 64 {
+		pdeath = 0
+	}
+	if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, pdeath); err != nil {
+		return fmt.Errorf("pdeathsig: %w", err)
+	}
 	// Pending signals and timers last, so that they fire in the restored
 	// process, not during its construction.
 	for _, tk := range tasks {
@@ -174,8 +179,8 @@ func (p *Process) finish() error {
 			return fmt.Errorf("setitimer %d: %w", which, err)
 		}
 	}
-	if err := p.mem.Write(uint64(borrow), orig); err != nil {
-		return fmt.Errorf("return borrowed memory: %w", err)
+	if _, err := p.call(unix.SYS_MUNMAP, borrow, scratchLen); err != nil {
+		return fmt.Errorf("unmap scratch area: %w", err)
 	}
 	// Registers last of all, then every thread runs.
 	for _, tk := range tasks {
@@ -201,6 +206,15 @@ func (p *Process) finish() error {
 // process, whose pid in the namespace is the saved one. Runs on the
 // tracer thread.
 func (p *Process) startInit() error {
+	// The stub was started with a parent-death signal tied to our tracer
+	// thread; as init it must outlive us (pthaw -detach).
+	in, err := ptrace.NewInjector(p.init, uintptr(p.base+stubCodeOff))
+	if err != nil {
+		return err
+	}
+	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, 0); err != nil {
+		return fmt.Errorf("init: pdeathsig: %w", err)
+	}
 	regs, err := ptrace.GetRegs(p.init)
 	if err != nil {
 		return err
@@ -296,6 +310,9 @@ func (p *Process) cloneThread(t *image.Thread, scratch uintptr) (*task, error) {
 // robust futex list, rseq area and signal stack. Runs on the tracer thread.
 func (p *Process) threadState(tk *task, scratch uintptr, comm string) error {
 	t := tk.img
+	if len(comm) > 15 { // TASK_COMM_LEN - 1
+		comm = comm[:15]
+	}
 	if comm != "" {
 		if err := p.mem.Write(uint64(scratch), append([]byte(comm), 0)); err != nil {
 			return err
@@ -335,37 +352,26 @@ func (p *Process) threadState(tk *task, scratch uintptr, comm string) error {
 // ssOnStack is SS_ONSTACK: reported by sigaltstack, never accepted by it.
 const ssOnStack = 1
 
-// borrowLen is how much process memory finish borrows for arguments.
-const borrowLen = 1024
+// scratchLen is the size of the temporary mapping finish passes
+// arguments through once the stub is gone: room for the prctl_mm_map and
+// auxv, the executable's path, and up to NGROUPS_MAX supplementary groups.
+const (
+	scratchLen  = 320 << 10
+	scratchPath = 4096 // offset of the path in it
+	maxGroups   = 65536
+)
 
-// borrow picks memory of the restored process to pass arguments through,
-// below the saved stack pointer's red zone, and returns its contents so
-// they can be put back. Runs on the tracer thread.
-func (p *Process) borrow() (uintptr, []byte, error) {
-	rsp := p.threads[0].Regs[19]
-	addr := (rsp - 128 - borrowLen) &^ 15
-	ok := false
-	for _, v := range p.vmas {
-		if v.Start <= addr && rsp <= v.End && v.Kind == image.VMAAnon && v.Prot&unix.PROT_WRITE != 0 {
-			ok = true
-		}
+// scratchMap maps a temporary anonymous area in the process for arguments
+// of injected calls; finish unmaps it before the process runs. (Borrowing
+// the process's own memory could overwrite it if an argument outgrew the
+// borrowed bytes.) Runs on the tracer thread.
+func (p *Process) scratchMap() (uintptr, error) {
+	addr, err := p.call(unix.SYS_MMAP, 0, scratchLen, unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS, ^uintptr(0), 0)
+	if err != nil {
+		return 0, fmt.Errorf("map scratch area: %w", err)
 	}
-	if !ok {
-		for _, v := range p.vmas {
-			if v.Kind == image.VMAAnon && v.Prot&unix.PROT_WRITE != 0 && v.Len() >= borrowLen {
-				addr, ok = v.Start, true
-				break
-			}
-		}
-	}
-	if !ok {
-		return 0, nil, errors.New("no writable memory to pass arguments through")
-	}
-	orig := make([]byte, borrowLen)
-	if err := p.mem.Read(addr, orig); err != nil {
-		return 0, nil, fmt.Errorf("borrow memory: %w", err)
-	}
-	return uintptr(addr), orig, nil
+	return addr, nil
 }
 
 // setMM restores the mm fields, auxv and the executable link with
@@ -373,13 +379,13 @@ func (p *Process) borrow() (uintptr, []byte, error) {
 func (p *Process) setMM(scratch uintptr) error {
 	pr := p.proc
 	path := append([]byte(pr.Exe), 0)
-	if len(path) > 512 {
-		return fmt.Errorf("executable path too long: %s", pr.Exe)
+	if len(path) > unix.PathMax {
+		return fmt.Errorf("executable path of %d bytes is too long", len(pr.Exe))
 	}
-	if err := p.mem.Write(uint64(scratch)+borrowLen-512, path); err != nil {
+	if err := p.mem.Write(uint64(scratch)+scratchPath, path); err != nil {
 		return err
 	}
-	exe, err := p.call(unix.SYS_OPEN, scratch+borrowLen-512, unix.O_RDONLY|unix.O_CLOEXEC)
+	exe, err := p.call(unix.SYS_OPEN, scratch+scratchPath, unix.O_RDONLY|unix.O_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("open executable %s: %w", pr.Exe, err)
 	}
@@ -389,7 +395,7 @@ func (p *Process) setMM(scratch uintptr) error {
 		binary.LittleEndian.PutUint64(auxv[8*i:], v)
 	}
 	const mapLen = 104 // struct prctl_mm_map
-	if mapLen+len(auxv) > borrowLen-512 {
+	if mapLen+len(auxv) > scratchPath {
 		return fmt.Errorf("%w: auxv of %d bytes", image.ErrCorrupt, len(auxv))
 	}
 	m := pr.MM

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"golang.org/x/term"
@@ -27,6 +29,9 @@ func main() {
 	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a network write may make no progress")
 	readyTimeout := flag.Duration("ready-timeout", 5*time.Minute, "with -halt over a network: how long the receiver may take to build the process")
 	flag.Parse()
+	// A reader that goes away (pfreeze | head) must give us EPIPE, an
+	// error we handle by resuming the process, not a silent death.
+	signal.Ignore(syscall.SIGPIPE)
 	err := run(*pid, *debug, capture.SendOptions{
 		Dest: *dest, Compress: *compress, Encrypt: *encrypt, Halt: *halt,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,

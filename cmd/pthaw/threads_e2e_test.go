@@ -2,7 +2,10 @@ package main
 
 import (
 	"fmt"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -108,5 +111,42 @@ func TestPIDNamespaceExitStatus(t *testing.T) {
 	th.out.Expect(t, `^exit 7$`, waitFor)
 	if code := th.exit(t); code != 7 {
 		t.Fatalf("pthaw exit code %d, want 7", code)
+	}
+}
+
+// TestPendingSignal: a blocked signal pending in the process is pending in
+// the restored one too (queued while every signal is blocked, so no
+// injected call can swallow it).
+func TestPendingSignal(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	p := fixture.Start(t, py, "-c", `import signal, time
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGUSR2])
+print("ready", flush=True)
+while True:
+    time.sleep(0.1)
+    print("pending", sorted(int(s) for s in signal.sigpending()), flush=True)`)
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if err := p.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, `^pending \[10\]$`, waitFor)
+	th := migrate(t, p)
+	for i := 0; i < 3; i++ {
+		th.out.Expect(t, `^pending \[10\]$`, waitFor)
+	}
+}
+
+// TestSIGPIPEResumes: pfreeze writing to a reader that goes away fails
+// with one line and the process carries on (the seed's pipes, misused).
+func TestSIGPIPEResumes(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "countforever"), "5")
+	p.Lines.Expect(t, `^3$`, waitFor)
+	cmd := exec.Command("sh", "-c", fmt.Sprintf("%s -pid %d | head -c 100 > /dev/null", filepath.Join(binDir, "pfreeze"), p.Pid()))
+	cmd.Run()
+	n := atoi(t, p.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
+	for i := 1; i <= 10; i++ {
+		p.Lines.Expect(t, fmt.Sprintf(`^%d$`, n+i), waitFor)
 	}
 }

@@ -76,6 +76,12 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 		f.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
+	// Again, now that nothing can change: a child, timer or filter made
+	// between the first check and the stop would otherwise slip through.
+	if err := checkSupported(pid); err != nil {
+		f.Resume()
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
 	return f, nil
 }
 
@@ -322,6 +328,13 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 				if err := f.injectProcessQueries(th, p, caught); err != nil {
 					return err
 				}
+			}
+			// Put the thread back at once, before any output is written:
+			// if pfreeze dies from here on, the kernel detaches a thread
+			// that is exactly as it was, and the memory dump below sees
+			// none of our scratch bytes.
+			if err := f.putBack(th); err != nil {
+				return err
 			}
 			out = append(out, t)
 		}
@@ -602,30 +615,33 @@ func findSyscallSite(mem *ptrace.Mem, vmas []image.VMA) (uint64, error) {
 	return 0, fmt.Errorf("no syscall instruction found in the vdso")
 }
 
+// putBack writes back th's borrowed scratch memory and its registers.
+// Runs on the tracer thread.
+func (f *Frozen) putBack(th *thread) error {
+	if th.scratchOrig != nil {
+		if err := f.mem.Write(th.scratchAddr, th.scratchOrig); err != nil {
+			return fmt.Errorf("thread %d: restore scratch memory: %w", th.tid, err)
+		}
+		th.scratchOrig = nil
+	}
+	if th.in != nil {
+		return th.in.Restore()
+	}
+	return nil
+}
+
 // Resume puts the process back as it was and lets it run on.
 func (f *Frozen) Resume() error {
-	var errs []error
-	for _, th := range f.threads {
-		if th.scratchOrig != nil {
-			if err := f.mem.Write(th.scratchAddr, th.scratchOrig); err != nil {
-				errs = append(errs, fmt.Errorf("thread %d: restore scratch memory: %w", th.tid, err))
-			}
-		}
-	}
 	err := f.tr.Do(func() error {
 		var errs []error
-		for _, th := range f.threads {
-			if th.in != nil {
-				if err := th.in.Restore(); err != nil {
-					errs = append(errs, err)
-				}
+		// In reverse: scratch areas borrowed later may hold earlier ones.
+		for i := len(f.threads) - 1; i >= 0; i-- {
+			if err := f.putBack(f.threads[i]); err != nil {
+				errs = append(errs, err)
 			}
 		}
 		return errors.Join(errs...)
 	})
-	if err != nil {
-		errs = append(errs, err)
-	}
 	f.detach()
 	for _, th := range f.threads {
 		for _, sig := range th.requeue {
@@ -633,8 +649,8 @@ func (f *Frozen) Resume() error {
 		}
 	}
 	f.mem.Close()
-	if len(errs) > 0 {
-		return fmt.Errorf("resume %d: %w", f.Pid, errors.Join(errs...))
+	if err != nil {
+		return fmt.Errorf("resume %d: %w", f.Pid, err)
 	}
 	return nil
 }

@@ -17,8 +17,9 @@ import (
 // a huge allocation or an endless read.
 const (
 	frameHeaderLen = 5
-	// MaxMetaLen bounds every record but Pages.
-	MaxMetaLen = 16 << 20
+	// MaxMetaLen bounds every record but Pages. Decoding may expand a
+	// record (a byte per element becomes a struct): keep it small.
+	MaxMetaLen = 1 << 20
 	// MaxPagesLen bounds the data of one Pages record.
 	MaxPagesLen = 64 << 20
 	// pagesHeadLen is the msgpack prefix of a Pages payload:
@@ -172,12 +173,20 @@ func (d *Decoder) Next() (any, error) {
 	if d.err != nil {
 		return nil, d.err
 	}
-	rec, err := d.next()
-	if err != nil {
-		d.err = err
+	for {
+		rec, err := d.next()
+		if err == errSkipped {
+			continue // a loop, not recursion: any number may be skipped
+		}
+		if err != nil {
+			d.err = err
+		}
+		return rec, err
 	}
-	return rec, err
 }
+
+// errSkipped is next's answer for a skippable record it passed over.
+var errSkipped = errors.New("skipped")
 
 func (d *Decoder) next() (any, error) {
 	if d.done {
@@ -252,7 +261,7 @@ func (d *Decoder) next() (any, error) {
 		rec = new(FD)
 	default:
 		if t&Skippable != 0 {
-			return d.next()
+			return nil, errSkipped
 		}
 		return nil, corruptf("unknown record type %d at offset %d", t, nBefore)
 	}

@@ -158,3 +158,20 @@ func FuzzDecoder(f *testing.F) {
 		decodeAll(data)
 	})
 }
+
+// TestManySkippable: any number of skippable records is passed over in a
+// loop (a crafted snapshot once overflowed the stack through recursion).
+func TestManySkippable(t *testing.T) {
+	var buf bytes.Buffer
+	enc := NewEncoder(&buf)
+	rec := frame(Skippable|0x01, nil)
+	for i := 0; i < 1<<20; i++ {
+		enc.write(rec)
+	}
+	enc.Write(&Process{Pid: 1})
+	enc.Close()
+	recs, err := decodeAll(buf.Bytes())
+	if err != nil || len(recs) != 2 {
+		t.Fatalf("got %d records, %v; want the process and end records", len(recs), err)
+	}
+}
