@@ -19,20 +19,44 @@ func (p *Process) Start() error {
 		return errors.New("thaw: start: process not built")
 	}
 	err := p.tr.Do(func() error {
+		if p.tree != nil {
+			return p.startTree()
+		}
 		if p.retryPID {
 			if err := p.takePID(true); err != nil {
 				return err
 			}
 		}
-		return p.finish()
+		if err := p.finish(); err != nil {
+			return err
+		}
+		return p.detach()
 	})
 	if err != nil {
 		p.Abort()
 		return fmt.Errorf("thaw: %w", err)
 	}
-	p.done = true
-	p.mem.Close()
+	members := []*Process{p}
+	if p.tree != nil {
+		members = p.tree.members
+	}
+	for _, m := range members {
+		m.done = true
+		m.mem.Close()
+	}
 	return nil
+}
+
+// detach lets every thread made ready by finish run. Runs on the tracer
+// thread.
+func (p *Process) detach() error {
+	var errs []error
+	for _, tk := range p.tasks {
+		if err := ptrace.Detach(tk.in.Tid, 0); err != nil {
+			errs = append(errs, fmt.Errorf("detach %d: %w", tk.in.Tid, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // task is one thread of the process being started.
@@ -43,7 +67,8 @@ type task struct {
 
 func (t *task) call(nr uintptr, args ...uintptr) (uintptr, error) { return t.in.Syscall(nr, args...) }
 
-// finish runs on the tracer thread.
+// finish gives the process its last state; detach then lets it run.
+// Runs on the tracer thread.
 func (p *Process) finish() error {
 	pr := p.proc
 	scratch := uintptr(p.base + stubScratchOff)
@@ -92,7 +117,9 @@ func (p *Process) finish() error {
 	if _, err := p.call(unix.SYS_PERSONALITY, uintptr(pr.Personality)); err != nil {
 		return fmt.Errorf("personality %#x: %w", pr.Personality, err)
 	}
-	if pr.PdeathSig != 0 && !p.opts.Detach {
+	// A tree member's parent is restored with it: its death signal holds
+	// whatever pthaw does.
+	if pr.PdeathSig != 0 && (!p.opts.Detach || p.parent != nil) {
 		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(pr.PdeathSig)); err != nil {
 			return fmt.Errorf("pdeathsig: %w", err)
 		}
@@ -188,13 +215,8 @@ func (p *Process) finish() error {
 			return err
 		}
 	}
-	var errs []error
-	for _, tk := range tasks {
-		if err := ptrace.Detach(tk.in.Tid, 0); err != nil {
-			errs = append(errs, fmt.Errorf("detach %d: %w", tk.in.Tid, err))
-		}
-	}
-	return errors.Join(errs...)
+	p.tasks = tasks
+	return nil
 }
 
 // startInit lets the stub run its init loop (stubInit) for the restored

@@ -68,7 +68,7 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	if pid == os.Getpid() {
 		return nil, fmt.Errorf("freeze %d: cannot freeze myself", pid)
 	}
-	if err := checkSupported(pid); err != nil {
+	if err := checkSupported(pid, false); err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
@@ -161,7 +161,8 @@ func explainPtraceErr(err error) error {
 }
 
 // checkSupported refuses processes whose state the snapshot cannot carry.
-func checkSupported(pid int) error {
+// In a tree (inTree) children are members, not a reason to refuse.
+func checkSupported(pid int, inTree bool) error {
 	st, err := procfs.Status(pid)
 	if err != nil {
 		return err
@@ -176,8 +177,8 @@ func checkSupported(pid int) error {
 	if err != nil {
 		return err
 	}
-	if len(kids) > 0 {
-		return unsupported("child processes %v (process trees are not supported yet)", kids)
+	if len(kids) > 0 && !inTree {
+		return unsupported("child processes %v (freeze the whole tree with -tree)", kids)
 	}
 	for _, ns := range []string{"mnt", "pid", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
@@ -204,6 +205,17 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 }
 
 func (f *Frozen) write(enc *image.Encoder) error {
+	if err := f.writeRecords(enc, nil, nil); err != nil {
+		return err
+	}
+	return enc.Close()
+}
+
+// writeRecords writes the process's records (all but the end record). In
+// a tree, shm holds the shared memory objects whose pages an earlier
+// member saved: their areas are recorded by identity only; inner holds
+// the pipes with both ends inside the tree.
+func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
 	maps, err := procfs.Maps(f.Pid)
 	if err != nil {
 		return err
@@ -212,7 +224,13 @@ func (f *Frozen) write(enc *image.Encoder) error {
 	if err != nil {
 		return err
 	}
-	fds, err := describeFDs(f.Pid)
+	dump := vmas
+	if shm != nil {
+		if dump, err = identifyShm(f.Pid, vmas, shm); err != nil {
+			return err
+		}
+	}
+	fds, err := describeFDs(f.Pid, inner)
 	if err != nil {
 		return err
 	}
@@ -237,7 +255,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, vmas, enc); err != nil {
+	if err := dumpMemory(f.Pid, f.mem, dump, enc); err != nil {
 		return err
 	}
 	for i := range fds {
@@ -245,7 +263,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 			return err
 		}
 	}
-	return enc.Close()
+	return nil
 }
 
 // describe reads the process and thread state, injecting the calls it needs.
@@ -657,9 +675,14 @@ func (f *Frozen) Kill() error {
 	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 		return fmt.Errorf("kill %d: %w", f.Pid, err)
 	}
-	// Reap the ptrace notifications of every thread's exit so the
-	// tracees are released; the leader's comes only after all others'.
-	return f.tr.Do(func() error {
+	f.reap()
+	return nil
+}
+
+// reap takes the ptrace notifications of every thread's exit so the
+// tracees are released; the leader's comes only after all others'.
+func (f *Frozen) reap() {
+	f.tr.Do(func() error {
 		for i := len(f.threads) - 1; i >= 0; i-- {
 			th := f.threads[i]
 			for {

@@ -1,0 +1,174 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// haltTreeToFile freezes the tree rooted at p with -tree -halt into a
+// file, waits for the root and for others (its descendants) to be gone,
+// and returns the file.
+func haltTreeToFile(t *testing.T, p *fixture.Proc, others ...int) string {
+	t.Helper()
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", snap)
+	select {
+	case <-p.Exited():
+	case <-time.After(waitFor):
+		t.Fatalf("pid %d still running after pfreeze -tree -halt", p.Pid())
+	}
+	for _, pid := range others {
+		if err := fixture.WaitExit(pid, waitFor); err != nil {
+			t.Fatalf("after pfreeze -tree -halt: %v", err)
+		}
+	}
+	return snap
+}
+
+// killTreeAtCleanup kills, when the test ends and before pthaw is
+// stopped, process group pgid and pids (restored members: they hold
+// pthaw's stdout and stderr, which pthaw's cleanup waits to be closed) and
+// waits for them to exit.
+func killTreeAtCleanup(t *testing.T, pgid int, pids ...int) {
+	t.Cleanup(func() {
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		for _, pid := range pids {
+			if err := fixture.WaitExit(pid, waitFor); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	})
+}
+
+// pgidOf returns pid's process group (/proc/PID/stat field 5).
+func pgidOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	return atoi(t, f[2])
+}
+
+// forkTick reads forkserver's next tick, failing on a FAIL line.
+func forkTick(t *testing.T, l *fixture.Lines) (n, s, a, b int) {
+	t.Helper()
+	m := l.Expect(t, `^(fork tick (\d+) shared=(\d+) w1=(\d+) w2=(\d+)|FAIL.*)$`, waitFor)
+	if strings.HasPrefix(m[0], "FAIL") {
+		t.Fatalf("got %q", m[0])
+	}
+	return atoi(t, m[2]), atoi(t, m[3]), atoi(t, m[4]), atoi(t, m[5])
+}
+
+// TestForkServerTree moves a parent and its two workers, which count in
+// one MAP_SHARED|MAP_ANONYMOUS page: after thaw all three have their PIDs
+// and process group, the counts keep growing in the parent's view (the
+// page is still shared, not three private copies) and the parent's check
+// shared == w1 + w2 keeps holding.
+func TestForkServerTree(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	m := p.Lines.Expect(t, `^workers (\d+) (\d+)$`, waitFor)
+	w1, w2 := atoi(t, m[1]), atoi(t, m[2])
+	var s0, a0, b0 int
+	for i := 0; i < 3; i++ {
+		_, s0, a0, b0 = forkTick(t, p.Lines)
+	}
+	root := p.Pid()
+	snap := haltTreeToFile(t, p, w1, w2)
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root, w1, w2)
+	var s, a, b int
+	for i := 0; i < 10; i++ {
+		_, s, a, b = forkTick(t, th.out)
+	}
+	if s <= s0 || a <= a0 || b <= b0 {
+		t.Fatalf("after thaw shared=%d w1=%d w2=%d, want each above shared=%d w1=%d w2=%d", s, a, b, s0, a0, b0)
+	}
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	kids, err := fixture.Children(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Ints(kids)
+	want := []int{w1, w2}
+	sort.Ints(want)
+	if fmt.Sprint(kids) != fmt.Sprint(want) {
+		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
+	}
+	for _, pid := range append([]int{root}, kids...) {
+		if g := pgidOf(t, pid); g != root {
+			t.Errorf("pid %d in process group %d, want %d", pid, g, root)
+		}
+	}
+	if strings.Contains(th.stderr.String(), "taken") {
+		t.Errorf("pthaw says: %s", th.stderr.String())
+	}
+}
+
+// TestPipelineTree moves the shell pipeline sh -c 'producer | consumer'
+// with lines waiting in the pipe between them (the consumer is stopped
+// for a moment before the freeze): after thaw the same three PIDs carry
+// on, and the consumer reads every line exactly once, the buffered ones
+// first (it fails on a gap or a repeat).
+func TestPipelineTree(t *testing.T) {
+	needRoot(t)
+	pl := fixture.Pipeline(t)
+	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
+	if err := syscall.Kill(pl.Consumer, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the producer fills the pipe meanwhile
+	root, producer, consumer := pl.Pid(), pl.Producer, pl.Consumer
+	snap := haltTreeToFile(t, pl.Proc, producer, consumer)
+	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, desc)
+	}
+	if !regexp.MustCompile(`pipe \d+ size \d+ buffered [1-9]`).Match(desc) {
+		t.Errorf("snapshot has no buffered pipe data:\n%s", desc)
+	}
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root, producer, consumer)
+	for i := 0; i < 10; i++ {
+		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
+		if !strings.HasPrefix(line, "got ") {
+			t.Fatalf("after thaw: %q", line)
+		}
+		n := atoi(t, strings.TrimPrefix(line, "got "))
+		if n <= last {
+			t.Fatalf("after thaw got %d, want more than %d", n, last)
+		}
+		last = n
+	}
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	kids, err := fixture.Children(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Ints(kids)
+	want := []int{producer, consumer}
+	sort.Ints(want)
+	if fmt.Sprint(kids) != fmt.Sprint(want) {
+		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
+	}
+}
