@@ -69,6 +69,7 @@ type Process struct {
 	// In a tree (pfreeze -tree): what all members share, and the parent.
 	tree   *tree
 	parent *Process
+	zombie bool // a member that only exited, left for its parent to reap
 }
 
 // Pid returns the restored process's PID (in our namespace).

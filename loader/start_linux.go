@@ -42,7 +42,9 @@ func (p *Process) Start() error {
 	}
 	for _, m := range members {
 		m.done = true
-		m.mem.Close()
+		if !m.zombie {
+			m.mem.Close()
+		}
 	}
 	return nil
 }

@@ -47,17 +47,16 @@ func checkTree(t *image.Tree) error {
 		return fmt.Errorf("%w: empty tree", image.ErrCorrupt)
 	}
 	seen := map[int]bool{}
+	zombie := map[int]bool{}
 	for i, m := range t.Procs {
-		if m.Pid <= 0 || seen[m.Pid] || m.Threads <= 0 {
+		if m.Pid <= 0 || seen[m.Pid] || (m.Threads <= 0) != m.Zombie || (m.Zombie && i == 0) {
 			return fmt.Errorf("%w: tree member %d (pid %d)", image.ErrCorrupt, i, m.Pid)
 		}
-		if (i == 0) == seen[m.PPid] {
+		if (i == 0) == seen[m.PPid] || zombie[m.PPid] {
 			return fmt.Errorf("%w: tree member pid %d out of place (parent %d)", image.ErrCorrupt, m.Pid, m.PPid)
 		}
-		if m.Zombie {
-			return fmt.Errorf("zombie pid %d in the tree: not supported yet", m.Pid)
-		}
 		seen[m.Pid] = true
+		zombie[m.Pid] = m.Zombie
 	}
 	return nil
 }
@@ -76,6 +75,9 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}}
 	var rec any
 	for i, m := range img.Procs {
+		if m.Zombie {
+			continue // no records: it was made and ended with the stubs
+		}
 		var mp *Process
 		prepare := p.startTreeRoot
 		if i == 0 {
@@ -139,9 +141,62 @@ func (p *Process) startTreeRoot() error {
 			if err := c.setGroup(m); err != nil {
 				return fmt.Errorf("pid %d: %w", m.Pid, err)
 			}
+			if m.Zombie {
+				if err := c.exitAs(m.ExitStatus); err != nil {
+					return fmt.Errorf("zombie pid %d: %w", m.Pid, err)
+				}
+			}
 		}
 		return nil
 	})
+}
+
+// exitAs ends the stub of a zombie member with its saved wait status,
+// exit_group(code) or the signal that killed it, and takes the exit
+// notification owed to us as its tracer: the process stays a zombie for
+// its parent to reap. Runs on the tracer thread.
+func (p *Process) exitAs(status int) error {
+	p.zombie = true
+	p.mem.Close()
+	ws := unix.WaitStatus(status)
+	switch {
+	case ws.Exited():
+		// The call does not return: the step ends in the exit.
+		p.in.Syscall(unix.SYS_EXIT_GROUP, uintptr(ws.ExitStatus()))
+	case ws.Signaled():
+		// No core file: the original's, if any, was written when it died.
+		unix.Prlimit(p.pid, unix.RLIMIT_CORE, &unix.Rlimit{}, nil)
+		sig := ws.Signal()
+		if err := unix.Tgkill(p.pid, p.pid, sig); err != nil {
+			return fmt.Errorf("kill with %v: %w", sig, err)
+		}
+		if err := ptrace.Cont(p.pid, 0); err != nil {
+			return err
+		}
+		for {
+			st, err := ptrace.Wait(p.pid)
+			if errors.Is(err, ptrace.ErrExited) {
+				break
+			}
+			if err != nil {
+				return err
+			}
+			// Deliver our signal at its delivery stop; nothing else.
+			var deliver unix.Signal
+			if st.Sig() == sig && st.Event() == 0 {
+				deliver = sig
+			}
+			if err := ptrace.Cont(p.pid, deliver); err != nil {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("%w: wait status %#x", image.ErrCorrupt, status)
+	}
+	if !dying(p.pid) {
+		return fmt.Errorf("pid %d did not end", p.pid)
+	}
+	return nil
 }
 
 // fork makes c's stub: a copy of p's, p's child, with PID want (a new
@@ -266,6 +321,9 @@ func (p *Process) mappedShared(v *image.VMA) {
 func (p *Process) startTree() error {
 	defer p.tree.closePipes()
 	for _, m := range p.tree.members {
+		if m.zombie {
+			continue
+		}
 		if err := m.finish(); err != nil {
 			return fmt.Errorf("pid %d: %w", m.proc.Pid, err)
 		}

@@ -172,3 +172,77 @@ func TestPipelineTree(t *testing.T) {
 		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
 	}
 }
+
+// statOf returns fields 3.. of /proc/PID/stat (index 0 is the state).
+func statOf(t *testing.T, pid int) []string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+}
+
+// zombiesOf returns the zombie children of pid (fixture.Children lists
+// only live ones).
+func zombiesOf(pid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(pid) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// TestZombieTree moves a process with two unreaped children, one exited
+// with status 3, one killed by SIGTERM: after thaw both are zombies again,
+// children of the restored parent, with the same PIDs and wait statuses.
+func TestZombieTree(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `(exit 3) & sh -c 'kill -TERM $$' & exec "$0" 5`, fixture.Build(t, "countforever"))
+	p.Lines.Expect(t, `^\d+$`, waitFor)
+	var zombies []int
+	deadline := time.Now().Add(waitFor)
+	for len(zombies) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no two zombie children of %d (have %v)", p.Pid(), zombies)
+		}
+		time.Sleep(10 * time.Millisecond)
+		zombies = zombiesOf(p.Pid())
+	}
+	status := map[int]string{}
+	for _, z := range zombies {
+		status[z] = statOf(t, z)[52-3]
+	}
+	root := p.Pid()
+	snap := haltTreeToFile(t, p, zombies...)
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root)
+	if _, err := th.out.Match(`^\d+$`, waitFor); err != nil {
+		t.Fatalf("%v; pthaw: %s", err, th.stderr.String())
+	}
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	for _, z := range zombies {
+		st := statOf(t, z)
+		if st[0] != "Z" || atoi(t, st[1]) != root || st[52-3] != status[z] {
+			t.Errorf("pid %d after thaw: state %s ppid %s exit status %s, want Z, %d, %s", z, st[0], st[1], st[52-3], root, status[z])
+		}
+	}
+	if want := map[string]bool{"768": true, "15": true}; !want[status[zombies[0]]] || !want[status[zombies[1]]] {
+		t.Errorf("zombies' statuses %v, want 768 (exit 3) and 15 (SIGTERM)", status)
+	}
+	th.out.Expect(t, `^\d+$`, waitFor)
+}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -19,8 +18,8 @@ import (
 // must be called.
 type FrozenTree struct {
 	Pid     int
-	members []*Frozen // creation order: every parent before its children
-	procs   []image.TreeProc
+	members []*Frozen        // creation order: every parent before its children
+	procs   []image.TreeProc // the same order, zombies included
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -50,10 +49,21 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if pid == os.Getpid() {
 			return fmt.Errorf("cannot freeze a tree holding myself (pid %d)", pid)
 		}
+		stat, err := procfs.Stat(pid)
+		if err != nil {
+			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		m := image.TreeProc{Pid: pid, PPid: int(procfs.StatField(stat, 4)),
+			Pgid: int(procfs.StatField(stat, 5)), Sid: int(procfs.StatField(stat, 6))}
+		// A zombie child (exited, not yet reaped by its parent) is only
+		// its place in the tree and its wait status: it cannot be
+		// traced and has no children.
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
+			t.procs = append(t.procs, m)
+			continue
+		}
 		if err := checkSupported(pid, true); err != nil {
-			if pid != t.Pid && strings.Contains(err.Error(), "zombie") {
-				return unsupported("pid %d is a zombie (zombies in a tree are not supported yet)", pid)
-			}
 			return fmt.Errorf("pid %d: %w", pid, err)
 		}
 		f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
@@ -61,6 +71,13 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if err := tr.Do(f.stopAll); err != nil {
 			return fmt.Errorf("pid %d: %w", pid, err)
 		}
+		m.Threads = len(f.threads)
+		// Read again now that it is stopped: it may have moved meanwhile.
+		if stat, err = procfs.Stat(pid); err != nil {
+			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		m.Pgid, m.Sid = int(procfs.StatField(stat, 5)), int(procfs.StatField(stat, 6))
+		t.procs = append(t.procs, m)
 		kids, err := procfs.Children(pid)
 		if err != nil {
 			return fmt.Errorf("pid %d: children: %w", pid, err)
@@ -71,14 +88,6 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 				queue = append(queue, k)
 			}
 		}
-	}
-	for _, f := range t.members {
-		stat, err := procfs.Stat(f.Pid)
-		if err != nil {
-			return fmt.Errorf("pid %d: %w", f.Pid, err)
-		}
-		t.procs = append(t.procs, image.TreeProc{Pid: f.Pid, PPid: int(procfs.StatField(stat, 4)),
-			Pgid: int(procfs.StatField(stat, 5)), Sid: int(procfs.StatField(stat, 6)), Threads: len(f.threads)})
 	}
 	// A member's group and session are rebuilt from inside the tree: led
 	// by a member, or inherited from the root (whose own are pthaw's
