@@ -246,3 +246,28 @@ func TestZombieTree(t *testing.T) {
 	}
 	th.out.Expect(t, `^\d+$`, waitFor)
 }
+
+// TestTreeFailedFreezeResumes: a tree whose freeze fails after every
+// member is stopped (the root, countforever, is already described when
+// its child forkserver is refused for a pipe to outside the tree at fd 3)
+// is resumed whole, even with -halt: every member carries on.
+func TestTreeFailedFreezeResumes(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `"$1" 3>&1 & exec "$0" 5`, fixture.Build(t, "countforever"), fixture.Build(t, "forkserver"))
+	p.Lines.Expect(t, `^fork tick 2 `, waitFor)
+	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
+	out, err := cmd.CombinedOutput()
+	msg := string(out)
+	if err == nil || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "fd 3 (pipe:") {
+		t.Fatalf("pfreeze: %v: %q, want one line refusing fd 3", err, msg)
+	}
+	last := 0
+	for i := 0; i < 3; i++ {
+		n, _, _, _ := forkTick(t, p.Lines)
+		if n <= last {
+			t.Fatalf("fork tick %d after tick %d", n, last)
+		}
+		last = n
+	}
+	p.Lines.Expect(t, `^\d+$`, waitFor)
+}
