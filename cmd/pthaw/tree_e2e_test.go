@@ -271,3 +271,83 @@ func TestTreeFailedFreezeResumes(t *testing.T) {
 	}
 	p.Lines.Expect(t, `^\d+$`, waitFor)
 }
+
+// TestForkServerTreeClone clones the forkserver tree (a checkpoint: the
+// original keeps running and holds every PID): the clone's members get
+// new PIDs, said on stderr, keep their parent/child links and one process
+// group led by the new root, and count on in a page of their own.
+func TestForkServerTreeClone(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	m := p.Lines.Expect(t, `^workers (\d+) (\d+)$`, waitFor)
+	forkTick(t, p.Lines)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	th := thaw(t, "-src", snap)
+	clone := th.restoredPid(t)
+	kids, err := fixture.Children(clone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killTreeAtCleanup(t, clone, kids...)
+	for i := 0; i < 5; i++ {
+		forkTick(t, th.out)
+	}
+	forkTick(t, p.Lines) // the original carries on too
+	if clone == p.Pid() || len(kids) != 2 {
+		t.Fatalf("clone %d with children %v (original %d)", clone, kids, p.Pid())
+	}
+	for _, pid := range append([]int{clone}, kids...) {
+		if g := pgidOf(t, pid); g != clone {
+			t.Errorf("pid %d in process group %d, want %d", pid, g, clone)
+		}
+	}
+	for _, w := range m[1:] {
+		if !strings.Contains(th.stderr.String(), fmt.Sprintf("pid %s is taken on this host; restored as pid", w)) {
+			t.Errorf("pthaw stderr %q does not say worker %s got a new pid", th.stderr.String(), w)
+		}
+	}
+}
+
+// TestPipelineTreeOverTCP migrates the shell pipeline on one host through
+// a socket with -halt: pthaw builds the tree while the originals, frozen,
+// still hold their PIDs, so every member gets a new PID (said on stderr;
+// trees are not moved into their PIDs late); the data flows on without a
+// gap or a repeat, and the originals are gone.
+func TestPipelineTreeOverTCP(t *testing.T) {
+	needRoot(t)
+	pl := fixture.Pipeline(t)
+	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
+	th := thaw(t, "-src", "tcp:127.0.0.1:0")
+	addr := th.listening(t)
+	fr := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(pl.Pid()), "-tree", "-halt", "-compress", "zstd", "-dest", "tcp:"+addr)
+	if out, err := fr.CombinedOutput(); err != nil {
+		t.Fatalf("pfreeze: %v: %s; pthaw: %s", err, out, th.stderr.String())
+	}
+	root := th.restoredPid(t)
+	killTreeAtCleanup(t, root)
+	for i := 0; i < 5; i++ {
+		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
+		if !strings.HasPrefix(line, "got ") {
+			t.Fatalf("after thaw: %q", line)
+		}
+		n := atoi(t, strings.TrimPrefix(line, "got "))
+		if n <= last {
+			t.Fatalf("after thaw got %d, want more than %d", n, last)
+		}
+		last = n
+	}
+	for _, pid := range []int{pl.Producer, pl.Consumer} {
+		if err := fixture.WaitExit(pid, waitFor); err != nil {
+			t.Errorf("original: %v", err)
+		}
+	}
+	select {
+	case <-pl.Exited():
+	case <-time.After(waitFor):
+		t.Fatal("the original sh still runs after pfreeze -halt")
+	}
+	if kids, _ := fixture.Children(root); len(kids) != 2 {
+		t.Errorf("restored sh %d has children %v, want 2", root, kids)
+	}
+}
