@@ -6,7 +6,9 @@
 // mm fields, credentials; last the registers. The process runs only once
 // the whole snapshot has been read and its checksum verified; until then
 // it is stopped, and any failure kills it, so a failed restore leaves
-// nothing behind.
+// nothing behind. A tree snapshot (pfreeze -tree) is built the same way,
+// member by member, after every member's stub has been forked from its
+// parent's (tree_linux.go); the root's Process owns the others.
 package loader
 
 import (
@@ -162,6 +164,7 @@ func next(items <-chan item) (item, error) {
 func (p *Process) buildOne(items <-chan item, rec any, prepare func() error) (any, error) {
 	var it item
 	// Metadata first: process, thread, memory areas.
+meta:
 	for {
 		if rec == nil {
 			var err error
@@ -173,7 +176,7 @@ func (p *Process) buildOne(items <-chan item, rec any, prepare func() error) (an
 		switch r := rec.(type) {
 		case *image.Process:
 			if p.proc != nil {
-				goto meta
+				break meta // the next member's
 			}
 			p.proc = r
 			rec = nil
@@ -204,7 +207,6 @@ func (p *Process) buildOne(items <-chan item, rec any, prepare func() error) (an
 		}
 		break
 	}
-meta:
 	if p.proc == nil || len(p.threads) == 0 || len(p.threads) != p.proc.Threads {
 		return nil, fmt.Errorf("%w: missing process or thread records", image.ErrCorrupt)
 	}

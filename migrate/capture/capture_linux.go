@@ -6,7 +6,8 @@
 // side effects). State only the process itself can report is read by
 // injecting single system calls at a syscall instruction of its vdso;
 // nothing is written into its code. Anything the snapshot could not carry
-// faithfully makes Freeze refuse with an error naming it.
+// faithfully makes Freeze refuse with an error naming it. FreezeTree
+// freezes a process with all its descendants (tree_linux.go).
 package capture
 
 import (
