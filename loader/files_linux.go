@@ -118,17 +118,24 @@ func (p *Process) openFile(f *image.FD) error {
 		}
 		return p.moveFd(f, tmp)
 	case image.FDFile:
+	case image.FDPipe:
 	default:
 		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
-	path, err := p.putString(f.Path)
+	name := f.Path
+	if f.Kind == image.FDPipe {
+		if name, err = p.pipeEnd(f); err != nil {
+			return err
+		}
+	}
+	path, err := p.putString(name)
 	if err != nil {
 		return err
 	}
 	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY)
 	tmp, err = p.call(unix.SYS_OPEN, path, flags|unix.O_CLOEXEC)
 	if err != nil {
-		return fmt.Errorf("fd %d: open %s: %w", f.Fd, f.Path, err)
+		return fmt.Errorf("fd %d: open %s: %w", f.Fd, name, err)
 	}
 	if f.Flags&unix.O_PATH == 0 && f.Mode&unix.S_IFMT == unix.S_IFREG {
 		if _, err := p.call(unix.SYS_LSEEK, tmp, uintptr(f.Pos), 0); err != nil {
@@ -136,6 +143,64 @@ func (p *Process) openFile(f *image.FD) error {
 		}
 	}
 	return p.moveFd(f, tmp)
+}
+
+// pipeEnd returns the path through which the process opens its end of
+// pipe f.Pipe. pthaw makes each pipe of a tree, with the data that was
+// buffered in it, and holds both ends until the tree starts; a member
+// opens /proc/<pthaw>/fd/<end> with its saved flags (a new open file
+// description of the same pipe).
+func (p *Process) pipeEnd(f *image.FD) (string, error) {
+	if p.tree == nil {
+		return "", fmt.Errorf("%w: fd %d: a pipe outside a tree", image.ErrCorrupt, f.Fd)
+	}
+	ends, ok := p.tree.pipes[f.Pipe]
+	if !ok {
+		var err error
+		if ends, err = newPipe(f); err != nil {
+			return "", fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+		}
+		p.tree.pipes[f.Pipe] = ends
+	}
+	end := ends[0]
+	if f.Flags&unix.O_ACCMODE == unix.O_WRONLY {
+		end = ends[1]
+	}
+	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), end), nil
+}
+
+// newPipe makes the pipe of f (its first fd record) in pthaw, with the
+// saved capacity and buffered data.
+func newPipe(f *image.FD) ([2]int, error) {
+	var ends [2]int
+	if err := unix.Pipe2(ends[:], unix.O_CLOEXEC); err != nil {
+		return ends, fmt.Errorf("pipe2: %w", err)
+	}
+	fail := func(err error) ([2]int, error) {
+		unix.Close(ends[0])
+		unix.Close(ends[1])
+		return [2]int{}, err
+	}
+	if f.PipeSize > 0 {
+		if _, err := unix.FcntlInt(uintptr(ends[1]), unix.F_SETPIPE_SZ, f.PipeSize); err != nil {
+			return fail(fmt.Errorf("pipe size %d: %w", f.PipeSize, err))
+		}
+	}
+	if len(f.PipeData) > 0 {
+		// Non-blocking: more data than the pipe holds is corruption,
+		// not a reason to hang.
+		if err := unix.SetNonblock(ends[1], true); err != nil {
+			return fail(err)
+		}
+		for b := f.PipeData; len(b) > 0; {
+			n, err := unix.Write(ends[1], b)
+			if err != nil {
+				return fail(fmt.Errorf("refill %d buffered bytes: %w", len(f.PipeData), err))
+			}
+			b = b[n:]
+		}
+	}
+	return ends, nil
 }
 
 // moveFd puts the new fd tmp on f.Fd. Runs on the tracer thread.

@@ -6,7 +6,9 @@
 // mm fields, credentials; last the registers. The process runs only once
 // the whole snapshot has been read and its checksum verified; until then
 // it is stopped, and any failure kills it, so a failed restore leaves
-// nothing behind.
+// nothing behind. A tree snapshot (pfreeze -tree) is built the same way,
+// member by member, after every member's stub has been forked from its
+// parent's (tree_linux.go); the root's Process owns the others.
 package loader
 
 import (
@@ -64,6 +66,12 @@ type Process struct {
 	vdso     uint64 // syscall site in the moved vdso
 	built    bool
 	done     bool
+	tasks    []*task // the threads finish made ready, detached to start
+
+	// In a tree (pfreeze -tree): what all members share, and the parent.
+	tree   *tree
+	parent *Process
+	zombie bool // a member that only exited, left for its parent to reap
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -109,56 +117,13 @@ func (p *Process) notice(format string, args ...any) {
 }
 
 func (p *Process) build(dec *image.Decoder) (err error) {
-	var rec any
-	// Metadata first: process, thread, memory areas.
-	for {
-		rec, err = dec.Next()
-		if err != nil {
-			return err
-		}
-		switch r := rec.(type) {
-		case *image.Process:
-			if p.proc != nil {
-				return fmt.Errorf("%w: second process record", image.ErrCorrupt)
-			}
-			p.proc = r
-			continue
-		case *image.Thread:
-			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads || p.proc.Threads > maxThreads {
-				return fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
-			}
-			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
-				return fmt.Errorf("%w: thread %d out of place", image.ErrCorrupt, r.Tid)
-			}
-			if len(r.Regs) != ptrace.NumRegs {
-				return fmt.Errorf("%w: thread %d has %d registers", image.ErrCorrupt, r.Tid, len(r.Regs))
-			}
-			p.threads = append(p.threads, r)
-			continue
-		case *image.VMA:
-			if p.proc == nil || len(p.threads) != p.proc.Threads {
-				return fmt.Errorf("%w: memory area before the thread records", image.ErrCorrupt)
-			}
-			if err := checkVMA(r, p.vmas); err != nil {
-				return err
-			}
-			p.vmas = append(p.vmas, r)
-			continue
-		}
-		break
-	}
-	if p.proc == nil || len(p.threads) == 0 || len(p.threads) != p.proc.Threads {
-		return fmt.Errorf("%w: missing process or thread records", image.ErrCorrupt)
-	}
-	if err := checkProcess(p.proc, p.threads); err != nil {
+	first, err := dec.Next()
+	if err != nil {
 		return err
 	}
-	if err := p.checkFiles(); err != nil {
-		return err
-	}
-	// From here a reader goroutine decodes ahead (memory contents into a
-	// few buffers) while this one builds the process: reading, decrypting
-	// and decompressing overlap with writing the process's memory.
+	// A reader goroutine decodes ahead (memory contents into a few
+	// buffers) while this one builds the process: reading, decrypting and
+	// decompressing overlap with writing the process's memory.
 	items := make(chan item, readAheadBufs)
 	stop := make(chan struct{})
 	defer func() {
@@ -169,44 +134,129 @@ func (p *Process) build(dec *image.Decoder) (err error) {
 		for range items {
 		}
 	}()
-	go readAhead(dec, rec, items, stop)
-	if err := p.startStub(); err != nil {
+	go readAhead(dec, first, items, stop)
+	if t, ok := first.(*image.Tree); ok {
+		<-items // the tree record itself
+		return p.buildTree(t, items)
+	}
+	last, err := p.buildOne(items, nil, p.startStub)
+	if err != nil {
 		return err
+	}
+	if _, ok := last.(*image.End); !ok {
+		return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, last)
+	}
+	p.built = true
+	return nil
+}
+
+// next returns the next decoded item.
+func next(items <-chan item) (item, error) {
+	it, ok := <-items
+	if !ok {
+		return item{}, fmt.Errorf("%w: no end record", image.ErrCorrupt)
+	}
+	return it, it.err
+}
+
+// buildOne builds one process from its records: rec (its process record,
+// when already read) and those that follow on items. prepare makes its
+// stub once the metadata is known. It returns the record after the
+// process's own: the end record, or in a tree the next member's process
+// record.
+func (p *Process) buildOne(items <-chan item, rec any, prepare func() error) (any, error) {
+	var it item
+	// Metadata first: process, thread, memory areas.
+meta:
+	for {
+		if rec == nil {
+			var err error
+			if it, err = next(items); err != nil {
+				return nil, err
+			}
+			rec = it.rec
+		}
+		switch r := rec.(type) {
+		case *image.Process:
+			if p.proc != nil {
+				break meta // the next member's
+			}
+			p.proc = r
+			rec = nil
+			continue
+		case *image.Thread:
+			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads || p.proc.Threads > maxThreads {
+				return nil, fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
+			}
+			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
+				return nil, fmt.Errorf("%w: thread %d out of place", image.ErrCorrupt, r.Tid)
+			}
+			if len(r.Regs) != ptrace.NumRegs {
+				return nil, fmt.Errorf("%w: thread %d has %d registers", image.ErrCorrupt, r.Tid, len(r.Regs))
+			}
+			p.threads = append(p.threads, r)
+			rec = nil
+			continue
+		case *image.VMA:
+			if p.proc == nil || len(p.threads) != p.proc.Threads {
+				return nil, fmt.Errorf("%w: memory area before the thread records", image.ErrCorrupt)
+			}
+			if err := checkVMA(r, p.vmas); err != nil {
+				return nil, err
+			}
+			p.vmas = append(p.vmas, r)
+			rec = nil
+			continue
+		}
+		break
+	}
+	if p.proc == nil || len(p.threads) == 0 || len(p.threads) != p.proc.Threads {
+		return nil, fmt.Errorf("%w: missing process or thread records", image.ErrCorrupt)
+	}
+	if err := checkProcess(p.proc, p.threads); err != nil {
+		return nil, err
+	}
+	if err := p.checkFiles(); err != nil {
+		return nil, err
+	}
+	if err := prepare(); err != nil {
+		return nil, err
 	}
 	if err := p.mapMemory(); err != nil {
-		return err
+		return nil, err
 	}
-	// Memory contents, then files, then the end record.
-	for it := range items {
-		if it.err != nil {
-			return it.err
-		}
-		switch r := it.rec.(type) {
+	// Memory contents, then files, then the end record (or the next
+	// member of a tree).
+	for {
+		switch r := rec.(type) {
 		case *image.Pages:
 			err := p.fill(r.Addr, it.data)
 			it.free <- it.data[:cap(it.data)]
 			if err != nil {
-				return err
+				return nil, err
 			}
 		case *image.FD:
 			if err := checkFD(r, p.fds); err != nil {
-				return err
+				return nil, err
 			}
 			p.fds = append(p.fds, r)
-		case *image.End:
+		case *image.End, *image.Process:
 			if err := p.finishMemory(); err != nil {
-				return err
+				return nil, err
 			}
 			if err := p.openFiles(); err != nil {
-				return err
+				return nil, err
 			}
-			p.built = true
-			return nil
+			return rec, nil
 		default:
-			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, it.rec)
+			return nil, fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
 		}
+		var err error
+		if it, err = next(items); err != nil {
+			return nil, err
+		}
+		rec = it.rec
 	}
-	return fmt.Errorf("%w: no end record", image.ErrCorrupt)
 }
 
 const (
@@ -325,7 +375,7 @@ func checkFD(f *image.FD, prev []*image.FD) error {
 		return fmt.Errorf("%w: fds out of order at %d", image.ErrCorrupt, f.Fd)
 	}
 	switch f.Kind {
-	case image.FDFile, image.FDEventfd, image.FDEpoll:
+	case image.FDFile, image.FDEventfd, image.FDEpoll, image.FDPipe:
 	case image.FDInherit:
 		if f.Fd > 2 {
 			return fmt.Errorf("%w: inherited fd %d", image.ErrCorrupt, f.Fd)
@@ -593,8 +643,19 @@ func putLE64(b []byte, v uint64) {
 	}
 }
 
-// Abort kills the process if it was not started.
+// Abort kills the process (every member of a tree) if it was not started.
 func (p *Process) Abort() {
+	if p.tree != nil && p.parent == nil {
+		for i := len(p.tree.members) - 1; i >= 0; i-- {
+			p.tree.members[i].abort()
+		}
+		p.tree.closePipes()
+		return
+	}
+	p.abort()
+}
+
+func (p *Process) abort() {
 	if p.done {
 		return
 	}

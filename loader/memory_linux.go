@@ -67,6 +67,33 @@ func (p *Process) mapMemory() error {
 				}
 			case image.VMASharedAnon:
 				flags |= unix.MAP_SHARED | unix.MAP_ANONYMOUS
+				// In a tree, an object another area mapped first is
+				// mapped through that area's /proc/PID/map_files link,
+				// so the pages stay shared.
+				path, off, ok, err := p.sharedArea(v)
+				if err != nil {
+					return err
+				}
+				if ok {
+					s, err := p.putString(path)
+					if err != nil {
+						return err
+					}
+					f, err := p.call(unix.SYS_OPEN, s, unix.O_RDWR|unix.O_CLOEXEC)
+					if err != nil {
+						return fmt.Errorf("%s: open %s: %w", vmaName(v), path, err)
+					}
+					r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)),
+						unix.MAP_FIXED_NOREPLACE|unix.MAP_SHARED, f, uintptr(off))
+					p.call(unix.SYS_CLOSE, f)
+					if err != nil {
+						return fmt.Errorf("%s: mmap %s: %w", vmaName(v), path, err)
+					}
+					if uint64(r) != v.Start {
+						return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
+					}
+					continue
+				}
 			case image.VMAFile:
 				mode := uintptr(unix.O_RDONLY)
 				flags |= unix.MAP_PRIVATE
@@ -97,6 +124,9 @@ func (p *Process) mapMemory() error {
 			}
 			if uint64(r) != v.Start {
 				return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
+			}
+			if v.Kind == image.VMASharedAnon {
+				p.mappedShared(v)
 			}
 		}
 		return nil

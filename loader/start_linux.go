@@ -19,20 +19,46 @@ func (p *Process) Start() error {
 		return errors.New("thaw: start: process not built")
 	}
 	err := p.tr.Do(func() error {
+		if p.tree != nil {
+			return p.startTree()
+		}
 		if p.retryPID {
 			if err := p.takePID(true); err != nil {
 				return err
 			}
 		}
-		return p.finish()
+		if err := p.finish(); err != nil {
+			return err
+		}
+		return p.detach()
 	})
 	if err != nil {
 		p.Abort()
 		return fmt.Errorf("thaw: %w", err)
 	}
-	p.done = true
-	p.mem.Close()
+	members := []*Process{p}
+	if p.tree != nil {
+		members = p.tree.members
+	}
+	for _, m := range members {
+		m.done = true
+		if !m.zombie {
+			m.mem.Close()
+		}
+	}
 	return nil
+}
+
+// detach lets every thread made ready by finish run. Runs on the tracer
+// thread.
+func (p *Process) detach() error {
+	var errs []error
+	for _, tk := range p.tasks {
+		if err := ptrace.Detach(tk.in.Tid, 0); err != nil {
+			errs = append(errs, fmt.Errorf("detach %d: %w", tk.in.Tid, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // task is one thread of the process being started.
@@ -43,7 +69,8 @@ type task struct {
 
 func (t *task) call(nr uintptr, args ...uintptr) (uintptr, error) { return t.in.Syscall(nr, args...) }
 
-// finish runs on the tracer thread.
+// finish gives the process its last state; detach then lets it run.
+// Runs on the tracer thread.
 func (p *Process) finish() error {
 	pr := p.proc
 	scratch := uintptr(p.base + stubScratchOff)
@@ -140,11 +167,11 @@ func (p *Process) finish() error {
 		return fmt.Errorf("dumpable: %w", err)
 	}
 	// After the credentials: changing them resets the parent-death signal.
-	// Always set, 0 included; with -detach not at all, since our exit
-	// would fire it at once.
+	// Always set, 0 included; with -detach not for the root, since our
+	// exit would fire it at once.
 	pdeath := uintptr(pr.PdeathSig)
-	if p.opts.Detach || pdeath > 64 {
-		pdeath = 0
+	if (p.opts.Detach && p.parent == nil) || pdeath > 64 {
+		pdeath = 0 // a tree member's parent is restored with it
 	}
 	if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, pdeath); err != nil {
 		return fmt.Errorf("pdeathsig: %w", err)
@@ -193,13 +220,8 @@ func (p *Process) finish() error {
 			return err
 		}
 	}
-	var errs []error
-	for _, tk := range tasks {
-		if err := ptrace.Detach(tk.in.Tid, 0); err != nil {
-			errs = append(errs, fmt.Errorf("detach %d: %w", tk.in.Tid, err))
-		}
-	}
-	return errors.Join(errs...)
+	p.tasks = tasks
+	return nil
 }
 
 // startInit lets the stub run its init loop (stubInit) for the restored

@@ -24,6 +24,7 @@ func main() {
 	compress := flag.String("compress", "none", "compression: none | gzip[:1-9] | flate[:1-9] | snappy | zstd[:1-22]")
 	encrypt := flag.String("encrypt", "none", "authenticated encryption: none | aes-gcm:KEYFILE | chacha20-poly1305:KEYFILE")
 	halt := flag.Bool("halt", false, "kill the process once its snapshot is safe: flushed to its file, or restored by the receiver (a migration)")
+	tree := flag.Bool("tree", false, "freeze the process and all its descendants (parent/child links, process groups, sessions, shared anonymous memory)")
 	debug := flag.Bool("debug", false, "print a human-readable description of the process instead of a snapshot")
 	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for a network connection")
 	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a network write may make no progress")
@@ -33,7 +34,7 @@ func main() {
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
 	err := run(*pid, *debug, capture.SendOptions{
-		Dest: *dest, Compress: *compress, Encrypt: *encrypt, Halt: *halt,
+		Dest: *dest, Tree: *tree, Compress: *compress, Encrypt: *encrypt, Halt: *halt,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
 	})
@@ -56,14 +57,14 @@ func run(pid int, debug bool, o capture.SendOptions) error {
 		if o.Halt {
 			return errors.New("-debug describes the process and leaves it running; it cannot be combined with -halt")
 		}
-		return describe(tr, pid)
+		return describe(tr, pid, o.Tree)
 	}
 	return capture.Send(tr, pid, o)
 }
 
 // describe freezes pid into a pipe read by the snapshot describer, so the
 // description is exactly what a snapshot would carry.
-func describe(tr *ptrace.Tracer, pid int) error {
+func describe(tr *ptrace.Tracer, pid int, tree bool) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -71,7 +72,11 @@ func describe(tr *ptrace.Tracer, pid int) error {
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.Freeze(tr, pid, pw, false, nil)
+	freeze := capture.Freeze
+	if tree {
+		freeze = capture.FreezeTree
+	}
+	err := freeze(tr, pid, pw, false, nil)
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr

@@ -113,8 +113,9 @@ func TestRefuseTree(t *testing.T) {
 		t.Fatal("pfreeze accepted a process with children")
 	}
 	msg := stderr.String()
-	if !strings.HasPrefix(msg, fmt.Sprintf("pfreeze: freeze %d: child processes ", p.Pid())) || strings.Count(msg, "\n") != 1 {
-		t.Errorf("stderr %q, want one line naming the child processes", msg)
+	if !strings.HasPrefix(msg, fmt.Sprintf("pfreeze: freeze %d: child processes ", p.Pid())) || strings.Count(msg, "\n") != 1 ||
+		!strings.Contains(msg, "-tree") {
+		t.Errorf("stderr %q, want one line naming the child processes and -tree", msg)
 	}
 	p.Lines.Expect(t, `^fork tick \d+ `, waitFor)
 }

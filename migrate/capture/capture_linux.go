@@ -6,7 +6,8 @@
 // side effects). State only the process itself can report is read by
 // injecting single system calls at a syscall instruction of its vdso;
 // nothing is written into its code. Anything the snapshot could not carry
-// faithfully makes Freeze refuse with an error naming it.
+// faithfully makes Freeze refuse with an error naming it. FreezeTree
+// freezes a process with all its descendants (tree_linux.go).
 package capture
 
 import (
@@ -68,7 +69,7 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	if pid == os.Getpid() {
 		return nil, fmt.Errorf("freeze %d: cannot freeze myself", pid)
 	}
-	if err := checkSupported(pid); err != nil {
+	if err := checkSupported(pid, false); err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
@@ -78,7 +79,7 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	}
 	// Again, now that nothing can change: a child, timer or filter made
 	// between the first check and the stop would otherwise slip through.
-	if err := checkSupported(pid); err != nil {
+	if err := checkSupported(pid, false); err != nil {
 		f.Resume()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
@@ -167,7 +168,8 @@ func explainPtraceErr(err error) error {
 }
 
 // checkSupported refuses processes whose state the snapshot cannot carry.
-func checkSupported(pid int) error {
+// In a tree (inTree) children are members, not a reason to refuse.
+func checkSupported(pid int, inTree bool) error {
 	st, err := procfs.Status(pid)
 	if err != nil {
 		return err
@@ -182,8 +184,8 @@ func checkSupported(pid int) error {
 	if err != nil {
 		return err
 	}
-	if len(kids) > 0 {
-		return unsupported("child processes %v (process trees are not supported yet)", kids)
+	if len(kids) > 0 && !inTree {
+		return unsupported("child processes %v (freeze the whole tree with -tree)", kids)
 	}
 	for _, ns := range []string{"mnt", "pid", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
@@ -210,6 +212,17 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 }
 
 func (f *Frozen) write(enc *image.Encoder) error {
+	if err := f.writeRecords(enc, nil, nil); err != nil {
+		return err
+	}
+	return enc.Close()
+}
+
+// writeRecords writes the process's records (all but the end record). In
+// a tree, shm holds the shared memory objects whose pages an earlier
+// member saved: their areas are recorded by identity only; inner holds
+// the pipes with both ends inside the tree.
+func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
 	maps, err := procfs.Maps(f.Pid)
 	if err != nil {
 		return err
@@ -218,7 +231,13 @@ func (f *Frozen) write(enc *image.Encoder) error {
 	if err != nil {
 		return err
 	}
-	fds, err := describeFDs(f.Pid)
+	dump := vmas
+	if shm != nil {
+		if dump, err = identifyShm(f.Pid, vmas, shm); err != nil {
+			return err
+		}
+	}
+	fds, err := describeFDs(f.Pid, inner)
 	if err != nil {
 		return err
 	}
@@ -243,7 +262,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, vmas, enc); err != nil {
+	if err := dumpMemory(f.Pid, f.mem, dump, enc); err != nil {
 		return err
 	}
 	for i := range fds {
@@ -251,7 +270,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 			return err
 		}
 	}
-	return enc.Close()
+	return nil
 }
 
 // describe reads the process and thread state, injecting the calls it needs.
@@ -673,9 +692,14 @@ func (f *Frozen) Kill() error {
 	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 		return fmt.Errorf("kill %d: %w", f.Pid, err)
 	}
-	// Reap the ptrace notifications of every thread's exit so the
-	// tracees are released; the leader's comes only after all others'.
-	return f.tr.Do(func() error {
+	f.reap()
+	return nil
+}
+
+// reap takes the ptrace notifications of every thread's exit so the
+// tracees are released; the leader's comes only after all others'.
+func (f *Frozen) reap() {
+	f.tr.Do(func() error {
 		for i := len(f.threads) - 1; i >= 0; i-- {
 			th := f.threads[i]
 			for {

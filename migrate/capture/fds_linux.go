@@ -19,8 +19,9 @@ var statelessDevices = map[string]bool{
 }
 
 // describeFDs records every open file descriptor, refusing those a restore
-// could not rebuild.
-func describeFDs(pid int) ([]image.FD, error) {
+// could not rebuild. In a tree, inner holds the pipes with both ends
+// inside it (by inode), each true once its buffered data is saved.
+func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 	infos, err := procfs.FDs(pid)
 	if err != nil {
 		return nil, fmt.Errorf("fds: %w", err)
@@ -36,7 +37,16 @@ func describeFDs(pid int) ([]image.FD, error) {
 		kind := st.Mode & syscall.S_IFMT
 		tty := kind == syscall.S_IFCHR && isTTY(st.Rdev)
 		stream := kind == syscall.S_IFIFO || kind == syscall.S_IFSOCK || tty
+		_, innerPipe := inner[st.Ino]
 		switch {
+		case kind == syscall.S_IFIFO && innerPipe:
+			fd.Kind, fd.Pipe = image.FDPipe, st.Ino
+			if !inner[st.Ino] {
+				if fd.PipeSize, fd.PipeData, err = peekPipe(pid, fi.Fd); err != nil {
+					return nil, fmt.Errorf("%s: %w", where, err)
+				}
+				inner[st.Ino] = true
+			}
 		case fi.Fd <= 2 && stream:
 			fd.Kind = image.FDInherit
 		case fi.Link == "anon_inode:[eventfd]":
@@ -110,6 +120,46 @@ func describeFDs(pid int) ([]image.FD, error) {
 		}
 	}
 	return out, nil
+}
+
+// peekPipe returns the capacity of the pipe at pid's fd and the bytes
+// buffered in it, without consuming them: a read end of our own (opened
+// through /proc, whichever end fd is) is tee(2)d into a pipe of ours.
+func peekPipe(pid, fd int) (int, []byte, error) {
+	src, err := unix.Open(fmt.Sprintf("/proc/%d/fd/%d", pid, fd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, nil, fmt.Errorf("open pipe: %w", err)
+	}
+	defer unix.Close(src)
+	size, err := unix.FcntlInt(uintptr(src), unix.F_GETPIPE_SZ, 0)
+	if err != nil {
+		return 0, nil, fmt.Errorf("pipe size: %w", err)
+	}
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return 0, nil, err
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, size); err != nil {
+		return 0, nil, fmt.Errorf("pipe size %d: %w", size, err)
+	}
+	n, err := unix.Tee(src, p[1], size, unix.SPLICE_F_NONBLOCK)
+	if err == unix.EAGAIN {
+		return size, nil, nil // empty
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("tee: %w", err)
+	}
+	data := make([]byte, n)
+	for off := 0; off < len(data); {
+		m, err := unix.Read(p[0], data[off:])
+		if err != nil {
+			return 0, nil, fmt.Errorf("read pipe copy: %w", err)
+		}
+		off += m
+	}
+	return size, data, nil
 }
 
 func isTTY(rdev uint64) bool {

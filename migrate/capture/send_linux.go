@@ -21,6 +21,7 @@ type SendOptions struct {
 	// after the whole snapshot was sent (-halt over a network).
 	ReadyTimeout time.Duration
 	Halt         bool
+	Tree         bool // the process and all its descendants
 	Progress     bool // draw a progress bar on stderr
 }
 
@@ -55,7 +56,11 @@ func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 		}
 		return sink.Close()
 	}
-	err = Freeze(tr, pid, body, o.Halt, commit)
+	if o.Tree {
+		err = FreezeTree(tr, pid, body, o.Halt, commit)
+	} else {
+		err = Freeze(tr, pid, body, o.Halt, commit)
+	}
 	if prog != nil {
 		prog.Finish()
 	}

@@ -60,7 +60,7 @@ func (e *Encoder) write(p []byte) {
 	_, e.err = e.w.Write(p)
 }
 
-// Write encodes one metadata record (*Process, *Thread, *VMA or *FD).
+// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA or *FD).
 func (e *Encoder) Write(rec any) error {
 	var t Type
 	switch rec.(type) {
@@ -72,6 +72,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeVMA
 	case *FD:
 		t = TypeFD
+	case *Tree:
+		t = TypeTree
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -166,7 +168,7 @@ func (d *Decoder) read(p []byte) error {
 	return nil
 }
 
-// Next returns the next record: *Process, *Thread, *VMA, *FD, *Pages or,
+// Next returns the next record: *Tree, *Process, *Thread, *VMA, *FD, *Pages or,
 // last, *End once the checksum has been verified. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
 func (d *Decoder) Next() (any, error) {
@@ -259,6 +261,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(VMA)
 	case TypeFD:
 		rec = new(FD)
+	case TypeTree:
+		rec = new(Tree)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

@@ -175,3 +175,33 @@ func TestManySkippable(t *testing.T) {
 		t.Fatalf("got %d records, %v; want the process and end records", len(recs), err)
 	}
 }
+
+// TestTreeRoundTrip: a tree record, a shared area's identity and a pipe's
+// fields survive encoding.
+func TestTreeRoundTrip(t *testing.T) {
+	var buf bytes.Buffer
+	enc := NewEncoder(&buf)
+	tree := &Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Pgid: 10, Sid: 10, Threads: 2}, {Pid: 11, PPid: 10, Pgid: 10, Sid: 10, Zombie: true, ExitStatus: 0x300}}}
+	recs := []any{tree, &VMA{Start: 0x1000, End: 0x2000, Kind: VMASharedAnon, Shared: true, Shm: 77},
+		&FD{Fd: 4, Kind: FDPipe, Pipe: 99, PipeSize: 65536, PipeData: []byte("seq 1\n")}}
+	for _, r := range recs {
+		if err := enc.Write(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := enc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := decodeAll(buf.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 4 {
+		t.Fatalf("got %d records, want 4", len(got))
+	}
+	for i, r := range recs {
+		if !reflect.DeepEqual(got[i], r) {
+			t.Errorf("record %d: got %+v, want %+v", i, got[i], r)
+		}
+	}
+}

@@ -36,7 +36,21 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			return err
 		}
 		switch r := rec.(type) {
+		case *Tree:
+			fmt.Fprintf(w, "Tree of %d processes:\n", len(r.Procs))
+			for _, m := range r.Procs {
+				fmt.Fprintf(w, "  pid %d ppid %d pgid %d sid %d threads %d", m.Pid, m.PPid, m.Pgid, m.Sid, m.Threads)
+				if m.Zombie {
+					fmt.Fprintf(w, " zombie (status %#x)", m.ExitStatus)
+				}
+				fmt.Fprintln(w)
+			}
 		case *Process:
+			// A tree holds one process after another: describe each.
+			if p != nil {
+				describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
+				vmas, hashes, saved, fds, ths = nil, nil, nil, nil, nil
+			}
 			p = r
 		case *Thread:
 			ths = append(ths, r)
@@ -79,6 +93,11 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 	if p == nil {
 		return fmt.Errorf("%w: no process record", ErrCorrupt)
 	}
+	describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
+	return nil
+}
+
+func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []hash.Hash, saved []uint64, fds []*FD, regNames []string) {
 	fmt.Fprintf(w, "Process: %s (pid %d), exe %s, cwd %s\n", p.Comm, p.Pid, p.Exe, p.Cwd)
 	fmt.Fprintf(w, "Frozen on %s (kernel %s), %d thread(s)\n", p.Host, p.Kernel, p.Threads)
 	c := p.Creds
@@ -123,8 +142,11 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll"}[f.Kind]
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe"}[f.Kind]
 		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
+		if f.Kind == FDPipe {
+			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
+		}
 		if f.Kind == FDEventfd {
 			fmt.Fprintf(w, " count %d semaphore %v", f.EventCount, f.Semaphore)
 		}
@@ -133,5 +155,4 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		}
 		fmt.Fprintln(w)
 	}
-	return nil
 }

@@ -20,6 +20,7 @@ const (
 	TypePages   Type = 4
 	TypeFD      Type = 5
 	TypeEnd     Type = 6
+	TypeTree    Type = 7
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -39,6 +40,8 @@ func (t Type) String() string {
 		return "fd"
 	case TypeEnd:
 		return "end"
+	case TypeTree:
+		return "tree"
 	}
 	return "unknown"
 }
@@ -190,6 +193,10 @@ type VMA struct {
 	// File identity checked on restore (file mappings only).
 	FileSize  int64 `msgpack:"file_size"`
 	FileMtime int64 `msgpack:"file_mtime"` // unix nanoseconds
+	// Shm identifies the shared memory object of a VMASharedAnon area in a
+	// tree snapshot (its inode): areas with the same Shm share their pages,
+	// which are saved only with the first area that maps the object.
+	Shm uint64 `msgpack:"shm,omitempty"`
 	// Content is the area's bytes for kernel areas that are compared rather
 	// than written (the vdso).
 	Content []byte `msgpack:"content,omitempty"`
@@ -223,6 +230,9 @@ const (
 	FDEventfd FDKind = 3
 	// FDEpoll is an epoll instance, recreated with its registrations.
 	FDEpoll FDKind = 4
+	// FDPipe is one end of a pipe whose read and write ends are both held
+	// inside a tree snapshot; the pipe is recreated with its buffered data.
+	FDPipe FDKind = 5
 )
 
 // EpollTarget is one registration of an epoll instance.
@@ -248,6 +258,33 @@ type FD struct {
 	EventCount uint64        `msgpack:"event_count,omitempty"` // FDEventfd
 	Semaphore  bool          `msgpack:"semaphore,omitempty"`   // FDEventfd
 	Epoll      []EpollTarget `msgpack:"epoll,omitempty"`       // FDEpoll
+
+	// FDPipe: the pipe's identity (its inode when frozen); which end is in
+	// Flags (O_WRONLY: the write end). The first fd record of a pipe in the
+	// snapshot carries its capacity and the bytes buffered in it.
+	Pipe     uint64 `msgpack:"pipe,omitempty"`
+	PipeSize int    `msgpack:"pipe_size,omitempty"`
+	PipeData []byte `msgpack:"pipe_data,omitempty"`
+}
+
+// Tree opens the snapshot of a process tree (pfreeze -tree). It lists the
+// members in creation order, every parent before its children; their
+// records (Process, Thread*, VMA*, Pages*, FD*) follow in the same order.
+// A snapshot without a Tree record holds a single process.
+type Tree struct {
+	Procs []TreeProc `msgpack:"procs"`
+}
+
+// TreeProc is one member of a tree: its place (parent, process group,
+// session) and, for a zombie, its exit status.
+type TreeProc struct {
+	Pid        int  `msgpack:"pid"`
+	PPid       int  `msgpack:"ppid"` // the root's parent is outside the tree
+	Pgid       int  `msgpack:"pgid"`
+	Sid        int  `msgpack:"sid"`
+	Threads    int  `msgpack:"threads"`
+	Zombie     bool `msgpack:"zombie,omitempty"`
+	ExitStatus int  `msgpack:"exit_status,omitempty"` // wait status, /proc/PID/stat field 52
 }
 
 // End closes a snapshot.

@@ -1,0 +1,353 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// haltTreeToFile freezes the tree rooted at p with -tree -halt into a
+// file, waits for the root and for others (its descendants) to be gone,
+// and returns the file.
+func haltTreeToFile(t *testing.T, p *fixture.Proc, others ...int) string {
+	t.Helper()
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", snap)
+	select {
+	case <-p.Exited():
+	case <-time.After(waitFor):
+		t.Fatalf("pid %d still running after pfreeze -tree -halt", p.Pid())
+	}
+	for _, pid := range others {
+		if err := fixture.WaitExit(pid, waitFor); err != nil {
+			t.Fatalf("after pfreeze -tree -halt: %v", err)
+		}
+	}
+	return snap
+}
+
+// killTreeAtCleanup kills, when the test ends and before pthaw is
+// stopped, process group pgid and pids (restored members: they hold
+// pthaw's stdout and stderr, which pthaw's cleanup waits to be closed) and
+// waits for them to exit.
+func killTreeAtCleanup(t *testing.T, pgid int, pids ...int) {
+	t.Cleanup(func() {
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		for _, pid := range pids {
+			if err := fixture.WaitExit(pid, waitFor); err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	})
+}
+
+// pgidOf returns pid's process group (/proc/PID/stat field 5).
+func pgidOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	return atoi(t, f[2])
+}
+
+// forkTick reads forkserver's next tick, failing on a FAIL line.
+func forkTick(t *testing.T, l *fixture.Lines) (n, s, a, b int) {
+	t.Helper()
+	m := l.Expect(t, `^(fork tick (\d+) shared=(\d+) w1=(\d+) w2=(\d+)|FAIL.*)$`, waitFor)
+	if strings.HasPrefix(m[0], "FAIL") {
+		t.Fatalf("got %q", m[0])
+	}
+	return atoi(t, m[2]), atoi(t, m[3]), atoi(t, m[4]), atoi(t, m[5])
+}
+
+// TestForkServerTree moves a parent and its two workers, which count in
+// one MAP_SHARED|MAP_ANONYMOUS page: after thaw all three have their PIDs
+// and process group, the counts keep growing in the parent's view (the
+// page is still shared, not three private copies) and the parent's check
+// shared == w1 + w2 keeps holding.
+func TestForkServerTree(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	m := p.Lines.Expect(t, `^workers (\d+) (\d+)$`, waitFor)
+	w1, w2 := atoi(t, m[1]), atoi(t, m[2])
+	var s0, a0, b0 int
+	for i := 0; i < 3; i++ {
+		_, s0, a0, b0 = forkTick(t, p.Lines)
+	}
+	root := p.Pid()
+	snap := haltTreeToFile(t, p, w1, w2)
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root, w1, w2)
+	var s, a, b int
+	for i := 0; i < 10; i++ {
+		_, s, a, b = forkTick(t, th.out)
+	}
+	if s <= s0 || a <= a0 || b <= b0 {
+		t.Fatalf("after thaw shared=%d w1=%d w2=%d, want each above shared=%d w1=%d w2=%d", s, a, b, s0, a0, b0)
+	}
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	kids, err := fixture.Children(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Ints(kids)
+	want := []int{w1, w2}
+	sort.Ints(want)
+	if fmt.Sprint(kids) != fmt.Sprint(want) {
+		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
+	}
+	for _, pid := range append([]int{root}, kids...) {
+		if g := pgidOf(t, pid); g != root {
+			t.Errorf("pid %d in process group %d, want %d", pid, g, root)
+		}
+	}
+	if strings.Contains(th.stderr.String(), "taken") {
+		t.Errorf("pthaw says: %s", th.stderr.String())
+	}
+}
+
+// TestPipelineTree moves the shell pipeline sh -c 'producer | consumer'
+// with lines waiting in the pipe between them (the consumer is stopped
+// for a moment before the freeze): after thaw the same three PIDs carry
+// on, and the consumer reads every line exactly once, the buffered ones
+// first (it fails on a gap or a repeat).
+func TestPipelineTree(t *testing.T) {
+	needRoot(t)
+	pl := fixture.Pipeline(t)
+	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
+	if err := syscall.Kill(pl.Consumer, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the producer fills the pipe meanwhile
+	root, producer, consumer := pl.Pid(), pl.Producer, pl.Consumer
+	snap := haltTreeToFile(t, pl.Proc, producer, consumer)
+	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, desc)
+	}
+	if !regexp.MustCompile(`pipe \d+ size \d+ buffered [1-9]`).Match(desc) {
+		t.Errorf("snapshot has no buffered pipe data:\n%s", desc)
+	}
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root, producer, consumer)
+	for i := 0; i < 10; i++ {
+		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
+		if !strings.HasPrefix(line, "got ") {
+			t.Fatalf("after thaw: %q", line)
+		}
+		n := atoi(t, strings.TrimPrefix(line, "got "))
+		if n <= last {
+			t.Fatalf("after thaw got %d, want more than %d", n, last)
+		}
+		last = n
+	}
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	kids, err := fixture.Children(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Ints(kids)
+	want := []int{producer, consumer}
+	sort.Ints(want)
+	if fmt.Sprint(kids) != fmt.Sprint(want) {
+		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
+	}
+}
+
+// statOf returns fields 3.. of /proc/PID/stat (index 0 is the state).
+func statOf(t *testing.T, pid int) []string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+}
+
+// zombiesOf returns the zombie children of pid (fixture.Children lists
+// only live ones).
+func zombiesOf(pid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(pid) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// TestZombieTree moves a process with two unreaped children, one exited
+// with status 3, one killed by SIGTERM: after thaw both are zombies again,
+// children of the restored parent, with the same PIDs and wait statuses.
+func TestZombieTree(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `(exit 3) & sh -c 'kill -TERM $$' & exec "$0" 5`, fixture.Build(t, "countforever"))
+	p.Lines.Expect(t, `^\d+$`, waitFor)
+	var zombies []int
+	deadline := time.Now().Add(waitFor)
+	for len(zombies) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no two zombie children of %d (have %v)", p.Pid(), zombies)
+		}
+		time.Sleep(10 * time.Millisecond)
+		zombies = zombiesOf(p.Pid())
+	}
+	status := map[int]string{}
+	for _, z := range zombies {
+		status[z] = statOf(t, z)[52-3]
+	}
+	root := p.Pid()
+	snap := haltTreeToFile(t, p, zombies...)
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root)
+	if _, err := th.out.Match(`^\d+$`, waitFor); err != nil {
+		t.Fatalf("%v; pthaw: %s", err, th.stderr.String())
+	}
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	for _, z := range zombies {
+		st := statOf(t, z)
+		if st[0] != "Z" || atoi(t, st[1]) != root || st[52-3] != status[z] {
+			t.Errorf("pid %d after thaw: state %s ppid %s exit status %s, want Z, %d, %s", z, st[0], st[1], st[52-3], root, status[z])
+		}
+	}
+	if want := map[string]bool{"768": true, "15": true}; !want[status[zombies[0]]] || !want[status[zombies[1]]] {
+		t.Errorf("zombies' statuses %v, want 768 (exit 3) and 15 (SIGTERM)", status)
+	}
+	th.out.Expect(t, `^\d+$`, waitFor)
+}
+
+// TestTreeFailedFreezeResumes: a tree whose freeze fails after every
+// member is stopped (the root, countforever, is already described when
+// its child forkserver is refused for a pipe to outside the tree at fd 3)
+// is resumed whole, even with -halt: every member carries on.
+func TestTreeFailedFreezeResumes(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `"$1" 3>&1 & exec "$0" 5`, fixture.Build(t, "countforever"), fixture.Build(t, "forkserver"))
+	p.Lines.Expect(t, `^fork tick 2 `, waitFor)
+	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
+	out, err := cmd.CombinedOutput()
+	msg := string(out)
+	if err == nil || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "fd 3 (pipe:") {
+		t.Fatalf("pfreeze: %v: %q, want one line refusing fd 3", err, msg)
+	}
+	last := 0
+	for i := 0; i < 3; i++ {
+		n, _, _, _ := forkTick(t, p.Lines)
+		if n <= last {
+			t.Fatalf("fork tick %d after tick %d", n, last)
+		}
+		last = n
+	}
+	p.Lines.Expect(t, `^\d+$`, waitFor)
+}
+
+// TestForkServerTreeClone clones the forkserver tree (a checkpoint: the
+// original keeps running and holds every PID): the clone's members get
+// new PIDs, said on stderr, keep their parent/child links and one process
+// group led by the new root, and count on in a page of their own.
+func TestForkServerTreeClone(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	m := p.Lines.Expect(t, `^workers (\d+) (\d+)$`, waitFor)
+	forkTick(t, p.Lines)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	th := thaw(t, "-src", snap)
+	clone := th.restoredPid(t)
+	kids, err := fixture.Children(clone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killTreeAtCleanup(t, clone, kids...)
+	for i := 0; i < 5; i++ {
+		forkTick(t, th.out)
+	}
+	forkTick(t, p.Lines) // the original carries on too
+	if clone == p.Pid() || len(kids) != 2 {
+		t.Fatalf("clone %d with children %v (original %d)", clone, kids, p.Pid())
+	}
+	for _, pid := range append([]int{clone}, kids...) {
+		if g := pgidOf(t, pid); g != clone {
+			t.Errorf("pid %d in process group %d, want %d", pid, g, clone)
+		}
+	}
+	for _, w := range m[1:] {
+		if !strings.Contains(th.stderr.String(), fmt.Sprintf("pid %s is taken on this host; restored as pid", w)) {
+			t.Errorf("pthaw stderr %q does not say worker %s got a new pid", th.stderr.String(), w)
+		}
+	}
+}
+
+// TestPipelineTreeOverTCP migrates the shell pipeline on one host through
+// a socket with -halt: pthaw builds the tree while the originals, frozen,
+// still hold their PIDs, so every member gets a new PID (said on stderr;
+// trees are not moved into their PIDs late); the data flows on without a
+// gap or a repeat, and the originals are gone.
+func TestPipelineTreeOverTCP(t *testing.T) {
+	needRoot(t)
+	pl := fixture.Pipeline(t)
+	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
+	th := thaw(t, "-src", "tcp:127.0.0.1:0")
+	addr := th.listening(t)
+	fr := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(pl.Pid()), "-tree", "-halt", "-compress", "zstd", "-dest", "tcp:"+addr)
+	if out, err := fr.CombinedOutput(); err != nil {
+		t.Fatalf("pfreeze: %v: %s; pthaw: %s", err, out, th.stderr.String())
+	}
+	root := th.restoredPid(t)
+	killTreeAtCleanup(t, root)
+	for i := 0; i < 5; i++ {
+		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
+		if !strings.HasPrefix(line, "got ") {
+			t.Fatalf("after thaw: %q", line)
+		}
+		n := atoi(t, strings.TrimPrefix(line, "got "))
+		if n <= last {
+			t.Fatalf("after thaw got %d, want more than %d", n, last)
+		}
+		last = n
+	}
+	for _, pid := range []int{pl.Producer, pl.Consumer} {
+		if err := fixture.WaitExit(pid, waitFor); err != nil {
+			t.Errorf("original: %v", err)
+		}
+	}
+	select {
+	case <-pl.Exited():
+	case <-time.After(waitFor):
+		t.Fatal("the original sh still runs after pfreeze -halt")
+	}
+	if kids, _ := fixture.Children(root); len(kids) != 2 {
+		t.Errorf("restored sh %d has children %v, want 2", root, kids)
+	}
+}

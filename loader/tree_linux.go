@@ -1,0 +1,342 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// tree is what the members of a restored process tree share. The root's
+// Process owns it; every member points to it.
+type tree struct {
+	img     *image.Tree
+	members []*Process  // creation order: every parent before its children
+	pids    map[int]int // saved pid -> pid here
+	// shm maps a shared memory object's identity (image.VMA.Shm) to the
+	// first area that mapped it; later areas map that area's object.
+	shm map[uint64]shmArea
+	// pipes holds pthaw's read and write ends of each pipe (by its saved
+	// identity, image.FD.Pipe) until the tree starts or is aborted.
+	pipes map[uint64][2]int
+}
+
+// closePipes closes pthaw's ends of the tree's pipes: from then on the
+// members hold the only ones.
+func (t *tree) closePipes() {
+	for id, ends := range t.pipes {
+		unix.Close(ends[0])
+		unix.Close(ends[1])
+		delete(t.pipes, id)
+	}
+}
+
+type shmArea struct {
+	pid        int // ours
+	start, end uint64
+	offset     uint64 // the saved offset of that area in its object
+}
+
+// checkTree validates the tree record: every parent before its children,
+// PIDs unique.
+func checkTree(t *image.Tree) error {
+	if len(t.Procs) == 0 {
+		return fmt.Errorf("%w: empty tree", image.ErrCorrupt)
+	}
+	seen := map[int]bool{}
+	zombie := map[int]bool{}
+	for i, m := range t.Procs {
+		if m.Pid <= 0 || seen[m.Pid] || (m.Threads <= 0) != m.Zombie || (m.Zombie && i == 0) {
+			return fmt.Errorf("%w: tree member %d (pid %d)", image.ErrCorrupt, i, m.Pid)
+		}
+		if (i == 0) == seen[m.PPid] || zombie[m.PPid] {
+			return fmt.Errorf("%w: tree member pid %d out of place (parent %d)", image.ErrCorrupt, m.Pid, m.PPid)
+		}
+		seen[m.Pid] = true
+		zombie[m.Pid] = m.Zombie
+	}
+	return nil
+}
+
+// buildTree builds every member of a tree from items: the root's stub
+// first, then, before any memory arrives, every other member's as a fork
+// of its parent's, each put in its process group and session before it
+// has children. Then each member is built as its records stream in.
+func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
+	if err := checkTree(img); err != nil {
+		return err
+	}
+	if p.opts.PIDNamespace {
+		return errors.New("a process tree cannot be restored into a new PID namespace yet")
+	}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}}
+	var rec any
+	for i, m := range img.Procs {
+		if m.Zombie {
+			continue // no records: it was made and ended with the stubs
+		}
+		var mp *Process
+		prepare := p.startTreeRoot
+		if i == 0 {
+			mp = p
+		} else {
+			mp = p.tree.members[i]
+			prepare = mp.checkStubRoom
+		}
+		if pr, ok := rec.(*image.Process); ok || i == 0 {
+			if i > 0 && pr.Pid != m.Pid {
+				return fmt.Errorf("%w: process %d where the tree has %d", image.ErrCorrupt, pr.Pid, m.Pid)
+			}
+		} else {
+			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
+		}
+		var err error
+		if rec, err = mp.buildOne(items, rec, prepare); err != nil {
+			return fmt.Errorf("pid %d: %w", m.Pid, err)
+		}
+		if mp.proc.Pid != m.Pid || mp.proc.Threads != m.Threads {
+			return fmt.Errorf("%w: process %d where the tree has %d", image.ErrCorrupt, mp.proc.Pid, m.Pid)
+		}
+	}
+	if _, ok := rec.(*image.End); !ok {
+		return fmt.Errorf("%w: unexpected %T record after the tree", image.ErrCorrupt, rec)
+	}
+	for _, m := range p.tree.members {
+		m.built = true
+	}
+	return nil
+}
+
+// startTreeRoot starts the root's stub with its saved PID (a new one, said,
+// when it stays taken: a tree is not retried just before it starts), and
+// forks every other member's stub from it.
+func (p *Process) startTreeRoot() error {
+	if err := p.startStub(); err != nil {
+		return err
+	}
+	return p.tr.Do(func() error {
+		if p.retryPID {
+			if err := p.takePID(true); err != nil {
+				return err
+			}
+		}
+		t := p.tree
+		t.pids[p.proc.Pid] = p.pid
+		if err := p.setGroup(t.img.Procs[0]); err != nil {
+			return fmt.Errorf("pid %d: %w", p.proc.Pid, err)
+		}
+		byPid := map[int]*Process{p.proc.Pid: p}
+		for _, m := range t.img.Procs[1:] {
+			parent := byPid[m.PPid]
+			c := &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
+			t.members = append(t.members, c)
+			if err := parent.fork(c, m.Pid); err != nil {
+				return fmt.Errorf("pid %d: %w", m.Pid, err)
+			}
+			t.pids[m.Pid] = c.pid
+			byPid[m.Pid] = c
+			if err := c.setGroup(m); err != nil {
+				return fmt.Errorf("pid %d: %w", m.Pid, err)
+			}
+			if m.Zombie {
+				if err := c.exitAs(m.ExitStatus); err != nil {
+					return fmt.Errorf("zombie pid %d: %w", m.Pid, err)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// exitAs ends the stub of a zombie member with its saved wait status,
+// exit_group(code) or the signal that killed it, and takes the exit
+// notification owed to us as its tracer: the process stays a zombie for
+// its parent to reap. Runs on the tracer thread.
+func (p *Process) exitAs(status int) error {
+	p.zombie = true
+	p.mem.Close()
+	ws := unix.WaitStatus(status)
+	switch {
+	case ws.Exited():
+		// The call does not return: the step ends in the exit.
+		p.in.Syscall(unix.SYS_EXIT_GROUP, uintptr(ws.ExitStatus()))
+	case ws.Signaled():
+		// No core file: the original's, if any, was written when it died.
+		unix.Prlimit(p.pid, unix.RLIMIT_CORE, &unix.Rlimit{}, nil)
+		sig := ws.Signal()
+		// Stubs run with every signal blocked; this one must arrive.
+		if err := ptrace.SetSigmask(p.pid, 0); err != nil {
+			return err
+		}
+		if err := unix.Tgkill(p.pid, p.pid, sig); err != nil {
+			return fmt.Errorf("kill with %v: %w", sig, err)
+		}
+		if err := ptrace.Cont(p.pid, 0); err != nil {
+			return err
+		}
+		for {
+			st, err := ptrace.Wait(p.pid)
+			if errors.Is(err, ptrace.ErrExited) {
+				break
+			}
+			if err != nil {
+				return err
+			}
+			// Deliver our signal at its delivery stop; nothing else.
+			var deliver unix.Signal
+			if st.Sig() == sig && st.Event() == 0 {
+				deliver = sig
+			}
+			if err := ptrace.Cont(p.pid, deliver); err != nil {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("%w: wait status %#x", image.ErrCorrupt, status)
+	}
+	if !dying(p.pid) {
+		return fmt.Errorf("pid %d did not end", p.pid)
+	}
+	return nil
+}
+
+// fork makes c's stub: a copy of p's, p's child, with PID want (a new
+// one, said, when want is taken). Runs on the tracer thread.
+func (p *Process) fork(c *Process, want int) error {
+	scratch := p.base + stubScratchOff
+	// struct clone_args (88 bytes) followed by the set_tid array.
+	args := make([]byte, 96)
+	putLE64(args[32:], uint64(unix.SIGCHLD)) // exit_signal
+	if !p.opts.NewPID {
+		putLE64(args[64:], scratch+88) // set_tid
+		putLE64(args[72:], 1)          // set_tid_size
+		putLE64(args[88:], uint64(want))
+	}
+	if err := p.mem.Write(scratch, args); err != nil {
+		return fmt.Errorf("fork: %w", err)
+	}
+	p.in.NewChild = 0
+	_, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88)
+	if err != nil && !p.opts.NewPID && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
+		why := err
+		putLE64(args[64:], 0)
+		putLE64(args[72:], 0)
+		if err := p.mem.Write(scratch, args); err != nil {
+			return fmt.Errorf("fork: %w", err)
+		}
+		if _, err = p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err == nil {
+			if errors.Is(why, unix.EEXIST) {
+				p.notice("pid %d is taken on this host; restored as pid %d", want, p.in.NewChild)
+			} else {
+				p.notice("cannot restore pid %d (%v); restored as pid %d", want, why, p.in.NewChild)
+			}
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("fork: clone3: %w", err)
+	}
+	child := p.in.NewChild
+	if child <= 0 {
+		return errors.New("fork: no fork event")
+	}
+	c.pid = child
+	st, err := ptrace.Wait(child)
+	if err != nil {
+		return fmt.Errorf("fork: child %d: %w", child, err)
+	}
+	if !st.Status.Stopped() {
+		return fmt.Errorf("fork: child %d: %v", child, st)
+	}
+	c.mem = ptrace.NewMem(child)
+	in, err := ptrace.NewInjector(child, uintptr(c.base+stubCodeOff))
+	if err != nil {
+		return err
+	}
+	c.in = in
+	return nil
+}
+
+// setGroup puts the new stub of member m in its session and process
+// group. Its children inherit them, so this is done before they are
+// forked. A group or session led from outside the tree stays the one
+// inherited. Runs on the tracer thread.
+func (p *Process) setGroup(m image.TreeProc) error {
+	pids := p.tree.pids
+	switch {
+	case m.Sid == m.Pid:
+		if _, err := p.call(unix.SYS_SETSID); err != nil {
+			return fmt.Errorf("setsid: %w", err)
+		}
+	case m.Pgid == m.Pid:
+		if _, err := p.call(unix.SYS_SETPGID, 0, 0); err != nil {
+			return fmt.Errorf("setpgid(0, 0): %w", err)
+		}
+	case pids[m.Pgid] != 0:
+		if _, err := p.call(unix.SYS_SETPGID, 0, uintptr(pids[m.Pgid])); err != nil {
+			return fmt.Errorf("setpgid(0, %d): %w", pids[m.Pgid], err)
+		}
+	}
+	return nil
+}
+
+// checkStubRoom checks that a forked member's memory leaves room for the
+// stub it was forked as (placed clear of the root's memory only).
+func (p *Process) checkStubRoom() error {
+	lo, hi := p.base, p.base+stubSize
+	for _, r := range p.snapshotRanges() {
+		if r[0] < hi && lo < r[1] {
+			return fmt.Errorf("memory %#x-%#x overlaps the restorer's stub at %#x (not supported yet)", r[0], r[1], lo)
+		}
+	}
+	return nil
+}
+
+// sharedArea returns how to map v, a shared anonymous area, when another
+// area of its object was mapped before: the path of that area's object
+// and v's offset in it. Without one, v becomes the first.
+func (p *Process) sharedArea(v *image.VMA) (path string, off uint64, ok bool, err error) {
+	if p.tree == nil || v.Shm == 0 {
+		return "", 0, false, nil
+	}
+	a, ok := p.tree.shm[v.Shm]
+	if !ok {
+		return "", 0, false, nil
+	}
+	if v.Offset < a.offset || v.Offset-a.offset+v.Len() > a.end-a.start {
+		return "", 0, false, fmt.Errorf("%s: shares only part of %#x-%#x of pid %d: not supported yet", vmaName(v), a.start, a.end, a.pid)
+	}
+	return fmt.Sprintf("/proc/%d/map_files/%x-%x", a.pid, a.start, a.end), v.Offset - a.offset, true, nil
+}
+
+// mappedShared records v, just mapped as a fresh shared anonymous area, as
+// the first of its object.
+func (p *Process) mappedShared(v *image.VMA) {
+	if p.tree != nil && v.Shm != 0 {
+		p.tree.shm[v.Shm] = shmArea{pid: p.pid, start: v.Start, end: v.End, offset: v.Offset}
+	}
+}
+
+// startTree finishes every member, then lets them all run, children
+// first, so that no parent finds a child still being built. Runs on the
+// tracer thread.
+func (p *Process) startTree() error {
+	defer p.tree.closePipes()
+	for _, m := range p.tree.members {
+		if m.zombie {
+			continue
+		}
+		if err := m.finish(); err != nil {
+			return fmt.Errorf("pid %d: %w", m.proc.Pid, err)
+		}
+	}
+	var errs []error
+	for i := len(p.tree.members) - 1; i >= 0; i-- {
+		if err := p.tree.members[i].detach(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

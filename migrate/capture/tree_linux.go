@@ -1,0 +1,218 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// FrozenTree is a process and all its descendants, every thread of every
+// member stopped together by AttachTree. Exactly one of Resume or Kill
+// must be called.
+type FrozenTree struct {
+	Pid     int
+	members []*Frozen        // creation order: every parent before its children
+	procs   []image.TreeProc // the same order, zombies included
+}
+
+// AttachTree stops pid and every descendant. Members are stopped parent
+// first, and a member's children are listed only once it is stopped, so
+// that no member can fork a process the snapshot would miss.
+func AttachTree(tr *ptrace.Tracer, pid int) (*FrozenTree, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("freeze: invalid pid %d", pid)
+	}
+	if _, err := os.Stat(procfs.Path(pid, "")); err != nil {
+		return nil, fmt.Errorf("freeze %d: no such process", pid)
+	}
+	t := &FrozenTree{Pid: pid}
+	if err := t.stopAll(tr); err != nil {
+		t.detach()
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	return t, nil
+}
+
+func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
+	queue := []int{t.Pid}
+	in := map[int]bool{t.Pid: true}
+	for len(queue) > 0 {
+		pid := queue[0]
+		queue = queue[1:]
+		if pid == os.Getpid() {
+			return fmt.Errorf("cannot freeze a tree holding myself (pid %d)", pid)
+		}
+		stat, err := procfs.Stat(pid)
+		if err != nil {
+			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		m := image.TreeProc{Pid: pid, PPid: int(procfs.StatField(stat, 4)),
+			Pgid: int(procfs.StatField(stat, 5)), Sid: int(procfs.StatField(stat, 6))}
+		// A zombie child (exited, not yet reaped by its parent) is only
+		// its place in the tree and its wait status: it cannot be
+		// traced and has no children.
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
+			t.procs = append(t.procs, m)
+			continue
+		}
+		if err := checkSupported(pid, true); err != nil {
+			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
+		t.members = append(t.members, f)
+		if err := tr.Do(f.stopAll); err != nil {
+			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		m.Threads = len(f.threads)
+		// Read again now that it is stopped: it may have moved meanwhile.
+		if stat, err = procfs.Stat(pid); err != nil {
+			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		m.Pgid, m.Sid = int(procfs.StatField(stat, 5)), int(procfs.StatField(stat, 6))
+		t.procs = append(t.procs, m)
+		kids, err := procfs.Children(pid)
+		if err != nil {
+			return fmt.Errorf("pid %d: children: %w", pid, err)
+		}
+		for _, k := range kids {
+			if !in[k] {
+				in[k] = true
+				queue = append(queue, k)
+			}
+		}
+	}
+	// A member's group and session are rebuilt from inside the tree: led
+	// by a member, or inherited from the root (whose own are pthaw's
+	// unless it leads them).
+	root := t.procs[0]
+	for _, m := range t.procs[1:] {
+		if !in[m.Pgid] && m.Pgid != root.Pgid {
+			return unsupported("pid %d: process group %d is led from outside the tree", m.Pid, m.Pgid)
+		}
+		if !in[m.Sid] && m.Sid != root.Sid {
+			return unsupported("pid %d: session %d is led from outside the tree", m.Pid, m.Sid)
+		}
+	}
+	return nil
+}
+
+// Write streams the state of every member to enc and closes enc.
+func (t *FrozenTree) Write(enc *image.Encoder) error {
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	inner, err := t.innerPipes()
+	if err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	shm := map[uint64]bool{}
+	for _, f := range t.members {
+		if err := f.writeRecords(enc, shm, inner); err != nil {
+			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
+		}
+	}
+	if err := enc.Close(); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	return nil
+}
+
+// innerPipes returns the pipes (by inode) that have both a read and a
+// write end open in members of the tree, each false: its data is yet to
+// be saved.
+func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
+	const read, write = 1, 2
+	ends := map[uint64]int{}
+	for _, f := range t.members {
+		infos, err := procfs.FDs(f.Pid)
+		if err != nil {
+			return nil, fmt.Errorf("pid %d: fds: %w", f.Pid, err)
+		}
+		for _, fi := range infos {
+			var ino uint64
+			if _, err := fmt.Sscanf(fi.Link, "pipe:[%d]", &ino); err != nil {
+				continue
+			}
+			if fi.Flags&unix.O_ACCMODE == unix.O_WRONLY {
+				ends[ino] |= write
+			} else {
+				ends[ino] |= read
+			}
+		}
+	}
+	inner := map[uint64]bool{}
+	for ino, e := range ends {
+		if e == read|write {
+			inner[ino] = false // data not saved yet
+		}
+	}
+	return inner, nil
+}
+
+// identifyShm gives every shared anonymous area of pid the identity of its
+// memory object (the inode behind /proc/PID/map_files) and returns the
+// areas whose pages are to be saved: all but those of objects an earlier
+// area already saved (seen).
+func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, error) {
+	var dump []image.VMA
+	for i := range vmas {
+		v := &vmas[i]
+		if v.Kind == image.VMASharedAnon {
+			var st syscall.Stat_t
+			mf := fmt.Sprintf("/proc/%d/map_files/%x-%x", pid, v.Start, v.End)
+			if err := syscall.Stat(mf, &st); err != nil {
+				return nil, fmt.Errorf("map %#x-%#x (shared): %w", v.Start, v.End, err)
+			}
+			v.Shm = st.Ino
+			if seen[st.Ino] {
+				continue
+			}
+			seen[st.Ino] = true
+		}
+		dump = append(dump, *v)
+	}
+	return dump, nil
+}
+
+// Resume lets every member run on where it was.
+func (t *FrozenTree) Resume() error {
+	var errs []error
+	for _, f := range t.members {
+		if err := f.Resume(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (t *FrozenTree) detach() {
+	for _, f := range t.members {
+		f.detach()
+		f.mem.Close()
+	}
+}
+
+// Kill ends every member (after the snapshot is safely written): all are
+// sent SIGKILL first, so none runs again, then every thread's exit is
+// reaped.
+func (t *FrozenTree) Kill() error {
+	var errs []error
+	for _, f := range t.members {
+		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
+			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
+		}
+	}
+	for _, f := range t.members {
+		f.reap()
+		f.mem.Close()
+	}
+	return errors.Join(errs...)
+}
