@@ -3,6 +3,7 @@ package loader
 import (
 	"encoding/binary"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 
@@ -115,6 +116,11 @@ func (p *Process) openFile(f *image.FD) error {
 	case image.FDEpoll:
 		if tmp, err = p.call(unix.SYS_EPOLL_CREATE1, unix.EPOLL_CLOEXEC); err != nil {
 			return fmt.Errorf("fd %d: epoll_create1: %w", f.Fd, err)
+		}
+		return p.moveFd(f, tmp)
+	case image.FDListen:
+		if tmp, err = p.listenSocket(f); err != nil {
+			return err
 		}
 		return p.moveFd(f, tmp)
 	case image.FDFile:
@@ -256,6 +262,93 @@ func (p *Process) setRlimits() error {
 		}
 		if err != nil {
 			return fmt.Errorf("resource limit %d: %w", res, err)
+		}
+	}
+	return nil
+}
+
+// listenBacklog is the backlog re-created listeners get: the kernel does
+// not report a socket's own; this is SOMAXCONN's default.
+const listenBacklog = 4096
+
+// listenSocket creates f's socket with its options. It is bound and made
+// to listen by bindListeners, as late as possible: in a migration on one
+// host the frozen original holds the address until it is killed.
+// Runs on the tracer thread.
+func (p *Process) listenSocket(f *image.FD) (uintptr, error) {
+	l := f.Listen
+	if l == nil || !((l.Family == unix.AF_INET && len(l.IP) == 4) || (l.Family == unix.AF_INET6 && len(l.IP) == 16)) ||
+		l.Port < 0 || l.Port > 65535 || (l.Protocol != unix.IPPROTO_TCP && l.Protocol != unix.IPPROTO_MPTCP) {
+		return 0, fmt.Errorf("%w: fd %d: listener", image.ErrCorrupt, f.Fd)
+	}
+	typ := uintptr(unix.SOCK_STREAM | unix.SOCK_CLOEXEC)
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		typ |= unix.SOCK_NONBLOCK
+	}
+	s, err := p.call(unix.SYS_SOCKET, uintptr(l.Family), typ, uintptr(l.Protocol))
+	if err != nil {
+		return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
+	}
+	scratch := p.base + stubScratchOff
+	set := func(level, name uintptr, on bool) error {
+		v := []byte{0, 0, 0, 0}
+		if on {
+			v[0] = 1
+		}
+		if err := p.mem.Write(scratch, v); err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_SETSOCKOPT, s, level, name, uintptr(scratch), 4); err != nil {
+			return fmt.Errorf("fd %d: setsockopt %d/%d: %w", f.Fd, level, name, err)
+		}
+		return nil
+	}
+	if err := set(unix.SOL_SOCKET, unix.SO_REUSEADDR, l.ReuseAddr); err != nil {
+		return 0, err
+	}
+	if err := set(unix.SOL_SOCKET, unix.SO_REUSEPORT, l.ReusePort); err != nil {
+		return 0, err
+	}
+	if l.Family == unix.AF_INET {
+		err = set(unix.IPPROTO_IP, unix.IP_FREEBIND, true)
+	} else {
+		if err = set(unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, l.V6Only); err == nil {
+			err = set(unix.IPPROTO_IPV6, unix.IPV6_FREEBIND, true)
+		}
+	}
+	if err != nil {
+		return 0, err
+	}
+	p.listeners = append(p.listeners, f)
+	return s, nil
+}
+
+// bindListeners binds the re-created listening sockets and makes them
+// listen; before the credentials change, since a port below 1024 needs
+// CAP_NET_BIND_SERVICE. scratch is argument memory in the process.
+// Runs on the tracer thread.
+func (p *Process) bindListeners(scratch uintptr) error {
+	for _, f := range p.listeners {
+		l := f.Listen
+		var sa []byte
+		if l.Family == unix.AF_INET {
+			sa = make([]byte, 16)
+			copy(sa[4:8], l.IP)
+		} else {
+			sa = make([]byte, 28)
+			copy(sa[8:24], l.IP)
+			binary.LittleEndian.PutUint32(sa[24:], l.Zone)
+		}
+		binary.LittleEndian.PutUint16(sa[0:], uint16(l.Family))
+		binary.BigEndian.PutUint16(sa[2:], uint16(l.Port))
+		if err := p.mem.Write(uint64(scratch), sa); err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_BIND, uintptr(f.Fd), scratch, uintptr(len(sa))); err != nil {
+			return fmt.Errorf("fd %d: bind %s port %d: %w", f.Fd, net.IP(l.IP), l.Port, err)
+		}
+		if _, err := p.call(unix.SYS_LISTEN, uintptr(f.Fd), listenBacklog); err != nil {
+			return fmt.Errorf("fd %d: listen %s port %d: %w", f.Fd, net.IP(l.IP), l.Port, err)
 		}
 	}
 	return nil

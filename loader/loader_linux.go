@@ -61,12 +61,14 @@ type Process struct {
 	// retryPID: the saved PID was taken when the build began; try again
 	// before starting.
 	retryPID bool
-	tids     []int  // threads made by cloneThread, for Abort
-	init     int    // -pidns: the stub, kept as the namespace's init
-	vdso     uint64 // syscall site in the moved vdso
-	built    bool
-	done     bool
-	tasks    []*task // the threads finish made ready, detached to start
+	tids     []int // threads made by cloneThread, for Abort
+	init     int   // -pidns: the stub, kept as the namespace's init
+	// listeners are the re-created listening sockets, bound in finish.
+	listeners []*image.FD
+	vdso      uint64 // syscall site in the moved vdso
+	built     bool
+	done      bool
+	tasks     []*task // the threads finish made ready, detached to start
 
 	// In a tree (pfreeze -tree): what all members share, and the parent.
 	tree   *tree
@@ -375,7 +377,7 @@ func checkFD(f *image.FD, prev []*image.FD) error {
 		return fmt.Errorf("%w: fds out of order at %d", image.ErrCorrupt, f.Fd)
 	}
 	switch f.Kind {
-	case image.FDFile, image.FDEventfd, image.FDEpoll, image.FDPipe:
+	case image.FDFile, image.FDEventfd, image.FDEpoll, image.FDPipe, image.FDListen:
 	case image.FDInherit:
 		if f.Fd > 2 {
 			return fmt.Errorf("%w: inherited fd %d", image.ErrCorrupt, f.Fd)

@@ -153,6 +153,9 @@ func (p *Process) finish() error {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
 	}
+	if err := p.bindListeners(borrow); err != nil {
+		return err
+	}
 	for _, tk := range tasks {
 		if err := p.setCreds(tk, borrow); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -148,5 +150,40 @@ func TestSIGPIPEResumes(t *testing.T) {
 	n := atoi(t, p.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
 	for i := 1; i <= 10; i++ {
 		p.Lines.Expect(t, fmt.Sprintf(`^%d$`, n+i), waitFor)
+	}
+}
+
+// TestGoHTTPServer: a Go HTTP server keeps serving its in-memory state
+// from the same address: its listening socket is re-created and bound,
+// its epoll instance watches it again.
+func TestGoHTTPServer(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "gohttp"), "127.0.0.1:0")
+	addr := p.Lines.Expect(t, `^listening (\S+)$`, waitFor)[1]
+	get := func(path string) string {
+		t.Helper()
+		c := http.Client{Timeout: waitFor}
+		resp, err := c.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return strings.TrimSpace(string(b))
+	}
+	for i := 1; i <= 5; i++ {
+		if got := get("/inc?k=moves"); got != fmt.Sprint(i) {
+			t.Fatalf("inc %d: got %q", i, got)
+		}
+	}
+	// Idle connections would be sockets pfreeze cannot carry yet.
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+	th := migrate(t, p)
+	th.out.Expect(t, `^tick \d+$`, waitFor)
+	if got := get("/get?k=moves"); got != "5" {
+		t.Fatalf("after thaw: got %q, want 5", got)
+	}
+	if got := get("/inc?k=moves"); got != "6" {
+		t.Fatalf("after thaw: inc got %q, want 6", got)
 	}
 }

@@ -70,6 +70,12 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 				}
 				fd.Epoll = append(fd.Epoll, t)
 			}
+		case kind == syscall.S_IFSOCK && fi.Fd > 2:
+			l, err := describeListener(pid, fi.Fd)
+			if err != nil {
+				return nil, unsupported("%s: %v", where, err)
+			}
+			fd.Kind, fd.Listen = image.FDListen, l
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
 		case strings.HasSuffix(fi.Link, " (deleted)"):

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"net"
 	"sort"
 	"strings"
 )
@@ -149,6 +150,9 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		if f.Kind == FDEventfd {
 			fmt.Fprintf(w, " count %d semaphore %v", f.EventCount, f.Semaphore)
+		}
+		if l := f.Listen; l != nil {
+			fmt.Fprintf(w, " %v port %d protocol %d", net.IP(l.IP), l.Port, l.Protocol)
 		}
 		for _, t := range f.Epoll {
 			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)

@@ -233,7 +233,22 @@ const (
 	// FDPipe is one end of a pipe whose read and write ends are both held
 	// inside a tree snapshot; the pipe is recreated with its buffered data.
 	FDPipe FDKind = 5
+	// FDListen is a listening TCP socket, re-created and bound to its
+	// address (IP_FREEBIND: the address may arrive later, a virtual IP).
+	FDListen FDKind = 6
 )
+
+// Listener describes a listening TCP socket.
+type Listener struct {
+	Family    int    `msgpack:"family"`   // AF_INET or AF_INET6
+	Protocol  int    `msgpack:"protocol"` // IPPROTO_TCP or IPPROTO_MPTCP (Go's default)
+	IP        []byte `msgpack:"ip"`       // 4 or 16 bytes
+	Port      int    `msgpack:"port"`
+	Zone      uint32 `msgpack:"zone,omitempty"`
+	ReuseAddr bool   `msgpack:"reuseaddr,omitempty"`
+	ReusePort bool   `msgpack:"reuseport,omitempty"`
+	V6Only    bool   `msgpack:"v6only,omitempty"`
+}
 
 // EpollTarget is one registration of an epoll instance.
 type EpollTarget struct {
@@ -265,6 +280,8 @@ type FD struct {
 	Pipe     uint64 `msgpack:"pipe,omitempty"`
 	PipeSize int    `msgpack:"pipe_size,omitempty"`
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
+
+	Listen *Listener `msgpack:"listen,omitempty"` // FDListen
 }
 
 // Tree opens the snapshot of a process tree (pfreeze -tree). It lists the
