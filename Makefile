@@ -8,8 +8,9 @@ CMDS      := $(notdir $(wildcard cmd/*))
 GOFLAGS   ?=
 # Debian packages the tests and benchmarks run: compilers for the target
 # programs, python3, iproute2 (network namespaces), util-linux (nsenter,
-# setpriv), libcap2-bin (setcap), time (peak RSS in benchmarks).
-DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time
+# setpriv), libcap2-bin (setcap), time (peak RSS in benchmarks),
+# redis-tools (a real server the tests move: redis-check-rdb is redis-server).
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools
 export GOFLAGS
 
 .PHONY: all build deps test lint bench demo clean
@@ -23,7 +24,7 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBS)"; \

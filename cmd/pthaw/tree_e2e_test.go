@@ -351,3 +351,42 @@ func TestPipelineTreeOverTCP(t *testing.T) {
 		t.Errorf("restored sh %d has children %v, want 2", root, kids)
 	}
 }
+
+// TestRedis: a real server from Debian's packages (redis 7: four threads,
+// an epoll instance, a pipe to itself, a TCP listener), filled through its
+// own protocol, frozen, thawed, and still answering with that data.
+func TestRedis(t *testing.T) {
+	needRoot(t)
+	p, addr := fixture.StartRedisTCP(t)
+	for i := 0; i < 1000; i++ {
+		if _, err := fixture.RedisDo(addr, fmt.Sprintf("SET key%d value%d", i, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := fixture.RedisDo(addr, "INCRBY counter 41"); err != nil || got != ":41" {
+		t.Fatalf("INCRBY: %q, %v", got, err)
+	}
+	// A one-process tree: -tree carries its pipe to itself.
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", snap)
+	<-p.Exited()
+	th := thaw(t, "-src", snap)
+	if got := th.restoredPid(t); got != p.Pid() {
+		t.Errorf("restored pid %d, want %d", got, p.Pid())
+	}
+	var got string
+	var err error
+	for deadline := time.Now().Add(waitFor); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if got, err = fixture.RedisDo(addr, "INCR counter"); err == nil {
+			break
+		}
+	}
+	if err != nil || got != ":42" {
+		t.Fatalf("INCR after thaw: %q, %v; pthaw: %s", got, err, th.stderr.String())
+	}
+	for _, i := range []int{0, 500, 999} {
+		if got, err := fixture.RedisDo(addr, fmt.Sprintf("GET key%d", i)); err != nil || !strings.Contains(got, fmt.Sprintf("value%d", i)) {
+			t.Errorf("GET key%d after thaw: %q, %v", i, got, err)
+		}
+	}
+}
