@@ -198,12 +198,7 @@ func (s *Server) leaderRead(h http.HandlerFunc) http.HandlerFunc {
 				return
 			}
 		}
-		addr, err := s.leaderAPI()
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		s.proxy(w, r, addr)
+		s.forward(w, r)
 	}
 }
 
@@ -214,13 +209,18 @@ func (s *Server) leaderWrite(h http.HandlerFunc) http.HandlerFunc {
 			h(w, r)
 			return
 		}
-		addr, err := s.leaderAPI()
-		if err != nil {
-			writeErr(w, err)
-			return
-		}
-		s.proxy(w, r, addr)
+		s.forward(w, r)
 	}
+}
+
+// forward sends the request on to the leader's API.
+func (s *Server) forward(w http.ResponseWriter, r *http.Request) {
+	addr, err := s.leaderAPI()
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	s.proxy(w, r, addr)
 }
 
 func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {

@@ -100,19 +100,7 @@ func TestForkServerTree(t *testing.T) {
 	if s <= s0 || a <= a0 || b <= b0 {
 		t.Fatalf("after thaw shared=%d w1=%d w2=%d, want each above shared=%d w1=%d w2=%d", s, a, b, s0, a0, b0)
 	}
-	if got := th.restoredPid(t); got != root {
-		t.Errorf("restored root pid %d, want %d", got, root)
-	}
-	kids, err := fixture.Children(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sort.Ints(kids)
-	want := []int{w1, w2}
-	sort.Ints(want)
-	if fmt.Sprint(kids) != fmt.Sprint(want) {
-		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
-	}
+	kids := expectTree(t, th, root, w1, w2)
 	for _, pid := range append([]int{root}, kids...) {
 		if g := pgidOf(t, pid); g != root {
 			t.Errorf("pid %d in process group %d, want %d", pid, g, root)
@@ -158,19 +146,7 @@ func TestPipelineTree(t *testing.T) {
 		}
 		last = n
 	}
-	if got := th.restoredPid(t); got != root {
-		t.Errorf("restored root pid %d, want %d", got, root)
-	}
-	kids, err := fixture.Children(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sort.Ints(kids)
-	want := []int{producer, consumer}
-	sort.Ints(want)
-	if fmt.Sprint(kids) != fmt.Sprint(want) {
-		t.Errorf("children of %d after thaw %v, want %v", root, kids, want)
-	}
+	expectTree(t, th, root, producer, consumer)
 }
 
 // statOf returns fields 3.. of /proc/PID/stat (index 0 is the state).
@@ -389,4 +365,24 @@ func TestRedis(t *testing.T) {
 			t.Errorf("GET key%d after thaw: %q, %v", i, got, err)
 		}
 	}
+}
+
+// expectTree checks that pthaw's child is root again and that root's
+// children are exactly kids; it returns them.
+func expectTree(t *testing.T, th *thawed, root int, kids ...int) []int {
+	t.Helper()
+	if got := th.restoredPid(t); got != root {
+		t.Errorf("restored root pid %d, want %d", got, root)
+	}
+	got, err := fixture.Children(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Ints(got)
+	want := append([]int(nil), kids...)
+	sort.Ints(want)
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("children of %d after thaw %v, want %v", root, got, want)
+	}
+	return got
 }
