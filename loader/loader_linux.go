@@ -37,6 +37,10 @@ type Options struct {
 	// gets its saved PID whatever this host's PIDs are; the stub stays
 	// behind as the namespace's init (pid 1).
 	PIDNamespace bool
+	// VirtPID: when the saved PID is taken, restore with a new one and
+	// virtualise getpid, gettid and signals to itself with a seccomp
+	// filter answered by Supervise.
+	VirtPID bool
 	// Detach says the restorer will not stay the process's parent: the
 	// parent-death signal, which would fire as soon as it exits, is not set.
 	Detach bool
@@ -63,6 +67,10 @@ type Process struct {
 	retryPID bool
 	tids     []int // threads made by cloneThread, for Abort
 	init     int   // -pidns: the stub, kept as the namespace's init
+	// listener is the seccomp listener of -virtpid; virtTids maps our
+	// thread ids to the saved ones.
+	listener *os.File
+	virtTids map[int]int
 	// listeners are the re-created listening sockets, bound in finish.
 	listeners []*image.FD
 	vdso      uint64 // syscall site in the moved vdso

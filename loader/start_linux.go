@@ -133,6 +133,12 @@ func (p *Process) finish() error {
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}
+	if p.opts.VirtPID && p.pid != p.proc.Pid {
+		if err := p.installVirtPID(borrow); err != nil {
+			return err
+		}
+		p.notice("getpid() and gettid() of pid %d answer %d, as when it was frozen", p.pid, p.proc.Pid)
+	}
 	// Threads, each a clone3 of the main thread into its saved TID.
 	tasks := []*task{{img: p.threads[0], in: p.in}}
 	for _, t := range p.threads[1:] {
@@ -141,6 +147,12 @@ func (p *Process) finish() error {
 			return err
 		}
 		tasks = append(tasks, tk)
+	}
+	if p.listener != nil {
+		p.virtTids = map[int]int{}
+		for _, tk := range tasks {
+			p.virtTids[tk.in.Tid] = tk.img.Tid
+		}
 	}
 	// Per-thread state, credentials last: they are per thread too, and
 	// dropping root's first would forbid the rest.

@@ -25,12 +25,13 @@ func main() {
 	detach := flag.Bool("detach", false, "print the restored PID and leave the process running")
 	debug := flag.Bool("debug", false, "describe the snapshot on stdout instead of restoring it")
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
+	virtpid := flag.Bool("virtpid", false, "when the saved PID is taken, restore with a new one and make getpid/gettid (and signals the process sends itself) answer with the saved ids, by a seccomp filter pthaw serves")
 	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process has its saved PID even when that PID is taken here")
 	flag.Parse()
 	o := loader.ReceiveOptions{
 		Src: *src, KeyDir: *keydir, ReadTimeout: *readTimeout, CommitTimeout: *commitTimeout,
 		Insecure: *insecure, Warn: os.Stderr, Progress: term.IsTerminal(int(os.Stderr.Fd())),
-		Options: loader.Options{NewPID: *newPID, PIDNamespace: *pidns, Detach: *detach, Notice: func(s string) {
+		Options: loader.Options{NewPID: *newPID, PIDNamespace: *pidns, VirtPID: *virtpid, Detach: *detach, Notice: func(s string) {
 			fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
 		}},
 	}
@@ -49,6 +50,9 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	if debug {
 		return 0, loader.Describe(os.Stdout, o)
 	}
+	if o.VirtPID && (o.Detach || o.PIDNamespace) {
+		return 0, errors.New("-virtpid needs pthaw to stay and serve the process's getpid calls: it cannot be combined with -detach or -pidns")
+	}
 	// Signals meant for the restored process must not kill us while we
 	// build it; once it runs, we forward them.
 	sigs := make(chan os.Signal, 4)
@@ -63,6 +67,9 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 		fmt.Println(p.Pid()) // in -pidns mode: its pid on this host
 		return 0, nil
 	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go p.Supervise(stop)
 	return wait(p.WaitPid(), p.Pid(), sigs)
 }
 

@@ -187,3 +187,55 @@ func TestGoHTTPServer(t *testing.T) {
 		t.Fatalf("after thaw: inc got %q, want 6", got)
 	}
 }
+
+// TestVirtualPID is the seed's A.1.5 the other way: the getpid demo
+// cloned while the original still holds its PID is restored in this
+// namespace under a new PID, and a seccomp filter served by pthaw makes
+// getpid answer the saved one: it prints no PID change.
+func TestVirtualPID(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "getpid"))
+	pid := atoi(t, p.Lines.Expect(t, `^pid=(\d+) ppid=\d+$`, waitFor)[1])
+	snap := t.TempDir() + "/snap"
+	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	th.out.Expect(t, `^PPID changed from \d+ to \d+$`, waitFor)
+	line := th.out.Expect(t, `^(no change \d+|PID changed.*)$`, waitFor)[0]
+	if strings.HasPrefix(line, "PID changed") {
+		t.Fatalf("got %q, want no PID change", line)
+	}
+	if real := th.restoredPid(t); real == pid {
+		t.Fatalf("restored with the original's pid %d while it runs", pid)
+	}
+	if !strings.Contains(th.stderr.String(), fmt.Sprintf("answer %d", pid)) {
+		t.Errorf("pthaw stderr %q does not say which way was taken", th.stderr.String())
+	}
+	p.Lines.Expect(t, `^no change \d+$`, waitFor)
+}
+
+// TestVirtualPIDSelfSignal: under -virtpid, kill(getpid(), sig) reaches
+// the restored process itself, not the original that holds that PID.
+func TestVirtualPIDSelfSignal(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	p := fixture.Start(t, py, "-c", `import os, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+print("pid", os.getpid(), flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.2)
+print("self-signals", len(got), flush=True)
+time.sleep(60)`)
+	pid := atoi(t, p.Lines.Expect(t, `^pid (\d+)$`, waitFor)[1])
+	snap := t.TempDir() + "/snap"
+	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "go")
+	th.out.Expect(t, `^self-signals 1$`, waitFor)
+	// The original, which holds the PID the clone signalled, got nothing:
+	// it is still waiting for its own line.
+	p.WriteLine("go")
+	p.Lines.Expect(t, `^self-signals 1$`, waitFor)
+}

@@ -1,0 +1,182 @@
+package loader
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Virtual PIDs (pthaw -virtpid): when the saved PID is taken, the process
+// runs under a new one, and a seccomp filter hands getpid, gettid, kill,
+// tkill and tgkill to pthaw (SECCOMP_RET_USER_NOTIF), which answers with
+// the saved ids and translates them in signals the process sends itself.
+// Every other call, and signals to anyone else, go on untouched.
+
+// virtCalls are the system calls the filter traps.
+var virtCalls = []uint32{unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL}
+
+// virtFilter returns the classic BPF program: x86-64 calls in virtCalls
+// go to the listener, everything else is allowed.
+func virtFilter() []byte {
+	type insn struct {
+		code   uint16
+		jt, jf uint8
+		k      uint32
+	}
+	const (
+		ldAbs = 0x20 // BPF_LD|BPF_W|BPF_ABS
+		jeqK  = 0x15 // BPF_JMP|BPF_JEQ|BPF_K
+		retK  = 0x06 // BPF_RET|BPF_K
+	)
+	n := len(virtCalls)
+	prog := []insn{
+		{ldAbs, 0, 0, 4}, // arch
+		{jeqK, 0, uint8(n + 2), unix.AUDIT_ARCH_X86_64},
+		{ldAbs, 0, 0, 0}, // nr
+	}
+	for i, nr := range virtCalls {
+		prog = append(prog, insn{jeqK, uint8(n - i), 0, nr})
+	}
+	prog = append(prog, insn{retK, 0, 0, unix.SECCOMP_RET_ALLOW}, insn{retK, 0, 0, unix.SECCOMP_RET_USER_NOTIF})
+	b := make([]byte, 8*len(prog))
+	for i, in := range prog {
+		binary.LittleEndian.PutUint16(b[8*i:], in.code)
+		b[8*i+2], b[8*i+3] = in.jt, in.jf
+		binary.LittleEndian.PutUint32(b[8*i+4:], in.k)
+	}
+	return b
+}
+
+// installVirtPID loads the filter into the main thread (threads made
+// after inherit it) and takes its listener. Runs on the tracer thread.
+func (p *Process) installVirtPID(scratch uintptr) error {
+	prog := virtFilter()
+	fprog := make([]byte, 16) // struct sock_fprog: u16 len, pad, u64 filter
+	binary.LittleEndian.PutUint16(fprog, uint16(len(prog)/8))
+	binary.LittleEndian.PutUint64(fprog[8:], uint64(scratch)+16)
+	if err := p.mem.Write(uint64(scratch), append(fprog, prog...)); err != nil {
+		return err
+	}
+	fd, err := p.call(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_NEW_LISTENER, scratch)
+	if err != nil {
+		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
+	}
+	pidfd, err := unix.PidfdOpen(p.pid, 0)
+	if err != nil {
+		return fmt.Errorf("virtual pid: pidfd_open: %w", err)
+	}
+	defer unix.Close(pidfd)
+	mine, err := unix.PidfdGetfd(pidfd, int(fd), 0)
+	if err != nil {
+		return fmt.Errorf("virtual pid: take listener: %w", err)
+	}
+	p.listener = os.NewFile(uintptr(mine), "seccomp-listener")
+	if _, err := p.call(unix.SYS_CLOSE, fd); err != nil {
+		return fmt.Errorf("virtual pid: close listener in the process: %w", err)
+	}
+	return nil
+}
+
+// seccompNotif and seccompResp are struct seccomp_notif and
+// struct seccomp_notif_resp.
+type seccompNotif struct {
+	ID    uint64
+	Pid   uint32
+	Flags uint32
+	Nr    int32
+	Arch  uint32
+	IP    uint64
+	Args  [6]uint64
+}
+
+type seccompResp struct {
+	ID    uint64
+	Val   int64
+	Error int32
+	Flags uint32
+}
+
+// Supervise answers the trapped calls until the process has gone (the
+// listener reports hang-up) or stop is closed. It does nothing unless the
+// process was restored with virtual PIDs.
+func (p *Process) Supervise(stop <-chan struct{}) {
+	if p.listener == nil {
+		return
+	}
+	defer p.listener.Close()
+	fd := int(p.listener.Fd())
+	real, saved := p.pid, p.proc.Pid
+	tids := map[int]int{} // saved → ours
+	for ours, s := range p.virtTids {
+		tids[s] = ours
+	}
+	var once sync.Once
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if n, err := unix.Poll(pfd, 200); err != nil || n == 0 {
+			continue
+		}
+		if pfd[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0 && pfd[0].Revents&unix.POLLIN == 0 {
+			return
+		}
+		n, err := notifRecv(fd)
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EINTR) {
+				continue // the caller was killed meanwhile
+			}
+			once.Do(func() { p.notice("virtual pid: %v", err) })
+			return
+		}
+		resp := seccompResp{ID: n.ID}
+		self := func(pid int) bool { return pid == saved || pid == real }
+		tid := func(t int) int {
+			if ours, ok := tids[t]; ok {
+				return ours
+			}
+			return t
+		}
+		err = nil
+		switch n.Nr {
+		case unix.SYS_GETPID:
+			resp.Val = int64(saved)
+		case unix.SYS_GETTID:
+			resp.Val = int64(int(n.Pid))
+			if s, ok := p.virtTids[int(n.Pid)]; ok {
+				resp.Val = int64(s)
+			}
+		case unix.SYS_KILL:
+			if pid := int(int32(n.Args[0])); self(pid) {
+				err = unix.Kill(real, unix.Signal(n.Args[1]))
+			} else {
+				resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+			}
+		case unix.SYS_TGKILL:
+			if tgid := int(int32(n.Args[0])); self(tgid) {
+				err = unix.Tgkill(real, tid(int(int32(n.Args[1]))), unix.Signal(n.Args[2]))
+			} else {
+				resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+			}
+		case unix.SYS_TKILL:
+			if t := int(int32(n.Args[0])); t == saved || tids[t] != 0 {
+				err = unix.Tgkill(real, tid(t), unix.Signal(n.Args[1]))
+			} else {
+				resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+			}
+		default:
+			resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+		}
+		if errno, ok := err.(unix.Errno); ok {
+			resp.Error = -int32(errno)
+		}
+		notifSend(fd, &resp)
+	}
+}
