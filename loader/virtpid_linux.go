@@ -54,6 +54,10 @@ func virtFilter() []byte {
 // installVirtPID loads the filter into the main thread (threads made
 // after inherit it) and takes its listener. Runs on the tracer thread.
 func (p *Process) installVirtPID(scratch uintptr) error {
+	if p.tree != nil {
+		// Only the root's listener would be served; members would hang.
+		return errors.New("-virtpid with a process tree is not supported yet (use the saved PIDs or -new-pid)")
+	}
 	prog := virtFilter()
 	fprog := make([]byte, 16) // struct sock_fprog: u16 len, pad, u64 filter
 	binary.LittleEndian.PutUint16(fprog, uint16(len(prog)/8))
