@@ -22,18 +22,7 @@ func BenchmarkFailover3Nodes(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		c := newTestCluster(b)
-		nodes := startThree(c)
-		ms, err := nodes[0].client.Members(context.Background())
-		if err != nil {
-			b.Fatal(err)
-		}
-		leader := c.nodes[leaderOf(ms)]
-		var survivor *testNode
-		for _, nd := range nodes {
-			if nd != leader {
-				survivor = nd
-			}
-		}
+		leader, survivor := leaderAndFollower(b, c)
 		b.StartTimer()
 		killed := time.Now()
 		c.kill(leader)
@@ -134,18 +123,7 @@ func BenchmarkWrite3Nodes(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		c := newTestCluster(b)
-		nodes := startThree(c)
-		ms, err := nodes[0].client.Members(context.Background())
-		if err != nil {
-			b.Fatal(err)
-		}
-		leader := c.nodes[leaderOf(ms)]
-		var follower *testNode
-		for _, nd := range nodes {
-			if nd != leader {
-				follower = nd
-			}
-		}
+		leader, follower := leaderAndFollower(b, c)
 		b.StartTimer()
 		for _, tc := range []struct {
 			nd  *testNode
@@ -165,4 +143,21 @@ func BenchmarkWrite3Nodes(b *testing.B) {
 	per := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(b.N*writes) }
 	b.ReportMetric(per(viaLeader), "ms/write-leader")
 	b.ReportMetric(per(viaFollower), "ms/write-follower")
+}
+
+// leaderAndFollower starts three nodes and returns the leader and one of
+// the others.
+func leaderAndFollower(b *testing.B, c *testCluster) (leader, follower *testNode) {
+	nodes := startThree(c)
+	ms, err := nodes[0].client.Members(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	leader = c.nodes[leaderOf(ms)]
+	for _, nd := range nodes {
+		if nd != leader {
+			follower = nd
+		}
+	}
+	return leader, follower
 }

@@ -135,17 +135,7 @@ func TestPipelineTree(t *testing.T) {
 	}
 	th := thaw(t, "-src", snap)
 	killTreeAtCleanup(t, root, producer, consumer)
-	for i := 0; i < 10; i++ {
-		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
-		if !strings.HasPrefix(line, "got ") {
-			t.Fatalf("after thaw: %q", line)
-		}
-		n := atoi(t, strings.TrimPrefix(line, "got "))
-		if n <= last {
-			t.Fatalf("after thaw got %d, want more than %d", n, last)
-		}
-		last = n
-	}
+	consumerFlows(t, th, last, 10)
 	expectTree(t, th, root, producer, consumer)
 }
 
@@ -302,17 +292,7 @@ func TestPipelineTreeOverTCP(t *testing.T) {
 	}
 	root := th.restoredPid(t)
 	killTreeAtCleanup(t, root)
-	for i := 0; i < 5; i++ {
-		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
-		if !strings.HasPrefix(line, "got ") {
-			t.Fatalf("after thaw: %q", line)
-		}
-		n := atoi(t, strings.TrimPrefix(line, "got "))
-		if n <= last {
-			t.Fatalf("after thaw got %d, want more than %d", n, last)
-		}
-		last = n
-	}
+	consumerFlows(t, th, last, 5)
 	for _, pid := range []int{pl.Producer, pl.Consumer} {
 		if err := fixture.WaitExit(pid, waitFor); err != nil {
 			t.Errorf("original: %v", err)
@@ -385,4 +365,22 @@ func expectTree(t *testing.T, th *thawed, root int, kids ...int) []int {
 		t.Errorf("children of %d after thaw %v, want %v", root, got, want)
 	}
 	return got
+}
+
+// consumerFlows expects n more "got N" lines of the pipeline's consumer,
+// each above the last, and returns the last N.
+func consumerFlows(t *testing.T, th *thawed, last, n int) int {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		line := th.out.Expect(t, `^(got (\d+)|FAIL.*|eof.*)$`, waitFor)[0]
+		if !strings.HasPrefix(line, "got ") {
+			t.Fatalf("after thaw: %q", line)
+		}
+		got := atoi(t, strings.TrimPrefix(line, "got "))
+		if got <= last {
+			t.Fatalf("after thaw got %d, want more than %d", got, last)
+		}
+		last = got
+	}
+	return last
 }
