@@ -153,9 +153,8 @@ func TestListenerRefusals(t *testing.T) {
 	needRoot(t)
 	lab := netlab.New(t, 2, 11)
 	b := lab.Hosts[1]
-	dir, keyfile := keyDir(t)
-	otherDir, otherKey := keyDir(t)
-	_ = otherDir
+	dir, _ := keyDir(t)
+	_, otherKey := keyDir(t)
 
 	t.Run("non-loopback without keys", func(t *testing.T) {
 		out, err := b.Command(filepath.Join(binDir, "pthaw"), "-src", "tcp:"+b.Addr+":25089").CombinedOutput()
@@ -209,7 +208,6 @@ func TestListenerRefusals(t *testing.T) {
 			t.Fatal("pthaw accepted garbage")
 		}
 	})
-	_ = keyfile
 }
 
 // TestHaltFaults breaks a -halt migration in the middle: the original must

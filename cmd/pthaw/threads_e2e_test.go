@@ -9,7 +9,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/pcluster/pcluster/internal/fixture"
 )
@@ -74,7 +73,6 @@ func TestGoRuntime(t *testing.T) {
 			t.Fatalf("got %q after thaw", line)
 		}
 	}
-	_ = time.Second
 }
 
 // TestPIDNamespace is the seed's getpid demo, cloned while the original
@@ -92,13 +90,12 @@ func TestPIDNamespace(t *testing.T) {
 	if strings.HasPrefix(line, "PID changed") {
 		t.Fatalf("got %q, want no PID change", line)
 	}
-	host := th.restoredPid(t) // pthaw's child is the namespace's init
+	th.restoredPid(t) // pthaw's child is the namespace's init
 	if !strings.Contains(th.stderr.String(), fmt.Sprintf("restored as pid %d in a new PID namespace", pid)) {
 		t.Errorf("pthaw stderr %q does not say which way was taken", th.stderr.String())
 	}
 	// The original is untouched.
 	p.Lines.Expect(t, `^no change \d+$`, waitFor)
-	_ = host
 }
 
 // TestPIDNamespaceExitStatus: the namespace's init passes the restored

@@ -57,8 +57,8 @@ type thread struct {
 	requeue     []unix.Signal
 }
 
-// Stopped returns a frozen process whose state has not been written yet.
-// Attach stops pid; Write then streams its state.
+// Attach stops every thread of pid and returns it frozen, its state not
+// yet written: Write streams it; then Resume or Kill.
 func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("freeze: invalid pid %d", pid)
