@@ -251,14 +251,17 @@ func TestForkServerTreeClone(t *testing.T) {
 	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
 	th := thaw(t, "-src", snap)
 	clone := th.restoredPid(t)
+	killTreeAtCleanup(t, clone)
+	for i := 0; i < 5; i++ {
+		forkTick(t, th.out)
+	}
+	// Only now is the whole tree built and running: pthaw has a child as
+	// soon as it starts building.
 	kids, err := fixture.Children(clone)
 	if err != nil {
 		t.Fatal(err)
 	}
 	killTreeAtCleanup(t, clone, kids...)
-	for i := 0; i < 5; i++ {
-		forkTick(t, th.out)
-	}
 	forkTick(t, p.Lines) // the original carries on too
 	if clone == p.Pid() || len(kids) != 2 {
 		t.Fatalf("clone %d with children %v (original %d)", clone, kids, p.Pid())
