@@ -183,16 +183,7 @@ func TestThreeNodeCluster(t *testing.T) {
 	waitState(c, rest[0], w2.ID, "running", 10*time.Second)
 
 	// The dead node goes down and its workload is marked lost, not forgotten.
-	c.waitFor(30*time.Second, leader.name+" down", func() error {
-		n, err := rest[0].client.Node(context.Background(), leader.name)
-		if err != nil {
-			return err
-		}
-		if n.Status != "down" {
-			return fmt.Errorf("status %s", n.Status)
-		}
-		return nil
-	})
+	c.waitFor(30*time.Second, leader.name+" down", nodeStatus(rest[0], leader.name, "down"))
 	t.Logf("%s down in the state %v after its crash", leader.name, time.Since(killed).Round(time.Millisecond))
 	lost := waitState(c, rest[0], onLeader.ID, "lost", 5*time.Second)
 	if !procAlive(onLeader.PID) {

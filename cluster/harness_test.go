@@ -361,19 +361,39 @@ func leaderOf(ms []api.Member) string {
 	return ""
 }
 
-// converged checks that nd sees want alive members and a leader.
-func converged(nd *testNode, want int) error {
-	ms, err := nd.client.Members(context.Background())
-	if err != nil {
-		return err
-	}
+// aliveMembers counts the members gossip reports alive.
+func aliveMembers(ms []api.Member) int {
 	alive := 0
 	for _, m := range ms {
 		if m.Status == "alive" {
 			alive++
 		}
 	}
-	if alive != want {
+	return alive
+}
+
+// nodeStatus returns a check, for waitFor, that from's replica of the state
+// records node name with status want.
+func nodeStatus(from *testNode, name, want string) func() error {
+	return func() error {
+		n, err := from.client.Node(context.Background(), name)
+		if err != nil {
+			return err
+		}
+		if n.Status != want {
+			return fmt.Errorf("status %s", n.Status)
+		}
+		return nil
+	}
+}
+
+// converged checks that nd sees want alive members and a leader.
+func converged(nd *testNode, want int) error {
+	ms, err := nd.client.Members(context.Background())
+	if err != nil {
+		return err
+	}
+	if alive := aliveMembers(ms); alive != want {
 		return fmt.Errorf("%s sees %d alive members, want %d", nd.name, alive, want)
 	}
 	if leaderOf(ms) == "" {

@@ -41,29 +41,14 @@ func TestPartitionHeals(t *testing.T) {
 	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(start).Seconds(), what) }
 	lab.Cut(t, 2, true)
 	phase("link cut")
-	c.waitFor(30*time.Second, isolated.name+" down in the majority's state", func() error {
-		n, err := nodes[0].client.Node(context.Background(), isolated.name)
-		if err != nil {
-			return err
-		}
-		if n.Status != "down" {
-			return fmt.Errorf("status %s", n.Status)
-		}
-		return nil
-	})
+	c.waitFor(30*time.Second, isolated.name+" down in the majority's state", nodeStatus(nodes[0], isolated.name, "down"))
 	phase("down in the majority's state")
 	c.waitFor(30*time.Second, isolated.name+" to see itself alone", func() error {
 		ms, err := isolated.client.Members(context.Background())
 		if err != nil {
 			return err
 		}
-		alive := 0
-		for _, m := range ms {
-			if m.Status == "alive" {
-				alive++
-			}
-		}
-		if alive != 1 {
+		if alive := aliveMembers(ms); alive != 1 {
 			return fmt.Errorf("%d alive", alive)
 		}
 		return nil
@@ -82,16 +67,7 @@ func TestPartitionHeals(t *testing.T) {
 		c.waitFor(45*time.Second, nd.name+" to see all three again", func() error { return converged(nd, 3) })
 	}
 	phase("converged")
-	c.waitFor(30*time.Second, isolated.name+" ready again", func() error {
-		n, err := nodes[0].client.Node(context.Background(), isolated.name)
-		if err != nil {
-			return err
-		}
-		if n.Status != "ready" {
-			return fmt.Errorf("status %s", n.Status)
-		}
-		return nil
-	})
+	c.waitFor(30*time.Second, isolated.name+" ready again", nodeStatus(nodes[0], isolated.name, "ready"))
 	t.Logf("re-joined %v after the network healed", time.Since(healed).Round(time.Millisecond))
 	if b, _ := os.ReadFile(isolated.logPath); !strings.Contains(string(b), "re-joined cluster") {
 		t.Errorf("%s log does not show its re-join", isolated.name)
