@@ -403,10 +403,8 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 		wl.GID = *req.GID
 	}
 	var err error
-	s.fsm.Read(func(st *scheduler.State) {
-		wl.DesiredNode, err = scheduler.Place(st, scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
-			Resources: wl.Resources})
-	})
+	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
+		Resources: wl.Resources})
 	if err != nil {
 		return wl, fmt.Errorf("run: %w", err)
 	}

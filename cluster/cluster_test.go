@@ -181,6 +181,15 @@ func TestThreeNodeCluster(t *testing.T) {
 	var w2 api.Workload
 	c.ctlJSON(rest[1], &w2, "run", "--", "sleep", "300")
 	waitState(c, rest[0], w2.ID, "running", 10*time.Second)
+	if w2.DesiredNode == leader.name {
+		t.Errorf("new workload placed on %s, which crashed %v ago", leader.name, time.Since(killed).Round(time.Millisecond))
+	}
+	// Pinned to the crashed node before gossip declares it dead: refused
+	// with the reason, not left pending on a dead host.
+	if _, errs, code := c.ctlRun("run", "-address", rest[0].socket, "-node", leader.name, "--", "true"); code != 1 ||
+		!strings.Contains(errs, "not answer") {
+		t.Errorf("run pinned to crashed %s: exit %d, %q; want exit 1 naming it unreachable", leader.name, code, errs)
+	}
 
 	// The dead node goes down and its workload is marked lost, not forgotten.
 	c.waitFor(30*time.Second, leader.name+" down", nodeStatus(rest[0], leader.name, "down"))

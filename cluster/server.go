@@ -74,6 +74,10 @@ type Server struct {
 	memMu sync.Mutex
 	live  map[string]memberlist.Node
 
+	reach *reach // raft peers failing heartbeats (leader)
+	obs   *raft.Observer
+	obsCh chan raft.Observation // feeds reach; closed after raft stops
+
 	gossipAddr string // this node's gossip address, fixed at start
 	advertise  net.IP // the IP peers reach this node at
 
@@ -291,6 +295,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("start: raft: %w", err)
 	}
 	s.raft = r
+	s.observeHeartbeats()
 	s.meta = meta{APIAddr: s.advertised(s.apiLn.Addr()), RaftAddr: string(s.trans.LocalAddr()),
 		Expect: s.cfg.BootstrapExpect, Booted: booted, Labels: s.cfg.Labels}
 	if !booted && s.cfg.BootstrapExpect == 1 {
@@ -386,6 +391,8 @@ func (s *Server) Shutdown() {
 			if err := s.raft.Shutdown().Error(); err != nil {
 				s.log.Warn("raft shutdown", "err", err)
 			}
+			s.raft.DeregisterObserver(s.obs)
+			close(s.obsCh)
 		}
 		if s.trans != nil {
 			s.trans.Close()

@@ -7,10 +7,14 @@ type PlacementRequest struct {
 	Node        string            // if set, only this node
 	Constraints map[string]string // node labels that must match exactly
 	Resources   Resources
+	// Exclude holds nodes the caller knows cannot take work right now
+	// although the state still calls them ready (a crash gossip has not
+	// declared yet), each with the reason.
+	Exclude map[string]string
 }
 
 // Place picks the node for a new workload: among ready, eligible nodes that
-// meet the constraints and the memory hint, the one with the most free
+// meet the constraints and the memory hint and are not excluded, the one with the most free
 // capacity. Free capacity is the mean of the idle CPU share (1 − load1/CPUs)
 // and the free memory share from the node's last recorded load, less 0.01
 // per active workload the state assigns to it (so workloads placed since the
@@ -56,6 +60,9 @@ func unfit(n *Node, req PlacementRequest) string {
 	}
 	if !n.Eligible {
 		return "node is not eligible"
+	}
+	if why, ok := req.Exclude[n.Name]; ok {
+		return "node " + why
 	}
 	for k, v := range req.Constraints {
 		if got, ok := n.Labels[k]; !ok || got != v {

@@ -37,6 +37,9 @@ func TestPlace(t *testing.T) {
 		{"memory hint", []*Node{node("a", 0, 1, nil), node("b", 2, 2, nil)}, nil, PlacementRequest{Resources: Resources{MemoryMB: 1500}}, "b", nil},
 		{"pinned", []*Node{node("a", 0, 8, nil), node("b", 2, 1, nil)}, nil, PlacementRequest{Node: "b"}, "b", nil},
 		{"pinned down", []*Node{down}, nil, PlacementRequest{Node: "d"}, "", ErrNoNode},
+		{"excluded", []*Node{node("a", 0, 8, nil), node("b", 2, 1, nil)}, nil,
+			PlacementRequest{Exclude: map[string]string{"a": "not answering"}}, "b", nil},
+		{"pinned excluded", []*Node{node("a", 0, 8, nil)}, nil, PlacementRequest{Node: "a", Exclude: map[string]string{"a": "not answering"}}, "", ErrNoNode},
 		{"pinned unknown", []*Node{node("a", 0, 8, nil)}, nil, PlacementRequest{Node: "q"}, "", ErrNotFound},
 		{"no nodes", nil, nil, PlacementRequest{}, "", ErrNoNode},
 	}
