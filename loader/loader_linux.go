@@ -73,7 +73,8 @@ type Process struct {
 	virtTids map[int]int
 	// listeners are the re-created listening sockets, bound in finish.
 	listeners []*image.FD
-	vdso      uint64 // syscall site in the moved vdso
+	vdso      uint64   // syscall site in the moved vdso
+	uffd      *os.File // fills private anonymous memory while building
 	built     bool
 	done      bool
 	tasks     []*task // the threads finish made ready, detached to start
@@ -670,6 +671,7 @@ func (p *Process) abort() {
 		return
 	}
 	p.done = true
+	p.closeUffd()
 	if p.mem != nil {
 		p.mem.Close()
 	}

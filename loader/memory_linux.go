@@ -129,6 +129,7 @@ func (p *Process) mapMemory() error {
 				p.mappedShared(v)
 			}
 		}
+		p.uffd = p.openUffd()
 		return nil
 	})
 }
@@ -254,6 +255,10 @@ func (p *Process) fill(addr uint64, data []byte) error {
 	if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
 		return fmt.Errorf("%w: pages for %s", image.ErrCorrupt, vmaName(v))
 	}
+	if p.uffd != nil && uffdArea(v) {
+		n := uffdFill(p.uffd, addr, data)
+		addr, data = addr+uint64(n), data[n:]
+	}
 	if err := p.mem.Write(addr, data); err != nil {
 		return fmt.Errorf("%s: %w", vmaName(v), err)
 	}
@@ -262,6 +267,7 @@ func (p *Process) fill(addr uint64, data []byte) error {
 
 // finishMemory gives every area its saved protection.
 func (p *Process) finishMemory() error {
+	p.closeUffd()
 	return p.tr.Do(func() error {
 		for _, v := range p.vmas {
 			if v.Kind.Kernel() || buildProt(v) == v.Prot {

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -400,6 +401,18 @@ func TestBigheap(t *testing.T) {
 		t.Fatal(err)
 	}
 	th.out.Expect(t, fmt.Sprintf(`^check hash=%s ok$`, hash), 60*time.Second)
+
+	// pthaw filled the heap through a userfaultfd: nothing of it is
+	// left registered ("um"/"uw" in VmFlags).
+	smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(smaps), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == "VmFlags:" && (slices.Contains(f, "um") || slices.Contains(f, "uw")) {
+			t.Errorf("restored area still registered with a userfaultfd: %q", l)
+		}
+	}
 }
 
 func TestBlockedRead(t *testing.T) {

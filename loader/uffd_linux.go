@@ -1,0 +1,115 @@
+package loader
+
+import (
+	"errors"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+)
+
+// Filling fresh anonymous memory through process_vm_writev costs one page
+// fault per 4 KiB page: the kernel allocates the page, zeroes it, maps it,
+// and only then copies the saved contents over the zeroes. UFFDIO_COPY
+// allocates each page and copies into it directly, for a whole range in
+// one call: no faults and no zeroing. This is how pthaw fills the private
+// anonymous areas (the heap, stacks, most of any process): the stub opens
+// a userfaultfd for its own mm, pthaw takes it over with pidfd_getfd and
+// registers those areas, fills them, and closes it before anything runs,
+// which unregisters them and leaves their flags as they were. Where the
+// kernel refuses (no userfaultfd, a page already there) pages are written
+// the usual way.
+
+// struct uffdio_* from <linux/userfaultfd.h>.
+const (
+	uffdAPI             = 0xaa
+	uffdUserModeOnly    = 1
+	uffdioAPI           = 0xc018aa3f
+	uffdioRegister      = 0xc020aa00
+	uffdioCopy          = 0xc028aa03
+	uffdRegisterMissing = 1
+)
+
+type uffdioAPIArg struct{ API, Features, Ioctls uint64 }
+
+type uffdioRange struct{ Start, Len uint64 }
+
+type uffdioRegisterArg struct {
+	Range  uffdioRange
+	Mode   uint64
+	Ioctls uint64
+}
+
+type uffdioCopyArg struct {
+	Dst, Src, Len, Mode uint64
+	Copy                int64
+}
+
+// openUffd gives pthaw a userfaultfd on the process's memory with every
+// private anonymous area registered, or nil when the kernel offers none.
+// Runs on the tracer thread, after mapMemory.
+func (p *Process) openUffd() *os.File {
+	fd, err := p.call(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
+	if err != nil {
+		return nil
+	}
+	defer p.call(unix.SYS_CLOSE, fd)
+	pidfd, err := unix.PidfdOpen(p.pid, 0)
+	if err != nil {
+		return nil
+	}
+	mine, err := unix.PidfdGetfd(pidfd, int(fd), 0)
+	unix.Close(pidfd)
+	if err != nil {
+		return nil
+	}
+	f := os.NewFile(uintptr(mine), "userfaultfd")
+	api := uffdioAPIArg{API: uffdAPI}
+	if uffdIoctl(f, uffdioAPI, &api) != nil {
+		f.Close()
+		return nil
+	}
+	for _, v := range p.vmas {
+		if !uffdArea(v) {
+			continue
+		}
+		reg := uffdioRegisterArg{Range: uffdioRange{v.Start, v.Len()}, Mode: uffdRegisterMissing}
+		if uffdIoctl(f, uffdioRegister, &reg) != nil {
+			f.Close() // unregisters what was registered
+			return nil
+		}
+	}
+	return f
+}
+
+// uffdArea says whether v is filled through the userfaultfd.
+func uffdArea(v *image.VMA) bool { return v.Kind == image.VMAAnon }
+
+// uffdFill copies data to addr with UFFDIO_COPY and returns how many
+// bytes it placed; the caller writes the rest the usual way (and reports
+// any error that is real).
+func uffdFill(f *os.File, addr uint64, data []byte) int {
+	done := 0
+	for done < len(data) {
+		c := uffdioCopyArg{Dst: addr + uint64(done), Len: uint64(len(data) - done)}
+		err := uffdCopy(f, &c, data[done:])
+		if c.Copy > 0 {
+			done += int(c.Copy)
+		}
+		// EAGAIN with progress: interrupted part-way, go on. Anything
+		// else (EEXIST: a page is there already) ends it.
+		if err != nil && (!errors.Is(err, unix.EAGAIN) || c.Copy <= 0) {
+			break
+		}
+	}
+	return done
+}
+
+// closeUffd closes the userfaultfd, which unregisters every area.
+func (p *Process) closeUffd() {
+	if p.uffd != nil {
+		p.uffd.Close()
+		p.uffd = nil
+	}
+}
