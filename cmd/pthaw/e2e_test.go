@@ -142,8 +142,9 @@ func thawCmd(t testing.TB, cmd *exec.Cmd) *thawed {
 	return startThawCmd(t, th, inR)
 }
 
-// child returns the restored process (pthaw's only child), or 0. Children
-// are listed per thread, and pthaw's tracer thread is the parent.
+// child returns pthaw's child, or 0: the restored process once it runs,
+// a stub while pthaw builds. Children are listed per thread, and pthaw's
+// tracer thread is the parent.
 func (th *thawed) child() int {
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", th.cmd.Process.Pid))
 	for _, path := range tasks {
@@ -156,12 +157,25 @@ func (th *thawed) child() int {
 	return 0
 }
 
-// restoredPid waits for pthaw to have a child.
+// started reports whether pthaw's child pid is the restored process (or
+// the -pidns init) let run: no longer traced, and not a pthaw fork that
+// has yet to exec a stub.
+func (th *thawed) started(pid int) bool {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil || !regexp.MustCompile(`(?m)^TracerPid:\s+0$`).Match(status) {
+		return false
+	}
+	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	pthaw, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", th.cmd.Process.Pid))
+	return exe != pthaw
+}
+
+// restoredPid waits for pthaw to have started its child and returns it.
 func (th *thawed) restoredPid(t testing.TB) int {
 	t.Helper()
 	deadline := time.Now().Add(waitFor)
 	for time.Now().Before(deadline) {
-		if pid := th.child(); pid > 0 {
+		if pid := th.child(); pid > 0 && th.started(pid) {
 			return pid
 		}
 		select {
