@@ -63,7 +63,9 @@ while True:
 // two re-executed test binaries) is measured before and after each
 // content's runs. MB/s is the process's VmRSS before the freeze divided
 // by the wall time of pfreeze (start to exit: capture, transfer, the
-// receiver's build, the commit handshake). Results and how to read them:
+// receiver's build, the commit handshake). All of it runs twice: over the
+// bare veth pair and with A's link limited to 10 Gbit/s (sub-benchmarks
+// "-10gbit"). Results and how to read them:
 // docs/benchmarks.md.
 //
 //	go test -run '^$' -bench BenchmarkNetworkMigration -benchtime 1x -timeout 20m ./cmd/pthaw
@@ -107,105 +109,124 @@ func BenchmarkNetworkMigration(b *testing.B) {
 			}
 		}},
 	}
+	// Each content moves over the bare veth pair (memory speed, both ends
+	// competing for the same 2 cores: a measure of CPU cost) and over the
+	// same pair limited to 10 Gbit/s, a common data-centre link, where the
+	// network is the bottleneck as between real hosts.
+	for _, link := range []string{"", "10gbit"} {
+		for _, c := range contents {
+			name := c.name
+			if link != "" {
+				name += "-" + link
+			}
+			b.Run(name, func(b *testing.B) {
+				if link != "" {
+					ha.Shape(b, link)
+					defer ha.Shape(b, "")
+				}
+				migrateAll(b, c.start, ha, hb, &port, dir, keyfile)
+			})
+		}
+	}
+}
+
+// migrateAll runs one content's migrations (every compression with and
+// without aes-gcm) between ha and hb and reports them.
+func migrateAll(b *testing.B, start func(b *testing.B) (*fixture.Proc, func(th *thawed)), ha, hb *netlab.Host, port *int, dir, keyfile string) {
 	comps := []string{"none", "gzip", "flate", "snappy", "zstd"}
 	encs := []string{"none", "aes-gcm"}
+	raw := []float64{rawTCP(b, ha, hb, *port)}
+	*port++
+	mbps := map[string]float64{}
+	wire := map[string]float64{}
+	var rssSum float64
+	cpu := map[string]string{} // wall and CPU times of each run
+	for _, comp := range comps {
+		for _, enc := range encs {
+			var secs, moved, sent float64
+			for i := 0; i < b.N; i++ {
+				p, check := start(b)
+				rss := vmRSS(b, p.Pid())
+				thawArgs := []string{"-src", fmt.Sprintf("tcp:%s:%d", hb.Addr, *port), "-insecure"}
+				frArgs := []string{"-pid", strconv.Itoa(p.Pid()), "-dest", fmt.Sprintf("tcp:%s:%d", hb.Addr, *port),
+					"-compress", comp, "-halt"}
+				*port++
+				if enc != "none" {
+					thawArgs[2] = "-keydir"
+					thawArgs = append(thawArgs, dir)
+					frArgs = append(frArgs, "-encrypt", enc+":"+keyfile)
+				}
+				th := thawCmd(b, hb.Command(filepath.Join(binDir, "pthaw"), thawArgs...))
+				th.listening(b)
+				tx0 := txBytes(b, ha)
+				fr := sendCmd(ha, frArgs...)
+				t0 := time.Now()
+				out, err := fr.CombinedOutput()
+				d := time.Since(t0)
+				if err != nil {
+					b.Fatalf("pfreeze %s: %v: %s; pthaw: %s", strings.Join(frArgs, " "), err, out, th.stderr.String())
+				}
+				tx := txBytes(b, ha) - tx0
+				select {
+				case <-p.Exited():
+				case <-time.After(waitFor):
+					b.Fatal("the original still runs after pfreeze -halt")
+				}
+				check(th)
+				// pthaw's own CPU time, read while it still waits
+				// for its child: its rusage at exit would include
+				// the restored process's (bigheap's re-hash).
+				thUser, thSys := cpuTimes(b, th.cmd.Process.Pid)
+				// Free the memory before the next run.
+				syscall.Kill(th.restoredPid(b), syscall.SIGKILL)
+				select {
+				case <-th.done:
+				case <-time.After(waitFor):
+					b.Fatal("pthaw still runs after its process was killed")
+				}
+				// CPU time of both ends shows which one limits
+				// the pipeline (nsenter execs pfreeze: the
+				// command's process is pfreeze's).
+				fs := fr.ProcessState
+				cpu[comp+"-"+short(enc)] += fmt.Sprintf(" %.2f s (pfreeze usr %.2f sys %.2f, pthaw usr %.2f sys %.2f)",
+					d.Seconds(), fs.UserTime().Seconds(), fs.SystemTime().Seconds(), thUser, thSys)
+				secs += d.Seconds()
+				moved += float64(rss)
+				sent += float64(tx)
+				rssSum += float64(rss)
+			}
+			key := comp + "-" + short(enc)
+			mbps[key] = moved / secs / 1e6
+			wire[key] = sent / moved
+		}
+	}
+	raw = append(raw, rawTCP(b, ha, hb, *port))
+	*port++
+	rawMean := (raw[0] + raw[1]) / 2
 
-	for _, c := range contents {
-		b.Run(c.name, func(b *testing.B) {
-			raw := []float64{rawTCP(b, ha, hb, port)}
-			port++
-			mbps := map[string]float64{}
-			wire := map[string]float64{}
-			var rssSum float64
-			cpu := map[string]string{} // wall and CPU times of each run
-			for _, comp := range comps {
-				for _, enc := range encs {
-					var secs, moved, sent float64
-					for i := 0; i < b.N; i++ {
-						p, check := c.start(b)
-						rss := vmRSS(b, p.Pid())
-						thawArgs := []string{"-src", fmt.Sprintf("tcp:%s:%d", hb.Addr, port), "-insecure"}
-						frArgs := []string{"-pid", strconv.Itoa(p.Pid()), "-dest", fmt.Sprintf("tcp:%s:%d", hb.Addr, port),
-							"-compress", comp, "-halt"}
-						port++
-						if enc != "none" {
-							thawArgs[2] = "-keydir"
-							thawArgs = append(thawArgs, dir)
-							frArgs = append(frArgs, "-encrypt", enc+":"+keyfile)
-						}
-						th := thawCmd(b, hb.Command(filepath.Join(binDir, "pthaw"), thawArgs...))
-						th.listening(b)
-						tx0 := txBytes(b, ha)
-						fr := sendCmd(ha, frArgs...)
-						t0 := time.Now()
-						out, err := fr.CombinedOutput()
-						d := time.Since(t0)
-						if err != nil {
-							b.Fatalf("pfreeze %s: %v: %s; pthaw: %s", strings.Join(frArgs, " "), err, out, th.stderr.String())
-						}
-						tx := txBytes(b, ha) - tx0
-						select {
-						case <-p.Exited():
-						case <-time.After(waitFor):
-							b.Fatal("the original still runs after pfreeze -halt")
-						}
-						check(th)
-						// pthaw's own CPU time, read while it still waits
-						// for its child: its rusage at exit would include
-						// the restored process's (bigheap's re-hash).
-						thUser, thSys := cpuTimes(b, th.cmd.Process.Pid)
-						// Free the memory before the next run.
-						syscall.Kill(th.restoredPid(b), syscall.SIGKILL)
-						select {
-						case <-th.done:
-						case <-time.After(waitFor):
-							b.Fatal("pthaw still runs after its process was killed")
-						}
-						// CPU time of both ends shows which one limits
-						// the pipeline (nsenter execs pfreeze: the
-						// command's process is pfreeze's).
-						fs := fr.ProcessState
-						cpu[comp+"-"+short(enc)] += fmt.Sprintf(" %.2f s (pfreeze usr %.2f sys %.2f, pthaw usr %.2f sys %.2f)",
-							d.Seconds(), fs.UserTime().Seconds(), fs.SystemTime().Seconds(), thUser, thSys)
-						secs += d.Seconds()
-						moved += float64(rss)
-						sent += float64(tx)
-						rssSum += float64(rss)
-					}
-					key := comp + "-" + short(enc)
-					mbps[key] = moved / secs / 1e6
-					wire[key] = sent / moved
-				}
-			}
-			raw = append(raw, rawTCP(b, ha, hb, port))
-			port++
-			rawMean := (raw[0] + raw[1]) / 2
-
-			// Benchmark logs are cut after 10 lines (without -v): one
-			// line for the baseline, one per compression.
-			b.Logf("raw tcp %d MiB: %.2f s before, %.2f s after", netBenchMiB, float64(netBenchMiB<<20)/raw[0]/1e6, float64(netBenchMiB<<20)/raw[1]/1e6)
-			for _, comp := range comps {
-				b.Logf("%-6s wire/rss %.3f; plain%s; aes-gcm%s", comp, wire[comp+"-plain"], cpu[comp+"-plain"], cpu[comp+"-aes"])
-			}
-			b.ReportMetric(rssSum/float64(b.N*len(comps)*len(encs))/(1<<20), "rss-MiB")
-			b.ReportMetric(raw[0], "raw-before-MB/s")
-			b.ReportMetric(raw[1], "raw-after-MB/s")
-			for _, comp := range comps {
-				for _, enc := range encs {
-					key := comp + "-" + short(enc)
-					b.ReportMetric(mbps[key], key+"-MB/s")
-					b.ReportMetric(mbps[key]/rawMean, key+"/raw")
-				}
-				b.ReportMetric(mbps[comp+"-aes"]/mbps[comp+"-plain"], comp+":aes/plain")
-				b.ReportMetric(wire[comp+"-plain"], comp+"-wire/rss")
-			}
-			for _, comp := range []string{"snappy", "zstd"} {
-				for _, enc := range encs {
-					e := short(enc)
-					b.ReportMetric(mbps[comp+"-"+e]/mbps["none-"+e], e+":"+comp+"/none")
-				}
-			}
-		})
+	// Benchmark logs are cut after 10 lines (without -v): one
+	// line for the baseline, one per compression.
+	b.Logf("raw tcp %d MiB: %.2f s before, %.2f s after", netBenchMiB, float64(netBenchMiB<<20)/raw[0]/1e6, float64(netBenchMiB<<20)/raw[1]/1e6)
+	for _, comp := range comps {
+		b.Logf("%-6s wire/rss %.3f; plain%s; aes-gcm%s", comp, wire[comp+"-plain"], cpu[comp+"-plain"], cpu[comp+"-aes"])
+	}
+	b.ReportMetric(rssSum/float64(b.N*len(comps)*len(encs))/(1<<20), "rss-MiB")
+	b.ReportMetric(raw[0], "raw-before-MB/s")
+	b.ReportMetric(raw[1], "raw-after-MB/s")
+	for _, comp := range comps {
+		for _, enc := range encs {
+			key := comp + "-" + short(enc)
+			b.ReportMetric(mbps[key], key+"-MB/s")
+			b.ReportMetric(mbps[key]/rawMean, key+"/raw")
+		}
+		b.ReportMetric(mbps[comp+"-aes"]/mbps[comp+"-plain"], comp+":aes/plain")
+		b.ReportMetric(wire[comp+"-plain"], comp+"-wire/rss")
+	}
+	for _, comp := range []string{"snappy", "zstd"} {
+		for _, enc := range encs {
+			e := short(enc)
+			b.ReportMetric(mbps[comp+"-"+e]/mbps["none-"+e], e+":"+comp+"/none")
+		}
 	}
 }
 

@@ -33,7 +33,7 @@ func Available() string {
 	if os.Geteuid() != 0 {
 		return "needs root to create network namespaces (CI runs as root)"
 	}
-	for _, tool := range []string{"ip", "nsenter"} {
+	for _, tool := range []string{"ip", "tc", "nsenter"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return tool + " not installed (iproute2, util-linux)"
 		}
@@ -91,6 +91,22 @@ func (l *Lab) Cut(tb testing.TB, i int, down bool) {
 	}
 	if err := ip("-n", l.sw, "link", "set", l.Hosts[i].port, state); err != nil {
 		tb.Fatal(err)
+	}
+}
+
+// Shape limits what h sends to rate (tc's syntax, e.g. "10gbit") with a
+// token bucket on its eth0, as a real link of that speed would; "" lifts
+// the limit. Both "hosts" share the machine's CPUs, so without a limit the
+// veth pair moves data at memory speed and every test of a transfer is a
+// test of CPU time.
+func (h *Host) Shape(tb testing.TB, rate string) {
+	tb.Helper()
+	args := []string{"-n", h.NS, "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "4mb", "latency", "20ms"}
+	if rate == "" {
+		args = []string{"-n", h.NS, "qdisc", "del", "dev", "eth0", "root"}
+	}
+	if out, err := exec.Command("tc", args...).CombinedOutput(); err != nil {
+		tb.Fatalf("tc %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 }
 
