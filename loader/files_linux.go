@@ -15,7 +15,8 @@ import (
 // openFiles puts every saved file descriptor back on its number: regular
 // files, directories and devices are reopened by path at their offset,
 // fds that share an open file description share one again, and inherited
-// fds 0-2 stay connected to ours. Every other fd is closed.
+// fds 0-2 (and copies of them) stay connected to ours. Every other fd is
+// closed.
 func (p *Process) openFiles() error {
 	if err := p.setRlimits(); err != nil {
 		return err
@@ -27,8 +28,10 @@ func (p *Process) openFiles() error {
 	return p.tr.Do(func() error {
 		for _, f := range p.fds {
 			switch {
-			case f.Kind == image.FDInherit:
+			case f.Kind == image.FDInherit && f.Fd <= 2:
 				// Already there: the stub inherited our fd.
+			case f.Kind == image.FDInherit:
+				// A copy of an inherited fd 0-2: dup3 below.
 			case f.Desc != f.Fd:
 				// Shares the description of an earlier fd: dup3 below.
 			default:
@@ -39,7 +42,7 @@ func (p *Process) openFiles() error {
 		}
 
 		for _, f := range p.fds {
-			if f.Kind != image.FDInherit && f.Desc != f.Fd {
+			if (f.Kind != image.FDInherit || f.Fd > 2) && f.Desc != f.Fd {
 				if !want[f.Desc] {
 					return fmt.Errorf("%w: fd %d shares fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, f.Desc)
 				}
@@ -163,7 +166,11 @@ func (p *Process) pipeEnd(f *image.FD) (string, error) {
 	ends, ok := p.tree.pipes[f.Pipe]
 	if !ok {
 		var err error
-		if ends, err = newPipe(f); err != nil {
+		open := newPipe
+		if f.Path != "" {
+			open = openFIFO
+		}
+		if ends, err = open(f); err != nil {
 			return "", fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 		}
 		p.tree.pipes[f.Pipe] = ends
@@ -182,9 +189,39 @@ func newPipe(f *image.FD) ([2]int, error) {
 	if err := unix.Pipe2(ends[:], unix.O_CLOEXEC); err != nil {
 		return ends, fmt.Errorf("pipe2: %w", err)
 	}
+	return fillPipe(f, ends)
+}
+
+// openFIFO opens the named FIFO of f (its first fd record) in pthaw, for
+// reading and writing: one fd that stands for both ends, so that members
+// opening it read-only or write-only do not wait for each other. It gets
+// the saved capacity and buffered data.
+func openFIFO(f *image.FD) ([2]int, error) {
+	// Opening has effects for some files (devices): look first. The path
+	// was resolved at the freeze, so a symlink here is not the FIFO.
+	var st unix.Stat_t
+	if err := unix.Lstat(f.Path, &st); err != nil {
+		return [2]int{}, fmt.Errorf("FIFO %s: %w", f.Path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		return [2]int{}, fmt.Errorf("%s is not a FIFO here", f.Path)
+	}
+	fd, err := unix.Open(f.Path, unix.O_RDWR|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return [2]int{}, fmt.Errorf("open FIFO %s: %w", f.Path, err)
+	}
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+		unix.Close(fd)
+		return [2]int{}, fmt.Errorf("%s is not a FIFO here", f.Path)
+	}
+	return fillPipe(f, [2]int{fd, fd})
+}
+
+// fillPipe gives the pipe behind ends (read, write) f's saved capacity and
+// buffered data, closing them on failure.
+func fillPipe(f *image.FD, ends [2]int) ([2]int, error) {
 	fail := func(err error) ([2]int, error) {
-		unix.Close(ends[0])
-		unix.Close(ends[1])
+		closeEnds(ends)
 		return [2]int{}, err
 	}
 	if f.PipeSize > 0 {
@@ -352,4 +389,12 @@ func (p *Process) bindListeners(scratch uintptr) error {
 		}
 	}
 	return nil
+}
+
+// closeEnds closes a pipe's ends; a FIFO's are one fd.
+func closeEnds(ends [2]int) {
+	unix.Close(ends[0])
+	if ends[1] != ends[0] {
+		unix.Close(ends[1])
+	}
 }

@@ -388,7 +388,8 @@ func checkFD(f *image.FD, prev []*image.FD) error {
 	switch f.Kind {
 	case image.FDFile, image.FDEventfd, image.FDEpoll, image.FDPipe, image.FDListen:
 	case image.FDInherit:
-		if f.Fd > 2 {
+		// Fds 0-2, or a copy of one of them (Desc).
+		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
 			return fmt.Errorf("%w: inherited fd %d", image.ErrCorrupt, f.Fd)
 		}
 	default:

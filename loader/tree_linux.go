@@ -28,8 +28,7 @@ type tree struct {
 // members hold the only ones.
 func (t *tree) closePipes() {
 	for id, ends := range t.pipes {
-		unix.Close(ends[0])
-		unix.Close(ends[1])
+		closeEnds(ends)
 		delete(t.pipes, id)
 	}
 }

@@ -228,6 +228,28 @@ func migrate(t *testing.T, p *fixture.Proc, thawArgs ...string) *thawed {
 	return thaw(t, append([]string{"-src", haltToFile(t, p)}, thawArgs...)...)
 }
 
+// TestInheritedCopies moves a process whose fds 3 and 4 are copies of its
+// stdout and stderr, as a shell's "exec 3>&1 4>&2" leaves them: they lead
+// outside the process, so they come back as copies of pthaw's.
+func TestInheritedCopies(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, "/bin/sh", "-c", `exec 3>&1 4>&2; exec "$0" 5`, fixture.Build(t, "countforever"))
+	p.Lines.Expect(t, `^(\d+)$`, waitFor)
+	th := migrate(t, p)
+	th.out.Expect(t, `^(\d+)$`, waitFor)
+	pid := th.restoredPid(t)
+	// The fixture gave the original one pipe as stdout and stderr, so fd 4
+	// was a copy of fd 1 as much as of fd 2; pthaw's are two pipes.
+	out, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/1", th.cmd.Process.Pid))
+	errs, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/2", th.cmd.Process.Pid))
+	for _, fd := range []int{3, 4} {
+		got, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
+		if got == "" || (got != out && got != errs) {
+			t.Errorf("restored fd %d is %q, want pthaw's stdout %q or stderr %q", fd, got, out, errs)
+		}
+	}
+}
+
 func testCountforever(t *testing.T, prog string) {
 	needRoot(t)
 	p := fixture.Start(t, fixture.Build(t, prog), "5")

@@ -139,6 +139,37 @@ func TestPipelineTree(t *testing.T) {
 	expectTree(t, th, root, producer, consumer)
 }
 
+// TestFIFOTree is TestPipelineTree through a named FIFO: the data
+// buffered in it comes back, the restored producer's stdout names the
+// FIFO's path again, and lines keep flowing through it.
+func TestFIFOTree(t *testing.T) {
+	needRoot(t)
+	pl, fifo := fixture.PipelineFIFO(t)
+	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
+	if err := syscall.Kill(pl.Consumer, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the producer fills the FIFO meanwhile
+	root, producer, consumer := pl.Pid(), pl.Producer, pl.Consumer
+	snap := haltTreeToFile(t, pl.Proc, producer, consumer)
+	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, desc)
+	}
+	if !regexp.MustCompile(`fifo "` + regexp.QuoteMeta(fifo) + `" .* pipe \d+ size \d+ buffered [1-9]`).Match(desc) {
+		t.Errorf("snapshot has no FIFO %s with buffered data:\n%s", fifo, desc)
+	}
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root, producer, consumer)
+	consumerFlows(t, th, last, 10)
+	expectTree(t, th, root, producer, consumer)
+	for _, end := range []struct{ pid, fd int }{{producer, 1}, {consumer, 0}} {
+		if link, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", end.pid, end.fd)); link != fifo {
+			t.Errorf("restored pid %d fd %d is %q, want the FIFO %s", end.pid, end.fd, link, fifo)
+		}
+	}
+}
+
 // statOf returns fields 3.. of /proc/PID/stat (index 0 is the state).
 func statOf(t *testing.T, pid int) []string {
 	t.Helper()

@@ -2,6 +2,7 @@ package capture
 
 import (
 	"fmt"
+	"hash/fnv"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,17 +38,26 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 		kind := st.Mode & syscall.S_IFMT
 		tty := kind == syscall.S_IFCHR && isTTY(st.Rdev)
 		stream := kind == syscall.S_IFIFO || kind == syscall.S_IFSOCK || tty
-		_, innerPipe := inner[st.Ino]
+		pipe, isPipe := pipeID(fi.Link, &st)
+		_, innerPipe := inner[pipe]
 		switch {
-		case kind == syscall.S_IFIFO && innerPipe:
-			fd.Kind, fd.Pipe = image.FDPipe, st.Ino
-			if !inner[st.Ino] {
+		case isPipe && innerPipe:
+			fd.Kind, fd.Pipe = image.FDPipe, pipe
+			if pipe&namedFIFO != 0 {
+				fd.Path = fi.Link
+			}
+			if !inner[pipe] {
 				if fd.PipeSize, fd.PipeData, err = peekPipe(pid, fi.Fd); err != nil {
 					return nil, fmt.Errorf("%s: %w", where, err)
 				}
-				inner[st.Ino] = true
+				inner[pipe] = true
 			}
 		case fi.Fd <= 2 && stream:
+			fd.Kind = image.FDInherit
+		case stream && dupOfInherited(pid, fi.Fd, out):
+			// A copy of fd 0-2 (a shell saves its stdin at fd 10 while
+			// it redirects): a copy of pthaw's on restore. Desc is set
+			// below.
 			fd.Kind = image.FDInherit
 		case fi.Link == "anon_inode:[eventfd]":
 			fd.Kind = image.FDEventfd
@@ -128,6 +138,19 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 	return out, nil
 }
 
+// dupOfInherited reports whether pid's fd shares its open file description
+// with one of its fds 0-2 that lead outside (in prev).
+func dupOfInherited(pid, fd int, prev []image.FD) bool {
+	for _, o := range prev {
+		if o.Kind == image.FDInherit && o.Fd <= 2 {
+			if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // peekPipe returns the capacity of the pipe at pid's fd and the bytes
 // buffered in it, without consuming them: a read end of our own (opened
 // through /proc, whichever end fd is) is tee(2)d into a pipe of ours.
@@ -166,6 +189,30 @@ func peekPipe(pid, fd int) (int, []byte, error) {
 		off += m
 	}
 	return size, data, nil
+}
+
+// namedFIFO marks the pipeID of a FIFO that is reopened by its path.
+const namedFIFO = 1 << 63
+
+// pipeID identifies the pipe behind an fd whose /proc link is link and
+// whose stat is st: an anonymous pipe by its inode, a named FIFO by its
+// device and inode with namedFIFO set. A FIFO whose path no longer names
+// it (unlinked, replaced) can only be reached through the fds that hold
+// it, so it counts as an anonymous pipe.
+func pipeID(link string, st *syscall.Stat_t) (uint64, bool) {
+	if st.Mode&syscall.S_IFMT != syscall.S_IFIFO {
+		return 0, false
+	}
+	if strings.HasPrefix(link, "pipe:[") {
+		return st.Ino, true
+	}
+	var pst syscall.Stat_t
+	if err := syscall.Stat(link, &pst); err != nil || pst.Dev != st.Dev || pst.Ino != st.Ino {
+		return st.Ino, true
+	}
+	h := fnv.New64a()
+	fmt.Fprintf(h, "%d:%d", st.Dev, st.Ino)
+	return h.Sum64() | namedFIFO, true
 }
 
 func isTTY(rdev uint64) bool {

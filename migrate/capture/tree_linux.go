@@ -125,7 +125,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	return nil
 }
 
-// innerPipes returns the pipes (by inode) that have both a read and a
+// innerPipes returns the pipes and named FIFOs (by pipeID) that have both a read and a
 // write end open in members of the tree, each false: its data is yet to
 // be saved.
 func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
@@ -137,14 +137,21 @@ func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
 			return nil, fmt.Errorf("pid %d: fds: %w", f.Pid, err)
 		}
 		for _, fi := range infos {
-			var ino uint64
-			if _, err := fmt.Sscanf(fi.Link, "pipe:[%d]", &ino); err != nil {
+			var st syscall.Stat_t
+			if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/%d", f.Pid, fi.Fd), &st); err != nil {
+				continue // closed meanwhile: describeFDs reports it
+			}
+			id, ok := pipeID(fi.Link, &st)
+			if !ok {
 				continue
 			}
-			if fi.Flags&unix.O_ACCMODE == unix.O_WRONLY {
-				ends[ino] |= write
-			} else {
-				ends[ino] |= read
+			switch fi.Flags & unix.O_ACCMODE {
+			case unix.O_WRONLY:
+				ends[id] |= write
+			case unix.O_RDWR: // a FIFO opened for both
+				ends[id] |= read | write
+			default:
+				ends[id] |= read
 			}
 		}
 	}

@@ -143,7 +143,10 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe"}[f.Kind]
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen"}[f.Kind]
+		if f.Kind == FDPipe && f.Path != "" {
+			kind = "fifo"
+		}
 		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
 		if f.Kind == FDPipe {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))

@@ -274,8 +274,10 @@ type FD struct {
 	Semaphore  bool          `msgpack:"semaphore,omitempty"`   // FDEventfd
 	Epoll      []EpollTarget `msgpack:"epoll,omitempty"`       // FDEpoll
 
-	// FDPipe: the pipe's identity (its inode when frozen); which end is in
-	// Flags (O_WRONLY: the write end). The first fd record of a pipe in the
+	// FDPipe: the pipe's identity (its inode when frozen; for a named FIFO,
+	// which Path names and which is reopened by it, a hash of its device
+	// and inode with the top bit set); which end is in Flags (O_WRONLY: the
+	// write end, O_RDWR: both). The first fd record of a pipe in the
 	// snapshot carries its capacity and the bytes buffered in it.
 	Pipe     uint64 `msgpack:"pipe,omitempty"`
 	PipeSize int    `msgpack:"pipe_size,omitempty"`
