@@ -120,6 +120,27 @@ func TestRefuseTree(t *testing.T) {
 	p.Lines.Expect(t, `^fork tick \d+ `, waitFor)
 }
 
+// TestRefuseSharedTables: two processes sharing an fd table and a cwd
+// (clone without CLONE_THREAD) are refused with one line naming both, and
+// keep running.
+func TestRefuseSharedTables(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "clonefiles"))
+	child := atoi(t, p.Lines.Expect(t, `^child (\d+)$`, waitFor)[1])
+	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatal("pfreeze accepted processes sharing an fd table")
+	}
+	msg := stderr.String()
+	want := fmt.Sprintf("pid %d: shares its fd table (CLONE_FILES), cwd and umask (CLONE_FS) with its parent %d", child, p.Pid())
+	if !strings.Contains(msg, want) || strings.Count(msg, "\n") != 1 {
+		t.Errorf("stderr %q, want one line with %q", msg, want)
+	}
+	p.Lines.Expect(t, `^tick \d+$`, waitFor)
+}
+
 // TestDebugDescribesSnapshot: the description pfreeze -debug prints of a
 // process and the one pthaw -debug prints of its snapshot agree on the
 // contents of every static memory area.

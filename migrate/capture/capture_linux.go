@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -192,6 +193,11 @@ func checkSupported(pid int, inTree bool) error {
 		theirs, err2 := os.Readlink(procfs.Path(pid, "ns/"+ns))
 		if err1 == nil && err2 == nil && mine != theirs {
 			return unsupported("process is in another %s namespace", ns)
+		}
+	}
+	if ppid, _ := strconv.Atoi(st["PPid"]); ppid > 1 {
+		if shared := sharedWith(pid, ppid); len(shared) > 0 {
+			return unsupported("shares its %s with its parent %d", strings.Join(shared, ", "), ppid)
 		}
 	}
 	if root, err := os.Readlink(procfs.Path(pid, "root")); err == nil && root != "/" {

@@ -231,3 +231,21 @@ func kcmpFile(pid, fd1, fd2 int) (bool, error) {
 	}
 	return r == 0, nil
 }
+
+// sharedWith names what pid shares with other by clone flags without being
+// its thread (CLONE_VM, CLONE_FILES, CLONE_FS, CLONE_SIGHAND): state a
+// restore would silently split in two.
+func sharedWith(pid, other int) []string {
+	var shared []string
+	for _, k := range []struct {
+		typ  uintptr
+		name string
+	}{{1, "memory (CLONE_VM: a vfork child before its exec?)"}, {2, "fd table (CLONE_FILES)"},
+		{3, "cwd and umask (CLONE_FS)"}, {4, "signal handlers (CLONE_SIGHAND)"}} {
+		r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(pid), uintptr(other), k.typ, 0, 0, 0)
+		if e == 0 && r == 0 {
+			shared = append(shared, k.name)
+		}
+	}
+	return shared
+}
