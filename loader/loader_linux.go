@@ -610,32 +610,9 @@ func (p *Process) clonePID() error {
 // current process and continues with the child, which ptrace attached for
 // us stopped. Runs on the tracer thread.
 func (p *Process) cloneSelf(flags, exitSignal uint64, pid int) error {
-	scratch := p.base + stubScratchOff
-	// struct clone_args (88 bytes) followed by the set_tid array.
-	args := make([]byte, 96)
-	put := func(off int, v uint64) { putLE64(args[off:], v) }
-	put(0, flags)
-	put(32, exitSignal)
-	put(64, scratch+88) // set_tid
-	put(72, 1)          // set_tid_size
-	put(88, uint64(pid))
-	if err := p.mem.Write(scratch, args); err != nil {
-		return fmt.Errorf("%w arguments: %v", errCloneSetup, err)
-	}
-	p.in.NewChild = 0
-	if _, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err != nil {
-		return err
-	}
-	child := p.in.NewChild
-	if child <= 0 {
-		return fmt.Errorf("%w: no fork event", errCloneSetup)
-	}
-	st, err := ptrace.Wait(child)
+	child, err := forkStub(p.in, p.mem, p.base, flags, exitSignal, pid)
 	if err != nil {
-		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, err)
-	}
-	if !st.Status.Stopped() {
-		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, st)
+		return err
 	}
 	p.pid = child
 	p.mem.Close()
@@ -646,6 +623,52 @@ func (p *Process) cloneSelf(flags, exitSignal uint64, pid int) error {
 	}
 	p.in = in
 	return nil
+}
+
+// forkStub makes the stopped stub behind in and mem (loaded at base)
+// inject clone3(flags, exit_signal, set_tid={pid}), or without set_tid
+// when pid is 0, and returns the child by its pid here (in a nested PID
+// namespace pid is the child's number there). The child, traced by us
+// through PTRACE_O_TRACEFORK, is waited for until it stops. A clone3
+// error wraps its errno (EEXIST: pid is taken); other failures
+// wrap errCloneSetup, and kill the child if there is one. Runs on the
+// tracer thread.
+func forkStub(in *ptrace.Injector, mem *ptrace.Mem, base, flags, exitSignal uint64, pid int) (int, error) {
+	scratch := base + stubScratchOff
+	// struct clone_args (88 bytes) followed by the set_tid array.
+	args := make([]byte, 96)
+	putLE64(args[0:], flags)
+	putLE64(args[32:], exitSignal)
+	if pid > 0 {
+		putLE64(args[64:], scratch+88) // set_tid
+		putLE64(args[72:], 1)          // set_tid_size
+		putLE64(args[88:], uint64(pid))
+	}
+	if err := mem.Write(scratch, args); err != nil {
+		return 0, fmt.Errorf("%w arguments: %v", errCloneSetup, err)
+	}
+	in.NewChild = 0
+	if _, err := in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err != nil {
+		return 0, fmt.Errorf("clone3: %w", err)
+	}
+	child := in.NewChild
+	if child <= 0 {
+		return 0, fmt.Errorf("%w: no fork event", errCloneSetup)
+	}
+	st, err := ptrace.Wait(child)
+	if err == nil && !st.Status.Stopped() {
+		err = errors.New(st.String())
+	}
+	if err != nil {
+		unix.Kill(child, unix.SIGKILL)
+		for {
+			if _, err := ptrace.Wait(child); err != nil {
+				break
+			}
+		}
+		return 0, fmt.Errorf("%w child %d: %v", errCloneSetup, child, err)
+	}
+	return child, nil
 }
 
 func putLE64(b []byte, v uint64) {

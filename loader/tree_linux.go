@@ -206,50 +206,25 @@ func (p *Process) exitAs(status int) error {
 // fork makes c's stub: a copy of p's, p's child, with PID want (a new
 // one, said, when want is taken). Runs on the tracer thread.
 func (p *Process) fork(c *Process, want int) error {
-	scratch := p.base + stubScratchOff
-	// struct clone_args (88 bytes) followed by the set_tid array.
-	args := make([]byte, 96)
-	putLE64(args[32:], uint64(unix.SIGCHLD)) // exit_signal
-	if !p.opts.NewPID {
-		putLE64(args[64:], scratch+88) // set_tid
-		putLE64(args[72:], 1)          // set_tid_size
-		putLE64(args[88:], uint64(want))
+	set := want
+	if p.opts.NewPID {
+		set = 0
 	}
-	if err := p.mem.Write(scratch, args); err != nil {
-		return fmt.Errorf("fork: %w", err)
-	}
-	p.in.NewChild = 0
-	_, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88)
-	if err != nil && !p.opts.NewPID && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
+	child, err := forkStub(p.in, p.mem, p.base, 0, uint64(unix.SIGCHLD), set)
+	if set > 0 && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
 		why := err
-		putLE64(args[64:], 0)
-		putLE64(args[72:], 0)
-		if err := p.mem.Write(scratch, args); err != nil {
-			return fmt.Errorf("fork: %w", err)
-		}
-		if _, err = p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err == nil {
+		if child, err = forkStub(p.in, p.mem, p.base, 0, uint64(unix.SIGCHLD), 0); err == nil {
 			if errors.Is(why, unix.EEXIST) {
-				p.notice("pid %d is taken on this host; restored as pid %d", want, p.in.NewChild)
+				p.notice("pid %d is taken on this host; restored as pid %d", want, child)
 			} else {
-				p.notice("cannot restore pid %d (%v); restored as pid %d", want, why, p.in.NewChild)
+				p.notice("cannot restore pid %d (%v); restored as pid %d", want, why, child)
 			}
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("fork: clone3: %w", err)
-	}
-	child := p.in.NewChild
-	if child <= 0 {
-		return errors.New("fork: no fork event")
+		return fmt.Errorf("fork: %w", err)
 	}
 	c.pid = child
-	st, err := ptrace.Wait(child)
-	if err != nil {
-		return fmt.Errorf("fork: child %d: %w", child, err)
-	}
-	if !st.Status.Stopped() {
-		return fmt.Errorf("fork: child %d: %v", child, st)
-	}
 	c.mem = ptrace.NewMem(child)
 	in, err := ptrace.NewInjector(child, uintptr(c.base+stubCodeOff))
 	if err != nil {
