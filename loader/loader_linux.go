@@ -504,6 +504,16 @@ func (p *Process) startStub() error {
 		}
 		p.in = in
 		p.mem = ptrace.NewMem(pid)
+		// The kernel named it after the file it ran, "3". Its copies
+		// inherit the name until each takes its saved one (finish); a
+		// namespace's init keeps it.
+		name, err := p.putString("pcluster-stub")
+		if err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NAME, name); err != nil {
+			return fmt.Errorf("name stub: %w", err)
+		}
 		if p.opts.PIDNamespace {
 			return p.forkIntoNamespace()
 		}
