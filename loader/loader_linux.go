@@ -44,7 +44,9 @@ type Options struct {
 	// Detach says the restorer will not stay the process's parent: the
 	// parent-death signal, which would fire as soon as it exits, is not set.
 	Detach bool
-	// Notice receives one-line messages for the user (the PID was taken...).
+	// Notice receives one-line messages for the user (the PID was
+	// taken...), when the process starts: a restore that fails says only
+	// why.
 	Notice func(string)
 }
 
@@ -78,6 +80,10 @@ type Process struct {
 	built     bool
 	done      bool
 	tasks     []*task // the threads finish made ready, detached to start
+	// notes holds the notices for the user until Start passes them to
+	// notify, the caller's Options.Notice.
+	notes  *[]string
+	notify func(string)
 
 	// In a tree (pfreeze -tree): what all members share, and the parent.
 	tree   *tree
@@ -113,7 +119,10 @@ func (p *Process) SavedPid() int { return p.proc.Pid }
 // whole snapshot has been read and verified, and the process waits,
 // stopped, for Start or Abort. On failure nothing is left behind.
 func Build(tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error) {
-	p := &Process{tr: tr, opts: opts}
+	// Notices wait for Start; tree members share the root's options.
+	notes := &[]string{}
+	p := &Process{tr: tr, opts: opts, notes: notes, notify: opts.Notice}
+	p.opts.Notice = func(s string) { *notes = append(*notes, s) }
 	if err := p.build(dec); err != nil {
 		p.Abort()
 		return nil, fmt.Errorf("thaw: %w", err)

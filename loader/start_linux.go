@@ -46,6 +46,11 @@ func (p *Process) Start() error {
 			m.mem.Close()
 		}
 	}
+	if p.notify != nil {
+		for _, s := range *p.notes {
+			p.notify(s)
+		}
+	}
 	return nil
 }
 
