@@ -8,7 +8,9 @@
 // it is stopped, and any failure kills it, so a failed restore leaves
 // nothing behind. A tree snapshot (pfreeze -tree) is built the same way,
 // member by member, after every member's stub has been forked from its
-// parent's (tree_linux.go); the root's Process owns the others.
+// parent's (tree_linux.go); the root's Process owns the others. With
+// Options.PIDNamespace the process or tree is built in a new PID namespace
+// under a stub kept as its init (pidns_linux.go for trees).
 package loader
 
 import (
@@ -34,8 +36,9 @@ type Options struct {
 	// NewPID restores with a fresh PID even when the saved one is free.
 	NewPID bool
 	// PIDNamespace restores into a new PID namespace, where the process
-	// gets its saved PID whatever this host's PIDs are; the stub stays
-	// behind as the namespace's init (pid 1).
+	// (every member of a tree) gets its saved PID whatever this host's
+	// PIDs are; the stub stays behind as the namespace's init (pid 1),
+	// unless the process was pid 1 itself. Not with NewPID or VirtPID.
 	PIDNamespace bool
 	// VirtPID: when the saved PID is taken, restore with a new one and
 	// virtualise getpid, gettid and signals to itself with a seccomp
@@ -104,9 +107,10 @@ func (p *Process) WaitPid() int {
 	return p.pid
 }
 
-// localPid returns the id the process knows thread tid by (tid is ours).
+// localPid returns the id the process knows thread tid by (tid is ours):
+// in a PID namespace of its own, the saved one.
 func (p *Process) localPid(tid int, saved int) int {
-	if p.init > 0 {
+	if p.opts.PIDNamespace {
 		return saved
 	}
 	return tid
@@ -119,6 +123,9 @@ func (p *Process) SavedPid() int { return p.proc.Pid }
 // whole snapshot has been read and verified, and the process waits,
 // stopped, for Start or Abort. On failure nothing is left behind.
 func Build(tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error) {
+	if opts.PIDNamespace && (opts.NewPID || opts.VirtPID) {
+		return nil, errors.New("thaw: a new PID namespace keeps the saved PIDs: it cannot be combined with new or virtual PIDs")
+	}
 	// Notices wait for Start; tree members share the root's options.
 	notes := &[]string{}
 	p := &Process{tr: tr, opts: opts, notes: notes, notify: opts.Notice}
@@ -515,7 +522,7 @@ func (p *Process) startStub() error {
 		p.mem = ptrace.NewMem(pid)
 		// The kernel named it after the file it ran, "3". Its copies
 		// inherit the name until each takes its saved one (finish); a
-		// namespace's init keeps it.
+		// namespace's init and stand-ins keep it.
 		name, err := p.putString("pcluster-stub")
 		if err != nil {
 			return err
@@ -535,11 +542,18 @@ func (p *Process) startStub() error {
 
 // forkIntoNamespace makes the stub, init of a new PID namespace, fork a
 // copy of itself with the saved PID there; the copy becomes the process.
-// Runs on the tracer thread.
+// A process that was pid 1 is the stub itself, the new namespace's init;
+// a tree takes enterTreeNS's way. Runs on the tracer thread.
 func (p *Process) forkIntoNamespace() error {
+	if p.tree != nil {
+		return p.enterTreeNS()
+	}
 	want := p.proc.Pid
 	if want == 1 {
-		return errors.New("cannot restore pid 1 into a new PID namespace: init is the namespace's own")
+		// It was its namespace's init: it is the new one's.
+		p.stub = 0
+		p.notice("restored as pid 1, the init of a new PID namespace (pid %d on this host)", p.pid)
+		return nil
 	}
 	if err := p.cloneSelf(0, uint64(unix.SIGCHLD), want); err != nil {
 		return fmt.Errorf("fork pid %d in a new PID namespace: %w", want, err)
@@ -699,9 +713,13 @@ func putLE64(b []byte, v uint64) {
 // Abort kills the process (every member of a tree) if it was not started.
 func (p *Process) Abort() {
 	if p.tree != nil && p.parent == nil {
-		for i := len(p.tree.members) - 1; i >= 0; i-- {
+		for i := len(p.tree.members) - 1; i > 0; i-- {
 			p.tree.members[i].abort()
 		}
+		if p.tree.ns != nil {
+			p.tree.ns.abort(p.tr)
+		}
+		p.abort()
 		p.tree.closePipes()
 		return
 	}
@@ -718,19 +736,27 @@ func (p *Process) abort() {
 		p.mem.Close()
 	}
 	// Threads before their leader: its exit is reported after theirs.
+	// A namespace's init last: its exit waits for every other process
+	// there to be released, which for a tracee means reaped by us.
 	for _, pid := range append(p.tids, p.pid, p.stub, p.init) {
-		if pid <= 0 {
-			continue
-		}
-		unix.Kill(pid, unix.SIGKILL)
-		p.tr.Do(func() error {
-			for {
-				if _, err := ptrace.Wait(pid); err != nil {
-					return nil
-				}
-			}
-		})
+		killAndReap(p.tr, pid)
 	}
+}
+
+// killAndReap kills pid, if positive, and takes every notification owed
+// to us for it: as its parent or its tracer.
+func killAndReap(tr *ptrace.Tracer, pid int) {
+	if pid <= 0 {
+		return
+	}
+	unix.Kill(pid, unix.SIGKILL)
+	tr.Do(func() error {
+		for {
+			if _, err := ptrace.Wait(pid); err != nil {
+				return nil
+			}
+		}
+	})
 }
 
 // readAll is io.ReadFull for the decoder's page data.
