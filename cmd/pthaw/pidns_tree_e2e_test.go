@@ -380,6 +380,44 @@ func TestContainerInitTree(t *testing.T) {
 	c.Lines.Expect(t, `^got \d+$`, waitFor) // the original carries on
 }
 
+// TestContainerInitProcess: a single process that was its container's
+// init (pid 1), frozen from inside, restored with -pidns is the new
+// namespace's init itself, pthaw's child, and pthaw passes on its status.
+func TestContainerInitProcess(t *testing.T) {
+	needRoot(t)
+	unshare, err1 := exec.LookPath("unshare")
+	nsenter, err2 := exec.LookPath("nsenter")
+	if err1 != nil || err2 != nil {
+		t.Skip("unshare or nsenter (util-linux) not installed")
+	}
+	c := fixture.StartGroup(t, unshare, "--pid", "--fork", "--mount-proc", fixture.Build(t, "countforever"), "5")
+	last := atoi(t, c.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
+	kids, err := fixture.Children(c.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v (%v), want the container's init", c.Pid(), kids, err)
+	}
+	snap := filepath.Join(t.TempDir(), "snap")
+	fr := exec.Command(nsenter, "-t", strconv.Itoa(kids[0]), "-p", "-m", filepath.Join(binDir, "pfreeze"), "-pid", "1", "-dest", snap)
+	if out, err := fr.CombinedOutput(); err != nil {
+		t.Fatalf("pfreeze inside the container: %v: %s", err, out)
+	}
+	th := thaw(t, "-src", snap, "-pidns")
+	if n := atoi(t, th.out.Expect(t, `^(\d+)$`, waitFor)[1]); n <= last {
+		t.Errorf("restored process printed %d, want more than %d", n, last)
+	}
+	init := th.restoredPid(t)
+	if got := nsIDs(t, init); got != (fixture.IDs{Pid: 1}) {
+		t.Errorf("pthaw's child has ids %+v in its namespace, want pid 1 and nothing else visible", got)
+	}
+	if msg := th.stderr.String(); !strings.Contains(msg, "restored as pid 1, the init of a new PID namespace") {
+		t.Errorf("pthaw stderr %q does not say the process is the namespace's init", msg)
+	}
+	syscall.Kill(init, syscall.SIGKILL)
+	if code := th.exit(t); code != 128+int(syscall.SIGKILL) {
+		t.Errorf("pthaw exit code %d, want %d", code, 128+int(syscall.SIGKILL))
+	}
+}
+
 // TestBadTreePIDNamespace feeds pthaw -pidns damaged snapshots of the
 // forkserver tree, whose PIDs the running original holds: each fails with
 // one line, and leaves no process behind, nor the namespace it made.
