@@ -8,7 +8,9 @@
 // it is stopped, and any failure kills it, so a failed restore leaves
 // nothing behind. A tree snapshot (pfreeze -tree) is built the same way,
 // member by member, after every member's stub has been forked from its
-// parent's (tree_linux.go); the root's Process owns the others.
+// parent's (tree_linux.go); the root's Process owns the others. With
+// Options.PIDNamespace the process or tree is built in a new PID namespace
+// under a stub kept as its init (pidns_linux.go for trees).
 package loader
 
 import (
@@ -34,8 +36,9 @@ type Options struct {
 	// NewPID restores with a fresh PID even when the saved one is free.
 	NewPID bool
 	// PIDNamespace restores into a new PID namespace, where the process
-	// gets its saved PID whatever this host's PIDs are; the stub stays
-	// behind as the namespace's init (pid 1).
+	// (every member of a tree) gets its saved PID whatever this host's
+	// PIDs are; the stub stays behind as the namespace's init (pid 1),
+	// unless the process was pid 1 itself. Not with NewPID or VirtPID.
 	PIDNamespace bool
 	// VirtPID: when the saved PID is taken, restore with a new one and
 	// virtualise getpid, gettid and signals to itself with a seccomp
@@ -44,7 +47,9 @@ type Options struct {
 	// Detach says the restorer will not stay the process's parent: the
 	// parent-death signal, which would fire as soon as it exits, is not set.
 	Detach bool
-	// Notice receives one-line messages for the user (the PID was taken...).
+	// Notice receives one-line messages for the user (the PID was
+	// taken...), when the process starts: a restore that fails says only
+	// why.
 	Notice func(string)
 }
 
@@ -78,6 +83,10 @@ type Process struct {
 	built     bool
 	done      bool
 	tasks     []*task // the threads finish made ready, detached to start
+	// notes holds the notices for the user until Start passes them to
+	// notify, the caller's Options.Notice.
+	notes  *[]string
+	notify func(string)
 
 	// In a tree (pfreeze -tree): what all members share, and the parent.
 	tree   *tree
@@ -98,9 +107,10 @@ func (p *Process) WaitPid() int {
 	return p.pid
 }
 
-// localPid returns the id the process knows thread tid by (tid is ours).
+// localPid returns the id the process knows thread tid by (tid is ours):
+// in a PID namespace of its own, the saved one.
 func (p *Process) localPid(tid int, saved int) int {
-	if p.init > 0 {
+	if p.opts.PIDNamespace {
 		return saved
 	}
 	return tid
@@ -113,7 +123,13 @@ func (p *Process) SavedPid() int { return p.proc.Pid }
 // whole snapshot has been read and verified, and the process waits,
 // stopped, for Start or Abort. On failure nothing is left behind.
 func Build(tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error) {
-	p := &Process{tr: tr, opts: opts}
+	if opts.PIDNamespace && (opts.NewPID || opts.VirtPID) {
+		return nil, errors.New("thaw: a new PID namespace keeps the saved PIDs: it cannot be combined with new or virtual PIDs")
+	}
+	// Notices wait for Start; tree members share the root's options.
+	notes := &[]string{}
+	p := &Process{tr: tr, opts: opts, notes: notes, notify: opts.Notice}
+	p.opts.Notice = func(s string) { *notes = append(*notes, s) }
 	if err := p.build(dec); err != nil {
 		p.Abort()
 		return nil, fmt.Errorf("thaw: %w", err)
@@ -505,6 +521,16 @@ func (p *Process) startStub() error {
 		}
 		p.in = in
 		p.mem = ptrace.NewMem(pid)
+		// The kernel named it after the file it ran, "3". Its copies
+		// inherit the name until each takes its saved one (finish); a
+		// namespace's init and stand-ins keep it.
+		name, err := p.putString("pcluster-stub")
+		if err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NAME, name); err != nil {
+			return fmt.Errorf("name stub: %w", err)
+		}
 		if p.opts.PIDNamespace {
 			return p.forkIntoNamespace()
 		}
@@ -517,11 +543,18 @@ func (p *Process) startStub() error {
 
 // forkIntoNamespace makes the stub, init of a new PID namespace, fork a
 // copy of itself with the saved PID there; the copy becomes the process.
-// Runs on the tracer thread.
+// A process that was pid 1 is the stub itself, the new namespace's init;
+// a tree takes enterTreeNS's way. Runs on the tracer thread.
 func (p *Process) forkIntoNamespace() error {
+	if p.tree != nil {
+		return p.enterTreeNS()
+	}
 	want := p.proc.Pid
 	if want == 1 {
-		return errors.New("cannot restore pid 1 into a new PID namespace: init is the namespace's own")
+		// It was its namespace's init: it is the new one's.
+		p.stub = 0
+		p.notice("restored as pid 1, the init of a new PID namespace (pid %d on this host)", p.pid)
+		return nil
 	}
 	if err := p.cloneSelf(0, uint64(unix.SIGCHLD), want); err != nil {
 		return fmt.Errorf("fork pid %d in a new PID namespace: %w", want, err)
@@ -611,32 +644,9 @@ func (p *Process) clonePID() error {
 // current process and continues with the child, which ptrace attached for
 // us stopped. Runs on the tracer thread.
 func (p *Process) cloneSelf(flags, exitSignal uint64, pid int) error {
-	scratch := p.base + stubScratchOff
-	// struct clone_args (88 bytes) followed by the set_tid array.
-	args := make([]byte, 96)
-	put := func(off int, v uint64) { putLE64(args[off:], v) }
-	put(0, flags)
-	put(32, exitSignal)
-	put(64, scratch+88) // set_tid
-	put(72, 1)          // set_tid_size
-	put(88, uint64(pid))
-	if err := p.mem.Write(scratch, args); err != nil {
-		return fmt.Errorf("%w arguments: %v", errCloneSetup, err)
-	}
-	p.in.NewChild = 0
-	if _, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err != nil {
-		return err
-	}
-	child := p.in.NewChild
-	if child <= 0 {
-		return fmt.Errorf("%w: no fork event", errCloneSetup)
-	}
-	st, err := ptrace.Wait(child)
+	child, err := forkStub(p.in, p.mem, p.base, flags, exitSignal, pid)
 	if err != nil {
-		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, err)
-	}
-	if !st.Status.Stopped() {
-		return fmt.Errorf("%w child %d: %v", errCloneSetup, child, st)
+		return err
 	}
 	p.pid = child
 	p.mem.Close()
@@ -649,6 +659,52 @@ func (p *Process) cloneSelf(flags, exitSignal uint64, pid int) error {
 	return nil
 }
 
+// forkStub makes the stopped stub behind in and mem (loaded at base)
+// inject clone3(flags, exit_signal, set_tid={pid}), or without set_tid
+// when pid is 0, and returns the child by its pid here (in a nested PID
+// namespace pid is the child's number there). The child, traced by us
+// through PTRACE_O_TRACEFORK, is waited for until it stops. A clone3
+// error wraps its errno (EEXIST: pid is taken); other failures
+// wrap errCloneSetup, and kill the child if there is one. Runs on the
+// tracer thread.
+func forkStub(in *ptrace.Injector, mem *ptrace.Mem, base, flags, exitSignal uint64, pid int) (int, error) {
+	scratch := base + stubScratchOff
+	// struct clone_args (88 bytes) followed by the set_tid array.
+	args := make([]byte, 96)
+	putLE64(args[0:], flags)
+	putLE64(args[32:], exitSignal)
+	if pid > 0 {
+		putLE64(args[64:], scratch+88) // set_tid
+		putLE64(args[72:], 1)          // set_tid_size
+		putLE64(args[88:], uint64(pid))
+	}
+	if err := mem.Write(scratch, args); err != nil {
+		return 0, fmt.Errorf("%w arguments: %v", errCloneSetup, err)
+	}
+	in.NewChild = 0
+	if _, err := in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err != nil {
+		return 0, fmt.Errorf("clone3: %w", err)
+	}
+	child := in.NewChild
+	if child <= 0 {
+		return 0, fmt.Errorf("%w: no fork event", errCloneSetup)
+	}
+	st, err := ptrace.Wait(child)
+	if err == nil && !st.Status.Stopped() {
+		err = errors.New(st.String())
+	}
+	if err != nil {
+		unix.Kill(child, unix.SIGKILL)
+		for {
+			if _, err := ptrace.Wait(child); err != nil {
+				break
+			}
+		}
+		return 0, fmt.Errorf("%w child %d: %v", errCloneSetup, child, err)
+	}
+	return child, nil
+}
+
 func putLE64(b []byte, v uint64) {
 	for i := 0; i < 8; i++ {
 		b[i] = byte(v >> (8 * i))
@@ -658,9 +714,13 @@ func putLE64(b []byte, v uint64) {
 // Abort kills the process (every member of a tree) if it was not started.
 func (p *Process) Abort() {
 	if p.tree != nil && p.parent == nil {
-		for i := len(p.tree.members) - 1; i >= 0; i-- {
+		for i := len(p.tree.members) - 1; i > 0; i-- {
 			p.tree.members[i].abort()
 		}
+		if p.tree.ns != nil {
+			p.tree.ns.abort(p.tr)
+		}
+		p.abort()
 		p.tree.closePipes()
 		return
 	}
@@ -677,19 +737,27 @@ func (p *Process) abort() {
 		p.mem.Close()
 	}
 	// Threads before their leader: its exit is reported after theirs.
+	// A namespace's init last: its exit waits for every other process
+	// there to be released, which for a tracee means reaped by us.
 	for _, pid := range append(p.tids, p.pid, p.stub, p.init) {
-		if pid <= 0 {
-			continue
-		}
-		unix.Kill(pid, unix.SIGKILL)
-		p.tr.Do(func() error {
-			for {
-				if _, err := ptrace.Wait(pid); err != nil {
-					return nil
-				}
-			}
-		})
+		killAndReap(p.tr, pid)
 	}
+}
+
+// killAndReap kills pid, if positive, and takes every notification owed
+// to us for it: as its parent or its tracer.
+func killAndReap(tr *ptrace.Tracer, pid int) {
+	if pid <= 0 {
+		return
+	}
+	unix.Kill(pid, unix.SIGKILL)
+	tr.Do(func() error {
+		for {
+			if _, err := ptrace.Wait(pid); err != nil {
+				return nil
+			}
+		}
+	})
 }
 
 // readAll is io.ReadFull for the decoder's page data.

@@ -46,6 +46,11 @@ func (p *Process) Start() error {
 			m.mem.Close()
 		}
 	}
+	if p.notify != nil {
+		for _, s := range *p.notes {
+			p.notify(s)
+		}
+	}
 	return nil
 }
 
@@ -182,11 +187,12 @@ func (p *Process) finish() error {
 		return fmt.Errorf("dumpable: %w", err)
 	}
 	// After the credentials: changing them resets the parent-death signal.
-	// Always set, 0 included; with -detach not for the root, since our
-	// exit would fire it at once.
+	// Always set, 0 included; with -detach not for a process whose parent
+	// is pthaw, since our exit would fire it at once (a tree member's
+	// parent, or a namespace's init, is restored with it).
 	pdeath := uintptr(pr.PdeathSig)
-	if (p.opts.Detach && p.parent == nil) || pdeath > 64 {
-		pdeath = 0 // a tree member's parent is restored with it
+	if (p.opts.Detach && p.parent == nil && p.init == 0) || pdeath > 64 {
+		pdeath = 0
 	}
 	if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, pdeath); err != nil {
 		return fmt.Errorf("pdeathsig: %w", err)
@@ -230,40 +236,19 @@ func (p *Process) finish() error {
 			return err
 		}
 	}
-	if p.init > 0 {
-		if err := p.startInit(); err != nil {
+	if p.init > 0 && p.tree == nil {
+		// Init waits for the process, whose pid there is the saved one.
+		// (A tree's starts with its stand-ins: startTree.)
+		in, err := ptrace.NewInjector(p.init, uintptr(p.base+stubCodeOff))
+		if err != nil {
 			return err
+		}
+		if err := runInitLoop(in, p.base, p.proc.Pid, true); err != nil {
+			return fmt.Errorf("init: %w", err)
 		}
 	}
 	p.tasks = tasks
 	return nil
-}
-
-// startInit lets the stub run its init loop (stubInit) for the restored
-// process, whose pid in the namespace is the saved one. Runs on the
-// tracer thread.
-func (p *Process) startInit() error {
-	// The stub was started with a parent-death signal tied to our tracer
-	// thread; as init it must outlive us (pthaw -detach).
-	in, err := ptrace.NewInjector(p.init, uintptr(p.base+stubCodeOff))
-	if err != nil {
-		return err
-	}
-	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, 0); err != nil {
-		return fmt.Errorf("init: pdeathsig: %w", err)
-	}
-	regs, err := ptrace.GetRegs(p.init)
-	if err != nil {
-		return err
-	}
-	regs.Rip = p.base + stubInitOff
-	regs.R12 = uint64(p.proc.Pid)
-	regs.R13 = p.base + stubScratchOff
-	regs.Orig_rax = ^uint64(0)
-	if err := ptrace.SetRegs(p.init, regs); err != nil {
-		return err
-	}
-	return ptrace.Detach(p.init, 0)
 }
 
 // setRegisters gives a thread its saved registers, XSAVE state and signal
@@ -309,7 +294,7 @@ func (p *Process) cloneThread(t *image.Thread, scratch uintptr) (*task, error) {
 		return nil, err
 	}
 	r, err := p.call(unix.SYS_CLONE3, scratch, 88)
-	if err != nil && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
+	if err != nil && !p.opts.PIDNamespace && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
 		why := err
 		binary.LittleEndian.PutUint64(args[64:], 0)
 		binary.LittleEndian.PutUint64(args[72:], 0)

@@ -50,14 +50,26 @@ func stubELF(base uint64) []byte {
 	le.PutUint64(ph[40:], stubSize)       // p_memsz
 	le.PutUint64(ph[48:], pageSize)       // p_align
 	copy(b[stubCodeOff:], stubCode)
+	copy(b[stubParkOff:], stubPark)
 	copy(b[stubInitOff:], init)
 	return b
 }
+
+// stubParkOff is a loop of pause(2): a stub of a -pidns tree that only
+// holds a PID (a process group leader outside the tree) sleeps there,
+// with every signal blocked, until it is killed with the namespace.
+const stubParkOff = 0x90
+
+// stubPark: mov eax, SYS_pause; syscall; jmp back to the mov.
+var stubPark = []byte{0xb8, 34, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7}
 
 // stubInitOff is where the init loop starts: in -pidns mode the stub
 // stays behind as the namespace's init. It reaps every child and, when the
 // restored process (its pid in r12) ends, exits with its status (128+N
 // for death by signal N). r13 holds the address of a 4-byte status word.
+// The stand-ins of a tree's outside parent and session leader run the
+// same loop for their child on the way to the tree's root, so the root's
+// status travels up to init.
 const stubInitOff = 0xa0
 
 // stubInit assembles the init loop.

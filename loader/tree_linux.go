@@ -22,6 +22,10 @@ type tree struct {
 	// pipes holds pthaw's read and write ends of each pipe (by its saved
 	// identity, image.FD.Pipe) until the tree starts or is aborted.
 	pipes map[uint64][2]int
+	// ns is set when the tree is restored into a new PID namespace
+	// (pidns_linux.go): then pids maps to our numbers, and the members
+	// themselves use the saved ones.
+	ns *pidNS
 }
 
 // closePipes closes pthaw's ends of the tree's pipes: from then on the
@@ -48,7 +52,7 @@ func checkTree(t *image.Tree) error {
 	seen := map[int]bool{}
 	zombie := map[int]bool{}
 	for i, m := range t.Procs {
-		if m.Pid <= 0 || seen[m.Pid] || (m.Threads <= 0) != m.Zombie || (m.Zombie && i == 0) {
+		if m.Pid <= 0 || seen[m.Pid] || (m.Threads <= 0) != m.Zombie || (m.Zombie && i == 0) || (m.Pid == 1 && i > 0) {
 			return fmt.Errorf("%w: tree member %d (pid %d)", image.ErrCorrupt, i, m.Pid)
 		}
 		if (i == 0) == seen[m.PPid] || zombie[m.PPid] {
@@ -67,9 +71,6 @@ func checkTree(t *image.Tree) error {
 func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
-	}
-	if p.opts.PIDNamespace {
-		return errors.New("a process tree cannot be restored into a new PID namespace yet")
 	}
 	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}}
 	var rec any
@@ -203,52 +204,30 @@ func (p *Process) exitAs(status int) error {
 }
 
 // fork makes c's stub: a copy of p's, p's child, with PID want (a new
-// one, said, when want is taken). Runs on the tracer thread.
+// one, said, when want is taken on this host). In a tree's own PID
+// namespace want is the number there. Runs on the tracer thread.
 func (p *Process) fork(c *Process, want int) error {
-	scratch := p.base + stubScratchOff
-	// struct clone_args (88 bytes) followed by the set_tid array.
-	args := make([]byte, 96)
-	putLE64(args[32:], uint64(unix.SIGCHLD)) // exit_signal
-	if !p.opts.NewPID {
-		putLE64(args[64:], scratch+88) // set_tid
-		putLE64(args[72:], 1)          // set_tid_size
-		putLE64(args[88:], uint64(want))
+	set := want
+	if p.opts.NewPID {
+		set = 0
 	}
-	if err := p.mem.Write(scratch, args); err != nil {
-		return fmt.Errorf("fork: %w", err)
-	}
-	p.in.NewChild = 0
-	_, err := p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88)
-	if err != nil && !p.opts.NewPID && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
+	child, err := forkStub(p.in, p.mem, p.base, 0, uint64(unix.SIGCHLD), set)
+	// In a new PID namespace every saved PID is free: a taken one is a
+	// damaged snapshot, not a reason to change it.
+	if set > 0 && !p.opts.PIDNamespace && (errors.Is(err, unix.EEXIST) || errors.Is(err, unix.EPERM)) {
 		why := err
-		putLE64(args[64:], 0)
-		putLE64(args[72:], 0)
-		if err := p.mem.Write(scratch, args); err != nil {
-			return fmt.Errorf("fork: %w", err)
-		}
-		if _, err = p.in.Syscall(unix.SYS_CLONE3, uintptr(scratch), 88); err == nil {
+		if child, err = forkStub(p.in, p.mem, p.base, 0, uint64(unix.SIGCHLD), 0); err == nil {
 			if errors.Is(why, unix.EEXIST) {
-				p.notice("pid %d is taken on this host; restored as pid %d", want, p.in.NewChild)
+				p.notice("pid %d is taken on this host; restored as pid %d", want, child)
 			} else {
-				p.notice("cannot restore pid %d (%v); restored as pid %d", want, why, p.in.NewChild)
+				p.notice("cannot restore pid %d (%v); restored as pid %d", want, why, child)
 			}
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("fork: clone3: %w", err)
-	}
-	child := p.in.NewChild
-	if child <= 0 {
-		return errors.New("fork: no fork event")
+		return fmt.Errorf("fork: %w", err)
 	}
 	c.pid = child
-	st, err := ptrace.Wait(child)
-	if err != nil {
-		return fmt.Errorf("fork: child %d: %w", child, err)
-	}
-	if !st.Status.Stopped() {
-		return fmt.Errorf("fork: child %d: %v", child, st)
-	}
 	c.mem = ptrace.NewMem(child)
 	in, err := ptrace.NewInjector(child, uintptr(c.base+stubCodeOff))
 	if err != nil {
@@ -261,9 +240,18 @@ func (p *Process) fork(c *Process, want int) error {
 // setGroup puts the new stub of member m in its session and process
 // group. Its children inherit them, so this is done before they are
 // forked. A group or session led from outside the tree stays the one
-// inherited. Runs on the tracer thread.
+// inherited (in a tree's own PID namespace, the one of a stand-in that
+// holds the leader's PID). Runs on the tracer thread.
 func (p *Process) setGroup(m image.TreeProc) error {
-	pids := p.tree.pids
+	// The group's leader as the process names it: ours, or in the tree's
+	// own namespace the saved number, once it exists there.
+	leader := p.tree.pids[m.Pgid]
+	if ns := p.tree.ns; ns != nil {
+		leader = 0
+		if ns.has(m.Pgid, p.tree.pids) {
+			leader = m.Pgid
+		}
+	}
 	switch {
 	case m.Sid == m.Pid:
 		if _, err := p.call(unix.SYS_SETSID); err != nil {
@@ -273,9 +261,9 @@ func (p *Process) setGroup(m image.TreeProc) error {
 		if _, err := p.call(unix.SYS_SETPGID, 0, 0); err != nil {
 			return fmt.Errorf("setpgid(0, 0): %w", err)
 		}
-	case pids[m.Pgid] != 0:
-		if _, err := p.call(unix.SYS_SETPGID, 0, uintptr(pids[m.Pgid])); err != nil {
-			return fmt.Errorf("setpgid(0, %d): %w", pids[m.Pgid], err)
+	case leader != 0:
+		if _, err := p.call(unix.SYS_SETPGID, 0, uintptr(leader)); err != nil {
+			return fmt.Errorf("setpgid(0, %d): %w", leader, err)
 		}
 	}
 	return nil
@@ -329,6 +317,14 @@ func (p *Process) startTree() error {
 		}
 		if err := m.finish(); err != nil {
 			return fmt.Errorf("pid %d: %w", m.proc.Pid, err)
+		}
+	}
+	// Init and the stand-ins first: each blocks in wait4 for a child that
+	// is still stopped, and a failure here still finds every member
+	// stopped, to kill.
+	if ns := p.tree.ns; ns != nil {
+		if err := ns.start(p.base); err != nil {
+			return err
 		}
 	}
 	var errs []error

@@ -26,7 +26,7 @@ func main() {
 	debug := flag.Bool("debug", false, "describe the snapshot on stdout instead of restoring it")
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
 	virtpid := flag.Bool("virtpid", false, "when the saved PID is taken, restore with a new one and make getpid/gettid (and signals the process sends itself) answer with the saved ids, by a seccomp filter pthaw serves")
-	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process has its saved PID even when that PID is taken here")
+	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process (every member of a tree) has its saved PID even when that PID is taken here")
 	flag.Parse()
 	o := loader.ReceiveOptions{
 		Src: *src, KeyDir: *keydir, ReadTimeout: *readTimeout, CommitTimeout: *commitTimeout,
@@ -52,6 +52,9 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	}
 	if o.VirtPID && (o.Detach || o.PIDNamespace) {
 		return 0, errors.New("-virtpid needs pthaw to stay and serve the process's getpid calls: it cannot be combined with -detach or -pidns")
+	}
+	if o.NewPID && o.PIDNamespace {
+		return 0, errors.New("-pidns restores the saved PIDs: it cannot be combined with -new-pid")
 	}
 	// Signals meant for the restored process must not kill us while we
 	// build it; once it runs, we forward them.
