@@ -3,6 +3,7 @@ package cluster
 import (
 	"net"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 	"github.com/pcluster/pcluster/scheduler"
@@ -11,11 +12,16 @@ import (
 // reach tracks which raft peers the leader currently fails to heartbeat.
 // A crashed node stays "ready" in the state until gossip declares it dead
 // (seconds); raft notices at its next heartbeat (~100 ms), so placement
-// asks here first.
+// asks here first. A failure counts for failWindow: raft retries a dead
+// peer at least that often (its backoff is capped at half the heartbeat
+// timeout, its dial timeout is 10 s), and it reports no recovery when the
+// peer's replication was stopped meanwhile (removed and added again).
 type reach struct {
 	mu      sync.Mutex
-	failing map[string]bool
+	failing map[string]time.Time // last failed heartbeat
 }
+
+const failWindow = 15 * time.Second
 
 // watch consumes raft's heartbeat observations until ch closes.
 func (r *reach) watch(ch <-chan raft.Observation) {
@@ -23,7 +29,7 @@ func (r *reach) watch(ch <-chan raft.Observation) {
 		r.mu.Lock()
 		switch d := o.Data.(type) {
 		case raft.FailedHeartbeatObservation:
-			r.failing[string(d.PeerID)] = true
+			r.failing[string(d.PeerID)] = time.Now()
 		case raft.ResumedHeartbeatObservation:
 			delete(r.failing, string(d.PeerID))
 		case raft.LeaderObservation:
@@ -37,11 +43,12 @@ func (r *reach) watch(ch <-chan raft.Observation) {
 func (r *reach) isFailing(name string) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.failing[name]
+	at, ok := r.failing[name]
+	return ok && time.Since(at) < failWindow
 }
 
 func (s *Server) observeHeartbeats() {
-	s.reach = &reach{failing: map[string]bool{}}
+	s.reach = &reach{failing: map[string]time.Time{}}
 	ch := make(chan raft.Observation, 64)
 	s.obs = raft.NewObserver(ch, false, func(o *raft.Observation) bool {
 		switch o.Data.(type) {
@@ -93,7 +100,8 @@ func (s *Server) place(req scheduler.PlacementRequest) (string, error) {
 		}
 		m, ok := s.members()[name]
 		if !ok {
-			continue // gone since: the next round excludes it
+			silent[name] = true // gone since
+			continue
 		}
 		if _, err := s.ml.Ping(name, &net.UDPAddr{IP: m.node.Addr, Port: int(m.node.Port)}); err == nil {
 			return name, nil

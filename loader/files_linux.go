@@ -214,6 +214,13 @@ func openFIFO(f *image.FD) ([2]int, error) {
 		unix.Close(fd)
 		return [2]int{}, fmt.Errorf("%s is not a FIFO here", f.Path)
 	}
+	// A FIFO's buffer belongs to its inode: bytes in it now were written
+	// by someone else (the original tree, still running on this host?),
+	// and adding the saved ones would deliver data twice.
+	if n, err := unix.IoctlGetInt(fd, unix.TIOCINQ); err != nil || n > 0 { // TIOCINQ is FIONREAD
+		unix.Close(fd)
+		return [2]int{}, fmt.Errorf("FIFO %s already holds %d bytes: another process is using it", f.Path, n)
+	}
 	return fillPipe(f, [2]int{fd, fd})
 }
 
@@ -224,7 +231,7 @@ func fillPipe(f *image.FD, ends [2]int) ([2]int, error) {
 		closeEnds(ends)
 		return [2]int{}, err
 	}
-	if f.PipeSize > 0 {
+	if size, err := unix.FcntlInt(uintptr(ends[1]), unix.F_GETPIPE_SZ, 0); f.PipeSize > 0 && (err != nil || size != f.PipeSize) {
 		if _, err := unix.FcntlInt(uintptr(ends[1]), unix.F_SETPIPE_SZ, f.PipeSize); err != nil {
 			return fail(fmt.Errorf("pipe size %d: %w", f.PipeSize, err))
 		}

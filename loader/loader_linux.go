@@ -739,8 +739,13 @@ func (p *Process) abort() {
 	// Threads before their leader: its exit is reported after theirs.
 	// A namespace's init last: its exit waits for every other process
 	// there to be released, which for a tracee means reaped by us.
+	// Each once: a PID reaped here may belong to someone else next.
+	killed := map[int]bool{}
 	for _, pid := range append(p.tids, p.pid, p.stub, p.init) {
-		killAndReap(p.tr, pid)
+		if !killed[pid] {
+			killed[pid] = true
+			killAndReap(p.tr, pid)
+		}
 	}
 }
 

@@ -256,8 +256,16 @@ func (p *Process) fill(addr uint64, data []byte) error {
 		return fmt.Errorf("%w: pages for %s", image.ErrCorrupt, vmaName(v))
 	}
 	if p.uffd != nil && uffdArea(v) {
-		n := uffdFill(p.uffd, addr, data)
-		addr, data = addr+uint64(n), data[n:]
+		if addr%pageSize == 0 && n%pageSize == 0 {
+			placed := uffdFill(p.uffd, addr, data)
+			addr, data = addr+uint64(placed), data[placed:]
+		}
+		if len(data) > 0 {
+			// While its areas are registered (user-mode-only faults),
+			// the kernel refuses process_vm_writev into their missing
+			// pages: from here on everything is written the usual way.
+			p.closeUffd()
+		}
 	}
 	if err := p.mem.Write(addr, data); err != nil {
 		return fmt.Errorf("%s: %w", vmaName(v), err)

@@ -44,7 +44,8 @@ import (
 // members: the stubs kept there, init first, every parent before its
 // children. It is empty when the root is the namespace's init.
 type pidNS struct {
-	procs []*nsProc
+	procs   []*nsProc
+	aborted bool // abort ran: its PIDs are reaped, perhaps reused already
 }
 
 // nsProc is a stub kept in the tree's namespace without being a member:
@@ -252,6 +253,10 @@ func (ns *pidNS) start(base uint64) error {
 // exit waits until every other process of its namespace is released,
 // which for a tracee means reaped by us. Runs on any thread.
 func (ns *pidNS) abort(tr *ptrace.Tracer) {
+	if ns.aborted {
+		return
+	}
+	ns.aborted = true
 	for i := len(ns.procs) - 1; i >= 0; i-- {
 		q := ns.procs[i]
 		if !q.gone {

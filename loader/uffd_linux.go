@@ -86,9 +86,9 @@ func (p *Process) openUffd() *os.File {
 // uffdArea says whether v is filled through the userfaultfd.
 func uffdArea(v *image.VMA) bool { return v.Kind == image.VMAAnon }
 
-// uffdFill copies data to addr with UFFDIO_COPY and returns how many
-// bytes it placed; the caller writes the rest the usual way (and reports
-// any error that is real).
+// uffdFill copies data to addr (both page-aligned) with UFFDIO_COPY and
+// returns how many bytes it placed; the caller closes the userfaultfd and
+// writes the rest the usual way (and reports any error that is real).
 func uffdFill(f *os.File, addr uint64, data []byte) int {
 	done := 0
 	for done < len(data) {

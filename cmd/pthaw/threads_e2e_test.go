@@ -230,6 +230,11 @@ time.sleep(60)`)
 	th := thaw(t, "-src", snap, "-virtpid")
 	th.restoredPid(t)
 	fmt.Fprintln(th.stdin, "go")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("pthaw's stderr (the restored process's too): %s", th.stderr.String())
+		}
+	})
 	th.out.Expect(t, `^self-signals 1$`, waitFor)
 	// The original, which holds the PID the clone signalled, got nothing:
 	// it is still waiting for its own line.

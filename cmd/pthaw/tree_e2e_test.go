@@ -159,6 +159,23 @@ func TestFIFOTree(t *testing.T) {
 	if !regexp.MustCompile(`fifo "` + regexp.QuoteMeta(fifo) + `" .* pipe \d+ size \d+ buffered [1-9]`).Match(desc) {
 		t.Errorf("snapshot has no FIFO %s with buffered data:\n%s", fifo, desc)
 	}
+	// While someone else's bytes sit in the FIFO, the saved ones would
+	// come on top of them: refused, nothing left behind.
+	other, err := os.OpenFile(fifo, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.WriteString("not ours\n"); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(binDir, "pthaw"), "-src", snap).CombinedOutput()
+	other.Close()
+	if err == nil || !strings.Contains(string(out), "already holds 9 bytes") || strings.Count(string(out), "\n") != 1 {
+		t.Fatalf("pthaw with a busy FIFO: %v: %q", err, out)
+	}
+	if fixture.Alive(root) {
+		t.Fatalf("pid %d runs after a refused thaw", root)
+	}
 	th := thaw(t, "-src", snap)
 	killTreeAtCleanup(t, root, producer, consumer)
 	consumerFlows(t, th, last, 10)
@@ -250,12 +267,16 @@ func TestZombieTree(t *testing.T) {
 // is resumed whole, even with -halt: every member carries on.
 func TestTreeFailedFreezeResumes(t *testing.T) {
 	needRoot(t)
-	p := fixture.StartGroup(t, "/bin/sh", "-c", `"$1" 3>&1 & exec "$0" 5`, fixture.Build(t, "countforever"), fixture.Build(t, "forkserver"))
+	// The forkserver child holds fd 3 on a deleted file, which pfreeze
+	// does not carry.
+	gone := filepath.Join(t.TempDir(), "gone")
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `exec 3>"$2"; rm -f "$2"; "$1" & exec 3>&- "$0" 5`,
+		fixture.Build(t, "countforever"), fixture.Build(t, "forkserver"), gone)
 	p.Lines.Expect(t, `^fork tick 2 `, waitFor)
 	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
 	out, err := cmd.CombinedOutput()
 	msg := string(out)
-	if err == nil || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "fd 3 (pipe:") {
+	if err == nil || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "fd 3 ("+gone+" (deleted)): file deleted") {
 		t.Fatalf("pfreeze: %v: %q, want one line refusing fd 3", err, msg)
 	}
 	last := 0
