@@ -56,7 +56,7 @@ func virtFilter() []byte {
 func (p *Process) installVirtPID(scratch uintptr) error {
 	if p.tree != nil {
 		// Only the root's listener would be served; members would hang.
-		return errors.New("-virtpid with a process tree is not supported yet (use the saved PIDs or -new-pid)")
+		return errors.New("-virtpid with a process tree is not supported: a seccomp filter cannot translate the child PIDs wait4 and waitid return to a parent; use -pidns, where every member keeps its saved PID")
 	}
 	prog := virtFilter()
 	fprog := make([]byte, 16) // struct sock_fprog: u16 len, pad, u64 filter
