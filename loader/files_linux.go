@@ -73,16 +73,17 @@ func (p *Process) openFiles() error {
 		if err != nil {
 			return err
 		}
+		var calls []batchCall
 		for _, e := range ents {
 			n, err := strconv.Atoi(e.Name())
 			if err != nil || want[n] {
 				continue
 			}
-			if _, err := p.call(unix.SYS_CLOSE, uintptr(n)); err != nil {
-				return fmt.Errorf("close fd %d: %w", n, err)
-			}
+			calls = append(calls, batchCall{nr: unix.SYS_CLOSE, args: [6]uintptr{uintptr(n)},
+				fail: func(err error) error { return fmt.Errorf("close fd %d: %w", n, err) }})
 		}
-		return nil
+		_, err = p.callBatch(calls)
+		return err
 	})
 }
 

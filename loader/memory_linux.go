@@ -2,8 +2,10 @@ package loader
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"sort"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -37,7 +39,8 @@ func buildProt(v *image.VMA) uint32 {
 	return v.Prot | unix.PROT_READ | unix.PROT_WRITE
 }
 
-// mapMemory replaces the stub's own areas by the snapshot's.
+// mapMemory replaces the stub's own areas by the snapshot's: the files
+// they map are opened one by one, then every area is mapped in one batch.
 func (p *Process) mapMemory() error {
 	return p.tr.Do(func() error {
 		cur, err := procfs.Maps(p.pid)
@@ -49,10 +52,14 @@ func (p *Process) mapMemory() error {
 		}
 		files := map[string]uintptr{}
 		defer func() {
+			var closes []batchCall
 			for _, fd := range files {
-				p.call(unix.SYS_CLOSE, fd)
+				closes = append(closes, batchCall{nr: unix.SYS_CLOSE, args: [6]uintptr{fd}})
 			}
+			p.callBatch(closes)
 		}()
+		var maps []batchCall
+		var mapped []*image.VMA
 		for _, v := range p.vmas {
 			if v.Kind.Kernel() {
 				continue
@@ -94,6 +101,17 @@ func (p *Process) mapMemory() error {
 					}
 					continue
 				}
+				// Mapped now, not in the batch: a later area of the same
+				// object (in this process too) maps it through this one.
+				r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)), flags, fd, 0)
+				if err != nil {
+					return fmt.Errorf("%s: mmap: %w", vmaName(v), err)
+				}
+				if uint64(r) != v.Start {
+					return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
+				}
+				p.mappedShared(v)
+				continue
 			case image.VMAFile:
 				mode := uintptr(unix.O_RDONLY)
 				flags |= unix.MAP_PRIVATE
@@ -118,15 +136,18 @@ func (p *Process) mapMemory() error {
 				}
 				fd = f
 			}
-			r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)), flags, fd, uintptr(v.Offset))
-			if err != nil {
-				return fmt.Errorf("%s: mmap: %w", vmaName(v), err)
-			}
-			if uint64(r) != v.Start {
-				return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
-			}
-			if v.Kind == image.VMASharedAnon {
-				p.mappedShared(v)
+			maps = append(maps, batchCall{nr: unix.SYS_MMAP,
+				args: [6]uintptr{uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)), flags, fd, uintptr(v.Offset)},
+				fail: func(err error) error { return fmt.Errorf("%s: mmap: %w", vmaName(v), err) }})
+			mapped = append(mapped, v)
+		}
+		got, err := p.callBatch(maps)
+		if err != nil {
+			return err
+		}
+		for i, v := range mapped {
+			if got[i] != v.Start {
+				return fmt.Errorf("%s: mapped at %#x", vmaName(v), got[i])
 			}
 		}
 		p.uffd = p.openUffd()
@@ -276,15 +297,63 @@ func (p *Process) fill(addr uint64, data []byte) error {
 // finishMemory gives every area its saved protection.
 func (p *Process) finishMemory() error {
 	p.closeUffd()
+	var calls []batchCall
+	for _, v := range p.vmas {
+		if v.Kind.Kernel() || buildProt(v) == v.Prot {
+			continue
+		}
+		calls = append(calls, batchCall{nr: unix.SYS_MPROTECT, args: [6]uintptr{uintptr(v.Start), uintptr(v.Len()), uintptr(v.Prot)},
+			fail: func(err error) error { return fmt.Errorf("%s: mprotect: %w", vmaName(v), err) }})
+	}
 	return p.tr.Do(func() error {
-		for _, v := range p.vmas {
-			if v.Kind.Kernel() || buildProt(v) == v.Prot {
-				continue
-			}
-			if _, err := p.call(unix.SYS_MPROTECT, uintptr(v.Start), uintptr(v.Len()), uintptr(v.Prot)); err != nil {
-				return fmt.Errorf("%s: mprotect: %w", vmaName(v), err)
+		_, err := p.callBatch(calls)
+		return err
+	})
+}
+
+// batchCall is one system call of a batch: its number, its arguments, and
+// what to say if it fails.
+type batchCall struct {
+	nr   uintptr
+	args [6]uintptr
+	fail func(error) error
+}
+
+// callBatch runs calls in the stub, up to a page of them per ptrace stop
+// (its batch loop, stubBatchOff) instead of one stop each, and returns
+// their results. They must not depend on each other's results. Runs on the
+// tracer thread.
+func (p *Process) callBatch(calls []batchCall) ([]uint64, error) {
+	const max = pageSize / batchEntry
+	table := p.base + stubScratchOff
+	results := make([]uint64, 0, len(calls))
+	for len(calls) > 0 {
+		n := min(len(calls), max)
+		b := make([]byte, n*batchEntry)
+		for i, c := range calls[:n] {
+			e := b[i*batchEntry:]
+			binary.LittleEndian.PutUint64(e, uint64(c.nr))
+			for j, a := range c.args {
+				binary.LittleEndian.PutUint64(e[8+8*j:], uint64(a))
 			}
 		}
-		return nil
-	})
+		if err := p.mem.Write(table, b); err != nil {
+			return nil, err
+		}
+		done, err := p.in.Batch(uintptr(p.base+stubBatchOff), uintptr(table), n)
+		if errno, ok := err.(syscall.Errno); ok && calls[done].fail != nil {
+			return nil, calls[done].fail(errno)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if err := p.mem.Read(table, b); err != nil {
+			return nil, err
+		}
+		for i := range n {
+			results = append(results, binary.LittleEndian.Uint64(b[i*batchEntry+56:]))
+		}
+		calls = calls[n:]
+	}
+	return results, nil
 }

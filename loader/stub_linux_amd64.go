@@ -7,8 +7,8 @@ import (
 // The stub is the process a snapshot is built in: a static ELF of one
 // read-write-execute page, generated at restore time and loaded at an
 // address the snapshot leaves free. Its code is never run as a program; it
-// only offers a syscall instruction to inject calls at, and a scratch page
-// for their arguments.
+// offers a syscall instruction to inject calls at, a loop that runs a batch
+// of them, and a scratch page for their arguments.
 const (
 	stubPages   = 2
 	stubSize    = stubPages * pageSize
@@ -25,7 +25,10 @@ const stubEntryOff = stubCodeOff + 3
 // stubELF returns the stub executable for load address base.
 func stubELF(base uint64) []byte {
 	init := stubInit()
-	b := make([]byte, stubInitOff+len(init))
+	if stubInitOff+len(init) > stubBatchOff {
+		panic("stub: the init loop overlaps the batch loop")
+	}
+	b := make([]byte, stubBatchOff+len(stubBatch))
 	le := binary.LittleEndian
 	// ELF header.
 	copy(b, []byte{0x7f, 'E', 'L', 'F', 2 /*64-bit*/, 1 /*LE*/, 1 /*version*/, 0 /*SysV*/})
@@ -52,7 +55,37 @@ func stubELF(base uint64) []byte {
 	copy(b[stubCodeOff:], stubCode)
 	copy(b[stubParkOff:], stubPark)
 	copy(b[stubInitOff:], init)
+	copy(b[stubBatchOff:], stubBatch)
 	return b
+}
+
+// stubBatchOff is a loop that runs a table of system calls with one
+// ptrace stop for all of them instead of one each: rbx points to the
+// table, r15 holds the number of entries. An entry is eight words: the
+// number, six arguments, and the result, written back. The loop stops at
+// the first error, rbx at its entry, and ends with int3.
+const stubBatchOff = 0x140
+
+// batchEntry is the size of one entry of a batch table.
+const batchEntry = 64
+
+var stubBatch = []byte{
+	0x48, 0x8b, 0x03, // mov rax, [rbx]
+	0x48, 0x8b, 0x7b, 0x08, // mov rdi, [rbx+8]
+	0x48, 0x8b, 0x73, 0x10, // mov rsi, [rbx+16]
+	0x48, 0x8b, 0x53, 0x18, // mov rdx, [rbx+24]
+	0x4c, 0x8b, 0x53, 0x20, // mov r10, [rbx+32]
+	0x4c, 0x8b, 0x43, 0x28, // mov r8, [rbx+40]
+	0x4c, 0x8b, 0x4b, 0x30, // mov r9, [rbx+48]
+	0x0f, 0x05, // syscall
+	0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+	0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, // cmp rax, -4095
+	0x73, 0x09, // jae done (unsigned: rax in -4095..-1)
+	0x48, 0x83, 0xc3, 0x40, // add rbx, 64
+	0x49, 0xff, 0xcf, // dec r15
+	0x75, 0xce, // jnz back to the first mov
+	0xcc,       // done: int3
+	0xeb, 0xfe, // jmp .
 }
 
 // stubParkOff is a loop of pause(2): a stub of a -pidns tree that only

@@ -91,6 +91,57 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 	return uintptr(out.Rax), nil
 }
 
+// Batch runs, in one stop, the n system calls of the table at addr in the
+// tracee with the loop at code (the loader's stub has one: it loads each
+// entry, a number and six arguments, runs it, stores the result in the
+// entry's eighth word, stops at the first error, and ends with int3). It
+// returns how many calls succeeded and, if one failed, its error.
+// Runs on the tracer thread.
+func (in *Injector) Batch(code, addr uintptr, n int) (int, error) {
+	if n == 0 {
+		return 0, nil
+	}
+	r := *in.saved
+	r.Rip, r.Rbx, r.R15 = uint64(code), uint64(addr), uint64(n)
+	r.Eflags &^= 0x100
+	if err := SetRegs(in.Tid, &r); err != nil {
+		return 0, err
+	}
+	if err := Cont(in.Tid, 0); err != nil {
+		return 0, fmt.Errorf("batch: cont %d: %w", in.Tid, err)
+	}
+	for {
+		st, err := Wait(in.Tid)
+		if err != nil {
+			return 0, fmt.Errorf("batch: %w", err)
+		}
+		if !st.Status.Stopped() {
+			return 0, fmt.Errorf("batch: tid %d %v", in.Tid, st)
+		}
+		if st.Sig() == unix.SIGTRAP && st.Event() == 0 {
+			break
+		}
+		if st.Event() == 0 {
+			in.Signals = append(in.Signals, st.Sig())
+		}
+		if err := Cont(in.Tid, 0); err != nil {
+			return 0, fmt.Errorf("batch: cont %d: %w", in.Tid, err)
+		}
+	}
+	var out Regs
+	if err := unix.PtraceGetRegs(in.Tid, (*unix.PtraceRegs)(&out)); err != nil {
+		return 0, fmt.Errorf("batch: getregs %d: %w", in.Tid, err)
+	}
+	done := int((out.Rbx - uint64(addr)) / 64)
+	if done < 0 || done > n || out.Rip < uint64(code) || out.Rip > uint64(code)+0x40 {
+		return 0, fmt.Errorf("batch: tid %d stopped at %#x, table at entry %d of %d", in.Tid, out.Rip, done, n)
+	}
+	if ret := int64(out.Rax); out.R15 != 0 && ret < 0 && ret > -4096 {
+		return done, syscall.Errno(-ret)
+	}
+	return n, nil
+}
+
 // Restore puts back the registers saved when the injector was made (or
 // last given to SetSaved). Runs on the tracer thread.
 func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
