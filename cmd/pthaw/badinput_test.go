@@ -35,22 +35,7 @@ func TestBadInput(t *testing.T) {
 		"header only":   good[:hdr],
 		"bad header":    append([]byte("PCLUSTER-SNAPSHOT 1 compress=none encrypt=none bogus=1\n"), good[hdr:]...),
 	}
-	for i := 0; i < 12; i++ {
-		n := hdr + rng.Intn(len(good)-hdr)
-		if i == 0 {
-			n = len(good) - 1
-		}
-		cases[fmt.Sprintf("truncated at %d", n)] = good[:n]
-	}
-	for i := 0; i < 12; i++ {
-		at := rng.Intn(len(good))
-		if i == 0 {
-			at = len(good) - 1
-		}
-		b := append([]byte(nil), good...)
-		b[at] ^= 1 << rng.Intn(8)
-		cases[fmt.Sprintf("bit flipped at %d", at)] = b
-	}
+	damage(cases, good, hdr, 0, rng)
 	dir := t.TempDir()
 	for name, data := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -73,6 +58,28 @@ func TestBadInput(t *testing.T) {
 				t.Errorf("processes %v left behind", pids)
 			}
 		})
+	}
+}
+
+// damage adds to cases 12 truncations of snapshot good (after its header,
+// of hdr bytes; the first cuts only the last byte) and 12 copies with one
+// bit flipped at or after byte from (the first in the last byte).
+func damage(cases map[string][]byte, good []byte, hdr, from int, rng *rand.Rand) {
+	for i := 0; i < 12; i++ {
+		n := hdr + rng.Intn(len(good)-hdr)
+		if i == 0 {
+			n = len(good) - 1
+		}
+		cases[fmt.Sprintf("truncated at %d", n)] = good[:n]
+	}
+	for i := 0; i < 12; i++ {
+		at := from + rng.Intn(len(good)-from)
+		if i == 0 {
+			at = len(good) - 1
+		}
+		b := append([]byte(nil), good...)
+		b[at] ^= 1 << rng.Intn(8)
+		cases[fmt.Sprintf("bit flipped at %d", at)] = b
 	}
 }
 

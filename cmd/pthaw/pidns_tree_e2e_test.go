@@ -441,22 +441,7 @@ func TestBadTreePIDNamespace(t *testing.T) {
 	hdr := bytes.IndexByte(good, '\n') + 1
 	rng := rand.New(rand.NewSource(4))
 	cases := map[string][]byte{}
-	for i := 0; i < 12; i++ {
-		n := hdr + rng.Intn(len(good)-hdr)
-		if i == 0 {
-			n = len(good) - 1
-		}
-		cases[fmt.Sprintf("truncated at %d", n)] = good[:n]
-	}
-	for i := 0; i < 12; i++ {
-		at := hdr + rng.Intn(len(good)-hdr)
-		if i == 0 {
-			at = len(good) - 1
-		}
-		b := append([]byte(nil), good...)
-		b[at] ^= 1 << rng.Intn(8)
-		cases[fmt.Sprintf("bit flipped at %d", at)] = b
-	}
+	damage(cases, good, hdr, hdr, rng)
 	mine := pidNSOf(os.Getpid())
 	dir := t.TempDir()
 	for name, data := range cases {

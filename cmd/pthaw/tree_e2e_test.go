@@ -119,17 +119,8 @@ func TestForkServerTree(t *testing.T) {
 func TestPipelineTree(t *testing.T) {
 	needRoot(t)
 	pl := fixture.Pipeline(t)
-	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
-	if err := syscall.Kill(pl.Consumer, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(200 * time.Millisecond) // the producer fills the pipe meanwhile
 	root, producer, consumer := pl.Pid(), pl.Producer, pl.Consumer
-	snap := haltTreeToFile(t, pl.Proc, producer, consumer)
-	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
-	if err != nil {
-		t.Fatalf("pthaw -debug: %v: %s", err, desc)
-	}
+	last, snap, desc := haltPipeline(t, pl)
 	if !regexp.MustCompile(`pipe \d+ size \d+ buffered [1-9]`).Match(desc) {
 		t.Errorf("snapshot has no buffered pipe data:\n%s", desc)
 	}
@@ -139,23 +130,33 @@ func TestPipelineTree(t *testing.T) {
 	expectTree(t, th, root, producer, consumer)
 }
 
+// haltPipeline stops the pipeline's consumer once it has printed a line,
+// lets the producer fill what joins them, freezes the tree with -halt and
+// returns the consumer's last line, the snapshot and pthaw -debug's
+// description of it.
+func haltPipeline(t *testing.T, pl *fixture.Tree) (int, string, []byte) {
+	t.Helper()
+	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
+	if err := syscall.Kill(pl.Consumer, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the producer fills the pipe meanwhile
+	snap := haltTreeToFile(t, pl.Proc, pl.Producer, pl.Consumer)
+	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, desc)
+	}
+	return last, snap, desc
+}
+
 // TestFIFOTree is TestPipelineTree through a named FIFO: the data
 // buffered in it comes back, the restored producer's stdout names the
 // FIFO's path again, and lines keep flowing through it.
 func TestFIFOTree(t *testing.T) {
 	needRoot(t)
 	pl, fifo := fixture.PipelineFIFO(t)
-	last := atoi(t, pl.Lines.Expect(t, `^got (\d+)$`, waitFor)[1])
-	if err := syscall.Kill(pl.Consumer, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(200 * time.Millisecond) // the producer fills the FIFO meanwhile
 	root, producer, consumer := pl.Pid(), pl.Producer, pl.Consumer
-	snap := haltTreeToFile(t, pl.Proc, producer, consumer)
-	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
-	if err != nil {
-		t.Fatalf("pthaw -debug: %v: %s", err, desc)
-	}
+	last, snap, desc := haltPipeline(t, pl)
 	if !regexp.MustCompile(`fifo "` + regexp.QuoteMeta(fifo) + `" .* pipe \d+ size \d+ buffered [1-9]`).Match(desc) {
 		t.Errorf("snapshot has no FIFO %s with buffered data:\n%s", fifo, desc)
 	}
