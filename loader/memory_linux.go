@@ -73,44 +73,9 @@ func (p *Process) mapMemory() error {
 					flags |= unix.MAP_GROWSDOWN
 				}
 			case image.VMASharedAnon:
-				flags |= unix.MAP_SHARED | unix.MAP_ANONYMOUS
-				// In a tree, an object another area mapped first is
-				// mapped through that area's /proc/PID/map_files link,
-				// so the pages stay shared.
-				path, off, ok, err := p.sharedArea(v)
-				if err != nil {
+				if err := p.mapSharedAnon(v); err != nil {
 					return err
 				}
-				if ok {
-					s, err := p.putString(path)
-					if err != nil {
-						return err
-					}
-					f, err := p.call(unix.SYS_OPEN, s, unix.O_RDWR|unix.O_CLOEXEC)
-					if err != nil {
-						return fmt.Errorf("%s: open %s: %w", vmaName(v), path, err)
-					}
-					r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)),
-						unix.MAP_FIXED_NOREPLACE|unix.MAP_SHARED, f, uintptr(off))
-					p.call(unix.SYS_CLOSE, f)
-					if err != nil {
-						return fmt.Errorf("%s: mmap %s: %w", vmaName(v), path, err)
-					}
-					if uint64(r) != v.Start {
-						return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
-					}
-					continue
-				}
-				// Mapped now, not in the batch: a later area of the same
-				// object (in this process too) maps it through this one.
-				r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)), flags, fd, 0)
-				if err != nil {
-					return fmt.Errorf("%s: mmap: %w", vmaName(v), err)
-				}
-				if uint64(r) != v.Start {
-					return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
-				}
-				p.mappedShared(v)
 				continue
 			case image.VMAFile:
 				mode := uintptr(unix.O_RDONLY)
@@ -153,6 +118,45 @@ func (p *Process) mapMemory() error {
 		p.uffd = p.openUffd()
 		return nil
 	})
+}
+
+// mapSharedAnon maps a shared anonymous area at once, not in the batch: a
+// later area of the same object (in this process too) maps it through
+// this one. In a tree, an object another area mapped first is mapped
+// through that area's /proc/PID/map_files link, so the pages stay shared.
+// Runs on the tracer thread.
+func (p *Process) mapSharedAnon(v *image.VMA) error {
+	path, off, ok, err := p.sharedArea(v)
+	if err != nil {
+		return err
+	}
+	flags := uintptr(unix.MAP_FIXED_NOREPLACE | unix.MAP_SHARED)
+	fd, what := ^uintptr(0), ""
+	if ok {
+		s, err := p.putString(path)
+		if err != nil {
+			return err
+		}
+		if fd, err = p.call(unix.SYS_OPEN, s, unix.O_RDWR|unix.O_CLOEXEC); err != nil {
+			return fmt.Errorf("%s: open %s: %w", vmaName(v), path, err)
+		}
+		defer p.call(unix.SYS_CLOSE, fd)
+		what = " " + path
+	} else {
+		flags |= unix.MAP_ANONYMOUS
+		off = 0
+	}
+	r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), uintptr(buildProt(v)), flags, fd, uintptr(off))
+	if err != nil {
+		return fmt.Errorf("%s: mmap%s: %w", vmaName(v), what, err)
+	}
+	if uint64(r) != v.Start {
+		return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
+	}
+	if !ok {
+		p.mappedShared(v)
+	}
+	return nil
 }
 
 // advise re-applies the madvise flags /proc reported for v.
