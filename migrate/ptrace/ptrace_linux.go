@@ -82,6 +82,11 @@ func SetOptions(tid, options int) error { return unix.PtraceSetOptions(tid, opti
 // Cont resumes tid, delivering sig (0 for none). Runs on the tracer thread.
 func Cont(tid int, sig unix.Signal) error { return unix.PtraceCont(tid, int(sig)) }
 
+// ContSyscall resumes tid until its next system call entry or exit,
+// delivering sig (0 for none); after a seccomp stop, until the call's
+// exit (PTRACE_SYSCALL). Runs on the tracer thread.
+func ContSyscall(tid int, sig unix.Signal) error { return unix.PtraceSyscall(tid, int(sig)) }
+
 // Detach detaches from tid, delivering sig (0 for none).
 // Runs on the tracer thread.
 func Detach(tid int, sig unix.Signal) error {

@@ -121,3 +121,24 @@ func GetRobustList(tid int) (head, length uint64, err error) {
 	}
 	return h, l, nil
 }
+
+// GetSiginfo returns the siginfo of the signal tid is stopped for. At a
+// group-stop it fails with EINVAL, which is how a tracer that did not
+// seize tells a group-stop from a signal-delivery-stop.
+// Runs on the tracer thread.
+func GetSiginfo(tid int) ([]byte, error) {
+	buf := make([]byte, SiginfoSize)
+	if err := ptrace(unix.PTRACE_GETSIGINFO, tid, 0, uintptr(unsafe.Pointer(&buf[0]))); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// SetSiginfo replaces the siginfo of the signal tid is stopped for.
+// Runs on the tracer thread.
+func SetSiginfo(tid int, si []byte) error {
+	if len(si) != SiginfoSize {
+		return fmt.Errorf("setsiginfo %d: %d bytes", tid, len(si))
+	}
+	return ptrace(unix.PTRACE_SETSIGINFO, tid, 0, uintptr(unsafe.Pointer(&si[0])))
+}
