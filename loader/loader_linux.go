@@ -10,7 +10,9 @@
 // member by member, after every member's stub has been forked from its
 // parent's (tree_linux.go); the root's Process owns the others. With
 // Options.PIDNamespace the process or tree is built in a new PID namespace
-// under a stub kept as its init (pidns_linux.go for trees).
+// under a stub kept as its init (pidns_linux.go for trees); with
+// Options.VirtPID, in this one with the pid calls virtualised
+// (virtpid_linux.go, virtpid_tree_linux.go for trees).
 package loader
 
 import (
@@ -42,7 +44,9 @@ type Options struct {
 	PIDNamespace bool
 	// VirtPID: when the saved PID is taken, restore with a new one and
 	// virtualise getpid, gettid and signals to itself with a seccomp
-	// filter answered by Supervise.
+	// filter answered by Supervise; for a tree, every pid call between
+	// members, with the caller of Wait as the members' tracer
+	// (virtpid_tree_linux.go).
 	VirtPID bool
 	// Detach says the restorer will not stay the process's parent: the
 	// parent-death signal, which would fire as soon as it exits, is not set.

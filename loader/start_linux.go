@@ -138,7 +138,7 @@ func (p *Process) finish() error {
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}
-	if p.opts.VirtPID && p.pid != p.proc.Pid {
+	if p.opts.VirtPID && p.pid != p.proc.Pid && p.tree == nil {
 		if err := p.installVirtPID(borrow); err != nil {
 			return err
 		}
@@ -173,6 +173,17 @@ func (p *Process) finish() error {
 	if err := p.bindListeners(borrow); err != nil {
 		return err
 	}
+	queued := false
+	if p.tree != nil && p.tree.virtWanted {
+		// The filter traps rt_sigqueueinfo: pending signals go first.
+		if err := p.queuePending(tasks, borrow); err != nil {
+			return err
+		}
+		queued = true
+		if err := p.installTreeFilter(borrow); err != nil {
+			return err
+		}
+	}
 	for _, tk := range tasks {
 		if err := p.setCreds(tk, borrow); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
@@ -198,16 +209,10 @@ func (p *Process) finish() error {
 		return fmt.Errorf("pdeathsig: %w", err)
 	}
 	// Pending signals and timers last, so that they fire in the restored
-	// process, not during its construction.
-	for _, tk := range tasks {
-		for _, si := range tk.img.Pending {
-			if err := p.queueSignal(borrow, si, p.localPid(tk.in.Tid, tk.img.Tid)); err != nil {
-				return err
-			}
-		}
-	}
-	for _, si := range pr.Pending {
-		if err := p.queueSignal(borrow, si, 0); err != nil {
+	// process, not during its construction. (Every signal is blocked until
+	// the registers are set: queued earlier, they would not fire sooner.)
+	if !queued {
+		if err := p.queuePending(tasks, borrow); err != nil {
 			return err
 		}
 	}
@@ -248,6 +253,24 @@ func (p *Process) finish() error {
 		}
 	}
 	p.tasks = tasks
+	return nil
+}
+
+// queuePending re-queues the pending signals of every thread and of the
+// process. Runs on the tracer thread.
+func (p *Process) queuePending(tasks []*task, scratch uintptr) error {
+	for _, tk := range tasks {
+		for _, si := range tk.img.Pending {
+			if err := p.queueSignal(scratch, si, p.localPid(tk.in.Tid, tk.img.Tid)); err != nil {
+				return err
+			}
+		}
+	}
+	for _, si := range p.proc.Pending {
+		if err := p.queueSignal(scratch, si, 0); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

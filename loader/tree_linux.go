@@ -26,6 +26,12 @@ type tree struct {
 	// (pidns_linux.go): then pids maps to our numbers, and the members
 	// themselves use the saved ones.
 	ns *pidNS
+	// virt is set when the tree runs with virtual PIDs
+	// (virtpid_tree_linux.go): pthaw stays every member's tracer.
+	virt *virtTree
+	// virtWanted: decided before the members are finished, which load
+	// the filter then.
+	virtWanted bool
 }
 
 // closePipes closes pthaw's ends of the tree's pipes: from then on the
@@ -311,6 +317,7 @@ func (p *Process) mappedShared(v *image.VMA) {
 // tracer thread.
 func (p *Process) startTree() error {
 	defer p.tree.closePipes()
+	p.tree.virtWanted = p.tree.wantVirt(p.opts)
 	for _, m := range p.tree.members {
 		if m.zombie {
 			continue
@@ -327,10 +334,19 @@ func (p *Process) startTree() error {
 			return err
 		}
 	}
+	resume := (*Process).detach
+	if p.tree.virtWanted {
+		v := newVirtTree(p.tree)
+		p.notice("virtual PIDs: every member of the tree sees its saved PIDs (%s): pthaw traces the members and translates getpid, gettid, getppid, getpgid, getsid, wait4, waitid and signals by PID", v.describe(p.tree))
+		resume = (*Process).resumeTraced
+		p.tree.virt = v
+	}
 	var errs []error
 	for i := len(p.tree.members) - 1; i >= 0; i-- {
-		if err := p.tree.members[i].detach(); err != nil {
-			errs = append(errs, err)
+		if m := p.tree.members[i]; !m.zombie {
+			if err := resume(m); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)

@@ -19,9 +19,10 @@ import (
 // virtCalls are the system calls the filter traps.
 var virtCalls = []uint32{unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL}
 
-// virtFilter returns the classic BPF program: x86-64 calls in virtCalls
-// go to the listener, everything else is allowed.
-func virtFilter() []byte {
+// virtFilter returns the classic BPF program: x86-64 calls in calls
+// get action (the listener, or the tracer for a tree), everything else is
+// allowed.
+func virtFilter(calls []uint32, action uint32) []byte {
 	type insn struct {
 		code   uint16
 		jt, jf uint8
@@ -32,16 +33,16 @@ func virtFilter() []byte {
 		jeqK  = 0x15 // BPF_JMP|BPF_JEQ|BPF_K
 		retK  = 0x06 // BPF_RET|BPF_K
 	)
-	n := len(virtCalls)
+	n := len(calls)
 	prog := []insn{
 		{ldAbs, 0, 0, 4}, // arch
 		{jeqK, 0, uint8(n + 2), unix.AUDIT_ARCH_X86_64},
 		{ldAbs, 0, 0, 0}, // nr
 	}
-	for i, nr := range virtCalls {
+	for i, nr := range calls {
 		prog = append(prog, insn{jeqK, uint8(n - i), 0, nr})
 	}
-	prog = append(prog, insn{retK, 0, 0, unix.SECCOMP_RET_ALLOW}, insn{retK, 0, 0, unix.SECCOMP_RET_USER_NOTIF})
+	prog = append(prog, insn{retK, 0, 0, unix.SECCOMP_RET_ALLOW}, insn{retK, 0, 0, action})
 	b := make([]byte, 8*len(prog))
 	for i, in := range prog {
 		binary.LittleEndian.PutUint16(b[8*i:], in.code)
@@ -54,18 +55,7 @@ func virtFilter() []byte {
 // installVirtPID loads the filter into the main thread (threads made
 // after inherit it) and takes its listener. Runs on the tracer thread.
 func (p *Process) installVirtPID(scratch uintptr) error {
-	if p.tree != nil {
-		// Only the root's listener would be served; members would hang.
-		return errors.New("-virtpid with a process tree is not supported: a seccomp filter cannot translate the child PIDs wait4 and waitid return to a parent; use -pidns, where every member keeps its saved PID")
-	}
-	prog := virtFilter()
-	fprog := make([]byte, 16) // struct sock_fprog: u16 len, pad, u64 filter
-	binary.LittleEndian.PutUint16(fprog, uint16(len(prog)/8))
-	binary.LittleEndian.PutUint64(fprog[8:], uint64(scratch)+16)
-	if err := p.mem.Write(uint64(scratch), append(fprog, prog...)); err != nil {
-		return err
-	}
-	fd, err := p.call(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_NEW_LISTENER, scratch)
+	fd, err := p.loadFilter(scratch, virtFilter(virtCalls, unix.SECCOMP_RET_USER_NOTIF), unix.SECCOMP_FILTER_FLAG_NEW_LISTENER)
 	if err != nil {
 		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
 	}
@@ -83,6 +73,19 @@ func (p *Process) installVirtPID(scratch uintptr) error {
 		return fmt.Errorf("virtual pid: close listener in the process: %w", err)
 	}
 	return nil
+}
+
+// loadFilter makes the process load the BPF program prog, passed
+// through scratch, with seccomp(SECCOMP_SET_MODE_FILTER, flags). Runs on
+// the tracer thread.
+func (p *Process) loadFilter(scratch uintptr, prog []byte, flags uintptr) (uintptr, error) {
+	fprog := make([]byte, 16) // struct sock_fprog: u16 len, pad, u64 filter
+	binary.LittleEndian.PutUint16(fprog, uint16(len(prog)/8))
+	binary.LittleEndian.PutUint64(fprog[8:], uint64(scratch)+16)
+	if err := p.mem.Write(uint64(scratch), append(fprog, prog...)); err != nil {
+		return 0, err
+	}
+	return p.call(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, flags, scratch)
 }
 
 // seccompNotif and seccompResp are struct seccomp_notif and

@@ -73,14 +73,16 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	stop := make(chan struct{})
 	defer close(stop)
 	go p.Supervise(stop)
-	return wait(p.WaitPid(), p.Pid(), sigs)
+	return wait(p, sigs)
 }
 
-// wait waits for child (the restored process, or the init of its PID
-// namespace, which exits with its status), forwarding termination signals
-// to the process (the terminal delivers SIGINT and SIGQUIT to it
-// directly), and returns its exit status the way a shell reports it.
-func wait(child, pid int, sigs chan os.Signal) (int, error) {
+// wait waits for the restored process (through the init of its PID
+// namespace, which exits with its status, or as the tracer of a tree with
+// virtual PIDs), forwarding termination signals to the process (the
+// terminal delivers SIGINT and SIGQUIT to it directly), and returns its
+// exit status the way a shell reports it.
+func wait(p *loader.Process, sigs chan os.Signal) (int, error) {
+	pid := p.Pid()
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
@@ -95,16 +97,9 @@ func wait(child, pid int, sigs chan os.Signal) (int, error) {
 			}
 		}
 	}()
-	var ws syscall.WaitStatus
-	for {
-		_, err := syscall.Wait4(child, &ws, 0, nil)
-		if errors.Is(err, syscall.EINTR) {
-			continue
-		}
-		if err != nil {
-			return 0, fmt.Errorf("wait for pid %d: %w", child, err)
-		}
-		break
+	ws, err := p.Wait()
+	if err != nil {
+		return 0, err
 	}
 	if ws.Signaled() {
 		return 128 + int(ws.Signal()), nil

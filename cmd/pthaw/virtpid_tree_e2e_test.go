@@ -1,0 +1,253 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// virtRoot waits for pthaw -virtpid to have started a tree (it says so
+// once the members run; they stay traced by pthaw, so restoredPid's test
+// does not apply) and returns the root's PID here.
+func (th *thawed) virtRoot(t *testing.T) int {
+	t.Helper()
+	deadline := time.Now().Add(waitFor)
+	for time.Now().Before(deadline) {
+		if strings.Contains(th.stderr.String(), "virtual PIDs") {
+			if pid := th.child(); pid > 0 {
+				return pid
+			}
+		}
+		select {
+		case <-th.done:
+			t.Fatalf("pthaw exited: %s", th.stderr.String())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	t.Fatalf("pthaw did not start the tree with virtual PIDs after %v: %s", waitFor, th.stderr.String())
+	return 0
+}
+
+// restoredAs returns the PID here of the member saved as pid, from what
+// pthaw said.
+func (th *thawed) restoredAs(t *testing.T, pid int) int {
+	t.Helper()
+	m := regexp.MustCompile(fmt.Sprintf(`pid %d is taken on this host; restored as pid (\d+)`, pid)).FindStringSubmatch(th.stderr.String())
+	if m == nil {
+		t.Fatalf("pthaw does not say pid %d was taken: %s", pid, th.stderr.String())
+	}
+	return atoi(t, m[1])
+}
+
+// TestForkServerTreeVirtualPID clones the forkserver tree with -virtpid
+// while the original runs on and holds every PID: the clone's members get
+// new PIDs here and count on in their own shared page. A restored worker
+// killed here is reaped by the restored parent under its saved PID (what
+// waitpid returned is translated back), which the parent reports as its
+// own worker's; the original tree is untouched.
+func TestForkServerTreeVirtualPID(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	m := p.Lines.Expect(t, `^workers (\d+) (\d+)$`, waitFor)
+	w1, w2 := atoi(t, m[1]), atoi(t, m[2])
+	forkTick(t, p.Lines)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap) // no -halt: the originals keep their PIDs
+	th := thaw(t, "-src", snap, "-virtpid")
+	root := th.virtRoot(t)
+	r1, r2 := th.restoredAs(t, w1), th.restoredAs(t, w2)
+	killTreeAtCleanup(t, root, r1, r2)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("pthaw's stderr: %s", th.stderr.String())
+		}
+	})
+	if root == p.Pid() || r1 == w1 || r2 == w2 {
+		t.Fatalf("restored as %d (%d, %d) while the originals %d (%d, %d) run", root, r1, r2, p.Pid(), w1, w2)
+	}
+	if kids, err := fixture.Children(root); err != nil || len(kids) != 2 {
+		t.Fatalf("children of the restored root %d: %v %v, want %d and %d", root, kids, err, r1, r2)
+	}
+	for i := 0; i < 3; i++ {
+		forkTick(t, th.out)
+	}
+	if err := syscall.Kill(r1, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("FAIL worker %d exited %d", w1, int(syscall.SIGKILL))
+	line := th.out.Expect(t, `^(FAIL.*)$`, waitFor)[1]
+	if line != want {
+		t.Fatalf("restored parent says %q, want %q", line, want)
+	}
+	if code := th.exit(t); code != 1 {
+		t.Errorf("pthaw exited with %d, want the root's 1", code)
+	}
+	// The original tree: untouched.
+	for _, pid := range []int{p.Pid(), w1, w2} {
+		if err := syscall.Kill(pid, 0); err != nil {
+			t.Errorf("original pid %d: %v", pid, err)
+		}
+	}
+	forkTick(t, p.Lines)
+}
+
+// virtReports is pidtreeReports for a restore with -virtpid: the root's
+// parent really changed (to pthaw, outside the tree), so the root's line
+// saying so is expected; any other FAIL line fails the test.
+func virtReports(t *testing.T, l *fixture.Lines, n int, rootPPid string) map[string]fixture.PidtreeReport {
+	t.Helper()
+	last := map[string]fixture.PidtreeReport{}
+	count := map[string]int{}
+	for count["root"] < n || count["kid"] < n || count["grandkid"] < n {
+		line, err := l.Next(waitFor)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if line == rootPPid {
+			continue
+		}
+		r, ok := fixture.ParsePidtree(line)
+		if !ok {
+			t.Fatalf("got %q", line)
+		}
+		last[r.Name] = r
+		count[r.Name]++
+	}
+	return last
+}
+
+// TestPidtreeVirtualPID: pidtree (a root, a kid leading its own group, a
+// grandkid leading its own session, parents signalling children by PID)
+// is cloned with -virtpid while the original runs on. Every member gets a
+// new PID here, yet reports its saved pid, ppid, pgid and sid (the root's
+// parent is pthaw now, as for a single process); the signals each parent
+// sends by saved PID reach the restored child, not the original.
+func TestPidtreeVirtualPID(t *testing.T) {
+	needRoot(t)
+	var kids []int // die with the root (PR_SET_PDEATHSIG), after the group's cleanup
+	t.Cleanup(func() {
+		for _, pid := range kids {
+			fixture.WaitExit(pid, waitFor)
+		}
+	})
+	p := fixture.StartGroup(t, fixture.Build(t, "pidtree"))
+	before := pidtreeReports(t, p.Lines, 2)
+	saved := map[string]fixture.IDs{}
+	for name, r := range before {
+		saved[name] = r.IDs
+		if name != "root" {
+			kids = append(kids, r.Pid)
+		}
+	}
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	root := th.virtRoot(t)
+	kid, grandkid := th.restoredAs(t, saved["kid"].Pid), th.restoredAs(t, saved["grandkid"].Pid)
+	killTreeAtCleanup(t, root, kid, grandkid)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("pthaw's stderr: %s", th.stderr.String())
+		}
+	})
+	if root == p.Pid() {
+		t.Fatalf("restored as pid %d, the original's", root)
+	}
+	ppid := fmt.Sprintf("FAIL root ppid changed from %d to %d", saved["root"].PPid, th.cmd.Process.Pid)
+	first := virtReports(t, th.out, 1, ppid)
+	later := virtReports(t, th.out, 3, ppid)
+	want := saved
+	r := want["root"]
+	r.PPid = th.cmd.Process.Pid
+	want["root"] = r
+	for name, w := range want {
+		if got := later[name].IDs; got != w {
+			t.Errorf("%s reports %+v after the thaw, want %+v", name, got, w)
+		}
+	}
+	for _, name := range []string{"kid", "grandkid"} {
+		if later[name].Usr1 <= first[name].Usr1 {
+			t.Errorf("%s received no SIGUSR1 after the thaw (%d, then %d)", name, first[name].Usr1, later[name].Usr1)
+		}
+	}
+	// The originals got one SIGUSR1 per tick of their own parent, none
+	// from the clone's.
+	orig := pidtreeReports(t, p.Lines, 2)
+	for _, name := range []string{"kid", "grandkid"} {
+		if o := orig[name]; o.Usr1 > o.Tick+1 {
+			t.Errorf("original %s received %d SIGUSR1 by tick %d: the clone's signals reached it", name, o.Usr1, o.Tick)
+		}
+	}
+}
+
+// TestBadTreeVirtualPID feeds pthaw -virtpid damaged snapshots of the
+// forkserver tree, whose PIDs the running original holds: each fails with
+// one line and leaves no process behind. While it runs the test is a
+// child subreaper, so that whatever pthaw leaves behind becomes its child
+// and is seen.
+func TestBadTreeVirtualPID(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "forkserver")
+	p := fixture.StartGroup(t, bin)
+	forkTick(t, p.Lines)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	good, err := os.ReadFile(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	originals := len(processesOf(bin))
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
+	hdr := bytes.IndexByte(good, '\n') + 1
+	cases := map[string][]byte{}
+	damage(cases, good, hdr, hdr, rand.New(rand.NewSource(5)))
+	dir := t.TempDir()
+	for name, data := range cases {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(name, " ", "_"))
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-virtpid", "-src", path)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Run(); err == nil {
+				t.Fatalf("pthaw -virtpid accepted a damaged snapshot")
+			}
+			if msg := stderr.String(); strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pthaw: ") {
+				t.Errorf("stderr %q, want one line starting with \"pthaw: \"", msg)
+			}
+			// Member stubs that died after their parent stub come to us
+			// as zombies (as they would to init, which reaps them): only a
+			// live one is left behind.
+			for _, pid := range orphans(p.Pid()) {
+				if fixture.Alive(pid) {
+					t.Errorf("pid %d (%s) left behind", pid, commOf(pid))
+				}
+				unix.Kill(pid, unix.SIGKILL)
+				var ws unix.WaitStatus
+				unix.Wait4(pid, &ws, 0, nil)
+			}
+			if n := len(processesOf(bin)); n != originals {
+				t.Errorf("%d processes of %s, want the %d originals", n, bin, originals)
+			}
+		})
+	}
+	forkTick(t, p.Lines) // the original carries on
+}

@@ -1,0 +1,409 @@
+package loader
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// Virtual PIDs for a tree (pthaw -virtpid with a pfreeze -tree snapshot).
+// A parent learns its children's PIDs from what wait4 and waitid return,
+// which a seccomp listener can neither rewrite nor answer in the parent's
+// place (only the parent can reap its child). So a tree's filter returns
+// SECCOMP_RET_TRACE instead, and pthaw stays the ptrace tracer of every
+// thread of every member (and, through PTRACE_O_TRACEFORK/VFORK/CLONE, of
+// every process they make, which inherits the filter): at the seccomp stop
+// it rewrites the arguments that name a member by its saved PID, answers
+// getpid and gettid itself, and lets the calls whose result is a PID run
+// to their syscall-exit stop, where it rewrites the result (and waitid's
+// si_pid). Every other call runs untouched, without a stop. Members keep
+// the PTRACE_O_EXITKILL of their stubs: they die with pthaw.
+
+// treeVirtCalls are the system calls a tree's filter hands to the tracer.
+var treeVirtCalls = []uint32{
+	unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_GETPPID, unix.SYS_GETPGRP, unix.SYS_GETPGID,
+	unix.SYS_GETSID, unix.SYS_SETPGID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL,
+	unix.SYS_RT_SIGQUEUEINFO, unix.SYS_RT_TGSIGQUEUEINFO, unix.SYS_PIDFD_OPEN,
+	unix.SYS_WAIT4, unix.SYS_WAITID,
+}
+
+// virtTree translates between the members' saved ids and ours. It is
+// built once the tree is finished and then used only by the tracer loop
+// (serve), on the tracer thread.
+type virtTree struct {
+	s2r, r2s map[int]int // saved pid or tid of a member -> ours, and back
+	tgid     map[int]int // traced thread -> its process, learnt on first need
+	known    map[int]bool
+	// expect holds new tasks whose first stop (the SIGSTOP every
+	// auto-attached task starts with) is still to come.
+	expect map[int]bool
+	// exit holds the threads let run to the exit of a call whose result
+	// is rewritten there, with the call's arguments as the process gave them.
+	exit map[int]trapped
+}
+
+type trapped struct {
+	nr   uint64
+	args [2]uint64 // rdi, rsi before translation
+	ptr  uint64    // waitid's infop
+}
+
+// treeTraceOpts are the ptrace options of a traced member's thread.
+const treeTraceOpts = unix.PTRACE_O_EXITKILL | unix.PTRACE_O_TRACESYSGOOD | unix.PTRACE_O_TRACECLONE |
+	unix.PTRACE_O_TRACEFORK | unix.PTRACE_O_TRACEVFORK | unix.PTRACE_O_TRACEEXEC | unix.PTRACE_O_TRACESECCOMP
+
+// wantVirt reports whether the tree needs virtual PIDs: -virtpid was
+// given and some member did not get its saved PID.
+func (t *tree) wantVirt(opts Options) bool {
+	if !opts.VirtPID {
+		return false
+	}
+	for saved, ours := range t.pids {
+		if saved != ours {
+			return true
+		}
+	}
+	return false
+}
+
+// installTreeFilter loads the tree's filter into every thread of the
+// member (TSYNC: its threads exist by now). It must come before the
+// credentials (loading a filter without no_new_privs needs
+// CAP_SYS_ADMIN) and after the last injected call the filter traps (the
+// pending signals): until the member runs under the tracer loop, a
+// trapped call fails with ENOSYS. Runs on the tracer thread.
+func (p *Process) installTreeFilter(scratch uintptr) error {
+	r, err := p.loadFilter(scratch, virtFilter(treeVirtCalls, unix.SECCOMP_RET_TRACE), unix.SECCOMP_FILTER_FLAG_TSYNC)
+	if err != nil {
+		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
+	}
+	if r != 0 {
+		return fmt.Errorf("virtual pid: install seccomp filter: thread %d cannot take it", r)
+	}
+	return nil
+}
+
+// newVirtTree makes the translation tables of the finished tree t: every
+// member's PID and every thread's TID, saved and ours.
+func newVirtTree(t *tree) *virtTree {
+	v := &virtTree{s2r: map[int]int{}, r2s: map[int]int{}, tgid: map[int]int{}, known: map[int]bool{},
+		expect: map[int]bool{}, exit: map[int]trapped{}}
+	for saved, ours := range t.pids {
+		v.s2r[saved], v.r2s[ours] = ours, saved
+	}
+	for _, m := range t.members {
+		for _, tk := range m.tasks {
+			v.s2r[tk.img.Tid], v.r2s[tk.in.Tid] = tk.in.Tid, tk.img.Tid
+			v.tgid[tk.in.Tid] = m.pid
+			v.known[tk.in.Tid] = true
+		}
+	}
+	return v
+}
+
+// describe names the members whose PID changed, for the user.
+func (v *virtTree) describe(t *tree) string {
+	var s []string
+	for _, m := range t.img.Procs {
+		if ours := t.pids[m.Pid]; ours != m.Pid {
+			s = append(s, fmt.Sprintf("%d is %d", m.Pid, ours))
+		}
+	}
+	sort.Strings(s)
+	return strings.Join(s, ", ")
+}
+
+// resumeTraced lets the member's threads run, still traced, with the
+// options the tracer loop needs. Runs on the tracer thread.
+func (p *Process) resumeTraced() error {
+	var errs []error
+	for _, tk := range p.tasks {
+		if err := ptrace.SetOptions(tk.in.Tid, treeTraceOpts); err != nil {
+			errs = append(errs, fmt.Errorf("trace %d: %w", tk.in.Tid, err))
+			continue
+		}
+		if err := ptrace.Cont(tk.in.Tid, 0); err != nil {
+			errs = append(errs, fmt.Errorf("resume %d: %w", tk.in.Tid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Wait waits for the restored process (the root of a tree) to end and
+// returns its wait status. With virtual PIDs for a tree it serves the
+// members' trapped calls meanwhile, as their tracer; the members still
+// alive when the root ends die with pthaw (PTRACE_O_EXITKILL). Without,
+// it waits for WaitPid.
+func (p *Process) Wait() (syscall.WaitStatus, error) {
+	if p.tree != nil && p.tree.virt != nil {
+		var ws syscall.WaitStatus
+		err := p.tr.Do(func() error {
+			var err error
+			ws, err = p.tree.virt.serve(p.pid)
+			return err
+		})
+		return ws, err
+	}
+	var ws syscall.WaitStatus
+	for {
+		_, err := syscall.Wait4(p.WaitPid(), &ws, 0, nil)
+		if errors.Is(err, syscall.EINTR) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("wait for pid %d: %w", p.WaitPid(), err)
+		}
+		return ws, nil
+	}
+}
+
+// serve is the tracer loop: it handles every stop of every traced thread
+// until root, our child, ends, and returns root's wait status. A stop
+// that cannot be handled because its thread was killed meanwhile is
+// skipped. Runs on the tracer thread.
+func (v *virtTree) serve(root int) (syscall.WaitStatus, error) {
+	for {
+		var ws unix.WaitStatus
+		tid, err := unix.Wait4(-1, &ws, unix.WALL, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("wait for pid %d: %w", root, err)
+		}
+		switch {
+		case ws.Exited() || ws.Signaled():
+			v.forget(tid)
+			if tid == root {
+				return syscall.WaitStatus(ws), nil
+			}
+		case ws.Stopped():
+			v.stopped(tid, ws)
+		}
+	}
+}
+
+func (v *virtTree) forget(tid int) {
+	delete(v.tgid, tid)
+	delete(v.known, tid)
+	delete(v.expect, tid)
+	delete(v.exit, tid)
+}
+
+// stopped handles one ptrace stop of tid and resumes it. Runs on the
+// tracer thread.
+func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
+	sig := ws.StopSignal()
+	switch ev := int(ws>>16) & 0xff; {
+	case ev == unix.PTRACE_EVENT_SECCOMP:
+		v.enter(tid)
+	case sig == unix.SIGTRAP|0x80: // syscall-exit stop (PTRACE_O_TRACESYSGOOD)
+		v.leave(tid)
+	case ev == unix.PTRACE_EVENT_FORK || ev == unix.PTRACE_EVENT_VFORK || ev == unix.PTRACE_EVENT_CLONE:
+		// The new task inherits the tracing; its first stop may come
+		// before or after this one.
+		if msg, err := ptrace.GetEventMsg(tid); err == nil && !v.known[int(msg)] {
+			v.known[int(msg)], v.expect[int(msg)] = true, true
+		}
+		ptrace.Cont(tid, 0)
+	case ev == unix.PTRACE_EVENT_EXEC:
+		// A thread that was not the leader took the leader's id.
+		if msg, err := ptrace.GetEventMsg(tid); err == nil && int(msg) != tid {
+			v.forget(int(msg))
+		}
+		ptrace.Cont(tid, 0)
+	case ev != 0:
+		ptrace.Cont(tid, 0)
+	case sig == unix.SIGSTOP && (v.expect[tid] || !v.known[tid]):
+		// A new task's first stop.
+		delete(v.expect, tid)
+		v.known[tid] = true
+		ptrace.Cont(tid, 0)
+	default:
+		si, err := ptrace.GetSiginfo(tid)
+		if err != nil {
+			// A group-stop (members are traced as their stubs were, not
+			// seized: PTRACE_LISTEN is not available): resumed.
+			ptrace.Cont(tid, 0)
+			return
+		}
+		v.fixSiginfo(tid, sig, si)
+		ptrace.Cont(tid, sig)
+	}
+}
+
+const (
+	siUser  = 0
+	siQueue = -1
+	siTkill = -6
+	pPID    = 1 // waitid's P_PID
+	pPGID   = 2
+	siPid   = 16 // offset of si_pid in siginfo_t
+)
+
+// fixSiginfo translates the sender (or the child, for SIGCHLD) a signal
+// about to be delivered names, when that is a member.
+func (v *virtTree) fixSiginfo(tid int, sig unix.Signal, si []byte) {
+	code := int32(binary.LittleEndian.Uint32(si[8:]))
+	if code != siUser && code != siQueue && code != siTkill && (sig != unix.SIGCHLD || code <= 0) {
+		return
+	}
+	pid := int(int32(binary.LittleEndian.Uint32(si[siPid:])))
+	if s, ok := v.r2s[pid]; ok && s != pid {
+		binary.LittleEndian.PutUint32(si[siPid:], uint32(int32(s)))
+		ptrace.SetSiginfo(tid, si)
+	}
+}
+
+// tgidOf returns the process of traced thread tid.
+func (v *virtTree) tgidOf(tid int) int {
+	if g, ok := v.tgid[tid]; ok {
+		return g
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/status")
+	if err != nil {
+		return tid
+	}
+	g := tid
+	if i := bytes.Index(b, []byte("\nTgid:")); i >= 0 {
+		f := strings.Fields(string(b[i+6:]))
+		if len(f) > 0 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				g = n
+			}
+		}
+	}
+	v.tgid[tid] = g
+	return g
+}
+
+// enter handles a seccomp stop: the trapped call is about to run.
+// Runs on the tracer thread.
+func (v *virtTree) enter(tid int) {
+	regs, err := ptrace.GetRegs(tid)
+	if err != nil {
+		return // killed meanwhile
+	}
+	arg := []*uint64{&regs.Rdi, &regs.Rsi}
+	orig := trapped{nr: regs.Orig_rax, args: [2]uint64{regs.Rdi, regs.Rsi}, ptr: regs.Rdx}
+	changed, exit := false, false
+	// id translates argument i when it names a member by its saved id.
+	id := func(i int) {
+		n := int(int32(*arg[i]))
+		if r, ok := v.s2r[n]; ok && n > 0 && r != n {
+			*arg[i], changed = uint64(int64(r)), true
+		}
+	}
+	// pidOrGroup translates a kill or wait4 pid: a process when
+	// positive, a process group (named by its leader) below -1.
+	pidOrGroup := func(i int) {
+		n := int(int32(*arg[i]))
+		if r, ok := v.s2r[-n]; ok && n < -1 && r != -n {
+			*arg[i], changed = uint64(int64(-r)), true
+			return
+		}
+		id(i)
+	}
+	answer := func(val int) {
+		regs.Orig_rax = ^uint64(0) // skip the call, keep our rax
+		regs.Rax = uint64(int64(val))
+		changed = true
+	}
+	switch regs.Orig_rax {
+	case unix.SYS_GETPID:
+		if s, ok := v.r2s[v.tgidOf(tid)]; ok {
+			answer(s)
+		}
+	case unix.SYS_GETTID:
+		if s, ok := v.r2s[tid]; ok {
+			answer(s)
+		}
+	case unix.SYS_GETPPID, unix.SYS_GETPGRP:
+		exit = true
+	case unix.SYS_GETPGID, unix.SYS_GETSID:
+		id(0)
+		exit = true
+	case unix.SYS_SETPGID, unix.SYS_TGKILL, unix.SYS_RT_TGSIGQUEUEINFO:
+		id(0)
+		id(1)
+	case unix.SYS_TKILL, unix.SYS_RT_SIGQUEUEINFO, unix.SYS_PIDFD_OPEN:
+		id(0)
+	case unix.SYS_KILL:
+		pidOrGroup(0)
+	case unix.SYS_WAIT4:
+		pidOrGroup(0)
+		exit = true
+	case unix.SYS_WAITID:
+		if *arg[0] == pPID || *arg[0] == pPGID {
+			id(1)
+		}
+		exit = true
+	}
+	if changed {
+		if err := ptrace.SetRegs(tid, regs); err != nil {
+			return
+		}
+	}
+	if exit {
+		v.exit[tid] = orig
+		ptrace.ContSyscall(tid, 0)
+		return
+	}
+	ptrace.Cont(tid, 0)
+}
+
+// leave handles the syscall-exit stop of a call enter let run to it:
+// a PID it returns (or waitid's si_pid) that is a member's becomes the
+// saved one. A call to be restarted gets its untranslated arguments
+// back, for enter to translate again. Runs on the tracer thread.
+func (v *virtTree) leave(tid int) {
+	c, ok := v.exit[tid]
+	delete(v.exit, tid)
+	regs, err := ptrace.GetRegs(tid)
+	if !ok || err != nil {
+		ptrace.Cont(tid, 0)
+		return
+	}
+	ret := int64(regs.Rax)
+	switch {
+	case ret == -ptrace.ERESTARTSYS || ret == -ptrace.ERESTARTNOINTR || ret == -ptrace.ERESTARTNOHAND || ret == -ptrace.ERESTART_RESTARTBLOCK:
+		regs.Rdi, regs.Rsi = c.args[0], c.args[1]
+		ptrace.SetRegs(tid, regs)
+	case c.nr == unix.SYS_WAITID:
+		if ret == 0 && c.ptr != 0 {
+			v.fixWaitid(tid, c.ptr)
+		}
+	case ret > 0:
+		if s, ok := v.r2s[int(ret)]; ok && int64(s) != ret {
+			regs.Rax = uint64(int64(s))
+			ptrace.SetRegs(tid, regs)
+		}
+	}
+	ptrace.Cont(tid, 0)
+}
+
+// fixWaitid translates the si_pid of the siginfo waitid filled in at
+// infop.
+func (v *virtTree) fixWaitid(tid int, infop uint64) {
+	mem := ptrace.NewMem(tid)
+	defer mem.Close()
+	b := make([]byte, 4)
+	if err := mem.Read(infop+siPid, b); err != nil {
+		return
+	}
+	pid := int(int32(binary.LittleEndian.Uint32(b)))
+	if s, ok := v.r2s[pid]; ok && s != pid {
+		binary.LittleEndian.PutUint32(b, uint32(int32(s)))
+		mem.Write(infop+siPid, b)
+	}
+}
