@@ -34,7 +34,7 @@ var treeVirtCalls = []uint32{
 	unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_GETPPID, unix.SYS_GETPGRP, unix.SYS_GETPGID,
 	unix.SYS_GETSID, unix.SYS_SETPGID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL,
 	unix.SYS_RT_SIGQUEUEINFO, unix.SYS_RT_TGSIGQUEUEINFO, unix.SYS_PIDFD_OPEN,
-	unix.SYS_WAIT4, unix.SYS_WAITID,
+	unix.SYS_WAIT4, unix.SYS_WAITID, unix.SYS_RT_SIGTIMEDWAIT,
 }
 
 // virtTree translates between the members' saved ids and ours. It is
@@ -55,7 +55,7 @@ type virtTree struct {
 type trapped struct {
 	nr   uint64
 	args [2]uint64 // rdi, rsi before translation
-	ptr  uint64    // waitid's infop
+	ptr  uint64    // where the call writes a siginfo: waitid's infop, rt_sigtimedwait's info
 }
 
 // treeTraceOpts are the ptrace options of a traced member's thread.
@@ -237,7 +237,7 @@ func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
 			ptrace.Cont(tid, 0)
 			return
 		}
-		v.fixSiginfo(tid, sig, si)
+		v.fixSiginfo(tid, si)
 		ptrace.Cont(tid, sig)
 	}
 }
@@ -253,16 +253,27 @@ const (
 
 // fixSiginfo translates the sender (or the child, for SIGCHLD) a signal
 // about to be delivered names, when that is a member.
-func (v *virtTree) fixSiginfo(tid int, sig unix.Signal, si []byte) {
+func (v *virtTree) fixSiginfo(tid int, si []byte) {
+	if v.translateSiginfo(si) {
+		ptrace.SetSiginfo(tid, si)
+	}
+}
+
+// translateSiginfo turns the PID in si, the sender of a signal sent by a
+// process or the child of a SIGCHLD, into the saved one when it is a
+// member's, and reports whether it did.
+func (v *virtTree) translateSiginfo(si []byte) bool {
+	sig := unix.Signal(binary.LittleEndian.Uint32(si[0:]))
 	code := int32(binary.LittleEndian.Uint32(si[8:]))
 	if code != siUser && code != siQueue && code != siTkill && (sig != unix.SIGCHLD || code <= 0) {
-		return
+		return false
 	}
 	pid := int(int32(binary.LittleEndian.Uint32(si[siPid:])))
 	if s, ok := v.r2s[pid]; ok && s != pid {
 		binary.LittleEndian.PutUint32(si[siPid:], uint32(int32(s)))
-		ptrace.SetSiginfo(tid, si)
+		return true
 	}
+	return false
 }
 
 // tgidOf returns the process of traced thread tid.
@@ -295,7 +306,7 @@ func (v *virtTree) enter(tid int) {
 		return // killed meanwhile
 	}
 	arg := []*uint64{&regs.Rdi, &regs.Rsi}
-	orig := trapped{nr: regs.Orig_rax, args: [2]uint64{regs.Rdi, regs.Rsi}, ptr: regs.Rdx}
+	orig := trapped{nr: regs.Orig_rax, args: [2]uint64{regs.Rdi, regs.Rsi}}
 	changed, exit := false, false
 	// id translates argument i when it names a member by its saved id.
 	id := func(i int) {
@@ -347,6 +358,11 @@ func (v *virtTree) enter(tid int) {
 		if *arg[0] == pPID || *arg[0] == pPGID {
 			id(1)
 		}
+		orig.ptr = regs.Rdx
+		exit = true
+	case unix.SYS_RT_SIGTIMEDWAIT:
+		// A signal taken this way has no delivery stop.
+		orig.ptr = regs.Rsi
 		exit = true
 	}
 	if changed {
@@ -379,9 +395,9 @@ func (v *virtTree) leave(tid int) {
 	case ret == -ptrace.ERESTARTSYS || ret == -ptrace.ERESTARTNOINTR || ret == -ptrace.ERESTARTNOHAND || ret == -ptrace.ERESTART_RESTARTBLOCK:
 		regs.Rdi, regs.Rsi = c.args[0], c.args[1]
 		ptrace.SetRegs(tid, regs)
-	case c.nr == unix.SYS_WAITID:
-		if ret == 0 && c.ptr != 0 {
-			v.fixWaitid(tid, c.ptr)
+	case c.nr == unix.SYS_WAITID || c.nr == unix.SYS_RT_SIGTIMEDWAIT:
+		if ret >= 0 && c.ptr != 0 {
+			v.fixSiginfoAt(tid, c.ptr)
 		}
 	case ret > 0:
 		if s, ok := v.r2s[int(ret)]; ok && int64(s) != ret {
@@ -392,18 +408,16 @@ func (v *virtTree) leave(tid int) {
 	ptrace.Cont(tid, 0)
 }
 
-// fixWaitid translates the si_pid of the siginfo waitid filled in at
-// infop.
-func (v *virtTree) fixWaitid(tid int, infop uint64) {
+// fixSiginfoAt translates the PID in the siginfo a call (waitid,
+// rt_sigtimedwait) filled in at addr.
+func (v *virtTree) fixSiginfoAt(tid int, addr uint64) {
 	mem := ptrace.NewMem(tid)
 	defer mem.Close()
-	b := make([]byte, 4)
-	if err := mem.Read(infop+siPid, b); err != nil {
+	b := make([]byte, siPid+4)
+	if err := mem.Read(addr, b); err != nil {
 		return
 	}
-	pid := int(int32(binary.LittleEndian.Uint32(b)))
-	if s, ok := v.r2s[pid]; ok && s != pid {
-		binary.LittleEndian.PutUint32(b, uint32(int32(s)))
-		mem.Write(infop+siPid, b)
+	if v.translateSiginfo(b) {
+		mem.Write(addr+siPid, b[siPid:])
 	}
 }

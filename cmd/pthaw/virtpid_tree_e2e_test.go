@@ -57,7 +57,8 @@ func (th *thawed) restoredAs(t *testing.T, pid int) int {
 // new PIDs here and count on in their own shared page. A restored worker
 // killed here is reaped by the restored parent under its saved PID (what
 // waitpid returned is translated back), which the parent reports as its
-// own worker's; the original tree is untouched.
+// own worker's; the parent exits, and so does pthaw, with its status,
+// taking the other worker with it. The original tree is untouched.
 func TestForkServerTreeVirtualPID(t *testing.T) {
 	needRoot(t)
 	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
@@ -94,6 +95,11 @@ func TestForkServerTreeVirtualPID(t *testing.T) {
 	}
 	if code := th.exit(t); code != 1 {
 		t.Errorf("pthaw exited with %d, want the root's 1", code)
+	}
+	// The other worker dies with pthaw (PTRACE_O_EXITKILL): nothing runs
+	// on with trapped calls nobody answers.
+	if err := fixture.WaitExit(r2, waitFor); err != nil {
+		t.Errorf("after pthaw exited: %v", err)
 	}
 	// The original tree: untouched.
 	for _, pid := range []int{p.Pid(), w1, w2} {
