@@ -19,10 +19,16 @@ import (
 // virtCalls are the system calls the filter traps.
 var virtCalls = []uint32{unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL}
 
-// virtFilter returns the classic BPF program: x86-64 calls in calls
-// get action (the listener, or the tracer for a tree), everything else is
-// allowed.
-func virtFilter(calls []uint32, action uint32) []byte {
+// filterRule sends the calls to action.
+type filterRule struct {
+	calls  []uint32
+	action uint32
+}
+
+// virtFilter returns the classic BPF program: x86-64 calls of each rule
+// get its action (the listener, or for a tree the tracer), everything
+// else is allowed.
+func virtFilter(rules ...filterRule) []byte {
 	type insn struct {
 		code   uint16
 		jt, jf uint8
@@ -33,16 +39,27 @@ func virtFilter(calls []uint32, action uint32) []byte {
 		jeqK  = 0x15 // BPF_JMP|BPF_JEQ|BPF_K
 		retK  = 0x06 // BPF_RET|BPF_K
 	)
-	n := len(calls)
+	n := 0
+	for _, r := range rules {
+		n += len(r.calls)
+	}
+	// 0 arch, 1 check, 2 nr, 3.. one jump per call, then ALLOW and one
+	// return per rule.
+	allow := 3 + n
 	prog := []insn{
 		{ldAbs, 0, 0, 4}, // arch
-		{jeqK, 0, uint8(n + 2), unix.AUDIT_ARCH_X86_64},
+		{jeqK, 0, uint8(allow - 2), unix.AUDIT_ARCH_X86_64},
 		{ldAbs, 0, 0, 0}, // nr
 	}
-	for i, nr := range calls {
-		prog = append(prog, insn{jeqK, uint8(n - i), 0, nr})
+	for g, r := range rules {
+		for _, nr := range r.calls {
+			prog = append(prog, insn{jeqK, uint8(allow + 1 + g - len(prog) - 1), 0, nr})
+		}
 	}
-	prog = append(prog, insn{retK, 0, 0, unix.SECCOMP_RET_ALLOW}, insn{retK, 0, 0, action})
+	prog = append(prog, insn{retK, 0, 0, unix.SECCOMP_RET_ALLOW})
+	for _, r := range rules {
+		prog = append(prog, insn{retK, 0, 0, r.action})
+	}
 	b := make([]byte, 8*len(prog))
 	for i, in := range prog {
 		binary.LittleEndian.PutUint16(b[8*i:], in.code)
@@ -55,10 +72,16 @@ func virtFilter(calls []uint32, action uint32) []byte {
 // installVirtPID loads the filter into the main thread (threads made
 // after inherit it) and takes its listener. Runs on the tracer thread.
 func (p *Process) installVirtPID(scratch uintptr) error {
-	fd, err := p.loadFilter(scratch, virtFilter(virtCalls, unix.SECCOMP_RET_USER_NOTIF), unix.SECCOMP_FILTER_FLAG_NEW_LISTENER)
+	fd, err := p.loadFilter(scratch, virtFilter(filterRule{virtCalls, unix.SECCOMP_RET_USER_NOTIF}), unix.SECCOMP_FILTER_FLAG_NEW_LISTENER)
 	if err != nil {
 		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
 	}
+	return p.takeListener(fd)
+}
+
+// takeListener moves the listener fd of the filter just loaded from the
+// process to us (p.listener). Runs on the tracer thread.
+func (p *Process) takeListener(fd uintptr) error {
 	pidfd, err := unix.PidfdOpen(p.pid, 0)
 	if err != nil {
 		return fmt.Errorf("virtual pid: pidfd_open: %w", err)
@@ -111,6 +134,10 @@ type seccompResp struct {
 // listener reports hang-up) or stop is closed. It does nothing unless the
 // process was restored with virtual PIDs.
 func (p *Process) Supervise(stop <-chan struct{}) {
+	if p.tree != nil {
+		p.superviseTree(stop)
+		return
+	}
 	if p.listener == nil {
 		return
 	}

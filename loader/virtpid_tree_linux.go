@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -20,30 +21,48 @@ import (
 // A parent learns its children's PIDs from what wait4 and waitid return,
 // which a seccomp listener can neither rewrite nor answer in the parent's
 // place (only the parent can reap its child). So a tree's filter returns
-// SECCOMP_RET_TRACE instead, and pthaw stays the ptrace tracer of every
-// thread of every member (and, through PTRACE_O_TRACEFORK/VFORK/CLONE, of
-// every process they make, which inherits the filter): at the seccomp stop
-// it rewrites the arguments that name a member by its saved PID, answers
-// getpid and gettid itself, and lets the calls whose result is a PID run
-// to their syscall-exit stop, where it rewrites the result (and waitid's
-// si_pid). Every other call runs untouched, without a stop. Members keep
-// the PTRACE_O_EXITKILL of their stubs: they die with pthaw.
+// SECCOMP_RET_TRACE for the calls to rewrite, and pthaw stays the ptrace
+// tracer of every thread of every member (and, through
+// PTRACE_O_TRACEFORK/VFORK/CLONE, of every process they make, which
+// inherits the filter): at the seccomp stop it rewrites the arguments
+// that name a member by its saved PID, and lets the calls whose result is
+// a PID run to their syscall-exit stop, where it rewrites the result (and
+// the si_pid of a siginfo). getpid and gettid, which pthaw can answer
+// alone, go to a seccomp listener instead (SECCOMP_RET_USER_NOTIF, half
+// the cost of a ptrace stop), served by Supervise. Every other call runs
+// untouched, without a stop. Members keep the PTRACE_O_EXITKILL of their
+// stubs: they die with pthaw.
 
-// treeVirtCalls are the system calls a tree's filter hands to the tracer.
-var treeVirtCalls = []uint32{
-	unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_GETPPID, unix.SYS_GETPGRP, unix.SYS_GETPGID,
-	unix.SYS_GETSID, unix.SYS_SETPGID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL,
-	unix.SYS_RT_SIGQUEUEINFO, unix.SYS_RT_TGSIGQUEUEINFO, unix.SYS_PIDFD_OPEN,
-	unix.SYS_WAIT4, unix.SYS_WAITID, unix.SYS_RT_SIGTIMEDWAIT,
-}
+// seccompIoctlNotifSetFlags is SECCOMP_IOCTL_NOTIF_SET_FLAGS, _IOW('!', 4, __u64).
+const seccompIoctlNotifSetFlags = 0x40082104
+
+// treeNotifCalls are the calls a tree's filter hands to the listener,
+// treeTraceCalls those it hands to the tracer.
+var (
+	treeNotifCalls = []uint32{unix.SYS_GETPID, unix.SYS_GETTID}
+	treeTraceCalls = []uint32{
+		unix.SYS_GETPPID, unix.SYS_GETPGRP, unix.SYS_GETPGID, unix.SYS_GETSID, unix.SYS_SETPGID,
+		unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL, unix.SYS_RT_SIGQUEUEINFO, unix.SYS_RT_TGSIGQUEUEINFO,
+		unix.SYS_PIDFD_OPEN, unix.SYS_WAIT4, unix.SYS_WAITID, unix.SYS_RT_SIGTIMEDWAIT,
+	}
+)
 
 // virtTree translates between the members' saved ids and ours. It is
-// built once the tree is finished and then used only by the tracer loop
-// (serve), on the tracer thread.
+// built once the tree is finished; then the tracer loop (serve, on the
+// tracer thread) and Supervise's goroutine use it.
 type virtTree struct {
-	s2r, r2s map[int]int // saved pid or tid of a member -> ours, and back
-	tgid     map[int]int // traced thread -> its process, learnt on first need
-	known    map[int]bool
+	// s2r and r2s map a member's saved pid or tid to ours, and back.
+	// Never changed once built.
+	s2r, r2s map[int]int
+
+	// mu guards tgid, which serve fills (each traced thread's process,
+	// learnt when it first stops) and empties (when the thread is
+	// reaped), and Supervise reads.
+	mu   sync.Mutex
+	tgid map[int]int
+
+	// Used by serve only.
+	known map[int]bool
 	// expect holds new tasks whose first stop (the SIGSTOP every
 	// auto-attached task starts with) is still to come.
 	expect map[int]bool
@@ -77,20 +96,21 @@ func (t *tree) wantVirt(opts Options) bool {
 }
 
 // installTreeFilter loads the tree's filter into every thread of the
-// member (TSYNC: its threads exist by now). It must come before the
-// credentials (loading a filter without no_new_privs needs
-// CAP_SYS_ADMIN) and after the last injected call the filter traps (the
-// pending signals): until the member runs under the tracer loop, a
-// trapped call fails with ENOSYS. Runs on the tracer thread.
+// member (TSYNC: its threads exist by now) and takes its listener. It
+// must come before the credentials (loading a filter without
+// no_new_privs needs CAP_SYS_ADMIN) and after the last injected call the
+// filter traps (the pending signals): until the member runs under the
+// tracer loop, a call handed to the tracer fails with ENOSYS. Runs on the
+// tracer thread.
 func (p *Process) installTreeFilter(scratch uintptr) error {
-	r, err := p.loadFilter(scratch, virtFilter(treeVirtCalls, unix.SECCOMP_RET_TRACE), unix.SECCOMP_FILTER_FLAG_TSYNC)
+	prog := virtFilter(filterRule{treeNotifCalls, unix.SECCOMP_RET_USER_NOTIF}, filterRule{treeTraceCalls, unix.SECCOMP_RET_TRACE})
+	// A listener and TSYNC together need TSYNC_ESRCH.
+	flags := unix.SECCOMP_FILTER_FLAG_NEW_LISTENER | unix.SECCOMP_FILTER_FLAG_TSYNC | unix.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
+	fd, err := p.loadFilter(scratch, prog, uintptr(flags))
 	if err != nil {
 		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
 	}
-	if r != 0 {
-		return fmt.Errorf("virtual pid: install seccomp filter: thread %d cannot take it", r)
-	}
-	return nil
+	return p.takeListener(fd)
 }
 
 // newVirtTree makes the translation tables of the finished tree t: every
@@ -104,7 +124,7 @@ func newVirtTree(t *tree) *virtTree {
 	for _, m := range t.members {
 		for _, tk := range m.tasks {
 			v.s2r[tk.img.Tid], v.r2s[tk.in.Tid] = tk.in.Tid, tk.img.Tid
-			v.tgid[tk.in.Tid] = m.pid
+			v.tgid[tk.in.Tid] = m.pid // not shared yet: no lock
 			v.known[tk.in.Tid] = true
 		}
 	}
@@ -194,7 +214,9 @@ func (v *virtTree) serve(root int) (syscall.WaitStatus, error) {
 }
 
 func (v *virtTree) forget(tid int) {
+	v.mu.Lock()
 	delete(v.tgid, tid)
+	v.mu.Unlock()
 	delete(v.known, tid)
 	delete(v.expect, tid)
 	delete(v.exit, tid)
@@ -214,6 +236,7 @@ func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
 		// before or after this one.
 		if msg, err := ptrace.GetEventMsg(tid); err == nil && !v.known[int(msg)] {
 			v.known[int(msg)], v.expect[int(msg)] = true, true
+			v.learnTgid(int(msg))
 		}
 		ptrace.Cont(tid, 0)
 	case ev == unix.PTRACE_EVENT_EXEC:
@@ -226,8 +249,11 @@ func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
 		ptrace.Cont(tid, 0)
 	case sig == unix.SIGSTOP && (v.expect[tid] || !v.known[tid]):
 		// A new task's first stop.
+		if !v.known[tid] {
+			v.known[tid] = true
+			v.learnTgid(tid)
+		}
 		delete(v.expect, tid)
-		v.known[tid] = true
 		ptrace.Cont(tid, 0)
 	default:
 		si, err := ptrace.GetSiginfo(tid)
@@ -276,26 +302,44 @@ func (v *virtTree) translateSiginfo(si []byte) bool {
 	return false
 }
 
-// tgidOf returns the process of traced thread tid.
+// learnTgid records the process of tid, a new traced task, which cannot
+// be reaped (and its id reused) before serve has seen it exit. Runs on
+// the tracer thread.
+func (v *virtTree) learnTgid(tid int) {
+	if g := readTgid(tid); g > 0 {
+		v.mu.Lock()
+		v.tgid[tid] = g
+		v.mu.Unlock()
+	}
+}
+
+// tgidOf returns the process of traced thread tid (0 if it is gone).
 func (v *virtTree) tgidOf(tid int) int {
-	if g, ok := v.tgid[tid]; ok {
+	v.mu.Lock()
+	g, ok := v.tgid[tid]
+	v.mu.Unlock()
+	if ok {
 		return g
 	}
+	// A new task that calls before serve has seen it: not cached here,
+	// where its exit could not be seen.
+	return readTgid(tid)
+}
+
+// readTgid reads the process of thread tid from /proc, or returns 0.
+func readTgid(tid int) int {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(tid) + "/status")
 	if err != nil {
-		return tid
+		return 0
 	}
-	g := tid
 	if i := bytes.Index(b, []byte("\nTgid:")); i >= 0 {
-		f := strings.Fields(string(b[i+6:]))
-		if len(f) > 0 {
+		if f := strings.Fields(string(b[i+6:])); len(f) > 0 {
 			if n, err := strconv.Atoi(f[0]); err == nil {
-				g = n
+				return n
 			}
 		}
 	}
-	v.tgid[tid] = g
-	return g
+	return 0
 }
 
 // enter handles a seccomp stop: the trapped call is about to run.
@@ -325,20 +369,7 @@ func (v *virtTree) enter(tid int) {
 		}
 		id(i)
 	}
-	answer := func(val int) {
-		regs.Orig_rax = ^uint64(0) // skip the call, keep our rax
-		regs.Rax = uint64(int64(val))
-		changed = true
-	}
 	switch regs.Orig_rax {
-	case unix.SYS_GETPID:
-		if s, ok := v.r2s[v.tgidOf(tid)]; ok {
-			answer(s)
-		}
-	case unix.SYS_GETTID:
-		if s, ok := v.r2s[tid]; ok {
-			answer(s)
-		}
 	case unix.SYS_GETPPID, unix.SYS_GETPGRP:
 		exit = true
 	case unix.SYS_GETPGID, unix.SYS_GETSID:
@@ -420,4 +451,72 @@ func (v *virtTree) fixSiginfoAt(tid int, addr uint64) {
 	if v.translateSiginfo(b) {
 		mem.Write(addr+siPid, b[siPid:])
 	}
+}
+
+// superviseTree answers the getpid and gettid calls of the tree's
+// members, and of the processes they made, on every member's listener,
+// until stop is closed or every listener has hung up (every process using
+// its filter is gone). Runs on the caller's goroutine; the listeners are
+// closed when it returns.
+func (p *Process) superviseTree(stop <-chan struct{}) {
+	v := p.tree.virt
+	var ls []*os.File
+	for _, m := range p.tree.members {
+		if m.listener != nil {
+			ls = append(ls, m.listener)
+		}
+	}
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	if v == nil {
+		return
+	}
+	pfd := make([]unix.PollFd, len(ls))
+	for i, l := range ls {
+		pfd[i] = unix.PollFd{Fd: int32(l.Fd()), Events: unix.POLLIN}
+		// The caller waits for our answer: let the kernel wake us on its
+		// CPU (best effort, Linux 6.6+).
+		unix.Syscall(unix.SYS_IOCTL, l.Fd(), seccompIoctlNotifSetFlags, unix.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+	}
+	for open := len(pfd); open > 0; {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		if n, err := unix.Poll(pfd, 200); err != nil || n == 0 {
+			continue
+		}
+		for i := range pfd {
+			fd, ev := int(pfd[i].Fd), pfd[i].Revents
+			switch {
+			case ev&unix.POLLIN != 0:
+				v.answer(fd)
+			case ev&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0:
+				pfd[i].Fd = -1 // poll skips it from now on
+				open--
+			}
+		}
+	}
+}
+
+// answer receives one call from listener fd and answers it: a member's
+// own ids are the saved ones; anyone else's call runs on.
+func (v *virtTree) answer(fd int) {
+	n, err := notifRecv(fd)
+	if err != nil {
+		return // the caller was killed meanwhile (ENOENT), or EINTR
+	}
+	resp := seccompResp{ID: n.ID, Flags: unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE}
+	id := int(n.Pid) // the calling thread
+	if n.Nr == unix.SYS_GETPID {
+		id = v.tgidOf(id)
+	}
+	if s, ok := v.r2s[id]; ok && id > 0 {
+		resp.Val, resp.Flags = int64(s), 0
+	}
+	notifSend(fd, &resp)
 }

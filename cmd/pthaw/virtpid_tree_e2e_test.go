@@ -257,3 +257,69 @@ func TestBadTreeVirtualPID(t *testing.T) {
 	}
 	forkTick(t, p.Lines) // the original carries on
 }
+
+// TestShellVirtualPID clones, with -virtpid, a shell with a background
+// child that forks and execs a new child every tick: those children,
+// made after the thaw, keep their own (new) PIDs, but inherit the
+// virtualisation, so each reports its parent, the restored shell, by the
+// shell's saved PID.
+func TestShellVirtualPID(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `sleep 1000 & while :; do echo "me $$"; sh -c 'echo "ppid $PPID"'; sleep 0.1; done`)
+	me := atoi(t, p.Lines.Expect(t, `^me (\d+)$`, waitFor)[1])
+	if got := atoi(t, p.Lines.Expect(t, `^ppid (\d+)$`, waitFor)[1]); got != me {
+		t.Fatalf("before the freeze: the shell's child says its parent is %d, want %d", got, me)
+	}
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	root := th.virtRoot(t)
+	kids, _ := fixture.Children(root)
+	killTreeAtCleanup(t, root, kids...)
+	if root == me {
+		t.Fatalf("restored as pid %d, the original's", root)
+	}
+	for i := 0; i < 3; i++ {
+		if got := atoi(t, th.out.Expect(t, `^ppid (\d+)$`, waitFor)[1]); got != me {
+			t.Fatalf("after the thaw: a new child of the shell (pid %d here) says its parent is %d, want the saved %d", root, got, me)
+		}
+	}
+}
+
+// BenchmarkVirtualPIDTree reports what the pid calls of a tree member
+// cost under -virtpid (us/getpid through the listener, us/wait4 through
+// two ptrace stops, us/getuid not trapped) next to the same calls in the
+// original, which runs on meanwhile. Run with make bench.
+func BenchmarkVirtualPIDTree(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	rx := `^getpid ([\d.]+) getuid ([\d.]+) wait4 ([\d.]+)$`
+	var orig, virt [3]float64
+	for i := 0; i < b.N; i++ {
+		p := fixture.StartGroup(b, fixture.Build(b, "pidcalls"))
+		p.Lines.Expect(b, rx, waitFor)
+		snap := filepath.Join(b.TempDir(), "snap")
+		fr := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+		if out, err := fr.CombinedOutput(); err != nil {
+			b.Fatalf("pfreeze: %v: %s", err, out)
+		}
+		th := thawCmd(b, exec.Command(filepath.Join(binDir, "pthaw"), "-src", snap, "-virtpid"))
+		for j := 0; j < 3; j++ { // the first lines may predate the thaw
+			m := th.out.Expect(b, rx, waitFor)
+			o := p.Lines.Expect(b, rx, waitFor)
+			if j == 2 {
+				for k := range virt {
+					v, _ := strconv.ParseFloat(m[k+1], 64)
+					w, _ := strconv.ParseFloat(o[k+1], 64)
+					virt[k] += v
+					orig[k] += w
+				}
+			}
+		}
+	}
+	for k, name := range []string{"getpid", "getuid", "wait4"} {
+		b.ReportMetric(virt[k]/float64(b.N), "us/"+name)
+		b.ReportMetric(orig[k]/float64(b.N), "us/"+name+"-orig")
+	}
+}
