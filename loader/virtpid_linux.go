@@ -181,7 +181,12 @@ func (p *Process) Supervise(stop <-chan struct{}) {
 		err = nil
 		switch n.Nr {
 		case unix.SYS_GETPID:
-			resp.Val = int64(saved)
+			// A child it forked shares the filter, and has its own PID.
+			if _, ok := p.virtTids[int(n.Pid)]; ok || readTgid(int(n.Pid)) == real {
+				resp.Val = int64(saved)
+			} else {
+				resp.Flags = unix.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+			}
 		case unix.SYS_GETTID:
 			resp.Val = int64(int(n.Pid))
 			if s, ok := p.virtTids[int(n.Pid)]; ok {

@@ -241,3 +241,35 @@ time.sleep(60)`)
 	p.WriteLine("go")
 	p.Lines.Expect(t, `^self-signals 1$`, waitFor)
 }
+
+// TestVirtualPIDChild: a child the restored process forks shares its
+// filter, but getpid in the child is the child's own PID, not the
+// parent's saved one.
+func TestVirtualPIDChild(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	p := fixture.Start(t, py, "-c", `import os, sys, time
+print("pid", os.getpid(), flush=True)
+sys.stdin.readline()
+r, w = os.pipe()
+kid = os.fork()
+if kid == 0:
+    os.write(w, str(os.getpid()).encode())
+    os._exit(0)
+os.waitpid(kid, 0)
+print("parent", os.getpid(), "child", kid, "child says", os.read(r, 32).decode(), flush=True)
+time.sleep(60)`)
+	pid := atoi(t, p.Lines.Expect(t, `^pid (\d+)$`, waitFor)[1])
+	snap := t.TempDir() + "/snap"
+	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "go")
+	m := th.out.Expect(t, `^parent (\d+) child (\d+) child says (\d+)$`, waitFor)
+	if atoi(t, m[1]) != pid {
+		t.Errorf("restored parent's getpid %s, want the saved %d", m[1], pid)
+	}
+	if m[3] != m[2] {
+		t.Errorf("child %s says its getpid is %s, want its own", m[2], m[3])
+	}
+}
