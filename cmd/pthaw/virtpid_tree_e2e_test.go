@@ -323,3 +323,59 @@ func BenchmarkVirtualPIDTree(b *testing.B) {
 		b.ReportMetric(orig[k]/float64(b.N), "us/"+name+"-orig")
 	}
 }
+
+// TestZombieTreeVirtualPID clones, with -virtpid, a process with two
+// unreaped children (one exited with status 3, one killed by SIGTERM)
+// while the original holds their PIDs: restored as zombies with new PIDs,
+// they are reaped by the restored parent under their saved PIDs, with
+// their statuses.
+func TestZombieTreeVirtualPID(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	p := fixture.StartGroup(t, py, "-c", `import os, signal, sys, time
+a = os.fork()
+if a == 0:
+    os._exit(3)
+b = os.fork()
+if b == 0:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    os._exit(0)
+print("kids", a, b, flush=True)
+sys.stdin.readline()
+for _ in range(2):
+    pid, st = os.wait()
+    print("reaped", pid, "exit", os.waitstatus_to_exitcode(st), flush=True)
+time.sleep(60)`)
+	m := p.Lines.Expect(t, `^kids (\d+) (\d+)$`, waitFor)
+	a, b := atoi(t, m[1]), atoi(t, m[2])
+	deadline := time.Now().Add(waitFor)
+	for len(zombiesOf(p.Pid())) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no two zombie children of %d", p.Pid())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	root := th.virtRoot(t)
+	killTreeAtCleanup(t, root)
+	if th.restoredAs(t, a) == a || th.restoredAs(t, b) == b {
+		t.Fatalf("zombies restored with the originals' PIDs")
+	}
+	fmt.Fprintln(th.stdin, "go")
+	got := map[string]bool{}
+	for i := 0; i < 2; i++ {
+		got[th.out.Expect(t, `^reaped .*$`, waitFor)[0]] = true
+	}
+	for _, want := range []string{fmt.Sprintf("reaped %d exit 3", a), fmt.Sprintf("reaped %d exit -15", b)} {
+		if !got[want] {
+			t.Errorf("restored parent says %v, want %q", got, want)
+		}
+	}
+	if z := zombiesOf(p.Pid()); len(z) != 2 {
+		t.Errorf("the original's zombies: %v, want 2", z)
+	}
+}
