@@ -51,14 +51,23 @@ var (
 // built once the tree is finished; then the tracer loop (serve, on the
 // tracer thread) and Supervise's goroutine use it.
 type virtTree struct {
-	// s2r and r2s map a member's saved pid or tid to ours, and back.
-	// Never changed once built.
+	// mu guards the maps up to tgid: serve and Supervise's goroutine
+	// both use them.
+	mu sync.Mutex
+	// s2r and r2s map a member's saved pid or tid to ours, and back,
+	// while ours still names that member: a thread's pair goes when it
+	// exits, a process's once its id may be someone else's (see real).
 	s2r, r2s map[int]int
-
-	// mu guards tgid, which serve fills (each traced thread's process,
-	// learnt when it first stops) and empties (when the thread is
-	// reaped), and Supervise reads.
-	mu   sync.Mutex
+	// start holds each member process's start time (/proc/PID/stat),
+	// and dead those whose exit serve has seen (a zombie until its parent
+	// reaps it, after which its PID may be reused).
+	start map[int]uint64
+	dead  map[int]bool
+	// parent holds each member process's parent here: the only process
+	// that can reap it (it reaps nothing else under that PID until then).
+	parent map[int]int
+	// tgid holds each traced thread's process, learnt when it first
+	// stops, forgotten when it is reaped.
 	tgid map[int]int
 
 	// Used by serve only.
@@ -75,6 +84,7 @@ type trapped struct {
 	nr   uint64
 	args [2]uint64 // rdi, rsi before translation
 	ptr  uint64    // where the call writes a siginfo: waitid's infop, rt_sigtimedwait's info
+	keep bool      // waitid with WNOWAIT: the child stays a zombie
 }
 
 // treeTraceOpts are the ptrace options of a traced member's thread.
@@ -116,10 +126,17 @@ func (p *Process) installTreeFilter(scratch uintptr) error {
 // newVirtTree makes the translation tables of the finished tree t: every
 // member's PID and every thread's TID, saved and ours.
 func newVirtTree(t *tree) *virtTree {
-	v := &virtTree{s2r: map[int]int{}, r2s: map[int]int{}, tgid: map[int]int{}, known: map[int]bool{},
-		expect: map[int]bool{}, exit: map[int]trapped{}}
+	v := &virtTree{s2r: map[int]int{}, r2s: map[int]int{}, start: map[int]uint64{}, dead: map[int]bool{},
+		parent: map[int]int{}, tgid: map[int]int{}, known: map[int]bool{}, expect: map[int]bool{}, exit: map[int]trapped{}}
 	for saved, ours := range t.pids {
 		v.s2r[saved], v.r2s[ours] = ours, saved
+		v.start[ours] = startTime(ours)
+	}
+	for _, m := range t.members {
+		v.dead[m.pid] = m.zombie
+		if m.parent != nil {
+			v.parent[m.pid] = m.parent.pid
+		}
 	}
 	for _, m := range t.members {
 		for _, tk := range m.tasks {
@@ -204,6 +221,7 @@ func (v *virtTree) serve(root int) (syscall.WaitStatus, error) {
 		switch {
 		case ws.Exited() || ws.Signaled():
 			v.forget(tid)
+			v.exited(tid)
 			if tid == root {
 				return syscall.WaitStatus(ws), nil
 			}
@@ -243,6 +261,7 @@ func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
 		// A thread that was not the leader took the leader's id.
 		if msg, err := ptrace.GetEventMsg(tid); err == nil && int(msg) != tid {
 			v.forget(int(msg))
+			v.exited(int(msg))
 		}
 		ptrace.Cont(tid, 0)
 	case ev != 0:
@@ -280,26 +299,122 @@ const (
 // fixSiginfo translates the sender (or the child, for SIGCHLD) a signal
 // about to be delivered names, when that is a member.
 func (v *virtTree) fixSiginfo(tid int, si []byte) {
-	if v.translateSiginfo(si) {
+	if translateSiginfo(si, v.saved) {
 		ptrace.SetSiginfo(tid, si)
 	}
 }
 
 // translateSiginfo turns the PID in si, the sender of a signal sent by a
 // process or the child of a SIGCHLD, into the saved one when it is a
-// member's, and reports whether it did.
-func (v *virtTree) translateSiginfo(si []byte) bool {
+// member's (as saved finds it), and reports whether it did.
+func translateSiginfo(si []byte, saved func(int) (int, bool)) bool {
 	sig := unix.Signal(binary.LittleEndian.Uint32(si[0:]))
 	code := int32(binary.LittleEndian.Uint32(si[8:]))
 	if code != siUser && code != siQueue && code != siTkill && (sig != unix.SIGCHLD || code <= 0) {
 		return false
 	}
 	pid := int(int32(binary.LittleEndian.Uint32(si[siPid:])))
-	if s, ok := v.r2s[pid]; ok && s != pid {
+	if s, ok := saved(pid); ok && s != pid {
 		binary.LittleEndian.PutUint32(si[siPid:], uint32(int32(s)))
 		return true
 	}
 	return false
+}
+
+// exited notes that traced task tid has exited: a member's thread id is
+// free at once (no translation any more), a member process's only once
+// its parent has reaped it, which real and saved check for. Runs on the
+// tracer thread.
+func (v *virtTree) exited(tid int) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if _, ok := v.start[tid]; ok {
+		// Not checked here: its parent, already waiting, may reap it
+		// the moment we let it go.
+		v.dead[tid] = true
+	} else if _, ok := v.r2s[tid]; ok {
+		v.drop(tid)
+	}
+}
+
+// drop forgets the pair of our id r. v.mu is held.
+func (v *virtTree) drop(r int) {
+	if s, ok := v.r2s[r]; ok && v.s2r[s] == r {
+		delete(v.s2r, s)
+	}
+	delete(v.r2s, r)
+	delete(v.start, r)
+	delete(v.dead, r)
+}
+
+// live reports whether our id r, of a member, still names that member:
+// it is alive, or a zombie not yet reaped (the same start time). A pair
+// whose id was freed is dropped. v.mu is held.
+func (v *virtTree) live(r int) bool {
+	if !v.dead[r] || startTime(r) == v.start[r] {
+		return true
+	}
+	v.drop(r)
+	return false
+}
+
+// real returns our id of the member saved as s.
+func (v *virtTree) real(s int) (int, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	r, ok := v.s2r[s]
+	return r, ok && v.live(r)
+}
+
+// saved returns the saved id of the member that is r here.
+func (v *virtTree) saved(r int) (int, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s, ok := v.r2s[r]
+	return s, ok && v.live(r)
+}
+
+// reaped returns the saved id of the member that was r here, which the
+// process caller's wait4 or waitid has just reported, and reaped unless
+// keep: then r may be someone else's from now on. A dead member is
+// translated only for its parent: after another process reaped it (its
+// parent died and init took it), r may name a newer process already.
+func (v *virtTree) reaped(r, caller int, keep bool) (int, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s, ok := v.r2s[r]
+	switch {
+	case !ok:
+		return 0, false
+	case !v.dead[r]: // alive: a stop or continue reported
+		return s, true
+	case v.parent[r] != caller:
+		v.drop(r)
+		return 0, false
+	}
+	if !keep {
+		v.drop(r)
+	}
+	return s, true
+}
+
+// startTime returns the start time of process pid (/proc/PID/stat field
+// 22), or 0 if it is gone.
+func startTime(pid int) uint64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0
+	}
+	n, _ := strconv.ParseUint(f[19], 10, 64) // field 22; f[0] is field 3
+	return n
 }
 
 // learnTgid records the process of tid, a new traced task, which cannot
@@ -355,7 +470,7 @@ func (v *virtTree) enter(tid int) {
 	// id translates argument i when it names a member by its saved id.
 	id := func(i int) {
 		n := int(int32(*arg[i]))
-		if r, ok := v.s2r[n]; ok && n > 0 && r != n {
+		if r, ok := v.real(n); ok && n > 0 && r != n {
 			*arg[i], changed = uint64(int64(r)), true
 		}
 	}
@@ -363,7 +478,7 @@ func (v *virtTree) enter(tid int) {
 	// positive, a process group (named by its leader) below -1.
 	pidOrGroup := func(i int) {
 		n := int(int32(*arg[i]))
-		if r, ok := v.s2r[-n]; ok && n < -1 && r != -n {
+		if r, ok := v.real(-n); ok && n < -1 && r != -n {
 			*arg[i], changed = uint64(int64(-r)), true
 			return
 		}
@@ -390,6 +505,7 @@ func (v *virtTree) enter(tid int) {
 			id(1)
 		}
 		orig.ptr = regs.Rdx
+		orig.keep = regs.R10&unix.WNOWAIT != 0
 		exit = true
 	case unix.SYS_RT_SIGTIMEDWAIT:
 		// A signal taken this way has no delivery stop.
@@ -426,12 +542,21 @@ func (v *virtTree) leave(tid int) {
 	case ret == -ptrace.ERESTARTSYS || ret == -ptrace.ERESTARTNOINTR || ret == -ptrace.ERESTARTNOHAND || ret == -ptrace.ERESTART_RESTARTBLOCK:
 		regs.Rdi, regs.Rsi = c.args[0], c.args[1]
 		ptrace.SetRegs(tid, regs)
-	case c.nr == unix.SYS_WAITID || c.nr == unix.SYS_RT_SIGTIMEDWAIT:
-		if ret >= 0 && c.ptr != 0 {
-			v.fixSiginfoAt(tid, c.ptr)
+	case c.nr == unix.SYS_RT_SIGTIMEDWAIT:
+		if ret > 0 && c.ptr != 0 {
+			v.fixSiginfoAt(tid, c.ptr, v.saved)
+		}
+	case c.nr == unix.SYS_WAITID:
+		if ret == 0 && c.ptr != 0 {
+			v.fixSiginfoAt(tid, c.ptr, func(r int) (int, bool) { return v.reaped(r, v.tgidOf(tid), c.keep) })
+		}
+	case c.nr == unix.SYS_WAIT4 && ret > 0:
+		if s, ok := v.reaped(int(ret), v.tgidOf(tid), false); ok && int64(s) != ret {
+			regs.Rax = uint64(int64(s))
+			ptrace.SetRegs(tid, regs)
 		}
 	case ret > 0:
-		if s, ok := v.r2s[int(ret)]; ok && int64(s) != ret {
+		if s, ok := v.saved(int(ret)); ok && int64(s) != ret {
 			regs.Rax = uint64(int64(s))
 			ptrace.SetRegs(tid, regs)
 		}
@@ -441,14 +566,14 @@ func (v *virtTree) leave(tid int) {
 
 // fixSiginfoAt translates the PID in the siginfo a call (waitid,
 // rt_sigtimedwait) filled in at addr.
-func (v *virtTree) fixSiginfoAt(tid int, addr uint64) {
+func (v *virtTree) fixSiginfoAt(tid int, addr uint64, saved func(int) (int, bool)) {
 	mem := ptrace.NewMem(tid)
 	defer mem.Close()
 	b := make([]byte, siPid+4)
 	if err := mem.Read(addr, b); err != nil {
 		return
 	}
-	if v.translateSiginfo(b) {
+	if translateSiginfo(b, saved) {
 		mem.Write(addr+siPid, b[siPid:])
 	}
 }
@@ -515,7 +640,7 @@ func (v *virtTree) answer(fd int) {
 	if n.Nr == unix.SYS_GETPID {
 		id = v.tgidOf(id)
 	}
-	if s, ok := v.r2s[id]; ok && id > 0 {
+	if s, ok := v.saved(id); ok && id > 0 {
 		resp.Val, resp.Flags = int64(s), 0
 	}
 	notifSend(fd, &resp)

@@ -276,6 +276,11 @@ func TestShellVirtualPID(t *testing.T) {
 	root := th.virtRoot(t)
 	kids, _ := fixture.Children(root)
 	killTreeAtCleanup(t, root, kids...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("pthaw's stderr: %s; output: %q", th.stderr.String(), th.out.Drain())
+		}
+	})
 	if root == me {
 		t.Fatalf("restored as pid %d, the original's", root)
 	}
