@@ -25,7 +25,7 @@ func main() {
 	detach := flag.Bool("detach", false, "print the restored PID and leave the process running")
 	debug := flag.Bool("debug", false, "describe the snapshot on stdout instead of restoring it")
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
-	virtpid := flag.Bool("virtpid", false, "when the saved PID is taken, restore with a new one and make getpid/gettid (and signals the process sends itself) answer with the saved ids, by a seccomp filter pthaw serves")
+	virtpid := flag.Bool("virtpid", false, "when the saved PID is taken, restore with a new one and make getpid/gettid (and signals the process sends itself) answer with the saved ids, by a seccomp filter pthaw serves; for a tree also getppid/getpgid/getsid, signals by PID and wait4/waitid, with pthaw as the members' tracer")
 	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process (every member of a tree) has its saved PID even when that PID is taken here")
 	flag.Parse()
 	o := loader.ReceiveOptions{
