@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -112,8 +113,8 @@ func expectNSIDs(t *testing.T, init int, saved map[string]fixture.IDs) {
 
 // pidtreeReports reads pidtree's reports from l until every member has
 // made n of them and, each time, returns the last of each; a FAIL line
-// or any other line fails the test.
-func pidtreeReports(t *testing.T, l *fixture.Lines, n int) map[string]fixture.PidtreeReport {
+// or any other line fails the test, except the lines of expected.
+func pidtreeReports(t *testing.T, l *fixture.Lines, n int, expected ...string) map[string]fixture.PidtreeReport {
 	t.Helper()
 	last := map[string]fixture.PidtreeReport{}
 	count := map[string]int{}
@@ -121,6 +122,9 @@ func pidtreeReports(t *testing.T, l *fixture.Lines, n int) map[string]fixture.Pi
 		line, err := l.Next(waitFor)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if slices.Contains(expected, line) {
+			continue
 		}
 		r, ok := fixture.ParsePidtree(line)
 		if !ok {
@@ -132,6 +136,30 @@ func pidtreeReports(t *testing.T, l *fixture.Lines, n int) map[string]fixture.Pi
 	return last
 }
 
+// freezePidtree starts pidtree and, once each member has reported twice,
+// freezes the tree without -halt (the originals keep their PIDs). It
+// returns the original, the ids each member reported and the snapshot.
+func freezePidtree(t *testing.T) (*fixture.Proc, map[string]fixture.IDs, string) {
+	t.Helper()
+	var kids []int // die with the root (PR_SET_PDEATHSIG), after the group's cleanup
+	t.Cleanup(func() {
+		for _, pid := range kids {
+			fixture.WaitExit(pid, waitFor)
+		}
+	})
+	p := fixture.StartGroup(t, fixture.Build(t, "pidtree"))
+	saved := map[string]fixture.IDs{}
+	for name, r := range pidtreeReports(t, p.Lines, 2) {
+		saved[name] = r.IDs
+		if name != "root" {
+			kids = append(kids, r.Pid)
+		}
+	}
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	return p, saved, snap
+}
+
 // TestPidtreePIDNamespace: pidtree (a root, a kid leading its own group,
 // a grandkid leading its own session, parents signalling children by
 // PID) is cloned into a new PID namespace while the original runs on.
@@ -140,23 +168,7 @@ func pidtreeReports(t *testing.T, l *fixture.Lines, n int) map[string]fixture.Pi
 // each parent sends by PID reach the restored child, not the original.
 func TestPidtreePIDNamespace(t *testing.T) {
 	needRoot(t)
-	var kids []int // die with the root (PR_SET_PDEATHSIG), after the group's cleanup
-	t.Cleanup(func() {
-		for _, pid := range kids {
-			fixture.WaitExit(pid, waitFor)
-		}
-	})
-	p := fixture.StartGroup(t, fixture.Build(t, "pidtree"))
-	before := pidtreeReports(t, p.Lines, 2)
-	saved := map[string]fixture.IDs{}
-	for name, r := range before {
-		saved[name] = r.IDs
-		if name != "root" {
-			kids = append(kids, r.Pid)
-		}
-	}
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap) // the originals keep their PIDs
+	p, saved, snap := freezePidtree(t)
 	th := thaw(t, "-src", snap, "-pidns")
 	first := pidtreeReports(t, th.out, 1)
 	later := pidtreeReports(t, th.out, 3)
@@ -421,9 +433,31 @@ func TestContainerInitProcess(t *testing.T) {
 // TestBadTreePIDNamespace feeds pthaw -pidns damaged snapshots of the
 // forkserver tree, whose PIDs the running original holds: each fails with
 // one line, and leaves no process behind, nor the namespace it made.
-// While it runs the test is a child subreaper, so that whatever pthaw
-// leaves behind becomes its child instead of hiding under PID 1.
 func TestBadTreePIDNamespace(t *testing.T) {
+	mine := pidNSOf(os.Getpid())
+	restoreDamagedTree(t, "-pidns", 4, func(t *testing.T, p *fixture.Proc, bin string, _ int) {
+		for _, pid := range orphans(p.Pid()) {
+			t.Errorf("pid %d (%s, PID namespace %s) left behind", pid, commOf(pid), pidNSOf(pid))
+			unix.Kill(pid, unix.SIGKILL)
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, 0, nil)
+		}
+		for _, pid := range processesOf(bin) {
+			if ns := pidNSOf(pid); ns != mine {
+				t.Errorf("pid %d (%s) left behind in PID namespace %s", pid, commOf(pid), ns)
+			}
+		}
+	})
+}
+
+// restoreDamagedTree freezes a running forkserver tree (its PIDs stay
+// taken) and runs pthaw with flag on 24 damaged copies of the snapshot
+// (seeded with seed): each must fail with one line on stderr; then
+// leftovers looks for what it left (given the original, its binary and
+// how many processes ran it before). While it runs the test is a child
+// subreaper, so that whatever pthaw leaves behind becomes its child
+// instead of hiding under PID 1.
+func restoreDamagedTree(t *testing.T, flag string, seed int64, leftovers func(t *testing.T, p *fixture.Proc, bin string, originals int)) {
 	needRoot(t)
 	bin := fixture.Build(t, "forkserver")
 	p := fixture.StartGroup(t, bin)
@@ -434,15 +468,14 @@ func TestBadTreePIDNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	originals := len(processesOf(bin))
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
 	hdr := bytes.IndexByte(good, '\n') + 1
-	rng := rand.New(rand.NewSource(4))
 	cases := map[string][]byte{}
-	damage(cases, good, hdr, hdr, rng)
-	mine := pidNSOf(os.Getpid())
+	damage(cases, good, hdr, hdr, rand.New(rand.NewSource(seed)))
 	dir := t.TempDir()
 	for name, data := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -450,26 +483,16 @@ func TestBadTreePIDNamespace(t *testing.T) {
 			if err := os.WriteFile(path, data, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-pidns", "-src", path)
+			cmd := exec.Command(filepath.Join(binDir, "pthaw"), flag, "-src", path)
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
 			if err := cmd.Run(); err == nil {
-				t.Fatalf("pthaw -pidns accepted a damaged snapshot")
+				t.Fatalf("pthaw %s accepted a damaged snapshot", flag)
 			}
 			if msg := stderr.String(); strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pthaw: ") {
 				t.Errorf("stderr %q, want one line starting with \"pthaw: \"", msg)
 			}
-			for _, pid := range orphans(p.Pid()) {
-				t.Errorf("pid %d (%s, PID namespace %s) left behind", pid, commOf(pid), pidNSOf(pid))
-				unix.Kill(pid, unix.SIGKILL)
-				var ws unix.WaitStatus
-				unix.Wait4(pid, &ws, 0, nil)
-			}
-			for _, pid := range processesOf(bin) {
-				if ns := pidNSOf(pid); ns != mine {
-					t.Errorf("pid %d (%s) left behind in PID namespace %s", pid, commOf(pid), ns)
-				}
-			}
+			leftovers(t, p, bin, originals)
 		})
 	}
 	forkTick(t, p.Lines) // the original carries on

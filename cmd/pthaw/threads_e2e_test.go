@@ -214,8 +214,7 @@ func TestVirtualPID(t *testing.T) {
 // the restored process itself, not the original that holds that PID.
 func TestVirtualPIDSelfSignal(t *testing.T) {
 	needRoot(t)
-	py := fixture.Python(t)
-	p := fixture.Start(t, py, "-c", `import os, signal, sys, time
+	p, th, _ := cloneVirtualPython(t, `import os, signal, sys, time
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
 print("pid", os.getpid(), flush=True)
@@ -224,12 +223,6 @@ os.kill(os.getpid(), signal.SIGUSR1)
 time.sleep(0.2)
 print("self-signals", len(got), flush=True)
 time.sleep(60)`)
-	pid := atoi(t, p.Lines.Expect(t, `^pid (\d+)$`, waitFor)[1])
-	snap := t.TempDir() + "/snap"
-	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap)
-	th := thaw(t, "-src", snap, "-virtpid")
-	th.restoredPid(t)
-	fmt.Fprintln(th.stdin, "go")
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("pthaw's stderr (the restored process's too): %s", th.stderr.String())
@@ -242,13 +235,28 @@ time.sleep(60)`)
 	p.Lines.Expect(t, `^self-signals 1$`, waitFor)
 }
 
+// cloneVirtualPython runs script with Python (it prints "pid PID", then
+// waits for a line on stdin), freezes it without -halt, so that its PID
+// stays taken, restores it with -virtpid and sends the clone its line. It
+// returns the original, the clone's pthaw and the saved PID.
+func cloneVirtualPython(t *testing.T, script string) (*fixture.Proc, *thawed, int) {
+	t.Helper()
+	p := fixture.Start(t, fixture.Python(t), "-c", script)
+	pid := atoi(t, p.Lines.Expect(t, `^pid (\d+)$`, waitFor)[1])
+	snap := t.TempDir() + "/snap"
+	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "go")
+	return p, th, pid
+}
+
 // TestVirtualPIDChild: a child the restored process forks shares its
 // filter, but getpid in the child is the child's own PID, not the
 // parent's saved one.
 func TestVirtualPIDChild(t *testing.T) {
 	needRoot(t)
-	py := fixture.Python(t)
-	p := fixture.Start(t, py, "-c", `import os, sys, time
+	_, th, pid := cloneVirtualPython(t, `import os, sys, time
 print("pid", os.getpid(), flush=True)
 sys.stdin.readline()
 r, w = os.pipe()
@@ -259,12 +267,6 @@ if kid == 0:
 os.waitpid(kid, 0)
 print("parent", os.getpid(), "child", kid, "child says", os.read(r, 32).decode(), flush=True)
 time.sleep(60)`)
-	pid := atoi(t, p.Lines.Expect(t, `^pid (\d+)$`, waitFor)[1])
-	snap := t.TempDir() + "/snap"
-	freeze(t, "-pid", fmt.Sprint(pid), "-dest", snap)
-	th := thaw(t, "-src", snap, "-virtpid")
-	th.restoredPid(t)
-	fmt.Fprintln(th.stdin, "go")
 	m := th.out.Expect(t, `^parent (\d+) child (\d+) child says (\d+)$`, waitFor)
 	if atoi(t, m[1]) != pid {
 		t.Errorf("restored parent's getpid %s, want the saved %d", m[1], pid)

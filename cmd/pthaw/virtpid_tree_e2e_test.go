@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
-	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -110,31 +108,6 @@ func TestForkServerTreeVirtualPID(t *testing.T) {
 	forkTick(t, p.Lines)
 }
 
-// virtReports is pidtreeReports for a restore with -virtpid: the root's
-// parent really changed (to pthaw, outside the tree), so the root's line
-// saying so is expected; any other FAIL line fails the test.
-func virtReports(t *testing.T, l *fixture.Lines, n int, rootPPid string) map[string]fixture.PidtreeReport {
-	t.Helper()
-	last := map[string]fixture.PidtreeReport{}
-	count := map[string]int{}
-	for count["root"] < n || count["kid"] < n || count["grandkid"] < n {
-		line, err := l.Next(waitFor)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if line == rootPPid {
-			continue
-		}
-		r, ok := fixture.ParsePidtree(line)
-		if !ok {
-			t.Fatalf("got %q", line)
-		}
-		last[r.Name] = r
-		count[r.Name]++
-	}
-	return last
-}
-
 // TestPidtreeVirtualPID: pidtree (a root, a kid leading its own group, a
 // grandkid leading its own session, parents signalling children by PID)
 // is cloned with -virtpid while the original runs on. Every member gets a
@@ -143,23 +116,7 @@ func virtReports(t *testing.T, l *fixture.Lines, n int, rootPPid string) map[str
 // sends by saved PID reach the restored child, not the original.
 func TestPidtreeVirtualPID(t *testing.T) {
 	needRoot(t)
-	var kids []int // die with the root (PR_SET_PDEATHSIG), after the group's cleanup
-	t.Cleanup(func() {
-		for _, pid := range kids {
-			fixture.WaitExit(pid, waitFor)
-		}
-	})
-	p := fixture.StartGroup(t, fixture.Build(t, "pidtree"))
-	before := pidtreeReports(t, p.Lines, 2)
-	saved := map[string]fixture.IDs{}
-	for name, r := range before {
-		saved[name] = r.IDs
-		if name != "root" {
-			kids = append(kids, r.Pid)
-		}
-	}
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	p, saved, snap := freezePidtree(t)
 	th := thaw(t, "-src", snap, "-virtpid")
 	root := th.virtRoot(t)
 	kid, grandkid := th.restoredAs(t, saved["kid"].Pid), th.restoredAs(t, saved["grandkid"].Pid)
@@ -173,8 +130,8 @@ func TestPidtreeVirtualPID(t *testing.T) {
 		t.Fatalf("restored as pid %d, the original's", root)
 	}
 	ppid := fmt.Sprintf("FAIL root ppid changed from %d to %d", saved["root"].PPid, th.cmd.Process.Pid)
-	first := virtReports(t, th.out, 1, ppid)
-	later := virtReports(t, th.out, 3, ppid)
+	first := pidtreeReports(t, th.out, 1, ppid)
+	later := pidtreeReports(t, th.out, 3, ppid)
 	want := saved
 	r := want["root"]
 	r.PPid = th.cmd.Process.Pid
@@ -201,61 +158,24 @@ func TestPidtreeVirtualPID(t *testing.T) {
 
 // TestBadTreeVirtualPID feeds pthaw -virtpid damaged snapshots of the
 // forkserver tree, whose PIDs the running original holds: each fails with
-// one line and leaves no process behind. While it runs the test is a
-// child subreaper, so that whatever pthaw leaves behind becomes its child
-// and is seen.
+// one line and leaves no process behind.
 func TestBadTreeVirtualPID(t *testing.T) {
-	needRoot(t)
-	bin := fixture.Build(t, "forkserver")
-	p := fixture.StartGroup(t, bin)
-	forkTick(t, p.Lines)
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
-	good, err := os.ReadFile(snap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	originals := len(processesOf(bin))
-	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
-	hdr := bytes.IndexByte(good, '\n') + 1
-	cases := map[string][]byte{}
-	damage(cases, good, hdr, hdr, rand.New(rand.NewSource(5)))
-	dir := t.TempDir()
-	for name, data := range cases {
-		t.Run(name, func(t *testing.T) {
-			path := filepath.Join(dir, strings.ReplaceAll(name, " ", "_"))
-			if err := os.WriteFile(path, data, 0o600); err != nil {
-				t.Fatal(err)
+	restoreDamagedTree(t, "-virtpid", 5, func(t *testing.T, p *fixture.Proc, bin string, originals int) {
+		// Member stubs that died after their parent stub come to us
+		// as zombies (as they would to init, which reaps them): only a
+		// live one is left behind.
+		for _, pid := range orphans(p.Pid()) {
+			if fixture.Alive(pid) {
+				t.Errorf("pid %d (%s) left behind", pid, commOf(pid))
 			}
-			cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-virtpid", "-src", path)
-			var stderr bytes.Buffer
-			cmd.Stderr = &stderr
-			if err := cmd.Run(); err == nil {
-				t.Fatalf("pthaw -virtpid accepted a damaged snapshot")
-			}
-			if msg := stderr.String(); strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pthaw: ") {
-				t.Errorf("stderr %q, want one line starting with \"pthaw: \"", msg)
-			}
-			// Member stubs that died after their parent stub come to us
-			// as zombies (as they would to init, which reaps them): only a
-			// live one is left behind.
-			for _, pid := range orphans(p.Pid()) {
-				if fixture.Alive(pid) {
-					t.Errorf("pid %d (%s) left behind", pid, commOf(pid))
-				}
-				unix.Kill(pid, unix.SIGKILL)
-				var ws unix.WaitStatus
-				unix.Wait4(pid, &ws, 0, nil)
-			}
-			if n := len(processesOf(bin)); n != originals {
-				t.Errorf("%d processes of %s, want the %d originals", n, bin, originals)
-			}
-		})
-	}
-	forkTick(t, p.Lines) // the original carries on
+			unix.Kill(pid, unix.SIGKILL)
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, 0, nil)
+		}
+		if n := len(processesOf(bin)); n != originals {
+			t.Errorf("%d processes of %s, want the %d originals", n, bin, originals)
+		}
+	})
 }
 
 // TestShellVirtualPID clones, with -virtpid, a shell with a background
