@@ -63,9 +63,10 @@ type virtTree struct {
 	// reaps it, after which its PID may be reused).
 	start map[int]uint64
 	dead  map[int]bool
-	// parent holds each member process's parent here: the only process
-	// that can reap it (it reaps nothing else under that PID until then).
-	parent map[int]int
+	// retired holds the saved ids whose member is gone for good (its id
+	// here was reused): a call naming one must fail, not reach whoever
+	// holds that PID here.
+	retired map[int]bool
 	// tgid holds each traced thread's process, learnt when it first
 	// stops, forgotten when it is reaped.
 	tgid map[int]int
@@ -84,7 +85,6 @@ type trapped struct {
 	nr   uint64
 	args [2]uint64 // rdi, rsi before translation
 	ptr  uint64    // where the call writes a siginfo: waitid's infop, rt_sigtimedwait's info
-	keep bool      // waitid with WNOWAIT: the child stays a zombie
 }
 
 // treeTraceOpts are the ptrace options of a traced member's thread.
@@ -127,16 +127,13 @@ func (p *Process) installTreeFilter(scratch uintptr) error {
 // member's PID and every thread's TID, saved and ours.
 func newVirtTree(t *tree) *virtTree {
 	v := &virtTree{s2r: map[int]int{}, r2s: map[int]int{}, start: map[int]uint64{}, dead: map[int]bool{},
-		parent: map[int]int{}, tgid: map[int]int{}, known: map[int]bool{}, expect: map[int]bool{}, exit: map[int]trapped{}}
+		retired: map[int]bool{}, tgid: map[int]int{}, known: map[int]bool{}, expect: map[int]bool{}, exit: map[int]trapped{}}
 	for saved, ours := range t.pids {
 		v.s2r[saved], v.r2s[ours] = ours, saved
 		v.start[ours] = startTime(ours)
 	}
 	for _, m := range t.members {
 		v.dead[m.pid] = m.zombie
-		if m.parent != nil {
-			v.parent[m.pid] = m.parent.pid
-		}
 	}
 	for _, m := range t.members {
 		for _, tk := range m.tasks {
@@ -254,6 +251,7 @@ func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
 		// before or after this one.
 		if msg, err := ptrace.GetEventMsg(tid); err == nil && !v.known[int(msg)] {
 			v.known[int(msg)], v.expect[int(msg)] = true, true
+			v.newTask(int(msg))
 			v.learnTgid(int(msg))
 		}
 		ptrace.Cont(tid, 0)
@@ -270,6 +268,7 @@ func (v *virtTree) stopped(tid int, ws unix.WaitStatus) {
 		// A new task's first stop.
 		if !v.known[tid] {
 			v.known[tid] = true
+			v.newTask(tid)
 			v.learnTgid(tid)
 		}
 		delete(v.expect, tid)
@@ -322,8 +321,8 @@ func translateSiginfo(si []byte, saved func(int) (int, bool)) bool {
 }
 
 // exited notes that traced task tid has exited: a member's thread id is
-// free at once (no translation any more), a member process's only once
-// its parent has reaped it, which real and saved check for. Runs on the
+// free at once (its saved id retires), a member process's only once it is
+// reaped and its id reused, which real and saved check for. Runs on the
 // tracer thread.
 func (v *virtTree) exited(tid int) {
 	v.mu.Lock()
@@ -337,10 +336,12 @@ func (v *virtTree) exited(tid int) {
 	}
 }
 
-// drop forgets the pair of our id r. v.mu is held.
+// drop forgets the pair of our id r, whose saved id names nothing from
+// now on. v.mu is held.
 func (v *virtTree) drop(r int) {
 	if s, ok := v.r2s[r]; ok && v.s2r[s] == r {
 		delete(v.s2r, s)
+		v.retired[s] = true
 	}
 	delete(v.r2s, r)
 	delete(v.start, r)
@@ -348,22 +349,42 @@ func (v *virtTree) drop(r int) {
 }
 
 // live reports whether our id r, of a member, still names that member:
-// it is alive, or a zombie not yet reaped (the same start time). A pair
-// whose id was freed is dropped. v.mu is held.
+// it is alive, a zombie (the same start time), or reaped with its id not
+// yet reused (no process has it: its parent's SIGCHLD, a thread's wait
+// that has yet to see its exit, and its group, which outlives it, still
+// need the translation). A pair whose id was reused is dropped. v.mu is
+// held.
 func (v *virtTree) live(r int) bool {
-	if !v.dead[r] || startTime(r) == v.start[r] {
+	if !v.dead[r] {
+		return true
+	}
+	if st := startTime(r); st == 0 || st == v.start[r] {
 		return true
 	}
 	v.drop(r)
 	return false
 }
 
-// real returns our id of the member saved as s.
+// noSuchPID is what a call naming a retired saved id is given instead:
+// above any pid_max (2^22), so it fails with ESRCH or ECHILD.
+const noSuchPID = 1 << 30
+
+// real returns our id of the member saved as s, or noSuchPID when that
+// member is gone for good.
 func (v *virtTree) real(s int) (int, bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if v.retired[s] {
+		return noSuchPID, true
+	}
 	r, ok := v.s2r[s]
-	return r, ok && v.live(r)
+	if !ok {
+		return 0, false
+	}
+	if !v.live(r) {
+		return noSuchPID, true
+	}
+	return r, true
 }
 
 // saved returns the saved id of the member that is r here.
@@ -374,28 +395,17 @@ func (v *virtTree) saved(r int) (int, bool) {
 	return s, ok && v.live(r)
 }
 
-// reaped returns the saved id of the member that was r here, which the
-// process caller's wait4 or waitid has just reported, and reaped unless
-// keep: then r may be someone else's from now on. A dead member is
-// translated only for its parent: after another process reaped it (its
-// parent died and init took it), r may name a newer process already.
-func (v *virtTree) reaped(r, caller int, keep bool) (int, bool) {
+// newTask notes a task a member has just made, whose id is r: if r was a
+// gone member's, that member's translation ends (its saved id retires),
+// and r, if it was itself a retired saved id, names this task now.
+// Runs on the tracer thread.
+func (v *virtTree) newTask(r int) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	s, ok := v.r2s[r]
-	switch {
-	case !ok:
-		return 0, false
-	case !v.dead[r]: // alive: a stop or continue reported
-		return s, true
-	case v.parent[r] != caller:
-		v.drop(r)
-		return 0, false
-	}
-	if !keep {
+	if _, ok := v.r2s[r]; ok {
 		v.drop(r)
 	}
-	return s, true
+	delete(v.retired, r)
 }
 
 // startTime returns the start time of process pid (/proc/PID/stat field
@@ -505,7 +515,6 @@ func (v *virtTree) enter(tid int) {
 			id(1)
 		}
 		orig.ptr = regs.Rdx
-		orig.keep = regs.R10&unix.WNOWAIT != 0
 		exit = true
 	case unix.SYS_RT_SIGTIMEDWAIT:
 		// A signal taken this way has no delivery stop.
@@ -548,10 +557,10 @@ func (v *virtTree) leave(tid int) {
 		}
 	case c.nr == unix.SYS_WAITID:
 		if ret == 0 && c.ptr != 0 {
-			v.fixSiginfoAt(tid, c.ptr, func(r int) (int, bool) { return v.reaped(r, v.tgidOf(tid), c.keep) })
+			v.fixSiginfoAt(tid, c.ptr, v.saved)
 		}
 	case c.nr == unix.SYS_WAIT4 && ret > 0:
-		if s, ok := v.reaped(int(ret), v.tgidOf(tid), false); ok && int64(s) != ret {
+		if s, ok := v.saved(int(ret)); ok && int64(s) != ret {
 			regs.Rax = uint64(int64(s))
 			ptrace.SetRegs(tid, regs)
 		}
