@@ -69,10 +69,18 @@ func virtFilter(rules ...filterRule) []byte {
 	return b
 }
 
+// listenerFlags make a filter's listener, and make a call pthaw has
+// received uninterruptible but by a fatal signal (WAIT_KILLABLE_RECV):
+// pthaw answers kill(getpid(), sig) by sending sig, which would otherwise
+// interrupt the very call it answers (EINTR; a restart with SA_RESTART
+// would send it twice). Pending until the call returns, the signal is
+// delivered then, as the kernel's own kill to self does.
+const listenerFlags = unix.SECCOMP_FILTER_FLAG_NEW_LISTENER | unix.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+
 // installVirtPID loads the filter into the main thread (threads made
 // after inherit it) and takes its listener. Runs on the tracer thread.
 func (p *Process) installVirtPID(scratch uintptr) error {
-	fd, err := p.loadFilter(scratch, virtFilter(filterRule{virtCalls, unix.SECCOMP_RET_USER_NOTIF}), unix.SECCOMP_FILTER_FLAG_NEW_LISTENER)
+	fd, err := p.loadFilter(scratch, virtFilter(filterRule{virtCalls, unix.SECCOMP_RET_USER_NOTIF}), listenerFlags)
 	if err != nil {
 		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
 	}

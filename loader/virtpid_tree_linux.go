@@ -115,7 +115,7 @@ func (t *tree) wantVirt(opts Options) bool {
 func (p *Process) installTreeFilter(scratch uintptr) error {
 	prog := virtFilter(filterRule{treeNotifCalls, unix.SECCOMP_RET_USER_NOTIF}, filterRule{treeTraceCalls, unix.SECCOMP_RET_TRACE})
 	// A listener and TSYNC together need TSYNC_ESRCH.
-	flags := unix.SECCOMP_FILTER_FLAG_NEW_LISTENER | unix.SECCOMP_FILTER_FLAG_TSYNC | unix.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
+	flags := listenerFlags | unix.SECCOMP_FILTER_FLAG_TSYNC | unix.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
 	fd, err := p.loadFilter(scratch, prog, uintptr(flags))
 	if err != nil {
 		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
