@@ -173,9 +173,16 @@ func (th *thawed) started(pid int) bool {
 // restoredPid waits for pthaw to have started its child and returns it.
 func (th *thawed) restoredPid(t testing.TB) int {
 	t.Helper()
+	return th.waitChild(t, "a started child", th.started)
+}
+
+// waitChild waits until pthaw has a child for which ready holds, and
+// returns it; pthaw exiting first, or waitFor passing, fails the test.
+func (th *thawed) waitChild(t testing.TB, what string, ready func(pid int) bool) int {
+	t.Helper()
 	deadline := time.Now().Add(waitFor)
 	for time.Now().Before(deadline) {
-		if pid := th.child(); pid > 0 && th.started(pid) {
+		if pid := th.child(); pid > 0 && ready(pid) {
 			return pid
 		}
 		select {
@@ -184,7 +191,7 @@ func (th *thawed) restoredPid(t testing.TB) int {
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	t.Fatalf("pthaw has no child after %v: %s", waitFor, th.stderr.String())
+	t.Fatalf("pthaw has no %s after %v: %s", what, waitFor, th.stderr.String())
 	return 0
 }
 
@@ -559,11 +566,15 @@ func TestRestoreTenTimes(t *testing.T) {
 	}
 }
 
-func TestExitStatus(t *testing.T) {
+func TestExitStatus(t *testing.T) { testExitStatus(t) }
+
+// testExitStatus moves exitcode with thawArgs and has it exit 7: pthaw
+// exits 7 too.
+func testExitStatus(t *testing.T, thawArgs ...string) {
 	needRoot(t)
 	p := fixture.Start(t, fixture.Build(t, "exitcode"))
 	p.Lines.Expect(t, `^tick 2$`, waitFor)
-	th := migrate(t, p)
+	th := migrate(t, p, thawArgs...)
 	th.out.Expect(t, `^tick \d+$`, waitFor)
 	fmt.Fprintln(th.stdin, "quit")
 	th.out.Expect(t, `^exit 7$`, waitFor)

@@ -238,11 +238,7 @@ func TestHaltFaults(t *testing.T) {
 	// waitStub waits until pthaw is building (it has a child).
 	waitStub := func(t *testing.T, th *thawed) {
 		t.Helper()
-		for deadline := time.Now().Add(waitFor); th.child() == 0; time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("pthaw has no child after %v: %s", waitFor, th.stderr.String())
-			}
-		}
+		th.waitChild(t, "child", func(int) bool { return true })
 	}
 
 	t.Run("pthaw killed mid-transfer", func(t *testing.T) {

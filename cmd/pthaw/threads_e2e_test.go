@@ -100,18 +100,7 @@ func TestPIDNamespace(t *testing.T) {
 
 // TestPIDNamespaceExitStatus: the namespace's init passes the restored
 // process's exit status on to pthaw.
-func TestPIDNamespaceExitStatus(t *testing.T) {
-	needRoot(t)
-	p := fixture.Start(t, fixture.Build(t, "exitcode"))
-	p.Lines.Expect(t, `^tick 2$`, waitFor)
-	th := migrate(t, p, "-pidns")
-	th.out.Expect(t, `^tick \d+$`, waitFor)
-	fmt.Fprintln(th.stdin, "quit")
-	th.out.Expect(t, `^exit 7$`, waitFor)
-	if code := th.exit(t); code != 7 {
-		t.Fatalf("pthaw exit code %d, want 7", code)
-	}
-}
+func TestPIDNamespaceExitStatus(t *testing.T) { testExitStatus(t, "-pidns") }
 
 // TestPendingSignal: a blocked signal pending in the process is pending in
 // the restored one too (queued while every signal is blocked, so no

@@ -22,21 +22,9 @@ import (
 // does not apply) and returns the root's PID here.
 func (th *thawed) virtRoot(t *testing.T) int {
 	t.Helper()
-	deadline := time.Now().Add(waitFor)
-	for time.Now().Before(deadline) {
-		if strings.Contains(th.stderr.String(), "virtual PIDs") {
-			if pid := th.child(); pid > 0 {
-				return pid
-			}
-		}
-		select {
-		case <-th.done:
-			t.Fatalf("pthaw exited: %s", th.stderr.String())
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-	t.Fatalf("pthaw did not start the tree with virtual PIDs after %v: %s", waitFor, th.stderr.String())
-	return 0
+	return th.waitChild(t, "tree started with virtual PIDs", func(int) bool {
+		return strings.Contains(th.stderr.String(), "virtual PIDs")
+	})
 }
 
 // restoredAs returns the PID here of the member saved as pid, from what
