@@ -3,6 +3,7 @@ package stream
 import (
 	"fmt"
 	"io"
+	"runtime"
 	"strconv"
 	"strings"
 
@@ -73,15 +74,26 @@ func (c compression) newCompressor(w io.Writer) (io.WriteCloser, error) {
 	case CompressFlate:
 		return flate.NewWriter(w, c.levelOr(flate.BestSpeed))
 	case CompressSnappy:
-		return s2.NewWriter(w, s2.WriterSnappyCompat()), nil
+		return s2.NewWriter(w, s2.WriterSnappyCompat(), s2.WriterConcurrency(codecConcurrency())), nil
 	case CompressZstd:
 		lvl := zstd.SpeedFastest
 		if c.level != 0 {
 			lvl = zstd.EncoderLevelFromZstd(c.level)
 		}
-		return zstd.NewWriter(w, zstd.WithEncoderLevel(lvl))
+		return zstd.NewWriter(w, zstd.WithEncoderLevel(lvl), zstd.WithEncoderConcurrency(codecConcurrency()))
 	}
 	return nil, fmt.Errorf("unknown compression %q", c.name)
+}
+
+// codecConcurrency is how many goroutines a codec may compress or
+// decompress with: every core but one, which the rest of the pipeline
+// keeps busy (pfreeze reads the process's memory and writes the socket,
+// pthaw places pages). On 2 cores that is 1: letting s2 and zstd use both
+// made a migration at 10 Gbit/s 7-10 % slower on random data, their
+// goroutines taking turns with the pipeline instead of running beside it
+// (docs/benchmarks.md).
+func codecConcurrency() int {
+	return max(1, runtime.GOMAXPROCS(0)-1)
 }
 
 func (c compression) levelOr(def int) int {
@@ -110,7 +122,7 @@ func newDecompressor(name string, r io.Reader) (io.ReadCloser, error) {
 		// (or accept) the 4 MiB blocks of native s2.
 		return io.NopCloser(s2.NewReader(r, s2.ReaderMaxBlockSize(64<<10))), nil
 	case CompressZstd:
-		d, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(maxZstdWindow))
+		d, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(maxZstdWindow), zstd.WithDecoderConcurrency(codecConcurrency()))
 		if err != nil {
 			return nil, err
 		}
