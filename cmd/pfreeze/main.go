@@ -23,6 +23,7 @@ func main() {
 	dest := flag.String("dest", "stdout", "output: stdout | FILE | tcp:HOST:PORT | unix:PATH")
 	compress := flag.String("compress", "none", "compression: none | gzip[:1-9] | flate[:1-9] | snappy | zstd[:1-22]")
 	encrypt := flag.String("encrypt", "none", "authenticated encryption: none | aes-gcm:KEYFILE | chacha20-poly1305:KEYFILE")
+	insecure := flag.Bool("insecure", false, "send an unencrypted snapshot to a tcp receiver beyond loopback (anyone on the path can read the process's memory)")
 	halt := flag.Bool("halt", false, "kill the process once its snapshot is safe: flushed to its file, or restored by the receiver (a migration)")
 	tree := flag.Bool("tree", false, "freeze the process and all its descendants (parent/child links, process groups, sessions, shared anonymous memory)")
 	debug := flag.Bool("debug", false, "print a human-readable description of the process instead of a snapshot")
@@ -34,7 +35,7 @@ func main() {
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
 	err := run(*pid, *debug, capture.SendOptions{
-		Dest: *dest, Tree: *tree, Compress: *compress, Encrypt: *encrypt, Halt: *halt,
+		Dest: *dest, Tree: *tree, Compress: *compress, Encrypt: *encrypt, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
 	})

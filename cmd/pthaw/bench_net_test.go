@@ -167,6 +167,8 @@ func migrateAll(b *testing.B, start func(b *testing.B) (*fixture.Proc, func(th *
 					thawArgs[2] = "-keydir"
 					thawArgs = append(thawArgs, dir)
 					frArgs = append(frArgs, "-encrypt", enc+":"+keyfile)
+				} else {
+					frArgs = append(frArgs, "-insecure")
 				}
 				th := thawCmd(b, hb.Command(filepath.Join(binDir, "pthaw"), thawArgs...))
 				th.listening(b)

@@ -194,6 +194,25 @@ func TestListenerRefusals(t *testing.T) {
 			}
 		})
 	}
+	// The sender's side: an unencrypted snapshot does not leave loopback
+	// unless the user says -insecure (anyone listening there first could
+	// read it, and acknowledge it to have -halt kill the original).
+	t.Run("plaintext beyond loopback", func(t *testing.T) {
+		a := lab.Hosts[0]
+		p := fixture.Start(t, "nsenter", "--net=/run/netns/"+a.NS, "--", bin, "5")
+		p.Lines.Expect(t, `^2$`, waitFor)
+		th := thawCmd(t, b.Command(filepath.Join(binDir, "pthaw"), "-src", "tcp:"+b.Addr+":25091", "-insecure"))
+		th.listening(t)
+		out, err := sendCmd(a, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+b.Addr+":25091", "-halt").CombinedOutput()
+		if err == nil || strings.Count(string(out), "\n") != 1 || !strings.Contains(string(out), "refusing to send an unencrypted snapshot beyond loopback") {
+			t.Fatalf("pfreeze to %s without -encrypt or -insecure: err %v, output %q; want one line refusing", b.Addr, err, out)
+		}
+		if code := th.exit(t); code == 0 {
+			t.Fatal("pthaw restored something")
+		}
+		n := atoi(t, p.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
+		p.Lines.Expect(t, fmt.Sprintf(`^%d$`, n+1), waitFor)
+	})
 	t.Run("garbage", func(t *testing.T) {
 		th := thaw(t, "-src", "tcp:127.0.0.1:0", "-keydir", dir)
 		c, err := net.Dial("tcp", th.listening(t))
@@ -268,7 +287,7 @@ func TestHaltFaults(t *testing.T) {
 		p, hash := start(t, a)
 		th := thawCmd(t, b.Command(filepath.Join(binDir, "pthaw"), "-src", "tcp:"+b.Addr+":25090", "-insecure", "-read-timeout", "2s"))
 		th.listening(t)
-		fr := sendCmd(a, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+b.Addr+":25090", "-halt", "-compress", "gzip", "-write-timeout", "2s")
+		fr := sendCmd(a, "-pid", strconv.Itoa(p.Pid()), "-dest", "tcp:"+b.Addr+":25090", "-insecure", "-halt", "-compress", "gzip", "-write-timeout", "2s")
 		if err := fr.Start(); err != nil {
 			t.Fatal(err)
 		}

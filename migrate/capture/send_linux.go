@@ -20,9 +20,12 @@ type SendOptions struct {
 	// ReadyTimeout bounds the wait for the receiver to build the process
 	// after the whole snapshot was sent (-halt over a network).
 	ReadyTimeout time.Duration
-	Halt         bool
-	Tree         bool // the process and all its descendants
-	Progress     bool // draw a progress bar on stderr
+	// Insecure allows an unencrypted stream to a receiver beyond
+	// loopback (stream.SinkOptions.Insecure).
+	Insecure bool
+	Halt     bool
+	Tree     bool // the process and all its descendants
+	Progress bool // draw a progress bar on stderr
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -32,7 +35,7 @@ type SendOptions struct {
 func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 	// Everything that can fail without the process is done first: the
 	// process is stopped only once the sink is open and the key read.
-	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout})
+	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout, Insecure: o.Insecure})
 	if err != nil {
 		return err
 	}

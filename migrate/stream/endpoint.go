@@ -52,6 +52,15 @@ type Source interface {
 type SinkOptions struct {
 	DialTimeout  time.Duration
 	WriteTimeout time.Duration // per write, extended on progress
+	// Insecure allows an unencrypted stream to a TCP receiver beyond
+	// loopback, with a warning line on Warn. Without it such a stream is
+	// refused: anyone on the path could read the process's memory, and an
+	// impostor receiver could accept it and have -halt kill the original.
+	// (An unencrypted stream to a loopback or unix receiver goes only to
+	// a receiver running as our own user or root.)
+	Insecure bool
+	// Warn receives warning lines; nil means os.Stderr.
+	Warn io.Writer
 }
 
 // SourceOptions tune sources.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"time"
 )
 
@@ -24,6 +25,7 @@ const (
 
 type netSink struct {
 	spec  string
+	opt   SinkOptions
 	conn  *deadlineConn
 	buf   []byte // a D frame being filled: header + payload
 	state int
@@ -34,7 +36,11 @@ type netSink struct {
 	done   bool   // body writer closed every layer
 	nonce  []byte // receiver nonce from R
 	peer   []byte // receiver nonce from its greeting
-	err    error  // sticky write error
+	// The receiver's user over loopback or a unix socket, read after its
+	// greeting (or why it could not be).
+	peerUID int
+	peerErr error
+	err     error // sticky write error
 }
 
 func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
@@ -43,7 +49,7 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stream: dial %s: %w", spec, err)
 	}
-	s := &netSink{spec: spec, conn: &deadlineConn{Conn: c, wt: opt.WriteTimeout}}
+	s := &netSink{spec: spec, opt: opt, conn: &deadlineConn{Conn: c, wt: opt.WriteTimeout}}
 	s.buf = make([]byte, frameHeaderSize, frameHeaderSize+sinkFrameSize)
 	if _, err := s.conn.Write([]byte(wireHello)); err != nil {
 		c.Close()
@@ -72,6 +78,16 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 		return nil, fmt.Errorf("stream: %s: %w", spec, err)
 	}
 	s.peer = append([]byte{}, hello[len(wireHello):]...)
+	// Who the receiver is, while its socket is surely open: it just
+	// greeted us and now waits for our header.
+	switch a := c.RemoteAddr().(type) {
+	case *net.UnixAddr:
+		s.peerUID, s.peerErr = unixPeerUID(c)
+	case *net.TCPAddr:
+		if a.IP.IsLoopback() {
+			s.peerUID, s.peerErr = tcpPeerUID(c)
+		}
+	}
 	return s, nil
 }
 
@@ -83,7 +99,49 @@ func (s *netSink) link(k []byte, encrypted bool) error {
 	if s.linked {
 		return fmt.Errorf("stream: %s: already carries a stream", s.spec)
 	}
+	if !encrypted {
+		if err := s.checkPlaintextPeer(); err != nil {
+			return fmt.Errorf("stream: %s: %w", s.spec, err)
+		}
+	}
 	s.linked, s.keyed, s.hsKey = true, encrypted, k
+	return nil
+}
+
+// checkPlaintextPeer decides whether an unencrypted stream may go to this
+// receiver. Nothing but encryption authenticates a receiver's "built"
+// message: an impostor listening first on the address could read the
+// process's memory and, with -halt, have the original killed. So without
+// encryption a snapshot goes only to a receiver the kernel vouches for —
+// over loopback or a unix socket, one running as our own user or root —
+// or beyond loopback when the user said -insecure. The receiver's user was
+// read after its greeting, which it sends once it has accepted the
+// connection: its socket then belongs to it in /proc/net/tcp.
+func (s *netSink) checkPlaintextPeer() error {
+	uid, err := s.peerUID, s.peerErr
+	switch a := s.conn.RemoteAddr().(type) {
+	case *net.UnixAddr:
+	case *net.TCPAddr:
+		if !a.IP.IsLoopback() {
+			if !s.opt.Insecure {
+				return fmt.Errorf("refusing to send an unencrypted snapshot beyond loopback (to %s): anyone on the path could read the process's memory, and a receiver cannot prove it is yours; use -encrypt aes-gcm:KEYFILE, or pass -insecure", a)
+			}
+			w := s.opt.Warn
+			if w == nil {
+				w = os.Stderr
+			}
+			fmt.Fprintf(w, "warning: sending an unencrypted snapshot to %s: anyone on the path can read the process's memory\n", a)
+			return nil
+		}
+	default:
+		return fmt.Errorf("receiver %s: unknown address type", s.conn.RemoteAddr())
+	}
+	if err != nil {
+		return fmt.Errorf("receiver %s: %w", s.conn.RemoteAddr(), err)
+	}
+	if uid != os.Geteuid() && uid != 0 {
+		return fmt.Errorf("receiver %s runs as uid %d, neither ours (%d) nor root: an unencrypted snapshot goes only to our own user; use -encrypt", s.conn.RemoteAddr(), uid, os.Geteuid())
+	}
 	return nil
 }
 

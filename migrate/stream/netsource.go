@@ -23,8 +23,9 @@ type netSource struct {
 	rt    time.Duration
 	ln    net.Listener
 	needK bool // plaintext refused (non-loopback listener with -insecure unset)
-	// sameUser: a loopback listener that may receive plaintext accepts
-	// only a sender running as our own user.
+	// sameUser: a loopback or unix listener that may receive plaintext
+	// accepts only a sender running as our own user (the socket file's
+	// mode alone is set after listen, and follows no umask).
 	sameUser bool
 
 	mu   sync.Mutex // guards conn and done against Close from another goroutine
@@ -62,6 +63,7 @@ func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, err
 			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
 		}
 		s.ln = ln
+		s.sameUser = !opt.HaveKeys
 		return s, nil
 	}
 	if !strings.Contains(addr, ":") {
@@ -158,7 +160,11 @@ func (s *netSource) accept() error {
 	s.conn = &deadlineConn{Conn: c, rt: s.rt}
 	s.mu.Unlock()
 	if s.sameUser {
-		uid, err := tcpPeerUID(c)
+		peerUID := tcpPeerUID
+		if _, ok := c.(*net.UnixConn); ok {
+			peerUID = unixPeerUID
+		}
+		uid, err := peerUID(c)
 		if err != nil {
 			return fmt.Errorf("stream: %s: sender %s: %w", s.spec, c.RemoteAddr(), err)
 		}

@@ -8,6 +8,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // tcpPeerUID returns the user owning the socket at the other end of a
@@ -58,4 +61,29 @@ func procNetAddr(a *net.TCPAddr) string {
 	}
 	fmt.Fprintf(&b, ":%04X", a.Port)
 	return b.String()
+}
+
+// unixPeerUID returns the user of the process at the other end of a unix
+// socket connection: for a client, the listener's, recorded by the kernel
+// when it called listen (SO_PEERCRED).
+func unixPeerUID(c net.Conn) (int, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return 0, fmt.Errorf("not a socket")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if serr != nil {
+		return 0, fmt.Errorf("SO_PEERCRED: %w", serr)
+	}
+	return int(cred.Uid), nil
 }
