@@ -271,7 +271,7 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("start: %w", err)
 	}
-	stream.advertise = &net.TCPAddr{IP: s.advertise, Port: stream.Listener.Addr().(*net.TCPAddr).Port}
+	stream.advertise = &net.TCPAddr{IP: s.advertise, Port: stream.listenAddr().Port}
 	rlog := newRaftLogger(s.log)
 	s.trans = raft.NewNetworkTransportWithLogger(stream, 3, 10*time.Second, rlog)
 	store, err := raftboltdb.NewBoltStore(filepath.Join(dir, "raft.db"))

@@ -2,30 +2,110 @@ package cluster
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/raft"
 )
 
+// handshakeTimeout bounds how long a connection to the raft port may stay
+// unauthenticated: one that has not completed the mutual TLS handshake by
+// then is closed (as the API's ReadHeaderTimeout does for HTTP).
+var handshakeTimeout = 10 * time.Second
+
 // tlsStream is raft's stream layer over mutual TLS with the cluster CA.
+// raft's transport hands accepted connections to a goroutine that would
+// run the handshake lazily, with no deadline: anyone who can reach the
+// port could hold connections (and file descriptors) open forever. So the
+// stream layer runs each handshake itself, beside the accept loop (a slow
+// one delays no other), and gives raft only authenticated connections.
 type tlsStream struct {
-	net.Listener
+	ln        net.Listener // plain TCP
+	server    *tls.Config
 	client    *tls.Config
 	advertise net.Addr // what peers dial; raft records it in its configuration
+
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("raft listen %s: %w", addr, err)
+	}
+	t := &tlsStream{ln: ln, server: server, client: client, conns: make(chan net.Conn), done: make(chan struct{})}
+	go t.acceptLoop()
+	return t, nil
+}
+
+func (t *tlsStream) acceptLoop() {
+	var delay time.Duration
+	for {
+		c, err := t.ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				// Out of descriptors: wait, as net/http does.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				select {
+				case <-time.After(delay):
+					continue
+				case <-t.done:
+				}
+			}
+			t.Close()
+			return
+		}
+		delay = 0
+		go t.handshake(c)
+	}
+}
+
+func (t *tlsStream) handshake(c net.Conn) {
+	tc := tls.Server(c, t.server)
+	c.SetDeadline(time.Now().Add(handshakeTimeout))
+	if err := tc.Handshake(); err != nil {
+		c.Close()
+		return
+	}
+	c.SetDeadline(time.Time{})
+	select {
+	case t.conns <- tc:
+	case <-t.done:
+		tc.Close()
+	}
+}
+
+// Accept returns the next connection that completed the handshake.
+func (t *tlsStream) Accept() (net.Conn, error) {
+	select {
+	case c := <-t.conns:
+		return c, nil
+	case <-t.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (t *tlsStream) Close() error {
+	var err error
+	t.once.Do(func() {
+		close(t.done)
+		err = t.ln.Close()
+	})
+	return err
 }
 
 // Addr is the advertised address: raft refuses an unspecified one (0.0.0.0).
 func (t *tlsStream) Addr() net.Addr { return t.advertise }
 
-func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
-	ln, err := tls.Listen("tcp", addr, server)
-	if err != nil {
-		return nil, fmt.Errorf("raft listen %s: %w", addr, err)
-	}
-	return &tlsStream{Listener: ln, client: client}, nil
-}
+// listenAddr is the address actually listened on.
+func (t *tlsStream) listenAddr() *net.TCPAddr { return t.ln.Addr().(*net.TCPAddr) }
 
 func (t *tlsStream) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	d := &net.Dialer{Timeout: timeout}
