@@ -22,6 +22,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/pcluster/pcluster/internal/keyfile"
 )
 
 // ServerName is the DNS name in every certificate; peers verify it instead of
@@ -60,10 +62,11 @@ func ParseKey(s string) (Key, error) {
 
 // ReadKeyFile reads a base64 cluster key from a file.
 func ReadKeyFile(path string) (Key, error) {
-	b, err := os.ReadFile(path)
+	b, err := keyfile.Read(path, 4096)
 	if err != nil {
 		return nil, fmt.Errorf("read cluster key: %w", err)
 	}
+	defer clear(b)
 	k, err := ParseKey(string(b))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)

@@ -10,6 +10,7 @@ import (
 	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/internal/keyfile"
 )
 
 // fileConfig is the config file's shape; its keys match the flags.
@@ -28,6 +29,8 @@ type fileConfig struct {
 	Labels          labelFlag `json:"labels"`
 	LogLevel        string    `json:"log_level"`
 	MetricsAddr     string    `json:"metrics_addr"`
+
+	encryptFlag bool // Encrypt came from the command line
 }
 
 // mergeFile fills the settings not given as flags from a JSON file.
@@ -54,7 +57,18 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("advertise", &c.Advertise, f.Advertise)
 	pick("socket", &c.Socket, f.Socket)
 	pick("data-dir", &c.DataDir, f.DataDir)
-	pick("encrypt", &c.Encrypt, f.Encrypt)
+	if !set["encrypt"] && f.Encrypt != "" {
+		// The file carries the cluster key: it must be as private as a
+		// key file.
+		fi, err := os.Stat(path)
+		if err != nil {
+			return fmt.Errorf("config: %w", err)
+		}
+		if err := keyfile.Check(path, fi); err != nil {
+			return fmt.Errorf("config %s carries the cluster key (\"encrypt\"): %w", path, err)
+		}
+		c.Encrypt = f.Encrypt
+	}
 	pick("key-file", &c.KeyFile, f.KeyFile)
 	pick("log-level", &c.LogLevel, f.LogLevel)
 	pick("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
@@ -95,6 +109,9 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	case c.Encrypt != "" && c.KeyFile != "":
 		return cfg, cleanup, fmt.Errorf("give -encrypt or -key-file, not both")
 	case c.Encrypt != "":
+		if c.encryptFlag {
+			logger.Warn("the cluster key given with -encrypt can be read by every local user (/proc/PID/cmdline); use -key-file with a mode 0600 file")
+		}
 		cfg.Key, err = pki.ParseKey(c.Encrypt)
 	case c.KeyFile != "":
 		cfg.Key, err = pki.ReadKeyFile(c.KeyFile)

@@ -30,6 +30,20 @@ func TestConfigFile(t *testing.T) {
 		t.Errorf("merged config: got %+v", cfg)
 	}
 
+	// A config file others can read must not carry the key; without it,
+	// it may be world-readable.
+	os.Chmod(path, 0o644)
+	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("mode 0644 config carrying the key: got %v, want a refusal", err)
+	}
+	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, map[string]bool{"encrypt": true}); err != nil {
+		t.Errorf("mode 0644 config whose key the command line overrides: %v", err)
+	}
+	os.WriteFile(path, []byte(`{"node":"x"}`), 0o644)
+	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err != nil {
+		t.Errorf("mode 0644 config without a key: %v", err)
+	}
+
 	os.WriteFile(path, []byte(`{"nodee":"typo"}`), 0o600)
 	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err == nil || !strings.Contains(err.Error(), "nodee") {
 		t.Errorf("unknown key: got %v, want an error naming it", err)

@@ -89,7 +89,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.DataDir, "data-dir", "", "`directory` for the raft log, snapshots and workload logs")
 	join := fs.String("join", "", "comma-separated gossip `peers` to join")
 	fs.IntVar(&c.BootstrapExpect, "bootstrap-expect", 0, "bootstrap raft when `N` servers see each other over gossip")
-	fs.StringVar(&c.Encrypt, "encrypt", "", "cluster `key` (base64; see pclusterd keygen)")
+	fs.StringVar(&c.Encrypt, "encrypt", "", "cluster `key` (base64; see pclusterd keygen); every local user can read it from the command line: prefer -key-file")
 	fs.StringVar(&c.KeyFile, "key-file", "", "`file` holding the cluster key")
 	fs.Var(c.Labels, "label", "node label `key=value` for placement constraints (repeatable)")
 	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
@@ -100,6 +100,7 @@ func run(args []string, stderr io.Writer) error {
 	if *join != "" {
 		c.Join = strings.Split(*join, ",")
 	}
+	fs.Visit(func(f *flag.Flag) { c.encryptFlag = c.encryptFlag || f.Name == "encrypt" })
 	if *configPath != "" {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })

@@ -431,6 +431,35 @@ func TestHandshakeReplayedStream(t *testing.T) {
 	}
 }
 
+// nonceBuffer collects a stream written as if for a network receiver that
+// greeted with nonce.
+type nonceBuffer struct {
+	bytes.Buffer
+	nonce []byte
+}
+
+func (b *nonceBuffer) peerNonce() []byte { return b.nonce }
+
+// The same recorded stream, its framing stripped, fed to a file or pipe
+// source (pthaw -src FILE, or stdin): refused, since its header says it
+// was sent to a network receiver.
+func TestReplayedStreamFromFile(t *testing.T) {
+	dir := testKeys(t)
+	for _, enc := range []string{CipherNone, CipherAESGCM} {
+		b := &nonceBuffer{nonce: bytes.Repeat([]byte{7}, hsNonceSize)}
+		w, err := NewWriter(b, Options{Encrypt: encryptOpt(dir, enc, "k1.key")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Write([]byte("records"))
+		w.Close()
+		_, _, err = NewReader(bytes.NewReader(b.Bytes()), ReaderOptions{KeyDir: dir})
+		if err == nil || !strings.Contains(err.Error(), "sent to a network receiver") {
+			t.Errorf("%s: stream for a network receiver read from a file: %v, want it refused", enc, err)
+		}
+	}
+}
+
 // A commit is bound to the nonce of this receiver's ready message.
 func TestHandshakeCommitBoundToNonce(t *testing.T) {
 	k := []byte("handshake key of one stream.....")

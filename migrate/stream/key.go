@@ -6,10 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/pcluster/pcluster/internal/keyfile"
 )
 
 // KeySize is the exact length of a key file: 32 bytes from a CSPRNG
@@ -42,27 +43,21 @@ func KeyID(k []byte) string {
 // readKeyFile loads a key file and checks its length. Errors name the file
 // but never its content.
 func readKeyFile(path string) (*key, error) {
-	f, err := os.Open(path)
+	buf, err := keyfile.Read(path, KeySize)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	var buf [KeySize + 1]byte
-	n, err := io.ReadFull(f, buf[:])
-	switch {
-	case err == nil:
-		return nil, fmt.Errorf("key file %s is longer than %d bytes (make one with: head -c 32 /dev/urandom > %s)", path, KeySize, filepath.Base(path))
-	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
-		if n != KeySize {
-			return nil, fmt.Errorf("key file %s holds %d bytes, want exactly %d (make one with: head -c 32 /dev/urandom > %s)", path, n, KeySize, filepath.Base(path))
+	defer clear(buf)
+	if len(buf) != KeySize {
+		what := fmt.Sprintf("holds %d bytes, want exactly %d", len(buf), KeySize)
+		if len(buf) > KeySize {
+			what = fmt.Sprintf("is longer than %d bytes", KeySize)
 		}
-	default:
-		return nil, err
+		return nil, fmt.Errorf("key file %s %s (make one with: (umask 077; head -c 32 /dev/urandom > %s))", path, what, filepath.Base(path))
 	}
 	k := &key{name: filepath.Base(path)}
-	copy(k.bytes[:], buf[:KeySize])
+	copy(k.bytes[:], buf)
 	k.id = KeyID(k.bytes[:])
-	clear(buf[:])
 	return k, nil
 }
 
@@ -79,6 +74,13 @@ func validKeyName(name string) bool {
 func findKey(dir, name, id string) (*key, error) {
 	if dir == "" {
 		return nil, fmt.Errorf("snapshot is encrypted with key %s (id %s): no key directory given", name, id)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("key directory: %w", err)
+	}
+	if err := keyfile.Check(dir, fi); err != nil {
+		return nil, err
 	}
 	var firstErr error
 	if validKeyName(name) {

@@ -211,7 +211,7 @@ func parseEncrypt(s string) (cipherName, keyPath string, err error) {
 		return CipherNone, "", nil
 	case CipherAESGCM, CipherChaCha20:
 		if !hasPath || path == "" {
-			return "", "", fmt.Errorf("encryption %s needs a key file: %s:KEYFILE (make one with: head -c 32 /dev/urandom > k.key)", lname, lname)
+			return "", "", fmt.Errorf("encryption %s needs a key file: %s:KEYFILE (make one with: (umask 077; head -c 32 /dev/urandom > k.key))", lname, lname)
 		}
 		return lname, path, nil
 	case "aes-cfb", "aes-ctr", "aes-ofb":
@@ -246,6 +246,10 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 		if h.Get(KeyPeer, "") != hex.EncodeToString(p.peerNonce()) {
 			return nil, nil, fmt.Errorf("%ssnapshot was not sent for this connection (peer=%s): a replayed stream?", where, h.Get(KeyPeer, "missing"))
 		}
+	} else if _, ok := h.Params[KeyPeer]; ok {
+		// A stream sent to a network receiver, captured and fed to a
+		// file or a pipe: its -halt sender has long decided.
+		return nil, nil, fmt.Errorf("%ssnapshot was sent to a network receiver (peer=%s), not written for a file or pipe: a replayed stream?", where, h.Get(KeyPeer, ""))
 	}
 	compName := h.Get(KeyCompress, "")
 	if !contains([]string{CompressNone, CompressGzip, CompressFlate, CompressSnappy, CompressZstd}, compName) {
