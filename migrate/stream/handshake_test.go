@@ -134,6 +134,38 @@ func TestHandshakeReceiverFails(t *testing.T) {
 	}
 }
 
+// A sender whose stream a keyed receiver cannot authenticate learns only
+// that it was refused: not the receiver's key directory, nor which key
+// names or ids exist there. (A plaintext sender reads the unauthenticated
+// reason; an attacker's own client would read it whatever it sent.)
+func TestHandshakeRefusalTellsNoDetails(t *testing.T) {
+	dir := testKeys(t)
+	src, err := OpenSource("tcp:127.0.0.1:0", SourceOptions{ReadTimeout: 5 * time.Second, HaveKeys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	done := make(chan error)
+	goSender(t, src, func() {
+		sink, err := startSend(t, src.Addr(), []byte("records"), Options{})
+		if sink != nil {
+			defer sink.Close()
+		}
+		if err == nil {
+			err = sink.AwaitReady(5 * time.Second)
+		}
+		done <- err
+	})
+	if _, err := readAllFrom(src, ReaderOptions{KeyDir: dir, RequireEncryption: true}); err == nil {
+		t.Fatal("a keyed receiver accepted plaintext")
+	}
+	src.Ready(errors.New("no key named k9.key or with id 0123456789abcdef in " + dir))
+	err = <-done
+	if err == nil || !strings.Contains(err.Error(), "not encrypted with a key this receiver holds") || strings.Contains(err.Error(), dir) {
+		t.Errorf("sender got %v, want a refusal without the receiver's details", err)
+	}
+}
+
 func TestHandshakeReceiverDiesMidStream(t *testing.T) {
 	dir := testKeys(t)
 	src := listenLoopback(t, 5*time.Second)

@@ -23,6 +23,9 @@ type netSource struct {
 	rt    time.Duration
 	ln    net.Listener
 	needK bool // plaintext refused (non-loopback listener with -insecure unset)
+	// haveKeys: the reader requires encryption (pthaw -keydir); a sender
+	// that did not key its stream gets no details of why it was refused.
+	haveKeys bool
 	// sameUser: a loopback or unix listener that may receive plaintext
 	// accepts only a sender running as our own user (the socket file's
 	// mode alone is set after listen, and follows no umask).
@@ -47,7 +50,7 @@ type netSource struct {
 }
 
 func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, error) {
-	s := &netSource{spec: spec, rt: opt.ReadTimeout}
+	s := &netSource{spec: spec, rt: opt.ReadTimeout, haveKeys: opt.HaveKeys}
 	if scheme == "unix" {
 		if err := removeStaleSocket(addr); err != nil {
 			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
@@ -309,6 +312,12 @@ func (s *netSource) Ready(buildErr error) error {
 	if buildErr != nil {
 		status[0] = statusFailed
 		reason = []byte(buildErr.Error())
+		if s.haveKeys && !s.keyed {
+			// The sender never proved it holds one of our keys: it
+			// learns that it was refused, not our key directory's
+			// path or which key names and ids exist there.
+			reason = []byte("refused: the stream is not encrypted with a key this receiver holds")
+		}
 		if len(reason) > maxReason {
 			reason = reason[:maxReason]
 		}
