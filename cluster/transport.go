@@ -1,12 +1,12 @@
 package cluster
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -29,9 +29,11 @@ type tlsStream struct {
 	client    *tls.Config
 	advertise net.Addr // what peers dial; raft records it in its configuration
 
-	conns chan net.Conn
-	done  chan struct{}
-	once  sync.Once
+	conns  chan net.Conn
+	done   chan struct{}
+	ctx    context.Context // cancelled by Close: ends handshakes under way
+	cancel context.CancelFunc
+	once   sync.Once
 }
 
 func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
@@ -40,6 +42,7 @@ func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
 		return nil, fmt.Errorf("raft listen %s: %w", addr, err)
 	}
 	t := &tlsStream{ln: ln, server: server, client: client, conns: make(chan net.Conn), done: make(chan struct{})}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
 	go t.acceptLoop()
 	return t, nil
 }
@@ -49,18 +52,19 @@ func (t *tlsStream) acceptLoop() {
 	for {
 		c, err := t.ln.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
-				// Out of descriptors: wait, as net/http does.
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				select {
-				case <-time.After(delay):
-					continue
-				case <-t.done:
-				}
+			if errors.Is(err, net.ErrClosed) {
+				t.Close()
+				return
 			}
-			t.Close()
-			return
+			// Out of descriptors or memory, an aborted connection: wait
+			// and go on, as net/http and raft's own loop do.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(delay):
+				continue
+			case <-t.done:
+				return
+			}
 		}
 		delay = 0
 		go t.handshake(c)
@@ -70,7 +74,7 @@ func (t *tlsStream) acceptLoop() {
 func (t *tlsStream) handshake(c net.Conn) {
 	tc := tls.Server(c, t.server)
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
-	if err := tc.Handshake(); err != nil {
+	if err := tc.HandshakeContext(t.ctx); err != nil {
 		c.Close()
 		return
 	}
@@ -95,6 +99,7 @@ func (t *tlsStream) Accept() (net.Conn, error) {
 func (t *tlsStream) Close() error {
 	var err error
 	t.once.Do(func() {
+		t.cancel()
 		close(t.done)
 		err = t.ln.Close()
 	})

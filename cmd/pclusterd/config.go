@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"strings"
@@ -35,7 +36,16 @@ type fileConfig struct {
 
 // mergeFile fills the settings not given as flags from a JSON file.
 func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
-	b, err := os.ReadFile(path)
+	file, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	defer file.Close()
+	fi, err := file.Stat() // the file read, for the key check below
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	b, err := io.ReadAll(io.LimitReader(file, 1<<20))
 	if err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
@@ -60,10 +70,6 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	if !set["encrypt"] && f.Encrypt != "" {
 		// The file carries the cluster key: it must be as private as a
 		// key file.
-		fi, err := os.Stat(path)
-		if err != nil {
-			return fmt.Errorf("config: %w", err)
-		}
 		if err := keyfile.Check(path, fi); err != nil {
 			return fmt.Errorf("config %s carries the cluster key (\"encrypt\"): %w", path, err)
 		}

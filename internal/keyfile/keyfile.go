@@ -19,6 +19,18 @@ import (
 // reader) and refuses anything but a regular file owned by the effective
 // user or root with no group or other permissions.
 func Read(path string, max int) ([]byte, error) {
+	return read(path, max, false)
+}
+
+// ReadAnyOwner is Read for a key that only encrypts what we send (pfreeze
+// -encrypt): the file may belong to anyone — root sealing a snapshot for a
+// user's pthaw uses that user's key — but must still be private to its
+// owner.
+func ReadAnyOwner(path string, max int) ([]byte, error) {
+	return read(path, max, true)
+}
+
+func read(path string, max int, anyOwner bool) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
@@ -31,7 +43,7 @@ func Read(path string, max int) ([]byte, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("key file %s is not a regular file (%v)", path, fi.Mode().Type())
 	}
-	if err := Check(path, fi); err != nil {
+	if err := check(path, fi, anyOwner); err != nil {
 		return nil, err
 	}
 	buf := make([]byte, max+1)
@@ -46,11 +58,15 @@ func Read(path string, max int) ([]byte, error) {
 // that group or others may use: a directory others can write lets them add
 // keys; a file others can read is no secret.
 func Check(path string, fi os.FileInfo) error {
+	return check(path, fi, false)
+}
+
+func check(path string, fi os.FileInfo, anyOwner bool) error {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {
 		return fmt.Errorf("%s: no owner information", path)
 	}
-	if int(st.Uid) != os.Geteuid() && st.Uid != 0 {
+	if !anyOwner && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
 		return fmt.Errorf("%s belongs to uid %d, neither us (%d) nor root: refusing a key another user controls", path, st.Uid, os.Geteuid())
 	}
 	if fi.IsDir() {

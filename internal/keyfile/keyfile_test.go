@@ -56,6 +56,13 @@ func TestRead(t *testing.T) {
 		if _, err := Read(p, 32); err == nil || !strings.Contains(err.Error(), "uid 65534") {
 			t.Errorf("Read of a key owned by uid 65534: %v; want a refusal naming the owner", err)
 		}
+		if got, err := ReadAnyOwner(p, 32); err != nil || string(got) != string(key) {
+			t.Errorf("ReadAnyOwner of a 0600 key owned by uid 65534: %q, %v", got, err)
+		}
+		os.Chmod(p, 0o644)
+		if _, err := ReadAnyOwner(p, 32); err == nil {
+			t.Error("ReadAnyOwner of a 0644 key: accepted")
+		}
 	}
 }
 

@@ -3,6 +3,8 @@ package capture
 import (
 	"fmt"
 	"io"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/pcluster/pcluster/migrate/procfs"
@@ -35,7 +37,8 @@ type SendOptions struct {
 func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 	// Everything that can fail without the process is done first: the
 	// process is stopped only once the sink is open and the key read.
-	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout, Insecure: o.Insecure})
+	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout,
+		Insecure: o.Insecure, OwnerUID: ownerUID(pid)})
 	if err != nil {
 		return err
 	}
@@ -76,6 +79,26 @@ func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 		}
 	}
 	return nil
+}
+
+// ownerUID returns the user pid wholly belongs to — real, effective,
+// saved and filesystem uid all the same — or 0 (root: no one more) when
+// they differ (a setuid program's memory may hold its owner's secrets) or
+// cannot be read.
+func ownerUID(pid int) int {
+	st, err := procfs.Status(pid)
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(st["Uid"])
+	if len(f) != 4 || f[0] != f[1] || f[0] != f[2] || f[0] != f[3] {
+		return 0
+	}
+	uid, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 0
+	}
+	return uid
 }
 
 // residentBytes estimates the snapshot size for the progress bar.

@@ -59,6 +59,11 @@ type SinkOptions struct {
 	// (An unencrypted stream to a loopback or unix receiver goes only to
 	// a receiver running as our own user or root.)
 	Insecure bool
+	// OwnerUID is one more user an unencrypted stream may go to over
+	// loopback or a unix socket: the owner of the process being frozen
+	// (root's pfreeze sending a user's process to that user's pthaw),
+	// whose memory it is anyway. 0 (root) adds no one.
+	OwnerUID int
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
 }

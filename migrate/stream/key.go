@@ -41,9 +41,14 @@ func KeyID(k []byte) string {
 }
 
 // readKeyFile loads a key file and checks its length. Errors name the file
-// but never its content.
-func readKeyFile(path string) (*key, error) {
-	buf, err := keyfile.Read(path, KeySize)
+// but never its content. anyOwner: the file may belong to another user (a
+// sender's key); a receiver's keys must be ours or root's.
+func readKeyFile(path string, anyOwner bool) (*key, error) {
+	read := keyfile.Read
+	if anyOwner {
+		read = keyfile.ReadAnyOwner
+	}
+	buf, err := read(path, KeySize)
 	if err != nil {
 		return nil, err
 	}
@@ -84,7 +89,7 @@ func findKey(dir, name, id string) (*key, error) {
 	}
 	var firstErr error
 	if validKeyName(name) {
-		k, err := readKeyFile(filepath.Join(dir, name))
+		k, err := readKeyFile(filepath.Join(dir, name), false)
 		if err == nil && hmac.Equal([]byte(k.id), []byte(id)) {
 			k.name = name
 			return k, nil
@@ -107,7 +112,7 @@ func findKey(dir, name, id string) (*key, error) {
 		if err != nil || info.Size() != KeySize {
 			continue
 		}
-		k, err := readKeyFile(filepath.Join(dir, e.Name()))
+		k, err := readKeyFile(filepath.Join(dir, e.Name()), false)
 		if err == nil && hmac.Equal([]byte(k.id), []byte(id)) {
 			return k, nil
 		}

@@ -113,8 +113,9 @@ func (s *netSink) link(k []byte, encrypted bool) error {
 // message: an impostor listening first on the address could read the
 // process's memory and, with -halt, have the original killed. So without
 // encryption a snapshot goes only to a receiver the kernel vouches for —
-// over loopback or a unix socket, one running as our own user or root —
-// or beyond loopback when the user said -insecure. The receiver's user was
+// over loopback or a unix socket, one running as our own user, root or the
+// owner of the process (SinkOptions.OwnerUID) — or beyond loopback when
+// the user said -insecure. The receiver's user was
 // read after its greeting, which it sends once it has accepted the
 // connection: its socket then belongs to it in /proc/net/tcp.
 func (s *netSink) checkPlaintextPeer() error {
@@ -139,8 +140,8 @@ func (s *netSink) checkPlaintextPeer() error {
 	if err != nil {
 		return fmt.Errorf("receiver %s: %w", s.conn.RemoteAddr(), err)
 	}
-	if uid != os.Geteuid() && uid != 0 {
-		return fmt.Errorf("receiver %s runs as uid %d, neither ours (%d) nor root: an unencrypted snapshot goes only to our own user; use -encrypt", s.conn.RemoteAddr(), uid, os.Geteuid())
+	if uid != os.Geteuid() && uid != 0 && uid != s.opt.OwnerUID {
+		return fmt.Errorf("receiver %s runs as uid %d, neither ours (%d), root nor the process's owner: an unencrypted snapshot goes only to them; use -encrypt", s.conn.RemoteAddr(), uid, os.Geteuid())
 	}
 	return nil
 }

@@ -27,8 +27,8 @@ type netSource struct {
 	// that did not key its stream gets no details of why it was refused.
 	haveKeys bool
 	// sameUser: a loopback or unix listener that may receive plaintext
-	// accepts only a sender running as our own user (the socket file's
-	// mode alone is set after listen, and follows no umask).
+	// accepts only a sender running as our own user or root (the socket
+	// file's mode alone is set after listen, and follows no umask).
 	sameUser bool
 
 	mu   sync.Mutex // guards conn and done against Close from another goroutine
@@ -171,8 +171,8 @@ func (s *netSource) accept() error {
 		if err != nil {
 			return fmt.Errorf("stream: %s: sender %s: %w", s.spec, c.RemoteAddr(), err)
 		}
-		if uid != os.Geteuid() {
-			return fmt.Errorf("stream: %s: sender %s runs as uid %d, not ours (%d): a listener without -keydir accepts only its own user", s.spec, c.RemoteAddr(), uid, os.Geteuid())
+		if uid != os.Geteuid() && uid != 0 {
+			return fmt.Errorf("stream: %s: sender %s runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", s.spec, c.RemoteAddr(), uid, os.Geteuid())
 		}
 	}
 	s.br = bufio.NewReaderSize(s.conn, 256<<10)

@@ -23,43 +23,53 @@ func tcpPeerUID(c net.Conn) (int, error) {
 	if !ok1 || !ok2 {
 		return 0, fmt.Errorf("not a TCP connection")
 	}
-	// The peer's socket has the remote address as its local one.
-	want := procNetAddr(remote) + " " + procNetAddr(local)
-	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		f, err := os.Open(table)
-		if err != nil {
-			continue
-		}
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			fields := strings.Fields(sc.Text())
-			if len(fields) < 8 || fields[1]+" "+fields[2] != want {
-				continue
-			}
-			f.Close()
-			return strconv.Atoi(fields[7])
-		}
-		f.Close()
+	// The peer's socket has the remote address as its local one. It is an
+	// IPv4 socket (listed in /proc/net/tcp) or an IPv6 one (tcp6), which
+	// for an IPv4 connection (a dual-stack listener, tcp:PORT) lists both
+	// addresses in their IPv4-mapped 16-byte form.
+	var tables [][2]string
+	if remote.IP.To4() != nil && local.IP.To4() != nil {
+		tables = append(tables, [2]string{"/proc/net/tcp", procNetAddr(remote.IP.To4(), remote.Port) + " " + procNetAddr(local.IP.To4(), local.Port)})
 	}
-	return 0, fmt.Errorf("peer %s not found in /proc/net/tcp", remote)
+	tables = append(tables, [2]string{"/proc/net/tcp6", procNetAddr(remote.IP.To16(), remote.Port) + " " + procNetAddr(local.IP.To16(), local.Port)})
+	for _, t := range tables {
+		if uid, ok, err := findSocketUID(t[0], t[1]); ok || err != nil {
+			return uid, err
+		}
+	}
+	return 0, fmt.Errorf("peer %s not found in /proc/net/tcp or tcp6", remote)
 }
 
-// procNetAddr formats a as /proc/net/tcp{,6} does: the address in
-// host-order 32-bit words as hex, a colon, the port as hex.
-func procNetAddr(a *net.TCPAddr) string {
-	ip := a.IP.To4()
-	if ip == nil {
-		ip = a.IP.To16()
-	} else if strings.Contains(a.String(), "[") {
-		// An IPv4-mapped peer of a tcp6 socket is listed in its 16-byte form.
-		ip = a.IP.To16()
+// findSocketUID looks up the socket whose "local remote" addresses are
+// want in table and returns its owner.
+func findSocketUID(table, want string) (uid int, found bool, err error) {
+	f, err := os.Open(table)
+	if err != nil {
+		return 0, false, nil // no IPv6 in this kernel: nothing there
 	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 8 || fields[1]+" "+fields[2] != want {
+			continue
+		}
+		uid, err := strconv.Atoi(fields[7])
+		return uid, true, err
+	}
+	return 0, false, sc.Err()
+}
+
+// procNetAddr formats ip (4 or 16 bytes) and port as /proc/net/tcp{,6}
+// does: the address in host-order 32-bit words as hex, a colon, the port
+// as hex.
+func procNetAddr(ip net.IP, port int) string {
 	var b strings.Builder
 	for i := 0; i+4 <= len(ip); i += 4 {
 		w := []byte{ip[i+3], ip[i+2], ip[i+1], ip[i]}
 		b.WriteString(strings.ToUpper(hex.EncodeToString(w)))
 	}
-	fmt.Fprintf(&b, ":%04X", a.Port)
+	fmt.Fprintf(&b, ":%04X", port)
 	return b.String()
 }
 

@@ -2,6 +2,8 @@ package stream
 
 import (
 	"bufio"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,7 +14,7 @@ import (
 )
 
 // peerScript is a receiver that greets like pthaw and reads what comes,
-// for two connections; it prints the address it listens on.
+// for three connections; it prints the address it listens on.
 const peerScript = `
 import os, socket, sys
 kind, path, hello = sys.argv[1], sys.argv[2], sys.argv[3].encode()
@@ -24,9 +26,9 @@ else:
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     addr = path
-s.listen(2)
+s.listen(3)
 print(addr, flush=True)
-for _ in range(2):
+for _ in range(3):
     c, _ = s.accept()
     c.sendall(hello + os.urandom(16))
     while c.recv(65536):
@@ -35,9 +37,10 @@ for _ in range(2):
 `
 
 // TestPlaintextOnlyToOwnUser: over loopback TCP or a unix socket an
-// unencrypted stream goes only to a receiver running as our own user (or
-// root), never to another user who listened there first; an encrypted one
-// may go anywhere, since only a key holder can read it or acknowledge it.
+// unencrypted stream goes only to a receiver running as our own user, root
+// or the frozen process's owner, never to another user who listened there
+// first; an encrypted one may go anywhere, since only a key holder can read
+// it or acknowledge it.
 func TestPlaintextOnlyToOwnUser(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run a receiver as another user (CI runs as root)")
@@ -71,22 +74,59 @@ func TestPlaintextOnlyToOwnUser(t *testing.T) {
 				t.Fatalf("receiver as uid 65534: %v", err)
 			}
 			spec := kind + ":" + strings.TrimSpace(addr)
-			for _, enc := range []string{CipherNone, CipherAESGCM} {
-				sink, err := OpenSink(spec, SinkOptions{DialTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second})
+			for _, tc := range []struct {
+				enc   string
+				owner int // the frozen process's owner (SinkOptions.OwnerUID)
+				ok    bool
+			}{
+				{CipherNone, 0, false},
+				{CipherAESGCM, 0, true},
+				{CipherNone, 65534, true}, // root sending uid 65534's process to it
+			} {
+				sink, err := OpenSink(spec, SinkOptions{DialTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, OwnerUID: tc.owner})
 				if err != nil {
 					t.Fatal(err)
 				}
-				w, err := NewWriter(sink, Options{Encrypt: encryptOpt(keys, enc, "k1.key")})
+				w, err := NewWriter(sink, Options{Encrypt: encryptOpt(keys, tc.enc, "k1.key")})
 				switch {
-				case enc == CipherNone && (err == nil || !strings.Contains(err.Error(), "runs as uid 65534")):
-					t.Errorf("plaintext to %s owned by uid 65534: %v, want a refusal naming the uid", spec, err)
-				case enc != CipherNone && err != nil:
-					t.Errorf("%s to %s: %v", enc, spec, err)
+				case !tc.ok && (err == nil || !strings.Contains(err.Error(), "runs as uid 65534")):
+					t.Errorf("%s to %s owned by uid 65534 (process owner %d): %v, want a refusal naming the uid", tc.enc, spec, tc.owner, err)
+				case tc.ok && err != nil:
+					t.Errorf("%s to %s (process owner %d): %v", tc.enc, spec, tc.owner, err)
 				case err == nil:
 					w.Close()
 				}
 				sink.Close()
 			}
 		})
+	}
+}
+
+// TestPlaintextDualStackLoopback: a receiver listening on all addresses
+// (tcp:PORT, an IPv6 socket taking IPv4 too) is found in /proc/net/tcp6 in
+// its IPv4-mapped form when the sender dials 127.0.0.1.
+func TestPlaintextDualStackLoopback(t *testing.T) {
+	src, err := OpenSource("tcp:0", SourceOptions{ReadTimeout: 5 * time.Second, Insecure: true, Warn: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(src.Addr())
+	data := []byte("records")
+	for _, host := range []string{"127.0.0.1", "[::1]"} {
+		if host == "[::1]" {
+			if src, err = OpenSource("tcp:0", SourceOptions{ReadTimeout: 5 * time.Second, Insecure: true, Warn: io.Discard}); err != nil {
+				t.Fatal(err)
+			}
+			_, port, _ = net.SplitHostPort(src.Addr())
+		}
+		errc := make(chan error, 1)
+		go func() { errc <- send("tcp:"+host+":"+port, data, Options{}, true) }()
+		got, err := receive(src, ReaderOptions{})
+		if err != nil || string(got) != string(data) {
+			t.Errorf("%s to a dual-stack receiver: %q, %v", host, got, err)
+		}
+		if err := <-errc; err != nil {
+			t.Errorf("%s to a dual-stack receiver: sender: %v", host, err)
+		}
 	}
 }

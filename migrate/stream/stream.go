@@ -107,7 +107,8 @@ func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
 	var k *key
 	var salt [saltSize]byte
 	if cipherName != CipherNone {
-		k, err = readKeyFile(keyPath)
+		// The sender's key only seals: it may be the receiving user's.
+		k, err = readKeyFile(keyPath, true)
 		if err != nil {
 			return nil, fmt.Errorf("stream: open key %s: %w", opt.Encrypt, err)
 		}
