@@ -3,7 +3,9 @@ package loader
 import (
 	"fmt"
 	"io"
+	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/pcluster/pcluster/migrate/image"
@@ -22,6 +24,12 @@ type ReceiveOptions struct {
 	Insecure      bool      // allow a non-loopback listener without keys
 	Warn          io.Writer // receives warnings and "listening on" lines
 	Progress      bool
+	// Interrupt, when it delivers, gives up while waiting for a sender or
+	// reading and building: the half-built process is killed and the
+	// sender, if any, resumes its original. Once the process is reported
+	// built to a -halt sender (which then kills its original) it is no
+	// longer heeded: from then on only the sender decides.
+	Interrupt <-chan os.Signal
 	Options
 }
 
@@ -36,8 +44,11 @@ func Receive(tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
 		return nil, err
 	}
 	defer src.Close()
+	intr := watchInterrupt(o.Interrupt, src)
+	defer intr.stop()
 	body, dec, err := openBody(src, o)
 	if err != nil {
+		err = intr.explain(err)
 		src.Ready(err)
 		return nil, err
 	}
@@ -49,7 +60,12 @@ func Receive(tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
 			err = fmt.Errorf("thaw: %w", err)
 		}
 	}
+	if err == nil && intr.stop() {
+		p.Abort()
+		err = intr.explain(nil)
+	}
 	if err != nil {
+		err = intr.explain(err)
 		// Let the sender finish writing, so that it reads our reason
 		// instead of a reset connection; a broken stream ends this at once.
 		io.Copy(io.Discard, body)
@@ -68,6 +84,57 @@ func Receive(tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// interruptWatch closes the source when a signal arrives, until stopped.
+type interruptWatch struct {
+	mu      sync.Mutex
+	stopped bool
+	sig     os.Signal // the signal that closed the source, if any
+	done    chan struct{}
+}
+
+func watchInterrupt(c <-chan os.Signal, src io.Closer) *interruptWatch {
+	w := &interruptWatch{done: make(chan struct{})}
+	if c == nil {
+		return w
+	}
+	go func() {
+		select {
+		case s := <-c:
+			w.mu.Lock()
+			if !w.stopped {
+				w.sig = s
+				src.Close()
+			}
+			w.mu.Unlock()
+		case <-w.done:
+		}
+	}()
+	return w
+}
+
+// stop ends the watch and reports whether a signal came first. After it
+// returns no signal is taken from the channel.
+func (w *interruptWatch) stop() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.stopped {
+		w.stopped = true
+		close(w.done)
+	}
+	return w.sig != nil
+}
+
+// explain replaces err, the consequence of closing the source (or nil), by
+// the signal that did it.
+func (w *interruptWatch) explain(err error) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.sig == nil {
+		return err
+	}
+	return fmt.Errorf("interrupted by %v before the process was built: nothing restored", w.sig)
 }
 
 // Describe prints the snapshot read from o.Src (pthaw -debug).

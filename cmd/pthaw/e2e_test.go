@@ -123,6 +123,24 @@ func (th *thawed) listening(t testing.TB) string {
 	return ""
 }
 
+// said waits for pthaw's stderr to match rx while it keeps running.
+func (th *thawed) said(t testing.TB, rx string) {
+	t.Helper()
+	re := regexp.MustCompile(rx)
+	deadline := time.Now().Add(waitFor)
+	for time.Now().Before(deadline) {
+		if re.MatchString(th.stderr.String()) {
+			return
+		}
+		select {
+		case <-th.done:
+			t.Fatalf("pthaw exited: %s", th.stderr.String())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	t.Fatalf("pthaw did not say %q: %s", rx, th.stderr.String())
+}
+
 // thaw starts pthaw with args, its stdin a pipe (th.stdin); t.Cleanup
 // stops it (SIGTERM reaches the restored process) and waits for it.
 func thaw(t *testing.T, args ...string) *thawed {

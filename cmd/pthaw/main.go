@@ -56,10 +56,13 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	if o.NewPID && o.PIDNamespace {
 		return 0, errors.New("-pidns restores the saved PIDs: it cannot be combined with -new-pid")
 	}
-	// Signals meant for the restored process must not kill us while we
-	// build it; once it runs, we forward them.
+	// Until the process is reported built, a termination signal gives up
+	// cleanly (nothing restored, the sender resumes its original); after
+	// that signals must not kill us before the process runs, and once it
+	// runs we forward them.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT)
+	o.Interrupt = sigs
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	p, err := loader.Receive(tr, o)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -304,7 +305,8 @@ func TestSourceReadTimeout(t *testing.T) {
 }
 
 func TestSourceGarbageSender(t *testing.T) {
-	for _, msg := range []string{"GET / HTTP/1.0\r\n\r\n", wireHello + "X\x00\x00\x00\x01z", wireHello + "D\xff\xff\xff\xff"} {
+	// A sender that greets and then sends bad frames fails the stream.
+	for _, msg := range []string{wireHello + "X\x00\x00\x00\x01z", wireHello + "D\xff\xff\xff\xff"} {
 		src, err := OpenSource("tcp:127.0.0.1:0", SourceOptions{ReadTimeout: 2 * time.Second})
 		if err != nil {
 			t.Fatal(err)
@@ -321,6 +323,63 @@ func TestSourceGarbageSender(t *testing.T) {
 		c.Close()
 		src.Close()
 	}
+}
+
+// A connection that does not greet (a port scanner, an HTTP client, one
+// that stays silent) is dropped with a warning line and the next is taken.
+func TestSourceDropsNonSenders(t *testing.T) {
+	var warn syncBuffer
+	src, err := OpenSource("tcp:127.0.0.1:0", SourceOptions{ReadTimeout: 300 * time.Millisecond, Warn: &warn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan []byte, 1)
+	errc := make(chan error, 1)
+	go func() {
+		b, err := receive(src, ReaderOptions{})
+		got <- b
+		errc <- err
+	}()
+	c, err := net.Dial("tcp", src.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+	silent, err := net.Dial("tcp", src.Addr()) // waits its turn, then says nothing
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	data := testData(3*ChunkSize, 4)
+	if err := send("tcp:"+src.Addr(), data, Options{}, true); err != nil {
+		t.Fatalf("the real sender after two others: %v (warnings: %q)", err, warn.String())
+	}
+	c.Close()
+	if b, err := <-got, <-errc; err != nil || !bytes.Equal(b, data) {
+		t.Fatalf("received %d bytes, %v", len(b), err)
+	}
+	w := warn.String()
+	if !strings.Contains(w, "not a pcluster sender (bad greeting); still listening") || strings.Count(w, "dropped a connection") != 2 {
+		t.Errorf("warnings %q, want one per dropped connection", w)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent use.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // Close from another goroutine ends a pending accept.

@@ -26,6 +26,7 @@ type netSource struct {
 	// haveKeys: the reader requires encryption (pthaw -keydir); a sender
 	// that did not key its stream gets no details of why it was refused.
 	haveKeys bool
+	warn     io.Writer // dropped connections are reported here
 	// sameUser: a loopback or unix listener that may receive plaintext
 	// accepts only a sender running as our own user or root (the socket
 	// file's mode alone is set after listen, and follows no umask).
@@ -50,7 +51,10 @@ type netSource struct {
 }
 
 func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, error) {
-	s := &netSource{spec: spec, rt: opt.ReadTimeout, haveKeys: opt.HaveKeys}
+	s := &netSource{spec: spec, rt: opt.ReadTimeout, haveKeys: opt.HaveKeys, warn: opt.Warn}
+	if s.warn == nil {
+		s.warn = os.Stderr
+	}
 	if scheme == "unix" {
 		if err := removeStaleSocket(addr); err != nil {
 			return nil, fmt.Errorf("stream: listen %s: %w", spec, err)
@@ -144,24 +148,60 @@ func removeStaleSocket(path string) error {
 func (s *netSource) String() string { return s.spec }
 func (s *netSource) Addr() string   { return s.ln.Addr().String() }
 
-// accept takes the one sender and stops listening.
+// helloTimeout bounds how long an accepted connection may take to greet
+// before the listener gives up on it and takes the next (a port scanner, or
+// someone holding the port, must not keep the real sender out for long).
+const helloTimeout = 10 * time.Second
+
+// accept takes the one sender and stops listening. A connection that is
+// not a pcluster sender allowed here (no greeting, a bad one, another
+// user's on a keyless loopback or unix listener) is dropped with a warning
+// and the next one taken: whoever can reach the port cannot make a
+// migration fail by connecting first.
 func (s *netSource) accept() error {
 	if s.br != nil {
 		return nil
 	}
-	c, err := s.ln.Accept()
-	s.ln.Close()
-	if err != nil {
-		return fmt.Errorf("stream: accept %s: %w", s.spec, err)
-	}
-	s.mu.Lock()
-	if s.done {
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			s.ln.Close()
+			return fmt.Errorf("stream: accept %s: %w", s.spec, err)
+		}
+		s.mu.Lock()
+		if s.done {
+			s.mu.Unlock()
+			c.Close()
+			return fmt.Errorf("stream: accept %s: %w", s.spec, net.ErrClosed)
+		}
+		s.conn = &deadlineConn{Conn: c, rt: s.rt}
+		s.mu.Unlock()
+		err = s.greet(c)
+		if err == nil {
+			s.ln.Close()
+			return nil
+		}
+		var bad badSender
+		if !errors.As(err, &bad) {
+			s.ln.Close()
+			return err
+		}
+		fmt.Fprintf(s.warn, "warning: %s: dropped a connection from %s: %v; still listening\n", s.spec, c.RemoteAddr(), bad.err)
+		s.mu.Lock()
+		s.conn, s.br = nil, nil
 		s.mu.Unlock()
 		c.Close()
-		return fmt.Errorf("stream: accept %s: %w", s.spec, net.ErrClosed)
 	}
-	s.conn = &deadlineConn{Conn: c, rt: s.rt}
-	s.mu.Unlock()
+}
+
+// badSender is why a connection was dropped before it sent anything that
+// counts.
+type badSender struct{ err error }
+
+func (b badSender) Error() string { return b.err.Error() }
+
+// greet checks who connected and exchanges greetings.
+func (s *netSource) greet(c net.Conn) error {
 	if s.sameUser {
 		peerUID := tcpPeerUID
 		if _, ok := c.(*net.UnixConn); ok {
@@ -169,28 +209,36 @@ func (s *netSource) accept() error {
 		}
 		uid, err := peerUID(c)
 		if err != nil {
-			return fmt.Errorf("stream: %s: sender %s: %w", s.spec, c.RemoteAddr(), err)
+			return badSender{err}
 		}
 		if uid != os.Geteuid() && uid != 0 {
-			return fmt.Errorf("stream: %s: sender %s runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", s.spec, c.RemoteAddr(), uid, os.Geteuid())
+			return badSender{fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", uid, os.Geteuid())}
 		}
 	}
-	s.br = bufio.NewReaderSize(s.conn, 256<<10)
 	s.peer = make([]byte, hsNonceSize)
 	if _, err := rand.Read(s.peer); err != nil {
 		return fmt.Errorf("stream: %s: nonce: %w", s.spec, err)
 	}
-	s.conn.wt = s.rt
-	if _, err := s.conn.Write(append([]byte(wireHello), s.peer...)); err != nil {
-		return fmt.Errorf("stream: %s: greet %s: %w", s.spec, c.RemoteAddr(), err)
+	// The greeting is answered within helloTimeout (or the read timeout,
+	// if shorter); then the read timeout applies.
+	ht := helloTimeout
+	if s.rt > 0 && s.rt < ht {
+		ht = s.rt
 	}
+	s.conn.rt, s.conn.wt = ht, ht
+	if _, err := s.conn.Write(append([]byte(wireHello), s.peer...)); err != nil {
+		return badSender{fmt.Errorf("greet: %w", err)}
+	}
+	br := bufio.NewReaderSize(s.conn, 256<<10)
 	var hello [len(wireHello)]byte
-	if _, err := io.ReadFull(s.br, hello[:]); err != nil || string(hello[:]) != wireHello {
+	if _, err := io.ReadFull(br, hello[:]); err != nil || string(hello[:]) != wireHello {
 		if err == nil {
 			err = errors.New("not a pcluster sender (bad greeting)")
 		}
-		return fmt.Errorf("stream: %s: from %s: %w", s.spec, c.RemoteAddr(), err)
+		return badSender{err}
 	}
+	s.conn.rt, s.conn.wt = s.rt, s.rt
+	s.br = br
 	return nil
 }
 
