@@ -115,9 +115,9 @@ func (s *netSink) link(k []byte, encrypted bool) error {
 // encryption a snapshot goes only to a receiver the kernel vouches for —
 // over loopback or a unix socket, one running as our own user, root or the
 // owner of the process (SinkOptions.OwnerUID) — or beyond loopback when
-// the user said -insecure. The receiver's user was
-// read after its greeting, which it sends once it has accepted the
-// connection: its socket then belongs to it in /proc/net/tcp.
+// the user said -insecure. The receiver's user was read after its
+// greeting, which it sends once it has accepted the connection: its socket
+// then belongs to it in /proc/net/tcp.
 func (s *netSink) checkPlaintextPeer() error {
 	uid, err := s.peerUID, s.peerErr
 	switch a := s.conn.RemoteAddr().(type) {
