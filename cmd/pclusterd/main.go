@@ -100,10 +100,10 @@ func run(args []string, stderr io.Writer) error {
 	if *join != "" {
 		c.Join = strings.Split(*join, ",")
 	}
-	fs.Visit(func(f *flag.Flag) { c.encryptFlag = c.encryptFlag || f.Name == "encrypt" })
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	c.encryptFlag = set["encrypt"]
 	if *configPath != "" {
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		if err := c.mergeFile(*configPath, set); err != nil {
 			return usageError{err}
 		}

@@ -3,10 +3,9 @@ package capture
 import (
 	"fmt"
 	"io"
-	"strconv"
-	"strings"
 	"time"
 
+	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 	"github.com/pcluster/pcluster/migrate/stream"
@@ -90,15 +89,15 @@ func ownerUID(pid int) int {
 	if err != nil {
 		return 0
 	}
-	f := strings.Fields(st["Uid"])
-	if len(f) != 4 || f[0] != f[1] || f[0] != f[2] || f[0] != f[3] {
+	var c image.Creds
+	if err := parseCreds(st, &c); err != nil {
 		return 0
 	}
-	uid, err := strconv.Atoi(f[0])
-	if err != nil {
+	u := c.Uid // real, effective, saved, fs
+	if u[0] != u[1] || u[0] != u[2] || u[0] != u[3] {
 		return 0
 	}
-	return uid
+	return int(u[0])
 }
 
 // residentBytes estimates the snapshot size for the progress bar.
