@@ -1,7 +1,6 @@
 package stream
 
 import (
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/sha256"
@@ -10,6 +9,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/pcluster/pcluster/internal/aesgcm"
 	"golang.org/x/crypto/chacha20poly1305"
 )
 
@@ -63,11 +63,7 @@ func deriveKeys(master *key, cipherName string, salt []byte, line string) (paylo
 func newAEAD(name string, k []byte) (cipher.AEAD, error) {
 	switch name {
 	case CipherAESGCM:
-		b, err := aes.NewCipher(k)
-		if err != nil {
-			return nil, err
-		}
-		return cipher.NewGCM(b)
+		return aesgcm.New(k)
 	case CipherChaCha20:
 		return chacha20poly1305.New(k)
 	}
@@ -129,9 +125,18 @@ func (s *sealWriter) Write(p []byte) (int, error) {
 		// A full chunk is sealed only once more data arrives, so that the
 		// last chunk is never empty unless the whole body is.
 		if len(s.buf) == ChunkSize {
-			if err := s.flush(false); err != nil {
+			if err := s.flush(s.buf, false); err != nil {
 				return total - len(p), err
 			}
+		}
+		if len(s.buf) == 0 && len(p) > ChunkSize {
+			// A whole chunk with more after it: seal it straight from p
+			// instead of copying it first.
+			if err := s.flush(p[:ChunkSize], false); err != nil {
+				return total - len(p), err
+			}
+			p = p[ChunkSize:]
+			continue
 		}
 		n := copy(s.buf[len(s.buf):ChunkSize], p)
 		s.buf = s.buf[:len(s.buf)+n]
@@ -140,10 +145,11 @@ func (s *sealWriter) Write(p []byte) (int, error) {
 	return total, nil
 }
 
-// flush seals buf in place and writes it.
-func (s *sealWriter) flush(last bool) error {
+// flush seals plain (buf itself or a whole chunk of the caller's) into buf
+// and writes it.
+func (s *sealWriter) flush(plain []byte, last bool) error {
 	s.n.setLast(last)
-	out := s.a.Seal(s.buf[:0], s.n[:], s.buf, nil)
+	out := s.a.Seal(s.buf[:0], s.n[:], plain, nil)
 	if _, err := s.w.Write(out); err != nil {
 		s.err = err
 		return err
@@ -165,7 +171,7 @@ func (s *sealWriter) Close() error {
 		s.cerr = s.err
 		return s.cerr
 	}
-	s.cerr = s.flush(true)
+	s.cerr = s.flush(s.buf, true)
 	s.err = errors.New("write after close")
 	return s.cerr
 }
@@ -196,10 +202,14 @@ func (o *openReader) Read(p []byte) (int, error) {
 			o.err = io.EOF
 			return 0, io.EOF
 		}
-		if err := o.readChunk(); err != nil {
+		n, err := o.readChunk(p)
+		if err != nil {
 			o.err = err
 			o.plain = nil
 			return 0, err
+		}
+		if n > 0 {
+			return n, nil
 		}
 	}
 	n := copy(p, o.plain)
@@ -208,8 +218,11 @@ func (o *openReader) Read(p []byte) (int, error) {
 }
 
 // readChunk reads one sealed chunk and one byte beyond it: if that byte
-// exists the chunk is not the last, else it must be.
-func (o *openReader) readChunk() error {
+// exists the chunk is not the last, else it must be. If p holds the whole
+// plaintext it is opened straight into p and its length returned (AEADs
+// leave nothing in p when authentication fails); else it is opened in
+// place into o.plain.
+func (o *openReader) readChunk(p []byte) (int, error) {
 	start := 0
 	if o.carry {
 		// The look-ahead byte still sits past the previous chunk.
@@ -226,31 +239,39 @@ func (o *openReader) readChunk() error {
 		last = true
 		if n < tagSize {
 			if n == 0 && o.n.counter() != 0 {
-				return fmt.Errorf("chunk %d: %w", o.n.counter(), io.ErrUnexpectedEOF)
+				return 0, fmt.Errorf("chunk %d: %w", o.n.counter(), io.ErrUnexpectedEOF)
 			}
-			return fmt.Errorf("chunk %d: truncated (%d bytes): %w", o.n.counter(), n, io.ErrUnexpectedEOF)
+			return 0, fmt.Errorf("chunk %d: truncated (%d bytes): %w", o.n.counter(), n, io.ErrUnexpectedEOF)
 		}
 	default:
-		return err
+		return 0, err
 	}
 	size := n
 	if !last {
 		size = encChunkSize
 	}
 	o.n.setLast(last)
-	plain, aerr := o.a.Open(o.buf[:0], o.n[:], o.buf[:size], nil)
+	dst := o.buf[:0]
+	direct := len(p) >= size-tagSize
+	if direct {
+		dst = p[:0]
+	}
+	plain, aerr := o.a.Open(dst, o.n[:], o.buf[:size], nil)
 	if aerr != nil {
-		return fmt.Errorf("chunk %d: %w", o.n.counter(), errChunkAuth)
+		return 0, fmt.Errorf("chunk %d: %w", o.n.counter(), errChunkAuth)
 	}
 	if last && len(plain) == 0 && o.n.counter() != 0 {
 		// The writer never produces an empty last chunk after data.
-		return fmt.Errorf("chunk %d: empty last chunk", o.n.counter())
+		return 0, fmt.Errorf("chunk %d: empty last chunk", o.n.counter())
 	}
 	o.carry = !last
 	o.last = last
-	o.plain = plain
 	if err := o.n.next(); err != nil {
-		return err
+		return 0, err
 	}
-	return nil
+	if direct {
+		return len(plain), nil
+	}
+	o.plain = plain
+	return 0, nil
 }
