@@ -185,6 +185,7 @@ func freezeThawCompared(b *testing.B, mib int, prog, n string) (f1, t1, fn, tn f
 			}
 			p.Lines.Expect(b, `^ready`, 60*time.Second)
 			snap := filepath.Join("/dev/shm", "pcluster-bench-"+strconv.Itoa(os.Getpid()))
+			b.Cleanup(func() { os.Remove(snap) })
 			fargs := []string{"-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap}
 			if tree {
 				fargs = append(fargs, "-tree")
