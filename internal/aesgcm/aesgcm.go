@@ -9,6 +9,7 @@ package aesgcm
 import (
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/fips140"
 	"crypto/subtle"
 	"encoding/binary"
 	"errors"
@@ -34,13 +35,15 @@ const (
 
 var errOpen = errors.New("cipher: message authentication failed")
 
-// New returns an AEAD for key with a 12-byte nonce and a 16-byte tag.
+// New returns an AEAD for key with a 12-byte nonce and a 16-byte tag. In
+// FIPS 140-3 mode (GODEBUG=fips140=on) it is always crypto/cipher's, the
+// validated module's.
 func New(key []byte) (cipher.AEAD, error) {
 	b, err := aes.NewCipher(key)
 	if err != nil {
 		return nil, err
 	}
-	if len(key) != 32 || !accelerated {
+	if len(key) != 32 || !accelerated || fips140.Enabled() {
 		return cipher.NewGCM(b)
 	}
 	return newWide(key), nil
@@ -110,15 +113,15 @@ func (g *wide) Seal(dst, nonce, plaintext, additionalData []byte) []byte {
 		panic("aesgcm: message too large for GCM")
 	}
 	ret, out := sliceForAppend(dst, len(plaintext)+tagSize)
-	if inexactOverlap(out, plaintext) {
+	if inexactOverlap(out, plaintext) || anyOverlap(out, additionalData) {
 		panic("aesgcm: invalid buffer overlap")
 	}
-	var acc, ctr [16]byte
-	copy(ctr[:], nonce)
-	ctr[15] = 2
+	// Everything taken from nonce before out, where it may lie, is written.
+	var acc, ctr, mask [16]byte
+	g.start(&ctr, &mask, nonce)
 	g.hash(&acc, additionalData)
 	g.crypt(&acc, &ctr, out[:len(plaintext)], plaintext, false)
-	g.tag(out[len(plaintext):], &acc, nonce, len(additionalData), len(plaintext))
+	g.tag(out[len(plaintext):], &acc, &mask, len(additionalData), len(plaintext))
 	return ret
 }
 
@@ -130,18 +133,17 @@ func (g *wide) Open(dst, nonce, ciphertext, additionalData []byte) ([]byte, erro
 		return nil, errOpen
 	}
 	tag := ciphertext[len(ciphertext)-tagSize:]
-	ciphertext = ciphertext[:len(ciphertext)-tagSize]
-	ret, out := sliceForAppend(dst, len(ciphertext))
-	if inexactOverlap(out, ciphertext) {
+	ret, out := sliceForAppend(dst, len(ciphertext)-tagSize)
+	if inexactOverlap(out, ciphertext) || anyOverlap(out, additionalData) {
 		panic("aesgcm: invalid buffer overlap")
 	}
-	var acc, ctr [16]byte
-	copy(ctr[:], nonce)
-	ctr[15] = 2
+	ciphertext = ciphertext[:len(ciphertext)-tagSize]
+	var acc, ctr, mask [16]byte
+	g.start(&ctr, &mask, nonce)
 	g.hash(&acc, additionalData)
 	g.crypt(&acc, &ctr, out, ciphertext, true)
 	var want [tagSize]byte
-	g.tag(want[:], &acc, nonce, len(additionalData), len(ciphertext))
+	g.tag(want[:], &acc, &mask, len(additionalData), len(ciphertext))
 	if subtle.ConstantTimeCompare(want[:], tag) != 1 {
 		clear(out)
 		return nil, errOpen
@@ -151,10 +153,12 @@ func (g *wide) Open(dst, nonce, ciphertext, additionalData []byte) ([]byte, erro
 
 // hash adds data, zero-padded to whole blocks, to acc.
 func (g *wide) hash(acc *[16]byte, data []byte) {
-	if n := len(data) / 16; n > 0 {
-		ghashBlocks(g.h1(), acc, &data[0], n)
+	for len(data) >= 16 {
+		n := min(len(data), piece) &^ 15
+		ghashBlocks(g.h1(), acc, &data[0], n/16)
+		data = data[n:]
 	}
-	if rest := data[len(data)&^15:]; len(rest) > 0 {
+	if rest := data; len(rest) > 0 {
 		var b [16]byte
 		copy(b[:], rest)
 		ghashBlocks(g.h1(), acc, &b[0], 1)
@@ -187,18 +191,23 @@ func (g *wide) crypt(acc, ctr *[16]byte, dst, src []byte, decrypt bool) {
 	clear(ks[:])
 }
 
-// tag finishes GHASH with the lengths block and masks it with E(K, J0).
-func (g *wide) tag(out []byte, acc *[16]byte, nonce []byte, aadLen, textLen int) {
+// start sets the first counter block, nonce || 2, and the tag mask
+// E(K, J0), J0 = nonce || 1.
+func (g *wide) start(ctr, mask *[16]byte, nonce []byte) {
+	copy(ctr[:], nonce)
+	ctr[15] = 1
+	encryptBlock(&g.rk, mask, ctr)
+	ctr[15] = 2
+}
+
+// tag finishes GHASH with the lengths block and masks it.
+func (g *wide) tag(out []byte, acc, mask *[16]byte, aadLen, textLen int) {
 	var lens [16]byte
 	binary.BigEndian.PutUint64(lens[:8], uint64(aadLen)*8)
 	binary.BigEndian.PutUint64(lens[8:], uint64(textLen)*8)
 	ghashBlocks(g.h1(), acc, &lens[0], 1)
-	var j0 [16]byte
-	copy(j0[:], nonce)
-	j0[15] = 1
-	encryptBlock(&g.rk, &j0, &j0)
 	for i := range tagSize {
-		out[i] = acc[15-i] ^ j0[i]
+		out[i] = acc[15-i] ^ mask[i]
 	}
 }
 
@@ -215,6 +224,16 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 	return
 }
 
+// anyOverlap reports whether x and y share memory.
+func anyOverlap(x, y []byte) bool {
+	if len(x) == 0 || len(y) == 0 {
+		return false
+	}
+	x0, x1 := uintptr(unsafe.Pointer(&x[0])), uintptr(unsafe.Pointer(&x[len(x)-1]))
+	y0, y1 := uintptr(unsafe.Pointer(&y[0])), uintptr(unsafe.Pointer(&y[len(y)-1]))
+	return x0 <= y1 && y0 <= x1
+}
+
 // inexactOverlap reports whether x and y share memory other than at the
 // same starting address (in-place use is allowed, any other overlap is
 // not).
@@ -222,7 +241,5 @@ func inexactOverlap(x, y []byte) bool {
 	if len(x) == 0 || len(y) == 0 || &x[0] == &y[0] {
 		return false
 	}
-	x0, x1 := uintptr(unsafe.Pointer(&x[0])), uintptr(unsafe.Pointer(&x[len(x)-1]))
-	y0, y1 := uintptr(unsafe.Pointer(&y[0])), uintptr(unsafe.Pointer(&y[len(y)-1]))
-	return x0 <= y1 && y0 <= x1
+	return anyOverlap(x, y)
 }

@@ -115,6 +115,46 @@ func TestInPlaceAndAppend(t *testing.T) {
 	}
 }
 
+// A nonce inside the output, as crypto/cipher allows, gives the same
+// bytes; output overlapping the input other than in place, or the
+// additional data, panics as it does there.
+func TestOverlaps(t *testing.T) {
+	needWide(t)
+	r := mrand.New(mrand.NewPCG(11, 12))
+	got, want := pair(t, random(r, 32))
+	pt := random(r, 700)
+	buf := random(r, 800)
+	nonce := append([]byte{}, buf[:12]...)
+	w := want.Seal(nil, nonce, pt, nil)
+	if g := got.Seal(buf[:0], buf[:12], pt, nil); !bytes.Equal(g, w) {
+		t.Fatal("nonce inside the output: Seal differs from crypto/cipher")
+	}
+	sealed := append(make([]byte, 0, 800), w...)
+	copy(sealed[:12], nonce)
+	scratch := append(make([]byte, 0, 800), w...)
+	copy(buf, nonce)
+	back, err := got.Open(buf[:0], buf[:12], scratch, nil)
+	if err != nil || !bytes.Equal(back, pt) {
+		t.Fatalf("nonce inside the output: Open = %v", err)
+	}
+	mustPanic := func(name string, f func()) {
+		t.Helper()
+		defer func() {
+			if recover() == nil {
+				t.Errorf("%s: no panic", name)
+			}
+		}()
+		f()
+	}
+	c := want.Seal(make([]byte, 0, 2000), nonce, pt, nil)
+	mustPanic("Open into the tag", func() { got.Open(c[len(c)-tagSize:len(c)-tagSize], nonce, c, nil) })
+	mustPanic("Open shifted by one", func() { got.Open(c[1:1], nonce, c, nil) })
+	p := append(make([]byte, 0, 2000), pt...)
+	mustPanic("Seal shifted by one", func() { got.Seal(p[1:1], nonce, p, nil) })
+	aad := make([]byte, 100, 1000)
+	mustPanic("Seal over the additional data", func() { got.Seal(aad[:0], nonce, pt, aad) })
+}
+
 // Any flipped bit, in the text, the tag or the additional data, and a
 // wrong nonce fail, and Open leaves no plaintext behind.
 func TestTamper(t *testing.T) {
