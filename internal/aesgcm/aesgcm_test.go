@@ -245,11 +245,14 @@ func FuzzSameAsCryptoCipher(f *testing.F) {
 	if !accelerated {
 		f.Skip("no VAES/VPCLMULQDQ")
 	}
-	f.Add(make([]byte, 32), make([]byte, 12), []byte("hello"), []byte{})
-	f.Fuzz(func(t *testing.T, key, nonce, pt, aad []byte) {
-		if len(key) != 32 || len(nonce) != 12 {
-			return
-		}
+	f.Add(uint64(0), uint64(0), []byte("hello"), uint16(0), uint8(0))
+	f.Add(uint64(1), uint64(2), make([]byte, 300), uint16(17), uint8(40))
+	f.Fuzz(func(t *testing.T, keySeed, nonceSeed uint64, data []byte, aadLen uint16, repeat uint8) {
+		r := mrand.New(mrand.NewPCG(keySeed, nonceSeed))
+		key, nonce := random(r, 32), random(r, 12)
+		n := min(int(aadLen), len(data))
+		// Repeated, the text reaches the assembly's 256-byte units.
+		aad, pt := data[:n], bytes.Repeat(data[n:], 1+int(repeat))
 		got, want := pair(t, key)
 		g := got.Seal(nil, nonce, pt, aad)
 		if !bytes.Equal(g, want.Seal(nil, nonce, pt, aad)) {
@@ -257,6 +260,12 @@ func FuzzSameAsCryptoCipher(f *testing.F) {
 		}
 		if back, err := got.Open(nil, nonce, g, aad); err != nil || !bytes.Equal(back, pt) {
 			t.Fatal("Open failed")
+		}
+		if len(g) > 0 {
+			g[int(keySeed%uint64(len(g)))] ^= 1
+			if _, err := got.Open(nil, nonce, g, aad); err == nil {
+				t.Fatal("Open accepted a flipped bit")
+			}
 		}
 	})
 }
