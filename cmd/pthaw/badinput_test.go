@@ -89,7 +89,10 @@ func randBytes(rng *rand.Rand, n int) []byte {
 	return b
 }
 
-// processesOf lists live processes running exe, or a pcluster stub.
+// processesOf lists live processes running exe (built for this test run:
+// its path is ours alone), or a pcluster stub started under this test
+// binary. Stubs of other packages' tests, which go test runs at the same
+// time, or of another run of these are not ours.
 func processesOf(exe string) []int {
 	var out []int
 	ents, _ := os.ReadDir("/proc")
@@ -100,11 +103,36 @@ func processesOf(exe string) []int {
 		}
 		link, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-		if link == exe || strings.HasPrefix(string(comm), "pcluster-stub") {
+		if link == exe || strings.HasPrefix(string(comm), "pcluster-stub") && descendsFromUs(pid) {
 			out = append(out, pid)
 		}
 	}
 	return out
+}
+
+// descendsFromUs reports whether this test binary is an ancestor of pid. A
+// stub dies with its pthaw (PR_SET_PDEATHSIG), so ours always has one.
+func descendsFromUs(pid int) bool {
+	me := os.Getpid()
+	for range 64 {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		if len(f) < 2 {
+			return false
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		if ppid == me {
+			return true
+		}
+		if ppid <= 1 {
+			return false
+		}
+		pid = ppid
+	}
+	return false
 }
 
 // TestRefuseTree: a process pfreeze cannot carry yet (one with children)
