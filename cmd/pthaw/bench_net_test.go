@@ -116,8 +116,8 @@ func BenchmarkNetworkMigration(b *testing.B) {
 	// links; at 1 Gbit/s the network is the bottleneck, as between real
 	// hosts with cores of their own (only none and the fast compressors
 	// there: each run moves 1 GiB in 9 s).
-	all := []string{"none", "gzip", "flate", "snappy", "zstd"}
-	fast := []string{"none", "snappy", "zstd"}
+	all := []string{"none", "auto", "gzip", "flate", "snappy", "zstd"}
+	fast := []string{"none", "auto", "snappy", "zstd"}
 	if c := os.Getenv("NETBENCH_COMPRESS"); c != "" {
 		// Quick runs: NETBENCH_COMPRESS=none,snappy (none first).
 		all, fast = strings.Split(c, ","), strings.Split(c, ",")
@@ -239,7 +239,7 @@ func migrateAll(b *testing.B, start func(b *testing.B) (*fixture.Proc, func(th *
 		b.ReportMetric(mbps[comp+"-aes"]/mbps[comp+"-plain"], comp+":aes/plain")
 		b.ReportMetric(wire[comp+"-plain"], comp+"-wire/rss")
 	}
-	for _, comp := range []string{"snappy", "zstd"} {
+	for _, comp := range []string{"auto", "snappy", "zstd"} {
 		for _, enc := range encs {
 			e := short(enc)
 			b.ReportMetric(mbps[comp+"-"+e]/mbps["none-"+e], e+":"+comp+"/none")

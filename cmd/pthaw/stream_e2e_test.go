@@ -46,7 +46,7 @@ func TestLayersMatrix(t *testing.T) {
 	dir, keyfile := keyDir(t)
 	bin := fixture.Build(t, "countforever")
 	for _, sink := range []string{"file", "pipe", "tcp", "unix"} {
-		for _, comp := range []string{"none", "gzip", "flate", "snappy", "zstd"} {
+		for _, comp := range []string{"none", "auto", "gzip", "flate", "snappy", "zstd"} {
 			for _, enc := range []string{"none", "aes-gcm", "chacha20-poly1305"} {
 				t.Run(sink+"/"+comp+"/"+enc, func(t *testing.T) {
 					p := fixture.Start(t, bin, "5")

@@ -13,7 +13,7 @@ import (
 // Header keys this package owns. Every snapshot carries compress and
 // encrypt; an encrypted one also carries key, keyid and salt.
 const (
-	KeyCompress = "compress" // none|gzip|flate|snappy|zstd
+	KeyCompress = "compress" // none|gzip|flate|snappy|zstd (auto writes snappy)
 	KeyEncrypt  = "encrypt"  // none|aes-gcm|chacha20-poly1305
 	KeyKeyName  = "key"      // base name of the key file (a lookup hint)
 	KeyKeyID    = "keyid"    // KeyID of the key: 16 hex digits
@@ -34,9 +34,11 @@ type peerNoncer interface {
 
 // Options choose the layers a snapshot body goes through.
 type Options struct {
-	// Compress is none (or empty), gzip, flate, snappy or zstd; gzip, flate
-	// and zstd take an optional :LEVEL (gzip:1..9, zstd:1..22). The default
-	// level is the codec's fastest.
+	// Compress is none (or empty), auto, gzip, flate, snappy or zstd; gzip,
+	// flate and zstd take an optional :LEVEL (gzip:1..9, zstd:1..22). The
+	// default level is the codec's fastest. auto writes the snappy format,
+	// compressing a block only when the layers below are slower than the
+	// compressor (a slow link, a slow pipe): never slower than none.
 	Compress string
 	// Encrypt is none (or empty), aes-gcm:KEYFILE or chacha20-poly1305:KEYFILE.
 	// KEYFILE holds exactly KeySize random bytes.
@@ -95,7 +97,7 @@ func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
 		return nil, fmt.Errorf("stream: %w", err)
 	}
 	h := &Header{Version: Version, Params: map[string]string{
-		KeyCompress: comp.name,
+		KeyCompress: comp.wireName(),
 		KeyEncrypt:  cipherName,
 	}}
 	for k, v := range opt.Params {

@@ -1,0 +1,170 @@
+package stream
+
+import (
+	"encoding/binary"
+	"errors"
+	"hash/crc32"
+	"io"
+	"time"
+
+	"github.com/klauspost/compress/s2"
+)
+
+// autoWriter is -compress auto: the snappy framing format (what -compress
+// snappy writes, so the header says snappy and any snappy reader decodes
+// it), but a block is compressed only when that makes the transfer
+// faster. Writing a block costs the layers below (the socket, a pipe to
+// ssh, a file) some time per byte, measured on every write; compressing
+// it costs the compressor's time and saves the bytes it removes. A block
+// is compressed when compressing costs less time than writing the bytes it
+// would remove: over a slow link every block is, as with snappy; where the
+// link keeps up and the CPU is the limit, none is, as with none; near the
+// balance some are. Every 64th block is compressed anyway to keep the
+// estimates of speed and ratio current; blocks that do not shrink by an
+// eighth are sent as they are.
+type autoWriter struct {
+	w       io.Writer
+	buf     []byte // the block being collected
+	chunk   []byte // the chunk being written: header, checksum, data
+	started bool   // the stream identifier is written
+	// Moving averages: time and bytes of the writes below (their ratio is
+	// the time a written byte costs), time to compress a block, and the
+	// compressed size over the original.
+	writeNs, writeBytes float64
+	compNs, ratio       float64
+	err                 error
+	closed              bool
+
+	blocks, tried, compressed int // for tests
+}
+
+const (
+	autoBlock      = 64 << 10 // the framing format's largest block
+	autoHeaderLen  = 8        // chunk type, 3-byte length, 4-byte checksum
+	chunkCompress  = 0x00
+	chunkRaw       = 0x01
+	autoProbe      = 64 // every autoProbe-th block is compressed regardless
+	writeWeight    = 1.0 / 128
+	compWeight     = 1.0 / 8
+	snappyStreamID = "\xff\x06\x00\x00sNaPpY"
+)
+
+var crc32c = crc32.MakeTable(crc32.Castagnoli)
+
+func newAutoWriter(w io.Writer) *autoWriter {
+	return &autoWriter{
+		w:     w,
+		buf:   make([]byte, 0, autoBlock),
+		chunk: make([]byte, len(snappyStreamID)+autoHeaderLen+s2.MaxEncodedLen(autoBlock)),
+	}
+}
+
+func (a *autoWriter) Write(p []byte) (int, error) {
+	if a.err != nil {
+		return 0, a.err
+	}
+	total := len(p)
+	for len(p) > 0 {
+		if len(a.buf) == 0 && len(p) >= autoBlock {
+			if err := a.emit(p[:autoBlock]); err != nil {
+				return total - len(p), err
+			}
+			p = p[autoBlock:]
+			continue
+		}
+		n := copy(a.buf[len(a.buf):autoBlock], p)
+		a.buf = a.buf[:len(a.buf)+n]
+		p = p[n:]
+		if len(a.buf) == autoBlock {
+			if err := a.emit(a.buf); err != nil {
+				return total - len(p), err
+			}
+			a.buf = a.buf[:0]
+		}
+	}
+	return total, nil
+}
+
+// Close writes what is collected. It does not close the writer below.
+func (a *autoWriter) Close() error {
+	if a.closed {
+		return a.err
+	}
+	a.closed = true
+	if a.err != nil {
+		return a.err
+	}
+	if len(a.buf) > 0 || !a.started {
+		if err := a.emit(a.buf); err != nil {
+			return err
+		}
+		a.buf = a.buf[:0]
+	}
+	a.err = errors.New("write after close")
+	return nil
+}
+
+// emit writes block as one chunk (an empty block writes only the stream
+// identifier).
+func (a *autoWriter) emit(block []byte) error {
+	out := a.chunk[:0]
+	if !a.started {
+		out = append(out, snappyStreamID...)
+		a.started = true
+	}
+	if len(block) > 0 {
+		a.blocks++
+		c := crc32.Checksum(block, crc32c)
+		masked := (c>>15 | c<<17) + 0xa282ead8
+		head := len(out)
+		out = append(out, make([]byte, autoHeaderLen)...)
+		typ := byte(chunkRaw)
+		if a.worthCompressing(len(block)) {
+			a.tried++
+			t0 := time.Now()
+			// The room after out is at least MaxEncodedLen: s2 encodes
+			// in place.
+			enc := s2.EncodeSnappy(a.chunk[len(out):cap(a.chunk)], block)
+			a.compNs = ewma(a.compNs, float64(time.Since(t0)), compWeight)
+			a.ratio = ewma(a.ratio, float64(len(enc))/float64(len(block)), compWeight)
+			if len(enc) < len(block)-len(block)/8 {
+				typ = chunkCompress
+				out = append(out, enc...) // enc already sits there: a no-op copy
+				a.compressed++
+			}
+		}
+		if typ == chunkRaw {
+			out = append(out, block...)
+		}
+		n := len(out) - head - 4 // checksum and data
+		out[head] = typ
+		out[head+1], out[head+2], out[head+3] = byte(n), byte(n>>8), byte(n>>16)
+		binary.LittleEndian.PutUint32(out[head+4:], masked)
+	}
+	t0 := time.Now()
+	_, err := a.w.Write(out)
+	a.writeNs = ewma(a.writeNs, float64(time.Since(t0)), writeWeight)
+	a.writeBytes = ewma(a.writeBytes, float64(len(out)), writeWeight)
+	if err != nil {
+		a.err = err
+	}
+	return err
+}
+
+// worthCompressing decides for the next block of n bytes: does writing the
+// bytes compression would remove take longer than compressing?
+func (a *autoWriter) worthCompressing(n int) bool {
+	if a.compNs == 0 || a.writeBytes == 0 || a.blocks%autoProbe == 0 {
+		return true
+	}
+	saved := (1 - a.ratio) * float64(n) * a.writeNs / a.writeBytes
+	return saved > a.compNs
+}
+
+// ewma moves avg towards x by weight w; a zero avg starts at x.
+func ewma(avg, x, w float64) float64 {
+	if avg == 0 {
+		return x
+	}
+	return avg + w*(x-avg)
+}

@@ -1,0 +1,160 @@
+package stream
+
+import (
+	"bytes"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/klauspost/compress/s2"
+)
+
+// slowWriter sleeps before every write.
+type slowWriter struct {
+	w     io.Writer
+	delay time.Duration
+}
+
+func (s slowWriter) Write(p []byte) (int, error) {
+	time.Sleep(s.delay)
+	return s.w.Write(p)
+}
+
+// auto compresses the blocks when what it writes to is slower than the
+// compressor, sends them as they are when it keeps up, never compresses
+// what does not shrink, and any snappy reader decodes what it wrote.
+func TestAutoAdapts(t *testing.T) {
+	const size = 4 << 20 // 64 blocks
+	page := pageLikeData(size)
+	random := randomData(size)
+	for _, c := range []struct {
+		name     string
+		data     []byte
+		delay    time.Duration
+		min, max float64 // share of blocks compressed
+	}{
+		{"compressible, slow writer", page, time.Millisecond, 0.9, 1},
+		{"compressible, fast writer", page, 0, 0, 0.2},
+		{"random, slow writer", random, time.Millisecond, 0, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var out bytes.Buffer
+			out.Grow(2 * size) // no reallocation inside a timed write
+			var w io.Writer = &out
+			if c.delay > 0 {
+				w = slowWriter{&out, c.delay}
+			}
+			a := newAutoWriter(w)
+			// Writes of every size, as the record encoder's are not aligned.
+			for p, i := c.data, 0; len(p) > 0; i++ {
+				n := min(len(p), []int{100, autoBlock, 3 * autoBlock, 5000}[i%4])
+				if _, err := a.Write(p[:n]); err != nil {
+					t.Fatal(err)
+				}
+				p = p[n:]
+			}
+			if err := a.Close(); err != nil {
+				t.Fatal(err)
+			}
+			share := float64(a.compressed) / float64(a.blocks)
+			t.Logf("%d of %d blocks compressed (%d tried), %d bytes written for %d", a.compressed, a.blocks, a.tried, out.Len(), len(c.data))
+			if a.tried > a.compressed && a.tried-a.compressed > a.blocks/autoProbe+2 {
+				t.Errorf("tried %d blocks that did not shrink: no back-off", a.tried-a.compressed)
+			}
+			if share < c.min || share > c.max {
+				t.Errorf("%.2f of the blocks compressed, want %.2f..%.2f", share, c.min, c.max)
+			}
+			got, err := io.ReadAll(s2.NewReader(&out, s2.ReaderMaxBlockSize(64<<10)))
+			if err != nil || !bytes.Equal(got, c.data) {
+				t.Fatalf("snappy reader: %d bytes, %v; want the %d written", len(got), err, len(c.data))
+			}
+		})
+	}
+}
+
+// An empty body is a stream identifier alone, which readers take as empty.
+func TestAutoEmpty(t *testing.T) {
+	var out bytes.Buffer
+	a := newAutoWriter(&out)
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != snappyStreamID {
+		t.Fatalf("wrote %q, want the stream identifier", out.String())
+	}
+	if got, err := io.ReadAll(s2.NewReader(&out)); err != nil || len(got) != 0 {
+		t.Fatalf("read %d bytes, %v", len(got), err)
+	}
+	if _, err := a.Write([]byte("x")); err == nil {
+		t.Fatal("write after close accepted")
+	}
+}
+
+// linkWriter models a socket: a buffer of cap bytes draining at rate B/s.
+type linkWriter struct {
+	cap    float64
+	rate   float64
+	queued float64
+	last   time.Time
+}
+
+func (l *linkWriter) Write(p []byte) (int, error) {
+	now := time.Now()
+	if !l.last.IsZero() {
+		l.queued -= now.Sub(l.last).Seconds() * l.rate
+		if l.queued < 0 {
+			l.queued = 0
+		}
+	}
+	l.last = now
+	l.queued += float64(len(p))
+	if over := l.queued - l.cap; over > 0 {
+		time.Sleep(time.Duration(over / l.rate * 1e9))
+		l.queued = l.cap
+		l.last = time.Now()
+	}
+	return len(p), nil
+}
+
+// netLike buffers small writes up to 256 KiB like netSink.
+type netLike struct {
+	l   *linkWriter
+	buf []byte
+}
+
+func (n *netLike) Write(p []byte) (int, error) {
+	if len(p) >= 32<<10 {
+		if len(n.buf) > 0 {
+			n.l.Write(n.buf)
+			n.buf = n.buf[:0]
+		}
+		return n.l.Write(p)
+	}
+	if len(n.buf)+len(p) > 256<<10 {
+		n.l.Write(n.buf)
+		n.buf = n.buf[:0]
+	}
+	n.buf = append(n.buf, p...)
+	return len(p), nil
+}
+
+// Over a modelled 1 Gbit/s link behind netSink's 256 KiB frame buffer,
+// where writes block in bursts, auto compresses nearly every block once
+// the socket's 4 MiB have filled.
+func TestAutoOverSlowLink(t *testing.T) {
+	data := pageLikeData(64 << 20)
+	l := &linkWriter{cap: 4 << 20, rate: 120e6}
+	a := newAutoWriter(&netLike{l: l})
+	for p := data; len(p) > 0; {
+		n := min(len(p), 256<<10)
+		if _, err := a.Write(p[:n]); err != nil {
+			t.Fatal(err)
+		}
+		p = p[n:]
+	}
+	a.Close()
+	t.Logf("%d of %d blocks compressed", a.compressed, a.blocks)
+	if a.compressed < a.blocks*85/100 {
+		t.Errorf("%d of %d blocks compressed, want 85 %%", a.compressed, a.blocks)
+	}
+}
