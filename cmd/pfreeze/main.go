@@ -21,7 +21,7 @@ import (
 func main() {
 	pid := flag.Int("pid", -1, "PID of the process to freeze")
 	dest := flag.String("dest", "stdout", "output: stdout | FILE | tcp:HOST:PORT | unix:PATH")
-	compress := flag.String("compress", "none", "compression: none | auto (snappy where the link is slower than the compressor) | gzip[:1-9] | flate[:1-9] | snappy | zstd[:1-22]")
+	compress := flag.String("compress", "none", "compression: none | auto (snappy, each block only if the link is slow enough to hide the time) | gzip[:1-9] | flate[:1-9] | snappy | zstd[:1-22]")
 	encrypt := flag.String("encrypt", "none", "authenticated encryption: none | aes-gcm:KEYFILE | chacha20-poly1305:KEYFILE")
 	insecure := flag.Bool("insecure", false, "send an unencrypted snapshot to a tcp receiver beyond loopback (anyone on the path can read the process's memory)")
 	halt := flag.Bool("halt", false, "kill the process once its snapshot is safe: flushed to its file, or restored by the receiver (a migration)")

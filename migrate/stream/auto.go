@@ -13,15 +13,17 @@ import (
 // autoWriter is -compress auto: the snappy framing format (what -compress
 // snappy writes, so the header says snappy and any snappy reader decodes
 // it), but a block is compressed only when that makes the transfer
-// faster. Writing a block costs the layers below (the socket, a pipe to
-// ssh, a file) some time per byte, measured on every write; compressing
-// it costs the compressor's time and saves the bytes it removes. A block
-// is compressed when compressing costs less time than writing the bytes it
-// would remove: over a slow link every block is, as with snappy; where the
-// link keeps up and the CPU is the limit, none is, as with none; near the
-// balance some are. Every 64th block is compressed anyway to keep the
-// estimates of speed and ratio current; blocks that do not shrink by an
-// eighth are sent as they are.
+// faster. Every write to the layers below (the socket, a pipe to ssh, a
+// file) is timed; where the link is the bottleneck a write blocks while it
+// drains, and the CPU time spent compressing the next block costs nothing
+// as long as writing that block as it is would block for longer. So a
+// block is compressed when the measured time per written byte times the
+// block's size exceeds the time compressing a block takes, and recent
+// blocks shrank by more than an eighth: over a slow link nearly every
+// block is compressed, as with snappy; where the link keeps up and the CPU
+// is the limit almost none is, as with none. Every 64th block is
+// compressed regardless, to keep the estimates current; a block that does
+// not shrink by an eighth is sent as it is.
 type autoWriter struct {
 	w       io.Writer
 	buf     []byte // the block being collected
@@ -46,6 +48,7 @@ const (
 	autoProbe      = 64 // every autoProbe-th block is compressed regardless
 	writeWeight    = 1.0 / 128
 	compWeight     = 1.0 / 8
+	ratioWeight    = 1.0 / 4 // one probe after random data lets compression resume
 	snappyStreamID = "\xff\x06\x00\x00sNaPpY"
 )
 
@@ -85,9 +88,14 @@ func (a *autoWriter) Write(p []byte) (int, error) {
 	return total, nil
 }
 
+var errAutoClosed = errors.New("write after close")
+
 // Close writes what is collected. It does not close the writer below.
 func (a *autoWriter) Close() error {
 	if a.closed {
+		if a.err == errAutoClosed {
+			return nil
+		}
 		return a.err
 	}
 	a.closed = true
@@ -100,7 +108,7 @@ func (a *autoWriter) Close() error {
 		}
 		a.buf = a.buf[:0]
 	}
-	a.err = errors.New("write after close")
+	a.err = errAutoClosed
 	return nil
 }
 
@@ -125,8 +133,13 @@ func (a *autoWriter) emit(block []byte) error {
 			// The room after out is at least MaxEncodedLen: s2 encodes
 			// in place.
 			enc := s2.EncodeSnappy(a.chunk[len(out):cap(a.chunk)], block)
-			a.compNs = ewma(a.compNs, float64(time.Since(t0)), compWeight)
-			a.ratio = ewma(a.ratio, float64(len(enc))/float64(len(block)), compWeight)
+			took := float64(time.Since(t0))
+			if a.compNs > 0 {
+				// One preempted block must not stop compression for long.
+				took = min(took, 4*a.compNs)
+			}
+			a.compNs = ewma(a.compNs, took, compWeight)
+			a.ratio = ewma(a.ratio, float64(len(enc))/float64(len(block)), ratioWeight)
 			if len(enc) < len(block)-len(block)/8 {
 				typ = chunkCompress
 				out = append(out, enc...) // enc already sits there: a no-op copy
@@ -142,23 +155,31 @@ func (a *autoWriter) emit(block []byte) error {
 		binary.LittleEndian.PutUint32(out[head+4:], masked)
 	}
 	t0 := time.Now()
-	_, err := a.w.Write(out)
+	n, err := a.w.Write(out)
 	a.writeNs = ewma(a.writeNs, float64(time.Since(t0)), writeWeight)
 	a.writeBytes = ewma(a.writeBytes, float64(len(out)), writeWeight)
+	if err == nil && n < len(out) {
+		err = io.ErrShortWrite
+	}
 	if err != nil {
 		a.err = err
 	}
 	return err
 }
 
-// worthCompressing decides for the next block of n bytes: does writing the
-// bytes compression would remove take longer than compressing?
+// worthCompressing decides for the next block of n bytes. The time a
+// write spends in the layers below is mostly time blocked while the link
+// drains; the link drains on while the CPU compresses, so compressing is
+// free as long as writing the block would block for longer than
+// compressing it takes, and it pays when the block shrinks.
 func (a *autoWriter) worthCompressing(n int) bool {
 	if a.compNs == 0 || a.writeBytes == 0 || a.blocks%autoProbe == 0 {
 		return true
 	}
-	saved := (1 - a.ratio) * float64(n) * a.writeNs / a.writeBytes
-	return saved > a.compNs
+	if a.ratio > 1-1.0/8 {
+		return false // recent blocks did not shrink enough to be sent compressed
+	}
+	return float64(n)*a.writeNs/a.writeBytes > a.compNs
 }
 
 // ewma moves avg towards x by weight w; a zero avg starts at x.

@@ -99,21 +99,21 @@ type linkWriter struct {
 }
 
 func (l *linkWriter) Write(p []byte) (int, error) {
-	now := time.Now()
-	if !l.last.IsZero() {
-		l.queued -= now.Sub(l.last).Seconds() * l.rate
-		if l.queued < 0 {
-			l.queued = 0
-		}
-	}
-	l.last = now
+	l.drain()
 	l.queued += float64(len(p))
 	if over := l.queued - l.cap; over > 0 {
 		time.Sleep(time.Duration(over / l.rate * 1e9))
-		l.queued = l.cap
-		l.last = time.Now()
+		l.drain() // what drained while asleep, however long that was
 	}
 	return len(p), nil
+}
+
+func (l *linkWriter) drain() {
+	now := time.Now()
+	if !l.last.IsZero() {
+		l.queued = max(0, l.queued-now.Sub(l.last).Seconds()*l.rate)
+	}
+	l.last = now
 }
 
 // netLike buffers small writes up to 256 KiB like netSink.
@@ -152,7 +152,12 @@ func TestAutoOverSlowLink(t *testing.T) {
 		}
 		p = p[n:]
 	}
-	a.Close()
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
 	t.Logf("%d of %d blocks compressed", a.compressed, a.blocks)
 	if a.compressed < a.blocks*85/100 {
 		t.Errorf("%d of %d blocks compressed, want 85 %%", a.compressed, a.blocks)

@@ -37,8 +37,8 @@ type Options struct {
 	// Compress is none (or empty), auto, gzip, flate, snappy or zstd; gzip,
 	// flate and zstd take an optional :LEVEL (gzip:1..9, zstd:1..22). The
 	// default level is the codec's fastest. auto writes the snappy format,
-	// compressing a block only when the layers below are slower than the
-	// compressor (a slow link, a slow pipe): never slower than none.
+	// compressing a block only when the layers below are slow enough that
+	// compressing it costs no time (see autoWriter).
 	Compress string
 	// Encrypt is none (or empty), aes-gcm:KEYFILE or chacha20-poly1305:KEYFILE.
 	// KEYFILE holds exactly KeySize random bytes.
