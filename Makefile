@@ -45,7 +45,7 @@ test: deps build lint
 	$(GO) test -run '^$$' -fuzz FuzzSameAsCryptoCipher -fuzztime 10s -fuzzminimizetime 1s ./internal/aesgcm
 
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
 
 demo: deps build
 	./internal/demo/demo.sh
