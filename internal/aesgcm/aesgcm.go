@@ -49,10 +49,10 @@ func New(key []byte) (cipher.AEAD, error) {
 	return newWide(key), nil
 }
 
-// Implementation names what New uses on this machine: "vaes-avx2" or
+// Implementation names what New uses for AES-256 here: "vaes-avx2" or
 // "crypto/cipher".
 func Implementation() string {
-	if accelerated {
+	if accelerated && !fips140.Enabled() {
 		return "vaes-avx2"
 	}
 	return "crypto/cipher"
