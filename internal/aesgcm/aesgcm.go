@@ -158,9 +158,9 @@ func (g *wide) hash(acc *[16]byte, data []byte) {
 		ghashBlocks(g.h1(), acc, &data[0], n/16)
 		data = data[n:]
 	}
-	if rest := data; len(rest) > 0 {
+	if len(data) > 0 {
 		var b [16]byte
-		copy(b[:], rest)
+		copy(b[:], data)
 		ghashBlocks(g.h1(), acc, &b[0], 1)
 	}
 }
