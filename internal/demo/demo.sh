@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The pcluster demo (make demo): the seed's A.1.2 — a counting process is
 # frozen to a snapshot file, halted, and thawed from the file; it carries on
-# counting from where it stopped, with the same PID. Then a single-node
-# cluster (pclusterd -dev) runs a workload through pclusterctl.
+# counting from where it stopped, with the same PID. Then it moves again,
+# over TCP (loopback here, another host in real life), compressed and
+# encrypted, with the -halt handshake. Then a single-node cluster
+# (pclusterd -dev) runs a workload through pclusterctl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # The target gets only stdin/stdout/stderr: a pipe some parent leaked to us
@@ -41,6 +43,30 @@ echo "== pthaw -src snapshot: the same process carries on"
 thaw=$!
 sleep 1.1
 echo "   restored pid: $(cat /proc/$thaw/task/*/children | tr -d ' ') (was $pid)"
+pid=$(cat /proc/$thaw/task/*/children | tr -d ' ')
+old=$thaw
+
+# A migration: pthaw listens, pfreeze sends. The stream is compressed
+# (auto: snappy where the link is slow enough) and sealed with AES-256-GCM;
+# the original is killed only once pthaw has built the copy.
+mkdir -m 700 "$tmp/keys"
+(umask 077; head -c 32 /dev/urandom > "$tmp/keys/demo.key")
+echo "== pthaw -src tcp:127.0.0.1:0 -keydir keys  (another host in real life)"
+"$bin/pthaw" -src tcp:127.0.0.1:0 -keydir "$tmp/keys" 2> "$tmp/thaw.err" &
+thaw=$!
+port=""
+for _ in $(seq 100); do
+	port=$(sed -n 's/^pthaw: listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/thaw.err")
+	[ -n "$port" ] && break
+	sleep 0.05
+done
+echo "== pfreeze -pid $pid -halt -dest tcp:127.0.0.1:$port -compress auto -encrypt aes-gcm:keys/demo.key"
+"$bin/pfreeze" -pid "$pid" -halt -dest "tcp:127.0.0.1:$port" -compress auto -encrypt "aes-gcm:$tmp/keys/demo.key"
+sleep 1.1
+# The first pthaw ends with its process, which pfreeze -halt killed once
+# the new copy was built; the copy took the freed PID back.
+echo "   moved pid: $(cat /proc/$thaw/task/*/children | tr -d ' ') (was $pid); the first copy has ended: $(kill -0 "$old" 2>/dev/null && echo no || echo yes)"
+wait "$old" 2>/dev/null || true
 kill "$thaw"
 wait "$thaw" 2>/dev/null || true
 thaw=""
