@@ -37,6 +37,9 @@ type autoWriter struct {
 	err                 error
 	closed              bool
 
+	// time.Now and s2.EncodeSnappy; tests put a clock of their own here.
+	now                       func() time.Time
+	encode                    func(dst, src []byte) []byte
 	blocks, tried, compressed int // for tests
 }
 
@@ -56,9 +59,11 @@ var crc32c = crc32.MakeTable(crc32.Castagnoli)
 
 func newAutoWriter(w io.Writer) *autoWriter {
 	return &autoWriter{
-		w:     w,
-		buf:   make([]byte, 0, autoBlock),
-		chunk: make([]byte, len(snappyStreamID)+autoHeaderLen+s2.MaxEncodedLen(autoBlock)),
+		w:      w,
+		buf:    make([]byte, 0, autoBlock),
+		chunk:  make([]byte, len(snappyStreamID)+autoHeaderLen+s2.MaxEncodedLen(autoBlock)),
+		now:    time.Now,
+		encode: s2.EncodeSnappy,
 	}
 }
 
@@ -129,11 +134,11 @@ func (a *autoWriter) emit(block []byte) error {
 		typ := byte(chunkRaw)
 		if a.worthCompressing(len(block)) {
 			a.tried++
-			t0 := time.Now()
+			t0 := a.now()
 			// The room after out is at least MaxEncodedLen: s2 encodes
 			// in place.
-			enc := s2.EncodeSnappy(a.chunk[len(out):cap(a.chunk)], block)
-			took := float64(time.Since(t0))
+			enc := a.encode(a.chunk[len(out):cap(a.chunk)], block)
+			took := float64(a.now().Sub(t0))
 			if a.compNs > 0 {
 				// One preempted block must not stop compression for long.
 				took = min(took, 4*a.compNs)
@@ -154,9 +159,9 @@ func (a *autoWriter) emit(block []byte) error {
 		out[head+1], out[head+2], out[head+3] = byte(n), byte(n>>8), byte(n>>16)
 		binary.LittleEndian.PutUint32(out[head+4:], masked)
 	}
-	t0 := time.Now()
+	t0 := a.now()
 	n, err := a.w.Write(out)
-	a.writeNs = ewma(a.writeNs, float64(time.Since(t0)), writeWeight)
+	a.writeNs = ewma(a.writeNs, float64(a.now().Sub(t0)), writeWeight)
 	a.writeBytes = ewma(a.writeBytes, float64(len(out)), writeWeight)
 	if err == nil && n < len(out) {
 		err = io.ErrShortWrite

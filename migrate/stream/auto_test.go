@@ -9,42 +9,55 @@ import (
 	"github.com/klauspost/compress/s2"
 )
 
-// slowWriter sleeps before every write.
-type slowWriter struct {
-	w     io.Writer
-	delay time.Duration
+// clock is a fake time that moves only when told to.
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+// costlyWriter takes perWrite + perByte × len(p) of the fake clock's time.
+type costlyWriter struct {
+	w                 io.Writer
+	c                 *clock
+	perWrite, perByte time.Duration
 }
 
-func (s slowWriter) Write(p []byte) (int, error) {
-	time.Sleep(s.delay)
+func (s costlyWriter) Write(p []byte) (int, error) {
+	s.c.t = s.c.t.Add(s.perWrite + time.Duration(len(p))*s.perByte)
 	return s.w.Write(p)
 }
 
 // auto compresses the blocks when what it writes to is slower than the
 // compressor, sends them as they are when it keeps up, never compresses
-// what does not shrink, and any snappy reader decodes what it wrote.
+// what does not shrink, and any snappy reader decodes what it wrote. The
+// clock is fake, so that a loaded machine does not change the decisions.
 func TestAutoAdapts(t *testing.T) {
 	const size = 4 << 20 // 64 blocks
 	page := pageLikeData(size)
 	random := randomData(size)
 	for _, c := range []struct {
-		name     string
-		data     []byte
-		delay    time.Duration
-		min, max float64 // share of blocks compressed
+		name              string
+		data              []byte
+		perWrite, perByte time.Duration // what the writer takes
+		compress          time.Duration // what compressing a block takes
+		min, max          float64       // share of blocks compressed
 	}{
-		{"compressible, slow writer", page, time.Millisecond, 0.9, 1},
-		{"compressible, fast writer", page, 0, 0, 0.2},
-		{"random, slow writer", random, time.Millisecond, 0, 0},
+		// A write blocks 1 ms, compressing takes 30 µs: compress.
+		{"compressible, slow writer", page, time.Millisecond, 0, 30 * time.Microsecond, 1, 1},
+		// Writing a block takes 66 µs (1 GB/s), compressing it 300 µs:
+		// send it as it is (the first block and the probes excepted).
+		{"compressible, fast writer", page, 0, 1, 300 * time.Microsecond, 0, 0.05},
+		// Nothing shrinks: only the first block and the probes are tried.
+		{"random, slow writer", random, time.Millisecond, 0, 30 * time.Microsecond, 0, 0},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var out bytes.Buffer
-			out.Grow(2 * size) // no reallocation inside a timed write
-			var w io.Writer = &out
-			if c.delay > 0 {
-				w = slowWriter{&out, c.delay}
+			clk := &clock{t: time.Unix(0, 0)}
+			a := newAutoWriter(costlyWriter{&out, clk, c.perWrite, c.perByte})
+			a.now = clk.now
+			a.encode = func(dst, src []byte) []byte {
+				clk.t = clk.t.Add(c.compress)
+				return s2.EncodeSnappy(dst, src)
 			}
-			a := newAutoWriter(w)
 			// Writes of every size, as the record encoder's are not aligned.
 			for p, i := c.data, 0; len(p) > 0; i++ {
 				n := min(len(p), []int{100, autoBlock, 3 * autoBlock, 5000}[i%4])
@@ -58,17 +71,44 @@ func TestAutoAdapts(t *testing.T) {
 			}
 			share := float64(a.compressed) / float64(a.blocks)
 			t.Logf("%d of %d blocks compressed (%d tried), %d bytes written for %d", a.compressed, a.blocks, a.tried, out.Len(), len(c.data))
-			if a.tried > a.compressed && a.tried-a.compressed > a.blocks/autoProbe+2 {
-				t.Errorf("tried %d blocks that did not shrink: no back-off", a.tried-a.compressed)
-			}
 			if share < c.min || share > c.max {
 				t.Errorf("%.2f of the blocks compressed, want %.2f..%.2f", share, c.min, c.max)
+			}
+			if a.tried > a.compressed && a.tried-a.compressed > a.blocks/autoProbe+2 {
+				t.Errorf("tried %d blocks that did not shrink: no back-off", a.tried-a.compressed)
 			}
 			got, err := io.ReadAll(s2.NewReader(&out, s2.ReaderMaxBlockSize(64<<10)))
 			if err != nil || !bytes.Equal(got, c.data) {
 				t.Fatalf("snappy reader: %d bytes, %v; want the %d written", len(got), err, len(c.data))
 			}
 		})
+	}
+}
+
+// One compression that takes 100 ms (a preempted thread) instead of 30 µs
+// does not make auto stop compressing for long over a writer that blocks
+// 200 µs a write.
+func TestAutoOutlier(t *testing.T) {
+	var out bytes.Buffer
+	clk := &clock{t: time.Unix(0, 0)}
+	a := newAutoWriter(costlyWriter{&out, clk, 200 * time.Microsecond, 0})
+	a.now = clk.now
+	calls := 0
+	a.encode = func(dst, src []byte) []byte {
+		calls++
+		if calls == 10 {
+			clk.t = clk.t.Add(100 * time.Millisecond)
+		} else {
+			clk.t = clk.t.Add(30 * time.Microsecond)
+		}
+		return s2.EncodeSnappy(dst, src)
+	}
+	if _, err := a.Write(pageLikeData(8 << 20)); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	if a.compressed < a.blocks-8 {
+		t.Errorf("%d of %d blocks compressed after one slow compression, want all but a few", a.compressed, a.blocks)
 	}
 }
 
