@@ -39,14 +39,14 @@ var errOpen = errors.New("cipher: message authentication failed")
 // FIPS 140-3 mode (GODEBUG=fips140=on) it is always crypto/cipher's, the
 // validated module's.
 func New(key []byte) (cipher.AEAD, error) {
+	if len(key) == 32 && accelerated && !fips140.Enabled() {
+		return newWide(key), nil
+	}
 	b, err := aes.NewCipher(key)
 	if err != nil {
 		return nil, err
 	}
-	if len(key) != 32 || !accelerated || fips140.Enabled() {
-		return cipher.NewGCM(b)
-	}
-	return newWide(key), nil
+	return cipher.NewGCM(b)
 }
 
 // Implementation names what New uses for AES-256 here: "vaes-avx2" or
