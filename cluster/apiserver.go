@@ -70,6 +70,14 @@ func (s *Server) setupAPI() error {
 	if s.cfg.Socket == "" {
 		return nil
 	}
+	s.peers = peerPolicy{uid: os.Geteuid(), group: -1}
+	if s.cfg.SocketGroup != "" {
+		gid, err := lookupGroup(s.cfg.SocketGroup)
+		if err != nil {
+			return fmt.Errorf("start: %w", err)
+		}
+		s.peers.group, s.peers.name = gid, s.cfg.SocketGroup
+	}
 	if err := os.MkdirAll(filepath.Dir(s.cfg.Socket), 0o755); err != nil {
 		return fmt.Errorf("start: socket dir: %w", err)
 	}
@@ -77,14 +85,9 @@ func (s *Server) setupAPI() error {
 		c.Close()
 		return fmt.Errorf("start: socket %s: another pclusterd is listening", s.cfg.Socket)
 	}
-	os.Remove(s.cfg.Socket)
-	ln, err := net.Listen("unix", s.cfg.Socket)
+	ln, err := listenSocket(s.cfg.Socket, s.peers.group)
 	if err != nil {
-		return fmt.Errorf("start: socket: %w", err)
-	}
-	if err := os.Chmod(s.cfg.Socket, 0o600); err != nil {
-		ln.Close()
-		return fmt.Errorf("start: socket: %w", err)
+		return fmt.Errorf("start: %w", err)
 	}
 	s.sockLn = ln
 	return nil
@@ -118,8 +121,8 @@ func (s *Server) metricsHandler() http.Handler {
 // shut down.
 func (s *Server) serveAPI() {
 	h := s.mux()
-	serve := func(ln net.Listener, h http.Handler) {
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	serve := func(ln net.Listener, h http.Handler, connCtx func(context.Context, net.Conn) context.Context) {
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ConnContext: connCtx}
 		s.httpSrvs = append(s.httpSrvs, srv)
 		s.goLoop(func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -127,9 +130,9 @@ func (s *Server) serveAPI() {
 			}
 		})
 	}
-	serve(s.apiLn, h)
+	serve(s.apiLn, h, nil) // mutual TLS: only holders of the cluster key
 	if s.sockLn != nil {
-		serve(s.sockLn, h)
+		serve(s.sockLn, s.checkPeer(h), peerOf)
 	}
 	if s.cfg.MetricsAddr != "" {
 		ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
@@ -139,7 +142,7 @@ func (s *Server) serveAPI() {
 		}
 		mm := http.NewServeMux()
 		mm.Handle("GET "+api.PathMetrics, s.metricsHandler())
-		serve(ln, mm)
+		serve(ln, mm, nil) // read-only, as Prometheus scrapes: no writes, no workload details
 	}
 }
 

@@ -36,6 +36,7 @@ type Config struct {
 	APIAddr         string            // TLS API host:port; default gossip port + 2
 	Advertise       string            // IP peers reach this node at; default: the bind IP, or a private IP when binding all
 	Socket          string            // local API unix socket (0600); "" for none
+	SocketGroup     string            // group (name or gid) also let in on the socket (0660); "" for none
 	MetricsAddr     string            // plain-HTTP /metrics listener; "" for none
 	DataDir         string            // raft log, snapshots, workload logs
 	Join            []string          // gossip peers to join (and re-join)
@@ -84,6 +85,7 @@ type Server struct {
 	events   chan struct{} // member change notifications (coalesced)
 	apiLn    net.Listener
 	sockLn   net.Listener
+	peers    peerPolicy // who the socket serves
 	httpSrvs []*http.Server
 
 	cancel context.CancelFunc

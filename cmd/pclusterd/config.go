@@ -22,6 +22,7 @@ type fileConfig struct {
 	APIAddr         string    `json:"api_addr"`
 	Advertise       string    `json:"advertise"`
 	Socket          string    `json:"socket"`
+	SocketGroup     string    `json:"socket_group"`
 	DataDir         string    `json:"data_dir"`
 	Join            []string  `json:"join"`
 	BootstrapExpect int       `json:"bootstrap_expect"`
@@ -66,6 +67,7 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("api-addr", &c.APIAddr, f.APIAddr)
 	pick("advertise", &c.Advertise, f.Advertise)
 	pick("socket", &c.Socket, f.Socket)
+	pick("socket-group", &c.SocketGroup, f.SocketGroup)
 	pick("data-dir", &c.DataDir, f.DataDir)
 	if !set["encrypt"] && f.Encrypt != "" {
 		// The file carries the cluster key: it must be as private as a
@@ -105,6 +107,7 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(logger)
 	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Advertise: c.Advertise, Socket: c.Socket,
+		SocketGroup: c.SocketGroup,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
 		Labels: c.Labels, Logger: logger}
 	if cfg.Socket == "" {

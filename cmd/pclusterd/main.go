@@ -86,6 +86,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.APIAddr, "api-addr", "", "TLS API `host:port` (default: gossip port + 2)")
 	fs.StringVar(&c.Advertise, "advertise", "", "`IP` peers reach this node at (default: the -bind IP, or a private IP when binding 0.0.0.0)")
 	fs.StringVar(&c.Socket, "socket", "", "local API unix `socket` (default "+api.DefaultSocket+")")
+	fs.StringVar(&c.SocketGroup, "socket-group", "", "also serve the socket to members of `group` (name or gid; socket mode 0660)")
 	fs.StringVar(&c.DataDir, "data-dir", "", "`directory` for the raft log, snapshots and workload logs")
 	join := fs.String("join", "", "comma-separated gossip `peers` to join")
 	fs.IntVar(&c.BootstrapExpect, "bootstrap-expect", 0, "bootstrap raft when `N` servers see each other over gossip")
