@@ -45,6 +45,8 @@ func statusOf(err error) int {
 	switch {
 	case errors.As(err, &he):
 		return he.status
+	case errors.Is(err, scheduler.ErrInvalid):
+		return http.StatusBadRequest
 	case errors.Is(err, scheduler.ErrNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, scheduler.ErrExists), errors.Is(err, scheduler.ErrStale), errors.Is(err, scheduler.ErrNoNode):
@@ -399,11 +401,24 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 		UID: -1, GID: -1, Labels: req.Labels, Constraints: req.Constraints, VIP: req.VIP,
 		Resources: scheduler.Resources{CPUMilli: req.CPUMilli, MemoryMB: req.MemoryMB},
 		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, CreatedAt: time.Now().UnixNano()}
+	// Range-checked before the conversion: 2^32 or -7 must never wrap.
 	if req.UID != nil {
-		wl.UID = *req.UID
+		id, err := scheduler.CheckID("uid", *req.UID)
+		if err != nil {
+			return wl, badRequest("run: %w", err)
+		}
+		wl.UID = int(id)
 	}
 	if req.GID != nil {
-		wl.GID = *req.GID
+		id, err := scheduler.CheckID("gid", *req.GID)
+		if err != nil {
+			return wl, badRequest("run: %w", err)
+		}
+		wl.GID = int(id)
+	}
+	wl.User, wl.Group = req.User, req.Group
+	if err := scheduler.ValidateWorkload(&wl); err != nil {
+		return wl, fmt.Errorf("run: %w", err)
 	}
 	var err error
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
@@ -537,7 +552,7 @@ func apiNode(st *scheduler.State, n *scheduler.Node) api.Node {
 
 func apiWorkload(w *scheduler.Workload) api.Workload {
 	return api.Workload{ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
-		GID: w.GID, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
+		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
 		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
 		PID: w.PID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),

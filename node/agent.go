@@ -291,16 +291,11 @@ func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
 	cmd.Dir = w.Cwd
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if w.UID >= 0 || w.GID >= 0 {
-		c := &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), NoSetGroups: true}
-		if w.UID >= 0 {
-			c.Uid = uint32(w.UID)
-		}
-		if w.GID >= 0 {
-			c.Gid = uint32(w.GID)
-		}
-		cmd.SysProcAttr.Credential = c
+	cred, err := credential(w, a.cfg.Name)
+	if err != nil {
+		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
 	}
+	cmd.SysProcAttr.Credential = cred
 	if err := cmd.Start(); err != nil {
 		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
 	}

@@ -25,6 +25,9 @@ func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
 	if w.ID == "" || w.Command == "" {
 		return fmt.Errorf("workload create: id and command are required")
 	}
+	if err := ValidateWorkload(&w); err != nil {
+		return fmt.Errorf("workload create %s: %w", w.ID, err)
+	}
 	if _, ok := s.Workloads[w.ID]; ok {
 		return fmt.Errorf("workload create %s: %w", w.ID, ErrExists)
 	}

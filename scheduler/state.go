@@ -93,8 +93,10 @@ type Workload struct {
 	Args        []string          `msgpack:"args"`
 	Env         []string          `msgpack:"env"`
 	Cwd         string            `msgpack:"cwd"`
-	UID         int               `msgpack:"uid"` // -1: the agent's own
-	GID         int               `msgpack:"gid"` // -1: the agent's own
+	UID         int               `msgpack:"uid"`   // -1: not given; else 0..MaxID
+	GID         int               `msgpack:"gid"`   // -1: not given; else 0..MaxID
+	User        string            `msgpack:"user"`  // a user name, resolved by the node that runs it
+	Group       string            `msgpack:"group"` // a group name, resolved by the node that runs it
 	Labels      map[string]string `msgpack:"labels"`
 	Constraints map[string]string `msgpack:"constraints"` // node labels required
 	VIP         string            `msgpack:"vip"`

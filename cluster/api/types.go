@@ -56,8 +56,10 @@ type RunRequest struct {
 	Args        []string          `json:"args,omitempty"`
 	Env         []string          `json:"env,omitempty"`
 	Cwd         string            `json:"cwd,omitempty"`
-	UID         *int              `json:"uid,omitempty"`
-	GID         *int              `json:"gid,omitempty"`
+	UID         *int64            `json:"uid,omitempty"`   // 0..4294967294
+	GID         *int64            `json:"gid,omitempty"`   // 0..4294967294
+	User        string            `json:"user,omitempty"`  // a user name, resolved on the node that runs it
+	Group       string            `json:"group,omitempty"` // a group name, resolved on the node that runs it
 	Labels      map[string]string `json:"labels,omitempty"`
 	Constraints map[string]string `json:"constraints,omitempty"`
 	VIP         string            `json:"vip,omitempty"`
@@ -76,8 +78,10 @@ type Workload struct {
 	Args        []string          `json:"args,omitempty"`
 	Env         []string          `json:"env,omitempty"`
 	Cwd         string            `json:"cwd,omitempty"`
-	UID         int               `json:"uid"`
-	GID         int               `json:"gid"`
+	UID         int               `json:"uid"` // -1: not given
+	GID         int               `json:"gid"` // -1: not given
+	User        string            `json:"user,omitempty"`
+	Group       string            `json:"group,omitempty"`
 	Labels      map[string]string `json:"labels,omitempty"`
 	Constraints map[string]string `json:"constraints,omitempty"`
 	VIP         string            `json:"vip,omitempty"`

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/pcluster/pcluster/cluster/api"
@@ -39,7 +40,23 @@ type runCmd struct {
 	labels      kvFlag
 	constraints kvFlag
 	env         listFlag
-	uid, gid    int
+	uid, gid    string
+}
+
+// idOrName splits a -uid/-gid value into a number (range-checked by the
+// daemon) or a name (resolved on the node that runs the workload).
+func idOrName(flagName, v string) (*int64, string, error) {
+	if v == "" {
+		return nil, "", nil
+	}
+	if v[0] == '-' || v[0] == '+' || (v[0] >= '0' && v[0] <= '9') {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return nil, "", usagef("-%s %s: not a number in 0..4294967294 nor a name", flagName, v)
+		}
+		return &n, "", nil
+	}
+	return nil, v, nil
 }
 
 func (*runCmd) name() string { return "run" }
@@ -56,8 +73,8 @@ func (c *runCmd) flags(fs *flag.FlagSet) {
 	fs.Var(c.constraints, "constraint", "node label `key=value` the node must have (repeatable)")
 	fs.Var(&c.env, "env", "environment `KEY=VALUE` (repeatable)")
 	fs.StringVar(&c.req.Cwd, "cwd", "", "working `directory`")
-	fs.IntVar(&c.uid, "uid", -1, "run as `uid` (default: the daemon's)")
-	fs.IntVar(&c.gid, "gid", -1, "run as `gid` (default: the daemon's)")
+	fs.StringVar(&c.uid, "uid", "", "run as `user` (a uid or a name), with its groups from the node's user database (default: the daemon's user)")
+	fs.StringVar(&c.gid, "gid", "", "with this primary `group` (a gid or a name; default: the user's primary group)")
 	fs.StringVar(&c.req.Restart, "restart", "never", "restart `policy`: never, on-failure or always")
 	fs.IntVar(&c.req.MaxRestarts, "max-restarts", 0, "stop restarting after `N` restarts (0: no bound)")
 	fs.Uint64Var(&c.req.MemoryMB, "memory", 0, "memory hint in `MB` for placement")
@@ -69,11 +86,12 @@ func (c *runCmd) run(ctx context.Context, e *env, args []string) error {
 	}
 	c.req.Command, c.req.Args = args[0], args[1:]
 	c.req.Labels, c.req.Constraints, c.req.Env = c.labels, c.constraints, c.env
-	if c.uid >= 0 {
-		c.req.UID = &c.uid
+	var err error
+	if c.req.UID, c.req.User, err = idOrName("uid", c.uid); err != nil {
+		return err
 	}
-	if c.gid >= 0 {
-		c.req.GID = &c.gid
+	if c.req.GID, c.req.Group, err = idOrName("gid", c.gid); err != nil {
+		return err
 	}
 	w, err := e.client.Run(ctx, c.req)
 	if err != nil {
