@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -313,13 +314,51 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 	})(w, r)
 }
 
+// handleWorkloads serves one page of the workload list, in creation order:
+// ?per_page=N (1..api.MaxPerPage, default api.DefaultPerPage) and
+// ?next_token=T from the previous page's api.HeaderNextToken, which is
+// absent on the last page (Nomad's pagination).
 func (s *Server) handleWorkloads(w http.ResponseWriter, r *http.Request) {
+	perPage := api.DefaultPerPage
+	if v := r.URL.Query().Get("per_page"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > api.MaxPerPage {
+			writeErr(w, badRequest("workloads: per_page %q: want 1..%d", v, api.MaxPerPage))
+			return
+		}
+		perPage = n
+	}
+	var after struct {
+		created int64
+		id      string
+	}
+	token := r.URL.Query().Get("next_token")
+	if token != "" {
+		c, id, ok := strings.Cut(token, ".")
+		n, err := strconv.ParseInt(c, 10, 64)
+		if !ok || err != nil || scheduler.CheckWorkloadID(id) != nil {
+			writeErr(w, badRequest("workloads: next_token %.80q: malformed", token))
+			return
+		}
+		after.created, after.id = n, id
+	}
 	out := []api.Workload{}
+	next := ""
 	s.fsm.Read(func(st *scheduler.State) {
 		for _, wl := range st.SortedWorkloads() {
+			if token != "" && (wl.CreatedAt < after.created || wl.CreatedAt == after.created && wl.ID < after.id) {
+				continue
+			}
+			if len(out) == perPage {
+				next = fmt.Sprintf("%d.%s", wl.CreatedAt, wl.ID)
+				break
+			}
 			out = append(out, apiWorkload(wl))
 		}
 	})
+	if next != "" {
+		w.Header().Set(api.HeaderNextToken, next)
+	}
 	writeJSON(w, out)
 }
 
@@ -352,10 +391,37 @@ func newID() string {
 	return "w" + hex.EncodeToString(b)
 }
 
+// MaxBodyBytes bounds every request body the API reads.
+const MaxBodyBytes = 1 << 20
+
+// decodeBody decodes r's JSON body into v: one object, no field v does not
+// have, at most MaxBodyBytes. Errors are one line naming what is wrong.
+func decodeBody(w http.ResponseWriter, r *http.Request, op string, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(v)
+	if err == nil && dec.Decode(&struct{}{}) != io.EOF {
+		err = errors.New("trailing data after the JSON object")
+	}
+	var mbe *http.MaxBytesError
+	var ute *json.UnmarshalTypeError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &mbe):
+		return &httpError{http.StatusRequestEntityTooLarge, fmt.Errorf("%s: request body over %d bytes (1 MiB)", op, mbe.Limit)}
+	case errors.Is(err, io.EOF):
+		return badRequest("%s: empty request body", op)
+	case errors.As(err, &ute) && ute.Field != "":
+		return badRequest("%s: field %s: %s does not fit %s", op, ute.Field, ute.Value, ute.Type)
+	}
+	return badRequest("%s: request body: %s", op, strings.TrimPrefix(err.Error(), "json: "))
+}
+
 func (s *Server) handleRun(w http.ResponseWriter, r *http.Request) {
 	var req api.RunRequest
-	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
-		writeErr(w, badRequest("run: bad request body: %v", err))
+	if err := decodeBody(w, r, "run", &req); err != nil {
+		writeErr(w, err)
 		return
 	}
 	wl, err := s.newWorkload(req)
@@ -373,29 +439,18 @@ func (s *Server) handleRun(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, apiWorkload(&created))
 }
 
-// newWorkload validates a run request and places it.
+// newWorkload validates a run request and places it. The limits are
+// scheduler.ValidateWorkload's, the same the FSM applies.
 func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
-	if req.Command == "" {
-		return scheduler.Workload{}, badRequest("run: no command")
-	}
-	if req.VIP != "" && net.ParseIP(req.VIP) == nil {
-		return scheduler.Workload{}, badRequest("run: virtual IP %q is not an IP address", req.VIP)
-	}
-	switch req.Restart {
-	case "":
+	if req.Restart == "" {
 		req.Restart = scheduler.RestartNever
-	case scheduler.RestartNever, scheduler.RestartOnFailure, scheduler.RestartAlways:
-	default:
-		return scheduler.Workload{}, badRequest("run: restart policy %q: want never, on-failure or always", req.Restart)
-	}
-	for _, e := range req.Env {
-		if !strings.Contains(e, "=") {
-			return scheduler.Workload{}, badRequest("run: environment entry %q: want KEY=VALUE", e)
-		}
 	}
 	name := req.Name
 	if name == "" {
 		name = filepath.Base(req.Command)
+		if len(name) > scheduler.MaxNameLen {
+			name = name[:scheduler.MaxNameLen]
+		}
 	}
 	wl := scheduler.Workload{ID: newID(), Name: name, Command: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd,
 		UID: -1, GID: -1, Labels: req.Labels, Constraints: req.Constraints, VIP: req.VIP,
@@ -405,20 +460,23 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	if req.UID != nil {
 		id, err := scheduler.CheckID("uid", *req.UID)
 		if err != nil {
-			return wl, badRequest("run: %w", err)
+			return wl, fmt.Errorf("run: %w", err)
 		}
 		wl.UID = int(id)
 	}
 	if req.GID != nil {
 		id, err := scheduler.CheckID("gid", *req.GID)
 		if err != nil {
-			return wl, badRequest("run: %w", err)
+			return wl, fmt.Errorf("run: %w", err)
 		}
 		wl.GID = int(id)
 	}
 	wl.User, wl.Group = req.User, req.Group
 	if err := scheduler.ValidateWorkload(&wl); err != nil {
 		return wl, fmt.Errorf("run: %w", err)
+	}
+	if len(req.Node) > scheduler.MaxNameLen {
+		return wl, badRequest("run: node: %d bytes, limit %d", len(req.Node), scheduler.MaxNameLen)
 	}
 	var err error
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
@@ -490,8 +548,8 @@ func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
 	var rep api.Report
-	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&rep); err != nil {
-		writeErr(w, badRequest("report: bad request body: %v", err))
+	if err := decodeBody(w, r, "report", &rep); err != nil {
+		writeErr(w, err)
 		return
 	}
 	_, err := s.applyReport(rep)

@@ -22,6 +22,8 @@ func (s *Server) leaderLoop(ctx context.Context) {
 	defer tick.Stop()
 	loads := time.NewTicker(s.cfg.LoadInterval * 2)
 	defer loads.Stop()
+	gc := time.NewTicker(min(max(s.cfg.WorkloadGCAfter/4, time.Second), time.Minute))
+	defer gc.Stop()
 	leaderCh := s.raft.LeaderCh()
 	for {
 		select {
@@ -41,6 +43,10 @@ func (s *Server) leaderLoop(ctx context.Context) {
 		case <-loads.C:
 			if s.IsLeader() {
 				s.recordLoads()
+			}
+		case <-gc.C:
+			if s.IsLeader() {
+				s.collectWorkloads(time.Now())
 			}
 		}
 		s.maybeBootstrap()
@@ -271,4 +277,26 @@ func (s *Server) apply(t scheduler.CommandType, cmd any) (any, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// collectWorkloads removes ended workloads older than the retention, a
+// batch per raft entry (the decision is scheduler.WorkloadsToCollect).
+func (s *Server) collectWorkloads(now time.Time) {
+	cutoff := now.Add(-s.cfg.WorkloadGCAfter).UnixNano()
+	for range 10 { // at most 10 batches per tick: leave room for other writes
+		var ids []string
+		s.fsm.Read(func(st *scheduler.State) { ids = scheduler.WorkloadsToCollect(st, cutoff, scheduler.MaxGCBatch) })
+		if len(ids) == 0 {
+			return
+		}
+		res, err := s.apply(scheduler.CmdWorkloadGC, &scheduler.WorkloadGCCmd{IDs: ids, Before: cutoff})
+		if err != nil {
+			s.log.Warn("workload gc", "err", err)
+			return
+		}
+		s.log.Info("workload gc", "removed", res, "ended_before", time.Unix(0, cutoff).UTC())
+		if n, _ := res.(int); n < len(ids) {
+			return // the rest changed meanwhile; next tick
+		}
+	}
 }

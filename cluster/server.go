@@ -45,6 +45,8 @@ type Config struct {
 	Labels          map[string]string // node labels, for placement constraints
 	Logger          *slog.Logger
 
+	WorkloadGCAfter time.Duration // ended workloads are removed from the state after this; 1h
+
 	LoadInterval   time.Duration // gossip load refresh; 2s
 	RejoinInterval time.Duration // re-join attempts when alone; 5s
 	Reconcile      time.Duration // leader reconciliation period; 1s
@@ -126,6 +128,12 @@ func Start(cfg Config) (s *Server, err error) {
 	}
 	if cfg.Reconcile == 0 {
 		cfg.Reconcile = time.Second
+	}
+	if cfg.WorkloadGCAfter == 0 {
+		cfg.WorkloadGCAfter = scheduler.DefaultGCAfter
+	}
+	if cfg.WorkloadGCAfter < 0 {
+		return nil, fmt.Errorf("start: workload gc retention %v: want a positive duration", cfg.WorkloadGCAfter)
 	}
 	if cfg.BindAddr == "" {
 		cfg.BindAddr = "0.0.0.0:7946"

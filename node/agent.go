@@ -186,8 +186,10 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 func (a *Agent) reconcile(ctx context.Context) {
 	var todo, relist, orphans []scheduler.Workload
 	now := time.Now()
+	present := map[string]bool{}
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		for _, w := range s.Workloads {
+			present[w.ID] = true
 			if w.DesiredNode != a.cfg.Name && w.Node != a.cfg.Name {
 				continue
 			}
@@ -217,6 +219,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			}
 		}
 	})
+	a.forget(present, now)
 	for _, w := range orphans {
 		a.adopt(ctx, w)
 	}
@@ -226,6 +229,39 @@ func (a *Agent) reconcile(ctx context.Context) {
 	}
 	for _, w := range todo {
 		a.start(w)
+	}
+}
+
+// forget drops what this agent keeps for workloads the state no longer has
+// (removed by the GC after their retention): its record of starts and their
+// log files, which would otherwise grow without bound, and any process of
+// theirs still running (a lost workload whose node came back after the
+// retention), which nothing would supervise any more. Every id here was in
+// the state when the agent recorded it, and the state only moves forward,
+// so missing means removed.
+func (a *Agent) forget(present map[string]bool, now time.Time) {
+	for id, p := range a.procs {
+		switch {
+		case present[id]:
+		case !p.stopping:
+			a.log.Info("workload removed from the state; stopping its process", "workload", id, "pid", p.pid)
+			a.signal(p, syscall.SIGTERM)
+			p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
+		case now.After(p.killAt):
+			a.signal(p, syscall.SIGKILL)
+			p.killAt = now.Add(a.cfg.StopTimeout)
+		}
+	}
+	for id := range a.started {
+		if present[id] || a.procs[id] != nil {
+			continue
+		}
+		delete(a.started, id)
+		if p, err := a.LogPath(id, "stdout"); err == nil {
+			if err := os.RemoveAll(filepath.Dir(p)); err != nil {
+				a.log.Warn("remove logs of collected workload", "workload", id, "err", err)
+			}
+		}
 	}
 }
 

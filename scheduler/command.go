@@ -22,6 +22,7 @@ const (
 	CmdMigrationUpsert        CommandType = 8
 	CmdCheckpointPolicyUpsert CommandType = 9
 	CmdNodeEligibility        CommandType = 10
+	CmdWorkloadGC             CommandType = 11
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -52,6 +53,8 @@ func (t CommandType) String() string {
 		return "checkpoint-policy-upsert"
 	case CmdNodeEligibility:
 		return "node-eligibility"
+	case CmdWorkloadGC:
+		return "workload-gc"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -114,6 +117,14 @@ type WorkloadExitedCmd struct {
 type WorkloadStopCmd struct {
 	ID string `msgpack:"id"`
 	At int64  `msgpack:"at"`
+}
+
+// WorkloadGCCmd removes ended workloads (at most MaxGCBatch ids) that
+// ended at or before Before (unix nanoseconds); the leader sends it after
+// the retention.
+type WorkloadGCCmd struct {
+	IDs    []string `msgpack:"ids"`
+	Before int64    `msgpack:"before"`
 }
 
 // MigrationUpsertCmd records a migration step (used by the next issue).

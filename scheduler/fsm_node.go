@@ -49,6 +49,7 @@ func applyNodeStatus(s *State, idx uint64, c *NodeStatusCmd) any {
 			}
 			if w.Node == c.Name || (w.State == StatePending && w.DesiredNode == c.Name) {
 				w.State = StateLost
+				w.LostAt = c.At
 				w.Message = fmt.Sprintf("node %s down", c.Name)
 				w.ModifyIndex = idx
 			}

@@ -54,6 +54,10 @@ func allCommands(a *applier) {
 	a.ok(CmdMigrationUpsert, &MigrationUpsertCmd{Migration: Migration{ID: "m1", WorkloadID: "w2", Source: "b", Target: "a", State: "planned"}})
 	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "hourly", Selector: map[string]string{"app": "x"}, Interval: 3600e9, Keep: 3}})
 	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "b", Status: NodeDown, At: 11})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w3", Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 12}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w3", Node: "a", Attempt: 1, PID: 300, At: 13})
+	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w3", Node: "a", Attempt: 1, At: 14})
+	a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w3"}, Before: 14})
 }
 
 func TestFSMSnapshotRestoreEqual(t *testing.T) {

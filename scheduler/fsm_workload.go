@@ -22,14 +22,15 @@ func init() {
 
 func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
 	w := c.Workload
-	if w.ID == "" || w.Command == "" {
-		return fmt.Errorf("workload create: id and command are required")
-	}
 	if err := ValidateWorkload(&w); err != nil {
-		return fmt.Errorf("workload create %s: %w", w.ID, err)
+		return fmt.Errorf("workload create: %w", err)
 	}
 	if _, ok := s.Workloads[w.ID]; ok {
 		return fmt.Errorf("workload create %s: %w", w.ID, ErrExists)
+	}
+	if len(s.Workloads) >= MaxWorkloads {
+		return fmt.Errorf("workload create %s: %w", w.ID, &FieldError{Field: "workloads",
+			Problem: fmt.Sprintf("the state holds %d, limit %d; ended ones are removed after the GC retention", len(s.Workloads), MaxWorkloads)})
 	}
 	if _, ok := s.Nodes[w.DesiredNode]; !ok {
 		return fmt.Errorf("workload create %s: node %q: %w", w.ID, w.DesiredNode, ErrNotFound)
@@ -53,6 +54,9 @@ func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
 }
 
 func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
+	if err := checkReport(c.ID, c.Node, ""); err != nil {
+		return fmt.Errorf("workload started: %w", err)
+	}
 	w, ok := s.Workloads[c.ID]
 	if !ok {
 		return fmt.Errorf("workload started %s: %w", c.ID, ErrNotFound)
@@ -62,6 +66,7 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 			c.ID, c.Attempt, c.Node, w.Attempt, w.DesiredNode, ErrStale)
 	}
 	w.State = StateRunning
+	w.LostAt = 0
 	w.Node = c.Node
 	w.PID, w.StartTicks = c.PID, c.StartTicks
 	w.StartedAt = c.At
@@ -71,6 +76,9 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 }
 
 func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
+	if err := checkReport(c.ID, c.Node, c.Signal); err != nil {
+		return fmt.Errorf("workload exited: %w", err)
+	}
 	w, ok := s.Workloads[c.ID]
 	if !ok {
 		return fmt.Errorf("workload exited %s: %w", c.ID, ErrNotFound)
@@ -79,7 +87,7 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 		return fmt.Errorf("workload exited %s: attempt %d on %s, want attempt %d on %s: %w",
 			c.ID, c.Attempt, c.Node, w.Attempt, w.Node, ErrStale)
 	}
-	w.ExitCode, w.Signal, w.Message = c.ExitCode, c.Signal, c.Message
+	w.ExitCode, w.Signal, w.Message = c.ExitCode, c.Signal, cut(c.Message)
 	w.EndedAt = c.At
 	w.PID, w.StartTicks = 0, 0
 	w.ModifyIndex = idx

@@ -43,8 +43,8 @@ type WorkloadState string
 
 // Workload states. Lost means the node running it was declared dead: the
 // process may or may not still exist, and deciding what to do is left to an
-// operator or to the rescheduler (a later issue). Lost workloads are never
-// forgotten.
+// operator or to the rescheduler (a later issue). Like every ended
+// workload, a lost one is removed from the state after the GC retention.
 const (
 	StatePending WorkloadState = "pending" // placed, not yet started by its node
 	StateRunning WorkloadState = "running"
@@ -117,6 +117,7 @@ type Workload struct {
 	CreatedAt   int64         `msgpack:"created_at"`
 	StartedAt   int64         `msgpack:"started_at"`
 	EndedAt     int64         `msgpack:"ended_at"`
+	LostAt      int64         `msgpack:"lost_at"` // when its node was declared down; 0 unless lost
 	ModifyIndex uint64        `msgpack:"modify_index"`
 }
 

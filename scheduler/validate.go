@@ -3,41 +3,115 @@ package scheduler
 import (
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 )
 
 // ErrInvalid marks a spec or command the state refuses: a field out of its
-// range or over its limit. The API answers it with 400.
+// range or over its limit (a *FieldError). The API answers it with 400.
 var ErrInvalid = errors.New("invalid")
 
-// MaxID is the highest uid or gid a workload may ask for: 2^32−2, since
-// (uid_t)−1 means "unchanged" to setresuid and friends.
-const MaxID = 1<<32 - 2
+// FieldError names the field refused and why, in one line:
+// "name: 1048576 bytes, limit 256".
+type FieldError struct {
+	Field   string
+	Problem string
+}
+
+func (e *FieldError) Error() string        { return e.Field + ": " + e.Problem }
+func (e *FieldError) Is(target error) bool { return target == ErrInvalid }
+
+func invalid(field, format string, args ...any) error {
+	return &FieldError{Field: field, Problem: fmt.Sprintf(format, args...)}
+}
+
+// Limits on a workload spec, documented in docs/cluster.md ("Limits"). They
+// bound what one request can make the replicated state (and every list)
+// hold: the state is in memory on every server, snapshotted whole.
+const (
+	MaxIDLen         = 64        // workload ids
+	MaxNameLen       = 256       // workload and node names
+	MaxPathLen       = 4096      // command, cwd (PATH_MAX)
+	MaxArgs          = 256       // arguments
+	MaxEnv           = 256       // environment entries
+	MaxArgLen        = 4096      // one argument or environment entry
+	MaxLabels        = 64        // labels, and constraints, each
+	MaxLabelKeyLen   = 128       // label and constraint keys
+	MaxLabelValueLen = 256       // label and constraint values
+	MaxSpecBytes     = 16 << 10  // all strings of one spec together
+	MaxRestartsLimit = 10000     // max_restarts (0 means no bound)
+	MaxCPUMilli      = 1000000   // cpu_milli: 1000 CPUs
+	MaxMemoryMB      = 1 << 30   // memory_mb: 1 PiB
+	MaxWorkloads     = 10000     // workloads in the state, ended ones included until collected
+	MaxMessageLen    = 1024      // exit messages are cut to this
+	MaxSignalLen     = 64        // signal names in reports
+	MaxUserName      = 256       // user and group names
+	MaxID            = 1<<32 - 2 // uid and gid: (uid_t)−1 means "unchanged" to the kernel
+)
 
 // CheckID range-checks a uid or gid before it becomes a uint32, so that
 // 2^32 or −7 can never wrap to root.
 func CheckID(field string, v int64) (uint32, error) {
 	if v < 0 || v > MaxID {
-		return 0, fmt.Errorf("%s %d: out of range 0..%d: %w", field, v, int64(MaxID), ErrInvalid)
+		return 0, invalid(fmt.Sprintf("%s %d", field, v), "out of range 0..%d", int64(MaxID))
 	}
 	return uint32(v), nil
 }
 
-// MaxUserName bounds user and group names (useradd allows 32).
-const MaxUserName = 256
+// checkString refuses s over max bytes, or holding control characters:
+// names, labels and ids are printed on one line.
+func checkString(field, s string, max int) error {
+	if len(s) > max {
+		return invalid(field, "%d bytes, limit %d", len(s), max)
+	}
+	if i := strings.IndexFunc(s, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }); i >= 0 {
+		return invalid(field, "control character at byte %d", i)
+	}
+	return nil
+}
 
-// checkName checks a user or group name: no ':' (the passwd separator),
-// no control characters, not empty when given, not a number (a numeric
-// name would be ambiguous with an id).
-func checkName(field, v string) error {
-	if v == "" {
-		return nil
+// checkExecString is checkString for what reaches execve (command, args,
+// env, cwd): any byte but NUL, which execve cannot carry.
+func checkExecString(field, s string, max int) error {
+	if len(s) > max {
+		return invalid(field, "%d bytes, limit %d", len(s), max)
 	}
-	if len(v) > MaxUserName {
-		return fmt.Errorf("%s: %d bytes, limit %d: %w", field, len(v), MaxUserName, ErrInvalid)
+	if i := strings.IndexByte(s, 0); i >= 0 {
+		return invalid(field, "NUL at byte %d", i)
 	}
-	if strings.ContainsAny(v, ":/") || strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
-		return fmt.Errorf("%s %q: not a user or group name: %w", field, v, ErrInvalid)
+	return nil
+}
+
+// CheckWorkloadID checks an id given in a command or a path.
+func CheckWorkloadID(id string) error {
+	if id == "" {
+		return invalid("id", "empty")
+	}
+	if len(id) > MaxIDLen {
+		return invalid("id", "%d bytes, limit %d", len(id), MaxIDLen)
+	}
+	if id == "." || id == ".." || strings.IndexFunc(id, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.')
+	}) >= 0 {
+		return invalid("id", "%q: want letters, digits, '-', '_', '.'", id)
+	}
+	return nil
+}
+
+func checkMap(field string, m map[string]string) error {
+	if len(m) > MaxLabels {
+		return invalid(field, "%d entries, limit %d", len(m), MaxLabels)
+	}
+	for k, v := range m {
+		if k == "" {
+			return invalid(field, "empty key")
+		}
+		if err := checkString(field+" key", k, MaxLabelKeyLen); err != nil {
+			return err
+		}
+		if err := checkString(field+" "+k, v, MaxLabelValueLen); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -46,6 +120,77 @@ func checkName(field, v string) error {
 // (before proposing) and the FSM (when applying workload-create) call it, so
 // a raft entry can never carry a workload the state would not accept.
 func ValidateWorkload(w *Workload) error {
+	if err := CheckWorkloadID(w.ID); err != nil {
+		return err
+	}
+	if w.Command == "" {
+		return invalid("command", "empty")
+	}
+	for _, f := range []struct {
+		name string
+		v    string
+		max  int
+	}{{"name", w.Name, MaxNameLen}, {"node", w.DesiredNode, MaxNameLen}, {"vip", w.VIP, 64}} {
+		if err := checkString(f.name, f.v, f.max); err != nil {
+			return err
+		}
+	}
+	if err := checkExecString("command", w.Command, MaxPathLen); err != nil {
+		return err
+	}
+	if err := checkExecString("cwd", w.Cwd, MaxPathLen); err != nil {
+		return err
+	}
+	if w.VIP != "" && net.ParseIP(w.VIP) == nil {
+		return invalid("vip", "%q is not an IP address", w.VIP)
+	}
+	total := len(w.Name) + len(w.Command) + len(w.Cwd) + len(w.User) + len(w.Group) + len(w.VIP)
+	if len(w.Args) > MaxArgs {
+		return invalid("args", "%d arguments, limit %d", len(w.Args), MaxArgs)
+	}
+	for i, a := range w.Args {
+		if err := checkExecString(fmt.Sprintf("args[%d]", i), a, MaxArgLen); err != nil {
+			return err
+		}
+		total += len(a)
+	}
+	if len(w.Env) > MaxEnv {
+		return invalid("env", "%d entries, limit %d", len(w.Env), MaxEnv)
+	}
+	for i, e := range w.Env {
+		if err := checkExecString(fmt.Sprintf("env[%d]", i), e, MaxArgLen); err != nil {
+			return err
+		}
+		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
+			return invalid(fmt.Sprintf("env[%d]", i), "%q: want KEY=VALUE", e)
+		}
+		total += len(e)
+	}
+	for name, m := range map[string]map[string]string{"labels": w.Labels, "constraints": w.Constraints} {
+		if err := checkMap(name, m); err != nil {
+			return err
+		}
+		for k, v := range m {
+			total += len(k) + len(v)
+		}
+	}
+	if total > MaxSpecBytes {
+		return invalid("spec", "%d bytes of strings, limit %d", total, MaxSpecBytes)
+	}
+	switch w.Restart.Mode {
+	case "", RestartNever, RestartOnFailure, RestartAlways:
+	default:
+		return invalid("restart", "%q: want never, on-failure or always", w.Restart.Mode)
+	}
+	if w.Restart.Max < 0 || w.Restart.Max > MaxRestartsLimit {
+		return invalid(fmt.Sprintf("max_restarts %d", w.Restart.Max), "out of range 0..%d (0: no bound)", MaxRestartsLimit)
+	}
+	if w.Resources.CPUMilli < 0 || w.Resources.CPUMilli > MaxCPUMilli {
+		return invalid(fmt.Sprintf("cpu_milli %d", w.Resources.CPUMilli), "out of range 0..%d", MaxCPUMilli)
+	}
+	if w.Resources.MemoryMB > MaxMemoryMB {
+		return invalid(fmt.Sprintf("memory_mb %d", w.Resources.MemoryMB), "out of range 0..%d", MaxMemoryMB)
+	}
 	return validateCred(w)
 }
 
@@ -62,17 +207,38 @@ func validateCred(w *Workload) error {
 			}
 		}
 	}
-	if err := checkName("user", w.User); err != nil {
-		return err
-	}
-	if err := checkName("group", w.Group); err != nil {
-		return err
+	for _, f := range []struct{ name, v string }{{"user", w.User}, {"group", w.Group}} {
+		if err := checkString(f.name, f.v, MaxUserName); err != nil {
+			return err
+		}
+		if strings.ContainsAny(f.v, ":/") {
+			return invalid(f.name, "%q is not a user or group name", f.v)
+		}
 	}
 	if w.User != "" && w.UID != -1 {
-		return fmt.Errorf("uid %d and user %q: give one: %w", w.UID, w.User, ErrInvalid)
+		return invalid("uid", "%d and user %q: give one", w.UID, w.User)
 	}
 	if w.Group != "" && w.GID != -1 {
-		return fmt.Errorf("gid %d and group %q: give one: %w", w.GID, w.Group, ErrInvalid)
+		return invalid("gid", "%d and group %q: give one", w.GID, w.Group)
 	}
 	return nil
+}
+
+// checkReport checks the fields an agent's report carries.
+func checkReport(id, node, signal string) error {
+	if err := CheckWorkloadID(id); err != nil {
+		return err
+	}
+	if err := checkString("node", node, MaxNameLen); err != nil {
+		return err
+	}
+	return checkString("signal", signal, MaxSignalLen)
+}
+
+// cut shortens an exit message to MaxMessageLen bytes.
+func cut(s string) string {
+	if len(s) <= MaxMessageLen {
+		return s
+	}
+	return s[:MaxMessageLen-3] + "..."
 }

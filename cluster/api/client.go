@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -74,6 +75,9 @@ type Client struct {
 	// Stale makes reads answer from the contacted node's replica instead
 	// of the leader's (faster, possibly behind).
 	Stale bool
+	// PerPage is the page size Workloads asks for (0: the server's
+	// default).
+	PerPage int
 }
 
 // New returns a client for address: a unix socket path (absolute, or
@@ -147,7 +151,7 @@ func NewFromEnv(address, keyFile string) (*Client, error) {
 
 // do sends one request and decodes a JSON answer into out (if not nil).
 // Answers 503 (no leader yet) are retried until c.Wait has passed.
-func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+func (c *Client) do(ctx context.Context, method, path string, in, out any, header ...func(http.Header)) error {
 	var body []byte
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -168,6 +172,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		resp, err := c.send(ctx, method, path, body)
 		if err != nil {
 			return err
+		}
+		for _, h := range header {
+			h(resp.Header)
 		}
 		err = decode(resp, out)
 		var e *Error
@@ -256,10 +263,42 @@ func (c *Client) Run(ctx context.Context, req RunRequest) (Workload, error) {
 	return out, c.do(ctx, http.MethodPost, PathWorkloads, req, &out)
 }
 
-// Workloads lists all workloads.
+// Workloads lists all workloads, following the pages.
 func (c *Client) Workloads(ctx context.Context) ([]Workload, error) {
+	var all []Workload
+	token := ""
+	for {
+		page, next, err := c.WorkloadsPage(ctx, c.PerPage, token)
+		if err != nil {
+			return all, err
+		}
+		all = append(all, page...)
+		if next == "" {
+			return all, nil
+		}
+		token = next
+	}
+}
+
+// WorkloadsPage returns up to perPage workloads (0: the server's default)
+// after the page whose next token is token ("" for the first), and the token
+// of the next page, "" after the last.
+func (c *Client) WorkloadsPage(ctx context.Context, perPage int, token string) ([]Workload, string, error) {
+	q := url.Values{}
+	if perPage > 0 {
+		q.Set("per_page", strconv.Itoa(perPage))
+	}
+	if token != "" {
+		q.Set("next_token", token)
+	}
+	path := PathWorkloads
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
 	var out []Workload
-	return out, c.do(ctx, http.MethodGet, PathWorkloads, nil, &out)
+	var next string
+	err := c.do(ctx, http.MethodGet, path, nil, &out, func(h http.Header) { next = h.Get(HeaderNextToken) })
+	return out, next, err
 }
 
 // Workload returns one workload.

@@ -14,6 +14,16 @@ const (
 	PathMetrics   = "/metrics"
 )
 
+// Workload lists are paginated: GET /v1/workloads?per_page=N&next_token=T
+// answers at most N workloads (default DefaultPerPage, at most MaxPerPage)
+// in creation order, and HeaderNextToken, when set, is the next_token of the
+// following page.
+const (
+	DefaultPerPage  = 100
+	MaxPerPage      = 1000
+	HeaderNextToken = "X-Pcluster-Next-Token"
+)
+
 // Load is a node's compact load vector.
 type Load struct {
 	CPULoad1  float64 `json:"cpu_load1"`

@@ -7,7 +7,10 @@ import (
 	"strings"
 )
 
-type psCmd struct{ all, stale bool }
+type psCmd struct {
+	all, stale bool
+	perPage    int
+}
 
 func (*psCmd) name() string { return "ps" }
 func (*psCmd) synopsis() string {
@@ -16,6 +19,7 @@ func (*psCmd) synopsis() string {
 func (c *psCmd) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.all, "a", false, "include ended workloads")
 	fs.BoolVar(&c.stale, "stale", false, "answer from the contacted node's replica, not the leader")
+	fs.IntVar(&c.perPage, "per-page", 0, "fetch the list `N` workloads per request (default: the daemon's, 100)")
 }
 
 func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
@@ -23,6 +27,7 @@ func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
 		return usagef("ps takes no arguments, got %q", args[0])
 	}
 	e.client.Stale = c.stale
+	e.client.PerPage = c.perPage
 	ws, err := e.client.Workloads(ctx)
 	if err != nil {
 		return err

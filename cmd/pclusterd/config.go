@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
@@ -31,6 +32,7 @@ type fileConfig struct {
 	Labels          labelFlag `json:"labels"`
 	LogLevel        string    `json:"log_level"`
 	MetricsAddr     string    `json:"metrics_addr"`
+	WorkloadGCAfter string    `json:"workload_gc_after"`
 
 	encryptFlag bool // Encrypt came from the command line
 }
@@ -80,6 +82,7 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("key-file", &c.KeyFile, f.KeyFile)
 	pick("log-level", &c.LogLevel, f.LogLevel)
 	pick("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
+	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	if !set["join"] && len(f.Join) > 0 {
 		c.Join = f.Join
 	}
@@ -112,6 +115,13 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 		Labels: c.Labels, Logger: logger}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket
+	}
+	if c.WorkloadGCAfter != "" {
+		d, err := time.ParseDuration(c.WorkloadGCAfter)
+		if err != nil || d <= 0 {
+			return cfg, cleanup, fmt.Errorf("workload gc retention %q: want a positive duration such as 1h", c.WorkloadGCAfter)
+		}
+		cfg.WorkloadGCAfter = d
 	}
 	var err error
 	switch {

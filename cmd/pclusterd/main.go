@@ -94,6 +94,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.KeyFile, "key-file", "", "`file` holding the cluster key")
 	fs.Var(c.Labels, "label", "node label `key=value` for placement constraints (repeatable)")
 	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
+	fs.StringVar(&c.WorkloadGCAfter, "workload-gc-after", "", "remove ended workloads from the state this `duration` after they end (default 1h)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
 	if err := parse(fs, args, stderr); err != nil {
 		return err

@@ -1,0 +1,93 @@
+package scheduler
+
+import (
+	"fmt"
+	"sort"
+	"time"
+)
+
+// DefaultGCAfter is how long an ended workload stays in the state before
+// the leader removes it (Nomad's job GC threshold is 4 h; a workload here is
+// one process, and its record is what `ps -a`, `status` and `logs` show).
+const DefaultGCAfter = time.Hour
+
+// MaxGCBatch bounds the ids of one workload-gc command (one raft entry).
+const MaxGCBatch = 1000
+
+// endedAt returns when w ended, and false while it is active. Lost
+// workloads count from when their node was declared down; records written
+// before LostAt existed fall back to their last known time.
+func endedAt(w *Workload) (int64, bool) {
+	switch w.State {
+	case StateExited, StateFailed, StateStopped:
+		if w.EndedAt != 0 {
+			return w.EndedAt, true
+		}
+	case StateLost:
+		if w.LostAt != 0 {
+			return w.LostAt, true
+		}
+	default:
+		return 0, false
+	}
+	return max(w.CreatedAt, w.StartedAt, w.EndedAt), true
+}
+
+// WorkloadsToCollect is the GC decision, a pure function of the state and
+// the clock: the ids of workloads that ended at or before cutoff (now minus
+// the retention), oldest first, at most limit of them.
+func WorkloadsToCollect(s *State, cutoff int64, limit int) []string {
+	type cand struct {
+		at int64
+		id string
+	}
+	var cs []cand
+	for _, w := range s.Workloads {
+		if at, ended := endedAt(w); ended && at <= cutoff {
+			cs = append(cs, cand{at, w.ID})
+		}
+	}
+	sort.Slice(cs, func(i, j int) bool {
+		if cs[i].at != cs[j].at {
+			return cs[i].at < cs[j].at
+		}
+		return cs[i].id < cs[j].id
+	})
+	ids := make([]string, 0, min(len(cs), limit))
+	for _, c := range cs[:min(len(cs), limit)] {
+		ids = append(ids, c.id)
+	}
+	return ids
+}
+
+func init() {
+	register(CmdWorkloadGC, applyWorkloadGC)
+}
+
+// applyWorkloadGC removes the listed workloads that are still ended at or
+// before c.Before when the entry applies: one restarted (or re-listed by
+// its returning node) since the leader decided is kept. Their migrations
+// go with them. It returns how many were removed.
+func applyWorkloadGC(s *State, idx uint64, c *WorkloadGCCmd) any {
+	if len(c.IDs) > MaxGCBatch {
+		return fmt.Errorf("workload gc: %w", &FieldError{Field: "ids", Problem: fmt.Sprintf("%d, limit %d", len(c.IDs), MaxGCBatch)})
+	}
+	gone := map[string]bool{}
+	for _, id := range c.IDs {
+		w, ok := s.Workloads[id]
+		if !ok {
+			continue
+		}
+		if at, ended := endedAt(w); !ended || at > c.Before {
+			continue
+		}
+		delete(s.Workloads, id)
+		gone[id] = true
+	}
+	for id, m := range s.Migrations {
+		if gone[m.WorkloadID] {
+			delete(s.Migrations, id)
+		}
+	}
+	return len(gone)
+}

@@ -1,0 +1,77 @@
+package scheduler
+
+import (
+	"reflect"
+	"testing"
+	"time"
+)
+
+// TestWorkloadsToCollect is the GC decision on a fake clock: ended
+// workloads (exited, failed, stopped, lost) older than the retention go,
+// oldest first, in batches; active ones and recent ones stay.
+func TestWorkloadsToCollect(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	ago := func(d time.Duration) int64 { return now.Add(-d).UnixNano() }
+	s := NewState()
+	for _, w := range []*Workload{
+		{ID: "exited-2h", State: StateExited, CreatedAt: ago(3 * time.Hour), EndedAt: ago(2 * time.Hour)},
+		{ID: "failed-61m", State: StateFailed, CreatedAt: ago(3 * time.Hour), EndedAt: ago(61 * time.Minute)},
+		{ID: "stopped-59m", State: StateStopped, CreatedAt: ago(3 * time.Hour), EndedAt: ago(59 * time.Minute)},
+		{ID: "lost-90m", State: StateLost, CreatedAt: ago(3 * time.Hour), StartedAt: ago(2 * time.Hour), LostAt: ago(90 * time.Minute)},
+		{ID: "lost-10m", State: StateLost, CreatedAt: ago(3 * time.Hour), StartedAt: ago(2 * time.Hour), LostAt: ago(10 * time.Minute)},
+		{ID: "running-old", State: StateRunning, CreatedAt: ago(30 * time.Hour), EndedAt: ago(29 * time.Hour)},
+		{ID: "pending-restart", State: StatePending, CreatedAt: ago(30 * time.Hour), EndedAt: ago(29 * time.Hour)},
+		{ID: "exited-exactly-1h", State: StateExited, EndedAt: ago(time.Hour)},
+	} {
+		s.Workloads[w.ID] = w
+	}
+	cutoff := now.Add(-DefaultGCAfter).UnixNano()
+	for _, c := range []struct {
+		limit int
+		want  []string
+	}{
+		{MaxGCBatch, []string{"exited-2h", "lost-90m", "failed-61m", "exited-exactly-1h"}},
+		{2, []string{"exited-2h", "lost-90m"}},
+	} {
+		if got := WorkloadsToCollect(s, cutoff, c.limit); !reflect.DeepEqual(got, c.want) {
+			t.Errorf("limit %d: got %v, want %v", c.limit, got, c.want)
+		}
+	}
+}
+
+// TestFSMWorkloadGC applies workload-gc directly: it removes only what is
+// still ended before the cutoff when it applies (a workload restarted
+// since the leader decided stays), with its migrations.
+func TestFSMWorkloadGC(t *testing.T) {
+	a := &applier{t: t, f: NewFSM()}
+	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "a"}})
+	for _, id := range []string{"w1", "w2", "w3"} {
+		a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: id, Command: "x", UID: -1, GID: -1, DesiredNode: "a",
+			Restart: RestartPolicy{Mode: RestartOnFailure}}})
+		a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: id, Node: "a", Attempt: 1, PID: 1, At: 10})
+	}
+	a.ok(CmdMigrationUpsert, &MigrationUpsertCmd{Migration: Migration{ID: "m1", WorkloadID: "w1"}})
+	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 1, At: 20})              // exited
+	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w2", Node: "a", Attempt: 1, ExitCode: 1, At: 20}) // restarting: pending
+	n := a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w1", "w2", "w3", "gone"}, Before: 25})
+	if n != 1 {
+		t.Errorf("removed %v, want 1", n)
+	}
+	a.f.Read(func(s *State) {
+		if _, ok := s.Workloads["w1"]; ok {
+			t.Error("w1 (exited at 20, cutoff 25) kept")
+		}
+		for _, id := range []string{"w2", "w3"} {
+			if _, ok := s.Workloads[id]; !ok {
+				t.Errorf("%s (active) removed", id)
+			}
+		}
+		if len(s.Migrations) != 0 {
+			t.Errorf("migrations of removed workloads kept: %v", s.Migrations)
+		}
+	})
+	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w3", Node: "a", Attempt: 1, At: 30})
+	if n := a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w3"}, Before: 25}); n != 0 {
+		t.Errorf("w3 ended at 30 removed with cutoff 25")
+	}
+}
