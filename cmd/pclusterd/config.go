@@ -15,6 +15,9 @@ import (
 	"github.com/pcluster/pcluster/internal/keyfile"
 )
 
+// maxConfigBytes bounds the config file.
+const maxConfigBytes = 1 << 20
+
 // fileConfig is the config file's shape; its keys match the flags.
 type fileConfig struct {
 	Node            string    `json:"node"`
@@ -48,15 +51,22 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	if err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
-	b, err := io.ReadAll(io.LimitReader(file, 1<<20))
+	// One byte past the limit tells "too big" from a file cut short.
+	b, err := io.ReadAll(io.LimitReader(file, maxConfigBytes+1))
 	if err != nil {
-		return fmt.Errorf("config: %w", err)
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	if len(b) > maxConfigBytes {
+		return fmt.Errorf("config %s: over %d bytes (1 MiB)", path, maxConfigBytes)
 	}
 	var f fileConfig
 	dec := json.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&f); err != nil {
 		return fmt.Errorf("config %s: %w", path, err)
+	}
+	if dec.Decode(&struct{}{}) != io.EOF {
+		return fmt.Errorf("config %s: trailing data after the JSON object", path)
 	}
 	pick := func(flagName string, dst *string, v string) {
 		if !set[flagName] && v != "" {

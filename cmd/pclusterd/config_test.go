@@ -48,6 +48,16 @@ func TestConfigFile(t *testing.T) {
 	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err == nil || !strings.Contains(err.Error(), "nodee") {
 		t.Errorf("unknown key: got %v, want an error naming it", err)
 	}
+	// Over the size limit: said so, not "unexpected EOF"; a second object
+	// is refused too.
+	os.WriteFile(path, []byte(`{"node":"`+strings.Repeat("x", 1<<20)+`"}`), 0o600)
+	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err == nil || !strings.Contains(err.Error(), "over 1048576 bytes (1 MiB)") {
+		t.Errorf("config over 1 MiB: got %v, want the limit named", err)
+	}
+	os.WriteFile(path, []byte(`{"node":"x"} {"node":"y"}`), 0o600)
+	if err := (&fileConfig{Labels: labelFlag{}}).mergeFile(path, nil); err == nil || !strings.Contains(err.Error(), "trailing data") {
+		t.Errorf("two objects: got %v, want trailing data refused", err)
+	}
 	if _, _, err := (&fileConfig{DataDir: dir, BootstrapExpect: 1}).resolve(false); err == nil || !strings.Contains(err.Error(), "key") {
 		t.Errorf("no key: got %v, want an error about the key", err)
 	}
