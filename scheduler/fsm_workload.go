@@ -54,7 +54,7 @@ func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
 }
 
 func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
-	if err := checkReport(c.ID, c.Node, ""); err != nil {
+	if err := checkReport(c.ID, c.Node, "", c.PID); err != nil {
 		return fmt.Errorf("workload started: %w", err)
 	}
 	w, ok := s.Workloads[c.ID]
@@ -76,7 +76,7 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 }
 
 func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
-	if err := checkReport(c.ID, c.Node, c.Signal); err != nil {
+	if err := checkReport(c.ID, c.Node, c.Signal, 0); err != nil {
 		return fmt.Errorf("workload exited: %w", err)
 	}
 	w, ok := s.Workloads[c.ID]

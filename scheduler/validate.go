@@ -224,10 +224,18 @@ func validateCred(w *Workload) error {
 	return nil
 }
 
+// MaxPID is the kernel's PID_MAX_LIMIT on 64-bit: no process has a
+// larger PID, and a negative one would make a signal reach a process group
+// (kill(-pid)) or every process (kill(-1)).
+const MaxPID = 1 << 22
+
 // checkReport checks the fields an agent's report carries.
-func checkReport(id, node, signal string) error {
+func checkReport(id, node, signal string, pid int) error {
 	if err := CheckWorkloadID(id); err != nil {
 		return err
+	}
+	if pid < 0 || pid > MaxPID {
+		return invalid(fmt.Sprintf("pid %d", pid), "out of range 0..%d", MaxPID)
 	}
 	if err := checkString("node", node, MaxNameLen); err != nil {
 		return err

@@ -99,4 +99,10 @@ func TestFSMReportLimits(t *testing.T) {
 	if err, _ := a.apply(CmdWorkloadStarted, &WorkloadStartedCmd{ID: strings.Repeat("w", 65), Node: "a", Attempt: 1}).(error); !errors.Is(err, ErrInvalid) {
 		t.Errorf("report with a 65-byte id: got %v, want ErrInvalid", err)
 	}
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w2", Command: "x", UID: -1, GID: -1, DesiredNode: "a"}})
+	for _, pid := range []int{-1, MaxPID + 1} {
+		if err, _ := a.apply(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w2", Node: "a", Attempt: 1, PID: pid}).(error); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "pid") {
+			t.Errorf("started with pid %d: got %v, want refused naming the pid", pid, err)
+		}
+	}
 }
