@@ -160,6 +160,15 @@ func Start(cfg Config) (s *Server, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("start: data dir: %w", err)
 	}
+	// Raft writes its snapshots (the whole state: every workload's
+	// command, env and credentials) with the umask's mode, and the workload
+	// logs live here too: the directory itself must keep other users out.
+	if st, err := os.Stat(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("start: data dir: %w", err)
+	} else if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("start: data dir %s: mode %04o lets other users read the raft state and workload logs; chmod 700 it",
+			cfg.DataDir, st.Mode().Perm())
+	}
 	adv, err := advertiseIP(cfg.Advertise, gHost)
 	if err != nil {
 		return nil, err
