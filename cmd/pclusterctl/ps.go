@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"strings"
+
+	"github.com/pcluster/pcluster/cluster/api"
 )
 
 type psCmd struct {
@@ -25,6 +27,9 @@ func (c *psCmd) flags(fs *flag.FlagSet) {
 func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
 	if len(args) > 0 {
 		return usagef("ps takes no arguments, got %q", args[0])
+	}
+	if c.perPage < 0 || c.perPage > api.MaxPerPage {
+		return usagef("-per-page %d: want 1..%d (0: the daemon's default)", c.perPage, api.MaxPerPage)
 	}
 	e.client.Stale = c.stale
 	e.client.PerPage = c.perPage
