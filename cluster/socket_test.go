@@ -1,6 +1,7 @@
 package cluster_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"io"
@@ -8,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,11 +97,62 @@ func asUser(t *testing.T, ctl string, setpriv []string, args ...string) (string,
 	return errb.String(), 0
 }
 
+// connectLoop starts a uid-65534 process that connects to sock over and
+// over, from before pclusterd starts; the function returned stops it and
+// returns what it reports ("" if it never got in).
+func connectLoop(t *testing.T, sock string) func() string {
+	t.Helper()
+	const prog = `
+import socket, sys
+print("ready", flush=True)
+while True:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(sys.argv[1])
+        print("connected", flush=True)
+        sys.exit(0)
+    except OSError:
+        pass
+    finally:
+        s.close()
+`
+	cmd := exec.Command("/usr/bin/python3", "-c", prog, sock)
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Skipf("no python3 to run the connect loop: %v", err)
+	}
+	r := bufio.NewReader(out)
+	if line, err := r.ReadString('\n'); err != nil || line != "ready\n" {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("connect loop: %q %v", line, err)
+	}
+	var once sync.Once
+	var rest string
+	stop := func() string {
+		once.Do(func() {
+			cmd.Process.Kill()
+			b, _ := io.ReadAll(r)
+			cmd.Wait()
+			rest = strings.TrimSpace(string(b))
+		})
+		return rest
+	}
+	t.Cleanup(func() { stop() })
+	return stop
+}
+
 // TestSocketCreatedWithFinalMode starts pclusterd under umask 0 and watches
 // the socket's directory with inotify: the socket's name must never be
 // created in place (bind then chmod leaves a window in which any local user
 // can connect), only renamed there with its final mode, 0600. A uid-65534
-// client then cannot use it.
+// connect loop running across the start never gets in, and a uid-65534
+// client cannot use the socket afterwards.
 func TestSocketCreatedWithFinalMode(t *testing.T) {
 	c := newTestCluster(t)
 	dir, ctl := sockDir(t, c)
@@ -111,7 +165,11 @@ func TestSocketCreatedWithFinalMode(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "d.sock")
+	loop := connectLoop(t, sock)
 	nd := startDev(t, c, sock)
+	if got := loop(); got != "" {
+		t.Errorf("uid 65534 connected to the socket while pclusterd started: %s", got)
+	}
 
 	created, moved := false, false
 	buf := make([]byte, 64<<10)
