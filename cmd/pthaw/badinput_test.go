@@ -215,3 +215,66 @@ func TestDebugDescribesSnapshot(t *testing.T) {
 		}
 	}
 }
+
+// TestDebugSameVerdict: pthaw -debug and a restore read a snapshot through
+// the same decoder and refuse the same damaged snapshots with the same
+// reason (-debug once accepted bytes after the end record).
+func TestDebugSameVerdict(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "countforever")
+	p := fixture.Start(t, bin, "5")
+	p.Lines.Expect(t, `^3$`, waitFor)
+	good, err := os.ReadFile(haltToFile(t, p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr := bytes.IndexByte(good, '\n') + 1
+	cases := map[string][]byte{
+		"trailing byte":      append(append([]byte(nil), good...), 'x'),
+		"trailing zeros":     append(append([]byte(nil), good...), make([]byte, 4096)...),
+		"snapshot twice":     append(append([]byte(nil), good...), good[hdr:]...),
+		"last byte cut":      good[:len(good)-1],
+		"checksum flipped":   flipAt(good, len(good)-2),
+		"length flipped":     flipAt(good, len(good)-1),
+		"bad header":         append([]byte("PCLUSTER-SNAPSHOT 1 compress=none encrypt=none bogus=1\n"), good[hdr:]...),
+		"newer version":      bytes.Replace(good, []byte("PCLUSTER-SNAPSHOT 1"), []byte("PCLUSTER-SNAPSHOT 2"), 1),
+		"header only":        good[:hdr],
+		"plain header, gzip": bytes.Replace(good, []byte("compress=none"), []byte("compress=gzip"), 1),
+	}
+	dir := t.TempDir()
+	for name, data := range cases {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(name, " ", "_"))
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			var reasons [2]string
+			for i, args := range [][]string{{"-src", path}, {"-debug", "-src", path}} {
+				cmd := exec.Command(filepath.Join(binDir, "pthaw"), args...)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				if err := cmd.Run(); err == nil {
+					t.Fatalf("pthaw %s accepted a damaged snapshot", strings.Join(args, " "))
+				}
+				msg := stderr.String()
+				if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pthaw: ") {
+					t.Fatalf("pthaw %s: stderr %q, want one line starting with \"pthaw: \"", strings.Join(args, " "), msg)
+				}
+				// A restore says "thaw: " before the reason.
+				reasons[i] = strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(msg), "pthaw: "), "thaw: ")
+			}
+			if reasons[0] != reasons[1] {
+				t.Errorf("restore: %q; -debug: %q; want the same reason", reasons[0], reasons[1])
+			}
+			if pids := processesOf(bin); len(pids) > 0 {
+				t.Errorf("processes %v left behind", pids)
+			}
+		})
+	}
+}
+
+func flipAt(b []byte, at int) []byte {
+	b = append([]byte(nil), b...)
+	b[at] ^= 1
+	return b
+}

@@ -169,7 +169,8 @@ func (d *Decoder) read(p []byte) error {
 }
 
 // Next returns the next record: *Tree, *Process, *Thread, *VMA, *FD, *Pages or,
-// last, *End once the checksum has been verified. After *End, Next
+// last, *End once the checksum has been verified and the input was found
+// to end right after it. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
 func (d *Decoder) Next() (any, error) {
 	if d.err != nil {
@@ -238,6 +239,14 @@ func (d *Decoder) next() (any, error) {
 			return nil, corruptf("checksum mismatch (crc32c %08x over %d bytes, snapshot says %08x over %d)",
 				crcBefore, nBefore, end.CRC, end.Length)
 		}
+		// The end record is the end of the input: the verdict that the
+		// snapshot is whole belongs here, not to each caller (pthaw -debug
+		// once accepted trailing bytes that a restore refused). Reading to
+		// io.EOF also lets the layers below verify their own ends (the
+		// last encrypted chunk, the compressed stream's end, the end frame).
+		if err := d.atEOF(nBefore + frameHeaderLen + uint64(size)); err != nil {
+			return nil, err
+		}
 		d.done = true
 		return &end, nil
 	}
@@ -304,18 +313,27 @@ func (d *Decoder) discard() error {
 // Offset is the number of body bytes consumed so far.
 func (d *Decoder) Offset() uint64 { return d.n }
 
-// ExpectEOF checks, after the end record, that the input ends there: bytes
-// after a verified end record are not part of the snapshot, and a
-// transport that authenticates the whole stream needs it read to its end.
+// atEOF checks that the input ends at offset off (just after the end
+// record).
+func (d *Decoder) atEOF(off uint64) error {
+	_, err := d.r.ReadByte()
+	switch {
+	case err == io.EOF:
+		return nil
+	case err == nil:
+		return corruptf("data after the end record (at offset %d)", off)
+	}
+	return err
+}
+
+// ExpectEOF reports whether the end record was read. Next verifies, when it
+// returns the end record, that nothing follows it.
 func (d *Decoder) ExpectEOF() error {
+	if d.err != nil {
+		return d.err
+	}
 	if !d.done {
 		return fmt.Errorf("%w: no end record", ErrCorrupt)
-	}
-	if _, err := d.r.ReadByte(); err != io.EOF {
-		if err != nil {
-			return err
-		}
-		return fmt.Errorf("%w: data after the end record", ErrCorrupt)
 	}
 	return nil
 }

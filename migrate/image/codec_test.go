@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"reflect"
 	"testing"
@@ -203,5 +204,52 @@ func TestTreeRoundTrip(t *testing.T) {
 		if !reflect.DeepEqual(got[i], r) {
 			t.Errorf("record %d: got %+v, want %+v", i, got[i], r)
 		}
+	}
+}
+
+// TestOneVerdict: the decoder alone decides whether a snapshot is whole,
+// so every reader — a restore's record loop (decodeAll here) and Describe
+// (pthaw -debug) — refuses the same damaged snapshots for the same reason.
+// Trailing bytes after the end record were once accepted by Describe.
+func TestOneVerdict(t *testing.T) {
+	good := sample(t)
+	endAt := len(good) - 5 - 1 // the end record's header; its payload is at least 1 byte
+	for endAt >= 0 && Type(good[endAt]) != TypeEnd {
+		endAt--
+	}
+	cases := map[string][]byte{
+		"one trailing byte":   append(append([]byte(nil), good...), 'x'),
+		"trailing zero page":  append(append([]byte(nil), good...), make([]byte, 4096)...),
+		"snapshot twice":      append(append([]byte(nil), good...), good...),
+		"trailing end record": append(append([]byte(nil), good...), good[endAt:]...),
+		"no end record":       good[:endAt],
+		"last byte cut":       good[:len(good)-1],
+	}
+	for i := endAt + frameHeaderLen; i < len(good); i++ {
+		b := append([]byte(nil), good...)
+		b[i] ^= 0x01
+		cases[fmt.Sprintf("end record byte %d flipped", i)] = b
+	}
+	for _, at := range []int{100, len(good) / 2, endAt - 1} {
+		b := append([]byte(nil), good...)
+		b[at] ^= 0x80 // page data or the last fd record: only the checksum sees it
+		cases[fmt.Sprintf("byte %d flipped", at)] = b
+	}
+	for name, data := range cases {
+		_, derr := decodeAll(data)
+		rerr := Describe(io.Discard, NewDecoder(bytes.NewReader(data)), nil)
+		if derr == nil || rerr == nil {
+			t.Errorf("%s: records: %v; describe: %v; want both refused", name, derr, rerr)
+			continue
+		}
+		if !errors.Is(derr, ErrCorrupt) || derr.Error() != rerr.Error() {
+			t.Errorf("%s: records: %v; describe: %v; want the same corrupt-snapshot error", name, derr, rerr)
+		}
+	}
+	if _, err := decodeAll(good); err != nil {
+		t.Fatalf("the intact sample: %v", err)
+	}
+	if err := Describe(io.Discard, NewDecoder(bytes.NewReader(good)), nil); err != nil {
+		t.Fatalf("describe the intact sample: %v", err)
 	}
 }
