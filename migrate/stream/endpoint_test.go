@@ -121,7 +121,20 @@ func TestRoundTripEndpoints(t *testing.T) {
 								got, rerr = receive(src, ropt)
 							}()
 						}
-						if err := send(spec, data, opt, halt); err != nil {
+						err := send(spec, data, opt, halt)
+						if name == "fifo" && halt {
+							// Nothing acknowledges a FIFO: AwaitReady
+							// refuses and keeps the rest of the body.
+							<-recvDone
+							if !errors.Is(err, ErrNoProof) {
+								t.Fatalf("send with a handshake to a FIFO: got %v, want ErrNoProof", err)
+							}
+							if rerr == nil {
+								t.Fatal("the FIFO's reader got a whole snapshot that -halt refused")
+							}
+							return
+						}
+						if err != nil {
 							t.Fatalf("send: %v", err)
 						}
 						if name == "file" {
