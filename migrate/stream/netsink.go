@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"time"
 )
 
@@ -47,7 +48,7 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	d := net.Dialer{Timeout: opt.DialTimeout}
 	c, err := d.Dial(scheme, addr)
 	if err != nil {
-		return nil, fmt.Errorf("stream: dial %s: %w", spec, err)
+		return nil, dialErr(spec, opt.DialTimeout, err)
 	}
 	s := &netSink{spec: spec, opt: opt, conn: &deadlineConn{Conn: c, wt: opt.WriteTimeout}}
 	s.buf = make([]byte, frameHeaderSize, frameHeaderSize+sinkFrameSize)
@@ -66,14 +67,18 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	var hello [len(wireHello) + hsNonceSize]byte
 	if _, err := io.ReadFull(s.conn, hello[:]); err != nil || string(hello[:len(wireHello)]) != wireHello {
 		c.Close()
+		// Say what was seen: the connection was made, so something
+		// listens there; a pthaw greets as soon as it accepts.
 		var ne net.Error
 		switch {
 		case err == nil:
-			err = errors.New("not a pcluster receiver (bad greeting)")
+			err = fmt.Errorf("connected to %s, but it answered something other than a pcluster greeting: not a pthaw", c.RemoteAddr())
 		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-			err = errors.New("connection closed by the receiver before its greeting")
+			err = fmt.Errorf("connected to %s, but it closed the connection without greeting: a pthaw that already took another sender, or is greeting too many connections at once", c.RemoteAddr())
 		case errors.As(err, &ne) && ne.Timeout():
-			err = fmt.Errorf("no greeting from the receiver within %v: is pthaw listening there? (plain listeners such as nc cannot take a snapshot; write a file instead)", greet)
+			err = fmt.Errorf("connected to %s, but no greeting came back within %v: something listens there that is not a pthaw ready to receive (a pthaw greets at once; plain listeners such as nc never do)", c.RemoteAddr(), greet)
+		default:
+			err = fmt.Errorf("connected to %s, then waiting for its greeting: %w", c.RemoteAddr(), err)
 		}
 		return nil, fmt.Errorf("stream: %s: %w", spec, err)
 	}
@@ -92,6 +97,19 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 }
 
 func (s *netSink) peerNonce() []byte { return s.peer }
+
+// dialErr says what the sender saw when the connection could not be made:
+// nothing listening, no answer at all, or another failure.
+func dialErr(spec string, timeout time.Duration, err error) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ENOENT):
+		return fmt.Errorf("stream: dial %s: nothing listens there: %w", spec, err)
+	case errors.As(err, &ne) && ne.Timeout():
+		return fmt.Errorf("stream: dial %s: no answer to the connection request within %v: %w", spec, timeout, err)
+	}
+	return fmt.Errorf("stream: dial %s: %w", spec, err)
+}
 
 func (s *netSink) String() string { return s.spec }
 
