@@ -173,5 +173,7 @@ func openBody(src stream.Source, o ReceiveOptions) (io.ReadCloser, *image.Decode
 	if err != nil {
 		return nil, nil, err
 	}
-	return body, image.NewDecoder(body), nil
+	dec := image.NewDecoder(body)
+	dec.CheckRegisters(ptrace.NumRegs)
+	return body, dec, nil
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/migrate/image"
 )
 
 // TestBadInput feeds pthaw damaged snapshots: every one must fail with one
@@ -241,6 +242,41 @@ func TestDebugSameVerdict(t *testing.T) {
 		"header only":        good[:hdr],
 		"plain header, gzip": bytes.Replace(good, []byte("compress=none"), []byte("compress=gzip"), 1),
 	}
+	// Well-formed bytes with a valid checksum, but records a restore
+	// refuses: -debug once described them.
+	fds := 0
+	cases["fds out of order"] = reencode(t, good, hdr, func(rec any) []any {
+		if f, ok := rec.(*image.FD); ok {
+			if fds++; fds == 2 {
+				f.Fd = 0
+			}
+		}
+		return []any{rec}
+	})
+	cases["areas overlap"] = reencode(t, good, hdr, func(rec any) []any {
+		if v, ok := rec.(*image.VMA); ok {
+			return []any{v, v}
+		}
+		return []any{rec}
+	})
+	cases["fd of unknown kind"] = reencode(t, good, hdr, func(rec any) []any {
+		if f, ok := rec.(*image.FD); ok {
+			f.Kind = 99
+		}
+		return []any{rec}
+	})
+	cases["short registers"] = reencode(t, good, hdr, func(rec any) []any {
+		if th, ok := rec.(*image.Thread); ok {
+			th.Regs = th.Regs[:5]
+		}
+		return []any{rec}
+	})
+	cases["threads after an area"] = reencode(t, good, hdr, func(rec any) []any {
+		if _, ok := rec.(*image.Thread); ok {
+			return nil // held, and written after the first area
+		}
+		return []any{rec}
+	})
 	dir := t.TempDir()
 	for name, data := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -277,4 +313,53 @@ func flipAt(b []byte, at int) []byte {
 	b = append([]byte(nil), b...)
 	b[at] ^= 1
 	return b
+}
+
+// reencode decodes snapshot good (header of hdr bytes), passes each
+// metadata record through edit and encodes what it returns (nil: hold the
+// record and write it after the next memory area), with a new, valid
+// checksum: a snapshot only the structural rules can refuse.
+func reencode(t *testing.T, good []byte, hdr int, edit func(rec any) []any) []byte {
+	t.Helper()
+	var out bytes.Buffer
+	out.Write(good[:hdr])
+	enc := image.NewEncoder(&out)
+	dec := image.NewDecoder(bytes.NewReader(good[hdr:]))
+	var held []any // records edit moved after the next area
+	for {
+		rec, err := dec.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch r := rec.(type) {
+		case *image.Pages:
+			data := make([]byte, r.Len)
+			if _, err := dec.ReadData(data); err != nil && len(data) > 0 {
+				t.Fatal(err)
+			}
+			if err := enc.WritePages(r.Addr, data); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		case *image.End:
+			if err := enc.Close(); err != nil {
+				t.Fatal(err)
+			}
+			return out.Bytes()
+		}
+		recs := edit(rec)
+		if recs == nil {
+			held = append(held, rec)
+			continue
+		}
+		if _, ok := rec.(*image.VMA); ok && len(held) > 0 {
+			recs = append(recs, held...)
+			held = nil
+		}
+		for _, r := range recs {
+			if err := enc.Write(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 }

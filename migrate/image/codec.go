@@ -141,6 +141,7 @@ func (e *Encoder) Close() error {
 // Decoder reads records from a stream, verifying framing as it goes and
 // the checksum at the end. Errors stick: once Next fails, it keeps failing.
 type Decoder struct {
+	check   checker
 	r       *bufio.Reader
 	crc     hash.Hash32
 	n       uint64
@@ -172,6 +173,11 @@ func (d *Decoder) read(p []byte) error {
 // last, *End once the checksum has been verified and the input was found
 // to end right after it. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
+//
+// Every record is checked against the snapshot's structural rules
+// (check.go) before it is returned: the decoder, not each reader, decides
+// whether a snapshot is well formed, so a restore and pthaw -debug reach
+// the same verdict.
 func (d *Decoder) Next() (any, error) {
 	if d.err != nil {
 		return nil, d.err
@@ -181,12 +187,20 @@ func (d *Decoder) Next() (any, error) {
 		if err == errSkipped {
 			continue // a loop, not recursion: any number may be skipped
 		}
+		if err == nil {
+			err = d.check.check(rec)
+		}
 		if err != nil {
 			d.err = err
+			return nil, err
 		}
-		return rec, err
+		return rec, nil
 	}
 }
+
+// CheckRegisters makes the decoder refuse a thread record without exactly
+// n registers (the architecture's count, which this package does not know).
+func (d *Decoder) CheckRegisters(n int) { d.check.regs = n }
 
 // errSkipped is next's answer for a skippable record it passed over.
 var errSkipped = errors.New("skipped")
