@@ -83,6 +83,12 @@ type SourceOptions struct {
 	// HaveKeys says the caller will refuse plaintext (pthaw -keydir): only
 	// then may a TCP source listen on a non-loopback address.
 	HaveKeys bool
+	// KeyDir, with HaveKeys, is the caller's key directory: a listener
+	// then takes as its sender only a connection that authenticates — its
+	// header names a key of KeyDir and its first chunk verifies under it —
+	// so that nobody without a key can take the listener's one turn.
+	// Another connection is told it was refused and dropped.
+	KeyDir string
 	// Insecure allows a non-loopback TCP listener without keys, with a
 	// warning line on Warn.
 	Insecure bool

@@ -128,3 +128,63 @@ func TestGreetingBound(t *testing.T) {
 	}
 	waitWarning(t, &warn, fmt.Sprintf("closed %d other connection(s) that had not greeted", maxGreeting-1))
 }
+
+// TestKeyedListenerTakesFirstAuthenticated: a listener with keys takes as
+// its sender only a connection whose stream authenticates under one of its
+// keys. Before, the first connection to greet took the listener's one
+// turn: one that greeted and said nothing held it until its timeout, and
+// one without the key made the migration fail. Now those are refused (a
+// sender is told so, without the receiver's details) and the listener
+// waits for the key holder.
+func TestKeyedListenerTakesFirstAuthenticated(t *testing.T) {
+	dir := testKeys(t)
+	other := testKeys(t) // the same key names, other keys
+	var warn syncBuffer
+	src, err := OpenSource("tcp:127.0.0.1:0", SourceOptions{HaveKeys: true, KeyDir: dir, ReadTimeout: 10 * time.Second, Warn: &warn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := src.Addr()
+	got := make(chan []byte, 1)
+	errc := make(chan error, 1)
+	go func() {
+		b, err := receive(src, ReaderOptions{KeyDir: dir, RequireEncryption: true})
+		got <- b
+		errc <- err
+	}()
+	// One that greets and then says nothing.
+	silent, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	silent.Write([]byte(wireHello))
+	var hello [len(wireHello) + hsNonceSize]byte
+	if _, err := io.ReadFull(silent, hello[:]); err != nil {
+		t.Fatal(err)
+	}
+	data := testData(3*ChunkSize, 9)
+	// Plaintext, and a key the receiver does not hold: refused, told so.
+	for _, opt := range []Options{{}, {Encrypt: encryptOpt(other, CipherAESGCM, "k1.key")}} {
+		err := send("tcp:"+addr, data, opt, true)
+		if err == nil || strings.Contains(err.Error(), dir) {
+			t.Fatalf("sender with %q: got %v, want refused without the receiver's details", opt.Encrypt, err)
+		}
+		if opt.Encrypt == "" && !strings.Contains(err.Error(), refusedReason) {
+			t.Errorf("plaintext sender: got %v, want %q", err, refusedReason)
+		}
+	}
+	if err := send("tcp:"+addr, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, true); err != nil {
+		t.Fatalf("the key holder after three others: %v (warnings: %q)", err, warn.String())
+	}
+	if b, err := <-got, <-errc; err != nil || !bytes.Equal(b, data) {
+		t.Fatalf("received %d bytes, %v", len(b), err)
+	}
+	w := warn.String()
+	if strings.Count(w, "dropped a connection") != 2 || !strings.Contains(w, "closed 1 other connection(s)") {
+		t.Errorf("warnings %q, want the two refused senders dropped and the silent one closed", w)
+	}
+	if b, err := io.ReadAll(silent); err != nil || len(b) != 0 {
+		t.Errorf("the silent connection read %q, %v after the sender was taken; want it closed", b, err)
+	}
+}

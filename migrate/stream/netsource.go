@@ -2,6 +2,7 @@ package stream
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
 	"errors"
@@ -27,6 +28,7 @@ type netSource struct {
 	// haveKeys: the reader requires encryption (pthaw -keydir); a sender
 	// that did not key its stream gets no details of why it was refused.
 	haveKeys bool
+	keyDir   string    // "": the first greeting wins; else the first authenticated stream (vet)
 	warn     io.Writer // dropped connections are reported here
 	warnMu   sync.Mutex
 	// sameUser: a loopback or unix listener that may receive plaintext
@@ -54,6 +56,9 @@ type netSource struct {
 
 func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, error) {
 	s := &netSource{spec: spec, rt: opt.ReadTimeout, haveKeys: opt.HaveKeys, warn: opt.Warn}
+	if opt.HaveKeys {
+		s.keyDir = opt.KeyDir
+	}
 	if s.warn == nil {
 		s.warn = os.Stderr
 	}
@@ -162,10 +167,13 @@ const maxGreeting = 64
 
 // greeted is an accepted connection that passed greet.
 type greeted struct {
-	c    net.Conn
-	dc   *deadlineConn
-	peer []byte // our nonce, sent in the greeting
+	c      net.Conn
+	dc     *deadlineConn
+	peer   []byte // our nonce, sent in the greeting
+	replay []byte // what vet read after the greeting, to be read again
 }
+
+func (g *greeted) peerNonce() []byte { return g.peer }
 
 // accept takes the one sender and stops listening.
 func (s *netSource) accept() error {
@@ -185,7 +193,11 @@ func (s *netSource) accept() error {
 	s.conn = g.dc
 	s.mu.Unlock()
 	s.peer = g.peer
-	s.br = bufio.NewReaderSize(g.dc, 256<<10)
+	var r io.Reader = g.dc
+	if len(g.replay) > 0 {
+		r = io.MultiReader(bytes.NewReader(g.replay), g.dc)
+	}
+	s.br = bufio.NewReaderSize(r, 256<<10)
 	return nil
 }
 
@@ -213,6 +225,9 @@ func (s *netSource) acceptFirst() (*greeted, error) {
 	greetOne := func(c net.Conn) {
 		defer wg.Done()
 		g, err := s.greet(c)
+		if err == nil && s.keyDir != "" {
+			err = s.vet(g)
+		}
 		mu.Lock()
 		delete(pending, c)
 		first := err == nil && winner == nil
@@ -286,6 +301,121 @@ func (s *netSource) acceptFirst() (*greeted, error) {
 		s.warnf("took the sender from %s; closed %d other connection(s) that had not greeted", g.c.RemoteAddr(), others)
 	}
 	return g, nil
+}
+
+// vetTimeout bounds how long a keyed listener waits, after the greeting,
+// for a connection's header and first chunk (pfreeze connects before it
+// stops the process) when the read timeout is shorter or unset.
+const vetTimeout = 30 * time.Second
+
+// vet reads, on a greeted connection of a keyed listener, the snapshot
+// header and the first chunk of the body and verifies that chunk under
+// the key the header names, from s.keyDir: only the holder of one of our
+// keys gets past it. What it read is kept for the winner's reader. A
+// connection that fails is told it was refused, if it asks for the
+// handshake (see refuse).
+func (s *netSource) vet(g *greeted) error {
+	rec := &recorder{r: g.c}
+	fr := &frameReader{r: rec}
+	g.c.SetReadDeadline(time.Now().Add(max(s.rt, vetTimeout)))
+	in := bufio.NewReaderSize(fr, 64<<10)
+	_, body, _, err := openHeader(in, g, ReaderOptions{KeyDir: s.keyDir, RequireEncryption: true}, "")
+	for err == nil {
+		var n int
+		if n, err = body.Read(make([]byte, 1)); n > 0 || err == io.EOF {
+			err = nil // the first chunk verified (or the last, when there is one)
+			break
+		}
+	}
+	if err != nil {
+		s.refuse(g, fr, rec)
+		return err
+	}
+	g.replay = rec.buf
+	return nil
+}
+
+// refuseDrain bounds how long a refused sender may take to finish its
+// stream before it is told it was refused.
+const refuseDrain = time.Minute
+
+// refuse reads the rest of a refused sender's stream and, if it awaits
+// the handshake, tells it it was refused without saying why (the reason
+// names our key directory and which keys it holds): so that a sender
+// that forgot its key learns that, instead of seeing a reset connection.
+func (s *netSource) refuse(g *greeted, fr *frameReader, rec *recorder) {
+	rec.buf, rec.off = nil, true
+	g.c.SetReadDeadline(time.Now().Add(refuseDrain))
+	if _, err := io.Copy(io.Discard, fr); err != nil || !fr.handshake {
+		return
+	}
+	nonce := make([]byte, hsNonceSize)
+	rand.Read(nonce)
+	body := append(append([]byte{statusFailed}, nonce...), refusedReason...)
+	g.c.SetWriteDeadline(time.Now().Add(helloTimeout))
+	writeFrame(g.c, frameReady, body)
+}
+
+// refusedReason is all a sender that did not prove it holds one of our
+// keys learns of why it was refused.
+const refusedReason = "refused: the stream is not encrypted with a key this receiver holds"
+
+// recorder keeps what is read through it until off.
+type recorder struct {
+	r   io.Reader
+	buf []byte
+	off bool
+}
+
+func (r *recorder) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if !r.off {
+		r.buf = append(r.buf, p[:n]...)
+	}
+	return n, err
+}
+
+// frameReader reads the payload of D frames as one stream, up to the E
+// frame (io.EOF), remembering whether E asked for the handshake.
+type frameReader struct {
+	r         io.Reader
+	remaining uint32
+	ended     bool
+	handshake bool
+}
+
+func (f *frameReader) Read(p []byte) (int, error) {
+	for f.remaining == 0 {
+		if f.ended {
+			return 0, io.EOF
+		}
+		typ, n, payload, err := readFrame(f.r, func(t byte) int {
+			switch t {
+			case frameData:
+				return maxDataFrame
+			case frameEnd:
+				return 1 + macSize
+			}
+			return -1
+		})
+		if err != nil {
+			return 0, err
+		}
+		if typ == frameEnd {
+			f.ended, f.handshake = true, len(payload) > 0 && payload[0] == 1
+			return 0, io.EOF
+		}
+		f.remaining = n
+	}
+	if uint32(len(p)) > f.remaining {
+		p = p[:f.remaining]
+	}
+	n, err := f.r.Read(p)
+	f.remaining -= uint32(n)
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
 }
 
 // warnf writes one warning line; greeting goroutines call it concurrently.
@@ -467,7 +597,7 @@ func (s *netSource) Ready(buildErr error) error {
 			// The sender never proved it holds one of our keys: it
 			// learns that it was refused, not our key directory's
 			// path or which key names and ids exist there.
-			reason = []byte("refused: the stream is not encrypted with a key this receiver holds")
+			reason = []byte(refusedReason)
 		}
 		if len(reason) > maxReason {
 			reason = reason[:maxReason]
