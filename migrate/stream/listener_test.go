@@ -170,8 +170,8 @@ func TestKeyedListenerTakesFirstAuthenticated(t *testing.T) {
 		if err == nil || strings.Contains(err.Error(), dir) {
 			t.Fatalf("sender with %q: got %v, want refused without the receiver's details", opt.Encrypt, err)
 		}
-		if opt.Encrypt == "" && !strings.Contains(err.Error(), refusedReason) {
-			t.Errorf("plaintext sender: got %v, want %q", err, refusedReason)
+		if !strings.Contains(err.Error(), refusedReason) {
+			t.Errorf("sender with %q: got %v, want %q", opt.Encrypt, err, refusedReason)
 		}
 	}
 	if err := send("tcp:"+addr, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, true); err != nil {

@@ -286,14 +286,18 @@ func (s *netSink) AwaitReady(timeout time.Duration) error {
 		return s.netErr("wait for the receiver", err)
 	}
 	if s.keyed {
-		if len(p) < 1+hsNonceSize+macSize {
-			return fmt.Errorf("stream: %s: short ready message", s.spec)
+		authentic := len(p) >= 1+hsNonceSize+macSize &&
+			hmac.Equal(p[len(p)-macSize:], wireMAC(s.hsKey, "ready", p[:len(p)-macSize]))
+		if !authentic && len(p) >= 1+hsNonceSize && p[0] == statusFailed {
+			// A receiver that does not hold our key cannot sign its
+			// refusal. Believing an unsigned failure is safe: it only
+			// makes us resume the original.
+			return fmt.Errorf("stream: %s: receiver failed (an unsigned reply: it does not hold this stream's key): %s", s.spec, printable(p[1+hsNonceSize:]))
 		}
-		body, mac := p[:len(p)-macSize], p[len(p)-macSize:]
-		if !hmac.Equal(mac, wireMAC(s.hsKey, "ready", body)) {
+		if !authentic {
 			return fmt.Errorf("stream: %s: ready message failed authentication: not sent by the holder of the key", s.spec)
 		}
-		p = body
+		p = p[:len(p)-macSize]
 	}
 	if len(p) < 1+hsNonceSize {
 		return fmt.Errorf("stream: %s: short ready message", s.spec)
