@@ -283,7 +283,7 @@ func (s *netSink) AwaitReady(timeout time.Duration) error {
 		return -1
 	})
 	if err != nil {
-		return s.netErr("wait for the receiver", err)
+		return s.netErr(fmt.Sprintf("sent the whole snapshot to %s, then waited for the receiver's verdict", s.conn.RemoteAddr()), err)
 	}
 	if s.keyed {
 		authentic := len(p) >= 1+hsNonceSize+macSize &&
@@ -351,6 +351,10 @@ func (s *netSink) Commit() error {
 func (s *netSink) netErr(op string, err error) error {
 	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 		return fmt.Errorf("stream: %s: %s: connection closed by the receiver", s.spec, op)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && s.conn.rt > 0 {
+		return fmt.Errorf("stream: %s: %s: no answer within %v: %w", s.spec, op, s.conn.rt, err)
 	}
 	return fmt.Errorf("stream: %s: %s: %w", s.spec, op, err)
 }
