@@ -298,7 +298,11 @@ func (s *netSource) acceptFirst() (*greeted, error) {
 		return nil, fmt.Errorf("stream: accept %s: %w", s.spec, err)
 	}
 	if others > 0 {
-		s.warnf("took the sender from %s; closed %d other connection(s) that had not greeted", g.c.RemoteAddr(), others)
+		did := "greeted"
+		if s.keyDir != "" {
+			did = "authenticated"
+		}
+		s.warnf("took the sender from %s; closed %d other connection(s) that had not %s", g.c.RemoteAddr(), others, did)
 	}
 	return g, nil
 }
