@@ -17,6 +17,12 @@ import (
 // then is closed (as the API's ReadHeaderTimeout does for HTTP).
 var handshakeTimeout = 10 * time.Second
 
+// maxHandshakes bounds the handshakes under way at once. Beyond it a new
+// connection is closed at once (a peer's raft transport dials again), so
+// that whoever can reach the port cannot make the node hold an unbounded
+// number of goroutines and descriptors, 10 s each, by connecting fast.
+const maxHandshakes = 64
+
 // tlsStream is raft's stream layer over mutual TLS with the cluster CA.
 // raft's transport hands accepted connections to a goroutine that would
 // run the handshake lazily, with no deadline: anyone who can reach the
@@ -30,6 +36,7 @@ type tlsStream struct {
 	advertise net.Addr // what peers dial; raft records it in its configuration
 
 	conns  chan net.Conn
+	slots  chan struct{} // one per handshake under way, at most maxHandshakes
 	done   chan struct{}
 	ctx    context.Context // cancelled by Close: ends handshakes under way
 	cancel context.CancelFunc
@@ -41,7 +48,7 @@ func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raft listen %s: %w", addr, err)
 	}
-	t := &tlsStream{ln: ln, server: server, client: client, conns: make(chan net.Conn), done: make(chan struct{})}
+	t := &tlsStream{ln: ln, server: server, client: client, conns: make(chan net.Conn), slots: make(chan struct{}, maxHandshakes), done: make(chan struct{})}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	go t.acceptLoop()
 	return t, nil
@@ -67,14 +74,21 @@ func (t *tlsStream) acceptLoop() {
 			}
 		}
 		delay = 0
-		go t.handshake(c)
+		select {
+		case t.slots <- struct{}{}:
+			go t.handshake(c)
+		default:
+			c.Close()
+		}
 	}
 }
 
 func (t *tlsStream) handshake(c net.Conn) {
 	tc := tls.Server(c, t.server)
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
-	if err := tc.HandshakeContext(t.ctx); err != nil {
+	err := tc.HandshakeContext(t.ctx)
+	<-t.slots
+	if err != nil {
 		c.Close()
 		return
 	}

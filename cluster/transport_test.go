@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"crypto/tls"
 	"net"
 	"testing"
 	"time"
@@ -88,4 +89,63 @@ func TestRaftStreamHandshake(t *testing.T) {
 		t.Error("the silent connection was handed to raft")
 	case <-time.After(100 * time.Millisecond):
 	}
+}
+
+// TestRaftStreamHandshakeBound: at most maxHandshakes handshakes run at
+// once; a connection beyond them is closed at once, while those under way
+// go on (one of them then completes mutual TLS and reaches raft). Before
+// the bound, every connection held a goroutine and a descriptor for the
+// whole handshake timeout, however many came.
+func TestRaftStreamHandshakeBound(t *testing.T) {
+	key, err := pki.NewKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := key.CA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := ca.Issue("n1", net.IPv4(127, 0, 0, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := newTLSStream("127.0.0.1:0", ca.ServerTLS(cert), ca.ClientTLS(cert))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	addr := st.listenAddr().String()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		if c, err := st.Accept(); err == nil {
+			accepted <- c
+		}
+	}()
+	var conns []net.Conn
+	for i := 0; i < maxHandshakes; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	extra, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	if n, err := extra.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("connection beyond %d handshakes: read %d bytes, %v; want it closed", maxHandshakes, n, err)
+	}
+	// The first connection is still in its handshake: it completes it now.
+	c := tls.Client(conns[0], ca.ClientTLS(cert))
+	if err := c.Handshake(); err != nil {
+		t.Fatalf("handshake on a connection accepted before the bound was reached: %v", err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	a := <-accepted
+	a.Close()
 }

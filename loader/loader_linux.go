@@ -355,65 +355,27 @@ func readAhead(dec *image.Decoder, first any, items chan<- item, stop <-chan str
 	}
 }
 
-// Bounds on what a snapshot may ask for: a snapshot can come from anyone
-// who can reach a listener, so nothing it says sizes work unchecked.
+// The snapshot's structural rules and bounds are image's (migrate/image
+// check.go): the decoder applies them to every record before the loader
+// sees it, so that a restore and pthaw -debug reach one verdict. These
+// names keep the loader's own checks of the same things on the same rules.
 const (
-	maxThreads = 1 << 16
-	maxVMAs    = 1 << 20 // vm.max_map_count is 65530 by default
-	maxPending = 1 << 12 // per queue; RLIMIT_SIGPENDING is in this range
-	maxAuxv    = 512     // words
+	maxThreads = image.MaxThreads
+	maxPending = image.MaxPending
 )
 
 func checkProcess(pr *image.Process, threads []*image.Thread) error {
-	switch {
-	case pr.Pid <= 0:
-		return fmt.Errorf("%w: pid %d", image.ErrCorrupt, pr.Pid)
-	case len(pr.Rlimits) > 16, len(pr.Sigacts) > 64, len(pr.Itimers) > 3, len(pr.Auxv) > maxAuxv,
-		len(pr.Pending) > maxPending, len(pr.Creds.Groups) > maxGroups:
-		return fmt.Errorf("%w: process record out of bounds", image.ErrCorrupt)
-	}
-	for _, t := range threads {
-		if len(t.Pending) > maxPending || len(t.XState) > 1<<16 {
-			return fmt.Errorf("%w: thread %d record out of bounds", image.ErrCorrupt, t.Tid)
-		}
-	}
-	return nil
+	return image.CheckProcess(pr, threads)
 }
 
-func checkVMA(v *image.VMA, prev []*image.VMA) error {
-	if len(prev) >= maxVMAs {
-		return fmt.Errorf("%w: more than %d memory areas", image.ErrCorrupt, maxVMAs)
-	}
-	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > 1<<47 {
-		return fmt.Errorf("%w: memory area %#x-%#x", image.ErrCorrupt, v.Start, v.End)
-	}
-	if len(prev) > 0 && prev[len(prev)-1].End > v.Start {
-		return fmt.Errorf("%w: memory areas overlap or are out of order at %#x", image.ErrCorrupt, v.Start)
-	}
-	switch v.Kind {
-	case image.VMAAnon, image.VMAFile, image.VMASharedAnon, image.VMAVdso, image.VMAVvar, image.VMAVvarVclock:
-	default:
-		return fmt.Errorf("%w: memory area %#x-%#x of unknown kind %d", image.ErrCorrupt, v.Start, v.End, v.Kind)
-	}
-	return nil
-}
+func checkVMA(v *image.VMA, prev []*image.VMA) error { return image.CheckVMA(v, prev) }
 
 func checkFD(f *image.FD, prev []*image.FD) error {
-	if f.Fd < 0 || f.Fd > 1<<20 {
-		return fmt.Errorf("%w: fd %d", image.ErrCorrupt, f.Fd)
+	if err := image.CheckFD(f); err != nil {
+		return err
 	}
 	if len(prev) > 0 && prev[len(prev)-1].Fd >= f.Fd {
 		return fmt.Errorf("%w: fds out of order at %d", image.ErrCorrupt, f.Fd)
-	}
-	switch f.Kind {
-	case image.FDFile, image.FDEventfd, image.FDEpoll, image.FDPipe, image.FDListen:
-	case image.FDInherit:
-		// Fds 0-2, or a copy of one of them (Desc).
-		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
-			return fmt.Errorf("%w: inherited fd %d", image.ErrCorrupt, f.Fd)
-		}
-	default:
-		return fmt.Errorf("%w: fd %d of unknown kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
 	return nil
 }

@@ -154,7 +154,7 @@ func Describe(w io.Writer, o ReceiveOptions) error {
 
 func openSource(o ReceiveOptions) (stream.Source, error) {
 	src, err := stream.OpenSource(o.Src, stream.SourceOptions{
-		ReadTimeout: o.ReadTimeout, HaveKeys: o.KeyDir != "", Insecure: o.Insecure, Warn: o.Warn})
+		ReadTimeout: o.ReadTimeout, HaveKeys: o.KeyDir != "", KeyDir: o.KeyDir, Insecure: o.Insecure, Warn: o.Warn})
 	if err != nil {
 		return nil, err
 	}
@@ -173,5 +173,7 @@ func openBody(src stream.Source, o ReceiveOptions) (io.ReadCloser, *image.Decode
 	if err != nil {
 		return nil, nil, err
 	}
-	return body, image.NewDecoder(body), nil
+	dec := image.NewDecoder(body)
+	dec.CheckRegisters(ptrace.NumRegs)
+	return body, dec, nil
 }

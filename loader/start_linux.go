@@ -403,7 +403,7 @@ const ssOnStack = 1
 const (
 	scratchLen  = 320 << 10
 	scratchPath = 4096 // offset of the path in it
-	maxGroups   = 65536
+	maxGroups   = image.MaxGroups
 )
 
 // scratchMap maps a temporary anonymous area in the process for arguments

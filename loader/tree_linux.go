@@ -51,24 +51,7 @@ type shmArea struct {
 
 // checkTree validates the tree record: every parent before its children,
 // PIDs unique.
-func checkTree(t *image.Tree) error {
-	if len(t.Procs) == 0 {
-		return fmt.Errorf("%w: empty tree", image.ErrCorrupt)
-	}
-	seen := map[int]bool{}
-	zombie := map[int]bool{}
-	for i, m := range t.Procs {
-		if m.Pid <= 0 || seen[m.Pid] || (m.Threads <= 0) != m.Zombie || (m.Zombie && i == 0) || (m.Pid == 1 && i > 0) {
-			return fmt.Errorf("%w: tree member %d (pid %d)", image.ErrCorrupt, i, m.Pid)
-		}
-		if (i == 0) == seen[m.PPid] || zombie[m.PPid] {
-			return fmt.Errorf("%w: tree member pid %d out of place (parent %d)", image.ErrCorrupt, m.Pid, m.PPid)
-		}
-		seen[m.Pid] = true
-		zombie[m.Pid] = m.Zombie
-	}
-	return nil
-}
+func checkTree(t *image.Tree) error { return image.CheckTree(t) }
 
 // buildTree builds every member of a tree from items: the root's stub
 // first, then, before any memory arrives, every other member's as a fork

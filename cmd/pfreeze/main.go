@@ -16,6 +16,7 @@ import (
 	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
+	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 func main() {
@@ -24,7 +25,7 @@ func main() {
 	compress := flag.String("compress", "none", "compression: none | auto (snappy, each block only if the link is slow enough to hide the time) | gzip[:1-9] | flate[:1-9] | snappy | zstd[:1-22]")
 	encrypt := flag.String("encrypt", "none", "authenticated encryption: none | aes-gcm:KEYFILE | chacha20-poly1305:KEYFILE")
 	insecure := flag.Bool("insecure", false, "send an unencrypted snapshot to a tcp receiver beyond loopback (anyone on the path can read the process's memory)")
-	halt := flag.Bool("halt", false, "kill the process once its snapshot is safe: flushed to its file, or restored by the receiver (a migration)")
+	halt := flag.Bool("halt", false, "kill the process once its snapshot is safe: fsync'ed to a regular file, or built by a pthaw listening on tcp:/unix: (a migration); refused to a pipe, FIFO or device, which acknowledge nothing")
 	tree := flag.Bool("tree", false, "freeze the process and all its descendants (parent/child links, process groups, sessions, shared anonymous memory)")
 	debug := flag.Bool("debug", false, "print a human-readable description of the process instead of a snapshot")
 	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for a network connection")
@@ -39,6 +40,9 @@ func main() {
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
 	})
+	if errors.Is(err, stream.ErrNoProof) {
+		err = fmt.Errorf("-halt refused, the process is untouched: %w; to move a process, send it to a listening pthaw (-dest tcp:HOST:PORT or -dest unix:PATH, with pthaw -src on that address: its handshake proves the restore), or write a file (-dest FILE, fsync'ed before the kill)", err)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "pfreeze: %v\n", err)
 		os.Exit(1)

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/migrate/image"
 )
 
 // TestBadInput feeds pthaw damaged snapshots: every one must fail with one
@@ -212,6 +213,153 @@ func TestDebugDescribesSnapshot(t *testing.T) {
 	for _, want := range []string{"Registers", "rip", "Memory:", "Files:", "fd 1: inherit"} {
 		if !bytes.Contains(file, []byte(want)) && !bytes.Contains(file, []byte(strings.ToLower(want))) {
 			t.Errorf("pthaw -debug output lacks %q", want)
+		}
+	}
+}
+
+// TestDebugSameVerdict: pthaw -debug and a restore read a snapshot through
+// the same decoder and refuse the same damaged snapshots with the same
+// reason (-debug once accepted bytes after the end record).
+func TestDebugSameVerdict(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "countforever")
+	p := fixture.Start(t, bin, "5")
+	p.Lines.Expect(t, `^3$`, waitFor)
+	good, err := os.ReadFile(haltToFile(t, p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr := bytes.IndexByte(good, '\n') + 1
+	cases := map[string][]byte{
+		"trailing byte":      append(append([]byte(nil), good...), 'x'),
+		"trailing zeros":     append(append([]byte(nil), good...), make([]byte, 4096)...),
+		"snapshot twice":     append(append([]byte(nil), good...), good[hdr:]...),
+		"last byte cut":      good[:len(good)-1],
+		"checksum flipped":   flipAt(good, len(good)-2),
+		"length flipped":     flipAt(good, len(good)-1),
+		"bad header":         append([]byte("PCLUSTER-SNAPSHOT 1 compress=none encrypt=none bogus=1\n"), good[hdr:]...),
+		"newer version":      bytes.Replace(good, []byte("PCLUSTER-SNAPSHOT 1"), []byte("PCLUSTER-SNAPSHOT 2"), 1),
+		"header only":        good[:hdr],
+		"plain header, gzip": bytes.Replace(good, []byte("compress=none"), []byte("compress=gzip"), 1),
+	}
+	// Well-formed bytes with a valid checksum, but records a restore
+	// refuses: -debug once described them.
+	fds := 0
+	cases["fds out of order"] = reencode(t, good, hdr, func(rec any) []any {
+		if f, ok := rec.(*image.FD); ok {
+			if fds++; fds == 2 {
+				f.Fd = 0
+			}
+		}
+		return []any{rec}
+	})
+	cases["areas overlap"] = reencode(t, good, hdr, func(rec any) []any {
+		if v, ok := rec.(*image.VMA); ok {
+			return []any{v, v}
+		}
+		return []any{rec}
+	})
+	cases["fd of unknown kind"] = reencode(t, good, hdr, func(rec any) []any {
+		if f, ok := rec.(*image.FD); ok {
+			f.Kind = 99
+		}
+		return []any{rec}
+	})
+	cases["short registers"] = reencode(t, good, hdr, func(rec any) []any {
+		if th, ok := rec.(*image.Thread); ok {
+			th.Regs = th.Regs[:5]
+		}
+		return []any{rec}
+	})
+	cases["threads after an area"] = reencode(t, good, hdr, func(rec any) []any {
+		if _, ok := rec.(*image.Thread); ok {
+			return nil // held, and written after the first area
+		}
+		return []any{rec}
+	})
+	dir := t.TempDir()
+	for name, data := range cases {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(name, " ", "_"))
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			var reasons [2]string
+			for i, args := range [][]string{{"-src", path}, {"-debug", "-src", path}} {
+				cmd := exec.Command(filepath.Join(binDir, "pthaw"), args...)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				if err := cmd.Run(); err == nil {
+					t.Fatalf("pthaw %s accepted a damaged snapshot", strings.Join(args, " "))
+				}
+				msg := stderr.String()
+				if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pthaw: ") {
+					t.Fatalf("pthaw %s: stderr %q, want one line starting with \"pthaw: \"", strings.Join(args, " "), msg)
+				}
+				// A restore says "thaw: " before the reason.
+				reasons[i] = strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(msg), "pthaw: "), "thaw: ")
+			}
+			if reasons[0] != reasons[1] {
+				t.Errorf("restore: %q; -debug: %q; want the same reason", reasons[0], reasons[1])
+			}
+			if pids := processesOf(bin); len(pids) > 0 {
+				t.Errorf("processes %v left behind", pids)
+			}
+		})
+	}
+}
+
+func flipAt(b []byte, at int) []byte {
+	b = append([]byte(nil), b...)
+	b[at] ^= 1
+	return b
+}
+
+// reencode decodes snapshot good (header of hdr bytes), passes each
+// metadata record through edit and encodes what it returns (nil: hold the
+// record and write it after the next memory area), with a new, valid
+// checksum: a snapshot only the structural rules can refuse.
+func reencode(t *testing.T, good []byte, hdr int, edit func(rec any) []any) []byte {
+	t.Helper()
+	var out bytes.Buffer
+	out.Write(good[:hdr])
+	enc := image.NewEncoder(&out)
+	dec := image.NewDecoder(bytes.NewReader(good[hdr:]))
+	var held []any // records edit moved after the next area
+	for {
+		rec, err := dec.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch r := rec.(type) {
+		case *image.Pages:
+			data := make([]byte, r.Len)
+			if _, err := dec.ReadData(data); err != nil && len(data) > 0 {
+				t.Fatal(err)
+			}
+			if err := enc.WritePages(r.Addr, data); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		case *image.End:
+			if err := enc.Close(); err != nil {
+				t.Fatal(err)
+			}
+			return out.Bytes()
+		}
+		recs := edit(rec)
+		if recs == nil {
+			held = append(held, rec)
+			continue
+		}
+		if _, ok := rec.(*image.VMA); ok && len(held) > 0 {
+			recs = append(recs, held...)
+			held = nil
+		}
+		for _, r := range recs {
+			if err := enc.Write(r); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 }

@@ -37,7 +37,7 @@ func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 	// Everything that can fail without the process is done first: the
 	// process is stopped only once the sink is open and the key read.
 	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout,
-		Insecure: o.Insecure, OwnerUID: ownerUID(pid)})
+		Insecure: o.Insecure, OwnerUID: ownerUID(pid), Halt: o.Halt})
 	if err != nil {
 		return err
 	}

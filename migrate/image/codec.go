@@ -141,6 +141,7 @@ func (e *Encoder) Close() error {
 // Decoder reads records from a stream, verifying framing as it goes and
 // the checksum at the end. Errors stick: once Next fails, it keeps failing.
 type Decoder struct {
+	check   checker
 	r       *bufio.Reader
 	crc     hash.Hash32
 	n       uint64
@@ -169,8 +170,14 @@ func (d *Decoder) read(p []byte) error {
 }
 
 // Next returns the next record: *Tree, *Process, *Thread, *VMA, *FD, *Pages or,
-// last, *End once the checksum has been verified. After *End, Next
+// last, *End once the checksum has been verified and the input was found
+// to end right after it. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
+//
+// Every record is checked against the snapshot's structural rules
+// (check.go) before it is returned: the decoder, not each reader, decides
+// whether a snapshot is well formed, so a restore and pthaw -debug reach
+// the same verdict.
 func (d *Decoder) Next() (any, error) {
 	if d.err != nil {
 		return nil, d.err
@@ -180,12 +187,20 @@ func (d *Decoder) Next() (any, error) {
 		if err == errSkipped {
 			continue // a loop, not recursion: any number may be skipped
 		}
+		if err == nil {
+			err = d.check.check(rec)
+		}
 		if err != nil {
 			d.err = err
+			return nil, err
 		}
-		return rec, err
+		return rec, nil
 	}
 }
+
+// CheckRegisters makes the decoder refuse a thread record without exactly
+// n registers (the architecture's count, which this package does not know).
+func (d *Decoder) CheckRegisters(n int) { d.check.regs = n }
 
 // errSkipped is next's answer for a skippable record it passed over.
 var errSkipped = errors.New("skipped")
@@ -237,6 +252,14 @@ func (d *Decoder) next() (any, error) {
 		if end.Length != nBefore || end.CRC != crcBefore {
 			return nil, corruptf("checksum mismatch (crc32c %08x over %d bytes, snapshot says %08x over %d)",
 				crcBefore, nBefore, end.CRC, end.Length)
+		}
+		// The end record is the end of the input: the verdict that the
+		// snapshot is whole belongs here, not to each caller (pthaw -debug
+		// once accepted trailing bytes that a restore refused). Reading to
+		// io.EOF also lets the layers below verify their own ends (the
+		// last encrypted chunk, the compressed stream's end, the end frame).
+		if err := d.atEOF(nBefore + frameHeaderLen + uint64(size)); err != nil {
+			return nil, err
 		}
 		d.done = true
 		return &end, nil
@@ -304,18 +327,27 @@ func (d *Decoder) discard() error {
 // Offset is the number of body bytes consumed so far.
 func (d *Decoder) Offset() uint64 { return d.n }
 
-// ExpectEOF checks, after the end record, that the input ends there: bytes
-// after a verified end record are not part of the snapshot, and a
-// transport that authenticates the whole stream needs it read to its end.
+// atEOF checks that the input ends at offset off (just after the end
+// record).
+func (d *Decoder) atEOF(off uint64) error {
+	_, err := d.r.ReadByte()
+	switch {
+	case err == io.EOF:
+		return nil
+	case err == nil:
+		return corruptf("data after the end record (at offset %d)", off)
+	}
+	return err
+}
+
+// ExpectEOF reports whether the end record was read. Next verifies, when it
+// returns the end record, that nothing follows it.
 func (d *Decoder) ExpectEOF() error {
+	if d.err != nil {
+		return d.err
+	}
 	if !d.done {
 		return fmt.Errorf("%w: no end record", ErrCorrupt)
-	}
-	if _, err := d.r.ReadByte(); err != io.EOF {
-		if err != nil {
-			return err
-		}
-		return fmt.Errorf("%w: data after the end record", ErrCorrupt)
 	}
 	return nil
 }

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -13,7 +15,7 @@ func sample(t testing.TB) []byte {
 	var buf bytes.Buffer
 	enc := NewEncoder(&buf)
 	recs := []any{
-		&Process{Pid: 42, Comm: "x", Exe: "/bin/x", Rlimits: []Rlimit{{1, 2}}, Creds: Creds{Uid: [4]uint32{1000, 1000, 1000, 1000}}},
+		&Process{Pid: 42, Threads: 1, Comm: "x", Exe: "/bin/x", Rlimits: []Rlimit{{1, 2}}, Creds: Creds{Uid: [4]uint32{1000, 1000, 1000, 1000}}},
 		&Thread{Tid: 42, Regs: make([]uint64, 27), XState: []byte{1, 2, 3}},
 		&VMA{Start: 0x1000, End: 0x5000, Prot: 3, Kind: VMAAnon},
 	}
@@ -123,7 +125,8 @@ func TestUnknownRecords(t *testing.T) {
 		var buf bytes.Buffer
 		enc := NewEncoder(&buf)
 		enc.write(frame(tc.typ, []byte{0xc0}))
-		enc.Write(&Process{Pid: 1})
+		enc.Write(&Process{Pid: 1, Threads: 1})
+		enc.Write(&Thread{Tid: 1})
 		enc.Close()
 		_, err := decodeAll(buf.Bytes())
 		if tc.fail && !errors.Is(err, ErrCorrupt) {
@@ -168,11 +171,12 @@ func TestManySkippable(t *testing.T) {
 	for i := 0; i < 1<<20; i++ {
 		enc.write(rec)
 	}
-	enc.Write(&Process{Pid: 1})
+	enc.Write(&Process{Pid: 1, Threads: 1})
+	enc.Write(&Thread{Tid: 1})
 	enc.Close()
 	recs, err := decodeAll(buf.Bytes())
-	if err != nil || len(recs) != 2 {
-		t.Fatalf("got %d records, %v; want the process and end records", len(recs), err)
+	if err != nil || len(recs) != 3 {
+		t.Fatalf("got %d records, %v; want the process, thread and end records", len(recs), err)
 	}
 }
 
@@ -182,7 +186,8 @@ func TestTreeRoundTrip(t *testing.T) {
 	var buf bytes.Buffer
 	enc := NewEncoder(&buf)
 	tree := &Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Pgid: 10, Sid: 10, Threads: 2}, {Pid: 11, PPid: 10, Pgid: 10, Sid: 10, Zombie: true, ExitStatus: 0x300}}}
-	recs := []any{tree, &VMA{Start: 0x1000, End: 0x2000, Kind: VMASharedAnon, Shared: true, Shm: 77},
+	recs := []any{tree, &Process{Pid: 10, Threads: 2}, &Thread{Tid: 10}, &Thread{Tid: 12},
+		&VMA{Start: 0x1000, End: 0x2000, Kind: VMASharedAnon, Shared: true, Shm: 77},
 		&FD{Fd: 4, Kind: FDPipe, Pipe: 99, PipeSize: 65536, PipeData: []byte("seq 1\n")}}
 	for _, r := range recs {
 		if err := enc.Write(r); err != nil {
@@ -196,12 +201,147 @@ func TestTreeRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 4 {
-		t.Fatalf("got %d records, want 4", len(got))
+	if len(got) != len(recs)+1 {
+		t.Fatalf("got %d records, want %d", len(got), len(recs)+1)
 	}
 	for i, r := range recs {
 		if !reflect.DeepEqual(got[i], r) {
 			t.Errorf("record %d: got %+v, want %+v", i, got[i], r)
 		}
 	}
+}
+
+// TestOneVerdict: the decoder alone decides whether a snapshot is whole,
+// so every reader — a restore's record loop (decodeAll here) and Describe
+// (pthaw -debug) — refuses the same damaged snapshots for the same reason.
+// Trailing bytes after the end record were once accepted by Describe.
+func TestOneVerdict(t *testing.T) {
+	good := sample(t)
+	endAt := len(good) - 5 - 1 // the end record's header; its payload is at least 1 byte
+	for endAt >= 0 && Type(good[endAt]) != TypeEnd {
+		endAt--
+	}
+	cases := map[string][]byte{
+		"one trailing byte":   append(append([]byte(nil), good...), 'x'),
+		"trailing zero page":  append(append([]byte(nil), good...), make([]byte, 4096)...),
+		"snapshot twice":      append(append([]byte(nil), good...), good...),
+		"trailing end record": append(append([]byte(nil), good...), good[endAt:]...),
+		"no end record":       good[:endAt],
+		"last byte cut":       good[:len(good)-1],
+	}
+	for i := endAt + frameHeaderLen; i < len(good); i++ {
+		b := append([]byte(nil), good...)
+		b[i] ^= 0x01
+		cases[fmt.Sprintf("end record byte %d flipped", i)] = b
+	}
+	for _, at := range []int{100, len(good) / 2, endAt - 1} {
+		b := append([]byte(nil), good...)
+		b[at] ^= 0x80 // page data or the last fd record: only the checksum sees it
+		cases[fmt.Sprintf("byte %d flipped", at)] = b
+	}
+	for name, data := range cases {
+		_, derr := decodeAll(data)
+		rerr := Describe(io.Discard, NewDecoder(bytes.NewReader(data)), nil)
+		if derr == nil || rerr == nil {
+			t.Errorf("%s: records: %v; describe: %v; want both refused", name, derr, rerr)
+			continue
+		}
+		if !errors.Is(derr, ErrCorrupt) || derr.Error() != rerr.Error() {
+			t.Errorf("%s: records: %v; describe: %v; want the same corrupt-snapshot error", name, derr, rerr)
+		}
+	}
+	if _, err := decodeAll(good); err != nil {
+		t.Fatalf("the intact sample: %v", err)
+	}
+	if err := Describe(io.Discard, NewDecoder(bytes.NewReader(good)), nil); err != nil {
+		t.Fatalf("describe the intact sample: %v", err)
+	}
+}
+
+// TestStructureOneVerdict: the decoder applies the structural rules a
+// restore needs (record order, bounds, areas, fds, a tree's members) to
+// every record, so Describe (pthaw -debug) refuses what a restore refuses,
+// with the same error; before, it described such snapshots.
+func TestStructureOneVerdict(t *testing.T) {
+	proc := func(pid, threads int) *Process { return &Process{Pid: pid, Threads: threads} }
+	vma := func(start, end uint64) *VMA { return &VMA{Start: start, End: end, Kind: VMAAnon} }
+	pages := pagesRec{0x2000, 4096}
+	tree := &Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Threads: 1}, {Pid: 11, PPid: 10, Threads: 1}}}
+	for _, tc := range []struct {
+		name string
+		recs []any
+		want string
+	}{
+		{"no records", nil, "missing process or thread records"},
+		{"thread first", []any{&Thread{Tid: 1}}, "unexpected thread record"},
+		{"no thread", []any{proc(1, 1), vma(0x1000, 0x3000)}, "memory area before the thread records"},
+		{"thread out of place", []any{proc(1, 2), &Thread{Tid: 2}}, "thread 2 out of place"},
+		{"too many threads", []any{proc(1, 1), &Thread{Tid: 1}, &Thread{Tid: 2}}, "unexpected thread record"},
+		{"areas overlap", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1000, 0x3000), vma(0x2000, 0x4000)}, "memory areas overlap"},
+		{"area unaligned", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1001, 0x3000)}, "memory area 0x1001-0x3000"},
+		{"area kind", []any{proc(1, 1), &Thread{Tid: 1}, &VMA{Start: 0x1000, End: 0x2000, Kind: 99}}, "unknown kind 99"},
+		{"pages outside", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1000, 0x2000), pages}, "outside every memory area"},
+		{"pages for the vdso", []any{proc(1, 1), &Thread{Tid: 1}, &VMA{Start: 0x2000, End: 0x3000, Kind: VMAVdso}, pages}, "pages for map 0x2000-0x3000"},
+		{"area after pages", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1000, 0x3000), pages, vma(0x4000, 0x5000)}, "unexpected *image.VMA record"},
+		{"fds out of order", []any{proc(1, 1), &Thread{Tid: 1}, &FD{Fd: 4, Kind: FDFile}, &FD{Fd: 3, Kind: FDFile}}, "fds out of order at 3"},
+		{"fd kind", []any{proc(1, 1), &Thread{Tid: 1}, &FD{Fd: 4, Kind: 99}}, "fd 4 of unknown kind 99"},
+		{"process out of bounds", []any{&Process{Pid: 1, Threads: 1, Auxv: make([]uint64, MaxAuxv+1)}, &Thread{Tid: 1}}, "process record out of bounds"},
+		{"two processes", []any{proc(1, 1), &Thread{Tid: 1}, proc(2, 1), &Thread{Tid: 2}}, "unexpected *image.Process record"},
+		{"tree: bad member", []any{&Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Threads: 1}, {Pid: 10, PPid: 10, Threads: 1}}}}, "tree member 1 (pid 10)"},
+		{"tree: wrong member", []any{tree, proc(10, 1), &Thread{Tid: 10}, proc(12, 1), &Thread{Tid: 12}}, "process 12 where the tree has 11"},
+		{"tree: member missing", []any{tree, proc(10, 1), &Thread{Tid: 10}}, "unexpected *image.End record after the tree"},
+		{"tree: second tree", []any{tree, tree}, "unexpected *image.Tree record"},
+	} {
+		data := encodeRecs(t, tc.recs)
+		_, derr := decodeAll(data)
+		rerr := Describe(io.Discard, NewDecoder(bytes.NewReader(data)), nil)
+		if derr == nil || !errors.Is(derr, ErrCorrupt) || !strings.Contains(derr.Error(), tc.want) {
+			t.Errorf("%s: records: %v; want a corrupt-snapshot error saying %q", tc.name, derr, tc.want)
+		}
+		if rerr == nil || derr == nil || rerr.Error() != derr.Error() {
+			t.Errorf("%s: describe: %v; records: %v; want the same error", tc.name, rerr, derr)
+		}
+	}
+	// A valid tree: a zombie has no records.
+	ok := []any{&Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Threads: 1}, {Pid: 11, PPid: 10, Zombie: true}, {Pid: 12, PPid: 10, Threads: 2}}},
+		proc(10, 1), &Thread{Tid: 10}, vma(0x1000, 0x3000), pages, &FD{Fd: 0, Kind: FDInherit},
+		proc(12, 2), &Thread{Tid: 12}, &Thread{Tid: 13}}
+	if _, err := decodeAll(encodeRecs(t, ok)); err != nil {
+		t.Errorf("a valid tree: %v", err)
+	}
+	// The registers' count, when the reader knows it.
+	dec := NewDecoder(bytes.NewReader(encodeRecs(t, []any{proc(1, 1), &Thread{Tid: 1, Regs: make([]uint64, 3)}})))
+	dec.CheckRegisters(27)
+	if _, err := dec.Next(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dec.Next(); err == nil || !strings.Contains(err.Error(), "thread 1 has 3 registers") {
+		t.Errorf("3 registers of 27: got %v", err)
+	}
+}
+
+// pagesRec is a Pages record for encodeRecs: Len bytes of 0xab at Addr.
+type pagesRec struct{ Addr, Len uint64 }
+
+// encodeRecs encodes recs (metadata records and pagesRec) with an end
+// record, whatever their order.
+func encodeRecs(t *testing.T, recs []any) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	enc := NewEncoder(&buf)
+	for _, r := range recs {
+		var err error
+		if p, ok := r.(pagesRec); ok {
+			err = enc.WritePages(p.Addr, bytes.Repeat([]byte{0xab}, int(p.Len)))
+		} else {
+			err = enc.Write(r)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := enc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }

@@ -17,7 +17,14 @@ import (
 // hash of its saved contents, and the open files. Pages that are all zero
 // are left out of the hash, so an area hashes the same whether such a page
 // was saved or not.
+//
+// The decoder decides whether the snapshot is well formed (Next checks
+// every record), exactly as for a restore; regNames, when given, also sets
+// the number of registers a thread must have.
 func Describe(w io.Writer, dec *Decoder, regNames []string) error {
+	if regNames != nil {
+		dec.CheckRegisters(len(regNames))
+	}
 	var (
 		vmas   []*VMA
 		hashes []hash.Hash

@@ -18,9 +18,13 @@ import (
 // whole stream and built the process. The sender then kills the original
 // and calls Commit to let the receiver start the clone. Any error from
 // AwaitReady means the receiver will not start the clone: resume the
-// original. For files and stdout AwaitReady makes the snapshot durable
-// (fsync, then the atomic rename of a file) and Commit does nothing, so
-// "-halt" still means "kill once the snapshot is safely written".
+// original. For a regular file (named, or stdout redirected to one)
+// AwaitReady makes the snapshot durable (fsync of the file and of its
+// directory, and the atomic rename of a named file) and Commit does
+// nothing, so "-halt" still means "kill once the snapshot is safely
+// written". Nothing acknowledges a pipe, a FIFO, a terminal or a device:
+// there AwaitReady refuses (ErrNoProof), and SinkOptions.Halt refuses at
+// OpenSink, before the process is touched.
 type Sink interface {
 	io.WriteCloser
 	// String returns the spec the sink was opened with.
@@ -66,6 +70,11 @@ type SinkOptions struct {
 	OwnerUID int
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
+	// Halt says the caller will kill the process once AwaitReady returns:
+	// OpenSink then refuses (ErrNoProof) a sink that could not prove the
+	// snapshot safe — a pipe, FIFO, terminal, device or socket reached as
+	// a file — so that the refusal comes before the process is stopped.
+	Halt bool
 }
 
 // SourceOptions tune sources.
@@ -74,6 +83,12 @@ type SourceOptions struct {
 	// HaveKeys says the caller will refuse plaintext (pthaw -keydir): only
 	// then may a TCP source listen on a non-loopback address.
 	HaveKeys bool
+	// KeyDir, with HaveKeys, is the caller's key directory: a listener
+	// then takes as its sender only a connection that authenticates — its
+	// header names a key of KeyDir and its first chunk verifies under it —
+	// so that nobody without a key can take the listener's one turn.
+	// Another connection is told it was refused and dropped.
+	KeyDir string
 	// Insecure allows a non-loopback TCP listener without keys, with a
 	// warning line on Warn.
 	Insecure bool
@@ -111,12 +126,41 @@ func OpenSink(spec string, opt SinkOptions) (Sink, error) {
 		}
 		return dialSink(spec, scheme, rest, opt)
 	case "file":
-		return openFileSink(spec, rest)
+		return openHaltableFileSink(spec, rest, opt)
 	}
 	if spec == "stdout" || spec == "-" || spec == "" {
-		return openStdoutSink(), nil
+		s := openStdoutSink()
+		if opt.Halt {
+			if err := s.checkHalt(); err != nil {
+				return nil, err
+			}
+		}
+		return s, nil
 	}
-	return openFileSink(spec, spec)
+	return openHaltableFileSink(spec, spec, opt)
+}
+
+// openHaltableFileSink opens a file sink; with opt.Halt only one that can
+// prove the snapshot safe (a regular file), checked before opening (a FIFO
+// would block the open) and again on the open file.
+func openHaltableFileSink(spec, path string, opt SinkOptions) (*fileSink, error) {
+	if opt.Halt {
+		if err := checkHaltPath(spec, path); err != nil {
+			return nil, err
+		}
+	}
+	s, err := openFileSink(spec, path)
+	if err != nil || !opt.Halt {
+		return s, err
+	}
+	if err := s.checkHalt(); err != nil {
+		s.f.Close()
+		if s.tmp != "" {
+			os.Remove(s.tmp)
+		}
+		return nil, err
+	}
+	return s, nil
 }
 
 // OpenSource opens spec for reading: stdin (or -), FILE (or file:FILE),
@@ -154,6 +198,7 @@ type fileSink struct {
 	tmp        string // "" when writing path directly
 	std        bool   // stdout: never closed
 	linked     bool
+	halting    bool // AwaitReady: a failed sync is an error even on stdout
 	done       bool // the body writer closed every layer successfully
 	finished   bool
 	err        error
@@ -215,7 +260,7 @@ func (s *fileSink) finish() error {
 	if s.err == nil {
 		// Pipes, terminals and some devices cannot sync; only a regular
 		// file's sync failure matters.
-		if err := s.f.Sync(); err != nil && s.tmp != "" {
+		if err := s.f.Sync(); err != nil && (s.tmp != "" || s.halting) {
 			s.err = fmt.Errorf("stream: sync %s: %w", s.spec, err)
 		}
 	}
@@ -244,9 +289,35 @@ func (s *fileSink) finish() error {
 	return nil
 }
 
-func (s *fileSink) AwaitReady(time.Duration) error { return s.finish() }
-func (s *fileSink) Commit() error                  { return s.err }
-func (s *fileSink) Close() error                   { return s.finish() }
+// AwaitReady makes the snapshot durable, or refuses a file that cannot
+// be: then what is still buffered of the body is never written, so that a
+// reader sees a truncated snapshot rather than a copy of a process that
+// is resumed. (OpenSink with SinkOptions.Halt refuses such a file before
+// anything is written.)
+func (s *fileSink) AwaitReady(time.Duration) error {
+	if s.finished {
+		return s.err
+	}
+	if err := s.checkHalt(); err != nil {
+		s.err, s.finished = err, true
+		if !s.std {
+			s.f.Close()
+		}
+		return err
+	}
+	s.halting = true
+	if err := s.finish(); err != nil {
+		return err
+	}
+	if err := s.durable(); err != nil {
+		s.err = err
+		return err
+	}
+	return nil
+}
+
+func (s *fileSink) Commit() error { return s.err }
+func (s *fileSink) Close() error  { return s.finish() }
 
 // fileSource reads a file or stdin.
 type fileSource struct {

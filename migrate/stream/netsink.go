@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"time"
 )
 
@@ -47,7 +48,7 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	d := net.Dialer{Timeout: opt.DialTimeout}
 	c, err := d.Dial(scheme, addr)
 	if err != nil {
-		return nil, fmt.Errorf("stream: dial %s: %w", spec, err)
+		return nil, dialErr(spec, opt.DialTimeout, err)
 	}
 	s := &netSink{spec: spec, opt: opt, conn: &deadlineConn{Conn: c, wt: opt.WriteTimeout}}
 	s.buf = make([]byte, frameHeaderSize, frameHeaderSize+sinkFrameSize)
@@ -66,14 +67,18 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	var hello [len(wireHello) + hsNonceSize]byte
 	if _, err := io.ReadFull(s.conn, hello[:]); err != nil || string(hello[:len(wireHello)]) != wireHello {
 		c.Close()
+		// Say what was seen: the connection was made, so something
+		// listens there; a pthaw greets as soon as it accepts.
 		var ne net.Error
 		switch {
 		case err == nil:
-			err = errors.New("not a pcluster receiver (bad greeting)")
+			err = fmt.Errorf("connected to %s, but it answered something other than a pcluster greeting: not a pthaw", c.RemoteAddr())
 		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-			err = errors.New("connection closed by the receiver before its greeting")
+			err = fmt.Errorf("connected to %s, but it closed the connection without greeting: a pthaw that already took another sender, or is greeting too many connections at once", c.RemoteAddr())
 		case errors.As(err, &ne) && ne.Timeout():
-			err = fmt.Errorf("no greeting from the receiver within %v: is pthaw listening there? (plain listeners such as nc cannot take a snapshot; write a file instead)", greet)
+			err = fmt.Errorf("connected to %s, but no greeting came back within %v: something listens there that is not a pthaw ready to receive (a pthaw greets at once; plain listeners such as nc never do)", c.RemoteAddr(), greet)
+		default:
+			err = fmt.Errorf("connected to %s, then waiting for its greeting: %w", c.RemoteAddr(), err)
 		}
 		return nil, fmt.Errorf("stream: %s: %w", spec, err)
 	}
@@ -92,6 +97,19 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 }
 
 func (s *netSink) peerNonce() []byte { return s.peer }
+
+// dialErr says what the sender saw when the connection could not be made:
+// nothing listening, no answer at all, or another failure.
+func dialErr(spec string, timeout time.Duration, err error) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ENOENT):
+		return fmt.Errorf("stream: dial %s: nothing listens there: %w", spec, err)
+	case errors.As(err, &ne) && ne.Timeout():
+		return fmt.Errorf("stream: dial %s: no answer to the connection request within %v: %w", spec, timeout, err)
+	}
+	return fmt.Errorf("stream: dial %s: %w", spec, err)
+}
 
 func (s *netSink) String() string { return s.spec }
 
@@ -265,17 +283,21 @@ func (s *netSink) AwaitReady(timeout time.Duration) error {
 		return -1
 	})
 	if err != nil {
-		return s.netErr("wait for the receiver", err)
+		return s.netErr(fmt.Sprintf("sent the whole snapshot to %s, then waited for the receiver's verdict", s.conn.RemoteAddr()), err)
 	}
 	if s.keyed {
-		if len(p) < 1+hsNonceSize+macSize {
-			return fmt.Errorf("stream: %s: short ready message", s.spec)
+		authentic := len(p) >= 1+hsNonceSize+macSize &&
+			hmac.Equal(p[len(p)-macSize:], wireMAC(s.hsKey, "ready", p[:len(p)-macSize]))
+		if !authentic && len(p) >= 1+hsNonceSize && p[0] == statusFailed {
+			// A receiver that does not hold our key cannot sign its
+			// refusal. Believing an unsigned failure is safe: it only
+			// makes us resume the original.
+			return fmt.Errorf("stream: %s: receiver failed (an unsigned reply: it does not hold this stream's key): %s", s.spec, printable(p[1+hsNonceSize:]))
 		}
-		body, mac := p[:len(p)-macSize], p[len(p)-macSize:]
-		if !hmac.Equal(mac, wireMAC(s.hsKey, "ready", body)) {
+		if !authentic {
 			return fmt.Errorf("stream: %s: ready message failed authentication: not sent by the holder of the key", s.spec)
 		}
-		p = body
+		p = p[:len(p)-macSize]
 	}
 	if len(p) < 1+hsNonceSize {
 		return fmt.Errorf("stream: %s: short ready message", s.spec)
@@ -329,6 +351,10 @@ func (s *netSink) Commit() error {
 func (s *netSink) netErr(op string, err error) error {
 	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 		return fmt.Errorf("stream: %s: %s: connection closed by the receiver", s.spec, op)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && s.conn.rt > 0 {
+		return fmt.Errorf("stream: %s: %s: no answer within %v: %w", s.spec, op, s.conn.rt, err)
 	}
 	return fmt.Errorf("stream: %s: %s: %w", s.spec, op, err)
 }

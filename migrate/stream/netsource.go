@@ -2,6 +2,7 @@ package stream
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
 	"errors"
@@ -15,9 +16,10 @@ import (
 	"time"
 )
 
-// netSource is the receiving end of the wire protocol: it listens, accepts
-// one sender and stops listening. One goroutine reads and runs the
-// handshake; Close may come from any goroutine.
+// netSource is the receiving end of the wire protocol: it listens, greets
+// connections concurrently (acceptFirst), takes the first allowed sender
+// and stops listening. One goroutine reads and runs the handshake; Close
+// may come from any goroutine.
 type netSource struct {
 	spec  string
 	rt    time.Duration
@@ -26,7 +28,9 @@ type netSource struct {
 	// haveKeys: the reader requires encryption (pthaw -keydir); a sender
 	// that did not key its stream gets no details of why it was refused.
 	haveKeys bool
+	keyDir   string    // "": the first greeting wins; else the first authenticated stream (vet)
 	warn     io.Writer // dropped connections are reported here
+	warnMu   sync.Mutex
 	// sameUser: a loopback or unix listener that may receive plaintext
 	// accepts only a sender running as our own user or root (the socket
 	// file's mode alone is set after listen, and follows no umask).
@@ -52,6 +56,9 @@ type netSource struct {
 
 func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, error) {
 	s := &netSource{spec: spec, rt: opt.ReadTimeout, haveKeys: opt.HaveKeys, warn: opt.Warn}
+	if opt.HaveKeys {
+		s.keyDir = opt.KeyDir
+	}
 	if s.warn == nil {
 		s.warn = os.Stderr
 	}
@@ -149,59 +156,283 @@ func (s *netSource) String() string { return s.spec }
 func (s *netSource) Addr() string   { return s.ln.Addr().String() }
 
 // helloTimeout bounds how long an accepted connection may take to greet
-// before the listener gives up on it and takes the next (a port scanner, or
-// someone holding the port, must not keep the real sender out for long).
+// before the listener drops it (and frees its place among maxGreeting).
 const helloTimeout = 10 * time.Second
 
-// accept takes the one sender and stops listening. A connection that is
-// not a pcluster sender allowed here (no greeting, a bad one, another
-// user's on a keyless loopback or unix listener) is dropped with a warning
-// and the next one taken: whoever can reach the port cannot make a
-// migration fail by connecting first.
+// maxGreeting bounds the connections a listener greets at once. Each is
+// greeted concurrently, within its own helloTimeout; beyond this many a
+// new connection is closed at once with a warning line, so that a flood
+// of connections costs a bounded number of goroutines and descriptors.
+const maxGreeting = 64
+
+// greeted is an accepted connection that passed greet.
+type greeted struct {
+	c      net.Conn
+	dc     *deadlineConn
+	peer   []byte // our nonce, sent in the greeting
+	replay []byte // what vet read after the greeting, to be read again
+}
+
+func (g *greeted) peerNonce() []byte { return g.peer }
+
+// accept takes the one sender and stops listening.
 func (s *netSource) accept() error {
 	if s.br != nil {
 		return nil
 	}
-	for {
-		c, err := s.ln.Accept()
-		if err != nil {
-			s.ln.Close()
-			return fmt.Errorf("stream: accept %s: %w", s.spec, err)
-		}
-		s.mu.Lock()
-		if s.done {
-			s.mu.Unlock()
-			c.Close()
-			return fmt.Errorf("stream: accept %s: %w", s.spec, net.ErrClosed)
-		}
-		s.conn = &deadlineConn{Conn: c, rt: s.rt}
-		s.mu.Unlock()
-		err = s.greet(c)
-		if err == nil {
-			s.ln.Close()
-			return nil
-		}
-		var bad badSender
-		if !errors.As(err, &bad) {
-			s.ln.Close()
-			return err
-		}
-		fmt.Fprintf(s.warn, "warning: %s: dropped a connection from %s: %v; still listening\n", s.spec, c.RemoteAddr(), bad.err)
-		s.mu.Lock()
-		s.conn, s.br = nil, nil
-		s.mu.Unlock()
-		c.Close()
+	g, err := s.acceptFirst()
+	if err != nil {
+		return err
 	}
+	s.mu.Lock()
+	if s.done {
+		s.mu.Unlock()
+		g.c.Close()
+		return fmt.Errorf("stream: accept %s: %w", s.spec, net.ErrClosed)
+	}
+	s.conn = g.dc
+	s.mu.Unlock()
+	s.peer = g.peer
+	var r io.Reader = g.dc
+	if len(g.replay) > 0 {
+		r = io.MultiReader(bytes.NewReader(g.replay), g.dc)
+	}
+	s.br = bufio.NewReaderSize(r, 256<<10)
+	return nil
 }
 
-// badSender is why a connection was dropped before it sent anything that
-// counts.
-type badSender struct{ err error }
+// acceptFirst accepts connections and greets each in a goroutine of its
+// own, at most maxGreeting at once; the first connection that completes
+// the greeting and is allowed here (greet: for a keyless loopback or unix
+// listener, a sender running as our user or root) is the sender. Then the
+// listener is closed, and with it every connection still greeting. A
+// connection that does not greet in time, greets wrongly or is not
+// allowed is dropped with a warning line. So whoever can reach the port
+// can neither delay the sender nor make the migration fail by connecting
+// and saying nothing, however many times: only by being an allowed sender
+// first. acceptFirst returns once its accept loop and every greeting
+// goroutine have ended.
+func (s *netSource) acceptFirst() (*greeted, error) {
+	var (
+		mu      sync.Mutex // guards pending and winner
+		pending = map[net.Conn]bool{}
+		winner  *greeted
+		wg      sync.WaitGroup
+	)
+	won := make(chan *greeted, 1)
+	acceptErr := make(chan error, 1)
+	slots := make(chan struct{}, maxGreeting)
+	greetOne := func(c net.Conn) {
+		defer wg.Done()
+		g, err := s.greet(c)
+		if err == nil && s.keyDir != "" {
+			err = s.vet(g)
+		}
+		mu.Lock()
+		delete(pending, c)
+		first := err == nil && winner == nil
+		if first {
+			winner = g
+		}
+		lost := winner != nil && !first
+		mu.Unlock()
+		<-slots
+		if first {
+			won <- g
+			return
+		}
+		c.Close()
+		if err != nil && !lost {
+			s.warnf("dropped a connection from %s: %v; still listening", c.RemoteAddr(), err)
+		}
+	}
+	wg.Add(1)
+	go func() { // the accept loop: ends when the listener is closed
+		defer wg.Done()
+		for {
+			c, err := s.ln.Accept()
+			if err != nil {
+				acceptErr <- err
+				return
+			}
+			select {
+			case slots <- struct{}{}:
+			default:
+				c.Close()
+				s.warnf("dropped a connection from %s: %d connections are already greeting; still listening", c.RemoteAddr(), maxGreeting)
+				continue
+			}
+			mu.Lock()
+			if winner != nil {
+				mu.Unlock()
+				<-slots
+				c.Close()
+				continue
+			}
+			pending[c] = true
+			mu.Unlock()
+			wg.Add(1)
+			go greetOne(c)
+		}
+	}()
+	var g *greeted
+	var err error
+	select {
+	case g = <-won:
+	case err = <-acceptErr:
+	}
+	s.ln.Close()
+	mu.Lock()
+	others := len(pending)
+	for c := range pending {
+		c.Close()
+	}
+	mu.Unlock()
+	wg.Wait()
+	if err != nil {
+		select {
+		case g := <-won: // greeted as the listener was closed
+			g.c.Close()
+		default:
+		}
+		return nil, fmt.Errorf("stream: accept %s: %w", s.spec, err)
+	}
+	if others > 0 {
+		did := "greeted"
+		if s.keyDir != "" {
+			did = "authenticated"
+		}
+		s.warnf("took the sender from %s; closed %d other connection(s) that had not %s", g.c.RemoteAddr(), others, did)
+	}
+	return g, nil
+}
 
-func (b badSender) Error() string { return b.err.Error() }
+// vetTimeout bounds how long a keyed listener waits, after the greeting,
+// for a connection's header and first chunk (pfreeze connects before it
+// stops the process) when the read timeout is shorter or unset.
+const vetTimeout = 30 * time.Second
 
-// greet checks who connected and exchanges greetings.
-func (s *netSource) greet(c net.Conn) error {
+// vet reads, on a greeted connection of a keyed listener, the snapshot
+// header and the first chunk of the body and verifies that chunk under
+// the key the header names, from s.keyDir: only the holder of one of our
+// keys gets past it. What it read is kept for the winner's reader. A
+// connection that fails is told it was refused, if it asks for the
+// handshake (see refuse).
+func (s *netSource) vet(g *greeted) error {
+	rec := &recorder{r: g.c}
+	fr := &frameReader{r: rec}
+	g.c.SetReadDeadline(time.Now().Add(max(s.rt, vetTimeout)))
+	in := bufio.NewReaderSize(fr, 64<<10)
+	_, body, _, err := openHeader(in, g, ReaderOptions{KeyDir: s.keyDir, RequireEncryption: true}, "")
+	for err == nil {
+		var n int
+		if n, err = body.Read(make([]byte, 1)); n > 0 || err == io.EOF {
+			err = nil // the first chunk verified (or the last, when there is one)
+			break
+		}
+	}
+	if err != nil {
+		s.refuse(g, fr, rec)
+		return err
+	}
+	g.replay = rec.buf
+	return nil
+}
+
+// refuseDrain bounds how long a refused sender may take to finish its
+// stream before it is told it was refused.
+const refuseDrain = time.Minute
+
+// refuse reads the rest of a refused sender's stream and, if it awaits
+// the handshake, tells it it was refused without saying why (the reason
+// names our key directory and which keys it holds): so that a sender
+// that forgot its key learns that, instead of seeing a reset connection.
+func (s *netSource) refuse(g *greeted, fr *frameReader, rec *recorder) {
+	rec.buf, rec.off = nil, true
+	g.c.SetReadDeadline(time.Now().Add(refuseDrain))
+	if _, err := io.Copy(io.Discard, fr); err != nil || !fr.handshake {
+		return
+	}
+	nonce := make([]byte, hsNonceSize)
+	rand.Read(nonce)
+	body := append(append([]byte{statusFailed}, nonce...), refusedReason...)
+	g.c.SetWriteDeadline(time.Now().Add(helloTimeout))
+	writeFrame(g.c, frameReady, body)
+}
+
+// refusedReason is all a sender that did not prove it holds one of our
+// keys learns of why it was refused.
+const refusedReason = "refused: the stream is not encrypted with a key this receiver holds"
+
+// recorder keeps what is read through it until off.
+type recorder struct {
+	r   io.Reader
+	buf []byte
+	off bool
+}
+
+func (r *recorder) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if !r.off {
+		r.buf = append(r.buf, p[:n]...)
+	}
+	return n, err
+}
+
+// frameReader reads the payload of D frames as one stream, up to the E
+// frame (io.EOF), remembering whether E asked for the handshake.
+type frameReader struct {
+	r         io.Reader
+	remaining uint32
+	ended     bool
+	handshake bool
+}
+
+func (f *frameReader) Read(p []byte) (int, error) {
+	for f.remaining == 0 {
+		if f.ended {
+			return 0, io.EOF
+		}
+		typ, n, payload, err := readFrame(f.r, func(t byte) int {
+			switch t {
+			case frameData:
+				return maxDataFrame
+			case frameEnd:
+				return 1 + macSize
+			}
+			return -1
+		})
+		if err != nil {
+			return 0, err
+		}
+		if typ == frameEnd {
+			f.ended, f.handshake = true, len(payload) > 0 && payload[0] == 1
+			return 0, io.EOF
+		}
+		f.remaining = n
+	}
+	if uint32(len(p)) > f.remaining {
+		p = p[:f.remaining]
+	}
+	n, err := f.r.Read(p)
+	f.remaining -= uint32(n)
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+// warnf writes one warning line; greeting goroutines call it concurrently.
+func (s *netSource) warnf(format string, args ...any) {
+	s.warnMu.Lock()
+	defer s.warnMu.Unlock()
+	fmt.Fprintf(s.warn, "warning: %s: %s\n", s.spec, fmt.Sprintf(format, args...))
+}
+
+// greet checks who connected and exchanges greetings. It runs on the
+// connection's own goroutine and touches nothing of s but what listenSource
+// set.
+func (s *netSource) greet(c net.Conn) (*greeted, error) {
 	if s.sameUser {
 		peerUID := tcpPeerUID
 		if _, ok := c.(*net.UnixConn); ok {
@@ -209,15 +440,15 @@ func (s *netSource) greet(c net.Conn) error {
 		}
 		uid, err := peerUID(c)
 		if err != nil {
-			return badSender{err}
+			return nil, err
 		}
 		if uid != os.Geteuid() && uid != 0 {
-			return badSender{fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", uid, os.Geteuid())}
+			return nil, fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", uid, os.Geteuid())
 		}
 	}
-	s.peer = make([]byte, hsNonceSize)
-	if _, err := rand.Read(s.peer); err != nil {
-		return fmt.Errorf("stream: %s: nonce: %w", s.spec, err)
+	peer := make([]byte, hsNonceSize)
+	if _, err := rand.Read(peer); err != nil {
+		return nil, fmt.Errorf("nonce: %w", err)
 	}
 	// The greeting is answered within helloTimeout (or the read timeout,
 	// if shorter); then the read timeout applies.
@@ -225,21 +456,27 @@ func (s *netSource) greet(c net.Conn) error {
 	if s.rt > 0 && s.rt < ht {
 		ht = s.rt
 	}
-	s.conn.rt, s.conn.wt = ht, ht
-	if _, err := s.conn.Write(append([]byte(wireHello), s.peer...)); err != nil {
-		return badSender{fmt.Errorf("greet: %w", err)}
+	dc := &deadlineConn{Conn: c, rt: ht, wt: ht}
+	if _, err := dc.Write(append([]byte(wireHello), peer...)); err != nil {
+		return nil, fmt.Errorf("greet: %w", err)
 	}
-	br := bufio.NewReaderSize(s.conn, 256<<10)
+	// Exactly the greeting is read, unbuffered: what follows belongs to
+	// the winner's reader.
 	var hello [len(wireHello)]byte
-	if _, err := io.ReadFull(br, hello[:]); err != nil || string(hello[:]) != wireHello {
-		if err == nil {
+	if _, err := io.ReadFull(dc, hello[:]); err != nil || string(hello[:]) != wireHello {
+		var ne net.Error
+		switch {
+		case err == nil:
 			err = errors.New("not a pcluster sender (bad greeting)")
+		case errors.As(err, &ne) && ne.Timeout():
+			err = fmt.Errorf("no greeting within %v", ht)
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			err = errors.New("closed before greeting")
 		}
-		return badSender{err}
+		return nil, err
 	}
-	s.conn.rt, s.conn.wt = s.rt, s.rt
-	s.br = br
-	return nil
+	dc.rt, dc.wt = s.rt, s.rt
+	return &greeted{c: c, dc: dc, peer: peer}, nil
 }
 
 func (s *netSource) peerNonce() []byte { return s.peer }
@@ -364,7 +601,7 @@ func (s *netSource) Ready(buildErr error) error {
 			// The sender never proved it holds one of our keys: it
 			// learns that it was refused, not our key directory's
 			// path or which key names and ids exist there.
-			reason = []byte("refused: the stream is not encrypted with a key this receiver holds")
+			reason = []byte(refusedReason)
 		}
 		if len(reason) > maxReason {
 			reason = reason[:maxReason]

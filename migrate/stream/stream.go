@@ -234,66 +234,12 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 	if s, ok := r.(fmt.Stringer); ok {
 		where = "stream: " + s.String() + ": "
 	}
-	known := append(append([]string{}, ownKeys...), opt.Known...)
 	// One buffer under every layer: the header is read byte by byte and a
 	// raw record stream in small pieces.
 	in := bufio.NewReaderSize(r, 64<<10)
-	h, err := ReadHeader(in, known...)
+	h, body, hsKey, err := openHeader(in, r, opt, where)
 	if err != nil {
-		if strings.HasPrefix(err.Error(), "read snapshot header: stream: ") {
-			return nil, nil, errors.Unwrap(err)
-		}
-		return nil, nil, fmt.Errorf("%s%w", where, err)
-	}
-	if p, ok := r.(peerNoncer); ok && p.peerNonce() != nil {
-		if h.Get(KeyPeer, "") != hex.EncodeToString(p.peerNonce()) {
-			return nil, nil, fmt.Errorf("%ssnapshot was not sent for this connection (peer=%s): a replayed stream?", where, h.Get(KeyPeer, "missing"))
-		}
-	} else if _, ok := h.Params[KeyPeer]; ok {
-		// A stream sent to a network receiver, captured and fed to a
-		// file or a pipe: its -halt sender has long decided.
-		return nil, nil, fmt.Errorf("%ssnapshot was sent to a network receiver (peer=%s), not written for a file or pipe: a replayed stream?", where, h.Get(KeyPeer, ""))
-	}
-	compName := h.Get(KeyCompress, "")
-	if !contains([]string{CompressNone, CompressGzip, CompressFlate, CompressSnappy, CompressZstd}, compName) {
-		return nil, nil, fmt.Errorf("%ssnapshot header: bad compress=%q", where, compName)
-	}
-	cipherName := h.Get(KeyEncrypt, "")
-	var hsKey []byte
-	var body io.Reader = in
-	switch cipherName {
-	case CipherNone:
-		for _, k := range []string{KeyKeyName, KeyKeyID, KeySalt} {
-			if _, ok := h.Params[k]; ok {
-				return nil, nil, fmt.Errorf("%ssnapshot header: %s= given without encryption", where, k)
-			}
-		}
-		if opt.RequireEncryption {
-			return nil, nil, fmt.Errorf("%ssnapshot is not encrypted and this reader requires encryption: refusing plaintext", where)
-		}
-	case CipherAESGCM, CipherChaCha20:
-		name, id, saltHex := h.Get(KeyKeyName, ""), h.Get(KeyKeyID, ""), h.Get(KeySalt, "")
-		salt, err := hex.DecodeString(saltHex)
-		if err != nil || len(salt) != saltSize || len(id) != 2*keyIDLen || name == "" {
-			return nil, nil, fmt.Errorf("%ssnapshot header: encrypted with %s but key=, keyid= or salt= missing or malformed", where, cipherName)
-		}
-		k, err := findKey(opt.KeyDir, name, id)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%sopen key %s:%s: %w", where, cipherName, name, err)
-		}
-		payload, hs, err := deriveKeys(k, cipherName, salt, h.raw)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%sderive key: %w", where, err)
-		}
-		a, err := newAEAD(cipherName, payload)
-		clear(payload)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%s%s: %w", where, cipherName, err)
-		}
-		body = newOpenReader(a, in)
-		hsKey = hs
-	default:
-		return nil, nil, fmt.Errorf("%ssnapshot header: bad encrypt=%q", where, cipherName)
+		return nil, nil, err
 	}
 	if l, ok := r.(linker); ok {
 		if err := l.link(hsKey, hsKey != nil); err != nil {
@@ -302,7 +248,7 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 	}
 	br := &bodyReader{where: where}
 	br.src, _ = r.(bodyEnder)
-	if compName != CompressNone {
+	if compName := h.Get(KeyCompress, ""); compName != CompressNone {
 		buf, ok := body.(*bufio.Reader)
 		if !ok {
 			buf = bufio.NewReaderSize(body, 64<<10)
@@ -316,6 +262,72 @@ func NewReader(r io.Reader, opt ReaderOptions) (io.ReadCloser, *Header, error) {
 		br.upper = body
 	}
 	return br, h, nil
+}
+
+// openHeader reads the header line from in, checks it (against the nonce
+// of src's connection, when src has one) and opens the body's encryption
+// layer: body returns verified plaintext of the (still compressed) body,
+// and hsKey is the handshake key (nil without encryption). NewReader and a
+// keyed listener vetting a connection (netSource.vet) both decide here.
+func openHeader(in *bufio.Reader, src any, opt ReaderOptions, where string) (h *Header, body io.Reader, hsKey []byte, err error) {
+	known := append(append([]string{}, ownKeys...), opt.Known...)
+	h, err = ReadHeader(in, known...)
+	if err != nil {
+		if strings.HasPrefix(err.Error(), "read snapshot header: stream: ") {
+			return nil, nil, nil, errors.Unwrap(err)
+		}
+		return nil, nil, nil, fmt.Errorf("%s%w", where, err)
+	}
+	if p, ok := src.(peerNoncer); ok && p.peerNonce() != nil {
+		if h.Get(KeyPeer, "") != hex.EncodeToString(p.peerNonce()) {
+			return nil, nil, nil, fmt.Errorf("%ssnapshot was not sent for this connection (peer=%s): a replayed stream?", where, h.Get(KeyPeer, "missing"))
+		}
+	} else if _, ok := h.Params[KeyPeer]; ok {
+		// A stream sent to a network receiver, captured and fed to a
+		// file or a pipe: its -halt sender has long decided.
+		return nil, nil, nil, fmt.Errorf("%ssnapshot was sent to a network receiver (peer=%s), not written for a file or pipe: a replayed stream?", where, h.Get(KeyPeer, ""))
+	}
+	compName := h.Get(KeyCompress, "")
+	if !contains([]string{CompressNone, CompressGzip, CompressFlate, CompressSnappy, CompressZstd}, compName) {
+		return nil, nil, nil, fmt.Errorf("%ssnapshot header: bad compress=%q", where, compName)
+	}
+	cipherName := h.Get(KeyEncrypt, "")
+	body = in
+	switch cipherName {
+	case CipherNone:
+		for _, k := range []string{KeyKeyName, KeyKeyID, KeySalt} {
+			if _, ok := h.Params[k]; ok {
+				return nil, nil, nil, fmt.Errorf("%ssnapshot header: %s= given without encryption", where, k)
+			}
+		}
+		if opt.RequireEncryption {
+			return nil, nil, nil, fmt.Errorf("%ssnapshot is not encrypted and this reader requires encryption: refusing plaintext", where)
+		}
+	case CipherAESGCM, CipherChaCha20:
+		name, id, saltHex := h.Get(KeyKeyName, ""), h.Get(KeyKeyID, ""), h.Get(KeySalt, "")
+		salt, err := hex.DecodeString(saltHex)
+		if err != nil || len(salt) != saltSize || len(id) != 2*keyIDLen || name == "" {
+			return nil, nil, nil, fmt.Errorf("%ssnapshot header: encrypted with %s but key=, keyid= or salt= missing or malformed", where, cipherName)
+		}
+		k, err := findKey(opt.KeyDir, name, id)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("%sopen key %s:%s: %w", where, cipherName, name, err)
+		}
+		payload, hs, err := deriveKeys(k, cipherName, salt, h.raw)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("%sderive key: %w", where, err)
+		}
+		a, err := newAEAD(cipherName, payload)
+		clear(payload)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("%s%s: %w", where, cipherName, err)
+		}
+		body = newOpenReader(a, in)
+		hsKey = hs
+	default:
+		return nil, nil, nil, fmt.Errorf("%ssnapshot header: bad encrypt=%q", where, cipherName)
+	}
+	return h, body, hsKey, nil
 }
 
 // bodyReader is the top of the reading stack: it makes errors stick, and

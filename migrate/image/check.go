@@ -1,0 +1,290 @@
+package image
+
+import (
+	"fmt"
+	"sort"
+)
+
+// Bounds on what a snapshot may ask for: a snapshot can come from anyone
+// who can reach a listener, so nothing it says sizes work unchecked.
+const (
+	MaxThreads = 1 << 16
+	MaxVMAs    = 1 << 20 // vm.max_map_count is 65530 by default
+	MaxPending = 1 << 12 // per queue; RLIMIT_SIGPENDING is in this range
+	MaxAuxv    = 512     // words
+	MaxGroups  = 65536   // NGROUPS_MAX
+	MaxFd      = 1 << 20
+	// MaxAddr is the end of the x86-64 user address space (4-level paging).
+	MaxAddr = 1 << 47
+)
+
+const pageSize = 4096
+
+// checker holds the structural rules of a snapshot, applied by the
+// Decoder to every record in turn: which record may follow which, and
+// the bounds and order of each record's fields. Every reader of a
+// snapshot — a restore, pthaw -debug, pfreeze -debug — gets the same
+// verdict from it, before it acts on a record. (What depends on the host
+// — files that changed, PIDs that are taken — is the loader's to check.)
+type checker struct {
+	regs int // registers per thread; 0: not checked
+
+	started bool
+	tree    *Tree
+	member  int // index in tree.Procs of the member being read
+
+	proc    *Process
+	threads []*Thread
+	vmas    []*VMA
+	meta    bool // the process's metadata (threads, areas) is complete
+	lastFd  int
+	fds     int
+}
+
+// check applies the rules to rec, the next record.
+func (c *checker) check(rec any) error {
+	if !c.started {
+		c.started = true
+		if t, ok := rec.(*Tree); ok {
+			return c.startTree(t)
+		}
+	}
+	switch r := rec.(type) {
+	case *Tree:
+		return c.unexpected(r)
+	case *Process:
+		if c.proc != nil {
+			// The next member of a tree.
+			if c.tree == nil {
+				return c.unexpected(r)
+			}
+			if err := c.endProcess(); err != nil {
+				return err
+			}
+			c.member++
+			c.skipZombies()
+			if c.member >= len(c.tree.Procs) {
+				return c.unexpected(r)
+			}
+			if m := c.tree.Procs[c.member]; r.Pid != m.Pid {
+				return c.wrap(corruptf("process %d where the tree has %d", r.Pid, m.Pid))
+			}
+		}
+		c.proc, c.threads, c.vmas, c.meta, c.fds = r, nil, nil, false, 0
+		return nil
+	case *Thread:
+		p := c.proc
+		if c.meta {
+			return c.unexpected(r)
+		}
+		if p == nil || len(c.vmas) > 0 || len(c.threads) >= p.Threads || p.Threads > MaxThreads {
+			return c.wrap(corruptf("unexpected thread record"))
+		}
+		if (len(c.threads) == 0) != (r.Tid == p.Pid) || r.Tid <= 0 {
+			return c.wrap(corruptf("thread %d out of place", r.Tid))
+		}
+		if c.regs > 0 && len(r.Regs) != c.regs {
+			return c.wrap(corruptf("thread %d has %d registers", r.Tid, len(r.Regs)))
+		}
+		c.threads = append(c.threads, r)
+		return nil
+	case *VMA:
+		if c.proc == nil || c.meta || len(c.threads) != c.proc.Threads {
+			if c.meta {
+				return c.unexpected(r)
+			}
+			return c.wrap(corruptf("memory area before the thread records"))
+		}
+		if err := CheckVMA(r, c.vmas); err != nil {
+			return c.wrap(err)
+		}
+		c.vmas = append(c.vmas, r)
+		return nil
+	}
+	// Pages, FD, End: the metadata is complete.
+	if err := c.completeMeta(); err != nil {
+		return err
+	}
+	switch r := rec.(type) {
+	case *Pages:
+		return c.wrap(CheckPages(r.Addr, r.Len, c.vmas))
+	case *FD:
+		if err := CheckFD(r); err != nil {
+			return c.wrap(err)
+		}
+		if c.fds > 0 && c.lastFd >= r.Fd {
+			return c.wrap(corruptf("fds out of order at %d", r.Fd))
+		}
+		c.lastFd, c.fds = r.Fd, c.fds+1
+		return nil
+	case *End:
+		if c.tree == nil {
+			return nil
+		}
+		if err := c.endProcess(); err != nil {
+			return err
+		}
+		c.member++
+		c.skipZombies()
+		if c.member < len(c.tree.Procs) {
+			return corruptf("unexpected %T record after the tree", r)
+		}
+		return nil
+	}
+	return c.unexpected(rec)
+}
+
+func (c *checker) startTree(t *Tree) error {
+	if err := CheckTree(t); err != nil {
+		return err
+	}
+	c.tree = t
+	c.skipZombies()
+	return nil
+}
+
+// skipZombies moves member past zombies: they have no records.
+func (c *checker) skipZombies() {
+	for c.member < len(c.tree.Procs) && c.tree.Procs[c.member].Zombie {
+		c.member++
+	}
+}
+
+// completeMeta checks, when the first record after a process's threads
+// and areas arrives, that they are all there and within bounds.
+func (c *checker) completeMeta() error {
+	if c.meta {
+		return nil
+	}
+	if c.proc == nil || len(c.threads) == 0 || len(c.threads) != c.proc.Threads {
+		return c.wrap(corruptf("missing process or thread records"))
+	}
+	if err := CheckProcess(c.proc, c.threads); err != nil {
+		return c.wrap(err)
+	}
+	c.meta = true
+	return nil
+}
+
+// endProcess checks a tree member's records against the tree's.
+func (c *checker) endProcess() error {
+	if err := c.completeMeta(); err != nil {
+		return err
+	}
+	m := c.tree.Procs[c.member]
+	if c.proc.Pid != m.Pid || c.proc.Threads != m.Threads {
+		return c.wrap(corruptf("process %d where the tree has %d", c.proc.Pid, m.Pid))
+	}
+	return nil
+}
+
+func (c *checker) unexpected(rec any) error {
+	return c.wrap(corruptf("unexpected %T record", rec))
+}
+
+// wrap names the tree member an error is about.
+func (c *checker) wrap(err error) error {
+	if err == nil || c.tree == nil || c.member >= len(c.tree.Procs) {
+		return err
+	}
+	return fmt.Errorf("pid %d: %w", c.tree.Procs[c.member].Pid, err)
+}
+
+// CheckTree checks a tree record: members in an order where each parent
+// comes before its children, the root first, unique PIDs.
+func CheckTree(t *Tree) error {
+	if len(t.Procs) == 0 {
+		return corruptf("empty tree")
+	}
+	seen := map[int]bool{}
+	zombie := map[int]bool{}
+	for i, m := range t.Procs {
+		if m.Pid <= 0 || seen[m.Pid] || (m.Threads <= 0) != m.Zombie || (m.Zombie && i == 0) || (m.Pid == 1 && i > 0) || m.Threads > MaxThreads {
+			return corruptf("tree member %d (pid %d)", i, m.Pid)
+		}
+		if (i == 0) == seen[m.PPid] || zombie[m.PPid] {
+			return corruptf("tree member pid %d out of place (parent %d)", m.Pid, m.PPid)
+		}
+		seen[m.Pid] = true
+		zombie[m.Pid] = m.Zombie
+	}
+	return nil
+}
+
+// CheckProcess checks the bounds of a process record and its threads'.
+func CheckProcess(pr *Process, threads []*Thread) error {
+	switch {
+	case pr.Pid <= 0:
+		return corruptf("pid %d", pr.Pid)
+	case len(pr.Rlimits) > 16, len(pr.Sigacts) > 64, len(pr.Itimers) > 3, len(pr.Auxv) > MaxAuxv,
+		len(pr.Pending) > MaxPending, len(pr.Creds.Groups) > MaxGroups:
+		return corruptf("process record out of bounds")
+	}
+	for _, t := range threads {
+		if len(t.Pending) > MaxPending || len(t.XState) > 1<<16 {
+			return corruptf("thread %d record out of bounds", t.Tid)
+		}
+	}
+	return nil
+}
+
+// CheckVMA checks a memory area against the areas before it: page
+// aligned, in the user address space, in ascending order, of a known kind.
+func CheckVMA(v *VMA, prev []*VMA) error {
+	if len(prev) >= MaxVMAs {
+		return corruptf("more than %d memory areas", MaxVMAs)
+	}
+	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > MaxAddr {
+		return corruptf("memory area %#x-%#x", v.Start, v.End)
+	}
+	if len(prev) > 0 && prev[len(prev)-1].End > v.Start {
+		return corruptf("memory areas overlap or are out of order at %#x", v.Start)
+	}
+	switch v.Kind {
+	case VMAAnon, VMAFile, VMASharedAnon, VMAVdso, VMAVvar, VMAVvarVclock:
+	default:
+		return corruptf("memory area %#x-%#x of unknown kind %d", v.Start, v.End, v.Kind)
+	}
+	return nil
+}
+
+// CheckPages checks that n bytes of contents at addr lie within one of
+// vmas (sorted), one whose contents a snapshot carries.
+func CheckPages(addr, n uint64, vmas []*VMA) error {
+	i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > addr })
+	if i == len(vmas) || addr < vmas[i].Start || addr+n > vmas[i].End || addr+n < addr {
+		return corruptf("pages %#x+%#x outside every memory area", addr, n)
+	}
+	if v := vmas[i]; v.Kind.Kernel() || (v.Kind == VMAFile && v.Shared) {
+		return corruptf("pages for %s", v.Label())
+	}
+	return nil
+}
+
+// CheckFD checks one fd record on its own (the decoder also checks that
+// fds come in ascending order).
+func CheckFD(f *FD) error {
+	if f.Fd < 0 || f.Fd > MaxFd {
+		return corruptf("fd %d", f.Fd)
+	}
+	switch f.Kind {
+	case FDFile, FDEventfd, FDEpoll, FDPipe, FDListen:
+	case FDInherit:
+		// Fds 0-2, or a copy of one of them (Desc).
+		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
+			return corruptf("inherited fd %d", f.Fd)
+		}
+	default:
+		return corruptf("fd %d of unknown kind %d", f.Fd, f.Kind)
+	}
+	return nil
+}
+
+// Label names an area in messages: "map 0x1000-0x2000 (libc.so.6)".
+func (v *VMA) Label() string {
+	s := fmt.Sprintf("map %#x-%#x", v.Start, v.End)
+	if v.Name != "" {
+		s += " (" + v.Name + ")"
+	}
+	return s
+}
