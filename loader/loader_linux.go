@@ -247,6 +247,9 @@ meta:
 	if err := checkProcess(p.proc, p.threads); err != nil {
 		return nil, err
 	}
+	if err := checkCreds(p.proc); err != nil {
+		return nil, err
+	}
 	if err := p.checkFiles(); err != nil {
 		return nil, err
 	}
