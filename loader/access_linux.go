@@ -120,3 +120,19 @@ func dropStubCaps(in *ptrace.Injector, base uint64) error {
 	}
 	return nil
 }
+
+// aboveUser reports whether pthaw acts for an ordinary user (forUser) and
+// want's hard limit of resource res is above the user's own, which the
+// stub pid inherited from us: such a limit is not raised even when
+// pthaw's file was given CAP_SYS_RESOURCE, since it would be a privilege
+// the user does not hold.
+func aboveUser(pid, res int, want unix.Rlimit) bool {
+	if _, _, ok := forUser(); !ok {
+		return false
+	}
+	var cur unix.Rlimit
+	if err := unix.Prlimit(pid, res, nil, &cur); err != nil {
+		return true
+	}
+	return want.Max > cur.Max
+}

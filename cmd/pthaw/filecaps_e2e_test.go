@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -350,4 +351,54 @@ func TestFileCapabilitiesRefuseThaw(t *testing.T) {
 			t.Errorf("pid %d exists after pthaw refused %s", p.Pid(), s.name)
 		}
 	}
+}
+
+// TestFileCapabilitiesRlimit restores, as an ordinary user, a process of
+// that user whose hard limit on open files is above the user's (pthaw's)
+// own, with a pthaw given CAP_SYS_RESOURCE as well: the limit is lowered
+// to the user's, not raised by pthaw's capability, and pthaw says so. It
+// needs CAP_SYS_RESOURCE in the bounding set, or the file capability is
+// void and nothing is tested.
+func TestFileCapabilitiesRlimit(t *testing.T) {
+	setpriv := capTools(t)
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Skip("prlimit (util-linux) not installed")
+	}
+	const capSysResource = 24
+	if bnd, _ := strconv.ParseUint(capsOf(t, os.Getpid())["CapBnd"], 16, 64); bnd&(1<<capSysResource) == 0 {
+		t.Skip("CAP_SYS_RESOURCE is not in the bounding set: a file capability cannot give it (exec fails)")
+	}
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Max < 2048 {
+		t.Skipf("hard limit on open files %d (%v): too low to lower", lim.Max, err)
+	}
+	low := strconv.FormatUint(lim.Max/2, 10)
+	dir := userDir(t)
+	user := as(userID, userID)
+	p := fixture.Start(t, setpriv, append(user, fixtureAs(t, "countforever"), "10")...)
+	p.Lines.Expect(t, `^2$`, waitFor)
+	snap := filepath.Join(dir, "snap")
+	if stderr, ok := runAs(t, setpriv, user, capBinary(t, dir, "pfreeze", pfreezeCaps), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap); !ok {
+		t.Fatalf("pfreeze: %s", stderr)
+	}
+	<-p.Exited()
+	f, err := os.Open(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pthaw := capBinary(t, dir, "pthaw", "cap_sys_resource,cap_checkpoint_restore+ep")
+	th := startThawCmd(t, &thawed{cmd: exec.Command(prlimit, append([]string{"--nofile=" + low + ":" + low, setpriv}, append(user, pthaw)...)...)}, f)
+	th.out.Expect(t, `^\d+$`, waitFor)
+	pid := th.restoredPid(t)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^Max open files\s+(\d+)\s+(\d+)`).FindStringSubmatch(string(b))
+	if m == nil || m[2] != low {
+		t.Errorf("restored process's open files limits %q, want hard %s (the user's): %s", m, low, b)
+	}
+	th.said(t, fmt.Sprintf(`hard limit %d lowered to %s`, lim.Max, low))
+	wantUserCreds(t, "restored process", pid)
 }
