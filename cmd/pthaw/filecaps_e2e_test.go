@@ -402,3 +402,54 @@ func TestFileCapabilitiesRlimit(t *testing.T) {
 	th.said(t, fmt.Sprintf(`hard limit %d lowered to %s`, lim.Max, low))
 	wantUserCreds(t, "restored process", pid)
 }
+
+// TestFileCapabilitiesRefuseTree freezes and thaws, as an ordinary user, a
+// tree whose root is the user's but whose child is root's (as when the
+// user runs a set-uid program): pfreeze -tree refuses it in one line
+// naming the child, leaving the tree running, and pthaw refuses root's
+// snapshot of it at the child's record, leaving no process behind.
+func TestFileCapabilitiesRefuseTree(t *testing.T) {
+	setpriv := capTools(t)
+	dir := userDir(t)
+	user := as(userID, userID)
+	script := `"$0" 1000 >/dev/null & exec "$1" --reuid ` + strconv.Itoa(userID) + ` --regid ` + strconv.Itoa(userID) + ` --clear-groups "$0" 10`
+	p := fixture.StartGroup(t, "/bin/sh", "-c", script, fixtureAs(t, "countforever"), setpriv)
+	p.Lines.Expect(t, `^2$`, waitFor)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("children of %d: %v (%v), want one", p.Pid(), kids, err)
+	}
+	child := kids[0]
+	if uid := capsOf(t, child)["Uid"]; uid != "0\t0\t0\t0" {
+		t.Fatalf("child %d runs as uid %q, want root", child, uid)
+	}
+
+	pfreeze := capBinary(t, dir, "pfreeze", pfreezeYamaCaps)
+	stderr, ok := runAs(t, setpriv, user, pfreeze, "-tree", "-halt", "-pid", strconv.Itoa(p.Pid()), "-dest", filepath.Join(dir, "refused"))
+	if ok {
+		t.Fatal("pfreeze -tree froze a tree holding root's process")
+	}
+	oneLine(t, "pfreeze -tree", stderr, fmt.Sprintf(`^pfreeze: freeze %d: pid %d runs as uid 0/0/0/0 `, p.Pid(), child))
+	// The user's own process was stopped and resumed: it counts on.
+	p.Lines.Drain()
+	p.Lines.Expect(t, `^\d+$`, waitFor)
+	if !fixture.Alive(child) {
+		t.Fatalf("root's child %d is gone after the refusal", child)
+	}
+
+	snap := filepath.Join(dir, "snap")
+	freeze(t, "-tree", "-halt", "-pid", strconv.Itoa(p.Pid()), "-dest", snap)
+	<-p.Exited()
+	os.Chmod(snap, 0o644)
+	stderr, ok = runAs(t, setpriv, user, capBinary(t, dir, "pthaw", pthawCaps), "-detach", "-src", snap)
+	for _, pid := range []int{p.Pid(), child} {
+		if fixture.Alive(pid) {
+			fixture.KillAtCleanup(t, pid)
+			t.Errorf("pid %d exists after pthaw's refusal", pid)
+		}
+	}
+	if ok {
+		t.Fatal("pthaw restored a tree holding root's process")
+	}
+	oneLine(t, "pthaw", stderr, fmt.Sprintf(`^pthaw: thaw: pid %d: process %d was uid 0/0/0/0 `, child, child))
+}
