@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -92,7 +94,9 @@ func fixtureAs(t *testing.T, name string) string {
 
 // runAs runs a program with setpriv's arguments user and returns its
 // stderr and whether it exited 0. Stderr is a file, not a pipe: a process
-// it wrongly restored and left running would hold a pipe open.
+// it wrongly restored and left running would hold a pipe open. A program
+// still running after waitFor (a pfreeze waiting for a receiver it should
+// never have contacted) is killed: it failed.
 func runAs(t *testing.T, setpriv string, user []string, args ...string) (string, bool) {
 	t.Helper()
 	f, err := os.CreateTemp(t.TempDir(), "stderr")
@@ -100,7 +104,9 @@ func runAs(t *testing.T, setpriv string, user []string, args ...string) (string,
 		t.Fatal(err)
 	}
 	defer f.Close()
-	cmd := exec.Command(setpriv, append(user, args...)...)
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, setpriv, append(user, args...)...)
 	cmd.Stderr = f
 	err = cmd.Run()
 	if _, ok := err.(*exec.ExitError); err != nil && !ok {
@@ -279,12 +285,21 @@ func TestFileCapabilitiesRefuseFreeze(t *testing.T) {
 		waitInEpoll(t, p.Pid())
 		procs = append(procs, p)
 	}
+	// A receiver nobody may connect to: a refusal comes before the sink.
+	sock := filepath.Join(dir, "sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	os.Chmod(sock, 0o777)
 	user := as(userID, userID)
 	for _, caps := range []string{pfreezeCaps, pfreezeYamaCaps} {
 		pfreeze := capBinary(t, dir, "pfreeze", caps)
 		for i, tg := range targets {
 			pid := strconv.Itoa(procs[i].Pid())
-			for _, args := range [][]string{{"-pid", pid, "-halt", "-dest", filepath.Join(dir, "snap")}, {"-tree", "-pid", pid, "-dest", filepath.Join(dir, "snap")}} {
+			for _, args := range [][]string{{"-pid", pid, "-halt", "-dest", filepath.Join(dir, "snap")}, {"-tree", "-pid", pid, "-dest", filepath.Join(dir, "snap")},
+				{"-pid", pid, "-halt", "-dest", "unix:" + sock}} {
 				stderr, ok := runAs(t, setpriv, user, append([]string{pfreeze}, args...)...)
 				what := fmt.Sprintf("pfreeze (%s) %v on %s", caps, args, tg.name)
 				if ok {
@@ -297,6 +312,12 @@ func TestFileCapabilitiesRefuseFreeze(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "snap")); err == nil {
 		t.Errorf("a refused pfreeze left its snapshot")
+	}
+	// A connection made would be queued by now: pfreeze has exited.
+	ln.(*net.UnixListener).SetDeadline(time.Now())
+	if c, err := ln.Accept(); err == nil {
+		c.Close()
+		t.Errorf("a refused pfreeze connected to its receiver")
 	}
 	for i, tg := range targets {
 		p := procs[i]
