@@ -207,7 +207,8 @@ func TestFileCapabilities(t *testing.T) {
 
 // TestFileCapabilitiesPIDNamespace restores a user's process with -pidns
 // by a pthaw given CAP_SYS_ADMIN too: neither the process nor the init
-// left behind in the namespace keeps any of pthaw's capabilities.
+// left behind in the namespace keeps any of pthaw's capabilities. Without
+// CAP_SYS_ADMIN pthaw says in one line that it needs it.
 func TestFileCapabilitiesPIDNamespace(t *testing.T) {
 	setpriv := capTools(t)
 	dir := userDir(t)
@@ -219,6 +220,13 @@ func TestFileCapabilitiesPIDNamespace(t *testing.T) {
 		t.Fatalf("pfreeze: %s", stderr)
 	}
 	<-p.Exited()
+	// Without CAP_SYS_ADMIN: one line saying so.
+	stderr, ok := runAs(t, setpriv, user, capBinary(t, dir, "pthaw", pthawCaps), "-pidns", "-detach", "-src", snap)
+	if ok {
+		fixture.KillAtCleanup(t, p.Pid())
+		t.Fatal("pthaw -pidns without CAP_SYS_ADMIN restored the process")
+	}
+	oneLine(t, "pthaw -pidns without CAP_SYS_ADMIN", stderr, `needs CAP_SYS_ADMIN`)
 	f, err := os.Open(snap)
 	if err != nil {
 		t.Fatal(err)
