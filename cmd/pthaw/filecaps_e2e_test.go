@@ -93,30 +93,47 @@ func fixtureAs(t *testing.T, name string) string {
 }
 
 // runAs runs a program with setpriv's arguments user and returns its
-// stderr and whether it exited 0. Stderr is a file, not a pipe: a process
-// it wrongly restored and left running would hold a pipe open. A program
-// still running after waitFor (a pfreeze waiting for a receiver it should
-// never have contacted) is killed: it failed.
+// stderr and whether it exited 0 (runAsOut).
 func runAs(t *testing.T, setpriv string, user []string, args ...string) (string, bool) {
 	t.Helper()
-	f, err := os.CreateTemp(t.TempDir(), "stderr")
-	if err != nil {
-		t.Fatal(err)
+	_, stderr, ok := runAsOut(t, setpriv, user, args...)
+	return stderr, ok
+}
+
+// runAsOut runs a program with setpriv's arguments user and returns its
+// stdout, its stderr and whether it exited 0. They are files, not pipes:
+// a process it wrongly restored and left running would hold a pipe open.
+// A program still running after waitFor (a pfreeze waiting for a receiver
+// it should never have contacted) is killed: it failed.
+func runAsOut(t *testing.T, setpriv string, user []string, args ...string) (string, string, bool) {
+	t.Helper()
+	tmp := t.TempDir()
+	var files [2]*os.File
+	for i := range files {
+		f, err := os.CreateTemp(tmp, "out")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files[i] = f
 	}
-	defer f.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, setpriv, append(user, args...)...)
-	cmd.Stderr = f
-	err = cmd.Run()
+	cmd.Stdout, cmd.Stderr = files[0], files[1]
+	err := cmd.Run()
 	if _, ok := err.(*exec.ExitError); err != nil && !ok {
 		t.Fatal(err)
 	}
-	b, rerr := os.ReadFile(f.Name())
-	if rerr != nil {
-		t.Fatal(rerr)
+	var out [2]string
+	for i, f := range files {
+		b, rerr := os.ReadFile(f.Name())
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		out[i] = string(b)
 	}
-	return string(b), err == nil
+	return out[0], out[1], err == nil
 }
 
 // oneLine fails the test unless stderr is exactly one line matching rx.
@@ -341,8 +358,9 @@ func TestFileCapabilitiesRefuseFreeze(t *testing.T) {
 // the documented capabilities, snapshots (made by root) of processes
 // whose credentials are not that user's: root's, another user's, the
 // user's with another group, with a supplementary group the user is not
-// in, or with a capability. Each is refused in one line before anything
-// is built: no process has the saved PID.
+// in, or with a capability; and a process without no_new_privs to a pthaw
+// running with it. Each is refused in one line before anything is built:
+// no process has the saved PID.
 func TestFileCapabilitiesRefuseThaw(t *testing.T) {
 	setpriv := capTools(t)
 	dir := userDir(t)
@@ -352,14 +370,16 @@ func TestFileCapabilitiesRefuseThaw(t *testing.T) {
 		name string
 		argv []string // how to start countforever, after setpriv
 		want string   // the refusal, %d the saved pid
+		nnp  bool     // pthaw runs with no_new_privs
 	}{
-		{"root's process", []string{"--clear-groups"}, `process %d was uid 0/0/0/0 `},
-		{"another user's process", as(otherID, otherID), fmt.Sprintf(`process %%d was uid %d/%d/%d/%d `, otherID, otherID, otherID, otherID)},
-		{"the user's process in another group", as(userID, otherID), fmt.Sprintf(`process %%d was gid %d/%d/%d/%d `, otherID, otherID, otherID, otherID)},
+		{"root's process", []string{"--clear-groups"}, `process %d was uid 0/0/0/0 `, false},
+		{"another user's process", as(otherID, otherID), fmt.Sprintf(`process %%d was uid %d/%d/%d/%d `, otherID, otherID, otherID, otherID), false},
+		{"the user's process in another group", as(userID, otherID), fmt.Sprintf(`process %%d was gid %d/%d/%d/%d `, otherID, otherID, otherID, otherID), false},
 		{"the user's process with another supplementary group",
-			[]string{"--reuid", strconv.Itoa(userID), "--regid", strconv.Itoa(userID), "--groups", strconv.Itoa(otherID)}, fmt.Sprintf(`process %%d was in group %d,`, otherID)},
+			[]string{"--reuid", strconv.Itoa(userID), "--regid", strconv.Itoa(userID), "--groups", strconv.Itoa(otherID)}, fmt.Sprintf(`process %%d was in group %d,`, otherID), false},
 		{"the user's process with a capability",
-			append(as(userID, userID), "--inh-caps", "+checkpoint_restore", "--ambient-caps", "+checkpoint_restore"), `process %d held effective capabilities 0x10000000000:`},
+			append(as(userID, userID), "--inh-caps", "+checkpoint_restore", "--ambient-caps", "+checkpoint_restore"), `process %d held effective capabilities 0x10000000000:`, false},
+		{"the user's process without no_new_privs, by a pthaw with it", as(userID, userID), `process %d did not have no_new_privs, which uid 1000 running pthaw has`, true},
 	}
 	for i, s := range snaps {
 		p := fixture.Start(t, setpriv, append(s.argv, bin, "10")...)
@@ -368,10 +388,16 @@ func TestFileCapabilitiesRefuseThaw(t *testing.T) {
 		freeze(t, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap)
 		<-p.Exited()
 		os.Chmod(snap, 0o644)
-		stderr, ok := runAs(t, setpriv, as(userID, userID), pthaw, "-detach", "-src", snap)
+		user := as(userID, userID)
+		if s.nnp {
+			user = append(user, "--no-new-privs")
+		}
+		stdout, stderr, ok := runAsOut(t, setpriv, user, pthaw, "-detach", "-src", snap)
 		if ok {
-			fixture.KillAtCleanup(t, p.Pid())
-			t.Errorf("pthaw restored %s", s.name)
+			if pid, err := strconv.Atoi(strings.TrimSpace(stdout)); err == nil {
+				fixture.KillAtCleanup(t, pid)
+			}
+			t.Errorf("pthaw restored %s: %s", s.name, stderr)
 			continue
 		}
 		oneLine(t, "pthaw on "+s.name, stderr, `^pthaw: thaw: `+fmt.Sprintf(s.want, p.Pid()))
