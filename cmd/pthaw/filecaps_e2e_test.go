@@ -203,6 +203,13 @@ func TestFileCapabilities(t *testing.T) {
 	if stderr, ok := runAs(t, setpriv, user, yama, "-pid", strconv.Itoa(p.Pid()), "-dest", filepath.Join(dir, "checkpoint")); !ok {
 		t.Fatalf("pfreeze (%s) on the user's process: %s", pfreezeYamaCaps, stderr)
 	}
+	// -virtpid (the PID is taken: the original runs) needs a seccomp
+	// filter that only CAP_SYS_ADMIN in the process could load: one line.
+	stdout, stderr, ok := runAsOut(t, setpriv, user, pthaw, "-virtpid", "-src", filepath.Join(dir, "checkpoint"))
+	if ok {
+		t.Errorf("pthaw -virtpid as an ordinary user restored the process: %s", stdout)
+	}
+	oneLine(t, "pthaw -virtpid", stderr, `install seccomp filter: .* needs CAP_SYS_ADMIN\)\n$`)
 
 	snap := filepath.Join(dir, "snap")
 	if stderr, ok := runAs(t, setpriv, user, pfreeze, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap); !ok {
