@@ -13,7 +13,10 @@ const capCheckpointRestore = 40
 // exec so that clone3(set_tid) works in it. Root keeps every capability
 // across exec anyway; an unprivileged pthaw given the capability with
 // setcap passes it on as an ambient capability, which needs it in this
-// thread's inheritable set first. Runs on the tracer thread (capability
+// thread's inheritable set first. The restored process does not keep it:
+// an ordinary user's snapshot may hold no capability (checkCreds), so
+// setCreds empties every set, and a stub left behind loses it too
+// (dropStubCaps). Runs on the tracer thread (capability
 // sets are per thread, and the stub is forked from it).
 func stubAmbientCaps() []uintptr {
 	if os.Getuid() == 0 {

@@ -288,14 +288,18 @@ func (p *Process) watch(f *image.FD, have map[int]bool) error {
 }
 
 // setRlimits applies the saved resource limits. A hard limit above ours
-// needs CAP_SYS_RESOURCE; without it the limit is capped and the user told.
+// needs CAP_SYS_RESOURCE; without it, or for an ordinary user whatever
+// our capabilities (aboveUser), the limit is capped and the user told.
 func (p *Process) setRlimits() error {
 	for res, rl := range p.proc.Rlimits {
 		want := unix.Rlimit{Cur: rl.Cur, Max: rl.Max}
 		if want.Cur > want.Max {
 			return fmt.Errorf("%w: rlimit %d soft %d above hard %d", image.ErrCorrupt, res, want.Cur, want.Max)
 		}
-		err := unix.Prlimit(p.pid, res, &want, nil)
+		var err error = unix.EPERM
+		if !aboveUser(p.pid, res, want) {
+			err = unix.Prlimit(p.pid, res, &want, nil)
+		}
 		if err == unix.EPERM {
 			var cur unix.Rlimit
 			if unix.Prlimit(p.pid, res, nil, &cur) == nil {

@@ -247,6 +247,9 @@ meta:
 	if err := checkProcess(p.proc, p.threads); err != nil {
 		return nil, err
 	}
+	if err := checkCreds(p.proc); err != nil {
+		return nil, err
+	}
 	if err := p.checkFiles(); err != nil {
 		return nil, err
 	}
@@ -461,6 +464,9 @@ func (p *Process) startStub() error {
 			Sys:   sys,
 		})
 		if err != nil {
+			if p.opts.PIDNamespace && errors.Is(err, unix.EPERM) {
+				return fmt.Errorf("start stub in a new PID namespace: %w (needs CAP_SYS_ADMIN)", err)
+			}
 			return fmt.Errorf("start stub: %w", err)
 		}
 		p.stub, p.pid = pid, pid

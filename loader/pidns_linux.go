@@ -269,12 +269,16 @@ func (ns *pidNS) abort(tr *ptrace.Tracer) {
 }
 
 // runInitLoop lets the stopped stub behind in run the init loop for its
-// child wait (the sleep loop for 0) and detaches it. It closes its files
-// first, pthaw's stdio it was started with (they would keep a pipe of
-// ours open after we are gone); init also drops its parent-death signal,
+// child wait (the sleep loop for 0) and detaches it. First it takes away
+// the capabilities an ordinary user's pthaw gave it (dropStubCaps) and
+// closes its files, pthaw's stdio it was started with (they would keep a
+// pipe of ours open after we are gone); init also drops its parent-death signal,
 // which is tied to our tracer thread: it must outlive a pthaw -detach.
 // Runs on the tracer thread.
 func runInitLoop(in *ptrace.Injector, base uint64, wait int, init bool) error {
+	if err := dropStubCaps(in, base); err != nil {
+		return err
+	}
 	if init {
 		if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, 0); err != nil {
 			return fmt.Errorf("pdeathsig: %w", err)

@@ -116,7 +116,13 @@ func (p *Process) loadFilter(scratch uintptr, prog []byte, flags uintptr) (uintp
 	if err := p.mem.Write(uint64(scratch), append(fprog, prog...)); err != nil {
 		return 0, err
 	}
-	return p.call(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, flags, scratch)
+	r, err := p.call(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, flags, scratch)
+	if errors.Is(err, unix.EACCES) {
+		// The process keeps its saved no_new_privs: it is not set to
+		// make the filter loadable.
+		err = fmt.Errorf("%w (without no_new_privs, which the process did not have, loading a filter needs CAP_SYS_ADMIN)", err)
+	}
+	return r, err
 }
 
 // seccompNotif and seccompResp are struct seccomp_notif and

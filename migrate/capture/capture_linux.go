@@ -13,6 +13,7 @@ package capture
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"strconv"
 	"strings"
@@ -70,6 +71,9 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	if pid == os.Getpid() {
 		return nil, fmt.Errorf("freeze %d: cannot freeze myself", pid)
 	}
+	if err := mayTrace(pid, pid); err != nil {
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
 	if err := checkSupported(pid, false); err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
@@ -104,6 +108,12 @@ func (f *Frozen) stopAll() error {
 				continue
 			}
 			seen[tid] = true
+			if err := mayTrace(f.Pid, tid); err != nil {
+				if errors.Is(err, fs.ErrNotExist) {
+					continue // exited meanwhile
+				}
+				return err
+			}
 			t := &thread{tid: tid}
 			if err := ptrace.Seize(tid, 0); err != nil {
 				if errors.Is(err, unix.ESRCH) {
@@ -137,7 +147,7 @@ func (f *Frozen) stopAll() error {
 	if len(f.threads) == 0 || f.threads[0].tid != f.Pid {
 		return fmt.Errorf("main thread gone")
 	}
-	return nil
+	return f.mayTraceStopped()
 }
 
 // waitInterrupt waits for a seized thread's interrupt stop. A signal may be
@@ -163,6 +173,9 @@ func waitInterrupt(tid int) error {
 
 func explainPtraceErr(err error) error {
 	if errors.Is(err, unix.EPERM) {
+		if _, _, user := forUser(); user {
+			return fmt.Errorf("%w (the process is already traced, or the kernel does not let this user trace it)", err)
+		}
 		return fmt.Errorf("%w (needs CAP_SYS_PTRACE, or the process is already traced)", err)
 	}
 	return err

@@ -1,8 +1,10 @@
 package capture
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"time"
 
 	"github.com/pcluster/pcluster/migrate/image"
@@ -36,6 +38,11 @@ type SendOptions struct {
 func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 	// Everything that can fail without the process is done first: the
 	// process is stopped only once the sink is open and the key read.
+	// A process the user may not trace is refused before anything is
+	// opened, or a receiver connected to (Attach checks it again).
+	if err := mayTrace(pid, pid); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("freeze %d: %w", pid, err)
+	}
 	sink, err := stream.OpenSink(o.Dest, stream.SinkOptions{DialTimeout: o.DialTimeout, WriteTimeout: o.WriteTimeout,
 		Insecure: o.Insecure, OwnerUID: ownerUID(pid), Halt: o.Halt})
 	if err != nil {

@@ -63,6 +63,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 			t.procs = append(t.procs, m)
 			continue
 		}
+		if err := mayTrace(pid, pid); err != nil {
+			return err
+		}
 		if err := checkSupported(pid, true); err != nil {
 			return fmt.Errorf("pid %d: %w", pid, err)
 		}

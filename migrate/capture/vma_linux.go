@@ -64,7 +64,7 @@ func describeVMAs(pid int, maps []procfs.Mapping, mem *ptrace.Mem) ([]image.VMA,
 			var st syscall.Stat_t
 			mf := fmt.Sprintf("/proc/%d/map_files/%x-%x", pid, m.Start, m.End)
 			if err := syscall.Stat(mf, &st); err != nil {
-				return nil, fmt.Errorf("%s: %w", where, err)
+				return nil, fmt.Errorf("%s: %w", where, explainMapFilesErr(err))
 			}
 			var pst syscall.Stat_t
 			if err := syscall.Stat(m.Path, &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
