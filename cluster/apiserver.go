@@ -50,7 +50,8 @@ func statusOf(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, scheduler.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, scheduler.ErrExists), errors.Is(err, scheduler.ErrStale), errors.Is(err, scheduler.ErrNoNode):
+	case errors.Is(err, scheduler.ErrExists), errors.Is(err, scheduler.ErrStale), errors.Is(err, scheduler.ErrNoNode),
+		errors.Is(err, scheduler.ErrRefused):
 		return http.StatusConflict
 	case errors.Is(err, errNotLeader), errors.Is(err, raft.ErrNotLeader):
 		return http.StatusServiceUnavailable
@@ -101,6 +102,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathMembers, s.handleMembers)
 	m.HandleFunc("GET "+api.PathNodes, s.leaderRead(s.handleNodes))
 	m.HandleFunc("GET "+api.PathNodes+"/{name}", s.handleNode)
+	m.HandleFunc("POST "+api.PathNodes+"/{name}/eligibility", s.leaderWrite(s.handleEligibility))
 	m.HandleFunc("GET "+api.PathWorkloads, s.leaderRead(s.handleWorkloads))
 	m.HandleFunc("POST "+api.PathWorkloads, s.leaderWrite(s.handleRun))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}", s.leaderRead(s.handleWorkload))
@@ -312,6 +314,38 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 		}
 		writeJSON(w, out)
 	})(w, r)
+}
+
+// handleEligibility sets whether placement may pick a node. Making a
+// draining node eligible is refused by the FSM (409).
+func (s *Server) handleEligibility(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	op := "node eligibility " + name
+	if len(name) > scheduler.MaxNameLen {
+		writeErr(w, badRequest("node eligibility: node: %d bytes, limit %d", len(name), scheduler.MaxNameLen))
+		return
+	}
+	var req api.EligibilityRequest
+	if err := decodeBody(w, r, op, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	if req.Eligible == nil {
+		writeErr(w, badRequest("%s: field eligible: missing (want true or false)", op))
+		return
+	}
+	if _, err := s.apply(scheduler.CmdNodeEligibility, &scheduler.NodeEligibilityCmd{Name: name, Eligible: *req.Eligible}); err != nil {
+		writeErr(w, err)
+		return
+	}
+	s.log.Info("node eligibility set", "node", name, "eligible", *req.Eligible)
+	var out api.Node
+	s.fsm.Read(func(st *scheduler.State) {
+		if n, ok := st.Nodes[name]; ok {
+			out = apiNode(st, n)
+		}
+	})
+	writeJSON(w, out)
 }
 
 // handleWorkloads serves one page of the workload list, in creation order:

@@ -8,7 +8,7 @@ import "time"
 // Paths served by pclusterd.
 const (
 	PathMembers   = "/v1/members"
-	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME
+	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility
 	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
 	PathReport    = "/v1/agent/report" // POST by node agents
 	PathMetrics   = "/metrics"
@@ -57,6 +57,12 @@ type Node struct {
 	LoadAt     time.Time         `json:"load_at"`
 	StatusAt   time.Time         `json:"status_at"`
 	Workloads  int               `json:"workloads"` // active workloads placed here
+}
+
+// EligibilityRequest sets whether placement may pick a node (POST
+// /v1/nodes/NAME/eligibility). Eligible is required.
+type EligibilityRequest struct {
+	Eligible *bool `json:"eligible"`
 }
 
 // RunRequest asks for a new workload.
