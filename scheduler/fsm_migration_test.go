@@ -270,6 +270,24 @@ func TestMigrationEndsWithItsWorkload(t *testing.T) {
 	}
 }
 
+// TestMigrationDoneByStartReport: after the commit, the target's ordinary
+// started report (its node, the new attempt) ends the migration like its
+// done step; the source's is refused.
+func TestMigrationDoneByStartReport(t *testing.T) {
+	a := migrationFixture(t)
+	m := a.plan("run", "b")
+	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: 1, Node: "a", To: MigrationTransferring})
+	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: 1, Node: "b", To: MigrationCommitted})
+	if err, _ := a.apply(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "run", Node: "a", Attempt: 1, PID: 100, At: 50}).(error); !errors.Is(err, ErrStale) {
+		t.Errorf("source's start report after the commit: got %v, want ErrStale", err)
+	}
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "run", Node: "b", Attempt: 2, PID: 600, StartTicks: 9, At: 51})
+	if got, w := a.migration(m.ID), a.workload("run"); got.State != MigrationDone || w.PID != 600 || w.Node != "b" {
+		t.Errorf("after the target's start report: migration %s, workload pid %d on %s; want done, 600 on b", got.State, w.PID, w.Node)
+	}
+	a.plan("run", "c") // no longer blocked by the finished move
+}
+
 // TestMigrationHistoryBounded: a workload moved again and again keeps its
 // MaxMigrationHistory newest ended migrations, so the state stays bounded.
 func TestMigrationHistoryBounded(t *testing.T) {

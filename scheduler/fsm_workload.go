@@ -82,6 +82,11 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 		return fmt.Errorf("workload started %s: attempt %d on %s, want attempt %d on %s: %w",
 			c.ID, c.Attempt, c.Node, w.Attempt, w.DesiredNode, ErrStale)
 	}
+	// A target that reports its start as a plain report ends the move as
+	// its done step would.
+	if m := s.ActiveMigration(w.ID); m != nil && m.State == MigrationCommitted && m.Target == c.Node && m.Attempt+1 == c.Attempt {
+		m.State, m.UpdatedAt, m.EndedAt, m.ModifyIndex = MigrationDone, c.At, c.At, idx
+	}
 	w.State = StateRunning
 	w.LostAt = 0
 	w.Node = c.Node
