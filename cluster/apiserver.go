@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -639,7 +640,37 @@ func unixTime(ns int64) time.Time {
 func apiNode(st *scheduler.State, n *scheduler.Node) api.Node {
 	return api.Node{Name: n.Name, GossipAddr: n.GossipAddr, RaftAddr: n.RaftAddr, APIAddr: n.APIAddr, Labels: n.Labels,
 		Status: string(n.Status), Eligible: n.Eligible, Load: apiLoad(n.Load), LoadAt: unixTime(n.LoadAt),
-		StatusAt: unixTime(n.StatusAt), Workloads: st.ActiveOn(n.Name)}
+		StatusAt: unixTime(n.StatusAt), Workloads: st.ActiveOn(n.Name), Drain: apiDrain(st, n)}
+}
+
+// apiDrain reports n's drain with its progress: the migrations out of n
+// planned since the drain started.
+func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
+	d := n.Drain
+	if d == nil {
+		return nil
+	}
+	out := &api.NodeDrain{StartedAt: unixTime(d.StartedAt), Deadline: unixTime(d.Deadline), NoDeadline: d.NoDeadline, Force: d.Force,
+		MaxParallel: d.MaxParallel, KeepIneligible: d.KeepIneligible, CompletedAt: unixTime(d.CompletedAt), Remaining: st.ActiveOn(n.Name)}
+	var failed []*scheduler.Migration
+	for _, m := range st.Migrations {
+		if m.Source != n.Name || m.PlannedAt < d.StartedAt {
+			continue
+		}
+		switch {
+		case m.State.Active():
+			out.InFlight++
+		case m.State == scheduler.MigrationDone:
+			out.Moved++
+		case m.State == scheduler.MigrationAborted:
+			failed = append(failed, m)
+		}
+	}
+	sort.Slice(failed, func(i, j int) bool { return failed[i].PlanIndex < failed[j].PlanIndex })
+	for _, m := range failed {
+		out.Failed = append(out.Failed, m.WorkloadID+": "+m.Error)
+	}
+	return out
 }
 
 func apiWorkload(w *scheduler.Workload) api.Workload {
