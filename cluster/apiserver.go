@@ -301,7 +301,11 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 		r.SetPathValue("name", s.cfg.Name)
 	}
 	s.leaderRead(func(w http.ResponseWriter, r *http.Request) {
-		name := r.PathValue("name")
+		name, err := pathName(r, "node")
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
 		var out api.Node
 		found := false
 		s.fsm.Read(func(st *scheduler.State) {
@@ -317,15 +321,34 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 	})(w, r)
 }
 
+// pathName returns the {name} of r's path, checked as a node name: it is
+// echoed in errors, which are one line.
+func pathName(r *http.Request, op string) (string, error) {
+	name := r.PathValue("name")
+	if err := scheduler.CheckNodeName(name); err != nil {
+		return "", &httpError{http.StatusBadRequest, fmt.Errorf("%s: %w", op, err)}
+	}
+	return name, nil
+}
+
+// pathID returns the {id} of r's path, checked as a workload id.
+func pathID(r *http.Request, op string) (string, error) {
+	id := r.PathValue("id")
+	if err := scheduler.CheckWorkloadID(id); err != nil {
+		return "", &httpError{http.StatusBadRequest, fmt.Errorf("%s: %w", op, err)}
+	}
+	return id, nil
+}
+
 // handleEligibility sets whether placement may pick a node. Making a
 // draining node eligible is refused by the FSM (409).
 func (s *Server) handleEligibility(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	op := "node eligibility " + name
-	if len(name) > scheduler.MaxNameLen {
-		writeErr(w, badRequest("node eligibility: node: %d bytes, limit %d", len(name), scheduler.MaxNameLen))
+	name, err := pathName(r, "node eligibility")
+	if err != nil {
+		writeErr(w, err)
 		return
 	}
+	op := "node eligibility " + name
 	var req api.EligibilityRequest
 	if err := decodeBody(w, r, op, &req); err != nil {
 		writeErr(w, err)
@@ -412,7 +435,12 @@ func (s *Server) workload(id string) (scheduler.Workload, error) {
 }
 
 func (s *Server) handleWorkload(w http.ResponseWriter, r *http.Request) {
-	wl, err := s.workload(r.PathValue("id"))
+	id, err := pathID(r, "workload")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	wl, err := s.workload(id)
 	if err != nil {
 		writeErr(w, err)
 		return
@@ -523,7 +551,12 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 }
 
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	res, err := s.apply(scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: r.PathValue("id"), At: time.Now().UnixNano()})
+	id, err := pathID(r, "stop")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	res, err := s.apply(scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: id, At: time.Now().UnixNano()})
 	if err != nil {
 		writeErr(w, err)
 		return
@@ -535,7 +568,12 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 // handleLogs serves a workload's log from the node that ran it, forwarding
 // the request there when that is another node.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
-	wl, err := s.workload(r.PathValue("id"))
+	id, err := pathID(r, "logs")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	wl, err := s.workload(id)
 	if err != nil {
 		writeErr(w, err)
 		return

@@ -136,3 +136,20 @@ func TestNodeEligibilityThreeNodes(t *testing.T) {
 	c.ctlJSON(n2, &w, "run", "-node", n1.name, "--", "sleep", "600")
 	waitState(c, n2, w.ID, "running", 10*time.Second)
 }
+
+// TestPathNamesOneLine: a node name or workload id in a request's path is
+// echoed in the error only once checked, so a newline in it (URL-decoded
+// from %0A) cannot make the one-line error two lines.
+func TestPathNamesOneLine(t *testing.T) {
+	c := newTestCluster(t)
+	nd := startDev(t, c, filepath.Join(c.dir, "dev.sock"))
+	for _, args := range [][]string{
+		{"node", "status", "a\nb"},
+		{"node", "eligibility", "-disable", "a\nb"},
+		{"status", "a\nb"},
+		{"stop", "a\nb"},
+		{"logs", "a\nb"},
+	} {
+		c.ctlFail(nd, 1, args...)
+	}
+}
