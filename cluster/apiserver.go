@@ -301,7 +301,7 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 		r.SetPathValue("name", s.cfg.Name)
 	}
 	s.leaderRead(func(w http.ResponseWriter, r *http.Request) {
-		name, err := pathName(r, "node")
+		name, err := pathName(r, "")
 		if err != nil {
 			writeErr(w, err)
 			return
@@ -322,10 +322,13 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 }
 
 // pathName returns the {name} of r's path, checked as a node name: it is
-// echoed in errors, which are one line.
+// echoed in errors, which are one line. op prefixes the refusal unless "".
 func pathName(r *http.Request, op string) (string, error) {
 	name := r.PathValue("name")
 	if err := scheduler.CheckNodeName(name); err != nil {
+		if op == "" {
+			return "", &httpError{http.StatusBadRequest, err}
+		}
 		return "", &httpError{http.StatusBadRequest, fmt.Errorf("%s: %w", op, err)}
 	}
 	return name, nil
