@@ -541,8 +541,10 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	if err := scheduler.ValidateWorkload(&wl); err != nil {
 		return wl, fmt.Errorf("run: %w", err)
 	}
-	if len(req.Node) > scheduler.MaxNameLen {
-		return wl, badRequest("run: node: %d bytes, limit %d", len(req.Node), scheduler.MaxNameLen)
+	if req.Node != "" {
+		if err := scheduler.CheckNodeName(req.Node); err != nil {
+			return wl, fmt.Errorf("run: %w", err) // echoed below: one line only once checked
+		}
 	}
 	var err error
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,

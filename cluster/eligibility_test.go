@@ -137,9 +137,9 @@ func TestNodeEligibilityThreeNodes(t *testing.T) {
 	waitState(c, n2, w.ID, "running", 10*time.Second)
 }
 
-// TestPathNamesOneLine: a node name or workload id in a request's path is
-// echoed in the error only once checked, so a newline in it (URL-decoded
-// from %0A) cannot make the one-line error two lines.
+// TestPathNamesOneLine: a node name or workload id in a request's path (or
+// run's node) is echoed in the error only once checked, so a newline in it
+// (URL-decoded from %0A) cannot make the one-line error two lines.
 func TestPathNamesOneLine(t *testing.T) {
 	c := newTestCluster(t)
 	nd := startDev(t, c, filepath.Join(c.dir, "dev.sock"))
@@ -149,6 +149,7 @@ func TestPathNamesOneLine(t *testing.T) {
 		{"status", "a\nb"},
 		{"stop", "a\nb"},
 		{"logs", "a\nb"},
+		{"run", "-node", "a\nb", "--", "true"},
 	} {
 		c.ctlFail(nd, 1, args...)
 	}
