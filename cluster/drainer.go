@@ -39,16 +39,20 @@ func (a serverApplier) Read(fn func(*scheduler.State))                      { a.
 // carry them out (node/migrate.go, next). Until then a running drain
 // would only plan moves that never happen.
 type Drainer struct {
-	a   Applier
-	log *slog.Logger
+	a       Applier
+	exclude func(*scheduler.State) map[string]string
+	log     *slog.Logger
 }
 
-// NewDrainer returns a Drainer applying through a.
-func NewDrainer(a Applier, log *slog.Logger) *Drainer {
+// NewDrainer returns a Drainer applying through a. exclude, if not nil,
+// lists the nodes no migration may go to now, with the reason (the
+// leader's Server.unreachable: nodes gossip no longer sees or raft fails to
+// heartbeat); it is called under the state's read lock.
+func NewDrainer(a Applier, exclude func(*scheduler.State) map[string]string, log *slog.Logger) *Drainer {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Drainer{a: a, log: log}
+	return &Drainer{a: a, exclude: exclude, log: log}
 }
 
 // DrainRound is what one round did.
@@ -77,7 +81,13 @@ func refusal(err error) bool {
 // failure of raft itself (not the leader, no quorum), returning it.
 func (d *Drainer) Round(now time.Time) (DrainRound, error) {
 	var plan scheduler.DrainPlan
-	d.a.Read(func(s *scheduler.State) { plan = scheduler.PlanDrain(s, now) })
+	d.a.Read(func(s *scheduler.State) {
+		var ex map[string]string
+		if d.exclude != nil {
+			ex = d.exclude(s)
+		}
+		plan = scheduler.PlanDrain(s, now, ex)
+	})
 	r := DrainRound{Blocked: plan.Blocked}
 	for _, b := range plan.Blocked {
 		d.log.Warn("drain: no node can take workload", "node", b.Node, "workload", b.Workload, "why", b.Why)

@@ -114,7 +114,7 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 func TestDrainerLeaderChange(t *testing.T) {
 	t0 := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
 	a := drainFixture(t, t0)
-	d := cluster.NewDrainer(a, quiet())
+	d := cluster.NewDrainer(a, nil, quiet())
 	r, err := d.Round(t0.Add(time.Second))
 	if err != nil {
 		t.Fatal(err)
@@ -137,7 +137,7 @@ func TestDrainerLeaderChange(t *testing.T) {
 	if err := b.f.Restore(io.NopCloser(&sink)); err != nil {
 		t.Fatal(err)
 	}
-	d2 := cluster.NewDrainer(b, quiet())
+	d2 := cluster.NewDrainer(b, nil, quiet())
 	now := t0.Add(time.Second)
 	for round := 0; ; round++ {
 		if round > 10 {
@@ -184,7 +184,8 @@ func TestDrainerLeaderChange(t *testing.T) {
 
 // TestDrainerRound: a command the state refuses because it changed between
 // the plan and the apply is skipped (decided again next round) and the rest
-// still apply; a raft failure ends the round with an error naming it.
+// still apply; nodes the leader cannot reach get no migration; a raft
+// failure ends the round with an error naming it.
 func TestDrainerRound(t *testing.T) {
 	t0 := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
 	a := drainFixture(t, t0)
@@ -195,7 +196,7 @@ func TestDrainerRound(t *testing.T) {
 			a.must(t, scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: "w1", At: 5})
 		}
 	}
-	r, err := cluster.NewDrainer(a, quiet()).Round(t0.Add(time.Second))
+	r, err := cluster.NewDrainer(a, nil, quiet()).Round(t0.Add(time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,9 +207,25 @@ func TestDrainerRound(t *testing.T) {
 		t.Errorf("applied a plan for %s, want w2", p.WorkloadID)
 	}
 
+	// Nodes the leader cannot reach get nothing.
+	e := drainFixture(t, t0)
+	r, err = cluster.NewDrainer(e, func(*scheduler.State) map[string]string { return map[string]string{"n2": "not seen by gossip"} }, quiet()).
+		Round(t0.Add(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range r.Applied {
+		if p := c.Payload.(*scheduler.MigrationPlanCmd); p.Target != "n3" {
+			t.Errorf("plan for %s to %s, which the leader cannot reach", p.WorkloadID, p.Target)
+		}
+	}
+	if len(r.Applied) != 2 {
+		t.Errorf("with n2 unreachable: applied %d plans, want 2 (to n3)", len(r.Applied))
+	}
+
 	b := drainFixture(t, t0)
 	b.fail = errors.New("no quorum")
-	r, err = cluster.NewDrainer(b, quiet()).Round(t0.Add(time.Second))
+	r, err = cluster.NewDrainer(b, nil, quiet()).Round(t0.Add(time.Second))
 	if !errors.Is(err, b.fail) || len(r.Applied) != 0 {
 		t.Errorf("raft failing: got %v (applied %v), want the failure", err, r.Applied)
 	}

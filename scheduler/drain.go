@@ -27,12 +27,13 @@ type DrainBlocked struct {
 //   - otherwise, while fewer than MaxParallel migrations from it are in
 //     flight, its running workloads (oldest first) are planned to move to
 //     the node placement picks among the others, counting the ones planned
-//     in this round.
+//     in this round, and skipping the nodes in exclude (the leader's view
+//     of nodes it cannot reach now, as for a new workload).
 //
 // A node that is not ready moves nothing (its workloads are lost with it).
 // Applying the commands may refuse some (the state changed meanwhile): the
 // next round decides again from the new state.
-func PlanDrain(s *State, now time.Time) DrainPlan {
+func PlanDrain(s *State, now time.Time, exclude map[string]string) DrainPlan {
 	var p DrainPlan
 	at := now.UnixNano()
 	busy := map[string]bool{} // workloads with an active migration
@@ -79,8 +80,11 @@ func PlanDrain(s *State, now time.Time) DrainPlan {
 			if w.State != StateRunning || w.Node != n.Name || w.Desired != DesiredRunning || busy[w.ID] {
 				continue
 			}
-			target, err := Place(s, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources,
-				Exclude: map[string]string{n.Name: "is draining"}, Extra: extra})
+			ex := map[string]string{n.Name: "is draining"}
+			for k, v := range exclude {
+				ex[k] = v
+			}
+			target, err := Place(s, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, Exclude: ex, Extra: extra})
 			if err != nil {
 				p.Blocked = append(p.Blocked, DrainBlocked{Node: n.Name, Workload: w.ID, Why: err.Error()})
 				continue

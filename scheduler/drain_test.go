@@ -197,7 +197,7 @@ func TestPlanDrain(t *testing.T) {
 			if tc.change != nil {
 				tc.change(s)
 			}
-			p := PlanDrain(s, t0.Add(tc.now))
+			p := PlanDrain(s, t0.Add(tc.now), nil)
 			if got := describe(p.Commands); !reflect.DeepEqual(got, tc.want) {
 				t.Errorf("commands: got %q, want %q", got, tc.want)
 			}
@@ -208,10 +208,24 @@ func TestPlanDrain(t *testing.T) {
 			if !reflect.DeepEqual(blocked, tc.blocked) {
 				t.Errorf("blocked: got %v, want %v", p.Blocked, tc.blocked)
 			}
-			if again := PlanDrain(s, t0.Add(tc.now)); !reflect.DeepEqual(again, p) {
+			if again := PlanDrain(s, t0.Add(tc.now), nil); !reflect.DeepEqual(again, p) {
 				t.Errorf("not deterministic: %v then %v", describe(p.Commands), describe(again.Commands))
 			}
 		})
+	}
+}
+
+// TestPlanDrainExclude: a node the leader cannot reach now (given by the
+// caller, as for a new workload's placement) gets no migration.
+func TestPlanDrainExclude(t *testing.T) {
+	t0 := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	p := PlanDrain(drainState(t0), t0.Add(time.Minute), map[string]string{"b": "not seen by gossip"})
+	if got, want := describe(p.Commands), []string{"move w1 → c", "move w2 → c"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	p = PlanDrain(drainState(t0), t0.Add(time.Minute), map[string]string{"b": "x", "c": "y"})
+	if len(p.Commands) != 0 || len(p.Blocked) != 4 {
+		t.Errorf("no reachable target: got %q, blocked %v; want nothing, 4 blocked", describe(p.Commands), p.Blocked)
 	}
 }
 
@@ -238,7 +252,7 @@ func TestPlanDrainThroughFSM(t *testing.T) {
 		}
 		now = now.Add(time.Second)
 		var p DrainPlan
-		a.f.Read(func(s *State) { p = PlanDrain(s, now) })
+		a.f.Read(func(s *State) { p = PlanDrain(s, now, nil) })
 		for _, c := range p.Commands {
 			a.ok(c.Type, c.Payload)
 		}
