@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -50,7 +51,8 @@ func statusOf(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, scheduler.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, scheduler.ErrExists), errors.Is(err, scheduler.ErrStale), errors.Is(err, scheduler.ErrNoNode):
+	case errors.Is(err, scheduler.ErrExists), errors.Is(err, scheduler.ErrStale), errors.Is(err, scheduler.ErrNoNode),
+		errors.Is(err, scheduler.ErrRefused):
 		return http.StatusConflict
 	case errors.Is(err, errNotLeader), errors.Is(err, raft.ErrNotLeader):
 		return http.StatusServiceUnavailable
@@ -101,6 +103,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathMembers, s.handleMembers)
 	m.HandleFunc("GET "+api.PathNodes, s.leaderRead(s.handleNodes))
 	m.HandleFunc("GET "+api.PathNodes+"/{name}", s.handleNode)
+	m.HandleFunc("POST "+api.PathNodes+"/{name}/eligibility", s.leaderWrite(s.handleEligibility))
 	m.HandleFunc("GET "+api.PathWorkloads, s.leaderRead(s.handleWorkloads))
 	m.HandleFunc("POST "+api.PathWorkloads, s.leaderWrite(s.handleRun))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}", s.leaderRead(s.handleWorkload))
@@ -298,7 +301,11 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 		r.SetPathValue("name", s.cfg.Name)
 	}
 	s.leaderRead(func(w http.ResponseWriter, r *http.Request) {
-		name := r.PathValue("name")
+		name, err := pathName(r, "")
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
 		var out api.Node
 		found := false
 		s.fsm.Read(func(st *scheduler.State) {
@@ -312,6 +319,60 @@ func (s *Server) handleNode(w http.ResponseWriter, r *http.Request) {
 		}
 		writeJSON(w, out)
 	})(w, r)
+}
+
+// pathName returns the {name} of r's path, checked as a node name: it is
+// echoed in errors, which are one line. op prefixes the refusal unless "".
+func pathName(r *http.Request, op string) (string, error) {
+	name := r.PathValue("name")
+	if err := scheduler.CheckNodeName(name); err != nil {
+		if op == "" {
+			return "", &httpError{http.StatusBadRequest, err}
+		}
+		return "", &httpError{http.StatusBadRequest, fmt.Errorf("%s: %w", op, err)}
+	}
+	return name, nil
+}
+
+// pathID returns the {id} of r's path, checked as a workload id.
+func pathID(r *http.Request, op string) (string, error) {
+	id := r.PathValue("id")
+	if err := scheduler.CheckWorkloadID(id); err != nil {
+		return "", &httpError{http.StatusBadRequest, fmt.Errorf("%s: %w", op, err)}
+	}
+	return id, nil
+}
+
+// handleEligibility sets whether placement may pick a node. Making a
+// draining node eligible is refused by the FSM (409).
+func (s *Server) handleEligibility(w http.ResponseWriter, r *http.Request) {
+	name, err := pathName(r, "node eligibility")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	op := "node eligibility " + name
+	var req api.EligibilityRequest
+	if err := decodeBody(w, r, op, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	if req.Eligible == nil {
+		writeErr(w, badRequest("%s: field eligible: missing (want true or false)", op))
+		return
+	}
+	if _, err := s.apply(scheduler.CmdNodeEligibility, &scheduler.NodeEligibilityCmd{Name: name, Eligible: *req.Eligible}); err != nil {
+		writeErr(w, err)
+		return
+	}
+	s.log.Info("node eligibility set", "node", name, "eligible", *req.Eligible)
+	var out api.Node
+	s.fsm.Read(func(st *scheduler.State) {
+		if n, ok := st.Nodes[name]; ok {
+			out = apiNode(st, n)
+		}
+	})
+	writeJSON(w, out)
 }
 
 // handleWorkloads serves one page of the workload list, in creation order:
@@ -377,7 +438,12 @@ func (s *Server) workload(id string) (scheduler.Workload, error) {
 }
 
 func (s *Server) handleWorkload(w http.ResponseWriter, r *http.Request) {
-	wl, err := s.workload(r.PathValue("id"))
+	id, err := pathID(r, "workload")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	wl, err := s.workload(id)
 	if err != nil {
 		writeErr(w, err)
 		return
@@ -475,8 +541,10 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	if err := scheduler.ValidateWorkload(&wl); err != nil {
 		return wl, fmt.Errorf("run: %w", err)
 	}
-	if len(req.Node) > scheduler.MaxNameLen {
-		return wl, badRequest("run: node: %d bytes, limit %d", len(req.Node), scheduler.MaxNameLen)
+	if req.Node != "" {
+		if err := scheduler.CheckNodeName(req.Node); err != nil {
+			return wl, fmt.Errorf("run: %w", err) // echoed below: one line only once checked
+		}
 	}
 	var err error
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
@@ -488,7 +556,12 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 }
 
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	res, err := s.apply(scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: r.PathValue("id"), At: time.Now().UnixNano()})
+	id, err := pathID(r, "stop")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	res, err := s.apply(scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: id, At: time.Now().UnixNano()})
 	if err != nil {
 		writeErr(w, err)
 		return
@@ -500,7 +573,12 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 // handleLogs serves a workload's log from the node that ran it, forwarding
 // the request there when that is another node.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
-	wl, err := s.workload(r.PathValue("id"))
+	id, err := pathID(r, "logs")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	wl, err := s.workload(id)
 	if err != nil {
 		writeErr(w, err)
 		return
@@ -605,7 +683,37 @@ func unixTime(ns int64) time.Time {
 func apiNode(st *scheduler.State, n *scheduler.Node) api.Node {
 	return api.Node{Name: n.Name, GossipAddr: n.GossipAddr, RaftAddr: n.RaftAddr, APIAddr: n.APIAddr, Labels: n.Labels,
 		Status: string(n.Status), Eligible: n.Eligible, Load: apiLoad(n.Load), LoadAt: unixTime(n.LoadAt),
-		StatusAt: unixTime(n.StatusAt), Workloads: st.ActiveOn(n.Name)}
+		StatusAt: unixTime(n.StatusAt), Workloads: st.ActiveOn(n.Name), Drain: apiDrain(st, n)}
+}
+
+// apiDrain reports n's drain with its progress: the migrations out of n
+// planned since the drain started.
+func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
+	d := n.Drain
+	if d == nil {
+		return nil
+	}
+	out := &api.NodeDrain{StartedAt: unixTime(d.StartedAt), Deadline: unixTime(d.Deadline), NoDeadline: d.NoDeadline, Force: d.Force,
+		MaxParallel: d.MaxParallel, KeepIneligible: d.KeepIneligible, CompletedAt: unixTime(d.CompletedAt), Remaining: st.ActiveOn(n.Name)}
+	var failed []*scheduler.Migration
+	for _, m := range st.Migrations {
+		if m.Source != n.Name || m.PlannedAt < d.StartedAt {
+			continue
+		}
+		switch {
+		case m.State.Active():
+			out.InFlight++
+		case m.State == scheduler.MigrationDone:
+			out.Moved++
+		case m.State == scheduler.MigrationAborted:
+			failed = append(failed, m)
+		}
+	}
+	sort.Slice(failed, func(i, j int) bool { return failed[i].PlanIndex < failed[j].PlanIndex })
+	for _, m := range failed {
+		out.Failed = append(out.Failed, m.WorkloadID+": "+m.Error)
+	}
+	return out
 }
 
 func apiWorkload(w *scheduler.Workload) api.Workload {

@@ -19,10 +19,13 @@ const (
 	CmdWorkloadStarted        CommandType = 5
 	CmdWorkloadExited         CommandType = 6
 	CmdWorkloadStop           CommandType = 7
-	CmdMigrationUpsert        CommandType = 8
+	CmdMigrationPlan          CommandType = 8 // was migration-upsert, never used by a release (see docs/cluster.md)
 	CmdCheckpointPolicyUpsert CommandType = 9
 	CmdNodeEligibility        CommandType = 10
 	CmdWorkloadGC             CommandType = 11
+	CmdMigrationStep          CommandType = 12
+	CmdNodeDrain              CommandType = 13
+	CmdNodeDrainDone          CommandType = 14
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -47,14 +50,20 @@ func (t CommandType) String() string {
 		return "workload-exited"
 	case CmdWorkloadStop:
 		return "workload-stop"
-	case CmdMigrationUpsert:
-		return "migration-upsert"
+	case CmdMigrationPlan:
+		return "migration-plan"
 	case CmdCheckpointPolicyUpsert:
 		return "checkpoint-policy-upsert"
 	case CmdNodeEligibility:
 		return "node-eligibility"
 	case CmdWorkloadGC:
 		return "workload-gc"
+	case CmdMigrationStep:
+		return "migration-step"
+	case CmdNodeDrain:
+		return "node-drain"
+	case CmdNodeDrainDone:
+		return "node-drain-done"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -127,14 +136,60 @@ type WorkloadGCCmd struct {
 	Before int64    `msgpack:"before"`
 }
 
-// MigrationUpsertCmd records a migration step (used by the next issue).
-type MigrationUpsertCmd struct {
-	Migration Migration `msgpack:"migration"`
+// MigrationPlanCmd plans the move of a running workload from the node it
+// runs on to Target (scheduler/fsm_migration.go has the rules). The FSM
+// names the migration "m" + the entry's raft index and returns it.
+type MigrationPlanCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Target     string `msgpack:"target"`
+	Reason     string `msgpack:"reason"`
+	At         int64  `msgpack:"at"`
+}
+
+// MigrationStepCmd moves migration ID forward to state To. Attempt is the
+// migration's attempt (the workload's when planned) and Node the node that
+// writes the step ("" for the leader's own decisions, aborts only): a step
+// from another attempt or another node is refused as stale. PID and
+// StartTicks come with done: the target's process.
+type MigrationStepCmd struct {
+	ID         string         `msgpack:"id"`
+	Attempt    int            `msgpack:"attempt"`
+	Node       string         `msgpack:"node"`
+	To         MigrationState `msgpack:"to"`
+	Error      string         `msgpack:"error"`
+	PID        int            `msgpack:"pid"`
+	StartTicks uint64         `msgpack:"start_ticks"`
+	At         int64          `msgpack:"at"`
+}
+
+// NodeDrainCmd starts (Drain set) or cancels (Drain nil) a node's drain.
+// Starting makes the node ineligible in the same entry; cancelling makes it
+// eligible again unless KeepIneligible (or the drain's own) says otherwise.
+type NodeDrainCmd struct {
+	Name           string     `msgpack:"name"`
+	Drain          *DrainSpec `msgpack:"drain"`
+	KeepIneligible bool       `msgpack:"keep_ineligible"`
+	At             int64      `msgpack:"at"`
+}
+
+// NodeDrainDoneCmd marks the drain that started at StartedAt complete; the
+// FSM refuses it while the node still has work.
+type NodeDrainDoneCmd struct {
+	Name      string `msgpack:"name"`
+	StartedAt int64  `msgpack:"started_at"`
+	At        int64  `msgpack:"at"`
 }
 
 // CheckpointPolicyUpsertCmd records a checkpoint policy.
 type CheckpointPolicyUpsertCmd struct {
 	Policy CheckpointPolicy `msgpack:"policy"`
+}
+
+// Command is one command a planner proposes: the leader encodes and
+// applies it.
+type Command struct {
+	Type    CommandType
+	Payload any
 }
 
 // Encode returns the log entry for a command: its type byte, then msgpack.

@@ -51,13 +51,17 @@ func allCommands(a *applier) {
 	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 2, Signal: "terminated", At: 8})
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w2", Command: "/bin/true", DesiredNode: "b", CreatedAt: 9}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w2", Node: "b", Attempt: 1, PID: 200, At: 10})
-	a.ok(CmdMigrationUpsert, &MigrationUpsertCmd{Migration: Migration{ID: "m1", WorkloadID: "w2", Source: "b", Target: "a", State: "planned"}})
+	m := a.ok(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w2", Target: "a", Reason: "operator", At: 10}).(Migration)
+	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "b", To: MigrationTransferring, At: 10})
 	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "hourly", Selector: map[string]string{"app": "x"}, Interval: 3600e9, Keep: 3}})
 	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "b", Status: NodeDown, At: 11})
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w3", Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 12}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w3", Node: "a", Attempt: 1, PID: 300, At: 13})
 	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w3", Node: "a", Attempt: 1, At: 14})
 	a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w3"}, Before: 14})
+	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "c"}, At: 15})
+	a.ok(CmdNodeDrain, &NodeDrainCmd{Name: "c", Drain: &DrainSpec{NoDeadline: true, MaxParallel: 2}, At: 16})
+	a.ok(CmdNodeDrainDone, &NodeDrainDoneCmd{Name: "c", StartedAt: 16, At: 17})
 }
 
 func TestFSMSnapshotRestoreEqual(t *testing.T) {

@@ -11,7 +11,24 @@ var (
 	ErrExists   = errors.New("already exists")
 	ErrStale    = errors.New("stale report")
 	ErrNoNode   = errors.New("no eligible node")
+	// ErrRefused marks a command the state's rules forbid as things stand
+	// (a *RefusedError): a migration of a workload that is not running, a
+	// drain of the last eligible node. The API answers it with 409.
+	ErrRefused = errors.New("refused")
 )
+
+// RefusedError says, in one line, which rule refused an operation.
+type RefusedError struct {
+	Op  string // "migration plan (workload w1)"
+	Why string // "workload is exited, not running"
+}
+
+func (e *RefusedError) Error() string        { return e.Op + ": " + e.Why }
+func (e *RefusedError) Is(target error) bool { return target == ErrRefused }
+
+func refused(op, format string, args ...any) error {
+	return &RefusedError{Op: op, Why: fmt.Sprintf(format, args...)}
+}
 
 func init() {
 	register(CmdWorkloadCreate, applyWorkloadCreate)
@@ -65,6 +82,11 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 		return fmt.Errorf("workload started %s: attempt %d on %s, want attempt %d on %s: %w",
 			c.ID, c.Attempt, c.Node, w.Attempt, w.DesiredNode, ErrStale)
 	}
+	// A target that reports its start as a plain report ends the move as
+	// its done step would.
+	if m := s.ActiveMigration(w.ID); m != nil && m.State == MigrationCommitted && m.Target == c.Node && m.Attempt+1 == c.Attempt {
+		m.State, m.UpdatedAt, m.EndedAt, m.ModifyIndex = MigrationDone, c.At, c.At, idx
+	}
 	w.State = StateRunning
 	w.LostAt = 0
 	w.Node = c.Node
@@ -92,6 +114,7 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 	w.PID, w.StartTicks = 0, 0
 	w.ModifyIndex = idx
 	failed := c.ExitCode != 0 || c.Signal != ""
+	endMigration(s, idx, c.At, w.ID, fmt.Sprintf("workload ended on %s", c.Node))
 	switch {
 	case w.Desired == DesiredStopped:
 		w.State = StateStopped
@@ -126,6 +149,7 @@ func applyWorkloadStop(s *State, idx uint64, c *WorkloadStopCmd) any {
 		return fmt.Errorf("workload stop %s: %w", c.ID, ErrNotFound)
 	}
 	w.Desired = DesiredStopped
+	abortMigration(s, idx, c.At, w.ID, "workload stop requested")
 	// Nothing to signal when it never started or its node is gone.
 	if w.State == StatePending || w.State == StateLost {
 		w.State = StateStopped

@@ -50,7 +50,8 @@ func TestFSMWorkloadGC(t *testing.T) {
 			Restart: RestartPolicy{Mode: RestartOnFailure}}})
 		a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: id, Node: "a", Attempt: 1, PID: 1, At: 10})
 	}
-	a.ok(CmdMigrationUpsert, &MigrationUpsertCmd{Migration: Migration{ID: "m1", WorkloadID: "w1"}})
+	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "b"}})
+	a.ok(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w1", Target: "b"})
 	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 1, At: 20})              // exited
 	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w2", Node: "a", Attempt: 1, ExitCode: 1, At: 20}) // restarting: pending
 	n := a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w1", "w2", "w3", "gone"}, Before: 25})

@@ -11,9 +11,12 @@ type PlacementRequest struct {
 	// although the state still calls them ready (a crash gossip has not
 	// declared yet), each with the reason.
 	Exclude map[string]string
+	// Extra counts workloads already headed to a node that the state does
+	// not show yet (a planner's earlier picks in the same round).
+	Extra map[string]int
 }
 
-// Place picks the node for a new workload: among ready, eligible nodes that
+// Place picks the node for a new workload: among ready, eligible, not draining nodes that
 // meet the constraints and the memory hint and are not excluded, the one with the most free
 // capacity. Free capacity is the mean of the idle CPU share (1 − load1/CPUs)
 // and the free memory share from the node's last recorded load, less 0.01
@@ -36,6 +39,14 @@ func Place(s *State, req PlacementRequest) (string, error) {
 		if w.State.Active() {
 			active[w.DesiredNode]++
 		}
+	}
+	for _, m := range s.Migrations {
+		if m.State == MigrationPlanned || m.State == MigrationTransferring {
+			active[m.Target]++ // on its way there
+		}
+	}
+	for n, k := range req.Extra {
+		active[n] += k
 	}
 	best, bestScore := "", 0.0
 	for _, n := range s.Nodes {
@@ -60,6 +71,9 @@ func unfit(n *Node, req PlacementRequest) string {
 	}
 	if !n.Eligible {
 		return "node is not eligible"
+	}
+	if n.Drain.Draining() {
+		return "node is draining"
 	}
 	if why, ok := req.Exclude[n.Name]; ok {
 		return "node " + why

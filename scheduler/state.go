@@ -36,6 +36,9 @@ type Node struct {
 	Load       Load              `msgpack:"load"`
 	LoadAt     int64             `msgpack:"load_at"`   // unix nanoseconds
 	StatusAt   int64             `msgpack:"status_at"` // unix nanoseconds
+	// Drain is the node's drain, in progress or the last completed; nil
+	// when none was set or the last was cancelled.
+	Drain *DrainSpec `msgpack:"drain"`
 }
 
 // WorkloadState is where a workload is in its life.
@@ -107,7 +110,7 @@ type Workload struct {
 	DesiredNode string        `msgpack:"desired_node"` // where it should run
 	Node        string        `msgpack:"node"`         // where it runs (or last ran)
 	State       WorkloadState `msgpack:"state"`
-	Attempt     int           `msgpack:"attempt"` // 1 for the first start, +1 per restart
+	Attempt     int           `msgpack:"attempt"` // 1 for the first start, +1 per restart and per committed move
 	Restarts    int           `msgpack:"restarts"`
 	PID         int           `msgpack:"pid"`
 	StartTicks  uint64        `msgpack:"start_ticks"` // /proc/PID/stat starttime, to tell PID reuse
@@ -121,20 +124,61 @@ type Workload struct {
 	ModifyIndex uint64        `msgpack:"modify_index"`
 }
 
-// MigrationState is a step of the migration state machine (next issue):
-// planned → transferring → committed → done | aborted.
+// MigrationState is a step of the migration state machine
+// (scheduler/fsm_migration.go): planned → transferring → committed → done,
+// or planned|transferring → aborted.
 type MigrationState string
 
-// Migration records one move of a workload between nodes.
+// Migration states.
+const (
+	MigrationPlanned      MigrationState = "planned"      // the leader chose the target
+	MigrationTransferring MigrationState = "transferring" // the source froze the process and streams it
+	MigrationCommitted    MigrationState = "committed"    // the raft entry moved the workload to the target
+	MigrationDone         MigrationState = "done"         // the target started it (or was lost after the commit)
+	MigrationAborted      MigrationState = "aborted"      // before the commit: the workload stays on the source
+)
+
+// Active reports whether the migration still occupies its workload: at
+// most one active migration per workload.
+func (m MigrationState) Active() bool {
+	return m == MigrationPlanned || m == MigrationTransferring || m == MigrationCommitted
+}
+
+// Migration records one move of a workload between nodes. Its ID is given
+// by the FSM from the raft index of the plan ("m" + index), so replicas
+// agree and planners stay pure.
 type Migration struct {
 	ID         string         `msgpack:"id"`
 	WorkloadID string         `msgpack:"workload"`
 	Source     string         `msgpack:"source"`
 	Target     string         `msgpack:"target"`
 	State      MigrationState `msgpack:"state"`
-	Reason     string         `msgpack:"reason"`
-	UpdatedAt  int64          `msgpack:"updated_at"`
+	// Attempt is the workload's attempt when planned: the generation every
+	// step names. The commit moves the workload to Attempt+1.
+	Attempt     int    `msgpack:"attempt"`
+	Reason      string `msgpack:"reason"` // why it was planned ("drain of node a", "operator")
+	Error       string `msgpack:"error"`  // why it was aborted, or what happened after the commit
+	PlannedAt   int64  `msgpack:"planned_at"`
+	UpdatedAt   int64  `msgpack:"updated_at"`
+	EndedAt     int64  `msgpack:"ended_at"` // done or aborted; 0 while active
+	PlanIndex   uint64 `msgpack:"plan_index"`
+	ModifyIndex uint64 `msgpack:"modify_index"`
 }
+
+// DrainSpec is a node's drain, kept in the raft state so that a new leader
+// carries it on (Nomad's DrainStrategy). Times are unix nanoseconds.
+type DrainSpec struct {
+	StartedAt      int64 `msgpack:"started_at"`
+	Deadline       int64 `msgpack:"deadline"` // workloads still on the node then are stopped; 0 with NoDeadline
+	NoDeadline     bool  `msgpack:"no_deadline"`
+	Force          bool  `msgpack:"force"` // deadline now
+	MaxParallel    int   `msgpack:"max_parallel"`
+	KeepIneligible bool  `msgpack:"keep_ineligible"` // a cancelled drain leaves the node ineligible
+	CompletedAt    int64 `msgpack:"completed_at"`    // 0 while draining
+}
+
+// Draining reports whether d is a drain in progress.
+func (d *DrainSpec) Draining() bool { return d != nil && d.CompletedAt == 0 }
 
 // CheckpointPolicy says which workloads are checkpointed how often.
 type CheckpointPolicy struct {

@@ -98,6 +98,16 @@ func CheckWorkloadID(id string) error {
 	return nil
 }
 
+// CheckNodeName checks a node name given in a command or a path: not
+// empty, at most MaxNameLen bytes, no control characters (it is printed on
+// one line).
+func CheckNodeName(name string) error {
+	if name == "" {
+		return invalid("node", "empty name")
+	}
+	return checkString("node", name, MaxNameLen)
+}
+
 func checkMap(field string, m map[string]string) error {
 	if len(m) > MaxLabels {
 		return invalid(field, "%d entries, limit %d", len(m), MaxLabels)

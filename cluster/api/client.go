@@ -257,6 +257,13 @@ func (c *Client) Node(ctx context.Context, name string) (Node, error) {
 	return out, c.do(ctx, http.MethodGet, PathNodes+"/"+url.PathEscape(name), nil, &out)
 }
 
+// SetEligibility makes node name eligible for new workloads or not, and
+// returns the node as the state then records it.
+func (c *Client) SetEligibility(ctx context.Context, name string, eligible bool) (Node, error) {
+	var out Node
+	return out, c.do(ctx, http.MethodPost, PathNodes+"/"+url.PathEscape(name)+"/eligibility", EligibilityRequest{Eligible: &eligible}, &out)
+}
+
 // Run creates a workload and returns it as placed.
 func (c *Client) Run(ctx context.Context, req RunRequest) (Workload, error) {
 	var out Workload

@@ -8,7 +8,7 @@ import "time"
 // Paths served by pclusterd.
 const (
 	PathMembers   = "/v1/members"
-	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME
+	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility
 	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
 	PathReport    = "/v1/agent/report" // POST by node agents
 	PathMetrics   = "/metrics"
@@ -57,6 +57,29 @@ type Node struct {
 	LoadAt     time.Time         `json:"load_at"`
 	StatusAt   time.Time         `json:"status_at"`
 	Workloads  int               `json:"workloads"` // active workloads placed here
+	Drain      *NodeDrain        `json:"drain,omitempty"`
+}
+
+// NodeDrain is a node's drain, in progress or the last completed, with its
+// progress counted from the migrations out of the node since it started.
+type NodeDrain struct {
+	StartedAt      time.Time `json:"started_at"`
+	Deadline       time.Time `json:"deadline,omitzero"` // zero with no_deadline
+	NoDeadline     bool      `json:"no_deadline,omitempty"`
+	Force          bool      `json:"force,omitempty"`
+	MaxParallel    int       `json:"max_parallel"`
+	KeepIneligible bool      `json:"keep_ineligible,omitempty"`
+	CompletedAt    time.Time `json:"completed_at,omitzero"`
+	Moved          int       `json:"moved"`            // migrations done
+	InFlight       int       `json:"in_flight"`        // migrations planned, transferring or committed
+	Remaining      int       `json:"remaining"`        // active workloads still placed on the node
+	Failed         []string  `json:"failed,omitempty"` // "ID: reason" of each aborted migration
+}
+
+// EligibilityRequest sets whether placement may pick a node (POST
+// /v1/nodes/NAME/eligibility). Eligible is required.
+type EligibilityRequest struct {
+	Eligible *bool `json:"eligible"`
 }
 
 // RunRequest asks for a new workload.

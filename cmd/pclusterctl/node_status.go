@@ -4,8 +4,12 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"sort"
 	"strings"
+	"time"
+
+	"github.com/pcluster/pcluster/cluster/api"
 )
 
 type nodeStatusCmd struct{}
@@ -38,6 +42,7 @@ func (*nodeStatusCmd) run(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "Labels:     %s\nLoad:       cpu %.2f/%d, mem used %s free %s (%s)\nWorkloads:  %d\n",
 			dash(strings.Join(labels, ",")), n.Load.CPULoad1, n.Load.NumCPU, bytesHuman(n.Load.MemUsed), bytesHuman(n.Load.MemFree),
 			ago(n.LoadAt), n.Workloads)
+		printDrain(e.stdout, n.Drain)
 		return nil
 	}
 	ns, err := e.client.Nodes(ctx)
@@ -53,4 +58,28 @@ func (*nodeStatusCmd) run(ctx context.Context, e *env, args []string) error {
 			fmt.Sprintf("%.2f/%d", n.Load.CPULoad1, n.Load.NumCPU), bytesHuman(n.Load.MemFree), n.APIAddr})
 	}
 	return table(e.stdout, "NAME STATUS ELIGIBLE WORKLOADS LOAD MEM-FREE API", rows)
+}
+
+// printDrain prints a node's drain: when it started, its deadline and
+// progress, or when it completed; then one line per failed move.
+func printDrain(w io.Writer, d *api.NodeDrain) {
+	if d == nil {
+		return
+	}
+	deadline := "deadline " + d.Deadline.UTC().Format(time.RFC3339)
+	switch {
+	case d.Force:
+		deadline = "forced"
+	case d.NoDeadline:
+		deadline = "no deadline"
+	}
+	if d.CompletedAt.IsZero() {
+		fmt.Fprintf(w, "Drain:      started %s, %s, max-parallel %d: moved %d, in flight %d, remaining %d, failed %d\n",
+			ago(d.StartedAt), deadline, d.MaxParallel, d.Moved, d.InFlight, d.Remaining, len(d.Failed))
+	} else {
+		fmt.Fprintf(w, "Drain:      complete %s: moved %d, failed %d\n", ago(d.CompletedAt), d.Moved, len(d.Failed))
+	}
+	for _, f := range d.Failed {
+		fmt.Fprintf(w, "  failed:   %s\n", f)
+	}
 }

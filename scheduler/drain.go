@@ -1,0 +1,99 @@
+package scheduler
+
+import "time"
+
+// DrainPlan is what the drain planner proposes in one round: the commands
+// for the leader to apply, and the workloads it could not find a place for
+// this round (retried next round; stopped at the deadline).
+type DrainPlan struct {
+	Commands []Command
+	Blocked  []DrainBlocked
+}
+
+// DrainBlocked is a workload of a draining node that no other node can take.
+type DrainBlocked struct {
+	Node, Workload, Why string
+}
+
+// PlanDrain is the drain decision, a pure function of the state and the
+// clock (Nomad's drainer, with migrations where Nomad restarts). For every
+// node with a drain in progress, in name order:
+//
+//   - nothing left on it (no active workload, no migration from it in
+//     flight): the drain is done (node-drain-done); the node stays
+//     ineligible;
+//   - the deadline passed (or force): every workload still on it is stopped
+//     (a stop aborts a migration that has not committed);
+//   - otherwise, while fewer than MaxParallel migrations from it are in
+//     flight, its running workloads (oldest first) are planned to move to
+//     the node placement picks among the others, counting the ones planned
+//     in this round, and skipping the nodes in exclude (the leader's view
+//     of nodes it cannot reach now, as for a new workload).
+//
+// A node that is not ready moves nothing (its workloads are lost with it).
+// Applying the commands may refuse some (the state changed meanwhile): the
+// next round decides again from the new state.
+func PlanDrain(s *State, now time.Time, exclude map[string]string) DrainPlan {
+	var p DrainPlan
+	at := now.UnixNano()
+	busy := map[string]bool{} // workloads with an active migration
+	inflight := map[string]int{}
+	for _, m := range s.Migrations {
+		if m.State.Active() {
+			busy[m.WorkloadID] = true
+			inflight[m.Source]++
+		}
+	}
+	extra := map[string]int{}
+	workloads := s.SortedWorkloads()
+	for _, n := range s.SortedNodes() {
+		d := n.Drain
+		if !d.Draining() {
+			continue
+		}
+		var on []*Workload
+		for _, w := range workloads {
+			if w.State.Active() && (w.Node == n.Name || w.DesiredNode == n.Name) {
+				on = append(on, w)
+			}
+		}
+		if len(on) == 0 && inflight[n.Name] == 0 {
+			p.Commands = append(p.Commands, Command{CmdNodeDrainDone, &NodeDrainDoneCmd{Name: n.Name, StartedAt: d.StartedAt, At: at}})
+			continue
+		}
+		if d.Force || !d.NoDeadline && d.Deadline != 0 && at >= d.Deadline {
+			for _, w := range on {
+				if w.Desired != DesiredStopped {
+					p.Commands = append(p.Commands, Command{CmdWorkloadStop, &WorkloadStopCmd{ID: w.ID, At: at}})
+				}
+			}
+			continue
+		}
+		if n.Status != NodeReady {
+			continue
+		}
+		slots := max(d.MaxParallel, 1) - inflight[n.Name]
+		for _, w := range on {
+			if slots <= 0 {
+				break
+			}
+			if w.State != StateRunning || w.Node != n.Name || w.Desired != DesiredRunning || busy[w.ID] {
+				continue
+			}
+			ex := map[string]string{n.Name: "is draining"}
+			for k, v := range exclude {
+				ex[k] = v
+			}
+			target, err := Place(s, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, Exclude: ex, Extra: extra})
+			if err != nil {
+				p.Blocked = append(p.Blocked, DrainBlocked{Node: n.Name, Workload: w.ID, Why: err.Error()})
+				continue
+			}
+			extra[target]++
+			slots--
+			p.Commands = append(p.Commands, Command{CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: w.ID, Target: target,
+				Reason: "drain of node " + n.Name, At: at}})
+		}
+	}
+	return p
+}

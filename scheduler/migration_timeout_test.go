@@ -1,0 +1,52 @@
+package scheduler
+
+import (
+	"reflect"
+	"testing"
+	"time"
+)
+
+// TestPlanMigrationTimeouts on a fake clock: only migrations planned or
+// transferring whose last step is older than the timeout are aborted, by
+// the leader; the abort applies (the workload stays on the source).
+func TestPlanMigrationTimeouts(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	ago := func(d time.Duration) int64 { return now.Add(-d).UnixNano() }
+	s := NewState()
+	for _, m := range []*Migration{
+		{ID: "m1", State: MigrationPlanned, UpdatedAt: ago(6 * time.Minute)},
+		{ID: "m2", State: MigrationTransferring, UpdatedAt: ago(5 * time.Minute)},
+		{ID: "m3", State: MigrationTransferring, UpdatedAt: ago(4 * time.Minute)},
+		{ID: "m4", State: MigrationCommitted, UpdatedAt: ago(time.Hour)},
+		{ID: "m5", State: MigrationAborted, UpdatedAt: ago(time.Hour)},
+		{ID: "m6", State: MigrationDone, UpdatedAt: ago(time.Hour)},
+	} {
+		m.Attempt = 1
+		s.Migrations[m.ID] = m
+	}
+	var got []string
+	for _, c := range PlanMigrationTimeouts(s, now, DefaultMigrationTimeout) {
+		st := c.Payload.(*MigrationStepCmd)
+		if c.Type != CmdMigrationStep || st.To != MigrationAborted || st.Node != "" || st.Attempt != 1 {
+			t.Errorf("command %s %+v: want an abort by the leader at attempt 1", c.Type, st)
+		}
+		got = append(got, st.ID)
+	}
+	if want := []string{"m1", "m2"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("aborted %v, want %v", got, want)
+	}
+
+	// Through the FSM: the abort applies and the workload stays put.
+	a := migrationFixture(t)
+	m := a.plan("run", "b")
+	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: 1, Node: "a", To: MigrationTransferring, At: now.Add(-time.Hour).UnixNano()})
+	var cs []Command
+	a.f.Read(func(s *State) { cs = PlanMigrationTimeouts(s, now, DefaultMigrationTimeout) })
+	if len(cs) != 1 {
+		t.Fatalf("got %d commands, want 1", len(cs))
+	}
+	a.ok(cs[0].Type, cs[0].Payload)
+	if got, w := a.migration(m.ID), a.workload("run"); got.State != MigrationAborted || w.Node != "a" || w.PID != 100 {
+		t.Errorf("after the timeout: migration %s, workload on %s pid %d; want aborted, on a pid 100", got.State, w.Node, w.PID)
+	}
+}
