@@ -162,12 +162,10 @@ func Start(cfg Config) (s *Server, err error) {
 	}
 	// Raft writes its snapshots (the whole state: every workload's
 	// command, env and credentials) with the umask's mode, and the workload
-	// logs live here too: the directory itself must keep other users out.
-	if st, err := os.Stat(cfg.DataDir); err != nil {
-		return nil, fmt.Errorf("start: data dir: %w", err)
-	} else if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("start: data dir %s: mode %04o lets other users read the raft state and workload logs; chmod 700 it",
-			cfg.DataDir, st.Mode().Perm())
+	// logs live here too: the directory itself must keep other users out,
+	// and no other user may own it or anything on the way to it.
+	if err := checkPrivateDir(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("start: data dir %s: %w", cfg.DataDir, err)
 	}
 	adv, err := advertiseIP(cfg.Advertise, gHost)
 	if err != nil {

@@ -11,11 +11,21 @@ const (
 	MaxThreads = 1 << 16
 	MaxVMAs    = 1 << 20 // vm.max_map_count is 65530 by default
 	MaxPending = 1 << 12 // per queue; RLIMIT_SIGPENDING is in this range
-	MaxAuxv    = 512     // words
-	MaxGroups  = 65536   // NGROUPS_MAX
-	MaxFd      = 1 << 20
+	// MaxAuxv is what fits in the loader's scratch page after struct
+	// prctl_mm_map (104 bytes): (4096 - 104) / 8 words.
+	MaxAuxv   = 499
+	MaxGroups = 65536 // NGROUPS_MAX
+	MaxFd     = 1 << 20
 	// MaxAddr is the end of the x86-64 user address space (4-level paging).
 	MaxAddr = 1 << 47
+	// SiginfoSize is the size of a siginfo_t on every Linux architecture.
+	SiginfoSize = 128
+)
+
+// Signals whose disposition cannot be changed (sigaction refuses them).
+const (
+	sigKill = 9
+	sigStop = 19
 )
 
 const pageSize = 4096
@@ -39,6 +49,15 @@ type checker struct {
 	meta    bool // the process's metadata (threads, areas) is complete
 	lastFd  int
 	fds     int
+	fdSet   map[int]bool // the process's fds so far
+	fdRefs  []fdRef      // fds one of them names, checked at its end
+}
+
+// fdRef is an fd that fd from names (the description it shares, or an
+// epoll registration): it must be in the snapshot too.
+type fdRef struct {
+	from, to int
+	what     string
 }
 
 // check applies the rules to rec, the next record.
@@ -71,6 +90,7 @@ func (c *checker) check(rec any) error {
 			}
 		}
 		c.proc, c.threads, c.vmas, c.meta, c.fds = r, nil, nil, false, 0
+		c.fdSet, c.fdRefs = map[int]bool{}, nil
 		return nil
 	case *Thread:
 		p := c.proc
@@ -115,11 +135,21 @@ func (c *checker) check(rec any) error {
 		if c.fds > 0 && c.lastFd >= r.Fd {
 			return c.wrap(corruptf("fds out of order at %d", r.Fd))
 		}
+		if r.Kind == FDPipe && c.tree == nil {
+			return corruptf("fd %d: a pipe outside a tree", r.Fd)
+		}
 		c.lastFd, c.fds = r.Fd, c.fds+1
+		c.fdSet[r.Fd] = true
+		if (r.Kind != FDInherit || r.Fd > 2) && r.Desc != r.Fd {
+			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
+		}
+		for _, t := range r.Epoll {
+			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, t.Fd, "(epoll) watches fd"})
+		}
 		return nil
 	case *End:
 		if c.tree == nil {
-			return nil
+			return c.checkFdRefs()
 		}
 		if err := c.endProcess(); err != nil {
 			return err
@@ -166,9 +196,23 @@ func (c *checker) completeMeta() error {
 	return nil
 }
 
+// checkFdRefs checks, once a process's fds are all read, that every fd
+// one of them names is among them.
+func (c *checker) checkFdRefs() error {
+	for _, r := range c.fdRefs {
+		if !c.fdSet[r.to] {
+			return c.wrap(corruptf("fd %d %s %d, which is not in the snapshot", r.from, r.what, r.to))
+		}
+	}
+	return nil
+}
+
 // endProcess checks a tree member's records against the tree's.
 func (c *checker) endProcess() error {
 	if err := c.completeMeta(); err != nil {
+		return err
+	}
+	if err := c.checkFdRefs(); err != nil {
 		return err
 	}
 	m := c.tree.Procs[c.member]
@@ -220,9 +264,34 @@ func CheckProcess(pr *Process, threads []*Thread) error {
 		len(pr.Pending) > MaxPending, len(pr.Creds.Groups) > MaxGroups:
 		return corruptf("process record out of bounds")
 	}
+	for res, rl := range pr.Rlimits {
+		if rl.Cur > rl.Max {
+			return corruptf("rlimit %d soft %d above hard %d", res, rl.Cur, rl.Max)
+		}
+	}
+	for _, s := range pr.Sigacts {
+		if s.Sig < 1 || s.Sig > 64 || s.Sig == sigKill || s.Sig == sigStop {
+			return corruptf("sigaction for signal %d", s.Sig)
+		}
+	}
+	if err := checkSiginfos(pr.Pending); err != nil {
+		return err
+	}
 	for _, t := range threads {
 		if len(t.Pending) > MaxPending || len(t.XState) > 1<<16 {
 			return corruptf("thread %d record out of bounds", t.Tid)
+		}
+		if err := checkSiginfos(t.Pending); err != nil {
+			return fmt.Errorf("thread %d: %w", t.Tid, err)
+		}
+	}
+	return nil
+}
+
+func checkSiginfos(q []Siginfo) error {
+	for _, si := range q {
+		if len(si) != SiginfoSize {
+			return corruptf("siginfo of %d bytes", len(si))
 		}
 	}
 	return nil
@@ -268,7 +337,11 @@ func CheckFD(f *FD) error {
 		return corruptf("fd %d", f.Fd)
 	}
 	switch f.Kind {
-	case FDFile, FDEventfd, FDEpoll, FDPipe, FDListen:
+	case FDFile, FDEpoll, FDPipe, FDListen:
+	case FDEventfd:
+		if f.EventCount == ^uint64(0) { // the kernel's counter stops below it
+			return corruptf("fd %d: eventfd counter %#x", f.Fd, f.EventCount)
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {

@@ -188,7 +188,7 @@ func TestTreeRoundTrip(t *testing.T) {
 	tree := &Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Pgid: 10, Sid: 10, Threads: 2}, {Pid: 11, PPid: 10, Pgid: 10, Sid: 10, Zombie: true, ExitStatus: 0x300}}}
 	recs := []any{tree, &Process{Pid: 10, Threads: 2}, &Thread{Tid: 10}, &Thread{Tid: 12},
 		&VMA{Start: 0x1000, End: 0x2000, Kind: VMASharedAnon, Shared: true, Shm: 77},
-		&FD{Fd: 4, Kind: FDPipe, Pipe: 99, PipeSize: 65536, PipeData: []byte("seq 1\n")}}
+		&FD{Fd: 4, Desc: 4, Kind: FDPipe, Pipe: 99, PipeSize: 65536, PipeData: []byte("seq 1\n")}}
 	for _, r := range recs {
 		if err := enc.Write(r); err != nil {
 			t.Fatal(err)
@@ -344,4 +344,50 @@ func encodeRecs(t *testing.T, recs []any) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// TestDecoderSemanticRules: records that the loader refuses as corrupt
+// (a soft limit above its hard one, a sigaction for SIGKILL, a siginfo of
+// the wrong size, an fd naming an fd that is not there...) are refused by
+// the decoder itself, so that pthaw -debug reaches the restore's verdict.
+// pthaw -debug once described such a snapshot and exited 0.
+func TestDecoderSemanticRules(t *testing.T) {
+	proc := func(f func(p *Process)) *Process {
+		p := &Process{Pid: 1, Threads: 1}
+		f(p)
+		return p
+	}
+	none := func(*Process) {}
+	for name, tc := range map[string]struct {
+		recs []any
+		want string
+	}{
+		"rlimit soft above hard": {[]any{proc(func(p *Process) { p.Rlimits = []Rlimit{{Cur: 1, Max: 2}, {Cur: 100, Max: 50}} })}, "rlimit 1 soft 100 above hard 50"},
+		"sigaction for SIGKILL":  {[]any{proc(func(p *Process) { p.Sigacts = []Sigact{{Sig: 9}} })}, "sigaction for signal 9"},
+		"sigaction for 65":       {[]any{proc(func(p *Process) { p.Sigacts = []Sigact{{Sig: 65}} })}, "sigaction for signal 65"},
+		"short siginfo":          {[]any{proc(func(p *Process) { p.Pending = []Siginfo{make(Siginfo, 12)} })}, "siginfo of 12 bytes"},
+		"auxv over the page":     {[]any{proc(func(p *Process) { p.Auxv = make([]uint64, 500) })}, "out of bounds"},
+		"eventfd counter":        {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDEventfd, EventCount: ^uint64(0)}}, "eventfd counter"},
+		"shares a missing fd":    {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDFile}, &FD{Fd: 5, Desc: 4, Kind: FDFile}}, "fd 5 shares fd 4, which is not in the snapshot"},
+		"epoll watches missing":  {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDEpoll, Epoll: []EpollTarget{{Fd: 7}}}}, "fd 3 (epoll) watches fd 7"},
+		"pipe outside a tree":    {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDPipe, Pipe: 1}}, "a pipe outside a tree"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var buf bytes.Buffer
+			enc := NewEncoder(&buf)
+			recs := append([]any{tc.recs[0], &Thread{Tid: 1}}, tc.recs[1:]...)
+			for _, r := range recs {
+				if err := enc.Write(r); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := enc.Close(); err != nil {
+				t.Fatal(err)
+			}
+			_, err := decodeAll(buf.Bytes())
+			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want a corrupt snapshot error saying %q", err, tc.want)
+			}
+		})
+	}
 }
