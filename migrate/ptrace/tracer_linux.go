@@ -15,6 +15,11 @@ import (
 )
 
 // Tracer serves closures on one locked OS thread.
+//
+// A tracee that never stopped (Wait gave up on it: ErrTimeout) cannot be
+// detached, PTRACE_DETACH needs a stopped tracee; it stays attached,
+// untouched, until Close, whose thread exit makes the kernel release it
+// and drop an interrupt still pending for it, so it never stops.
 type Tracer struct {
 	reqs chan func()
 	done chan struct{}
