@@ -1,0 +1,86 @@
+package ptrace
+
+import (
+	"errors"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	fixture.Cleanup()
+	os.Exit(code)
+}
+
+const waitFor = 10 * time.Second
+
+// TestWaitTimeoutVforkParent interrupts a parent waiting in vfork for a
+// child that never execs (fixture vforker), which cannot stop until the
+// child ends: Wait must give up (ErrTimeout) instead of waiting forever,
+// and once the tracer is closed the parent must be as it was: not
+// traced, and when its child ends it carries on rather than stopping for
+// the interrupt it never reached.
+func TestWaitTimeoutVforkParent(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: ptrace (CI runs as root)")
+	}
+	p := fixture.StartGroup(t, fixture.Build(t, "vforker"))
+	parent := p.Pid()
+	p.Expect(t, `^parent `+strconv.Itoa(parent)+`$`, waitFor)
+	child, err := strconv.Atoi(p.Expect(t, `^child (\d+) tick \d+$`, waitFor)[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, parent, "State", "D")
+
+	tr := NewTracer()
+	err = tr.Do(func() error {
+		if err := Seize(parent, 0); err != nil {
+			return err
+		}
+		if err := Interrupt(parent); err != nil {
+			return err
+		}
+		st, err := WaitTimeout(parent, 100*time.Millisecond)
+		if err == nil {
+			return errors.New("stopped: " + st.String())
+		}
+		return err
+	})
+	tr.Close()
+	if !errors.Is(err, ErrTimeout) {
+		t.Fatalf("wait for the stop of a parent in vfork: got %v, want %v", err, ErrTimeout)
+	}
+	waitStatus(t, parent, "TracerPid", "0")
+	p.Drain()
+	p.Expect(t, `^child `+strconv.Itoa(child)+` tick \d+$`, waitFor)
+	syscall.Kill(child, syscall.SIGKILL)
+	p.Expect(t, `^parent resumed child=9$`, waitFor)
+}
+
+// waitStatus waits until the field key of /proc/PID/status starts with want.
+func waitStatus(t *testing.T, pid int, key, want string) {
+	t.Helper()
+	var got string
+	for deadline := time.Now().Add(waitFor); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && k == key {
+				got = strings.TrimSpace(v)
+			}
+		}
+		if strings.HasPrefix(got, want) {
+			return
+		}
+	}
+	t.Fatalf("pid %d: %s %q, want %q", pid, key, got, want)
+}
