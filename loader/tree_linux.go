@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -167,8 +168,10 @@ func (p *Process) exitAs(status int) error {
 		if err := ptrace.Cont(p.pid, 0); err != nil {
 			return err
 		}
+		// One bound for the whole death, however many stops come first.
+		deadline := time.Now().Add(ptrace.StopTimeout)
 		for {
-			st, err := ptrace.Wait(p.pid)
+			st, err := ptrace.WaitTimeout(p.pid, time.Until(deadline))
 			if errors.Is(err, ptrace.ErrExited) {
 				break
 			}

@@ -3,6 +3,7 @@ package ptrace
 import (
 	"fmt"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -52,8 +53,10 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 	if err := SingleStep(in.Tid); err != nil {
 		return 0, fmt.Errorf("inject syscall %d: step %d: %w", nr, in.Tid, err)
 	}
+	// One bound for the call, however many other stops come first.
+	deadline := time.Now().Add(StopTimeout)
 	for {
-		st, err := Wait(in.Tid)
+		st, err := WaitTimeout(in.Tid, time.Until(deadline))
 		if err != nil {
 			return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 		}
@@ -110,8 +113,9 @@ func (in *Injector) Batch(code, addr uintptr, n int) (int, error) {
 	if err := Cont(in.Tid, 0); err != nil {
 		return 0, fmt.Errorf("batch: cont %d: %w", in.Tid, err)
 	}
+	deadline := time.Now().Add(StopTimeout)
 	for {
-		st, err := Wait(in.Tid)
+		st, err := WaitTimeout(in.Tid, time.Until(deadline))
 		if err != nil {
 			return 0, fmt.Errorf("batch: %w", err)
 		}

@@ -72,10 +72,10 @@ const StopTimeout = 10 * time.Second
 // one wrapping ErrTimeout. Runs on the tracer thread.
 func Wait(tid int) (Stop, error) { return WaitTimeout(tid, StopTimeout) }
 
-// waitSpins is how many times WaitTimeout polls, yielding the CPU in
-// between, before it starts to sleep: a single-stepped or injected call
-// stops within microseconds, and the tracer should see it at once.
-const waitSpins = 64
+// waitSpin is how long WaitTimeout polls, yielding the CPU in between,
+// before it starts to sleep: a single-stepped or injected call stops
+// within microseconds, and the tracer should see it at once.
+const waitSpin = time.Millisecond
 
 // WaitTimeout is Wait with the bound d. It polls (wait4 with WNOHANG): a
 // blocking wait4 cannot be given a deadline, and nothing the tracer could
@@ -83,9 +83,10 @@ const waitSpins = 64
 // Runs on the tracer thread.
 func WaitTimeout(tid int, d time.Duration) (Stop, error) {
 	var ws unix.WaitStatus
-	deadline := time.Now().Add(d)
+	start := time.Now()
+	deadline := start.Add(d)
 	var pause time.Duration
-	for i := 0; ; i++ {
+	for {
 		got, err := unix.Wait4(tid, &ws, unix.WALL|unix.WNOHANG, nil)
 		if err == syscall.EINTR {
 			continue
@@ -98,9 +99,9 @@ func WaitTimeout(tid int, d time.Duration) (Stop, error) {
 		}
 		now := time.Now()
 		if !now.Before(deadline) {
-			return Stop{}, fmt.Errorf("tid %d: no stop or exit within %v: %w", tid, d, ErrTimeout)
+			return Stop{}, fmt.Errorf("tid %d: no stop or exit within %v: %w", tid, max(d, 0).Round(time.Millisecond), ErrTimeout)
 		}
-		if i < waitSpins {
+		if now.Sub(start) < waitSpin {
 			unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
 			continue
 		}
