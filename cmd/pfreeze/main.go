@@ -56,6 +56,15 @@ func run(pid int, debug bool, o capture.SendOptions) error {
 	if pid <= 0 {
 		return errors.New("-pid is required")
 	}
+	// No wait of pfreeze is unbounded: while it waits the process is frozen.
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{{"dial-timeout", o.DialTimeout}, {"write-timeout", o.WriteTimeout}, {"ready-timeout", o.ReadyTimeout}} {
+		if f.d <= 0 {
+			return fmt.Errorf("-%s %v: must be positive (the process stays frozen while pfreeze waits)", f.name, f.d)
+		}
+	}
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	if debug {

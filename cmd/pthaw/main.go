@@ -47,6 +47,14 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	if flag.NArg() > 0 {
 		return 0, fmt.Errorf("unexpected argument %q", flag.Arg(0))
 	}
+	// No wait of pthaw is unbounded: a -halt sender's original stays
+	// frozen while it waits.
+	if o.ReadTimeout <= 0 {
+		return 0, fmt.Errorf("-read-timeout %v: must be positive", o.ReadTimeout)
+	}
+	if o.CommitTimeout <= 0 {
+		return 0, fmt.Errorf("-commit-timeout %v: must be positive", o.CommitTimeout)
+	}
 	if debug {
 		return 0, loader.Describe(os.Stdout, o)
 	}

@@ -131,3 +131,41 @@ func untouched(t *testing.T, pid int) {
 		}
 	}
 }
+
+// TestUnboundedTimeoutsRefused: a timeout of 0 would make a wait of
+// pfreeze (with the process frozen) or pthaw unbounded; each is refused
+// with one line naming the flag, before anything is touched.
+func TestUnboundedTimeoutsRefused(t *testing.T) {
+	needRoot(t)
+	for _, c := range []struct {
+		cmd  string
+		args []string
+	}{
+		{"pfreeze", []string{"-dial-timeout", "0"}},
+		{"pfreeze", []string{"-write-timeout", "0"}},
+		{"pfreeze", []string{"-ready-timeout", "-1s"}},
+		{"pthaw", []string{"-read-timeout", "0"}},
+		{"pthaw", []string{"-commit-timeout", "0"}},
+	} {
+		t.Run(c.cmd+" "+strings.Join(c.args, " "), func(t *testing.T) {
+			args := c.args
+			if c.cmd == "pfreeze" {
+				// A PID no process can have (pid_max is at most 2^22):
+				// nothing to freeze, whatever is checked first.
+				args = append([]string{"-pid", "4194304", "-dest", filepath.Join(t.TempDir(), "snap")}, args...)
+			} else {
+				args = append([]string{"-src", filepath.Join(t.TempDir(), "none")}, args...)
+			}
+			cmd := exec.Command(filepath.Join(binDir, c.cmd), args...)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Run(); err == nil {
+				t.Fatalf("%s %v succeeded", c.cmd, args)
+			}
+			msg := stderr.String()
+			if want := c.cmd + ": " + c.args[0] + " "; strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, want) || !strings.Contains(msg, "must be positive") {
+				t.Errorf("stderr %q, want one line starting with %q saying it must be positive", msg, want)
+			}
+		})
+	}
+}
