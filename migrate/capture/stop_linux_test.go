@@ -33,6 +33,11 @@ func TestStopTimeoutLetsGo(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: ptrace (CI runs as root)")
 	}
+	// The tracer first, so that its thread cannot be the one the fixture
+	// is forked from: the fixture's parent-death signal fires when that
+	// thread exits, and the tracer's exits at Close.
+	tr := ptrace.NewTracer()
+	t.Cleanup(tr.Close)
 	p := fixture.StartGroup(t, fixture.Build(t, "vforker"), "thread")
 	pid := p.Pid()
 	p.Expect(t, `^parent `+strconv.Itoa(pid)+`$`, waitFor)
@@ -47,13 +52,11 @@ func TestStopTimeoutLetsGo(t *testing.T) {
 		}
 	}
 
-	tr := ptrace.NewTracer()
 	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
 	err = tr.Do(f.stopAll)
 	f.detach() // as Attach does on failure
 	f.mem.Close()
 	if err == nil {
-		tr.Close()
 		t.Fatal("stopped every thread of a process waiting in vfork")
 	}
 	if want := "waiting in vfork for its child " + strconv.Itoa(child); !strings.Contains(err.Error(), want) {

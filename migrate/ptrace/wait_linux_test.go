@@ -3,19 +3,48 @@ package ptrace
 import (
 	"errors"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 )
 
+// The main goroutine stays on the main thread (package init runs there),
+// so that TestMain can start a tracer from the main thread itself.
+func init() { runtime.LockOSThread() }
+
+// mainTracer is a tracer whose serve began on the main thread.
+var mainTracer *Tracer
+
 func TestMain(m *testing.M) {
+	mainTracer = &Tracer{reqs: make(chan func()), done: make(chan struct{})}
+	started := make(chan struct{})
+	mainTracer.serve(started) // on the main thread: returns once another thread serves
+	<-started
 	code := m.Run()
 	fixture.Cleanup()
 	os.Exit(code)
+}
+
+// TestTracerNotOnMainThread: a tracer started on the main thread must
+// serve on another one, which Close ends; the runtime never ends the main
+// thread, and a tracer there would keep its tracees after Close.
+func TestTracerNotOnMainThread(t *testing.T) {
+	var tid int
+	mainTracer.Do(func() error { tid = unix.Gettid(); return nil })
+	if tid == os.Getpid() {
+		t.Fatalf("the tracer runs on the main thread (%d)", tid)
+	}
+	mainTracer.Close()
+	if _, err := os.Stat("/proc/self/task/" + strconv.Itoa(tid)); err == nil {
+		t.Errorf("tracer thread %d still there after Close", tid)
+	}
 }
 
 const waitFor = 10 * time.Second
@@ -30,6 +59,11 @@ func TestWaitTimeoutVforkParent(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: ptrace (CI runs as root)")
 	}
+	// The tracer first, so that its thread cannot be the one the fixture
+	// is forked from: the fixture's parent-death signal fires when that
+	// thread exits, and the tracer's exits at Close.
+	tr := NewTracer()
+	t.Cleanup(tr.Close)
 	p := fixture.StartGroup(t, fixture.Build(t, "vforker"))
 	parent := p.Pid()
 	p.Expect(t, `^parent `+strconv.Itoa(parent)+`$`, waitFor)
@@ -39,7 +73,6 @@ func TestWaitTimeoutVforkParent(t *testing.T) {
 	}
 	waitStatus(t, parent, "State", "D")
 
-	tr := NewTracer()
 	err = tr.Do(func() error {
 		if err := Seize(parent, 0); err != nil {
 			return err
