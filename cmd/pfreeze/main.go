@@ -29,7 +29,7 @@ func main() {
 	tree := flag.Bool("tree", false, "freeze the process and all its descendants (parent/child links, process groups, sessions, shared anonymous memory)")
 	debug := flag.Bool("debug", false, "print a human-readable description of the process instead of a snapshot")
 	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for a network connection")
-	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a network write may make no progress")
+	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a write (to a socket, pipe or FIFO) may make no progress")
 	readyTimeout := flag.Duration("ready-timeout", 5*time.Minute, "with -halt over a network: how long the receiver may take to build the process")
 	flag.Parse()
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an

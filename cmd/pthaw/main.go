@@ -19,7 +19,7 @@ import (
 func main() {
 	src := flag.String("src", "stdin", "input: stdin | FILE | tcp:[HOST:]PORT | unix:PATH (sockets listen for one sender)")
 	keydir := flag.String("keydir", "", "directory of key files for encrypted snapshots; plaintext is then refused")
-	readTimeout := flag.Duration("read-timeout", time.Minute, "how long a network read may make no progress")
+	readTimeout := flag.Duration("read-timeout", time.Minute, "how long a read (from a socket, pipe or FIFO) may make no progress")
 	commitTimeout := flag.Duration("commit-timeout", time.Minute, "with a -halt sender: how long to wait for its go-ahead")
 	insecure := flag.Bool("insecure", false, "listen on a non-loopback address without -keydir (anyone who connects can run code here)")
 	detach := flag.Bool("detach", false, "print the restored PID and leave the process running")
