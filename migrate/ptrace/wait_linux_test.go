@@ -1,7 +1,9 @@
 package ptrace
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"runtime"
 	"strconv"
@@ -19,8 +21,12 @@ import (
 // so that TestMain can start a tracer from the main thread itself.
 func init() { runtime.LockOSThread() }
 
-// mainTracer is a tracer whose serve began on the main thread.
-var mainTracer *Tracer
+// mainTracer is a tracer whose serve began on the main thread; one test
+// run closes it.
+var (
+	mainTracer     *Tracer
+	mainTracerUsed bool
+)
 
 func TestMain(m *testing.M) {
 	mainTracer = &Tracer{reqs: make(chan func()), done: make(chan struct{})}
@@ -36,6 +42,10 @@ func TestMain(m *testing.M) {
 // serve on another one, which Close ends; the runtime never ends the main
 // thread, and a tracer there would keep its tracees after Close.
 func TestTracerNotOnMainThread(t *testing.T) {
+	if mainTracerUsed {
+		t.Skip("the tracer started on the main thread was closed by an earlier run (-count)")
+	}
+	mainTracerUsed = true
 	var tid int
 	mainTracer.Do(func() error { tid = unix.Gettid(); return nil })
 	if tid == os.Getpid() {
@@ -116,4 +126,94 @@ func waitStatus(t *testing.T, pid int, key, want string) {
 		}
 	}
 	t.Fatalf("pid %d: %s %q, want %q", pid, key, got, want)
+}
+
+// TestInjectedCallRegained injects a call that blocks, pause(2), into a
+// stopped countforever with a short bound: Syscall must give up
+// (ErrTimeout) with the thread stopped again, so that Restore puts its
+// registers back; detached, it counts on from where it was, not stuck in
+// pause nor killed by the single step's SIGTRAP.
+func TestInjectedCallRegained(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: ptrace (CI runs as root)")
+	}
+	tr := NewTracer() // before the fixture: see TestWaitTimeoutVforkParent
+	t.Cleanup(tr.Close)
+	p := fixture.Start(t, fixture.Build(t, "countforever"), "20")
+	p.Expect(t, `^3$`, waitFor)
+	pid := p.Pid()
+	site := syscallSite(t, pid)
+	err := tr.Do(func() error {
+		if err := Seize(pid, 0); err != nil {
+			return err
+		}
+		if err := Interrupt(pid); err != nil {
+			return err
+		}
+		if _, err := Wait(pid); err != nil {
+			return err
+		}
+		in, err := NewInjector(pid, site)
+		if err != nil {
+			return err
+		}
+		in.Timeout = 200 * time.Millisecond
+		_, err = in.Syscall(unix.SYS_PAUSE)
+		if !errors.Is(err, ErrTimeout) {
+			return fmt.Errorf("inject pause: got %v, want %v", err, ErrTimeout)
+		}
+		if err := in.Restore(); err != nil {
+			return fmt.Errorf("restore: %w", err)
+		}
+		return Detach(pid, 0)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := -1
+	for _, l := range p.Drain() {
+		if n, err := strconv.Atoi(l); err == nil {
+			last = n
+		}
+	}
+	for range 3 {
+		l, err := p.Next(waitFor)
+		if err != nil {
+			t.Fatalf("after the abandoned call: %v", err)
+		}
+		n, err := strconv.Atoi(l)
+		if err != nil || (last >= 0 && n != last+1) {
+			t.Fatalf("after the abandoned call got %q, want %d", l, last+1)
+		}
+		last = n
+	}
+}
+
+// syscallSite returns the address of a syscall instruction in pid's vdso.
+func syscallSite(t *testing.T, pid int) uintptr {
+	t.Helper()
+	maps, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(maps), "\n") {
+		if !strings.HasSuffix(line, "[vdso]") {
+			continue
+		}
+		var lo, hi uint64
+		if _, err := fmt.Sscanf(line, "%x-%x", &lo, &hi); err != nil {
+			t.Fatal(err)
+		}
+		m := NewMem(pid)
+		defer m.Close()
+		b := make([]byte, hi-lo)
+		if err := m.Read(lo, b); err != nil {
+			t.Fatal(err)
+		}
+		if i := bytes.Index(b, []byte{0x0f, 0x05}); i >= 0 {
+			return uintptr(lo) + uintptr(i)
+		}
+	}
+	t.Fatal("no syscall instruction in the vdso")
+	return 0
 }
