@@ -683,57 +683,94 @@ func putLE64(b []byte, v uint64) {
 	}
 }
 
-// Abort kills the process (every member of a tree) if it was not started.
+// Abort kills the process (every member of a tree) if it was not started,
+// and reaps it: nothing of the restore is left, not even a zombie.
 func (p *Process) Abort() {
 	if p.tree != nil && p.parent == nil {
-		for i := len(p.tree.members) - 1; i > 0; i-- {
-			p.tree.members[i].abort()
-		}
-		if p.tree.ns != nil {
-			p.tree.ns.abort(p.tr)
-		}
-		p.abort()
-		p.tree.closePipes()
+		p.abortTree()
 		return
 	}
-	p.abort()
+	if pids := p.release(); len(pids) > 0 {
+		killAndReap(p.tr, pids)
+	}
 }
 
-func (p *Process) abort() {
+// release closes what p holds and returns its processes to kill: its
+// threads, itself, the first stub, a namespace's init; nothing once
+// aborted or started.
+func (p *Process) release() []int {
 	if p.done {
-		return
+		return nil
 	}
 	p.done = true
 	p.closeUffd()
 	if p.mem != nil {
 		p.mem.Close()
 	}
-	// Threads before their leader: its exit is reported after theirs.
-	// A namespace's init last: its exit waits for every other process
-	// there to be released, which for a tracee means reaped by us.
-	// Each once: a PID reaped here may belong to someone else next.
-	killed := map[int]bool{}
-	for _, pid := range append(p.tids, p.pid, p.stub, p.init) {
-		if !killed[pid] {
-			killed[pid] = true
-			killAndReap(p.tr, pid)
-		}
-	}
+	return append(append([]int(nil), p.tids...), p.pid, p.stub, p.init)
 }
 
-// killAndReap kills pid, if positive, and takes every notification owed
-// to us for it: as its parent or its tracer.
-func killAndReap(tr *ptrace.Tracer, pid int) {
-	if pid <= 0 {
-		return
+// killAndReap sends SIGKILL to each of pids (ours: children or tracees;
+// those not positive are skipped) and takes every notification owed to
+// us for each, as its tracer and as its parent, until each is gone:
+// reaped by us or, for a process whose parent is another of pids, by that
+// parent, or by us once it is orphaned to us (abortTree makes us a child
+// subreaper). The waits are polled all together, so no order among them
+// matters (a namespace's init ends only once everything in its namespace
+// is reaped, a thread group leader's exit is reported after its other
+// threads'), and bounded by ptrace.StopTimeout.
+func killAndReap(tr *ptrace.Tracer, pids []int) {
+	type proc struct {
+		pid   int
+		start uint64 // to tell it from a later process with its PID
 	}
-	unix.Kill(pid, unix.SIGKILL)
-	tr.Do(func() error {
-		for {
-			if _, err := ptrace.Wait(pid); err != nil {
-				return nil
-			}
+	var left []proc
+	seen := map[int]bool{}
+	for _, pid := range pids {
+		if pid <= 0 || seen[pid] {
+			continue
 		}
+		seen[pid] = true
+		left = append(left, proc{pid, startTime(pid)})
+		unix.Kill(pid, unix.SIGKILL)
+	}
+	tr.Do(func() error {
+		deadline := time.Now().Add(ptrace.StopTimeout)
+		var pause time.Duration
+		for len(left) > 0 && time.Now().Before(deadline) {
+			progress := false
+			keep := left[:0]
+			for _, q := range left {
+				var ws unix.WaitStatus
+				got, err := unix.Wait4(q.pid, &ws, unix.WALL|unix.WNOHANG, nil)
+				switch {
+				case got == q.pid:
+					// One notification; another may follow (as parent
+					// after as tracer, or once orphaned to us).
+					progress = true
+					keep = append(keep, q)
+				case errors.Is(err, unix.ECHILD):
+					// Not ours (any more): done once it is gone. Until
+					// then it waits for its parent to reap it, or to
+					// be orphaned to us.
+					if st := startTime(q.pid); st == 0 || st != q.start {
+						progress = true
+					} else {
+						keep = append(keep, q)
+					}
+				default:
+					keep = append(keep, q)
+				}
+			}
+			left = keep
+			if progress {
+				pause = 0
+				continue
+			}
+			pause = min(max(2*pause, 50*time.Microsecond), 5*time.Millisecond)
+			time.Sleep(pause)
+		}
+		return nil
 	})
 }
 

@@ -249,23 +249,23 @@ func (ns *pidNS) start(base uint64) error {
 	return nil
 }
 
-// abort kills the stand-ins, before init (the root's to kill): init's
-// exit waits until every other process of its namespace is released,
-// which for a tracee means reaped by us. Runs on any thread.
-func (ns *pidNS) abort(tr *ptrace.Tracer) {
+// release closes what the namespace's stubs hold and returns those still
+// ours (stopped, traced) to kill, init among them: its exit kills and
+// waits for everything else in its namespace, the stand-ins we no longer
+// trace included.
+func (ns *pidNS) release() []int {
 	if ns.aborted {
-		return
+		return nil
 	}
 	ns.aborted = true
-	for i := len(ns.procs) - 1; i >= 0; i-- {
-		q := ns.procs[i]
+	var pids []int
+	for _, q := range ns.procs {
 		if !q.gone {
 			q.mem.Close()
-		}
-		if i > 0 {
-			killAndReap(tr, q.pid)
+			pids = append(pids, q.pid)
 		}
 	}
+	return pids
 }
 
 // runInitLoop lets the stopped stub behind in run the init loop for its

@@ -3,6 +3,8 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -166,8 +168,10 @@ func (p *Process) exitAs(status int) error {
 		if err := ptrace.Cont(p.pid, 0); err != nil {
 			return err
 		}
+		// One bound for the whole death, however many stops come first.
+		deadline := time.Now().Add(ptrace.StopTimeout)
 		for {
-			st, err := ptrace.Wait(p.pid)
+			st, err := ptrace.WaitTimeout(p.pid, time.Until(deadline))
 			if errors.Is(err, ptrace.ErrExited) {
 				break
 			}
@@ -333,4 +337,56 @@ func (p *Process) startTree() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// subreaper counts the tree aborts under way, which make this process a
+// child subreaper (PR_SET_CHILD_SUBREAPER) while they last.
+var subreaper struct {
+	sync.Mutex
+	n   int
+	was bool // a subreaper already, before the first
+}
+
+// abortTree kills every process of the tree's restore — every member, its
+// threads, the root's first stub, a namespace's init and stand-ins — and
+// reaps them all. A member's parent is another member, a stopped stub
+// that cannot reap it: killed too, it leaves its children to the nearest
+// child subreaper, init otherwise, which may never reap them (docs/
+// pfreeze.md: a damaged snapshot leaves nothing behind). So for as long
+// as the abort lasts we are a subreaper: every member is our descendant,
+// and comes back to us to be reaped. (In a namespace of its own, its
+// init reaps them, and we init.)
+func (p *Process) abortTree() {
+	t := p.tree
+	var pids []int
+	for _, m := range t.members {
+		pids = append(pids, m.release()...)
+	}
+	if t.ns != nil {
+		pids = append(pids, t.ns.release()...)
+	}
+	if len(pids) > 0 {
+		becomeSubreaper()
+		killAndReap(p.tr, pids)
+		endSubreaper()
+	}
+	t.closePipes()
+}
+
+func becomeSubreaper() {
+	subreaper.Lock()
+	defer subreaper.Unlock()
+	if subreaper.n == 0 {
+		subreaper.was = isSubreaper()
+		unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+	}
+	subreaper.n++
+}
+
+func endSubreaper() {
+	subreaper.Lock()
+	defer subreaper.Unlock()
+	if subreaper.n--; subreaper.n == 0 && !subreaper.was {
+		unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	}
 }

@@ -29,7 +29,7 @@ func main() {
 	tree := flag.Bool("tree", false, "freeze the process and all its descendants (parent/child links, process groups, sessions, shared anonymous memory)")
 	debug := flag.Bool("debug", false, "print a human-readable description of the process instead of a snapshot")
 	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for a network connection")
-	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a network write may make no progress")
+	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a write (to a socket, pipe or FIFO) may make no progress")
 	readyTimeout := flag.Duration("ready-timeout", 5*time.Minute, "with -halt over a network: how long the receiver may take to build the process")
 	flag.Parse()
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
@@ -55,6 +55,15 @@ func run(pid int, debug bool, o capture.SendOptions) error {
 	}
 	if pid <= 0 {
 		return errors.New("-pid is required")
+	}
+	// No wait of pfreeze is unbounded: while it waits the process is frozen.
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{{"dial-timeout", o.DialTimeout}, {"write-timeout", o.WriteTimeout}, {"ready-timeout", o.ReadyTimeout}} {
+		if f.d <= 0 {
+			return fmt.Errorf("-%s %v: must be positive (the process stays frozen while pfreeze waits)", f.name, f.d)
+		}
 	}
 	tr := ptrace.NewTracer()
 	defer tr.Close()

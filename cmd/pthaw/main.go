@@ -19,7 +19,7 @@ import (
 func main() {
 	src := flag.String("src", "stdin", "input: stdin | FILE | tcp:[HOST:]PORT | unix:PATH (sockets listen for one sender)")
 	keydir := flag.String("keydir", "", "directory of key files for encrypted snapshots; plaintext is then refused")
-	readTimeout := flag.Duration("read-timeout", time.Minute, "how long a network read may make no progress")
+	readTimeout := flag.Duration("read-timeout", time.Minute, "how long a read (from a socket, pipe or FIFO) may make no progress")
 	commitTimeout := flag.Duration("commit-timeout", time.Minute, "with a -halt sender: how long to wait for its go-ahead")
 	insecure := flag.Bool("insecure", false, "listen on a non-loopback address without -keydir (anyone who connects can run code here)")
 	detach := flag.Bool("detach", false, "print the restored PID and leave the process running")
@@ -46,6 +46,14 @@ func main() {
 func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	if flag.NArg() > 0 {
 		return 0, fmt.Errorf("unexpected argument %q", flag.Arg(0))
+	}
+	// No wait of pthaw is unbounded: a -halt sender's original stays
+	// frozen while it waits.
+	if o.ReadTimeout <= 0 {
+		return 0, fmt.Errorf("-read-timeout %v: must be positive", o.ReadTimeout)
+	}
+	if o.CommitTimeout <= 0 {
+		return 0, fmt.Errorf("-commit-timeout %v: must be positive", o.CommitTimeout)
 	}
 	if debug {
 		return 0, loader.Describe(os.Stdout, o)

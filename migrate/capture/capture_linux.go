@@ -140,6 +140,9 @@ func (f *Frozen) stopAll() error {
 		}
 		for _, t := range fresh {
 			if err := waitInterrupt(t.tid); err != nil {
+				if errors.Is(err, ptrace.ErrTimeout) {
+					return f.stopTimeout(t.tid, err)
+				}
 				return err
 			}
 		}
@@ -148,6 +151,21 @@ func (f *Frozen) stopAll() error {
 		return fmt.Errorf("main thread gone")
 	}
 	return f.mayTraceStopped()
+}
+
+// stopTimeout explains why thread tid did not stop. It stays attached,
+// its interrupt pending: PTRACE_DETACH needs a stopped tracee. The tracer
+// thread's exit (ptrace.Tracer.Close) releases it, and the kernel then
+// drops the pending interrupt, so the thread never stops and sees nothing.
+func (f *Frozen) stopTimeout(tid int, err error) error {
+	if verr := vforkError(f.Pid); verr != nil {
+		return verr
+	}
+	state := threadState(f.Pid, tid)
+	if state == 0 {
+		state = '?'
+	}
+	return fmt.Errorf("thread %d does not stop (state %c): %w", tid, state, err)
 }
 
 // waitInterrupt waits for a seized thread's interrupt stop. A signal may be
@@ -190,6 +208,12 @@ func checkSupported(pid int, inTree bool) error {
 	}
 	if strings.HasPrefix(st["State"], "Z") {
 		return fmt.Errorf("process is a zombie")
+	}
+	// Before anything else: a vfork parent cannot be stopped, whatever
+	// else would be refused about it (its vfork child, as a child
+	// process or as a member sharing its memory).
+	if err := vforkError(pid); err != nil {
+		return err
 	}
 	if s := st["Seccomp"]; s != "" && s != "0" {
 		return unsupported("seccomp filters (mode %s)", s)

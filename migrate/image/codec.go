@@ -243,7 +243,10 @@ func (d *Decoder) next() (any, error) {
 		var eb [64]byte
 		b := eb[:size]
 		if _, err := io.ReadFull(d.r, b); err != nil {
-			return nil, corruptf("truncated end record")
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return nil, corruptf("truncated end record")
+			}
+			return nil, err // the source's own failure (a timeout): not the snapshot's
 		}
 		var end End
 		if err := msgpack.Unmarshal(b, &end); err != nil {

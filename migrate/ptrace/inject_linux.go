@@ -1,8 +1,13 @@
 package ptrace
 
 import (
+	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,6 +28,15 @@ type Injector struct {
 	// NewChild is the pid, in the tracer's namespace, of the last process
 	// or thread an injected clone made (PTRACE_GETEVENTMSG).
 	NewChild int
+	// Timeout bounds each call or batch; 0 means StopTimeout.
+	Timeout time.Duration
+}
+
+func (in *Injector) bound() time.Duration {
+	if in.Timeout > 0 {
+		return in.Timeout
+	}
+	return StopTimeout
 }
 
 // NewInjector saves tid's registers so that Restore can put them back.
@@ -52,10 +66,12 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 	if err := SingleStep(in.Tid); err != nil {
 		return 0, fmt.Errorf("inject syscall %d: step %d: %w", nr, in.Tid, err)
 	}
+	// One bound for the call, however many other stops come first.
+	deadline := time.Now().Add(in.bound())
 	for {
-		st, err := Wait(in.Tid)
+		st, err := WaitTimeout(in.Tid, time.Until(deadline))
 		if err != nil {
-			return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+			return 0, fmt.Errorf("inject syscall %d: %w", nr, in.regain(err))
 		}
 		if !st.Status.Stopped() {
 			return 0, fmt.Errorf("inject syscall %d: tid %d %v", nr, in.Tid, st)
@@ -110,10 +126,11 @@ func (in *Injector) Batch(code, addr uintptr, n int) (int, error) {
 	if err := Cont(in.Tid, 0); err != nil {
 		return 0, fmt.Errorf("batch: cont %d: %w", in.Tid, err)
 	}
+	deadline := time.Now().Add(in.bound())
 	for {
-		st, err := Wait(in.Tid)
+		st, err := WaitTimeout(in.Tid, time.Until(deadline))
 		if err != nil {
-			return 0, fmt.Errorf("batch: %w", err)
+			return 0, fmt.Errorf("batch: %w", in.regain(err))
 		}
 		if !st.Status.Stopped() {
 			return 0, fmt.Errorf("batch: tid %d %v", in.Tid, st)
@@ -140,6 +157,59 @@ func (in *Injector) Batch(code, addr uintptr, n int) (int, error) {
 		return done, syscall.Errno(-ret)
 	}
 	return n, nil
+}
+
+// regain, after err from waiting for an injected call, stops the thread
+// again if the call did not come back in time (a call that blocks):
+// PTRACE_INTERRUPT ends an interruptible sleep and the thread stops on
+// its way out, where Restore can put its registers back; the call is
+// abandoned and the thread is as it was. The SIGTRAP the single step
+// may have queued on the way is taken, not delivered; other signals
+// that stop it meanwhile go to Signals. A thread that does not stop
+// within a second (an uninterruptible sleep) is left running the call.
+// It returns err, saying which. Runs on the tracer thread.
+func (in *Injector) regain(err error) error {
+	if !errors.Is(err, ErrTimeout) {
+		return err
+	}
+	if Interrupt(in.Tid) != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		st, werr := WaitTimeout(in.Tid, time.Until(deadline))
+		if werr != nil || !st.Status.Stopped() {
+			return fmt.Errorf("%w; the thread is still in the call", err)
+		}
+		switch {
+		case st.Sig() == unix.SIGTRAP && st.Event() == 0:
+			// The step's trap: the call has returned.
+			return fmt.Errorf("%w; the call was abandoned, the thread stopped", err)
+		case st.IsEventStop() && !trapPending(in.Tid):
+			return fmt.Errorf("%w; the call was abandoned, the thread stopped", err)
+		case st.Event() == 0:
+			in.Signals = append(in.Signals, st.Sig())
+		}
+		// On to the step's trap (or past another stop), delivering nothing.
+		if Cont(in.Tid, 0) != nil {
+			return fmt.Errorf("%w; the thread is still in the call", err)
+		}
+	}
+}
+
+// trapPending reports whether a SIGTRAP is pending for thread tid.
+func trapPending(tid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "SigPnd:"); ok {
+			m, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && m&(1<<(unix.SIGTRAP-1)) != 0
+		}
+	}
+	return false
 }
 
 // Restore puts back the registers saved when the injector was made (or

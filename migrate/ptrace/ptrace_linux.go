@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -55,19 +56,57 @@ func (s Stop) String() string {
 // ErrExited is returned by Wait when the tracee is gone.
 var ErrExited = errors.New("process exited")
 
-// Wait waits for tid to change state. An exit or death is returned as an
-// error wrapping ErrExited. Runs on the tracer thread.
-func Wait(tid int) (Stop, error) {
+// ErrTimeout is returned by Wait when the tracee neither stopped nor
+// exited within its deadline.
+var ErrTimeout = errors.New("timed out")
+
+// StopTimeout bounds every Wait: a tracee that is asked to stop (an
+// interrupt, a single step, an injected call, a kill) and neither stops
+// nor exits within it is given up on, whatever it is doing (a parent
+// waiting in vfork, an uninterruptible sleep), rather than hanging the
+// tracer.
+const StopTimeout = 10 * time.Second
+
+// Wait waits, at most StopTimeout, for tid to change state. An exit or
+// death is returned as an error wrapping ErrExited, no change in time as
+// one wrapping ErrTimeout. Runs on the tracer thread.
+func Wait(tid int) (Stop, error) { return WaitTimeout(tid, StopTimeout) }
+
+// waitSpin is how long WaitTimeout polls, yielding the CPU in between,
+// before it starts to sleep: a single-stepped or injected call stops
+// within microseconds, and the tracer should see it at once.
+const waitSpin = time.Millisecond
+
+// WaitTimeout is Wait with the bound d. It polls (wait4 with WNOHANG): a
+// blocking wait4 cannot be given a deadline, and nothing the tracer could
+// do to end one early would leave the tracee untouched.
+// Runs on the tracer thread.
+func WaitTimeout(tid int, d time.Duration) (Stop, error) {
 	var ws unix.WaitStatus
+	start := time.Now()
+	deadline := start.Add(d)
+	var pause time.Duration
 	for {
-		_, err := unix.Wait4(tid, &ws, unix.WALL, nil)
+		got, err := unix.Wait4(tid, &ws, unix.WALL|unix.WNOHANG, nil)
 		if err == syscall.EINTR {
 			continue
 		}
 		if err != nil {
 			return Stop{}, fmt.Errorf("wait %d: %w", tid, err)
 		}
-		break
+		if got == tid {
+			break
+		}
+		now := time.Now()
+		if !now.Before(deadline) {
+			return Stop{}, fmt.Errorf("tid %d: no stop or exit within %v: %w", tid, max(d, 0).Round(time.Millisecond), ErrTimeout)
+		}
+		if now.Sub(start) < waitSpin {
+			unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+			continue
+		}
+		pause = min(max(2*pause, 20*time.Microsecond), 2*time.Millisecond)
+		time.Sleep(min(pause, deadline.Sub(now)))
 	}
 	s := Stop{Status: ws}
 	if ws.Exited() || ws.Signaled() {

@@ -129,7 +129,7 @@ func OpenSink(spec string, opt SinkOptions) (Sink, error) {
 		return openHaltableFileSink(spec, rest, opt)
 	}
 	if spec == "stdout" || spec == "-" || spec == "" {
-		s := openStdoutSink()
+		s := openStdoutSink(opt.WriteTimeout)
 		if opt.Halt {
 			if err := s.checkHalt(); err != nil {
 				return nil, err
@@ -149,11 +149,12 @@ func openHaltableFileSink(spec, path string, opt SinkOptions) (*fileSink, error)
 			return nil, err
 		}
 	}
-	s, err := openFileSink(spec, path)
+	s, err := openFileSink(spec, path, opt)
 	if err != nil || !opt.Halt {
 		return s, err
 	}
 	if err := s.checkHalt(); err != nil {
+		s.poll.release()
 		s.f.Close()
 		if s.tmp != "" {
 			os.Remove(s.tmp)
@@ -178,22 +179,25 @@ func OpenSource(spec string, opt SourceOptions) (Source, error) {
 		}
 		return listenSource(spec, scheme, rest, opt)
 	case "file":
-		return openFileSource(spec, rest)
+		return openFileSource(spec, rest, opt)
 	}
 	if spec == "stdin" || spec == "-" || spec == "" {
-		return &fileSource{spec: "stdin", f: os.Stdin, std: true}, nil
+		return &fileSource{spec: "stdin", f: os.Stdin, std: true, poll: pollable(os.Stdin, opt.ReadTimeout)}, nil
 	}
-	return openFileSource(spec, spec)
+	return openFileSource(spec, spec, opt)
 }
 
 // fileSink writes stdout or a file, through a buffer (a raw record stream
 // is written in small pieces). A regular file is written under a temporary
 // name in the same directory and renamed into place only when the body is
 // complete, so that a snapshot under its final name is never a truncated
-// one. Other files (devices, FIFOs) and stdout are written directly.
+// one. Other files (devices, FIFOs) and stdout are written directly; a
+// pipe, FIFO or socket with the write timeout as the bound on each write
+// (pollable).
 type fileSink struct {
 	spec, path string
 	f          *os.File
+	poll       *pollFile // f made pollable, or nil
 	w          *bufio.Writer
 	tmp        string // "" when writing path directly
 	std        bool   // stdout: never closed
@@ -204,18 +208,31 @@ type fileSink struct {
 	err        error
 }
 
-func openStdoutSink() *fileSink {
-	return &fileSink{spec: "stdout", f: os.Stdout, w: bufio.NewWriterSize(os.Stdout, 256<<10), std: true}
+func openStdoutSink(wt time.Duration) *fileSink {
+	s := &fileSink{spec: "stdout", f: os.Stdout, std: true}
+	s.setWriter(wt)
+	return s
 }
 
-func openFileSink(spec, path string) (*fileSink, error) {
+// setWriter buffers the writes to s.f, through a pollable duplicate
+// bounded by wt when s.f is a pipe, FIFO or socket.
+func (s *fileSink) setWriter(wt time.Duration) {
+	var w io.Writer = s.f
+	if s.poll = pollable(s.f, wt); s.poll != nil {
+		w = s.poll
+	}
+	s.w = bufio.NewWriterSize(w, 256<<10)
+}
+
+func openFileSink(spec, path string, opt SinkOptions) (*fileSink, error) {
 	s := &fileSink{spec: spec, path: path}
 	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
-		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		f, err := openWriteEnd(path, fi, opt.DialTimeout)
 		if err != nil {
 			return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
 		}
-		s.f, s.w = f, bufio.NewWriterSize(f, 256<<10)
+		s.f = f
+		s.setWriter(opt.WriteTimeout)
 		return s, nil
 	}
 	// Snapshots hold process memory (keys, passwords): CreateTemp makes 0600.
@@ -249,6 +266,7 @@ func (s *fileSink) finish() error {
 		return s.err
 	}
 	s.finished = true
+	defer s.poll.release()
 	if s.err == nil && s.linked && !s.done {
 		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
 	}
@@ -300,6 +318,7 @@ func (s *fileSink) AwaitReady(time.Duration) error {
 	}
 	if err := s.checkHalt(); err != nil {
 		s.err, s.finished = err, true
+		s.poll.release()
 		if !s.std {
 			s.f.Close()
 		}
@@ -319,23 +338,29 @@ func (s *fileSink) AwaitReady(time.Duration) error {
 func (s *fileSink) Commit() error { return s.err }
 func (s *fileSink) Close() error  { return s.finish() }
 
-// fileSource reads a file or stdin.
+// fileSource reads a file or stdin; a pipe, FIFO or socket with the read
+// timeout as the bound on each read (pollable).
 type fileSource struct {
 	spec string
 	f    *os.File
 	std  bool
+	poll *pollFile // f made pollable, or nil
 }
 
-func openFileSource(spec, path string) (*fileSource, error) {
+func openFileSource(spec, path string, opt SourceOptions) (*fileSource, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("stream: open source %s: %w", spec, err)
 	}
-	return &fileSource{spec: spec, f: f}, nil
+	return &fileSource{spec: spec, f: f, poll: pollable(f, opt.ReadTimeout)}, nil
 }
 
 func (s *fileSource) Read(p []byte) (int, error) {
-	n, err := s.f.Read(p)
+	var r io.Reader = s.f
+	if s.poll != nil {
+		r = s.poll
+	}
+	n, err := r.Read(p)
 	if err != nil && err != io.EOF {
 		err = fmt.Errorf("stream: read %s: %w", s.spec, err)
 	}
@@ -346,6 +371,7 @@ func (s *fileSource) Addr() string                    { return s.f.Name() }
 func (s *fileSource) Ready(error) error               { return nil }
 func (s *fileSource) AwaitCommit(time.Duration) error { return nil }
 func (s *fileSource) Close() error {
+	s.poll.release()
 	if s.std {
 		return nil
 	}
