@@ -152,6 +152,30 @@ func TestAPILimits(t *testing.T) {
 		}
 	}
 
+	// Agent reports are checked where they are proposed, as run requests
+	// are: the FSM applies whatever is committed.
+	var w4 api.Workload
+	c.ctlJSON(nd, &w4, "status", ids[4])
+	at := time.Now().UTC().Format(time.RFC3339Nano)
+	for _, tc := range []struct{ body, want string }{
+		{`{"kind":"started","id":"` + w4.ID + `","node":"` + w4.DesiredNode + `","attempt":1,"pid":-1,"exit_code":0,"at":"` + at + `"}`, "pid -1: out of range"},
+		{`{"kind":"started","id":"` + strings.Repeat("w", 65) + `","node":"` + w4.DesiredNode + `","attempt":1,"exit_code":0,"at":"` + at + `"}`, "id: 65 bytes, limit 64"},
+		{`{"kind":"exited","id":"` + w4.ID + `","node":"a\u001b[2Jb","attempt":1,"exit_code":1,"at":"` + at + `"}`, "node: control character"},
+	} {
+		if code, ans := post(t, nd, api.PathReport, tc.body); code != http.StatusBadRequest || !strings.Contains(ans, tc.want) {
+			t.Errorf("POST %s %.60s...: %d %.200s; want 400 with %q", api.PathReport, tc.body, code, ans, tc.want)
+		}
+	}
+	body := `{"kind":"exited","id":"` + w4.ID + `","node":"` + w4.DesiredNode + `","attempt":1,"exit_code":1,"message":"` +
+		strings.Repeat("m", 2048) + `","at":"` + at + `"}`
+	if code, ans := post(t, nd, api.PathReport, body); code != http.StatusNoContent {
+		t.Fatalf("exit report with a 2 KiB message: %d %.200s; want 204", code, ans)
+	}
+	c.ctlJSON(nd, &w4, "status", ids[4])
+	if len(w4.Message) != 1024 {
+		t.Errorf("exit message: %d bytes in the state, want cut to 1024", len(w4.Message))
+	}
+
 	// Ended workloads are removed after the retention.
 	for _, id := range ids {
 		c.ctl(nd, "stop", id)

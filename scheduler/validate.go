@@ -43,7 +43,7 @@ const (
 	MaxCPUMilli      = 1000000   // cpu_milli: 1000 CPUs
 	MaxMemoryMB      = 1 << 30   // memory_mb: 1 PiB
 	MaxWorkloads     = 10000     // workloads in the state, ended ones included until collected
-	MaxMessageLen    = 1024      // exit messages are cut to this
+	MaxMessageLen    = 1024      // exit messages are cut to this; the FSM cuts migration errors to it, so it never changes
 	MaxSignalLen     = 64        // signal names in reports
 	MaxUserName      = 256       // user and group names
 	MaxID            = 1<<32 - 2 // uid and gid: (uid_t)−1 means "unchanged" to the kernel
@@ -126,9 +126,13 @@ func checkMap(field string, m map[string]string) error {
 	return nil
 }
 
-// ValidateWorkload checks a workload spec against every limit. Both the API
-// (before proposing) and the FSM (when applying workload-create) call it, so
-// a raft entry can never carry a workload the state would not accept.
+// ValidateWorkload checks a workload spec against every limit. It is
+// applied where a workload-create is proposed (the API, through
+// CheckCreate), never by the FSM: the FSM applies whatever was committed
+// (see applyWorkloadCreate), so that a server replaying an entry an older
+// pclusterd accepted agrees with one restored from a snapshot holding it.
+// Limits may therefore tighten from one version to the next; the FSM's
+// rules may not.
 func ValidateWorkload(w *Workload) error {
 	if err := CheckWorkloadID(w.ID); err != nil {
 		return err
@@ -204,6 +208,22 @@ func ValidateWorkload(w *Workload) error {
 	return validateCred(w)
 }
 
+// CheckCreate is the check the leader makes before proposing workload w
+// on state s: w's spec (ValidateWorkload) and the bound on the number of
+// workloads in the state. The count is read before proposing, so requests
+// that race may take it a few over MaxWorkloads (each sees room); the FSM
+// does not refuse them (it applies what was committed).
+func CheckCreate(s *State, w *Workload) error {
+	if err := ValidateWorkload(w); err != nil {
+		return err
+	}
+	if len(s.Workloads) >= MaxWorkloads {
+		return &FieldError{Field: "workloads",
+			Problem: fmt.Sprintf("the state holds %d, limit %d; ended ones are removed after the GC retention", len(s.Workloads), MaxWorkloads)}
+	}
+	return nil
+}
+
 // validateCred checks a workload's credentials: uid/gid −1 (not given) or
 // 0..MaxID, names well-formed, not both a uid and a user name.
 func validateCred(w *Workload) error {
@@ -239,8 +259,10 @@ func validateCred(w *Workload) error {
 // (kill(-pid)) or every process (kill(-1)).
 const MaxPID = 1 << 22
 
-// checkReport checks the fields an agent's report carries.
-func checkReport(id, node, signal string, pid int) error {
+// CheckReport checks the fields an agent's report carries. The API applies
+// it before proposing the report (with CutMessage on its message); the FSM
+// does not (see ValidateWorkload).
+func CheckReport(id, node, signal string, pid int) error {
 	if err := CheckWorkloadID(id); err != nil {
 		return err
 	}
@@ -253,7 +275,11 @@ func checkReport(id, node, signal string, pid int) error {
 	return checkString("signal", signal, MaxSignalLen)
 }
 
-// cut shortens an exit message to MaxMessageLen bytes.
+// CutMessage shortens an exit message to MaxMessageLen bytes; the API
+// applies it to a report before proposing it.
+func CutMessage(s string) string { return cut(s) }
+
+// cut shortens a message to MaxMessageLen bytes.
 func cut(s string) string {
 	if len(s) <= MaxMessageLen {
 		return s

@@ -7,12 +7,13 @@ import (
 	"testing"
 )
 
-// TestValidateWorkload checks each limit on a workload spec, applied by the
-// FSM itself (so no raft entry can carry an invalid workload): every
-// refusal is ErrInvalid and names the field and the limit.
+// TestValidateWorkload checks each limit on a workload spec, as the leader
+// applies it before proposing (CheckCreate; cluster's TestAPILimits holds
+// that the API does): every refusal is ErrInvalid and names the field and
+// the limit.
 func TestValidateWorkload(t *testing.T) {
-	a := &applier{t: t, f: NewFSM()}
-	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "a"}})
+	st := NewState()
+	st.Nodes["a"] = &Node{Name: "a"}
 	big := strings.Repeat("x", 1<<20)
 	many := func(n int) []string {
 		out := make([]string, n)
@@ -60,9 +61,9 @@ func TestValidateWorkload(t *testing.T) {
 		{"id with slash", func(w *Workload) { w.ID = "../x" }, "id: "},
 		{"vip", func(w *Workload) { w.VIP = "nope" }, "vip"},
 	} {
-		w := Workload{ID: fmt.Sprintf("w%d", a.idx), Name: "n", Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a"}
+		w := Workload{ID: "w1", Name: "n", Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a"}
 		c.edit(&w)
-		err, _ := a.apply(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: w}).(error)
+		err := CheckCreate(st, &w)
 		switch {
 		case c.want == "" && err != nil:
 			t.Errorf("%s: refused: %v", c.name, err)
@@ -72,37 +73,47 @@ func TestValidateWorkload(t *testing.T) {
 	}
 }
 
-// TestMaxWorkloads checks the bound on the number of workloads in the state.
+// TestMaxWorkloads checks the bound on the number of workloads in the
+// state, checked before proposing.
 func TestMaxWorkloads(t *testing.T) {
-	a := &applier{t: t, f: NewFSM()}
-	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "a"}})
-	for i := 0; i < MaxWorkloads; i++ {
-		a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: fmt.Sprint("w", i), Command: "x", UID: -1, GID: -1, DesiredNode: "a"}})
+	st := NewState()
+	w := Workload{ID: "wmore", Command: "x", UID: -1, GID: -1, DesiredNode: "a"}
+	for i := 0; i < MaxWorkloads-1; i++ {
+		st.Workloads[fmt.Sprint("w", i)] = &Workload{}
 	}
-	err, _ := a.apply(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "wmore", Command: "x", UID: -1, GID: -1, DesiredNode: "a"}}).(error)
+	if err := CheckCreate(st, &w); err != nil {
+		t.Fatalf("workload %d: %v", MaxWorkloads, err)
+	}
+	st.Workloads["wlast"] = &Workload{}
+	err := CheckCreate(st, &w)
 	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "limit 10000") {
 		t.Errorf("workload %d: got %v, want refused naming the limit", MaxWorkloads+1, err)
 	}
 }
 
-// TestFSMReportLimits checks that reports are bounded too: a long exit
-// message is cut, an oversized id refused.
-func TestFSMReportLimits(t *testing.T) {
-	a := &applier{t: t, f: NewFSM()}
-	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "a"}})
-	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w1", Command: "x", UID: -1, GID: -1, DesiredNode: "a"}})
-	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w1", Node: "a", Attempt: 1, PID: 1})
-	w := a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 1, ExitCode: 1, Message: strings.Repeat("m", 1<<20)}).(Workload)
-	if len(w.Message) != MaxMessageLen {
-		t.Errorf("exit message: %d bytes, want cut to %d", len(w.Message), MaxMessageLen)
+// TestReportLimits checks that reports are bounded too, before they are
+// proposed: a long exit message is cut, an oversized id, a node or signal
+// with a newline, a PID out of range refused naming the field (cluster's
+// TestAPILimits holds that the API applies these).
+func TestReportLimits(t *testing.T) {
+	if m := CutMessage(strings.Repeat("m", 1<<20)); len(m) != MaxMessageLen {
+		t.Errorf("exit message: %d bytes, want cut to %d", len(m), MaxMessageLen)
 	}
-	if err, _ := a.apply(CmdWorkloadStarted, &WorkloadStartedCmd{ID: strings.Repeat("w", 65), Node: "a", Attempt: 1}).(error); !errors.Is(err, ErrInvalid) {
-		t.Errorf("report with a 65-byte id: got %v, want ErrInvalid", err)
-	}
-	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w2", Command: "x", UID: -1, GID: -1, DesiredNode: "a"}})
-	for _, pid := range []int{-1, MaxPID + 1} {
-		if err, _ := a.apply(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w2", Node: "a", Attempt: 1, PID: pid}).(error); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "pid") {
-			t.Errorf("started with pid %d: got %v, want refused naming the pid", pid, err)
+	for _, c := range []struct {
+		id, node, signal string
+		pid              int
+		want             string
+	}{
+		{"w1", "a", "", 1, ""},
+		{strings.Repeat("w", 65), "a", "", 1, "id: 65 bytes"},
+		{"w1", "a\nb", "", 1, "node: control character"},
+		{"w1", "a", strings.Repeat("s", 65), 1, "signal: 65 bytes"},
+		{"w1", "a", "", -1, "pid -1: out of range"},
+		{"w1", "a", "", MaxPID + 1, "pid 4194305: out of range"},
+	} {
+		err := CheckReport(c.id, c.node, c.signal, c.pid)
+		if c.want == "" && err != nil || c.want != "" && (!errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.want)) {
+			t.Errorf("report %.20q on %q signal %.20q pid %d: got %v, want %q", c.id, c.node, c.signal, c.pid, err, c.want)
 		}
 	}
 }
