@@ -79,6 +79,9 @@ func TestAPILimits(t *testing.T) {
 		{`{"command":"/bin/true","name":"` + strings.Repeat("x", 900<<10) + `"}`, 400, "name: 921600 bytes, limit 256"},
 		{`{"command":"/bin/true","labels":{"k":"` + strings.Repeat("v", 300) + `"}}`, 400, "labels k: 300 bytes, limit 256"},
 		{`{"command":"/bin/true","uid":1e30}`, 400, "field uid"},
+		{`{"command":"/bin/true\u001b[2J"}`, 400, "command: control character U+001B at byte 9"},
+		{`{"command":"/bin/sh","args":["-c","echo \u001b]0;x\u0007"]}`, 400, "args[1]: control character U+001B"},
+		{`{"command":"/bin/true","cwd":"/tmp\n"}`, 400, "cwd: control character U+000A"},
 		{`{"command":"/bin/true"} {"command":"/bin/true"}`, 400, "trailing data"},
 		{``, 400, "empty request body"},
 	} {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"unicode"
 )
 
 // ErrInvalid marks a spec or command the state refuses: a field out of its
@@ -58,26 +59,32 @@ func CheckID(field string, v int64) (uint32, error) {
 	return uint32(v), nil
 }
 
+// control reports a control character (C0, DEL, C1: U+0080–U+009F, which
+// some terminals take for ESC sequences) other than tab.
+func control(r rune) bool { return r != '\t' && unicode.IsControl(r) }
+
 // checkString refuses s over max bytes, or holding control characters:
-// names, labels and ids are printed on one line.
+// names, labels, ids, the command and its cwd are printed on one line, and
+// an ESC would reach the terminal of whoever lists them.
 func checkString(field, s string, max int) error {
 	if len(s) > max {
 		return invalid(field, "%d bytes, limit %d", len(s), max)
 	}
-	if i := strings.IndexFunc(s, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }); i >= 0 {
-		return invalid(field, "control character at byte %d", i)
+	if i := strings.IndexFunc(s, control); i >= 0 {
+		return invalid(field, "control character %U at byte %d", []rune(s[i:])[0], i)
 	}
 	return nil
 }
 
-// checkExecString is checkString for what reaches execve (command, args,
-// env, cwd): any byte but NUL, which execve cannot carry.
-func checkExecString(field, s string, max int) error {
+// checkText is checkString for an argument or an environment value, which
+// may hold lines: tab and newline are allowed (a script given to sh -c),
+// no other control character (pclusterctl quotes what it prints of them).
+func checkText(field, s string, max int) error {
 	if len(s) > max {
 		return invalid(field, "%d bytes, limit %d", len(s), max)
 	}
-	if i := strings.IndexByte(s, 0); i >= 0 {
-		return invalid(field, "NUL at byte %d", i)
+	if i := strings.IndexFunc(s, func(r rune) bool { return r != '\n' && control(r) }); i >= 0 {
+		return invalid(field, "control character %U at byte %d (tab and newline only)", []rune(s[i:])[0], i)
 	}
 	return nil
 }
@@ -140,6 +147,11 @@ func ValidateWorkload(w *Workload) error {
 	if w.Command == "" {
 		return invalid("command", "empty")
 	}
+	// Before the name, which the API derives from the command when none
+	// is given: the refusal names what the user gave.
+	if err := checkString("command", w.Command, MaxPathLen); err != nil {
+		return err
+	}
 	for _, f := range []struct {
 		name string
 		v    string
@@ -149,10 +161,7 @@ func ValidateWorkload(w *Workload) error {
 			return err
 		}
 	}
-	if err := checkExecString("command", w.Command, MaxPathLen); err != nil {
-		return err
-	}
-	if err := checkExecString("cwd", w.Cwd, MaxPathLen); err != nil {
+	if err := checkString("cwd", w.Cwd, MaxPathLen); err != nil {
 		return err
 	}
 	if w.VIP != "" && net.ParseIP(w.VIP) == nil {
@@ -163,7 +172,7 @@ func ValidateWorkload(w *Workload) error {
 		return invalid("args", "%d arguments, limit %d", len(w.Args), MaxArgs)
 	}
 	for i, a := range w.Args {
-		if err := checkExecString(fmt.Sprintf("args[%d]", i), a, MaxArgLen); err != nil {
+		if err := checkText(fmt.Sprintf("args[%d]", i), a, MaxArgLen); err != nil {
 			return err
 		}
 		total += len(a)
@@ -172,11 +181,15 @@ func ValidateWorkload(w *Workload) error {
 		return invalid("env", "%d entries, limit %d", len(w.Env), MaxEnv)
 	}
 	for i, e := range w.Env {
-		if err := checkExecString(fmt.Sprintf("env[%d]", i), e, MaxArgLen); err != nil {
+		k, v, ok := strings.Cut(e, "=")
+		if !ok || k == "" {
+			return invalid(fmt.Sprintf("env[%d]", i), "%.64q: want KEY=VALUE", e)
+		}
+		if err := checkString(fmt.Sprintf("env[%d] key", i), k, MaxArgLen); err != nil {
 			return err
 		}
-		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
-			return invalid(fmt.Sprintf("env[%d]", i), "%q: want KEY=VALUE", e)
+		if err := checkText(fmt.Sprintf("env[%d] %.64s", i, k), v, MaxArgLen-len(k)-1); err != nil {
+			return err
 		}
 		total += len(e)
 	}
