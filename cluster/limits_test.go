@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
 )
 
@@ -195,5 +196,21 @@ func TestAPILimits(t *testing.T) {
 	})
 	if _, errs, code := c.ctlRun("status", "-address", nd.socket, ids[0]); code != 3 {
 		t.Errorf("status of a collected workload: exit %d %s, want 3 (not found)", code, errs)
+	}
+}
+
+// TestStartRefusesBadNodeName: a node name goes into the state and every
+// list; pclusterd refuses one the leader would not register, at start,
+// with one line.
+func TestStartRefusesBadNodeName(t *testing.T) {
+	for name, want := range map[string]string{"a\x1b[2Jb": "start: node: control character U+001B at byte 1",
+		strings.Repeat("n", 300): "start: node: 300 bytes, limit 256"} {
+		s, err := cluster.Start(cluster.Config{Name: name})
+		if err == nil {
+			s.Shutdown()
+		}
+		if err == nil || err.Error() != want {
+			t.Errorf("start as %.20q: got %v, want %q", name, err, want)
+		}
 	}
 }

@@ -115,6 +115,24 @@ func CheckNodeName(name string) error {
 	return checkString("node", name, MaxNameLen)
 }
 
+// ValidateNode checks a node the leader is about to register (node-upsert):
+// its name, labels and addresses, with the limits of a workload's. Like
+// ValidateWorkload it binds where the command is proposed, not in the FSM.
+func ValidateNode(n *Node) error {
+	if err := CheckNodeName(n.Name); err != nil {
+		return err
+	}
+	if err := checkMap("labels", n.Labels); err != nil {
+		return err
+	}
+	for _, f := range []struct{ name, v string }{{"gossip address", n.GossipAddr}, {"raft address", n.RaftAddr}, {"API address", n.APIAddr}} {
+		if err := checkString(f.name, f.v, MaxNameLen); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func checkMap(field string, m map[string]string) error {
 	if len(m) > MaxLabels {
 		return invalid(field, "%d entries, limit %d", len(m), MaxLabels)
@@ -222,10 +240,13 @@ func ValidateWorkload(w *Workload) error {
 }
 
 // CheckCreate is the check the leader makes before proposing workload w
-// on state s: w's spec (ValidateWorkload) and the bound on the number of
-// workloads in the state. The count is read before proposing, so requests
-// that race may take it a few over MaxWorkloads (each sees room); the FSM
-// does not refuse them (it applies what was committed).
+// on state s: w's spec (ValidateWorkload), the bound on the number of
+// workloads in the state, and its virtual IP, which a lost workload still
+// holds (its node may come back with the process; the FSM, whose rule
+// predates this, refuses only an active holder). The state is read before
+// proposing, so requests that race may take the count a few over
+// MaxWorkloads (each sees room); the FSM does not refuse them (it applies
+// what was committed).
 func CheckCreate(s *State, w *Workload) error {
 	if err := ValidateWorkload(w); err != nil {
 		return err
@@ -233,6 +254,13 @@ func CheckCreate(s *State, w *Workload) error {
 	if len(s.Workloads) >= MaxWorkloads {
 		return &FieldError{Field: "workloads",
 			Problem: fmt.Sprintf("the state holds %d, limit %d; ended ones are removed after the GC retention", len(s.Workloads), MaxWorkloads)}
+	}
+	if w.VIP != "" {
+		for _, o := range s.Workloads {
+			if o.VIP == w.VIP && o.State == StateLost {
+				return fmt.Errorf("virtual IP %s is held by %s, lost with node %s (it may come back; stop it first): %w", w.VIP, o.ID, o.Node, ErrExists)
+			}
+		}
 	}
 	return nil
 }

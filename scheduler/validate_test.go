@@ -82,6 +82,43 @@ func TestValidateWorkload(t *testing.T) {
 	}
 }
 
+// TestValidateNode checks the node the leader registers from gossip.
+func TestValidateNode(t *testing.T) {
+	for _, c := range []struct {
+		n    Node
+		want string
+	}{
+		{Node{Name: "a", Labels: map[string]string{"zone": "x"}, APIAddr: "198.18.0.1:4647"}, ""},
+		{Node{Name: ""}, "node: empty name"},
+		{Node{Name: "a\x1b[2J"}, "node: control character U+001B"},
+		{Node{Name: strings.Repeat("n", 257)}, "node: 257 bytes, limit 256"},
+		{Node{Name: "a", Labels: map[string]string{"k": "v\n"}}, "labels k: control character U+000A"},
+		{Node{Name: "a", APIAddr: "x\ny"}, "API address: control character"},
+	} {
+		err := ValidateNode(&c.n)
+		if c.want == "" && err != nil || c.want != "" && (!errors.Is(err, ErrInvalid) || !strings.Contains(fmt.Sprint(err), c.want)) {
+			t.Errorf("node %.20q: got %v, want %q", c.n.Name, err, c.want)
+		}
+	}
+}
+
+// TestVIPHeldWhileLost: a lost workload keeps its virtual IP (its node may
+// come back with the process), so a new workload cannot take it until the
+// lost one is stopped; an ended one gives it up.
+func TestVIPHeldWhileLost(t *testing.T) {
+	st := NewState()
+	st.Workloads["wlost"] = &Workload{ID: "wlost", VIP: "198.18.0.10", State: StateLost, Node: "b"}
+	st.Workloads["wdone"] = &Workload{ID: "wdone", VIP: "198.18.0.11", State: StateStopped, Node: "b"}
+	w := Workload{ID: "wnew", Command: "x", UID: -1, GID: -1, DesiredNode: "a", VIP: "198.18.0.10"}
+	if err := CheckCreate(st, &w); !errors.Is(err, ErrExists) || !strings.Contains(err.Error(), "held by wlost, lost with node b") {
+		t.Errorf("VIP of a lost workload: got %v, want ErrExists naming wlost", err)
+	}
+	w.VIP = "198.18.0.11"
+	if err := CheckCreate(st, &w); err != nil {
+		t.Errorf("VIP of a stopped workload: %v", err)
+	}
+}
+
 // TestMaxWorkloads checks the bound on the number of workloads in the
 // state, checked before proposing.
 func TestMaxWorkloads(t *testing.T) {
