@@ -506,7 +506,7 @@ func (s *Server) handleRun(w http.ResponseWriter, r *http.Request) {
 }
 
 // newWorkload validates a run request and places it. The limits are
-// scheduler.ValidateWorkload's, the same the FSM applies.
+// scheduler.ValidateWorkload's; the FSM does not apply them again.
 func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	if req.Restart == "" {
 		req.Restart = scheduler.RestartNever
@@ -538,7 +538,11 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 		wl.GID = int(id)
 	}
 	wl.User, wl.Group = req.User, req.Group
-	if err := scheduler.ValidateWorkload(&wl); err != nil {
+	// The limits are checked here, where the command is proposed: the FSM
+	// applies whatever is committed (scheduler.CheckCreate says why).
+	var err error
+	s.fsm.Read(func(st *scheduler.State) { err = scheduler.CheckCreate(st, &wl) })
+	if err != nil {
 		return wl, fmt.Errorf("run: %w", err)
 	}
 	if req.Node != "" {
@@ -546,7 +550,6 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 			return wl, fmt.Errorf("run: %w", err) // echoed below: one line only once checked
 		}
 	}
-	var err error
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
 		Resources: wl.Resources})
 	if err != nil {
@@ -638,7 +641,17 @@ func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
+// applyReport checks an agent's report and proposes it. The checks are
+// made here, not by the FSM (scheduler.CheckReport says why).
 func (s *Server) applyReport(rep api.Report) (any, error) {
+	signal := ""
+	if rep.Kind == api.ReportExited {
+		signal = rep.Signal
+	}
+	if err := scheduler.CheckReport(rep.ID, rep.Node, signal, rep.PID); err != nil {
+		return nil, fmt.Errorf("report: %w", err)
+	}
+	rep.Message = scheduler.CutMessage(rep.Message)
 	switch rep.Kind {
 	case api.ReportStarted:
 		return s.apply(scheduler.CmdWorkloadStarted, &scheduler.WorkloadStartedCmd{ID: rep.ID, Node: rep.Node,

@@ -223,6 +223,12 @@ func (s *Server) reconcileNodes(live map[string]memberView) error {
 			}
 			nd := scheduler.Node{Name: name, GossipAddr: m.node.Address(), APIAddr: m.meta.APIAddr,
 				RaftAddr: m.meta.RaftAddr, Labels: m.meta.Labels, Load: m.meta.Load, LoadAt: now}
+			// Checked here, where it is proposed: the FSM applies what
+			// was committed (scheduler.ValidateWorkload says why).
+			if err := scheduler.ValidateNode(&nd); err != nil {
+				s.log.Warn("node not registered", "node", fmt.Sprintf("%.64q", name), "err", err)
+				continue
+			}
 			changes = append(changes, change{scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: nd, At: now}})
 		}
 		for name, n := range st.Nodes {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
 )
 
@@ -79,6 +80,9 @@ func TestAPILimits(t *testing.T) {
 		{`{"command":"/bin/true","name":"` + strings.Repeat("x", 900<<10) + `"}`, 400, "name: 921600 bytes, limit 256"},
 		{`{"command":"/bin/true","labels":{"k":"` + strings.Repeat("v", 300) + `"}}`, 400, "labels k: 300 bytes, limit 256"},
 		{`{"command":"/bin/true","uid":1e30}`, 400, "field uid"},
+		{`{"command":"/bin/true\u001b[2J"}`, 400, "command: control character U+001B at byte 9"},
+		{`{"command":"/bin/sh","args":["-c","echo \u001b]0;x\u0007"]}`, 400, "args[1]: control character U+001B"},
+		{`{"command":"/bin/true","cwd":"/tmp\n"}`, 400, "cwd: control character U+000A"},
 		{`{"command":"/bin/true"} {"command":"/bin/true"}`, 400, "trailing data"},
 		{``, 400, "empty request body"},
 	} {
@@ -152,6 +156,30 @@ func TestAPILimits(t *testing.T) {
 		}
 	}
 
+	// Agent reports are checked where they are proposed, as run requests
+	// are: the FSM applies whatever is committed.
+	var w4 api.Workload
+	c.ctlJSON(nd, &w4, "status", ids[4])
+	at := time.Now().UTC().Format(time.RFC3339Nano)
+	for _, tc := range []struct{ body, want string }{
+		{`{"kind":"started","id":"` + w4.ID + `","node":"` + w4.DesiredNode + `","attempt":1,"pid":-1,"exit_code":0,"at":"` + at + `"}`, "pid -1: out of range"},
+		{`{"kind":"started","id":"` + strings.Repeat("w", 65) + `","node":"` + w4.DesiredNode + `","attempt":1,"exit_code":0,"at":"` + at + `"}`, "id: 65 bytes, limit 64"},
+		{`{"kind":"exited","id":"` + w4.ID + `","node":"a\u001b[2Jb","attempt":1,"exit_code":1,"at":"` + at + `"}`, "node: control character"},
+	} {
+		if code, ans := post(t, nd, api.PathReport, tc.body); code != http.StatusBadRequest || !strings.Contains(ans, tc.want) {
+			t.Errorf("POST %s %.60s...: %d %.200s; want 400 with %q", api.PathReport, tc.body, code, ans, tc.want)
+		}
+	}
+	body := `{"kind":"exited","id":"` + w4.ID + `","node":"` + w4.DesiredNode + `","attempt":1,"exit_code":1,"message":"` +
+		strings.Repeat("m", 2048) + `","at":"` + at + `"}`
+	if code, ans := post(t, nd, api.PathReport, body); code != http.StatusNoContent {
+		t.Fatalf("exit report with a 2 KiB message: %d %.200s; want 204", code, ans)
+	}
+	c.ctlJSON(nd, &w4, "status", ids[4])
+	if len(w4.Message) != 1024 {
+		t.Errorf("exit message: %d bytes in the state, want cut to 1024", len(w4.Message))
+	}
+
 	// Ended workloads are removed after the retention.
 	for _, id := range ids {
 		c.ctl(nd, "stop", id)
@@ -168,5 +196,21 @@ func TestAPILimits(t *testing.T) {
 	})
 	if _, errs, code := c.ctlRun("status", "-address", nd.socket, ids[0]); code != 3 {
 		t.Errorf("status of a collected workload: exit %d %s, want 3 (not found)", code, errs)
+	}
+}
+
+// TestStartRefusesBadNodeName: a node name goes into the state and every
+// list; pclusterd refuses one the leader would not register, at start,
+// with one line.
+func TestStartRefusesBadNodeName(t *testing.T) {
+	for name, want := range map[string]string{"a\x1b[2Jb": "start: node: control character U+001B at byte 1",
+		strings.Repeat("n", 300): "start: node: 300 bytes, limit 256"} {
+		s, err := cluster.Start(cluster.Config{Name: name})
+		if err == nil {
+			s.Shutdown()
+		}
+		if err == nil || err.Error() != want {
+			t.Errorf("start as %.20q: got %v, want %q", name, err, want)
+		}
 	}
 }

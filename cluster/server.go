@@ -114,6 +114,11 @@ func Start(cfg Config) (s *Server, err error) {
 		h, _ := os.Hostname()
 		cfg.Name = h
 	}
+	// The name goes into the state, every list and every log line: the
+	// leader would refuse to register it (scheduler.ValidateNode).
+	if err := scheduler.CheckNodeName(cfg.Name); err != nil {
+		return nil, fmt.Errorf("start: %w", err)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}

@@ -235,10 +235,11 @@ func (a *Agent) reconcile(ctx context.Context) {
 // forget drops what this agent keeps for workloads the state no longer has
 // (removed by the GC after their retention): its record of starts and their
 // log files, which would otherwise grow without bound, and any process of
-// theirs still running (a lost workload whose node came back after the
-// retention), which nothing would supervise any more. Every id here was in
-// the state when the agent recorded it, and the state only moves forward,
-// so missing means removed.
+// theirs still running. The GC removes only ended workloads, never lost
+// ones (scheduler/gc.go), so a process can still run here for a removed
+// workload only if an operator stopped it while its node was cut off: this
+// carries out that stop. Every id here was in the state when the agent
+// recorded it, and the state only moves forward, so missing means removed.
 func (a *Agent) forget(present map[string]bool, now time.Time) {
 	for id, p := range a.procs {
 		switch {

@@ -56,7 +56,11 @@ func (l *fakeLeader) report(_ context.Context, r api.Report) error {
 
 func (l *fakeLeader) get(id string) scheduler.Workload {
 	var w scheduler.Workload
-	l.fsm.Read(func(s *scheduler.State) { w = *s.Workloads[id] })
+	l.fsm.Read(func(s *scheduler.State) {
+		if p := s.Workloads[id]; p != nil {
+			w = *p
+		}
+	})
 	return w
 }
 

@@ -25,7 +25,10 @@ import (
 // It returns nil when the agent is not root and nothing was asked: the
 // workload then runs exactly as the agent (which could not change it).
 func credential(w scheduler.Workload, node string) (*syscall.Credential, error) {
-	asked := w.UID >= 0 || w.GID >= 0 || w.User != "" || w.Group != ""
+	// Only −1 means "not given". The state holds whatever was committed
+	// (an older pclusterd accepted −5): any other value is range-checked
+	// below, never taken for "not given", which would run it as the agent.
+	asked := w.UID != -1 || w.GID != -1 || w.User != "" || w.Group != ""
 	if !asked && os.Geteuid() != 0 {
 		return nil, nil
 	}
@@ -40,7 +43,7 @@ func credential(w scheduler.Workload, node string) (*syscall.Credential, error) 
 		if uid, err = parseID(u.Uid); err != nil {
 			return nil, fmt.Errorf("user %q on node %s: uid %q: %w", w.User, node, u.Uid, err)
 		}
-	case w.UID >= 0:
+	case w.UID != -1:
 		if uid, err = scheduler.CheckID("uid", int64(w.UID)); err != nil {
 			return nil, err
 		}
@@ -61,7 +64,7 @@ func credential(w scheduler.Workload, node string) (*syscall.Credential, error) 
 		if gid, err = parseID(g.Gid); err != nil {
 			return nil, fmt.Errorf("group %q on node %s: gid %q: %w", w.Group, node, g.Gid, err)
 		}
-	case w.GID >= 0:
+	case w.GID != -1:
 		if gid, err = scheduler.CheckID("gid", int64(w.GID)); err != nil {
 			return nil, err
 		}
@@ -72,7 +75,7 @@ func credential(w scheduler.Workload, node string) (*syscall.Credential, error) 
 			if gid, err = parseID(u.Gid); err != nil {
 				return nil, fmt.Errorf("uid %d on node %s: primary gid %q: %w", uid, node, u.Gid, err)
 			}
-		case w.User == "" && w.UID < 0: // the agent's own uid, not in passwd
+		case w.User == "" && w.UID == -1: // the agent's own uid, not in passwd
 			gid = uint32(os.Getegid())
 		default:
 			return nil, fmt.Errorf("uid %d has no passwd entry on node %s: give a gid (-gid)", uid, node)

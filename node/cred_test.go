@@ -153,3 +153,14 @@ func TestAgentCredentials(t *testing.T) {
 		t.Errorf("unknown user: message %q, want it named", w.Message)
 	}
 }
+
+// TestCredentialOutOfRange: the state holds whatever was committed, so a
+// uid or gid an older pclusterd accepted (−5, 2^32) reaches the agent,
+// which refuses it by name instead of running the workload as itself.
+func TestCredentialOutOfRange(t *testing.T) {
+	for _, w := range []scheduler.Workload{{UID: -5, GID: -1}, {UID: -1, GID: -7}, {UID: 1 << 32, GID: 0}} {
+		if cred, err := credential(w, "a"); err == nil || !strings.Contains(err.Error(), "out of range") {
+			t.Errorf("uid %d gid %d: got %+v, %v; want refused, out of range", w.UID, w.GID, cred, err)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"errors"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/hashicorp/raft"
@@ -195,4 +196,93 @@ func TestFSMUnknownCommand(t *testing.T) {
 		}
 	}()
 	f.Apply(&raft.Log{Index: 2, Type: raft.LogCommand, Data: []byte{0x7f}})
+}
+
+// restored returns a fresh FSM restored from a snapshot of f, as a server
+// that installs it from its leader.
+func restored(t *testing.T, f *FSM) *FSM {
+	t.Helper()
+	store := raft.NewInmemSnapshotStore()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var idx uint64
+	f.Read(func(s *State) { idx = s.Index })
+	sink, err := store.Create(raft.SnapshotVersionMax, idx, 1, raft.Configuration{}, 1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := snap.Persist(sink); err != nil {
+		t.Fatal(err)
+	}
+	_, rc, err := store.Open(sink.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh := NewFSM()
+	if err := fresh.Restore(rc); err != nil {
+		t.Fatal(err)
+	}
+	return fresh
+}
+
+// TestFSMReplayEqualsSnapshot is the upgrade case: an older pclusterd
+// committed a workload over today's limits (max_restarts -1, 257
+// arguments, over 16 KiB of strings) and reported its exit with a 2 KiB
+// message. A server restored from the older version's snapshot and one
+// that replays the log must hold the same state, and go on agreeing. The
+// FSM applies what was committed; the limits bind where commands are
+// proposed (TestValidateWorkload, TestReportLimits).
+func TestFSMReplayEqualsSnapshot(t *testing.T) {
+	args := make([]string, MaxArgs+1)
+	for i := range args {
+		args[i] = strings.Repeat("a", 100)
+	}
+	spec := Workload{ID: "wold", Command: "/bin/sh", Args: args, UID: -1, GID: -1, DesiredNode: "a",
+		Restart: RestartPolicy{Mode: RestartOnFailure, Max: -1}, CreatedAt: 2}
+	long := strings.Repeat("m", 2048)
+	log := []struct {
+		t   CommandType
+		cmd any
+	}{
+		{CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "a"}, At: 1}},
+		{CmdWorkloadCreate, &WorkloadCreateCmd{Workload: spec}},
+		{CmdWorkloadStarted, &WorkloadStartedCmd{ID: "wold", Node: "a", Attempt: 1, PID: 100, StartTicks: 7, At: 3}},
+		{CmdWorkloadExited, &WorkloadExitedCmd{ID: "wold", Node: "a", Attempt: 1, ExitCode: 1, Message: long, At: 4}},
+		{CmdWorkloadStarted, &WorkloadStartedCmd{ID: "wold", Node: "a", Attempt: 2, PID: 101, StartTicks: 8, At: 5}},
+	}
+	const snapAt = 4 // the older version's snapshot covers entries 1..4
+
+	// Server B replays the whole log.
+	b := &applier{t: t, f: NewFSM()}
+	for _, e := range log {
+		b.apply(e.t, e.cmd)
+	}
+
+	// Server A restores the older version's snapshot, which holds the
+	// workload as that version applied entries 2..4, then applies entry 5.
+	old := &applier{t: t, f: NewFSM()}
+	old.ok(log[0].t, log[0].cmd)
+	w := spec
+	w.Desired, w.State, w.Node, w.ModifyIndex = DesiredRunning, StatePending, "a", 4 // pending its restart
+	w.Attempt, w.Restarts, w.ExitCode, w.Message, w.StartedAt, w.EndedAt = 2, 1, 1, long, 3, 4
+	old.f.mu.Lock()
+	old.f.state.Workloads[w.ID] = &w
+	old.f.state.Index = snapAt
+	old.f.mu.Unlock()
+	a := &applier{t: t, f: restored(t, old.f), idx: snapAt}
+	for _, e := range log[snapAt:] {
+		a.apply(e.t, e.cmd)
+	}
+
+	got, _ := b.f.Copy()
+	want, _ := a.f.Copy()
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("replayed state differs from the restored one:\nreplay   %d workloads %+v\nsnapshot %d workloads %+v",
+			len(got.Workloads), got.Workloads, len(want.Workloads), want.Workloads)
+	}
+	if w := got.Workloads["wold"]; w == nil || w.State != StateRunning || w.PID != 101 {
+		t.Errorf("workload after both: %+v, want running with PID 101", w)
+	}
 }

@@ -14,28 +14,29 @@ const DefaultGCAfter = time.Hour
 // MaxGCBatch bounds the ids of one workload-gc command (one raft entry).
 const MaxGCBatch = 1000
 
-// endedAt returns when w ended, and false while it is active. Lost
-// workloads count from when their node was declared down; records written
-// before LostAt existed fall back to their last known time.
+// endedAt returns when w ended, and false while it may still have a
+// process. A lost workload never counts as ended: its node was declared
+// down, not its process, and the node may come back with it running (its
+// agent then reports it again). Collecting it would make that agent find
+// the record gone and stop the process, the only copy of the workload,
+// without anyone having decided so. A lost workload leaves the state when
+// its node reports it again (running, or ended) or when an operator stops
+// it (stopped, then collected after the retention like any other).
 func endedAt(w *Workload) (int64, bool) {
 	switch w.State {
 	case StateExited, StateFailed, StateStopped:
 		if w.EndedAt != 0 {
 			return w.EndedAt, true
 		}
-	case StateLost:
-		if w.LostAt != 0 {
-			return w.LostAt, true
-		}
-	default:
-		return 0, false
+		return max(w.CreatedAt, w.StartedAt), true
 	}
-	return max(w.CreatedAt, w.StartedAt, w.EndedAt), true
+	return 0, false
 }
 
 // WorkloadsToCollect is the GC decision, a pure function of the state and
-// the clock: the ids of workloads that ended at or before cutoff (now minus
-// the retention), oldest first, at most limit of them.
+// the clock: the ids of workloads that ended (exited, failed, stopped; never
+// lost, see endedAt) at or before cutoff (now minus the retention), oldest
+// first, at most limit of them.
 func WorkloadsToCollect(s *State, cutoff int64, limit int) []string {
 	type cand struct {
 		at int64
@@ -66,8 +67,9 @@ func init() {
 
 // applyWorkloadGC removes the listed workloads that are still ended at or
 // before c.Before when the entry applies: one restarted (or re-listed by
-// its returning node) since the leader decided is kept. Their migrations
-// go with them. It returns how many were removed.
+// its returning node) since the leader decided is kept, and a lost one is
+// never removed (endedAt), whoever listed it. Their migrations go with
+// them. It returns how many were removed.
 func applyWorkloadGC(s *State, idx uint64, c *WorkloadGCCmd) any {
 	if len(c.IDs) > MaxGCBatch {
 		return fmt.Errorf("workload gc: %w", &FieldError{Field: "ids", Problem: fmt.Sprintf("%d, limit %d", len(c.IDs), MaxGCBatch)})

@@ -7,8 +7,10 @@ import (
 )
 
 // TestWorkloadsToCollect is the GC decision on a fake clock: ended
-// workloads (exited, failed, stopped, lost) older than the retention go,
-// oldest first, in batches; active ones and recent ones stay.
+// workloads (exited, failed, stopped) older than the retention go, oldest
+// first, in batches; active ones and recent ones stay, and lost ones stay
+// however old (their node may come back with the process running) until
+// an operator stops them.
 func TestWorkloadsToCollect(t *testing.T) {
 	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
 	ago := func(d time.Duration) int64 { return now.Add(-d).UnixNano() }
@@ -19,6 +21,9 @@ func TestWorkloadsToCollect(t *testing.T) {
 		{ID: "stopped-59m", State: StateStopped, CreatedAt: ago(3 * time.Hour), EndedAt: ago(59 * time.Minute)},
 		{ID: "lost-90m", State: StateLost, CreatedAt: ago(3 * time.Hour), StartedAt: ago(2 * time.Hour), LostAt: ago(90 * time.Minute)},
 		{ID: "lost-10m", State: StateLost, CreatedAt: ago(3 * time.Hour), StartedAt: ago(2 * time.Hour), LostAt: ago(10 * time.Minute)},
+		{ID: "lost-30h-pending", State: StateLost, CreatedAt: ago(31 * time.Hour), LostAt: ago(30 * time.Hour)},
+		{ID: "lost-then-stopped-70m", State: StateStopped, Desired: DesiredStopped, CreatedAt: ago(3 * time.Hour), StartedAt: ago(2 * time.Hour),
+			LostAt: ago(90 * time.Minute), EndedAt: ago(70 * time.Minute), PID: 42},
 		{ID: "running-old", State: StateRunning, CreatedAt: ago(30 * time.Hour), EndedAt: ago(29 * time.Hour)},
 		{ID: "pending-restart", State: StatePending, CreatedAt: ago(30 * time.Hour), EndedAt: ago(29 * time.Hour)},
 		{ID: "exited-exactly-1h", State: StateExited, EndedAt: ago(time.Hour)},
@@ -30,8 +35,8 @@ func TestWorkloadsToCollect(t *testing.T) {
 		limit int
 		want  []string
 	}{
-		{MaxGCBatch, []string{"exited-2h", "lost-90m", "failed-61m", "exited-exactly-1h"}},
-		{2, []string{"exited-2h", "lost-90m"}},
+		{MaxGCBatch, []string{"exited-2h", "lost-then-stopped-70m", "failed-61m", "exited-exactly-1h"}},
+		{2, []string{"exited-2h", "lost-then-stopped-70m"}},
 	} {
 		if got := WorkloadsToCollect(s, cutoff, c.limit); !reflect.DeepEqual(got, c.want) {
 			t.Errorf("limit %d: got %v, want %v", c.limit, got, c.want)
@@ -74,5 +79,18 @@ func TestFSMWorkloadGC(t *testing.T) {
 	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w3", Node: "a", Attempt: 1, At: 30})
 	if n := a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w3"}, Before: 25}); n != 0 {
 		t.Errorf("w3 ended at 30 removed with cutoff 25")
+	}
+
+	// A lost workload is never removed, whoever lists it: its node may
+	// come back with the process. Stopped by an operator, it goes.
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w4", Command: "x", UID: -1, GID: -1, DesiredNode: "b"}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w4", Node: "b", Attempt: 1, PID: 4, At: 40})
+	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "b", Status: NodeDown, At: 41})
+	if n := a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w4"}, Before: 1 << 62}); n != 0 {
+		t.Errorf("lost w4 removed by the GC")
+	}
+	a.ok(CmdWorkloadStop, &WorkloadStopCmd{ID: "w4", At: 50})
+	if n := a.ok(CmdWorkloadGC, &WorkloadGCCmd{IDs: []string{"w4"}, Before: 50}); n != 1 {
+		t.Errorf("w4 lost then stopped at 50: removed %v with cutoff 50, want 1", n)
 	}
 }

@@ -46,8 +46,8 @@ type WorkloadState string
 
 // Workload states. Lost means the node running it was declared dead: the
 // process may or may not still exist, and deciding what to do is left to an
-// operator or to the rescheduler (a later issue). Like every ended
-// workload, a lost one is removed from the state after the GC retention.
+// operator or to the rescheduler (a later issue). Unlike the ended states,
+// lost is never garbage-collected (scheduler/gc.go says why).
 const (
 	StatePending WorkloadState = "pending" // placed, not yet started by its node
 	StateRunning WorkloadState = "running"

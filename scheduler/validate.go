@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"unicode"
 )
 
 // ErrInvalid marks a spec or command the state refuses: a field out of its
@@ -43,7 +44,7 @@ const (
 	MaxCPUMilli      = 1000000   // cpu_milli: 1000 CPUs
 	MaxMemoryMB      = 1 << 30   // memory_mb: 1 PiB
 	MaxWorkloads     = 10000     // workloads in the state, ended ones included until collected
-	MaxMessageLen    = 1024      // exit messages are cut to this
+	MaxMessageLen    = 1024      // exit messages are cut to this; the FSM cuts migration errors to it, so it never changes
 	MaxSignalLen     = 64        // signal names in reports
 	MaxUserName      = 256       // user and group names
 	MaxID            = 1<<32 - 2 // uid and gid: (uid_t)−1 means "unchanged" to the kernel
@@ -58,26 +59,32 @@ func CheckID(field string, v int64) (uint32, error) {
 	return uint32(v), nil
 }
 
+// control reports a control character (C0, DEL, C1: U+0080–U+009F, which
+// some terminals take for ESC sequences) other than tab.
+func control(r rune) bool { return r != '\t' && unicode.IsControl(r) }
+
 // checkString refuses s over max bytes, or holding control characters:
-// names, labels and ids are printed on one line.
+// names, labels, ids, the command and its cwd are printed on one line, and
+// an ESC would reach the terminal of whoever lists them.
 func checkString(field, s string, max int) error {
 	if len(s) > max {
 		return invalid(field, "%d bytes, limit %d", len(s), max)
 	}
-	if i := strings.IndexFunc(s, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }); i >= 0 {
-		return invalid(field, "control character at byte %d", i)
+	if i := strings.IndexFunc(s, control); i >= 0 {
+		return invalid(field, "control character %U at byte %d", []rune(s[i:])[0], i)
 	}
 	return nil
 }
 
-// checkExecString is checkString for what reaches execve (command, args,
-// env, cwd): any byte but NUL, which execve cannot carry.
-func checkExecString(field, s string, max int) error {
+// checkText is checkString for an argument or an environment value, which
+// may hold lines: tab and newline are allowed (a script given to sh -c),
+// no other control character (pclusterctl quotes what it prints of them).
+func checkText(field, s string, max int) error {
 	if len(s) > max {
 		return invalid(field, "%d bytes, limit %d", len(s), max)
 	}
-	if i := strings.IndexByte(s, 0); i >= 0 {
-		return invalid(field, "NUL at byte %d", i)
+	if i := strings.IndexFunc(s, func(r rune) bool { return r != '\n' && control(r) }); i >= 0 {
+		return invalid(field, "control character %U at byte %d (tab and newline only)", []rune(s[i:])[0], i)
 	}
 	return nil
 }
@@ -108,6 +115,24 @@ func CheckNodeName(name string) error {
 	return checkString("node", name, MaxNameLen)
 }
 
+// ValidateNode checks a node the leader is about to register (node-upsert):
+// its name, labels and addresses, with the limits of a workload's. Like
+// ValidateWorkload it binds where the command is proposed, not in the FSM.
+func ValidateNode(n *Node) error {
+	if err := CheckNodeName(n.Name); err != nil {
+		return err
+	}
+	if err := checkMap("labels", n.Labels); err != nil {
+		return err
+	}
+	for _, f := range []struct{ name, v string }{{"gossip address", n.GossipAddr}, {"raft address", n.RaftAddr}, {"API address", n.APIAddr}} {
+		if err := checkString(f.name, f.v, MaxNameLen); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func checkMap(field string, m map[string]string) error {
 	if len(m) > MaxLabels {
 		return invalid(field, "%d entries, limit %d", len(m), MaxLabels)
@@ -126,15 +151,24 @@ func checkMap(field string, m map[string]string) error {
 	return nil
 }
 
-// ValidateWorkload checks a workload spec against every limit. Both the API
-// (before proposing) and the FSM (when applying workload-create) call it, so
-// a raft entry can never carry a workload the state would not accept.
+// ValidateWorkload checks a workload spec against every limit. It is
+// applied where a workload-create is proposed (the API, through
+// CheckCreate), never by the FSM: the FSM applies whatever was committed
+// (see applyWorkloadCreate), so that a server replaying an entry an older
+// pclusterd accepted agrees with one restored from a snapshot holding it.
+// Limits may therefore tighten from one version to the next; the FSM's
+// rules may not.
 func ValidateWorkload(w *Workload) error {
 	if err := CheckWorkloadID(w.ID); err != nil {
 		return err
 	}
 	if w.Command == "" {
 		return invalid("command", "empty")
+	}
+	// Before the name, which the API derives from the command when none
+	// is given: the refusal names what the user gave.
+	if err := checkString("command", w.Command, MaxPathLen); err != nil {
+		return err
 	}
 	for _, f := range []struct {
 		name string
@@ -145,10 +179,7 @@ func ValidateWorkload(w *Workload) error {
 			return err
 		}
 	}
-	if err := checkExecString("command", w.Command, MaxPathLen); err != nil {
-		return err
-	}
-	if err := checkExecString("cwd", w.Cwd, MaxPathLen); err != nil {
+	if err := checkString("cwd", w.Cwd, MaxPathLen); err != nil {
 		return err
 	}
 	if w.VIP != "" && net.ParseIP(w.VIP) == nil {
@@ -159,7 +190,7 @@ func ValidateWorkload(w *Workload) error {
 		return invalid("args", "%d arguments, limit %d", len(w.Args), MaxArgs)
 	}
 	for i, a := range w.Args {
-		if err := checkExecString(fmt.Sprintf("args[%d]", i), a, MaxArgLen); err != nil {
+		if err := checkText(fmt.Sprintf("args[%d]", i), a, MaxArgLen); err != nil {
 			return err
 		}
 		total += len(a)
@@ -168,11 +199,15 @@ func ValidateWorkload(w *Workload) error {
 		return invalid("env", "%d entries, limit %d", len(w.Env), MaxEnv)
 	}
 	for i, e := range w.Env {
-		if err := checkExecString(fmt.Sprintf("env[%d]", i), e, MaxArgLen); err != nil {
+		k, v, ok := strings.Cut(e, "=")
+		if !ok || k == "" {
+			return invalid(fmt.Sprintf("env[%d]", i), "%.64q: want KEY=VALUE", e)
+		}
+		if err := checkString(fmt.Sprintf("env[%d] key", i), k, MaxArgLen); err != nil {
 			return err
 		}
-		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
-			return invalid(fmt.Sprintf("env[%d]", i), "%q: want KEY=VALUE", e)
+		if err := checkText(fmt.Sprintf("env[%d] %.64s", i, k), v, MaxArgLen-len(k)-1); err != nil {
+			return err
 		}
 		total += len(e)
 	}
@@ -202,6 +237,32 @@ func ValidateWorkload(w *Workload) error {
 		return invalid(fmt.Sprintf("memory_mb %d", w.Resources.MemoryMB), "out of range 0..%d", MaxMemoryMB)
 	}
 	return validateCred(w)
+}
+
+// CheckCreate is the check the leader makes before proposing workload w
+// on state s: w's spec (ValidateWorkload), the bound on the number of
+// workloads in the state, and its virtual IP, which a lost workload still
+// holds (its node may come back with the process; the FSM, whose rule
+// predates this, refuses only an active holder). The state is read before
+// proposing, so requests that race may take the count a few over
+// MaxWorkloads (each sees room); the FSM does not refuse them (it applies
+// what was committed).
+func CheckCreate(s *State, w *Workload) error {
+	if err := ValidateWorkload(w); err != nil {
+		return err
+	}
+	if len(s.Workloads) >= MaxWorkloads {
+		return &FieldError{Field: "workloads",
+			Problem: fmt.Sprintf("the state holds %d, limit %d; ended ones are removed after the GC retention", len(s.Workloads), MaxWorkloads)}
+	}
+	if w.VIP != "" {
+		for _, o := range s.Workloads {
+			if o.VIP == w.VIP && o.State == StateLost {
+				return fmt.Errorf("virtual IP %s is held by %s, lost with node %s (it may come back; stop it first): %w", w.VIP, o.ID, o.Node, ErrExists)
+			}
+		}
+	}
+	return nil
 }
 
 // validateCred checks a workload's credentials: uid/gid −1 (not given) or
@@ -239,8 +300,10 @@ func validateCred(w *Workload) error {
 // (kill(-pid)) or every process (kill(-1)).
 const MaxPID = 1 << 22
 
-// checkReport checks the fields an agent's report carries.
-func checkReport(id, node, signal string, pid int) error {
+// CheckReport checks the fields an agent's report carries. The API applies
+// it before proposing the report (with CutMessage on its message); the FSM
+// does not (see ValidateWorkload).
+func CheckReport(id, node, signal string, pid int) error {
 	if err := CheckWorkloadID(id); err != nil {
 		return err
 	}
@@ -253,7 +316,11 @@ func checkReport(id, node, signal string, pid int) error {
 	return checkString("signal", signal, MaxSignalLen)
 }
 
-// cut shortens an exit message to MaxMessageLen bytes.
+// CutMessage shortens an exit message to MaxMessageLen bytes; the API
+// applies it to a report before proposing it.
+func CutMessage(s string) string { return cut(s) }
+
+// cut shortens a message to MaxMessageLen bytes.
 func cut(s string) string {
 	if len(s) <= MaxMessageLen {
 		return s

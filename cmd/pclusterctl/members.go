@@ -27,7 +27,7 @@ func (*membersCmd) run(ctx context.Context, e *env, args []string) error {
 	}
 	var rows [][]string
 	for _, m := range ms {
-		rows = append(rows, []string{m.Name, m.Addr, m.Status, m.Role,
+		rows = append(rows, []string{shown(m.Name), shown(m.Addr), m.Status, m.Role,
 			fmt.Sprintf("%.2f/%d", m.Load.CPULoad1, m.Load.NumCPU), bytesHuman(m.Load.MemFree), fmt.Sprint(m.Load.Workloads)})
 	}
 	return table(e.stdout, "NAME ADDRESS STATUS ROLE LOAD MEM-FREE WORKLOADS", rows)

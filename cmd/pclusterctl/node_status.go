@@ -34,11 +34,11 @@ func (*nodeStatusCmd) run(ctx context.Context, e *env, args []string) error {
 		}
 		var labels []string
 		for k, v := range n.Labels {
-			labels = append(labels, k+"="+v)
+			labels = append(labels, shown(k)+"="+shown(v))
 		}
 		sort.Strings(labels)
 		fmt.Fprintf(e.stdout, "Name:       %s\nStatus:     %s (since %s)\nEligible:   %v\nGossip:     %s\nRaft:       %s\nAPI:        %s\n",
-			n.Name, n.Status, ago(n.StatusAt), n.Eligible, n.GossipAddr, n.RaftAddr, n.APIAddr)
+			shown(n.Name), shown(n.Status), ago(n.StatusAt), n.Eligible, shown(n.GossipAddr), shown(n.RaftAddr), shown(n.APIAddr))
 		fmt.Fprintf(e.stdout, "Labels:     %s\nLoad:       cpu %.2f/%d, mem used %s free %s (%s)\nWorkloads:  %d\n",
 			dash(strings.Join(labels, ",")), n.Load.CPULoad1, n.Load.NumCPU, bytesHuman(n.Load.MemUsed), bytesHuman(n.Load.MemFree),
 			ago(n.LoadAt), n.Workloads)
@@ -54,8 +54,8 @@ func (*nodeStatusCmd) run(ctx context.Context, e *env, args []string) error {
 	}
 	var rows [][]string
 	for _, n := range ns {
-		rows = append(rows, []string{n.Name, n.Status, fmt.Sprint(n.Eligible), fmt.Sprint(n.Workloads),
-			fmt.Sprintf("%.2f/%d", n.Load.CPULoad1, n.Load.NumCPU), bytesHuman(n.Load.MemFree), n.APIAddr})
+		rows = append(rows, []string{shown(n.Name), shown(n.Status), fmt.Sprint(n.Eligible), fmt.Sprint(n.Workloads),
+			fmt.Sprintf("%.2f/%d", n.Load.CPULoad1, n.Load.NumCPU), bytesHuman(n.Load.MemFree), shown(n.APIAddr)})
 	}
 	return table(e.stdout, "NAME STATUS ELIGIBLE WORKLOADS LOAD MEM-FREE API", rows)
 }
@@ -80,6 +80,6 @@ func printDrain(w io.Writer, d *api.NodeDrain) {
 		fmt.Fprintf(w, "Drain:      complete %s: moved %d, failed %d\n", ago(d.CompletedAt), d.Moved, len(d.Failed))
 	}
 	for _, f := range d.Failed {
-		fmt.Fprintf(w, "  failed:   %s\n", f)
+		fmt.Fprintf(w, "  failed:   %s\n", shown(f))
 	}
 }

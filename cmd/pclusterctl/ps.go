@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"strings"
 
 	"github.com/pcluster/pcluster/cluster/api"
 )
@@ -53,11 +52,11 @@ func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
 		if w.PID > 0 {
 			pid = fmt.Sprint(w.PID)
 		}
-		cmd := strings.Join(append([]string{w.Command}, w.Args...), " ")
+		cmd := commandLine(w.Command, w.Args)
 		if len(cmd) > 40 {
 			cmd = cmd[:37] + "..."
 		}
-		rows = append(rows, []string{w.ID, w.Name, node, w.State, pid, dash(w.VIP), cmd})
+		rows = append(rows, []string{shown(w.ID), shown(w.Name), shown(node), shown(w.State), pid, dash(w.VIP), cmd})
 	}
 	return table(e.stdout, "ID NAME NODE STATE PID VIP COMMAND", rows)
 }

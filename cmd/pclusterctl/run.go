@@ -44,12 +44,15 @@ type runCmd struct {
 }
 
 // idOrName splits a -uid/-gid value into a number (range-checked by the
-// daemon) or a name (resolved on the node that runs the workload).
+// daemon) or a name (resolved on the node that runs the workload): digits
+// alone, with an optional sign (so that -7 is refused as out of range, not
+// looked up), are a number; anything else is a name, such as "3com".
 func idOrName(flagName, v string) (*int64, string, error) {
 	if v == "" {
 		return nil, "", nil
 	}
-	if v[0] == '-' || v[0] == '+' || (v[0] >= '0' && v[0] <= '9') {
+	digits := strings.TrimLeft(v, "+-")
+	if len(v)-len(digits) <= 1 && digits != "" && strings.Trim(digits, "0123456789") == "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil {
 			return nil, "", usagef("-%s %s: not a number in 0..4294967294 nor a name", flagName, v)

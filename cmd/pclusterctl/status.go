@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"strings"
 )
 
 type statusCmd struct{}
@@ -25,8 +24,8 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 		return printJSON(e.stdout, w)
 	}
 	fmt.Fprintf(e.stdout, "ID:        %s\nName:      %s\nCommand:   %s\nState:     %s (desired %s)\nNode:      %s (placed on %s)\n",
-		w.ID, w.Name, strings.Join(append([]string{w.Command}, w.Args...), " "), w.State, w.Desired, dash(w.Node), w.DesiredNode)
+		w.ID, shown(w.Name), commandLine(w.Command, w.Args), shown(w.State), shown(w.Desired), dash(w.Node), shown(w.DesiredNode))
 	fmt.Fprintf(e.stdout, "PID:       %d\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
-		w.PID, w.Attempt, w.Restarts, w.Restart, w.ExitCode, w.Signal, dash(w.VIP), dash(w.Message), ago(w.CreatedAt))
+		w.PID, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), dash(w.VIP), dash(w.Message), ago(w.CreatedAt))
 	return nil
 }
