@@ -324,3 +324,108 @@ func TestThawTreeInterrupted(t *testing.T) {
 		}
 	}
 }
+
+// TestFreezeInterruptedNetwork: SIGTERM to a pfreeze -halt blocked on a
+// receiver that stopped reading (a stopped pthaw) cuts its write short
+// rather than waiting out its ten-minute write timeout: the process is
+// resumed, not killed, and the receiver, once it runs again, restores
+// nothing and leaves no process.
+func TestFreezeInterruptedNetwork(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "bigheap"), "512", "17")
+	hash := p.Lines.Expect(t, `^ready hash=([0-9a-f]+)$`, time.Minute)[1]
+	th := thaw(t, "-src", "tcp:127.0.0.1:0")
+	addr := th.listening(t)
+	cmd, stderr, done := startPfreeze(t, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", "tcp:"+addr, "-write-timeout", "10m")
+	// Once pthaw's stub holds memory the stream flows; then stop pthaw
+	// and wait until pfreeze's socket is full: it is blocked in a write.
+	var procs []proc
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var rss int64
+		if procs, rss = descendants(th.cmd.Process.Pid); rss >= 64<<20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pthaw's processes %v did not reach 64 MiB: %s", procs, th.stderr.String())
+		}
+		select {
+		case <-done:
+			t.Fatalf("pfreeze ended: %s", stderr)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	if err := th.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer th.cmd.Process.Signal(syscall.SIGCONT)
+	// Full: the queue no longer changes (pthaw drains nothing, pfreeze
+	// adds nothing) for 200 looks in a row.
+	for last, same := int64(-1), 0; same < 200; {
+		if q := sendQueue(t, cmd.Process.Pid); q > 0 && q == last {
+			same++
+		} else {
+			last, same = q, 0
+		}
+		select {
+		case <-done:
+			t.Fatalf("pfreeze ended: %s", stderr)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatalf("pfreeze still blocked a minute after SIGTERM: %s", stderr)
+	}
+	want := fmt.Sprintf("pfreeze: interrupted by SIGTERM: process %d resumed\n", p.Pid())
+	if code := cmd.ProcessState.ExitCode(); code != 1 || stderr.String() != want {
+		t.Errorf("pfreeze exited %d saying %q, want 1 and %q", code, stderr, want)
+	}
+	th.cmd.Process.Signal(syscall.SIGCONT)
+	if code := th.exit(t); code == 0 {
+		t.Errorf("pthaw exited 0 from a broken stream: %s", th.stderr.String())
+	}
+	for _, q := range procs {
+		if err := fixture.WaitExit(q.pid, waitFor); err != nil && q.alive() {
+			t.Errorf("pthaw's process %d outlived it", q.pid)
+		}
+	}
+	if err := p.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatalf("pid %d: %v", p.Pid(), err)
+	}
+	p.Lines.Expect(t, `^check hash=`+hash+` ok$`, time.Minute)
+}
+
+// sendQueue returns the bytes waiting in the send queues of pid's TCP
+// sockets (tx_queue of /proc/net/tcp): a pfreeze whose receiver stopped
+// reading has its own full.
+func sendQueue(t *testing.T, pid int) int64 {
+	inodes := map[string]bool{}
+	fds, _ := filepath.Glob(fmt.Sprintf("/proc/%d/fd/*", pid))
+	for _, fd := range fds {
+		if l, err := os.Readlink(fd); err == nil && strings.HasPrefix(l, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
+	var n int64
+	for _, table := range []string{"tcp", "tcp6"} {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, table))
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || !inodes[f[9]] {
+				continue
+			}
+			tx, _, _ := strings.Cut(f[4], ":")
+			q, err := strconv.ParseInt(tx, 16, 64)
+			if err != nil {
+				t.Fatalf("/proc/net/%s: %q: %v", table, line, err)
+			}
+			n += q
+		}
+	}
+	return n
+}
