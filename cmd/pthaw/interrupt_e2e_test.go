@@ -178,6 +178,44 @@ func TestFreezeTreeInterrupted(t *testing.T) {
 	}
 }
 
+// TestFreezeThreadsInterrupted is TestFreezeInterrupted for a process of
+// eight threads (each one's injected calls are put back): it keeps
+// ticking, and no thread is left stopped or traced.
+func TestFreezeThreadsInterrupted(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "threadheap"), "8", "512", "7")
+	p.Lines.Expect(t, `^ready threads=8 mib=512$`, time.Minute)
+	pid := strconv.Itoa(p.Pid())
+	for _, c := range []struct {
+		sig  syscall.Signal
+		halt bool
+	}{{syscall.SIGTERM, false}, {syscall.SIGKILL, true}} {
+		name := unix.SignalName(c.sig)
+		args := []string{"-pid", pid}
+		if c.halt {
+			name += "/halt"
+			args = append(args, "-halt")
+		}
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			want := fmt.Sprintf("pfreeze: interrupted by %s: process %s resumed\n", unix.SignalName(c.sig), pid)
+			interruptedFreeze(t, c.sig, dir, want, append(args, "-dest", filepath.Join(dir, "snap"))...)
+			n := atoi(t, p.Lines.Expect(t, `^tick (\d+)$`, waitFor)[1])
+			p.Lines.Expect(t, fmt.Sprintf(`^tick %d$`, n+1), waitFor)
+			tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%s/task/*/status", pid))
+			if len(tasks) != 9 {
+				t.Errorf("%d threads, want 9", len(tasks))
+			}
+			for _, st := range tasks {
+				b, _ := os.ReadFile(st)
+				if !strings.Contains(string(b), "\nTracerPid:\t0\n") || strings.Contains(string(b), "\nState:\tt") {
+					t.Errorf("%s: still traced or stopped:\n%s", st, b)
+				}
+			}
+		})
+	}
+}
+
 // proc names one process for good: its PID and start time.
 type proc struct {
 	pid   int
