@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -83,7 +84,7 @@ func writingInto(t *testing.T, pid int, dir string, n int64, done <-chan struct{
 func interruptedFreeze(t *testing.T, sig syscall.Signal, dir, want string, args ...string) {
 	t.Helper()
 	cmd, stderr, done := startPfreeze(t, args...)
-	writingInto(t, cmd.Process.Pid, dir, 16<<20, done, stderr)
+	writingInto(t, cmd.Process.Pid, dir, 4<<20, done, stderr)
 	if err := cmd.Process.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
@@ -278,10 +279,33 @@ func descendants(pid int) ([]proc, int64) {
 // interruptedThaw restores snap with pthaw args, sends pthaw sig once its
 // processes hold 128 MiB (the memory is streaming in) and checks that
 // none of them is left, and that a catchable signal gives one line and
-// exit status 1.
+// exit status 1. pthaw reads snap from a pipe that gets only its first
+// 256 MiB before the signal, so the restore cannot end first.
 func interruptedThaw(t *testing.T, sig syscall.Signal, snap string, args ...string) {
 	t.Helper()
-	th := thaw(t, append([]string{"-src", snap}, args...)...)
+	f, err := os.Open(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	fed := make(chan struct{})
+	go func() {
+		defer close(fed)
+		defer pw.Close()
+		if _, err := io.CopyN(pw, f, 256<<20); err != nil {
+			return
+		}
+		<-release
+		io.Copy(pw, f) // fails at once once pthaw is gone
+	}()
+	defer func() { <-fed }()
+	defer close(release)
+	th := startThawCmd(t, &thawed{cmd: exec.Command(filepath.Join(binDir, "pthaw"), args...)}, pr)
 	var procs []proc
 	deadline := time.Now().Add(time.Minute)
 	for {
@@ -322,14 +346,14 @@ func interruptedThaw(t *testing.T, sig syscall.Signal, snap string, args ...stri
 
 // TestThawInterrupted kills or interrupts pthaw while it restores a
 // 512 MiB process, in this PID namespace and in a new one: no process of
-// the restore is left.
+// the restore is left. (-virtpid: pthaw stays the tracer of every thread.)
 func TestThawInterrupted(t *testing.T) {
 	needRoot(t)
 	p := fixture.Start(t, fixture.Build(t, "bigheap"), "512", "11")
 	p.Lines.Expect(t, `^ready hash=[0-9a-f]+$`, time.Minute)
 	snap := filepath.Join(t.TempDir(), "snap")
 	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-dest", snap)
-	for _, mode := range []string{"", "-pidns"} {
+	for _, mode := range []string{"", "-pidns", "-virtpid"} {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 			t.Run(unix.SignalName(sig)+mode, func(t *testing.T) {
 				var args []string
@@ -350,7 +374,7 @@ func TestThawTreeInterrupted(t *testing.T) {
 	p.Lines.Expect(t, `^ready procs=4 mib=512 pids=[\d,]+$`, time.Minute)
 	snap := filepath.Join(t.TempDir(), "snap")
 	freeze(t, "-tree", "-pid", strconv.Itoa(p.Pid()), "-dest", snap)
-	for _, mode := range []string{"", "-pidns"} {
+	for _, mode := range []string{"", "-pidns", "-virtpid"} {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 			t.Run(unix.SignalName(sig)+mode, func(t *testing.T) {
 				var args []string
