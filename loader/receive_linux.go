@@ -6,7 +6,10 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
@@ -134,7 +137,17 @@ func (w *interruptWatch) explain(err error) error {
 	if w.sig == nil {
 		return err
 	}
-	return fmt.Errorf("interrupted by %v before the process was built: nothing restored", w.sig)
+	return fmt.Errorf("interrupted by %s before the process was built: nothing restored", signalName(w.sig))
+}
+
+// signalName names s as kill(1) does ("SIGTERM"), not by its description.
+func signalName(s os.Signal) string {
+	if n, ok := s.(syscall.Signal); ok {
+		if name := unix.SignalName(n); name != "" {
+			return name
+		}
+	}
+	return s.String()
 }
 
 // Describe prints the snapshot read from o.Src (pthaw -debug).

@@ -2,6 +2,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 
 	"github.com/pcluster/pcluster/migrate/capture"
@@ -35,7 +37,7 @@ func main() {
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
-	err := run(*pid, *debug, capture.SendOptions{
+	err := run(interruptible(), *pid, *debug, capture.SendOptions{
 		Dest: *dest, Tree: *tree, Compress: *compress, Encrypt: *encrypt, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
@@ -49,7 +51,24 @@ func main() {
 	}
 }
 
-func run(pid int, debug bool, o capture.SendOptions) error {
+// interruptible returns a context cancelled by the first SIGTERM, SIGINT,
+// SIGHUP or SIGQUIT, with "interrupted by SIGTERM" as its cause: the
+// freeze then stops and resumes the process (capture.Freeze). Those
+// signals no longer kill pfreeze, so that it can put the process back;
+// later ones are ignored while it does. The goroutine ends with the first
+// signal, or with pfreeze.
+func interruptible() context.Context {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	go func() {
+		s := <-sigs
+		cancel(fmt.Errorf("interrupted by %s", unix.SignalName(s.(syscall.Signal))))
+	}()
+	return ctx
+}
+
+func run(ctx context.Context, pid int, debug bool, o capture.SendOptions) error {
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q (flags come first: pfreeze -pid P)", flag.Arg(0))
 	}
@@ -71,14 +90,14 @@ func run(pid int, debug bool, o capture.SendOptions) error {
 		if o.Halt {
 			return errors.New("-debug describes the process and leaves it running; it cannot be combined with -halt")
 		}
-		return describe(tr, pid, o.Tree)
+		return describe(ctx, tr, pid, o.Tree)
 	}
-	return capture.Send(tr, pid, o)
+	return capture.Send(ctx, tr, pid, o)
 }
 
 // describe freezes pid into a pipe read by the snapshot describer, so the
 // description is exactly what a snapshot would carry.
-func describe(tr *ptrace.Tracer, pid int, tree bool) error {
+func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -90,7 +109,7 @@ func describe(tr *ptrace.Tracer, pid int, tree bool) error {
 	if tree {
 		freeze = capture.FreezeTree
 	}
-	err := freeze(tr, pid, pw, false, nil)
+	err := freeze(ctx, tr, pid, pw, false, nil)
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/internal/netlab"
 )
@@ -367,7 +369,7 @@ func TestInterruptWhileListening(t *testing.T) {
 		if code := th.exit(t); code == 0 {
 			t.Fatalf("pthaw exited 0 after %v", sig)
 		}
-		want := fmt.Sprintf("pthaw: interrupted by %v before the process was built: nothing restored\n", sig)
+		want := fmt.Sprintf("pthaw: interrupted by %s before the process was built: nothing restored\n", unix.SignalName(sig))
 		if msg := th.stderr.String(); !strings.HasSuffix(msg, want) {
 			t.Errorf("pthaw stderr %q, want it to end with %q", msg, want)
 		}

@@ -391,10 +391,11 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 					return err
 				}
 			}
-			// Put the thread back at once, before any output is written:
-			// if pfreeze dies from here on, the kernel detaches a thread
-			// that is exactly as it was, and the memory dump below sees
-			// none of our scratch bytes.
+			// Every call already put the thread back (call): this
+			// only makes sure, and releases the borrowed scratch. If
+			// pfreeze dies from here on, the kernel detaches a thread
+			// that is exactly as it was, parked in an interrupt stop,
+			// and the memory dump below sees none of our bytes.
 			if err := f.putBack(th); err != nil {
 				return err
 			}
@@ -438,7 +439,8 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", f.Pid, tid)); err == nil {
 		t.Comm = strings.TrimSuffix(string(b), "\n")
 	}
-	in, err := ptrace.NewInjector(tid, uintptr(site))
+	// Seized: every call leaves the thread as it was (ptrace.Injector).
+	in, err := ptrace.NewSeizedInjector(tid, uintptr(site))
 	if err != nil {
 		return nil, err
 	}
@@ -515,67 +517,66 @@ func (f *Frozen) borrowScratch(th *thread, rsp uint64, maps []procfs.Mapping) er
 	return nil
 }
 
-// reader returns a function that reads n bytes of th's scratch memory.
-func (f *Frozen) reader(th *thread) func(n int) ([]byte, error) {
-	buf := make([]byte, 64)
-	return func(n int) ([]byte, error) {
-		if err := f.mem.Read(th.scratchAddr, buf[:n]); err != nil {
-			return nil, err
-		}
-		return buf[:n], nil
+// call runs one system call in th, whose output buffer, if any, is th's
+// scratch memory (th.scratchAddr), reads n bytes of output from it and
+// puts the scratch memory back at once: with the registers and signal
+// mask, which the seized injector puts back after every call, nothing of
+// ours is left in the process between two calls.
+// Runs on the tracer thread.
+func (f *Frozen) call(th *thread, n int, nr uintptr, args ...uintptr) (uintptr, []byte, error) {
+	ret, err := th.in.Syscall(nr, args...)
+	var out []byte
+	if err == nil && n > 0 {
+		out = make([]byte, n)
+		err = f.mem.Read(th.scratchAddr, out)
 	}
+	if perr := f.mem.Write(th.scratchAddr, th.scratchOrig); perr != nil {
+		return 0, nil, fmt.Errorf("thread %d: restore scratch memory: %w", th.tid, perr)
+	}
+	return ret, out, err
 }
 
 // injectProcessQueries reads process-wide state only the process can
 // report, through its main thread. Runs on the tracer thread.
 func (f *Frozen) injectProcessQueries(th *thread, p *image.Process, caught uint64) error {
-	in, s, read := th.in, uintptr(th.scratchAddr), f.reader(th)
+	s := uintptr(th.scratchAddr)
 	for sig := 1; sig <= 64; sig++ {
 		if caught&(1<<(sig-1)) == 0 || sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
 			continue
 		}
-		if _, err := in.Syscall(unix.SYS_RT_SIGACTION, uintptr(sig), 0, s, 8); err != nil {
-			return fmt.Errorf("rt_sigaction %d: %w", sig, err)
-		}
-		b, err := read(32)
+		_, b, err := f.call(th, 32, unix.SYS_RT_SIGACTION, uintptr(sig), 0, s, 8)
 		if err != nil {
-			return err
+			return fmt.Errorf("rt_sigaction %d: %w", sig, err)
 		}
 		p.Sigacts = append(p.Sigacts, image.Sigact{Sig: sig,
 			Handler: le64(b[0:]), Flags: le64(b[8:]), Restorer: le64(b[16:]), Mask: le64(b[24:])})
 	}
 	for which := 0; which < 3; which++ {
-		if _, err := in.Syscall(unix.SYS_GETITIMER, uintptr(which), s); err != nil {
-			return fmt.Errorf("getitimer %d: %w", which, err)
-		}
-		b, err := read(32)
+		_, b, err := f.call(th, 32, unix.SYS_GETITIMER, uintptr(which), s)
 		if err != nil {
-			return err
+			return fmt.Errorf("getitimer %d: %w", which, err)
 		}
 		p.Itimers = append(p.Itimers, image.Itimer{IntervalSec: int64(le64(b[0:])), IntervalUsec: int64(le64(b[8:])),
 			ValueSec: int64(le64(b[16:])), ValueUsec: int64(le64(b[24:]))})
 	}
-	brk, err := in.Syscall(unix.SYS_BRK, 0)
+	brk, _, err := f.call(th, 0, unix.SYS_BRK, 0)
 	if err != nil {
 		return fmt.Errorf("brk: %w", err)
 	}
 	p.MM.Brk = uint64(brk)
-	sb, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_SECUREBITS)
+	sb, _, err := f.call(th, 0, unix.SYS_PRCTL, unix.PR_GET_SECUREBITS)
 	if err != nil {
 		return fmt.Errorf("prctl(PR_GET_SECUREBITS): %w", err)
 	}
 	p.Creds.Securebits = uint32(sb)
-	d, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_DUMPABLE)
+	d, _, err := f.call(th, 0, unix.SYS_PRCTL, unix.PR_GET_DUMPABLE)
 	if err != nil {
 		return fmt.Errorf("prctl(PR_GET_DUMPABLE): %w", err)
 	}
 	p.Dumpable = int(d)
-	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_PDEATHSIG, s); err != nil {
-		return fmt.Errorf("prctl(PR_GET_PDEATHSIG): %w", err)
-	}
-	b, err := read(4)
+	_, b, err := f.call(th, 4, unix.SYS_PRCTL, unix.PR_GET_PDEATHSIG, s)
 	if err != nil {
-		return err
+		return fmt.Errorf("prctl(PR_GET_PDEATHSIG): %w", err)
 	}
 	p.PdeathSig = int(int32(uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24))
 	return nil
@@ -584,20 +585,14 @@ func (f *Frozen) injectProcessQueries(th *thread, p *image.Process, caught uint6
 // injectThreadQueries reads per-thread state only the thread can report.
 // Runs on the tracer thread.
 func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
-	in, s, read := th.in, uintptr(th.scratchAddr), f.reader(th)
-	if _, err := in.Syscall(unix.SYS_SIGALTSTACK, 0, s); err != nil {
+	s := uintptr(th.scratchAddr)
+	_, b, err := f.call(th, 24, unix.SYS_SIGALTSTACK, 0, s)
+	if err != nil {
 		return fmt.Errorf("sigaltstack: %w", err)
 	}
-	b, err := read(24)
-	if err != nil {
-		return err
-	}
 	t.AltSP, t.AltFlags, t.AltSize = le64(b[0:]), int32(le64(b[8:])), le64(b[16:])
-	if _, err := in.Syscall(unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
+	if _, b, err = f.call(th, 8, unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
-	}
-	if b, err = read(8); err != nil {
-		return err
 	}
 	t.TidAddress = le64(b)
 	return nil

@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"context"
 	"fmt"
 	"io"
 
@@ -24,26 +25,38 @@ type stopped interface {
 // (halt false: a checkpoint) or kills it (halt true: a migration). The
 // process is killed only after commit succeeds; on any error before that it
 // is resumed exactly where it was, so a failed freeze loses nothing.
-func Freeze(tr *ptrace.Tracer, pid int, w io.Writer, halt bool, commit Commit) error {
+//
+// Cancelling ctx stops the freeze at its next write to w (between two
+// batches of memory at the latest) and resumes the process, up to the
+// moment a halted process is killed; the error then wraps ctx's cause.
+// Whenever the caller dies instead, the process carries on too: every
+// injected call leaves it as it was (ptrace.NewSeizedInjector), so there
+// is nothing to put back.
+func Freeze(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, halt bool, commit Commit) error {
 	f, err := Attach(tr, pid)
 	if err != nil {
 		return err
 	}
-	return freeze(f, pid, w, halt, commit)
+	return freeze(ctx, f, pid, "process", w, halt, commit)
 }
 
 // FreezeTree is Freeze for pid and all its descendants (pfreeze -tree):
 // every member is stopped, written, and then resumed or killed together.
-func FreezeTree(tr *ptrace.Tracer, pid int, w io.Writer, halt bool, commit Commit) error {
+func FreezeTree(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, halt bool, commit Commit) error {
 	t, err := AttachTree(tr, pid)
 	if err != nil {
 		return err
 	}
-	return freeze(t, pid, w, halt, commit)
+	return freeze(ctx, t, pid, "process tree", w, halt, commit)
 }
 
-func freeze(f stopped, pid int, w io.Writer, halt bool, commit Commit) error {
-	if err := f.Write(image.NewEncoder(w)); err != nil {
+// freeze writes f, then commits and kills or resumes it; what says what
+// pid is in an interruption's message.
+func freeze(ctx context.Context, f stopped, pid int, what string, w io.Writer, halt bool, commit Commit) error {
+	if err := f.Write(image.NewEncoder(ctxWriter{ctx, w})); err != nil {
+		if ierr := interrupted(ctx, f, pid, what); ierr != nil {
+			return ierr
+		}
 		if rerr := f.Resume(); rerr != nil {
 			return fmt.Errorf("%w; and %v", err, rerr)
 		}
@@ -51,14 +64,50 @@ func freeze(f stopped, pid int, w io.Writer, halt bool, commit Commit) error {
 	}
 	if commit != nil {
 		if err := commit(); err != nil {
+			if ierr := interrupted(ctx, f, pid, what); ierr != nil {
+				return ierr
+			}
 			if rerr := f.Resume(); rerr != nil {
 				return fmt.Errorf("freeze %d: %w; and %v", pid, err, rerr)
 			}
 			return fmt.Errorf("freeze %d: %w (process resumed)", pid, err)
 		}
 	}
-	if halt {
-		return f.Kill()
+	if !halt {
+		// The snapshot is complete: an interruption now changes nothing.
+		return f.Resume()
 	}
-	return f.Resume()
+	// The last moment an interruption is heeded: from here on the process
+	// is killed and the receiver told to start its copy.
+	if ierr := interrupted(ctx, f, pid, what); ierr != nil {
+		return ierr
+	}
+	return f.Kill()
+}
+
+// interrupted resumes f if ctx was cancelled and returns the one line to
+// say ("interrupted by SIGTERM: process 1234 resumed"), or nil if ctx was
+// not cancelled.
+func interrupted(ctx context.Context, f stopped, pid int, what string) error {
+	if ctx.Err() == nil {
+		return nil
+	}
+	if err := f.Resume(); err != nil {
+		return fmt.Errorf("%w: %s %d could not be resumed: %v", context.Cause(ctx), what, pid, err)
+	}
+	return fmt.Errorf("%w: %s %d resumed", context.Cause(ctx), what, pid)
+}
+
+// ctxWriter fails every write once ctx is done, with its cause: the
+// capture stops at its next record.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(p []byte) (int, error) {
+	if c.ctx.Err() != nil {
+		return 0, context.Cause(c.ctx)
+	}
+	return c.w.Write(p)
 }

@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -34,8 +35,11 @@ type SendOptions struct {
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
 // is killed only once the snapshot is safe: flushed and synced for a file,
 // received, verified and built for a network receiver, which is then told
-// to start it. Until then any failure resumes the original where it was.
-func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
+// to start it. Until then any failure resumes the original where it was,
+// and so does cancelling ctx (Freeze), which also aborts the sink: a write
+// or a wait for the receiver under way fails at once, and an unfinished
+// file is never given its name.
+func Send(ctx context.Context, tr *ptrace.Tracer, pid int, o SendOptions) error {
 	// Everything that can fail without the process is done first: the
 	// process is stopped only once the sink is open and the key read.
 	// A process the user may not trace is refused before anything is
@@ -49,6 +53,8 @@ func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 		return err
 	}
 	defer sink.Close()
+	stopAbort := context.AfterFunc(ctx, sink.Abort)
+	defer stopAbort()
 	var w io.Writer = sink
 	var prog *stream.ProgressWriter
 	if o.Progress {
@@ -64,14 +70,24 @@ func Send(tr *ptrace.Tracer, pid int, o SendOptions) error {
 			return err
 		}
 		if o.Halt {
-			return sink.AwaitReady(o.ReadyTimeout)
+			if err := sink.AwaitReady(o.ReadyTimeout); err != nil {
+				return err
+			}
+			// Past this, an interruption no longer aborts the sink:
+			// Freeze either resumes the process (and closing the sink
+			// tells the receiver) or kills it, and then the receiver
+			// must hear the commit.
+			if !stopAbort() {
+				return context.Cause(ctx)
+			}
+			return nil
 		}
 		return sink.Close()
 	}
 	if o.Tree {
-		err = FreezeTree(tr, pid, body, o.Halt, commit)
+		err = FreezeTree(ctx, tr, pid, body, o.Halt, commit)
 	} else {
-		err = Freeze(tr, pid, body, o.Halt, commit)
+		err = Freeze(ctx, tr, pid, body, o.Halt, commit)
 	}
 	if prog != nil {
 		prog.Finish()

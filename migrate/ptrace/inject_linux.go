@@ -17,11 +17,23 @@ import (
 // arguments, single-steps it and reads the result. Nothing is written into
 // the tracee's memory. Restore puts the saved registers back.
 //
+// A step (or a batch's int3) leaves the thread in a signal-delivery stop
+// for SIGTRAP, single-stepping still armed. If the tracer vanished there,
+// the kernel's implicit detach would deliver that SIGTRAP (or trap the next
+// instruction) and kill the process. An injector made by NewSeizedInjector,
+// for a process that must outlive the tracer, therefore ends every call
+// with the thread exactly as it was: registers and signal mask put back and
+// the thread parked again in a PTRACE_EVENT_STOP (see settle).
+//
 // All methods run on the tracer thread.
 type Injector struct {
 	Tid   int
 	Site  uintptr // address of a 0x0f 0x05 (syscall) instruction in the tracee
 	saved *Regs
+	// seized: settle after every call (NewSeizedInjector); mask is the
+	// thread's own signal mask, put back after each call.
+	seized bool
+	mask   uint64
 	// Signals holds signals that arrived while injecting; they were
 	// dequeued by the stop and must be re-queued or recorded by the caller.
 	Signals []unix.Signal
@@ -49,13 +61,97 @@ func NewInjector(tid int, site uintptr) (*Injector, error) {
 	return &Injector{Tid: tid, Site: site, saved: r}, nil
 }
 
+// NewSeizedInjector is NewInjector for a thread attached with PTRACE_SEIZE
+// and stopped in a PTRACE_EVENT_STOP (PTRACE_INTERRUPT), of a process that
+// must carry on unharmed whenever the tracer vanishes (a checkpoint). Each
+// call blocks signals for its duration (see blockable: a signal would
+// otherwise be dequeued by the stop, held only by us and lost if we died)
+// and ends with settle: from one call to the next, and after the last, the
+// thread is exactly as it was, so the window in which our death would
+// harm it is one call long. Runs on the tracer thread.
+func NewSeizedInjector(tid int, site uintptr) (*Injector, error) {
+	in, err := NewInjector(tid, site)
+	if err != nil {
+		return nil, err
+	}
+	if in.mask, err = GetSigmask(tid); err != nil {
+		return nil, err
+	}
+	in.seized = true
+	return in, nil
+}
+
 // Saved returns the registers the thread had when the injector was made.
 func (in *Injector) Saved() *Regs { return in.saved }
+
+// blockable is the mask a seized injector's calls run under: every signal
+// but SIGKILL and SIGSTOP, which cannot be blocked, and SIGTRAP: the
+// kernel forces the step's SIGTRAP through, and forcing a blocked signal
+// resets the process's handler for it to SIG_DFL (force_sig_info_to_task),
+// which would change a program that catches SIGTRAP (every Go program).
+const blockable = ^uint64(1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1) | 1<<(unix.SIGTRAP-1))
 
 // Syscall runs system call nr with args in the tracee and returns its raw
 // result; a negative result in -4095..-1 is returned as an Errno.
 // Runs on the tracer thread.
 func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
+	if !in.seized {
+		return in.syscall(nr, args)
+	}
+	if err := SetSigmask(in.Tid, blockable); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+	}
+	ret, err := in.syscall(nr, args)
+	if serr := in.settle(); serr != nil {
+		return 0, errors.Join(err, fmt.Errorf("inject syscall %d: %w", nr, serr))
+	}
+	return ret, err
+}
+
+// settle puts back the thread's registers and signal mask and moves it from
+// the SIGTRAP stop that ended an injected call into a PTRACE_EVENT_STOP, as
+// PTRACE_SEIZE + PTRACE_INTERRUPT left it: PTRACE_INTERRUPT marks a stop
+// trap pending, PTRACE_CONT with no signal discards the SIGTRAP and disarms
+// single-stepping, and the kernel takes the pending trap before the thread
+// returns to user mode, so it runs none of its code. A tracer that
+// vanishes from then on leaves a thread that resumes exactly where it was,
+// a system call it was in restarted as the kernel would have.
+// Runs on the tracer thread.
+func (in *Injector) settle() error {
+	if err := SetRegs(in.Tid, in.saved); err != nil {
+		return err
+	}
+	if err := SetSigmask(in.Tid, in.mask); err != nil {
+		return err
+	}
+	if err := Interrupt(in.Tid); err != nil {
+		return fmt.Errorf("interrupt %d: %w", in.Tid, err)
+	}
+	if err := Cont(in.Tid, 0); err != nil {
+		return fmt.Errorf("cont %d: %w", in.Tid, err)
+	}
+	for i := 0; ; i++ {
+		st, err := Wait(in.Tid)
+		if err != nil {
+			return err
+		}
+		if st.IsEventStop() {
+			return nil
+		}
+		if i > 1000 {
+			return fmt.Errorf("tid %d does not stop (last: %v)", in.Tid, st)
+		}
+		// The kernel takes the pending stop trap before it dequeues
+		// any signal, so this is not expected; if a signal is reported
+		// first anyway, it is held as during a call (Signals).
+		in.Signals = append(in.Signals, st.Sig())
+		if err := Cont(in.Tid, 0); err != nil {
+			return fmt.Errorf("cont %d: %w", in.Tid, err)
+		}
+	}
+}
+
+func (in *Injector) syscall(nr uintptr, args []uintptr) (uintptr, error) {
 	r := *in.saved
 	r.setSyscall(in.Site, nr, args)
 	// Clear the trap flag left by a previous step, if any.
@@ -117,6 +213,20 @@ func (in *Injector) Batch(code, addr uintptr, n int) (int, error) {
 	if n == 0 {
 		return 0, nil
 	}
+	if !in.seized {
+		return in.batch(code, addr, n)
+	}
+	if err := SetSigmask(in.Tid, blockable); err != nil {
+		return 0, fmt.Errorf("batch: %w", err)
+	}
+	done, err := in.batch(code, addr, n)
+	if serr := in.settle(); serr != nil {
+		return done, errors.Join(err, fmt.Errorf("batch: %w", serr))
+	}
+	return done, err
+}
+
+func (in *Injector) batch(code, addr uintptr, n int) (int, error) {
 	r := *in.saved
 	r.Rip, r.Rbx, r.R15 = uint64(code), uint64(addr), uint64(n)
 	r.Eflags &^= 0x100

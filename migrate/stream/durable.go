@@ -30,6 +30,9 @@ func checkHaltPath(spec, path string) error {
 // safe: only a regular file can, once fsync'ed (AwaitReady). It decides by
 // fstat, whatever the name says (-dest /dev/stdout, stdout redirected).
 func (s *fileSink) checkHalt() error {
+	if s.regular() {
+		return nil // ours: fsync'ed and named by finish
+	}
 	fi, err := s.f.Stat()
 	if err != nil {
 		return fmt.Errorf("stream: sink %s: %w", s.spec, err)
@@ -75,7 +78,7 @@ func haltKind(spec, what string, fi os.FileInfo) error {
 // not known to be safe.
 func (s *fileSink) durable() error {
 	switch {
-	case s.tmp != "":
+	case s.regular():
 		return syncDir(s.spec, filepath.Dir(s.path))
 	case s.std:
 		if err := s.f.Sync(); err != nil {

@@ -5,10 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Sink is where a snapshot is written: stdout, a file or a socket.
@@ -31,6 +35,11 @@ type Sink interface {
 	String() string
 	AwaitReady(timeout time.Duration) error
 	Commit() error
+	// Abort gives up the snapshot (the sender was interrupted): a write,
+	// AwaitReady or Commit under way or to come fails, a file is not
+	// kept and a receiver sees a broken stream. Unlike the other methods
+	// it may be called from any goroutine, while the sender uses the sink.
+	Abort()
 }
 
 // Source is where a snapshot is read from: stdin, a file or a socket that
@@ -95,6 +104,9 @@ type SourceOptions struct {
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
 }
+
+// ErrAborted is the cause of the errors of a sink after Abort.
+var ErrAborted = errors.New("aborted")
 
 // ErrUDP is returned for udp: specs.
 var ErrUDP = errors.New("udp is refused: a snapshot must arrive complete and in order, and UDP loses and reorders data; use tcp:HOST:PORT")
@@ -188,24 +200,32 @@ func OpenSource(spec string, opt SourceOptions) (Source, error) {
 }
 
 // fileSink writes stdout or a file, through a buffer (a raw record stream
-// is written in small pieces). A regular file is written under a temporary
-// name in the same directory and renamed into place only when the body is
-// complete, so that a snapshot under its final name is never a truncated
-// one. Other files (devices, FIFOs) and stdout are written directly; a
-// pipe, FIFO or socket with the write timeout as the bound on each write
-// (pollable).
+// is written in small pieces). A regular file is written as an unnamed
+// file (O_TMPFILE) in the destination's directory and linked under its
+// name only when the body is complete and synced, so that a snapshot under
+// its final name is never a truncated one, and an unfinished one leaves
+// nothing behind, even when the writer is killed (the kernel frees an
+// unnamed file with its last descriptor). Where the file system has no
+// O_TMPFILE, a named temporary file takes its place, removed on every
+// error path. Other files (devices, FIFOs) and stdout are written
+// directly; a pipe, FIFO or socket with the write timeout as the bound on
+// each write (pollable).
 type fileSink struct {
 	spec, path string
 	f          *os.File
 	poll       *pollFile // f made pollable, or nil
 	w          *bufio.Writer
-	tmp        string // "" when writing path directly
+	unnamed    bool   // f is an O_TMPFILE: link it to path when done
+	tmp        string // the named temporary file, if that is what f is
 	std        bool   // stdout: never closed
 	linked     bool
 	halting    bool // AwaitReady: a failed sync is an error even on stdout
 	done       bool // the body writer closed every layer successfully
 	finished   bool
 	err        error
+	// aborted is set by Abort, from any goroutine: the snapshot is not
+	// kept, and writes fail.
+	aborted atomic.Bool
 }
 
 func openStdoutSink(wt time.Duration) *fileSink {
@@ -235,12 +255,23 @@ func openFileSink(spec, path string, opt SinkOptions) (*fileSink, error) {
 		s.setWriter(opt.WriteTimeout)
 		return s, nil
 	}
-	// Snapshots hold process memory (keys, passwords): CreateTemp makes 0600.
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".partial-*")
-	if err != nil {
-		return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
+	// Snapshots hold process memory (keys, passwords): mode 0600.
+	dir := filepath.Dir(path)
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	switch {
+	case err == nil:
+		s.f, s.unnamed = os.NewFile(uintptr(fd), path), true
+	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EISDIR):
+		// No O_TMPFILE here (EISDIR: a kernel that predates it).
+		f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".partial-*")
+		if err != nil {
+			return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
+		}
+		s.f, s.tmp = f, f.Name()
+	default:
+		return nil, fmt.Errorf("stream: open sink %s: %w", spec, &os.PathError{Op: "open", Path: dir, Err: err})
 	}
-	s.f, s.tmp, s.w = f, f.Name(), bufio.NewWriterSize(f, 256<<10)
+	s.w = bufio.NewWriterSize(s.f, 256<<10)
 	return s, nil
 }
 
@@ -250,6 +281,10 @@ func (s *fileSink) Write(p []byte) (int, error) {
 	if s.err != nil {
 		return 0, s.err
 	}
+	if s.aborted.Load() {
+		s.err = fmt.Errorf("stream: write %s: %w", s.spec, ErrAborted)
+		return 0, s.err
+	}
 	n, err := s.w.Write(p)
 	if err != nil {
 		s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
@@ -257,10 +292,17 @@ func (s *fileSink) Write(p []byte) (int, error) {
 	return n, s.err
 }
 
+// Abort makes the sink give up: later writes fail, and a file is not kept.
+// It may be called from any goroutine, while another writes.
+func (s *fileSink) Abort() { s.aborted.Store(true) }
+
 func (s *fileSink) link([]byte, bool) error { s.linked = true; return nil }
 func (s *fileSink) bodyDone()               { s.done = true }
 
-// finish flushes, syncs and closes the file and renames it into place.
+// regular reports whether the sink writes a regular file of its own.
+func (s *fileSink) regular() bool { return s.unnamed || s.tmp != "" }
+
+// finish flushes, syncs and closes the file and gives it its name.
 func (s *fileSink) finish() error {
 	if s.finished {
 		return s.err
@@ -270,7 +312,7 @@ func (s *fileSink) finish() error {
 	if s.err == nil && s.linked && !s.done {
 		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
 	}
-	if s.err == nil || s.tmp == "" {
+	if s.err == nil || !s.regular() {
 		if err := s.w.Flush(); err != nil && s.err == nil {
 			s.err = fmt.Errorf("stream: write %s: %w", s.spec, err)
 		}
@@ -278,26 +320,39 @@ func (s *fileSink) finish() error {
 	if s.err == nil {
 		// Pipes, terminals and some devices cannot sync; only a regular
 		// file's sync failure matters.
-		if err := s.f.Sync(); err != nil && (s.tmp != "" || s.halting) {
+		if err := s.f.Sync(); err != nil && (s.regular() || s.halting) {
 			s.err = fmt.Errorf("stream: sync %s: %w", s.spec, err)
 		}
 	}
 	if s.std {
 		return s.err
 	}
+	if s.err == nil && s.regular() && s.aborted.Load() {
+		s.err = fmt.Errorf("stream: %s: %w", s.spec, ErrAborted)
+	}
+	if s.err == nil && s.unnamed {
+		if err := s.name(); err != nil {
+			s.err = fmt.Errorf("stream: %s: %w", s.spec, err)
+		}
+	}
 	if err := s.f.Close(); err != nil && s.err == nil {
 		s.err = fmt.Errorf("stream: close %s: %w", s.spec, err)
 	}
-	if s.tmp == "" {
+	if !s.regular() {
 		return s.err
+	}
+	if s.tmp != "" {
+		if s.err != nil {
+			os.Remove(s.tmp)
+			return s.err
+		}
+		if err := os.Rename(s.tmp, s.path); err != nil {
+			os.Remove(s.tmp)
+			s.err = fmt.Errorf("stream: rename %s: %w", s.spec, err)
+			return s.err
+		}
 	}
 	if s.err != nil {
-		os.Remove(s.tmp)
-		return s.err
-	}
-	if err := os.Rename(s.tmp, s.path); err != nil {
-		os.Remove(s.tmp)
-		s.err = fmt.Errorf("stream: rename %s: %w", s.spec, err)
 		return s.err
 	}
 	if d, err := os.Open(filepath.Dir(s.path)); err == nil {
@@ -333,6 +388,38 @@ func (s *fileSink) AwaitReady(time.Duration) error {
 		return err
 	}
 	return nil
+}
+
+// name links the unnamed file under s.path. linkat(2) refuses to replace
+// an existing file, so then the file is linked under a temporary name and
+// renamed over it (a rename is atomic); the temporary name is removed if
+// that fails. Through /proc/self/fd with AT_SYMLINK_FOLLOW, which needs no
+// privilege (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+func (s *fileSink) name() error {
+	from := fmt.Sprintf("/proc/self/fd/%d", s.f.Fd())
+	err := unix.Linkat(unix.AT_FDCWD, from, unix.AT_FDCWD, s.path, unix.AT_SYMLINK_FOLLOW)
+	if !errors.Is(err, unix.EEXIST) {
+		if err != nil {
+			return &os.LinkError{Op: "link", Old: from, New: s.path, Err: err}
+		}
+		return nil
+	}
+	for range 100 {
+		tmp := filepath.Join(filepath.Dir(s.path), fmt.Sprintf(".%s.partial-%d", filepath.Base(s.path), rand.Uint32()))
+		err := unix.Linkat(unix.AT_FDCWD, from, unix.AT_FDCWD, tmp, unix.AT_SYMLINK_FOLLOW)
+		if errors.Is(err, unix.EEXIST) {
+			continue
+		}
+		if err != nil {
+			return &os.LinkError{Op: "link", Old: from, New: tmp, Err: err}
+		}
+		if err := os.Rename(tmp, s.path); err != nil {
+			os.Remove(tmp)
+			return err
+		}
+		return nil
+	}
+	return fmt.Errorf("link %s: no free temporary name", s.path)
 }
 
 func (s *fileSink) Commit() error { return s.err }

@@ -266,6 +266,63 @@ func TestFileSinkAtomic(t *testing.T) {
 	}
 }
 
+// TestFileSinkUnnamed: while a snapshot is written nothing of it has a
+// name in the directory (an O_TMPFILE, which the kernel frees if the
+// writer is killed); a finished one replaces an existing file; after
+// Abort, from another goroutine, writes fail and nothing is kept.
+func TestFileSinkUnnamed(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "snap")
+	if err := os.WriteFile(p, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sink, err := OpenSink(p, SinkOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, _ := NewWriter(sink, Options{})
+	if _, err := w.Write(make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Errorf("directory holds %d entries while the snapshot is written, want only the old file", len(ents))
+	}
+	w.Close()
+	if err := sink.AwaitReady(time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(p); err != nil || string(b) == "old" {
+		t.Fatalf("after AwaitReady: %v; want the new snapshot in place of the old file", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Errorf("directory holds %d entries, want only the snapshot", len(ents))
+	}
+
+	p2 := filepath.Join(dir, "snap2")
+	sink, err = OpenSink(p2, SinkOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, _ = NewWriter(sink, Options{})
+	w.Write([]byte("half"))
+	done := make(chan struct{})
+	go func() {
+		sink.Abort()
+		close(done)
+	}()
+	<-done
+	if _, err := w.Write(make([]byte, 1<<20)); !errors.Is(err, ErrAborted) {
+		t.Errorf("write after Abort: got %v, want ErrAborted", err)
+	}
+	w.Close()
+	if err := sink.AwaitReady(time.Second); !errors.Is(err, ErrAborted) {
+		t.Errorf("AwaitReady after Abort: got %v, want ErrAborted", err)
+	}
+	if _, err := os.Stat(p2); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("aborted snapshot kept: %v", err)
+	}
+}
+
 func TestUnixStaleSocket(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "s.sock")
 	ln, err := net.Listen("unix", p)

@@ -359,6 +359,12 @@ func (s *netSink) netErr(op string, err error) error {
 	return fmt.Errorf("stream: %s: %s: %w", s.spec, op, err)
 }
 
+// Abort closes the connection under the sender's feet: whatever it is
+// writing or waiting for fails at once, and the receiver, which sees no
+// end record (or no commit), builds or starts nothing. Closing a net.Conn
+// is safe from any goroutine.
+func (s *netSink) Abort() { s.conn.Conn.Close() }
+
 // Close ends the stream without a handshake (when the body is complete and
 // no handshake was started) and closes the connection. After a failed or
 // unfinished handshake it only closes: the receiver then kills its clone.
