@@ -9,6 +9,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/internal/admit"
 )
 
 // TestRaftStreamHandshake: the raft port hands raft only connections that
@@ -91,11 +92,14 @@ func TestRaftStreamHandshake(t *testing.T) {
 	}
 }
 
-// TestRaftStreamHandshakeBound: at most maxHandshakes handshakes run at
-// once; a connection beyond them is closed at once, while those under way
-// go on (one of them then completes mutual TLS and reaches raft). Before
-// the bound, every connection held a goroutine and a descriptor for the
-// whole handshake timeout, however many came.
+// TestRaftStreamHandshakeBound: at most maxHandshakes handshakes are under
+// way at once; a connection beyond them is taken, and the oldest under way
+// is closed instead. A peer then completes mutual TLS and reaches raft
+// while the table is full of silent strangers, and a flood from another
+// address between its connection and its handshake evicts only its own.
+// Before, the connection beyond the bound was closed: 64 silent
+// connections, renewed every 10 s, turned away every raft connection to
+// the node.
 func TestRaftStreamHandshakeBound(t *testing.T) {
 	key, err := pki.NewKey()
 	if err != nil {
@@ -121,31 +125,70 @@ func TestRaftStreamHandshakeBound(t *testing.T) {
 			accepted <- c
 		}
 	}()
-	var conns []net.Conn
-	for i := 0; i < maxHandshakes; i++ {
-		c, err := net.Dial("tcp", addr)
+	// mirror follows the stream layer's table, admission for admission
+	// (the accept loop takes connections in the order they were made), to
+	// tell which connection each admission evicts.
+	mirror := admit.New(maxHandshakes)
+	var mirrored []*closer
+	closes := 0
+	var d net.Dialer
+	dial := func(from net.IP) net.Conn {
+		d.LocalAddr = &net.TCPAddr{IP: from}
+		c, err := d.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
-		conns = append(conns, c)
+		t.Cleanup(func() { c.Close() })
+		m := &closer{c: c, n: &closes}
+		mirror.Admit(m, from.String())
+		mirrored = append(mirrored, m)
+		return c
 	}
-	extra, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
+	// evicted waits until the stream layer has closed the connection the
+	// mirror closed last: then it has admitted every connection made so far.
+	evicted := func(what string) {
+		t.Helper()
+		var last *closer
+		for _, m := range mirrored {
+			if m.closed > 0 && (last == nil || m.closed > last.closed) {
+				last = m
+			}
+		}
+		if n, err := last.c.Read(make([]byte, 1)); n != 0 || err == nil {
+			t.Fatalf("%s: the connection it evicts read %d bytes, %v; want it closed", what, n, err)
+		}
 	}
-	defer extra.Close()
-	if n, err := extra.Read(make([]byte, 1)); n != 0 || err == nil {
-		t.Fatalf("connection beyond %d handshakes: read %d bytes, %v; want it closed", maxHandshakes, n, err)
+	lo, other := net.IPv4(127, 0, 0, 1), net.IPv4(127, 0, 0, 2)
+	for i := 0; i < maxHandshakes; i++ {
+		dial(lo)
 	}
-	// The first connection is still in its handshake: it completes it now.
-	c := tls.Client(conns[0], ca.ClientTLS(cert))
+	peer := dial(lo)
+	evicted("a connection beyond the bound")
+	for i := 0; i < 2*maxHandshakes; i++ {
+		dial(other)
+	}
+	evicted("a flood from another address")
+	c := tls.Client(peer, ca.ClientTLS(cert))
 	if err := c.Handshake(); err != nil {
-		t.Fatalf("handshake on a connection accepted before the bound was reached: %v", err)
+		t.Fatalf("handshake of a peer among %d silent connections and a flood: %v", maxHandshakes, err)
 	}
 	if _, err := c.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
 	a := <-accepted
 	a.Close()
+}
+
+// closer records when the mirror table closed it: the how-manieth close
+// of those counted by n.
+type closer struct {
+	c      net.Conn
+	n      *int
+	closed int
+}
+
+func (m *closer) Close() error {
+	*m.n++
+	m.closed = *m.n
+	return nil
 }
