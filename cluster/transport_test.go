@@ -1,8 +1,15 @@
 package cluster
 
 import (
+	"bufio"
 	"crypto/tls"
+	"errors"
+	"io"
+	"log"
 	"net"
+	"net/http"
+	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -191,4 +198,95 @@ func (m *closer) Close() error {
 	*m.n++
 	m.closed = *m.n
 	return nil
+}
+
+// TestAPIPendingBound: the TLS API holds at most maxAPIPending connections
+// that have not sent a request; one more is taken and the oldest pending
+// one closed, so that strangers cannot exhaust the descriptors raft and
+// gossip share with the API. A cluster client gets through among them,
+// and once it has sent a request its connection no longer counts: a
+// flood from its own address afterwards leaves it open. Before, the
+// API's pending connections were not bounded at all.
+func TestAPIPendingBound(t *testing.T) {
+	key, err := pki.NewKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := key.CA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := ca.Issue("n1", net.IPv4(127, 0, 0, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := listenAPI("127.0.0.1:0", ca.ServerTLS(cert))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }),
+		ReadHeaderTimeout: time.Hour, // only the bound closes a silent connection here
+		ConnState:         releaseOnRequest,
+		ErrorLog:          log.New(io.Discard, "", 0), // a handshake error for each evicted
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	addr := ln.Addr().String()
+	// All from one address: the table evicts in the order it admitted,
+	// the order of the connections.
+	var pending []net.Conn
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		pending = append(pending, c)
+		return c
+	}
+	// evicted waits until the server has closed the oldest connections
+	// beyond the bound: then it has admitted every one made so far.
+	evicted := func(what string) {
+		t.Helper()
+		n := len(pending) - maxAPIPending
+		for i, c := range pending[:n] {
+			c.SetReadDeadline(time.Now().Add(time.Minute)) // against a hang, not a measure
+			if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("%s: pending connection %d of %d read %d bytes, %v; want it closed", what, i, len(pending), n, err)
+			}
+		}
+		pending = pending[n:]
+	}
+	for i := 0; i < maxAPIPending; i++ {
+		dial()
+	}
+	raw := dial()
+	evicted("a connection beyond the bound")
+	// A cluster client on that newest connection: two requests, with a
+	// flood from its address between them.
+	c := tls.Client(raw, ca.ClientTLS(cert))
+	br := bufio.NewReader(c)
+	get := func(what string) {
+		t.Helper()
+		if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || string(b) != "ok" {
+			t.Fatalf("%s: %q, %v; want ok", what, b, err)
+		}
+	}
+	get("a request among silent connections")
+	pending = slices.DeleteFunc(pending, func(c net.Conn) bool { return c == raw })
+	for i := 0; i < 2*maxAPIPending; i++ {
+		dial()
+	}
+	evicted("a flood after the request")
+	get("a second request on the same connection after a flood")
 }

@@ -224,3 +224,66 @@ func Source(a net.Addr) string {
 func WithUser(source string, uid int) string {
 	return source + " uid " + strconv.Itoa(uid)
 }
+
+// Listener admits each connection it accepts into a Table: at most max
+// are pending at once, the newest evicting as Admit does. A connection
+// holds its place until Release is called on it (or on a connection that
+// wraps it, such as a *tls.Conn) or it is closed.
+type Listener struct {
+	net.Listener
+	t *Table
+}
+
+// NewListener returns ln with its accepted connections admitted into a
+// table of max places.
+func NewListener(ln net.Listener, max int) *Listener {
+	return &Listener{Listener: ln, t: New(max)}
+}
+
+// Accept waits for the next connection and admits it.
+func (l *Listener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	k := l.t.Admit(c, Source(c.RemoteAddr()))
+	if k == nil {
+		return nil, net.ErrClosed
+	}
+	return &conn{Conn: c, k: k}, nil
+}
+
+// Close stops listening and closes every pending connection.
+func (l *Listener) Close() error {
+	err := l.Listener.Close()
+	l.t.Close()
+	return err
+}
+
+// conn is a connection accepted by a Listener.
+type conn struct {
+	net.Conn
+	k *Ticket
+}
+
+func (c *conn) Close() error {
+	c.k.Release()
+	return c.Conn.Close()
+}
+
+// Release gives back the place of c, a connection accepted by a Listener
+// or one wrapping it (a *tls.Conn, through NetConn), once it has proved who
+// it is. It does nothing for any other connection.
+func Release(c net.Conn) {
+	for c != nil {
+		switch x := c.(type) {
+		case *conn:
+			x.k.Release()
+			return
+		case interface{ NetConn() net.Conn }:
+			c = x.NetConn()
+		default:
+			return
+		}
+	}
+}

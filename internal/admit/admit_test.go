@@ -6,13 +6,13 @@ import (
 	"testing"
 )
 
-// conn is a connection that records whether the table closed it.
-type conn struct {
+// fakeConn is a connection that records whether the table closed it.
+type fakeConn struct {
 	name   string
 	closed bool
 }
 
-func (c *conn) Close() error { c.closed = true; return nil }
+func (c *fakeConn) Close() error { c.closed = true; return nil }
 
 // TestEviction: a full table evicts, for each newcomer, the oldest
 // connection of the source that would hold the most (the newcomer
@@ -34,9 +34,9 @@ func TestEviction(t *testing.T) {
 		{"c1", "C", "b1"}, // A 1, S 1, B 2: B's oldest
 	}
 	tab := New(4)
-	conns := map[string]*conn{}
+	conns := map[string]*fakeConn{}
 	for _, st := range steps {
-		c := &conn{name: st.name}
+		c := &fakeConn{name: st.name}
 		conns[st.name] = c
 		if tab.Admit(c, st.source) == nil {
 			t.Fatalf("admit %s: table closed", st.name)
@@ -64,10 +64,10 @@ func TestEviction(t *testing.T) {
 // after most of it: eviction takes the oldest.
 func TestFloodKeepsOthers(t *testing.T) {
 	tab := New(64)
-	sender := &conn{name: "sender"}
+	sender := &fakeConn{name: "sender"}
 	k := tab.Admit(sender, "127.0.0.1 uid 0")
 	for i := 0; i < 10000; i++ {
-		tab.Admit(&conn{}, "127.0.0.1 uid 65534")
+		tab.Admit(&fakeConn{}, "127.0.0.1 uid 65534")
 	}
 	if sender.closed || !k.Release() {
 		t.Fatal("a flood from another source evicted the sender")
@@ -76,12 +76,12 @@ func TestFloodKeepsOthers(t *testing.T) {
 	// last of it to go.
 	tab = New(64)
 	for i := 0; i < 100; i++ {
-		tab.Admit(&conn{}, "10.0.0.7")
+		tab.Admit(&fakeConn{}, "10.0.0.7")
 	}
-	sender = &conn{name: "sender"}
+	sender = &fakeConn{name: "sender"}
 	k = tab.Admit(sender, "10.0.0.7")
 	for i := 0; i < 63; i++ {
-		tab.Admit(&conn{}, "10.0.0.7")
+		tab.Admit(&fakeConn{}, "10.0.0.7")
 	}
 	if sender.closed || !k.Release() {
 		t.Fatal("63 newer connections of the sender's own source evicted it from a table of 64")
@@ -92,17 +92,17 @@ func TestFloodKeepsOthers(t *testing.T) {
 // gives its place back; an evicted one reports it.
 func TestRelease(t *testing.T) {
 	tab := New(2)
-	a, b := &conn{}, &conn{}
+	a, b := &fakeConn{}, &fakeConn{}
 	ka := tab.Admit(a, "A")
 	kb := tab.Admit(b, "A")
 	if first, again := kb.Release(), kb.Release(); !first || !again {
 		t.Fatalf("release of a pending ticket: %v, then %v; want true twice", first, again)
 	}
-	tab.Admit(&conn{}, "A") // a place was free: nothing evicted
+	tab.Admit(&fakeConn{}, "A") // a place was free: nothing evicted
 	if a.closed {
 		t.Fatal("admit with a free place evicted a connection")
 	}
-	tab.Admit(&conn{}, "A")
+	tab.Admit(&fakeConn{}, "A")
 	if !a.closed || ka.Release() || !ka.Evicted() {
 		t.Fatalf("the oldest after the table filled: closed %v, evicted %v; want evicted", a.closed, ka.Evicted())
 	}
@@ -115,7 +115,7 @@ func TestRelease(t *testing.T) {
 	if b.closed {
 		t.Fatal("close closed a released connection")
 	}
-	late := &conn{}
+	late := &fakeConn{}
 	if tab.Admit(late, "A") != nil || !late.closed {
 		t.Fatal("admit after close: want nil and the connection closed")
 	}
@@ -125,13 +125,13 @@ func TestRelease(t *testing.T) {
 // its address's.
 func TestSetSource(t *testing.T) {
 	tab := New(3)
-	sender := &conn{}
+	sender := &fakeConn{}
 	k := tab.Admit(sender, "127.0.0.1")
 	k.SetSource(WithUser("127.0.0.1", 0))
-	tab.Admit(&conn{}, "127.0.0.1")
-	tab.Admit(&conn{}, "127.0.0.1")
+	tab.Admit(&fakeConn{}, "127.0.0.1")
+	tab.Admit(&fakeConn{}, "127.0.0.1")
 	for i := 0; i < 10; i++ {
-		tab.Admit(&conn{}, "127.0.0.1")
+		tab.Admit(&fakeConn{}, "127.0.0.1")
 	}
 	if sender.closed {
 		t.Fatal("connections of the address evicted the one moved to its user")
@@ -165,11 +165,61 @@ func TestSource(t *testing.T) {
 
 func ExampleTable() {
 	tab := New(2)
-	old := &conn{name: "stranger 1"}
+	old := &fakeConn{name: "stranger 1"}
 	tab.Admit(old, "198.51.100.9")
-	tab.Admit(&conn{name: "stranger 2"}, "198.51.100.9")
-	sender := &conn{name: "sender"}
+	tab.Admit(&fakeConn{name: "stranger 2"}, "198.51.100.9")
+	sender := &fakeConn{name: "sender"}
 	k := tab.Admit(sender, "192.0.2.1") // full: the stranger's oldest goes
 	fmt.Println(old.closed, sender.closed, k.Release())
 	// Output: true false true
+}
+
+// wrapped is a connection around another, as *tls.Conn is.
+type wrapped struct{ net.Conn }
+
+func (w wrapped) NetConn() net.Conn { return w.Conn }
+
+// TestListener: a Listener admits what it accepts; Release, through a
+// wrapping connection, or Close gives the place back; a newcomer beyond
+// the bound evicts the oldest pending.
+func TestListener(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := NewListener(inner, 1)
+	defer ln.Close()
+	accept := func() (client, server net.Conn) {
+		t.Helper()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return c, s
+	}
+	_, s1 := accept()
+	Release(wrapped{s1})
+	c2, s2 := accept() // s1 released: nothing evicted
+	s2.Close()         // gives its place back
+	c3, _ := accept()
+	c4, _ := accept() // evicts c3
+	if _, err := s1.Write([]byte("x")); err != nil {
+		t.Errorf("a released connection: %v, want it open", err)
+	}
+	if n, err := c2.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Errorf("a closed connection read %d, %v", n, err)
+	}
+	if n, err := c3.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Errorf("the oldest pending, beyond the bound: read %d, %v; want it closed", n, err)
+	}
+	ln.Close()
+	if n, err := c4.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Errorf("pending when the listener closed: read %d, %v; want it closed", n, err)
+	}
 }
