@@ -373,8 +373,12 @@ func (s *Server) setupGossip() error {
 	mc.Delegate = &delegate{s: s}
 	mc.Events = &events{s: s}
 	mc.Logger = newMemberlistLogger(s.log)
+	if _, err := newGossipTransport(mc); err != nil {
+		return fmt.Errorf("start: gossip on %s: %w", s.cfg.BindAddr, err)
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		mc.Transport.Shutdown()
 		return fmt.Errorf("start: gossip on %s: %w", s.cfg.BindAddr, err)
 	}
 	s.ml = ml

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 
 	"github.com/pcluster/pcluster/cluster/pki"
@@ -289,4 +290,46 @@ func TestAPIPendingBound(t *testing.T) {
 	}
 	evicted("a flood after the request")
 	get("a second request on the same connection after a flood")
+}
+
+// TestGossipStreamBound: the gossip port handles at most maxGossipStreams
+// TCP connections at once; one more is taken and the oldest closed, and a
+// node still joins (a push/pull over TCP) among silent connections.
+// Before, memberlist held every accepted connection for its TCP timeout,
+// however many came.
+func TestGossipStreamBound(t *testing.T) {
+	newNode := func(name string) *memberlist.Memberlist {
+		mc := memberlist.DefaultLANConfig()
+		mc.Name, mc.BindAddr, mc.BindPort = name, "127.0.0.1", 0
+		mc.TCPTimeout = time.Hour // only the bound closes a silent connection here
+		mc.Logger = log.New(io.Discard, "", 0)
+		if _, err := newGossipTransport(mc); err != nil {
+			t.Fatal(err)
+		}
+		ml, err := memberlist.Create(mc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ml.Shutdown() })
+		return ml
+	}
+	a := newNode("a")
+	addr := a.LocalNode().FullAddress().Addr
+	var conns []net.Conn
+	for i := 0; i < maxGossipStreams+1; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		conns = append(conns, c)
+	}
+	conns[0].SetReadDeadline(time.Now().Add(time.Minute)) // against a hang, not a measure
+	if n, err := conns[0].Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the oldest of %d silent connections read %d bytes, %v; want it closed", maxGossipStreams+1, n, err)
+	}
+	b := newNode("b")
+	if n, err := b.Join([]string{addr}); n != 1 || err != nil {
+		t.Fatalf("join among %d silent connections: %d, %v", maxGossipStreams, n, err)
+	}
 }

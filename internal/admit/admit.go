@@ -246,11 +246,11 @@ func (l *Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := l.t.Admit(c, Source(c.RemoteAddr()))
-	if k == nil {
+	ac := l.t.Conn(c)
+	if ac == nil {
 		return nil, net.ErrClosed
 	}
-	return &conn{Conn: c, k: k}, nil
+	return ac, nil
 }
 
 // Close stops listening and closes every pending connection.
@@ -260,7 +260,18 @@ func (l *Listener) Close() error {
 	return err
 }
 
-// conn is a connection accepted by a Listener.
+// Conn admits c, from its remote address's source, and returns it wrapped:
+// closing the result gives its place back, and so does Release. It returns
+// nil if the table is closed (c is then closed).
+func (t *Table) Conn(c net.Conn) net.Conn {
+	k := t.Admit(c, Source(c.RemoteAddr()))
+	if k == nil {
+		return nil
+	}
+	return &conn{Conn: c, k: k}
+}
+
+// conn is a connection admitted by Table.Conn.
 type conn struct {
 	net.Conn
 	k *Ticket
@@ -271,8 +282,8 @@ func (c *conn) Close() error {
 	return c.Conn.Close()
 }
 
-// Release gives back the place of c, a connection accepted by a Listener
-// or one wrapping it (a *tls.Conn, through NetConn), once it has proved who
+// Release gives back the place of c, a connection from Table.Conn (or a
+// Listener) or one wrapping it (a *tls.Conn, through NetConn), once it has proved who
 // it is. It does nothing for any other connection.
 func Release(c net.Conn) {
 	for c != nil {
