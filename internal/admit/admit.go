@@ -7,13 +7,16 @@
 // connections as the table holds, say nothing, reopen each as it times out,
 // and every real peer is turned away. A Table instead admits every
 // newcomer and, when full, evicts one pending connection: the oldest of the
-// source (address, or user) that holds the most. So a stranger's flood
-// evicts its own connections first; it evicts a peer that holds fewer
-// pending connections than every other source only when the table holds
-// nothing but sources as small as the peer's, that is, from as many
-// sources as the table has places, all connected after the peer and before
-// its handshake ends (milliseconds). The table's size stays the bound on
-// descriptors and goroutines.
+// source (address, or user) that holds the most. So a flood from one
+// source evicts only its own connections once it holds more than any
+// other. A peer alone in its source is evicted only once every source in
+// the table holds one connection and all older ones are gone: a flood from
+// as many sources as the table has places, all connected after the peer
+// and before its handshake ends (milliseconds); or a flood from the peer's
+// own source, of as many connections, in that time (the peer, newest of
+// its source, goes last). The table's size stays the bound on descriptors
+// and goroutines. Its users: pthaw's listener (migrate/stream), and
+// pclusterd's raft, API, metrics and gossip ports (cluster).
 package admit
 
 import (
