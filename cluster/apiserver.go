@@ -21,6 +21,7 @@ import (
 
 	"github.com/hashicorp/raft"
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/internal/admit"
 	"github.com/pcluster/pcluster/scheduler"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -127,8 +128,8 @@ func (s *Server) metricsHandler() http.Handler {
 // shut down.
 func (s *Server) serveAPI() {
 	h := s.mux()
-	serve := func(ln net.Listener, h http.Handler, connCtx func(context.Context, net.Conn) context.Context) {
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ConnContext: connCtx}
+	serve := func(ln net.Listener, h http.Handler, connCtx func(context.Context, net.Conn) context.Context, connState func(net.Conn, http.ConnState)) {
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ConnContext: connCtx, ConnState: connState}
 		s.httpSrvs = append(s.httpSrvs, srv)
 		s.goLoop(func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -136,9 +137,9 @@ func (s *Server) serveAPI() {
 			}
 		})
 	}
-	serve(s.apiLn, h, nil) // mutual TLS: only holders of the cluster key
+	serve(s.apiLn, h, nil, releaseOnRequest) // mutual TLS: only holders of the cluster key
 	if s.sockLn != nil {
-		serve(s.sockLn, s.checkPeer(h), peerOf)
+		serve(s.sockLn, s.checkPeer(h), peerOf, nil)
 	}
 	if s.cfg.MetricsAddr != "" {
 		ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
@@ -148,7 +149,10 @@ func (s *Server) serveAPI() {
 		}
 		mm := http.NewServeMux()
 		mm.Handle("GET "+api.PathMetrics, s.metricsHandler())
-		serve(ln, mm, nil) // read-only, as Prometheus scrapes: no writes, no workload details
+		// Read-only, as Prometheus scrapes: no writes, no workload details.
+		// Nothing authenticates here: every connection keeps its place
+		// among maxAPIPending until it is closed.
+		serve(admit.NewListener(ln, maxAPIPending), mm, nil, nil)
 	}
 }
 

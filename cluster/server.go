@@ -24,6 +24,7 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/internal/admit"
 	"github.com/pcluster/pcluster/node"
 	"github.com/pcluster/pcluster/scheduler"
 )
@@ -274,13 +275,39 @@ func (s *Server) setupTLS() error {
 		MaxIdleConnsPerHost:   8,
 		IdleConnTimeout:       30 * time.Second,
 	}, Timeout: 30 * time.Second}
-	srvTLS := ca.ServerTLS(cert)
-	ln, err := tls.Listen("tcp", s.cfg.APIAddr, srvTLS)
+	ln, err := listenAPI(s.cfg.APIAddr, ca.ServerTLS(cert))
 	if err != nil {
-		return fmt.Errorf("start: api listen %s: %w", s.cfg.APIAddr, err)
+		return fmt.Errorf("start: %w", err)
 	}
 	s.apiLn = ln
 	return nil
+}
+
+// maxAPIPending bounds the connections to an API port (TLS API, metrics)
+// that have not yet sent a request (on the TLS API: completed mutual TLS
+// and sent a request header). Beyond it a new connection is taken and the
+// oldest pending one from the address holding the most is closed (package
+// admit): whoever reaches the port can neither exhaust the descriptors
+// raft and gossip share with the API, nor lock key holders out.
+const maxAPIPending = 64
+
+// listenAPI listens for the TLS API on addr; its connections are admitted
+// into a table of maxAPIPending places, which releaseOnRequest gives back.
+func listenAPI(addr string, cfg *tls.Config) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("api listen %s: %w", addr, err)
+	}
+	return tls.NewListener(admit.NewListener(ln, maxAPIPending), cfg), nil
+}
+
+// releaseOnRequest is the TLS API server's ConnState: a connection that
+// has sent a request has completed mutual TLS with a cluster certificate,
+// and leaves the table of pending ones.
+func releaseOnRequest(c net.Conn, st http.ConnState) {
+	if st == http.StateActive || st == http.StateHijacked {
+		admit.Release(c)
+	}
 }
 
 func (s *Server) setupRaft() error {
@@ -351,8 +378,12 @@ func (s *Server) setupGossip() error {
 	mc.Delegate = &delegate{s: s}
 	mc.Events = &events{s: s}
 	mc.Logger = newMemberlistLogger(s.log)
+	if _, err := newGossipTransport(mc); err != nil {
+		return fmt.Errorf("start: gossip on %s: %w", s.cfg.BindAddr, err)
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		mc.Transport.Shutdown()
 		return fmt.Errorf("start: gossip on %s: %w", s.cfg.BindAddr, err)
 	}
 	s.ml = ml

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/pcluster/pcluster/internal/admit"
 )
 
 // handshakeTimeout bounds how long a connection to the raft port may stay
@@ -17,10 +19,14 @@ import (
 // then is closed (as the API's ReadHeaderTimeout does for HTTP).
 var handshakeTimeout = 10 * time.Second
 
-// maxHandshakes bounds the handshakes under way at once. Beyond it a new
-// connection is closed at once (a peer's raft transport dials again), so
-// that whoever can reach the port cannot make the node hold an unbounded
-// number of goroutines and descriptors, 10 s each, by connecting fast.
+// maxHandshakes bounds the handshakes under way at once, so that whoever
+// can reach the port cannot make the node hold an unbounded number of
+// goroutines and descriptors, 10 s each, by connecting fast. Beyond it a
+// new connection is still taken, and one under way is closed instead: the
+// oldest from the address holding the most (see package admit). Closing
+// the newcomer instead let 64 silent connections, renewed every 10 s, turn
+// away every raft connection to the node (a leader change or a restart
+// could not reconnect).
 const maxHandshakes = 64
 
 // tlsStream is raft's stream layer over mutual TLS with the cluster CA.
@@ -35,12 +41,12 @@ type tlsStream struct {
 	client    *tls.Config
 	advertise net.Addr // what peers dial; raft records it in its configuration
 
-	conns  chan net.Conn
-	slots  chan struct{} // one per handshake under way, at most maxHandshakes
-	done   chan struct{}
-	ctx    context.Context // cancelled by Close: ends handshakes under way
-	cancel context.CancelFunc
-	once   sync.Once
+	conns   chan net.Conn
+	pending *admit.Table // handshakes under way, at most maxHandshakes
+	done    chan struct{}
+	ctx     context.Context // cancelled by Close: ends handshakes under way
+	cancel  context.CancelFunc
+	once    sync.Once
 }
 
 func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
@@ -48,7 +54,7 @@ func newTLSStream(addr string, server, client *tls.Config) (*tlsStream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raft listen %s: %w", addr, err)
 	}
-	t := &tlsStream{ln: ln, server: server, client: client, conns: make(chan net.Conn), slots: make(chan struct{}, maxHandshakes), done: make(chan struct{})}
+	t := &tlsStream{ln: ln, server: server, client: client, conns: make(chan net.Conn), pending: admit.New(maxHandshakes), done: make(chan struct{})}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	go t.acceptLoop()
 	return t, nil
@@ -74,20 +80,23 @@ func (t *tlsStream) acceptLoop() {
 			}
 		}
 		delay = 0
-		select {
-		case t.slots <- struct{}{}:
-			go t.handshake(c)
-		default:
-			c.Close()
+		if k := t.pending.Admit(c, admit.Source(c.RemoteAddr())); k != nil {
+			go t.handshake(c, k)
 		}
 	}
 }
 
-func (t *tlsStream) handshake(c net.Conn) {
+// handshake runs the server side of mutual TLS on c and hands the
+// connection to Accept. Its place among the handshakes under way is given
+// back the moment the handshake ends, before the connection waits for
+// raft to take it.
+func (t *tlsStream) handshake(c net.Conn, k *admit.Ticket) {
 	tc := tls.Server(c, t.server)
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	err := tc.HandshakeContext(t.ctx)
-	<-t.slots
+	if !k.Release() {
+		return // closed by the table: evicted for a newer connection, or Close
+	}
 	if err != nil {
 		c.Close()
 		return
@@ -116,6 +125,7 @@ func (t *tlsStream) Close() error {
 		t.cancel()
 		close(t.done)
 		err = t.ln.Close()
+		t.pending.Close()
 	})
 	return err
 }

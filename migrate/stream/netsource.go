@@ -14,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/pcluster/pcluster/internal/admit"
 )
 
 // netSource is the receiving end of the wire protocol: it listens, greets
@@ -156,14 +158,23 @@ func (s *netSource) String() string { return s.spec }
 func (s *netSource) Addr() string   { return s.ln.Addr().String() }
 
 // helloTimeout bounds how long an accepted connection may take to greet
-// before the listener drops it (and frees its place among maxGreeting).
+// before the listener drops it.
 const helloTimeout = 10 * time.Second
 
-// maxGreeting bounds the connections a listener greets at once. Each is
-// greeted concurrently, within its own helloTimeout; beyond this many a
-// new connection is closed at once with a warning line, so that a flood
-// of connections costs a bounded number of goroutines and descriptors.
+// maxGreeting bounds the connections a listener holds before they
+// authenticate (greet, and on a keyed listener send a first chunk that
+// verifies): a flood of connections costs at most this many goroutines and
+// descriptors. Beyond it a new connection is still taken and one pending
+// connection is dropped instead: the oldest of the source (address and,
+// on loopback or a unix socket, user) holding the most (see package
+// admit), so that strangers holding the table full cannot turn the real
+// sender away.
 const maxGreeting = 64
+
+// maxRefusing bounds the refused senders being read to their end to be
+// told they were refused (refuse); beyond it the oldest of the largest
+// source is closed untold.
+const maxRefusing = 16
 
 // greeted is an accepted connection that passed greet.
 type greeted struct {
@@ -202,49 +213,71 @@ func (s *netSource) accept() error {
 }
 
 // acceptFirst accepts connections and greets each in a goroutine of its
-// own, at most maxGreeting at once; the first connection that completes
-// the greeting and is allowed here (greet: for a keyless loopback or unix
-// listener, a sender running as our user or root) is the sender. Then the
-// listener is closed, and with it every connection still greeting. A
-// connection that does not greet in time, greets wrongly or is not
-// allowed is dropped with a warning line. So whoever can reach the port
-// can neither delay the sender nor make the migration fail by connecting
-// and saying nothing, however many times: only by being an allowed sender
-// first. acceptFirst returns once its accept loop and every greeting
-// goroutine have ended.
+// own; the first connection that completes the greeting and is allowed
+// here (greet: for a keyless loopback or unix listener, a sender running
+// as our user or root; vet: for a keyed listener, a first chunk that
+// verifies under one of our keys) is the sender. Then the listener is
+// closed, and with it every connection still pending. A connection that
+// does not greet in time, greets wrongly or is not allowed is dropped with
+// a warning line, and so is one evicted from the table of pending
+// connections (at most maxGreeting) to make room for a newer one. So
+// whoever can reach the port can neither delay the sender nor make the
+// migration fail by connecting and saying nothing, however many times:
+// only by being an allowed sender first, or by connecting, from as many
+// sources as the table has places, in the milliseconds between the
+// sender's connection and its first chunk. acceptFirst returns once its
+// accept loop and every greeting goroutine have ended.
 func (s *netSource) acceptFirst() (*greeted, error) {
 	var (
-		mu      sync.Mutex // guards pending and winner
-		pending = map[net.Conn]bool{}
-		winner  *greeted
-		wg      sync.WaitGroup
+		mu     sync.Mutex // guards winner
+		winner *greeted
+		wg     sync.WaitGroup
 	)
+	greeting := admit.New(maxGreeting) // accepted, not yet authenticated
+	refusing := admit.New(maxRefusing) // refused, being told so
 	won := make(chan *greeted, 1)
 	acceptErr := make(chan error, 1)
-	slots := make(chan struct{}, maxGreeting)
-	greetOne := func(c net.Conn) {
+	greetOne := func(c net.Conn, k *admit.Ticket) {
 		defer wg.Done()
-		g, err := s.greet(c)
+		g, err := s.greet(c, k)
+		var refuse func()
 		if err == nil && s.keyDir != "" {
-			err = s.vet(g)
+			refuse, err = s.vet(g)
+		}
+		// The place is given back before anything slow (the refusal).
+		if !k.Release() {
+			// The table closed c: the sender was taken, or a newer
+			// connection took its place.
+			if k.Evicted() {
+				s.warnf("dropped a connection from %s: %d connections are already pending, and a newer one took the place of the oldest of its source; still listening", c.RemoteAddr(), maxGreeting)
+			}
+			return
 		}
 		mu.Lock()
-		delete(pending, c)
 		first := err == nil && winner == nil
 		if first {
 			winner = g
 		}
 		lost := winner != nil && !first
 		mu.Unlock()
-		<-slots
 		if first {
 			won <- g
 			return
 		}
-		c.Close()
-		if err != nil && !lost {
+		if lost {
+			c.Close()
+			return
+		}
+		if err != nil {
 			s.warnf("dropped a connection from %s: %v; still listening", c.RemoteAddr(), err)
 		}
+		if refuse != nil {
+			if r := refusing.Admit(c, k.Source()); r != nil {
+				refuse()
+				r.Release()
+			}
+		}
+		c.Close()
 	}
 	wg.Add(1)
 	go func() { // the accept loop: ends when the listener is closed
@@ -255,24 +288,12 @@ func (s *netSource) acceptFirst() (*greeted, error) {
 				acceptErr <- err
 				return
 			}
-			select {
-			case slots <- struct{}{}:
-			default:
-				c.Close()
-				s.warnf("dropped a connection from %s: %d connections are already greeting; still listening", c.RemoteAddr(), maxGreeting)
-				continue
+			k := greeting.Admit(c, admit.Source(c.RemoteAddr()))
+			if k == nil {
+				continue // the sender was taken: c is closed
 			}
-			mu.Lock()
-			if winner != nil {
-				mu.Unlock()
-				<-slots
-				c.Close()
-				continue
-			}
-			pending[c] = true
-			mu.Unlock()
 			wg.Add(1)
-			go greetOne(c)
+			go greetOne(c, k)
 		}
 	}()
 	var g *greeted
@@ -282,12 +303,8 @@ func (s *netSource) acceptFirst() (*greeted, error) {
 	case err = <-acceptErr:
 	}
 	s.ln.Close()
-	mu.Lock()
-	others := len(pending)
-	for c := range pending {
-		c.Close()
-	}
-	mu.Unlock()
+	others := greeting.Close()
+	refusing.Close()
 	wg.Wait()
 	if err != nil {
 		select {
@@ -315,10 +332,11 @@ const vetTimeout = 30 * time.Second
 // vet reads, on a greeted connection of a keyed listener, the snapshot
 // header and the first chunk of the body and verifies that chunk under
 // the key the header names, from s.keyDir: only the holder of one of our
-// keys gets past it. What it read is kept for the winner's reader. A
-// connection that fails is told it was refused, if it asks for the
-// handshake (see refuse).
-func (s *netSource) vet(g *greeted) error {
+// keys gets past it. What it read is kept for the winner's reader. On
+// failure it returns, besides the error, what tells the sender it was
+// refused (refuse), to be run once the connection has left the table of
+// pending ones.
+func (s *netSource) vet(g *greeted) (refuse func(), err error) {
 	rec := &recorder{r: g.c}
 	fr := &frameReader{r: rec}
 	g.c.SetReadDeadline(time.Now().Add(max(s.rt, vetTimeout)))
@@ -332,11 +350,10 @@ func (s *netSource) vet(g *greeted) error {
 		}
 	}
 	if err != nil {
-		s.refuse(g, fr, rec)
-		return err
+		return func() { s.refuse(g, fr, rec) }, err
 	}
 	g.replay = rec.buf
-	return nil
+	return nil, nil
 }
 
 // refuseDrain bounds how long a refused sender may take to finish its
@@ -431,18 +448,25 @@ func (s *netSource) warnf(format string, args ...any) {
 
 // greet checks who connected and exchanges greetings. It runs on the
 // connection's own goroutine and touches nothing of s but what listenSource
-// set.
-func (s *netSource) greet(c net.Conn) (*greeted, error) {
-	if s.sameUser {
-		peerUID := tcpPeerUID
-		if _, ok := c.(*net.UnixConn); ok {
-			peerUID = unixPeerUID
-		}
+// set. On a loopback or unix connection, k's source becomes the user at
+// the other end: a local stranger's connections then count as theirs,
+// not as the sender's.
+func (s *netSource) greet(c net.Conn, k *admit.Ticket) (*greeted, error) {
+	peerUID := tcpPeerUID
+	local := false
+	if _, ok := c.(*net.UnixConn); ok {
+		local, peerUID = true, unixPeerUID
+	} else if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		local = a.IP.IsLoopback()
+	}
+	if local {
 		uid, err := peerUID(c)
-		if err != nil {
+		if err == nil {
+			k.SetSource(admit.WithUser(k.Source(), uid))
+		} else if s.sameUser {
 			return nil, err
 		}
-		if uid != os.Geteuid() && uid != 0 {
+		if s.sameUser && uid != os.Geteuid() && uid != 0 {
 			return nil, fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", uid, os.Geteuid())
 		}
 	}
