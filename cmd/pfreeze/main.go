@@ -37,8 +37,8 @@ func main() {
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
-	err := run(interruptible(), *pid, *debug, capture.SendOptions{
-		Dest: *dest, Tree: *tree, Compress: *compress, Encrypt: *encrypt, Halt: *halt, Insecure: *insecure,
+	err := run(interruptible(), *pid, *debug, *compress, *encrypt, capture.SendOptions{
+		Dest: *dest, Tree: *tree, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
 	})
@@ -68,7 +68,7 @@ func interruptible() context.Context {
 	return ctx
 }
 
-func run(ctx context.Context, pid int, debug bool, o capture.SendOptions) error {
+func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o capture.SendOptions) error {
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q (flags come first: pfreeze -pid P)", flag.Arg(0))
 	}
@@ -83,6 +83,13 @@ func run(ctx context.Context, pid int, debug bool, o capture.SendOptions) error 
 		if f.d <= 0 {
 			return fmt.Errorf("-%s %v: must be positive (the process stays frozen while pfreeze waits)", f.name, f.d)
 		}
+	}
+	if !debug {
+		so, err := stream.ParseOptions(compress, encrypt)
+		if err != nil {
+			return err
+		}
+		o.Codec, o.Cipher, o.Key = so.Codec, so.Cipher, so.Key
 	}
 	tr := ptrace.NewTracer()
 	defer tr.Close()

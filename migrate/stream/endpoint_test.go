@@ -104,7 +104,7 @@ func TestRoundTripEndpoints(t *testing.T) {
 				for _, halt := range []bool{false, true} {
 					t.Run(fmt.Sprintf("%s/%s/%s/halt=%v", name, c, e, halt), func(t *testing.T) {
 						src, spec := pair(t)
-						opt := Options{Compress: c, Encrypt: encryptOpt(dir, e, "k2.key")}
+						opt := opts(c, encryptOpt(dir, e, "k2.key"))
 						ropt := ReaderOptions{KeyDir: dir}
 						var got []byte
 						var rerr error
@@ -233,7 +233,7 @@ func TestFileSinkAtomic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, _ := NewWriter(sink, Options{Compress: "zstd"})
+	w, _ := NewWriter(sink, opts("zstd", ""))
 	w.Write([]byte("records"))
 	if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("snapshot visible before it is complete: %v", err)
