@@ -79,6 +79,15 @@ type SinkOptions struct {
 	OwnerUID int
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
+	// Authenticated says the connection itself authenticates the
+	// receiver (NewConnSink over mutual TLS with the cluster's
+	// certificates): plaintext may then go to it whatever its address,
+	// and the loopback and unix peer-user checks (which a TLS connection
+	// cannot answer) are skipped. Only a connection on which both ends
+	// proved who they are may set it: anything else would send the
+	// process's memory to whoever answered, and let them have a -halt
+	// original killed.
+	Authenticated bool
 	// Halt says the caller will kill the process once AwaitReady returns:
 	// OpenSink then refuses (ErrNoProof) a sink that could not prove the
 	// snapshot safe — a pipe, FIFO, terminal, device or socket reached as
@@ -101,6 +110,13 @@ type SourceOptions struct {
 	// Insecure allows a non-loopback TCP listener without keys, with a
 	// warning line on Warn.
 	Insecure bool
+	// Authenticated says the connection itself authenticates the sender
+	// (NewConnSource over mutual TLS with the cluster's certificates):
+	// plaintext may then come from it whatever its address, and the
+	// loopback and unix peer-user checks are skipped. Only a connection
+	// on which both ends proved who they are may set it: anything else
+	// would run whatever process a stranger sends.
+	Authenticated bool
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
 }
