@@ -2,6 +2,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -73,7 +74,7 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	o.Interrupt = sigs
 	tr := ptrace.NewTracer()
 	defer tr.Close()
-	p, err := loader.Receive(tr, o)
+	p, err := loader.Receive(context.Background(), tr, o)
 	if err != nil {
 		return 0, err
 	}
