@@ -42,6 +42,12 @@ func main() {
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
 	})
+	switch {
+	case errors.Is(err, stream.ErrPlaintextBeyondLoopback):
+		err = fmt.Errorf("%w; use -encrypt aes-gcm:KEYFILE, or pass -insecure", err)
+	case errors.Is(err, stream.ErrPlaintextToStranger):
+		err = fmt.Errorf("%w; use -encrypt", err)
+	}
 	if errors.Is(err, stream.ErrNoProof) {
 		err = fmt.Errorf("-halt refused, the process is untouched: %w; to move a process, send it to a listening pthaw (-dest tcp:HOST:PORT or -dest unix:PATH, with pthaw -src on that address: its handshake proves the restore), or write a file (-dest FILE, fsync'ed before the kill)", err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/ptrace"
+	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 func main() {
@@ -37,6 +38,9 @@ func main() {
 		}},
 	}
 	code, err := run(o, *debug)
+	if errors.Is(err, stream.ErrListenBeyondLoopback) {
+		err = fmt.Errorf("%w; give a key directory (-keydir), listen on 127.0.0.1, or pass -insecure", err)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "pthaw: %v\n", err)
 		os.Exit(1)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -121,6 +122,10 @@ func TestConnWrongKeyBytes(t *testing.T) {
 	}
 }
 
+// flagHint matches a command-line flag in a message (" -insecure",
+// "(-keydir)"): the library's errors name the object, the CLIs add flags.
+var flagHint = regexp.MustCompile(`(^|[ (])-[a-z][a-z-]+\b`)
+
 // farConn reports a peer beyond loopback, as a connection between two
 // hosts does.
 type farConn struct{ net.Conn }
@@ -137,8 +142,11 @@ func TestConnPlaintextNeedsTrust(t *testing.T) {
 	go func() { errc <- connSend(farConn{c}, []byte("records"), Options{}, SinkOptions{}) }()
 	_, rerr := connReceive(farConn{s}, ReaderOptions{}, SourceOptions{})
 	serr := <-errc
-	if serr == nil || !strings.Contains(serr.Error(), "refusing to send an unencrypted snapshot beyond loopback") {
+	if serr == nil || !strings.Contains(serr.Error(), "refusing to send an unencrypted snapshot beyond loopback") || !errors.Is(serr, ErrPlaintextBeyondLoopback) {
 		t.Errorf("sender: got %v, want plaintext beyond loopback refused", serr)
+	}
+	if serr != nil && flagHint.MatchString(serr.Error()) {
+		t.Errorf("sender: %q names a command-line flag: only the CLI adds those", serr)
 	}
 	if rerr == nil {
 		t.Errorf("receiver: got no error, want the stream refused")

@@ -124,6 +124,31 @@ type SourceOptions struct {
 // ErrAborted is the cause of the errors of a sink after Abort.
 var ErrAborted = errors.New("aborted")
 
+// Causes of refusing plaintext, for the command-line tools to say which
+// flags change the decision (errors.Is); the messages name the peer and
+// the reason, no flag.
+var (
+	// ErrPlaintextBeyondLoopback: an unencrypted stream to a receiver
+	// beyond loopback, without SinkOptions.Insecure or Authenticated.
+	ErrPlaintextBeyondLoopback = errors.New("unencrypted snapshot beyond loopback")
+	// ErrPlaintextToStranger: an unencrypted stream to a loopback or unix
+	// receiver running as another user.
+	ErrPlaintextToStranger = errors.New("unencrypted snapshot to another user")
+	// ErrListenBeyondLoopback: a listener beyond loopback without keys
+	// or SourceOptions.Insecure.
+	ErrListenBeyondLoopback = errors.New("listener beyond loopback without keys")
+)
+
+// refusal is an error whose message is complete by itself and whose
+// cause is one of the sentinels above.
+type refusal struct {
+	msg   string
+	cause error
+}
+
+func (r *refusal) Error() string { return r.msg }
+func (r *refusal) Unwrap() error { return r.cause }
+
 // ErrUDP is returned for udp: specs.
 var ErrUDP = errors.New("udp is refused: a snapshot must arrive complete and in order, and UDP loses and reorders data; use tcp:HOST:PORT")
 

@@ -172,8 +172,11 @@ func TestEndpointSpecs(t *testing.T) {
 	}
 	for _, spec := range []string{"tcp:0", "tcp::0", "tcp:0.0.0.0:0"} {
 		_, err := OpenSource(spec, SourceOptions{})
-		if err == nil || !strings.Contains(err.Error(), "refusing to listen beyond loopback") {
+		if err == nil || !strings.Contains(err.Error(), "refusing to listen beyond loopback") || !errors.Is(err, ErrListenBeyondLoopback) {
 			t.Errorf("OpenSource(%s) without keys: got %v, want a refusal", spec, err)
+		}
+		if err != nil && flagHint.MatchString(err.Error()) {
+			t.Errorf("OpenSource(%s): %q names a command-line flag: only the CLI adds those", spec, err)
 		}
 		var warn bytes.Buffer
 		src, err := OpenSource(spec, SourceOptions{Insecure: true, Warn: &warn})

@@ -195,7 +195,7 @@ func (s *netSink) checkPlaintextPeer() error {
 	case *net.TCPAddr:
 		if !a.IP.IsLoopback() {
 			if !s.opt.Insecure {
-				return fmt.Errorf("refusing to send an unencrypted snapshot beyond loopback (to %s): anyone on the path could read the process's memory, and a receiver cannot prove it is yours; use -encrypt aes-gcm:KEYFILE, or pass -insecure", a)
+				return &refusal{fmt.Sprintf("refusing to send an unencrypted snapshot beyond loopback (to %s): anyone on the path could read the process's memory, and a receiver cannot prove it is yours", a), ErrPlaintextBeyondLoopback}
 			}
 			w := s.opt.Warn
 			if w == nil {
@@ -211,7 +211,7 @@ func (s *netSink) checkPlaintextPeer() error {
 		return fmt.Errorf("receiver %s: %w", s.conn.RemoteAddr(), err)
 	}
 	if uid != os.Geteuid() && uid != 0 && uid != s.opt.OwnerUID {
-		return fmt.Errorf("receiver %s runs as uid %d, neither ours (%d), root nor the process's owner: an unencrypted snapshot goes only to them; use -encrypt", s.conn.RemoteAddr(), uid, os.Geteuid())
+		return &refusal{fmt.Sprintf("receiver %s runs as uid %d, neither ours (%d), root nor the process's owner: an unencrypted snapshot goes only to them", s.conn.RemoteAddr(), uid, os.Geteuid()), ErrPlaintextToStranger}
 	}
 	return nil
 }

@@ -101,7 +101,7 @@ func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, err
 			}
 			fmt.Fprintf(w, "warning: listening on %s without requiring encryption: anyone who can reach it can read the snapshot or send a process to run here\n", spec)
 		default:
-			return nil, fmt.Errorf("stream: listen %s: refusing to listen beyond loopback without keys: anyone could send a process to run here; give a key directory (-keydir), listen on 127.0.0.1, or pass -insecure", spec)
+			return nil, &refusal{fmt.Sprintf("stream: listen %s: refusing to listen beyond loopback without keys: anyone could send a process to run here", spec), ErrListenBeyondLoopback}
 		}
 	}
 	ln, err := net.Listen(scheme, addr)
@@ -530,7 +530,7 @@ func (s *netSource) greet(c net.Conn, k *admit.Ticket) (*greeted, error) {
 			return nil, err
 		}
 		if s.sameUser && uid != os.Geteuid() && uid != 0 {
-			return nil, fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", uid, os.Geteuid())
+			return nil, fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without keys accepts only its own user", uid, os.Geteuid())
 		}
 	}
 	peer := make([]byte, hsNonceSize)
