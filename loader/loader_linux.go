@@ -17,6 +17,7 @@ package loader
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -51,6 +52,11 @@ type Options struct {
 	// Detach says the restorer will not stay the process's parent: the
 	// parent-death signal, which would fire as soon as it exits, is not set.
 	Detach bool
+	// Stdio, where set, are the files the process's inherited descriptors
+	// 0, 1 and 2 become (those it had from its parent: a terminal, a log
+	// pipe); nil entries mean the restorer's own. An agent points them at
+	// the workload's log files; a test, at a pipe it reads.
+	Stdio [3]*os.File
 	// Notice receives one-line messages for the user (the PID was
 	// taken...), when the process starts: a restore that fails says only
 	// why.
@@ -126,7 +132,12 @@ func (p *Process) SavedPid() int { return p.proc.Pid }
 // Build reads a snapshot from dec and builds the process. On success the
 // whole snapshot has been read and verified, and the process waits,
 // stopped, for Start or Abort. On failure nothing is left behind.
-func Build(tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error) {
+//
+// Cancelling ctx gives up at the next record read (or at the end): the
+// half-built process is killed and reaped, and the error wraps ctx's
+// cause. A read blocked on the input ends only with the input: close it
+// too to give up at once (ReceiveFrom does).
+func Build(ctx context.Context, tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error) {
 	if opts.PIDNamespace && (opts.NewPID || opts.VirtPID) {
 		return nil, errors.New("thaw: a new PID namespace keeps the saved PIDs: it cannot be combined with new or virtual PIDs")
 	}
@@ -134,9 +145,13 @@ func Build(tr *ptrace.Tracer, dec *image.Decoder, opts Options) (*Process, error
 	notes := &[]string{}
 	p := &Process{tr: tr, opts: opts, notes: notes, notify: opts.Notice}
 	p.opts.Notice = func(s string) { *notes = append(*notes, s) }
-	if err := p.build(dec); err != nil {
+	if err := p.build(ctx, dec); err != nil {
 		p.Abort()
 		return nil, fmt.Errorf("thaw: %w", err)
+	}
+	if ctx.Err() != nil {
+		p.Abort()
+		return nil, fmt.Errorf("thaw: %w: nothing restored", context.Cause(ctx))
 	}
 	return p, nil
 }
@@ -147,7 +162,7 @@ func (p *Process) notice(format string, args ...any) {
 	}
 }
 
-func (p *Process) build(dec *image.Decoder) (err error) {
+func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	first, err := dec.Next()
 	if err != nil {
 		return err
@@ -165,7 +180,7 @@ func (p *Process) build(dec *image.Decoder) (err error) {
 		for range items {
 		}
 	}()
-	go readAhead(dec, first, items, stop)
+	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
 		<-items // the tree record itself
 		return p.buildTree(t, items)
@@ -309,19 +324,29 @@ type item struct {
 
 // readAhead decodes records from dec, the first being first, and sends
 // them on items until the end record, an error, or stop. It owns dec.
-func readAhead(dec *image.Decoder, first any, items chan<- item, stop <-chan struct{}) {
+// Once ctx is done it sends, instead of the next record, an error that
+// wraps ctx's cause, so that the builder gives up.
+func readAhead(ctx context.Context, dec *image.Decoder, first any, items chan<- item, stop <-chan struct{}) {
 	defer close(items)
 	free := make(chan []byte, readAheadBufs)
 	for i := 0; i < readAheadBufs; i++ {
 		free <- make([]byte, readAheadSize)
 	}
 	send := func(it item) bool {
-		select {
-		case items <- it:
-			return true
-		case <-stop:
-			return false
+		if ctx.Err() == nil {
+			select {
+			case items <- it:
+				return true
+			case <-stop:
+				return false
+			case <-ctx.Done():
+			}
 		}
+		select {
+		case items <- item{err: fmt.Errorf("%w before the process was built: nothing restored", context.Cause(ctx))}:
+		case <-stop:
+		}
+		return false
 	}
 	rec := first
 	for {
@@ -458,9 +483,15 @@ func (p *Process) startStub() error {
 		if p.opts.PIDNamespace {
 			sys.Cloneflags = syscall.CLONE_NEWPID
 		}
+		files := []uintptr{0, 1, 2, memfd.Fd()}
+		for i, f := range p.opts.Stdio {
+			if f != nil {
+				files[i] = f.Fd()
+			}
+		}
 		pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"pcluster-stub"}, &syscall.ProcAttr{
 			Env:   []string{},
-			Files: []uintptr{0, 1, 2, memfd.Fd()},
+			Files: files,
 			Sys:   sys,
 		})
 		if err != nil {

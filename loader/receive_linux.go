@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -18,8 +19,11 @@ import (
 
 // ReceiveOptions say where a snapshot comes from and how it is checked.
 type ReceiveOptions struct {
-	Src         string // stdin | FILE | tcp:[HOST:]PORT | unix:PATH
-	KeyDir      string // keys for encrypted snapshots; plaintext is then refused
+	Src string // stdin | FILE | tcp:[HOST:]PORT | unix:PATH (Receive only)
+	// Keys and KeyDir hold the keys of encrypted snapshots (Keys, as
+	// bytes, are looked up first); with either, plaintext is refused.
+	Keys        []stream.Key
+	KeyDir      string
 	ReadTimeout time.Duration
 	// CommitTimeout bounds the wait for the sender's go-ahead once the
 	// process is built (a -halt migration).
@@ -40,14 +44,26 @@ type ReceiveOptions struct {
 // sender agrees (network -halt migrations), starts it. Nothing runs before
 // every byte has been authenticated (encrypted streams) and the snapshot's
 // checksum verified; on any failure the half-built process is killed and
-// the sender told, so that it resumes the original.
-func Receive(tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
+// the sender told, so that it resumes the original. Cancelling ctx (like
+// o.Interrupt) gives up until the process is reported built to a -halt
+// sender: then only the sender decides.
+func Receive(ctx context.Context, tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
 	src, err := openSource(o)
 	if err != nil {
 		return nil, err
 	}
+	return ReceiveFrom(ctx, tr, src, o)
+}
+
+// ReceiveFrom is Receive from a source the caller opened (o.Src, the
+// timeouts of reading and Insecure are the source's business then): for
+// example a stream.NewConnSource over a connection between two agents.
+// It runs the whole receiving side: the snapshot read to its end and
+// verified, Build, Ready, AwaitCommit (up to o.CommitTimeout), Start.
+// ReceiveFrom closes src.
+func ReceiveFrom(ctx context.Context, tr *ptrace.Tracer, src stream.Source, o ReceiveOptions) (*Process, error) {
 	defer src.Close()
-	intr := watchInterrupt(o.Interrupt, src)
+	intr := watchInterrupt(ctx, o.Interrupt, src)
 	defer intr.stop()
 	body, dec, err := openBody(src, o)
 	if err != nil {
@@ -56,7 +72,7 @@ func Receive(tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
 		return nil, err
 	}
 	defer body.Close()
-	p, err := Build(tr, dec, o.Options)
+	p, err := Build(ctx, tr, dec, o.Options)
 	if err == nil {
 		if err = dec.ExpectEOF(); err != nil {
 			p.Abort()
@@ -89,25 +105,31 @@ func Receive(tr *ptrace.Tracer, o ReceiveOptions) (*Process, error) {
 	return p, nil
 }
 
-// interruptWatch closes the source when a signal arrives, until stopped.
+// interruptWatch closes the source when a signal arrives or ctx is done,
+// until stopped.
 type interruptWatch struct {
 	mu      sync.Mutex
 	stopped bool
 	sig     os.Signal // the signal that closed the source, if any
+	cause   error     // or ctx's cause, if ctx did
 	done    chan struct{}
 }
 
-func watchInterrupt(c <-chan os.Signal, src io.Closer) *interruptWatch {
+func watchInterrupt(ctx context.Context, c <-chan os.Signal, src io.Closer) *interruptWatch {
 	w := &interruptWatch{done: make(chan struct{})}
-	if c == nil {
-		return w
-	}
 	go func() {
 		select {
-		case s := <-c:
+		case s := <-c: // never, when c is nil
 			w.mu.Lock()
 			if !w.stopped {
 				w.sig = s
+				src.Close()
+			}
+			w.mu.Unlock()
+		case <-ctx.Done():
+			w.mu.Lock()
+			if !w.stopped {
+				w.cause = context.Cause(ctx)
 				src.Close()
 			}
 			w.mu.Unlock()
@@ -117,8 +139,8 @@ func watchInterrupt(c <-chan os.Signal, src io.Closer) *interruptWatch {
 	return w
 }
 
-// stop ends the watch and reports whether a signal came first. After it
-// returns no signal is taken from the channel.
+// stop ends the watch and reports whether a signal or ctx came first.
+// After it returns no signal is taken from the channel.
 func (w *interruptWatch) stop() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -126,18 +148,21 @@ func (w *interruptWatch) stop() bool {
 		w.stopped = true
 		close(w.done)
 	}
-	return w.sig != nil
+	return w.sig != nil || w.cause != nil
 }
 
 // explain replaces err, the consequence of closing the source (or nil), by
-// the signal that did it.
+// the signal or the cancellation that did it.
 func (w *interruptWatch) explain(err error) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.sig == nil {
-		return err
+	switch {
+	case w.sig != nil:
+		return fmt.Errorf("interrupted by %s before the process was built: nothing restored", signalName(w.sig))
+	case w.cause != nil:
+		return fmt.Errorf("thaw: %w before the process was built: nothing restored", w.cause)
 	}
-	return fmt.Errorf("interrupted by %s before the process was built: nothing restored", signalName(w.sig))
+	return err
 }
 
 // signalName names s as kill(1) does ("SIGTERM"), not by its description.
@@ -182,7 +207,7 @@ func openBody(src stream.Source, o ReceiveOptions) (io.ReadCloser, *image.Decode
 	if o.Progress {
 		r = stream.NewProgressReader(src, "pthaw", 0)
 	}
-	body, _, err := stream.NewReader(r, stream.ReaderOptions{KeyDir: o.KeyDir, RequireEncryption: o.KeyDir != ""})
+	body, _, err := stream.NewReader(r, stream.ReaderOptions{Keys: o.Keys, KeyDir: o.KeyDir, RequireEncryption: o.KeyDir != "" || len(o.Keys) > 0})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -37,11 +37,17 @@ func main() {
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
-	err := run(interruptible(), *pid, *debug, capture.SendOptions{
-		Dest: *dest, Tree: *tree, Compress: *compress, Encrypt: *encrypt, Halt: *halt, Insecure: *insecure,
+	err := run(interruptible(), *pid, *debug, *compress, *encrypt, capture.SendOptions{
+		Dest: *dest, Tree: *tree, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())),
 	})
+	switch {
+	case errors.Is(err, stream.ErrPlaintextBeyondLoopback):
+		err = fmt.Errorf("%w; use -encrypt aes-gcm:KEYFILE, or pass -insecure", err)
+	case errors.Is(err, stream.ErrPlaintextToStranger):
+		err = fmt.Errorf("%w; use -encrypt", err)
+	}
 	if errors.Is(err, stream.ErrNoProof) {
 		err = fmt.Errorf("-halt refused, the process is untouched: %w; to move a process, send it to a listening pthaw (-dest tcp:HOST:PORT or -dest unix:PATH, with pthaw -src on that address: its handshake proves the restore), or write a file (-dest FILE, fsync'ed before the kill)", err)
 	}
@@ -68,7 +74,7 @@ func interruptible() context.Context {
 	return ctx
 }
 
-func run(ctx context.Context, pid int, debug bool, o capture.SendOptions) error {
+func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o capture.SendOptions) error {
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q (flags come first: pfreeze -pid P)", flag.Arg(0))
 	}
@@ -83,6 +89,13 @@ func run(ctx context.Context, pid int, debug bool, o capture.SendOptions) error 
 		if f.d <= 0 {
 			return fmt.Errorf("-%s %v: must be positive (the process stays frozen while pfreeze waits)", f.name, f.d)
 		}
+	}
+	if !debug {
+		so, err := stream.ParseOptions(compress, encrypt)
+		if err != nil {
+			return err
+		}
+		o.Codec, o.Cipher, o.Key = so.Codec, so.Cipher, so.Key
 	}
 	tr := ptrace.NewTracer()
 	defer tr.Close()

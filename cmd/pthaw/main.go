@@ -2,6 +2,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/ptrace"
+	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 func main() {
@@ -36,6 +38,9 @@ func main() {
 		}},
 	}
 	code, err := run(o, *debug)
+	if errors.Is(err, stream.ErrListenBeyondLoopback) {
+		err = fmt.Errorf("%w; give a key directory (-keydir), listen on 127.0.0.1, or pass -insecure", err)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "pthaw: %v\n", err)
 		os.Exit(1)
@@ -73,7 +78,7 @@ func run(o loader.ReceiveOptions, debug bool) (int, error) {
 	o.Interrupt = sigs
 	tr := ptrace.NewTracer()
 	defer tr.Close()
-	p, err := loader.Receive(tr, o)
+	p, err := loader.Receive(context.Background(), tr, o)
 	if err != nil {
 		return 0, err
 	}

@@ -16,9 +16,11 @@ import (
 
 // SendOptions say where a snapshot goes and how it is encoded.
 type SendOptions struct {
-	Dest         string // stdout | FILE | tcp:HOST:PORT | unix:PATH
-	Compress     string // see stream.Options
-	Encrypt      string
+	Dest string // stdout | FILE | tcp:HOST:PORT | unix:PATH (Send only)
+	// Codec, Cipher and Key encode the body (stream.Options).
+	Codec        stream.Codec
+	Cipher       stream.Cipher
+	Key          *stream.Key
 	DialTimeout  time.Duration
 	WriteTimeout time.Duration
 	// ReadyTimeout bounds the wait for the receiver to build the process
@@ -30,6 +32,12 @@ type SendOptions struct {
 	Halt     bool
 	Tree     bool // the process and all its descendants
 	Progress bool // draw a progress bar on stderr
+	// Decide, with Halt, is called once the receiver has built the
+	// process (the sink's AwaitReady returned nil) and before the
+	// original is killed: nil goes on (kill, then the sink's Commit); an
+	// error resumes the original, and the receiver, never told to
+	// commit, kills its copy. A cluster agent records the move here.
+	Decide func() error
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -52,7 +60,18 @@ func Send(ctx context.Context, tr *ptrace.Tracer, pid int, o SendOptions) error 
 	if err != nil {
 		return err
 	}
+	return SendTo(ctx, tr, pid, sink, o)
+}
+
+// SendTo is Send to a sink the caller opened (o.Dest, the timeouts and
+// Insecure are the sink's business then): for example a
+// stream.NewConnSink over a connection between two agents. SendTo closes
+// the sink.
+func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o SendOptions) error {
 	defer sink.Close()
+	if err := mayTrace(pid, pid); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("freeze %d: %w", pid, err)
+	}
 	stopAbort := context.AfterFunc(ctx, sink.Abort)
 	defer stopAbort()
 	var w io.Writer = sink
@@ -61,7 +80,7 @@ func Send(ctx context.Context, tr *ptrace.Tracer, pid int, o SendOptions) error 
 		prog = stream.NewProgressWriter(sink, "pfreeze", residentBytes(pid))
 		w = prog
 	}
-	body, err := stream.NewWriter(w, stream.Options{Compress: o.Compress, Encrypt: o.Encrypt})
+	body, err := stream.NewWriter(w, stream.Options{Codec: o.Codec, Cipher: o.Cipher, Key: o.Key})
 	if err != nil {
 		return err
 	}
@@ -72,6 +91,11 @@ func Send(ctx context.Context, tr *ptrace.Tracer, pid int, o SendOptions) error 
 		if o.Halt {
 			if err := sink.AwaitReady(o.ReadyTimeout); err != nil {
 				return err
+			}
+			if o.Decide != nil {
+				if err := o.Decide(); err != nil {
+					return err
+				}
 			}
 			// Past this, an interruption no longer aborts the sink:
 			// Freeze either resumes the process (and closing the sink

@@ -79,7 +79,7 @@ func BenchmarkStream(b *testing.B) {
 		})
 		for _, c := range compressions {
 			for _, e := range ciphers {
-				opt := Options{Compress: c, Encrypt: encryptOpt(dir, e, "k1.key")}
+				opt := opts(c, encryptOpt(dir, e, "k1.key"))
 				var encoded []byte
 				b.Run(fmt.Sprintf("%s/%s/%s/write", in.name, c, e), func(b *testing.B) {
 					b.SetBytes(benchSize)
@@ -129,12 +129,12 @@ func BenchmarkLoopback(b *testing.B) {
 	dir := testKeys(b)
 	data := pageLikeData(benchSize)
 	for _, mode := range []Options{
-		{Compress: "none", Encrypt: "none"},
-		{Compress: "none", Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")},
-		{Compress: "snappy", Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")},
-		{Compress: "zstd", Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")},
+		opts("none", "none"),
+		opts("none", encryptOpt(dir, CipherAESGCM, "k1.key")),
+		opts("snappy", encryptOpt(dir, CipherAESGCM, "k1.key")),
+		opts("zstd", encryptOpt(dir, CipherAESGCM, "k1.key")),
 	} {
-		name := mode.Compress + "/" + strings.SplitN(mode.Encrypt, ":", 2)[0]
+		name := mode.Codec.String() + "/" + string(mode.Cipher)
 		b.Run(name, func(b *testing.B) {
 			b.SetBytes(benchSize)
 			for i := 0; i < b.N; i++ {

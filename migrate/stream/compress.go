@@ -29,47 +29,94 @@ const (
 // the reader allocate. Our writer never uses windows above 8 MiB.
 const maxZstdWindow = 64 << 20
 
-// compression is a parsed -compress value. level 0 means the default, which
-// is the fastest level of each codec: a migration is waiting on it.
-type compression struct {
-	name  string
-	level int
+// Codec is a body compression: Name is one of the Compress* names ("" is
+// none); Level, for gzip and flate 1..9 and for zstd 1..22, 0 meaning the
+// codec's fastest level, the default: a migration is waiting on it.
+type Codec struct {
+	Name  string
+	Level int
 }
 
-func parseCompress(s string) (compression, error) {
+// ParseCodec parses a -compress value: none (or empty), auto, gzip,
+// flate, snappy or zstd, the last three levelled ones optionally followed
+// by :LEVEL.
+func ParseCodec(s string) (Codec, error) {
 	name, lvl, hasLevel := strings.Cut(s, ":")
-	name = strings.ToLower(name)
-	if name == "" {
-		name = CompressNone
+	c := Codec{Name: strings.ToLower(name)}
+	if c.Name == "" {
+		c.Name = CompressNone
 	}
-	c := compression{name: name}
-	var lo, hi int
-	switch name {
-	case CompressNone, CompressSnappy, CompressAuto:
-		if hasLevel {
-			return c, fmt.Errorf("compression %q takes no level", name)
-		}
+	if err := c.checkName(s); err != nil {
+		return c, err
+	}
+	if !hasLevel {
 		return c, nil
-	case CompressGzip, CompressFlate:
-		lo, hi = 1, 9
-	case CompressZstd:
-		lo, hi = 1, 22
-	default:
-		return c, fmt.Errorf("unknown compression %q (want none, auto, gzip, flate, snappy or zstd, optionally gzip:LEVEL, flate:LEVEL, zstd:LEVEL)", s)
 	}
-	if hasLevel {
-		n, err := strconv.Atoi(lvl)
-		if err != nil || n < lo || n > hi {
-			return c, fmt.Errorf("compression %q: level must be %d..%d", s, lo, hi)
-		}
-		c.level = n
+	lo, hi := c.levels()
+	if hi == 0 {
+		return c, fmt.Errorf("compression %q takes no level", c.Name)
 	}
+	n, err := strconv.Atoi(lvl)
+	if err != nil || n < lo || n > hi {
+		return c, fmt.Errorf("compression %q: level must be %d..%d", s, lo, hi)
+	}
+	c.Level = n
 	return c, nil
 }
 
+// String returns c as ParseCodec reads it.
+func (c Codec) String() string {
+	if c.Level != 0 {
+		return c.Name + ":" + strconv.Itoa(c.Level)
+	}
+	return c.name()
+}
+
+func (c Codec) name() string {
+	if c.Name == "" {
+		return CompressNone
+	}
+	return c.Name
+}
+
+// levels returns the range of levels of c's codec; hi is 0 for a codec
+// without levels.
+func (c Codec) levels() (lo, hi int) {
+	switch c.name() {
+	case CompressGzip, CompressFlate:
+		return 1, 9
+	case CompressZstd:
+		return 1, 22
+	}
+	return 0, 0
+}
+
+func (c Codec) checkName(spec string) error {
+	switch c.name() {
+	case CompressNone, CompressSnappy, CompressAuto, CompressGzip, CompressFlate, CompressZstd:
+		return nil
+	}
+	return fmt.Errorf("unknown compression %q (want none, auto, gzip, flate, snappy or zstd, optionally gzip:LEVEL, flate:LEVEL, zstd:LEVEL)", spec)
+}
+
+// check validates a Codec built by a caller rather than ParseCodec.
+func (c Codec) check() error {
+	if err := c.checkName(c.Name); err != nil {
+		return err
+	}
+	lo, hi := c.levels()
+	switch {
+	case c.Level != 0 && hi == 0:
+		return fmt.Errorf("compression %q takes no level", c.name())
+	case c.Level != 0 && (c.Level < lo || c.Level > hi):
+		return fmt.Errorf("compression %q: level must be %d..%d", c.String(), lo, hi)
+	}
+	return nil
+}
+
 // newCompressor wraps w. Closing the result flushes the codec but not w.
-func (c compression) newCompressor(w io.Writer) (io.WriteCloser, error) {
-	switch c.name {
+func (c Codec) newCompressor(w io.Writer) (io.WriteCloser, error) {
+	switch c.name() {
 	case CompressNone:
 		return nopWriteCloser{w}, nil
 	case CompressGzip:
@@ -82,12 +129,12 @@ func (c compression) newCompressor(w io.Writer) (io.WriteCloser, error) {
 		return newAutoWriter(w), nil
 	case CompressZstd:
 		lvl := zstd.SpeedFastest
-		if c.level != 0 {
-			lvl = zstd.EncoderLevelFromZstd(c.level)
+		if c.Level != 0 {
+			lvl = zstd.EncoderLevelFromZstd(c.Level)
 		}
 		return zstd.NewWriter(w, zstd.WithEncoderLevel(lvl), zstd.WithEncoderConcurrency(codecConcurrency()))
 	}
-	return nil, fmt.Errorf("unknown compression %q", c.name)
+	return nil, fmt.Errorf("unknown compression %q", c.Name)
 }
 
 // codecConcurrency is how many goroutines a codec may compress or
@@ -103,18 +150,18 @@ func codecConcurrency() int {
 
 // wireName is the compression the header names: the format a reader
 // decodes.
-func (c compression) wireName() string {
-	if c.name == CompressAuto {
+func (c Codec) wireName() string {
+	if c.Name == CompressAuto {
 		return CompressSnappy
 	}
-	return c.name
+	return c.name()
 }
 
-func (c compression) levelOr(def int) int {
-	if c.level == 0 {
+func (c Codec) levelOr(def int) int {
+	if c.Level == 0 {
 		return def
 	}
-	return c.level
+	return c.Level
 }
 
 // newDecompressor wraps r, which must be a *bufio.Reader-like io.ByteReader

@@ -79,6 +79,15 @@ type SinkOptions struct {
 	OwnerUID int
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
+	// Authenticated says the connection itself authenticates the
+	// receiver (NewConnSink over mutual TLS with the cluster's
+	// certificates): plaintext may then go to it whatever its address,
+	// and the loopback and unix peer-user checks (which a TLS connection
+	// cannot answer) are skipped. Only a connection on which both ends
+	// proved who they are may set it: anything else would send the
+	// process's memory to whoever answered, and let them have a -halt
+	// original killed.
+	Authenticated bool
 	// Halt says the caller will kill the process once AwaitReady returns:
 	// OpenSink then refuses (ErrNoProof) a sink that could not prove the
 	// snapshot safe — a pipe, FIFO, terminal, device or socket reached as
@@ -101,12 +110,44 @@ type SourceOptions struct {
 	// Insecure allows a non-loopback TCP listener without keys, with a
 	// warning line on Warn.
 	Insecure bool
+	// Authenticated says the connection itself authenticates the sender
+	// (NewConnSource over mutual TLS with the cluster's certificates):
+	// plaintext may then come from it whatever its address, and the
+	// loopback and unix peer-user checks are skipped. Only a connection
+	// on which both ends proved who they are may set it: anything else
+	// would run whatever process a stranger sends.
+	Authenticated bool
 	// Warn receives warning lines; nil means os.Stderr.
 	Warn io.Writer
 }
 
 // ErrAborted is the cause of the errors of a sink after Abort.
 var ErrAborted = errors.New("aborted")
+
+// Causes of refusing plaintext, for the command-line tools to say which
+// flags change the decision (errors.Is); the messages name the peer and
+// the reason, no flag.
+var (
+	// ErrPlaintextBeyondLoopback: an unencrypted stream to a receiver
+	// beyond loopback, without SinkOptions.Insecure or Authenticated.
+	ErrPlaintextBeyondLoopback = errors.New("unencrypted snapshot beyond loopback")
+	// ErrPlaintextToStranger: an unencrypted stream to a loopback or unix
+	// receiver running as another user.
+	ErrPlaintextToStranger = errors.New("unencrypted snapshot to another user")
+	// ErrListenBeyondLoopback: a listener beyond loopback without keys
+	// or SourceOptions.Insecure.
+	ErrListenBeyondLoopback = errors.New("listener beyond loopback without keys")
+)
+
+// refusal is an error whose message is complete by itself and whose
+// cause is one of the sentinels above.
+type refusal struct {
+	msg   string
+	cause error
+}
+
+func (r *refusal) Error() string { return r.msg }
+func (r *refusal) Unwrap() error { return r.cause }
 
 // ErrUDP is returned for udp: specs.
 var ErrUDP = errors.New("udp is refused: a snapshot must arrive complete and in order, and UDP loses and reorders data; use tcp:HOST:PORT")

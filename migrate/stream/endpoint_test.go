@@ -104,7 +104,7 @@ func TestRoundTripEndpoints(t *testing.T) {
 				for _, halt := range []bool{false, true} {
 					t.Run(fmt.Sprintf("%s/%s/%s/halt=%v", name, c, e, halt), func(t *testing.T) {
 						src, spec := pair(t)
-						opt := Options{Compress: c, Encrypt: encryptOpt(dir, e, "k2.key")}
+						opt := opts(c, encryptOpt(dir, e, "k2.key"))
 						ropt := ReaderOptions{KeyDir: dir}
 						var got []byte
 						var rerr error
@@ -172,8 +172,11 @@ func TestEndpointSpecs(t *testing.T) {
 	}
 	for _, spec := range []string{"tcp:0", "tcp::0", "tcp:0.0.0.0:0"} {
 		_, err := OpenSource(spec, SourceOptions{})
-		if err == nil || !strings.Contains(err.Error(), "refusing to listen beyond loopback") {
+		if err == nil || !strings.Contains(err.Error(), "refusing to listen beyond loopback") || !errors.Is(err, ErrListenBeyondLoopback) {
 			t.Errorf("OpenSource(%s) without keys: got %v, want a refusal", spec, err)
+		}
+		if err != nil && flagHint.MatchString(err.Error()) {
+			t.Errorf("OpenSource(%s): %q names a command-line flag: only the CLI adds those", spec, err)
 		}
 		var warn bytes.Buffer
 		src, err := OpenSource(spec, SourceOptions{Insecure: true, Warn: &warn})
@@ -233,7 +236,7 @@ func TestFileSinkAtomic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, _ := NewWriter(sink, Options{Compress: "zstd"})
+	w, _ := NewWriter(sink, opts("zstd", ""))
 	w.Write([]byte("records"))
 	if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("snapshot visible before it is complete: %v", err)

@@ -34,7 +34,12 @@ func Example() {
 			return
 		}
 		defer sink.Close()
-		w, err := stream.NewWriter(sink, stream.Options{Compress: "zstd", Encrypt: "aes-gcm:" + filepath.Join(dir, "site.key")})
+		key, err := stream.ReadKeyFile(filepath.Join(dir, "site.key"))
+		if err != nil {
+			done <- err
+			return
+		}
+		w, err := stream.NewWriter(sink, stream.Options{Codec: stream.Codec{Name: stream.CompressZstd}, Cipher: stream.CipherAESGCM, Key: &key})
 		if err != nil {
 			done <- err
 			return

@@ -28,10 +28,10 @@ func FuzzReader(f *testing.F) {
 	dir := fuzzKeyDir(f)
 	for _, c := range compressions {
 		for _, e := range ciphers {
-			f.Add(encode(f, testData(3000, 1), Options{Compress: c, Encrypt: encryptOpt(dir, e, "fuzz.key")}))
+			f.Add(encode(f, testData(3000, 1), opts(c, encryptOpt(dir, e, "fuzz.key"))))
 		}
 	}
-	f.Add(encode(f, testData(ChunkSize+10, 2), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "fuzz.key")}))
+	f.Add(encode(f, testData(ChunkSize+10, 2), opts("", encryptOpt(dir, CipherAESGCM, "fuzz.key"))))
 	f.Add([]byte("PCLUSTER-SNAPSHOT 1 compress=none encrypt=none\n"))
 	f.Add([]byte("PCLUSTER-SNAPSHOT 2\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {

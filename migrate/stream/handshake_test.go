@@ -78,7 +78,7 @@ func TestHandshakeCommit(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				sink, err := startSend(t, src.Addr(), data, Options{Compress: "snappy", Encrypt: encryptOpt(dir, e, "k1.key")})
+				sink, err := startSend(t, src.Addr(), data, opts("snappy", encryptOpt(dir, e, "k1.key")))
 				if sink != nil {
 					defer sink.Close()
 				}
@@ -115,7 +115,7 @@ func TestHandshakeReceiverFails(t *testing.T) {
 	src := listenLoopback(t, 5*time.Second)
 	done := make(chan error)
 	goSender(t, src, func() {
-		sink, err := startSend(t, src.Addr(), []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		sink, err := startSend(t, src.Addr(), []byte("records"), opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 		if sink != nil {
 			defer sink.Close()
 		}
@@ -171,7 +171,7 @@ func TestHandshakeReceiverDiesMidStream(t *testing.T) {
 	src := listenLoopback(t, 5*time.Second)
 	done := make(chan error)
 	goSender(t, src, func() {
-		sink, err := startSend(t, src.Addr(), testData(32<<20, 1), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		sink, err := startSend(t, src.Addr(), testData(32<<20, 1), opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 		if sink != nil {
 			defer sink.Close()
 		}
@@ -360,7 +360,7 @@ func TestHandshakeForgedReady(t *testing.T) {
 	for name, reply := range forged {
 		t.Run(name, func(t *testing.T) {
 			addr := fakeReceiver(t, reply)
-			sink, err := startSend(t, addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherChaCha20, "k1.key")})
+			sink, err := startSend(t, addr, []byte("records"), opts("", encryptOpt(dir, CipherChaCha20, "k1.key")))
 			if sink != nil {
 				defer sink.Close()
 			}
@@ -437,7 +437,7 @@ func TestHandshakeReplayedStream(t *testing.T) {
 	for _, halt := range []bool{false, true} {
 		src := listenLoopback(t, 5*time.Second)
 		addr, rec := recordingProxy(t, src.Addr(), nil)
-		go send("tcp:"+addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, halt)
+		go send("tcp:"+addr, []byte("records"), opts("", encryptOpt(dir, CipherAESGCM, "k1.key")), halt)
 		if _, err := receive(src, ReaderOptions{KeyDir: dir}); err != nil {
 			t.Fatalf("genuine stream: %v", err)
 		}
@@ -479,7 +479,7 @@ func TestReplayedStreamFromFile(t *testing.T) {
 	dir := testKeys(t)
 	for _, enc := range []string{CipherNone, CipherAESGCM} {
 		b := &nonceBuffer{nonce: bytes.Repeat([]byte{7}, hsNonceSize)}
-		w, err := NewWriter(b, Options{Encrypt: encryptOpt(dir, enc, "k1.key")})
+		w, err := NewWriter(b, opts("", encryptOpt(dir, enc, "k1.key")))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -520,7 +520,7 @@ func TestHandshakeForgedEnd(t *testing.T) {
 		}
 	})
 	goSender(t, src, func() {
-		sink, err := startSend(t, addr, []byte("records"), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		sink, err := startSend(t, addr, []byte("records"), opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 		if sink != nil {
 			defer sink.Close()
 		}

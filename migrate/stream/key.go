@@ -30,6 +30,47 @@ type key struct {
 	bytes [KeySize]byte
 }
 
+// Key is a pre-shared stream key given as bytes, as a program that derives
+// its keys (rather than reading key files) holds them.
+type Key struct {
+	// Name goes on the header line (key=): a reader with a key
+	// directory looks for a file of that name first. A plain name:
+	// letters, digits, '-', '_', '.', no leading '.'.
+	Name string
+	// Bytes are the key: exactly KeySize bytes from a CSPRNG.
+	Bytes []byte
+}
+
+// ID returns the key's public identifier (KeyID), which the header line
+// carries (keyid=) and readers find the key by.
+func (k Key) ID() string { return KeyID(k.Bytes) }
+
+// load checks k and copies it into the internal form.
+func (k Key) load() (*key, error) {
+	if len(k.Bytes) != KeySize {
+		return nil, fmt.Errorf("key %s holds %d bytes, want exactly %d", k.Name, len(k.Bytes), KeySize)
+	}
+	if !validKeyName(k.Name) {
+		return nil, fmt.Errorf("key name %q cannot go on the header line (use letters, digits, '-', '_', '.', no leading '.')", k.Name)
+	}
+	c := &key{name: k.Name}
+	copy(c.bytes[:], k.Bytes)
+	c.id = KeyID(c.bytes[:])
+	return c, nil
+}
+
+// ReadKeyFile loads a sender's key file: exactly KeySize bytes, named
+// after the file. The file may belong to another user (the receiving
+// user's key); it must not be writable by others. Errors name the file
+// but never its content.
+func ReadKeyFile(path string) (Key, error) {
+	k, err := readKeyFile(path, true)
+	if err != nil {
+		return Key{}, err
+	}
+	return Key{Name: k.name, Bytes: append([]byte(nil), k.bytes[:]...)}, nil
+}
+
 // KeyID returns the short public identifier of a 32-byte key: the first 8
 // bytes of HMAC-SHA-256(key, "pcluster-stream key id v1"), hex-encoded. It
 // reveals nothing usable about the key and lets a reader pick the right file
@@ -73,10 +114,21 @@ func validKeyName(name string) bool {
 	return validToken(name) && !strings.ContainsAny(name, `/\`) && !strings.HasPrefix(name, ".")
 }
 
-// findKey looks up the key a header names in dir: first the file called
+// findKey looks up the key a header names: among keys by its ID, then in
+// dir: first the file called
 // name, then (if it is missing or holds another key) any 32-byte regular file
 // in dir whose ID matches. It never reads outside dir.
-func findKey(dir, name, id string) (*key, error) {
+func findKey(keys []Key, dir, name, id string) (*key, error) {
+	for _, k := range keys {
+		if len(k.Bytes) == KeySize && hmac.Equal([]byte(k.ID()), []byte(id)) {
+			c := &key{name: k.Name, id: k.ID()}
+			copy(c.bytes[:], k.Bytes)
+			return c, nil
+		}
+	}
+	if dir == "" && len(keys) > 0 {
+		return nil, fmt.Errorf("snapshot is encrypted with key %s (id %s): none of the %d given keys has that id", name, id, len(keys))
+	}
 	if dir == "" {
 		return nil, fmt.Errorf("snapshot is encrypted with key %s (id %s): no key directory given", name, id)
 	}

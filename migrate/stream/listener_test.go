@@ -59,7 +59,7 @@ func TestIdleStrangersDoNotDelay(t *testing.T) {
 			}
 			data := testData(3*ChunkSize, 7)
 			sinkSpec := scheme + ":" + addr
-			if err := send(sinkSpec, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, true); err != nil {
+			if err := send(sinkSpec, data, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")), true); err != nil {
 				t.Fatalf("the migration after %d idle connections: %v (warnings: %q)", strangers, err, warn.String())
 			}
 			if b, err := <-got, <-errc; err != nil || !bytes.Equal(b, data) {
@@ -212,7 +212,7 @@ func TestGreetedStrangersDoNotDelay(t *testing.T) {
 				flood = func() { floodAs(t, 65534, addr, 2*maxGreeting) }
 			}
 			data := testData(3*ChunkSize, 7)
-			err = sendAfterGreeting(tc.scheme+":"+addr, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, flood)
+			err = sendAfterGreeting(tc.scheme+":"+addr, data, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")), flood)
 			if err != nil {
 				t.Fatalf("the migration after %d silent strangers, %d of them refused a greeting: %v", strangers, refused, err)
 			}
@@ -274,7 +274,7 @@ func TestRefusedStrangersDoNotDelay(t *testing.T) {
 		conns = append(conns, c)
 	}
 	data := testData(3*ChunkSize, 10)
-	if err := send("tcp:"+addr, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, true); err != nil {
+	if err := send("tcp:"+addr, data, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")), true); err != nil {
 		t.Fatalf("the migration after %d refused strangers, %d of them refused a greeting: %v", strangers, refused, err)
 	}
 	if b, err := <-got, <-errc; err != nil || !bytes.Equal(b, data) {
@@ -402,16 +402,16 @@ func TestKeyedListenerTakesFirstAuthenticated(t *testing.T) {
 	}
 	data := testData(3*ChunkSize, 9)
 	// Plaintext, and a key the receiver does not hold: refused, told so.
-	for _, opt := range []Options{{}, {Encrypt: encryptOpt(other, CipherAESGCM, "k1.key")}} {
+	for _, opt := range []Options{{}, opts("", encryptOpt(other, CipherAESGCM, "k1.key"))} {
 		err := send("tcp:"+addr, data, opt, true)
 		if err == nil || strings.Contains(err.Error(), dir) {
-			t.Fatalf("sender with %q: got %v, want refused without the receiver's details", opt.Encrypt, err)
+			t.Fatalf("sender with %q: got %v, want refused without the receiver's details", opt.Cipher, err)
 		}
 		if !strings.Contains(err.Error(), refusedReason) {
-			t.Errorf("sender with %q: got %v, want %q", opt.Encrypt, err, refusedReason)
+			t.Errorf("sender with %q: got %v, want %q", opt.Cipher, err, refusedReason)
 		}
 	}
-	if err := send("tcp:"+addr, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")}, true); err != nil {
+	if err := send("tcp:"+addr, data, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")), true); err != nil {
 		t.Fatalf("the key holder after three others: %v (warnings: %q)", err, warn.String())
 	}
 	if b, err := <-got, <-errc; err != nil || !bytes.Equal(b, data) {

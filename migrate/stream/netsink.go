@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"context"
 	"crypto/hmac"
 	"encoding/binary"
 	"errors"
@@ -50,10 +51,56 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	if err != nil {
 		return nil, dialErr(spec, opt.DialTimeout, err)
 	}
+	return newConnSink(context.Background(), spec, c, opt)
+}
+
+// NewConnSink is the sending end of the wire protocol (docs/stream.md) on
+// conn, a stream connection the caller opened — between two cluster
+// agents, a mutual-TLS connection. It exchanges the greetings, which ctx
+// (and SinkOptions.DialTimeout, WriteTimeout, else 30 s) bounds; later
+// waits are bounded by WriteTimeout and the timeouts given to AwaitReady,
+// and Abort (from any goroutine) ends them. The sink owns conn: Close,
+// Abort and a finished Commit close it, and so does a failed NewConnSink.
+//
+// Without SinkOptions.Authenticated, plaintext goes only where OpenSink
+// would send it (a loopback or unix peer running as our user, root or
+// OwnerUID; beyond loopback with Insecure).
+func NewConnSink(ctx context.Context, conn net.Conn, opt SinkOptions) (Sink, error) {
+	return newConnSink(ctx, connSpec(conn), conn, opt)
+}
+
+// connSpec names a connection the caller opened: its network and peer.
+func connSpec(c net.Conn) string {
+	a := c.RemoteAddr()
+	if a == nil {
+		return "conn"
+	}
+	return a.Network() + ":" + a.String()
+}
+
+func newConnSink(ctx context.Context, spec string, c net.Conn, opt SinkOptions) (*netSink, error) {
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	s, err := greetReceiver(spec, c, opt)
+	if !stop() || ctx.Err() != nil {
+		if err == nil {
+			err = fmt.Errorf("stream: %s: waiting for the receiver's greeting: %w", spec, context.Cause(ctx))
+		} else {
+			err = fmt.Errorf("%w (%w)", err, context.Cause(ctx))
+		}
+	}
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetDeadline(time.Time{})
+	return s, nil
+}
+
+// greetReceiver sends our greeting on c and reads the receiver's.
+func greetReceiver(spec string, c net.Conn, opt SinkOptions) (*netSink, error) {
 	s := &netSink{spec: spec, opt: opt, conn: &deadlineConn{Conn: c, wt: opt.WriteTimeout}}
 	s.buf = make([]byte, frameHeaderSize, frameHeaderSize+sinkFrameSize)
 	if _, err := s.conn.Write([]byte(wireHello)); err != nil {
-		c.Close()
 		return nil, fmt.Errorf("stream: write %s: %w", spec, err)
 	}
 	// The receiver's greeting carries its nonce; it goes on the header line
@@ -66,7 +113,6 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 	s.conn.rt = greet
 	var hello [len(wireHello) + hsNonceSize]byte
 	if _, err := io.ReadFull(s.conn, hello[:]); err != nil || string(hello[:len(wireHello)]) != wireHello {
-		c.Close()
 		// Say what was seen: the connection was made, so something
 		// listens there; a pthaw greets as soon as it accepts.
 		var ne net.Error
@@ -83,6 +129,9 @@ func dialSink(spec, scheme, addr string, opt SinkOptions) (*netSink, error) {
 		return nil, fmt.Errorf("stream: %s: %w", spec, err)
 	}
 	s.peer = append([]byte{}, hello[len(wireHello):]...)
+	if opt.Authenticated {
+		return s, nil
+	}
 	// Who the receiver is, while its socket is surely open: it just
 	// greeted us and now waits for our header.
 	switch a := c.RemoteAddr().(type) {
@@ -137,13 +186,16 @@ func (s *netSink) link(k []byte, encrypted bool) error {
 // greeting, which it sends once it has accepted the connection: its socket
 // then belongs to it in /proc/net/tcp.
 func (s *netSink) checkPlaintextPeer() error {
+	if s.opt.Authenticated {
+		return nil // the caller vouches for the connection (mutual TLS)
+	}
 	uid, err := s.peerUID, s.peerErr
 	switch a := s.conn.RemoteAddr().(type) {
 	case *net.UnixAddr:
 	case *net.TCPAddr:
 		if !a.IP.IsLoopback() {
 			if !s.opt.Insecure {
-				return fmt.Errorf("refusing to send an unencrypted snapshot beyond loopback (to %s): anyone on the path could read the process's memory, and a receiver cannot prove it is yours; use -encrypt aes-gcm:KEYFILE, or pass -insecure", a)
+				return &refusal{fmt.Sprintf("refusing to send an unencrypted snapshot beyond loopback (to %s): anyone on the path could read the process's memory, and a receiver cannot prove it is yours", a), ErrPlaintextBeyondLoopback}
 			}
 			w := s.opt.Warn
 			if w == nil {
@@ -159,7 +211,7 @@ func (s *netSink) checkPlaintextPeer() error {
 		return fmt.Errorf("receiver %s: %w", s.conn.RemoteAddr(), err)
 	}
 	if uid != os.Geteuid() && uid != 0 && uid != s.opt.OwnerUID {
-		return fmt.Errorf("receiver %s runs as uid %d, neither ours (%d), root nor the process's owner: an unencrypted snapshot goes only to them; use -encrypt", s.conn.RemoteAddr(), uid, os.Geteuid())
+		return &refusal{fmt.Sprintf("receiver %s runs as uid %d, neither ours (%d), root nor the process's owner: an unencrypted snapshot goes only to them", s.conn.RemoteAddr(), uid, os.Geteuid()), ErrPlaintextToStranger}
 	}
 	return nil
 }

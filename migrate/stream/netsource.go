@@ -3,6 +3,7 @@ package stream
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/rand"
 	"errors"
@@ -100,7 +101,7 @@ func listenSource(spec, scheme, addr string, opt SourceOptions) (*netSource, err
 			}
 			fmt.Fprintf(w, "warning: listening on %s without requiring encryption: anyone who can reach it can read the snapshot or send a process to run here\n", spec)
 		default:
-			return nil, fmt.Errorf("stream: listen %s: refusing to listen beyond loopback without keys: anyone could send a process to run here; give a key directory (-keydir), listen on 127.0.0.1, or pass -insecure", spec)
+			return nil, &refusal{fmt.Sprintf("stream: listen %s: refusing to listen beyond loopback without keys: anyone could send a process to run here", spec), ErrListenBeyondLoopback}
 		}
 	}
 	ln, err := net.Listen(scheme, addr)
@@ -155,7 +156,15 @@ func removeStaleSocket(path string) error {
 }
 
 func (s *netSource) String() string { return s.spec }
-func (s *netSource) Addr() string   { return s.ln.Addr().String() }
+
+// Addr returns the address listened on, or for a connection the caller
+// gave (NewConnSource) its local address.
+func (s *netSource) Addr() string {
+	if s.ln == nil {
+		return s.conn.LocalAddr().String()
+	}
+	return s.ln.Addr().String()
+}
 
 // helloTimeout bounds how long an accepted connection may take to greet
 // before the listener drops it.
@@ -195,6 +204,11 @@ func (s *netSource) accept() error {
 	if err != nil {
 		return err
 	}
+	return s.adopt(g)
+}
+
+// adopt makes g, a greeted connection, the one s reads from.
+func (s *netSource) adopt(g *greeted) error {
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
@@ -210,6 +224,54 @@ func (s *netSource) accept() error {
 	}
 	s.br = bufio.NewReaderSize(r, 256<<10)
 	return nil
+}
+
+// NewConnSource is the receiving end of the wire protocol (docs/stream.md)
+// on conn, a stream connection the caller accepted — between two cluster
+// agents, a mutual-TLS connection. It exchanges the greetings, which ctx
+// (and SourceOptions.ReadTimeout, else 10 s) bounds; later reads are
+// bounded by ReadTimeout and the timeout given to AwaitCommit, and Close
+// (from any goroutine) ends them. The source owns conn: Close closes it,
+// and so does a failed NewConnSource.
+//
+// Without SourceOptions.Authenticated the rules of a listener hold: from
+// a loopback or unix peer without HaveKeys, only our own user or root;
+// from another address, plaintext only with Insecure (with HaveKeys, the
+// caller's NewReader must require encryption).
+func NewConnSource(ctx context.Context, conn net.Conn, opt SourceOptions) (Source, error) {
+	s := &netSource{spec: connSpec(conn), rt: opt.ReadTimeout, haveKeys: opt.HaveKeys, warn: opt.Warn}
+	if s.warn == nil {
+		s.warn = os.Stderr
+	}
+	if !opt.Authenticated {
+		local := false
+		switch a := conn.RemoteAddr().(type) {
+		case *net.UnixAddr:
+			local = true
+		case *net.TCPAddr:
+			local = a.IP.IsLoopback()
+		}
+		s.sameUser = local && !opt.HaveKeys && !opt.Insecure
+		s.needK = !local && !opt.Insecure
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	g, err := s.greet(conn, nil)
+	if !stop() || ctx.Err() != nil {
+		if err == nil {
+			err = context.Cause(ctx)
+		} else {
+			err = fmt.Errorf("%w (%w)", err, context.Cause(ctx))
+		}
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("stream: %s: %w", s.spec, err)
+	}
+	conn.SetDeadline(time.Time{})
+	if err := s.adopt(g); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // acceptFirst accepts connections and greets each in a goroutine of its
@@ -450,7 +512,8 @@ func (s *netSource) warnf(format string, args ...any) {
 // connection's own goroutine and touches nothing of s but what listenSource
 // set. On a loopback or unix connection, k's source becomes the user at
 // the other end: a local stranger's connections then count as theirs,
-// not as the sender's.
+// not as the sender's. k is nil for a connection the caller gave
+// (NewConnSource).
 func (s *netSource) greet(c net.Conn, k *admit.Ticket) (*greeted, error) {
 	peerUID := tcpPeerUID
 	local := false
@@ -459,15 +522,15 @@ func (s *netSource) greet(c net.Conn, k *admit.Ticket) (*greeted, error) {
 	} else if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 		local = a.IP.IsLoopback()
 	}
-	if local {
+	if local && (k != nil || s.sameUser) {
 		uid, err := peerUID(c)
-		if err == nil {
+		if err == nil && k != nil {
 			k.SetSource(admit.WithUser(k.Source(), uid))
-		} else if s.sameUser {
+		} else if err != nil && s.sameUser {
 			return nil, err
 		}
 		if s.sameUser && uid != os.Geteuid() && uid != 0 {
-			return nil, fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without -keydir accepts only its own user", uid, os.Geteuid())
+			return nil, fmt.Errorf("sender runs as uid %d, not ours (%d) nor root: a listener without keys accepts only its own user", uid, os.Geteuid())
 		}
 	}
 	peer := make([]byte, hsNonceSize)
@@ -709,7 +772,9 @@ func (s *netSource) Close() error {
 	s.mu.Lock()
 	s.done = true
 	s.mu.Unlock()
-	s.ln.Close()
+	if s.ln != nil {
+		s.ln.Close()
+	}
 	s.closeConn()
 	return nil
 }

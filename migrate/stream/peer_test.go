@@ -87,7 +87,7 @@ func TestPlaintextOnlyToOwnUser(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				w, err := NewWriter(sink, Options{Encrypt: encryptOpt(keys, tc.enc, "k1.key")})
+				w, err := NewWriter(sink, opts("", encryptOpt(keys, tc.enc, "k1.key")))
 				switch {
 				case !tc.ok && (err == nil || !strings.Contains(err.Error(), "runs as uid 65534")):
 					t.Errorf("%s to %s owned by uid 65534 (process owner %d): %v, want a refusal naming the uid", tc.enc, spec, tc.owner, err)

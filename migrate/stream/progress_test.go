@@ -50,7 +50,7 @@ func TestProgressKeepsHandshake(t *testing.T) {
 		}
 		defer sink.Close()
 		pw := NewProgressWriter(sink, "send", 0)
-		w, err := NewWriter(pw, Options{Compress: "zstd", Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+		w, err := NewWriter(pw, opts("zstd", encryptOpt(dir, CipherAESGCM, "k1.key")))
 		if err != nil {
 			done <- err
 			return

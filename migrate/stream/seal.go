@@ -34,6 +34,10 @@ const (
 	lastFlag     = 1
 )
 
+// Cipher is an authenticated encryption of the body: CipherNone (or ""),
+// CipherAESGCM or CipherChaCha20.
+type Cipher string
+
 // Cipher names as they appear in -encrypt and on the header line.
 const (
 	CipherNone     = "none"

@@ -13,7 +13,7 @@ func TestNoPerChunkAllocs(t *testing.T) {
 	data := make([]byte, 16*ChunkSize)
 	var enc bytes.Buffer
 	enc.Grow(2 * len(data))
-	w, err := NewWriter(&enc, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+	w, err := NewWriter(&enc, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,7 @@ func TestDirectChunks(t *testing.T) {
 		}
 		for _, ws := range []int{1000, ChunkSize, ChunkSize + 1, 5 * ChunkSize} {
 			var enc bytes.Buffer
-			w, err := NewWriter(&enc, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+			w, err := NewWriter(&enc, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -101,7 +101,7 @@ func TestDirectOpenTamperedLeavesNothing(t *testing.T) {
 func directOpenTampered(t *testing.T, dir, cipherName string) {
 	data := bytes.Repeat([]byte("secret page "), 3*ChunkSize/12)
 	var enc bytes.Buffer
-	w, err := NewWriter(&enc, Options{Encrypt: encryptOpt(dir, cipherName, "k1.key")})
+	w, err := NewWriter(&enc, opts("", encryptOpt(dir, cipherName, "k1.key")))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,23 +34,54 @@ type peerNoncer interface {
 
 // Options choose the layers a snapshot body goes through.
 type Options struct {
-	// Compress is none (or empty), auto, gzip, flate, snappy or zstd; gzip,
-	// flate and zstd take an optional :LEVEL (gzip:1..9, zstd:1..22). The
-	// default level is the codec's fastest. auto writes the snappy format,
-	// compressing a block only when the layers below are slow enough that
-	// compressing it costs no time (see autoWriter).
-	Compress string
-	// Encrypt is none (or empty), aes-gcm:KEYFILE or chacha20-poly1305:KEYFILE.
-	// KEYFILE holds exactly KeySize random bytes.
-	Encrypt string
+	// Codec compresses the body (the zero Codec: none). ParseCodec reads
+	// it from a -compress value.
+	Codec Codec
+	// Cipher encrypts and authenticates the body under Key ("" or
+	// CipherNone: plaintext, and Key must be nil).
+	Cipher Cipher
+	// Key is the pre-shared key of Cipher: its name goes on the header
+	// line, its bytes never leave this process.
+	Key *Key
 	// Params are extra header fields owned by the caller (for example the
 	// record format). They are authenticated when the stream is encrypted.
 	// Their names must not collide with this package's keys.
 	Params map[string]string
 }
 
+// ParseOptions reads a -compress value (see ParseCodec) and an -encrypt
+// value — none (or empty), aes-gcm:KEYFILE or chacha20-poly1305:KEYFILE,
+// KEYFILE holding exactly KeySize random bytes — into Options, reading
+// the key file: the parsing the command-line tools share.
+func ParseOptions(compress, encrypt string) (Options, error) {
+	c, err := ParseCodec(compress)
+	if err != nil {
+		return Options{}, fmt.Errorf("stream: %w", err)
+	}
+	cipherName, keyPath, err := ParseEncrypt(encrypt)
+	if err != nil {
+		return Options{}, fmt.Errorf("stream: %w", err)
+	}
+	o := Options{Codec: c, Cipher: cipherName}
+	if cipherName == CipherNone {
+		return o, nil
+	}
+	k, err := ReadKeyFile(keyPath)
+	if err != nil {
+		return Options{}, fmt.Errorf("stream: open key %s: %w", encrypt, err)
+	}
+	if !validKeyName(k.Name) {
+		return Options{}, fmt.Errorf("stream: open key %s: file name %q cannot go on the header line (use letters, digits, '-', '_', '.', no leading '.')", encrypt, k.Name)
+	}
+	o.Key = &k
+	return o, nil
+}
+
 // ReaderOptions say what NewReader accepts.
 type ReaderOptions struct {
+	// Keys are the keys an encrypted snapshot's key is looked up in by
+	// its ID, before KeyDir.
+	Keys []Key
 	// KeyDir is the directory of key files an encrypted snapshot's key is
 	// looked up in (by the header's key name, then by key ID).
 	KeyDir string
@@ -88,13 +119,17 @@ type bodyDoner interface {
 // close w. Pass a Sink itself as w (or a ProgressWriter around it) so that
 // its handshake is keyed to this stream.
 func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
-	comp, err := parseCompress(opt.Compress)
-	if err != nil {
+	comp := opt.Codec
+	if err := comp.check(); err != nil {
 		return nil, fmt.Errorf("stream: %w", err)
 	}
-	cipherName, keyPath, err := parseEncrypt(opt.Encrypt)
-	if err != nil {
-		return nil, fmt.Errorf("stream: %w", err)
+	cipherName := string(opt.Cipher)
+	switch cipherName {
+	case "":
+		cipherName = CipherNone
+	case CipherNone, CipherAESGCM, CipherChaCha20:
+	default:
+		return nil, fmt.Errorf("stream: unknown encryption %q (want none, aes-gcm or chacha20-poly1305)", cipherName)
 	}
 	h := &Header{Version: Version, Params: map[string]string{
 		KeyCompress: comp.wireName(),
@@ -108,14 +143,15 @@ func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
 	}
 	var k *key
 	var salt [saltSize]byte
-	if cipherName != CipherNone {
-		// The sender's key only seals: it may be the receiving user's.
-		k, err = readKeyFile(keyPath, true)
-		if err != nil {
-			return nil, fmt.Errorf("stream: open key %s: %w", opt.Encrypt, err)
-		}
-		if !validKeyName(k.name) {
-			return nil, fmt.Errorf("stream: open key %s: file name %q cannot go on the header line (use letters, digits, '-', '_', '.', no leading '.')", opt.Encrypt, k.name)
+	switch {
+	case cipherName == CipherNone && opt.Key != nil:
+		return nil, fmt.Errorf("stream: key %s given without encryption", opt.Key.Name)
+	case cipherName != CipherNone && opt.Key == nil:
+		return nil, fmt.Errorf("stream: encryption %s needs a key", cipherName)
+	case cipherName != CipherNone:
+		var err error
+		if k, err = opt.Key.load(); err != nil {
+			return nil, fmt.Errorf("stream: %w", err)
 		}
 		if _, err := rand.Read(salt[:]); err != nil {
 			return nil, fmt.Errorf("stream: salt: %w", err)
@@ -154,7 +190,7 @@ func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
 	}
 	upper, err := comp.newCompressor(lower)
 	if err != nil {
-		return nil, fmt.Errorf("stream: %s: %w", comp.name, err)
+		return nil, fmt.Errorf("stream: %s: %w", comp.Name, err)
 	}
 	bw.upper, bw.lower = upper, lower
 	return bw, nil
@@ -202,8 +238,8 @@ func (b *bodyWriter) Close() error {
 	return nil
 }
 
-// parseEncrypt splits an -encrypt value into a cipher name and key path.
-func parseEncrypt(s string) (cipherName, keyPath string, err error) {
+// ParseEncrypt splits an -encrypt value into a cipher and a key path.
+func ParseEncrypt(s string) (c Cipher, keyPath string, err error) {
 	name, path, hasPath := strings.Cut(s, ":")
 	lname := strings.ToLower(name)
 	switch lname {
@@ -216,7 +252,7 @@ func parseEncrypt(s string) (cipherName, keyPath string, err error) {
 		if !hasPath || path == "" {
 			return "", "", fmt.Errorf("encryption %s needs a key file: %s:KEYFILE (make one with: (umask 077; head -c 32 /dev/urandom > k.key))", lname, lname)
 		}
-		return lname, path, nil
+		return Cipher(lname), path, nil
 	case "aes-cfb", "aes-ctr", "aes-ofb":
 		return "", "", fmt.Errorf("encryption %s refused: an unauthenticated stream cipher lets anyone who can flip bits in transit change the restored code; use aes-gcm:KEYFILE or chacha20-poly1305:KEYFILE", strings.ToUpper(name))
 	}
@@ -309,7 +345,7 @@ func openHeader(in *bufio.Reader, src any, opt ReaderOptions, where string) (h *
 		if err != nil || len(salt) != saltSize || len(id) != 2*keyIDLen || name == "" {
 			return nil, nil, nil, fmt.Errorf("%ssnapshot header: encrypted with %s but key=, keyid= or salt= missing or malformed", where, cipherName)
 		}
-		k, err := findKey(opt.KeyDir, name, id)
+		k, err := findKey(opt.Keys, opt.KeyDir, name, id)
 		if err != nil {
 			return nil, nil, nil, fmt.Errorf("%sopen key %s:%s: %w", where, cipherName, name, err)
 		}

@@ -32,6 +32,16 @@ func testKeys(t testing.TB) (dir string) {
 	return dir
 }
 
+// opts parses -compress and -encrypt values as the tools do; the tests
+// give it only valid ones.
+func opts(compress, encrypt string) Options {
+	o, err := ParseOptions(compress, encrypt)
+	if err != nil {
+		panic(err)
+	}
+	return o
+}
+
 func encryptOpt(dir, cipherName, keyName string) string {
 	if cipherName == "none" {
 		return "none"
@@ -96,7 +106,9 @@ func TestRoundTripLayers(t *testing.T) {
 			for _, n := range sizes {
 				t.Run(fmt.Sprintf("%s/%s/%d", c, e, n), func(t *testing.T) {
 					data := testData(n, uint64(n))
-					s := encode(t, data, Options{Compress: c, Encrypt: encryptOpt(dir, e, "k1.key"), Params: map[string]string{"records": "msgpack1"}})
+					o := opts(c, encryptOpt(dir, e, "k1.key"))
+					o.Params = map[string]string{"records": "msgpack1"}
+					s := encode(t, data, o)
 					got, h, err := decode(s, ReaderOptions{KeyDir: dir, RequireEncryption: e != "none", Known: []string{"records"}})
 					if err != nil {
 						t.Fatal(err)
@@ -123,7 +135,7 @@ func TestRoundTripLayers(t *testing.T) {
 func TestCompressLevels(t *testing.T) {
 	data := testData(300000, 7)
 	for _, c := range []string{"gzip:9", "flate:5", "zstd:1", "zstd:3", "zstd:19"} {
-		s := encode(t, data, Options{Compress: c})
+		s := encode(t, data, opts(c, ""))
 		got, _, err := decode(s, ReaderOptions{})
 		if err != nil || !bytes.Equal(got, data) {
 			t.Errorf("%s: round trip failed: %v", c, err)
@@ -141,30 +153,51 @@ func TestRefusedModes(t *testing.T) {
 	long := filepath.Join(dir, "long.key")
 	os.WriteFile(long, make([]byte, 33), 0o600)
 	cases := []struct {
-		opt  Options
-		want string
+		compress, encrypt string
+		want              string
 	}{
-		{Options{Encrypt: "AES-CTR:" + dir + "/k1.key"}, "unauthenticated stream cipher"},
-		{Options{Encrypt: "AES-CFB:x"}, "use aes-gcm:KEYFILE"},
-		{Options{Encrypt: "aes-ofb:x"}, "refused"},
-		{Options{Encrypt: "rot13:x"}, "unknown encryption"},
-		{Options{Encrypt: "aes-gcm"}, "needs a key file"},
-		{Options{Encrypt: "aes-gcm:" + short}, "holds 10 bytes, want exactly 32"},
-		{Options{Encrypt: "aes-gcm:" + long}, "longer than 32 bytes"},
-		{Options{Encrypt: "aes-gcm:/nonexistent/k.key"}, "stream: open key aes-gcm:/nonexistent/k.key: "},
-		{Options{Compress: "lz4"}, "unknown compression"},
-		{Options{Compress: "zstd:99"}, "level must be"},
-		{Options{Compress: "snappy:3"}, "takes no level"},
-		{Options{Params: map[string]string{"salt": "x"}}, "reserved"},
+		{"", "AES-CTR:" + dir + "/k1.key", "unauthenticated stream cipher"},
+		{"", "AES-CFB:x", "use aes-gcm:KEYFILE"},
+		{"", "aes-ofb:x", "refused"},
+		{"", "rot13:x", "unknown encryption"},
+		{"", "aes-gcm", "needs a key file"},
+		{"", "aes-gcm:" + short, "holds 10 bytes, want exactly 32"},
+		{"", "aes-gcm:" + long, "longer than 32 bytes"},
+		{"", "aes-gcm:/nonexistent/k.key", "stream: open key aes-gcm:/nonexistent/k.key: "},
+		{"lz4", "", "unknown compression"},
+		{"zstd:99", "", "level must be"},
+		{"snappy:3", "", "takes no level"},
 	}
 	for _, c := range cases {
-		_, err := NewWriter(io.Discard, c.opt)
+		_, err := ParseOptions(c.compress, c.encrypt)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
-			t.Errorf("NewWriter(%+v): got %v, want an error containing %q", c.opt, err, c.want)
+			t.Errorf("ParseOptions(%q, %q): got %v, want an error containing %q", c.compress, c.encrypt, err, c.want)
 			continue
 		}
 		if strings.Contains(err.Error(), "\n") {
 			t.Errorf("error is more than one line: %q", err)
+		}
+	}
+	// The same rules hold for options built by a program.
+	good := make([]byte, KeySize)
+	typed := []struct {
+		opt  Options
+		want string
+	}{
+		{Options{Params: map[string]string{"salt": "x"}}, "reserved"},
+		{Options{Codec: Codec{Name: "lz4"}}, "unknown compression"},
+		{Options{Codec: Codec{Name: CompressZstd, Level: 99}}, "level must be"},
+		{Options{Codec: Codec{Name: CompressSnappy, Level: 3}}, "takes no level"},
+		{Options{Cipher: "aes-ctr", Key: &Key{Name: "k", Bytes: good}}, "unknown encryption"},
+		{Options{Cipher: CipherAESGCM}, "needs a key"},
+		{Options{Key: &Key{Name: "k", Bytes: good}}, "given without encryption"},
+		{Options{Cipher: CipherAESGCM, Key: &Key{Name: "k", Bytes: good[:10]}}, "holds 10 bytes, want exactly 32"},
+		{Options{Cipher: CipherAESGCM, Key: &Key{Name: "../k", Bytes: good}}, "cannot go on the header line"},
+	}
+	for _, c := range typed {
+		_, err := NewWriter(io.Discard, c.opt)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("NewWriter(%+v): got %v, want an error containing %q", c.opt, err, c.want)
 		}
 	}
 }
@@ -188,7 +221,7 @@ func TestTamper(t *testing.T) {
 				if c == "none" {
 					data = data[:4*ChunkSize+777]
 				}
-				s := encode(t, data, Options{Compress: c, Encrypt: encryptOpt(dir, e, "k1.key")})
+				s := encode(t, data, opts(c, encryptOpt(dir, e, "k1.key")))
 				opt := ReaderOptions{KeyDir: dir, RequireEncryption: true}
 				hlen := bytes.IndexByte(s, '\n') + 1
 				body := s[hlen:]
@@ -241,7 +274,7 @@ func TestTamper(t *testing.T) {
 				mustFail(t, "trailing byte", append(bytes.Clone(s), 0), opt)
 				mustFail(t, "stream repeated", append(bytes.Clone(s), s...), opt)
 				// Chunks of another stream with the same key.
-				s2 := encode(t, data, Options{Compress: c, Encrypt: encryptOpt(dir, e, "k1.key")})
+				s2 := encode(t, data, opts(c, encryptOpt(dir, e, "k1.key")))
 				mustFail(t, "header of another stream", append(bytes.Clone(s2[:hlen]), body...), opt)
 			})
 		}
@@ -251,7 +284,7 @@ func TestTamper(t *testing.T) {
 func TestErrorsStick(t *testing.T) {
 	dir := testKeys(t)
 	data := testData(3*ChunkSize, 1)
-	s := encode(t, data, Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+	s := encode(t, data, opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 	hlen := bytes.IndexByte(s, '\n') + 1
 	s[hlen+encChunkSize+5] ^= 1 // chunk 1
 	r, _, err := NewReader(bytes.NewReader(s), ReaderOptions{KeyDir: dir})
@@ -275,7 +308,7 @@ func TestErrorsStick(t *testing.T) {
 func TestKeyLookup(t *testing.T) {
 	dir := testKeys(t)
 	data := testData(100000, 2)
-	s := encode(t, data, Options{Compress: "zstd", Encrypt: encryptOpt(dir, CipherChaCha20, "k1.key")})
+	s := encode(t, data, opts("zstd", encryptOpt(dir, CipherChaCha20, "k1.key")))
 
 	// Renamed key: found by ID.
 	other := t.TempDir()
@@ -315,14 +348,14 @@ func TestKeyLookup(t *testing.T) {
 }
 
 func TestPlaintextRefused(t *testing.T) {
-	s := encode(t, []byte("hello"), Options{Compress: "gzip"})
+	s := encode(t, []byte("hello"), opts("gzip", ""))
 	err := mustFail(t, "plaintext", s, ReaderOptions{KeyDir: t.TempDir(), RequireEncryption: true})
 	if err != nil && !strings.Contains(err.Error(), "not encrypted") {
 		t.Errorf("got %q", err)
 	}
 	// Downgrade: an encrypted stream relabelled as plaintext.
 	dir := testKeys(t)
-	s = encode(t, testData(1000, 1), Options{Encrypt: encryptOpt(dir, CipherAESGCM, "k1.key")})
+	s = encode(t, testData(1000, 1), opts("", encryptOpt(dir, CipherAESGCM, "k1.key")))
 	hlen := bytes.IndexByte(s, '\n') + 1
 	m := append([]byte("PCLUSTER-SNAPSHOT 1 compress=none encrypt=none\n"), s[hlen:]...)
 	mustFail(t, "encrypted stream relabelled plaintext", m, ReaderOptions{KeyDir: dir, RequireEncryption: true})
