@@ -1,0 +1,237 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// A workload that is its own PID namespace (nsinit: an init as pid 1 and
+// a worker under it), frozen from this host's namespace with -tree on its
+// init and restored with -pidns, again and again: its PIDs are those of
+// the namespace, taken here by nothing (all of them are free in a new
+// one), so every move keeps them.
+
+var (
+	// nsinitInit and nsinitWorker are the ids nsinit's processes see in
+	// their namespace: init leads its session, the worker its group.
+	nsinitInit   = fixture.IDs{Pid: 1, Pgid: 1, Sid: 1}
+	nsinitWorker = fixture.IDs{Pid: 2, PPid: 1, Pgid: 2, Sid: 1}
+)
+
+// startNsinit starts nsinit and returns it, the init of its namespace
+// (our pid) and the worker's first report. The init is killed at cleanup
+// if it still runs (it leads a session of its own, out of the reach of
+// the fixture's cleanup), and nsinit left to reap it and exit.
+func startNsinit(t *testing.T) (*fixture.Proc, int, fixture.NsinitReport) {
+	t.Helper()
+	p := fixture.Start(t, fixture.Build(t, "nsinit"))
+	r := nsinitNext(t, p.Lines, 1, "")
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("nsinit %d has children %v (%v), want its namespace's init", p.Pid(), kids, err)
+	}
+	init := kids[0]
+	t.Cleanup(func() { p.Wait(waitFor) })
+	killNSAtCleanup(t, init)
+	return p, init, r
+}
+
+// killNSAtCleanup kills init, and so its PID namespace, at cleanup if it
+// is still that namespace's init.
+func killNSAtCleanup(t *testing.T, init int) {
+	ns := pidNSOf(init)
+	t.Cleanup(func() {
+		if ns != "" && pidNSOf(init) == ns {
+			syscall.Kill(init, syscall.SIGKILL)
+		}
+	})
+}
+
+// nsinitNext reads the next line of l, which must be the worker's report
+// number count (any, for 0) with its ids and heap checksum sum (any, for
+// "").
+func nsinitNext(t *testing.T, l *fixture.Lines, count int, sum string) fixture.NsinitReport {
+	t.Helper()
+	line, err := l.Next(waitFor)
+	if err != nil {
+		t.Fatalf("nsinit: %v (last lines %q)", err, l.Last())
+	}
+	r, ok := fixture.ParseNsinit(line)
+	if !ok {
+		t.Fatalf("nsinit printed %q", line)
+	}
+	if count != 0 && r.Count != count {
+		t.Fatalf("nsinit counted %d, want %d", r.Count, count)
+	}
+	if r.IDs != nsinitWorker {
+		t.Fatalf("nsinit worker sees ids %+v, want %+v", r.IDs, nsinitWorker)
+	}
+	if sum != "" && r.Sum != sum {
+		t.Fatalf("nsinit heap checksum %s, want %s", r.Sum, sum)
+	}
+	return r
+}
+
+// nsinitToEnd reads the halted workload's reports to the end of l, each
+// the next count after last, and returns the last count.
+func nsinitToEnd(t *testing.T, l *fixture.Lines, last int, sum string) int {
+	t.Helper()
+	for {
+		line, err := l.Next(waitFor)
+		if errors.Is(err, io.EOF) {
+			return last
+		}
+		if err != nil {
+			t.Fatalf("the halted workload: %v", err)
+		}
+		r, ok := fixture.ParseNsinit(line)
+		if !ok || r.Count != last+1 || r.Sum != sum {
+			t.Fatalf("the halted workload printed %q after count %d", line, last)
+		}
+		last = r.Count
+	}
+}
+
+// TestPIDNamespaceAgainAndAgain: a PID namespace is frozen with -halt and
+// restored with -pidns three times (through a file, a unix socket, a
+// file), each time from the namespace the last restore made: the worker
+// sees the same ids and heap, and its count goes on with no gap and no
+// repeat. Then it exits 7: its init exits 7, and so does pthaw.
+func TestPIDNamespaceAgainAndAgain(t *testing.T) {
+	needRoot(t)
+	p, init, first := startNsinit(t)
+	sum, last := first.Sum, first.Count
+	out, exitCode := p.Lines, func() int {
+		code, err := p.Wait(waitFor)
+		if err != nil {
+			t.Fatalf("nsinit: %v", err)
+		}
+		return code
+	}
+	var th *thawed
+	for round := 1; round <= 3; round++ {
+		dest := "file"
+		if round == 2 {
+			dest = "unix"
+		}
+		last = nsinitNext(t, out, last+1, sum).Count
+		var next *thawed
+		args := []string{"-pid", strconv.Itoa(init), "-tree", "-halt"}
+		if dest == "file" {
+			snap := filepath.Join(t.TempDir(), "snap")
+			freeze(t, append(args, "-dest", snap)...)
+			next = thaw(t, "-src", snap, "-pidns")
+		} else {
+			sock := filepath.Join(t.TempDir(), "sock")
+			next = thaw(t, "-src", "unix:"+sock, "-pidns")
+			next.listening(t)
+			freeze(t, append(args, "-dest", "unix:"+sock)...)
+		}
+		last = nsinitToEnd(t, out, last, sum)
+		if code := exitCode(); code != 128+int(syscall.SIGKILL) {
+			t.Errorf("round %d: the halted namespace's %s exit code %d, want %d", round,
+				map[bool]string{true: "nsinit", false: "pthaw"}[th == nil], code, 128+int(syscall.SIGKILL))
+		}
+		th = next
+		last = nsinitNext(t, th.out, last+1, sum).Count
+		init = th.restoredPid(t)
+		killNSAtCleanup(t, init)
+		expectNSIDs(t, init, map[string]fixture.IDs{"init": nsinitInit, "worker": nsinitWorker})
+		if msg := th.stderr.String(); !strings.Contains(msg, "root pid 1, the namespace's init") {
+			t.Errorf("round %d (%s): pthaw stderr %q does not say the root is the namespace's init", round, dest, msg)
+		}
+		out, exitCode = th.out, func() int { return th.exit(t) }
+	}
+	worker := nsMembers(t, init)[2]
+	if worker == 0 {
+		t.Fatal("no worker in the restored namespace")
+	}
+	syscall.Kill(worker, syscall.SIGUSR1)
+	for {
+		line, err := th.out.Next(waitFor)
+		if err != nil {
+			t.Fatalf("no exit line: %v", err)
+		}
+		if line == "exit 7" {
+			break
+		}
+		if _, ok := fixture.ParseNsinit(line); !ok {
+			t.Fatalf("nsinit printed %q", line)
+		}
+	}
+	if code := th.exit(t); code != 7 {
+		t.Errorf("pthaw exit code %d, want 7 (the worker's, through its init)", code)
+	}
+}
+
+// refusedFreeze runs pfreeze with args, which must fail with one line
+// containing want; the snapshot file must not exist.
+func refusedFreeze(t *testing.T, want string, args ...string) {
+	t.Helper()
+	snap := filepath.Join(t.TempDir(), "snap")
+	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), append(args, "-halt", "-dest", snap)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatalf("pfreeze %v succeeded, want %q", args, want)
+	}
+	if msg := stderr.String(); !strings.Contains(msg, want) || strings.Count(msg, "\n") != 1 {
+		t.Errorf("pfreeze %v: stderr %q, want one line with %q", args, msg, want)
+	}
+	if _, err := os.Stat(snap); err == nil {
+		t.Errorf("pfreeze %v failed but left %s", args, snap)
+	}
+}
+
+// TestPIDNamespaceRefusals: a process of a child PID namespace that is not
+// its init is refused, with or without -tree, with one line naming the
+// init to freeze instead; a namespace that a process entered from
+// outside (nsenter: setns, then fork) is refused with one line naming it.
+// Each time the workload runs on, its count unbroken.
+func TestPIDNamespaceRefusals(t *testing.T) {
+	needRoot(t)
+	p, init, r := startNsinit(t)
+	worker := nsMembers(t, init)[2]
+	if worker == 0 {
+		t.Fatal("no worker in nsinit's namespace")
+	}
+	want := fmt.Sprintf("pfreeze: freeze %d: process is in another pid namespace, as its pid 2 (freeze the namespace's init, pid %d, with -tree)", worker, init)
+	refusedFreeze(t, want, "-pid", strconv.Itoa(worker), "-tree")
+	refusedFreeze(t, want, "-pid", strconv.Itoa(worker))
+	last := nsinitNext(t, p.Lines, 0, r.Sum).Count
+
+	nsenter, err := exec.LookPath("nsenter")
+	if err != nil {
+		t.Skip("nsenter (util-linux) not installed")
+	}
+	fixture.StartGroup(t, nsenter, "-t", strconv.Itoa(init), "-p", fixture.Build(t, "sleeper"), "100")
+	var entered int
+	for deadline := time.Now().Add(waitFor); entered == 0; {
+		for nsPid, pid := range nsMembers(t, init) {
+			if nsPid != 1 && nsPid != 2 {
+				entered = pid
+			}
+		}
+		if entered == 0 && time.Now().After(deadline) {
+			t.Fatalf("no process entered the namespace of %d after %v", init, waitFor)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: pid %d is in the pid namespace of %d but not in its tree (entered with setns)", init, entered, init),
+		"-pid", strconv.Itoa(init), "-tree")
+	for range 2 {
+		last = nsinitNext(t, p.Lines, last+1, r.Sum).Count
+	}
+}
