@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -57,6 +59,23 @@ func killNSAtCleanup(t *testing.T, init int) {
 			syscall.Kill(init, syscall.SIGKILL)
 		}
 	})
+}
+
+// nsTIDs returns the TIDs process pid (ours) has in its own PID
+// namespace, sorted.
+func nsTIDs(t *testing.T, pid int) []int {
+	t.Helper()
+	tasks, err := fixture.Tasks(pid)
+	if err != nil {
+		t.Fatalf("pid %d: %v", pid, err)
+	}
+	var out []int
+	for _, tid := range tasks {
+		f := procStatus(t, tid)["NSpid"]
+		out = append(out, atoi(t, f[len(f)-1]))
+	}
+	sort.Ints(out)
+	return out
 }
 
 // nsinitNext reads the next line of l, which must be the worker's report
@@ -113,6 +132,10 @@ func TestPIDNamespaceAgainAndAgain(t *testing.T) {
 	needRoot(t)
 	p, init, first := startNsinit(t)
 	sum, last := first.Sum, first.Count
+	tids := nsTIDs(t, nsMembers(t, init)[2])
+	if len(tids) != 2 || tids[0] != 2 {
+		t.Fatalf("nsinit's worker has TIDs %v in its namespace, want 2 and its thread's", tids)
+	}
 	out, exitCode := p.Lines, func() int {
 		code, err := p.Wait(waitFor)
 		if err != nil {
@@ -149,6 +172,9 @@ func TestPIDNamespaceAgainAndAgain(t *testing.T) {
 		init = th.restoredPid(t)
 		killNSAtCleanup(t, init)
 		expectNSIDs(t, init, map[string]fixture.IDs{"init": nsinitInit, "worker": nsinitWorker})
+		if got := nsTIDs(t, nsMembers(t, init)[2]); !slices.Equal(got, tids) {
+			t.Errorf("round %d: the worker's TIDs in its namespace are %v, want %v", round, got, tids)
+		}
 		if msg := th.stderr.String(); !strings.Contains(msg, "root pid 1, the namespace's init") {
 			t.Errorf("round %d (%s): pthaw stderr %q does not say the root is the namespace's init", round, dest, msg)
 		}
