@@ -25,21 +25,26 @@ import (
 // the namespace, taken here by nothing (all of them are free in a new
 // one), so every move keeps them.
 
+// nsinitIDs are the ids nsinit's init and worker see in their namespace.
+type nsinitIDs struct{ init, worker fixture.IDs }
+
 var (
-	// nsinitInit and nsinitWorker are the ids nsinit's processes see in
-	// their namespace: init leads its session, the worker its group.
-	nsinitInit   = fixture.IDs{Pid: 1, Pgid: 1, Sid: 1}
-	nsinitWorker = fixture.IDs{Pid: 2, PPid: 1, Pgid: 2, Sid: 1}
+	// nsinitOwn: init leads its session, the worker its group.
+	nsinitOwn = nsinitIDs{fixture.IDs{Pid: 1, Pgid: 1, Sid: 1}, fixture.IDs{Pid: 2, PPid: 1, Pgid: 2, Sid: 1}}
+	// nsinitOutside (nsinit outside): both are in a group and session led
+	// from outside the namespace, which read 0 there.
+	nsinitOutside = nsinitIDs{fixture.IDs{Pid: 1}, fixture.IDs{Pid: 2, PPid: 1}}
 )
 
-// startNsinit starts nsinit and returns it, the init of its namespace
-// (our pid) and the worker's first report. The init is killed at cleanup
-// if it still runs (it leads a session of its own, out of the reach of
-// the fixture's cleanup), and nsinit left to reap it and exit.
-func startNsinit(t *testing.T) (*fixture.Proc, int, fixture.NsinitReport) {
+// startNsinit starts nsinit with args and returns it, the init of its
+// namespace (our pid) and the worker's first report, with ids. The init
+// is killed at cleanup if it still runs (out of the reach of the
+// fixture's cleanup, which kills nsinit only), and nsinit left to reap
+// it and exit.
+func startNsinit(t *testing.T, ids fixture.IDs, args ...string) (*fixture.Proc, int, fixture.NsinitReport) {
 	t.Helper()
-	p := fixture.Start(t, fixture.Build(t, "nsinit"))
-	r := nsinitNext(t, p.Lines, 1, "")
+	p := fixture.Start(t, fixture.Build(t, "nsinit"), args...)
+	r := nsinitNext(t, p.Lines, 1, "", ids)
 	kids, err := fixture.Children(p.Pid())
 	if err != nil || len(kids) != 1 {
 		t.Fatalf("nsinit %d has children %v (%v), want its namespace's init", p.Pid(), kids, err)
@@ -79,9 +84,8 @@ func nsTIDs(t *testing.T, pid int) []int {
 }
 
 // nsinitNext reads the next line of l, which must be the worker's report
-// number count (any, for 0) with its ids and heap checksum sum (any, for
-// "").
-func nsinitNext(t *testing.T, l *fixture.Lines, count int, sum string) fixture.NsinitReport {
+// number count (any, for 0) with ids and heap checksum sum (any, for "").
+func nsinitNext(t *testing.T, l *fixture.Lines, count int, sum string, ids fixture.IDs) fixture.NsinitReport {
 	t.Helper()
 	line, err := l.Next(waitFor)
 	if err != nil {
@@ -94,8 +98,8 @@ func nsinitNext(t *testing.T, l *fixture.Lines, count int, sum string) fixture.N
 	if count != 0 && r.Count != count {
 		t.Fatalf("nsinit counted %d, want %d", r.Count, count)
 	}
-	if r.IDs != nsinitWorker {
-		t.Fatalf("nsinit worker sees ids %+v, want %+v", r.IDs, nsinitWorker)
+	if r.IDs != ids {
+		t.Fatalf("nsinit worker sees ids %+v, want %+v", r.IDs, ids)
 	}
 	if sum != "" && r.Sum != sum {
 		t.Fatalf("nsinit heap checksum %s, want %s", r.Sum, sum)
@@ -126,11 +130,25 @@ func nsinitToEnd(t *testing.T, l *fixture.Lines, last int, sum string) int {
 // TestPIDNamespaceAgainAndAgain: a PID namespace is frozen with -halt and
 // restored with -pidns three times (through a file, a unix socket, a
 // file), each time from the namespace the last restore made: the worker
-// sees the same ids and heap, and its count goes on with no gap and no
-// repeat. Then it exits 7: its init exits 7, and so does pthaw.
+// sees the same ids, TIDs and heap, and its count goes on with no gap and
+// no repeat. Then it exits 7: its init exits 7, and so does pthaw.
 func TestPIDNamespaceAgainAndAgain(t *testing.T) {
+	nsinitRounds(t, nsinitOwn, nil, "file", "unix", "file")
+}
+
+// TestPIDNamespaceOutsideSession: the same, once, with a namespace whose
+// processes keep a group and session led from outside it (0 there): so
+// they stay after the move, pthaw's.
+func TestPIDNamespaceOutsideSession(t *testing.T) {
+	nsinitRounds(t, nsinitOutside, []string{"outside"}, "file")
+}
+
+// nsinitRounds starts nsinit with args, its processes seeing ids, and
+// moves its namespace once through each of dests (file or unix), then
+// has it exit 7.
+func nsinitRounds(t *testing.T, ids nsinitIDs, args []string, dests ...string) {
 	needRoot(t)
-	p, init, first := startNsinit(t)
+	p, init, first := startNsinit(t, ids.worker, args...)
 	sum, last := first.Sum, first.Count
 	tids := nsTIDs(t, nsMembers(t, init)[2])
 	if len(tids) != 2 || tids[0] != 2 {
@@ -144,12 +162,9 @@ func TestPIDNamespaceAgainAndAgain(t *testing.T) {
 		return code
 	}
 	var th *thawed
-	for round := 1; round <= 3; round++ {
-		dest := "file"
-		if round == 2 {
-			dest = "unix"
-		}
-		last = nsinitNext(t, out, last+1, sum).Count
+	for i, dest := range dests {
+		round := i + 1
+		last = nsinitNext(t, out, last+1, sum, ids.worker).Count
 		var next *thawed
 		args := []string{"-pid", strconv.Itoa(init), "-tree", "-halt"}
 		if dest == "file" {
@@ -168,10 +183,10 @@ func TestPIDNamespaceAgainAndAgain(t *testing.T) {
 				map[bool]string{true: "nsinit", false: "pthaw"}[th == nil], code, 128+int(syscall.SIGKILL))
 		}
 		th = next
-		last = nsinitNext(t, th.out, last+1, sum).Count
+		last = nsinitNext(t, th.out, last+1, sum, ids.worker).Count
 		init = th.restoredPid(t)
 		killNSAtCleanup(t, init)
-		expectNSIDs(t, init, map[string]fixture.IDs{"init": nsinitInit, "worker": nsinitWorker})
+		expectNSIDs(t, init, map[string]fixture.IDs{"init": ids.init, "worker": ids.worker})
 		if got := nsTIDs(t, nsMembers(t, init)[2]); !slices.Equal(got, tids) {
 			t.Errorf("round %d: the worker's TIDs in its namespace are %v, want %v", round, got, tids)
 		}
@@ -228,7 +243,7 @@ func refusedFreeze(t *testing.T, want string, args ...string) {
 // Each time the workload runs on, its count unbroken.
 func TestPIDNamespaceRefusals(t *testing.T) {
 	needRoot(t)
-	p, init, r := startNsinit(t)
+	p, init, r := startNsinit(t, nsinitOwn.worker)
 	worker := nsMembers(t, init)[2]
 	if worker == 0 {
 		t.Fatal("no worker in nsinit's namespace")
@@ -236,7 +251,7 @@ func TestPIDNamespaceRefusals(t *testing.T) {
 	want := fmt.Sprintf("pfreeze: freeze %d: process is in another pid namespace, as its pid 2 (freeze the namespace's init, pid %d, with -tree)", worker, init)
 	refusedFreeze(t, want, "-pid", strconv.Itoa(worker), "-tree")
 	refusedFreeze(t, want, "-pid", strconv.Itoa(worker))
-	last := nsinitNext(t, p.Lines, 0, r.Sum).Count
+	last := nsinitNext(t, p.Lines, 0, r.Sum, nsinitOwn.worker).Count
 
 	nsenter, err := exec.LookPath("nsenter")
 	if err != nil {
@@ -258,6 +273,6 @@ func TestPIDNamespaceRefusals(t *testing.T) {
 	refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: pid %d is in the pid namespace of %d but not in its tree (entered with setns)", init, entered, init),
 		"-pid", strconv.Itoa(init), "-tree")
 	for range 2 {
-		last = nsinitNext(t, p.Lines, last+1, r.Sum).Count
+		last = nsinitNext(t, p.Lines, last+1, r.Sum, nsinitOwn.worker).Count
 	}
 }

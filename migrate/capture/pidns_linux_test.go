@@ -18,16 +18,29 @@ import (
 // TestAttachTreePIDNamespace stops nsinit's PID namespace through its
 // init, in process: the tree record holds the numbers the namespace
 // sees (init pid 1 with no parent, leading its session; the worker pid 2,
-// leading its group, with its two threads), every member records its
-// own the same way, and the workload runs on once resumed. The worker
-// alone is refused, naming the init.
+// leading its group, with its two threads; with nsinit outside, a group
+// and session led from outside the namespace are 0), every member
+// records its own the same way, and the workload runs on once resumed.
+// The worker alone is refused, naming the init.
 func TestAttachTreePIDNamespace(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: ptrace and unshare(CLONE_NEWPID) (CI runs as root)")
 	}
+	for _, tc := range []struct {
+		args []string
+		want []image.TreeProc
+	}{
+		{nil, []image.TreeProc{{Pid: 1, PPid: 0, Pgid: 1, Sid: 1, Threads: 1}, {Pid: 2, PPid: 1, Pgid: 2, Sid: 1, Threads: 2}}},
+		{[]string{"outside"}, []image.TreeProc{{Pid: 1, Threads: 1}, {Pid: 2, PPid: 1, Threads: 2}}},
+	} {
+		t.Run(fmt.Sprint("nsinit", tc.args), func(t *testing.T) { attachTreePIDNamespace(t, tc.args, tc.want) })
+	}
+}
+
+func attachTreePIDNamespace(t *testing.T, args []string, wantProcs []image.TreeProc) {
 	tr := ptrace.NewTracer() // before the fixture: see TestStopTimeoutLetsGo
 	t.Cleanup(tr.Close)
-	p := fixture.Start(t, fixture.Build(t, "nsinit"))
+	p := fixture.Start(t, fixture.Build(t, "nsinit"), args...)
 	p.Expect(t, `^count 1 `, waitFor)
 	kids, err := fixture.Children(p.Pid())
 	if err != nil || len(kids) != 1 {
@@ -53,10 +66,6 @@ func TestAttachTreePIDNamespace(t *testing.T) {
 	ft, err := AttachTree(tr, init)
 	if err != nil {
 		t.Fatal(err)
-	}
-	wantProcs := []image.TreeProc{
-		{Pid: 1, PPid: 0, Pgid: 1, Sid: 1, Threads: 1},
-		{Pid: 2, PPid: 1, Pgid: 2, Sid: 1, Threads: 2},
 	}
 	if !slices.Equal(ft.procs, wantProcs) {
 		t.Errorf("tree record %+v, want %+v", ft.procs, wantProcs)
