@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 )
 
@@ -195,6 +197,13 @@ func nsinitRounds(t *testing.T, ids nsinitIDs, args []string, dests ...string) {
 		}
 		out, exitCode = th.out, func() int { return th.exit(t) }
 	}
+	nsinitExit7(t, th, init)
+}
+
+// nsinitExit7 has the worker of the namespace of init, restored by th,
+// exit 7: its init exits 7, and so does pthaw.
+func nsinitExit7(t *testing.T, th *thawed, init int) {
+	t.Helper()
 	worker := nsMembers(t, init)[2]
 	if worker == 0 {
 		t.Fatal("no worker in the restored namespace")
@@ -275,4 +284,93 @@ func TestPIDNamespaceRefusals(t *testing.T) {
 	for range 2 {
 		last = nsinitNext(t, p.Lines, last+1, r.Sum, nsinitOwn.worker).Count
 	}
+}
+
+// TestPIDNamespaceDetached: a namespace restored with -pidns -detach, its
+// init no longer pthaw's child (a workload the agent adopts after a
+// restart), is frozen again and restored in the foreground: its count
+// goes on, and its exit status reaches pthaw. The test is a child
+// subreaper meanwhile, so that the detached init comes back to it to be
+// reaped.
+func TestPIDNamespaceDetached(t *testing.T) {
+	needRoot(t)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatalf("PR_SET_CHILD_SUBREAPER: %v", err)
+	}
+	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
+	ids := nsinitOwn
+	p, init, first := startNsinit(t, ids.worker)
+	sum := first.Sum
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(init), "-tree", "-halt", "-dest", snap)
+	last := nsinitToEnd(t, p.Lines, first.Count, sum)
+
+	// The detached workload keeps pthaw's stdout, a pipe we read (pthaw
+	// prints the init's PID there too, before or after its first lines),
+	// and its stderr, a file: a pipe copied by exec would keep Run
+	// waiting for as long as the workload runs.
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { outR.Close() })
+	errF, err := os.Create(filepath.Join(t.TempDir(), "stderr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer errF.Close()
+	stderr := func() string { b, _ := os.ReadFile(errF.Name()); return string(b) }
+	cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-detach", "-src", snap, "-pidns")
+	cmd.Stdout, cmd.Stderr = outW, errF
+	err = cmd.Run()
+	outW.Close()
+	if err != nil {
+		t.Fatalf("pthaw -detach: %v: %s", err, stderr())
+	}
+	out := fixture.FollowReader(t, outR)
+	detached, reaped := 0, false
+	t.Cleanup(func() {
+		if detached > 0 && !reaped {
+			syscall.Kill(detached, syscall.SIGKILL)
+			var ws unix.WaitStatus
+			unix.Wait4(detached, &ws, 0, nil)
+		}
+	})
+	for detached == 0 || last == first.Count {
+		line, err := out.Next(waitFor)
+		if err != nil {
+			t.Fatalf("pthaw -detach: %v: %s", err, stderr())
+		}
+		if pid, err := strconv.Atoi(line); err == nil {
+			detached = pid
+			continue
+		}
+		r, ok := fixture.ParseNsinit(line)
+		if !ok || r.Count != last+1 || r.Sum != sum || r.IDs != ids.worker {
+			t.Fatalf("the detached workload printed %q after count %d", line, last)
+		}
+		last = r.Count
+	}
+	if ppid := atoi(t, procStatus(t, detached)["PPid"][0]); ppid != os.Getpid() {
+		t.Fatalf("the detached init %d has parent %d, want us (its subreaper)", detached, ppid)
+	}
+	expectNSIDs(t, detached, map[string]fixture.IDs{"init": ids.init, "worker": ids.worker})
+
+	snap2 := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(detached), "-tree", "-halt", "-dest", snap2)
+	var ws unix.WaitStatus
+	if _, err := unix.Wait4(detached, &ws, 0, nil); err != nil {
+		t.Fatalf("reap the halted init %d: %v", detached, err)
+	}
+	reaped = true
+	if ws.Signal() != unix.SIGKILL {
+		t.Errorf("the halted init %d ended with %#x, want killed by SIGKILL", detached, uint32(ws))
+	}
+	last = nsinitToEnd(t, out, last, sum)
+	th := thaw(t, "-src", snap2, "-pidns")
+	nsinitNext(t, th.out, last+1, sum, ids.worker)
+	init = th.restoredPid(t)
+	killNSAtCleanup(t, init)
+	expectNSIDs(t, init, map[string]fixture.IDs{"init": ids.init, "worker": ids.worker})
+	nsinitExit7(t, th, init)
 }
