@@ -374,3 +374,32 @@ func TestPIDNamespaceDetached(t *testing.T) {
 	expectNSIDs(t, init, map[string]fixture.IDs{"init": ids.init, "worker": ids.worker})
 	nsinitExit7(t, th, init)
 }
+
+// TestPIDNamespaceNestedRefused: a namespace holding another (nsinit
+// nested: the worker's child is pid 1 of a namespace of its own) is
+// refused with one line naming that member, and the nested namespace's
+// init, two levels below ours, is refused as such; the workload runs on.
+func TestPIDNamespaceNestedRefused(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "nsinit"), "nested")
+	p.Lines.Expect(t, `^nested \d+$`, waitFor)
+	r := nsinitNext(t, p.Lines, 1, "", nsinitOwn.worker)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("nsinit %d has children %v (%v), want its namespace's init", p.Pid(), kids, err)
+	}
+	init := kids[0]
+	t.Cleanup(func() { p.Wait(waitFor) })
+	killNSAtCleanup(t, init)
+	worker := nsMembers(t, init)[2]
+	inner, err := fixture.Children(worker)
+	if err != nil || len(inner) != 1 {
+		t.Fatalf("the worker %d has children %v (%v), want the nested namespace's init", worker, inner, err)
+	}
+	refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: pid %d: process is in a pid namespace nested in the frozen one", init, inner[0]),
+		"-pid", strconv.Itoa(init), "-tree")
+	refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: process is in a pid namespace nested 2 levels below pfreeze's", inner[0]),
+		"-pid", strconv.Itoa(inner[0]), "-tree")
+	last := nsinitNext(t, p.Lines, 0, r.Sum, nsinitOwn.worker).Count
+	nsinitNext(t, p.Lines, last+1, r.Sum, nsinitOwn.worker)
+}
