@@ -227,7 +227,10 @@ func (t *FrozenTree) detach() {
 // sent SIGKILL first, so none runs again, then every thread's exit is
 // reaped, children first: the init of a frozen PID namespace does not
 // end before every process of its namespace is reaped, and those we
-// trace are released to it only as we take their exits.
+// trace are released to it only as we take their exits. A member that
+// is a child of this very process (restored by it: an agent's workload)
+// is reaped for good here, its tracer being in its parent's thread
+// group: its parent's wait then finds no child.
 func (t *FrozenTree) Kill() error {
 	var errs []error
 	for _, f := range t.members {
