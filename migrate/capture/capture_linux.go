@@ -7,7 +7,9 @@
 // injecting single system calls at a syscall instruction of its vdso;
 // nothing is written into its code. Anything the snapshot could not carry
 // faithfully makes Freeze refuse with an error naming it. FreezeTree
-// freezes a process with all its descendants (tree_linux.go).
+// freezes a process with all its descendants (tree_linux.go), and a
+// child PID namespace whole through its init, in the namespace's own
+// numbers (pidns_linux.go).
 package capture
 
 import (
