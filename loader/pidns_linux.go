@@ -37,7 +37,8 @@ import (
 // status, so the root's status reaches init, which exits with it (the
 // kernel then kills whatever is left in the namespace), and init's
 // reaches pthaw. A root that was itself pid 1 (a tree frozen inside a
-// container whose init it was) needs none of this: the first stub is
+// container whose init it was, or a PID namespace frozen whole from
+// outside: capture/pidns_linux.go) needs none of this: the first stub is
 // built into it and stays the namespace's init, as the original was.
 
 // pidNS is what a tree restored into a new PID namespace has besides its

@@ -7,7 +7,9 @@
 // injecting single system calls at a syscall instruction of its vdso;
 // nothing is written into its code. Anything the snapshot could not carry
 // faithfully makes Freeze refuse with an error naming it. FreezeTree
-// freezes a process with all its descendants (tree_linux.go).
+// freezes a process with all its descendants (tree_linux.go), and a
+// child PID namespace whole through its init, in the namespace's own
+// numbers (pidns_linux.go).
 package capture
 
 import (
@@ -46,6 +48,9 @@ type Frozen struct {
 	tr      *ptrace.Tracer
 	mem     *ptrace.Mem
 	threads []*thread // main thread first
+	// inner: the snapshot records the PID and TIDs of the process's own
+	// PID namespace, a child of ours frozen whole (pidns_linux.go).
+	inner bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -74,7 +79,7 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	if err := mayTrace(pid, pid); err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
-	if err := checkSupported(pid, false); err != nil {
+	if err := checkSupported(pid, false, ""); err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
@@ -84,7 +89,7 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	}
 	// Again, now that nothing can change: a child, timer or filter made
 	// between the first check and the stop would otherwise slip through.
-	if err := checkSupported(pid, false); err != nil {
+	if err := checkSupported(pid, false, ""); err != nil {
 		f.Resume()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
@@ -200,8 +205,10 @@ func explainPtraceErr(err error) error {
 }
 
 // checkSupported refuses processes whose state the snapshot cannot carry.
-// In a tree (inTree) children are members, not a reason to refuse.
-func checkSupported(pid int, inTree bool) error {
+// In a tree (inTree) children are members, not a reason to refuse; pidNS
+// is the PID namespace, other than ours, that the tree is (its root the
+// namespace's init), or "".
+func checkSupported(pid int, inTree bool, pidNS string) error {
 	st, err := procfs.Status(pid)
 	if err != nil {
 		return err
@@ -225,12 +232,15 @@ func checkSupported(pid int, inTree bool) error {
 	if len(kids) > 0 && !inTree {
 		return unsupported("child processes %v (freeze the whole tree with -tree)", kids)
 	}
-	for _, ns := range []string{"mnt", "pid", "user"} {
+	for _, ns := range []string{"mnt", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
 		theirs, err2 := os.Readlink(procfs.Path(pid, "ns/"+ns))
 		if err1 == nil && err2 == nil && mine != theirs {
 			return unsupported("process is in another %s namespace", ns)
 		}
+	}
+	if err := checkPidNS(pid, st, pidNS); err != nil {
+		return err
 	}
 	if ppid, _ := strconv.Atoi(st["PPid"]); ppid > 1 {
 		if shared := sharedWith(pid, ppid); len(shared) > 0 {
@@ -345,6 +355,11 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 	if err != nil {
 		return nil, nil, err
 	}
+	if f.inner {
+		if p.Pid, err = innermost(st, "NSpid"); err != nil {
+			return nil, nil, err
+		}
+	}
 	if err := parseCreds(st, &p.Creds); err != nil {
 		return nil, nil, err
 	}
@@ -436,6 +451,11 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 		}
 	}
 	t := &image.Thread{Tid: tid}
+	if f.inner {
+		if t.Tid, err = innermost(tst, "NSpid"); err != nil {
+			return nil, err
+		}
+	}
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", f.Pid, tid)); err == nil {
 		t.Comm = strings.TrimSuffix(string(b), "\n")
 	}

@@ -20,6 +20,9 @@ type FrozenTree struct {
 	Pid     int
 	members []*Frozen        // creation order: every parent before its children
 	procs   []image.TreeProc // the same order, zombies included
+	// pidNS is set when the root is the init of a child PID namespace,
+	// which is frozen whole (pidns_linux.go).
+	pidNS string
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -32,7 +35,11 @@ func AttachTree(tr *ptrace.Tracer, pid int) (*FrozenTree, error) {
 	if _, err := os.Stat(procfs.Path(pid, "")); err != nil {
 		return nil, fmt.Errorf("freeze %d: no such process", pid)
 	}
-	t := &FrozenTree{Pid: pid}
+	ns, err := childNSInit(pid)
+	if err != nil {
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	t := &FrozenTree{Pid: pid, pidNS: ns}
 	if err := t.stopAll(tr); err != nil {
 		t.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
@@ -66,7 +73,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if err := mayTrace(pid, pid); err != nil {
 			return err
 		}
-		if err := checkSupported(pid, true); err != nil {
+		if err := checkSupported(pid, true, t.pidNS); err != nil {
 			return fmt.Errorf("pid %d: %w", pid, err)
 		}
 		f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
@@ -103,6 +110,12 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if !in[m.Sid] && m.Sid != root.Sid {
 			return unsupported("pid %d: session %d is led from outside the tree", m.Pid, m.Sid)
 		}
+	}
+	if t.pidNS != "" {
+		if err := t.checkWholeNS(in); err != nil {
+			return err
+		}
+		return t.nsNumbers()
 	}
 	return nil
 }
@@ -212,7 +225,12 @@ func (t *FrozenTree) detach() {
 
 // Kill ends every member (after the snapshot is safely written): all are
 // sent SIGKILL first, so none runs again, then every thread's exit is
-// reaped.
+// reaped, children first: the init of a frozen PID namespace does not
+// end before every process of its namespace is reaped, and those we
+// trace are released to it only as we take their exits. A member that
+// is a child of this very process (restored by it: an agent's workload)
+// is reaped for good here, its tracer being in its parent's thread
+// group: its parent's wait then finds no child.
 func (t *FrozenTree) Kill() error {
 	var errs []error
 	for _, f := range t.members {
@@ -220,7 +238,8 @@ func (t *FrozenTree) Kill() error {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
 		}
 	}
-	for _, f := range t.members {
+	for i := len(t.members) - 1; i >= 0; i-- {
+		f := t.members[i]
 		f.reap()
 		f.mem.Close()
 	}

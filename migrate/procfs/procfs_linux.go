@@ -284,3 +284,29 @@ func parseLimit(s string) (uint64, error) {
 	}
 	return strconv.ParseUint(s, 10, 64)
 }
+
+// NSIDs parses a line of /proc/PID/status that lists an id in every PID
+// namespace from the procfs's own down to the process's (NSpid, NStgid,
+// NSpgid, NSsid): the first is the number here, the last the innermost.
+// An id that a namespace cannot see (a group led from outside it) is 0.
+func NSIDs(st map[string]string, key string) ([]int, error) {
+	f := strings.Fields(st[key])
+	if len(f) == 0 {
+		return nil, fmt.Errorf("status: no %s", key)
+	}
+	out := make([]int, len(f))
+	for i, s := range f {
+		v, err := strconv.Atoi(s)
+		if err != nil || v < 0 {
+			return nil, fmt.Errorf("status: malformed %s: %q", key, st[key])
+		}
+		out[i] = v
+	}
+	return out, nil
+}
+
+// PidNS returns the PID namespace of pid, as its ns/pid link reads
+// ("pid:[4026531836]").
+func PidNS(pid int) (string, error) {
+	return os.Readlink(Path(pid, "ns/pid"))
+}
