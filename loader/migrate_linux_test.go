@@ -21,6 +21,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	fixture.KeepFDsFromTargets()
 	code := m.Run()
 	fixture.Cleanup()
 	os.Exit(code)

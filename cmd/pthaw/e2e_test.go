@@ -24,15 +24,7 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
-	// Targets must get only fds 0-2: an fd we inherited without O_CLOEXEC
-	// (a CI runner's pipe) would make them unfreezable.
-	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
-		for _, e := range ents {
-			if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-				syscall.CloseOnExec(fd)
-			}
-		}
-	}
+	fixture.KeepFDsFromTargets()
 	code := func() int {
 		if os.Geteuid() != 0 {
 			return m.Run() // every test skips with its reason

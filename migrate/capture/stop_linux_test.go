@@ -13,15 +13,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	// Fixtures must get only fds 0-2: an fd we inherited without
-	// O_CLOEXEC (a CI runner's pipe) would make them unfreezable.
-	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
-		for _, e := range ents {
-			if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-				syscall.CloseOnExec(fd)
-			}
-		}
-	}
+	fixture.KeepFDsFromTargets()
 	code := m.Run()
 	fixture.Cleanup()
 	os.Exit(code)
