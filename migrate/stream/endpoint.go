@@ -166,7 +166,6 @@ func openHaltableFileSink(spec, path string, opt SinkOptions) (*fileSink, error)
 		return s, err
 	}
 	if err := s.checkHalt(); err != nil {
-		s.poll.release()
 		s.f.Close()
 		if s.tmp != "" {
 			os.Remove(s.tmp)
@@ -213,7 +212,7 @@ func OpenSource(spec string, opt SourceOptions) (Source, error) {
 type fileSink struct {
 	spec, path string
 	f          *os.File
-	poll       *pollFile // f made pollable, or nil
+	poll       *pollFile // f's bounded writes, or nil
 	w          *bufio.Writer
 	unnamed    bool   // f is an O_TMPFILE: link it to path when done
 	tmp        string // the named temporary file, if that is what f is
@@ -234,8 +233,8 @@ func openStdoutSink(wt time.Duration) *fileSink {
 	return s
 }
 
-// setWriter buffers the writes to s.f, through a pollable duplicate
-// bounded by wt when s.f is a pipe, FIFO or socket.
+// setWriter buffers the writes to s.f; to a pipe, FIFO or socket each
+// write may go without progress for at most wt (pollable).
 func (s *fileSink) setWriter(wt time.Duration) {
 	var w io.Writer = s.f
 	if s.poll = pollable(s.f, wt); s.poll != nil {
@@ -308,7 +307,6 @@ func (s *fileSink) finish() error {
 		return s.err
 	}
 	s.finished = true
-	defer s.poll.release()
 	if s.err == nil && s.linked && !s.done {
 		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
 	}
@@ -373,7 +371,6 @@ func (s *fileSink) AwaitReady(time.Duration) error {
 	}
 	if err := s.checkHalt(); err != nil {
 		s.err, s.finished = err, true
-		s.poll.release()
 		if !s.std {
 			s.f.Close()
 		}
@@ -431,7 +428,7 @@ type fileSource struct {
 	spec string
 	f    *os.File
 	std  bool
-	poll *pollFile // f made pollable, or nil
+	poll *pollFile // f's bounded reads, or nil
 }
 
 func openFileSource(spec, path string, opt SourceOptions) (*fileSource, error) {
@@ -458,7 +455,6 @@ func (s *fileSource) Addr() string                    { return s.f.Name() }
 func (s *fileSource) Ready(error) error               { return nil }
 func (s *fileSource) AwaitCommit(time.Duration) error { return nil }
 func (s *fileSource) Close() error {
-	s.poll.release()
 	if s.std {
 		return nil
 	}

@@ -3,6 +3,8 @@ package stream
 import (
 	"errors"
 	"fmt"
+	"io"
+	"math"
 	"os"
 	"time"
 
@@ -12,22 +14,33 @@ import (
 // A pipe, FIFO or socket given as stdin, stdout or by path can stall for
 // ever: a reader that stops reading (with the process frozen meanwhile),
 // a writer that neither writes nor closes. Network connections have
-// deadlines (deadlineConn); these get the same through the runtime
-// poller. pollable duplicates the fd and sets O_NONBLOCK on its open file
-// description, which it shares with the original (and with any process
-// holding it: so only for as long as the stream lasts), and release
-// clears the flag again if it was not set before.
+// deadlines (deadlineConn); these get the same from poll(2).
+//
+// The open file description is never made O_NONBLOCK: stdin and stdout
+// share theirs with other processes (`{ pfreeze …; cat big; } | slow`),
+// which would all see the flag, and a pfreeze killed before clearing it
+// would leave it set for good (cat: write error: Resource temporarily
+// unavailable). Instead each call asks for non-blocking behaviour itself
+// (RWF_NOWAIT, honoured by pipes and sockets since Linux 5.x) and, when it
+// would block, waits in poll(2) for at most d of no progress. Where
+// RWF_NOWAIT is refused (EOPNOTSUPP), it polls first and then writes at
+// most PIPE_BUF bytes, which a pipe reported writable takes without
+// blocking (a read reported ready does not block either).
+// pipeBuf is PIPE_BUF (limits.h): a write of at most that many bytes to a
+// pipe that poll reports writable does not block.
+const pipeBuf = 4096
+
 type pollFile struct {
-	f     *os.File // the pollable duplicate
-	orig  uintptr  // the original fd
-	clear bool     // O_NONBLOCK was set by us
-	d     time.Duration
+	f      *os.File // kept referenced, so that fd stays open
+	fd     int
+	d      time.Duration
+	nowait bool // RWF_NOWAIT works on fd
 }
 
-// pollable returns a pollable duplicate of f, with d as the bound on each
-// read or write, when f is a pipe, FIFO or socket and d is positive;
-// otherwise nil: regular files, terminals and devices do not stall that
-// way (or cannot be polled).
+// pollable returns a bounded reader and writer of f, with d as the bound on
+// each read or write's time without progress, when f is a pipe, FIFO or
+// socket and d is positive; otherwise nil: regular files, terminals and
+// devices do not stall that way (or cannot be polled).
 func pollable(f *os.File, d time.Duration) *pollFile {
 	if d <= 0 {
 		return nil
@@ -45,55 +58,98 @@ func pollable(f *os.File, d time.Duration) *pollFile {
 		if t := st.Mode & unix.S_IFMT; t != unix.S_IFIFO && t != unix.S_IFSOCK {
 			return
 		}
-		fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
-		if err != nil {
-			return
-		}
-		dup, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
-			return
-		}
-		if fl&unix.O_NONBLOCK == 0 {
-			if _, err := unix.FcntlInt(uintptr(dup), unix.F_SETFL, fl|unix.O_NONBLOCK); err != nil {
-				unix.Close(dup)
-				return
-			}
-		}
-		// Non-blocking, so NewFile makes it pollable (deadlines work).
-		p = &pollFile{f: os.NewFile(uintptr(dup), f.Name()), orig: fd, clear: fl&unix.O_NONBLOCK == 0, d: d}
+		p = &pollFile{f: f, fd: int(fd), d: d, nowait: true}
 	})
 	return p
 }
 
 func (p *pollFile) Write(b []byte) (int, error) {
-	p.f.SetWriteDeadline(time.Now().Add(p.d))
-	n, err := p.f.Write(b)
-	return n, p.explain(err)
+	n := 0
+	deadline := time.Now().Add(p.d)
+	for n < len(b) {
+		var m int
+		var err error
+		if p.nowait {
+			m, err = unix.Pwritev2(p.fd, [][]byte{b[n:]}, -1, unix.RWF_NOWAIT)
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				p.nowait = false
+				continue
+			}
+		} else {
+			if err = p.wait(unix.POLLOUT, deadline); err != nil {
+				return n, err
+			}
+			m, err = unix.Write(p.fd, b[n:min(len(b), n+pipeBuf)])
+		}
+		switch {
+		case m > 0:
+			n += m
+			deadline = time.Now().Add(p.d)
+		case errors.Is(err, unix.EINTR):
+		case errors.Is(err, unix.EAGAIN):
+			if err := p.wait(unix.POLLOUT, deadline); err != nil {
+				return n, err
+			}
+		case err != nil:
+			return n, err
+		default: // a write of 0 bytes
+			return n, io.ErrShortWrite
+		}
+	}
+	return n, nil
 }
 
 func (p *pollFile) Read(b []byte) (int, error) {
-	p.f.SetReadDeadline(time.Now().Add(p.d))
-	n, err := p.f.Read(b)
-	return n, p.explain(err)
+	if len(b) == 0 {
+		return 0, nil
+	}
+	deadline := time.Now().Add(p.d)
+	for {
+		var n int
+		var err error
+		if p.nowait {
+			n, err = unix.Preadv2(p.fd, [][]byte{b}, -1, unix.RWF_NOWAIT)
+			if errors.Is(err, unix.EOPNOTSUPP) {
+				p.nowait = false
+				continue
+			}
+		} else {
+			if err = p.wait(unix.POLLIN, deadline); err != nil {
+				return 0, err
+			}
+			n, err = unix.Read(p.fd, b)
+		}
+		switch {
+		case errors.Is(err, unix.EINTR):
+		case errors.Is(err, unix.EAGAIN):
+			if err := p.wait(unix.POLLIN, deadline); err != nil {
+				return 0, err
+			}
+		case err != nil:
+			return 0, err
+		case n == 0:
+			return 0, io.EOF
+		default:
+			return n, nil
+		}
+	}
 }
 
-func (p *pollFile) explain(err error) error {
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return fmt.Errorf("no progress for %v: %w", p.d, err)
-	}
-	return err
-}
-
-// release closes the duplicate and puts the original's flags back.
-func (p *pollFile) release() {
-	if p == nil || p.f == nil {
-		return
-	}
-	p.f.Close()
-	p.f = nil
-	if p.clear {
-		if fl, err := unix.FcntlInt(p.orig, unix.F_GETFL, 0); err == nil {
-			unix.FcntlInt(p.orig, unix.F_SETFL, fl&^unix.O_NONBLOCK)
+// wait polls fd for ev until deadline. Readiness, a hang-up or an error
+// all end it: the next read or write says which.
+func (p *pollFile) wait(ev int16, deadline time.Time) error {
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("no progress for %v: %w", p.d, os.ErrDeadlineExceeded)
+		}
+		fds := []unix.PollFd{{Fd: int32(p.fd), Events: ev}}
+		_, err := unix.Poll(fds, int(min(left.Milliseconds()+1, math.MaxInt32)))
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return err
+		}
+		if fds[0].Revents != 0 {
+			return nil
 		}
 	}
 }
