@@ -206,8 +206,8 @@ func OpenSource(spec string, opt SourceOptions) (Source, error) {
 // nothing behind, even when the writer is killed (the kernel frees an
 // unnamed file with its last descriptor). Where the file system has no
 // O_TMPFILE, a named temporary file takes its place, removed on every
-// error path. Other files (devices, FIFOs) and stdout are written
-// directly; a pipe, FIFO or socket with the write timeout as the bound on
+// error path. A symlink is followed, not replaced (destination). Other
+// files (devices, FIFOs), stdout and /dev/stdout are written directly; a pipe, FIFO or socket with the write timeout as the bound on
 // each write (pollable).
 type fileSink struct {
 	spec, path string
@@ -244,7 +244,22 @@ func (s *fileSink) setWriter(wt time.Duration) {
 }
 
 func openFileSink(spec, path string, opt SinkOptions) (*fileSink, error) {
-	s := &fileSink{spec: spec, path: path}
+	d, err := destination(path)
+	if err != nil {
+		return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
+	}
+	s := &fileSink{spec: spec, path: d.path}
+	if d.fd >= 0 {
+		// /dev/stdout and the like: that fd, as stdout is written.
+		fd, err := unix.FcntlInt(uintptr(d.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("stream: open sink %s: fd %d: %w", spec, d.fd, err)
+		}
+		s.f = os.NewFile(uintptr(fd), path)
+		s.setWriter(opt.WriteTimeout)
+		return s, nil
+	}
+	path = d.path
 	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
 		f, err := openWriteEnd(path, fi, opt.DialTimeout)
 		if err != nil {
