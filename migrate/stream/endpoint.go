@@ -166,6 +166,7 @@ func openHaltableFileSink(spec, path string, opt SinkOptions) (*fileSink, error)
 		return s, err
 	}
 	if err := s.checkHalt(); err != nil {
+		s.poll.close()
 		s.f.Close()
 		if s.tmp != "" {
 			os.Remove(s.tmp)
@@ -308,7 +309,10 @@ func (s *fileSink) Write(p []byte) (int, error) {
 
 // Abort makes the sink give up: later writes fail, and a file is not kept.
 // It may be called from any goroutine, while another writes.
-func (s *fileSink) Abort() { s.aborted.Store(true) }
+func (s *fileSink) Abort() {
+	s.aborted.Store(true)
+	s.poll.abort()
+}
 
 func (s *fileSink) link([]byte, bool) error { s.linked = true; return nil }
 func (s *fileSink) bodyDone()               { s.done = true }
@@ -322,6 +326,7 @@ func (s *fileSink) finish() error {
 		return s.err
 	}
 	s.finished = true
+	defer s.poll.close()
 	if s.err == nil && s.linked && !s.done {
 		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
 	}
@@ -386,6 +391,7 @@ func (s *fileSink) AwaitReady(time.Duration) error {
 	}
 	if err := s.checkHalt(); err != nil {
 		s.err, s.finished = err, true
+		s.poll.close()
 		if !s.std {
 			s.f.Close()
 		}
@@ -470,6 +476,7 @@ func (s *fileSource) Addr() string                    { return s.f.Name() }
 func (s *fileSource) Ready(error) error               { return nil }
 func (s *fileSource) AwaitCommit(time.Duration) error { return nil }
 func (s *fileSource) Close() error {
+	s.poll.close()
 	if s.std {
 		return nil
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +36,14 @@ type pollFile struct {
 	fd     int
 	d      time.Duration
 	nowait bool // RWF_NOWAIT works on fd
+
+	// mu guards stop, which abort may use from any goroutine while
+	// close runs on the owner's.
+	mu sync.Mutex
+	// stop is an eventfd that abort makes readable: a wait under way
+	// ends at once (pfreeze interrupted while a reader stalls must
+	// resume the process now, not after the timeout). -1 once closed.
+	stop int
 }
 
 // pollable returns a bounded reader and writer of f, with d as the bound on
@@ -58,9 +67,39 @@ func pollable(f *os.File, d time.Duration) *pollFile {
 		if t := st.Mode & unix.S_IFMT; t != unix.S_IFIFO && t != unix.S_IFSOCK {
 			return
 		}
-		p = &pollFile{f: f, fd: int(fd), d: d, nowait: true}
+		stop, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			return
+		}
+		p = &pollFile{f: f, fd: int(fd), d: d, nowait: true, stop: stop}
 	})
 	return p
+}
+
+// abort ends the wait under way, and every later one, with ErrAborted.
+// It may be called from any goroutine.
+func (p *pollFile) abort() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stop >= 0 {
+		unix.Write(p.stop, []byte{1, 0, 0, 0, 0, 0, 0, 0})
+	}
+}
+
+// close releases the eventfd; the file itself is its owner's.
+func (p *pollFile) close() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stop >= 0 {
+		unix.Close(p.stop)
+		p.stop = -1
+	}
 }
 
 func (p *pollFile) Write(b []byte) (int, error) {
@@ -135,18 +174,22 @@ func (p *pollFile) Read(b []byte) (int, error) {
 	}
 }
 
-// wait polls fd for ev until deadline. Readiness, a hang-up or an error
-// all end it: the next read or write says which.
+// wait polls fd for ev until deadline or abort. Readiness, a hang-up or
+// an error all end it: the next read or write says which. Only the
+// owner's goroutine waits, so stop is not closed under it.
 func (p *pollFile) wait(ev int16, deadline time.Time) error {
 	for {
 		left := time.Until(deadline)
 		if left <= 0 {
 			return fmt.Errorf("no progress for %v: %w", p.d, os.ErrDeadlineExceeded)
 		}
-		fds := []unix.PollFd{{Fd: int32(p.fd), Events: ev}}
+		fds := []unix.PollFd{{Fd: int32(p.fd), Events: ev}, {Fd: int32(p.stop), Events: unix.POLLIN}}
 		_, err := unix.Poll(fds, int(min(left.Milliseconds()+1, math.MaxInt32)))
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return err
+		}
+		if fds[1].Revents != 0 {
+			return ErrAborted
 		}
 		if fds[0].Revents != 0 {
 			return nil

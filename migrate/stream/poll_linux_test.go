@@ -149,3 +149,30 @@ func TestPollableGivesUp(t *testing.T) {
 		}
 	}
 }
+
+// TestFileSinkAbortEndsStalledWrite: Abort ends a write blocked on a pipe
+// nobody reads at once, not after the write timeout: pfreeze interrupted
+// while its reader stalls resumes the process now. (Before, SIGTERM to
+// `pfreeze | stalled` left the process frozen for the whole
+// -write-timeout.)
+func TestFileSinkAbortEndsStalledWrite(t *testing.T) {
+	r, w := blockingPair(t, "pipe")
+	defer r.Close()
+	s := &fileSink{spec: "pipe", f: w, std: true}
+	s.setWriter(20 * time.Second) // without Abort, the write ends with "no progress" after this
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Write(make([]byte, 1<<20))
+		if err == nil {
+			err = s.finish()
+		}
+		done <- err
+	}()
+	for queued(t, r) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	s.Abort()
+	if err := <-done; !errors.Is(err, ErrAborted) {
+		t.Fatalf("write after Abort: %v, want ErrAborted", err)
+	}
+}
