@@ -476,6 +476,9 @@ func (s *fileSource) Addr() string                    { return s.f.Name() }
 func (s *fileSource) Ready(error) error               { return nil }
 func (s *fileSource) AwaitCommit(time.Duration) error { return nil }
 func (s *fileSource) Close() error {
+	// pthaw closes its source from the goroutine that heeds SIGTERM: a
+	// read waiting on a stalled pipe ends now.
+	s.poll.abort()
 	s.poll.close()
 	if s.std {
 		return nil

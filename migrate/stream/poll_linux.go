@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -27,23 +28,30 @@ import (
 // RWF_NOWAIT is refused (EOPNOTSUPP), it polls first and then writes at
 // most PIPE_BUF bytes, which a pipe reported writable takes without
 // blocking (a read reported ready does not block either).
+//
+// Every system call on the fd runs inside RawConn.Control, which holds
+// the fd open: a Close from another goroutine (pthaw's interruption)
+// cannot have a read or poll reach a reused fd number.
+
 // pipeBuf is PIPE_BUF (limits.h): a write of at most that many bytes to a
 // pipe that poll reports writable does not block.
 const pipeBuf = 4096
 
 type pollFile struct {
-	f      *os.File // kept referenced, so that fd stays open
-	fd     int
+	sc     syscall.RawConn
 	d      time.Duration
-	nowait bool // RWF_NOWAIT works on fd
+	nowait bool // RWF_NOWAIT works on the fd; only the owner's goroutine reads or writes
 
-	// mu guards stop, which abort may use from any goroutine while
-	// close runs on the owner's.
+	// mu guards the fields below: abort and close may come from any
+	// goroutine while the owner's waits.
 	mu sync.Mutex
 	// stop is an eventfd that abort makes readable: a wait under way
-	// ends at once (pfreeze interrupted while a reader stalls must
-	// resume the process now, not after the timeout). -1 once closed.
-	stop int
+	// ends at once (pfreeze interrupted while its reader stalls must
+	// resume the process now, not after the timeout), and so does every
+	// later one. -1 once closed.
+	stop    int
+	waiters int  // waits using stop now
+	closing bool // close was called: stop is closed by the last waiter
 }
 
 // pollable returns a bounded reader and writer of f, with d as the bound on
@@ -71,7 +79,7 @@ func pollable(f *os.File, d time.Duration) *pollFile {
 		if err != nil {
 			return
 		}
-		p = &pollFile{f: f, fd: int(fd), d: d, nowait: true, stop: stop}
+		p = &pollFile{sc: sc, d: d, nowait: true, stop: stop}
 	})
 	return p
 }
@@ -89,17 +97,25 @@ func (p *pollFile) abort() {
 	}
 }
 
-// close releases the eventfd; the file itself is its owner's.
+// close releases the eventfd (at once, or when the wait under way ends:
+// call abort first to end it); the file itself is its owner's. Later
+// waits fail with ErrAborted. It may be called from any goroutine.
 func (p *pollFile) close() {
 	if p == nil {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.stop >= 0 {
+	p.closing = true
+	if p.waiters == 0 && p.stop >= 0 {
 		unix.Close(p.stop)
 		p.stop = -1
 	}
+}
+
+// do runs fn on the fd, held open meanwhile.
+func (p *pollFile) do(fn func(fd int)) error {
+	return p.sc.Control(func(fd uintptr) { fn(int(fd)) })
 }
 
 func (p *pollFile) Write(b []byte) (int, error) {
@@ -109,7 +125,9 @@ func (p *pollFile) Write(b []byte) (int, error) {
 		var m int
 		var err error
 		if p.nowait {
-			m, err = unix.Pwritev2(p.fd, [][]byte{b[n:]}, -1, unix.RWF_NOWAIT)
+			if cerr := p.do(func(fd int) { m, err = unix.Pwritev2(fd, [][]byte{b[n:]}, -1, unix.RWF_NOWAIT) }); cerr != nil {
+				return n, cerr
+			}
 			if errors.Is(err, unix.EOPNOTSUPP) {
 				p.nowait = false
 				continue
@@ -118,7 +136,9 @@ func (p *pollFile) Write(b []byte) (int, error) {
 			if err = p.wait(unix.POLLOUT, deadline); err != nil {
 				return n, err
 			}
-			m, err = unix.Write(p.fd, b[n:min(len(b), n+pipeBuf)])
+			if cerr := p.do(func(fd int) { m, err = unix.Write(fd, b[n:min(len(b), n+pipeBuf)]) }); cerr != nil {
+				return n, cerr
+			}
 		}
 		switch {
 		case m > 0:
@@ -147,7 +167,9 @@ func (p *pollFile) Read(b []byte) (int, error) {
 		var n int
 		var err error
 		if p.nowait {
-			n, err = unix.Preadv2(p.fd, [][]byte{b}, -1, unix.RWF_NOWAIT)
+			if cerr := p.do(func(fd int) { n, err = unix.Preadv2(fd, [][]byte{b}, -1, unix.RWF_NOWAIT) }); cerr != nil {
+				return 0, cerr
+			}
 			if errors.Is(err, unix.EOPNOTSUPP) {
 				p.nowait = false
 				continue
@@ -156,7 +178,9 @@ func (p *pollFile) Read(b []byte) (int, error) {
 			if err = p.wait(unix.POLLIN, deadline); err != nil {
 				return 0, err
 			}
-			n, err = unix.Read(p.fd, b)
+			if cerr := p.do(func(fd int) { n, err = unix.Read(fd, b) }); cerr != nil {
+				return 0, cerr
+			}
 		}
 		switch {
 		case errors.Is(err, unix.EINTR):
@@ -174,17 +198,38 @@ func (p *pollFile) Read(b []byte) (int, error) {
 	}
 }
 
-// wait polls fd for ev until deadline or abort. Readiness, a hang-up or
-// an error all end it: the next read or write says which. Only the
-// owner's goroutine waits, so stop is not closed under it.
+// wait polls the fd for ev until deadline or abort. Readiness, a hang-up
+// or an error all end it: the next read or write says which.
 func (p *pollFile) wait(ev int16, deadline time.Time) error {
+	p.mu.Lock()
+	if p.closing || p.stop < 0 {
+		p.mu.Unlock()
+		return ErrAborted
+	}
+	p.waiters++
+	stop := p.stop
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		if p.waiters--; p.waiters == 0 && p.closing && p.stop >= 0 {
+			unix.Close(p.stop)
+			p.stop = -1
+		}
+		p.mu.Unlock()
+	}()
 	for {
 		left := time.Until(deadline)
 		if left <= 0 {
 			return fmt.Errorf("no progress for %v: %w", p.d, os.ErrDeadlineExceeded)
 		}
-		fds := []unix.PollFd{{Fd: int32(p.fd), Events: ev}, {Fd: int32(p.stop), Events: unix.POLLIN}}
-		_, err := unix.Poll(fds, int(min(left.Milliseconds()+1, math.MaxInt32)))
+		fds := []unix.PollFd{{Events: ev}, {Fd: int32(stop), Events: unix.POLLIN}}
+		var err error
+		if cerr := p.do(func(fd int) {
+			fds[0].Fd = int32(fd)
+			_, err = unix.Poll(fds, int(min(left.Milliseconds()+1, math.MaxInt32)))
+		}); cerr != nil {
+			return cerr
+		}
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return err
 		}

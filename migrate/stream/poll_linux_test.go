@@ -3,8 +3,11 @@ package stream
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"os"
+	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -174,5 +177,43 @@ func TestFileSinkAbortEndsStalledWrite(t *testing.T) {
 	s.Abort()
 	if err := <-done; !errors.Is(err, ErrAborted) {
 		t.Fatalf("write after Abort: %v, want ErrAborted", err)
+	}
+}
+
+// TestFileSourceCloseEndsStalledRead: Close, from another goroutine, ends
+// a read waiting on a pipe whose writer stalls at once: pthaw closes its
+// source when SIGTERM comes, and the half-built process must go now, not
+// after the read timeout. (Before, it took the whole -read-timeout.)
+func TestFileSourceCloseEndsStalledRead(t *testing.T) {
+	r, w := blockingPair(t, "pipe")
+	defer w.Close()
+	s := &fileSource{spec: "stdin", f: r, std: true, poll: pollable(r, 20*time.Second)} // without the abort, the read ends with "no progress" after this
+	done := make(chan error, 1)
+	tid := make(chan int)
+	go func() {
+		runtime.LockOSThread() // the wait is seen on this thread
+		tid <- unix.Gettid()
+		_, err := s.Read(make([]byte, 10))
+		done <- err
+	}()
+	waitInPoll(t, <-tid)
+	s.Close()
+	if err := <-done; !errors.Is(err, ErrAborted) {
+		t.Fatalf("read after Close: %v, want ErrAborted", err)
+	}
+}
+
+// waitInPoll waits until thread tid is in poll(2) or ppoll(2).
+func waitInPoll(t *testing.T, tid int) {
+	t.Helper()
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/syscall", tid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if nr, _, _ := strings.Cut(string(b), " "); nr == strconv.Itoa(unix.SYS_POLL) || nr == strconv.Itoa(unix.SYS_PPOLL) {
+			return
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
