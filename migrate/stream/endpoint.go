@@ -207,7 +207,7 @@ func openHaltableFileSink(spec, path string, opt SinkOptions) (*fileSink, error)
 		return s, err
 	}
 	if err := s.checkHalt(); err != nil {
-		s.poll.release()
+		s.poll.close()
 		s.f.Close()
 		if s.tmp != "" {
 			os.Remove(s.tmp)
@@ -248,13 +248,13 @@ func OpenSource(spec string, opt SourceOptions) (Source, error) {
 // nothing behind, even when the writer is killed (the kernel frees an
 // unnamed file with its last descriptor). Where the file system has no
 // O_TMPFILE, a named temporary file takes its place, removed on every
-// error path. Other files (devices, FIFOs) and stdout are written
-// directly; a pipe, FIFO or socket with the write timeout as the bound on
+// error path. A symlink is followed, not replaced (destination). Other
+// files (devices, FIFOs), stdout and /dev/stdout are written directly; a pipe, FIFO or socket with the write timeout as the bound on
 // each write (pollable).
 type fileSink struct {
 	spec, path string
 	f          *os.File
-	poll       *pollFile // f made pollable, or nil
+	poll       *pollFile // f's bounded writes, or nil
 	w          *bufio.Writer
 	unnamed    bool   // f is an O_TMPFILE: link it to path when done
 	tmp        string // the named temporary file, if that is what f is
@@ -275,8 +275,8 @@ func openStdoutSink(wt time.Duration) *fileSink {
 	return s
 }
 
-// setWriter buffers the writes to s.f, through a pollable duplicate
-// bounded by wt when s.f is a pipe, FIFO or socket.
+// setWriter buffers the writes to s.f; to a pipe, FIFO or socket each
+// write may go without progress for at most wt (pollable).
 func (s *fileSink) setWriter(wt time.Duration) {
 	var w io.Writer = s.f
 	if s.poll = pollable(s.f, wt); s.poll != nil {
@@ -286,7 +286,22 @@ func (s *fileSink) setWriter(wt time.Duration) {
 }
 
 func openFileSink(spec, path string, opt SinkOptions) (*fileSink, error) {
-	s := &fileSink{spec: spec, path: path}
+	d, err := destination(path)
+	if err != nil {
+		return nil, fmt.Errorf("stream: open sink %s: %w", spec, err)
+	}
+	s := &fileSink{spec: spec, path: d.path}
+	if d.fd >= 0 {
+		// /dev/stdout and the like: that fd, as stdout is written.
+		fd, err := unix.FcntlInt(uintptr(d.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("stream: open sink %s: fd %d: %w", spec, d.fd, err)
+		}
+		s.f = os.NewFile(uintptr(fd), path)
+		s.setWriter(opt.WriteTimeout)
+		return s, nil
+	}
+	path = d.path
 	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
 		f, err := openWriteEnd(path, fi, opt.DialTimeout)
 		if err != nil {
@@ -335,7 +350,10 @@ func (s *fileSink) Write(p []byte) (int, error) {
 
 // Abort makes the sink give up: later writes fail, and a file is not kept.
 // It may be called from any goroutine, while another writes.
-func (s *fileSink) Abort() { s.aborted.Store(true) }
+func (s *fileSink) Abort() {
+	s.aborted.Store(true)
+	s.poll.abort()
+}
 
 func (s *fileSink) link([]byte, bool) error { s.linked = true; return nil }
 func (s *fileSink) bodyDone()               { s.done = true }
@@ -349,7 +367,7 @@ func (s *fileSink) finish() error {
 		return s.err
 	}
 	s.finished = true
-	defer s.poll.release()
+	defer s.poll.close()
 	if s.err == nil && s.linked && !s.done {
 		s.err = fmt.Errorf("stream: %s: the snapshot body was not completed, not keeping it", s.spec)
 	}
@@ -414,7 +432,7 @@ func (s *fileSink) AwaitReady(time.Duration) error {
 	}
 	if err := s.checkHalt(); err != nil {
 		s.err, s.finished = err, true
-		s.poll.release()
+		s.poll.close()
 		if !s.std {
 			s.f.Close()
 		}
@@ -472,7 +490,7 @@ type fileSource struct {
 	spec string
 	f    *os.File
 	std  bool
-	poll *pollFile // f made pollable, or nil
+	poll *pollFile // f's bounded reads, or nil
 }
 
 func openFileSource(spec, path string, opt SourceOptions) (*fileSource, error) {
@@ -499,7 +517,10 @@ func (s *fileSource) Addr() string                    { return s.f.Name() }
 func (s *fileSource) Ready(error) error               { return nil }
 func (s *fileSource) AwaitCommit(time.Duration) error { return nil }
 func (s *fileSource) Close() error {
-	s.poll.release()
+	// pthaw closes its source from the goroutine that heeds SIGTERM: a
+	// read waiting on a stalled pipe ends now.
+	s.poll.abort()
+	s.poll.close()
 	if s.std {
 		return nil
 	}
