@@ -41,8 +41,8 @@ lint: deps
 
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
-	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 10s -fuzzminimizetime 1s ./migrate/image
-	$(GO) test -run '^$$' -fuzz FuzzSameAsCryptoCipher -fuzztime 10s -fuzzminimizetime 1s ./internal/aesgcm
+	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 60000x -fuzzminimizetime 200x ./migrate/image
+	$(GO) test -run '^$$' -fuzz FuzzSameAsCryptoCipher -fuzztime 150000x -fuzzminimizetime 200x ./internal/aesgcm
 
 bench: deps build
 	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
