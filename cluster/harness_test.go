@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/internal/fixture"
 )
 
 // The tests here run the real pclusterd and pclusterctl binaries, built once
@@ -61,6 +62,7 @@ func binaries(tb testing.TB) (pclusterd, pclusterctl string) {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	fixture.Cleanup()
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
