@@ -61,6 +61,7 @@ func binaries(tb testing.TB) (pclusterd, pclusterctl string) {
 }
 
 func TestMain(m *testing.M) {
+	fixture.KeepFDsFromTargets()
 	code := m.Run()
 	fixture.Cleanup()
 	if binDir != "" {

@@ -204,6 +204,8 @@ func Start(cfg Config) (s *Server, err error) {
 	if err := s.setupRaft(); err != nil {
 		return nil, err
 	}
+	// Workloads get only fds 0-2 and their own (node.KeepFDsFromWorkloads).
+	node.KeepFDsFromWorkloads()
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Logger: s.log})
 	if err := s.setupGossip(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -51,5 +52,23 @@ func waitChild(pid int) (syscall.WaitStatus, error) {
 			return 0, fmt.Errorf("wait for pid %d: %w", pid, err)
 		}
 		return ws, nil
+	}
+}
+
+// KeepFDsFromWorkloads marks every descriptor above 2 this process holds
+// close-on-exec. The daemon calls it first: os/exec passes on every
+// descriptor that lacks O_CLOEXEC (one pclusterd inherited from whoever
+// started it), and a workload holding such a pipe or socket could be
+// neither supervised cleanly nor migrated (the engine moves fds 0-2 only
+// as inherited streams).
+func KeepFDsFromWorkloads() {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			syscall.CloseOnExec(fd)
+		}
 	}
 }
