@@ -124,7 +124,7 @@ func workloadOn(nd *testNode, id string) (api.Workload, error) {
 
 // TestMigrateAround moves a stateful counter around a 3-node cluster,
 // each node in its own network namespace with its own data directory:
-// A→B→C→A. After each move: the workload runs on the target with the
+// A→B→C→A, then once more to the node placement picks. After each move: the workload runs on the target with the
 // same PID (getpid() says so too), exactly one copy of the program runs,
 // the counter in the logs continues with no gap and no repeat and the
 // heap checksum is unchanged, and the source's workload directory is
@@ -148,15 +148,36 @@ func TestMigrateAround(t *testing.T) {
 	pid := w.PID
 	checkMigrateRefusals(t, c, nodes, w)
 	var seq []counterLine
-	for hop, to := range []int{1, 2, 0} {
-		from := nodes[(to+2)%3]
-		target := nodes[to]
+	byName := map[string]*testNode{}
+	for _, nd := range nodes {
+		byName[nd.name] = nd
+	}
+	// A→B→C→A by name, then once more wherever placement puts it (-1).
+	for hop, to := range []int{1, 2, 0, -1} {
+		cur, err := workloadOn(nodes[0], w.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		from := byName[cur.Node]
+		args := []string{"migrate", "counter"}
+		var target *testNode
+		if to >= 0 {
+			target = nodes[to]
+			args = []string{"migrate", "-node", target.name, "counter"}
+		}
 		if got := copies(bin); len(got) != 1 {
 			t.Fatalf("before move %d: copies of the counter %v, want exactly one", hop+1, got)
 		}
 		// Ask any node: the API forwards to the leader.
-		out := c.ctl(nodes[hop%3], "migrate", "-node", target.name, "counter")
+		out := c.ctl(nodes[hop%3], args...)
 		t.Logf("move %d:\n%s", hop+1, out)
+		if target == nil {
+			got, err := workloadOn(nodes[0], w.ID)
+			if err != nil || byName[got.Node] == nil || got.Node == from.name {
+				t.Fatalf("move %d by placement: workload on %q (%v), want another node than %s", hop+1, got.Node, err, from.name)
+			}
+			target = byName[got.Node]
+		}
 		if !strings.Contains(out, "done") || !strings.Contains(out, "moved "+w.ID) {
 			t.Fatalf("migrate output lacks the phases or the summary:\n%s", out)
 		}
@@ -200,8 +221,8 @@ func TestMigrateAround(t *testing.T) {
 	}
 	var ms []api.Migration
 	c.ctlJSON(nodes[1], &ms, "migrations", "-a")
-	if len(ms) != 3 {
-		t.Fatalf("migrations -a lists %d, want 3", len(ms))
+	if len(ms) != 4 {
+		t.Fatalf("migrations -a lists %d, want 4", len(ms))
 	}
 	for _, m := range ms {
 		if m.State != "done" || m.Bytes == 0 {
@@ -374,6 +395,13 @@ func checkMigrateRefusals(t *testing.T, c *testCluster, nodes []*testNode, w api
 			t.Errorf("pclusterctl %v: exit %d, stderr %q; want exit %d and one line with %q", tc.args[3:], code, errs, tc.code, tc.want)
 		}
 	}
+	// An ineligible target is refused by the state.
+	c.ctl(nodes[1], "node", "eligibility", "-disable", nodes[2].name)
+	_, errs, code := c.ctlRun("migrate", "-address", nodes[1].socket, "-node", nodes[2].name, w.ID)
+	if code != 1 || !strings.Contains(errs, "not eligible") {
+		t.Errorf("migrate to an ineligible node: exit %d, stderr %q; want 1 and \"not eligible\"", code, errs)
+	}
+	c.ctl(nodes[1], "node", "eligibility", "-enable", nodes[2].name)
 	// The transfer endpoint: only over mutual TLS, only for a migration
 	// the target's replica lists.
 	path := api.PathMigrations + "/m999999/transfer?attempt=1"
