@@ -196,7 +196,12 @@ func (c *testCluster) launch(nd *testNode) {
 	}
 	cmd := exec.Command(c.daemon, nd.args...)
 	if nd.netns != "" {
-		cmd = exec.Command("ip", append([]string{"netns", "exec", nd.netns, c.daemon}, nd.args...)...)
+		// nsenter joins the network namespace only: `ip netns exec` also
+		// makes a mount namespace per start, and a workload restored by a
+		// daemon and adopted by the next one would then sit in another
+		// mount namespace than its agent, which the engine refuses to
+		// freeze. A host has one.
+		cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + nd.netns, "--", c.daemon}, nd.args...)...)
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {

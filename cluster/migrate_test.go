@@ -124,7 +124,9 @@ func workloadOn(nd *testNode, id string) (api.Workload, error) {
 
 // TestMigrateAround moves a stateful counter around a 3-node cluster,
 // each node in its own network namespace with its own data directory:
-// A→B→C→A, then once more to the node placement picks. After each move: the workload runs on the target with the
+// A→B→C→A, then once more, from an agent restarted meanwhile (which
+// adopted the workload: not its child), to the node placement picks.
+// After each move: the workload runs on the target with the
 // same PID (getpid() says so too), exactly one copy of the program runs,
 // the counter in the logs continues with no gap and no repeat and the
 // heap checksum is unchanged, and the source's workload directory is
@@ -159,6 +161,27 @@ func TestMigrateAround(t *testing.T) {
 			t.Fatal(err)
 		}
 		from := byName[cur.Node]
+		if to < 0 {
+			// The last move is from an agent that adopted the workload
+			// after a restart: not its child, still movable.
+			c.stop(from)
+			c.launch(from)
+			c.waitFor(30*time.Second, from.name+" to adopt the counter", func() error {
+				if b, _ := os.ReadFile(from.logPath); !strings.Contains(string(b), "adopted running workload") {
+					return fmt.Errorf("no adoption in its log")
+				}
+				return converged(from, 3)
+			})
+			// Its leave marked the node down and the workload lost; the
+			// adopting agent's report makes it running again.
+			c.waitFor(30*time.Second, "the counter running again on "+from.name, func() error {
+				got, err := workloadOn(nodes[1], w.ID)
+				if err != nil || got.State != "running" || got.Node != from.name || got.PID != pid {
+					return fmt.Errorf("%s on %s pid %d (%v)", got.State, got.Node, got.PID, err)
+				}
+				return nil
+			})
+		}
 		args := []string{"migrate", "counter"}
 		var target *testNode
 		if to >= 0 {
