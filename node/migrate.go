@@ -394,8 +394,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		return fmt.Errorf("migration %s: not committed (%v): %s: half-built process removed", m.ID, err, got.Error)
 	}
 	stop()
-	// Committed: the source kills its copy and tells us; without its word
-	// (cut off, dead) we start anyway once startWait has passed.
+	// Committed: from here on the process is the workload, and an agent
+	// shutting down must still start it and record its PID (the next
+	// agent adopts it then).
+	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), startWait+30*time.Second)
+	defer cancelPost()
+	// The source kills its copy and tells us; without its word (cut off,
+	// dead) we start anyway once startWait has passed.
 	if err := src.AwaitCommit(startWait); err != nil {
 		log.Warn("no commit from the source on the wire; starting on the state's word", "err", err)
 	}
