@@ -111,6 +111,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("POST "+api.PathWorkloads+"/{id}/stop", s.leaderWrite(s.handleStop))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}/logs", s.handleLogs)
 	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
+	s.migrationRoutes(m)
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
 }

@@ -35,9 +35,8 @@ func (a serverApplier) Read(fn func(*scheduler.State))                      { a.
 // It keeps nothing between rounds, so a new leader's Drainer carries on
 // any drain where the old one left it.
 //
-// Not started by the leader yet: the migrations it plans need agents that
-// carry them out (node/migrate.go, next). Until then a running drain
-// would only plan moves that never happen.
+// Not started by the leader yet (with `pclusterctl node drain`, next); the
+// agents carry out the migrations it plans (node/migrate.go).
 type Drainer struct {
 	a       Applier
 	exclude func(*scheduler.State) map[string]string

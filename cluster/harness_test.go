@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/internal/fixture"
 )
 
 // The tests here run the real pclusterd and pclusterctl binaries, built once
@@ -60,7 +61,9 @@ func binaries(tb testing.TB) (pclusterd, pclusterctl string) {
 }
 
 func TestMain(m *testing.M) {
+	fixture.KeepFDsFromTargets()
 	code := m.Run()
+	fixture.Cleanup()
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
@@ -193,7 +196,12 @@ func (c *testCluster) launch(nd *testNode) {
 	}
 	cmd := exec.Command(c.daemon, nd.args...)
 	if nd.netns != "" {
-		cmd = exec.Command("ip", append([]string{"netns", "exec", nd.netns, c.daemon}, nd.args...)...)
+		// nsenter joins the network namespace only: `ip netns exec` also
+		// makes a mount namespace per start, and a workload restored by a
+		// daemon and adopted by the next one would then sit in another
+		// mount namespace than its agent, which the engine refuses to
+		// freeze. A host has one.
+		cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + nd.netns, "--", c.daemon}, nd.args...)...)
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {

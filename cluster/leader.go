@@ -54,6 +54,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 			if err := s.reconcile(); err != nil {
 				s.log.Warn("reconcile membership", "err", err)
 			}
+			s.timeOutMigrations(time.Now())
 		}
 		s.metrics.update()
 	}

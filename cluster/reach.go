@@ -89,11 +89,16 @@ func (s *Server) place(req scheduler.PlacementRequest) (string, error) {
 			err  error
 		)
 		s.fsm.Read(func(st *scheduler.State) {
-			req.Exclude = s.unreachable(st)
-			for n := range silent {
-				req.Exclude[n] = "does not answer a gossip ping"
+			ex := s.unreachable(st)
+			for n, why := range req.Exclude {
+				ex[n] = why // the caller's own (a migration's current node)
 			}
-			name, err = scheduler.Place(st, req)
+			for n := range silent {
+				ex[n] = "does not answer a gossip ping"
+			}
+			r := req
+			r.Exclude = ex
+			name, err = scheduler.Place(st, r)
 		})
 		if err != nil || name == s.cfg.Name {
 			return name, err

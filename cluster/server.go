@@ -47,6 +47,9 @@ type Config struct {
 	Logger          *slog.Logger
 
 	WorkloadGCAfter time.Duration // ended workloads are removed from the state after this; 1h
+	// MigrationTimeout: a migration with no step for this long before its
+	// commit is aborted by the leader; scheduler.DefaultMigrationTimeout.
+	MigrationTimeout time.Duration
 
 	LoadInterval   time.Duration // gossip load refresh; 2s
 	RejoinInterval time.Duration // re-join attempts when alone; 5s
@@ -91,6 +94,7 @@ type Server struct {
 	peers    peerPolicy // who the socket serves
 	httpSrvs []*http.Server
 
+	ctx    context.Context // ends at Shutdown
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	once   sync.Once
@@ -138,6 +142,9 @@ func Start(cfg Config) (s *Server, err error) {
 	if cfg.WorkloadGCAfter == 0 {
 		cfg.WorkloadGCAfter = scheduler.DefaultGCAfter
 	}
+	if cfg.MigrationTimeout == 0 {
+		cfg.MigrationTimeout = scheduler.DefaultMigrationTimeout
+	}
 	if cfg.WorkloadGCAfter < 0 {
 		return nil, fmt.Errorf("start: workload gc retention %v: want a positive duration", cfg.WorkloadGCAfter)
 	}
@@ -180,7 +187,7 @@ func Start(cfg Config) (s *Server, err error) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(),
-		events: make(chan struct{}, 1), cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
+		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
 	s.metrics = newMetrics(s)
 	defer func() {
 		if err != nil {
@@ -197,8 +204,10 @@ func Start(cfg Config) (s *Server, err error) {
 	if err := s.setupRaft(); err != nil {
 		return nil, err
 	}
+	// Workloads get only fds 0-2 and their own (node.KeepFDsFromWorkloads).
+	node.KeepFDsFromWorkloads()
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
-		Report: s.report, Logger: s.log})
+		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Logger: s.log})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}

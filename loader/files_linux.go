@@ -28,7 +28,7 @@ func (p *Process) openFiles() error {
 	return p.tr.Do(func() error {
 		for _, f := range p.fds {
 			switch {
-			case f.Kind == image.FDInherit && f.Fd <= 2:
+			case f.Kind == image.FDInherit && f.Fd <= 2, p.replaced(f):
 				// Already there: the stub inherited our fd.
 			case f.Kind == image.FDInherit:
 				// A copy of an inherited fd 0-2: dup3 below.
@@ -42,7 +42,7 @@ func (p *Process) openFiles() error {
 		}
 
 		for _, f := range p.fds {
-			if (f.Kind != image.FDInherit || f.Fd > 2) && f.Desc != f.Fd {
+			if (f.Kind != image.FDInherit || f.Fd > 2) && !p.replaced(f) && f.Desc != f.Fd {
 				if !want[f.Desc] {
 					return fmt.Errorf("%w: fd %d shares fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, f.Desc)
 				}
@@ -85,6 +85,12 @@ func (p *Process) openFiles() error {
 		_, err = p.callBatch(calls)
 		return err
 	})
+}
+
+// replaced reports whether f is an fd 0-2 that Options.Stdio replaces
+// whatever it was (Options.StdioFiles).
+func (p *Process) replaced(f *image.FD) bool {
+	return p.opts.StdioFiles && f.Fd >= 0 && f.Fd <= 2 && p.opts.Stdio[f.Fd] != nil
 }
 
 // openFile creates f in the process (opens its path, or makes the eventfd

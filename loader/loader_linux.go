@@ -57,6 +57,11 @@ type Options struct {
 	// pipe); nil entries mean the restorer's own. An agent points them at
 	// the workload's log files; a test, at a pipe it reads.
 	Stdio [3]*os.File
+	// StdioFiles makes Stdio replace fds 0-2 also when the snapshot has
+	// them as files to reopen by path: a cluster agent's workloads write
+	// to log files under the agent's data directory, and after a move the
+	// target's own log files take the place of the source's.
+	StdioFiles bool
 	// Notice receives one-line messages for the user (the PID was
 	// taken...), when the process starts: a restore that fails says only
 	// why.

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/migrate/ptrace"
 	"github.com/pcluster/pcluster/scheduler"
 )
 
@@ -45,7 +47,13 @@ type Config struct {
 	FSM     *scheduler.FSM // this node's replica of the state
 	// Report delivers a report to the leader. It is retried until it
 	// returns nil or an *api.Error with a 4xx status.
-	Report      func(context.Context, api.Report) error
+	Report func(context.Context, api.Report) error
+	// Step writes a migration step through the leader (node/migrate.go).
+	Step func(context.Context, api.MigrationStep) error
+	// DialTarget opens the transfer of migration m to its target's agent:
+	// a mutual-TLS connection to the node the state names as target, on
+	// which that agent has accepted the migration (Agent.Receive).
+	DialTarget  func(ctx context.Context, m scheduler.Migration) (net.Conn, error)
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
 }
@@ -76,12 +84,30 @@ type Agent struct {
 	exits chan exitEvent
 	done  <-chan struct{} // Run's ctx.Done, set before any waiter starts
 
-	// mu guards procs, read by Workloads from other goroutines.
+	// mu guards procs, read by Workloads from other goroutines, and
+	// incoming and claimed, written by Receive.
 	mu      sync.Mutex
 	procs   map[string]*proc
 	started map[string]int // highest attempt started per workload
 	pending []api.Report   // reports not yet accepted by the leader
 	wg      sync.WaitGroup // poll goroutines of adopted processes
+
+	// incoming maps a workload arriving by migration to the migration;
+	// claimed, to the attempt its restored process runs as until Run
+	// takes the arrival: reconcile must neither adopt nor start it.
+	incoming map[string]string
+	claimed  map[string]int
+	// outgoing holds the migrations this node carries out as source (Run
+	// only); moved, the attempt of each workload that left this node,
+	// whose killed process's exit is not reported (Run only).
+	outgoing   map[string]bool
+	moved      map[string]int
+	departures chan departure
+	arrivals   chan arrival
+
+	outWG  sync.WaitGroup // migrateOut goroutines
+	trOnce sync.Once
+	tr     *ptrace.Tracer // the one owner of this agent's ptrace calls
 }
 
 // New returns an agent; call Run to start it.
@@ -95,6 +121,8 @@ func New(cfg Config) *Agent {
 	return &Agent{
 		cfg: cfg, log: cfg.Logger.With("component", "agent"),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
+		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
+		departures: make(chan departure), arrivals: make(chan arrival),
 	}
 }
 
@@ -121,6 +149,16 @@ func (a *Agent) LogPath(id, stream string) (string, error) {
 func (a *Agent) Run(ctx context.Context) {
 	defer a.wg.Wait()
 	a.done = ctx.Done()
+	defer func() {
+		// A source keeps its frozen process until the state decides: the
+		// tracer must outlive every decision, or the process would resume
+		// while the target may start its copy.
+		a.outWG.Wait()
+		a.trOnce.Do(func() {})
+		if a.tr != nil {
+			a.tr.Close()
+		}
+	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -132,6 +170,10 @@ func (a *Agent) Run(ctx context.Context) {
 			return
 		case ev := <-a.exits:
 			a.exited(ev)
+		case d := <-a.departures:
+			a.departed(d)
+		case ar := <-a.arrivals:
+			a.arrived(ar)
 		case <-changed:
 		case <-tick.C:
 		}
@@ -185,13 +227,38 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 
 func (a *Agent) reconcile(ctx context.Context) {
 	var todo, relist, orphans []scheduler.Workload
+	type out struct {
+		m   scheduler.Migration
+		pid int
+	}
+	var outs []out
 	now := time.Now()
 	present := map[string]bool{}
 	a.cfg.FSM.Read(func(s *scheduler.State) {
+		for id := range a.outgoing {
+			if m, ok := s.Migrations[id]; !ok || !m.State.Active() {
+				delete(a.outgoing, id)
+			}
+		}
+		for _, m := range s.Migrations {
+			if m.Source != a.cfg.Name || m.State != scheduler.MigrationPlanned || a.outgoing[m.ID] {
+				continue
+			}
+			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping {
+				a.outgoing[m.ID] = true
+				outs = append(outs, out{*m, p.pid})
+			}
+		}
 		for _, w := range s.Workloads {
 			present[w.ID] = true
 			if w.DesiredNode != a.cfg.Name && w.Node != a.cfg.Name {
 				continue
+			}
+			a.mu.Lock()
+			claimed := a.claimed[w.ID] >= w.Attempt
+			a.mu.Unlock()
+			if claimed {
+				continue // arriving by migration: Receive and Run handle it
 			}
 			p := a.procs[w.ID]
 			switch {
@@ -230,6 +297,59 @@ func (a *Agent) reconcile(ctx context.Context) {
 	for _, w := range todo {
 		a.start(w)
 	}
+	for _, o := range outs {
+		a.outWG.Add(1)
+		go func() { // ends with the migration; Run waits for it
+			defer a.outWG.Done()
+			a.migrateOut(ctx, o.m, o.pid)
+		}()
+	}
+}
+
+// departed forgets a workload that migrated away: its process here was
+// killed after the commit.
+func (a *Agent) departed(d departure) {
+	a.mu.Lock()
+	if p := a.procs[d.wid]; p != nil && p.attempt == d.attempt {
+		delete(a.procs, d.wid)
+		a.moved[d.wid] = d.attempt
+	}
+	a.mu.Unlock()
+}
+
+// arrived takes over a workload restored here by a migration: a child of
+// ours, waited for by wait4(pid) once it has exited.
+func (a *Agent) arrived(ar arrival) {
+	a.started[ar.wid] = ar.attempt
+	delete(a.moved, ar.wid)
+	a.mu.Lock()
+	delete(a.claimed, ar.wid)
+	if ar.pid > 0 {
+		a.procs[ar.wid] = &proc{id: ar.wid, attempt: ar.attempt, pid: ar.pid}
+	}
+	a.mu.Unlock()
+	if ar.pid <= 0 {
+		return
+	}
+	go func() { // ends when the process does
+		ws, err := waitChild(ar.pid)
+		a.queueExit(exitOf(ar.wid, ar.attempt, ws, err))
+	}()
+}
+
+// exitOf makes the exit event of a wait status.
+func exitOf(wid string, attempt int, ws syscall.WaitStatus, err error) exitEvent {
+	ev := exitEvent{wid: wid, attempt: attempt, at: time.Now()}
+	switch {
+	case err != nil:
+		ev.code, ev.msg = -1, err.Error()
+	case ws.Signaled():
+		// The shell's convention: 128 + signal number.
+		ev.code, ev.signal = 128+int(ws.Signal()), ws.Signal().String()
+	default:
+		ev.code = ws.ExitStatus()
+	}
+	return ev
 }
 
 // forget drops what this agent keeps for workloads the state no longer has
@@ -272,7 +392,12 @@ func (a *Agent) signal(p *proc, sig syscall.Signal) {
 	if p.adopted {
 		target = p.pid
 	}
-	if err := syscall.Kill(target, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+	err := syscall.Kill(target, sig)
+	if errors.Is(err, syscall.ESRCH) && target < 0 {
+		// A restored process may lead no group of its own here.
+		err = syscall.Kill(p.pid, sig)
+	}
+	if err != nil && !errors.Is(err, syscall.ESRCH) {
 		a.log.Warn("signal workload", "workload", p.id, "pid", p.pid, "err", err)
 	}
 }
@@ -342,8 +467,11 @@ func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
 	a.procs[w.ID] = &proc{id: w.ID, attempt: w.Attempt, pid: pid}
 	a.mu.Unlock()
 	// The waiter ends when the process does, not with Run: workloads
-	// outlive the agent, and Run must not wait for them.
+	// outlive the agent, and Run must not wait for them. It waits only
+	// once the process has exited: a wait before would consume the stops
+	// of a migration's freeze (waitExited says why).
 	go func() {
+		waitExited(pid)
 		err := cmd.Wait()
 		ev := exitEvent{wid: w.ID, attempt: w.Attempt, at: time.Now()}
 		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
@@ -382,8 +510,15 @@ func lookPath(file string, env []string) (string, error) {
 }
 
 func (a *Agent) exited(ev exitEvent) {
+	if a.moved[ev.wid] == ev.attempt {
+		delete(a.moved, ev.wid)
+		a.log.Info("migrated workload's old process reaped", "workload", ev.wid, "attempt", ev.attempt)
+		return
+	}
 	a.mu.Lock()
-	delete(a.procs, ev.wid)
+	if p := a.procs[ev.wid]; p != nil && p.attempt == ev.attempt {
+		delete(a.procs, ev.wid)
+	}
 	a.mu.Unlock()
 	a.log.Info("workload ended", "workload", ev.wid, "attempt", ev.attempt, "exit", ev.code, "signal", ev.signal)
 	a.queue(api.Report{Kind: api.ReportExited, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt,

@@ -150,7 +150,8 @@ type MigrationPlanCmd struct {
 // migration's attempt (the workload's when planned) and Node the node that
 // writes the step ("" for the leader's own decisions, aborts only): a step
 // from another attempt or another node is refused as stale. PID and
-// StartTicks come with done: the target's process.
+// StartTicks come with done: the target's process; Bytes with committed:
+// the size of the stream the target received.
 type MigrationStepCmd struct {
 	ID         string         `msgpack:"id"`
 	Attempt    int            `msgpack:"attempt"`
@@ -160,6 +161,7 @@ type MigrationStepCmd struct {
 	PID        int            `msgpack:"pid"`
 	StartTicks uint64         `msgpack:"start_ticks"`
 	At         int64          `msgpack:"at"`
+	Bytes      int64          `msgpack:"bytes"`
 }
 
 // NodeDrainCmd starts (Drain set) or cancels (Drain nil) a node's drain.

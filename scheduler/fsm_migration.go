@@ -186,7 +186,10 @@ func applyMigrationStep(s *State, idx uint64, c *MigrationStepCmd) any {
 	}
 	m.State, m.UpdatedAt, m.ModifyIndex = c.To, c.At, idx
 	switch c.To {
+	case MigrationTransferring:
+		m.TransferAt = c.At
 	case MigrationCommitted:
+		m.Bytes = max(c.Bytes, 0)
 		// The move itself. The process exists on no node until the target
 		// starts it (done): PID 0, which no agent adopts.
 		w.Node, w.DesiredNode = m.Target, m.Target

@@ -333,3 +333,31 @@ func (c *Client) Logs(ctx context.Context, id string, stderr bool, w io.Writer) 
 func (c *Client) Report(ctx context.Context, r Report) error {
 	return c.do(ctx, http.MethodPost, PathReport, r, nil)
 }
+
+// Migrate plans the move of a workload; the answer is the planned
+// migration.
+func (c *Client) Migrate(ctx context.Context, req MigrateRequest) (Migration, error) {
+	var out Migration
+	return out, c.do(ctx, http.MethodPost, PathMigrations, req, &out)
+}
+
+// Migrations lists the migrations in flight, or all the state keeps.
+func (c *Client) Migrations(ctx context.Context, all bool) ([]Migration, error) {
+	var out []Migration
+	path := PathMigrations
+	if all {
+		path += "?all=1"
+	}
+	return out, c.do(ctx, http.MethodGet, path, nil, &out)
+}
+
+// Migration returns one migration.
+func (c *Client) Migration(ctx context.Context, id string) (Migration, error) {
+	var out Migration
+	return out, c.do(ctx, http.MethodGet, PathMigrations+"/"+url.PathEscape(id), nil, &out)
+}
+
+// MigrationStep sends a node agent's migration step to the leader.
+func (c *Client) MigrationStep(ctx context.Context, st MigrationStep) error {
+	return c.do(ctx, http.MethodPost, PathMigrations+"/"+url.PathEscape(st.ID)+"/step", st, nil)
+}

@@ -11,7 +11,12 @@ const (
 	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility
 	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
 	PathReport    = "/v1/agent/report" // POST by node agents
-	PathMetrics   = "/metrics"
+	// PathMigrations: GET (?all=1: ended ones too), POST (plan);
+	// /v1/migrations/ID; POST /v1/migrations/ID/step by node agents; POST
+	// /v1/migrations/ID/transfer?attempt=N from the source agent to the
+	// target's, which answers 101 and takes the connection for the stream.
+	PathMigrations = "/v1/migrations"
+	PathMetrics    = "/metrics"
 )
 
 // Workload lists are paginated: GET /v1/workloads?per_page=N&next_token=T
@@ -161,4 +166,46 @@ type Report struct {
 // ErrorBody is the JSON body of every non-2xx answer.
 type ErrorBody struct {
 	Error string `json:"error"`
+}
+
+// MigrateRequest asks for a workload to move (POST /v1/migrations).
+type MigrateRequest struct {
+	Workload string `json:"workload"`       // ID or name
+	Node     string `json:"node,omitempty"` // target; "" lets placement pick (never the current node)
+	Reason   string `json:"reason,omitempty"`
+}
+
+// Migration is one move of a workload, as the replicated state records it.
+type Migration struct {
+	ID          string    `json:"id"`
+	Workload    string    `json:"workload"`
+	Name        string    `json:"name,omitempty"` // the workload's, if it is still in the state
+	Source      string    `json:"source"`
+	Target      string    `json:"target"`
+	State       string    `json:"state"` // planned, transferring, committed, done, aborted
+	Attempt     int       `json:"attempt"`
+	Reason      string    `json:"reason,omitempty"`
+	Error       string    `json:"error,omitempty"`
+	PlannedAt   time.Time `json:"planned_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
+	EndedAt     time.Time `json:"ended_at,omitzero"`
+	ModifyIndex uint64    `json:"modify_index"`
+	// TransferAt is when the source froze the process; it is stopped from
+	// then until the done step (EndedAt). Bytes is the stream's size.
+	TransferAt time.Time `json:"transfer_at,omitzero"`
+	Bytes      int64     `json:"bytes,omitempty"`
+}
+
+// MigrationStep is a node agent moving a migration forward (POST
+// /v1/migrations/ID/step): To is transferring, committed, done or aborted.
+type MigrationStep struct {
+	ID         string    `json:"id"`
+	Attempt    int       `json:"attempt"`
+	Node       string    `json:"node"`
+	To         string    `json:"to"`
+	Error      string    `json:"error,omitempty"`
+	PID        int       `json:"pid,omitempty"`
+	StartTicks uint64    `json:"start_ticks,omitempty"`
+	Bytes      int64     `json:"bytes,omitempty"` // with committed: the stream's size
+	At         time.Time `json:"at"`
 }

@@ -38,7 +38,8 @@ type command interface {
 	run(ctx context.Context, e *env, args []string) error
 }
 
-var commands = []command{&membersCmd{}, &nodeStatusCmd{}, &nodeEligibilityCmd{}, &runCmd{}, &psCmd{}, &statusCmd{}, &stopCmd{}, &logsCmd{}}
+var commands = []command{&membersCmd{}, &nodeStatusCmd{}, &nodeEligibilityCmd{}, &runCmd{}, &psCmd{}, &statusCmd{}, &stopCmd{}, &logsCmd{},
+	&migrateCmd{}, &migrationsCmd{}}
 
 // env is what every command gets: the client and the output settings.
 type env struct {

@@ -747,19 +747,44 @@ func (f *Frozen) detach() {
 // Kill ends the frozen process (after its snapshot is safely written).
 func (f *Frozen) Kill() error {
 	defer f.mem.Close()
+	ours := ourChild(f.Pid)
 	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 		return fmt.Errorf("kill %d: %w", f.Pid, err)
 	}
-	f.reap()
+	f.reap(ours)
 	return nil
 }
 
+// ourChild reports whether pid is a child of this process (a workload
+// that a cluster agent started and now migrates). Read before the kill:
+// once reaped, the process has no parent to read.
+func ourChild(pid int) bool {
+	st, err := procfs.Stat(pid)
+	return err == nil && int(procfs.StatField(st, 4)) == os.Getpid()
+}
+
 // reap takes the ptrace notifications of every thread's exit so the
-// tracees are released; the leader's comes only after all others'.
-func (f *Frozen) reap() {
+// tracees are released; the leader's comes only after all others'. When
+// the process is our own child (ours), its leader is not waited for:
+// tracer and parent are then one process, the leader's exit notification
+// is also its exit status, and taking it here would take it from the
+// caller's own wait for its child (an agent's wait4(pid), which would
+// then find no child). reap still returns only once the leader has
+// exited (a zombie for the caller to reap): whoever takes its PID next (a
+// migration's target on this host) must find it dying, not running.
+func (f *Frozen) reap(ours bool) {
 	f.tr.Do(func() error {
 		for i := len(f.threads) - 1; i >= 0; i-- {
 			th := f.threads[i]
+			if ours && th.tid == f.Pid {
+				for deadline := time.Now().Add(ptrace.StopTimeout); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+					st, err := procfs.Stat(f.Pid)
+					if err != nil || len(st) == 0 || st[0] == "Z" || st[0] == "X" {
+						break
+					}
+				}
+				continue
+			}
 			for {
 				if _, err := ptrace.Wait(th.tid); err != nil {
 					break

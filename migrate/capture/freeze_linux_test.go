@@ -168,3 +168,32 @@ func TestFreezeResumes(t *testing.T) {
 		t.Fatalf("after the failed commit the original printed %q (%v), want tick %d", got, err, n+1)
 	}
 }
+
+// TestHaltLeavesExitStatusToParent freezes with halt a process whose
+// parent is the freezing process itself (a cluster agent migrating a
+// workload it started): the kill after the commit must leave the exit
+// status to the parent's own wait for its child, which must report the
+// SIGKILL, not "no child processes".
+func TestHaltLeavesExitStatusToParent(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "countforever"))
+	p.Expect(t, `^3$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	if err := capture.Freeze(context.Background(), tr, p.Pid(), io.Discard, true, func() error { return nil }); err != nil {
+		t.Fatalf("freeze -halt %d: %v", p.Pid(), err)
+	}
+	// Killed means exited: a zombie for its parent, or already reaped.
+	if b, err := os.ReadFile("/proc/" + strconv.Itoa(p.Pid()) + "/stat"); err == nil {
+		if i := strings.LastIndexByte(string(b), ')'); i < 0 || i+2 >= len(b) || (b[i+2] != 'Z' && b[i+2] != 'X') {
+			t.Errorf("pid %d after the halt freeze returned: %q, want a zombie or gone", p.Pid(), b)
+		}
+	}
+	code, err := p.Wait(wait)
+	if err != nil {
+		t.Fatalf("the parent's wait for %d: got %v, want its exit status", p.Pid(), err)
+	}
+	if sig := p.ExitSignal(); code != -1 || sig != syscall.SIGKILL {
+		t.Errorf("the parent's wait for %d: got exit %d signal %v, want killed by SIGKILL", p.Pid(), code, sig)
+	}
+}

@@ -123,11 +123,12 @@ func TestFreezeTreeBuildPIDNamespace(t *testing.T) {
 		last = nsinitReport(t, copyOut, last+1, sum).Count
 		p, init, lines = b.p, b.p.WaitPid(), copyOut
 		// The init is our child, and FreezeTree, its tracer in this same
-		// process, takes its exit when it halts it: nothing is left for
-		// p.Wait, and the PID is free.
+		// process, leaves its exit status to our own wait when it halts
+		// it (as an agent's wait4(pid) for its workload needs).
+		prev := b.p
 		halted = func(round int) {
-			if err := syscall.Kill(init, 0); !errors.Is(err, syscall.ESRCH) {
-				t.Errorf("round %d: the halted init %d: kill(0) = %v, want ESRCH (reaped)", round, init, err)
+			if ws, err := prev.Wait(); err != nil || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+				t.Errorf("round %d: the halted init %d: wait = %v (%v), want killed by SIGKILL", round, prev.WaitPid(), ws, err)
 			}
 		}
 	}

@@ -228,11 +228,15 @@ func (t *FrozenTree) detach() {
 // reaped, children first: the init of a frozen PID namespace does not
 // end before every process of its namespace is reaped, and those we
 // trace are released to it only as we take their exits. A member that
-// is a child of this very process (restored by it: an agent's workload)
-// is reaped for good here, its tracer being in its parent's thread
-// group: its parent's wait then finds no child.
+// is a child of this very process (started or restored by it: an
+// agent's workload) is left to its parent's own wait once it has exited
+// (Frozen.reap).
 func (t *FrozenTree) Kill() error {
 	var errs []error
+	ours := make([]bool, len(t.members))
+	for i, f := range t.members {
+		ours[i] = ourChild(f.Pid)
+	}
 	for _, f := range t.members {
 		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
@@ -240,7 +244,7 @@ func (t *FrozenTree) Kill() error {
 	}
 	for i := len(t.members) - 1; i >= 0; i-- {
 		f := t.members[i]
-		f.reap()
+		f.reap(ours[i])
 		f.mem.Close()
 	}
 	return errors.Join(errs...)

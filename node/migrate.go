@@ -1,0 +1,499 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/loader"
+	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+	"github.com/pcluster/pcluster/migrate/stream"
+	"github.com/pcluster/pcluster/scheduler"
+)
+
+// The agent's half of a migration (docs/cluster.md, "Migration protocol").
+// The raft state decides at every instant; the wire between the two
+// agents only carries the process and hurries things along:
+//
+//	source                          target
+//	step transferring
+//	freeze (stopped, not killed) ── stream ──▶ build, not started
+//	                                ◀── built ──
+//	                                           step committed (one raft entry)
+//	wait until its replica shows               wait until its replica shows
+//	committed: kill ── commit ──▶              committed; the wire's commit (or
+//	                                           its loss): start, step done
+//
+// Before the commit any failure aborts (a raft step) and the source
+// resumes the original where it was; the source resumes only once its
+// replica shows the migration aborted, never on a guess.
+
+// Timeouts of a migration, failure bounds rather than expectations.
+const (
+	// transferIO bounds each read or write of the stream once it flows.
+	transferIO = 30 * time.Second
+	// builtWait bounds the source's wait for the target to build the
+	// process once the whole snapshot is sent.
+	builtWait = 2 * time.Minute
+	// commitWait is how long the source waits, once the target said
+	// built, for the commit to appear in its replica before it tries to
+	// abort (which the state refuses if the commit won).
+	commitWait = 30 * time.Second
+	// startWait bounds the target's wait for the source's wire commit
+	// once its replica shows the raft commit: the source kills its copy
+	// first, and the PID is taken only once it is gone.
+	startWait = 20 * time.Second
+)
+
+// errMigrationAborted is the source's decision when the state aborted the
+// migration: the original is resumed.
+var errMigrationAborted = errors.New("migration aborted")
+
+// departure tells Run that a workload left this node: its process was
+// killed after the commit, and its exit must not be reported.
+type departure struct {
+	wid     string
+	attempt int
+}
+
+// arrival tells Run that a workload now runs here as a restored process.
+type arrival struct {
+	wid     string
+	attempt int
+	pid     int
+}
+
+// migration reads migration id from this node's replica.
+func (a *Agent) migration(id string) (scheduler.Migration, bool) {
+	var m scheduler.Migration
+	ok := false
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		if p, found := s.Migrations[id]; found {
+			m, ok = *p, true
+		}
+	})
+	return m, ok
+}
+
+// awaitMigration returns once migration id is in one of the states want
+// (or gone: ok false), or ctx ends.
+func (a *Agent) awaitMigration(ctx context.Context, id string, want ...scheduler.MigrationState) (scheduler.Migration, bool, error) {
+	for {
+		changed := a.cfg.FSM.Changed()
+		m, ok := a.migration(id)
+		if !ok {
+			return m, false, nil
+		}
+		for _, w := range want {
+			if m.State == w {
+				return m, true, nil
+			}
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return m, true, context.Cause(ctx)
+		}
+	}
+}
+
+// step writes a migration step through the leader, retrying while the
+// cluster cannot answer (no leader), until ctx ends. A refusal by the
+// state (an *api.Error 4xx) is returned as is.
+func (a *Agent) step(ctx context.Context, st api.MigrationStep) error {
+	st.Node = a.cfg.Name
+	for {
+		st.At = time.Now()
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := a.cfg.Step(rctx, st)
+		cancel()
+		var ae *api.Error
+		if err == nil || errors.As(err, &ae) && ae.Status >= 400 && ae.Status < 500 {
+			return err
+		}
+		a.log.Debug("migration step not delivered; will retry", "migration", st.ID, "to", st.To, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("migration %s: step %s: %w (last: %v)", st.ID, st.To, context.Cause(ctx), err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+func (a *Agent) tracer() *ptrace.Tracer {
+	a.trOnce.Do(func() { a.tr = ptrace.NewTracer() })
+	return a.tr
+}
+
+// migrateOut carries out migration m as its source: pid is the workload's
+// process here. Run starts it once per migration; it ends when the
+// migration has ended for this node.
+func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) {
+	log := a.log.With("migration", m.ID, "workload", m.WorkloadID, "target", m.Target)
+	abort := func(why error) {
+		log.Warn("migration aborted before the transfer", "err", why)
+		err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+			Error: why.Error()})
+		if err != nil {
+			log.Info("abort not recorded", "err", err)
+		}
+	}
+	if err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationTransferring)}); err != nil {
+		log.Info("migration not started", "err", err)
+		return
+	}
+	// The target checks the transfer against its own replica, which must
+	// have come as far as ours (the request names our index).
+	cur, ok, err := a.awaitMigration(ctx, m.ID, scheduler.MigrationTransferring, scheduler.MigrationAborted)
+	if err != nil || !ok || cur.State != scheduler.MigrationTransferring {
+		log.Info("migration ended before the transfer", "state", cur.State, "err", err)
+		return
+	}
+	m = cur
+	// Only to the target the state names, over the cluster's mutual TLS.
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	conn, err := a.cfg.DialTarget(dctx, m)
+	cancel()
+	if err != nil {
+		abort(fmt.Errorf("source %s: %w", a.cfg.Name, err))
+		return
+	}
+	// The transfer is cancelled only before the decision, when the state
+	// aborts the migration (the leader's timeout, a stop, the target
+	// down): past it the process must be killed, not resumed.
+	sendCtx, cancelSend := context.WithCancelCause(context.Background())
+	defer cancelSend(nil)
+	var mu sync.Mutex
+	deciding := false
+	watchDone := make(chan struct{})
+	defer close(watchDone)
+	go func() {
+		got, _, _ := a.awaitMigration(sendCtx, m.ID, scheduler.MigrationAborted)
+		select {
+		case <-watchDone:
+			return
+		default:
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if !deciding && got.State == scheduler.MigrationAborted {
+			cancelSend(fmt.Errorf("%w: %s", errMigrationAborted, got.Error))
+		}
+	}()
+	start := time.Now()
+	committed := false
+	decide := func() error {
+		mu.Lock()
+		deciding = true
+		mu.Unlock()
+		c, err := a.decide(m, log)
+		committed = c
+		return err
+	}
+	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
+	if err == nil {
+		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
+			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide})
+	}
+	if committed {
+		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		if err != nil {
+			// The state moved the workload: the target starts it on its
+			// own replica's word, with or without our commit on the wire.
+			log.Warn("migration committed; the target did not confirm on the wire", "err", err)
+		}
+		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond))
+		return
+	}
+	log.Warn("migration failed; workload resumed here", "err", err)
+	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
+		abort(err)
+	}
+}
+
+// decide waits for the raft state to decide migration m once the target
+// has built the process: committed (nil: kill the original) or aborted
+// (an error: resume it). Past commitWait it asks for the abort itself,
+// which the state refuses if the commit came first. Without a leader it
+// waits: resuming on a guess could make two copies.
+func (a *Agent) decide(m scheduler.Migration, log interface{ Info(string, ...any) }) (bool, error) {
+	deadline := time.Now().Add(commitWait)
+	for {
+		wctx, cancel := context.WithDeadline(context.Background(), deadline)
+		got, ok, _ := a.awaitMigration(wctx, m.ID, scheduler.MigrationCommitted, scheduler.MigrationDone, scheduler.MigrationAborted)
+		cancel()
+		switch {
+		case !ok:
+			return false, fmt.Errorf("migration %s: gone from the state", m.ID)
+		case got.State == scheduler.MigrationCommitted || got.State == scheduler.MigrationDone:
+			return true, nil
+		case got.State == scheduler.MigrationAborted:
+			return false, fmt.Errorf("%w: %s", errMigrationAborted, got.Error)
+		}
+		log.Info("no commit yet; asking for the abort", "waited", commitWait)
+		err := a.step(context.Background(), api.MigrationStep{ID: m.ID, Attempt: m.Attempt,
+			To: string(scheduler.MigrationAborted), Error: fmt.Sprintf("no commit within %v of the target's build", commitWait)})
+		if err != nil {
+			log.Info("abort refused; waiting for the state", "err", err)
+		}
+		deadline = time.Now().Add(commitWait)
+	}
+}
+
+// depart hands a departure to Run.
+func (a *Agent) depart(ctx context.Context, d departure) {
+	select {
+	case a.departures <- d:
+	case <-a.done:
+	case <-ctx.Done():
+	}
+}
+
+// AwaitIndex returns once this node's replica has applied raft index idx,
+// or ctx ends.
+func (a *Agent) AwaitIndex(ctx context.Context, idx uint64) error {
+	for {
+		changed := a.cfg.FSM.Changed()
+		var at uint64
+		a.cfg.FSM.Read(func(s *scheduler.State) { at = s.Index })
+		if at >= idx {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return fmt.Errorf("replica at raft index %d, the request's is %d: %w", at, idx, context.Cause(ctx))
+		}
+	}
+}
+
+// CheckIncoming says whether this node accepts the transfer of migration
+// id at attempt: its replica must show it planned or transferring, to this
+// node. The cluster's mutual TLS proved the peer holds the cluster key; the
+// migration id and attempt from the state bind the transfer to one move.
+func (a *Agent) CheckIncoming(id string, attempt int) error {
+	m, ok := a.migration(id)
+	if !ok {
+		return fmt.Errorf("migration %s: %w", id, scheduler.ErrNotFound)
+	}
+	switch {
+	case m.Target != a.cfg.Name:
+		return fmt.Errorf("migration %s goes to %s, not to this node (%s): %w", id, m.Target, a.cfg.Name, scheduler.ErrRefused)
+	case m.Attempt != attempt:
+		return fmt.Errorf("migration %s: attempt %d, the state's is %d: %w", id, attempt, m.Attempt, scheduler.ErrStale)
+	case m.State != scheduler.MigrationPlanned && m.State != scheduler.MigrationTransferring:
+		return fmt.Errorf("migration %s is %s: %w", id, m.State, scheduler.ErrStale)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.incoming[m.WorkloadID] != "" {
+		return fmt.Errorf("migration %s: workload %s is already arriving: %w", id, m.WorkloadID, scheduler.ErrRefused)
+	}
+	return nil
+}
+
+// Receive carries out migration id as its target on conn, a mutual-TLS
+// connection from the source agent: it builds the process without starting
+// it, says built, writes the commit, and starts the process once its own
+// replica shows the commit (with or without the source's commit on the
+// wire). It returns when the migration has ended for this node.
+func (a *Agent) Receive(ctx context.Context, conn net.Conn, id string, attempt int) error {
+	if err := a.CheckIncoming(id, attempt); err != nil {
+		conn.Close()
+		return err
+	}
+	m, _ := a.migration(id)
+	a.mu.Lock()
+	a.incoming[m.WorkloadID] = m.ID
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.incoming, m.WorkloadID)
+		a.mu.Unlock()
+	}()
+	log := a.log.With("migration", m.ID, "workload", m.WorkloadID, "source", m.Source)
+	err := a.receive(ctx, conn, m, log)
+	if err != nil {
+		log.Warn("incoming migration failed", "err", err)
+	}
+	return err
+}
+
+func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migration, log interface {
+	Info(string, ...any)
+	Warn(string, ...any)
+}) error {
+	// Cancelled when the state aborts the migration while we build.
+	rctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		got, ok, err := a.awaitMigration(rctx, m.ID, scheduler.MigrationAborted, scheduler.MigrationCommitted)
+		if err == nil && (!ok || got.State == scheduler.MigrationAborted) {
+			cancel(fmt.Errorf("%w: %s", errMigrationAborted, got.Error))
+		}
+	}()
+	counted := &countConn{Conn: conn}
+	src, err := stream.NewConnSource(rctx, counted, stream.SourceOptions{Authenticated: true, ReadTimeout: transferIO})
+	if err != nil {
+		return fmt.Errorf("migration %s: %w", m.ID, err)
+	}
+	defer src.Close()
+	stop := context.AfterFunc(rctx, func() { src.Close() })
+	defer stop()
+	stdio, err := a.logFiles(m.WorkloadID)
+	if err != nil {
+		src.Ready(err)
+		return fmt.Errorf("migration %s: %w", m.ID, err)
+	}
+	defer func() {
+		for _, f := range stdio {
+			f.Close()
+		}
+	}()
+	body, _, err := stream.NewReader(src, stream.ReaderOptions{})
+	if err != nil {
+		src.Ready(err)
+		return fmt.Errorf("migration %s: %w", m.ID, err)
+	}
+	defer body.Close()
+	dec := image.NewDecoder(body)
+	dec.CheckRegisters(ptrace.NumRegs)
+	// Detach: the process outlives this agent (the next one adopts it);
+	// no parent-death signal. Stdio: our own log files.
+	p, err := loader.Build(rctx, a.tracer(), dec, loader.Options{Detach: true, Stdio: stdio, StdioFiles: true,
+		Notice: func(s string) { log.Info("restore: " + s) }})
+	if err == nil {
+		if err = dec.ExpectEOF(); err != nil {
+			p.Abort()
+		}
+	}
+	if err != nil {
+		src.Ready(err)
+		return fmt.Errorf("migration %s: %w", m.ID, err)
+	}
+	if err := src.Ready(nil); err != nil {
+		p.Abort()
+		return fmt.Errorf("migration %s: %w", m.ID, err)
+	}
+	// The commit: one raft entry moves the workload here. Retried while
+	// there is no leader; the state's answer, not ours, decides.
+	err = a.step(rctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationCommitted),
+		Bytes: counted.n.Load()})
+	got, ok, werr := a.awaitMigration(context.Background(), m.ID, scheduler.MigrationCommitted, scheduler.MigrationDone, scheduler.MigrationAborted)
+	if werr != nil || !ok || got.State == scheduler.MigrationAborted {
+		p.Abort()
+		return fmt.Errorf("migration %s: not committed (%v): %s: half-built process removed", m.ID, err, got.Error)
+	}
+	stop()
+	// Committed: from here on the process is the workload, and an agent
+	// shutting down must still start it and record its PID (the next
+	// agent adopts it then).
+	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), startWait+30*time.Second)
+	defer cancelPost()
+	// The source kills its copy and tells us; without its word (cut off,
+	// dead) we start anyway once startWait has passed.
+	if err := src.AwaitCommit(startWait); err != nil {
+		log.Warn("no commit from the source on the wire; starting on the state's word", "err", err)
+	}
+	attempt := m.Attempt + 1
+	a.mu.Lock()
+	a.claimed[m.WorkloadID] = attempt
+	a.mu.Unlock()
+	stopped := false
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		w, ok := s.Workloads[m.WorkloadID]
+		stopped = !ok || w.Desired == scheduler.DesiredStopped
+	})
+	if stopped {
+		// Stopped after the commit: the copy is never started.
+		p.Abort()
+		a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt})
+		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1,
+			msg: fmt.Sprintf("stopped during migration %s: not started on %s", m.ID, a.cfg.Name), at: time.Now()})
+		return nil
+	}
+	if err := p.Start(); err != nil {
+		// Committed and lost: the state records the exit, and the
+		// workload's restart policy applies.
+		a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt})
+		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1,
+			msg: fmt.Sprintf("migration %s: restored process did not start: %v", m.ID, err), at: time.Now()})
+		return fmt.Errorf("migration %s: %w", m.ID, err)
+	}
+	pid := p.Pid()
+	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: p.WaitPid()})
+	ticks, _ := startTicks(pid)
+	log.Info("migrated workload started here", "pid", pid)
+	if err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
+		PID: pid, StartTicks: ticks}); err != nil {
+		return fmt.Errorf("migration %s: started as pid %d; done not recorded: %w", m.ID, pid, err)
+	}
+	return nil
+}
+
+// countConn counts the bytes read from a connection.
+type countConn struct {
+	net.Conn
+	n atomic.Int64
+}
+
+func (c *countConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// logFiles opens the workload's stdin (/dev/null) and its log files here,
+// as spawn does: after a move the output goes to this node's logs.
+func (a *Agent) logFiles(wid string) ([3]*os.File, error) {
+	var out [3]*os.File
+	outPath, err := a.LogPath(wid, "stdout")
+	if err != nil {
+		return out, err
+	}
+	errPath, _ := a.LogPath(wid, "stderr")
+	if err := os.MkdirAll(filepath.Dir(outPath), 0o700); err != nil {
+		return out, fmt.Errorf("logs of %s: %w", wid, err)
+	}
+	files := []struct {
+		path string
+		flag int
+	}{{os.DevNull, os.O_RDONLY}, {outPath, os.O_WRONLY | os.O_CREATE | os.O_APPEND}, {errPath, os.O_WRONLY | os.O_CREATE | os.O_APPEND}}
+	for i, f := range files {
+		fh, err := os.OpenFile(f.path, f.flag, 0o600)
+		if err != nil {
+			for _, o := range out[:i] {
+				o.Close()
+			}
+			return [3]*os.File{}, fmt.Errorf("logs of %s: %w", wid, err)
+		}
+		out[i] = fh
+	}
+	return out, nil
+}
+
+// arrive hands an arrival to Run and waits until Run took it.
+func (a *Agent) arrive(ctx context.Context, ar arrival) {
+	select {
+	case a.arrivals <- ar:
+	case <-a.done:
+	case <-ctx.Done():
+	}
+}
+
+// queueExit hands an exit to Run.
+func (a *Agent) queueExit(ev exitEvent) {
+	select {
+	case a.exits <- ev:
+	case <-a.done:
+	}
+}
