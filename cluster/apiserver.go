@@ -105,6 +105,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathNodes, s.leaderRead(s.handleNodes))
 	m.HandleFunc("GET "+api.PathNodes+"/{name}", s.handleNode)
 	m.HandleFunc("POST "+api.PathNodes+"/{name}/eligibility", s.leaderWrite(s.handleEligibility))
+	m.HandleFunc("POST "+api.PathNodes+"/{name}/drain", s.leaderWrite(s.handleDrain))
 	m.HandleFunc("GET "+api.PathWorkloads, s.leaderRead(s.handleWorkloads))
 	m.HandleFunc("POST "+api.PathWorkloads, s.leaderWrite(s.handleRun))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}", s.leaderRead(s.handleWorkload))
@@ -371,6 +372,64 @@ func (s *Server) handleEligibility(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("node eligibility set", "node", name, "eligible", *req.Eligible)
+	var out api.Node
+	s.fsm.Read(func(st *scheduler.State) {
+		if n, ok := st.Nodes[name]; ok {
+			out = apiNode(st, n)
+		}
+	})
+	writeJSON(w, out)
+}
+
+// handleDrain starts (or updates) a node's drain, or cancels it; the
+// leader's Drainer carries it out from the state. Refusals are the FSM's:
+// unknown node (404), last eligible node, no drain to cancel (409).
+func (s *Server) handleDrain(w http.ResponseWriter, r *http.Request) {
+	name, err := pathName(r, "drain")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	op := "drain " + name
+	var req api.DrainRequest
+	if err := decodeBody(w, r, op, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	now := time.Now()
+	cmd := &scheduler.NodeDrainCmd{Name: name, KeepIneligible: req.KeepIneligible, At: now.UnixNano()}
+	if !req.Disable {
+		switch {
+		case req.Deadline < 0:
+			writeErr(w, badRequest("%s: field deadline: %v is negative", op, req.Deadline))
+			return
+		case req.Deadline > 0 && (req.NoDeadline || req.Force):
+			writeErr(w, badRequest("%s: fields deadline, no_deadline and force: give one", op))
+			return
+		case req.MaxParallel < 0 || req.MaxParallel > scheduler.MaxDrainParallel:
+			writeErr(w, badRequest("%s: field max_parallel: %d out of range 1..%d", op, req.MaxParallel, scheduler.MaxDrainParallel))
+			return
+		}
+		d := scheduler.DrainSpec{NoDeadline: req.NoDeadline, Force: req.Force, MaxParallel: req.MaxParallel,
+			KeepIneligible: req.KeepIneligible}
+		if !req.NoDeadline && !req.Force {
+			dl := req.Deadline
+			if dl == 0 {
+				dl = scheduler.DefaultDrainDeadline
+			}
+			d.Deadline = now.Add(dl).UnixNano()
+		}
+		cmd.Drain = &d
+	} else if req.Deadline != 0 || req.NoDeadline || req.Force || req.MaxParallel != 0 {
+		writeErr(w, badRequest("%s: field disable: cancels the drain, takes no deadline, force or max_parallel", op))
+		return
+	}
+	if _, err := s.apply(scheduler.CmdNodeDrain, cmd); err != nil {
+		writeErr(w, err)
+		return
+	}
+	s.log.Info("node drain", "node", name, "cancel", req.Disable)
+	(&events{s}).poke() // the first round now, not at the next tick
 	var out api.Node
 	s.fsm.Read(func(st *scheduler.State) {
 		if n, ok := st.Nodes[name]; ok {
@@ -727,6 +786,10 @@ func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
 			failed = append(failed, m)
 		}
 	}
+	for id, why := range scheduler.DrainStuck(st, n) {
+		out.Stuck = append(out.Stuck, id+": "+why)
+	}
+	sort.Strings(out.Stuck)
 	sort.Slice(failed, func(i, j int) bool { return failed[i].PlanIndex < failed[j].PlanIndex })
 	for _, m := range failed {
 		out.Failed = append(out.Failed, m.WorkloadID+": "+m.Error)

@@ -131,6 +131,16 @@ func TestPlanDrain(t *testing.T) {
 			}
 		}
 	}
+	// aborted records n aborted moves of id since the drain started.
+	aborted := func(n int, id string) func(s *State) {
+		return func(s *State) {
+			for i := range n {
+				mid := fmt.Sprintf("m-%s-%d", id, i)
+				s.Migrations[mid] = &Migration{ID: mid, WorkloadID: id, Source: "a", Target: "b", State: MigrationAborted,
+					PlannedAt: t0.Add(time.Duration(i) * time.Second).UnixNano(), PlanIndex: uint64(i + 1), Error: "engine: fd 3: pipe"}
+			}
+		}
+	}
 	tests := []struct {
 		name    string
 		now     time.Duration // after t0
@@ -187,6 +197,15 @@ func TestPlanDrain(t *testing.T) {
 			s.Nodes["a"].Drain.MaxParallel = 3
 			s.Migrations["m-x"] = &Migration{ID: "m-x", WorkloadID: "x", Source: "q", Target: "b", State: MigrationTransferring}
 		}, []string{"move w1 → c", "move w2 → b", "move w3 → c"}, nil},
+		{"failed moves are retried", time.Minute, aborted(MaxDrainAttempts-1, "w1"), []string{"move w1 → b", "move w2 → c"}, nil},
+		{"a workload that failed every attempt stays", time.Minute, aborted(MaxDrainAttempts, "w1"),
+			[]string{"move w2 → b", "move w3 → c"}, []string{"w1"}},
+		{"aborts before the drain do not count", time.Minute, func(s *State) {
+			aborted(MaxDrainAttempts, "w1")(s)
+			for _, m := range s.Migrations {
+				m.PlannedAt = t0.Add(-time.Second).UnixNano()
+			}
+		}, []string{"move w1 → b", "move w2 → c"}, nil},
 		{"not draining", time.Minute, func(s *State) { s.Nodes["a"].Drain.CompletedAt = 1 }, nil, nil},
 		{"ineligible targets", time.Minute, func(s *State) { s.Nodes["b"].Eligible, s.Nodes["c"].Drain = false, &DrainSpec{NoDeadline: true} },
 			[]string{"done c"}, []string{"w1", "w2", "w3", "w4"}},
