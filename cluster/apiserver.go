@@ -396,32 +396,9 @@ func (s *Server) handleDrain(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
-	now := time.Now()
-	cmd := &scheduler.NodeDrainCmd{Name: name, KeepIneligible: req.KeepIneligible, At: now.UnixNano()}
-	if !req.Disable {
-		switch {
-		case req.Deadline < 0:
-			writeErr(w, badRequest("%s: field deadline: %v is negative", op, req.Deadline))
-			return
-		case req.Deadline > 0 && (req.NoDeadline || req.Force):
-			writeErr(w, badRequest("%s: fields deadline, no_deadline and force: give one", op))
-			return
-		case req.MaxParallel < 0 || req.MaxParallel > scheduler.MaxDrainParallel:
-			writeErr(w, badRequest("%s: field max_parallel: %d out of range 1..%d", op, req.MaxParallel, scheduler.MaxDrainParallel))
-			return
-		}
-		d := scheduler.DrainSpec{NoDeadline: req.NoDeadline, Force: req.Force, MaxParallel: req.MaxParallel,
-			KeepIneligible: req.KeepIneligible}
-		if !req.NoDeadline && !req.Force {
-			dl := req.Deadline
-			if dl == 0 {
-				dl = scheduler.DefaultDrainDeadline
-			}
-			d.Deadline = now.Add(dl).UnixNano()
-		}
-		cmd.Drain = &d
-	} else if req.Deadline != 0 || req.NoDeadline || req.Force || req.MaxParallel != 0 {
-		writeErr(w, badRequest("%s: field disable: cancels the drain, takes no deadline, force or max_parallel", op))
+	cmd, err := drainCommand(name, req, time.Now())
+	if err != nil {
+		writeErr(w, err)
 		return
 	}
 	if _, err := s.apply(scheduler.CmdNodeDrain, cmd); err != nil {
@@ -437,6 +414,38 @@ func (s *Server) handleDrain(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	writeJSON(w, out)
+}
+
+// drainCommand turns a drain request for node name into the raft command,
+// the deadline counted from now; bad fields are a 400.
+func drainCommand(name string, req api.DrainRequest, now time.Time) (*scheduler.NodeDrainCmd, error) {
+	op := "drain " + name
+	cmd := &scheduler.NodeDrainCmd{Name: name, KeepIneligible: req.KeepIneligible, At: now.UnixNano()}
+	if req.Disable {
+		if req.Deadline != 0 || req.NoDeadline || req.Force || req.MaxParallel != 0 {
+			return nil, badRequest("%s: field disable: cancels the drain, takes no deadline, force or max_parallel", op)
+		}
+		return cmd, nil
+	}
+	switch {
+	case req.Deadline < 0:
+		return nil, badRequest("%s: field deadline: %v is negative", op, req.Deadline)
+	case req.Deadline > 0 && (req.NoDeadline || req.Force):
+		return nil, badRequest("%s: fields deadline, no_deadline and force: give one", op)
+	case req.MaxParallel < 0 || req.MaxParallel > scheduler.MaxDrainParallel:
+		return nil, badRequest("%s: field max_parallel: %d out of range 1..%d", op, req.MaxParallel, scheduler.MaxDrainParallel)
+	}
+	d := scheduler.DrainSpec{NoDeadline: req.NoDeadline, Force: req.Force, MaxParallel: req.MaxParallel,
+		KeepIneligible: req.KeepIneligible}
+	if !req.NoDeadline && !req.Force {
+		dl := req.Deadline
+		if dl == 0 {
+			dl = scheduler.DefaultDrainDeadline
+		}
+		d.Deadline = now.Add(dl).UnixNano()
+	}
+	cmd.Drain = &d
+	return cmd, nil
 }
 
 // handleWorkloads serves one page of the workload list, in creation order:

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"strings"
 	"testing"
 	"time"
@@ -19,14 +20,18 @@ import (
 
 // startDrainLab starts a 3-node cluster in network namespaces (as
 // startLab) on its own subnet; node i gets the label pin=i, so a workload
-// constrained to pin=i can run nowhere else.
-func startDrainLab(t *testing.T, c *testCluster, subnet int) []*testNode {
+// constrained to pin=i can run nowhere else. extra, if not nil, gives more
+// flags for node i.
+func startDrainLab(t *testing.T, c *testCluster, subnet int, extraFor func(i int) []string) []*testNode {
 	lab := netlab.New(t, 3, subnet)
 	var nodes []*testNode
 	for i := 1; i <= 3; i++ {
 		extra := []string{"-bootstrap-expect", "3", "-label", fmt.Sprintf("pin=%d", i)}
 		if i > 1 {
 			extra = append(extra, "-join", lab.Hosts[0].Addr+":7946")
+		}
+		if extraFor != nil {
+			extra = append(extra, extraFor(i)...)
 		}
 		h := lab.Hosts[i-1]
 		nodes = append(nodes, c.startAt(i, h.Addr, 7946, h.NS, extra...))
@@ -162,7 +167,7 @@ func splitLeader(t *testing.T, nodes []*testNode) (leader *testNode, others []*t
 func TestDrain(t *testing.T) {
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "migcount")
-	nodes := startDrainLab(t, c, 150+int(c.prefix[2])%50)
+	nodes := startDrainLab(t, c, 150+int(c.prefix[2])%50, nil)
 	from := nodes[0]
 	ws := runCounters(t, c, from, bin, "counter", 3)
 	out, errs, code := c.ctlRun("drain", "-address", nodes[1].socket, "-max-parallel", "2", from.name)
@@ -209,7 +214,7 @@ func TestDrain(t *testing.T) {
 func TestDrainLeaderKilled(t *testing.T) {
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "migcount")
-	nodes := startDrainLab(t, c, 150+int(c.prefix[3])%50)
+	nodes := startDrainLab(t, c, 150+int(c.prefix[3])%50, nil)
 	leader, others := splitLeader(t, nodes)
 	from, to := others[0], others[1]
 	c.ctl(to, "node", "eligibility", "-disable", leader.name)
@@ -246,7 +251,7 @@ func TestDrainLeaderKilled(t *testing.T) {
 func TestDrainDeadlineForceDisable(t *testing.T) {
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "migcount")
-	nodes := startDrainLab(t, c, 150+int(c.prefix[4])%50)
+	nodes := startDrainLab(t, c, 150+int(c.prefix[4])%50, nil)
 	from, via := nodes[0], nodes[1]
 	pinned := runCounters(t, c, from, bin, "pinned", 2, "-constraint", "pin=1")
 
@@ -337,5 +342,37 @@ func TestDrainDeadlineForceDisable(t *testing.T) {
 	})
 	if got.State == "running" {
 		c.ctl(via, "stop", got.ID)
+	}
+}
+
+// TestDrainOnShutdown: SIGTERM to a pclusterd started with
+// -drain-on-shutdown moves its workloads to the other nodes (each once,
+// with its PID and state) before it exits; the node is left drained and
+// ineligible.
+func TestDrainOnShutdown(t *testing.T) {
+	c := newTestCluster(t)
+	bin := fixture.Build(t, "migcount")
+	nodes := startDrainLab(t, c, 150+int(c.prefix[5])%50, func(i int) []string {
+		if i == 1 {
+			return []string{"-drain-on-shutdown", "-drain-timeout", "1m"}
+		}
+		return nil
+	})
+	from := nodes[0]
+	ws := runCounters(t, c, from, bin, "counter", 2)
+	from.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-from.done:
+		from.cmd = nil
+	case <-time.After(time.Minute + 40*time.Second): // the drain's deadline, its grace and some
+		t.Fatalf("pclusterd -drain-on-shutdown still runs after its drain timeout and grace")
+	}
+	if b, _ := os.ReadFile(from.logPath); !strings.Contains(string(b), "drained before shutting down") {
+		t.Fatalf("pclusterd's log does not say it drained:\n%s", b)
+	}
+	checkMoved(t, c, nodes[1], from, bin, ws)
+	checkDrained(t, nodes[1], from.name)
+	for _, w := range ws {
+		c.ctl(nodes[1], "stop", w.ID)
 	}
 }
