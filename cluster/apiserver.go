@@ -795,8 +795,12 @@ func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
 			failed = append(failed, m)
 		}
 	}
-	for id, why := range scheduler.DrainStuck(st, n) {
-		out.Stuck = append(out.Stuck, id+": "+why)
+	// Past the deadline the stuck workloads are being stopped: the drain
+	// ends by itself, nothing stays.
+	if !d.Force && (d.NoDeadline || time.Now().UnixNano() < d.Deadline) {
+		for id, why := range scheduler.DrainStuck(st, n) {
+			out.Stuck = append(out.Stuck, id+": "+why)
+		}
 	}
 	sort.Strings(out.Stuck)
 	sort.Slice(failed, func(i, j int) bool { return failed[i].PlanIndex < failed[j].PlanIndex })

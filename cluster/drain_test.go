@@ -8,8 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"syscall"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -375,4 +375,60 @@ func TestDrainOnShutdown(t *testing.T) {
 	for _, w := range ws {
 		c.ctl(nodes[1], "stop", w.ID)
 	}
+}
+
+// TestDrainStuck: a workload the engine refuses to move (a UDP socket on
+// fd 3: "sockets other than TCP are not supported yet") is tried
+// scheduler.MaxDrainAttempts times, then stays where it is, running; the
+// foreground drain names it with the engine's reason and exits 1. -force
+// then stops it and the drain completes.
+func TestDrainStuck(t *testing.T) {
+	c := newTestCluster(t)
+	nodes := startDrainLab(t, c, 150+int(c.prefix[6])%50, nil)
+	from, via := nodes[0], nodes[1]
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("no bash for the workload holding a UDP socket")
+	}
+	var w api.Workload
+	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "udp", "--", bash, "-c",
+		"exec 3<>/dev/udp/"+from.ip+"/9; exec sleep 1000")
+	c.waitFor(20*time.Second, "the workload to run", func() error {
+		got, err := workloadOn(via, w.ID)
+		if err != nil || got.State != "running" || got.PID == 0 {
+			return fmt.Errorf("%s (%v)", got.State, err)
+		}
+		w = got
+		return nil
+	})
+	out, errs, code := c.ctlRun("drain", "-address", via.socket, from.name)
+	t.Logf("drain:\n%s%s", out, errs)
+	if code != 1 || !strings.Contains(out, "cannot move "+w.ID+": ") || !strings.Contains(out, "not supported") ||
+		strings.Count(errs, "\n") != 1 {
+		t.Fatalf("drain of a node with an unmovable workload: exit %d, stdout %q, stderr %q; want 1, the workload named "+
+			"with the engine's reason, one line on stderr", code, out, errs)
+	}
+	ms, err := via.client.Migrations(context.Background(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tries := 0
+	for _, m := range ms {
+		if m.Workload == w.ID {
+			tries++
+			if m.State != "aborted" {
+				t.Errorf("migration %s: %s, want aborted", m.ID, m.State)
+			}
+		}
+	}
+	if tries != 3 {
+		t.Errorf("%d moves tried, want 3 (scheduler.MaxDrainAttempts)", tries)
+	}
+	got, err := workloadOn(via, w.ID)
+	if err != nil || got.State != "running" || got.Node != from.name || got.PID != w.PID {
+		t.Fatalf("the unmovable workload: %s on %s pid %d (%v), want running on %s pid %d", got.State, got.Node, got.PID, err,
+			from.name, w.PID)
+	}
+	c.ctl(via, "drain", "-force", from.name)
+	checkDrained(t, via, from.name)
 }

@@ -167,7 +167,7 @@ func (c *nodeDrainCmd) follow(ctx context.Context, e *env, n api.Node) error {
 					fmt.Fprintf(e.stdout, "cannot move %s\n", shown(s))
 				}
 			}
-			return fmt.Errorf("drain of node %s: %d workloads cannot be moved and stay (stopped at the deadline unless moved or stopped before)",
+			return fmt.Errorf("drain of node %s: %d of its workloads cannot be moved; they stay until stopped (at the latest by the deadline, or -force)",
 				name, len(d.Stuck))
 		}
 		last = n
