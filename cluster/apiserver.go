@@ -803,6 +803,10 @@ func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
 		}
 	}
 	sort.Strings(out.Stuck)
+	for id, node := range scheduler.DrainRestarted(st, n) {
+		out.Restarted = append(out.Restarted, id+" on "+node)
+	}
+	sort.Strings(out.Restarted)
 	sort.Slice(failed, func(i, j int) bool { return failed[i].PlanIndex < failed[j].PlanIndex })
 	for _, m := range failed {
 		out.Failed = append(out.Failed, m.WorkloadID+": "+m.Error)

@@ -380,8 +380,10 @@ func TestDrainOnShutdown(t *testing.T) {
 // TestDrainStuck: a workload the engine refuses to move (a UDP socket on
 // fd 3: "sockets other than TCP are not supported yet") is tried
 // scheduler.MaxDrainAttempts times, then stays where it is, running; the
-// foreground drain names it with the engine's reason and exits 1. -force
-// then stops it and the drain completes.
+// foreground drain names it with the engine's reason and exits 1. Another
+// such workload whose restart policy allows it is restarted from its
+// command on another node instead (a new process, once). -force then
+// stops the one left and the drain completes.
 func TestDrainStuck(t *testing.T) {
 	c := newTestCluster(t)
 	nodes := startDrainLab(t, c, 150+int(c.prefix[6])%50, nil)
@@ -390,21 +392,24 @@ func TestDrainStuck(t *testing.T) {
 	if err != nil {
 		t.Skip("no bash for the workload holding a UDP socket")
 	}
-	var w api.Workload
-	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "udp", "--", bash, "-c",
-		"exec 3<>/dev/udp/"+from.ip+"/9; exec sleep 1000")
-	c.waitFor(20*time.Second, "the workload to run", func() error {
-		got, err := workloadOn(via, w.ID)
-		if err != nil || got.State != "running" || got.PID == 0 {
-			return fmt.Errorf("%s (%v)", got.State, err)
-		}
-		w = got
-		return nil
-	})
+	script := "exec 3<>/dev/udp/" + from.ip + "/9; exec sleep 1000"
+	var w, r api.Workload
+	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "udp", "--", bash, "-c", script)
+	c.ctlJSON(via, &r, "run", "-node", from.name, "-name", "udp-restartable", "-restart", "on-failure", "--", bash, "-c", script)
+	for _, p := range []*api.Workload{&w, &r} {
+		c.waitFor(20*time.Second, "the workload to run", func() error {
+			got, err := workloadOn(via, p.ID)
+			if err != nil || got.State != "running" || got.PID == 0 {
+				return fmt.Errorf("%s (%v)", got.State, err)
+			}
+			*p = got
+			return nil
+		})
+	}
 	out, errs, code := c.ctlRun("drain", "-address", via.socket, from.name)
 	t.Logf("drain:\n%s%s", out, errs)
 	if code != 1 || !strings.Contains(out, "cannot move "+w.ID+": ") || !strings.Contains(out, "not supported") ||
-		strings.Count(errs, "\n") != 1 {
+		strings.Count(errs, "\n") != 1 || strings.Contains(out, "cannot move "+r.ID) {
 		t.Fatalf("drain of a node with an unmovable workload: exit %d, stdout %q, stderr %q; want 1, the workload named "+
 			"with the engine's reason, one line on stderr", code, out, errs)
 	}
@@ -412,23 +417,38 @@ func TestDrainStuck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tries := 0
+	tries := map[string]int{}
 	for _, m := range ms {
-		if m.Workload == w.ID {
-			tries++
-			if m.State != "aborted" {
-				t.Errorf("migration %s: %s, want aborted", m.ID, m.State)
-			}
+		tries[m.Workload]++
+		if m.State != "aborted" {
+			t.Errorf("migration %s: %s, want aborted", m.ID, m.State)
 		}
 	}
-	if tries != 3 {
-		t.Errorf("%d moves tried, want 3 (scheduler.MaxDrainAttempts)", tries)
+	if tries[w.ID] != 3 || tries[r.ID] != 3 {
+		t.Errorf("moves tried %v, want 3 each (scheduler.MaxDrainAttempts)", tries)
 	}
 	got, err := workloadOn(via, w.ID)
 	if err != nil || got.State != "running" || got.Node != from.name || got.PID != w.PID {
 		t.Fatalf("the unmovable workload: %s on %s pid %d (%v), want running on %s pid %d", got.State, got.Node, got.PID, err,
 			from.name, w.PID)
 	}
+	// The restartable one runs on another node, a new process from its
+	// command; the old one is gone.
+	c.waitFor(20*time.Second, "the restarted workload to run", func() error {
+		got, err := workloadOn(via, r.ID)
+		if err != nil || got.State != "running" || got.Node == from.name || got.PID == 0 || got.Restarts != 1 {
+			return fmt.Errorf("%s on %s pid %d, %d restarts (%v)", got.State, got.Node, got.PID, got.Restarts, err)
+		}
+		if !strings.Contains(out, "restarted "+r.ID+" on "+got.Node) {
+			t.Errorf("drain output lacks the restart of %s on %s", r.ID, got.Node)
+		}
+		// Other sleep processes may run on the machine: look at ours.
+		if cs := copies("/usr/bin/sleep"); !slices.Contains(cs, w.PID) || !slices.Contains(cs, got.PID) || slices.Contains(cs, r.PID) {
+			t.Fatalf("sleep processes %v: want the stuck one %d and the restarted one %d, not the old %d", cs, w.PID, got.PID, r.PID)
+		}
+		return nil
+	})
 	c.ctl(via, "drain", "-force", from.name)
 	checkDrained(t, via, from.name)
+	c.ctl(via, "stop", r.ID)
 }

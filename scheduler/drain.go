@@ -25,10 +25,46 @@ type DrainBlocked struct {
 // it is and reports it (DrainStuck).
 const MaxDrainAttempts = 3
 
-// DrainStuck returns the workloads still on node n that its drain no longer
-// tries to move: each had MaxDrainAttempts migrations out of n aborted since
-// the drain started. The value is the last abort's reason.
+// DrainStuck returns the workloads still on node n that its drain can
+// neither move nor restart elsewhere: each had MaxDrainAttempts migrations
+// out of n aborted since the drain started, and its restart policy would
+// not restart it. The value is the last abort's reason.
 func DrainStuck(s *State, n *Node) map[string]string {
+	out := drainFailed(s, n)
+	for id := range out {
+		if restartable(s.Workloads[id]) {
+			delete(out, id)
+		}
+	}
+	return out
+}
+
+// restartable reports whether w's restart policy would restart it now.
+func restartable(w *Workload) bool {
+	return (w.Restart.Mode == RestartAlways || w.Restart.Mode == RestartOnFailure) && (w.Restart.Max == 0 || w.Restarts < w.Restart.Max)
+}
+
+// drainFailed returns the workloads still on node n whose moves failed
+// MaxDrainAttempts times since its drain started, with the last reason.
+func drainFailed(s *State, n *Node) map[string]string {
+	return drainAborts(s, n, func(w *Workload) bool { return w.Node == n.Name })
+}
+
+// DrainRestarted returns the workloads the drain of node n restarted from
+// their command elsewhere (their moves failed MaxDrainAttempts times), with
+// the node each went to.
+func DrainRestarted(s *State, n *Node) map[string]string {
+	out := drainAborts(s, n, func(w *Workload) bool { return w.DesiredNode != n.Name })
+	for id := range out {
+		out[id] = s.Workloads[id].DesiredNode
+	}
+	return out
+}
+
+// drainAborts returns the workloads that had MaxDrainAttempts migrations
+// out of n aborted since its drain started, are still active and pass
+// keep, with the last abort's reason.
+func drainAborts(s *State, n *Node, keep func(*Workload) bool) map[string]string {
 	d := n.Drain
 	if d == nil {
 		return nil
@@ -55,7 +91,7 @@ func DrainStuck(s *State, n *Node) map[string]string {
 	var out map[string]string
 	for id, t := range byWorkload {
 		w, ok := s.Workloads[id]
-		if t.aborts < MaxDrainAttempts || !ok || !w.State.Active() || w.Node != n.Name {
+		if t.aborts < MaxDrainAttempts || !ok || !w.State.Active() || !keep(w) {
 			continue
 		}
 		if out == nil {
@@ -80,8 +116,10 @@ func DrainStuck(s *State, n *Node) map[string]string {
 //     the node placement picks among the others, counting the ones planned
 //     in this round, and skipping the nodes in exclude (the leader's view
 //     of nodes it cannot reach now, as for a new workload); a workload
-//     whose moves failed MaxDrainAttempts times (DrainStuck) stays and
-//     is reported.
+//     whose moves failed MaxDrainAttempts times is restarted from its
+//     command on the node placement picks (workload-reschedule) if its
+//     restart policy allows it, else it stays and is reported
+//     (DrainStuck).
 //
 // A node that is not ready moves nothing (its workloads are lost with it).
 // Applying the commands may refuse some (the state changed meanwhile): the
@@ -126,15 +164,16 @@ func PlanDrain(s *State, now time.Time, exclude map[string]string) DrainPlan {
 			continue
 		}
 		slots := max(d.MaxParallel, 1) - inflight[n.Name]
-		stuck := DrainStuck(s, n)
+		failed := drainFailed(s, n)
 		for _, w := range on {
 			if slots <= 0 {
 				break
 			}
-			if w.State != StateRunning || w.Node != n.Name || w.Desired != DesiredRunning || busy[w.ID] {
+			if w.State != StateRunning || w.Node != n.Name || w.DesiredNode != n.Name || w.Desired != DesiredRunning || busy[w.ID] {
 				continue
 			}
-			if why, ok := stuck[w.ID]; ok {
+			why, moveFailed := failed[w.ID]
+			if moveFailed && !restartable(w) {
 				p.Blocked = append(p.Blocked, DrainBlocked{Node: n.Name, Workload: w.ID,
 					Why: fmt.Sprintf("%d moves failed, the last: %s", MaxDrainAttempts, why)})
 				continue
@@ -150,6 +189,12 @@ func PlanDrain(s *State, now time.Time, exclude map[string]string) DrainPlan {
 			}
 			extra[target]++
 			slots--
+			if moveFailed {
+				p.Commands = append(p.Commands, Command{CmdWorkloadReschedule, &WorkloadRescheduleCmd{ID: w.ID, Node: target,
+					Reason: fmt.Sprintf("drain of node %s: restarted from its command after %d failed moves", n.Name, MaxDrainAttempts),
+					At:     at}})
+				continue
+			}
 			p.Commands = append(p.Commands, Command{CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: w.ID, Target: target,
 				Reason: "drain of node " + n.Name, At: at}})
 		}

@@ -82,6 +82,9 @@ type NodeDrain struct {
 	// Stuck: "ID: reason" of each workload still on the node that the
 	// drain no longer tries to move (its moves failed every attempt).
 	Stuck []string `json:"stuck,omitempty"`
+	// Restarted: "ID on NODE" of each workload the drain restarted from
+	// its command on another node instead (its restart policy allowed).
+	Restarted []string `json:"restarted,omitempty"`
 }
 
 // DrainRequest starts, updates or cancels a node's drain (POST

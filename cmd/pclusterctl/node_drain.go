@@ -146,6 +146,12 @@ func (c *nodeDrainCmd) follow(ctx context.Context, e *env, n api.Node) error {
 		if err == nil && !e.json {
 			printMoves(e.stdout, name, n.Drain.StartedAt, ms, printed)
 		}
+		for _, r := range n.Drain.Restarted {
+			if !printed[r] && !e.json {
+				printed[r] = true
+				fmt.Fprintf(e.stdout, "restarted %s from its command: it could not be moved\n", shown(r))
+			}
+		}
 		d := n.Drain
 		if !d.CompletedAt.IsZero() {
 			if e.json {
