@@ -22,7 +22,7 @@ import (
 // startLab) on its own subnet; node i gets the label pin=i, so a workload
 // constrained to pin=i can run nowhere else. extra, if not nil, gives more
 // flags for node i.
-func startDrainLab(t *testing.T, c *testCluster, subnet int, extraFor func(i int) []string) []*testNode {
+func startDrainLab(t testing.TB, c *testCluster, subnet int, extraFor func(i int) []string) []*testNode {
 	lab := netlab.New(t, 3, subnet)
 	var nodes []*testNode
 	for i := 1; i <= 3; i++ {
@@ -47,9 +47,9 @@ func startDrainLab(t *testing.T, c *testCluster, subnet int, extraFor func(i int
 	return nodes
 }
 
-// runCounters runs n migcount workloads named name0, name1... on nd (extra: more run flags) and
-// waits until each runs; it returns them as running.
-func runCounters(t *testing.T, c *testCluster, nd *testNode, bin, name string, n int, extra ...string) []api.Workload {
+// runCounters runs n migcount workloads named name0, name1... on nd (extra:
+// more run flags) and waits until each runs; it returns them as running.
+func runCounters(t testing.TB, c *testCluster, nd *testNode, bin, name string, n int, extra ...string) []api.Workload {
 	t.Helper()
 	var ws []api.Workload
 	for i := range n {
