@@ -105,6 +105,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathNodes, s.leaderRead(s.handleNodes))
 	m.HandleFunc("GET "+api.PathNodes+"/{name}", s.handleNode)
 	m.HandleFunc("POST "+api.PathNodes+"/{name}/eligibility", s.leaderWrite(s.handleEligibility))
+	m.HandleFunc("POST "+api.PathNodes+"/{name}/drain", s.leaderWrite(s.handleDrain))
 	m.HandleFunc("GET "+api.PathWorkloads, s.leaderRead(s.handleWorkloads))
 	m.HandleFunc("POST "+api.PathWorkloads, s.leaderWrite(s.handleRun))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}", s.leaderRead(s.handleWorkload))
@@ -378,6 +379,73 @@ func (s *Server) handleEligibility(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	writeJSON(w, out)
+}
+
+// handleDrain starts (or updates) a node's drain, or cancels it; the
+// leader's Drainer carries it out from the state. Refusals are the FSM's:
+// unknown node (404), last eligible node, no drain to cancel (409).
+func (s *Server) handleDrain(w http.ResponseWriter, r *http.Request) {
+	name, err := pathName(r, "drain")
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	op := "drain " + name
+	var req api.DrainRequest
+	if err := decodeBody(w, r, op, &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	cmd, err := drainCommand(name, req, time.Now())
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	if _, err := s.apply(scheduler.CmdNodeDrain, cmd); err != nil {
+		writeErr(w, err)
+		return
+	}
+	s.log.Info("node drain", "node", name, "cancel", req.Disable)
+	(&events{s}).poke() // the first round now, not at the next tick
+	var out api.Node
+	s.fsm.Read(func(st *scheduler.State) {
+		if n, ok := st.Nodes[name]; ok {
+			out = apiNode(st, n)
+		}
+	})
+	writeJSON(w, out)
+}
+
+// drainCommand turns a drain request for node name into the raft command,
+// the deadline counted from now; bad fields are a 400.
+func drainCommand(name string, req api.DrainRequest, now time.Time) (*scheduler.NodeDrainCmd, error) {
+	op := "drain " + name
+	cmd := &scheduler.NodeDrainCmd{Name: name, KeepIneligible: req.KeepIneligible, At: now.UnixNano()}
+	if req.Disable {
+		if req.Deadline != 0 || req.NoDeadline || req.Force || req.MaxParallel != 0 {
+			return nil, badRequest("%s: field disable: cancels the drain, takes no deadline, force or max_parallel", op)
+		}
+		return cmd, nil
+	}
+	switch {
+	case req.Deadline < 0:
+		return nil, badRequest("%s: field deadline: %v is negative", op, req.Deadline)
+	case req.Deadline > 0 && (req.NoDeadline || req.Force):
+		return nil, badRequest("%s: fields deadline, no_deadline and force: give one", op)
+	case req.MaxParallel < 0 || req.MaxParallel > scheduler.MaxDrainParallel:
+		return nil, badRequest("%s: field max_parallel: %d out of range 1..%d", op, req.MaxParallel, scheduler.MaxDrainParallel)
+	}
+	d := scheduler.DrainSpec{NoDeadline: req.NoDeadline, Force: req.Force, MaxParallel: req.MaxParallel,
+		KeepIneligible: req.KeepIneligible}
+	if !req.NoDeadline && !req.Force {
+		dl := req.Deadline
+		if dl == 0 {
+			dl = scheduler.DefaultDrainDeadline
+		}
+		d.Deadline = now.Add(dl).UnixNano()
+	}
+	cmd.Drain = &d
+	return cmd, nil
 }
 
 // handleWorkloads serves one page of the workload list, in creation order:
@@ -727,6 +795,18 @@ func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
 			failed = append(failed, m)
 		}
 	}
+	// Past the deadline the stuck workloads are being stopped: the drain
+	// ends by itself, nothing stays.
+	if !d.Force && (d.NoDeadline || time.Now().UnixNano() < d.Deadline) {
+		for id, why := range scheduler.DrainStuck(st, n) {
+			out.Stuck = append(out.Stuck, id+": "+why)
+		}
+	}
+	sort.Strings(out.Stuck)
+	for id, node := range scheduler.DrainRestarted(st, n) {
+		out.Restarted = append(out.Restarted, id+" on "+node)
+	}
+	sort.Strings(out.Restarted)
 	sort.Slice(failed, func(i, j int) bool { return failed[i].PlanIndex < failed[j].PlanIndex })
 	for _, m := range failed {
 		out.Failed = append(out.Failed, m.WorkloadID+": "+m.Error)

@@ -5,12 +5,17 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/memberlist"
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/internal/fixture"
 )
 
 // BenchmarkFailover3Nodes crashes (SIGKILL) the leader of a 3-node cluster
@@ -160,4 +165,64 @@ func leaderAndFollower(b *testing.B, c *testCluster) (leader, follower *testNode
 		}
 	}
 	return leader, follower
+}
+
+// BenchmarkDrain10x64MiB drains a node running 10 workloads of 64 MiB
+// (internal/fixture's bigheap: pseudo-random, incompressible) to the two
+// others of a 3-node cluster in network namespaces, -max-parallel 2, and
+// reports the drain's time (start to complete, as the state records it)
+// and the longest time one process was stopped (freeze to start on the
+// target).
+func BenchmarkDrain10x64MiB(b *testing.B) {
+	bin := fixture.Build(b, "bigheap")
+	var took, longest time.Duration
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		c := newTestCluster(b)
+		nodes := startDrainLab(b, c, 150+int(c.prefix[2])%50, nil)
+		from, via := nodes[0], nodes[1]
+		var ids []string
+		for j := range 10 {
+			var w api.Workload
+			c.ctlJSON(via, &w, "run", "-node", from.name, "-name", fmt.Sprintf("heap%d", j), bin, "64", strconv.Itoa(j+1))
+			ids = append(ids, w.ID)
+		}
+		for _, id := range ids {
+			c.waitFor(time.Minute, id+" to fill its heap", func() error {
+				out, err := os.ReadFile(filepath.Join(from.dataDir, "workloads", id, "stdout.log"))
+				if err != nil || !strings.Contains(string(out), "ready hash=") {
+					return fmt.Errorf("not ready (%v)", err)
+				}
+				return nil
+			})
+		}
+		b.StartTimer()
+		c.ctl(via, "drain", "-max-parallel", "2", from.name)
+		b.StopTimer()
+		n, err := via.client.Node(context.Background(), from.name)
+		if err != nil || n.Drain == nil || n.Drain.Moved != len(ids) {
+			b.Fatalf("drain: %+v (%v), want %d moved", n.Drain, err, len(ids))
+		}
+		took += n.Drain.CompletedAt.Sub(n.Drain.StartedAt)
+		ms, err := via.client.Migrations(context.Background(), true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, m := range ms {
+			if m.State == "done" && !m.TransferAt.IsZero() {
+				longest = max(longest, m.EndedAt.Sub(m.TransferAt))
+			}
+		}
+		for _, id := range ids {
+			c.ctl(via, "stop", id)
+		}
+		c.waitFor(time.Minute, "the workloads to stop", func() error {
+			if cs := copies(bin); len(cs) != 0 {
+				return fmt.Errorf("copies %v", cs)
+			}
+			return nil
+		})
+	}
+	b.ReportMetric(took.Seconds()/float64(b.N), "s-drain")
+	b.ReportMetric(float64(longest.Milliseconds()), "ms-longest-stop")
 }

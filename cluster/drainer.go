@@ -33,10 +33,9 @@ func (a serverApplier) Read(fn func(*scheduler.State))                      { a.
 // Drainer carries the drains recorded in the state forward, a round at a
 // time: scheduler.PlanDrain decides from the state, the Drainer applies.
 // It keeps nothing between rounds, so a new leader's Drainer carries on
-// any drain where the old one left it.
-//
-// Not started by the leader yet (with `pclusterctl node drain`, next); the
-// agents carry out the migrations it plans (node/migrate.go).
+// any drain where the old one left it. The leader runs a round on every
+// tick of its loop (leaderLoop); the agents carry out the migrations it
+// plans (node/migrate.go).
 type Drainer struct {
 	a       Applier
 	exclude func(*scheduler.State) map[string]string

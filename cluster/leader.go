@@ -16,8 +16,11 @@ import (
 // bootstraps raft once -bootstrap-expect servers see each other; on the
 // leader it reconciles gossip with raft and the state: voters are added and
 // removed as gossip reports members, nodes become ready or down, and loads
-// are recorded.
+// are recorded. It also runs the leader's planners on every tick: migration
+// timeouts and drains (a Drainer keeps nothing between rounds, so a new
+// leader carries on a drain from the state).
 func (s *Server) leaderLoop(ctx context.Context) {
+	drainer := NewDrainer(s.Applier(), s.unreachable, s.log)
 	tick := time.NewTicker(s.cfg.Reconcile)
 	defer tick.Stop()
 	loads := time.NewTicker(s.cfg.LoadInterval * 2)
@@ -55,6 +58,9 @@ func (s *Server) leaderLoop(ctx context.Context) {
 				s.log.Warn("reconcile membership", "err", err)
 			}
 			s.timeOutMigrations(time.Now())
+			if _, err := drainer.Round(time.Now()); err != nil {
+				s.log.Warn("drain", "err", err)
+			}
 		}
 		s.metrics.update()
 	}

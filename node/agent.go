@@ -273,7 +273,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 					continue // the ticker brings us back
 				}
 				todo = append(todo, *w)
-			case p != nil && w.Desired == scheduler.DesiredStopped && !p.stopping:
+			case p != nil && w.Desired == scheduler.DesiredStopped && !p.stopping,
+				// Rescheduled (workload-reschedule): it restarts on its
+				// desired node once this process's exit is recorded.
+				p != nil && w.Node == a.cfg.Name && w.DesiredNode != a.cfg.Name && !p.stopping:
 				a.signal(p, syscall.SIGTERM)
 				p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
 			case p != nil && p.stopping && now.After(p.killAt):

@@ -26,6 +26,7 @@ const (
 	CmdMigrationStep          CommandType = 12
 	CmdNodeDrain              CommandType = 13
 	CmdNodeDrainDone          CommandType = 14
+	CmdWorkloadReschedule     CommandType = 15
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -64,6 +65,8 @@ func (t CommandType) String() string {
 		return "node-drain"
 	case CmdNodeDrainDone:
 		return "node-drain-done"
+	case CmdWorkloadReschedule:
+		return "workload-reschedule"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -180,6 +183,17 @@ type NodeDrainDoneCmd struct {
 	Name      string `msgpack:"name"`
 	StartedAt int64  `msgpack:"started_at"`
 	At        int64  `msgpack:"at"`
+}
+
+// WorkloadRescheduleCmd restarts a running workload from its command on
+// another node (a drain's answer to a workload the engine cannot move):
+// its desired node becomes Node; its node's agent stops the process, and
+// its exit report makes it pending there, attempt+1.
+type WorkloadRescheduleCmd struct {
+	ID     string `msgpack:"id"`
+	Node   string `msgpack:"node"`
+	Reason string `msgpack:"reason"`
+	At     int64  `msgpack:"at"`
 }
 
 // CheckpointPolicyUpsertCmd records a checkpoint policy.

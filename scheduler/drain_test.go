@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 )
@@ -114,6 +115,8 @@ func describe(cs []Command) []string {
 			out = append(out, "stop "+p.ID)
 		case *NodeDrainDoneCmd:
 			out = append(out, "done "+p.Name)
+		case *WorkloadRescheduleCmd:
+			out = append(out, "restart "+p.ID+" → "+p.Node)
 		default:
 			out = append(out, c.Type.String())
 		}
@@ -128,6 +131,16 @@ func TestPlanDrain(t *testing.T) {
 		return func(s *State) {
 			for _, id := range ids {
 				s.Migrations["m-"+id] = &Migration{ID: "m-" + id, WorkloadID: id, Source: "a", Target: "c", State: st}
+			}
+		}
+	}
+	// aborted records n aborted moves of id since the drain started.
+	aborted := func(n int, id string) func(s *State) {
+		return func(s *State) {
+			for i := range n {
+				mid := fmt.Sprintf("m-%s-%d", id, i)
+				s.Migrations[mid] = &Migration{ID: mid, WorkloadID: id, Source: "a", Target: "b", State: MigrationAborted,
+					PlannedAt: t0.Add(time.Duration(i) * time.Second).UnixNano(), PlanIndex: uint64(i + 1), Error: "engine: fd 3: pipe"}
 			}
 		}
 	}
@@ -187,6 +200,27 @@ func TestPlanDrain(t *testing.T) {
 			s.Nodes["a"].Drain.MaxParallel = 3
 			s.Migrations["m-x"] = &Migration{ID: "m-x", WorkloadID: "x", Source: "q", Target: "b", State: MigrationTransferring}
 		}, []string{"move w1 → c", "move w2 → b", "move w3 → c"}, nil},
+		{"failed moves are retried", time.Minute, aborted(MaxDrainAttempts-1, "w1"), []string{"move w1 → b", "move w2 → c"}, nil},
+		{"a workload that failed every attempt stays", time.Minute, aborted(MaxDrainAttempts, "w1"),
+			[]string{"move w2 → b", "move w3 → c"}, []string{"w1"}},
+		{"a workload whose moves failed restarts elsewhere if its policy allows", time.Minute, func(s *State) {
+			aborted(MaxDrainAttempts, "w1")(s)
+			s.Workloads["w1"].Restart = RestartPolicy{Mode: RestartOnFailure}
+		}, []string{"restart w1 → b", "move w2 → c"}, nil},
+		{"its restarts used up, it stays", time.Minute, func(s *State) {
+			aborted(MaxDrainAttempts, "w1")(s)
+			s.Workloads["w1"].Restart = RestartPolicy{Mode: RestartAlways, Max: 2}
+			s.Workloads["w1"].Restarts = 2
+		}, []string{"move w2 → b", "move w3 → c"}, []string{"w1"}},
+		{"a workload being restarted elsewhere waits", time.Minute, func(s *State) {
+			s.Workloads["w1"].DesiredNode = "b"
+		}, []string{"move w2 → c", "move w3 → b"}, nil},
+		{"aborts before the drain do not count", time.Minute, func(s *State) {
+			aborted(MaxDrainAttempts, "w1")(s)
+			for _, m := range s.Migrations {
+				m.PlannedAt = t0.Add(-time.Second).UnixNano()
+			}
+		}, []string{"move w1 → b", "move w2 → c"}, nil},
 		{"not draining", time.Minute, func(s *State) { s.Nodes["a"].Drain.CompletedAt = 1 }, nil, nil},
 		{"ineligible targets", time.Minute, func(s *State) { s.Nodes["b"].Eligible, s.Nodes["c"].Drain = false, &DrainSpec{NoDeadline: true} },
 			[]string{"done c"}, []string{"w1", "w2", "w3", "w4"}},
@@ -297,4 +331,64 @@ func TestPlanDrainThroughFSM(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestWorkloadReschedule: the FSM side of a restart elsewhere. Refused
+// while the restart policy would not restart the workload, for a target a
+// migration could not go to, twice; accepted, the workload stays running
+// where it is until its process's exit is reported, which makes it pending
+// on the new node (attempt+1), after which the old node's reports are
+// stale; a migration meanwhile is refused.
+func TestWorkloadReschedule(t *testing.T) {
+	a := &applier{t: t, f: NewFSM()}
+	for _, n := range []string{"a", "b"} {
+		a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: n}, At: 1})
+	}
+	for i, mode := range []string{RestartNever, RestartOnFailure} {
+		id := fmt.Sprintf("w%d", i)
+		a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: id, Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a",
+			Restart: RestartPolicy{Mode: mode}, CreatedAt: 2}})
+		a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: id, Node: "a", Attempt: 1, PID: 100 + i, At: 3})
+	}
+	err, _ := a.apply(CmdWorkloadReschedule, &WorkloadRescheduleCmd{ID: "w0", Node: "b", Reason: "drain", At: 4}).(error)
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "restart policy never") {
+		t.Fatalf("restart policy never: got %v, want refused naming the policy", err)
+	}
+	resched := func(node string) error {
+		err, _ := a.apply(CmdWorkloadReschedule, &WorkloadRescheduleCmd{ID: "w1", Node: node, Reason: "drain", At: 4}).(error)
+		return err
+	}
+	for _, tc := range []struct {
+		node string
+		want error
+	}{{"a", ErrRefused}, {"nowhere", ErrNotFound}} {
+		if err := resched(tc.node); !errors.Is(err, tc.want) {
+			t.Errorf("reschedule to %s: got %v, want %v", tc.node, err, tc.want)
+		}
+	}
+	if err := resched("b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := resched("b"); !errors.Is(err, ErrRefused) {
+		t.Errorf("a second reschedule: got %v, want refused", err)
+	}
+	if err, _ := a.apply(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w1", Target: "b", At: 5}).(error); !errors.Is(err, ErrRefused) {
+		t.Errorf("a migration of a workload being restarted elsewhere: got %v, want refused", err)
+	}
+	var w Workload
+	a.f.Read(func(s *State) { w = *s.Workloads["w1"] })
+	if w.State != StateRunning || w.Node != "a" || w.DesiredNode != "b" || w.PID != 101 {
+		t.Fatalf("rescheduled, before the exit: %s on %s desired %s pid %d; want running on a, desired b, pid 101",
+			w.State, w.Node, w.DesiredNode, w.PID)
+	}
+	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 1, Signal: "terminated", At: 6})
+	a.f.Read(func(s *State) { w = *s.Workloads["w1"] })
+	if w.State != StatePending || w.Node != "b" || w.DesiredNode != "b" || w.Attempt != 2 || w.Restarts != 1 {
+		t.Fatalf("after the exit: %s on %s desired %s attempt %d restarts %d; want pending on b, attempt 2, 1 restart",
+			w.State, w.Node, w.DesiredNode, w.Attempt, w.Restarts)
+	}
+	if err, _ := a.apply(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w1", Node: "a", Attempt: 1, PID: 101, At: 7}).(error); !errors.Is(err, ErrStale) {
+		t.Errorf("the old node's report: got %v, want stale", err)
+	}
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w1", Node: "b", Attempt: 2, PID: 200, At: 8})
 }

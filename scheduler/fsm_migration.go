@@ -55,6 +55,9 @@ func CheckMigration(s *State, w *Workload, target string) error {
 	if w.Desired != DesiredRunning {
 		return refused(op, "workload is being stopped")
 	}
+	if w.DesiredNode != w.Node {
+		return refused(op, "workload is being restarted on %s", w.DesiredNode)
+	}
 	if m := s.ActiveMigration(w.ID); m != nil {
 		return refused(op, "workload already has migration %s (%s, %s → %s)", m.ID, m.State, m.Source, m.Target)
 	}

@@ -63,6 +63,11 @@ func allCommands(a *applier) {
 	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "c"}, At: 15})
 	a.ok(CmdNodeDrain, &NodeDrainCmd{Name: "c", Drain: &DrainSpec{NoDeadline: true, MaxParallel: 2}, At: 16})
 	a.ok(CmdNodeDrainDone, &NodeDrainDoneCmd{Name: "c", StartedAt: 16, At: 17})
+	a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: "d"}, At: 18})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w4", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a",
+		Restart: RestartPolicy{Mode: RestartAlways}, CreatedAt: 19}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w4", Node: "a", Attempt: 1, PID: 400, At: 20})
+	a.ok(CmdWorkloadReschedule, &WorkloadRescheduleCmd{ID: "w4", Node: "d", Reason: "drain", At: 21})
 }
 
 func TestFSMSnapshotRestoreEqual(t *testing.T) {

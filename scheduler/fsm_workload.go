@@ -35,6 +35,7 @@ func init() {
 	register(CmdWorkloadStarted, applyWorkloadStarted)
 	register(CmdWorkloadExited, applyWorkloadExited)
 	register(CmdWorkloadStop, applyWorkloadStop)
+	register(CmdWorkloadReschedule, applyWorkloadReschedule)
 }
 
 // applyWorkloadCreate adds a workload as committed. It refuses only what
@@ -120,6 +121,13 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 	switch {
 	case w.Desired == DesiredStopped:
 		w.State = StateStopped
+	case w.DesiredNode != w.Node:
+		// Rescheduled: the process it had here was stopped for it to
+		// start on its desired node, whatever its restart policy.
+		w.Node = w.DesiredNode
+		w.Restarts++
+		w.Attempt++
+		w.State = StatePending
 	case restartDue(w, failed):
 		w.Restarts++
 		w.Attempt++
@@ -143,6 +151,35 @@ func restartDue(w *Workload, failed bool) bool {
 		return failed
 	}
 	return false
+}
+
+// applyWorkloadReschedule points a running workload at another node, to be
+// restarted there from its command (see WorkloadRescheduleCmd). Refused: a
+// workload that is not running on a ready node or is being stopped or
+// moved, a restart policy that would not restart it, a target that could
+// not take a migration (CheckMigration's target rules).
+func applyWorkloadReschedule(s *State, idx uint64, c *WorkloadRescheduleCmd) any {
+	op := "workload reschedule " + c.ID
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("%s: %w", op, ErrNotFound)
+	}
+	if err := checkString("reason", c.Reason, MaxMessageLen); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	if !restartable(w) {
+		return refused(op, "restart policy %s (%d of %d restarts) does not restart it", w.Restart.Mode, w.Restarts, w.Restart.Max)
+	}
+	if w.DesiredNode != w.Node {
+		return refused(op, "already rescheduled to %s", w.DesiredNode)
+	}
+	if err := CheckMigration(s, w, c.Node); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	w.DesiredNode = c.Node
+	w.Message = c.Reason
+	w.ModifyIndex = idx
+	return *w
 }
 
 func applyWorkloadStop(s *State, idx uint64, c *WorkloadStopCmd) any {

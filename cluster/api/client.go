@@ -264,6 +264,13 @@ func (c *Client) SetEligibility(ctx context.Context, name string, eligible bool)
 	return out, c.do(ctx, http.MethodPost, PathNodes+"/"+url.PathEscape(name)+"/eligibility", EligibilityRequest{Eligible: &eligible}, &out)
 }
 
+// Drain starts, updates or cancels node name's drain and returns the node
+// as the state then records it.
+func (c *Client) Drain(ctx context.Context, name string, req DrainRequest) (Node, error) {
+	var out Node
+	return out, c.do(ctx, http.MethodPost, PathNodes+"/"+url.PathEscape(name)+"/drain", req, &out)
+}
+
 // Run creates a workload and returns it as placed.
 func (c *Client) Run(ctx context.Context, req RunRequest) (Workload, error) {
 	var out Workload

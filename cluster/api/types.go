@@ -8,7 +8,7 @@ import "time"
 // Paths served by pclusterd.
 const (
 	PathMembers   = "/v1/members"
-	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility
+	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility, /v1/nodes/NAME/drain
 	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
 	PathReport    = "/v1/agent/report" // POST by node agents
 	// PathMigrations: GET (?all=1: ended ones too), POST (plan);
@@ -79,6 +79,25 @@ type NodeDrain struct {
 	InFlight       int       `json:"in_flight"`        // migrations planned, transferring or committed
 	Remaining      int       `json:"remaining"`        // active workloads still placed on the node
 	Failed         []string  `json:"failed,omitempty"` // "ID: reason" of each aborted migration
+	// Stuck: "ID: reason" of each workload still on the node that the
+	// drain no longer tries to move (its moves failed every attempt).
+	Stuck []string `json:"stuck,omitempty"`
+	// Restarted: "ID on NODE" of each workload the drain restarted from
+	// its command on another node instead (its restart policy allowed).
+	Restarted []string `json:"restarted,omitempty"`
+}
+
+// DrainRequest starts, updates or cancels a node's drain (POST
+// /v1/nodes/NAME/drain). Deadline is relative to the leader's clock, in
+// nanoseconds; 0 means the default (1 h) unless NoDeadline or Force.
+// MaxParallel 0 means 1. Disable cancels the drain in progress.
+type DrainRequest struct {
+	Deadline       time.Duration `json:"deadline,omitempty"`
+	NoDeadline     bool          `json:"no_deadline,omitempty"`
+	Force          bool          `json:"force,omitempty"`
+	MaxParallel    int           `json:"max_parallel,omitempty"`
+	KeepIneligible bool          `json:"keep_ineligible,omitempty"`
+	Disable        bool          `json:"disable,omitempty"`
 }
 
 // EligibilityRequest sets whether placement may pick a node (POST

@@ -82,4 +82,10 @@ func printDrain(w io.Writer, d *api.NodeDrain) {
 	for _, f := range d.Failed {
 		fmt.Fprintf(w, "  failed:   %s\n", shown(f))
 	}
+	for _, r := range d.Restarted {
+		fmt.Fprintf(w, "  restarted from its command: %s\n", shown(r))
+	}
+	for _, s := range d.Stuck {
+		fmt.Fprintf(w, "  stuck:    %s\n", shown(s))
+	}
 }

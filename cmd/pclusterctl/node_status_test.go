@@ -15,13 +15,15 @@ import (
 )
 
 // TestNodeStatusDrain: `node status NODE` prints the node's drain and its
-// progress, one line per failed move, from the API's answer (a stand-in
+// progress, one line per failed move, per workload restarted elsewhere and
+// per workload stuck, from the API's answer (a stand-in
 // daemon on a unix socket here).
 func TestNodeStatusDrain(t *testing.T) {
 	started := time.Now().Add(-time.Minute)
 	nodes := map[string]api.Node{
 		"a": {Name: "a", Status: "ready", Drain: &api.NodeDrain{StartedAt: started, Deadline: time.Date(2026, 12, 7, 13, 0, 0, 0, time.UTC),
-			MaxParallel: 2, Moved: 3, InFlight: 1, Remaining: 2, Failed: []string{"w2: node c down"}}},
+			MaxParallel: 2, Moved: 3, InFlight: 1, Remaining: 2, Failed: []string{"w2: node c down"},
+			Restarted: []string{"w3 on b"}, Stuck: []string{"w4: fd 3: not supported"}}},
 		"b": {Name: "b", Status: "ready", Drain: &api.NodeDrain{StartedAt: started, NoDeadline: true, MaxParallel: 1,
 			CompletedAt: time.Now(), Moved: 4}},
 		"c": {Name: "c", Status: "ready", Eligible: true},
@@ -42,7 +44,7 @@ func TestNodeStatusDrain(t *testing.T) {
 		not  string
 	}{
 		{"a", []string{"Drain:      started ", " ago, deadline 2026-12-07T13:00:00Z, max-parallel 2: moved 3, in flight 1, remaining 2, failed 1\n",
-			"  failed:   w2: node c down\n"}, ""},
+			"  failed:   w2: node c down\n", "  restarted from its command: w3 on b\n", "  stuck:    w4: fd 3: not supported\n"}, ""},
 		{"b", []string{"Drain:      complete ", ": moved 4, failed 0\n"}, "failed:  "},
 		{"c", []string{"Eligible:   true\n"}, "Drain:"},
 	} {

@@ -36,9 +36,17 @@ type fileConfig struct {
 	LogLevel        string    `json:"log_level"`
 	MetricsAddr     string    `json:"metrics_addr"`
 	WorkloadGCAfter string    `json:"workload_gc_after"`
+	DrainOnShutdown bool      `json:"drain_on_shutdown"`
+	DrainTimeout    string    `json:"drain_timeout"`
 
-	encryptFlag bool // Encrypt came from the command line
+	encryptFlag  bool          // Encrypt came from the command line
+	drainTimeout time.Duration // DrainTimeout parsed by resolve
 }
+
+// defaultDrainTimeout is -drain-timeout's default: the drain's deadline on
+// shutdown. A service manager must allow the stop this much plus
+// cluster.DrainGrace (systemd: TimeoutStopSec=3min or more).
+const defaultDrainTimeout = 2 * time.Minute
 
 // mergeFile fills the settings not given as flags from a JSON file.
 func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
@@ -93,6 +101,10 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("log-level", &c.LogLevel, f.LogLevel)
 	pick("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
+	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
+	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
+		c.DrainOnShutdown = true
+	}
 	if !set["join"] && len(f.Join) > 0 {
 		c.Join = f.Join
 	}
@@ -125,6 +137,14 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 		Labels: c.Labels, Logger: logger}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket
+	}
+	c.drainTimeout = defaultDrainTimeout
+	if c.DrainTimeout != "" {
+		d, err := time.ParseDuration(c.DrainTimeout)
+		if err != nil || d <= 0 {
+			return cfg, cleanup, fmt.Errorf("drain timeout %q: want a positive duration such as 2m", c.DrainTimeout)
+		}
+		c.drainTimeout = d
 	}
 	if c.WorkloadGCAfter != "" {
 		d, err := time.ParseDuration(c.WorkloadGCAfter)

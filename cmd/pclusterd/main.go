@@ -7,6 +7,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -95,6 +96,8 @@ func run(args []string, stderr io.Writer) error {
 	fs.Var(c.Labels, "label", "node label `key=value` for placement constraints (repeatable)")
 	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
 	fs.StringVar(&c.WorkloadGCAfter, "workload-gc-after", "", "remove ended workloads from the state this `duration` after they end (default 1h)")
+	fs.BoolVar(&c.DrainOnShutdown, "drain-on-shutdown", false, "on SIGTERM or SIGINT, drain this node (move its workloads to others) before shutting down; a second signal stops waiting")
+	fs.StringVar(&c.DrainTimeout, "drain-timeout", "", "with -drain-on-shutdown: the drain's deadline, after which the workloads still here are stopped (default 2m)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -126,6 +129,20 @@ func run(args []string, stderr io.Writer) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	s := <-sig
+	if c.DrainOnShutdown {
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { // a second signal stops waiting for the drain
+			select {
+			case <-sig:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		if err := srv.DrainSelf(ctx, c.drainTimeout); err != nil {
+			slog.Warn("shutting down undrained", "err", err)
+		}
+		cancel()
+	}
 	slog.Info("shutting down", "signal", s.String())
 	srv.Shutdown()
 	return nil
