@@ -257,6 +257,23 @@ func (c *armConn) Read(p []byte) (int, error) {
 	return c.Conn.Read(p)
 }
 
+// abandonOut aborts migration m, transferring from this node but not
+// carried out by this agent: an earlier agent here began it and died. Its
+// tracer is gone, so the original is no longer frozen here (it runs on,
+// or it was killed with the tracer), and no one would ever write the
+// decision but the leader's timeout (minutes, during which the workload
+// cannot move). The state refuses the abort if the target's commit came
+// first.
+func (a *Agent) abandonOut(ctx context.Context, m scheduler.Migration) {
+	err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+		Error: fmt.Sprintf("source %s: its agent restarted during the transfer", a.cfg.Name)})
+	if err != nil {
+		a.log.Info("abandoned migration's abort not recorded", "migration", m.ID, "err", err)
+		return
+	}
+	a.log.Warn("migration abandoned: this node's agent restarted during the transfer", "migration", m.ID, "workload", m.WorkloadID)
+}
+
 // killWithTracer makes the kernel kill every thread of pid, frozen by
 // this agent's tracer, if the tracer dies (PTRACE_O_EXITKILL): a source
 // agent that dies once the target has built the copy leaves no original
