@@ -401,17 +401,33 @@ func (a *Agent) Receive(ctx context.Context, conn net.Conn, id string, attempt i
 		a.mu.Unlock()
 	}()
 	log := a.log.With("migration", m.ID, "workload", m.WorkloadID, "source", m.Source)
-	err := a.receive(ctx, conn, m, log)
+	var committing bool
+	err := a.receive(ctx, conn, m, log, &committing)
 	if err != nil {
 		log.Warn("incoming migration failed", "err", err)
+	}
+	if err != nil && !committing {
+		// What was built is removed: say so in the state, so that the
+		// source resumes the original now rather than when its own wait
+		// for our verdict ends (builtWait) if the link between us is cut.
+		// Refused, harmlessly, if the migration has ended already.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		serr := a.step(sctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+			Error: fmt.Sprintf("target %s: %v", a.cfg.Name, err)})
+		cancel()
+		if serr != nil {
+			log.Info("abort not recorded", "err", serr)
+		}
 	}
 	return err
 }
 
+// receive sets *committing before it writes the commit: from then on a
+// failure is not an abort.
 func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migration, log interface {
 	Info(string, ...any)
 	Warn(string, ...any)
-}) error {
+}, committing *bool) error {
 	// Cancelled when the state aborts the migration while we build.
 	rctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -464,6 +480,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		p.Abort()
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
+	*committing = true
 	// The commit: one raft entry moves the workload here. Retried while
 	// there is no leader; the state's answer, not ours, decides.
 	err = a.step(rctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationCommitted),
