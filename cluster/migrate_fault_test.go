@@ -224,8 +224,11 @@ func (fl *faultLab) trial(fault string, i int, at time.Duration) string {
 		code      int
 	}
 	done := make(chan result, 1)
+	// A migrate still waiting when the trial ends is killed.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	go func() {
-		cmd := exec.Command(fl.c.ctlBin, "migrate", "-address", via.socket, "-node", dst.name, w.ID)
+		cmd := exec.CommandContext(ctx, fl.c.ctlBin, "migrate", "-address", via.socket, "-node", dst.name, w.ID)
 		cmd.Env = append(os.Environ(), "PCLUSTER_ADDR=", "PCLUSTER_KEY_FILE=")
 		var r result
 		var o, e strings.Builder
