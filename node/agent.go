@@ -232,6 +232,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		pid int
 	}
 	var outs []out
+	var orphanedOut []scheduler.Migration // transferring, by an earlier agent here
 	now := time.Now()
 	present := map[string]bool{}
 	a.cfg.FSM.Read(func(s *scheduler.State) {
@@ -241,6 +242,11 @@ func (a *Agent) reconcile(ctx context.Context) {
 			}
 		}
 		for _, m := range s.Migrations {
+			if m.Source == a.cfg.Name && m.State == scheduler.MigrationTransferring && !a.outgoing[m.ID] {
+				a.outgoing[m.ID] = true
+				orphanedOut = append(orphanedOut, *m)
+				continue
+			}
 			if m.Source != a.cfg.Name || m.State != scheduler.MigrationPlanned || a.outgoing[m.ID] {
 				continue
 			}
@@ -299,6 +305,13 @@ func (a *Agent) reconcile(ctx context.Context) {
 	}
 	for _, w := range todo {
 		a.start(w)
+	}
+	for _, m := range orphanedOut {
+		a.outWG.Add(1)
+		go func() { // ends with the step; Run waits for it
+			defer a.outWG.Done()
+			a.abandonOut(ctx, m)
+		}()
 	}
 	for _, o := range outs {
 		a.outWG.Add(1)

@@ -7,9 +7,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/loader"
@@ -199,6 +202,16 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		committed = c
 		return err
 	}
+	// Once the whole snapshot is sent the target may build the copy and
+	// commit it: if this agent dies from then on, its tracer's end must
+	// kill the frozen original rather than let it run on as a second copy.
+	conn = &armConn{Conn: conn, arm: func() {
+		if err := a.killWithTracer(pid); err != nil {
+			log.Warn("frozen original not bound to this agent's life", "pid", pid, "err", err)
+			return
+		}
+		log.Info("snapshot sent; the frozen original now dies with this agent", "pid", pid)
+	}}
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
@@ -218,6 +231,73 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
 		abort(err)
 	}
+}
+
+// armConn calls arm when the sink begins to wait for the receiver's
+// verdict, right after the last byte of the snapshot: the second read
+// that follows writes (the stream's wire, migrate/stream: our greeting,
+// the receiver's greeting, the snapshot, the receiver's verdict).
+// TestMigrateFaults's kill-source trials fail if it is not called.
+type armConn struct {
+	net.Conn
+	arm   func()
+	wrote atomic.Bool
+	turns atomic.Int32
+}
+
+func (c *armConn) Write(p []byte) (int, error) {
+	c.wrote.Store(true)
+	return c.Conn.Write(p)
+}
+
+func (c *armConn) Read(p []byte) (int, error) {
+	if c.wrote.Swap(false) && c.turns.Add(1) == 2 {
+		c.arm()
+	}
+	return c.Conn.Read(p)
+}
+
+// abandonOut aborts migration m, transferring from this node but not
+// carried out by this agent: an earlier agent here began it and died. Its
+// tracer is gone, so the original is no longer frozen here (it runs on,
+// or it was killed with the tracer), and no one would ever write the
+// decision but the leader's timeout (minutes, during which the workload
+// cannot move). The state refuses the abort if the target's commit came
+// first.
+func (a *Agent) abandonOut(ctx context.Context, m scheduler.Migration) {
+	err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+		Error: fmt.Sprintf("source %s: its agent restarted during the transfer", a.cfg.Name)})
+	if err != nil {
+		a.log.Info("abandoned migration's abort not recorded", "migration", m.ID, "err", err)
+		return
+	}
+	a.log.Warn("migration abandoned: this node's agent restarted during the transfer", "migration", m.ID, "workload", m.WorkloadID)
+}
+
+// killWithTracer makes the kernel kill every thread of pid, frozen by
+// this agent's tracer, if the tracer dies (PTRACE_O_EXITKILL): a source
+// agent that dies once the target has built the copy leaves no original
+// that resumes when its tracer goes. Should the abort win instead, the
+// workload ends and its end is reported by the next agent (its restart
+// policy applies): none, reported, rather than two. The resume detaches,
+// which drops the option.
+func (a *Agent) killWithTracer(pid int) error {
+	return a.tracer().Do(func() error {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			return fmt.Errorf("threads of pid %d: %w", pid, err)
+		}
+		for _, e := range tasks {
+			tid, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			if err := ptrace.SetOptions(tid, unix.PTRACE_O_EXITKILL); err != nil {
+				return fmt.Errorf("thread %d of pid %d: PTRACE_O_EXITKILL: %w", tid, pid, err)
+			}
+		}
+		return nil
+	})
 }
 
 // decide waits for the raft state to decide migration m once the target
@@ -321,17 +401,33 @@ func (a *Agent) Receive(ctx context.Context, conn net.Conn, id string, attempt i
 		a.mu.Unlock()
 	}()
 	log := a.log.With("migration", m.ID, "workload", m.WorkloadID, "source", m.Source)
-	err := a.receive(ctx, conn, m, log)
+	var committing bool
+	err := a.receive(ctx, conn, m, log, &committing)
 	if err != nil {
 		log.Warn("incoming migration failed", "err", err)
+	}
+	if err != nil && !committing {
+		// What was built is removed: say so in the state, so that the
+		// source resumes the original now rather than when its own wait
+		// for our verdict ends (builtWait) if the link between us is cut.
+		// Refused, harmlessly, if the migration has ended already.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		serr := a.step(sctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+			Error: fmt.Sprintf("target %s: %v", a.cfg.Name, err)})
+		cancel()
+		if serr != nil {
+			log.Info("abort not recorded", "err", serr)
+		}
 	}
 	return err
 }
 
+// receive sets *committing before it writes the commit: from then on a
+// failure is not an abort.
 func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migration, log interface {
 	Info(string, ...any)
 	Warn(string, ...any)
-}) error {
+}, committing *bool) error {
 	// Cancelled when the state aborts the migration while we build.
 	rctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -384,6 +480,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		p.Abort()
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
+	*committing = true
 	// The commit: one raft entry moves the workload here. Retried while
 	// there is no leader; the state's answer, not ours, decides.
 	err = a.step(rctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationCommitted),

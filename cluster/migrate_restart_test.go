@@ -1,0 +1,99 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// TestMigrateSourceRestartMidStream SIGKILLs the source's pclusterd while
+// it streams a 32 MiB workload over a slowed link, and restarts it at
+// once. The dead agent's tracer released the original, which runs on; the
+// target's build fails with the stream. The restarted agent finds the
+// migration transferring from its node but not its own, and aborts it:
+// the migration ends within a minute (not at the leader's 5-minute
+// timeout, during which the workload could not move), and the workload
+// runs on the source, adopted, with its PID, the only copy.
+func TestMigrateSourceRestartMidStream(t *testing.T) {
+	c := newTestCluster(t)
+	bin := fixture.Build(t, "bigheap")
+	lab, nodes := startLab(t, c, 100+int(c.prefix[5])%50)
+	src, dst := nodes[0], nodes[1]
+	var w api.Workload
+	c.ctlJSON(src, &w, "run", "-node", src.name, bin, "32")
+	logPath := filepath.Join(src.dataDir, "workloads", w.ID, "stdout.log")
+	c.waitFor(30*time.Second, "bigheap to tick", func() error {
+		if lastTick(logPath) < 1 {
+			return fmt.Errorf("no tick yet")
+		}
+		return nil
+	})
+	w, _ = workloadOn(src, w.ID)
+	pid := w.PID
+	lab.Hosts[0].Shape(t, "20mbit")
+	done := make(chan int, 1)
+	go func() {
+		_, _, code := c.ctlRun("migrate", "-address", dst.socket, "-node", dst.name, w.ID)
+		done <- code
+	}()
+	c.waitFor(30*time.Second, "the target to build", func() error {
+		for _, st := range childrenOf(dst.cmd.Process.Pid) {
+			if st == 't' {
+				return nil
+			}
+		}
+		return fmt.Errorf("no traced child of %s", dst.name)
+	})
+	c.kill(src)
+	c.launch(src)
+	lab.Hosts[0].Shape(t, "")
+	c.waitFor(60*time.Second, "the migration to end", func() error {
+		ms, err := dst.client.Migrations(context.Background(), true)
+		if err != nil {
+			return err
+		}
+		for _, m := range ms {
+			if m.Workload == w.ID && m.State != "aborted" {
+				return fmt.Errorf("migration %s: %s", m.ID, m.State)
+			}
+		}
+		return nil
+	})
+	select {
+	case code := <-done:
+		if code != 1 {
+			t.Errorf("migrate exit %d, want 1 (aborted)", code)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("migrate did not end")
+	}
+	c.waitFor(30*time.Second, "the workload running on the source", func() error {
+		got, err := workloadOn(dst, w.ID)
+		if err != nil || got.State != "running" || got.Node != src.name || got.PID != pid {
+			return fmt.Errorf("%s on %s pid %d (%v), want running on %s pid %d", got.State, got.Node, got.PID, err, src.name, pid)
+		}
+		return nil
+	})
+	if cs := copies(bin); len(cs) != 1 || cs[0] != pid {
+		t.Fatalf("copies %v, want exactly [%d]", cs, pid)
+	}
+	at := lastTick(logPath)
+	c.waitFor(30*time.Second, "the original to tick on", func() error {
+		if n := lastTick(logPath); n < at+2 {
+			return fmt.Errorf("last tick %d", n)
+		}
+		return nil
+	})
+	c.ctl(dst, "stop", w.ID)
+	c.waitFor(30*time.Second, "the stop", func() error {
+		if cs := copies(bin); len(cs) > 0 {
+			return fmt.Errorf("copies %v", cs)
+		}
+		return nil
+	})
+}
