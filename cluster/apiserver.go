@@ -736,11 +736,20 @@ func (s *Server) applyReport(rep api.Report) (any, error) {
 	return nil, badRequest("report: unknown kind %q", rep.Kind)
 }
 
-// report is the node agent's way to the leader: applied directly when this
-// node leads, otherwise sent to the leader's API.
+// report is the node agent's way to send a report to the leader (toLeader).
 func (s *Server) report(ctx context.Context, rep api.Report) error {
+	return s.toLeader(func() (any, error) { return s.applyReport(rep) },
+		func(c *api.Client) error { return c.Report(ctx, rep) })
+}
+
+// toLeader carries a write of this node's agent to the leader: apply runs
+// it when this node leads (a refusal the API would answer with a 4xx comes
+// back as the *api.Error a remote leader would send, so the agent tells
+// refusals from failures the same way both ways); otherwise send makes
+// the request to the leader's API, once (the agent retries).
+func (s *Server) toLeader(apply func() (any, error), send func(*api.Client) error) error {
 	if s.IsLeader() {
-		_, err := s.applyReport(rep)
+		_, err := apply()
 		if err != nil && statusOf(err) < 500 {
 			return &api.Error{Status: statusOf(err), Message: err.Error()}
 		}
@@ -752,7 +761,7 @@ func (s *Server) report(ctx context.Context, rep api.Report) error {
 	}
 	c := api.NewWithHTTP(addr, s.peerHTTP)
 	c.Wait = 0
-	return c.Report(ctx, rep)
+	return send(c)
 }
 
 func apiLoad(l scheduler.Load) api.Load {

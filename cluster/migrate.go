@@ -213,23 +213,10 @@ func (s *Server) applyStep(st api.MigrationStep) (any, error) {
 		Bytes: st.Bytes, At: st.At.UnixNano()})
 }
 
-// step is the node agent's way to write a migration step: applied
-// directly when this node leads, otherwise sent to the leader's API.
+// step is the node agent's way to write a migration step (toLeader).
 func (s *Server) step(ctx context.Context, st api.MigrationStep) error {
-	if s.IsLeader() {
-		_, err := s.applyStep(st)
-		if err != nil && statusOf(err) < 500 {
-			return &api.Error{Status: statusOf(err), Message: err.Error()}
-		}
-		return err
-	}
-	addr, err := s.leaderAPI()
-	if err != nil {
-		return err
-	}
-	c := api.NewWithHTTP(addr, s.peerHTTP)
-	c.Wait = 0
-	return c.MigrationStep(ctx, st)
+	return s.toLeader(func() (any, error) { return s.applyStep(st) },
+		func(c *api.Client) error { return c.MigrationStep(ctx, st) })
 }
 
 // handleTransfer takes the stream of a migration to this node. Only over
