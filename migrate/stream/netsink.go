@@ -120,7 +120,7 @@ func greetReceiver(spec string, c net.Conn, opt SinkOptions) (*netSink, error) {
 		case err == nil:
 			err = fmt.Errorf("connected to %s, but it answered something other than a pcluster greeting: not a pthaw", c.RemoteAddr())
 		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-			err = fmt.Errorf("connected to %s, but it closed the connection without greeting: a pthaw that already took another sender, or is greeting too many connections at once", c.RemoteAddr())
+			err = fmt.Errorf("connected to %s, but it closed the connection without greeting: a pthaw that already took another sender, or one that dropped this connection to make room among a flood of others (try again)", c.RemoteAddr())
 		case errors.As(err, &ne) && ne.Timeout():
 			err = fmt.Errorf("connected to %s, but no greeting came back within %v: something listens there that is not a pthaw ready to receive (a pthaw greets at once; plain listeners such as nc never do)", c.RemoteAddr(), greet)
 		default:
