@@ -3,11 +3,9 @@ package cluster_test
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/internal/fixture"
 )
 
@@ -24,16 +22,7 @@ func TestMigrateSourceRestartMidStream(t *testing.T) {
 	bin := fixture.Build(t, "bigheap")
 	lab, nodes := startLab(t, c, 100+int(c.prefix[5])%50)
 	src, dst := nodes[0], nodes[1]
-	var w api.Workload
-	c.ctlJSON(src, &w, "run", "-node", src.name, bin, "32")
-	logPath := filepath.Join(src.dataDir, "workloads", w.ID, "stdout.log")
-	c.waitFor(30*time.Second, "bigheap to tick", func() error {
-		if lastTick(logPath) < 1 {
-			return fmt.Errorf("no tick yet")
-		}
-		return nil
-	})
-	w, _ = workloadOn(src, w.ID)
+	w, logPath := runTicking(c, src, bin, "32")
 	pid := w.PID
 	lab.Hosts[0].Shape(t, "20mbit")
 	done := make(chan int, 1)

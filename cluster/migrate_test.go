@@ -295,6 +295,23 @@ func childrenOf(pid int) map[int]byte {
 	return out
 }
 
+// runTicking runs bin with args on node nd and waits for its first tick in
+// the node's log; it returns the workload as running (with its PID) and
+// the path of its stdout log.
+func runTicking(c *testCluster, nd *testNode, bin string, args ...string) (api.Workload, string) {
+	var w api.Workload
+	c.ctlJSON(nd, &w, append([]string{"run", "-node", nd.name, bin}, args...)...)
+	logPath := filepath.Join(nd.dataDir, "workloads", w.ID, "stdout.log")
+	c.waitFor(30*time.Second, filepath.Base(bin)+" to tick", func() error {
+		if lastTick(logPath) < 1 {
+			return fmt.Errorf("no tick yet")
+		}
+		return nil
+	})
+	w, _ = workloadOn(nd, w.ID)
+	return w, logPath
+}
+
 // lastTick returns the last "tick N" of bigheap's log at path.
 func lastTick(path string) int {
 	b, _ := os.ReadFile(path)
@@ -318,16 +335,7 @@ func TestMigrateFailureResumes(t *testing.T) {
 	lab, nodes := startLab(t, c, 100+int(c.prefix[3])%50)
 	src, dst := nodes[0], nodes[1]
 	for _, fault := range []string{"kill the half-built process", "cut the link"} {
-		var w api.Workload
-		c.ctlJSON(src, &w, "run", "-node", src.name, bin, "32")
-		logPath := filepath.Join(src.dataDir, "workloads", w.ID, "stdout.log")
-		c.waitFor(30*time.Second, "bigheap to tick", func() error {
-			if lastTick(logPath) < 1 {
-				return fmt.Errorf("no tick yet")
-			}
-			return nil
-		})
-		w, _ = workloadOn(src, w.ID)
+		w, logPath := runTicking(c, src, bin, "32")
 		pid := w.PID
 		// Slow the stream down (the source's egress) so the fault lands
 		// while the target builds.

@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/pcluster/pcluster/internal/netlab"
 )
 
 // TestPartitionHeals isolates one of three nodes, each in its own network
@@ -17,25 +15,7 @@ import (
 // by itself and is ready again.
 func TestPartitionHeals(t *testing.T) {
 	c := newTestCluster(t)
-	lab := netlab.New(t, 3, 100+int(c.prefix[1])%50)
-	var nodes []*testNode
-	for i := 1; i <= 3; i++ {
-		extra := []string{"-bootstrap-expect", "3"}
-		if i > 1 {
-			extra = append(extra, "-join", lab.Hosts[0].Addr+":7946")
-		}
-		h := lab.Hosts[i-1]
-		nodes = append(nodes, c.startAt(i, h.Addr, 7946, h.NS, extra...))
-	}
-	// Stop the daemons before the namespaces go (cleanups run last-in first).
-	t.Cleanup(func() {
-		for _, nd := range nodes {
-			c.stop(nd)
-		}
-	})
-	for _, nd := range nodes {
-		c.waitFor(30*time.Second, nd.name+" to converge", func() error { return converged(nd, 3) })
-	}
+	lab, nodes := startLab(t, c, 100+int(c.prefix[1])%50)
 	isolated := nodes[2]
 	start := time.Now()
 	phase := func(what string) { t.Logf("%6.1fs %s", time.Since(start).Seconds(), what) }
