@@ -466,15 +466,11 @@ func TestBadTreePIDNamespace(t *testing.T) {
 	})
 }
 
-// restoreDamagedTree freezes a running forkserver tree (its PIDs stay
-// taken) and runs pthaw with flag on 24 damaged copies of the snapshot
-// (seeded with seed): each must fail with one line on stderr; then
-// leftovers looks for what it left (given the original, its binary and
-// how many processes ran it before). While it runs the test is a child
-// subreaper, so that whatever pthaw leaves behind becomes its child
-// instead of hiding under PID 1.
-func restoreDamagedTree(t *testing.T, flag string, seed int64, leftovers func(t *testing.T, p *fixture.Proc, bin string, originals int)) {
-	needRoot(t)
+// forkserverSnapshot starts a forkserver tree, waits for it to tick and
+// freezes it with -tree (it runs on); it returns the tree, its binary and
+// the snapshot's bytes.
+func forkserverSnapshot(t *testing.T) (*fixture.Proc, string, []byte) {
+	t.Helper()
 	bin := fixture.Build(t, "forkserver")
 	p := fixture.StartGroup(t, bin)
 	forkTick(t, p.Lines)
@@ -484,6 +480,19 @@ func restoreDamagedTree(t *testing.T, flag string, seed int64, leftovers func(t 
 	if err != nil {
 		t.Fatal(err)
 	}
+	return p, bin, good
+}
+
+// restoreDamagedTree freezes a running forkserver tree (its PIDs stay
+// taken) and runs pthaw with flag on 24 damaged copies of the snapshot
+// (seeded with seed): each must fail with one line on stderr; then
+// leftovers looks for what it left (given the original, its binary and
+// how many processes ran it before). While it runs the test is a child
+// subreaper, so that whatever pthaw leaves behind becomes its child
+// instead of hiding under PID 1.
+func restoreDamagedTree(t *testing.T, flag string, seed int64, leftovers func(t *testing.T, p *fixture.Proc, bin string, originals int)) {
+	needRoot(t)
+	p, bin, good := forkserverSnapshot(t)
 	originals := len(processesOf(bin))
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		t.Fatal(err)

@@ -62,15 +62,7 @@ func TestFreezeToStalledPipe(t *testing.T) {
 // leaving nothing of the restore behind. (Before, pthaw waited for ever.)
 func TestThawFromStalledPipe(t *testing.T) {
 	needRoot(t)
-	bin := fixture.Build(t, "forkserver")
-	p := fixture.StartGroup(t, bin)
-	forkTick(t, p.Lines)
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
-	good, err := os.ReadFile(snap)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, _, good := forkserverSnapshot(t)
 	for _, c := range []struct {
 		name string
 		data []byte

@@ -12,8 +12,6 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/pcluster/pcluster/internal/fixture"
 )
 
 // TestBadTreeReaped restores damaged snapshots of the forkserver tree,
@@ -28,15 +26,7 @@ import (
 // inherits, so whatever remains of the restore is found by its session.
 func TestBadTreeReaped(t *testing.T) {
 	needRoot(t)
-	bin := fixture.Build(t, "forkserver")
-	p := fixture.StartGroup(t, bin)
-	forkTick(t, p.Lines)
-	snap := filepath.Join(t.TempDir(), "snap")
-	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
-	good, err := os.ReadFile(snap)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, _, good := forkserverSnapshot(t)
 	hdr := bytes.IndexByte(good, '\n') + 1
 	flipped := append([]byte(nil), good...)
 	flipped[len(flipped)-1] ^= 1
