@@ -205,19 +205,24 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	// Once the whole snapshot is sent the target may build the copy and
 	// commit it: if this agent dies from then on, its tracer's end must
 	// kill the frozen original rather than let it run on as a second copy.
-	conn = &armConn{Conn: conn, arm: func() {
+	// The source's reason must reach the state before the target sees the
+	// stream end (the target would report its own, "connection closed",
+	// and the state keeps the first): Close waits for release.
+	ac := &armConn{Conn: conn, held: true, arm: func() {
 		if err := a.killWithTracer(pid); err != nil {
 			log.Warn("frozen original not bound to this agent's life", "pid", pid, "err", err)
 			return
 		}
 		log.Info("snapshot sent; the frozen original now dies with this agent", "pid", pid)
 	}}
+	conn = ac
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide})
 	}
 	if committed {
+		ac.release()
 		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
 		if err != nil {
 			// The state moved the workload: the target starts it on its
@@ -229,8 +234,13 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	}
 	log.Warn("migration failed; workload resumed here", "err", err)
 	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
+		// Not held past a few seconds: without a leader the abort may
+		// wait long, and the target should not hold its half-built copy.
+		t := time.AfterFunc(5*time.Second, ac.release)
 		abort(err)
+		t.Stop()
 	}
+	ac.release()
 }
 
 // armConn calls arm when the sink begins to wait for the receiver's
@@ -243,6 +253,30 @@ type armConn struct {
 	arm   func()
 	wrote atomic.Bool
 	turns atomic.Int32
+
+	mu   sync.Mutex
+	held bool // Close is put off until release
+}
+
+// Close closes the connection, unless it is held: then it only ends
+// every read and write under way (the sink's Abort closes to unblock
+// them), and release closes.
+func (c *armConn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.held {
+		c.Conn.SetDeadline(time.Unix(1, 0))
+		return nil
+	}
+	return c.Conn.Close()
+}
+
+// release closes the connection and lets Close close it from now on.
+func (c *armConn) release() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.held = false
+	c.Conn.Close()
 }
 
 func (c *armConn) Write(p []byte) (int, error) {
