@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -136,7 +137,9 @@ func request(client *netlab.Host, addr string) (n, pid int, err error) {
 // logged), and a new connection to the VIP reaches the same process
 // (same pid, its count of connections carried on). Stopping the workload
 // removes the VIP from every host. A restarted agent keeps the VIP of
-// the workload it adopts, and its record names it.
+// the workload it adopts, and its record names it. A migration that fails
+// takes the VIP off the source while the process is frozen and puts it
+// back when it resumes.
 func TestVIPFollowsMigrations(t *testing.T) {
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "vipecho")
@@ -286,4 +289,59 @@ func TestVIPFollowsMigrations(t *testing.T) {
 			t.Errorf("%s's vips.json still names %s: %s", nd.name, vip, b)
 		}
 	}
+
+	// A migration that fails: the VIP leaves the source once the process
+	// is frozen, and comes back when it resumes. A larger process, its
+	// stream slowed, so that the target is caught building it.
+	big := fixture.Build(t, "bigheap")
+	src, dst := nodes[0], nodes[1]
+	var bw api.Workload
+	c.ctlJSON(src, &bw, "run", "-node", src.name, "-vip", vip.String(), big, "32")
+	c.waitFor(20*time.Second, "the VIP on "+src.name, func() error {
+		if got := holders(t, hosts, handles, vip); len(got) != 1 || got[0] != hosts[0].NS {
+			return fmt.Errorf("held by %v", got)
+		}
+		return nil
+	})
+	hosts[0].Shape(t, "20mbit")
+	done := make(chan int, 1)
+	go func() {
+		_, _, code := c.ctlRun("migrate", "-address", src.socket, "-node", dst.name, bw.ID)
+		done <- code
+	}()
+	c.waitFor(30*time.Second, "the target to build", func() error {
+		for child, st := range childrenOf(dst.cmd.Process.Pid) {
+			if st == 't' {
+				if got := holders(t, hosts, handles, vip); len(got) != 0 {
+					t.Errorf("VIP held by %v while the process is frozen, want by none", got)
+				}
+				syscall.Kill(child, syscall.SIGKILL)
+				return nil
+			}
+		}
+		return fmt.Errorf("no traced child of %s", dst.name)
+	})
+	var code int
+	select {
+	case code = <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("migrate did not end")
+	}
+	hosts[0].Shape(t, "")
+	if code != 1 {
+		t.Fatalf("migrate with its target's build killed: exit %d, want 1", code)
+	}
+	c.waitFor(20*time.Second, "the VIP back on "+src.name, func() error {
+		if got := holders(t, hosts, handles, vip); len(got) != 1 || got[0] != hosts[0].NS {
+			return fmt.Errorf("held by %v", got)
+		}
+		return nil
+	})
+	c.ctl(src, "stop", bw.ID)
+	c.waitFor(30*time.Second, "the VIP removed after the stop", func() error {
+		if got := holders(t, hosts, handles, vip); len(got) != 0 {
+			return fmt.Errorf("held by %v", got)
+		}
+		return nil
+	})
 }
