@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -344,4 +345,39 @@ func TestVIPFollowsMigrations(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestVIPNeedsCapabilities: a node whose pclusterd lacks CAP_NET_RAW takes
+// workloads, but a workload with a VIP is refused at placement with one
+// line naming the capability, and nothing is placed.
+func TestVIPNeedsCapabilities(t *testing.T) {
+	c := newTestCluster(t)
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Skip("setpriv not installed (util-linux)")
+	}
+	c.wrap = []string{"setpriv", "--bounding-set=-net_raw", "--"}
+	nd := c.start(1, "-bootstrap-expect", "1")
+	c.waitFor(30*time.Second, nd.name+" to converge", func() error { return converged(nd, 1) })
+	for _, args := range [][]string{{"run", "-vip", "198.18.0.50/24"}, {"run", "-node", nd.name, "-vip", "198.18.0.50"}} {
+		var out, errs string
+		var code int
+		c.waitFor(30*time.Second, "the node registered", func() error {
+			out, errs, code = c.ctlRun(append(withFlags(args, "-address", nd.socket), "sleep", "60")...)
+			if strings.Contains(errs, "no eligible node") && !strings.Contains(errs, "virtual IP") {
+				return fmt.Errorf("%s", errs) // registered without its metadata yet
+			}
+			return nil
+		})
+		t.Logf("pclusterctl %v: exit %d: %s", args, code, strings.TrimSpace(errs))
+		if code != 1 || !strings.Contains(errs, "cannot carry virtual IPs: pclusterd lacks CAP_NET_RAW") || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
+			t.Errorf("pclusterctl %v on a node without CAP_NET_RAW: exit %d, stdout %q, stderr %q; want exit 1 and one line naming CAP_NET_RAW", args, code, out, errs)
+		}
+	}
+	var ws []api.Workload
+	c.ctlJSON(nd, &ws, "ps", "-a")
+	if len(ws) != 0 {
+		t.Errorf("workloads after the refusals: %+v, want none", ws)
+	}
+	// Without a VIP the node takes work.
+	c.ctl(nd, "run", "sleep", "60")
 }
