@@ -22,10 +22,10 @@ type Flag struct {
 
 // ParseDefaults reads the output of flag.PrintDefaults:
 //
-//	  -name type
-//	    	usage, continued
-//	    	on further lines (default X)
-//	  -x	short bool usage
+//	-name type
+//	  	usage, continued
+//	  	on further lines (default X)
+//	-x	short bool usage
 //
 // and returns the flags in order. Other lines (a "usage:" header) are
 // skipped.
