@@ -198,7 +198,7 @@ func (p Page) Markdown(root string, t Tool, version, date string) ([]byte, error
 	if len(t.Commands) > 0 {
 		b.WriteString("# COMMAND FLAGS\n")
 		for _, c := range t.Commands {
-			fmt.Fprintf(&b, "## %s %s\n%s\n\n", p.Name, escape(c.Synopsis), escape(c.Summary))
+			fmt.Fprintf(&b, "### %s %s\n%s\n\n", p.Name, escape(c.Synopsis), escape(c.Summary))
 			var own []Flag
 			for _, f := range c.Flags {
 				if !hasFlag(common, f.Name) {
