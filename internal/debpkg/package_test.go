@@ -202,7 +202,7 @@ func checkCompletion(t *testing.T, r string) {
 		{[]string{"pclusterctl", "node", "d"}, "drain"},
 		{[]string{"pclusterctl", "node", "drain", "-max"}, "-max-parallel"},
 		{[]string{"pclusterctl", "ps", "-j"}, "-json"},
-		{[]string{"pclusterctl", "ps", "-a"}, "-a -address"},
+		{[]string{"pclusterctl", "ps", "-addr"}, "-address"},
 		{[]string{"pclusterd", "key"}, "keygen"},
 		{[]string{"pclusterd", "-drain-o"}, "-drain-on-shutdown"},
 	} {
@@ -325,12 +325,19 @@ exec setpriv --inh-caps=-all --bounding-set=-all,%[3]s %[2]s%[4]s "$@"`, tmp, r,
 	for workload == 0 {
 		out, err := ctl("status", "-json", w.ID)
 		var st struct {
-			State string
-			PID   int
+			State, Message string
+			PID, Restarts  int
 		}
-		if err == nil && json.Unmarshal([]byte(out), &st) == nil && st.State == "running" && st.PID > 0 {
-			workload = st.PID
-			break
+		if err == nil && json.Unmarshal([]byte(out), &st) == nil {
+			if st.State == "running" && st.PID > 0 {
+				workload = st.PID
+				break
+			}
+			// A start that failed (a capability the unit lacks) ends
+			// the workload or restarts it: either way it is over.
+			if (st.State != "pending" && st.State != "running") || st.Restarts > 0 {
+				t.Fatalf("workload under the unit's capabilities: %s (restarts %d): %s", st.State, st.Restarts, st.Message)
+			}
 		}
 		select {
 		case err := <-exited:
