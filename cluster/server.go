@@ -207,7 +207,7 @@ func Start(cfg Config) (s *Server, err error) {
 	// Workloads get only fds 0-2 and their own (node.KeepFDsFromWorkloads).
 	node.KeepFDsFromWorkloads()
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
-		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Logger: s.log})
+		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}
