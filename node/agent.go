@@ -72,6 +72,9 @@ type Config struct {
 	Cgroups     bool
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
+	// VIPInterface carries the workloads' virtual IPs; "": the interface
+	// whose subnet holds each (node/vip.go).
+	VIPInterface string
 }
 
 // proc is one workload process this agent watches.
@@ -136,6 +139,8 @@ type Agent struct {
 	syncedWith string
 	syncIndex  uint64
 	retrySync  time.Time
+
+	vips *vips // the virtual IPs this node carries (node/vip.go)
 }
 
 // New returns an agent; call Run to start it.
@@ -151,6 +156,7 @@ func New(cfg Config) *Agent {
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
 		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{},
+		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 	if cfg.Cgroups {
 		cg, err := openCgroups(cfg.Name, cfg.DataDir)
@@ -191,6 +197,7 @@ func (a *Agent) Run(ctx context.Context) {
 		// tracer must outlive every decision, or the process would resume
 		// while the target may start its copy.
 		a.outWG.Wait()
+		a.vips.close()
 		a.trOnce.Do(func() {})
 		if a.tr != nil {
 			a.tr.Close()
@@ -411,6 +418,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			a.migrateOut(ctx, o.m, o.pid)
 		}()
 	}
+	a.reconcileVIPs()
 }
 
 // lostArrival settles a workload the state moved here by a migration

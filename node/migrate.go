@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -210,10 +209,12 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	// stream end (the target would report its own, "connection closed",
 	// and the state keeps the first): Close waits for release.
 	// With cgroups the hold outlives the agent instead: the original's
-	// cgroup is frozen before the first byte of its snapshot leaves (the
-	// process is ptrace-stopped then and needs to run no more for the
-	// capture), so that whatever happens to this agent the original
-	// neither runs on nor dies until the state decides (settleHeld).
+	// cgroup is frozen before the first byte of its snapshot leaves
+	// (capture's Frozen hook: every thread is ptrace-stopped and the
+	// capture's injected calls are done; a task of a frozen cgroup that
+	// the tracer resumes would drop into the freezer instead of running
+	// them), so that whatever happens to this agent the original neither
+	// runs on nor dies until the state decides (settleHeld).
 	hold := a.holdFor(m, pid, log)
 	ac := &armConn{Conn: conn, held: true, arm: func() {
 		if hold != nil && hold.frozen.Load() {
@@ -227,14 +228,19 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		log.Info("snapshot sent; the frozen original now dies with this agent", "pid", pid)
 	}}
 	if hold != nil {
-		ac.hold = hold.freeze
 		defer a.unhold(m.WorkloadID)
 	}
 	conn = ac
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
-			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide})
+			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
+			Frozen: func() {
+				if hold != nil {
+					hold.freeze()
+				}
+				a.vips.freeze(m.WorkloadID)
+			}})
 	}
 	if committed {
 		ac.release()
@@ -245,6 +251,7 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 			}
 		}
 		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		a.vips.thaw(m.WorkloadID, "") // gone from here: reconcile keeps it off
 		if err != nil {
 			// The state moved the workload: the target starts it on its
 			// own replica's word, with or without our commit on the wire.
@@ -255,6 +262,7 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	}
 	if hold == nil || !hold.frozen.Load() {
 		log.Warn("migration failed; workload resumed here", "err", err)
+		a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
 	}
 	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
 		// Not held past a few seconds: without a leader the abort may
@@ -285,6 +293,7 @@ func (a *Agent) settleOut(ctx context.Context, m scheduler.Migration, hold *cgHo
 	case ok && got.State != scheduler.MigrationAborted:
 		log.Warn("migration failed here but committed by the target: killing the original", "err", why)
 		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		a.vips.thaw(m.WorkloadID, "") // gone from here
 		if err := kill(hold.dir); err != nil {
 			log.Warn("kill the original's cgroup", "err", err)
 		}
@@ -294,36 +303,27 @@ func (a *Agent) settleOut(ctx context.Context, m scheduler.Migration, hold *cgHo
 			log.Warn("thaw the original", "err", err)
 			return
 		}
+		a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
 		log.Warn("migration failed; workload resumed here", "err", why)
 	}
 }
 
-// cgHold is a migrating original's cgroup, frozen by armConn once the
-// process is stopped for its capture.
+// cgHold is a migrating original's cgroup, frozen once the process is
+// stopped for its capture (capture's Frozen hook).
 type cgHold struct {
 	dir    string
-	pid    int
 	log    interface{ Warn(string, ...any) }
 	frozen atomic.Bool
 }
 
-// freeze freezes the cgroup if the process is stopped by this agent's
-// tracer (the capture has attached; it injects its calls before writing
-// the first record): called before each write of the snapshot until it
-// succeeds.
-func (h *cgHold) freeze() bool {
-	if h.frozen.Load() {
-		return true
-	}
-	if tracerOf(h.pid) != os.Getpid() {
-		return false
-	}
+// freeze freezes the cgroup; on failure the original is held by the
+// agent's ptrace alone (armConn's PTRACE_O_EXITKILL).
+func (h *cgHold) freeze() {
 	if err := freeze(h.dir, true); err != nil {
 		h.log.Warn("original's cgroup not frozen: held by this agent's ptrace alone", "err", err)
-		return true // not again
+		return
 	}
 	h.frozen.Store(true)
-	return true
 }
 
 // holdFor returns the hold of migration m's original, pid: its cgroup,
@@ -342,28 +342,13 @@ func (a *Agent) holdFor(m scheduler.Migration, pid int, log interface{ Warn(stri
 	a.mu.Lock()
 	a.holding[m.WorkloadID] = m.Attempt
 	a.mu.Unlock()
-	return &cgHold{dir: a.cg.dir(m.WorkloadID, m.Attempt), pid: pid, log: log}
+	return &cgHold{dir: a.cg.dir(m.WorkloadID, m.Attempt), log: log}
 }
 
 func (a *Agent) unhold(wid string) {
 	a.mu.Lock()
 	delete(a.holding, wid)
 	a.mu.Unlock()
-}
-
-// tracerOf returns the TracerPid of pid's /proc status (0: none).
-func tracerOf(pid int) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n
-		}
-	}
-	return 0
 }
 
 // armConn calls arm when the sink begins to wait for the receiver's
@@ -373,11 +358,7 @@ func tracerOf(pid int) int {
 // TestMigrateFaults's kill-source trials fail if it is not called.
 type armConn struct {
 	net.Conn
-	arm func()
-	// hold, if set, is called before every write of the snapshot until
-	// it returns true (cgHold.freeze).
-	hold  func() bool
-	holdn atomic.Bool
+	arm   func()
 	wrote atomic.Bool
 	turns atomic.Int32
 
@@ -407,9 +388,6 @@ func (c *armConn) release() {
 }
 
 func (c *armConn) Write(p []byte) (int, error) {
-	if c.hold != nil && c.turns.Load() == 1 && !c.holdn.Load() && c.hold() {
-		c.holdn.Store(true)
-	}
 	c.wrote.Store(true)
 	return c.Conn.Write(p)
 }
@@ -669,10 +647,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	a.mu.Lock()
 	a.claimed[m.WorkloadID] = attempt
 	a.mu.Unlock()
-	stopped := false
+	stopped, vip := false, ""
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		w, ok := s.Workloads[m.WorkloadID]
 		stopped = !ok || w.Desired == scheduler.DesiredStopped
+		if ok {
+			vip = w.VIP
+		}
 	})
 	if stopped {
 		// Stopped after the commit: the copy is never started.
@@ -692,6 +673,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		}
 		if err := a.cg.place(m.WorkloadID, attempt, pids...); err != nil {
 			log.Warn("restored process left outside its cgroup", "err", err)
+		}
+	}
+	if vip != "" {
+		// Before the process runs, so that its first answers reach
+		// clients; a failure is logged, and reconcile tries again.
+		if err := a.vips.add(m.WorkloadID, vip); err != nil {
+			log.Warn("virtual IP not added before the start", "err", err)
 		}
 	}
 	if err := p.Start(); err != nil {

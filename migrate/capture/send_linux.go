@@ -38,6 +38,26 @@ type SendOptions struct {
 	// error resumes the original, and the receiver, never told to
 	// commit, kills its copy. A cluster agent records the move here.
 	Decide func() error
+	// Frozen, if set, is called once every thread is stopped, before the
+	// first byte of the snapshot: a cluster agent takes the process's
+	// virtual IP away here (node/vip.go).
+	Frozen func()
+}
+
+// onFirstWrite calls f before the first write: the capture writes only
+// once the process is stopped.
+type onFirstWrite struct {
+	w    io.Writer
+	f    func()
+	done bool
+}
+
+func (o *onFirstWrite) Write(p []byte) (int, error) {
+	if !o.done {
+		o.done = true
+		o.f()
+	}
+	return o.w.Write(p)
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -108,10 +128,14 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
+	var bw io.Writer = body
+	if o.Frozen != nil {
+		bw = &onFirstWrite{w: body, f: o.Frozen}
+	}
 	if o.Tree {
-		err = FreezeTree(ctx, tr, pid, body, o.Halt, commit)
+		err = FreezeTree(ctx, tr, pid, bw, o.Halt, commit)
 	} else {
-		err = Freeze(ctx, tr, pid, body, o.Halt, commit)
+		err = Freeze(ctx, tr, pid, bw, o.Halt, commit)
 	}
 	if prog != nil {
 		prog.Finish()
