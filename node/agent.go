@@ -94,6 +94,9 @@ type exitEvent struct {
 	code        int
 	signal, msg string
 	at          time.Time
+	// lost: the attempt never ran (a restored process that could not be
+	// started after the commit): reported lost, not exited.
+	lost bool
 }
 
 // Agent supervises this node's workloads. Run owns all of its fields.
@@ -729,6 +732,11 @@ func (a *Agent) exited(ev exitEvent) {
 		delete(a.procs, ev.wid)
 	}
 	a.mu.Unlock()
+	if ev.lost {
+		a.log.Warn("workload lost: its attempt never ran", "workload", ev.wid, "attempt", ev.attempt, "why", ev.msg)
+		a.queue(api.Report{Kind: api.ReportLost, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt, Message: ev.msg, At: ev.at})
+		return
+	}
 	a.log.Info("workload ended", "workload", ev.wid, "attempt", ev.attempt, "exit", ev.code, "signal", ev.signal)
 	a.queue(api.Report{Kind: api.ReportExited, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt,
 		ExitCode: ev.code, Signal: ev.signal, Message: ev.msg, At: ev.at})

@@ -683,10 +683,10 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		}
 	}
 	if err := p.Start(); err != nil {
-		// Committed and lost: the state records the exit, and the
-		// workload's restart policy applies.
+		// Committed and lost before it ran (workload-lost): its
+		// restart policy applies, else the workload is lost.
 		a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt})
-		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1,
+		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1, lost: true,
 			msg: fmt.Sprintf("migration %s: restored process did not start: %v", m.ID, err), at: time.Now()})
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
