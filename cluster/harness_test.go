@@ -20,6 +20,7 @@ import (
 
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/node"
 )
 
 // The tests here run the real pclusterd and pclusterctl binaries, built once
@@ -268,6 +269,11 @@ func (c *testCluster) cleanup() {
 		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
 		if err == nil && bytes.Contains(env, []byte("PCLUSTER_NODE="+c.prefix+"-")) {
 			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	for _, nd := range c.nodes {
+		if err := node.RemoveCgroups(nd.name, nd.dataDir); err != nil {
+			c.tb.Errorf("%s: %v", nd.name, err)
 		}
 	}
 	for _, nd := range c.nodes {

@@ -209,7 +209,8 @@ func Start(cfg Config) (s *Server, err error) {
 	// Workloads get only fds 0-2 and their own (node.KeepFDsFromWorkloads).
 	node.KeepFDsFromWorkloads()
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
-		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Logger: s.log, VIPInterface: cfg.VIPInterface})
+		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
+		VIPInterface: cfg.VIPInterface})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}

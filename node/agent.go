@@ -53,7 +53,23 @@ type Config struct {
 	// DialTarget opens the transfer of migration m to its target's agent:
 	// a mutual-TLS connection to the node the state names as target, on
 	// which that agent has accepted the migration (Agent.Receive).
-	DialTarget  func(ctx context.Context, m scheduler.Migration) (net.Conn, error)
+	DialTarget func(ctx context.Context, m scheduler.Migration) (net.Conn, error)
+	// Sync returns the raft index the leader's state has applied once
+	// every entry committed before the call has been (a barrier on the
+	// leader); an error when there is no leader. The agent acts on its
+	// replica (starts, adopts, migrates, stops, reports what it finds)
+	// only once the replica has applied that index, learned after the
+	// agent's start and after every change of leader, and never while
+	// Leader says there is none: a replica that is behind (a restarted
+	// daemon replays its log from an old state) would have it start a
+	// workload that has moved away. Nil: the replica is always current.
+	Sync   func(context.Context) (uint64, error)
+	Leader func() string // the leader's name, "" when there is none
+	// Cgroups puts every workload in a cgroup v2 of its own
+	// (node/cgroup_linux.go), which holds a migrating original beyond
+	// this agent's life. Without a usable cgroup v2 the agent says so in
+	// one log line and goes on without.
+	Cgroups     bool
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
 	// VIPInterface carries the workloads' virtual IPs; "": the interface
@@ -78,6 +94,9 @@ type exitEvent struct {
 	code        int
 	signal, msg string
 	at          time.Time
+	// lost: the attempt never ran (a restored process that could not be
+	// started after the commit): reported lost, not exited.
+	lost bool
 }
 
 // Agent supervises this node's workloads. Run owns all of its fields.
@@ -112,6 +131,18 @@ type Agent struct {
 	trOnce sync.Once
 	tr     *ptrace.Tracer // the one owner of this agent's ptrace calls
 
+	// cg is this node's pcluster cgroup, nil without (set before Run).
+	cg *cgroups
+	// holding maps the workloads whose cgroup a migrateOut of this agent
+	// may freeze to their attempt: settleHeld leaves them to it (mu).
+	holding map[string]int
+	// syncedWith is the leader the replica was last found behind of, and
+	// syncIndex the index it must reach (Run only); retrySync, when to
+	// ask again after a failure.
+	syncedWith string
+	syncIndex  uint64
+	retrySync  time.Time
+
 	vips *vips // the virtual IPs this node carries (node/vip.go)
 }
 
@@ -123,13 +154,22 @@ func New(cfg Config) *Agent {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Agent{
+	a := &Agent{
 		cfg: cfg, log: cfg.Logger.With("component", "agent"),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
-		departures: make(chan departure), arrivals: make(chan arrival),
+		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{},
 		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
+	if cfg.Cgroups {
+		cg, err := openCgroups(cfg.Name, cfg.DataDir)
+		if err != nil {
+			a.log.Warn("workloads run without cgroups: a migrating original is held by this agent's ptrace alone", "err", err)
+		} else {
+			a.cg = cg
+		}
+	}
+	return a
 }
 
 // Workloads returns how many workload processes the agent watches.
@@ -165,12 +205,17 @@ func (a *Agent) Run(ctx context.Context) {
 		if a.tr != nil {
 			a.tr.Close()
 		}
+		if a.cg != nil {
+			a.cg.close()
+		}
 	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
 		changed := a.cfg.FSM.Changed()
-		a.reconcile(ctx)
+		if a.current(ctx) {
+			a.reconcile(ctx)
+		}
 		a.flush(ctx)
 		select {
 		case <-ctx.Done():
@@ -185,6 +230,43 @@ func (a *Agent) Run(ctx context.Context) {
 		case <-tick.C:
 		}
 	}
+}
+
+// current reports whether this node's replica may be acted on: there is
+// a leader, and the replica has applied the index that leader named when
+// asked after the agent started or the leader changed (Config.Sync).
+func (a *Agent) current(ctx context.Context) bool {
+	if a.cfg.Sync == nil {
+		return true
+	}
+	leader := ""
+	if a.cfg.Leader != nil {
+		leader = a.cfg.Leader()
+	}
+	if leader == "" {
+		if a.syncedWith != "" {
+			a.log.Info("no leader: the agent waits")
+		}
+		a.syncedWith = ""
+		return false
+	}
+	if leader != a.syncedWith {
+		if time.Now().Before(a.retrySync) {
+			return false
+		}
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		idx, err := a.cfg.Sync(sctx)
+		cancel()
+		if err != nil {
+			a.log.Debug("leader's index not known; will retry", "leader", leader, "err", err)
+			a.retrySync = time.Now().Add(time.Second)
+			return false
+		}
+		a.syncedWith, a.syncIndex = leader, idx
+	}
+	var at uint64
+	a.cfg.FSM.Read(func(s *scheduler.State) { at = s.Index })
+	return at >= a.syncIndex
 }
 
 // adopt takes over a process that an earlier agent on this node started:
@@ -233,7 +315,7 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 }
 
 func (a *Agent) reconcile(ctx context.Context) {
-	var todo, relist, orphans []scheduler.Workload
+	var todo, relist, orphans, lost []scheduler.Workload
 	type out struct {
 		m   scheduler.Migration
 		pid int
@@ -274,7 +356,15 @@ func (a *Agent) reconcile(ctx context.Context) {
 				continue // arriving by migration: Receive and Run handle it
 			}
 			p := a.procs[w.ID]
+			a.mu.Lock()
+			arriving := a.incoming[w.ID] != ""
+			a.mu.Unlock()
 			switch {
+			case p == nil && w.Node == a.cfg.Name && w.State == scheduler.StateRunning && w.PID == 0 &&
+				a.started[w.ID] < w.Attempt && !arriving:
+				// Moved here (committed) and never started by this agent
+				// nor arriving: the agent that built it died first.
+				lost = append(lost, *w)
 			case p == nil && w.Node == a.cfg.Name && w.PID > 0 && a.started[w.ID] < w.Attempt &&
 				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost || w.State == scheduler.StateStopped):
 				// Stopped with a PID: stopped while its node was down; the
@@ -303,6 +393,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 	})
 	a.forget(present, now)
+	a.settleHeld()
+	for _, w := range lost {
+		a.lostArrival(ctx, w)
+	}
 	for _, w := range orphans {
 		a.adopt(ctx, w)
 	}
@@ -328,6 +422,84 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}()
 	}
 	a.reconcileVIPs()
+}
+
+// lostArrival settles a workload the state moved here by a migration
+// whose target agent (an earlier one on this node) died before recording
+// the start. If the restored process runs in its cgroup it was started:
+// it is reported started, and adopted on the next round. Otherwise it died
+// with that agent, unstarted: lost (its restart policy applies).
+func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
+	a.started[w.ID] = w.Attempt
+	if a.cg != nil {
+		for _, pid := range procsOf(a.cg.dir(w.ID, w.Attempt)) {
+			if st := procStateOf(pid); st == 't' || st == 'T' || st == 'Z' || st == 'X' {
+				continue // not started, or dying
+			}
+			ticks, err := startTicks(pid)
+			if err != nil {
+				continue
+			}
+			a.log.Info("migrated workload found running in its cgroup; its start was not recorded", "workload", w.ID, "pid", pid)
+			w.PID, w.StartTicks = pid, ticks
+			a.adopt(ctx, w)
+			a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: pid, StartTicks: ticks, At: time.Now()})
+			return
+		}
+	}
+	a.log.Warn("migrated workload lost: the agent that built it died before starting it", "workload", w.ID, "attempt", w.Attempt)
+	a.queue(api.Report{Kind: api.ReportLost, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
+		Message: fmt.Sprintf("lost with the agent before it started: moved to %s, whose pclusterd died before starting it", a.cfg.Name), At: time.Now()})
+}
+
+// settleHeld decides the fate of workload cgroups left frozen by an
+// earlier agent on this node, a migration's source that died holding the
+// original: kill it if the workload has left this node or this attempt
+// (the move committed), thaw it if the state still has it here at the
+// same attempt with no migration in flight (aborted). A migration still
+// in flight from here is left to abandonOut, which aborts it (or finds
+// it committed); the next round decides.
+func (a *Agent) settleHeld() {
+	if a.cg == nil {
+		return
+	}
+	for _, h := range a.cg.list() {
+		a.mu.Lock()
+		_, mine := a.holding[h.wid]
+		a.mu.Unlock()
+		if mine {
+			continue
+		}
+		verdict := "kill"
+		a.cfg.FSM.Read(func(s *scheduler.State) {
+			w, ok := s.Workloads[h.wid]
+			if !ok || w.Node != a.cfg.Name || w.Attempt != h.attempt || !w.State.Active() && w.State != scheduler.StateLost {
+				return
+			}
+			if m := s.ActiveMigration(h.wid); m != nil && m.Source == a.cfg.Name {
+				verdict = "wait"
+				return
+			}
+			verdict = "thaw"
+		})
+		switch verdict {
+		case "wait":
+			continue
+		case "thaw":
+			a.log.Warn("workload held frozen by an earlier agent's migration, which did not move it: thawing", "workload", h.wid, "attempt", h.attempt)
+			if err := freeze(h.dir, false); err != nil {
+				a.log.Warn("thaw workload", "workload", h.wid, "err", err)
+			}
+		case "kill":
+			a.log.Warn("workload held frozen by an earlier agent's migration, which moved it away: killing the original", "workload", h.wid, "attempt", h.attempt)
+			if err := kill(h.dir); err != nil {
+				a.log.Warn("kill held workload", "workload", h.wid, "err", err)
+			}
+			// Thawed, so that no later round decides again and the
+			// sweep (list) removes it once its processes are gone.
+			freeze(h.dir, false)
+		}
+	}
 }
 
 // departed forgets a workload that migrated away: its process here was
@@ -482,6 +654,15 @@ func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
 		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
 	}
 	cmd.SysProcAttr.Credential = cred
+	if a.cg != nil {
+		// Born in its own cgroup (clone3 CLONE_INTO_CGROUP).
+		cgf, err := a.cg.open(w.ID, w.Attempt)
+		if err != nil {
+			return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
+		}
+		defer cgf.Close()
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cgf.Fd())
+	}
 	if err := cmd.Start(); err != nil {
 		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
 	}
@@ -534,6 +715,13 @@ func lookPath(file string, env []string) (string, error) {
 }
 
 func (a *Agent) exited(ev exitEvent) {
+	if a.cg != nil {
+		// Removed once empty; what the workload left running in it (a
+		// daemonized child) keeps it until the next agent's sweep.
+		if err := a.cg.remove(ev.wid, ev.attempt); err != nil {
+			a.log.Info("workload cgroup kept", "workload", ev.wid, "err", err)
+		}
+	}
 	if a.moved[ev.wid] == ev.attempt {
 		delete(a.moved, ev.wid)
 		a.log.Info("migrated workload's old process reaped", "workload", ev.wid, "attempt", ev.attempt)
@@ -544,9 +732,32 @@ func (a *Agent) exited(ev exitEvent) {
 		delete(a.procs, ev.wid)
 	}
 	a.mu.Unlock()
+	if ev.lost {
+		a.log.Warn("workload lost: its attempt never ran", "workload", ev.wid, "attempt", ev.attempt, "why", ev.msg)
+		a.queue(api.Report{Kind: api.ReportLost, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt, Message: ev.msg, At: ev.at})
+		return
+	}
 	a.log.Info("workload ended", "workload", ev.wid, "attempt", ev.attempt, "exit", ev.code, "signal", ev.signal)
 	a.queue(api.Report{Kind: api.ReportExited, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt,
 		ExitCode: ev.code, Signal: ev.signal, Message: ev.msg, At: ev.at})
+}
+
+// killRefused kills the process of a "started" report the state refused
+// as stale: the state has moved on (the workload runs elsewhere, or at a
+// later attempt), and this process is a copy no one will ever see.
+func (a *Agent) killRefused(r api.Report) {
+	p := a.procs[r.ID]
+	if p == nil || p.attempt != r.Attempt || p.pid != r.PID {
+		return
+	}
+	a.log.Warn("start refused as stale: killing the process, a copy the state does not have", "workload", r.ID, "attempt", r.Attempt, "pid", r.PID)
+	a.signal(p, syscall.SIGKILL)
+	if a.cg != nil {
+		if err := kill(a.cg.dir(r.ID, r.Attempt)); err != nil {
+			a.log.Warn("kill refused workload's cgroup", "workload", r.ID, "err", err)
+		}
+	}
+	p.stopping, p.killAt = true, time.Now().Add(a.cfg.StopTimeout)
 }
 
 func (a *Agent) queue(r api.Report) { a.pending = append(a.pending, r) }
@@ -566,6 +777,9 @@ func (a *Agent) flush(ctx context.Context) {
 		}
 		if err != nil {
 			a.log.Info("report refused", "workload", r.ID, "kind", r.Kind, "err", err)
+			if r.Kind == api.ReportStarted && ae.Status == http.StatusConflict && strings.Contains(ae.Message, scheduler.ErrStale.Error()) {
+				a.killRefused(r)
+			}
 		}
 		a.pending = a.pending[1:]
 	}

@@ -208,22 +208,48 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	// The source's reason must reach the state before the target sees the
 	// stream end (the target would report its own, "connection closed",
 	// and the state keeps the first): Close waits for release.
+	// With cgroups the hold outlives the agent instead: the original's
+	// cgroup is frozen before the first byte of its snapshot leaves
+	// (capture's Frozen hook: every thread is ptrace-stopped and the
+	// capture's injected calls are done; a task of a frozen cgroup that
+	// the tracer resumes would drop into the freezer instead of running
+	// them), so that whatever happens to this agent the original neither
+	// runs on nor dies until the state decides (settleHeld).
+	hold := a.holdFor(m, pid, log)
 	ac := &armConn{Conn: conn, held: true, arm: func() {
+		if hold != nil && hold.frozen.Load() {
+			log.Info("snapshot sent; the frozen original is held by its cgroup", "pid", pid)
+			return
+		}
 		if err := a.killWithTracer(pid); err != nil {
 			log.Warn("frozen original not bound to this agent's life", "pid", pid, "err", err)
 			return
 		}
 		log.Info("snapshot sent; the frozen original now dies with this agent", "pid", pid)
 	}}
+	if hold != nil {
+		defer a.unhold(m.WorkloadID)
+	}
 	conn = ac
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
-			Frozen: func() { a.vips.freeze(m.WorkloadID) }})
+			Frozen: func() {
+				if hold != nil {
+					hold.freeze()
+				}
+				a.vips.freeze(m.WorkloadID)
+			}})
 	}
 	if committed {
 		ac.release()
+		if hold != nil && hold.frozen.Load() {
+			// Killed by the capture: thawed so that it can go.
+			if err := freeze(hold.dir, false); err != nil {
+				log.Warn("thaw the killed original's cgroup", "err", err)
+			}
+		}
 		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
 		a.vips.thaw(m.WorkloadID, "") // gone from here: reconcile keeps it off
 		if err != nil {
@@ -234,8 +260,10 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond))
 		return
 	}
-	log.Warn("migration failed; workload resumed here", "err", err)
-	a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
+	if hold == nil || !hold.frozen.Load() {
+		log.Warn("migration failed; workload resumed here", "err", err)
+		a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
+	}
 	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
 		// Not held past a few seconds: without a leader the abort may
 		// wait long, and the target should not hold its half-built copy.
@@ -244,6 +272,83 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		t.Stop()
 	}
 	ac.release()
+	if hold != nil && hold.frozen.Load() {
+		a.settleOut(ctx, m, hold, err, log)
+	}
+}
+
+// settleOut ends a failed migration whose original the capture let go
+// while its cgroup still holds it frozen: the original runs again only
+// once the state shows the migration aborted; if the target's commit won
+// (the stream failed after the target had it all), it is killed. Without
+// an answer before ctx ends it stays frozen for the next agent here.
+func (a *Agent) settleOut(ctx context.Context, m scheduler.Migration, hold *cgHold, why error, log interface {
+	Info(string, ...any)
+	Warn(string, ...any)
+}) {
+	got, ok, err := a.awaitMigration(ctx, m.ID, scheduler.MigrationAborted, scheduler.MigrationCommitted, scheduler.MigrationDone)
+	switch {
+	case err != nil:
+		log.Warn("migration undecided; the original stays frozen in its cgroup for the next agent", "err", err)
+	case ok && got.State != scheduler.MigrationAborted:
+		log.Warn("migration failed here but committed by the target: killing the original", "err", why)
+		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		a.vips.thaw(m.WorkloadID, "") // gone from here
+		if err := kill(hold.dir); err != nil {
+			log.Warn("kill the original's cgroup", "err", err)
+		}
+		freeze(hold.dir, false)
+	default:
+		if err := freeze(hold.dir, false); err != nil {
+			log.Warn("thaw the original", "err", err)
+			return
+		}
+		a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
+		log.Warn("migration failed; workload resumed here", "err", why)
+	}
+}
+
+// cgHold is a migrating original's cgroup, frozen once the process is
+// stopped for its capture (capture's Frozen hook).
+type cgHold struct {
+	dir    string
+	log    interface{ Warn(string, ...any) }
+	frozen atomic.Bool
+}
+
+// freeze freezes the cgroup; on failure the original is held by the
+// agent's ptrace alone (armConn's PTRACE_O_EXITKILL).
+func (h *cgHold) freeze() {
+	if err := freeze(h.dir, true); err != nil {
+		h.log.Warn("original's cgroup not frozen: held by this agent's ptrace alone", "err", err)
+		return
+	}
+	h.frozen.Store(true)
+}
+
+// holdFor returns the hold of migration m's original, pid: its cgroup,
+// into which an original that is not there yet (adopted from an agent
+// without cgroups) is moved first; nil without cgroups.
+func (a *Agent) holdFor(m scheduler.Migration, pid int, log interface{ Warn(string, ...any) }) *cgHold {
+	if a.cg == nil {
+		return nil
+	}
+	if !a.cg.holds(m.WorkloadID, m.Attempt, pid) {
+		if err := a.cg.place(m.WorkloadID, m.Attempt, pid); err != nil {
+			log.Warn("original not in a cgroup: held by this agent's ptrace alone", "err", err)
+			return nil
+		}
+	}
+	a.mu.Lock()
+	a.holding[m.WorkloadID] = m.Attempt
+	a.mu.Unlock()
+	return &cgHold{dir: a.cg.dir(m.WorkloadID, m.Attempt), log: log}
+}
+
+func (a *Agent) unhold(wid string) {
+	a.mu.Lock()
+	delete(a.holding, wid)
+	a.mu.Unlock()
 }
 
 // armConn calls arm when the sink begins to wait for the receiver's
@@ -558,6 +663,18 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 			msg: fmt.Sprintf("stopped during migration %s: not started on %s", m.ID, a.cfg.Name), at: time.Now()})
 		return nil
 	}
+	if a.cg != nil {
+		// In its own cgroup before it runs, like a workload started here:
+		// what holds it when it moves on. Should this agent die before
+		// the start is recorded, the next finds it there (lostArrival).
+		pids := []int{p.WaitPid()}
+		if p.Pid() != p.WaitPid() {
+			pids = append(pids, p.Pid())
+		}
+		if err := a.cg.place(m.WorkloadID, attempt, pids...); err != nil {
+			log.Warn("restored process left outside its cgroup", "err", err)
+		}
+	}
 	if vip != "" {
 		// Before the process runs, so that its first answers reach
 		// clients; a failure is logged, and reconcile tries again.
@@ -566,10 +683,10 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		}
 	}
 	if err := p.Start(); err != nil {
-		// Committed and lost: the state records the exit, and the
-		// workload's restart policy applies.
+		// Committed and lost before it ran (workload-lost): its
+		// restart policy applies, else the workload is lost.
 		a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt})
-		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1,
+		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1, lost: true,
 			msg: fmt.Sprintf("migration %s: restored process did not start: %v", m.ID, err), at: time.Now()})
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}

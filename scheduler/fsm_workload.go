@@ -36,6 +36,7 @@ func init() {
 	register(CmdWorkloadExited, applyWorkloadExited)
 	register(CmdWorkloadStop, applyWorkloadStop)
 	register(CmdWorkloadReschedule, applyWorkloadReschedule)
+	register(CmdWorkloadLost, applyWorkloadLost)
 }
 
 // applyWorkloadCreate adds a workload as committed. It refuses only what
@@ -136,6 +137,41 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 		w.State = StateFailed
 	default:
 		w.State = StateExited
+	}
+	return *w
+}
+
+// applyWorkloadLost records that the workload's current attempt, running
+// on its node by the state's word, has no process there and never had one
+// (WorkloadLostCmd). Only the node the attempt belongs to may say so, and
+// only while the state has no process of it (PID 0): a started process
+// ends by an exit report. It ends the workload's migration as an exit
+// does; then its restart policy applies as for a failure (a restart
+// starts it from its command on the same node), else it is lost.
+func applyWorkloadLost(s *State, idx uint64, c *WorkloadLostCmd) any {
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("workload lost %s: %w", c.ID, ErrNotFound)
+	}
+	if c.Attempt != w.Attempt || c.Node != w.Node || w.State != StateRunning || w.PID != 0 {
+		return fmt.Errorf("workload lost %s: attempt %d on %s, the state has attempt %d %s on %s with pid %d: %w",
+			c.ID, c.Attempt, c.Node, w.Attempt, w.State, w.Node, w.PID, ErrStale)
+	}
+	w.ExitCode, w.Signal, w.Message = -1, "", c.Message
+	w.EndedAt = c.At
+	w.StartTicks = 0
+	w.ModifyIndex = idx
+	endMigration(s, idx, c.At, w.ID, c.Message)
+	switch {
+	case w.Desired == DesiredStopped:
+		w.State = StateStopped
+	case restartDue(w, true):
+		w.Restarts++
+		w.Attempt++
+		w.State = StatePending
+	default:
+		w.State = StateLost
+		w.LostAt = c.At
 	}
 	return *w
 }

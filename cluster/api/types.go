@@ -11,6 +11,9 @@ const (
 	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility, /v1/nodes/NAME/drain
 	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
 	PathReport    = "/v1/agent/report" // POST by node agents
+	// PathIndex: GET by node agents: the leader's applied index once a
+	// barrier has passed (Index), what a replica must reach to be current.
+	PathIndex = "/v1/agent/index"
 	// PathMigrations: GET (?all=1: ended ones too), POST (plan);
 	// /v1/migrations/ID; POST /v1/migrations/ID/step by node agents; POST
 	// /v1/migrations/ID/transfer?attempt=N from the source agent to the
@@ -166,7 +169,15 @@ type Workload struct {
 const (
 	ReportStarted = "started"
 	ReportExited  = "exited"
+	// ReportLost: the attempt never ran here and has no process
+	// (scheduler.WorkloadLostCmd); Message says why.
+	ReportLost = "lost"
 )
+
+// Index is the leader's answer on PathIndex.
+type Index struct {
+	Index uint64 `json:"index"`
+}
 
 // Report is a node agent telling the leader about one of its workloads.
 type Report struct {
