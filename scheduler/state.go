@@ -22,6 +22,26 @@ type Load struct {
 	MemUsed   uint64  `msgpack:"mu"`
 	MemFree   uint64  `msgpack:"mf"`
 	Workloads int     `msgpack:"w"`
+	// What the node's own workloads use, measured by its agent from each
+	// workload's cgroup (node/usage_linux.go): WCPU, CPU time per second
+	// in milli-cores, and WRSS, memory in bytes, summed over all of them;
+	// Use, the same per workload ID for the busiest ones (as many as fit
+	// in the gossip metadata). The balancer counts these, not the host's
+	// load average, which namespaces of one machine share.
+	WCPU uint32         `msgpack:"wc,omitempty"`
+	WRSS uint64         `msgpack:"wm,omitempty"`
+	Use  map[string]Use `msgpack:"u,omitempty"`
+	// UseTrunc: Use leaves out some workloads (they did not fit).
+	UseTrunc bool `msgpack:"ut,omitempty"`
+}
+
+// Use is what one workload uses: CPU in milli-cores (CPU time per second
+// of wall time over the last sample interval) and memory in bytes. It is
+// encoded as a two-element array to keep the gossip metadata small.
+type Use struct {
+	_msgpack struct{} `msgpack:",as_array"`
+	CPU      uint32
+	RSS      uint64
 }
 
 // Node is one host running pclusterd.
@@ -85,6 +105,9 @@ type Resources struct {
 	MemoryMB uint64 `msgpack:"mem"`
 }
 
+// MigrateNever keeps a workload out of the balancer's moves.
+const MigrateNever = "never"
+
 // Desired run states.
 const (
 	DesiredRunning = "running"
@@ -108,6 +131,9 @@ type Workload struct {
 	VIP         string            `msgpack:"vip"`
 	Resources   Resources         `msgpack:"res"`
 	Restart     RestartPolicy     `msgpack:"restart"`
+	// Migrate is MigrateNever for a workload the balancer must not move
+	// (drains and operators still may); "" lets it.
+	Migrate string `msgpack:"migrate,omitempty"`
 
 	Desired     string        `msgpack:"desired"`
 	DesiredNode string        `msgpack:"desired_node"` // where it should run
@@ -202,6 +228,7 @@ type State struct {
 	Workloads          map[string]*Workload         `msgpack:"workloads"`
 	Migrations         map[string]*Migration        `msgpack:"migrations"`
 	CheckpointPolicies map[string]*CheckpointPolicy `msgpack:"checkpoint_policies"`
+	Balance            BalanceConfig                `msgpack:"balance"`
 	Index              uint64                       `msgpack:"index"` // last applied raft index
 }
 
