@@ -175,7 +175,7 @@ func TestPlanBalance(t *testing.T) {
 			},
 			why: "node a (0.60): no move"},
 		{name: "never to an excluded node",
-			state: func() *State { return balanceState(BalanceConservative, four, "a", "b", "c") },
+			state:   func() *State { return balanceState(BalanceConservative, four, "a", "b", "c") },
 			exclude: map[string]string{"b": "unreachable"},
 			want:    []string{"a-0:a>c"}},
 		{name: "never to a down node",
