@@ -39,6 +39,8 @@ type fileConfig struct {
 	DrainOnShutdown bool      `json:"drain_on_shutdown"`
 	DrainTimeout    string    `json:"drain_timeout"`
 	VIPInterface    string    `json:"vip_interface"`
+	BalanceInterval string    `json:"balance_interval"`
+	BalanceCooldown string    `json:"balance_cooldown"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -104,6 +106,8 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
 	pick("vip-interface", &c.VIPInterface, f.VIPInterface)
+	pick("balance-interval", &c.BalanceInterval, f.BalanceInterval)
+	pick("balance-cooldown", &c.BalanceCooldown, f.BalanceCooldown)
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
 		c.DrainOnShutdown = true
 	}
@@ -154,6 +158,19 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 			return cfg, cleanup, fmt.Errorf("workload gc retention %q: want a positive duration such as 1h", c.WorkloadGCAfter)
 		}
 		cfg.WorkloadGCAfter = d
+	}
+	for _, d := range []struct {
+		what, v string
+		dst     *time.Duration
+	}{{"balance interval", c.BalanceInterval, &cfg.BalanceInterval}, {"balance cool-down", c.BalanceCooldown, &cfg.BalanceCooldown}} {
+		if d.v == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.v)
+		if err != nil || v <= 0 {
+			return cfg, cleanup, fmt.Errorf("%s %q: want a positive duration such as 10s", d.what, d.v)
+		}
+		*d.dst = v
 	}
 	var err error
 	switch {
