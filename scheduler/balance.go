@@ -124,8 +124,7 @@ func BalanceUses(s *State) map[string]Use {
 //
 // Sources are tried busiest first; for each, the (workload, target) pair
 // with the largest gain, ties to the less busy target, then by name.
-func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]string) BalancePlan {
-	var plan BalancePlan
+func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]string) (plan BalancePlan) {
 	mode := s.Balance.Mode
 	if mode == "" {
 		mode = BalanceOff
@@ -210,6 +209,7 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 	}
 	byLoad()
 	whyNode := map[string]string{}
+	// Nodes is filled at the end, whichever return: plan is named.
 	defer func() {
 		for _, nl := range order {
 			plan.Nodes = append(plan.Nodes, BalanceNode{Name: nl.n.Name, Load: load(nl), CPU: uint32(nl.cores*1000 + 0.5),

@@ -220,6 +220,9 @@ func TestPlanBalance(t *testing.T) {
 			if got := strings.Join(moves(p), " "); got != strings.Join(tc.want, " ") {
 				t.Fatalf("moves %q, want %q (why: %s)", got, strings.Join(tc.want, " "), p.Why)
 			}
+			if live := len(s.Nodes); len(p.Nodes) == 0 && live > 0 {
+				t.Fatalf("plan lists no nodes, the state has %d", live)
+			}
 			if len(p.Commands) != len(p.Moves) {
 				t.Fatalf("%d commands for %d moves", len(p.Commands), len(p.Moves))
 			}

@@ -1,0 +1,170 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// balanceFlags make the leader's balancer quick enough for a test: a
+// round a second, and a cool-down shorter than the hold below (the hold
+// must come from the planner's rules, not from the cool-down).
+var balanceFlags = []string{"-balance-interval", "1s", "-balance-cooldown", "20s"}
+
+// TestBalanceSpreads: four CPU-bound workloads (30% of a CPU each, so the
+// test leaves the shared machine room) placed on one node of three while
+// the other two are ineligible, one of them run with -migrate never. The
+// two are made eligible: in off mode nothing moves; in aggressive mode
+// the balancer spreads them within a minute, measured per workload (the
+// three namespaces share one /proc/loadavg), never moves the -migrate
+// never one, and then holds still: no more than one further move in the
+// following minute.
+func TestBalanceSpreads(t *testing.T) {
+	c := newTestCluster(t)
+	bin := fixture.Build(t, "dutyloop")
+	nodes := startDrainLab(t, c, 200+int(c.prefix[2])%20, func(int) []string { return balanceFlags })
+	n1 := nodes[0]
+	ctx := context.Background()
+	for _, nd := range nodes[1:] {
+		c.ctl(n1, "node", "eligibility", "-disable", nd.name)
+	}
+	var st api.BalanceStatus
+	c.ctlJSON(n1, &st, "balance", "status")
+	if st.Mode != api.BalanceOff {
+		t.Fatalf("mode %q before any set, want off", st.Mode)
+	}
+	var ws []api.Workload
+	for i := range 4 {
+		args := []string{"run", "-name", fmt.Sprintf("duty%d", i)}
+		if i == 0 {
+			args = append(args, "-migrate", "never")
+		}
+		var w api.Workload
+		c.ctlJSON(n1, &w, append(args, bin, "30")...)
+		if w.DesiredNode != n1.name {
+			t.Fatalf("workload %s placed on %s, want %s (the only eligible node)", w.ID, w.DesiredNode, n1.name)
+		}
+		ws = append(ws, w)
+	}
+	never := ws[0].ID
+	if ws[0].Migrate != "never" {
+		t.Fatalf("workload %s: migrate %q, want never", never, ws[0].Migrate)
+	}
+	for _, nd := range nodes[1:] {
+		c.ctl(n1, "node", "eligibility", "-enable", nd.name)
+	}
+	// The balancer sees the four on n1, by their own use.
+	c.waitFor(30*time.Second, "n1's workloads measured", func() error {
+		c.ctlJSON(n1, &st, "balance", "status")
+		for _, n := range st.Nodes {
+			if n.Name == n1.name && n.CPUMilli >= 4*100 {
+				return nil
+			}
+		}
+		return fmt.Errorf("nodes %+v", st.Nodes)
+	})
+	for _, n := range st.Nodes {
+		if n.Name != n1.name && n.CPUMilli > 50 {
+			t.Fatalf("node %s: %dm CPU with no workload, want ~0: the load must be each node's own, not the host's", n.Name, n.CPUMilli)
+		}
+	}
+	// Off: nothing moves, and the status says why.
+	offUntil := time.Now().Add(10 * time.Second)
+	for time.Now().Before(offUntil) {
+		time.Sleep(time.Second)
+		if ms, err := n1.client.Migrations(ctx, true); err != nil || len(ms) != 0 {
+			t.Fatalf("in off mode: migrations %+v (%v), want none", ms, err)
+		}
+	}
+	c.ctlJSON(n1, &st, "balance", "status")
+	if k := len(st.Decisions); k == 0 || st.Decisions[k-1].Kind != api.BalanceHeld || st.Decisions[k-1].Reason != "mode off" {
+		t.Fatalf("decisions in off mode %+v, want the last: held, mode off", st.Decisions)
+	}
+
+	if out := c.ctl(nodes[1], "balance", "set", "-mode", "aggressive"); !strings.Contains(out, "balance mode aggressive") {
+		t.Fatalf("balance set: %q", out)
+	}
+	start := time.Now()
+	var spreadAt time.Time
+	var plannedBefore int
+	c.waitFor(60*time.Second, "the balancer to spread the workloads", func() error {
+		per := map[string]int{}
+		for _, w := range ws {
+			got, err := workloadOn(n1, w.ID)
+			if err != nil || got.State != "running" || got.PID == 0 {
+				return fmt.Errorf("%s: %s (%v)", w.ID, got.State, err)
+			}
+			per[got.Node]++
+		}
+		ms, err := n1.client.Migrations(ctx, true)
+		if err != nil {
+			return err
+		}
+		for _, m := range ms {
+			if m.EndedAt.IsZero() {
+				return fmt.Errorf("migration %s %s", m.ID, m.State)
+			}
+		}
+		for _, nd := range nodes {
+			if per[nd.name] == 0 {
+				return fmt.Errorf("per node %v", per)
+			}
+		}
+		spreadAt, plannedBefore = time.Now(), len(ms)
+		return nil
+	})
+	t.Logf("spread in %v with %d migrations", spreadAt.Sub(start).Round(time.Second), plannedBefore)
+	ms, _ := n1.client.Migrations(ctx, true)
+	for _, m := range ms {
+		if m.Workload == never {
+			t.Fatalf("migration %s moved %s, which runs with -migrate never", m.ID, never)
+		}
+		if m.State != "done" || !strings.HasPrefix(m.Reason, "balance (aggressive)") {
+			t.Errorf("migration %s: %s, reason %q, want done, by the balancer", m.ID, m.State, m.Reason)
+		}
+	}
+	// Hold still for a minute.
+	time.Sleep(60 * time.Second)
+	ms, err := n1.client.Migrations(ctx, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if extra := len(ms) - plannedBefore; extra > 1 {
+		t.Errorf("%d moves in the minute after the spread, want at most 1: %+v", extra, ms)
+	}
+	for _, m := range ms {
+		if m.Workload == never {
+			t.Fatalf("migration %s moved %s, which runs with -migrate never", m.ID, never)
+		}
+	}
+	// Each workload runs once, with the PID the state names.
+	var pids []int
+	for _, w := range ws {
+		got, err := workloadOn(n1, w.ID)
+		if err != nil || got.State != "running" {
+			t.Fatalf("workload %s: %s (%v), want running", w.ID, got.State, err)
+		}
+		pids = append(pids, got.PID)
+	}
+	slices.Sort(pids)
+	if cs := sortedCopies(bin); !slices.Equal(cs, pids) {
+		t.Fatalf("copies of dutyloop %v, want exactly %v", cs, pids)
+	}
+	out := c.ctl(n1, "balance", "status")
+	t.Logf("balance status:\n%s", out)
+	for _, want := range []string{"mode aggressive", "moved ", "nothing moved: "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("balance status says no %q:\n%s", want, out)
+		}
+	}
+	c.ctlJSON(n1, &st, "balance", "status")
+	minute := time.Since(spreadAt).Minutes()
+	t.Logf("figures: %d rounds, %d moves; spread in %v; %.2f moves/min after the spread",
+		st.Rounds, st.Moves, spreadAt.Sub(start).Round(time.Second), float64(len(ms)-plannedBefore)/minute)
+}
