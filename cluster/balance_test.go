@@ -2,7 +2,9 @@ package cluster_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -167,4 +169,52 @@ func TestBalanceSpreads(t *testing.T) {
 	minute := time.Since(spreadAt).Minutes()
 	t.Logf("figures: %d rounds, %d moves; spread in %v; %.2f moves/min after the spread",
 		st.Rounds, st.Moves, spreadAt.Sub(start).Round(time.Second), float64(len(ms)-plannedBefore)/minute)
+}
+
+// TestBalanceDev: on a -dev cluster the balancer starts off; `balance set`
+// takes off, conservative or aggressive and nothing else (exit 2 from the
+// CLI, 400 from the API, one line naming the field); the mode is in the
+// state; `run -migrate` takes never and nothing else.
+func TestBalanceDev(t *testing.T) {
+	c := newTestCluster(t)
+	nd := startDev(t, c, filepath.Join(c.dir, "dev.sock"), balanceFlags...)
+	var st api.BalanceStatus
+	c.ctlJSON(nd, &st, "balance", "status")
+	if st.Mode != api.BalanceOff || st.Interval != time.Second || st.Cooldown != 20*time.Second {
+		t.Fatalf("status %+v, want mode off, interval 1s, cool-down 20s", st)
+	}
+	if errs := c.ctlFail(nd, 2, "balance", "set", "-mode", "fast"); !strings.Contains(errs, `-mode "fast": want off, conservative or aggressive`) {
+		t.Errorf("balance set -mode fast: %q", errs)
+	}
+	if errs := c.ctlFail(nd, 2, "balance", "set"); !strings.Contains(errs, "needs -mode") {
+		t.Errorf("balance set without -mode: %q", errs)
+	}
+	_, err := nd.client.SetBalance(context.Background(), "fast")
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Status != 400 || !strings.Contains(ae.Message, `balance set: field mode: "fast"`) {
+		t.Errorf("API balance set fast: %v, want 400 naming field mode", err)
+	}
+	if out := c.ctl(nd, "balance", "set", "-mode", "conservative"); out != "balance mode conservative\n" {
+		t.Errorf("balance set -mode conservative: %q", out)
+	}
+	c.ctlJSON(nd, &st, "balance", "status")
+	if st.Mode != api.BalanceConservative || st.MinGain != 0.10 || st.SetAt.IsZero() {
+		t.Errorf("status %+v, want conservative, min gain 0.10, set_at", st)
+	}
+	c.waitFor(10*time.Second, "a round", func() error {
+		c.ctlJSON(nd, &st, "balance", "status")
+		if k := len(st.Decisions); k == 0 || st.Decisions[k-1].Reason != "fewer than two nodes" && !strings.Contains(st.Decisions[k-1].Reason, "no move") {
+			return fmt.Errorf("decisions %+v", st.Decisions)
+		}
+		return nil
+	})
+	if errs := c.ctlFail(nd, 1, "run", "-migrate", "sometimes", "--", "sleep", "600"); !strings.Contains(errs, `migrate: "sometimes": want never`) {
+		t.Errorf("run -migrate sometimes: %q", errs)
+	}
+	var w api.Workload
+	c.ctlJSON(nd, &w, "run", "-migrate", "never", "--", "sleep", "600")
+	if w.Migrate != "never" {
+		t.Errorf("run -migrate never: migrate %q", w.Migrate)
+	}
+	c.ctl(nd, "stop", w.ID)
 }

@@ -158,12 +158,13 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		nl.rss = uint64(max(restRSS, 0))
 		loads[n.Name] = nl
 	}
-	workloads := s.SortedWorkloads()
-	for _, w := range workloads {
+	onNode := map[string][]*Workload{} // running workloads by node, oldest first
+	for _, w := range s.SortedWorkloads() {
 		nl := loads[w.Node]
 		if w.State != StateRunning || nl == nil {
 			continue
 		}
+		onNode[w.Node] = append(onNode[w.Node], w)
 		u, ok := uses[w.ID]
 		if !ok {
 			if w.PID != 0 && !nl.n.Load.UseTrunc && nl.n.Status == NodeReady {
@@ -254,10 +255,7 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		var best *cand
 		var skipped []string
 		counts := map[string]int{}
-		for _, w := range workloads {
-			if w.Node != src.n.Name || w.State != StateRunning {
-				continue
-			}
+		for _, w := range onNode[src.n.Name] {
 			switch {
 			case w.Migrate == MigrateNever:
 				counts["-migrate never"]++
@@ -290,9 +288,10 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 				// Never onto a node that would then be the busiest (tied is
 				// not busier).
 				others := srcAfter
-				for _, o := range order {
+				for _, o := range order { // busiest first: the first other is the max
 					if o != src && o != dst {
 						others = max(others, load(o))
+						break
 					}
 				}
 				if dstAfter > others+1e-9 {

@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -281,4 +282,36 @@ func mustApply(f *FSM, idx uint64, c Command) (any, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// BenchmarkPlanBalance1000x10000: one balancer round over 1,000 nodes and
+// 10,000 running workloads, the busiest nodes holding twice the average.
+func BenchmarkPlanBalance1000x10000(b *testing.B) {
+	s := NewState()
+	s.Balance.Mode = BalanceConservative
+	for i := range 1000 {
+		name := fmt.Sprintf("n%04d", i)
+		s.Nodes[name] = &Node{Name: name, Status: NodeReady, Eligible: true, LoadAt: 1,
+			Load: Load{NumCPU: 8, MemFree: 1 << 34, Use: map[string]Use{}}}
+	}
+	for i := range 10000 {
+		node := fmt.Sprintf("n%04d", (i*7)%1000)
+		if i%10 == 0 {
+			node = fmt.Sprintf("n%04d", i%50) // 50 busy nodes
+		}
+		id := fmt.Sprintf("w%05d", i)
+		s.Workloads[id] = &Workload{ID: id, State: StateRunning, Desired: DesiredRunning, Node: node, DesiredNode: node,
+			PID: 100 + i, CreatedAt: int64(i)}
+		n := s.Nodes[node]
+		u := Use{CPU: uint32(100 + i%700), RSS: 1 << 20}
+		n.Load.Use[id] = u
+		n.Load.WCPU += u.CPU
+	}
+	now := time.Unix(1_000_000, 0)
+	b.ResetTimer()
+	var p BalancePlan
+	for range b.N {
+		p = PlanBalance(s, now, BalanceParams{Cooldown: time.Minute}, nil)
+	}
+	b.ReportMetric(float64(len(p.Moves)), "moves")
 }
