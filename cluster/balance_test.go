@@ -89,9 +89,11 @@ func TestBalanceSpreads(t *testing.T) {
 		t.Fatalf("decisions in off mode %+v, want the last: held, mode off", st.Decisions)
 	}
 
-	if out := c.ctl(nodes[1], "balance", "set", "-mode", "aggressive"); !strings.Contains(out, "balance mode aggressive") {
-		t.Fatalf("balance set: %q", out)
+	c.ctlJSON(nodes[1], &st, "balance", "set", "-mode", "aggressive")
+	if st.Mode != api.BalanceAggressive {
+		t.Fatalf("balance set: mode %q", st.Mode)
 	}
+	leader := st.Leader
 	start := time.Now()
 	var spreadAt time.Time
 	var plannedBefore int
@@ -160,12 +162,19 @@ func TestBalanceSpreads(t *testing.T) {
 	}
 	out := c.ctl(n1, "balance", "status")
 	t.Logf("balance status:\n%s", out)
-	for _, want := range []string{"mode aggressive", "moved ", "nothing moved: "} {
+	c.ctlJSON(n1, &st, "balance", "status")
+	wants := []string{"mode aggressive", "nothing moved: "}
+	if st.Leader == leader {
+		wants = append(wants, "moved ")
+	} else {
+		// The decisions are the memory of the node that took them.
+		t.Logf("the leader changed from %s to %s: its moves are not in the status", leader, st.Leader)
+	}
+	for _, want := range wants {
 		if !strings.Contains(out, want) {
 			t.Errorf("balance status says no %q:\n%s", want, out)
 		}
 	}
-	c.ctlJSON(n1, &st, "balance", "status")
 	minute := time.Since(spreadAt).Minutes()
 	t.Logf("figures: %d rounds, %d moves; spread in %v; %.2f moves/min after the spread",
 		st.Rounds, st.Moves, spreadAt.Sub(start).Round(time.Second), float64(len(ms)-plannedBefore)/minute)

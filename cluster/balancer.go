@@ -22,7 +22,8 @@ const maxBalanceDecisions = 32
 // the Balancer applies the migrations it plans; the agents carry them out
 // as any other (node/migrate.go). Between rounds it keeps only what
 // `balance status` shows: the last round's view of the nodes and the last
-// decisions, which a new leader starts without.
+// decisions this node took while it led, which another leader does not
+// have.
 type Balancer struct {
 	a       Applier
 	exclude func(*scheduler.State) map[string]string
@@ -108,13 +109,6 @@ func (b *Balancer) Round(now time.Time) ([]scheduler.BalanceMove, error) {
 	}
 	b.mu.Unlock()
 	return moved, failed
-}
-
-// reset forgets the rounds of an earlier term.
-func (b *Balancer) reset() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.nodes, b.decisions, b.rounds, b.moves = nil, nil, 0, 0
 }
 
 // status fills what the balancer knows into st.

@@ -39,8 +39,6 @@ func (s *Server) leaderLoop(ctx context.Context) {
 			s.metrics.leaderChanges.Inc()
 			s.log.Info("leadership changed", "leader", isLeader)
 			if isLeader {
-				// A new term: the status shows only this leader's rounds.
-				s.balancer.reset()
 				// Commit a barrier so the state is current before deciding.
 				if err := s.raft.Barrier(5 * time.Second).Error(); err != nil {
 					s.log.Warn("leader barrier", "err", err)

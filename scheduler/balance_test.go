@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/vmihailenco/msgpack/v5"
 )
 
 // balanceState builds a state of ready, eligible 2-CPU nodes and running
@@ -314,4 +315,20 @@ func BenchmarkPlanBalance1000x10000(b *testing.B) {
 		p = PlanBalance(s, now, BalanceParams{Cooldown: time.Minute}, nil)
 	}
 	b.ReportMetric(float64(len(p.Moves)), "moves")
+}
+
+// TestUseEncoding: a workload's use is a two-element array on the wire
+// (the gossip metadata is 512 bytes), and decodes back.
+func TestUseEncoding(t *testing.T) {
+	b, err := msgpack.Marshal(Use{CPU: 300, RSS: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) > 9 || b[0] != 0x92 {
+		t.Fatalf("encoded %x (%d bytes), want a 2-element array of at most 9 bytes (1+3+5)", b, len(b))
+	}
+	var u Use
+	if err := msgpack.Unmarshal(b, &u); err != nil || u.CPU != 300 || u.RSS != 1<<20 {
+		t.Fatalf("decoded %+v, %v", u, err)
+	}
 }

@@ -3,7 +3,12 @@
 // decisions taken from it, such as where a new workload runs.
 package scheduler
 
-import "sort"
+import (
+	"fmt"
+	"sort"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
 
 // NodeStatus is a node's standing in the cluster.
 type NodeStatus string
@@ -37,11 +42,44 @@ type Load struct {
 
 // Use is what one workload uses: CPU in milli-cores (CPU time per second
 // of wall time over the last sample interval) and memory in bytes. It is
-// encoded as a two-element array to keep the gossip metadata small.
+// encoded as a two-element array of compact integers to keep the gossip
+// metadata small (EncodeMsgpack).
 type Use struct {
-	_msgpack struct{} `msgpack:",as_array"`
-	CPU      uint32
-	RSS      uint64
+	CPU uint32
+	RSS uint64
+}
+
+// EncodeMsgpack writes u as [CPU, RSS], each integer in as few bytes as
+// it needs.
+func (u Use) EncodeMsgpack(enc *msgpack.Encoder) error {
+	if err := enc.EncodeArrayLen(2); err != nil {
+		return err
+	}
+	if err := enc.EncodeUint(uint64(u.CPU)); err != nil {
+		return err
+	}
+	return enc.EncodeUint(u.RSS)
+}
+
+// DecodeMsgpack reads what EncodeMsgpack writes.
+func (u *Use) DecodeMsgpack(dec *msgpack.Decoder) error {
+	n, err := dec.DecodeArrayLen()
+	if err != nil {
+		return err
+	}
+	if n != 2 {
+		return fmt.Errorf("workload use: %d elements, want 2", n)
+	}
+	cpu, err := dec.DecodeUint32()
+	if err != nil {
+		return fmt.Errorf("workload use: cpu: %w", err)
+	}
+	rss, err := dec.DecodeUint64()
+	if err != nil {
+		return fmt.Errorf("workload use: rss: %w", err)
+	}
+	u.CPU, u.RSS = cpu, rss
+	return nil
 }
 
 // Node is one host running pclusterd.
