@@ -207,12 +207,12 @@ func TestBalanceDev(t *testing.T) {
 		t.Errorf("balance set -mode conservative: %q", out)
 	}
 	c.ctlJSON(nd, &st, "balance", "status")
-	if st.Mode != api.BalanceConservative || st.MinGain != 0.10 || st.SetAt.IsZero() {
-		t.Errorf("status %+v, want conservative, min gain 0.10, set_at", st)
+	if st.Mode != api.BalanceConservative || st.Threshold != 0.20 || st.MinGain != 0.05 || st.SetAt.IsZero() {
+		t.Errorf("status %+v, want conservative, threshold 0.20, min gain 0.05, set_at", st)
 	}
 	c.waitFor(10*time.Second, "a round", func() error {
 		c.ctlJSON(nd, &st, "balance", "status")
-		if k := len(st.Decisions); k == 0 || st.Decisions[k-1].Reason != "fewer than two nodes" && !strings.Contains(st.Decisions[k-1].Reason, "no move") {
+		if k := len(st.Decisions); k == 0 || st.Decisions[k-1].Reason != "fewer than two nodes" {
 			return fmt.Errorf("decisions %+v", st.Decisions)
 		}
 		return nil

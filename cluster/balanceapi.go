@@ -44,7 +44,9 @@ func (s *Server) balanceStatus() api.BalanceStatus {
 	if st.Mode == "" {
 		st.Mode = scheduler.BalanceOff
 	}
-	st.MinGain, _ = scheduler.BalanceMinGain(st.Mode)
+	if th, ok := scheduler.BalanceThreshold(st.Mode); ok {
+		st.Threshold, st.MinGain = th, scheduler.BalanceMinGain(th)
+	}
 	s.balancer.status(&st)
 	return st
 }

@@ -22,28 +22,34 @@ type BalanceConfig struct {
 	SetAt int64  `msgpack:"set_at"`
 }
 
-// BalanceMinGain returns the smallest gain a move must bring in a mode, as
-// a share of a node's CPUs (VMware DRS's threshold levels): the busier of
-// the two nodes after the move must be at least this much less busy than
-// the source was before. It is the hysteresis that keeps measurement noise
-// from moving anything: a move between two nodes whose loads differ by
-// less than twice the gain never pays. ok is false for an unknown mode.
-func BalanceMinGain(mode string) (gain float64, ok bool) {
+// BalanceThreshold returns how much busier than the least busy node a
+// node must be before the balancer moves anything from it, as a share of a
+// node's CPUs (VMware DRS's threshold levels): conservative 0.20,
+// aggressive 0.10. A move must then gain at least a quarter of it
+// (BalanceMinGain), and must not leave the target that much busier than
+// the source: the hysteresis that keeps measurement noise and small
+// workloads from moving anything, and a move from being undone by the
+// next. ok is false for an unknown mode.
+func BalanceThreshold(mode string) (threshold float64, ok bool) {
 	switch mode {
 	case BalanceConservative:
-		return 0.10, true
+		return 0.20, true
 	case BalanceAggressive:
-		return 0.05, true
+		return 0.10, true
 	}
 	return 0, false
 }
+
+// BalanceMinGain is the smallest gain a move must bring: how much less
+// busy the busier of its two nodes is after it than the source before.
+func BalanceMinGain(threshold float64) float64 { return threshold / 4 }
 
 // CheckBalanceMode says why mode is not one the balancer knows.
 func CheckBalanceMode(mode string) error {
 	if mode == BalanceOff {
 		return nil
 	}
-	if _, ok := BalanceMinGain(mode); !ok {
+	if _, ok := BalanceThreshold(mode); !ok {
 		return invalid("mode", "%.32q: want off, conservative or aggressive", mode)
 	}
 	return nil
@@ -106,30 +112,38 @@ func BalanceUses(s *State) map[string]Use {
 // PlanBalance is the balancing decision, a pure function of the state, the
 // clock and the leader's settings, MOSIX-style: it compares the ready
 // nodes by the CPU their own workloads use (Load.Use, measured per
-// workload), and moves a workload from a busy node to a less busy one
-// only when the move gains at least BalanceMinGain of the mode:
+// workload, as a share of the node's CPUs), and moves a workload from a
+// node at least BalanceThreshold busier than the least busy node that may
+// take work, to the least busy node that can take that workload:
 //
+//   - only a move that gains at least BalanceMinGain (the busier of the
+//     two nodes after it is that much less busy than the source before),
+//     never onto a node that would then be the busiest, and never one that
+//     leaves the target BalanceThreshold busier than the source (the move
+//     back would be due);
 //   - at most one move per node at a time: a node that is the source or
 //     the target of a migration in flight takes part in no other;
 //   - never a workload moved (by anyone) less than Cooldown ago, one run
-//     with -migrate never, one not running where it is placed, one whose
-//     use is not measured;
+//     with -migrate never, one not running where it is placed, one that
+//     uses no CPU;
 //   - never from a node that is draining (the drain moves its workloads)
 //     or not ready; never to a node placement would refuse (ineligible,
-//     draining, not ready, constraints, VIPs, memory) or that is in
-//     exclude (the leader's view of nodes it cannot reach);
-//   - never onto a node that would then be the busiest;
+//     draining, not ready, constraints, VIPs, memory hint), whose free
+//     memory is below the workload's RSS, or that is in exclude (the
+//     leader's view of nodes it cannot reach);
 //   - nothing while a running workload's use is not known yet (it started
-//     or moved since its node's last sample): the loads would lie.
+//     since its node's last sample): the loads would lie.
 //
-// Sources are tried busiest first; for each, the (workload, target) pair
-// with the largest gain, ties to the less busy target, then by name.
+// Sources are tried busiest first, until one is within the threshold of
+// the least busy; from each, the workload whose move gains most (ties to
+// the oldest). Each node gives or takes at most one workload per round.
 func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]string) (plan BalancePlan) {
 	mode := s.Balance.Mode
 	if mode == "" {
 		mode = BalanceOff
 	}
-	minGain, ok := BalanceMinGain(mode)
+	threshold, ok := BalanceThreshold(mode)
+	minGain := BalanceMinGain(threshold)
 	uses := BalanceUses(s)
 	type nodeLoad struct {
 		n       *Node
@@ -199,6 +213,9 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 	for _, nl := range loads {
 		order = append(order, nl)
 	}
+	// order: busiest first; asc: least busy first. Ties go by name in
+	// both, so the result depends on the state alone.
+	var asc []*nodeLoad
 	byLoad := func() {
 		sort.Slice(order, func(i, j int) bool {
 			li, lj := load(order[i]), load(order[j])
@@ -207,6 +224,8 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 			}
 			return order[i].n.Name < order[j].n.Name
 		})
+		asc = append(asc[:0], order...)
+		sort.SliceStable(asc, func(i, j int) bool { return load(asc[i]) < load(asc[j]) })
 	}
 	byLoad()
 	whyNode := map[string]string{}
@@ -225,6 +244,10 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		plan.Why = "waiting for the use of workload " + strings.Join(unmeasured, ", ") + " (started or moved since its node's last sample)"
 		return plan
 	}
+	if len(order) < 2 {
+		plan.Why = "fewer than two nodes"
+		return plan
+	}
 	// Why each node can be no source, and no target.
 	for _, nl := range order {
 		n := nl.n
@@ -239,6 +262,9 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 			whyNode[n.Name] = "node " + exclude[n.Name]
 		}
 	}
+	// mayTake: a node some workload could move to (constraints and
+	// memory aside, checked per workload).
+	mayTake := func(nl *nodeLoad) bool { return whyNode[nl.n.Name] == "" && nl.n.Eligible }
 	at := now.UnixNano()
 	var why []string
 	for _, src := range append([]*nodeLoad(nil), order...) {
@@ -246,14 +272,28 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 			continue
 		}
 		srcBefore := load(src)
+		var least *nodeLoad
+		for _, o := range asc {
+			if o != src && mayTake(o) {
+				least = o
+				break
+			}
+		}
+		if least == nil {
+			why = append(why, "no other node may take work now (see each node's note)")
+			break
+		}
+		if d := srcBefore - load(least); d < threshold-1e-9 {
+			why = append(why, fmt.Sprintf("node %s (%.2f) and the least busy %s (%.2f) differ by %.2f < %.2f (%s)",
+				src.n.Name, srcBefore, least.n.Name, load(least), max(d, 0), threshold, mode))
+			break // every other source is less busy
+		}
 		type cand struct {
-			w      *Workload
-			dst    *nodeLoad
-			gain   float64
-			dstNow float64
+			w    *Workload
+			dst  *nodeLoad
+			gain float64
 		}
 		var best *cand
-		var skipped []string
 		counts := map[string]int{}
 		for _, w := range onNode[src.n.Name] {
 			switch {
@@ -273,20 +313,17 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 				continue
 			}
 			wc := float64(u.CPU) / 1000
-			for _, dst := range order {
-				if dst == src || whyNode[dst.n.Name] != "" {
+			// The least busy node that can take it (least busy first).
+			for _, dst := range asc {
+				if dst == src || !mayTake(dst) {
 					continue
 				}
-				if reason := unfit(dst.n, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, VIP: w.VIP != ""}); reason != "" {
-					continue
-				}
-				if dst.n.LoadAt != 0 && dst.n.Load.MemFree < u.RSS {
+				if unfit(dst.n, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, VIP: w.VIP != ""}) != "" ||
+					dst.n.LoadAt != 0 && dst.n.Load.MemFree < u.RSS {
 					continue
 				}
 				srcAfter := (src.cores - wc) / src.cpus
 				dstAfter := (dst.cores + wc) / dst.cpus
-				// Never onto a node that would then be the busiest (tied is
-				// not busier).
 				others := srcAfter
 				for _, o := range order { // busiest first: the first other is the max
 					if o != src && o != dst {
@@ -294,36 +331,40 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 						break
 					}
 				}
-				if dstAfter > others+1e-9 {
-					continue
+				switch {
+				case dstAfter > others+1e-9:
+					counts["too big for any target"]++ // it would be the busiest (a tie is not busier)
+				case dstAfter-srcAfter >= threshold-1e-9:
+					counts["too big for any target"]++ // the move back would be due
+				default:
+					c := cand{w: w, dst: dst, gain: srcBefore - max(srcAfter, dstAfter)}
+					if best == nil || c.gain > best.gain+1e-9 {
+						best = &c
+					}
 				}
-				gain := srcBefore - max(srcAfter, dstAfter)
-				c := cand{w: w, dst: dst, gain: gain, dstNow: load(dst)}
-				if best == nil || c.gain > best.gain+1e-9 ||
-					(c.gain > best.gain-1e-9 && (c.dstNow < best.dstNow || c.dstNow == best.dstNow && c.dst.n.Name < best.dst.n.Name)) {
-					best = &c
-				}
+				break
 			}
 		}
+		var skipped []string
 		for k, v := range counts {
 			skipped = append(skipped, fmt.Sprintf("%d %s", v, k))
 		}
 		sort.Strings(skipped)
 		if best == nil || best.gain < minGain-1e-9 {
 			r := fmt.Sprintf("node %s (%.2f)", src.n.Name, srcBefore)
-			switch {
-			case best == nil && len(skipped) > 0:
-				r += ": no move that leaves the target less busy than the busiest (" + strings.Join(skipped, ", ") + " not moved)"
-			case best == nil:
-				r += ": no move that leaves the target less busy than the busiest"
-			default:
-				r += fmt.Sprintf(": best move %s to %s (%.2f) gains %.2f < %.2f (%s)", best.w.ID, best.dst.n.Name, best.dstNow, best.gain, minGain, mode)
+			if best == nil {
+				r += ": no workload it may move"
+			} else {
+				r += fmt.Sprintf(": best move %s to %s (%.2f) gains %.2f < %.2f (%s)", best.w.ID, best.dst.n.Name, load(best.dst), best.gain, minGain, mode)
+			}
+			if len(skipped) > 0 {
+				r += " (" + strings.Join(skipped, ", ") + ")"
 			}
 			why = append(why, r)
 			continue
 		}
 		reason := fmt.Sprintf("balance (%s): node %s %.2f → %s %.2f, %s uses %dm CPU, gain %.2f ≥ %.2f",
-			mode, src.n.Name, srcBefore, best.dst.n.Name, best.dstNow, best.w.ID, uses[best.w.ID].CPU, best.gain, minGain)
+			mode, src.n.Name, srcBefore, best.dst.n.Name, load(best.dst), best.w.ID, uses[best.w.ID].CPU, best.gain, minGain)
 		plan.Commands = append(plan.Commands, Command{CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: best.w.ID,
 			Target: best.dst.n.Name, Reason: reason, At: at}})
 		plan.Moves = append(plan.Moves, BalanceMove{Workload: best.w.ID, Source: src.n.Name, Target: best.dst.n.Name,
@@ -341,8 +382,6 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 			plan.Why = fmt.Sprintf("busiest node %s (%.2f): %s", order[0].n.Name, load(order[0]), whyNode[order[0].n.Name])
 		case len(why) > 0:
 			plan.Why = why[0]
-		case len(order) < 2:
-			plan.Why = "fewer than two nodes"
 		default:
 			plan.Why = "no node may give a workload (see each node's reason)"
 		}

@@ -72,37 +72,48 @@ func TestPlanBalance(t *testing.T) {
 			state: func() *State {
 				return balanceState(BalanceAggressive, map[string][]uint32{"a": {300, 300}, "b": {300}, "c": {300}}, "a", "b", "c")
 			},
-			why: "no move that leaves the target less busy than the busiest"},
+			why: "node a (0.30): no workload it may move (2 too big for any target)"},
 		{name: "noise moves nothing",
 			state: func() *State {
 				return balanceState(BalanceAggressive, map[string][]uint32{"a": {330, 310}, "b": {250}, "c": {280}}, "a", "b", "c")
 			},
-			why: "node a (0.32): no move"},
-		{name: "small gain: conservative holds (hysteresis)",
+			why: "node a (0.32): no workload it may move (2 too big"},
+		{name: "within the threshold: conservative holds (hysteresis)",
 			state: func() *State {
-				return balanceState(BalanceConservative, map[string][]uint32{"a": {300, 300, 100}, "b": {300}}, "a", "b")
+				return balanceState(BalanceConservative, map[string][]uint32{"a": {300, 300, 60}, "b": {300}}, "a", "b")
 			},
-			why: "best move a-2 to b (0.15) gains 0.05 < 0.10 (conservative)"},
-		{name: "small gain: aggressive moves",
+			why: "node a (0.33) and the least busy b (0.15) differ by 0.18 < 0.20 (conservative)"},
+		{name: "beyond the threshold: aggressive moves what fits",
 			state: func() *State {
-				return balanceState(BalanceAggressive, map[string][]uint32{"a": {300, 300, 100}, "b": {300}}, "a", "b")
+				return balanceState(BalanceAggressive, map[string][]uint32{"a": {300, 300, 60}, "b": {300}}, "a", "b")
 			},
 			want: []string{"a-2:a>b"}},
+		{name: "a move that gains too little stays",
+			state: func() *State {
+				return balanceState(BalanceAggressive, map[string][]uint32{"a": {300, 300, 40}, "b": {300}}, "a", "b")
+			},
+			why: "best move a-2 to b (0.15) gains 0.02 <"},
 		{name: "a tie after the move is not the busiest",
 			state: func() *State {
 				return balanceState(BalanceAggressive, map[string][]uint32{"a": {160, 160}}, "a", "b")
 			},
 			want: []string{"a-0:a>b"}},
-		{name: "the same move is below the conservative gain",
+		{name: "the same imbalance is within the conservative threshold",
 			state: func() *State {
 				return balanceState(BalanceConservative, map[string][]uint32{"a": {160, 160}}, "a", "b")
 			},
-			why: "gains 0.08 < 0.10"},
+			why: "differ by 0.16 < 0.20"},
+		{name: "a move the next would undo stays",
+			state: func() *State {
+				// 0.45 vs 0: moving 0.35 leaves b 0.25 above a.
+				return balanceState(BalanceAggressive, map[string][]uint32{"a": {700, 200}, "c": {700}}, "a", "b", "c")
+			},
+			want: []string{"a-1:a>b"}},
 		{name: "never onto a node that would then be the busiest",
 			state: func() *State {
 				return balanceState(BalanceAggressive, map[string][]uint32{"a": {800}, "c": {200}}, "a", "b", "c")
 			},
-			why: "no move that leaves the target less busy than the busiest"},
+			why: "1 too big for any target"},
 		{name: "-migrate never stays",
 			state: func() *State {
 				s := balanceState(BalanceAggressive, four, "a", "b", "c")
@@ -111,7 +122,7 @@ func TestPlanBalance(t *testing.T) {
 				}
 				return s
 			},
-			why: "4 -migrate never not moved"},
+			why: "no workload it may move (4 -migrate never)"},
 		{name: "-migrate never counts in the load, the others move",
 			state: func() *State {
 				s := balanceState(BalanceConservative, four, "a", "b", "c")
@@ -128,7 +139,7 @@ func TestPlanBalance(t *testing.T) {
 				}
 				return s
 			},
-			why: "2 in cool-down not moved"},
+			why: "(2 in cool-down)"},
 		{name: "cool-down over",
 			state: func() *State {
 				s := balanceState(BalanceConservative, map[string][]uint32{"a": {300, 300}}, "a", "b")
@@ -175,7 +186,7 @@ func TestPlanBalance(t *testing.T) {
 				s.Nodes["c"].Drain = &DrainSpec{StartedAt: 1}
 				return s
 			},
-			why: "node a (0.60): no move"},
+			why: "no other node may take work now"},
 		{name: "never to an excluded node",
 			state:   func() *State { return balanceState(BalanceConservative, four, "a", "b", "c") },
 			exclude: map[string]string{"b": "unreachable"},
@@ -186,7 +197,7 @@ func TestPlanBalance(t *testing.T) {
 				s.Nodes["b"].Status = NodeDown
 				return s
 			},
-			why: "no move"},
+			why: "fewer than two nodes"},
 		{name: "waits for a workload not measured yet",
 			state: func() *State {
 				s := balanceState(BalanceConservative, four, "a", "b", "c")
@@ -209,7 +220,7 @@ func TestPlanBalance(t *testing.T) {
 				s.Nodes["b"].Load.MemFree = 1 << 10
 				return s
 			},
-			why: "no move"},
+			why: "node a (0.60): no workload it may move"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

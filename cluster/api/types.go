@@ -264,15 +264,19 @@ type BalanceRequest struct {
 
 // BalanceStatus is the balancer as the leader sees it (GET /v1/balance).
 type BalanceStatus struct {
-	Mode     string        `json:"mode"`
-	SetAt    time.Time     `json:"set_at,omitzero"`
-	MinGain  float64       `json:"min_gain"` // the mode's minimum gain, a share of a node's CPUs
-	Interval time.Duration `json:"interval"` // between rounds
-	Cooldown time.Duration `json:"cooldown"` // before a moved workload may move again
-	Leader   string        `json:"leader"`   // the node that answered and runs the balancer
-	Rounds   int           `json:"rounds"`   // since it became the leader
-	Moves    int           `json:"moves"`    // planned since it became the leader
-	Nodes    []BalanceNode `json:"nodes"`    // the last round's view, busiest first
+	Mode  string    `json:"mode"`
+	SetAt time.Time `json:"set_at,omitzero"`
+	// Threshold: how much busier than the least busy node a node must be
+	// before anything moves from it; MinGain: the least a move must gain.
+	// Both are shares of a node's CPUs, set by the mode (0 when off).
+	Threshold float64       `json:"threshold"`
+	MinGain   float64       `json:"min_gain"`
+	Interval  time.Duration `json:"interval"` // between rounds
+	Cooldown  time.Duration `json:"cooldown"` // before a moved workload may move again
+	Leader    string        `json:"leader"`   // the node that answered and runs the balancer
+	Rounds    int           `json:"rounds"`   // since it became the leader
+	Moves     int           `json:"moves"`    // planned since it became the leader
+	Nodes     []BalanceNode `json:"nodes"`    // the last round's view, busiest first
 	// Decisions are the last rounds' outcomes, oldest first: moves, and
 	// runs of rounds that moved nothing with the latest reason why.
 	Decisions []BalanceDecision `json:"decisions"`

@@ -16,7 +16,7 @@ func (*balanceSetCmd) synopsis() string {
 	return "balance set -mode off|conservative|aggressive   whether and how eagerly the leader moves workloads to spread the load"
 }
 func (c *balanceSetCmd) flags(fs *flag.FlagSet) {
-	fs.StringVar(&c.mode, "mode", "", "`off`, conservative (a move must gain 0.10 of a node's CPUs) or aggressive (0.05)")
+	fs.StringVar(&c.mode, "mode", "", "`off`, conservative (moves from a node 0.20 of its CPUs busier than the least busy) or aggressive (0.10)")
 }
 
 func (c *balanceSetCmd) run(ctx context.Context, e *env, args []string) error {

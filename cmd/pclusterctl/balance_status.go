@@ -39,7 +39,7 @@ func (c *balanceStatusCmd) run(ctx context.Context, e *env, args []string) error
 func printBalance(w io.Writer, st api.BalanceStatus) error {
 	fmt.Fprintf(w, "mode %s", shown(st.Mode))
 	if st.Mode != api.BalanceOff {
-		fmt.Fprintf(w, " (a move must gain %.2f of a node's CPUs)", st.MinGain)
+		fmt.Fprintf(w, " (moves from nodes %.2f busier than the least busy, gaining %.2f or more)", st.Threshold, st.MinGain)
 	}
 	fmt.Fprintf(w, ", a round every %v, cool-down %v; leader %s: %d rounds, %d moves\n\n", st.Interval, st.Cooldown,
 		shown(st.Leader), st.Rounds, st.Moves)
