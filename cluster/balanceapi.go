@@ -47,6 +47,6 @@ func (s *Server) balanceStatus() api.BalanceStatus {
 	if th, ok := scheduler.BalanceThreshold(st.Mode); ok {
 		st.Threshold, st.MinGain = th, scheduler.BalanceMinGain(th)
 	}
-	s.balancer.status(&st)
+	s.balancer.Status(&st)
 	return st
 }

@@ -111,8 +111,9 @@ func (b *Balancer) Round(now time.Time) ([]scheduler.BalanceMove, error) {
 	return moved, failed
 }
 
-// status fills what the balancer knows into st.
-func (b *Balancer) status(st *api.BalanceStatus) {
+// Status fills in what the balancer knows: its rounds and moves, the last
+// round's nodes and the last decisions.
+func (b *Balancer) Status(st *api.BalanceStatus) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	st.Rounds, st.Moves = b.rounds, b.moves
