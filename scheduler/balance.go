@@ -215,19 +215,29 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 	}
 	// order: busiest first; asc: least busy first. Ties go by name in
 	// both, so the result depends on the state alone.
-	var asc []*nodeLoad
-	byLoad := func() {
-		sort.Slice(order, func(i, j int) bool {
-			li, lj := load(order[i]), load(order[j])
-			if li != lj {
-				return li > lj
-			}
-			return order[i].n.Name < order[j].n.Name
-		})
-		asc = append(asc[:0], order...)
-		sort.SliceStable(asc, func(i, j int) bool { return load(asc[i]) < load(asc[j]) })
+	busier := func(a, b *nodeLoad) bool {
+		if la, lb := load(a), load(b); la != lb {
+			return la > lb
+		}
+		return a.n.Name < b.n.Name
 	}
-	byLoad()
+	lessBusy := func(a, b *nodeLoad) bool {
+		if la, lb := load(a), load(b); la != lb {
+			return la < lb
+		}
+		return a.n.Name < b.n.Name
+	}
+	sort.Slice(order, func(i, j int) bool { return busier(order[i], order[j]) })
+	asc := append([]*nodeLoad(nil), order...)
+	sort.Slice(asc, func(i, j int) bool { return lessBusy(asc[i], asc[j]) })
+	// resort puts the two nodes of a move back in place in both orders:
+	// O(nodes) per move where sorting again would cost O(nodes log nodes).
+	resort := func(moved ...*nodeLoad) {
+		for _, nl := range moved {
+			order = reposition(order, nl, busier)
+			asc = reposition(asc, nl, lessBusy)
+		}
+	}
 	whyNode := map[string]string{}
 	// Nodes is filled at the end, whichever return: plan is named.
 	defer func() {
@@ -374,7 +384,7 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		best.dst.cores += wc
 		whyNode[src.n.Name] = "moving " + best.w.ID + " to " + best.dst.n.Name
 		whyNode[best.dst.n.Name] = "receiving " + best.w.ID + " from " + src.n.Name
-		byLoad()
+		resort(src, best.dst)
 	}
 	if len(plan.Moves) == 0 {
 		switch {
@@ -387,4 +397,20 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		}
 	}
 	return plan
+}
+
+// reposition moves nl to its place in s, which is sorted by before but
+// for nl.
+func reposition[T comparable](s []T, nl T, before func(a, b T) bool) []T {
+	for i, x := range s {
+		if x == nl {
+			s = append(s[:i], s[i+1:]...)
+			break
+		}
+	}
+	j := sort.Search(len(s), func(k int) bool { return before(nl, s[k]) })
+	s = append(s, nl)
+	copy(s[j+1:], s[j:])
+	s[j] = nl
+	return s
 }
