@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -217,6 +221,24 @@ func TestBalanceDev(t *testing.T) {
 		}
 		return nil
 	})
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", nd.socket)
+	}}}
+	resp, err := hc.Get("http://pclusterd/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var rounds float64
+	for _, l := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(l, "pcluster_balance_rounds_total "); ok {
+			rounds, _ = strconv.ParseFloat(v, 64)
+		}
+	}
+	if rounds < 1 || !strings.Contains(string(body), "\npcluster_balance_moves_total 0\n") {
+		t.Errorf("/metrics: balance rounds %v, want ≥ 1, and moves 0", rounds)
+	}
 	if errs := c.ctlFail(nd, 1, "run", "-migrate", "sometimes", "--", "sleep", "600"); !strings.Contains(errs, `migrate: "sometimes": want never`) {
 		t.Errorf("run -migrate sometimes: %q", errs)
 	}
@@ -224,6 +246,9 @@ func TestBalanceDev(t *testing.T) {
 	c.ctlJSON(nd, &w, "run", "-migrate", "never", "--", "sleep", "600")
 	if w.Migrate != "never" {
 		t.Errorf("run -migrate never: migrate %q", w.Migrate)
+	}
+	if out := c.ctl(nd, "status", w.ID); !strings.Contains(out, "Migrate:   never") {
+		t.Errorf("status of a -migrate never workload:\n%s", out)
 	}
 	c.ctl(nd, "stop", w.ID)
 }

@@ -29,6 +29,9 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 		w.ID, shown(w.Name), commandLine(w.Command, w.Args), shown(w.State), shown(w.Desired), dash(w.Node), shown(w.DesiredNode))
 	fmt.Fprintf(e.stdout, "PID:       %d\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
 		w.PID, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
+	if w.Migrate != "" {
+		fmt.Fprintf(e.stdout, "Migrate:   %s (the balancer leaves it where it is)\n", shown(w.Migrate))
+	}
 	return nil
 }
 
