@@ -86,8 +86,12 @@ func InitMain() int {
 	// The agent's pipe ends come non-blocking (os.Pipe's): made blocking,
 	// they need no poller, whose epoll and eventfd would stay open in the
 	// namespace.
-	syscall.SetNonblock(3, false)
-	syscall.SetNonblock(4, false)
+	// Close-on-exec: the answer is written after the workload's exec,
+	// which must not inherit it.
+	for _, fd := range []int{3, 4} {
+		syscall.SetNonblock(fd, false)
+		syscall.CloseOnExec(fd)
+	}
 	specIn, resOut := os.NewFile(3, "spec"), os.NewFile(4, "result")
 	var spec initSpec
 	err := json.NewDecoder(specIn).Decode(&spec)
