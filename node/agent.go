@@ -114,7 +114,9 @@ type Agent struct {
 	tr     *ptrace.Tracer // the one owner of this agent's ptrace calls
 }
 
-// New returns an agent; call Run to start it.
+// New returns an agent; call Run to start it. The agent starts each
+// workload's init by re-executing its own program (/proc/self/exe) as
+// InitName: that program's main must call InitMain first when IsInit.
 func New(cfg Config) *Agent {
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 10 * time.Second
@@ -200,6 +202,7 @@ func (a *Agent) adopt(ctx context.Context, w scheduler.Workload) {
 		}
 		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
 			ExitCode: ev.code, Signal: ev.signal, Message: ev.msg, At: time.Now()})
+		a.clearStatus(w.ID)
 		return
 	}
 	a.log.Info("adopted running workload", "workload", w.ID, "pid", pid)
@@ -484,6 +487,7 @@ func lookPath(file string, env []string) (string, error) {
 }
 
 func (a *Agent) exited(ev exitEvent) {
+	a.clearStatus(ev.wid)
 	if a.moved[ev.wid] == ev.attempt {
 		delete(a.moved, ev.wid)
 		a.log.Info("migrated workload's old process reaped", "workload", ev.wid, "attempt", ev.attempt)

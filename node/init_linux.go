@@ -162,8 +162,10 @@ func writeStatus(status string) {
 	}
 }
 
-// readStatus reads and removes the status an init wrote for workload wid:
-// ok is false when there is none (the init was killed, or never ran).
+// readStatus reads the status an init wrote for workload wid: ok is false
+// when there is none (the init was killed, or never ran). The file stays
+// until Run has taken the exit (exited): a waiter of an agent whose Run
+// has ended must leave it for the next agent.
 func (a *Agent) readStatus(wid string) (code int, sig string, ok bool) {
 	out, err := a.LogPath(wid, "stdout")
 	if err != nil {
@@ -171,7 +173,6 @@ func (a *Agent) readStatus(wid string) (code int, sig string, ok bool) {
 	}
 	path := filepath.Join(filepath.Dir(out), statusFile)
 	b, err := os.ReadFile(path)
-	os.Remove(path)
 	if err != nil {
 		return 0, "", false
 	}
@@ -189,8 +190,9 @@ func (a *Agent) readStatus(wid string) (code int, sig string, ok bool) {
 	return 0, "", false
 }
 
-// clearStatus removes a status left by an earlier attempt of workload wid
-// on this node, before a new init starts.
+// clearStatus removes the status of workload wid once its exit is taken,
+// and any left by an earlier attempt on this node before a new init
+// starts.
 func (a *Agent) clearStatus(wid string) {
 	if out, err := a.LogPath(wid, "stdout"); err == nil {
 		os.Remove(filepath.Join(filepath.Dir(out), statusFile))
