@@ -28,7 +28,8 @@ type spawned struct {
 
 // spawn starts workload w as a PID namespace of its own: our child is its
 // init (init_linux.go, this same binary), in a new session, which starts
-// the command as pid 2 or so there, its output appended to its log files.
+// the command (pid 6-8 or so there: the init's runtime threads come
+// first), its output appended to its log files.
 // A goroutine waits for the init and ends with it.
 func (a *Agent) spawn(w scheduler.Workload) (spawned, error) {
 	var s spawned
