@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -462,7 +463,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
 	a.started[w.ID] = w.Attempt
 	if a.cg != nil {
-		for _, pid := range procsOf(a.cg.dir(w.ID, w.Attempt)) {
+		pids := procsOf(a.cg.dir(w.ID, w.Attempt))
+		// A namespace's init first: the one to supervise.
+		sort.SliceStable(pids, func(i, j int) bool { return isNSInit(pids[i]) && !isNSInit(pids[j]) })
+		for _, pid := range pids {
 			if st := procStateOf(pid); st == 't' || st == 'T' || st == 'Z' || st == 'X' {
 				continue // not started, or dying
 			}
@@ -471,9 +475,16 @@ func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
 				continue
 			}
 			a.log.Info("migrated workload found running in its cgroup; its start was not recorded", "workload", w.ID, "pid", pid)
-			w.PID, w.StartTicks = pid, ticks
+			w.PID, w.StartTicks, w.InitPID = pid, ticks, 0
+			if isNSInit(pid) {
+				w.InitPID = pid
+				if c := nsChild(pid, w.NSPID); c > 0 {
+					w.PID = c
+				}
+			}
 			a.adopt(ctx, w)
-			a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: pid, StartTicks: ticks, At: time.Now()})
+			a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks,
+				NSPID: w.NSPID, InitPID: w.InitPID, At: time.Now()})
 			return
 		}
 	}
@@ -700,7 +711,9 @@ func (a *Agent) exited(ev exitEvent) {
 // later attempt), and this process is a copy no one will ever see.
 func (a *Agent) killRefused(r api.Report) {
 	p := a.procs[r.ID]
-	if p == nil || p.attempt != r.Attempt || p.pid != r.PID {
+	// p.pid is the process we wait for: the workload's, or its
+	// namespace's init (whose death ends the namespace).
+	if p == nil || p.attempt != r.Attempt || p.pid != r.PID && !(p.pidns && p.pid == r.InitPID) {
 		return
 	}
 	a.log.Warn("start refused as stale: killing the process, a copy the state does not have", "workload", r.ID, "attempt", r.Attempt, "pid", r.PID)

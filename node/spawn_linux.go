@@ -182,3 +182,14 @@ func nsChild(initPid, nsPid int) int {
 	}
 	return 0
 }
+
+// isNSInit reports whether pid is the init (PID 1) of a PID namespace of
+// its own.
+func isNSInit(pid int) bool {
+	st, err := procfs.Status(pid)
+	if err != nil {
+		return false
+	}
+	ids, err := procfs.NSIDs(st, "NSpid")
+	return err == nil && len(ids) > 1 && ids[len(ids)-1] == 1
+}
