@@ -93,6 +93,9 @@ type Process struct {
 	virtTids map[int]int
 	// listeners are the re-created listening sockets, bound in finish.
 	listeners []*image.FD
+	// socks are the re-created TCP connections and UDP sockets, given
+	// their addresses in finish (tcp_linux.go).
+	socks []*image.FD
 	vdso      uint64   // syscall site in the moved vdso
 	uffd      *os.File // fills private anonymous memory while building
 	built     bool

@@ -135,6 +135,12 @@ func (p *Process) finish() error {
 	if err != nil {
 		return err
 	}
+	// Connections first of all: on one host the original was killed just
+	// now, and until a copy holds its addresses a packet from a peer
+	// would be answered with a reset.
+	if err := p.restoreSockets(borrow); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}

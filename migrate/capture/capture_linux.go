@@ -51,6 +51,8 @@ type Frozen struct {
 	// inner: the snapshot records the PID and TIDs of the process's own
 	// PID namespace, a child of ours frozen whole (pidns_linux.go).
 	inner bool
+	// socks are the sockets held while the process is frozen.
+	socks sockets
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -290,7 +292,7 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) er
 			return err
 		}
 	}
-	fds, err := describeFDs(f.Pid, inner)
+	fds, err := describeFDs(f.Pid, inner, &f.socks)
 	if err != nil {
 		return err
 	}
@@ -719,6 +721,11 @@ func (f *Frozen) Resume() error {
 		}
 		return errors.Join(errs...)
 	})
+	// The sockets before the threads run: a connection must leave
+	// repair mode before the process uses it.
+	if serr := f.socks.resume(); serr != nil {
+		err = errors.Join(err, serr)
+	}
 	f.detach()
 	for _, th := range f.threads {
 		for _, sig := range th.requeue {
@@ -752,6 +759,7 @@ func (f *Frozen) Kill() error {
 		return fmt.Errorf("kill %d: %w", f.Pid, err)
 	}
 	f.reap(ours)
+	f.socks.kill()
 	return nil
 }
 

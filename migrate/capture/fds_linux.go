@@ -20,9 +20,10 @@ var statelessDevices = map[string]bool{
 }
 
 // describeFDs records every open file descriptor, refusing those a restore
-// could not rebuild. In a tree, inner holds the pipes with both ends
+// could not rebuild. Sockets are held in socks (tcp_linux.go) until the
+// process resumes or is killed. In a tree, inner holds the pipes with both ends
 // inside it (by inode), each true once its buffered data is saved.
-func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
+func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, error) {
 	infos, err := procfs.FDs(pid)
 	if err != nil {
 		return nil, fmt.Errorf("fds: %w", err)
@@ -81,11 +82,9 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 				fd.Epoll = append(fd.Epoll, t)
 			}
 		case kind == syscall.S_IFSOCK && fi.Fd > 2:
-			l, err := describeListener(pid, fi.Fd)
-			if err != nil {
+			if err := describeSocket(pid, fi.Fd, socks, &fd); err != nil {
 				return nil, unsupported("%s: %v", where, err)
 			}
-			fd.Kind, fd.Listen = image.FDListen, l
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
 		case strings.HasSuffix(fi.Link, " (deleted)"):

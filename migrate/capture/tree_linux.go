@@ -245,6 +245,7 @@ func (t *FrozenTree) Kill() error {
 	for i := len(t.members) - 1; i >= 0; i-- {
 		f := t.members[i]
 		f.reap(ours[i])
+		f.socks.kill()
 		f.mem.Close()
 	}
 	return errors.Join(errs...)

@@ -1,0 +1,356 @@
+package loader_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// Sizes of the streams of TestMigrateTCP: the fixture writes tcpOut
+// bytes to a peer that reads none of them until the move (most wait in
+// the fixture's send queue), and the peer writes tcpIn bytes that the
+// fixture reads only after that (they wait in its receive queue).
+const (
+	tcpOut = 4 << 20
+	tcpIn  = 40000
+)
+
+// smallRcvbuf makes accepted connections advertise a small window, so a
+// sender's bytes stay in the sender's queue.
+func smallRcvbuf(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
+	return errors.Join(err, serr)
+}
+
+// tcpRow is a connection's line in /proc/net/tcp or tcp6.
+type tcpRow struct {
+	state  int // TCP_* as the kernel numbers them
+	tx, rx int // bytes in the send and receive queue
+}
+
+// tcpConn finds the connection whose local port is port.
+func tcpConn(port int) (tcpRow, bool) {
+	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 5 {
+				continue
+			}
+			i := strings.LastIndexByte(f[1], ':')
+			if p, err := strconv.ParseUint(f[1][i+1:], 16, 16); err != nil || int(p) != port {
+				continue
+			}
+			st, _ := strconv.ParseUint(f[3], 16, 8)
+			tx, rx, _ := strings.Cut(f[4], ":")
+			t, _ := strconv.ParseUint(tx, 16, 32)
+			r, _ := strconv.ParseUint(rx, 16, 32)
+			return tcpRow{int(st), int(t), int(r)}, true
+		}
+	}
+	return tcpRow{}, false
+}
+
+// waitConn waits until the connection at local port satisfies ok.
+func waitConn(t *testing.T, port int, what string, ok func(tcpRow) bool) {
+	t.Helper()
+	var last tcpRow
+	for deadline := time.Now().Add(waitFor); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		r, found := tcpConn(port)
+		if found && ok(r) {
+			return
+		}
+		last = r
+	}
+	t.Fatalf("connection at port %d: %+v, want %s", port, last, what)
+}
+
+// pattern returns n bytes of the stream whose byte i is i % mod, from off.
+func pattern(off, n, mod int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte((off + i) % mod)
+	}
+	return b
+}
+
+// readPattern reads n bytes of the stream i % mod from c.
+func readPattern(c net.Conn, n, mod int) error {
+	buf := make([]byte, 64<<10)
+	for off := 0; off < n; {
+		m, err := c.Read(buf[:min(len(buf), n-off)])
+		for i := 0; i < m; i++ {
+			if buf[i] != byte((off+i)%mod) {
+				return fmt.Errorf("byte %d is %d, want %d", off+i, buf[i], (off+i)%mod)
+			}
+		}
+		off += m
+		if err != nil {
+			return fmt.Errorf("after %d of %d bytes: %w", off, n, err)
+		}
+	}
+	return nil
+}
+
+// tcpPair starts the fixture connected to a listener of the test on
+// host (127.0.0.1 or ::1), writing tcpOut bytes and to read in; the
+// test's end has written in bytes, all acknowledged, and the fixture's
+// send queue is full.
+func tcpPair(t *testing.T, host string, in int) (orig *fixture.Proc, pid int, conn *net.TCPConn) {
+	lc := net.ListenConfig{Control: smallRcvbuf}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, "0"))
+	if err != nil {
+		t.Skipf("listen on %s: %v", host, err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	orig, pid = fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), "connect", host, strconv.Itoa(port), strconv.Itoa(tcpOut), strconv.Itoa(in))
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn = c.(*net.TCPConn)
+	t.Cleanup(func() { conn.Close() })
+	orig.Expect(t, `^connected$`, waitFor)
+	if _, err := conn.Write(pattern(0, in, 253)); err != nil {
+		t.Fatal(err)
+	}
+	fport := conn.RemoteAddr().(*net.TCPAddr).Port
+	waitConn(t, fport, fmt.Sprintf("%d bytes received, 64 KiB and more waiting to go", in), func(r tcpRow) bool {
+		return r.rx == in && r.tx >= 64<<10
+	})
+	return orig, pid, conn
+}
+
+// finishPair checks the fixture's side of the stream: every byte it
+// wrote arrives in order, it reads every byte of ours and answers "ok",
+// and once we close our side it sees the end and exits: no reset, the
+// same connection from start to end. out follows the fixture's output.
+func finishPair(t *testing.T, conn *net.TCPConn, out *fixture.Lines) {
+	t.Helper()
+	conn.SetDeadline(time.Now().Add(waitFor))
+	if err := readPattern(conn, tcpOut, 251); err != nil {
+		t.Fatalf("the fixture's stream: %v", err)
+	}
+	out.Expect(t, `^sent$`, waitFor)
+	out.Expect(t, `^received$`, waitFor)
+	ok := make([]byte, 2)
+	if _, err := io.ReadFull(conn, ok); err != nil || string(ok) != "ok" {
+		t.Fatalf("the fixture's answer: %q, %v", ok, err)
+	}
+	conn.CloseWrite()
+	out.Expect(t, `^eof$`, waitFor)
+	if n, err := conn.Read(ok); err != io.EOF {
+		t.Fatalf("after the fixture's exit: read %d, %v, want the end of the stream", n, err)
+	}
+}
+
+// TestMigrateTCP moves a process holding an established connection, over
+// IPv4 and IPv6, on one host: megabytes it wrote wait in its send queue
+// (the peer reads nothing), bytes it has not read wait in its receive
+// queue. After the move every byte arrives in order both ways on the
+// same connection, which then ends with a FIN, not a reset.
+func TestMigrateTCP(t *testing.T) {
+	needRoot(t)
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		t.Run(host, func(t *testing.T) {
+			orig, pid, conn := tcpPair(t, host, tcpIn)
+			a := newAgents(t)
+			pr, pw, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pr.Close()
+			out := fixture.FollowReader(t, pr)
+			sent := make(chan error, 1)
+			go func() { sent <- a.send(context.Background(), a.srcConn, pid, nil) }()
+			p, rerr := a.receive(context.Background(), a.dstConn, pw)
+			pw.Close()
+			serr := <-sent
+			if p != nil {
+				defer reap(t, p)
+			}
+			if rerr != nil || serr != nil {
+				t.Fatalf("target: %v; source: %v", rerr, serr)
+			}
+			select {
+			case <-orig.Done():
+			case <-time.After(waitFor):
+				t.Fatal("the original still runs after the commit")
+			}
+			finishPair(t, conn, out)
+		})
+	}
+}
+
+// TestMigrateTCPDecisionFails: when the move is called off after the
+// copy was built, the original resumes with its connection, which goes
+// on as if nothing happened.
+func TestMigrateTCPDecisionFails(t *testing.T) {
+	needRoot(t)
+	orig, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
+	a := newAgents(t)
+	sent := make(chan error, 1)
+	go func() {
+		sent <- a.send(context.Background(), a.srcConn, pid, func() error { return errors.New("the scheduler changed its mind") })
+	}()
+	p, rerr := a.receive(context.Background(), a.dstConn, nil)
+	serr := <-sent
+	if p != nil {
+		reap(t, p)
+		t.Fatalf("the target started pid %d", p.Pid())
+	}
+	if serr == nil || !strings.Contains(serr.Error(), "changed its mind") || rerr == nil {
+		t.Fatalf("source: %v, want the decision's error; target: %v", serr, rerr)
+	}
+	if !alive(pid) {
+		t.Fatal("the original is gone")
+	}
+	finishPair(t, conn, orig.Lines)
+}
+
+// freezeRefused freezes pid to a snapshot nobody reads, expecting a
+// refusal that names all of want; the process runs on.
+func freezeRefused(t *testing.T, pid int, want ...string) {
+	t.Helper()
+	a := newAgents(t)
+	sent := make(chan error, 1)
+	go func() { sent <- a.send(context.Background(), a.srcConn, pid, nil) }()
+	p, _ := a.receive(context.Background(), a.dstConn, nil)
+	serr := <-sent
+	if p != nil {
+		reap(t, p)
+		t.Fatalf("the target started pid %d", p.Pid())
+	}
+	for _, w := range want {
+		if serr == nil || !strings.Contains(serr.Error(), w) {
+			t.Fatalf("source: %v, want a refusal naming %q", serr, w)
+		}
+	}
+	if !alive(pid) {
+		t.Fatal("the original is gone")
+	}
+}
+
+// TestFreezeTCPCloseWait: a connection whose peer has closed its side
+// (CLOSE_WAIT) is refused by name, and the process goes on with it.
+func TestFreezeTCPCloseWait(t *testing.T) {
+	needRoot(t)
+	orig, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
+	conn.CloseWrite()
+	waitConn(t, conn.RemoteAddr().(*net.TCPAddr).Port, "CLOSE_WAIT", func(r tcpRow) bool { return r.state == 8 })
+	freezeRefused(t, pid, "fd 3", "CLOSE_WAIT")
+	conn.SetDeadline(time.Now().Add(waitFor))
+	if err := readPattern(conn, tcpOut, 251); err != nil {
+		t.Fatalf("the fixture's stream: %v", err)
+	}
+	orig.Expect(t, `^received$`, waitFor)
+	orig.Expect(t, `^eof$`, waitFor)
+}
+
+// TestFreezeListenerPending: a listener with a connection it has not
+// accepted yet is refused (the connection would be reset with the
+// original); the process runs on, accepts it and serves it.
+func TestFreezeListenerPending(t *testing.T) {
+	needRoot(t)
+	port := freePort(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), "listen", "127.0.0.1", strconv.Itoa(port))
+	orig.Expect(t, `^listening$`, waitFor)
+	c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	freezeRefused(t, pid, "fd 3", "1 connections not yet accepted")
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(waitFor))
+	if _, err := c.Write([]byte("hi\n")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || got != "echo: hi\n" {
+		t.Fatalf("the listener's answer: %q, %v", got, err)
+	}
+	orig.Expect(t, `^served$`, waitFor)
+}
+
+// freePort returns a TCP port of loopback that was free a moment ago.
+func freePort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// TestMigrateUDP moves a process with a bound and connected UDP socket:
+// afterwards it still receives on its port and answers from it.
+func TestMigrateUDP(t *testing.T) {
+	needRoot(t)
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		t.Run(host, func(t *testing.T) {
+			peer, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
+			if err != nil {
+				t.Skipf("udp on %s: %v", host, err)
+			}
+			defer peer.Close()
+			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), "udp", host, strconv.Itoa(peer.LocalAddr().(*net.UDPAddr).Port))
+			m := orig.Expect(t, `^udp (\d+)$`, waitFor)
+			to, _ := net.ResolveUDPAddr("udp", net.JoinHostPort(host, m[1]))
+			echo := func(msg string) {
+				t.Helper()
+				peer.SetDeadline(time.Now().Add(waitFor))
+				if _, err := peer.WriteTo([]byte(msg), to); err != nil {
+					t.Fatal(err)
+				}
+				b := make([]byte, 100)
+				n, from, err := peer.ReadFrom(b)
+				if err != nil || string(b[:n]) != "echo: "+msg || from.(*net.UDPAddr).Port != to.Port {
+					t.Fatalf("answer to %q: %q from %v, %v; want %q from port %d", msg, b[:n], from, err, "echo: "+msg, to.Port)
+				}
+			}
+			echo("before")
+			a := newAgents(t)
+			pr, pw, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pr.Close()
+			out := fixture.FollowReader(t, pr)
+			sent := make(chan error, 1)
+			go func() { sent <- a.send(context.Background(), a.srcConn, pid, nil) }()
+			p, rerr := a.receive(context.Background(), a.dstConn, pw)
+			pw.Close()
+			serr := <-sent
+			if p != nil {
+				defer reap(t, p)
+			}
+			if rerr != nil || serr != nil {
+				t.Fatalf("target: %v; source: %v", rerr, serr)
+			}
+			echo("after")
+			peer.WriteTo([]byte("quit"), to)
+			out.Expect(t, `^quit$`, waitFor)
+		})
+	}
+}
