@@ -214,10 +214,12 @@ func (s *sockCalls) bind(family int, a image.SockAddr, freeBind bool) error {
 
 // repairTCP rebuilds an established connection.
 func (s *sockCalls) repairTCP(c *image.TCPConn) error {
-	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 1, "repair mode (needs CAP_NET_ADMIN)"); err != nil {
+	if err := s.options(c.Family, c.Opts, true); err != nil {
 		return err
 	}
-	if err := s.options(c.Family, c.Opts, true); err != nil {
+	// After the options: repair mode makes the socket bind whatever
+	// else holds its port (SO_REUSEADDR would undo that).
+	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 1, "repair mode (needs CAP_NET_ADMIN)"); err != nil {
 		return err
 	}
 	if err := s.bind(c.Family, c.Local, c.Opts.FreeBind); err != nil {
@@ -280,6 +282,10 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	// Out of repair mode the kernel sends a window probe: the peer
 	// answers with its window, and what is unacknowledged is resent.
 	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 0, "repair mode off"); err != nil {
+		return err
+	}
+	// Leaving repair mode cleared SO_REUSEADDR.
+	if err := s.setInt(unix.SOL_SOCKET, unix.SO_REUSEADDR, boolInt(c.Opts.ReuseAddr), "SO_REUSEADDR"); err != nil {
 		return err
 	}
 	// Bytes never sent are written as the process would have.

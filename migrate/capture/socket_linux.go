@@ -36,12 +36,15 @@ func describeListener(h *heldSocket, domain, proto int) (*image.Listener, error)
 		return nil, fmt.Errorf("socket address %T", sa)
 	}
 	what := fmt.Sprintf("listening socket %s", image.SockAddr{IP: l.IP, Port: l.Port})
-	if proto == unix.IPPROTO_TCP {
-		// (An MPTCP listener takes no socket filter: its packets go to
-		// the TCP socket under it. Its accept queue is checked alike.)
-		if err := h.dropAll(); err != nil {
-			return nil, fmt.Errorf("%s: %w", what, err)
-		}
+	if proto != unix.IPPROTO_TCP {
+		// An MPTCP listener (Go's default) takes no socket filter (its
+		// packets go to the TCP socket under it) and reports no accept
+		// queue: connections it has not accepted are not seen, and are
+		// reset with the original (docs/pfreeze.md).
+		return l, nil
+	}
+	if err := h.dropAll(); err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	info, err := unix.GetsockoptTCPInfo(s, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
