@@ -65,7 +65,9 @@ func (p *Process) restoreSockets(scratch uintptr) error {
 	for _, f := range p.socks {
 		s := &sockCalls{p: p, fd: uintptr(f.Fd), scratch: scratch}
 		var err error
-		if f.TCP != nil {
+		if f.TCP != nil && f.TCP.Closed {
+			err = s.aborted(f.TCP)
+		} else if f.TCP != nil {
 			err = s.repairTCP(f.TCP)
 		} else {
 			err = s.bindUDP(f.UDP)
@@ -293,6 +295,34 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 		return fmt.Errorf("unsent %d bytes: %w", c.Unsent, err)
 	}
 	return nil
+}
+
+// aborted makes the socket of a connection that stayed behind (its peer
+// was sent a reset): a connection made in repair mode over loopback, no
+// packet sent, and then dropped in repair mode, which leaves the socket
+// closed with ECONNABORTED pending. The process's next read or write on
+// it fails with that error, as on a connection reset.
+func (s *sockCalls) aborted(c *image.TCPConn) error {
+	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 1, "repair mode (needs CAP_NET_ADMIN)"); err != nil {
+		return err
+	}
+	lo := image.SockAddr{IP: []byte{127, 0, 0, 1}, Port: c.Peer.Port}
+	if c.Family == unix.AF_INET6 {
+		lo.IP = make([]byte, 16)
+		lo.IP[15] = 1
+	}
+	if err := s.addrCall(unix.SYS_CONNECT, c.Family, lo); err != nil {
+		return fmt.Errorf("connect in repair mode to %s: %w", lo, err)
+	}
+	// connect(AF_UNSPEC) disconnects.
+	unspec := make([]byte, 16)
+	if err := s.p.mem.Write(uint64(s.scratch), unspec); err != nil {
+		return err
+	}
+	if _, err := s.p.call(unix.SYS_CONNECT, s.fd, s.scratch, uintptr(len(unspec))); err != nil {
+		return fmt.Errorf("disconnect in repair mode: %w", err)
+	}
+	return s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 0, "repair mode off")
 }
 
 func (s *sockCalls) queueSeq(queue int, seq uint32) error {

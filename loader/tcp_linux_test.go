@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -17,6 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 // Sizes of the streams of TestMigrateTCP: the fixture writes tcpOut
@@ -353,4 +356,68 @@ func TestMigrateUDP(t *testing.T) {
 			out.Expect(t, `^quit$`, waitFor)
 		})
 	}
+}
+
+// sendTCP is agents.send with TCP options.
+func (a *agents) sendTCP(conn net.Conn, pid int, tcp capture.TCPOptions) error {
+	sink, err := stream.NewConnSink(context.Background(), conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: waitFor})
+	if err != nil {
+		return err
+	}
+	return capture.SendTo(context.Background(), a.srcTr, pid, sink, capture.SendOptions{Halt: true,
+		Cipher: stream.CipherAESGCM, Key: &a.key, ReadyTimeout: waitFor, TCP: tcp})
+}
+
+// TestMigrateTCPStays: a connection whose local address does not move
+// with the process (here loopback, when only 198.18.0.50 moves) is
+// refused by name and the process goes on with it; with Close the move
+// goes ahead, the peer gets a reset and the copy finds the connection
+// aborted.
+func TestMigrateTCPStays(t *testing.T) {
+	needRoot(t)
+	moving := []netip.Prefix{netip.MustParsePrefix("198.18.0.50/32")}
+	t.Run("refused", func(t *testing.T) {
+		orig, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
+		a := newAgents(t)
+		sent := make(chan error, 1)
+		go func() { sent <- a.sendTCP(a.srcConn, pid, capture.TCPOptions{Moving: moving}) }()
+		p, _ := a.receive(context.Background(), a.dstConn, nil)
+		serr := <-sent
+		if p != nil {
+			reap(t, p)
+			t.Fatalf("the target started pid %d", p.Pid())
+		}
+		if !errors.Is(serr, capture.ErrConnectionStays) || !strings.Contains(serr.Error(), "fd 3") {
+			t.Fatalf("source: %v, want fd 3 refused as staying behind", serr)
+		}
+		finishPair(t, conn, orig.Lines)
+	})
+	t.Run("closed", func(t *testing.T) {
+		_, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
+		a := newAgents(t)
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pr.Close()
+		out := fixture.FollowReader(t, pr)
+		sent := make(chan error, 1)
+		go func() { sent <- a.sendTCP(a.srcConn, pid, capture.TCPOptions{Moving: moving, Close: true}) }()
+		p, rerr := a.receive(context.Background(), a.dstConn, pw)
+		pw.Close()
+		serr := <-sent
+		if p != nil {
+			defer reap(t, p)
+		}
+		if rerr != nil || serr != nil {
+			t.Fatalf("target: %v; source: %v", rerr, serr)
+		}
+		// The copy was stopped in write(): restarted, it fails.
+		out.Expect(t, `^error: write: Software caused connection abort$`, waitFor)
+		conn.SetDeadline(time.Now().Add(waitFor))
+		_, err = io.Copy(io.Discard, conn)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("the peer: %v, want a reset", err)
+		}
+	})
 }

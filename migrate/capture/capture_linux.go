@@ -32,10 +32,14 @@ import (
 // cannot carry yet.
 var ErrUnsupported = errors.New("not supported")
 
-type unsupportedError struct{ msg string }
+type unsupportedError struct {
+	msg   string
+	cause error // wrapped, when a refusal has a sentinel of its own
+}
 
 func (e *unsupportedError) Error() string        { return e.msg }
 func (e *unsupportedError) Is(target error) bool { return target == ErrUnsupported }
+func (e *unsupportedError) Unwrap() error        { return e.cause }
 
 func unsupported(format string, args ...any) error {
 	return &unsupportedError{msg: fmt.Sprintf(format, args...)}

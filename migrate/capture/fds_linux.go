@@ -83,7 +83,7 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			}
 		case kind == syscall.S_IFSOCK && fi.Fd > 2:
 			if err := describeSocket(pid, fi.Fd, socks, &fd); err != nil {
-				return nil, unsupported("%s: %v", where, err)
+				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
 			}
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)

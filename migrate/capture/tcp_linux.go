@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"golang.org/x/sys/unix"
 
@@ -33,18 +34,50 @@ const (
 	tcpiOptWscale     = 4
 )
 
+// ErrConnectionStays wraps the refusal of a TCP connection whose local
+// address does not move with the process (TCPOptions).
+var ErrConnectionStays = errors.New("its local address does not move with the process")
+
+// TCPOptions say which TCP connections move with the process.
+type TCPOptions struct {
+	// Moving lists the local addresses that move with the process (its
+	// virtual IPs): a connection from any other address cannot work on
+	// another host. Nil: every address moves (a restore on this host).
+	Moving []netip.Prefix
+	// Close closes the connections that cannot move, instead of refusing
+	// the freeze: once the original is killed their peers get a reset,
+	// and the copy finds the connection aborted (ECONNABORTED).
+	Close bool
+}
+
+// moves reports whether a connection from local moves with the process.
+func (o TCPOptions) moves(local image.SockAddr) bool {
+	if o.Moving == nil {
+		return true
+	}
+	a := local.AddrPort().Addr().Unmap()
+	for _, p := range o.Moving {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
 // heldSocket is a socket of the frozen process that capture changed,
 // through fd, its duplicate of the process's fd target.
 type heldSocket struct {
 	fd, target int
 	filter     bool // the drop-all filter is attached
 	repair     bool // TCP_REPAIR is on
+	reset      bool // a connection that stays: reset when the process is killed
 }
 
 // sockets are the held sockets of one frozen process. Exactly one of
 // resume or kill ends them.
 type sockets struct {
-	held []*heldSocket
+	held   []*heldSocket
+	policy TCPOptions
 }
 
 // resume puts every held socket back as it was: repair mode off (the
@@ -73,6 +106,11 @@ func (s *sockets) resume() error {
 // still in repair mode, close without a word to their peers.
 func (s *sockets) kill() {
 	for _, h := range s.held {
+		if h.reset {
+			// Our duplicate is the last: closing it with a zero linger
+			// sends the reset.
+			unix.SetsockoptLinger(h.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		}
 		unix.Close(h.fd)
 	}
 	s.held = nil
@@ -133,7 +171,7 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 		}
 		rec.Kind, rec.Listen = image.FDListen, l
 	case typ == unix.SOCK_STREAM && proto == unix.IPPROTO_TCP:
-		c, err := describeTCP(h, domain)
+		c, err := describeTCP(h, domain, socks.policy)
 		if err != nil {
 			return err
 		}
@@ -152,7 +190,7 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 
 // describeTCP reads an established connection in repair mode, after its
 // packets are held by the filter: nothing changes it while it is read.
-func describeTCP(h *heldSocket, family int) (*image.TCPConn, error) {
+func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, error) {
 	s := h.fd
 	c := &image.TCPConn{Family: family}
 	var err error
@@ -170,6 +208,13 @@ func describeTCP(h *heldSocket, family int) (*image.TCPConn, error) {
 	info, err := unix.GetsockoptTCPInfo(s, unix.IPPROTO_TCP, unix.TCP_INFO)
 	if err != nil {
 		return nil, fmt.Errorf("%s: TCP_INFO: %w", what, err)
+	}
+	if perr == nil && !policy.moves(c.Local) {
+		if !policy.Close {
+			return nil, fmt.Errorf("%s: %w", what, ErrConnectionStays)
+		}
+		c.State, c.Closed, h.reset = int(info.State), true, true
+		return c, nil
 	}
 	if int(info.State) != unix.BPF_TCP_ESTABLISHED {
 		return nil, fmt.Errorf("%s in state %s: only established connections are carried", what, image.TCPStateName(int(info.State)))

@@ -378,7 +378,7 @@ func checkTCP(fd int, c *TCPConn) error {
 	if c == nil || !checkAddr(c.Family, c.Local) || !checkAddr(c.Family, c.Peer) || c.Peer.Port == 0 || c.Local.Port == 0 {
 		return corruptf("fd %d: TCP connection addresses", fd)
 	}
-	if c.State != tcpEstablished {
+	if c.State != tcpEstablished && !c.Closed {
 		return corruptf("fd %d: TCP connection in state %d", fd, c.State)
 	}
 	if len(c.SendQueue) > MaxSockQueue || len(c.RecvQueue) > MaxSockQueue || c.Unsent < 0 || c.Unsent > len(c.SendQueue) {

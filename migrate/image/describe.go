@@ -164,7 +164,9 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if l := f.Listen; l != nil {
 			fmt.Fprintf(w, " %v port %d protocol %d", net.IP(l.IP), l.Port, l.Protocol)
 		}
-		if c := f.TCP; c != nil {
+		if c := f.TCP; c != nil && c.Closed {
+			fmt.Fprintf(w, " %s -> %s closed (its address stays)", c.Local, c.Peer)
+		} else if c != nil {
 			fmt.Fprintf(w, " %s -> %s state %s send queue %d (unsent %d) receive queue %d seq %d/%d mss %d options %#x",
 				c.Local, c.Peer, TCPStateName(c.State), len(c.SendQueue), c.Unsent, len(c.RecvQueue), c.SendSeq, c.RecvSeq, c.MSS, c.Options)
 		}

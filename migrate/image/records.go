@@ -315,6 +315,11 @@ type TCPConn struct {
 	Timestamp uint32    `msgpack:"timestamp"` // TCP_TIMESTAMP, with TCPI_OPT_TIMESTAMPS
 	Window    TCPWindow `msgpack:"window"`
 	Opts      SockOpts  `msgpack:"opts"`
+	// Closed: the connection did not move with the process (its local
+	// address stays behind) and was reset on the source; only its
+	// addresses are recorded, and the copy gets a socket that reports
+	// the connection aborted.
+	Closed bool `msgpack:"closed,omitempty"`
 }
 
 // UDPSocket is a UDP socket: its bound address (port 0: not bound) and,
