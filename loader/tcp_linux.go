@@ -3,6 +3,7 @@ package loader
 import (
 	"encoding/binary"
 	"fmt"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -28,6 +29,7 @@ const (
 	tcpiOptTimestamps = 1
 	tcpiOptSack       = 2
 	tcpiOptWscale     = 4
+	tcpiOptUsecTS     = 64
 	tcpoptMSS         = 2
 	tcpoptWindow      = 3
 	tcpoptSackPerm    = 4
@@ -260,7 +262,7 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 		return fmt.Errorf("TCP_REPAIR_OPTIONS: %w", err)
 	}
 	if c.Options&tcpiOptTimestamps != 0 {
-		if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int(c.Timestamp), "TCP_TIMESTAMP"); err != nil {
+		if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int(int32(tcpTimestamp(c, time.Now()))), "TCP_TIMESTAMP"); err != nil {
 			return err
 		}
 	}
@@ -323,6 +325,25 @@ func (s *sockCalls) aborted(c *image.TCPConn) error {
 		return fmt.Errorf("disconnect in repair mode: %w", err)
 	}
 	return s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 0, "repair mode off")
+}
+
+// tcpTimestamp is the timestamp clock of the copy at now: the saved one
+// plus the time since it was read. The original's clock ran on while it
+// was frozen, and it may have sent segments stamped with it (a
+// retransmission); a copy that went back in time would have its segments
+// dropped by the peer's PAWS check until its clock caught up. Across
+// hosts the difference of their clocks adds in: forward is harmless,
+// backward stalls as long. The clock counts milliseconds, or microseconds
+// for a connection that negotiated them (TCPI_OPT_USEC_TS).
+func tcpTimestamp(c *image.TCPConn, now time.Time) uint32 {
+	elapsed := now.UnixNano() - c.TimestampAt
+	if c.TimestampAt == 0 || elapsed < 0 {
+		return c.Timestamp
+	}
+	if c.Options&tcpiOptUsecTS != 0 {
+		return c.Timestamp + uint32(elapsed/1e3)
+	}
+	return c.Timestamp + uint32(elapsed/1e6)
 }
 
 func (s *sockCalls) queueSeq(queue int, seq uint32) error {

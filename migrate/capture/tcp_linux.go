@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -13,11 +14,11 @@ import (
 
 // Sockets of a frozen process are read through duplicates of them
 // (pidfd_getfd). A listening socket and a TCP connection also get a
-// socket filter that drops every packet, so that while the process is
-// frozen nothing reaches them: no connection joins a listener's accept
-// queue, and a connection neither takes in bytes after its receive queue
-// was saved nor answers its peer (the peer retransmits later, to the
-// copy). A connection is then put in repair mode (TCP_REPAIR), in which
+// socket filter, so that while the process is frozen nothing changes
+// them: a listener's drops every packet (no connection joins its accept
+// queue), a connection's all but pure acknowledgements (it takes in no
+// byte after its receive queue was saved; the peer retransmits later, to
+// the copy). A connection is then put in repair mode (TCP_REPAIR), in which
 // its queues and sequence numbers can be read and in which closing it
 // sends nothing: when the original is killed its connections vanish
 // without a reset, for their copies to take over. Resuming the original
@@ -132,18 +133,46 @@ func (s *sockets) hold(pid, fd int) (*heldSocket, error) {
 	return h, nil
 }
 
-// dropAll attaches the filter that drops every packet. A socket that
+// hold attaches filter: dropAllFilter or ackOnlyFilter. A socket that
 // already has a filter of its own is refused: it could not be put back.
-func (h *heldSocket) dropAll() error {
+func (h *heldSocket) hold(filter []unix.SockFilter) error {
 	if n, err := getsockoptBytes(h.fd, unix.SOL_SOCKET, unix.SO_GET_FILTER, nil); err != nil || n > 0 {
 		return errors.New("the socket has a socket filter (SO_ATTACH_FILTER), which is not carried")
 	}
-	prog := unix.SockFprog{Len: 1, Filter: &unix.SockFilter{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
+	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
 	if err := unix.SetsockoptSockFprog(h.fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog); err != nil {
 		return fmt.Errorf("attach a filter to hold its packets: %w", err)
 	}
 	h.filter = true
 	return nil
+}
+
+// dropAllFilter drops every packet (a listener's SYNs and handshakes).
+var dropAllFilter = []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
+
+// ackOnlyFilter, on a connection, lets through only pure acknowledgements
+// (no payload, no SYN, FIN or RST) and drops the rest: nothing enters the
+// receive queue or changes the state after they were saved, while the
+// peer's acknowledgements still reach the original. Without them the
+// original would retransmit what the peer already has (its delayed ACK
+// dropped), the peer would answer, and an answer arriving once the
+// original is gone would draw a reset from this host. An acknowledgement
+// that frees bytes after the send queue was saved is harmless: the copy
+// sends them again and the peer discards the duplicates. The filter runs
+// on the TCP header (skb->data): payload length = skb->len - 4*doff.
+var ackOnlyFilter = []unix.SockFilter{
+	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 12}, // data offset << 4
+	{Code: unix.BPF_ALU | unix.BPF_AND | unix.BPF_K, K: 0xf0},
+	{Code: unix.BPF_ALU | unix.BPF_RSH | unix.BPF_K, K: 2}, // header length in bytes
+	{Code: unix.BPF_MISC | unix.BPF_TAX},
+	{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_LEN},
+	{Code: unix.BPF_ALU | unix.BPF_SUB | unix.BPF_X}, // payload length
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 0, Jf: 3},
+	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 13},    // flags
+	{Code: unix.BPF_ALU | unix.BPF_AND | unix.BPF_K, K: 0x07}, // FIN, SYN, RST
+	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 1, Jf: 0},
+	{Code: unix.BPF_RET | unix.BPF_K, K: 0},
+	{Code: unix.BPF_RET | unix.BPF_K, K: 0xffffffff},
 }
 
 // describeSocket records the socket at pid's fd: a listening TCP socket,
@@ -222,7 +251,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	if perr != nil {
 		return nil, fmt.Errorf("%s: getpeername: %w", what, perr)
 	}
-	if err := h.dropAll(); err != nil {
+	if err := h.hold(ackOnlyFilter); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if err := unix.SetsockoptInt(s, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
@@ -256,7 +285,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 		if err != nil {
 			return nil, fmt.Errorf("%s: TCP_TIMESTAMP: %w", what, err)
 		}
-		c.Timestamp = uint32(ts)
+		c.Timestamp, c.TimestampAt = uint32(ts), time.Now().UnixNano()
 	}
 	var w [20]byte
 	if n, err := getsockoptBytes(s, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, w[:]); err != nil || n != len(w) {

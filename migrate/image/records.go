@@ -313,6 +313,10 @@ type TCPConn struct {
 	SndWscale uint8     `msgpack:"snd_wscale"`
 	RcvWscale uint8     `msgpack:"rcv_wscale"`
 	Timestamp uint32    `msgpack:"timestamp"` // TCP_TIMESTAMP, with TCPI_OPT_TIMESTAMPS
+	// TimestampAt is when Timestamp was read (unix nanoseconds): the
+	// copy's clock goes on from Timestamp plus the time since, as the
+	// original's went on while frozen (it may still have sent segments).
+	TimestampAt int64 `msgpack:"timestamp_at"`
 	Window    TCPWindow `msgpack:"window"`
 	Opts      SockOpts  `msgpack:"opts"`
 	// Closed: the connection did not move with the process (its local
