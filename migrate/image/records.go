@@ -299,26 +299,26 @@ type TCPWindow struct {
 // the sequence numbers after the last byte of each queue (write_seq and
 // rcv_nxt).
 type TCPConn struct {
-	Family    int       `msgpack:"family"` // AF_INET or AF_INET6
-	Local     SockAddr  `msgpack:"local"`
-	Peer      SockAddr  `msgpack:"peer"`
-	State     int       `msgpack:"state"` // TCP_ESTABLISHED
-	SendSeq   uint32    `msgpack:"send_seq"`
-	RecvSeq   uint32    `msgpack:"recv_seq"`
-	SendQueue []byte    `msgpack:"send_queue"`
-	Unsent    int       `msgpack:"unsent"`
-	RecvQueue []byte    `msgpack:"recv_queue"`
-	MSS       uint32    `msgpack:"mss"`     // mss_clamp
-	Options   uint8     `msgpack:"options"` // TCPI_OPT_* negotiated
-	SndWscale uint8     `msgpack:"snd_wscale"`
-	RcvWscale uint8     `msgpack:"rcv_wscale"`
-	Timestamp uint32    `msgpack:"timestamp"` // TCP_TIMESTAMP, with TCPI_OPT_TIMESTAMPS
+	Family    int      `msgpack:"family"` // AF_INET or AF_INET6
+	Local     SockAddr `msgpack:"local"`
+	Peer      SockAddr `msgpack:"peer"`
+	State     int      `msgpack:"state"` // TCP_ESTABLISHED
+	SendSeq   uint32   `msgpack:"send_seq"`
+	RecvSeq   uint32   `msgpack:"recv_seq"`
+	SendQueue []byte   `msgpack:"send_queue"`
+	Unsent    int      `msgpack:"unsent"`
+	RecvQueue []byte   `msgpack:"recv_queue"`
+	MSS       uint32   `msgpack:"mss"`     // mss_clamp
+	Options   uint8    `msgpack:"options"` // TCPI_OPT_* negotiated
+	SndWscale uint8    `msgpack:"snd_wscale"`
+	RcvWscale uint8    `msgpack:"rcv_wscale"`
+	Timestamp uint32   `msgpack:"timestamp"` // TCP_TIMESTAMP, with TCPI_OPT_TIMESTAMPS
 	// TimestampAt is when Timestamp was read (unix nanoseconds): the
 	// copy's clock goes on from Timestamp plus the time since, as the
 	// original's went on while frozen (it may still have sent segments).
-	TimestampAt int64 `msgpack:"timestamp_at"`
-	Window    TCPWindow `msgpack:"window"`
-	Opts      SockOpts  `msgpack:"opts"`
+	TimestampAt int64     `msgpack:"timestamp_at"`
+	Window      TCPWindow `msgpack:"window"`
+	Opts        SockOpts  `msgpack:"opts"`
 	// Closed: the connection did not move with the process (its local
 	// address stays behind) and was reset on the source; only its
 	// addresses are recorded, and the copy gets a socket that reports
