@@ -137,7 +137,7 @@ func (s *sockets) hold(pid, fd int) (*heldSocket, error) {
 // already has a filter of its own is refused: it could not be put back.
 func (h *heldSocket) hold(filter []unix.SockFilter) error {
 	if n, err := getsockoptBytes(h.fd, unix.SOL_SOCKET, unix.SO_GET_FILTER, nil); err != nil || n > 0 {
-		return errors.New("the socket has a socket filter (SO_ATTACH_FILTER), which is not carried")
+		return errors.New("the socket has a socket filter (SO_ATTACH_FILTER) of its own, which is not carried, or is shared with another process of the tree, which is not supported")
 	}
 	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
 	if err := unix.SetsockoptSockFprog(h.fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog); err != nil {
