@@ -106,3 +106,61 @@ func acked(t *testing.T, local, remote int) {
 	}
 	t.Fatalf("connection %d -> %d: queues %s, want nothing unacknowledged", local, remote, last)
 }
+
+// TestRedisHeldConnection moves redis-server (pfreeze -tree -halt to a
+// pthaw listening on a unix socket) while a client holds a connection to it,
+// with a reply the client has not read yet: afterwards the client reads
+// that reply and the same connection answers, keys intact.
+func TestRedisHeldConnection(t *testing.T) {
+	needRoot(t)
+	p, addr := fixture.StartRedisTCP(t)
+	for i := 0; i < 100; i++ {
+		if _, err := fixture.RedisDo(addr, fmt.Sprintf("SET key%d value%d", i, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(waitFor))
+	r := bufio.NewReader(conn)
+	line := func() string {
+		t.Helper()
+		s, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("read a reply: %v", err)
+		}
+		return strings.TrimRight(s, "\r\n")
+	}
+	if _, err := conn.Write([]byte("INCRBY counter 41\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := line(); got != ":41" {
+		t.Fatalf("INCRBY: %q", got)
+	}
+	// A reply left unread in the client's receive queue, and everything
+	// the server sent acknowledged (docs/pfreeze.md: the window without a
+	// socket).
+	if _, err := conn.Write([]byte("GET key7\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	acked(t, conn.RemoteAddr().(*net.TCPAddr).Port, conn.LocalAddr().(*net.TCPAddr).Port)
+	sock := filepath.Join(t.TempDir(), "sock")
+	th := thaw(t, "-src", "unix:"+sock)
+	th.listening(t)
+	// A one-process tree: -tree carries its pipe to itself.
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", "unix:"+sock)
+	<-p.Exited()
+	th.restoredPid(t)
+	if got, want := line()+" "+line(), "$6 value7"; got != want {
+		t.Fatalf("the reply sent before the move: %q, want %q", got, want)
+	}
+	if _, err := conn.Write([]byte("INCR counter\r\nGET key99\r\n")); err != nil {
+		t.Fatalf("write after the move: %v", err)
+	}
+	if got, want := line()+" "+line()+" "+line(), ":42 $7 value99"; got != want {
+		t.Fatalf("after the move, on the same connection: %q, want %q", got, want)
+	}
+}
