@@ -45,8 +45,9 @@ type tcpRow struct {
 	tx, rx int // bytes in the send and receive queue
 }
 
-// tcpConn finds the connection whose local port is port.
-func tcpConn(port int) (tcpRow, bool) {
+// tcpConn finds the connection from local port port to remote port
+// remote (0: any).
+func tcpConn(port, remote int) (tcpRow, bool) {
 	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		b, err := os.ReadFile(name)
 		if err != nil {
@@ -61,6 +62,10 @@ func tcpConn(port int) (tcpRow, bool) {
 			if p, err := strconv.ParseUint(f[1][i+1:], 16, 16); err != nil || int(p) != port {
 				continue
 			}
+			j := strings.LastIndexByte(f[2], ':')
+			if p, err := strconv.ParseUint(f[2][j+1:], 16, 16); remote != 0 && (err != nil || int(p) != remote) {
+				continue
+			}
 			st, _ := strconv.ParseUint(f[3], 16, 8)
 			tx, rx, _ := strings.Cut(f[4], ":")
 			t, _ := strconv.ParseUint(tx, 16, 32)
@@ -71,12 +76,13 @@ func tcpConn(port int) (tcpRow, bool) {
 	return tcpRow{}, false
 }
 
-// waitConn waits until the connection at local port satisfies ok.
-func waitConn(t *testing.T, port int, what string, ok func(tcpRow) bool) {
+// waitConn waits until the connection from local port to remote port
+// (0: any) satisfies ok.
+func waitConn(t *testing.T, port, remote int, what string, ok func(tcpRow) bool) {
 	t.Helper()
 	var last tcpRow
 	for deadline := time.Now().Add(waitFor); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		r, found := tcpConn(port)
+		r, found := tcpConn(port, remote)
 		if found && ok(r) {
 			return
 		}
@@ -136,9 +142,14 @@ func tcpPair(t *testing.T, host string, in int) (orig *fixture.Proc, pid int, co
 		t.Fatal(err)
 	}
 	fport := conn.RemoteAddr().(*net.TCPAddr).Port
-	waitConn(t, fport, fmt.Sprintf("%d bytes received, 64 KiB and more waiting to go", in), func(r tcpRow) bool {
+	waitConn(t, fport, 0, fmt.Sprintf("%d bytes received, 64 KiB and more waiting to go", in), func(r tcpRow) bool {
 		return r.rx == in && r.tx >= 64<<10
 	})
+	// Our bytes acknowledged too: we have nothing to retransmit. From the
+	// original's kill until the copy's connect nothing holds the
+	// connection, and a packet of ours would draw a reset (docs/
+	// pfreeze.md: the window without a socket).
+	waitConn(t, port, fport, "everything we sent acknowledged", func(r tcpRow) bool { return r.tx == 0 })
 	return orig, pid, conn
 }
 
@@ -258,7 +269,7 @@ func TestFreezeTCPCloseWait(t *testing.T) {
 	needRoot(t)
 	orig, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
 	conn.CloseWrite()
-	waitConn(t, conn.RemoteAddr().(*net.TCPAddr).Port, "CLOSE_WAIT", func(r tcpRow) bool { return r.state == 8 })
+	waitConn(t, conn.RemoteAddr().(*net.TCPAddr).Port, 0, "CLOSE_WAIT", func(r tcpRow) bool { return r.state == 8 })
 	freezeRefused(t, pid, "fd 3", "CLOSE_WAIT")
 	conn.SetDeadline(time.Now().Add(waitFor))
 	if err := readPattern(conn, tcpOut, 251); err != nil {
