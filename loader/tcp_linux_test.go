@@ -193,8 +193,13 @@ func TestMigrateTCP(t *testing.T) {
 			}
 			defer pr.Close()
 			out := fixture.FollowReader(t, pr)
+			var held []string
 			sent := make(chan error, 1)
-			go func() { sent <- a.send(context.Background(), a.srcConn, pid, nil) }()
+			go func() {
+				sent <- a.sendTCP(a.srcConn, pid, capture.TCPOptions{Held: func(local, peer netip.AddrPort) {
+					held = append(held, local.String()+" -> "+peer.String())
+				}})
+			}()
 			p, rerr := a.receive(context.Background(), a.dstConn, pw)
 			pw.Close()
 			serr := <-sent
@@ -203,6 +208,9 @@ func TestMigrateTCP(t *testing.T) {
 			}
 			if rerr != nil || serr != nil {
 				t.Fatalf("target: %v; source: %v", rerr, serr)
+			}
+			if want := conn.RemoteAddr().String() + " -> " + conn.LocalAddr().String(); len(held) != 1 || held[0] != want {
+				t.Errorf("connections held: %q, want [%q]", held, want)
 			}
 			select {
 			case <-orig.Done():

@@ -21,3 +21,12 @@ func getsockoptBytes(fd, level, name int, b []byte) (int, error) {
 	}
 	return int(n), nil
 }
+
+// setsockoptBytes sets a socket option to b.
+func setsockoptBytes(fd, level, name int, b []byte) error {
+	_, _, e := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(name), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}

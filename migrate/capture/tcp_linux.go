@@ -14,11 +14,10 @@ import (
 
 // Sockets of a frozen process are read through duplicates of them
 // (pidfd_getfd). A listening socket and a TCP connection also get a
-// socket filter, so that while the process is frozen nothing changes
-// them: a listener's drops every packet (no connection joins its accept
-// queue), a connection's all but pure acknowledgements (it takes in no
-// byte after its receive queue was saved; the peer retransmits later, to
-// the copy). A connection is then put in repair mode (TCP_REPAIR), in which
+// socket filter that drops every packet, so that while the process is
+// frozen nothing changes them: no connection joins a listener's accept
+// queue, and a connection takes in no byte after its receive queue was
+// saved (the peer retransmits later, to the copy). A connection is then put in repair mode (TCP_REPAIR), in which
 // its queues and sequence numbers can be read and in which closing it
 // sends nothing: when the original is killed its connections vanish
 // without a reset, for their copies to take over. Resuming the original
@@ -49,6 +48,12 @@ type TCPOptions struct {
 	// the freeze: once the original is killed their peers get a reset,
 	// and the copy finds the connection aborted (ECONNABORTED).
 	Close bool
+	// Held, when set, is told of each connection that moves once it is
+	// held silent, while the snapshot is written (before Decide and the
+	// kill): its local and peer address. A cluster that cannot take the
+	// address off the source before the kill drops these 4-tuples'
+	// packets there until the address has moved (docs/pfreeze.md).
+	Held func(local, peer netip.AddrPort)
 }
 
 // moves reports whether a connection from local moves with the process.
@@ -72,6 +77,9 @@ type heldSocket struct {
 	filter     bool // the drop-all filter is attached
 	repair     bool // TCP_REPAIR is on
 	reset      bool // a connection that stays: reset when the process is killed
+	// window is the connection's TCP_REPAIR_WINDOW, set back on resume
+	// (the freeze closed its send window).
+	window []byte
 }
 
 // sockets are the held sockets of one frozen process. Exactly one of
@@ -87,6 +95,11 @@ type sockets struct {
 func (s *sockets) resume() error {
 	var errs []error
 	for _, h := range s.held {
+		if h.window != nil {
+			if err := setsockoptBytes(h.fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, h.window); err != nil {
+				errs = append(errs, fmt.Errorf("fd %d: send window back: %w", h.target, err))
+			}
+		}
 		if h.repair {
 			if err := unix.SetsockoptInt(h.fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 0); err != nil {
 				errs = append(errs, fmt.Errorf("fd %d: repair mode off: %w", h.target, err))
@@ -133,7 +146,7 @@ func (s *sockets) hold(pid, fd int) (*heldSocket, error) {
 	return h, nil
 }
 
-// hold attaches filter: dropAllFilter or ackOnlyFilter. A socket that
+// hold attaches filter (dropAllFilter). A socket that
 // already has a filter of its own is refused: it could not be put back.
 func (h *heldSocket) hold(filter []unix.SockFilter) error {
 	if n, err := getsockoptBytes(h.fd, unix.SOL_SOCKET, unix.SO_GET_FILTER, nil); err != nil || n > 0 {
@@ -147,33 +160,9 @@ func (h *heldSocket) hold(filter []unix.SockFilter) error {
 	return nil
 }
 
-// dropAllFilter drops every packet (a listener's SYNs and handshakes).
+// dropAllFilter drops every packet: a listener's SYNs and handshakes, a
+// connection's data, FINs and acknowledgements.
 var dropAllFilter = []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
-
-// ackOnlyFilter, on a connection, lets through only pure acknowledgements
-// (no payload, no SYN, FIN or RST) and drops the rest: nothing enters the
-// receive queue or changes the state after they were saved, while the
-// peer's acknowledgements still reach the original. Without them the
-// original would retransmit what the peer already has (its delayed ACK
-// dropped), the peer would answer, and an answer arriving once the
-// original is gone would draw a reset from this host. An acknowledgement
-// that frees bytes after the send queue was saved is harmless: the copy
-// sends them again and the peer discards the duplicates. The filter runs
-// on the TCP header (skb->data): payload length = skb->len - 4*doff.
-var ackOnlyFilter = []unix.SockFilter{
-	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 12}, // data offset << 4
-	{Code: unix.BPF_ALU | unix.BPF_AND | unix.BPF_K, K: 0xf0},
-	{Code: unix.BPF_ALU | unix.BPF_RSH | unix.BPF_K, K: 2}, // header length in bytes
-	{Code: unix.BPF_MISC | unix.BPF_TAX},
-	{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_LEN},
-	{Code: unix.BPF_ALU | unix.BPF_SUB | unix.BPF_X}, // payload length
-	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 0, Jf: 3},
-	{Code: unix.BPF_LD | unix.BPF_B | unix.BPF_ABS, K: 13},    // flags
-	{Code: unix.BPF_ALU | unix.BPF_AND | unix.BPF_K, K: 0x07}, // FIN, SYN, RST
-	{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jt: 1, Jf: 0},
-	{Code: unix.BPF_RET | unix.BPF_K, K: 0},
-	{Code: unix.BPF_RET | unix.BPF_K, K: 0xffffffff},
-}
 
 // describeSocket records the socket at pid's fd: a listening TCP socket,
 // an established TCP connection or a UDP socket; anything else is
@@ -251,7 +240,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	if perr != nil {
 		return nil, fmt.Errorf("%s: getpeername: %w", what, perr)
 	}
-	if err := h.hold(ackOnlyFilter); err != nil {
+	if err := h.hold(dropAllFilter); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if err := unix.SetsockoptInt(s, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
@@ -293,6 +282,19 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	}
 	c.Window = image.TCPWindow{SndWl1: binary.NativeEndian.Uint32(w[0:]), SndWnd: binary.NativeEndian.Uint32(w[4:]),
 		MaxWindow: binary.NativeEndian.Uint32(w[8:]), RcvWnd: binary.NativeEndian.Uint32(w[12:]), RcvWup: binary.NativeEndian.Uint32(w[16:])}
+	// The original sends no new byte from now on: a send window of zero
+	// (no acknowledgement gets through the filter to open it again).
+	// Bytes it sent after its queues were read would reach the peer, and
+	// the peer's acknowledgements of them would be "of data not yet sent"
+	// to the copy, which drops them: the connection would stall for
+	// good. (Retransmissions and window probes still go out; they carry
+	// nothing new.) Resume sets the window back.
+	h.window = append([]byte(nil), w[:]...)
+	closed := append([]byte(nil), w[:]...)
+	binary.NativeEndian.PutUint32(closed[4:], 0)
+	if err := setsockoptBytes(s, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, closed); err != nil {
+		return nil, fmt.Errorf("%s: close the send window: %w", what, err)
+	}
 	inq, err := unix.IoctlGetInt(s, unix.SIOCINQ)
 	if err != nil {
 		return nil, fmt.Errorf("%s: SIOCINQ: %w", what, err)
@@ -314,6 +316,9 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	c.Opts = sockOpts(s, family, true)
+	if policy.Held != nil {
+		policy.Held(c.Local.AddrPort(), c.Peer.AddrPort())
+	}
 	return c, nil
 }
 
