@@ -43,7 +43,7 @@ func describeListener(h *heldSocket, domain, proto int) (*image.Listener, error)
 		// reset with the original (docs/pfreeze.md).
 		return l, nil
 	}
-	if err := h.hold(dropAllFilter); err != nil {
+	if err := h.attach(dropAllFilter); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	info, err := unix.GetsockoptTCPInfo(s, unix.IPPROTO_TCP, unix.TCP_INFO)

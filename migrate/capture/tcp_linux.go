@@ -17,11 +17,12 @@ import (
 // socket filter that drops every packet, so that while the process is
 // frozen nothing changes them: no connection joins a listener's accept
 // queue, and a connection takes in no byte after its receive queue was
-// saved (the peer retransmits later, to the copy). A connection is then put in repair mode (TCP_REPAIR), in which
-// its queues and sequence numbers can be read and in which closing it
-// sends nothing: when the original is killed its connections vanish
-// without a reset, for their copies to take over. Resuming the original
-// turns repair mode off and removes the filters again.
+// saved (the peer retransmits later, to the copy). A connection is then
+// put in repair mode (TCP_REPAIR), in which its queues and sequence
+// numbers can be read and in which closing it sends nothing: when the
+// original is killed its connections vanish without a reset, for their
+// copies to take over. Resuming the original removes the filters and
+// turns repair mode off again.
 
 // Kernel constants x/sys/unix does not name.
 const (
@@ -89,9 +90,9 @@ type sockets struct {
 	policy TCPOptions
 }
 
-// resume puts every held socket back as it was: repair mode off (the
-// kernel then probes the peer's window, and the connection carries on),
-// filter removed.
+// resume puts every held socket back as it was: send window back, filter
+// removed, repair mode off (the kernel then probes the peer's window, and
+// the connection carries on).
 func (s *sockets) resume() error {
 	var errs []error
 	for _, h := range s.held {
@@ -100,14 +101,16 @@ func (s *sockets) resume() error {
 				errs = append(errs, fmt.Errorf("fd %d: send window back: %w", h.target, err))
 			}
 		}
-		if h.repair {
-			if err := unix.SetsockoptInt(h.fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 0); err != nil {
-				errs = append(errs, fmt.Errorf("fd %d: repair mode off: %w", h.target, err))
-			}
-		}
+		// The filter first: leaving repair mode probes the peer's window,
+		// and its answer must get in.
 		if h.filter {
 			if err := unix.SetsockoptInt(h.fd, unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0); err != nil {
 				errs = append(errs, fmt.Errorf("fd %d: remove socket filter: %w", h.target, err))
+			}
+		}
+		if h.repair {
+			if err := unix.SetsockoptInt(h.fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 0); err != nil {
+				errs = append(errs, fmt.Errorf("fd %d: repair mode off: %w", h.target, err))
 			}
 		}
 		unix.Close(h.fd)
@@ -146,9 +149,9 @@ func (s *sockets) hold(pid, fd int) (*heldSocket, error) {
 	return h, nil
 }
 
-// hold attaches filter (dropAllFilter). A socket that
+// attach attaches filter (dropAllFilter). A socket that
 // already has a filter of its own is refused: it could not be put back.
-func (h *heldSocket) hold(filter []unix.SockFilter) error {
+func (h *heldSocket) attach(filter []unix.SockFilter) error {
 	if n, err := getsockoptBytes(h.fd, unix.SOL_SOCKET, unix.SO_GET_FILTER, nil); err != nil || n > 0 {
 		return errors.New("the socket has a socket filter (SO_ATTACH_FILTER) of its own, which is not carried, or is shared with another process of the tree, which is not supported")
 	}
@@ -240,7 +243,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	if perr != nil {
 		return nil, fmt.Errorf("%s: getpeername: %w", what, perr)
 	}
-	if err := h.hold(dropAllFilter); err != nil {
+	if err := h.attach(dropAllFilter); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	if err := unix.SetsockoptInt(s, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
