@@ -177,13 +177,14 @@ func finishPair(t *testing.T, conn *net.TCPConn, out *fixture.Lines) {
 }
 
 // TestMigrateTCP moves a process holding an established connection, over
-// IPv4 and IPv6, on one host: megabytes it wrote wait in its send queue
-// (the peer reads nothing), bytes it has not read wait in its receive
-// queue. After the move every byte arrives in order both ways on the
-// same connection, which then ends with a FIN, not a reset.
+// IPv4, IPv6 and IPv4 on an IPv6 socket (a v4-mapped address, as a
+// dual-stack program has), on one host: megabytes it wrote wait in its
+// send queue (the peer reads nothing), bytes it has not read wait in its
+// receive queue. After the move every byte arrives in order both ways on
+// the same connection, which then ends with a FIN, not a reset.
 func TestMigrateTCP(t *testing.T) {
 	needRoot(t)
-	for _, host := range []string{"127.0.0.1", "::1"} {
+	for _, host := range []string{"127.0.0.1", "::1", "::ffff:127.0.0.1"} {
 		t.Run(host, func(t *testing.T) {
 			orig, pid, conn := tcpPair(t, host, tcpIn)
 			a := newAgents(t)

@@ -51,7 +51,8 @@ type TCPOptions struct {
 	Close bool
 	// Held, when set, is told of each connection that moves once it is
 	// held silent, while the snapshot is written (before Decide and the
-	// kill): its local and peer address. A cluster that cannot take the
+	// kill): its local and peer address (an IPv4-mapped one as IPv4, as
+	// on the wire). A cluster that cannot take the
 	// address off the source before the kill drops these 4-tuples'
 	// packets there until the address has moved (docs/pfreeze.md).
 	Held func(local, peer netip.AddrPort)
@@ -69,6 +70,10 @@ func (o TCPOptions) moves(local image.SockAddr) bool {
 		}
 	}
 	return false
+}
+
+func unmap(a netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 }
 
 // heldSocket is a socket of the frozen process that capture changed,
@@ -320,7 +325,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	}
 	c.Opts = sockOpts(s, family, true)
 	if policy.Held != nil {
-		policy.Held(c.Local.AddrPort(), c.Peer.AddrPort())
+		policy.Held(unmap(c.Local.AddrPort()), unmap(c.Peer.AddrPort()))
 	}
 	return c, nil
 }
