@@ -234,7 +234,15 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	if err := s.queueSeq(tcpRecvQueue, c.RecvSeq-uint32(len(c.RecvQueue))); err != nil {
 		return err
 	}
-	if err := s.queueSeq(tcpSendQueue, c.SendSeq-uint32(len(c.SendQueue))); err != nil {
+	// A FIN sent is not in the queue: it is sent again (shutdown below).
+	// A FIN received stays counted in the receive sequence: the queue's
+	// bytes are placed one lower than they came, which no one sees, and
+	// the copy acknowledges the FIN as the original did.
+	finOut := uint32(0)
+	if image.TCPFinOut(c.State) {
+		finOut = 1
+	}
+	if err := s.queueSeq(tcpSendQueue, c.SendSeq-finOut-uint32(len(c.SendQueue))); err != nil {
 		return err
 	}
 	// In repair mode connect sends nothing: the connection is
@@ -295,6 +303,28 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	// Bytes never sent are written as the process would have.
 	if err := s.fill(tcpNoQueue, c.SendQueue[len(sent):], c.Opts.SndBuf); err != nil {
 		return fmt.Errorf("unsent %d bytes: %w", c.Unsent, err)
+	}
+	// A closed direction closes again, without a packet for the peer's
+	// FIN (reads end once the queue is read, as after it) and with our
+	// FIN sent again (the peer, which may have it, acknowledges it). The
+	// socket is then ESTABLISHED, FIN_WAIT1 or FIN_WAIT2 where the
+	// original was CLOSE_WAIT, CLOSING or LAST_ACK: when the process
+	// closes it, it waits in FIN_WAIT2 for a FIN it already had, until
+	// net.ipv4.tcp_fin_timeout.
+	in, out := image.TCPFinIn(c.State), image.TCPFinOut(c.State)
+	how := -1
+	switch {
+	case in && out:
+		how = unix.SHUT_RDWR
+	case in:
+		how = unix.SHUT_RD
+	case out:
+		how = unix.SHUT_WR
+	}
+	if how >= 0 {
+		if _, err := s.p.call(unix.SYS_SHUTDOWN, s.fd, uintptr(how)); err != nil {
+			return fmt.Errorf("shutdown %d: %w", how, err)
+		}
 	}
 	return nil
 }

@@ -272,20 +272,117 @@ func freezeRefused(t *testing.T, pid int, want ...string) {
 	}
 }
 
-// TestFreezeTCPCloseWait: a connection whose peer has closed its side
-// (CLOSE_WAIT) is refused by name, and the process goes on with it.
-func TestFreezeTCPCloseWait(t *testing.T) {
+// migrateTCP moves pid in this process (the -halt handshake), the copy's
+// output going to the returned Lines; the copy is reaped at cleanup.
+func migrateTCP(t *testing.T, pid int) *fixture.Lines {
+	t.Helper()
+	a := newAgents(t)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pr.Close() })
+	out := fixture.FollowReader(t, pr)
+	sent := make(chan error, 1)
+	go func() { sent <- a.send(context.Background(), a.srcConn, pid, nil) }()
+	p, rerr := a.receive(context.Background(), a.dstConn, pw)
+	pw.Close()
+	serr := <-sent
+	if p != nil {
+		t.Cleanup(func() { reap(t, p) })
+	}
+	if rerr != nil || serr != nil {
+		t.Fatalf("target: %v; source: %v", rerr, serr)
+	}
+	return out
+}
+
+// TestMigrateTCPCloseWait: a connection whose peer has closed its side
+// (CLOSE_WAIT), with bytes unread before the peer's FIN, moves: the copy
+// reads them, then the end of the stream, and its own side goes on.
+func TestMigrateTCPCloseWait(t *testing.T) {
 	needRoot(t)
-	orig, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
+	_, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
 	conn.CloseWrite()
 	waitConn(t, conn.RemoteAddr().(*net.TCPAddr).Port, 0, "CLOSE_WAIT", func(r tcpRow) bool { return r.state == 8 })
-	freezeRefused(t, pid, "fd 3", "CLOSE_WAIT")
+	out := migrateTCP(t, pid)
+	finishPair(t, conn, out)
+}
+
+// TestMigrateTCPFinWait2: a connection whose own side the process has
+// closed, the peer having acknowledged (FIN_WAIT2), moves with the bytes
+// the peer sent since: the copy reads them and then the end of the
+// stream; the peer gets every byte and the end of the copy's side once.
+func TestMigrateTCPFinWait2(t *testing.T) {
+	needRoot(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const out = 10000
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), "halfclose", "127.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port), strconv.Itoa(out), strconv.Itoa(tcpIn))
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := c.(*net.TCPConn)
+	defer conn.Close()
+	orig.Expect(t, `^shut$`, waitFor)
+	fport := conn.RemoteAddr().(*net.TCPAddr).Port
+	waitConn(t, fport, 0, "FIN_WAIT2", func(r tcpRow) bool { return r.state == 5 })
+	if _, err := conn.Write(pattern(0, tcpIn, 253)); err != nil {
+		t.Fatal(err)
+	}
+	waitConn(t, fport, 0, fmt.Sprintf("%d bytes received", tcpIn), func(r tcpRow) bool { return r.rx == tcpIn })
+	waitConn(t, ln.Addr().(*net.TCPAddr).Port, fport, "everything we sent acknowledged", func(r tcpRow) bool { return r.tx == 0 })
+	copyOut := migrateTCP(t, pid)
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	copyOut.Expect(t, `^received$`, waitFor)
 	conn.SetDeadline(time.Now().Add(waitFor))
-	if err := readPattern(conn, tcpOut, 251); err != nil {
+	if err := readPattern(conn, out, 251); err != nil {
 		t.Fatalf("the fixture's stream: %v", err)
 	}
-	orig.Expect(t, `^received$`, waitFor)
-	orig.Expect(t, `^eof$`, waitFor)
+	if n, err := conn.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after the fixture's bytes: read %d, %v, want the end of its stream", n, err)
+	}
+	conn.CloseWrite()
+	copyOut.Expect(t, `^eof$`, waitFor)
+}
+
+// TestFreezeTCPReset: a connection its peer has reset (state CLOSE) is
+// refused by name, and the process runs on.
+func TestFreezeTCPReset(t *testing.T) {
+	needRoot(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), "halfclose", "127.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port), "10", "10")
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig.Expect(t, `^shut$`, waitFor)
+	fport := c.RemoteAddr().(*net.TCPAddr).Port
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	for deadline := time.Now().Add(waitFor); ; time.Sleep(10 * time.Millisecond) {
+		if _, found := tcpConn(fport, 0); !found {
+			break // closed: out of the kernel's tables
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the fixture's connection was not reset")
+		}
+	}
+	freezeRefused(t, pid, "fd 3", "in state CLOSE")
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	orig.Expect(t, `^error: read: Connection reset by peer$`, waitFor)
 }
 
 // TestFreezeListenerPending: a listener with a connection it has not

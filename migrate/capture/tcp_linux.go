@@ -242,8 +242,8 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 		c.State, c.Closed, h.reset = int(info.State), true, true
 		return c, nil
 	}
-	if int(info.State) != unix.BPF_TCP_ESTABLISHED {
-		return nil, fmt.Errorf("%s in state %s: only established connections are carried", what, image.TCPStateName(int(info.State)))
+	if !image.TCPCarried(int(info.State)) {
+		return nil, fmt.Errorf("%s in state %s: only established connections, and those closed in one direction or both whose socket is open, are carried", what, image.TCPStateName(int(info.State)))
 	}
 	if perr != nil {
 		return nil, fmt.Errorf("%s: getpeername: %w", what, perr)
@@ -259,8 +259,8 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	if info, err = unix.GetsockoptTCPInfo(s, unix.IPPROTO_TCP, unix.TCP_INFO); err != nil {
 		return nil, fmt.Errorf("%s: TCP_INFO: %w", what, err)
 	}
-	if c.State = int(info.State); c.State != unix.BPF_TCP_ESTABLISHED {
-		return nil, fmt.Errorf("%s in state %s: only established connections are carried", what, image.TCPStateName(c.State))
+	if c.State = int(info.State); !image.TCPCarried(c.State) {
+		return nil, fmt.Errorf("%s in state %s: only established connections, and those closed in one direction or both whose socket is open, are carried", what, image.TCPStateName(c.State))
 	}
 	c.Options = info.Options
 	if c.Options&tcpiOptWscale != 0 {
@@ -313,6 +313,12 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	}
 	if c.Unsent, err = unix.IoctlGetInt(s, unix.SIOCOUTQNSD); err != nil {
 		return nil, fmt.Errorf("%s: SIOCOUTQNSD: %w", what, err)
+	}
+	// A FIN not yet acknowledged counts in the send queue's length, and
+	// in the unsent part while it is not sent; it carries no byte.
+	// (SIOCINQ already leaves out a FIN received.)
+	if image.TCPFinUnacked(c.State) {
+		outq, c.Unsent = max(outq-1, 0), max(c.Unsent-1, 0)
 	}
 	if c.RecvSeq, c.RecvQueue, err = peekQueue(s, tcpRecvQueue, inq); err != nil {
 		return nil, fmt.Errorf("%s: receive queue: %w", what, err)

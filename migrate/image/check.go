@@ -362,11 +362,10 @@ func CheckFD(f *FD) error {
 	return nil
 }
 
-// Socket families and the one TCP state carried, as Linux numbers them.
+// Socket families, as Linux numbers them.
 const (
-	afInet         = 2
-	afInet6        = 10
-	tcpEstablished = 1
+	afInet  = 2
+	afInet6 = 10
 )
 
 // MaxSockQueue bounds each queue of a TCP connection: more than the
@@ -378,7 +377,7 @@ func checkTCP(fd int, c *TCPConn) error {
 	if c == nil || !checkAddr(c.Family, c.Local) || !checkAddr(c.Family, c.Peer) || c.Peer.Port == 0 || c.Local.Port == 0 {
 		return corruptf("fd %d: TCP connection addresses", fd)
 	}
-	if c.State != tcpEstablished && !c.Closed {
+	if !TCPCarried(c.State) && !c.Closed {
 		return corruptf("fd %d: TCP connection in state %d", fd, c.State)
 	}
 	if len(c.SendQueue) > MaxSockQueue || len(c.RecvQueue) > MaxSockQueue || c.Unsent < 0 || c.Unsent > len(c.SendQueue) {

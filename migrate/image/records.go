@@ -297,7 +297,8 @@ type TCPWindow struct {
 // unacknowledged or not yet sent (SendQueue, its last Unsent bytes never
 // sent), received and not yet read (RecvQueue). SendSeq and RecvSeq are
 // the sequence numbers after the last byte of each queue (write_seq and
-// rcv_nxt).
+// rcv_nxt); a FIN sent (TCPFinOut) or received (TCPFinIn) counts one in
+// them and none in the queues.
 type TCPConn struct {
 	Family    int      `msgpack:"family"` // AF_INET or AF_INET6
 	Local     SockAddr `msgpack:"local"`
