@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -162,5 +163,25 @@ func TestRedisHeldConnection(t *testing.T) {
 	}
 	if got, want := line()+" "+line()+" "+line(), ":42 $7 value99"; got != want {
 		t.Fatalf("after the move, on the same connection: %q, want %q", got, want)
+	}
+}
+
+// TestTCPFlagsBadInput: pfreeze's TCP flags, given wrong, say so in one
+// line and exit non-zero before any process is touched.
+func TestTCPFlagsBadInput(t *testing.T) {
+	for _, args := range [][]string{
+		{"-pid", "1", "-tcp-addrs", "198.18.0.500"},
+		{"-pid", "1", "-tcp-addrs", "198.18.0.50/40"},
+		{"-pid", "1", "-tcp-close"},
+	} {
+		cmd := exec.Command(filepath.Join(binDir, "pfreeze"), args...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Run(); err == nil {
+			t.Errorf("pfreeze %v: accepted", args)
+		}
+		if msg := stderr.String(); strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pfreeze: -tcp-") {
+			t.Errorf("pfreeze %v: stderr %q, want one line naming the flag", args, msg)
+		}
 	}
 }
