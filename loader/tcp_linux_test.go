@@ -122,7 +122,7 @@ func readPattern(c net.Conn, n, mod int) error {
 // host (127.0.0.1 or ::1), writing tcpOut bytes and to read in; the
 // test's end has written in bytes, all acknowledged, and the fixture's
 // send queue is full.
-func tcpPair(t *testing.T, host string, in int) (orig *fixture.Proc, pid int, conn *net.TCPConn) {
+func tcpPair(t *testing.T, host string, in int, extra ...string) (orig *fixture.Proc, pid int, conn *net.TCPConn) {
 	lc := net.ListenConfig{Control: smallRcvbuf}
 	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
@@ -130,7 +130,7 @@ func tcpPair(t *testing.T, host string, in int) (orig *fixture.Proc, pid int, co
 	}
 	defer ln.Close()
 	port := ln.Addr().(*net.TCPAddr).Port
-	orig, pid = fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), "connect", host, strconv.Itoa(port), strconv.Itoa(tcpOut), strconv.Itoa(in))
+	orig, pid = fixture.StartUnderShell(t, fixture.Build(t, "tcpconn"), append([]string{"connect", host, strconv.Itoa(port), strconv.Itoa(tcpOut), strconv.Itoa(in)}, extra...)...)
 	c, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
@@ -295,6 +295,20 @@ func migrateTCP(t *testing.T, pid int) *fixture.Lines {
 		t.Fatalf("target: %v; source: %v", rerr, serr)
 	}
 	return out
+}
+
+// TestMigrateTCPDup: a connection open on two fds (a dup) moves once and
+// is again one socket on both.
+func TestMigrateTCPDup(t *testing.T) {
+	needRoot(t)
+	_, pid, conn := tcpPair(t, "127.0.0.1", tcpIn, "dup")
+	out := migrateTCP(t, pid)
+	a, err3 := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", pid))
+	b, err4 := os.Readlink(fmt.Sprintf("/proc/%d/fd/4", pid))
+	if err3 != nil || err4 != nil || a != b || !strings.HasPrefix(a, "socket:") {
+		t.Errorf("the copy's fds 3 and 4: %q (%v), %q (%v); want one socket", a, err3, b, err4)
+	}
+	finishPair(t, conn, out)
 }
 
 // TestMigrateTCPCloseWait: a connection whose peer has closed its side

@@ -81,6 +81,9 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 				}
 				fd.Epoll = append(fd.Epoll, t)
 			}
+		case kind == syscall.S_IFSOCK && fi.Fd > 2 && dupOfSocket(pid, fi.Fd, out, &fd):
+			// A copy (dup) of a socket described above: the same socket
+			// once (it is held, and its filter attached, once).
 		case kind == syscall.S_IFSOCK && fi.Fd > 2:
 			if err := describeSocket(pid, fi.Fd, socks, &fd); err != nil {
 				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
@@ -135,6 +138,21 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 		}
 	}
 	return out, nil
+}
+
+// dupOfSocket reports whether pid's fd shares its open file description
+// with a socket fd in prev, and if so gives rec that fd's socket.
+func dupOfSocket(pid, fd int, prev []image.FD, rec *image.FD) bool {
+	for _, o := range prev {
+		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP {
+			continue
+		}
+		if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {
+			rec.Kind, rec.Listen, rec.TCP, rec.UDP = o.Kind, o.Listen, o.TCP, o.UDP
+			return true
+		}
+	}
+	return false
 }
 
 // dupOfInherited reports whether pid's fd shares its open file description
