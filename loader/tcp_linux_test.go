@@ -46,7 +46,8 @@ type tcpRow struct {
 }
 
 // tcpConn finds the connection from local port port to remote port
-// remote (0: any).
+// remote (0: any; a connection of an earlier test may linger in
+// TIME_WAIT with the same local port).
 func tcpConn(port, remote int) (tcpRow, bool) {
 	for _, name := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		b, err := os.ReadFile(name)
@@ -142,7 +143,7 @@ func tcpPair(t *testing.T, host string, in int, extra ...string) (orig *fixture.
 		t.Fatal(err)
 	}
 	fport := conn.RemoteAddr().(*net.TCPAddr).Port
-	waitConn(t, fport, 0, fmt.Sprintf("%d bytes received, 64 KiB and more waiting to go", in), func(r tcpRow) bool {
+	waitConn(t, fport, port, fmt.Sprintf("%d bytes received, 64 KiB and more waiting to go", in), func(r tcpRow) bool {
 		return r.rx == in && r.tx >= 64<<10
 	})
 	// Our bytes acknowledged too: we have nothing to retransmit. From the
@@ -318,7 +319,7 @@ func TestMigrateTCPCloseWait(t *testing.T) {
 	needRoot(t)
 	_, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
 	conn.CloseWrite()
-	waitConn(t, conn.RemoteAddr().(*net.TCPAddr).Port, 0, "CLOSE_WAIT", func(r tcpRow) bool { return r.state == 8 })
+	waitConn(t, conn.RemoteAddr().(*net.TCPAddr).Port, conn.LocalAddr().(*net.TCPAddr).Port, "CLOSE_WAIT", func(r tcpRow) bool { return r.state == 8 })
 	out := migrateTCP(t, pid)
 	finishPair(t, conn, out)
 }
@@ -344,12 +345,13 @@ func TestMigrateTCPFinWait2(t *testing.T) {
 	defer conn.Close()
 	orig.Expect(t, `^shut$`, waitFor)
 	fport := conn.RemoteAddr().(*net.TCPAddr).Port
-	waitConn(t, fport, 0, "FIN_WAIT2", func(r tcpRow) bool { return r.state == 5 })
+	lport := ln.Addr().(*net.TCPAddr).Port
+	waitConn(t, fport, lport, "FIN_WAIT2", func(r tcpRow) bool { return r.state == 5 })
 	if _, err := conn.Write(pattern(0, tcpIn, 253)); err != nil {
 		t.Fatal(err)
 	}
-	waitConn(t, fport, 0, fmt.Sprintf("%d bytes received", tcpIn), func(r tcpRow) bool { return r.rx == tcpIn })
-	waitConn(t, ln.Addr().(*net.TCPAddr).Port, fport, "everything we sent acknowledged", func(r tcpRow) bool { return r.tx == 0 })
+	waitConn(t, fport, lport, fmt.Sprintf("%d bytes received", tcpIn), func(r tcpRow) bool { return r.rx == tcpIn })
+	waitConn(t, lport, fport, "everything we sent acknowledged", func(r tcpRow) bool { return r.tx == 0 })
 	copyOut := migrateTCP(t, pid)
 	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
 		t.Fatal(err)
@@ -385,7 +387,7 @@ func TestFreezeTCPReset(t *testing.T) {
 	c.(*net.TCPConn).SetLinger(0)
 	c.Close()
 	for deadline := time.Now().Add(waitFor); ; time.Sleep(10 * time.Millisecond) {
-		if _, found := tcpConn(fport, 0); !found {
+		if _, found := tcpConn(fport, ln.Addr().(*net.TCPAddr).Port); !found {
 			break // closed: out of the kernel's tables
 		}
 		if time.Now().After(deadline) {
