@@ -624,7 +624,7 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 		}
 	}
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
-		Resources: wl.Resources})
+		Resources: wl.Resources, VIP: wl.VIP != ""})
 	if err != nil {
 		return wl, fmt.Errorf("run: %w", err)
 	}

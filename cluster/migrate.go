@@ -152,7 +152,7 @@ func (s *Server) handleMigrate(w http.ResponseWriter, r *http.Request) {
 	}
 	target := req.Node
 	if target == "" {
-		target, err = s.place(scheduler.PlacementRequest{Constraints: wl.Constraints, Resources: wl.Resources,
+		target, err = s.place(scheduler.PlacementRequest{Constraints: wl.Constraints, Resources: wl.Resources, VIP: wl.VIP != "",
 			Exclude: map[string]string{wl.Node: "the workload runs there"}})
 		if err != nil {
 			writeErr(w, fmt.Errorf("migrate %s: %w", wl.ID, err))

@@ -56,6 +56,9 @@ type Config struct {
 	DialTarget  func(ctx context.Context, m scheduler.Migration) (net.Conn, error)
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
+	// VIPInterface carries the workloads' virtual IPs; "": the interface
+	// whose subnet holds each (node/vip.go).
+	VIPInterface string
 }
 
 // proc is one workload process this agent watches.
@@ -108,6 +111,8 @@ type Agent struct {
 	outWG  sync.WaitGroup // migrateOut goroutines
 	trOnce sync.Once
 	tr     *ptrace.Tracer // the one owner of this agent's ptrace calls
+
+	vips *vips // the virtual IPs this node carries (node/vip.go)
 }
 
 // New returns an agent; call Run to start it.
@@ -123,6 +128,7 @@ func New(cfg Config) *Agent {
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
 		departures: make(chan departure), arrivals: make(chan arrival),
+		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 }
 
@@ -154,6 +160,7 @@ func (a *Agent) Run(ctx context.Context) {
 		// tracer must outlive every decision, or the process would resume
 		// while the target may start its copy.
 		a.outWG.Wait()
+		a.vips.close()
 		a.trOnce.Do(func() {})
 		if a.tr != nil {
 			a.tr.Close()
@@ -320,6 +327,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			a.migrateOut(ctx, o.m, o.pid)
 		}()
 	}
+	a.reconcileVIPs()
 }
 
 // departed forgets a workload that migrated away: its process here was

@@ -219,11 +219,13 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
-			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide})
+			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
+			Frozen: func() { a.vips.freeze(m.WorkloadID) }})
 	}
 	if committed {
 		ac.release()
 		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		a.vips.thaw(m.WorkloadID, "") // gone from here: reconcile keeps it off
 		if err != nil {
 			// The state moved the workload: the target starts it on its
 			// own replica's word, with or without our commit on the wire.
@@ -233,6 +235,7 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		return
 	}
 	log.Warn("migration failed; workload resumed here", "err", err)
+	a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
 	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
 		// Not held past a few seconds: without a leader the abort may
 		// wait long, and the target should not hold its half-built copy.
@@ -539,10 +542,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	a.mu.Lock()
 	a.claimed[m.WorkloadID] = attempt
 	a.mu.Unlock()
-	stopped := false
+	stopped, vip := false, ""
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		w, ok := s.Workloads[m.WorkloadID]
 		stopped = !ok || w.Desired == scheduler.DesiredStopped
+		if ok {
+			vip = w.VIP
+		}
 	})
 	if stopped {
 		// Stopped after the commit: the copy is never started.
@@ -551,6 +557,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1,
 			msg: fmt.Sprintf("stopped during migration %s: not started on %s", m.ID, a.cfg.Name), at: time.Now()})
 		return nil
+	}
+	if vip != "" {
+		// Before the process runs, so that its first answers reach
+		// clients; a failure is logged, and reconcile tries again.
+		if err := a.vips.add(m.WorkloadID, vip); err != nil {
+			log.Warn("virtual IP not added before the start", "err", err)
+		}
 	}
 	if err := p.Start(); err != nil {
 		// Committed and lost: the state records the exit, and the

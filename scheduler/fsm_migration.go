@@ -81,7 +81,7 @@ func CheckMigration(s *State, w *Workload, target string) error {
 	if !ok {
 		return fmt.Errorf("%s: node %s: %w", op, target, ErrNotFound)
 	}
-	if why := unfit(t, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources}); why != "" {
+	if why := unfit(t, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, VIP: w.VIP != ""}); why != "" {
 		return refused(op, "target %s: %s", target, why)
 	}
 	return nil

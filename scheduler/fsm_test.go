@@ -161,6 +161,9 @@ func TestFSMWorkloadLifecycle(t *testing.T) {
 	if err, _ := a.apply(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w4", Command: "x", DesiredNode: "a", VIP: "198.18.0.10"}}).(error); !errors.Is(err, ErrExists) {
 		t.Errorf("duplicate active VIP: got %v, want ErrExists", err)
 	}
+	if err, _ := a.apply(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w5", Command: "x", DesiredNode: "a", VIP: "198.18.0.10/24"}}).(error); !errors.Is(err, ErrExists) {
+		t.Errorf("duplicate active VIP with a prefix: got %v, want ErrExists", err)
+	}
 }
 
 func TestFSMRestartPolicy(t *testing.T) {

@@ -60,7 +60,7 @@ func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
 	}
 	if w.VIP != "" {
 		for _, o := range s.Workloads {
-			if o.VIP == w.VIP && o.State.Active() {
+			if SameVIP(o.VIP, w.VIP) && o.State.Active() {
 				return fmt.Errorf("workload create %s: virtual IP %s is used by %s: %w", w.ID, w.VIP, o.ID, ErrExists)
 			}
 		}

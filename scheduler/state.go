@@ -31,11 +31,14 @@ type Node struct {
 	RaftAddr   string            `msgpack:"raft"`
 	APIAddr    string            `msgpack:"api"`
 	Labels     map[string]string `msgpack:"labels"`
-	Status     NodeStatus        `msgpack:"status"`
-	Eligible   bool              `msgpack:"eligible"`
-	Load       Load              `msgpack:"load"`
-	LoadAt     int64             `msgpack:"load_at"`   // unix nanoseconds
-	StatusAt   int64             `msgpack:"status_at"` // unix nanoseconds
+	// NoVIP says why the node cannot carry virtual IPs (its pclusterd
+	// lacks CAP_NET_ADMIN or CAP_NET_RAW), "" when it can.
+	NoVIP    string     `msgpack:"no_vip"`
+	Status   NodeStatus `msgpack:"status"`
+	Eligible bool       `msgpack:"eligible"`
+	Load     Load       `msgpack:"load"`
+	LoadAt   int64      `msgpack:"load_at"`   // unix nanoseconds
+	StatusAt int64      `msgpack:"status_at"` // unix nanoseconds
 	// Drain is the node's drain, in progress or the last completed; nil
 	// when none was set or the last was cancelled.
 	Drain *DrainSpec `msgpack:"drain"`
