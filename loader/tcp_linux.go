@@ -2,6 +2,7 @@ package loader
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
@@ -60,6 +61,47 @@ func (p *Process) newSocket(f *image.FD) (uintptr, error) {
 	return s, nil
 }
 
+// errCannotHold marks a connection this host cannot hold: its local
+// address is not here (a host's own address, after a move between hosts),
+// or the connection still exists (its original runs on).
+var errCannotHold = errors.New("its local address is not on this host, or the connection still exists")
+
+// isLocal reports whether a's address is one of this host's (pthaw's
+// network namespace, the process's): a socket binds to it without
+// IP_FREEBIND.
+func isLocal(family int, a image.SockAddr) bool {
+	s, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return true // cannot tell: not the reason
+	}
+	defer unix.Close(s)
+	var sa unix.Sockaddr
+	if family == unix.AF_INET {
+		sa4 := &unix.SockaddrInet4{}
+		copy(sa4.Addr[:], a.IP)
+		sa = sa4
+	} else {
+		sa6 := &unix.SockaddrInet6{ZoneId: a.Zone}
+		copy(sa6.Addr[:], a.IP)
+		sa = sa6
+	}
+	return unix.Bind(s, sa) != unix.EADDRNOTAVAIL
+}
+
+// replace puts a new, unbound socket on f's fd in place of one that
+// failed halfway. Runs on the tracer thread.
+func (s *sockCalls) replace(f *image.FD) error {
+	tmp, err := s.p.call(unix.SYS_SOCKET, uintptr(f.TCP.Family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	if _, err := s.p.call(unix.SYS_DUP3, tmp, s.fd, uintptr(f.Flags&unix.O_CLOEXEC)); err != nil {
+		return fmt.Errorf("dup3: %w", err)
+	}
+	_, err = s.p.call(unix.SYS_CLOSE, tmp)
+	return err
+}
+
 // restoreSockets gives the re-created connections and UDP sockets their
 // addresses, state and options. Runs on the tracer thread; scratch is
 // argument memory in the process (scratchLen bytes).
@@ -71,6 +113,15 @@ func (p *Process) restoreSockets(scratch uintptr) error {
 			err = s.aborted(f.TCP)
 		} else if f.TCP != nil {
 			err = s.repairTCP(f.TCP)
+			if errors.Is(err, errCannotHold) {
+				// Past the commit the original is gone: the process
+				// runs with this one connection aborted, and is told
+				// why, rather than being lost.
+				p.notice("fd %d (%s) cannot be rebuilt here (%v): the process finds it aborted", f.Fd, sockWhat(f), err)
+				if err = s.replace(f); err == nil {
+					err = s.aborted(f.TCP)
+				}
+			}
 		} else {
 			err = s.bindUDP(f.UDP)
 		}
@@ -249,6 +300,9 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	// established at once. The local address must be on this host by
 	// now (routing picks it as the source).
 	if err := s.addrCall(unix.SYS_CONNECT, c.Family, c.Peer); err != nil {
+		if err == unix.EADDRNOTAVAIL || !isLocal(c.Family, c.Local) {
+			return fmt.Errorf("connect in repair mode: %w: %w", err, errCannotHold)
+		}
 		return fmt.Errorf("connect in repair mode: %w", err)
 	}
 	var opts []byte

@@ -2,6 +2,7 @@ package loader_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -18,7 +19,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/ptrace"
 	"github.com/pcluster/pcluster/migrate/stream"
 )
 
@@ -554,3 +558,80 @@ func TestMigrateTCPStays(t *testing.T) {
 		}
 	})
 }
+
+// TestThawTCPAddressNotHere restores a snapshot whose connection's local
+// address is not on this host (as after a move between hosts, of a
+// connection from the host's own address): past the commit the original
+// is gone, so the process starts with that connection aborted and the
+// user is told, rather than the process being lost.
+func TestThawTCPAddressNotHere(t *testing.T) {
+	needRoot(t)
+	_, pid, conn := tcpPair(t, "127.0.0.1", tcpIn)
+	srcTr, dstTr := ptrace.NewTracer(), ptrace.NewTracer()
+	defer srcTr.Close()
+	defer dstTr.Close()
+	var snap bytes.Buffer
+	if err := capture.Freeze(context.Background(), srcTr, pid, &snap, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	// The same snapshot, the connection's local address made 198.18.0.77.
+	var moved bytes.Buffer
+	dec, enc := image.NewDecoder(&snap), image.NewEncoder(&moved)
+	for {
+		rec, err := dec.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch r := rec.(type) {
+		case *image.Pages:
+			data := make([]byte, r.Len)
+			if _, err := io.ReadFull(readerFunc(dec.ReadData), data); err != nil {
+				t.Fatal(err)
+			}
+			err = enc.WritePages(r.Addr, data)
+		case *image.FD:
+			if r.TCP != nil {
+				r.TCP.Local.IP = []byte{198, 18, 0, 77}
+			}
+			err = enc.Write(r)
+		case *image.End:
+			err = enc.Close()
+		default:
+			err = enc.Write(rec)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := rec.(*image.End); ok {
+			break
+		}
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	out := fixture.FollowReader(t, pr)
+	var notices []string
+	p, err := loader.Build(context.Background(), dstTr, image.NewDecoder(&moved), loader.Options{Stdio: [3]*os.File{nil, pw, pw},
+		Notice: func(s string) { notices = append(notices, s) }})
+	pw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer reap(t, p)
+	if len(notices) != 1 || !strings.Contains(notices[0], "fd 3 (TCP connection 198.18.0.77:") || !strings.Contains(notices[0], "aborted") {
+		t.Errorf("notices %q, want one naming fd 3 aborted", notices)
+	}
+	// The copy was stopped in write(): restarted, it fails.
+	out.Expect(t, `^error: write: Software caused connection abort$`, waitFor)
+}
+
+// readerFunc is an io.Reader.
+type readerFunc func([]byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
