@@ -32,10 +32,14 @@ import (
 // cannot carry yet.
 var ErrUnsupported = errors.New("not supported")
 
-type unsupportedError struct{ msg string }
+type unsupportedError struct {
+	msg   string
+	cause error // wrapped, when a refusal has a sentinel of its own
+}
 
 func (e *unsupportedError) Error() string        { return e.msg }
 func (e *unsupportedError) Is(target error) bool { return target == ErrUnsupported }
+func (e *unsupportedError) Unwrap() error        { return e.cause }
 
 func unsupported(format string, args ...any) error {
 	return &unsupportedError{msg: fmt.Sprintf(format, args...)}
@@ -51,6 +55,8 @@ type Frozen struct {
 	// inner: the snapshot records the PID and TIDs of the process's own
 	// PID namespace, a child of ours frozen whole (pidns_linux.go).
 	inner bool
+	// socks are the sockets held while the process is frozen.
+	socks sockets
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -290,7 +296,7 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) er
 			return err
 		}
 	}
-	fds, err := describeFDs(f.Pid, inner)
+	fds, err := describeFDs(f.Pid, inner, &f.socks)
 	if err != nil {
 		return err
 	}
@@ -719,6 +725,11 @@ func (f *Frozen) Resume() error {
 		}
 		return errors.Join(errs...)
 	})
+	// The sockets before the threads run: a connection must leave
+	// repair mode before the process uses it.
+	if serr := f.socks.resume(); serr != nil {
+		err = errors.Join(err, serr)
+	}
 	f.detach()
 	for _, th := range f.threads {
 		for _, sig := range th.requeue {
@@ -772,6 +783,7 @@ func kill(members []*Frozen) (left []int, err error) {
 		left = reap(members[0].tr, members, ours)
 	}
 	for _, f := range members {
+		f.socks.kill()
 		f.mem.Close()
 	}
 	return left, errors.Join(errs...)

@@ -32,6 +32,8 @@ type SendOptions struct {
 	Halt     bool
 	Tree     bool // the process and all its descendants
 	Progress bool // draw a progress bar on stderr
+	// TCP says which TCP connections move with the process.
+	TCP TCPOptions
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
@@ -132,11 +134,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 	if o.Frozen != nil {
 		bw = &onFirstWrite{w: body, f: o.Frozen}
 	}
-	if o.Tree {
-		err = FreezeTree(ctx, tr, pid, bw, o.Halt, commit)
-	} else {
-		err = Freeze(ctx, tr, pid, bw, o.Halt, commit)
-	}
+	err = FreezeWith(ctx, tr, pid, bw, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP})
 	if prog != nil {
 		prog.Finish()
 	}

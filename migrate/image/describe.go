@@ -150,7 +150,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen"}[f.Kind]
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -163,6 +163,18 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		if l := f.Listen; l != nil {
 			fmt.Fprintf(w, " %v port %d protocol %d", net.IP(l.IP), l.Port, l.Protocol)
+		}
+		if c := f.TCP; c != nil && c.Closed {
+			fmt.Fprintf(w, " %s -> %s closed (its address stays)", c.Local, c.Peer)
+		} else if c != nil {
+			fmt.Fprintf(w, " %s -> %s state %s send queue %d (unsent %d) receive queue %d seq %d/%d mss %d options %#x",
+				c.Local, c.Peer, TCPStateName(c.State), len(c.SendQueue), c.Unsent, len(c.RecvQueue), c.SendSeq, c.RecvSeq, c.MSS, c.Options)
+		}
+		if u := f.UDP; u != nil {
+			fmt.Fprintf(w, " %s", u.Local)
+			if u.Peer != nil {
+				fmt.Fprintf(w, " -> %s", *u.Peer)
+			}
 		}
 		for _, t := range f.Epoll {
 			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)
