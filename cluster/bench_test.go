@@ -336,7 +336,7 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 		dstUser0, dstSys0 := cpuTimes(b, dst.cmd.Process.Pid)
 		b.StartTimer()
 		busy0, total0 := machineCPU(b)
-		c.ctl(src, "migrate", "-node", dst.name, w.ID)
+		phases := c.ctl(src, "migrate", "-node", dst.name, w.ID)
 		busy1, total1 := machineCPU(b)
 		b.StopTimer()
 		srcUser1, srcSys1 := cpuTimes(b, src.cmd.Process.Pid)
@@ -358,6 +358,7 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 		b.Logf("migrate: %d MiB in %.2f s (planned→transferring %.2f s, stopped %.2f s; source pclusterd usr %.2f sys %.2f, target usr %.2f sys %.2f; machine %.2f cores busy)",
 			rss>>20, m.EndedAt.Sub(m.PlannedAt).Seconds(), m.TransferAt.Sub(m.PlannedAt).Seconds(), m.EndedAt.Sub(m.TransferAt).Seconds(),
 			srcUser1-srcUser0, srcSys1-srcSys0, dstUser1-dstUser0, dstSys1-dstSys0, float64(runtime.NumCPU())*(busy1-busy0)/(total1-total0))
+		b.Logf("pclusterctl migrate:\n%s", phases)
 		stopped += m.EndedAt.Sub(m.TransferAt)
 		migBytes += float64(rss)
 		// The moved process is the original: its heap hashes the same.
