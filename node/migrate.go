@@ -236,7 +236,7 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 	conn = ac
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
-		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns,
+		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
 			Frozen: func() {
 				if hold != nil {

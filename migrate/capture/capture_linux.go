@@ -48,6 +48,9 @@ func unsupported(format string, args ...any) error {
 // Frozen is a process stopped by Attach. Exactly one of Resume or Kill
 // must be called.
 type Frozen struct {
+	// queried, when set, is called once the calls injected to describe
+	// the process are done, before its first record is written.
+	queried func()
 	Pid     int
 	tr      *ptrace.Tracer
 	mem     *ptrace.Mem
@@ -282,50 +285,76 @@ func (f *Frozen) write(enc *image.Encoder) error {
 // member saved: their areas are recorded by identity only; inner holds
 // the pipes with both ends inside the tree.
 func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
-	maps, err := procfs.Maps(f.Pid)
+	r, err := f.gather(shm, inner)
 	if err != nil {
 		return err
 	}
+	if f.queried != nil {
+		f.queried()
+	}
+	return f.emit(enc, r)
+}
+
+// records is what gather learns of a frozen process: all but its pages.
+type records struct {
+	proc       *image.Process
+	thrs       []*image.Thread
+	vmas, dump []image.VMA
+	fds        []image.FD
+}
+
+// gather describes the process: everything that needs calls injected
+// into it is done here, before the first record is written.
+func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
+	maps, err := procfs.Maps(f.Pid)
+	if err != nil {
+		return nil, err
+	}
 	vmas, err := describeVMAs(f.Pid, maps, f.mem)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	dump := vmas
 	if shm != nil {
 		if dump, err = identifyShm(f.Pid, vmas, shm); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	fds, err := describeFDs(f.Pid, inner, &f.socks)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	site, err := findSyscallSite(f.mem, vmas)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	proc, thrs, err := f.describe(site, maps)
 	if err != nil {
+		return nil, err
+	}
+	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds}, nil
+}
+
+// emit writes what gather learnt and the process's pages.
+func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	if err := enc.Write(r.proc); err != nil {
 		return err
 	}
-	if err := enc.Write(proc); err != nil {
-		return err
-	}
-	for _, t := range thrs {
+	for _, t := range r.thrs {
 		if err := enc.Write(t); err != nil {
 			return err
 		}
 	}
-	for i := range vmas {
-		if err := enc.Write(&vmas[i]); err != nil {
+	for i := range r.vmas {
+		if err := enc.Write(&r.vmas[i]); err != nil {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, dump, enc); err != nil {
+	if err := dumpMemory(f.Pid, f.mem, r.dump, enc); err != nil {
 		return err
 	}
-	for i := range fds {
-		if err := enc.Write(&fds[i]); err != nil {
+	for i := range r.fds {
+		if err := enc.Write(&r.fds[i]); err != nil {
 			return err
 		}
 	}

@@ -49,6 +49,10 @@ type FreezeOptions struct {
 	Tree   bool // the process and all its descendants (FreezeTree)
 	// TCP says which TCP connections move (tcp_linux.go).
 	TCP TCPOptions
+	// Queried, if set, is called once every thread is stopped and the
+	// calls injected to describe the process (every member of a tree)
+	// are done, before the first byte of the snapshot is written.
+	Queried func()
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
@@ -61,6 +65,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 		for _, m := range t.members {
 			m.socks.policy = o.TCP
 		}
+		t.queried = o.Queried
 		return freeze(ctx, t, pid, "process tree", w, o.Halt, o.Commit)
 	}
 	f, err := Attach(tr, pid)
@@ -68,6 +73,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 		return err
 	}
 	f.socks.policy = o.TCP
+	f.queried = o.Queried
 	return freeze(ctx, f, pid, "process", w, o.Halt, o.Commit)
 }
 

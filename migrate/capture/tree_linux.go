@@ -18,6 +18,7 @@ import (
 // must be called.
 type FrozenTree struct {
 	Pid     int
+	queried func()           // as Frozen's, once for every member
 	members []*Frozen        // creation order: every parent before its children
 	procs   []image.TreeProc // the same order, zombies included
 	// pidNS is set when the root is the init of a child PID namespace,
@@ -129,9 +130,21 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	// Every member is described (the calls injected into it) before the
+	// first of them is written: queried may freeze them all another way
+	// (an agent's cgroup), after which no injected call would run.
 	shm := map[uint64]bool{}
-	for _, f := range t.members {
-		if err := f.writeRecords(enc, shm, inner); err != nil {
+	rs := make([]*records, len(t.members))
+	for i, f := range t.members {
+		if rs[i], err = f.gather(shm, inner); err != nil {
+			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
+		}
+	}
+	if t.queried != nil {
+		t.queried()
+	}
+	for i, f := range t.members {
+		if err := f.emit(enc, rs[i]); err != nil {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}
 	}
