@@ -513,8 +513,7 @@ func (p *Process) startStub() error {
 		if st.Sig() != unix.SIGTRAP {
 			return fmt.Errorf("start stub: %v", st)
 		}
-		opts := unix.PTRACE_O_EXITKILL | unix.PTRACE_O_TRACECLONE | unix.PTRACE_O_TRACEFORK
-		if err := ptrace.SetOptions(pid, opts); err != nil {
+		if err := ptrace.SetOptions(pid, buildTraceOpts); err != nil {
 			return fmt.Errorf("stub options: %w", err)
 		}
 		// Every signal blocked while the process is built (its own mask

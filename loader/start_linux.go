@@ -144,6 +144,15 @@ func (p *Process) finish() error {
 		}
 		p.notice("getpid() and gettid() of pid %d answer %d, as when it was frozen", p.pid, p.proc.Pid)
 	}
+	seccomp := p.hasSeccomp()
+	if seccomp {
+		if err := suspendSeccomp(p.in.Tid); err != nil {
+			return err
+		}
+		if err := p.installSeccomp(p.in, pr.Seccomp); err != nil {
+			return err
+		}
+	}
 	// Threads, each a clone3 of the main thread into its saved TID.
 	tasks := []*task{{img: p.threads[0], in: p.in}}
 	for _, t := range p.threads[1:] {
@@ -168,6 +177,16 @@ func (p *Process) finish() error {
 		}
 		if err := p.threadState(tk, borrow, comm); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+		}
+	}
+	if seccomp {
+		for _, tk := range tasks {
+			if err := suspendSeccomp(tk.in.Tid); err != nil {
+				return err
+			}
+			if err := p.installSeccomp(tk.in, tk.img.Seccomp); err != nil {
+				return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+			}
 		}
 	}
 	if err := p.bindListeners(borrow); err != nil {

@@ -222,8 +222,8 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if err := vforkError(pid); err != nil {
 		return err
 	}
-	if s := st["Seccomp"]; s != "" && s != "0" {
-		return unsupported("seccomp filters (mode %s)", s)
+	if st["Seccomp"] == "1" {
+		return unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
 	kids, err := procfs.Children(pid)
 	if err != nil {
@@ -396,6 +396,7 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 		if p.Pending, err = peek(pid, true); err != nil {
 			return err
 		}
+		var chains [][]image.SeccompFilter
 		for i, th := range f.threads {
 			t, err := f.describeThread(th, site, maps)
 			if err != nil {
@@ -404,6 +405,20 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 			if i == 0 {
 				if err := f.injectProcessQueries(th, p, caught); err != nil {
 					return err
+				}
+			}
+			chain, virt, err := threadSeccomp(th.tid)
+			if err != nil {
+				return err
+			}
+			chains = append(chains, chain)
+			if virt {
+				// Restored by pthaw -virtpid: the ids it sees are its own.
+				if t.Tid, err = f.virtualID(th, unix.SYS_GETTID); err != nil {
+					return fmt.Errorf("thread %d: %w", th.tid, err)
+				}
+				if i == 0 {
+					p.Pid = t.Tid
 				}
 			}
 			// Every call already put the thread back (call): this
@@ -416,6 +431,7 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 			}
 			out = append(out, t)
 		}
+		splitSeccomp(p, out, chains)
 		// Signals that stopped a thread while we injected were dequeued:
 		// they are pending for the snapshot and re-queued on Resume.
 		for i, th := range f.threads {
@@ -445,10 +461,13 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if err != nil {
 		return nil, err
 	}
-	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"} {
+	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"} {
 		if tst[k] != st[k] {
 			return nil, unsupported("%s differs between threads (%q, main thread %q)", k, tst[k], st[k])
 		}
+	}
+	if tst["Seccomp"] == "1" {
+		return nil, unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
 	t := &image.Thread{Tid: tid}
 	if f.inner {

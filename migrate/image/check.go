@@ -277,7 +277,13 @@ func CheckProcess(pr *Process, threads []*Thread) error {
 	if err := checkSiginfos(pr.Pending); err != nil {
 		return err
 	}
+	if err := checkSeccomp(pr.Seccomp); err != nil {
+		return err
+	}
 	for _, t := range threads {
+		if err := checkSeccomp(t.Seccomp); err != nil {
+			return fmt.Errorf("thread %d: %w", t.Tid, err)
+		}
 		if len(t.Pending) > MaxPending || len(t.XState) > 1<<16 {
 			return corruptf("thread %d record out of bounds", t.Tid)
 		}
@@ -360,4 +366,17 @@ func (v *VMA) Label() string {
 		s += " (" + v.Name + ")"
 	}
 	return s
+}
+
+// checkSeccomp checks the bounds of a chain of seccomp filters.
+func checkSeccomp(fs []SeccompFilter) error {
+	if len(fs) > MaxSeccompFilters {
+		return corruptf("%d seccomp filters", len(fs))
+	}
+	for i, f := range fs {
+		if len(f.Prog) == 0 || len(f.Prog)%8 != 0 || len(f.Prog)/8 > MaxSeccompInsns {
+			return corruptf("seccomp filter %d: program of %d bytes", i, len(f.Prog))
+		}
+	}
+	return nil
 }

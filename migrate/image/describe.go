@@ -114,6 +114,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	for _, s := range p.Sigacts {
 		fmt.Fprintf(w, "Signal %d: handler %#x flags %#x mask %#x\n", s.Sig, s.Handler, s.Flags, s.Mask)
 	}
+	describeSeccomp(w, "", p.Seccomp)
 	for _, t := range ths {
 		fmt.Fprintf(w, "Thread %d registers:\n", t.Tid)
 		for i, v := range t.Regs {
@@ -128,6 +129,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		fmt.Fprintf(w, "  xstate %d bytes sha256 %x, sigmask %#x, rseq %#x/%d, tid_address %#x, robust_list %#x\n",
 			len(t.XState), sha256.Sum256(t.XState), t.Sigmask, t.RseqAddr, t.RseqLen, t.TidAddress, t.RobustList)
+		describeSeccomp(w, "  ", t.Seccomp)
 	}
 	fmt.Fprintln(w, "Memory:")
 	for i, v := range vmas {
@@ -168,5 +170,12 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)
 		}
 		fmt.Fprintln(w)
+	}
+}
+
+// describeSeccomp prints a chain of seccomp filters, oldest first.
+func describeSeccomp(w io.Writer, indent string, fs []SeccompFilter) {
+	for i, f := range fs {
+		fmt.Fprintf(w, "%sSeccomp filter %d: %d instructions flags %#x sha256 %x\n", indent, i, len(f.Prog)/8, f.Flags, sha256.Sum256(f.Prog))
 	}
 }

@@ -69,7 +69,26 @@ type Process struct {
 	Pending []Siginfo  `msgpack:"pending"` // process-wide pending signals
 	Threads int        `msgpack:"threads"`
 	Extra   [][]string `msgpack:"extra,omitempty"` // reserved
+	// Seccomp holds the seccomp filters every thread shares, oldest
+	// first (each thread's own, installed after these, are in its
+	// Thread record).
+	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
 }
+
+// SeccompFilter is one installed seccomp filter: its classic BPF program
+// (struct sock_filter array, 8 bytes an instruction) and the
+// SECCOMP_FILTER_FLAG_* it was installed with that the kernel reports
+// (SECCOMP_FILTER_FLAG_LOG).
+type SeccompFilter struct {
+	Prog  []byte `msgpack:"prog"`
+	Flags uint64 `msgpack:"flags,omitempty"`
+}
+
+// MaxSeccompInsns bounds a filter's length (BPF_MAXINSNS).
+const MaxSeccompInsns = 4096
+
+// MaxSeccompFilters bounds a thread's chain of filters.
+const MaxSeccompFilters = 512
 
 // Creds are the process credentials as /proc/PID/status reports them.
 type Creds struct {
@@ -143,6 +162,9 @@ type Thread struct {
 	AltSP      uint64    `msgpack:"alt_sp"`
 	AltFlags   int32     `msgpack:"alt_flags"`
 	AltSize    uint64    `msgpack:"alt_size"`
+	// Seccomp holds the filters of this thread beyond the process's
+	// shared ones (Process.Seccomp), oldest first.
+	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
 }
 
 // VMAKind says how a memory area is rebuilt.

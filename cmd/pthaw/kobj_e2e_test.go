@@ -1,0 +1,127 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// Kernel objects beyond files and memory (seccomp filters, timers,
+// anonymous inodes): each is frozen with -halt, thawed, and checked by
+// what it does afterwards.
+
+// debugOf runs pfreeze -debug on pid and returns its description.
+func debugOf(t *testing.T, pid int) string {
+	t.Helper()
+	out, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(pid), "-debug").CombinedOutput()
+	if err != nil {
+		t.Fatalf("pfreeze -debug: %v: %s", err, out)
+	}
+	return string(out)
+}
+
+// statusField returns a field of /proc/PID/task/TID/status.
+func statusField(t *testing.T, pid, tid int, key string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/status", pid, tid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^` + key + `:\s*(.*)$`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("no %s in the status of %d/%d", key, pid, tid)
+	}
+	return string(m[1])
+}
+
+// TestSeccompFilters moves a process under three seccomp filters, two
+// shared by its threads (one with SECCOMP_FILTER_FLAG_LOG) and one of its
+// second thread alone: after the thaw each thread's calls are still
+// refused with the errno its filters give, and the other calls still work.
+func TestSeccompFilters(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "seccomp"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	p.WriteLine("check")
+	p.Lines.Expect(t, `^main EPERM EACCES ok$`, waitFor)
+	p.Lines.Expect(t, `^thread EPERM EACCES EXDEV$`, waitFor)
+	desc := debugOf(t, p.Pid())
+	if n := len(regexp.MustCompile(`(?m)^Seccomp filter \d+: 7 instructions`).FindAllString(desc, -1)); n != 2 {
+		t.Errorf("pfreeze -debug shows %d shared seccomp filters, want 2:\n%s", n, desc)
+	}
+	if !regexp.MustCompile(`(?m)^  Seccomp filter 0: 7 instructions flags 0x0`).MatchString(desc) {
+		t.Errorf("pfreeze -debug does not show the thread's own filter:\n%s", desc)
+	}
+	if !strings.Contains(desc, "flags 0x2 ") { // SECCOMP_FILTER_FLAG_LOG
+		t.Errorf("pfreeze -debug does not show the LOG flag:\n%s", desc)
+	}
+
+	th := migrate(t, p)
+	pid := th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^main EPERM EACCES ok$`, waitFor)
+	th.out.Expect(t, `^thread EPERM EACCES EXDEV$`, waitFor)
+	tasks, err := fixture.Tasks(pid)
+	if err != nil || len(tasks) != 2 {
+		t.Fatalf("restored process has tasks %v (%v), want 2", tasks, err)
+	}
+	for _, tid := range tasks {
+		want := "2"
+		if tid != pid {
+			want = "3"
+		}
+		if got := statusField(t, pid, tid, "Seccomp_filters"); got != want {
+			t.Errorf("thread %d has %s seccomp filters, want %s", tid, got, want)
+		}
+		if got := statusField(t, pid, tid, "NoNewPrivs"); got != "1" {
+			t.Errorf("thread %d: NoNewPrivs %s, want 1", tid, got)
+		}
+	}
+}
+
+// TestVirtPIDFreezeAgain: a process restored with pthaw -virtpid (under
+// a new PID, seeing its saved one through pthaw's seccomp filter) can be
+// frozen again; the snapshot holds the PID it sees, not pthaw's filter,
+// so thawed again with -virtpid it still sees its first PID.
+func TestVirtPIDFreezeAgain(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "getpid"))
+	pid := atoi(t, p.Lines.Expect(t, `^pid=(\d+) ppid=\d+$`, waitFor)[1])
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(pid), "-dest", snap)
+	th := thaw(t, "-src", snap, "-virtpid")
+	real := th.restoredPid(t)
+	if real == pid {
+		t.Fatalf("restored with the original's pid %d while it runs", pid)
+	}
+	th.out.Expect(t, `^no change \d+$`, waitFor)
+
+	snap2 := filepath.Join(t.TempDir(), "snap2")
+	freeze(t, "-pid", strconv.Itoa(real), "-halt", "-dest", snap2)
+	if code := th.exit(t); code != 137 {
+		t.Errorf("the first copy's pthaw exited %d, want 137 (killed by pfreeze -halt)", code)
+	}
+	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap2).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, desc)
+	}
+	if !strings.Contains(string(desc), fmt.Sprintf("(pid %d)", pid)) || strings.Contains(string(desc), "Seccomp filter") {
+		t.Errorf("the second snapshot should hold pid %d and no seccomp filter:\n%s", pid, desc)
+	}
+	th2 := thaw(t, "-src", snap2, "-virtpid")
+	if real2 := th2.restoredPid(t); real2 == pid {
+		t.Fatalf("restored with the original's pid %d while it runs", pid)
+	}
+	line := th2.out.Expect(t, `^(no change \d+|PID changed.*)$`, waitFor)[0]
+	if strings.HasPrefix(line, "PID changed") {
+		t.Fatalf("got %q, want no PID change", line)
+	}
+	th2.said(t, fmt.Sprintf("answer %d", pid))
+}
