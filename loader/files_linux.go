@@ -133,6 +133,11 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
+	case image.FDTimerfd, image.FDSignalfd, image.FDInotify:
+		if tmp, err = p.openAnon(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
 	case image.FDFile:
 	case image.FDPipe:
 	default:

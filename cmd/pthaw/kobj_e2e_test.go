@@ -8,7 +8,9 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/pcluster/pcluster/internal/fixture"
 )
@@ -124,4 +126,57 @@ func TestVirtPIDFreezeAgain(t *testing.T) {
 		t.Fatalf("got %q, want no PID change", line)
 	}
 	th2.said(t, fmt.Sprintf("answer %d", pid))
+}
+
+// TestAnonFDs moves a process holding timerfds, a signalfd and an
+// inotify instance (fixture anonfds) and waits 1.5 s between the freeze
+// and the check: the periodic timer has counted its expirations meanwhile
+// as the kernel would (at least 15 of 100 ms) and keeps its interval, the
+// one-shot timer due 1 s after the start has fired once, the hour-long one
+// kept its remaining time; the signal pending when frozen is read from the
+// signalfd; and the inotify watches report, under their descriptors (1
+// and 3: 2 was removed before the freeze), a file created and one written
+// after the thaw.
+func TestAnonFDs(t *testing.T) {
+	needRoot(t)
+	dir := t.TempDir()
+	p := fixture.Start(t, fixture.Build(t, "anonfds"), dir)
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if err := p.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	desc := debugOf(t, p.Pid())
+	for _, want := range []string{
+		`timerfd "anon_inode:\[timerfd\]" .* clock 1 value \d+ns interval 100000000ns`,
+		`signalfd "anon_inode:\[signalfd\]" .* sigmask 0x200`,
+		`inotify "anon_inode:inotify" .* \[wd 1 mask 0x100 ` + regexp.QuoteMeta(dir) + `\] \[wd 3 mask 0x2 ` + regexp.QuoteMeta(dir+"/f") + `\]`,
+	} {
+		if !regexp.MustCompile(want).MatchString(desc) {
+			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
+		}
+	}
+	frozen := time.Now()
+	snap := haltToFile(t, p)
+	time.Sleep(1500*time.Millisecond - time.Since(frozen))
+	th := thaw(t, "-src", snap)
+	th.restoredPid(t)
+	if err := os.WriteFile(filepath.Join(dir, "new"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintln(th.stdin, "check")
+	m := th.out.Expect(t, `^periodic ticks=(\d+) interval_ms=(\d+)$`, waitFor)
+	if n := atoi(t, m[1]); n < 15 || m[2] != "100" {
+		t.Errorf("periodic timer: %d ticks, interval %s ms; want at least 15 ticks (1.5 s frozen), interval 100 ms", n, m[2])
+	}
+	th.out.Expect(t, `^oneshot ticks=1$`, waitFor)
+	if left := atoi(t, th.out.Expect(t, `^long remaining_s=(\d+)$`, waitFor)[1]); left > 3598 || left < 3500 {
+		t.Errorf("hour-long timer has %d s left, want about 3598", left)
+	}
+	th.out.Expect(t, `^signalfd 10$`, waitFor)
+	th.out.Expect(t, `^inotify 1 100 new$`, waitFor)
+	th.out.Expect(t, `^inotify 3 2 -$`, waitFor)
+	th.out.Expect(t, `^end$`, waitFor)
 }

@@ -80,6 +80,10 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 				}
 				fd.Epoll = append(fd.Epoll, t)
 			}
+		case anonKinds[fi.Link] != 0:
+			if err := describeAnon(&fd, anonKinds[fi.Link], fi); err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
 		case kind == syscall.S_IFSOCK && fi.Fd > 2:
 			l, err := describeListener(pid, fi.Fd)
 			if err != nil {

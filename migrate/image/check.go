@@ -348,6 +348,20 @@ func CheckFD(f *FD) error {
 		if f.EventCount == ^uint64(0) { // the kernel's counter stops below it
 			return corruptf("fd %d: eventfd counter %#x", f.Fd, f.EventCount)
 		}
+	case FDTimerfd:
+		if t := f.Timer; t == nil || t.ValueNs < 0 || t.IntervalNs < 0 {
+			return corruptf("fd %d: timerfd state", f.Fd)
+		}
+	case FDSignalfd:
+	case FDInotify:
+		if len(f.Watches) > MaxWatches {
+			return corruptf("fd %d: %d inotify watches", f.Fd, len(f.Watches))
+		}
+		for i, w := range f.Watches {
+			if w.Wd <= 0 || w.Path == "" || (i > 0 && w.Wd <= f.Watches[i-1].Wd) {
+				return corruptf("fd %d: inotify watch %d", f.Fd, w.Wd)
+			}
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
@@ -367,6 +381,9 @@ func (v *VMA) Label() string {
 	}
 	return s
 }
+
+// MaxWatches bounds the watches of one inotify instance.
+const MaxWatches = 1 << 16
 
 // checkSeccomp checks the bounds of a chain of seccomp filters.
 func checkSeccomp(fs []SeccompFilter) error {

@@ -152,7 +152,8 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen"}[f.Kind]
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen",
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -165,6 +166,15 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		if l := f.Listen; l != nil {
 			fmt.Fprintf(w, " %v port %d protocol %d", net.IP(l.IP), l.Port, l.Protocol)
+		}
+		if tm := f.Timer; tm != nil {
+			fmt.Fprintf(w, " clock %d value %dns interval %dns ticks %d set-flags %#o", tm.Clock, tm.ValueNs, tm.IntervalNs, tm.Ticks, tm.SetFlags)
+		}
+		if f.Kind == FDSignalfd {
+			fmt.Fprintf(w, " sigmask %#x", f.SigMask)
+		}
+		for _, iw := range f.Watches {
+			fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
 		}
 		for _, t := range f.Epoll {
 			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)

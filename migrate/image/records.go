@@ -258,7 +258,35 @@ const (
 	// FDListen is a listening TCP socket, re-created and bound to its
 	// address (IP_FREEBIND: the address may arrive later, a virtual IP).
 	FDListen FDKind = 6
+
+	// Anonymous inodes (numbered apart from the socket kinds).
+
+	// FDTimerfd is a timerfd, re-armed with its remaining time, interval
+	// and unread expirations (those that fell while frozen added).
+	FDTimerfd FDKind = 16
+	// FDSignalfd is a signalfd, recreated with its mask.
+	FDSignalfd FDKind = 17
+	// FDInotify is an inotify instance, its watches re-added by path with
+	// their masks and descriptors; events queued when frozen are dropped.
+	FDInotify FDKind = 18
 )
+
+// Timerfd is the state of a timerfd (/proc/PID/fdinfo).
+type Timerfd struct {
+	Clock        int    `msgpack:"clock"`       // CLOCK_*
+	SetFlags     int    `msgpack:"set_flags"`   // TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET
+	Ticks        uint64 `msgpack:"ticks"`       // expirations not yet read
+	ValueNs      int64  `msgpack:"value_ns"`    // time left to the next expiration; 0: disarmed
+	IntervalNs   int64  `msgpack:"interval_ns"` // period; 0: one-shot
+	ReadAtUnixNs int64  `msgpack:"read_at_ns"`  // wall clock when read, to count expirations since
+}
+
+// InotifyWatch is one watch of an inotify instance.
+type InotifyWatch struct {
+	Wd   int    `msgpack:"wd"`
+	Mask uint32 `msgpack:"mask"`
+	Path string `msgpack:"path"`
+}
 
 // Listener describes a listening TCP socket.
 type Listener struct {
@@ -306,6 +334,10 @@ type FD struct {
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
 
 	Listen *Listener `msgpack:"listen,omitempty"` // FDListen
+
+	Timer   *Timerfd       `msgpack:"timerfd,omitempty"` // FDTimerfd
+	SigMask uint64         `msgpack:"sigmask,omitempty"` // FDSignalfd
+	Watches []InotifyWatch `msgpack:"watches,omitempty"` // FDInotify
 }
 
 // Tree opens the snapshot of a process tree (pfreeze -tree). It lists the
