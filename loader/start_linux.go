@@ -251,6 +251,9 @@ func (p *Process) finish() error {
 			return fmt.Errorf("setitimer %d: %w", which, err)
 		}
 	}
+	if err := p.restoreTimers(tasks, borrow); err != nil {
+		return err
+	}
 	if _, err := p.call(unix.SYS_MUNMAP, borrow, scratchLen); err != nil {
 		return fmt.Errorf("unmap scratch area: %w", err)
 	}

@@ -180,3 +180,49 @@ func TestAnonFDs(t *testing.T) {
 	th.out.Expect(t, `^inotify 3 2 -$`, waitFor)
 	th.out.Expect(t, `^end$`, waitFor)
 }
+
+// TestPosixTimers moves a process with three POSIX timers (fixture
+// posixtimers) and waits 1.5 s between the freeze and the check: the
+// timers answer timer_gettime under their saved ids; the one-shot timer
+// A, due 1 s after the start, has fired once with its sigev_value and id;
+// B (SIGEV_NONE) kept its hour less the time passed; C keeps signalling
+// only the thread it names every 100 ms.
+func TestPosixTimers(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "posixtimers"))
+	ids := p.Lines.Expect(t, `^ready ids (\d+) (\d+) (\d+)$`, waitFor)[1:]
+	desc := debugOf(t, p.Pid())
+	for _, want := range []string{
+		`POSIX timer ` + ids[0] + `: clock 1 notify 0 signal 10 value 0x1234 `,
+		`POSIX timer ` + ids[1] + `: clock 0 notify 1 `,
+		`POSIX timer ` + ids[2] + `: clock 1 notify 4 signal 12 value 0x0 tid \d+ left \d+ns interval 100000000ns`,
+	} {
+		if !regexp.MustCompile(want).MatchString(desc) {
+			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
+		}
+	}
+	frozen := time.Now()
+	snap := haltToFile(t, p)
+	time.Sleep(1500*time.Millisecond - time.Since(frozen))
+	th := thaw(t, "-src", snap)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^A fired=1 value=1234 id=`+ids[0]+` gettime=ok$`, waitFor)
+	if left := atoi(t, th.out.Expect(t, `^B remaining_s=(\d+) gettime=ok$`, waitFor)[1]); left > 3598 || left < 3500 {
+		t.Errorf("timer B has %d s left, want about 3598", left)
+	}
+	first := atoi(t, th.out.Expect(t, `^C thread=(\d+) other=0 interval_ms=100 gettime=ok$`, waitFor)[1])
+	// C keeps firing: wait for the thread to have taken more.
+	for deadline := time.Now().Add(waitFor); ; {
+		if time.Now().After(deadline) {
+			t.Fatalf("timer C did not signal its thread again within %v", waitFor)
+		}
+		fmt.Fprintln(th.stdin, "check")
+		th.out.Expect(t, `^A `, waitFor)
+		th.out.Expect(t, `^B `, waitFor)
+		if atoi(t, th.out.Expect(t, `^C thread=(\d+) other=0 interval_ms=100 gettime=ok$`, waitFor)[1]) > first {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

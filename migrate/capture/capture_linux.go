@@ -250,9 +250,6 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if root, err := os.Readlink(procfs.Path(pid, "root")); err == nil && root != "/" {
 		return unsupported("chroot %s", root)
 	}
-	if b, err := os.ReadFile(procfs.Path(pid, "timers")); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		return unsupported("POSIX timers (timer_create)")
-	}
 	return nil
 }
 
@@ -390,6 +387,9 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 		p.Rlimits = append(p.Rlimits, image.Rlimit{Cur: rl.Cur, Max: rl.Max})
 	}
 	caught := procfs.Hex(st["SigCgt"]) | procfs.Hex(st["SigIgn"])
+	if p.Timers, err = listTimers(pid); err != nil {
+		return nil, nil, err
+	}
 
 	var out []*image.Thread
 	err = f.tr.Do(func() error {
@@ -404,6 +404,9 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 			}
 			if i == 0 {
 				if err := f.injectProcessQueries(th, p, caught); err != nil {
+					return err
+				}
+				if err := f.injectTimerQueries(th, p.Timers); err != nil {
 					return err
 				}
 			}
@@ -432,6 +435,13 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 			out = append(out, t)
 		}
 		splitSeccomp(p, out, chains)
+		tids := make([]int, len(f.threads))
+		for i, th := range f.threads {
+			tids[i] = th.tid
+		}
+		if err := timerThreads(p.Timers, tids, out); err != nil {
+			return err
+		}
 		// Signals that stopped a thread while we injected were dequeued:
 		// they are pending for the snapshot and re-queued on Resume.
 		for i, th := range f.threads {

@@ -280,6 +280,14 @@ func CheckProcess(pr *Process, threads []*Thread) error {
 	if err := checkSeccomp(pr.Seccomp); err != nil {
 		return err
 	}
+	if len(pr.Timers) > MaxTimers {
+		return corruptf("%d POSIX timers", len(pr.Timers))
+	}
+	for _, tm := range pr.Timers {
+		if tm.ID < 0 || tm.ValueNs < 0 || tm.IntervalNs < 0 || tm.Signo < 0 || tm.Signo > 64 {
+			return corruptf("POSIX timer %d", tm.ID)
+		}
+	}
 	for _, t := range threads {
 		if err := checkSeccomp(t.Seccomp); err != nil {
 			return fmt.Errorf("thread %d: %w", t.Tid, err)

@@ -115,6 +115,10 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		fmt.Fprintf(w, "Signal %d: handler %#x flags %#x mask %#x\n", s.Sig, s.Handler, s.Flags, s.Mask)
 	}
 	describeSeccomp(w, "", p.Seccomp)
+	for _, tm := range p.Timers {
+		fmt.Fprintf(w, "POSIX timer %d: clock %d notify %d signal %d value %#x tid %d left %dns interval %dns overrun %d\n",
+			tm.ID, tm.Clock, tm.Notify, tm.Signo, tm.Value, tm.Tid, tm.ValueNs, tm.IntervalNs, tm.Overrun)
+	}
 	for _, t := range ths {
 		fmt.Fprintf(w, "Thread %d registers:\n", t.Tid)
 		for i, v := range t.Regs {

@@ -73,7 +73,29 @@ type Process struct {
 	// first (each thread's own, installed after these, are in its
 	// Thread record).
 	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
+	// Timers are the POSIX timers (timer_create), by id.
+	Timers []PosixTimer `msgpack:"timers,omitempty"`
 }
+
+// PosixTimer is one POSIX timer (timer_create) and its state.
+type PosixTimer struct {
+	ID     int    `msgpack:"id"`
+	Clock  int    `msgpack:"clock"`
+	Notify int    `msgpack:"notify"` // sigev_notify: SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID
+	Signo  int    `msgpack:"signo"`
+	Value  uint64 `msgpack:"value"`         // sigev_value
+	Tid    int    `msgpack:"tid,omitempty"` // SIGEV_THREAD_ID: the thread signalled
+	// ValueNs is the time left to the next expiration (0: disarmed),
+	// IntervalNs the period, both as timer_gettime read them at
+	// ReadAtUnixNs (wall clock); Overrun is timer_getoverrun's.
+	ValueNs      int64 `msgpack:"value_ns"`
+	IntervalNs   int64 `msgpack:"interval_ns"`
+	Overrun      int   `msgpack:"overrun"`
+	ReadAtUnixNs int64 `msgpack:"read_at_ns"`
+}
+
+// MaxTimers bounds a process's POSIX timers.
+const MaxTimers = 1 << 16
 
 // SeccompFilter is one installed seccomp filter: its classic BPF program
 // (struct sock_filter array, 8 bytes an instruction) and the
