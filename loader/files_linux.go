@@ -144,6 +144,11 @@ func (p *Process) openFile(f *image.FD) error {
 		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
 	name := f.Path
+	if f.Object != 0 {
+		if name = p.objectPath(f.Object); name == "" {
+			return fmt.Errorf("%w: fd %d: file object %#x not in the snapshot", image.ErrCorrupt, f.Fd, f.Object)
+		}
+	}
 	if f.Kind == image.FDPipe {
 		if name, err = p.pipeEnd(f); err != nil {
 			return err

@@ -107,6 +107,10 @@ type Process struct {
 	tree   *tree
 	parent *Process
 	zombie bool // a member that only exited, left for its parent to reap
+
+	// objects are the files without a path (memfds, deleted files) the
+	// snapshot brings, by File ID (objects_linux.go).
+	objects map[uint64]*object
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -258,6 +262,15 @@ meta:
 			p.vmas = append(p.vmas, r)
 			rec = nil
 			continue
+		case *image.File:
+			if p.proc == nil || len(p.threads) != p.proc.Threads {
+				return nil, fmt.Errorf("%w: file record before the thread records", image.ErrCorrupt)
+			}
+			if err := p.addFile(r); err != nil {
+				return nil, err
+			}
+			rec = nil
+			continue
 		}
 		break
 	}
@@ -271,6 +284,9 @@ meta:
 		return nil, err
 	}
 	if err := p.checkFiles(); err != nil {
+		return nil, err
+	}
+	if err := p.sealFiles(); err != nil {
 		return nil, err
 	}
 	if err := prepare(); err != nil {
@@ -301,6 +317,8 @@ meta:
 			if err := p.openFiles(); err != nil {
 				return nil, err
 			}
+			// Every area and fd holds its own reference by now.
+			p.closeObjects()
 			return rec, nil
 		default:
 			return nil, fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
@@ -426,6 +444,12 @@ func vmaName(v *image.VMA) string {
 func (p *Process) checkFiles() error {
 	for _, v := range p.vmas {
 		if v.Kind != image.VMAFile {
+			continue
+		}
+		if v.Object != 0 {
+			if p.objectPath(v.Object) == "" {
+				return fmt.Errorf("%w: %s: file object %#x not in the snapshot", image.ErrCorrupt, vmaName(v), v.Object)
+			}
 			continue
 		}
 		var st syscall.Stat_t
@@ -739,6 +763,7 @@ func (p *Process) release() []int {
 	}
 	p.done = true
 	p.closeUffd()
+	p.closeObjects()
 	if p.mem != nil {
 		p.mem.Close()
 	}

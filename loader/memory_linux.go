@@ -86,10 +86,14 @@ func (p *Process) mapMemory() error {
 						mode = unix.O_RDWR
 					}
 				}
-				key := fmt.Sprintf("%d:%s", mode, v.Name)
+				name := v.Name
+				if v.Object != 0 {
+					name = p.objectPath(v.Object)
+				}
+				key := fmt.Sprintf("%d:%s", mode, name)
 				f, ok := files[key]
 				if !ok {
-					path, err := p.putString(v.Name)
+					path, err := p.putString(name)
 					if err != nil {
 						return err
 					}

@@ -226,3 +226,45 @@ func TestPosixTimers(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestMemfdsAndDeletedFiles moves a process holding files no path leads
+// to (fixture memfds): a sealed memfd that is open and mapped shared, a
+// memfd only mapped, and a deleted file open and mapped shared and
+// privately. After the thaw the memfd has its name, seals (growing it
+// fails) and contents, and its mapping still shares pages with its fd; the
+// mapped-only memfd and the deleted file keep their contents and sharing;
+// the private mapping keeps its own change.
+func TestMemfdsAndDeletedFiles(t *testing.T) {
+	needRoot(t)
+	dir := t.TempDir()
+	p := fixture.Start(t, fixture.Build(t, "memfds"), dir)
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	desc := debugOf(t, p.Pid())
+	for _, want := range []string{
+		`File object 0x[0-9a-f]+: memfd "pcluster-memfd" size 12288 mode \d+ seals 0x6`,
+		`File object 0x[0-9a-f]+: memfd "pcluster-maponly" size 4096`,
+		`File object 0x[0-9a-f]+: deleted "` + regexp.QuoteMeta(dir) + `/gone" size 4096 mode 0100640`,
+		`fd 3: file "/memfd:pcluster-memfd \(deleted\)" .* object 0x`,
+	} {
+		if !regexp.MustCompile(want).MatchString(desc) {
+			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
+		}
+	}
+	th := migrate(t, p)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^memfd link=/memfd:pcluster-memfd \(deleted\) seals=6 size=12288 grow=EPERM head=hello memfd shared=yes$`, waitFor)
+	th.out.Expect(t, `^maponly only in the map$`, waitFor)
+	th.out.Expect(t, `^deleted data=deleted contents shared=yes private=Deleted contents$`, waitFor)
+	// The copy of the deleted file is hidden: nothing new in its
+	// directory, and pthaw holds none of them once the process runs.
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Errorf("the deleted file's directory holds %v (%v), want nothing", ents, err)
+	}
+	fds, _ := filepath.Glob(fmt.Sprintf("/proc/%d/fd/*", th.cmd.Process.Pid))
+	for _, fd := range fds {
+		if l, _ := os.Readlink(fd); strings.Contains(l, "memfd:pcluster-") || strings.Contains(l, "(deleted)") {
+			t.Errorf("pthaw still holds %s (%s)", fd, l)
+		}
+	}
+}

@@ -312,6 +312,15 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) er
 			return err
 		}
 	}
+	files, err := fileRecords(f.Pid, vmas, fds)
+	if err != nil {
+		return err
+	}
+	for i := range files {
+		if err := enc.Write(&files[i]); err != nil {
+			return err
+		}
+	}
 	if err := dumpMemory(f.Pid, f.mem, dump, enc); err != nil {
 		return err
 	}

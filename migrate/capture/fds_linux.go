@@ -92,8 +92,15 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 			fd.Kind, fd.Listen = image.FDListen, l
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
-		case strings.HasSuffix(fi.Link, " (deleted)"):
-			return nil, unsupported("%s: file deleted", where)
+		case strings.HasSuffix(fi.Link, " (deleted)") || strings.HasPrefix(fi.Link, "/memfd:"):
+			_, _, id, ok, err := fileObject(fi.Link, &st)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
+			if !ok {
+				return nil, unsupported("%s: file deleted", where)
+			}
+			fd.Kind, fd.Path, fd.Object = image.FDFile, fi.Link, id
 		case kind == syscall.S_IFCHR:
 			if !statelessDevices[fi.Link] {
 				return nil, unsupported("%s: device", where)

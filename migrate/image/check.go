@@ -49,8 +49,10 @@ type checker struct {
 	meta    bool // the process's metadata (threads, areas) is complete
 	lastFd  int
 	fds     int
-	fdSet   map[int]bool // the process's fds so far
-	fdRefs  []fdRef      // fds one of them names, checked at its end
+	fdSet   map[int]bool     // the process's fds so far
+	fdRefs  []fdRef          // fds one of them names, checked at its end
+	files   map[uint64]int64 // File records so far: the next offset of each
+	sizes   map[uint64]int64 // and their sizes
 }
 
 // fdRef is an fd that fd from names (the description it shares, or an
@@ -91,6 +93,7 @@ func (c *checker) check(rec any) error {
 		}
 		c.proc, c.threads, c.vmas, c.meta, c.fds = r, nil, nil, false, 0
 		c.fdSet, c.fdRefs = map[int]bool{}, nil
+		c.files, c.sizes = map[uint64]int64{}, map[uint64]int64{}
 		return nil
 	case *Thread:
 		p := c.proc
@@ -120,6 +123,11 @@ func (c *checker) check(rec any) error {
 		}
 		c.vmas = append(c.vmas, r)
 		return nil
+	case *File:
+		if c.proc == nil || c.meta || len(c.threads) != c.proc.Threads {
+			return c.unexpected(r)
+		}
+		return c.wrap(c.checkFile(r))
 	}
 	// Pages, FD, End: the metadata is complete.
 	if err := c.completeMeta(); err != nil {
@@ -134,6 +142,9 @@ func (c *checker) check(rec any) error {
 		}
 		if c.fds > 0 && c.lastFd >= r.Fd {
 			return c.wrap(corruptf("fds out of order at %d", r.Fd))
+		}
+		if _, ok := c.files[r.Object]; r.Object != 0 && (!ok || r.Kind != FDFile) {
+			return c.wrap(corruptf("fd %d: file object %#x", r.Fd, r.Object))
 		}
 		if r.Kind == FDPipe && c.tree == nil {
 			return corruptf("fd %d: a pipe outside a tree", r.Fd)
@@ -191,6 +202,11 @@ func (c *checker) completeMeta() error {
 	}
 	if err := CheckProcess(c.proc, c.threads); err != nil {
 		return c.wrap(err)
+	}
+	for _, v := range c.vmas {
+		if _, ok := c.files[v.Object]; v.Object != 0 && (!ok || v.Kind != VMAFile) {
+			return c.wrap(corruptf("%s: file object %#x", v.Label(), v.Object))
+		}
 	}
 	c.meta = true
 	return nil
@@ -405,3 +421,30 @@ func checkSeccomp(fs []SeccompFilter) error {
 	}
 	return nil
 }
+
+// checkFile checks a File record against those before it: the first of
+// an object says what it is, the others continue its data in order.
+func (c *checker) checkFile(f *File) error {
+	if f.ID == 0 || len(f.Data) > FileChunk || f.Off < 0 {
+		return corruptf("file record %#x", f.ID)
+	}
+	next, seen := c.files[f.ID]
+	if !seen {
+		if (f.Kind != FileMemfd && f.Kind != FileDeleted) || f.Name == "" || f.Size < 0 || f.Size > MaxFileSize || len(c.files) >= MaxFiles {
+			return corruptf("file %#x (%q)", f.ID, f.Name)
+		}
+		c.files[f.ID] = 0
+		c.sizes[f.ID] = f.Size
+		next = 0
+	} else if f.Kind != 0 || f.Name != "" {
+		return corruptf("file %#x described twice", f.ID)
+	}
+	if f.Off < next || f.Off+int64(len(f.Data)) > c.sizes[f.ID] {
+		return corruptf("file %#x: data at %d+%d", f.ID, f.Off, len(f.Data))
+	}
+	c.files[f.ID] = f.Off + int64(len(f.Data))
+	return nil
+}
+
+// MaxFiles bounds the File objects of a process.
+const MaxFiles = 1 << 12

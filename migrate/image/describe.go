@@ -66,6 +66,11 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			vmas = append(vmas, r)
 			hashes = append(hashes, sha256.New())
 			saved = append(saved, 0)
+		case *File:
+			if r.Kind != 0 {
+				kind := map[FileKind]string{FileMemfd: "memfd", FileDeleted: "deleted"}[r.Kind]
+				fmt.Fprintf(w, "File object %#x: %s %q size %d mode %#o seals %#x\n", r.ID, kind, r.Name, r.Size, r.Mode, r.Seals)
+			}
 		case *FD:
 			fds = append(fds, r)
 		case *Pages:
@@ -151,8 +156,12 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if v.Shared {
 			share = "s"
 		}
-		fmt.Fprintf(w, "  %d %#x-%#x %s%s %-11s %-40s saved %8d sha256 %x\n", i, v.Start, v.End, prot, share,
+		fmt.Fprintf(w, "  %d %#x-%#x %s%s %-11s %-40s saved %8d sha256 %x", i, v.Start, v.End, prot, share,
 			v.Kind, strings.TrimSpace(v.Name), saved[i], hashes[i].Sum(nil)[:16])
+		if v.Object != 0 {
+			fmt.Fprintf(w, " object %#x", v.Object)
+		}
+		fmt.Fprintln(w)
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
@@ -162,6 +171,9 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			kind = "fifo"
 		}
 		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
+		if f.Object != 0 {
+			fmt.Fprintf(w, " object %#x", f.Object)
+		}
 		if f.Kind == FDPipe {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
 		}

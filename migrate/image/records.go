@@ -21,6 +21,7 @@ const (
 	TypeFD      Type = 5
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
+	TypeFile    Type = 8
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -42,6 +43,8 @@ func (t Type) String() string {
 		return "end"
 	case TypeTree:
 		return "tree"
+	case TypeFile:
+		return "file"
 	}
 	return "unknown"
 }
@@ -244,7 +247,44 @@ type VMA struct {
 	// Content is the area's bytes for kernel areas that are compared rather
 	// than written (the vdso).
 	Content []byte `msgpack:"content,omitempty"`
+	// Object, for a VMAFile area, is the File record of a file that has
+	// no path to map it by (a memfd, a deleted file): the area maps it.
+	Object uint64 `msgpack:"object,omitempty"`
 }
+
+// FileKind says how a File is made again.
+type FileKind uint8
+
+const (
+	// FileMemfd is a memfd, made again by memfd_create with its name.
+	FileMemfd FileKind = 1
+	// FileDeleted is a regular file deleted while open or mapped, made
+	// again as an unnamed file (O_TMPFILE) in its directory.
+	FileDeleted FileKind = 2
+)
+
+// File is a file that only its holders can reach (a memfd, a deleted
+// file), saved with its contents: the areas (VMA.Object) and fds
+// (FD.Object) that hold it name it by ID. Its first record carries what
+// it is and its first chunk of data (Off 0); further records of the same
+// ID carry only the following chunks, in order. Chunks that are all
+// zeros are left out (the file reads zeros there).
+type File struct {
+	ID    uint64   `msgpack:"id"`
+	Kind  FileKind `msgpack:"kind,omitempty"`
+	Name  string   `msgpack:"name,omitempty"`  // memfd name, or the deleted file's path
+	Size  int64    `msgpack:"size,omitempty"`  // length
+	Mode  uint32   `msgpack:"mode,omitempty"`  // st_mode
+	Seals int      `msgpack:"seals,omitempty"` // F_SEAL_* of a memfd
+	Off   int64    `msgpack:"off"`
+	Data  []byte   `msgpack:"data,omitempty"`
+}
+
+// FileChunk bounds the data of one File record.
+const FileChunk = 512 << 10
+
+// MaxFileSize bounds a File's length.
+const MaxFileSize = 1 << 40
 
 // Len is the size of the area in bytes.
 func (v *VMA) Len() uint64 { return v.End - v.Start }
@@ -356,6 +396,10 @@ type FD struct {
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
 
 	Listen *Listener `msgpack:"listen,omitempty"` // FDListen
+
+	// Object, for an FDFile, is the File record it is reopened from
+	// (a memfd, a deleted file).
+	Object uint64 `msgpack:"object,omitempty"`
 
 	Timer   *Timerfd       `msgpack:"timerfd,omitempty"` // FDTimerfd
 	SigMask uint64         `msgpack:"sigmask,omitempty"` // FDSignalfd
