@@ -268,3 +268,66 @@ func TestMemfdsAndDeletedFiles(t *testing.T) {
 		}
 	}
 }
+
+// vforkChild waits for p, a vforker, to wait in vfork, and returns its
+// child.
+func vforkChild(t *testing.T, p *fixture.Proc) (parent, child int) {
+	t.Helper()
+	parent = p.Pid()
+	p.Lines.Expect(t, `^parent `+strconv.Itoa(parent)+`$`, waitFor)
+	waitState(t, parent, 'D')
+	kids, err := fixture.Children(parent)
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("vforker %d has children %v (%v), want one", parent, kids, err)
+	}
+	return parent, kids[0]
+}
+
+// TestFreezeVforkExecsLate: a vfork child that execs 500 ms after the
+// vfork is waited for, by a freeze of the child as by one of its parent
+// (with -tree), and both are then frozen as they are after the exec.
+func TestFreezeVforkExecsLate(t *testing.T) {
+	needRoot(t)
+	count := fixture.Build(t, "countforever")
+	t.Run("child", func(t *testing.T) {
+		p := fixture.StartGroup(t, fixture.Build(t, "vforker"), "exec", "500", count, "1")
+		_, child := vforkChild(t, p)
+		desc := debugOf(t, child)
+		if !strings.HasPrefix(desc, "Process: countforever (pid "+strconv.Itoa(child)+")") {
+			t.Errorf("pfreeze -debug of the vfork child did not wait for its exec:\n%.200s", desc)
+		}
+		p.Lines.Expect(t, `^execd `+strconv.Itoa(child)+`$`, waitFor)
+	})
+	t.Run("parent", func(t *testing.T) {
+		p := fixture.StartGroup(t, fixture.Build(t, "vforker"), "exec", "500", count, "1")
+		parent, child := vforkChild(t, p)
+		out, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(parent), "-tree", "-debug").CombinedOutput()
+		if err != nil {
+			t.Fatalf("pfreeze -tree -debug of the vfork parent: %v: %s", err, out)
+		}
+		if !strings.HasPrefix(string(out), "Tree of 2 processes:") || !strings.Contains(string(out), "Process: countforever (pid "+strconv.Itoa(child)+")") {
+			t.Errorf("pfreeze -tree -debug of the vfork parent:\n%.400s", out)
+		}
+	})
+}
+
+// TestFreezeVforkChildNeverExecs: a vfork child that does not exec is
+// refused with one line once VforkExecWait has passed, not waited for
+// without end, and left as it was.
+func TestFreezeVforkChildNeverExecs(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "vforker"))
+	parent, child := vforkChild(t, p)
+	t.Cleanup(func() {
+		syscall.Kill(child, syscall.SIGKILL)
+		p.Lines.Expect(t, `^parent resumed child=9$`, waitFor)
+	})
+	out, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(child), "-debug").CombinedOutput()
+	want := fmt.Sprintf("pfreeze: freeze %d: a vfork child of %d that has not exec'd within 2s (freeze it after it execs)\n", child, parent)
+	if err == nil || string(out) != want {
+		t.Errorf("pfreeze of the vfork child: %v, output %q; want %q", err, out, want)
+	}
+	untouched(t, child)
+	p.Lines.Drain()
+	p.Lines.Expect(t, `^child `+strconv.Itoa(child)+` tick \d+$`, waitFor)
+}

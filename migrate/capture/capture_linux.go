@@ -163,7 +163,7 @@ func (f *Frozen) stopAll() error {
 // thread's exit (ptrace.Tracer.Close) releases it, and the kernel then
 // drops the pending interrupt, so the thread never stops and sees nothing.
 func (f *Frozen) stopTimeout(tid int, err error) error {
-	if verr := vforkError(f.Pid); verr != nil {
+	if verr := vforkError(f.Pid, false); verr != nil {
 		return verr
 	}
 	state := threadState(f.Pid, tid)
@@ -219,7 +219,7 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	// Before anything else: a vfork parent cannot be stopped, whatever
 	// else would be refused about it (its vfork child, as a child
 	// process or as a member sharing its memory).
-	if err := vforkError(pid); err != nil {
+	if err := vforkError(pid, true); err != nil {
 		return err
 	}
 	if st["Seccomp"] == "1" {
@@ -243,6 +243,9 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 		return err
 	}
 	if ppid, _ := strconv.Atoi(st["PPid"]); ppid > 1 {
+		if err := vforkChildError(pid, ppid); err != nil {
+			return err
+		}
 		if shared := sharedWith(pid, ppid); len(shared) > 0 {
 			return unsupported("shares its %s with its parent %d", strings.Join(shared, ", "), ppid)
 		}
