@@ -422,7 +422,7 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 					return err
 				}
 			}
-			chain, virt, err := threadSeccomp(th.tid)
+			chain, virt, err := threadSeccomp(f.Pid, th.tid)
 			if err != nil {
 				return err
 			}

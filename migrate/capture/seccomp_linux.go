@@ -9,6 +9,7 @@ import (
 
 	"github.com/pcluster/pcluster/internal/seccompbpf"
 	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 )
 
@@ -27,9 +28,19 @@ import (
 // (SECCOMP_RET_USER_NOTIF, a supervisor's) is refused: its supervisor
 // cannot follow the process.
 
-// threadSeccomp reads th's filters. virt reports that the chain held
-// pthaw's -virtpid filter, left out of it. Runs on the tracer thread.
-func threadSeccomp(tid int) (chain []image.SeccompFilter, virt bool, err error) {
+// threadSeccomp reads the filters of thread tid of pid. virt reports
+// that the chain held pthaw's -virtpid filter, left out of it. A thread
+// without filters is not asked (reading them needs CAP_SYS_ADMIN, which
+// pfreeze run by an ordinary user does not have). Runs on the tracer
+// thread.
+func threadSeccomp(pid, tid int) (chain []image.SeccompFilter, virt bool, err error) {
+	st, err := procfs.ThreadStatus(pid, tid)
+	if err != nil {
+		return nil, false, err
+	}
+	if st["Seccomp"] == "0" || st["Seccomp"] == "" {
+		return nil, false, nil
+	}
 	fs, err := ptrace.SeccompFilters(tid)
 	if err != nil {
 		return nil, false, err
