@@ -179,16 +179,6 @@ func (p *Process) finish() error {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
 	}
-	if seccomp {
-		for _, tk := range tasks {
-			if err := suspendSeccomp(tk.in.Tid); err != nil {
-				return err
-			}
-			if err := p.installSeccomp(tk.in, tk.img.Seccomp); err != nil {
-				return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
-			}
-		}
-	}
 	if err := p.bindListeners(borrow); err != nil {
 		return err
 	}
@@ -201,6 +191,18 @@ func (p *Process) finish() error {
 		queued = true
 		if err := p.installTreeFilter(borrow); err != nil {
 			return err
+		}
+	}
+	if seccomp {
+		// Each thread's own filters after the tree's filter, which is
+		// loaded with TSYNC: that needs the threads' filters alike.
+		for _, tk := range tasks {
+			if err := suspendSeccomp(tk.in.Tid); err != nil {
+				return err
+			}
+			if err := p.installSeccomp(tk.in, tk.img.Seccomp); err != nil {
+				return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+			}
 		}
 	}
 	for _, tk := range tasks {
