@@ -31,17 +31,15 @@ type object struct {
 // addFile takes one File record: the first of an object makes it, every
 // one writes its data. Runs on any goroutine.
 func (p *Process) addFile(r *image.File) error {
-	if p.objects == nil {
-		p.objects = map[uint64]*object{}
-	}
-	o, ok := p.objects[r.ID]
+	objs := p.objs()
+	o, ok := objs[r.ID]
 	if !ok {
 		f, err := makeObject(r)
 		if err != nil {
 			return fmt.Errorf("file %s: %w", r.Name, err)
 		}
 		o = &object{f: f, img: r}
-		p.objects[r.ID] = o
+		objs[r.ID] = o
 		if err := f.Truncate(r.Size); err != nil {
 			return fmt.Errorf("file %s: size %d: %w", r.Name, r.Size, err)
 		}
@@ -88,7 +86,7 @@ func makeObject(r *image.File) (*os.File, error) {
 // (F_SEAL_WRITE would forbid them). Before anything maps them: a
 // writable shared mapping would forbid F_SEAL_WRITE.
 func (p *Process) sealFiles() error {
-	for _, o := range p.objects {
+	for _, o := range p.objs() {
 		if o.ready {
 			continue
 		}
@@ -105,18 +103,36 @@ func (p *Process) sealFiles() error {
 // objectPath is where the process opens object id, or "" if the snapshot
 // has no such File.
 func (p *Process) objectPath(id uint64) string {
-	o, ok := p.objects[id]
+	o, ok := p.objs()[id]
 	if !ok {
 		return ""
 	}
 	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), o.f.Fd())
 }
 
+// objs returns the objects the process may name: a tree's members share
+// theirs (one member's fds and areas may hold a file another saved).
+func (p *Process) objs() map[uint64]*object {
+	m := &p.objects
+	if p.tree != nil {
+		m = &p.tree.objects
+	}
+	if *m == nil {
+		*m = map[uint64]*object{}
+	}
+	return *m
+}
+
 // closeObjects closes pthaw's own fds of the objects: the process holds
-// its own by now (it is built), or is gone.
+// its own by now (it is built), or is gone. A tree's are closed with it
+// (closeAllObjects), once every member is built.
 func (p *Process) closeObjects() {
-	for _, o := range p.objects {
+	closeAllObjects(p.objects)
+	p.objects = nil
+}
+
+func closeAllObjects(objs map[uint64]*object) {
+	for _, o := range objs {
 		o.f.Close()
 	}
-	p.objects = nil
 }

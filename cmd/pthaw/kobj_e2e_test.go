@@ -331,3 +331,41 @@ func TestFreezeVforkChildNeverExecs(t *testing.T) {
 	p.Lines.Drain()
 	p.Lines.Expect(t, `^child `+strconv.Itoa(child)+` tick \d+$`, waitFor)
 }
+
+// TestMemfdTree: a parent and its child share a memfd (fixture
+// memfdtree); frozen with -tree and thawed, they still share one file:
+// the count the restored child keeps in it goes on rising in the
+// parent's mapping and through the parent's fd, and -debug of the tree
+// saved the file once.
+func TestMemfdTree(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "memfdtree"))
+	child := atoi(t, p.Lines.Expect(t, `^ready (\d+)$`, waitFor)[1])
+	out, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-debug").CombinedOutput()
+	if err != nil {
+		t.Fatalf("pfreeze -tree -debug: %v: %s", err, out)
+	}
+	if n := strings.Count(string(out), `memfd "pcluster-shared"`); n != 1 {
+		t.Errorf("the shared memfd is saved %d times, want once:\n%s", n, out)
+	}
+	root := p.Pid()
+	snap := haltTreeToFile(t, p, child)
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, root, child)
+	th.restoredPid(t)
+	counter := func() (int, int) {
+		fmt.Fprintln(th.stdin, "check")
+		m := th.out.Expect(t, `^counter map=(\d+) fd=(\d+)$`, waitFor)
+		return atoi(t, m[1]), atoi(t, m[2])
+	}
+	first, _ := counter()
+	for deadline := time.Now().Add(waitFor); ; time.Sleep(50 * time.Millisecond) {
+		byMap, byFd := counter()
+		if byMap > first+2 && byFd > first+2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restored child's count in the shared memfd stays at %d (map) / %d (fd), first %d", byMap, byFd, first)
+		}
+	}
+}

@@ -51,6 +51,9 @@ type Frozen struct {
 	// inner: the snapshot records the PID and TIDs of the process's own
 	// PID namespace, a child of ours frozen whole (pidns_linux.go).
 	inner bool
+	// files: in a tree, the files without a path an earlier member saved
+	// (objects_linux.go); nil for a single process.
+	files map[uint64]bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -315,7 +318,7 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) er
 			return err
 		}
 	}
-	files, err := fileRecords(f.Pid, vmas, fds)
+	files, err := fileRecords(f.Pid, vmas, fds, f.files)
 	if err != nil {
 		return err
 	}

@@ -20,7 +20,8 @@ import (
 // or mapped — are saved with their contents (image.File), once however
 // many fds and areas hold them; those name them by ID (Object). A file
 // that was deleted but is still linked elsewhere (nlink > 0) is refused:
-// a copy would split it from its other name.
+// a copy would split it from its other name. In a tree, members that
+// hold one such file share it again.
 
 // fileObject returns the image.File kind and name of the file behind a
 // link (readlink of /proc/PID/fd/N or a mapping's path) with stat st, and
@@ -49,8 +50,10 @@ func fileObject(link string, st *syscall.Stat_t) (kind image.FileKind, name stri
 
 // fileRecords returns the File records of the objects the process's
 // areas and fds name, reading each one's contents through /proc (an fd
-// of the process, or the area's map_files link).
-func fileRecords(pid int, vmas []image.VMA, fds []image.FD) ([]image.File, error) {
+// of the process, or the area's map_files link). In a tree, saved holds
+// the objects an earlier member saved, which members share: they are
+// not saved again, and those saved now are added.
+func fileRecords(pid int, vmas []image.VMA, fds []image.FD, saved map[uint64]bool) ([]image.File, error) {
 	type obj struct {
 		kind image.FileKind
 		name string
@@ -59,7 +62,7 @@ func fileRecords(pid int, vmas []image.VMA, fds []image.FD) ([]image.File, error
 	var order []uint64
 	objs := map[uint64]*obj{}
 	note := func(id uint64, kind image.FileKind, name, src string) {
-		if _, ok := objs[id]; !ok {
+		if _, ok := objs[id]; !ok && !saved[id] {
 			objs[id] = &obj{kind, name, src}
 			order = append(order, id)
 		}
@@ -94,6 +97,9 @@ func fileRecords(pid int, vmas []image.VMA, fds []image.FD) ([]image.File, error
 			return nil, fmt.Errorf("%s: %w", o.src, err)
 		}
 		out = append(out, recs...)
+		if saved != nil {
+			saved[id] = true
+		}
 	}
 	return out, nil
 }

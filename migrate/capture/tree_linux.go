@@ -129,8 +129,9 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
-	shm := map[uint64]bool{}
+	shm, files := map[uint64]bool{}, map[uint64]bool{}
 	for _, f := range t.members {
+		f.files = files
 		if err := f.writeRecords(enc, shm, inner); err != nil {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}

@@ -51,7 +51,7 @@ type checker struct {
 	fds     int
 	fdSet   map[int]bool     // the process's fds so far
 	fdRefs  []fdRef          // fds one of them names, checked at its end
-	files   map[uint64]int64 // File records so far: the next offset of each
+	files   map[uint64]int64 // File records so far (of every member): the next offset of each
 	sizes   map[uint64]int64 // and their sizes
 }
 
@@ -93,7 +93,9 @@ func (c *checker) check(rec any) error {
 		}
 		c.proc, c.threads, c.vmas, c.meta, c.fds = r, nil, nil, false, 0
 		c.fdSet, c.fdRefs = map[int]bool{}, nil
-		c.files, c.sizes = map[uint64]int64{}, map[uint64]int64{}
+		if c.files == nil { // a tree's members share them: kept across
+			c.files, c.sizes = map[uint64]int64{}, map[uint64]int64{}
+		}
 		return nil
 	case *Thread:
 		p := c.proc
