@@ -205,6 +205,12 @@ func (p *Process) finish() error {
 			}
 		}
 	}
+	// POSIX timers before the credentials: an _ALARM clock needs
+	// CAP_WAKE_ALARM. (Every signal is blocked until the registers are
+	// set: one that fires meanwhile stays pending.)
+	if err := p.restoreTimers(tasks, borrow); err != nil {
+		return err
+	}
 	for _, tk := range tasks {
 		if err := p.setCreds(tk, borrow); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
@@ -252,9 +258,6 @@ func (p *Process) finish() error {
 		if _, err := p.call(unix.SYS_SETITIMER, uintptr(which), borrow, 0); err != nil {
 			return fmt.Errorf("setitimer %d: %w", which, err)
 		}
-	}
-	if err := p.restoreTimers(tasks, borrow); err != nil {
-		return err
 	}
 	if _, err := p.call(unix.SYS_MUNMAP, borrow, scratchLen); err != nil {
 		return fmt.Errorf("unmap scratch area: %w", err)
