@@ -111,6 +111,9 @@ type Process struct {
 	// objects are the files without a path (memfds, deleted files) the
 	// snapshot brings, by File ID (objects_linux.go).
 	objects map[uint64]*object
+	// createdShm are the System V segments made for this restore, removed
+	// if it fails.
+	createdShm []int
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -447,7 +450,7 @@ func (p *Process) checkFiles() error {
 			continue
 		}
 		if v.Object != 0 {
-			if p.objectPath(v.Object) == "" {
+			if p.objs()[v.Object] == nil {
 				return fmt.Errorf("%w: %s: file object %#x not in the snapshot", image.ErrCorrupt, vmaName(v), v.Object)
 			}
 			continue
@@ -764,6 +767,7 @@ func (p *Process) release() []int {
 	p.done = true
 	p.closeUffd()
 	p.closeObjects()
+	p.removeCreatedShm()
 	if p.mem != nil {
 		p.mem.Close()
 	}

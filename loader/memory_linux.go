@@ -50,6 +50,9 @@ func (p *Process) mapMemory() error {
 		if err := p.moveKernelAreas(cur); err != nil {
 			return err
 		}
+		if err := p.attachSysV(); err != nil {
+			return err
+		}
 		files := map[string]uintptr{}
 		defer func() {
 			var closes []batchCall
@@ -78,6 +81,9 @@ func (p *Process) mapMemory() error {
 				}
 				continue
 			case image.VMAFile:
+				if p.sysvObject(v) != nil {
+					continue // attached by attachSysV
+				}
 				mode := uintptr(unix.O_RDONLY)
 				flags |= unix.MAP_PRIVATE
 				if v.Shared {

@@ -26,6 +26,11 @@ type object struct {
 	img   *image.File
 	next  int64 // the offset of the next chunk
 	ready bool  // sealed
+	// A System V segment (sysvshm_linux.go) has no file: its id, pthaw's
+	// attachment while it is filled, and whether it existed already.
+	shmid  int
+	shm    []byte
+	reused bool
 }
 
 // addFile takes one File record: the first of an object makes it, every
@@ -33,7 +38,13 @@ type object struct {
 func (p *Process) addFile(r *image.File) error {
 	objs := p.objs()
 	o, ok := objs[r.ID]
-	if !ok {
+	if !ok && r.Kind == image.FileSysV {
+		var err error
+		if o, err = p.makeSysV(r); err != nil {
+			return err
+		}
+		objs[r.ID] = o
+	} else if !ok {
 		f, err := makeObject(r)
 		if err != nil {
 			return fmt.Errorf("file %s: %w", r.Name, err)
@@ -49,7 +60,9 @@ func (p *Process) addFile(r *image.File) error {
 	if r.Off < o.next || r.Off+int64(len(r.Data)) > o.img.Size {
 		return fmt.Errorf("%w: file %#x: data at %d+%d", image.ErrCorrupt, r.ID, r.Off, len(r.Data))
 	}
-	if _, err := o.f.WriteAt(r.Data, r.Off); err != nil {
+	if o.img.Kind == image.FileSysV {
+		o.writeSysV(r.Off, r.Data)
+	} else if _, err := o.f.WriteAt(r.Data, r.Off); err != nil {
 		return fmt.Errorf("file %s: %w", o.img.Name, err)
 	}
 	o.next = r.Off + int64(len(r.Data))
@@ -104,7 +117,7 @@ func (p *Process) sealFiles() error {
 // has no such File.
 func (p *Process) objectPath(id uint64) string {
 	o, ok := p.objs()[id]
-	if !ok {
+	if !ok || o.f == nil {
 		return ""
 	}
 	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), o.f.Fd())
@@ -133,6 +146,10 @@ func (p *Process) closeObjects() {
 
 func closeAllObjects(objs map[uint64]*object) {
 	for _, o := range objs {
-		o.f.Close()
+		if o.f != nil {
+			o.f.Close()
+		} else {
+			o.closeSysV()
+		}
 	}
 }

@@ -42,6 +42,7 @@ func (p *Process) Start() error {
 	}
 	for _, m := range members {
 		m.done = true
+		m.createdShm = nil // the process's now
 		if !m.zombie {
 			m.mem.Close()
 		}

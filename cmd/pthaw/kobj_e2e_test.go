@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 )
 
@@ -368,4 +370,52 @@ func TestMemfdTree(t *testing.T) {
 			t.Fatalf("the restored child's count in the shared memfd stays at %d (map) / %d (fd), first %d", byMap, byFd, first)
 		}
 	}
+}
+
+// removeShmAtCleanup removes System V segment id when the test ends.
+func removeShmAtCleanup(t *testing.T, id int) {
+	t.Cleanup(func() { unix.SysvShmCtl(id, unix.IPC_RMID, nil) })
+}
+
+// TestSysVShm moves a process attached to two System V segments (fixture
+// sysvshm): A, marked for removal, is gone once the original is killed
+// and is made again under its id; B, which outlives it, is attached as
+// it is. After the thaw both answer IPC_STAT under their ids with their
+// attachments (nattch), contents and modes, A's two attachments share
+// pages, and B's unmapped middle page stays unmapped. Frozen again and B
+// removed meanwhile, B is made again under its id and key too.
+func TestSysVShm(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "sysvshm"))
+	m := p.Lines.Expect(t, `^ready A (\d+) B (\d+)$`, waitFor)
+	a, b := atoi(t, m[1]), atoi(t, m[2])
+	removeShmAtCleanup(t, a)
+	removeShmAtCleanup(t, b)
+	key := fmt.Sprintf("%x", 0x5c000000|p.Pid())
+	desc := debugOf(t, p.Pid())
+	for _, want := range []string{
+		fmt.Sprintf(`sysv "SYSV00000000" size 8192 mode 0600 seals 0x0 key 0x0 shmid %d uid 0 gid 0 removed true`, a),
+		fmt.Sprintf(`sysv "SYSV%s" size 12288 mode 0640 seals 0x0 key 0x%s shmid %d uid 0 gid 0 removed false`, key, key, b),
+	} {
+		if !strings.Contains(desc, want) {
+			t.Errorf("pfreeze -debug does not say %s:\n%s", want, desc)
+		}
+	}
+	check := func(th *thawed) {
+		t.Helper()
+		fmt.Fprintln(th.stdin, "check")
+		th.out.Expect(t, `^A stat=ok nattch=2 mode=600 a1=segment A a2=segment A shared=yes$`, waitFor)
+		th.out.Expect(t, `^B stat=ok key=`+key+` nattch=2 mode=640 head=segment B tail=tail hole=unmapped$`, waitFor)
+	}
+	th := migrate(t, p)
+	pid := th.restoredPid(t)
+	check(th)
+
+	snap := filepath.Join(t.TempDir(), "snap2")
+	freeze(t, "-pid", strconv.Itoa(pid), "-halt", "-dest", snap)
+	th.exit(t)
+	if _, err := unix.SysvShmCtl(b, unix.IPC_RMID, nil); err != nil {
+		t.Fatalf("remove segment B %d: %v", b, err)
+	}
+	check(thaw(t, "-src", snap))
 }

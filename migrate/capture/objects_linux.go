@@ -7,6 +7,7 @@ import (
 	"hash/fnv"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -29,6 +30,9 @@ import (
 func fileObject(link string, st *syscall.Stat_t) (kind image.FileKind, name string, id uint64, ok bool, err error) {
 	deleted := strings.HasSuffix(link, " (deleted)")
 	switch {
+	case strings.HasPrefix(link, "/SYSV"):
+		// A System V segment: its inode number is its id.
+		kind, name = image.FileSysV, strings.TrimSuffix(strings.TrimPrefix(link, "/"), " (deleted)")
 	case strings.HasPrefix(link, "/memfd:"):
 		kind, name = image.FileMemfd, strings.TrimSuffix(strings.TrimPrefix(link, "/memfd:"), " (deleted)")
 		var fs unix.Statfs_t
@@ -92,7 +96,11 @@ func fileRecords(pid int, vmas []image.VMA, fds []image.FD, saved map[uint64]boo
 	var out []image.File
 	for _, id := range order {
 		o := objs[id]
-		recs, err := readFileObject(id, o.kind, o.name, o.src)
+		read := readFileObject
+		if o.kind == image.FileSysV {
+			read = readSysV
+		}
+		recs, err := read(id, o.kind, o.name, o.src)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", o.src, err)
 		}
@@ -147,3 +155,69 @@ func readFileObject(id uint64, kind image.FileKind, name, src string) ([]image.F
 	}
 	return out, nil
 }
+
+// readSysV reads the System V segment an area maps (src, its map_files
+// link, whose inode number is the segment's id) into File records: its
+// key, owner and mode from /proc/sysvipc/shm, its contents through an
+// attachment of our own, read-only.
+func readSysV(id uint64, kind image.FileKind, name, src string) ([]image.File, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(src, &st); err != nil {
+		return nil, err
+	}
+	shmid := int(st.Ino)
+	first := image.File{ID: id, Kind: kind, Name: name, ShmID: shmid}
+	b, err := os.ReadFile("/proc/sysvipc/shm")
+	if err != nil {
+		return nil, err
+	}
+	found := false
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		// key shmid perms size cpid lpid nattch uid gid ...
+		f := strings.Fields(line)
+		if len(f) < 9 || f[1] != strconv.Itoa(shmid) {
+			continue
+		}
+		key, err1 := strconv.ParseInt(f[0], 10, 32)
+		perms, err2 := strconv.ParseUint(f[2], 8, 32)
+		size, err3 := strconv.ParseInt(f[3], 10, 64)
+		uid, err4 := strconv.ParseUint(f[7], 10, 32)
+		gid, err5 := strconv.ParseUint(f[8], 10, 32)
+		if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+			return nil, fmt.Errorf("/proc/sysvipc/shm line %q: %w", line, err)
+		}
+		first.Key, first.Mode, first.Size = int32(key), uint32(perms)&0o777, size
+		first.Uid, first.Gid = uint32(uid), uint32(gid)
+		first.Removed = perms&shmDest != 0
+		found = true
+	}
+	if !found {
+		return nil, fmt.Errorf("segment %d not in /proc/sysvipc/shm", shmid)
+	}
+	if first.Size > image.MaxFileSize {
+		return nil, unsupported("%s of %d bytes", name, first.Size)
+	}
+	mem, err := unix.SysvShmAttach(shmid, 0, unix.SHM_RDONLY)
+	if err != nil {
+		return nil, fmt.Errorf("attach segment %d: %w", shmid, err)
+	}
+	defer unix.SysvShmDetach(mem)
+	out := []image.File{first}
+	zero := make([]byte, image.FileChunk)
+	for off := int64(0); off < first.Size; off += image.FileChunk {
+		chunk := mem[off:min(off+image.FileChunk, first.Size)]
+		if bytes.Equal(chunk, zero[:len(chunk)]) {
+			continue
+		}
+		buf := append([]byte(nil), chunk...)
+		if off == 0 {
+			out[0].Data = buf
+			continue
+		}
+		out = append(out, image.File{ID: id, Off: off, Data: buf})
+	}
+	return out, nil
+}
+
+// shmDest is SHM_DEST in a segment's mode: marked for removal.
+const shmDest = 0o1000

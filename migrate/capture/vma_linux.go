@@ -54,9 +54,7 @@ func describeVMAs(pid int, maps []procfs.Mapping, mem *ptrace.Mem) ([]image.VMA,
 			v.Kind = image.VMASharedAnon
 		case strings.HasPrefix(m.Path, "["):
 			return nil, unsupported("%s: special mapping", where)
-		case strings.HasPrefix(m.Path, "/SYSV"):
-			return nil, unsupported("%s: System V shared memory", where)
-		case strings.HasSuffix(m.Path, " (deleted)") || strings.HasPrefix(m.Path, "/memfd:"):
+		case strings.HasSuffix(m.Path, " (deleted)") || strings.HasPrefix(m.Path, "/memfd:") || strings.HasPrefix(m.Path, "/SYSV"):
 			var st syscall.Stat_t
 			mf := fmt.Sprintf("/proc/%d/map_files/%x-%x", pid, m.Start, m.End)
 			if err := syscall.Stat(mf, &st); err != nil {

@@ -432,7 +432,7 @@ func (c *checker) checkFile(f *File) error {
 	}
 	next, seen := c.files[f.ID]
 	if !seen {
-		if (f.Kind != FileMemfd && f.Kind != FileDeleted) || f.Name == "" || f.Size < 0 || f.Size > MaxFileSize || len(c.files) >= MaxFiles {
+		if (f.Kind != FileMemfd && f.Kind != FileDeleted && f.Kind != FileSysV) || (f.Kind == FileSysV && f.ShmID < 0) || f.Name == "" || f.Size < 0 || f.Size > MaxFileSize || len(c.files) >= MaxFiles {
 			return corruptf("file %#x (%q)", f.ID, f.Name)
 		}
 		c.files[f.ID] = 0

@@ -68,8 +68,12 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			saved = append(saved, 0)
 		case *File:
 			if r.Kind != 0 {
-				kind := map[FileKind]string{FileMemfd: "memfd", FileDeleted: "deleted"}[r.Kind]
-				fmt.Fprintf(w, "File object %#x: %s %q size %d mode %#o seals %#x\n", r.ID, kind, r.Name, r.Size, r.Mode, r.Seals)
+				kind := map[FileKind]string{FileMemfd: "memfd", FileDeleted: "deleted", FileSysV: "sysv"}[r.Kind]
+				fmt.Fprintf(w, "File object %#x: %s %q size %d mode %#o seals %#x", r.ID, kind, r.Name, r.Size, r.Mode, r.Seals)
+				if r.Kind == FileSysV {
+					fmt.Fprintf(w, " key %#x shmid %d uid %d gid %d removed %v", uint32(r.Key), r.ShmID, r.Uid, r.Gid, r.Removed)
+				}
+				fmt.Fprintln(w)
 			}
 		case *FD:
 			fds = append(fds, r)

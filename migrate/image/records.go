@@ -261,6 +261,9 @@ const (
 	// FileDeleted is a regular file deleted while open or mapped, made
 	// again as an unnamed file (O_TMPFILE) in its directory.
 	FileDeleted FileKind = 2
+	// FileSysV is a System V shared memory segment, attached by areas
+	// only; it keeps its key and id.
+	FileSysV FileKind = 3
 )
 
 // File is a file that only its holders can reach (a memfd, a deleted
@@ -272,12 +275,19 @@ const (
 type File struct {
 	ID    uint64   `msgpack:"id"`
 	Kind  FileKind `msgpack:"kind,omitempty"`
-	Name  string   `msgpack:"name,omitempty"`  // memfd name, or the deleted file's path
+	Name  string   `msgpack:"name,omitempty"`  // memfd name, the deleted file's path, SYSV<key>
 	Size  int64    `msgpack:"size,omitempty"`  // length
 	Mode  uint32   `msgpack:"mode,omitempty"`  // st_mode
 	Seals int      `msgpack:"seals,omitempty"` // F_SEAL_* of a memfd
-	Off   int64    `msgpack:"off"`
-	Data  []byte   `msgpack:"data,omitempty"`
+	// A System V segment's key, id, owner, and whether it was marked for
+	// removal (IPC_RMID: it goes when its last attachment does).
+	Key     int32  `msgpack:"key,omitempty"`
+	ShmID   int    `msgpack:"shmid,omitempty"`
+	Uid     uint32 `msgpack:"uid,omitempty"`
+	Gid     uint32 `msgpack:"gid,omitempty"`
+	Removed bool   `msgpack:"removed,omitempty"`
+	Off     int64  `msgpack:"off"`
+	Data    []byte `msgpack:"data,omitempty"`
 }
 
 // FileChunk bounds the data of one File record.
