@@ -40,6 +40,8 @@ func (p *Process) openAnon(f *image.FD) (uintptr, error) {
 		return p.openTimerfd(f, nonblock, scratch)
 	case image.FDInotify:
 		return p.openInotify(f, nonblock, scratch)
+	case image.FDFanotify:
+		return p.openFanotify(f, nonblock)
 	}
 	return 0, fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 }
@@ -172,3 +174,52 @@ func baseClock(c int) int32 {
 	}
 	return int32(c)
 }
+
+// openFanotify makes a fanotify group with f's flags and marks: an inode
+// mark on the inode's path, a mount or filesystem mark on a path of it;
+// the ignore mask as its own mark, as fanotify_mark takes it. Events
+// queued when frozen are not carried. Runs on the tracer thread.
+func (p *Process) openFanotify(f *image.FD, nonblock uintptr) (uintptr, error) {
+	fa := f.Fanotify
+	flags := uintptr(fa.Flags&^(unix.FAN_CLOEXEC|unix.FAN_NONBLOCK)) | unix.FAN_CLOEXEC
+	if nonblock != 0 {
+		flags |= unix.FAN_NONBLOCK
+	}
+	fd, err := p.call(unix.SYS_FANOTIFY_INIT, flags, uintptr(fa.EventFlags))
+	if err != nil {
+		return 0, fmt.Errorf("fd %d: fanotify_init flags %#x: %w", f.Fd, fa.Flags, err)
+	}
+	for _, m := range fa.Marks {
+		path, err := p.putString(m.Path)
+		if err != nil {
+			return 0, err
+		}
+		kind := uintptr([]int{0, unix.FAN_MARK_MOUNT, unix.FAN_MARK_FILESYSTEM}[m.Kind])
+		keep := uintptr(m.Flags & unix.FAN_MARK_EVICTABLE)
+		add := func(extra uintptr, mask uint64) error {
+			_, err := p.call(unix.SYS_FANOTIFY_MARK, fd, unix.FAN_MARK_ADD|kind|keep|extra, uintptr(mask), atFdcwd, path)
+			if err != nil {
+				return fmt.Errorf("fd %d: fanotify mark of %s (mask %#x): %w", f.Fd, m.Path, mask, err)
+			}
+			return nil
+		}
+		if m.Mask != 0 {
+			if err := add(0, m.Mask); err != nil {
+				return 0, err
+			}
+		}
+		if m.Ignored != 0 {
+			ignore := uintptr(unix.FAN_MARK_IGNORED_MASK)
+			if m.Flags&unix.FAN_MARK_IGNORE != 0 {
+				ignore = unix.FAN_MARK_IGNORE
+			}
+			if err := add(ignore|uintptr(m.Flags&unix.FAN_MARK_IGNORED_SURV_MODIFY), m.Ignored); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return fd, nil
+}
+
+// atFdcwd is AT_FDCWD as a system call argument.
+var atFdcwd = func() uintptr { v := int64(unix.AT_FDCWD); return uintptr(v) }()

@@ -133,7 +133,7 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
-	case image.FDTimerfd, image.FDSignalfd, image.FDInotify:
+	case image.FDTimerfd, image.FDSignalfd, image.FDInotify, image.FDFanotify:
 		if tmp, err = p.openAnon(f); err != nil {
 			return err
 		}

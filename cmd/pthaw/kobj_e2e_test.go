@@ -419,3 +419,34 @@ func TestSysVShm(t *testing.T) {
 	}
 	check(thaw(t, "-src", snap))
 }
+
+// TestFanotify moves a process with a fanotify group (fixture fanotify):
+// after the thaw its inode mark still reports FAN_MODIFY and its mount
+// mark FAN_CLOSE_WRITE for a file written then, and its ignore mark
+// still silences the other file.
+func TestFanotify(t *testing.T) {
+	needRoot(t)
+	dir := t.TempDir()
+	p := fixture.Start(t, fixture.Build(t, "fanotify"), dir)
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	desc := debugOf(t, p.Pid())
+	for _, want := range []string{
+		`fanotify "anon_inode:\[fanotify\]" .* flags 0x3 event-flags 0x8000 `,
+		`fanotify .*\[inode ` + regexp.QuoteMeta(dir+"/f") + ` mask 0x2 ignored 0x0 flags 0x0\]`,
+		`fanotify .*\[mount \S+ mask 0x8 ignored 0x0 flags 0x0\]`,
+		`fanotify .*\[inode ` + regexp.QuoteMeta(dir+"/quiet") + ` mask 0x0 ignored 0x8 flags 0x40\]`,
+	} {
+		if !regexp.MustCompile(want).MatchString(desc) {
+			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
+		}
+	}
+	th := migrate(t, p)
+	th.restoredPid(t)
+	for _, name := range []string{"f", "quiet"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^f mask=a quiet mask=0$`, waitFor)
+}

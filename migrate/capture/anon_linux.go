@@ -23,6 +23,7 @@ var anonKinds = map[string]image.FDKind{
 	"anon_inode:[timerfd]":  image.FDTimerfd,
 	"anon_inode:[signalfd]": image.FDSignalfd,
 	"anon_inode:inotify":    image.FDInotify,
+	"anon_inode:[fanotify]": image.FDFanotify,
 }
 
 // describeAnon fills fd, of an anonymous inode of kind, from fi.
@@ -43,6 +44,12 @@ func describeAnon(fd *image.FD, kind image.FDKind, fi procfs.FDInfo) error {
 			}
 		}
 		return fmt.Errorf("signalfd: no sigmask in fdinfo")
+	case image.FDFanotify:
+		fa, err := parseFanotify(fi.Extra)
+		if err != nil {
+			return err
+		}
+		fd.Fanotify = fa
 	case image.FDInotify:
 		for _, line := range fi.Extra {
 			if !strings.HasPrefix(line, "inotify ") {
@@ -138,6 +145,92 @@ func parseWatch(line string) (image.InotifyWatch, error) {
 	}
 	w.Path = path
 	return w, nil
+}
+
+// parseFanotify reads a fanotify group's fdinfo lines:
+//
+//	fanotify flags:3 event-flags:8000
+//	fanotify ino:263 sdev:fe00000 mflags:40 mask:0 ignored_mask:2 fhandle-bytes:8 fhandle-type:1 f_handle:6302000000000000
+//	fanotify mnt_id:1b mflags:0 mask:8 ignored_mask:0
+//	fanotify sdev:fe00000 mflags:0 mask:8 ignored_mask:0
+func parseFanotify(lines []string) (*image.Fanotify, error) {
+	var fa *image.Fanotify
+	for _, line := range lines {
+		if !strings.HasPrefix(line, "fanotify ") {
+			continue
+		}
+		kv := map[string]string{}
+		for _, f := range strings.Fields(line)[1:] {
+			k, v, _ := strings.Cut(f, ":")
+			kv[k] = v
+		}
+		hex := func(k string) uint64 {
+			n, err := strconv.ParseUint(kv[k], 16, 64)
+			if err != nil && kv[k] != "" {
+				return 1 << 63 // malformed: refused below
+			}
+			return n
+		}
+		if _, ok := kv["event-flags"]; ok {
+			fa = &image.Fanotify{Flags: uint32(hex("flags")), EventFlags: uint32(hex("event-flags"))}
+			continue
+		}
+		if fa == nil {
+			return nil, fmt.Errorf("fanotify: mark before the group's flags: %q", line)
+		}
+		m := image.FanotifyMark{Flags: uint32(hex("mflags")), Mask: hex("mask"), Ignored: hex("ignored_mask")}
+		if m.Mask|m.Ignored|uint64(m.Flags) >= 1<<63 {
+			return nil, fmt.Errorf("fanotify: fdinfo line %q", line)
+		}
+		sdev := hex("sdev")
+		var err error
+		switch {
+		case kv["ino"] != "":
+			m.Kind = image.FanMarkInode
+			typ, err1 := strconv.ParseInt(kv["fhandle-type"], 16, 32)
+			handle, err2 := hexBytes(kv["f_handle"])
+			if err1 != nil || err2 != nil {
+				return nil, fmt.Errorf("fanotify: fdinfo line %q", line)
+			}
+			if m.Path, err = handlePath(uint32(sdev>>20), uint32(sdev&0xfffff), int32(typ), handle); err != nil {
+				return nil, unsupported("fanotify mark of inode %s: %v", kv["ino"], err)
+			}
+		case kv["mnt_id"] != "":
+			m.Kind = image.FanMarkMount
+			if m.Path, err = mountByID(hex("mnt_id")); err != nil {
+				return nil, unsupported("fanotify mark of mount %s: %v", kv["mnt_id"], err)
+			}
+		default:
+			m.Kind = image.FanMarkFilesystem
+			if m.Path, err = mountOf(uint32(sdev>>20), uint32(sdev&0xfffff)); err != nil {
+				return nil, unsupported("fanotify mark of filesystem %s: %v", kv["sdev"], err)
+			}
+		}
+		fa.Marks = append(fa.Marks, m)
+	}
+	if fa == nil {
+		return nil, fmt.Errorf("fanotify: no flags in fdinfo")
+	}
+	return fa, nil
+}
+
+// hexBytes decodes a hex string.
+func hexBytes(s string) ([]byte, error) { return hex.DecodeString(s) }
+
+// mountByID returns the mount point of the mount with id (mountinfo's
+// first field), as our mount namespace sees it.
+func mountByID(id uint64) (string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	want := strconv.FormatUint(id, 10)
+	for _, line := range strings.Split(string(b), "\n") {
+		if fs := strings.Fields(line); len(fs) > 4 && fs[0] == want {
+			return unescapeMount(fs[4]), nil
+		}
+	}
+	return "", fmt.Errorf("no mount %d", id)
 }
 
 // handlePath returns the path of the inode a file handle names on the

@@ -388,6 +388,15 @@ func CheckFD(f *FD) error {
 				return corruptf("fd %d: inotify watch %d", f.Fd, w.Wd)
 			}
 		}
+	case FDFanotify:
+		if f.Fanotify == nil || len(f.Fanotify.Marks) > MaxWatches {
+			return corruptf("fd %d: fanotify state", f.Fd)
+		}
+		for _, m := range f.Fanotify.Marks {
+			if m.Path == "" || m.Kind < FanMarkInode || m.Kind > FanMarkFilesystem {
+				return corruptf("fd %d: fanotify mark %q", f.Fd, m.Path)
+			}
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {

@@ -170,7 +170,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
 		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen",
-			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify"}[f.Kind]
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -192,6 +192,12 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		if f.Kind == FDSignalfd {
 			fmt.Fprintf(w, " sigmask %#x", f.SigMask)
+		}
+		if fa := f.Fanotify; fa != nil {
+			fmt.Fprintf(w, " flags %#x event-flags %#x", fa.Flags, fa.EventFlags)
+			for _, m := range fa.Marks {
+				fmt.Fprintf(w, " [%s %s mask %#x ignored %#x flags %#x]", []string{"inode", "mount", "filesystem"}[m.Kind], m.Path, m.Mask, m.Ignored, m.Flags)
+			}
 		}
 		for _, iw := range f.Watches {
 			fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)

@@ -341,7 +341,33 @@ const (
 	// FDInotify is an inotify instance, its watches re-added by path with
 	// their masks and descriptors; events queued when frozen are dropped.
 	FDInotify FDKind = 18
+	// FDFanotify is a fanotify group, its marks re-added by path (inode
+	// marks), mount or filesystem; queued events are dropped.
+	FDFanotify FDKind = 19
 )
+
+// Fanotify is the state of a fanotify group (/proc/PID/fdinfo).
+type Fanotify struct {
+	Flags      uint32         `msgpack:"flags"`       // fanotify_init flags (FAN_CLASS_*, FAN_REPORT_*...)
+	EventFlags uint32         `msgpack:"event_flags"` // fanotify_init event_f_flags
+	Marks      []FanotifyMark `msgpack:"marks,omitempty"`
+}
+
+// FanotifyMark kinds: what a mark's Path names.
+const (
+	FanMarkInode      = 0
+	FanMarkMount      = 1
+	FanMarkFilesystem = 2
+)
+
+// FanotifyMark is one mark of a fanotify group.
+type FanotifyMark struct {
+	Kind    int    `msgpack:"kind"`  // FanMarkInode, FanMarkMount, FanMarkFilesystem
+	Path    string `msgpack:"path"`  // the inode, or a path on the mount or filesystem
+	Flags   uint32 `msgpack:"flags"` // FAN_MARK_* the kernel reports (IGNORED_SURV_MODIFY, EVICTABLE...)
+	Mask    uint64 `msgpack:"mask"`
+	Ignored uint64 `msgpack:"ignored"`
+}
 
 // Timerfd is the state of a timerfd (/proc/PID/fdinfo).
 type Timerfd struct {
@@ -411,9 +437,10 @@ type FD struct {
 	// (a memfd, a deleted file).
 	Object uint64 `msgpack:"object,omitempty"`
 
-	Timer   *Timerfd       `msgpack:"timerfd,omitempty"` // FDTimerfd
-	SigMask uint64         `msgpack:"sigmask,omitempty"` // FDSignalfd
-	Watches []InotifyWatch `msgpack:"watches,omitempty"` // FDInotify
+	Timer    *Timerfd       `msgpack:"timerfd,omitempty"`  // FDTimerfd
+	SigMask  uint64         `msgpack:"sigmask,omitempty"`  // FDSignalfd
+	Watches  []InotifyWatch `msgpack:"watches,omitempty"`  // FDInotify
+	Fanotify *Fanotify      `msgpack:"fanotify,omitempty"` // FDFanotify
 }
 
 // Tree opens the snapshot of a process tree (pfreeze -tree). It lists the
