@@ -157,9 +157,10 @@ func TestAnonFDs(t *testing.T) {
 			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
 		}
 	}
-	frozen := time.Now()
 	snap := haltToFile(t, p)
-	time.Sleep(1500*time.Millisecond - time.Since(frozen))
+	// The timers were read during the freeze, before this: 1.5 s from
+	// now is at least 1.5 s after that.
+	time.Sleep(1500 * time.Millisecond)
 	th := thaw(t, "-src", snap)
 	th.restoredPid(t)
 	if err := os.WriteFile(filepath.Join(dir, "new"), nil, 0o600); err != nil {
@@ -203,9 +204,10 @@ func TestPosixTimers(t *testing.T) {
 			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
 		}
 	}
-	frozen := time.Now()
 	snap := haltToFile(t, p)
-	time.Sleep(1500*time.Millisecond - time.Since(frozen))
+	// The timers were read during the freeze, before this: 1.5 s from
+	// now is at least 1.5 s after that.
+	time.Sleep(1500 * time.Millisecond)
 	th := thaw(t, "-src", snap)
 	th.restoredPid(t)
 	fmt.Fprintln(th.stdin, "check")
