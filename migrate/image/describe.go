@@ -31,7 +31,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		saved  []uint64
 		fds    []*FD
 		p      *Process
-		ths    []*Thread
+		// objects describe the File records of the process being read.
+		objects []string
+		ths     []*Thread
 	)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
@@ -57,7 +59,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			// A tree holds one process after another: describe each.
 			if p != nil {
 				describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
-				vmas, hashes, saved, fds, ths = nil, nil, nil, nil, nil
+				describeObjects(w, objects)
+				vmas, hashes, saved, fds, ths, objects = nil, nil, nil, nil, nil, nil
 			}
 			p = r
 		case *Thread:
@@ -69,11 +72,11 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		case *File:
 			if r.Kind != 0 {
 				kind := map[FileKind]string{FileMemfd: "memfd", FileDeleted: "deleted", FileSysV: "sysv"}[r.Kind]
-				fmt.Fprintf(w, "File object %#x: %s %q size %d mode %#o seals %#x", r.ID, kind, r.Name, r.Size, r.Mode, r.Seals)
+				line := fmt.Sprintf("File object %#x: %s %q size %d mode %#o seals %#x", r.ID, kind, r.Name, r.Size, r.Mode, r.Seals)
 				if r.Kind == FileSysV {
-					fmt.Fprintf(w, " key %#x shmid %d uid %d gid %d removed %v", uint32(r.Key), r.ShmID, r.Uid, r.Gid, r.Removed)
+					line += fmt.Sprintf(" key %#x shmid %d uid %d gid %d removed %v", uint32(r.Key), r.ShmID, r.Uid, r.Gid, r.Removed)
 				}
-				fmt.Fprintln(w)
+				objects = append(objects, line)
 			}
 		case *FD:
 			fds = append(fds, r)
@@ -111,7 +114,16 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		return fmt.Errorf("%w: no process record", ErrCorrupt)
 	}
 	describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
+	describeObjects(w, objects)
 	return nil
+}
+
+// describeObjects prints the files without a path a process's records
+// brought (File records), after its open files.
+func describeObjects(w io.Writer, objects []string) {
+	for _, o := range objects {
+		fmt.Fprintln(w, o)
+	}
 }
 
 func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []hash.Hash, saved []uint64, fds []*FD, regNames []string) {
