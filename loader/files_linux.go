@@ -286,6 +286,12 @@ func (p *Process) moveFd(f *image.FD, tmp uintptr) error {
 func (p *Process) watch(f *image.FD, have map[int]bool) error {
 	scratch := p.base + stubScratchOff
 	for _, t := range f.Epoll {
+		if t.Via != nil {
+			if err := p.watchVia(f, t, have); err != nil {
+				return err
+			}
+			continue
+		}
 		if !have[t.Fd] {
 			return fmt.Errorf("%w: fd %d (epoll) watches fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, t.Fd)
 		}

@@ -452,3 +452,29 @@ func TestFanotify(t *testing.T) {
 	fmt.Fprintln(th.stdin, "check")
 	th.out.Expect(t, `^f mask=a quiet mask=0$`, waitFor)
 }
+
+// TestEpollClosedFd moves a process whose epoll instance watches two
+// eventfds under fd numbers closed since (one now taken by another file),
+// each still held by a dup (fixture epollclosed): after the thaw both
+// still report through the instance, with their data.
+func TestEpollClosedFd(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "epollclosed"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	desc := debugOf(t, p.Pid())
+	for _, want := range []string{`epoll .*\[fd 4 \(now fd 5\) events 0x19 data 0x2c\]`, `epoll .*\[fd 6 \(now fd 7\) events 0x19 data 0x42\]`} {
+		if !regexp.MustCompile(want).MatchString(desc) {
+			t.Errorf("pfreeze -debug does not match %s:\n%s", want, desc)
+		}
+	}
+	th := migrate(t, p)
+	pid := th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^events 44 66$`, waitFor)
+	if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/4", pid)); l != "/dev/null" {
+		t.Errorf("restored fd 4 is %q, want /dev/null", l)
+	}
+	if _, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/6", pid)); err == nil {
+		t.Errorf("restored fd 6 is open, want it closed as it was")
+	}
+}

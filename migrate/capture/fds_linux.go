@@ -117,17 +117,10 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 		}
 		out = append(out, fd)
 	}
-	// An epoll instance watches fds by number: they must all be here.
-	have := map[int]bool{}
-	for _, f := range out {
-		have[f.Fd] = true
-	}
-	for _, f := range out {
-		for _, t := range f.Epoll {
-			if !have[t.Fd] {
-				return nil, unsupported("fd %d (epoll) watches fd %d, which is closed or was replaced", f.Fd, t.Fd)
-			}
-		}
+	// An epoll instance watches files by the fd number they were added
+	// under: each must still be at that number or at another one.
+	if err := findEpollTargets(pid, out); err != nil {
+		return nil, err
 	}
 	// fds that share one open file description (dup, fork) must share it
 	// again: they share the offset and status flags.

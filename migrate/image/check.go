@@ -157,6 +157,10 @@ func (c *checker) check(rec any) error {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
 		}
 		for _, t := range r.Epoll {
+			if t.Via != nil {
+				c.fdRefs = append(c.fdRefs, fdRef{r.Fd, *t.Via, "(epoll) watches the file of fd"})
+				continue
+			}
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, t.Fd, "(epoll) watches fd"})
 		}
 		return nil

@@ -215,6 +215,10 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
 		}
 		for _, t := range f.Epoll {
+			if t.Via != nil {
+				fmt.Fprintf(w, " [fd %d (now fd %d) events %#x data %#x]", t.Fd, *t.Via, t.Events, t.Data)
+				continue
+			}
 			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)
 		}
 		fmt.Fprintln(w)

@@ -403,6 +403,10 @@ type EpollTarget struct {
 	Fd     int    `msgpack:"fd"`
 	Events uint32 `msgpack:"events"`
 	Data   uint64 `msgpack:"data"`
+	// Via, when set, is the fd that holds the watched file now: the one
+	// at Fd was closed (or replaced) since it was added. It is added
+	// under Fd all the same, as the kernel keeps it.
+	Via *int `msgpack:"via,omitempty"`
 }
 
 // FD is one open file descriptor.
