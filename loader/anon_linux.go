@@ -74,11 +74,8 @@ func (p *Process) openTimerfd(f *image.FD, nonblock uintptr, scratch uint64) (ui
 		return 0, fmt.Errorf("fd %d: timerfd_create clock %d: %w", f.Fd, t.Clock, err)
 	}
 	ticks, value := timerfdNow(t, time.Now().UnixNano())
-	if value > 0 || t.IntervalNs > 0 {
+	if value > 0 { // armed (a one-shot timer that fell meanwhile is not)
 		flags := uintptr(0)
-		if value == 0 { // one more tick due now: let it fall at once
-			value = 1
-		}
 		if t.SetFlags&unix.TFD_TIMER_ABSTIME != 0 {
 			// Absolute on the clock it was set on (a CANCEL_ON_SET timer
 			// must be): now on that clock plus the time left.
