@@ -88,7 +88,10 @@ func (p *Process) mapMemory() error {
 				flags |= unix.MAP_PRIVATE
 				if v.Shared {
 					flags = flags&^unix.MAP_PRIVATE | unix.MAP_SHARED
-					if v.Prot&unix.PROT_WRITE != 0 {
+					// "mw" (VM_MAYWRITE): the file was opened for
+					// writing, so a later mprotect(PROT_WRITE) of a
+					// read-only area succeeds (zdtm's maps_file_prot).
+					if v.Prot&unix.PROT_WRITE != 0 || hasVmFlag(v.VmFlags, "mw") {
 						mode = unix.O_RDWR
 					}
 				}

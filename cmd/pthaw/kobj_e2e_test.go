@@ -478,3 +478,21 @@ func TestEpollClosedFd(t *testing.T) {
 		t.Errorf("restored fd 6 is open, want it closed as it was")
 	}
 }
+
+// TestMapFileProt moves a process with a shared file mapping that is
+// read-only but was mapped from a read-write fd (fixture mapprot, zdtm's
+// maps_file_prot): after the thaw it can still be made writable, and
+// what it writes reaches the file.
+func TestMapFileProt(t *testing.T) {
+	needRoot(t)
+	file := filepath.Join(t.TempDir(), "mapped")
+	p := fixture.Start(t, fixture.Build(t, "mapprot"), file)
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	th := migrate(t, p)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "write")
+	th.out.Expect(t, `^mprotect=ok$`, waitFor)
+	if b, err := os.ReadFile(file); err != nil || !strings.HasPrefix(string(b), "written\x00") {
+		t.Errorf("file holds %.16q (%v), want \"written\" from the restored mapping", b, err)
+	}
+}
