@@ -286,6 +286,9 @@ meta:
 	if err := checkCreds(p.proc); err != nil {
 		return nil, err
 	}
+	if err := checkThreadCreds(p.proc, p.threads); err != nil {
+		return nil, err
+	}
 	if err := p.checkFiles(); err != nil {
 		return nil, err
 	}

@@ -216,7 +216,7 @@ func (p *Process) finish() error {
 		if err := p.setCreds(tk, borrow); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
-		if pr.Creds.NoNewPrivs {
+		if p.credsOf(tk).NoNewPrivs {
 			if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 				return fmt.Errorf("thread %d: no_new_privs: %w", tk.in.Tid, err)
 			}

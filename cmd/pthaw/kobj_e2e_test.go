@@ -496,3 +496,33 @@ func TestMapFileProt(t *testing.T) {
 		t.Errorf("file holds %.16q (%v), want \"written\" from the restored mapping", b, err)
 	}
 }
+
+// TestThreadCredentials moves a process whose second thread has its own
+// credentials (fixture threadcreds: uid and gid 1000 in that thread
+// alone): after the thaw each thread has its own ids again.
+func TestThreadCredentials(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "threadcreds"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if desc := debugOf(t, p.Pid()); !strings.Contains(desc, "credentials of its own: uid [1000 1000 1000 1000] gid [1000 1000 1000 1000]") {
+		t.Errorf("pfreeze -debug does not show the thread's own credentials:\n%s", desc)
+	}
+	th := migrate(t, p)
+	pid := th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^main uid=0,0 gid=0,0$`, waitFor)
+	th.out.Expect(t, `^thread uid=1000,1000 gid=1000,1000$`, waitFor)
+	tasks, err := fixture.Tasks(pid)
+	if err != nil || len(tasks) != 2 {
+		t.Fatalf("restored process has tasks %v (%v), want 2", tasks, err)
+	}
+	for _, tid := range tasks {
+		want := "0\t0\t0\t0"
+		if tid != pid {
+			want = "1000\t1000\t1000\t1000"
+		}
+		if got := statusField(t, pid, tid, "Uid"); got != want {
+			t.Errorf("thread %d: Uid %q, want %q", tid, got, want)
+		}
+	}
+}

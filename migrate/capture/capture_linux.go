@@ -486,15 +486,14 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if err != nil {
 		return nil, err
 	}
-	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"} {
-		if tst[k] != st[k] {
-			return nil, unsupported("%s differs between threads (%q, main thread %q)", k, tst[k], st[k])
-		}
+	own, err := threadCreds(st, tst)
+	if err != nil {
+		return nil, err
 	}
 	if tst["Seccomp"] == "1" {
 		return nil, unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
-	t := &image.Thread{Tid: tid}
+	t := &image.Thread{Tid: tid, Creds: own}
 	if f.inner {
 		if t.Tid, err = innermost(tst, "NSpid"); err != nil {
 			return nil, err
@@ -659,6 +658,14 @@ func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
 	}
 	t.TidAddress = le64(b)
+	if t.Creds != nil {
+		// Securebits are per thread too.
+		sb, _, err := f.call(th, 0, unix.SYS_PRCTL, unix.PR_GET_SECUREBITS)
+		if err != nil {
+			return fmt.Errorf("prctl(PR_GET_SECUREBITS): %w", err)
+		}
+		t.Creds.Securebits = uint32(sb)
+	}
 	return nil
 }
 

@@ -314,6 +314,9 @@ func CheckProcess(pr *Process, threads []*Thread) error {
 		if err := checkSeccomp(t.Seccomp); err != nil {
 			return fmt.Errorf("thread %d: %w", t.Tid, err)
 		}
+		if t.Creds != nil && len(t.Creds.Groups) > MaxGroups {
+			return corruptf("thread %d record out of bounds", t.Tid)
+		}
 		if len(t.Pending) > MaxPending || len(t.XState) > 1<<16 {
 			return corruptf("thread %d record out of bounds", t.Tid)
 		}

@@ -155,6 +155,9 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		fmt.Fprintf(w, "  xstate %d bytes sha256 %x, sigmask %#x, rseq %#x/%d, tid_address %#x, robust_list %#x\n",
 			len(t.XState), sha256.Sum256(t.XState), t.Sigmask, t.RseqAddr, t.RseqLen, t.TidAddress, t.RobustList)
 		describeSeccomp(w, "  ", t.Seccomp)
+		if c := t.Creds; c != nil {
+			fmt.Fprintf(w, "  credentials of its own: uid %v gid %v groups %v cap_eff %#x cap_prm %#x no_new_privs %v\n", c.Uid, c.Gid, c.Groups, c.CapEff, c.CapPrm, c.NoNewPrivs)
+		}
 	}
 	fmt.Fprintln(w, "Memory:")
 	for i, v := range vmas {

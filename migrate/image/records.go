@@ -190,6 +190,10 @@ type Thread struct {
 	// Seccomp holds the filters of this thread beyond the process's
 	// shared ones (Process.Seccomp), oldest first.
 	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
+	// Creds, when set, are this thread's own credentials, which differ
+	// from the process's (a thread that changed its ids by a raw
+	// setresuid: credentials are per thread in the kernel).
+	Creds *Creds `msgpack:"creds,omitempty"`
 }
 
 // VMAKind says how a memory area is rebuilt.
