@@ -9,11 +9,12 @@ GOFLAGS   ?=
 # Debian packages the tests and benchmarks run: compilers for the target
 # programs, python3, iproute2 (network namespaces), util-linux (nsenter,
 # setpriv), libcap2-bin (setcap), time (peak RSS in benchmarks),
-# redis-tools (a real server the tests move: redis-check-rdb is redis-server).
-DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools
+# redis-tools (a real server the tests move: redis-check-rdb is redis-server),
+# lintian and systemd (systemd-analyze): the Debian package's test.
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools lintian systemd
 export GOFLAGS
 
-.PHONY: all build deps test lint bench demo clean
+.PHONY: all build deps test lint bench demo deb clean
 
 all: build
 
@@ -24,7 +25,7 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb lintian systemd-analyze; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBS)"; \
@@ -47,8 +48,12 @@ test: deps build lint
 bench: deps build
 	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
 
+# deb writes pcluster_VERSION_amd64.deb here (docs/packaging.md).
+deb:
+	$(GO) run ./internal/debpkg/mkdeb -out .
+
 demo: deps build
 	./internal/demo/demo.sh
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) pcluster_*.deb

@@ -112,6 +112,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("POST "+api.PathWorkloads+"/{id}/stop", s.leaderWrite(s.handleStop))
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}/logs", s.handleLogs)
 	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
+	m.HandleFunc("GET "+api.PathIndex, s.leaderWrite(s.handleIndex))
 	s.migrationRoutes(m)
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
@@ -624,7 +625,7 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 		}
 	}
 	wl.DesiredNode, err = s.place(scheduler.PlacementRequest{Node: req.Node, Constraints: req.Constraints,
-		Resources: wl.Resources})
+		Resources: wl.Resources, VIP: wl.VIP != ""})
 	if err != nil {
 		return wl, fmt.Errorf("run: %w", err)
 	}
@@ -721,19 +722,58 @@ func (s *Server) applyReport(rep api.Report) (any, error) {
 	if rep.Kind == api.ReportExited {
 		signal = rep.Signal
 	}
-	if err := scheduler.CheckReport(rep.ID, rep.Node, signal, rep.PID); err != nil {
+	if err := scheduler.CheckReport(rep.ID, rep.Node, signal, rep.PID, rep.NSPID, rep.InitPID); err != nil {
 		return nil, fmt.Errorf("report: %w", err)
 	}
 	rep.Message = scheduler.CutMessage(rep.Message)
 	switch rep.Kind {
 	case api.ReportStarted:
 		return s.apply(scheduler.CmdWorkloadStarted, &scheduler.WorkloadStartedCmd{ID: rep.ID, Node: rep.Node,
-			Attempt: rep.Attempt, PID: rep.PID, StartTicks: rep.StartTicks, At: rep.At.UnixNano()})
+			Attempt: rep.Attempt, PID: rep.PID, StartTicks: rep.StartTicks, NSPID: rep.NSPID, InitPID: rep.InitPID, At: rep.At.UnixNano()})
+	case api.ReportLost:
+		return s.apply(scheduler.CmdWorkloadLost, &scheduler.WorkloadLostCmd{ID: rep.ID, Node: rep.Node,
+			Attempt: rep.Attempt, Message: rep.Message, At: rep.At.UnixNano()})
 	case api.ReportExited:
 		return s.apply(scheduler.CmdWorkloadExited, &scheduler.WorkloadExitedCmd{ID: rep.ID, Node: rep.Node,
 			Attempt: rep.Attempt, ExitCode: rep.ExitCode, Signal: rep.Signal, Message: rep.Message, At: rep.At.UnixNano()})
 	}
 	return nil, badRequest("report: unknown kind %q", rep.Kind)
+}
+
+func (s *Server) handleIndex(w http.ResponseWriter, r *http.Request) {
+	idx, err := s.barrierIndex()
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, api.Index{Index: idx})
+}
+
+// barrierIndex, on the leader, waits until every entry committed so far
+// is applied here and returns the state's index then.
+func (s *Server) barrierIndex() (uint64, error) {
+	if err := s.raft.Barrier(10 * time.Second).Error(); err != nil {
+		return 0, &httpError{http.StatusServiceUnavailable, fmt.Errorf("barrier: %w", err)}
+	}
+	var idx uint64
+	s.fsm.Read(func(st *scheduler.State) { idx = st.Index })
+	return idx, nil
+}
+
+// leaderIndex is the node agent's way to learn how far its replica must
+// come to be current (node.Config.Sync): the leader's applied index after
+// a barrier, from this node when it leads.
+func (s *Server) leaderIndex(ctx context.Context) (uint64, error) {
+	if s.IsLeader() {
+		return s.barrierIndex()
+	}
+	addr, err := s.leaderAPI()
+	if err != nil {
+		return 0, err
+	}
+	c := api.NewWithHTTP(addr, s.peerHTTP)
+	c.Wait = 0
+	return c.LeaderIndex(ctx)
 }
 
 // report is the node agent's way to send a report to the leader (toLeader).
@@ -828,6 +868,6 @@ func apiWorkload(w *scheduler.Workload) api.Workload {
 		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
 		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
-		PID: w.PID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
+		PID: w.PID, NSPID: w.NSPID, InitPID: w.InitPID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
 		StartedAt: unixTime(w.StartedAt), EndedAt: unixTime(w.EndedAt), ModifyIndex: w.ModifyIndex}
 }

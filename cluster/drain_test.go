@@ -70,7 +70,8 @@ func runCounters(t testing.TB, c *testCluster, nd *testNode, bin, name string, n
 }
 
 // checkMoved checks that each workload of ws runs on another node than
-// from, with its PID, exactly once (copies of bin are exactly their PIDs),
+// from, with its PID in its namespace, exactly once (copies of bin are
+// exactly their PIDs on the host, new ones),
 // and that its counter went on: the lines the source wrote, then the
 // target's, with no gap, no repeat and the same heap checksum.
 func checkMoved(t *testing.T, c *testCluster, via, from *testNode, bin string, ws []api.Workload) {
@@ -81,10 +82,11 @@ func checkMoved(t *testing.T, c *testCluster, via, from *testNode, bin string, w
 		if err != nil || got.State != "running" || got.Node == from.name {
 			t.Fatalf("workload %s: %s on %s (%v), want running on another node than %s", w.ID, got.State, got.Node, err, from.name)
 		}
-		if got.PID != w.PID {
-			t.Errorf("workload %s: pid %d after the drain, want %d", w.ID, got.PID, w.PID)
+		if got.NSPID != w.NSPID || got.PID == w.PID {
+			t.Errorf("workload %s: pid %d, %d in its namespace after the drain: want %d there, a new one on the host (was %d)",
+				w.ID, got.PID, got.NSPID, w.NSPID, w.PID)
 		}
-		pids = append(pids, w.PID)
+		pids = append(pids, got.PID)
 		b, err := os.ReadFile(filepath.Join(from.dataDir, "workloads", w.ID, "stdout.log"))
 		if err != nil {
 			t.Fatalf("the source's log: %v", err)
@@ -312,8 +314,8 @@ func TestDrainDeadlineForceDisable(t *testing.T) {
 	want := []int{}
 	if got.State == "running" {
 		want = []int{got.PID}
-		if got.PID != movable[0].PID {
-			t.Errorf("movable %s: pid %d, want %d", got.ID, got.PID, movable[0].PID)
+		if got.NSPID != movable[0].NSPID {
+			t.Errorf("movable %s: pid %d in its namespace, want %d", got.ID, got.NSPID, movable[0].NSPID)
 		}
 	}
 	c.waitFor(20*time.Second, "the stopped counters to exit", func() error {

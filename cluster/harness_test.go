@@ -20,6 +20,7 @@ import (
 
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/node"
 )
 
 // The tests here run the real pclusterd and pclusterctl binaries, built once
@@ -119,6 +120,9 @@ type testCluster struct {
 	ctlBin  string
 	daemon  string
 	nodes   map[string]*testNode
+	// wrap, if set, runs the daemons started from now on under this
+	// command line (such as setpriv dropping a capability).
+	wrap []string
 }
 
 type testNode struct {
@@ -131,6 +135,7 @@ type testNode struct {
 	dataDir string
 	logPath string
 	args    []string
+	wrap    []string // c.wrap when it was started
 	cmd     *exec.Cmd
 	done    chan struct{}
 	client  *api.Client
@@ -167,7 +172,7 @@ func (c *testCluster) start(n int, extra ...string) *testNode {
 func (c *testCluster) startAt(n int, ip string, port int, netns string, extra ...string) *testNode {
 	c.tb.Helper()
 	name := fmt.Sprintf("%s-n%d", c.prefix, n)
-	nd := &testNode{name: name, ip: ip, netns: netns, bind: fmt.Sprintf("%s:%d", ip, port), api: fmt.Sprintf("%s:%d", ip, port+2),
+	nd := &testNode{name: name, ip: ip, netns: netns, wrap: c.wrap, bind: fmt.Sprintf("%s:%d", ip, port), api: fmt.Sprintf("%s:%d", ip, port+2),
 		socket: filepath.Join(c.dir, name+".sock"), dataDir: filepath.Join(c.dir, name), logPath: filepath.Join(c.dir, name+".log")}
 	nd.args = append([]string{"-node", name, "-bind", nd.bind, "-data-dir", nd.dataDir, "-socket", nd.socket,
 		"-log-level", "info"}, extra...)
@@ -195,6 +200,9 @@ func (c *testCluster) launch(nd *testNode) {
 		c.tb.Fatal(err)
 	}
 	cmd := exec.Command(c.daemon, nd.args...)
+	if len(nd.wrap) > 0 {
+		cmd = exec.Command(nd.wrap[0], append(append(nd.wrap[1:len(nd.wrap):len(nd.wrap)], c.daemon), nd.args...)...)
+	}
 	if nd.netns != "" {
 		// nsenter joins the network namespace only: `ip netns exec` also
 		// makes a mount namespace per start, and a workload restored by a
@@ -261,6 +269,11 @@ func (c *testCluster) cleanup() {
 		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
 		if err == nil && bytes.Contains(env, []byte("PCLUSTER_NODE="+c.prefix+"-")) {
 			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	for _, nd := range c.nodes {
+		if err := node.RemoveCgroups(nd.name, nd.dataDir); err != nil {
+			c.tb.Errorf("%s: %v", nd.name, err)
 		}
 	}
 	for _, nd := range c.nodes {

@@ -225,11 +225,11 @@ func (s *Server) reconcileNodes(live map[string]memberView) error {
 			}
 			n, ok := st.Nodes[name]
 			if ok && n.Status != scheduler.NodeDown && n.APIAddr == m.meta.APIAddr && n.RaftAddr == m.meta.RaftAddr &&
-				n.GossipAddr == m.node.Address() && maps.Equal(n.Labels, m.meta.Labels) {
+				n.GossipAddr == m.node.Address() && maps.Equal(n.Labels, m.meta.Labels) && n.NoVIP == m.meta.NoVIP {
 				continue
 			}
 			nd := scheduler.Node{Name: name, GossipAddr: m.node.Address(), APIAddr: m.meta.APIAddr,
-				RaftAddr: m.meta.RaftAddr, Labels: m.meta.Labels, Load: m.meta.Load, LoadAt: now}
+				RaftAddr: m.meta.RaftAddr, Labels: m.meta.Labels, NoVIP: m.meta.NoVIP, Load: m.meta.Load, LoadAt: now}
 			// Checked here, where it is proposed: the FSM applies what
 			// was committed (scheduler.ValidateWorkload says why).
 			if err := scheduler.ValidateNode(&nd); err != nil {

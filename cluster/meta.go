@@ -17,6 +17,7 @@ type meta struct {
 	Booted   bool              `msgpack:"b"` // has raft state: never bootstrap again
 	Load     scheduler.Load    `msgpack:"l"`
 	Labels   map[string]string `msgpack:"t"` // -label, for placement constraints
+	NoVIP    string            `msgpack:"v"` // why this node cannot carry virtual IPs; "" if it can
 }
 
 func (m meta) encode() ([]byte, error) {

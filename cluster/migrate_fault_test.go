@@ -26,12 +26,8 @@ var migrationFaults = []string{"kill-source", "kill-target", "kill-leader", "cut
 
 // openFaults are faults with a known open break, left out unless
 // PCLUSTER_FAULTS names them, so that make test stays a verdict on what is
-// claimed to hold. kill-leader: a restarted daemon's agent acts on its
-// replica before it has caught up and may start a workload that has moved
-// away (two copies). kill-target: a target killed right after writing the
-// commit leaves the workload "running, pid 0" and the migration committed
-// for ever. docs/cluster.md, "Open breaks".
-var openFaults = map[string]bool{"kill-target": true, "kill-leader": true}
+// claimed to hold (docs/cluster.md, "Open breaks"). None today.
+var openFaults = map[string]bool{}
 
 // TestMigrateFaults breaks migrations of a counter (migcount) between the
 // two followers of a 3-node cluster in network namespaces, at a moment

@@ -3,20 +3,26 @@ package cluster_test
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/node"
 )
 
 // TestMigrateSourceRestartMidStream SIGKILLs the source's pclusterd while
-// it streams a 32 MiB workload over a slowed link, and restarts it at
-// once. The dead agent's tracer released the original, which runs on; the
-// target's build fails with the stream. The restarted agent finds the
-// migration transferring from its node but not its own, and aborts it:
-// the migration ends within a minute (not at the leader's 5-minute
-// timeout, during which the workload could not move), and the workload
-// runs on the source, adopted, with its PID, the only copy.
+// it streams a 32 MiB workload over a slowed link. The dead agent's
+// tracer is gone, but the original's cgroup, frozen for the stop window,
+// still holds it: alive and frozen (checked before the restart;
+// cgroup v2 is required). The target's build fails with the stream. The
+// restarted agent finds the migration transferring from its node but not
+// its own, and aborts it: the migration ends within a minute (not at the
+// leader's 5-minute timeout, during which the workload could not move);
+// the agent thaws the original, which runs on the source, adopted, with
+// its PID, the only copy.
 func TestMigrateSourceRestartMidStream(t *testing.T) {
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "bigheap")
@@ -39,6 +45,17 @@ func TestMigrateSourceRestartMidStream(t *testing.T) {
 		return fmt.Errorf("no traced child of %s", dst.name)
 	})
 	c.kill(src)
+	base, err := node.CgroupBase(src.name, src.dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := filepath.Join(base, fmt.Sprintf("%s.%d", w.ID, w.Attempt), "cgroup.events")
+	if b, err := os.ReadFile(events); err != nil || !strings.Contains(string(b), "frozen 1") {
+		t.Fatalf("original's cgroup once its agent died: %q (%v), want frozen 1", b, err)
+	}
+	if st := procState(pid); st == 'X' || st == 'Z' {
+		t.Fatalf("original pid %d once its agent died: state %c, want alive (frozen)", pid, st)
+	}
 	c.launch(src)
 	lab.Hosts[0].Shape(t, "")
 	c.waitFor(60*time.Second, "the migration to end", func() error {

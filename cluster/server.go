@@ -25,6 +25,7 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/pcluster/pcluster/cluster/pki"
 	"github.com/pcluster/pcluster/internal/admit"
+	"github.com/pcluster/pcluster/netrehome"
 	"github.com/pcluster/pcluster/node"
 	"github.com/pcluster/pcluster/scheduler"
 )
@@ -44,6 +45,7 @@ type Config struct {
 	BootstrapExpect int               // bootstrap raft when this many servers see each other
 	Key             pki.Key           // cluster key
 	Labels          map[string]string // node labels, for placement constraints
+	VIPInterface    string            // interface for virtual IPs; "": the one whose subnet holds each
 	Logger          *slog.Logger
 
 	WorkloadGCAfter time.Duration // ended workloads are removed from the state after this; 1h
@@ -207,7 +209,8 @@ func Start(cfg Config) (s *Server, err error) {
 	// Workloads get only fds 0-2 and their own (node.KeepFDsFromWorkloads).
 	node.KeepFDsFromWorkloads()
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
-		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Logger: s.log})
+		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
+		VIPInterface: cfg.VIPInterface})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}
@@ -355,7 +358,7 @@ func (s *Server) setupRaft() error {
 	s.raft = r
 	s.observeHeartbeats()
 	s.meta = meta{APIAddr: s.advertised(s.apiLn.Addr()), RaftAddr: string(s.trans.LocalAddr()),
-		Expect: s.cfg.BootstrapExpect, Booted: booted, Labels: s.cfg.Labels}
+		Expect: s.cfg.BootstrapExpect, Booted: booted, Labels: s.cfg.Labels, NoVIP: netrehome.Capable()}
 	if !booted && s.cfg.BootstrapExpect == 1 {
 		if err := s.bootstrap([]raft.Server{{ID: rc.LocalID, Address: s.trans.LocalAddr()}}); err != nil {
 			return err

@@ -138,6 +138,11 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
+	case image.FDTCP, image.FDUDP:
+		if tmp, err = p.newSocket(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
 	case image.FDFile:
 	case image.FDPipe:
 	default:

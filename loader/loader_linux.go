@@ -93,11 +93,14 @@ type Process struct {
 	virtTids map[int]int
 	// listeners are the re-created listening sockets, bound in finish.
 	listeners []*image.FD
-	vdso      uint64   // syscall site in the moved vdso
-	uffd      *os.File // fills private anonymous memory while building
-	built     bool
-	done      bool
-	tasks     []*task // the threads finish made ready, detached to start
+	// socks are the re-created TCP connections and UDP sockets, given
+	// their addresses in finish (tcp_linux.go).
+	socks []*image.FD
+	vdso  uint64   // syscall site in the moved vdso
+	uffd  *os.File // fills private anonymous memory while building
+	built bool
+	done  bool
+	tasks []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string

@@ -136,6 +136,18 @@ func (p *Process) finish() error {
 	if err != nil {
 		return err
 	}
+	// Sockets first of all: on one host the original was killed just
+	// now, and until a copy holds its addresses a packet from a peer
+	// would be answered with a reset. Listeners before connections: a
+	// connection in repair mode binds to its (accepted: the listener's)
+	// port whatever holds it, a listener only beside connections that
+	// allow it (SO_REUSEADDR).
+	if err := p.bindListeners(borrow); err != nil {
+		return err
+	}
+	if err := p.restoreSockets(borrow); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}
@@ -179,9 +191,6 @@ func (p *Process) finish() error {
 		if err := p.threadState(tk, borrow, comm); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
-	}
-	if err := p.bindListeners(borrow); err != nil {
-		return err
 	}
 	queued := false
 	if p.tree != nil && p.tree.virtWanted {

@@ -395,3 +395,20 @@ func endSubreaper() {
 		unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 	}
 }
+
+// Pids returns the host PIDs of every process restored: the root (and the
+// process waited for in its place, when another), or each member of a
+// tree, parents before their children.
+func (p *Process) Pids() []int {
+	if p.tree == nil {
+		if p.pid != p.WaitPid() {
+			return []int{p.WaitPid(), p.pid}
+		}
+		return []int{p.pid}
+	}
+	pids := make([]int, 0, len(p.tree.members))
+	for _, m := range p.tree.members {
+		pids = append(pids, m.pid)
+	}
+	return pids
+}

@@ -1,5 +1,6 @@
 // Package node is the host-local agent. It starts the workloads the
-// replicated state assigns to this host as its own children, keeps their
+// replicated state assigns to this host as its own children, each a PID
+// namespace of its own under a small init (init_linux.go), keeps their
 // stdout/stderr in log files under the data dir, reports their PIDs and
 // exit statuses (which the leader records in raft), stops them when asked,
 // and samples the host's load. It restarts nothing by itself: restarts are
@@ -14,8 +15,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -53,16 +54,39 @@ type Config struct {
 	// DialTarget opens the transfer of migration m to its target's agent:
 	// a mutual-TLS connection to the node the state names as target, on
 	// which that agent has accepted the migration (Agent.Receive).
-	DialTarget  func(ctx context.Context, m scheduler.Migration) (net.Conn, error)
+	DialTarget func(ctx context.Context, m scheduler.Migration) (net.Conn, error)
+	// Sync returns the raft index the leader's state has applied once
+	// every entry committed before the call has been (a barrier on the
+	// leader); an error when there is no leader. The agent acts on its
+	// replica (starts, adopts, migrates, stops, reports what it finds)
+	// only once the replica has applied that index, learned after the
+	// agent's start and after every change of leader, and never while
+	// Leader says there is none: a replica that is behind (a restarted
+	// daemon replays its log from an old state) would have it start a
+	// workload that has moved away. Nil: the replica is always current.
+	Sync   func(context.Context) (uint64, error)
+	Leader func() string // the leader's name, "" when there is none
+	// Cgroups puts every workload in a cgroup v2 of its own
+	// (node/cgroup_linux.go), which holds a migrating original beyond
+	// this agent's life. Without a usable cgroup v2 the agent says so in
+	// one log line and goes on without.
+	Cgroups     bool
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
+	// VIPInterface carries the workloads' virtual IPs; "": the interface
+	// whose subnet holds each (node/vip.go).
+	VIPInterface string
 }
 
 // proc is one workload process this agent watches.
 type proc struct {
-	id       string
-	attempt  int
+	id      string
+	attempt int
+	// pid is the process this agent watches, signals and moves: the
+	// init of the workload's PID namespace (pidns), or the workload
+	// itself for one started by an agent from before namespaces.
 	pid      int
+	pidns    bool
 	adopted  bool // found running at agent start: not our child
 	stopping bool
 	killAt   time.Time
@@ -75,6 +99,9 @@ type exitEvent struct {
 	code        int
 	signal, msg string
 	at          time.Time
+	// lost: the attempt never ran (a restored process that could not be
+	// started after the commit): reported lost, not exited.
+	lost bool
 }
 
 // Agent supervises this node's workloads. Run owns all of its fields.
@@ -108,9 +135,25 @@ type Agent struct {
 	outWG  sync.WaitGroup // migrateOut goroutines
 	trOnce sync.Once
 	tr     *ptrace.Tracer // the one owner of this agent's ptrace calls
+
+	// cg is this node's pcluster cgroup, nil without (set before Run).
+	cg *cgroups
+	// holding maps the workloads whose cgroup a migrateOut of this agent
+	// may freeze to their attempt: settleHeld leaves them to it (mu).
+	holding map[string]int
+	// syncedWith is the leader the replica was last found behind of, and
+	// syncIndex the index it must reach (Run only); retrySync, when to
+	// ask again after a failure.
+	syncedWith string
+	syncIndex  uint64
+	retrySync  time.Time
+
+	vips *vips // the virtual IPs this node carries (node/vip.go)
 }
 
-// New returns an agent; call Run to start it.
+// New returns an agent; call Run to start it. The agent starts each
+// workload's init by re-executing its own program (/proc/self/exe) as
+// InitName: that program's main must call InitMain first when IsInit.
 func New(cfg Config) *Agent {
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 10 * time.Second
@@ -118,12 +161,22 @@ func New(cfg Config) *Agent {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Agent{
+	a := &Agent{
 		cfg: cfg, log: cfg.Logger.With("component", "agent"),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
-		departures: make(chan departure), arrivals: make(chan arrival),
+		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{},
+		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
+	if cfg.Cgroups {
+		cg, err := openCgroups(cfg.Name, cfg.DataDir)
+		if err != nil {
+			a.log.Warn("workloads run without cgroups: a migrating original is held by this agent's ptrace alone", "err", err)
+		} else {
+			a.cg = cg
+		}
+	}
+	return a
 }
 
 // Workloads returns how many workload processes the agent watches.
@@ -154,16 +207,22 @@ func (a *Agent) Run(ctx context.Context) {
 		// tracer must outlive every decision, or the process would resume
 		// while the target may start its copy.
 		a.outWG.Wait()
+		a.vips.close()
 		a.trOnce.Do(func() {})
 		if a.tr != nil {
 			a.tr.Close()
+		}
+		if a.cg != nil {
+			a.cg.close()
 		}
 	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
 		changed := a.cfg.FSM.Changed()
-		a.reconcile(ctx)
+		if a.current(ctx) {
+			a.reconcile(ctx)
+		}
 		a.flush(ctx)
 		select {
 		case <-ctx.Done():
@@ -180,31 +239,85 @@ func (a *Agent) Run(ctx context.Context) {
 	}
 }
 
+// current reports whether this node's replica may be acted on: there is
+// a leader, and the replica has applied the index that leader named when
+// asked after the agent started or the leader changed (Config.Sync).
+func (a *Agent) current(ctx context.Context) bool {
+	if a.cfg.Sync == nil {
+		return true
+	}
+	leader := ""
+	if a.cfg.Leader != nil {
+		leader = a.cfg.Leader()
+	}
+	if leader == "" {
+		if a.syncedWith != "" {
+			a.log.Info("no leader: the agent waits")
+		}
+		a.syncedWith = ""
+		return false
+	}
+	if leader != a.syncedWith {
+		if time.Now().Before(a.retrySync) {
+			return false
+		}
+		sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		idx, err := a.cfg.Sync(sctx)
+		cancel()
+		if err != nil {
+			a.log.Debug("leader's index not known; will retry", "leader", leader, "err", err)
+			a.retrySync = time.Now().Add(time.Second)
+			return false
+		}
+		a.syncedWith, a.syncIndex = leader, idx
+	}
+	var at uint64
+	a.cfg.FSM.Read(func(s *scheduler.State) { at = s.Index })
+	return at >= a.syncIndex
+}
+
 // adopt takes over a process that an earlier agent on this node started:
 // the state says it runs here, this agent did not start it. The state may
 // arrive well after Run starts (raft replays the log), hence the lazy check
 // from reconcile rather than a scan at start.
 func (a *Agent) adopt(ctx context.Context, w scheduler.Workload) {
 	a.started[w.ID] = w.Attempt
-	ticks, err := startTicks(w.PID)
+	pid, pidns := supervised(w)
+	ticks, err := startTicks(pid)
 	if err != nil || ticks != w.StartTicks {
-		a.log.Info("workload gone while the agent was away", "workload", w.ID, "pid", w.PID)
+		a.log.Info("workload gone while the agent was away", "workload", w.ID, "pid", pid)
+		ev := exitEvent{code: -1, msg: "process ended while pclusterd was not running"}
+		if code, sig, ok := a.readStatus(w.ID); ok && pidns {
+			ev = exitEvent{code: code, signal: sig}
+		}
 		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
-			ExitCode: -1, Message: "process ended while pclusterd was not running", At: time.Now()})
+			ExitCode: ev.code, Signal: ev.signal, Message: ev.msg, At: time.Now()})
+		a.clearStatus(w.ID)
 		return
 	}
-	a.log.Info("adopted running workload", "workload", w.ID, "pid", w.PID)
-	p := &proc{id: w.ID, attempt: w.Attempt, pid: w.PID, adopted: true}
+	a.log.Info("adopted running workload", "workload", w.ID, "pid", pid)
+	p := &proc{id: w.ID, attempt: w.Attempt, pid: pid, pidns: pidns, adopted: true}
 	a.mu.Lock()
 	a.procs[w.ID] = p
 	a.mu.Unlock()
 	a.wg.Add(1)
-	go a.poll(ctx, w.ID, w.Attempt, w.PID, ticks)
+	go a.poll(ctx, w.ID, w.Attempt, pid, ticks, pidns)
+}
+
+// supervised returns the process an agent watches for workload w: the
+// init of its PID namespace, or the workload itself (started by an agent
+// from before namespaces).
+func supervised(w scheduler.Workload) (pid int, pidns bool) {
+	if w.InitPID > 0 {
+		return w.InitPID, true
+	}
+	return w.PID, false
 }
 
 // poll waits for an adopted process (not our child, so no wait status) to
-// end, or for ctx to end.
-func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uint64) {
+// end, or for ctx to end. The init of a PID namespace leaves the
+// workload's status in a file (init_linux.go).
+func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uint64, pidns bool) {
 	defer a.wg.Done()
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
@@ -217,8 +330,12 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 		if got, err := startTicks(pid); err == nil && got == ticks {
 			continue
 		}
+		ev := exitEvent{wid: id, attempt: attempt, code: -1, msg: "adopted process ended; status unknown", at: time.Now()}
+		if code, sig, ok := a.readStatus(id); ok && pidns {
+			ev.code, ev.signal, ev.msg = code, sig, ""
+		}
 		select {
-		case a.exits <- exitEvent{wid: id, attempt: attempt, code: -1, msg: "adopted process ended; status unknown", at: time.Now()}:
+		case a.exits <- ev:
 		case <-ctx.Done():
 		}
 		return
@@ -226,10 +343,11 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 }
 
 func (a *Agent) reconcile(ctx context.Context) {
-	var todo, relist, orphans []scheduler.Workload
+	var todo, relist, orphans, lost []scheduler.Workload
 	type out struct {
-		m   scheduler.Migration
-		pid int
+		m     scheduler.Migration
+		pid   int
+		pidns bool
 	}
 	var outs []out
 	var orphanedOut []scheduler.Migration // transferring, by an earlier agent here
@@ -252,7 +370,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			}
 			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping {
 				a.outgoing[m.ID] = true
-				outs = append(outs, out{*m, p.pid})
+				outs = append(outs, out{*m, p.pid, p.pidns})
 			}
 		}
 		for _, w := range s.Workloads {
@@ -267,7 +385,15 @@ func (a *Agent) reconcile(ctx context.Context) {
 				continue // arriving by migration: Receive and Run handle it
 			}
 			p := a.procs[w.ID]
+			a.mu.Lock()
+			arriving := a.incoming[w.ID] != ""
+			a.mu.Unlock()
 			switch {
+			case p == nil && w.Node == a.cfg.Name && w.State == scheduler.StateRunning && w.PID == 0 &&
+				a.started[w.ID] < w.Attempt && !arriving:
+				// Moved here (committed) and never started by this agent
+				// nor arriving: the agent that built it died first.
+				lost = append(lost, *w)
 			case p == nil && w.Node == a.cfg.Name && w.PID > 0 && a.started[w.ID] < w.Attempt &&
 				(w.State == scheduler.StateRunning || w.State == scheduler.StateLost || w.State == scheduler.StateStopped):
 				// Stopped with a PID: stopped while its node was down; the
@@ -296,12 +422,18 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 	})
 	a.forget(present, now)
+	a.settleHeld()
+	for _, w := range lost {
+		a.lostArrival(ctx, w)
+	}
 	for _, w := range orphans {
 		a.adopt(ctx, w)
 	}
 	for _, w := range relist {
-		ticks, _ := startTicks(w.PID)
-		a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks, At: now})
+		pid, _ := supervised(w)
+		ticks, _ := startTicks(pid)
+		a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks,
+			NSPID: w.NSPID, InitPID: w.InitPID, At: now})
 	}
 	for _, w := range todo {
 		a.start(w)
@@ -317,8 +449,97 @@ func (a *Agent) reconcile(ctx context.Context) {
 		a.outWG.Add(1)
 		go func() { // ends with the migration; Run waits for it
 			defer a.outWG.Done()
-			a.migrateOut(ctx, o.m, o.pid)
+			a.migrateOut(ctx, o.m, o.pid, o.pidns)
 		}()
+	}
+	a.reconcileVIPs()
+}
+
+// lostArrival settles a workload the state moved here by a migration
+// whose target agent (an earlier one on this node) died before recording
+// the start. If the restored process runs in its cgroup it was started:
+// it is reported started, and adopted on the next round. Otherwise it died
+// with that agent, unstarted: lost (its restart policy applies).
+func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
+	a.started[w.ID] = w.Attempt
+	if a.cg != nil {
+		pids := procsOf(a.cg.dir(w.ID, w.Attempt))
+		// A namespace's init first: the one to supervise.
+		sort.SliceStable(pids, func(i, j int) bool { return isNSInit(pids[i]) && !isNSInit(pids[j]) })
+		for _, pid := range pids {
+			if st := procStateOf(pid); st == 't' || st == 'T' || st == 'Z' || st == 'X' {
+				continue // not started, or dying
+			}
+			ticks, err := startTicks(pid)
+			if err != nil {
+				continue
+			}
+			a.log.Info("migrated workload found running in its cgroup; its start was not recorded", "workload", w.ID, "pid", pid)
+			w.PID, w.StartTicks, w.InitPID = pid, ticks, 0
+			if isNSInit(pid) {
+				w.InitPID = pid
+				if c := nsChild(pid, w.NSPID); c > 0 {
+					w.PID = c
+				}
+			}
+			a.adopt(ctx, w)
+			a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks,
+				NSPID: w.NSPID, InitPID: w.InitPID, At: time.Now()})
+			return
+		}
+	}
+	a.log.Warn("migrated workload lost: the agent that built it died before starting it", "workload", w.ID, "attempt", w.Attempt)
+	a.queue(api.Report{Kind: api.ReportLost, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
+		Message: fmt.Sprintf("lost with the agent before it started: moved to %s, whose pclusterd died before starting it", a.cfg.Name), At: time.Now()})
+}
+
+// settleHeld decides the fate of workload cgroups left frozen by an
+// earlier agent on this node, a migration's source that died holding the
+// original: kill it if the workload has left this node or this attempt
+// (the move committed), thaw it if the state still has it here at the
+// same attempt with no migration in flight (aborted). A migration still
+// in flight from here is left to abandonOut, which aborts it (or finds
+// it committed); the next round decides.
+func (a *Agent) settleHeld() {
+	if a.cg == nil {
+		return
+	}
+	for _, h := range a.cg.list() {
+		a.mu.Lock()
+		_, mine := a.holding[h.wid]
+		a.mu.Unlock()
+		if mine {
+			continue
+		}
+		verdict := "kill"
+		a.cfg.FSM.Read(func(s *scheduler.State) {
+			w, ok := s.Workloads[h.wid]
+			if !ok || w.Node != a.cfg.Name || w.Attempt != h.attempt || !w.State.Active() && w.State != scheduler.StateLost {
+				return
+			}
+			if m := s.ActiveMigration(h.wid); m != nil && m.Source == a.cfg.Name {
+				verdict = "wait"
+				return
+			}
+			verdict = "thaw"
+		})
+		switch verdict {
+		case "wait":
+			continue
+		case "thaw":
+			a.log.Warn("workload held frozen by an earlier agent's migration, which did not move it: thawing", "workload", h.wid, "attempt", h.attempt)
+			if err := freeze(h.dir, false); err != nil {
+				a.log.Warn("thaw workload", "workload", h.wid, "err", err)
+			}
+		case "kill":
+			a.log.Warn("workload held frozen by an earlier agent's migration, which moved it away: killing the original", "workload", h.wid, "attempt", h.attempt)
+			if err := kill(h.dir); err != nil {
+				a.log.Warn("kill held workload", "workload", h.wid, "err", err)
+			}
+			// Thawed, so that no later round decides again and the
+			// sweep (list) removes it once its processes are gone.
+			freeze(h.dir, false)
+		}
 	}
 }
 
@@ -341,7 +562,7 @@ func (a *Agent) arrived(ar arrival) {
 	a.mu.Lock()
 	delete(a.claimed, ar.wid)
 	if ar.pid > 0 {
-		a.procs[ar.wid] = &proc{id: ar.wid, attempt: ar.attempt, pid: ar.pid}
+		a.procs[ar.wid] = &proc{id: ar.wid, attempt: ar.attempt, pid: ar.pid, pidns: ar.pidns}
 	}
 	a.mu.Unlock()
 	if ar.pid <= 0 {
@@ -349,6 +570,10 @@ func (a *Agent) arrived(ar arrival) {
 	}
 	go func() { // ends when the process does
 		ws, err := waitChild(ar.pid)
+		if ar.pidns {
+			a.queueExit(a.initExit(ar.wid, ar.attempt, ws, err))
+			return
+		}
 		a.queueExit(exitOf(ar.wid, ar.attempt, ws, err))
 	}()
 }
@@ -405,7 +630,9 @@ func (a *Agent) forget(present map[string]bool, now time.Time) {
 func (a *Agent) signal(p *proc, sig syscall.Signal) {
 	a.log.Info("signalling workload", "workload", p.id, "pid", p.pid, "signal", sig.String())
 	target := -p.pid // its process group
-	if p.adopted {
+	if p.adopted || p.pidns {
+		// An init forwards signals to the workload's group; SIGKILL
+		// ends its whole namespace.
 		target = p.pid
 	}
 	err := syscall.Kill(target, sig)
@@ -420,7 +647,7 @@ func (a *Agent) signal(p *proc, sig syscall.Signal) {
 
 func (a *Agent) start(w scheduler.Workload) {
 	a.started[w.ID] = w.Attempt
-	pid, ticks, err := a.spawn(w)
+	s, err := a.spawn(w)
 	if err != nil {
 		a.log.Warn("start workload", "workload", w.ID, "err", err)
 		// Reported as started then exited, so the state records the failure.
@@ -429,84 +656,9 @@ func (a *Agent) start(w scheduler.Workload) {
 		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, ExitCode: 127, Message: err.Error(), At: now})
 		return
 	}
-	a.log.Info("started workload", "workload", w.ID, "attempt", w.Attempt, "pid", pid, "command", w.Command)
-	a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: pid, StartTicks: ticks, At: time.Now()})
-}
-
-// spawn starts the workload as a child in its own process group, its output
-// appended to its log files; a goroutine waits for it and ends with it.
-func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
-	outPath, _ := a.LogPath(w.ID, "stdout")
-	errPath, _ := a.LogPath(w.ID, "stderr")
-	if err := os.MkdirAll(filepath.Dir(outPath), 0o700); err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	stdout, err := os.OpenFile(outPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	defer stdout.Close()
-	stderr, err := os.OpenFile(errPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	defer stderr.Close()
-
-	env := []string{"PATH=" + DefaultPath}
-	env = append(env, w.Env...)
-	env = append(env, "PCLUSTER_WORKLOAD_ID="+w.ID, "PCLUSTER_NODE="+a.cfg.Name)
-	path := w.Command
-	if !strings.Contains(path, "/") {
-		p, err := lookPath(path, env)
-		if err != nil {
-			return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-		}
-		path = p
-	}
-	cmd := exec.Command(path, w.Args...)
-	cmd.Args[0] = w.Command
-	cmd.Env = env
-	cmd.Dir = w.Cwd
-	cmd.Stdout, cmd.Stderr = stdout, stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cred, err := credential(w, a.cfg.Name)
-	if err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	cmd.SysProcAttr.Credential = cred
-	if err := cmd.Start(); err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	pid := cmd.Process.Pid
-	ticks, _ := startTicks(pid)
-	a.mu.Lock()
-	a.procs[w.ID] = &proc{id: w.ID, attempt: w.Attempt, pid: pid}
-	a.mu.Unlock()
-	// The waiter ends when the process does, not with Run: workloads
-	// outlive the agent, and Run must not wait for them. It waits only
-	// once the process has exited: a wait before would consume the stops
-	// of a migration's freeze (waitExited says why).
-	go func() {
-		waitExited(pid)
-		err := cmd.Wait()
-		ev := exitEvent{wid: w.ID, attempt: w.Attempt, at: time.Now()}
-		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
-			ev.code = ws.ExitStatus()
-			if ws.Signaled() {
-				// The shell's convention: 128 + signal number.
-				ev.code, ev.signal = 128+int(ws.Signal()), ws.Signal().String()
-			}
-		} else if err != nil {
-			ev.code, ev.msg = -1, err.Error()
-		}
-		// If Run has ended the exit is not reported; the next agent on
-		// this node finds the process gone and says so.
-		select {
-		case a.exits <- ev:
-		case <-a.done:
-		}
-	}()
-	return pid, ticks, nil
+	a.log.Info("started workload", "workload", w.ID, "attempt", w.Attempt, "pid", s.pid, "ns_pid", s.nsPid, "init", s.initPid, "command", w.Command)
+	a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: s.pid, StartTicks: s.ticks,
+		NSPID: s.nsPid, InitPID: s.initPid, At: time.Now()})
 }
 
 func lookPath(file string, env []string) (string, error) {
@@ -526,6 +678,14 @@ func lookPath(file string, env []string) (string, error) {
 }
 
 func (a *Agent) exited(ev exitEvent) {
+	if a.cg != nil {
+		// Removed once empty; what the workload left running in it (a
+		// daemonized child) keeps it until the next agent's sweep.
+		if err := a.cg.remove(ev.wid, ev.attempt); err != nil {
+			a.log.Info("workload cgroup kept", "workload", ev.wid, "err", err)
+		}
+	}
+	a.clearStatus(ev.wid)
 	if a.moved[ev.wid] == ev.attempt {
 		delete(a.moved, ev.wid)
 		a.log.Info("migrated workload's old process reaped", "workload", ev.wid, "attempt", ev.attempt)
@@ -536,9 +696,34 @@ func (a *Agent) exited(ev exitEvent) {
 		delete(a.procs, ev.wid)
 	}
 	a.mu.Unlock()
+	if ev.lost {
+		a.log.Warn("workload lost: its attempt never ran", "workload", ev.wid, "attempt", ev.attempt, "why", ev.msg)
+		a.queue(api.Report{Kind: api.ReportLost, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt, Message: ev.msg, At: ev.at})
+		return
+	}
 	a.log.Info("workload ended", "workload", ev.wid, "attempt", ev.attempt, "exit", ev.code, "signal", ev.signal)
 	a.queue(api.Report{Kind: api.ReportExited, ID: ev.wid, Node: a.cfg.Name, Attempt: ev.attempt,
 		ExitCode: ev.code, Signal: ev.signal, Message: ev.msg, At: ev.at})
+}
+
+// killRefused kills the process of a "started" report the state refused
+// as stale: the state has moved on (the workload runs elsewhere, or at a
+// later attempt), and this process is a copy no one will ever see.
+func (a *Agent) killRefused(r api.Report) {
+	p := a.procs[r.ID]
+	// p.pid is the process we wait for: the workload's, or its
+	// namespace's init (whose death ends the namespace).
+	if p == nil || p.attempt != r.Attempt || p.pid != r.PID && !(p.pidns && p.pid == r.InitPID) {
+		return
+	}
+	a.log.Warn("start refused as stale: killing the process, a copy the state does not have", "workload", r.ID, "attempt", r.Attempt, "pid", r.PID)
+	a.signal(p, syscall.SIGKILL)
+	if a.cg != nil {
+		if err := kill(a.cg.dir(r.ID, r.Attempt)); err != nil {
+			a.log.Warn("kill refused workload's cgroup", "workload", r.ID, "err", err)
+		}
+	}
+	p.stopping, p.killAt = true, time.Now().Add(a.cfg.StopTimeout)
 }
 
 func (a *Agent) queue(r api.Report) { a.pending = append(a.pending, r) }
@@ -558,6 +743,9 @@ func (a *Agent) flush(ctx context.Context) {
 		}
 		if err != nil {
 			a.log.Info("report refused", "workload", r.ID, "kind", r.Kind, "err", err)
+			if r.Kind == api.ReportStarted && ae.Status == http.StatusConflict && strings.Contains(ae.Message, scheduler.ErrStale.Error()) {
+				a.killRefused(r)
+			}
 		}
 		a.pending = a.pending[1:]
 	}

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"os"
 	"runtime"
@@ -66,4 +67,18 @@ func startTicks(pid int) (uint64, error) {
 	}
 	// f[0] is field 3 (state); field 22 is f[19].
 	return strconv.ParseUint(f[19], 10, 64)
+}
+
+// procStateOf returns field 3 of /proc/PID/stat (R, S, t, Z, ...), or 'X'
+// when the process is gone.
+func procStateOf(pid int) byte {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 'X'
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return 'X'
+	}
+	return b[i+2]
 }

@@ -68,11 +68,13 @@ type departure struct {
 	attempt int
 }
 
-// arrival tells Run that a workload now runs here as a restored process.
+// arrival tells Run that a workload now runs here as a restored process:
+// pid is our child, the init of its PID namespace (pidns) or the workload.
 type arrival struct {
 	wid     string
 	attempt int
 	pid     int
+	pidns   bool
 }
 
 // migration reads migration id from this node's replica.
@@ -138,9 +140,10 @@ func (a *Agent) tracer() *ptrace.Tracer {
 }
 
 // migrateOut carries out migration m as its source: pid is the workload's
-// process here. Run starts it once per migration; it ends when the
-// migration has ended for this node.
-func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) {
+// process here, the init of its PID namespace if pidns (the whole
+// namespace moves then: a tree freeze of its init). Run starts it once per
+// migration; it ends when the migration has ended for this node.
+func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, pidns bool) {
 	log := a.log.With("migration", m.ID, "workload", m.WorkloadID, "target", m.Target)
 	abort := func(why error) {
 		log.Warn("migration aborted before the transfer", "err", why)
@@ -208,22 +211,50 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	// The source's reason must reach the state before the target sees the
 	// stream end (the target would report its own, "connection closed",
 	// and the state keeps the first): Close waits for release.
+	// With cgroups the hold outlives the agent instead: the original's
+	// cgroup is frozen before the first byte of its snapshot leaves
+	// (capture's Frozen hook: every thread is ptrace-stopped and the
+	// capture's injected calls are done; a task of a frozen cgroup that
+	// the tracer resumes would drop into the freezer instead of running
+	// them), so that whatever happens to this agent the original neither
+	// runs on nor dies until the state decides (settleHeld).
+	hold := a.holdFor(m, pid, log)
 	ac := &armConn{Conn: conn, held: true, arm: func() {
+		if hold != nil && hold.frozen.Load() {
+			log.Info("snapshot sent; the frozen original is held by its cgroup", "pid", pid)
+			return
+		}
 		if err := a.killWithTracer(pid); err != nil {
 			log.Warn("frozen original not bound to this agent's life", "pid", pid, "err", err)
 			return
 		}
 		log.Info("snapshot sent; the frozen original now dies with this agent", "pid", pid)
 	}}
+	if hold != nil {
+		defer a.unhold(m.WorkloadID)
+	}
 	conn = ac
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
-		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
-			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide})
+		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns,
+			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
+			Frozen: func() {
+				if hold != nil {
+					hold.freeze()
+				}
+				a.vips.freeze(m.WorkloadID)
+			}})
 	}
 	if committed {
 		ac.release()
+		if hold != nil && hold.frozen.Load() {
+			// Killed by the capture: thawed so that it can go.
+			if err := freeze(hold.dir, false); err != nil {
+				log.Warn("thaw the killed original's cgroup", "err", err)
+			}
+		}
 		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		a.vips.thaw(m.WorkloadID, "") // gone from here: reconcile keeps it off
 		if err != nil {
 			// The state moved the workload: the target starts it on its
 			// own replica's word, with or without our commit on the wire.
@@ -232,7 +263,10 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond))
 		return
 	}
-	log.Warn("migration failed; workload resumed here", "err", err)
+	if hold == nil || !hold.frozen.Load() {
+		log.Warn("migration failed; workload resumed here", "err", err)
+		a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
+	}
 	if cur, ok := a.migration(m.ID); ok && cur.State.Active() {
 		// Not held past a few seconds: without a leader the abort may
 		// wait long, and the target should not hold its half-built copy.
@@ -241,6 +275,83 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 		t.Stop()
 	}
 	ac.release()
+	if hold != nil && hold.frozen.Load() {
+		a.settleOut(ctx, m, hold, err, log)
+	}
+}
+
+// settleOut ends a failed migration whose original the capture let go
+// while its cgroup still holds it frozen: the original runs again only
+// once the state shows the migration aborted; if the target's commit won
+// (the stream failed after the target had it all), it is killed. Without
+// an answer before ctx ends it stays frozen for the next agent here.
+func (a *Agent) settleOut(ctx context.Context, m scheduler.Migration, hold *cgHold, why error, log interface {
+	Info(string, ...any)
+	Warn(string, ...any)
+}) {
+	got, ok, err := a.awaitMigration(ctx, m.ID, scheduler.MigrationAborted, scheduler.MigrationCommitted, scheduler.MigrationDone)
+	switch {
+	case err != nil:
+		log.Warn("migration undecided; the original stays frozen in its cgroup for the next agent", "err", err)
+	case ok && got.State != scheduler.MigrationAborted:
+		log.Warn("migration failed here but committed by the target: killing the original", "err", why)
+		a.depart(ctx, departure{wid: m.WorkloadID, attempt: m.Attempt})
+		a.vips.thaw(m.WorkloadID, "") // gone from here
+		if err := kill(hold.dir); err != nil {
+			log.Warn("kill the original's cgroup", "err", err)
+		}
+		freeze(hold.dir, false)
+	default:
+		if err := freeze(hold.dir, false); err != nil {
+			log.Warn("thaw the original", "err", err)
+			return
+		}
+		a.vips.thaw(m.WorkloadID, a.workloadVIP(m.WorkloadID))
+		log.Warn("migration failed; workload resumed here", "err", why)
+	}
+}
+
+// cgHold is a migrating original's cgroup, frozen once the process is
+// stopped for its capture (capture's Frozen hook).
+type cgHold struct {
+	dir    string
+	log    interface{ Warn(string, ...any) }
+	frozen atomic.Bool
+}
+
+// freeze freezes the cgroup; on failure the original is held by the
+// agent's ptrace alone (armConn's PTRACE_O_EXITKILL).
+func (h *cgHold) freeze() {
+	if err := freeze(h.dir, true); err != nil {
+		h.log.Warn("original's cgroup not frozen: held by this agent's ptrace alone", "err", err)
+		return
+	}
+	h.frozen.Store(true)
+}
+
+// holdFor returns the hold of migration m's original, pid: its cgroup,
+// into which an original that is not there yet (adopted from an agent
+// without cgroups) is moved first; nil without cgroups.
+func (a *Agent) holdFor(m scheduler.Migration, pid int, log interface{ Warn(string, ...any) }) *cgHold {
+	if a.cg == nil {
+		return nil
+	}
+	if !a.cg.holds(m.WorkloadID, m.Attempt, pid) {
+		if err := a.cg.place(m.WorkloadID, m.Attempt, pid); err != nil {
+			log.Warn("original not in a cgroup: held by this agent's ptrace alone", "err", err)
+			return nil
+		}
+	}
+	a.mu.Lock()
+	a.holding[m.WorkloadID] = m.Attempt
+	a.mu.Unlock()
+	return &cgHold{dir: a.cg.dir(m.WorkloadID, m.Attempt), log: log}
+}
+
+func (a *Agent) unhold(wid string) {
+	a.mu.Lock()
+	delete(a.holding, wid)
+	a.mu.Unlock()
 }
 
 // armConn calls arm when the sink begins to wait for the receiver's
@@ -309,7 +420,8 @@ func (a *Agent) abandonOut(ctx context.Context, m scheduler.Migration) {
 }
 
 // killWithTracer makes the kernel kill every thread of pid, frozen by
-// this agent's tracer, if the tracer dies (PTRACE_O_EXITKILL): a source
+// this agent's tracer, if the tracer dies (PTRACE_O_EXITKILL; when pid is
+// the init of a PID namespace, its end kills the whole namespace): a source
 // agent that dies once the target has built the copy leaves no original
 // that resumes when its tracer goes. Should the abort win instead, the
 // workload ends and its end is reported by the next agent (its restart
@@ -497,10 +609,19 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	defer body.Close()
 	dec := image.NewDecoder(body)
 	dec.CheckRegisters(ptrace.NumRegs)
+	// A workload that runs as a PID namespace of its own moves as one: a
+	// new namespace here gets the saved numbers back, its init first.
+	var nsPid int
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		if w, ok := s.Workloads[m.WorkloadID]; ok {
+			nsPid = w.NSPID
+		}
+	})
+	pidns := nsPid > 0
 	// Detach: the process outlives this agent (the next one adopts it);
 	// no parent-death signal. Stdio: our own log files.
 	p, err := loader.Build(rctx, a.tracer(), dec, loader.Options{Detach: true, Stdio: stdio, StdioFiles: true,
-		Notice: func(s string) { log.Info("restore: " + s) }})
+		PIDNamespace: pidns, Notice: func(s string) { log.Info("restore: " + s) }})
 	if err == nil {
 		if err = dec.ExpectEOF(); err != nil {
 			p.Abort()
@@ -539,10 +660,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	a.mu.Lock()
 	a.claimed[m.WorkloadID] = attempt
 	a.mu.Unlock()
-	stopped := false
+	stopped, vip := false, ""
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		w, ok := s.Workloads[m.WorkloadID]
 		stopped = !ok || w.Desired == scheduler.DesiredStopped
+		if ok {
+			vip = w.VIP
+		}
 	})
 	if stopped {
 		// Stopped after the commit: the copy is never started.
@@ -552,20 +676,44 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 			msg: fmt.Sprintf("stopped during migration %s: not started on %s", m.ID, a.cfg.Name), at: time.Now()})
 		return nil
 	}
+	if a.cg != nil {
+		// In its own cgroup before it runs, like a workload started here:
+		// what holds it when it moves on. Should this agent die before
+		// the start is recorded, the next finds it there (lostArrival).
+		if err := a.cg.place(m.WorkloadID, attempt, p.Pids()...); err != nil {
+			log.Warn("restored process left outside its cgroup", "err", err)
+		}
+	}
+	if vip != "" {
+		// Before the process runs, so that its first answers reach
+		// clients; a failure is logged, and reconcile tries again.
+		if err := a.vips.add(m.WorkloadID, vip); err != nil {
+			log.Warn("virtual IP not added before the start", "err", err)
+		}
+	}
+	a.clearStatus(m.WorkloadID)
 	if err := p.Start(); err != nil {
-		// Committed and lost: the state records the exit, and the
-		// workload's restart policy applies.
+		// Committed and lost before it ran (workload-lost): its
+		// restart policy applies, else the workload is lost.
 		a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt})
-		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1,
+		a.queueExit(exitEvent{wid: m.WorkloadID, attempt: attempt, code: -1, lost: true,
 			msg: fmt.Sprintf("migration %s: restored process did not start: %v", m.ID, err), at: time.Now()})
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
-	pid := p.Pid()
-	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: p.WaitPid()})
-	ticks, _ := startTicks(pid)
-	log.Info("migrated workload started here", "pid", pid)
+	pid, watched, initPid := p.Pid(), p.WaitPid(), 0
+	if pidns {
+		// The namespace's init is our child; the program is its child
+		// with its saved PID there.
+		initPid = watched
+		if pid = nsChild(initPid, nsPid); pid == 0 {
+			pid = initPid // ended already: its end is on its way
+		}
+	}
+	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: watched, pidns: pidns})
+	ticks, _ := startTicks(watched)
+	log.Info("migrated workload started here", "pid", pid, "init", initPid)
 	if err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
-		PID: pid, StartTicks: ticks}); err != nil {
+		PID: pid, StartTicks: ticks, InitPID: initPid}); err != nil {
 		return fmt.Errorf("migration %s: started as pid %d; done not recorded: %w", m.ID, pid, err)
 	}
 	return nil

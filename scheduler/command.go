@@ -27,6 +27,7 @@ const (
 	CmdNodeDrain              CommandType = 13
 	CmdNodeDrainDone          CommandType = 14
 	CmdWorkloadReschedule     CommandType = 15
+	CmdWorkloadLost           CommandType = 16
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -67,6 +68,8 @@ func (t CommandType) String() string {
 		return "node-drain-done"
 	case CmdWorkloadReschedule:
 		return "workload-reschedule"
+	case CmdWorkloadLost:
+		return "workload-lost"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -110,6 +113,8 @@ type WorkloadStartedCmd struct {
 	Attempt    int    `msgpack:"attempt"`
 	PID        int    `msgpack:"pid"`
 	StartTicks uint64 `msgpack:"start_ticks"`
+	NSPID      int    `msgpack:"ns_pid"`
+	InitPID    int    `msgpack:"init_pid"`
 	At         int64  `msgpack:"at"`
 }
 
@@ -123,6 +128,19 @@ type WorkloadExitedCmd struct {
 	Signal   string `msgpack:"signal"`
 	Message  string `msgpack:"msg"`
 	At       int64  `msgpack:"at"`
+}
+
+// WorkloadLostCmd is reported by the node where attempt Attempt was to run
+// and never did: a migration's target whose agent died after the commit,
+// before it started the restored process (its copy died with the agent).
+// Its restart policy applies as for a failure; without a restart due the
+// workload is lost, as when its node dies.
+type WorkloadLostCmd struct {
+	ID      string `msgpack:"id"`
+	Node    string `msgpack:"node"`
+	Attempt int    `msgpack:"attempt"`
+	Message string `msgpack:"msg"`
+	At      int64  `msgpack:"at"`
 }
 
 // WorkloadStopCmd asks for a workload to be stopped.
@@ -163,6 +181,7 @@ type MigrationStepCmd struct {
 	Error      string         `msgpack:"error"`
 	PID        int            `msgpack:"pid"`
 	StartTicks uint64         `msgpack:"start_ticks"`
+	InitPID    int            `msgpack:"init_pid"` // with done: the namespace's init on the target
 	At         int64          `msgpack:"at"`
 	Bytes      int64          `msgpack:"bytes"`
 }

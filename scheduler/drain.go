@@ -182,7 +182,7 @@ func PlanDrain(s *State, now time.Time, exclude map[string]string) DrainPlan {
 			for k, v := range exclude {
 				ex[k] = v
 			}
-			target, err := Place(s, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, Exclude: ex, Extra: extra})
+			target, err := Place(s, PlacementRequest{Constraints: w.Constraints, Resources: w.Resources, Exclude: ex, Extra: extra, VIP: w.VIP != ""})
 			if err != nil {
 				p.Blocked = append(p.Blocked, DrainBlocked{Node: n.Name, Workload: w.ID, Why: err.Error()})
 				continue

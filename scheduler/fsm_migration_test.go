@@ -311,3 +311,52 @@ func TestMigrationHistoryBounded(t *testing.T) {
 		}
 	})
 }
+
+// TestWorkloadLostAfterCommit: a target that lost the restored process
+// with its agent (after the commit, before the start) says so; the
+// migration is done, and the restart policy decides: lost without a
+// restart due, pending again on the target with one. Any other node, an
+// old attempt, or a workload whose process started is refused.
+func TestWorkloadLostAfterCommit(t *testing.T) {
+	commit := func(a *applier) Migration {
+		m := a.plan("run", "b")
+		a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: 1, Node: "a", To: MigrationTransferring})
+		a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: 1, Node: "b", To: MigrationCommitted})
+		return m
+	}
+	const why = "lost with the agent before it started"
+	t.Run("never", func(t *testing.T) {
+		a := migrationFixture(t)
+		m := commit(a)
+		for _, bad := range []*WorkloadLostCmd{
+			{ID: "run", Node: "a", Attempt: 2, Message: why, At: 40},
+			{ID: "run", Node: "b", Attempt: 1, Message: why, At: 40},
+		} {
+			if err, _ := a.apply(CmdWorkloadLost, bad).(error); !errors.Is(err, ErrStale) {
+				t.Errorf("lost from %s attempt %d: got %v, want ErrStale", bad.Node, bad.Attempt, err)
+			}
+		}
+		a.ok(CmdWorkloadLost, &WorkloadLostCmd{ID: "run", Node: "b", Attempt: 2, Message: why, At: 40})
+		if got := a.migration(m.ID); got.State != MigrationDone || got.Error != why {
+			t.Errorf("migration: got %s (%q), want done (%q)", got.State, got.Error, why)
+		}
+		if w := a.workload("run"); w.State != StateLost || w.Node != "b" || w.Message != why || w.LostAt != 40 {
+			t.Errorf("workload: got %s on %s (%q, lost at %d), want lost on b (%q, 40)", w.State, w.Node, w.Message, w.LostAt, why)
+		}
+	})
+	t.Run("always", func(t *testing.T) {
+		a := migrationFixture(t)
+		a.f.Read(func(s *State) { s.Workloads["run"].Restart.Mode = RestartAlways })
+		commit(a)
+		a.ok(CmdWorkloadLost, &WorkloadLostCmd{ID: "run", Node: "b", Attempt: 2, Message: why, At: 40})
+		if w := a.workload("run"); w.State != StatePending || w.DesiredNode != "b" || w.Attempt != 3 || w.Restarts != 1 {
+			t.Errorf("workload: got %s on %s attempt %d restarts %d, want pending on b attempt 3 restarts 1", w.State, w.DesiredNode, w.Attempt, w.Restarts)
+		}
+	})
+	t.Run("started", func(t *testing.T) {
+		a := migrationFixture(t)
+		if err, _ := a.apply(CmdWorkloadLost, &WorkloadLostCmd{ID: "run", Node: "a", Attempt: 1, Message: why, At: 40}).(error); !errors.Is(err, ErrStale) {
+			t.Errorf("lost of a workload with a process: got %v, want ErrStale", err)
+		}
+	})
+}

@@ -25,6 +25,7 @@ func applyNodeUpsert(s *State, idx uint64, c *NodeUpsertCmd) any {
 	}
 	n.GossipAddr, n.RaftAddr, n.APIAddr = c.Node.GossipAddr, c.Node.RaftAddr, c.Node.APIAddr
 	n.Labels = c.Node.Labels
+	n.NoVIP = c.Node.NoVIP
 	if c.Node.LoadAt != 0 {
 		n.Load, n.LoadAt = c.Node.Load, c.Node.LoadAt
 	}

@@ -68,6 +68,12 @@ func allCommands(a *applier) {
 		Restart: RestartPolicy{Mode: RestartAlways}, CreatedAt: 19}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w4", Node: "a", Attempt: 1, PID: 400, At: 20})
 	a.ok(CmdWorkloadReschedule, &WorkloadRescheduleCmd{ID: "w4", Node: "d", Reason: "drain", At: 21})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w5", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 22}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w5", Node: "a", Attempt: 1, PID: 500, At: 23})
+	m = a.ok(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w5", Target: "d", Reason: "operator", At: 24}).(Migration)
+	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "a", To: MigrationTransferring, At: 25})
+	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "d", To: MigrationCommitted, At: 26})
+	a.ok(CmdWorkloadLost, &WorkloadLostCmd{ID: "w5", Node: "d", Attempt: 2, Message: "lost with the agent before it started", At: 27})
 }
 
 func TestFSMSnapshotRestoreEqual(t *testing.T) {
@@ -160,6 +166,9 @@ func TestFSMWorkloadLifecycle(t *testing.T) {
 	}
 	if err, _ := a.apply(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w4", Command: "x", DesiredNode: "a", VIP: "198.18.0.10"}}).(error); !errors.Is(err, ErrExists) {
 		t.Errorf("duplicate active VIP: got %v, want ErrExists", err)
+	}
+	if err, _ := a.apply(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w5", Command: "x", DesiredNode: "a", VIP: "198.18.0.10/24"}}).(error); !errors.Is(err, ErrExists) {
+		t.Errorf("duplicate active VIP with a prefix: got %v, want ErrExists", err)
 	}
 }
 

@@ -36,6 +36,7 @@ func init() {
 	register(CmdWorkloadExited, applyWorkloadExited)
 	register(CmdWorkloadStop, applyWorkloadStop)
 	register(CmdWorkloadReschedule, applyWorkloadReschedule)
+	register(CmdWorkloadLost, applyWorkloadLost)
 }
 
 // applyWorkloadCreate adds a workload as committed. It refuses only what
@@ -60,7 +61,7 @@ func applyWorkloadCreate(s *State, idx uint64, c *WorkloadCreateCmd) any {
 	}
 	if w.VIP != "" {
 		for _, o := range s.Workloads {
-			if o.VIP == w.VIP && o.State.Active() {
+			if SameVIP(o.VIP, w.VIP) && o.State.Active() {
 				return fmt.Errorf("workload create %s: virtual IP %s is used by %s: %w", w.ID, w.VIP, o.ID, ErrExists)
 			}
 		}
@@ -97,6 +98,7 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 	w.LostAt = 0
 	w.Node = c.Node
 	w.PID, w.StartTicks = c.PID, c.StartTicks
+	w.NSPID, w.InitPID = c.NSPID, c.InitPID
 	w.StartedAt = c.At
 	w.Message = ""
 	w.ModifyIndex = idx
@@ -115,6 +117,7 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 	w.ExitCode, w.Signal, w.Message = c.ExitCode, c.Signal, c.Message
 	w.EndedAt = c.At
 	w.PID, w.StartTicks = 0, 0
+	w.NSPID, w.InitPID = 0, 0
 	w.ModifyIndex = idx
 	failed := c.ExitCode != 0 || c.Signal != ""
 	endMigration(s, idx, c.At, w.ID, fmt.Sprintf("workload ended on %s", c.Node))
@@ -136,6 +139,41 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 		w.State = StateFailed
 	default:
 		w.State = StateExited
+	}
+	return *w
+}
+
+// applyWorkloadLost records that the workload's current attempt, running
+// on its node by the state's word, has no process there and never had one
+// (WorkloadLostCmd). Only the node the attempt belongs to may say so, and
+// only while the state has no process of it (PID 0): a started process
+// ends by an exit report. It ends the workload's migration as an exit
+// does; then its restart policy applies as for a failure (a restart
+// starts it from its command on the same node), else it is lost.
+func applyWorkloadLost(s *State, idx uint64, c *WorkloadLostCmd) any {
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("workload lost %s: %w", c.ID, ErrNotFound)
+	}
+	if c.Attempt != w.Attempt || c.Node != w.Node || w.State != StateRunning || w.PID != 0 {
+		return fmt.Errorf("workload lost %s: attempt %d on %s, the state has attempt %d %s on %s with pid %d: %w",
+			c.ID, c.Attempt, c.Node, w.Attempt, w.State, w.Node, w.PID, ErrStale)
+	}
+	w.ExitCode, w.Signal, w.Message = -1, "", c.Message
+	w.EndedAt = c.At
+	w.StartTicks = 0
+	w.ModifyIndex = idx
+	endMigration(s, idx, c.At, w.ID, c.Message)
+	switch {
+	case w.Desired == DesiredStopped:
+		w.State = StateStopped
+	case restartDue(w, true):
+		w.Restarts++
+		w.Attempt++
+		w.State = StatePending
+	default:
+		w.State = StateLost
+		w.LostAt = c.At
 	}
 	return *w
 }

@@ -1,6 +1,10 @@
 package scheduler
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/pcluster/pcluster/netrehome"
+)
 
 // PlacementRequest says what a new workload needs from its node.
 type PlacementRequest struct {
@@ -14,6 +18,23 @@ type PlacementRequest struct {
 	// Extra counts workloads already headed to a node that the state does
 	// not show yet (a planner's earlier picks in the same round).
 	Extra map[string]int
+	// VIP: the workload has a virtual IP, which only nodes able to add
+	// addresses and send ARP can carry (Node.NoVIP).
+	VIP bool
+}
+
+// SameVIP reports whether two workloads' VIPs name the same address
+// ("198.18.0.50/24" and "198.18.0.50" do).
+func SameVIP(a, b string) bool {
+	if a == "" || b == "" {
+		return false
+	}
+	pa, erra := netrehome.Parse(a)
+	pb, errb := netrehome.Parse(b)
+	if erra != nil || errb != nil {
+		return a == b
+	}
+	return pa.Addr() == pb.Addr()
 }
 
 // Place picks the node for a new workload: among ready, eligible, not draining nodes that
@@ -49,14 +70,22 @@ func Place(s *State, req PlacementRequest) (string, error) {
 		active[n] += k
 	}
 	best, bestScore := "", 0.0
+	noVIP, noVIPNode := "", "" // the first node that would do but for the VIP, and why
 	for _, n := range s.Nodes {
-		if unfit(n, req) != "" {
+		if why := unfit(n, req); why != "" {
+			if req.VIP && n.NoVIP != "" && unfit(n, PlacementRequest{Constraints: req.Constraints, Resources: req.Resources, Exclude: req.Exclude}) == "" &&
+				(noVIPNode == "" || n.Name < noVIPNode) {
+				noVIP, noVIPNode = n.Name+": "+why, n.Name
+			}
 			continue
 		}
 		sc := score(n, active[n.Name])
 		if best == "" || sc > bestScore || (sc == bestScore && n.Name < best) {
 			best, bestScore = n.Name, sc
 		}
+	}
+	if best == "" && noVIP != "" {
+		return "", fmt.Errorf("place among %d nodes: none can carry virtual IPs (%s): %w", len(s.Nodes), noVIP, ErrNoNode)
 	}
 	if best == "" {
 		return "", fmt.Errorf("place among %d nodes: %w", len(s.Nodes), ErrNoNode)
@@ -77,6 +106,9 @@ func unfit(n *Node, req PlacementRequest) string {
 	}
 	if why, ok := req.Exclude[n.Name]; ok {
 		return "node " + why
+	}
+	if req.VIP && n.NoVIP != "" {
+		return "cannot carry virtual IPs: pclusterd " + n.NoVIP
 	}
 	for k, v := range req.Constraints {
 		if got, ok := n.Labels[k]; !ok || got != v {

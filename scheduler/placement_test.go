@@ -3,6 +3,7 @@ package scheduler
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -18,6 +19,8 @@ func TestPlace(t *testing.T) {
 	inel.Eligible = false
 	drain := node("r", 0, 8, nil)
 	drain.Status = NodeDraining
+	noCap := node("c", 0, 8, nil)
+	noCap.NoVIP = "lacks CAP_NET_RAW"
 	tests := []struct {
 		name    string
 		nodes   []*Node
@@ -42,6 +45,10 @@ func TestPlace(t *testing.T) {
 		{"pinned excluded", []*Node{node("a", 0, 8, nil)}, nil, PlacementRequest{Node: "a", Exclude: map[string]string{"a": "not answering"}}, "", ErrNoNode},
 		{"pinned unknown", []*Node{node("a", 0, 8, nil)}, nil, PlacementRequest{Node: "q"}, "", ErrNotFound},
 		{"no nodes", nil, nil, PlacementRequest{}, "", ErrNoNode},
+		{"vip skips a node without the capabilities", []*Node{noCap, node("z", 2, 1, nil)}, nil, PlacementRequest{VIP: true}, "z", nil},
+		{"no vip: any node", []*Node{noCap, node("z", 2, 1, nil)}, nil, PlacementRequest{}, "c", nil},
+		{"vip, none capable", []*Node{noCap}, nil, PlacementRequest{VIP: true}, "", ErrNoNode},
+		{"vip pinned to an incapable node", []*Node{noCap}, nil, PlacementRequest{VIP: true, Node: "c"}, "", ErrNoNode},
 	}
 	for _, tc := range tests {
 		s := NewState()
@@ -61,6 +68,40 @@ func TestPlace(t *testing.T) {
 		// Same state, same answer.
 		if again, _ := Place(s, tc.req); again != got {
 			t.Errorf("%s: not deterministic: %q then %q", tc.name, got, again)
+		}
+	}
+}
+
+// TestPlaceVIPReason: a VIP workload no node can carry is refused with
+// the reason, in one line.
+func TestPlaceVIPReason(t *testing.T) {
+	s := NewState()
+	for _, name := range []string{"b", "a"} {
+		n := node(name, 0, 8, nil)
+		n.NoVIP = "lacks CAP_NET_ADMIN"
+		s.Nodes[name] = n
+	}
+	for _, req := range []PlacementRequest{{VIP: true}, {VIP: true, Node: "b"}} {
+		_, err := Place(s, req)
+		if err == nil || !strings.Contains(err.Error(), "cannot carry virtual IPs: pclusterd lacks CAP_NET_ADMIN") || strings.Contains(err.Error(), "\n") {
+			t.Errorf("place %+v: %v, want one line naming the missing capability", req, err)
+		}
+	}
+}
+
+func TestSameVIP(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		want bool
+	}{
+		{"198.18.0.50/24", "198.18.0.50", true},
+		{"198.18.0.50/24", "198.18.0.50/16", true},
+		{"198.18.0.50", "198.18.0.51", false},
+		{"", "", false},
+		{"198.18.0.50", "", false},
+	} {
+		if got := SameVIP(tc.a, tc.b); got != tc.want {
+			t.Errorf("SameVIP(%q, %q) = %v, want %v", tc.a, tc.b, got, tc.want)
 		}
 	}
 }

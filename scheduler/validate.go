@@ -3,9 +3,10 @@ package scheduler
 import (
 	"errors"
 	"fmt"
-	"net"
 	"strings"
 	"unicode"
+
+	"github.com/pcluster/pcluster/netrehome"
 )
 
 // ErrInvalid marks a spec or command the state refuses: a field out of its
@@ -125,7 +126,7 @@ func ValidateNode(n *Node) error {
 	if err := checkMap("labels", n.Labels); err != nil {
 		return err
 	}
-	for _, f := range []struct{ name, v string }{{"gossip address", n.GossipAddr}, {"raft address", n.RaftAddr}, {"API address", n.APIAddr}} {
+	for _, f := range []struct{ name, v string }{{"gossip address", n.GossipAddr}, {"raft address", n.RaftAddr}, {"API address", n.APIAddr}, {"no_vip", n.NoVIP}} {
 		if err := checkString(f.name, f.v, MaxNameLen); err != nil {
 			return err
 		}
@@ -182,8 +183,10 @@ func ValidateWorkload(w *Workload) error {
 	if err := checkString("cwd", w.Cwd, MaxPathLen); err != nil {
 		return err
 	}
-	if w.VIP != "" && net.ParseIP(w.VIP) == nil {
-		return invalid("vip", "%q is not an IP address", w.VIP)
+	if w.VIP != "" {
+		if _, err := netrehome.Parse(w.VIP); err != nil {
+			return invalid("vip", "%v", err)
+		}
 	}
 	total := len(w.Name) + len(w.Command) + len(w.Cwd) + len(w.User) + len(w.Group) + len(w.VIP)
 	if len(w.Args) > MaxArgs {
@@ -257,7 +260,7 @@ func CheckCreate(s *State, w *Workload) error {
 	}
 	if w.VIP != "" {
 		for _, o := range s.Workloads {
-			if o.VIP == w.VIP && o.State == StateLost {
+			if SameVIP(o.VIP, w.VIP) && o.State == StateLost {
 				return fmt.Errorf("virtual IP %s is held by %s, lost with node %s (it may come back; stop it first): %w", w.VIP, o.ID, o.Node, ErrExists)
 			}
 		}
@@ -303,12 +306,14 @@ const MaxPID = 1 << 22
 // CheckReport checks the fields an agent's report carries. The API applies
 // it before proposing the report (with CutMessage on its message); the FSM
 // does not (see ValidateWorkload).
-func CheckReport(id, node, signal string, pid int) error {
+func CheckReport(id, node, signal string, pids ...int) error {
 	if err := CheckWorkloadID(id); err != nil {
 		return err
 	}
-	if pid < 0 || pid > MaxPID {
-		return invalid(fmt.Sprintf("pid %d", pid), "out of range 0..%d", MaxPID)
+	for _, pid := range pids {
+		if pid < 0 || pid > MaxPID {
+			return invalid(fmt.Sprintf("pid %d", pid), "out of range 0..%d", MaxPID)
+		}
 	}
 	if err := checkString("node", node, MaxNameLen); err != nil {
 		return err

@@ -341,6 +341,14 @@ func (c *Client) Report(ctx context.Context, r Report) error {
 	return c.do(ctx, http.MethodPost, PathReport, r, nil)
 }
 
+// LeaderIndex asks the leader for the raft index its state has applied
+// once every entry committed before the request has been (a barrier): a
+// replica that has applied it is current as of the request.
+func (c *Client) LeaderIndex(ctx context.Context) (uint64, error) {
+	var out Index
+	return out.Index, c.do(ctx, http.MethodGet, PathIndex, nil, &out)
+}
+
 // Migrate plans the move of a workload; the answer is the planned
 // migration.
 func (c *Client) Migrate(ctx context.Context, req MigrateRequest) (Migration, error) {

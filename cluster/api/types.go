@@ -11,6 +11,9 @@ const (
 	PathNodes     = "/v1/nodes"        // GET; /v1/nodes/NAME; POST /v1/nodes/NAME/eligibility, /v1/nodes/NAME/drain
 	PathWorkloads = "/v1/workloads"    // GET, POST; /v1/workloads/ID[/stop|/logs]
 	PathReport    = "/v1/agent/report" // POST by node agents
+	// PathIndex: GET by node agents: the leader's applied index once a
+	// barrier has passed (Index), what a replica must reach to be current.
+	PathIndex = "/v1/agent/index"
 	// PathMigrations: GET (?all=1: ended ones too), POST (plan);
 	// /v1/migrations/ID; POST /v1/migrations/ID/step by node agents; POST
 	// /v1/migrations/ID/transfer?attempt=N from the source agent to the
@@ -152,7 +155,9 @@ type Workload struct {
 	State       string            `json:"state"`
 	Attempt     int               `json:"attempt"`
 	Restarts    int               `json:"restarts"`
-	PID         int               `json:"pid,omitempty"`
+	PID         int               `json:"pid,omitempty"`      // the program's, on its node
+	NSPID       int               `json:"ns_pid,omitempty"`   // the program's in its PID namespace
+	InitPID     int               `json:"init_pid,omitempty"` // the namespace's init, on its node
 	ExitCode    int               `json:"exit_code"`
 	Signal      string            `json:"signal,omitempty"`
 	Message     string            `json:"message,omitempty"`
@@ -166,7 +171,15 @@ type Workload struct {
 const (
 	ReportStarted = "started"
 	ReportExited  = "exited"
+	// ReportLost: the attempt never ran here and has no process
+	// (scheduler.WorkloadLostCmd); Message says why.
+	ReportLost = "lost"
 )
+
+// Index is the leader's answer on PathIndex.
+type Index struct {
+	Index uint64 `json:"index"`
+}
 
 // Report is a node agent telling the leader about one of its workloads.
 type Report struct {
@@ -176,6 +189,8 @@ type Report struct {
 	Attempt    int       `json:"attempt"`
 	PID        int       `json:"pid,omitempty"`
 	StartTicks uint64    `json:"start_ticks,omitempty"`
+	NSPID      int       `json:"ns_pid,omitempty"`
+	InitPID    int       `json:"init_pid,omitempty"`
 	ExitCode   int       `json:"exit_code"`
 	Signal     string    `json:"signal,omitempty"`
 	Message    string    `json:"message,omitempty"`
@@ -225,6 +240,7 @@ type MigrationStep struct {
 	Error      string    `json:"error,omitempty"`
 	PID        int       `json:"pid,omitempty"`
 	StartTicks uint64    `json:"start_ticks,omitempty"`
+	InitPID    int       `json:"init_pid,omitempty"`
 	Bytes      int64     `json:"bytes,omitempty"` // with committed: the stream's size
 	At         time.Time `json:"at"`
 }

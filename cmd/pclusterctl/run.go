@@ -71,7 +71,7 @@ func (c *runCmd) flags(fs *flag.FlagSet) {
 	c.labels, c.constraints = kvFlag{}, kvFlag{}
 	fs.StringVar(&c.req.Name, "name", "", "workload `name` (default: the command's base name)")
 	fs.StringVar(&c.req.Node, "node", "", "run on this `node` only")
-	fs.StringVar(&c.req.VIP, "vip", "", "virtual `IP` that follows the workload")
+	fs.StringVar(&c.req.VIP, "vip", "", "virtual `IP[/PREFIX]` that follows the workload (IPv4; the prefix names its subnet)")
 	fs.Var(c.labels, "label", "workload label `key=value` (repeatable)")
 	fs.Var(c.constraints, "constraint", "node label `key=value` the node must have (repeatable)")
 	fs.Var(&c.env, "env", "environment `KEY=VALUE` (repeatable)")

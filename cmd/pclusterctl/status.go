@@ -4,6 +4,8 @@ import (
 	"context"
 	"flag"
 	"fmt"
+
+	"github.com/pcluster/pcluster/cluster/api"
 )
 
 type statusCmd struct{}
@@ -25,7 +27,25 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stdout, "ID:        %s\nName:      %s\nCommand:   %s\nState:     %s (desired %s)\nNode:      %s (placed on %s)\n",
 		w.ID, shown(w.Name), commandLine(w.Command, w.Args), shown(w.State), shown(w.Desired), dash(w.Node), shown(w.DesiredNode))
-	fmt.Fprintf(e.stdout, "PID:       %d\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
-		w.PID, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), dash(w.VIP), dash(w.Message), ago(w.CreatedAt))
+	pid := fmt.Sprint(w.PID)
+	if w.NSPID > 0 && w.NSPID != w.PID {
+		pid += fmt.Sprintf(" (%d in its PID namespace, whose init is %d)", w.NSPID, w.InitPID)
+	}
+	fmt.Fprintf(e.stdout, "PID:       %s\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
+		pid, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
 	return nil
+}
+
+// vipWhere says where a workload's VIP is: on the node running it, or on
+// none (the agent adds it when the process starts and removes it when it
+// ends or is frozen to move).
+func vipWhere(w api.Workload) string {
+	switch {
+	case w.VIP == "":
+		return "-"
+	case w.State == "running" && w.Node != "":
+		return shown(w.VIP) + " on " + shown(w.Node)
+	default:
+		return shown(w.VIP) + " (on no node: the workload is " + shown(w.State) + ")"
+	}
 }

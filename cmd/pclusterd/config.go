@@ -38,6 +38,7 @@ type fileConfig struct {
 	WorkloadGCAfter string    `json:"workload_gc_after"`
 	DrainOnShutdown bool      `json:"drain_on_shutdown"`
 	DrainTimeout    string    `json:"drain_timeout"`
+	VIPInterface    string    `json:"vip_interface"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -102,6 +103,7 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("metrics-addr", &c.MetricsAddr, f.MetricsAddr)
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
+	pick("vip-interface", &c.VIPInterface, f.VIPInterface)
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
 		c.DrainOnShutdown = true
 	}
@@ -134,7 +136,7 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Advertise: c.Advertise, Socket: c.Socket,
 		SocketGroup: c.SocketGroup,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
-		Labels: c.Labels, Logger: logger}
+		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket
 	}

@@ -21,9 +21,14 @@ import (
 	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/node"
 )
 
 func main() {
+	if node.IsInit() {
+		// A workload's init, pid 1 of its PID namespace (node/init_linux.go).
+		os.Exit(node.InitMain())
+	}
 	err := run(os.Args[1:], os.Stderr)
 	var ue usageError
 	switch {
@@ -98,6 +103,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.WorkloadGCAfter, "workload-gc-after", "", "remove ended workloads from the state this `duration` after they end (default 1h)")
 	fs.BoolVar(&c.DrainOnShutdown, "drain-on-shutdown", false, "on SIGTERM or SIGINT, drain this node (move its workloads to others) before shutting down; a second signal stops waiting")
 	fs.StringVar(&c.DrainTimeout, "drain-timeout", "", "with -drain-on-shutdown: the drain's deadline, after which the workloads still here are stopped (default 2m)")
+	fs.StringVar(&c.VIPInterface, "vip-interface", "", "carry workloads' virtual IPs on `interface` (default: the one whose subnet holds each VIP)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
 	if err := parse(fs, args, stderr); err != nil {
 		return err

@@ -24,8 +24,10 @@ type Host struct {
 // Lab is a set of hosts on one bridge; the bridge lives in a namespace of
 // its own, so the host's network stack is not involved.
 type Lab struct {
-	sw    string
-	Hosts []*Host
+	sw     string
+	prefix string
+	subnet int
+	Hosts  []*Host
 }
 
 // Available reports why a lab cannot be built here, or "" if it can.
@@ -58,7 +60,7 @@ func New(tb testing.TB, n int, subnet int) *Lab {
 		tb.Skip(why)
 	}
 	prefix := fmt.Sprintf("pcl%d-%d", os.Getpid(), subnet)
-	l := &Lab{sw: prefix + "-sw"}
+	l := &Lab{sw: prefix + "-sw", prefix: prefix, subnet: subnet}
 	tb.Cleanup(l.remove)
 	must := func(args ...string) {
 		if err := ip(args...); err != nil {
@@ -69,17 +71,30 @@ func New(tb testing.TB, n int, subnet int) *Lab {
 	must("-n", l.sw, "link", "add", "br0", "type", "bridge")
 	must("-n", l.sw, "link", "set", "br0", "up")
 	for i := 0; i < n; i++ {
-		h := &Host{NS: fmt.Sprintf("%s-h%d", prefix, i), Addr: fmt.Sprintf("198.18.%d.%d", subnet, i+1),
-			port: fmt.Sprintf("p%d", i), lab: l}
-		must("netns", "add", h.NS)
-		l.Hosts = append(l.Hosts, h)
-		must("-n", l.sw, "link", "add", h.port, "type", "veth", "peer", "name", "eth0", "netns", h.NS)
-		must("-n", l.sw, "link", "set", h.port, "master", "br0", "up")
-		must("-n", h.NS, "addr", "add", h.Addr+"/24", "dev", "eth0")
-		must("-n", h.NS, "link", "set", "eth0", "up")
-		must("-n", h.NS, "link", "set", "lo", "up")
+		l.AddHost(tb)
 	}
 	return l
+}
+
+// AddHost adds a host to the lab's bridge, with the next address.
+func (l *Lab) AddHost(tb testing.TB) *Host {
+	tb.Helper()
+	must := func(args ...string) {
+		if err := ip(args...); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	i := len(l.Hosts)
+	h := &Host{NS: fmt.Sprintf("%s-h%d", l.prefix, i), Addr: fmt.Sprintf("198.18.%d.%d", l.subnet, i+1),
+		port: fmt.Sprintf("p%d", i), lab: l}
+	must("netns", "add", h.NS)
+	l.Hosts = append(l.Hosts, h)
+	must("-n", l.sw, "link", "add", h.port, "type", "veth", "peer", "name", "eth0", "netns", h.NS)
+	must("-n", l.sw, "link", "set", h.port, "master", "br0", "up")
+	must("-n", h.NS, "addr", "add", h.Addr+"/24", "dev", "eth0")
+	must("-n", h.NS, "link", "set", "eth0", "up")
+	must("-n", h.NS, "link", "set", "lo", "up")
+	return h
 }
 
 // Cut takes host i's link down (down true) or up again.

@@ -32,10 +32,14 @@ import (
 // cannot carry yet.
 var ErrUnsupported = errors.New("not supported")
 
-type unsupportedError struct{ msg string }
+type unsupportedError struct {
+	msg   string
+	cause error // wrapped, when a refusal has a sentinel of its own
+}
 
 func (e *unsupportedError) Error() string        { return e.msg }
 func (e *unsupportedError) Is(target error) bool { return target == ErrUnsupported }
+func (e *unsupportedError) Unwrap() error        { return e.cause }
 
 func unsupported(format string, args ...any) error {
 	return &unsupportedError{msg: fmt.Sprintf(format, args...)}
@@ -54,6 +58,8 @@ type Frozen struct {
 	// files: in a tree, the files without a path an earlier member saved
 	// (objects_linux.go); nil for a single process.
 	files map[uint64]bool
+	// socks are the sockets held while the process is frozen.
+	socks sockets
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -293,7 +299,7 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) er
 			return err
 		}
 	}
-	fds, err := describeFDs(f.Pid, inner)
+	fds, err := describeFDs(f.Pid, inner, &f.socks)
 	if err != nil {
 		return err
 	}
@@ -770,6 +776,11 @@ func (f *Frozen) Resume() error {
 		}
 		return errors.Join(errs...)
 	})
+	// The sockets before the threads run: a connection must leave
+	// repair mode before the process uses it.
+	if serr := f.socks.resume(); serr != nil {
+		err = errors.Join(err, serr)
+	}
 	f.detach()
 	for _, th := range f.threads {
 		for _, sig := range th.requeue {
@@ -797,13 +808,36 @@ func (f *Frozen) detach() {
 
 // Kill ends the frozen process (after its snapshot is safely written).
 func (f *Frozen) Kill() error {
-	defer f.mem.Close()
-	ours := ourChild(f.Pid)
-	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
-		return fmt.Errorf("kill %d: %w", f.Pid, err)
+	_, err := kill([]*Frozen{f})
+	return err
+}
+
+// kill sends SIGKILL to every member, so that none runs again, then
+// reaps their threads (reap) and returns those it gave up on: none unless
+// something is wrong with the kernel's bookkeeping or ours. A member that
+// is a child of this very process (started or restored by it: an agent's
+// workload) is left to its parent's own wait once it has exited. Giving
+// up is not an error: the members are killed, and the caller must go on
+// (a migration's copy is to start).
+func kill(members []*Frozen) (left []int, err error) {
+	var errs []error
+	ours := make([]bool, len(members))
+	for i, f := range members {
+		ours[i] = ourChild(f.Pid) // before the kill: see ourChild
 	}
-	f.reap(ours)
-	return nil
+	for _, f := range members {
+		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
+			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
+		}
+	}
+	if len(members) > 0 {
+		left = reap(members[0].tr, members, ours)
+	}
+	for _, f := range members {
+		f.socks.kill()
+		f.mem.Close()
+	}
+	return left, errors.Join(errs...)
 }
 
 // ourChild reports whether pid is a child of this process (a workload
@@ -814,34 +848,91 @@ func ourChild(pid int) bool {
 	return err == nil && int(procfs.StatField(st, 4)) == os.Getpid()
 }
 
-// reap takes the ptrace notifications of every thread's exit so the
-// tracees are released; the leader's comes only after all others'. When
-// the process is our own child (ours), its leader is not waited for:
+// reap takes the exit of every thread of the killed members, as their
+// tracer must: a traced thread that exits stays a zombie until its tracer
+// waits for it, and only then is it released to its parent, or (a thread
+// that is not a leader) freed. It returns the threads not reaped within
+// ptrace.StopTimeout.
+//
+// No order is safe to wait in, so reap takes every exit as it comes
+// (wait4 with WNOHANG, in turn). The init of a PID namespace shows why:
+// the last of its threads to exit runs zap_pid_ns_processes, which waits
+// until every PID of the namespace but its own and its leader's is
+// freed, the init's other threads' included, and they, traced, are freed
+// only once reaped here. Waiting for that thread before the others (as
+// waiting in reverse creation order did, when the last thread of a Go
+// init was the last to exit) waits for a thread that waits for us.
+//
+// When a member is our own child (ours), its leader is not waited for:
 // tracer and parent are then one process, the leader's exit notification
 // is also its exit status, and taking it here would take it from the
 // caller's own wait for its child (an agent's wait4(pid), which would
-// then find no child). reap still returns only once the leader has
-// exited (a zombie for the caller to reap): whoever takes its PID next (a
-// migration's target on this host) must find it dying, not running.
-func (f *Frozen) reap(ours bool) {
-	f.tr.Do(func() error {
-		for i := len(f.threads) - 1; i >= 0; i-- {
-			th := f.threads[i]
-			if ours && th.tid == f.Pid {
-				for deadline := time.Now().Add(ptrace.StopTimeout); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-					st, err := procfs.Stat(f.Pid)
-					if err != nil || len(st) == 0 || st[0] == "Z" || st[0] == "X" {
-						break
-					}
-				}
-				continue
+// then find no child). reap still returns only once such a leader is a
+// zombie with no other thread left, its exit ready for that wait (the
+// thread group empty, as a pidfd's readability also needs): whoever takes
+// its PID next (a migration's target on this host) must find it dead.
+// Runs the waits on the tracer thread.
+func reap(tr *ptrace.Tracer, members []*Frozen, ours []bool) (left []int) {
+	type exit struct {
+		tid, pid int
+		// ownLeader: the leader of our own child, not waited for.
+		ownLeader bool
+	}
+	var todo []exit
+	for i, f := range members {
+		for _, th := range f.threads {
+			todo = append(todo, exit{th.tid, f.Pid, ours[i] && th.tid == f.Pid})
+		}
+	}
+	// threadsLeft reports whether threads of pid other than its leader
+	// are still to be reaped.
+	threadsLeft := func(pid int) bool {
+		for _, e := range todo {
+			if e.pid == pid && e.tid != pid {
+				return true
 			}
-			for {
-				if _, err := ptrace.Wait(th.tid); err != nil {
-					break
+		}
+		return false
+	}
+	deadline := time.Now().Add(ptrace.StopTimeout)
+	var pause time.Duration
+	tr.Do(func() error {
+		for len(todo) > 0 {
+			n := len(todo)
+			for i := 0; i < len(todo); {
+				e := todo[i]
+				done := false
+				if e.ownLeader {
+					st, err := procfs.Stat(e.pid)
+					done = !threadsLeft(e.pid) && (err != nil || len(st) == 0 || st[0] == "Z" || st[0] == "X")
+				} else {
+					// A stop (nil error) is taken and waited past; an
+					// exit, or no such child any more, ends the thread.
+					_, err := ptrace.WaitTimeout(e.tid, 0)
+					done = err != nil && !errors.Is(err, ptrace.ErrTimeout)
 				}
+				if done {
+					todo = append(todo[:i], todo[i+1:]...)
+					continue
+				}
+				i++
 			}
+			if len(todo) == 0 {
+				break
+			}
+			if !time.Now().Before(deadline) {
+				for _, e := range todo {
+					left = append(left, e.tid)
+				}
+				break
+			}
+			if len(todo) < n {
+				pause = 0 // progress: the next exit is likely near
+			}
+			pause = min(max(2*pause, 20*time.Microsecond), 2*time.Millisecond)
+			time.Sleep(pause)
 		}
 		return nil
 	})
+	return left
 }

@@ -226,27 +226,12 @@ func (t *FrozenTree) detach() {
 
 // Kill ends every member (after the snapshot is safely written): all are
 // sent SIGKILL first, so none runs again, then every thread's exit is
-// reaped, children first: the init of a frozen PID namespace does not
-// end before every process of its namespace is reaped, and those we
-// trace are released to it only as we take their exits. A member that
-// is a child of this very process (started or restored by it: an
-// agent's workload) is left to its parent's own wait once it has exited
-// (Frozen.reap).
+// reaped as it comes (reap): the init of a frozen PID namespace does not
+// end before every process and thread of its namespace is reaped, and
+// those we trace are released only as we take their exits. A member that
+// is a child of this very process (started or restored by it: an agent's
+// workload) is left to its parent's own wait once it has exited.
 func (t *FrozenTree) Kill() error {
-	var errs []error
-	ours := make([]bool, len(t.members))
-	for i, f := range t.members {
-		ours[i] = ourChild(f.Pid)
-	}
-	for _, f := range t.members {
-		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
-			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
-		}
-	}
-	for i := len(t.members) - 1; i >= 0; i-- {
-		f := t.members[i]
-		f.reap(ours[i])
-		f.mem.Close()
-	}
-	return errors.Join(errs...)
+	_, err := kill(t.members)
+	return err
 }

@@ -404,6 +404,15 @@ func CheckFD(f *FD) error {
 				return corruptf("fd %d: fanotify mark %q", f.Fd, m.Path)
 			}
 		}
+	case FDTCP:
+		if err := checkTCP(f.Fd, f.TCP); err != nil {
+			return err
+		}
+	case FDUDP:
+		u := f.UDP
+		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
+			return corruptf("fd %d: UDP socket", f.Fd)
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
@@ -413,6 +422,44 @@ func CheckFD(f *FD) error {
 		return corruptf("fd %d of unknown kind %d", f.Fd, f.Kind)
 	}
 	return nil
+}
+
+// Socket families, as Linux numbers them.
+const (
+	afInet  = 2
+	afInet6 = 10
+)
+
+// MaxSockQueue bounds each queue of a TCP connection: more than the
+// kernel lets a socket buffer hold (net.core.wmem_max and rmem_max are
+// far below).
+const MaxSockQueue = 1 << 30
+
+func checkTCP(fd int, c *TCPConn) error {
+	if c == nil || !checkAddr(c.Family, c.Local) || !checkAddr(c.Family, c.Peer) || c.Peer.Port == 0 || c.Local.Port == 0 {
+		return corruptf("fd %d: TCP connection addresses", fd)
+	}
+	if !TCPCarried(c.State) && !c.Closed {
+		return corruptf("fd %d: TCP connection in state %d", fd, c.State)
+	}
+	if len(c.SendQueue) > MaxSockQueue || len(c.RecvQueue) > MaxSockQueue || c.Unsent < 0 || c.Unsent > len(c.SendQueue) {
+		return corruptf("fd %d: TCP queues of %d and %d bytes, %d unsent", fd, len(c.SendQueue), len(c.RecvQueue), c.Unsent)
+	}
+	if c.SndWscale > 14 || c.RcvWscale > 14 || c.MSS > 65535 {
+		return corruptf("fd %d: TCP options", fd)
+	}
+	return nil
+}
+
+// checkAddr reports whether a is a valid address of family.
+func checkAddr(family int, a SockAddr) bool {
+	switch family {
+	case afInet:
+		return len(a.IP) == 4 && a.Zone == 0 && a.Port >= 0 && a.Port <= 65535
+	case afInet6:
+		return len(a.IP) == 16 && a.Port >= 0 && a.Port <= 65535
+	}
+	return false
 }
 
 // Label names an area in messages: "map 0x1000-0x2000 (libc.so.6)".

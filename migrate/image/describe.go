@@ -184,7 +184,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen",
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
 			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
@@ -201,6 +201,18 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		if l := f.Listen; l != nil {
 			fmt.Fprintf(w, " %v port %d protocol %d", net.IP(l.IP), l.Port, l.Protocol)
+		}
+		if c := f.TCP; c != nil && c.Closed {
+			fmt.Fprintf(w, " %s -> %s closed (its address stays)", c.Local, c.Peer)
+		} else if c != nil {
+			fmt.Fprintf(w, " %s -> %s state %s send queue %d (unsent %d) receive queue %d seq %d/%d mss %d options %#x",
+				c.Local, c.Peer, TCPStateName(c.State), len(c.SendQueue), c.Unsent, len(c.RecvQueue), c.SendSeq, c.RecvSeq, c.MSS, c.Options)
+		}
+		if u := f.UDP; u != nil {
+			fmt.Fprintf(w, " %s", u.Local)
+			if u.Peer != nil {
+				fmt.Fprintf(w, " -> %s", *u.Peer)
+			}
 		}
 		if tm := f.Timer; tm != nil {
 			fmt.Fprintf(w, " clock %d value %dns interval %dns ticks %d set-flags %#o", tm.Clock, tm.ValueNs, tm.IntervalNs, tm.Ticks, tm.SetFlags)

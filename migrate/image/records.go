@@ -334,6 +334,12 @@ const (
 	// FDListen is a listening TCP socket, re-created and bound to its
 	// address (IP_FREEBIND: the address may arrive later, a virtual IP).
 	FDListen FDKind = 6
+	// FDTCP is an established TCP connection, rebuilt with TCP_REPAIR:
+	// the same addresses, sequence numbers, queues, window and options.
+	FDTCP FDKind = 7
+	// FDUDP is a UDP socket, re-created, bound and connected again; the
+	// datagrams queued in it are not carried.
+	FDUDP FDKind = 8
 
 	// Anonymous inodes (numbered apart from the socket kinds).
 
@@ -402,6 +408,86 @@ type Listener struct {
 	V6Only    bool   `msgpack:"v6only,omitempty"`
 }
 
+// SockAddr is an IP socket address.
+type SockAddr struct {
+	IP   []byte `msgpack:"ip"` // 4 or 16 bytes
+	Port int    `msgpack:"port"`
+	Zone uint32 `msgpack:"zone,omitempty"`
+}
+
+// SockOpts are the socket options carried with a TCP connection or a UDP
+// socket. SndBuf and RcvBuf are as getsockopt reports them (twice what
+// setsockopt was given).
+type SockOpts struct {
+	ReuseAddr bool `msgpack:"reuseaddr,omitempty"`
+	ReusePort bool `msgpack:"reuseport,omitempty"`
+	KeepAlive bool `msgpack:"keepalive,omitempty"`
+	Broadcast bool `msgpack:"broadcast,omitempty"`
+	V6Only    bool `msgpack:"v6only,omitempty"`
+	FreeBind  bool `msgpack:"freebind,omitempty"`
+	SndBuf    int  `msgpack:"sndbuf"`
+	RcvBuf    int  `msgpack:"rcvbuf"`
+	// TCP only.
+	NoDelay     bool `msgpack:"nodelay,omitempty"`
+	KeepIdle    int  `msgpack:"keepidle,omitempty"`
+	KeepIntvl   int  `msgpack:"keepintvl,omitempty"`
+	KeepCnt     int  `msgpack:"keepcnt,omitempty"`
+	UserTimeout int  `msgpack:"user_timeout,omitempty"`
+}
+
+// TCPWindow is struct tcp_repair_window.
+type TCPWindow struct {
+	SndWl1    uint32 `msgpack:"snd_wl1"`
+	SndWnd    uint32 `msgpack:"snd_wnd"`
+	MaxWindow uint32 `msgpack:"max_window"`
+	RcvWnd    uint32 `msgpack:"rcv_wnd"`
+	RcvWup    uint32 `msgpack:"rcv_wup"`
+}
+
+// TCPConn is an established TCP connection read in repair mode
+// (TCP_REPAIR): the queues hold the bytes the kernel held, sent and
+// unacknowledged or not yet sent (SendQueue, its last Unsent bytes never
+// sent), received and not yet read (RecvQueue). SendSeq and RecvSeq are
+// the sequence numbers after the last byte of each queue (write_seq and
+// rcv_nxt); a FIN sent (TCPFinOut) or received (TCPFinIn) counts one in
+// them and none in the queues.
+type TCPConn struct {
+	Family    int      `msgpack:"family"` // AF_INET or AF_INET6
+	Local     SockAddr `msgpack:"local"`
+	Peer      SockAddr `msgpack:"peer"`
+	State     int      `msgpack:"state"` // TCP_ESTABLISHED
+	SendSeq   uint32   `msgpack:"send_seq"`
+	RecvSeq   uint32   `msgpack:"recv_seq"`
+	SendQueue []byte   `msgpack:"send_queue"`
+	Unsent    int      `msgpack:"unsent"`
+	RecvQueue []byte   `msgpack:"recv_queue"`
+	MSS       uint32   `msgpack:"mss"`     // mss_clamp
+	Options   uint8    `msgpack:"options"` // TCPI_OPT_* negotiated
+	SndWscale uint8    `msgpack:"snd_wscale"`
+	RcvWscale uint8    `msgpack:"rcv_wscale"`
+	Timestamp uint32   `msgpack:"timestamp"` // TCP_TIMESTAMP, with TCPI_OPT_TIMESTAMPS
+	// TimestampAt is when Timestamp was read (unix nanoseconds): the
+	// copy's clock goes on from Timestamp plus the time since, as the
+	// original's went on while frozen (it may still have sent segments).
+	TimestampAt int64     `msgpack:"timestamp_at"`
+	Window      TCPWindow `msgpack:"window"`
+	Opts        SockOpts  `msgpack:"opts"`
+	// Closed: the connection did not move with the process (its local
+	// address stays behind) and was reset on the source; only its
+	// addresses are recorded, and the copy gets a socket that reports
+	// the connection aborted.
+	Closed bool `msgpack:"closed,omitempty"`
+}
+
+// UDPSocket is a UDP socket: its bound address (port 0: not bound) and,
+// when connected, its peer.
+type UDPSocket struct {
+	Family int       `msgpack:"family"`
+	Local  SockAddr  `msgpack:"local"`
+	Peer   *SockAddr `msgpack:"peer,omitempty"`
+	Opts   SockOpts  `msgpack:"opts"`
+}
+
 // EpollTarget is one registration of an epoll instance.
 type EpollTarget struct {
 	Fd     int    `msgpack:"fd"`
@@ -439,7 +525,9 @@ type FD struct {
 	PipeSize int    `msgpack:"pipe_size,omitempty"`
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
 
-	Listen *Listener `msgpack:"listen,omitempty"` // FDListen
+	Listen *Listener  `msgpack:"listen,omitempty"` // FDListen
+	TCP    *TCPConn   `msgpack:"tcp,omitempty"`    // FDTCP
+	UDP    *UDPSocket `msgpack:"udp,omitempty"`    // FDUDP
 
 	// Object, for an FDFile, is the File record it is reopened from
 	// (a memfd, a deleted file).
