@@ -42,6 +42,7 @@ func (p *Process) Start() error {
 	}
 	for _, m := range members {
 		m.done = true
+		m.createdShm = nil // the process's now
 		if !m.zombie {
 			m.mem.Close()
 		}
@@ -156,6 +157,15 @@ func (p *Process) finish() error {
 		}
 		p.notice("getpid() and gettid() of pid %d answer %d, as when it was frozen", p.pid, p.proc.Pid)
 	}
+	seccomp := p.hasSeccomp()
+	if seccomp {
+		if err := suspendSeccomp(p.in.Tid); err != nil {
+			return err
+		}
+		if err := p.installSeccomp(p.in, pr.Seccomp); err != nil {
+			return err
+		}
+	}
 	// Threads, each a clone3 of the main thread into its saved TID.
 	tasks := []*task{{img: p.threads[0], in: p.in}}
 	for _, t := range p.threads[1:] {
@@ -193,11 +203,29 @@ func (p *Process) finish() error {
 			return err
 		}
 	}
+	if seccomp {
+		// Each thread's own filters after the tree's filter, which is
+		// loaded with TSYNC: that needs the threads' filters alike.
+		for _, tk := range tasks {
+			if err := suspendSeccomp(tk.in.Tid); err != nil {
+				return err
+			}
+			if err := p.installSeccomp(tk.in, tk.img.Seccomp); err != nil {
+				return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+			}
+		}
+	}
+	// POSIX timers before the credentials: an _ALARM clock needs
+	// CAP_WAKE_ALARM. (Every signal is blocked until the registers are
+	// set: one that fires meanwhile stays pending.)
+	if err := p.restoreTimers(tasks, borrow); err != nil {
+		return err
+	}
 	for _, tk := range tasks {
 		if err := p.setCreds(tk, borrow); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
-		if pr.Creds.NoNewPrivs {
+		if p.credsOf(tk).NoNewPrivs {
 			if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 				return fmt.Errorf("thread %d: no_new_privs: %w", tk.in.Tid, err)
 			}

@@ -58,6 +58,9 @@ type Frozen struct {
 	// inner: the snapshot records the PID and TIDs of the process's own
 	// PID namespace, a child of ours frozen whole (pidns_linux.go).
 	inner bool
+	// files: in a tree, the files without a path an earlier member saved
+	// (objects_linux.go); nil for a single process.
+	files map[uint64]bool
 	// socks are the sockets held while the process is frozen.
 	socks sockets
 }
@@ -172,7 +175,7 @@ func (f *Frozen) stopAll() error {
 // thread's exit (ptrace.Tracer.Close) releases it, and the kernel then
 // drops the pending interrupt, so the thread never stops and sees nothing.
 func (f *Frozen) stopTimeout(tid int, err error) error {
-	if verr := vforkError(f.Pid); verr != nil {
+	if verr := vforkError(f.Pid, false); verr != nil {
 		return verr
 	}
 	state := threadState(f.Pid, tid)
@@ -228,11 +231,11 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	// Before anything else: a vfork parent cannot be stopped, whatever
 	// else would be refused about it (its vfork child, as a child
 	// process or as a member sharing its memory).
-	if err := vforkError(pid); err != nil {
+	if err := vforkError(pid, true); err != nil {
 		return err
 	}
-	if s := st["Seccomp"]; s != "" && s != "0" {
-		return unsupported("seccomp filters (mode %s)", s)
+	if st["Seccomp"] == "1" {
+		return unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
 	kids, err := procfs.Children(pid)
 	if err != nil {
@@ -252,15 +255,15 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 		return err
 	}
 	if ppid, _ := strconv.Atoi(st["PPid"]); ppid > 1 {
+		if err := vforkChildError(pid, ppid); err != nil {
+			return err
+		}
 		if shared := sharedWith(pid, ppid); len(shared) > 0 {
 			return unsupported("shares its %s with its parent %d", strings.Join(shared, ", "), ppid)
 		}
 	}
 	if root, err := os.Readlink(procfs.Path(pid, "root")); err == nil && root != "/" {
 		return unsupported("chroot %s", root)
-	}
-	if b, err := os.ReadFile(procfs.Path(pid, "timers")); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		return unsupported("POSIX timers (timer_create)")
 	}
 	return nil
 }
@@ -350,6 +353,15 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
+	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
+	if err != nil {
+		return err
+	}
+	for i := range files {
+		if err := enc.Write(&files[i]); err != nil {
+			return err
+		}
+	}
 	if err := dumpMemory(f.Pid, f.mem, r.dump, enc); err != nil {
 		return err
 	}
@@ -425,12 +437,16 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 		p.Rlimits = append(p.Rlimits, image.Rlimit{Cur: rl.Cur, Max: rl.Max})
 	}
 	caught := procfs.Hex(st["SigCgt"]) | procfs.Hex(st["SigIgn"])
+	if p.Timers, err = listTimers(pid); err != nil {
+		return nil, nil, err
+	}
 
 	var out []*image.Thread
 	err = f.tr.Do(func() error {
 		if p.Pending, err = peek(pid, true); err != nil {
 			return err
 		}
+		var chains [][]image.SeccompFilter
 		for i, th := range f.threads {
 			t, err := f.describeThread(th, site, maps)
 			if err != nil {
@@ -439,6 +455,23 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 			if i == 0 {
 				if err := f.injectProcessQueries(th, p, caught); err != nil {
 					return err
+				}
+				if err := f.injectTimerQueries(th, p.Timers); err != nil {
+					return err
+				}
+			}
+			chain, virt, err := threadSeccomp(f.Pid, th.tid)
+			if err != nil {
+				return err
+			}
+			chains = append(chains, chain)
+			if virt {
+				// Restored by pthaw -virtpid: the ids it sees are its own.
+				if t.Tid, err = f.virtualID(th, unix.SYS_GETTID); err != nil {
+					return fmt.Errorf("thread %d: %w", th.tid, err)
+				}
+				if i == 0 {
+					p.Pid = t.Tid
 				}
 			}
 			// Every call already put the thread back (call): this
@@ -450,6 +483,14 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 				return err
 			}
 			out = append(out, t)
+		}
+		splitSeccomp(p, out, chains)
+		tids := make([]int, len(f.threads))
+		for i, th := range f.threads {
+			tids[i] = th.tid
+		}
+		if err := timerThreads(p.Timers, tids, out); err != nil {
+			return err
 		}
 		// Signals that stopped a thread while we injected were dequeued:
 		// they are pending for the snapshot and re-queued on Resume.
@@ -480,12 +521,14 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if err != nil {
 		return nil, err
 	}
-	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"} {
-		if tst[k] != st[k] {
-			return nil, unsupported("%s differs between threads (%q, main thread %q)", k, tst[k], st[k])
-		}
+	own, err := threadCreds(st, tst)
+	if err != nil {
+		return nil, err
 	}
-	t := &image.Thread{Tid: tid}
+	if tst["Seccomp"] == "1" {
+		return nil, unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
+	}
+	t := &image.Thread{Tid: tid, Creds: own}
 	if f.inner {
 		if t.Tid, err = innermost(tst, "NSpid"); err != nil {
 			return nil, err
@@ -650,6 +693,14 @@ func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
 	}
 	t.TidAddress = le64(b)
+	if t.Creds != nil {
+		// Securebits are per thread too.
+		sb, _, err := f.call(th, 0, unix.SYS_PRCTL, unix.PR_GET_SECUREBITS)
+		if err != nil {
+			return fmt.Errorf("prctl(PR_GET_SECUREBITS): %w", err)
+		}
+		t.Creds.Securebits = uint32(sb)
+	}
 	return nil
 }
 

@@ -133,7 +133,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
-	shm := map[uint64]bool{}
+	shm, files := map[uint64]bool{}, map[uint64]bool{}
 	rs := make([]*records, len(t.members))
 	for i, f := range t.members {
 		if rs[i], err = f.gather(shm, inner); err != nil {
@@ -144,6 +144,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 		t.queried()
 	}
 	for i, f := range t.members {
+		f.files = files
 		if err := f.emit(enc, rs[i]); err != nil {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}

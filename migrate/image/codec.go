@@ -72,7 +72,7 @@ func (e *Encoder) write(p []byte) {
 	_, e.err = e.w.Write(p)
 }
 
-// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA or *FD).
+// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA, *File or *FD).
 func (e *Encoder) Write(rec any) error {
 	var t Type
 	switch rec.(type) {
@@ -86,6 +86,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeFD
 	case *Tree:
 		t = TypeTree
+	case *File:
+		t = TypeFile
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -181,7 +183,7 @@ func (d *Decoder) read(p []byte) error {
 	return nil
 }
 
-// Next returns the next record: *Tree, *Process, *Thread, *VMA, *FD, *Pages or,
+// Next returns the next record: *Tree, *Process, *Thread, *VMA, *File, *FD, *Pages or,
 // last, *End once the checksum has been verified and the input was found
 // to end right after it. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
@@ -301,6 +303,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(FD)
 	case TypeTree:
 		rec = new(Tree)
+	case TypeFile:
+		rec = new(File)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped
