@@ -379,8 +379,9 @@ func TestDrainOnShutdown(t *testing.T) {
 	}
 }
 
-// TestDrainStuck: a workload the engine refuses to move (a UDP socket on
-// fd 3: "sockets other than TCP are not supported yet") is tried
+// TestDrainStuck: a workload the engine refuses to move (a TCP
+// connection from its host's own address to a peer outside it, which
+// cannot work on another host: "stays on this host") is tried
 // scheduler.MaxDrainAttempts times, then stays where it is, running; the
 // foreground drain names it with the engine's reason and exits 1. Another
 // such workload whose restart policy allows it is restarted from its
@@ -392,17 +393,28 @@ func TestDrainStuck(t *testing.T) {
 	from, via := nodes[0], nodes[1]
 	bash, err := exec.LookPath("bash")
 	if err != nil {
-		t.Skip("no bash for the workload holding a UDP socket")
+		t.Skip("no bash for the workload holding a connection")
 	}
-	script := "exec 3<>/dev/udp/" + from.ip + "/9; exec sleep 1000"
+	// The peer: a listener on the source host, outside the workloads,
+	// that holds what it accepts.
+	peer := exec.Command("ip", "netns", "exec", from.netns, "python3", "-c",
+		"import socket,time\ns=socket.create_server(('"+from.ip+"',9))\nheld=[s.accept() for _ in range(2)]\ntime.sleep(1000)")
+	if err := peer.Start(); err != nil {
+		t.Fatalf("peer listener: %v", err)
+	}
+	t.Cleanup(func() { peer.Process.Kill(); peer.Wait() })
+	script := "until exec 3<>/dev/tcp/" + from.ip + "/9; do sleep 0.1; done 2>/dev/null; exec sleep 1000"
 	var w, r api.Workload
-	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "udp", "--", bash, "-c", script)
-	c.ctlJSON(via, &r, "run", "-node", from.name, "-name", "udp-restartable", "-restart", "on-failure", "--", bash, "-c", script)
+	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "held", "--", bash, "-c", script)
+	c.ctlJSON(via, &r, "run", "-node", from.name, "-name", "held-restartable", "-restart", "on-failure", "--", bash, "-c", script)
 	for _, p := range []*api.Workload{&w, &r} {
 		c.waitFor(20*time.Second, "the workload to run", func() error {
 			got, err := workloadOn(via, p.ID)
 			if err != nil || got.State != "running" || got.PID == 0 {
 				return fmt.Errorf("%s (%v)", got.State, err)
+			}
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", got.PID)); !strings.HasPrefix(l, "socket:") {
+				return fmt.Errorf("pid %d has no connection on fd 3 yet", got.PID)
 			}
 			*p = got
 			return nil
@@ -410,7 +422,7 @@ func TestDrainStuck(t *testing.T) {
 	}
 	out, errs, code := c.ctlRun("drain", "-address", via.socket, from.name)
 	t.Logf("drain:\n%s%s", out, errs)
-	if code != 1 || !strings.Contains(out, "cannot move "+w.ID+": ") || !strings.Contains(out, "not supported") ||
+	if code != 1 || !strings.Contains(out, "cannot move "+w.ID+": ") || !strings.Contains(out, "does not move with the process") ||
 		strings.Count(errs, "\n") != 1 || strings.Contains(out, "cannot move "+r.ID) {
 		t.Fatalf("drain of a node with an unmovable workload: exit %d, stdout %q, stderr %q; want 1, the workload named "+
 			"with the engine's reason, one line on stderr", code, out, errs)
