@@ -111,7 +111,7 @@ func resealGolden(t *testing.T, k *Key, h *Header, plain []byte, whole bool) []b
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
-	w := newSealWriter(a, &out)
+	w := newSealWriter(a, &out, 1)
 	if whole {
 		if _, err := w.Write(plain); err != nil {
 			t.Fatal(err)
