@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"sync/atomic"
 
 	"golang.org/x/crypto/chacha20poly1305"
 )
@@ -116,43 +117,90 @@ func (n *nonce) next() error {
 	return errors.New("chunk counter overflow")
 }
 
-// chunk is one chunk on its way through the AEAD. Between start and the
-// receive from done it belongs to the goroutine sealing or opening it;
-// otherwise to the sealWriter or openReader whose ring holds it.
+// chunk is one chunk on its way through the AEAD. Between start and wait
+// its job (n, in, seal) is read by whoever seals or opens it; otherwise it
+// belongs to the sealWriter or openReader whose ring holds it.
 type chunk struct {
 	n    nonce
 	buf  []byte // the sealed chunk; plaintext collected here is sealed in place
-	in   []byte // what run seals or opens
+	in   []byte // what the job seals or opens
 	out  []byte // its result (aliases buf)
 	err  error  // Open's
 	seal bool
-	got  bool          // done has been received from (openReader.ready)
-	done chan struct{} // one value once out and err are set
-	run  func()        // made once: starting it allocates nothing
+	// state is chunkQueued from start until a goroutine or the owner
+	// takes the job (chunkTaken); chunkIdle once the owner has the result.
+	state    atomic.Int32
+	finished bool          // the owner has the result: ran it, or received from done
+	done     chan struct{} // one value from the goroutine that took the job
+	run      func()        // made once: starting it allocates nothing
+	aead     cipher.AEAD
 }
 
+const (
+	chunkIdle int32 = iota
+	chunkQueued
+	chunkTaken
+)
+
 func newChunk(a cipher.AEAD, size int) *chunk {
-	c := &chunk{buf: make([]byte, 0, size), done: make(chan struct{}, 1)}
+	c := &chunk{buf: make([]byte, 0, size), done: make(chan struct{}, 1), aead: a}
+	// A goroutine started for an earlier job of c may come late and take
+	// this one: either way exactly one runs it and only a goroutine sends.
 	c.run = func() {
-		if c.seal {
-			c.out = a.Seal(c.buf[:0], c.n[:], c.in, nil)
-		} else {
-			// Open leaves nothing in out when authentication fails.
-			c.out, c.err = a.Open(c.buf[:0], c.n[:], c.in, nil)
+		if c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+			c.work()
+			c.done <- struct{}{}
 		}
-		c.done <- struct{}{}
 	}
 	return c
 }
 
-// start seals or opens c in a goroutine of its own, or in the caller's
-// when inline.
+func (c *chunk) work() {
+	if c.seal {
+		c.out = c.aead.Seal(c.buf[:0], c.n[:], c.in, nil)
+	} else {
+		// Open leaves nothing in out when authentication fails.
+		c.out, c.err = c.aead.Open(c.buf[:0], c.n[:], c.in, nil)
+	}
+}
+
+// start seals or opens c in the caller's goroutine when inline, else hands
+// it to a new goroutine.
 func (c *chunk) start(inline bool) {
 	if inline {
-		c.run()
-	} else {
-		go c.run()
+		c.work()
+		c.finished = true
+		return
 	}
+	c.state.Store(chunkQueued)
+	go c.run()
+}
+
+// poll reports without blocking whether c's result is there.
+func (c *chunk) poll() bool {
+	if !c.finished && c.state.Load() != chunkQueued {
+		select {
+		case <-c.done:
+			c.finished = true
+		default:
+		}
+	}
+	return c.finished
+}
+
+// wait returns once c's result is there: if no goroutine has taken the
+// job yet (the cores are busy elsewhere), the caller does it rather than
+// wait for one.
+func (c *chunk) wait() {
+	if !c.finished {
+		if c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+			c.work()
+		} else {
+			<-c.done
+		}
+	}
+	c.finished = false
+	c.state.Store(chunkIdle)
 }
 
 // sealWriter encrypts what is written to it, up to depth chunks at once,
@@ -258,15 +306,10 @@ func (s *sealWriter) submit(c *chunk, in []byte, last bool) error {
 // wait only if it already is (ok says whether it was).
 func (s *sealWriter) retire(wait bool) (ok bool, err error) {
 	c := s.ring[s.head]
-	if wait {
-		<-c.done
-	} else {
-		select {
-		case <-c.done:
-		default:
-			return false, nil
-		}
+	if !wait && !c.poll() {
+		return false, nil
 	}
+	c.wait()
 	s.head = (s.head + 1) % len(s.ring)
 	s.busy--
 	out := c.out
@@ -283,7 +326,7 @@ func (s *sealWriter) retire(wait bool) (ok bool, err error) {
 func (s *sealWriter) fail(n int) (int, error) {
 	for ; s.busy > 0; s.busy-- {
 		c := s.ring[s.head]
-		<-c.done
+		c.wait()
 		c.buf, c.in, c.out = c.buf[:0], nil, nil
 		s.head = (s.head + 1) % len(s.ring)
 	}
@@ -373,26 +416,13 @@ func (o *openReader) Read(p []byte) (int, error) {
 }
 
 // ready reports whether the oldest chunk in flight has been opened.
-func (o *openReader) ready() bool {
-	c := o.ring[o.head]
-	if !c.got {
-		select {
-		case <-c.done:
-			c.got = true
-		default:
-		}
-	}
-	return c.got
-}
+func (o *openReader) ready() bool { return o.ring[o.head].poll() }
 
 // collect waits for the oldest chunk in flight and makes its plaintext
 // the next to return.
 func (o *openReader) collect() error {
 	c := o.ring[o.head]
-	if !c.got {
-		<-c.done
-	}
-	c.got = false
+	c.wait()
 	o.head = (o.head + 1) % len(o.ring)
 	o.busy--
 	plain, err := c.out, c.err
@@ -422,10 +452,8 @@ func (o *openReader) verified(n *nonce, plain []byte, err error) error {
 func (o *openReader) fail(err error) error {
 	for ; o.busy > 0; o.busy-- {
 		c := o.ring[o.head]
-		if !c.got {
-			<-c.done
-		}
-		c.got, c.in, c.out, c.err = false, nil, nil, nil
+		c.wait()
+		c.in, c.out, c.err = nil, nil, nil
 		o.head = (o.head + 1) % len(o.ring)
 	}
 	o.plain = nil
