@@ -132,7 +132,6 @@ type chunk struct {
 	state    atomic.Int32
 	finished bool          // the owner has the result: ran it, or received from done
 	done     chan struct{} // one value from the goroutine that took the job
-	run      func()        // made once: starting it allocates nothing
 	aead     cipher.AEAD
 }
 
@@ -143,16 +142,7 @@ const (
 )
 
 func newChunk(a cipher.AEAD, size int) *chunk {
-	c := &chunk{buf: make([]byte, 0, size), done: make(chan struct{}, 1), aead: a}
-	// A goroutine started for an earlier job of c may come late and take
-	// this one: either way exactly one runs it and only a goroutine sends.
-	c.run = func() {
-		if c.state.CompareAndSwap(chunkQueued, chunkTaken) {
-			c.work()
-			c.done <- struct{}{}
-		}
-	}
-	return c
+	return &chunk{buf: make([]byte, 0, size), done: make(chan struct{}, 1), aead: a}
 }
 
 func (c *chunk) work() {
@@ -164,16 +154,58 @@ func (c *chunk) work() {
 	}
 }
 
-// start seals or opens c in the caller's goroutine when inline, else hands
-// it to a new goroutine.
-func (c *chunk) start(inline bool) {
-	if inline {
+// crew seals or opens the chunks queued to it on up to max goroutines of
+// its own, which take the oldest queued chunk first and end as soon as none
+// is queued: a stream has no goroutine while it waits for I/O, and none
+// survives it.
+type crew struct {
+	queue   chan *chunk
+	running atomic.Int32 // goroutines in loop; only add increments it
+	max     int32
+	loop    func() // made once: starting it allocates nothing
+}
+
+func newCrew(depth int) *crew {
+	w := &crew{queue: make(chan *chunk, 2*depth+2), max: int32(depth - 1)}
+	w.loop = func() {
+		for {
+			select {
+			case c := <-w.queue:
+				// The owner may have taken the job, and even given
+				// c a new one since: whoever takes it runs it once.
+				if c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+					c.work()
+					c.done <- struct{}{}
+				}
+			default:
+				w.running.Add(-1)
+				return
+			}
+		}
+	}
+	return w
+}
+
+// start seals or opens c in the caller's goroutine when w is nil (depth
+// 1), else queues it to w's goroutines, starting one if fewer than max
+// run. A goroutine that stops just as c is queued may leave it to the
+// owner, whose wait then does it.
+func (w *crew) start(c *chunk) {
+	if w == nil {
 		c.work()
 		c.finished = true
 		return
 	}
 	c.state.Store(chunkQueued)
-	go c.run()
+	select {
+	case w.queue <- c:
+	default:
+		return // full of jobs already taken: the owner does this one
+	}
+	if w.running.Load() < w.max {
+		w.running.Add(1)
+		go w.loop()
+	}
 }
 
 // poll reports without blocking whether c's result is there.
@@ -203,6 +235,16 @@ func (c *chunk) wait() {
 	c.state.Store(chunkIdle)
 }
 
+// drop is wait for a result nobody will use: a job no goroutine has taken
+// is not done at all.
+func (c *chunk) drop() {
+	if !c.finished && !c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+		<-c.done
+	}
+	c.finished = false
+	c.state.Store(chunkIdle)
+}
+
 // sealWriter encrypts what is written to it, up to depth chunks at once,
 // and writes the sealed chunks in order from the caller's goroutine (no
 // goroutine but the sealing ones, which end with their chunk). Close seals
@@ -217,6 +259,7 @@ type sealWriter struct {
 	ring  []*chunk
 	head  int
 	busy  int   // chunks in flight, at most depth
+	crew  *crew // nil when depth is 1
 	err   error // sticky
 	close bool
 	cerr  error // what Close returned
@@ -224,7 +267,11 @@ type sealWriter struct {
 
 func newSealWriter(a cipher.AEAD, w io.Writer, depth int) *sealWriter {
 	depth = max(depth, 1)
-	return &sealWriter{a: a, w: w, depth: depth, ring: make([]*chunk, depth+1)}
+	s := &sealWriter{a: a, w: w, depth: depth, ring: make([]*chunk, depth+1)}
+	if depth > 1 {
+		s.crew = newCrew(depth)
+	}
+	return s
 }
 
 // filling returns the chunk that collects plaintext.
@@ -298,7 +345,7 @@ func (s *sealWriter) submit(c *chunk, in []byte, last bool) error {
 		return err
 	}
 	s.busy++
-	c.start(s.depth == 1)
+	s.crew.start(c)
 	return nil
 }
 
@@ -326,7 +373,7 @@ func (s *sealWriter) retire(wait bool) (ok bool, err error) {
 func (s *sealWriter) fail(n int) (int, error) {
 	for ; s.busy > 0; s.busy-- {
 		c := s.ring[s.head]
-		c.wait()
+		c.drop()
 		c.buf, c.in, c.out = c.buf[:0], nil, nil
 		s.head = (s.head + 1) % len(s.ring)
 	}
@@ -371,6 +418,7 @@ type openReader struct {
 	ring  []*chunk
 	head  int
 	busy  int
+	crew  *crew // nil when depth is 1
 	carry bool   // look holds the look-ahead byte of the previous read
 	look  byte   // the first byte of the next chunk
 	ended bool   // the last chunk has been read
@@ -382,7 +430,11 @@ type openReader struct {
 
 func newOpenReader(a cipher.AEAD, r io.Reader, depth int) *openReader {
 	depth = max(depth, 1)
-	return &openReader{a: a, r: r, depth: depth, ring: make([]*chunk, depth)}
+	o := &openReader{a: a, r: r, depth: depth, ring: make([]*chunk, depth)}
+	if depth > 1 {
+		o.crew = newCrew(depth)
+	}
+	return o
 }
 
 func (o *openReader) Read(p []byte) (int, error) {
@@ -452,7 +504,7 @@ func (o *openReader) verified(n *nonce, plain []byte, err error) error {
 func (o *openReader) fail(err error) error {
 	for ; o.busy > 0; o.busy-- {
 		c := o.ring[o.head]
-		c.wait()
+		c.drop()
 		c.in, c.out, c.err = nil, nil, nil
 		o.head = (o.head + 1) % len(o.ring)
 	}
@@ -511,7 +563,7 @@ func (o *openReader) readChunk(p []byte) (int, error) {
 	c.in, c.seal = buf[:size], false
 	if o.depth > 1 && c.n.counter() != 0 {
 		o.busy++
-		c.start(false)
+		o.crew.start(c)
 		return 0, nil
 	}
 	dst := buf[:0]
