@@ -418,7 +418,7 @@ type openReader struct {
 	ring  []*chunk
 	head  int
 	busy  int
-	crew  *crew // nil when depth is 1
+	crew  *crew  // nil when depth is 1
 	carry bool   // look holds the look-ahead byte of the previous read
 	look  byte   // the first byte of the next chunk
 	ended bool   // the last chunk has been read
