@@ -34,9 +34,13 @@ const ChunkSize = 64 << 10
 const maxWorkers = 8
 
 // workers is how many chunks a stream seals or opens at once: one per core
-// Go may use, at most maxWorkers. With one, everything happens in the
-// caller's goroutine.
-func workers() int { return min(runtime.GOMAXPROCS(0), maxWorkers) }
+// Go may use beyond the first, at most maxWorkers. The first core is the
+// caller's: it reads or writes the stream and produces or consumes the
+// plaintext, and the kernel's network stack runs beside it. On 2 cores,
+// sealing on the second only moved work between two busy cores and cost
+// CPU (docs/benchmarks.md, "crypto/cipher instead of internal/aesgcm"), so
+// there everything happens in the caller's goroutine.
+func workers() int { return max(1, min(runtime.GOMAXPROCS(0)-1, maxWorkers)) }
 
 const (
 	tagSize      = 16
