@@ -45,8 +45,8 @@ func goldenKey(t *testing.T) (dir string, k Key) {
 
 // TestGoldenStreams decodes every golden stream to its plaintext, and
 // seals that plaintext again under the key and salt of the stream's header
-// (written in uneven pieces and in one piece): the bytes must be the
-// golden body, exactly.
+// (written in uneven pieces and in one piece, 1, 2 and 8 chunks at once):
+// the bytes must be the golden body, exactly.
 func TestGoldenStreams(t *testing.T) {
 	dir, k := goldenKey(t)
 	for _, g := range goldenStreams {
@@ -76,22 +76,24 @@ func TestGoldenStreams(t *testing.T) {
 			t.Fatal(err)
 		}
 		body := golden[len(h.raw):]
-		for _, pieces := range []string{"uneven", "whole"} {
-			sealed := resealGolden(t, &k, h, want, pieces == "whole")
-			if !bytes.Equal(sealed, body) {
-				at := 0
-				for at < min(len(sealed), len(body)) && sealed[at] == body[at] {
-					at++
+		for _, depth := range []int{1, 2, 8} {
+			for _, pieces := range []string{"uneven", "whole"} {
+				sealed := resealGolden(t, &k, h, want, depth, pieces == "whole")
+				if !bytes.Equal(sealed, body) {
+					at := 0
+					for at < min(len(sealed), len(body)) && sealed[at] == body[at] {
+						at++
+					}
+					t.Errorf("%s, depth %d, written %s: sealed body of %d bytes differs from the golden one of %d at byte %d", g.file, depth, pieces, len(sealed), len(body), at)
 				}
-				t.Errorf("%s, written %s: sealed body of %d bytes differs from the golden one of %d at byte %d", g.file, pieces, len(sealed), len(body), at)
 			}
 		}
 	}
 }
 
-// resealGolden seals plain as NewWriter does, under the payload key that
-// h's salt and line give.
-func resealGolden(t *testing.T, k *Key, h *Header, plain []byte, whole bool) []byte {
+// resealGolden seals plain as NewWriter does, depth chunks at once, under
+// the payload key that h's salt and line give.
+func resealGolden(t *testing.T, k *Key, h *Header, plain []byte, depth int, whole bool) []byte {
 	t.Helper()
 	mk, err := k.load()
 	if err != nil {
@@ -111,7 +113,7 @@ func resealGolden(t *testing.T, k *Key, h *Header, plain []byte, whole bool) []b
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
-	w := newSealWriter(a, &out, 1)
+	w := newSealWriter(a, &out, depth)
 	if whole {
 		if _, err := w.Write(plain); err != nil {
 			t.Fatal(err)
