@@ -43,7 +43,7 @@ lint: deps
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 60000x -fuzzminimizetime 200x ./migrate/image
-	$(GO) test -run '^$$' -fuzz FuzzSameAsCryptoCipher -fuzztime 150000x -fuzzminimizetime 200x ./internal/aesgcm
+	$(GO) test -run '^$$' -fuzz FuzzSealOpen -fuzztime 20000x -fuzzminimizetime 200x ./migrate/stream
 
 bench: deps build
 	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...

@@ -724,14 +724,14 @@ func (s *Server) applyReport(rep api.Report) (any, error) {
 	if rep.Kind == api.ReportExited {
 		signal = rep.Signal
 	}
-	if err := scheduler.CheckReport(rep.ID, rep.Node, signal, rep.PID); err != nil {
+	if err := scheduler.CheckReport(rep.ID, rep.Node, signal, rep.PID, rep.NSPID, rep.InitPID); err != nil {
 		return nil, fmt.Errorf("report: %w", err)
 	}
 	rep.Message = scheduler.CutMessage(rep.Message)
 	switch rep.Kind {
 	case api.ReportStarted:
 		return s.apply(scheduler.CmdWorkloadStarted, &scheduler.WorkloadStartedCmd{ID: rep.ID, Node: rep.Node,
-			Attempt: rep.Attempt, PID: rep.PID, StartTicks: rep.StartTicks, At: rep.At.UnixNano()})
+			Attempt: rep.Attempt, PID: rep.PID, StartTicks: rep.StartTicks, NSPID: rep.NSPID, InitPID: rep.InitPID, At: rep.At.UnixNano()})
 	case api.ReportLost:
 		return s.apply(scheduler.CmdWorkloadLost, &scheduler.WorkloadLostCmd{ID: rep.ID, Node: rep.Node,
 			Attempt: rep.Attempt, Message: rep.Message, At: rep.At.UnixNano()})
@@ -871,6 +871,6 @@ func apiWorkload(w *scheduler.Workload) api.Workload {
 		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
 		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
-		PID: w.PID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
+		PID: w.PID, NSPID: w.NSPID, InitPID: w.InitPID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
 		StartedAt: unixTime(w.StartedAt), EndedAt: unixTime(w.EndedAt), ModifyIndex: w.ModifyIndex}
 }

@@ -1,14 +1,22 @@
 package cluster_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"log"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -225,4 +233,340 @@ func BenchmarkDrain10x64MiB(b *testing.B) {
 	}
 	b.ReportMetric(took.Seconds()/float64(b.N), "s-drain")
 	b.ReportMetric(float64(longest.Milliseconds()), "ms-longest-stop")
+}
+
+var (
+	toolsOnce sync.Once
+	toolsErr  error
+)
+
+// toolBinaries builds cmd/pfreeze and cmd/pthaw beside pclusterd (the
+// baseline of BenchmarkMigrate1GiB).
+func toolBinaries(tb testing.TB) (pfreeze, pthaw string) {
+	tb.Helper()
+	binaries(tb)
+	toolsOnce.Do(func() {
+		out, err := exec.Command("go", "env", "GOMOD").Output()
+		if err != nil {
+			toolsErr = err
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/pfreeze", "./cmd/pthaw")
+		cmd.Dir = filepath.Dir(strings.TrimSpace(string(out)))
+		if b, err := cmd.CombinedOutput(); err != nil {
+			toolsErr = fmt.Errorf("go build: %v\n%s", err, b)
+		}
+	})
+	if toolsErr != nil {
+		tb.Fatal(toolsErr)
+	}
+	return filepath.Join(binDir, "pfreeze"), filepath.Join(binDir, "pthaw")
+}
+
+// migrateBenchMiB is the heap of BenchmarkMigrate1GiB's processes.
+const migrateBenchMiB = 1024
+
+// BenchmarkMigrate1GiB moves a process holding 1 GiB of pseudo-random
+// memory (bigheap) between two nodes of a 3-node cluster, each pclusterd in
+// its own network namespace (`pclusterctl migrate -node`: the agents'
+// path, mutual TLS and -compress auto), and in the same run moves the same
+// kind of process between the same two namespaces with `pfreeze -halt
+// -compress auto -encrypt aes-gcm:KEY` to a listening `pthaw -keydir`
+// (the same protection: the stream is authenticated and encrypted). It
+// reports the migration's time from plan to done over pfreeze's wall time
+// (ratio, target ≤ 1.1), the time the process was stopped in the
+// migration (freeze to start on the target, as the state records it;
+// target ≤ 1.2 s), and both rates (VmRSS over the time).
+//
+//	go test -run '^$' -bench Migrate1GiB -benchtime 1x ./cluster
+func BenchmarkMigrate1GiB(b *testing.B) {
+	bin := fixture.Build(b, "bigheap")
+	pfreeze, pthaw := toolBinaries(b)
+	c := newTestCluster(b)
+	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, nil)
+	src, dst := nodes[0], nodes[1]
+	keyDir := b.TempDir()
+	keyFile := filepath.Join(keyDir, "bench.key")
+	key := make([]byte, 32)
+	rand.Read(key)
+	if err := os.WriteFile(keyFile, key, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	// Two baselines: the same protection as the agents' path (auto,
+	// encrypted and authenticated), and the fastest pfreeze there is
+	// (uncompressed plaintext).
+	baselines := []struct {
+		name string
+		args []string
+	}{
+		{"auto+aes-gcm", []string{"-compress", "auto", "-encrypt", "aes-gcm:" + keyFile}},
+		{"plain", []string{"-compress", "none", "-insecure"}},
+	}
+	base := make([]time.Duration, len(baselines))
+	var mig, stopped time.Duration
+	var baseBytes, migBytes float64
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		for j, bl := range baselines {
+			d, rss := pfreezeOver(b, pfreeze, pthaw, bin, src, dst, keyDir, bl.name, bl.args)
+			base[j] += d
+			if j == 0 {
+				baseBytes += float64(rss)
+			}
+		}
+
+		// The migration, through the cluster.
+		var w api.Workload
+		c.ctlJSON(src, &w, "run", "-node", src.name, "-name", fmt.Sprintf("heap%d", i), bin, strconv.Itoa(migrateBenchMiB), "3")
+		c.waitFor(2*time.Minute, w.ID+" to fill its heap", func() error {
+			out, err := os.ReadFile(filepath.Join(src.dataDir, "workloads", w.ID, "stdout.log"))
+			if err != nil || !strings.Contains(string(out), "ready hash=") {
+				return fmt.Errorf("not ready (%v)", err)
+			}
+			return nil
+		})
+		w, err := workloadOn(src, w.ID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		out, _ := os.ReadFile(filepath.Join(src.dataDir, "workloads", w.ID, "stdout.log"))
+		hash := regexp.MustCompile(`ready hash=([0-9a-f]+)`).FindStringSubmatch(string(out))[1]
+		rss := vmRSS(b, w.PID)
+		srcUser0, srcSys0 := cpuTimes(b, src.cmd.Process.Pid)
+		dstUser0, dstSys0 := cpuTimes(b, dst.cmd.Process.Pid)
+		b.StartTimer()
+		busy0, total0 := machineCPU(b)
+		phases := c.ctl(src, "migrate", "-node", dst.name, w.ID)
+		busy1, total1 := machineCPU(b)
+		b.StopTimer()
+		srcUser1, srcSys1 := cpuTimes(b, src.cmd.Process.Pid)
+		dstUser1, dstSys1 := cpuTimes(b, dst.cmd.Process.Pid)
+		ms, err := src.client.Migrations(context.Background(), true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var m *api.Migration
+		for j := range ms {
+			if ms[j].Workload == w.ID && ms[j].State == "done" {
+				m = &ms[j]
+			}
+		}
+		if m == nil || m.TransferAt.IsZero() {
+			b.Fatalf("no done migration of %s with its transfer time: %+v", w.ID, ms)
+		}
+		mig += m.EndedAt.Sub(m.PlannedAt)
+		b.Logf("migrate: %d MiB in %.2f s (planned→transferring %.2f s, stopped %.2f s; source pclusterd usr %.2f sys %.2f, target usr %.2f sys %.2f; machine %.2f cores busy)",
+			rss>>20, m.EndedAt.Sub(m.PlannedAt).Seconds(), m.TransferAt.Sub(m.PlannedAt).Seconds(), m.EndedAt.Sub(m.TransferAt).Seconds(),
+			srcUser1-srcUser0, srcSys1-srcSys0, dstUser1-dstUser0, dstSys1-dstSys0, float64(runtime.NumCPU())*(busy1-busy0)/(total1-total0))
+		b.Logf("pclusterctl migrate:\n%s", phases)
+		stopped += m.EndedAt.Sub(m.TransferAt)
+		migBytes += float64(rss)
+		// The moved process is the original: its heap hashes the same.
+		syscall.Kill(w.PID, syscall.SIGUSR1)
+		c.waitFor(time.Minute, "the moved heap's check", func() error {
+			out, err := os.ReadFile(filepath.Join(dst.dataDir, "workloads", w.ID, "stdout.log"))
+			if strings.Contains(string(out), "check hash="+hash+" MISMATCH") {
+				b.Fatalf("moved heap: %s", out)
+			}
+			if err != nil || !strings.Contains(string(out), "check hash="+hash+" ok") {
+				return fmt.Errorf("no check yet (%v)", err)
+			}
+			return nil
+		})
+		c.ctl(src, "stop", w.ID)
+		c.waitFor(time.Minute, "the workload to stop", func() error {
+			if cs := copies(bin); len(cs) != 0 {
+				return fmt.Errorf("copies %v", cs)
+			}
+			return nil
+		})
+	}
+	b.ReportMetric(mig.Seconds()/base[0].Seconds(), "ratio")
+	b.ReportMetric(mig.Seconds()/base[1].Seconds(), "ratio-to-plain")
+	b.ReportMetric(float64(stopped.Milliseconds())/float64(b.N), "ms-stopped")
+	b.ReportMetric(migBytes/mig.Seconds()/1e6, "migrate-MB/s")
+	b.ReportMetric(baseBytes/base[0].Seconds()/1e6, "pfreeze-MB/s")
+	b.ReportMetric(baseBytes/base[1].Seconds()/1e6, "pfreeze-plain-MB/s")
+}
+
+// pfreezeOver moves a bigheap of migrateBenchMiB from src's host to dst's
+// with pfreeze -halt args to pthaw listening there (-keydir keyDir, or
+// -insecure when args has it) and returns pfreeze's wall time and the
+// process's VmRSS before.
+func pfreezeOver(b *testing.B, pfreeze, pthaw, bin string, src, dst *testNode, keyDir, name string, args []string) (time.Duration, int64) {
+	b.Helper()
+	p := fixture.Start(b, "nsenter", "--net=/run/netns/"+src.netns, "--", bin, strconv.Itoa(migrateBenchMiB), "3")
+	p.Lines.Expect(b, `^ready hash=`, 2*time.Minute)
+	rss := vmRSS(b, p.Pid())
+	th, addr := listenPthaw(b, pthaw, dst, keyDir, slices.Contains(args, "-insecure"))
+	fr := exec.Command("nsenter", append([]string{"--net=/run/netns/" + src.netns, "--", pfreeze, "-pid", strconv.Itoa(p.Pid()),
+		"-halt", "-dest", "tcp:" + addr}, args...)...)
+	b.StartTimer()
+	busy0, total0 := machineCPU(b)
+	t0 := time.Now()
+	out, err := fr.CombinedOutput()
+	d := time.Since(t0)
+	busy1, total1 := machineCPU(b)
+	b.StopTimer()
+	if err != nil {
+		b.Fatalf("pfreeze %s: %v: %s; pthaw: %s", name, err, out, th.stderr())
+	}
+	thUser, thSys := cpuTimes(b, th.cmd.Process.Pid)
+	b.Logf("pfreeze %s: %d MiB in %.2f s (pfreeze usr %.2f sys %.2f, pthaw usr %.2f sys %.2f; machine %.2f cores busy)",
+		name, rss>>20, d.Seconds(), fr.ProcessState.UserTime().Seconds(), fr.ProcessState.SystemTime().Seconds(),
+		thUser, thSys, float64(runtime.NumCPU())*(busy1-busy0)/(total1-total0))
+	th.stop(b)
+	p.Wait(time.Minute)
+	return d, rss
+}
+
+// benchThaw is a pthaw listening on a node's host.
+type benchThaw struct {
+	cmd  *exec.Cmd
+	errb *syncBuffer
+	done chan struct{}
+}
+
+func (th *benchThaw) stderr() string { return th.errb.String() }
+
+// listenPthaw starts pthaw -src tcp:IP:0 -keydir dir (or -insecure) in nd's network
+// namespace and returns it with the address it listens on.
+func listenPthaw(b *testing.B, pthaw string, nd *testNode, dir string, insecure bool) (*benchThaw, string) {
+	b.Helper()
+	th := &benchThaw{errb: &syncBuffer{}, done: make(chan struct{})}
+	auth := []string{"-keydir", dir}
+	if insecure {
+		auth = []string{"-insecure"}
+	}
+	th.cmd = exec.Command("nsenter", append([]string{"--net=/run/netns/" + nd.netns, "--", pthaw, "-src", "tcp:" + nd.ip + ":0"}, auth...)...)
+	th.cmd.Stderr = th.errb
+	if err := th.cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	go func() { th.cmd.Wait(); close(th.done) }()
+	b.Cleanup(func() {
+		th.cmd.Process.Kill()
+		<-th.done
+	})
+	rx := regexp.MustCompile(`pthaw: listening on (\S+)`)
+	var addr string
+	c := &testCluster{tb: b}
+	c.waitFor(30*time.Second, "pthaw to listen", func() error {
+		if m := rx.FindStringSubmatch(th.errb.String()); m != nil {
+			addr = m[1]
+			return nil
+		}
+		select {
+		case <-th.done:
+			b.Fatalf("pthaw exited: %s", th.errb.String())
+		default:
+		}
+		return fmt.Errorf("not yet: %s", th.errb.String())
+	})
+	return th, addr
+}
+
+// stop kills the process pthaw restored (its child) and waits for pthaw,
+// which waits for it, to end.
+func (th *benchThaw) stop(b *testing.B) {
+	b.Helper()
+	kids := childrenOf(th.cmd.Process.Pid)
+	if len(kids) == 0 {
+		b.Fatalf("pthaw has no restored child: %s", th.errb.String())
+	}
+	for pid := range kids {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	select {
+	case <-th.done:
+	case <-time.After(time.Minute):
+		b.Fatalf("pthaw still runs after its process was killed: %s", th.errb.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// vmRSS returns the resident set size of pid in bytes.
+func vmRSS(tb testing.TB, pid int) int64 {
+	tb.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmRSS:" && f[2] == "kB" {
+			kb, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	tb.Fatalf("no VmRSS in /proc/%d/status", pid)
+	return 0
+}
+
+// cpuTimes returns the user and system CPU seconds pid has used so far,
+// its reaped children's not included (/proc/PID/stat utime and stime).
+func cpuTimes(tb testing.TB, pid int) (user, sys float64) {
+	tb.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	// Fields resume after the command name's last ')' with field 3.
+	f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	if len(f) < 13 {
+		tb.Fatalf("/proc/%d/stat: %q", pid, data)
+	}
+	const hz = 100 // USER_HZ: the unit of /proc times on Linux
+	u, err1 := strconv.ParseFloat(f[11], 64)
+	s, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		tb.Fatalf("/proc/%d/stat: %q", pid, data)
+	}
+	return u / hz, s / hz
+}
+
+// machineCPU returns the machine's busy and total CPU time so far, in
+// USER_HZ ticks summed over all cores (/proc/stat's cpu line; idle and
+// iowait are not busy).
+func machineCPU(tb testing.TB) (busy, total float64) {
+	tb.Helper()
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		tb.Fatalf("/proc/stat: %q", line)
+	}
+	for i, v := range f[1:min(len(f), 9)] {
+		n, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			tb.Fatalf("/proc/stat: %q", line)
+		}
+		total += n
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy, total
 }

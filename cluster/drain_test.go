@@ -70,7 +70,8 @@ func runCounters(t testing.TB, c *testCluster, nd *testNode, bin, name string, n
 }
 
 // checkMoved checks that each workload of ws runs on another node than
-// from, with its PID, exactly once (copies of bin are exactly their PIDs),
+// from, with its PID in its namespace, exactly once (copies of bin are
+// exactly their PIDs on the host, new ones),
 // and that its counter went on: the lines the source wrote, then the
 // target's, with no gap, no repeat and the same heap checksum.
 func checkMoved(t *testing.T, c *testCluster, via, from *testNode, bin string, ws []api.Workload) {
@@ -81,10 +82,11 @@ func checkMoved(t *testing.T, c *testCluster, via, from *testNode, bin string, w
 		if err != nil || got.State != "running" || got.Node == from.name {
 			t.Fatalf("workload %s: %s on %s (%v), want running on another node than %s", w.ID, got.State, got.Node, err, from.name)
 		}
-		if got.PID != w.PID {
-			t.Errorf("workload %s: pid %d after the drain, want %d", w.ID, got.PID, w.PID)
+		if got.NSPID != w.NSPID || got.PID == w.PID {
+			t.Errorf("workload %s: pid %d, %d in its namespace after the drain: want %d there, a new one on the host (was %d)",
+				w.ID, got.PID, got.NSPID, w.NSPID, w.PID)
 		}
-		pids = append(pids, w.PID)
+		pids = append(pids, got.PID)
 		b, err := os.ReadFile(filepath.Join(from.dataDir, "workloads", w.ID, "stdout.log"))
 		if err != nil {
 			t.Fatalf("the source's log: %v", err)
@@ -312,8 +314,8 @@ func TestDrainDeadlineForceDisable(t *testing.T) {
 	want := []int{}
 	if got.State == "running" {
 		want = []int{got.PID}
-		if got.PID != movable[0].PID {
-			t.Errorf("movable %s: pid %d, want %d", got.ID, got.PID, movable[0].PID)
+		if got.NSPID != movable[0].NSPID {
+			t.Errorf("movable %s: pid %d in its namespace, want %d", got.ID, got.NSPID, movable[0].NSPID)
 		}
 	}
 	c.waitFor(20*time.Second, "the stopped counters to exit", func() error {
@@ -377,8 +379,9 @@ func TestDrainOnShutdown(t *testing.T) {
 	}
 }
 
-// TestDrainStuck: a workload the engine refuses to move (a UDP socket on
-// fd 3: "sockets other than TCP are not supported yet") is tried
+// TestDrainStuck: a workload the engine refuses to move (a TCP
+// connection from its host's own address to a peer outside it, which
+// cannot work on another host: "stays on this host") is tried
 // scheduler.MaxDrainAttempts times, then stays where it is, running; the
 // foreground drain names it with the engine's reason and exits 1. Another
 // such workload whose restart policy allows it is restarted from its
@@ -390,17 +393,28 @@ func TestDrainStuck(t *testing.T) {
 	from, via := nodes[0], nodes[1]
 	bash, err := exec.LookPath("bash")
 	if err != nil {
-		t.Skip("no bash for the workload holding a UDP socket")
+		t.Skip("no bash for the workload holding a connection")
 	}
-	script := "exec 3<>/dev/udp/" + from.ip + "/9; exec sleep 1000"
+	// The peer: a listener on the source host, outside the workloads,
+	// that holds what it accepts.
+	peer := exec.Command("ip", "netns", "exec", from.netns, "python3", "-c",
+		"import socket,time\ns=socket.create_server(('"+from.ip+"',9))\nheld=[s.accept() for _ in range(2)]\ntime.sleep(1000)")
+	if err := peer.Start(); err != nil {
+		t.Fatalf("peer listener: %v", err)
+	}
+	t.Cleanup(func() { peer.Process.Kill(); peer.Wait() })
+	script := "until exec 3<>/dev/tcp/" + from.ip + "/9; do sleep 0.1; done 2>/dev/null; exec sleep 1000"
 	var w, r api.Workload
-	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "udp", "--", bash, "-c", script)
-	c.ctlJSON(via, &r, "run", "-node", from.name, "-name", "udp-restartable", "-restart", "on-failure", "--", bash, "-c", script)
+	c.ctlJSON(via, &w, "run", "-node", from.name, "-name", "held", "--", bash, "-c", script)
+	c.ctlJSON(via, &r, "run", "-node", from.name, "-name", "held-restartable", "-restart", "on-failure", "--", bash, "-c", script)
 	for _, p := range []*api.Workload{&w, &r} {
 		c.waitFor(20*time.Second, "the workload to run", func() error {
 			got, err := workloadOn(via, p.ID)
 			if err != nil || got.State != "running" || got.PID == 0 {
 				return fmt.Errorf("%s (%v)", got.State, err)
+			}
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", got.PID)); !strings.HasPrefix(l, "socket:") {
+				return fmt.Errorf("pid %d has no connection on fd 3 yet", got.PID)
 			}
 			*p = got
 			return nil
@@ -408,7 +422,7 @@ func TestDrainStuck(t *testing.T) {
 	}
 	out, errs, code := c.ctlRun("drain", "-address", via.socket, from.name)
 	t.Logf("drain:\n%s%s", out, errs)
-	if code != 1 || !strings.Contains(out, "cannot move "+w.ID+": ") || !strings.Contains(out, "not supported") ||
+	if code != 1 || !strings.Contains(out, "cannot move "+w.ID+": ") || !strings.Contains(out, "does not move with the process") ||
 		strings.Count(errs, "\n") != 1 || strings.Contains(out, "cannot move "+r.ID) {
 		t.Fatalf("drain of a node with an unmovable workload: exit %d, stdout %q, stderr %q; want 1, the workload named "+
 			"with the engine's reason, one line on stderr", code, out, errs)

@@ -420,6 +420,21 @@ func converged(nd *testNode, want int) error {
 	if leaderOf(ms) == "" {
 		return fmt.Errorf("%s sees no leader", nd.name)
 	}
+	// Gossip's view comes first; placement reads the raft state's, which
+	// the leader fills in a tick later ("place on NODE: not found").
+	ns, err := nd.client.Nodes(context.Background())
+	if err != nil {
+		return err
+	}
+	ready := 0
+	for _, n := range ns {
+		if n.Status == "ready" {
+			ready++
+		}
+	}
+	if ready < want {
+		return fmt.Errorf("%s's replica lists %d ready nodes, want %d", nd.name, ready, want)
+	}
 	return nil
 }
 

@@ -210,7 +210,7 @@ func (s *Server) applyStep(st api.MigrationStep) (any, error) {
 	}
 	return s.apply(scheduler.CmdMigrationStep, &scheduler.MigrationStepCmd{ID: st.ID, Attempt: st.Attempt, Node: st.Node,
 		To: scheduler.MigrationState(st.To), Error: scheduler.CutMessage(st.Error), PID: st.PID, StartTicks: st.StartTicks,
-		Bytes: st.Bytes, At: st.At.UnixNano()})
+		InitPID: st.InitPID, Bytes: st.Bytes, At: st.At.UnixNano()})
 }
 
 // step is the node agent's way to write a migration step (toLeader).

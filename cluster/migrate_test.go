@@ -126,8 +126,11 @@ func workloadOn(nd *testNode, id string) (api.Workload, error) {
 // each node in its own network namespace with its own data directory:
 // A→B→C→A, then once more, from an agent restarted meanwhile (which
 // adopted the workload: not its child), to the node placement picks.
-// After each move: the workload runs on the target with the
-// same PID (getpid() says so too), exactly one copy of the program runs,
+// The workload runs as a PID namespace of its own, which moves whole.
+// After each move: the workload runs on the target with the same PID in
+// its namespace (getpid() says so too) and a new one on the host (the
+// source's copy held the old one until the commit: all test hosts share
+// one PID namespace), exactly one copy of the program runs,
 // the counter in the logs continues with no gap and no repeat and the
 // heap checksum is unchanged, and the source's workload directory is
 // removed, `pclusterctl logs` still answering from every node. At the end
@@ -147,7 +150,10 @@ func TestMigrateAround(t *testing.T) {
 		w = got
 		return nil
 	})
-	pid := w.PID
+	pid, nsPid := w.PID, w.NSPID
+	if nsPid <= 0 || nsPid == pid || w.InitPID <= 0 {
+		t.Fatalf("workload pid %d, ns pid %d, init %d: want it in a PID namespace of its own", pid, nsPid, w.InitPID)
+	}
 	checkMigrateRefusals(t, c, nodes, w)
 	var seq []counterLine
 	byName := map[string]*testNode{}
@@ -176,8 +182,8 @@ func TestMigrateAround(t *testing.T) {
 			// adopting agent's report makes it running again.
 			c.waitFor(30*time.Second, "the counter running again on "+from.name, func() error {
 				got, err := workloadOn(nodes[1], w.ID)
-				if err != nil || got.State != "running" || got.Node != from.name || got.PID != pid {
-					return fmt.Errorf("%s on %s pid %d (%v)", got.State, got.Node, got.PID, err)
+				if err != nil || got.State != "running" || got.Node != from.name || got.PID != pid || got.NSPID != nsPid {
+					return fmt.Errorf("%s on %s pid %d/%d (%v)", got.State, got.Node, got.PID, got.NSPID, err)
 				}
 				return nil
 			})
@@ -208,9 +214,14 @@ func TestMigrateAround(t *testing.T) {
 		if err != nil || got.State != "running" || got.Node != target.name {
 			t.Fatalf("after move %d: workload %s on %s (%v), want running on %s", hop+1, got.State, got.Node, err, target.name)
 		}
-		if got.PID != pid {
-			t.Errorf("after move %d: pid %d, want %d", hop+1, got.PID, pid)
+		if got.NSPID != nsPid || got.PID == pid || got.PID <= 0 {
+			t.Errorf("after move %d: pid %d, %d in its namespace: want %d there and a new one on the host (was %d)",
+				hop+1, got.PID, got.NSPID, nsPid, pid)
 		}
+		if ids := nsIDs(t, got.PID); ids[0] != got.PID || ids[1] != nsPid {
+			t.Errorf("after move %d: NSpid of pid %d: %v, want [%d %d]", hop+1, got.PID, ids, got.PID, nsPid)
+		}
+		pid = got.PID
 		if cs := copies(bin); len(cs) != 1 || cs[0] != pid {
 			t.Fatalf("after move %d: copies of the counter %v, want exactly [%d]", hop+1, cs, pid)
 		}
@@ -225,8 +236,8 @@ func TestMigrateAround(t *testing.T) {
 		if err := os.RemoveAll(dir); err != nil {
 			t.Fatal(err)
 		}
-		if seq[0].pid != pid {
-			t.Fatalf("getpid %d, want %d", seq[0].pid, pid)
+		if seq[0].pid != nsPid {
+			t.Fatalf("getpid %d, want %d (its pid in its namespace)", seq[0].pid, nsPid)
 		}
 		// The target's log continues it, read through every node.
 		for _, via := range nodes {
@@ -266,6 +277,31 @@ func TestMigrateAround(t *testing.T) {
 	if cs := copies(bin); len(cs) != 0 {
 		t.Errorf("copies of the counter after the stop: %v", cs)
 	}
+}
+
+// nsIDs returns the NSpid line of pid's status: its PID on the host, then
+// in each nested PID namespace.
+func nsIDs(t *testing.T, pid int) []int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+			var ids []int
+			for _, f := range strings.Fields(v) {
+				n, _ := strconv.Atoi(f)
+				ids = append(ids, n)
+			}
+			if len(ids) == 2 {
+				return ids
+			}
+			t.Fatalf("pid %d: NSpid %q: want two levels", pid, v)
+		}
+	}
+	t.Fatalf("pid %d: no NSpid", pid)
+	return nil
 }
 
 // childrenOf lists pid's children with their state letters.

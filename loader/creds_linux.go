@@ -18,7 +18,7 @@ import (
 // permitted set across setresuid so capset can then set the saved sets.
 // Runs on the tracer thread.
 func (p *Process) setCreds(tk *task, scratch uintptr) error {
-	c := p.proc.Creds
+	c := p.credsOf(tk)
 	st, err := procfs.ThreadStatus(p.pid, tk.in.Tid)
 	if err != nil {
 		return err

@@ -133,12 +133,27 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
+	case image.FDTimerfd, image.FDSignalfd, image.FDInotify, image.FDFanotify:
+		if tmp, err = p.openAnon(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
+	case image.FDTCP, image.FDUDP:
+		if tmp, err = p.newSocket(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
 	case image.FDFile:
 	case image.FDPipe:
 	default:
 		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
 	name := f.Path
+	if f.Object != 0 {
+		if name = p.objectPath(f.Object); name == "" {
+			return fmt.Errorf("%w: fd %d: file object %#x not in the snapshot", image.ErrCorrupt, f.Fd, f.Object)
+		}
+	}
 	if f.Kind == image.FDPipe {
 		if name, err = p.pipeEnd(f); err != nil {
 			return err
@@ -276,6 +291,12 @@ func (p *Process) moveFd(f *image.FD, tmp uintptr) error {
 func (p *Process) watch(f *image.FD, have map[int]bool) error {
 	scratch := p.base + stubScratchOff
 	for _, t := range f.Epoll {
+		if t.Via != nil {
+			if err := p.watchVia(f, t, have); err != nil {
+				return err
+			}
+			continue
+		}
 		if !have[t.Fd] {
 			return fmt.Errorf("%w: fd %d (epoll) watches fd %d, which is not in the snapshot", image.ErrCorrupt, f.Fd, t.Fd)
 		}

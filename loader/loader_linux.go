@@ -93,11 +93,14 @@ type Process struct {
 	virtTids map[int]int
 	// listeners are the re-created listening sockets, bound in finish.
 	listeners []*image.FD
-	vdso      uint64   // syscall site in the moved vdso
-	uffd      *os.File // fills private anonymous memory while building
-	built     bool
-	done      bool
-	tasks     []*task // the threads finish made ready, detached to start
+	// socks are the re-created TCP connections and UDP sockets, given
+	// their addresses in finish (tcp_linux.go).
+	socks []*image.FD
+	vdso  uint64   // syscall site in the moved vdso
+	uffd  *os.File // fills private anonymous memory while building
+	built bool
+	done  bool
+	tasks []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string
@@ -107,6 +110,13 @@ type Process struct {
 	tree   *tree
 	parent *Process
 	zombie bool // a member that only exited, left for its parent to reap
+
+	// objects are the files without a path (memfds, deleted files) the
+	// snapshot brings, by File ID (objects_linux.go).
+	objects map[uint64]*object
+	// createdShm are the System V segments made for this restore, removed
+	// if it fails.
+	createdShm []int
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -258,6 +268,15 @@ meta:
 			p.vmas = append(p.vmas, r)
 			rec = nil
 			continue
+		case *image.File:
+			if p.proc == nil || len(p.threads) != p.proc.Threads {
+				return nil, fmt.Errorf("%w: file record before the thread records", image.ErrCorrupt)
+			}
+			if err := p.addFile(r); err != nil {
+				return nil, err
+			}
+			rec = nil
+			continue
 		}
 		break
 	}
@@ -270,7 +289,13 @@ meta:
 	if err := checkCreds(p.proc); err != nil {
 		return nil, err
 	}
+	if err := checkThreadCreds(p.proc, p.threads); err != nil {
+		return nil, err
+	}
 	if err := p.checkFiles(); err != nil {
+		return nil, err
+	}
+	if err := p.sealFiles(); err != nil {
 		return nil, err
 	}
 	if err := prepare(); err != nil {
@@ -301,6 +326,8 @@ meta:
 			if err := p.openFiles(); err != nil {
 				return nil, err
 			}
+			// Every area and fd holds its own reference by now.
+			p.closeObjects()
 			return rec, nil
 		default:
 			return nil, fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
@@ -428,6 +455,12 @@ func (p *Process) checkFiles() error {
 		if v.Kind != image.VMAFile {
 			continue
 		}
+		if v.Object != 0 {
+			if p.objs()[v.Object] == nil {
+				return fmt.Errorf("%w: %s: file object %#x not in the snapshot", image.ErrCorrupt, vmaName(v), v.Object)
+			}
+			continue
+		}
 		var st syscall.Stat_t
 		if err := syscall.Stat(v.Name, &st); err != nil {
 			return fmt.Errorf("%s: %w", vmaName(v), err)
@@ -513,8 +546,7 @@ func (p *Process) startStub() error {
 		if st.Sig() != unix.SIGTRAP {
 			return fmt.Errorf("start stub: %v", st)
 		}
-		opts := unix.PTRACE_O_EXITKILL | unix.PTRACE_O_TRACECLONE | unix.PTRACE_O_TRACEFORK
-		if err := ptrace.SetOptions(pid, opts); err != nil {
+		if err := ptrace.SetOptions(pid, buildTraceOpts); err != nil {
 			return fmt.Errorf("stub options: %w", err)
 		}
 		// Every signal blocked while the process is built (its own mask
@@ -740,6 +772,8 @@ func (p *Process) release() []int {
 	}
 	p.done = true
 	p.closeUffd()
+	p.closeObjects()
+	p.removeCreatedShm()
 	if p.mem != nil {
 		p.mem.Close()
 	}

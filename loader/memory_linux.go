@@ -50,6 +50,9 @@ func (p *Process) mapMemory() error {
 		if err := p.moveKernelAreas(cur); err != nil {
 			return err
 		}
+		if err := p.attachSysV(); err != nil {
+			return err
+		}
 		files := map[string]uintptr{}
 		defer func() {
 			var closes []batchCall
@@ -78,18 +81,28 @@ func (p *Process) mapMemory() error {
 				}
 				continue
 			case image.VMAFile:
+				if p.sysvObject(v) != nil {
+					continue // attached by attachSysV
+				}
 				mode := uintptr(unix.O_RDONLY)
 				flags |= unix.MAP_PRIVATE
 				if v.Shared {
 					flags = flags&^unix.MAP_PRIVATE | unix.MAP_SHARED
-					if v.Prot&unix.PROT_WRITE != 0 {
+					// "mw" (VM_MAYWRITE): the file was opened for
+					// writing, so a later mprotect(PROT_WRITE) of a
+					// read-only area succeeds (zdtm's maps_file_prot).
+					if v.Prot&unix.PROT_WRITE != 0 || hasVmFlag(v.VmFlags, "mw") {
 						mode = unix.O_RDWR
 					}
 				}
-				key := fmt.Sprintf("%d:%s", mode, v.Name)
+				name := v.Name
+				if v.Object != 0 {
+					name = p.objectPath(v.Object)
+				}
+				key := fmt.Sprintf("%d:%s", mode, name)
 				f, ok := files[key]
 				if !ok {
-					path, err := p.putString(v.Name)
+					path, err := p.putString(name)
 					if err != nil {
 						return err
 					}

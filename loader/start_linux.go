@@ -42,6 +42,7 @@ func (p *Process) Start() error {
 	}
 	for _, m := range members {
 		m.done = true
+		m.createdShm = nil // the process's now
 		if !m.zombie {
 			m.mem.Close()
 		}
@@ -135,6 +136,18 @@ func (p *Process) finish() error {
 	if err != nil {
 		return err
 	}
+	// Sockets first of all: on one host the original was killed just
+	// now, and until a copy holds its addresses a packet from a peer
+	// would be answered with a reset. Listeners before connections: a
+	// connection in repair mode binds to its (accepted: the listener's)
+	// port whatever holds it, a listener only beside connections that
+	// allow it (SO_REUSEADDR).
+	if err := p.bindListeners(borrow); err != nil {
+		return err
+	}
+	if err := p.restoreSockets(borrow); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}
@@ -143,6 +156,15 @@ func (p *Process) finish() error {
 			return err
 		}
 		p.notice("getpid() and gettid() of pid %d answer %d, as when it was frozen", p.pid, p.proc.Pid)
+	}
+	seccomp := p.hasSeccomp()
+	if seccomp {
+		if err := suspendSeccomp(p.in.Tid); err != nil {
+			return err
+		}
+		if err := p.installSeccomp(p.in, pr.Seccomp); err != nil {
+			return err
+		}
 	}
 	// Threads, each a clone3 of the main thread into its saved TID.
 	tasks := []*task{{img: p.threads[0], in: p.in}}
@@ -170,9 +192,6 @@ func (p *Process) finish() error {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
 	}
-	if err := p.bindListeners(borrow); err != nil {
-		return err
-	}
 	queued := false
 	if p.tree != nil && p.tree.virtWanted {
 		// The filter traps rt_sigqueueinfo: pending signals go first.
@@ -184,11 +203,29 @@ func (p *Process) finish() error {
 			return err
 		}
 	}
+	if seccomp {
+		// Each thread's own filters after the tree's filter, which is
+		// loaded with TSYNC: that needs the threads' filters alike.
+		for _, tk := range tasks {
+			if err := suspendSeccomp(tk.in.Tid); err != nil {
+				return err
+			}
+			if err := p.installSeccomp(tk.in, tk.img.Seccomp); err != nil {
+				return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
+			}
+		}
+	}
+	// POSIX timers before the credentials: an _ALARM clock needs
+	// CAP_WAKE_ALARM. (Every signal is blocked until the registers are
+	// set: one that fires meanwhile stays pending.)
+	if err := p.restoreTimers(tasks, borrow); err != nil {
+		return err
+	}
 	for _, tk := range tasks {
 		if err := p.setCreds(tk, borrow); err != nil {
 			return fmt.Errorf("thread %d: %w", tk.in.Tid, err)
 		}
-		if pr.Creds.NoNewPrivs {
+		if p.credsOf(tk).NoNewPrivs {
 			if _, err := tk.call(unix.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 				return fmt.Errorf("thread %d: no_new_privs: %w", tk.in.Tid, err)
 			}

@@ -24,6 +24,9 @@ type tree struct {
 	// pipes holds pthaw's read and write ends of each pipe (by its saved
 	// identity, image.FD.Pipe) until the tree starts or is aborted.
 	pipes map[uint64][2]int
+	// objects are the files without a path the members share
+	// (objects_linux.go), held as long as the pipes.
+	objects map[uint64]*object
 	// ns is set when the tree is restored into a new PID namespace
 	// (pidns_linux.go): then pids maps to our numbers, and the members
 	// themselves use the saved ones.
@@ -36,13 +39,15 @@ type tree struct {
 	virtWanted bool
 }
 
-// closePipes closes pthaw's ends of the tree's pipes: from then on the
-// members hold the only ones.
+// closePipes closes pthaw's ends of the tree's pipes, and its files
+// without a path: from then on the members hold the only ones.
 func (t *tree) closePipes() {
 	for id, ends := range t.pipes {
 		closeEnds(ends)
 		delete(t.pipes, id)
 	}
+	closeAllObjects(t.objects)
+	t.objects = nil
 }
 
 type shmArea struct {
@@ -389,4 +394,21 @@ func endSubreaper() {
 	if subreaper.n--; subreaper.n == 0 && !subreaper.was {
 		unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 	}
+}
+
+// Pids returns the host PIDs of every process restored: the root (and the
+// process waited for in its place, when another), or each member of a
+// tree, parents before their children.
+func (p *Process) Pids() []int {
+	if p.tree == nil {
+		if p.pid != p.WaitPid() {
+			return []int{p.WaitPid(), p.pid}
+		}
+		return []int{p.pid}
+	}
+	pids := make([]int, 0, len(p.tree.members))
+	for _, m := range p.tree.members {
+		pids = append(pids, m.pid)
+	}
+	return pids
 }

@@ -8,6 +8,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/internal/seccompbpf"
 )
 
 // Virtual PIDs (pthaw -virtpid): when the saved PID is taken, the process
@@ -16,58 +18,11 @@ import (
 // the saved ids and translates them in signals the process sends itself.
 // Every other call, and signals to anyone else, go on untouched.
 
-// virtCalls are the system calls the filter traps.
-var virtCalls = []uint32{unix.SYS_GETPID, unix.SYS_GETTID, unix.SYS_KILL, unix.SYS_TKILL, unix.SYS_TGKILL}
-
 // filterRule sends the calls to action.
-type filterRule struct {
-	calls  []uint32
-	action uint32
-}
+type filterRule = seccompbpf.Rule
 
-// virtFilter returns the classic BPF program: x86-64 calls of each rule
-// get its action (the listener, or for a tree the tracer), everything
-// else is allowed.
-func virtFilter(rules ...filterRule) []byte {
-	type insn struct {
-		code   uint16
-		jt, jf uint8
-		k      uint32
-	}
-	const (
-		ldAbs = 0x20 // BPF_LD|BPF_W|BPF_ABS
-		jeqK  = 0x15 // BPF_JMP|BPF_JEQ|BPF_K
-		retK  = 0x06 // BPF_RET|BPF_K
-	)
-	n := 0
-	for _, r := range rules {
-		n += len(r.calls)
-	}
-	// 0 arch, 1 check, 2 nr, 3.. one jump per call, then ALLOW and one
-	// return per rule.
-	allow := 3 + n
-	prog := []insn{
-		{ldAbs, 0, 0, 4}, // arch
-		{jeqK, 0, uint8(allow - 2), unix.AUDIT_ARCH_X86_64},
-		{ldAbs, 0, 0, 0}, // nr
-	}
-	for g, r := range rules {
-		for _, nr := range r.calls {
-			prog = append(prog, insn{jeqK, uint8(allow + 1 + g - len(prog) - 1), 0, nr})
-		}
-	}
-	prog = append(prog, insn{retK, 0, 0, unix.SECCOMP_RET_ALLOW})
-	for _, r := range rules {
-		prog = append(prog, insn{retK, 0, 0, r.action})
-	}
-	b := make([]byte, 8*len(prog))
-	for i, in := range prog {
-		binary.LittleEndian.PutUint16(b[8*i:], in.code)
-		b[8*i+2], b[8*i+3] = in.jt, in.jf
-		binary.LittleEndian.PutUint32(b[8*i+4:], in.k)
-	}
-	return b
-}
+// virtFilter returns the classic BPF program of rules.
+var virtFilter = seccompbpf.Program
 
 // listenerFlags make a filter's listener, and make a call pthaw has
 // received uninterruptible but by a fatal signal (WAIT_KILLABLE_RECV):
@@ -80,7 +35,7 @@ const listenerFlags = unix.SECCOMP_FILTER_FLAG_NEW_LISTENER | unix.SECCOMP_FILTE
 // installVirtPID loads the filter into the main thread (threads made
 // after inherit it) and takes its listener. Runs on the tracer thread.
 func (p *Process) installVirtPID(scratch uintptr) error {
-	fd, err := p.loadFilter(scratch, virtFilter(filterRule{virtCalls, unix.SECCOMP_RET_USER_NOTIF}), listenerFlags)
+	fd, err := p.loadFilter(scratch, seccompbpf.VirtPID(), listenerFlags)
 	if err != nil {
 		return fmt.Errorf("virtual pid: install seccomp filter: %w", err)
 	}

@@ -113,7 +113,7 @@ func (t *tree) wantVirt(opts Options) bool {
 // tracer loop, a call handed to the tracer fails with ENOSYS. Runs on the
 // tracer thread.
 func (p *Process) installTreeFilter(scratch uintptr) error {
-	prog := virtFilter(filterRule{treeNotifCalls, unix.SECCOMP_RET_USER_NOTIF}, filterRule{treeTraceCalls, unix.SECCOMP_RET_TRACE})
+	prog := virtFilter(filterRule{Calls: treeNotifCalls, Action: unix.SECCOMP_RET_USER_NOTIF}, filterRule{Calls: treeTraceCalls, Action: unix.SECCOMP_RET_TRACE})
 	// A listener and TSYNC together need TSYNC_ESRCH.
 	flags := listenerFlags | unix.SECCOMP_FILTER_FLAG_TSYNC | unix.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
 	fd, err := p.loadFilter(scratch, prog, uintptr(flags))

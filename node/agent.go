@@ -1,5 +1,6 @@
 // Package node is the host-local agent. It starts the workloads the
-// replicated state assigns to this host as its own children, keeps their
+// replicated state assigns to this host as its own children, each a PID
+// namespace of its own under a small init (init_linux.go), keeps their
 // stdout/stderr in log files under the data dir, reports their PIDs and
 // exit statuses (which the leader records in raft), stops them when asked,
 // and samples the host's load. It restarts nothing by itself: restarts are
@@ -14,8 +15,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -79,9 +80,13 @@ type Config struct {
 
 // proc is one workload process this agent watches.
 type proc struct {
-	id       string
-	attempt  int
+	id      string
+	attempt int
+	// pid is the process this agent watches, signals and moves: the
+	// init of the workload's PID namespace (pidns), or the workload
+	// itself for one started by an agent from before namespaces.
 	pid      int
+	pidns    bool
 	adopted  bool // found running at agent start: not our child
 	stopping bool
 	killAt   time.Time
@@ -151,7 +156,9 @@ type Agent struct {
 	usage   map[string]usageSample
 }
 
-// New returns an agent; call Run to start it.
+// New returns an agent; call Run to start it. The agent starts each
+// workload's init by re-executing its own program (/proc/self/exe) as
+// InitName: that program's main must call InitMain first when IsInit.
 func New(cfg Config) *Agent {
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 10 * time.Second
@@ -280,25 +287,42 @@ func (a *Agent) current(ctx context.Context) bool {
 // from reconcile rather than a scan at start.
 func (a *Agent) adopt(ctx context.Context, w scheduler.Workload) {
 	a.started[w.ID] = w.Attempt
-	ticks, err := startTicks(w.PID)
+	pid, pidns := supervised(w)
+	ticks, err := startTicks(pid)
 	if err != nil || ticks != w.StartTicks {
-		a.log.Info("workload gone while the agent was away", "workload", w.ID, "pid", w.PID)
+		a.log.Info("workload gone while the agent was away", "workload", w.ID, "pid", pid)
+		ev := exitEvent{code: -1, msg: "process ended while pclusterd was not running"}
+		if code, sig, ok := a.readStatus(w.ID); ok && pidns {
+			ev = exitEvent{code: code, signal: sig}
+		}
 		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt,
-			ExitCode: -1, Message: "process ended while pclusterd was not running", At: time.Now()})
+			ExitCode: ev.code, Signal: ev.signal, Message: ev.msg, At: time.Now()})
+		a.clearStatus(w.ID)
 		return
 	}
-	a.log.Info("adopted running workload", "workload", w.ID, "pid", w.PID)
-	p := &proc{id: w.ID, attempt: w.Attempt, pid: w.PID, adopted: true}
+	a.log.Info("adopted running workload", "workload", w.ID, "pid", pid)
+	p := &proc{id: w.ID, attempt: w.Attempt, pid: pid, pidns: pidns, adopted: true}
 	a.mu.Lock()
 	a.procs[w.ID] = p
 	a.mu.Unlock()
 	a.wg.Add(1)
-	go a.poll(ctx, w.ID, w.Attempt, w.PID, ticks)
+	go a.poll(ctx, w.ID, w.Attempt, pid, ticks, pidns)
+}
+
+// supervised returns the process an agent watches for workload w: the
+// init of its PID namespace, or the workload itself (started by an agent
+// from before namespaces).
+func supervised(w scheduler.Workload) (pid int, pidns bool) {
+	if w.InitPID > 0 {
+		return w.InitPID, true
+	}
+	return w.PID, false
 }
 
 // poll waits for an adopted process (not our child, so no wait status) to
-// end, or for ctx to end.
-func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uint64) {
+// end, or for ctx to end. The init of a PID namespace leaves the
+// workload's status in a file (init_linux.go).
+func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uint64, pidns bool) {
 	defer a.wg.Done()
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
@@ -311,8 +335,12 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 		if got, err := startTicks(pid); err == nil && got == ticks {
 			continue
 		}
+		ev := exitEvent{wid: id, attempt: attempt, code: -1, msg: "adopted process ended; status unknown", at: time.Now()}
+		if code, sig, ok := a.readStatus(id); ok && pidns {
+			ev.code, ev.signal, ev.msg = code, sig, ""
+		}
 		select {
-		case a.exits <- exitEvent{wid: id, attempt: attempt, code: -1, msg: "adopted process ended; status unknown", at: time.Now()}:
+		case a.exits <- ev:
 		case <-ctx.Done():
 		}
 		return
@@ -322,8 +350,9 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 func (a *Agent) reconcile(ctx context.Context) {
 	var todo, relist, orphans, lost []scheduler.Workload
 	type out struct {
-		m   scheduler.Migration
-		pid int
+		m     scheduler.Migration
+		pid   int
+		pidns bool
 	}
 	var outs []out
 	var orphanedOut []scheduler.Migration // transferring, by an earlier agent here
@@ -346,7 +375,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			}
 			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping {
 				a.outgoing[m.ID] = true
-				outs = append(outs, out{*m, p.pid})
+				outs = append(outs, out{*m, p.pid, p.pidns})
 			}
 		}
 		for _, w := range s.Workloads {
@@ -406,8 +435,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 		a.adopt(ctx, w)
 	}
 	for _, w := range relist {
-		ticks, _ := startTicks(w.PID)
-		a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks, At: now})
+		pid, _ := supervised(w)
+		ticks, _ := startTicks(pid)
+		a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks,
+			NSPID: w.NSPID, InitPID: w.InitPID, At: now})
 	}
 	for _, w := range todo {
 		a.start(w)
@@ -423,7 +454,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		a.outWG.Add(1)
 		go func() { // ends with the migration; Run waits for it
 			defer a.outWG.Done()
-			a.migrateOut(ctx, o.m, o.pid)
+			a.migrateOut(ctx, o.m, o.pid, o.pidns)
 		}()
 	}
 	a.reconcileVIPs()
@@ -437,7 +468,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
 	a.started[w.ID] = w.Attempt
 	if a.cg != nil {
-		for _, pid := range procsOf(a.cg.dir(w.ID, w.Attempt)) {
+		pids := procsOf(a.cg.dir(w.ID, w.Attempt))
+		// A namespace's init first: the one to supervise.
+		sort.SliceStable(pids, func(i, j int) bool { return isNSInit(pids[i]) && !isNSInit(pids[j]) })
+		for _, pid := range pids {
 			if st := procStateOf(pid); st == 't' || st == 'T' || st == 'Z' || st == 'X' {
 				continue // not started, or dying
 			}
@@ -446,9 +480,16 @@ func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
 				continue
 			}
 			a.log.Info("migrated workload found running in its cgroup; its start was not recorded", "workload", w.ID, "pid", pid)
-			w.PID, w.StartTicks = pid, ticks
+			w.PID, w.StartTicks, w.InitPID = pid, ticks, 0
+			if isNSInit(pid) {
+				w.InitPID = pid
+				if c := nsChild(pid, w.NSPID); c > 0 {
+					w.PID = c
+				}
+			}
 			a.adopt(ctx, w)
-			a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: pid, StartTicks: ticks, At: time.Now()})
+			a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: w.PID, StartTicks: ticks,
+				NSPID: w.NSPID, InitPID: w.InitPID, At: time.Now()})
 			return
 		}
 	}
@@ -526,7 +567,7 @@ func (a *Agent) arrived(ar arrival) {
 	a.mu.Lock()
 	delete(a.claimed, ar.wid)
 	if ar.pid > 0 {
-		a.procs[ar.wid] = &proc{id: ar.wid, attempt: ar.attempt, pid: ar.pid}
+		a.procs[ar.wid] = &proc{id: ar.wid, attempt: ar.attempt, pid: ar.pid, pidns: ar.pidns}
 	}
 	a.mu.Unlock()
 	if ar.pid <= 0 {
@@ -534,6 +575,10 @@ func (a *Agent) arrived(ar arrival) {
 	}
 	go func() { // ends when the process does
 		ws, err := waitChild(ar.pid)
+		if ar.pidns {
+			a.queueExit(a.initExit(ar.wid, ar.attempt, ws, err))
+			return
+		}
 		a.queueExit(exitOf(ar.wid, ar.attempt, ws, err))
 	}()
 }
@@ -590,7 +635,9 @@ func (a *Agent) forget(present map[string]bool, now time.Time) {
 func (a *Agent) signal(p *proc, sig syscall.Signal) {
 	a.log.Info("signalling workload", "workload", p.id, "pid", p.pid, "signal", sig.String())
 	target := -p.pid // its process group
-	if p.adopted {
+	if p.adopted || p.pidns {
+		// An init forwards signals to the workload's group; SIGKILL
+		// ends its whole namespace.
 		target = p.pid
 	}
 	err := syscall.Kill(target, sig)
@@ -605,7 +652,7 @@ func (a *Agent) signal(p *proc, sig syscall.Signal) {
 
 func (a *Agent) start(w scheduler.Workload) {
 	a.started[w.ID] = w.Attempt
-	pid, ticks, err := a.spawn(w)
+	s, err := a.spawn(w)
 	if err != nil {
 		a.log.Warn("start workload", "workload", w.ID, "err", err)
 		// Reported as started then exited, so the state records the failure.
@@ -614,93 +661,9 @@ func (a *Agent) start(w scheduler.Workload) {
 		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, ExitCode: 127, Message: err.Error(), At: now})
 		return
 	}
-	a.log.Info("started workload", "workload", w.ID, "attempt", w.Attempt, "pid", pid, "command", w.Command)
-	a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: pid, StartTicks: ticks, At: time.Now()})
-}
-
-// spawn starts the workload as a child in its own process group, its output
-// appended to its log files; a goroutine waits for it and ends with it.
-func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
-	outPath, _ := a.LogPath(w.ID, "stdout")
-	errPath, _ := a.LogPath(w.ID, "stderr")
-	if err := os.MkdirAll(filepath.Dir(outPath), 0o700); err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	stdout, err := os.OpenFile(outPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	defer stdout.Close()
-	stderr, err := os.OpenFile(errPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	defer stderr.Close()
-
-	env := []string{"PATH=" + DefaultPath}
-	env = append(env, w.Env...)
-	env = append(env, "PCLUSTER_WORKLOAD_ID="+w.ID, "PCLUSTER_NODE="+a.cfg.Name)
-	path := w.Command
-	if !strings.Contains(path, "/") {
-		p, err := lookPath(path, env)
-		if err != nil {
-			return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-		}
-		path = p
-	}
-	cmd := exec.Command(path, w.Args...)
-	cmd.Args[0] = w.Command
-	cmd.Env = env
-	cmd.Dir = w.Cwd
-	cmd.Stdout, cmd.Stderr = stdout, stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cred, err := credential(w, a.cfg.Name)
-	if err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	cmd.SysProcAttr.Credential = cred
-	if a.cg != nil {
-		// Born in its own cgroup (clone3 CLONE_INTO_CGROUP).
-		cgf, err := a.cg.open(w.ID, w.Attempt)
-		if err != nil {
-			return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-		}
-		defer cgf.Close()
-		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cgf.Fd())
-	}
-	if err := cmd.Start(); err != nil {
-		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
-	}
-	pid := cmd.Process.Pid
-	ticks, _ := startTicks(pid)
-	a.mu.Lock()
-	a.procs[w.ID] = &proc{id: w.ID, attempt: w.Attempt, pid: pid}
-	a.mu.Unlock()
-	// The waiter ends when the process does, not with Run: workloads
-	// outlive the agent, and Run must not wait for them. It waits only
-	// once the process has exited: a wait before would consume the stops
-	// of a migration's freeze (waitExited says why).
-	go func() {
-		waitExited(pid)
-		err := cmd.Wait()
-		ev := exitEvent{wid: w.ID, attempt: w.Attempt, at: time.Now()}
-		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
-			ev.code = ws.ExitStatus()
-			if ws.Signaled() {
-				// The shell's convention: 128 + signal number.
-				ev.code, ev.signal = 128+int(ws.Signal()), ws.Signal().String()
-			}
-		} else if err != nil {
-			ev.code, ev.msg = -1, err.Error()
-		}
-		// If Run has ended the exit is not reported; the next agent on
-		// this node finds the process gone and says so.
-		select {
-		case a.exits <- ev:
-		case <-a.done:
-		}
-	}()
-	return pid, ticks, nil
+	a.log.Info("started workload", "workload", w.ID, "attempt", w.Attempt, "pid", s.pid, "ns_pid", s.nsPid, "init", s.initPid, "command", w.Command)
+	a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: s.pid, StartTicks: s.ticks,
+		NSPID: s.nsPid, InitPID: s.initPid, At: time.Now()})
 }
 
 func lookPath(file string, env []string) (string, error) {
@@ -727,6 +690,7 @@ func (a *Agent) exited(ev exitEvent) {
 			a.log.Info("workload cgroup kept", "workload", ev.wid, "err", err)
 		}
 	}
+	a.clearStatus(ev.wid)
 	if a.moved[ev.wid] == ev.attempt {
 		delete(a.moved, ev.wid)
 		a.log.Info("migrated workload's old process reaped", "workload", ev.wid, "attempt", ev.attempt)
@@ -752,7 +716,9 @@ func (a *Agent) exited(ev exitEvent) {
 // later attempt), and this process is a copy no one will ever see.
 func (a *Agent) killRefused(r api.Report) {
 	p := a.procs[r.ID]
-	if p == nil || p.attempt != r.Attempt || p.pid != r.PID {
+	// p.pid is the process we wait for: the workload's, or its
+	// namespace's init (whose death ends the namespace).
+	if p == nil || p.attempt != r.Attempt || p.pid != r.PID && !(p.pidns && p.pid == r.InitPID) {
 		return
 	}
 	a.log.Warn("start refused as stale: killing the process, a copy the state does not have", "workload", r.ID, "attempt", r.Attempt, "pid", r.PID)

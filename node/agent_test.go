@@ -43,7 +43,7 @@ func (l *fakeLeader) report(_ context.Context, r api.Report) error {
 	switch r.Kind {
 	case api.ReportStarted:
 		err = l.apply(scheduler.CmdWorkloadStarted, &scheduler.WorkloadStartedCmd{ID: r.ID, Node: r.Node, Attempt: r.Attempt,
-			PID: r.PID, StartTicks: r.StartTicks, At: r.At.UnixNano()})
+			PID: r.PID, StartTicks: r.StartTicks, NSPID: r.NSPID, InitPID: r.InitPID, At: r.At.UnixNano()})
 	case api.ReportExited:
 		err = l.apply(scheduler.CmdWorkloadExited, &scheduler.WorkloadExitedCmd{ID: r.ID, Node: r.Node, Attempt: r.Attempt,
 			ExitCode: r.ExitCode, Signal: r.Signal, Message: r.Message, At: r.At.UnixNano()})
@@ -143,7 +143,8 @@ func TestAgent(t *testing.T) {
 		t.Errorf("stopped w2: signal %q exit %d, want terminated 143", w.Signal, w.ExitCode)
 	}
 
-	// A workload outlives its agent and the next agent adopts it.
+	// A workload outlives its agent and the next agent adopts it; its
+	// real end reaches the state still, through its init's status file.
 	create("w3", "sleep", "300")
 	w = l.wait(t, "w3", scheduler.StateRunning)
 	pids = append(pids, w.PID)
@@ -162,8 +163,8 @@ func TestAgent(t *testing.T) {
 	if err := l.apply(scheduler.CmdWorkloadStop, &scheduler.WorkloadStopCmd{ID: "w3"}); err != nil {
 		t.Fatal(err)
 	}
-	if w := l.wait(t, "w3", scheduler.StateStopped); w.ExitCode != -1 {
-		t.Errorf("adopted w3: exit %d, want -1 (unknown)", w.ExitCode)
+	if w := l.wait(t, "w3", scheduler.StateStopped); w.Signal != "terminated" || w.ExitCode != 128+15 {
+		t.Errorf("adopted w3: signal %q exit %d (%s), want terminated 143", w.Signal, w.ExitCode, w.Message)
 	}
 
 	// Stopped while its node was down: the next agent still stops it.

@@ -68,11 +68,13 @@ type departure struct {
 	attempt int
 }
 
-// arrival tells Run that a workload now runs here as a restored process.
+// arrival tells Run that a workload now runs here as a restored process:
+// pid is our child, the init of its PID namespace (pidns) or the workload.
 type arrival struct {
 	wid     string
 	attempt int
 	pid     int
+	pidns   bool
 }
 
 // migration reads migration id from this node's replica.
@@ -138,9 +140,10 @@ func (a *Agent) tracer() *ptrace.Tracer {
 }
 
 // migrateOut carries out migration m as its source: pid is the workload's
-// process here. Run starts it once per migration; it ends when the
-// migration has ended for this node.
-func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) {
+// process here, the init of its PID namespace if pidns (the whole
+// namespace moves then: a tree freeze of its init). Run starts it once per
+// migration; it ends when the migration has ended for this node.
+func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, pidns bool) {
 	log := a.log.With("migration", m.ID, "workload", m.WorkloadID, "target", m.Target)
 	abort := func(why error) {
 		log.Warn("migration aborted before the transfer", "err", why)
@@ -233,7 +236,7 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int) 
 	conn = ac
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
-		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true,
+		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
 			Frozen: func() {
 				if hold != nil {
@@ -417,7 +420,8 @@ func (a *Agent) abandonOut(ctx context.Context, m scheduler.Migration) {
 }
 
 // killWithTracer makes the kernel kill every thread of pid, frozen by
-// this agent's tracer, if the tracer dies (PTRACE_O_EXITKILL): a source
+// this agent's tracer, if the tracer dies (PTRACE_O_EXITKILL; when pid is
+// the init of a PID namespace, its end kills the whole namespace): a source
 // agent that dies once the target has built the copy leaves no original
 // that resumes when its tracer goes. Should the abort win instead, the
 // workload ends and its end is reported by the next agent (its restart
@@ -605,10 +609,19 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	defer body.Close()
 	dec := image.NewDecoder(body)
 	dec.CheckRegisters(ptrace.NumRegs)
+	// A workload that runs as a PID namespace of its own moves as one: a
+	// new namespace here gets the saved numbers back, its init first.
+	var nsPid int
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		if w, ok := s.Workloads[m.WorkloadID]; ok {
+			nsPid = w.NSPID
+		}
+	})
+	pidns := nsPid > 0
 	// Detach: the process outlives this agent (the next one adopts it);
 	// no parent-death signal. Stdio: our own log files.
 	p, err := loader.Build(rctx, a.tracer(), dec, loader.Options{Detach: true, Stdio: stdio, StdioFiles: true,
-		Notice: func(s string) { log.Info("restore: " + s) }})
+		PIDNamespace: pidns, Notice: func(s string) { log.Info("restore: " + s) }})
 	if err == nil {
 		if err = dec.ExpectEOF(); err != nil {
 			p.Abort()
@@ -667,11 +680,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		// In its own cgroup before it runs, like a workload started here:
 		// what holds it when it moves on. Should this agent die before
 		// the start is recorded, the next finds it there (lostArrival).
-		pids := []int{p.WaitPid()}
-		if p.Pid() != p.WaitPid() {
-			pids = append(pids, p.Pid())
-		}
-		if err := a.cg.place(m.WorkloadID, attempt, pids...); err != nil {
+		if err := a.cg.place(m.WorkloadID, attempt, p.Pids()...); err != nil {
 			log.Warn("restored process left outside its cgroup", "err", err)
 		}
 	}
@@ -682,6 +691,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 			log.Warn("virtual IP not added before the start", "err", err)
 		}
 	}
+	a.clearStatus(m.WorkloadID)
 	if err := p.Start(); err != nil {
 		// Committed and lost before it ran (workload-lost): its
 		// restart policy applies, else the workload is lost.
@@ -690,12 +700,20 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 			msg: fmt.Sprintf("migration %s: restored process did not start: %v", m.ID, err), at: time.Now()})
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
-	pid := p.Pid()
-	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: p.WaitPid()})
-	ticks, _ := startTicks(pid)
-	log.Info("migrated workload started here", "pid", pid)
+	pid, watched, initPid := p.Pid(), p.WaitPid(), 0
+	if pidns {
+		// The namespace's init is our child; the program is its child
+		// with its saved PID there.
+		initPid = watched
+		if pid = nsChild(initPid, nsPid); pid == 0 {
+			pid = initPid // ended already: its end is on its way
+		}
+	}
+	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: watched, pidns: pidns})
+	ticks, _ := startTicks(watched)
+	log.Info("migrated workload started here", "pid", pid, "init", initPid)
 	if err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
-		PID: pid, StartTicks: ticks}); err != nil {
+		PID: pid, StartTicks: ticks, InitPID: initPid}); err != nil {
 		return fmt.Errorf("migration %s: started as pid %d; done not recorded: %w", m.ID, pid, err)
 	}
 	return nil

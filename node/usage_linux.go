@@ -20,9 +20,10 @@ import (
 // CPU time from its cgroup's cpu.stat (usage_usec, which counts every
 // process of the workload's tree, the ones that exited included) and
 // memory from memory.current when the memory controller is on, else the
-// resident set of the processes in the cgroup. Without cgroups it reads
-// the workload's main process alone (/proc/PID/stat utime+stime, statm):
-// its children are not counted.
+// resident set of the processes in the cgroup. Without cgroups it adds up
+// the process tree under the process it watches (the workload's PID
+// namespace init): /proc/PID/stat utime+stime+cutime+cstime and statm of
+// each, found by /proc/PID/task/TID/children.
 
 // usageSample is one reading of a workload's CPU time.
 type usageSample struct {
@@ -101,12 +102,52 @@ func (a *Agent) measure(id string, attempt, pid int) (time.Duration, uint64, err
 			return cpu, rss, nil
 		}
 	}
-	cpu, err := procCPU(pid)
-	if err != nil {
-		return 0, 0, err
+	return treeUse(pid)
+}
+
+// treeUse adds up the CPU time and resident set of pid and its
+// descendants (a workload's PID namespace: its init and the command).
+// Each process counts its own time and that of its children it reaped
+// (cutime, cstime), so the sum only grows as the tree's processes end.
+func treeUse(root int) (time.Duration, uint64, error) {
+	var cpu time.Duration
+	var rss uint64
+	todo := []int{root}
+	for n := 0; len(todo) > 0 && n < 4096; n++ {
+		pid := todo[0]
+		todo = todo[1:]
+		c, err := procCPU(pid)
+		if err != nil {
+			if pid == root {
+				return 0, 0, err
+			}
+			continue // ended meanwhile: its parent reaps its time
+		}
+		cpu += c
+		r, _ := procRSS(pid)
+		rss += r
+		todo = append(todo, procChildren(pid)...)
 	}
-	rss, err := procRSS(pid)
-	return cpu, rss, err
+	return cpu, rss, nil
+}
+
+// procChildren lists a process's children, from every thread's
+// /proc/PID/task/TID/children.
+func procChildren(pid int) []int {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
 }
 
 // cgroupCPU returns usage_usec from a cgroup's cpu.stat.
@@ -129,8 +170,8 @@ func cgroupCPU(dir string) (time.Duration, error) {
 	return 0, fmt.Errorf("cgroup %s: cpu.stat has no usage_usec", filepath.Base(dir))
 }
 
-// procCPU returns a process's user + system time (fields 14 and 15 of
-// /proc/PID/stat).
+// procCPU returns a process's user + system time and that of its reaped
+// children (fields 14 to 17 of /proc/PID/stat).
 func procCPU(pid int) (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
@@ -141,16 +182,20 @@ func procCPU(pid int) (time.Duration, error) {
 		return 0, fmt.Errorf("parse /proc/%d/stat", pid)
 	}
 	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
+	if len(f) < 15 {
 		return 0, fmt.Errorf("parse /proc/%d/stat: %d fields", pid, len(f))
 	}
-	// f[0] is field 3; utime is field 14 (f[11]), stime 15 (f[12]).
-	ut, err1 := strconv.ParseUint(f[11], 10, 64)
-	st, err2 := strconv.ParseUint(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("parse /proc/%d/stat: utime %q stime %q", pid, f[11], f[12])
+	// f[0] is field 3; utime, stime, cutime, cstime are fields 14 to 17
+	// (f[11] to f[14]).
+	var ticks uint64
+	for _, v := range f[11:15] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parse /proc/%d/stat: times %q: %w", pid, f[11:15], err)
+		}
+		ticks += uint64(max(n, 0))
 	}
-	return time.Duration(ut+st) * clockTick, nil
+	return time.Duration(ticks) * clockTick, nil
 }
 
 // procRSS returns a process's resident set (/proc/PID/statm, field 2).

@@ -2,6 +2,7 @@ package node
 
 import (
 	"os/exec"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -39,5 +40,33 @@ func TestProcCPU(t *testing.T) {
 	}
 	if rss, err := procRSS(busy.Process.Pid); err != nil || rss == 0 {
 		t.Fatalf("rss %d, %v: want > 0", rss, err)
+	}
+}
+
+// TestTreeUse: without cgroups a workload is its tree: a shell whose
+// child burns CPU counts the child's time.
+func TestTreeUse(t *testing.T) {
+	sh := exec.Command("sh", "-c", "sh -c 'while :; do :; done' & wait")
+	if err := sh.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, c := range procChildren(sh.Process.Pid) {
+			syscall.Kill(c, syscall.SIGKILL)
+		}
+		sh.Process.Kill()
+		sh.Wait()
+	}()
+	own, _ := procCPU(sh.Process.Pid)
+	var tree time.Duration
+	for tree < own+50*time.Millisecond {
+		time.Sleep(20 * time.Millisecond)
+		var err error
+		if tree, _, err = treeUse(sh.Process.Pid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if own2, _ := procCPU(sh.Process.Pid); own2 >= tree {
+		t.Fatalf("the shell alone used %v, its tree %v: want the child's time counted", own2, tree)
 	}
 }

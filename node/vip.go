@@ -11,6 +11,7 @@ import (
 	"sort"
 	"sync"
 
+	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/netrehome"
 	"github.com/pcluster/pcluster/scheduler"
 )
@@ -293,4 +294,20 @@ func (a *Agent) workloadVIP(wid string) string {
 		}
 	})
 	return vip
+}
+
+// movingTCP says which of a migrating workload's TCP connections can
+// work on another host: those from its virtual IP, which moves with it.
+// A connection from this host's own addresses is refused by name
+// (capture.ErrConnectionStays), so the migration aborts and the workload
+// runs on here, its connections intact.
+func (a *Agent) movingTCP(wid string) capture.TCPOptions {
+	moving := []netip.Prefix{}
+	if vip := a.workloadVIP(wid); vip != "" {
+		// The address alone: the prefix only picks the interface.
+		if addr, err := netrehome.Parse(vip); err == nil {
+			moving = append(moving, netip.PrefixFrom(addr.Addr(), addr.Addr().BitLen()))
+		}
+	}
+	return capture.TCPOptions{Moving: moving}
 }

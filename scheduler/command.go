@@ -117,6 +117,8 @@ type WorkloadStartedCmd struct {
 	Attempt    int    `msgpack:"attempt"`
 	PID        int    `msgpack:"pid"`
 	StartTicks uint64 `msgpack:"start_ticks"`
+	NSPID      int    `msgpack:"ns_pid"`
+	InitPID    int    `msgpack:"init_pid"`
 	At         int64  `msgpack:"at"`
 }
 
@@ -183,6 +185,7 @@ type MigrationStepCmd struct {
 	Error      string         `msgpack:"error"`
 	PID        int            `msgpack:"pid"`
 	StartTicks uint64         `msgpack:"start_ticks"`
+	InitPID    int            `msgpack:"init_pid"` // with done: the namespace's init on the target
 	At         int64          `msgpack:"at"`
 	Bytes      int64          `msgpack:"bytes"`
 }

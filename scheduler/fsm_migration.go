@@ -131,8 +131,10 @@ func writers(m *Migration, to MigrationState) []string {
 }
 
 func applyMigrationStep(s *State, idx uint64, c *MigrationStepCmd) any {
-	if c.PID < 0 || c.PID > MaxPID {
-		return fmt.Errorf("migration step %.64q: %w", c.ID, invalid(fmt.Sprintf("pid %d", c.PID), "out of range 0..%d", MaxPID))
+	for _, pid := range []int{c.PID, c.InitPID} {
+		if pid < 0 || pid > MaxPID {
+			return fmt.Errorf("migration step %.64q: %w", c.ID, invalid(fmt.Sprintf("pid %d", pid), "out of range 0..%d", MaxPID))
+		}
 	}
 	if err := checkString("node", c.Node, MaxNameLen); err != nil {
 		return fmt.Errorf("migration step %.64q: %w", c.ID, err)
@@ -197,10 +199,11 @@ func applyMigrationStep(s *State, idx uint64, c *MigrationStepCmd) any {
 		// starts it (done): PID 0, which no agent adopts.
 		w.Node, w.DesiredNode = m.Target, m.Target
 		w.Attempt++
-		w.PID, w.StartTicks = 0, 0
+		// NSPID stays: the namespace keeps its numbers.
+		w.PID, w.StartTicks, w.InitPID = 0, 0, 0
 		w.ModifyIndex = idx
 	case MigrationDone:
-		w.PID, w.StartTicks = c.PID, c.StartTicks
+		w.PID, w.StartTicks, w.InitPID = c.PID, c.StartTicks, c.InitPID
 		w.ModifyIndex = idx
 		m.EndedAt = c.At
 	case MigrationAborted:

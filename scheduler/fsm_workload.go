@@ -98,6 +98,7 @@ func applyWorkloadStarted(s *State, idx uint64, c *WorkloadStartedCmd) any {
 	w.LostAt = 0
 	w.Node = c.Node
 	w.PID, w.StartTicks = c.PID, c.StartTicks
+	w.NSPID, w.InitPID = c.NSPID, c.InitPID
 	w.StartedAt = c.At
 	w.Message = ""
 	w.ModifyIndex = idx
@@ -116,6 +117,7 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 	w.ExitCode, w.Signal, w.Message = c.ExitCode, c.Signal, c.Message
 	w.EndedAt = c.At
 	w.PID, w.StartTicks = 0, 0
+	w.NSPID, w.InitPID = 0, 0
 	w.ModifyIndex = idx
 	failed := c.ExitCode != 0 || c.Signal != ""
 	endMigration(s, idx, c.At, w.ID, fmt.Sprintf("workload ended on %s", c.Node))

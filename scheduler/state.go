@@ -189,6 +189,15 @@ type Workload struct {
 	EndedAt     int64         `msgpack:"ended_at"`
 	LostAt      int64         `msgpack:"lost_at"` // when its node was declared down; 0 unless lost
 	ModifyIndex uint64        `msgpack:"modify_index"`
+
+	// A workload runs as a PID namespace of its own (node/init_linux.go):
+	// PID is its program's PID on the host, NSPID the same process's in
+	// its namespace (what getpid answers there; kept across moves), and
+	// InitPID the host PID of the namespace's init, the process its agent
+	// supervises, signals and moves, whose start StartTicks is. InitPID 0:
+	// a plain child (started by an agent from before namespaces).
+	NSPID   int `msgpack:"ns_pid"`
+	InitPID int `msgpack:"init_pid"`
 }
 
 // MigrationState is a step of the migration state machine

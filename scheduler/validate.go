@@ -309,12 +309,14 @@ const MaxPID = 1 << 22
 // CheckReport checks the fields an agent's report carries. The API applies
 // it before proposing the report (with CutMessage on its message); the FSM
 // does not (see ValidateWorkload).
-func CheckReport(id, node, signal string, pid int) error {
+func CheckReport(id, node, signal string, pids ...int) error {
 	if err := CheckWorkloadID(id); err != nil {
 		return err
 	}
-	if pid < 0 || pid > MaxPID {
-		return invalid(fmt.Sprintf("pid %d", pid), "out of range 0..%d", MaxPID)
+	for _, pid := range pids {
+		if pid < 0 || pid > MaxPID {
+			return invalid(fmt.Sprintf("pid %d", pid), "out of range 0..%d", MaxPID)
+		}
 	}
 	if err := checkString("node", node, MaxNameLen); err != nil {
 		return err

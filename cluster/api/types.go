@@ -165,7 +165,9 @@ type Workload struct {
 	State       string            `json:"state"`
 	Attempt     int               `json:"attempt"`
 	Restarts    int               `json:"restarts"`
-	PID         int               `json:"pid,omitempty"`
+	PID         int               `json:"pid,omitempty"`      // the program's, on its node
+	NSPID       int               `json:"ns_pid,omitempty"`   // the program's in its PID namespace
+	InitPID     int               `json:"init_pid,omitempty"` // the namespace's init, on its node
 	ExitCode    int               `json:"exit_code"`
 	Signal      string            `json:"signal,omitempty"`
 	Message     string            `json:"message,omitempty"`
@@ -197,6 +199,8 @@ type Report struct {
 	Attempt    int       `json:"attempt"`
 	PID        int       `json:"pid,omitempty"`
 	StartTicks uint64    `json:"start_ticks,omitempty"`
+	NSPID      int       `json:"ns_pid,omitempty"`
+	InitPID    int       `json:"init_pid,omitempty"`
 	ExitCode   int       `json:"exit_code"`
 	Signal     string    `json:"signal,omitempty"`
 	Message    string    `json:"message,omitempty"`
@@ -246,6 +250,7 @@ type MigrationStep struct {
 	Error      string    `json:"error,omitempty"`
 	PID        int       `json:"pid,omitempty"`
 	StartTicks uint64    `json:"start_ticks,omitempty"`
+	InitPID    int       `json:"init_pid,omitempty"`
 	Bytes      int64     `json:"bytes,omitempty"` // with committed: the stream's size
 	At         time.Time `json:"at"`
 }

@@ -51,6 +51,10 @@ func (c *psCmd) run(ctx context.Context, e *env, args []string) error {
 		pid := "-"
 		if w.PID > 0 {
 			pid = fmt.Sprint(w.PID)
+			if w.NSPID > 0 && w.NSPID != w.PID {
+				// The host's PID, then the program's own in its namespace.
+				pid += fmt.Sprintf("/%d", w.NSPID)
+			}
 		}
 		cmd := commandLine(w.Command, w.Args)
 		if len(cmd) > 40 {

@@ -111,3 +111,35 @@ func TestStatusQuotesControl(t *testing.T) {
 		}
 	}
 }
+
+// TestPIDs: a workload that runs as a PID namespace of its own shows its
+// program's PID on its host and, after a slash (ps) or in words (status),
+// the PID the program has in its namespace; one whose PIDs are the same
+// shows one number.
+func TestPIDs(t *testing.T) {
+	for _, tc := range []struct {
+		pid, nsPid, init int
+		ps, status       string
+	}{
+		{4173, 2, 4170, " 4173/2 ", "PID:       4173 (2 in its PID namespace, whose init is 4170)\n"},
+		{4173, 0, 0, " 4173 ", "PID:       4173\n"},
+	} {
+		wl := api.Workload{ID: "w1", Name: "n", Command: "sleep", State: "running", Desired: "running", DesiredNode: "a",
+			Node: "a", Restart: "never", PID: tc.pid, NSPID: tc.nsPid, InitPID: tc.init}
+		sock, _ := standIn(t, wl)
+		for _, cmd := range []string{"status", "ps"} {
+			var out, errb bytes.Buffer
+			args := []string{cmd, "-address", sock, "w1"}
+			want := tc.status
+			if cmd == "ps" {
+				args, want = []string{cmd, "-address", sock}, tc.ps
+			}
+			if code := realMain(context.Background(), args, &out, &errb); code != 0 {
+				t.Fatalf("%s: exit %d: %s", cmd, code, errb.String())
+			}
+			if !strings.Contains(out.String(), want) {
+				t.Errorf("%s with pid %d, ns pid %d: lacks %q:\n%s", cmd, tc.pid, tc.nsPid, want, out.String())
+			}
+		}
+	}
+}

@@ -27,8 +27,12 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stdout, "ID:        %s\nName:      %s\nCommand:   %s\nState:     %s (desired %s)\nNode:      %s (placed on %s)\n",
 		w.ID, shown(w.Name), commandLine(w.Command, w.Args), shown(w.State), shown(w.Desired), dash(w.Node), shown(w.DesiredNode))
-	fmt.Fprintf(e.stdout, "PID:       %d\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
-		w.PID, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
+	pid := fmt.Sprint(w.PID)
+	if w.NSPID > 0 && w.NSPID != w.PID {
+		pid += fmt.Sprintf(" (%d in its PID namespace, whose init is %d)", w.NSPID, w.InitPID)
+	}
+	fmt.Fprintf(e.stdout, "PID:       %s\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
+		pid, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
 	if w.Migrate != "" {
 		fmt.Fprintf(e.stdout, "Migrate:   %s (the balancer leaves it where it is)\n", shown(w.Migrate))
 	}

@@ -21,9 +21,14 @@ import (
 	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/cluster/pki"
+	"github.com/pcluster/pcluster/node"
 )
 
 func main() {
+	if node.IsInit() {
+		// A workload's init, pid 1 of its PID namespace (node/init_linux.go).
+		os.Exit(node.InitMain())
+	}
 	err := run(os.Args[1:], os.Stderr)
 	var ue usageError
 	switch {

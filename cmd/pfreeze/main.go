@@ -7,8 +7,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -33,20 +35,30 @@ func main() {
 	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for a network connection")
 	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a write (to a socket, pipe or FIFO) may make no progress")
 	readyTimeout := flag.Duration("ready-timeout", 5*time.Minute, "with -halt over a network: how long the receiver may take to build the process")
+	tcpAddrs := flag.String("tcp-addrs", "", "the local addresses that move with the process, comma-separated IP or IP/PREFIX (its virtual IPs): a TCP connection from any other address is refused, or with -tcp-close closed; empty: every connection moves (pthaw on this host)")
+	tcpClose := flag.Bool("tcp-close", false, "close the TCP connections whose local address does not move (-tcp-addrs) instead of refusing: their peers get a reset, the restored process finds them aborted")
 	flag.Parse()
+	tcp, err := tcpOptions(*tcpAddrs, *tcpClose)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "pfreeze: %v\n", err)
+		os.Exit(2)
+	}
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
-	err := run(interruptible(), *pid, *debug, *compress, *encrypt, capture.SendOptions{
+	err = run(interruptible(), *pid, *debug, *compress, *encrypt, capture.SendOptions{
 		Dest: *dest, Tree: *tree, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
-		Progress: term.IsTerminal(int(os.Stderr.Fd())),
+		Progress: term.IsTerminal(int(os.Stderr.Fd())), TCP: tcp,
 	})
 	switch {
 	case errors.Is(err, stream.ErrPlaintextBeyondLoopback):
 		err = fmt.Errorf("%w; use -encrypt aes-gcm:KEYFILE, or pass -insecure", err)
 	case errors.Is(err, stream.ErrPlaintextToStranger):
 		err = fmt.Errorf("%w; use -encrypt", err)
+	}
+	if errors.Is(err, capture.ErrConnectionStays) {
+		err = fmt.Errorf("%w (-tcp-addrs); to close such connections instead (their peers get a reset), pass -tcp-close", err)
 	}
 	if errors.Is(err, stream.ErrNoProof) {
 		err = fmt.Errorf("-halt refused, the process is untouched: %w; to move a process, send it to a listening pthaw (-dest tcp:HOST:PORT or -dest unix:PATH, with pthaw -src on that address: its handshake proves the restore), or write a file (-dest FILE, fsync'ed before the kill)", err)
@@ -55,6 +67,31 @@ func main() {
 		fmt.Fprintf(os.Stderr, "pfreeze: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// tcpOptions parses -tcp-addrs and -tcp-close.
+func tcpOptions(addrs string, close bool) (capture.TCPOptions, error) {
+	o := capture.TCPOptions{Close: close}
+	if addrs == "" {
+		if close {
+			return o, errors.New("-tcp-close needs -tcp-addrs: without it every connection moves")
+		}
+		return o, nil
+	}
+	o.Moving = []netip.Prefix{}
+	for _, s := range strings.Split(addrs, ",") {
+		s = strings.TrimSpace(s)
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return o, fmt.Errorf("-tcp-addrs: %q is not an IP address or prefix", s)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		o.Moving = append(o.Moving, p.Masked())
+	}
+	return o, nil
 }
 
 // interruptible returns a context cancelled by the first SIGTERM, SIGINT,
@@ -103,14 +140,14 @@ func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o c
 		if o.Halt {
 			return errors.New("-debug describes the process and leaves it running; it cannot be combined with -halt")
 		}
-		return describe(ctx, tr, pid, o.Tree)
+		return describe(ctx, tr, pid, o.Tree, o.TCP)
 	}
 	return capture.Send(ctx, tr, pid, o)
 }
 
 // describe freezes pid into a pipe read by the snapshot describer, so the
 // description is exactly what a snapshot would carry.
-func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool) error {
+func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool, tcp capture.TCPOptions) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -118,11 +155,7 @@ func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool) error 
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	freeze := capture.Freeze
-	if tree {
-		freeze = capture.FreezeTree
-	}
-	err := freeze(ctx, tr, pid, pw, false, nil)
+	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: tree, TCP: tcp})
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr

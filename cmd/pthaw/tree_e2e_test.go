@@ -268,16 +268,17 @@ func TestZombieTree(t *testing.T) {
 // is resumed whole, even with -halt: every member carries on.
 func TestTreeFailedFreezeResumes(t *testing.T) {
 	needRoot(t)
-	// The forkserver child holds fd 3 on a deleted file, which pfreeze
-	// does not carry.
+	// The forkserver child holds fd 3 on a file deleted from its path
+	// but still linked under another, which pfreeze does not carry (a
+	// copy would split it from its other name).
 	gone := filepath.Join(t.TempDir(), "gone")
-	p := fixture.StartGroup(t, "/bin/sh", "-c", `exec 3>"$2"; rm -f "$2"; "$1" & exec 3>&- "$0" 5`,
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `exec 3>"$2"; ln "$2" "$2.kept"; rm -f "$2"; "$1" & exec 3>&- "$0" 5`,
 		fixture.Build(t, "countforever"), fixture.Build(t, "forkserver"), gone)
 	p.Lines.Expect(t, `^fork tick 2 `, waitFor)
 	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", filepath.Join(t.TempDir(), "snap"))
 	out, err := cmd.CombinedOutput()
 	msg := string(out)
-	if err == nil || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "fd 3 ("+gone+" (deleted)): file deleted") {
+	if err == nil || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "fd 3 ("+gone+" (deleted)): file deleted from this path but still linked elsewhere") {
 		t.Fatalf("pfreeze: %v: %q, want one line refusing fd 3", err, msg)
 	}
 	last := 0

@@ -4,7 +4,12 @@
 # counting from where it stopped, with the same PID. Then it moves again,
 # over TCP (loopback here, another host in real life), compressed and
 # encrypted, with the -halt handshake. Then a single-node cluster
-# (pclusterd -dev) runs a workload through pclusterctl.
+# (pclusterd -dev) runs a workload through pclusterctl. Last, a 3-node
+# cluster, each pclusterd on a test "host" of its own (a network namespace,
+# 198.19.0.0/24), drains a node: its counter moves to another node and
+# goes on counting there, with no gap, as `pclusterctl logs` shows.
+# Everything it starts is removed at the end or on Ctrl-C: processes,
+# network namespaces, directories.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # The target gets only stdin/stdout/stderr: a pipe some parent leaked to us
@@ -12,19 +17,45 @@ cd "$(dirname "$0")/../.."
 for fd in $(ls /proc/$$/fd); do
 	if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
 done
-bin=bin
-tmp=$(mktemp -d /tmp/pcluster-demo.XXXXXX)
+bin=${PCLUSTER_BIN:-bin}
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pcluster-demo.XXXXXX")
 pid=""
 thaw=""
 daemon=""
+daemons=""
+lab="pcldemo$$"
+hosts="a b c"
 cleanup() {
+	trap - EXIT INT TERM HUP
 	[ -n "$daemon" ] && kill "$daemon" 2>/dev/null || true
 	[ -n "$thaw" ] && kill "$thaw" 2>/dev/null || true
 	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+	# The 3-node cluster's daemons, then its workloads (they outlive
+	# pclusterd by design): every process running our countforever.
+	for d in $daemons; do kill "$d" 2>/dev/null || true; done
+	for _ in $(seq 50); do
+		alive=""
+		for d in $daemons; do kill -0 "$d" 2>/dev/null && alive=1; done
+		[ -z "$alive" ] && break
+		sleep 0.1
+	done
+	for d in $daemons; do kill -9 "$d" 2>/dev/null || true; done
+	for exe in /proc/[0-9]*/exe; do
+		if [ "$(readlink "$exe" 2>/dev/null)" = "$tmp/countforever" ]; then
+			p=${exe#/proc/}
+			kill -9 "${p%/exe}" 2>/dev/null || true
+		fi
+	done
 	wait 2>/dev/null || true
+	for h in $hosts sw; do
+		[ -e "/run/netns/$lab-$h" ] && ip netns del "$lab-$h" 2>/dev/null || true
+	done
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 gcc -O2 -o "$tmp/countforever" internal/fixture/src/countforever.c
 echo "== start countforever (one number every 200 ms)"
@@ -94,4 +125,71 @@ echo "== pclusterctl stop $id"
 ctl stop "$id"
 kill "$daemon"
 wait "$daemon" 2>/dev/null || true
+daemon=""
+
+# A 3-node cluster: each pclusterd in its own network namespace (a test
+# "host"), the three joined by a bridge in a fourth, on 198.19.0.0/24 (the
+# benchmarking range of RFC 2544: nothing real lives there).
+echo "== three hosts: network namespaces $lab-a, -b, -c on a bridge, 198.19.0.1-3"
+ip netns add "$lab-sw"
+ip -n "$lab-sw" link add br0 type bridge
+ip -n "$lab-sw" link set br0 up
+i=0
+for h in $hosts; do
+	i=$((i + 1))
+	ip netns add "$lab-$h"
+	ip -n "$lab-sw" link add "p$h" type veth peer name eth0 netns "$lab-$h"
+	ip -n "$lab-sw" link set "p$h" master br0 up
+	ip -n "$lab-$h" addr add "198.19.0.$i/24" dev eth0
+	ip -n "$lab-$h" link set eth0 up
+	ip -n "$lab-$h" link set lo up
+done
+"$bin/pclusterd" keygen -out "$tmp/cluster" >/dev/null
+echo "== pclusterd on each (gossip, raft and the TLS API on 198.19.0.N:7946-7948; -bootstrap-expect 3)"
+i=0
+for h in $hosts; do
+	i=$((i + 1))
+	join=""
+	[ "$h" != a ] && join="-join 198.19.0.1:7946"
+	# nsenter joins the network namespace only: one file system, as
+	# separate hosts with their own data directories.
+	# shellcheck disable=SC2086
+	nsenter --net="/run/netns/$lab-$h" -- "$bin/pclusterd" -node "$h" -bind "198.19.0.$i:7946" \
+		-data-dir "$tmp/$h" -socket "$tmp/$h.sock" -key-file "$tmp/cluster/cluster.key" \
+		-bootstrap-expect 3 $join -log-level error 2>> "$tmp/$h.log" &
+	daemons="$daemons $!"
+done
+on() { h=$1 cmd=$2; shift 2; "$bin/pclusterctl" "$cmd" -address "$tmp/$h.sock" "$@"; }
+for _ in $(seq 300); do
+	[ "$(on a members 2>/dev/null | grep -c alive)" = 3 ] && on a members 2>/dev/null | grep -q leader && break
+	sleep 0.1
+done
+echo "== pclusterctl members"
+on a members
+echo "== pclusterctl run -node a -name counter -- countforever 200"
+id=$(on a run -json -node a -name counter -- "$tmp/countforever" 200 | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
+sleep 2
+echo "== pclusterctl logs $id (on a)"
+on b logs "$id" | tail -3
+echo "== pclusterctl ps"
+on b ps
+echo "== pclusterctl drain a"
+on b drain a
+echo "== pclusterctl ps"
+on b ps
+sleep 1.5
+new=$(on b status -json "$id" 2>/dev/null | sed -n 's/.*"node": *"\([^"]*\)".*/\1/p' | head -1)
+echo "== pclusterctl logs $id (now on $new): the same process goes on counting"
+on b logs "$id" | head -3
+# The old node's log ends where the new one's begins: read both (the
+# demo is the observer here; no node reads another's files).
+last=$(tail -1 "$tmp/a/workloads/$id/stdout.log")
+first=$(on b logs "$id" | head -1)
+if [ "$first" = $((last + 1)) ]; then
+	echo "   a's log ends at $last, $new's begins at $first: no gap, no repeat"
+else
+	echo "   a's log ends at $last, $new's begins at $first: NOT continuous" >&2
+	exit 1
+fi
+on b stop "$id" >/dev/null
 echo "== done"

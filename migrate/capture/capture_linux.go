@@ -32,10 +32,14 @@ import (
 // cannot carry yet.
 var ErrUnsupported = errors.New("not supported")
 
-type unsupportedError struct{ msg string }
+type unsupportedError struct {
+	msg   string
+	cause error // wrapped, when a refusal has a sentinel of its own
+}
 
 func (e *unsupportedError) Error() string        { return e.msg }
 func (e *unsupportedError) Is(target error) bool { return target == ErrUnsupported }
+func (e *unsupportedError) Unwrap() error        { return e.cause }
 
 func unsupported(format string, args ...any) error {
 	return &unsupportedError{msg: fmt.Sprintf(format, args...)}
@@ -44,6 +48,9 @@ func unsupported(format string, args ...any) error {
 // Frozen is a process stopped by Attach. Exactly one of Resume or Kill
 // must be called.
 type Frozen struct {
+	// queried, when set, is called once the calls injected to describe
+	// the process are done, before its first record is written.
+	queried func()
 	Pid     int
 	tr      *ptrace.Tracer
 	mem     *ptrace.Mem
@@ -51,6 +58,11 @@ type Frozen struct {
 	// inner: the snapshot records the PID and TIDs of the process's own
 	// PID namespace, a child of ours frozen whole (pidns_linux.go).
 	inner bool
+	// files: in a tree, the files without a path an earlier member saved
+	// (objects_linux.go); nil for a single process.
+	files map[uint64]bool
+	// socks are the sockets held while the process is frozen.
+	socks sockets
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -163,7 +175,7 @@ func (f *Frozen) stopAll() error {
 // thread's exit (ptrace.Tracer.Close) releases it, and the kernel then
 // drops the pending interrupt, so the thread never stops and sees nothing.
 func (f *Frozen) stopTimeout(tid int, err error) error {
-	if verr := vforkError(f.Pid); verr != nil {
+	if verr := vforkError(f.Pid, false); verr != nil {
 		return verr
 	}
 	state := threadState(f.Pid, tid)
@@ -219,11 +231,11 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	// Before anything else: a vfork parent cannot be stopped, whatever
 	// else would be refused about it (its vfork child, as a child
 	// process or as a member sharing its memory).
-	if err := vforkError(pid); err != nil {
+	if err := vforkError(pid, true); err != nil {
 		return err
 	}
-	if s := st["Seccomp"]; s != "" && s != "0" {
-		return unsupported("seccomp filters (mode %s)", s)
+	if st["Seccomp"] == "1" {
+		return unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
 	kids, err := procfs.Children(pid)
 	if err != nil {
@@ -243,15 +255,15 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 		return err
 	}
 	if ppid, _ := strconv.Atoi(st["PPid"]); ppid > 1 {
+		if err := vforkChildError(pid, ppid); err != nil {
+			return err
+		}
 		if shared := sharedWith(pid, ppid); len(shared) > 0 {
 			return unsupported("shares its %s with its parent %d", strings.Join(shared, ", "), ppid)
 		}
 	}
 	if root, err := os.Readlink(procfs.Path(pid, "root")); err == nil && root != "/" {
 		return unsupported("chroot %s", root)
-	}
-	if b, err := os.ReadFile(procfs.Path(pid, "timers")); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		return unsupported("POSIX timers (timer_create)")
 	}
 	return nil
 }
@@ -276,50 +288,85 @@ func (f *Frozen) write(enc *image.Encoder) error {
 // member saved: their areas are recorded by identity only; inner holds
 // the pipes with both ends inside the tree.
 func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
-	maps, err := procfs.Maps(f.Pid)
+	r, err := f.gather(shm, inner)
 	if err != nil {
 		return err
 	}
+	if f.queried != nil {
+		f.queried()
+	}
+	return f.emit(enc, r)
+}
+
+// records is what gather learns of a frozen process: all but its pages.
+type records struct {
+	proc       *image.Process
+	thrs       []*image.Thread
+	vmas, dump []image.VMA
+	fds        []image.FD
+}
+
+// gather describes the process: everything that needs calls injected
+// into it is done here, before the first record is written.
+func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
+	maps, err := procfs.Maps(f.Pid)
+	if err != nil {
+		return nil, err
+	}
 	vmas, err := describeVMAs(f.Pid, maps, f.mem)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	dump := vmas
 	if shm != nil {
 		if dump, err = identifyShm(f.Pid, vmas, shm); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	fds, err := describeFDs(f.Pid, inner)
+	fds, err := describeFDs(f.Pid, inner, &f.socks)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	site, err := findSyscallSite(f.mem, vmas)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	proc, thrs, err := f.describe(site, maps)
 	if err != nil {
+		return nil, err
+	}
+	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds}, nil
+}
+
+// emit writes what gather learnt and the process's pages.
+func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	if err := enc.Write(r.proc); err != nil {
 		return err
 	}
-	if err := enc.Write(proc); err != nil {
-		return err
-	}
-	for _, t := range thrs {
+	for _, t := range r.thrs {
 		if err := enc.Write(t); err != nil {
 			return err
 		}
 	}
-	for i := range vmas {
-		if err := enc.Write(&vmas[i]); err != nil {
+	for i := range r.vmas {
+		if err := enc.Write(&r.vmas[i]); err != nil {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, dump, enc); err != nil {
+	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
+	if err != nil {
 		return err
 	}
-	for i := range fds {
-		if err := enc.Write(&fds[i]); err != nil {
+	for i := range files {
+		if err := enc.Write(&files[i]); err != nil {
+			return err
+		}
+	}
+	if err := dumpMemory(f.Pid, f.mem, r.dump, enc); err != nil {
+		return err
+	}
+	for i := range r.fds {
+		if err := enc.Write(&r.fds[i]); err != nil {
 			return err
 		}
 	}
@@ -390,12 +437,16 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 		p.Rlimits = append(p.Rlimits, image.Rlimit{Cur: rl.Cur, Max: rl.Max})
 	}
 	caught := procfs.Hex(st["SigCgt"]) | procfs.Hex(st["SigIgn"])
+	if p.Timers, err = listTimers(pid); err != nil {
+		return nil, nil, err
+	}
 
 	var out []*image.Thread
 	err = f.tr.Do(func() error {
 		if p.Pending, err = peek(pid, true); err != nil {
 			return err
 		}
+		var chains [][]image.SeccompFilter
 		for i, th := range f.threads {
 			t, err := f.describeThread(th, site, maps)
 			if err != nil {
@@ -404,6 +455,23 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 			if i == 0 {
 				if err := f.injectProcessQueries(th, p, caught); err != nil {
 					return err
+				}
+				if err := f.injectTimerQueries(th, p.Timers); err != nil {
+					return err
+				}
+			}
+			chain, virt, err := threadSeccomp(f.Pid, th.tid)
+			if err != nil {
+				return err
+			}
+			chains = append(chains, chain)
+			if virt {
+				// Restored by pthaw -virtpid: the ids it sees are its own.
+				if t.Tid, err = f.virtualID(th, unix.SYS_GETTID); err != nil {
+					return fmt.Errorf("thread %d: %w", th.tid, err)
+				}
+				if i == 0 {
+					p.Pid = t.Tid
 				}
 			}
 			// Every call already put the thread back (call): this
@@ -415,6 +483,14 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 				return err
 			}
 			out = append(out, t)
+		}
+		splitSeccomp(p, out, chains)
+		tids := make([]int, len(f.threads))
+		for i, th := range f.threads {
+			tids[i] = th.tid
+		}
+		if err := timerThreads(p.Timers, tids, out); err != nil {
+			return err
 		}
 		// Signals that stopped a thread while we injected were dequeued:
 		// they are pending for the snapshot and re-queued on Resume.
@@ -445,12 +521,14 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if err != nil {
 		return nil, err
 	}
-	for _, k := range []string{"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"} {
-		if tst[k] != st[k] {
-			return nil, unsupported("%s differs between threads (%q, main thread %q)", k, tst[k], st[k])
-		}
+	own, err := threadCreds(st, tst)
+	if err != nil {
+		return nil, err
 	}
-	t := &image.Thread{Tid: tid}
+	if tst["Seccomp"] == "1" {
+		return nil, unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
+	}
+	t := &image.Thread{Tid: tid, Creds: own}
 	if f.inner {
 		if t.Tid, err = innermost(tst, "NSpid"); err != nil {
 			return nil, err
@@ -615,6 +693,14 @@ func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
 	}
 	t.TidAddress = le64(b)
+	if t.Creds != nil {
+		// Securebits are per thread too.
+		sb, _, err := f.call(th, 0, unix.SYS_PRCTL, unix.PR_GET_SECUREBITS)
+		if err != nil {
+			return fmt.Errorf("prctl(PR_GET_SECUREBITS): %w", err)
+		}
+		t.Creds.Securebits = uint32(sb)
+	}
 	return nil
 }
 
@@ -719,6 +805,11 @@ func (f *Frozen) Resume() error {
 		}
 		return errors.Join(errs...)
 	})
+	// The sockets before the threads run: a connection must leave
+	// repair mode before the process uses it.
+	if serr := f.socks.resume(); serr != nil {
+		err = errors.Join(err, serr)
+	}
 	f.detach()
 	for _, th := range f.threads {
 		for _, sig := range th.requeue {
@@ -746,13 +837,36 @@ func (f *Frozen) detach() {
 
 // Kill ends the frozen process (after its snapshot is safely written).
 func (f *Frozen) Kill() error {
-	defer f.mem.Close()
-	ours := ourChild(f.Pid)
-	if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
-		return fmt.Errorf("kill %d: %w", f.Pid, err)
+	_, err := kill([]*Frozen{f})
+	return err
+}
+
+// kill sends SIGKILL to every member, so that none runs again, then
+// reaps their threads (reap) and returns those it gave up on: none unless
+// something is wrong with the kernel's bookkeeping or ours. A member that
+// is a child of this very process (started or restored by it: an agent's
+// workload) is left to its parent's own wait once it has exited. Giving
+// up is not an error: the members are killed, and the caller must go on
+// (a migration's copy is to start).
+func kill(members []*Frozen) (left []int, err error) {
+	var errs []error
+	ours := make([]bool, len(members))
+	for i, f := range members {
+		ours[i] = ourChild(f.Pid) // before the kill: see ourChild
 	}
-	f.reap(ours)
-	return nil
+	for _, f := range members {
+		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
+			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
+		}
+	}
+	if len(members) > 0 {
+		left = reap(members[0].tr, members, ours)
+	}
+	for _, f := range members {
+		f.socks.kill()
+		f.mem.Close()
+	}
+	return left, errors.Join(errs...)
 }
 
 // ourChild reports whether pid is a child of this process (a workload
@@ -763,34 +877,91 @@ func ourChild(pid int) bool {
 	return err == nil && int(procfs.StatField(st, 4)) == os.Getpid()
 }
 
-// reap takes the ptrace notifications of every thread's exit so the
-// tracees are released; the leader's comes only after all others'. When
-// the process is our own child (ours), its leader is not waited for:
+// reap takes the exit of every thread of the killed members, as their
+// tracer must: a traced thread that exits stays a zombie until its tracer
+// waits for it, and only then is it released to its parent, or (a thread
+// that is not a leader) freed. It returns the threads not reaped within
+// ptrace.StopTimeout.
+//
+// No order is safe to wait in, so reap takes every exit as it comes
+// (wait4 with WNOHANG, in turn). The init of a PID namespace shows why:
+// the last of its threads to exit runs zap_pid_ns_processes, which waits
+// until every PID of the namespace but its own and its leader's is
+// freed, the init's other threads' included, and they, traced, are freed
+// only once reaped here. Waiting for that thread before the others (as
+// waiting in reverse creation order did, when the last thread of a Go
+// init was the last to exit) waits for a thread that waits for us.
+//
+// When a member is our own child (ours), its leader is not waited for:
 // tracer and parent are then one process, the leader's exit notification
 // is also its exit status, and taking it here would take it from the
 // caller's own wait for its child (an agent's wait4(pid), which would
-// then find no child). reap still returns only once the leader has
-// exited (a zombie for the caller to reap): whoever takes its PID next (a
-// migration's target on this host) must find it dying, not running.
-func (f *Frozen) reap(ours bool) {
-	f.tr.Do(func() error {
-		for i := len(f.threads) - 1; i >= 0; i-- {
-			th := f.threads[i]
-			if ours && th.tid == f.Pid {
-				for deadline := time.Now().Add(ptrace.StopTimeout); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-					st, err := procfs.Stat(f.Pid)
-					if err != nil || len(st) == 0 || st[0] == "Z" || st[0] == "X" {
-						break
-					}
-				}
-				continue
+// then find no child). reap still returns only once such a leader is a
+// zombie with no other thread left, its exit ready for that wait (the
+// thread group empty, as a pidfd's readability also needs): whoever takes
+// its PID next (a migration's target on this host) must find it dead.
+// Runs the waits on the tracer thread.
+func reap(tr *ptrace.Tracer, members []*Frozen, ours []bool) (left []int) {
+	type exit struct {
+		tid, pid int
+		// ownLeader: the leader of our own child, not waited for.
+		ownLeader bool
+	}
+	var todo []exit
+	for i, f := range members {
+		for _, th := range f.threads {
+			todo = append(todo, exit{th.tid, f.Pid, ours[i] && th.tid == f.Pid})
+		}
+	}
+	// threadsLeft reports whether threads of pid other than its leader
+	// are still to be reaped.
+	threadsLeft := func(pid int) bool {
+		for _, e := range todo {
+			if e.pid == pid && e.tid != pid {
+				return true
 			}
-			for {
-				if _, err := ptrace.Wait(th.tid); err != nil {
-					break
+		}
+		return false
+	}
+	deadline := time.Now().Add(ptrace.StopTimeout)
+	var pause time.Duration
+	tr.Do(func() error {
+		for len(todo) > 0 {
+			n := len(todo)
+			for i := 0; i < len(todo); {
+				e := todo[i]
+				done := false
+				if e.ownLeader {
+					st, err := procfs.Stat(e.pid)
+					done = !threadsLeft(e.pid) && (err != nil || len(st) == 0 || st[0] == "Z" || st[0] == "X")
+				} else {
+					// A stop (nil error) is taken and waited past; an
+					// exit, or no such child any more, ends the thread.
+					_, err := ptrace.WaitTimeout(e.tid, 0)
+					done = err != nil && !errors.Is(err, ptrace.ErrTimeout)
 				}
+				if done {
+					todo = append(todo[:i], todo[i+1:]...)
+					continue
+				}
+				i++
 			}
+			if len(todo) == 0 {
+				break
+			}
+			if !time.Now().Before(deadline) {
+				for _, e := range todo {
+					left = append(left, e.tid)
+				}
+				break
+			}
+			if len(todo) < n {
+				pause = 0 // progress: the next exit is likely near
+			}
+			pause = min(max(2*pause, 20*time.Microsecond), 2*time.Millisecond)
+			time.Sleep(pause)
 		}
 		return nil
 	})
+	return left
 }

@@ -20,9 +20,10 @@ var statelessDevices = map[string]bool{
 }
 
 // describeFDs records every open file descriptor, refusing those a restore
-// could not rebuild. In a tree, inner holds the pipes with both ends
+// could not rebuild. Sockets are held in socks (tcp_linux.go) until the
+// process resumes or is killed. In a tree, inner holds the pipes with both ends
 // inside it (by inode), each true once its buffered data is saved.
-func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
+func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, error) {
 	infos, err := procfs.FDs(pid)
 	if err != nil {
 		return nil, fmt.Errorf("fds: %w", err)
@@ -80,16 +81,28 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 				}
 				fd.Epoll = append(fd.Epoll, t)
 			}
-		case kind == syscall.S_IFSOCK && fi.Fd > 2:
-			l, err := describeListener(pid, fi.Fd)
-			if err != nil {
-				return nil, unsupported("%s: %v", where, err)
+		case kind == syscall.S_IFSOCK && fi.Fd > 2 && dupOfSocket(pid, fi.Fd, out, &fd):
+			// A copy (dup) of a socket described above: the same socket
+			// once (it is held, and its filter attached, once).
+		case anonKinds[fi.Link] != 0:
+			if err := describeAnon(&fd, anonKinds[fi.Link], fi); err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
 			}
-			fd.Kind, fd.Listen = image.FDListen, l
+		case kind == syscall.S_IFSOCK && fi.Fd > 2:
+			if err := describeSocket(pid, fi.Fd, socks, &fd); err != nil {
+				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
+			}
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
-		case strings.HasSuffix(fi.Link, " (deleted)"):
-			return nil, unsupported("%s: file deleted", where)
+		case strings.HasSuffix(fi.Link, " (deleted)") || strings.HasPrefix(fi.Link, "/memfd:"):
+			_, _, id, ok, err := fileObject(fi.Link, &st)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
+			if !ok {
+				return nil, unsupported("%s: file deleted", where)
+			}
+			fd.Kind, fd.Path, fd.Object = image.FDFile, fi.Link, id
 		case kind == syscall.S_IFCHR:
 			if !statelessDevices[fi.Link] {
 				return nil, unsupported("%s: device", where)
@@ -106,17 +119,10 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 		}
 		out = append(out, fd)
 	}
-	// An epoll instance watches fds by number: they must all be here.
-	have := map[int]bool{}
-	for _, f := range out {
-		have[f.Fd] = true
-	}
-	for _, f := range out {
-		for _, t := range f.Epoll {
-			if !have[t.Fd] {
-				return nil, unsupported("fd %d (epoll) watches fd %d, which is closed or was replaced", f.Fd, t.Fd)
-			}
-		}
+	// An epoll instance watches files by the fd number they were added
+	// under: each must still be at that number or at another one.
+	if err := findEpollTargets(pid, out); err != nil {
+		return nil, err
 	}
 	// fds that share one open file description (dup, fork) must share it
 	// again: they share the offset and status flags.
@@ -136,6 +142,21 @@ func describeFDs(pid int, inner map[uint64]bool) ([]image.FD, error) {
 		}
 	}
 	return out, nil
+}
+
+// dupOfSocket reports whether pid's fd shares its open file description
+// with a socket fd in prev, and if so gives rec that fd's socket.
+func dupOfSocket(pid, fd int, prev []image.FD, rec *image.FD) bool {
+	for _, o := range prev {
+		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP {
+			continue
+		}
+		if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {
+			rec.Kind, rec.Listen, rec.TCP, rec.UDP = o.Kind, o.Listen, o.TCP, o.UDP
+			return true
+		}
+	}
+	return false
 }
 
 // dupOfInherited reports whether pid's fd shares its open file description

@@ -33,21 +33,48 @@ type stopped interface {
 // injected call leaves it as it was (ptrace.NewSeizedInjector), so there
 // is nothing to put back.
 func Freeze(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, halt bool, commit Commit) error {
-	f, err := Attach(tr, pid)
-	if err != nil {
-		return err
-	}
-	return freeze(ctx, f, pid, "process", w, halt, commit)
+	return FreezeWith(ctx, tr, pid, w, FreezeOptions{Halt: halt, Commit: commit})
 }
 
 // FreezeTree is Freeze for pid and all its descendants (pfreeze -tree):
 // every member is stopped, written, and then resumed or killed together.
 func FreezeTree(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, halt bool, commit Commit) error {
-	t, err := AttachTree(tr, pid)
+	return FreezeWith(ctx, tr, pid, w, FreezeOptions{Halt: halt, Commit: commit, Tree: true})
+}
+
+// FreezeOptions are Freeze's arguments, and more.
+type FreezeOptions struct {
+	Halt   bool
+	Commit Commit
+	Tree   bool // the process and all its descendants (FreezeTree)
+	// TCP says which TCP connections move (tcp_linux.go).
+	TCP TCPOptions
+	// Queried, if set, is called once every thread is stopped and the
+	// calls injected to describe the process (every member of a tree)
+	// are done, before the first byte of the snapshot is written.
+	Queried func()
+}
+
+// FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
+func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
+	if o.Tree {
+		t, err := AttachTree(tr, pid)
+		if err != nil {
+			return err
+		}
+		for _, m := range t.members {
+			m.socks.policy = o.TCP
+		}
+		t.queried = o.Queried
+		return freeze(ctx, t, pid, "process tree", w, o.Halt, o.Commit)
+	}
+	f, err := Attach(tr, pid)
 	if err != nil {
 		return err
 	}
-	return freeze(ctx, t, pid, "process tree", w, halt, commit)
+	f.socks.policy = o.TCP
+	f.queried = o.Queried
+	return freeze(ctx, f, pid, "process", w, o.Halt, o.Commit)
 }
 
 // freeze writes f, then commits and kills or resumes it; what says what

@@ -32,32 +32,20 @@ type SendOptions struct {
 	Halt     bool
 	Tree     bool // the process and all its descendants
 	Progress bool // draw a progress bar on stderr
+	// TCP says which TCP connections move with the process.
+	TCP TCPOptions
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
 	// error resumes the original, and the receiver, never told to
 	// commit, kills its copy. A cluster agent records the move here.
 	Decide func() error
-	// Frozen, if set, is called once every thread is stopped, before the
-	// first byte of the snapshot: a cluster agent takes the process's
-	// virtual IP away here (node/vip.go).
+	// Frozen, if set, is called once every thread is stopped and the
+	// calls injected to describe the process (every member of a tree)
+	// are done, before the first byte of the snapshot: a cluster agent
+	// takes the process's virtual IP away and freezes its cgroup here
+	// (node/vip.go, node/migrate.go).
 	Frozen func()
-}
-
-// onFirstWrite calls f before the first write: the capture writes only
-// once the process is stopped.
-type onFirstWrite struct {
-	w    io.Writer
-	f    func()
-	done bool
-}
-
-func (o *onFirstWrite) Write(p []byte) (int, error) {
-	if !o.done {
-		o.done = true
-		o.f()
-	}
-	return o.w.Write(p)
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -128,15 +116,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	var bw io.Writer = body
-	if o.Frozen != nil {
-		bw = &onFirstWrite{w: body, f: o.Frozen}
-	}
-	if o.Tree {
-		err = FreezeTree(ctx, tr, pid, bw, o.Halt, commit)
-	} else {
-		err = Freeze(ctx, tr, pid, bw, o.Halt, commit)
-	}
+	err = FreezeWith(ctx, tr, pid, body, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Queried: o.Frozen})
 	if prog != nil {
 		prog.Finish()
 	}

@@ -1,7 +1,6 @@
 package capture
 
 import (
-	"errors"
 	"fmt"
 
 	"golang.org/x/sys/unix"
@@ -9,29 +8,16 @@ import (
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
-// describeListener reads a socket of pid through a duplicate of it
-// (pidfd_getfd): only listening TCP sockets can be carried so far.
-func describeListener(pid, fd int) (*image.Listener, error) {
-	pidfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_open: %w", err)
-	}
-	defer unix.Close(pidfd)
-	s, err := unix.PidfdGetfd(pidfd, fd, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_getfd: %w", err)
-	}
-	defer unix.Close(s)
+// describeListener reads a listening TCP socket. Its filter holds new
+// connections back while the process is frozen (they retry, and find the
+// copy); connections already in its accept queue would be reset when the
+// original is killed, so a listener with any is refused, and the process
+// resumed accepts them.
+func describeListener(h *heldSocket, domain, proto int) (*image.Listener, error) {
+	s := h.fd
 	opt := func(level, name int) int {
 		v, _ := unix.GetsockoptInt(s, level, name)
 		return v
-	}
-	domain, typ, proto := opt(unix.SOL_SOCKET, unix.SO_DOMAIN), opt(unix.SOL_SOCKET, unix.SO_TYPE), opt(unix.SOL_SOCKET, unix.SO_PROTOCOL)
-	if (domain != unix.AF_INET && domain != unix.AF_INET6) || typ != unix.SOCK_STREAM || (proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_MPTCP) {
-		return nil, fmt.Errorf("sockets other than TCP are not supported yet (domain %d, type %d, protocol %d)", domain, typ, proto)
-	}
-	if opt(unix.SOL_SOCKET, unix.SO_ACCEPTCONN) != 1 {
-		return nil, errors.New("TCP connections are not supported yet (only listening sockets)")
 	}
 	sa, err := unix.Getsockname(s)
 	if err != nil {
@@ -48,6 +34,26 @@ func describeListener(pid, fd int) (*image.Listener, error) {
 		l.V6Only = opt(unix.IPPROTO_IPV6, unix.IPV6_V6ONLY) != 0
 	default:
 		return nil, fmt.Errorf("socket address %T", sa)
+	}
+	what := fmt.Sprintf("listening socket %s", image.SockAddr{IP: l.IP, Port: l.Port})
+	if proto != unix.IPPROTO_TCP {
+		// An MPTCP listener (Go's default) takes no socket filter (its
+		// packets go to the TCP socket under it) and reports no accept
+		// queue: connections it has not accepted are not seen, and are
+		// reset with the original (docs/pfreeze.md).
+		return l, nil
+	}
+	if err := h.attach(dropAllFilter); err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	info, err := unix.GetsockoptTCPInfo(s, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return nil, fmt.Errorf("%s: TCP_INFO: %w", what, err)
+	}
+	// For a listener the kernel reports its accept queue's length in
+	// tcpi_unacked.
+	if info.Unacked > 0 {
+		return nil, fmt.Errorf("%s has %d connections not yet accepted, which would be reset: try again once the process has accepted them (it runs on)", what, info.Unacked)
 	}
 	return l, nil
 }

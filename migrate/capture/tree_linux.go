@@ -18,6 +18,7 @@ import (
 // must be called.
 type FrozenTree struct {
 	Pid     int
+	queried func()           // as Frozen's, once for every member
 	members []*Frozen        // creation order: every parent before its children
 	procs   []image.TreeProc // the same order, zombies included
 	// pidNS is set when the root is the init of a child PID namespace,
@@ -129,9 +130,22 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
-	shm := map[uint64]bool{}
-	for _, f := range t.members {
-		if err := f.writeRecords(enc, shm, inner); err != nil {
+	// Every member is described (the calls injected into it) before the
+	// first of them is written: queried may freeze them all another way
+	// (an agent's cgroup), after which no injected call would run.
+	shm, files := map[uint64]bool{}, map[uint64]bool{}
+	rs := make([]*records, len(t.members))
+	for i, f := range t.members {
+		if rs[i], err = f.gather(shm, inner); err != nil {
+			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
+		}
+	}
+	if t.queried != nil {
+		t.queried()
+	}
+	for i, f := range t.members {
+		f.files = files
+		if err := f.emit(enc, rs[i]); err != nil {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}
 	}
@@ -225,27 +239,12 @@ func (t *FrozenTree) detach() {
 
 // Kill ends every member (after the snapshot is safely written): all are
 // sent SIGKILL first, so none runs again, then every thread's exit is
-// reaped, children first: the init of a frozen PID namespace does not
-// end before every process of its namespace is reaped, and those we
-// trace are released to it only as we take their exits. A member that
-// is a child of this very process (started or restored by it: an
-// agent's workload) is left to its parent's own wait once it has exited
-// (Frozen.reap).
+// reaped as it comes (reap): the init of a frozen PID namespace does not
+// end before every process and thread of its namespace is reaped, and
+// those we trace are released only as we take their exits. A member that
+// is a child of this very process (started or restored by it: an agent's
+// workload) is left to its parent's own wait once it has exited.
 func (t *FrozenTree) Kill() error {
-	var errs []error
-	ours := make([]bool, len(t.members))
-	for i, f := range t.members {
-		ours[i] = ourChild(f.Pid)
-	}
-	for _, f := range t.members {
-		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
-			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
-		}
-	}
-	for i := len(t.members) - 1; i >= 0; i-- {
-		f := t.members[i]
-		f.reap(ours[i])
-		f.mem.Close()
-	}
-	return errors.Join(errs...)
+	_, err := kill(t.members)
+	return err
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -79,10 +80,44 @@ func threadState(pid, tid int) byte {
 	return b[i+2]
 }
 
-// vforkError is the refusal for pid waiting in vfork, or nil.
-func vforkError(pid int) error {
-	if _, child, ok := vforkWait(pid); ok {
+// vforkError is the refusal for pid waiting in vfork, or nil. With wait,
+// it first gives the child VforkExecWait to exec.
+func vforkError(pid int, wait bool) error {
+	if _, child, ok := vforkWait(pid); ok && !(wait && awaitExec(pid, child)) {
 		return unsupported("waiting in vfork for its child %d (freeze it after %d execs or exits)", child, child)
 	}
 	return nil
+}
+
+// VforkExecWait bounds how long a freeze waits for a vfork child to exec
+// (or exit), which ends its sharing of memory with its parent and the
+// parent's wait: a child that execs at once (the usual vfork) is then
+// frozen as any process, a parent as any parent; one that does not is
+// refused with one line.
+const VforkExecWait = 2 * time.Second
+
+// awaitExec waits, at most VforkExecWait, until child no longer shares
+// memory with parent (it exec'd or exited); it reports whether it did.
+func awaitExec(parent, child int) bool {
+	for deadline := time.Now().Add(VforkExecWait); ; time.Sleep(5 * time.Millisecond) {
+		// kcmp(KCMP_VM): 0 when both use one memory; an error when
+		// either is gone.
+		r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(parent), uintptr(child), 1, 0, 0, 0)
+		if e != 0 || r != 0 {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+}
+
+// vforkChildError is the refusal for pid, a vfork child that has not
+// exec'd within VforkExecWait (its parent ppid waits for it), or nil
+// once it has.
+func vforkChildError(pid, ppid int) error {
+	if _, child, ok := vforkWait(ppid); !ok || child != pid || awaitExec(ppid, pid) {
+		return nil
+	}
+	return unsupported("a vfork child of %d that has not exec'd within %v (freeze it after it execs)", ppid, VforkExecWait)
 }

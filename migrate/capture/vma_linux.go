@@ -54,10 +54,21 @@ func describeVMAs(pid int, maps []procfs.Mapping, mem *ptrace.Mem) ([]image.VMA,
 			v.Kind = image.VMASharedAnon
 		case strings.HasPrefix(m.Path, "["):
 			return nil, unsupported("%s: special mapping", where)
-		case strings.HasSuffix(m.Path, " (deleted)"):
-			return nil, unsupported("%s: file deleted or replaced since it was mapped", where)
-		case strings.HasPrefix(m.Path, "/memfd:") || strings.HasPrefix(m.Path, "/SYSV"):
-			return nil, unsupported("%s: memfd and System V shared memory", where)
+		case strings.HasSuffix(m.Path, " (deleted)") || strings.HasPrefix(m.Path, "/memfd:") || strings.HasPrefix(m.Path, "/SYSV"):
+			var st syscall.Stat_t
+			mf := fmt.Sprintf("/proc/%d/map_files/%x-%x", pid, m.Start, m.End)
+			if err := syscall.Stat(mf, &st); err != nil {
+				return nil, fmt.Errorf("%s: %w", where, explainMapFilesErr(err))
+			}
+			_, _, id, ok, err := fileObject(m.Path, &st)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
+			if !ok {
+				return nil, unsupported("%s: file deleted or replaced since it was mapped", where)
+			}
+			v.Kind, v.Object = image.VMAFile, id
+			v.FileSize = st.Size
 		case strings.HasPrefix(m.Path, "/"):
 			v.Kind = image.VMAFile
 			// map_files names the mapped file itself, whatever its path says.

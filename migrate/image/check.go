@@ -49,8 +49,10 @@ type checker struct {
 	meta    bool // the process's metadata (threads, areas) is complete
 	lastFd  int
 	fds     int
-	fdSet   map[int]bool // the process's fds so far
-	fdRefs  []fdRef      // fds one of them names, checked at its end
+	fdSet   map[int]bool     // the process's fds so far
+	fdRefs  []fdRef          // fds one of them names, checked at its end
+	files   map[uint64]int64 // File records so far (of every member): the next offset of each
+	sizes   map[uint64]int64 // and their sizes
 }
 
 // fdRef is an fd that fd from names (the description it shares, or an
@@ -91,6 +93,9 @@ func (c *checker) check(rec any) error {
 		}
 		c.proc, c.threads, c.vmas, c.meta, c.fds = r, nil, nil, false, 0
 		c.fdSet, c.fdRefs = map[int]bool{}, nil
+		if c.files == nil { // a tree's members share them: kept across
+			c.files, c.sizes = map[uint64]int64{}, map[uint64]int64{}
+		}
 		return nil
 	case *Thread:
 		p := c.proc
@@ -120,6 +125,11 @@ func (c *checker) check(rec any) error {
 		}
 		c.vmas = append(c.vmas, r)
 		return nil
+	case *File:
+		if c.proc == nil || c.meta || len(c.threads) != c.proc.Threads {
+			return c.unexpected(r)
+		}
+		return c.wrap(c.checkFile(r))
 	}
 	// Pages, FD, End: the metadata is complete.
 	if err := c.completeMeta(); err != nil {
@@ -135,6 +145,9 @@ func (c *checker) check(rec any) error {
 		if c.fds > 0 && c.lastFd >= r.Fd {
 			return c.wrap(corruptf("fds out of order at %d", r.Fd))
 		}
+		if _, ok := c.files[r.Object]; r.Object != 0 && (!ok || r.Kind != FDFile) {
+			return c.wrap(corruptf("fd %d: file object %#x", r.Fd, r.Object))
+		}
 		if r.Kind == FDPipe && c.tree == nil {
 			return corruptf("fd %d: a pipe outside a tree", r.Fd)
 		}
@@ -144,6 +157,10 @@ func (c *checker) check(rec any) error {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
 		}
 		for _, t := range r.Epoll {
+			if t.Via != nil {
+				c.fdRefs = append(c.fdRefs, fdRef{r.Fd, *t.Via, "(epoll) watches the file of fd"})
+				continue
+			}
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, t.Fd, "(epoll) watches fd"})
 		}
 		return nil
@@ -191,6 +208,11 @@ func (c *checker) completeMeta() error {
 	}
 	if err := CheckProcess(c.proc, c.threads); err != nil {
 		return c.wrap(err)
+	}
+	for _, v := range c.vmas {
+		if _, ok := c.files[v.Object]; v.Object != 0 && (!ok || v.Kind != VMAFile) {
+			return c.wrap(corruptf("%s: file object %#x", v.Label(), v.Object))
+		}
 	}
 	c.meta = true
 	return nil
@@ -277,7 +299,24 @@ func CheckProcess(pr *Process, threads []*Thread) error {
 	if err := checkSiginfos(pr.Pending); err != nil {
 		return err
 	}
+	if err := checkSeccomp(pr.Seccomp); err != nil {
+		return err
+	}
+	if len(pr.Timers) > MaxTimers {
+		return corruptf("%d POSIX timers", len(pr.Timers))
+	}
+	for _, tm := range pr.Timers {
+		if tm.ID < 0 || tm.ValueNs < 0 || tm.IntervalNs < 0 || tm.Signo < 0 || tm.Signo > 64 {
+			return corruptf("POSIX timer %d", tm.ID)
+		}
+	}
 	for _, t := range threads {
+		if err := checkSeccomp(t.Seccomp); err != nil {
+			return fmt.Errorf("thread %d: %w", t.Tid, err)
+		}
+		if t.Creds != nil && len(t.Creds.Groups) > MaxGroups {
+			return corruptf("thread %d record out of bounds", t.Tid)
+		}
 		if len(t.Pending) > MaxPending || len(t.XState) > 1<<16 {
 			return corruptf("thread %d record out of bounds", t.Tid)
 		}
@@ -342,6 +381,38 @@ func CheckFD(f *FD) error {
 		if f.EventCount == ^uint64(0) { // the kernel's counter stops below it
 			return corruptf("fd %d: eventfd counter %#x", f.Fd, f.EventCount)
 		}
+	case FDTimerfd:
+		if t := f.Timer; t == nil || t.ValueNs < 0 || t.IntervalNs < 0 {
+			return corruptf("fd %d: timerfd state", f.Fd)
+		}
+	case FDSignalfd:
+	case FDInotify:
+		if len(f.Watches) > MaxWatches {
+			return corruptf("fd %d: %d inotify watches", f.Fd, len(f.Watches))
+		}
+		for i, w := range f.Watches {
+			if w.Wd <= 0 || w.Path == "" || (i > 0 && w.Wd <= f.Watches[i-1].Wd) {
+				return corruptf("fd %d: inotify watch %d", f.Fd, w.Wd)
+			}
+		}
+	case FDFanotify:
+		if f.Fanotify == nil || len(f.Fanotify.Marks) > MaxWatches {
+			return corruptf("fd %d: fanotify state", f.Fd)
+		}
+		for _, m := range f.Fanotify.Marks {
+			if m.Path == "" || m.Kind < FanMarkInode || m.Kind > FanMarkFilesystem {
+				return corruptf("fd %d: fanotify mark %q", f.Fd, m.Path)
+			}
+		}
+	case FDTCP:
+		if err := checkTCP(f.Fd, f.TCP); err != nil {
+			return err
+		}
+	case FDUDP:
+		u := f.UDP
+		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
+			return corruptf("fd %d: UDP socket", f.Fd)
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
@@ -353,6 +424,44 @@ func CheckFD(f *FD) error {
 	return nil
 }
 
+// Socket families, as Linux numbers them.
+const (
+	afInet  = 2
+	afInet6 = 10
+)
+
+// MaxSockQueue bounds each queue of a TCP connection: more than the
+// kernel lets a socket buffer hold (net.core.wmem_max and rmem_max are
+// far below).
+const MaxSockQueue = 1 << 30
+
+func checkTCP(fd int, c *TCPConn) error {
+	if c == nil || !checkAddr(c.Family, c.Local) || !checkAddr(c.Family, c.Peer) || c.Peer.Port == 0 || c.Local.Port == 0 {
+		return corruptf("fd %d: TCP connection addresses", fd)
+	}
+	if !TCPCarried(c.State) && !c.Closed {
+		return corruptf("fd %d: TCP connection in state %d", fd, c.State)
+	}
+	if len(c.SendQueue) > MaxSockQueue || len(c.RecvQueue) > MaxSockQueue || c.Unsent < 0 || c.Unsent > len(c.SendQueue) {
+		return corruptf("fd %d: TCP queues of %d and %d bytes, %d unsent", fd, len(c.SendQueue), len(c.RecvQueue), c.Unsent)
+	}
+	if c.SndWscale > 14 || c.RcvWscale > 14 || c.MSS > 65535 {
+		return corruptf("fd %d: TCP options", fd)
+	}
+	return nil
+}
+
+// checkAddr reports whether a is a valid address of family.
+func checkAddr(family int, a SockAddr) bool {
+	switch family {
+	case afInet:
+		return len(a.IP) == 4 && a.Zone == 0 && a.Port >= 0 && a.Port <= 65535
+	case afInet6:
+		return len(a.IP) == 16 && a.Port >= 0 && a.Port <= 65535
+	}
+	return false
+}
+
 // Label names an area in messages: "map 0x1000-0x2000 (libc.so.6)".
 func (v *VMA) Label() string {
 	s := fmt.Sprintf("map %#x-%#x", v.Start, v.End)
@@ -361,3 +470,46 @@ func (v *VMA) Label() string {
 	}
 	return s
 }
+
+// MaxWatches bounds the watches of one inotify instance.
+const MaxWatches = 1 << 16
+
+// checkSeccomp checks the bounds of a chain of seccomp filters.
+func checkSeccomp(fs []SeccompFilter) error {
+	if len(fs) > MaxSeccompFilters {
+		return corruptf("%d seccomp filters", len(fs))
+	}
+	for i, f := range fs {
+		if len(f.Prog) == 0 || len(f.Prog)%8 != 0 || len(f.Prog)/8 > MaxSeccompInsns {
+			return corruptf("seccomp filter %d: program of %d bytes", i, len(f.Prog))
+		}
+	}
+	return nil
+}
+
+// checkFile checks a File record against those before it: the first of
+// an object says what it is, the others continue its data in order.
+func (c *checker) checkFile(f *File) error {
+	if f.ID == 0 || len(f.Data) > FileChunk || f.Off < 0 {
+		return corruptf("file record %#x", f.ID)
+	}
+	next, seen := c.files[f.ID]
+	if !seen {
+		if (f.Kind != FileMemfd && f.Kind != FileDeleted && f.Kind != FileSysV) || (f.Kind == FileSysV && f.ShmID < 0) || f.Name == "" || f.Size < 0 || f.Size > MaxFileSize || len(c.files) >= MaxFiles {
+			return corruptf("file %#x (%q)", f.ID, f.Name)
+		}
+		c.files[f.ID] = 0
+		c.sizes[f.ID] = f.Size
+		next = 0
+	} else if f.Kind != 0 || f.Name != "" {
+		return corruptf("file %#x described twice", f.ID)
+	}
+	if f.Off < next || f.Off+int64(len(f.Data)) > c.sizes[f.ID] {
+		return corruptf("file %#x: data at %d+%d", f.ID, f.Off, len(f.Data))
+	}
+	c.files[f.ID] = f.Off + int64(len(f.Data))
+	return nil
+}
+
+// MaxFiles bounds the File objects of a process.
+const MaxFiles = 1 << 12

@@ -20,12 +20,24 @@ const (
 	// MaxMetaLen bounds every record but Pages. Decoding may expand a
 	// record (a byte per element becomes a struct): keep it small.
 	MaxMetaLen = 1 << 20
+	// MaxFDLen bounds an fd record, which may carry a pipe's buffered
+	// bytes or a TCP connection's queues (as msgpack bin, which decodes
+	// without growing).
+	MaxFDLen = 64 << 20
 	// MaxPagesLen bounds the data of one Pages record.
 	MaxPagesLen = 64 << 20
 	// pagesHeadLen is the msgpack prefix of a Pages payload:
 	// fixarray(2), uint64 addr, bin32 length.
 	pagesHeadLen = 1 + 9 + 5
 )
+
+// maxLen is the largest payload of a record of type t (but Pages).
+func maxLen(t Type) int {
+	if t == TypeFD {
+		return MaxFDLen
+	}
+	return MaxMetaLen
+}
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -60,7 +72,7 @@ func (e *Encoder) write(p []byte) {
 	_, e.err = e.w.Write(p)
 }
 
-// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA or *FD).
+// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA, *File or *FD).
 func (e *Encoder) Write(rec any) error {
 	var t Type
 	switch rec.(type) {
@@ -74,6 +86,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeFD
 	case *Tree:
 		t = TypeTree
+	case *File:
+		t = TypeFile
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -81,8 +95,8 @@ func (e *Encoder) Write(rec any) error {
 	if err != nil {
 		return fmt.Errorf("image: encode %v: %w", t, err)
 	}
-	if len(b) > MaxMetaLen {
-		return fmt.Errorf("image: %v record of %d bytes exceeds %d", t, len(b), MaxMetaLen)
+	if len(b) > maxLen(t) {
+		return fmt.Errorf("image: %v record of %d bytes exceeds %d", t, len(b), maxLen(t))
 	}
 	e.hdr[0] = byte(t)
 	binary.LittleEndian.PutUint32(e.hdr[1:5], uint32(len(b)))
@@ -169,7 +183,7 @@ func (d *Decoder) read(p []byte) error {
 	return nil
 }
 
-// Next returns the next record: *Tree, *Process, *Thread, *VMA, *FD, *Pages or,
+// Next returns the next record: *Tree, *Process, *Thread, *VMA, *File, *FD, *Pages or,
 // last, *End once the checksum has been verified and the input was found
 // to end right after it. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
@@ -267,7 +281,7 @@ func (d *Decoder) next() (any, error) {
 		d.done = true
 		return &end, nil
 	}
-	if size > MaxMetaLen {
+	if int(size) > maxLen(t) {
 		return nil, corruptf("%v record of %d bytes at offset %d", t, size, nBefore)
 	}
 	if cap(d.buf) < int(size) {
@@ -289,6 +303,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(FD)
 	case TypeTree:
 		rec = new(Tree)
+	case TypeFile:
+		rec = new(File)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

@@ -371,6 +371,15 @@ func TestDecoderSemanticRules(t *testing.T) {
 		"shares a missing fd":    {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDFile}, &FD{Fd: 5, Desc: 4, Kind: FDFile}}, "fd 5 shares fd 4, which is not in the snapshot"},
 		"epoll watches missing":  {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDEpoll, Epoll: []EpollTarget{{Fd: 7}}}}, "fd 3 (epoll) watches fd 7"},
 		"pipe outside a tree":    {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDPipe, Pipe: 1}}, "a pipe outside a tree"},
+		"seccomp program":        {[]any{proc(func(p *Process) { p.Seccomp = []SeccompFilter{{Prog: make([]byte, 12)}} })}, "seccomp filter 0: program of 12 bytes"},
+		"timer signal":           {[]any{proc(func(p *Process) { p.Timers = []PosixTimer{{ID: 1, Signo: 65}} })}, "POSIX timer 1"},
+		"timerfd without state":  {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDTimerfd}}, "fd 3: timerfd state"},
+		"inotify wd order":       {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDInotify, Watches: []InotifyWatch{{Wd: 2, Path: "/a"}, {Wd: 1, Path: "/b"}}}}, "inotify watch 1"},
+		"fd of a missing file":   {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDFile, Object: 7}}, "fd 3: file object 0x7"},
+		"file data beyond size":  {[]any{proc(none), &File{ID: 7, Kind: FileMemfd, Name: "m", Size: 2, Data: []byte("abc")}}, "file 0x7: data at 0+3"},
+		"file data backwards":    {[]any{proc(none), &File{ID: 7, Kind: FileMemfd, Name: "m", Size: 9, Off: 4, Data: []byte("ab")}, &File{ID: 7, Off: 2, Data: []byte("x")}}, "file 0x7: data at 2+1"},
+		"area of a missing file": {[]any{proc(none), &VMA{Start: 0x1000, End: 0x2000, Kind: VMAFile, Name: "/memfd:m (deleted)", Object: 9}}, "file object 0x9"},
+		"file described twice":   {[]any{proc(none), &File{ID: 7, Kind: FileMemfd, Name: "m"}, &File{ID: 7, Kind: FileMemfd, Name: "m"}}, "file 0x7 described twice"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			var buf bytes.Buffer

@@ -31,7 +31,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		saved  []uint64
 		fds    []*FD
 		p      *Process
-		ths    []*Thread
+		// objects describe the File records of the process being read.
+		objects []string
+		ths     []*Thread
 	)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
@@ -57,7 +59,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			// A tree holds one process after another: describe each.
 			if p != nil {
 				describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
-				vmas, hashes, saved, fds, ths = nil, nil, nil, nil, nil
+				describeObjects(w, objects)
+				vmas, hashes, saved, fds, ths, objects = nil, nil, nil, nil, nil, nil
 			}
 			p = r
 		case *Thread:
@@ -66,6 +69,15 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			vmas = append(vmas, r)
 			hashes = append(hashes, sha256.New())
 			saved = append(saved, 0)
+		case *File:
+			if r.Kind != 0 {
+				kind := map[FileKind]string{FileMemfd: "memfd", FileDeleted: "deleted", FileSysV: "sysv"}[r.Kind]
+				line := fmt.Sprintf("File object %#x: %s %q size %d mode %#o seals %#x", r.ID, kind, r.Name, r.Size, r.Mode, r.Seals)
+				if r.Kind == FileSysV {
+					line += fmt.Sprintf(" key %#x shmid %d uid %d gid %d removed %v", uint32(r.Key), r.ShmID, r.Uid, r.Gid, r.Removed)
+				}
+				objects = append(objects, line)
+			}
 		case *FD:
 			fds = append(fds, r)
 		case *Pages:
@@ -102,7 +114,16 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		return fmt.Errorf("%w: no process record", ErrCorrupt)
 	}
 	describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
+	describeObjects(w, objects)
 	return nil
+}
+
+// describeObjects prints the files without a path a process's records
+// brought (File records), after its open files.
+func describeObjects(w io.Writer, objects []string) {
+	for _, o := range objects {
+		fmt.Fprintln(w, o)
+	}
 }
 
 func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []hash.Hash, saved []uint64, fds []*FD, regNames []string) {
@@ -113,6 +134,11 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	fmt.Fprintf(w, "mm: code %#x-%#x data %#x-%#x brk %#x-%#x stack %#x\n", p.MM.StartCode, p.MM.EndCode, p.MM.StartData, p.MM.EndData, p.MM.StartBrk, p.MM.Brk, p.MM.StartStack)
 	for _, s := range p.Sigacts {
 		fmt.Fprintf(w, "Signal %d: handler %#x flags %#x mask %#x\n", s.Sig, s.Handler, s.Flags, s.Mask)
+	}
+	describeSeccomp(w, "", p.Seccomp)
+	for _, tm := range p.Timers {
+		fmt.Fprintf(w, "POSIX timer %d: clock %d notify %d signal %d value %#x tid %d left %dns interval %dns overrun %d\n",
+			tm.ID, tm.Clock, tm.Notify, tm.Signo, tm.Value, tm.Tid, tm.ValueNs, tm.IntervalNs, tm.Overrun)
 	}
 	for _, t := range ths {
 		fmt.Fprintf(w, "Thread %d registers:\n", t.Tid)
@@ -128,6 +154,10 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		}
 		fmt.Fprintf(w, "  xstate %d bytes sha256 %x, sigmask %#x, rseq %#x/%d, tid_address %#x, robust_list %#x\n",
 			len(t.XState), sha256.Sum256(t.XState), t.Sigmask, t.RseqAddr, t.RseqLen, t.TidAddress, t.RobustList)
+		describeSeccomp(w, "  ", t.Seccomp)
+		if c := t.Creds; c != nil {
+			fmt.Fprintf(w, "  credentials of its own: uid %v gid %v groups %v cap_eff %#x cap_prm %#x no_new_privs %v\n", c.Uid, c.Gid, c.Groups, c.CapEff, c.CapPrm, c.NoNewPrivs)
+		}
 	}
 	fmt.Fprintln(w, "Memory:")
 	for i, v := range vmas {
@@ -145,16 +175,24 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if v.Shared {
 			share = "s"
 		}
-		fmt.Fprintf(w, "  %d %#x-%#x %s%s %-11s %-40s saved %8d sha256 %x\n", i, v.Start, v.End, prot, share,
+		fmt.Fprintf(w, "  %d %#x-%#x %s%s %-11s %-40s saved %8d sha256 %x", i, v.Start, v.End, prot, share,
 			v.Kind, strings.TrimSpace(v.Name), saved[i], hashes[i].Sum(nil)[:16])
+		if v.Object != 0 {
+			fmt.Fprintf(w, " object %#x", v.Object)
+		}
+		fmt.Fprintln(w)
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen"}[f.Kind]
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
 		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
+		if f.Object != 0 {
+			fmt.Fprintf(w, " object %#x", f.Object)
+		}
 		if f.Kind == FDPipe {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
 		}
@@ -164,9 +202,47 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if l := f.Listen; l != nil {
 			fmt.Fprintf(w, " %v port %d protocol %d", net.IP(l.IP), l.Port, l.Protocol)
 		}
+		if c := f.TCP; c != nil && c.Closed {
+			fmt.Fprintf(w, " %s -> %s closed (its address stays)", c.Local, c.Peer)
+		} else if c != nil {
+			fmt.Fprintf(w, " %s -> %s state %s send queue %d (unsent %d) receive queue %d seq %d/%d mss %d options %#x",
+				c.Local, c.Peer, TCPStateName(c.State), len(c.SendQueue), c.Unsent, len(c.RecvQueue), c.SendSeq, c.RecvSeq, c.MSS, c.Options)
+		}
+		if u := f.UDP; u != nil {
+			fmt.Fprintf(w, " %s", u.Local)
+			if u.Peer != nil {
+				fmt.Fprintf(w, " -> %s", *u.Peer)
+			}
+		}
+		if tm := f.Timer; tm != nil {
+			fmt.Fprintf(w, " clock %d value %dns interval %dns ticks %d set-flags %#o", tm.Clock, tm.ValueNs, tm.IntervalNs, tm.Ticks, tm.SetFlags)
+		}
+		if f.Kind == FDSignalfd {
+			fmt.Fprintf(w, " sigmask %#x", f.SigMask)
+		}
+		if fa := f.Fanotify; fa != nil {
+			fmt.Fprintf(w, " flags %#x event-flags %#x", fa.Flags, fa.EventFlags)
+			for _, m := range fa.Marks {
+				fmt.Fprintf(w, " [%s %s mask %#x ignored %#x flags %#x]", []string{"inode", "mount", "filesystem"}[m.Kind], m.Path, m.Mask, m.Ignored, m.Flags)
+			}
+		}
+		for _, iw := range f.Watches {
+			fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
+		}
 		for _, t := range f.Epoll {
+			if t.Via != nil {
+				fmt.Fprintf(w, " [fd %d (now fd %d) events %#x data %#x]", t.Fd, *t.Via, t.Events, t.Data)
+				continue
+			}
 			fmt.Fprintf(w, " [fd %d events %#x data %#x]", t.Fd, t.Events, t.Data)
 		}
 		fmt.Fprintln(w)
+	}
+}
+
+// describeSeccomp prints a chain of seccomp filters, oldest first.
+func describeSeccomp(w io.Writer, indent string, fs []SeccompFilter) {
+	for i, f := range fs {
+		fmt.Fprintf(w, "%sSeccomp filter %d: %d instructions flags %#x sha256 %x\n", indent, i, len(f.Prog)/8, f.Flags, sha256.Sum256(f.Prog))
 	}
 }

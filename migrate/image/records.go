@@ -21,6 +21,7 @@ const (
 	TypeFD      Type = 5
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
+	TypeFile    Type = 8
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -42,6 +43,8 @@ func (t Type) String() string {
 		return "end"
 	case TypeTree:
 		return "tree"
+	case TypeFile:
+		return "file"
 	}
 	return "unknown"
 }
@@ -69,7 +72,48 @@ type Process struct {
 	Pending []Siginfo  `msgpack:"pending"` // process-wide pending signals
 	Threads int        `msgpack:"threads"`
 	Extra   [][]string `msgpack:"extra,omitempty"` // reserved
+	// Seccomp holds the seccomp filters every thread shares, oldest
+	// first (each thread's own, installed after these, are in its
+	// Thread record).
+	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
+	// Timers are the POSIX timers (timer_create), by id.
+	Timers []PosixTimer `msgpack:"timers,omitempty"`
 }
+
+// PosixTimer is one POSIX timer (timer_create) and its state.
+type PosixTimer struct {
+	ID     int    `msgpack:"id"`
+	Clock  int    `msgpack:"clock"`
+	Notify int    `msgpack:"notify"` // sigev_notify: SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID
+	Signo  int    `msgpack:"signo"`
+	Value  uint64 `msgpack:"value"`         // sigev_value
+	Tid    int    `msgpack:"tid,omitempty"` // SIGEV_THREAD_ID: the thread signalled
+	// ValueNs is the time left to the next expiration (0: disarmed),
+	// IntervalNs the period, both as timer_gettime read them at
+	// ReadAtUnixNs (wall clock); Overrun is timer_getoverrun's.
+	ValueNs      int64 `msgpack:"value_ns"`
+	IntervalNs   int64 `msgpack:"interval_ns"`
+	Overrun      int   `msgpack:"overrun"`
+	ReadAtUnixNs int64 `msgpack:"read_at_ns"`
+}
+
+// MaxTimers bounds a process's POSIX timers.
+const MaxTimers = 1 << 16
+
+// SeccompFilter is one installed seccomp filter: its classic BPF program
+// (struct sock_filter array, 8 bytes an instruction) and the
+// SECCOMP_FILTER_FLAG_* it was installed with that the kernel reports
+// (SECCOMP_FILTER_FLAG_LOG).
+type SeccompFilter struct {
+	Prog  []byte `msgpack:"prog"`
+	Flags uint64 `msgpack:"flags,omitempty"`
+}
+
+// MaxSeccompInsns bounds a filter's length (BPF_MAXINSNS).
+const MaxSeccompInsns = 4096
+
+// MaxSeccompFilters bounds a thread's chain of filters.
+const MaxSeccompFilters = 512
 
 // Creds are the process credentials as /proc/PID/status reports them.
 type Creds struct {
@@ -143,6 +187,13 @@ type Thread struct {
 	AltSP      uint64    `msgpack:"alt_sp"`
 	AltFlags   int32     `msgpack:"alt_flags"`
 	AltSize    uint64    `msgpack:"alt_size"`
+	// Seccomp holds the filters of this thread beyond the process's
+	// shared ones (Process.Seccomp), oldest first.
+	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
+	// Creds, when set, are this thread's own credentials, which differ
+	// from the process's (a thread that changed its ids by a raw
+	// setresuid: credentials are per thread in the kernel).
+	Creds *Creds `msgpack:"creds,omitempty"`
 }
 
 // VMAKind says how a memory area is rebuilt.
@@ -200,7 +251,54 @@ type VMA struct {
 	// Content is the area's bytes for kernel areas that are compared rather
 	// than written (the vdso).
 	Content []byte `msgpack:"content,omitempty"`
+	// Object, for a VMAFile area, is the File record of a file that has
+	// no path to map it by (a memfd, a deleted file): the area maps it.
+	Object uint64 `msgpack:"object,omitempty"`
 }
+
+// FileKind says how a File is made again.
+type FileKind uint8
+
+const (
+	// FileMemfd is a memfd, made again by memfd_create with its name.
+	FileMemfd FileKind = 1
+	// FileDeleted is a regular file deleted while open or mapped, made
+	// again as an unnamed file (O_TMPFILE) in its directory.
+	FileDeleted FileKind = 2
+	// FileSysV is a System V shared memory segment, attached by areas
+	// only; it keeps its key and id.
+	FileSysV FileKind = 3
+)
+
+// File is a file that only its holders can reach (a memfd, a deleted
+// file), saved with its contents: the areas (VMA.Object) and fds
+// (FD.Object) that hold it name it by ID. Its first record carries what
+// it is and its first chunk of data (Off 0); further records of the same
+// ID carry only the following chunks, in order. Chunks that are all
+// zeros are left out (the file reads zeros there).
+type File struct {
+	ID    uint64   `msgpack:"id"`
+	Kind  FileKind `msgpack:"kind,omitempty"`
+	Name  string   `msgpack:"name,omitempty"`  // memfd name, the deleted file's path, SYSV<key>
+	Size  int64    `msgpack:"size,omitempty"`  // length
+	Mode  uint32   `msgpack:"mode,omitempty"`  // st_mode
+	Seals int      `msgpack:"seals,omitempty"` // F_SEAL_* of a memfd
+	// A System V segment's key, id, owner, and whether it was marked for
+	// removal (IPC_RMID: it goes when its last attachment does).
+	Key     int32  `msgpack:"key,omitempty"`
+	ShmID   int    `msgpack:"shmid,omitempty"`
+	Uid     uint32 `msgpack:"uid,omitempty"`
+	Gid     uint32 `msgpack:"gid,omitempty"`
+	Removed bool   `msgpack:"removed,omitempty"`
+	Off     int64  `msgpack:"off"`
+	Data    []byte `msgpack:"data,omitempty"`
+}
+
+// FileChunk bounds the data of one File record.
+const FileChunk = 512 << 10
+
+// MaxFileSize bounds a File's length.
+const MaxFileSize = 1 << 40
 
 // Len is the size of the area in bytes.
 func (v *VMA) Len() uint64 { return v.End - v.Start }
@@ -236,7 +334,67 @@ const (
 	// FDListen is a listening TCP socket, re-created and bound to its
 	// address (IP_FREEBIND: the address may arrive later, a virtual IP).
 	FDListen FDKind = 6
+	// FDTCP is an established TCP connection, rebuilt with TCP_REPAIR:
+	// the same addresses, sequence numbers, queues, window and options.
+	FDTCP FDKind = 7
+	// FDUDP is a UDP socket, re-created, bound and connected again; the
+	// datagrams queued in it are not carried.
+	FDUDP FDKind = 8
+
+	// Anonymous inodes (numbered apart from the socket kinds).
+
+	// FDTimerfd is a timerfd, re-armed with its remaining time, interval
+	// and unread expirations (those that fell while frozen added).
+	FDTimerfd FDKind = 16
+	// FDSignalfd is a signalfd, recreated with its mask.
+	FDSignalfd FDKind = 17
+	// FDInotify is an inotify instance, its watches re-added by path with
+	// their masks and descriptors; events queued when frozen are dropped.
+	FDInotify FDKind = 18
+	// FDFanotify is a fanotify group, its marks re-added by path (inode
+	// marks), mount or filesystem; queued events are dropped.
+	FDFanotify FDKind = 19
 )
+
+// Fanotify is the state of a fanotify group (/proc/PID/fdinfo).
+type Fanotify struct {
+	Flags      uint32         `msgpack:"flags"`       // fanotify_init flags (FAN_CLASS_*, FAN_REPORT_*...)
+	EventFlags uint32         `msgpack:"event_flags"` // fanotify_init event_f_flags
+	Marks      []FanotifyMark `msgpack:"marks,omitempty"`
+}
+
+// FanotifyMark kinds: what a mark's Path names.
+const (
+	FanMarkInode      = 0
+	FanMarkMount      = 1
+	FanMarkFilesystem = 2
+)
+
+// FanotifyMark is one mark of a fanotify group.
+type FanotifyMark struct {
+	Kind    int    `msgpack:"kind"`  // FanMarkInode, FanMarkMount, FanMarkFilesystem
+	Path    string `msgpack:"path"`  // the inode, or a path on the mount or filesystem
+	Flags   uint32 `msgpack:"flags"` // FAN_MARK_* the kernel reports (IGNORED_SURV_MODIFY, EVICTABLE...)
+	Mask    uint64 `msgpack:"mask"`
+	Ignored uint64 `msgpack:"ignored"`
+}
+
+// Timerfd is the state of a timerfd (/proc/PID/fdinfo).
+type Timerfd struct {
+	Clock        int    `msgpack:"clock"`       // CLOCK_*
+	SetFlags     int    `msgpack:"set_flags"`   // TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET
+	Ticks        uint64 `msgpack:"ticks"`       // expirations not yet read
+	ValueNs      int64  `msgpack:"value_ns"`    // time left to the next expiration; 0: disarmed
+	IntervalNs   int64  `msgpack:"interval_ns"` // period; 0: one-shot
+	ReadAtUnixNs int64  `msgpack:"read_at_ns"`  // wall clock when read, to count expirations since
+}
+
+// InotifyWatch is one watch of an inotify instance.
+type InotifyWatch struct {
+	Wd   int    `msgpack:"wd"`
+	Mask uint32 `msgpack:"mask"`
+	Path string `msgpack:"path"`
+}
 
 // Listener describes a listening TCP socket.
 type Listener struct {
@@ -250,11 +408,95 @@ type Listener struct {
 	V6Only    bool   `msgpack:"v6only,omitempty"`
 }
 
+// SockAddr is an IP socket address.
+type SockAddr struct {
+	IP   []byte `msgpack:"ip"` // 4 or 16 bytes
+	Port int    `msgpack:"port"`
+	Zone uint32 `msgpack:"zone,omitempty"`
+}
+
+// SockOpts are the socket options carried with a TCP connection or a UDP
+// socket. SndBuf and RcvBuf are as getsockopt reports them (twice what
+// setsockopt was given).
+type SockOpts struct {
+	ReuseAddr bool `msgpack:"reuseaddr,omitempty"`
+	ReusePort bool `msgpack:"reuseport,omitempty"`
+	KeepAlive bool `msgpack:"keepalive,omitempty"`
+	Broadcast bool `msgpack:"broadcast,omitempty"`
+	V6Only    bool `msgpack:"v6only,omitempty"`
+	FreeBind  bool `msgpack:"freebind,omitempty"`
+	SndBuf    int  `msgpack:"sndbuf"`
+	RcvBuf    int  `msgpack:"rcvbuf"`
+	// TCP only.
+	NoDelay     bool `msgpack:"nodelay,omitempty"`
+	KeepIdle    int  `msgpack:"keepidle,omitempty"`
+	KeepIntvl   int  `msgpack:"keepintvl,omitempty"`
+	KeepCnt     int  `msgpack:"keepcnt,omitempty"`
+	UserTimeout int  `msgpack:"user_timeout,omitempty"`
+}
+
+// TCPWindow is struct tcp_repair_window.
+type TCPWindow struct {
+	SndWl1    uint32 `msgpack:"snd_wl1"`
+	SndWnd    uint32 `msgpack:"snd_wnd"`
+	MaxWindow uint32 `msgpack:"max_window"`
+	RcvWnd    uint32 `msgpack:"rcv_wnd"`
+	RcvWup    uint32 `msgpack:"rcv_wup"`
+}
+
+// TCPConn is an established TCP connection read in repair mode
+// (TCP_REPAIR): the queues hold the bytes the kernel held, sent and
+// unacknowledged or not yet sent (SendQueue, its last Unsent bytes never
+// sent), received and not yet read (RecvQueue). SendSeq and RecvSeq are
+// the sequence numbers after the last byte of each queue (write_seq and
+// rcv_nxt); a FIN sent (TCPFinOut) or received (TCPFinIn) counts one in
+// them and none in the queues.
+type TCPConn struct {
+	Family    int      `msgpack:"family"` // AF_INET or AF_INET6
+	Local     SockAddr `msgpack:"local"`
+	Peer      SockAddr `msgpack:"peer"`
+	State     int      `msgpack:"state"` // TCP_ESTABLISHED
+	SendSeq   uint32   `msgpack:"send_seq"`
+	RecvSeq   uint32   `msgpack:"recv_seq"`
+	SendQueue []byte   `msgpack:"send_queue"`
+	Unsent    int      `msgpack:"unsent"`
+	RecvQueue []byte   `msgpack:"recv_queue"`
+	MSS       uint32   `msgpack:"mss"`     // mss_clamp
+	Options   uint8    `msgpack:"options"` // TCPI_OPT_* negotiated
+	SndWscale uint8    `msgpack:"snd_wscale"`
+	RcvWscale uint8    `msgpack:"rcv_wscale"`
+	Timestamp uint32   `msgpack:"timestamp"` // TCP_TIMESTAMP, with TCPI_OPT_TIMESTAMPS
+	// TimestampAt is when Timestamp was read (unix nanoseconds): the
+	// copy's clock goes on from Timestamp plus the time since, as the
+	// original's went on while frozen (it may still have sent segments).
+	TimestampAt int64     `msgpack:"timestamp_at"`
+	Window      TCPWindow `msgpack:"window"`
+	Opts        SockOpts  `msgpack:"opts"`
+	// Closed: the connection did not move with the process (its local
+	// address stays behind) and was reset on the source; only its
+	// addresses are recorded, and the copy gets a socket that reports
+	// the connection aborted.
+	Closed bool `msgpack:"closed,omitempty"`
+}
+
+// UDPSocket is a UDP socket: its bound address (port 0: not bound) and,
+// when connected, its peer.
+type UDPSocket struct {
+	Family int       `msgpack:"family"`
+	Local  SockAddr  `msgpack:"local"`
+	Peer   *SockAddr `msgpack:"peer,omitempty"`
+	Opts   SockOpts  `msgpack:"opts"`
+}
+
 // EpollTarget is one registration of an epoll instance.
 type EpollTarget struct {
 	Fd     int    `msgpack:"fd"`
 	Events uint32 `msgpack:"events"`
 	Data   uint64 `msgpack:"data"`
+	// Via, when set, is the fd that holds the watched file now: the one
+	// at Fd was closed (or replaced) since it was added. It is added
+	// under Fd all the same, as the kernel keeps it.
+	Via *int `msgpack:"via,omitempty"`
 }
 
 // FD is one open file descriptor.
@@ -283,7 +525,18 @@ type FD struct {
 	PipeSize int    `msgpack:"pipe_size,omitempty"`
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
 
-	Listen *Listener `msgpack:"listen,omitempty"` // FDListen
+	Listen *Listener  `msgpack:"listen,omitempty"` // FDListen
+	TCP    *TCPConn   `msgpack:"tcp,omitempty"`    // FDTCP
+	UDP    *UDPSocket `msgpack:"udp,omitempty"`    // FDUDP
+
+	// Object, for an FDFile, is the File record it is reopened from
+	// (a memfd, a deleted file).
+	Object uint64 `msgpack:"object,omitempty"`
+
+	Timer    *Timerfd       `msgpack:"timerfd,omitempty"`  // FDTimerfd
+	SigMask  uint64         `msgpack:"sigmask,omitempty"`  // FDSignalfd
+	Watches  []InotifyWatch `msgpack:"watches,omitempty"`  // FDInotify
+	Fanotify *Fanotify      `msgpack:"fanotify,omitempty"` // FDFanotify
 }
 
 // Tree opens the snapshot of a process tree (pfreeze -tree). It lists the
