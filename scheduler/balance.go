@@ -55,6 +55,13 @@ func CheckBalanceMode(mode string) error {
 	return nil
 }
 
+// BalanceMeasureWait is how long the balancer waits for the use of a
+// workload that started or moved: its node reports it from its second
+// sample, seconds later. A workload still unmeasured after that (its node
+// runs a pclusterd that does not measure, or cannot read it) counts as
+// using nothing rather than holding every move in the cluster.
+const BalanceMeasureWait = 30 * time.Second
+
 // DefaultBalanceCooldown is how long a workload the balancer (or anyone)
 // moved stays where it is before the balancer moves it again.
 const DefaultBalanceCooldown = 5 * time.Minute
@@ -132,7 +139,8 @@ func BalanceUses(s *State) map[string]Use {
 //     memory is below the workload's RSS, or that is in exclude (the
 //     leader's view of nodes it cannot reach);
 //   - nothing while a running workload's use is not known yet (it started
-//     since its node's last sample): the loads would lie.
+//     or moved since its node's last sample, less than BalanceMeasureWait
+//     ago): the loads would lie.
 //
 // Sources are tried busiest first, until one is within the threshold of
 // the least busy; from each, the workload whose move gains most (ties to
@@ -172,6 +180,16 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		nl.rss = uint64(max(restRSS, 0))
 		loads[n.Name] = nl
 	}
+	// arrived: when each workload started or last moved to its node.
+	arrived := map[string]int64{}
+	for _, w := range s.Workloads {
+		arrived[w.ID] = w.StartedAt
+	}
+	for _, m := range s.Migrations {
+		if m.State == MigrationDone && m.EndedAt > arrived[m.WorkloadID] {
+			arrived[m.WorkloadID] = m.EndedAt
+		}
+	}
 	onNode := map[string][]*Workload{} // running workloads by node, oldest first
 	for _, w := range s.SortedWorkloads() {
 		nl := loads[w.Node]
@@ -181,7 +199,7 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		onNode[w.Node] = append(onNode[w.Node], w)
 		u, ok := uses[w.ID]
 		if !ok {
-			if w.PID != 0 && !nl.n.Load.UseTrunc && nl.n.Status == NodeReady {
+			if w.PID != 0 && !nl.n.Load.UseTrunc && nl.n.Status == NodeReady && now.Sub(time.Unix(0, arrived[w.ID])) < BalanceMeasureWait {
 				unmeasured = append(unmeasured, w.ID+" on "+w.Node)
 			}
 			continue

@@ -202,10 +202,28 @@ func TestPlanBalance(t *testing.T) {
 			state: func() *State {
 				s := balanceState(BalanceConservative, four, "a", "b", "c")
 				s.Workloads["new"] = &Workload{ID: "new", State: StateRunning, Desired: DesiredRunning, Node: "b", DesiredNode: "b",
-					PID: 7, CreatedAt: 99}
+					PID: 7, CreatedAt: 99, StartedAt: now.Add(-5 * time.Second).UnixNano()}
 				return s
 			},
 			why: "waiting for the use of workload new on b"},
+		{name: "waits for a workload that just moved",
+			state: func() *State {
+				s := balanceState(BalanceConservative, four, "a", "b", "c")
+				s.Workloads["new"] = &Workload{ID: "new", State: StateRunning, Desired: DesiredRunning, Node: "b", DesiredNode: "b",
+					PID: 7, CreatedAt: 99, StartedAt: now.Add(-time.Hour).UnixNano()}
+				s.Migrations["m9"] = &Migration{ID: "m9", WorkloadID: "new", Source: "c", Target: "b", State: MigrationDone,
+					PlannedAt: now.Add(-time.Hour).UnixNano(), EndedAt: now.Add(-time.Second).UnixNano()}
+				return s
+			},
+			why: "waiting for the use of workload new on b"},
+		{name: "a workload unmeasured for long holds nothing up",
+			state: func() *State {
+				s := balanceState(BalanceConservative, four, "a", "b", "c")
+				s.Workloads["old"] = &Workload{ID: "old", State: StateRunning, Desired: DesiredRunning, Node: "c", DesiredNode: "c",
+					PID: 7, CreatedAt: 99, StartedAt: now.Add(-time.Minute).UnixNano()}
+				return s
+			},
+			want: []string{"a-0:a>b"}},
 		{name: "a moved workload counts where the state places it",
 			state: func() *State {
 				// a-0 reported by a, but the state has it on b already.
