@@ -100,9 +100,9 @@ type Process struct {
 	uffd  *os.File // fills private anonymous memory while building
 	// staged: the pages of a live migration sent before the stop.
 	staged *staging
-	built bool
-	done  bool
-	tasks []*task // the threads finish made ready, detached to start
+	built  bool
+	done   bool
+	tasks  []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string

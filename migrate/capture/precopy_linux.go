@@ -536,4 +536,3 @@ func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool
 	}
 	return done, nil
 }
-

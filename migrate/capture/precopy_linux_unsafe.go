@@ -9,7 +9,7 @@ import (
 
 // struct pm_scan_arg and struct page_region (<linux/fs.h>).
 type pmScanArg struct {
-	Size, Flags, Start, End, WalkEnd, Vec, VecLen, MaxPages uint64
+	Size, Flags, Start, End, WalkEnd, Vec, VecLen, MaxPages   uint64
 	CategoryInverted, CategoryMask, CategoryAnyof, ReturnMask uint64
 }
 
