@@ -16,6 +16,7 @@ type Precopy struct {
 // Drop says that pages sent earlier in [Addr, Addr+Len) are no longer the
 // process's: they read as zero, or the area is sent again in full.
 type Drop struct {
+	//lint:ignore U1000 read by msgpack: encode as an array
 	_msgpack struct{} `msgpack:",as_array"`
 	Addr     uint64
 	Len      uint64
