@@ -113,6 +113,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}/logs", s.handleLogs)
 	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
 	s.migrationRoutes(m)
+	m.HandleFunc("GET "+api.PathEvents, s.handleEvents) // from this node's replica, never forwarded
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
 }

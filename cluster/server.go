@@ -63,6 +63,7 @@ type Server struct {
 	cfg     Config
 	log     *slog.Logger
 	fsm     *scheduler.FSM
+	evlog   *eventLog // events derived from the entries fsm applies (events.go)
 	raft    *raft.Raft
 	store   *raftboltdb.BoltStore
 	trans   *raft.NetworkTransport
@@ -188,7 +189,7 @@ func Start(cfg Config) (s *Server, err error) {
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(),
+	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
 		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
 	s.metrics = newMetrics(s)
 	defer func() {
@@ -350,7 +351,7 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("start: raft state: %w", err)
 	}
-	r, err := raft.NewRaft(rc, s.fsm, store, store, snaps, s.trans)
+	r, err := raft.NewRaft(rc, eventFSM{s.fsm, s.evlog}, store, store, snaps, s.trans)
 	if err != nil {
 		return fmt.Errorf("start: raft: %w", err)
 	}
