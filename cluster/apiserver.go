@@ -650,6 +650,10 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 // handleLogs serves a workload's log from the node that ran it, forwarding
 // the request there when that is another node.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Query().Get("follow") != "" {
+		s.handleLogsFollow(w, r) // logsfollow.go
+		return
+	}
 	id, err := pathID(r, "logs")
 	if err != nil {
 		writeErr(w, err)

@@ -459,6 +459,7 @@ func (a *Agent) spawn(w scheduler.Workload) (int, uint64, error) {
 		return 0, 0, fmt.Errorf("start %s: %w", w.ID, err)
 	}
 	defer stderr.Close()
+	a.markLogStart(w.ID, w.Attempt, stdout, stderr)
 
 	env := []string{"PATH=" + DefaultPath}
 	env = append(env, w.Env...)
