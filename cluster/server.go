@@ -48,6 +48,12 @@ type Config struct {
 	VIPInterface    string            // interface for virtual IPs; "": the one whose subnet holds each
 	Logger          *slog.Logger
 
+	// The status page (webui.go): WebAddr "" serves it on 127.0.0.1 at the
+	// gossip port + 3, WebOff not at all; beyond loopback it needs WebCert
+	// and WebKey (TLS). WebTokenFile holds its access token; default
+	// DATA_DIR/web-token, made when missing.
+	WebAddr, WebTokenFile, WebCert, WebKey string
+
 	WorkloadGCAfter time.Duration // ended workloads are removed from the state after this; 1h
 	// MigrationTimeout: a migration with no step for this long before its
 	// commit is aborted by the leader; scheduler.DefaultMigrationTimeout.
@@ -96,6 +102,9 @@ type Server struct {
 	sockLn   net.Listener
 	peers    peerPolicy // who the socket serves
 	httpSrvs []*http.Server
+	webLn    net.Listener // the status page's, or nil
+	webURL   string
+	webTok   string
 
 	ctx    context.Context // ends at Shutdown
 	cancel context.CancelFunc
@@ -204,6 +213,9 @@ func Start(cfg Config) (s *Server, err error) {
 	if err := s.setupAPI(); err != nil {
 		return nil, err
 	}
+	if err := s.setupWeb(); err != nil {
+		return nil, err
+	}
 	if err := s.setupRaft(); err != nil {
 		return nil, err
 	}
@@ -218,6 +230,7 @@ func Start(cfg Config) (s *Server, err error) {
 	s.goLoop(func() { s.gossipLoop(ctx) })
 	s.goLoop(func() { s.leaderLoop(ctx) })
 	s.serveAPI()
+	s.serveWeb()
 	s.log.Info("pclusterd started", "gossip", s.gossipAddr, "raft", s.trans.LocalAddr(),
 		"api", s.meta.APIAddr, "socket", cfg.Socket, "data_dir", cfg.DataDir)
 	return s, nil
@@ -443,7 +456,7 @@ func (s *Server) Shutdown() {
 			_ = h.Shutdown(ctx)
 			cancel()
 		}
-		for _, ln := range []net.Listener{s.apiLn, s.sockLn} {
+		for _, ln := range []net.Listener{s.apiLn, s.sockLn, s.webLn} {
 			if ln != nil {
 				ln.Close()
 			}
