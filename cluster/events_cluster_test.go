@@ -60,7 +60,8 @@ func collect(t *testing.T, nd *testNode, index, upto uint64) []api.Event {
 	defer cancel()
 	var out []api.Event
 	errDone := errors.New("done")
-	err := nd.client.Events(ctx, &index, func(e api.Event) error {
+	from := index
+	err := nd.client.Events(ctx, &from, func(e api.Event) error {
 		if len(out) > 0 && !e.After(out[len(out)-1]) {
 			return fmt.Errorf("event %s after %s: out of order or repeated", eventKey(e), eventKey(out[len(out)-1]))
 		}

@@ -51,13 +51,24 @@ type StreamError struct{ Message string }
 
 func (e *StreamError) Error() string { return e.Message }
 
-// Events streams events from index (nil: only new ones; 0: the oldest the
-// node keeps) and calls fn for each until ctx ends, fn fails, the
-// connection ends or the node sends an error (*StreamError). A request the
-// node refuses (index too old, 410) is an *Error.
+// EventsNow asks Events for only the events after the node's last applied
+// entry.
+const EventsNow = ^uint64(0)
+
+// HeaderEventsIndex is the first raft index an events stream covers (the
+// one asked for, or, for only new events, the node's next).
+const HeaderEventsIndex = "X-Pcluster-Events-Index"
+
+// Events streams events from *index (EventsNow: only new ones; 0: the
+// oldest the node keeps) and calls fn for each until ctx ends, fn fails,
+// the connection ends or the node sends an error (*StreamError). It keeps
+// *index at the index to resume from (the stream's first, then the last
+// event's: an entry's events may have been cut off in the middle, so the
+// caller skips those it saw, by Event.After). A request the node refuses
+// (index too old, 410) is an *Error.
 func (c *Client) Events(ctx context.Context, index *uint64, fn func(Event) error) error {
 	path := PathEvents
-	if index != nil {
+	if *index != EventsNow {
 		path += "?index=" + strconv.FormatUint(*index, 10)
 	}
 	resp, err := c.send(ctx, http.MethodGet, path, nil)
@@ -66,6 +77,9 @@ func (c *Client) Events(ctx context.Context, index *uint64, fn func(Event) error
 	}
 	if resp.StatusCode/100 != 2 {
 		return decode(resp, nil)
+	}
+	if v, err := strconv.ParseUint(resp.Header.Get(HeaderEventsIndex), 10, 64); err == nil && *index == EventsNow {
+		*index = v
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
@@ -82,6 +96,7 @@ func (c *Client) Events(ctx context.Context, index *uint64, fn func(Event) error
 		if el.Error != "" {
 			return &StreamError{Message: el.Error}
 		}
+		*index = el.Index
 		if err := fn(el.Event); err != nil {
 			return err
 		}

@@ -37,7 +37,10 @@ func (c *eventsCmd) run(ctx context.Context, e *env, args []string) error {
 	if len(args) > 0 {
 		return usagef("events takes no arguments, got %q", args[0])
 	}
-	from := c.index
+	from := api.EventsNow
+	if c.index != nil {
+		from = *c.index
+	}
 	var last *api.Event
 	enc := json.NewEncoder(e.stdout)
 	print := func(ev api.Event) error {
@@ -56,7 +59,7 @@ func (c *eventsCmd) run(ctx context.Context, e *env, args []string) error {
 	failingSince := time.Time{}
 	for {
 		before := last
-		err := e.client.Events(ctx, from, print)
+		err := e.client.Events(ctx, &from, print) // keeps from where to resume
 		if ctx.Err() != nil {
 			return nil // interrupted: the normal end
 		}
@@ -70,10 +73,6 @@ func (c *eventsCmd) run(ctx context.Context, e *env, args []string) error {
 		}
 		if time.Since(failingSince) > e.client.Wait {
 			return err
-		}
-		if last != nil {
-			idx := last.Index
-			from = &idx
 		}
 		select {
 		case <-ctx.Done():
