@@ -201,9 +201,10 @@ func Start(cfg Config) (s *Server, err error) {
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
 		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
 	s.metrics = newMetrics(s)
+	started := s // "return nil, err" sets s to nil before this runs
 	defer func() {
 		if err != nil {
-			s.Shutdown()
+			started.Shutdown()
 		}
 	}()
 

@@ -93,6 +93,36 @@ func TestWebPage(t *testing.T) {
 		}
 	}
 
+	// Beyond loopback without TLS, or a token others can read: pclusterd
+	// does not start, and says why in one line.
+	tmp := t.TempDir()
+	loose := filepath.Join(tmp, "token")
+	if err := os.WriteFile(loose, []byte("0123456789abcdef0123\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-web", "0.0.0.0:0"}, "is not loopback: serving the page beyond this host needs TLS"},
+		{[]string{"-web-token-file", loose}, "lets other users read it; want 0600"},
+		{[]string{"-web-cert", loose}, "give both -web-cert and -web-key"},
+	} {
+		args := append([]string{"-dev", "-node", c.prefix + "-bad", "-socket", filepath.Join(tmp, "bad.sock")}, tc.args...)
+		cmd := exec.Command(c.daemon, args...)
+		cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+		out, err := cmd.CombinedOutput()
+		var lines []string
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			if strings.HasPrefix(l, "pclusterd") {
+				lines = append(lines, l)
+			}
+		}
+		if err == nil || len(lines) != 1 || !strings.Contains(lines[0], tc.want) {
+			t.Errorf("pclusterd %v: %v, output:\n%s\nwant a failure and one line saying %q", tc.args, err, out, tc.want)
+		}
+	}
+
 	profile := t.TempDir()
 	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(browser), chromedp.NoSandbox,
 		chromedp.UserDataDir(profile), chromedp.Env("TMPDIR="+profile, "HOME="+profile, "XDG_CACHE_HOME="+profile, "XDG_CONFIG_HOME="+profile), chromedp.WindowSize(375, 740))
