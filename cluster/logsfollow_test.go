@@ -1,6 +1,8 @@
 package cluster_test
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -101,6 +103,18 @@ func TestLogsFollowAcrossMigration(t *testing.T) {
 	if lines[0].n != 0 {
 		t.Errorf("logs -f starts with %+v, want counter 0", lines[0])
 	}
+	// The events tell the same story, phase by phase, from any node.
+	got2, err := w2events(t, b, w.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "workload-placed workload-started " +
+		"migration-planned migration-transferring migration-committed migration-done " +
+		"migration-planned migration-transferring migration-committed migration-done " +
+		"workload-stop workload-stopped"
+	if got2 != want {
+		t.Errorf("events of %s:\n got %s\nwant %s", w.ID, got2, want)
+	}
 	// It printed up to the last line the process wrote, on a.
 	final := parseCounter(t, a.name+"'s log", mustRead(t, aLog))
 	if last := final[len(final)-1]; lines[len(lines)-1] != last {
@@ -111,6 +125,29 @@ func TestLogsFollowAcrossMigration(t *testing.T) {
 	if len(middle) < 10 || len(final) < 13 || len(lines) != len(final)+len(middle) {
 		t.Errorf("printed %d lines; a's log %d, b's %d: want their sum", len(lines), len(final), len(middle))
 	}
+}
+
+// w2events returns the types of the events about workload id that nd
+// keeps, up to its stop, in order.
+func w2events(t *testing.T, nd *testNode, id string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var types []string
+	from := uint64(0)
+	errDone := errors.New("done")
+	err := nd.client.Events(ctx, &from, func(e api.Event) error {
+		if e.Workload == id {
+			types = append(types, e.Type)
+			if e.Type == "workload-stopped" || e.Type == "workload-failed" || e.Type == "workload-exited" {
+				return errDone
+			}
+		}
+		return nil
+	})
+	if !errors.Is(err, errDone) {
+		return strings.Join(types, " "), fmt.Errorf("events of %s from %s: %v", id, nd.name, err)
+	}
+	return strings.Join(types, " "), nil
 }
 
 func mustRead(t *testing.T, path string) string {
