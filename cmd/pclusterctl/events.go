@@ -21,7 +21,7 @@ func (*eventsCmd) synopsis() string {
 	return "events [-index N]        follow what the cluster does, in raft order, until interrupted"
 }
 func (c *eventsCmd) flags(fs *flag.FlagSet) {
-	fs.Func("index", "start at raft index N (0: the oldest event the node keeps; default: only new events)", func(v string) error {
+	fs.Func("index", "start at raft index `N` (0: the oldest event the node keeps; default: only new events)", func(v string) error {
 		n, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
 			return fmt.Errorf("want a raft index, 0 or more")
