@@ -596,6 +596,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		src.Ready(err)
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
+	a.markLogStart(m.WorkloadID, m.Attempt+1, stdio[1], stdio[2]) // the attempt the commit gives it
 	defer func() {
 		for _, f := range stdio {
 			f.Close()
