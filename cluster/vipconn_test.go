@@ -446,3 +446,146 @@ func TestVIPHeldConnection(t *testing.T) {
 	}
 	c.ctl(l.nodes[0], "stop", w.ID)
 }
+
+// TestVIPRedisHeldConnection: redis-server runs as a workload with a VIP;
+// a client on a fourth host holds one connection to it, stores keys, and
+// goes on incrementing a counter every 20 ms on that connection while the
+// server moves to the second host and then to the third. Afterwards the
+// same connection (the same CLIENT ID) answers, every key is intact, the
+// counter counts every increment, and no reset reached the client.
+func TestVIPRedisHeldConnection(t *testing.T) {
+	c := newTestCluster(t)
+	redis := fixture.RedisBinary(t)
+	l := newVIPLab(t, c, 100+int(c.prefix[5])%50)
+	const port = 6379
+	addr := netip.AddrPortFrom(l.vip, port).String()
+	var w api.Workload
+	c.ctlJSON(l.nodes[0], &w, "run", "-node", l.nodes[0].name, "-name", "redis", "-vip", l.prefix, redis,
+		"--port", strconv.Itoa(port), "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no",
+		"--jemalloc-bg-thread", "no", "--daemonize", "no", "--dir", t.TempDir(), "--logfile", "")
+	l.waitRunning(w.ID, l.nodes[0])
+	pw := watchPackets(t, l.client, l.vip)
+	var conn net.Conn
+	c.waitFor(20*time.Second, "a connection to redis at "+addr, func() error {
+		return inNS(l.client.NS, func() error {
+			var err error
+			conn, err = net.DialTimeout("tcp", addr, 2*time.Second)
+			return err
+		})
+	})
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	// do sends inline commands and returns their replies: the first line,
+	// or a bulk string's body.
+	do := func(cmds ...string) ([]string, error) {
+		conn.SetDeadline(time.Now().Add(2 * time.Minute))
+		if _, err := conn.Write([]byte(strings.Join(cmds, "\r\n") + "\r\n")); err != nil {
+			return nil, fmt.Errorf("%q: %w", cmds, err)
+		}
+		var out []string
+		for range cmds {
+			s, err := r.ReadString('\n')
+			if err != nil {
+				return out, fmt.Errorf("%q: reply: %w", cmds, err)
+			}
+			s = strings.TrimRight(s, "\r\n")
+			if n, err := strconv.Atoi(strings.TrimPrefix(s, "$")); err == nil && strings.HasPrefix(s, "$") && n >= 0 {
+				if s, err = r.ReadString('\n'); err != nil {
+					return out, fmt.Errorf("%q: reply: %w", cmds, err)
+				}
+				s = strings.TrimRight(s, "\r\n")
+			}
+			out = append(out, s)
+		}
+		return out, nil
+	}
+	must := func(cmds ...string) []string {
+		t.Helper()
+		out, err := do(cmds...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	id := must("CLIENT ID")[0]
+	var sets []string
+	for i := range 100 {
+		sets = append(sets, fmt.Sprintf("SET key%d value%d", i, i))
+	}
+	for i, got := range must(sets...) {
+		if got != "+OK" {
+			t.Fatalf("SET key%d: %q", i, got)
+		}
+	}
+	// The counter goes up every 20 ms on the same connection while the
+	// server moves.
+	var incrs atomic.Int64
+	var incrErr error
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tk := time.NewTicker(20 * time.Millisecond)
+		defer tk.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tk.C:
+			}
+			out, err := do("INCR counter")
+			if err == nil && out[0] != fmt.Sprintf(":%d", incrs.Load()+1) {
+				err = fmt.Errorf("INCR counter: %q, want :%d", out[0], incrs.Load()+1)
+			}
+			if err != nil {
+				incrErr = err
+				return
+			}
+			incrs.Add(1)
+		}
+	}()
+	for i, to := range []int{1, 2} {
+		m, _ := l.move(t, l.nodes[i], "redis", l.nodes[to])
+		n := incrs.Load()
+		c.waitFor(20*time.Second, "increments after the move to "+l.nodes[to].name, func() error {
+			select {
+			case <-done:
+				t.Fatalf("the client stopped after the move to %s: %v", l.nodes[to].name, incrErr)
+			default:
+			}
+			if incrs.Load() < n+5 {
+				return fmt.Errorf("%d increments", incrs.Load())
+			}
+			return nil
+		})
+		t.Logf("move to %s: stopped %v, %d bytes", l.nodes[to].name, m.EndedAt.Sub(m.TransferAt).Round(time.Millisecond), m.Bytes)
+	}
+	close(stop)
+	<-done
+	if incrErr != nil {
+		t.Fatal(incrErr)
+	}
+	if got := must("CLIENT ID")[0]; got != id {
+		t.Errorf("CLIENT ID after the moves: %s, before %s: not the same connection", got, id)
+	}
+	if got := must("GET counter")[0]; got != strconv.FormatInt(incrs.Load(), 10) {
+		t.Errorf("GET counter: %q after %d increments", got, incrs.Load())
+	}
+	var gets []string
+	for i := range 100 {
+		gets = append(gets, fmt.Sprintf("GET key%d", i))
+	}
+	for i, got := range must(gets...) {
+		if got != fmt.Sprintf("value%d", i) {
+			t.Errorf("GET key%d: %q", i, got)
+		}
+	}
+	pw.close()
+	if pw.tcp.Load() == 0 {
+		t.Fatalf("the packet watch on %s saw no TCP segment from %s", l.client.NS, l.vip)
+	}
+	if r := pw.rsts.Load(); r != 0 {
+		t.Errorf("%d resets from %s reached the client (of %d segments)", r, l.vip, pw.tcp.Load())
+	}
+	t.Logf("%d increments on connection %s across two moves, 100 keys intact", incrs.Load(), id)
+	c.ctl(l.nodes[0], "stop", w.ID)
+}
