@@ -589,3 +589,54 @@ func TestVIPRedisHeldConnection(t *testing.T) {
 	t.Logf("%d increments on connection %s across two moves, 100 keys intact", incrs.Load(), id)
 	c.ctl(l.nodes[0], "stop", w.ID)
 }
+
+// BenchmarkVIPStall64MiB: the longest stall a client sees on a held
+// connection (a request every 20 ms) while a server with a 64 MiB heap and
+// a VIP moves between hosts, three moves (A→B→C→A) per iteration. The
+// baseline is the process's stopped time in the same moves (the
+// transferring step to the done step): reported are the longest stall,
+// the longest stopped time, the most the stall exceeded the stopped time
+// of its move, and their ratio.
+func BenchmarkVIPStall64MiB(b *testing.B) {
+	bin := fixture.Build(b, "vipconn")
+	var stall, stopped time.Duration
+	excess := time.Duration(-1 << 63)
+	for range b.N {
+		b.StopTimer()
+		c := newTestCluster(b)
+		l := newVIPLab(b, c, 200+int(c.prefix[3])%50)
+		const port = 8080
+		var w api.Workload
+		c.ctlJSON(l.nodes[0], &w, "run", "-node", l.nodes[0].name, "-name", "heap", "-vip", l.prefix, bin, strconv.Itoa(port), "64")
+		l.waitRunning(w.ID, l.nodes[0])
+		h := dialHeld(b, l.client, netip.AddrPortFrom(l.vip, port).String(), 64, 20*time.Millisecond)
+		b.StartTimer()
+		for i := range 3 {
+			target := l.nodes[(i+1)%3]
+			m, _ := l.move(b, l.nodes[i], "heap", target)
+			before, _ := h.status()
+			c.waitFor(20*time.Second, "answers after the move to "+target.name, func() error {
+				n, err := h.status()
+				if err != nil {
+					b.Fatalf("move to %s: %v", target.name, err)
+				}
+				if n < before+5 {
+					return fmt.Errorf("%d answers", n)
+				}
+				return nil
+			})
+			st, s := m.EndedAt.Sub(m.TransferAt), h.stall(m.TransferAt, m.EndedAt)
+			stall, stopped, excess = max(stall, s), max(stopped, st), max(excess, s-st)
+			b.Logf("move to %s: %d bytes, stopped %v, longest stall %v", target.name, m.Bytes, st.Round(time.Millisecond), s.Round(time.Millisecond))
+		}
+		b.StopTimer()
+		if err := h.close(); err != nil {
+			b.Fatal(err)
+		}
+		c.ctl(l.nodes[0], "stop", w.ID)
+	}
+	b.ReportMetric(float64(stall.Milliseconds()), "ms-longest-stall")
+	b.ReportMetric(float64(stopped.Milliseconds()), "ms-longest-stopped")
+	b.ReportMetric(float64(excess.Milliseconds()), "ms-stall-less-stopped")
+	b.ReportMetric(stall.Seconds()/stopped.Seconds(), "stall/stopped")
+}
