@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -705,4 +706,75 @@ func TestVIPAnnouncedAfterSockets(t *testing.T) {
 		t.Errorf("%d resets from %s among %d segments, want none among some: %s", r, l.vip, pw.tcp.Load(), pw.resets())
 	}
 	c.ctl(l.nodes[0], "stop", w.ID)
+}
+
+// TestVIPHeldConnectionAbort: a migration that fails (the target's build
+// killed) leaves the original running with its held connection: the
+// client's requests, stalled while the process was frozen, are answered
+// by the same process afterwards, the VIP is back on the source only, and
+// no reset reached the client.
+func TestVIPHeldConnectionAbort(t *testing.T) {
+	c := newTestCluster(t)
+	bin := fixture.Build(t, "vipconn")
+	l := newVIPLab(t, c, 100+int(c.prefix[1])%50)
+	src, dst := l.nodes[0], l.nodes[1]
+	const port = 8080
+	var w api.Workload
+	c.ctlJSON(src, &w, "run", "-node", src.name, "-name", "heap", "-vip", l.prefix, bin, strconv.Itoa(port), "32")
+	l.waitRunning(w.ID, src)
+	h := dialHeld(t, l.client, netip.AddrPortFrom(l.vip, port).String(), 32, 20*time.Millisecond)
+	pw := watchPackets(t, l.client, l.vip)
+	c.waitFor(20*time.Second, "the first answers", func() error {
+		if n, err := h.status(); err != nil || n < 5 {
+			return fmt.Errorf("%d answers (%v)", n, err)
+		}
+		return nil
+	})
+	// The stream slowed, so that the target is caught building.
+	l.hosts[0].Shape(t, "20mbit")
+	done := make(chan int, 1)
+	go func() {
+		_, _, code := c.ctlRun("migrate", "-address", src.socket, "-node", dst.name, w.ID)
+		done <- code
+	}()
+	c.waitFor(30*time.Second, "the target to build", func() error {
+		for child, st := range childrenOf(dst.cmd.Process.Pid) {
+			if st == 't' {
+				syscall.Kill(child, syscall.SIGKILL)
+				return nil
+			}
+		}
+		return fmt.Errorf("no traced child of %s", dst.name)
+	})
+	var code int
+	select {
+	case code = <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("migrate did not end")
+	}
+	l.hosts[0].Shape(t, "")
+	if code != 1 {
+		t.Fatalf("migrate with its target's build killed: exit %d, want 1", code)
+	}
+	l.waitRunning(w.ID, src)
+	before, _ := h.status()
+	c.waitFor(30*time.Second, "answers after the failed migration", func() error {
+		n, err := h.status()
+		if err != nil {
+			t.Fatalf("after the failed migration: %v (resets seen: %s)", err, pw.resets())
+		}
+		if n < before+5 {
+			return fmt.Errorf("%d answers, want %d", n, before+5)
+		}
+		return nil
+	})
+	t.Logf("longest stall %v", h.stall(time.Time{}, time.Time{}).Round(time.Millisecond))
+	if err := h.close(); err != nil {
+		t.Fatal(err)
+	}
+	pw.close()
+	if r := pw.rsts.Load(); r != 0 || pw.tcp.Load() == 0 {
+		t.Errorf("%d resets from %s among %d segments, want none among some: %s", r, l.vip, pw.tcp.Load(), pw.resets())
+	}
+	c.ctl(src, "stop", w.ID)
 }
