@@ -11,7 +11,7 @@ GOFLAGS   ?=
 # setpriv), libcap2-bin (setcap), time (peak RSS in benchmarks),
 # redis-tools (a real server the tests move: redis-check-rdb is redis-server),
 # lintian and systemd (systemd-analyze): the Debian package's test.
-DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools lintian systemd
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools lintian systemd chromium
 export GOFLAGS
 
 .PHONY: all build deps test lint bench demo deb clean
@@ -25,7 +25,7 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb lintian systemd-analyze; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb lintian systemd-analyze chromium; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBS)"; \

@@ -116,6 +116,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathBalance, s.leaderRead(s.handleBalance))
 	m.HandleFunc("POST "+api.PathBalance, s.leaderWrite(s.handleBalanceSet))
 	s.migrationRoutes(m)
+	m.HandleFunc("GET "+api.PathEvents, s.handleEvents) // from this node's replica, never forwarded
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
 }
@@ -652,6 +653,10 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 // handleLogs serves a workload's log from the node that ran it, forwarding
 // the request there when that is another node.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Query().Get("follow") != "" {
+		s.handleLogsFollow(w, r) // logsfollow.go
+		return
+	}
 	id, err := pathID(r, "logs")
 	if err != nil {
 		writeErr(w, err)

@@ -98,9 +98,11 @@ type Process struct {
 	socks []*image.FD
 	vdso  uint64   // syscall site in the moved vdso
 	uffd  *os.File // fills private anonymous memory while building
-	built bool
-	done  bool
-	tasks []*task // the threads finish made ready, detached to start
+	// staged: the pages of a live migration sent before the stop.
+	staged *staging
+	built  bool
+	done   bool
+	tasks  []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string
@@ -182,6 +184,10 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	if err != nil {
 		return err
 	}
+	// Pages sent while the original still ran (pfreeze -live).
+	if p.staged, first, err = stagePrecopy(dec, first); err != nil {
+		return err
+	}
 	// A reader goroutine decodes ahead (memory contents into a few
 	// buffers) while this one builds the process: reading, decrypting and
 	// decompressing overlap with writing the process's memory.
@@ -197,6 +203,9 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
+		if p.staged != nil {
+			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		}
 		<-items // the tree record itself
 		return p.buildTree(t, items)
 	}
@@ -303,6 +312,13 @@ meta:
 	}
 	if err := p.mapMemory(); err != nil {
 		return nil, err
+	}
+	if p.staged != nil {
+		err := p.staged.apply(p.fill)
+		p.staged = nil
+		if err != nil {
+			return nil, err
+		}
 	}
 	// Memory contents, then files, then the end record (or the next
 	// member of a tree).

@@ -39,6 +39,10 @@ type fileConfig struct {
 	DrainOnShutdown bool      `json:"drain_on_shutdown"`
 	DrainTimeout    string    `json:"drain_timeout"`
 	VIPInterface    string    `json:"vip_interface"`
+	Web             string    `json:"web"`
+	WebTokenFile    string    `json:"web_token_file"`
+	WebCert         string    `json:"web_cert"`
+	WebKey          string    `json:"web_key"`
 	BalanceInterval string    `json:"balance_interval"`
 	BalanceCooldown string    `json:"balance_cooldown"`
 
@@ -106,6 +110,10 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
 	pick("vip-interface", &c.VIPInterface, f.VIPInterface)
+	pick("web", &c.Web, f.Web)
+	pick("web-token-file", &c.WebTokenFile, f.WebTokenFile)
+	pick("web-cert", &c.WebCert, f.WebCert)
+	pick("web-key", &c.WebKey, f.WebKey)
 	pick("balance-interval", &c.BalanceInterval, f.BalanceInterval)
 	pick("balance-cooldown", &c.BalanceCooldown, f.BalanceCooldown)
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
@@ -140,7 +148,11 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Advertise: c.Advertise, Socket: c.Socket,
 		SocketGroup: c.SocketGroup,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
-		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger}
+		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger,
+		WebAddr: c.Web, WebTokenFile: c.WebTokenFile, WebCert: c.WebCert, WebKey: c.WebKey}
+	if (c.WebCert == "") != (c.WebKey == "") {
+		return cfg, cleanup, fmt.Errorf("web: give both -web-cert and -web-key, or neither")
+	}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket
 	}

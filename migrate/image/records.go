@@ -22,6 +22,11 @@ const (
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
 	TypeFile    Type = 8
+	// Pre-copy (pfreeze -live): memory sent while the process still
+	// runs, before its process record (precopy.go).
+	TypePrecopy Type = 40
+	TypeDrop    Type = 41
+	TypeRound   Type = 42
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -45,6 +50,12 @@ func (t Type) String() string {
 		return "tree"
 	case TypeFile:
 		return "file"
+	case TypePrecopy:
+		return "precopy pages"
+	case TypeDrop:
+		return "precopy drop"
+	case TypeRound:
+		return "precopy round"
 	}
 	return "unknown"
 }
