@@ -59,6 +59,13 @@ type Config struct {
 	// commit is aborted by the leader; scheduler.DefaultMigrationTimeout.
 	MigrationTimeout time.Duration
 
+	// BalanceInterval: the leader's balancer runs a round this often
+	// (DefaultBalanceInterval); BalanceCooldown: a moved workload stays
+	// this long before the balancer moves it again
+	// (scheduler.DefaultBalanceCooldown).
+	BalanceInterval time.Duration
+	BalanceCooldown time.Duration
+
 	LoadInterval   time.Duration // gossip load refresh; 2s
 	RejoinInterval time.Duration // re-join attempts when alone; 5s
 	Reconcile      time.Duration // leader reconciliation period; 1s
@@ -76,6 +83,8 @@ type Server struct {
 	ml      *memberlist.Memberlist
 	agent   *node.Agent
 	metrics *metrics
+	// balancer is the leader's (it runs only while this node leads).
+	balancer *Balancer
 
 	ca       *pki.Authority
 	peerTLS  *tls.Config
@@ -157,6 +166,15 @@ func Start(cfg Config) (s *Server, err error) {
 	if cfg.MigrationTimeout == 0 {
 		cfg.MigrationTimeout = scheduler.DefaultMigrationTimeout
 	}
+	if cfg.BalanceInterval == 0 {
+		cfg.BalanceInterval = DefaultBalanceInterval
+	}
+	if cfg.BalanceCooldown == 0 {
+		cfg.BalanceCooldown = scheduler.DefaultBalanceCooldown
+	}
+	if cfg.BalanceInterval < 0 || cfg.BalanceCooldown < 0 {
+		return nil, fmt.Errorf("start: balance interval %v, cool-down %v: want positive durations", cfg.BalanceInterval, cfg.BalanceCooldown)
+	}
 	if cfg.WorkloadGCAfter < 0 {
 		return nil, fmt.Errorf("start: workload gc retention %v: want a positive duration", cfg.WorkloadGCAfter)
 	}
@@ -201,6 +219,7 @@ func Start(cfg Config) (s *Server, err error) {
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
 		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
 	s.metrics = newMetrics(s)
+	s.balancer = NewBalancer(s.Applier(), s.unreachable, scheduler.BalanceParams{Cooldown: cfg.BalanceCooldown}, s.log)
 	started := s // "return nil, err" sets s to nil before this runs
 	defer func() {
 		if err != nil {

@@ -43,6 +43,8 @@ type fileConfig struct {
 	WebTokenFile    string    `json:"web_token_file"`
 	WebCert         string    `json:"web_cert"`
 	WebKey          string    `json:"web_key"`
+	BalanceInterval string    `json:"balance_interval"`
+	BalanceCooldown string    `json:"balance_cooldown"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -112,6 +114,8 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("web-token-file", &c.WebTokenFile, f.WebTokenFile)
 	pick("web-cert", &c.WebCert, f.WebCert)
 	pick("web-key", &c.WebKey, f.WebKey)
+	pick("balance-interval", &c.BalanceInterval, f.BalanceInterval)
+	pick("balance-cooldown", &c.BalanceCooldown, f.BalanceCooldown)
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
 		c.DrainOnShutdown = true
 	}
@@ -166,6 +170,19 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 			return cfg, cleanup, fmt.Errorf("workload gc retention %q: want a positive duration such as 1h", c.WorkloadGCAfter)
 		}
 		cfg.WorkloadGCAfter = d
+	}
+	for _, d := range []struct {
+		what, v string
+		dst     *time.Duration
+	}{{"balance interval", c.BalanceInterval, &cfg.BalanceInterval}, {"balance cool-down", c.BalanceCooldown, &cfg.BalanceCooldown}} {
+		if d.v == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.v)
+		if err != nil || v <= 0 {
+			return cfg, cleanup, fmt.Errorf("%s %q: want a positive duration such as 10s", d.what, d.v)
+		}
+		*d.dst = v
 	}
 	var err error
 	switch {

@@ -102,6 +102,8 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
 	fs.StringVar(&c.WorkloadGCAfter, "workload-gc-after", "", "remove ended workloads from the state this `duration` after they end (default 1h)")
 	fs.BoolVar(&c.DrainOnShutdown, "drain-on-shutdown", false, "on SIGTERM or SIGINT, drain this node (move its workloads to others) before shutting down; a second signal stops waiting")
+	fs.StringVar(&c.BalanceInterval, "balance-interval", "", "when leader, run a balancer round this `often` (default 10s)")
+	fs.StringVar(&c.BalanceCooldown, "balance-cooldown", "", "the balancer moves a workload moved less than this `duration` ago no further (default 5m)")
 	fs.StringVar(&c.DrainTimeout, "drain-timeout", "", "with -drain-on-shutdown: the drain's deadline, after which the workloads still here are stopped (default 2m)")
 	fs.StringVar(&c.VIPInterface, "vip-interface", "", "carry workloads' virtual IPs on `interface` (default: the one whose subnet holds each VIP)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
