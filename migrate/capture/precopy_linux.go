@@ -95,6 +95,7 @@ type trackedArea struct {
 	start, end uint64
 	sent       []uint64 // bitmap: pages the receiver holds
 	ok         bool     // every write since registration is accounted for
+	stack      bool     // grows down: not announced (a receiver maps it flat)
 }
 
 func (a *trackedArea) mark(addr, n uint64) {
@@ -159,7 +160,7 @@ func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
 			continue // sent after the stop, as without -live
 		}
 		n := (m.End - m.Start) / pageSize
-		pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true})
+		pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true, stack: m.Path == "[stack]"})
 	}
 	return pc, nil
 }
@@ -347,6 +348,14 @@ func (pc *precopy) run(enc *image.Encoder) error {
 	for _, a := range pc.areas {
 		if a.ok {
 			vmas = append(vmas, image.VMA{Start: a.start, End: a.end, Kind: image.VMAAnon})
+			// The receiver maps it now and writes the pages into the
+			// process it builds as they come (finish drops all of an
+			// area that changes).
+			if !a.stack {
+				if err := enc.Write(&image.PrecopyArea{Start: a.start, End: a.end}); err != nil {
+					return err
+				}
+			}
 		}
 	}
 	err := copyMemory(pc.mem, s.write, func(r *reader) error { return r.readAll(pc.pagemap, vmas) })
