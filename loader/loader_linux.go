@@ -649,10 +649,26 @@ func (p *Process) forkIntoNamespace() error {
 // waiting briefly for its parent to reap it. Runs on the tracer thread.
 func (p *Process) takePID(late bool) error {
 	want := p.proc.Pid
-	err := p.clonePID()
-	for deadline := time.Now().Add(2 * time.Second); late && errors.Is(err, unix.EEXIST) && dying(want) && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
+	// A clone3 refused for a taken PID has copied the stub's memory
+	// first (the kernel allocates the PID last): once the memory is built
+	// (a live migration's, or a late retry), in proportion to its size,
+	// in the stop. So it is not tried while the PID is visibly in use:
+	// early, the late retry takes it; late, a holder that is going is
+	// waited for (as long as before).
+	var err error
+	deadline := time.Now().Add(2 * time.Second)
+	switch {
+	case !late && pidInUse(want):
+		err = unix.EEXIST
+	default:
+		for late && pidInUse(want) && dying(want) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
 		err = p.clonePID()
+		for late && errors.Is(err, unix.EEXIST) && dying(want) && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+			err = p.clonePID()
+		}
 	}
 	switch {
 	case err == nil:
@@ -672,6 +688,12 @@ func (p *Process) takePID(late bool) error {
 	}
 	p.retryPID = false
 	return nil
+}
+
+// pidInUse reports whether a process or thread has pid here.
+func pidInUse(pid int) bool {
+	err := unix.Kill(pid, 0)
+	return err == nil || errors.Is(err, unix.EPERM)
 }
 
 // dying reports whether pid is gone, exiting, a zombie, or stopped by a
