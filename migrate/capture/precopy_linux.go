@@ -95,6 +95,7 @@ type trackedArea struct {
 	start, end uint64
 	sent       []uint64 // bitmap: pages the receiver holds
 	ok         bool     // every write since registration is accounted for
+	stack      bool     // grows down: not announced (a receiver maps it flat)
 }
 
 func (a *trackedArea) mark(addr, n uint64) {
@@ -130,36 +131,47 @@ func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
 	if pc.stats == nil {
 		pc.stats = &LiveStats{}
 	}
-	uffd, err := openTargetUffd(tr, pid)
-	if err != nil {
-		pc.close()
-		return nil, fmt.Errorf("live %d: userfaultfd: %w", pid, err)
-	}
-	pc.uffd = uffd
-	api := uffdioAPIArg{API: uffdAPI, Features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
-	if err := uffdIoctl(uffd, uffdioAPI, &api); err != nil {
-		pc.close()
-		return nil, fmt.Errorf("live %d: userfaultfd asynchronous write-protect: %w", pid, err)
-	}
+	var err error
 	if pc.pagemap, err = os.Open(procfs.Path(pid, "pagemap")); err != nil {
 		pc.close()
 		return nil, fmt.Errorf("live %d: %w", pid, err)
 	}
-	maps, err := procfs.Maps(pid)
+	// The areas are read and registered while the process is stopped:
+	// registering a range read from a running process's maps, which it
+	// may have grown since, would split its area in two, and an mremap
+	// of the whole would then fail (EFAULT) in the process.
+	var apiErr error
+	uffd, err := openTargetUffd(tr, pid, func(uffd *os.File) error {
+		api := uffdioAPIArg{API: uffdAPI, Features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
+		if err := uffdIoctl(uffd, uffdioAPI, &api); err != nil {
+			apiErr = err
+			return nil
+		}
+		maps, err := procfs.Maps(pid)
+		if err != nil {
+			return err
+		}
+		for _, m := range maps {
+			if !trackable(&m) {
+				continue
+			}
+			reg := uffdioRegisterArg{Start: m.Start, Len: m.End - m.Start, Mode: uffdRegisterModeWP}
+			if uffdIoctl(uffd, uffdioRegister, &reg) != nil {
+				continue // sent after the stop, as without -live
+			}
+			n := (m.End - m.Start) / pageSize
+			pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true, stack: m.Path == "[stack]"})
+		}
+		return nil
+	})
+	pc.uffd = uffd
 	if err != nil {
 		pc.close()
-		return nil, fmt.Errorf("live %d: %w", pid, err)
+		return nil, fmt.Errorf("live %d: userfaultfd: %w", pid, err)
 	}
-	for _, m := range maps {
-		if !trackable(&m) {
-			continue
-		}
-		reg := uffdioRegisterArg{Start: m.Start, Len: m.End - m.Start, Mode: uffdRegisterModeWP}
-		if uffdIoctl(uffd, uffdioRegister, &reg) != nil {
-			continue // sent after the stop, as without -live
-		}
-		n := (m.End - m.Start) / pageSize
-		pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true})
+	if apiErr != nil {
+		pc.close()
+		return nil, fmt.Errorf("live %d: userfaultfd asynchronous write-protect: %w", pid, apiErr)
 	}
 	return pc, nil
 }
@@ -173,8 +185,9 @@ func trackable(m *procfs.Mapping) bool {
 }
 
 // openTargetUffd makes pid create a userfaultfd of its own mm and hands
-// it to us: pid is stopped for the injected calls only.
-func openTargetUffd(tr *ptrace.Tracer, pid int) (*os.File, error) {
+// it to us, and calls stopped with it: pid is stopped for the injected
+// calls and stopped only.
+func openTargetUffd(tr *ptrace.Tracer, pid int, stopped func(*os.File) error) (*os.File, error) {
 	f, err := Attach(tr, pid)
 	if err != nil {
 		return nil, err
@@ -208,16 +221,23 @@ func openTargetUffd(tr *ptrace.Tracer, pid int) (*os.File, error) {
 		}
 		return err
 	})
+	var uffd *os.File
+	if err == nil {
+		uffd = os.NewFile(uintptr(mine), "userfaultfd")
+		err = stopped(uffd)
+	} else if mine > 0 {
+		unix.Close(mine)
+	}
 	if rerr := f.Resume(); rerr != nil && err == nil {
 		err = rerr
 	}
 	if err != nil {
-		if mine > 0 {
-			unix.Close(mine)
+		if uffd != nil {
+			uffd.Close() // unregisters what was registered
 		}
 		return nil, err
 	}
-	return os.NewFile(uintptr(mine), "userfaultfd"), nil
+	return uffd, nil
 }
 
 // vdsoSyscallSite finds a syscall instruction in the vdso.
@@ -310,10 +330,12 @@ type sender struct {
 	enc   *image.Encoder
 	t0    time.Time
 	bytes uint64
+	werr  error // the sink's failure, if any
 }
 
 func (s *sender) write(addr uint64, data []byte) error {
 	if err := s.pc.enc(s.enc, addr, data); err != nil {
+		s.werr = err
 		return err
 	}
 	s.bytes += uint64(len(data))
@@ -347,9 +369,27 @@ func (pc *precopy) run(enc *image.Encoder) error {
 	for _, a := range pc.areas {
 		if a.ok {
 			vmas = append(vmas, image.VMA{Start: a.start, End: a.end, Kind: image.VMAAnon})
+			// The receiver maps it now and writes the pages into the
+			// process it builds as they come (finish drops all of an
+			// area that changes).
+			if !a.stack {
+				if err := enc.Write(&image.PrecopyArea{Start: a.start, End: a.end}); err != nil {
+					return err
+				}
+			}
 		}
 	}
-	err := copyMemory(pc.mem, s.write, func(r *reader) error { return r.readAll(pc.pagemap, vmas) })
+	err := copyMemory(pc.mem, s.write, func(r *reader) error {
+		// An area unmapped or shrunk while it is read fails its pagemap
+		// or memory read: like a later round's, given up (sent after the
+		// stop), unless the sink failed.
+		if err := r.readAll(pc.pagemap, vmas); err != nil && s.werr == nil {
+			return readErr{err}
+		} else if err != nil {
+			return err
+		}
+		return nil
+	})
 	if err != nil {
 		return pc.giveUp(err)
 	}

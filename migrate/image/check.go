@@ -73,6 +73,11 @@ func (c *checker) check(rec any) error {
 		return c.precopy(r, r.Addr, r.Len)
 	case *Round:
 		return c.precopy(r, 0, pageSize)
+	case *PrecopyArea:
+		if r.End <= r.Start {
+			return corruptf("pre-copy area %#x-%#x", r.Start, r.End)
+		}
+		return c.precopy(r, r.Start, r.End-r.Start)
 	}
 	if !c.started {
 		c.started = true

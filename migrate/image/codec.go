@@ -92,6 +92,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeDrop
 	case *Round:
 		t = TypeRound
+	case *PrecopyArea:
+		t = TypePrecopyArea
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -327,6 +329,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Drop)
 	case TypeRound:
 		rec = new(Round)
+	case TypePrecopyArea:
+		rec = new(PrecopyArea)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

@@ -51,6 +51,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			precopied += r.Len
 		case *Drop:
 			dropped += r.Len
+		case *PrecopyArea:
+			fmt.Fprintf(w, "Pre-copy area %#x-%#x\n", r.Start, r.End)
 		case *Round:
 			final := ""
 			if r.Final {

@@ -22,6 +22,19 @@ type Drop struct {
 	Len      uint64
 }
 
+// PrecopyArea announces, before the first Precopy record, a private
+// anonymous area of the running process whose pages follow: a receiver may
+// map it at once and write pre-copied pages straight into the process it
+// builds, instead of keeping them until the stop (skippable: a reader that
+// does not know it keeps every page). If the area is gone or changed at
+// the stop, a Drop of all of it follows.
+type PrecopyArea struct {
+	//lint:ignore U1000 read by msgpack: encode as an array
+	_msgpack struct{} `msgpack:",as_array"`
+	Start    uint64
+	End      uint64
+}
+
 // Round closes one pre-copy round: its number (0 is the first, full
 // copy) and the bytes of page contents it sent. The round sent after the
 // stop has Final set.

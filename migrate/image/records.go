@@ -27,6 +27,8 @@ const (
 	TypePrecopy Type = 40
 	TypeDrop    Type = 41
 	TypeRound   Type = 42
+	// TypePrecopyArea is a hint a reader may skip: map the area now.
+	TypePrecopyArea Type = Skippable | 43
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -56,6 +58,8 @@ func (t Type) String() string {
 		return "precopy drop"
 	case TypeRound:
 		return "precopy round"
+	case TypePrecopyArea:
+		return "precopy area"
 	}
 	return "unknown"
 }
