@@ -140,6 +140,18 @@ func TestEventsAcrossLeaderChange(t *testing.T) {
 		}
 		return nil
 	})
+	// ... and the state has it down: its return is then a change (under
+	// load the new leader may not have written it yet).
+	c.waitFor(30*time.Second, leader.name+" down in the state", func() error {
+		n, err := watch.client.Node(context.Background(), leader.name)
+		if err != nil {
+			return err
+		}
+		if n.Status == "ready" {
+			return fmt.Errorf("status %s", n.Status)
+		}
+		return nil
+	})
 	var w2 api.Workload
 	c.ctlJSON(other, &w2, "run", "-node", watch.name, "--", "sleep", "300")
 	waitState(c, other, w2.ID, "running", 15*time.Second)
