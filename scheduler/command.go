@@ -28,6 +28,13 @@ const (
 	CmdNodeDrainDone          CommandType = 14
 	CmdWorkloadReschedule     CommandType = 15
 	CmdWorkloadLost           CommandType = 16
+	// 17..29 are left to other work in flight (load balancing).
+	CmdCheckpointPolicyDelete CommandType = 30
+	CmdCheckpointTaken        CommandType = 31
+	CmdCheckpointFailed       CommandType = 32
+	CmdCheckpointCopied       CommandType = 33
+	CmdCheckpointPrune        CommandType = 34
+	CmdCheckpointRequest      CommandType = 35
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -70,6 +77,18 @@ func (t CommandType) String() string {
 		return "workload-reschedule"
 	case CmdWorkloadLost:
 		return "workload-lost"
+	case CmdCheckpointPolicyDelete:
+		return "checkpoint-policy-delete"
+	case CmdCheckpointTaken:
+		return "checkpoint-taken"
+	case CmdCheckpointFailed:
+		return "checkpoint-failed"
+	case CmdCheckpointCopied:
+		return "checkpoint-copied"
+	case CmdCheckpointPrune:
+		return "checkpoint-prune"
+	case CmdCheckpointRequest:
+		return "checkpoint-request"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -218,6 +237,58 @@ type WorkloadRescheduleCmd struct {
 // CheckpointPolicyUpsertCmd records a checkpoint policy.
 type CheckpointPolicyUpsertCmd struct {
 	Policy CheckpointPolicy `msgpack:"policy"`
+}
+
+// CheckpointPolicyDeleteCmd removes a checkpoint policy; the checkpoints
+// already taken stay until their workload goes.
+type CheckpointPolicyDeleteCmd struct {
+	Name string `msgpack:"name"`
+}
+
+// CheckpointTakenCmd is reported by the node running attempt Attempt of
+// the workload once its checkpoint file is written; Targets are the nodes
+// the leader chose for its copies. The FSM gives it the next sequence
+// number and returns the Checkpoint.
+type CheckpointTakenCmd struct {
+	WorkloadID string   `msgpack:"workload"`
+	Node       string   `msgpack:"node"`
+	Attempt    int      `msgpack:"attempt"`
+	At         int64    `msgpack:"at"`
+	Size       int64    `msgpack:"size"`
+	Targets    []string `msgpack:"targets"`
+}
+
+// CheckpointFailedCmd is reported by the node running attempt Attempt of
+// the workload when a checkpoint could not be taken (or kept).
+type CheckpointFailedCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Node       string `msgpack:"node"`
+	Attempt    int    `msgpack:"attempt"`
+	Error      string `msgpack:"error"`
+	At         int64  `msgpack:"at"`
+}
+
+// CheckpointCopiedCmd is reported by a target of checkpoint Seq once the
+// copy is in its data directory.
+type CheckpointCopiedCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Seq        uint64 `msgpack:"seq"`
+	Node       string `msgpack:"node"`
+}
+
+// CheckpointPruneCmd forgets checkpoints of a workload (the leader's
+// retention, scheduler.PlanCheckpointPrune); every holder deletes its
+// file when its replica no longer lists it.
+type CheckpointPruneCmd struct {
+	WorkloadID string   `msgpack:"workload"`
+	Seqs       []uint64 `msgpack:"seqs"`
+}
+
+// CheckpointRequestCmd asks for one checkpoint of a running workload now
+// (`pclusterctl checkpoint now`).
+type CheckpointRequestCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	At         int64  `msgpack:"at"`
 }
 
 // Command is one command a planner proposes: the leader encodes and

@@ -55,6 +55,15 @@ func allCommands(a *applier) {
 	m := a.ok(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w2", Target: "a", Reason: "operator", At: 10}).(Migration)
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "b", To: MigrationTransferring, At: 10})
 	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "hourly", Selector: map[string]string{"app": "x"}, Interval: 3600e9, Keep: 3}})
+	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "gone", Interval: 60e9}})
+	a.ok(CmdCheckpointPolicyDelete, &CheckpointPolicyDeleteCmd{Name: "gone"})
+	a.ok(CmdCheckpointRequest, &CheckpointRequestCmd{WorkloadID: "w2", At: 10})
+	a.ok(CmdCheckpointFailed, &CheckpointFailedCmd{WorkloadID: "w2", Node: "b", Attempt: 1, Error: "disk reserve", At: 10})
+	for range 2 {
+		a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w2", Node: "b", Attempt: 1, At: 10, Size: 4096, Targets: []string{"a"}})
+	}
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w2", Seq: 2, Node: "a"})
+	a.ok(CmdCheckpointPrune, &CheckpointPruneCmd{WorkloadID: "w2", Seqs: []uint64{1}})
 	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "b", Status: NodeDown, At: 11})
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w3", Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 12}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w3", Node: "a", Attempt: 1, PID: 300, At: 13})

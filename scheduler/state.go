@@ -197,12 +197,64 @@ type DrainSpec struct {
 // Draining reports whether d is a drain in progress.
 func (d *DrainSpec) Draining() bool { return d != nil && d.CompletedAt == 0 }
 
-// CheckpointPolicy says which workloads are checkpointed how often.
+// CheckpointPolicy says which workloads are checkpointed how often
+// (scheduler/checkpoint.go): every workload whose labels hold all of
+// Selector (an empty selector: every workload).
 type CheckpointPolicy struct {
 	Name     string            `msgpack:"name"`
 	Selector map[string]string `msgpack:"selector"`
 	Interval int64             `msgpack:"interval"` // nanoseconds
-	Keep     int               `msgpack:"keep"`
+	Keep     int               `msgpack:"keep"`     // checkpoints kept per workload; 0: DefaultCheckpointKeep
+	Replicas int               `msgpack:"replicas"` // copies on other nodes
+}
+
+// Checkpoint is one leave-running checkpoint of a workload, a file in the
+// data directory of each node in Holders.
+type Checkpoint struct {
+	WorkloadID string `msgpack:"workload"`
+	Seq        uint64 `msgpack:"seq"`     // 1, 2, ... per workload
+	Node       string `msgpack:"node"`    // the node that took it
+	Attempt    int    `msgpack:"attempt"` // the workload's attempt it was taken of
+	At         int64  `msgpack:"at"`      // when the process was frozen, unix nanoseconds
+	Size       int64  `msgpack:"size"`    // bytes of the file
+	// Targets are the nodes the leader chose for the copies; Holders the
+	// nodes that reported holding the file (Node first).
+	Targets []string `msgpack:"targets"`
+	Holders []string `msgpack:"holders"`
+}
+
+// Held reports whether node holds a copy of c.
+func (c *Checkpoint) Held(node string) bool {
+	for _, h := range c.Holders {
+		if h == node {
+			return true
+		}
+	}
+	return false
+}
+
+// WorkloadCheckpoints is a workload's checkpoints, oldest first, and the
+// outcome of the latest tries: a failure is counted and kept here (and
+// shown by `checkpoint list`) until the next success, never skipped.
+type WorkloadCheckpoints struct {
+	Seq         uint64        `msgpack:"seq"` // the last sequence number given
+	List        []*Checkpoint `msgpack:"list"`
+	LastAt      int64         `msgpack:"last_at"`      // the last success
+	RequestedAt int64         `msgpack:"requested_at"` // `checkpoint now`
+	Failures    int           `msgpack:"failures"`     // consecutive failures since the last success
+	FailedTotal int           `msgpack:"failed_total"`
+	LastError   string        `msgpack:"last_error"`
+	LastErrorAt int64         `msgpack:"last_error_at"`
+}
+
+// Find returns checkpoint seq, nil if it is not kept.
+func (r *WorkloadCheckpoints) Find(seq uint64) *Checkpoint {
+	for _, c := range r.List {
+		if c.Seq == seq {
+			return c
+		}
+	}
+	return nil
 }
 
 // State is everything the raft log decides.
@@ -211,7 +263,9 @@ type State struct {
 	Workloads          map[string]*Workload         `msgpack:"workloads"`
 	Migrations         map[string]*Migration        `msgpack:"migrations"`
 	CheckpointPolicies map[string]*CheckpointPolicy `msgpack:"checkpoint_policies"`
-	Index              uint64                       `msgpack:"index"` // last applied raft index
+	// Checkpoints by workload ID; removed with the workload.
+	Checkpoints map[string]*WorkloadCheckpoints `msgpack:"checkpoints"`
+	Index       uint64                          `msgpack:"index"` // last applied raft index
 }
 
 // NewState returns an empty state.
@@ -221,6 +275,7 @@ func NewState() *State {
 		Workloads:          map[string]*Workload{},
 		Migrations:         map[string]*Migration{},
 		CheckpointPolicies: map[string]*CheckpointPolicy{},
+		Checkpoints:        map[string]*WorkloadCheckpoints{},
 	}
 }
 
