@@ -7,7 +7,6 @@ import (
 	"time"
 )
 
-
 // checkpointLab is two nodes and a running workload w1 labelled app=db on a.
 func checkpointLab(t *testing.T) *applier {
 	a := &applier{t: t, f: NewFSM()}
