@@ -114,6 +114,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
 	m.HandleFunc("GET "+api.PathIndex, s.leaderWrite(s.handleIndex))
 	s.migrationRoutes(m)
+	s.checkpointRoutes(m)
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
 }

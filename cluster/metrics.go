@@ -16,6 +16,9 @@ type metrics struct {
 	leaderChanges prometheus.Counter
 	workloads     *prometheus.GaugeVec
 	applyLatency  prometheus.Histogram
+
+	checkpoints        prometheus.Counter
+	checkpointFailures prometheus.Counter
 }
 
 func newMetrics(s *Server) *metrics {
@@ -32,8 +35,12 @@ func newMetrics(s *Server) *metrics {
 			Help: "Workloads in the replicated state, by state."}, []string{"state"}),
 		applyLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "pcluster_raft_apply_seconds",
 			Help: "Time from raft Apply to commit on this leader.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		checkpoints: prometheus.NewCounter(prometheus.CounterOpts{Name: "pcluster_checkpoints_total",
+			Help: "Checkpoints recorded by this node while it led."}),
+		checkpointFailures: prometheus.NewCounter(prometheus.CounterOpts{Name: "pcluster_checkpoint_failures_total",
+			Help: "Failed checkpoints recorded by this node while it led."}),
 	}
-	m.reg.MustRegister(m.members, m.isLeader, m.leaderChanges, m.workloads, m.applyLatency,
+	m.reg.MustRegister(m.checkpoints, m.checkpointFailures, m.members, m.isLeader, m.leaderChanges, m.workloads, m.applyLatency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

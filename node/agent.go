@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -73,6 +74,19 @@ type Config struct {
 	Cgroups     bool
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
+	// Checkpoint delivers a checkpoint report to the leader
+	// (node/checkpoint.go); for a taken one the answer holds its sequence
+	// number and the nodes chosen for its copies. Nil: no checkpoints.
+	Checkpoint func(context.Context, api.CheckpointReport) (api.Checkpoint, error)
+	// PushCheckpoint sends the file of checkpoint cp to node target's
+	// agent over the cluster's mutual TLS (Agent.ReceiveCheckpoint there).
+	PushCheckpoint func(ctx context.Context, target string, cp api.Checkpoint, f *os.File) error
+	// CheckpointKey encrypts checkpoint files at rest (stream.KeySize
+	// bytes, derived from the cluster key).
+	CheckpointKey []byte
+	// CheckpointReserve is the free space (bytes) a checkpoint must leave
+	// on the data directory's filesystem; 0: no check.
+	CheckpointReserve uint64
 	// VIPInterface carries the workloads' virtual IPs; "": the interface
 	// whose subnet holds each (node/vip.go).
 	VIPInterface string
@@ -149,6 +163,13 @@ type Agent struct {
 	retrySync  time.Time
 
 	vips *vips // the virtual IPs this node carries (node/vip.go)
+
+	// ckpting holds the workloads with a checkpoint under way (mu);
+	// ckptSwept is when Run last swept the checkpoint files.
+	ckpting       map[string]bool
+	ckptSwept     time.Time
+	ckptSweptOnce bool
+	ckptFailures  atomic.Int64
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -165,7 +186,7 @@ func New(cfg Config) *Agent {
 		cfg: cfg, log: cfg.Logger.With("component", "agent"),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
-		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{},
+		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{},
 		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 	if cfg.Cgroups {
@@ -368,7 +389,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			if m.Source != a.cfg.Name || m.State != scheduler.MigrationPlanned || a.outgoing[m.ID] {
 				continue
 			}
-			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping {
+			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping && !a.ckptBusy(m.WorkloadID) {
 				a.outgoing[m.ID] = true
 				outs = append(outs, out{*m, p.pid, p.pidns})
 			}
@@ -453,6 +474,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}()
 	}
 	a.reconcileVIPs()
+	a.checkpoints(ctx, now)
 }
 
 // lostArrival settles a workload the state moved here by a migration

@@ -39,6 +39,9 @@ type fileConfig struct {
 	DrainOnShutdown bool      `json:"drain_on_shutdown"`
 	DrainTimeout    string    `json:"drain_timeout"`
 	VIPInterface    string    `json:"vip_interface"`
+	// CheckpointReserveMB: free MiB a checkpoint must leave on the data
+	// directory's filesystem (nil: defaultCheckpointReserveMB).
+	CheckpointReserveMB *uint64 `json:"checkpoint_reserve_mb"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -48,6 +51,11 @@ type fileConfig struct {
 // shutdown. A service manager must allow the stop this much plus
 // cluster.DrainGrace (systemd: TimeoutStopSec=3min or more).
 const defaultDrainTimeout = 2 * time.Minute
+
+// defaultCheckpointReserveMB is -checkpoint-reserve-mb's default: a
+// checkpoint that could leave less free on the data directory's
+// filesystem is refused (and reported failed).
+const defaultCheckpointReserveMB = 1024
 
 // mergeFile fills the settings not given as flags from a JSON file.
 func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
@@ -104,6 +112,9 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
 	pick("vip-interface", &c.VIPInterface, f.VIPInterface)
+	if !set["checkpoint-reserve-mb"] && f.CheckpointReserveMB != nil {
+		c.CheckpointReserveMB = f.CheckpointReserveMB
+	}
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
 		c.DrainOnShutdown = true
 	}
@@ -136,7 +147,10 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Advertise: c.Advertise, Socket: c.Socket,
 		SocketGroup: c.SocketGroup,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
-		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger}
+		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger, CheckpointReserve: defaultCheckpointReserveMB << 20}
+	if c.CheckpointReserveMB != nil {
+		cfg.CheckpointReserve = *c.CheckpointReserveMB << 20
+	}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket
 	}

@@ -105,6 +105,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.DrainTimeout, "drain-timeout", "", "with -drain-on-shutdown: the drain's deadline, after which the workloads still here are stopped (default 2m)")
 	fs.StringVar(&c.VIPInterface, "vip-interface", "", "carry workloads' virtual IPs on `interface` (default: the one whose subnet holds each VIP)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
+	reserve := fs.Uint64("checkpoint-reserve-mb", defaultCheckpointReserveMB, "refuse a checkpoint that could leave less than `MiB` free on the data directory's filesystem (0: no check)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
@@ -114,6 +115,9 @@ func run(args []string, stderr io.Writer) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	c.encryptFlag = set["encrypt"]
+	if set["checkpoint-reserve-mb"] {
+		c.CheckpointReserveMB = reserve
+	}
 	if *configPath != "" {
 		if err := c.mergeFile(*configPath, set); err != nil {
 			return usageError{err}
