@@ -140,6 +140,15 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 		return
 	}
 	log.Info("checkpoint taken", "seq", cp.Seq, "bytes", size, "took", time.Since(at).Round(time.Millisecond), "copies_to", cp.Targets)
+	if len(cp.Targets) == 0 {
+		return
+	}
+	// A target checks the copy against its replica, which must have come
+	// as far as ours (the request names our index): ours must list it.
+	if err := a.awaitCheckpoint(ctx, w.ID, cp.Seq); err != nil {
+		log.Warn("checkpoint not copied", "seq", cp.Seq, "err", err)
+		return
+	}
 	for _, t := range cp.Targets {
 		if err := a.pushCheckpoint(ctx, t, cp, final); err != nil {
 			log.Warn("checkpoint copy failed", "seq", cp.Seq, "target", t, "err", err)
@@ -243,6 +252,30 @@ func (a *Agent) reportCheckpoint(ctx context.Context, r api.CheckpointReport) (a
 		case <-ctx.Done():
 			return cp, fmt.Errorf("checkpoint report %s of %s: %w (last: %v)", r.Kind, r.Workload, context.Cause(ctx), err)
 		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// awaitCheckpoint returns once this node's replica lists checkpoint seq
+// of workload id.
+func (a *Agent) awaitCheckpoint(ctx context.Context, id string, seq uint64) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		changed := a.cfg.FSM.Changed()
+		found := false
+		a.cfg.FSM.Read(func(s *scheduler.State) {
+			if r := s.Checkpoints[id]; r != nil {
+				found = r.Find(seq) != nil || r.Seq >= seq
+			}
+		})
+		if found {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return fmt.Errorf("checkpoint %d of %s: not in this node's replica: %w", seq, id, context.Cause(ctx))
 		}
 	}
 }
