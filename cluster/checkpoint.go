@@ -28,6 +28,7 @@ func (s *Server) checkpointRoutes(m *http.ServeMux) {
 	m.HandleFunc("GET "+api.PathCheckpoints+"/{id}", s.leaderRead(s.handleCheckpoints))
 	m.HandleFunc("POST "+api.PathCheckpoints+"/{id}/now", s.leaderWrite(s.handleCheckpointNow))
 	m.HandleFunc("POST "+api.PathCheckpointReport, s.leaderWrite(s.handleCheckpointReport))
+	m.HandleFunc("POST "+api.PathWorkloads+"/{id}/restore", s.leaderWrite(s.handleRestore))
 	// Served by the target itself, never forwarded.
 	m.HandleFunc("POST "+api.PathCheckpoints+"/{id}/{seq}/copy", s.handleCheckpointCopy)
 }
@@ -174,7 +175,7 @@ func (s *Server) applyCheckpointReport(rep api.CheckpointReport) (api.Checkpoint
 			targets = scheduler.ReplicaTargets(st, rep.Node, replicas)
 		})
 		res, err := s.apply(scheduler.CmdCheckpointTaken, &scheduler.CheckpointTakenCmd{WorkloadID: rep.Workload, Node: rep.Node,
-			Attempt: rep.Attempt, At: rep.At.UnixNano(), Size: rep.Size, Targets: targets})
+			Attempt: rep.Attempt, At: rep.At.UnixNano(), Size: rep.Size, Targets: targets, NSPID: rep.NSPID})
 		if err != nil {
 			return api.Checkpoint{}, err
 		}
@@ -292,6 +293,63 @@ func (s *Server) pushCheckpoint(ctx context.Context, target string, cp api.Check
 		return fmt.Errorf("checkpoint %d of %s: copy to %s: %s: %s", cp.Seq, cp.Workload, target, resp.Status, b)
 	}
 	return nil
+}
+
+// handleRestore rolls a workload back to a checkpoint: the newest unless
+// one is named, on the node named (which must hold a copy), else on its
+// own node if that holds one, else on the first ready holder.
+func (s *Server) handleRestore(w http.ResponseWriter, r *http.Request) {
+	var req api.RestoreRequest
+	if err := decodeBody(w, r, "restore", &req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	ref := r.PathValue("id")
+	var cmd scheduler.WorkloadRestoreCmd
+	var err error
+	s.fsm.Read(func(st *scheduler.State) {
+		var wl *scheduler.Workload
+		if wl, err = resolveWorkload(st, ref); err != nil {
+			return
+		}
+		rec := st.Checkpoints[wl.ID]
+		if rec == nil || len(rec.List) == 0 {
+			err = fmt.Errorf("restore %s: no checkpoint kept: %w", wl.ID, scheduler.ErrNotFound)
+			return
+		}
+		cp := rec.List[len(rec.List)-1]
+		if req.Checkpoint != 0 {
+			if cp = rec.Find(req.Checkpoint); cp == nil {
+				err = fmt.Errorf("restore %s: checkpoint %d is not kept: %w", wl.ID, req.Checkpoint, scheduler.ErrNotFound)
+				return
+			}
+		}
+		node := req.Node
+		if node == "" {
+			for _, h := range cp.Holders {
+				if n, ok := st.Nodes[h]; ok && n.Status == scheduler.NodeReady && (node == "" || h == wl.Node) {
+					node = h
+				}
+			}
+			if node == "" {
+				err = &httpError{http.StatusConflict, fmt.Errorf("restore %s: no ready node holds checkpoint %d (held by %v)", wl.ID, cp.Seq, cp.Holders)}
+				return
+			}
+		}
+		cmd = scheduler.WorkloadRestoreCmd{ID: wl.ID, Seq: cp.Seq, Node: node, At: time.Now().UnixNano()}
+	})
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	res, err := s.apply(scheduler.CmdWorkloadRestore, &cmd)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	wl := res.(scheduler.Workload)
+	s.log.Info("workload restore", "workload", wl.ID, "checkpoint", cmd.Seq, "node", cmd.Node)
+	writeJSON(w, apiWorkload(&wl))
 }
 
 // pruneCheckpoints applies the retention on the leader.

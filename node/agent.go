@@ -427,6 +427,9 @@ func (a *Agent) reconcile(ctx context.Context) {
 				}
 				todo = append(todo, *w)
 			case p != nil && w.Desired == scheduler.DesiredStopped && !p.stopping,
+				// Rolled back (workload-restore): restored from the
+				// checkpoint once this process's exit is recorded.
+				p != nil && w.Restore != nil && w.Restore.Replaces == p.attempt && !p.stopping,
 				// Rescheduled (workload-reschedule): it restarts on its
 				// desired node once this process's exit is recorded.
 				p != nil && w.Node == a.cfg.Name && w.DesiredNode != a.cfg.Name && !p.stopping:
@@ -457,6 +460,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 			NSPID: w.NSPID, InitPID: w.InitPID, At: now})
 	}
 	for _, w := range todo {
+		if w.Restore != nil && w.Restore.Attempt == w.Attempt {
+			a.restore(ctx, w)
+			continue
+		}
 		a.start(w)
 	}
 	for _, m := range orphanedOut {

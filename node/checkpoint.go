@@ -14,7 +14,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/ptrace"
 	"github.com/pcluster/pcluster/migrate/stream"
 	"github.com/pcluster/pcluster/scheduler"
 )
@@ -123,8 +126,12 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 		}
 		return
 	}
+	nsPid := 0
+	if pidns {
+		nsPid = w.NSPID
+	}
 	cp, err := a.reportCheckpoint(ctx, api.CheckpointReport{Kind: api.CheckpointTaken, Workload: w.ID, Attempt: w.Attempt,
-		Size: size, At: at})
+		Size: size, NSPID: nsPid, At: at})
 	if err != nil {
 		os.Remove(tmp)
 		log.Info("checkpoint not recorded; file removed", "err", err)
@@ -411,6 +418,94 @@ func (a *Agent) sweepCheckpoints() {
 			a.log.Info("checkpoint file deleted: no longer in the state", "file", name)
 		}
 	}
+}
+
+// restore starts attempt w.Attempt of w here from its checkpoint
+// w.Restore.Seq (Run only, for a pending workload the state restores):
+// the target side of a migration, reading the file in this node's data
+// directory. A failure leaves no half-built process and is reported as
+// the attempt's end.
+func (a *Agent) restore(ctx context.Context, w scheduler.Workload) {
+	a.started[w.ID] = w.Attempt
+	log := a.log.With("workload", w.ID, "attempt", w.Attempt, "checkpoint", w.Restore.Seq)
+	pid, watched, initPid, err := a.buildFromCheckpoint(ctx, w, log)
+	if err != nil {
+		log.Warn("restore from checkpoint failed", "err", err)
+		now := time.Now()
+		a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, At: now})
+		a.queue(api.Report{Kind: api.ReportExited, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, ExitCode: -1,
+			Message: scheduler.CutMessage(err.Error()), At: now})
+		return
+	}
+	a.arrived(arrival{wid: w.ID, attempt: w.Attempt, pid: watched, pidns: initPid > 0})
+	ticks, _ := startTicks(watched)
+	log.Info("workload restored from its checkpoint", "pid", pid, "init", initPid)
+	a.queue(api.Report{Kind: api.ReportStarted, ID: w.ID, Node: a.cfg.Name, Attempt: w.Attempt, PID: pid, StartTicks: ticks,
+		NSPID: w.Restore.NSPID, InitPID: initPid, At: time.Now()})
+}
+
+// buildFromCheckpoint builds and starts the process of w's checkpoint:
+// pid is the program, watched our child (its namespace's init, initPid,
+// when the checkpoint holds a namespace).
+func (a *Agent) buildFromCheckpoint(ctx context.Context, w scheduler.Workload, log interface{ Info(string, ...any) }) (pid, watched, initPid int, err error) {
+	path, err := a.CheckpointPath(w.ID, w.Restore.Seq)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("checkpoint %d of %s: %w", w.Restore.Seq, w.ID, err)
+	}
+	defer f.Close()
+	stdio, err := a.logFiles(w.ID)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	defer func() {
+		for _, f := range stdio {
+			f.Close()
+		}
+	}()
+	body, _, err := stream.NewReader(f, stream.ReaderOptions{Keys: []stream.Key{*a.checkpointKey()}, RequireEncryption: true})
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("checkpoint %d of %s: %w", w.Restore.Seq, w.ID, err)
+	}
+	defer body.Close()
+	dec := image.NewDecoder(body)
+	dec.CheckRegisters(ptrace.NumRegs)
+	pidns := w.Restore.NSPID > 0
+	p, err := loader.Build(ctx, a.tracer(), dec, loader.Options{Detach: true, Stdio: stdio, StdioFiles: true,
+		PIDNamespace: pidns, Notice: func(s string) { log.Info("restore: " + s) }})
+	if err == nil {
+		if err = dec.ExpectEOF(); err != nil {
+			p.Abort()
+		}
+	}
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("checkpoint %d of %s: %w", w.Restore.Seq, w.ID, err)
+	}
+	if a.cg != nil {
+		if err := a.cg.place(w.ID, w.Attempt, p.Pids()...); err != nil {
+			a.log.Warn("restored process left outside its cgroup", "workload", w.ID, "err", err)
+		}
+	}
+	if w.VIP != "" {
+		if err := a.vips.add(w.ID, w.VIP); err != nil {
+			a.log.Warn("virtual IP not added before the start", "workload", w.ID, "err", err)
+		}
+	}
+	a.clearStatus(w.ID)
+	if err := p.Start(); err != nil {
+		return 0, 0, 0, fmt.Errorf("checkpoint %d of %s: restored process did not start: %w", w.Restore.Seq, w.ID, err)
+	}
+	pid, watched = p.Pid(), p.WaitPid()
+	if pidns {
+		initPid = watched
+		if pid = nsChild(initPid, w.Restore.NSPID); pid == 0 {
+			pid = initPid // ended already: its end is on its way
+		}
+	}
+	return pid, watched, initPid, nil
 }
 
 // CheckpointFailures counts the checkpoints this agent failed to take.

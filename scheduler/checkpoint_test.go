@@ -146,3 +146,41 @@ func TestValidateCheckpointPolicy(t *testing.T) {
 		}
 	}
 }
+
+func TestWorkloadRestore(t *testing.T) {
+	a := checkpointLab(t)
+	cp := a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 20e9, Targets: []string{"b"}, NSPID: 6}).(Checkpoint)
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w1", Seq: cp.Seq, Node: "b"})
+	for _, c := range []struct {
+		cmd  WorkloadRestoreCmd
+		want error
+	}{
+		{WorkloadRestoreCmd{ID: "w1", Seq: 9, Node: "a"}, ErrNotFound},
+		{WorkloadRestoreCmd{ID: "w1", Seq: 1, Node: "c"}, ErrRefused}, // no copy there
+		{WorkloadRestoreCmd{ID: "nope", Seq: 1, Node: "a"}, ErrNotFound},
+	} {
+		if err, _ := a.apply(CmdWorkloadRestore, &c.cmd).(error); !errors.Is(err, c.want) {
+			t.Errorf("%+v: got %v, want %v", c.cmd, err, c.want)
+		}
+	}
+	// Running on a: rolled back on b, the copy's node. The process on a
+	// is stopped first; its exit makes the workload pending on b.
+	w := a.ok(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w1", Seq: 1, Node: "b", At: 30e9}).(Workload)
+	if w.State != StateRunning || w.DesiredNode != "b" || w.Restore == nil || w.Restore.Replaces != 1 || w.Restore.Attempt != 2 || w.Restore.NSPID != 6 {
+		t.Fatalf("after restore: %s desired on %s, restore %+v", w.State, w.DesiredNode, w.Restore)
+	}
+	if err, _ := a.apply(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w1", Seq: 1, Node: "b"}).(error); !errors.Is(err, ErrRefused) {
+		t.Errorf("second restore while the first is under way: got %v, want ErrRefused", err)
+	}
+	w = a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 1, Signal: "terminated", At: 31e9}).(Workload)
+	if w.State != StatePending || w.Node != "b" || w.Attempt != 2 || w.Restarts != 0 {
+		t.Fatalf("after the exit: %s on %s attempt %d restarts %d, want pending on b attempt 2, no restart counted", w.State, w.Node, w.Attempt, w.Restarts)
+	}
+	// Ended (failed): brought back at once.
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w1", Node: "b", Attempt: 2, PID: 7, At: 32e9})
+	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "b", Attempt: 2, ExitCode: 1, At: 33e9})
+	w = a.ok(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w1", Seq: 1, Node: "a", At: 34e9}).(Workload)
+	if w.State != StatePending || w.Node != "a" || w.Attempt != 3 || w.Restore.Attempt != 3 || w.Restore.Replaces != 0 {
+		t.Fatalf("bring back: %s on %s attempt %d restore %+v", w.State, w.Node, w.Attempt, w.Restore)
+	}
+}

@@ -35,6 +35,7 @@ const (
 	CmdCheckpointCopied       CommandType = 33
 	CmdCheckpointPrune        CommandType = 34
 	CmdCheckpointRequest      CommandType = 35
+	CmdWorkloadRestore        CommandType = 36
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -89,6 +90,8 @@ func (t CommandType) String() string {
 		return "checkpoint-prune"
 	case CmdCheckpointRequest:
 		return "checkpoint-request"
+	case CmdWorkloadRestore:
+		return "workload-restore"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -256,6 +259,7 @@ type CheckpointTakenCmd struct {
 	At         int64    `msgpack:"at"`
 	Size       int64    `msgpack:"size"`
 	Targets    []string `msgpack:"targets"`
+	NSPID      int      `msgpack:"ns_pid"`
 }
 
 // CheckpointFailedCmd is reported by the node running attempt Attempt of
@@ -289,6 +293,16 @@ type CheckpointPruneCmd struct {
 type CheckpointRequestCmd struct {
 	WorkloadID string `msgpack:"workload"`
 	At         int64  `msgpack:"at"`
+}
+
+// WorkloadRestoreCmd rolls a workload back to checkpoint Seq, restored on
+// Node, which must hold a copy: a running workload is stopped first (its
+// exit makes it pending on Node); an ended or lost one is brought back.
+type WorkloadRestoreCmd struct {
+	ID   string `msgpack:"id"`
+	Seq  uint64 `msgpack:"seq"`
+	Node string `msgpack:"node"`
+	At   int64  `msgpack:"at"`
 }
 
 // Command is one command a planner proposes: the leader encodes and

@@ -13,6 +13,7 @@ func init() {
 	register(CmdCheckpointCopied, applyCheckpointCopied)
 	register(CmdCheckpointPrune, applyCheckpointPrune)
 	register(CmdCheckpointRequest, applyCheckpointRequest)
+	register(CmdWorkloadRestore, applyWorkloadRestore)
 }
 
 // applyCheckpointPolicyUpsert records a policy. Its limits are checked
@@ -65,7 +66,7 @@ func applyCheckpointTaken(s *State, idx uint64, c *CheckpointTakenCmd) any {
 	r := checkpointsOf(s, c.WorkloadID)
 	r.Seq++
 	cp := &Checkpoint{WorkloadID: c.WorkloadID, Seq: r.Seq, Node: c.Node, Attempt: c.Attempt, At: c.At, Size: c.Size,
-		Targets: slices.Clone(c.Targets), Holders: []string{c.Node}}
+		Targets: slices.Clone(c.Targets), Holders: []string{c.Node}, NSPID: c.NSPID}
 	r.List = append(r.List, cp)
 	r.LastAt = max(r.LastAt, c.At)
 	r.Failures = 0
@@ -125,4 +126,55 @@ func applyCheckpointRequest(s *State, idx uint64, c *CheckpointRequestCmd) any {
 	}
 	checkpointsOf(s, c.WorkloadID).RequestedAt = c.At
 	return nil
+}
+
+// applyWorkloadRestore rolls a workload back to a checkpoint
+// (WorkloadRestoreCmd). Refused: a checkpoint not kept, a node that holds
+// no copy or is not ready, a workload not started yet or being moved.
+func applyWorkloadRestore(s *State, idx uint64, c *WorkloadRestoreCmd) any {
+	op := "workload restore " + c.ID
+	w, ok := s.Workloads[c.ID]
+	if !ok {
+		return fmt.Errorf("%s: %w", op, ErrNotFound)
+	}
+	var cp *Checkpoint
+	if r := s.Checkpoints[c.ID]; r != nil {
+		cp = r.Find(c.Seq)
+	}
+	if cp == nil {
+		return fmt.Errorf("%s: checkpoint %d: %w", op, c.Seq, ErrNotFound)
+	}
+	if !cp.Held(c.Node) {
+		return refused(op, "node %s holds no copy of checkpoint %d (held by %v)", c.Node, c.Seq, cp.Holders)
+	}
+	if n, ok := s.Nodes[c.Node]; !ok || n.Status != NodeReady {
+		return refused(op, "node %s is not ready", c.Node)
+	}
+	if m := s.ActiveMigration(c.ID); m != nil {
+		return refused(op, "migration %s is in flight", m.ID)
+	}
+	spec := &RestoreSpec{Seq: c.Seq, Node: c.Node, NSPID: cp.NSPID, At: c.At}
+	switch w.State {
+	case StatePending:
+		return refused(op, "workload is pending: not started yet")
+	case StateRunning:
+		if w.Restore != nil && w.Restore.Replaces == w.Attempt {
+			return refused(op, "a restore (checkpoint %d) is already under way", w.Restore.Seq)
+		}
+		spec.Replaces, spec.Attempt = w.Attempt, w.Attempt+1
+		w.DesiredNode = c.Node
+		w.Desired = DesiredRunning
+	default:
+		spec.Attempt = w.Attempt + 1
+		w.Attempt++
+		w.Node, w.DesiredNode = c.Node, c.Node
+		w.Desired = DesiredRunning
+		w.State = StatePending
+		w.PID, w.StartTicks, w.NSPID, w.InitPID = 0, 0, 0, 0
+		w.LostAt = 0
+	}
+	w.Restore = spec
+	w.Message = fmt.Sprintf("restore from checkpoint %d on %s", c.Seq, c.Node)
+	w.ModifyIndex = idx
+	return *w
 }

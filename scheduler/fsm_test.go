@@ -83,6 +83,10 @@ func allCommands(a *applier) {
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "a", To: MigrationTransferring, At: 25})
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "d", To: MigrationCommitted, At: 26})
 	a.ok(CmdWorkloadLost, &WorkloadLostCmd{ID: "w5", Node: "d", Attempt: 2, Message: "lost with the agent before it started", At: 27})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w6", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 28}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w6", Node: "a", Attempt: 1, PID: 600, NSPID: 6, InitPID: 599, At: 29})
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w6", Node: "a", Attempt: 1, At: 30, Size: 4096, NSPID: 6})
+	a.ok(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w6", Seq: 1, Node: "a", At: 31})
 }
 
 func TestFSMSnapshotRestoreEqual(t *testing.T) {

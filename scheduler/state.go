@@ -134,6 +134,24 @@ type Workload struct {
 	// a plain child (started by an agent from before namespaces).
 	NSPID   int `msgpack:"ns_pid"`
 	InitPID int `msgpack:"init_pid"`
+
+	// Restore, when set, is the last rollback asked for (`pclusterctl
+	// restore`): attempt Restore.Attempt is restored from a checkpoint
+	// instead of started from the command.
+	Restore *RestoreSpec `msgpack:"restore"`
+}
+
+// RestoreSpec says which checkpoint attempt Attempt of a workload is
+// restored from, on which node (one holding a copy).
+type RestoreSpec struct {
+	Seq  uint64 `msgpack:"seq"`
+	Node string `msgpack:"node"`
+	// Replaces is the running attempt its node stops first (0: the
+	// workload was not running).
+	Replaces int   `msgpack:"replaces"`
+	Attempt  int   `msgpack:"attempt"`
+	NSPID    int   `msgpack:"ns_pid"` // the checkpoint's program in its namespace; 0: not a namespace
+	At       int64 `msgpack:"at"`
 }
 
 // MigrationState is a step of the migration state machine
@@ -221,6 +239,9 @@ type Checkpoint struct {
 	// nodes that reported holding the file (Node first).
 	Targets []string `msgpack:"targets"`
 	Holders []string `msgpack:"holders"`
+	// NSPID is the program's PID in the workload's namespace, which the
+	// checkpoint holds whole; 0: the checkpoint is of the process alone.
+	NSPID int `msgpack:"ns_pid"`
 }
 
 // Held reports whether node holds a copy of c.

@@ -412,3 +412,10 @@ func (c *Client) CheckpointReport(ctx context.Context, r CheckpointReport) (Chec
 	var out Checkpoint
 	return out, c.do(ctx, http.MethodPost, PathCheckpointReport, r, &out)
 }
+
+// Restore rolls a workload back to a checkpoint (or brings an ended one
+// back) and returns it.
+func (c *Client) Restore(ctx context.Context, id string, req RestoreRequest) (Workload, error) {
+	var out Workload
+	return out, c.do(ctx, http.MethodPost, PathWorkloads+"/"+url.PathEscape(id)+"/restore", req, &out)
+}

@@ -332,6 +332,15 @@ type CheckpointReport struct {
 	Attempt  int       `json:"attempt"`
 	Seq      uint64    `json:"seq"`
 	Size     int64     `json:"size"`
+	NSPID    int       `json:"ns_pid,omitempty"` // taken: the program's PID in its namespace
 	Error    string    `json:"error,omitempty"`
 	At       time.Time `json:"at"`
+}
+
+// RestoreRequest rolls a workload back to a checkpoint (POST
+// /v1/workloads/ID/restore): Checkpoint 0 is the newest; Node "" is the
+// workload's node if it holds a copy, else the first ready holder.
+type RestoreRequest struct {
+	Checkpoint uint64 `json:"checkpoint,omitempty"`
+	Node       string `json:"node,omitempty"`
 }

@@ -40,7 +40,7 @@ type command interface {
 
 var commands = []command{&membersCmd{}, &nodeStatusCmd{}, &nodeEligibilityCmd{}, &runCmd{}, &psCmd{}, &statusCmd{}, &stopCmd{}, &logsCmd{},
 	&migrateCmd{}, &migrationsCmd{}, &nodeDrainCmd{}, &nodeDrainCmd{short: true},
-	&checkpointPolicySetCmd{}, &checkpointPolicyListCmd{}, &checkpointPolicyDeleteCmd{}, &checkpointNowCmd{}, &checkpointListCmd{}}
+	&checkpointPolicySetCmd{}, &checkpointPolicyListCmd{}, &checkpointPolicyDeleteCmd{}, &checkpointNowCmd{}, &checkpointListCmd{}, &restoreCmd{}}
 
 // env is what every command gets: the client and the output settings.
 type env struct {
