@@ -184,3 +184,52 @@ func TestWorkloadRestore(t *testing.T) {
 		t.Fatalf("bring back: %s on %s attempt %d restore %+v", w.State, w.Node, w.Attempt, w.Restore)
 	}
 }
+
+func TestPlanFailover(t *testing.T) {
+	a := checkpointLab(t)
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w2", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a",
+		Restart: RestartPolicy{Mode: RestartOnFailure}, CreatedAt: 2}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w2", Node: "a", Attempt: 1, PID: 200, At: 10e9})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w3", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 3}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w3", Node: "a", Attempt: 1, PID: 300, At: 10e9})
+	// w1: checkpoints 1 (copy on c) and 2 (copy on b, which goes down too).
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 20e9, Targets: []string{"c"}, NSPID: 6})
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w1", Seq: 1, Node: "c"})
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 25e9, Targets: []string{"b"}, NSPID: 6})
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w1", Seq: 2, Node: "b"})
+	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "b", Status: NodeDown, At: 29e9})
+	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "a", Status: NodeDown, At: 30e9})
+	var plan []Command
+	a.f.Read(func(s *State) {
+		if p := PlanFailover(s, time.Unix(0, 30e9), time.Second); len(p) != 0 {
+			t.Errorf("before the failover delay: got %+v, want nothing", p)
+		}
+		plan = PlanFailover(s, time.Unix(0, 31e9), time.Second)
+	})
+	want := []Command{
+		{Type: CmdWorkloadRestore, Payload: &WorkloadRestoreCmd{ID: "w1", Seq: 1, Node: "c", At: 31e9, Failover: true}},
+		{Type: CmdWorkloadFailover, Payload: &WorkloadFailoverCmd{ID: "w2", Node: "c", At: 31e9}},
+	}
+	if !reflect.DeepEqual(plan, want) {
+		t.Fatalf("plan: got %+v, want %+v (w3: no checkpoint, restart never: stays lost)", plan, want)
+	}
+	for _, c := range plan {
+		a.ok(c.Type, c.Payload)
+	}
+	a.f.Read(func(s *State) {
+		w := s.Workloads["w1"]
+		if w.State != StatePending || w.Node != "c" || w.Attempt != 2 || w.Failover == nil || w.Failover.Seq != 1 ||
+			w.Failover.Age != 10e9 || w.Failover.From != "a" {
+			t.Errorf("w1: %s on %s attempt %d failover %+v", w.State, w.Node, w.Attempt, w.Failover)
+		}
+		if w := s.Workloads["w2"]; w.State != StatePending || w.Node != "c" || w.Failover == nil || w.Failover.Seq != 0 {
+			t.Errorf("w2: %s on %s failover %+v", w.State, w.Node, w.Failover)
+		}
+		if w := s.Workloads["w3"]; w.State != StateLost {
+			t.Errorf("w3: %s, want lost", w.State)
+		}
+		if p := PlanFailover(s, time.Unix(0, 40e9), time.Second); len(p) != 0 {
+			t.Errorf("after the failover: got %+v, want nothing", p)
+		}
+	})
+}

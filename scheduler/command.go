@@ -36,6 +36,7 @@ const (
 	CmdCheckpointPrune        CommandType = 34
 	CmdCheckpointRequest      CommandType = 35
 	CmdWorkloadRestore        CommandType = 36
+	CmdWorkloadFailover       CommandType = 37
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -92,6 +93,8 @@ func (t CommandType) String() string {
 		return "checkpoint-request"
 	case CmdWorkloadRestore:
 		return "workload-restore"
+	case CmdWorkloadFailover:
+		return "workload-failover"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -301,6 +304,18 @@ type CheckpointRequestCmd struct {
 type WorkloadRestoreCmd struct {
 	ID   string `msgpack:"id"`
 	Seq  uint64 `msgpack:"seq"`
+	Node string `msgpack:"node"`
+	At   int64  `msgpack:"at"`
+	// Failover: the leader's failover of a lost workload (refused unless
+	// it is lost), recorded in the workload's Failover.
+	Failover bool `msgpack:"failover"`
+}
+
+// WorkloadFailoverCmd restarts a lost workload from its command on Node
+// (the failover of a workload without a usable checkpoint), as its
+// restart policy allows.
+type WorkloadFailoverCmd struct {
+	ID   string `msgpack:"id"`
 	Node string `msgpack:"node"`
 	At   int64  `msgpack:"at"`
 }

@@ -153,6 +153,12 @@ func applyWorkloadRestore(s *State, idx uint64, c *WorkloadRestoreCmd) any {
 	if m := s.ActiveMigration(c.ID); m != nil {
 		return refused(op, "migration %s is in flight", m.ID)
 	}
+	if c.Failover && w.State != StateLost {
+		return refused(op, "failover of a workload that is %s, not lost", w.State)
+	}
+	if c.Failover {
+		w.Failover = &FailoverInfo{At: c.At, From: w.Node, To: c.Node, Seq: c.Seq, Age: max(w.LostAt-cp.At, 0)}
+	}
 	spec := &RestoreSpec{Seq: c.Seq, Node: c.Node, NSPID: cp.NSPID, At: c.At}
 	switch w.State {
 	case StatePending:

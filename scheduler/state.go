@@ -139,6 +139,20 @@ type Workload struct {
 	// restore`): attempt Restore.Attempt is restored from a checkpoint
 	// instead of started from the command.
 	Restore *RestoreSpec `msgpack:"restore"`
+	// Failover, when set, says how the workload last came back after its
+	// node was declared down (scheduler/failover.go).
+	Failover *FailoverInfo `msgpack:"failover"`
+}
+
+// FailoverInfo records a failover: from a checkpoint (Seq > 0; Age is
+// how much work was rolled back: from the checkpoint to the node's loss)
+// or from the command (Seq 0).
+type FailoverInfo struct {
+	At   int64  `msgpack:"at"`
+	From string `msgpack:"from"` // the node declared down
+	To   string `msgpack:"to"`
+	Seq  uint64 `msgpack:"seq"`
+	Age  int64  `msgpack:"age"` // nanoseconds
 }
 
 // RestoreSpec says which checkpoint attempt Attempt of a workload is
