@@ -362,3 +362,24 @@ func (s *Server) pruneCheckpoints() {
 		}
 	}
 }
+
+// failover brings lost workloads back on the leader
+// (scheduler.PlanFailover decides).
+func (s *Server) failover(now time.Time) {
+	var cmds []scheduler.Command
+	s.fsm.Read(func(st *scheduler.State) { cmds = scheduler.PlanFailover(st, now, s.cfg.FailoverAfter) })
+	for _, c := range cmds {
+		res, err := s.apply(c.Type, c.Payload)
+		if err != nil {
+			s.log.Info("failover not applied", "err", err)
+			continue
+		}
+		w := res.(scheduler.Workload)
+		if f := w.Failover; f != nil && f.Seq > 0 {
+			s.log.Warn("failover: workload restored from its checkpoint", "workload", w.ID, "from", f.From, "to", f.To,
+				"checkpoint", f.Seq, "rolled_back", time.Duration(f.Age))
+		} else if f != nil {
+			s.log.Warn("failover: workload restarted from its command", "workload", w.ID, "from", f.From, "to", f.To)
+		}
+	}
+}

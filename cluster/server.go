@@ -49,7 +49,10 @@ type Config struct {
 	// CheckpointReserve is the free space (bytes) a checkpoint must leave
 	// on the data directory's filesystem; 0: no check.
 	CheckpointReserve uint64
-	Logger            *slog.Logger
+	// FailoverAfter: the leader brings a lost workload back elsewhere
+	// this long after its node was declared down (0: at once).
+	FailoverAfter time.Duration
+	Logger        *slog.Logger
 
 	WorkloadGCAfter time.Duration // ended workloads are removed from the state after this; 1h
 	// MigrationTimeout: a migration with no step for this long before its

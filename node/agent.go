@@ -435,6 +435,13 @@ func (a *Agent) reconcile(ctx context.Context) {
 				p != nil && w.Node == a.cfg.Name && w.DesiredNode != a.cfg.Name && !p.stopping:
 				a.signal(p, syscall.SIGTERM)
 				p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
+			case p != nil && w.Node != a.cfg.Name && w.Attempt > p.attempt && !p.stopping && !s.MigratedFrom(w.ID, a.cfg.Name, p.attempt):
+				// Brought back elsewhere while this node was cut off
+				// (failover): this copy is stale; killed at once.
+				a.log.Warn("workload runs elsewhere now: killing this node's stale copy", "workload", w.ID,
+					"attempt", p.attempt, "now", w.Attempt, "on", w.Node)
+				a.signal(p, syscall.SIGKILL)
+				p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
 			case p != nil && p.stopping && now.After(p.killAt):
 				a.signal(p, syscall.SIGKILL)
 				p.killAt = now.Add(a.cfg.StopTimeout)

@@ -168,6 +168,20 @@ type Workload struct {
 	StartedAt   time.Time         `json:"started_at,omitzero"`
 	EndedAt     time.Time         `json:"ended_at,omitzero"`
 	ModifyIndex uint64            `json:"modify_index"`
+	// Failover says how the workload last came back after its node was
+	// declared down; nil if it never did.
+	Failover *Failover `json:"failover,omitempty"`
+}
+
+// Failover is a workload's last failover: restored from checkpoint
+// Checkpoint (Age: the work rolled back, from the checkpoint to the loss
+// of the node), or restarted from its command (Checkpoint 0).
+type Failover struct {
+	At         time.Time `json:"at"`
+	From       string    `json:"from"`
+	To         string    `json:"to"`
+	Checkpoint uint64    `json:"checkpoint,omitempty"`
+	Age        Duration  `json:"age"`
 }
 
 // Report kinds sent by node agents.
