@@ -396,8 +396,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 		for _, w := range s.Workloads {
 			present[w.ID] = true
-			if w.DesiredNode != a.cfg.Name && w.Node != a.cfg.Name {
-				continue
+			if w.DesiredNode != a.cfg.Name && w.Node != a.cfg.Name && a.procs[w.ID] == nil {
+				continue // a process of ours for it is a stale copy (below)
 			}
 			a.mu.Lock()
 			claimed := a.claimed[w.ID] >= w.Attempt
