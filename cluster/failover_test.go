@@ -28,7 +28,7 @@ func TestFailoverFromCheckpoint(t *testing.T) {
 	lab := netlab.New(t, 3, 100+int(c.prefix[6])%50)
 	var nodes []*testNode
 	for i := 1; i <= 3; i++ {
-		extra := []string{"-bootstrap-expect", "3"}
+		extra := []string{"-bootstrap-expect", "3", "-failover"}
 		if i > 1 {
 			extra = append(extra, "-join", lab.Hosts[0].Addr+":7946")
 		}

@@ -59,7 +59,9 @@ func (s *Server) leaderLoop(ctx context.Context) {
 			}
 			s.timeOutMigrations(time.Now())
 			s.pruneCheckpoints()
-			s.failover(time.Now())
+			if s.cfg.Failover {
+				s.failover(time.Now())
+			}
 			if _, err := drainer.Round(time.Now()); err != nil {
 				s.log.Warn("drain", "err", err)
 			}

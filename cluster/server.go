@@ -49,8 +49,11 @@ type Config struct {
 	// CheckpointReserve is the free space (bytes) a checkpoint must leave
 	// on the data directory's filesystem; 0: no check.
 	CheckpointReserve uint64
-	// FailoverAfter: the leader brings a lost workload back elsewhere
-	// this long after its node was declared down (0: at once).
+	// Failover lets the leader bring lost workloads back elsewhere
+	// (scheduler/failover.go), FailoverAfter after their node was
+	// declared down. Off by default: nothing fences a node that is only
+	// cut off yet, so its copy runs on until it rejoins.
+	Failover      bool
 	FailoverAfter time.Duration
 	Logger        *slog.Logger
 

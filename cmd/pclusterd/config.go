@@ -42,6 +42,8 @@ type fileConfig struct {
 	// CheckpointReserveMB: free MiB a checkpoint must leave on the data
 	// directory's filesystem (nil: defaultCheckpointReserveMB).
 	CheckpointReserveMB *uint64 `json:"checkpoint_reserve_mb"`
+	Failover            bool    `json:"failover"`
+	FailoverAfter       string  `json:"failover_after"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -112,6 +114,10 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
 	pick("vip-interface", &c.VIPInterface, f.VIPInterface)
+	pick("failover-after", &c.FailoverAfter, f.FailoverAfter)
+	if !set["failover"] && f.Failover {
+		c.Failover = true
+	}
 	if !set["checkpoint-reserve-mb"] && f.CheckpointReserveMB != nil {
 		c.CheckpointReserveMB = f.CheckpointReserveMB
 	}
@@ -150,6 +156,14 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger, CheckpointReserve: defaultCheckpointReserveMB << 20}
 	if c.CheckpointReserveMB != nil {
 		cfg.CheckpointReserve = *c.CheckpointReserveMB << 20
+	}
+	cfg.Failover = c.Failover
+	if c.FailoverAfter != "" {
+		d, err := time.ParseDuration(c.FailoverAfter)
+		if err != nil || d < 0 {
+			return cfg, cleanup, fmt.Errorf("failover after %q: want a duration such as 5s", c.FailoverAfter)
+		}
+		cfg.FailoverAfter = d
 	}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket

@@ -105,6 +105,8 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.DrainTimeout, "drain-timeout", "", "with -drain-on-shutdown: the drain's deadline, after which the workloads still here are stopped (default 2m)")
 	fs.StringVar(&c.VIPInterface, "vip-interface", "", "carry workloads' virtual IPs on `interface` (default: the one whose subnet holds each VIP)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
+	fs.BoolVar(&c.Failover, "failover", false, "bring the workloads of a node declared down back on others (from their newest checkpoint, else from their command as their restart policy says); a node that is only cut off runs its copies on until it rejoins")
+	fs.StringVar(&c.FailoverAfter, "failover-after", "", "with -failover: wait this `duration` after a node is declared down (default 0)")
 	reserve := fs.Uint64("checkpoint-reserve-mb", defaultCheckpointReserveMB, "refuse a checkpoint that could leave less than `MiB` free on the data directory's filesystem (0: no check)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
