@@ -180,7 +180,6 @@ func (s *Server) applyCheckpointReport(rep api.CheckpointReport) (api.Checkpoint
 			return api.Checkpoint{}, err
 		}
 		cp := res.(scheduler.Checkpoint)
-		s.metrics.checkpoints.Inc()
 		if len(targets) < replicas {
 			s.log.Warn("checkpoint has fewer copies than its policy asks: too few other nodes ready", "workload", rep.Workload,
 				"seq", cp.Seq, "replicas", replicas, "targets", targets)
@@ -190,7 +189,6 @@ func (s *Server) applyCheckpointReport(rep api.CheckpointReport) (api.Checkpoint
 		_, err := s.apply(scheduler.CmdCheckpointFailed, &scheduler.CheckpointFailedCmd{WorkloadID: rep.Workload, Node: rep.Node,
 			Attempt: rep.Attempt, Error: scheduler.CutMessage(rep.Error), At: rep.At.UnixNano()})
 		if err == nil {
-			s.metrics.checkpointFailures.Inc()
 			s.log.Warn("checkpoint failed", "workload", rep.Workload, "node", rep.Node, "err", rep.Error)
 		}
 		return api.Checkpoint{}, err

@@ -2,7 +2,11 @@ package cluster_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -146,6 +150,27 @@ func TestCheckpointPolicy(t *testing.T) {
 	if b, _ := os.ReadFile(nodes[2].logPath); !strings.Contains(string(b), "checkpoint failed") {
 		t.Errorf("%s's log has no line for the failed checkpoint", nodes[2].name)
 	}
+	// The metrics, from the replicated state on any node.
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", nodes[1].socket)
+	}}}
+	c.waitFor(10*time.Second, "checkpoint metrics", func() error {
+		resp, err := hc.Get("http://pclusterd/metrics")
+		if err != nil {
+			return err
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var kept, failed float64
+		for _, l := range strings.Split(string(body), "\n") {
+			fmt.Sscanf(l, "pcluster_checkpoints %g", &kept)
+			fmt.Sscanf(l, `pcluster_checkpoint_failures{kind="total"} %g`, &failed)
+		}
+		if kept < 1 || failed < 2 {
+			return fmt.Errorf("pcluster_checkpoints %v, failures total %v: want >= 1 and >= 2", kept, failed)
+		}
+		return nil
+	})
 
 	// Stopping the counter and its collection are not needed for the
 	// files' fate: deleting the policy stops new checkpoints.
