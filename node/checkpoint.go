@@ -306,7 +306,15 @@ func (a *Agent) pushCheckpoint(ctx context.Context, target string, cp api.Checkp
 // checkpoint seq of workload id: its replica must list it with this node
 // among the targets chosen by the leader.
 func (a *Agent) CheckIncomingCheckpoint(id string, seq uint64) error {
+	_, err := a.incomingCheckpoint(id, seq)
+	return err
+}
+
+// incomingCheckpoint is CheckIncomingCheckpoint, returning the size the
+// state records for the file.
+func (a *Agent) incomingCheckpoint(id string, seq uint64) (int64, error) {
 	var err error
+	var size int64
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		r := s.Checkpoints[id]
 		var cp *scheduler.Checkpoint
@@ -318,9 +326,11 @@ func (a *Agent) CheckIncomingCheckpoint(id string, seq uint64) error {
 			err = fmt.Errorf("checkpoint %d of workload %s: %w", seq, id, scheduler.ErrNotFound)
 		case !strings.Contains(","+strings.Join(cp.Targets, ",")+",", ","+a.cfg.Name+","):
 			err = fmt.Errorf("checkpoint %d of workload %s goes to %v, not to this node (%s): %w", seq, id, cp.Targets, a.cfg.Name, scheduler.ErrRefused)
+		default:
+			size = cp.Size
 		}
 	})
-	return err
+	return size, err
 }
 
 // ReceiveCheckpoint stores the copy of checkpoint seq of workload id read
@@ -328,7 +338,8 @@ func (a *Agent) CheckIncomingCheckpoint(id string, seq uint64) error {
 // under a temporary name, verified (every chunk authenticated under the
 // checkpoint key, to the end), then named and reported.
 func (a *Agent) ReceiveCheckpoint(ctx context.Context, id string, seq uint64, r io.Reader) error {
-	if err := a.CheckIncomingCheckpoint(id, seq); err != nil {
+	size, err := a.incomingCheckpoint(id, seq)
+	if err != nil {
 		return err
 	}
 	final, err := a.CheckpointPath(id, seq)
@@ -344,7 +355,11 @@ func (a *Agent) ReceiveCheckpoint(ctx context.Context, id string, seq uint64, r 
 	}
 	tmp := f.Name()
 	defer os.Remove(tmp)
-	_, err = io.Copy(f, r)
+	// Exactly the size the state records: no peer fills this disk.
+	n, err := io.Copy(f, io.LimitReader(r, size+1))
+	if err == nil && n != size {
+		err = fmt.Errorf("%d bytes received, the state records %d", n, size)
+	}
 	if err == nil {
 		err = f.Sync()
 	}
