@@ -340,6 +340,10 @@ func (s *Server) handleRestore(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
+	if err := s.copyForRestore(r.Context(), cmd); err != nil {
+		writeErr(w, err)
+		return
+	}
 	res, err := s.apply(scheduler.CmdWorkloadRestore, &cmd)
 	if err != nil {
 		writeErr(w, err)
@@ -349,6 +353,50 @@ func (s *Server) handleRestore(w http.ResponseWriter, r *http.Request) {
 	s.log.Info("workload restore", "workload", wl.ID, "checkpoint", cmd.Seq, "node", cmd.Node)
 	writeJSON(w, apiWorkload(&wl))
 }
+
+// copyForRestore has the checkpoint of a restore copied to its node first
+// when that node holds none: the node becomes one of its targets, a
+// holder pushes it there (node.Agent.repairCopies), and the restore waits
+// (at most restoreCopyWait) until the state shows the copy held.
+func (s *Server) copyForRestore(ctx context.Context, cmd scheduler.WorkloadRestoreCmd) error {
+	held := func() (bool, bool) {
+		h, found := false, false
+		s.fsm.Read(func(st *scheduler.State) {
+			if r := st.Checkpoints[cmd.ID]; r != nil {
+				if cp := r.Find(cmd.Seq); cp != nil {
+					found, h = true, cp.Held(cmd.Node)
+				}
+			}
+		})
+		return h, found
+	}
+	if h, found := held(); h || !found {
+		return nil // the restore's own checks answer
+	}
+	if _, err := s.apply(scheduler.CmdCheckpointTarget, &scheduler.CheckpointTargetCmd{WorkloadID: cmd.ID, Seq: cmd.Seq, Node: cmd.Node}); err != nil {
+		return fmt.Errorf("restore %s: copy checkpoint %d to %s: %w", cmd.ID, cmd.Seq, cmd.Node, err)
+	}
+	s.log.Info("restore: copying the checkpoint to its node first", "workload", cmd.ID, "checkpoint", cmd.Seq, "node", cmd.Node)
+	ctx, cancel := context.WithTimeout(ctx, restoreCopyWait)
+	defer cancel()
+	for {
+		changed := s.fsm.Changed()
+		if h, found := held(); h {
+			return nil
+		} else if !found {
+			return fmt.Errorf("restore %s: checkpoint %d: %w", cmd.ID, cmd.Seq, scheduler.ErrNotFound)
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return &httpError{http.StatusConflict, fmt.Errorf("restore %s: checkpoint %d not copied to %s within %v", cmd.ID, cmd.Seq, cmd.Node, restoreCopyWait)}
+		}
+	}
+}
+
+// restoreCopyWait bounds the wait for a checkpoint's copy to a restore's
+// node that held none.
+const restoreCopyWait = time.Minute
 
 // pruneCheckpoints applies the retention on the leader.
 func (s *Server) pruneCheckpoints() {

@@ -115,6 +115,28 @@ func TestCheckpointRestore(t *testing.T) {
 	if got := copies(bin); len(got) != 1 {
 		t.Fatalf("after the restore on %s: copies of the counter %v, want exactly one", other.name, got)
 	}
+	// And on the node holding no copy: copied there first.
+	third := nodes[1]
+	if other == nodes[1] || cp.Holders[1] == nodes[1].name {
+		third = nodes[2]
+	}
+	t0 := time.Now()
+	c.ctl(nodes[0], "restore", "-checkpoint", fmt.Sprint(cp.Seq), "-node", third.name, w.ID)
+	t.Logf("restore with a copy to %s first: accepted after %v", third.name, time.Since(t0).Round(time.Millisecond))
+	waitRunning(4, third.name)
+	t.Logf("running there after %v", time.Since(t0).Round(time.Millisecond))
+	c.waitFor(30*time.Second, "the counter's lines on "+third.name, func() error {
+		if l := lines(third); len(l) < 3 {
+			return fmt.Errorf("%d lines", len(l))
+		}
+		return nil
+	})
+	if l := lines(third); l[0] != first {
+		t.Fatalf("on %s the counter starts with %+v: want %+v, the checkpoint's next line", third.name, l[0], first)
+	}
+	if got := copies(bin); len(got) != 1 {
+		t.Fatalf("after the restore on %s: copies of the counter %v, want exactly one", third.name, got)
+	}
 	if _, errs, code := c.ctlRun("restore", "-address", nodes[0].socket, "-checkpoint", "99", w.ID); code != 3 {
 		t.Errorf("restore of a checkpoint not kept: exit %d (%s), want 3 (not found)", code, errs)
 	}

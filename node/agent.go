@@ -170,6 +170,9 @@ type Agent struct {
 	ckptSwept     time.Time
 	ckptSweptOnce bool
 	ckptFailures  atomic.Int64
+	// ckptPushAt: when each copy (workload/seq/target) may be pushed
+	// again by repairCopies (Run only).
+	ckptPushAt map[string]time.Time
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -186,7 +189,7 @@ func New(cfg Config) *Agent {
 		cfg: cfg, log: cfg.Logger.With("component", "agent"),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
-		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{},
+		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{}, ckptPushAt: map[string]time.Time{},
 		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 	if cfg.Cgroups {

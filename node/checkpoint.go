@@ -104,6 +104,60 @@ func (a *Agent) checkpoints(ctx context.Context, now time.Time) {
 	if now.Sub(a.ckptSwept) >= 2*time.Second {
 		a.ckptSwept = now
 		a.sweepCheckpoints()
+		a.repairCopies(ctx, now)
+	}
+}
+
+// repairCopies pushes the checkpoints this node holds to their targets
+// that do not hold them yet: a copy that failed, or a target added for a
+// restore there. A copy is pushed again at most every 5 s while the state
+// does not show it held (Run only: ckptPushAt is Run's).
+func (a *Agent) repairCopies(ctx context.Context, now time.Time) {
+	type push struct {
+		cp     api.Checkpoint
+		target string
+	}
+	var todo []push
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		for id, r := range s.Checkpoints {
+			if a.ckptBusy(id) {
+				continue
+			}
+			for _, c := range r.List {
+				if !c.Held(a.cfg.Name) {
+					continue
+				}
+				for _, t := range c.Targets {
+					key := fmt.Sprintf("%s/%d/%s", id, c.Seq, t)
+					if c.Held(t) || now.Before(a.ckptPushAt[key]) {
+						continue
+					}
+					a.ckptPushAt[key] = now.Add(5 * time.Second)
+					todo = append(todo, push{api.Checkpoint{Workload: id, Seq: c.Seq}, t})
+				}
+			}
+		}
+	})
+	for key, at := range a.ckptPushAt {
+		if now.Sub(at) > time.Minute {
+			delete(a.ckptPushAt, key)
+		}
+	}
+	for _, p := range todo {
+		path, err := a.CheckpointPath(p.cp.Workload, p.cp.Seq)
+		if err != nil {
+			continue
+		}
+		if _, err := os.Stat(path); err != nil {
+			continue // not here yet (the taker renames it once recorded)
+		}
+		a.outWG.Add(1)
+		go func() { // ends with the push; Run waits for it
+			defer a.outWG.Done()
+			if err := a.pushCheckpoint(ctx, p.target, p.cp, path); err != nil {
+				a.log.Info("checkpoint copy failed; will retry", "workload", p.cp.Workload, "seq", p.cp.Seq, "target", p.target, "err", err)
+			}
+		}()
 	}
 }
 

@@ -37,6 +37,7 @@ const (
 	CmdCheckpointRequest      CommandType = 35
 	CmdWorkloadRestore        CommandType = 36
 	CmdWorkloadFailover       CommandType = 37
+	CmdCheckpointTarget       CommandType = 38
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -95,6 +96,8 @@ func (t CommandType) String() string {
 		return "workload-restore"
 	case CmdWorkloadFailover:
 		return "workload-failover"
+	case CmdCheckpointTarget:
+		return "checkpoint-target"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -309,6 +312,14 @@ type WorkloadRestoreCmd struct {
 	// Failover: the leader's failover of a lost workload (refused unless
 	// it is lost), recorded in the workload's Failover.
 	Failover bool `msgpack:"failover"`
+}
+
+// CheckpointTargetCmd adds Node to the nodes a checkpoint is copied to
+// (a restore on a node that holds no copy yet); a holder pushes it there.
+type CheckpointTargetCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Seq        uint64 `msgpack:"seq"`
+	Node       string `msgpack:"node"`
 }
 
 // WorkloadFailoverCmd restarts a lost workload from its command on Node

@@ -14,6 +14,24 @@ func init() {
 	register(CmdCheckpointPrune, applyCheckpointPrune)
 	register(CmdCheckpointRequest, applyCheckpointRequest)
 	register(CmdWorkloadRestore, applyWorkloadRestore)
+	register(CmdCheckpointTarget, applyCheckpointTarget)
+}
+
+func applyCheckpointTarget(s *State, idx uint64, c *CheckpointTargetCmd) any {
+	var cp *Checkpoint
+	if r := s.Checkpoints[c.WorkloadID]; r != nil {
+		cp = r.Find(c.Seq)
+	}
+	if cp == nil {
+		return fmt.Errorf("checkpoint target: checkpoint %d of workload %s: %w", c.Seq, c.WorkloadID, ErrNotFound)
+	}
+	if n, ok := s.Nodes[c.Node]; !ok || n.Status != NodeReady {
+		return refused(fmt.Sprintf("checkpoint target (checkpoint %d of workload %s)", c.Seq, c.WorkloadID), "node %s is not ready", c.Node)
+	}
+	if !slices.Contains(cp.Targets, c.Node) && !cp.Held(c.Node) {
+		cp.Targets = append(cp.Targets, c.Node)
+	}
+	return *cp
 }
 
 // applyCheckpointPolicyUpsert records a policy. Its limits are checked

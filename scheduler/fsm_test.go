@@ -86,6 +86,7 @@ func allCommands(a *applier) {
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w6", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 28}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w6", Node: "a", Attempt: 1, PID: 600, NSPID: 6, InitPID: 599, At: 29})
 	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w6", Node: "a", Attempt: 1, At: 30, Size: 4096, NSPID: 6})
+	a.ok(CmdCheckpointTarget, &CheckpointTargetCmd{WorkloadID: "w6", Seq: 1, Node: "d"})
 	a.ok(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w6", Seq: 1, Node: "a", At: 31})
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w7", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "d",
 		Restart: RestartPolicy{Mode: RestartAlways}, CreatedAt: 32}})
