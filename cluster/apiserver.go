@@ -117,6 +117,7 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("POST "+api.PathBalance, s.leaderWrite(s.handleBalanceSet))
 	s.migrationRoutes(m)
 	m.HandleFunc("GET "+api.PathEvents, s.handleEvents) // from this node's replica, never forwarded
+	s.checkpointRoutes(m)
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
 }
@@ -872,7 +873,11 @@ func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
 }
 
 func apiWorkload(w *scheduler.Workload) api.Workload {
-	return api.Workload{ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
+	var fo *api.Failover
+	if f := w.Failover; f != nil {
+		fo = &api.Failover{At: unixTime(f.At), From: f.From, To: f.To, Checkpoint: f.Seq, Age: api.Duration(f.Age)}
+	}
+	return api.Workload{Failover: fo, ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
 		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
 		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,

@@ -337,10 +337,16 @@ func (c *testCluster) ctl(nd *testNode, args ...string) string {
 	return out
 }
 
-// withFlags puts flags right after the command words ("ps", "node status").
+// withFlags puts flags right after the command words ("ps", "node status",
+// "checkpoint policy set").
 func withFlags(args []string, flags ...string) []string {
 	n := 1
-	if args[0] == "node" || args[0] == "balance" {
+	switch {
+	case args[0] == "node" || args[0] == "balance":
+		n = 2
+	case args[0] == "checkpoint" && len(args) > 1 && args[1] == "policy":
+		n = 3
+	case args[0] == "checkpoint":
 		n = 2
 	}
 	out := append(append([]string{}, args[:n]...), flags...)

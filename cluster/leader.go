@@ -67,6 +67,10 @@ func (s *Server) leaderLoop(ctx context.Context) {
 				s.log.Warn("reconcile membership", "err", err)
 			}
 			s.timeOutMigrations(time.Now())
+			s.pruneCheckpoints()
+			if s.cfg.Failover {
+				s.failover(time.Now())
+			}
 			if _, err := drainer.Round(time.Now()); err != nil {
 				s.log.Warn("drain", "err", err)
 			}

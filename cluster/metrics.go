@@ -17,6 +17,9 @@ type metrics struct {
 	leaderChanges prometheus.Counter
 	workloads     *prometheus.GaugeVec
 	applyLatency  prometheus.Histogram
+
+	checkpoints        prometheus.Gauge
+	checkpointFailures *prometheus.GaugeVec
 }
 
 func newMetrics(s *Server) *metrics {
@@ -33,6 +36,10 @@ func newMetrics(s *Server) *metrics {
 			Help: "Workloads in the replicated state, by state."}, []string{"state"}),
 		applyLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "pcluster_raft_apply_seconds",
 			Help: "Time from raft Apply to commit on this leader.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		checkpoints: prometheus.NewGauge(prometheus.GaugeOpts{Name: "pcluster_checkpoints",
+			Help: "Checkpoints kept in the replicated state."}),
+		checkpointFailures: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "pcluster_checkpoint_failures",
+			Help: "Failed checkpoints of the workloads in the state: in all (total) and in a row (consecutive)."}, []string{"kind"}),
 	}
 	balance := func(moves bool) func() float64 {
 		return func() float64 {
@@ -51,7 +58,7 @@ func newMetrics(s *Server) *metrics {
 		Help: "Balancer rounds this node ran while it led."}, balance(false)),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pcluster_balance_moves_total",
 			Help: "Migrations the balancer planned on this node while it led."}, balance(true)))
-	m.reg.MustRegister(m.members, m.isLeader, m.leaderChanges, m.workloads, m.applyLatency,
+	m.reg.MustRegister(m.checkpoints, m.checkpointFailures, m.members, m.isLeader, m.leaderChanges, m.workloads, m.applyLatency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -66,11 +73,20 @@ func (m *metrics) update() {
 	}
 	counts := map[scheduler.WorkloadState]int{scheduler.StatePending: 0, scheduler.StateRunning: 0,
 		scheduler.StateExited: 0, scheduler.StateFailed: 0, scheduler.StateStopped: 0, scheduler.StateLost: 0}
+	kept, failed, inRow := 0, 0, 0
 	m.s.fsm.Read(func(st *scheduler.State) {
 		for _, w := range st.Workloads {
 			counts[w.State]++
 		}
+		for _, r := range st.Checkpoints {
+			kept += len(r.List)
+			failed += r.FailedTotal
+			inRow += r.Failures
+		}
 	})
+	m.checkpoints.Set(float64(kept))
+	m.checkpointFailures.WithLabelValues("total").Set(float64(failed))
+	m.checkpointFailures.WithLabelValues("consecutive").Set(float64(inRow))
 	for st, n := range counts {
 		m.workloads.WithLabelValues(string(st)).Set(float64(n))
 	}

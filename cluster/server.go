@@ -46,7 +46,16 @@ type Config struct {
 	Key             pki.Key           // cluster key
 	Labels          map[string]string // node labels, for placement constraints
 	VIPInterface    string            // interface for virtual IPs; "": the one whose subnet holds each
-	Logger          *slog.Logger
+	// CheckpointReserve is the free space (bytes) a checkpoint must leave
+	// on the data directory's filesystem; 0: no check.
+	CheckpointReserve uint64
+	// Failover lets the leader bring lost workloads back elsewhere
+	// (scheduler/failover.go), FailoverAfter after their node was
+	// declared down. Off by default: nothing fences a node that is only
+	// cut off yet, so its copy runs on until it rejoins.
+	Failover      bool
+	FailoverAfter time.Duration
+	Logger        *slog.Logger
 
 	// The status page (webui.go): WebAddr "" serves it on 127.0.0.1 at the
 	// gossip port + 3, WebOff not at all; beyond loopback it needs WebCert
@@ -243,7 +252,8 @@ func Start(cfg Config) (s *Server, err error) {
 	node.KeepFDsFromWorkloads()
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
-		VIPInterface: cfg.VIPInterface})
+		VIPInterface: cfg.VIPInterface, Checkpoint: s.checkpointReport, PushCheckpoint: s.pushCheckpoint,
+		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}

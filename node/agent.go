@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -73,6 +74,19 @@ type Config struct {
 	Cgroups     bool
 	Logger      *slog.Logger
 	StopTimeout time.Duration // SIGTERM to SIGKILL; default 10s
+	// Checkpoint delivers a checkpoint report to the leader
+	// (node/checkpoint.go); for a taken one the answer holds its sequence
+	// number and the nodes chosen for its copies. Nil: no checkpoints.
+	Checkpoint func(context.Context, api.CheckpointReport) (api.Checkpoint, error)
+	// PushCheckpoint sends the file of checkpoint cp to node target's
+	// agent over the cluster's mutual TLS (Agent.ReceiveCheckpoint there).
+	PushCheckpoint func(ctx context.Context, target string, cp api.Checkpoint, f *os.File) error
+	// CheckpointKey encrypts checkpoint files at rest (stream.KeySize
+	// bytes, derived from the cluster key).
+	CheckpointKey []byte
+	// CheckpointReserve is the free space (bytes) a checkpoint must leave
+	// on the data directory's filesystem; 0: no check.
+	CheckpointReserve uint64
 	// VIPInterface carries the workloads' virtual IPs; "": the interface
 	// whose subnet holds each (node/vip.go).
 	VIPInterface string
@@ -154,6 +168,15 @@ type Agent struct {
 	// (node/usage_linux.go).
 	usageMu sync.Mutex
 	usage   map[string]usageSample
+	// ckpting holds the workloads with a checkpoint under way (mu);
+	// ckptSwept is when Run last swept the checkpoint files.
+	ckpting       map[string]bool
+	ckptSwept     time.Time
+	ckptSweptOnce bool
+	ckptFailures  atomic.Int64
+	// ckptPushAt: when each copy (workload/seq/target) may be pushed
+	// again by repairCopies (Run only).
+	ckptPushAt map[string]time.Time
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -170,7 +193,7 @@ func New(cfg Config) *Agent {
 		cfg: cfg, log: cfg.Logger.With("component", "agent"),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
-		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{},
+		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{}, ckptPushAt: map[string]time.Time{},
 		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 	if cfg.Cgroups {
@@ -373,15 +396,15 @@ func (a *Agent) reconcile(ctx context.Context) {
 			if m.Source != a.cfg.Name || m.State != scheduler.MigrationPlanned || a.outgoing[m.ID] {
 				continue
 			}
-			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping {
+			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping && !a.ckptBusy(m.WorkloadID) {
 				a.outgoing[m.ID] = true
 				outs = append(outs, out{*m, p.pid, p.pidns})
 			}
 		}
 		for _, w := range s.Workloads {
 			present[w.ID] = true
-			if w.DesiredNode != a.cfg.Name && w.Node != a.cfg.Name {
-				continue
+			if w.DesiredNode != a.cfg.Name && w.Node != a.cfg.Name && a.procs[w.ID] == nil {
+				continue // a process of ours for it is a stale copy (below)
 			}
 			a.mu.Lock()
 			claimed := a.claimed[w.ID] >= w.Attempt
@@ -411,10 +434,20 @@ func (a *Agent) reconcile(ctx context.Context) {
 				}
 				todo = append(todo, *w)
 			case p != nil && w.Desired == scheduler.DesiredStopped && !p.stopping,
+				// Rolled back (workload-restore): restored from the
+				// checkpoint once this process's exit is recorded.
+				p != nil && w.Restore != nil && w.Restore.Replaces == p.attempt && !p.stopping,
 				// Rescheduled (workload-reschedule): it restarts on its
 				// desired node once this process's exit is recorded.
 				p != nil && w.Node == a.cfg.Name && w.DesiredNode != a.cfg.Name && !p.stopping:
 				a.signal(p, syscall.SIGTERM)
+				p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
+			case p != nil && w.Node != a.cfg.Name && w.Attempt > p.attempt && !p.stopping && !s.MigratedFrom(w.ID, a.cfg.Name, p.attempt):
+				// Brought back elsewhere while this node was cut off
+				// (failover): this copy is stale; killed at once.
+				a.log.Warn("workload runs elsewhere now: killing this node's stale copy", "workload", w.ID,
+					"attempt", p.attempt, "now", w.Attempt, "on", w.Node)
+				a.signal(p, syscall.SIGKILL)
 				p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
 			case p != nil && p.stopping && now.After(p.killAt):
 				a.signal(p, syscall.SIGKILL)
@@ -441,6 +474,10 @@ func (a *Agent) reconcile(ctx context.Context) {
 			NSPID: w.NSPID, InitPID: w.InitPID, At: now})
 	}
 	for _, w := range todo {
+		if w.Restore != nil && w.Restore.Attempt == w.Attempt {
+			a.restore(ctx, w)
+			continue
+		}
 		a.start(w)
 	}
 	for _, m := range orphanedOut {
@@ -458,6 +495,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}()
 	}
 	a.reconcileVIPs()
+	a.checkpoints(ctx, now)
 }
 
 // lostArrival settles a workload the state moved here by a migration

@@ -30,6 +30,16 @@ const (
 	CmdWorkloadLost           CommandType = 16
 	// 17..19 are left to other branches in flight; the balancer's start at 20.
 	CmdBalanceSet CommandType = 20
+	// 17..29 are left to other work in flight (load balancing).
+	CmdCheckpointPolicyDelete CommandType = 30
+	CmdCheckpointTaken        CommandType = 31
+	CmdCheckpointFailed       CommandType = 32
+	CmdCheckpointCopied       CommandType = 33
+	CmdCheckpointPrune        CommandType = 34
+	CmdCheckpointRequest      CommandType = 35
+	CmdWorkloadRestore        CommandType = 36
+	CmdWorkloadFailover       CommandType = 37
+	CmdCheckpointTarget       CommandType = 38
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -74,6 +84,24 @@ func (t CommandType) String() string {
 		return "workload-lost"
 	case CmdBalanceSet:
 		return "balance-set"
+	case CmdCheckpointPolicyDelete:
+		return "checkpoint-policy-delete"
+	case CmdCheckpointTaken:
+		return "checkpoint-taken"
+	case CmdCheckpointFailed:
+		return "checkpoint-failed"
+	case CmdCheckpointCopied:
+		return "checkpoint-copied"
+	case CmdCheckpointPrune:
+		return "checkpoint-prune"
+	case CmdCheckpointRequest:
+		return "checkpoint-request"
+	case CmdWorkloadRestore:
+		return "workload-restore"
+	case CmdWorkloadFailover:
+		return "workload-failover"
+	case CmdCheckpointTarget:
+		return "checkpoint-target"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -229,6 +257,89 @@ type BalanceSetCmd struct {
 // CheckpointPolicyUpsertCmd records a checkpoint policy.
 type CheckpointPolicyUpsertCmd struct {
 	Policy CheckpointPolicy `msgpack:"policy"`
+}
+
+// CheckpointPolicyDeleteCmd removes a checkpoint policy; the checkpoints
+// already taken stay until their workload goes.
+type CheckpointPolicyDeleteCmd struct {
+	Name string `msgpack:"name"`
+}
+
+// CheckpointTakenCmd is reported by the node running attempt Attempt of
+// the workload once its checkpoint file is written; Targets are the nodes
+// the leader chose for its copies. The FSM gives it the next sequence
+// number and returns the Checkpoint.
+type CheckpointTakenCmd struct {
+	WorkloadID string   `msgpack:"workload"`
+	Node       string   `msgpack:"node"`
+	Attempt    int      `msgpack:"attempt"`
+	At         int64    `msgpack:"at"`
+	Size       int64    `msgpack:"size"`
+	Targets    []string `msgpack:"targets"`
+	NSPID      int      `msgpack:"ns_pid"`
+}
+
+// CheckpointFailedCmd is reported by the node running attempt Attempt of
+// the workload when a checkpoint could not be taken (or kept).
+type CheckpointFailedCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Node       string `msgpack:"node"`
+	Attempt    int    `msgpack:"attempt"`
+	Error      string `msgpack:"error"`
+	At         int64  `msgpack:"at"`
+}
+
+// CheckpointCopiedCmd is reported by a target of checkpoint Seq once the
+// copy is in its data directory.
+type CheckpointCopiedCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Seq        uint64 `msgpack:"seq"`
+	Node       string `msgpack:"node"`
+}
+
+// CheckpointPruneCmd forgets checkpoints of a workload (the leader's
+// retention, scheduler.PlanCheckpointPrune); every holder deletes its
+// file when its replica no longer lists it.
+type CheckpointPruneCmd struct {
+	WorkloadID string   `msgpack:"workload"`
+	Seqs       []uint64 `msgpack:"seqs"`
+}
+
+// CheckpointRequestCmd asks for one checkpoint of a running workload now
+// (`pclusterctl checkpoint now`).
+type CheckpointRequestCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	At         int64  `msgpack:"at"`
+}
+
+// WorkloadRestoreCmd rolls a workload back to checkpoint Seq, restored on
+// Node, which must hold a copy: a running workload is stopped first (its
+// exit makes it pending on Node); an ended or lost one is brought back.
+type WorkloadRestoreCmd struct {
+	ID   string `msgpack:"id"`
+	Seq  uint64 `msgpack:"seq"`
+	Node string `msgpack:"node"`
+	At   int64  `msgpack:"at"`
+	// Failover: the leader's failover of a lost workload (refused unless
+	// it is lost), recorded in the workload's Failover.
+	Failover bool `msgpack:"failover"`
+}
+
+// CheckpointTargetCmd adds Node to the nodes a checkpoint is copied to
+// (a restore on a node that holds no copy yet); a holder pushes it there.
+type CheckpointTargetCmd struct {
+	WorkloadID string `msgpack:"workload"`
+	Seq        uint64 `msgpack:"seq"`
+	Node       string `msgpack:"node"`
+}
+
+// WorkloadFailoverCmd restarts a lost workload from its command on Node
+// (the failover of a workload without a usable checkpoint), as its
+// restart policy allows.
+type WorkloadFailoverCmd struct {
+	ID   string `msgpack:"id"`
+	Node string `msgpack:"node"`
+	At   int64  `msgpack:"at"`
 }
 
 // Command is one command a planner proposes: the leader encodes and

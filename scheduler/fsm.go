@@ -149,6 +149,9 @@ func fill(s *State) {
 	if s.CheckpointPolicies == nil {
 		s.CheckpointPolicies = map[string]*CheckpointPolicy{}
 	}
+	if s.Checkpoints == nil {
+		s.Checkpoints = map[string]*WorkloadCheckpoints{}
+	}
 }
 
 type snapshot []byte

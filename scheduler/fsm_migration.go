@@ -269,3 +269,14 @@ func pruneMigrations(s *State, workloadID string) {
 		delete(s.Migrations, m.ID)
 	}
 }
+
+// MigratedFrom reports whether a migration of the workload left node
+// at attempt (any state): its process there is the migration's business.
+func (s *State) MigratedFrom(workloadID, node string, attempt int) bool {
+	for _, m := range s.Migrations {
+		if m.WorkloadID == workloadID && m.Source == node && m.Attempt == attempt {
+			return true
+		}
+	}
+	return false
+}

@@ -57,6 +57,15 @@ func allCommands(a *applier) {
 	m := a.ok(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w2", Target: "a", Reason: "operator", At: 10}).(Migration)
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "b", To: MigrationTransferring, At: 10})
 	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "hourly", Selector: map[string]string{"app": "x"}, Interval: 3600e9, Keep: 3}})
+	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "gone", Interval: 60e9}})
+	a.ok(CmdCheckpointPolicyDelete, &CheckpointPolicyDeleteCmd{Name: "gone"})
+	a.ok(CmdCheckpointRequest, &CheckpointRequestCmd{WorkloadID: "w2", At: 10})
+	a.ok(CmdCheckpointFailed, &CheckpointFailedCmd{WorkloadID: "w2", Node: "b", Attempt: 1, Error: "disk reserve", At: 10})
+	for range 2 {
+		a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w2", Node: "b", Attempt: 1, At: 10, Size: 4096, Targets: []string{"a"}})
+	}
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w2", Seq: 2, Node: "a"})
+	a.ok(CmdCheckpointPrune, &CheckpointPruneCmd{WorkloadID: "w2", Seqs: []uint64{1}})
 	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "b", Status: NodeDown, At: 11})
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w3", Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 12}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w3", Node: "a", Attempt: 1, PID: 300, At: 13})
@@ -76,6 +85,16 @@ func allCommands(a *applier) {
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "a", To: MigrationTransferring, At: 25})
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "d", To: MigrationCommitted, At: 26})
 	a.ok(CmdWorkloadLost, &WorkloadLostCmd{ID: "w5", Node: "d", Attempt: 2, Message: "lost with the agent before it started", At: 27})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w6", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "a", CreatedAt: 28}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w6", Node: "a", Attempt: 1, PID: 600, NSPID: 6, InitPID: 599, At: 29})
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w6", Node: "a", Attempt: 1, At: 30, Size: 4096, NSPID: 6})
+	a.ok(CmdCheckpointTarget, &CheckpointTargetCmd{WorkloadID: "w6", Seq: 1, Node: "d"})
+	a.ok(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w6", Seq: 1, Node: "a", At: 31})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w7", Command: "/bin/sleep", UID: -1, GID: -1, DesiredNode: "d",
+		Restart: RestartPolicy{Mode: RestartAlways}, CreatedAt: 32}})
+	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w7", Node: "d", Attempt: 1, PID: 700, At: 33})
+	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "d", Status: NodeDown, At: 34})
+	a.ok(CmdWorkloadFailover, &WorkloadFailoverCmd{ID: "w7", Node: "a", At: 35})
 }
 
 func TestFSMSnapshotRestoreEqual(t *testing.T) {

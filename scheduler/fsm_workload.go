@@ -124,6 +124,12 @@ func applyWorkloadExited(s *State, idx uint64, c *WorkloadExitedCmd) any {
 	switch {
 	case w.Desired == DesiredStopped:
 		w.State = StateStopped
+	case w.Restore != nil && w.Restore.Replaces == c.Attempt:
+		// Stopped to be rolled back (applyWorkloadRestore): restored
+		// from the checkpoint on its node, whatever its restart policy.
+		w.Node = w.Restore.Node
+		w.Attempt++
+		w.State = StatePending
 	case w.DesiredNode != w.Node:
 		// Rescheduled: the process it had here was stopped for it to
 		// start on its desired node, whatever its restart policy.

@@ -69,7 +69,7 @@ func init() {
 // before c.Before when the entry applies: one restarted (or re-listed by
 // its returning node) since the leader decided is kept, and a lost one is
 // never removed (endedAt), whoever listed it. Their migrations go with
-// them. It returns how many were removed.
+// them, and so do their checkpoints. It returns how many were removed.
 func applyWorkloadGC(s *State, idx uint64, c *WorkloadGCCmd) any {
 	if len(c.IDs) > MaxGCBatch {
 		return fmt.Errorf("workload gc: %w", &FieldError{Field: "ids", Problem: fmt.Sprintf("%d, limit %d", len(c.IDs), MaxGCBatch)})
@@ -84,6 +84,7 @@ func applyWorkloadGC(s *State, idx uint64, c *WorkloadGCCmd) any {
 			continue
 		}
 		delete(s.Workloads, id)
+		delete(s.Checkpoints, id) // each agent then deletes its files
 		gone[id] = true
 	}
 	for id, m := range s.Migrations {

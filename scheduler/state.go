@@ -198,6 +198,38 @@ type Workload struct {
 	// a plain child (started by an agent from before namespaces).
 	NSPID   int `msgpack:"ns_pid"`
 	InitPID int `msgpack:"init_pid"`
+
+	// Restore, when set, is the last rollback asked for (`pclusterctl
+	// restore`): attempt Restore.Attempt is restored from a checkpoint
+	// instead of started from the command.
+	Restore *RestoreSpec `msgpack:"restore"`
+	// Failover, when set, says how the workload last came back after its
+	// node was declared down (scheduler/failover.go).
+	Failover *FailoverInfo `msgpack:"failover"`
+}
+
+// FailoverInfo records a failover: from a checkpoint (Seq > 0; Age is
+// how much work was rolled back: from the checkpoint to the node's loss)
+// or from the command (Seq 0).
+type FailoverInfo struct {
+	At   int64  `msgpack:"at"`
+	From string `msgpack:"from"` // the node declared down
+	To   string `msgpack:"to"`
+	Seq  uint64 `msgpack:"seq"`
+	Age  int64  `msgpack:"age"` // nanoseconds
+}
+
+// RestoreSpec says which checkpoint attempt Attempt of a workload is
+// restored from, on which node (one holding a copy).
+type RestoreSpec struct {
+	Seq  uint64 `msgpack:"seq"`
+	Node string `msgpack:"node"`
+	// Replaces is the running attempt its node stops first (0: the
+	// workload was not running).
+	Replaces int   `msgpack:"replaces"`
+	Attempt  int   `msgpack:"attempt"`
+	NSPID    int   `msgpack:"ns_pid"` // the checkpoint's program in its namespace; 0: not a namespace
+	At       int64 `msgpack:"at"`
 }
 
 // MigrationState is a step of the migration state machine
@@ -261,12 +293,67 @@ type DrainSpec struct {
 // Draining reports whether d is a drain in progress.
 func (d *DrainSpec) Draining() bool { return d != nil && d.CompletedAt == 0 }
 
-// CheckpointPolicy says which workloads are checkpointed how often.
+// CheckpointPolicy says which workloads are checkpointed how often
+// (scheduler/checkpoint.go): every workload whose labels hold all of
+// Selector (an empty selector: every workload).
 type CheckpointPolicy struct {
 	Name     string            `msgpack:"name"`
 	Selector map[string]string `msgpack:"selector"`
 	Interval int64             `msgpack:"interval"` // nanoseconds
-	Keep     int               `msgpack:"keep"`
+	Keep     int               `msgpack:"keep"`     // checkpoints kept per workload; 0: DefaultCheckpointKeep
+	Replicas int               `msgpack:"replicas"` // copies on other nodes
+}
+
+// Checkpoint is one leave-running checkpoint of a workload, a file in the
+// data directory of each node in Holders.
+type Checkpoint struct {
+	WorkloadID string `msgpack:"workload"`
+	Seq        uint64 `msgpack:"seq"`     // 1, 2, ... per workload
+	Node       string `msgpack:"node"`    // the node that took it
+	Attempt    int    `msgpack:"attempt"` // the workload's attempt it was taken of
+	At         int64  `msgpack:"at"`      // when the process was frozen, unix nanoseconds
+	Size       int64  `msgpack:"size"`    // bytes of the file
+	// Targets are the nodes the leader chose for the copies; Holders the
+	// nodes that reported holding the file (Node first).
+	Targets []string `msgpack:"targets"`
+	Holders []string `msgpack:"holders"`
+	// NSPID is the program's PID in the workload's namespace, which the
+	// checkpoint holds whole; 0: the checkpoint is of the process alone.
+	NSPID int `msgpack:"ns_pid"`
+}
+
+// Held reports whether node holds a copy of c.
+func (c *Checkpoint) Held(node string) bool {
+	for _, h := range c.Holders {
+		if h == node {
+			return true
+		}
+	}
+	return false
+}
+
+// WorkloadCheckpoints is a workload's checkpoints, oldest first, and the
+// outcome of the latest tries: a failure is counted and kept here (and
+// shown by `checkpoint list`) until the next success, never skipped.
+type WorkloadCheckpoints struct {
+	Seq         uint64        `msgpack:"seq"` // the last sequence number given
+	List        []*Checkpoint `msgpack:"list"`
+	LastAt      int64         `msgpack:"last_at"`      // the last success
+	RequestedAt int64         `msgpack:"requested_at"` // `checkpoint now`
+	Failures    int           `msgpack:"failures"`     // consecutive failures since the last success
+	FailedTotal int           `msgpack:"failed_total"`
+	LastError   string        `msgpack:"last_error"`
+	LastErrorAt int64         `msgpack:"last_error_at"`
+}
+
+// Find returns checkpoint seq, nil if it is not kept.
+func (r *WorkloadCheckpoints) Find(seq uint64) *Checkpoint {
+	for _, c := range r.List {
+		if c.Seq == seq {
+			return c
+		}
+	}
+	return nil
 }
 
 // State is everything the raft log decides.
@@ -276,7 +363,9 @@ type State struct {
 	Migrations         map[string]*Migration        `msgpack:"migrations"`
 	CheckpointPolicies map[string]*CheckpointPolicy `msgpack:"checkpoint_policies"`
 	Balance            BalanceConfig                `msgpack:"balance"`
-	Index              uint64                       `msgpack:"index"` // last applied raft index
+	// Checkpoints by workload ID; removed with the workload.
+	Checkpoints map[string]*WorkloadCheckpoints `msgpack:"checkpoints"`
+	Index       uint64                          `msgpack:"index"` // last applied raft index
 }
 
 // NewState returns an empty state.
@@ -286,6 +375,7 @@ func NewState() *State {
 		Workloads:          map[string]*Workload{},
 		Migrations:         map[string]*Migration{},
 		CheckpointPolicies: map[string]*CheckpointPolicy{},
+		Checkpoints:        map[string]*WorkloadCheckpoints{},
 	}
 }
 

@@ -388,3 +388,46 @@ func (c *Client) SetBalance(ctx context.Context, mode string) (BalanceStatus, er
 	var out BalanceStatus
 	return out, c.do(ctx, http.MethodPost, PathBalance, BalanceRequest{Mode: mode}, &out)
 }
+
+// SetCheckpointPolicy records a checkpoint policy (replacing one of the
+// same name).
+func (c *Client) SetCheckpointPolicy(ctx context.Context, p CheckpointPolicy) (CheckpointPolicy, error) {
+	var out CheckpointPolicy
+	return out, c.do(ctx, http.MethodPost, PathCheckpointPolicies, p, &out)
+}
+
+// CheckpointPolicies lists the checkpoint policies by name.
+func (c *Client) CheckpointPolicies(ctx context.Context) ([]CheckpointPolicy, error) {
+	var out []CheckpointPolicy
+	return out, c.do(ctx, http.MethodGet, PathCheckpointPolicies, nil, &out)
+}
+
+// DeleteCheckpointPolicy removes a checkpoint policy.
+func (c *Client) DeleteCheckpointPolicy(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, PathCheckpointPolicies+"/"+url.PathEscape(name), nil, nil)
+}
+
+// Checkpoints returns a workload's checkpoints.
+func (c *Client) Checkpoints(ctx context.Context, id string) (WorkloadCheckpoints, error) {
+	var out WorkloadCheckpoints
+	return out, c.do(ctx, http.MethodGet, PathCheckpoints+"/"+url.PathEscape(id), nil, &out)
+}
+
+// CheckpointNow asks for one checkpoint of a running workload now.
+func (c *Client) CheckpointNow(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, PathCheckpoints+"/"+url.PathEscape(id)+"/now", nil, nil)
+}
+
+// CheckpointReport sends a node agent's checkpoint report to the leader;
+// for a taken checkpoint the answer is the recorded Checkpoint.
+func (c *Client) CheckpointReport(ctx context.Context, r CheckpointReport) (Checkpoint, error) {
+	var out Checkpoint
+	return out, c.do(ctx, http.MethodPost, PathCheckpointReport, r, &out)
+}
+
+// Restore rolls a workload back to a checkpoint (or brings an ended one
+// back) and returns it.
+func (c *Client) Restore(ctx context.Context, id string, req RestoreRequest) (Workload, error) {
+	var out Workload
+	return out, c.do(ctx, http.MethodPost, PathWorkloads+"/"+url.PathEscape(id)+"/restore", req, &out)
+}

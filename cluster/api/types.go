@@ -3,7 +3,10 @@
 // memberlist or ptrace code (a test in cmd/pclusterctl checks).
 package api
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
 // Paths served by pclusterd.
 const (
@@ -175,6 +178,20 @@ type Workload struct {
 	StartedAt   time.Time         `json:"started_at,omitzero"`
 	EndedAt     time.Time         `json:"ended_at,omitzero"`
 	ModifyIndex uint64            `json:"modify_index"`
+	// Failover says how the workload last came back after its node was
+	// declared down; nil if it never did.
+	Failover *Failover `json:"failover,omitempty"`
+}
+
+// Failover is a workload's last failover: restored from checkpoint
+// Checkpoint (Age: the work rolled back, from the checkpoint to the loss
+// of the node), or restarted from its command (Checkpoint 0).
+type Failover struct {
+	At         time.Time `json:"at"`
+	From       string    `json:"from"`
+	To         string    `json:"to"`
+	Checkpoint uint64    `json:"checkpoint,omitempty"`
+	Age        Duration  `json:"age"`
 }
 
 // Report kinds sent by node agents.
@@ -315,4 +332,101 @@ type BalanceDecision struct {
 	Target    string    `json:"target,omitempty"`
 	Migration string    `json:"migration,omitempty"`
 	Reason    string    `json:"reason"`
+}
+
+// Checkpoint paths. PathCheckpoints: GET /v1/checkpoints/ID (the
+// workload's checkpoints), POST /v1/checkpoints/ID/now; POST
+// /v1/checkpoints/ID/SEQ/copy from the node that took it to a node the
+// leader chose, served by that node itself over the cluster's mutual TLS
+// (the body is the file). PathCheckpointReport: POST by node agents.
+// PathCheckpointPolicies: GET, POST; DELETE /v1/checkpoint-policies/NAME.
+const (
+	PathCheckpoints        = "/v1/checkpoints"
+	PathCheckpointReport   = "/v1/agent/checkpoint"
+	PathCheckpointPolicies = "/v1/checkpoint-policies"
+)
+
+// CheckpointPolicy is a checkpoint policy (docs/cluster.md, "Checkpoints").
+type CheckpointPolicy struct {
+	Name     string            `json:"name"`
+	Selector map[string]string `json:"selector,omitempty"`
+	Interval Duration          `json:"interval"`
+	Keep     int               `json:"keep"`
+	Replicas int               `json:"replicas"`
+}
+
+// Duration is a time.Duration that JSON carries as a string ("5m0s").
+type Duration time.Duration
+
+// MarshalJSON writes d as time.Duration's String.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + time.Duration(d).String() + `"`), nil
+}
+
+// UnmarshalJSON reads a time.ParseDuration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	if len(b) < 2 || b[0] != '"' || b[len(b)-1] != '"' {
+		return fmt.Errorf("duration %s: want a string such as \"5m\"", b)
+	}
+	v, err := time.ParseDuration(string(b[1 : len(b)-1]))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Checkpoint is one checkpoint of a workload.
+type Checkpoint struct {
+	Workload string    `json:"workload"`
+	Seq      uint64    `json:"seq"`
+	Node     string    `json:"node"` // the node that took it
+	Attempt  int       `json:"attempt"`
+	At       time.Time `json:"at"`
+	Size     int64     `json:"size"`
+	Targets  []string  `json:"targets"` // the nodes chosen for its copies
+	Holders  []string  `json:"holders"` // the nodes holding the file
+}
+
+// WorkloadCheckpoints is a workload's checkpoints, oldest first, its
+// policy, and the outcome of the latest tries.
+type WorkloadCheckpoints struct {
+	Workload    string       `json:"workload"`
+	Policy      string       `json:"policy,omitempty"` // the policies that apply, comma-separated
+	Checkpoints []Checkpoint `json:"checkpoints"`
+	LastAt      time.Time    `json:"last_at,omitzero"`
+	Failures    int          `json:"failures"` // consecutive, since the last success
+	FailedTotal int          `json:"failed_total"`
+	LastError   string       `json:"last_error,omitempty"`
+	LastErrorAt time.Time    `json:"last_error_at,omitzero"`
+}
+
+// Checkpoint report kinds.
+const (
+	CheckpointTaken  = "taken"
+	CheckpointFailed = "failed"
+	CheckpointCopied = "copied"
+)
+
+// CheckpointReport is a node agent's report of a checkpoint: taken (the
+// answer is the Checkpoint, with its sequence number and the nodes
+// chosen for its copies), failed, or copied (by a target).
+type CheckpointReport struct {
+	Kind     string    `json:"kind"`
+	Workload string    `json:"workload"`
+	Node     string    `json:"node"`
+	Attempt  int       `json:"attempt"`
+	Seq      uint64    `json:"seq"`
+	Size     int64     `json:"size"`
+	NSPID    int       `json:"ns_pid,omitempty"` // taken: the program's PID in its namespace
+	Error    string    `json:"error,omitempty"`
+	At       time.Time `json:"at"`
+}
+
+// RestoreRequest rolls a workload back to a checkpoint (POST
+// /v1/workloads/ID/restore): Checkpoint 0 is the newest; Node "" is the
+// workload's node if it holds a copy, else the first ready holder.
+type RestoreRequest struct {
+	Checkpoint uint64 `json:"checkpoint,omitempty"`
+	Node       string `json:"node,omitempty"`
 }

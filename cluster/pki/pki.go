@@ -202,3 +202,7 @@ func WriteKeyFiles(dir string) (keyPath, caPath string, err error) {
 	}
 	return keyPath, caPath, nil
 }
+
+// CheckpointKey returns the key checkpoint files are encrypted under at
+// rest (32 bytes, as stream keys are).
+func (k Key) CheckpointKey() []byte { return k.derive("checkpoint v1") }

@@ -39,7 +39,8 @@ type command interface {
 }
 
 var commands = []command{&membersCmd{}, &nodeStatusCmd{}, &nodeEligibilityCmd{}, &runCmd{}, &psCmd{}, &statusCmd{}, &stopCmd{}, &logsCmd{},
-	&migrateCmd{}, &migrationsCmd{}, &nodeDrainCmd{}, &nodeDrainCmd{short: true}, &eventsCmd{}, &balanceStatusCmd{}, &balanceSetCmd{}}
+	&migrateCmd{}, &migrationsCmd{}, &nodeDrainCmd{}, &nodeDrainCmd{short: true}, &eventsCmd{}, &balanceStatusCmd{}, &balanceSetCmd{},
+	&checkpointPolicySetCmd{}, &checkpointPolicyListCmd{}, &checkpointPolicyDeleteCmd{}, &checkpointNowCmd{}, &checkpointListCmd{}, &restoreCmd{}}
 
 // env is what every command gets: the client and the output settings.
 type env struct {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
 )
@@ -35,6 +36,13 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 		pid, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
 	if w.Migrate != "" {
 		fmt.Fprintf(e.stdout, "Migrate:   %s (the balancer leaves it where it is)\n", shown(w.Migrate))
+	}
+	if f := w.Failover; f != nil {
+		how := "restarted from its command"
+		if f.Checkpoint > 0 {
+			how = fmt.Sprintf("restored from checkpoint %d, %v of work rolled back", f.Checkpoint, time.Duration(f.Age).Round(time.Millisecond))
+		}
+		fmt.Fprintf(e.stdout, "Failover:  %s from %s to %s: %s\n", ago(f.At), shown(f.From), shown(f.To), how)
 	}
 	return nil
 }

@@ -45,6 +45,11 @@ type fileConfig struct {
 	WebKey          string    `json:"web_key"`
 	BalanceInterval string    `json:"balance_interval"`
 	BalanceCooldown string    `json:"balance_cooldown"`
+	// CheckpointReserveMB: free MiB a checkpoint must leave on the data
+	// directory's filesystem (nil: defaultCheckpointReserveMB).
+	CheckpointReserveMB *uint64 `json:"checkpoint_reserve_mb"`
+	Failover            bool    `json:"failover"`
+	FailoverAfter       string  `json:"failover_after"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -54,6 +59,11 @@ type fileConfig struct {
 // shutdown. A service manager must allow the stop this much plus
 // cluster.DrainGrace (systemd: TimeoutStopSec=3min or more).
 const defaultDrainTimeout = 2 * time.Minute
+
+// defaultCheckpointReserveMB is -checkpoint-reserve-mb's default: a
+// checkpoint that could leave less free on the data directory's
+// filesystem is refused (and reported failed).
+const defaultCheckpointReserveMB = 1024
 
 // mergeFile fills the settings not given as flags from a JSON file.
 func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
@@ -116,6 +126,13 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("web-key", &c.WebKey, f.WebKey)
 	pick("balance-interval", &c.BalanceInterval, f.BalanceInterval)
 	pick("balance-cooldown", &c.BalanceCooldown, f.BalanceCooldown)
+	pick("failover-after", &c.FailoverAfter, f.FailoverAfter)
+	if !set["failover"] && f.Failover {
+		c.Failover = true
+	}
+	if !set["checkpoint-reserve-mb"] && f.CheckpointReserveMB != nil {
+		c.CheckpointReserveMB = f.CheckpointReserveMB
+	}
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
 		c.DrainOnShutdown = true
 	}
@@ -149,9 +166,20 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 		SocketGroup: c.SocketGroup,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
 		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger,
-		WebAddr: c.Web, WebTokenFile: c.WebTokenFile, WebCert: c.WebCert, WebKey: c.WebKey}
+		WebAddr: c.Web, WebTokenFile: c.WebTokenFile, WebCert: c.WebCert, WebKey: c.WebKey, CheckpointReserve: defaultCheckpointReserveMB << 20}
 	if (c.WebCert == "") != (c.WebKey == "") {
 		return cfg, cleanup, fmt.Errorf("web: give both -web-cert and -web-key, or neither")
+	}
+	if c.CheckpointReserveMB != nil {
+		cfg.CheckpointReserve = *c.CheckpointReserveMB << 20
+	}
+	cfg.Failover = c.Failover
+	if c.FailoverAfter != "" {
+		d, err := time.ParseDuration(c.FailoverAfter)
+		if err != nil || d < 0 {
+			return cfg, cleanup, fmt.Errorf("failover after %q: want a duration such as 5s", c.FailoverAfter)
+		}
+		cfg.FailoverAfter = d
 	}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket

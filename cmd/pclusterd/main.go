@@ -111,6 +111,9 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.WebTokenFile, "web-token-file", "", "`file` holding the status page's access token (default DATA_DIR/web-token, made when missing)")
 	fs.StringVar(&c.WebCert, "web-cert", "", "TLS certificate `file` (PEM) for the status page")
 	fs.StringVar(&c.WebKey, "web-key", "", "TLS key `file` (PEM) for the status page")
+	fs.BoolVar(&c.Failover, "failover", false, "bring the workloads of a node declared down back on others (from their newest checkpoint, else from their command as their restart policy says); a node that is only cut off runs its copies on until it rejoins")
+	fs.StringVar(&c.FailoverAfter, "failover-after", "", "with -failover: wait this `duration` after a node is declared down (default 0)")
+	reserve := fs.Uint64("checkpoint-reserve-mb", defaultCheckpointReserveMB, "refuse a checkpoint that could leave less than `MiB` free on the data directory's filesystem (0: no check)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
@@ -120,6 +123,9 @@ func run(args []string, stderr io.Writer) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	c.encryptFlag = set["encrypt"]
+	if set["checkpoint-reserve-mb"] {
+		c.CheckpointReserveMB = reserve
+	}
 	if *configPath != "" {
 		if err := c.mergeFile(*configPath, set); err != nil {
 			return usageError{err}
