@@ -316,6 +316,9 @@ func newVIPLab(tb testing.TB, c *testCluster, subnet int) *vipLab {
 		l.nsOf[nodes[i].name] = h.NS
 	}
 	l.clientH = nlHandle(tb, l.client)
+	if link, err := l.clientH.LinkByName("eth0"); err == nil {
+		tb.Logf("MACs: client %s %s; nodes %v", l.client.NS, link.Attrs().HardwareAddr, l.macs)
+	}
 	l.prefix = fmt.Sprintf("198.18.%d.50/24", subnet)
 	l.vip = netip.MustParsePrefix(l.prefix).Addr()
 	return l

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -248,8 +249,10 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 	if committed {
 		ac.release()
 		if hold != nil && hold.frozen.Load() {
-			// Killed by the capture: thawed so that it can go.
-			if err := freeze(hold.dir, false); err != nil {
+			// Killed by the capture: thawed so that it can go. Gone
+			// already (it died frozen, and Run removed its cgroup once
+			// it was reaped): nothing to thaw.
+			if err := freeze(hold.dir, false); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				log.Warn("thaw the killed original's cgroup", "err", err)
 			}
 		}

@@ -299,9 +299,16 @@ func (v *vips) close() {
 // reconcileVIPs gives each workload running here its VIP and takes away
 // the others (Run only). Before the replica has applied anything it does
 // nothing: an empty state would take every address away.
+//
+// A workload claimed by a migration's receive (committed here, its
+// restored process not yet started) is receive's alone: its VIP is
+// neither added here (add announces at once, and before the restored
+// sockets are bound the client's retransmissions would reach this host
+// with the address and no socket for them: a reset) nor taken away
+// (receive's addSilent put it there).
 func (a *Agent) reconcileVIPs() {
 	due := map[string]string{}
-	running := map[string]bool{}
+	keep := map[string]bool{}
 	empty := false
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		empty = s.Index == 0
@@ -310,12 +317,15 @@ func (a *Agent) reconcileVIPs() {
 				continue
 			}
 			if w.Node == a.cfg.Name && w.State == scheduler.StateRunning {
-				running[w.ID] = true
+				keep[w.ID] = true
 			}
 			a.mu.Lock()
-			here := a.procs[w.ID] != nil || a.claimed[w.ID] > 0
+			running, claimed := a.procs[w.ID] != nil, a.claimed[w.ID] > 0
 			a.mu.Unlock()
-			if here {
+			switch {
+			case claimed:
+				keep[w.ID] = true
+			case running:
 				due[w.VIP] = w.ID
 			}
 		}
@@ -323,7 +333,7 @@ func (a *Agent) reconcileVIPs() {
 	if empty {
 		return
 	}
-	a.vips.reconcile(due, func(wid string) bool { return running[wid] })
+	a.vips.reconcile(due, func(wid string) bool { return keep[wid] })
 }
 
 // workloadVIP returns workload wid's VIP, "" if none.

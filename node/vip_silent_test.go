@@ -13,6 +13,7 @@ import (
 
 	"github.com/pcluster/pcluster/internal/netlab"
 	"github.com/pcluster/pcluster/netrehome"
+	"github.com/pcluster/pcluster/scheduler"
 )
 
 // TestVIPAddSilent: addSilent (a migration's target, before the start)
@@ -110,6 +111,73 @@ func TestVIPAddSilent(t *testing.T) {
 		v.reconcile(map[string]string{}, func(string) bool { return false })
 		if has, err := netrehome.Has("eth0", a); err != nil || has {
 			return fmt.Errorf("after the reconcile the address is on eth0: %v (%v), want false", has, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestVIPClaimedLeftToReceive: the reconcile of a migration's target
+// leaves the VIP of a workload it has claimed (restored, not yet started)
+// to receive: it neither adds nor announces it (an announcement before
+// the restored sockets are bound sends the client's retransmissions to a
+// host without them, which answers with a reset), nor removes the
+// address receive added silently. Once the workload has arrived the
+// reconcile carries its VIP as any other.
+func TestVIPClaimedLeftToReceive(t *testing.T) {
+	lab := netlab.New(t, 1, 63)
+	const wid, vip = "w1", "198.18.63.50/24"
+	a := netip.MustParsePrefix(vip).Addr()
+	l := &fakeLeader{fsm: scheduler.NewFSM()}
+	if err := l.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: "a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.apply(scheduler.CmdWorkloadCreate, &scheduler.WorkloadCreateCmd{Workload: scheduler.Workload{
+		ID: wid, Command: "/bin/true", UID: -1, GID: -1, DesiredNode: "a", VIP: vip}}); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ag := New(Config{Name: "a", DataDir: t.TempDir(), FSM: l.fsm, Logger: log})
+	defer ag.vips.close()
+	state := func() (bool, bool, error) {
+		has, err := netrehome.Has("eth0", a)
+		ag.vips.mu.Lock()
+		defer ag.vips.mu.Unlock()
+		return has, ag.vips.ann[a] != nil, err
+	}
+	err := inNS(lab.Hosts[0].NS, func() error {
+		ag.mu.Lock()
+		ag.claimed[wid] = 1 // receive, after the commit
+		ag.mu.Unlock()
+		ag.reconcileVIPs()
+		if has, ann, err := state(); err != nil || has || ann {
+			return fmt.Errorf("claimed, before receive adds it: on eth0 %v, announced %v (%v); want neither", has, ann, err)
+		}
+		if err := ag.vips.addSilent(wid, vip); err != nil {
+			return err
+		}
+		ag.reconcileVIPs()
+		if has, ann, err := state(); err != nil || !has || ann {
+			return fmt.Errorf("claimed, added silently: on eth0 %v, announced %v (%v); want on eth0, not announced", has, ann, err)
+		}
+		// Started and announced by receive, then taken by Run.
+		ag.vips.announce(vip)
+		ag.arrived(arrival{wid: wid, attempt: 1})
+		ag.mu.Lock()
+		ag.procs[wid] = &proc{id: wid, attempt: 1, pid: os.Getpid()}
+		ag.mu.Unlock()
+		ag.reconcileVIPs()
+		if has, ann, err := state(); err != nil || !has || !ann {
+			return fmt.Errorf("arrived: on eth0 %v, announced %v (%v); want both", has, ann, err)
+		}
+		ag.mu.Lock()
+		delete(ag.procs, wid)
+		ag.mu.Unlock()
+		ag.reconcileVIPs()
+		if has, _, err := state(); err != nil || has {
+			return fmt.Errorf("gone: on eth0 %v (%v); want removed", has, err)
 		}
 		return nil
 	})

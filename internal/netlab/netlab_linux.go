@@ -6,11 +6,13 @@
 package netlab
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Host is one namespace with one interface, eth0, on the lab's bridge.
@@ -94,7 +96,35 @@ func (l *Lab) AddHost(tb testing.TB) *Host {
 	must("-n", h.NS, "addr", "add", h.Addr+"/24", "dev", "eth0")
 	must("-n", h.NS, "link", "set", "eth0", "up")
 	must("-n", h.NS, "link", "set", "lo", "up")
+	h.waitUp(tb)
 	return h
+}
+
+// waitUp waits until h's link carries frames both ways: its eth0 and its
+// bridge port operationally up and the port forwarding. "ip link set up"
+// returns before that: the kernel's linkwatch work (which needs the rtnl
+// lock, busy on a host where other tests make namespaces) later gives
+// each end its queue discipline and the bridge its port; until then
+// frames are dropped without an error to the sender (noop qdisc, port
+// disabled), so a test's first ARP or SYN could vanish under load.
+func (h *Host) waitUp(tb testing.TB) {
+	tb.Helper()
+	deadline := time.Now().Add(30 * time.Second) // a failure bound
+	for {
+		host, err := exec.Command("ip", "-n", h.NS, "-o", "link", "show", "eth0").CombinedOutput()
+		var port []byte
+		if err == nil {
+			port, err = exec.Command("ip", "-n", h.lab.sw, "-o", "-d", "link", "show", h.port).CombinedOutput()
+		}
+		if err == nil && strings.Contains(string(host), " state UP ") && strings.Contains(string(port), " state UP ") &&
+			strings.Contains(string(port), "state forwarding") {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("lab host %s: link not up after 30s: %s / %s (%v)", h.NS, bytes.TrimSpace(host), bytes.TrimSpace(port), err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Cut takes host i's link down (down true) or up again.
