@@ -84,6 +84,7 @@ type eventLog struct {
 	nodes     map[string]nodeSum
 	workloads map[string]workloadSum
 	migs      map[string]scheduler.MigrationState
+	balance   scheduler.BalanceConfig
 
 	// mu guards the fields below it.
 	mu      sync.Mutex
@@ -102,6 +103,7 @@ func newEventLog(max int) *eventLog {
 // happened up to its index is not known here.
 func (l *eventLog) restored(st *scheduler.State) {
 	l.nodes, l.workloads, l.migs = map[string]nodeSum{}, map[string]workloadSum{}, map[string]scheduler.MigrationState{}
+	l.balance = scheduler.BalanceConfig{}
 	l.diff(st) // fills the summaries; the events are dropped
 	l.mu.Lock()
 	l.events = nil
@@ -188,11 +190,18 @@ func (l *eventLog) next() uint64 {
 }
 
 // diff compares st with the summaries, updates them and returns the
-// events, in a fixed order: nodes, migrations, workloads, each by key.
+// events, in a fixed order: the balancer's mode, nodes, migrations,
+// workloads, each by key.
 func (l *eventLog) diff(st *scheduler.State) []api.Event {
 	var out []api.Event
 	add := func(typ, node, wl, mig, format string, args ...any) {
 		out = append(out, api.Event{Type: typ, Node: node, Workload: wl, Migration: mig, Message: fmt.Sprintf(format, args...)})
+	}
+
+	// Setting the mode again (the same one) is an operator's act too.
+	if st.Balance != l.balance {
+		add("balance-mode", "", "", "", "balance mode set to %s (was %s)", balanceMode(st.Balance.Mode), balanceMode(l.balance.Mode))
+		l.balance = st.Balance
 	}
 
 	for _, name := range changedKeys(st.Nodes, l.nodes, sumNode) {
@@ -247,8 +256,11 @@ func (l *eventLog) diff(st *scheduler.State) []api.Event {
 		switch {
 		case !before:
 			reason := ""
-			if m.Reason != "" {
-				reason = " (" + m.Reason + ")"
+			if m.Origin != "" {
+				reason = " by " + m.Origin
+			}
+			if m.Reason != "" && m.Reason != m.Origin {
+				reason += " (" + m.Reason + ")"
 			}
 			add("migration-"+string(m.State), m.Source, m.WorkloadID, id, "migration %s of %s from %s to %s %s%s",
 				id, m.WorkloadID, m.Source, m.Target, m.State, reason)
@@ -258,7 +270,7 @@ func (l *eventLog) diff(st *scheduler.State) []api.Event {
 				msg += ": " + m.Error
 			}
 			if m.State == scheduler.MigrationCommitted && m.Bytes > 0 {
-				msg += fmt.Sprintf(" (%d bytes)", m.Bytes)
+				msg += " (" + sizeHuman(m.Bytes) + ")"
 			}
 			node := m.Source
 			if m.State == scheduler.MigrationDone {
@@ -423,4 +435,25 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+}
+
+// balanceMode is a balancer mode as events name it ("" is off).
+func balanceMode(m string) string {
+	if m == "" {
+		return scheduler.BalanceOff
+	}
+	return m
+}
+
+// sizeHuman is a size for a reader: 512 B, 3.4 KiB, 12.0 MiB, 1.5 GiB.
+func sizeHuman(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
 }

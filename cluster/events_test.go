@@ -219,3 +219,42 @@ func BenchmarkEventsObserve(b *testing.B) {
 		a.f.FSM.Read(func(st *scheduler.State) { a.f.ev.observe(a.idx, time.Time{}, st) })
 	}
 }
+
+// TestEventsBalanceAndOrigin: setting the balancer's mode is an event
+// (each time it is set, the same mode too), a planned migration says who
+// planned it and why, and a committed one its size for a reader.
+func TestEventsBalanceAndOrigin(t *testing.T) {
+	a := newEventApplier(t, DefaultEventBuffer)
+	for _, n := range []string{"a", "b"} {
+		a.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: n}, At: 1}) // 1, 2
+	}
+	a.apply(scheduler.CmdWorkloadCreate, &scheduler.WorkloadCreateCmd{Workload: scheduler.Workload{ID: "w1", Name: "one",
+		Command: "x", DesiredNode: "a", UID: -1, GID: -1}}) // 3
+	a.apply(scheduler.CmdWorkloadStarted, &scheduler.WorkloadStartedCmd{ID: "w1", Node: "a", Attempt: 1, PID: 10, At: 2}) // 4
+	a.apply(scheduler.CmdBalanceSet, &scheduler.BalanceSetCmd{Mode: scheduler.BalanceAggressive, At: 3})                  // 5
+	a.apply(scheduler.CmdBalanceSet, &scheduler.BalanceSetCmd{Mode: scheduler.BalanceAggressive, At: 4})                  // 6
+	a.apply(scheduler.CmdMigrationPlan, &scheduler.MigrationPlanCmd{WorkloadID: "w1", Target: "b",
+		Reason: "balance (aggressive): node a 0.60 → b 0.00", Origin: scheduler.OriginBalancer, At: 5}) // 7
+	a.apply(scheduler.CmdMigrationStep, &scheduler.MigrationStepCmd{ID: "m7", Attempt: 1, Node: "a", To: scheduler.MigrationTransferring, At: 6}) // 8
+	a.apply(scheduler.CmdMigrationStep, &scheduler.MigrationStepCmd{ID: "m7", Attempt: 1, Node: "b", To: scheduler.MigrationCommitted,
+		Bytes: 3 << 20, At: 7}) // 9
+	a.apply(scheduler.CmdBalanceSet, &scheduler.BalanceSetCmd{Mode: scheduler.BalanceOff, At: 8}) // 10
+	want := map[uint64]string{
+		5:  "balance-mode: balance mode set to aggressive (was off)",
+		6:  "balance-mode: balance mode set to aggressive (was aggressive)",
+		7:  "migration-planned: migration m7 of w1 from a to b planned by balancer (balance (aggressive): node a 0.60 → b 0.00)",
+		9:  "migration-committed: migration m7 of w1 from a to b committed (3.0 MiB)",
+		10: "balance-mode: balance mode set to off (was aggressive)",
+	}
+	got := map[uint64]string{}
+	for _, e := range a.all() {
+		if _, ok := want[e.Index]; ok {
+			got[e.Index] = e.Type + ": " + e.Message
+		}
+	}
+	for idx, w := range want {
+		if got[idx] != w {
+			t.Errorf("event at %d: got %q, want %q", idx, got[idx], w)
+		}
+	}
+}

@@ -38,7 +38,7 @@ func (s *Server) migrationRoutes(m *http.ServeMux) {
 
 func apiMigration(st *scheduler.State, m *scheduler.Migration) api.Migration {
 	out := api.Migration{ID: m.ID, Workload: m.WorkloadID, Source: m.Source, Target: m.Target, State: string(m.State),
-		Attempt: m.Attempt, Reason: m.Reason, Error: m.Error, PlannedAt: unixTime(m.PlannedAt), UpdatedAt: unixTime(m.UpdatedAt),
+		Attempt: m.Attempt, Reason: m.Reason, Origin: m.Origin, Error: m.Error, PlannedAt: unixTime(m.PlannedAt), UpdatedAt: unixTime(m.UpdatedAt),
 		EndedAt: unixTime(m.EndedAt), ModifyIndex: m.ModifyIndex, TransferAt: unixTime(m.TransferAt), Bytes: m.Bytes}
 	if w, ok := st.Workloads[m.WorkloadID]; ok {
 		out.Name = w.Name
@@ -163,7 +163,7 @@ func (s *Server) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := s.apply(scheduler.CmdMigrationPlan, &scheduler.MigrationPlanCmd{WorkloadID: wl.ID, Target: target,
-		Reason: reason, At: time.Now().UnixNano()})
+		Reason: reason, Origin: scheduler.OriginOperator, At: time.Now().UnixNano()})
 	if err != nil {
 		writeErr(w, err)
 		return

@@ -262,6 +262,9 @@ func TestMigrateAround(t *testing.T) {
 		if m.State != "done" || m.Bytes == 0 {
 			t.Errorf("migration %s: %s with %d bytes, want done with the stream's size", m.ID, m.State, m.Bytes)
 		}
+		if m.Origin != "operator" {
+			t.Errorf("migration %s: origin %q, want operator (pclusterctl migrate)", m.ID, m.Origin)
+		}
 	}
 	c.ctl(nodes[2], "stop", w.ID)
 	c.waitFor(30*time.Second, "the exit status in the state", func() error {

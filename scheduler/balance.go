@@ -394,7 +394,7 @@ func PlanBalance(s *State, now time.Time, p BalanceParams, exclude map[string]st
 		reason := fmt.Sprintf("balance (%s): node %s %.2f → %s %.2f, %s uses %dm CPU, gain %.2f ≥ %.2f",
 			mode, src.n.Name, srcBefore, best.dst.n.Name, load(best.dst), best.w.ID, uses[best.w.ID].CPU, best.gain, minGain)
 		plan.Commands = append(plan.Commands, Command{CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: best.w.ID,
-			Target: best.dst.n.Name, Reason: reason, At: at}})
+			Target: best.dst.n.Name, Reason: reason, Origin: OriginBalancer, At: at}})
 		plan.Moves = append(plan.Moves, BalanceMove{Workload: best.w.ID, Source: src.n.Name, Target: best.dst.n.Name,
 			Gain: best.gain, Reason: reason})
 		wc := float64(uses[best.w.ID].CPU) / 1000

@@ -264,8 +264,12 @@ func TestPlanBalance(t *testing.T) {
 			f := NewFSM()
 			f.state = s
 			for i, c := range p.Commands {
-				if _, err := mustApply(f, uint64(100+i), c); err != nil {
+				res, err := mustApply(f, uint64(100+i), c)
+				if err != nil {
 					t.Fatalf("apply %s: %v", c.Type, err)
+				}
+				if m, ok := res.(Migration); ok && m.Origin != OriginBalancer {
+					t.Errorf("migration %s of %s: origin %q, want %q", m.ID, m.WorkloadID, m.Origin, OriginBalancer)
 				}
 			}
 		})

@@ -196,7 +196,10 @@ type MigrationPlanCmd struct {
 	WorkloadID string `msgpack:"workload"`
 	Target     string `msgpack:"target"`
 	Reason     string `msgpack:"reason"`
-	At         int64  `msgpack:"at"`
+	// Origin is who planned it: OriginOperator, OriginDrain or
+	// OriginBalancer ("" in entries written before the field existed).
+	Origin string `msgpack:"origin,omitempty"`
+	At     int64  `msgpack:"at"`
 }
 
 // MigrationStepCmd moves migration ID forward to state To. Attempt is the

@@ -196,7 +196,7 @@ func PlanDrain(s *State, now time.Time, exclude map[string]string) DrainPlan {
 				continue
 			}
 			p.Commands = append(p.Commands, Command{CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: w.ID, Target: target,
-				Reason: "drain of node " + n.Name, At: at}})
+				Reason: "drain of node " + n.Name, Origin: OriginDrain, At: at}})
 		}
 	}
 	return p

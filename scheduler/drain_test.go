@@ -110,7 +110,11 @@ func describe(cs []Command) []string {
 	for _, c := range cs {
 		switch p := c.Payload.(type) {
 		case *MigrationPlanCmd:
-			out = append(out, "move "+p.WorkloadID+" → "+p.Target)
+			m := "move " + p.WorkloadID + " → " + p.Target
+			if p.Origin != OriginDrain {
+				m += " (origin " + p.Origin + ", want drain)"
+			}
+			out = append(out, m)
 		case *WorkloadStopCmd:
 			out = append(out, "stop "+p.ID)
 		case *NodeDrainDoneCmd:

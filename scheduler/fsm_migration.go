@@ -102,7 +102,7 @@ func applyMigrationPlan(s *State, idx uint64, c *MigrationPlanCmd) any {
 		return err
 	}
 	m := &Migration{ID: "m" + strconv.FormatUint(idx, 10), WorkloadID: w.ID, Source: w.Node, Target: c.Target,
-		State: MigrationPlanned, Attempt: w.Attempt, Reason: c.Reason, PlannedAt: c.At, UpdatedAt: c.At,
+		State: MigrationPlanned, Attempt: w.Attempt, Reason: c.Reason, Origin: c.Origin, PlannedAt: c.At, UpdatedAt: c.At,
 		PlanIndex: idx, ModifyIndex: idx}
 	s.Migrations[m.ID] = m
 	pruneMigrations(s, w.ID)

@@ -252,6 +252,14 @@ func (m MigrationState) Active() bool {
 	return m == MigrationPlanned || m == MigrationTransferring || m == MigrationCommitted
 }
 
+// Who planned a migration (Migration.Origin): an operator through the API
+// (pclusterctl migrate), a node's drain, or the balancer.
+const (
+	OriginOperator = "operator"
+	OriginDrain    = "drain"
+	OriginBalancer = "balancer"
+)
+
 // Migration records one move of a workload between nodes. Its ID is given
 // by the FSM from the raft index of the plan ("m" + index), so replicas
 // agree and planners stay pure.
@@ -264,8 +272,9 @@ type Migration struct {
 	// Attempt is the workload's attempt when planned: the generation every
 	// step names. The commit moves the workload to Attempt+1.
 	Attempt     int    `msgpack:"attempt"`
-	Reason      string `msgpack:"reason"` // why it was planned ("drain of node a", "operator")
-	Error       string `msgpack:"error"`  // why it was aborted, or what happened after the commit
+	Reason      string `msgpack:"reason"`           // why it was planned ("drain of node a", "operator")
+	Origin      string `msgpack:"origin,omitempty"` // who planned it: operator, drain, balancer; "" if planned by an older version
+	Error       string `msgpack:"error"`            // why it was aborted, or what happened after the commit
 	PlannedAt   int64  `msgpack:"planned_at"`
 	UpdatedAt   int64  `msgpack:"updated_at"`
 	EndedAt     int64  `msgpack:"ended_at"` // done or aborted; 0 while active

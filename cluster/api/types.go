@@ -246,6 +246,7 @@ type Migration struct {
 	State       string    `json:"state"` // planned, transferring, committed, done, aborted
 	Attempt     int       `json:"attempt"`
 	Reason      string    `json:"reason,omitempty"`
+	Origin      string    `json:"origin,omitempty"` // who planned it: operator, drain, balancer
 	Error       string    `json:"error,omitempty"`
 	PlannedAt   time.Time `json:"planned_at"`
 	UpdatedAt   time.Time `json:"updated_at"`

@@ -64,6 +64,9 @@ func main() {
 }
 
 func realMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == completeCommand {
+		return complete(ctx, args[1:], stdout)
+	}
 	cmd, rest := lookup(args)
 	if cmd == nil {
 		if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "-help" || args[0] == "--help" {

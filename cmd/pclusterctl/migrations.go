@@ -36,7 +36,7 @@ func (c *migrationsCmd) run(ctx context.Context, e *env, args []string) error {
 			took = m.EndedAt.Sub(m.PlannedAt).Round(time.Millisecond).String()
 		}
 		rows = append(rows, []string{shown(m.ID), shown(m.Workload), dash(m.Name), shown(m.Source), shown(m.Target),
-			shown(m.State), ago(m.PlannedAt), took, dash(m.Error)})
+			shown(m.State), dash(m.Origin), ago(m.PlannedAt), took, dash(m.Error)})
 	}
-	return table(e.stdout, "ID WORKLOAD NAME SOURCE TARGET STATE PLANNED TOOK ERROR", rows)
+	return table(e.stdout, "ID WORKLOAD NAME SOURCE TARGET STATE ORIGIN PLANNED TOOK ERROR", rows)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
@@ -34,6 +35,22 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stdout, "PID:       %s\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
 		pid, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
+	if !w.StartedAt.IsZero() {
+		fmt.Fprintf(e.stdout, "Started:   %s\n", ago(w.StartedAt))
+	}
+	if !w.EndedAt.IsZero() {
+		fmt.Fprintf(e.stdout, "Ended:     %s\n", ago(w.EndedAt))
+	}
+	if w.MemoryMB > 0 || w.CPUMilli > 0 {
+		var l []string
+		if w.MemoryMB > 0 {
+			l = append(l, "memory "+bytesHuman(w.MemoryMB<<20))
+		}
+		if w.CPUMilli > 0 {
+			l = append(l, fmt.Sprintf("cpu %dm", w.CPUMilli))
+		}
+		fmt.Fprintf(e.stdout, "Limits:    %s\n", strings.Join(l, ", "))
+	}
 	if w.Migrate != "" {
 		fmt.Fprintf(e.stdout, "Migrate:   %s (the balancer leaves it where it is)\n", shown(w.Migrate))
 	}

@@ -10,7 +10,11 @@ import (
 // flags and commands: the command words (pclusterctl node drain), then
 // the flags of the command typed (or the top-level ones); a value of a
 // -pid flag completes PIDs, a number or duration nothing, anything else
-// file names.
+// file names. A tool with an Ask command completes from the cluster: a
+// command whose synopsis ends in an ID argument takes workload IDs and
+// names, one ending in NODE (and a -node flag) node names, each the
+// output of `TOOL ASK [-address A] [-key-file F] workloads|nodes PREFIX`
+// with the -address and -key-file already typed (nothing when it fails).
 func Completion(t Tool) string {
 	fn := "_" + strings.ReplaceAll(t.Name, "-", "_")
 	var b strings.Builder
@@ -62,12 +66,17 @@ func Completion(t Tool) string {
 		switch {
 		case f.Name == "pid":
 			kind = "pid"
+		case f.Name == "node" && t.Ask != "":
+			kind = "node"
 		case f.Arg == "int" || f.Arg == "duration" || f.Arg == "N" || f.Arg == "uint":
 			kind = "none"
 		}
 		byKind[kind] = append(byKind[kind], "-"+f.Name)
 	}
 	b.WriteString("    case $prev in\n")
+	if v := byKind["node"]; len(v) > 0 {
+		fmt.Fprintf(&b, "    %s) COMPREPLY=($(compgen -W \"$(%s_ask nodes)\" -- \"$cur\")); return ;;\n", strings.Join(v, "|"), fn)
+	}
 	if v := byKind["pid"]; len(v) > 0 {
 		fmt.Fprintf(&b, "    %s) COMPREPLY=($(compgen -W \"$(ps -eo pid=)\" -- \"$cur\")); return ;;\n", strings.Join(v, "|"))
 	}
@@ -78,9 +87,61 @@ func Completion(t Tool) string {
 		fmt.Fprintf(&b, "    %s) COMPREPLY=($(compgen -f -- \"$cur\")); return ;;\n", strings.Join(v, "|"))
 	}
 	b.WriteString("    esac\n")
+	if t.Ask != "" {
+		// A command's argument, unless a flag is being typed.
+		args := map[string][]string{}
+		for _, c := range t.Commands {
+			if kind := argKind(c.Synopsis); kind != "" {
+				args[kind] = append(args[kind], fmt.Sprintf("%q", c.Name))
+			}
+		}
+		b.WriteString("    if [[ $cur != -* ]]; then\n        case $cmd in\n")
+		for _, kind := range []string{"workloads", "nodes"} {
+			if len(args[kind]) > 0 {
+				fmt.Fprintf(&b, "        %s) COMPREPLY=($(compgen -W \"$(%s_ask %s)\" -- \"$cur\")); return ;;\n",
+					strings.Join(args[kind], "|"), fn, kind)
+			}
+		}
+		b.WriteString("        esac\n    fi\n")
+	}
 	b.WriteString("    COMPREPLY=($(compgen -W \"$flags\" -- \"$cur\"))\n}\n")
+	if t.Ask != "" {
+		// The cluster's words, asked of the node the command line names.
+		fmt.Fprintf(&b, "%s_ask() {\n", fn)
+		b.WriteString("    local i j v w a=()\n")
+		b.WriteString("    for ((i = 1; i < COMP_CWORD; i++)); do\n        w=${COMP_WORDS[i]}\n")
+		b.WriteString("        case $w in\n")
+		// bash splits "-address=h:p" into -address = h : p
+		// (COMP_WORDBREAKS): the value is put back together.
+		b.WriteString("        -address|--address|-key-file|--key-file)\n")
+		b.WriteString("            j=$((i + 1)); v=${COMP_WORDS[j]}\n")
+		b.WriteString("            if [[ $v == = ]]; then j=$((j + 1)); v=${COMP_WORDS[j]}; fi\n")
+		b.WriteString("            if [[ ${COMP_WORDS[j+1]} == : ]]; then v+=:${COMP_WORDS[j+2]}; fi\n")
+		b.WriteString("            a+=(\"$w=$v\") ;;\n")
+		b.WriteString("        -address=*|--address=*|-key-file=*|--key-file=*) a+=(\"$w\") ;;\n")
+		b.WriteString("        esac\n    done\n")
+		fmt.Fprintf(&b, "    \"${COMP_WORDS[0]}\" %s \"${a[@]}\" \"$1\" \"$cur\" 2>/dev/null\n}\n", t.Ask)
+	}
 	fmt.Fprintf(&b, "complete -o default -F %s %s\n", fn, t.Name)
 	return b.String()
+}
+
+// argKind is what a command's last argument names, from its synopsis:
+// "workloads" for an ID ("status ID", "migrate ... ID|NAME"), "nodes"
+// for a NODE ("node drain ... NODE", "node status [NODE]"), else "".
+func argKind(synopsis string) string {
+	f := strings.Fields(synopsis)
+	if len(f) < 2 {
+		return ""
+	}
+	last := strings.Trim(f[len(f)-1], "[]")
+	switch {
+	case last == "ID" || strings.HasPrefix(last, "ID|"):
+		return "workloads"
+	case last == "NODE":
+		return "nodes"
+	}
+	return ""
 }
 
 func flagWords(flags []Flag) string {

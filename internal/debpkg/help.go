@@ -124,6 +124,10 @@ type Tool struct {
 	Name     string
 	Flags    []Flag    // top-level flags
 	Commands []Command // subcommands ("keygen"; pclusterctl's nouns and verbs)
+	// Ask is the hidden command that lists the cluster's workloads or
+	// nodes for the completion ("__complete": `pclusterctl __complete
+	// workloads|nodes PREFIX`); "" for a tool that has none.
+	Ask string
 }
 
 // ReadTools asks the four binaries in binDir for their flags and commands.
@@ -148,7 +152,7 @@ func ReadTools(binDir string) (map[string]Tool, error) {
 	if err != nil {
 		return nil, err
 	}
-	ctl := Tool{Name: "pclusterctl", Commands: ParseCommands(h)}
+	ctl := Tool{Name: "pclusterctl", Commands: ParseCommands(h), Ask: "__complete"}
 	if len(ctl.Commands) == 0 {
 		return nil, fmt.Errorf("pclusterctl help: no commands found in %q", h)
 	}
