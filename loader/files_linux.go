@@ -58,6 +58,11 @@ func (p *Process) openFiles() error {
 				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 			}
 		}
+		if len(p.unixEnds) > 0 {
+			for id := range p.unixEnds {
+				return fmt.Errorf("%w: unix socket %d: its pair's other end has no fd", image.ErrCorrupt, id)
+			}
+		}
 		// Epoll registrations once every fd they watch is in place,
 		// dup'ed ones included.
 		for _, f := range p.fds {
@@ -140,6 +145,11 @@ func (p *Process) openFile(f *image.FD) error {
 		return p.moveFd(f, tmp)
 	case image.FDTCP, image.FDUDP:
 		if tmp, err = p.newSocket(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
+	case image.FDUnix:
+		if tmp, err = p.unixSocket(f); err != nil {
 			return err
 		}
 		return p.moveFd(f, tmp)

@@ -96,11 +96,15 @@ type Process struct {
 	// socks are the re-created TCP connections and UDP sockets, given
 	// their addresses in finish (tcp_linux.go).
 	socks []*image.FD
-	vdso  uint64   // syscall site in the moved vdso
-	uffd  *os.File // fills private anonymous memory while building
-	built bool
-	done  bool
-	tasks []*task // the threads finish made ready, detached to start
+	// unixEnds holds, by the saved socket's inode, the second end of a
+	// unix socket pair made for an earlier fd, until its own fd is
+	// placed (unix_linux.go).
+	unixEnds map[uint64]uintptr
+	vdso     uint64   // syscall site in the moved vdso
+	uffd     *os.File // fills private anonymous memory while building
+	built    bool
+	done     bool
+	tasks    []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string

@@ -148,11 +148,11 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 // with a socket fd in prev, and if so gives rec that fd's socket.
 func dupOfSocket(pid, fd int, prev []image.FD, rec *image.FD) bool {
 	for _, o := range prev {
-		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP {
+		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP && o.Kind != image.FDUnix {
 			continue
 		}
 		if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {
-			rec.Kind, rec.Listen, rec.TCP, rec.UDP = o.Kind, o.Listen, o.TCP, o.UDP
+			rec.Kind, rec.Listen, rec.TCP, rec.UDP, rec.Unix = o.Kind, o.Listen, o.TCP, o.UDP, o.Unix
 			return true
 		}
 	}

@@ -93,6 +93,9 @@ type heldSocket struct {
 type sockets struct {
 	held   []*heldSocket
 	policy TCPOptions
+	// unixOwn holds the inodes of the process's sockets, once a unix
+	// socket asks whether its peer is among them.
+	unixOwn map[uint64]bool
 }
 
 // resume puts every held socket back as it was: send window back, filter
@@ -186,8 +189,11 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 		return v
 	}
 	domain, typ, proto := opt(unix.SOL_SOCKET, unix.SO_DOMAIN), opt(unix.SOL_SOCKET, unix.SO_TYPE), opt(unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	if domain == unix.AF_UNIX {
+		return describeUnix(pid, h, socks, rec)
+	}
 	if domain != unix.AF_INET && domain != unix.AF_INET6 {
-		return fmt.Errorf("sockets of family %d are not supported yet (only IPv4 and IPv6)", domain)
+		return fmt.Errorf("sockets of family %d are not supported yet (only IPv4, IPv6 and unix)", domain)
 	}
 	switch {
 	case typ == unix.SOCK_STREAM && opt(unix.SOL_SOCKET, unix.SO_ACCEPTCONN) == 1 && (proto == unix.IPPROTO_TCP || proto == unix.IPPROTO_MPTCP):

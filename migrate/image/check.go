@@ -413,6 +413,10 @@ func CheckFD(f *FD) error {
 		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
 			return corruptf("fd %d: UDP socket", f.Fd)
 		}
+	case FDUnix:
+		if err := checkUnix(f.Fd, f.Unix); err != nil {
+			return err
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
@@ -434,6 +438,42 @@ const (
 // kernel lets a socket buffer hold (net.core.wmem_max and rmem_max are
 // far below).
 const MaxSockQueue = 1 << 30
+
+// checkUnix checks one end of a unix socket pair on its own: its type,
+// two distinct ends, and queues the kernel could hold (a stream's bytes
+// in one entry).
+func checkUnix(fd int, u *UnixSocket) error {
+	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 {
+		return corruptf("fd %d: unix socket", fd)
+	}
+	switch u.Type {
+	case sockStream:
+		if len(u.Queue) > 1 {
+			return corruptf("fd %d: unix stream socket with %d queue entries", fd, len(u.Queue))
+		}
+	case sockDgram, sockSeqpacket:
+	default:
+		return corruptf("fd %d: unix socket of type %d", fd, u.Type)
+	}
+	if len(u.Queue) > MaxUnixQueue {
+		return corruptf("fd %d: unix socket with %d queued messages", fd, len(u.Queue))
+	}
+	total := 0
+	for _, m := range u.Queue {
+		total += len(m)
+	}
+	if total > MaxSockQueue {
+		return corruptf("fd %d: unix socket queue of %d bytes", fd, total)
+	}
+	return nil
+}
+
+// Socket types, as Linux numbers them.
+const (
+	sockStream    = 1
+	sockDgram     = 2
+	sockSeqpacket = 5
+)
 
 func checkTCP(fd int, c *TCPConn) error {
 	if c == nil || !checkAddr(c.Family, c.Local) || !checkAddr(c.Family, c.Peer) || c.Peer.Port == 0 || c.Local.Port == 0 {

@@ -185,7 +185,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
 		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
-			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify"}[f.Kind]
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -213,6 +213,14 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			if u.Peer != nil {
 				fmt.Fprintf(w, " -> %s", *u.Peer)
 			}
+		}
+		if u := f.Unix; u != nil {
+			n := 0
+			for _, m := range u.Queue {
+				n += len(m)
+			}
+			fmt.Fprintf(w, " %s socket %d peer %d queued %d messages %d bytes shutdown %d",
+				map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Peer, len(u.Queue), n, u.Shutdown)
 		}
 		if tm := f.Timer; tm != nil {
 			fmt.Fprintf(w, " clock %d value %dns interval %dns ticks %d set-flags %#o", tm.Clock, tm.ValueNs, tm.IntervalNs, tm.Ticks, tm.SetFlags)

@@ -354,7 +354,31 @@ const (
 	// FDFanotify is a fanotify group, its marks re-added by path (inode
 	// marks), mount or filesystem; queued events are dropped.
 	FDFanotify FDKind = 19
+
+	// Unix sockets (numbered apart from the others).
+
+	// FDUnix is a unix socket whose peer the snapshot holds too (a
+	// socketpair): both ends are made again as one pair, with the
+	// messages queued in each.
+	FDUnix FDKind = 24
 )
+
+// UnixSocket is one end of a connected unix socket whose other end the
+// process holds too: ID and Peer are the two ends' inodes when frozen
+// (sock_diag's UNIX_DIAG_PEER), which pair the two records. Queue holds
+// what was received and not yet read, one entry a message (a stream
+// socket's bytes in one entry); Shutdown is the end's sk_shutdown
+// (1 receiving, 2 sending shut down).
+type UnixSocket struct {
+	Type     int      `msgpack:"type"` // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+	ID       uint64   `msgpack:"id"`
+	Peer     uint64   `msgpack:"peer"`
+	Queue    [][]byte `msgpack:"queue,omitempty"`
+	Shutdown int      `msgpack:"shutdown,omitempty"`
+}
+
+// MaxUnixQueue bounds the messages queued on one unix socket end.
+const MaxUnixQueue = 1 << 16
 
 // Fanotify is the state of a fanotify group (/proc/PID/fdinfo).
 type Fanotify struct {
@@ -525,9 +549,10 @@ type FD struct {
 	PipeSize int    `msgpack:"pipe_size,omitempty"`
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
 
-	Listen *Listener  `msgpack:"listen,omitempty"` // FDListen
-	TCP    *TCPConn   `msgpack:"tcp,omitempty"`    // FDTCP
-	UDP    *UDPSocket `msgpack:"udp,omitempty"`    // FDUDP
+	Listen *Listener   `msgpack:"listen,omitempty"` // FDListen
+	TCP    *TCPConn    `msgpack:"tcp,omitempty"`    // FDTCP
+	UDP    *UDPSocket  `msgpack:"udp,omitempty"`    // FDUDP
+	Unix   *UnixSocket `msgpack:"unix,omitempty"`   // FDUnix
 
 	// Object, for an FDFile, is the File record it is reopened from
 	// (a memfd, a deleted file).

@@ -1,0 +1,275 @@
+package capture
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+)
+
+// Unix sockets are identified as CRIU's sk-unix.c does: sock_diag
+// (NETLINK_SOCK_DIAG) reports a socket's type, state, name, peer and
+// queue length by its inode. A connected socket whose peer the process
+// holds too (a socketpair) is carried with the messages queued in each
+// end, read with MSG_PEEK at an advancing SO_PEEK_OFF on pfreeze's
+// duplicate, which leaves the queues as they were whatever happens next.
+// Anything else (a peer outside the process, a listening or named
+// socket) is refused by name.
+
+// sock_diag's unix attributes and show flags (linux/unix_diag.h).
+const (
+	unixDiagName     = 0
+	unixDiagPeer     = 2
+	unixDiagRQLen    = 4
+	unixDiagShutdown = 6
+
+	udiagShowName  = 0x01
+	udiagShowPeer  = 0x04
+	udiagShowRQLen = 0x10
+)
+
+// unixDiag is what sock_diag reports of one unix socket.
+type unixDiag struct {
+	typ, state int
+	ino, peer  uint64
+	name       string // "" unbound; an abstract name starts with "@"
+	rqlen      uint32 // a listener's backlog, or the bytes queued
+	shutdown   int
+	hasPeer    bool
+}
+
+// diagUnix asks sock_diag about the unix socket with inode ino.
+func diagUnix(ino uint64) (*unixDiag, error) {
+	s, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag: %w", err)
+	}
+	defer unix.Close(s)
+	// struct nlmsghdr, then struct unix_diag_req: family, protocol, pad,
+	// states, ino, show, cookie (all ones: not checked).
+	req := make([]byte, 16+24)
+	binary.LittleEndian.PutUint32(req[0:], uint32(len(req)))
+	binary.LittleEndian.PutUint16(req[4:], unix.SOCK_DIAG_BY_FAMILY)
+	binary.LittleEndian.PutUint16(req[6:], unix.NLM_F_REQUEST)
+	binary.LittleEndian.PutUint32(req[8:], 1)
+	req[16] = unix.AF_UNIX
+	binary.LittleEndian.PutUint32(req[20:], ^uint32(0))
+	binary.LittleEndian.PutUint32(req[24:], uint32(ino))
+	binary.LittleEndian.PutUint32(req[28:], udiagShowName|udiagShowPeer|udiagShowRQLen)
+	binary.LittleEndian.PutUint32(req[32:], ^uint32(0))
+	binary.LittleEndian.PutUint32(req[36:], ^uint32(0))
+	if err := unix.Sendto(s, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return nil, fmt.Errorf("sock_diag: send: %w", err)
+	}
+	buf := make([]byte, 8192)
+	n, _, err := unix.Recvfrom(s, buf, 0)
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag: receive: %w", err)
+	}
+	// One answer: struct nlmsghdr (length, type...), then its data.
+	if n < 16 || int(binary.LittleEndian.Uint32(buf)) > n || binary.LittleEndian.Uint32(buf) < 16 {
+		return nil, fmt.Errorf("sock_diag: malformed answer")
+	}
+	data := buf[16:binary.LittleEndian.Uint32(buf)]
+	if binary.LittleEndian.Uint16(buf[4:]) == unix.NLMSG_ERROR {
+		if len(data) >= 4 {
+			if e := int32(binary.LittleEndian.Uint32(data)); e < 0 {
+				return nil, fmt.Errorf("sock_diag: socket %d: %w", ino, unix.Errno(-e))
+			}
+		}
+		return nil, fmt.Errorf("sock_diag: socket %d: error answer", ino)
+	}
+	// struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
+	if len(data) < 16 {
+		return nil, fmt.Errorf("sock_diag: short answer")
+	}
+	d := &unixDiag{typ: int(data[1]), state: int(data[2]), ino: uint64(binary.LittleEndian.Uint32(data[4:]))}
+	for b := data[16:]; len(b) >= 4; {
+		l := int(binary.LittleEndian.Uint16(b))
+		if l < 4 || l > len(b) {
+			break
+		}
+		typ, val := binary.LittleEndian.Uint16(b[2:]), b[4:l]
+		switch typ {
+		case unixDiagName:
+			if len(val) > 0 && val[0] == 0 {
+				d.name = "@" + string(val[1:])
+			} else {
+				d.name = strings.TrimRight(string(val), "\x00")
+			}
+		case unixDiagPeer:
+			if len(val) >= 4 {
+				d.peer, d.hasPeer = uint64(binary.LittleEndian.Uint32(val)), true
+			}
+		case unixDiagRQLen:
+			if len(val) >= 4 {
+				d.rqlen = binary.LittleEndian.Uint32(val)
+			}
+		case unixDiagShutdown:
+			if len(val) >= 1 {
+				d.shutdown = int(val[0])
+			}
+		}
+		if l = (l + 3) &^ 3; l > len(b) {
+			break
+		}
+		b = b[l:]
+	}
+	return d, nil
+}
+
+// socketInodes returns the inodes of the sockets pid holds.
+func socketInodes(pid int) (map[uint64]bool, error) {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	own := map[uint64]bool{}
+	for _, e := range ents {
+		link, err := os.Readlink(dir + "/" + e.Name())
+		if err != nil || !strings.HasPrefix(link, "socket:[") {
+			continue
+		}
+		if ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 64); err == nil {
+			own[ino] = true
+		}
+	}
+	return own, nil
+}
+
+var unixTypes = map[int]string{unix.SOCK_STREAM: "stream", unix.SOCK_DGRAM: "datagram", unix.SOCK_SEQPACKET: "seqpacket"}
+
+// describeUnix records the unix socket held (h) at pid's fd: one end of a
+// connected pair whose other end pid holds too. Anything else is refused
+// with what it is and why.
+func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(h.fd, &st); err != nil {
+		return fmt.Errorf("stat: %w", err)
+	}
+	d, err := diagUnix(st.Ino)
+	if err != nil {
+		return err
+	}
+	typ := unixTypes[d.typ]
+	if typ == "" {
+		return fmt.Errorf("unix socket of type %d is not supported", d.typ)
+	}
+	what := fmt.Sprintf("unix %s socket", typ)
+	if d.name != "" {
+		what += fmt.Sprintf(" %q", d.name)
+	}
+	if d.state == unixTCPListen {
+		return fmt.Errorf("%s is listening: listening unix sockets are not supported yet", what)
+	}
+	if !d.hasPeer || d.peer == 0 {
+		return fmt.Errorf("%s is not connected: only connected unix sockets whose peer the process holds (a socketpair) are supported yet", what)
+	}
+	if socks.unixOwn == nil {
+		if socks.unixOwn, err = socketInodes(pid); err != nil {
+			return fmt.Errorf("fds: %w", err)
+		}
+	}
+	if !socks.unixOwn[d.peer] {
+		peer := fmt.Sprintf("socket:[%d]", d.peer)
+		if pd, err := diagUnix(d.peer); err == nil && pd.name != "" {
+			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
+		}
+		return fmt.Errorf("%s is connected to %s outside the frozen process: not carried", what, peer)
+	}
+	if d.name != "" {
+		return fmt.Errorf("%s has a name: named unix sockets are not supported yet", what)
+	}
+	queue, err := peekUnix(h.fd, d.typ)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	rec.Kind = image.FDUnix
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Shutdown: d.shutdown}
+	return nil
+}
+
+// unixTCPListen is the state sock_diag reports for a listening unix
+// socket (TCP_LISTEN).
+const unixTCPListen = 10
+
+// errQueuedFDs refuses a queue holding file descriptors.
+var errQueuedFDs = errors.New("file descriptors queued in it (SCM_RIGHTS) are not carried yet")
+
+// peekUnix reads what is queued on the socket s without consuming it:
+// MSG_PEEK at an advancing SO_PEEK_OFF, which is put back after. A
+// stream's bytes come as one entry, every datagram or packet as one.
+func peekUnix(s, typ int) ([][]byte, error) {
+	old, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF)
+	if err != nil {
+		return nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
+	}
+	if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
+		return nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
+	}
+	defer unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF, old)
+	var queue [][]byte
+	var stream []byte
+	buf := make([]byte, 1<<20)
+	oob := make([]byte, unix.CmsgSpace(253*4))
+	for total := 0; ; {
+		n, oobn, flags, _, err := unix.Recvmsg(s, buf, oob, unix.MSG_PEEK|unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+		if err == unix.EAGAIN {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("peek at its queue: %w", err)
+		}
+		if oobn > 0 {
+			if rights := closeRights(oob[:oobn]); rights > 0 {
+				return nil, errQueuedFDs
+			}
+		}
+		if flags&unix.MSG_TRUNC != 0 {
+			return nil, fmt.Errorf("a queued message larger than %d bytes", len(buf))
+		}
+		if typ == unix.SOCK_STREAM {
+			if n == 0 {
+				break // the end of the stream: the peer shut down
+			}
+			stream = append(stream, buf[:n]...)
+		} else {
+			queue = append(queue, append([]byte(nil), buf[:n]...))
+		}
+		if total += n; total > image.MaxSockQueue || len(queue) > image.MaxUnixQueue {
+			return nil, fmt.Errorf("more than %d bytes or %d messages queued", image.MaxSockQueue, image.MaxUnixQueue)
+		}
+	}
+	if len(stream) > 0 {
+		queue = [][]byte{stream}
+	}
+	return queue, nil
+}
+
+// closeRights closes the file descriptors an SCM_RIGHTS message in oob
+// gave us and returns how many there were.
+func closeRights(oob []byte) int {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for i := range msgs {
+		fds, err := unix.ParseUnixRights(&msgs[i])
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		n += len(fds)
+	}
+	return n
+}
