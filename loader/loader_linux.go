@@ -100,11 +100,14 @@ type Process struct {
 	// unix socket pair made for an earlier fd, until its own fd is
 	// placed (unix_linux.go).
 	unixEnds map[uint64]uintptr
-	vdso     uint64   // syscall site in the moved vdso
-	uffd     *os.File // fills private anonymous memory while building
-	built    bool
-	done     bool
-	tasks    []*task // the threads finish made ready, detached to start
+	// unixListeners are the re-created listening unix sockets, bound in
+	// finish.
+	unixListeners []*image.FD
+	vdso          uint64   // syscall site in the moved vdso
+	uffd          *os.File // fills private anonymous memory while building
+	built         bool
+	done          bool
+	tasks         []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string

@@ -3,6 +3,7 @@ package loader
 import (
 	"encoding/binary"
 	"fmt"
+	"os"
 
 	"golang.org/x/sys/unix"
 
@@ -23,6 +24,18 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	u := f.Unix
 	if u == nil {
 		return 0, fmt.Errorf("%w: fd %d: unix socket", image.ErrCorrupt, f.Fd)
+	}
+	if u.Listen {
+		typ := uintptr(u.Type) | unix.SOCK_CLOEXEC
+		if f.Flags&unix.O_NONBLOCK != 0 {
+			typ |= unix.SOCK_NONBLOCK
+		}
+		s, err := p.call(unix.SYS_SOCKET, unix.AF_UNIX, typ, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
+		}
+		p.unixListeners = append(p.unixListeners, f)
+		return s, nil
 	}
 	if end, ok := p.unixEnds[u.ID]; ok {
 		delete(p.unixEnds, u.ID)
@@ -64,6 +77,13 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 		if how := shutdownHow(s.Shutdown); how >= 0 {
 			if _, err := p.call(unix.SYS_SHUTDOWN, ends[i], uintptr(how)); err != nil {
 				return fail(fmt.Errorf("fd %d: shutdown: %w", f.Fd, err))
+			}
+		}
+	}
+	for i, o := range []*image.FD{f, peer} {
+		if o.Flags&unix.O_NONBLOCK != 0 {
+			if _, err := p.call(unix.SYS_FCNTL, ends[i], unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+				return fail(fmt.Errorf("fd %d: O_NONBLOCK: %w", o.Fd, err))
 			}
 		}
 	}
@@ -125,4 +145,73 @@ func (p *Process) fillUnix(fd uintptr, msgs [][]byte) error {
 		}
 	}
 	return nil
+}
+
+// bindUnixListeners binds the re-created listening unix sockets to their
+// names and makes them listen, when the process starts: on one host the
+// original held the names until it was killed. A path's socket file left
+// by the original (nobody accepts on it) is replaced; one another
+// process listens on is left to it, and the process starts with that
+// socket unbound, which pthaw says. scratch is argument memory in the
+// process. Runs on the tracer thread.
+func (p *Process) bindUnixListeners(scratch uintptr) error {
+	for _, f := range p.unixListeners {
+		u := f.Unix
+		if !u.Listen || u.Name == "" || len(u.Name) > 107 {
+			return fmt.Errorf("%w: fd %d: listening unix socket", image.ErrCorrupt, f.Fd)
+		}
+		name := []byte(u.Name)
+		if name[0] == '@' {
+			name[0] = 0
+		} else if !staleSocket(u.Name) {
+			p.notice("fd %d (unix socket listening on %s) cannot be bound here: another process listens there; the process finds it unbound", f.Fd, u.Name)
+			continue
+		}
+		sa := make([]byte, 2+len(name))
+		binary.LittleEndian.PutUint16(sa, unix.AF_UNIX)
+		copy(sa[2:], name)
+		if err := p.mem.Write(uint64(scratch), sa); err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_BIND, uintptr(f.Fd), scratch, uintptr(len(sa))); err != nil {
+			return fmt.Errorf("fd %d: bind unix socket %s: %w", f.Fd, u.Name, err)
+		}
+		if name[0] != 0 {
+			if err := os.Lchown(u.Name, int(u.Uid), int(u.Gid)); err != nil {
+				return fmt.Errorf("fd %d: unix socket %s: %w", f.Fd, u.Name, err)
+			}
+			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
+				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", f.Fd, u.Name, err)
+			}
+		}
+		if _, err := p.call(unix.SYS_LISTEN, uintptr(f.Fd), listenBacklog); err != nil {
+			return fmt.Errorf("fd %d: listen on unix socket %s: %w", f.Fd, u.Name, err)
+		}
+	}
+	return nil
+}
+
+// staleSocket reports whether path is free for a unix socket to bind:
+// nothing there, or a socket file nobody accepts on (the original's),
+// which it removes.
+func staleSocket(path string) bool {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return true
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return false
+	}
+	for _, typ := range []int{unix.SOCK_STREAM, unix.SOCK_SEQPACKET, unix.SOCK_DGRAM} {
+		s, err := unix.Socket(unix.AF_UNIX, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+		if err != nil {
+			return false
+		}
+		err = unix.Connect(s, &unix.SockaddrUnix{Name: path})
+		unix.Close(s)
+		if err != unix.ECONNREFUSED && err != unix.EPROTOTYPE {
+			return false // someone listens (or it cannot be told)
+		}
+	}
+	return unix.Unlink(path) == nil
 }

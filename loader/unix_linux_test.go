@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -102,5 +104,49 @@ func TestFreezeUnixOutside(t *testing.T) {
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if line != "hello\n" {
 		t.Fatalf("the original sent %q (%v), want hello", line, err)
+	}
+}
+
+// TestMigrateUnixListener moves a process listening on a unix socket
+// bound to a path (its socket file left behind by the killed original is
+// replaced, keeping its mode) and one on an abstract name: after the
+// move a client connects to the name and the copy answers.
+func TestMigrateUnixListener(t *testing.T) {
+	needRoot(t)
+	for _, abstract := range []bool{false, true} {
+		name := filepath.Join(t.TempDir(), "server.sock")
+		if abstract {
+			name = fmt.Sprintf("@pcluster-test-%d", os.Getpid())
+		}
+		orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "listen", name)
+		orig.Expect(t, `^ready$`, waitFor)
+		if !abstract {
+			if err := os.Chmod(name, 0o640); err != nil {
+				t.Fatal(err)
+			}
+		}
+		out := migrateTCP(t, pid)
+		if !abstract {
+			if st, err := os.Stat(name); err != nil || st.Mode().Perm() != 0o640 {
+				t.Fatalf("the socket file after the move: %v %v, want mode 0640", st, err)
+			}
+		}
+		if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+			t.Fatal(err)
+		}
+		c, err := net.Dial("unix", name)
+		if err != nil {
+			t.Fatalf("%s: connect to the copy: %v", name, err)
+		}
+		c.SetDeadline(time.Now().Add(waitFor))
+		if _, err := c.Write([]byte("hi\n")); err != nil {
+			t.Fatal(err)
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if line != "echo: hi\n" {
+			t.Fatalf("%s: the copy answered %q (%v), want \"echo: hi\\n\"", name, line, err)
+		}
+		out.Expect(t, `^ok$`, waitFor)
 	}
 }

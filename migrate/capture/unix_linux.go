@@ -25,11 +25,13 @@ import (
 // sock_diag's unix attributes and show flags (linux/unix_diag.h).
 const (
 	unixDiagName     = 0
+	unixDiagVFS      = 1
 	unixDiagPeer     = 2
 	unixDiagRQLen    = 4
 	unixDiagShutdown = 6
 
 	udiagShowName  = 0x01
+	udiagShowVFS   = 0x02
 	udiagShowPeer  = 0x04
 	udiagShowRQLen = 0x10
 )
@@ -42,6 +44,7 @@ type unixDiag struct {
 	rqlen      uint32 // a listener's backlog, or the bytes queued
 	shutdown   int
 	hasPeer    bool
+	vfsIno     uint64 // the inode of a path's socket file
 }
 
 // diagUnix asks sock_diag about the unix socket with inode ino.
@@ -61,7 +64,7 @@ func diagUnix(ino uint64) (*unixDiag, error) {
 	req[16] = unix.AF_UNIX
 	binary.LittleEndian.PutUint32(req[20:], ^uint32(0))
 	binary.LittleEndian.PutUint32(req[24:], uint32(ino))
-	binary.LittleEndian.PutUint32(req[28:], udiagShowName|udiagShowPeer|udiagShowRQLen)
+	binary.LittleEndian.PutUint32(req[28:], udiagShowName|udiagShowVFS|udiagShowPeer|udiagShowRQLen)
 	binary.LittleEndian.PutUint32(req[32:], ^uint32(0))
 	binary.LittleEndian.PutUint32(req[36:], ^uint32(0))
 	if err := unix.Sendto(s, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
@@ -102,6 +105,10 @@ func diagUnix(ino uint64) (*unixDiag, error) {
 				d.name = "@" + string(val[1:])
 			} else {
 				d.name = strings.TrimRight(string(val), "\x00")
+			}
+		case unixDiagVFS:
+			if len(val) >= 4 {
+				d.vfsIno = uint64(binary.LittleEndian.Uint32(val))
 			}
 		case unixDiagPeer:
 			if len(val) >= 4 {
@@ -167,7 +174,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		what += fmt.Sprintf(" %q", d.name)
 	}
 	if d.state == unixTCPListen {
-		return fmt.Errorf("%s is listening: listening unix sockets are not supported yet", what)
+		return describeUnixListener(d, what, rec)
 	}
 	if !d.hasPeer || d.peer == 0 {
 		return fmt.Errorf("%s is not connected: only connected unix sockets whose peer the process holds (a socketpair) are supported yet", what)
@@ -272,4 +279,30 @@ func closeRights(oob []byte) int {
 		n += len(fds)
 	}
 	return n
+}
+
+// describeUnixListener records a listening unix socket: its name (an
+// absolute path, or an abstract name) and its socket file's mode and
+// owner. One with connections not yet accepted is refused: they would be
+// lost with the original, which, resumed, accepts them.
+func describeUnixListener(d *unixDiag, what string, rec *image.FD) error {
+	if d.rqlen > 0 {
+		return fmt.Errorf("%s has %d connections not yet accepted, which would be lost: try again once the process has accepted them (it runs on)", what, d.rqlen)
+	}
+	u := &image.UnixSocket{Type: d.typ, ID: d.ino, Listen: true, Name: d.name}
+	switch {
+	case strings.HasPrefix(d.name, "@"):
+	case strings.HasPrefix(d.name, "/"):
+		// The file must still be this socket's: a restore binds the
+		// name again.
+		var st unix.Stat_t
+		if err := unix.Lstat(d.name, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != d.vfsIno {
+			return fmt.Errorf("%s: its path no longer names its socket file", what)
+		}
+		u.Mode, u.Uid, u.Gid = st.Mode&0o7777, st.Uid, st.Gid
+	default:
+		return fmt.Errorf("%s: a listening unix socket bound to a relative path is not supported", what)
+	}
+	rec.Kind, rec.Unix = image.FDUnix, u
+	return nil
 }

@@ -443,7 +443,14 @@ const MaxSockQueue = 1 << 30
 // two distinct ends, and queues the kernel could hold (a stream's bytes
 // in one entry).
 func checkUnix(fd int, u *UnixSocket) error {
-	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 {
+	if u != nil && u.Listen {
+		if u.Name == "" || len(u.Name) > 107 || (u.Name[0] != '/' && u.Name[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 ||
+			(u.Type != sockStream && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: listening unix socket", fd)
+		}
+		return nil
+	}
+	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 || u.Name != "" {
 		return corruptf("fd %d: unix socket", fd)
 	}
 	switch u.Type {

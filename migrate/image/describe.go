@@ -214,7 +214,10 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 				fmt.Fprintf(w, " -> %s", *u.Peer)
 			}
 		}
-		if u := f.Unix; u != nil {
+		if u := f.Unix; u != nil && u.Listen {
+			fmt.Fprintf(w, " %s socket %d listening on %q mode %#o owner %d:%d",
+				map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name, u.Mode, u.Uid, u.Gid)
+		} else if u != nil {
 			n := 0
 			for _, m := range u.Queue {
 				n += len(m)

@@ -369,12 +369,22 @@ const (
 // what was received and not yet read, one entry a message (a stream
 // socket's bytes in one entry); Shutdown is the end's sk_shutdown
 // (1 receiving, 2 sending shut down).
+//
+// A listening socket (Listen) has no peer and no queue: it is bound
+// again to Name (an absolute path, or an abstract name starting with
+// "@") when the process starts; a path's socket file gets Mode, Uid and
+// Gid.
 type UnixSocket struct {
 	Type     int      `msgpack:"type"` // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
 	ID       uint64   `msgpack:"id"`
 	Peer     uint64   `msgpack:"peer"`
 	Queue    [][]byte `msgpack:"queue,omitempty"`
 	Shutdown int      `msgpack:"shutdown,omitempty"`
+	Listen   bool     `msgpack:"listen,omitempty"`
+	Name     string   `msgpack:"name,omitempty"`
+	Mode     uint32   `msgpack:"mode,omitempty"`
+	Uid      uint32   `msgpack:"uid,omitempty"`
+	Gid      uint32   `msgpack:"gid,omitempty"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
