@@ -25,6 +25,17 @@ func (p *Process) openFiles() error {
 	for _, f := range p.fds {
 		want[f.Fd] = true
 	}
+	if p.tree == nil {
+		// A single process's own pipes: pthaw holds their ends only
+		// until every fd of the process is open.
+		p.pipes = map[uint64][2]int{}
+		defer func() {
+			for _, ends := range p.pipes {
+				closeEnds(ends)
+			}
+			p.pipes = nil
+		}()
+	}
 	return p.tr.Do(func() error {
 		for _, f := range p.fds {
 			switch {
@@ -187,15 +198,17 @@ func (p *Process) openFile(f *image.FD) error {
 }
 
 // pipeEnd returns the path through which the process opens its end of
-// pipe f.Pipe. pthaw makes each pipe of a tree, with the data that was
+// pipe f.Pipe. pthaw makes each pipe of a tree (or of a single process),
+// with the data that was
 // buffered in it, and holds both ends until the tree starts; a member
 // opens /proc/<pthaw>/fd/<end> with its saved flags (a new open file
 // description of the same pipe).
 func (p *Process) pipeEnd(f *image.FD) (string, error) {
-	if p.tree == nil {
-		return "", fmt.Errorf("%w: fd %d: a pipe outside a tree", image.ErrCorrupt, f.Fd)
+	pipes := p.pipes
+	if p.tree != nil {
+		pipes = p.tree.pipes
 	}
-	ends, ok := p.tree.pipes[f.Pipe]
+	ends, ok := pipes[f.Pipe]
 	if !ok {
 		var err error
 		open := newPipe
@@ -205,7 +218,7 @@ func (p *Process) pipeEnd(f *image.FD) (string, error) {
 		if ends, err = open(f); err != nil {
 			return "", fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 		}
-		p.tree.pipes[f.Pipe] = ends
+		pipes[f.Pipe] = ends
 	}
 	end := ends[0]
 	if f.Flags&unix.O_ACCMODE == unix.O_WRONLY {

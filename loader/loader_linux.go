@@ -100,6 +100,9 @@ type Process struct {
 	// unix socket pair made for an earlier fd, until its own fd is
 	// placed (unix_linux.go).
 	unixEnds map[uint64]uintptr
+	// pipes holds pthaw's ends of a single process's own pipes while its
+	// fds are opened (a tree's are in tree.pipes).
+	pipes map[uint64][2]int
 	// unixListeners are the re-created listening unix sockets, bound in
 	// finish.
 	unixListeners []*image.FD

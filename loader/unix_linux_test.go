@@ -150,3 +150,17 @@ func TestMigrateUnixListener(t *testing.T) {
 		out.Expect(t, `^ok$`, waitFor)
 	}
 }
+
+// TestMigrateOwnPipe moves a single process (no tree) holding both ends
+// of a pipe with bytes buffered in it: the copy reads them, and the pipe
+// still carries what it writes.
+func TestMigrateOwnPipe(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "pipe")
+	orig.Expect(t, `^ready$`, waitFor)
+	out := migrateTCP(t, pid)
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	out.Expect(t, `^ok$`, waitFor)
+}

@@ -159,16 +159,27 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 // write end open in members of the tree, each false: its data is yet to
 // be saved.
 func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
+	pids := make([]int, len(t.members))
+	for i, f := range t.members {
+		pids[i] = f.Pid
+	}
+	return innerPipes(pids)
+}
+
+// innerPipes returns the pipes and named FIFOs (by pipeID) that have both
+// a read and a write end open in the processes pids, each false: its data
+// is yet to be saved.
+func innerPipes(pids []int) (map[uint64]bool, error) {
 	const read, write = 1, 2
 	ends := map[uint64]int{}
-	for _, f := range t.members {
-		infos, err := procfs.FDs(f.Pid)
+	for _, pid := range pids {
+		infos, err := procfs.FDs(pid)
 		if err != nil {
-			return nil, fmt.Errorf("pid %d: fds: %w", f.Pid, err)
+			return nil, fmt.Errorf("pid %d: fds: %w", pid, err)
 		}
 		for _, fi := range infos {
 			var st syscall.Stat_t
-			if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/%d", f.Pid, fi.Fd), &st); err != nil {
+			if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fi.Fd), &st); err != nil {
 				continue // closed meanwhile: describeFDs reports it
 			}
 			id, ok := pipeID(fi.Link, &st)

@@ -148,9 +148,6 @@ func (c *checker) check(rec any) error {
 		if _, ok := c.files[r.Object]; r.Object != 0 && (!ok || r.Kind != FDFile) {
 			return c.wrap(corruptf("fd %d: file object %#x", r.Fd, r.Object))
 		}
-		if r.Kind == FDPipe && c.tree == nil {
-			return corruptf("fd %d: a pipe outside a tree", r.Fd)
-		}
 		c.lastFd, c.fds = r.Fd, c.fds+1
 		c.fdSet[r.Fd] = true
 		if (r.Kind != FDInherit || r.Fd > 2) && r.Desc != r.Fd {
