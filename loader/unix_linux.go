@@ -13,10 +13,10 @@ import (
 // A unix socket pair both of whose ends the process held is made again by
 // a socketpair injected into the process, when the first of its fds is
 // placed; the other end waits above every saved fd number until its own
-// fd's turn. The messages queued in each end are sent into it from the
-// other end through pthaw's duplicates of them (pidfd_getfd), in their
-// order and with their boundaries, and then each end is shut down as it
-// was.
+// fd's turn. Once every fd is in place, the messages queued in each end
+// are sent into it from the other end through pthaw's duplicates of them
+// (pidfd_getfd), in their order and with their boundaries and the fds
+// they carried, and then each end is shut down as it was.
 
 // unixSocket returns the process's new fd of the unix socket end f.
 // Runs on the tracer thread.
@@ -66,20 +66,6 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 		p.call(unix.SYS_CLOSE, ends[1])
 		return 0, err
 	}
-	// f's queue came from its peer, the peer's from f.
-	if err := p.fillUnix(ends[1], u.Queue); err != nil {
-		return fail(fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err))
-	}
-	if err := p.fillUnix(ends[0], peer.Unix.Queue); err != nil {
-		return fail(fmt.Errorf("fd %d (%s): refill its queue: %w", peer.Fd, peer.What, err))
-	}
-	for i, s := range []*image.UnixSocket{u, peer.Unix} {
-		if how := shutdownHow(s.Shutdown); how >= 0 {
-			if _, err := p.call(unix.SYS_SHUTDOWN, ends[i], uintptr(how)); err != nil {
-				return fail(fmt.Errorf("fd %d: shutdown: %w", f.Fd, err))
-			}
-		}
-	}
 	for i, o := range []*image.FD{f, peer} {
 		if o.Flags&unix.O_NONBLOCK != 0 {
 			if _, err := p.call(unix.SYS_FCNTL, ends[i], unix.F_SETFL, unix.O_NONBLOCK); err != nil {
@@ -87,7 +73,8 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 			}
 		}
 	}
-	// Out of the way of the fds still to be placed.
+	// Out of the way of the fds still to be placed. Queues are filled
+	// once every fd is (fillUnixQueues).
 	high, err := p.call(unix.SYS_FCNTL, ends[1], unix.F_DUPFD_CLOEXEC, uintptr(top+1))
 	if err != nil {
 		return fail(fmt.Errorf("fd %d: move its pair's other end: %w", f.Fd, err))
@@ -114,34 +101,104 @@ func shutdownHow(mask int) int {
 	return -1
 }
 
-// fillUnix sends msgs, in order, from the process's socket fd (to its
-// peer). Runs on the tracer thread.
-func (p *Process) fillUnix(fd uintptr, msgs [][]byte) error {
-	if len(msgs) == 0 {
-		return nil
+// fillUnixQueues sends each unix socket pair's saved queues into it, once
+// every fd of the process is in place (a message may carry some of them,
+// SCM_RIGHTS), and then shuts each end down as it was. An end's queue is
+// sent from its peer, through pthaw's duplicates of the process's fds.
+// Runs on the tracer thread.
+func (p *Process) fillUnixQueues() error {
+	var pidfd int = -1
+	defer func() {
+		if pidfd >= 0 {
+			unix.Close(pidfd)
+		}
+	}()
+	get := func(fd int) (int, error) {
+		if pidfd < 0 {
+			var err error
+			if pidfd, err = unix.PidfdOpen(p.pid, 0); err != nil {
+				return -1, fmt.Errorf("pidfd_open: %w", err)
+			}
+		}
+		mine, err := unix.PidfdGetfd(pidfd, fd, 0)
+		if err != nil {
+			return -1, fmt.Errorf("fd %d: pidfd_getfd: %w", fd, err)
+		}
+		return mine, nil
 	}
-	pidfd, err := unix.PidfdOpen(p.pid, 0)
+	fdOf := map[uint64]*image.FD{}
+	for _, f := range p.fds {
+		if f.Kind == image.FDUnix && f.Unix != nil && !f.Unix.Listen && fdOf[f.Unix.ID] == nil {
+			fdOf[f.Unix.ID] = f
+		}
+	}
+	for _, f := range p.fds {
+		u := f.Unix
+		if f.Kind != image.FDUnix || u == nil || u.Listen || fdOf[u.ID] != f {
+			continue
+		}
+		peer := fdOf[u.Peer]
+		if peer == nil {
+			return fmt.Errorf("%w: fd %d: unix socket %d: its peer %d is not in the snapshot", image.ErrCorrupt, f.Fd, u.ID, u.Peer)
+		}
+		if len(u.Queue) > 0 {
+			if err := p.fillUnix(get, peer.Fd, u); err != nil {
+				return fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err)
+			}
+		}
+	}
+	for _, f := range p.fds {
+		if u := f.Unix; f.Kind == image.FDUnix && u != nil && !u.Listen && fdOf[u.ID] == f {
+			if how := shutdownHow(u.Shutdown); how >= 0 {
+				if _, err := p.call(unix.SYS_SHUTDOWN, uintptr(f.Fd), uintptr(how)); err != nil {
+					return fmt.Errorf("fd %d (%s): shutdown: %w", f.Fd, f.What, err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// fillUnix sends u's queue, in order, from the process's socket at fd
+// (u's peer), each message with the process's fds it carried. get
+// duplicates one of the process's fds into pthaw.
+func (p *Process) fillUnix(get func(int) (int, error), fd int, u *image.UnixSocket) error {
+	s, err := get(fd)
 	if err != nil {
-		return fmt.Errorf("pidfd_open: %w", err)
+		return err
 	}
-	defer unix.Close(pidfd)
-	mine, err := unix.PidfdGetfd(pidfd, int(fd), 0)
-	if err != nil {
-		return fmt.Errorf("pidfd_getfd: %w", err)
-	}
-	defer unix.Close(mine)
-	for _, m := range msgs {
+	defer unix.Close(s)
+	for i, m := range u.Queue {
+		var oob []byte
+		if i < len(u.Rights) && len(u.Rights[i]) > 0 {
+			var mine []int
+			for _, r := range u.Rights[i] {
+				d, err := get(r)
+				if err != nil {
+					for _, x := range mine {
+						unix.Close(x)
+					}
+					return fmt.Errorf("a file descriptor it carries: %w", err)
+				}
+				mine = append(mine, d)
+			}
+			oob = unix.UnixRights(mine...)
+			for _, x := range mine {
+				defer unix.Close(x)
+			}
+		}
 		// Never blocking: a queue that does not fit is an error, not a
-		// hang. A stream's bytes may take several sends.
-		for off := 0; off < len(m) || (off == 0 && len(m) == 0); {
-			n, err := unix.SendmsgN(mine, m[off:], nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		// hang. A stream's bytes may take several sends (the fds go
+		// with the first).
+		for off := 0; off < len(m) || off == 0; {
+			n, err := unix.SendmsgN(s, m[off:], oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
 			if err != nil {
 				return fmt.Errorf("%d bytes: %w", len(m), err)
 			}
-			if n == 0 && len(m) == 0 {
+			oob = nil
+			if off += n; len(m) == 0 {
 				break
 			}
-			off += n
 		}
 	}
 	return nil

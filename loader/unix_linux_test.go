@@ -45,9 +45,11 @@ func describe(t *testing.T, pid int) []byte {
 }
 
 // TestMigrateUnixPair moves a single process holding unix socket pairs of
-// each type with bytes queued both ways and one end shut down: the copy
-// reads every queued byte and message back with its boundaries, sees the
-// shut-down stream end, and its pairs still talk (the fixture checks).
+// each type with bytes queued both ways, messages carrying one of its
+// fds (SCM_RIGHTS) and one end shut down: the copy reads every queued
+// byte and message back with its boundaries, gets fds that write into
+// the same pipe, sees the shut-down stream end, and its pairs still talk
+// (the fixture checks).
 func TestMigrateUnixPair(t *testing.T) {
 	needRoot(t)
 	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"))
@@ -66,7 +68,7 @@ func TestDebugUnixPair(t *testing.T) {
 	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"))
 	orig.Expect(t, `^ready$`, waitFor)
 	b := describe(t, pid)
-	for _, want := range []string{"unix \"socket:[", "stream socket", "queued 1 messages 22 bytes", "dgram socket", "queued 3 messages 9 bytes", "seqpacket socket", "queued 2 messages 5 bytes", "shutdown 2"} {
+	for _, want := range []string{"unix \"socket:[", "stream socket", "queued 1 messages 31 bytes", "[message 0 carries fds [12]]", "dgram socket", "queued 4 messages 15 bytes", "[message 3 carries fds [12]]", "seqpacket socket", "queued 2 messages 5 bytes", "shutdown 2"} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("pfreeze -debug lacks %q:\n%s", want, b)
 		}

@@ -2,7 +2,6 @@ package capture
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -11,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
 )
 
 // Unix sockets are identified as CRIU's sk-unix.c does: sock_diag
@@ -194,12 +194,12 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	if d.name != "" {
 		return fmt.Errorf("%s has a name: named unix sockets are not supported yet", what)
 	}
-	queue, err := peekUnix(h.fd, d.typ)
+	queue, rights, err := peekUnix(pid, h.fd, d.typ)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	rec.Kind = image.FDUnix
-	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Shutdown: d.shutdown}
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Rights: rights, Shutdown: d.shutdown}
 	return nil
 }
 
@@ -207,23 +207,23 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 // socket (TCP_LISTEN).
 const unixTCPListen = 10
 
-// errQueuedFDs refuses a queue holding file descriptors.
-var errQueuedFDs = errors.New("file descriptors queued in it (SCM_RIGHTS) are not carried yet")
-
-// peekUnix reads what is queued on the socket s without consuming it:
-// MSG_PEEK at an advancing SO_PEEK_OFF, which is put back after. A
-// stream's bytes come as one entry, every datagram or packet as one.
-func peekUnix(s, typ int) ([][]byte, error) {
+// peekUnix reads what is queued on the socket s of pid without consuming
+// it: MSG_PEEK at an advancing SO_PEEK_OFF, which is put back after. A
+// stream's bytes come as one entry (one for each run that carried fds),
+// every datagram or packet as one. A message's fds (SCM_RIGHTS) are
+// recorded as the fds of pid that hold the same files; one pid does not
+// hold is refused.
+func peekUnix(pid, s, typ int) (queue [][]byte, rights [][]int, err error) {
 	old, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF)
 	if err != nil {
-		return nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
+		return nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
 	}
 	if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
-		return nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
+		return nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
 	}
 	defer unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF, old)
-	var queue [][]byte
 	var stream []byte
+	anyRights := false
 	buf := make([]byte, 1<<20)
 	oob := make([]byte, unix.CmsgSpace(253*4))
 	for total := 0; ; {
@@ -232,53 +232,86 @@ func peekUnix(s, typ int) ([][]byte, error) {
 			break
 		}
 		if err != nil {
-			return nil, fmt.Errorf("peek at its queue: %w", err)
+			return nil, nil, fmt.Errorf("peek at its queue: %w", err)
 		}
+		var carried []int
 		if oobn > 0 {
-			if rights := closeRights(oob[:oobn]); rights > 0 {
-				return nil, errQueuedFDs
+			if carried, err = heldRights(pid, oob[:oobn]); err != nil {
+				return nil, nil, err
 			}
 		}
-		if flags&unix.MSG_TRUNC != 0 {
-			return nil, fmt.Errorf("a queued message larger than %d bytes", len(buf))
+		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+			return nil, nil, fmt.Errorf("a queued message larger than %d bytes or with more than 253 fds", len(buf))
 		}
-		if typ == unix.SOCK_STREAM {
-			if n == 0 {
-				break // the end of the stream: the peer shut down
-			}
+		if typ == unix.SOCK_STREAM && n == 0 {
+			break // the end of the stream: the peer shut down
+		}
+		if typ == unix.SOCK_STREAM && carried == nil {
 			stream = append(stream, buf[:n]...)
 		} else {
-			queue = append(queue, append([]byte(nil), buf[:n]...))
+			if len(stream) > 0 {
+				queue, rights = append(queue, stream), append(rights, nil)
+				stream = nil
+			}
+			queue, rights = append(queue, append([]byte(nil), buf[:n]...)), append(rights, carried)
+			anyRights = anyRights || carried != nil
 		}
 		if total += n; total > image.MaxSockQueue || len(queue) > image.MaxUnixQueue {
-			return nil, fmt.Errorf("more than %d bytes or %d messages queued", image.MaxSockQueue, image.MaxUnixQueue)
+			return nil, nil, fmt.Errorf("more than %d bytes or %d messages queued", image.MaxSockQueue, image.MaxUnixQueue)
 		}
 	}
 	if len(stream) > 0 {
-		queue = [][]byte{stream}
+		queue, rights = append(queue, stream), append(rights, nil)
 	}
-	return queue, nil
+	if !anyRights {
+		rights = nil
+	}
+	return queue, rights, nil
 }
 
-// closeRights closes the file descriptors an SCM_RIGHTS message in oob
-// gave us and returns how many there were.
-func closeRights(oob []byte) int {
+// heldRights returns, for each fd an SCM_RIGHTS message in oob gave us
+// (which it closes), the fd of pid that holds the same open file.
+func heldRights(pid int, oob []byte) ([]int, error) {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
-		return 0
+		return nil, fmt.Errorf("control message: %w", err)
 	}
-	n := 0
+	var got []int
 	for i := range msgs {
-		fds, err := unix.ParseUnixRights(&msgs[i])
-		if err != nil {
-			continue
+		if fds, err := unix.ParseUnixRights(&msgs[i]); err == nil {
+			got = append(got, fds...)
 		}
-		for _, fd := range fds {
+	}
+	defer func() {
+		for _, fd := range got {
 			unix.Close(fd)
 		}
-		n += len(fds)
+	}()
+	if len(got) == 0 {
+		return nil, nil
 	}
-	return n
+	infos, err := procfs.FDs(pid)
+	if err != nil {
+		return nil, fmt.Errorf("fds: %w", err)
+	}
+	held := make([]int, 0, len(got))
+	for _, fd := range got {
+		found := -1
+		for _, fi := range infos {
+			const kcmpFile = 0
+			r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(os.Getpid()), uintptr(pid), kcmpFile, uintptr(fd), uintptr(fi.Fd), 0)
+			if e == 0 && r == 0 {
+				found = fi.Fd
+				break
+			}
+		}
+		if found < 0 {
+			link, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+			return nil, fmt.Errorf("a file descriptor queued in it (SCM_RIGHTS, %s) is not open in the process: not carried", link)
+		}
+		held = append(held, found)
+	}
+	return held, nil
 }
 
 // describeUnixListener records a listening unix socket: its name (an

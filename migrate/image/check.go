@@ -153,6 +153,13 @@ func (c *checker) check(rec any) error {
 		if (r.Kind != FDInherit || r.Fd > 2) && r.Desc != r.Fd {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
 		}
+		if r.Unix != nil {
+			for _, m := range r.Unix.Rights {
+				for _, x := range m {
+					c.fdRefs = append(c.fdRefs, fdRef{r.Fd, x, "(unix socket) carries fd"})
+				}
+			}
+		}
 		for _, t := range r.Epoll {
 			if t.Via != nil {
 				c.fdRefs = append(c.fdRefs, fdRef{r.Fd, *t.Via, "(epoll) watches the file of fd"})
@@ -450,9 +457,22 @@ func checkUnix(fd int, u *UnixSocket) error {
 	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 || u.Name != "" {
 		return corruptf("fd %d: unix socket", fd)
 	}
+	if len(u.Rights) > len(u.Queue) {
+		return corruptf("fd %d: unix socket with fds for %d of %d messages", fd, len(u.Rights), len(u.Queue))
+	}
+	for _, r := range u.Rights {
+		if len(r) > 253 { // SCM_MAX_FD
+			return corruptf("fd %d: unix socket message with %d fds", fd, len(r))
+		}
+		for _, x := range r {
+			if x < 0 || x > MaxFd {
+				return corruptf("fd %d: unix socket message carries fd %d", fd, x)
+			}
+		}
+	}
 	switch u.Type {
 	case sockStream:
-		if len(u.Queue) > 1 {
+		if len(u.Queue) > 1 && len(u.Rights) == 0 {
 			return corruptf("fd %d: unix stream socket with %d queue entries", fd, len(u.Queue))
 		}
 	case sockDgram, sockSeqpacket:

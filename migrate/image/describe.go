@@ -224,6 +224,11 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			}
 			fmt.Fprintf(w, " %s socket %d peer %d queued %d messages %d bytes shutdown %d",
 				map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Peer, len(u.Queue), n, u.Shutdown)
+			for i, r := range u.Rights {
+				if len(r) > 0 {
+					fmt.Fprintf(w, " [message %d carries fds %v]", i, r)
+				}
+			}
 		}
 		if tm := f.Timer; tm != nil {
 			fmt.Fprintf(w, " clock %d value %dns interval %dns ticks %d set-flags %#o", tm.Clock, tm.ValueNs, tm.IntervalNs, tm.Ticks, tm.SetFlags)

@@ -367,7 +367,8 @@ const (
 // process holds too: ID and Peer are the two ends' inodes when frozen
 // (sock_diag's UNIX_DIAG_PEER), which pair the two records. Queue holds
 // what was received and not yet read, one entry a message (a stream
-// socket's bytes in one entry); Shutdown is the end's sk_shutdown
+// socket's bytes in one entry, or one for each run that carried fds);
+// Shutdown is the end's sk_shutdown
 // (1 receiving, 2 sending shut down).
 //
 // A listening socket (Listen) has no peer and no queue: it is bound
@@ -380,11 +381,14 @@ type UnixSocket struct {
 	Peer     uint64   `msgpack:"peer"`
 	Queue    [][]byte `msgpack:"queue,omitempty"`
 	Shutdown int      `msgpack:"shutdown,omitempty"`
-	Listen   bool     `msgpack:"listen,omitempty"`
-	Name     string   `msgpack:"name,omitempty"`
-	Mode     uint32   `msgpack:"mode,omitempty"`
-	Uid      uint32   `msgpack:"uid,omitempty"`
-	Gid      uint32   `msgpack:"gid,omitempty"`
+	// Rights, parallel to Queue, are the fds of the process a message
+	// carries (SCM_RIGHTS), by their numbers in the process.
+	Rights [][]int `msgpack:"rights,omitempty"`
+	Listen bool    `msgpack:"listen,omitempty"`
+	Name   string  `msgpack:"name,omitempty"`
+	Mode   uint32  `msgpack:"mode,omitempty"`
+	Uid    uint32  `msgpack:"uid,omitempty"`
+	Gid    uint32  `msgpack:"gid,omitempty"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
