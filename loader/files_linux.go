@@ -168,7 +168,7 @@ func (p *Process) openFile(f *image.FD) error {
 		}
 		return p.moveFd(f, tmp)
 	case image.FDFile:
-	case image.FDPipe:
+	case image.FDPipe, image.FDPipeOut:
 	default:
 		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
@@ -178,7 +178,7 @@ func (p *Process) openFile(f *image.FD) error {
 			return fmt.Errorf("%w: fd %d: file object %#x not in the snapshot", image.ErrCorrupt, f.Fd, f.Object)
 		}
 	}
-	if f.Kind == image.FDPipe {
+	if f.Kind == image.FDPipe || f.Kind == image.FDPipeOut {
 		if name, err = p.pipeEnd(f); err != nil {
 			return err
 		}
@@ -207,6 +207,20 @@ func (p *Process) openFile(f *image.FD) error {
 // opens /proc/<pthaw>/fd/<end> with its saved flags (a new open file
 // description of the same pipe).
 func (p *Process) pipeEnd(f *image.FD) (string, error) {
+	if f.Kind == image.FDPipeOut {
+		if file, ok := p.opts.InheritFDs[f.Fd]; ok {
+			var st unix.Stat_t
+			if err := unix.Fstat(int(file.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+				return "", fmt.Errorf("fd %d (%s): the fd given for it (%s) is not a pipe or FIFO", f.Fd, f.What, file.Name())
+			}
+			return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), file.Fd()), nil
+		}
+		end := "a write end: its writes fail with EPIPE"
+		if f.Flags&unix.O_ACCMODE != unix.O_WRONLY {
+			end = fmt.Sprintf("a read end: %d buffered bytes, then the end of the stream", len(f.PipeData))
+		}
+		p.notice("fd %d (%s) led outside the process: it is a pipe whose far end is closed (%s)", f.Fd, f.What, end)
+	}
 	pipes := p.pipes
 	if p.tree != nil {
 		pipes = p.tree.pipes

@@ -62,6 +62,11 @@ type Options struct {
 	// to log files under the agent's data directory, and after a move the
 	// target's own log files take the place of the source's.
 	StdioFiles bool
+	// InheritFDs gives the process, for a saved fd (its number) that
+	// was a pipe leading outside (image.FDPipeOut), a new open of this
+	// file of ours (a pipe or FIFO) instead of a pipe whose far end is
+	// closed (pthaw -inherit-fd N=FD).
+	InheritFDs map[int]*os.File
 	// Notice receives one-line messages for the user (the PID was
 	// taken...), when the process starts: a restore that fails says only
 	// why.

@@ -10,14 +10,17 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
+	"github.com/pcluster/pcluster/migrate/stream"
 )
 
 // describe returns what pfreeze -debug prints of pid (which runs on).
@@ -165,4 +168,128 @@ func TestMigrateOwnPipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	out.Expect(t, `^ok$`, waitFor)
+}
+
+// migrateNoticed moves pid in this process as migrateTCP does, with
+// inherit as the target's Options.InheritFDs, and returns the copy's
+// output and what source and target said (their notices).
+func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.Lines, []string) {
+	t.Helper()
+	a := newAgents(t)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pr.Close() })
+	out := fixture.FollowReader(t, pr)
+	var mu sync.Mutex
+	var said []string
+	say := func(s string) { mu.Lock(); said = append(said, s); mu.Unlock() }
+	sent := make(chan error, 1)
+	go func() {
+		sink, err := stream.NewConnSink(context.Background(), a.srcConn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: waitFor})
+		if err == nil {
+			err = capture.SendTo(context.Background(), a.srcTr, pid, sink, capture.SendOptions{Halt: true,
+				Codec: stream.Codec{Name: stream.CompressAuto}, Cipher: stream.CipherAESGCM, Key: &a.key,
+				ReadyTimeout: waitFor, Notice: say})
+		}
+		sent <- err
+	}()
+	src, err := stream.NewConnSource(context.Background(), a.dstConn, stream.SourceOptions{Authenticated: true, ReadTimeout: waitFor})
+	var p *loader.Process
+	if err == nil {
+		p, err = loader.ReceiveFrom(context.Background(), a.dstTr, src, loader.ReceiveOptions{Keys: []stream.Key{a.key},
+			CommitTimeout: waitFor, Options: loader.Options{Stdio: [3]*os.File{nil, pw, pw}, InheritFDs: inherit, Notice: say}})
+	}
+	pw.Close()
+	serr := <-sent
+	if p != nil {
+		t.Cleanup(func() { reap(t, p) })
+	}
+	if err != nil || serr != nil {
+		t.Fatalf("target: %v; source: %v", err, serr)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return out, append([]string(nil), said...)
+}
+
+// TestMigrateOutsidePipe moves a process holding, beyond fds 0-2, the read
+// end of a FIFO with bytes buffered in it and the write end of another,
+// both leading to this test: the copy reads the buffered bytes and then
+// the end of the stream, and its write fails with EPIPE, as if the far
+// ends had gone away; source and target say so. With InheritFDs
+// (pthaw -inherit-fd) it gets pipes of ours in their place instead.
+func TestMigrateOutsidePipe(t *testing.T) {
+	needRoot(t)
+	for _, inherit := range []bool{false, true} {
+		dir := t.TempDir()
+		rf, wf := filepath.Join(dir, "r"), filepath.Join(dir, "w")
+		for _, f := range []string{rf, wf} {
+			if err := syscall.Mkfifo(f, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		reader, err := os.OpenFile(wf, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer reader.Close()
+		orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "outpipe", rf, wf)
+		orig.Expect(t, `^ready$`, waitFor)
+		writer, err := os.OpenFile(rf, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer writer.Close()
+		if _, err := writer.WriteString("outside-bytes"); err != nil {
+			t.Fatal(err)
+		}
+		var fds map[int]*os.File
+		var gotW *os.File
+		want := []string{`^read: outside-bytes$`, `^eof$`, `^epipe$`}
+		if inherit {
+			r3, w3, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			r4, w4, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			w3.WriteString("fresh")
+			w3.Close()
+			defer r3.Close()
+			defer w4.Close()
+			gotW = r4
+			defer r4.Close()
+			fds = map[int]*os.File{3: r3, 4: w4}
+			want = []string{`^read: fresh$`, `^eof$`, `^wrote$`}
+		}
+		out, said := migrateNoticed(t, pid, fds)
+		if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range want {
+			out.Expect(t, w, waitFor)
+		}
+		all := strings.Join(said, "\n")
+		for _, w := range []string{"fd 3 (", "fd 4 ("} {
+			if !strings.Contains(all, w) || !strings.Contains(all, "leads outside the process") {
+				t.Errorf("inherit %v: source and target said %q, want a notice about %s leading outside", inherit, said, w)
+			}
+		}
+		if inherit {
+			if strings.Contains(all, "far end is closed (a") {
+				t.Errorf("the target said %q of fds it was given", said)
+			}
+			b := make([]byte, 1)
+			gotW.SetReadDeadline(time.Now().Add(waitFor))
+			if _, err := gotW.Read(b); err != nil || b[0] != 'w' {
+				t.Errorf("read %q (%v) from the pipe given as fd 4, want \"w\"", b, err)
+			}
+		} else if !strings.Contains(all, "led outside the process: it is a pipe whose far end is closed (a read end: 13 buffered bytes") {
+			t.Errorf("the target said %q, want that fd 3 keeps its 13 bytes", said)
+		}
+	}
 }

@@ -50,6 +50,7 @@ func main() {
 		Dest: *dest, Tree: *tree, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())), TCP: tcp,
+		Notice: func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) },
 	})
 	switch {
 	case errors.Is(err, stream.ErrPlaintextBeyondLoopback):
@@ -140,14 +141,14 @@ func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o c
 		if o.Halt {
 			return errors.New("-debug describes the process and leaves it running; it cannot be combined with -halt")
 		}
-		return describe(ctx, tr, pid, o.Tree, o.TCP)
+		return describe(ctx, tr, pid, o.Tree, o.TCP, o.Notice)
 	}
 	return capture.Send(ctx, tr, pid, o)
 }
 
 // describe freezes pid into a pipe read by the snapshot describer, so the
 // description is exactly what a snapshot would carry.
-func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool, tcp capture.TCPOptions) error {
+func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool, tcp capture.TCPOptions, notice func(string)) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -155,7 +156,7 @@ func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool, tcp ca
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: tree, TCP: tcp})
+	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: tree, TCP: tcp, Notice: notice})
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr

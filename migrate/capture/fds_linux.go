@@ -92,6 +92,23 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			if err := describeSocket(pid, fi.Fd, socks, &fd); err != nil {
 				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
 			}
+		case isPipe && fi.Fd > 2:
+			// Its other end is outside: the copy gets a pipe whose far
+			// end is closed (or what pthaw -inherit-fd gives it). The
+			// bytes buffered for a read end are the process's to read;
+			// those a write end left are the outside reader's.
+			fd.Kind, fd.Pipe = image.FDPipeOut, pipe
+			size, data, err := peekPipe(pid, fi.Fd)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
+			fd.PipeSize = size
+			end := "write end: writing to it will fail with EPIPE"
+			if fi.Flags&unix.O_ACCMODE != unix.O_WRONLY {
+				fd.PipeData = data
+				end = fmt.Sprintf("read end: its %d buffered bytes kept, then the end of the stream", len(data))
+			}
+			socks.say("%s leads outside the process: the copy gets a pipe whose far end is closed (%s), unless pthaw -inherit-fd %d=FD gives it one", where, end, fi.Fd)
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
 			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
 		case strings.HasSuffix(fi.Link, " (deleted)") || strings.HasPrefix(fi.Link, "/memfd:"):

@@ -49,6 +49,9 @@ type FreezeOptions struct {
 	Tree   bool // the process and all its descendants (FreezeTree)
 	// TCP says which TCP connections move (tcp_linux.go).
 	TCP TCPOptions
+	// Notice, if set, receives one-line messages for the user about fds
+	// the copy gets changed (a pipe leading outside).
+	Notice func(string)
 	// Queried, if set, is called once every thread is stopped and the
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot is written.
@@ -63,7 +66,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			return err
 		}
 		for _, m := range t.members {
-			m.socks.policy = o.TCP
+			m.socks.policy, m.socks.notice = o.TCP, o.Notice
 		}
 		t.queried = o.Queried
 		return freeze(ctx, t, pid, "process tree", w, o.Halt, o.Commit)
@@ -72,7 +75,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	if err != nil {
 		return err
 	}
-	f.socks.policy = o.TCP
+	f.socks.policy, f.socks.notice = o.TCP, o.Notice
 	f.queried = o.Queried
 	return freeze(ctx, f, pid, "process", w, o.Halt, o.Commit)
 }

@@ -34,6 +34,9 @@ type SendOptions struct {
 	Progress bool // draw a progress bar on stderr
 	// TCP says which TCP connections move with the process.
 	TCP TCPOptions
+	// Notice, if set, receives one-line messages for the user
+	// (FreezeOptions.Notice).
+	Notice func(string)
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
@@ -116,7 +119,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	err = FreezeWith(ctx, tr, pid, body, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Queried: o.Frozen})
+	err = FreezeWith(ctx, tr, pid, body, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, Queried: o.Frozen})
 	if prog != nil {
 		prog.Finish()
 	}

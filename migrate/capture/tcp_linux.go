@@ -96,6 +96,16 @@ type sockets struct {
 	// unixOwn holds the inodes of the process's sockets, once a unix
 	// socket asks whether its peer is among them.
 	unixOwn map[uint64]bool
+	// notice, if set, is told what becomes of an fd the copy cannot
+	// have as it was (FreezeOptions.Notice).
+	notice func(string)
+}
+
+// say passes a one-line message for the user to notice.
+func (s *sockets) say(format string, args ...any) {
+	if s.notice != nil {
+		s.notice(fmt.Sprintf(format, args...))
+	}
 }
 
 // resume puts every held socket back as it was: send window back, filter

@@ -185,7 +185,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
 		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
-			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix"}[f.Kind]
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix", FDPipeOut: "pipe-outside"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -193,7 +193,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if f.Object != 0 {
 			fmt.Fprintf(w, " object %#x", f.Object)
 		}
-		if f.Kind == FDPipe {
+		if f.Kind == FDPipe || f.Kind == FDPipeOut {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
 		}
 		if f.Kind == FDEventfd {

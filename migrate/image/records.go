@@ -361,6 +361,11 @@ const (
 	// socketpair): both ends are made again as one pair, with the
 	// messages queued in each.
 	FDUnix FDKind = 24
+	// FDPipeOut is one end of a pipe (or FIFO) whose other end is
+	// outside the process (or tree), beyond fds 0-2: restored as a pipe
+	// whose far end is closed, the bytes a read end had buffered kept,
+	// unless the restorer is given an fd to put there instead.
+	FDPipeOut FDKind = 25
 )
 
 // UnixSocket is one end of a connected unix socket whose other end the
