@@ -28,12 +28,15 @@ func (p *Process) openFiles() error {
 	if p.tree == nil {
 		// A single process's own pipes: pthaw holds their ends only
 		// until every fd of the process is open.
-		p.pipes = map[uint64][2]int{}
+		p.pipes, p.ptys = map[uint64][2]int{}, map[int]*heldPty{}
 		defer func() {
 			for _, ends := range p.pipes {
 				closeEnds(ends)
 			}
-			p.pipes = nil
+			for _, h := range p.ptys {
+				h.master.Close()
+			}
+			p.pipes, p.ptys = nil, nil
 		}()
 	}
 	return p.tr.Do(func() error {
@@ -167,8 +170,13 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
+	case image.FDPtyMaster:
+		if tmp, err = p.ptyMaster(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
 	case image.FDFile:
-	case image.FDPipe, image.FDPipeOut:
+	case image.FDPipe, image.FDPipeOut, image.FDPtySlave:
 	default:
 		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
@@ -183,11 +191,19 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 	}
+	if f.Kind == image.FDPtySlave {
+		if name, err = p.ptySlavePath(f); err != nil {
+			return err
+		}
+	}
 	path, err := p.putString(name)
 	if err != nil {
 		return err
 	}
 	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY)
+	if f.Kind == image.FDPtySlave {
+		flags |= unix.O_NOCTTY // made the controlling terminal on purpose below
+	}
 	tmp, err = p.call(unix.SYS_OPEN, path, flags|unix.O_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("fd %d: open %s: %w", f.Fd, name, err)
@@ -197,7 +213,13 @@ func (p *Process) openFile(f *image.FD) error {
 			return fmt.Errorf("fd %d: seek %s to %d: %w", f.Fd, f.Path, f.Pos, err)
 		}
 	}
-	return p.moveFd(f, tmp)
+	if err := p.moveFd(f, tmp); err != nil {
+		return err
+	}
+	if f.Kind == image.FDPtySlave {
+		p.ptyCtty(f)
+	}
+	return nil
 }
 
 // pipeEnd returns the path through which the process opens its end of

@@ -108,6 +108,9 @@ type Process struct {
 	// pipes holds pthaw's ends of a single process's own pipes while its
 	// fds are opened (a tree's are in tree.pipes).
 	pipes map[uint64][2]int
+	// ptys holds pthaw's masters of a single process's ptys, by saved
+	// index, likewise (a tree's are in tree.ptys).
+	ptys map[int]*heldPty
 	// unixListeners are the re-created listening unix sockets, bound in
 	// finish.
 	unixListeners []*image.FD

@@ -24,6 +24,9 @@ type tree struct {
 	// pipes holds pthaw's read and write ends of each pipe (by its saved
 	// identity, image.FD.Pipe) until the tree starts or is aborted.
 	pipes map[uint64][2]int
+	// ptys holds pthaw's masters of the tree's ptys (pty_linux.go), by
+	// saved index, as long as the pipes.
+	ptys map[int]*heldPty
 	// objects are the files without a path the members share
 	// (objects_linux.go), held as long as the pipes.
 	objects map[uint64]*object
@@ -45,6 +48,10 @@ func (t *tree) closePipes() {
 	for id, ends := range t.pipes {
 		closeEnds(ends)
 		delete(t.pipes, id)
+	}
+	for i, h := range t.ptys {
+		h.master.Close()
+		delete(t.ptys, i)
 	}
 	closeAllObjects(t.objects)
 	t.objects = nil
@@ -68,7 +75,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}}
 	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {

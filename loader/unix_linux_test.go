@@ -293,3 +293,24 @@ func TestMigrateOutsidePipe(t *testing.T) {
 		}
 	}
 }
+
+// TestMigratePty moves a process holding a pty's master and slave, the
+// slave's echo off and its window 33x101: the copy finds the same
+// settings and the pty still carries bytes both ways; pfreeze -debug
+// shows both sides.
+func TestMigratePty(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "pty")
+	orig.Expect(t, `^ready /dev/pts/\d+$`, waitFor)
+	d := string(describe(t, pid))
+	for _, want := range []string{"fd 3: pty-master", "fd 4: pty-slave", "window 33x101"} {
+		if !strings.Contains(d, want) {
+			t.Errorf("pfreeze -debug lacks %q:\n%s", want, d)
+		}
+	}
+	out := migrateTCP(t, pid)
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	out.Expect(t, `^ok$`, waitFor)
+}

@@ -283,6 +283,9 @@ func (f *Frozen) write(enc *image.Encoder) error {
 	if err != nil {
 		return err
 	}
+	if f.socks.ptys, err = innerPtys([]int{f.Pid}); err != nil {
+		return err
+	}
 	if err := f.writeRecords(enc, nil, inner); err != nil {
 		return err
 	}

@@ -41,7 +41,17 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 		stream := kind == syscall.S_IFIFO || kind == syscall.S_IFSOCK || tty
 		pipe, isPipe := pipeID(fi.Link, &st)
 		_, innerPipe := inner[pipe]
+		ptyIndex, isSlave := slaveIndex(st.Rdev)
+		isSlave = isSlave && kind == syscall.S_IFCHR
 		switch {
+		case kind == syscall.S_IFCHR && isPtmx(st.Rdev) && strings.Contains(fi.Link, "ptmx"):
+			if err := describePtyMaster(pid, fi.Fd, &fd); err != nil {
+				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
+			}
+		case isSlave && socks.ptys[ptyIndex]:
+			if err := describePtySlave(pid, fi.Fd, ptyIndex, st.Rdev, &fd); err != nil {
+				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
+			}
 		case isPipe && innerPipe:
 			fd.Kind, fd.Pipe = image.FDPipe, pipe
 			if pipe&namedFIFO != 0 {

@@ -99,6 +99,9 @@ type sockets struct {
 	// notice, if set, is told what becomes of an fd the copy cannot
 	// have as it was (FreezeOptions.Notice).
 	notice func(string)
+	// ptys holds the indexes of the ptys whose master the process (or
+	// its tree) holds: their slaves are carried too (pty_linux.go).
+	ptys map[int]bool
 }
 
 // say passes a one-line message for the user to notice.

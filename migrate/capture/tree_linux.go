@@ -130,6 +130,17 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	pids := make([]int, len(t.members))
+	for i, f := range t.members {
+		pids[i] = f.Pid
+	}
+	ptys, err := innerPtys(pids)
+	if err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	for _, f := range t.members {
+		f.socks.ptys = ptys
+	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.

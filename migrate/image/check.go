@@ -417,6 +417,10 @@ func CheckFD(f *FD) error {
 		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
 			return corruptf("fd %d: UDP socket", f.Fd)
 		}
+	case FDPtyMaster, FDPtySlave:
+		if t := f.Pty; t == nil || t.Index < 0 || t.Index > MaxPtyIndex || (t.Termios != nil && len(t.Termios.Cc) != 19) {
+			return corruptf("fd %d: pty", f.Fd)
+		}
 	case FDPipeOut:
 		if f.Pipe == 0 || f.PipeSize < 0 || len(f.PipeData) > max(f.PipeSize, 1<<20) {
 			return corruptf("fd %d: pipe leading outside", f.Fd)

@@ -185,7 +185,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
 		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
-			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix", FDPipeOut: "pipe-outside"}[f.Kind]
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix", FDPipeOut: "pipe-outside", FDPtyMaster: "pty-master", FDPtySlave: "pty-slave"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -228,6 +228,15 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 				if len(r) > 0 {
 					fmt.Fprintf(w, " [message %d carries fds %v]", i, r)
 				}
+			}
+		}
+		if t := f.Pty; t != nil {
+			fmt.Fprintf(w, " index %d window %dx%d locked %v packet %v", t.Index, t.Rows, t.Cols, t.Locked, t.Packet)
+			if tt := t.Termios; tt != nil {
+				fmt.Fprintf(w, " iflag %#o oflag %#o cflag %#o lflag %#o", tt.Iflag, tt.Oflag, tt.Cflag, tt.Lflag)
+			}
+			if t.Ctty {
+				fmt.Fprintf(w, " controlling terminal (foreground group %d)", t.Tpgid)
 			}
 		}
 		if tm := f.Timer; tm != nil {

@@ -366,7 +366,45 @@ const (
 	// whose far end is closed, the bytes a read end had buffered kept,
 	// unless the restorer is given an fd to put there instead.
 	FDPipeOut FDKind = 25
+	// FDPtyMaster and FDPtySlave are the two sides of a pseudo-terminal
+	// whose master the process (or tree) holds: made again as a new pty
+	// (with the same index when it is free), its terminal settings and
+	// window size set.
+	FDPtyMaster FDKind = 26
+	FDPtySlave  FDKind = 27
 )
+
+// Pty is a pseudo-terminal (FDPtyMaster, FDPtySlave): its index
+// (/dev/pts/N), the terminal's settings and window size, whether it is
+// locked (TIOCSPTLCK) or in packet mode (TIOCPKT); for a slave, whether
+// it was the process's controlling terminal and the terminal's
+// foreground process group then.
+type Pty struct {
+	Index   int      `msgpack:"index"`
+	Termios *Termios `msgpack:"termios,omitempty"`
+	Rows    uint16   `msgpack:"rows,omitempty"`
+	Cols    uint16   `msgpack:"cols,omitempty"`
+	Locked  bool     `msgpack:"locked,omitempty"`
+	Packet  bool     `msgpack:"packet,omitempty"`
+	Ctty    bool     `msgpack:"ctty,omitempty"`
+	Tpgid   int      `msgpack:"tpgid,omitempty"`
+}
+
+// Termios is struct termios (TCGETS).
+type Termios struct {
+	Iflag  uint32 `msgpack:"iflag"`
+	Oflag  uint32 `msgpack:"oflag"`
+	Cflag  uint32 `msgpack:"cflag"`
+	Lflag  uint32 `msgpack:"lflag"`
+	Line   uint8  `msgpack:"line"`
+	Cc     []byte `msgpack:"cc"` // 19 bytes
+	Ispeed uint32 `msgpack:"ispeed"`
+	Ospeed uint32 `msgpack:"ospeed"`
+}
+
+// MaxPtyIndex bounds a pty's index (the kernel's default
+// /proc/sys/kernel/pty/max is 4096).
+const MaxPtyIndex = 1 << 20
 
 // UnixSocket is one end of a connected unix socket whose other end the
 // process holds too: ID and Peer are the two ends' inodes when frozen
@@ -572,6 +610,7 @@ type FD struct {
 	TCP    *TCPConn    `msgpack:"tcp,omitempty"`    // FDTCP
 	UDP    *UDPSocket  `msgpack:"udp,omitempty"`    // FDUDP
 	Unix   *UnixSocket `msgpack:"unix,omitempty"`   // FDUnix
+	Pty    *Pty        `msgpack:"pty,omitempty"`    // FDPtyMaster, FDPtySlave
 
 	// Object, for an FDFile, is the File record it is reopened from
 	// (a memfd, a deleted file).
