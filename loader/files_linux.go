@@ -77,8 +77,10 @@ func (p *Process) openFiles() error {
 				return fmt.Errorf("%w: unix socket %d: its pair's other end has no fd", image.ErrCorrupt, id)
 			}
 		}
-		if err := p.fillUnixQueues(); err != nil {
-			return err
+		if p.tree == nil {
+			if err := p.fillUnixQueues(); err != nil {
+				return err
+			}
 		}
 		// Epoll registrations once every fd they watch is in place,
 		// dup'ed ones included.

@@ -37,6 +37,9 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 		p.unixListeners = append(p.unixListeners, f)
 		return s, nil
 	}
+	if p.tree != nil {
+		return p.treeUnixEnd(f)
+	}
 	if end, ok := p.unixEnds[u.ID]; ok {
 		delete(p.unixEnds, u.ID)
 		return end, nil
@@ -271,4 +274,105 @@ func staleSocket(path string) bool {
 		}
 	}
 	return unix.Unlink(path) == nil
+}
+
+// In a tree, the ends of a pair may be held by two members: pthaw makes
+// the pair itself (treePair), sends each end's saved queue into it from
+// the other end as that end's record arrives, and every member takes its
+// end from pthaw with an injected pidfd_getfd, as for a pty master. The
+// ends are shut down as they were once every member is built, before any
+// runs (a shut-down end could not send the other's queue), and pthaw's
+// copies are closed with the tree's pipes.
+
+// treePair is a unix socket pair pthaw holds for a tree.
+type treePair struct {
+	ends     map[uint64]int // by saved inode
+	shutdown map[uint64]int // sk_shutdown of each end, once its record came
+}
+
+// treeUnixEnd gives the member the end f of a pair pthaw holds, on a new
+// fd. Runs on the tracer thread.
+func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
+	u := f.Unix
+	if p.tree.ns != nil {
+		return 0, fmt.Errorf("fd %d (%s): unix socket pairs in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
+	}
+	if len(u.Rights) > 0 {
+		return 0, fmt.Errorf("fd %d (%s): file descriptors queued in a unix socket of a tree (SCM_RIGHTS) are not supported yet", f.Fd, f.What)
+	}
+	key := min(u.ID, u.Peer)
+	pair, ok := p.tree.unix[key]
+	if !ok {
+		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
+		}
+		pair = &treePair{ends: map[uint64]int{u.ID: fds[0], u.Peer: fds[1]}, shutdown: map[uint64]int{}}
+		p.tree.unix[key] = pair
+	}
+	mine, ok1 := pair.ends[u.ID]
+	other, ok2 := pair.ends[u.Peer]
+	if !ok1 || !ok2 || pair.ends[u.ID] == pair.ends[u.Peer] {
+		return 0, fmt.Errorf("%w: fd %d: unix socket %d and its peer %d", image.ErrCorrupt, f.Fd, u.ID, u.Peer)
+	}
+	if _, seen := pair.shutdown[u.ID]; !seen {
+		// The first record of this end: its queue, sent from the other.
+		pair.shutdown[u.ID] = u.Shutdown
+		for _, m := range u.Queue {
+			for off := 0; off < len(m) || off == 0; {
+				n, err := unix.SendmsgN(other, m[off:], nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+				if err != nil {
+					return 0, fmt.Errorf("fd %d (%s): refill its queue: %d bytes: %w", f.Fd, f.What, len(m), err)
+				}
+				if off += n; len(m) == 0 {
+					break
+				}
+			}
+		}
+	}
+	pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
+	if err != nil {
+		return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
+	}
+	tmp, err := p.call(unix.SYS_PIDFD_GETFD, pidfd, uintptr(mine), 0)
+	p.call(unix.SYS_CLOSE, pidfd)
+	if err != nil {
+		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's socket: %w", f.Fd, err)
+	}
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+			p.call(unix.SYS_CLOSE, tmp)
+			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
+		}
+	}
+	return tmp, nil
+}
+
+// shutdownUnix shuts the tree's pairs' ends down as they were, once
+// every member is built; an end no member held is corruption.
+func (t *tree) shutdownUnix() error {
+	for _, pair := range t.unix {
+		for id, fd := range pair.ends {
+			how, seen := pair.shutdown[id]
+			if !seen {
+				return fmt.Errorf("%w: unix socket %d: no member holds it, though its peer is held", image.ErrCorrupt, id)
+			}
+			if h := shutdownHow(how); h >= 0 {
+				if err := unix.Shutdown(fd, h); err != nil {
+					return fmt.Errorf("unix socket %d: shutdown: %w", id, err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// closeUnix closes pthaw's ends of the tree's pairs.
+func (t *tree) closeUnix() {
+	for key, pair := range t.unix {
+		for _, fd := range pair.ends {
+			unix.Close(fd)
+		}
+		delete(t.unix, key)
+	}
 }

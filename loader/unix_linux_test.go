@@ -175,6 +175,14 @@ func TestMigrateOwnPipe(t *testing.T) {
 // output and what source and target said (their notices).
 func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.Lines, []string) {
 	t.Helper()
+	out, said, _ := migrateWith(t, pid, false, inherit)
+	return out, said
+}
+
+// migrateWith is migrateNoticed, of the tree rooted at pid with tree; it
+// also returns the copy's PID.
+func migrateWith(t *testing.T, pid int, tree bool, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
+	t.Helper()
 	a := newAgents(t)
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -191,7 +199,7 @@ func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.L
 		if err == nil {
 			err = capture.SendTo(context.Background(), a.srcTr, pid, sink, capture.SendOptions{Halt: true,
 				Codec: stream.Codec{Name: stream.CompressAuto}, Cipher: stream.CipherAESGCM, Key: &a.key,
-				ReadyTimeout: waitFor, Notice: say})
+				ReadyTimeout: waitFor, Notice: say, Tree: tree})
 		}
 		sent <- err
 	}()
@@ -211,7 +219,7 @@ func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.L
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	return out, append([]string(nil), said...)
+	return out, append([]string(nil), said...), p.Pid()
 }
 
 // TestMigrateOutsidePipe moves a process holding, beyond fds 0-2, the read
@@ -312,5 +320,21 @@ func TestMigratePty(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
+	out.Expect(t, `^ok$`, waitFor)
+}
+
+// TestMigrateUnixPairTree moves a tree whose parent and child talk over
+// a stream and a datagram socket pair, bytes queued both ways: each reads
+// what the other had sent before the freeze, and they still talk.
+func TestMigrateUnixPairTree(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "tree")
+	orig.Expect(t, `^ready$`, waitFor)
+	out, said, copied := migrateWith(t, pid, true, nil)
+	t.Logf("the copy is pid %d (%q)", copied, said)
+	if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	out.Expect(t, `^child ok$`, waitFor)
 	out.Expect(t, `^ok$`, waitFor)
 }

@@ -102,6 +102,8 @@ type sockets struct {
 	// ptys holds the indexes of the ptys whose master the process (or
 	// its tree) holds: their slaves are carried too (pty_linux.go).
 	ptys map[int]bool
+	// tree: the process is a member of a frozen tree.
+	tree bool
 }
 
 // say passes a one-line message for the user to notice.

@@ -138,8 +138,19 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	// A unix socket's peer may be held by any member.
+	own := map[uint64]bool{}
+	for _, pid := range pids {
+		o, err := socketInodes(pid)
+		if err != nil {
+			return fmt.Errorf("freeze %d: pid %d: fds: %w", t.Pid, pid, err)
+		}
+		for ino := range o {
+			own[ino] = true
+		}
+	}
 	for _, f := range t.members {
-		f.socks.ptys = ptys
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way

@@ -189,7 +189,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		if pd, err := diagUnix(d.peer); err == nil && pd.name != "" {
 			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
 		}
-		return fmt.Errorf("%s is connected to %s outside the frozen process: not carried", what, peer)
+		return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried", what, peer)
 	}
 	if d.name != "" {
 		return fmt.Errorf("%s has a name: named unix sockets are not supported yet", what)
@@ -197,6 +197,9 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	queue, rights, err := peekUnix(pid, h.fd, d.typ)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
+	}
+	if rights != nil && socks.tree {
+		return fmt.Errorf("%s: file descriptors queued in it (SCM_RIGHTS) are carried only for a single process, not yet in a tree", what)
 	}
 	rec.Kind = image.FDUnix
 	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Rights: rights, Shutdown: d.shutdown}
