@@ -114,11 +114,14 @@ type Process struct {
 	// unixListeners are the re-created listening unix sockets, bound in
 	// finish.
 	unixListeners []*image.FD
-	vdso          uint64   // syscall site in the moved vdso
-	uffd          *os.File // fills private anonymous memory while building
-	built         bool
-	done          bool
-	tasks         []*task // the threads finish made ready, detached to start
+	// unixConnects are the unix sockets connected again to a peer
+	// outside when the process starts (pfreeze -unix-reconnect).
+	unixConnects []*image.FD
+	vdso         uint64   // syscall site in the moved vdso
+	uffd         *os.File // fills private anonymous memory while building
+	built        bool
+	done         bool
+	tasks        []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string

@@ -37,6 +37,18 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 		p.unixListeners = append(p.unixListeners, f)
 		return s, nil
 	}
+	if u.Connect != "" {
+		typ := uintptr(u.Type) | unix.SOCK_CLOEXEC
+		if f.Flags&unix.O_NONBLOCK != 0 {
+			typ |= unix.SOCK_NONBLOCK
+		}
+		s, err := p.call(unix.SYS_SOCKET, unix.AF_UNIX, typ, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
+		}
+		p.unixConnects = append(p.unixConnects, f)
+		return s, nil
+	}
 	if p.tree != nil {
 		return p.treeUnixEnd(f)
 	}
@@ -131,7 +143,7 @@ func (p *Process) fillUnixQueues() error {
 	}
 	fdOf := map[uint64]*image.FD{}
 	for _, f := range p.fds {
-		if f.Kind == image.FDUnix && f.Unix != nil && !f.Unix.Listen && fdOf[f.Unix.ID] == nil {
+		if f.Kind == image.FDUnix && f.Unix != nil && !f.Unix.Listen && f.Unix.Connect == "" && fdOf[f.Unix.ID] == nil {
 			fdOf[f.Unix.ID] = f
 		}
 	}
@@ -246,6 +258,29 @@ func (p *Process) bindUnixListeners(scratch uintptr) error {
 		}
 		if _, err := p.call(unix.SYS_LISTEN, uintptr(f.Fd), listenBacklog); err != nil {
 			return fmt.Errorf("fd %d: listen on unix socket %s: %w", f.Fd, u.Name, err)
+		}
+	}
+	return nil
+}
+
+// connectUnix connects the sockets whose peer was outside (pfreeze
+// -unix-reconnect) to the peer's name again, when the process starts. One
+// that cannot connect is left unconnected, which pthaw says. scratch is
+// argument memory in the process. Runs on the tracer thread.
+func (p *Process) connectUnix(scratch uintptr) error {
+	for _, f := range p.unixConnects {
+		name := []byte(f.Unix.Connect)
+		if name[0] == '@' {
+			name[0] = 0
+		}
+		sa := make([]byte, 2+len(name))
+		binary.LittleEndian.PutUint16(sa, unix.AF_UNIX)
+		copy(sa[2:], name)
+		if err := p.mem.Write(uint64(scratch), sa); err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_CONNECT, uintptr(f.Fd), scratch, uintptr(len(sa))); err != nil {
+			p.notice("fd %d (unix socket) cannot connect again to %s: %v; the process finds it unconnected", f.Fd, f.Unix.Connect, err)
 		}
 	}
 	return nil

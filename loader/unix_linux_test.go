@@ -183,6 +183,13 @@ func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.L
 // also returns the copy's PID.
 func migrateWith(t *testing.T, pid int, tree bool, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
 	t.Helper()
+	return migrateOpts(t, pid, capture.SendOptions{Tree: tree}, inherit)
+}
+
+// migrateOpts is migrateWith with the source's options o (Tree,
+// UnixReconnect).
+func migrateOpts(t *testing.T, pid int, o capture.SendOptions, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
+	t.Helper()
 	a := newAgents(t)
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -199,7 +206,7 @@ func migrateWith(t *testing.T, pid int, tree bool, inherit map[int]*os.File) (*f
 		if err == nil {
 			err = capture.SendTo(context.Background(), a.srcTr, pid, sink, capture.SendOptions{Halt: true,
 				Codec: stream.Codec{Name: stream.CompressAuto}, Cipher: stream.CipherAESGCM, Key: &a.key,
-				ReadyTimeout: waitFor, Notice: say, Tree: tree})
+				ReadyTimeout: waitFor, Notice: say, Tree: o.Tree, UnixReconnect: o.UnixReconnect})
 		}
 		sent <- err
 	}()
@@ -337,4 +344,43 @@ func TestMigrateUnixPairTree(t *testing.T) {
 	}
 	out.Expect(t, `^child ok$`, waitFor)
 	out.Expect(t, `^ok$`, waitFor)
+}
+
+// TestMigrateUnixReconnect: with UnixReconnect (pfreeze -unix-reconnect)
+// a unix socket connected to a daemon's named socket outside the process
+// is connected to it again by the copy, which then talks to the daemon
+// on the new connection; the source says so.
+func TestMigrateUnixReconnect(t *testing.T) {
+	needRoot(t)
+	path := filepath.Join(t.TempDir(), "daemon.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "connect", path)
+	first, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	orig.Expect(t, `^ready$`, waitFor)
+	out, said, copied := migrateOpts(t, pid, capture.SendOptions{UnixReconnect: true}, nil)
+	if !strings.Contains(strings.Join(said, "\n"), "the copy connects to it again") {
+		t.Errorf("the source said %q, want that the copy connects again", said)
+	}
+	second, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	out.Expect(t, `^ok$`, waitFor)
+	second.SetDeadline(time.Now().Add(waitFor))
+	line, err := bufio.NewReader(second).ReadString('\n')
+	if line != "hello\n" {
+		t.Fatalf("the copy sent %q (%v) on its new connection, want hello", line, err)
+	}
 }

@@ -52,6 +52,10 @@ type FreezeOptions struct {
 	// Notice, if set, receives one-line messages for the user about fds
 	// the copy gets changed (a pipe leading outside).
 	Notice func(string)
+	// UnixReconnect: a unix socket connected to a peer outside the
+	// process (or tree) is connected again to the peer's name by the
+	// copy, instead of refused (pfreeze -unix-reconnect).
+	UnixReconnect bool
 	// Queried, if set, is called once every thread is stopped and the
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot is written.
@@ -66,7 +70,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			return err
 		}
 		for _, m := range t.members {
-			m.socks.policy, m.socks.notice = o.TCP, o.Notice
+			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
 		return freeze(ctx, t, pid, "process tree", w, o.Halt, o.Commit)
@@ -75,7 +79,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	if err != nil {
 		return err
 	}
-	f.socks.policy, f.socks.notice = o.TCP, o.Notice
+	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
 	return freeze(ctx, f, pid, "process", w, o.Halt, o.Commit)
 }

@@ -37,6 +37,8 @@ type SendOptions struct {
 	// Notice, if set, receives one-line messages for the user
 	// (FreezeOptions.Notice).
 	Notice func(string)
+	// UnixReconnect is FreezeOptions.UnixReconnect.
+	UnixReconnect bool
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
@@ -119,7 +121,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	err = FreezeWith(ctx, tr, pid, body, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, Queried: o.Frozen})
+	err = FreezeWith(ctx, tr, pid, body, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen})
 	if prog != nil {
 		prog.Finish()
 	}

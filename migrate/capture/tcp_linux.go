@@ -104,6 +104,9 @@ type sockets struct {
 	ptys map[int]bool
 	// tree: the process is a member of a frozen tree.
 	tree bool
+	// reconnect: a unix socket connected outside is connected again by
+	// the copy (FreezeOptions.UnixReconnect).
+	reconnect bool
 }
 
 // say passes a one-line message for the user to notice.

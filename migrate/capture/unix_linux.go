@@ -186,10 +186,14 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	}
 	if !socks.unixOwn[d.peer] {
 		peer := fmt.Sprintf("socket:[%d]", d.peer)
-		if pd, err := diagUnix(d.peer); err == nil && pd.name != "" {
+		pd, err := diagUnix(d.peer)
+		if err == nil && pd.name != "" {
 			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
 		}
-		return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried", what, peer)
+		if !socks.reconnect {
+			return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried (pfreeze -unix-reconnect connects the copy to it again)", what, peer)
+		}
+		return reconnectUnix(d, pd, what, peer, h, socks, rec)
 	}
 	if d.name != "" {
 		return fmt.Errorf("%s has a name: named unix sockets are not supported yet", what)
@@ -340,5 +344,36 @@ func describeUnixListener(d *unixDiag, what string, rec *image.FD) error {
 		return fmt.Errorf("%s: a listening unix socket bound to a relative path is not supported", what)
 	}
 	rec.Kind, rec.Unix = image.FDUnix, u
+	return nil
+}
+
+// reconnectUnix records a unix socket connected to a peer outside the
+// frozen set (pd) as one the copy connects again to the peer's name
+// (pfreeze -unix-reconnect, CRIU's --ext-unix-sk). What the peer sent and
+// the process has not read would be lost: such a socket is refused, as
+// is one whose peer has no name to connect to, or that has a name of
+// its own.
+func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *sockets, rec *image.FD) error {
+	if pd == nil || pd.name == "" || (pd.name[0] != '/' && pd.name[0] != '@') {
+		return fmt.Errorf("%s is connected to %s outside the frozen process, which has no name to connect to again", what, peer)
+	}
+	if d.name != "" {
+		return fmt.Errorf("%s has a name of its own: it cannot be connected again as it was", what)
+	}
+	var q int
+	var err error
+	if d.typ == unix.SOCK_STREAM || d.typ == unix.SOCK_SEQPACKET {
+		q, err = unix.IoctlGetInt(h.fd, unix.TIOCINQ)
+	} else {
+		var queue [][]byte
+		queue, _, err = peekUnix(0, h.fd, d.typ)
+		q = len(queue)
+	}
+	if err != nil || q > 0 {
+		return fmt.Errorf("%s connected to %s has %d bytes or messages from its peer not yet read (%v), which a new connection would lose: try again once the process has read them (it runs on)", what, peer, q, err)
+	}
+	rec.Kind = image.FDUnix
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Connect: pd.name}
+	socks.say("fd %d (%s) is connected to %s outside the process: the copy connects to it again", h.target, what, peer)
 	return nil
 }

@@ -462,6 +462,13 @@ func checkUnix(fd int, u *UnixSocket) error {
 		}
 		return nil
 	}
+	if u != nil && u.Connect != "" {
+		if len(u.Connect) > 107 || (u.Connect[0] != '/' && u.Connect[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 || u.Listen ||
+			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: reconnected unix socket", fd)
+		}
+		return nil
+	}
 	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 || u.Name != "" {
 		return corruptf("fd %d: unix socket", fd)
 	}

@@ -428,10 +428,14 @@ type UnixSocket struct {
 	// carries (SCM_RIGHTS), by their numbers in the process.
 	Rights [][]int `msgpack:"rights,omitempty"`
 	Listen bool    `msgpack:"listen,omitempty"`
-	Name   string  `msgpack:"name,omitempty"`
-	Mode   uint32  `msgpack:"mode,omitempty"`
-	Uid    uint32  `msgpack:"uid,omitempty"`
-	Gid    uint32  `msgpack:"gid,omitempty"`
+	// Connect, for a socket whose peer was outside (pfreeze
+	// -unix-reconnect), is the peer's name (a path, or "@" and an
+	// abstract name): the copy connects to it again when it starts.
+	Connect string `msgpack:"connect,omitempty"`
+	Name    string `msgpack:"name,omitempty"`
+	Mode    uint32 `msgpack:"mode,omitempty"`
+	Uid     uint32 `msgpack:"uid,omitempty"`
+	Gid     uint32 `msgpack:"gid,omitempty"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
