@@ -30,6 +30,8 @@ type tree struct {
 	// unix holds the tree's unix socket pairs (unix_linux.go), by the
 	// lower inode of the two ends, as long as the pipes.
 	unix map[uint64]*treePair
+	// listeners holds the tree's listening unix sockets, by saved inode.
+	listeners map[uint64]*treeListener
 	// objects are the files without a path the members share
 	// (objects_linux.go), held as long as the pipes.
 	objects map[uint64]*object
@@ -79,7 +81,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}}
 	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {
@@ -321,6 +323,9 @@ func (p *Process) mappedShared(v *image.VMA) {
 func (p *Process) startTree() error {
 	defer p.tree.closePipes()
 	if err := p.tree.shutdownUnix(); err != nil {
+		return err
+	}
+	if err := p.bindTreeListeners(); err != nil {
 		return err
 	}
 	p.tree.virtWanted = p.tree.wantVirt(p.opts)

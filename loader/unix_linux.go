@@ -25,6 +25,9 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	if u == nil {
 		return 0, fmt.Errorf("%w: fd %d: unix socket", image.ErrCorrupt, f.Fd)
 	}
+	if u.Listen && p.tree != nil {
+		return p.treeUnixListener(f)
+	}
 	if u.Listen {
 		typ := uintptr(u.Type) | unix.SOCK_CLOEXEC
 		if f.Flags&unix.O_NONBLOCK != 0 {
@@ -365,6 +368,20 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 			}
 		}
 	}
+	tmp, err := p.takeFromPthaw(f, mine)
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+			p.call(unix.SYS_CLOSE, tmp)
+			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
+		}
+	}
+	return tmp, err
+}
+
+// takeFromPthaw gives the process a new fd of pthaw's fd mine (an
+// injected pidfd_open of pthaw and pidfd_getfd), with f's O_NONBLOCK.
+// Runs on the tracer thread.
+func (p *Process) takeFromPthaw(f *image.FD, mine int) (uintptr, error) {
 	pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
 	if err != nil {
 		return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
@@ -374,6 +391,31 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 	if err != nil {
 		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's socket: %w", f.Fd, err)
 	}
+	return tmp, nil
+}
+
+// treeUnixListener gives the member the listening unix socket f, which
+// members of a tree may share: pthaw makes it once and binds it when
+// the tree starts (bindTreeListeners); each member takes it from pthaw.
+// Runs on the tracer thread.
+func (p *Process) treeUnixListener(f *image.FD) (uintptr, error) {
+	u := f.Unix
+	if p.tree.ns != nil {
+		return 0, fmt.Errorf("fd %d (%s): listening unix sockets in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
+	}
+	l, ok := p.tree.listeners[u.ID]
+	if !ok {
+		s, err := unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
+		}
+		l = &treeListener{fd: s, rec: f}
+		p.tree.listeners[u.ID] = l
+	}
+	tmp, err := p.takeFromPthaw(f, l.fd)
+	if err != nil {
+		return 0, err
+	}
 	if f.Flags&unix.O_NONBLOCK != 0 {
 		if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
 			p.call(unix.SYS_CLOSE, tmp)
@@ -381,6 +423,47 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		}
 	}
 	return tmp, nil
+}
+
+// treeListener is a listening unix socket pthaw holds for a tree.
+type treeListener struct {
+	fd  int
+	rec *image.FD // its first fd record
+}
+
+// bindTreeListeners binds the tree's listening unix sockets and makes
+// them listen, once every member is built and before any runs; a name
+// another process listens on is left to it, said.
+func (p *Process) bindTreeListeners() error {
+	for _, l := range p.tree.listeners {
+		u := l.rec.Unix
+		if u.Name == "" || len(u.Name) > 107 {
+			return fmt.Errorf("%w: fd %d: listening unix socket", image.ErrCorrupt, l.rec.Fd)
+		}
+		if u.Name[0] != '@' && !staleSocket(u.Name) {
+			p.notice("fd %d (unix socket listening on %s) cannot be bound here: another process listens there; the tree finds it unbound", l.rec.Fd, u.Name)
+			continue
+		}
+		name := u.Name
+		if name[0] == '@' {
+			name = "\x00" + name[1:]
+		}
+		if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
+			return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+		}
+		if u.Name[0] == '/' {
+			if err := os.Lchown(u.Name, int(u.Uid), int(u.Gid)); err != nil {
+				return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
+			}
+			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
+				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
+			}
+		}
+		if err := unix.Listen(l.fd, listenBacklog); err != nil {
+			return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
+		}
+	}
+	return nil
 }
 
 // shutdownUnix shuts the tree's pairs' ends down as they were, once
@@ -402,8 +485,12 @@ func (t *tree) shutdownUnix() error {
 	return nil
 }
 
-// closeUnix closes pthaw's ends of the tree's pairs.
+// closeUnix closes pthaw's ends of the tree's pairs and its listeners.
 func (t *tree) closeUnix() {
+	for id, l := range t.listeners {
+		unix.Close(l.fd)
+		delete(t.listeners, id)
+	}
 	for key, pair := range t.unix {
 		for _, fd := range pair.ends {
 			unix.Close(fd)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -382,5 +383,127 @@ func TestMigrateUnixReconnect(t *testing.T) {
 	line, err := bufio.NewReader(second).ReadString('\n')
 	if line != "hello\n" {
 		t.Fatalf("the copy sent %q (%v) on its new connection, want hello", line, err)
+	}
+}
+
+// TestMigrateRedisUnix moves Debian's redis-server listening only on a
+// unix socket, with a key set: a client connecting to the socket after
+// the move gets the key from the copy, which goes on serving.
+func TestMigrateRedisUnix(t *testing.T) {
+	needRoot(t)
+	p, sock := fixture.StartRedis(t)
+	if got, err := fixture.RedisDo(sock, "SET k before-the-move"); err != nil || got != "+OK" {
+		t.Fatalf("SET: %q %v", got, err)
+	}
+	// The server closes its side of our connection when it sees the
+	// end of it: wait until the listener is its only socket.
+	deadline := time.Now().Add(waitFor)
+	for {
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.Pid()))
+		n := 0
+		for _, e := range ents {
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", p.Pid(), e.Name())); strings.HasPrefix(l, "socket:") {
+				n++
+			}
+		}
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis still holds %d sockets", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	migrateTCP(t, p.Pid())
+	if got, err := fixture.RedisDo(sock, "GET k"); err != nil || got != "before-the-move" {
+		t.Fatalf("GET k from the copy: %q %v, want before-the-move", got, err)
+	}
+	if got, err := fixture.RedisDo(sock, "INCR n"); err != nil || got != ":1" {
+		t.Fatalf("INCR n on the copy: %q %v, want :1", got, err)
+	}
+}
+
+// TestMigrateNginxTree moves Debian's nginx, a master and two workers
+// (the master talks to each worker over a socketpair, nginx's channels),
+// listening on a unix socket they all share, as one tree: after the move
+// the copy's workers answer a request on the same socket.
+func TestMigrateNginxTree(t *testing.T) {
+	needRoot(t)
+	bin, err := exec.LookPath("nginx")
+	if err != nil {
+		if _, err = os.Stat("/usr/sbin/nginx"); err != nil {
+			t.Skip("nginx is not installed (make deps installs it)")
+		}
+		bin = "/usr/sbin/nginx"
+	}
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "nginx.sock")
+	conf := filepath.Join(dir, "nginx.conf")
+	cfg := fmt.Sprintf(`daemon off;
+master_process on;
+worker_processes 2;
+pid %[1]s/nginx.pid;
+events { worker_connections 64; }
+http {
+	access_log off;
+	keepalive_timeout 0;
+	client_body_temp_path %[1]s/body;
+	proxy_temp_path %[1]s/proxy;
+	fastcgi_temp_path %[1]s/fastcgi;
+	uwsgi_temp_path %[1]s/uwsgi;
+	scgi_temp_path %[1]s/scgi;
+	server {
+		listen unix:%[2]s;
+		location / { return 200 "hello from nginx\n"; }
+	}
+}
+`, dir, sock)
+	if err := os.WriteFile(conf, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := fixture.Start(t, bin, "-p", dir+"/", "-c", conf, "-e", "stderr")
+	get := func() (string, error) {
+		c, err := net.DialTimeout("unix", sock, waitFor)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(waitFor))
+		if _, err := c.Write([]byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
+			return "", err
+		}
+		b, err := io.ReadAll(c)
+		return string(b), err
+	}
+	// Up when both workers run and one answers.
+	deadline := time.Now().Add(waitFor)
+	for {
+		kids, _ := fixture.Children(p.Pid())
+		if body, err := get(); err == nil && strings.HasSuffix(body, "hello from nginx\n") && len(kids) == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nginx did not come up (children %v)", kids)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_, said, copied := migrateWith(t, p.Pid(), true, nil)
+	t.Logf("the copy's master is pid %d (%q)", copied, said)
+	workers, _ := fixture.Children(copied)
+	t.Cleanup(func() {
+		// The master stops its workers; then wait for them to go.
+		syscall.Kill(copied, syscall.SIGTERM)
+		for _, w := range workers {
+			for end := time.Now().Add(waitFor); alive(w) && time.Now().Before(end); {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	})
+	if len(workers) != 2 {
+		t.Fatalf("the copy's master has children %v, want 2 workers", workers)
+	}
+	body, err := get()
+	if err != nil || !strings.HasSuffix(body, "hello from nginx\n") {
+		t.Fatalf("GET / from the copy: %q %v", body, err)
 	}
 }
