@@ -25,10 +25,23 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	if u == nil {
 		return 0, fmt.Errorf("%w: fd %d: unix socket", image.ErrCorrupt, f.Fd)
 	}
-	if u.Listen && p.tree != nil {
+	unconnected := u.Peer == 0 && u.Connect == ""
+	if unconnected && u.Name == "" {
+		// Unbound: a socket of its type is all there is to it.
+		typ := uintptr(u.Type) | unix.SOCK_CLOEXEC
+		if f.Flags&unix.O_NONBLOCK != 0 {
+			typ |= unix.SOCK_NONBLOCK
+		}
+		s, err := p.call(unix.SYS_SOCKET, unix.AF_UNIX, typ, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
+		}
+		return s, nil
+	}
+	if (u.Listen || unconnected) && p.tree != nil {
 		return p.treeUnixListener(f)
 	}
-	if u.Listen {
+	if u.Listen || unconnected {
 		typ := uintptr(u.Type) | unix.SOCK_CLOEXEC
 		if f.Flags&unix.O_NONBLOCK != 0 {
 			typ |= unix.SOCK_NONBLOCK
@@ -146,7 +159,7 @@ func (p *Process) fillUnixQueues() error {
 	}
 	fdOf := map[uint64]*image.FD{}
 	for _, f := range p.fds {
-		if f.Kind == image.FDUnix && f.Unix != nil && !f.Unix.Listen && f.Unix.Connect == "" && fdOf[f.Unix.ID] == nil {
+		if f.Kind == image.FDUnix && f.Unix != nil && f.Unix.Peer != 0 && fdOf[f.Unix.ID] == nil {
 			fdOf[f.Unix.ID] = f
 		}
 	}
@@ -232,7 +245,7 @@ func (p *Process) fillUnix(get func(int) (int, error), fd int, u *image.UnixSock
 func (p *Process) bindUnixListeners(scratch uintptr) error {
 	for _, f := range p.unixListeners {
 		u := f.Unix
-		if !u.Listen || u.Name == "" || len(u.Name) > 107 {
+		if u.Name == "" || len(u.Name) > 107 {
 			return fmt.Errorf("%w: fd %d: listening unix socket", image.ErrCorrupt, f.Fd)
 		}
 		name := []byte(u.Name)
@@ -258,6 +271,9 @@ func (p *Process) bindUnixListeners(scratch uintptr) error {
 			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
 				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", f.Fd, u.Name, err)
 			}
+		}
+		if !u.Listen {
+			continue // bound, not listening
 		}
 		if _, err := p.call(unix.SYS_LISTEN, uintptr(f.Fd), listenBacklog); err != nil {
 			return fmt.Errorf("fd %d: listen on unix socket %s: %w", f.Fd, u.Name, err)
@@ -458,6 +474,9 @@ func (p *Process) bindTreeListeners() error {
 			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
 				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
 			}
+		}
+		if !u.Listen {
+			continue // bound, not listening
 		}
 		if err := unix.Listen(l.fd, listenBacklog); err != nil {
 			return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)

@@ -518,3 +518,69 @@ http {
 		t.Fatalf("GET / from the copy: %q %v", body, err)
 	}
 }
+
+// TestMigrateUnixSelfConnected moves a process connected to its own
+// listener on a path, bytes queued both ways on the connection: the copy
+// reads them, says the connection has lost its name, and the listener
+// still accepts.
+func TestMigrateUnixSelfConnected(t *testing.T) {
+	needRoot(t)
+	path := filepath.Join(t.TempDir(), "self.sock")
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "self", path)
+	orig.Expect(t, `^ready$`, waitFor)
+	out, said, copied := migrateWith(t, pid, false, nil)
+	if !strings.Contains(strings.Join(said, "\n"), "fd 5 (unix stream socket \""+path+"\") is connected to a socket of the process") {
+		t.Errorf("the source said %q, want a word on fd 5's name", said)
+	}
+	if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(waitFor))
+	c.Write([]byte("again\n"))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if line != "echo: again\n" {
+		t.Fatalf("the copy answered %q (%v)", line, err)
+	}
+	out.Expect(t, `^ok$`, waitFor)
+}
+
+// TestMigrateUnixDgramBound moves a process with a datagram socket bound
+// to a path (a receiver others send to) and an unbound one: after the
+// move a datagram sent to the path reaches the copy, which answers it,
+// and its unbound socket can send to it.
+func TestMigrateUnixDgramBound(t *testing.T) {
+	needRoot(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "recv.sock")
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "dgram", path)
+	orig.Expect(t, `^ready$`, waitFor)
+	d := string(describe(t, pid))
+	if !strings.Contains(d, "dgram socket") || !strings.Contains(d, "unconnected, bound to \""+path+"\"") {
+		t.Errorf("pfreeze -debug lacks the bound datagram socket:\n%s", d)
+	}
+	out := migrateTCP(t, pid)
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	me := filepath.Join(dir, "me.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: me, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.WriteToUnix([]byte("hi"), &net.UnixAddr{Name: path, Net: "unixgram"}); err != nil {
+		t.Fatalf("send to the copy: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(waitFor))
+	b := make([]byte, 64)
+	n, _, err := c.ReadFromUnix(b)
+	if err != nil || string(b[:n]) != "echo: hi" {
+		t.Fatalf("the copy answered %q (%v), want \"echo: hi\"", b[:n], err)
+	}
+	out.Expect(t, `^ok$`, waitFor)
+}

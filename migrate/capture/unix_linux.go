@@ -177,7 +177,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		return describeUnixListener(d, what, rec)
 	}
 	if !d.hasPeer || d.peer == 0 {
-		return fmt.Errorf("%s is not connected: only connected unix sockets whose peer the process holds (a socketpair) are supported yet", what)
+		return describeUnixUnconnected(d, what, rec)
 	}
 	if socks.unixOwn == nil {
 		if socks.unixOwn, err = socketInodes(pid); err != nil {
@@ -196,7 +196,10 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		return reconnectUnix(d, pd, what, peer, h, socks, rec)
 	}
 	if d.name != "" {
-		return fmt.Errorf("%s has a name: named unix sockets are not supported yet", what)
+		// An accepted connection carries its listener's name, a client
+		// the name it bound: the pair is made again by socketpair,
+		// without names.
+		socks.say("fd %d (%s) is connected to a socket of the process: carried as a pair without its name (getsockname and getpeername in the copy return none)", h.target, what)
 	}
 	queue, rights, err := peekUnix(pid, h.fd, d.typ)
 	if err != nil {
@@ -319,6 +322,29 @@ func heldRights(pid int, oob []byte) ([]int, error) {
 		held = append(held, found)
 	}
 	return held, nil
+}
+
+// describeUnixUnconnected records a unix socket neither connected nor
+// listening: unbound, or bound to a name (a datagram socket others send
+// to). Datagrams queued in it came from senders whose addresses a
+// restore cannot give them again: such a socket is refused.
+func describeUnixUnconnected(d *unixDiag, what string, rec *image.FD) error {
+	if d.rqlen > 0 {
+		return fmt.Errorf("%s (not connected) has messages queued from other sockets, which are not carried: try again once the process has read them (it runs on)", what)
+	}
+	if d.typ == unix.SOCK_STREAM || d.typ == unix.SOCK_SEQPACKET {
+		if d.state != 7 && d.state != 0 { // TCP_CLOSE: never connected
+			return fmt.Errorf("%s in state %d is not supported", what, d.state)
+		}
+	}
+	if err := describeUnixListener(d, what, rec); err != nil {
+		if d.name != "" {
+			return err
+		}
+		rec.Kind, rec.Unix = image.FDUnix, &image.UnixSocket{Type: d.typ, ID: d.ino}
+	}
+	rec.Unix.Listen = false
+	return nil
 }
 
 // describeUnixListener records a listening unix socket: its name (an

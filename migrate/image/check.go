@@ -469,6 +469,14 @@ func checkUnix(fd int, u *UnixSocket) error {
 		}
 		return nil
 	}
+	if u != nil && u.Peer == 0 && !u.Listen {
+		// Neither connected nor listening: unbound, or bound to Name.
+		if len(u.Queue) > 0 || len(u.Name) > 107 || (u.Name != "" && u.Name[0] != '/' && u.Name[0] != '@') ||
+			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unconnected unix socket", fd)
+		}
+		return nil
+	}
 	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 || u.Name != "" {
 		return corruptf("fd %d: unix socket", fd)
 	}

@@ -217,6 +217,8 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if u := f.Unix; u != nil && u.Listen {
 			fmt.Fprintf(w, " %s socket %d listening on %q mode %#o owner %d:%d",
 				map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name, u.Mode, u.Uid, u.Gid)
+		} else if u != nil && u.Peer == 0 && u.Connect == "" {
+			fmt.Fprintf(w, " %s socket %d unconnected, bound to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name)
 		} else if u != nil && u.Connect != "" {
 			fmt.Fprintf(w, " %s socket %d reconnects to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Connect)
 		} else if u != nil {

@@ -414,6 +414,9 @@ const MaxPtyIndex = 1 << 20
 // Shutdown is the end's sk_shutdown
 // (1 receiving, 2 sending shut down).
 //
+// A socket with no peer that is not listening is unbound, or bound to
+// Name (with Mode, Uid, Gid), and has no queue.
+//
 // A listening socket (Listen) has no peer and no queue: it is bound
 // again to Name (an absolute path, or an abstract name starting with
 // "@") when the process starts; a path's socket file gets Mode, Uid and
