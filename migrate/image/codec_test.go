@@ -370,7 +370,7 @@ func TestDecoderSemanticRules(t *testing.T) {
 		"eventfd counter":        {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDEventfd, EventCount: ^uint64(0)}}, "eventfd counter"},
 		"shares a missing fd":    {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDFile}, &FD{Fd: 5, Desc: 4, Kind: FDFile}}, "fd 5 shares fd 4, which is not in the snapshot"},
 		"epoll watches missing":  {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDEpoll, Epoll: []EpollTarget{{Fd: 7}}}}, "fd 3 (epoll) watches fd 7"},
-		"unix without a peer":    {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDUnix, Unix: &UnixSocket{Type: 1, ID: 5}}}, "fd 3: unix socket"},
+		"unix its own peer":      {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDUnix, Unix: &UnixSocket{Type: 1, ID: 5, Peer: 5}}}, "fd 3: unix socket"},
 		"unix stream messages":   {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDUnix, Unix: &UnixSocket{Type: 1, ID: 5, Peer: 6, Queue: [][]byte{{1}, {2}}}}}, "unix stream socket with 2 queue entries"},
 		"unix listener relative": {[]any{proc(none), &FD{Fd: 3, Desc: 3, Kind: FDUnix, Unix: &UnixSocket{Type: 1, ID: 5, Listen: true, Name: "a.sock"}}}, "fd 3: listening unix socket"},
 		"seccomp program":        {[]any{proc(func(p *Process) { p.Seccomp = []SeccompFilter{{Prog: make([]byte, 12)}} })}, "seccomp filter 0: program of 12 bytes"},
