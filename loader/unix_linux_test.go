@@ -584,3 +584,19 @@ func TestMigrateUnixDgramBound(t *testing.T) {
 	}
 	out.Expect(t, `^ok$`, waitFor)
 }
+
+// TestMigratePtyTree moves a tree whose child leads a session with the
+// slave of its parent's pty as its controlling terminal and its own group
+// in the foreground: the copy's child still has that controlling
+// terminal and foreground group, and the two still talk through it.
+func TestMigratePtyTree(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "ptytree")
+	orig.Expect(t, `^ready$`, waitFor)
+	out, said, copied := migrateWith(t, pid, true, nil)
+	t.Logf("the copy is pid %d (%q)", copied, said)
+	if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	out.Expect(t, `^ok$`, waitFor)
+}
