@@ -172,8 +172,19 @@ func (p *Process) fillUnixQueues() error {
 		if peer == nil {
 			return fmt.Errorf("%w: fd %d: unix socket %d: its peer %d is not in the snapshot", image.ErrCorrupt, f.Fd, u.ID, u.Peer)
 		}
+		if len(u.Queue) == 0 {
+			// Its own buffer size all the same (its peer's is set
+			// below, or with the peer's queue).
+			if s, err := get(f.Fd); err == nil {
+				err = setSndBuf(s, u.SndBuf)
+				unix.Close(s)
+				if err != nil {
+					return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+				}
+			}
+		}
 		if len(u.Queue) > 0 {
-			if err := p.fillUnix(get, peer.Fd, u); err != nil {
+			if err := p.fillUnix(get, peer.Fd, peer.Unix.SndBuf, u); err != nil {
 				return fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err)
 			}
 		}
@@ -193,12 +204,15 @@ func (p *Process) fillUnixQueues() error {
 // fillUnix sends u's queue, in order, from the process's socket at fd
 // (u's peer), each message with the process's fds it carried. get
 // duplicates one of the process's fds into pthaw.
-func (p *Process) fillUnix(get func(int) (int, error), fd int, u *image.UnixSocket) error {
+func (p *Process) fillUnix(get func(int) (int, error), fd, sndbuf int, u *image.UnixSocket) error {
 	s, err := get(fd)
 	if err != nil {
 		return err
 	}
 	defer unix.Close(s)
+	if err := setSndBuf(s, sndbuf); err != nil {
+		return err
+	}
 	for i, m := range u.Queue {
 		var oob []byte
 		if i < len(u.Rights) && len(u.Rights[i]) > 0 {
@@ -342,6 +356,7 @@ func staleSocket(path string) bool {
 type treePair struct {
 	ends     map[uint64]int // by saved inode
 	shutdown map[uint64]int // sk_shutdown of each end, once its record came
+	sndbuf   map[uint64]int // SO_SNDBUF of each end, set with the shutdowns
 }
 
 // treeUnixEnd gives the member the end f of a pair pthaw holds, on a new
@@ -361,7 +376,7 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
 		}
-		pair = &treePair{ends: map[uint64]int{u.ID: fds[0], u.Peer: fds[1]}, shutdown: map[uint64]int{}}
+		pair = &treePair{ends: map[uint64]int{u.ID: fds[0], u.Peer: fds[1]}, shutdown: map[uint64]int{}, sndbuf: map[uint64]int{}}
 		p.tree.unix[key] = pair
 	}
 	mine, ok1 := pair.ends[u.ID]
@@ -370,8 +385,21 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		return 0, fmt.Errorf("%w: fd %d: unix socket %d and its peer %d", image.ErrCorrupt, f.Fd, u.ID, u.Peer)
 	}
 	if _, seen := pair.shutdown[u.ID]; !seen {
-		// The first record of this end: its queue, sent from the other.
-		pair.shutdown[u.ID] = u.Shutdown
+		// The first record of this end: its buffer size, and its queue,
+		// sent from the other.
+		pair.shutdown[u.ID], pair.sndbuf[u.ID] = u.Shutdown, u.SndBuf
+		// The other end's own size may not be known yet (its record may
+		// come later, and it is set with the shutdowns): room enough for
+		// this queue meanwhile.
+		total := 0
+		for _, m := range u.Queue {
+			total += len(m) + 1024 // and each message's overhead
+		}
+		if cur, err := unix.GetsockoptInt(other, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur < 2*total {
+			if err := setSndBuf(other, 2*total); err != nil {
+				return 0, fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
 		for _, m := range u.Queue {
 			for off := 0; off < len(m) || off == 0; {
 				n, err := unix.SendmsgN(other, m[off:], nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
@@ -485,14 +513,18 @@ func (p *Process) bindTreeListeners() error {
 	return nil
 }
 
-// shutdownUnix shuts the tree's pairs' ends down as they were, once
-// every member is built; an end no member held is corruption.
+// shutdownUnix gives the tree's pairs' ends their buffer sizes and shuts
+// them down as they were, once every member is built; an end no member
+// held is corruption.
 func (t *tree) shutdownUnix() error {
 	for _, pair := range t.unix {
 		for id, fd := range pair.ends {
 			how, seen := pair.shutdown[id]
 			if !seen {
 				return fmt.Errorf("%w: unix socket %d: no member holds it, though its peer is held", image.ErrCorrupt, id)
+			}
+			if err := setSndBuf(fd, pair.sndbuf[id]); err != nil {
+				return fmt.Errorf("unix socket %d: %w", id, err)
 			}
 			if h := shutdownHow(how); h >= 0 {
 				if err := unix.Shutdown(fd, h); err != nil {
@@ -516,4 +548,20 @@ func (t *tree) closeUnix() {
 		}
 		delete(t.unix, key)
 	}
+}
+
+// setSndBuf gives the socket s the send buffer size getsockopt reported
+// (twice what setsockopt takes), forced past wmem_max as the original's
+// may have been (SO_SNDBUFFORCE); 0 leaves it.
+func setSndBuf(s, sndbuf int) error {
+	if sndbuf <= 0 {
+		return nil
+	}
+	if cur, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur == sndbuf {
+		return nil
+	}
+	if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sndbuf/2); err != nil {
+		return fmt.Errorf("SO_SNDBUFFORCE %d: %w", sndbuf/2, err)
+	}
+	return nil
 }

@@ -120,7 +120,7 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			}
 			socks.say("%s leads outside the process: the copy gets a pipe whose far end is closed (%s), unless pthaw -inherit-fd %d=FD gives it one", where, end, fi.Fd)
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
-			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
+			return nil, unsupported("%s: terminals (but ptys whose master the process holds) and this kind of anonymous inode beyond fds 0-2 are not supported yet", where)
 		case strings.HasSuffix(fi.Link, " (deleted)") || strings.HasPrefix(fi.Link, "/memfd:"):
 			_, _, id, ok, err := fileObject(fi.Link, &st)
 			if err != nil {

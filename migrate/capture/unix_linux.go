@@ -209,7 +209,8 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		return fmt.Errorf("%s: file descriptors queued in it (SCM_RIGHTS) are carried only for a single process, not yet in a tree", what)
 	}
 	rec.Kind = image.FDUnix
-	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Rights: rights, Shutdown: d.shutdown}
+	sndbuf, _ := unix.GetsockoptInt(h.fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Rights: rights, Shutdown: d.shutdown, SndBuf: sndbuf}
 	return nil
 }
 

@@ -431,6 +431,9 @@ type UnixSocket struct {
 	// carries (SCM_RIGHTS), by their numbers in the process.
 	Rights [][]int `msgpack:"rights,omitempty"`
 	Listen bool    `msgpack:"listen,omitempty"`
+	// SndBuf is SO_SNDBUF as getsockopt reports it (twice what was
+	// set): a pair's queue is charged to the sending end's buffer.
+	SndBuf int `msgpack:"sndbuf,omitempty"`
 	// Connect, for a socket whose peer was outside (pfreeze
 	// -unix-reconnect), is the peer's name (a path, or "@" and an
 	// abstract name): the copy connects to it again when it starts.
