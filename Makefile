@@ -12,7 +12,7 @@ GOFLAGS   ?=
 # redis-tools (a real server the tests move: redis-check-rdb is redis-server),
 # nginx (a master and workers moved as a tree, TestMigrateNginxTree),
 # lintian and systemd (systemd-analyze): the Debian package's test.
-DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools nginx lintian systemd
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools nginx lintian systemd chromium
 export GOFLAGS
 
 .PHONY: all build deps test lint bench demo deb clean
@@ -26,7 +26,7 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb nginx lintian systemd-analyze; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb nginx lintian systemd-analyze chromium; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBS)"; \
@@ -44,7 +44,7 @@ lint: deps
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 60000x -fuzzminimizetime 200x ./migrate/image
-	$(GO) test -run '^$$' -fuzz FuzzSameAsCryptoCipher -fuzztime 150000x -fuzzminimizetime 200x ./internal/aesgcm
+	$(GO) test -run '^$$' -fuzz FuzzSealOpen -fuzztime 20000x -fuzzminimizetime 200x ./migrate/stream
 
 bench: deps build
 	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...

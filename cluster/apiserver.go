@@ -113,7 +113,10 @@ func (s *Server) mux() *http.ServeMux {
 	m.HandleFunc("GET "+api.PathWorkloads+"/{id}/logs", s.handleLogs)
 	m.HandleFunc("POST "+api.PathReport, s.leaderWrite(s.handleReport))
 	m.HandleFunc("GET "+api.PathIndex, s.leaderWrite(s.handleIndex))
+	m.HandleFunc("GET "+api.PathBalance, s.leaderRead(s.handleBalance))
+	m.HandleFunc("POST "+api.PathBalance, s.leaderWrite(s.handleBalanceSet))
 	s.migrationRoutes(m)
+	m.HandleFunc("GET "+api.PathEvents, s.handleEvents) // from this node's replica, never forwarded
 	m.Handle("GET "+api.PathMetrics, s.metricsHandler())
 	return m
 }
@@ -595,7 +598,7 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	wl := scheduler.Workload{ID: newID(), Name: name, Command: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd,
 		UID: -1, GID: -1, Labels: req.Labels, Constraints: req.Constraints, VIP: req.VIP,
 		Resources: scheduler.Resources{CPUMilli: req.CPUMilli, MemoryMB: req.MemoryMB},
-		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, CreatedAt: time.Now().UnixNano()}
+		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, Migrate: req.Migrate, CreatedAt: time.Now().UnixNano()}
 	// Range-checked before the conversion: 2^32 or -7 must never wrap.
 	if req.UID != nil {
 		id, err := scheduler.CheckID("uid", *req.UID)
@@ -650,6 +653,10 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 // handleLogs serves a workload's log from the node that ran it, forwarding
 // the request there when that is another node.
 func (s *Server) handleLogs(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Query().Get("follow") != "" {
+		s.handleLogsFollow(w, r) // logsfollow.go
+		return
+	}
 	id, err := pathID(r, "logs")
 	if err != nil {
 		writeErr(w, err)
@@ -805,7 +812,8 @@ func (s *Server) toLeader(apply func() (any, error), send func(*api.Client) erro
 }
 
 func apiLoad(l scheduler.Load) api.Load {
-	return api.Load{CPULoad1: l.CPULoad1, NumCPU: l.NumCPU, MemUsed: l.MemUsed, MemFree: l.MemFree, Workloads: l.Workloads}
+	return api.Load{CPULoad1: l.CPULoad1, NumCPU: l.NumCPU, MemUsed: l.MemUsed, MemFree: l.MemFree, Workloads: l.Workloads,
+		WorkloadCPUMilli: l.WCPU, WorkloadRSS: l.WRSS}
 }
 
 func unixTime(ns int64) time.Time {
@@ -866,7 +874,7 @@ func apiDrain(st *scheduler.State, n *scheduler.Node) *api.NodeDrain {
 func apiWorkload(w *scheduler.Workload) api.Workload {
 	return api.Workload{ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
 		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
-		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Desired: w.Desired,
+		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
 		PID: w.PID, NSPID: w.NSPID, InitPID: w.InitPID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
 		StartedAt: unixTime(w.StartedAt), EndedAt: unixTime(w.EndedAt), ModifyIndex: w.ModifyIndex}

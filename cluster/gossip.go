@@ -11,6 +11,7 @@ import (
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 	"github.com/pcluster/pcluster/node"
+	"github.com/pcluster/pcluster/scheduler"
 )
 
 type delegate struct{ s *Server }
@@ -97,10 +98,11 @@ func (s *Server) refreshLoad() {
 		s.log.Warn("sample load", "err", err)
 	}
 	l.Workloads = s.agent.Workloads()
+	uses := s.agent.Usage()
 	booted := s.raft.State() == raft.Leader || s.raft.Leader() != "" || s.raftBooted()
 	s.metaMu.Lock()
-	s.meta.Load = l
 	s.meta.Booted = s.meta.Booted || booted
+	s.meta.Load = withUses(s.meta, l, uses)
 	s.metaMu.Unlock()
 	if err := s.ml.UpdateNode(time.Second); err != nil {
 		s.log.Debug("gossip meta update", "err", err)
@@ -150,4 +152,41 @@ func (s *Server) members() map[string]memberView {
 		out[name] = memberView{node: n, meta: m, ok: ok}
 	}
 	return out
+}
+
+// maxGossipUses bounds the workloads whose use a node lists in its gossip
+// metadata; the rest count in its totals only.
+const maxGossipUses = 16
+
+// withUses returns l with the workloads' uses: the totals of all, and
+// each of the busiest as long as m's encoding stays within memberlist's
+// limit (Load.UseTrunc says some were left out).
+func withUses(m meta, l scheduler.Load, uses map[string]scheduler.Use) scheduler.Load {
+	ids := make([]string, 0, len(uses))
+	for id, u := range uses {
+		ids = append(ids, id)
+		l.WCPU += u.CPU
+		l.WRSS += u.RSS
+	}
+	sort.Slice(ids, func(i, j int) bool {
+		if uses[ids[i]].CPU != uses[ids[j]].CPU {
+			return uses[ids[i]].CPU > uses[ids[j]].CPU
+		}
+		return ids[i] < ids[j]
+	})
+	if len(ids) > maxGossipUses {
+		ids, l.UseTrunc = ids[:maxGossipUses], true
+	}
+	for k := len(ids); k >= 0; k-- {
+		l.Use = make(map[string]scheduler.Use, k)
+		for _, id := range ids[:k] {
+			l.Use[id] = uses[id]
+		}
+		m.Load = l
+		if _, err := m.encode(); err == nil {
+			return l
+		}
+		l.UseTrunc = true
+	}
+	return l
 }

@@ -340,7 +340,7 @@ func (c *testCluster) ctl(nd *testNode, args ...string) string {
 // withFlags puts flags right after the command words ("ps", "node status").
 func withFlags(args []string, flags ...string) []string {
 	n := 1
-	if args[0] == "node" {
+	if args[0] == "node" || args[0] == "balance" {
 		n = 2
 	}
 	out := append(append([]string{}, args[:n]...), flags...)

@@ -16,11 +16,14 @@ import (
 // bootstraps raft once -bootstrap-expect servers see each other; on the
 // leader it reconciles gossip with raft and the state: voters are added and
 // removed as gossip reports members, nodes become ready or down, and loads
-// are recorded. It also runs the leader's planners on every tick: migration
-// timeouts and drains (a Drainer keeps nothing between rounds, so a new
+// are recorded. It also runs the leader's planners: migration timeouts and
+// drains on every tick, and the balancer every
+// BalanceInterval (a Drainer keeps nothing between rounds, so a new
 // leader carries on a drain from the state).
 func (s *Server) leaderLoop(ctx context.Context) {
 	drainer := NewDrainer(s.Applier(), s.unreachable, s.log)
+	balance := time.NewTicker(s.cfg.BalanceInterval)
+	defer balance.Stop()
 	tick := time.NewTicker(s.cfg.Reconcile)
 	defer tick.Stop()
 	loads := time.NewTicker(s.cfg.LoadInterval * 2)
@@ -50,6 +53,12 @@ func (s *Server) leaderLoop(ctx context.Context) {
 		case <-gc.C:
 			if s.IsLeader() {
 				s.collectWorkloads(time.Now())
+			}
+		case <-balance.C:
+			if s.IsLeader() {
+				if _, err := s.balancer.Round(time.Now()); err != nil {
+					s.log.Warn("balance", "err", err)
+				}
 			}
 		}
 		s.maybeBootstrap()

@@ -158,8 +158,16 @@ func TestAPILimits(t *testing.T) {
 
 	// Agent reports are checked where they are proposed, as run requests
 	// are: the FSM applies whatever is committed.
+	// The exit report below is the agent's for a running workload: wait
+	// until it runs (the agent starts it once its replica is current).
 	var w4 api.Workload
-	c.ctlJSON(nd, &w4, "status", ids[4])
+	c.waitFor(20*time.Second, "the workload to run", func() error {
+		c.ctlJSON(nd, &w4, "status", ids[4])
+		if w4.State != "running" || w4.Node == "" {
+			return fmt.Errorf("%s on %q", w4.State, w4.Node)
+		}
+		return nil
+	})
 	at := time.Now().UTC().Format(time.RFC3339Nano)
 	for _, tc := range []struct{ body, want string }{
 		{`{"kind":"started","id":"` + w4.ID + `","node":"` + w4.DesiredNode + `","attempt":1,"pid":-1,"exit_code":0,"at":"` + at + `"}`, "pid -1: out of range"},

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/scheduler"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -33,6 +34,23 @@ func newMetrics(s *Server) *metrics {
 		applyLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "pcluster_raft_apply_seconds",
 			Help: "Time from raft Apply to commit on this leader.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 	}
+	balance := func(moves bool) func() float64 {
+		return func() float64 {
+			if s.balancer == nil {
+				return 0
+			}
+			var st api.BalanceStatus
+			s.balancer.Status(&st)
+			if moves {
+				return float64(st.Moves)
+			}
+			return float64(st.Rounds)
+		}
+	}
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pcluster_balance_rounds_total",
+		Help: "Balancer rounds this node ran while it led."}, balance(false)),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pcluster_balance_moves_total",
+			Help: "Migrations the balancer planned on this node while it led."}, balance(true)))
 	m.reg.MustRegister(m.members, m.isLeader, m.leaderChanges, m.workloads, m.applyLatency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -25,7 +25,7 @@ import (
 
 // startLab starts a 3-node cluster, each pclusterd in its own network
 // namespace on 198.18.x.0/24, each with its own data directory.
-func startLab(t *testing.T, c *testCluster, subnet int) (*netlab.Lab, []*testNode) {
+func startLab(t testing.TB, c *testCluster, subnet int) (*netlab.Lab, []*testNode) {
 	lab := netlab.New(t, 3, subnet)
 	var nodes []*testNode
 	for i := 1; i <= 3; i++ {

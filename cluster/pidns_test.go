@@ -37,7 +37,12 @@ func TestMigrateTreeAround(t *testing.T) {
 		if len(parseCounter(t, "the log", string(b))) < 1 {
 			return fmt.Errorf("no line yet")
 		}
-		w, _ = workloadOn(nodes[0], w.ID)
+		// The process writes before its start is in the state.
+		got, err := workloadOn(nodes[0], w.ID)
+		if err != nil || got.State != "running" || got.PID == 0 {
+			return fmt.Errorf("%s, pid %d (%v)", got.State, got.PID, err)
+		}
+		w = got
 		return nil
 	})
 	if w.NSPID <= 0 || w.InitPID <= 0 || w.NSPID == w.PID {

@@ -48,10 +48,23 @@ type Config struct {
 	VIPInterface    string            // interface for virtual IPs; "": the one whose subnet holds each
 	Logger          *slog.Logger
 
+	// The status page (webui.go): WebAddr "" serves it on 127.0.0.1 at the
+	// gossip port + 3, WebOff not at all; beyond loopback it needs WebCert
+	// and WebKey (TLS). WebTokenFile holds its access token; default
+	// DATA_DIR/web-token, made when missing.
+	WebAddr, WebTokenFile, WebCert, WebKey string
+
 	WorkloadGCAfter time.Duration // ended workloads are removed from the state after this; 1h
 	// MigrationTimeout: a migration with no step for this long before its
 	// commit is aborted by the leader; scheduler.DefaultMigrationTimeout.
 	MigrationTimeout time.Duration
+
+	// BalanceInterval: the leader's balancer runs a round this often
+	// (DefaultBalanceInterval); BalanceCooldown: a moved workload stays
+	// this long before the balancer moves it again
+	// (scheduler.DefaultBalanceCooldown).
+	BalanceInterval time.Duration
+	BalanceCooldown time.Duration
 
 	LoadInterval   time.Duration // gossip load refresh; 2s
 	RejoinInterval time.Duration // re-join attempts when alone; 5s
@@ -63,12 +76,15 @@ type Server struct {
 	cfg     Config
 	log     *slog.Logger
 	fsm     *scheduler.FSM
+	evlog   *eventLog // events derived from the entries fsm applies (events.go)
 	raft    *raft.Raft
 	store   *raftboltdb.BoltStore
 	trans   *raft.NetworkTransport
 	ml      *memberlist.Memberlist
 	agent   *node.Agent
 	metrics *metrics
+	// balancer is the leader's (it runs only while this node leads).
+	balancer *Balancer
 
 	ca       *pki.Authority
 	peerTLS  *tls.Config
@@ -95,6 +111,9 @@ type Server struct {
 	sockLn   net.Listener
 	peers    peerPolicy // who the socket serves
 	httpSrvs []*http.Server
+	webLn    net.Listener // the status page's, or nil
+	webURL   string
+	webTok   string
 
 	ctx    context.Context // ends at Shutdown
 	cancel context.CancelFunc
@@ -147,6 +166,15 @@ func Start(cfg Config) (s *Server, err error) {
 	if cfg.MigrationTimeout == 0 {
 		cfg.MigrationTimeout = scheduler.DefaultMigrationTimeout
 	}
+	if cfg.BalanceInterval == 0 {
+		cfg.BalanceInterval = DefaultBalanceInterval
+	}
+	if cfg.BalanceCooldown == 0 {
+		cfg.BalanceCooldown = scheduler.DefaultBalanceCooldown
+	}
+	if cfg.BalanceInterval < 0 || cfg.BalanceCooldown < 0 {
+		return nil, fmt.Errorf("start: balance interval %v, cool-down %v: want positive durations", cfg.BalanceInterval, cfg.BalanceCooldown)
+	}
 	if cfg.WorkloadGCAfter < 0 {
 		return nil, fmt.Errorf("start: workload gc retention %v: want a positive duration", cfg.WorkloadGCAfter)
 	}
@@ -188,12 +216,14 @@ func Start(cfg Config) (s *Server, err error) {
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(),
+	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
 		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
 	s.metrics = newMetrics(s)
+	s.balancer = NewBalancer(s.Applier(), s.unreachable, scheduler.BalanceParams{Cooldown: cfg.BalanceCooldown}, s.log)
+	started := s // "return nil, err" sets s to nil before this runs
 	defer func() {
 		if err != nil {
-			s.Shutdown()
+			started.Shutdown()
 		}
 	}()
 
@@ -201,6 +231,9 @@ func Start(cfg Config) (s *Server, err error) {
 		return nil, err
 	}
 	if err := s.setupAPI(); err != nil {
+		return nil, err
+	}
+	if err := s.setupWeb(); err != nil {
 		return nil, err
 	}
 	if err := s.setupRaft(); err != nil {
@@ -218,6 +251,7 @@ func Start(cfg Config) (s *Server, err error) {
 	s.goLoop(func() { s.gossipLoop(ctx) })
 	s.goLoop(func() { s.leaderLoop(ctx) })
 	s.serveAPI()
+	s.serveWeb()
 	s.log.Info("pclusterd started", "gossip", s.gossipAddr, "raft", s.trans.LocalAddr(),
 		"api", s.meta.APIAddr, "socket", cfg.Socket, "data_dir", cfg.DataDir)
 	return s, nil
@@ -351,7 +385,7 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("start: raft state: %w", err)
 	}
-	r, err := raft.NewRaft(rc, s.fsm, store, store, snaps, s.trans)
+	r, err := raft.NewRaft(rc, eventFSM{s.fsm, s.evlog}, store, store, snaps, s.trans)
 	if err != nil {
 		return fmt.Errorf("start: raft: %w", err)
 	}
@@ -443,7 +477,7 @@ func (s *Server) Shutdown() {
 			_ = h.Shutdown(ctx)
 			cancel()
 		}
-		for _, ln := range []net.Listener{s.apiLn, s.sockLn} {
+		for _, ln := range []net.Listener{s.apiLn, s.sockLn, s.webLn} {
 			if ln != nil {
 				ln.Close()
 			}

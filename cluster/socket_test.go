@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/node"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,12 +64,22 @@ func startDev(t *testing.T, c *testCluster, sock string, extra ...string) *testN
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	t.Cleanup(func() {
+		// -dev makes its data dir in TMPDIR and removes it at exit; the
+		// workloads' cgroups are named after it (node.CgroupBase), and
+		// a workload still running or not yet reaped at the shutdown
+		// leaves its cgroup: remove them as a test node's.
+		dataDirs, _ := filepath.Glob(filepath.Join(tmp, "pclusterd-dev-*"))
 		cmd.Process.Signal(unix.SIGTERM)
 		select {
 		case <-done:
 		case <-time.After(10 * time.Second):
 			cmd.Process.Kill()
 			<-done
+		}
+		for _, d := range dataDirs {
+			if err := node.RemoveCgroups(c.prefix+"-dev", d); err != nil {
+				t.Errorf("dev node: %v", err)
+			}
 		}
 	})
 	nd := &testNode{name: c.prefix + "-dev", socket: sock, logPath: logPath}

@@ -46,7 +46,7 @@ func inNS(ns string, f func() error) error {
 }
 
 // nlHandle opens a netlink handle in lab host h's namespace.
-func nlHandle(t *testing.T, h *netlab.Host) *netlink.Handle {
+func nlHandle(t testing.TB, h *netlab.Host) *netlink.Handle {
 	t.Helper()
 	ns, err := netns.GetFromName(h.NS)
 	if err != nil {

@@ -119,9 +119,13 @@ type Process struct {
 	unixConnects []*image.FD
 	vdso         uint64   // syscall site in the moved vdso
 	uffd         *os.File // fills private anonymous memory while building
-	built        bool
-	done         bool
-	tasks        []*task // the threads finish made ready, detached to start
+	// staged: the pages of a live migration sent before the stop; kept:
+	// the areas (by start) mapped as they came, left in place.
+	staged *staging
+	kept   map[uint64]bool
+	built  bool
+	done   bool
+	tasks  []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string
@@ -203,6 +207,10 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	if err != nil {
 		return err
 	}
+	// Pages sent while the original still ran (pfreeze -live).
+	if p.staged, first, err = p.stagePrecopy(dec, first); err != nil {
+		return err
+	}
 	// A reader goroutine decodes ahead (memory contents into a few
 	// buffers) while this one builds the process: reading, decrypting and
 	// decompressing overlap with writing the process's memory.
@@ -218,10 +226,17 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
+		if p.staged != nil {
+			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		}
 		<-items // the tree record itself
 		return p.buildTree(t, items)
 	}
-	last, err := p.buildOne(items, nil, p.startStub)
+	prepare := p.startStub
+	if p.staged != nil {
+		prepare = p.prepareLive
+	}
+	last, err := p.buildOne(items, nil, prepare)
 	if err != nil {
 		return err
 	}
@@ -324,6 +339,13 @@ meta:
 	}
 	if err := p.mapMemory(); err != nil {
 		return nil, err
+	}
+	if p.staged != nil {
+		err := p.staged.apply(p.fill)
+		p.staged = nil
+		if err != nil {
+			return nil, err
+		}
 	}
 	// Memory contents, then files, then the end record (or the next
 	// member of a tree).
@@ -525,7 +547,17 @@ func (p *Process) snapshotRanges() [][2]uint64 {
 // startStub creates the stub process and, when possible, gives it the
 // saved PID. Runs the tracer thread for every ptrace step.
 func (p *Process) startStub() error {
-	p.base = freeRange(stubSize, p.snapshotRanges())
+	if err := p.launchStub(freeRange(stubSize, p.snapshotRanges())); err != nil {
+		return err
+	}
+	return p.tr.Do(p.stubPID)
+}
+
+// launchStub starts the stub with its code at base, traced and named,
+// before the saved PID is known (a live migration's receiver starts it at
+// the first pre-copied page).
+func (p *Process) launchStub(base uint64) error {
+	p.base = base
 	fd, err := unix.MemfdCreate("pcluster-stub", 0)
 	if err != nil {
 		return fmt.Errorf("memfd_create: %w", err)
@@ -592,14 +624,20 @@ func (p *Process) startStub() error {
 		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NAME, name); err != nil {
 			return fmt.Errorf("name stub: %w", err)
 		}
-		if p.opts.PIDNamespace {
-			return p.forkIntoNamespace()
-		}
-		if !p.opts.NewPID && p.proc.Pid != pid {
-			return p.takePID(false)
-		}
 		return nil
 	})
+}
+
+// stubPID gives the stub the saved PID, or forks the process from it in a
+// PID namespace of its own. Runs on the tracer thread.
+func (p *Process) stubPID() error {
+	if p.opts.PIDNamespace {
+		return p.forkIntoNamespace()
+	}
+	if !p.opts.NewPID && p.proc.Pid != p.pid {
+		return p.takePID(false)
+	}
+	return nil
 }
 
 // forkIntoNamespace makes the stub, init of a new PID namespace, fork a
@@ -632,10 +670,26 @@ func (p *Process) forkIntoNamespace() error {
 // waiting briefly for its parent to reap it. Runs on the tracer thread.
 func (p *Process) takePID(late bool) error {
 	want := p.proc.Pid
-	err := p.clonePID()
-	for deadline := time.Now().Add(2 * time.Second); late && errors.Is(err, unix.EEXIST) && dying(want) && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
+	// A clone3 refused for a taken PID has copied the stub's memory
+	// first (the kernel allocates the PID last): once the memory is built
+	// (a live migration's, or a late retry), in proportion to its size,
+	// in the stop. So it is not tried while the PID is visibly in use:
+	// early, the late retry takes it; late, a holder that is going is
+	// waited for (as long as before).
+	var err error
+	deadline := time.Now().Add(2 * time.Second)
+	switch {
+	case !late && pidInUse(want):
+		err = unix.EEXIST
+	default:
+		for late && pidInUse(want) && dying(want) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
 		err = p.clonePID()
+		for late && errors.Is(err, unix.EEXIST) && dying(want) && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+			err = p.clonePID()
+		}
 	}
 	switch {
 	case err == nil:
@@ -655,6 +709,12 @@ func (p *Process) takePID(late bool) error {
 	}
 	p.retryPID = false
 	return nil
+}
+
+// pidInUse reports whether a process or thread has pid here.
+func pidInUse(pid int) bool {
+	err := unix.Kill(pid, 0)
+	return err == nil || errors.Is(err, unix.EPERM)
 }
 
 // dying reports whether pid is gone, exiting, a zombie, or stopped by a

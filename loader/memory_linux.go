@@ -67,6 +67,15 @@ func (p *Process) mapMemory() error {
 			if v.Kind.Kernel() {
 				continue
 			}
+			if p.kept[v.Start] {
+				// Mapped, read-write, as its pre-copied pages came.
+				if prot := buildProt(v); prot != unix.PROT_READ|unix.PROT_WRITE {
+					if _, err := p.call(unix.SYS_MPROTECT, uintptr(v.Start), uintptr(v.Len()), uintptr(prot)); err != nil {
+						return fmt.Errorf("%s: mprotect: %w", vmaName(v), err)
+					}
+				}
+				continue
+			}
 			flags := uintptr(unix.MAP_FIXED_NOREPLACE)
 			fd := ^uintptr(0)
 			switch v.Kind {
@@ -221,8 +230,12 @@ func (p *Process) moveKernelAreas(cur []procfs.Mapping) error {
 		if (m.Start >= p.base && m.End <= p.base+stubSize) || m.Path == "[vsyscall]" {
 			continue
 		}
-		if _, err := p.call(unix.SYS_MUNMAP, uintptr(m.Start), uintptr(m.End-m.Start)); err != nil {
-			return fmt.Errorf("unmap stub area %#x-%#x %s: %w", m.Start, m.End, m.Path, err)
+		// Areas a live migration filled as it went stay (the kernel may
+		// have merged one with a neighbour of the stub's).
+		for _, r := range p.keptOutside(m.Start, m.End) {
+			if _, err := p.call(unix.SYS_MUNMAP, uintptr(r[0]), uintptr(r[1]-r[0])); err != nil {
+				return fmt.Errorf("unmap stub area %#x-%#x %s: %w", r[0], r[1], m.Path, err)
+			}
 		}
 	}
 	var want []*image.VMA

@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 // a measure.
 const waitFor = 20 * time.Second
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the restore clones the saved PID (CAP_CHECKPOINT_RESTORE) and traces the original")
@@ -39,7 +39,7 @@ func needRoot(t *testing.T) {
 }
 
 // clusterKey is a stream key held as bytes, as an agent derives it.
-func clusterKey(t *testing.T) stream.Key {
+func clusterKey(t testing.TB) stream.Key {
 	k := stream.Key{Name: "cluster", Bytes: make([]byte, stream.KeySize)}
 	if _, err := rand.Read(k.Bytes); err != nil {
 		t.Fatal(err)
@@ -55,7 +55,7 @@ type agents struct {
 	srcTr, dstTr     *ptrace.Tracer
 }
 
-func newAgents(t *testing.T) *agents {
+func newAgents(t testing.TB) *agents {
 	a := &agents{key: clusterKey(t), srcTr: ptrace.NewTracer(), dstTr: ptrace.NewTracer()}
 	t.Cleanup(func() { a.srcTr.Close(); a.dstTr.Close() })
 	a.srcConn, a.dstConn = fixture.TLSPair(t)
@@ -88,7 +88,7 @@ func (a *agents) receive(ctx context.Context, conn net.Conn, out *os.File) (*loa
 
 // reap kills and waits for a restored process: the test binary is its
 // parent.
-func reap(t *testing.T, p *loader.Process) {
+func reap(t testing.TB, p *loader.Process) {
 	t.Helper()
 	syscall.Kill(p.Pid(), syscall.SIGKILL)
 	if _, err := p.Wait(); err != nil {

@@ -149,6 +149,11 @@ type Agent struct {
 	retrySync  time.Time
 
 	vips *vips // the virtual IPs this node carries (node/vip.go)
+
+	// usageMu guards usage: each workload's previous CPU reading
+	// (node/usage_linux.go).
+	usageMu sync.Mutex
+	usage   map[string]usageSample
 }
 
 // New returns an agent; call Run to start it. The agent starts each

@@ -323,12 +323,21 @@ func RemoveCgroups(name, dataDir string) error {
 			continue
 		}
 		d := filepath.Join(base, e.Name())
-		kill(d)
-		for deadline := time.Now().Add(5 * time.Second); len(procsOf(d)) > 0 && time.Now().Before(deadline); {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if err := unix.Rmdir(d); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+		// A killed task leaves cgroup.procs before it has finished
+		// exiting, and the cgroup stays busy until it has (populated 0
+		// in cgroup.events): retry the removal, killing again whatever
+		// was forked meanwhile (seen: EBUSY after a 5 s wait on a host at
+		// load 9, the cgroup found empty later).
+		for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			kill(d)
+			err := unix.Rmdir(d)
+			if err == nil || errors.Is(err, unix.ENOENT) {
+				break
+			}
+			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+				break
+			}
 		}
 	}
 	if err := unix.Rmdir(base); err != nil && !errors.Is(err, unix.ENOENT) {

@@ -596,6 +596,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		src.Ready(err)
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
+	a.markLogStart(m.WorkloadID, m.Attempt+1, stdio[1], stdio[2]) // the attempt the commit gives it
 	defer func() {
 		for _, f := range stdio {
 			f.Close()
@@ -685,14 +686,19 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 		}
 	}
 	if vip != "" {
-		// Before the process runs, so that its first answers reach
-		// clients; a failure is logged, and reconcile tries again.
-		if err := a.vips.add(m.WorkloadID, vip); err != nil {
+		// Before the start, which binds the restored sockets to it; a
+		// failure is logged, and reconcile tries again. Announced only
+		// once they are bound (addSilent).
+		if err := a.vips.addSilent(m.WorkloadID, vip); err != nil {
 			log.Warn("virtual IP not added before the start", "err", err)
 		}
 	}
 	a.clearStatus(m.WorkloadID)
-	if err := p.Start(); err != nil {
+	err = p.Start()
+	if vip != "" {
+		a.vips.announce(vip)
+	}
+	if err != nil {
 		// Committed and lost before it ran (workload-lost): its
 		// restart policy applies, else the workload is lost.
 		a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt})

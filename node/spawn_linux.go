@@ -49,6 +49,7 @@ func (a *Agent) spawn(w scheduler.Workload) (spawned, error) {
 		return s, fmt.Errorf("start %s: %w", w.ID, err)
 	}
 	defer stderr.Close()
+	a.markLogStart(w.ID, w.Attempt, stdout, stderr)
 
 	ids := []string{"PCLUSTER_WORKLOAD_ID=" + w.ID, "PCLUSTER_NODE=" + a.cfg.Name}
 	env := []string{"PATH=" + DefaultPath}

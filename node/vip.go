@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -112,7 +113,55 @@ func (v *vips) save() {
 // add carries vip for workload wid: adds it, records it, announces it.
 // Carried already for wid, or wid frozen by a migration out: nothing to
 // do.
-func (v *vips) add(wid, vip string) error {
+func (v *vips) add(wid, vip string) error { return v.place(wid, vip, true) }
+
+// addSilent is add without the announcement, which announce makes: a
+// migration's target adds the address before the restored process binds
+// its sockets to it (they need it: routing picks it as their source) but
+// tells the neighbours only once those sockets are there. Announced
+// earlier, the peers' segments, retransmitted while the copy is built,
+// would reach a host that has the address and no socket for them, and it
+// would answer with a reset.
+func (v *vips) addSilent(wid, vip string) error { return v.place(wid, vip, false) }
+
+// announce announces vip, if held: addSilent's second half.
+func (v *vips) announce(vip string) {
+	p, err := netrehome.Parse(vip)
+	if err != nil {
+		return
+	}
+	a := p.Addr()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	h := v.held[a]
+	if h == nil {
+		return
+	}
+	ifi, err := net.InterfaceByName(h.Interface)
+	if err == nil {
+		v.announceLocked(ifi, a, h.Workload)
+	} else {
+		v.log.Warn("virtual IP added but not announced", "vip", a, "workload", h.Workload, "err", err)
+	}
+}
+
+// announceLocked starts announcing a on ifi (mu held).
+func (v *vips) announceLocked(ifi *net.Interface, a netip.Addr, wid string) {
+	an, err := netrehome.Announce(ifi, a, netrehome.DefaultSchedule)
+	if err != nil {
+		// The address is here; neighbours learn it when their entries
+		// expire. Not a reason to take it away again.
+		v.log.Warn("virtual IP added but not announced", "vip", a, "workload", wid, "err", err)
+		return
+	}
+	if old := v.ann[a]; old != nil {
+		old.Stop()
+	}
+	v.ann[a] = an
+	v.log.Info("virtual IP announced", "vip", a, "interface", ifi.Name, "workload", wid)
+}
+
+func (v *vips) place(wid, vip string, announce bool) error {
 	p, err := netrehome.Parse(vip)
 	if err != nil {
 		return fmt.Errorf("workload %s: %w", wid, err)
@@ -154,18 +203,10 @@ func (v *vips) add(wid, vip string) error {
 	} else {
 		v.log.Warn("virtual IP was on the interface already: announced, never removed by pclusterd", "vip", a, "interface", ifi.Name, "workload", wid)
 	}
-	an, err := netrehome.Announce(ifi, a, netrehome.DefaultSchedule)
-	if err != nil {
-		// The address is here; neighbours learn it when their entries
-		// expire. Not a reason to take it away again.
-		v.log.Warn("virtual IP added but not announced", "vip", a, "workload", wid, "err", err)
-		return nil
+	v.log.Info("virtual IP added", "vip", a, "interface", ifi.Name, "workload", wid)
+	if announce {
+		v.announceLocked(ifi, a, wid)
 	}
-	if old := v.ann[a]; old != nil {
-		old.Stop()
-	}
-	v.ann[a] = an
-	v.log.Info("virtual IP added and announced", "vip", a, "interface", ifi.Name, "workload", wid)
 	return nil
 }
 

@@ -28,6 +28,8 @@ const (
 	CmdNodeDrainDone          CommandType = 14
 	CmdWorkloadReschedule     CommandType = 15
 	CmdWorkloadLost           CommandType = 16
+	// 17..19 are left to other branches in flight; the balancer's start at 20.
+	CmdBalanceSet CommandType = 20
 )
 
 // SkippableFlag marks a command that an FSM which does not know its type may
@@ -70,6 +72,8 @@ func (t CommandType) String() string {
 		return "workload-reschedule"
 	case CmdWorkloadLost:
 		return "workload-lost"
+	case CmdBalanceSet:
+		return "balance-set"
 	}
 	return fmt.Sprintf("command-%d", uint8(t))
 }
@@ -213,6 +217,13 @@ type WorkloadRescheduleCmd struct {
 	Node   string `msgpack:"node"`
 	Reason string `msgpack:"reason"`
 	At     int64  `msgpack:"at"`
+}
+
+// BalanceSetCmd sets the balancer's mode (BalanceOff, BalanceConservative
+// or BalanceAggressive).
+type BalanceSetCmd struct {
+	Mode string `msgpack:"mode"`
+	At   int64  `msgpack:"at"`
 }
 
 // CheckpointPolicyUpsertCmd records a checkpoint policy.

@@ -40,7 +40,9 @@ func allCommands(a *applier) {
 	for _, n := range []string{"a", "b"} {
 		a.ok(CmdNodeUpsert, &NodeUpsertCmd{Node: Node{Name: n, RaftAddr: n + ":1", APIAddr: n + ":2", Labels: map[string]string{"zone": n}}, At: 1})
 	}
-	a.ok(CmdNodeLoads, &NodeLoadsCmd{Loads: map[string]Load{"a": {CPULoad1: 0.5, NumCPU: 2, MemUsed: 1 << 30, MemFree: 3 << 30, Workloads: 1}}, At: 2})
+	a.ok(CmdNodeLoads, &NodeLoadsCmd{Loads: map[string]Load{"a": {CPULoad1: 0.5, NumCPU: 2, MemUsed: 1 << 30, MemFree: 3 << 30, Workloads: 1,
+		WCPU: 300, WRSS: 1 << 20, Use: map[string]Use{"w1": {CPU: 300, RSS: 1 << 20}}}}, At: 2})
+	a.ok(CmdBalanceSet, &BalanceSetCmd{Mode: BalanceConservative, At: 2})
 	a.ok(CmdNodeEligibility, &NodeEligibilityCmd{Name: "b", Eligible: false})
 	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w1", Name: "sleeper", Command: "/bin/sleep", Args: []string{"10"},
 		Env: []string{"A=1"}, UID: -1, GID: -1, Labels: map[string]string{"app": "x"}, VIP: "198.18.0.10", DesiredNode: "a",
@@ -50,7 +52,7 @@ func allCommands(a *applier) {
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w1", Node: "a", Attempt: 2, PID: 101, At: 6})
 	a.ok(CmdWorkloadStop, &WorkloadStopCmd{ID: "w1", At: 7})
 	a.ok(CmdWorkloadExited, &WorkloadExitedCmd{ID: "w1", Node: "a", Attempt: 2, Signal: "terminated", At: 8})
-	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w2", Command: "/bin/true", DesiredNode: "b", CreatedAt: 9}})
+	a.ok(CmdWorkloadCreate, &WorkloadCreateCmd{Workload: Workload{ID: "w2", Command: "/bin/true", DesiredNode: "b", Migrate: MigrateNever, CreatedAt: 9}})
 	a.ok(CmdWorkloadStarted, &WorkloadStartedCmd{ID: "w2", Node: "b", Attempt: 1, PID: 200, At: 10})
 	m := a.ok(CmdMigrationPlan, &MigrationPlanCmd{WorkloadID: "w2", Target: "a", Reason: "operator", At: 10}).(Migration)
 	a.ok(CmdMigrationStep, &MigrationStepCmd{ID: m.ID, Attempt: m.Attempt, Node: "b", To: MigrationTransferring, At: 10})

@@ -3,7 +3,12 @@
 // decisions taken from it, such as where a new workload runs.
 package scheduler
 
-import "sort"
+import (
+	"fmt"
+	"sort"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
 
 // NodeStatus is a node's standing in the cluster.
 type NodeStatus string
@@ -22,6 +27,59 @@ type Load struct {
 	MemUsed   uint64  `msgpack:"mu"`
 	MemFree   uint64  `msgpack:"mf"`
 	Workloads int     `msgpack:"w"`
+	// What the node's own workloads use, measured by its agent from each
+	// workload's cgroup (node/usage_linux.go): WCPU, CPU time per second
+	// in milli-cores, and WRSS, memory in bytes, summed over all of them;
+	// Use, the same per workload ID for the busiest ones (as many as fit
+	// in the gossip metadata). The balancer counts these, not the host's
+	// load average, which namespaces of one machine share.
+	WCPU uint32         `msgpack:"wc,omitempty"`
+	WRSS uint64         `msgpack:"wm,omitempty"`
+	Use  map[string]Use `msgpack:"u,omitempty"`
+	// UseTrunc: Use leaves out some workloads (they did not fit).
+	UseTrunc bool `msgpack:"ut,omitempty"`
+}
+
+// Use is what one workload uses: CPU in milli-cores (CPU time per second
+// of wall time over the last sample interval) and memory in bytes. It is
+// encoded as a two-element array of compact integers to keep the gossip
+// metadata small (EncodeMsgpack).
+type Use struct {
+	CPU uint32
+	RSS uint64
+}
+
+// EncodeMsgpack writes u as [CPU, RSS], each integer in as few bytes as
+// it needs.
+func (u Use) EncodeMsgpack(enc *msgpack.Encoder) error {
+	if err := enc.EncodeArrayLen(2); err != nil {
+		return err
+	}
+	if err := enc.EncodeUint(uint64(u.CPU)); err != nil {
+		return err
+	}
+	return enc.EncodeUint(u.RSS)
+}
+
+// DecodeMsgpack reads what EncodeMsgpack writes.
+func (u *Use) DecodeMsgpack(dec *msgpack.Decoder) error {
+	n, err := dec.DecodeArrayLen()
+	if err != nil {
+		return err
+	}
+	if n != 2 {
+		return fmt.Errorf("workload use: %d elements, want 2", n)
+	}
+	cpu, err := dec.DecodeUint32()
+	if err != nil {
+		return fmt.Errorf("workload use: cpu: %w", err)
+	}
+	rss, err := dec.DecodeUint64()
+	if err != nil {
+		return fmt.Errorf("workload use: rss: %w", err)
+	}
+	u.CPU, u.RSS = cpu, rss
+	return nil
 }
 
 // Node is one host running pclusterd.
@@ -85,6 +143,9 @@ type Resources struct {
 	MemoryMB uint64 `msgpack:"mem"`
 }
 
+// MigrateNever keeps a workload out of the balancer's moves.
+const MigrateNever = "never"
+
 // Desired run states.
 const (
 	DesiredRunning = "running"
@@ -108,6 +169,9 @@ type Workload struct {
 	VIP         string            `msgpack:"vip"`
 	Resources   Resources         `msgpack:"res"`
 	Restart     RestartPolicy     `msgpack:"restart"`
+	// Migrate is MigrateNever for a workload the balancer must not move
+	// (drains and operators still may); "" lets it.
+	Migrate string `msgpack:"migrate,omitempty"`
 
 	Desired     string        `msgpack:"desired"`
 	DesiredNode string        `msgpack:"desired_node"` // where it should run
@@ -211,6 +275,7 @@ type State struct {
 	Workloads          map[string]*Workload         `msgpack:"workloads"`
 	Migrations         map[string]*Migration        `msgpack:"migrations"`
 	CheckpointPolicies map[string]*CheckpointPolicy `msgpack:"checkpoint_policies"`
+	Balance            BalanceConfig                `msgpack:"balance"`
 	Index              uint64                       `msgpack:"index"` // last applied raft index
 }
 

@@ -233,6 +233,9 @@ func ValidateWorkload(w *Workload) error {
 	if w.Restart.Max < 0 || w.Restart.Max > MaxRestartsLimit {
 		return invalid(fmt.Sprintf("max_restarts %d", w.Restart.Max), "out of range 0..%d (0: no bound)", MaxRestartsLimit)
 	}
+	if w.Migrate != "" && w.Migrate != MigrateNever {
+		return invalid("migrate", "%.32q: want never (or nothing: the balancer may move it)", w.Migrate)
+	}
 	if w.Resources.CPUMilli < 0 || w.Resources.CPUMilli > MaxCPUMilli {
 		return invalid(fmt.Sprintf("cpu_milli %d", w.Resources.CPUMilli), "out of range 0..%d", MaxCPUMilli)
 	}

@@ -376,3 +376,15 @@ func (c *Client) Migration(ctx context.Context, id string) (Migration, error) {
 func (c *Client) MigrationStep(ctx context.Context, st MigrationStep) error {
 	return c.do(ctx, http.MethodPost, PathMigrations+"/"+url.PathEscape(st.ID)+"/step", st, nil)
 }
+
+// Balance returns the balancer's status, from the leader.
+func (c *Client) Balance(ctx context.Context) (BalanceStatus, error) {
+	var out BalanceStatus
+	return out, c.do(ctx, http.MethodGet, PathBalance, nil, &out)
+}
+
+// SetBalance sets the balancer's mode and returns its status.
+func (c *Client) SetBalance(ctx context.Context, mode string) (BalanceStatus, error) {
+	var out BalanceStatus
+	return out, c.do(ctx, http.MethodPost, PathBalance, BalanceRequest{Mode: mode}, &out)
+}

@@ -19,7 +19,9 @@ const (
 	// /v1/migrations/ID/transfer?attempt=N from the source agent to the
 	// target's, which answers 101 and takes the connection for the stream.
 	PathMigrations = "/v1/migrations"
-	PathMetrics    = "/metrics"
+	// PathBalance: GET the balancer's status, POST its mode.
+	PathBalance = "/v1/balance"
+	PathMetrics = "/metrics"
 )
 
 // Workload lists are paginated: GET /v1/workloads?per_page=N&next_token=T
@@ -39,6 +41,10 @@ type Load struct {
 	MemUsed   uint64  `json:"mem_used"`
 	MemFree   uint64  `json:"mem_free"`
 	Workloads int     `json:"workloads"`
+	// What the node's workloads use, measured per workload by its agent:
+	// CPU time per second in milli-cores, and memory in bytes.
+	WorkloadCPUMilli uint32 `json:"workload_cpu_milli"`
+	WorkloadRSS      uint64 `json:"workload_rss"`
 }
 
 // Member is a node as gossip and raft see it from the answering node.
@@ -128,6 +134,9 @@ type RunRequest struct {
 	MaxRestarts int               `json:"max_restarts,omitempty"`
 	MemoryMB    uint64            `json:"memory_mb,omitempty"`
 	CPUMilli    int               `json:"cpu_milli,omitempty"`
+	// Migrate "never" keeps the balancer from moving the workload (drains
+	// and operators still may); "" lets it.
+	Migrate string `json:"migrate,omitempty"`
 }
 
 // Workload is one supervised process.
@@ -149,6 +158,7 @@ type Workload struct {
 	CPUMilli    int               `json:"cpu_milli,omitempty"`
 	Restart     string            `json:"restart"`
 	MaxRestarts int               `json:"max_restarts,omitempty"`
+	Migrate     string            `json:"migrate,omitempty"`
 	Desired     string            `json:"desired"`
 	DesiredNode string            `json:"desired_node"`
 	Node        string            `json:"node"`
@@ -243,4 +253,66 @@ type MigrationStep struct {
 	InitPID    int       `json:"init_pid,omitempty"`
 	Bytes      int64     `json:"bytes,omitempty"` // with committed: the stream's size
 	At         time.Time `json:"at"`
+}
+
+// Balancer modes (BalanceRequest.Mode, BalanceStatus.Mode).
+const (
+	BalanceOff          = "off"
+	BalanceConservative = "conservative"
+	BalanceAggressive   = "aggressive"
+)
+
+// BalanceRequest sets the balancer's mode (POST /v1/balance).
+type BalanceRequest struct {
+	Mode string `json:"mode"`
+}
+
+// BalanceStatus is the balancer as the leader sees it (GET /v1/balance).
+type BalanceStatus struct {
+	Mode  string    `json:"mode"`
+	SetAt time.Time `json:"set_at,omitzero"`
+	// Threshold: how much busier than the least busy node a node must be
+	// before anything moves from it; MinGain: the least a move must gain.
+	// Both are shares of a node's CPUs, set by the mode (0 when off).
+	Threshold float64       `json:"threshold"`
+	MinGain   float64       `json:"min_gain"`
+	Interval  time.Duration `json:"interval"` // between rounds
+	Cooldown  time.Duration `json:"cooldown"` // before a moved workload may move again
+	Leader    string        `json:"leader"`   // the node that answered and runs the balancer
+	Rounds    int           `json:"rounds"`   // since it became the leader
+	Moves     int           `json:"moves"`    // planned since it became the leader
+	Nodes     []BalanceNode `json:"nodes"`    // the last round's view, busiest first
+	// Decisions are the last rounds' outcomes, oldest first: moves, and
+	// runs of rounds that moved nothing with the latest reason why.
+	Decisions []BalanceDecision `json:"decisions"`
+}
+
+// BalanceNode is one node in the balancer's last round.
+type BalanceNode struct {
+	Name         string  `json:"name"`
+	Load         float64 `json:"load"`          // CPU used by its workloads, a share of its CPUs
+	CPUMilli     uint32  `json:"cpu_milli"`     // used by all its workloads
+	MovableMilli uint32  `json:"movable_milli"` // used by the workloads the balancer may move
+	RSS          uint64  `json:"rss"`
+	Why          string  `json:"why,omitempty"` // why it takes part in no move
+}
+
+// Balance decision kinds.
+const (
+	BalanceMoved   = "moved"   // a migration was planned
+	BalanceRefused = "refused" // planned, but the state had changed meanwhile
+	BalanceHeld    = "held"    // nothing moved; Reason says why
+)
+
+// BalanceDecision is one outcome of the balancer.
+type BalanceDecision struct {
+	At        time.Time `json:"at"`
+	Last      time.Time `json:"last,omitzero"` // held: the latest of Rounds rounds
+	Rounds    int       `json:"rounds"`
+	Kind      string    `json:"kind"`
+	Workload  string    `json:"workload,omitempty"`
+	Source    string    `json:"source,omitempty"`
+	Target    string    `json:"target,omitempty"`
+	Migration string    `json:"migration,omitempty"`
+	Reason    string    `json:"reason"`
 }

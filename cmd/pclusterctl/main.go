@@ -39,7 +39,7 @@ type command interface {
 }
 
 var commands = []command{&membersCmd{}, &nodeStatusCmd{}, &nodeEligibilityCmd{}, &runCmd{}, &psCmd{}, &statusCmd{}, &stopCmd{}, &logsCmd{},
-	&migrateCmd{}, &migrationsCmd{}, &nodeDrainCmd{}, &nodeDrainCmd{short: true}}
+	&migrateCmd{}, &migrationsCmd{}, &nodeDrainCmd{}, &nodeDrainCmd{short: true}, &eventsCmd{}, &balanceStatusCmd{}, &balanceSetCmd{}}
 
 // env is what every command gets: the client and the output settings.
 type env struct {

@@ -39,6 +39,12 @@ type fileConfig struct {
 	DrainOnShutdown bool      `json:"drain_on_shutdown"`
 	DrainTimeout    string    `json:"drain_timeout"`
 	VIPInterface    string    `json:"vip_interface"`
+	Web             string    `json:"web"`
+	WebTokenFile    string    `json:"web_token_file"`
+	WebCert         string    `json:"web_cert"`
+	WebKey          string    `json:"web_key"`
+	BalanceInterval string    `json:"balance_interval"`
+	BalanceCooldown string    `json:"balance_cooldown"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -104,6 +110,12 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("workload-gc-after", &c.WorkloadGCAfter, f.WorkloadGCAfter)
 	pick("drain-timeout", &c.DrainTimeout, f.DrainTimeout)
 	pick("vip-interface", &c.VIPInterface, f.VIPInterface)
+	pick("web", &c.Web, f.Web)
+	pick("web-token-file", &c.WebTokenFile, f.WebTokenFile)
+	pick("web-cert", &c.WebCert, f.WebCert)
+	pick("web-key", &c.WebKey, f.WebKey)
+	pick("balance-interval", &c.BalanceInterval, f.BalanceInterval)
+	pick("balance-cooldown", &c.BalanceCooldown, f.BalanceCooldown)
 	if !set["drain-on-shutdown"] && f.DrainOnShutdown {
 		c.DrainOnShutdown = true
 	}
@@ -136,7 +148,11 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	cfg := cluster.Config{Name: c.Node, BindAddr: c.Bind, RaftAddr: c.RaftAddr, APIAddr: c.APIAddr, Advertise: c.Advertise, Socket: c.Socket,
 		SocketGroup: c.SocketGroup,
 		MetricsAddr: c.MetricsAddr, DataDir: c.DataDir, Join: c.Join, BootstrapExpect: c.BootstrapExpect,
-		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger}
+		Labels: c.Labels, VIPInterface: c.VIPInterface, Logger: logger,
+		WebAddr: c.Web, WebTokenFile: c.WebTokenFile, WebCert: c.WebCert, WebKey: c.WebKey}
+	if (c.WebCert == "") != (c.WebKey == "") {
+		return cfg, cleanup, fmt.Errorf("web: give both -web-cert and -web-key, or neither")
+	}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket
 	}
@@ -154,6 +170,19 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 			return cfg, cleanup, fmt.Errorf("workload gc retention %q: want a positive duration such as 1h", c.WorkloadGCAfter)
 		}
 		cfg.WorkloadGCAfter = d
+	}
+	for _, d := range []struct {
+		what, v string
+		dst     *time.Duration
+	}{{"balance interval", c.BalanceInterval, &cfg.BalanceInterval}, {"balance cool-down", c.BalanceCooldown, &cfg.BalanceCooldown}} {
+		if d.v == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.v)
+		if err != nil || v <= 0 {
+			return cfg, cleanup, fmt.Errorf("%s %q: want a positive duration such as 10s", d.what, d.v)
+		}
+		*d.dst = v
 	}
 	var err error
 	switch {

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pcluster/pcluster/cluster/pki"
 )
@@ -60,5 +61,32 @@ func TestConfigFile(t *testing.T) {
 	}
 	if _, _, err := (&fileConfig{DataDir: dir, BootstrapExpect: 1}).resolve(false); err == nil || !strings.Contains(err.Error(), "key") {
 		t.Errorf("no key: got %v, want an error about the key", err)
+	}
+}
+
+// TestConfigBalance: balance_interval and balance_cooldown come from the
+// file unless the flags give them, and must be positive durations.
+func TestConfigBalance(t *testing.T) {
+	dir := t.TempDir()
+	key, _ := pki.NewKey()
+	path := filepath.Join(dir, "pclusterd.json")
+	os.WriteFile(path, []byte(`{"data_dir":"`+dir+`","encrypt":"`+key.String()+`","bootstrap_expect":1,"balance_interval":"3s","balance_cooldown":"1m"}`), 0o600)
+	c := fileConfig{Labels: labelFlag{}, BalanceCooldown: "90s"}
+	if err := c.mergeFile(path, map[string]bool{"balance-cooldown": true}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, cleanup, err := c.resolve(false)
+	defer cleanup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.BalanceInterval != 3*time.Second || cfg.BalanceCooldown != 90*time.Second {
+		t.Errorf("balance interval %v, cool-down %v: want 3s (file), 1m30s (flag)", cfg.BalanceInterval, cfg.BalanceCooldown)
+	}
+	for _, bad := range []string{"0s", "-1s", "soon"} {
+		_, _, err := (&fileConfig{DataDir: dir, Encrypt: key.String(), BootstrapExpect: 1, BalanceInterval: bad}).resolve(false)
+		if err == nil || !strings.Contains(err.Error(), "balance interval") {
+			t.Errorf("balance interval %q: got %v, want a refusal naming it", bad, err)
+		}
 	}
 }

@@ -102,9 +102,15 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.LogLevel, "log-level", "", "debug, info, warn or error (default info)")
 	fs.StringVar(&c.WorkloadGCAfter, "workload-gc-after", "", "remove ended workloads from the state this `duration` after they end (default 1h)")
 	fs.BoolVar(&c.DrainOnShutdown, "drain-on-shutdown", false, "on SIGTERM or SIGINT, drain this node (move its workloads to others) before shutting down; a second signal stops waiting")
+	fs.StringVar(&c.BalanceInterval, "balance-interval", "", "when leader, run a balancer round this `often` (default 10s)")
+	fs.StringVar(&c.BalanceCooldown, "balance-cooldown", "", "the balancer moves a workload moved less than this `duration` ago no further (default 5m)")
 	fs.StringVar(&c.DrainTimeout, "drain-timeout", "", "with -drain-on-shutdown: the drain's deadline, after which the workloads still here are stopped (default 2m)")
 	fs.StringVar(&c.VIPInterface, "vip-interface", "", "carry workloads' virtual IPs on `interface` (default: the one whose subnet holds each VIP)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve plain-HTTP /metrics on `host:port`")
+	fs.StringVar(&c.Web, "web", "", "serve the status page on `host:port` (default 127.0.0.1 at the gossip port + 3; off: none); beyond loopback only with -web-cert and -web-key")
+	fs.StringVar(&c.WebTokenFile, "web-token-file", "", "`file` holding the status page's access token (default DATA_DIR/web-token, made when missing)")
+	fs.StringVar(&c.WebCert, "web-cert", "", "TLS certificate `file` (PEM) for the status page")
+	fs.StringVar(&c.WebKey, "web-key", "", "TLS key `file` (PEM) for the status page")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
@@ -131,6 +137,9 @@ func run(args []string, stderr io.Writer) error {
 	}
 	if *dev {
 		fmt.Fprintf(stderr, "pclusterd: dev cluster up; data in %s; try: pclusterctl -address %s members\n", cfg.DataDir, cfg.Socket)
+		if url, token := srv.WebURL(); url != "" {
+			fmt.Fprintf(stderr, "pclusterd: status page: %s?token=%s\n", url, token)
+		}
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)

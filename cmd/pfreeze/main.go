@@ -38,6 +38,10 @@ func main() {
 	tcpAddrs := flag.String("tcp-addrs", "", "the local addresses that move with the process, comma-separated IP or IP/PREFIX (its virtual IPs): a TCP connection from any other address is refused, or with -tcp-close closed; empty: every connection moves (pthaw on this host)")
 	unixReconnect := flag.Bool("unix-reconnect", false, "connect the restored process again to the named unix sockets (a daemon's, such as journald's) it was connected to outside the process, instead of refusing them")
 	tcpClose := flag.Bool("tcp-close", false, "close the TCP connections whose local address does not move (-tcp-addrs) instead of refusing: their peers get a reset, the restored process finds them aborted")
+	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; a process tree is stopped for the whole copy)")
+	liveRounds := flag.Int("live-rounds", 8, "with -live: the most rounds after the first full copy")
+	liveDowntime := flag.Duration("live-downtime", 100*time.Millisecond, "with -live: the stop aimed at; rounds go on until what is left can be sent in this long")
+	liveBandwidth := flag.Int64("live-bandwidth", 0, "with -live: bytes per second the rounds may send (0: no cap)")
 	flag.Parse()
 	tcp, err := tcpOptions(*tcpAddrs, *tcpClose)
 	if err != nil {
@@ -53,6 +57,8 @@ func main() {
 		Progress: term.IsTerminal(int(os.Stderr.Fd())), TCP: tcp,
 		Notice:        func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) },
 		UnixReconnect: *unixReconnect,
+		Live:          *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
+			Notice: func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) }},
 	})
 	switch {
 	case errors.Is(err, stream.ErrPlaintextBeyondLoopback):
@@ -129,6 +135,13 @@ func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o c
 		if f.d <= 0 {
 			return fmt.Errorf("-%s %v: must be positive (the process stays frozen while pfreeze waits)", f.name, f.d)
 		}
+	}
+	if o.Live && (debug || !o.Halt || !(strings.HasPrefix(o.Dest, "tcp:") || strings.HasPrefix(o.Dest, "unix:"))) {
+		return errors.New("-live moves a process: it needs -halt and a listening pthaw (-dest tcp:HOST:PORT or unix:PATH)")
+	}
+	if o.Live && (o.LiveOptions.MaxRounds <= 0 || o.LiveOptions.Downtime <= 0 || o.LiveOptions.Bandwidth < 0) {
+		return fmt.Errorf("-live-rounds %d, -live-downtime %v, -live-bandwidth %d: rounds and downtime must be positive, bandwidth not negative",
+			o.LiveOptions.MaxRounds, o.LiveOptions.Downtime, o.LiveOptions.Bandwidth)
 	}
 	if !debug {
 		so, err := stream.ParseOptions(compress, encrypt)

@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pcluster/pcluster/internal/aesgcm"
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/internal/netlab"
 )
@@ -78,7 +77,6 @@ func BenchmarkNetworkMigration(b *testing.B) {
 	if why := netlab.Available(); why != "" {
 		b.Skip(why)
 	}
-	b.Logf("aes-gcm: %s", aesgcm.Implementation())
 	lab := netlab.New(b, 2, netBenchSubnet)
 	ha, hb := lab.Hosts[0], lab.Hosts[1]
 	dir, keyfile := keyDir(b)

@@ -63,6 +63,8 @@ type Frozen struct {
 	files map[uint64]bool
 	// socks are the sockets held while the process is frozen.
 	socks sockets
+	// precopy, for pfreeze -live: the pages already sent while it ran.
+	precopy *precopy
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -349,6 +351,21 @@ func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
 
 // emit writes what gather learnt and the process's pages.
 func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	if f.precopy != nil {
+		// The final round, before the process record; the areas it
+		// completed are left out of the pages records.
+		done, err := f.precopy.finish(enc, r.vmas)
+		if err != nil {
+			return fmt.Errorf("live: %w", err)
+		}
+		var rest []image.VMA
+		for _, v := range r.dump {
+			if !(done[v.Start] && v.Kind == image.VMAAnon && !v.Shared) {
+				rest = append(rest, v)
+			}
+		}
+		r.dump = rest
+	}
 	if err := enc.Write(r.proc); err != nil {
 		return err
 	}

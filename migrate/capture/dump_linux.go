@@ -41,7 +41,13 @@ func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) 
 		return err
 	}
 	defer pagemap.Close()
+	return copyMemory(mem, enc.WritePages, func(r *reader) error { return r.readAll(pagemap, vmas) })
+}
 
+// copyMemory reads the runs that queue adds to the reader it is given and
+// passes their contents to write (all-zero pages of anonymous runs left
+// out), reading the next chunk while write handles the previous one.
+func copyMemory(mem *ptrace.Mem, write func(addr uint64, data []byte) error, queue func(r *reader) error) error {
 	free := make(chan []byte, nbufs)
 	for i := 0; i < nbufs; i++ {
 		free <- make([]byte, chunkSize)
@@ -53,7 +59,11 @@ func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) 
 	go func() {
 		defer close(full)
 		r := &reader{mem: mem, free: free, full: full, stop: stop}
-		if err := r.readAll(pagemap, vmas); err != nil {
+		err := queue(r)
+		if err == nil {
+			err = r.flush()
+		}
+		if err != nil {
 			select {
 			case full <- chunk{err: err}:
 			case <-stop:
@@ -73,7 +83,7 @@ func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) 
 		for _, r := range c.runs {
 			data := c.buf[off : off+r.len]
 			off += r.len
-			if err := writeRun(enc, r, data); err != nil {
+			if err := writeRun(write, r, data); err != nil {
 				return err
 			}
 		}
@@ -86,9 +96,9 @@ var zeroPage [pageSize]byte
 
 // writeRun writes one run, leaving out all-zero pages of anonymous areas
 // (they read back as zero from a fresh mapping).
-func writeRun(enc *image.Encoder, r run, data []byte) error {
+func writeRun(write func(addr uint64, data []byte) error, r run, data []byte) error {
 	if !r.anon {
-		return enc.WritePages(r.addr, data)
+		return write(r.addr, data)
 	}
 	start := -1
 	for p := 0; p <= len(data); p += pageSize {
@@ -97,7 +107,7 @@ func writeRun(enc *image.Encoder, r run, data []byte) error {
 			start = p
 		}
 		if zero && start >= 0 {
-			if err := enc.WritePages(r.addr+uint64(start), data[start:p]); err != nil {
+			if err := write(r.addr+uint64(start), data[start:p]); err != nil {
 				return err
 			}
 			start = -1

@@ -2,8 +2,11 @@ package capture
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
@@ -60,10 +63,18 @@ type FreezeOptions struct {
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot is written.
 	Queried func()
+	// Live, when set, copies memory while the process runs before the
+	// stop (pre-copy, precopy_linux.go): for a single process; a tree is
+	// frozen as without it, with a notice.
+	Live *LiveOptions
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
 func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
+	enc := image.NewEncoder(ctxWriter{ctx, w})
+	if o.Tree && o.Live != nil && o.Live.Notice != nil {
+		o.Live.Notice(fmt.Sprintf("live %d: a process tree is not copied live: stopped for the whole copy (stop-and-copy)", pid))
+	}
 	if o.Tree {
 		t, err := AttachTree(tr, pid)
 		if err != nil {
@@ -73,7 +84,24 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
-		return freeze(ctx, t, pid, "process tree", w, o.Halt, o.Commit)
+		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
+	}
+	var pc *precopy
+	if o.Live != nil {
+		var err error
+		if pc, err = startPrecopy(tr, pid, *o.Live); err != nil {
+			if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EPERM) {
+				return err
+			}
+			if o.Live.Notice != nil {
+				o.Live.Notice(fmt.Sprintf("%v: stopped for the whole copy (stop-and-copy)", err))
+			}
+		} else {
+			defer pc.close()
+			if err := pc.run(enc); err != nil {
+				return fmt.Errorf("live %d: %w (process running)", pid, err)
+			}
+		}
 	}
 	f, err := Attach(tr, pid)
 	if err != nil {
@@ -81,13 +109,14 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	}
 	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
-	return freeze(ctx, f, pid, "process", w, o.Halt, o.Commit)
+	f.precopy = pc
+	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
 }
 
-// freeze writes f, then commits and kills or resumes it; what says what
+// freeze writes f to enc, then commits and kills or resumes it; what says what
 // pid is in an interruption's message.
-func freeze(ctx context.Context, f stopped, pid int, what string, w io.Writer, halt bool, commit Commit) error {
-	if err := f.Write(image.NewEncoder(ctxWriter{ctx, w})); err != nil {
+func freeze(ctx context.Context, f stopped, pid int, what string, enc *image.Encoder, halt bool, commit Commit) error {
+	if err := f.Write(enc); err != nil {
 		if ierr := interrupted(ctx, f, pid, what); ierr != nil {
 			return ierr
 		}

@@ -51,6 +51,11 @@ type SendOptions struct {
 	// takes the process's virtual IP away and freezes its cgroup here
 	// (node/vip.go, node/migrate.go).
 	Frozen func()
+	// Live copies memory while the process runs, in rounds, and stops
+	// it only for the last (pfreeze -live; LiveOptions bound it). A
+	// process tree is frozen as without it.
+	Live        bool
+	LiveOptions LiveOptions
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -121,7 +126,11 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	err = FreezeWith(ctx, tr, pid, body, FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen})
+	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen}
+	if o.Live {
+		fo.Live = &o.LiveOptions
+	}
+	err = FreezeWith(ctx, tr, pid, body, fo)
 	if prog != nil {
 		prog.Finish()
 	}

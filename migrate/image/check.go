@@ -64,6 +64,21 @@ type fdRef struct {
 
 // check applies the rules to rec, the next record.
 func (c *checker) check(rec any) error {
+	// Pre-copy records come before everything else, and only for a
+	// single process (a tree's members have address spaces of their own).
+	switch r := rec.(type) {
+	case *Precopy:
+		return c.precopy(r, r.Addr, r.Len)
+	case *Drop:
+		return c.precopy(r, r.Addr, r.Len)
+	case *Round:
+		return c.precopy(r, 0, pageSize)
+	case *PrecopyArea:
+		if r.End <= r.Start {
+			return corruptf("pre-copy area %#x-%#x", r.Start, r.End)
+		}
+		return c.precopy(r, r.Start, r.End-r.Start)
+	}
 	if !c.started {
 		c.started = true
 		if t, ok := rec.(*Tree); ok {
@@ -199,6 +214,14 @@ func (c *checker) skipZombies() {
 	for c.member < len(c.tree.Procs) && c.tree.Procs[c.member].Zombie {
 		c.member++
 	}
+}
+
+// precopy checks a pre-copy record: before any other, in range.
+func (c *checker) precopy(rec any, addr, n uint64) error {
+	if c.started {
+		return c.unexpected(rec)
+	}
+	return checkPrecopy(addr, n)
 }
 
 // completeMeta checks, when the first record after a process's threads

@@ -88,6 +88,12 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeTree
 	case *File:
 		t = TypeFile
+	case *Drop:
+		t = TypeDrop
+	case *Round:
+		t = TypeRound
+	case *PrecopyArea:
+		t = TypePrecopyArea
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -109,13 +115,23 @@ func (e *Encoder) Write(rec any) error {
 // cost one header; data is written through without copying when the
 // buffer is empty.
 func (e *Encoder) WritePages(addr uint64, data []byte) error {
+	return e.writeRun(TypePages, addr, data)
+}
+
+// WritePrecopy writes a run of memory contents sent before the stop
+// (pfreeze -live), in the layout of WritePages.
+func (e *Encoder) WritePrecopy(addr uint64, data []byte) error {
+	return e.writeRun(TypePrecopy, addr, data)
+}
+
+func (e *Encoder) writeRun(t Type, addr uint64, data []byte) error {
 	for len(data) > 0 {
 		n := len(data)
 		if n > MaxPagesLen {
 			n = MaxPagesLen
 		}
 		h := e.hdr[:]
-		h[0] = byte(TypePages)
+		h[0] = byte(t)
 		binary.LittleEndian.PutUint32(h[1:5], uint32(pagesHeadLen+n))
 		h[5] = 0x92 // fixarray of 2
 		h[6] = 0xcf // uint64
@@ -183,7 +199,8 @@ func (d *Decoder) read(p []byte) error {
 	return nil
 }
 
-// Next returns the next record: *Tree, *Process, *Thread, *VMA, *File, *FD, *Pages or,
+// Next returns the next record: *Precopy, *Drop, *Round (pre-copy, first),
+// *Tree, *Process, *Thread, *VMA, *File, *FD, *Pages or,
 // last, *End once the checksum has been verified and the input was found
 // to end right after it. After *End, Next
 // returns io.EOF. Unread data of a *Pages record is discarded.
@@ -235,9 +252,9 @@ func (d *Decoder) next() (any, error) {
 	t := Type(d.hdr[0])
 	size := binary.LittleEndian.Uint32(d.hdr[1:5])
 	switch t {
-	case TypePages:
+	case TypePages, TypePrecopy:
 		if size < pagesHeadLen || size-pagesHeadLen > MaxPagesLen {
-			return nil, corruptf("pages record of %d bytes at offset %d", size, nBefore)
+			return nil, corruptf("%v record of %d bytes at offset %d", t, size, nBefore)
 		}
 		h := d.hdr[frameHeaderLen:]
 		if err := d.read(h); err != nil {
@@ -245,11 +262,14 @@ func (d *Decoder) next() (any, error) {
 		}
 		n := binary.BigEndian.Uint32(h[11:15])
 		if h[0] != 0x92 || h[1] != 0xcf || h[10] != 0xc6 || n != size-pagesHeadLen {
-			return nil, corruptf("malformed pages record at offset %d", nBefore)
+			return nil, corruptf("malformed %v record at offset %d", t, nBefore)
 		}
-		p := &Pages{Addr: binary.BigEndian.Uint64(h[2:10]), Len: uint64(n)}
-		d.pending = p.Len
-		return p, nil
+		addr := binary.BigEndian.Uint64(h[2:10])
+		d.pending = uint64(n)
+		if t == TypePrecopy {
+			return &Precopy{Addr: addr, Len: uint64(n)}, nil
+		}
+		return &Pages{Addr: addr, Len: uint64(n)}, nil
 	case TypeEnd:
 		if size > 64 {
 			return nil, corruptf("end record of %d bytes", size)
@@ -305,6 +325,12 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Tree)
 	case TypeFile:
 		rec = new(File)
+	case TypeDrop:
+		rec = new(Drop)
+	case TypeRound:
+		rec = new(Round)
+	case TypePrecopyArea:
+		rec = new(PrecopyArea)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped
@@ -317,7 +343,7 @@ func (d *Decoder) next() (any, error) {
 	return rec, nil
 }
 
-// ReadData reads the data of the current Pages record into p, returning
+// ReadData reads the data of the current Pages or Precopy record into p, returning
 // the number of bytes read; it returns io.EOF when the record is consumed.
 func (d *Decoder) ReadData(p []byte) (int, error) {
 	if d.err != nil {

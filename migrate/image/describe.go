@@ -35,6 +35,7 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		objects []string
 		ths     []*Thread
 	)
+	var precopied, dropped uint64 // pre-copy (pfreeze -live)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
 	for {
@@ -46,6 +47,18 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			return err
 		}
 		switch r := rec.(type) {
+		case *Precopy:
+			precopied += r.Len
+		case *Drop:
+			dropped += r.Len
+		case *PrecopyArea:
+			fmt.Fprintf(w, "Pre-copy area %#x-%#x\n", r.Start, r.End)
+		case *Round:
+			final := ""
+			if r.Final {
+				final = " (after the stop)"
+			}
+			fmt.Fprintf(w, "Pre-copy round %d%s: %d bytes of pages, %d bytes dropped so far\n", r.N, final, r.Bytes, dropped)
 		case *Tree:
 			fmt.Fprintf(w, "Tree of %d processes:\n", len(r.Procs))
 			for _, m := range r.Procs {

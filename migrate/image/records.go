@@ -22,6 +22,13 @@ const (
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
 	TypeFile    Type = 8
+	// Pre-copy (pfreeze -live): memory sent while the process still
+	// runs, before its process record (precopy.go).
+	TypePrecopy Type = 40
+	TypeDrop    Type = 41
+	TypeRound   Type = 42
+	// TypePrecopyArea is a hint a reader may skip: map the area now.
+	TypePrecopyArea Type = Skippable | 43
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -45,6 +52,14 @@ func (t Type) String() string {
 		return "tree"
 	case TypeFile:
 		return "file"
+	case TypePrecopy:
+		return "precopy pages"
+	case TypeDrop:
+		return "precopy drop"
+	case TypeRound:
+		return "precopy round"
+	case TypePrecopyArea:
+		return "precopy area"
 	}
 	return "unknown"
 }

@@ -174,3 +174,50 @@ func receiveDiscard(src Source, opt ReaderOptions) (int64, error) {
 	}
 	return n, src.AwaitCommit(10 * time.Second)
 }
+
+// BenchmarkPipeline seals and opens 64 MiB of random data with AES-GCM at
+// fixed depths (chunks at once), in writes and reads of 256 KiB (the image
+// codec's buffer), to show what the crew gains where cores are free; the
+// stream itself picks workers(). Run it with:
+//
+//	go test -run '^$' -bench BenchmarkPipeline -benchtime 5x -count 3 ./migrate/stream
+func BenchmarkPipeline(b *testing.B) {
+	a := testAEAD(b, CipherAESGCM)
+	data := randomData(benchSize)
+	sealed := referenceSeal(a, data)
+	const ioSize = 256 << 10
+	for _, depth := range []int{1, 2, 4} {
+		b.Run(fmt.Sprintf("seal/depth-%d", depth), func(b *testing.B) {
+			b.SetBytes(benchSize)
+			for i := 0; i < b.N; i++ {
+				w := newSealWriter(a, io.Discard, depth)
+				for p := data; len(p) > 0; p = p[ioSize:] {
+					if _, err := w.Write(p[:ioSize]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if err := w.Close(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("open/depth-%d", depth), func(b *testing.B) {
+			b.SetBytes(benchSize)
+			buf := make([]byte, ioSize)
+			for i := 0; i < b.N; i++ {
+				r := newOpenReader(a, bytes.NewReader(sealed), depth)
+				n := 0
+				for {
+					k, err := r.Read(buf)
+					n += k
+					if err != nil {
+						if err != io.EOF || n != benchSize {
+							b.Fatalf("read %d bytes: %v", n, err)
+						}
+						break
+					}
+				}
+			}
+		})
+	}
+}

@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/sha256"
@@ -8,8 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync/atomic"
 
-	"github.com/pcluster/pcluster/internal/aesgcm"
 	"golang.org/x/crypto/chacha20poly1305"
 )
 
@@ -25,6 +27,20 @@ import (
 
 // ChunkSize is the plaintext size of every chunk but the last.
 const ChunkSize = 64 << 10
+
+// maxWorkers bounds the chunks one stream seals or opens at once, and so
+// its buffers: 8 × 64 KiB. Eight cores of AES-GCM (4 GB/s each here)
+// outrun any link.
+const maxWorkers = 8
+
+// workers is how many chunks a stream seals or opens at once: one per core
+// Go may use beyond the first, at most maxWorkers. The first core is the
+// caller's: it reads or writes the stream and produces or consumes the
+// plaintext, and the kernel's network stack runs beside it. On 2 cores,
+// sealing on the second only moved work between two busy cores and cost
+// CPU (docs/benchmarks.md, "crypto/cipher instead of internal/aesgcm"), so
+// there everything happens in the caller's goroutine.
+func workers() int { return max(1, min(runtime.GOMAXPROCS(0)-1, maxWorkers)) }
 
 const (
 	tagSize      = 16
@@ -67,7 +83,11 @@ func deriveKeys(master *key, cipherName string, salt []byte, line string) (paylo
 func newAEAD(name string, k []byte) (cipher.AEAD, error) {
 	switch name {
 	case CipherAESGCM:
-		return aesgcm.New(k)
+		b, err := aes.NewCipher(k)
+		if err != nil {
+			return nil, err
+		}
+		return cipher.NewGCM(b)
 	case CipherChaCha20:
 		return chacha20poly1305.New(k)
 	}
@@ -101,20 +121,170 @@ func (n *nonce) next() error {
 	return errors.New("chunk counter overflow")
 }
 
-// sealWriter encrypts what is written to it. Close seals the last chunk; it
-// does not close the underlying writer.
+// chunk is one chunk on its way through the AEAD. Between start and wait
+// its job (n, in, seal) is read by whoever seals or opens it; otherwise it
+// belongs to the sealWriter or openReader whose ring holds it.
+type chunk struct {
+	n    nonce
+	buf  []byte // the sealed chunk; plaintext collected here is sealed in place
+	in   []byte // what the job seals or opens
+	out  []byte // its result (aliases buf)
+	err  error  // Open's
+	seal bool
+	// state is chunkQueued from start until a goroutine or the owner
+	// takes the job (chunkTaken); chunkIdle once the owner has the result.
+	state    atomic.Int32
+	finished bool          // the owner has the result: ran it, or received from done
+	done     chan struct{} // one value from the goroutine that took the job
+	aead     cipher.AEAD
+}
+
+const (
+	chunkIdle int32 = iota
+	chunkQueued
+	chunkTaken
+)
+
+func newChunk(a cipher.AEAD, size int) *chunk {
+	return &chunk{buf: make([]byte, 0, size), done: make(chan struct{}, 1), aead: a}
+}
+
+func (c *chunk) work() {
+	if c.seal {
+		c.out = c.aead.Seal(c.buf[:0], c.n[:], c.in, nil)
+	} else {
+		// Open leaves nothing in out when authentication fails.
+		c.out, c.err = c.aead.Open(c.buf[:0], c.n[:], c.in, nil)
+	}
+}
+
+// crew seals or opens the chunks queued to it on up to max goroutines of
+// its own, which take the oldest queued chunk first and end as soon as none
+// is queued: a stream has no goroutine while it waits for I/O, and none
+// survives it.
+type crew struct {
+	queue   chan *chunk
+	running atomic.Int32 // goroutines in loop; only add increments it
+	max     int32
+	loop    func() // made once: starting it allocates nothing
+}
+
+func newCrew(depth int) *crew {
+	w := &crew{queue: make(chan *chunk, 2*depth+2), max: int32(depth - 1)}
+	w.loop = func() {
+		for {
+			select {
+			case c := <-w.queue:
+				// The owner may have taken the job, and even given
+				// c a new one since: whoever takes it runs it once.
+				if c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+					c.work()
+					c.done <- struct{}{}
+				}
+			default:
+				w.running.Add(-1)
+				return
+			}
+		}
+	}
+	return w
+}
+
+// start seals or opens c in the caller's goroutine when w is nil (depth
+// 1), else queues it to w's goroutines, starting one if fewer than max
+// run. A goroutine that stops just as c is queued may leave it to the
+// owner, whose wait then does it.
+func (w *crew) start(c *chunk) {
+	if w == nil {
+		c.work()
+		c.finished = true
+		return
+	}
+	c.state.Store(chunkQueued)
+	select {
+	case w.queue <- c:
+	default:
+		return // full of jobs already taken: the owner does this one
+	}
+	if w.running.Load() < w.max {
+		w.running.Add(1)
+		go w.loop()
+	}
+}
+
+// poll reports without blocking whether c's result is there.
+func (c *chunk) poll() bool {
+	if !c.finished && c.state.Load() != chunkQueued {
+		select {
+		case <-c.done:
+			c.finished = true
+		default:
+		}
+	}
+	return c.finished
+}
+
+// wait returns once c's result is there: if no goroutine has taken the
+// job yet (the cores are busy elsewhere), the caller does it rather than
+// wait for one.
+func (c *chunk) wait() {
+	if !c.finished {
+		if c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+			c.work()
+		} else {
+			<-c.done
+		}
+	}
+	c.finished = false
+	c.state.Store(chunkIdle)
+}
+
+// drop is wait for a result nobody will use: a job no goroutine has taken
+// is not done at all.
+func (c *chunk) drop() {
+	if !c.finished && !c.state.CompareAndSwap(chunkQueued, chunkTaken) {
+		<-c.done
+	}
+	c.finished = false
+	c.state.Store(chunkIdle)
+}
+
+// sealWriter encrypts what is written to it, up to depth chunks at once,
+// and writes the sealed chunks in order from the caller's goroutine (no
+// goroutine but the sealing ones, which end with their chunk). Close seals
+// the last chunk; it does not close the underlying writer.
 type sealWriter struct {
 	a     cipher.AEAD
 	w     io.Writer
-	n     nonce
-	buf   []byte // plaintext being collected, capacity encChunkSize
-	err   error  // sticky
+	n     nonce // of the next chunk to seal
+	depth int
+	// ring holds the chunks in flight, ring[head] the oldest, and after
+	// them the one being filled: depth+1 chunks, made when first needed.
+	ring  []*chunk
+	head  int
+	busy  int   // chunks in flight, at most depth
+	crew  *crew // nil when depth is 1
+	err   error // sticky
 	close bool
 	cerr  error // what Close returned
 }
 
-func newSealWriter(a cipher.AEAD, w io.Writer) *sealWriter {
-	return &sealWriter{a: a, w: w, buf: make([]byte, 0, encChunkSize)}
+func newSealWriter(a cipher.AEAD, w io.Writer, depth int) *sealWriter {
+	depth = max(depth, 1)
+	s := &sealWriter{a: a, w: w, depth: depth, ring: make([]*chunk, depth+1)}
+	if depth > 1 {
+		s.crew = newCrew(depth)
+	}
+	return s
+}
+
+// filling returns the chunk that collects plaintext.
+func (s *sealWriter) filling() *chunk {
+	i := (s.head + s.busy) % len(s.ring)
+	if s.ring[i] == nil {
+		s.ring[i] = newChunk(s.a, encChunkSize)
+	}
+	return s.ring[i]
 }
 
 func (s *sealWriter) Write(p []byte) (int, error) {
@@ -125,45 +295,93 @@ func (s *sealWriter) Write(p []byte) (int, error) {
 		return 0, errors.New("write after close")
 	}
 	total := len(p)
+	direct := false
 	for len(p) > 0 {
+		f := s.filling()
 		// A full chunk is sealed only once more data arrives, so that the
 		// last chunk is never empty unless the whole body is.
-		if len(s.buf) == ChunkSize {
-			if err := s.flush(s.buf, false); err != nil {
-				return total - len(p), err
+		if len(f.buf) == ChunkSize {
+			if err := s.submit(f, f.buf, false); err != nil {
+				return s.fail(total - len(p))
 			}
+			continue
 		}
-		if len(s.buf) == 0 && len(p) > ChunkSize {
+		if len(f.buf) == 0 && len(p) > ChunkSize {
 			// A whole chunk with more after it: seal it straight from p
 			// instead of copying it first.
-			if err := s.flush(p[:ChunkSize], false); err != nil {
-				return total - len(p), err
+			if err := s.submit(f, p[:ChunkSize], false); err != nil {
+				return s.fail(total - len(p))
 			}
+			direct = true
 			p = p[ChunkSize:]
 			continue
 		}
-		n := copy(s.buf[len(s.buf):ChunkSize], p)
-		s.buf = s.buf[:len(s.buf)+n]
+		n := copy(f.buf[len(f.buf):ChunkSize], p)
+		f.buf = f.buf[:len(f.buf)+n]
 		p = p[n:]
+	}
+	// Chunks sealed from p must be written before p goes back to the
+	// caller; others only if they are ready.
+	for s.busy > 0 {
+		ok, err := s.retire(direct)
+		if err != nil {
+			return s.fail(total)
+		}
+		if !ok {
+			break
+		}
 	}
 	return total, nil
 }
 
-// flush seals plain (buf itself or a whole chunk of the caller's) into buf
-// and writes it.
-func (s *sealWriter) flush(plain []byte, last bool) error {
-	s.n.setLast(last)
-	out := s.a.Seal(s.buf[:0], s.n[:], plain, nil)
-	if _, err := s.w.Write(out); err != nil {
-		s.err = err
-		return err
+// submit starts sealing c's plaintext in, once a chunk is free to collect
+// the next.
+func (s *sealWriter) submit(c *chunk, in []byte, last bool) error {
+	if s.busy == s.depth {
+		if _, err := s.retire(true); err != nil {
+			return err
+		}
 	}
-	s.buf = s.buf[:0]
+	c.in, c.seal, c.n = in, true, s.n
+	c.n.setLast(last)
 	if err := s.n.next(); err != nil {
 		s.err = err
 		return err
 	}
+	s.busy++
+	s.crew.start(c)
 	return nil
+}
+
+// retire writes the oldest chunk in flight once it is sealed; without
+// wait only if it already is (ok says whether it was).
+func (s *sealWriter) retire(wait bool) (ok bool, err error) {
+	c := s.ring[s.head]
+	if !wait && !c.poll() {
+		return false, nil
+	}
+	c.wait()
+	s.head = (s.head + 1) % len(s.ring)
+	s.busy--
+	out := c.out
+	c.buf, c.in, c.out = c.buf[:0], nil, nil
+	if _, err := s.w.Write(out); err != nil {
+		s.err = err
+		return true, err
+	}
+	return true, nil
+}
+
+// fail waits for every chunk still being sealed (they may read the
+// caller's buffer) and returns the sticky error with n.
+func (s *sealWriter) fail(n int) (int, error) {
+	for ; s.busy > 0; s.busy-- {
+		c := s.ring[s.head]
+		c.drop()
+		c.buf, c.in, c.out = c.buf[:0], nil, nil
+		s.head = (s.head + 1) % len(s.ring)
+	}
+	return n, s.err
 }
 
 func (s *sealWriter) Close() error {
@@ -171,49 +389,81 @@ func (s *sealWriter) Close() error {
 		return s.cerr
 	}
 	s.close = true
+	if s.err == nil {
+		f := s.filling()
+		if err := s.submit(f, f.buf, true); err == nil {
+			for s.busy > 0 {
+				if _, err := s.retire(true); err != nil {
+					break
+				}
+			}
+		}
+	}
 	if s.err != nil {
+		s.fail(0)
 		s.cerr = s.err
 		return s.cerr
 	}
-	s.cerr = s.flush(s.buf, true)
 	s.err = errors.New("write after close")
-	return s.cerr
+	return nil
 }
 
 // openReader decrypts and verifies chunks. Plaintext of a chunk is returned
-// only after the whole chunk verified; any failure sticks.
+// only after the whole chunk verified; any failure sticks. It reads ahead
+// and opens up to depth chunks at once, all I/O in the caller's goroutine;
+// errors come in stream order: a chunk that fails, or a read that does,
+// is reported after the chunks before it have been returned.
 type openReader struct {
 	a     cipher.AEAD
 	r     io.Reader
-	n     nonce
-	buf   []byte // encChunkSize+1: a chunk plus one byte of look-ahead
-	carry bool   // buf[0] holds the look-ahead byte of the previous read
-	plain []byte // verified plaintext not yet returned (aliases buf)
+	n     nonce // of the next chunk to read
+	depth int
+	// ring holds the chunks read and being opened, ring[head] the oldest.
+	ring  []*chunk
+	head  int
+	busy  int
+	crew  *crew  // nil when depth is 1
+	carry bool   // look holds the look-ahead byte of the previous read
+	look  byte   // the first byte of the next chunk
+	ended bool   // the last chunk has been read
+	rerr  error  // a read failed: reported once the chunks before it are
+	plain []byte // verified plaintext not yet returned (aliases a chunk's buf)
 	last  bool   // the last chunk has been verified
 	err   error  // sticky
 }
 
-func newOpenReader(a cipher.AEAD, r io.Reader) *openReader {
-	return &openReader{a: a, r: r, buf: make([]byte, encChunkSize+1)}
+func newOpenReader(a cipher.AEAD, r io.Reader, depth int) *openReader {
+	depth = max(depth, 1)
+	o := &openReader{a: a, r: r, depth: depth, ring: make([]*chunk, depth)}
+	if depth > 1 {
+		o.crew = newCrew(depth)
+	}
+	return o
 }
 
 func (o *openReader) Read(p []byte) (int, error) {
 	for len(o.plain) == 0 {
-		if o.err != nil {
+		switch {
+		case o.err != nil:
 			return 0, o.err
-		}
-		if o.last {
+		case o.busy > 0 && (o.ended || o.rerr != nil || o.busy == o.depth || o.ready()):
+			if err := o.collect(); err != nil {
+				return 0, o.fail(err)
+			}
+		case o.rerr != nil:
+			return 0, o.fail(o.rerr)
+		case o.last:
 			o.err = io.EOF
 			return 0, io.EOF
-		}
-		n, err := o.readChunk(p)
-		if err != nil {
-			o.err = err
-			o.plain = nil
-			return 0, err
-		}
-		if n > 0 {
-			return n, nil
+		default:
+			n, err := o.readChunk(p)
+			if err != nil {
+				o.rerr = err
+				continue
+			}
+			if n > 0 {
+				return n, nil
+			}
 		}
 	}
 	n := copy(p, o.plain)
@@ -221,19 +471,72 @@ func (o *openReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// ready reports whether the oldest chunk in flight has been opened.
+func (o *openReader) ready() bool { return o.ring[o.head].poll() }
+
+// collect waits for the oldest chunk in flight and makes its plaintext
+// the next to return.
+func (o *openReader) collect() error {
+	c := o.ring[o.head]
+	c.wait()
+	o.head = (o.head + 1) % len(o.ring)
+	o.busy--
+	plain, err := c.out, c.err
+	c.in, c.out, c.err = nil, nil, nil
+	if err := o.verified(&c.n, plain, err); err != nil {
+		return err
+	}
+	o.plain = plain
+	return nil
+}
+
+// verified checks the result of opening the chunk of nonce n.
+func (o *openReader) verified(n *nonce, plain []byte, err error) error {
+	if err != nil {
+		return fmt.Errorf("chunk %d: %w", n.counter(), errChunkAuth)
+	}
+	last := n[nonceSize-1] == lastFlag
+	if last && len(plain) == 0 && n.counter() != 0 {
+		// The writer never produces an empty last chunk after data.
+		return fmt.Errorf("chunk %d: empty last chunk", n.counter())
+	}
+	o.last = last
+	return nil
+}
+
+// fail makes err stick once every chunk still being opened is done.
+func (o *openReader) fail(err error) error {
+	for ; o.busy > 0; o.busy-- {
+		c := o.ring[o.head]
+		c.drop()
+		c.in, c.out, c.err = nil, nil, nil
+		o.head = (o.head + 1) % len(o.ring)
+	}
+	o.plain = nil
+	o.err = err
+	return err
+}
+
 // readChunk reads one sealed chunk and one byte beyond it: if that byte
-// exists the chunk is not the last, else it must be. If p holds the whole
-// plaintext it is opened straight into p and its length returned (AEADs
-// leave nothing in p when authentication fails); else it is opened in
-// place into o.plain.
+// exists the chunk is not the last, else it must be. The first chunk, and
+// every chunk when depth is 1, is opened at once in the caller's goroutine
+// (a listener vetting a sender reads only the first): straight into p when
+// p holds the whole plaintext, whose length is then returned (AEADs leave
+// nothing in p when authentication fails), else in place. Other chunks
+// start opening in place in a goroutine of their own.
 func (o *openReader) readChunk(p []byte) (int, error) {
+	i := (o.head + o.busy) % len(o.ring)
+	if o.ring[i] == nil {
+		o.ring[i] = newChunk(o.a, encChunkSize+1)
+	}
+	c := o.ring[i]
+	buf := c.buf[:encChunkSize+1]
 	start := 0
 	if o.carry {
-		// The look-ahead byte still sits past the previous chunk.
-		o.buf[0] = o.buf[encChunkSize]
+		buf[0] = o.look
 		start = 1
 	}
-	n, err := io.ReadFull(o.r, o.buf[start:])
+	n, err := io.ReadFull(o.r, buf[start:])
 	n += start
 	last := false
 	switch {
@@ -253,24 +556,28 @@ func (o *openReader) readChunk(p []byte) (int, error) {
 	size := n
 	if !last {
 		size = encChunkSize
+		o.look = buf[encChunkSize]
 	}
-	o.n.setLast(last)
-	dst := o.buf[:0]
+	o.carry, o.ended = !last, last
+	c.n = o.n
+	c.n.setLast(last)
+	if err := o.n.next(); err != nil {
+		return 0, err
+	}
+	c.in, c.seal = buf[:size], false
+	if o.depth > 1 && c.n.counter() != 0 {
+		o.busy++
+		o.crew.start(c)
+		return 0, nil
+	}
+	dst := buf[:0]
 	direct := len(p) >= size-tagSize
 	if direct {
 		dst = p[:0]
 	}
-	plain, aerr := o.a.Open(dst, o.n[:], o.buf[:size], nil)
-	if aerr != nil {
-		return 0, fmt.Errorf("chunk %d: %w", o.n.counter(), errChunkAuth)
-	}
-	if last && len(plain) == 0 && o.n.counter() != 0 {
-		// The writer never produces an empty last chunk after data.
-		return 0, fmt.Errorf("chunk %d: empty last chunk", o.n.counter())
-	}
-	o.carry = !last
-	o.last = last
-	if err := o.n.next(); err != nil {
+	plain, aerr := o.a.Open(dst, c.n[:], c.in, nil)
+	c.in = nil
+	if err := o.verified(&c.n, plain, aerr); err != nil {
 		return 0, err
 	}
 	if direct {

@@ -179,7 +179,7 @@ func NewWriter(w io.Writer, opt Options) (io.WriteCloser, error) {
 		if err != nil {
 			return nil, fmt.Errorf("stream: %s: %w", cipherName, err)
 		}
-		lower = newSealWriter(a, w)
+		lower = newSealWriter(a, w, workers())
 		hsKey = hs
 	}
 	if l, ok := w.(linker); ok {
@@ -358,7 +358,7 @@ func openHeader(in *bufio.Reader, src any, opt ReaderOptions, where string) (h *
 		if err != nil {
 			return nil, nil, nil, fmt.Errorf("%s%s: %w", where, cipherName, err)
 		}
-		body = newOpenReader(a, in)
+		body = newOpenReader(a, in, workers())
 		hsKey = hs
 	default:
 		return nil, nil, nil, fmt.Errorf("%ssnapshot header: bad encrypt=%q", where, cipherName)

@@ -1,0 +1,399 @@
+package loader
+
+import (
+	"bytes"
+	"fmt"
+	"sort"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+)
+
+// A live migration (pfreeze -live) sends most memory before the process
+// record, in rounds, while the original still runs: later pages replace
+// earlier ones at the same address and drop records take back ranges.
+//
+// The sender first announces the areas the pages fall in (PrecopyArea).
+// At the first page the receiver starts the stub, before it knows the
+// saved PID, and maps each announced area in it as it was (private,
+// anonymous): the pages of every round go straight into the process being
+// built, so that the stop costs only the last round, not the process's
+// size. Pages outside a mapped area (an area not announced, or one that
+// could not be mapped where it was) are kept here and written once the
+// areas exist, before the snapshot's own pages.
+//
+// When the process record and its areas arrive, each mapped area is kept
+// if a memory area of the snapshot is exactly it (private, anonymous, not
+// growing down); otherwise its pages are read back into staging and it is
+// unmapped. Should the stub's code sit where the snapshot needs memory,
+// every mapped area is read back and the stub replaced. A drop of a whole
+// mapped area (the sender's word that it changed) unmaps it; a drop of
+// part of one gives the pages back (MADV_DONTNEED: they read as zero).
+
+const (
+	stageBlock = 64 << 10 // bytes of one staging block
+	stagePages = stageBlock / pageSize
+)
+
+type stageBlockT struct {
+	data []byte
+	have [stagePages]bool
+	n    int // pages held
+}
+
+// maxAnnounced bounds the areas a sender may announce (as many as a
+// process may have).
+const maxAnnounced = 1 << 16
+
+// staging holds the pre-copied pages by address.
+type staging struct {
+	blocks map[uint64]*stageBlockT
+	rounds int
+	// announced: the areas the sender announced, before the first page.
+	announced [][2]uint64
+	launched  bool        // the stub was started at the first page
+	placed    [][2]uint64 // announced areas mapped in the stub, by address
+	buf       []byte
+}
+
+// stagePrecopy reads the pre-copy records at the start of a snapshot,
+// first being the first record, and returns the first record after them.
+// Pages in an announced area go straight into the stub it starts.
+func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, error) {
+	var st *staging
+	get := func() *staging {
+		if st == nil {
+			st = &staging{blocks: map[uint64]*stageBlockT{}}
+		}
+		return st
+	}
+	rec := first
+	for {
+		switch r := rec.(type) {
+		case *image.PrecopyArea:
+			get().announce(r.Start, r.End)
+		case *image.Precopy:
+			st := get()
+			if !st.launched {
+				st.launched = true
+				if err := p.placeAreas(st); err != nil {
+					return nil, nil, err
+				}
+			}
+			if err := p.putPrecopy(st, dec, r.Addr, r.Len); err != nil {
+				return nil, nil, err
+			}
+		case *image.Drop:
+			if st != nil {
+				st.drop(r.Addr, r.Len)
+				if err := p.dropPlaced(st, r.Addr, r.Len); err != nil {
+					return nil, nil, err
+				}
+			}
+		case *image.Round:
+			get().rounds++
+		default:
+			// The stub, if started, is p's: Abort ends it.
+			return st, rec, nil
+		}
+		var err error
+		if rec, err = dec.Next(); err != nil {
+			return nil, nil, err
+		}
+	}
+}
+
+// announce notes an area announced before the first page; one that
+// overlaps another, or comes later, is ignored (its pages are staged).
+func (st *staging) announce(start, end uint64) {
+	if st.launched || len(st.announced) >= maxAnnounced {
+		return
+	}
+	for _, a := range st.announced {
+		if start < a[1] && a[0] < end {
+			return
+		}
+	}
+	st.announced = append(st.announced, [2]uint64{start, end})
+}
+
+// placeAreas starts the stub and maps the announced areas in it, each
+// where it was; one that cannot be (the stub's own memory is there) is
+// left out, its pages staged.
+func (p *Process) placeAreas(st *staging) error {
+	if len(st.announced) == 0 {
+		return nil
+	}
+	sort.Slice(st.announced, func(i, j int) bool { return st.announced[i][0] < st.announced[j][0] })
+	if err := p.launchStub(freeRange(stubSize, append([][2]uint64(nil), st.announced...))); err != nil {
+		return fmt.Errorf("pre-copy: %w", err)
+	}
+	st.buf = make([]byte, readAheadSize)
+	return p.tr.Do(func() error {
+		for _, a := range st.announced {
+			got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
+				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
+			if err != nil {
+				continue
+			}
+			if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
+				if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
+					return fmt.Errorf("pre-copy: unmap %#x: %w", got, err)
+				}
+				continue
+			}
+			st.placed = append(st.placed, a)
+		}
+		return nil
+	})
+}
+
+// placedAt returns the index of the placed area holding addr, or of the
+// first one after it (len(st.placed) if none), and whether it holds addr.
+func (st *staging) placedAt(addr uint64) (int, bool) {
+	i := sort.Search(len(st.placed), func(i int) bool { return st.placed[i][1] > addr })
+	return i, i < len(st.placed) && st.placed[i][0] <= addr
+}
+
+// putPrecopy writes a pre-copy record's n bytes at addr into the stub
+// where an area is placed, and stages the rest.
+func (p *Process) putPrecopy(st *staging, dec *image.Decoder, addr, n uint64) error {
+	for n > 0 {
+		i, in := st.placedAt(addr)
+		if !in {
+			take := n
+			if i < len(st.placed) {
+				take = min(n, st.placed[i][0]-addr)
+			}
+			if err := st.put(dec, addr, take); err != nil {
+				return err
+			}
+			addr += take
+			n -= take
+			continue
+		}
+		take := min(n, st.placed[i][1]-addr, uint64(len(st.buf)))
+		if err := readAll(dec, st.buf[:take]); err != nil {
+			return err
+		}
+		if err := p.mem.Write(addr, st.buf[:take]); err != nil {
+			return fmt.Errorf("pre-copied pages %#x+%#x: %w", addr, take, err)
+		}
+		addr += take
+		n -= take
+	}
+	return nil
+}
+
+// dropPlaced applies a drop to the placed areas: one dropped whole is
+// unmapped (its pages, if any come, are the snapshot's), a part has its
+// pages given back.
+func (p *Process) dropPlaced(st *staging, addr, n uint64) error {
+	end := addr + n
+	var keep [][2]uint64
+	err := p.tr.Do(func() error {
+		for _, a := range st.placed {
+			lo, hi := max(a[0], addr), min(a[1], end)
+			switch {
+			case lo >= hi:
+				keep = append(keep, a)
+			case lo == a[0] && hi == a[1]:
+				if _, err := p.call(unix.SYS_MUNMAP, uintptr(a[0]), uintptr(a[1]-a[0])); err != nil {
+					return fmt.Errorf("pre-copy: unmap %#x-%#x: %w", a[0], a[1], err)
+				}
+			default:
+				keep = append(keep, a)
+				if _, err := p.call(unix.SYS_MADVISE, uintptr(lo), uintptr(hi-lo), unix.MADV_DONTNEED); err != nil {
+					return fmt.Errorf("pre-copy: drop %#x-%#x: %w", lo, hi, err)
+				}
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		st.placed = keep
+	}
+	return err
+}
+
+// unplace reads the pages of a placed area back into staging (all-zero
+// pages read as zero anyway) and, if unmap, unmaps it.
+func (p *Process) unplace(st *staging, a [2]uint64, unmap bool) error {
+	zero := make([]byte, pageSize)
+	for addr := a[0]; addr < a[1]; {
+		take := min(a[1]-addr, uint64(len(st.buf)))
+		b := st.buf[:take]
+		if err := p.mem.Read(addr, b); err != nil {
+			return fmt.Errorf("pre-copied area %#x-%#x: read back: %w", a[0], a[1], err)
+		}
+		for off := uint64(0); off < take; off += pageSize {
+			if pg := b[off : off+pageSize]; !bytes.Equal(pg, zero) {
+				st.putBytes(addr+off, pg)
+			}
+		}
+		addr += take
+	}
+	if !unmap {
+		return nil
+	}
+	return p.tr.Do(func() error {
+		if _, err := p.call(unix.SYS_MUNMAP, uintptr(a[0]), uintptr(a[1]-a[0])); err != nil {
+			return fmt.Errorf("pre-copy: unmap %#x-%#x: %w", a[0], a[1], err)
+		}
+		return nil
+	})
+}
+
+// prepareLive, the prepare step of a live migration's process, keeps the
+// placed areas the snapshot's memory areas are exactly, reads the others
+// back, and gives the stub its PID. A stub started early in the way of
+// the snapshot's memory is replaced.
+func (p *Process) prepareLive() error {
+	st := p.staged
+	if p.stub == 0 {
+		return p.startStub()
+	}
+	for _, r := range p.snapshotRanges() {
+		if r[0] < p.base+stubSize && p.base < r[1] {
+			for _, a := range st.placed {
+				if err := p.unplace(st, a, false); err != nil {
+					return err
+				}
+			}
+			st.placed = nil
+			killAndReap(p.tr, []int{p.stub})
+			p.mem.Close()
+			p.stub, p.pid, p.in, p.mem = 0, 0, nil, nil
+			return p.startStub()
+		}
+	}
+	p.kept = map[uint64]bool{}
+	for _, a := range st.placed {
+		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].Start >= a[0] })
+		if i < len(p.vmas) {
+			if v := p.vmas[i]; v.Start == a[0] && v.End == a[1] && v.Kind == image.VMAAnon && !v.Shared && !v.GrowsDown() {
+				p.kept[a[0]] = true
+				continue
+			}
+		}
+		if err := p.unplace(st, a, true); err != nil {
+			return err
+		}
+	}
+	st.placed = nil
+	return p.tr.Do(p.stubPID)
+}
+
+// keptOutside returns the parts of [start, end) outside the kept areas.
+func (p *Process) keptOutside(start, end uint64) [][2]uint64 {
+	out := [][2]uint64{{start, end}}
+	for _, v := range p.vmas {
+		if !p.kept[v.Start] || v.End <= start || v.Start >= end {
+			continue
+		}
+		var next [][2]uint64
+		for _, r := range out {
+			if v.End <= r[0] || v.Start >= r[1] {
+				next = append(next, r)
+				continue
+			}
+			if r[0] < v.Start {
+				next = append(next, [2]uint64{r[0], v.Start})
+			}
+			if v.End < r[1] {
+				next = append(next, [2]uint64{v.End, r[1]})
+			}
+		}
+		out = next
+	}
+	return out
+}
+
+func (st *staging) put(dec *image.Decoder, addr, n uint64) error {
+	for n > 0 {
+		base := addr &^ (stageBlock - 1)
+		b := st.blocks[base]
+		if b == nil {
+			b = &stageBlockT{data: make([]byte, stageBlock)}
+			st.blocks[base] = b
+		}
+		off := addr - base
+		take := min(n, stageBlock-off)
+		if err := readAll(dec, b.data[off:off+take]); err != nil {
+			return err
+		}
+		for p := off / pageSize; p < (off+take)/pageSize; p++ {
+			if !b.have[p] {
+				b.have[p] = true
+				b.n++
+			}
+		}
+		addr += take
+		n -= take
+	}
+	return nil
+}
+
+// putBytes stages one page read back from the stub.
+func (st *staging) putBytes(addr uint64, pg []byte) {
+	base := addr &^ (stageBlock - 1)
+	b := st.blocks[base]
+	if b == nil {
+		b = &stageBlockT{data: make([]byte, stageBlock)}
+		st.blocks[base] = b
+	}
+	off := addr - base
+	copy(b.data[off:off+pageSize], pg)
+	if p := off / pageSize; !b.have[p] {
+		b.have[p] = true
+		b.n++
+	}
+}
+
+func (st *staging) drop(addr, n uint64) {
+	for end := addr + n; addr < end; {
+		base := addr &^ (stageBlock - 1)
+		next := min(base+stageBlock, end)
+		if b := st.blocks[base]; b != nil {
+			for p := (addr - base) / pageSize; p < (next-base)/pageSize; p++ {
+				if b.have[p] {
+					b.have[p] = false
+					b.n--
+				}
+			}
+			if b.n == 0 {
+				delete(st.blocks, base)
+			}
+		}
+		addr = next
+	}
+}
+
+// apply writes the staged pages into the process, by runs.
+func (st *staging) apply(fill func(addr uint64, data []byte) error) error {
+	bases := make([]uint64, 0, len(st.blocks))
+	for a := range st.blocks {
+		bases = append(bases, a)
+	}
+	sort.Slice(bases, func(i, j int) bool { return bases[i] < bases[j] })
+	for _, base := range bases {
+		b := st.blocks[base]
+		for p := 0; p < stagePages; {
+			if !b.have[p] {
+				p++
+				continue
+			}
+			q := p + 1
+			for q < stagePages && b.have[q] {
+				q++
+			}
+			if err := fill(base+uint64(p)*pageSize, b.data[p*pageSize:q*pageSize]); err != nil {
+				return fmt.Errorf("pre-copied pages: %w", err)
+			}
+			p = q
+		}
+		delete(st.blocks, base) // memory back as it goes
+	}
+	return nil
+}

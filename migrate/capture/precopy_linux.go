@@ -1,0 +1,578 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// Live migration (pfreeze -live) copies memory while the process runs.
+// Its private anonymous areas are registered with a userfaultfd in
+// asynchronous write-protect mode (UFFD_FEATURE_WP_ASYNC, with
+// WP_UNPOPULATED so that pages faulted in later count as written too):
+// the kernel write-protects every page, and a write just clears the
+// protection, with no fault for us to serve. PAGEMAP_SCAN with
+// PM_SCAN_WP_MATCHING then returns the pages written since the last scan
+// and protects them again, atomically. Round 0 sends every page; each
+// later round the pages written during the one before; when what is left
+// can be sent within the downtime aimed at (or the rounds stop paying),
+// the process is stopped and the final round sends the rest. Soft-dirty
+// bits would do as well but are not built into these kernels.
+//
+// The userfaultfd is the process's own (only its creator's mm can be
+// registered): it is made by one call injected into the stopped process,
+// taken over with pidfd_getfd and closed in the process again, so the
+// process runs with no fd of ours. Closing ours unregisters every area.
+//
+// What escapes tracking is never trusted: an area that was unmapped,
+// remapped or resized since it was registered (PAGEMAP_SCAN's
+// PM_SCAN_CHECK_WPASYNC refuses a range that is no longer registered), or
+// whose round failed, is dropped on the receiver and sent in full after
+// the stop; pages the receiver holds that are gone from the process
+// (madvise(MADV_DONTNEED) clears a page without a write) are dropped.
+
+// LiveOptions bound a live migration's pre-copy.
+type LiveOptions struct {
+	// MaxRounds bounds the rounds after the first full copy (0: 8).
+	MaxRounds int
+	// Downtime is the stop aimed at: pre-copy ends once the pages
+	// written during a round can be sent in this long (0: 100 ms).
+	Downtime time.Duration
+	// Bandwidth caps the bytes per second the rounds send (0: as fast as
+	// the sink takes them).
+	Bandwidth int64
+	// Notice receives one-line messages for the user (the fallback to
+	// stop-and-copy).
+	Notice func(string)
+	// Stats, if set, is filled in as the migration goes.
+	Stats *LiveStats
+}
+
+// LiveStats report what a live migration did.
+type LiveStats struct {
+	Rounds       int       // pre-copy rounds before the stop (the full copy included)
+	PrecopyBytes uint64    // page contents sent while the process ran
+	FinalBytes   uint64    // page contents of tracked areas sent after the stop
+	Untracked    int       // areas sent in full after the stop
+	StoppedAt    time.Time // when the process was stopped for the final round
+	Fallback     bool      // the writer outran the link: stopped early
+}
+
+const (
+	pagemapScanIoctl         = 0xc0606610 // _IOWR('f', 16, struct pm_scan_arg)
+	pmScanWPMatching         = 1 << 0
+	pmScanCheckWPAsync       = 1 << 1
+	pageIsWritten            = 1 << 1
+	pageIsPresent            = 1 << 3
+	pageIsSwapped            = 1 << 4
+	pageIsPfnZero            = 1 << 5
+	uffdAPI                  = 0xaa
+	uffdUserModeOnly         = 1
+	uffdioAPI                = 0xc018aa3f
+	uffdioRegister           = 0xc020aa00
+	uffdRegisterModeWP       = 1 << 1
+	uffdFeatureWPUnpopulated = 1 << 13
+	uffdFeatureWPAsync       = 1 << 15
+)
+
+type uffdioAPIArg struct{ API, Features, Ioctls uint64 }
+
+type uffdioRegisterArg struct {
+	Start, Len, Mode, Ioctls uint64
+}
+
+// trackedArea is a private anonymous area registered for tracking.
+type trackedArea struct {
+	start, end uint64
+	sent       []uint64 // bitmap: pages the receiver holds
+	ok         bool     // every write since registration is accounted for
+	stack      bool     // grows down: not announced (a receiver maps it flat)
+}
+
+func (a *trackedArea) mark(addr, n uint64) {
+	for p := (addr - a.start) / pageSize; p < (addr+n-a.start)/pageSize; p++ {
+		a.sent[p/64] |= 1 << (p % 64)
+	}
+}
+
+func (a *trackedArea) isSent(p uint64) bool { return a.sent[p/64]&(1<<(p%64)) != 0 }
+
+// precopy is the state of one process's pre-copy.
+type precopy struct {
+	pid     int
+	o       LiveOptions
+	stats   *LiveStats
+	mem     *ptrace.Mem
+	uffd    *os.File
+	pagemap *os.File
+	areas   []*trackedArea
+	vec     []pageRegion
+}
+
+// startPrecopy opens the tracking of pid's private anonymous memory:
+// stopped only for the one injected call that makes the userfaultfd.
+func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
+	if o.MaxRounds <= 0 {
+		o.MaxRounds = 8
+	}
+	if o.Downtime <= 0 {
+		o.Downtime = 100 * time.Millisecond
+	}
+	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(pid), vec: make([]pageRegion, 4096)}
+	if pc.stats == nil {
+		pc.stats = &LiveStats{}
+	}
+	var err error
+	if pc.pagemap, err = os.Open(procfs.Path(pid, "pagemap")); err != nil {
+		pc.close()
+		return nil, fmt.Errorf("live %d: %w", pid, err)
+	}
+	// The areas are read and registered while the process is stopped:
+	// registering a range read from a running process's maps, which it
+	// may have grown since, would split its area in two, and an mremap
+	// of the whole would then fail (EFAULT) in the process.
+	var apiErr error
+	uffd, err := openTargetUffd(tr, pid, func(uffd *os.File) error {
+		api := uffdioAPIArg{API: uffdAPI, Features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
+		if err := uffdIoctl(uffd, uffdioAPI, &api); err != nil {
+			apiErr = err
+			return nil
+		}
+		maps, err := procfs.Maps(pid)
+		if err != nil {
+			return err
+		}
+		for _, m := range maps {
+			if !trackable(&m) {
+				continue
+			}
+			reg := uffdioRegisterArg{Start: m.Start, Len: m.End - m.Start, Mode: uffdRegisterModeWP}
+			if uffdIoctl(uffd, uffdioRegister, &reg) != nil {
+				continue // sent after the stop, as without -live
+			}
+			n := (m.End - m.Start) / pageSize
+			pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true, stack: m.Path == "[stack]"})
+		}
+		return nil
+	})
+	pc.uffd = uffd
+	if err != nil {
+		pc.close()
+		return nil, fmt.Errorf("live %d: userfaultfd: %w", pid, err)
+	}
+	if apiErr != nil {
+		pc.close()
+		return nil, fmt.Errorf("live %d: userfaultfd asynchronous write-protect: %w", pid, apiErr)
+	}
+	return pc, nil
+}
+
+// trackable: a private anonymous area, the kind pre-copy follows.
+func trackable(m *procfs.Mapping) bool {
+	if m.Shared() || m.Inode != 0 || !m.Readable() {
+		return false
+	}
+	return m.Path == "" || m.Path == "[heap]" || m.Path == "[stack]" || strings.HasPrefix(m.Path, "[anon:")
+}
+
+// openTargetUffd makes pid create a userfaultfd of its own mm and hands
+// it to us, and calls stopped with it: pid is stopped for the injected
+// calls and stopped only.
+func openTargetUffd(tr *ptrace.Tracer, pid int, stopped func(*os.File) error) (*os.File, error) {
+	f, err := Attach(tr, pid)
+	if err != nil {
+		return nil, err
+	}
+	var mine int
+	err = tr.Do(func() error {
+		maps, err := procfs.Maps(pid)
+		if err != nil {
+			return err
+		}
+		site, err := vdsoSyscallSite(f.mem, maps)
+		if err != nil {
+			return err
+		}
+		in, err := ptrace.NewSeizedInjector(pid, uintptr(site))
+		if err != nil {
+			return err
+		}
+		f.threads[0].in = in
+		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
+		if err != nil {
+			return err
+		}
+		pidfd, err := unix.PidfdOpen(pid, 0)
+		if err == nil {
+			mine, err = unix.PidfdGetfd(pidfd, int(fd), 0)
+			unix.Close(pidfd)
+		}
+		if _, cerr := in.Syscall(unix.SYS_CLOSE, fd); cerr != nil && err == nil {
+			err = cerr
+		}
+		return err
+	})
+	var uffd *os.File
+	if err == nil {
+		uffd = os.NewFile(uintptr(mine), "userfaultfd")
+		err = stopped(uffd)
+	} else if mine > 0 {
+		unix.Close(mine)
+	}
+	if rerr := f.Resume(); rerr != nil && err == nil {
+		err = rerr
+	}
+	if err != nil {
+		if uffd != nil {
+			uffd.Close() // unregisters what was registered
+		}
+		return nil, err
+	}
+	return uffd, nil
+}
+
+// vdsoSyscallSite finds a syscall instruction in the vdso.
+func vdsoSyscallSite(mem *ptrace.Mem, maps []procfs.Mapping) (uint64, error) {
+	for _, m := range maps {
+		if m.Path != "[vdso]" {
+			continue
+		}
+		b := make([]byte, m.End-m.Start)
+		if err := mem.Read(m.Start, b); err != nil {
+			return 0, fmt.Errorf("vdso: %w", err)
+		}
+		for i := 0; i+1 < len(b); i++ {
+			if b[i] == 0x0f && b[i+1] == 0x05 {
+				return m.Start + uint64(i), nil
+			}
+		}
+	}
+	return 0, errors.New("no syscall instruction in the vdso")
+}
+
+func (pc *precopy) close() {
+	if pc.uffd != nil {
+		pc.uffd.Close() // unregisters every area
+		pc.uffd = nil
+	}
+	if pc.pagemap != nil {
+		pc.pagemap.Close()
+		pc.pagemap = nil
+	}
+	pc.mem.Close()
+}
+
+// area returns the tracked area holding addr.
+func (pc *precopy) area(addr uint64) *trackedArea {
+	i := sort.Search(len(pc.areas), func(i int) bool { return pc.areas[i].end > addr })
+	if i < len(pc.areas) && pc.areas[i].start <= addr {
+		return pc.areas[i]
+	}
+	return nil
+}
+
+// scan returns the pages of a written since the last scan, protecting
+// them again when protect is set. An area no longer registered as it was
+// is marked not ok.
+func (pc *precopy) scan(a *trackedArea, protect bool) ([][2]uint64, error) {
+	flags := uint64(pmScanCheckWPAsync)
+	if protect {
+		flags |= pmScanWPMatching
+	}
+	return pc.scanFor(a, flags, pageIsWritten, 0, pageIsWritten, 0)
+}
+
+// held returns the pages of a that hold contents: present (the shared
+// zero page excepted) or swapped out.
+func (pc *precopy) held(a *trackedArea) ([][2]uint64, error) {
+	return pc.scanFor(a, pmScanCheckWPAsync, 0, pageIsPresent|pageIsSwapped, pageIsPresent|pageIsSwapped|pageIsPfnZero, pageIsPfnZero)
+}
+
+// scanFor runs PAGEMAP_SCAN over a, leaving out regions with a category
+// of skip.
+func (pc *precopy) scanFor(a *trackedArea, flags, mask, anyof, ret, skip uint64) ([][2]uint64, error) {
+	var out [][2]uint64
+	for start := a.start; start < a.end; {
+		regs, walkEnd, err := pagemapScan(pc.pagemap, start, a.end, flags, mask, anyof, ret, pc.vec)
+		if err != nil {
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+				a.ok = false // unmapped or remapped: no longer ours to follow
+				return nil, nil
+			}
+			return nil, fmt.Errorf("pagemap scan %#x-%#x: %w", start, a.end, err)
+		}
+		for _, r := range regs {
+			if r.Categories&skip == 0 {
+				out = append(out, [2]uint64{r.Start, r.End})
+			}
+		}
+		if walkEnd <= start {
+			return nil, fmt.Errorf("pagemap scan %#x-%#x made no progress", start, a.end)
+		}
+		start = walkEnd
+	}
+	return out, nil
+}
+
+// sender writes pre-copy pages to enc, marking them sent and keeping the
+// bandwidth cap.
+type sender struct {
+	pc    *precopy
+	enc   *image.Encoder
+	t0    time.Time
+	bytes uint64
+	werr  error // the sink's failure, if any
+}
+
+func (s *sender) write(addr uint64, data []byte) error {
+	if err := s.pc.enc(s.enc, addr, data); err != nil {
+		s.werr = err
+		return err
+	}
+	s.bytes += uint64(len(data))
+	if bw := s.pc.o.Bandwidth; bw > 0 {
+		due := time.Duration(float64(s.bytes) / float64(bw) * float64(time.Second))
+		if wait := due - time.Since(s.t0); wait > 0 {
+			time.Sleep(wait)
+		}
+	}
+	return nil
+}
+
+func (pc *precopy) enc(enc *image.Encoder, addr uint64, data []byte) error {
+	if a := pc.area(addr); a != nil {
+		a.mark(addr, uint64(len(data)))
+	}
+	return enc.WritePrecopy(addr, data)
+}
+
+// run sends the rounds while the process runs, and returns when it
+// should be stopped for the final one.
+func (pc *precopy) run(enc *image.Encoder) error {
+	// Round 0: protect everything, then send every page there is.
+	for _, a := range pc.areas {
+		if _, err := pc.scan(a, true); err != nil {
+			return err
+		}
+	}
+	s := &sender{pc: pc, enc: enc, t0: time.Now()}
+	var vmas []image.VMA
+	for _, a := range pc.areas {
+		if a.ok {
+			vmas = append(vmas, image.VMA{Start: a.start, End: a.end, Kind: image.VMAAnon})
+			// The receiver maps it now and writes the pages into the
+			// process it builds as they come (finish drops all of an
+			// area that changes).
+			if !a.stack {
+				if err := enc.Write(&image.PrecopyArea{Start: a.start, End: a.end}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	err := copyMemory(pc.mem, s.write, func(r *reader) error {
+		// An area unmapped or shrunk while it is read fails its pagemap
+		// or memory read: like a later round's, given up (sent after the
+		// stop), unless the sink failed.
+		if err := r.readAll(pc.pagemap, vmas); err != nil && s.werr == nil {
+			return readErr{err}
+		} else if err != nil {
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return pc.giveUp(err)
+	}
+	if err := enc.Write(&image.Round{N: 0, Bytes: s.bytes}); err != nil {
+		return err
+	}
+	pc.stats.Rounds, pc.stats.PrecopyBytes = 1, s.bytes
+	rate := float64(s.bytes) / max(time.Since(s.t0).Seconds(), 1e-6) // bytes/s the link took
+	prev := uint64(s.bytes)
+	for round := 1; round <= pc.o.MaxRounds; round++ {
+		t0 := time.Now()
+		dirty, err := pc.round(enc, round)
+		if err != nil {
+			return err
+		}
+		pc.stats.Rounds++
+		pc.stats.PrecopyBytes += dirty
+		if took := time.Since(t0).Seconds(); dirty > 1<<20 && took > 0 {
+			rate = float64(dirty) / took
+		}
+		// Small enough: what the next round would send fits the downtime.
+		if float64(dirty) <= rate*pc.o.Downtime.Seconds() {
+			return nil
+		}
+		if dirty >= prev && round >= 2 {
+			pc.stats.Fallback = true
+			pc.notice(fmt.Sprintf("live %d: the process writes %d MiB a round, faster than the link carries it (%.0f MiB/s): stopping it for the rest (stop-and-copy)",
+				pc.pid, dirty>>20, rate/(1<<20)))
+			return nil
+		}
+		prev = dirty
+	}
+	return nil
+}
+
+// giveUp stops tracking every area after a failed round: they are all
+// sent in full after the stop. A failure of the sink is returned.
+func (pc *precopy) giveUp(err error) error {
+	if !isReadErr(err) {
+		return err
+	}
+	for _, a := range pc.areas {
+		a.ok = false
+	}
+	pc.notice(fmt.Sprintf("live %d: pre-copy stopped (%v): the rest is sent after the stop", pc.pid, err))
+	return nil
+}
+
+// readErr marks a failure to read the process's memory (an area unmapped
+// while it was read), as opposed to the sink's.
+type readErr struct{ err error }
+
+func (e readErr) Error() string { return e.err.Error() }
+func (e readErr) Unwrap() error { return e.err }
+
+func isReadErr(err error) bool {
+	var r readErr
+	return errors.As(err, &r)
+}
+
+// round sends the pages written since the last scan and returns their size.
+func (pc *precopy) round(enc *image.Encoder, n int) (uint64, error) {
+	s := &sender{pc: pc, enc: enc, t0: time.Now()}
+	err := copyMemory(pc.mem, s.write, func(r *reader) error {
+		for _, a := range pc.areas {
+			if !a.ok {
+				continue
+			}
+			runs, err := pc.scan(a, true)
+			if err != nil {
+				return err
+			}
+			for _, run := range runs {
+				if err := r.add(run[0], int(run[1]-run[0]), false); err != nil {
+					return readErr{err}
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		if gerr := pc.giveUp(err); gerr != nil {
+			return 0, gerr
+		}
+	}
+	return s.bytes, enc.Write(&image.Round{N: n, Bytes: s.bytes})
+}
+
+func (pc *precopy) notice(s string) {
+	if pc.o.Notice != nil {
+		pc.o.Notice(s)
+	}
+}
+
+// finish runs with the process stopped, before its process record: it
+// sends the pages written since the last round of every area still
+// tracked and unchanged in vmas (the areas as frozen), drops on the
+// receiver what it must not keep, and returns the areas whose pages are
+// all sent (the snapshot's pages records leave them out).
+func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, error) {
+	pc.stats.StoppedAt = time.Now()
+	same := map[[2]uint64]bool{}
+	for _, v := range vmas {
+		if v.Kind == image.VMAAnon && !v.Shared {
+			same[[2]uint64{v.Start, v.End}] = true
+		}
+	}
+	done := map[uint64]bool{}
+	s := &sender{pc: pc, enc: enc, t0: time.Now()}
+	pc.o.Bandwidth = 0 // the process is stopped: as fast as it goes
+	var kept []*trackedArea
+	for _, a := range pc.areas {
+		if a.ok && !same[[2]uint64{a.start, a.end}] {
+			a.ok = false
+		}
+		if a.ok {
+			if _, err := pc.scan(a, false); err != nil { // still registered?
+				return nil, err
+			}
+		}
+		if !a.ok {
+			pc.stats.Untracked++
+			if err := enc.Write(&image.Drop{Addr: a.start, Len: a.end - a.start}); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		kept = append(kept, a)
+	}
+	err := copyMemory(pc.mem, s.write, func(r *reader) error {
+		for _, a := range kept {
+			runs, err := pc.scan(a, false)
+			if err != nil {
+				return err
+			}
+			for _, run := range runs {
+				if err := r.add(run[0], int(run[1]-run[0]), false); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Pages the receiver holds that the process no longer has: freed
+	// (madvise) since they were sent, or the shared zero page since.
+	for _, a := range kept {
+		held, err := pc.held(a)
+		if err != nil {
+			return nil, err
+		}
+		if !a.ok {
+			return nil, fmt.Errorf("area %#x-%#x changed while stopped", a.start, a.end)
+		}
+		has := make([]uint64, len(a.sent))
+		for _, h := range held {
+			for p := (h[0] - a.start) / pageSize; p < (h[1]-a.start)/pageSize; p++ {
+				has[p/64] |= 1 << (p % 64)
+			}
+		}
+		n := (a.end - a.start) / pageSize
+		gone := func(p uint64) bool { return a.isSent(p) && has[p/64]&(1<<(p%64)) == 0 }
+		for p := uint64(0); p < n; {
+			if !gone(p) {
+				p++
+				continue
+			}
+			q := p + 1
+			for q < n && gone(q) {
+				q++
+			}
+			if err := enc.Write(&image.Drop{Addr: a.start + p*pageSize, Len: (q - p) * pageSize}); err != nil {
+				return nil, err
+			}
+			p = q
+		}
+		done[a.start] = true
+	}
+	pc.stats.FinalBytes = s.bytes
+	if err := enc.Write(&image.Round{N: pc.stats.Rounds, Bytes: s.bytes, Final: true}); err != nil {
+		return nil, err
+	}
+	return done, nil
+}

@@ -1,0 +1,54 @@
+package image
+
+// Pre-copy records (pfreeze -live) carry memory sent while the process
+// still runs, in rounds, before its process record: a receiver keeps the
+// pages (a later one replaces an earlier one at the same address), forgets
+// the ranges a Drop names, and writes what it kept into the process once
+// its memory areas exist, before the pages records of the snapshot proper.
+
+// Precopy introduces a run of page contents at Addr sent before the stop;
+// its data (Len bytes) follows as for Pages (Decoder.ReadData).
+type Precopy struct {
+	Addr uint64
+	Len  uint64
+}
+
+// Drop says that pages sent earlier in [Addr, Addr+Len) are no longer the
+// process's: they read as zero, or the area is sent again in full.
+type Drop struct {
+	//lint:ignore U1000 read by msgpack: encode as an array
+	_msgpack struct{} `msgpack:",as_array"`
+	Addr     uint64
+	Len      uint64
+}
+
+// PrecopyArea announces, before the first Precopy record, a private
+// anonymous area of the running process whose pages follow: a receiver may
+// map it at once and write pre-copied pages straight into the process it
+// builds, instead of keeping them until the stop (skippable: a reader that
+// does not know it keeps every page). If the area is gone or changed at
+// the stop, a Drop of all of it follows.
+type PrecopyArea struct {
+	//lint:ignore U1000 read by msgpack: encode as an array
+	_msgpack struct{} `msgpack:",as_array"`
+	Start    uint64
+	End      uint64
+}
+
+// Round closes one pre-copy round: its number (0 is the first, full
+// copy) and the bytes of page contents it sent. The round sent after the
+// stop has Final set.
+type Round struct {
+	N     int    `msgpack:"n"`
+	Bytes uint64 `msgpack:"bytes"`
+	Final bool   `msgpack:"final,omitempty"`
+}
+
+// checkPrecopy checks a pre-copy record's range: page aligned, inside the
+// user address space.
+func checkPrecopy(addr, n uint64) error {
+	if addr%pageSize != 0 || n%pageSize != 0 || n == 0 || addr >= MaxAddr || n > MaxAddr-addr {
+		return corruptf("pre-copy range %#x+%#x", addr, n)
+	}
+	return nil
+}
