@@ -10,8 +10,9 @@ GOFLAGS   ?=
 # programs, python3, iproute2 (network namespaces), util-linux (nsenter,
 # setpriv), libcap2-bin (setcap), time (peak RSS in benchmarks),
 # redis-tools (a real server the tests move: redis-check-rdb is redis-server),
+# nginx (a master and workers moved as a tree, TestMigrateNginxTree),
 # lintian and systemd (systemd-analyze): the Debian package's test.
-DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools lintian systemd chromium
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools nginx lintian systemd chromium
 export GOFLAGS
 
 .PHONY: all build deps test lint bench demo deb clean
@@ -25,7 +26,7 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb lintian systemd-analyze chromium; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb nginx lintian systemd-analyze chromium; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBS)"; \

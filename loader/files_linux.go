@@ -25,6 +25,20 @@ func (p *Process) openFiles() error {
 	for _, f := range p.fds {
 		want[f.Fd] = true
 	}
+	if p.tree == nil {
+		// A single process's own pipes: pthaw holds their ends only
+		// until every fd of the process is open.
+		p.pipes, p.ptys = map[uint64][2]int{}, map[int]*heldPty{}
+		defer func() {
+			for _, ends := range p.pipes {
+				closeEnds(ends)
+			}
+			for _, h := range p.ptys {
+				h.master.Close()
+			}
+			p.pipes, p.ptys = nil, nil
+		}()
+	}
 	return p.tr.Do(func() error {
 		for _, f := range p.fds {
 			switch {
@@ -56,6 +70,16 @@ func (p *Process) openFiles() error {
 			}
 			if _, err := p.call(unix.SYS_FCNTL, uintptr(f.Fd), unix.F_SETFD, fdflags); err != nil {
 				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+		if len(p.unixEnds) > 0 {
+			for id := range p.unixEnds {
+				return fmt.Errorf("%w: unix socket %d: its pair's other end has no fd", image.ErrCorrupt, id)
+			}
+		}
+		if p.tree == nil {
+			if err := p.fillUnixQueues(); err != nil {
+				return err
 			}
 		}
 		// Epoll registrations once every fd they watch is in place,
@@ -143,8 +167,18 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
+	case image.FDUnix:
+		if tmp, err = p.unixSocket(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
+	case image.FDPtyMaster:
+		if tmp, err = p.ptyMaster(f); err != nil {
+			return err
+		}
+		return p.moveFd(f, tmp)
 	case image.FDFile:
-	case image.FDPipe:
+	case image.FDPipe, image.FDPipeOut, image.FDPtySlave:
 	default:
 		return fmt.Errorf("%w: fd %d of kind %d", image.ErrCorrupt, f.Fd, f.Kind)
 	}
@@ -154,8 +188,13 @@ func (p *Process) openFile(f *image.FD) error {
 			return fmt.Errorf("%w: fd %d: file object %#x not in the snapshot", image.ErrCorrupt, f.Fd, f.Object)
 		}
 	}
-	if f.Kind == image.FDPipe {
+	if f.Kind == image.FDPipe || f.Kind == image.FDPipeOut {
 		if name, err = p.pipeEnd(f); err != nil {
+			return err
+		}
+	}
+	if f.Kind == image.FDPtySlave {
+		if name, err = p.ptySlavePath(f); err != nil {
 			return err
 		}
 	}
@@ -164,6 +203,9 @@ func (p *Process) openFile(f *image.FD) error {
 		return err
 	}
 	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY)
+	if f.Kind == image.FDPtySlave {
+		flags |= unix.O_NOCTTY // made the controlling terminal on purpose below
+	}
 	tmp, err = p.call(unix.SYS_OPEN, path, flags|unix.O_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("fd %d: open %s: %w", f.Fd, name, err)
@@ -173,19 +215,41 @@ func (p *Process) openFile(f *image.FD) error {
 			return fmt.Errorf("fd %d: seek %s to %d: %w", f.Fd, f.Path, f.Pos, err)
 		}
 	}
-	return p.moveFd(f, tmp)
+	if err := p.moveFd(f, tmp); err != nil {
+		return err
+	}
+	if f.Kind == image.FDPtySlave {
+		p.ptyCtty(f)
+	}
+	return nil
 }
 
 // pipeEnd returns the path through which the process opens its end of
-// pipe f.Pipe. pthaw makes each pipe of a tree, with the data that was
+// pipe f.Pipe. pthaw makes each pipe of a tree (or of a single process),
+// with the data that was
 // buffered in it, and holds both ends until the tree starts; a member
 // opens /proc/<pthaw>/fd/<end> with its saved flags (a new open file
 // description of the same pipe).
 func (p *Process) pipeEnd(f *image.FD) (string, error) {
-	if p.tree == nil {
-		return "", fmt.Errorf("%w: fd %d: a pipe outside a tree", image.ErrCorrupt, f.Fd)
+	if f.Kind == image.FDPipeOut {
+		if file, ok := p.opts.InheritFDs[f.Fd]; ok {
+			var st unix.Stat_t
+			if err := unix.Fstat(int(file.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+				return "", fmt.Errorf("fd %d (%s): the fd given for it (%s) is not a pipe or FIFO", f.Fd, f.What, file.Name())
+			}
+			return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), file.Fd()), nil
+		}
+		end := "a write end: its writes fail with EPIPE"
+		if f.Flags&unix.O_ACCMODE != unix.O_WRONLY {
+			end = fmt.Sprintf("a read end: %d buffered bytes, then the end of the stream", len(f.PipeData))
+		}
+		p.notice("fd %d (%s) led outside the process: it is a pipe whose far end is closed (%s)", f.Fd, f.What, end)
 	}
-	ends, ok := p.tree.pipes[f.Pipe]
+	pipes := p.pipes
+	if p.tree != nil {
+		pipes = p.tree.pipes
+	}
+	ends, ok := pipes[f.Pipe]
 	if !ok {
 		var err error
 		open := newPipe
@@ -195,7 +259,7 @@ func (p *Process) pipeEnd(f *image.FD) (string, error) {
 		if ends, err = open(f); err != nil {
 			return "", fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 		}
-		p.tree.pipes[f.Pipe] = ends
+		pipes[f.Pipe] = ends
 	}
 	end := ends[0]
 	if f.Flags&unix.O_ACCMODE == unix.O_WRONLY {

@@ -62,6 +62,11 @@ type Options struct {
 	// to log files under the agent's data directory, and after a move the
 	// target's own log files take the place of the source's.
 	StdioFiles bool
+	// InheritFDs gives the process, for a saved fd (its number) that
+	// was a pipe leading outside (image.FDPipeOut), a new open of this
+	// file of ours (a pipe or FIFO) instead of a pipe whose far end is
+	// closed (pthaw -inherit-fd N=FD).
+	InheritFDs map[int]*os.File
 	// Notice receives one-line messages for the user (the PID was
 	// taken...), when the process starts: a restore that fails says only
 	// why.
@@ -96,8 +101,24 @@ type Process struct {
 	// socks are the re-created TCP connections and UDP sockets, given
 	// their addresses in finish (tcp_linux.go).
 	socks []*image.FD
-	vdso  uint64   // syscall site in the moved vdso
-	uffd  *os.File // fills private anonymous memory while building
+	// unixEnds holds, by the saved socket's inode, the second end of a
+	// unix socket pair made for an earlier fd, until its own fd is
+	// placed (unix_linux.go).
+	unixEnds map[uint64]uintptr
+	// pipes holds pthaw's ends of a single process's own pipes while its
+	// fds are opened (a tree's are in tree.pipes).
+	pipes map[uint64][2]int
+	// ptys holds pthaw's masters of a single process's ptys, by saved
+	// index, likewise (a tree's are in tree.ptys).
+	ptys map[int]*heldPty
+	// unixListeners are the re-created listening unix sockets, bound in
+	// finish.
+	unixListeners []*image.FD
+	// unixConnects are the unix sockets connected again to a peer
+	// outside when the process starts (pfreeze -unix-reconnect).
+	unixConnects []*image.FD
+	vdso         uint64   // syscall site in the moved vdso
+	uffd         *os.File // fills private anonymous memory while building
 	// staged: the pages of a live migration sent before the stop; kept:
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging

@@ -148,6 +148,12 @@ func (p *Process) finish() error {
 	if err := p.restoreSockets(borrow); err != nil {
 		return err
 	}
+	if err := p.bindUnixListeners(borrow); err != nil {
+		return err
+	}
+	if err := p.connectUnix(borrow); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}

@@ -24,6 +24,14 @@ type tree struct {
 	// pipes holds pthaw's read and write ends of each pipe (by its saved
 	// identity, image.FD.Pipe) until the tree starts or is aborted.
 	pipes map[uint64][2]int
+	// ptys holds pthaw's masters of the tree's ptys (pty_linux.go), by
+	// saved index, as long as the pipes.
+	ptys map[int]*heldPty
+	// unix holds the tree's unix socket pairs (unix_linux.go), by the
+	// lower inode of the two ends, as long as the pipes.
+	unix map[uint64]*treePair
+	// listeners holds the tree's listening unix sockets, by saved inode.
+	listeners map[uint64]*treeListener
 	// objects are the files without a path the members share
 	// (objects_linux.go), held as long as the pipes.
 	objects map[uint64]*object
@@ -46,6 +54,11 @@ func (t *tree) closePipes() {
 		closeEnds(ends)
 		delete(t.pipes, id)
 	}
+	for i, h := range t.ptys {
+		h.master.Close()
+		delete(t.ptys, i)
+	}
+	t.closeUnix()
 	closeAllObjects(t.objects)
 	t.objects = nil
 }
@@ -68,7 +81,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}}
 	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {
@@ -309,6 +322,12 @@ func (p *Process) mappedShared(v *image.VMA) {
 // tracer thread.
 func (p *Process) startTree() error {
 	defer p.tree.closePipes()
+	if err := p.tree.shutdownUnix(); err != nil {
+		return err
+	}
+	if err := p.bindTreeListeners(); err != nil {
+		return err
+	}
 	p.tree.virtWanted = p.tree.wantVirt(p.opts)
 	for _, m := range p.tree.members {
 		if m.zombie {

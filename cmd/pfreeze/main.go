@@ -36,6 +36,7 @@ func main() {
 	writeTimeout := flag.Duration("write-timeout", time.Minute, "how long a write (to a socket, pipe or FIFO) may make no progress")
 	readyTimeout := flag.Duration("ready-timeout", 5*time.Minute, "with -halt over a network: how long the receiver may take to build the process")
 	tcpAddrs := flag.String("tcp-addrs", "", "the local addresses that move with the process, comma-separated IP or IP/PREFIX (its virtual IPs): a TCP connection from any other address is refused, or with -tcp-close closed; empty: every connection moves (pthaw on this host)")
+	unixReconnect := flag.Bool("unix-reconnect", false, "connect the restored process again to the named unix sockets (a daemon's, such as journald's) it was connected to outside the process, instead of refusing them")
 	tcpClose := flag.Bool("tcp-close", false, "close the TCP connections whose local address does not move (-tcp-addrs) instead of refusing: their peers get a reset, the restored process finds them aborted")
 	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; a process tree is stopped for the whole copy)")
 	liveRounds := flag.Int("live-rounds", 8, "with -live: the most rounds after the first full copy")
@@ -54,7 +55,9 @@ func main() {
 		Dest: *dest, Tree: *tree, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())), TCP: tcp,
-		Live: *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
+		Notice:        func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) },
+		UnixReconnect: *unixReconnect,
+		Live:          *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
 			Notice: func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) }},
 	})
 	switch {
@@ -153,14 +156,14 @@ func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o c
 		if o.Halt {
 			return errors.New("-debug describes the process and leaves it running; it cannot be combined with -halt")
 		}
-		return describe(ctx, tr, pid, o.Tree, o.TCP)
+		return describe(ctx, tr, pid, o)
 	}
 	return capture.Send(ctx, tr, pid, o)
 }
 
 // describe freezes pid into a pipe read by the snapshot describer, so the
 // description is exactly what a snapshot would carry.
-func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool, tcp capture.TCPOptions) error {
+func describe(ctx context.Context, tr *ptrace.Tracer, pid int, o capture.SendOptions) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -168,7 +171,7 @@ func describe(ctx context.Context, tr *ptrace.Tracer, pid int, tree bool, tcp ca
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: tree, TCP: tcp})
+	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect})
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr

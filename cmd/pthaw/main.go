@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 
 	"github.com/pcluster/pcluster/loader"
@@ -29,11 +32,13 @@ func main() {
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
 	virtpid := flag.Bool("virtpid", false, "when the saved PID is taken, restore with a new one and make getpid/gettid (and signals the process sends itself) answer with the saved ids, by a seccomp filter pthaw serves; for a tree also getppid/getpgid/getsid, signals by PID and wait4/waitid, with pthaw as the members' tracer")
 	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process (every member of a tree) has its saved PID even when that PID is taken here")
+	inherit := inheritFDs{}
+	flag.Var(inherit, "inherit-fd", "N=FD: give the process, for its fd N that was a pipe leading outside, a new open of pthaw's fd FD (a pipe or FIFO) instead of a pipe whose far end is closed; repeatable")
 	flag.Parse()
 	o := loader.ReceiveOptions{
 		Src: *src, KeyDir: *keydir, ReadTimeout: *readTimeout, CommitTimeout: *commitTimeout,
 		Insecure: *insecure, Warn: os.Stderr, Progress: term.IsTerminal(int(os.Stderr.Fd())),
-		Options: loader.Options{NewPID: *newPID, PIDNamespace: *pidns, VirtPID: *virtpid, Detach: *detach, Notice: func(s string) {
+		Options: loader.Options{InheritFDs: inherit, NewPID: *newPID, PIDNamespace: *pidns, VirtPID: *virtpid, Detach: *detach, Notice: func(s string) {
 			fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
 		}},
 	}
@@ -121,4 +126,24 @@ func wait(p *loader.Process, sigs chan os.Signal) (int, error) {
 		return 128 + int(ws.Signal()), nil
 	}
 	return ws.ExitStatus(), nil
+}
+
+// inheritFDs is -inherit-fd N=FD, repeated: the process's fd N gets a new
+// open of pthaw's fd FD.
+type inheritFDs map[int]*os.File
+
+func (m inheritFDs) String() string { return "" }
+
+func (m inheritFDs) Set(v string) error {
+	a, b, ok := strings.Cut(v, "=")
+	n, err1 := strconv.Atoi(a)
+	fd, err2 := strconv.Atoi(b)
+	if !ok || err1 != nil || err2 != nil || n < 0 || fd < 0 {
+		return fmt.Errorf("%q: want N=FD, the process's fd number and pthaw's", v)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != nil {
+		return fmt.Errorf("%q: pthaw's fd %d is not open", v, fd)
+	}
+	m[n] = os.NewFile(uintptr(fd), "fd "+b)
+	return nil
 }

@@ -279,7 +279,16 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 }
 
 func (f *Frozen) write(enc *image.Encoder) error {
-	if err := f.writeRecords(enc, nil, nil); err != nil {
+	// A process's own pipes (both ends in it) are carried with their
+	// buffered bytes, as a tree's are.
+	inner, err := innerPipes([]int{f.Pid})
+	if err != nil {
+		return err
+	}
+	if f.socks.ptys, err = innerPtys([]int{f.Pid}); err != nil {
+		return err
+	}
+	if err := f.writeRecords(enc, nil, inner); err != nil {
 		return err
 	}
 	return enc.Close()

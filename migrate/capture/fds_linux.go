@@ -41,7 +41,17 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 		stream := kind == syscall.S_IFIFO || kind == syscall.S_IFSOCK || tty
 		pipe, isPipe := pipeID(fi.Link, &st)
 		_, innerPipe := inner[pipe]
+		ptyIndex, isSlave := slaveIndex(st.Rdev)
+		isSlave = isSlave && kind == syscall.S_IFCHR
 		switch {
+		case kind == syscall.S_IFCHR && isPtmx(st.Rdev) && strings.Contains(fi.Link, "ptmx"):
+			if err := describePtyMaster(pid, fi.Fd, &fd); err != nil {
+				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
+			}
+		case isSlave && socks.ptys[ptyIndex]:
+			if err := describePtySlave(pid, fi.Fd, ptyIndex, st.Rdev, &fd); err != nil {
+				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
+			}
 		case isPipe && innerPipe:
 			fd.Kind, fd.Pipe = image.FDPipe, pipe
 			if pipe&namedFIFO != 0 {
@@ -92,8 +102,25 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			if err := describeSocket(pid, fi.Fd, socks, &fd); err != nil {
 				return nil, &unsupportedError{msg: fmt.Sprintf("%s: %v", where, err), cause: err}
 			}
+		case isPipe && fi.Fd > 2:
+			// Its other end is outside: the copy gets a pipe whose far
+			// end is closed (or what pthaw -inherit-fd gives it). The
+			// bytes buffered for a read end are the process's to read;
+			// those a write end left are the outside reader's.
+			fd.Kind, fd.Pipe = image.FDPipeOut, pipe
+			size, data, err := peekPipe(pid, fi.Fd)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
+			fd.PipeSize = size
+			end := "write end: writing to it will fail with EPIPE"
+			if fi.Flags&unix.O_ACCMODE != unix.O_WRONLY {
+				fd.PipeData = data
+				end = fmt.Sprintf("read end: its %d buffered bytes kept, then the end of the stream", len(data))
+			}
+			socks.say("%s leads outside the process: the copy gets a pipe whose far end is closed (%s), unless pthaw -inherit-fd %d=FD gives it one", where, end, fi.Fd)
 		case stream || strings.HasPrefix(fi.Link, "anon_inode:"):
-			return nil, unsupported("%s: pipes, sockets, terminals and anonymous inodes beyond fds 0-2 are not supported yet", where)
+			return nil, unsupported("%s: terminals (but ptys whose master the process holds) and this kind of anonymous inode beyond fds 0-2 are not supported yet", where)
 		case strings.HasSuffix(fi.Link, " (deleted)") || strings.HasPrefix(fi.Link, "/memfd:"):
 			_, _, id, ok, err := fileObject(fi.Link, &st)
 			if err != nil {
@@ -148,11 +175,11 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 // with a socket fd in prev, and if so gives rec that fd's socket.
 func dupOfSocket(pid, fd int, prev []image.FD, rec *image.FD) bool {
 	for _, o := range prev {
-		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP {
+		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP && o.Kind != image.FDUnix {
 			continue
 		}
 		if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {
-			rec.Kind, rec.Listen, rec.TCP, rec.UDP = o.Kind, o.Listen, o.TCP, o.UDP
+			rec.Kind, rec.Listen, rec.TCP, rec.UDP, rec.Unix = o.Kind, o.Listen, o.TCP, o.UDP, o.Unix
 			return true
 		}
 	}

@@ -52,6 +52,13 @@ type FreezeOptions struct {
 	Tree   bool // the process and all its descendants (FreezeTree)
 	// TCP says which TCP connections move (tcp_linux.go).
 	TCP TCPOptions
+	// Notice, if set, receives one-line messages for the user about fds
+	// the copy gets changed (a pipe leading outside).
+	Notice func(string)
+	// UnixReconnect: a unix socket connected to a peer outside the
+	// process (or tree) is connected again to the peer's name by the
+	// copy, instead of refused (pfreeze -unix-reconnect).
+	UnixReconnect bool
 	// Queried, if set, is called once every thread is stopped and the
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot is written.
@@ -74,7 +81,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			return err
 		}
 		for _, m := range t.members {
-			m.socks.policy = o.TCP
+			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
@@ -100,7 +107,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	if err != nil {
 		return err
 	}
-	f.socks.policy = o.TCP
+	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
 	f.precopy = pc
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)

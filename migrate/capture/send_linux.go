@@ -34,6 +34,11 @@ type SendOptions struct {
 	Progress bool // draw a progress bar on stderr
 	// TCP says which TCP connections move with the process.
 	TCP TCPOptions
+	// Notice, if set, receives one-line messages for the user
+	// (FreezeOptions.Notice).
+	Notice func(string)
+	// UnixReconnect is FreezeOptions.UnixReconnect.
+	UnixReconnect bool
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
@@ -121,7 +126,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Queried: o.Frozen}
+	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}

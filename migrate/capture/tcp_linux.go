@@ -93,6 +93,27 @@ type heldSocket struct {
 type sockets struct {
 	held   []*heldSocket
 	policy TCPOptions
+	// unixOwn holds the inodes of the process's sockets, once a unix
+	// socket asks whether its peer is among them.
+	unixOwn map[uint64]bool
+	// notice, if set, is told what becomes of an fd the copy cannot
+	// have as it was (FreezeOptions.Notice).
+	notice func(string)
+	// ptys holds the indexes of the ptys whose master the process (or
+	// its tree) holds: their slaves are carried too (pty_linux.go).
+	ptys map[int]bool
+	// tree: the process is a member of a frozen tree.
+	tree bool
+	// reconnect: a unix socket connected outside is connected again by
+	// the copy (FreezeOptions.UnixReconnect).
+	reconnect bool
+}
+
+// say passes a one-line message for the user to notice.
+func (s *sockets) say(format string, args ...any) {
+	if s.notice != nil {
+		s.notice(fmt.Sprintf(format, args...))
+	}
 }
 
 // resume puts every held socket back as it was: send window back, filter
@@ -186,8 +207,11 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 		return v
 	}
 	domain, typ, proto := opt(unix.SOL_SOCKET, unix.SO_DOMAIN), opt(unix.SOL_SOCKET, unix.SO_TYPE), opt(unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	if domain == unix.AF_UNIX {
+		return describeUnix(pid, h, socks, rec)
+	}
 	if domain != unix.AF_INET && domain != unix.AF_INET6 {
-		return fmt.Errorf("sockets of family %d are not supported yet (only IPv4 and IPv6)", domain)
+		return fmt.Errorf("sockets of family %d are not supported yet (only IPv4, IPv6 and unix)", domain)
 	}
 	switch {
 	case typ == unix.SOCK_STREAM && opt(unix.SOL_SOCKET, unix.SO_ACCEPTCONN) == 1 && (proto == unix.IPPROTO_TCP || proto == unix.IPPROTO_MPTCP):

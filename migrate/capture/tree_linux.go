@@ -130,6 +130,28 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	pids := make([]int, len(t.members))
+	for i, f := range t.members {
+		pids[i] = f.Pid
+	}
+	ptys, err := innerPtys(pids)
+	if err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	// A unix socket's peer may be held by any member.
+	own := map[uint64]bool{}
+	for _, pid := range pids {
+		o, err := socketInodes(pid)
+		if err != nil {
+			return fmt.Errorf("freeze %d: pid %d: fds: %w", t.Pid, pid, err)
+		}
+		for ino := range o {
+			own[ino] = true
+		}
+	}
+	for _, f := range t.members {
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
@@ -159,16 +181,27 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 // write end open in members of the tree, each false: its data is yet to
 // be saved.
 func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
+	pids := make([]int, len(t.members))
+	for i, f := range t.members {
+		pids[i] = f.Pid
+	}
+	return innerPipes(pids)
+}
+
+// innerPipes returns the pipes and named FIFOs (by pipeID) that have both
+// a read and a write end open in the processes pids, each false: its data
+// is yet to be saved.
+func innerPipes(pids []int) (map[uint64]bool, error) {
 	const read, write = 1, 2
 	ends := map[uint64]int{}
-	for _, f := range t.members {
-		infos, err := procfs.FDs(f.Pid)
+	for _, pid := range pids {
+		infos, err := procfs.FDs(pid)
 		if err != nil {
-			return nil, fmt.Errorf("pid %d: fds: %w", f.Pid, err)
+			return nil, fmt.Errorf("pid %d: fds: %w", pid, err)
 		}
 		for _, fi := range infos {
 			var st syscall.Stat_t
-			if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/%d", f.Pid, fi.Fd), &st); err != nil {
+			if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/%d", pid, fi.Fd), &st); err != nil {
 				continue // closed meanwhile: describeFDs reports it
 			}
 			id, ok := pipeID(fi.Link, &st)

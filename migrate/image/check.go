@@ -163,13 +163,17 @@ func (c *checker) check(rec any) error {
 		if _, ok := c.files[r.Object]; r.Object != 0 && (!ok || r.Kind != FDFile) {
 			return c.wrap(corruptf("fd %d: file object %#x", r.Fd, r.Object))
 		}
-		if r.Kind == FDPipe && c.tree == nil {
-			return corruptf("fd %d: a pipe outside a tree", r.Fd)
-		}
 		c.lastFd, c.fds = r.Fd, c.fds+1
 		c.fdSet[r.Fd] = true
 		if (r.Kind != FDInherit || r.Fd > 2) && r.Desc != r.Fd {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
+		}
+		if r.Unix != nil {
+			for _, m := range r.Unix.Rights {
+				for _, x := range m {
+					c.fdRefs = append(c.fdRefs, fdRef{r.Fd, x, "(unix socket) carries fd"})
+				}
+			}
 		}
 		for _, t := range r.Epoll {
 			if t.Via != nil {
@@ -436,6 +440,18 @@ func CheckFD(f *FD) error {
 		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
 			return corruptf("fd %d: UDP socket", f.Fd)
 		}
+	case FDPtyMaster, FDPtySlave:
+		if t := f.Pty; t == nil || t.Index < 0 || t.Index > MaxPtyIndex || (t.Termios != nil && len(t.Termios.Cc) != 19) {
+			return corruptf("fd %d: pty", f.Fd)
+		}
+	case FDPipeOut:
+		if f.Pipe == 0 || f.PipeSize < 0 || len(f.PipeData) > max(f.PipeSize, 1<<20) {
+			return corruptf("fd %d: pipe leading outside", f.Fd)
+		}
+	case FDUnix:
+		if err := checkUnix(f.Fd, f.Unix); err != nil {
+			return err
+		}
 	case FDInherit:
 		// Fds 0-2, or a copy of one of them (Desc).
 		if f.Fd > 2 && (f.Desc > 2 || f.Desc < 0 || f.Desc == f.Fd) {
@@ -457,6 +473,77 @@ const (
 // kernel lets a socket buffer hold (net.core.wmem_max and rmem_max are
 // far below).
 const MaxSockQueue = 1 << 30
+
+// checkUnix checks one end of a unix socket pair on its own: its type,
+// two distinct ends, and queues the kernel could hold (a stream's bytes
+// in one entry).
+func checkUnix(fd int, u *UnixSocket) error {
+	if u != nil && u.Listen {
+		if u.Name == "" || len(u.Name) > 107 || (u.Name[0] != '/' && u.Name[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 ||
+			(u.Type != sockStream && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: listening unix socket", fd)
+		}
+		return nil
+	}
+	if u != nil && u.Connect != "" {
+		if len(u.Connect) > 107 || (u.Connect[0] != '/' && u.Connect[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 || u.Listen ||
+			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: reconnected unix socket", fd)
+		}
+		return nil
+	}
+	if u != nil && u.Peer == 0 && !u.Listen {
+		// Neither connected nor listening: unbound, or bound to Name.
+		if len(u.Queue) > 0 || len(u.Name) > 107 || (u.Name != "" && u.Name[0] != '/' && u.Name[0] != '@') ||
+			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unconnected unix socket", fd)
+		}
+		return nil
+	}
+	if u == nil || u.ID == 0 || u.Peer == 0 || u.ID == u.Peer || u.Shutdown < 0 || u.Shutdown > 3 || u.Name != "" {
+		return corruptf("fd %d: unix socket", fd)
+	}
+	if len(u.Rights) > len(u.Queue) {
+		return corruptf("fd %d: unix socket with fds for %d of %d messages", fd, len(u.Rights), len(u.Queue))
+	}
+	for _, r := range u.Rights {
+		if len(r) > 253 { // SCM_MAX_FD
+			return corruptf("fd %d: unix socket message with %d fds", fd, len(r))
+		}
+		for _, x := range r {
+			if x < 0 || x > MaxFd {
+				return corruptf("fd %d: unix socket message carries fd %d", fd, x)
+			}
+		}
+	}
+	switch u.Type {
+	case sockStream:
+		if len(u.Queue) > 1 && len(u.Rights) == 0 {
+			return corruptf("fd %d: unix stream socket with %d queue entries", fd, len(u.Queue))
+		}
+	case sockDgram, sockSeqpacket:
+	default:
+		return corruptf("fd %d: unix socket of type %d", fd, u.Type)
+	}
+	if len(u.Queue) > MaxUnixQueue {
+		return corruptf("fd %d: unix socket with %d queued messages", fd, len(u.Queue))
+	}
+	total := 0
+	for _, m := range u.Queue {
+		total += len(m)
+	}
+	if total > MaxSockQueue {
+		return corruptf("fd %d: unix socket queue of %d bytes", fd, total)
+	}
+	return nil
+}
+
+// Socket types, as Linux numbers them.
+const (
+	sockStream    = 1
+	sockDgram     = 2
+	sockSeqpacket = 5
+)
 
 func checkTCP(fd int, c *TCPConn) error {
 	if c == nil || !checkAddr(c.Family, c.Local) || !checkAddr(c.Family, c.Peer) || c.Peer.Port == 0 || c.Local.Port == 0 {

@@ -198,7 +198,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
 		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
-			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify"}[f.Kind]
+			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix", FDPipeOut: "pipe-outside", FDPtyMaster: "pty-master", FDPtySlave: "pty-slave"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
 		}
@@ -206,7 +206,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if f.Object != 0 {
 			fmt.Fprintf(w, " object %#x", f.Object)
 		}
-		if f.Kind == FDPipe {
+		if f.Kind == FDPipe || f.Kind == FDPipeOut {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
 		}
 		if f.Kind == FDEventfd {
@@ -225,6 +225,35 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			fmt.Fprintf(w, " %s", u.Local)
 			if u.Peer != nil {
 				fmt.Fprintf(w, " -> %s", *u.Peer)
+			}
+		}
+		if u := f.Unix; u != nil && u.Listen {
+			fmt.Fprintf(w, " %s socket %d listening on %q mode %#o owner %d:%d",
+				map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name, u.Mode, u.Uid, u.Gid)
+		} else if u != nil && u.Peer == 0 && u.Connect == "" {
+			fmt.Fprintf(w, " %s socket %d unconnected, bound to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name)
+		} else if u != nil && u.Connect != "" {
+			fmt.Fprintf(w, " %s socket %d reconnects to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Connect)
+		} else if u != nil {
+			n := 0
+			for _, m := range u.Queue {
+				n += len(m)
+			}
+			fmt.Fprintf(w, " %s socket %d peer %d queued %d messages %d bytes shutdown %d",
+				map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Peer, len(u.Queue), n, u.Shutdown)
+			for i, r := range u.Rights {
+				if len(r) > 0 {
+					fmt.Fprintf(w, " [message %d carries fds %v]", i, r)
+				}
+			}
+		}
+		if t := f.Pty; t != nil {
+			fmt.Fprintf(w, " index %d window %dx%d locked %v packet %v", t.Index, t.Rows, t.Cols, t.Locked, t.Packet)
+			if tt := t.Termios; tt != nil {
+				fmt.Fprintf(w, " iflag %#o oflag %#o cflag %#o lflag %#o", tt.Iflag, tt.Oflag, tt.Cflag, tt.Lflag)
+			}
+			if t.Ctty {
+				fmt.Fprintf(w, " controlling terminal (foreground group %d)", t.Tpgid)
 			}
 		}
 		if tm := f.Timer; tm != nil {

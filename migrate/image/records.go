@@ -369,7 +369,98 @@ const (
 	// FDFanotify is a fanotify group, its marks re-added by path (inode
 	// marks), mount or filesystem; queued events are dropped.
 	FDFanotify FDKind = 19
+
+	// Unix sockets (numbered apart from the others).
+
+	// FDUnix is a unix socket whose peer the snapshot holds too (a
+	// socketpair): both ends are made again as one pair, with the
+	// messages queued in each.
+	FDUnix FDKind = 24
+	// FDPipeOut is one end of a pipe (or FIFO) whose other end is
+	// outside the process (or tree), beyond fds 0-2: restored as a pipe
+	// whose far end is closed, the bytes a read end had buffered kept,
+	// unless the restorer is given an fd to put there instead.
+	FDPipeOut FDKind = 25
+	// FDPtyMaster and FDPtySlave are the two sides of a pseudo-terminal
+	// whose master the process (or tree) holds: made again as a new pty
+	// (with the same index when it is free), its terminal settings and
+	// window size set.
+	FDPtyMaster FDKind = 26
+	FDPtySlave  FDKind = 27
 )
+
+// Pty is a pseudo-terminal (FDPtyMaster, FDPtySlave): its index
+// (/dev/pts/N), the terminal's settings and window size, whether it is
+// locked (TIOCSPTLCK) or in packet mode (TIOCPKT); for a slave, whether
+// it was the process's controlling terminal and the terminal's
+// foreground process group then.
+type Pty struct {
+	Index   int      `msgpack:"index"`
+	Termios *Termios `msgpack:"termios,omitempty"`
+	Rows    uint16   `msgpack:"rows,omitempty"`
+	Cols    uint16   `msgpack:"cols,omitempty"`
+	Locked  bool     `msgpack:"locked,omitempty"`
+	Packet  bool     `msgpack:"packet,omitempty"`
+	Ctty    bool     `msgpack:"ctty,omitempty"`
+	Tpgid   int      `msgpack:"tpgid,omitempty"`
+}
+
+// Termios is struct termios (TCGETS).
+type Termios struct {
+	Iflag  uint32 `msgpack:"iflag"`
+	Oflag  uint32 `msgpack:"oflag"`
+	Cflag  uint32 `msgpack:"cflag"`
+	Lflag  uint32 `msgpack:"lflag"`
+	Line   uint8  `msgpack:"line"`
+	Cc     []byte `msgpack:"cc"` // 19 bytes
+	Ispeed uint32 `msgpack:"ispeed"`
+	Ospeed uint32 `msgpack:"ospeed"`
+}
+
+// MaxPtyIndex bounds a pty's index (the kernel's default
+// /proc/sys/kernel/pty/max is 4096).
+const MaxPtyIndex = 1 << 20
+
+// UnixSocket is one end of a connected unix socket whose other end the
+// process holds too: ID and Peer are the two ends' inodes when frozen
+// (sock_diag's UNIX_DIAG_PEER), which pair the two records. Queue holds
+// what was received and not yet read, one entry a message (a stream
+// socket's bytes in one entry, or one for each run that carried fds);
+// Shutdown is the end's sk_shutdown
+// (1 receiving, 2 sending shut down).
+//
+// A socket with no peer that is not listening is unbound, or bound to
+// Name (with Mode, Uid, Gid), and has no queue.
+//
+// A listening socket (Listen) has no peer and no queue: it is bound
+// again to Name (an absolute path, or an abstract name starting with
+// "@") when the process starts; a path's socket file gets Mode, Uid and
+// Gid.
+type UnixSocket struct {
+	Type     int      `msgpack:"type"` // SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+	ID       uint64   `msgpack:"id"`
+	Peer     uint64   `msgpack:"peer"`
+	Queue    [][]byte `msgpack:"queue,omitempty"`
+	Shutdown int      `msgpack:"shutdown,omitempty"`
+	// Rights, parallel to Queue, are the fds of the process a message
+	// carries (SCM_RIGHTS), by their numbers in the process.
+	Rights [][]int `msgpack:"rights,omitempty"`
+	Listen bool    `msgpack:"listen,omitempty"`
+	// SndBuf is SO_SNDBUF as getsockopt reports it (twice what was
+	// set): a pair's queue is charged to the sending end's buffer.
+	SndBuf int `msgpack:"sndbuf,omitempty"`
+	// Connect, for a socket whose peer was outside (pfreeze
+	// -unix-reconnect), is the peer's name (a path, or "@" and an
+	// abstract name): the copy connects to it again when it starts.
+	Connect string `msgpack:"connect,omitempty"`
+	Name    string `msgpack:"name,omitempty"`
+	Mode    uint32 `msgpack:"mode,omitempty"`
+	Uid     uint32 `msgpack:"uid,omitempty"`
+	Gid     uint32 `msgpack:"gid,omitempty"`
+}
+
+// MaxUnixQueue bounds the messages queued on one unix socket end.
+const MaxUnixQueue = 1 << 16
 
 // Fanotify is the state of a fanotify group (/proc/PID/fdinfo).
 type Fanotify struct {
@@ -540,9 +631,11 @@ type FD struct {
 	PipeSize int    `msgpack:"pipe_size,omitempty"`
 	PipeData []byte `msgpack:"pipe_data,omitempty"`
 
-	Listen *Listener  `msgpack:"listen,omitempty"` // FDListen
-	TCP    *TCPConn   `msgpack:"tcp,omitempty"`    // FDTCP
-	UDP    *UDPSocket `msgpack:"udp,omitempty"`    // FDUDP
+	Listen *Listener   `msgpack:"listen,omitempty"` // FDListen
+	TCP    *TCPConn    `msgpack:"tcp,omitempty"`    // FDTCP
+	UDP    *UDPSocket  `msgpack:"udp,omitempty"`    // FDUDP
+	Unix   *UnixSocket `msgpack:"unix,omitempty"`   // FDUnix
+	Pty    *Pty        `msgpack:"pty,omitempty"`    // FDPtyMaster, FDPtySlave
 
 	// Object, for an FDFile, is the File record it is reopened from
 	// (a memfd, a deleted file).
