@@ -26,12 +26,17 @@ var anonKinds = map[string]image.FDKind{
 	"anon_inode:[fanotify]": image.FDFanotify,
 }
 
-// describeAnon fills fd, of an anonymous inode of kind, from fi.
-func describeAnon(fd *image.FD, kind image.FDKind, fi procfs.FDInfo) error {
+// describeAnon fills fd, of an anonymous inode of kind held by pid, from
+// fi.
+func describeAnon(pid int, fd *image.FD, kind image.FDKind, fi procfs.FDInfo) error {
 	fd.Kind = kind
 	switch kind {
 	case image.FDTimerfd:
-		t, err := parseTimerfd(fi.Extra)
+		lines, err := forwardedTimerfd(pid, fi.Fd)
+		if err != nil {
+			return fmt.Errorf("timerfd: %w", err)
+		}
+		t, err := parseTimerfd(lines)
 		if err != nil {
 			return err
 		}
@@ -69,6 +74,36 @@ func describeAnon(fd *image.FD, kind image.FDKind, fi procfs.FDInfo) error {
 		}
 	}
 	return nil
+}
+
+// forwardedTimerfd returns the fdinfo lines of pid's timerfd fd once
+// timerfd_gettime has brought it up to date. A periodic timer that
+// expired is re-armed only when it is read (or asked for its time): until
+// then its fdinfo says it_value (0, 0) with one tick, whatever the number
+// of intervals that passed, exactly as a disarmed timer with an interval
+// would. timerfd_gettime on a duplicate (the same open file) counts the
+// intervals into its ticks and re-arms it, what the process's own read
+// would find.
+func forwardedTimerfd(pid, fd int) ([]string, error) {
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
+	}
+	defer unix.Close(pidfd)
+	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pidfd_getfd fd %d: %w", fd, err)
+	}
+	defer unix.Close(dup)
+	var cur unix.ItimerSpec
+	if err := unix.TimerfdGettime(dup, &cur); err != nil {
+		return nil, fmt.Errorf("timerfd_gettime fd %d: %w", fd, err)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", dup))
+	if err != nil {
+		return nil, err
+	}
+	return strings.Split(strings.TrimSpace(string(b)), "\n"), nil
 }
 
 // parseTimerfd reads a timerfd's fdinfo lines:

@@ -95,7 +95,7 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			// A copy (dup) of a socket described above: the same socket
 			// once (it is held, and its filter attached, once).
 		case anonKinds[fi.Link] != 0:
-			if err := describeAnon(&fd, anonKinds[fi.Link], fi); err != nil {
+			if err := describeAnon(pid, &fd, anonKinds[fi.Link], fi); err != nil {
 				return nil, fmt.Errorf("%s: %w", where, err)
 			}
 		case kind == syscall.S_IFSOCK && fi.Fd > 2:
