@@ -16,6 +16,7 @@ import (
 
 	"github.com/chromedp/chromedp"
 	"github.com/pcluster/pcluster/cluster/api"
+	"github.com/pcluster/pcluster/node"
 )
 
 // startDev runs pclusterd -dev in a temporary directory and returns the
@@ -33,10 +34,21 @@ func startDevWeb(t *testing.T, c *testCluster) (*testNode, string) {
 	}
 	done := make(chan struct{})
 	go func() { cmd.Wait(); pw.Close(); close(done) }()
+	// Its workload cgroups outlive it: removed after it, by its data
+	// directory's name, read while it still exists.
+	var devDirs []string
+	t.Cleanup(func() {
+		for _, d := range devDirs {
+			if err := node.RemoveCgroups(c.prefix+"-dev", d); err != nil {
+				t.Errorf("dev node: %v", err)
+			}
+		}
+	})
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		<-done
 	})
+	t.Cleanup(func() { devDirs, _ = filepath.Glob(filepath.Join(tmp, "pclusterd-dev-*")) })
 	urlCh := make(chan string, 1)
 	go func() {
 		re := regexp.MustCompile(`status page: (http://\S+)`)

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -81,6 +82,9 @@ func (l labelFlag) Set(v string) error {
 func run(args []string, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "keygen" {
 		return keygen(args[1:], stderr)
+	}
+	if len(args) > 0 && args[0] == "remove-cgroups" {
+		return removeCgroups(args[1:], stderr)
 	}
 	fs := flag.NewFlagSet("pclusterd", flag.ContinueOnError)
 	c := fileConfig{Labels: labelFlag{}}
@@ -167,6 +171,27 @@ func run(args []string, stderr io.Writer) error {
 	slog.Info("shutting down", "signal", s.String())
 	srv.Shutdown()
 	return nil
+}
+
+// removeCgroups kills what is left in a stopped node's workload cgroups
+// and removes them: workloads outlive their pclusterd by design, so their
+// cgroups do too; this is for when the node is gone for good (a
+// throwaway cluster, a test, an uninstall).
+func removeCgroups(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("pclusterd remove-cgroups", flag.ContinueOnError)
+	name := fs.String("node", "", "the node's `name`")
+	dataDir := fs.String("data-dir", "", "the node's data `directory` (it need not exist any more)")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if *name == "" || *dataDir == "" {
+		return usageError{errors.New("remove-cgroups: give -node and -data-dir")}
+	}
+	dir, err := filepath.Abs(*dataDir)
+	if err != nil {
+		return err
+	}
+	return node.RemoveCgroups(*name, dir)
 }
 
 func keygen(args []string, stderr io.Writer) error {

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	pnode "github.com/pcluster/pcluster/node"
 )
 
 // TestCompletionFromCluster completes workload IDs and names and node
@@ -55,6 +57,16 @@ func TestCompletionFromCluster(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { d.Wait(); close(done) }()
+	// Its workload cgroups outlive it: removed after it (cleanups run
+	// last-in first).
+	var devDirs []string // its data directory, gone once it has stopped
+	t.Cleanup(func() {
+		for _, dir := range devDirs {
+			if err := pnode.RemoveCgroups(node, dir); err != nil {
+				t.Errorf("dev node: %v", err)
+			}
+		}
+	})
 	t.Cleanup(func() {
 		d.Process.Signal(syscall.SIGTERM)
 		select {
@@ -64,6 +76,7 @@ func TestCompletionFromCluster(t *testing.T) {
 			<-done
 		}
 	})
+	t.Cleanup(func() { devDirs, _ = filepath.Glob(filepath.Join(tmp, "pclusterd-dev-*")) })
 
 	ctl := func(args ...string) (string, error) {
 		c := exec.Command(filepath.Join(bin, "pclusterctl"), args...)

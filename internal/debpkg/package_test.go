@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"compress/gzip"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/node"
 )
 
 // TestPackage builds the package (with the build cache's flags: PIE and
@@ -234,6 +238,20 @@ func unitValue(t *testing.T, unit, key string) string {
 // and run a workload, which survives SIGTERM to pclusterd alone
 // (KillMode=process).
 func runUnit(t *testing.T, r, unit string) {
+	// The node (named after the host) leaves its workload cgroups behind,
+	// as workloads outlive pclusterd: removed once the test is over,
+	// unless they were there before it (a real installation's).
+	if host, err := os.Hostname(); err == nil {
+		if base, err := node.CgroupBase(host, "/var/lib/pcluster"); err == nil {
+			if _, err := os.Stat(base); errors.Is(err, fs.ErrNotExist) {
+				t.Cleanup(func() {
+					if err := node.RemoveCgroups(host, "/var/lib/pcluster"); err != nil {
+						t.Errorf("the unit's node: %v", err)
+					}
+				})
+			}
+		}
+	}
 	if got := unitValue(t, unit, "KillMode"); got != "process" {
 		t.Errorf("KillMode=%s, want process", got)
 	}

@@ -23,6 +23,7 @@ pid=""
 thaw=""
 daemon=""
 daemons=""
+devdir=""
 lab="pcldemo$$"
 hosts="a b c"
 cleanup() {
@@ -47,6 +48,11 @@ cleanup() {
 		fi
 	done
 	wait 2>/dev/null || true
+	# Their cgroups outlive them too (workloads outlive pclusterd).
+	for h in $hosts; do
+		"$bin/pclusterd" remove-cgroups -node "$h" -data-dir "$tmp/$h" 2>/dev/null || true
+	done
+	[ -n "$devdir" ] && "$bin/pclusterd" remove-cgroups -node demo -data-dir "$devdir" 2>/dev/null || true
 	for h in $hosts sw; do
 		[ -e "/run/netns/$lab-$h" ] && ip netns del "$lab-$h" 2>/dev/null || true
 	done
@@ -107,9 +113,10 @@ pid=""
 # pclusterctl through its local socket.
 sock="$tmp/pclusterd.sock"
 echo "== pclusterd -dev (single-node cluster, data in a temporary directory)"
-"$bin/pclusterd" -dev -socket "$sock" -log-level error &
+TMPDIR="$tmp" "$bin/pclusterd" -dev -node demo -socket "$sock" -log-level error &
 daemon=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+for d in "$tmp"/pclusterd-dev-*; do [ -d "$d" ] && devdir=$d; done
 ctl() { cmd=$1; shift; "$bin/pclusterctl" "$cmd" -address "$sock" "$@"; }
 for _ in $(seq 100); do ctl members >/dev/null 2>&1 && break; sleep 0.1; done
 echo "== pclusterctl members"
