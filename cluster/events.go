@@ -74,6 +74,17 @@ type workloadSum struct {
 	node        string
 	desiredNode string
 	restarts    int
+	failoverAt  int64
+}
+
+// ckptSum is what the events compare of a workload's checkpoints: the
+// last sequence number given, the failures in all, the copies in all and
+// how many nodes hold each kept checkpoint.
+type ckptSum struct {
+	seq     uint64
+	failed  int
+	copies  int
+	holders map[uint64]int
 }
 
 // eventLog derives events from the state and keeps the recent ones.
@@ -84,6 +95,7 @@ type eventLog struct {
 	nodes     map[string]nodeSum
 	workloads map[string]workloadSum
 	migs      map[string]scheduler.MigrationState
+	ckpts     map[string]ckptSum
 	balance   scheduler.BalanceConfig
 
 	// mu guards the fields below it.
@@ -96,13 +108,14 @@ type eventLog struct {
 
 func newEventLog(max int) *eventLog {
 	return &eventLog{max: max, nodes: map[string]nodeSum{}, workloads: map[string]workloadSum{},
-		migs: map[string]scheduler.MigrationState{}, changed: make(chan struct{})}
+		migs: map[string]scheduler.MigrationState{}, ckpts: map[string]ckptSum{}, changed: make(chan struct{})}
 }
 
 // restored starts over from a state restored from a snapshot: what
 // happened up to its index is not known here.
 func (l *eventLog) restored(st *scheduler.State) {
 	l.nodes, l.workloads, l.migs = map[string]nodeSum{}, map[string]workloadSum{}, map[string]scheduler.MigrationState{}
+	l.ckpts = map[string]ckptSum{}
 	l.balance = scheduler.BalanceConfig{}
 	l.diff(st) // fills the summaries; the events are dropped
 	l.mu.Lock()
@@ -306,8 +319,65 @@ func (l *eventLog) diff(st *scheduler.State) []api.Event {
 		if cur.desiredNode != was.desiredNode && cur.node == was.node && cur.state == was.state {
 			add("workload-rescheduled", w.DesiredNode, id, "", "workload %s to be restarted on %s (from %s): %s", id, w.DesiredNode, w.Node, w.Message)
 		}
+		if f := w.Failover; f != nil && cur.failoverAt != was.failoverAt {
+			how := "from its command"
+			if f.Seq > 0 {
+				how = fmt.Sprintf("from checkpoint %d (%v of work rolled back)", f.Seq, time.Duration(f.Age).Round(time.Millisecond))
+			}
+			add("workload-failover", f.To, id, "", "workload %s failed over from %s to %s, %s", id, f.From, f.To, how)
+		}
 	}
+	l.diffCheckpoints(st, add)
 	return out
+}
+
+// diffCheckpoints adds the events of the workloads' checkpoints: taken,
+// failed, copied to another node. Workloads in ID order, checkpoints in
+// sequence order: the same on every replica.
+func (l *eventLog) diffCheckpoints(st *scheduler.State, add func(typ, node, wl, mig, format string, args ...any)) {
+	for id := range l.ckpts {
+		if _, ok := st.Checkpoints[id]; !ok {
+			delete(l.ckpts, id)
+		}
+	}
+	// Only the changed records are sorted and compared in detail: an
+	// entry usually touches one workload of many.
+	var ids []string
+	for id, r := range st.Checkpoints {
+		was, ok := l.ckpts[id]
+		if !ok || r.Seq != was.seq || r.FailedTotal != was.failed || copies(r) != was.copies {
+			ids = append(ids, id)
+		}
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		r := st.Checkpoints[id]
+		was := l.ckpts[id]
+		cur := ckptSum{seq: r.Seq, failed: r.FailedTotal, copies: copies(r), holders: map[uint64]int{}}
+		for _, c := range r.List {
+			cur.holders[c.Seq] = len(c.Holders)
+			switch {
+			case c.Seq > was.seq:
+				add("checkpoint-taken", c.Node, id, "", "checkpoint %d of workload %s taken on %s (%s)", c.Seq, id, c.Node, sizeHuman(c.Size))
+			case len(c.Holders) > was.holders[c.Seq] && len(c.Holders) > 1:
+				add("checkpoint-copied", c.Holders[len(c.Holders)-1], id, "", "checkpoint %d of workload %s copied to %s (%d copies)",
+					c.Seq, id, c.Holders[len(c.Holders)-1], len(c.Holders))
+			}
+		}
+		if cur.failed > was.failed {
+			add("checkpoint-failed", "", id, "", "checkpoint of workload %s failed: %s", id, r.LastError)
+		}
+		l.ckpts[id] = cur
+	}
+}
+
+// copies counts the copies of a workload's kept checkpoints.
+func copies(r *scheduler.WorkloadCheckpoints) int {
+	n := 0
+	for _, c := range r.List {
+		n += len(c.Holders)
+	}
+	return n
 }
 
 // workloadStateEvent adds the event of w's change of state from was.
@@ -358,7 +428,11 @@ func sumNode(n *scheduler.Node) nodeSum {
 }
 
 func sumWorkload(w *scheduler.Workload) workloadSum {
-	return workloadSum{state: w.State, desired: w.Desired, node: w.Node, desiredNode: w.DesiredNode, restarts: w.Restarts}
+	ws := workloadSum{state: w.State, desired: w.Desired, node: w.Node, desiredNode: w.DesiredNode, restarts: w.Restarts}
+	if w.Failover != nil {
+		ws.failoverAt = w.Failover.At
+	}
+	return ws
 }
 
 func sumMigration(m *scheduler.Migration) scheduler.MigrationState { return m.State }

@@ -258,3 +258,34 @@ func TestEventsBalanceAndOrigin(t *testing.T) {
 		}
 	}
 }
+
+// TestEventsCheckpointsAndFailover: a checkpoint taken, copied to another
+// node and one that failed are events, once each, and so is a failover
+// (from the checkpoint, with the work it rolled back).
+func TestEventsCheckpointsAndFailover(t *testing.T) {
+	l := newEventLog(100)
+	st := scheduler.NewState()
+	st.Workloads["w1"] = &scheduler.Workload{ID: "w1", State: scheduler.StateRunning, Node: "a", DesiredNode: "a"}
+	l.diff(st)
+	step := func(what string, want ...string) {
+		t.Helper()
+		var got []string
+		for _, e := range l.diff(st) {
+			got = append(got, e.Type+": "+e.Message)
+		}
+		if strings.Join(got, "\n") != strings.Join(want, "\n") {
+			t.Errorf("%s: events\n%s\nwant\n%s", what, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+	}
+	r := &scheduler.WorkloadCheckpoints{Seq: 1, List: []*scheduler.Checkpoint{{WorkloadID: "w1", Seq: 1, Node: "a", Size: 3 << 20, Holders: []string{"a"}}}}
+	st.Checkpoints["w1"] = r
+	step("taken", "checkpoint-taken: checkpoint 1 of workload w1 taken on a (3.0 MiB)")
+	step("nothing new")
+	r.List[0].Holders = append(r.List[0].Holders, "b")
+	step("copied", "checkpoint-copied: checkpoint 1 of workload w1 copied to b (2 copies)")
+	r.FailedTotal, r.LastError = 1, "disk reserve"
+	step("failed", "checkpoint-failed: checkpoint of workload w1 failed: disk reserve")
+	w := st.Workloads["w1"]
+	w.Failover = &scheduler.FailoverInfo{At: 5, From: "a", To: "b", Seq: 1, Age: int64(2 * time.Second)}
+	step("failover", "workload-failover: workload w1 failed over from a to b, from checkpoint 1 (2s of work rolled back)")
+}
