@@ -200,6 +200,11 @@ func TestWebPage(t *testing.T) {
 		visible(`li[data-type="workload-started"][data-workload="`+w.ID+`"]`),
 		visible(`li[data-type="workload-placed"][data-workload="`+w.ID+`"]`))
 
+	// A checkpoint taken now shows in its table, and as an event.
+	c.ctl(nd, "checkpoint", "now", w.ID)
+	do("see its checkpoint", visible(`tr[data-checkpoint="`+w.ID+`"]`),
+		visible(`li[data-type="checkpoint-taken"][data-workload="`+w.ID+`"]`))
+
 	c.ctl(nd, "stop", w.ID)
 	do("see it stopped", visible(row+`[data-state="stopped"]`),
 		visible(`li[data-type="workload-stopped"][data-workload="`+w.ID+`"]`))

@@ -220,10 +220,13 @@ type webState struct {
 	Nodes      []api.Node      `json:"nodes"`
 	Workloads  []api.Workload  `json:"workloads"`
 	Migrations []api.Migration `json:"migrations"` // in flight
+	// Checkpoints: each workload's newest kept checkpoint.
+	Checkpoints []api.Checkpoint `json:"checkpoints"`
 }
 
 func (s *Server) handleWebState(w http.ResponseWriter, r *http.Request) {
-	out := webState{Node: s.cfg.Name, Leader: s.Leader(), Nodes: []api.Node{}, Workloads: []api.Workload{}, Migrations: []api.Migration{}}
+	out := webState{Node: s.cfg.Name, Leader: s.Leader(), Nodes: []api.Node{}, Workloads: []api.Workload{}, Migrations: []api.Migration{},
+		Checkpoints: []api.Checkpoint{}}
 	s.fsm.Read(func(st *scheduler.State) {
 		out.Index = st.Index
 		for _, n := range st.SortedNodes() {
@@ -237,6 +240,11 @@ func (s *Server) handleWebState(w http.ResponseWriter, r *http.Request) {
 		for _, m := range st.Migrations {
 			if m.State.Active() {
 				out.Migrations = append(out.Migrations, apiMigration(st, m))
+			}
+		}
+		for _, wl := range st.SortedWorkloads() {
+			if r := st.Checkpoints[wl.ID]; r != nil && len(r.List) > 0 {
+				out.Checkpoints = append(out.Checkpoints, apiCheckpoint(r.List[len(r.List)-1]))
 			}
 		}
 	})
