@@ -331,16 +331,16 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 		}
 		out, _ := os.ReadFile(filepath.Join(src.dataDir, "workloads", w.ID, "stdout.log"))
 		hash := regexp.MustCompile(`ready hash=([0-9a-f]+)`).FindStringSubmatch(string(out))[1]
-		rss := vmRSS(b, w.PID)
-		srcUser0, srcSys0 := cpuTimes(b, src.cmd.Process.Pid)
-		dstUser0, dstSys0 := cpuTimes(b, dst.cmd.Process.Pid)
+		rss := fixture.VmRSS(b, w.PID)
+		srcUser0, srcSys0 := fixture.CPUTimes(b, src.cmd.Process.Pid)
+		dstUser0, dstSys0 := fixture.CPUTimes(b, dst.cmd.Process.Pid)
 		b.StartTimer()
-		busy0, total0 := machineCPU(b)
+		busy0, total0 := fixture.MachineCPU(b)
 		phases := c.ctl(src, "migrate", "-node", dst.name, w.ID)
-		busy1, total1 := machineCPU(b)
+		busy1, total1 := fixture.MachineCPU(b)
 		b.StopTimer()
-		srcUser1, srcSys1 := cpuTimes(b, src.cmd.Process.Pid)
-		dstUser1, dstSys1 := cpuTimes(b, dst.cmd.Process.Pid)
+		srcUser1, srcSys1 := fixture.CPUTimes(b, src.cmd.Process.Pid)
+		dstUser1, dstSys1 := fixture.CPUTimes(b, dst.cmd.Process.Pid)
 		ms, err := src.client.Migrations(context.Background(), true)
 		if err != nil {
 			b.Fatal(err)
@@ -397,21 +397,21 @@ func pfreezeOver(b *testing.B, pfreeze, pthaw, bin string, src, dst *testNode, k
 	b.Helper()
 	p := fixture.Start(b, "nsenter", "--net=/run/netns/"+src.netns, "--", bin, strconv.Itoa(migrateBenchMiB), "3")
 	p.Lines.Expect(b, `^ready hash=`, 2*time.Minute)
-	rss := vmRSS(b, p.Pid())
+	rss := fixture.VmRSS(b, p.Pid())
 	th, addr := listenPthaw(b, pthaw, dst, keyDir, slices.Contains(args, "-insecure"))
 	fr := exec.Command("nsenter", append([]string{"--net=/run/netns/" + src.netns, "--", pfreeze, "-pid", strconv.Itoa(p.Pid()),
 		"-halt", "-dest", "tcp:" + addr}, args...)...)
 	b.StartTimer()
-	busy0, total0 := machineCPU(b)
+	busy0, total0 := fixture.MachineCPU(b)
 	t0 := time.Now()
 	out, err := fr.CombinedOutput()
 	d := time.Since(t0)
-	busy1, total1 := machineCPU(b)
+	busy1, total1 := fixture.MachineCPU(b)
 	b.StopTimer()
 	if err != nil {
 		b.Fatalf("pfreeze %s: %v: %s; pthaw: %s", name, err, out, th.stderr())
 	}
-	thUser, thSys := cpuTimes(b, th.cmd.Process.Pid)
+	thUser, thSys := fixture.CPUTimes(b, th.cmd.Process.Pid)
 	b.Logf("pfreeze %s: %d MiB in %.2f s (pfreeze usr %.2f sys %.2f, pthaw usr %.2f sys %.2f; machine %.2f cores busy)",
 		name, rss>>20, d.Seconds(), fr.ProcessState.UserTime().Seconds(), fr.ProcessState.SystemTime().Seconds(),
 		thUser, thSys, float64(runtime.NumCPU())*(busy1-busy0)/(total1-total0))
@@ -500,73 +500,4 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
-}
-
-// vmRSS returns the resident set size of pid in bytes.
-func vmRSS(tb testing.TB, pid int) int64 {
-	tb.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmRSS:" && f[2] == "kB" {
-			kb, err := strconv.ParseInt(f[1], 10, 64)
-			if err != nil {
-				tb.Fatal(err)
-			}
-			return kb << 10
-		}
-	}
-	tb.Fatalf("no VmRSS in /proc/%d/status", pid)
-	return 0
-}
-
-// cpuTimes returns the user and system CPU seconds pid has used so far,
-// its reaped children's not included (/proc/PID/stat utime and stime).
-func cpuTimes(tb testing.TB, pid int) (user, sys float64) {
-	tb.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	// Fields resume after the command name's last ')' with field 3.
-	f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
-	if len(f) < 13 {
-		tb.Fatalf("/proc/%d/stat: %q", pid, data)
-	}
-	const hz = 100 // USER_HZ: the unit of /proc times on Linux
-	u, err1 := strconv.ParseFloat(f[11], 64)
-	s, err2 := strconv.ParseFloat(f[12], 64)
-	if err1 != nil || err2 != nil {
-		tb.Fatalf("/proc/%d/stat: %q", pid, data)
-	}
-	return u / hz, s / hz
-}
-
-// machineCPU returns the machine's busy and total CPU time so far, in
-// USER_HZ ticks summed over all cores (/proc/stat's cpu line; idle and
-// iowait are not busy).
-func machineCPU(tb testing.TB) (busy, total float64) {
-	tb.Helper()
-	data, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	line, _, _ := strings.Cut(string(data), "\n")
-	f := strings.Fields(line)
-	if len(f) < 8 || f[0] != "cpu" {
-		tb.Fatalf("/proc/stat: %q", line)
-	}
-	for i, v := range f[1:min(len(f), 9)] {
-		n, err := strconv.ParseFloat(v, 64)
-		if err != nil {
-			tb.Fatalf("/proc/stat: %q", line)
-		}
-		total += n
-		if i != 3 && i != 4 { // idle, iowait
-			busy += n
-		}
-	}
-	return busy, total
 }

@@ -158,7 +158,7 @@ func migrateAll(b *testing.B, start func(b *testing.B) (*fixture.Proc, func(th *
 			var secs, moved, sent float64
 			for i := 0; i < b.N; i++ {
 				p, check := start(b)
-				rss := vmRSS(b, p.Pid())
+				rss := fixture.VmRSS(b, p.Pid())
 				thawArgs := []string{"-src", fmt.Sprintf("tcp:%s:%d", hb.Addr, *port), "-insecure"}
 				frArgs := []string{"-pid", strconv.Itoa(p.Pid()), "-dest", fmt.Sprintf("tcp:%s:%d", hb.Addr, *port),
 					"-compress", comp, "-halt"}
@@ -174,11 +174,11 @@ func migrateAll(b *testing.B, start func(b *testing.B) (*fixture.Proc, func(th *
 				th.listening(b)
 				tx0 := txBytes(b, ha)
 				fr := sendCmd(ha, frArgs...)
-				busy0, total0 := machineCPU(b)
+				busy0, total0 := fixture.MachineCPU(b)
 				t0 := time.Now()
 				out, err := fr.CombinedOutput()
 				d := time.Since(t0)
-				busy1, total1 := machineCPU(b)
+				busy1, total1 := fixture.MachineCPU(b)
 				cores := float64(runtime.NumCPU()) * (busy1 - busy0) / (total1 - total0)
 				if err != nil {
 					b.Fatalf("pfreeze %s: %v: %s; pthaw: %s", strings.Join(frArgs, " "), err, out, th.stderr.String())
@@ -193,7 +193,7 @@ func migrateAll(b *testing.B, start func(b *testing.B) (*fixture.Proc, func(th *
 				// pthaw's own CPU time, read while it still waits
 				// for its child: its rusage at exit would include
 				// the restored process's (bigheap's re-hash).
-				thUser, thSys := cpuTimes(b, th.cmd.Process.Pid)
+				thUser, thSys := fixture.CPUTimes(b, th.cmd.Process.Pid)
 				// Free the memory before the next run.
 				syscall.Kill(th.restoredPid(b), syscall.SIGKILL)
 				select {
@@ -252,80 +252,6 @@ func short(enc string) string {
 		return "plain"
 	}
 	return "aes"
-}
-
-// vmRSS returns the resident set size of pid in bytes.
-func vmRSS(tb testing.TB, pid int) int64 {
-	tb.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmRSS:" && f[2] == "kB" {
-			kb, err := strconv.ParseInt(f[1], 10, 64)
-			if err != nil {
-				tb.Fatal(err)
-			}
-			return kb << 10
-		}
-	}
-	tb.Fatalf("no VmRSS in /proc/%d/status", pid)
-	return 0
-}
-
-// cpuTimes returns the user and system CPU seconds pid has used so far,
-// its reaped children's not included (/proc/PID/stat utime and stime).
-func cpuTimes(tb testing.TB, pid int) (user, sys float64) {
-	tb.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	// Fields resume after the command name's last ')' with field 3.
-	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
-	if len(f) < 13 {
-		tb.Fatalf("/proc/%d/stat: %q", pid, data)
-	}
-	const hz = 100 // USER_HZ: the unit of /proc times on Linux
-	u, err1 := strconv.ParseFloat(f[11], 64)
-	s, err2 := strconv.ParseFloat(f[12], 64)
-	if err1 != nil || err2 != nil {
-		tb.Fatalf("/proc/%d/stat: %q", pid, data)
-	}
-	return u / hz, s / hz
-}
-
-// machineCPU returns the machine's busy and total CPU time so far, in
-// USER_HZ ticks summed over all cores (/proc/stat's cpu line; idle and
-// iowait are not busy). Busy over a run counts what neither pfreeze's nor
-// pthaw's own times show: softirqs run in other contexts, kernel threads,
-// everything else on the machine.
-func machineCPU(tb testing.TB) (busy, total float64) {
-	tb.Helper()
-	data, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	line, _, _ := strings.Cut(string(data), "\n")
-	f := strings.Fields(line)
-	if len(f) < 8 || f[0] != "cpu" {
-		tb.Fatalf("/proc/stat: %q", line)
-	}
-	for i, v := range f[1:] {
-		n, err := strconv.ParseFloat(v, 64)
-		if err != nil {
-			tb.Fatalf("/proc/stat: %q", line)
-		}
-		if i >= 8 {
-			break // guest times are already in user and nice
-		}
-		total += n
-		if i != 3 && i != 4 { // idle, iowait
-			busy += n
-		}
-	}
-	return busy, total
 }
 
 // txBytes returns the bytes host h has sent on eth0 (IP and TCP headers
