@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -23,27 +22,6 @@ import (
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/internal/netlab"
 )
-
-// inNS runs f on an OS thread moved into network namespace ns; the thread
-// is never returned to the runtime's pool.
-func inNS(ns string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netns.GetFromName(ns)
-		if err != nil {
-			errc <- fmt.Errorf("netns %s: %w", ns, err)
-			return
-		}
-		defer h.Close()
-		if err := netns.Set(h); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
-}
 
 // nlHandle opens a netlink handle in lab host h's namespace.
 func nlHandle(t testing.TB, h *netlab.Host) *netlink.Handle {
@@ -105,7 +83,7 @@ func neighMAC(h *netlink.Handle, vip netip.Addr) (string, error) {
 // returns the server's answer: the count of connections it served and
 // its pid.
 func request(client *netlab.Host, addr string) (n, pid int, err error) {
-	err = inNS(client.NS, func() error {
+	err = netlab.InNS(client.NS, func() error {
 		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
 		if err != nil {
 			return err

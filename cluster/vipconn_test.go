@@ -52,7 +52,7 @@ func dialHeld(tb testing.TB, client *netlab.Host, addr string, mib int, period t
 	var c net.Conn
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		err := inNS(client.NS, func() error {
+		err := netlab.InNS(client.NS, func() error {
 			var err error
 			c, err = net.DialTimeout("tcp", addr, 2*time.Second)
 			return err
@@ -207,7 +207,7 @@ func (w *packetWatch) resets() string {
 func watchPackets(tb testing.TB, h *netlab.Host, from netip.Addr) *packetWatch {
 	tb.Helper()
 	w := &packetWatch{fd: -1, done: make(chan struct{})}
-	err := inNS(h.NS, func() error {
+	err := netlab.InNS(h.NS, func() error {
 		proto := int(unix.ETH_P_IP>>8 | unix.ETH_P_IP&0xff<<8) // htons
 		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, proto)
 		if err != nil {
@@ -492,7 +492,7 @@ func TestVIPRedisHeldConnection(t *testing.T) {
 	l.waitRunning(w.ID, l.nodes[0])
 	var conn net.Conn
 	c.waitFor(20*time.Second, "a connection to redis at "+addr, func() error {
-		return inNS(l.client.NS, func() error {
+		return netlab.InNS(l.client.NS, func() error {
 			var err error
 			conn, err = net.DialTimeout("tcp", addr, 2*time.Second)
 			return err

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -23,28 +22,6 @@ import (
 func TestMain(m *testing.M) {
 	fixture.KeepFDsFromTargets()
 	os.Exit(m.Run())
-}
-
-// inNS runs f on an OS thread moved into network namespace ns; the thread
-// is never returned to the runtime's pool (it ends with the goroutine).
-func inNS(t *testing.T, ns string, f func() error) error {
-	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netns.GetFromName(ns)
-		if err != nil {
-			errc <- fmt.Errorf("netns %s: %w", ns, err)
-			return
-		}
-		defer h.Close()
-		if err := netns.Set(h); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
 }
 
 // nsHandle opens a netlink handle in namespace ns.
@@ -94,7 +71,7 @@ func TestAddAnnounceRemove(t *testing.T) {
 	}
 	captured := make(chan seen, 16)
 	ready := make(chan error, 1)
-	go inNS(t, peer.NS, func() error {
+	go netlab.InNS(peer.NS, func() error {
 		ifi, err := net.InterfaceByName("eth0")
 		if err != nil {
 			ready <- err
@@ -126,7 +103,7 @@ func TestAddAnnounceRemove(t *testing.T) {
 	}
 
 	var mac net.HardwareAddr
-	err = inNS(t, owner.NS, func() error {
+	err = netlab.InNS(owner.NS, func() error {
 		ifi, err := Interface(vip, "")
 		if err != nil {
 			return err
@@ -195,7 +172,7 @@ func TestAddAnnounceRemove(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	err = inNS(t, owner.NS, func() error {
+	err = netlab.InNS(owner.NS, func() error {
 		if err := Remove("eth0", vip.Addr()); err != nil {
 			return err
 		}
@@ -221,7 +198,7 @@ func TestAddAnnounceRemove(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The peer still sends to host 0's MAC; nothing may answer.
-	err = inNS(t, peer.NS, func() error {
+	err = netlab.InNS(peer.NS, func() error {
 		d := net.Dialer{Timeout: time.Second}
 		c, err := d.Dial("tcp", netip.AddrPortFrom(vip.Addr(), 80).String())
 		if err == nil {

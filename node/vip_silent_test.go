@@ -27,7 +27,7 @@ func TestVIPAddSilent(t *testing.T) {
 	a := netip.MustParsePrefix(vip).Addr()
 	// The second host's ARP packets from the VIP, with when they came.
 	var fd int
-	err := inNS(lab.Hosts[1].NS, func() error {
+	err := netlab.InNS(lab.Hosts[1].NS, func() error {
 		var err error
 		proto := int(unix.ETH_P_ARP>>8 | unix.ETH_P_ARP&0xff<<8) // htons
 		if fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, proto); err != nil {
@@ -68,7 +68,7 @@ func TestVIPAddSilent(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	v := newVIPs(t.TempDir(), "", log)
 	var announced time.Time
-	err = inNS(lab.Hosts[0].NS, func() error {
+	err = netlab.InNS(lab.Hosts[0].NS, func() error {
 		defer v.close()
 		if err := v.addSilent("w1", vip); err != nil {
 			return err
@@ -107,7 +107,7 @@ func TestVIPAddSilent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = inNS(lab.Hosts[0].NS, func() error {
+	err = netlab.InNS(lab.Hosts[0].NS, func() error {
 		v.reconcile(map[string]string{}, func(string) bool { return false })
 		if has, err := netrehome.Has("eth0", a); err != nil || has {
 			return fmt.Errorf("after the reconcile the address is on eth0: %v (%v), want false", has, err)
@@ -147,7 +147,7 @@ func TestVIPClaimedLeftToReceive(t *testing.T) {
 		defer ag.vips.mu.Unlock()
 		return has, ag.vips.ann[a] != nil, err
 	}
-	err := inNS(lab.Hosts[0].NS, func() error {
+	err := netlab.InNS(lab.Hosts[0].NS, func() error {
 		ag.mu.Lock()
 		ag.claimed[wid] = 1 // receive, after the commit
 		ag.mu.Unlock()

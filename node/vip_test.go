@@ -6,36 +6,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
-
-	"github.com/vishvananda/netns"
 
 	"github.com/pcluster/pcluster/internal/netlab"
 	"github.com/pcluster/pcluster/netrehome"
 )
-
-// inNS runs f on an OS thread moved into network namespace ns; the thread
-// is never returned to the runtime's pool.
-func inNS(ns string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netns.GetFromName(ns)
-		if err != nil {
-			errc <- fmt.Errorf("netns %s: %w", ns, err)
-			return
-		}
-		defer h.Close()
-		if err := netns.Set(h); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
-}
 
 // TestVIPRecord: an agent's VIPs on a lab host. A frozen workload's VIP
 // stays off until thawed; an address that was on the interface before
@@ -54,7 +30,7 @@ func TestVIPRecord(t *testing.T) {
 		}
 		return ok
 	}
-	err := inNS(lab.Hosts[0].NS, func() error {
+	err := netlab.InNS(lab.Hosts[0].NS, func() error {
 		ifi, err := netrehome.Interface(netip.MustParsePrefix(theirs), "")
 		if err != nil {
 			return err
