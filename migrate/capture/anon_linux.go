@@ -85,14 +85,9 @@ func describeAnon(pid int, fd *image.FD, kind image.FDKind, fi procfs.FDInfo) er
 // intervals into its ticks and re-arms it, what the process's own read
 // would find.
 func forwardedTimerfd(pid, fd int) ([]string, error) {
-	pidfd, err := unix.PidfdOpen(pid, 0)
+	dup, err := dupFd(pid, fd)
 	if err != nil {
-		return nil, fmt.Errorf("pidfd_open %d: %w", pid, err)
-	}
-	defer unix.Close(pidfd)
-	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_getfd fd %d: %w", fd, err)
+		return nil, fmt.Errorf("fd %d: %w", fd, err)
 	}
 	defer unix.Close(dup)
 	var cur unix.ItimerSpec

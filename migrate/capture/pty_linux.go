@@ -35,7 +35,8 @@ func slaveIndex(rdev uint64) (int, bool) {
 	return int(maj-136)*256 + int(unix.Minor(rdev)), true
 }
 
-// dupFd duplicates pid's fd into pfreeze (pidfd_getfd).
+// dupFd duplicates pid's fd into this process (pidfd_getfd): the same
+// open file, for reading its state or holding it.
 func dupFd(pid, fd int) (int, error) {
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {

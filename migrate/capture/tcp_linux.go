@@ -161,14 +161,9 @@ func (s *sockets) kill() {
 
 // hold duplicates pid's fd.
 func (s *sockets) hold(pid, fd int) (*heldSocket, error) {
-	pidfd, err := unix.PidfdOpen(pid, 0)
+	dup, err := dupFd(pid, fd)
 	if err != nil {
-		return nil, fmt.Errorf("pidfd_open: %w", err)
-	}
-	defer unix.Close(pidfd)
-	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd_getfd: %w", err)
+		return nil, err
 	}
 	h := &heldSocket{fd: dup, target: fd}
 	s.held = append(s.held, h)
