@@ -16,7 +16,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -508,7 +507,13 @@ func (a *Agent) lostArrival(ctx context.Context, w scheduler.Workload) {
 	if a.cg != nil {
 		pids := procsOf(a.cg.dir(w.ID, w.Attempt))
 		// A namespace's init first: the one to supervise.
-		sort.SliceStable(pids, func(i, j int) bool { return isNSInit(pids[i]) && !isNSInit(pids[j]) })
+		for i, pid := range pids {
+			if isNSInit(pid) {
+				copy(pids[1:i+1], pids[:i])
+				pids[0] = pid
+				break
+			}
+		}
 		for _, pid := range pids {
 			if st := procStateOf(pid); st == 't' || st == 'T' || st == 'Z' || st == 'X' {
 				continue // not started, or dying
