@@ -236,15 +236,13 @@ func (s *Server) handleWebState(w http.ResponseWriter, r *http.Request) {
 			aw := apiWorkload(wl)
 			aw.Env, aw.Args = nil, nil // may hold secrets; the page does not show them
 			out.Workloads = append(out.Workloads, aw)
+			if r := st.Checkpoints[wl.ID]; r != nil && len(r.List) > 0 {
+				out.Checkpoints = append(out.Checkpoints, apiCheckpoint(r.List[len(r.List)-1]))
+			}
 		}
 		for _, m := range st.Migrations {
 			if m.State.Active() {
 				out.Migrations = append(out.Migrations, apiMigration(st, m))
-			}
-		}
-		for _, wl := range st.SortedWorkloads() {
-			if r := st.Checkpoints[wl.ID]; r != nil && len(r.List) > 0 {
-				out.Checkpoints = append(out.Checkpoints, apiCheckpoint(r.List[len(r.List)-1]))
 			}
 		}
 	})
