@@ -84,19 +84,12 @@ function render() {
     const tr = el("tr");
     tr.dataset.checkpoint = c.workload;
     tr.append(el("th", c.workload), el("td", c.seq, "num"), el("td", c.node),
-      el("td", duration(now - Date.parse(c.at)) + " ago", "num"), el("td", size(c.size), "num"),
+      el("td", duration(now - Date.parse(c.at)) + " ago", "num"), el("td", bytes(c.size), "num"),
       el("td", (c.holders || []).join(", ") || "–"));
     tr.firstChild.scope = "row";
     return tr;
   }));
   document.getElementById("no-checkpoints").hidden = st.checkpoints.length > 0;
-}
-
-function size(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
 }
 
 function drainText(d) {
