@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/procfs"
 )
 
 // Workload cgroups. Every workload process the agent starts or restores
@@ -52,32 +54,13 @@ func cgroup2Mount() (string, error) {
 		}
 		post, pre := strings.Fields(l[i+3:]), strings.Fields(l[:i])
 		if len(post) > 0 && post[0] == "cgroup2" && len(pre) >= 5 && pre[3] == "/" {
-			return unescapeMount(pre[4]), nil
+			return procfs.UnescapeMount(pre[4]), nil
 		}
 	}
 	if err := sc.Err(); err != nil {
 		return "", err
 	}
 	return "", errors.New("no cgroup2 file system mounted")
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // CgroupBase returns the pcluster cgroup of the daemon of node name with

@@ -257,7 +257,7 @@ func mountByID(id uint64) (string, error) {
 	want := strconv.FormatUint(id, 10)
 	for _, line := range strings.Split(string(b), "\n") {
 		if fs := strings.Fields(line); len(fs) > 4 && fs[0] == want {
-			return unescapeMount(fs[4]), nil
+			return procfs.UnescapeMount(fs[4]), nil
 		}
 	}
 	return "", fmt.Errorf("no mount %d", id)
@@ -303,27 +303,8 @@ func mountOf(major, minor uint32) (string, error) {
 	for sc.Scan() {
 		fs := strings.Fields(sc.Text())
 		if len(fs) > 4 && fs[2] == want {
-			return unescapeMount(fs[4]), nil
+			return procfs.UnescapeMount(fs[4]), nil
 		}
 	}
 	return "", fmt.Errorf("no mount of device %s", want)
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

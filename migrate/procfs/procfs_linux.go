@@ -310,3 +310,23 @@ func NSIDs(st map[string]string, key string) ([]int, error) {
 func PidNS(pid int) (string, error) {
 	return os.Readlink(Path(pid, "ns/pid"))
 }
+
+// UnescapeMount undoes the octal escapes of a path in
+// /proc/PID/mountinfo (\040 for a space).
+func UnescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
