@@ -363,9 +363,6 @@ type treePair struct {
 // fd. Runs on the tracer thread.
 func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 	u := f.Unix
-	if p.tree.ns != nil {
-		return 0, fmt.Errorf("fd %d (%s): unix socket pairs in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
-	}
 	if len(u.Rights) > 0 {
 		return 0, fmt.Errorf("fd %d (%s): file descriptors queued in a unix socket of a tree (SCM_RIGHTS) are not supported yet", f.Fd, f.What)
 	}
@@ -413,29 +410,64 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		}
 	}
 	tmp, err := p.takeFromPthaw(f, mine)
+	if err != nil {
+		return 0, err
+	}
 	if f.Flags&unix.O_NONBLOCK != 0 {
 		if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
 			p.call(unix.SYS_CLOSE, tmp)
 			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
 		}
 	}
-	return tmp, err
+	return tmp, nil
 }
 
 // takeFromPthaw gives the process a new fd of pthaw's fd mine (an
-// injected pidfd_open of pthaw and pidfd_getfd), with f's O_NONBLOCK.
+// injected pidfd_getfd through a pidfd of pthaw: pthawPidfd).
 // Runs on the tracer thread.
 func (p *Process) takeFromPthaw(f *image.FD, mine int) (uintptr, error) {
-	pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
+	pidfd, err := p.pthawPidfd()
 	if err != nil {
-		return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
+		return 0, fmt.Errorf("fd %d: %w", f.Fd, err)
 	}
 	tmp, err := p.call(unix.SYS_PIDFD_GETFD, pidfd, uintptr(mine), 0)
 	p.call(unix.SYS_CLOSE, pidfd)
 	if err != nil {
-		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's socket: %w", f.Fd, err)
+		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's fd %d: %w", f.Fd, mine, err)
 	}
 	return tmp, nil
+}
+
+// pthawPidfd gives the process a pidfd of pthaw, for pidfd_getfd. A
+// member of a tree restored into a new PID namespace (-pidns) cannot name
+// pthaw by a PID; it reopens pthaw's pidfd of itself through
+// /proc/<pthaw>/fd instead (a procfs resolves PIDs in the namespace it was
+// mounted for, this host's, as for pipes). Runs on the tracer thread.
+func (p *Process) pthawPidfd() (uintptr, error) {
+	if p.tree == nil || p.tree.ns == nil {
+		pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
+		if err != nil {
+			return 0, fmt.Errorf("pidfd_open of pthaw: %w", err)
+		}
+		return pidfd, nil
+	}
+	if p.tree.self < 0 {
+		self, err := unix.PidfdOpen(os.Getpid(), 0)
+		if err != nil {
+			return 0, fmt.Errorf("pidfd_open of pthaw itself: %w", err)
+		}
+		p.tree.self = self
+	}
+	name := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), p.tree.self)
+	path, err := p.putString(name)
+	if err != nil {
+		return 0, err
+	}
+	pidfd, err := p.call(unix.SYS_OPEN, path, unix.O_RDONLY|unix.O_CLOEXEC)
+	if err != nil {
+		return 0, fmt.Errorf("open %s (pthaw's pidfd): %w", name, err)
+	}
+	return pidfd, nil
 }
 
 // treeUnixListener gives the member the listening unix socket f, which
@@ -444,9 +476,6 @@ func (p *Process) takeFromPthaw(f *image.FD, mine int) (uintptr, error) {
 // Runs on the tracer thread.
 func (p *Process) treeUnixListener(f *image.FD) (uintptr, error) {
 	u := f.Unix
-	if p.tree.ns != nil {
-		return 0, fmt.Errorf("fd %d (%s): listening unix sockets in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
-	}
 	l, ok := p.tree.listeners[u.ID]
 	if !ok {
 		s, err := unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
@@ -536,8 +565,13 @@ func (t *tree) shutdownUnix() error {
 	return nil
 }
 
-// closeUnix closes pthaw's ends of the tree's pairs and its listeners.
+// closeUnix closes pthaw's ends of the tree's pairs and its listeners,
+// and its pidfd of itself.
 func (t *tree) closeUnix() {
+	if t.self >= 0 {
+		unix.Close(t.self)
+		t.self = -1
+	}
 	for id, l := range t.listeners {
 		unix.Close(l.fd)
 		delete(t.listeners, id)

@@ -184,12 +184,13 @@ func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.L
 // also returns the copy's PID.
 func migrateWith(t *testing.T, pid int, tree bool, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
 	t.Helper()
-	return migrateOpts(t, pid, capture.SendOptions{Tree: tree}, inherit)
+	return migrateOpts(t, pid, capture.SendOptions{Tree: tree}, loader.Options{InheritFDs: inherit})
 }
 
 // migrateOpts is migrateWith with the source's options o (Tree,
-// UnixReconnect).
-func migrateOpts(t *testing.T, pid int, o capture.SendOptions, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
+// UnixReconnect) and the target's lo (InheritFDs, PIDNamespace; its
+// stdio and notices are the test's).
+func migrateOpts(t *testing.T, pid int, o capture.SendOptions, lo loader.Options) (*fixture.Lines, []string, int) {
 	t.Helper()
 	a := newAgents(t)
 	pr, pw, err := os.Pipe()
@@ -212,10 +213,11 @@ func migrateOpts(t *testing.T, pid int, o capture.SendOptions, inherit map[int]*
 		sent <- err
 	}()
 	src, err := stream.NewConnSource(context.Background(), a.dstConn, stream.SourceOptions{Authenticated: true, ReadTimeout: waitFor})
+	lo.Stdio, lo.Notice = [3]*os.File{nil, pw, pw}, say
 	var p *loader.Process
 	if err == nil {
 		p, err = loader.ReceiveFrom(context.Background(), a.dstTr, src, loader.ReceiveOptions{Keys: []stream.Key{a.key},
-			CommitTimeout: waitFor, Options: loader.Options{Stdio: [3]*os.File{nil, pw, pw}, InheritFDs: inherit, Notice: say}})
+			CommitTimeout: waitFor, Options: lo})
 	}
 	pw.Close()
 	serr := <-sent
@@ -377,7 +379,7 @@ func TestMigrateUnixReconnect(t *testing.T) {
 	}
 	defer first.Close()
 	orig.Expect(t, `^ready$`, waitFor)
-	out, said, copied := migrateOpts(t, pid, capture.SendOptions{UnixReconnect: true}, nil)
+	out, said, copied := migrateOpts(t, pid, capture.SendOptions{UnixReconnect: true}, loader.Options{})
 	if !strings.Contains(strings.Join(said, "\n"), "the copy connects to it again") {
 		t.Errorf("the source said %q, want that the copy connects again", said)
 	}
@@ -437,7 +439,10 @@ func TestMigrateRedisUnix(t *testing.T) {
 // TestMigrateNginxTree moves Debian's nginx, a master and two workers
 // (the master talks to each worker over a socketpair, nginx's channels),
 // listening on a unix socket they all share, as one tree: after the move
-// the copy's workers answer a request on the same socket.
+// the copy's workers answer a request on the same socket. Then again into
+// a new PID namespace (pthaw -pidns, how the cluster runs workloads),
+// where the members take the socketpairs' ends and the listener from
+// pthaw without naming its PID.
 func TestMigrateNginxTree(t *testing.T) {
 	needRoot(t)
 	bin, err := exec.LookPath("nginx")
@@ -447,6 +452,12 @@ func TestMigrateNginxTree(t *testing.T) {
 		}
 		bin = "/usr/sbin/nginx"
 	}
+	for _, pidns := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pidns=%v", pidns), func(t *testing.T) { migrateNginx(t, bin, pidns) })
+	}
+}
+
+func migrateNginx(t *testing.T, bin string, pidns bool) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "nginx.sock")
 	conf := filepath.Join(dir, "nginx.conf")
@@ -498,7 +509,7 @@ http {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	_, said, copied := migrateWith(t, p.Pid(), true, nil)
+	_, said, copied := migrateOpts(t, p.Pid(), capture.SendOptions{Tree: true}, loader.Options{PIDNamespace: pidns})
 	t.Logf("the copy's master is pid %d (%q)", copied, said)
 	workers, _ := fixture.Children(copied)
 	t.Cleanup(func() {
@@ -588,15 +599,25 @@ func TestMigrateUnixDgramBound(t *testing.T) {
 // TestMigratePtyTree moves a tree whose child leads a session with the
 // slave of its parent's pty as its controlling terminal and its own group
 // in the foreground: the copy's child still has that controlling
-// terminal and foreground group, and the two still talk through it.
+// terminal and foreground group, and the two still talk through it. Then
+// again into a new PID namespace (pthaw -pidns).
 func TestMigratePtyTree(t *testing.T) {
 	needRoot(t)
-	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "ptytree")
-	orig.Expect(t, `^ready$`, waitFor)
-	out, said, copied := migrateWith(t, pid, true, nil)
-	t.Logf("the copy is pid %d (%q)", copied, said)
-	if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
-		t.Fatal(err)
+	for _, pidns := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pidns=%v", pidns), func(t *testing.T) {
+			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "ptytree")
+			orig.Expect(t, `^ready$`, waitFor)
+			out, said, copied := migrateOpts(t, pid, capture.SendOptions{Tree: true}, loader.Options{PIDNamespace: pidns})
+			t.Logf("the copy is pid %d (%q)", copied, said)
+			for _, s := range said {
+				if strings.Contains(s, "not restored") {
+					t.Errorf("the target said %q", s)
+				}
+			}
+			if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			out.Expect(t, `^ok$`, waitFor)
+		})
 	}
-	out.Expect(t, `^ok$`, waitFor)
 }
