@@ -32,6 +32,9 @@ type tree struct {
 	unix map[uint64]*treePair
 	// listeners holds the tree's listening unix sockets, by saved inode.
 	listeners map[uint64]*treeListener
+	// queued are the pairs' queues whose messages carry fds, sent once
+	// every member is built (unix_linux.go).
+	queued []treeQueue
 	// self is pthaw's pidfd of itself, for members in a new PID
 	// namespace to reopen (pthawPidfd), -1 until one needs it.
 	self int

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,6 +28,12 @@ import (
 // describe returns what pfreeze -debug prints of pid (which runs on).
 func describe(t *testing.T, pid int) []byte {
 	t.Helper()
+	return describeWith(t, pid, capture.FreezeOptions{})
+}
+
+// describeWith is describe with options o (Tree).
+func describeWith(t *testing.T, pid int, o capture.FreezeOptions) []byte {
+	t.Helper()
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	pr, pw := io.Pipe()
@@ -37,7 +44,7 @@ func describe(t *testing.T, pid int) []byte {
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.FreezeWith(context.Background(), tr, pid, pw, capture.FreezeOptions{})
+	err := capture.FreezeWith(context.Background(), tr, pid, pw, o)
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr
@@ -357,6 +364,39 @@ func TestMigrateUnixPairTree(t *testing.T) {
 	}
 	if !got["ok"] || !got["child ok"] {
 		t.Fatalf("the copies said %v, want ok and child ok", got)
+	}
+}
+
+// TestMigrateUnixRightsTree moves a parent and its child, each with a
+// message queued to the other on their socketpair carrying an fd only
+// the sender holds (SCM_RIGHTS): the receiver of each gets an fd that
+// writes into the sender's pipe. Then again into a new PID namespace.
+func TestMigrateUnixRightsTree(t *testing.T) {
+	needRoot(t)
+	for _, pidns := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pidns=%v", pidns), func(t *testing.T) {
+			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "treefds")
+			orig.Expect(t, `^ready$`, waitFor)
+			if d := describeWith(t, pid, capture.FreezeOptions{Tree: true}); !regexp.MustCompile(`carries fds \[\d+ of pid \d+\]`).Match(d) {
+				t.Errorf("pfreeze -debug does not say which member holds a queued fd:\n%s", d)
+			}
+			out, said, copied := migrateOpts(t, pid, capture.SendOptions{Tree: true}, loader.Options{PIDNamespace: pidns})
+			t.Logf("the copy is pid %d (%q)", copied, said)
+			if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			got := map[string]bool{}
+			for i := 0; i < 2; i++ {
+				line, err := out.Next(waitFor)
+				if err != nil {
+					t.Fatalf("after %v: %v", got, err)
+				}
+				got[line] = true
+			}
+			if !got["ok"] || !got["child ok"] {
+				t.Fatalf("the copies said %v, want ok and child ok", got)
+			}
+		})
 	}
 }
 
