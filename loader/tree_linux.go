@@ -32,6 +32,12 @@ type tree struct {
 	unix map[uint64]*treePair
 	// listeners holds the tree's listening unix sockets, by saved inode.
 	listeners map[uint64]*treeListener
+	// queued are the pairs' queues whose messages carry fds, sent once
+	// every member is built (unix_linux.go).
+	queued []treeQueue
+	// self is pthaw's pidfd of itself, for members in a new PID
+	// namespace to reopen (pthawPidfd), -1 until one needs it.
+	self int
 	// objects are the files without a path the members share
 	// (objects_linux.go), held as long as the pipes.
 	objects map[uint64]*object
@@ -81,7 +87,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
 	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {

@@ -526,3 +526,20 @@ func TestThreadCredentials(t *testing.T) {
 		}
 	}
 }
+
+// TestFreezeZombieLeaderRefused: a process whose main thread ended with
+// pthread_exit while two threads run on (fixture zombieleader) is refused
+// with one line that says so, not as "a zombie", and runs on untouched.
+func TestFreezeZombieLeaderRefused(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "zombieleader"))
+	p.Lines.Expect(t, `^ready \d+,\d+$`, waitFor)
+	snap := filepath.Join(t.TempDir(), "snap")
+	out, err := exec.Command(filepath.Join(binDir, "pfreeze"), "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap).CombinedOutput()
+	want := fmt.Sprintf("pfreeze: freeze %d: the main thread has exited (pthread_exit) while 2 other threads run: a process whose main thread is a zombie is not carried yet\n", p.Pid())
+	if err == nil || string(out) != want {
+		t.Errorf("pfreeze: %v, output %q; want %q", err, out, want)
+	}
+	p.Lines.Drain()
+	p.Lines.Expect(t, `^tick \d+$`, waitFor)
+}

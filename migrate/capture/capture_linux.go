@@ -228,6 +228,12 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 		return err
 	}
 	if strings.HasPrefix(st["State"], "Z") {
+		// The main thread's state is the process's in /proc: a zombie
+		// with threads left (Threads counts it too) is a main thread
+		// that called pthread_exit.
+		if n, _ := strconv.Atoi(st["Threads"]); n > 1 {
+			return unsupported("the main thread has exited (pthread_exit) while %d other threads run: a process whose main thread is a zombie is not carried yet", n-1)
+		}
 		return fmt.Errorf("process is a zombie")
 	}
 	// Before anything else: a vfork parent cannot be stopped, whatever

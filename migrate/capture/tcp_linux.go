@@ -94,6 +94,9 @@ type sockets struct {
 	ptys map[int]bool
 	// tree: the process is a member of a frozen tree.
 	tree bool
+	// members are the tree's live members, for fds queued in a unix
+	// socket (SCM_RIGHTS) that another member holds.
+	members []treeMember
 	// reconnect: a unix socket connected outside is connected again by
 	// the copy (FreezeOptions.UnixReconnect).
 	reconnect bool

@@ -149,8 +149,16 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			own[ino] = true
 		}
 	}
+	var members []treeMember
+	j := 0
+	for _, m := range t.procs {
+		if !m.Zombie && j < len(t.members) {
+			members = append(members, treeMember{pid: t.members[j].Pid, saved: m.Pid})
+			j++
+		}
+	}
 	for _, f := range t.members {
-		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree, f.socks.members = ptys, own, true, members
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way

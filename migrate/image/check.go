@@ -49,10 +49,15 @@ type checker struct {
 	meta    bool // the process's metadata (threads, areas) is complete
 	lastFd  int
 	fds     int
-	fdSet   map[int]bool     // the process's fds so far
-	fdRefs  []fdRef          // fds one of them names, checked at its end
-	files   map[uint64]int64 // File records so far (of every member): the next offset of each
-	sizes   map[uint64]int64 // and their sizes
+	fdSet   map[int]bool // the process's fds so far
+	fdRefs  []fdRef      // fds one of them names, checked at its end
+	// treeFds are the fds of each tree member read so far, by saved
+	// PID, and treeRefs the fds of other members a member names,
+	// checked at the tree's end.
+	treeFds  map[int]map[int]bool
+	treeRefs []treeRef
+	files    map[uint64]int64 // File records so far (of every member): the next offset of each
+	sizes    map[uint64]int64 // and their sizes
 }
 
 // fdRef is an fd that fd from names (the description it shares, or an
@@ -60,6 +65,13 @@ type checker struct {
 type fdRef struct {
 	from, to int
 	what     string
+}
+
+// treeRef is fd to of tree member holder that fd from of member pid
+// names (a queued fd, SCM_RIGHTS): it must be in the snapshot too.
+type treeRef struct {
+	pid, from  int
+	holder, to int
 }
 
 // check applies the rules to rec, the next record.
@@ -169,8 +181,15 @@ func (c *checker) check(rec any) error {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
 		}
 		if r.Unix != nil {
-			for _, m := range r.Unix.Rights {
-				for _, x := range m {
+			for i, m := range r.Unix.Rights {
+				for j, x := range m {
+					if by := r.Unix.Holder(i, j); by != 0 {
+						if c.tree == nil {
+							return c.wrap(corruptf("fd %d (unix socket) carries fd %d of pid %d, outside a tree", r.Fd, x, by))
+						}
+						c.treeRefs = append(c.treeRefs, treeRef{c.tree.Procs[c.member].Pid, r.Fd, by, x})
+						continue
+					}
 					c.fdRefs = append(c.fdRefs, fdRef{r.Fd, x, "(unix socket) carries fd"})
 				}
 			}
@@ -194,6 +213,11 @@ func (c *checker) check(rec any) error {
 		c.skipZombies()
 		if c.member < len(c.tree.Procs) {
 			return corruptf("unexpected %T record after the tree", r)
+		}
+		for _, t := range c.treeRefs {
+			if !c.treeFds[t.holder][t.to] {
+				return corruptf("pid %d: fd %d (unix socket) carries fd %d of pid %d, which is not in the snapshot", t.pid, t.from, t.to, t.holder)
+			}
 		}
 		return nil
 	}
@@ -268,6 +292,10 @@ func (c *checker) endProcess() error {
 	if c.proc.Pid != m.Pid || c.proc.Threads != m.Threads {
 		return c.wrap(corruptf("process %d where the tree has %d", c.proc.Pid, m.Pid))
 	}
+	if c.treeFds == nil {
+		c.treeFds = map[int]map[int]bool{}
+	}
+	c.treeFds[m.Pid] = c.fdSet
 	return nil
 }
 
@@ -505,6 +533,21 @@ func checkUnix(fd int, u *UnixSocket) error {
 	}
 	if len(u.Rights) > len(u.Queue) {
 		return corruptf("fd %d: unix socket with fds for %d of %d messages", fd, len(u.Rights), len(u.Queue))
+	}
+	if len(u.RightsFrom) > 0 {
+		if len(u.RightsFrom) != len(u.Rights) {
+			return corruptf("fd %d: unix socket with holders for %d of %d messages", fd, len(u.RightsFrom), len(u.Rights))
+		}
+		for i, h := range u.RightsFrom {
+			if len(h) != len(u.Rights[i]) {
+				return corruptf("fd %d: unix socket message %d with holders for %d of %d fds", fd, i, len(h), len(u.Rights[i]))
+			}
+			for _, pid := range h {
+				if pid < 0 || pid > 1<<22 { // PID_MAX_LIMIT
+					return corruptf("fd %d: unix socket message %d carries an fd of pid %d", fd, i, pid)
+				}
+			}
+		}
 	}
 	for _, r := range u.Rights {
 		if len(r) > 253 { // SCM_MAX_FD

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -242,9 +243,16 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			fmt.Fprintf(w, " %s socket %d peer %d queued %d messages %d bytes shutdown %d",
 				map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Peer, len(u.Queue), n, u.Shutdown)
 			for i, r := range u.Rights {
-				if len(r) > 0 {
-					fmt.Fprintf(w, " [message %d carries fds %v]", i, r)
+				if len(r) == 0 {
+					continue
 				}
+				fds := make([]string, len(r))
+				for j, x := range r {
+					if fds[j] = strconv.Itoa(x); u.Holder(i, j) != 0 {
+						fds[j] += fmt.Sprintf(" of pid %d", u.Holder(i, j))
+					}
+				}
+				fmt.Fprintf(w, " [message %d carries fds [%s]]", i, strings.Join(fds, " "))
 			}
 		}
 		if t := f.Pty; t != nil {

@@ -445,7 +445,13 @@ type UnixSocket struct {
 	// Rights, parallel to Queue, are the fds of the process a message
 	// carries (SCM_RIGHTS), by their numbers in the process.
 	Rights [][]int `msgpack:"rights,omitempty"`
-	Listen bool    `msgpack:"listen,omitempty"`
+	// RightsFrom, in a tree, parallel to Rights, names who holds each
+	// of those fds: 0 the process itself, else the saved PID of
+	// another member (the fd number is then that member's). Absent
+	// when every fd is the process's own. A reader that does not know
+	// it refuses queued fds in a tree.
+	RightsFrom [][]int `msgpack:"rights_from,omitempty"`
+	Listen     bool    `msgpack:"listen,omitempty"`
 	// SndBuf is SO_SNDBUF as getsockopt reports it (twice what was
 	// set): a pair's queue is charged to the sending end's buffer.
 	SndBuf int `msgpack:"sndbuf,omitempty"`
