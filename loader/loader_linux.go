@@ -285,7 +285,7 @@ meta:
 			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads || p.proc.Threads > maxThreads {
 				return nil, fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
 			}
-			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
+			if !image.ThreadInPlace(p.proc, len(p.threads), r.Tid) {
 				return nil, fmt.Errorf("%w: thread %d out of place", image.ErrCorrupt, r.Tid)
 			}
 			if len(r.Regs) != ptrace.NumRegs {

@@ -66,7 +66,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		// A zombie child (exited, not yet reaped by its parent) is only
 		// its place in the tree and its wait status: it cannot be
 		// traced and has no children.
-		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+		// (Not a main thread that exited while others run on: that
+		// process lives, and checkSupported names it.)
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
 			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
 			t.procs = append(t.procs, m)
 			continue

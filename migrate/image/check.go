@@ -132,7 +132,7 @@ func (c *checker) check(rec any) error {
 		if p == nil || len(c.vmas) > 0 || len(c.threads) >= p.Threads || p.Threads > MaxThreads {
 			return c.wrap(corruptf("unexpected thread record"))
 		}
-		if (len(c.threads) == 0) != (r.Tid == p.Pid) || r.Tid <= 0 {
+		if !ThreadInPlace(p, len(c.threads), r.Tid) {
 			return c.wrap(corruptf("thread %d out of place", r.Tid))
 		}
 		if c.regs > 0 && len(r.Regs) != c.regs {
@@ -666,3 +666,16 @@ func (c *checker) checkFile(f *File) error {
 
 // MaxFiles bounds the File objects of a process.
 const MaxFiles = 1 << 12
+
+// ThreadInPlace reports whether a thread record for tid may follow n
+// thread records of process p: the main thread's (tid == pid) comes
+// first, or never when the main thread had exited (p.LeaderExited).
+func ThreadInPlace(p *Process, n, tid int) bool {
+	if tid <= 0 {
+		return false
+	}
+	if p.LeaderExited {
+		return tid != p.Pid
+	}
+	return (n == 0) == (tid == p.Pid)
+}

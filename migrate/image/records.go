@@ -93,6 +93,12 @@ type Process struct {
 	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
 	// Timers are the POSIX timers (timer_create), by id.
 	Timers []PosixTimer `msgpack:"timers,omitempty"`
+
+	// LeaderExited: the main thread had ended (pthread_exit) while the
+	// others ran on, a zombie until the last of them ends. No thread
+	// record is the main thread's; Threads counts the others, and the
+	// restore makes the main thread exit again before the process runs.
+	LeaderExited bool `msgpack:"leader_exited,omitempty"`
 }
 
 // PosixTimer is one POSIX timer (timer_create) and its state.
