@@ -125,9 +125,6 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
-	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -174,6 +171,14 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if t.queried != nil {
 		t.queried()
+	}
+	// The tree record first, once it knows which members share pages
+	// with their parent.
+	if err := t.markCow(rs); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	for i, f := range t.members {
 		f.files = files
