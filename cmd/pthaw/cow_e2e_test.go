@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"syscall"
@@ -60,6 +62,13 @@ func TestCowShared(t *testing.T) {
 	rss0, pss0 := anonKB(t, child)
 	t.Logf("before the freeze: child Anonymous %d kB, Pss_Anon %d kB", rss0, pss0)
 	snap := haltTreeToFile(t, p, child)
+	desc, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, desc)
+	}
+	if !regexp.MustCompile(fmt.Sprintf(`(?m)^  pid %d ppid %d .* cow \(forked from its parent, sharing pages\)$`, child, parent)).Match(desc) {
+		t.Errorf("pthaw -debug does not show the child as cow:\n%s", desc)
+	}
 	th := thaw(t, "-src", snap)
 	killTreeAtCleanup(t, parent, child)
 	expectTree(t, th, parent, child)

@@ -67,6 +67,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 				if m.Zombie {
 					fmt.Fprintf(w, " zombie (status %#x)", m.ExitStatus)
 				}
+				if m.Cow {
+					fmt.Fprint(w, " cow (forked from its parent, sharing pages)")
+				}
 				fmt.Fprintln(w)
 			}
 		case *Process:
