@@ -66,7 +66,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		// A zombie child (exited, not yet reaped by its parent) is only
 		// its place in the tree and its wait status: it cannot be
 		// traced and has no children.
-		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+		// (Not a main thread that exited while others run on: that
+		// process lives, and checkSupported names it.)
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
 			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
 			t.procs = append(t.procs, m)
 			continue
@@ -123,9 +125,6 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
-	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -172,6 +171,14 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if t.queried != nil {
 		t.queried()
+	}
+	// The tree record first, once it knows which members share pages
+	// with their parent.
+	if err := t.markCow(rs); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	for i, f := range t.members {
 		f.files = files

@@ -132,7 +132,7 @@ func (c *checker) check(rec any) error {
 		if p == nil || len(c.vmas) > 0 || len(c.threads) >= p.Threads || p.Threads > MaxThreads {
 			return c.wrap(corruptf("unexpected thread record"))
 		}
-		if (len(c.threads) == 0) != (r.Tid == p.Pid) || r.Tid <= 0 {
+		if !ThreadInPlace(p, len(c.threads), r.Tid) {
 			return c.wrap(corruptf("thread %d out of place", r.Tid))
 		}
 		if c.regs > 0 && len(r.Regs) != c.regs {
@@ -329,6 +329,21 @@ func CheckTree(t *Tree) error {
 		seen[m.Pid] = true
 		zombie[m.Pid] = m.Zombie
 	}
+	// A member forked late (Cow) is one nothing else needs earlier: no
+	// child, no other member in its group or session.
+	for i, m := range t.Procs {
+		if !m.Cow {
+			continue
+		}
+		if i == 0 || m.Zombie {
+			return corruptf("tree member pid %d forked from its parent late", m.Pid)
+		}
+		for _, o := range t.Procs {
+			if o.Pid != m.Pid && (o.PPid == m.Pid || o.Pgid == m.Pid || o.Sid == m.Pid) {
+				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", m.Pid, o.Pid)
+			}
+		}
+	}
 	return nil
 }
 
@@ -399,6 +414,12 @@ func CheckVMA(v *VMA, prev []*VMA) error {
 	}
 	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > MaxAddr {
 		return corruptf("memory area %#x-%#x", v.Start, v.End)
+	}
+	for i, r := range v.InParent {
+		if v.Kind != VMAAnon || v.Shared || r[0]%pageSize != 0 || r[1]%pageSize != 0 || r[1] <= r[0] ||
+			r[0] < v.Start || r[1] > v.End || (i > 0 && r[0] < v.InParent[i-1][1]) {
+			return corruptf("memory area %#x-%#x: pages in its parent %#x-%#x", v.Start, v.End, r[0], r[1])
+		}
 	}
 	if len(prev) > 0 && prev[len(prev)-1].End > v.Start {
 		return corruptf("memory areas overlap or are out of order at %#x", v.Start)
@@ -666,3 +687,16 @@ func (c *checker) checkFile(f *File) error {
 
 // MaxFiles bounds the File objects of a process.
 const MaxFiles = 1 << 12
+
+// ThreadInPlace reports whether a thread record for tid may follow n
+// thread records of process p: the main thread's (tid == pid) comes
+// first, or never when the main thread had exited (p.LeaderExited).
+func ThreadInPlace(p *Process, n, tid int) bool {
+	if tid <= 0 {
+		return false
+	}
+	if p.LeaderExited {
+		return tid != p.Pid
+	}
+	return (n == 0) == (tid == p.Pid)
+}

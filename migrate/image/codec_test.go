@@ -276,6 +276,7 @@ func TestStructureOneVerdict(t *testing.T) {
 		{"thread first", []any{&Thread{Tid: 1}}, "unexpected thread record"},
 		{"no thread", []any{proc(1, 1), vma(0x1000, 0x3000)}, "memory area before the thread records"},
 		{"thread out of place", []any{proc(1, 2), &Thread{Tid: 2}}, "thread 2 out of place"},
+		{"exited main thread recorded", []any{&Process{Pid: 1, Threads: 2, LeaderExited: true}, &Thread{Tid: 2}, &Thread{Tid: 1}}, "thread 1 out of place"},
 		{"too many threads", []any{proc(1, 1), &Thread{Tid: 1}, &Thread{Tid: 2}}, "unexpected thread record"},
 		{"areas overlap", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1000, 0x3000), vma(0x2000, 0x4000)}, "memory areas overlap"},
 		{"area unaligned", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1001, 0x3000)}, "memory area 0x1001-0x3000"},

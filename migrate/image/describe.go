@@ -67,6 +67,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 				if m.Zombie {
 					fmt.Fprintf(w, " zombie (status %#x)", m.ExitStatus)
 				}
+				if m.Cow {
+					fmt.Fprint(w, " cow (forked from its parent, sharing pages)")
+				}
 				fmt.Fprintln(w)
 			}
 		case *Process:
@@ -143,6 +146,9 @@ func describeObjects(w io.Writer, objects []string) {
 func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []hash.Hash, saved []uint64, fds []*FD, regNames []string) {
 	fmt.Fprintf(w, "Process: %s (pid %d), exe %s, cwd %s\n", p.Comm, p.Pid, p.Exe, p.Cwd)
 	fmt.Fprintf(w, "Frozen on %s (kernel %s), %d thread(s)\n", p.Host, p.Kernel, p.Threads)
+	if p.LeaderExited {
+		fmt.Fprintf(w, "Main thread %d had exited (pthread_exit): a zombie until the last thread ends\n", p.Pid)
+	}
 	c := p.Creds
 	fmt.Fprintf(w, "Credentials: uid %v gid %v groups %v cap_eff %#x cap_prm %#x cap_bnd %#x\n", c.Uid, c.Gid, c.Groups, c.CapEff, c.CapPrm, c.CapBnd)
 	fmt.Fprintf(w, "mm: code %#x-%#x data %#x-%#x brk %#x-%#x stack %#x\n", p.MM.StartCode, p.MM.EndCode, p.MM.StartData, p.MM.EndData, p.MM.StartBrk, p.MM.Brk, p.MM.StartStack)
