@@ -635,7 +635,7 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	wl := scheduler.Workload{ID: newID(), Name: name, Command: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd,
 		UID: -1, GID: -1, Labels: req.Labels, Constraints: req.Constraints, VIP: req.VIP,
 		Resources: scheduler.Resources{CPUMilli: req.CPUMilli, MemoryMB: req.MemoryMB},
-		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, Migrate: req.Migrate, CreatedAt: time.Now().UnixNano()}
+		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, Migrate: req.Migrate, Fence: req.Fence, CreatedAt: time.Now().UnixNano()}
 	// Range-checked before the conversion: 2^32 or -7 must never wrap.
 	if req.UID != nil {
 		id, err := scheduler.CheckID("uid", *req.UID)
@@ -915,7 +915,7 @@ func apiWorkload(w *scheduler.Workload) api.Workload {
 	}
 	return api.Workload{Failover: fo, ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
 		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
-		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Desired: w.Desired,
+		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Fence: w.Fence, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
 		PID: w.PID, NSPID: w.NSPID, InitPID: w.InitPID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
 		StartedAt: unixTime(w.StartedAt), EndedAt: unixTime(w.EndedAt), ModifyIndex: w.ModifyIndex}

@@ -17,11 +17,12 @@ type checkpointPolicySetCmd struct {
 	interval time.Duration
 	keep     int
 	replicas int
+	fence    string
 }
 
 func (*checkpointPolicySetCmd) name() string { return "checkpoint policy set" }
 func (*checkpointPolicySetCmd) synopsis() string {
-	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] NAME   checkpoint matching workloads every D"
+	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] [-fence off] NAME   checkpoint matching workloads every D"
 }
 func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	c.selector = kvFlag{}
@@ -29,6 +30,7 @@ func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.interval, "interval", 0, "time between two checkpoints of a workload (required, at least 1s)")
 	fs.IntVar(&c.keep, "keep", 3, "checkpoints kept per workload; older ones are deleted everywhere")
 	fs.IntVar(&c.replicas, "replicas", 1, "copies of each checkpoint on other nodes")
+	fs.StringVar(&c.fence, "fence", "", "`off`: a node cut off from the majority leaves the matching workloads running (default freeze; a workload's own -fence wins)")
 }
 
 func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string) error {
@@ -39,7 +41,7 @@ func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string)
 		return usagef("-interval is required (a duration such as 5m)")
 	}
 	p, err := e.client.SetCheckpointPolicy(ctx, api.CheckpointPolicy{Name: args[0], Selector: c.selector,
-		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas})
+		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas, Fence: c.fence})
 	if err != nil {
 		return err
 	}

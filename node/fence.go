@@ -1,0 +1,184 @@
+package node
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pcluster/pcluster/scheduler"
+)
+
+// Fencing (docs/cluster.md, "Fencing"). A node cut off from the raft
+// majority cannot learn that the leader brought its workloads back
+// elsewhere; after Config.FenceAfter without contact the agent freezes
+// (cgroup freezer, reversible) those a failover could restore elsewhere
+// (scheduler.FenceApplies), so that two copies never serve at once. Back
+// in contact, with a current replica, it settles them before anything
+// else: thawed if the state still has them here, killed if not.
+
+// fenceCheckEvery is how often the agent compares the last contact with
+// the fence time: the fence acts at most this late.
+const fenceCheckEvery = 200 * time.Millisecond
+
+// checkFence freezes what the fence covers once the node has been out of
+// contact for longer than FenceAfter (Run only).
+func (a *Agent) checkFence(now time.Time) {
+	since := now.Sub(a.cfg.Contact())
+	if since <= a.cfg.FenceAfter {
+		if a.cutOff {
+			a.log.Warn("back in contact with the raft majority: fenced workloads are settled once the replica is current",
+				"fenced", len(a.fenced))
+			a.cutOff = false
+		}
+		return
+	}
+	if !a.cutOff {
+		a.cutOff = true
+		a.log.Warn("cut off from the raft majority: fencing", "last_contact", since.Round(time.Millisecond), "fence_after", a.cfg.FenceAfter)
+		if a.cg == nil {
+			a.log.Error("cannot fence: workloads run without cgroups, a failover may run a second copy while this node is cut off")
+		}
+	}
+	if a.cg == nil {
+		return
+	}
+	type victim struct {
+		id      string
+		attempt int
+	}
+	var vs []victim
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		for id, p := range a.procs {
+			if _, done := a.fenced[id]; done || p.stopping {
+				continue
+			}
+			if w, ok := s.Workloads[id]; ok && w.Attempt == p.attempt && scheduler.FenceApplies(s, w, a.cfg.Name) {
+				vs = append(vs, victim{id, p.attempt})
+			}
+		}
+	})
+	for _, v := range vs {
+		a.mu.Lock()
+		_, held := a.holding[v.id]
+		a.mu.Unlock()
+		if held {
+			continue // a migration's source holds it frozen and decides with the state
+		}
+		dir := a.cg.dir(v.id, v.attempt)
+		if len(procsOf(dir)) == 0 {
+			a.log.Error("cannot fence workload: no process in its cgroup", "workload", v.id, "attempt", v.attempt)
+			a.fenced[v.id] = v.attempt // said once; settled like the others
+			continue
+		}
+		if err := freeze(dir, true); err != nil {
+			a.log.Error("cannot fence workload", "workload", v.id, "err", err)
+			continue
+		}
+		a.fenced[v.id] = v.attempt
+		a.log.Warn("fenced: workload frozen while this node is cut off", "workload", v.id, "attempt", v.attempt)
+	}
+}
+
+// settleFence decides the workloads the fence froze, once the node is
+// back in contact and its replica current (reconcile calls it first):
+// thawed if the state still has them here at the same attempt, killed if
+// they run elsewhere now (or are gone), left frozen while they are lost
+// here and the leader has not decided yet.
+func (a *Agent) settleFence() {
+	if a.cutOff || len(a.fenced) == 0 {
+		return
+	}
+	now := time.Now()
+	for id, attempt := range a.fenced {
+		var v scheduler.FenceVerdict
+		a.cfg.FSM.Read(func(s *scheduler.State) { v = scheduler.AfterFence(s, id, attempt, a.cfg.Name) })
+		dir := a.cg.dir(id, attempt)
+		switch v {
+		case scheduler.FenceWait:
+			continue
+		case scheduler.FenceThaw:
+			a.log.Warn("back in contact and the workload is still this node's: thawing", "workload", id, "attempt", attempt)
+			if err := freeze(dir, false); err != nil {
+				a.log.Error("thaw fenced workload", "workload", id, "err", err)
+				continue // tried again next round
+			}
+		case scheduler.FenceKill:
+			a.log.Warn("workload runs elsewhere now: killing this node's stale copy (frozen by the fence)", "workload", id, "attempt", attempt)
+			if err := kill(dir); err != nil {
+				a.log.Error("kill fenced workload", "workload", id, "err", err)
+			}
+			if p := a.procs[id]; p != nil && p.attempt == attempt {
+				a.signal(p, syscall.SIGKILL)
+				p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
+			}
+			// Thawed, so that settleHeld does not take it for a
+			// migration's held original; the killed tasks exit.
+			freeze(dir, false)
+		}
+		delete(a.fenced, id)
+	}
+}
+
+// killStrays kills at once the processes left running in this node's
+// workload cgroups for an attempt that the state has since brought back
+// on another node: a copy that ran on while this node's pclusterd was
+// down (a failover; nothing fenced it, no agent ran). Frozen cgroups are
+// settleHeld's and the fence's; the attempts this agent watches, migrates
+// or receives are left to those paths.
+func (a *Agent) killStrays() {
+	if a.cg == nil {
+		return
+	}
+	ents, err := os.ReadDir(a.cg.base)
+	if err != nil {
+		return
+	}
+	now := time.Now()
+	for _, e := range ents {
+		i := strings.LastIndexByte(e.Name(), '.')
+		if !e.IsDir() || i <= 0 {
+			continue
+		}
+		id := e.Name()[:i]
+		attempt, err := strconv.Atoi(e.Name()[i+1:])
+		if err != nil {
+			continue
+		}
+		if p := a.procs[id]; p != nil && (p.attempt == attempt || p.stopping) || a.moved[id] == attempt {
+			continue
+		}
+		if _, f := a.fenced[id]; f {
+			continue
+		}
+		a.mu.Lock()
+		_, held := a.holding[id]
+		busy := held || a.claimed[id] > 0 || a.incoming[id] != ""
+		a.mu.Unlock()
+		if busy {
+			continue
+		}
+		stray, to := false, ""
+		a.cfg.FSM.Read(func(s *scheduler.State) {
+			w, ok := s.Workloads[id]
+			stray = ok && attempt < w.Attempt && w.Node != a.cfg.Name && w.DesiredNode != a.cfg.Name && s.ActiveMigration(id) == nil
+			if ok {
+				to = w.Node
+			}
+		})
+		dir := filepath.Join(a.cg.base, e.Name())
+		if !stray || frozen(dir) || len(procsOf(dir)) == 0 {
+			continue
+		}
+		a.log.Warn("workload runs elsewhere now: killing this node's stale copy (left running while no agent ran here)",
+			"workload", id, "attempt", attempt, "on", to)
+		if err := kill(dir); err != nil {
+			a.log.Error("kill stale copy", "workload", id, "err", err)
+		}
+		if p := a.procs[id]; p != nil && !p.stopping {
+			p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
+		}
+	}
+}
