@@ -185,10 +185,14 @@ type Agent struct {
 	// again by repairCopies (Run only).
 	ckptPushAt map[string]time.Time
 	// cutOff: the node is out of contact with the majority for longer
-	// than FenceAfter; fenced: the attempt of each workload whose cgroup
-	// the fence froze, until reconcile settles it (Run only).
-	cutOff bool
-	fenced map[string]int
+	// than FenceAfter (fenceLoop writes it); fenced: the attempt of each
+	// workload whose cgroup the fence froze, until reconcile settles it;
+	// capturing: the workloads a checkpoint is capturing now, which the
+	// fence leaves until the capture ends (and a fenced one is not
+	// captured). All three under mu.
+	cutOff    bool
+	fenced    map[string]int
+	capturing map[string]bool
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -206,7 +210,7 @@ func New(cfg Config) *Agent {
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
 		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{}, ckptPushAt: map[string]time.Time{},
-		fenced: map[string]int{},
+		fenced: map[string]int{}, capturing: map[string]bool{},
 		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 	if cfg.Cgroups {
@@ -259,30 +263,19 @@ func (a *Agent) Run(ctx context.Context) {
 	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	var fenceTick <-chan time.Time // nil: no fencing
 	if a.cfg.FenceAfter > 0 && a.cfg.Contact != nil {
-		ft := time.NewTicker(fenceCheckEvery)
-		defer ft.Stop()
-		fenceTick = ft.C
+		a.wg.Add(1)
+		go a.fenceLoop(ctx) // ends with ctx; Run waits for it
 	}
-	onlyFence := false
-	var changed <-chan struct{}
 	for {
-		if !onlyFence {
-			changed = a.cfg.FSM.Changed()
-			if a.current(ctx) {
-				a.reconcile(ctx)
-			}
-			a.flush(ctx)
+		changed := a.cfg.FSM.Changed()
+		if a.current(ctx) {
+			a.reconcile(ctx)
 		}
-		onlyFence = false
+		a.flush(ctx)
 		select {
 		case <-ctx.Done():
 			return
-		case now := <-fenceTick:
-			// The fence's own beat: not a reason for a reconcile round.
-			a.checkFence(now)
-			onlyFence = true
 		case ev := <-a.exits:
 			a.exited(ev)
 		case d := <-a.departures:
@@ -589,7 +582,10 @@ func (a *Agent) settleHeld() {
 		a.mu.Lock()
 		_, mine := a.holding[h.wid]
 		a.mu.Unlock()
-		if at, f := a.fenced[h.wid]; mine || f && at == h.attempt {
+		a.mu.Lock()
+		at, f := a.fenced[h.wid]
+		a.mu.Unlock()
+		if mine || f && at == h.attempt {
 			continue // a migration of this agent's, or the fence's (settleFence)
 		}
 		verdict := "kill"

@@ -1,6 +1,8 @@
 package node
 
 import (
+	"context"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -19,24 +21,45 @@ import (
 // in contact, with a current replica, it settles them before anything
 // else: thawed if the state still has them here, killed if not.
 
-// fenceCheckEvery is how often the agent compares the last contact with
+// fenceCheckEvery is how often the fence compares the last contact with
 // the fence time: the fence acts at most this late.
 const fenceCheckEvery = 200 * time.Millisecond
 
+// fenceLoop checks the fence every fenceCheckEvery until ctx ends. It is
+// a goroutine of its own, not a case of Run's loop: Run can wait several
+// seconds on a leader that does not answer (its sync, its reports), the
+// very moment the fence must not be late.
+func (a *Agent) fenceLoop(ctx context.Context) {
+	defer a.wg.Done()
+	t := time.NewTicker(fenceCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			a.checkFence(now)
+		}
+	}
+}
+
 // checkFence freezes what the fence covers once the node has been out of
-// contact for longer than FenceAfter (Run only).
+// contact for longer than FenceAfter (fenceLoop only).
 func (a *Agent) checkFence(now time.Time) {
 	since := now.Sub(a.cfg.Contact())
-	if since <= a.cfg.FenceAfter {
-		if a.cutOff {
-			a.log.Warn("back in contact with the raft majority: fenced workloads are settled once the replica is current",
-				"fenced", len(a.fenced))
-			a.cutOff = false
-		}
+	cut := since > a.cfg.FenceAfter
+	a.mu.Lock()
+	was := a.cutOff
+	a.cutOff = cut
+	n := len(a.fenced)
+	a.mu.Unlock()
+	switch {
+	case !cut && was:
+		a.log.Warn("back in contact with the raft majority: fenced workloads are settled once the replica is current", "fenced", n)
 		return
-	}
-	if !a.cutOff {
-		a.cutOff = true
+	case !cut:
+		return
+	case !was:
 		a.log.Warn("cut off from the raft majority: fencing", "last_contact", since.Round(time.Millisecond), "fence_after", a.cfg.FenceAfter)
 		if a.cg == nil {
 			a.log.Error("cannot fence: workloads run without cgroups, a failover may run a second copy while this node is cut off")
@@ -50,34 +73,37 @@ func (a *Agent) checkFence(now time.Time) {
 		attempt int
 	}
 	var vs []victim
+	// The FSM's lock before mu, as reconcile takes them.
 	a.cfg.FSM.Read(func(s *scheduler.State) {
+		a.mu.Lock()
+		defer a.mu.Unlock()
 		for id, p := range a.procs {
-			if _, done := a.fenced[id]; done || p.stopping {
+			_, done := a.fenced[id]
+			_, held := a.holding[id]
+			// held: a migration's source holds it frozen and decides
+			// with the state; capturing: the next check takes it.
+			if done || held || a.capturing[id] {
 				continue
 			}
 			if w, ok := s.Workloads[id]; ok && w.Attempt == p.attempt && scheduler.FenceApplies(s, w, a.cfg.Name) {
+				a.fenced[id] = p.attempt // from now on no capture starts
 				vs = append(vs, victim{id, p.attempt})
 			}
 		}
 	})
 	for _, v := range vs {
-		a.mu.Lock()
-		_, held := a.holding[v.id]
-		a.mu.Unlock()
-		if held {
-			continue // a migration's source holds it frozen and decides with the state
-		}
 		dir := a.cg.dir(v.id, v.attempt)
 		if len(procsOf(dir)) == 0 {
 			a.log.Error("cannot fence workload: no process in its cgroup", "workload", v.id, "attempt", v.attempt)
-			a.fenced[v.id] = v.attempt // said once; settled like the others
-			continue
+			continue // said once: it stays in fenced, settled like the others
 		}
 		if err := freeze(dir, true); err != nil {
 			a.log.Error("cannot fence workload", "workload", v.id, "err", err)
+			a.mu.Lock()
+			delete(a.fenced, v.id) // tried again next check
+			a.mu.Unlock()
 			continue
 		}
-		a.fenced[v.id] = v.attempt
 		a.log.Warn("fenced: workload frozen while this node is cut off", "workload", v.id, "attempt", v.attempt)
 	}
 }
@@ -88,11 +114,14 @@ func (a *Agent) checkFence(now time.Time) {
 // they run elsewhere now (or are gone), left frozen while they are lost
 // here and the leader has not decided yet.
 func (a *Agent) settleFence() {
-	if a.cutOff || len(a.fenced) == 0 {
-		return
+	a.mu.Lock()
+	fenced := maps.Clone(a.fenced)
+	if a.cutOff {
+		fenced = nil
 	}
+	a.mu.Unlock()
 	now := time.Now()
-	for id, attempt := range a.fenced {
+	for id, attempt := range fenced {
 		var v scheduler.FenceVerdict
 		a.cfg.FSM.Read(func(s *scheduler.State) { v = scheduler.AfterFence(s, id, attempt, a.cfg.Name) })
 		dir := a.cg.dir(id, attempt)
@@ -118,7 +147,11 @@ func (a *Agent) settleFence() {
 			// migration's held original; the killed tasks exit.
 			freeze(dir, false)
 		}
-		delete(a.fenced, id)
+		a.mu.Lock()
+		if a.fenced[id] == attempt {
+			delete(a.fenced, id)
+		}
+		a.mu.Unlock()
 	}
 }
 
@@ -150,12 +183,10 @@ func (a *Agent) killStrays() {
 		if p := a.procs[id]; p != nil && (p.attempt == attempt || p.stopping) || a.moved[id] == attempt {
 			continue
 		}
-		if _, f := a.fenced[id]; f {
-			continue
-		}
 		a.mu.Lock()
 		_, held := a.holding[id]
-		busy := held || a.claimed[id] > 0 || a.incoming[id] != ""
+		_, fenced := a.fenced[id]
+		busy := held || fenced || a.claimed[id] > 0 || a.incoming[id] != ""
 		a.mu.Unlock()
 		if busy {
 			continue
