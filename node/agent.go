@@ -421,7 +421,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 			if m.Source != a.cfg.Name || m.State != scheduler.MigrationPlanned || a.outgoing[m.ID] {
 				continue
 			}
-			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping && !a.ckptBusy(m.WorkloadID) {
+			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping && !a.ckptBusy(m.WorkloadID) &&
+				!a.isFenced(m.WorkloadID) {
 				a.outgoing[m.ID] = true
 				outs = append(outs, out{*m, p.pid, p.pidns})
 			}

@@ -108,6 +108,16 @@ func (a *Agent) checkFence(now time.Time) {
 	}
 }
 
+// isFenced reports whether the fence froze the workload and has not
+// settled it yet: no migration starts on it (its capture would wait on
+// frozen tasks).
+func (a *Agent) isFenced(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.fenced[id]
+	return ok
+}
+
 // settleFence decides the workloads the fence froze, once the node is
 // back in contact and its replica current (reconcile calls it first):
 // thawed if the state still has them here at the same attempt, killed if
