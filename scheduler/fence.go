@@ -41,6 +41,12 @@ func EffectiveFence(s *State, w *Workload) string {
 // policy that restarts it after a failure (PlanFailover's two ways). A
 // workload no failover could replace keeps running: freezing it would
 // only stop the one copy there is.
+//
+// The node decides from its own replica, which may lag the leader's by
+// the entries committed just before the cut: a copy counts as soon as
+// the leader chose its node as a target (the taker pushes only once its
+// replica lists the checkpoint, targets included), not only once the
+// copy's entry (holders) reached this replica.
 func FenceApplies(s *State, w *Workload, node string) bool {
 	if w.Node != node || w.Desired != DesiredRunning || w.State != StateRunning && w.State != StateLost ||
 		EffectiveFence(s, w) != FenceFreeze {
@@ -51,7 +57,7 @@ func FenceApplies(s *State, w *Workload, node string) bool {
 	}
 	if r := s.Checkpoints[w.ID]; r != nil {
 		for _, c := range r.List {
-			for _, h := range c.Holders {
+			for _, h := range append(c.Holders[:len(c.Holders):len(c.Holders)], c.Targets...) {
 				if h != node {
 					return true
 				}

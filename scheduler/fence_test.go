@@ -25,6 +25,8 @@ func TestFenceApplies(t *testing.T) {
 	}{
 		{name: "copy on another node", w: run(nil), ckpts: held("a", "b"), want: true},
 		{name: "copy only here: nothing to restore elsewhere", w: run(nil), ckpts: held("a")},
+		{name: "copy pushed, its entry not in this replica yet", w: run(nil), want: true,
+			ckpts: map[string]*WorkloadCheckpoints{"w": {Seq: 1, List: []*Checkpoint{{WorkloadID: "w", Seq: 1, Node: "a", Holders: []string{"a"}, Targets: []string{"b"}}}}}},
 		{name: "no checkpoint, restart never", w: run(nil)},
 		{name: "no checkpoint, restart on-failure", w: run(func(w *Workload) { w.Restart.Mode = RestartOnFailure }), want: true},
 		{name: "restarts used up", w: run(func(w *Workload) { w.Restart = RestartPolicy{Mode: RestartAlways, Max: 2}; w.Restarts = 2 })},
