@@ -54,7 +54,7 @@ type Config struct {
 	// declared down. FenceAfter (with Failover; 0: no fencing): a node
 	// out of contact with the raft majority this long freezes the
 	// workloads a failover could bring back elsewhere (node/fence.go).
-	// New refuses a FenceAfter that is not shorter than the least time
+	// Start refuses a FenceAfter that is not shorter than the least time
 	// the leader waits from a cut to a failover (fenceMargin).
 	Failover      bool
 	FailoverAfter time.Duration
