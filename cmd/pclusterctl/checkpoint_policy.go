@@ -79,9 +79,9 @@ func (*checkpointPolicyListCmd) run(ctx context.Context, e *env, args []string) 
 		}
 		sort.Strings(sel)
 		rows = append(rows, []string{shown(p.Name), dash(strings.Join(sel, ",")), time.Duration(p.Interval).String(),
-			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas)})
+			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas), dash(p.Fence)})
 	}
-	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS", rows)
+	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS FENCE", rows)
 }
 
 type checkpointPolicyDeleteCmd struct{}
