@@ -48,7 +48,11 @@ func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string)
 	if e.json {
 		return printJSON(e.stdout, p)
 	}
-	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas)
+	fence := ""
+	if p.Fence != "" {
+		fence = ", fence " + shown(p.Fence)
+	}
+	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas%s\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas, fence)
 	return nil
 }
 
