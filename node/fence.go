@@ -2,6 +2,8 @@ package node
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -73,29 +75,42 @@ func (a *Agent) checkFence(now time.Time) {
 		attempt int
 	}
 	var vs []victim
-	// The FSM's lock before mu, as reconcile takes them.
+	// What the replica runs here, not only what this agent watches: an
+	// agent that started while the node is cut off has adopted nothing
+	// yet (it adopts once its replica is current), and the processes run
+	// on in their cgroups. The FSM's lock before mu, as reconcile takes
+	// them.
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		a.mu.Lock()
 		defer a.mu.Unlock()
-		for id, p := range a.procs {
+		for id, w := range s.Workloads {
 			_, done := a.fenced[id]
 			_, held := a.holding[id]
 			// held: a migration's source holds it frozen and decides
-			// with the state; capturing: the next check takes it.
-			if done || held || a.capturing[id] {
+			// with the state, as it does once a migration is past
+			// planned; capturing: the next check takes it.
+			if w.Node != a.cfg.Name || done || held || a.capturing[id] {
 				continue
 			}
-			if w, ok := s.Workloads[id]; ok && w.Attempt == p.attempt && scheduler.FenceApplies(s, w, a.cfg.Name) {
-				a.fenced[id] = p.attempt // from now on no capture starts
-				vs = append(vs, victim{id, p.attempt})
+			if m := s.ActiveMigration(id); m != nil && m.State != scheduler.MigrationPlanned {
+				continue
+			}
+			if p := a.procs[id]; p != nil && p.attempt != w.Attempt {
+				continue
+			}
+			if scheduler.FenceApplies(s, w, a.cfg.Name) {
+				a.fenced[id] = w.Attempt // from now on no capture starts
+				vs = append(vs, victim{id, w.Attempt})
 			}
 		}
 	})
 	for _, v := range vs {
 		dir := a.cg.dir(v.id, v.attempt)
 		if len(procsOf(dir)) == 0 {
-			a.log.Error("cannot fence workload: no process in its cgroup", "workload", v.id, "attempt", v.attempt)
-			continue // said once: it stays in fenced, settled like the others
+			// Ended while no agent watched, or never in a cgroup (an
+			// agent without them started it): settled like the others.
+			a.log.Info("nothing to fence: no process in the workload's cgroup", "workload", v.id, "attempt", v.attempt)
+			continue
 		}
 		if err := freeze(dir, true); err != nil {
 			a.log.Error("cannot fence workload", "workload", v.id, "err", err)
@@ -140,7 +155,7 @@ func (a *Agent) settleFence() {
 			continue
 		case scheduler.FenceThaw:
 			a.log.Warn("back in contact and the workload is still this node's: thawing", "workload", id, "attempt", attempt)
-			if err := freeze(dir, false); err != nil {
+			if err := freeze(dir, false); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				a.log.Error("thaw fenced workload", "workload", id, "err", err)
 				continue // tried again next round
 			}

@@ -57,7 +57,7 @@ func TestFence(t *testing.T) {
 	}
 	var cut atomic.Bool
 	logs := &syncBuffer{}
-	a := New(Config{Name: name, DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
+	cfg := Config{Name: name, DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
 		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second,
 		Contact: func() time.Time {
 			if cut.Load() {
@@ -76,16 +76,21 @@ func TestFence(t *testing.T) {
 			defer l.mu.Unlock()
 			return l.idx, nil
 		},
-	})
+	}
+	a := New(cfg)
 	if a.cg == nil {
 		t.Skip("no cgroup v2 freezer here")
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.Run(ctx); close(done) }()
+	var stop func()
+	run := func(a *Agent) {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { a.Run(ctx); close(done) }()
+		stop = func() { cancel(); <-done }
+	}
+	run(a)
 	t.Cleanup(func() {
-		cancel()
-		<-done
+		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
 			t.Error(err)
 		}
@@ -173,5 +178,26 @@ func TestFence(t *testing.T) {
 		if w := l.get(id); w.State != scheduler.StateLost && w.State != scheduler.StateRunning || isFrozen(id, 1) {
 			t.Errorf("%s: %s, frozen %v; want it left running", id, w.State, isFrozen(id, 1))
 		}
+	}
+
+	// A new agent (pclusterd restarted) while the node is cut off: it has
+	// adopted nothing, yet fences what its replica runs here.
+	if err := l.apply(scheduler.CmdWorkloadCreate, &scheduler.WorkloadCreateCmd{Workload: scheduler.Workload{ID: "w4", Command: "sleep",
+		Args: []string{"1000"}, UID: -1, GID: -1, DesiredNode: name, Restart: scheduler.RestartPolicy{Mode: scheduler.RestartAlways}}}); err != nil {
+		t.Fatal(err)
+	}
+	w4 := l.wait(t, "w4", scheduler.StateRunning)
+	stop()
+	cut.Store(true)
+	b := New(cfg)
+	run(b)
+	waitFor("w4 frozen by the new agent", func() bool { return isFrozen("w4", 1) })
+	if isFrozen("w2", 1) || isFrozen("w3", 1) {
+		t.Errorf("the new agent froze w2 %v, w3 %v; want neither", isFrozen("w2", 1), isFrozen("w3", 1))
+	}
+	cut.Store(false)
+	waitFor("w4 thawed and adopted", func() bool { return !isFrozen("w4", 1) && b.Workloads() >= 3 })
+	if got := l.get("w4"); got.State != scheduler.StateRunning || got.PID != w4.PID {
+		t.Errorf("w4 after the new agent's return: %s pid %d, want running pid %d", got.State, got.PID, w4.PID)
 	}
 }

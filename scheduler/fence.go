@@ -81,6 +81,12 @@ const (
 // while it was cut off, from a replica that is current again.
 func AfterFence(s *State, id string, attempt int, node string) FenceVerdict {
 	w, ok := s.Workloads[id]
+	if m := s.ActiveMigration(id); ok && m != nil && m.Source == node && m.Attempt == attempt && m.State != MigrationPlanned {
+		// Its migration decides (the source resumes the original on an
+		// abort, kills it on a commit); a thaw now could let it run
+		// while the target starts its copy.
+		return FenceWait
+	}
 	switch {
 	case !ok || w.Node != node || w.Attempt != attempt:
 		return FenceKill

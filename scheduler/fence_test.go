@@ -48,9 +48,10 @@ func TestFenceApplies(t *testing.T) {
 
 func TestAfterFence(t *testing.T) {
 	cases := []struct {
-		name string
-		w    *Workload // nil: removed from the state
-		want FenceVerdict
+		name      string
+		w         *Workload // nil: removed from the state
+		want      FenceVerdict
+		migration *Migration
 	}{
 		{name: "still running here", w: &Workload{Node: "a", Attempt: 1, State: StateRunning, Desired: DesiredRunning}, want: FenceThaw},
 		{name: "stopped meanwhile", w: &Workload{Node: "a", Attempt: 1, State: StateRunning, Desired: DesiredStopped}, want: FenceThaw},
@@ -60,9 +61,16 @@ func TestAfterFence(t *testing.T) {
 		{name: "restarted here at a later attempt", w: &Workload{Node: "a", Attempt: 2, State: StateRunning, Desired: DesiredRunning}, want: FenceKill},
 		{name: "ended", w: &Workload{Node: "a", Attempt: 1, State: StateExited, Desired: DesiredRunning}, want: FenceKill},
 		{name: "removed", want: FenceKill},
+		{name: "its migration transferring", w: &Workload{Node: "a", Attempt: 1, State: StateRunning, Desired: DesiredRunning}, want: FenceWait,
+			migration: &Migration{ID: "m", WorkloadID: "w", Source: "a", Target: "b", Attempt: 1, State: MigrationTransferring}},
+		{name: "its migration only planned", w: &Workload{Node: "a", Attempt: 1, State: StateRunning, Desired: DesiredRunning}, want: FenceThaw,
+			migration: &Migration{ID: "m", WorkloadID: "w", Source: "a", Target: "b", Attempt: 1, State: MigrationPlanned}},
 	}
 	for _, c := range cases {
-		s := &State{Workloads: map[string]*Workload{}}
+		s := &State{Workloads: map[string]*Workload{}, Migrations: map[string]*Migration{}}
+		if c.migration != nil {
+			s.Migrations[c.migration.ID] = c.migration
+		}
 		if c.w != nil {
 			c.w.ID = "w"
 			s.Workloads["w"] = c.w
