@@ -20,13 +20,13 @@ import (
 
 // The ways TestFailoverFromCheckpoint loses a node: "cut", its link down
 // (its pclusterd runs on, cut off: it fences its copy, and kills it when
-// the link is back); "kill", its pclusterd SIGKILLed (the copy runs on
-// with no agent; the restarted agent kills it at once).
+// the link is back); "kill", its pclusterd SIGKILLed (its watchdog
+// fences the copy; the restarted agent kills it).
 var failoverModes = []string{"cut", "kill"}
 
 // failoverTimes is one trial's timeline, from the cut or the kill.
 type failoverTimes struct {
-	fenced   time.Duration // the cut-off copy's cgroup frozen (cut only)
+	fenced   time.Duration // the lost node's copy's cgroup frozen (cut: by its agent's fence; kill: by its watchdog)
 	lost     time.Duration // detection: the majority's state says lost
 	decided  time.Duration // decision: placed on another node
 	running  time.Duration // restore: running there
@@ -42,8 +42,9 @@ type failoverTimes struct {
 // link cut, the cut-off copy is frozen by the node's fence before the
 // leader decides the failover, and its log does not grow from then on;
 // when the link comes back its agent kills it. With the node's pclusterd
-// killed instead, the copy runs on without an agent; the restarted agent
-// kills it at once.
+// SIGKILLed instead, the node's fence watchdog freezes the copy before
+// the leader decides, as the fence would (and it writes nothing from
+// then on); the restarted agent kills it.
 //
 // PCLUSTER_FAILOVER_TRIALS (default 1) sets the trials per mode; each
 // trial loses the next node in turn and logs its timeline, the last line
@@ -98,13 +99,11 @@ func TestFailoverFromCheckpoint(t *testing.T) {
 			return fmt.Sprintf("%s %.1f/%.1f/%.1f s", what, ds[0].Seconds(), ds[len(ds)/2].Seconds(), ds[len(ds)-1].Seconds())
 		}
 		parts := []string{
+			spread("fenced", func(x failoverTimes) time.Duration { return x.fenced }),
 			spread("lost", func(x failoverTimes) time.Duration { return x.lost }),
 			spread("decided", func(x failoverTimes) time.Duration { return x.decided }),
 			spread("running", func(x failoverTimes) time.Duration { return x.running }),
 			spread("stale copy gone", func(x failoverTimes) time.Duration { return x.staleEnd }),
-		}
-		if mode == "cut" {
-			parts = append([]string{spread("fenced", func(x failoverTimes) time.Duration { return x.fenced })}, parts...)
 		}
 		t.Logf("%s: %d trials (min/median/max): %s", mode, len(ts), strings.Join(parts, ", "))
 	}
@@ -181,10 +180,10 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	for deadline := start.Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		// The fence first: a freeze seen before the state's decision in
 		// the same round came before it.
-		if mode == "cut" && frozenSize < 0 && frozen(victim, w.ID, 1) {
+		if frozenSize < 0 && frozen(victim, w.ID, 1) {
 			ft.fenced = time.Since(start)
 			_, frozenSize = fl.logOf(victim, w.ID)
-			t.Logf("trial %s %d: %6.2fs the cut-off copy on %s is frozen", mode, i, ft.fenced.Seconds(), victim.name)
+			t.Logf("trial %s %d: %6.2fs the lost node's copy on %s is frozen", mode, i, ft.fenced.Seconds(), victim.name)
 		}
 		got, err = stale.Workload(context.Background(), w.ID)
 		now := time.Since(start)
@@ -198,9 +197,9 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 			}
 			if got.Node != victim.name && ft.decided == 0 {
 				ft.decided = now
-				if mode == "cut" && frozenSize < 0 {
-					t.Fatalf("trial %s %d: the failover to %s was decided %.2fs after the cut, before the cut-off copy on %s was frozen",
-						mode, i, got.Node, now.Seconds(), victim.name)
+				if frozenSize < 0 {
+					t.Fatalf("trial %s %d: the failover to %s was decided %.2fs after the %s, before the lost node's copy on %s was frozen",
+						mode, i, got.Node, now.Seconds(), mode, victim.name)
 				}
 			}
 			if got.State == "running" && got.Node != victim.name && got.PID != 0 && got.Failover != nil {
@@ -247,13 +246,13 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		!strings.Contains(out, fmt.Sprintf("restored from checkpoint %d", got.Failover.Checkpoint)) {
 		t.Errorf("trial %s %d: status: got %q, want the failover line", mode, i, out)
 	}
+	if oldSize != frozenSize {
+		t.Fatalf("trial %s %d: the lost node's copy's log grew from %d to %d bytes after it was frozen", mode, i, frozenSize, oldSize)
+	}
+	if !frozen(victim, w.ID, 1) {
+		t.Fatalf("trial %s %d: the lost node's copy on %s is no longer frozen while the node is lost", mode, i, victim.name)
+	}
 	if mode == "cut" {
-		if oldSize != frozenSize {
-			t.Fatalf("trial %s %d: the cut-off copy's log grew from %d to %d bytes after it was frozen", mode, i, frozenSize, oldSize)
-		}
-		if !frozen(victim, w.ID, 1) {
-			t.Fatalf("trial %s %d: the cut-off copy on %s is no longer frozen while the link is down", mode, i, victim.name)
-		}
 		fl.lab.Cut(t, v, false)
 	} else {
 		c.launch(victim)
@@ -268,7 +267,7 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	ft.staleEnd = time.Since(back)
 	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart"}[mode],
 		ft.staleEnd.Round(time.Millisecond))
-	if _, size := fl.logOf(victim, w.ID); mode == "cut" && size != frozenSize {
+	if _, size := fl.logOf(victim, w.ID); size != frozenSize {
 		t.Errorf("trial %s %d: the fenced copy wrote %d bytes before it was killed: it was thawed", mode, i, size-frozenSize)
 	}
 	c.waitFor(15*time.Second, victim.name+"'s log to say it killed its stale copy", func() error {

@@ -244,6 +244,12 @@ func Start(cfg Config) (s *Server, err error) {
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
 		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv,
 		ledAt: time.Now()} // the fence's clock starts with the daemon
+	if c, ok := node.LeaseContact(cfg.DataDir); ok && c.Before(s.ledAt) {
+		// Or earlier: a previous daemon's last contact, which its
+		// watchdog counts from (node/watchdog_linux.go). A restart must
+		// not push the fence past the leader's failover.
+		s.ledAt = c
+	}
 	s.metrics = newMetrics(s)
 	s.balancer = NewBalancer(s.Applier(), s.unreachable, scheduler.BalanceParams{Cooldown: cfg.BalanceCooldown}, s.log)
 	started := s // "return nil, err" sets s to nil before this runs
@@ -271,7 +277,7 @@ func Start(cfg Config) (s *Server, err error) {
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
 		VIPInterface: cfg.VIPInterface, Checkpoint: s.checkpointReport, PushCheckpoint: s.pushCheckpoint,
 		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve,
-		FenceAfter: fenceAfter, Contact: s.majorityContact})
+		FenceAfter: fenceAfter, Contact: s.majorityContact, Watchdog: true})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}

@@ -97,6 +97,12 @@ type Config struct {
 	// Contact returns when this node was last in contact with the raft
 	// majority: now while it leads, else its last contact with a leader.
 	Contact func() time.Time
+	// Watchdog (with FenceAfter and cgroups): the agent starts a fence
+	// watchdog that freezes what the fence covers if the agent dies and
+	// no new one takes over within FenceAfter of its last contact
+	// (node/watchdog_linux.go). The program must call WatchdogMain first
+	// when IsWatchdog.
+	Watchdog bool
 }
 
 // proc is one workload process this agent watches.
@@ -193,6 +199,10 @@ type Agent struct {
 	cutOff    bool
 	fenced    map[string]int
 	capturing map[string]bool
+	// leaseOwner: this agent's token in the fence lease; leaseErr: a
+	// failed renewal was logged (fenceLoop only, once started).
+	leaseOwner string
+	leaseErr   bool
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -264,6 +274,16 @@ func (a *Agent) Run(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	if a.cfg.FenceAfter > 0 && a.cfg.Contact != nil {
+		if a.cfg.Watchdog && a.cg != nil {
+			a.takeWatchdogFrozen()
+			if w, err := a.startWatchdog(a.cfg.Contact()); err != nil {
+				a.log.Error("no fence watchdog: the workloads are not fenced if pclusterd dies", "err", err)
+			} else {
+				// Closed when Run ends, or by the kernel when this
+				// process dies: the watchdog's clock starts.
+				defer w.Close()
+			}
+		}
 		a.wg.Add(1)
 		go a.fenceLoop(ctx) // ends with ctx; Run waits for it
 	}

@@ -48,8 +48,13 @@ func (a *Agent) fenceLoop(ctx context.Context) {
 // checkFence freezes what the fence covers once the node has been out of
 // contact for longer than FenceAfter (fenceLoop only).
 func (a *Agent) checkFence(now time.Time) {
-	since := now.Sub(a.cfg.Contact())
+	contact := a.cfg.Contact()
+	since := now.Sub(contact)
 	cut := since > a.cfg.FenceAfter
+	if a.leaseOwner != "" {
+		a.takeWatchdogFrozen()
+		a.writeLease(contact, a.fenceCandidates())
+	}
 	a.mu.Lock()
 	was := a.cutOff
 	a.cutOff = cut
@@ -237,4 +242,26 @@ func (a *Agent) killStrays() {
 			p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
 		}
 	}
+}
+
+// fenceCandidates lists the cgroups the fence would freeze now, for the
+// watchdog's lease: the workloads the replica runs here that a failover
+// could restore elsewhere, but for those a migration past planned holds
+// (their source decides).
+func (a *Agent) fenceCandidates() []leaseCgroup {
+	var out []leaseCgroup
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		for id, w := range s.Workloads {
+			if w.Node != a.cfg.Name {
+				continue
+			}
+			if m := s.ActiveMigration(id); m != nil && m.State != scheduler.MigrationPlanned {
+				continue
+			}
+			if scheduler.FenceApplies(s, w, a.cfg.Name) {
+				out = append(out, leaseCgroup{Dir: a.cg.dir(id, w.Attempt), Workload: id, Attempt: w.Attempt})
+			}
+		}
+	})
+	return out
 }
