@@ -94,6 +94,9 @@ func TestFenceQuickRestart(t *testing.T) {
 		}
 		return fmt.Errorf("lease %+v", old)
 	})
+	if len(processesWith(old.Owner)) == 0 {
+		t.Fatalf("no fence watchdog runs for %s's agent (lease owner %s)", victim.name, old.Owner)
+	}
 	b, _ := os.ReadFile(victim.logPath)
 	fences := bytes.Count(b, []byte("fenced: workload frozen"))
 

@@ -203,6 +203,11 @@ type Agent struct {
 	// failed renewal was logged (fenceLoop only, once started).
 	leaseOwner string
 	leaseErr   bool
+	// inherited: the cgroups the previous agent's lease listed, which the
+	// fence covers too until the replica is current for the first time
+	// (a restarted daemon's replica is its last snapshot until a leader
+	// speaks to it). Under mu.
+	inherited []leaseCgroup
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -276,6 +281,11 @@ func (a *Agent) Run(ctx context.Context) {
 	if a.cfg.FenceAfter > 0 && a.cfg.Contact != nil {
 		if a.cfg.Watchdog && a.cg != nil {
 			a.takeWatchdogFrozen()
+			if l, err := readLease(a.cfg.DataDir); err == nil {
+				a.mu.Lock()
+				a.inherited = l.Cgroups
+				a.mu.Unlock()
+			}
 			if w, err := a.startWatchdog(a.cfg.Contact()); err != nil {
 				a.log.Error("no fence watchdog: the workloads are not fenced if pclusterd dies", "err", err)
 			} else {
@@ -342,7 +352,13 @@ func (a *Agent) current(ctx context.Context) bool {
 	}
 	var at uint64
 	a.cfg.FSM.Read(func(s *scheduler.State) { at = s.Index })
-	return at >= a.syncIndex
+	if at < a.syncIndex {
+		return false
+	}
+	a.mu.Lock()
+	a.inherited = nil // the replica is current: it says what the fence covers
+	a.mu.Unlock()
+	return true
 }
 
 // adopt takes over a process that an earlier agent on this node started:

@@ -108,6 +108,14 @@ func (a *Agent) checkFence(now time.Time) {
 				vs = append(vs, victim{id, w.Attempt})
 			}
 		}
+		// What the previous agent's lease listed, while the replica may
+		// still lack it.
+		for _, c := range a.inherited {
+			if _, done := a.fenced[c.Workload]; !done && c.Dir == a.cg.dir(c.Workload, c.Attempt) {
+				a.fenced[c.Workload] = c.Attempt
+				vs = append(vs, victim{c.Workload, c.Attempt})
+			}
+		}
 	})
 	for _, v := range vs {
 		dir := a.cg.dir(v.id, v.attempt)
@@ -247,9 +255,16 @@ func (a *Agent) killStrays() {
 // fenceCandidates lists the cgroups the fence would freeze now, for the
 // watchdog's lease: the workloads the replica runs here that a failover
 // could restore elsewhere, but for those a migration past planned holds
-// (their source decides).
+// (their source decides), and until the replica is current those the
+// previous agent's lease listed.
 func (a *Agent) fenceCandidates() []leaseCgroup {
-	var out []leaseCgroup
+	a.mu.Lock()
+	out := append([]leaseCgroup(nil), a.inherited...)
+	a.mu.Unlock()
+	seen := map[string]bool{}
+	for _, c := range out {
+		seen[c.Dir] = true
+	}
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		for id, w := range s.Workloads {
 			if w.Node != a.cfg.Name {
@@ -258,8 +273,8 @@ func (a *Agent) fenceCandidates() []leaseCgroup {
 			if m := s.ActiveMigration(id); m != nil && m.State != scheduler.MigrationPlanned {
 				continue
 			}
-			if scheduler.FenceApplies(s, w, a.cfg.Name) {
-				out = append(out, leaseCgroup{Dir: a.cg.dir(id, w.Attempt), Workload: id, Attempt: w.Attempt})
+			if dir := a.cg.dir(id, w.Attempt); scheduler.FenceApplies(s, w, a.cfg.Name) && !seen[dir] {
+				out = append(out, leaseCgroup{Dir: dir, Workload: id, Attempt: w.Attempt})
 			}
 		}
 	})

@@ -141,7 +141,7 @@ func (a *Agent) startWatchdog(contact time.Time) (*os.File, error) {
 	tok := make([]byte, 8)
 	rand.Read(tok)
 	a.leaseOwner = fmt.Sprintf("%d-%s", os.Getpid(), hex.EncodeToString(tok))
-	a.writeLease(contact, nil)
+	a.writeLease(contact, a.fenceCandidates())
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("fence watchdog: %w", err)
