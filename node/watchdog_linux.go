@@ -238,8 +238,7 @@ func WatchdogMain() int {
 			time.Sleep(min(left, watchdogPoll))
 			continue
 		}
-		log.Warn("agent gone and no contact with the raft majority for the fence time: fencing",
-			"last_contact", (monotonic() - time.Duration(l.Contact)).Round(time.Millisecond), "fence_after", l.FenceAfter)
+		since := (monotonic() - time.Duration(l.Contact)).Round(time.Millisecond)
 		rec, err := os.OpenFile(filepath.Join(dataDir, frozenFile), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 		if err != nil {
 			log.Error("cannot record what it freezes: the next agent settles it as a migration's", "err", err)
@@ -257,7 +256,8 @@ func WatchdogMain() int {
 				continue
 			}
 			fmt.Fprintf(bw, "%s %d\n", c.Workload, c.Attempt)
-			log.Warn("fenced: workload frozen while no agent runs on this node", "workload", c.Workload, "attempt", c.Attempt)
+			log.Warn("fenced: workload frozen while no agent runs on this node (agent gone, no contact with the raft majority for the fence time)",
+				"workload", c.Workload, "attempt", c.Attempt, "last_contact", since, "fence_after", l.FenceAfter)
 		}
 		bw.Flush()
 		if rec != nil {
