@@ -226,6 +226,11 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 			there = nd
 		}
 	}
+	if ft.running-ft.decided > time.Second {
+		// Where a slow restore went: the target's log meanwhile.
+		t.Logf("trial %s %d: %v from the decision to running; %s's log meanwhile:\n%s", mode, i, (ft.running - ft.decided).Round(time.Millisecond),
+			there.name, logBetween(there.logPath, start.Add(ft.decided-100*time.Millisecond), start.Add(ft.running)))
+	}
 	var restored []counterLine
 	c.waitFor(20*time.Second, "the restored counter's lines on "+there.name, func() error {
 		if restored, _ = fl.logOf(there, w.ID); len(restored) < 3 {
@@ -293,4 +298,18 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		return nil
 	})
 	return ft
+}
+
+// logBetween returns the lines of a daemon's log stamped from from to to.
+func logBetween(path string, from, to time.Time) string {
+	b, _ := os.ReadFile(path)
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		ts, _, ok := strings.Cut(strings.TrimPrefix(l, "time="), " ")
+		at, err := time.Parse(time.RFC3339Nano, ts)
+		if ok && err == nil && !at.Before(from) && !at.After(to) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -203,6 +203,8 @@ type Agent struct {
 	// failed renewal was logged (fenceLoop only, once started).
 	leaseOwner string
 	leaseErr   bool
+	// leaseIdx: the replica's index the last lease was written from.
+	leaseIdx atomic.Uint64
 	// inherited: the cgroups the previous agent's lease listed, which the
 	// fence covers too until the replica is current for the first time
 	// (a restarted daemon's replica is its last snapshot until a leader

@@ -36,12 +36,33 @@ func (a *Agent) fenceLoop(ctx context.Context) {
 	t := time.NewTicker(fenceCheckEvery)
 	defer t.Stop()
 	for {
+		// The replica's changes too, for the watchdog's lease: a
+		// checkpoint whose copy goes to another node makes its workload
+		// one the watchdog must freeze before the copy exists
+		// (awaitLease).
+		var changed <-chan struct{}
+		if a.leaseOwner != "" {
+			changed = a.cfg.FSM.Changed()
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
 			a.checkFence(now)
+		case <-changed:
+			a.checkFence(time.Now())
 		}
+	}
+}
+
+// awaitLease returns once the lease has been written from a replica at
+// index idx or later (at once without a watchdog), or after a second.
+func (a *Agent) awaitLease(idx uint64) {
+	if a.leaseOwner == "" {
+		return
+	}
+	for deadline := time.Now().Add(time.Second); a.leaseIdx.Load() < idx && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -53,7 +74,10 @@ func (a *Agent) checkFence(now time.Time) {
 	cut := since > a.cfg.FenceAfter
 	if a.leaseOwner != "" {
 		a.takeWatchdogFrozen()
-		a.writeLease(contact, a.fenceCandidates())
+		cgs, idx := a.fenceCandidates()
+		if a.writeLease(contact, cgs) {
+			a.leaseIdx.Store(idx)
+		}
 	}
 	a.mu.Lock()
 	was := a.cutOff
@@ -257,7 +281,7 @@ func (a *Agent) killStrays() {
 // could restore elsewhere, but for those a migration past planned holds
 // (their source decides), and until the replica is current those the
 // previous agent's lease listed.
-func (a *Agent) fenceCandidates() []leaseCgroup {
+func (a *Agent) fenceCandidates() (cgs []leaseCgroup, index uint64) {
 	a.mu.Lock()
 	out := append([]leaseCgroup(nil), a.inherited...)
 	a.mu.Unlock()
@@ -266,6 +290,7 @@ func (a *Agent) fenceCandidates() []leaseCgroup {
 		seen[c.Dir] = true
 	}
 	a.cfg.FSM.Read(func(s *scheduler.State) {
+		index = s.Index
 		for id, w := range s.Workloads {
 			if w.Node != a.cfg.Name {
 				continue
@@ -278,5 +303,5 @@ func (a *Agent) fenceCandidates() []leaseCgroup {
 			}
 		}
 	})
-	return out
+	return out, index
 }

@@ -141,7 +141,10 @@ func (a *Agent) startWatchdog(contact time.Time) (*os.File, error) {
 	tok := make([]byte, 8)
 	rand.Read(tok)
 	a.leaseOwner = fmt.Sprintf("%d-%s", os.Getpid(), hex.EncodeToString(tok))
-	a.writeLease(contact, a.fenceCandidates())
+	cgs, idx := a.fenceCandidates()
+	if a.writeLease(contact, cgs) {
+		a.leaseIdx.Store(idx)
+	}
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("fence watchdog: %w", err)
@@ -167,15 +170,15 @@ func (a *Agent) startWatchdog(contact time.Time) (*os.File, error) {
 }
 
 // writeLease renews the lease: contact and the cgroups the fence would
-// freeze now.
-func (a *Agent) writeLease(contact time.Time, cgs []leaseCgroup) {
+// freeze now; false if it could not.
+func (a *Agent) writeLease(contact time.Time, cgs []leaseCgroup) bool {
 	l := lease{Owner: a.leaseOwner, Contact: int64(monotonic() - time.Since(contact)), FenceAfter: a.cfg.FenceAfter, Cgroups: cgs}
-	if err := writeLease(a.cfg.DataDir, l); err != nil && !a.leaseErr {
+	err := writeLease(a.cfg.DataDir, l)
+	if err != nil && !a.leaseErr {
 		a.log.Error("cannot renew the fence lease: the workloads are not fenced if pclusterd dies", "err", err)
-		a.leaseErr = true
-	} else if err == nil {
-		a.leaseErr = false
 	}
+	a.leaseErr = err != nil
+	return err == nil
 }
 
 // takeWatchdogFrozen adopts as fenced what a watchdog froze (fence.frozen):
