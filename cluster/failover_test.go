@@ -21,8 +21,12 @@ import (
 // The ways TestFailoverFromCheckpoint loses a node: "cut", its link down
 // (its pclusterd runs on, cut off: it fences its copy, and kills it when
 // the link is back); "kill", its pclusterd SIGKILLed (its watchdog
-// fences the copy; the restarted agent kills it).
-var failoverModes = []string{"cut", "kill"}
+// fences the copy; the restarted agent kills it); "cutkill", its link
+// down and its pclusterd SIGKILLed and started again 2 s later, still cut
+// off (the new agent fences from the dead one's last contact and lease,
+// its replica lacking what raft has not replayed, and kills the copy when
+// the link is back).
+var failoverModes = []string{"cut", "kill", "cutkill"}
 
 // failoverTimes is one trial's timeline, from the cut or the kill.
 type failoverTimes struct {
@@ -170,14 +174,27 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	var ft failoverTimes
 	frozenSize := -1
 	start := time.Now()
-	if mode == "cut" {
+	switch mode {
+	case "cut":
 		fl.lab.Cut(t, v, true)
-	} else {
+	case "kill":
+		c.kill(victim)
+	case "cutkill":
+		fl.lab.Cut(t, v, true)
 		c.kill(victim)
 	}
 	var got api.Workload
 	seen := ""
+	restarted := false
 	for deadline := start.Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if mode == "cutkill" && !restarted && time.Since(start) >= 2*time.Second {
+			// Restarted 2 s later, as a service manager would, and not
+			// waited for: its fence must come -fence-after from the dead
+			// agent's last contact, not from its own start (which would
+			// be after the leader can decide).
+			c.startDaemon(victim)
+			restarted = true
+		}
 		// The fence first: a freeze seen before the state's decision in
 		// the same round came before it.
 		if frozenSize < 0 && frozen(victim, w.ID, 1) {
@@ -257,10 +274,14 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	if !frozen(victim, w.ID, 1) {
 		t.Fatalf("trial %s %d: the lost node's copy on %s is no longer frozen while the node is lost", mode, i, victim.name)
 	}
-	if mode == "cut" {
-		fl.lab.Cut(t, v, false)
-	} else {
+	switch mode {
+	case "kill":
 		c.launch(victim)
+	case "cut":
+		fl.lab.Cut(t, v, false)
+	case "cutkill":
+		c.waitSocket(victim)
+		fl.lab.Cut(t, v, false)
 	}
 	back := time.Now()
 	c.waitFor(120*time.Second, "the old copy on "+victim.name+" to be killed", func() error {
@@ -270,7 +291,7 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		return nil
 	})
 	ft.staleEnd = time.Since(back)
-	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart"}[mode],
+	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart", "cutkill": "link up"}[mode],
 		ft.staleEnd.Round(time.Millisecond))
 	if _, size := fl.logOf(victim, w.ID); size != frozenSize {
 		t.Errorf("trial %s %d: the fenced copy wrote %d bytes before it was killed: it was thawed", mode, i, size-frozenSize)
