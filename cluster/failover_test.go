@@ -232,6 +232,13 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	if ft.lost == 0 {
 		ft.lost = ft.decided // lost and decided between two reads
 	}
+	// Which fence froze it: the agent's, or the watchdog of a dead one.
+	for _, l := range strings.Split(logBetween(victim.logPath, start, time.Now()), "\n") {
+		if strings.Contains(l, "fenced: workload frozen") && strings.Contains(l, w.ID) {
+			_, msg, _ := strings.Cut(l, "msg=")
+			t.Logf("trial %s %d: %s", mode, i, msg)
+		}
+	}
 	if got.Failover.Checkpoint == 0 || got.Failover.From != victim.name || got.Failover.To != got.Node {
 		t.Fatalf("trial %s %d: failover %+v: want from %s, restored from a checkpoint on %s", mode, i, got.Failover, victim.name, got.Node)
 	}
