@@ -145,3 +145,95 @@ func TestFenceWatchdog(t *testing.T) {
 	}
 	owners = append(owners, nl.Owner)
 }
+
+// TestFenceInherited: a new agent that starts cut off, with a replica
+// that does not have the node's workloads yet (a restarted follower's
+// replica is its last snapshot until a leader speaks to it), takes over
+// the lease from its predecessor (whose watchdog stands down without
+// freezing anything) and fences what that lease listed.
+func TestFenceInherited(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: workloads in cgroups of their own")
+	}
+	l := &fakeLeader{fsm: scheduler.NewFSM()}
+	dir := t.TempDir()
+	name := fmt.Sprintf("fenceinh%d", os.Getpid())
+	for _, n := range []string{name, "b"} {
+		if err := l.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: n}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logs := &syncBuffer{}
+	cfg := Config{Name: name, DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
+		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second, Watchdog: true,
+		Contact: time.Now,
+		Leader:  func() string { return "leader" },
+		Sync: func(context.Context) (uint64, error) {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			return l.idx, nil
+		},
+	}
+	a := New(cfg)
+	if a.cg == nil {
+		t.Skip("no cgroup v2 freezer here")
+	}
+	waitFor := func(what string, f func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(15 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("waiting 15s for %s; agent log:\n%s", what, logs.String())
+			}
+		}
+	}
+	var owners []string
+	var stop func()
+	run := func(a *Agent) {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { a.Run(ctx); close(done) }()
+		stop = func() { cancel(); <-done }
+	}
+	run(a)
+	t.Cleanup(func() {
+		stop()
+		if err := RemoveCgroups(name, dir); err != nil {
+			t.Error(err)
+		}
+		for _, o := range owners {
+			waitFor("watchdog "+o+" to exit", func() bool { return len(watchdogsOf(o)) == 0 })
+		}
+	})
+	w := scheduler.Workload{ID: "w1", Command: "sleep", Args: []string{"1000"}, UID: -1, GID: -1, DesiredNode: name,
+		Restart: scheduler.RestartPolicy{Mode: scheduler.RestartOnFailure}}
+	if err := l.apply(scheduler.CmdWorkloadCreate, &scheduler.WorkloadCreateCmd{Workload: w}); err != nil {
+		t.Fatal(err)
+	}
+	l.wait(t, "w1", scheduler.StateRunning)
+	var old lease
+	waitFor("the lease to list w1", func() bool {
+		var err error
+		old, err = readLease(dir)
+		return err == nil && len(old.Cgroups) == 1
+	})
+	owners = append(owners, old.Owner)
+	dirW1 := a.cg.dir("w1", 1)
+
+	stop()
+	cut := cfg
+	cut.FSM = scheduler.NewFSM() // not replayed yet: no workloads
+	cut.Contact = func() time.Time { return time.Now().Add(-time.Hour) }
+	cut.Leader = func() string { return "" }
+	b := New(cut)
+	run(b)
+	waitFor("w1 frozen by the new agent's fence", func() bool { return frozen(dirW1) && strings.Contains(logs.String(), "fenced: workload frozen while this node is cut off") })
+	waitFor("the old watchdog to stand down", func() bool { return len(watchdogsOf(old.Owner)) == 0 })
+	if _, err := os.Stat(filepath.Join(dir, frozenFile)); err == nil {
+		t.Errorf("the old watchdog froze something (%s exists); the new agent took over before its deadline", frozenFile)
+	}
+	nl, err := readLease(dir)
+	if err != nil || nl.Owner == old.Owner || len(nl.Cgroups) != 1 || nl.Cgroups[0].Dir != dirW1 {
+		t.Fatalf("the new agent's lease: %+v (%v), want a new owner listing w1's cgroup", nl, err)
+	}
+	owners = append(owners, nl.Owner)
+}
