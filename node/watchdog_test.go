@@ -226,7 +226,9 @@ func TestFenceInherited(t *testing.T) {
 	cut.Leader = func() string { return "" }
 	b := New(cut)
 	run(b)
-	waitFor("w1 frozen by the new agent's fence", func() bool { return frozen(dirW1) && strings.Contains(logs.String(), "fenced: workload frozen while this node is cut off") })
+	waitFor("w1 frozen by the new agent's fence", func() bool {
+		return frozen(dirW1) && strings.Contains(logs.String(), "fenced: workload frozen while this node is cut off")
+	})
 	waitFor("the old watchdog to stand down", func() bool { return len(watchdogsOf(old.Owner)) == 0 })
 	if _, err := os.Stat(filepath.Join(dir, frozenFile)); err == nil {
 		t.Errorf("the old watchdog froze something (%s exists); the new agent took over before its deadline", frozenFile)
