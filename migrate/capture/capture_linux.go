@@ -65,6 +65,11 @@ type Frozen struct {
 	socks sockets
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
+	// cow, for a checkpoint that leaves the process running: its memory
+	// is read from a snapshot child after an early Resume (cow_linux.go).
+	cow *cowRun
+	// resumed: Resume ran; a second call does nothing.
+	resumed bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -303,6 +308,26 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) er
 	if err != nil {
 		return err
 	}
+	if f.cow != nil {
+		snap, err := f.snapshotFork(f.cow, r)
+		if err != nil {
+			return err
+		}
+		if snap != nil {
+			if f.queried != nil {
+				f.queried()
+			}
+			// The memory is read from the child from here on: the
+			// process runs on.
+			if err := f.Resume(); err != nil {
+				f.tr.Do(func() error { snap.kill(); return nil })
+				return err
+			}
+			f.cow.released = time.Now()
+			defer f.releaseSnapshot(snap)
+			return f.emit(enc, r)
+		}
+	}
 	if f.queried != nil {
 		f.queried()
 	}
@@ -315,6 +340,13 @@ type records struct {
 	thrs       []*image.Thread
 	vmas, dump []image.VMA
 	fds        []image.FD
+	// A copy-on-write checkpoint (cow_linux.go) reads the File records
+	// and the pages a fork does not copy while the process is stopped
+	// (filesTaken, files, stopped), and r.dump from snap after.
+	filesTaken bool
+	files      []image.File
+	stopped    *stoppedPages
+	snap       *snapshot
 }
 
 // gather describes the process: everything that needs calls injected
@@ -379,16 +411,30 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
-	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
-	if err != nil {
-		return err
+	files := r.files
+	if !r.filesTaken {
+		var err error
+		if files, err = fileRecords(f.Pid, r.vmas, r.fds, f.files); err != nil {
+			return err
+		}
 	}
 	for i := range files {
 		if err := enc.Write(&files[i]); err != nil {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, r.dump, enc); err != nil {
+	if r.stopped != nil {
+		for _, run := range r.stopped.runs {
+			if err := enc.WritePages(run.addr, run.data); err != nil {
+				return err
+			}
+		}
+	}
+	pid, mem := f.Pid, f.mem
+	if r.snap != nil {
+		pid, mem = r.snap.pid, r.snap.mem
+	}
+	if err := dumpMemory(pid, mem, r.dump, enc); err != nil {
 		return err
 	}
 	for i := range r.fds {
@@ -821,6 +867,10 @@ func (f *Frozen) putBack(th *thread) error {
 
 // Resume puts the process back as it was and lets it run on.
 func (f *Frozen) Resume() error {
+	if f.resumed {
+		return nil
+	}
+	f.resumed = true
 	err := f.tr.Do(func() error {
 		var errs []error
 		// In reverse: scratch areas borrowed later may hold earlier ones.

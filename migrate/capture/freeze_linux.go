@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -67,6 +68,13 @@ type FreezeOptions struct {
 	// stop (pre-copy, precopy_linux.go): for a single process; a tree is
 	// frozen as without it, with a notice.
 	Live *LiveOptions
+	// StopAndCopy keeps a checkpoint (no Halt, no Live) stopped for the
+	// whole copy. Without it the process is stopped only to be described
+	// and forked, and its memory is copied from the fork's
+	// copy-on-write view while it runs (cow_linux.go).
+	StopAndCopy bool
+	// COWStats, if set, is filled in by a copy-on-write checkpoint.
+	COWStats *COWStats
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
@@ -84,6 +92,8 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
+		t.cow = newCOW(o)
+		defer t.cow.done()
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
 	var pc *precopy
@@ -103,6 +113,8 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			}
 		}
 	}
+	c := newCOW(o)
+	defer c.done()
 	f, err := Attach(tr, pid)
 	if err != nil {
 		return err
@@ -110,7 +122,34 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
 	f.precopy = pc
+	f.cow = c
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
+}
+
+// newCOW returns the state of a copy-on-write checkpoint if o asks for
+// one (no Halt, no Live, no StopAndCopy), else nil.
+func newCOW(o FreezeOptions) *cowRun {
+	if o.Halt || o.Live != nil || o.StopAndCopy {
+		return nil
+	}
+	c := &cowRun{t0: time.Now(), stats: o.COWStats, notice: o.Notice}
+	if c.stats == nil {
+		c.stats = &COWStats{}
+	}
+	return c
+}
+
+// done fills in the stop and copy times once the checkpoint ended.
+func (c *cowRun) done() {
+	if c == nil {
+		return
+	}
+	end := time.Now()
+	if c.released.IsZero() {
+		c.stats.Stop = end.Sub(c.t0)
+		return
+	}
+	c.stats.Stop, c.stats.Copy = c.released.Sub(c.t0), end.Sub(c.released)
 }
 
 // freeze writes f to enc, then commits and kills or resumes it; what says what

@@ -56,6 +56,11 @@ type SendOptions struct {
 	// process tree is frozen as without it.
 	Live        bool
 	LiveOptions LiveOptions
+	// StopAndCopy and COWStats are FreezeOptions': without Halt or Live
+	// the process is stopped only to be described and forked, unless
+	// StopAndCopy (cow_linux.go).
+	StopAndCopy bool
+	COWStats    *COWStats
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -126,7 +131,8 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen}
+	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen,
+		StopAndCopy: o.StopAndCopy, COWStats: o.COWStats}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -24,6 +25,8 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// cow, for a checkpoint that leaves the tree running (cow_linux.go).
+	cow *cowRun
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -162,6 +165,34 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}
 	}
+	if t.cow != nil {
+		forked, err := t.snapshotForks(rs, files)
+		if err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+		if forked {
+			if t.queried != nil {
+				t.queried()
+			}
+			// Every member's memory is read from its child from here
+			// on: the tree runs on.
+			if err := t.Resume(); err != nil {
+				for i, f := range t.members {
+					if rs[i].snap != nil {
+						f.tr.Do(func() error { rs[i].snap.kill(); return nil })
+					}
+				}
+				return fmt.Errorf("freeze %d: %w", t.Pid, err)
+			}
+			t.cow.released = time.Now()
+			defer func() {
+				for i, f := range t.members {
+					f.releaseSnapshot(rs[i].snap)
+				}
+			}()
+			t.queried = nil
+		}
+	}
 	if t.queried != nil {
 		t.queried()
 	}
@@ -280,4 +311,24 @@ func (t *FrozenTree) detach() {
 func (t *FrozenTree) Kill() error {
 	_, err := kill(t.members)
 	return err
+}
+
+// snapshotForks forks every member for a copy-on-write checkpoint
+// (cow_linux.go) and reads what the children cannot give. If one cannot
+// be forked, the children made are dropped and false returned: the tree
+// stays stopped for the whole copy.
+func (t *FrozenTree) snapshotForks(rs []*records, files map[uint64]bool) (bool, error) {
+	for i, f := range t.members {
+		f.files = files
+		f.cow = t.cow
+		snap, err := f.snapshotFork(t.cow, rs[i])
+		if err == nil && snap != nil {
+			continue
+		}
+		for j := 0; j < i; j++ {
+			t.members[j].dropSnapshot(rs[j])
+		}
+		return false, err
+	}
+	return true, nil
 }

@@ -1,0 +1,395 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// Copy-on-write checkpoints. A checkpoint that leaves the process running
+// (no halt, no pre-copy) stops it only to describe it and to fork it: one
+// clone injected into the stopped main thread makes a child whose memory
+// is the process's at that instant, copy-on-write, the way redis' BGSAVE
+// and DMTCP's forked checkpointing snapshot a process. The process then
+// runs on while its memory is read from the child, which never runs a
+// single instruction of its own (it is born traced, in a stop) and is
+// killed once it is read.
+//
+// The child is made so that the program can hardly tell:
+//   - its exit signal is 0: no SIGCHLD, and wait(-1), waitpid(-1) and
+//     waitid(P_ALL) without __WALL or __WCLONE neither see nor reap it; its
+//     remains are reaped by a wait4 injected into the process once it is
+//     killed (the process is stopped again for that one call, one thread
+//     of it only);
+//   - CLONE_FILES: it shares the fd table instead of holding a second
+//     reference to every open file (a pipe's reader would not see EOF, a
+//     socket would not close, while it lives);
+//   - born with PTRACE_O_EXITKILL: if pfreeze dies, the kernel kills it.
+//
+// What a fork does not copy is read during the stop: shared memory
+// (MAP_SHARED anonymous areas; the contents of memfds, SysV segments and
+// deleted files, which go into File records), areas marked
+// MADV_DONTFORK (absent from the child) and MADV_WIPEONFORK (zero in it).
+// Private file pages still the file's are mapped from the file again at
+// restore, as without copy-on-write.
+//
+// Userfaultfd write-protection (register the memory, protect it, save each
+// page before a write goes through) was the other way; it cannot be made
+// exact: madvise(MADV_DONTNEED) and munmap only report UFFD_EVENT_REMOVE
+// and UFFD_EVENT_UNMAP, completed as soon as they are read, and drop the
+// pages right after, so a page freed before it was copied is lost. A
+// fork's child keeps them. (docs/pfreeze.md, "Leave-running checkpoints".)
+
+// COWStats report what a leave-running checkpoint did.
+type COWStats struct {
+	// Stop is how long the process (every member of a tree) was stopped:
+	// from the start of the attach to the release of its last thread.
+	Stop time.Duration
+	// Copy is the time from the release to the end of the snapshot.
+	Copy time.Duration
+	// Fork is the time the injected clones took (a part of Stop).
+	Fork time.Duration
+	// StopBytes is the page contents read during the stop (shared memory,
+	// areas a fork does not copy).
+	StopBytes uint64
+	// Fallback: no snapshot child could be made (its notice says why),
+	// and the process was stopped for the whole copy.
+	Fallback bool
+}
+
+// cowRun is the state one checkpoint shares between its members.
+type cowRun struct {
+	t0       time.Time
+	released time.Time
+	stats    *COWStats
+	notice   func(string)
+}
+
+func (c *cowRun) say(s string) {
+	if c.notice != nil {
+		c.notice(s)
+	}
+}
+
+// snapshot is the child that holds a copy-on-write view of a stopped
+// process's memory.
+type snapshot struct {
+	pid    int // in our PID namespace
+	nsPid  int // as its parent knows it (the process's PID namespace)
+	parent int
+	site   uint64 // a syscall instruction in the parent, for the reaping wait4
+	mem    *ptrace.Mem
+}
+
+// cloneSnapshotFlags: a process (not a thread) sharing the fd table and
+// the filesystem context, with no exit signal.
+const cloneSnapshotFlags = unix.CLONE_FILES | unix.CLONE_FS
+
+// fork makes the snapshot child of the stopped process f through its
+// main thread, whose injector gather made. A process whose threads run
+// seccomp filters is not forked (a filter may refuse or punish a clone):
+// errNoFork, and the caller copies while it is stopped. Runs on the
+// tracer thread.
+func (f *Frozen) fork() (*snapshot, error) {
+	th := f.threads[0]
+	if th.in == nil {
+		return nil, errNoFork{"no injector on the main thread"}
+	}
+	for _, t := range f.threads {
+		st, err := procfs.ThreadStatus(f.Pid, t.tid)
+		if err != nil {
+			return nil, err
+		}
+		if s := st["Seccomp"]; s != "" && s != "0" {
+			return nil, errNoFork{fmt.Sprintf("thread %d runs seccomp filters, which may refuse a clone", t.tid)}
+		}
+	}
+	// The child inherits these options: born traced by us (TRACECLONE:
+	// its exit signal is not SIGCHLD) and killed if we die (EXITKILL).
+	// The process's own thread carries EXITKILL for this one call only.
+	if err := ptrace.SetOptions(th.tid, unix.PTRACE_O_TRACECLONE|unix.PTRACE_O_EXITKILL); err != nil {
+		return nil, fmt.Errorf("thread %d: ptrace options: %w", th.tid, err)
+	}
+	th.in.NewChild = 0
+	_, cerr := th.in.Syscall(unix.SYS_CLONE, cloneSnapshotFlags, 0, 0, 0, 0)
+	child := th.in.NewChild
+	if err := ptrace.SetOptions(th.tid, 0); err != nil {
+		if child > 0 {
+			f.discard(child)
+		}
+		return nil, fmt.Errorf("thread %d: ptrace options: %w", th.tid, err)
+	}
+	if cerr != nil {
+		if child > 0 {
+			f.discard(child)
+		}
+		var errno unix.Errno
+		if errors.As(cerr, &errno) {
+			// Refused by the kernel (pids limit, memory): the process
+			// is unharmed.
+			return nil, errNoFork{fmt.Sprintf("fork: %v", errno)}
+		}
+		return nil, fmt.Errorf("fork: %w", cerr)
+	}
+	if child <= 0 {
+		return nil, errors.New("fork: no child reported")
+	}
+	s := &snapshot{pid: child, parent: f.Pid, site: uint64(th.in.Site), mem: ptrace.NewMem(child)}
+	// Its first stop, before any instruction of its own: born seized,
+	// it stops in PTRACE_EVENT_STOP, and is never let go from there.
+	if st, err := ptrace.Wait(child); err != nil || !st.IsEventStop() {
+		f.discard(child)
+		if err == nil {
+			err = fmt.Errorf("stopped with %v", st)
+		}
+		return nil, fmt.Errorf("fork: child %d: %w", child, err)
+	}
+	var err error
+	if s.nsPid, err = nsPidOf(f.Pid, child); err != nil {
+		f.discard(child)
+		return nil, fmt.Errorf("fork: child %d: %w", child, err)
+	}
+	return s, nil
+}
+
+// discard kills a snapshot child of the stopped f and has f reap it
+// through the main thread's injector. Runs on the tracer thread.
+func (f *Frozen) discard(child int) {
+	nsPid, err := nsPidOf(f.Pid, child)
+	if err != nil {
+		nsPid = child
+	}
+	killSnapshot(child)
+	if in := f.threads[0].in; in != nil {
+		in.Syscall(unix.SYS_WAIT4, uintptr(nsPid), 0, unix.WNOHANG|unix.WALL, 0)
+	}
+}
+
+// errNoFork: no snapshot child was made and the process is as it was;
+// the checkpoint copies its memory while it is stopped instead.
+type errNoFork struct{ why string }
+
+func (e errNoFork) Error() string { return e.why }
+
+// nsPidOf returns child's PID in the PID namespace of its parent.
+func nsPidOf(parent, child int) (int, error) {
+	pst, err := procfs.Status(parent)
+	if err != nil {
+		return 0, err
+	}
+	cst, err := procfs.Status(child)
+	if err != nil {
+		return 0, err
+	}
+	p, err := procfs.NSIDs(pst, "NSpid")
+	if err != nil {
+		return 0, err
+	}
+	c, err := procfs.NSIDs(cst, "NSpid")
+	if err != nil {
+		return 0, err
+	}
+	if len(c) < len(p) {
+		return 0, fmt.Errorf("NSpid %v shallower than its parent's %v", c, p)
+	}
+	return c[len(p)-1], nil
+}
+
+// killSnapshot kills a snapshot child and takes its exit as its tracer.
+// Runs on the tracer thread.
+func killSnapshot(pid int) {
+	unix.Kill(pid, unix.SIGKILL)
+	for i := 0; i < 100; i++ {
+		if _, err := ptrace.Wait(pid); err != nil {
+			return // exited (its remains are its parent's), or not ours
+		}
+	}
+}
+
+// kill ends the child: runs on the tracer thread.
+func (s *snapshot) kill() {
+	killSnapshot(s.pid)
+	s.mem.Close()
+}
+
+// release kills the child and has its parent reap it: one thread of the
+// parent is stopped for an injected wait4(child, WNOHANG|__WALL). If the
+// parent is gone, the child was handed to a reaper, which takes it.
+func (s *snapshot) release(tr *ptrace.Tracer) error {
+	return tr.Do(func() error {
+		s.kill()
+		tasks, err := procfs.Tasks(s.parent)
+		if err != nil {
+			return nil // the parent is gone
+		}
+		var last error
+		for _, tid := range tasks {
+			err := reapIn(s.parent, tid, s.site, s.nsPid)
+			if err == nil || errors.Is(err, unix.ECHILD) {
+				return nil
+			}
+			last = err
+		}
+		if last != nil {
+			return fmt.Errorf("reap snapshot child %d: %w", s.pid, last)
+		}
+		return nil
+	})
+}
+
+// reapIn stops thread tid of pid, has it run wait4(child, NULL,
+// WNOHANG|__WALL) and lets it go. Runs on the tracer thread.
+func reapIn(pid, tid int, site uint64, child int) error {
+	if err := ptrace.Seize(tid, 0); err != nil {
+		return err
+	}
+	defer ptrace.Detach(tid, 0)
+	if err := ptrace.Interrupt(tid); err != nil {
+		return err
+	}
+	if err := waitInterrupt(tid); err != nil {
+		return err
+	}
+	in, err := ptrace.NewSeizedInjector(tid, uintptr(site))
+	if err != nil {
+		return err
+	}
+	got, err := in.Syscall(unix.SYS_WAIT4, uintptr(child), 0, unix.WNOHANG|unix.WALL, 0)
+	if rerr := in.Restore(); rerr != nil && err == nil {
+		err = rerr
+	}
+	for _, sig := range in.Signals {
+		unix.Tgkill(pid, tid, sig)
+	}
+	if err == nil && int(got) != child {
+		err = fmt.Errorf("wait4 %d returned %d", child, int(got))
+	}
+	return err
+}
+
+// wontCopy reports an area a fork does not snapshot: shared anonymous
+// memory (written through the child too), MADV_DONTFORK (absent from the
+// child) and MADV_WIPEONFORK (zero in it). Its pages are read during the
+// stop.
+func wontCopy(v *image.VMA) bool {
+	if v.Kind == image.VMASharedAnon {
+		return true
+	}
+	for _, fl := range strings.Fields(v.VmFlags) {
+		if fl == "dc" || fl == "wf" {
+			return true
+		}
+	}
+	return false
+}
+
+// stoppedPages is what a checkpoint read during the stop, written after.
+type stoppedPages struct {
+	runs []pagesRun
+}
+
+type pagesRun struct {
+	addr uint64
+	data []byte
+}
+
+// takeStopped reads, while f is stopped, what its snapshot child cannot
+// give later: the File records (the contents of memfds, SysV segments,
+// deleted files) and the pages of the areas wontCopy, into r; the other
+// areas are left in r.dump for the child. Returns the bytes of pages read.
+func (f *Frozen) takeStopped(r *records, snap *snapshot) (uint64, error) {
+	r.snap = snap
+	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
+	if err != nil {
+		return 0, err
+	}
+	r.files, r.filesTaken = files, true
+	var now, later []image.VMA
+	for _, v := range r.dump {
+		if wontCopy(&v) {
+			now = append(now, v)
+		} else {
+			later = append(later, v)
+		}
+	}
+	var n uint64
+	if len(now) > 0 {
+		pagemap, err := os.Open(procfs.Path(f.Pid, "pagemap"))
+		if err != nil {
+			return 0, err
+		}
+		defer pagemap.Close()
+		r.stopped = &stoppedPages{}
+		err = copyMemory(f.mem, func(addr uint64, data []byte) error {
+			r.stopped.runs = append(r.stopped.runs, pagesRun{addr, append([]byte(nil), data...)})
+			n += uint64(len(data))
+			return nil
+		}, func(rd *reader) error { return rd.readAll(pagemap, now) })
+		if err != nil {
+			return 0, err
+		}
+	}
+	r.dump = later
+	return n, nil
+}
+
+// snapshotFork forks f for a copy-on-write checkpoint and reads what the
+// child cannot give. nil, nil: no child could be made (said in a
+// notice): the checkpoint copies everything while f is stopped.
+func (f *Frozen) snapshotFork(c *cowRun, r *records) (*snapshot, error) {
+	t0 := time.Now()
+	var snap *snapshot
+	err := f.tr.Do(func() (err error) {
+		snap, err = f.fork()
+		return err
+	})
+	c.stats.Fork += time.Since(t0)
+	var nf errNoFork
+	if errors.As(err, &nf) {
+		c.stats.Fallback = true
+		c.say(fmt.Sprintf("checkpoint %d: %s: stopped for the whole copy (stop-and-copy)", f.Pid, nf.why))
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	n, err := f.takeStopped(r, snap)
+	if err != nil {
+		f.dropSnapshot(r)
+		return nil, err
+	}
+	c.stats.StopBytes += n
+	return snap, nil
+}
+
+// dropSnapshot kills r's snapshot child while f is still stopped, and
+// has f reap it through the main thread's injector; r's pages are read
+// from f itself from then on (the same while it is stopped).
+func (f *Frozen) dropSnapshot(r *records) {
+	snap := r.snap
+	if snap == nil {
+		return
+	}
+	r.snap = nil
+	f.tr.Do(func() error {
+		f.discard(snap.pid)
+		snap.mem.Close()
+		return nil
+	})
+}
+
+// releaseSnapshot releases snap once f runs again, saying in a notice if
+// the child's remains could not be reaped.
+func (f *Frozen) releaseSnapshot(snap *snapshot) {
+	if err := snap.release(f.tr); err != nil {
+		f.cow.say(fmt.Sprintf("checkpoint %d: %v", f.Pid, err))
+	}
+}

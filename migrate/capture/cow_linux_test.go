@@ -1,0 +1,182 @@
+package capture_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/loader"
+	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// slowSink keeps what is written to it, at rate bytes per second at
+// most so that the copy lasts while the process writes, and notes for each write
+// whether pid was stopped (in a tracing stop) when it came. fail, if
+// positive, fails the write that would pass that many bytes.
+type slowSink struct {
+	pid          int
+	rate         int // bytes per second
+	fail         int
+	buf          bytes.Buffer
+	whileRunning int // bytes written while pid was not in a tracing stop
+}
+
+var errSinkFull = errors.New("sink full")
+
+func (s *slowSink) Write(p []byte) (int, error) {
+	if s.fail > 0 && s.buf.Len()+len(p) > s.fail {
+		return 0, errSinkFull
+	}
+	if st, err := os.ReadFile("/proc/" + strconv.Itoa(s.pid) + "/stat"); err == nil {
+		if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) && st[i+2] != 't' {
+			s.whileRunning += len(p)
+		}
+	}
+	time.Sleep(time.Duration(len(p)) * time.Second / time.Duration(s.rate))
+	return s.buf.Write(p)
+}
+
+// dirtierCheck asks dirtier (whose output l follows) to check every page
+// and returns the longest stop it saw, in µs; a mismatch fails the test.
+func dirtierCheck(t *testing.T, pid int, l *fixture.Lines, what string) int {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	got, err := l.Match(`^check .*`, wait)
+	if err != nil {
+		t.Fatalf("%s: check: %v", what, err)
+	}
+	if !strings.HasPrefix(got[0], "check ok ") {
+		t.Fatalf("%s: %s", what, got[0])
+	}
+	_, gap, _ := strings.Cut(got[0], "maxgap_us=")
+	us, _ := strconv.Atoi(gap)
+	return us
+}
+
+// noChildren fails if pid has a child (the snapshot's, alive or a zombie).
+func noChildren(t *testing.T, pid int) {
+	t.Helper()
+	if kids, err := fixture.Children(pid); err != nil || len(kids) != 0 {
+		t.Errorf("pid %d has children %v (%v) after the checkpoint, want none", pid, kids, err)
+	}
+}
+
+// tracer returns the TracerPid of pid.
+func tracerOf(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}
+
+// TestCOWCheckpointExact checkpoints, leaving it running, the dirtier
+// fixture (64 MiB, two threads writing 16 MiB/s, one write in 64 freeing
+// the page) into a sink slow enough (64 MiB/s) that the copy takes about
+// a second:
+// most of the snapshot must be written while the process runs, the
+// process must be left with no child and no tracer, and the copy
+// restored from the snapshot (the original killed) must find every page
+// as its ledger says: the memory at the stop, not pages read while the
+// writers changed them.
+func TestCOWCheckpointExact(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "dirtier"), "64", "2", "16384")
+	orig.Expect(t, `^ready$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	sink := &slowSink{pid: pid, rate: 64 << 20}
+	var st capture.COWStats
+	err := capture.FreezeWith(context.Background(), tr, pid, sink, capture.FreezeOptions{COWStats: &st,
+		Notice: func(s string) { t.Log(s) }})
+	if err != nil {
+		t.Fatalf("checkpoint: %v", err)
+	}
+	t.Logf("stop %v (fork %v), copy %v, %d bytes read during the stop; %d of %d bytes written while the process ran",
+		st.Stop, st.Fork, st.Copy, st.StopBytes, sink.whileRunning, sink.buf.Len())
+	if st.Fallback {
+		t.Fatalf("no snapshot child: stopped for the whole copy")
+	}
+	if sink.whileRunning < sink.buf.Len()/2 {
+		t.Errorf("%d of %d bytes of the snapshot written while the process ran, want most", sink.whileRunning, sink.buf.Len())
+	}
+	noChildren(t, pid)
+	if tp := tracerOf(t, pid); tp != "0" {
+		t.Errorf("pid %d is traced by %s after the checkpoint", pid, tp)
+	}
+	dirtierCheck(t, pid, orig.Lines, "the original after the checkpoint")
+
+	// The original gone, its snapshot comes back under its PID.
+	syscall.Kill(pid, syscall.SIGKILL)
+	select {
+	case <-orig.Exited():
+	case <-time.After(wait):
+		t.Fatalf("the original %d does not end", pid)
+	}
+	copyOut, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer copyOut.Close()
+	lines := fixture.FollowReader(t, copyOut)
+	dstTr := ptrace.NewTracer()
+	defer dstTr.Close()
+	p, err := loader.Build(context.Background(), dstTr, image.NewDecoder(&sink.buf), loader.Options{Stdio: [3]*os.File{nil, pw, pw}})
+	pw.Close()
+	if err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	defer func() {
+		syscall.Kill(p.Pid(), syscall.SIGKILL)
+		p.Wait()
+	}()
+	if err := p.Start(); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	for i := 0; i < 2; i++ {
+		dirtierCheck(t, p.Pid(), lines, "the restored checkpoint")
+	}
+}
+
+// TestCOWCheckpointFailsRunning: a checkpoint whose sink fails in the
+// middle of the copy, while the process runs, returns the sink's error
+// and leaves the process running untraced, with no child, its pages
+// intact (the writers go on: they park for the check).
+func TestCOWCheckpointFailsRunning(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "dirtier"), "64", "2", "16384")
+	orig.Expect(t, `^ready$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	sink := &slowSink{pid: pid, rate: 256 << 20, fail: 32 << 20}
+	var st capture.COWStats
+	err := capture.FreezeWith(context.Background(), tr, pid, sink, capture.FreezeOptions{COWStats: &st})
+	if !errors.Is(err, errSinkFull) {
+		t.Fatalf("checkpoint into a failing sink: got %v, want the sink's error", err)
+	}
+	if st.Fallback || sink.whileRunning == 0 {
+		t.Fatalf("the sink failed before the process ran again (fallback %v, %d bytes while it ran)", st.Fallback, sink.whileRunning)
+	}
+	noChildren(t, pid)
+	if tp := tracerOf(t, pid); tp != "0" {
+		t.Errorf("pid %d is traced by %s after the failed checkpoint", pid, tp)
+	}
+	dirtierCheck(t, pid, orig.Lines, "the original after the failed checkpoint")
+}
