@@ -180,3 +180,64 @@ func TestCOWCheckpointFailsRunning(t *testing.T) {
 	}
 	dirtierCheck(t, pid, orig.Lines, "the original after the failed checkpoint")
 }
+
+// TestCOWCheckpointTree checkpoints, leaving it running, a tree: a shell
+// waiting for dirtier (as TestCOWCheckpointExact's, into a slow sink).
+// Both members are forked and run on during the copy, neither is left
+// with an extra child; the tree restored from the snapshot (the
+// originals killed) has dirtier find every page as its ledger says.
+func TestCOWCheckpointTree(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "dirtier"), "64", "2", "16384")
+	orig.Expect(t, `^ready$`, wait)
+	shell := orig.Pid()
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	sink := &slowSink{pid: pid, rate: 64 << 20}
+	var st capture.COWStats
+	err := capture.FreezeWith(context.Background(), tr, shell, sink, capture.FreezeOptions{Tree: true, COWStats: &st,
+		Notice: func(s string) { t.Log(s) }})
+	if err != nil {
+		t.Fatalf("checkpoint of the tree: %v", err)
+	}
+	t.Logf("stop %v (fork %v), copy %v; %d of %d bytes written while the tree ran", st.Stop, st.Fork, st.Copy, sink.whileRunning, sink.buf.Len())
+	if st.Fallback || sink.whileRunning < sink.buf.Len()/2 {
+		t.Errorf("fallback %v, %d of %d bytes written while the tree ran: want a snapshot, most of it copied while it runs", st.Fallback, sink.whileRunning, sink.buf.Len())
+	}
+	if kids, err := fixture.Children(shell); err != nil || len(kids) != 1 || kids[0] != pid {
+		t.Errorf("the shell %d has children %v (%v) after the checkpoint, want only dirtier %d", shell, kids, err, pid)
+	}
+	noChildren(t, pid)
+	dirtierCheck(t, pid, orig.Lines, "the original after the checkpoint")
+
+	syscall.Kill(pid, syscall.SIGKILL)
+	orig.Wait(wait)
+	copyOut, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer copyOut.Close()
+	lines := fixture.FollowReader(t, copyOut)
+	dstTr := ptrace.NewTracer()
+	defer dstTr.Close()
+	p, err := loader.Build(context.Background(), dstTr, image.NewDecoder(&sink.buf), loader.Options{Stdio: [3]*os.File{nil, pw, pw}})
+	pw.Close()
+	if err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	started := false
+	defer func() {
+		if !started {
+			p.Abort()
+			return
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+		syscall.Kill(p.Pid(), syscall.SIGKILL)
+		p.Wait()
+	}()
+	if err := p.Start(); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	started = true
+	dirtierCheck(t, pid, lines, "the restored tree's dirtier")
+}
