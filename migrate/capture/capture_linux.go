@@ -244,7 +244,7 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if st["Seccomp"] == "1" {
 		return unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
-	kids, err := procfs.Children(pid)
+	kids, err := liveChildren(pid)
 	if err != nil {
 		return err
 	}

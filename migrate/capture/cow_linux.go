@@ -112,6 +112,7 @@ func (f *Frozen) fork() (*snapshot, error) {
 			return nil, errNoFork{fmt.Sprintf("thread %d runs seccomp filters, which may refuse a clone", t.tid)}
 		}
 	}
+	f.reapRemains()
 	// The child inherits these options: born traced by us (TRACECLONE:
 	// its exit signal is not SIGCHLD) and killed if we die (EXITKILL).
 	// The process's own thread carries EXITKILL for this one call only.
@@ -157,7 +158,62 @@ func (f *Frozen) fork() (*snapshot, error) {
 		f.discard(child)
 		return nil, fmt.Errorf("fork: child %d: %w", child, err)
 	}
+	if err := armExit(child, s.site); err != nil {
+		f.discard(child)
+		return nil, fmt.Errorf("fork: child %d: %w", child, err)
+	}
 	return s, nil
+}
+
+// snapshotExitCode is the exit status of a snapshot child: with an exit
+// signal of 0 it marks the zombie a pfreeze that died left behind
+// (isSnapshotRemains), so that later freezes neither take it for a
+// child of the program nor leave it there.
+const snapshotExitCode = 0x70
+
+// armExit points the stopped child at exit_group(snapshotExitCode) on a
+// syscall instruction and drops its PTRACE_O_EXITKILL: if we die from
+// here on, the kernel lets it go and it exits at once, marked; our own
+// release lets it go there too. Runs on the tracer thread.
+func armExit(child int, site uint64) error {
+	r, err := ptrace.GetRegs(child)
+	if err != nil {
+		return err
+	}
+	r.Rip, r.Rax, r.Orig_rax, r.Rdi = site, unix.SYS_EXIT_GROUP, ^uint64(0), snapshotExitCode
+	r.Eflags &^= 0x100
+	if err := ptrace.SetRegs(child, r); err != nil {
+		return err
+	}
+	return ptrace.SetOptions(child, 0)
+}
+
+// isSnapshotRemains reports a zombie a snapshot child left: exit signal
+// 0, exit status snapshotExitCode.
+func isSnapshotRemains(pid int) bool {
+	st, err := procfs.Stat(pid)
+	if err != nil || len(st) == 0 || st[0] != "Z" {
+		return false
+	}
+	return procfs.StatField(st, 38) == 0 && procfs.StatField(st, 52) == snapshotExitCode<<8
+}
+
+// reapRemains has the stopped f reap the remains of snapshot children
+// an earlier pfreeze left (killed before it could). Runs on the tracer
+// thread.
+func (f *Frozen) reapRemains() {
+	kids, err := procfs.Children(f.Pid)
+	if err != nil || f.threads[0].in == nil {
+		return
+	}
+	for _, k := range kids {
+		if !isSnapshotRemains(k) {
+			continue
+		}
+		if ns, err := nsPidOf(f.Pid, k); err == nil {
+			f.threads[0].in.Syscall(unix.SYS_WAIT4, uintptr(ns), 0, unix.WNOHANG|unix.WALL, 0)
+		}
+	}
 }
 
 // discard kills a snapshot child of the stopped f and has f reap it
@@ -203,10 +259,13 @@ func nsPidOf(parent, child int) (int, error) {
 	return c[len(p)-1], nil
 }
 
-// killSnapshot kills a snapshot child and takes its exit as its tracer.
+// killSnapshot ends a snapshot child and takes its exit as its tracer:
+// one armed by armExit is let go to exit marked, any other killed.
 // Runs on the tracer thread.
 func killSnapshot(pid int) {
-	unix.Kill(pid, unix.SIGKILL)
+	if r, err := ptrace.GetRegs(pid); err != nil || r.Rax != unix.SYS_EXIT_GROUP || r.Rdi != snapshotExitCode || ptrace.Cont(pid, 0) != nil {
+		unix.Kill(pid, unix.SIGKILL)
+	}
 	for i := 0; i < 100; i++ {
 		if _, err := ptrace.Wait(pid); err != nil {
 			return // exited (its remains are its parent's), or not ours
@@ -392,4 +451,20 @@ func (f *Frozen) releaseSnapshot(snap *snapshot) {
 	if err := snap.release(f.tr); err != nil {
 		f.cow.say(fmt.Sprintf("checkpoint %d: %v", f.Pid, err))
 	}
+}
+
+// liveChildren lists pid's children but the remains of snapshot
+// children (isSnapshotRemains), which are not the program's.
+func liveChildren(pid int) ([]int, error) {
+	kids, err := procfs.Children(pid)
+	if err != nil {
+		return nil, err
+	}
+	out := kids[:0]
+	for _, k := range kids {
+		if !isSnapshotRemains(k) {
+			out = append(out, k)
+		}
+	}
+	return out, nil
 }

@@ -92,7 +92,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		}
 		m.Pgid, m.Sid = int(procfs.StatField(stat, 5)), int(procfs.StatField(stat, 6))
 		t.procs = append(t.procs, m)
-		kids, err := procfs.Children(pid)
+		kids, err := liveChildren(pid)
 		if err != nil {
 			return fmt.Errorf("pid %d: children: %w", pid, err)
 		}
