@@ -94,22 +94,29 @@ type snapshot struct {
 const cloneSnapshotFlags = unix.CLONE_FILES | unix.CLONE_FS
 
 // fork makes the snapshot child of the stopped process f through its
-// main thread, whose injector gather made. A process whose threads run
-// seccomp filters is not forked (a filter may refuse or punish a clone):
-// errNoFork, and the caller copies while it is stopped. Runs on the
-// tracer thread.
+// main thread, whose injector gather made. A process whose main thread's
+// seccomp filters would not let the clone through as it is (refuse it,
+// trap it, kill the process for it) is not forked: errNoFork, and the
+// caller copies while it is stopped. Runs on the tracer thread.
 func (f *Frozen) fork() (*snapshot, error) {
 	th := f.threads[0]
 	if th.in == nil {
 		return nil, errNoFork{"no injector on the main thread"}
 	}
-	for _, t := range f.threads {
-		st, err := procfs.ThreadStatus(f.Pid, t.tid)
+	// The clone runs through the thread's seccomp filters, and so does
+	// the child's exit_group: both must be allowed as they are, or a
+	// filter might kill the process for the clone.
+	for _, c := range []struct {
+		name string
+		nr   uintptr
+		args []uint64
+	}{{"clone", unix.SYS_CLONE, []uint64{cloneSnapshotFlags}}, {"exit_group", unix.SYS_EXIT_GROUP, []uint64{snapshotExitCode}}} {
+		ok, err := seccompAllows(f.Pid, th.tid, th.in.Site, c.nr, c.args...)
 		if err != nil {
-			return nil, err
+			return nil, errNoFork{fmt.Sprintf("thread %d: seccomp filters: %v", th.tid, err)}
 		}
-		if s := st["Seccomp"]; s != "" && s != "0" {
-			return nil, errNoFork{fmt.Sprintf("thread %d runs seccomp filters, which may refuse a clone", t.tid)}
+		if !ok {
+			return nil, errNoFork{fmt.Sprintf("thread %d: its seccomp filters do not allow %s", th.tid, c.name)}
 		}
 	}
 	f.reapRemains()

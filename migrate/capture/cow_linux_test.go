@@ -241,3 +241,41 @@ func TestCOWCheckpointTree(t *testing.T) {
 	started = true
 	dirtierCheck(t, pid, lines, "the restored tree's dirtier")
 }
+
+// TestCOWCheckpointSeccomp: the seccomp filters of the process decide.
+// noclone's filter kills it for a clone: the checkpoint must not fork it
+// (it says so and copies while it is stopped), and the process counts on.
+// The seccomp fixture's filters refuse other calls only: it is forked.
+func TestCOWCheckpointSeccomp(t *testing.T) {
+	needRoot(t)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+
+	p := fixture.Start(t, fixture.Build(t, "noclone"))
+	p.Expect(t, `^3$`, wait)
+	var st capture.COWStats
+	var notices []string
+	err := capture.FreezeWith(context.Background(), tr, p.Pid(), &bytes.Buffer{}, capture.FreezeOptions{COWStats: &st,
+		Notice: func(s string) { notices = append(notices, s) }})
+	if err != nil {
+		t.Fatalf("checkpoint of noclone: %v", err)
+	}
+	if !st.Fallback || len(notices) != 1 || !strings.Contains(notices[0], "do not allow clone") {
+		t.Errorf("checkpoint of noclone: fallback %v, notices %q; want stop-and-copy, said once", st.Fallback, notices)
+	}
+	n := lastTick(t, p.Lines)
+	if got, err := p.Next(wait); err != nil || got != strconv.Itoa(n+1) {
+		t.Fatalf("noclone after the checkpoint printed %q (%v), want %d", got, err, n+1)
+	}
+
+	s := fixture.Start(t, fixture.Build(t, "seccomp"))
+	s.Expect(t, `^ready$`, wait)
+	st = capture.COWStats{}
+	if err := capture.FreezeWith(context.Background(), tr, s.Pid(), &bytes.Buffer{}, capture.FreezeOptions{COWStats: &st}); err != nil {
+		t.Fatalf("checkpoint of seccomp: %v", err)
+	}
+	if st.Fallback {
+		t.Errorf("checkpoint of seccomp: stopped for the whole copy, want a fork (its filters allow clone)")
+	}
+	noChildren(t, s.Pid())
+}
