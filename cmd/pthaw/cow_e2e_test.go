@@ -9,7 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/migrate/procfs"
 )
 
 // TestCheckpointKilledLeavesRemains: pfreeze (a copy-on-write
@@ -38,19 +41,24 @@ func TestCheckpointKilledLeavesRemains(t *testing.T) {
 		t.Fatal(err)
 	}
 	pw.Close()
-	var kids []int
-	for deadline := time.Now().Add(waitFor); len(kids) == 0 || procState(p.Pid()) == 't'; {
+	// Full (64 KiB, far more than the header pfreeze writes before it
+	// stops the process): the snapshot's records come after the process
+	// was let go.
+	for deadline := time.Now().Add(waitFor); ; {
+		if n, err := unix.IoctlGetInt(int(pr.Fd()), unix.TIOCINQ); err == nil && n >= 64<<10 {
+			break
+		}
 		if time.Now().After(deadline) {
 			cmd.Process.Kill()
 			cmd.Wait()
-			t.Fatalf("pid %s has no snapshot child while pfreeze copies", pid)
+			t.Fatalf("pfreeze did not fill its pipe")
 		}
 		time.Sleep(time.Millisecond)
-		kids, _ = fixture.Children(p.Pid())
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
-	kids, err = fixture.Children(p.Pid())
+	// procfs.Children lists zombies too (fixture.Children does not).
+	kids, err := procfs.Children(p.Pid())
 	if err != nil || len(kids) != 1 {
 		t.Fatalf("pid %s has children %v (%v) after pfreeze was killed, want the snapshot child's remains", pid, kids, err)
 	}
@@ -66,7 +74,7 @@ func TestCheckpointKilledLeavesRemains(t *testing.T) {
 	if err != nil {
 		t.Fatalf("pfreeze after the remains: %v: %s", err, out)
 	}
-	if kids, err := fixture.Children(p.Pid()); err != nil || len(kids) != 0 {
+	if kids, err := procfs.Children(p.Pid()); err != nil || len(kids) != 0 {
 		t.Errorf("pid %s has children %v (%v) after the next checkpoint, want none (the remains reaped)", pid, kids, err)
 	}
 	if err := p.Signal(syscall.SIGUSR1); err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 )
 
@@ -64,10 +65,11 @@ func dirtierCheck(t *testing.T, pid int, l *fixture.Lines, what string) int {
 	return us
 }
 
-// noChildren fails if pid has a child (the snapshot's, alive or a zombie).
+// noChildren fails if pid has a child (the snapshot's, alive or a zombie:
+// procfs.Children lists zombies, fixture.Children does not).
 func noChildren(t *testing.T, pid int) {
 	t.Helper()
-	if kids, err := fixture.Children(pid); err != nil || len(kids) != 0 {
+	if kids, err := procfs.Children(pid); err != nil || len(kids) != 0 {
 		t.Errorf("pid %d has children %v (%v) after the checkpoint, want none", pid, kids, err)
 	}
 }
@@ -204,7 +206,7 @@ func TestCOWCheckpointTree(t *testing.T) {
 	if st.Fallback || sink.whileRunning < sink.buf.Len()/2 {
 		t.Errorf("fallback %v, %d of %d bytes written while the tree ran: want a snapshot, most of it copied while it runs", st.Fallback, sink.whileRunning, sink.buf.Len())
 	}
-	if kids, err := fixture.Children(shell); err != nil || len(kids) != 1 || kids[0] != pid {
+	if kids, err := procfs.Children(shell); err != nil || len(kids) != 1 || kids[0] != pid {
 		t.Errorf("the shell %d has children %v (%v) after the checkpoint, want only dirtier %d", shell, kids, err, pid)
 	}
 	noChildren(t, pid)
