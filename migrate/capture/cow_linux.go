@@ -103,14 +103,15 @@ func (f *Frozen) fork() (*snapshot, error) {
 	if th.in == nil {
 		return nil, errNoFork{"no injector on the main thread"}
 	}
-	// The clone runs through the thread's seccomp filters, and so does
-	// the child's exit_group: both must be allowed as they are, or a
-	// filter might kill the process for the clone.
+	// The clone runs through the thread's seccomp filters, and so do the
+	// child's exit_group and the wait4 that reaps it: all must be
+	// allowed as they are, or a filter might kill the process for one.
 	for _, c := range []struct {
 		name string
 		nr   uintptr
 		args []uint64
-	}{{"clone", unix.SYS_CLONE, []uint64{cloneSnapshotFlags}}, {"exit_group", unix.SYS_EXIT_GROUP, []uint64{snapshotExitCode}}} {
+	}{{"clone", unix.SYS_CLONE, []uint64{cloneSnapshotFlags}}, {"exit_group", unix.SYS_EXIT_GROUP, []uint64{snapshotExitCode}},
+		{"wait4", unix.SYS_WAIT4, []uint64{0, 0, unix.WNOHANG | unix.WALL}}} {
 		ok, err := seccompAllows(f.Pid, th.tid, th.in.Site, c.nr, c.args...)
 		if err != nil {
 			return nil, errNoFork{fmt.Sprintf("thread %d: seccomp filters: %v", th.tid, err)}
