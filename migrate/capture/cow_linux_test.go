@@ -125,7 +125,13 @@ func TestCOWCheckpointExact(t *testing.T) {
 	}
 	dirtierCheck(t, pid, orig.Lines, "the original after the checkpoint")
 
-	// The original gone, its snapshot comes back under its PID.
+	restoreChecked(t, pid, orig, &sink.buf)
+}
+
+// restoreChecked kills the original pid (under the shell orig), restores
+// its snapshot from buf under its PID and has it check its pages twice.
+func restoreChecked(t *testing.T, pid int, orig *fixture.Proc, buf *bytes.Buffer) {
+	t.Helper()
 	syscall.Kill(pid, syscall.SIGKILL)
 	select {
 	case <-orig.Exited():
@@ -140,7 +146,7 @@ func TestCOWCheckpointExact(t *testing.T) {
 	lines := fixture.FollowReader(t, copyOut)
 	dstTr := ptrace.NewTracer()
 	defer dstTr.Close()
-	p, err := loader.Build(context.Background(), dstTr, image.NewDecoder(&sink.buf), loader.Options{Stdio: [3]*os.File{nil, pw, pw}})
+	p, err := loader.Build(context.Background(), dstTr, image.NewDecoder(buf), loader.Options{Stdio: [3]*os.File{nil, pw, pw}})
 	pw.Close()
 	if err != nil {
 		t.Fatalf("restore: %v", err)
@@ -155,6 +161,32 @@ func TestCOWCheckpointExact(t *testing.T) {
 	for i := 0; i < 2; i++ {
 		dirtierCheck(t, p.Pid(), lines, "the restored checkpoint")
 	}
+}
+
+// TestCOWCheckpointUnforkedAreas checkpoints forkmarks, whose writer
+// rewrites pages of a shared anonymous area and of areas marked
+// MADV_DONTFORK and MADV_WIPEONFORK (which a fork shares, leaves out or
+// zeroes) during a copy slowed to about two seconds: those are read
+// during the stop, and the copy restored finds every page as its ledger
+// says.
+func TestCOWCheckpointUnforkedAreas(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "forkmarks"), "4096")
+	orig.Expect(t, `^ready$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	sink := &slowSink{pid: pid, rate: 8 << 20}
+	var st capture.COWStats
+	if err := capture.FreezeWith(context.Background(), tr, pid, sink, capture.FreezeOptions{COWStats: &st}); err != nil {
+		t.Fatalf("checkpoint: %v", err)
+	}
+	t.Logf("stop %v, copy %v, %d bytes read during the stop", st.Stop, st.Copy, st.StopBytes)
+	if st.Fallback || st.StopBytes < 12<<20 {
+		t.Errorf("fallback %v, %d bytes read during the stop; want a fork, and the three areas (12 MiB) read in the stop", st.Fallback, st.StopBytes)
+	}
+	noChildren(t, pid)
+	dirtierCheck(t, pid, orig.Lines, "the original after the checkpoint")
+	restoreChecked(t, pid, orig, &sink.buf)
 }
 
 // TestCOWCheckpointFailsRunning: a checkpoint whose sink fails in the
