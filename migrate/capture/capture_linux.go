@@ -66,7 +66,7 @@ type Frozen struct {
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
 	// cow, for a checkpoint that leaves the process running: its memory
-	// is read from a snapshot child after an early Resume (cow_linux.go).
+	// is read from a snapshot child after an early Resume (forksnap_linux.go).
 	cow *cowRun
 	// resumed: Resume ran; a second call does nothing.
 	resumed bool
@@ -340,7 +340,7 @@ type records struct {
 	thrs       []*image.Thread
 	vmas, dump []image.VMA
 	fds        []image.FD
-	// A copy-on-write checkpoint (cow_linux.go) reads the File records
+	// A copy-on-write checkpoint (forksnap_linux.go) reads the File records
 	// and the pages a fork does not copy while the process is stopped
 	// (filesTaken, files, stopped), and r.dump from snap after.
 	filesTaken bool

@@ -71,7 +71,7 @@ type FreezeOptions struct {
 	// StopAndCopy keeps a checkpoint (no Halt, no Live) stopped for the
 	// whole copy. Without it the process is stopped only to be described
 	// and forked, and its memory is copied from the fork's
-	// copy-on-write view while it runs (cow_linux.go).
+	// copy-on-write view while it runs (forksnap_linux.go).
 	StopAndCopy bool
 	// COWStats, if set, is filled in by a copy-on-write checkpoint.
 	COWStats *COWStats

@@ -58,7 +58,7 @@ type SendOptions struct {
 	LiveOptions LiveOptions
 	// StopAndCopy and COWStats are FreezeOptions': without Halt or Live
 	// the process is stopped only to be described and forked, unless
-	// StopAndCopy (cow_linux.go).
+	// StopAndCopy (forksnap_linux.go).
 	StopAndCopy bool
 	COWStats    *COWStats
 }

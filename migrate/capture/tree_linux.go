@@ -25,7 +25,7 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
-	// cow, for a checkpoint that leaves the tree running (cow_linux.go).
+	// cow, for a checkpoint that leaves the tree running (forksnap_linux.go).
 	cow *cowRun
 }
 
@@ -314,7 +314,7 @@ func (t *FrozenTree) Kill() error {
 }
 
 // snapshotForks forks every member for a copy-on-write checkpoint
-// (cow_linux.go) and reads what the children cannot give. If one cannot
+// (forksnap_linux.go) and reads what the children cannot give. If one cannot
 // be forked, the children made are dropped and false returned: the tree
 // stays stopped for the whole copy.
 func (t *FrozenTree) snapshotForks(rs []*records, files map[uint64]bool) (bool, error) {
