@@ -112,7 +112,7 @@ func (f *Frozen) fork() (*snapshot, error) {
 		args []uint64
 	}{{"clone", unix.SYS_CLONE, []uint64{cloneSnapshotFlags}}, {"exit_group", unix.SYS_EXIT_GROUP, []uint64{snapshotExitCode}},
 		{"wait4", unix.SYS_WAIT4, []uint64{0, 0, unix.WNOHANG | unix.WALL}}} {
-		ok, err := seccompAllows(f.Pid, th.tid, th.in.Site, c.nr, c.args...)
+		ok, err := seccompAllows(f.rd, th.tid, th.in.Site, c.nr, c.args...)
 		if err != nil {
 			return nil, errNoFork{fmt.Sprintf("thread %d: seccomp filters: %v", th.tid, err)}
 		}
@@ -162,7 +162,7 @@ func (f *Frozen) fork() (*snapshot, error) {
 		return nil, fmt.Errorf("fork: child %d: %w", child, err)
 	}
 	var err error
-	if s.nsPid, err = nsPidOf(f.Pid, child); err != nil {
+	if s.nsPid, err = nsPidOf(f.rd, child); err != nil {
 		f.discard(child)
 		return nil, fmt.Errorf("fork: child %d: %w", child, err)
 	}
@@ -218,7 +218,7 @@ func (f *Frozen) reapRemains() {
 		if !isSnapshotRemains(k) {
 			continue
 		}
-		if ns, err := nsPidOf(f.Pid, k); err == nil {
+		if ns, err := nsPidOf(f.rd, k); err == nil {
 			f.threads[0].in.Syscall(unix.SYS_WAIT4, uintptr(ns), 0, unix.WNOHANG|unix.WALL, 0)
 		}
 	}
@@ -227,7 +227,7 @@ func (f *Frozen) reapRemains() {
 // discard kills a snapshot child of the stopped f and has f reap it
 // through the main thread's injector. Runs on the tracer thread.
 func (f *Frozen) discard(child int) {
-	nsPid, err := nsPidOf(f.Pid, child)
+	nsPid, err := nsPidOf(f.rd, child)
 	if err != nil {
 		nsPid = child
 	}
@@ -374,7 +374,7 @@ type pagesRun struct {
 // areas are left in r.dump for the child. Returns the bytes of pages read.
 func (f *Frozen) takeStopped(r *records, snap *snapshot) (uint64, error) {
 	r.snap = snap
-	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
+	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
 	if err != nil {
 		return 0, err
 	}
@@ -389,7 +389,7 @@ func (f *Frozen) takeStopped(r *records, snap *snapshot) (uint64, error) {
 	}
 	var n uint64
 	if len(now) > 0 {
-		pagemap, err := os.Open(procfs.Path(f.Pid, "pagemap"))
+		pagemap, err := os.Open(procfs.Path(f.rd, "pagemap"))
 		if err != nil {
 			return 0, err
 		}

@@ -69,7 +69,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		// A zombie child (exited, not yet reaped by its parent) is only
 		// its place in the tree and its wait status: it cannot be
 		// traced and has no children.
-		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+		// (Not a main thread that exited while others run on: that
+		// process lives, and checkSupported names it.)
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
 			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
 			t.procs = append(t.procs, m)
 			continue
@@ -126,9 +128,6 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
-	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -152,8 +151,16 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			own[ino] = true
 		}
 	}
+	var members []treeMember
+	j := 0
+	for _, m := range t.procs {
+		if !m.Zombie && j < len(t.members) {
+			members = append(members, treeMember{pid: t.members[j].Pid, saved: m.Pid})
+			j++
+		}
+	}
 	for _, f := range t.members {
-		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree, f.socks.members = ptys, own, true, members
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
@@ -164,6 +171,12 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 		if rs[i], err = f.gather(shm, inner); err != nil {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}
+	}
+	// Which members share pages with their parent, read while all are
+	// stopped (before the forks let them run: the pages must be those of
+	// the snapshot).
+	if err := t.markCow(rs); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	if t.cow != nil {
 		forked, err := t.snapshotForks(rs, files)
@@ -195,6 +208,11 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if t.queried != nil {
 		t.queried()
+	}
+	// The tree record first, once it knows which members share pages
+	// with their parent (markCow).
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	for i, f := range t.members {
 		f.files = files
