@@ -370,12 +370,20 @@ type records struct {
 	files      []image.File
 	stopped    *stoppedPages
 	snap       *snapshot
+	// noFlags: vmas and dump have no VmFlags yet (fillFlags).
+	noFlags bool
 }
 
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
 func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
-	maps, err := procfs.Maps(f.rd)
+	// A copy-on-write checkpoint reads the areas' VmFlags later, from its
+	// snapshot child's smaps, after the stop (forksnap_linux.go).
+	read := procfs.Maps
+	if f.cow != nil {
+		read = procfs.MapsLayout
+	}
+	maps, err := read(f.rd)
 	if err != nil {
 		return nil, err
 	}
@@ -401,7 +409,7 @@ func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds}, nil
+	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds, noFlags: f.cow != nil}, nil
 }
 
 // emit writes what gather learnt and the process's pages.
@@ -428,6 +436,15 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 		if err := enc.Write(t); err != nil {
 			return err
 		}
+	}
+	// VmFlags left out by gather (forksnap_linux.go): from the snapshot
+	// child, or from the process while it is still stopped.
+	flagsFrom := f.rd
+	if r.snap != nil {
+		flagsFrom = r.snap.pid
+	}
+	if err := f.fillFlags(r, flagsFrom); err != nil {
+		return err
 	}
 	for i := range r.vmas {
 		if err := enc.Write(&r.vmas[i]); err != nil {

@@ -344,10 +344,10 @@ func reapIn(pid, tid int, site uint64, child int) error {
 
 // wontCopy reports an area a fork does not snapshot: shared anonymous
 // memory (written through the child too), MADV_DONTFORK (absent from the
-// child) and MADV_WIPEONFORK (zero in it). Its pages are read during the
-// stop.
-func wontCopy(v *image.VMA) bool {
-	if v.Kind == image.VMASharedAnon {
+// child) and MADV_WIPEONFORK (zero in it), by its VmFlags or, when they
+// are not read yet, in wiped. Its pages are read during the stop.
+func wontCopy(v *image.VMA, wiped map[uint64]bool) bool {
+	if v.Kind == image.VMASharedAnon || wiped[v.Start] {
 		return true
 	}
 	for _, fl := range strings.Fields(v.VmFlags) {
@@ -356,6 +356,94 @@ func wontCopy(v *image.VMA) bool {
 		}
 	}
 	return false
+}
+
+// unforked finds, while f is stopped, what its snapshot child lacks
+// without reading smaps (whose page walk takes tens of milliseconds a
+// GiB): an area of f missing from the child's /proc/PID/maps is
+// MADV_DONTFORK; a private area where f has a page and the child none was
+// wiped (MADV_WIPEONFORK: a fork copies every page table entry of an
+// area holding anonymous pages). needFlags: an area is MADV_DONTFORK, or
+// f has locked memory (a fork clears VM_LOCKED in the child): the child's
+// VmFlags would not be f's, so f's smaps must be read now.
+func (f *Frozen) unforked(r *records, snap *snapshot) (wiped map[uint64]bool, needFlags bool, err error) {
+	st, err := procfs.Status(f.rd)
+	if err != nil {
+		return nil, false, err
+	}
+	if lck := strings.TrimSpace(strings.TrimSuffix(st["VmLck"], "kB")); lck != "" && lck != "0" {
+		return nil, true, nil
+	}
+	cmaps, err := procfs.MapsLayout(snap.pid)
+	if err != nil {
+		return nil, false, err
+	}
+	in := map[[2]uint64]bool{}
+	for _, m := range cmaps {
+		in[[2]uint64{m.Start, m.End}] = true
+	}
+	for _, v := range r.vmas {
+		if !v.Kind.Kernel() && !in[[2]uint64{v.Start, v.End}] {
+			return nil, true, nil
+		}
+	}
+	pm, err := os.Open(procfs.Path(f.rd, "pagemap"))
+	if err != nil {
+		return nil, false, err
+	}
+	defer pm.Close()
+	cm, err := os.Open(procfs.Path(snap.pid, "pagemap"))
+	if err != nil {
+		return nil, false, err
+	}
+	defer cm.Close()
+	wiped = map[uint64]bool{}
+	for _, v := range r.dump {
+		if v.Shared || v.Kind.Kernel() || v.Kind == image.VMASharedAnon {
+			continue
+		}
+		child, err := anyPage(cm, v.Start, v.End)
+		if err != nil || child {
+			if err != nil {
+				return nil, false, fmt.Errorf("snapshot child %d: map %#x-%#x: %w", snap.pid, v.Start, v.End, err)
+			}
+			continue
+		}
+		if has, err := anyPage(pm, v.Start, v.End); err != nil {
+			return nil, false, fmt.Errorf("map %#x-%#x: %w", v.Start, v.End, err)
+		} else if has {
+			wiped[v.Start] = true
+		}
+	}
+	return wiped, false, nil
+}
+
+// fillFlags gives r's areas their VmFlags if gather left them out, from
+// the smaps of src: the snapshot child once f runs again, else f itself,
+// stopped.
+func (f *Frozen) fillFlags(r *records, src int) error {
+	if !r.noFlags {
+		return nil
+	}
+	maps, err := procfs.Maps(src)
+	if err != nil {
+		return err
+	}
+	flags := map[[2]uint64]string{}
+	for _, m := range maps {
+		flags[[2]uint64{m.Start, m.End}] = m.VmFlags
+	}
+	for _, vs := range [][]image.VMA{r.vmas, r.dump} {
+		for i := range vs {
+			fl, ok := flags[[2]uint64{vs[i].Start, vs[i].End}]
+			if !ok {
+				return fmt.Errorf("map %#x-%#x: not in the smaps of %d", vs[i].Start, vs[i].End, src)
+			}
+			vs[i].VmFlags = fl
+		}
+	}
+	r.noFlags = false
+	return nil
 }
 
 // stoppedPages is what a checkpoint read during the stop, written after.
@@ -379,9 +467,18 @@ func (f *Frozen) takeStopped(r *records, snap *snapshot) (uint64, error) {
 		return 0, err
 	}
 	r.files, r.filesTaken = files, true
+	wiped, needFlags, err := f.unforked(r, snap)
+	if err != nil {
+		return 0, err
+	}
+	if needFlags {
+		if err := f.fillFlags(r, f.rd); err != nil { // f's own: it is stopped
+			return 0, err
+		}
+	}
 	var now, later []image.VMA
 	for _, v := range r.dump {
-		if wontCopy(&v) {
+		if wontCopy(&v, wiped) {
 			now = append(now, v)
 		} else {
 			later = append(later, v)

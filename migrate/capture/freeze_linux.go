@@ -93,6 +93,9 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 		}
 		t.queried = o.Queried
 		t.cow = newCOW(o)
+		for _, m := range t.members {
+			m.cow = t.cow
+		}
 		defer t.cow.done()
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
