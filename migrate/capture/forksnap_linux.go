@@ -103,6 +103,7 @@ func (f *Frozen) fork() (*snapshot, error) {
 	if th.in == nil {
 		return nil, errNoFork{"no injector on the main thread"}
 	}
+	defer f.requeueLate(th, len(th.in.Signals))
 	// The clone runs through the thread's seccomp filters, and so do the
 	// child's exit_group and the wait4 that reaps it: all must be
 	// allowed as they are, or a filter might kill the process for one.
@@ -173,6 +174,17 @@ func (f *Frozen) fork() (*snapshot, error) {
 	return s, nil
 }
 
+// requeueLate hands the signals a call injected into th after describe
+// dequeued (from its injector's n-th on) to Resume, which queues them
+// again: they came after the snapshot's instant, and the process must
+// not lose them.
+func (f *Frozen) requeueLate(th *thread, n int) {
+	if len(th.in.Signals) > n {
+		th.requeue = append(th.requeue, th.in.Signals[n:]...)
+		th.in.Signals = th.in.Signals[:n]
+	}
+}
+
 // snapshotExitCode is the exit status of a snapshot child: with an exit
 // signal of 0 it marks the zombie a pfreeze that died left behind
 // (isSnapshotRemains), so that later freezes neither take it for a
@@ -227,6 +239,9 @@ func (f *Frozen) reapRemains() {
 // discard kills a snapshot child of the stopped f and has f reap it
 // through the main thread's injector. Runs on the tracer thread.
 func (f *Frozen) discard(child int) {
+	if in := f.threads[0].in; in != nil {
+		defer f.requeueLate(f.threads[0], len(in.Signals))
+	}
 	nsPid, err := nsPidOf(f.rd, child)
 	if err != nil {
 		nsPid = child
