@@ -321,3 +321,92 @@ func TestCOWCheckpointSeccomp(t *testing.T) {
 	}
 	noChildren(t, s.Pid())
 }
+
+// TestCOWCheckpointPIDNamespace checkpoints nsinit's PID namespace (its
+// init and the worker, as an agent's checkpoint does) leaving it running:
+// both are forked, neither keeps a child of ours, the namespace counts
+// on; then, the original gone, the snapshot restored into a new PID
+// namespace goes on counting from where it was with the worker's ids and
+// heap.
+func TestCOWCheckpointPIDNamespace(t *testing.T) {
+	needRoot(t)
+	srcTr, dstTr := ptrace.NewTracer(), ptrace.NewTracer()
+	defer srcTr.Close()
+	defer dstTr.Close()
+	orig := fixture.Start(t, fixture.Build(t, "nsinit"))
+	r := nsinitReport(t, orig.Lines, 1, "")
+	kids, err := fixture.Children(orig.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("nsinit %d has children %v (%v), want its namespace's init", orig.Pid(), kids, err)
+	}
+	init := kids[0]
+	t.Cleanup(func() {
+		syscall.Kill(init, syscall.SIGKILL)
+		orig.Wait(wait)
+	})
+	workers, err := fixture.Children(init)
+	if err != nil || len(workers) != 1 {
+		t.Fatalf("init %d has children %v (%v), want the worker", init, workers, err)
+	}
+	var buf bytes.Buffer
+	var st capture.COWStats
+	if err := capture.FreezeWith(context.Background(), srcTr, init, &buf, capture.FreezeOptions{Tree: true, COWStats: &st,
+		Notice: func(s string) { t.Log(s) }}); err != nil {
+		t.Fatalf("checkpoint of the namespace: %v", err)
+	}
+	t.Logf("stop %v (fork %v), copy %v", st.Stop, st.Fork, st.Copy)
+	if st.Fallback {
+		t.Errorf("the namespace was stopped for the whole copy, want its members forked")
+	}
+	if kids, err := procfs.Children(init); err != nil || len(kids) != 1 || kids[0] != workers[0] {
+		t.Errorf("init %d has children %v (%v) after the checkpoint, want only the worker %d", init, kids, err, workers[0])
+	}
+	noChildren(t, workers[0])
+	// It counts on; the last count before it is killed is where the copy
+	// must go on from, at most.
+	last := nsinitReport(t, orig.Lines, r.Count+1, r.Sum).Count
+	syscall.Kill(init, syscall.SIGKILL)
+	orig.Wait(wait)
+	for {
+		line, err := orig.Lines.Next(wait)
+		if err != nil {
+			break
+		}
+		if rr, ok := fixture.ParseNsinit(line); ok {
+			last = rr.Count
+		}
+	}
+	out, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	copyOut := fixture.FollowReader(t, out)
+	p, err := loader.Build(context.Background(), dstTr, image.NewDecoder(&buf), loader.Options{PIDNamespace: true, Stdio: [3]*os.File{nil, pw, pw}})
+	pw.Close()
+	if err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	started := false
+	defer func() {
+		if !started {
+			p.Abort()
+			return
+		}
+		syscall.Kill(p.WaitPid(), syscall.SIGKILL)
+		p.Wait()
+	}()
+	if err := p.Start(); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	started = true
+	line, err := copyOut.Next(wait)
+	if err != nil {
+		t.Fatalf("the restored namespace: %v", err)
+	}
+	rr, ok := fixture.ParseNsinit(line)
+	if !ok || rr.IDs != worker || rr.Sum != r.Sum || rr.Count < r.Count+1 || rr.Count > last {
+		t.Fatalf("the restored namespace printed %q, want a count in %d..%d with ids %+v and sum %s", line, r.Count+1, last, worker, r.Sum)
+	}
+	nsinitReport(t, copyOut, rr.Count+1, r.Sum)
+}
