@@ -14,8 +14,7 @@ const pmPFN = 1<<55 - 1
 
 // markCow finds, for every member of the tree that may be forked from its
 // parent once the parent's memory is built (image.TreeProc.Cow: a leaf
-// whose PID leads no other member's group or session, outside a PID
-// namespace of its own), the pages of its private anonymous areas that
+// whose PID leads no other member's group or session), the pages of its private anonymous areas that
 // are still its parent's (zdtm's cow00): the same physical page at the
 // same address in a private anonymous area of the parent, as a fork left
 // them where neither wrote since. Those pages are recorded in the area's
@@ -24,12 +23,16 @@ const pmPFN = 1<<55 - 1
 // t.members' order. Without CAP_SYS_ADMIN pagemap shows no frame numbers
 // and nothing is marked.
 func (t *FrozenTree) markCow(rs []*records) error {
-	if t.pidNS != "" {
-		return nil
-	}
+	// The members are t.procs' living ones in the same order; t.procs
+	// names them as the snapshot does (a frozen PID namespace's own
+	// numbers), t.members as this host does.
 	byPid := map[int]int{} // saved pid -> index in t.members
-	for i, f := range t.members {
-		byPid[f.Pid] = i
+	j := 0
+	for _, m := range t.procs {
+		if !m.Zombie && j < len(t.members) {
+			byPid[m.Pid] = j
+			j++
+		}
 	}
 	leads := map[int]bool{} // pids with a child, or leading another's group or session
 	for _, m := range t.procs {
