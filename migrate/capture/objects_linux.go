@@ -127,7 +127,7 @@ func readFileObject(id uint64, kind image.FileKind, name, src string) ([]image.F
 	if st.Size > image.MaxFileSize {
 		return nil, unsupported("%s of %d bytes", name, st.Size)
 	}
-	first := image.File{ID: id, Kind: kind, Name: name, Size: st.Size, Mode: st.Mode}
+	first := image.File{ID: id, Kind: kind, Name: name, Size: st.Size, Mode: st.Mode, Uid: st.Uid, Gid: st.Gid}
 	if kind == image.FileMemfd {
 		seals, err := unix.FcntlInt(f.Fd(), unix.F_GET_SEALS, 0)
 		if err != nil {
