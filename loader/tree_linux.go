@@ -183,7 +183,9 @@ func (p *Process) exitAs(status int) error {
 		if err := unix.Tgkill(p.pid, p.pid, sig); err != nil {
 			return fmt.Errorf("kill with %v: %w", sig, err)
 		}
-		if err := ptrace.Cont(p.pid, 0); err != nil {
+		// SIGKILL ends the stub at once, traced and stopped as it is:
+		// there is nothing to resume (ESRCH), only the exit to wait for.
+		if err := ptrace.Cont(p.pid, 0); err != nil && !(sig == unix.SIGKILL && errors.Is(err, unix.ESRCH)) {
 			return err
 		}
 		// One bound for the whole death, however many stops come first.
@@ -201,7 +203,7 @@ func (p *Process) exitAs(status int) error {
 			if st.Sig() == sig && st.Event() == 0 {
 				deliver = sig
 			}
-			if err := ptrace.Cont(p.pid, deliver); err != nil {
+			if err := ptrace.Cont(p.pid, deliver); err != nil && !(sig == unix.SIGKILL && errors.Is(err, unix.ESRCH)) {
 				return err
 			}
 		}
