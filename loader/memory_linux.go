@@ -84,6 +84,14 @@ func (p *Process) mapMemory() error {
 				if v.GrowsDown() {
 					flags |= unix.MAP_GROWSDOWN
 				}
+				// Flags only mmap sets (smaps: "nr" no swap space
+				// accounted, "dp" pages the kernel may drop).
+				if hasVmFlag(v.VmFlags, "nr") {
+					flags |= unix.MAP_NORESERVE
+				}
+				if hasVmFlag(v.VmFlags, "dp") {
+					flags = flags&^unix.MAP_PRIVATE | unix.MAP_DROPPABLE
+				}
 			case image.VMASharedAnon:
 				if err := p.mapSharedAnon(v); err != nil {
 					return err
@@ -181,12 +189,21 @@ func (p *Process) mapSharedAnon(v *image.VMA) error {
 	return nil
 }
 
-// advise re-applies the madvise flags /proc reported for v.
+// advise re-applies the madvise flags /proc reported for v, and mlock
+// ("lo": after the contents are written, which it keeps in memory).
 func (p *Process) advise(v *image.VMA) error {
+	if hasVmFlag(v.VmFlags, "lo") {
+		if _, err := p.call(unix.SYS_MLOCK, uintptr(v.Start), uintptr(v.Len())); err != nil {
+			return fmt.Errorf("%s: mlock: %w", vmaName(v), err)
+		}
+	}
 	for _, a := range []struct {
 		flag   string
 		advice uintptr
 	}{
+		{"sr", unix.MADV_SEQUENTIAL},
+		{"rr", unix.MADV_RANDOM},
+		{"mg", unix.MADV_MERGEABLE},
 		{"dd", unix.MADV_DONTDUMP},
 		{"dc", unix.MADV_DONTFORK},
 		{"wf", unix.MADV_WIPEONFORK},

@@ -1,0 +1,54 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// vmFlags returns the VmFlags /proc/PID/smaps reports for the area that
+// starts at addr (hex, as smaps prints it).
+func vmFlags(t *testing.T, pid int, addr string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := false
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":") {
+			in = strings.HasPrefix(f[0], addr+"-")
+		} else if in && strings.HasPrefix(l, "VmFlags:") {
+			return strings.TrimSpace(strings.TrimPrefix(l, "VmFlags:"))
+		}
+	}
+	t.Fatalf("pid %d has no area at %s", pid, addr)
+	return ""
+}
+
+// TestMadviseFlags moves a process whose anonymous areas carry each
+// mapping flag and advice smaps reports (fixture madvise; zdtm's maps02):
+// sequential, random, mlocked, MAP_NORESERVE, MAP_DROPPABLE, dontfork,
+// dontdump. After the thaw each area has the VmFlags it had.
+func TestMadviseFlags(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "madvise"))
+	before := map[string]string{}
+	names := map[string]string{}
+	for len(names) < 7 {
+		m := p.Lines.Expect(t, `^area ([0-9a-f]+) (\w+)$`, waitFor)
+		before[m[1]] = vmFlags(t, p.Pid(), m[1])
+		names[m[1]] = m[2]
+	}
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	th := migrate(t, p)
+	pid := th.restoredPid(t)
+	for addr, want := range before {
+		if got := vmFlags(t, pid, addr); got != want {
+			t.Errorf("%s area %s: VmFlags %q after thaw, want %q", names[addr], addr, got, want)
+		}
+	}
+}
