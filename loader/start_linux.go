@@ -154,6 +154,9 @@ func (p *Process) finish() error {
 	if err := p.connectUnix(borrow); err != nil {
 		return err
 	}
+	if err := p.setOwners(); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}

@@ -52,3 +52,20 @@ func TestMadviseFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestFileOwner moves a process whose pipe signals it when data arrives
+// (fixture fown: O_ASYNC, F_SETOWN, F_SETSIG SIGUSR2; zdtm's file_fown):
+// after the thaw a write into the pipe still brings the signal, and the
+// read end has the same owner and signal.
+func TestFileOwner(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "fown"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if desc := debugOf(t, p.Pid()); !strings.Contains(desc, fmt.Sprintf("owner %d signal 12", p.Pid())) {
+		t.Errorf("pfreeze -debug does not show the pipe's owner %d and signal 12:\n%s", p.Pid(), desc)
+	}
+	th := migrate(t, p)
+	pid := th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, fmt.Sprintf(`^signals=1 flags=20000 owner=%d sig=12 self=%d$`, pid, pid), waitFor)
+}

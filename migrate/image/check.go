@@ -402,6 +402,9 @@ func CheckFD(f *FD) error {
 	if f.Fd < 0 || f.Fd > MaxFd {
 		return corruptf("fd %d", f.Fd)
 	}
+	if f.Signal < 0 || f.Signal > 64 {
+		return corruptf("fd %d: owner signal %d", f.Fd, f.Signal)
+	}
 	switch f.Kind {
 	case FDFile, FDEpoll, FDPipe, FDListen:
 	case FDEventfd:

@@ -206,6 +206,9 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if f.Object != 0 {
 			fmt.Fprintf(w, " object %#x", f.Object)
 		}
+		if f.Owner != 0 || f.Signal != 0 {
+			fmt.Fprintf(w, " owner %d signal %d", f.Owner, f.Signal)
+		}
 		if f.Kind == FDPipe || f.Kind == FDPipeOut {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
 		}

@@ -641,6 +641,13 @@ type FD struct {
 	// (a memfd, a deleted file).
 	Object uint64 `msgpack:"object,omitempty"`
 
+	// Owner and Signal are the open file description's F_GETOWN (a
+	// process group negative) and F_GETSIG, read when O_ASYNC is in
+	// Flags: whom the kernel signals when I/O is possible, with which
+	// signal (0: SIGIO).
+	Owner  int `msgpack:"owner,omitempty"`
+	Signal int `msgpack:"signal,omitempty"`
+
 	Timer    *Timerfd       `msgpack:"timerfd,omitempty"`  // FDTimerfd
 	SigMask  uint64         `msgpack:"sigmask,omitempty"`  // FDSignalfd
 	Watches  []InotifyWatch `msgpack:"watches,omitempty"`  // FDInotify
