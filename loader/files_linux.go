@@ -163,7 +163,7 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
-	case image.FDTCP, image.FDUDP:
+	case image.FDTCP, image.FDUDP, image.FDTCPNew:
 		if tmp, err = p.newSocket(f); err != nil {
 			return err
 		}

@@ -157,6 +157,9 @@ func (p *Process) finish() error {
 	if err := p.setOwners(); err != nil {
 		return err
 	}
+	if err := p.unixOptions(borrow); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}

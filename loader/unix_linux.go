@@ -565,3 +565,27 @@ func setSndBuf(s, sndbuf int) error {
 	}
 	return nil
 }
+
+// unixOptions sets SO_PASSCRED and SO_PASSSEC on the unix sockets that
+// had them, however they were made again. Runs on the tracer thread;
+// scratch is argument memory in the process.
+func (p *Process) unixOptions(scratch uintptr) error {
+	for _, f := range p.fds {
+		u := f.Unix
+		if f.Kind != image.FDUnix || u == nil || f.Desc != f.Fd || p.replaced(f) {
+			continue
+		}
+		s := &sockCalls{p: p, fd: uintptr(f.Fd), scratch: scratch}
+		if u.PassCred {
+			if err := s.setInt(unix.SOL_SOCKET, unix.SO_PASSCRED, 1, "SO_PASSCRED"); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+		if u.PassSec {
+			if err := s.setInt(unix.SOL_SOCKET, unix.SO_PASSSEC, 1, "SO_PASSSEC"); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+	}
+	return nil
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -68,4 +69,25 @@ func TestFileOwner(t *testing.T) {
 	pid := th.restoredPid(t)
 	fmt.Fprintln(th.stdin, "check")
 	th.out.Expect(t, fmt.Sprintf(`^signals=1 flags=20000 owner=%d sig=12 self=%d$`, pid, pid), waitFor)
+}
+
+// TestUnconnectedSockets moves a process holding sockets that were never
+// connected (fixture sockopts; zdtm's sock_opts00, sock_opts01): a TCP
+// socket neither bound nor connected with SOL_SOCKET options set
+// (priority, rcvlowat, mark, dontroute, oobinline, nocheck, bound to the
+// device lo), a TCP socket bound but not listening, a unix socket with
+// SO_PASSCRED. They were refused ("state CLOSE"); after the thaw each
+// reads back as it was, the bound one on its port.
+func TestUnconnectedSockets(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "sockopts"))
+	before := p.Lines.Expect(t, `^(tcp prio=5 lowat=3 mark=7 dontroute=1 oob=1 nocheck=1 dev=lo peer=ENOTCONN bound=[1-9]\d* unix passcred=1)$`, waitFor)[1]
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if desc := debugOf(t, p.Pid()); !strings.Contains(desc, "tcp-unconnected") || !strings.Contains(desc, `priority 5 rcvlowat 3 mark 7 dontroute true nocheck true oobinline true device "lo"`) || !strings.Contains(desc, "passcred true") {
+		t.Errorf("pfreeze -debug does not show the unconnected sockets and their options:\n%s", desc)
+	}
+	th := migrate(t, p)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^`+regexp.QuoteMeta(before)+`$`, waitFor)
 }

@@ -199,7 +199,7 @@ func fileOwner(pid, fd int) (owner, sig int, err error) {
 // with a socket fd in prev, and if so gives rec that fd's socket.
 func dupOfSocket(pid, fd int, prev []image.FD, rec *image.FD) bool {
 	for _, o := range prev {
-		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP && o.Kind != image.FDUnix {
+		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP && o.Kind != image.FDTCPNew && o.Kind != image.FDUnix {
 			continue
 		}
 		if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {

@@ -443,6 +443,11 @@ func CheckFD(f *FD) error {
 		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
 			return corruptf("fd %d: UDP socket", f.Fd)
 		}
+	case FDTCPNew:
+		u := f.UDP
+		if u == nil || !checkAddr(u.Family, u.Local) || u.Peer != nil || len(u.Opts.BindToDevice) > 15 {
+			return corruptf("fd %d: unconnected TCP socket", f.Fd)
+		}
 	case FDPtyMaster, FDPtySlave:
 		if t := f.Pty; t == nil || t.Index < 0 || t.Index > MaxPtyIndex || (t.Termios != nil && len(t.Termios.Cc) != 19) {
 			return corruptf("fd %d: pty", f.Fd)

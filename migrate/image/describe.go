@@ -197,7 +197,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp", FDTCPNew: "tcp-unconnected",
 			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix", FDPipeOut: "pipe-outside", FDPtyMaster: "pty-master", FDPtySlave: "pty-slave"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
@@ -229,6 +229,13 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			if u.Peer != nil {
 				fmt.Fprintf(w, " -> %s", *u.Peer)
 			}
+			if o := u.Opts; o.Priority != 0 || o.RcvLowat > 1 || o.Mark != 0 || o.DontRoute || o.NoCheck || o.OOBInline || o.BindToDevice != "" {
+				fmt.Fprintf(w, " priority %d rcvlowat %d mark %d dontroute %v nocheck %v oobinline %v device %q",
+					o.Priority, o.RcvLowat, o.Mark, o.DontRoute, o.NoCheck, o.OOBInline, o.BindToDevice)
+			}
+		}
+		if u := f.Unix; u != nil && (u.PassCred || u.PassSec) {
+			fmt.Fprintf(w, " passcred %v passsec %v", u.PassCred, u.PassSec)
 		}
 		if u := f.Unix; u != nil && u.Listen {
 			fmt.Fprintf(w, " %s socket %d listening on %q mode %#o owner %d:%d",

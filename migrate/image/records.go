@@ -355,6 +355,10 @@ const (
 	// FDUDP is a UDP socket, re-created, bound and connected again; the
 	// datagrams queued in it are not carried.
 	FDUDP FDKind = 8
+	// FDTCPNew is a TCP socket never connected and not listening, bound
+	// or not: made again with its options (and address). Its UDP field
+	// holds its family, address and options, and no peer.
+	FDTCPNew FDKind = 9
 
 	// Anonymous inodes (numbered apart from the socket kinds).
 
@@ -457,6 +461,9 @@ type UnixSocket struct {
 	Mode    uint32 `msgpack:"mode,omitempty"`
 	Uid     uint32 `msgpack:"uid,omitempty"`
 	Gid     uint32 `msgpack:"gid,omitempty"`
+	// SO_PASSCRED, SO_PASSSEC.
+	PassCred bool `msgpack:"passcred,omitempty"`
+	PassSec  bool `msgpack:"passsec,omitempty"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
@@ -539,6 +546,15 @@ type SockOpts struct {
 	KeepIntvl   int  `msgpack:"keepintvl,omitempty"`
 	KeepCnt     int  `msgpack:"keepcnt,omitempty"`
 	UserTimeout int  `msgpack:"user_timeout,omitempty"`
+	// SOL_SOCKET options beyond those above, set when they differ from a
+	// new socket's (RcvLowat 1, the others 0 or empty).
+	Priority     int    `msgpack:"priority,omitempty"`
+	RcvLowat     int    `msgpack:"rcvlowat,omitempty"`
+	Mark         int    `msgpack:"mark,omitempty"`
+	DontRoute    bool   `msgpack:"dontroute,omitempty"`
+	NoCheck      bool   `msgpack:"nocheck,omitempty"`
+	OOBInline    bool   `msgpack:"oobinline,omitempty"`
+	BindToDevice string `msgpack:"bindtodevice,omitempty"`
 }
 
 // TCPWindow is struct tcp_repair_window.
