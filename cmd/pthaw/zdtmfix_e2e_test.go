@@ -91,3 +91,23 @@ func TestUnconnectedSockets(t *testing.T) {
 	fmt.Fprintln(th.stdin, "check")
 	th.out.Expect(t, `^`+regexp.QuoteMeta(before)+`$`, waitFor)
 }
+
+// TestInotifyDeletedFile moves a process with an inotify watch on a file
+// it deleted and still holds open (fixture inotifydel; zdtm's inotify00):
+// it was refused ("has no path"); now the watch is added again on the
+// copy of the deleted file, and a write into the file still reports
+// IN_MODIFY under the same watch descriptor.
+func TestInotifyDeletedFile(t *testing.T) {
+	needRoot(t)
+	dir := t.TempDir()
+	p := fixture.Start(t, fixture.Build(t, "inotifydel"), dir)
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if desc := debugOf(t, p.Pid()); !regexp.MustCompile(`\[wd 1 mask 0xa ` + regexp.QuoteMeta(dir) + `/f \(deleted\) object 0x[0-9a-f]+\]`).MatchString(desc) {
+		t.Errorf("pfreeze -debug does not show the watch of the deleted file:\n%s", desc)
+	}
+	th := migrate(t, p)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^event 1 2$`, waitFor)
+	th.out.Expect(t, `^done$`, waitFor)
+}

@@ -379,6 +379,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
+	if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+		return err
+	}
 	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
 	if err != nil {
 		return err

@@ -279,7 +279,11 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			}
 		}
 		for _, iw := range f.Watches {
-			fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
+			if iw.Object != 0 {
+				fmt.Fprintf(w, " [wd %d mask %#x %s (deleted) object %#x]", iw.Wd, iw.Mask, iw.Path, iw.Object)
+			} else {
+				fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
+			}
 		}
 		for _, t := range f.Epoll {
 			if t.Via != nil {

@@ -507,6 +507,10 @@ type InotifyWatch struct {
 	Wd   int    `msgpack:"wd"`
 	Mask uint32 `msgpack:"mask"`
 	Path string `msgpack:"path"`
+	// Object, for a watched file deleted since, is its File record (an fd
+	// or area of the process holds it): the watch is added on the copy.
+	// Path is then the deleted file's old path, for messages.
+	Object uint64 `msgpack:"object,omitempty"`
 }
 
 // Listener describes a listening TCP socket.
