@@ -269,6 +269,14 @@ func (p *Process) finish() error {
 		if it == (image.Itimer{}) {
 			continue
 		}
+		// An interval ITIMER_REAL reads as no time left while its
+		// expiry's SIGALRM is pending: the kernel re-arms it only when
+		// the signal is taken. Set with no time left it would stay
+		// disarmed; one microsecond expires at once, into the SIGALRM
+		// pending already, and leaves it armed as it was.
+		if which == unix.ITIMER_REAL && it.ValueSec == 0 && it.ValueUsec == 0 {
+			it.ValueUsec = 1
+		}
 		b := make([]byte, 32)
 		binary.LittleEndian.PutUint64(b[0:], uint64(it.IntervalSec))
 		binary.LittleEndian.PutUint64(b[8:], uint64(it.IntervalUsec))

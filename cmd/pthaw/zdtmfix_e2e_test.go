@@ -111,3 +111,22 @@ func TestInotifyDeletedFile(t *testing.T) {
 	th.out.Expect(t, `^event 1 2$`, waitFor)
 	th.out.Expect(t, `^done$`, waitFor)
 }
+
+// TestItimerPendingExpiry moves a process whose interval ITIMER_REAL has
+// expired with its SIGALRM still pending (fixture itimerpending; zdtm's
+// timers failed this way under load): getitimer reports no time left,
+// and set again as read the timer stayed disarmed, so after the pending
+// SIGALRM no other came. After the thaw the alarms go on: more than the
+// one pending in 500 ms of a 50 ms timer.
+func TestItimerPendingExpiry(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "itimerpending"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	th := migrate(t, p)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	m := th.out.Expect(t, `^alarms=(\d+)$`, waitFor)
+	if n := atoi(t, m[1]); n < 2 {
+		t.Errorf("%d SIGALRMs in 500 ms after the thaw, want more than the pending one (the 50 ms timer stayed disarmed)", n)
+	}
+}
