@@ -25,6 +25,9 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	if u == nil {
 		return 0, fmt.Errorf("%w: fd %d: unix socket", image.ErrCorrupt, f.Fd)
 	}
+	if u.PeerClosed {
+		return p.peerClosedEnd(f)
+	}
 	unconnected := u.Peer == 0 && u.Connect == ""
 	if unconnected && u.Name == "" {
 		// Unbound: a socket of its type is all there is to it.
@@ -420,6 +423,75 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		}
 	}
 	return tmp, err
+}
+
+// peerClosedEnd makes a unix socket whose peer was closed: pthaw makes a
+// pair, sends the saved queue from the other end and closes that, and
+// the process takes the first end (in a tree, members that held it take
+// the same one). Runs on the tracer thread.
+func (p *Process) peerClosedEnd(f *image.FD) (uintptr, error) {
+	u := f.Unix
+	if p.opts.PIDNamespace {
+		// The process, in its own PID namespace, cannot name pthaw.
+		return 0, fmt.Errorf("fd %d (%s): a unix socket whose peer was closed is not carried into a new PID namespace (-pidns) yet", f.Fd, f.What)
+	}
+	var pair *treePair
+	if p.tree != nil {
+		pair = p.tree.unix[u.ID]
+	}
+	if pair == nil {
+		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
+		}
+		pair = &treePair{ends: map[uint64]int{u.ID: fds[0]}, shutdown: map[uint64]int{u.ID: u.Shutdown}, sndbuf: map[uint64]int{}}
+		err = sendQueue(fds[1], u.Queue)
+		unix.Close(fds[1])
+		if err != nil {
+			unix.Close(fds[0])
+			return 0, fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err)
+		}
+		if p.tree != nil {
+			p.tree.unix[u.ID] = pair
+		}
+	}
+	tmp, err := p.takeFromPthaw(f, pair.ends[u.ID])
+	if p.tree == nil {
+		unix.Close(pair.ends[u.ID])
+	}
+	if err == nil && f.Flags&unix.O_NONBLOCK != 0 {
+		if _, err = p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+			p.call(unix.SYS_CLOSE, tmp)
+			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
+		}
+	}
+	return tmp, err
+}
+
+// sendQueue sends queued messages (a stream's bytes as one) from pthaw's
+// end s of a pair, never blocking: its buffer is made big enough first.
+func sendQueue(s int, queue [][]byte) error {
+	total := 0
+	for _, m := range queue {
+		total += len(m) + 1024 // and each message's overhead
+	}
+	if cur, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur < 2*total {
+		if err := setSndBuf(s, 2*total); err != nil {
+			return err
+		}
+	}
+	for _, m := range queue {
+		for off := 0; off < len(m) || off == 0; {
+			n, err := unix.SendmsgN(s, m[off:], nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+			if err != nil {
+				return fmt.Errorf("%d bytes: %w", len(m), err)
+			}
+			if off += n; len(m) == 0 {
+				break
+			}
+		}
+	}
+	return nil
 }
 
 // takeFromPthaw gives the process a new fd of pthaw's fd mine (an

@@ -184,14 +184,14 @@ func (c criuEngine) restore(static, name, dir string) (int, error) {
 	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
-// criuError returns the last error line of a CRIU log, for the table
-// (the first is often a harmless one: without CAP_SYS_RESOURCE CRIU
-// cannot raise its own RLIMIT_NOFILE and says so, and carries on).
+// criuError returns the last error line of a CRIU log that says why, for
+// the table (not its closing "Dumping FAILED.", nor the harmless one that
+// without CAP_SYS_RESOURCE it cannot raise its own RLIMIT_NOFILE).
 func criuError(log string) string {
 	b, _ := os.ReadFile(log)
 	last := ""
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.Contains(l, "Error (") && !strings.Contains(l, "RLIMIT_NOFILE for self") {
+		if strings.Contains(l, "Error (") && !strings.Contains(l, "RLIMIT_NOFILE for self") && !strings.Contains(l, "FAILED.") {
 			last = ": " + strings.TrimSpace(l)
 		}
 	}

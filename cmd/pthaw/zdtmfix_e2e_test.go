@@ -130,3 +130,22 @@ func TestItimerPendingExpiry(t *testing.T) {
 		t.Errorf("%d SIGALRMs in 500 ms after the thaw, want more than the pending one (the 50 ms timer stayed disarmed)", n)
 	}
 }
+
+// TestUnixPeerClosed moves a process holding unix sockets whose peers it
+// closed after writing into them (fixture unixorphan; zdtm's sockets02):
+// they were refused (messages queued from other sockets); after the thaw
+// each reads what was queued, with a seqpacket's boundaries, and then
+// the end of the stream.
+func TestUnixPeerClosed(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "unixorphan"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	if desc := debugOf(t, p.Pid()); !strings.Contains(desc, "its peer closed, queue 5 bytes") || !strings.Contains(desc, "its peer closed, queue 6 bytes") {
+		t.Errorf("pfreeze -debug does not show the sockets whose peers closed:\n%s", desc)
+	}
+	th := migrate(t, p)
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^stream hello then eof$`, waitFor)
+	th.out.Expect(t, `^seqpacket one two then eof$`, waitFor)
+}

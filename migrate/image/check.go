@@ -500,6 +500,12 @@ func checkUnix(fd int, u *UnixSocket) error {
 		}
 		return nil
 	}
+	if u != nil && u.PeerClosed {
+		if u.ID == 0 || u.Peer != 0 || u.Listen || len(u.Rights) > 0 || (u.Type != sockStream && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unix socket whose peer was closed", fd)
+		}
+		return nil
+	}
 	if u != nil && u.Peer == 0 && !u.Listen {
 		// Neither connected nor listening: unbound, or bound to Name.
 		if len(u.Queue) > 0 || len(u.Name) > 107 || (u.Name != "" && u.Name[0] != '/' && u.Name[0] != '@') ||

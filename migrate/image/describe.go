@@ -240,6 +240,8 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		if u := f.Unix; u != nil && u.Listen {
 			fmt.Fprintf(w, " %s socket %d listening on %q mode %#o owner %d:%d",
 				map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name, u.Mode, u.Uid, u.Gid)
+		} else if u != nil && u.PeerClosed {
+			fmt.Fprintf(w, " %s socket %d, its peer closed, queue %d bytes", map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, queueLen(u.Queue))
 		} else if u != nil && u.Peer == 0 && u.Connect == "" {
 			fmt.Fprintf(w, " %s socket %d unconnected, bound to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name)
 		} else if u != nil && u.Connect != "" {
@@ -301,4 +303,13 @@ func describeSeccomp(w io.Writer, indent string, fs []SeccompFilter) {
 	for i, f := range fs {
 		fmt.Fprintf(w, "%sSeccomp filter %d: %d instructions flags %#x sha256 %x\n", indent, i, len(f.Prog)/8, f.Flags, sha256.Sum256(f.Prog))
 	}
+}
+
+// queueLen is the bytes queued in a unix socket's messages.
+func queueLen(q [][]byte) int {
+	n := 0
+	for _, m := range q {
+		n += len(m)
+	}
+	return n
 }

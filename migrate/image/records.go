@@ -461,6 +461,10 @@ type UnixSocket struct {
 	Mode    uint32 `msgpack:"mode,omitempty"`
 	Uid     uint32 `msgpack:"uid,omitempty"`
 	Gid     uint32 `msgpack:"gid,omitempty"`
+	// PeerClosed: a connected stream or seqpacket socket whose peer was
+	// closed (Peer 0): Queue is what the peer sent before; reads return
+	// it, then the end of the stream.
+	PeerClosed bool `msgpack:"peer_closed,omitempty"`
 	// SO_PASSCRED, SO_PASSSEC.
 	PassCred bool `msgpack:"passcred,omitempty"`
 	PassSec  bool `msgpack:"passsec,omitempty"`
