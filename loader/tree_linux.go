@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -138,6 +139,10 @@ func (p *Process) startTreeRoot() error {
 			return fmt.Errorf("pid %d: %w", p.proc.Pid, err)
 		}
 		byPid := map[int]*Process{p.proc.Pid: p}
+		helpers, err := p.groupHelpers()
+		if err != nil {
+			return err
+		}
 		for _, m := range t.img.Procs[1:] {
 			parent := byPid[m.PPid]
 			c := &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
@@ -156,8 +161,77 @@ func (p *Process) startTreeRoot() error {
 				}
 			}
 		}
-		return nil
+		return p.endGroupHelpers(helpers)
 	})
+}
+
+// groupHelpers makes, for each process group of members whose leader is
+// gone (no member leads it; the freeze checked that nothing outside the
+// tree is in it), a helper: a fork of the root's stub with the group's
+// number as its PID, leading a group of its own, for the members to join
+// (setGroup); endGroupHelpers then ends and reaps it, and the group goes
+// on as long as a member is in it, as it did. In a tree's own PID
+// namespace stand-ins do this (pidns_linux.go). Runs on the tracer
+// thread.
+func (p *Process) groupHelpers() ([]*Process, error) {
+	t := p.tree
+	if t.ns != nil {
+		return nil, nil
+	}
+	members := map[int]bool{}
+	for _, m := range t.img.Procs {
+		members[m.Pid] = true
+	}
+	var helpers []*Process
+	for _, m := range t.img.Procs[1:] {
+		if members[m.Pgid] || m.Pgid == t.img.Procs[0].Pgid || t.pids[m.Pgid] != 0 {
+			continue
+		}
+		h := &Process{tr: p.tr, opts: p.opts, tree: t, parent: p, base: p.base}
+		if err := p.fork(h, m.Pgid); err != nil {
+			return helpers, fmt.Errorf("process group %d: helper: %w", m.Pgid, err)
+		}
+		helpers = append(helpers, h)
+		if _, err := h.call(unix.SYS_SETPGID, 0, 0); err != nil {
+			return helpers, fmt.Errorf("process group %d: helper: setpgid(0, 0): %w", m.Pgid, err)
+		}
+		t.pids[m.Pgid] = h.pid
+	}
+	return helpers, nil
+}
+
+// endGroupHelpers ends the helpers groupHelpers made, reaps them in the
+// root and takes their SIGCHLD back (the root's pending signals are the
+// saved ones, queued later). Runs on the tracer thread.
+func (p *Process) endGroupHelpers(helpers []*Process) error {
+	if len(helpers) == 0 {
+		return nil
+	}
+	for _, h := range helpers {
+		if err := h.exitAs(0); err != nil {
+			return fmt.Errorf("process group helper %d: %w", h.pid, err)
+		}
+		if _, err := p.call(unix.SYS_WAIT4, uintptr(h.pid), 0, unix.WALL, 0); err != nil {
+			return fmt.Errorf("process group helper %d: wait4: %w", h.pid, err)
+		}
+		for saved, here := range p.tree.pids {
+			if here == h.pid {
+				delete(p.tree.pids, saved)
+			}
+		}
+	}
+	scratch := p.base + stubScratchOff
+	b := make([]byte, 32)
+	binary.LittleEndian.PutUint64(b, 1<<(unix.SIGCHLD-1)) // and a zero timeout at 16
+	if err := p.mem.Write(scratch, b); err != nil {
+		return err
+	}
+	for {
+		if _, err := p.call(unix.SYS_RT_SIGTIMEDWAIT, uintptr(scratch), 0, uintptr(scratch+16), 8); err != nil {
+			break // EAGAIN: none left
+		}
+	}
+	return nil
 }
 
 // exitAs ends the stub of a zombie member with its saved wait status,

@@ -3,9 +3,13 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/internal/fixture"
 )
@@ -148,4 +152,41 @@ func TestUnixPeerClosed(t *testing.T) {
 	fmt.Fprintln(th.stdin, "check")
 	th.out.Expect(t, `^stream hello then eof$`, waitFor)
 	th.out.Expect(t, `^seqpacket one two then eof$`, waitFor)
+}
+
+// TestZombieGroupLeaderGone moves a tree whose zombie child is in a
+// process group whose leader was reaped before (fixture zombiegroup;
+// zdtm's zombie01): it was refused (the group "is led from outside the
+// tree"); now pthaw makes the group again with a helper of the leader's
+// PID that it ends and reaps at once, and after the thaw the zombie is in
+// that group with its exit status.
+func TestZombieGroupLeaderGone(t *testing.T) {
+	needRoot(t)
+	// The halted zombie comes to the test, a subreaper meanwhile, to be
+	// reaped: its PID, and with it the group's number, is then free.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
+	p := fixture.StartGroup(t, fixture.Build(t, "zombiegroup"))
+	m := p.Lines.Expect(t, `^group (\d+) zombie (\d+)$`, waitFor)
+	group, zombie := m[1], atoi(t, m[2])
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-halt", "-dest", snap)
+	<-p.Exited()
+	var ws unix.WaitStatus
+	if _, err := unix.Wait4(zombie, &ws, unix.WALL, nil); err != nil {
+		t.Fatalf("reaping the halted zombie %d: %v", zombie, err)
+	}
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, p.Pid())
+	if got := th.restoredPid(t); got != p.Pid() {
+		t.Errorf("restored pid %d, want %d", got, p.Pid())
+	}
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^pgid=`+group+` status=7$`, waitFor)
+	// The helper is gone: nothing has the group's PID.
+	if _, err := os.Stat("/proc/" + group); err == nil {
+		t.Errorf("pid %d (the group's helper) still exists after the thaw", atoi(t, group))
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -105,7 +106,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 	// unless it leads them).
 	root := t.procs[0]
 	for _, m := range t.procs[1:] {
-		if !in[m.Pgid] && m.Pgid != root.Pgid {
+		if !in[m.Pgid] && m.Pgid != root.Pgid && !groupOnlyInside(m.Pgid, in) {
 			return unsupported("pid %d: process group %d is led from outside the tree", m.Pid, m.Pgid)
 		}
 		if !in[m.Sid] && m.Sid != root.Sid {
@@ -280,4 +281,29 @@ func (t *FrozenTree) detach() {
 func (t *FrozenTree) Kill() error {
 	_, err := kill(t.members)
 	return err
+}
+
+// groupOnlyInside reports whether process group pgid, whose leader is not
+// in the tree, has no process outside the tree: its leader is gone (a
+// zombie's group after its leader was reaped, zdtm's zombie01), so pthaw
+// makes the group again with a helper of that PID.
+func groupOnlyInside(pgid int, in map[int]bool) bool {
+	if err := unix.Kill(pgid, 0); err != unix.ESRCH {
+		return false
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || in[pid] {
+			continue
+		}
+		stat, err := procfs.Stat(pid)
+		if err == nil && int(procfs.StatField(stat, 5)) == pgid {
+			return false
+		}
+	}
+	return true
 }
