@@ -67,7 +67,11 @@ func (t *tree) closePipes() {
 type shmArea struct {
 	pid        int // ours
 	start, end uint64
-	offset     uint64 // the saved offset of that area in its object
+	// delta is the saved offset of an area less its offset in the object
+	// made here (the first area's saved offset when that area made its
+	// object alone, 0 when the object was made whole); size is the
+	// object's size here.
+	delta, size uint64
 }
 
 // checkTree validates the tree record: every parent before its children,
@@ -379,17 +383,22 @@ func (p *Process) sharedArea(v *image.VMA) (path string, off uint64, ok bool, er
 	if !ok {
 		return "", 0, false, nil
 	}
-	if v.Offset < a.offset || v.Offset-a.offset+v.Len() > a.end-a.start {
-		return "", 0, false, fmt.Errorf("%s: shares only part of %#x-%#x of pid %d: not supported yet", vmaName(v), a.start, a.end, a.pid)
+	if v.Offset < a.delta || v.Offset-a.delta+v.Len() > a.size {
+		return "", 0, false, fmt.Errorf("%s: lies outside the %#x bytes of its memory object (mapped first at %#x-%#x of pid %d): not supported yet", vmaName(v), a.size, a.start, a.end, a.pid)
 	}
-	return fmt.Sprintf("/proc/%d/map_files/%x-%x", a.pid, a.start, a.end), v.Offset - a.offset, true, nil
+	return fmt.Sprintf("/proc/%d/map_files/%x-%x", a.pid, a.start, a.end), v.Offset - a.delta, true, nil
 }
 
 // mappedShared records v, just mapped as a fresh shared anonymous area, as
-// the first of its object.
-func (p *Process) mappedShared(v *image.VMA) {
+// the first of its object, which is whole (size bytes, v at its saved
+// offset) or v alone.
+func (p *Process) mappedShared(v *image.VMA, whole bool, size uint64) {
 	if p.tree != nil && v.Shm != 0 {
-		p.tree.shm[v.Shm] = shmArea{pid: p.pid, start: v.Start, end: v.End, offset: v.Offset}
+		a := shmArea{pid: p.pid, start: v.Start, end: v.End, delta: v.Offset, size: v.Len()}
+		if whole {
+			a.delta, a.size = 0, size
+		}
+		p.tree.shm[v.Shm] = a
 	}
 }
 

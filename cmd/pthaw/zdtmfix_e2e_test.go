@@ -190,3 +190,28 @@ func TestZombieGroupLeaderGone(t *testing.T) {
 		t.Errorf("pid %d (the group's helper) still exists after the thaw", atoi(t, group))
 	}
 }
+
+// TestSharedObjectParts moves a tree whose shared anonymous object is
+// mapped in two areas at different offsets (a page unmapped from its
+// middle), shared with a child (fixture shmparts; zdtm's maps01): it was
+// refused at the thaw ("shares only part of"); now the object is made
+// whole for its first area and the others map it by offset, so after the
+// thaw the contents are there and a byte the parent writes in one area is
+// seen by the child and copied into the other.
+func TestSharedObjectParts(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "shmparts"))
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("children of %d: %v %v", p.Pid(), kids, err)
+	}
+	snap := haltTreeToFile(t, p, kids...)
+	th := thaw(t, "-src", snap)
+	killTreeAtCleanup(t, p.Pid())
+	th.restoredPid(t)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^first=a third=c echo=A$`, waitFor)
+	fmt.Fprintln(th.stdin, "check")
+	th.out.Expect(t, `^first=a third=c echo=B$`, waitFor)
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"syscall"
 
@@ -156,7 +157,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
-	shm, files := map[uint64]bool{}, map[uint64]bool{}
+	shm, files := map[uint64][][2]uint64{}, map[uint64]bool{}
 	rs := make([]*records, len(t.members))
 	for i, f := range t.members {
 		if rs[i], err = f.gather(shm, inner); err != nil {
@@ -229,10 +230,11 @@ func innerPipes(pids []int) (map[uint64]bool, error) {
 }
 
 // identifyShm gives every shared anonymous area of pid the identity of its
-// memory object (the inode behind /proc/PID/map_files) and returns the
-// areas whose pages are to be saved: all but those of objects an earlier
-// area already saved (seen).
-func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, error) {
+// memory object (the inode behind /proc/PID/map_files) and the object's
+// size (FileSize), and returns the areas whose pages are to be saved: all
+// but those whose part of the object an earlier area already saved (seen:
+// the ranges of each object saved, by offset).
+func identifyShm(pid int, vmas []image.VMA, seen map[uint64][][2]uint64) ([]image.VMA, error) {
 	var dump []image.VMA
 	for i := range vmas {
 		v := &vmas[i]
@@ -242,11 +244,12 @@ func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, 
 			if err := syscall.Stat(mf, &st); err != nil {
 				return nil, fmt.Errorf("map %#x-%#x (shared): %w", v.Start, v.End, err)
 			}
-			v.Shm = st.Ino
-			if seen[st.Ino] {
+			v.Shm, v.FileSize = st.Ino, st.Size
+			lo, hi := v.Offset, v.Offset+v.Len()
+			if slices.ContainsFunc(seen[st.Ino], func(r [2]uint64) bool { return r[0] <= lo && hi <= r[1] }) {
 				continue
 			}
-			seen[st.Ino] = true
+			seen[st.Ino] = append(seen[st.Ino], [2]uint64{lo, hi})
 		}
 		dump = append(dump, *v)
 	}
