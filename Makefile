@@ -53,9 +53,10 @@ bench: deps build
 # pthaw, and with CRIU=PATH through criu dump/restore too (docs/zdtm.md).
 # ZDTM names a CRIU source tree's test/zdtm directory; the test builds the
 # zdtm tests it runs (gcc and libc6-dev). zdtm-deps installs what building
-# CRIU itself needs.
+# CRIU itself needs, and iptables, with which criu dump --tcp-established
+# locks the connections until the restore.
 ZDTM_DEBS := libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler libnl-3-dev \
-	libnl-route-3-dev libcap-dev libnet1-dev pkg-config python3-protobuf libbsd-dev libaio-dev
+	libnl-route-3-dev libcap-dev libnet1-dev pkg-config python3-protobuf libbsd-dev libaio-dev iptables
 zdtm: deps
 	@[ -n "$(ZDTM)" ] || { echo "zdtm: set ZDTM=/path/to/criu/test/zdtm (and CRIU=/path/to/criu to compare); docs/zdtm.md"; exit 2; }
 	ZDTM=$(abspath $(ZDTM)) CRIU=$(if $(CRIU),$(abspath $(CRIU))) $(GO) test -count=1 -timeout 40m -run TestZdtm -v ./cmd/pthaw

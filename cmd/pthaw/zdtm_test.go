@@ -142,7 +142,7 @@ func (pclusterEngine) dump(static, name, dir string, pid int) error {
 		args = append(args, "-tree")
 	}
 	if out, err := runIn(static, filepath.Join(binDir, "pfreeze"), args...); err != nil {
-		return fmt.Errorf("pfreeze: %s", lastLine(out, err))
+		return errors.New(lastLine(out, err)) // "pfreeze: ..."
 	}
 	return nil
 }
@@ -150,7 +150,7 @@ func (pclusterEngine) dump(static, name, dir string, pid int) error {
 func (pclusterEngine) restore(static, name, dir string) (int, error) {
 	out, err := runIn(static, filepath.Join(binDir, "pthaw"), "-src", filepath.Join(dir, "snap"), "-detach")
 	if err != nil {
-		return 0, fmt.Errorf("pthaw: %s", lastLine(out, err))
+		return 0, errors.New(lastLine(out, err)) // "pthaw: ..."
 	}
 	m := regexp.MustCompile(`(?m)^(\d+)$`).FindStringSubmatch(out)
 	if m == nil {
@@ -184,18 +184,17 @@ func (c criuEngine) restore(static, name, dir string) (int, error) {
 	return strconv.Atoi(strings.TrimSpace(string(b)))
 }
 
-// criuError returns the last error line of a CRIU log that says why, for
-// the table (not its closing "Dumping FAILED.", nor the harmless one that
-// without CAP_SYS_RESOURCE it cannot raise its own RLIMIT_NOFILE).
+// criuError returns the first error line of a CRIU log, the cause, for
+// the table (not the harmless one that without CAP_SYS_RESOURCE it cannot
+// raise its own RLIMIT_NOFILE, and it carries on).
 func criuError(log string) string {
 	b, _ := os.ReadFile(log)
-	last := ""
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.Contains(l, "Error (") && !strings.Contains(l, "RLIMIT_NOFILE for self") && !strings.Contains(l, "FAILED.") {
-			last = ": " + strings.TrimSpace(l)
+		if strings.Contains(l, "Error (") && !strings.Contains(l, "RLIMIT_NOFILE for self") {
+			return ": " + strings.TrimSpace(l)
 		}
 	}
-	return last
+	return ""
 }
 
 // zdtmDescOpts returns the CRIU options a test's .desc asks for
