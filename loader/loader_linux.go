@@ -108,6 +108,9 @@ type Process struct {
 	// pipes holds pthaw's ends of a single process's own pipes while its
 	// fds are opened (a tree's are in tree.pipes).
 	pipes map[uint64][2]int
+	// pipesTaken: the pipe ends (pipe id, O_RDONLY or O_WRONLY) whose
+	// pthaw file the process took by pidfd_getfd (takePipeEnd).
+	pipesTaken map[[2]uint64]bool
 	// ptys holds pthaw's masters of a single process's ptys, by saved
 	// index, likewise (a tree's are in tree.ptys).
 	ptys map[int]*heldPty

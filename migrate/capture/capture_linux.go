@@ -319,7 +319,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 // a tree, shm holds the shared memory objects whose pages an earlier
 // member saved: their areas are recorded by identity only; inner holds
 // the pipes with both ends inside the tree.
-func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
+func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, inner map[uint64]bool) error {
 	r, err := f.gather(shm, inner)
 	if err != nil {
 		return err
@@ -340,7 +340,7 @@ type records struct {
 
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
-func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
+func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*records, error) {
 	maps, err := procfs.Maps(f.rd)
 	if err != nil {
 		return nil, err
@@ -399,6 +399,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 		if err := enc.Write(&r.vmas[i]); err != nil {
 			return err
 		}
+	}
+	if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+		return err
 	}
 	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
 	if err != nil {

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -107,7 +109,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 	// unless it leads them).
 	root := t.procs[0]
 	for _, m := range t.procs[1:] {
-		if !in[m.Pgid] && m.Pgid != root.Pgid {
+		if !in[m.Pgid] && m.Pgid != root.Pgid && !groupOnlyInside(m.Pgid, in) {
 			return unsupported("pid %d: process group %d is led from outside the tree", m.Pid, m.Pgid)
 		}
 		if !in[m.Sid] && m.Sid != root.Sid {
@@ -164,7 +166,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
-	shm, files := map[uint64]bool{}, map[uint64]bool{}
+	shm, files := map[uint64][][2]uint64{}, map[uint64]bool{}
 	rs := make([]*records, len(t.members))
 	for i, f := range t.members {
 		if rs[i], err = f.gather(shm, inner); err != nil {
@@ -245,10 +247,11 @@ func innerPipes(pids []int) (map[uint64]bool, error) {
 }
 
 // identifyShm gives every shared anonymous area of pid the identity of its
-// memory object (the inode behind /proc/PID/map_files) and returns the
-// areas whose pages are to be saved: all but those of objects an earlier
-// area already saved (seen).
-func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, error) {
+// memory object (the inode behind /proc/PID/map_files) and the object's
+// size (FileSize), and returns the areas whose pages are to be saved: all
+// but those whose part of the object an earlier area already saved (seen:
+// the ranges of each object saved, by offset).
+func identifyShm(pid int, vmas []image.VMA, seen map[uint64][][2]uint64) ([]image.VMA, error) {
 	var dump []image.VMA
 	for i := range vmas {
 		v := &vmas[i]
@@ -258,11 +261,12 @@ func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, 
 			if err := syscall.Stat(mf, &st); err != nil {
 				return nil, fmt.Errorf("map %#x-%#x (shared): %w", v.Start, v.End, err)
 			}
-			v.Shm = st.Ino
-			if seen[st.Ino] {
+			v.Shm, v.FileSize = st.Ino, st.Size
+			lo, hi := v.Offset, v.Offset+v.Len()
+			if slices.ContainsFunc(seen[st.Ino], func(r [2]uint64) bool { return r[0] <= lo && hi <= r[1] }) {
 				continue
 			}
-			seen[st.Ino] = true
+			seen[st.Ino] = append(seen[st.Ino], [2]uint64{lo, hi})
 		}
 		dump = append(dump, *v)
 	}
@@ -297,4 +301,29 @@ func (t *FrozenTree) detach() {
 func (t *FrozenTree) Kill() error {
 	_, err := kill(t.members)
 	return err
+}
+
+// groupOnlyInside reports whether process group pgid, whose leader is not
+// in the tree, has no process outside the tree: its leader is gone (a
+// zombie's group after its leader was reaped, zdtm's zombie01), so pthaw
+// makes the group again with a helper of that PID.
+func groupOnlyInside(pgid int, in map[int]bool) bool {
+	if err := unix.Kill(pgid, 0); err != unix.ESRCH {
+		return false
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || in[pid] {
+			continue
+		}
+		stat, err := procfs.Stat(pid)
+		if err == nil && int(procfs.StatField(stat, 5)) == pgid {
+			return false
+		}
+	}
+	return true
 }
