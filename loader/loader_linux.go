@@ -226,11 +226,14 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
-		if p.staged != nil {
-			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		if p.staged != nil && p.staged.members == nil {
+			return fmt.Errorf("%w: a single process's pre-copy records before a tree", image.ErrCorrupt)
 		}
 		<-items // the tree record itself
 		return p.buildTree(t, items)
+	}
+	if p.staged != nil && p.staged.members != nil {
+		return fmt.Errorf("%w: pre-copy member records before a single process", image.ErrCorrupt)
 	}
 	prepare := p.startStub
 	if p.staged != nil {

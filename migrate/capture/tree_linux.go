@@ -24,6 +24,9 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// precopy: the members' pre-copy of a live migration, whose final
+	// rounds come before the tree record.
+	precopy *treePrecopy
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -123,9 +126,6 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
-	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -164,6 +164,16 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if t.queried != nil {
 		t.queried()
+	}
+	// A live migration's final rounds: all pre-copy records come
+	// before the tree record.
+	if t.precopy != nil {
+		if err := t.precopy.finish(enc, t.members, rs); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	for i, f := range t.members {
 		f.files = files
