@@ -218,7 +218,7 @@ func BenchmarkDrain10x64MiB(b *testing.B) {
 		}
 		for _, m := range ms {
 			if m.State == "done" && !m.TransferAt.IsZero() {
-				longest = max(longest, m.EndedAt.Sub(m.TransferAt))
+				longest = max(longest, m.Stopped())
 			}
 		}
 		for _, id := range ids {
@@ -355,11 +355,11 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 			b.Fatalf("no done migration of %s with its transfer time: %+v", w.ID, ms)
 		}
 		mig += m.EndedAt.Sub(m.PlannedAt)
-		b.Logf("migrate: %d MiB in %.2f s (planned→transferring %.2f s, stopped %.2f s; source pclusterd usr %.2f sys %.2f, target usr %.2f sys %.2f; machine %.2f cores busy)",
-			rss>>20, m.EndedAt.Sub(m.PlannedAt).Seconds(), m.TransferAt.Sub(m.PlannedAt).Seconds(), m.EndedAt.Sub(m.TransferAt).Seconds(),
+		b.Logf("migrate: %d MiB in %.2f s (planned→transferring %.2f s, %d live rounds of %d MiB, stopped %.2f s; source pclusterd usr %.2f sys %.2f, target usr %.2f sys %.2f; machine %.2f cores busy)",
+			rss>>20, m.EndedAt.Sub(m.PlannedAt).Seconds(), m.TransferAt.Sub(m.PlannedAt).Seconds(), m.Rounds, m.PrecopyBytes>>20, m.Stopped().Seconds(),
 			srcUser1-srcUser0, srcSys1-srcSys0, dstUser1-dstUser0, dstSys1-dstSys0, float64(runtime.NumCPU())*(busy1-busy0)/(total1-total0))
 		b.Logf("pclusterctl migrate:\n%s", phases)
-		stopped += m.EndedAt.Sub(m.TransferAt)
+		stopped += m.Stopped()
 		migBytes += float64(rss)
 		// The moved process is the original: its heap hashes the same.
 		syscall.Kill(w.PID, syscall.SIGUSR1)

@@ -123,9 +123,11 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
-	built  bool
-	done   bool
-	tasks  []*task // the threads finish made ready, detached to start
+	// precopyStats: what the pre-copy records said (Precopy).
+	precopyStats PrecopyStats
+	built        bool
+	done         bool
+	tasks        []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string

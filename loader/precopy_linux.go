@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"sort"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -91,6 +92,17 @@ func (st *staging) forMember(pid int) *staging {
 // maxMembers bounds the tree members a sender may name (as many as PIDs).
 const maxMembers = 1 << 22
 
+// PrecopyStats is what a live migration's sender said of its pre-copy.
+type PrecopyStats struct {
+	Rounds    int       // rounds sent while the process ran (the full copy included)
+	Bytes     uint64    // page contents sent in them
+	StoppedAt time.Time // when the sender stopped the process for the last round (its clock); zero if not said
+}
+
+// Precopy returns what the snapshot's sender said of its pre-copy (zero
+// without one: not a live migration).
+func (p *Process) Precopy() PrecopyStats { return p.precopyStats }
+
 // stagePrecopy reads the pre-copy records at the start of a snapshot,
 // first being the first record, and returns the first record after them.
 // Pages in an announced area go straight into the stub it starts.
@@ -151,7 +163,16 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				}
 			}
 		case *image.Round:
-			get().rounds++
+			top := get()
+			if r.Final {
+				if r.At > 0 {
+					p.precopyStats.StoppedAt = time.Unix(0, r.At)
+				}
+			} else {
+				top.rounds++
+				p.precopyStats.Rounds++
+				p.precopyStats.Bytes += r.Bytes
+			}
 		default:
 			// The stub, if started, is p's: Abort ends it.
 			return st, rec, nil

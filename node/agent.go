@@ -89,6 +89,11 @@ type Config struct {
 	// VIPInterface carries the workloads' virtual IPs; "": the interface
 	// whose subnet holds each (node/vip.go).
 	VIPInterface string
+	// StopAndCopy moves workloads stopped for the whole transfer, as
+	// before live migration (pclusterd -migrate-live=false). By default a
+	// migration copies the workload's memory while it runs, in rounds
+	// (capture.LiveOptions), and stops it only for the last.
+	StopAndCopy bool
 }
 
 // proc is one workload process this agent watches.

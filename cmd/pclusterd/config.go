@@ -50,6 +50,9 @@ type fileConfig struct {
 	CheckpointReserveMB *uint64 `json:"checkpoint_reserve_mb"`
 	Failover            bool    `json:"failover"`
 	FailoverAfter       string  `json:"failover_after"`
+	// MigrateLive: migrations copy memory while the workload runs (nil:
+	// true).
+	MigrateLive *bool `json:"migrate_live"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -130,6 +133,9 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	if !set["failover"] && f.Failover {
 		c.Failover = true
 	}
+	if !set["migrate-live"] && f.MigrateLive != nil {
+		c.MigrateLive = f.MigrateLive
+	}
 	if !set["checkpoint-reserve-mb"] && f.CheckpointReserveMB != nil {
 		c.CheckpointReserveMB = f.CheckpointReserveMB
 	}
@@ -173,6 +179,7 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	if c.CheckpointReserveMB != nil {
 		cfg.CheckpointReserve = *c.CheckpointReserveMB << 20
 	}
+	cfg.MigrateStopAndCopy = c.MigrateLive != nil && !*c.MigrateLive
 	cfg.Failover = c.Failover
 	if c.FailoverAfter != "" {
 		d, err := time.ParseDuration(c.FailoverAfter)

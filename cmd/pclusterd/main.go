@@ -117,6 +117,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.WebKey, "web-key", "", "TLS key `file` (PEM) for the status page")
 	fs.BoolVar(&c.Failover, "failover", false, "bring the workloads of a node declared down back on others (from their newest checkpoint, else from their command as their restart policy says); a node that is only cut off runs its copies on until it rejoins")
 	fs.StringVar(&c.FailoverAfter, "failover-after", "", "with -failover: wait this `duration` after a node is declared down (default 0)")
+	live := fs.Bool("migrate-live", true, "move workloads by live migration: copy their memory while they run, in rounds, and stop them only for the last (false: stopped for the whole transfer)")
 	reserve := fs.Uint64("checkpoint-reserve-mb", defaultCheckpointReserveMB, "refuse a checkpoint that could leave less than `MiB` free on the data directory's filesystem (0: no check)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -129,6 +130,9 @@ func run(args []string, stderr io.Writer) error {
 	c.encryptFlag = set["encrypt"]
 	if set["checkpoint-reserve-mb"] {
 		c.CheckpointReserveMB = reserve
+	}
+	if set["migrate-live"] {
+		c.MigrateLive = live
 	}
 	if *configPath != "" {
 		if err := c.mergeFile(*configPath, set); err != nil {

@@ -559,7 +559,7 @@ func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool
 		return nil, err
 	}
 	pc.stats.FinalBytes = n
-	if err := enc.Write(&image.Round{N: pc.stats.Rounds, Bytes: n, Final: true}); err != nil {
+	if err := enc.Write(&image.Round{N: pc.stats.Rounds, Bytes: n, Final: true, At: pc.stats.StoppedAt.UnixNano()}); err != nil {
 		return nil, err
 	}
 	return done, nil

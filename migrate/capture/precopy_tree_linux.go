@@ -155,7 +155,7 @@ func (t *treePrecopy) finish(enc *image.Encoder, members []*Frozen, rs []*record
 		bytes += n
 	}
 	t.stats.FinalBytes = bytes
-	return enc.Write(&image.Round{N: t.stats.Rounds, Bytes: bytes, Final: true})
+	return enc.Write(&image.Round{N: t.stats.Rounds, Bytes: bytes, Final: true, At: t.stats.StoppedAt.UnixNano()})
 }
 
 func (t *treePrecopy) close() {

@@ -57,6 +57,9 @@ type Round struct {
 	N     int    `msgpack:"n"`
 	Bytes uint64 `msgpack:"bytes"`
 	Final bool   `msgpack:"final,omitempty"`
+	// At, on the final round, is when the process (every member of a
+	// tree) was stopped for it, in unix nanoseconds of the sender's clock.
+	At int64 `msgpack:"at,omitempty"`
 }
 
 // checkPrecopy checks a pre-copy record's range: page aligned, inside the
