@@ -47,35 +47,66 @@ func TestLiveMigratePIDNamespaceExact(t *testing.T) {
 // with o between two agents of this process, and has every member of the
 // copy check every page twice.
 func liveMoveTreeChecked(t *testing.T, pidns bool, o capture.LiveOptions, procs int, args ...string) capture.LiveStats {
-	bin := fixture.Build(t, "dirtier")
-	var pid int
-	var lines *fixture.Lines
-	if pidns {
-		cmd := exec.Command(bin, args...)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Pdeathsig: syscall.SIGKILL}
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			cmd.Process.Kill()
-			cmd.Wait()
-		})
-		pid, lines = cmd.Process.Pid, fixture.FollowReader(t, out)
-	} else {
-		orig, root := fixture.StartUnderShell(t, bin, args...)
-		pid, lines = root, orig.Lines
-	}
+	pid, lines := startDirtierTree(t, pidns, args...)
 	lines.Expect(t, `^ready$`, waitFor)
+	p, out, st := liveMoveTree(t, pid, pidns, o)
+	checkTree(t, p, out, procs)
+	return st
+}
+
+// TestLiveMigratePIDNamespaceTwice moves the namespace live, then the
+// copy live again: the second time every member is a restored process
+// (the init the first stub built into).
+func TestLiveMigratePIDNamespaceTwice(t *testing.T) {
+	needRoot(t)
+	pid, lines := startDirtierTree(t, true, "16", "1", "4096", "0", "3")
+	lines.Expect(t, `^ready$`, waitFor)
+	p, out, _ := liveMoveTree(t, pid, true, capture.LiveOptions{})
+	checkTree(t, p, out, 3)
+	p2, out2, st := liveMoveTree(t, p.Pid(), true, capture.LiveOptions{})
+	if ws, err := p.Wait(); err != nil || !ws.Signaled() {
+		t.Errorf("the first copy's init: wait = %v (%v), want killed by the halt", ws, err)
+	}
+	checkTree(t, p2, out2, 3)
+	if st.Rounds < 2 || st.PrecopyBytes < 3*16<<20 {
+		t.Errorf("second move: %d rounds, %d bytes; want at least 2 rounds and every member's area (3 × 16 MiB) sent before the stop", st.Rounds, st.PrecopyBytes)
+	}
+}
+
+// startDirtierTree starts dirtier with args, with pidns as the init of a
+// PID namespace of its own, and returns its pid and output.
+func startDirtierTree(t *testing.T, pidns bool, args ...string) (int, *fixture.Lines) {
+	bin := fixture.Build(t, "dirtier")
+	if !pidns {
+		orig, root := fixture.StartUnderShell(t, bin, args...)
+		return root, orig.Lines
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	return cmd.Process.Pid, fixture.FollowReader(t, out)
+}
+
+// liveMoveTree moves the tree of pid live with o between two agents of
+// this process and returns the copy (killed at the test's end) and its
+// output.
+func liveMoveTree(t *testing.T, pid int, pidns bool, o capture.LiveOptions) (*loader.Process, *fixture.Lines, capture.LiveStats) {
 	a := newAgents(t)
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pr.Close()
+	t.Cleanup(func() { pr.Close() })
 	out := fixture.FollowReader(t, pr)
 	var st capture.LiveStats
 	o.Stats, o.Notice = &st, func(s string) { t.Log(s) }
@@ -99,17 +130,24 @@ func liveMoveTreeChecked(t *testing.T, pidns bool, o capture.LiveOptions, procs 
 	pw.Close()
 	serr := <-sent
 	if p != nil {
-		defer func() {
+		t.Cleanup(func() {
 			for _, m := range p.Pids() {
 				syscall.Kill(m, syscall.SIGKILL)
 			}
 			p.Wait()
-		}()
+		})
 	}
 	if err != nil || serr != nil {
 		t.Fatalf("target: %v; source: %v", err, serr)
 	}
 	t.Logf("rounds %d, pre-copied %d bytes, after the stop %d bytes, untracked areas %d", st.Rounds, st.PrecopyBytes, st.FinalBytes, st.Untracked)
+	return p, out, st
+}
+
+// checkTree has every member of p check every page twice, each printing
+// its own verdict to out.
+func checkTree(t *testing.T, p *loader.Process, out *fixture.Lines, procs int) {
+	t.Helper()
 	if n := len(p.Pids()); n != procs {
 		t.Fatalf("the copy has %d members %v, want %d", n, p.Pids(), procs)
 	}
@@ -119,7 +157,7 @@ func liveMoveTreeChecked(t *testing.T, pidns bool, o capture.LiveOptions, procs 
 				t.Fatal(err)
 			}
 		}
-		seen := map[string]bool{}
+		seen := map[int]bool{}
 		for len(seen) < procs {
 			got, err := out.Match(`^check .*`, waitFor)
 			if err != nil {
@@ -133,8 +171,7 @@ func liveMoveTreeChecked(t *testing.T, pidns bool, o capture.LiveOptions, procs 
 			if _, err := fmt.Sscanf(m, "check ok member=%d", &member); err != nil {
 				t.Fatalf("check %d: %q: %v", i, m, err)
 			}
-			seen[fmt.Sprint(member)] = true
+			seen[member] = true
 		}
 	}
-	return st
 }

@@ -346,7 +346,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fill)
+		err := p.staged.apply(p.fillAreas)
 		p.staged = nil
 		if err != nil {
 			return nil, err

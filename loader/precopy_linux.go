@@ -450,6 +450,24 @@ func (st *staging) drop(addr, n uint64) {
 	}
 }
 
+// fillAreas is fill for a run of pages that may span adjacent areas (the
+// staged pages of two areas that touch make one run): each area's part is
+// filled on its own.
+func (p *Process) fillAreas(addr uint64, data []byte) error {
+	for len(data) > 0 {
+		n := uint64(len(data))
+		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
+		if i < len(p.vmas) && p.vmas[i].Start <= addr {
+			n = min(n, p.vmas[i].End-addr)
+		}
+		if err := p.fill(addr, data[:n]); err != nil {
+			return err
+		}
+		addr, data = addr+n, data[n:]
+	}
+	return nil
+}
+
 // apply writes the staged pages into the process, by runs.
 func (st *staging) apply(fill func(addr uint64, data []byte) error) error {
 	bases := make([]uint64, 0, len(st.blocks))

@@ -311,8 +311,10 @@ func (pc *precopy) scanFor(a *trackedArea, flags, mask, anyof, ret, skip uint64)
 	for start := a.start; start < a.end; {
 		regs, walkEnd, err := pagemapScan(pc.pagemap, start, a.end, flags, mask, anyof, ret, pc.vec)
 		if err != nil {
-			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-				a.ok = false // unmapped or remapped: no longer ours to follow
+			// Unmapped or remapped, or (ESRCH) the process is gone, a
+			// tree member that exited: no longer ours to follow.
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+				a.ok = false
 				return nil, nil
 			}
 			return nil, fmt.Errorf("pagemap scan %#x-%#x: %w", start, a.end, err)
