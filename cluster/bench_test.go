@@ -278,12 +278,19 @@ const migrateBenchMiB = 1024
 // migration (freeze to start on the target, as the state records it;
 // target ≤ 1.2 s), and both rates (VmRSS over the time).
 //
+// The agents migrate live (their default); PCLUSTER_MIGRATE_LIVE=false
+// starts them with -migrate-live=false, for the stop-and-copy figures.
+//
 //	go test -run '^$' -bench Migrate1GiB -benchtime 1x ./cluster
 func BenchmarkMigrate1GiB(b *testing.B) {
 	bin := fixture.Build(b, "bigheap")
 	pfreeze, pthaw := toolBinaries(b)
 	c := newTestCluster(b)
-	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, nil)
+	var extra func(int) []string
+	if os.Getenv("PCLUSTER_MIGRATE_LIVE") == "false" {
+		extra = func(int) []string { return []string{"-migrate-live=false"} }
+	}
+	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, extra)
 	src, dst := nodes[0], nodes[1]
 	keyDir := b.TempDir()
 	keyFile := filepath.Join(keyDir, "bench.key")
@@ -362,7 +369,12 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 		stopped += m.Stopped()
 		migBytes += float64(rss)
 		// The moved process is the original: its heap hashes the same.
-		syscall.Kill(w.PID, syscall.SIGUSR1)
+		// (Its PID here is new: the source's copy held the old one.)
+		moved, err := workloadOn(dst, w.ID)
+		if err != nil || moved.PID <= 0 {
+			b.Fatalf("the moved workload: pid %d (%v)", moved.PID, err)
+		}
+		syscall.Kill(moved.PID, syscall.SIGUSR1)
 		c.waitFor(time.Minute, "the moved heap's check", func() error {
 			out, err := os.ReadFile(filepath.Join(dst.dataDir, "workloads", w.ID, "stdout.log"))
 			if strings.Contains(string(out), "check hash="+hash+" MISMATCH") {
