@@ -280,15 +280,15 @@ func (m Migration) Stopped() time.Duration {
 // MigrationStep is a node agent moving a migration forward (POST
 // /v1/migrations/ID/step): To is transferring, committed, done or aborted.
 type MigrationStep struct {
-	ID         string    `json:"id"`
-	Attempt    int       `json:"attempt"`
-	Node       string    `json:"node"`
-	To         string    `json:"to"`
-	Error      string    `json:"error,omitempty"`
-	PID        int       `json:"pid,omitempty"`
-	StartTicks uint64    `json:"start_ticks,omitempty"`
-	InitPID    int       `json:"init_pid,omitempty"`
-	Bytes      int64     `json:"bytes,omitempty"` // with committed: the stream's size
+	ID         string `json:"id"`
+	Attempt    int    `json:"attempt"`
+	Node       string `json:"node"`
+	To         string `json:"to"`
+	Error      string `json:"error,omitempty"`
+	PID        int    `json:"pid,omitempty"`
+	StartTicks uint64 `json:"start_ticks,omitempty"`
+	InitPID    int    `json:"init_pid,omitempty"`
+	Bytes      int64  `json:"bytes,omitempty"` // with committed: the stream's size
 	// With committed, of a live migration: its pre-copy rounds, their
 	// bytes, and when the source stopped the process for the last.
 	Rounds       int       `json:"rounds,omitempty"`
