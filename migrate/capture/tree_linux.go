@@ -69,7 +69,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		// A zombie child (exited, not yet reaped by its parent) is only
 		// its place in the tree and its wait status: it cannot be
 		// traced and has no children.
-		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+		// (Not a main thread that exited while others run on: that
+		// process lives, and checkSupported names it.)
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
 			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
 			t.procs = append(t.procs, m)
 			continue
@@ -149,8 +151,16 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			own[ino] = true
 		}
 	}
+	var members []treeMember
+	j := 0
+	for _, m := range t.procs {
+		if !m.Zombie && j < len(t.members) {
+			members = append(members, treeMember{pid: t.members[j].Pid, saved: m.Pid})
+			j++
+		}
+	}
 	for _, f := range t.members {
-		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree, f.socks.members = ptys, own, true, members
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
@@ -166,11 +176,17 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 		t.queried()
 	}
 	// A live migration's final rounds: all pre-copy records come
-	// before the tree record.
+	// before the tree record. Its members' pages are their own on the
+	// receiver (written from the pre-copy), so none is marked as shared
+	// with its parent's.
 	if t.precopy != nil {
 		if err := t.precopy.finish(enc, t.members, rs); err != nil {
 			return fmt.Errorf("freeze %d: %w", t.Pid, err)
 		}
+	} else if err := t.markCow(rs); err != nil {
+		// The tree record first, once it knows which members share
+		// pages with their parent.
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
