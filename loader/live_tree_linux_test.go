@@ -110,6 +110,9 @@ func liveMoveTree(t *testing.T, pid int, pidns bool, o capture.LiveOptions) (*lo
 	out := fixture.FollowReader(t, pr)
 	var st capture.LiveStats
 	o.Stats, o.Notice = &st, func(s string) { t.Log(s) }
+	// The Frozen hook (an agent freezes the cgroup and takes the VIP
+	// away there) must come once, at the final stop: after every round.
+	var frozen, roundsThen int
 	sent := make(chan error, 1)
 	go func() {
 		sink, err := stream.NewConnSink(context.Background(), a.srcConn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: waitFor})
@@ -119,7 +122,7 @@ func liveMoveTree(t *testing.T, pid int, pidns bool, o capture.LiveOptions) (*lo
 		}
 		sent <- capture.SendTo(context.Background(), a.srcTr, pid, sink, capture.SendOptions{Halt: true, Tree: true,
 			Cipher: stream.CipherAESGCM, Key: &a.key, ReadyTimeout: waitFor,
-			Live: true, LiveOptions: o})
+			Live: true, LiveOptions: o, Frozen: func() { frozen++; roundsThen = st.Rounds }})
 	}()
 	src, err := stream.NewConnSource(context.Background(), a.dstConn, stream.SourceOptions{Authenticated: true, ReadTimeout: waitFor})
 	var p *loader.Process
@@ -141,6 +144,9 @@ func liveMoveTree(t *testing.T, pid int, pidns bool, o capture.LiveOptions) (*lo
 		t.Fatalf("target: %v; source: %v", err, serr)
 	}
 	t.Logf("rounds %d, pre-copied %d bytes, after the stop %d bytes, untracked areas %d", st.Rounds, st.PrecopyBytes, st.FinalBytes, st.Untracked)
+	if frozen != 1 || roundsThen != st.Rounds || roundsThen == 0 {
+		t.Errorf("the Frozen hook ran %d times, after %d of the %d rounds; want once, after all of them", frozen, roundsThen, st.Rounds)
+	}
 	return p, out, st
 }
 
