@@ -187,7 +187,7 @@ func BenchmarkDrain10x64MiB(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		c := newTestCluster(b)
-		nodes := startDrainLab(b, c, 150+int(c.prefix[2])%50, nil)
+		nodes := startDrainLab(b, c, 150+int(c.prefix[2])%50, migrateLiveFlag())
 		from, via := nodes[0], nodes[1]
 		var ids []string
 		for j := range 10 {
@@ -263,6 +263,16 @@ func toolBinaries(tb testing.TB) (pfreeze, pthaw string) {
 	return filepath.Join(binDir, "pfreeze"), filepath.Join(binDir, "pthaw")
 }
 
+// migrateLiveFlag gives the benchmarks' nodes -migrate-live=false when
+// PCLUSTER_MIGRATE_LIVE=false (stop-and-copy figures); nil otherwise:
+// live, the default.
+func migrateLiveFlag() func(int) []string {
+	if os.Getenv("PCLUSTER_MIGRATE_LIVE") != "false" {
+		return nil
+	}
+	return func(int) []string { return []string{"-migrate-live=false"} }
+}
+
 // migrateBenchMiB is the heap of BenchmarkMigrate1GiB's processes.
 const migrateBenchMiB = 1024
 
@@ -279,18 +289,15 @@ const migrateBenchMiB = 1024
 // target ≤ 1.2 s), and both rates (VmRSS over the time).
 //
 // The agents migrate live (their default); PCLUSTER_MIGRATE_LIVE=false
-// starts them with -migrate-live=false, for the stop-and-copy figures.
+// starts them with -migrate-live=false, for the stop-and-copy figures
+// (BenchmarkDrain10x64MiB too).
 //
 //	go test -run '^$' -bench Migrate1GiB -benchtime 1x ./cluster
 func BenchmarkMigrate1GiB(b *testing.B) {
 	bin := fixture.Build(b, "bigheap")
 	pfreeze, pthaw := toolBinaries(b)
 	c := newTestCluster(b)
-	var extra func(int) []string
-	if os.Getenv("PCLUSTER_MIGRATE_LIVE") == "false" {
-		extra = func(int) []string { return []string{"-migrate-live=false"} }
-	}
-	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, extra)
+	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, migrateLiveFlag())
 	src, dst := nodes[0], nodes[1]
 	keyDir := b.TempDir()
 	keyFile := filepath.Join(keyDir, "bench.key")
