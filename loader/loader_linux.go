@@ -126,6 +126,8 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
+	// precopyStats: what the pre-copy records said (Precopy).
+	precopyStats PrecopyStats
 	// cow: a tree member forked from its parent only once the parent's
 	// memory is built, to share its pages, or under such a member
 	// (forkLate, image.LateMembers).
@@ -233,11 +235,14 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
-		if p.staged != nil {
-			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		if p.staged != nil && p.staged.members == nil {
+			return fmt.Errorf("%w: a single process's pre-copy records before a tree", image.ErrCorrupt)
 		}
 		<-items // the tree record itself
 		return p.buildTree(t, items)
+	}
+	if p.staged != nil && p.staged.members != nil {
+		return fmt.Errorf("%w: pre-copy member records before a single process", image.ErrCorrupt)
 	}
 	prepare := p.startStub
 	if p.staged != nil {
@@ -348,7 +353,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fill)
+		err := p.staged.apply(p.fillAreas)
 		p.staged = nil
 		if err != nil {
 			return nil, err

@@ -92,6 +92,10 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
+	// A live migration's pages, by member: each member's go into it
+	// once its areas are mapped (buildOne).
+	staged := p.staged
+	p.staged = nil
 	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
 	var rec any
 	for i, m := range img.Procs {
@@ -123,6 +127,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 		} else {
 			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
 		}
+		mp.staged = staged.forMember(m.Pid)
 		var err error
 		if rec, err = mp.buildOne(items, rec, prepare); err != nil {
 			return fmt.Errorf("pid %d: %w", m.Pid, err)

@@ -74,6 +74,9 @@ type Frozen struct {
 	socks sockets
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
+	// precopyDone: in a tree's live migration, the areas (by start)
+	// whose pages are all sent before the tree record.
+	precopyDone map[uint64]bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -372,13 +375,16 @@ func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*rec
 
 // emit writes what gather learnt and the process's pages.
 func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	done := f.precopyDone
 	if f.precopy != nil {
 		// The final round, before the process record; the areas it
 		// completed are left out of the pages records.
-		done, err := f.precopy.finish(enc, r.vmas)
-		if err != nil {
+		var err error
+		if done, err = f.precopy.finish(enc, r.vmas); err != nil {
 			return fmt.Errorf("live: %w", err)
 		}
+	}
+	if done != nil {
 		var rest []image.VMA
 		for _, v := range r.dump {
 			if !(done[v.Start] && v.Kind == image.VMAAnon && !v.Shared) {

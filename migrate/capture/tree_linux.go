@@ -26,6 +26,9 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// precopy: the members' pre-copy of a live migration, whose final
+	// rounds come before the tree record.
+	precopy *treePrecopy
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -176,9 +179,17 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if t.queried != nil {
 		t.queried()
 	}
-	// The tree record first, once it knows which members share pages
-	// with their parent.
-	if err := t.markCow(rs); err != nil {
+	// A live migration's final rounds: all pre-copy records come
+	// before the tree record. Its members' pages are their own on the
+	// receiver (written from the pre-copy), so none is marked as shared
+	// with its parent's.
+	if t.precopy != nil {
+		if err := t.precopy.finish(enc, t.members, rs); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	} else if err := t.markCow(rs); err != nil {
+		// The tree record first, once it knows which members share
+		// pages with their parent.
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {

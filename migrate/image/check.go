@@ -76,9 +76,14 @@ type treeRef struct {
 
 // check applies the rules to rec, the next record.
 func (c *checker) check(rec any) error {
-	// Pre-copy records come before everything else, and only for a
-	// single process (a tree's members have address spaces of their own).
+	// Pre-copy records come before everything else; a tree's are each
+	// after the PrecopyMember record of the member they are for.
 	switch r := rec.(type) {
+	case *PrecopyMember:
+		if r.Pid <= 0 {
+			return corruptf("pre-copy member pid %d", r.Pid)
+		}
+		return c.precopy(r, 0, pageSize)
 	case *Precopy:
 		return c.precopy(r, r.Addr, r.Len)
 	case *Drop:

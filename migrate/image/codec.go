@@ -101,6 +101,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeRound
 	case *PrecopyArea:
 		t = TypePrecopyArea
+	case *PrecopyMember:
+		t = TypePrecopyMember
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -411,6 +413,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Round)
 	case TypePrecopyArea:
 		rec = new(PrecopyArea)
+	case TypePrecopyMember:
+		rec = new(PrecopyMember)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

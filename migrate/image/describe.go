@@ -54,6 +54,12 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			dropped += r.Len
 		case *PrecopyArea:
 			fmt.Fprintf(w, "Pre-copy area %#x-%#x\n", r.Start, r.End)
+		case *PrecopyMember:
+			if r.Final {
+				fmt.Fprintf(w, "Pre-copy member pid %d (after the stop)\n", r.Pid)
+			} else {
+				fmt.Fprintf(w, "Pre-copy member pid %d\n", r.Pid)
+			}
 		case *Round:
 			final := ""
 			if r.Final {

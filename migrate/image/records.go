@@ -29,6 +29,9 @@ const (
 	TypeRound   Type = 42
 	// TypePrecopyArea is a hint a reader may skip: map the area now.
 	TypePrecopyArea Type = Skippable | 43
+	// TypePrecopyMember says which member of a tree the pre-copy
+	// records after it are for.
+	TypePrecopyMember Type = 44
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -60,6 +63,8 @@ func (t Type) String() string {
 		return "precopy round"
 	case TypePrecopyArea:
 		return "precopy area"
+	case TypePrecopyMember:
+		return "precopy member"
 	}
 	return "unknown"
 }
