@@ -108,6 +108,9 @@ type Process struct {
 	// pipes holds pthaw's ends of a single process's own pipes while its
 	// fds are opened (a tree's are in tree.pipes).
 	pipes map[uint64][2]int
+	// pipesTaken: the pipe ends (pipe id, O_RDONLY or O_WRONLY) whose
+	// pthaw file the process took by pidfd_getfd (takePipeEnd).
+	pipesTaken map[[2]uint64]bool
 	// ptys holds pthaw's masters of a single process's ptys, by saved
 	// index, likewise (a tree's are in tree.ptys).
 	ptys map[int]*heldPty
@@ -123,6 +126,8 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
+	// precopyStats: what the pre-copy records said (Precopy).
+	precopyStats PrecopyStats
 	// cow: a tree member forked from its parent only once the parent's
 	// memory is built, to share its pages, or under such a member
 	// (forkLate, image.LateMembers).
@@ -230,11 +235,14 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
-		if p.staged != nil {
-			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		if p.staged != nil && p.staged.members == nil {
+			return fmt.Errorf("%w: a single process's pre-copy records before a tree", image.ErrCorrupt)
 		}
 		<-items // the tree record itself
 		return p.buildTree(t, items)
+	}
+	if p.staged != nil && p.staged.members != nil {
+		return fmt.Errorf("%w: pre-copy member records before a single process", image.ErrCorrupt)
 	}
 	prepare := p.startStub
 	if p.staged != nil {
@@ -345,7 +353,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fill)
+		err := p.staged.apply(p.fillAreas)
 		p.staged = nil
 		if err != nil {
 			return nil, err
@@ -746,13 +754,18 @@ const blockAll = ^uint64(0) &^ (1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1))
 // errCloneSetup marks clonePID failures that are not about the PID.
 var errCloneSetup = errors.New("clone3")
 
-// clonePID makes the stub clone3 a copy of itself with the saved PID, as a
-// child of ours (CLONE_PARENT), and continues with the copy; the first stub
-// is killed. Runs on the tracer thread.
+// clonePID makes the stub clone3 a process with the saved PID, as a child
+// of ours (CLONE_PARENT), and continues with it; the first stub is killed.
+// The child shares the stub's memory (CLONE_VM) rather than copying it:
+// late in a build that memory is the process's, and a copy of its page
+// tables (and the stub's exit freeing the original's) cost about 150 ms a
+// GiB, in the stop of a migration on this host. Once the stub is gone,
+// the child is the memory's only user, as after a fork. Runs on the
+// tracer thread.
 func (p *Process) clonePID() error {
 	old := p.stub
 	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
-	if err := p.cloneSelf(unix.CLONE_PARENT, 0, p.proc.Pid); err != nil {
+	if err := p.cloneSelf(unix.CLONE_PARENT|unix.CLONE_VM, 0, p.proc.Pid); err != nil {
 		return err
 	}
 	unix.Kill(old, unix.SIGKILL)

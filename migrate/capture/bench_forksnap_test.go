@@ -76,7 +76,7 @@ func gapMS(b *testing.B, pid int, l *fixture.Lines) float64 {
 	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
 		b.Fatal(err)
 	}
-	got, err := l.Match(`^check ok pages=\d+ maxgap_us=(\d+)$|^check .*`, 120*time.Second)
+	got, err := l.Match(`^check ok (?:member=\d+ )?pages=\d+ maxgap_us=(\d+)$|^check .*`, 120*time.Second)
 	if err != nil || got[1] == "" {
 		b.Fatalf("check: %q (%v)", got, err)
 	}

@@ -19,6 +19,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -78,6 +79,9 @@ type Frozen struct {
 	cow *cowRun
 	// resumed: Resume ran; a second call does nothing.
 	resumed bool
+	// precopyDone: in a tree's live migration, the areas (by start)
+	// whose pages are all sent before the tree record.
+	precopyDone map[uint64]bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -323,7 +327,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 // a tree, shm holds the shared memory objects whose pages an earlier
 // member saved: their areas are recorded by identity only; inner holds
 // the pipes with both ends inside the tree.
-func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
+func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, inner map[uint64]bool) error {
 	r, err := f.gather(shm, inner)
 	if err != nil {
 		return err
@@ -373,7 +377,7 @@ type records struct {
 
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
-func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
+func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*records, error) {
 	// A copy-on-write checkpoint reads the areas' VmFlags later, from its
 	// snapshot child's smaps, after the stop (forksnap_linux.go).
 	read := procfs.Maps
@@ -411,13 +415,16 @@ func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
 
 // emit writes what gather learnt and the process's pages.
 func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	done := f.precopyDone
 	if f.precopy != nil {
 		// The final round, before the process record; the areas it
 		// completed are left out of the pages records.
-		done, err := f.precopy.finish(enc, r.vmas)
-		if err != nil {
+		var err error
+		if done, err = f.precopy.finish(enc, r.vmas); err != nil {
 			return fmt.Errorf("live: %w", err)
 		}
+	}
+	if done != nil {
 		var rest []image.VMA
 		for _, v := range r.dump {
 			if !(done[v.Start] && v.Kind == image.VMAAnon && !v.Shared) {
@@ -450,6 +457,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 	}
 	files := r.files
 	if !r.filesTaken {
+		if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+			return err
+		}
 		var err error
 		if files, err = fileRecords(f.rd, r.vmas, r.fds, f.files); err != nil {
 			return err
@@ -970,14 +980,30 @@ func kill(members []*Frozen) (left []int, err error) {
 	for i, f := range members {
 		ours[i] = ourChild(f.Pid) // before the kill: see ourChild
 	}
+	var released sync.WaitGroup
 	for _, f := range members {
+		pidfd, perr := unix.PidfdOpen(f.Pid, 0)
 		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
+		}
+		if perr == nil {
+			// The killed process's own exit frees its memory on one
+			// core (about 100 ms a GiB), and its PID, which a
+			// migration's copy on this host waits for, only after
+			// that: process_mrelease frees it from here as well, side
+			// by side. Failing (an older kernel), the exit does it all.
+			released.Add(1)
+			go func() {
+				defer released.Done()
+				unix.Syscall(unix.SYS_PROCESS_MRELEASE, uintptr(pidfd), 0, 0)
+				unix.Close(pidfd)
+			}()
 		}
 	}
 	if len(members) > 0 {
 		left = reap(members[0].tr, members, ours)
 	}
+	released.Wait()
 	for _, f := range members {
 		f.socks.kill()
 		f.mem.Close()

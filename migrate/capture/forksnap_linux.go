@@ -477,6 +477,9 @@ type pagesRun struct {
 // areas are left in r.dump for the child. Returns the bytes of pages read.
 func (f *Frozen) takeStopped(r *records, snap *snapshot) (uint64, error) {
 	r.snap = snap
+	if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+		return 0, err
+	}
 	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
 	if err != nil {
 		return 0, err
