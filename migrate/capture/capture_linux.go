@@ -63,6 +63,9 @@ type Frozen struct {
 	files map[uint64]bool
 	// socks are the sockets held while the process is frozen.
 	socks sockets
+	// parent, for an incremental snapshot (pfreeze -parent): the
+	// snapshot whose unchanged pages this one refers to.
+	parent *Parent
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
 }
@@ -366,6 +369,11 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 		}
 		r.dump = rest
 	}
+	if f.parent != nil {
+		if err := enc.Write(&f.parent.Record); err != nil {
+			return err
+		}
+	}
 	if err := enc.Write(r.proc); err != nil {
 		return err
 	}
@@ -388,7 +396,7 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, r.dump, enc); err != nil {
+	if err := dumpMemory(f.Pid, f.mem, r.dump, enc, f.parent); err != nil {
 		return err
 	}
 	for i := range r.fds {

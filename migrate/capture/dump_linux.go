@@ -34,14 +34,27 @@ type chunk struct {
 	err  error
 }
 
-// dumpMemory writes the saved pages of every VMA as Pages records.
-func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) error {
+// dumpMemory writes the saved pages of every VMA as Pages records; with
+// a parent, those the parent holds unchanged as InParent records.
+func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, parent *Parent) error {
 	pagemap, err := os.Open(procfs.Path(pid, "pagemap"))
 	if err != nil {
 		return err
 	}
 	defer pagemap.Close()
-	return copyMemory(mem, enc.WritePages, func(r *reader) error { return r.readAll(pagemap, vmas) })
+	write := enc.WritePages
+	var dw *deltaWriter
+	if parent != nil {
+		dw = &deltaWriter{enc: enc, parent: parent.Digests}
+		write = dw.write
+	}
+	if err := copyMemory(mem, write, func(r *reader) error { return r.readAll(pagemap, vmas) }); err != nil {
+		return err
+	}
+	if dw != nil {
+		return dw.flush()
+	}
+	return nil
 }
 
 // copyMemory reads the runs that queue adds to the reader it is given and

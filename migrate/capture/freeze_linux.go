@@ -67,10 +67,17 @@ type FreezeOptions struct {
 	// stop (pre-copy, precopy_linux.go): for a single process; a tree is
 	// frozen as without it, with a notice.
 	Live *LiveOptions
+	// Parent, when set, makes the snapshot incremental: it refers to
+	// Parent for the pages unchanged since (parent.go). For a single
+	// process, not live.
+	Parent *Parent
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
 func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
+	if o.Parent != nil && (o.Tree || o.Live != nil) {
+		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is of a single process, not live", pid)
+	}
 	enc := image.NewEncoder(ctxWriter{ctx, w})
 	if o.Tree && o.Live != nil && o.Live.Notice != nil {
 		o.Live.Notice(fmt.Sprintf("live %d: a process tree is not copied live: stopped for the whole copy (stop-and-copy)", pid))
@@ -110,6 +117,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
 	f.precopy = pc
+	f.parent = o.Parent
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
 }
 

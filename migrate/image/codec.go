@@ -286,17 +286,6 @@ func (d *Decoder) chain(rec any) (any, error) {
 	return rec, nil
 }
 
-// Close releases the parent snapshots an incremental snapshot's decoder
-// opened, if it did not read to the end record (which releases them).
-func (d *Decoder) Close() error {
-	if d.parent == nil {
-		return nil
-	}
-	src := d.parent
-	d.parent = nil
-	return src.Close()
-}
-
 // CheckRegisters makes the decoder refuse a thread record without exactly
 // n registers (the architecture's count, which this package does not know).
 func (d *Decoder) CheckRegisters(n int) { d.check.regs = n }

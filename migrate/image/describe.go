@@ -36,7 +36,7 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		ths     []*Thread
 	)
 	var precopied, dropped uint64 // pre-copy (pfreeze -live)
-	var inParent uint64          // incremental (pfreeze -parent)
+	var inParent uint64           // incremental (pfreeze -parent)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
 	for {
