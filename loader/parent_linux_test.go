@@ -21,18 +21,26 @@ import (
 // checkpoint writes a snapshot of pid (left running) to a file in dir,
 // incremental against parent when it is not empty, and returns its path
 // and size.
-func checkpoint(t *testing.T, tr *ptrace.Tracer, pid int, dir, name, parent string, codec string, key stream.Key) (string, int64) {
+func checkpoint(t testing.TB, tr *ptrace.Tracer, pid int, dir, name, parent string, codec string, key stream.Key) (string, int64) {
+	t.Helper()
+	var p *capture.Parent
+	if parent != "" {
+		var err error
+		if p, err = capture.OpenParent(parent, []stream.Key{key}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return checkpointAgainst(t, tr, pid, dir, name, p, codec, key)
+}
+
+// checkpointAgainst is checkpoint with the parent already read.
+func checkpointAgainst(t testing.TB, tr *ptrace.Tracer, pid int, dir, name string, parent *capture.Parent, codec string, key stream.Key) (string, int64) {
 	t.Helper()
 	path := filepath.Join(dir, name)
-	o := capture.SendOptions{Dest: path, Cipher: stream.CipherAESGCM, Key: &key, DialTimeout: waitFor, WriteTimeout: waitFor}
+	o := capture.SendOptions{Dest: path, Cipher: stream.CipherAESGCM, Key: &key, DialTimeout: waitFor, WriteTimeout: waitFor, Parent: parent}
 	var err error
 	if o.Codec, err = stream.ParseCodec(codec); err != nil {
 		t.Fatal(err)
-	}
-	if parent != "" {
-		if o.Parent, err = capture.OpenParent(parent, []stream.Key{key}); err != nil {
-			t.Fatal(err)
-		}
 	}
 	if err := capture.Send(context.Background(), tr, pid, o); err != nil {
 		t.Fatalf("checkpoint %s: %v", name, err)
