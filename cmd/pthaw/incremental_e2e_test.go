@@ -1,0 +1,109 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// TestIncrementalCLI: pfreeze -parent writes a snapshot of a counter
+// against an earlier one (compressed and encrypted), the second with
+// -halt; pthaw restores it from the chain, finding the parent by the path
+// recorded or by -parent, and the counter carries on. A parent replaced
+// by another snapshot is refused with one line and nothing restored; so
+// are -parent with -tree and a -dest that is the parent.
+func TestIncrementalCLI(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "countforever")
+	p := fixture.Start(t, bin, "5")
+	p.Lines.Expect(t, `^3$`, waitFor)
+	dir, keyfile := keyDir(t)
+	snaps := t.TempDir()
+	parent, child, other := filepath.Join(snaps, "parent"), filepath.Join(snaps, "child"), filepath.Join(snaps, "other")
+	pid := strconv.Itoa(p.Pid())
+	enc := []string{"-encrypt", "aes-gcm:" + keyfile}
+	freeze(t, append([]string{"-pid", pid, "-dest", parent, "-compress", "zstd"}, enc...)...)
+	freeze(t, append([]string{"-pid", pid, "-dest", other}, enc...)...)
+	for _, bad := range [][]string{
+		{"-pid", pid, "-dest", child, "-parent", parent, "-tree"},
+		{"-pid", pid, "-dest", parent, "-parent", parent},
+		{"-pid", pid, "-dest", child, "-parent", filepath.Join(snaps, "none")},
+	} {
+		if msg := freezeFails(t, bad...); !strings.Contains(msg, "parent") {
+			t.Errorf("pfreeze %v: %q, want one line about the parent", bad, msg)
+		}
+	}
+	last := atoi(t, p.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
+	freeze(t, append([]string{"-pid", pid, "-dest", child, "-parent", parent, "-compress", "snappy", "-halt"}, enc...)...)
+	select {
+	case <-p.Exited():
+	case <-time.After(waitFor):
+		t.Fatalf("pid %s still running after pfreeze -halt", pid)
+	}
+	// A counter's memory is mostly the same from one snapshot to the
+	// next (its metadata is not: it is in every snapshot).
+	if ps, cs := size(t, parent), size(t, child); cs >= ps {
+		t.Errorf("child of %d bytes, parent %d: want it smaller", cs, ps)
+	}
+
+	// The parent swapped for another snapshot: refused, one line.
+	if err := os.Rename(parent, parent+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(other, parent); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-src", child, "-keydir", dir)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatal("pthaw restored a snapshot from a wrong parent")
+	}
+	if msg := stderr.String(); strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "wrong parent snapshot") || !strings.Contains(msg, parent) {
+		t.Errorf("stderr %q, want one line naming %s the wrong parent", msg, parent)
+	}
+	if pids := processesOf(bin); len(pids) > 0 {
+		t.Errorf("processes %v left behind", pids)
+	}
+
+	// The right one, given by -parent under its new name.
+	th := thaw(t, "-src", child, "-keydir", dir, "-parent", other, "-parent", parent+".moved")
+	first := atoi(t, th.out.Expect(t, `^(\d+)$`, waitFor)[1])
+	if first <= last {
+		t.Fatalf("restored process printed %d, want more than %d", first, last)
+	}
+	th.out.Expect(t, `^`+strconv.Itoa(first+1)+`$`, waitFor)
+}
+
+// freezeFails runs pfreeze with args, which must fail with one line, and
+// returns that line.
+func freezeFails(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "pfreeze"), args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatalf("pfreeze %v succeeded", args)
+	}
+	msg := stderr.String()
+	if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pfreeze: ") {
+		t.Errorf("pfreeze %v: stderr %q, want one line", args, msg)
+	}
+	return msg
+}
+
+func size(t *testing.T, path string) int64 {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size()
+}
