@@ -41,7 +41,7 @@ func main() {
 	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; a process tree is stopped for the whole copy)")
 	liveRounds := flag.Int("live-rounds", 8, "with -live: the most rounds after the first full copy")
 	liveDowntime := flag.Duration("live-downtime", 100*time.Millisecond, "with -live: the stop aimed at; rounds go on until what is left can be sent in this long")
-	parent := flag.String("parent", "", "write an incremental snapshot: only the pages whose contents differ from those of this earlier snapshot FILE (of the same process, single, not -live), which the new one names by path and SHA-256; pthaw then needs it too")
+	parent := flag.String("parent", "", "write an incremental snapshot: only the pages whose contents differ from those of this earlier snapshot FILE (of the same process or tree, not -live), which the new one names by path and SHA-256; pthaw then needs it too")
 	liveBandwidth := flag.Int64("live-bandwidth", 0, "with -live: bytes per second the rounds may send (0: no cap)")
 	flag.Parse()
 	tcp, err := tcpOptions(*tcpAddrs, *tcpClose)
@@ -152,8 +152,8 @@ func run(ctx context.Context, pid int, debug bool, compress, encrypt, parent str
 		o.Codec, o.Cipher, o.Key = so.Codec, so.Cipher, so.Key
 	}
 	if parent != "" {
-		if o.Tree || o.Live {
-			return errors.New("-parent makes an incremental snapshot of a single process: it cannot be combined with -tree or -live")
+		if o.Live {
+			return errors.New("-parent makes an incremental snapshot to a file: it cannot be combined with -live")
 		}
 		if same(parent, o.Dest) {
 			return fmt.Errorf("-parent %s is also -dest: the new snapshot would overwrite the parent it needs", parent)

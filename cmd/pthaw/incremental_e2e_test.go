@@ -18,7 +18,7 @@ import (
 // -halt; pthaw restores it from the chain, finding the parent by the path
 // recorded or by -parent, and the counter carries on. A parent replaced
 // by another snapshot is refused with one line and nothing restored; so
-// are -parent with -tree and a -dest that is the parent.
+// are -parent with -live and a -dest that is the parent.
 func TestIncrementalCLI(t *testing.T) {
 	needRoot(t)
 	bin := fixture.Build(t, "countforever")
@@ -32,7 +32,7 @@ func TestIncrementalCLI(t *testing.T) {
 	freeze(t, append([]string{"-pid", pid, "-dest", parent, "-compress", "zstd"}, enc...)...)
 	freeze(t, append([]string{"-pid", pid, "-dest", other}, enc...)...)
 	for _, bad := range [][]string{
-		{"-pid", pid, "-dest", child, "-parent", parent, "-tree"},
+		{"-pid", pid, "-dest", "unix:" + filepath.Join(snaps, "sock"), "-halt", "-live", "-parent", parent},
 		{"-pid", pid, "-dest", parent, "-parent", parent},
 		{"-pid", pid, "-dest", child, "-parent", filepath.Join(snaps, "none")},
 	} {
@@ -106,4 +106,49 @@ func size(t *testing.T, path string) int64 {
 		t.Fatal(err)
 	}
 	return st.Size()
+}
+
+// TestIncrementalTree: pfreeze -tree -parent of a parent and its two
+// workers, which count in one MAP_SHARED|MAP_ANONYMOUS page, against a
+// snapshot of the tree taken earlier: restored from the chain, the three
+// carry on with their PIDs and the parent's check shared == w1 + w2
+// keeps holding.
+func TestIncrementalTree(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "forkserver"))
+	m := p.Lines.Expect(t, `^workers (\d+) (\d+)$`, waitFor)
+	w1, w2 := atoi(t, m[1]), atoi(t, m[2])
+	forkTick(t, p.Lines)
+	root := p.Pid()
+	snaps := t.TempDir()
+	parent, child := filepath.Join(snaps, "parent"), filepath.Join(snaps, "child")
+	freeze(t, "-pid", strconv.Itoa(root), "-tree", "-dest", parent)
+	var s0, a0, b0 int
+	for i := 0; i < 3; i++ {
+		_, s0, a0, b0 = forkTick(t, p.Lines)
+	}
+	freeze(t, "-pid", strconv.Itoa(root), "-tree", "-halt", "-parent", parent, "-dest", child)
+	select {
+	case <-p.Exited():
+	case <-time.After(waitFor):
+		t.Fatalf("pid %d still running after pfreeze -tree -halt", root)
+	}
+	for _, pid := range []int{w1, w2} {
+		if err := fixture.WaitExit(pid, waitFor); err != nil {
+			t.Fatalf("after pfreeze -tree -halt: %v", err)
+		}
+	}
+	if ps, cs := size(t, parent), size(t, child); cs >= ps {
+		t.Errorf("child of %d bytes, parent %d: want it smaller", cs, ps)
+	}
+	th := thaw(t, "-src", child)
+	killTreeAtCleanup(t, root, w1, w2)
+	var s, a, b int
+	for i := 0; i < 5; i++ {
+		_, s, a, b = forkTick(t, th.out)
+	}
+	if s <= s0 || a <= a0 || b <= b0 {
+		t.Fatalf("after thaw shared=%d w1=%d w2=%d, want each above shared=%d w1=%d w2=%d", s, a, b, s0, a0, b0)
+	}
+	expectTree(t, th, root, w1, w2)
 }

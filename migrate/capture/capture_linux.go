@@ -63,8 +63,11 @@ type Frozen struct {
 	files map[uint64]bool
 	// socks are the sockets held while the process is frozen.
 	socks sockets
-	// parent, for an incremental snapshot (pfreeze -parent): the
-	// snapshot whose unchanged pages this one refers to.
+	// parentPages, in an incremental snapshot (pfreeze -parent): the
+	// digests of the parent's pages this process may refer to.
+	parentPages map[uint64][image.DigestSize]byte
+	// parent makes the snapshot of this single process incremental
+	// (FreezeOptions.Parent).
 	parent *Parent
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
@@ -282,6 +285,12 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 }
 
 func (f *Frozen) write(enc *image.Encoder) error {
+	if f.parent != nil {
+		if err := enc.Write(&f.parent.Record); err != nil {
+			return err
+		}
+		f.parentPages = f.parent.pagesOf([]int{f.Pid})[0]
+	}
 	// A process's own pipes (both ends in it) are carried with their
 	// buffered bytes, as a tree's are.
 	inner, err := innerPipes([]int{f.Pid})
@@ -369,11 +378,6 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 		}
 		r.dump = rest
 	}
-	if f.parent != nil {
-		if err := enc.Write(&f.parent.Record); err != nil {
-			return err
-		}
-	}
 	if err := enc.Write(r.proc); err != nil {
 		return err
 	}
@@ -396,7 +400,7 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, r.dump, enc, f.parent); err != nil {
+	if err := dumpMemory(f.Pid, f.mem, r.dump, enc, f.parentPages); err != nil {
 		return err
 	}
 	for i := range r.fds {

@@ -36,7 +36,7 @@ type chunk struct {
 
 // dumpMemory writes the saved pages of every VMA as Pages records; with
 // a parent, those the parent holds unchanged as InParent records.
-func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, parent *Parent) error {
+func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, parent map[uint64][image.DigestSize]byte) error {
 	pagemap, err := os.Open(procfs.Path(pid, "pagemap"))
 	if err != nil {
 		return err
@@ -45,7 +45,7 @@ func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, 
 	write := enc.WritePages
 	var dw *deltaWriter
 	if parent != nil {
-		dw = &deltaWriter{enc: enc, parent: parent.Digests}
+		dw = &deltaWriter{enc: enc, parent: parent}
 		write = dw.write
 	}
 	if err := copyMemory(mem, write, func(r *reader) error { return r.readAll(pagemap, vmas) }); err != nil {

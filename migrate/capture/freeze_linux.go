@@ -68,15 +68,14 @@ type FreezeOptions struct {
 	// frozen as without it, with a notice.
 	Live *LiveOptions
 	// Parent, when set, makes the snapshot incremental: it refers to
-	// Parent for the pages unchanged since (parent.go). For a single
-	// process, not live.
+	// Parent for the pages unchanged since (parent.go). Not live.
 	Parent *Parent
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
 func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
-	if o.Parent != nil && (o.Tree || o.Live != nil) {
-		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is of a single process, not live", pid)
+	if o.Parent != nil && o.Live != nil {
+		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is not live", pid)
 	}
 	enc := image.NewEncoder(ctxWriter{ctx, w})
 	if o.Tree && o.Live != nil && o.Live.Notice != nil {
@@ -91,6 +90,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
+		t.parent = o.Parent
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
 	var pc *precopy

@@ -19,7 +19,29 @@ import (
 // to what it was costs nothing).
 type Parent struct {
 	Record  image.Parent
-	Digests image.PageDigests
+	Digests *image.PageDigests
+}
+
+// pagesOf returns the digests of the pages of the processes pids (in the
+// order they are written) that each may refer to in the parent: those of
+// the same pid, for the members the parent holds in an order the new
+// snapshot keeps (it is read front to back); nil for the others.
+func (p *Parent) pagesOf(pids []int) []map[uint64][image.DigestSize]byte {
+	out := make([]map[uint64][image.DigestSize]byte, len(pids))
+	if p == nil {
+		return out
+	}
+	pos := map[int]int{}
+	for i, pid := range p.Digests.Order {
+		pos[pid] = i
+	}
+	last := -1
+	for i, pid := range pids {
+		if at, ok := pos[pid]; ok && at > last {
+			out[i], last = p.Digests.Pages[pid], at
+		}
+	}
+	return out
 }
 
 // OpenParent reads the snapshot file path (decrypting it with one of keys)
@@ -68,7 +90,7 @@ func (c *countWriter) Write(p []byte) (int, error) {
 // records, the others Pages records, in address order.
 type deltaWriter struct {
 	enc    *image.Encoder
-	parent image.PageDigests
+	parent map[uint64][image.DigestSize]byte
 	// refAddr and refs are the InParent run being gathered.
 	refAddr uint64
 	refs    []byte

@@ -19,6 +19,7 @@ import (
 type FrozenTree struct {
 	Pid     int
 	queried func()           // as Frozen's, once for every member
+	parent  *Parent          // makes the snapshot incremental (FreezeOptions.Parent)
 	members []*Frozen        // creation order: every parent before its children
 	procs   []image.TreeProc // the same order, zombies included
 	// pidNS is set when the root is the init of a child PID namespace,
@@ -123,6 +124,11 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
+	if t.parent != nil {
+		if err := enc.Write(&t.parent.Record); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
@@ -151,6 +157,9 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	for _, f := range t.members {
 		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+	}
+	for i, m := range t.parent.pagesOf(pids) {
+		t.members[i].parentPages = m
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way

@@ -69,8 +69,7 @@ type fdRef struct {
 func (c *checker) check(rec any) error {
 	first := !c.seen
 	c.seen = true
-	// An incremental snapshot names its parent first; it holds a single
-	// process (parent.go).
+	// An incremental snapshot names its parent first (parent.go).
 	if r, ok := rec.(*Parent); ok {
 		if !first {
 			return c.unexpected(r)
@@ -99,9 +98,6 @@ func (c *checker) check(rec any) error {
 	if !c.started {
 		c.started = true
 		if t, ok := rec.(*Tree); ok {
-			if c.parent {
-				return corruptf("a process tree snapshot with a parent")
-			}
 			return c.startTree(t)
 		}
 	}

@@ -36,7 +36,8 @@ type Parent struct {
 }
 
 // InParent stands for len(Digests)/DigestSize pages at Addr whose contents
-// are the parent's at the same address (in a tree, the same member's);
+// are the parent's at the same address of the process with the same pid
+// (in a tree, members the two share come in the same order);
 // Digests holds the SHA-256 of each page.
 type InParent struct {
 	//lint:ignore U1000 read by msgpack: encode as an array
@@ -106,18 +107,11 @@ func (c *chainReader) ReadPages(pid int, addr uint64, p []byte) error {
 			c.addr, c.end = r.Addr, r.Addr+r.Len
 		case *End:
 			c.done = true
-		case *Precopy, *Tree:
-			return fmt.Errorf("parent: a %v snapshot cannot be a parent", typeName(rec))
+		case *Precopy:
+			return fmt.Errorf("parent: a pre-copy (pfreeze -live) snapshot cannot be a parent")
 		}
 	}
 	return nil
-}
-
-func typeName(rec any) string {
-	if _, ok := rec.(*Tree); ok {
-		return "process tree"
-	}
-	return "pre-copy (pfreeze -live)"
 }
 
 // skip passes over n bytes of the current Pages record.
@@ -191,28 +185,38 @@ var ErrWrongParent = errors.New("wrong parent snapshot")
 // Without it, Next returns the Parent and InParent records as they are.
 func (d *Decoder) ResolveParents(f ParentResolver) { d.resolve = f }
 
-// PageDigests are the SHA-256 digests of every page a single-process
-// snapshot holds, its own and (through InParent records) its parent's:
-// what a child snapshot compares the process's pages with.
-type PageDigests map[uint64][DigestSize]byte
+// PageDigests are the SHA-256 digests of every page a snapshot holds, its
+// own and (through InParent records) its parent's, member by member: what
+// a child snapshot compares the process's pages with.
+type PageDigests struct {
+	// Order lists the processes (pids) in the snapshot's order: a child
+	// refers to them in the same order (a parent is read front to back).
+	Order []int
+	Pages map[int]map[uint64][DigestSize]byte
+}
 
 // ReadDigests reads a whole snapshot from dec (without resolving its
 // parent: the digests of the pages it refers to are in its InParent
 // records) and returns the digest of every page it holds.
-func ReadDigests(dec *Decoder) (PageDigests, error) {
-	m := PageDigests{}
+func ReadDigests(dec *Decoder) (*PageDigests, error) {
+	d := &PageDigests{Pages: map[int]map[uint64][DigestSize]byte{}}
+	var m map[uint64][DigestSize]byte
 	buf := make([]byte, 1<<20)
 	for {
 		rec, err := dec.Next()
 		if err == io.EOF {
-			return m, nil
+			return d, nil
 		}
 		if err != nil {
 			return nil, err
 		}
 		switch r := rec.(type) {
-		case *Tree, *Precopy:
-			return nil, fmt.Errorf("a %s snapshot cannot be a parent", typeName(rec))
+		case *Precopy:
+			return nil, fmt.Errorf("a pre-copy (pfreeze -live) snapshot cannot be a parent")
+		case *Process:
+			m = map[uint64][DigestSize]byte{}
+			d.Order = append(d.Order, r.Pid)
+			d.Pages[r.Pid] = m
 		case *InParent:
 			for i := 0; i*DigestSize < len(r.Digests); i++ {
 				m[r.Addr+uint64(i)*pageSize] = [DigestSize]byte(r.Digests[i*DigestSize:][:DigestSize])

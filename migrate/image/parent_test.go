@@ -95,12 +95,12 @@ func TestChainResolves(t *testing.T) {
 		t.Fatal(err)
 	}
 	for a, w := range want {
-		if d[a] != sha256.Sum256(w) {
+		if d.Pages[7][a] != sha256.Sum256(w) {
 			t.Errorf("digest of page %#x is not its contents'", a)
 		}
 	}
-	if len(d) != len(want) {
-		t.Errorf("got %d digests, want %d", len(d), len(want))
+	if len(d.Pages[7]) != len(want) || len(d.Order) != 1 || d.Order[0] != 7 {
+		t.Errorf("got %d digests of %v, want %d of [7]", len(d.Pages[7]), d.Order, len(want))
 	}
 }
 
