@@ -64,6 +64,9 @@ func (s *Server) handleCheckpointPolicySet(w http.ResponseWriter, r *http.Reques
 	if req.Keep == 0 {
 		req.Keep = scheduler.DefaultCheckpointKeep
 	}
+	if req.FullEvery == 0 {
+		req.FullEvery = scheduler.DefaultCheckpointFullEvery
+	}
 	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas,
 		FullEvery: req.FullEvery}
 	if err := scheduler.ValidateCheckpointPolicy(&p); err != nil {

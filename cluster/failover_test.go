@@ -16,7 +16,8 @@ import (
 
 // TestFailoverFromCheckpoint cuts off (link down) the node running a
 // counter under a 2 s checkpoint policy: the leader brings the workload
-// back on the node holding the newest copy, restored from it (the
+// back on the node holding the newest copy (an incremental checkpoint and
+// the ones it needs), restored from it (the
 // counter goes on from the checkpoint's value with the same getpid() and
 // heap checksum, not from 0), and `status` says so with the work rolled
 // back. The cut-off node still runs its copy (no fencing yet); when the
@@ -50,10 +51,12 @@ func TestFailoverFromCheckpoint(t *testing.T) {
 	var w api.Workload
 	c.ctlJSON(nodes[0], &w, "run", "-node", nodes[0].name, "-label", "app=fo", "-name", "counter", bin, "100")
 	c.ctl(nodes[1], "checkpoint", "policy", "set", "-selector", "app=fo", "-interval", "2s", "-keep", "2", "fo")
-	c.waitFor(30*time.Second, "a checkpoint with its copy", func() error {
+	// Every checkpoint after the first is incremental on the one before
+	// (full every 8): the restore reads the chain.
+	c.waitFor(30*time.Second, "an incremental checkpoint with its copy", func() error {
 		var wc api.WorkloadCheckpoints
 		c.ctlJSON(nodes[1], &wc, "checkpoint", "list", w.ID)
-		if n := len(wc.Checkpoints); n == 0 || len(wc.Checkpoints[n-1].Holders) < 2 {
+		if n := len(wc.Checkpoints); n == 0 || len(wc.Checkpoints[n-1].Holders) < 2 || wc.Checkpoints[n-1].Parent == 0 {
 			return fmt.Errorf("%+v", wc.Checkpoints)
 		}
 		return nil
@@ -99,6 +102,15 @@ func TestFailoverFromCheckpoint(t *testing.T) {
 	}
 	t.Logf("cut to running elsewhere: %v; checkpoint %d, %v of work rolled back", took.Round(time.Millisecond),
 		got.Failover.Checkpoint, time.Duration(got.Failover.Age))
+	wc, err := stale.Checkpoints(context.Background(), w.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cp := range wc.Checkpoints {
+		if cp.Seq == got.Failover.Checkpoint && cp.Parent == 0 {
+			t.Errorf("restored from checkpoint %d, a full one: want an incremental one (its chain read)", cp.Seq)
+		}
+	}
 	there := byName[got.Node]
 	var restored []counterLine
 	c.waitFor(20*time.Second, "the restored counter's lines on "+there.name, func() error {

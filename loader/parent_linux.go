@@ -20,6 +20,19 @@ const maxChain = 256
 // closing it closes them all.
 type chain struct {
 	closers []io.Closer
+	// given: look for parents only among the files given, not at the
+	// paths snapshots record (an agent reads only its own files).
+	given bool
+}
+
+// FollowParents makes dec, the decoder of a snapshot that may be
+// incremental, read its parents (and theirs) from among paths, each used
+// only if its size and SHA-256 are the ones recorded, decrypted with keys.
+// The Closer closes the parents' files: call it once done with dec.
+func FollowParents(dec *image.Decoder, paths []string, keys []stream.Key) io.Closer {
+	c := &chain{given: true}
+	dec.ResolveParents(c.resolver(ReceiveOptions{Keys: keys, Parents: paths}, 0))
+	return c
 }
 
 func (c *chain) Close() error {
@@ -38,7 +51,7 @@ func (c *chain) resolver(o ReceiveOptions, depth int) image.ParentResolver {
 		if depth >= maxChain {
 			return nil, fmt.Errorf("parent %s: more than %d snapshots in the chain", p.Path, maxChain)
 		}
-		path, err := findParent(p, o.Parents)
+		path, err := findParent(p, o.Parents, !c.given)
 		if err != nil {
 			return nil, err
 		}
@@ -79,13 +92,24 @@ func (s *namedSource) Close() error {
 	return nil
 }
 
-// findParent returns the first of candidates, then p.Path, whose size and
-// SHA-256 are p's.
-func findParent(p *image.Parent, candidates []string) (string, error) {
+// findParent returns the first of candidates, then (if recorded) p.Path,
+// whose size and SHA-256 are p's.
+func findParent(p *image.Parent, candidates []string, recorded bool) (string, error) {
 	want := hex.EncodeToString(p.SHA256)
 	var mismatch error
-	for _, path := range append(append([]string(nil), candidates...), p.Path) {
+	paths := append([]string(nil), candidates...)
+	if recorded {
+		paths = append(paths, p.Path)
+	}
+	for _, path := range paths {
 		if path == "" {
+			continue
+		}
+		// The size first: a file of another size is not hashed.
+		if st, err := os.Stat(path); err == nil && uint64(st.Size()) != p.Size && st.Mode().IsRegular() {
+			if mismatch == nil {
+				mismatch = fmt.Errorf("parent %s: %w: %d bytes, the snapshot was made against one of %d", path, image.ErrWrongParent, st.Size(), p.Size)
+			}
 			continue
 		}
 		sum, size, err := fileDigest(path)

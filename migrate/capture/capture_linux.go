@@ -289,7 +289,6 @@ func (f *Frozen) write(enc *image.Encoder) error {
 		if err := enc.Write(&f.parent.Record); err != nil {
 			return err
 		}
-		f.parentPages = f.parent.pagesOf([]int{f.Pid})[0]
 	}
 	// A process's own pipes (both ends in it) are carried with their
 	// buffered bytes, as a tree's are.
@@ -377,6 +376,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			}
 		}
 		r.dump = rest
+	}
+	if f.parent != nil {
+		f.parentPages = f.parent.pagesOf([]int{r.proc.Pid})[0]
 	}
 	if err := enc.Write(r.proc); err != nil {
 		return err

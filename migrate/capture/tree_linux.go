@@ -158,9 +158,6 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	for _, f := range t.members {
 		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
 	}
-	for i, m := range t.parent.pagesOf(pids) {
-		t.members[i].parentPages = m
-	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
@@ -173,6 +170,15 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if t.queried != nil {
 		t.queried()
+	}
+	// Members are matched with the parent's by the PIDs the records say
+	// (in a PID namespace's snapshot, the namespace's).
+	recorded := make([]int, len(rs))
+	for i, r := range rs {
+		recorded[i] = r.proc.Pid
+	}
+	for i, m := range t.parent.pagesOf(recorded) {
+		t.members[i].parentPages = m
 	}
 	for i, f := range t.members {
 		f.files = files
