@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -51,7 +52,7 @@ func (c *chain) resolver(o ReceiveOptions, depth int) image.ParentResolver {
 		if depth >= maxChain {
 			return nil, fmt.Errorf("parent %s: more than %d snapshots in the chain", p.Path, maxChain)
 		}
-		path, err := findParent(p, o.Parents, !c.given)
+		path, verified, err := findParent(p, o.Parents, !c.given)
 		if err != nil {
 			return nil, err
 		}
@@ -60,7 +61,25 @@ func (c *chain) resolver(o ReceiveOptions, depth int) image.ParentResolver {
 			return nil, fmt.Errorf("parent: %w", err)
 		}
 		c.closers = append(c.closers, f)
-		body, _, err := stream.NewReader(f, stream.ReaderOptions{Keys: o.Keys, KeyDir: o.KeyDir, RequireEncryption: o.KeyDir != "" || len(o.Keys) > 0})
+		// A parent not hashed to be found is hashed as it is read, and
+		// checked once read (before the process may run; every page taken
+		// from it is checked against its own digest as it comes).
+		var r io.Reader = f
+		var check func() error
+		if !verified {
+			h := sha256.New()
+			r = io.TeeReader(f, h)
+			check = func() error {
+				if _, err := io.Copy(io.Discard, r); err != nil {
+					return err
+				}
+				if sum := h.Sum(nil); !bytes.Equal(sum, p.SHA256) {
+					return fmt.Errorf("%w: its sha256 is %.16x…, the snapshot was made against %.16x…", image.ErrWrongParent, sum, p.SHA256)
+				}
+				return nil
+			}
+		}
+		body, _, err := stream.NewReader(r, stream.ReaderOptions{Keys: o.Keys, KeyDir: o.KeyDir, RequireEncryption: o.KeyDir != "" || len(o.Keys) > 0})
 		if err != nil {
 			return nil, fmt.Errorf("parent %s: %w", path, err)
 		}
@@ -68,7 +87,7 @@ func (c *chain) resolver(o ReceiveOptions, depth int) image.ParentResolver {
 		dec := image.NewDecoder(body)
 		dec.CheckRegisters(ptrace.NumRegs)
 		dec.ResolveParents(c.resolver(o, depth+1))
-		return &namedSource{PageSource: image.NewPageSource(dec, nil), path: path}, nil
+		return &namedSource{PageSource: image.NewPageSource(dec, check), path: path}, nil
 	}
 }
 
@@ -85,6 +104,8 @@ func (s *namedSource) ReadPages(pid int, addr uint64, p []byte) error {
 	return nil
 }
 
+func (s *namedSource) String() string { return s.path }
+
 func (s *namedSource) Close() error {
 	if err := s.PageSource.Close(); err != nil {
 		return fmt.Errorf("%s: %w", s.path, err)
@@ -93,55 +114,72 @@ func (s *namedSource) Close() error {
 }
 
 // findParent returns the first of candidates, then (if recorded) p.Path,
-// whose size and SHA-256 are p's.
-func findParent(p *image.Parent, candidates []string, recorded bool) (string, error) {
+// that can be p: of its size, and when several are, of its SHA-256
+// (verified: true). A single file of the right size is returned
+// unverified: the caller checks its digest as it reads it.
+func findParent(p *image.Parent, candidates []string, recorded bool) (path string, verified bool, err error) {
 	want := hex.EncodeToString(p.SHA256)
-	var mismatch error
 	paths := append([]string(nil), candidates...)
 	if recorded {
 		paths = append(paths, p.Path)
 	}
+	var sized []string
+	var mismatch error
 	for _, path := range paths {
-		if path == "" {
+		st, err := os.Stat(path)
+		if path == "" || err != nil && os.IsNotExist(err) {
 			continue
 		}
-		// The size first: a file of another size is not hashed.
-		if st, err := os.Stat(path); err == nil && uint64(st.Size()) != p.Size && st.Mode().IsRegular() {
+		switch {
+		case err != nil:
+			if mismatch == nil {
+				mismatch = fmt.Errorf("parent %s: %w", path, err)
+			}
+		case !st.Mode().IsRegular():
+			if mismatch == nil {
+				mismatch = fmt.Errorf("parent %s: not a regular file", path)
+			}
+		case uint64(st.Size()) != p.Size:
 			if mismatch == nil {
 				mismatch = fmt.Errorf("parent %s: %w: %d bytes, the snapshot was made against one of %d", path, image.ErrWrongParent, st.Size(), p.Size)
 			}
-			continue
+		default:
+			sized = append(sized, path)
 		}
-		sum, size, err := fileDigest(path)
+	}
+	if len(sized) == 1 {
+		return sized[0], false, nil
+	}
+	for _, path := range sized {
+		sum, err := fileDigest(path)
 		if err != nil {
-			if mismatch == nil && path == p.Path && !os.IsNotExist(err) {
+			if mismatch == nil {
 				mismatch = fmt.Errorf("parent %s: %w", path, err)
 			}
 			continue
 		}
-		if size == p.Size && sum == want {
-			return path, nil
+		if sum == want {
+			return path, true, nil
 		}
 		if mismatch == nil {
 			mismatch = fmt.Errorf("parent %s: %w: its sha256 is %.16s…, the snapshot was made against %.16s…", path, image.ErrWrongParent, sum, want)
 		}
 	}
 	if mismatch != nil {
-		return "", mismatch
+		return "", false, mismatch
 	}
-	return "", fmt.Errorf("parent snapshot %s (sha256 %.16s…) not found; give its path with -parent", p.Path, want)
+	return "", false, fmt.Errorf("parent snapshot %s (sha256 %.16s…) not found; give its path with -parent", p.Path, want)
 }
 
-func fileDigest(path string) (string, uint64, error) {
+func fileDigest(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return "", 0, err
+		return "", err
 	}
 	defer f.Close()
 	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return "", 0, err
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
 	}
-	return hex.EncodeToString(h.Sum(nil)), uint64(n), nil
+	return hex.EncodeToString(h.Sum(nil)), nil
 }

@@ -107,8 +107,10 @@ func TestIncrementalChainExact(t *testing.T) {
 }
 
 // TestIncrementalWrongParent: a child whose parent was replaced by
-// another snapshot at the same path is refused before anything is built,
-// naming the parent; so is one whose parent cannot be found, and a parent
+// another snapshot at the same path is refused with one line naming the
+// parent (by its size before anything is built, or, of the same size, at
+// the first page that differs from its digest); so is one whose parent
+// cannot be found, or was altered (one byte: the same size), and a parent
 // given with -parent that is another snapshot is not taken for it.
 func TestIncrementalWrongParent(t *testing.T) {
 	needRoot(t)
@@ -140,10 +142,23 @@ func TestIncrementalWrongParent(t *testing.T) {
 	if err := receive(); err == nil || !strings.Contains(err.Error(), "not found") {
 		t.Errorf("parent missing: got %v, want it not found", err)
 	}
+	b, err := os.ReadFile(moved)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 1
+	if err := os.WriteFile(parent, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := receive(); err == nil || !strings.Contains(err.Error(), parent) || strings.Contains(err.Error(), "\n") {
+		t.Errorf("an altered parent: got %v, want one line naming %s", err, parent)
+	} else {
+		t.Logf("an altered parent: %v", err)
+	}
 	if err := os.Rename(other, parent); err != nil {
 		t.Fatal(err)
 	}
-	err := receive()
+	err = receive()
 	if !errors.Is(err, image.ErrWrongParent) || !strings.Contains(err.Error(), parent) || strings.Contains(err.Error(), "\n") {
 		t.Errorf("another snapshot at the parent's path: got %v, want one line naming %s as the wrong parent", err, parent)
 	}

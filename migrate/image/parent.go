@@ -50,7 +50,8 @@ type InParent struct {
 func (r *InParent) Len() uint64 { return uint64(len(r.Digests)/DigestSize) * pageSize }
 
 // PageSource serves a parent snapshot's page contents, in increasing
-// address order within each member, members in the snapshot's order.
+// address order within each member, members in the snapshot's order. A
+// source that is a fmt.Stringer is named so in errors.
 type PageSource interface {
 	// ReadPages fills p with the parent's contents at addr of process pid.
 	ReadPages(pid int, addr uint64, p []byte) error
@@ -167,8 +168,12 @@ func (d *Decoder) fromParent(r *InParent) (*Pages, error) {
 	for p := 0; p < n; p += pageSize {
 		sum := sha256.Sum256(b[p : p+pageSize])
 		if !bytes.Equal(sum[:], r.Digests[p/pageSize*DigestSize:][:DigestSize]) {
-			return nil, fmt.Errorf("%w: page %#x of the parent differs from the one this snapshot was made against (a different or modified parent)",
-				ErrWrongParent, r.Addr+uint64(p))
+			name := "parent"
+			if s, ok := d.parent.(fmt.Stringer); ok {
+				name = s.String()
+			}
+			return nil, fmt.Errorf("%s: %w: page %#x differs from the one this snapshot was made against (a different or modified parent)",
+				name, ErrWrongParent, r.Addr+uint64(p))
 		}
 	}
 	d.pdata, d.pending = b, uint64(n)
