@@ -44,8 +44,9 @@ func (p *Parent) pagesOf(pids []int) []map[uint64][image.DigestSize]byte {
 	return out
 }
 
-// OpenParent reads the snapshot file path (decrypting it with one of keys)
-// and returns it as a parent for an incremental snapshot.
+// OpenParent reads the snapshot file path (decrypting it with one of keys;
+// with keys, a plaintext one is refused) and returns it as a parent for an
+// incremental snapshot.
 func OpenParent(path string, keys []stream.Key) (*Parent, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
@@ -59,7 +60,9 @@ func OpenParent(path string, keys []stream.Key) (*Parent, error) {
 	h := sha256.New()
 	counted := &countWriter{w: h}
 	tee := io.TeeReader(f, counted)
-	body, _, err := stream.NewReader(tee, stream.ReaderOptions{Keys: keys})
+	// With a key, the parent must be encrypted too: a reader with keys
+	// refuses plaintext (an attacker's), so a chain is all one or the other.
+	body, _, err := stream.NewReader(tee, stream.ReaderOptions{Keys: keys, RequireEncryption: len(keys) > 0})
 	if err != nil {
 		return nil, fmt.Errorf("parent %s: %w", path, err)
 	}
