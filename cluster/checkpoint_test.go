@@ -106,6 +106,9 @@ func TestCheckpointPolicy(t *testing.T) {
 	if incremental == 0 {
 		t.Errorf("no incremental checkpoint listed with its parent: %+v", wc.Checkpoints)
 	}
+	if out := c.ctl(nodes[2], "checkpoint", "list", w.ID); !strings.Contains(out, "KIND") || !strings.Contains(out, "full") || !strings.Contains(out, "on ") {
+		t.Errorf("checkpoint list: got %q, want full and incremental (on SEQ) ones told apart", out)
+	}
 	for _, cp := range wc.Checkpoints {
 		if cp.Node != nodes[0].name || cp.Holders[0] != nodes[0].name || cp.Size <= 0 {
 			t.Fatalf("checkpoint %+v: want taken by %s, with a size", cp, nodes[0].name)
