@@ -139,6 +139,9 @@ func TestValidateCheckpointPolicy(t *testing.T) {
 		{CheckpointPolicy{Name: "p", Interval: 1e6}, false},
 		{CheckpointPolicy{Name: "p", Interval: 5e9, Keep: -1}, false},
 		{CheckpointPolicy{Name: "p", Interval: 5e9, Replicas: 99}, false},
+		{CheckpointPolicy{Name: "p", Interval: 5e9, FullEvery: 1}, true},
+		{CheckpointPolicy{Name: "p", Interval: 5e9, FullEvery: -1}, false},
+		{CheckpointPolicy{Name: "p", Interval: 5e9, FullEvery: 257}, false},
 	} {
 		err := ValidateCheckpointPolicy(&c.p)
 		if (err == nil) != c.ok || err != nil && !errors.Is(err, ErrInvalid) {
