@@ -13,7 +13,7 @@ import (
 // 0x10000-0x20000: parent, if not nil, first; then for each page of pages,
 // its contents, or, for a page in ref, an InParent record with the digest
 // of ref's contents.
-func snap(t *testing.T, parent *Parent, pages map[uint64][]byte, ref map[uint64][]byte) []byte {
+func snap(t testing.TB, parent *Parent, pages map[uint64][]byte, ref map[uint64][]byte) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	e := NewEncoder(&buf)
@@ -138,4 +138,16 @@ func TestInParentNeedsParent(t *testing.T) {
 	if _, err := decodeAll(buf.Bytes()); err == nil || !strings.Contains(err.Error(), "unexpected *image.Parent") {
 		t.Errorf("a parent record after the process record: got %v", err)
 	}
+}
+
+// FuzzChain: no child snapshot makes the decoder that follows its parent
+// panic or allocate without bound (the parent is a good one).
+func FuzzChain(f *testing.F) {
+	parent := snap(f, nil, map[uint64][]byte{0x10000: page(1), 0x11000: page(2)}, nil)
+	child := snap(f, &Parent{SHA256: make([]byte, 32)}, map[uint64][]byte{0x12000: page(3)}, map[uint64][]byte{0x10000: page(1), 0x11000: page(2)})
+	f.Add(child)
+	f.Add(child[:len(child)/2])
+	f.Fuzz(func(t *testing.T, data []byte) {
+		resolved(data, parent)
+	})
 }
