@@ -29,7 +29,7 @@ func TestIncrementalCLI(t *testing.T) {
 	parent, child, other := filepath.Join(snaps, "parent"), filepath.Join(snaps, "child"), filepath.Join(snaps, "other")
 	pid := strconv.Itoa(p.Pid())
 	enc := []string{"-encrypt", "aes-gcm:" + keyfile}
-	freeze(t, append([]string{"-pid", pid, "-dest", parent, "-compress", "zstd"}, enc...)...)
+	freeze(t, append([]string{"-pid", pid, "-dest", parent, "-compress", "snappy"}, enc...)...)
 	freeze(t, append([]string{"-pid", pid, "-dest", other}, enc...)...)
 	for _, bad := range [][]string{
 		{"-pid", pid, "-dest", "unix:" + filepath.Join(snaps, "sock"), "-halt", "-live", "-parent", parent},
@@ -41,7 +41,7 @@ func TestIncrementalCLI(t *testing.T) {
 		}
 	}
 	last := atoi(t, p.Lines.Expect(t, `^(\d+)$`, waitFor)[1])
-	freeze(t, append([]string{"-pid", pid, "-dest", child, "-parent", parent, "-compress", "snappy", "-halt"}, enc...)...)
+	freeze(t, append([]string{"-pid", pid, "-dest", child, "-parent", parent, "-compress", "zstd", "-halt"}, enc...)...)
 	select {
 	case <-p.Exited():
 	case <-time.After(waitFor):
