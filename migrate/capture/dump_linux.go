@@ -35,7 +35,7 @@ type chunk struct {
 }
 
 // dumpMemory writes the saved pages of every VMA as Pages records; with
-// a parent, those the parent holds unchanged as InParent records.
+// a parent, those the parent holds unchanged as ParentPages records.
 func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, parent map[uint64][image.DigestSize]byte) error {
 	pagemap, err := os.Open(procfs.Path(pid, "pagemap"))
 	if err != nil {

@@ -89,19 +89,19 @@ func (c *countWriter) Write(p []byte) (int, error) {
 }
 
 // deltaWriter writes a process's pages against a parent's: runs of pages
-// whose digest is the parent's at the same address become InParent
+// whose digest is the parent's at the same address become ParentPages
 // records, the others Pages records, in address order.
 type deltaWriter struct {
 	enc    *image.Encoder
 	parent map[uint64][image.DigestSize]byte
-	// refAddr and refs are the InParent run being gathered.
+	// refAddr and refs are the ParentPages run being gathered.
 	refAddr uint64
 	refs    []byte
 	// Own and Referred count the bytes written and referred to.
 	own, referred uint64
 }
 
-// write is called with runs of one memory area each: an InParent record
+// write is called with runs of one memory area each: a ParentPages record
 // must not span two areas, so a run never continues the one before.
 func (w *deltaWriter) write(addr uint64, data []byte) error {
 	if err := w.flush(); err != nil {
@@ -124,7 +124,7 @@ func (w *deltaWriter) write(addr uint64, data []byte) error {
 			}
 		}
 		start = p + pageSize
-		if len(w.refs) > 0 && (w.refAddr+uint64(len(w.refs)/image.DigestSize)*pageSize != a || len(w.refs) == image.MaxInParentPages*image.DigestSize) {
+		if len(w.refs) > 0 && (w.refAddr+uint64(len(w.refs)/image.DigestSize)*pageSize != a || len(w.refs) == image.MaxParentPages*image.DigestSize) {
 			if err := w.flush(); err != nil {
 				return err
 			}
@@ -149,12 +149,12 @@ func (w *deltaWriter) writeOwn(addr uint64, data []byte) error {
 	return w.enc.WritePages(addr, data)
 }
 
-// flush writes the InParent run gathered so far.
+// flush writes the ParentPages run gathered so far.
 func (w *deltaWriter) flush() error {
 	if len(w.refs) == 0 {
 		return nil
 	}
-	err := w.enc.Write(&image.InParent{Addr: w.refAddr, Digests: w.refs})
+	err := w.enc.Write(&image.ParentPages{Addr: w.refAddr, Digests: w.refs})
 	w.refs = w.refs[:0]
 	return err
 }

@@ -169,10 +169,10 @@ func (c *checker) check(rec any) error {
 	switch r := rec.(type) {
 	case *Pages:
 		return c.wrap(CheckPages(r.Addr, r.Len, c.vmas))
-	case *InParent:
+	case *ParentPages:
 		n := len(r.Digests)
-		if !c.parent || n == 0 || n%DigestSize != 0 || n > MaxInParentPages*DigestSize || r.Addr%pageSize != 0 {
-			return c.wrap(corruptf("pages in parent at %#x (%d digest bytes) in a snapshot without a parent record, or malformed", r.Addr, n))
+		if !c.parent || n == 0 || n%DigestSize != 0 || n > MaxParentPages*DigestSize || r.Addr%pageSize != 0 {
+			return c.wrap(corruptf("parent pages at %#x (%d digest bytes) in a snapshot without a parent record, or malformed", r.Addr, n))
 		}
 		return c.wrap(CheckPages(r.Addr, r.Len(), c.vmas))
 	case *FD:

@@ -36,8 +36,8 @@ func maxLen(t Type) int {
 	switch t {
 	case TypeFD:
 		return MaxFDLen
-	case TypeInParent:
-		return 16 + MaxInParentPages*DigestSize
+	case TypeParentPages:
+		return 16 + MaxParentPages*DigestSize
 	}
 	return MaxMetaLen
 }
@@ -99,8 +99,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypePrecopyArea
 	case *Parent:
 		t = TypeParent
-	case *InParent:
-		t = TypeInParent
+	case *ParentPages:
+		t = TypeParentPages
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -254,7 +254,7 @@ func (d *Decoder) Next() (any, error) {
 
 // chain follows the parent of an incremental snapshot, when the decoder
 // was told how (ResolveParents): the Parent record opens it and is not
-// returned (errSkipped), InParent records become Pages.
+// returned (errSkipped), ParentPages records become Pages.
 func (d *Decoder) chain(rec any) (any, error) {
 	switch r := rec.(type) {
 	case *Process:
@@ -269,7 +269,7 @@ func (d *Decoder) chain(rec any) (any, error) {
 		}
 		d.parent = src
 		return nil, errSkipped
-	case *InParent:
+	case *ParentPages:
 		if d.parent == nil {
 			return rec, nil
 		}
@@ -391,8 +391,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(PrecopyArea)
 	case TypeParent:
 		rec = new(Parent)
-	case TypeInParent:
-		rec = new(InParent)
+	case TypeParentPages:
+		rec = new(ParentPages)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

@@ -36,7 +36,7 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		ths     []*Thread
 	)
 	var precopied, dropped uint64 // pre-copy (pfreeze -live)
-	var inParent uint64           // incremental (pfreeze -parent)
+	var parentBytes uint64        // incremental (pfreeze -parent)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
 	for {
@@ -96,8 +96,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			fds = append(fds, r)
 		case *Parent:
 			fmt.Fprintf(w, "Parent %s (sha256 %x, %d bytes)\n", r.Path, r.SHA256, r.Size)
-		case *InParent:
-			inParent += r.Len()
+		case *ParentPages:
+			parentBytes += r.Len()
 		case *Pages:
 			i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > r.Addr })
 			if i == len(vmas) || r.Addr < vmas[i].Start || r.Addr+r.Len > vmas[i].End {
@@ -133,8 +133,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 	}
 	describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
 	describeObjects(w, objects)
-	if inParent > 0 {
-		fmt.Fprintf(w, "Pages in the parent (not in the hashes above): %d bytes\n", inParent)
+	if parentBytes > 0 {
+		fmt.Fprintf(w, "Pages in the parent snapshot (not in the hashes above): %d bytes\n", parentBytes)
 	}
 	return nil
 }

@@ -12,7 +12,7 @@ import (
 // carry only the pages whose contents differ from the parent's: a Parent
 // record, the first of the snapshot, names the parent (by the SHA-256 of
 // its bytes as stored, which is its identity, and the path it was read
-// from), and InParent records stand for runs of pages the parent holds,
+// from), and ParentPages records stand for runs of pages the parent holds,
 // each with the SHA-256 of its contents. A reader given the parent
 // (Decoder.ResolveParents) returns them as Pages records whose data it
 // read from the parent and checked against those digests; the chain is
@@ -21,9 +21,9 @@ import (
 // DigestSize is the size of a page digest (SHA-256).
 const DigestSize = sha256.Size
 
-// MaxInParentPages bounds the pages of one InParent record (a reader
+// MaxParentPages bounds the pages of one ParentPages record (a reader
 // holds their contents at once).
-const MaxInParentPages = 2048
+const MaxParentPages = 2048
 
 // Parent names the snapshot an incremental snapshot refers to.
 type Parent struct {
@@ -35,11 +35,11 @@ type Parent struct {
 	Path string `msgpack:"path"`
 }
 
-// InParent stands for len(Digests)/DigestSize pages at Addr whose contents
+// ParentPages stands for len(Digests)/DigestSize pages at Addr whose contents
 // are the parent's at the same address of the process with the same pid
 // (in a tree, members the two share come in the same order);
 // Digests holds the SHA-256 of each page.
-type InParent struct {
+type ParentPages struct {
 	//lint:ignore U1000 read by msgpack: encode as an array
 	_msgpack struct{} `msgpack:",as_array"`
 	Addr     uint64
@@ -47,7 +47,7 @@ type InParent struct {
 }
 
 // Len is the number of bytes the record stands for.
-func (r *InParent) Len() uint64 { return uint64(len(r.Digests)/DigestSize) * pageSize }
+func (r *ParentPages) Len() uint64 { return uint64(len(r.Digests)/DigestSize) * pageSize }
 
 // PageSource serves a parent snapshot's page contents, in increasing
 // address order within each member, members in the snapshot's order. A
@@ -156,7 +156,7 @@ func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
 // fromParent reads the pages r stands for from the parent, checks each
 // against its digest, and makes them the data of the Pages record it
 // returns.
-func (d *Decoder) fromParent(r *InParent) (*Pages, error) {
+func (d *Decoder) fromParent(r *ParentPages) (*Pages, error) {
 	n := int(r.Len())
 	if cap(d.pbuf) < n {
 		d.pbuf = make([]byte, n)
@@ -185,13 +185,13 @@ func (d *Decoder) fromParent(r *InParent) (*Pages, error) {
 var ErrWrongParent = errors.New("wrong parent snapshot")
 
 // ResolveParents makes the decoder follow an incremental snapshot's
-// parent: f opens it, and InParent records come out of Next as Pages
+// parent: f opens it, and ParentPages records come out of Next as Pages
 // records carrying the parent's contents (checked against their digests).
-// Without it, Next returns the Parent and InParent records as they are.
+// Without it, Next returns the Parent and ParentPages records as they are.
 func (d *Decoder) ResolveParents(f ParentResolver) { d.resolve = f }
 
 // PageDigests are the SHA-256 digests of every page a snapshot holds, its
-// own and (through InParent records) its parent's, member by member: what
+// own and (through ParentPages records) its parent's, member by member: what
 // a child snapshot compares the process's pages with.
 type PageDigests struct {
 	// Order lists the processes (pids) in the snapshot's order: a child
@@ -201,7 +201,7 @@ type PageDigests struct {
 }
 
 // ReadDigests reads a whole snapshot from dec (without resolving its
-// parent: the digests of the pages it refers to are in its InParent
+// parent: the digests of the pages it refers to are in its ParentPages
 // records) and returns the digest of every page it holds.
 func ReadDigests(dec *Decoder) (*PageDigests, error) {
 	d := &PageDigests{Pages: map[int]map[uint64][DigestSize]byte{}}
@@ -222,7 +222,7 @@ func ReadDigests(dec *Decoder) (*PageDigests, error) {
 			m = map[uint64][DigestSize]byte{}
 			d.Order = append(d.Order, r.Pid)
 			d.Pages[r.Pid] = m
-		case *InParent:
+		case *ParentPages:
 			for i := 0; i*DigestSize < len(r.Digests); i++ {
 				m[r.Addr+uint64(i)*pageSize] = [DigestSize]byte(r.Digests[i*DigestSize:][:DigestSize])
 			}

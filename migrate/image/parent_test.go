@@ -11,7 +11,7 @@ import (
 
 // snap encodes a single-process snapshot of one anonymous area at
 // 0x10000-0x20000: parent, if not nil, first; then for each page of pages,
-// its contents, or, for a page in ref, an InParent record with the digest
+// its contents, or, for a page in ref, a ParentPages record with the digest
 // of ref's contents.
 func snap(t testing.TB, parent *Parent, pages map[uint64][]byte, ref map[uint64][]byte) []byte {
 	t.Helper()
@@ -29,7 +29,7 @@ func snap(t testing.TB, parent *Parent, pages map[uint64][]byte, ref map[uint64]
 		}
 		if d, ok := ref[a]; ok {
 			sum := sha256.Sum256(d)
-			e.Write(&InParent{Addr: a, Digests: sum[:]})
+			e.Write(&ParentPages{Addr: a, Digests: sum[:]})
 		}
 	}
 	if err := e.Close(); err != nil {
@@ -123,12 +123,12 @@ func TestWrongParentRefused(t *testing.T) {
 	}
 }
 
-// TestInParentNeedsParent: an InParent record in a snapshot without a
+// TestParentPagesNeedParent: a parent-pages record in a snapshot without a
 // parent record, or a parent record anywhere but first, is corrupt.
-func TestInParentNeedsParent(t *testing.T) {
+func TestParentPagesNeedParent(t *testing.T) {
 	noParent := snap(t, nil, nil, map[uint64][]byte{0x10000: page(1)})
 	if _, err := decodeAll(noParent); err == nil || !strings.Contains(err.Error(), "without a parent record") {
-		t.Errorf("pages in parent without a parent: got %v", err)
+		t.Errorf("parent pages without a parent: got %v", err)
 	}
 	var buf bytes.Buffer
 	e := NewEncoder(&buf)

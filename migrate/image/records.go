@@ -23,8 +23,8 @@ const (
 	TypeTree    Type = 7
 	TypeFile    Type = 8
 	// Incremental snapshots (pfreeze -parent, parent.go).
-	TypeParent   Type = 9
-	TypeInParent Type = 10
+	TypeParent      Type = 9
+	TypeParentPages Type = 10
 	// Pre-copy (pfreeze -live): memory sent while the process still
 	// runs, before its process record (precopy.go).
 	TypePrecopy Type = 40
@@ -57,8 +57,8 @@ func (t Type) String() string {
 		return "file"
 	case TypeParent:
 		return "parent"
-	case TypeInParent:
-		return "pages in parent"
+	case TypeParentPages:
+		return "parent pages"
 	case TypePrecopy:
 		return "precopy pages"
 	case TypeDrop:
