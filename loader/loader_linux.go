@@ -123,9 +123,12 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
-	built  bool
-	done   bool
-	tasks  []*task // the threads finish made ready, detached to start
+	// cow: a tree member forked from its parent only once the parent's
+	// memory is built, to share its pages (forkLate).
+	cow   bool
+	built bool
+	done  bool
+	tasks []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string
@@ -285,7 +288,7 @@ meta:
 			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads || p.proc.Threads > maxThreads {
 				return nil, fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
 			}
-			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
+			if !image.ThreadInPlace(p.proc, len(p.threads), r.Tid) {
 				return nil, fmt.Errorf("%w: thread %d out of place", image.ErrCorrupt, r.Tid)
 			}
 			if len(r.Regs) != ptrace.NumRegs {

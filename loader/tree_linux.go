@@ -32,6 +32,12 @@ type tree struct {
 	unix map[uint64]*treePair
 	// listeners holds the tree's listening unix sockets, by saved inode.
 	listeners map[uint64]*treeListener
+	// queued are the pairs' queues whose messages carry fds, sent once
+	// every member is built (unix_linux.go).
+	queued []treeQueue
+	// self is pthaw's pidfd of itself, for members in a new PID
+	// namespace to reopen (pthawPidfd), -1 until one needs it.
+	self int
 	// objects are the files without a path the members share
 	// (objects_linux.go), held as long as the pipes.
 	objects map[uint64]*object
@@ -81,7 +87,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
 	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {
@@ -94,6 +100,9 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 		} else {
 			mp = p.tree.members[i]
 			prepare = mp.checkStubRoom
+			if mp.cow {
+				prepare = func() error { return mp.forkLate(m) }
+			}
 		}
 		if pr, ok := rec.(*image.Process); ok || i == 0 {
 			if i > 0 && pr.Pid != m.Pid {
@@ -142,6 +151,12 @@ func (p *Process) startTreeRoot() error {
 			parent := byPid[m.PPid]
 			c := &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
 			t.members = append(t.members, c)
+			if m.Cow {
+				// Forked once its parent's memory is built (forkLate).
+				c.cow = true
+				byPid[m.Pid] = c
+				continue
+			}
 			if err := parent.fork(c, m.Pid); err != nil {
 				return fmt.Errorf("pid %d: %w", m.Pid, err)
 			}
@@ -430,4 +445,64 @@ func (p *Process) Pids() []int {
 		pids = append(pids, m.pid)
 	}
 	return pids
+}
+
+// forkLate makes the stub of a member that shares pages with its parent
+// (image.TreeProc.Cow: zdtm's cow00): a fork of its parent's stub once the
+// parent's memory is built, so that the pages the two had in common
+// (image.VMA.InParent) are one physical page again, copy-on-write, not
+// two copies. Its areas with such pages are kept from the fork (p.kept),
+// read-write for the pages records to come, and their other pages
+// dropped (they read as zero until those records fill them); every other
+// area of the parent's goes when the member's memory is mapped
+// (moveKernelAreas), its fds when its own are opened (openFiles).
+func (p *Process) forkLate(m image.TreeProc) error {
+	return p.tr.Do(func() error {
+		parent := p.parent
+		if err := parent.fork(p, m.Pid); err != nil {
+			return fmt.Errorf("fork: %w", err)
+		}
+		p.tree.pids[m.Pid] = p.pid
+		if err := p.setGroup(m); err != nil {
+			return err
+		}
+		if err := p.checkStubRoom(); err != nil {
+			return err
+		}
+		if p.kept == nil {
+			p.kept = map[uint64]bool{}
+		}
+		var calls []batchCall
+		for _, v := range p.vmas {
+			if len(v.InParent) == 0 {
+				continue
+			}
+			if !parent.hasAnon(v.Start, v.End) {
+				return fmt.Errorf("%w: %s: pages in the parent, which has no private area there", image.ErrCorrupt, vmaName(v))
+			}
+			p.kept[v.Start] = true
+			fail := func(err error) error { return fmt.Errorf("%s: %w", vmaName(v), err) }
+			calls = append(calls, batchCall{nr: unix.SYS_MPROTECT, args: [6]uintptr{uintptr(v.Start), uintptr(v.Len()), unix.PROT_READ | unix.PROT_WRITE}, fail: fail})
+			at := v.Start
+			for _, r := range append(v.InParent, [2]uint64{v.End, v.End}) {
+				if r[0] > at {
+					calls = append(calls, batchCall{nr: unix.SYS_MADVISE, args: [6]uintptr{uintptr(at), uintptr(r[0] - at), unix.MADV_DONTNEED}, fail: fail})
+				}
+				at = r[1]
+			}
+		}
+		_, err := p.callBatch(calls)
+		return err
+	})
+}
+
+// hasAnon reports whether [start, end) lies in one private anonymous area
+// of p's.
+func (p *Process) hasAnon(start, end uint64) bool {
+	for _, v := range p.vmas {
+		if v.Kind == image.VMAAnon && !v.Shared && v.Start <= start && end <= v.End {
+			return true
+		}
+	}
+	return false
 }

@@ -160,13 +160,21 @@ func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
 					return err
 				}
 			}
-			for j := 0; j < n; {
+			want := func(j int) bool {
 				if !wantPage(v, e[j]) {
+					return false
+				}
+				// A page its parent holds (a tree's cow) comes with the fork.
+				_, shared := inParentAt(v, base+uint64(j)*pageSize)
+				return !shared
+			}
+			for j := 0; j < n; {
+				if !want(j) {
 					j++
 					continue
 				}
 				k := j + 1
-				for k < n && wantPage(v, e[k]) {
+				for k < n && want(k) {
 					k++
 				}
 				if err := r.add(base+uint64(j)*pageSize, (k-j)*pageSize, anon); err != nil {

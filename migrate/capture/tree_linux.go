@@ -67,7 +67,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		// A zombie child (exited, not yet reaped by its parent) is only
 		// its place in the tree and its wait status: it cannot be
 		// traced and has no children.
-		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+		// (Not a main thread that exited while others run on: that
+		// process lives, and checkSupported names it.)
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
 			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
 			t.procs = append(t.procs, m)
 			continue
@@ -124,14 +126,6 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
-	if t.parent != nil {
-		if err := enc.Write(&t.parent.Record); err != nil {
-			return fmt.Errorf("freeze %d: %w", t.Pid, err)
-		}
-	}
-	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -155,8 +149,16 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			own[ino] = true
 		}
 	}
+	var members []treeMember
+	j := 0
+	for _, m := range t.procs {
+		if !m.Zombie && j < len(t.members) {
+			members = append(members, treeMember{pid: t.members[j].Pid, saved: m.Pid})
+			j++
+		}
+	}
 	for _, f := range t.members {
-		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree, f.socks.members = ptys, own, true, members
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
@@ -171,8 +173,22 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if t.queried != nil {
 		t.queried()
 	}
-	// Members are matched with the parent's by the PIDs the records say
-	// (in a PID namespace's snapshot, the namespace's).
+	// The tree record first (after an incremental snapshot's parent
+	// record), once it knows which members share pages with their
+	// parent.
+	if err := t.markCow(rs); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if t.parent != nil {
+		if err := enc.Write(&t.parent.Record); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	// Members are matched with the parent snapshot's by the PIDs the
+	// records say (in a PID namespace's snapshot, the namespace's).
 	recorded := make([]int, len(rs))
 	for i, r := range rs {
 		recorded[i] = r.proc.Pid

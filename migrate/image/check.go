@@ -52,10 +52,15 @@ type checker struct {
 	meta    bool // the process's metadata (threads, areas) is complete
 	lastFd  int
 	fds     int
-	fdSet   map[int]bool     // the process's fds so far
-	fdRefs  []fdRef          // fds one of them names, checked at its end
-	files   map[uint64]int64 // File records so far (of every member): the next offset of each
-	sizes   map[uint64]int64 // and their sizes
+	fdSet   map[int]bool // the process's fds so far
+	fdRefs  []fdRef      // fds one of them names, checked at its end
+	// treeFds are the fds of each tree member read so far, by saved
+	// PID, and treeRefs the fds of other members a member names,
+	// checked at the tree's end.
+	treeFds  map[int]map[int]bool
+	treeRefs []treeRef
+	files    map[uint64]int64 // File records so far (of every member): the next offset of each
+	sizes    map[uint64]int64 // and their sizes
 }
 
 // fdRef is an fd that fd from names (the description it shares, or an
@@ -63,6 +68,13 @@ type checker struct {
 type fdRef struct {
 	from, to int
 	what     string
+}
+
+// treeRef is fd to of tree member holder that fd from of member pid
+// names (a queued fd, SCM_RIGHTS): it must be in the snapshot too.
+type treeRef struct {
+	pid, from  int
+	holder, to int
 }
 
 // check applies the rules to rec, the next record.
@@ -136,7 +148,7 @@ func (c *checker) check(rec any) error {
 		if p == nil || len(c.vmas) > 0 || len(c.threads) >= p.Threads || p.Threads > MaxThreads {
 			return c.wrap(corruptf("unexpected thread record"))
 		}
-		if (len(c.threads) == 0) != (r.Tid == p.Pid) || r.Tid <= 0 {
+		if !ThreadInPlace(p, len(c.threads), r.Tid) {
 			return c.wrap(corruptf("thread %d out of place", r.Tid))
 		}
 		if c.regs > 0 && len(r.Regs) != c.regs {
@@ -191,8 +203,15 @@ func (c *checker) check(rec any) error {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
 		}
 		if r.Unix != nil {
-			for _, m := range r.Unix.Rights {
-				for _, x := range m {
+			for i, m := range r.Unix.Rights {
+				for j, x := range m {
+					if by := r.Unix.Holder(i, j); by != 0 {
+						if c.tree == nil {
+							return c.wrap(corruptf("fd %d (unix socket) carries fd %d of pid %d, outside a tree", r.Fd, x, by))
+						}
+						c.treeRefs = append(c.treeRefs, treeRef{c.tree.Procs[c.member].Pid, r.Fd, by, x})
+						continue
+					}
 					c.fdRefs = append(c.fdRefs, fdRef{r.Fd, x, "(unix socket) carries fd"})
 				}
 			}
@@ -216,6 +235,11 @@ func (c *checker) check(rec any) error {
 		c.skipZombies()
 		if c.member < len(c.tree.Procs) {
 			return corruptf("unexpected %T record after the tree", r)
+		}
+		for _, t := range c.treeRefs {
+			if !c.treeFds[t.holder][t.to] {
+				return corruptf("pid %d: fd %d (unix socket) carries fd %d of pid %d, which is not in the snapshot", t.pid, t.from, t.to, t.holder)
+			}
 		}
 		return nil
 	}
@@ -290,6 +314,10 @@ func (c *checker) endProcess() error {
 	if c.proc.Pid != m.Pid || c.proc.Threads != m.Threads {
 		return c.wrap(corruptf("process %d where the tree has %d", c.proc.Pid, m.Pid))
 	}
+	if c.treeFds == nil {
+		c.treeFds = map[int]map[int]bool{}
+	}
+	c.treeFds[m.Pid] = c.fdSet
 	return nil
 }
 
@@ -322,6 +350,21 @@ func CheckTree(t *Tree) error {
 		}
 		seen[m.Pid] = true
 		zombie[m.Pid] = m.Zombie
+	}
+	// A member forked late (Cow) is one nothing else needs earlier: no
+	// child, no other member in its group or session.
+	for i, m := range t.Procs {
+		if !m.Cow {
+			continue
+		}
+		if i == 0 || m.Zombie {
+			return corruptf("tree member pid %d forked from its parent late", m.Pid)
+		}
+		for _, o := range t.Procs {
+			if o.Pid != m.Pid && (o.PPid == m.Pid || o.Pgid == m.Pid || o.Sid == m.Pid) {
+				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", m.Pid, o.Pid)
+			}
+		}
 	}
 	return nil
 }
@@ -393,6 +436,12 @@ func CheckVMA(v *VMA, prev []*VMA) error {
 	}
 	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > MaxAddr {
 		return corruptf("memory area %#x-%#x", v.Start, v.End)
+	}
+	for i, r := range v.InParent {
+		if v.Kind != VMAAnon || v.Shared || r[0]%pageSize != 0 || r[1]%pageSize != 0 || r[1] <= r[0] ||
+			r[0] < v.Start || r[1] > v.End || (i > 0 && r[0] < v.InParent[i-1][1]) {
+			return corruptf("memory area %#x-%#x: pages in its parent %#x-%#x", v.Start, v.End, r[0], r[1])
+		}
 	}
 	if len(prev) > 0 && prev[len(prev)-1].End > v.Start {
 		return corruptf("memory areas overlap or are out of order at %#x", v.Start)
@@ -528,6 +577,21 @@ func checkUnix(fd int, u *UnixSocket) error {
 	if len(u.Rights) > len(u.Queue) {
 		return corruptf("fd %d: unix socket with fds for %d of %d messages", fd, len(u.Rights), len(u.Queue))
 	}
+	if len(u.RightsFrom) > 0 {
+		if len(u.RightsFrom) != len(u.Rights) {
+			return corruptf("fd %d: unix socket with holders for %d of %d messages", fd, len(u.RightsFrom), len(u.Rights))
+		}
+		for i, h := range u.RightsFrom {
+			if len(h) != len(u.Rights[i]) {
+				return corruptf("fd %d: unix socket message %d with holders for %d of %d fds", fd, i, len(h), len(u.Rights[i]))
+			}
+			for _, pid := range h {
+				if pid < 0 || pid > 1<<22 { // PID_MAX_LIMIT
+					return corruptf("fd %d: unix socket message %d carries an fd of pid %d", fd, i, pid)
+				}
+			}
+		}
+	}
 	for _, r := range u.Rights {
 		if len(r) > 253 { // SCM_MAX_FD
 			return corruptf("fd %d: unix socket message with %d fds", fd, len(r))
@@ -645,3 +709,16 @@ func (c *checker) checkFile(f *File) error {
 
 // MaxFiles bounds the File objects of a process.
 const MaxFiles = 1 << 12
+
+// ThreadInPlace reports whether a thread record for tid may follow n
+// thread records of process p: the main thread's (tid == pid) comes
+// first, or never when the main thread had exited (p.LeaderExited).
+func ThreadInPlace(p *Process, n, tid int) bool {
+	if tid <= 0 {
+		return false
+	}
+	if p.LeaderExited {
+		return tid != p.Pid
+	}
+	return (n == 0) == (tid == p.Pid)
+}

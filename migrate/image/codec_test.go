@@ -276,6 +276,7 @@ func TestStructureOneVerdict(t *testing.T) {
 		{"thread first", []any{&Thread{Tid: 1}}, "unexpected thread record"},
 		{"no thread", []any{proc(1, 1), vma(0x1000, 0x3000)}, "memory area before the thread records"},
 		{"thread out of place", []any{proc(1, 2), &Thread{Tid: 2}}, "thread 2 out of place"},
+		{"exited main thread recorded", []any{&Process{Pid: 1, Threads: 2, LeaderExited: true}, &Thread{Tid: 2}, &Thread{Tid: 1}}, "thread 1 out of place"},
 		{"too many threads", []any{proc(1, 1), &Thread{Tid: 1}, &Thread{Tid: 2}}, "unexpected thread record"},
 		{"areas overlap", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1000, 0x3000), vma(0x2000, 0x4000)}, "memory areas overlap"},
 		{"area unaligned", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1001, 0x3000)}, "memory area 0x1001-0x3000"},
@@ -397,6 +398,48 @@ func TestDecoderSemanticRules(t *testing.T) {
 			}
 			_, err := decodeAll(buf.Bytes())
 			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want a corrupt snapshot error saying %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestTreeRightsFrom: a fd queued in a tree member's unix socket may be
+// another member's (RightsFrom); it must then be among that member's
+// fds, whichever member comes first, and outside a tree it is corrupt.
+func TestTreeRightsFrom(t *testing.T) {
+	sock := func(from int) *FD {
+		return &FD{Fd: 3, Desc: 3, Kind: FDUnix, Unix: &UnixSocket{Type: 1, ID: 5, Peer: 6, Queue: [][]byte{[]byte("m")}, Rights: [][]int{{4}}, RightsFrom: [][]int{{from}}}}
+	}
+	tree := &Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Pgid: 10, Sid: 10, Threads: 1}, {Pid: 11, PPid: 10, Pgid: 10, Sid: 10, Threads: 1}}}
+	for name, tc := range map[string]struct {
+		recs []any
+		want string // "" when whole
+	}{
+		"held by a later member": {[]any{tree, &Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(11),
+			&Process{Pid: 11, Threads: 1}, &Thread{Tid: 11}, &FD{Fd: 4, Desc: 4, Kind: FDFile}}, ""},
+		"not held by the member": {[]any{tree, &Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(11),
+			&Process{Pid: 11, Threads: 1}, &Thread{Tid: 11}, &FD{Fd: 5, Desc: 5, Kind: FDFile}}, "carries fd 4 of pid 11, which is not in the snapshot"},
+		"not a member": {[]any{tree, &Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(12),
+			&Process{Pid: 11, Threads: 1}, &Thread{Tid: 11}, &FD{Fd: 4, Desc: 4, Kind: FDFile}}, "carries fd 4 of pid 12"},
+		"outside a tree": {[]any{&Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(11), &FD{Fd: 4, Desc: 4, Kind: FDFile}}, "outside a tree"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var buf bytes.Buffer
+			enc := NewEncoder(&buf)
+			for _, r := range tc.recs {
+				if err := enc.Write(r); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := enc.Close(); err != nil {
+				t.Fatal(err)
+			}
+			_, err := decodeAll(buf.Bytes())
+			if tc.want == "" && err != nil {
+				t.Errorf("got %v, want a whole snapshot", err)
+			}
+			if tc.want != "" && (!errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want)) {
 				t.Errorf("got %v, want a corrupt snapshot error saying %q", err, tc.want)
 			}
 		})
