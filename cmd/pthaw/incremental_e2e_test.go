@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -151,4 +152,42 @@ func TestIncrementalTree(t *testing.T) {
 		t.Fatalf("after thaw shared=%d w1=%d w2=%d, want each above shared=%d w1=%d w2=%d", s, a, b, s0, a0, b0)
 	}
 	expectTree(t, th, root, w1, w2)
+}
+
+// TestIncrementalCow: a parent and the child sharing 16 MiB copy-on-write
+// (cowshare) are checkpointed whole (the child's shared pages only in its
+// parent's records), then the child writes its first page and the two are
+// frozen again, incrementally, with -halt: restored from the chain, the
+// child reads its write, the parent its own contents.
+func TestIncrementalCow(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "cowshare"))
+	m := p.Lines.Expect(t, `^ready (\d+) (\d+)$`, waitFor)
+	parent, child := atoi(t, m[1]), atoi(t, m[2])
+	_, _, _, psum0 := cowReport(t, p.Lines, parent, child)
+	snaps := t.TempDir()
+	full, inc := filepath.Join(snaps, "full"), filepath.Join(snaps, "inc")
+	freeze(t, "-pid", strconv.Itoa(parent), "-tree", "-dest", full)
+	syscall.Kill(child, syscall.SIGUSR2)
+	p.Lines.Expect(t, `^child wrote$`, waitFor)
+	freeze(t, "-pid", strconv.Itoa(parent), "-tree", "-halt", "-parent", full, "-dest", inc)
+	select {
+	case <-p.Exited():
+	case <-time.After(waitFor):
+		t.Fatalf("pid %d still running after pfreeze -tree -halt", parent)
+	}
+	if err := fixture.WaitExit(child, waitFor); err != nil {
+		t.Fatal(err)
+	}
+	// The child, which shared its pages with its parent in the full
+	// snapshot (cow: its own records had none of them) and no longer
+	// does, is saved in full; the parent refers to the full snapshot.
+	t.Logf("full snapshot %d bytes, incremental %d", size(t, full), size(t, inc))
+	th := thaw(t, "-src", inc)
+	killTreeAtCleanup(t, parent, child)
+	expectTree(t, th, parent, child)
+	cfirst, _, pfirst, psum := cowReport(t, th.out, parent, child)
+	if cfirst != "ab" || pfirst != "01" || psum != psum0 {
+		t.Errorf("restored from the chain: child first=%s, parent first=%s sum=%s; want ab, 01 and %s", cfirst, pfirst, psum, psum0)
+	}
 }
