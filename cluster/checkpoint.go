@@ -35,7 +35,7 @@ func (s *Server) checkpointRoutes(m *http.ServeMux) {
 }
 
 func apiPolicy(p *scheduler.CheckpointPolicy) api.CheckpointPolicy {
-	return api.CheckpointPolicy{Name: p.Name, Selector: p.Selector, Interval: api.Duration(p.Interval), Keep: p.Keep, Replicas: p.Replicas,
+	return api.CheckpointPolicy{Name: p.Name, Selector: p.Selector, Interval: api.Duration(p.Interval), Keep: p.Keep, Replicas: p.Replicas, Fence: p.Fence,
 		FullEvery: p.FullEvery}
 }
 
@@ -67,7 +67,7 @@ func (s *Server) handleCheckpointPolicySet(w http.ResponseWriter, r *http.Reques
 	if req.FullEvery == 0 {
 		req.FullEvery = scheduler.DefaultCheckpointFullEvery
 	}
-	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas,
+	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas, Fence: req.Fence,
 		FullEvery: req.FullEvery}
 	if err := scheduler.ValidateCheckpointPolicy(&p); err != nil {
 		writeErr(w, badRequest("checkpoint policy %.64q: %v", req.Name, err))

@@ -124,7 +124,8 @@ type Process struct {
 	staged *staging
 	kept   map[uint64]bool
 	// cow: a tree member forked from its parent only once the parent's
-	// memory is built, to share its pages (forkLate).
+	// memory is built, to share its pages, or under such a member
+	// (forkLate, image.LateMembers).
 	cow   bool
 	built bool
 	done  bool

@@ -91,7 +91,14 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {
-			continue // no records: it was made and ended with the stubs
+			// No records: it was made and ended with the stubs, or,
+			// under a member forked late, is now, its parent built.
+			if zp := p.tree.members[i]; i > 0 && zp.cow {
+				if err := p.tr.Do(func() error { return zp.forkMember(m) }); err != nil {
+					return fmt.Errorf("pid %d: %w", m.Pid, err)
+				}
+			}
+			continue
 		}
 		var mp *Process
 		prepare := p.startTreeRoot
@@ -151,28 +158,39 @@ func (p *Process) startTreeRoot() error {
 			parent := byPid[m.PPid]
 			c := &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
 			t.members = append(t.members, c)
-			if m.Cow {
-				// Forked once its parent's memory is built (forkLate).
+			byPid[m.Pid] = c
+			if m.Cow || parent.cow {
+				// Forked once its parent's memory is built (forkLate),
+				// as is every descendant of such a member: its parent
+				// does not exist yet.
 				c.cow = true
-				byPid[m.Pid] = c
 				continue
 			}
-			if err := parent.fork(c, m.Pid); err != nil {
+			if err := c.forkMember(m); err != nil {
 				return fmt.Errorf("pid %d: %w", m.Pid, err)
-			}
-			t.pids[m.Pid] = c.pid
-			byPid[m.Pid] = c
-			if err := c.setGroup(m); err != nil {
-				return fmt.Errorf("pid %d: %w", m.Pid, err)
-			}
-			if m.Zombie {
-				if err := c.exitAs(m.ExitStatus); err != nil {
-					return fmt.Errorf("zombie pid %d: %w", m.Pid, err)
-				}
 			}
 		}
 		return nil
 	})
+}
+
+// forkMember makes the stub of member m, p, as a fork of its parent's, in
+// its group and session; a zombie's stub ends at once (exitAs). Runs on
+// the tracer thread.
+func (p *Process) forkMember(m image.TreeProc) error {
+	if err := p.parent.fork(p, m.Pid); err != nil {
+		return err
+	}
+	p.tree.pids[m.Pid] = p.pid
+	if err := p.setGroup(m); err != nil {
+		return err
+	}
+	if m.Zombie {
+		if err := p.exitAs(m.ExitStatus); err != nil {
+			return fmt.Errorf("zombie: %w", err)
+		}
+	}
+	return nil
 }
 
 // exitAs ends the stub of a zombie member with its saved wait status,
@@ -451,7 +469,9 @@ func (p *Process) Pids() []int {
 // (image.TreeProc.Cow: zdtm's cow00): a fork of its parent's stub once the
 // parent's memory is built, so that the pages the two had in common
 // (image.VMA.InParent) are one physical page again, copy-on-write, not
-// two copies. Its areas with such pages are kept from the fork (p.kept),
+// two copies. (A descendant of such a member, whose parent did not exist
+// before, is forked so too, image.LateMembers, with no pages kept unless
+// it is Cow itself.) Its areas with such pages are kept from the fork (p.kept),
 // read-write for the pages records to come, and their other pages
 // dropped (they read as zero until those records fill them); every other
 // area of the parent's goes when the member's memory is mapped
@@ -459,11 +479,7 @@ func (p *Process) Pids() []int {
 func (p *Process) forkLate(m image.TreeProc) error {
 	return p.tr.Do(func() error {
 		parent := p.parent
-		if err := parent.fork(p, m.Pid); err != nil {
-			return fmt.Errorf("fork: %w", err)
-		}
-		p.tree.pids[m.Pid] = p.pid
-		if err := p.setGroup(m); err != nil {
+		if err := p.forkMember(m); err != nil {
 			return err
 		}
 		if err := p.checkStubRoom(); err != nil {

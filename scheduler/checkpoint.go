@@ -46,7 +46,7 @@ func ValidateCheckpointPolicy(p *CheckpointPolicy) error {
 	if p.FullEvery < 0 || p.FullEvery > MaxCheckpointFullEvery {
 		return invalid("full_every", "%d, out of range 1..%d", p.FullEvery, MaxCheckpointFullEvery)
 	}
-	return nil
+	return validFence(p.Fence)
 }
 
 // Matches reports whether the policy applies to w: its labels hold every

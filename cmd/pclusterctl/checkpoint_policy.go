@@ -17,12 +17,13 @@ type checkpointPolicySetCmd struct {
 	interval  time.Duration
 	keep      int
 	replicas  int
+	fence     string
 	fullEvery int
 }
 
 func (*checkpointPolicySetCmd) name() string { return "checkpoint policy set" }
 func (*checkpointPolicySetCmd) synopsis() string {
-	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] [-full-every 8] NAME   checkpoint matching workloads every D"
+	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] [-fence off] [-full-every 8] NAME   checkpoint matching workloads every D"
 }
 func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	c.selector = kvFlag{}
@@ -30,6 +31,7 @@ func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.interval, "interval", 0, "time between two checkpoints of a workload (required, at least 1s)")
 	fs.IntVar(&c.keep, "keep", 3, "checkpoints kept per workload; older ones are deleted everywhere")
 	fs.IntVar(&c.replicas, "replicas", 1, "copies of each checkpoint on other nodes")
+	fs.StringVar(&c.fence, "fence", "", "`off`: a node cut off from the majority leaves the matching workloads running (default freeze; a workload's own -fence wins)")
 	fs.IntVar(&c.fullEvery, "full-every", 8, "every Nth checkpoint is full, the others carry only the pages changed since the one before (1: all full)")
 }
 
@@ -41,15 +43,19 @@ func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string)
 		return usagef("-interval is required (a duration such as 5m)")
 	}
 	p, err := e.client.SetCheckpointPolicy(ctx, api.CheckpointPolicy{Name: args[0], Selector: c.selector,
-		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas, FullEvery: c.fullEvery})
+		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas, Fence: c.fence, FullEvery: c.fullEvery})
 	if err != nil {
 		return err
 	}
 	if e.json {
 		return printJSON(e.stdout, p)
 	}
-	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas, full every %d\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas,
-		p.FullEvery)
+	fence := ""
+	if p.Fence != "" {
+		fence = ", fence " + shown(p.Fence)
+	}
+	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas, full every %d%s\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas,
+		p.FullEvery, fence)
 	return nil
 }
 
@@ -80,9 +86,9 @@ func (*checkpointPolicyListCmd) run(ctx context.Context, e *env, args []string) 
 		}
 		sort.Strings(sel)
 		rows = append(rows, []string{shown(p.Name), dash(strings.Join(sel, ",")), time.Duration(p.Interval).String(),
-			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas), strconv.Itoa(p.FullEvery)})
+			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas), strconv.Itoa(p.FullEvery), dash(p.Fence)})
 	}
-	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS FULL-EVERY", rows)
+	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS FULL-EVERY FENCE", rows)
 }
 
 type checkpointPolicyDeleteCmd struct{}

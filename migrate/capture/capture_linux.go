@@ -252,9 +252,6 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if rd == 0 {
 		return fmt.Errorf("process is a zombie")
 	}
-	if rd != pid && inTree {
-		return unsupported("the main thread has exited (pthread_exit) while other threads run: carried for a single process, not yet in a tree")
-	}
 	st, err := procfs.Status(rd)
 	if err != nil {
 		return err

@@ -130,9 +130,11 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	// Each member's /proc is read through its reader (Frozen.rd), a
+	// live thread when the main one has exited.
 	pids := make([]int, len(t.members))
 	for i, f := range t.members {
-		pids[i] = f.Pid
+		pids[i] = f.rd
 	}
 	ptys, err := innerPtys(pids)
 	if err != nil {
@@ -153,7 +155,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	j := 0
 	for _, m := range t.procs {
 		if !m.Zombie && j < len(t.members) {
-			members = append(members, treeMember{pid: t.members[j].Pid, saved: m.Pid})
+			members = append(members, treeMember{pid: t.members[j].rd, saved: m.Pid})
 			j++
 		}
 	}
@@ -214,7 +216,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
 	pids := make([]int, len(t.members))
 	for i, f := range t.members {
-		pids[i] = f.Pid
+		pids[i] = f.rd
 	}
 	return innerPipes(pids)
 }

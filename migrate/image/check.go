@@ -351,22 +351,67 @@ func CheckTree(t *Tree) error {
 		seen[m.Pid] = true
 		zombie[m.Pid] = m.Zombie
 	}
-	// A member forked late (Cow) is one nothing else needs earlier: no
-	// child, no other member in its group or session.
+	// A member forked late (Cow, and every descendant of one) is one
+	// nothing else needs earlier: whoever is in the group or session it
+	// leads is forked late too, after it.
 	for i, m := range t.Procs {
-		if !m.Cow {
-			continue
-		}
-		if i == 0 || m.Zombie {
+		if m.Cow && (i == 0 || m.Zombie) {
 			return corruptf("tree member pid %d forked from its parent late", m.Pid)
 		}
-		for _, o := range t.Procs {
-			if o.Pid != m.Pid && (o.PPid == m.Pid || o.Pgid == m.Pid || o.Sid == m.Pid) {
-				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", m.Pid, o.Pid)
+	}
+	late := LateMembers(t.Procs)
+	for i, o := range t.Procs {
+		for _, l := range []int{o.Pgid, o.Sid} {
+			if j, ok := late[l]; ok && l != o.Pid && (!lateAt(late, o.Pid) || i < j) {
+				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", l, o.Pid)
 			}
 		}
 	}
 	return nil
+}
+
+// LateMembers returns the members of a tree (procs, every parent before
+// its children) that are forked from their parent only once the parent's
+// memory is built: every Cow member and every descendant of one, each
+// with its index in procs.
+func LateMembers(procs []TreeProc) map[int]int {
+	late := map[int]int{}
+	for i, m := range procs {
+		if _, ok := late[m.PPid]; i > 0 && (m.Cow || ok) {
+			late[m.Pid] = i
+		}
+	}
+	return late
+}
+
+func lateAt(late map[int]int, pid int) bool {
+	_, ok := late[pid]
+	return ok
+}
+
+// MayForkLate reports whether procs[i] may be forked from its parent
+// once the parent's memory is built (marked Cow), it and its descendants
+// (which then come late too) needed by nobody earlier: every member in a
+// group or session one of them leads is one of them, after its leader.
+// Never the root or a zombie.
+func MayForkLate(procs []TreeProc, i int) bool {
+	if i <= 0 || i >= len(procs) || procs[i].Zombie {
+		return false
+	}
+	sub := map[int]int{procs[i].Pid: i} // the subtree, by index
+	for j := i + 1; j < len(procs); j++ {
+		if _, ok := sub[procs[j].PPid]; ok {
+			sub[procs[j].Pid] = j
+		}
+	}
+	for j, o := range procs {
+		for _, l := range []int{o.Pgid, o.Sid} {
+			if k, ok := sub[l]; ok && l != o.Pid && (!lateAt(sub, o.Pid) || j < k) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // CheckProcess checks the bounds of a process record and its threads'.

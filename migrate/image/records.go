@@ -695,8 +695,10 @@ type TreeProc struct {
 
 	// Cow: the member shares pages with its parent (VMA.InParent), so its
 	// stub is forked from its parent's once the parent's memory is
-	// built, not before. Only a leaf whose PID leads no group or session
-	// of another member: nothing else depends on its early existence.
+	// built, not before, and so are its descendants' (LateMembers), each
+	// from its parent once that is built. Only where nothing else
+	// depends on their early existence (MayForkLate): every member of a
+	// group or session one of them leads is one of them, after it.
 	Cow bool `msgpack:"cow,omitempty"`
 }
 
