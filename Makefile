@@ -15,7 +15,7 @@ GOFLAGS   ?=
 DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools nginx lintian systemd chromium
 export GOFLAGS
 
-.PHONY: all build deps test lint bench demo deb clean
+.PHONY: all build deps test lint bench demo deb clean zdtm zdtm-deps
 
 all: build
 
@@ -49,6 +49,21 @@ test: deps build lint
 
 bench: deps build
 	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+
+# zdtm runs a subset of CRIU's zdtm static suite through pfreeze -halt and
+# pthaw, and with CRIU=PATH through criu dump/restore too (docs/zdtm.md).
+# ZDTM names a CRIU source tree's test/zdtm directory; the test builds the
+# zdtm tests it runs (gcc and libc6-dev). zdtm-deps installs what building
+# CRIU itself needs, and iptables, with which criu dump --tcp-established
+# locks the connections until the restore.
+ZDTM_DEBS := libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler libnl-3-dev \
+	libnl-route-3-dev libcap-dev libnet1-dev pkg-config python3-protobuf libbsd-dev libaio-dev iptables
+zdtm: deps
+	@[ -n "$(ZDTM)" ] || { echo "zdtm: set ZDTM=/path/to/criu/test/zdtm (and CRIU=/path/to/criu to compare); docs/zdtm.md"; exit 2; }
+	ZDTM=$(abspath $(ZDTM)) CRIU=$(if $(CRIU),$(abspath $(CRIU))) $(GO) test -count=1 -timeout 40m -run TestZdtm -v ./cmd/pthaw
+
+zdtm-deps:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(ZDTM_DEBS) >/dev/null
 
 # deb writes pcluster_VERSION_amd64.deb here (docs/packaging.md).
 deb:

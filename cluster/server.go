@@ -46,6 +46,9 @@ type Config struct {
 	Key             pki.Key           // cluster key
 	Labels          map[string]string // node labels, for placement constraints
 	VIPInterface    string            // interface for virtual IPs; "": the one whose subnet holds each
+	// MigrateStopAndCopy: migrations stop the workload for the whole
+	// transfer instead of copying its memory live first (node.Config).
+	MigrateStopAndCopy bool
 	// CheckpointReserve is the free space (bytes) a checkpoint must leave
 	// on the data directory's filesystem; 0: no check.
 	CheckpointReserve uint64
@@ -271,7 +274,7 @@ func Start(cfg Config) (s *Server, err error) {
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
 		VIPInterface: cfg.VIPInterface, Checkpoint: s.checkpointReport, PushCheckpoint: s.pushCheckpoint,
 		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve,
-		FenceAfter: fenceAfter, Contact: s.majorityContact})
+		FenceAfter: fenceAfter, Contact: s.majorityContact, StopAndCopy: cfg.MigrateStopAndCopy})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}

@@ -108,6 +108,9 @@ type Process struct {
 	// pipes holds pthaw's ends of a single process's own pipes while its
 	// fds are opened (a tree's are in tree.pipes).
 	pipes map[uint64][2]int
+	// pipesTaken: the pipe ends (pipe id, O_RDONLY or O_WRONLY) whose
+	// pthaw file the process took by pidfd_getfd (takePipeEnd).
+	pipesTaken map[[2]uint64]bool
 	// ptys holds pthaw's masters of a single process's ptys, by saved
 	// index, likewise (a tree's are in tree.ptys).
 	ptys map[int]*heldPty
@@ -123,6 +126,8 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
+	// precopyStats: what the pre-copy records said (Precopy).
+	precopyStats PrecopyStats
 	// cow: a tree member forked from its parent only once the parent's
 	// memory is built, to share its pages, or under such a member
 	// (forkLate, image.LateMembers).
@@ -230,11 +235,14 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
-		if p.staged != nil {
-			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		if p.staged != nil && p.staged.members == nil {
+			return fmt.Errorf("%w: a single process's pre-copy records before a tree", image.ErrCorrupt)
 		}
 		<-items // the tree record itself
 		return p.buildTree(t, items)
+	}
+	if p.staged != nil && p.staged.members != nil {
+		return fmt.Errorf("%w: pre-copy member records before a single process", image.ErrCorrupt)
 	}
 	prepare := p.startStub
 	if p.staged != nil {
@@ -345,7 +353,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fill)
+		err := p.staged.apply(p.fillAreas)
 		p.staged = nil
 		if err != nil {
 			return nil, err

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"sort"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -55,7 +56,52 @@ type staging struct {
 	launched  bool        // the stub was started at the first page
 	placed    [][2]uint64 // announced areas mapped in the stub, by address
 	buf       []byte
+	// members: in a tree's live migration, each member's pages by the
+	// saved pid (image.PrecopyMember), staged until it is built; final:
+	// those whose last round came (the others are forgotten).
+	members map[int]*staging
+	final   map[int]bool
 }
+
+// member returns the staging of the tree member with saved pid pid.
+func (st *staging) member(pid int) *staging {
+	if st.members == nil {
+		st.members, st.final = map[int]*staging{}, map[int]bool{}
+	}
+	m := st.members[pid]
+	if m == nil {
+		// Never placed: a member's stub is forked from its parent's
+		// once the tree is known, so its pages wait here.
+		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: true}
+		st.members[pid] = m
+	}
+	return m
+}
+
+// forMember returns the pages staged for the tree member with saved pid
+// pid, if its last round came, and forgets them.
+func (st *staging) forMember(pid int) *staging {
+	if st == nil || !st.final[pid] {
+		return nil
+	}
+	m := st.members[pid]
+	delete(st.members, pid)
+	return m
+}
+
+// maxMembers bounds the tree members a sender may name (as many as PIDs).
+const maxMembers = 1 << 22
+
+// PrecopyStats is what a live migration's sender said of its pre-copy.
+type PrecopyStats struct {
+	Rounds    int       // rounds sent while the process ran (the full copy included)
+	Bytes     uint64    // page contents sent in them
+	StoppedAt time.Time // when the sender stopped the process for the last round (its clock); zero if not said
+}
+
+// Precopy returns what the snapshot's sender said of its pre-copy (zero
+// without one: not a live migration).
+func (p *Process) Precopy() PrecopyStats { return p.precopyStats }
 
 // stagePrecopy reads the pre-copy records at the start of a snapshot,
 // first being the first record, and returns the first record after them.
@@ -68,12 +114,35 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 		}
 		return st
 	}
+	// cur is where the pages go: the whole snapshot's, or in a tree the
+	// member last named.
+	var cur *staging
 	rec := first
 	for {
 		switch r := rec.(type) {
+		case *image.PrecopyMember:
+			top := get()
+			if top.launched || len(top.announced) > 0 {
+				return nil, nil, fmt.Errorf("%w: pre-copy member record after a single process's pages", image.ErrCorrupt)
+			}
+			if _, ok := top.members[r.Pid]; !ok && len(top.members) >= maxMembers {
+				return nil, nil, fmt.Errorf("%w: more than %d pre-copy members", image.ErrCorrupt, maxMembers)
+			}
+			cur = top.member(r.Pid)
+			if r.Final {
+				top.final[r.Pid] = true
+			}
 		case *image.PrecopyArea:
-			get().announce(r.Start, r.End)
+			if cur == nil {
+				get().announce(r.Start, r.End)
+			}
 		case *image.Precopy:
+			if cur != nil {
+				if err := cur.put(dec, r.Addr, r.Len); err != nil {
+					return nil, nil, err
+				}
+				break
+			}
 			st := get()
 			if !st.launched {
 				st.launched = true
@@ -85,14 +154,25 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				return nil, nil, err
 			}
 		case *image.Drop:
-			if st != nil {
+			if cur != nil {
+				cur.drop(r.Addr, r.Len)
+			} else if st != nil {
 				st.drop(r.Addr, r.Len)
 				if err := p.dropPlaced(st, r.Addr, r.Len); err != nil {
 					return nil, nil, err
 				}
 			}
 		case *image.Round:
-			get().rounds++
+			top := get()
+			if r.Final {
+				if r.At > 0 {
+					p.precopyStats.StoppedAt = time.Unix(0, r.At)
+				}
+			} else {
+				top.rounds++
+				p.precopyStats.Rounds++
+				p.precopyStats.Bytes += r.Bytes
+			}
 		default:
 			// The stub, if started, is p's: Abort ends it.
 			return st, rec, nil
@@ -368,6 +448,24 @@ func (st *staging) drop(addr, n uint64) {
 		}
 		addr = next
 	}
+}
+
+// fillAreas is fill for a run of pages that may span adjacent areas (the
+// staged pages of two areas that touch make one run): each area's part is
+// filled on its own.
+func (p *Process) fillAreas(addr uint64, data []byte) error {
+	for len(data) > 0 {
+		n := uint64(len(data))
+		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
+		if i < len(p.vmas) && p.vmas[i].Start <= addr {
+			n = min(n, p.vmas[i].End-addr)
+		}
+		if err := p.fill(addr, data[:n]); err != nil {
+			return err
+		}
+		addr, data = addr+n, data[n:]
+	}
+	return nil
 }
 
 // apply writes the staged pages into the process, by runs.

@@ -25,6 +25,9 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	if u == nil {
 		return 0, fmt.Errorf("%w: fd %d: unix socket", image.ErrCorrupt, f.Fd)
 	}
+	if u.PeerClosed {
+		return p.peerClosedEnd(f)
+	}
 	unconnected := u.Peer == 0 && u.Connect == ""
 	if unconnected && u.Name == "" {
 		// Unbound: a socket of its type is all there is to it.
@@ -446,14 +449,8 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		// The other end's own size may not be known yet (its record may
 		// come later, and it is set with the shutdowns): room enough for
 		// this queue meanwhile.
-		total := 0
-		for _, m := range u.Queue {
-			total += len(m) + 1024 // and each message's overhead
-		}
-		if cur, err := unix.GetsockoptInt(other, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur < 2*total {
-			if err := setSndBuf(other, 2*total); err != nil {
-				return 0, fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
-			}
+		if err := roomFor(other, u.Queue); err != nil {
+			return 0, fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 		}
 		if len(u.Rights) > 0 {
 			// Its messages carry fds, which members not yet built
@@ -474,6 +471,65 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		}
 	}
 	return tmp, nil
+}
+
+// peerClosedEnd makes a unix socket whose peer was closed: pthaw makes a
+// pair, sends the saved queue from the other end and closes that, and
+// the process takes the first end (in a tree, members that held it take
+// the same one). Runs on the tracer thread.
+func (p *Process) peerClosedEnd(f *image.FD) (uintptr, error) {
+	u := f.Unix
+	if p.opts.PIDNamespace {
+		// The process, in its own PID namespace, cannot name pthaw.
+		return 0, fmt.Errorf("fd %d (%s): a unix socket whose peer was closed is not carried into a new PID namespace (-pidns) yet", f.Fd, f.What)
+	}
+	var pair *treePair
+	if p.tree != nil {
+		pair = p.tree.unix[u.ID]
+	}
+	if pair == nil {
+		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
+		}
+		pair = &treePair{ends: map[uint64]int{u.ID: fds[0]}, shutdown: map[uint64]int{u.ID: u.Shutdown}, sndbuf: map[uint64]int{}}
+		err = roomFor(fds[1], u.Queue)
+		if err == nil {
+			err = sendQueue(fds[1], u, nil)
+		}
+		unix.Close(fds[1])
+		if err != nil {
+			unix.Close(fds[0])
+			return 0, fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err)
+		}
+		if p.tree != nil {
+			p.tree.unix[u.ID] = pair
+		}
+	}
+	tmp, err := p.takeFromPthaw(f, pair.ends[u.ID])
+	if p.tree == nil {
+		unix.Close(pair.ends[u.ID])
+	}
+	if err == nil && f.Flags&unix.O_NONBLOCK != 0 {
+		if _, err = p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+			p.call(unix.SYS_CLOSE, tmp)
+			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
+		}
+	}
+	return tmp, err
+}
+
+// roomFor makes the send buffer of s big enough for queue, so that
+// sendQueue never blocks on it.
+func roomFor(s int, queue [][]byte) error {
+	total := 0
+	for _, m := range queue {
+		total += len(m) + 1024 // and each message's overhead
+	}
+	if cur, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur < 2*total {
+		return setSndBuf(s, 2*total)
+	}
+	return nil
 }
 
 // takeFromPthaw gives the process a new fd of pthaw's fd mine (an
@@ -654,6 +710,30 @@ func setSndBuf(s, sndbuf int) error {
 	}
 	if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sndbuf/2); err != nil {
 		return fmt.Errorf("SO_SNDBUFFORCE %d: %w", sndbuf/2, err)
+	}
+	return nil
+}
+
+// unixOptions sets SO_PASSCRED and SO_PASSSEC on the unix sockets that
+// had them, however they were made again. Runs on the tracer thread;
+// scratch is argument memory in the process.
+func (p *Process) unixOptions(scratch uintptr) error {
+	for _, f := range p.fds {
+		u := f.Unix
+		if f.Kind != image.FDUnix || u == nil || f.Desc != f.Fd || p.replaced(f) {
+			continue
+		}
+		s := &sockCalls{p: p, fd: uintptr(f.Fd), scratch: scratch}
+		if u.PassCred {
+			if err := s.setInt(unix.SOL_SOCKET, unix.SO_PASSCRED, 1, "SO_PASSCRED"); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+		if u.PassSec {
+			if err := s.setInt(unix.SOL_SOCKET, unix.SO_PASSSEC, 1, "SO_PASSSEC"); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
 	}
 	return nil
 }

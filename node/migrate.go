@@ -213,8 +213,9 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 	// stream end (the target would report its own, "connection closed",
 	// and the state keeps the first): Close waits for release.
 	// With cgroups the hold outlives the agent instead: the original's
-	// cgroup is frozen before the first byte of its snapshot leaves
-	// (capture's Frozen hook: every thread is ptrace-stopped and the
+	// cgroup is frozen at the stop, before the first byte sent after it
+	// (the pre-copy rounds before it go while the workload runs:
+	// capture's Frozen hook: every thread is ptrace-stopped and the
 	// capture's injected calls are done; a task of a frozen cgroup that
 	// the tracer resumes would drop into the freezer instead of running
 	// them), so that whatever happens to this agent the original neither
@@ -235,10 +236,17 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 		defer a.unhold(m.WorkloadID)
 	}
 	conn = ac
+	var live capture.LiveStats
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
+		// Live by default: the memory goes while the workload runs; the
+		// hook below (cgroup freeze, VIP away) runs only at the final
+		// stop, and a failure before it leaves the workload as it was,
+		// never stopped.
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
+			Live: !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
+				Notice: func(s string) { log.Info("live migration: " + s) }},
 			Frozen: func() {
 				if hold != nil {
 					hold.freeze()
@@ -263,7 +271,8 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 			// own replica's word, with or without our commit on the wire.
 			log.Warn("migration committed; the target did not confirm on the wire", "err", err)
 		}
-		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond))
+		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond),
+			"rounds", live.Rounds, "precopy_bytes", live.PrecopyBytes, "final_bytes", live.FinalBytes)
 		return
 	}
 	if hold == nil || !hold.frozen.Load() {
@@ -642,8 +651,9 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	*committing = true
 	// The commit: one raft entry moves the workload here. Retried while
 	// there is no leader; the state's answer, not ours, decides.
+	pre := p.Precopy()
 	err = a.step(rctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationCommitted),
-		Bytes: counted.n.Load()})
+		Bytes: counted.n.Load(), Rounds: pre.Rounds, PrecopyBytes: int64(pre.Bytes), StoppedAt: pre.StoppedAt})
 	got, ok, werr := a.awaitMigration(context.Background(), m.ID, scheduler.MigrationCommitted, scheduler.MigrationDone, scheduler.MigrationAborted)
 	if werr != nil || !ok || got.State == scheduler.MigrationAborted {
 		p.Abort()

@@ -284,11 +284,16 @@ type Migration struct {
 	EndedAt     int64  `msgpack:"ended_at"` // done or aborted; 0 while active
 	PlanIndex   uint64 `msgpack:"plan_index"`
 	ModifyIndex uint64 `msgpack:"modify_index"`
-	// TransferAt is when the source froze the process (the transferring
+	// TransferAt is when the source began the transfer (the transferring
 	// step); Bytes, the size of the stream the target received (the
-	// commit). The process is stopped from TransferAt to the done step.
-	TransferAt int64 `msgpack:"transfer_at"`
-	Bytes      int64 `msgpack:"bytes"`
+	// commit). The process is stopped from StoppedAt (a live migration:
+	// it ran while Rounds rounds sent PrecopyBytes of its memory), or
+	// without one from TransferAt, to the done step.
+	TransferAt   int64 `msgpack:"transfer_at"`
+	Bytes        int64 `msgpack:"bytes"`
+	Rounds       int   `msgpack:"rounds,omitempty"`
+	PrecopyBytes int64 `msgpack:"precopy_bytes,omitempty"`
+	StoppedAt    int64 `msgpack:"stopped_at,omitempty"`
 }
 
 // DrainSpec is a node's drain, kept in the raft state so that a new leader

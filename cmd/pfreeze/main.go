@@ -38,7 +38,7 @@ func main() {
 	tcpAddrs := flag.String("tcp-addrs", "", "the local addresses that move with the process, comma-separated IP or IP/PREFIX (its virtual IPs): a TCP connection from any other address is refused, or with -tcp-close closed; empty: every connection moves (pthaw on this host)")
 	unixReconnect := flag.Bool("unix-reconnect", false, "connect the restored process again to the named unix sockets (a daemon's, such as journald's) it was connected to outside the process, instead of refusing them")
 	tcpClose := flag.Bool("tcp-close", false, "close the TCP connections whose local address does not move (-tcp-addrs) instead of refusing: their peers get a reset, the restored process finds them aborted")
-	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; a process tree is stopped for the whole copy)")
+	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; with -tree, every member's memory)")
 	liveRounds := flag.Int("live-rounds", 8, "with -live: the most rounds after the first full copy")
 	liveDowntime := flag.Duration("live-downtime", 100*time.Millisecond, "with -live: the stop aimed at; rounds go on until what is left can be sent in this long")
 	parent := flag.String("parent", "", "write an incremental snapshot: only the pages whose contents differ from those of this earlier snapshot FILE (of the same process or tree, not -live), which the new one names by path and SHA-256; pthaw then needs it too")

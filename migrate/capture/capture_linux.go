@@ -80,6 +80,9 @@ type Frozen struct {
 	parent *Parent
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
+	// precopyDone: in a tree's live migration, the areas (by start)
+	// whose pages are all sent before the tree record.
+	precopyDone map[uint64]bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -330,7 +333,7 @@ func (f *Frozen) write(enc *image.Encoder) error {
 // a tree, shm holds the shared memory objects whose pages an earlier
 // member saved: their areas are recorded by identity only; inner holds
 // the pipes with both ends inside the tree.
-func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
+func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, inner map[uint64]bool) error {
 	r, err := f.gather(shm, inner)
 	if err != nil {
 		return err
@@ -351,7 +354,7 @@ type records struct {
 
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
-func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
+func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*records, error) {
 	maps, err := procfs.Maps(f.rd)
 	if err != nil {
 		return nil, err
@@ -383,13 +386,16 @@ func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
 
 // emit writes what gather learnt and the process's pages.
 func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	done := f.precopyDone
 	if f.precopy != nil {
 		// The final round, before the process record; the areas it
 		// completed are left out of the pages records.
-		done, err := f.precopy.finish(enc, r.vmas)
-		if err != nil {
+		var err error
+		if done, err = f.precopy.finish(enc, r.vmas); err != nil {
 			return fmt.Errorf("live: %w", err)
 		}
+	}
+	if done != nil {
 		var rest []image.VMA
 		for _, v := range r.dump {
 			if !(done[v.Start] && v.Kind == image.VMAAnon && !v.Shared) {
@@ -413,6 +419,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 		if err := enc.Write(&r.vmas[i]); err != nil {
 			return err
 		}
+	}
+	if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+		return err
 	}
 	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
 	if err != nil {

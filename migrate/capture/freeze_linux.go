@@ -64,8 +64,8 @@ type FreezeOptions struct {
 	// are done, before the first byte of the snapshot is written.
 	Queried func()
 	// Live, when set, copies memory while the process runs before the
-	// stop (pre-copy, precopy_linux.go): for a single process; a tree is
-	// frozen as without it, with a notice.
+	// stop (pre-copy, precopy_linux.go; for a tree, every member's:
+	// precopy_tree_linux.go).
 	Live *LiveOptions
 	// Parent, when set, makes the snapshot incremental: it refers to
 	// Parent for the pages unchanged since (parent.go). Not live.
@@ -78,14 +78,28 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is not live", pid)
 	}
 	enc := image.NewEncoder(ctxWriter{ctx, w})
-	if o.Tree && o.Live != nil && o.Live.Notice != nil {
-		o.Live.Notice(fmt.Sprintf("live %d: a process tree is not copied live: stopped for the whole copy (stop-and-copy)", pid))
-	}
 	if o.Tree {
+		var tp *treePrecopy
+		if o.Live != nil {
+			var err error
+			if tp, err = startTreePrecopy(tr, pid, *o.Live); err != nil {
+				return err
+			}
+			if tp == nil && o.Live.Notice != nil {
+				o.Live.Notice(fmt.Sprintf("live %d: no member of the tree can be copied live: stopped for the whole copy (stop-and-copy)", pid))
+			}
+		}
+		if tp != nil {
+			defer tp.close()
+			if err := tp.run(enc); err != nil {
+				return fmt.Errorf("live %d: %w (process tree running)", pid, err)
+			}
+		}
 		t, err := AttachTree(tr, pid)
 		if err != nil {
 			return err
 		}
+		t.precopy = tp
 		for _, m := range t.members {
 			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}

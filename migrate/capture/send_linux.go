@@ -52,8 +52,8 @@ type SendOptions struct {
 	// (node/vip.go, node/migrate.go).
 	Frozen func()
 	// Live copies memory while the process runs, in rounds, and stops
-	// it only for the last (pfreeze -live; LiveOptions bound it). A
-	// process tree is frozen as without it.
+	// it only for the last (pfreeze -live; LiveOptions bound it); a
+	// tree, every member's memory.
 	Live        bool
 	LiveOptions LiveOptions
 	// Parent makes the snapshot incremental (FreezeOptions.Parent).

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -25,6 +27,9 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// precopy: the members' pre-copy of a live migration, whose final
+	// rounds come before the tree record.
+	precopy *treePrecopy
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -108,7 +113,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 	// unless it leads them).
 	root := t.procs[0]
 	for _, m := range t.procs[1:] {
-		if !in[m.Pgid] && m.Pgid != root.Pgid {
+		if !in[m.Pgid] && m.Pgid != root.Pgid && !groupOnlyInside(m.Pgid, in) {
 			return unsupported("pid %d: process group %d is led from outside the tree", m.Pid, m.Pgid)
 		}
 		if !in[m.Sid] && m.Sid != root.Sid {
@@ -165,7 +170,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
-	shm, files := map[uint64]bool{}, map[uint64]bool{}
+	shm, files := map[uint64][][2]uint64{}, map[uint64]bool{}
 	rs := make([]*records, len(t.members))
 	for i, f := range t.members {
 		if rs[i], err = f.gather(shm, inner); err != nil {
@@ -175,10 +180,17 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if t.queried != nil {
 		t.queried()
 	}
-	// The tree record first (after an incremental snapshot's parent
-	// record), once it knows which members share pages with their
-	// parent.
-	if err := t.markCow(rs); err != nil {
+	// A live migration's final rounds: all pre-copy records come
+	// before the tree record. Its members' pages are their own on the
+	// receiver (written from the pre-copy), so none is marked as shared
+	// with its parent's.
+	if t.precopy != nil {
+		if err := t.precopy.finish(enc, t.members, rs); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	} else if err := t.markCow(rs); err != nil {
+		// The tree record first, once it knows which members share
+		// pages with their parent.
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	if t.parent != nil {
@@ -261,10 +273,11 @@ func innerPipes(pids []int) (map[uint64]bool, error) {
 }
 
 // identifyShm gives every shared anonymous area of pid the identity of its
-// memory object (the inode behind /proc/PID/map_files) and returns the
-// areas whose pages are to be saved: all but those of objects an earlier
-// area already saved (seen).
-func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, error) {
+// memory object (the inode behind /proc/PID/map_files) and the object's
+// size (FileSize), and returns the areas whose pages are to be saved: all
+// but those whose part of the object an earlier area already saved (seen:
+// the ranges of each object saved, by offset).
+func identifyShm(pid int, vmas []image.VMA, seen map[uint64][][2]uint64) ([]image.VMA, error) {
 	var dump []image.VMA
 	for i := range vmas {
 		v := &vmas[i]
@@ -274,11 +287,12 @@ func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, 
 			if err := syscall.Stat(mf, &st); err != nil {
 				return nil, fmt.Errorf("map %#x-%#x (shared): %w", v.Start, v.End, err)
 			}
-			v.Shm = st.Ino
-			if seen[st.Ino] {
+			v.Shm, v.FileSize = st.Ino, st.Size
+			lo, hi := v.Offset, v.Offset+v.Len()
+			if slices.ContainsFunc(seen[st.Ino], func(r [2]uint64) bool { return r[0] <= lo && hi <= r[1] }) {
 				continue
 			}
-			seen[st.Ino] = true
+			seen[st.Ino] = append(seen[st.Ino], [2]uint64{lo, hi})
 		}
 		dump = append(dump, *v)
 	}
@@ -313,4 +327,29 @@ func (t *FrozenTree) detach() {
 func (t *FrozenTree) Kill() error {
 	_, err := kill(t.members)
 	return err
+}
+
+// groupOnlyInside reports whether process group pgid, whose leader is not
+// in the tree, has no process outside the tree: its leader is gone (a
+// zombie's group after its leader was reaped, zdtm's zombie01), so pthaw
+// makes the group again with a helper of that PID.
+func groupOnlyInside(pgid int, in map[int]bool) bool {
+	if err := unix.Kill(pgid, 0); err != unix.ESRCH {
+		return false
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || in[pid] {
+			continue
+		}
+		stat, err := procfs.Stat(pid)
+		if err == nil && int(procfs.StatField(stat, 5)) == pgid {
+			return false
+		}
+	}
+	return true
 }

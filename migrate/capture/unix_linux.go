@@ -176,6 +176,20 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	if d.state == unixTCPListen {
 		return describeUnixListener(d, what, rec)
 	}
+	if d.hasPeer && d.peer == 0 && (d.typ == unix.SOCK_STREAM || d.typ == unix.SOCK_SEQPACKET) {
+		// Connected, and its peer closed since: what the peer sent
+		// before is still to be read.
+		queue, rights, _, err := peekUnix(pid, socks.members, h.fd, d.typ, d.shutdown&1 != 0)
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if rights != nil {
+			return fmt.Errorf("%s (its peer closed): file descriptors queued in it (SCM_RIGHTS) are not carried yet", what)
+		}
+		rec.Kind = image.FDUnix
+		rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Queue: queue, Shutdown: d.shutdown, PeerClosed: true}
+		return nil
+	}
 	if !d.hasPeer || d.peer == 0 {
 		return describeUnixUnconnected(d, what, rec)
 	}
@@ -201,7 +215,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		// without names.
 		socks.say("fd %d (%s) is connected to a socket of the process: carried as a pair without its name (getsockname and getpeername in the copy return none)", h.target, what)
 	}
-	queue, rights, from, err := peekUnix(pid, socks.members, h.fd, d.typ)
+	queue, rights, from, err := peekUnix(pid, socks.members, h.fd, d.typ, d.shutdown&1 != 0)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
@@ -228,8 +242,12 @@ const unixTCPListen = 10
 // every datagram or packet as one. A message's fds (SCM_RIGHTS) are
 // recorded as the fds of pid that hold the same files, or, in a tree,
 // of another member (members), whose saved PID from names (nil when
-// every fd is pid's own); one nobody holds is refused.
-func peekUnix(pid int, members []treeMember, s, typ int) (queue [][]byte, rights, from [][]int, err error) {
+// every fd is pid's own); one nobody holds is refused. rcvShut says the
+// receiving side is shut down (its peer closed or shut down writing):
+// then reads end with 0 bytes, which for a seqpacket socket is taken as
+// the end, not as an empty packet (empty packets queued last before
+// that end are not carried).
+func peekUnix(pid int, members []treeMember, s, typ int, rcvShut bool) (queue [][]byte, rights, from [][]int, err error) {
 	old, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
@@ -259,7 +277,7 @@ func peekUnix(pid int, members []treeMember, s, typ int) (queue [][]byte, rights
 		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
 			return nil, nil, nil, fmt.Errorf("a queued message larger than %d bytes or with more than 253 fds", len(buf))
 		}
-		if typ == unix.SOCK_STREAM && n == 0 {
+		if n == 0 && (typ == unix.SOCK_STREAM || (typ == unix.SOCK_SEQPACKET && rcvShut && carried == nil)) {
 			break // the end of the stream: the peer shut down
 		}
 		if typ == unix.SOCK_STREAM && carried == nil {
@@ -420,7 +438,7 @@ func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *soc
 		q, err = unix.IoctlGetInt(h.fd, unix.TIOCINQ)
 	} else {
 		var queue [][]byte
-		queue, _, _, err = peekUnix(0, nil, h.fd, d.typ)
+		queue, _, _, err = peekUnix(0, nil, h.fd, d.typ, d.shutdown&1 != 0)
 		q = len(queue)
 	}
 	if err != nil || q > 0 {

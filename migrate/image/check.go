@@ -92,9 +92,14 @@ func (c *checker) check(rec any) error {
 		c.parent = true
 		return nil
 	}
-	// Pre-copy records come before everything else, and only for a
-	// single process (a tree's members have address spaces of their own).
+	// Pre-copy records come before everything else; a tree's are each
+	// after the PrecopyMember record of the member they are for.
 	switch r := rec.(type) {
+	case *PrecopyMember:
+		if r.Pid <= 0 {
+			return corruptf("pre-copy member pid %d", r.Pid)
+		}
+		return c.precopy(r, 0, pageSize)
 	case *Precopy:
 		return c.precopy(r, r.Addr, r.Len)
 	case *Drop:
@@ -518,6 +523,9 @@ func CheckFD(f *FD) error {
 	if f.Fd < 0 || f.Fd > MaxFd {
 		return corruptf("fd %d", f.Fd)
 	}
+	if f.Signal < 0 || f.Signal > 64 {
+		return corruptf("fd %d: owner signal %d", f.Fd, f.Signal)
+	}
 	switch f.Kind {
 	case FDFile, FDEpoll, FDPipe, FDListen:
 	case FDEventfd:
@@ -555,6 +563,11 @@ func CheckFD(f *FD) error {
 		u := f.UDP
 		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
 			return corruptf("fd %d: UDP socket", f.Fd)
+		}
+	case FDTCPNew:
+		u := f.UDP
+		if u == nil || !checkAddr(u.Family, u.Local) || u.Peer != nil || len(u.Opts.BindToDevice) > 15 {
+			return corruptf("fd %d: unconnected TCP socket", f.Fd)
 		}
 	case FDPtyMaster, FDPtySlave:
 		if t := f.Pty; t == nil || t.Index < 0 || t.Index > MaxPtyIndex || (t.Termios != nil && len(t.Termios.Cc) != 19) {
@@ -605,6 +618,12 @@ func checkUnix(fd int, u *UnixSocket) error {
 		if len(u.Connect) > 107 || (u.Connect[0] != '/' && u.Connect[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 || u.Listen ||
 			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
 			return corruptf("fd %d: reconnected unix socket", fd)
+		}
+		return nil
+	}
+	if u != nil && u.PeerClosed {
+		if u.ID == 0 || u.Peer != 0 || u.Listen || len(u.Rights) > 0 || (u.Type != sockStream && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unix socket whose peer was closed", fd)
 		}
 		return nil
 	}

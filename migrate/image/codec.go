@@ -108,6 +108,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeParent
 	case *ParentPages:
 		t = TypeParentPages
+	case *PrecopyMember:
+		t = TypePrecopyMember
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -473,6 +475,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Parent)
 	case TypeParentPages:
 		rec = new(ParentPages)
+	case TypePrecopyMember:
+		rec = new(PrecopyMember)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

@@ -32,6 +32,9 @@ const (
 	TypeRound   Type = 42
 	// TypePrecopyArea is a hint a reader may skip: map the area now.
 	TypePrecopyArea Type = Skippable | 43
+	// TypePrecopyMember says which member of a tree the pre-copy
+	// records after it are for.
+	TypePrecopyMember Type = 44
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -67,6 +70,8 @@ func (t Type) String() string {
 		return "precopy round"
 	case TypePrecopyArea:
 		return "precopy area"
+	case TypePrecopyMember:
+		return "precopy member"
 	}
 	return "unknown"
 }
@@ -376,6 +381,10 @@ const (
 	// FDUDP is a UDP socket, re-created, bound and connected again; the
 	// datagrams queued in it are not carried.
 	FDUDP FDKind = 8
+	// FDTCPNew is a TCP socket never connected and not listening, bound
+	// or not: made again with its options (and address). Its UDP field
+	// holds its family, address and options, and no peer.
+	FDTCPNew FDKind = 9
 
 	// Anonymous inodes (numbered apart from the socket kinds).
 
@@ -484,6 +493,13 @@ type UnixSocket struct {
 	Mode    uint32 `msgpack:"mode,omitempty"`
 	Uid     uint32 `msgpack:"uid,omitempty"`
 	Gid     uint32 `msgpack:"gid,omitempty"`
+	// PeerClosed: a connected stream or seqpacket socket whose peer was
+	// closed (Peer 0): Queue is what the peer sent before; reads return
+	// it, then the end of the stream.
+	PeerClosed bool `msgpack:"peer_closed,omitempty"`
+	// SO_PASSCRED, SO_PASSSEC.
+	PassCred bool `msgpack:"passcred,omitempty"`
+	PassSec  bool `msgpack:"passsec,omitempty"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
@@ -527,6 +543,10 @@ type InotifyWatch struct {
 	Wd   int    `msgpack:"wd"`
 	Mask uint32 `msgpack:"mask"`
 	Path string `msgpack:"path"`
+	// Object, for a watched file deleted since, is its File record (an fd
+	// or area of the process holds it): the watch is added on the copy.
+	// Path is then the deleted file's old path, for messages.
+	Object uint64 `msgpack:"object,omitempty"`
 }
 
 // Listener describes a listening TCP socket.
@@ -566,6 +586,15 @@ type SockOpts struct {
 	KeepIntvl   int  `msgpack:"keepintvl,omitempty"`
 	KeepCnt     int  `msgpack:"keepcnt,omitempty"`
 	UserTimeout int  `msgpack:"user_timeout,omitempty"`
+	// SOL_SOCKET options beyond those above, set when they differ from a
+	// new socket's (RcvLowat 1, the others 0 or empty).
+	Priority     int    `msgpack:"priority,omitempty"`
+	RcvLowat     int    `msgpack:"rcvlowat,omitempty"`
+	Mark         int    `msgpack:"mark,omitempty"`
+	DontRoute    bool   `msgpack:"dontroute,omitempty"`
+	NoCheck      bool   `msgpack:"nocheck,omitempty"`
+	OOBInline    bool   `msgpack:"oobinline,omitempty"`
+	BindToDevice string `msgpack:"bindtodevice,omitempty"`
 }
 
 // TCPWindow is struct tcp_repair_window.
@@ -667,6 +696,13 @@ type FD struct {
 	// Object, for an FDFile, is the File record it is reopened from
 	// (a memfd, a deleted file).
 	Object uint64 `msgpack:"object,omitempty"`
+
+	// Owner and Signal are the open file description's F_GETOWN (a
+	// process group negative) and F_GETSIG, read when O_ASYNC is in
+	// Flags: whom the kernel signals when I/O is possible, with which
+	// signal (0: SIGIO).
+	Owner  int `msgpack:"owner,omitempty"`
+	Signal int `msgpack:"signal,omitempty"`
 
 	Timer    *Timerfd       `msgpack:"timerfd,omitempty"`  // FDTimerfd
 	SigMask  uint64         `msgpack:"sigmask,omitempty"`  // FDSignalfd
