@@ -67,10 +67,16 @@ type FreezeOptions struct {
 	// stop (pre-copy, precopy_linux.go; for a tree, every member's:
 	// precopy_tree_linux.go).
 	Live *LiveOptions
+	// Parent, when set, makes the snapshot incremental: it refers to
+	// Parent for the pages unchanged since (parent.go). Not live.
+	Parent *Parent
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
 func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
+	if o.Parent != nil && o.Live != nil {
+		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is not live", pid)
+	}
 	enc := image.NewEncoder(ctxWriter{ctx, w})
 	if o.Tree {
 		var tp *treePrecopy
@@ -98,6 +104,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
+		t.parent = o.Parent
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
 	var pc *precopy
@@ -124,6 +131,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
 	f.precopy = pc
+	f.parent = o.Parent
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
 }
 

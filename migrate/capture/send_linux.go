@@ -56,6 +56,8 @@ type SendOptions struct {
 	// tree, every member's memory.
 	Live        bool
 	LiveOptions LiveOptions
+	// Parent makes the snapshot incremental (FreezeOptions.Parent).
+	Parent *Parent
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -126,7 +128,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen}
+	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen, Parent: o.Parent}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}
