@@ -44,6 +44,7 @@ lint: deps
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 60000x -fuzzminimizetime 200x ./migrate/image
+	$(GO) test -run '^$$' -fuzz FuzzChain -fuzztime 20000x -fuzzminimizetime 200x ./migrate/image
 	$(GO) test -run '^$$' -fuzz FuzzSealOpen -fuzztime 20000x -fuzzminimizetime 200x ./migrate/stream
 
 bench: deps build

@@ -288,6 +288,8 @@ type CheckpointTakenCmd struct {
 	Size       int64    `msgpack:"size"`
 	Targets    []string `msgpack:"targets"`
 	NSPID      int      `msgpack:"ns_pid"`
+	// Parent: the checkpoint an incremental one refers to (0: full).
+	Parent uint64 `msgpack:"parent,omitempty"`
 }
 
 // CheckpointFailedCmd is reported by the node running attempt Attempt of

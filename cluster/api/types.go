@@ -384,6 +384,9 @@ type CheckpointPolicy struct {
 	Keep     int               `json:"keep"`
 	Replicas int               `json:"replicas"`
 	Fence    string            `json:"fence,omitempty"` // "off": the workloads it applies to are not fenced
+	// FullEvery: every FullEvery-th checkpoint is full, the others
+	// incremental (0: the default, 8; 1: all full).
+	FullEvery int `json:"full_every,omitempty"`
 }
 
 // Duration is a time.Duration that JSON carries as a string ("5m0s").
@@ -417,6 +420,8 @@ type Checkpoint struct {
 	Size     int64     `json:"size"`
 	Targets  []string  `json:"targets"` // the nodes chosen for its copies
 	Holders  []string  `json:"holders"` // the nodes holding the file
+	// Parent: the checkpoint an incremental one needs (0: full).
+	Parent uint64 `json:"parent,omitempty"`
 }
 
 // WorkloadCheckpoints is a workload's checkpoints, oldest first, its
@@ -450,6 +455,7 @@ type CheckpointReport struct {
 	Seq      uint64    `json:"seq"`
 	Size     int64     `json:"size"`
 	NSPID    int       `json:"ns_pid,omitempty"` // taken: the program's PID in its namespace
+	Parent   uint64    `json:"parent,omitempty"` // taken: the checkpoint an incremental one needs
 	Error    string    `json:"error,omitempty"`
 	At       time.Time `json:"at"`
 }

@@ -72,6 +72,12 @@ type Frozen struct {
 	files map[uint64]bool
 	// socks are the sockets held while the process is frozen.
 	socks sockets
+	// parentPages, in an incremental snapshot (pfreeze -parent): the
+	// digests of the parent's pages this process may refer to.
+	parentPages map[uint64][image.DigestSize]byte
+	// parent makes the snapshot of this single process incremental
+	// (FreezeOptions.Parent).
+	parent *Parent
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
 	// cow, for a checkpoint that leaves the process running: its memory
@@ -308,6 +314,11 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 }
 
 func (f *Frozen) write(enc *image.Encoder) error {
+	if f.parent != nil {
+		if err := enc.Write(&f.parent.Record); err != nil {
+			return err
+		}
+	}
 	// A process's own pipes (both ends in it) are carried with their
 	// buffered bytes, as a tree's are.
 	inner, err := innerPipes([]int{f.rd})
@@ -433,6 +444,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 		}
 		r.dump = rest
 	}
+	if f.parent != nil {
+		f.parentPages = f.parent.pagesOf([]int{r.proc.Pid})[0]
+	}
 	if err := enc.Write(r.proc); err != nil {
 		return err
 	}
@@ -481,7 +495,7 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 	if r.snap != nil {
 		pid, mem = r.snap.pid, r.snap.mem
 	}
-	if err := dumpMemory(pid, mem, r.dump, enc); err != nil {
+	if err := dumpMemory(pid, mem, r.dump, enc, f.parentPages); err != nil {
 		return err
 	}
 	for i := range r.fds {

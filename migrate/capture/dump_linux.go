@@ -35,13 +35,24 @@ type chunk struct {
 	err  error
 }
 
-// dumpMemory writes the saved pages of every VMA as Pages records.
-func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) error {
+// dumpMemory writes the saved pages of every VMA as Pages records; with
+// a parent, those the parent holds unchanged as ParentPages records.
+func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, parent map[uint64][image.DigestSize]byte) error {
 	pagemap, err := os.Open(procfs.Path(pid, "pagemap"))
 	if err != nil {
 		return err
 	}
 	defer pagemap.Close()
+	if parent != nil {
+		// An incremental snapshot writes other records than the runs
+		// read (ParentPages for the unchanged pages): they are summed as
+		// they are written.
+		dw := &deltaWriter{enc: enc, parent: parent}
+		if err := copyMemory(mem, dw.write, func(r *reader) error { return r.readAll(pagemap, vmas) }); err != nil {
+			return err
+		}
+		return dw.flush()
+	}
 	// The reader goroutine checksums the pages it has just read (still
 	// in the cache), while this one writes the previous chunk.
 	sum := enc.BeginPages()

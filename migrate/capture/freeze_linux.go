@@ -75,10 +75,16 @@ type FreezeOptions struct {
 	StopAndCopy bool
 	// COWStats, if set, is filled in by a copy-on-write checkpoint.
 	COWStats *COWStats
+	// Parent, when set, makes the snapshot incremental: it refers to
+	// Parent for the pages unchanged since (parent.go). Not live.
+	Parent *Parent
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
 func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
+	if o.Parent != nil && o.Live != nil {
+		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is not live", pid)
+	}
 	enc := image.NewEncoder(ctxWriter{ctx, w})
 	if o.Tree {
 		var tp *treePrecopy
@@ -111,6 +117,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			m.cow = t.cow
 		}
 		defer t.cow.done()
+		t.parent = o.Parent
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
 	var pc *precopy
@@ -140,6 +147,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	f.queried = o.Queried
 	f.precopy = pc
 	f.cow = c
+	f.parent = o.Parent
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
 }
 

@@ -61,6 +61,8 @@ type SendOptions struct {
 	// StopAndCopy (forksnap_linux.go).
 	StopAndCopy bool
 	COWStats    *COWStats
+	// Parent makes the snapshot incremental (FreezeOptions.Parent).
+	Parent *Parent
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -132,7 +134,7 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		return sink.Close()
 	}
 	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen,
-		StopAndCopy: o.StopAndCopy, COWStats: o.COWStats}
+		Parent: o.Parent, StopAndCopy: o.StopAndCopy, COWStats: o.COWStats}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}

@@ -22,6 +22,7 @@ import (
 type FrozenTree struct {
 	Pid     int
 	queried func()           // as Frozen's, once for every member
+	parent  *Parent          // makes the snapshot incremental (FreezeOptions.Parent)
 	members []*Frozen        // creation order: every parent before its children
 	procs   []image.TreeProc // the same order, zombies included
 	// pidNS is set when the root is the init of a child PID namespace,
@@ -227,8 +228,22 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			return fmt.Errorf("freeze %d: %w", t.Pid, err)
 		}
 	}
+	if t.parent != nil {
+		if err := enc.Write(&t.parent.Record); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	// Members are matched with the parent snapshot's by the PIDs the
+	// records say (in a PID namespace's snapshot, the namespace's).
+	recorded := make([]int, len(rs))
+	for i, r := range rs {
+		recorded[i] = r.proc.Pid
+	}
+	for i, m := range t.parent.pagesOf(recorded) {
+		t.members[i].parentPages = m
 	}
 	for i, f := range t.members {
 		f.files = files

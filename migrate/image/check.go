@@ -39,6 +39,9 @@ const pageSize = 4096
 type checker struct {
 	regs int // registers per thread; 0: not checked
 
+	seen   bool // a record was read
+	parent bool // the snapshot has a Parent record (incremental)
+
 	started bool
 	tree    *Tree
 	member  int // index in tree.Procs of the member being read
@@ -76,6 +79,19 @@ type treeRef struct {
 
 // check applies the rules to rec, the next record.
 func (c *checker) check(rec any) error {
+	first := !c.seen
+	c.seen = true
+	// An incremental snapshot names its parent first (parent.go).
+	if r, ok := rec.(*Parent); ok {
+		if !first {
+			return c.unexpected(r)
+		}
+		if len(r.SHA256) != DigestSize {
+			return corruptf("parent record: digest of %d bytes", len(r.SHA256))
+		}
+		c.parent = true
+		return nil
+	}
 	// Pre-copy records come before everything else; a tree's are each
 	// after the PrecopyMember record of the member they are for.
 	switch r := rec.(type) {
@@ -170,6 +186,12 @@ func (c *checker) check(rec any) error {
 	switch r := rec.(type) {
 	case *Pages:
 		return c.wrap(CheckPages(r.Addr, r.Len, c.vmas))
+	case *ParentPages:
+		n := len(r.Digests)
+		if !c.parent || n == 0 || n%DigestSize != 0 || n > MaxParentPages*DigestSize || r.Addr%pageSize != 0 {
+			return c.wrap(corruptf("parent pages at %#x (%d digest bytes) in a snapshot without a parent record, or malformed", r.Addr, n))
+		}
+		return c.wrap(CheckPages(r.Addr, r.Len(), c.vmas))
 	case *FD:
 		if err := CheckFD(r); err != nil {
 			return c.wrap(err)

@@ -33,8 +33,11 @@ const (
 
 // maxLen is the largest payload of a record of type t (but Pages).
 func maxLen(t Type) int {
-	if t == TypeFD {
+	switch t {
+	case TypeFD:
 		return MaxFDLen
+	case TypeParentPages:
+		return 16 + MaxParentPages*DigestSize
 	}
 	return MaxMetaLen
 }
@@ -101,6 +104,10 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeRound
 	case *PrecopyArea:
 		t = TypePrecopyArea
+	case *Parent:
+		t = TypeParent
+	case *ParentPages:
+		t = TypeParentPages
 	case *PrecopyMember:
 		t = TypePrecopyMember
 	default:
@@ -262,6 +269,16 @@ type Decoder struct {
 	done    bool
 	buf     []byte
 	hdr     [frameHeaderLen + pagesHeadLen]byte
+
+	// An incremental snapshot's parent (parent.go): resolve opens it,
+	// parent serves its pages; pdata, when not nil, holds the data of
+	// the current Pages record (read from the parent), pid the process
+	// whose records are being read.
+	resolve ParentResolver
+	parent  PageSource
+	pdata   []byte
+	pbuf    []byte
+	pid     int
 }
 
 // NewDecoder returns a Decoder reading from r.
@@ -303,12 +320,52 @@ func (d *Decoder) Next() (any, error) {
 		if err == nil {
 			err = d.check.check(rec)
 		}
+		if err == nil {
+			rec, err = d.chain(rec)
+		}
+		if err == errSkipped {
+			continue
+		}
 		if err != nil {
 			d.err = err
 			return nil, err
 		}
 		return rec, nil
 	}
+}
+
+// chain follows the parent of an incremental snapshot, when the decoder
+// was told how (ResolveParents): the Parent record opens it and is not
+// returned (errSkipped), ParentPages records become Pages.
+func (d *Decoder) chain(rec any) (any, error) {
+	switch r := rec.(type) {
+	case *Process:
+		d.pid = r.Pid
+	case *Parent:
+		if d.resolve == nil {
+			return rec, nil
+		}
+		src, err := d.resolve(r)
+		if err != nil {
+			return nil, err
+		}
+		d.parent = src
+		return nil, errSkipped
+	case *ParentPages:
+		if d.parent == nil {
+			return rec, nil
+		}
+		return d.fromParent(r)
+	case *End:
+		if d.parent != nil {
+			src := d.parent
+			d.parent = nil
+			if err := src.Close(); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return rec, nil
 }
 
 // CheckRegisters makes the decoder refuse a thread record without exactly
@@ -327,6 +384,7 @@ func (d *Decoder) next() (any, error) {
 			return nil, err
 		}
 	}
+	d.pdata = nil
 	crcBefore, nBefore := d.crc.Sum32(), d.n
 	if err := d.read(d.hdr[:frameHeaderLen]); err != nil {
 		return nil, err
@@ -413,6 +471,10 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Round)
 	case TypePrecopyArea:
 		rec = new(PrecopyArea)
+	case TypeParent:
+		rec = new(Parent)
+	case TypeParentPages:
+		rec = new(ParentPages)
 	case TypePrecopyMember:
 		rec = new(PrecopyMember)
 	default:
@@ -438,6 +500,11 @@ func (d *Decoder) ReadData(p []byte) (int, error) {
 	}
 	if uint64(len(p)) > d.pending {
 		p = p[:d.pending]
+	}
+	if d.pdata != nil {
+		n := copy(p, d.pdata[uint64(len(d.pdata))-d.pending:])
+		d.pending -= uint64(n)
+		return n, nil
 	}
 	if err := d.read(p); err != nil {
 		d.err = err

@@ -37,6 +37,7 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		ths     []*Thread
 	)
 	var precopied, dropped uint64 // pre-copy (pfreeze -live)
+	var parentBytes uint64        // incremental (pfreeze -parent)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
 	for {
@@ -103,6 +104,10 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			}
 		case *FD:
 			fds = append(fds, r)
+		case *Parent:
+			fmt.Fprintf(w, "Parent %s (sha256 %x, %d bytes)\n", r.Path, r.SHA256, r.Size)
+		case *ParentPages:
+			parentBytes += r.Len()
 		case *Pages:
 			i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > r.Addr })
 			if i == len(vmas) || r.Addr < vmas[i].Start || r.Addr+r.Len > vmas[i].End {
@@ -138,6 +143,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 	}
 	describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
 	describeObjects(w, objects)
+	if parentBytes > 0 {
+		fmt.Fprintf(w, "Pages in the parent snapshot (not in the hashes above): %d bytes\n", parentBytes)
+	}
 	return nil
 }
 

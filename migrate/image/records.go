@@ -22,6 +22,9 @@ const (
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
 	TypeFile    Type = 8
+	// Incremental snapshots (pfreeze -parent, parent.go).
+	TypeParent      Type = 9
+	TypeParentPages Type = 10
 	// Pre-copy (pfreeze -live): memory sent while the process still
 	// runs, before its process record (precopy.go).
 	TypePrecopy Type = 40
@@ -55,6 +58,10 @@ func (t Type) String() string {
 		return "tree"
 	case TypeFile:
 		return "file"
+	case TypeParent:
+		return "parent"
+	case TypeParentPages:
+		return "parent pages"
 	case TypePrecopy:
 		return "precopy pages"
 	case TypeDrop:
