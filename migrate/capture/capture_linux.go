@@ -484,18 +484,16 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
-	if r.stopped != nil {
-		for _, run := range r.stopped.runs {
-			if err := enc.WritePages(run.addr, run.data); err != nil {
-				return err
-			}
-		}
-	}
 	pid, mem := f.rd, f.mem
 	if r.snap != nil {
 		pid, mem = r.snap.pid, r.snap.mem
 	}
-	if err := dumpMemory(pid, mem, r.dump, enc, f.parentPages); err != nil {
+	if r.stopped != nil {
+		// Some areas were read during the stop (forksnap_linux.go).
+		if err := f.dumpInOrder(r, pid, mem, enc); err != nil {
+			return err
+		}
+	} else if err := dumpMemory(pid, mem, r.dump, enc, f.parentPages); err != nil {
 		return err
 	}
 	for i := range r.fds {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sort"
 	"strings"
 	"time"
 
@@ -448,7 +449,11 @@ func (f *Frozen) fillFlags(r *records, src int) error {
 	for _, m := range maps {
 		flags[[2]uint64{m.Start, m.End}] = m.VmFlags
 	}
-	for _, vs := range [][]image.VMA{r.vmas, r.dump} {
+	all := [][]image.VMA{r.vmas, r.dump}
+	if r.stopped != nil {
+		all = append(all, r.stopped.order)
+	}
+	for _, vs := range all {
 		for i := range vs {
 			fl, ok := flags[[2]uint64{vs[i].Start, vs[i].End}]
 			if !ok {
@@ -463,7 +468,13 @@ func (f *Frozen) fillFlags(r *records, src int) error {
 
 // stoppedPages is what a checkpoint read during the stop, written after.
 type stoppedPages struct {
-	runs []pagesRun
+	// order is every area whose pages are saved, in the order (by
+	// address) their Pages records must come: readers of a snapshot
+	// (an incremental one's parent) take them in step.
+	order []image.VMA
+	// byArea: the runs read during the stop, by area start; an area in
+	// it is written from them, any other from the snapshot child.
+	byArea map[uint64][]pagesRun
 }
 
 type pagesRun struct {
@@ -509,9 +520,14 @@ func (f *Frozen) takeStopped(r *records, snap *snapshot) (uint64, error) {
 			return 0, err
 		}
 		defer pagemap.Close()
-		r.stopped = &stoppedPages{}
+		r.stopped = &stoppedPages{order: r.dump, byArea: map[uint64][]pagesRun{}}
+		for _, v := range now {
+			r.stopped.byArea[v.Start] = nil
+		}
 		err = copyMemory(f.mem, func(addr uint64, data []byte) error {
-			r.stopped.runs = append(r.stopped.runs, pagesRun{addr, append([]byte(nil), data...)})
+			i := sort.Search(len(now), func(i int) bool { return now[i].End > addr })
+			start := now[i].Start
+			r.stopped.byArea[start] = append(r.stopped.byArea[start], pagesRun{addr, append([]byte(nil), data...)})
 			n += uint64(len(data))
 			return nil
 		}, func(rd *reader) error { return rd.readAll(pagemap, now) })
@@ -590,4 +606,35 @@ func liveChildren(pid int) ([]int, error) {
 		}
 	}
 	return out, nil
+}
+
+// dumpInOrder writes r's pages in address order: the runs read during
+// the stop for the areas that have them, the others' from src (the
+// snapshot child) between them.
+func (f *Frozen) dumpInOrder(r *records, pid int, mem *ptrace.Mem, enc *image.Encoder) error {
+	var group []image.VMA
+	flush := func() error {
+		if len(group) == 0 {
+			return nil
+		}
+		err := dumpMemory(pid, mem, group, enc, f.parentPages)
+		group = nil
+		return err
+	}
+	for _, v := range r.stopped.order {
+		runs, ok := r.stopped.byArea[v.Start]
+		if !ok {
+			group = append(group, v)
+			continue
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		for _, run := range runs {
+			if err := enc.WritePages(run.addr, run.data); err != nil {
+				return err
+			}
+		}
+	}
+	return flush()
 }
