@@ -249,7 +249,9 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	for _, ns := range []string{"mnt", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
 		theirs, err2 := os.Readlink(procfs.Path(pid, "ns/"+ns))
-		if err1 == nil && err2 == nil && mine != theirs {
+		// A frozen PID namespace's mount namespace is carried with it
+		// when it is the container's own (container_linux.go).
+		if err1 == nil && err2 == nil && mine != theirs && (ns != "mnt" || pidNS == "") {
 			return unsupported("process is in another %s namespace", ns)
 		}
 	}

@@ -24,6 +24,9 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// ctrNS are the root's namespaces of the other kinds that are not
+	// ours, carried with the PID namespace (container_linux.go).
+	ctrNS map[string]string
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -41,6 +44,11 @@ func AttachTree(tr *ptrace.Tracer, pid int) (*FrozenTree, error) {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	t := &FrozenTree{Pid: pid, pidNS: ns}
+	if ns != "" {
+		if t.ctrNS, err = containerNS(pid); err != nil {
+			return nil, fmt.Errorf("freeze %d: %w", pid, err)
+		}
+	}
 	if err := t.stopAll(tr); err != nil {
 		t.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
@@ -76,6 +84,11 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		}
 		if err := checkSupported(pid, true, t.pidNS); err != nil {
 			return fmt.Errorf("pid %d: %w", pid, err)
+		}
+		if t.pidNS != "" {
+			if err := t.checkMemberNS(pid); err != nil {
+				return fmt.Errorf("pid %d: %w", pid, err)
+			}
 		}
 		f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
 		t.members = append(t.members, f)
@@ -116,6 +129,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if err := t.checkWholeNS(in); err != nil {
 			return err
 		}
+		if err := t.checkOutsiders(in); err != nil {
+			return err
+		}
 		return t.nsNumbers()
 	}
 	return nil
@@ -125,6 +141,13 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 func (t *FrozenTree) Write(enc *image.Encoder) error {
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if ns, err := t.namespaces(); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	} else if ns != nil {
+		if err := enc.Write(ns); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
 	}
 	inner, err := t.innerPipes()
 	if err != nil {

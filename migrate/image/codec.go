@@ -36,6 +36,9 @@ func maxLen(t Type) int {
 	if t == TypeFD {
 		return MaxFDLen
 	}
+	if t == TypeNamespaces {
+		return MaxNamespacesLen
+	}
 	return MaxMetaLen
 }
 
@@ -72,7 +75,7 @@ func (e *Encoder) write(p []byte) {
 	_, e.err = e.w.Write(p)
 }
 
-// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA, *File or *FD).
+// Write encodes one metadata record (*Tree, *Namespaces, *Process, *Thread, *VMA, *File or *FD).
 func (e *Encoder) Write(rec any) error {
 	var t Type
 	switch rec.(type) {
@@ -88,6 +91,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeTree
 	case *File:
 		t = TypeFile
+	case *Namespaces:
+		t = TypeNamespaces
 	case *Drop:
 		t = TypeDrop
 	case *Round:
@@ -325,6 +330,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Tree)
 	case TypeFile:
 		rec = new(File)
+	case TypeNamespaces:
+		rec = new(Namespaces)
 	case TypeDrop:
 		rec = new(Drop)
 	case TypeRound:

@@ -22,6 +22,8 @@ const (
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
 	TypeFile    Type = 8
+	// TypeNamespaces follows a container's Tree record (namespaces.go).
+	TypeNamespaces Type = 20
 	// Pre-copy (pfreeze -live): memory sent while the process still
 	// runs, before its process record (precopy.go).
 	TypePrecopy Type = 40
@@ -52,6 +54,8 @@ func (t Type) String() string {
 		return "tree"
 	case TypeFile:
 		return "file"
+	case TypeNamespaces:
+		return "namespaces"
 	case TypePrecopy:
 		return "precopy pages"
 	case TypeDrop:
