@@ -1,7 +1,6 @@
 package capture
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -297,41 +296,9 @@ func readNet(pid int) (*image.NetNamespace, error) {
 	return out, nil
 }
 
-// mountLine is one line of /proc/PID/mountinfo.
-type mountLine struct {
-	dev, root, point, opts, fstype, source, super string
-	optional                                      []string
-}
-
-func (m *mountLine) key() string {
-	return m.point + "\x00" + m.fstype + "\x00" + m.source + "\x00" + m.root + "\x00" + m.dev
-}
-
-func parseMountinfo(file string) ([]mountLine, error) {
-	f, err := os.Open(file)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []mountLine
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		sep := -1
-		for i := 6; i < len(fs); i++ {
-			if fs[i] == "-" {
-				sep = i
-				break
-			}
-		}
-		if len(fs) < 10 || sep < 0 || sep+3 >= len(fs) {
-			return nil, fmt.Errorf("%s: malformed line %q", file, sc.Text())
-		}
-		out = append(out, mountLine{dev: fs[2], root: procfs.UnescapeMount(fs[3]), point: procfs.UnescapeMount(fs[4]), opts: fs[5],
-			optional: fs[6:sep], fstype: fs[sep+1], source: procfs.UnescapeMount(fs[sep+2]), super: fs[sep+3]})
-	}
-	return out, sc.Err()
+// mountKey identifies a mount inherited from pfreeze's namespace.
+func mountKey(m *procfs.Mount) string {
+	return m.Point + "\x00" + m.FSType + "\x00" + m.Source + "\x00" + m.Root + "\x00" + m.Dev
 }
 
 // mountFlags maps mountinfo's per-mount options to MS_* flags.
@@ -341,26 +308,26 @@ var mountFlags = map[string]uint64{"ro": unix.MS_RDONLY, "nosuid": unix.MS_NOSUI
 
 // readMounts describes pid's mount table.
 func readMounts(pid int) (*image.MountNamespace, error) {
-	host, err := parseMountinfo("/proc/self/mountinfo")
+	host, err := procfs.Mountinfo("/proc/self/mountinfo")
 	if err != nil {
 		return nil, err
 	}
-	theirs, err := parseMountinfo(procfs.Path(pid, "mountinfo"))
+	theirs, err := procfs.Mountinfo(procfs.Path(pid, "mountinfo"))
 	if err != nil {
 		return nil, err
 	}
 	inherited := map[string]int{}
 	for _, m := range host {
-		inherited[m.key()]++
+		inherited[mountKey(&m)]++
 	}
 	out := &image.MountNamespace{}
 	total, tmpfsDev := 0, map[string]string{}
 	for _, m := range theirs {
-		r := image.Mount{Point: m.point, FSType: m.fstype, Source: m.source, Root: m.root}
-		for _, o := range strings.Split(m.opts, ",") {
+		r := image.Mount{Point: m.Point, FSType: m.FSType, Source: m.Source, Root: m.Root}
+		for _, o := range strings.Split(m.Opts, ",") {
 			r.Flags |= mountFlags[o]
 		}
-		for _, o := range m.optional {
+		for _, o := range m.Optional {
 			switch {
 			case strings.HasPrefix(o, "shared:"):
 				r.Shared = true
@@ -368,31 +335,31 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 				r.Slave = true
 			}
 		}
-		what := fmt.Sprintf("mount %s (%s from %s)", m.point, m.fstype, m.source)
+		what := fmt.Sprintf("mount %s (%s from %s)", m.Point, m.FSType, m.Source)
 		switch {
-		case inherited[m.key()] > 0:
-			inherited[m.key()]--
+		case inherited[mountKey(&m)] > 0:
+			inherited[mountKey(&m)]--
 			r.Kind = image.MountHost
-		case m.fstype == "proc":
+		case m.FSType == "proc":
 			r.Kind = image.MountProc
-		case m.fstype == "sysfs":
+		case m.FSType == "sysfs":
 			r.Kind = image.MountSysfs
-		case m.fstype == "mqueue":
+		case m.FSType == "mqueue":
 			r.Kind = image.MountMqueue
-		case m.fstype == "tmpfs":
-			if m.root != "/" || tmpfsDev[m.dev] != "" {
-				return nil, unsupported("%s: a tmpfs mounted again (of %s) is not carried", what, tmpfsDev[m.dev])
+		case m.FSType == "tmpfs":
+			if m.Root != "/" || tmpfsDev[m.Dev] != "" {
+				return nil, unsupported("%s: a tmpfs mounted again (of %s) is not carried", what, tmpfsDev[m.Dev])
 			}
-			tmpfsDev[m.dev] = m.point
+			tmpfsDev[m.Dev] = m.Point
 			r.Kind = image.MountTmpfs
 			var opts []string
-			for _, o := range strings.Split(m.super, ",") {
+			for _, o := range strings.Split(m.Super, ",") {
 				if o != "rw" && o != "ro" {
 					opts = append(opts, o)
 				}
 			}
 			r.Options = strings.Join(opts, ",")
-			if r.Files, err = readTmpfs(pid, m.point, &total); err != nil {
+			if r.Files, err = readTmpfs(pid, m.Point, &total); err != nil {
 				return nil, fmt.Errorf("%s: %w", what, err)
 			}
 		default:
@@ -416,17 +383,17 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 // bindSource returns where on this host the mount m (of the container's)
 // shows a directory or file: the host mount of the same device whose root
 // holds m's root, and m's root below it.
-func bindSource(host []mountLine, m *mountLine) string {
+func bindSource(host []procfs.Mount, m *procfs.Mount) string {
 	for i := len(host) - 1; i >= 0; i-- {
 		h := host[i]
-		if h.dev != m.dev {
+		if h.Dev != m.Dev {
 			continue
 		}
-		rel, ok := strings.CutPrefix(m.root, h.root)
-		if !ok || (rel != "" && !strings.HasPrefix(rel, "/") && h.root != "/") {
+		rel, ok := strings.CutPrefix(m.Root, h.Root)
+		if !ok || (rel != "" && !strings.HasPrefix(rel, "/") && h.Root != "/") {
 			continue
 		}
-		p := path.Join(h.point, rel)
+		p := path.Join(h.Point, rel)
 		if _, err := os.Stat(p); err == nil {
 			return p
 		}
