@@ -475,6 +475,13 @@ func fileType(mode uint32) string {
 	return "file of unknown type"
 }
 
+// inRoot returns path as process pid sees it (in its mount namespace, a
+// container's), through /proc/PID/root: the same file as path for a
+// process in ours.
+func inRoot(pid int, path string) string {
+	return procfs.Path(pid, "root") + path
+}
+
 // readSysVIn is readSysV run in pid's IPC namespace when it is not ours
 // (a container's): the segment's id means something only there.
 func readSysVIn(pid int) func(id uint64, kind image.FileKind, name, src string) ([]image.File, error) {

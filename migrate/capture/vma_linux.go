@@ -78,7 +78,7 @@ func describeVMAs(pid int, maps []procfs.Mapping, mem *ptrace.Mem) ([]image.VMA,
 				return nil, fmt.Errorf("%s: %w", where, explainMapFilesErr(err))
 			}
 			var pst syscall.Stat_t
-			if err := syscall.Stat(m.Path, &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
+			if err := syscall.Stat(inRoot(pid, m.Path), &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
 				return nil, unsupported("%s: path no longer names the mapped file", where)
 			}
 			v.FileSize = st.Size

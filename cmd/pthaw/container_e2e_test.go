@@ -1,0 +1,213 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/internal/fixture"
+)
+
+// A container made by unshare (new PID, mount, UTS, IPC and network
+// namespaces; the fixture "container" as its init sets a host name,
+// mounts a tmpfs with a file it holds open, makes a System V segment,
+// brings lo up with a listener on it and forks a child) is frozen whole
+// with -tree on its init and restored with -pidns into new namespaces of
+// every kind, twice; each time the init reports, from inside, the same
+// host name, segment, file, connection and PIDs.
+
+// containerCheck is what the container's init reports while it runs as
+// it did when it started.
+const containerCheck = "host=ctrbox shm=sysv ok/1 tcp=ok file=tmpfs data/tmpfs data pid=1 procs=1,2"
+
+// containerKey is the key of the fixture's System V segment.
+const containerKey = 0x5c0ffee0
+
+// startContainer starts unshare with the fixture container as the init of
+// its namespaces, the tmpfs on dir, and returns unshare and the init.
+func startContainer(t *testing.T, dir string) (*fixture.Proc, int) {
+	t.Helper()
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skipf("unshare not found: %v", err)
+	}
+	p := fixture.Start(t, unshare, "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net", fixture.Build(t, "container"), dir, "7777")
+	p.Lines.Expect(t, `^ready shm \d+$`, waitFor)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v (%v), want the container's init", p.Pid(), kids, err)
+	}
+	t.Cleanup(func() { p.Wait(waitFor) }) // after the init's end
+	killNSAtCleanup(t, kids[0])
+	return p, kids[0]
+}
+
+// nsLinks returns pid's namespace links of the kinds a container carries.
+func nsLinks(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, k := range []string{"pid", "uts", "ipc", "net", "mnt"} {
+		l, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, k))
+		if err != nil {
+			t.Fatalf("pid %d: %v", pid, err)
+		}
+		out[k] = l
+	}
+	return out
+}
+
+// hostHasSegment reports whether this host's IPC namespace has a System
+// V segment with key.
+func hostHasSegment(t *testing.T, key uint32) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/sysvipc/shm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == strconv.FormatInt(int64(int32(key)), 10) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestContainerUnshare(t *testing.T) {
+	needRoot(t)
+	dir := t.TempDir()
+	p, init := startContainer(t, dir)
+	if err := p.WriteLine("check"); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, "^"+containerCheck+"$", waitFor)
+	own := nsLinks(t, os.Getpid())
+	if hostHasSegment(t, containerKey) {
+		t.Fatalf("the container's segment %#x is in this host's IPC namespace", containerKey)
+	}
+
+	snap := filepath.Join(t.TempDir(), "snap")
+	stderr := freeze(t, "-pid", strconv.Itoa(init), "-tree", "-halt", "-dest", snap)
+	if strings.Contains(stderr, "not carried") {
+		t.Fatalf("pfreeze: %s", stderr)
+	}
+	if _, err := p.Wait(waitFor); err != nil {
+		t.Fatalf("unshare after pfreeze -halt: %v", err)
+	}
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Fatalf("the container's tmpfs shows on this host: %s has %v (%v)", dir, ents, err)
+	}
+
+	for round := 1; round <= 2; round++ {
+		th := thaw(t, "-src", snap, "-pidns")
+		init = th.restoredPid(t)
+		killNSAtCleanup(t, init)
+		th.said(t, `restored the container in new uts, ipc, net, mount namespaces`)
+		for k, l := range nsLinks(t, init) {
+			if l == own[k] {
+				t.Errorf("round %d: the restored init %d is in this host's %s namespace", round, init, k)
+			}
+		}
+		if _, err := th.stdin.WriteString("check\n"); err != nil {
+			t.Fatal(err)
+		}
+		th.out.Expect(t, "^"+containerCheck+"$", waitFor)
+		if hostHasSegment(t, containerKey) {
+			t.Fatalf("round %d: the container's segment %#x is in this host's IPC namespace", round, containerKey)
+		}
+		if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+			t.Fatalf("round %d: the container's tmpfs shows on this host: %s has %v (%v)", round, dir, ents, err)
+		}
+		if round == 2 {
+			// The end of its input ends it: its status comes through pthaw.
+			th.stdin.Close()
+			if code := th.exit(t); code != 0 {
+				t.Fatalf("pthaw exit code %d, want 0: %s", code, th.stderr.String())
+			}
+			break
+		}
+		// The restored container is frozen again.
+		snap = filepath.Join(t.TempDir(), "snap")
+		freeze(t, "-pid", strconv.Itoa(init), "-tree", "-halt", "-dest", snap)
+		th.exit(t)
+	}
+}
+
+// TestContainerRefusals: what a container freeze does not carry is
+// refused with one line naming it, and the container runs on: an
+// interface other than lo, a System V semaphore set, a process outside
+// the container in its network namespace, a POSIX message queue; a
+// process of the container frozen without its init is refused for its
+// mount namespace.
+func TestContainerRefusals(t *testing.T) {
+	needRoot(t)
+	for _, c := range []struct{ name, setup, want string }{
+		{"bridge", "ip link add ctrb0 type bridge", "net namespace: interface ctrb0 (bridge) is not carried (only lo)"},
+		{"sem", "ipcmk -S 1 >/dev/null", "ipc namespace: System V semaphore set"},
+		// A file made in an mqueue filesystem is a queue.
+		{"mqueue", "mount -t mqueue ctrmq /mnt && touch /mnt/ctrq", "ipc namespace: POSIX message queue /ctrq is not carried"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			unshare, err := exec.LookPath("unshare")
+			if err != nil {
+				t.Skipf("unshare not found: %v", err)
+			}
+			p := fixture.Start(t, unshare, "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net", "sh", "-c", c.setup+" && echo ready && exec sleep 1000")
+			p.Lines.Expect(t, "^ready$", waitFor)
+			kids, err := fixture.Children(p.Pid())
+			if err != nil || len(kids) != 1 {
+				t.Fatalf("unshare %d has children %v (%v)", p.Pid(), kids, err)
+			}
+			t.Cleanup(func() { p.Wait(waitFor) })
+			killNSAtCleanup(t, kids[0])
+			refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: %s", kids[0], c.want), "-pid", strconv.Itoa(kids[0]), "-tree")
+			if !alive(kids[0]) {
+				t.Fatalf("the container's init %d is gone after a refused freeze", kids[0])
+			}
+		})
+	}
+	t.Run("outsider", func(t *testing.T) {
+		dir := t.TempDir()
+		p, init := startContainer(t, dir)
+		out := exec.Command("nsenter", "-t", strconv.Itoa(init), "-n", "sleep", "1000")
+		if err := out.Start(); err != nil {
+			t.Skipf("nsenter: %v", err)
+		}
+		t.Cleanup(func() { out.Process.Kill(); out.Wait() })
+		waitNS(t, out.Process.Pid, "net", nsLinks(t, init)["net"])
+		refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: pid %d, outside the tree, shares the net namespace of %d", init, out.Process.Pid, init), "-pid", strconv.Itoa(init), "-tree")
+		p.WriteLine("check")
+		p.Lines.Expect(t, "^"+containerCheck+"$", waitFor)
+		kids, _ := fixture.Children(init)
+		if len(kids) != 1 {
+			t.Fatalf("the container's init %d has children %v, want its one", init, kids)
+		}
+		refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: process is in another mnt namespace", kids[0]), "-pid", strconv.Itoa(kids[0]))
+	})
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	return err == nil && !strings.Contains(string(b), ") Z ")
+}
+
+// waitNS waits until pid is in namespace ns of kind (nsenter has entered
+// it and exec'd).
+func waitNS(t *testing.T, pid int, kind, ns string) {
+	t.Helper()
+	deadline := time.Now().Add(waitFor)
+	for time.Now().Before(deadline) {
+		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, kind))
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if l == ns && strings.HasSuffix(exe, "/sleep") {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("pid %d never entered %s", pid, ns)
+}
