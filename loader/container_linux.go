@@ -48,6 +48,9 @@ type container struct {
 	// late are the mounts (indexes) made only when the tree starts: the
 	// container's proc and those above it.
 	late []int
+	// hostProc: this host's /proc is bound on the container's until then
+	// (a pivoted root has no other).
+	hostProc bool
 }
 
 // newContainer makes the container's UTS, IPC and network namespaces and
@@ -259,6 +262,53 @@ func (p *Process) buildMounts(m *image.MountNamespace) error {
 	if err := p.mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
 		return fmt.Errorf("mount namespace: make / a slave: %w", err)
 	}
+	if m.Mounts[0].Kind == image.MountBind {
+		return p.pivotMounts(m)
+	}
+	if err := p.hostMounts(m); err != nil {
+		return err
+	}
+	for i := range m.Mounts {
+		s := &m.Mounts[i]
+		if s.Kind == image.MountHost {
+			continue
+		}
+		if p.late(m, i) {
+			continue
+		}
+		if err := p.makeMount(s, s.Point); err != nil {
+			return err
+		}
+		if err := p.propagate(s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// late reports whether mount i is made only when the tree starts (and
+// notes it): the container's proc, and mounts above one. While the tree
+// is built its members open pthaw's files through this host's /proc.
+func (p *Process) late(m *image.MountNamespace, i int) bool {
+	s := &m.Mounts[i]
+	for _, j := range p.ctr.late {
+		if d := &m.Mounts[j]; d.Kind == image.MountProc && under(s.Point, d.Point) {
+			p.ctr.late = append(p.ctr.late, i)
+			return true
+		}
+	}
+	if s.Kind == image.MountProc {
+		p.ctr.late = append(p.ctr.late, i)
+		return true
+	}
+	return false
+}
+
+// hostMounts makes the copy of pthaw's mount table the container's host
+// mounts: those it had must be here, those it did not have are detached,
+// and each gets its saved propagation (before the container's own mounts
+// may hide it). Runs on the tracer thread.
+func (p *Process) hostMounts(m *image.MountNamespace) error {
 	cur, err := procfs.Mountinfo(procfs.Path(p.pid, "mountinfo"))
 	if err != nil {
 		return fmt.Errorf("mount namespace: %w", err)
@@ -279,20 +329,25 @@ func (p *Process) buildMounts(m *image.MountNamespace) error {
 		}
 		extra = append(extra, c.Point)
 	}
-	for _, s := range m.Mounts {
+	missing := map[int]bool{}
+	for i, s := range m.Mounts {
+		if s.Kind != image.MountHost {
+			continue
+		}
 		k := mountKey(s.Point, s.FSType, s.Source, s.Root)
-		if s.Kind != image.MountHost || have[k] > 0 {
+		if have[k] > 0 {
 			have[k]--
 			continue
 		}
 		if s.FSType == "nsfs" {
 			// A namespace file bound by ip netns: those come and go.
 			p.notice("mount %s (a namespace file) of the container is not on this host: left out", s.Point)
+			missing[i] = true
 			continue
 		}
 		return fmt.Errorf("mount %s (%s from %s, root %s) of the container is not on this host", s.Point, s.FSType, s.Source, s.Root)
 	}
-	// The host's mounts the container did not have, children first.
+	// Children first.
 	for i := len(extra) - 1; i >= 0; i-- {
 		a, err := p.putStrings(extra[i])
 		if err != nil {
@@ -302,32 +357,71 @@ func (p *Process) buildMounts(m *image.MountNamespace) error {
 			return fmt.Errorf("mount namespace: detach %s (not the container's): %w", extra[i], err)
 		}
 	}
-	// The host's mounts get their propagation before the container's own
-	// mounts may hide them; each of those gets its own once made.
 	for i := range m.Mounts {
-		if s := &m.Mounts[i]; s.Kind == image.MountHost {
-			if err := p.propagate(s); err != nil && s.FSType != "nsfs" {
+		if s := &m.Mounts[i]; s.Kind == image.MountHost && !missing[i] {
+			if err := p.propagate(s); err != nil {
 				return err
 			}
 		}
 	}
-	var procs []string
-	for i := range m.Mounts {
+	return nil
+}
+
+// pivotMounts builds the table of a container whose root is a bind mount
+// of a host directory (a runtime's container: pivot_root'ed into its
+// rootfs). Its mounts are made under that directory, the host's /proc
+// bound for the while on the container's (see late), then the stub
+// pivots into it and lets the host's whole tree go. Runs on the tracer
+// thread.
+func (p *Process) pivotMounts(m *image.MountNamespace) error {
+	root := &m.Mounts[0]
+	newRoot := root.BindFrom
+	if err := p.makeMount(root, newRoot); err != nil {
+		return err
+	}
+	for i := 1; i < len(m.Mounts); i++ {
 		s := &m.Mounts[i]
 		if s.Kind == image.MountHost {
-			continue
+			return fmt.Errorf("mount %s (%s from %s) of the container is inherited from its host under a changed root: not carried", s.Point, s.FSType, s.Source)
 		}
-		if s.Kind == image.MountProc || slices.ContainsFunc(procs, func(d string) bool { return under(s.Point, d) }) {
-			// While the tree is built its members open pthaw's files
-			// through this host's /proc: the container's comes last.
-			if s.Kind == image.MountProc {
-				procs = append(procs, s.Point)
+		if p.late(m, i) {
+			if s.Kind == image.MountProc && s.Point == "/proc" && !p.ctr.hostProc {
+				if err := p.mount("/proc", path.Join(newRoot, "proc"), "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+					return fmt.Errorf("bind this host's /proc for the build: %w", err)
+				}
+				p.ctr.hostProc = true
 			}
-			p.ctr.late = append(p.ctr.late, i)
 			continue
 		}
-		if err := p.makeOwnMount(s); err != nil {
+		if err := p.makeMount(s, path.Join(newRoot, s.Point)); err != nil {
 			return err
+		}
+	}
+	a, err := p.putStrings(newRoot, ".", "/")
+	if err != nil {
+		return err
+	}
+	if _, err := p.call(unix.SYS_CHDIR, a[0]); err != nil {
+		return fmt.Errorf("chdir %s: %w", newRoot, err)
+	}
+	if _, err := p.call(unix.SYS_PIVOT_ROOT, a[1], a[1]); err != nil {
+		return fmt.Errorf("pivot_root into %s: %w", newRoot, err)
+	}
+	if _, err := p.call(unix.SYS_UMOUNT2, a[1], unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("detach the host's root: %w", err)
+	}
+	if _, err := p.call(unix.SYS_CHDIR, a[2]); err != nil {
+		return fmt.Errorf("chdir /: %w", err)
+	}
+	late := map[int]bool{}
+	for _, i := range p.ctr.late {
+		late[i] = true
+	}
+	for i := range m.Mounts {
+		if !late[i] {
+			if err := p.propagate(&m.Mounts[i]); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
@@ -342,8 +436,8 @@ func under(p, d string) bool {
 // makeOwnMount makes one of the container's own mounts with its
 // propagation. Runs on the tracer thread.
 func (p *Process) makeOwnMount(s *image.Mount) error {
-	if err := p.makeMount(s); err != nil {
-		return fmt.Errorf("mount %s (%s): %w", s.Point, s.Kind, err)
+	if err := p.makeMount(s, s.Point); err != nil {
+		return err
 	}
 	return p.propagate(s)
 }
@@ -355,6 +449,16 @@ func (p *Process) lateMounts() error {
 	c := p.ctr
 	if c == nil || c.img.Mount == nil {
 		return nil
+	}
+	if c.hostProc {
+		a, err := p.putStrings("/proc")
+		if err != nil {
+			return err
+		}
+		if _, err := p.call(unix.SYS_UMOUNT2, a[0], unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("detach this host's /proc: %w", err)
+		}
+		c.hostProc = false
 	}
 	for _, i := range c.late {
 		if err := p.makeOwnMount(&c.img.Mount.Mounts[i]); err != nil {
@@ -385,30 +489,38 @@ func (p *Process) propagate(s *image.Mount) error {
 	return nil
 }
 
-// makeMount makes one of the container's own mounts. Runs on the tracer
-// thread.
-func (p *Process) makeMount(s *image.Mount) error {
+// makeMount makes one of the container's own mounts, at target (its
+// point, or where it is before the stub pivots into the container's
+// root). Runs on the tracer thread.
+func (p *Process) makeMount(s *image.Mount, target string) error {
+	if err := p.makeMountAt(s, target); err != nil {
+		return fmt.Errorf("mount %s (%s): %w", s.Point, s.Kind, err)
+	}
+	return nil
+}
+
+func (p *Process) makeMountAt(s *image.Mount, target string) error {
 	flags := uintptr(s.Flags & perMount)
 	switch s.Kind {
 	case image.MountProc, image.MountSysfs, image.MountMqueue:
-		return p.mount(s.Source, s.Point, s.FSType, flags, "")
+		return p.mount(s.Source, target, s.FSType, flags, "")
 	case image.MountTmpfs:
-		if err := p.mount(s.Source, s.Point, "tmpfs", flags&^unix.MS_RDONLY, s.Options); err != nil {
+		if err := p.mount(s.Source, target, "tmpfs", flags&^unix.MS_RDONLY, s.Options); err != nil {
 			return err
 		}
-		if err := p.fillTmpfs(s); err != nil {
+		if err := p.fillTmpfs(s, target); err != nil {
 			return err
 		}
 		if flags&unix.MS_RDONLY != 0 {
-			return p.mount("", s.Point, "", unix.MS_REMOUNT|unix.MS_BIND|flags, "")
+			return p.mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|flags, "")
 		}
 		return nil
 	case image.MountBind:
-		if err := p.mount(s.BindFrom, s.Point, "", unix.MS_BIND, ""); err != nil {
+		if err := p.mount(s.BindFrom, target, "", unix.MS_BIND, ""); err != nil {
 			return fmt.Errorf("bind %s: %w", s.BindFrom, err)
 		}
 		if flags&(unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC) != 0 {
-			return p.mount("", s.Point, "", unix.MS_REMOUNT|unix.MS_BIND|flags, "")
+			return p.mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|flags, "")
 		}
 		return nil
 	}
@@ -417,14 +529,15 @@ func (p *Process) makeMount(s *image.Mount) error {
 
 // fillTmpfs writes a tmpfs's saved files into it, from pthaw, through
 // the stub's root (/proc/STUB/root): every path is resolved inside the
-// new tmpfs, never through a link or onto another mount.
-func (p *Process) fillTmpfs(s *image.Mount) error {
+// new tmpfs (mounted at target), never through a link or onto another
+// mount.
+func (p *Process) fillTmpfs(s *image.Mount, target string) error {
 	root, err := unix.Open(procfs.Path(p.pid, "root"), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
 	defer unix.Close(root)
-	top, err := unix.Openat2(root, s.Point, &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS})
+	top, err := unix.Openat2(root, target, &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS})
 	if err != nil {
 		return err
 	}

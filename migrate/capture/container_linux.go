@@ -475,11 +475,22 @@ func fileType(mode uint32) string {
 	return "file of unknown type"
 }
 
-// inRoot returns path as process pid sees it (in its mount namespace, a
-// container's), through /proc/PID/root: the same file as path for a
-// process in ours.
-func inRoot(pid int, path string) string {
-	return procfs.Path(pid, "root") + path
+// namesFile checks that path, from a /proc link of process pid, names
+// the file st there, as pid sees it (through /proc/PID/root: in its mount
+// namespace, a container's), where the restored process opens it again.
+// For a process in ours that is pfreeze's own view. what is "open file" or
+// "mapped file".
+func namesFile(pid int, path string, st *syscall.Stat_t, what string) error {
+	var pst syscall.Stat_t
+	if err := syscall.Stat(procfs.Path(pid, "root")+path, &pst); err == nil && pst.Ino == st.Ino && pst.Dev == st.Dev {
+		return nil
+	}
+	// A link shows the path from pfreeze's root when the file is
+	// reachable from it: a host file outside a container's root.
+	if err := syscall.Stat(path, &pst); err == nil && pst.Ino == st.Ino && pst.Dev == st.Dev {
+		return fmt.Errorf("the %s is outside the process's mount namespace (a host file a container was given): it cannot be reopened there", what)
+	}
+	return fmt.Errorf("path no longer names the %s", what)
 }
 
 // readSysVIn is readSysV run in pid's IPC namespace when it is not ours
