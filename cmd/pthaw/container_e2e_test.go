@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -210,4 +211,104 @@ func waitNS(t *testing.T, pid int, kind, ns string) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatalf("pid %d never entered %s", pid, ns)
+}
+
+// crunConfig is the OCI config of TestContainerCrun: the static fixture
+// as the container's init, its own PID, mount, UTS, IPC and network
+// namespaces, its rootfs a directory of ours, proc its only mount.
+const crunConfig = `{
+  "ociVersion": "1.0.2",
+  "process": {"terminal": false, "user": {"uid": 0, "gid": 0}, "args": ["/container", "/mnt", "7777"], "env": ["PATH=/"], "cwd": "/",
+    "capabilities": {"bounding": ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"], "effective": ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"], "permitted": ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"]}},
+  "root": {"path": "rootfs"},
+  "hostname": "crunbox",
+  "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+  "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}, {"type": "network"}]}
+}`
+
+// TestContainerCrun: a container of a real runtime (crun, its rootfs a
+// directory holding the static fixture: pivot_root'ed into it) moves with
+// its namespaces; the restored init reports from inside as the original
+// did, its root the rootfs.
+func TestContainerCrun(t *testing.T) {
+	needRoot(t)
+	crun, err := exec.LookPath("crun")
+	if err != nil {
+		t.Skipf("crun not found (apt-get install crun): %v", err)
+	}
+	bundle := t.TempDir()
+	rootfs := filepath.Join(bundle, "rootfs")
+	for _, d := range []string{"proc", "mnt", "dev"} {
+		if err := os.MkdirAll(filepath.Join(rootfs, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bin, err := os.ReadFile(fixture.Build(t, "container-static"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(rootfs, "container"), bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bundle, "config.json"), []byte(crunConfig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	state, id := t.TempDir(), fmt.Sprintf("pcl-ctr-%d", os.Getpid())
+	crunCmd := fmt.Sprintf("%s --root %s --cgroup-manager=disabled", crun, state)
+	t.Cleanup(func() { exec.Command("sh", "-c", crunCmd+" delete -f "+id).Run() })
+	// crun 1.8 refuses this host's hybrid cgroup layout: it runs in a
+	// mount namespace of its own whose /sys/fs/cgroup is cgroup2 alone
+	// (no cgroup is made: --cgroup-manager=disabled).
+	p := fixture.Start(t, "/usr/bin/unshare", "-m", "sh", "-c",
+		"mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec "+crunCmd+" run --bundle "+bundle+" "+id)
+	p.Lines.Expect(t, `^ready shm \d+$`, waitFor)
+	init := containerInit(t, p.Pid())
+	t.Cleanup(func() { p.Wait(waitFor) })
+	killNSAtCleanup(t, init)
+	if err := p.WriteLine("check"); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, "^"+containerCheck+"$", waitFor)
+
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(init), "-tree", "-halt", "-dest", snap)
+	if _, err := p.Wait(waitFor); err != nil {
+		t.Fatalf("crun after pfreeze -halt: %v", err)
+	}
+	th := thaw(t, "-src", snap, "-pidns")
+	init = th.restoredPid(t)
+	killNSAtCleanup(t, init)
+	if _, err := th.stdin.WriteString("check\n"); err != nil {
+		t.Fatal(err)
+	}
+	th.out.Expect(t, "^"+containerCheck+"$", waitFor)
+	var st, rst syscall.Stat_t
+	if err := syscall.Stat(fmt.Sprintf("/proc/%d/root/container", init), &st); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Stat(filepath.Join(rootfs, "container"), &rst); err != nil || st.Ino != rst.Ino || st.Dev != rst.Dev {
+		t.Fatalf("the restored init's root is not the container's rootfs %s (%v)", rootfs, err)
+	}
+	th.stdin.Close()
+	if code := th.exit(t); code != 0 {
+		t.Fatalf("pthaw exit code %d, want 0: %s", code, th.stderr.String())
+	}
+}
+
+// containerInit returns the init of the container a runtime (pid) started:
+// its descendant that is pid 1 of a PID namespace of its own.
+func containerInit(t *testing.T, pid int) int {
+	t.Helper()
+	queue := []int{pid}
+	for len(queue) > 0 {
+		q := queue[0]
+		queue = queue[1:]
+		if pidNSOf(q) != pidNSOf(os.Getpid()) {
+			return q
+		}
+		kids, _ := fixture.Children(q)
+		queue = append(queue, kids...)
+	}
+	t.Fatalf("no container init under %d", pid)
+	return 0
 }
