@@ -493,6 +493,30 @@ func namesFile(pid int, path string, st *syscall.Stat_t, what string) error {
 	return fmt.Errorf("path no longer names the %s", what)
 }
 
+// diagSocket opens a sock_diag socket in pid's network namespace (a
+// container's, when not ours: made by a thread of ours that entered it).
+func diagSocket(pid int) (int, error) {
+	open := func() (int, error) {
+		return unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	}
+	mine, err1 := os.Readlink("/proc/self/ns/net")
+	theirs, err2 := nsLink(pid, "net")
+	if err1 != nil || err2 != nil || mine == theirs {
+		return open()
+	}
+	th, err := nsthread.Enter(pid, "net")
+	if err != nil {
+		return -1, err
+	}
+	defer th.Close()
+	s := -1
+	err = th.Do(func() (err error) {
+		s, err = open()
+		return err
+	})
+	return s, err
+}
+
 // readSysVIn is readSysV run in pid's IPC namespace when it is not ours
 // (a container's): the segment's id means something only there.
 func readSysVIn(pid int) func(id uint64, kind image.FileKind, name, src string) ([]image.File, error) {

@@ -47,9 +47,10 @@ type unixDiag struct {
 	vfsIno     uint64 // the inode of a path's socket file
 }
 
-// diagUnix asks sock_diag about the unix socket with inode ino.
-func diagUnix(ino uint64) (*unixDiag, error) {
-	s, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+// diagUnix asks sock_diag about the unix socket with inode ino, held by
+// pid: in pid's network namespace, the only one whose sock_diag knows it.
+func diagUnix(pid int, ino uint64) (*unixDiag, error) {
+	s, err := diagSocket(pid)
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag: %w", err)
 	}
@@ -161,7 +162,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	if err := unix.Fstat(h.fd, &st); err != nil {
 		return fmt.Errorf("stat: %w", err)
 	}
-	d, err := diagUnix(st.Ino)
+	d, err := diagUnix(pid, st.Ino)
 	if err != nil {
 		return err
 	}
@@ -186,7 +187,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	}
 	if !socks.unixOwn[d.peer] {
 		peer := fmt.Sprintf("socket:[%d]", d.peer)
-		pd, err := diagUnix(d.peer)
+		pd, err := diagUnix(pid, d.peer)
 		if err == nil && pd.name != "" {
 			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
 		}
