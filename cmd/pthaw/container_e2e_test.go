@@ -187,7 +187,13 @@ func TestContainerRefusals(t *testing.T) {
 		if len(kids) != 1 {
 			t.Fatalf("the container's init %d has children %v, want its one", init, kids)
 		}
-		refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: process is in another mnt namespace", kids[0]), "-pid", strconv.Itoa(kids[0]))
+		refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: process is in another mnt namespace (a container is frozen whole: the init of its PID namespace, with -tree)", kids[0]), "-pid", strconv.Itoa(kids[0]))
+		// Nor is a process in UTS and IPC namespaces of its own, not a
+		// PID namespace's init: its host name and segments stay behind.
+		uts := fixture.Start(t, "/usr/bin/unshare", "--uts", "--ipc", "sh", "-c", "echo ready && exec sleep 1000")
+		uts.Lines.Expect(t, "^ready$", waitFor)
+		waitExe(t, uts.Pid(), "/sleep")
+		refusedFreeze(t, fmt.Sprintf("pfreeze: freeze %d: process is in another uts namespace (a container is frozen whole: the init of its PID namespace, with -tree)", uts.Pid()), "-pid", strconv.Itoa(uts.Pid()))
 	})
 }
 
@@ -198,19 +204,26 @@ func alive(pid int) bool {
 }
 
 // waitNS waits until pid is in namespace ns of kind (nsenter has entered
-// it and exec'd).
+// it and exec'd sleep).
 func waitNS(t *testing.T, pid int, kind, ns string) {
+	t.Helper()
+	waitExe(t, pid, "/sleep")
+	if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, kind)); l != ns {
+		t.Fatalf("pid %d is in %s, want %s", pid, l, ns)
+	}
+}
+
+// waitExe waits until pid runs a program whose path ends in suffix.
+func waitExe(t *testing.T, pid int, suffix string) {
 	t.Helper()
 	deadline := time.Now().Add(waitFor)
 	for time.Now().Before(deadline) {
-		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, kind))
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		if l == ns && strings.HasSuffix(exe, "/sleep") {
+		if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, suffix) {
 			return
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	t.Fatalf("pid %d never entered %s", pid, ns)
+	t.Fatalf("pid %d never ran a program ending in %s", pid, suffix)
 }
 
 // crunConfig is the OCI config of TestContainerCrun: the static fixture
