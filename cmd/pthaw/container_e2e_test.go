@@ -325,3 +325,68 @@ func containerInit(t *testing.T, pid int) int {
 	t.Fatalf("no container init under %d", pid)
 	return 0
 }
+
+// TestContainerRestoreRefused: a container snapshot is restored only into
+// a new PID namespace, and one whose bind mount's host directory is gone
+// fails with one line naming the mount; neither leaves anything behind.
+// The same snapshot then restores once the directory is back, the bind
+// mount showing the host directory's file.
+func TestContainerRestoreRefused(t *testing.T) {
+	needRoot(t)
+	dir, src, bind := t.TempDir(), filepath.Join(t.TempDir(), "src"), t.TempDir()
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "host"), []byte("from the host"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skipf("unshare not found: %v", err)
+	}
+	p := fixture.Start(t, unshare, "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net", "sh", "-c",
+		fmt.Sprintf("mount --bind %s %s && exec %s %s 7777", src, bind, fixture.Build(t, "container"), dir))
+	p.Lines.Expect(t, `^ready shm \d+$`, waitFor)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v (%v)", p.Pid(), kids, err)
+	}
+	t.Cleanup(func() { p.Wait(waitFor) })
+	killNSAtCleanup(t, kids[0])
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(kids[0]), "-tree", "-halt", "-dest", snap)
+	p.Wait(waitFor)
+
+	refused := func(want string, args ...string) {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(binDir, "pthaw"), args...)
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), want) || strings.Count(string(out), "\n") != 1 {
+			t.Fatalf("pthaw %v: %v: %q, want one line with %q", args, err, out, want)
+		}
+		if hostHasSegment(t, containerKey) {
+			t.Fatalf("pthaw %v failed but left the segment %#x in this host's IPC namespace", args, containerKey)
+		}
+	}
+	refused("pthaw: thaw: the snapshot is a container (a PID namespace frozen with namespaces of its own): it is restored only into a new PID namespace", "-src", snap)
+	moved := src + ".moved"
+	if err := os.Rename(src, moved); err != nil {
+		t.Fatal(err)
+	}
+	refused(fmt.Sprintf("pthaw: thaw: pid 1: mount %s (bind): bind %s: no such file or directory", bind, src), "-src", snap, "-pidns")
+	if err := os.Rename(moved, src); err != nil {
+		t.Fatal(err)
+	}
+	th := thaw(t, "-src", snap, "-pidns")
+	init := th.restoredPid(t)
+	killNSAtCleanup(t, init)
+	th.stdin.WriteString("check\n")
+	// Its child is pid 3 here: sh forked mount first.
+	th.out.Expect(t, "^"+strings.Replace(containerCheck, "procs=1,2", "procs=1,3", 1)+"$", waitFor)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/root%s/host", init, bind))
+	if err != nil || string(b) != "from the host" {
+		t.Fatalf("the restored bind mount %s reads %q (%v), want the host file's %q", bind, b, err, "from the host")
+	}
+	th.stdin.Close()
+	th.exit(t)
+}
