@@ -160,6 +160,16 @@ func (p *Process) ctrOf() *container {
 	return p.ctr
 }
 
+// inContainerNet runs fn in the container's new network namespace (on the
+// thread holding it), or here when the restore makes none: a socket pthaw
+// makes for the members must be in theirs.
+func (p *Process) inContainerNet(fn func() error) error {
+	if c := p.ctrOf(); c != nil && c.img.Net != nil && c.th != nil {
+		return c.th.Do(fn)
+	}
+	return fn()
+}
+
 // containerIPC returns the thread holding the container's new IPC
 // namespace, or nil when the restore makes none.
 func (p *Process) containerIPC() *nsthread.Thread {
@@ -169,8 +179,8 @@ func (p *Process) containerIPC() *nsthread.Thread {
 	return nil
 }
 
-// stubFiles opens the namespaces the stub is to join, passed as its fds
-// 4, 5, ... (closed by the caller once it has started).
+// stubFiles opens the namespaces the stub is to join, passed as fds it
+// starts with (closed by the caller once it has started).
 func (c *container) stubFiles() ([]*os.File, error) {
 	var out []*os.File
 	for _, k := range c.kinds {
@@ -195,11 +205,11 @@ func (c *container) cloneFlags() uintptr {
 }
 
 // enterContainer makes the stub, just started, join the container's
-// namespaces (its fds 4...) and rebuilds the mount table in its new mount
-// namespace. Runs on the tracer thread.
-func (p *Process) enterContainer(c *container) error {
+// namespaces (its fds first, first+1...) and rebuilds the mount table in
+// its new mount namespace. Runs on the tracer thread.
+func (p *Process) enterContainer(c *container, first int) error {
 	for i, k := range c.kinds {
-		fd := uintptr(4 + i)
+		fd := uintptr(first + i)
 		if _, err := p.call(unix.SYS_SETNS, fd, 0); err != nil {
 			return fmt.Errorf("join the new %s namespace: %w", k, err)
 		}

@@ -144,6 +144,12 @@ type Process struct {
 	createdShm []int
 	// ctr, on a tree's root, is the container restored (container_linux.go).
 	ctr *container
+	// stubPthawFd, on the root of a tree restored into a new PID
+	// namespace, is the fd of its stub (and of every member's, forked
+	// from it) that is a pidfd of pthaw; pthawFd is where each member
+	// keeps it while its fds are opened (takeFromPthaw).
+	stubPthawFd int
+	pthawFd     int
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -604,8 +610,19 @@ func (p *Process) launchStub(base uint64) error {
 				files[i] = f.Fd()
 			}
 		}
+		if p.opts.PIDNamespace {
+			// pthaw has no PID in the new namespace: its members take
+			// files from pthaw through this pidfd instead.
+			pidfd, err := unix.PidfdOpen(os.Getpid(), unix.PIDFD_NONBLOCK)
+			if err != nil {
+				return fmt.Errorf("pidfd_open of pthaw: %w", err)
+			}
+			defer unix.Close(pidfd)
+			files = append(files, uintptr(pidfd))
+			p.stubPthawFd = len(files) - 1
+		}
 		if p.ctr != nil && p.ctr.th != nil {
-			// The container's namespaces to join: fds 4...
+			// The container's namespaces to join: the fds after.
 			nsFiles, err := p.ctr.stubFiles()
 			if err != nil {
 				return err
@@ -664,7 +681,7 @@ func (p *Process) launchStub(base uint64) error {
 			return fmt.Errorf("name stub: %w", err)
 		}
 		if p.ctr != nil {
-			return p.enterContainer(p.ctr)
+			return p.enterContainer(p.ctr, p.stubPthawFd+1)
 		}
 		return nil
 	})

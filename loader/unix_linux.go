@@ -363,16 +363,19 @@ type treePair struct {
 // fd. Runs on the tracer thread.
 func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 	u := f.Unix
-	if p.tree.ns != nil {
-		return 0, fmt.Errorf("fd %d (%s): unix socket pairs in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
-	}
 	if len(u.Rights) > 0 {
 		return 0, fmt.Errorf("fd %d (%s): file descriptors queued in a unix socket of a tree (SCM_RIGHTS) are not supported yet", f.Fd, f.What)
 	}
 	key := min(u.ID, u.Peer)
 	pair, ok := p.tree.unix[key]
 	if !ok {
-		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		var fds [2]int
+		// In a container's own network namespace, where its members'
+		// sockets are (and sock_diag finds them at the next freeze).
+		err := p.inContainerNet(func() (err error) {
+			fds, err = unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
 		}
@@ -423,15 +426,20 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 }
 
 // takeFromPthaw gives the process a new fd of pthaw's fd mine (an
-// injected pidfd_open of pthaw and pidfd_getfd), with f's O_NONBLOCK.
+// injected pidfd_open of pthaw, or in a new PID namespace, where pthaw
+// has no PID, the pidfd of pthaw its stub was started with: pthawFd;
+// then pidfd_getfd).
 // Runs on the tracer thread.
 func (p *Process) takeFromPthaw(f *image.FD, mine int) (uintptr, error) {
-	pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
-	if err != nil {
-		return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
+	pidfd := uintptr(p.pthawFd)
+	if p.pthawFd <= 0 {
+		var err error
+		if pidfd, err = p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0); err != nil {
+			return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
+		}
+		defer p.call(unix.SYS_CLOSE, pidfd)
 	}
 	tmp, err := p.call(unix.SYS_PIDFD_GETFD, pidfd, uintptr(mine), 0)
-	p.call(unix.SYS_CLOSE, pidfd)
 	if err != nil {
 		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's socket: %w", f.Fd, err)
 	}

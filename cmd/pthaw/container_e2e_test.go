@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -389,4 +390,97 @@ func TestContainerRestoreRefused(t *testing.T) {
 	}
 	th.stdin.Close()
 	th.exit(t)
+}
+
+// pairScript is a container's init and its child talking over a unix
+// socket pair made before the fork: for each line on its stdin the child
+// receives a message (the first is one queued before the freeze) and
+// prints it; the parent answers every ping with a pong.
+const pairScript = `
+import os, socket, sys
+a, b = socket.socketpair()
+a.send(b"queued")
+if os.fork() == 0:
+    a.close()
+    for line in sys.stdin:
+        n = line.strip()
+        if n != "1":
+            b.send(b"ping" + n.encode())
+        print("child got", b.recv(64).decode(), flush=True)
+    sys.exit(0)
+b.close()
+print("ready", flush=True)
+while True:
+    m = a.recv(64)
+    if not m:
+        break
+    a.send(b"pong" + m[4:])
+os.wait()
+`
+
+// TestContainerSocketPair: a unix socket pair between a container's init
+// and its child, with a message queued, moves with the container twice
+// (made by pthaw in the container's new network namespace, where the
+// next freeze finds it): the queued message arrives, then ping and pong.
+func TestContainerSocketPair(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	script := filepath.Join(t.TempDir(), "pair.py")
+	if err := os.WriteFile(script, []byte(pairScript), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skipf("unshare not found: %v", err)
+	}
+	p := fixture.Start(t, unshare, "--fork", "--pid", "--mount-proc", "--uts", "--net", py, script)
+	p.Lines.Expect(t, "^ready$", waitFor)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v (%v)", p.Pid(), kids, err)
+	}
+	t.Cleanup(func() { p.Wait(waitFor) })
+	killNSAtCleanup(t, kids[0])
+	// Both are running their loops once the child waits on its stdin.
+	waitWchan(t, nsMembers(t, kids[0]), "anon_pipe_read|pipe_read")
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(kids[0]), "-tree", "-halt", "-dest", snap)
+	p.Wait(waitFor)
+
+	th := thaw(t, "-src", snap, "-pidns")
+	init := th.restoredPid(t)
+	killNSAtCleanup(t, init)
+	th.stdin.WriteString("1\n")
+	th.out.Expect(t, "^child got queued$", waitFor)
+	th.stdin.WriteString("2\n")
+	th.out.Expect(t, "^child got pong2$", waitFor)
+
+	snap = filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(init), "-tree", "-halt", "-dest", snap)
+	th.exit(t)
+	th = thaw(t, "-src", snap, "-pidns")
+	killNSAtCleanup(t, th.restoredPid(t))
+	th.stdin.WriteString("3\n")
+	th.out.Expect(t, "^child got pong3$", waitFor)
+	th.stdin.Close()
+	if code := th.exit(t); code != 0 {
+		t.Fatalf("pthaw exit code %d, want 0: %s", code, th.stderr.String())
+	}
+}
+
+// waitWchan waits until one of the processes pids (a map of any key to
+// our pid) sleeps in a kernel function matching rx.
+func waitWchan(t *testing.T, pids map[int]int, rx string) {
+	t.Helper()
+	re := regexp.MustCompile("^(" + rx + ")$")
+	deadline := time.Now().Add(waitFor)
+	for time.Now().Before(deadline) {
+		for _, pid := range pids {
+			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/wchan", pid)); re.Match(b) {
+				return
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("none of %v sleeps in %s", pids, rx)
 }
