@@ -170,6 +170,28 @@ func (p *Process) inContainerNet(fn func() error) error {
 	return fn()
 }
 
+// containerPath returns how pthaw reaches path as the tree sees it: path
+// itself, or in a container's own mount namespace /proc/self/fd/N/BASE,
+// N a directory of pthaw's opened there (under the root member's root,
+// never above it); done closes it.
+func (p *Process) containerPath(name string) (string, func(), error) {
+	c := p.ctrOf()
+	if c == nil || c.img.Mount == nil || !strings.HasPrefix(name, "/") {
+		return name, func() {}, nil
+	}
+	root, err := unix.Open(procfs.Path(p.pid, "root"), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", nil, err
+	}
+	dir, err := unix.Openat2(root, path.Dir(name), &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS})
+	unix.Close(root)
+	if err != nil {
+		return "", nil, err
+	}
+	return fmt.Sprintf("/proc/self/fd/%d/%s", dir, path.Base(name)), func() { unix.Close(dir) }, nil
+}
+
 // containerIPC returns the thread holding the container's new IPC
 // namespace, or nil when the restore makes none.
 func (p *Process) containerIPC() *nsthread.Thread {

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 
@@ -452,12 +453,15 @@ func (p *Process) takeFromPthaw(f *image.FD, mine int) (uintptr, error) {
 // Runs on the tracer thread.
 func (p *Process) treeUnixListener(f *image.FD) (uintptr, error) {
 	u := f.Unix
-	if p.tree.ns != nil {
-		return 0, fmt.Errorf("fd %d (%s): listening unix sockets in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
-	}
 	l, ok := p.tree.listeners[u.ID]
 	if !ok {
-		s, err := unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		s := -1
+		// In a container's own network namespace: an abstract name is
+		// its namespace's.
+		err := p.inContainerNet(func() (err error) {
+			s, err = unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
 		}
@@ -492,31 +496,54 @@ func (p *Process) bindTreeListeners() error {
 		if u.Name == "" || len(u.Name) > 107 {
 			return fmt.Errorf("%w: fd %d: listening unix socket", image.ErrCorrupt, l.rec.Fd)
 		}
-		if u.Name[0] != '@' && !staleSocket(u.Name) {
+		// A path as the tree sees it: in a container's own mount
+		// namespace, reached from here through its directory.
+		name, done, err := p.containerPath(u.Name)
+		if err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
+		}
+		err = bindTreeListener(l, name)
+		done()
+		if errors.Is(err, errListenerTaken) {
 			p.notice("fd %d (unix socket listening on %s) cannot be bound here: another process listens there; the tree finds it unbound", l.rec.Fd, u.Name)
 			continue
 		}
-		name := u.Name
-		if name[0] == '@' {
-			name = "\x00" + name[1:]
+		if err != nil {
+			return err
 		}
-		if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
-			return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+	}
+	return nil
+}
+
+// errListenerTaken: another process listens on a listener's path.
+var errListenerTaken = errors.New("another process listens there")
+
+// bindTreeListener binds l to name (its saved name, or the path that
+// reaches it from here) and makes it listen.
+func bindTreeListener(l *treeListener, name string) error {
+	u := l.rec.Unix
+	if u.Name[0] != '@' && !staleSocket(name) {
+		return errListenerTaken
+	}
+	if name[0] == '@' {
+		name = "\x00" + name[1:]
+	}
+	if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
+		return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+	}
+	if u.Name[0] == '/' {
+		if err := os.Lchown(name, int(u.Uid), int(u.Gid)); err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
 		}
-		if u.Name[0] == '/' {
-			if err := os.Lchown(u.Name, int(u.Uid), int(u.Gid)); err != nil {
-				return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
-			}
-			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
-				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
-			}
+		if err := unix.Fchmodat(unix.AT_FDCWD, name, u.Mode&0o7777, 0); err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
 		}
-		if !u.Listen {
-			continue // bound, not listening
-		}
-		if err := unix.Listen(l.fd, listenBacklog); err != nil {
-			return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
-		}
+	}
+	if !u.Listen {
+		return nil // bound, not listening
+	}
+	if err := unix.Listen(l.fd, listenBacklog); err != nil {
+		return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
 	}
 	return nil
 }

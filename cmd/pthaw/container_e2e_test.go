@@ -484,3 +484,80 @@ func waitWchan(t *testing.T, pids map[int]int, rx string) {
 	}
 	t.Fatalf("none of %v sleeps in %s", pids, rx)
 }
+
+// listenScript is a container's init listening on a unix socket in its
+// tmpfs (argv[1]) and on an abstract name, answering each connection;
+// for each line on its stdin its child connects to both and prints the
+// answers.
+const listenScript = `
+import os, select, socket, sys
+path, abstract = sys.argv[1] + "/app.sock", "\0pcl-ctr-abstract"
+l = socket.socket(socket.AF_UNIX)
+l.bind(path)
+l.listen(4)
+a = socket.socket(socket.AF_UNIX)
+a.bind(abstract)
+a.listen(4)
+if os.fork() == 0:
+    l.close()
+    a.close()
+    for line in sys.stdin:
+        for name in (path, abstract):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(name)
+            c.send(line.strip().encode())
+            print("reply", c.recv(64).decode(), flush=True)
+            c.close()
+    sys.exit(0)
+print("ready", flush=True)
+while True:
+    for s in select.select([l, a], [], [])[0]:
+        c, _ = s.accept()
+        c.send(c.recv(64) + (b"-path" if s is l else b"-abstract"))
+        c.close()
+`
+
+// TestContainerUnixListeners: a container's listening unix sockets, one
+// on a path in its tmpfs and one on an abstract name of its network
+// namespace, move with it: after the thaw both accept its child's
+// connections, and neither name is this host's.
+func TestContainerUnixListeners(t *testing.T) {
+	needRoot(t)
+	py := fixture.Python(t)
+	dir, script := t.TempDir(), filepath.Join(t.TempDir(), "listen.py")
+	if err := os.WriteFile(script, []byte(listenScript), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skipf("unshare not found: %v", err)
+	}
+	p := fixture.Start(t, unshare, "--fork", "--pid", "--mount-proc", "--uts", "--net", "sh", "-c",
+		fmt.Sprintf("mount -t tmpfs ctrsock %s && exec %s %s %s", dir, py, script, dir))
+	p.Lines.Expect(t, "^ready$", waitFor)
+	kids, err := fixture.Children(p.Pid())
+	if err != nil || len(kids) != 1 {
+		t.Fatalf("unshare %d has children %v (%v)", p.Pid(), kids, err)
+	}
+	t.Cleanup(func() { p.Wait(waitFor) })
+	killNSAtCleanup(t, kids[0])
+	p.WriteLine("a")
+	p.Lines.Expect(t, "^reply a-path$", waitFor)
+	p.Lines.Expect(t, "^reply a-abstract$", waitFor)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(kids[0]), "-tree", "-halt", "-dest", snap)
+	p.Wait(waitFor)
+
+	th := thaw(t, "-src", snap, "-pidns")
+	killNSAtCleanup(t, th.restoredPid(t))
+	th.stdin.WriteString("b\n")
+	th.out.Expect(t, "^reply b-path$", waitFor)
+	th.out.Expect(t, "^reply b-abstract$", waitFor)
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Errorf("the container's socket file shows on this host: %s has %v (%v)", dir, ents, err)
+	}
+	if b, _ := os.ReadFile("/proc/net/unix"); strings.Contains(string(b), "@pcl-ctr-abstract") {
+		t.Errorf("the container's abstract name is in this host's network namespace")
+	}
+	// The init serves forever: killing it at cleanup ends pthaw.
+}

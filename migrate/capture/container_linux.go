@@ -403,7 +403,8 @@ func bindSource(host []procfs.Mount, m *procfs.Mount) string {
 
 // readTmpfs reads the contents of the tmpfs mounted at point in pid's
 // mount namespace, through /proc/PID/root; the mounts on its directories
-// are their own (only the directories are kept). total counts the bytes
+// are their own (only the directories are kept), and its unix socket
+// files are left out (a listener of the tree binds its own again). total counts the bytes
 // of every tmpfs read so far.
 func readTmpfs(pid int, point string, total *int) ([]image.MountFile, error) {
 	top := filepath.Join(procfs.Path(pid, "root"), point)
@@ -452,6 +453,10 @@ func readTmpfs(pid int, point string, total *int) ([]image.MountFile, error) {
 			if f.Link, err = os.Readlink(p); err != nil {
 				return err
 			}
+		case syscall.S_IFSOCK:
+			// A listening socket of the tree binds its file again; one
+			// nobody in the container holds accepts nothing.
+			return nil
 		default:
 			return unsupported("%s is a %s: not carried", rel, fileType(st.Mode))
 		}
