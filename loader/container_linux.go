@@ -51,6 +51,9 @@ type container struct {
 	// hostProc: this host's /proc is bound on the container's until then
 	// (a pivoted root has no other).
 	hostProc bool
+	// prefix is where the container's root is while its mounts are made
+	// before the stub pivots into it ("" once it has, or without a pivot).
+	prefix string
 }
 
 // newContainer makes the container's UTS, IPC and network namespaces and
@@ -411,6 +414,8 @@ func (p *Process) pivotMounts(m *image.MountNamespace) error {
 	if err := p.makeMount(root, newRoot); err != nil {
 		return err
 	}
+	p.ctr.prefix = newRoot
+	defer func() { p.ctr.prefix = "" }()
 	for i := 1; i < len(m.Mounts); i++ {
 		s := &m.Mounts[i]
 		if s.Kind == image.MountHost {
@@ -445,6 +450,7 @@ func (p *Process) pivotMounts(m *image.MountNamespace) error {
 	if _, err := p.call(unix.SYS_CHDIR, a[2]); err != nil {
 		return fmt.Errorf("chdir /: %w", err)
 	}
+	p.ctr.prefix = ""
 	late := map[int]bool{}
 	for _, i := range p.ctr.late {
 		late[i] = true
@@ -534,8 +540,26 @@ func (p *Process) makeMount(s *image.Mount, target string) error {
 func (p *Process) makeMountAt(s *image.Mount, target string) error {
 	flags := uintptr(s.Flags & perMount)
 	switch s.Kind {
-	case image.MountProc, image.MountSysfs, image.MountMqueue:
+	case image.MountProc, image.MountSysfs, image.MountMqueue, image.MountCgroup2:
 		return p.mount(s.Source, target, s.FSType, flags, "")
+	case image.MountDevpts:
+		// A new instance, never the host's.
+		opts := "newinstance"
+		if s.Options != "" {
+			opts += "," + s.Options
+		}
+		return p.mount(s.Source, target, "devpts", flags, opts)
+	case image.MountInner:
+		// The container's path, under its root while the stub is not
+		// in it yet.
+		from := path.Join(p.ctr.prefix, s.BindFrom)
+		if err := p.mount(from, target, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind %s: %w", s.BindFrom, err)
+		}
+		if flags&(unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC) != 0 {
+			return p.mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|flags, "")
+		}
+		return nil
 	case image.MountTmpfs:
 		if err := p.mount(s.Source, target, "tmpfs", flags&^unix.MS_RDONLY, s.Options); err != nil {
 			return err
@@ -613,6 +637,10 @@ func fileTimes(mtime int64) []unix.Timespec {
 	return []unix.Timespec{t, t}
 }
 
+// statelessDevs are the character devices a container's tmpfs may hold
+// (capture's list): null, zero, full, random, urandom, tty, ptmx.
+var statelessDevs = map[[2]uint32]bool{{1, 3}: true, {1, 5}: true, {1, 7}: true, {1, 8}: true, {1, 9}: true, {5, 0}: true, {5, 2}: true}
+
 // writeTmpfsFile makes f in the directory dir.
 func writeTmpfsFile(dir int, f *image.MountFile) error {
 	name := path.Base(f.Path)
@@ -637,6 +665,13 @@ func writeTmpfsFile(dir int, f *image.MountFile) error {
 		}
 	case unix.S_IFLNK:
 		if err := unix.Symlinkat(f.Link, dir, name); err != nil {
+			return err
+		}
+	case unix.S_IFCHR:
+		if !statelessDevs[[2]uint32{unix.Major(f.Rdev), unix.Minor(f.Rdev)}] {
+			return fmt.Errorf("%w: character device %d:%d", image.ErrCorrupt, unix.Major(f.Rdev), unix.Minor(f.Rdev))
+		}
+		if err := unix.Mknodat(dir, name, unix.S_IFCHR|0o600, int(f.Rdev)); err != nil {
 			return err
 		}
 	default:

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -227,23 +228,13 @@ func waitExe(t *testing.T, pid int, suffix string) {
 	t.Fatalf("pid %d never ran a program ending in %s", pid, suffix)
 }
 
-// crunConfig is the OCI config of TestContainerCrun: the static fixture
-// as the container's init, its own PID, mount, UTS, IPC and network
-// namespaces, its rootfs a directory of ours, proc its only mount.
-const crunConfig = `{
-  "ociVersion": "1.0.2",
-  "process": {"terminal": false, "user": {"uid": 0, "gid": 0}, "args": ["/container", "/mnt", "7777"], "env": ["PATH=/"], "cwd": "/",
-    "capabilities": {"bounding": ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"], "effective": ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"], "permitted": ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"]}},
-  "root": {"path": "rootfs"},
-  "hostname": "crunbox",
-  "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
-  "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}, {"type": "network"}]}
-}`
-
-// TestContainerCrun: a container of a real runtime (crun, its rootfs a
-// directory holding the static fixture: pivot_root'ed into it) moves with
-// its namespaces; the restored init reports from inside as the original
-// did, its root the rootfs.
+// TestContainerCrun: a container of a real runtime (crun with the config
+// `crun spec` writes — read-only rootfs, /dev a tmpfs with device nodes,
+// devpts, mqueue, read-only sysfs and cgroup2, masked and read-only /proc
+// paths — its rootfs a directory holding the static fixture,
+// pivot_root'ed into it) moves with its namespaces; the restored init
+// reports from inside as the original did, its root the rootfs, its
+// mounts the runtime's.
 func TestContainerCrun(t *testing.T) {
 	needRoot(t)
 	crun, err := exec.LookPath("crun")
@@ -252,7 +243,7 @@ func TestContainerCrun(t *testing.T) {
 	}
 	bundle := t.TempDir()
 	rootfs := filepath.Join(bundle, "rootfs")
-	for _, d := range []string{"proc", "mnt", "dev"} {
+	for _, d := range []string{"proc", "mnt", "dev", "sys"} {
 		if err := os.MkdirAll(filepath.Join(rootfs, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -264,9 +255,7 @@ func TestContainerCrun(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(rootfs, "container"), bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(bundle, "config.json"), []byte(crunConfig), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	crunSpec(t, crun, bundle)
 	state, id := t.TempDir(), fmt.Sprintf("pcl-ctr-%d", os.Getpid())
 	crunCmd := fmt.Sprintf("%s --root %s --cgroup-manager=disabled", crun, state)
 	t.Cleanup(func() { exec.Command("sh", "-c", crunCmd+" delete -f "+id).Run() })
@@ -303,9 +292,54 @@ func TestContainerCrun(t *testing.T) {
 	if err := syscall.Stat(filepath.Join(rootfs, "container"), &rst); err != nil || st.Ino != rst.Ino || st.Dev != rst.Dev {
 		t.Fatalf("the restored init's root is not the container's rootfs %s (%v)", rootfs, err)
 	}
+	// The runtime's mounts, as the container sees them.
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", init))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{` / ro,relatime - ext4 `, ` /dev rw,nosuid - tmpfs `, ` /dev/pts rw,nosuid,noexec,relatime - devpts devpts rw,gid=5,mode=620,ptmxmode=666`,
+		` /dev/mqueue rw,nosuid,nodev,noexec,relatime - mqueue `, ` /sys ro,nosuid,nodev,noexec,relatime - sysfs `, ` /proc/sys ro,relatime - proc `,
+		` /proc/keys ro,relatime - `, ` /mnt rw,nosuid,nodev,relatime - tmpfs ctrtmp rw,size=1024k,mode=750`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("the restored container's mounts lack %q:\n%s", want, b)
+		}
+	}
+	if st, err := os.Stat(fmt.Sprintf("/proc/%d/root/dev/null", init)); err != nil || st.Mode()&os.ModeCharDevice == 0 {
+		t.Errorf("the restored container's /dev/null: %v (%v)", st, err)
+	}
 	th.stdin.Close()
 	if code := th.exit(t); code != 0 {
 		t.Fatalf("pthaw exit code %d, want 0: %s", code, th.stderr.String())
+	}
+}
+
+// crunSpec writes into bundle the config crun spec makes, running the
+// fixture container (/container /mnt 7777) on plain pipes and with the
+// capabilities it needs.
+func crunSpec(t *testing.T, crun, bundle string) {
+	t.Helper()
+	if out, err := exec.Command(crun, "spec", "--bundle", bundle).CombinedOutput(); err != nil {
+		t.Fatalf("crun spec: %v: %s", err, out)
+	}
+	file := filepath.Join(bundle, "config.json")
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var spec map[string]any
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	proc := spec["process"].(map[string]any)
+	proc["terminal"] = false
+	proc["args"] = []string{"/container", "/mnt", "7777"}
+	caps := []string{"CAP_SYS_ADMIN", "CAP_NET_ADMIN"}
+	proc["capabilities"] = map[string]any{"bounding": caps, "effective": caps, "permitted": caps}
+	if b, err = json.Marshal(spec); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(file, b, 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -87,13 +87,29 @@ func flagOf(kind string) (int, error) {
 
 // start runs enter on a new locked thread and, if it succeeds, serves
 // Do on it until Close. The thread is not unlocked: it ends with the
-// goroutine, in whatever namespaces it reached.
+// goroutine, in whatever namespaces it reached. It is never the main
+// thread, which cannot end (the runtime would keep it, in the new
+// namespaces, and /proc/self/ns would show them for the whole process):
+// a goroutine that finds itself there keeps it busy while another one
+// takes a thread, which then cannot be the main one.
 func start(enter func() error) (*Thread, error) {
 	t := &Thread{fns: make(chan func()), done: make(chan struct{})}
 	errc := make(chan error, 1)
-	go func() {
-		defer close(t.done)
+	var serve func()
+	serve = func() {
 		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			locked := make(chan struct{})
+			go func() {
+				runtime.LockOSThread()
+				close(locked)
+				serve()
+			}()
+			<-locked
+			runtime.UnlockOSThread()
+			return
+		}
+		defer close(t.done)
 		t.tid = unix.Gettid()
 		if err := enter(); err != nil {
 			errc <- err
@@ -103,7 +119,8 @@ func start(enter func() error) (*Thread, error) {
 		for fn := range t.fns {
 			fn()
 		}
-	}()
+	}
+	go serve()
 	if err := <-errc; err != nil {
 		<-t.done
 		return nil, err

@@ -322,10 +322,16 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 	}
 	out := &image.MountNamespace{}
 	total, tmpfsDev := 0, map[string]string{}
+	// ownDev: the first of the container's own mounts of each device.
+	ownDev := map[string]*procfs.Mount{}
 	for _, m := range theirs {
 		r := image.Mount{Point: m.Point, FSType: m.FSType, Source: m.Source, Root: m.Root}
 		for _, o := range strings.Split(m.Opts, ",") {
 			r.Flags |= mountFlags[o]
+		}
+		if r.Flags&(unix.MS_RELATIME|unix.MS_NOATIME) == 0 {
+			// mountinfo shows no strictatime: it is the want of both.
+			r.Flags |= unix.MS_STRICTATIME
 		}
 		for _, o := range m.Optional {
 			switch {
@@ -336,10 +342,24 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 			}
 		}
 		what := fmt.Sprintf("mount %s (%s from %s)", m.Point, m.FSType, m.Source)
+		inner := ownDev[m.Dev]
+		innerRel, isInner := "", false
+		if inner != nil {
+			innerRel, isInner = strings.CutPrefix(m.Root, inner.Root)
+			isInner = isInner && (innerRel == "" || strings.HasPrefix(innerRel, "/") || inner.Root == "/")
+		}
 		switch {
 		case inherited[mountKey(&m)] > 0:
 			inherited[mountKey(&m)]--
 			r.Kind = image.MountHost
+		case isInner:
+			// A part of one of its own mounts bound again: a runtime's
+			// read-only /proc/sys.
+			r.Kind, r.BindFrom = image.MountInner, path.Join(inner.Point, innerRel)
+		case m.FSType == "devpts":
+			r.Kind, r.Options = image.MountDevpts, fsOptions(m.Super)
+		case m.FSType == "cgroup2":
+			r.Kind = image.MountCgroup2
 		case m.FSType == "proc":
 			r.Kind = image.MountProc
 		case m.FSType == "sysfs":
@@ -351,26 +371,22 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 				return nil, unsupported("%s: a tmpfs mounted again (of %s) is not carried", what, tmpfsDev[m.Dev])
 			}
 			tmpfsDev[m.Dev] = m.Point
-			r.Kind = image.MountTmpfs
-			var opts []string
-			for _, o := range strings.Split(m.Super, ",") {
-				if o != "rw" && o != "ro" {
-					opts = append(opts, o)
-				}
-			}
-			r.Options = strings.Join(opts, ",")
+			r.Kind, r.Options = image.MountTmpfs, fsOptions(m.Super)
 			if r.Files, err = readTmpfs(pid, m.Point, &total); err != nil {
 				return nil, fmt.Errorf("%s: %w", what, err)
 			}
 		default:
 			from := bindSource(host, &m)
 			if from == "" {
-				return nil, unsupported("%s is not carried (only mounts inherited from pfreeze's namespace, proc, sysfs, mqueue, tmpfs and bind mounts of host paths)", what)
+				return nil, unsupported("%s is not carried (only mounts inherited from pfreeze's namespace, proc, sysfs, mqueue, devpts, cgroup2, tmpfs and bind mounts of host paths or of its own mounts)", what)
 			}
 			r.Kind, r.BindFrom = image.MountBind, from
 		}
-		if r.Slave && r.Kind != image.MountHost && r.Kind != image.MountBind {
+		if r.Slave && r.Kind != image.MountHost && r.Kind != image.MountBind && r.Kind != image.MountInner {
 			return nil, unsupported("%s is a slave of another mount: not carried", what)
+		}
+		if r.Kind != image.MountHost && ownDev[m.Dev] == nil {
+			ownDev[m.Dev] = &procfs.Mount{Root: m.Root, Point: m.Point}
 		}
 		out.Mounts = append(out.Mounts, r)
 	}
@@ -379,6 +395,22 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 	}
 	return out, nil
 }
+
+// fsOptions are a filesystem's options to mount it with again: its
+// mountinfo super options but rw/ro, which are the mount's.
+func fsOptions(super string) string {
+	var opts []string
+	for _, o := range strings.Split(super, ",") {
+		if o != "rw" && o != "ro" {
+			opts = append(opts, o)
+		}
+	}
+	return strings.Join(opts, ",")
+}
+
+// statelessDevs are the character devices a container's tmpfs (a
+// runtime's /dev) may hold: null, zero, full, random, urandom, tty, ptmx.
+var statelessDevs = map[[2]uint32]bool{{1, 3}: true, {1, 5}: true, {1, 7}: true, {1, 8}: true, {1, 9}: true, {5, 0}: true, {5, 2}: true}
 
 // bindSource returns where on this host the mount m (of the container's)
 // shows a directory or file: the host mount of the same device whose root
@@ -453,6 +485,11 @@ func readTmpfs(pid int, point string, total *int) ([]image.MountFile, error) {
 			if f.Link, err = os.Readlink(p); err != nil {
 				return err
 			}
+		case syscall.S_IFCHR:
+			if !statelessDevs[[2]uint32{unix.Major(st.Rdev), unix.Minor(st.Rdev)}] {
+				return unsupported("%s is character device %d:%d: not carried", rel, unix.Major(st.Rdev), unix.Minor(st.Rdev))
+			}
+			f.Rdev = st.Rdev
 		case syscall.S_IFSOCK:
 			// A listening socket of the tree binds its file again; one
 			// nobody in the container holds accepts nothing.

@@ -60,6 +60,15 @@ const (
 	// and IPC namespaces).
 	MountSysfs  MountKind = 5
 	MountMqueue MountKind = 6
+	// MountInner is a bind mount of a path of another of the
+	// container's own mounts (BindFrom, as the container sees it): a
+	// runtime's read-only /proc/sys, a /dev/null masking a /proc file.
+	MountInner MountKind = 7
+	// MountDevpts is a devpts instance of the container's own, mounted
+	// anew with its options; MountCgroup2 a cgroup2 mount, mounted anew
+	// (of the restorer's cgroup namespace: cgroups are not carried).
+	MountDevpts  MountKind = 8
+	MountCgroup2 MountKind = 9
 )
 
 func (k MountKind) String() string {
@@ -76,6 +85,12 @@ func (k MountKind) String() string {
 		return "sysfs"
 	case MountMqueue:
 		return "mqueue"
+	case MountInner:
+		return "bind within"
+	case MountDevpts:
+		return "devpts"
+	case MountCgroup2:
+		return "cgroup2"
 	}
 	return "unknown"
 }
@@ -94,18 +109,23 @@ type Mount struct {
 	Source  string    `msgpack:"source"`            // mount source (mountinfo field 10)
 	Root    string    `msgpack:"root"`              // the mount's root within its filesystem
 	Flags   uint64    `msgpack:"flags"`             // MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_*ATIME
-	Options string    `msgpack:"options,omitempty"` // filesystem options for a tmpfs (size=, mode=...)
+	Options string    `msgpack:"options,omitempty"` // filesystem options of a tmpfs or devpts (size=, mode=...)
 	// Propagation: shared (its own peer group) or a slave of the host's
 	// peer group it was copied from; neither is private.
-	Shared   bool   `msgpack:"shared,omitempty"`
-	Slave    bool   `msgpack:"slave,omitempty"`
-	BindFrom string `msgpack:"bind_from,omitempty"` // MountBind: the source path on the freezer's host
+	Shared bool `msgpack:"shared,omitempty"`
+	Slave  bool `msgpack:"slave,omitempty"`
+	// BindFrom is a bind mount's source: a path on the freezer's host
+	// (MountBind), or the container's (MountInner).
+	BindFrom string `msgpack:"bind_from,omitempty"`
 	// Files are a tmpfs's contents, every directory before its entries.
 	Files []MountFile `msgpack:"files,omitempty"`
 }
 
-// MountFile is a directory, regular file or symbolic link in a tmpfs.
+// MountFile is a directory, regular file, symbolic link or stateless
+// character device (null, zero, full, random, urandom, tty: Rdev) in a
+// tmpfs.
 type MountFile struct {
+	Rdev  uint64 `msgpack:"rdev,omitempty"`
 	Path  string `msgpack:"path"` // relative to the mount point, clean, not ".."
 	Mode  uint32 `msgpack:"mode"` // st_mode: type and permissions
 	Uid   uint32 `msgpack:"uid"`
@@ -132,10 +152,10 @@ func CheckNamespaces(n *Namespaces) error {
 		return corruptf("mount namespace without its root")
 	}
 	for _, m := range n.Mount.Mounts {
-		if !path.IsAbs(m.Point) || path.Clean(m.Point) != m.Point || m.Kind < MountHost || m.Kind > MountMqueue {
+		if !path.IsAbs(m.Point) || path.Clean(m.Point) != m.Point || m.Kind < MountHost || m.Kind > MountCgroup2 {
 			return corruptf("mount %q (%v)", m.Point, m.Kind)
 		}
-		if m.Kind == MountBind && (!path.IsAbs(m.BindFrom) || path.Clean(m.BindFrom) != m.BindFrom) {
+		if (m.Kind == MountBind || m.Kind == MountInner) && (!path.IsAbs(m.BindFrom) || path.Clean(m.BindFrom) != m.BindFrom) {
 			return corruptf("mount %q: bind source %q", m.Point, m.BindFrom)
 		}
 		if len(m.Files) > 0 && m.Kind != MountTmpfs {
