@@ -297,8 +297,12 @@ func (p *Process) buildMounts(m *image.MountNamespace) error {
 	if err := p.mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
 		return fmt.Errorf("mount namespace: make / a slave: %w", err)
 	}
-	if m.Mounts[0].Kind == image.MountBind {
+	switch m.Mounts[0].Kind {
+	case image.MountBind:
 		return p.pivotMounts(m)
+	case image.MountHost:
+	default:
+		return fmt.Errorf("%w: the container's root is a %v mount", image.ErrCorrupt, m.Mounts[0].Kind)
 	}
 	if err := p.hostMounts(m); err != nil {
 		return err

@@ -393,6 +393,9 @@ func readMounts(pid int) (*image.MountNamespace, error) {
 	if len(out.Mounts) == 0 || out.Mounts[0].Point != "/" {
 		return nil, fmt.Errorf("mountinfo of %d does not start with its root", pid)
 	}
+	if k := out.Mounts[0].Kind; k != image.MountHost && k != image.MountBind {
+		return nil, unsupported("its root, a %s mount, is not carried (only pfreeze's root or a host directory)", out.Mounts[0].FSType)
+	}
 	return out, nil
 }
 

@@ -151,6 +151,9 @@ func CheckNamespaces(n *Namespaces) error {
 	if len(n.Mount.Mounts) == 0 || n.Mount.Mounts[0].Point != "/" {
 		return corruptf("mount namespace without its root")
 	}
+	if k := n.Mount.Mounts[0].Kind; k != MountHost && k != MountBind {
+		return corruptf("mount namespace: its root is a %v mount", k)
+	}
 	for _, m := range n.Mount.Mounts {
 		if !path.IsAbs(m.Point) || path.Clean(m.Point) != m.Point || m.Kind < MountHost || m.Kind > MountCgroup2 {
 			return corruptf("mount %q (%v)", m.Point, m.Kind)

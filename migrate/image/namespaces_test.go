@@ -73,6 +73,9 @@ func TestNamespacesRecord(t *testing.T) {
 	ns.Mount.Mounts[0].Point = "/mnt"
 	bad("no root mount", tree, ns)
 	ns = containerNS()
+	ns.Mount.Mounts[0].Kind = MountTmpfs
+	bad("tmpfs root", tree, ns)
+	ns = containerNS()
 	ns.Mount.Mounts[1].Kind = MountBind
 	ns.Mount.Mounts[1].BindFrom = "rel"
 	bad("relative bind source", tree, ns)
