@@ -104,6 +104,17 @@ func TestContainerUnshare(t *testing.T) {
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
 		t.Fatalf("the container's tmpfs shows on this host: %s has %v (%v)", dir, ents, err)
 	}
+	// -debug shows what the snapshot carries of each namespace.
+	debug, err := exec.Command(filepath.Join(binDir, "pthaw"), "-debug", "-src", snap).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pthaw -debug: %v: %s", err, debug)
+	}
+	for _, want := range []string{"Container namespaces:\n", `  uts: hostname "ctrbox"`, "  ipc: own", "  net: lo up true, addresses [127.0.0.1/8 ::1/128]",
+		"    /proc proc proc (proc) root / ", fmt.Sprintf("    %s tmpfs ctrtmp (tmpfs) root / flags 0x200006 options size=1024k,mode=750 private, 1 files, 10 bytes", dir)} {
+		if !strings.Contains(string(debug), want) {
+			t.Errorf("pthaw -debug lacks %q:\n%s", want, debug)
+		}
+	}
 
 	for round := 1; round <= 2; round++ {
 		th := thaw(t, "-src", snap, "-pidns")
