@@ -611,7 +611,11 @@ func (p *Process) fillTmpfs(s *image.Mount, target string) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.Path, err)
 		}
-		err = writeTmpfsFile(dir, &f)
+		if f.HardLink != "" {
+			err = linkTmpfsFile(dir, &f, beneath)
+		} else {
+			err = writeTmpfsFile(dir, &f)
+		}
 		unix.Close(dir)
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.Path, err)
@@ -644,6 +648,20 @@ func fileTimes(mtime int64) []unix.Timespec {
 // statelessDevs are the character devices a container's tmpfs may hold
 // (capture's list): null, zero, full, random, urandom, tty, ptmx.
 var statelessDevs = map[[2]uint32]bool{{1, 3}: true, {1, 5}: true, {1, 7}: true, {1, 8}: true, {1, 9}: true, {5, 0}: true, {5, 2}: true}
+
+// linkTmpfsFile makes f in the directory dir a hard link to the earlier
+// file it names, its directory found with beneath.
+func linkTmpfsFile(dir int, f *image.MountFile, beneath func(string) (int, error)) error {
+	from, err := beneath(path.Dir(f.HardLink))
+	if err != nil {
+		return err
+	}
+	defer unix.Close(from)
+	if err := unix.Linkat(from, path.Base(f.HardLink), dir, path.Base(f.Path), 0); err != nil {
+		return fmt.Errorf("link to %s: %w", f.HardLink, err)
+	}
+	return nil
+}
 
 // writeTmpfsFile makes f in the directory dir.
 func writeTmpfsFile(dir int, f *image.MountFile) error {

@@ -26,7 +26,7 @@ import (
 
 // containerCheck is what the container's init reports while it runs as
 // it did when it started.
-const containerCheck = "host=ctrbox shm=sysv ok/1 tcp=ok file=tmpfs data/tmpfs data pid=1 procs=1,2"
+const containerCheck = "host=ctrbox shm=sysv ok/1 tcp=ok file=tmpfs data/tmpfs data links=2 pid=1 procs=1,2"
 
 // containerKey is the key of the fixture's System V segment.
 const containerKey = 0x5c0ffee0
@@ -110,7 +110,7 @@ func TestContainerUnshare(t *testing.T) {
 		t.Fatalf("pthaw -debug: %v: %s", err, debug)
 	}
 	for _, want := range []string{"Container namespaces:\n", `  uts: hostname "ctrbox"`, "  ipc: own", "  net: lo up true, addresses [127.0.0.1/8 ::1/128]",
-		"    /proc proc proc (proc) root / ", fmt.Sprintf("    %s tmpfs ctrtmp (tmpfs) root / flags 0x200006 options size=1024k,mode=750 private, 1 files, 10 bytes", dir)} {
+		"    /proc proc proc (proc) root / ", fmt.Sprintf("    %s tmpfs ctrtmp (tmpfs) root / flags 0x200006 options size=1024k,mode=750 private, 2 files, 10 bytes", dir)} {
 		if !strings.Contains(string(debug), want) {
 			t.Errorf("pthaw -debug lacks %q:\n%s", want, debug)
 		}

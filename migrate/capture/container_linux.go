@@ -450,6 +450,7 @@ func readTmpfs(pid int, point string, total *int) ([]image.MountFile, error) {
 	}
 	dev = st.Dev
 	var out []image.MountFile
+	links := map[uint64]string{} // inode -> first path, of files with more than one
 	err := filepath.WalkDir(top, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -475,6 +476,13 @@ func readTmpfs(pid int, point string, total *int) ([]image.MountFile, error) {
 		case syscall.S_IFREG:
 			if st.Dev != dev {
 				return unsupported("%s: a file mounted over a file is not carried", rel)
+			}
+			if first, ok := links[st.Ino]; ok {
+				f.HardLink = first
+				break
+			}
+			if st.Nlink > 1 {
+				links[st.Ino] = rel
 			}
 			if *total += int(st.Size); *total > maxTmpfsBytes {
 				return unsupported("more than %d MiB in the container's tmpfs mounts: not carried", maxTmpfsBytes>>20)

@@ -29,7 +29,7 @@ func TestFreezeTreeBuildContainer(t *testing.T) {
 	if err != nil {
 		t.Skipf("unshare not found: %v", err)
 	}
-	const check = "host=ctrbox shm=sysv ok/1 tcp=ok file=tmpfs data/tmpfs data pid=1 procs=1,2"
+	const check = "host=ctrbox shm=sysv ok/1 tcp=ok file=tmpfs data/tmpfs data links=2 pid=1 procs=1,2"
 	srcTr, dstTr := ptrace.NewTracer(), ptrace.NewTracer()
 	defer srcTr.Close()
 	defer dstTr.Close()

@@ -133,6 +133,9 @@ type MountFile struct {
 	Mtime int64  `msgpack:"mtime"` // nanoseconds
 	Link  string `msgpack:"link,omitempty"`
 	Data  []byte `msgpack:"data,omitempty"`
+	// HardLink names an earlier regular file of the same tmpfs this one
+	// is a hard link to (its other fields repeat that file's).
+	HardLink string `msgpack:"hardlink,omitempty"`
 }
 
 // MaxNamespacesLen bounds a Namespaces record, the contents of the
@@ -164,13 +167,21 @@ func CheckNamespaces(n *Namespaces) error {
 		if len(m.Files) > 0 && m.Kind != MountTmpfs {
 			return corruptf("mount %q: files in a %v mount", m.Point, m.Kind)
 		}
+		seen := map[string]bool{}
 		for _, f := range m.Files {
-			if f.Path == "" || path.IsAbs(f.Path) || path.Clean(f.Path) != f.Path || f.Path == ".." || strings.HasPrefix(f.Path, "../") {
+			if !relPath(f.Path) || (f.HardLink != "" && !seen[f.HardLink]) {
 				return corruptf("mount %q: file %q", m.Point, f.Path)
 			}
+			seen[f.Path] = true
 		}
 	}
 	return nil
+}
+
+// relPath reports whether p is a clean relative path that stays below
+// where it starts.
+func relPath(p string) bool {
+	return p != "" && !path.IsAbs(p) && path.Clean(p) == p && p != ".." && !strings.HasPrefix(p, "../")
 }
 
 // describeNamespaces writes a container's namespaces for -debug.
