@@ -166,6 +166,11 @@ func (s *Server) serveAPI() {
 // leaderAPI returns the leader's API address, from gossip or the state.
 func (s *Server) leaderAPI() (string, error) {
 	_, id := s.raft.LeaderWithID()
+	return s.apiAddrOf(id)
+}
+
+// apiAddrOf returns the API address of raft server id ("": no leader).
+func (s *Server) apiAddrOf(id raft.ServerID) (string, error) {
 	if id == "" {
 		return "", &httpError{http.StatusServiceUnavailable, errors.New("no cluster leader")}
 	}
@@ -198,6 +203,9 @@ func (s *Server) proxy(w http.ResponseWriter, r *http.Request, addr string) {
 		},
 		Transport: s.peerHTTP.Transport,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			if c := context.Cause(r.Context()); errors.Is(err, context.Canceled) && c != nil && !errors.Is(c, context.Canceled) {
+				err = c // forward's reason: the leader changed
+			}
 			writeErr(w, &httpError{http.StatusServiceUnavailable, fmt.Errorf("forward to %s: %w", addr, err)})
 		},
 	}
@@ -233,14 +241,42 @@ func (s *Server) leaderWrite(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-// forward sends the request on to the leader's API.
+// forward sends the request on to the leader's API, and gives it up (503,
+// retry) as soon as this node's raft names another leader or none. A
+// leader cut off from the others does not answer: without the watch a
+// request forwarded to it in the second before this follower's heartbeat
+// timeout would wait out the transport's 30 s ResponseHeaderTimeout on its
+// kept-alive connection, long after the others elected a new leader (the
+// TestPartitionHeals flake: raft itself named the new leader within
+// seconds; the request sent to the old one was still waiting).
 func (s *Server) forward(w http.ResponseWriter, r *http.Request) {
-	addr, err := s.leaderAPI()
+	_, id := s.raft.LeaderWithID()
+	addr, err := s.apiAddrOf(id)
 	if err != nil {
 		writeErr(w, err)
 		return
 	}
-	s.proxy(w, r, addr)
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+	go func() { // ends with the request: forward's cancel
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if _, now := s.raft.LeaderWithID(); now != id {
+				if now == "" {
+					now = "none"
+				}
+				cancel(fmt.Errorf("leader %s is no longer this node's leader (now %s); retry", id, now))
+				return
+			}
+		}
+	}()
+	s.proxy(w, r.WithContext(ctx), addr)
 }
 
 func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
@@ -599,7 +635,7 @@ func (s *Server) newWorkload(req api.RunRequest) (scheduler.Workload, error) {
 	wl := scheduler.Workload{ID: newID(), Name: name, Command: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd,
 		UID: -1, GID: -1, Labels: req.Labels, Constraints: req.Constraints, VIP: req.VIP,
 		Resources: scheduler.Resources{CPUMilli: req.CPUMilli, MemoryMB: req.MemoryMB},
-		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, Migrate: req.Migrate, CreatedAt: time.Now().UnixNano()}
+		Restart:   scheduler.RestartPolicy{Mode: req.Restart, Max: req.MaxRestarts}, Migrate: req.Migrate, Fence: req.Fence, CreatedAt: time.Now().UnixNano()}
 	// Range-checked before the conversion: 2^32 or -7 must never wrap.
 	if req.UID != nil {
 		id, err := scheduler.CheckID("uid", *req.UID)
@@ -879,7 +915,7 @@ func apiWorkload(w *scheduler.Workload) api.Workload {
 	}
 	return api.Workload{Failover: fo, ID: w.ID, Name: w.Name, Command: w.Command, Args: w.Args, Env: w.Env, Cwd: w.Cwd, UID: w.UID,
 		GID: w.GID, User: w.User, Group: w.Group, Labels: w.Labels, Constraints: w.Constraints, VIP: w.VIP, MemoryMB: w.Resources.MemoryMB,
-		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Desired: w.Desired,
+		CPUMilli: w.Resources.CPUMilli, Restart: w.Restart.Mode, MaxRestarts: w.Restart.Max, Migrate: w.Migrate, Fence: w.Fence, Desired: w.Desired,
 		DesiredNode: w.DesiredNode, Node: w.Node, State: string(w.State), Attempt: w.Attempt, Restarts: w.Restarts,
 		PID: w.PID, NSPID: w.NSPID, InitPID: w.InitPID, ExitCode: w.ExitCode, Signal: w.Signal, Message: w.Message, CreatedAt: unixTime(w.CreatedAt),
 		StartedAt: unixTime(w.StartedAt), EndedAt: unixTime(w.EndedAt), ModifyIndex: w.ModifyIndex}

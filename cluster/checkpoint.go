@@ -34,7 +34,7 @@ func (s *Server) checkpointRoutes(m *http.ServeMux) {
 }
 
 func apiPolicy(p *scheduler.CheckpointPolicy) api.CheckpointPolicy {
-	return api.CheckpointPolicy{Name: p.Name, Selector: p.Selector, Interval: api.Duration(p.Interval), Keep: p.Keep, Replicas: p.Replicas}
+	return api.CheckpointPolicy{Name: p.Name, Selector: p.Selector, Interval: api.Duration(p.Interval), Keep: p.Keep, Replicas: p.Replicas, Fence: p.Fence}
 }
 
 func apiCheckpoint(c *scheduler.Checkpoint) api.Checkpoint {
@@ -62,7 +62,7 @@ func (s *Server) handleCheckpointPolicySet(w http.ResponseWriter, r *http.Reques
 	if req.Keep == 0 {
 		req.Keep = scheduler.DefaultCheckpointKeep
 	}
-	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas}
+	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas, Fence: req.Fence}
 	if err := scheduler.ValidateCheckpointPolicy(&p); err != nil {
 		writeErr(w, badRequest("checkpoint policy %.64q: %v", req.Name, err))
 		return

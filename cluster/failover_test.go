@@ -1,10 +1,13 @@
 package cluster_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -12,23 +15,56 @@ import (
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/internal/netlab"
+	"github.com/pcluster/pcluster/node"
 )
 
-// TestFailoverFromCheckpoint cuts off (link down) the node running a
-// counter under a 2 s checkpoint policy: the leader brings the workload
-// back on the node holding the newest copy, restored from it (the
-// counter goes on from the checkpoint's value with the same getpid() and
-// heap checksum, not from 0), and `status` says so with the work rolled
-// back. The cut-off node still runs its copy (no fencing yet); when the
-// link comes back, its agent kills that copy as soon as its replica
-// shows the workload elsewhere.
+// The ways TestFailoverFromCheckpoint loses a node: "cut", its link down
+// (its pclusterd runs on, cut off: it fences its copy, and kills it when
+// the link is back); "kill", its pclusterd SIGKILLed (the copy runs on
+// with no agent; the restarted agent kills it at once).
+var failoverModes = []string{"cut", "kill"}
+
+// failoverTimes is one trial's timeline, from the cut or the kill.
+type failoverTimes struct {
+	fenced   time.Duration // the cut-off copy's cgroup frozen (cut only)
+	lost     time.Duration // detection: the majority's state says lost
+	decided  time.Duration // decision: placed on another node
+	running  time.Duration // restore: running there
+	staleEnd time.Duration // from the link up / the restart to the old copy gone
+}
+
+// TestFailoverFromCheckpoint runs a counter (migcount) under a 2 s
+// checkpoint policy on one node of three (failover on by default, no
+// flag) and loses that node: the leader brings the workload back on the
+// node holding the newest copy, restored from it (the counter goes on
+// from the checkpoint's value with the same getpid() and heap checksum,
+// not from 0), and `status` says so. Never two copies serving: with the
+// link cut, the cut-off copy is frozen by the node's fence before the
+// leader decides the failover, and its log does not grow from then on;
+// when the link comes back its agent kills it. With the node's pclusterd
+// killed instead, the copy runs on without an agent; the restarted agent
+// kills it at once.
+//
+// PCLUSTER_FAILOVER_TRIALS (default 1) sets the trials per mode; each
+// trial loses the next node in turn and logs its timeline, the last line
+// per mode the spread:
+//
+//	PCLUSTER_FAILOVER_TRIALS=20 go test ./cluster -run TestFailoverFromCheckpoint -v -timeout 2h
 func TestFailoverFromCheckpoint(t *testing.T) {
+	trials := 1
+	if v := os.Getenv("PCLUSTER_FAILOVER_TRIALS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("PCLUSTER_FAILOVER_TRIALS=%q: want a positive number", v)
+		}
+		trials = n
+	}
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "migcount")
 	lab := netlab.New(t, 3, 100+int(c.prefix[6])%50)
 	var nodes []*testNode
 	for i := 1; i <= 3; i++ {
-		extra := []string{"-bootstrap-expect", "3", "-failover"}
+		extra := []string{"-bootstrap-expect", "3"}
 		if i > 1 {
 			extra = append(extra, "-join", lab.Hosts[0].Addr+":7946")
 		}
@@ -43,97 +79,219 @@ func TestFailoverFromCheckpoint(t *testing.T) {
 	for _, nd := range nodes {
 		c.waitFor(30*time.Second, nd.name+" to converge", func() error { return converged(nd, 3) })
 	}
-	byName := map[string]*testNode{}
-	for _, nd := range nodes {
-		byName[nd.name] = nd
-	}
-	var w api.Workload
-	c.ctlJSON(nodes[0], &w, "run", "-node", nodes[0].name, "-label", "app=fo", "-name", "counter", bin, "100")
 	c.ctl(nodes[1], "checkpoint", "policy", "set", "-selector", "app=fo", "-interval", "2s", "-keep", "2", "fo")
+	fl := &failoverLab{t: t, c: c, lab: lab, nodes: nodes, bin: bin}
+	all := map[string][]failoverTimes{}
+	for m, mode := range failoverModes {
+		for i := 0; i < trials; i++ {
+			all[mode] = append(all[mode], fl.trial(mode, i, (i+m)%len(nodes)))
+		}
+	}
+	for _, mode := range failoverModes {
+		ts := all[mode]
+		spread := func(what string, f func(failoverTimes) time.Duration) string {
+			var ds []time.Duration
+			for _, x := range ts {
+				ds = append(ds, f(x))
+			}
+			slices.Sort(ds)
+			return fmt.Sprintf("%s %.1f/%.1f/%.1f s", what, ds[0].Seconds(), ds[len(ds)/2].Seconds(), ds[len(ds)-1].Seconds())
+		}
+		parts := []string{
+			spread("lost", func(x failoverTimes) time.Duration { return x.lost }),
+			spread("decided", func(x failoverTimes) time.Duration { return x.decided }),
+			spread("running", func(x failoverTimes) time.Duration { return x.running }),
+			spread("stale copy gone", func(x failoverTimes) time.Duration { return x.staleEnd }),
+		}
+		if mode == "cut" {
+			parts = append([]string{spread("fenced", func(x failoverTimes) time.Duration { return x.fenced })}, parts...)
+		}
+		t.Logf("%s: %d trials (min/median/max): %s", mode, len(ts), strings.Join(parts, ", "))
+	}
+}
+
+type failoverLab struct {
+	t     *testing.T
+	c     *testCluster
+	lab   *netlab.Lab
+	nodes []*testNode
+	bin   string
+}
+
+// logOf reads the counter lines a node's copy of workload id wrote (whole
+// lines only) and the log's size.
+func (fl *failoverLab) logOf(nd *testNode, id string) ([]counterLine, int) {
+	b, _ := os.ReadFile(filepath.Join(nd.dataDir, "workloads", id, "stdout.log"))
+	s := string(b)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		s = s[:i+1]
+	} else {
+		s = ""
+	}
+	return parseCounter(fl.t, nd.name+"'s log", s), len(b)
+}
+
+// frozen reports whether the cgroup of attempt of workload id on nd is
+// frozen (cgroup.events says so once every task is).
+func frozen(nd *testNode, id string, attempt int) bool {
+	base, err := node.CgroupBase(nd.name, nd.dataDir)
+	if err != nil {
+		return false
+	}
+	b, err := os.ReadFile(filepath.Join(base, fmt.Sprintf("%s.%d", id, attempt), "cgroup.events"))
+	return err == nil && bytes.Contains(b, []byte("frozen 1"))
+}
+
+// trial runs a counter on nodes[v], loses that node as mode says, checks
+// the failover and the end of the old copy, and leaves the cluster whole
+// with no counter running.
+func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
+	t, c := fl.t, fl.c
+	victim := fl.nodes[v]
+	reader := fl.nodes[(v+1)%len(fl.nodes)]
+	var w api.Workload
+	c.ctlJSON(reader, &w, "run", "-node", victim.name, "-label", "app=fo", "-name", fmt.Sprintf("counter-%s-%d", mode, i), fl.bin, "100")
 	c.waitFor(30*time.Second, "a checkpoint with its copy", func() error {
 		var wc api.WorkloadCheckpoints
-		c.ctlJSON(nodes[1], &wc, "checkpoint", "list", w.ID)
+		c.ctlJSON(reader, &wc, "checkpoint", "list", w.ID)
 		if n := len(wc.Checkpoints); n == 0 || len(wc.Checkpoints[n-1].Holders) < 2 {
 			return fmt.Errorf("%+v", wc.Checkpoints)
 		}
 		return nil
 	})
-	logOf := func(nd *testNode) []counterLine {
-		b, _ := os.ReadFile(filepath.Join(nd.dataDir, "workloads", w.ID, "stdout.log"))
-		s := string(b)
-		if i := strings.LastIndexByte(s, '\n'); i >= 0 {
-			s = s[:i+1] // whole lines only
-		} else {
-			s = ""
-		}
-		return parseCounter(t, nd.name+"'s log", s)
-	}
-	cut := time.Now()
-	lab.Cut(t, 0, true)
+	b, _ := os.ReadFile(victim.logPath)
+	kills := bytes.Count(b, []byte("killing this node's stale copy"))
 	// Read the majority's replica as it is: a consistent read may be
-	// forwarded to the cut-off leader and hang until its timeout.
-	stale, err := api.New(nodes[1].socket, nil)
+	// forwarded to the lost node while it still leads.
+	stale, err := api.New(reader.socket, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	stale.Stale = true
+	var ft failoverTimes
+	frozenSize := -1
+	start := time.Now()
+	if mode == "cut" {
+		fl.lab.Cut(t, v, true)
+	} else {
+		c.kill(victim)
+	}
 	var got api.Workload
 	seen := ""
-	c.waitFor(60*time.Second, "the counter back on another node", func() error {
-		var err error
+	for deadline := start.Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		// The fence first: a freeze seen before the state's decision in
+		// the same round came before it.
+		if mode == "cut" && frozenSize < 0 && frozen(victim, w.ID, 1) {
+			ft.fenced = time.Since(start)
+			_, frozenSize = fl.logOf(victim, w.ID)
+			t.Logf("trial %s %d: %6.2fs the cut-off copy on %s is frozen", mode, i, ft.fenced.Seconds(), victim.name)
+		}
 		got, err = stale.Workload(context.Background(), w.ID)
-		if phase := fmt.Sprintf("%s on %s attempt %d", got.State, got.Node, got.Attempt); err == nil && phase != seen {
-			// The timeline: detection (lost), decision (pending
-			// elsewhere), restore (running).
-			t.Logf("%6.2fs %s", time.Since(cut).Seconds(), phase)
-			seen = phase
+		now := time.Since(start)
+		if err == nil {
+			if phase := fmt.Sprintf("%s on %s attempt %d", got.State, got.Node, got.Attempt); phase != seen {
+				t.Logf("trial %s %d: %6.2fs %s", mode, i, now.Seconds(), phase)
+				seen = phase
+			}
+			if got.State == "lost" && ft.lost == 0 {
+				ft.lost = now
+			}
+			if got.Node != victim.name && ft.decided == 0 {
+				ft.decided = now
+				if mode == "cut" && frozenSize < 0 {
+					t.Fatalf("trial %s %d: the failover to %s was decided %.2fs after the cut, before the cut-off copy on %s was frozen",
+						mode, i, got.Node, now.Seconds(), victim.name)
+				}
+			}
+			if got.State == "running" && got.Node != victim.name && got.PID != 0 && got.Failover != nil {
+				ft.running = now
+				break
+			}
 		}
-		if err != nil || got.State != "running" || got.Node == nodes[0].name || got.PID == 0 || got.Failover == nil {
-			return fmt.Errorf("%s on %s attempt %d (%v)", got.State, got.Node, got.Attempt, err)
+		if time.Now().After(deadline) {
+			t.Fatalf("trial %s %d: waiting 60s for the counter back on another node: %s on %s attempt %d (%v)",
+				mode, i, got.State, got.Node, got.Attempt, err)
 		}
-		return nil
-	})
-	took := time.Since(cut)
-	if got.Failover.Checkpoint == 0 || got.Failover.From != nodes[0].name || got.Failover.To != got.Node {
-		t.Fatalf("failover %+v: want from %s, restored from a checkpoint on %s", got.Failover, nodes[0].name, got.Node)
 	}
-	t.Logf("cut to running elsewhere: %v; checkpoint %d, %v of work rolled back", took.Round(time.Millisecond),
-		got.Failover.Checkpoint, time.Duration(got.Failover.Age))
-	there := byName[got.Node]
+	if ft.lost == 0 {
+		ft.lost = ft.decided // lost and decided between two reads
+	}
+	if got.Failover.Checkpoint == 0 || got.Failover.From != victim.name || got.Failover.To != got.Node {
+		t.Fatalf("trial %s %d: failover %+v: want from %s, restored from a checkpoint on %s", mode, i, got.Failover, victim.name, got.Node)
+	}
+	t.Logf("trial %s %d: running elsewhere %v after the %s; checkpoint %d, %v of work rolled back", mode, i,
+		ft.running.Round(time.Millisecond), mode, got.Failover.Checkpoint, time.Duration(got.Failover.Age))
+	var there *testNode
+	for _, nd := range fl.nodes {
+		if nd.name == got.Node {
+			there = nd
+		}
+	}
 	var restored []counterLine
 	c.waitFor(20*time.Second, "the restored counter's lines on "+there.name, func() error {
-		if restored = logOf(there); len(restored) < 3 {
+		if restored, _ = fl.logOf(there, w.ID); len(restored) < 3 {
 			return fmt.Errorf("%d lines", len(restored))
 		}
 		return nil
 	})
-	old := logOf(nodes[0])
+	old, oldSize := fl.logOf(victim, w.ID)
 	if restored[0].n <= 0 || restored[0].pid != old[0].pid || restored[0].sum != old[0].sum {
-		t.Fatalf("on %s the counter starts with %+v: want the checkpoint's state (getpid %d, sum %s), not a fresh start",
-			there.name, restored[0], old[0].pid, old[0].sum)
+		t.Fatalf("trial %s %d: on %s the counter starts with %+v: want the checkpoint's state (getpid %d, sum %s), not a fresh start",
+			mode, i, there.name, restored[0], old[0].pid, old[0].sum)
 	}
 	if restored[0].n > old[len(old)-1].n {
-		t.Fatalf("on %s the counter starts at %d, beyond the original's last line %d", there.name, restored[0].n, old[len(old)-1].n)
+		t.Fatalf("trial %s %d: on %s the counter starts at %d, beyond the original's last line %d", mode, i, there.name, restored[0].n, old[len(old)-1].n)
 	}
 	checkRun(t, "on "+there.name, nil, restored)
-	out := c.ctl(nodes[1], "status", w.ID)
-	if !strings.Contains(out, "Failover:") || !strings.Contains(out, fmt.Sprintf("restored from checkpoint %d", got.Failover.Checkpoint)) {
-		t.Errorf("status: got %q, want the failover line", out)
+	if out := c.ctl(reader, "status", w.ID); !strings.Contains(out, "Failover:") ||
+		!strings.Contains(out, fmt.Sprintf("restored from checkpoint %d", got.Failover.Checkpoint)) {
+		t.Errorf("trial %s %d: status: got %q, want the failover line", mode, i, out)
 	}
-	// The cut-off node still runs its copy; the link comes back.
-	lab.Cut(t, 0, false)
-	healed := time.Now()
-	c.waitFor(120*time.Second, "the cut-off node's copy to be killed", func() error {
-		if got := copies(bin); len(got) != 1 {
+	if mode == "cut" {
+		if oldSize != frozenSize {
+			t.Fatalf("trial %s %d: the cut-off copy's log grew from %d to %d bytes after it was frozen", mode, i, frozenSize, oldSize)
+		}
+		if !frozen(victim, w.ID, 1) {
+			t.Fatalf("trial %s %d: the cut-off copy on %s is no longer frozen while the link is down", mode, i, victim.name)
+		}
+		fl.lab.Cut(t, v, false)
+	} else {
+		c.launch(victim)
+	}
+	back := time.Now()
+	c.waitFor(120*time.Second, "the old copy on "+victim.name+" to be killed", func() error {
+		if got := copies(fl.bin); len(got) != 1 {
 			return fmt.Errorf("copies %v", got)
 		}
 		return nil
 	})
-	t.Logf("link up to the stale copy gone: %v", time.Since(healed).Round(time.Millisecond))
-	if b, _ := os.ReadFile(nodes[0].logPath); !strings.Contains(string(b), "killing this node's stale copy") {
-		t.Errorf("%s's log does not say it killed its stale copy", nodes[0].name)
+	ft.staleEnd = time.Since(back)
+	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart"}[mode],
+		ft.staleEnd.Round(time.Millisecond))
+	if _, size := fl.logOf(victim, w.ID); mode == "cut" && size != frozenSize {
+		t.Errorf("trial %s %d: the fenced copy wrote %d bytes before it was killed: it was thawed", mode, i, size-frozenSize)
 	}
-	if got, err := workloadOn(nodes[1], w.ID); err != nil || got.State != "running" || got.Node != there.name {
-		t.Errorf("after the heal: %s on %s (%v), want running on %s", got.State, got.Node, err, there.name)
+	c.waitFor(15*time.Second, victim.name+"'s log to say it killed its stale copy", func() error {
+		b, _ := os.ReadFile(victim.logPath)
+		if bytes.Count(b, []byte("killing this node's stale copy")) <= kills {
+			return fmt.Errorf("no new \"killing this node's stale copy\" line")
+		}
+		return nil
+	})
+	if got, err := workloadOn(reader, w.ID); err != nil || got.State != "running" || got.Node != there.name {
+		t.Errorf("trial %s %d: after the heal: %s on %s (%v), want running on %s", mode, i, got.State, got.Node, err, there.name)
 	}
+	// Whole again, and nothing running, for the next trial.
+	for _, nd := range fl.nodes {
+		c.waitFor(90*time.Second, nd.name+" to see all three again", func() error { return converged(nd, 3) })
+	}
+	c.waitFor(30*time.Second, victim.name+" ready again", nodeStatus(reader, victim.name, "ready"))
+	c.ctl(reader, "stop", w.ID)
+	c.waitFor(30*time.Second, "the counter to stop", func() error {
+		if got := copies(fl.bin); len(got) != 0 {
+			return fmt.Errorf("copies %v", got)
+		}
+		return nil
+	})
+	return ft
 }

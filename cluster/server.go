@@ -51,10 +51,14 @@ type Config struct {
 	CheckpointReserve uint64
 	// Failover lets the leader bring lost workloads back elsewhere
 	// (scheduler/failover.go), FailoverAfter after their node was
-	// declared down. Off by default: nothing fences a node that is only
-	// cut off yet, so its copy runs on until it rejoins.
+	// declared down. FenceAfter (with Failover; 0: no fencing): a node
+	// out of contact with the raft majority this long freezes the
+	// workloads a failover could bring back elsewhere (node/fence.go).
+	// Start refuses a FenceAfter that is not shorter than the least time
+	// the leader waits from a cut to a failover (fenceMargin).
 	Failover      bool
 	FailoverAfter time.Duration
+	FenceAfter    time.Duration
 	Logger        *slog.Logger
 
 	// The status page (webui.go): WebAddr "" serves it on 127.0.0.1 at the
@@ -102,6 +106,11 @@ type Server struct {
 	// metaMu guards meta, read by memberlist's delegate.
 	metaMu sync.Mutex
 	meta   meta
+
+	// contactMu guards ledAt: when this node last led (or started), for
+	// majorityContact.
+	contactMu sync.Mutex
+	ledAt     time.Time
 
 	// memMu guards live: copies of the live gossip members, kept by the
 	// event delegate.
@@ -187,6 +196,13 @@ func Start(cfg Config) (s *Server, err error) {
 	if cfg.WorkloadGCAfter < 0 {
 		return nil, fmt.Errorf("start: workload gc retention %v: want a positive duration", cfg.WorkloadGCAfter)
 	}
+	if err := checkFence(cfg, memberlist.DefaultLANConfig()); err != nil {
+		return nil, fmt.Errorf("start: %w", err)
+	}
+	var fenceAfter time.Duration // the agent's: fencing follows failover
+	if cfg.Failover {
+		fenceAfter = cfg.FenceAfter
+	}
 	if cfg.BindAddr == "" {
 		cfg.BindAddr = "0.0.0.0:7946"
 	}
@@ -226,7 +242,8 @@ func Start(cfg Config) (s *Server, err error) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
-		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv}
+		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv,
+		ledAt: time.Now()} // the fence's clock starts with the daemon
 	s.metrics = newMetrics(s)
 	s.balancer = NewBalancer(s.Applier(), s.unreachable, scheduler.BalanceParams{Cooldown: cfg.BalanceCooldown}, s.log)
 	started := s // "return nil, err" sets s to nil before this runs
@@ -253,7 +270,8 @@ func Start(cfg Config) (s *Server, err error) {
 	s.agent = node.New(node.Config{Name: cfg.Name, DataDir: cfg.DataDir, FSM: s.fsm,
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
 		VIPInterface: cfg.VIPInterface, Checkpoint: s.checkpointReport, PushCheckpoint: s.pushCheckpoint,
-		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve})
+		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve,
+		FenceAfter: fenceAfter, Contact: s.majorityContact})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}
@@ -515,6 +533,59 @@ func (s *Server) Shutdown() {
 		s.log.Info("pclusterd stopped")
 	})
 }
+
+// majorityContact is when this node was last in contact with the raft
+// majority (node.Config.Contact): now while it leads (a leader that hears
+// from no majority for raft's LeaderLeaseTimeout, 500 ms, steps down),
+// else its last contact with a leader (raft's LastContact: the last
+// AppendEntries or heartbeat accepted from one), and never before it
+// started or last led (a leader that steps down has no recent contact of
+// a follower's).
+func (s *Server) majorityContact() time.Time {
+	s.contactMu.Lock()
+	defer s.contactMu.Unlock()
+	now := time.Now()
+	if s.raft.State() == raft.Leader {
+		s.ledAt = now
+		return now
+	}
+	if c := s.raft.LastContact(); c.After(s.ledAt) {
+		return c
+	}
+	return s.ledAt
+}
+
+// minFenceAfter: a fence time below this would freeze workloads during an
+// ordinary leader election (raft's heartbeat timeout is 1 s, randomized
+// up to 2 s, before followers even start one).
+const minFenceAfter = 2 * time.Second
+
+// checkFence checks that a node fences its workloads before any leader
+// can fail them over: the leader waits from a cut at least memberlist's
+// detection (suspicion cannot end sooner than SuspicionMult ×
+// ProbeInterval after the first failed probe, 4 s in the LAN profile) and
+// then FailoverAfter, while the node fences FenceAfter after its last
+// contact (plus one fence check, 200 ms). Every node runs the same check
+// with its own flags: they must agree across the cluster.
+func checkFence(cfg Config, mc *memberlist.Config) error {
+	if !cfg.Failover || cfg.FenceAfter == 0 {
+		return nil
+	}
+	if cfg.FenceAfter < minFenceAfter {
+		return fmt.Errorf("fence after %v: at least %v (a leader election is not a partition)", cfg.FenceAfter, minFenceAfter)
+	}
+	detect := time.Duration(mc.SuspicionMult) * mc.ProbeInterval
+	if wait := detect + cfg.FailoverAfter; cfg.FenceAfter+fenceMargin > wait {
+		return fmt.Errorf("fence after %v: a leader may fail workloads over %v after a cut (detection %v + failover after %v); the fence must act at least %v earlier",
+			cfg.FenceAfter, wait, detect, cfg.FailoverAfter, fenceMargin)
+	}
+	return nil
+}
+
+// fenceMargin is the least time between a fence and the earliest
+// failover: the fence's check period, the freeze itself, and a node's
+// last raft contact coming a heartbeat before the cut.
+const fenceMargin = time.Second
 
 // Name returns the node name.
 func (s *Server) Name() string { return s.cfg.Name }

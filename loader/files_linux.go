@@ -40,9 +40,6 @@ func (p *Process) openFiles() error {
 		}()
 	}
 	return p.tr.Do(func() error {
-		if err := p.keepPthawFd(want); err != nil {
-			return err
-		}
 		for _, f := range p.fds {
 			switch {
 			case f.Kind == image.FDInherit && f.Fd <= 2, p.replaced(f):
@@ -110,33 +107,8 @@ func (p *Process) openFiles() error {
 				fail: func(err error) error { return fmt.Errorf("close fd %d: %w", n, err) }})
 		}
 		_, err = p.callBatch(calls)
-		p.pthawFd = 0 // closed with them
 		return err
 	})
-}
-
-// keepPthawFd moves the pidfd of pthaw a member of a tree in a new PID
-// namespace inherited from the root's stub above every fd it is to have,
-// where none of them replaces it before it has served (takeFromPthaw);
-// it is closed with the stub's other files. Runs on the tracer thread.
-func (p *Process) keepPthawFd(want map[int]bool) error {
-	if p.tree == nil || !p.opts.PIDNamespace {
-		return nil
-	}
-	stubFd := p.tree.members[0].stubPthawFd
-	if stubFd <= 0 {
-		return nil
-	}
-	above := 0
-	for fd := range want {
-		above = max(above, fd+1)
-	}
-	fd, err := p.call(unix.SYS_FCNTL, uintptr(stubFd), unix.F_DUPFD_CLOEXEC, uintptr(above))
-	if err != nil {
-		return fmt.Errorf("keep pthaw's pidfd: %w", err)
-	}
-	p.pthawFd = int(fd)
-	return nil
 }
 
 // replaced reports whether f is an fd 0-2 that Options.Stdio replaces

@@ -123,9 +123,13 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
-	built  bool
-	done   bool
-	tasks  []*task // the threads finish made ready, detached to start
+	// cow: a tree member forked from its parent only once the parent's
+	// memory is built, to share its pages, or under such a member
+	// (forkLate, image.LateMembers).
+	cow   bool
+	built bool
+	done  bool
+	tasks []*task // the threads finish made ready, detached to start
 	// notes holds the notices for the user until Start passes them to
 	// notify, the caller's Options.Notice.
 	notes  *[]string
@@ -144,12 +148,6 @@ type Process struct {
 	createdShm []int
 	// ctr, on a tree's root, is the container restored (container_linux.go).
 	ctr *container
-	// stubPthawFd, on the root of a tree restored into a new PID
-	// namespace, is the fd of its stub (and of every member's, forked
-	// from it) that is a pidfd of pthaw; pthawFd is where each member
-	// keeps it while its fds are opened (takeFromPthaw).
-	stubPthawFd int
-	pthawFd     int
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -305,7 +303,7 @@ meta:
 			if p.proc == nil || len(p.vmas) > 0 || len(p.threads) >= p.proc.Threads || p.proc.Threads > maxThreads {
 				return nil, fmt.Errorf("%w: unexpected thread record", image.ErrCorrupt)
 			}
-			if (len(p.threads) == 0) != (r.Tid == p.proc.Pid) || r.Tid <= 0 {
+			if !image.ThreadInPlace(p.proc, len(p.threads), r.Tid) {
 				return nil, fmt.Errorf("%w: thread %d out of place", image.ErrCorrupt, r.Tid)
 			}
 			if len(r.Regs) != ptrace.NumRegs {
@@ -610,19 +608,9 @@ func (p *Process) launchStub(base uint64) error {
 				files[i] = f.Fd()
 			}
 		}
-		if p.opts.PIDNamespace {
-			// pthaw has no PID in the new namespace: its members take
-			// files from pthaw through this pidfd instead.
-			pidfd, err := unix.PidfdOpen(os.Getpid(), unix.PIDFD_NONBLOCK)
-			if err != nil {
-				return fmt.Errorf("pidfd_open of pthaw: %w", err)
-			}
-			defer unix.Close(pidfd)
-			files = append(files, uintptr(pidfd))
-			p.stubPthawFd = len(files) - 1
-		}
+		nsFd := len(files)
 		if p.ctr != nil && p.ctr.th != nil {
-			// The container's namespaces to join: the fds after.
+			// The container's namespaces to join: fds nsFd...
 			nsFiles, err := p.ctr.stubFiles()
 			if err != nil {
 				return err
@@ -681,7 +669,7 @@ func (p *Process) launchStub(base uint64) error {
 			return fmt.Errorf("name stub: %w", err)
 		}
 		if p.ctr != nil {
-			return p.enterContainer(p.ctr, p.stubPthawFd+1)
+			return p.enterContainer(p.ctr, nsFd)
 		}
 		return nil
 	})
@@ -801,13 +789,18 @@ const blockAll = ^uint64(0) &^ (1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1))
 // errCloneSetup marks clonePID failures that are not about the PID.
 var errCloneSetup = errors.New("clone3")
 
-// clonePID makes the stub clone3 a copy of itself with the saved PID, as a
-// child of ours (CLONE_PARENT), and continues with the copy; the first stub
-// is killed. Runs on the tracer thread.
+// clonePID makes the stub clone3 a process with the saved PID, as a child
+// of ours (CLONE_PARENT), and continues with it; the first stub is killed.
+// The child shares the stub's memory (CLONE_VM) rather than copying it:
+// late in a build that memory is the process's, and a copy of its page
+// tables (and the stub's exit freeing the original's) cost about 150 ms a
+// GiB, in the stop of a migration on this host. Once the stub is gone,
+// the child is the memory's only user, as after a fork. Runs on the
+// tracer thread.
 func (p *Process) clonePID() error {
 	old := p.stub
 	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
-	if err := p.cloneSelf(unix.CLONE_PARENT, 0, p.proc.Pid); err != nil {
+	if err := p.cloneSelf(unix.CLONE_PARENT|unix.CLONE_VM, 0, p.proc.Pid); err != nil {
 		return err
 	}
 	unix.Kill(old, unix.SIGKILL)

@@ -90,9 +90,6 @@ func (p *Process) pty(f *image.FD) (*heldPty, error) {
 	}
 	ptys := p.ptys
 	if p.tree != nil {
-		if p.tree.ns != nil {
-			return nil, fmt.Errorf("fd %d (%s): ptys in a tree restored in a new PID namespace (-pidns) are not supported yet", f.Fd, f.What)
-		}
 		ptys = p.tree.ptys
 	}
 	h, ok := ptys[f.Pty.Index]
@@ -116,14 +113,9 @@ func (p *Process) ptyMaster(f *image.FD) (uintptr, error) {
 	if err != nil {
 		return 0, err
 	}
-	pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
+	tmp, err := p.takeFromPthaw(f, int(h.master.Fd()))
 	if err != nil {
-		return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
-	}
-	tmp, err := p.call(unix.SYS_PIDFD_GETFD, pidfd, h.master.Fd(), 0)
-	p.call(unix.SYS_CLOSE, pidfd)
-	if err != nil {
-		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's pty master: %w", f.Fd, err)
+		return 0, err
 	}
 	if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, uintptr(f.Flags&(unix.O_NONBLOCK|unix.O_APPEND|unix.O_ASYNC))); err != nil {
 		p.call(unix.SYS_CLOSE, tmp)
@@ -155,7 +147,9 @@ func (p *Process) ptyCtty(f *image.FD) {
 	}
 	if f.Pty.Tpgid > 0 {
 		pg := f.Pty.Tpgid
-		if p.tree != nil {
+		if p.tree != nil && p.tree.ns == nil {
+			// (In a new PID namespace the member names it by its
+			// saved PID, as it is there.)
 			if here, ok := p.tree.pids[pg]; ok {
 				pg = here
 			}

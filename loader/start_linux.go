@@ -174,7 +174,17 @@ func (p *Process) finish() error {
 	}
 	// Threads, each a clone3 of the main thread into its saved TID.
 	tasks := []*task{{img: p.threads[0], in: p.in}}
-	for _, t := range p.threads[1:] {
+	clones := p.threads[1:]
+	if pr.LeaderExited {
+		// Every saved thread is a clone; the main thread only exits
+		// once released (exitingLeader).
+		leader, err := p.exitingLeader()
+		if err != nil {
+			return err
+		}
+		tasks, clones = []*task{{img: leader, in: p.in}}, p.threads
+	}
+	for _, t := range clones {
 		tk, err := p.cloneThread(t, borrow)
 		if err != nil {
 			return err
@@ -297,6 +307,27 @@ func (p *Process) finish() error {
 	}
 	p.tasks = tasks
 	return nil
+}
+
+// exitingLeader is the state of a main thread that had ended with
+// pthread_exit (image.Process.LeaderExited): it makes the raw thread exit
+// (SYS_exit, not exit_group) at the vdso's syscall instruction as soon as
+// it runs, with every signal blocked so that none is delivered to it
+// first, and is a zombie leader from then on, as in the original. It gets
+// the first thread's FPU state and, having no credentials of its own, the
+// process's (the first thread's, which the capture read them through).
+func (p *Process) exitingLeader() (*image.Thread, error) {
+	first := p.threads[0]
+	regs, err := ptrace.RegsFromSlice(first.Regs)
+	if err != nil {
+		return nil, err
+	}
+	regs.Rip = uint64(p.vdso)
+	regs.Rax = unix.SYS_EXIT
+	regs.Rdi = 0
+	regs.Orig_rax = ^uint64(0) // no system call to restart
+	return &image.Thread{Tid: p.proc.Pid, Comm: p.proc.Comm, Regs: regs.Slice(),
+		XState: first.XState, Sigmask: ^uint64(0)}, nil
 }
 
 // queuePending re-queues the pending signals of every thread and of the

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/tcprepair"
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
@@ -21,23 +22,8 @@ import (
 // and then repair mode turned off, at which the kernel probes the peer's
 // window and the connection goes on.
 
-// Kernel constants x/sys/unix does not name.
-const (
-	tcpNoQueue   = 0 // TCP_REPAIR_QUEUE values
-	tcpRecvQueue = 1
-	tcpSendQueue = 2
-	// TCPI_OPT_* bits, and the TCP option kinds TCP_REPAIR_OPTIONS takes.
-	tcpiOptTimestamps = 1
-	tcpiOptSack       = 2
-	tcpiOptWscale     = 4
-	tcpiOptUsecTS     = 64
-	tcpoptMSS         = 2
-	tcpoptWindow      = 3
-	tcpoptSackPerm    = 4
-	tcpoptTimestamp   = 8
-	// sockChunk is the most queue data written with one call.
-	sockChunk = 64 << 10
-)
+// sockChunk is the most queue data written with one call.
+const sockChunk = 64 << 10
 
 // newSocket creates the socket of a TCP connection or UDP socket f; it is
 // not yet bound. Runs on the tracer thread.
@@ -282,7 +268,7 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	}
 	// The sequence number of each queue's first byte; the bytes follow
 	// once connected.
-	if err := s.queueSeq(tcpRecvQueue, c.RecvSeq-uint32(len(c.RecvQueue))); err != nil {
+	if err := s.queueSeq(tcprepair.RecvQueue, c.RecvSeq-uint32(len(c.RecvQueue))); err != nil {
 		return err
 	}
 	// A FIN sent is not in the queue: it is sent again (shutdown below).
@@ -293,7 +279,7 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	if image.TCPFinOut(c.State) {
 		finOut = 1
 	}
-	if err := s.queueSeq(tcpSendQueue, c.SendSeq-finOut-uint32(len(c.SendQueue))); err != nil {
+	if err := s.queueSeq(tcprepair.SendQueue, c.SendSeq-finOut-uint32(len(c.SendQueue))); err != nil {
 		return err
 	}
 	// In repair mode connect sends nothing: the connection is
@@ -310,29 +296,29 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 		opts = binary.LittleEndian.AppendUint32(opts, code)
 		opts = binary.LittleEndian.AppendUint32(opts, val)
 	}
-	if c.Options&tcpiOptSack != 0 {
-		add(tcpoptSackPerm, 0)
+	if c.Options&tcprepair.OptSack != 0 {
+		add(tcprepair.KindSackPerm, 0)
 	}
-	if c.Options&tcpiOptWscale != 0 {
-		add(tcpoptWindow, uint32(c.SndWscale)|uint32(c.RcvWscale)<<16)
+	if c.Options&tcprepair.OptWscale != 0 {
+		add(tcprepair.KindWindow, uint32(c.SndWscale)|uint32(c.RcvWscale)<<16)
 	}
-	if c.Options&tcpiOptTimestamps != 0 {
-		add(tcpoptTimestamp, 0)
+	if c.Options&tcprepair.OptTimestamps != 0 {
+		add(tcprepair.KindTimestamp, 0)
 	}
-	add(tcpoptMSS, c.MSS)
+	add(tcprepair.KindMSS, c.MSS)
 	if err := s.set(unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, opts); err != nil {
 		return fmt.Errorf("TCP_REPAIR_OPTIONS: %w", err)
 	}
-	if c.Options&tcpiOptTimestamps != 0 {
+	if c.Options&tcprepair.OptTimestamps != 0 {
 		if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int(int32(tcpTimestamp(c, time.Now()))), "TCP_TIMESTAMP"); err != nil {
 			return err
 		}
 	}
-	if err := s.fill(tcpRecvQueue, c.RecvQueue, c.Opts.RcvBuf); err != nil {
+	if err := s.fill(tcprepair.RecvQueue, c.RecvQueue, c.Opts.RcvBuf); err != nil {
 		return fmt.Errorf("receive queue of %d bytes: %w", len(c.RecvQueue), err)
 	}
 	sent := c.SendQueue[:len(c.SendQueue)-c.Unsent]
-	if err := s.fill(tcpSendQueue, sent, c.Opts.SndBuf); err != nil {
+	if err := s.fill(tcprepair.SendQueue, sent, c.Opts.SndBuf); err != nil {
 		return fmt.Errorf("send queue of %d bytes: %w", len(sent), err)
 	}
 	w := make([]byte, 0, 20)
@@ -342,7 +328,7 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	if err := s.set(unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, w); err != nil {
 		return fmt.Errorf("TCP_REPAIR_WINDOW: %w", err)
 	}
-	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue, "TCP_REPAIR_QUEUE"); err != nil {
+	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcprepair.NoQueue, "TCP_REPAIR_QUEUE"); err != nil {
 		return err
 	}
 	// Out of repair mode the kernel sends a window probe: the peer
@@ -355,7 +341,7 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 		return err
 	}
 	// Bytes never sent are written as the process would have.
-	if err := s.fill(tcpNoQueue, c.SendQueue[len(sent):], c.Opts.SndBuf); err != nil {
+	if err := s.fill(tcprepair.NoQueue, c.SendQueue[len(sent):], c.Opts.SndBuf); err != nil {
 		return fmt.Errorf("unsent %d bytes: %w", c.Unsent, err)
 	}
 	// A closed direction closes again, without a packet for the peer's
@@ -424,7 +410,7 @@ func tcpTimestamp(c *image.TCPConn, now time.Time) uint32 {
 	if c.TimestampAt == 0 || elapsed < 0 {
 		return c.Timestamp
 	}
-	if c.Options&tcpiOptUsecTS != 0 {
+	if c.Options&tcprepair.OptUsecTS != 0 {
 		return c.Timestamp + uint32(elapsed/1e3)
 	}
 	return c.Timestamp + uint32(elapsed/1e6)
@@ -437,7 +423,7 @@ func (s *sockCalls) queueSeq(queue int, seq uint32) error {
 	return s.setInt(unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ, int(int32(seq)), "TCP_QUEUE_SEQ")
 }
 
-// fill writes data into a queue of the connection (tcpNoQueue: an
+// fill writes data into a queue of the connection (tcprepair.NoQueue: an
 // ordinary send, out of repair mode). The socket is non-blocking: when
 // the kernel wants more room than the saved buffer size gave (its
 // accounting of the new buffers is not the original's), the buffer is
@@ -446,13 +432,13 @@ func (s *sockCalls) fill(queue int, data []byte, bufSize int) error {
 	if len(data) == 0 {
 		return nil
 	}
-	if queue != tcpNoQueue {
+	if queue != tcprepair.NoQueue {
 		if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE"); err != nil {
 			return err
 		}
 	}
 	bufOpt, bufName := uintptr(unix.SO_SNDBUFFORCE), "SO_SNDBUFFORCE"
-	if queue == tcpRecvQueue {
+	if queue == tcprepair.RecvQueue {
 		bufOpt, bufName = unix.SO_RCVBUFFORCE, "SO_RCVBUFFORCE"
 	}
 	size, grew := max(bufSize/2, sockChunk), false

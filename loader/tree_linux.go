@@ -32,6 +32,12 @@ type tree struct {
 	unix map[uint64]*treePair
 	// listeners holds the tree's listening unix sockets, by saved inode.
 	listeners map[uint64]*treeListener
+	// queued are the pairs' queues whose messages carry fds, sent once
+	// every member is built (unix_linux.go).
+	queued []treeQueue
+	// self is pthaw's pidfd of itself, for members in a new PID
+	// namespace to reopen (pthawPidfd), -1 until one needs it.
+	self int
 	// objects are the files without a path the members share
 	// (objects_linux.go), held as long as the pipes.
 	objects map[uint64]*object
@@ -84,10 +90,17 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}}
+	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
 	for i, m := range img.Procs {
 		if m.Zombie {
-			continue // no records: it was made and ended with the stubs
+			// No records: it was made and ended with the stubs, or,
+			// under a member forked late, is now, its parent built.
+			if zp := p.tree.members[i]; i > 0 && zp.cow {
+				if err := p.tr.Do(func() error { return zp.forkMember(m) }); err != nil {
+					return fmt.Errorf("pid %d: %w", m.Pid, err)
+				}
+			}
+			continue
 		}
 		var mp *Process
 		prepare := p.startTreeRoot
@@ -96,6 +109,9 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 		} else {
 			mp = p.tree.members[i]
 			prepare = mp.checkStubRoom
+			if mp.cow {
+				prepare = func() error { return mp.forkLate(m) }
+			}
 		}
 		if pr, ok := rec.(*image.Process); ok || i == 0 {
 			if i > 0 && pr.Pid != m.Pid {
@@ -144,22 +160,39 @@ func (p *Process) startTreeRoot() error {
 			parent := byPid[m.PPid]
 			c := &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
 			t.members = append(t.members, c)
-			if err := parent.fork(c, m.Pid); err != nil {
-				return fmt.Errorf("pid %d: %w", m.Pid, err)
-			}
-			t.pids[m.Pid] = c.pid
 			byPid[m.Pid] = c
-			if err := c.setGroup(m); err != nil {
-				return fmt.Errorf("pid %d: %w", m.Pid, err)
+			if m.Cow || parent.cow {
+				// Forked once its parent's memory is built (forkLate),
+				// as is every descendant of such a member: its parent
+				// does not exist yet.
+				c.cow = true
+				continue
 			}
-			if m.Zombie {
-				if err := c.exitAs(m.ExitStatus); err != nil {
-					return fmt.Errorf("zombie pid %d: %w", m.Pid, err)
-				}
+			if err := c.forkMember(m); err != nil {
+				return fmt.Errorf("pid %d: %w", m.Pid, err)
 			}
 		}
 		return nil
 	})
+}
+
+// forkMember makes the stub of member m, p, as a fork of its parent's, in
+// its group and session; a zombie's stub ends at once (exitAs). Runs on
+// the tracer thread.
+func (p *Process) forkMember(m image.TreeProc) error {
+	if err := p.parent.fork(p, m.Pid); err != nil {
+		return err
+	}
+	p.tree.pids[m.Pid] = p.pid
+	if err := p.setGroup(m); err != nil {
+		return err
+	}
+	if m.Zombie {
+		if err := p.exitAs(m.ExitStatus); err != nil {
+			return fmt.Errorf("zombie: %w", err)
+		}
+	}
+	return nil
 }
 
 // exitAs ends the stub of a zombie member with its saved wait status,
@@ -435,4 +468,62 @@ func (p *Process) Pids() []int {
 		pids = append(pids, m.pid)
 	}
 	return pids
+}
+
+// forkLate makes the stub of a member that shares pages with its parent
+// (image.TreeProc.Cow: zdtm's cow00): a fork of its parent's stub once the
+// parent's memory is built, so that the pages the two had in common
+// (image.VMA.InParent) are one physical page again, copy-on-write, not
+// two copies. (A descendant of such a member, whose parent did not exist
+// before, is forked so too, image.LateMembers, with no pages kept unless
+// it is Cow itself.) Its areas with such pages are kept from the fork (p.kept),
+// read-write for the pages records to come, and their other pages
+// dropped (they read as zero until those records fill them); every other
+// area of the parent's goes when the member's memory is mapped
+// (moveKernelAreas), its fds when its own are opened (openFiles).
+func (p *Process) forkLate(m image.TreeProc) error {
+	return p.tr.Do(func() error {
+		parent := p.parent
+		if err := p.forkMember(m); err != nil {
+			return err
+		}
+		if err := p.checkStubRoom(); err != nil {
+			return err
+		}
+		if p.kept == nil {
+			p.kept = map[uint64]bool{}
+		}
+		var calls []batchCall
+		for _, v := range p.vmas {
+			if len(v.InParent) == 0 {
+				continue
+			}
+			if !parent.hasAnon(v.Start, v.End) {
+				return fmt.Errorf("%w: %s: pages in the parent, which has no private area there", image.ErrCorrupt, vmaName(v))
+			}
+			p.kept[v.Start] = true
+			fail := func(err error) error { return fmt.Errorf("%s: %w", vmaName(v), err) }
+			calls = append(calls, batchCall{nr: unix.SYS_MPROTECT, args: [6]uintptr{uintptr(v.Start), uintptr(v.Len()), unix.PROT_READ | unix.PROT_WRITE}, fail: fail})
+			at := v.Start
+			for _, r := range append(v.InParent, [2]uint64{v.End, v.End}) {
+				if r[0] > at {
+					calls = append(calls, batchCall{nr: unix.SYS_MADVISE, args: [6]uintptr{uintptr(at), uintptr(r[0] - at), unix.MADV_DONTNEED}, fail: fail})
+				}
+				at = r[1]
+			}
+		}
+		_, err := p.callBatch(calls)
+		return err
+	})
+}
+
+// hasAnon reports whether [start, end) lies in one private anonymous area
+// of p's.
+func (p *Process) hasAnon(start, end uint64) bool {
+	for _, v := range p.vmas {
+		if v.Kind == image.VMAAnon && !v.Shared && v.Start <= start && end <= v.End {
+			return true
+		}
+	}
+	return false
 }

@@ -214,40 +214,7 @@ func (p *Process) fillUnix(get func(int) (int, error), fd, sndbuf int, u *image.
 	if err := setSndBuf(s, sndbuf); err != nil {
 		return err
 	}
-	for i, m := range u.Queue {
-		var oob []byte
-		if i < len(u.Rights) && len(u.Rights[i]) > 0 {
-			var mine []int
-			for _, r := range u.Rights[i] {
-				d, err := get(r)
-				if err != nil {
-					for _, x := range mine {
-						unix.Close(x)
-					}
-					return fmt.Errorf("a file descriptor it carries: %w", err)
-				}
-				mine = append(mine, d)
-			}
-			oob = unix.UnixRights(mine...)
-			for _, x := range mine {
-				defer unix.Close(x)
-			}
-		}
-		// Never blocking: a queue that does not fit is an error, not a
-		// hang. A stream's bytes may take several sends (the fds go
-		// with the first).
-		for off := 0; off < len(m) || off == 0; {
-			n, err := unix.SendmsgN(s, m[off:], oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-			if err != nil {
-				return fmt.Errorf("%d bytes: %w", len(m), err)
-			}
-			oob = nil
-			if off += n; len(m) == 0 {
-				break
-			}
-		}
-	}
-	return nil
+	return sendQueue(s, u, func(_, _, fd int) (int, error) { return get(fd) })
 }
 
 // bindUnixListeners binds the re-created listening unix sockets to their
@@ -353,6 +320,100 @@ func staleSocket(path string) bool {
 // runs (a shut-down end could not send the other's queue), and pthaw's
 // copies are closed with the tree's pipes.
 
+// treeQueue is the queue of a tree's pair end whose messages carry fds
+// (SCM_RIGHTS), sent from pthaw's other end once every member is built.
+type treeQueue struct {
+	member *Process // the first to hold the end
+	f      *image.FD
+	from   int // pthaw's other end
+}
+
+// sendQueues sends the queues whose messages carry fds (treeQueue), each
+// fd taken from the member that holds it (pidfd_getfd), as it is once
+// every member is built.
+func (t *tree) sendQueues() error {
+	pidfds := map[int]int{}
+	defer func() {
+		for _, fd := range pidfds {
+			unix.Close(fd)
+		}
+	}()
+	for _, q := range t.queued {
+		get := func(i, j, fd int) (int, error) {
+			pid := q.member.pid
+			if by := q.f.Unix.Holder(i, j); by != 0 {
+				here, ok := t.pids[by]
+				if !ok {
+					return -1, fmt.Errorf("%w: fd %d of pid %d, not a member", image.ErrCorrupt, fd, by)
+				}
+				pid = here
+			}
+			pidfd, ok := pidfds[pid]
+			if !ok {
+				var err error
+				if pidfd, err = unix.PidfdOpen(pid, 0); err != nil {
+					return -1, fmt.Errorf("pidfd_open %d: %w", pid, err)
+				}
+				pidfds[pid] = pidfd
+			}
+			mine, err := unix.PidfdGetfd(pidfd, fd, 0)
+			if err != nil {
+				return -1, fmt.Errorf("fd %d of pid %d: pidfd_getfd: %w", fd, pid, err)
+			}
+			return mine, nil
+		}
+		if err := sendQueue(q.from, q.f.Unix, get); err != nil {
+			return fmt.Errorf("pid %d: fd %d (%s): refill its queue: %w", q.member.proc.Pid, q.f.Fd, q.f.What, err)
+		}
+	}
+	t.queued = nil
+	return nil
+}
+
+// sendQueue sends u's queue from s, in order, never blocking (a queue
+// that does not fit is an error, not a hang). A message's fds
+// (SCM_RIGHTS) come from get, given the message, the fd's place in it and
+// its number, and are closed after; a stream's bytes may take several
+// sends, the fds going with the first.
+func sendQueue(s int, u *image.UnixSocket, get func(i, j, fd int) (int, error)) error {
+	for i, m := range u.Queue {
+		var oob []byte
+		if i < len(u.Rights) && len(u.Rights[i]) > 0 {
+			if get == nil {
+				return fmt.Errorf("%w: message %d carries fds", image.ErrCorrupt, i)
+			}
+			var mine []int
+			for j, r := range u.Rights[i] {
+				d, err := get(i, j, r)
+				if err != nil {
+					closeAll(mine)
+					return fmt.Errorf("a file descriptor it carries: %w", err)
+				}
+				mine = append(mine, d)
+			}
+			oob = unix.UnixRights(mine...)
+			defer closeAll(mine)
+		}
+		for off := 0; off < len(m) || off == 0; {
+			n, err := unix.SendmsgN(s, m[off:], oob, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+			if err != nil {
+				return fmt.Errorf("%d bytes: %w", len(m), err)
+			}
+			oob = nil
+			if off += n; len(m) == 0 {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
 // treePair is a unix socket pair pthaw holds for a tree.
 type treePair struct {
 	ends     map[uint64]int // by saved inode
@@ -364,9 +425,6 @@ type treePair struct {
 // fd. Runs on the tracer thread.
 func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 	u := f.Unix
-	if len(u.Rights) > 0 {
-		return 0, fmt.Errorf("fd %d (%s): file descriptors queued in a unix socket of a tree (SCM_RIGHTS) are not supported yet", f.Fd, f.What)
-	}
 	key := min(u.ID, u.Peer)
 	pair, ok := p.tree.unix[key]
 	if !ok {
@@ -404,47 +462,73 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 				return 0, fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 			}
 		}
-		for _, m := range u.Queue {
-			for off := 0; off < len(m) || off == 0; {
-				n, err := unix.SendmsgN(other, m[off:], nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-				if err != nil {
-					return 0, fmt.Errorf("fd %d (%s): refill its queue: %d bytes: %w", f.Fd, f.What, len(m), err)
-				}
-				if off += n; len(m) == 0 {
-					break
-				}
-			}
+		if len(u.Rights) > 0 {
+			// Its messages carry fds, which members not yet built
+			// may hold: sent once every member is.
+			p.tree.queued = append(p.tree.queued, treeQueue{member: p, f: f, from: other})
+		} else if err := sendQueue(other, u, nil); err != nil {
+			return 0, fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err)
 		}
 	}
 	tmp, err := p.takeFromPthaw(f, mine)
+	if err != nil {
+		return 0, err
+	}
 	if f.Flags&unix.O_NONBLOCK != 0 {
 		if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
 			p.call(unix.SYS_CLOSE, tmp)
 			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
 		}
 	}
-	return tmp, err
+	return tmp, nil
 }
 
 // takeFromPthaw gives the process a new fd of pthaw's fd mine (an
-// injected pidfd_open of pthaw, or in a new PID namespace, where pthaw
-// has no PID, the pidfd of pthaw its stub was started with: pthawFd;
-// then pidfd_getfd).
+// injected pidfd_getfd through a pidfd of pthaw: pthawPidfd).
 // Runs on the tracer thread.
 func (p *Process) takeFromPthaw(f *image.FD, mine int) (uintptr, error) {
-	pidfd := uintptr(p.pthawFd)
-	if p.pthawFd <= 0 {
-		var err error
-		if pidfd, err = p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0); err != nil {
-			return 0, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
-		}
-		defer p.call(unix.SYS_CLOSE, pidfd)
+	pidfd, err := p.pthawPidfd()
+	if err != nil {
+		return 0, fmt.Errorf("fd %d: %w", f.Fd, err)
 	}
 	tmp, err := p.call(unix.SYS_PIDFD_GETFD, pidfd, uintptr(mine), 0)
+	p.call(unix.SYS_CLOSE, pidfd)
 	if err != nil {
-		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's socket: %w", f.Fd, err)
+		return 0, fmt.Errorf("fd %d: pidfd_getfd of pthaw's fd %d: %w", f.Fd, mine, err)
 	}
 	return tmp, nil
+}
+
+// pthawPidfd gives the process a pidfd of pthaw, for pidfd_getfd. A
+// member of a tree restored into a new PID namespace (-pidns) cannot name
+// pthaw by a PID; it reopens pthaw's pidfd of itself through
+// /proc/<pthaw>/fd instead (a procfs resolves PIDs in the namespace it was
+// mounted for, this host's, as for pipes). Runs on the tracer thread.
+func (p *Process) pthawPidfd() (uintptr, error) {
+	if p.tree == nil || p.tree.ns == nil {
+		pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
+		if err != nil {
+			return 0, fmt.Errorf("pidfd_open of pthaw: %w", err)
+		}
+		return pidfd, nil
+	}
+	if p.tree.self < 0 {
+		self, err := unix.PidfdOpen(os.Getpid(), 0)
+		if err != nil {
+			return 0, fmt.Errorf("pidfd_open of pthaw itself: %w", err)
+		}
+		p.tree.self = self
+	}
+	name := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), p.tree.self)
+	path, err := p.putString(name)
+	if err != nil {
+		return 0, err
+	}
+	pidfd, err := p.call(unix.SYS_OPEN, path, unix.O_RDONLY|unix.O_CLOEXEC)
+	if err != nil {
+		return 0, fmt.Errorf("open %s (pthaw's pidfd): %w", name, err)
+	}
+	return pidfd, nil
 }
 
 // treeUnixListener gives the member the listening unix socket f, which
@@ -548,10 +632,14 @@ func bindTreeListener(l *treeListener, name string) error {
 	return nil
 }
 
-// shutdownUnix gives the tree's pairs' ends their buffer sizes and shuts
-// them down as they were, once every member is built; an end no member
+// shutdownUnix sends the queues that carry fds (sendQueues), gives the
+// tree's pairs' ends their buffer sizes and shuts them down as they were,
+// once every member is built; an end no member
 // held is corruption.
 func (t *tree) shutdownUnix() error {
+	if err := t.sendQueues(); err != nil {
+		return err
+	}
 	for _, pair := range t.unix {
 		for id, fd := range pair.ends {
 			how, seen := pair.shutdown[id]
@@ -571,8 +659,13 @@ func (t *tree) shutdownUnix() error {
 	return nil
 }
 
-// closeUnix closes pthaw's ends of the tree's pairs and its listeners.
+// closeUnix closes pthaw's ends of the tree's pairs and its listeners,
+// and its pidfd of itself.
 func (t *tree) closeUnix() {
+	if t.self >= 0 {
+		unix.Close(t.self)
+		t.self = -1
+	}
 	for id, l := range t.listeners {
 		unix.Close(l.fd)
 		delete(t.listeners, id)

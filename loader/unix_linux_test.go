@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,6 +28,12 @@ import (
 // describe returns what pfreeze -debug prints of pid (which runs on).
 func describe(t *testing.T, pid int) []byte {
 	t.Helper()
+	return describeWith(t, pid, capture.FreezeOptions{})
+}
+
+// describeWith is describe with options o (Tree).
+func describeWith(t *testing.T, pid int, o capture.FreezeOptions) []byte {
+	t.Helper()
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	pr, pw := io.Pipe()
@@ -37,7 +44,7 @@ func describe(t *testing.T, pid int) []byte {
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.FreezeWith(context.Background(), tr, pid, pw, capture.FreezeOptions{})
+	err := capture.FreezeWith(context.Background(), tr, pid, pw, o)
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr
@@ -184,12 +191,13 @@ func migrateNoticed(t *testing.T, pid int, inherit map[int]*os.File) (*fixture.L
 // also returns the copy's PID.
 func migrateWith(t *testing.T, pid int, tree bool, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
 	t.Helper()
-	return migrateOpts(t, pid, capture.SendOptions{Tree: tree}, inherit)
+	return migrateOpts(t, pid, capture.SendOptions{Tree: tree}, loader.Options{InheritFDs: inherit})
 }
 
 // migrateOpts is migrateWith with the source's options o (Tree,
-// UnixReconnect).
-func migrateOpts(t *testing.T, pid int, o capture.SendOptions, inherit map[int]*os.File) (*fixture.Lines, []string, int) {
+// UnixReconnect) and the target's lo (InheritFDs, PIDNamespace; its
+// stdio and notices are the test's).
+func migrateOpts(t *testing.T, pid int, o capture.SendOptions, lo loader.Options) (*fixture.Lines, []string, int) {
 	t.Helper()
 	a := newAgents(t)
 	pr, pw, err := os.Pipe()
@@ -212,10 +220,11 @@ func migrateOpts(t *testing.T, pid int, o capture.SendOptions, inherit map[int]*
 		sent <- err
 	}()
 	src, err := stream.NewConnSource(context.Background(), a.dstConn, stream.SourceOptions{Authenticated: true, ReadTimeout: waitFor})
+	lo.Stdio, lo.Notice = [3]*os.File{nil, pw, pw}, say
 	var p *loader.Process
 	if err == nil {
 		p, err = loader.ReceiveFrom(context.Background(), a.dstTr, src, loader.ReceiveOptions{Keys: []stream.Key{a.key},
-			CommitTimeout: waitFor, Options: loader.Options{Stdio: [3]*os.File{nil, pw, pw}, InheritFDs: inherit, Notice: say}})
+			CommitTimeout: waitFor, Options: lo})
 	}
 	pw.Close()
 	serr := <-sent
@@ -358,6 +367,39 @@ func TestMigrateUnixPairTree(t *testing.T) {
 	}
 }
 
+// TestMigrateUnixRightsTree moves a parent and its child, each with a
+// message queued to the other on their socketpair carrying an fd only
+// the sender holds (SCM_RIGHTS): the receiver of each gets an fd that
+// writes into the sender's pipe. Then again into a new PID namespace.
+func TestMigrateUnixRightsTree(t *testing.T) {
+	needRoot(t)
+	for _, pidns := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pidns=%v", pidns), func(t *testing.T) {
+			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "treefds")
+			orig.Expect(t, `^ready$`, waitFor)
+			if d := describeWith(t, pid, capture.FreezeOptions{Tree: true}); !regexp.MustCompile(`carries fds \[\d+ of pid \d+\]`).Match(d) {
+				t.Errorf("pfreeze -debug does not say which member holds a queued fd:\n%s", d)
+			}
+			out, said, copied := migrateOpts(t, pid, capture.SendOptions{Tree: true}, loader.Options{PIDNamespace: pidns})
+			t.Logf("the copy is pid %d (%q)", copied, said)
+			if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			got := map[string]bool{}
+			for i := 0; i < 2; i++ {
+				line, err := out.Next(waitFor)
+				if err != nil {
+					t.Fatalf("after %v: %v", got, err)
+				}
+				got[line] = true
+			}
+			if !got["ok"] || !got["child ok"] {
+				t.Fatalf("the copies said %v, want ok and child ok", got)
+			}
+		})
+	}
+}
+
 // TestMigrateUnixReconnect: with UnixReconnect (pfreeze -unix-reconnect)
 // a unix socket connected to a daemon's named socket outside the process
 // is connected to it again by the copy, which then talks to the daemon
@@ -377,7 +419,7 @@ func TestMigrateUnixReconnect(t *testing.T) {
 	}
 	defer first.Close()
 	orig.Expect(t, `^ready$`, waitFor)
-	out, said, copied := migrateOpts(t, pid, capture.SendOptions{UnixReconnect: true}, nil)
+	out, said, copied := migrateOpts(t, pid, capture.SendOptions{UnixReconnect: true}, loader.Options{})
 	if !strings.Contains(strings.Join(said, "\n"), "the copy connects to it again") {
 		t.Errorf("the source said %q, want that the copy connects again", said)
 	}
@@ -437,7 +479,10 @@ func TestMigrateRedisUnix(t *testing.T) {
 // TestMigrateNginxTree moves Debian's nginx, a master and two workers
 // (the master talks to each worker over a socketpair, nginx's channels),
 // listening on a unix socket they all share, as one tree: after the move
-// the copy's workers answer a request on the same socket.
+// the copy's workers answer a request on the same socket. Then again into
+// a new PID namespace (pthaw -pidns, how the cluster runs workloads),
+// where the members take the socketpairs' ends and the listener from
+// pthaw without naming its PID.
 func TestMigrateNginxTree(t *testing.T) {
 	needRoot(t)
 	bin, err := exec.LookPath("nginx")
@@ -447,6 +492,12 @@ func TestMigrateNginxTree(t *testing.T) {
 		}
 		bin = "/usr/sbin/nginx"
 	}
+	for _, pidns := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pidns=%v", pidns), func(t *testing.T) { migrateNginx(t, bin, pidns) })
+	}
+}
+
+func migrateNginx(t *testing.T, bin string, pidns bool) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "nginx.sock")
 	conf := filepath.Join(dir, "nginx.conf")
@@ -498,7 +549,7 @@ http {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	_, said, copied := migrateWith(t, p.Pid(), true, nil)
+	_, said, copied := migrateOpts(t, p.Pid(), capture.SendOptions{Tree: true}, loader.Options{PIDNamespace: pidns})
 	t.Logf("the copy's master is pid %d (%q)", copied, said)
 	workers, _ := fixture.Children(copied)
 	t.Cleanup(func() {
@@ -588,15 +639,25 @@ func TestMigrateUnixDgramBound(t *testing.T) {
 // TestMigratePtyTree moves a tree whose child leads a session with the
 // slave of its parent's pty as its controlling terminal and its own group
 // in the foreground: the copy's child still has that controlling
-// terminal and foreground group, and the two still talk through it.
+// terminal and foreground group, and the two still talk through it. Then
+// again into a new PID namespace (pthaw -pidns).
 func TestMigratePtyTree(t *testing.T) {
 	needRoot(t)
-	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "ptytree")
-	orig.Expect(t, `^ready$`, waitFor)
-	out, said, copied := migrateWith(t, pid, true, nil)
-	t.Logf("the copy is pid %d (%q)", copied, said)
-	if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
-		t.Fatal(err)
+	for _, pidns := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pidns=%v", pidns), func(t *testing.T) {
+			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "unixpair"), "ptytree")
+			orig.Expect(t, `^ready$`, waitFor)
+			out, said, copied := migrateOpts(t, pid, capture.SendOptions{Tree: true}, loader.Options{PIDNamespace: pidns})
+			t.Logf("the copy is pid %d (%q)", copied, said)
+			for _, s := range said {
+				if strings.Contains(s, "not restored") {
+					t.Errorf("the target said %q", s)
+				}
+			}
+			if err := syscall.Kill(copied, syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			out.Expect(t, `^ok$`, waitFor)
+		})
 	}
-	out.Expect(t, `^ok$`, waitFor)
 }

@@ -89,6 +89,14 @@ type Config struct {
 	// VIPInterface carries the workloads' virtual IPs; "": the interface
 	// whose subnet holds each (node/vip.go).
 	VIPInterface string
+	// FenceAfter: once Contact is older than this, the node counts as cut
+	// off from the raft majority and the agent fences it (node/fence.go):
+	// it freezes the workloads a failover could bring back elsewhere.
+	// 0: no fencing.
+	FenceAfter time.Duration
+	// Contact returns when this node was last in contact with the raft
+	// majority: now while it leads, else its last contact with a leader.
+	Contact func() time.Time
 }
 
 // proc is one workload process this agent watches.
@@ -176,6 +184,15 @@ type Agent struct {
 	// ckptPushAt: when each copy (workload/seq/target) may be pushed
 	// again by repairCopies (Run only).
 	ckptPushAt map[string]time.Time
+	// cutOff: the node is out of contact with the majority for longer
+	// than FenceAfter (fenceLoop writes it); fenced: the attempt of each
+	// workload whose cgroup the fence froze, until reconcile settles it;
+	// capturing: the workloads a checkpoint is capturing now, which the
+	// fence leaves until the capture ends (and a fenced one is not
+	// captured). All three under mu.
+	cutOff    bool
+	fenced    map[string]int
+	capturing map[string]bool
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -193,6 +210,7 @@ func New(cfg Config) *Agent {
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
 		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{}, ckptPushAt: map[string]time.Time{},
+		fenced: map[string]int{}, capturing: map[string]bool{},
 		vips: newVIPs(cfg.DataDir, cfg.VIPInterface, cfg.Logger.With("component", "agent")),
 	}
 	if cfg.Cgroups {
@@ -245,6 +263,10 @@ func (a *Agent) Run(ctx context.Context) {
 	}()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	if a.cfg.FenceAfter > 0 && a.cfg.Contact != nil {
+		a.wg.Add(1)
+		go a.fenceLoop(ctx) // ends with ctx; Run waits for it
+	}
 	for {
 		changed := a.cfg.FSM.Changed()
 		if a.current(ctx) {
@@ -370,6 +392,10 @@ func (a *Agent) poll(ctx context.Context, id string, attempt, pid int, ticks uin
 }
 
 func (a *Agent) reconcile(ctx context.Context) {
+	// First of all: the copies this node froze or left running while cut
+	// off that now belong elsewhere are killed (node/fence.go).
+	a.settleFence()
+	a.killStrays()
 	var todo, relist, orphans, lost []scheduler.Workload
 	type out struct {
 		m     scheduler.Migration
@@ -395,7 +421,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 			if m.Source != a.cfg.Name || m.State != scheduler.MigrationPlanned || a.outgoing[m.ID] {
 				continue
 			}
-			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping && !a.ckptBusy(m.WorkloadID) {
+			if p := a.procs[m.WorkloadID]; p != nil && p.attempt == m.Attempt && !p.stopping && !a.ckptBusy(m.WorkloadID) &&
+				!a.isFenced(m.WorkloadID) {
 				a.outgoing[m.ID] = true
 				outs = append(outs, out{*m, p.pid, p.pidns})
 			}
@@ -556,8 +583,11 @@ func (a *Agent) settleHeld() {
 		a.mu.Lock()
 		_, mine := a.holding[h.wid]
 		a.mu.Unlock()
-		if mine {
-			continue
+		a.mu.Lock()
+		at, f := a.fenced[h.wid]
+		a.mu.Unlock()
+		if mine || f && at == h.attempt {
+			continue // a migration of this agent's, or the fence's (settleFence)
 		}
 		verdict := "kill"
 		a.cfg.FSM.Read(func(s *scheduler.State) {

@@ -168,7 +168,23 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 	log := a.log.With("workload", w.ID, "attempt", w.Attempt)
 	at := time.Now()
 	tmp := filepath.Join(a.CheckpointDir(), ".taking-"+w.ID)
+	// The fence never freezes a process under capture (the engine's
+	// injected calls would wait on a frozen task), nor is a fenced one
+	// captured (node/fence.go).
+	a.mu.Lock()
+	_, fenced := a.fenced[w.ID]
+	if !fenced {
+		a.capturing[w.ID] = true
+	}
+	a.mu.Unlock()
+	if fenced {
+		log.Info("checkpoint not taken: the workload is fenced")
+		return
+	}
 	size, err := a.writeCheckpoint(ctx, w, pid, pidns, tmp)
+	a.mu.Lock()
+	delete(a.capturing, w.ID)
+	a.mu.Unlock()
 	if err != nil {
 		os.Remove(tmp)
 		log.Warn("checkpoint failed", "err", err)

@@ -41,7 +41,7 @@ func ValidateCheckpointPolicy(p *CheckpointPolicy) error {
 	if p.Replicas < 0 || p.Replicas > MaxCheckpointReplicas {
 		return invalid("replicas", "%d, out of range 0..%d", p.Replicas, MaxCheckpointReplicas)
 	}
-	return nil
+	return validFence(p.Fence)
 }
 
 // Matches reports whether the policy applies to w: its labels hold every

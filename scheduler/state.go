@@ -172,6 +172,10 @@ type Workload struct {
 	// Migrate is MigrateNever for a workload the balancer must not move
 	// (drains and operators still may); "" lets it.
 	Migrate string `msgpack:"migrate,omitempty"`
+	// Fence is what a node cut off from the raft majority does with the
+	// workload (FenceFreeze, FenceOff); "": as its checkpoint policies
+	// say, else FenceFreeze (scheduler/fence.go).
+	Fence string `msgpack:"fence,omitempty"`
 
 	Desired     string        `msgpack:"desired"`
 	DesiredNode string        `msgpack:"desired_node"` // where it should run
@@ -311,6 +315,10 @@ type CheckpointPolicy struct {
 	Interval int64             `msgpack:"interval"` // nanoseconds
 	Keep     int               `msgpack:"keep"`     // checkpoints kept per workload; 0: DefaultCheckpointKeep
 	Replicas int               `msgpack:"replicas"` // copies on other nodes
+	// Fence: FenceOff keeps the workloads it applies to running on a
+	// node cut off from the majority (unless their own Fence says
+	// otherwise); "" or FenceFreeze: the default, freeze.
+	Fence string `msgpack:"fence,omitempty"`
 }
 
 // Checkpoint is one leave-running checkpoint of a workload, a file in the

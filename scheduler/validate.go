@@ -236,6 +236,9 @@ func ValidateWorkload(w *Workload) error {
 	if w.Migrate != "" && w.Migrate != MigrateNever {
 		return invalid("migrate", "%.32q: want never (or nothing: the balancer may move it)", w.Migrate)
 	}
+	if err := validFence(w.Fence); err != nil {
+		return err
+	}
 	if w.Resources.CPUMilli < 0 || w.Resources.CPUMilli > MaxCPUMilli {
 		return invalid(fmt.Sprintf("cpu_milli %d", w.Resources.CPUMilli), "out of range 0..%d", MaxCPUMilli)
 	}

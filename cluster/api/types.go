@@ -140,6 +140,10 @@ type RunRequest struct {
 	// Migrate "never" keeps the balancer from moving the workload (drains
 	// and operators still may); "" lets it.
 	Migrate string `json:"migrate,omitempty"`
+	// Fence: "freeze" or "off", what a node cut off from the majority
+	// does with the workload; "": as its checkpoint policies say, else
+	// freeze.
+	Fence string `json:"fence,omitempty"`
 }
 
 // Workload is one supervised process.
@@ -162,6 +166,7 @@ type Workload struct {
 	Restart     string            `json:"restart"`
 	MaxRestarts int               `json:"max_restarts,omitempty"`
 	Migrate     string            `json:"migrate,omitempty"`
+	Fence       string            `json:"fence,omitempty"`
 	Desired     string            `json:"desired"`
 	DesiredNode string            `json:"desired_node"`
 	Node        string            `json:"node"`
@@ -354,6 +359,7 @@ type CheckpointPolicy struct {
 	Interval Duration          `json:"interval"`
 	Keep     int               `json:"keep"`
 	Replicas int               `json:"replicas"`
+	Fence    string            `json:"fence,omitempty"` // "off": the workloads it applies to are not fenced
 }
 
 // Duration is a time.Duration that JSON carries as a string ("5m0s").

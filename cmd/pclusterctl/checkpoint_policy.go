@@ -17,11 +17,12 @@ type checkpointPolicySetCmd struct {
 	interval time.Duration
 	keep     int
 	replicas int
+	fence    string
 }
 
 func (*checkpointPolicySetCmd) name() string { return "checkpoint policy set" }
 func (*checkpointPolicySetCmd) synopsis() string {
-	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] NAME   checkpoint matching workloads every D"
+	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] [-fence off] NAME   checkpoint matching workloads every D"
 }
 func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	c.selector = kvFlag{}
@@ -29,6 +30,7 @@ func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.interval, "interval", 0, "time between two checkpoints of a workload (required, at least 1s)")
 	fs.IntVar(&c.keep, "keep", 3, "checkpoints kept per workload; older ones are deleted everywhere")
 	fs.IntVar(&c.replicas, "replicas", 1, "copies of each checkpoint on other nodes")
+	fs.StringVar(&c.fence, "fence", "", "`off`: a node cut off from the majority leaves the matching workloads running (default freeze; a workload's own -fence wins)")
 }
 
 func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string) error {
@@ -39,14 +41,18 @@ func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string)
 		return usagef("-interval is required (a duration such as 5m)")
 	}
 	p, err := e.client.SetCheckpointPolicy(ctx, api.CheckpointPolicy{Name: args[0], Selector: c.selector,
-		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas})
+		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas, Fence: c.fence})
 	if err != nil {
 		return err
 	}
 	if e.json {
 		return printJSON(e.stdout, p)
 	}
-	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas)
+	fence := ""
+	if p.Fence != "" {
+		fence = ", fence " + shown(p.Fence)
+	}
+	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas%s\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas, fence)
 	return nil
 }
 
@@ -77,9 +83,9 @@ func (*checkpointPolicyListCmd) run(ctx context.Context, e *env, args []string) 
 		}
 		sort.Strings(sel)
 		rows = append(rows, []string{shown(p.Name), dash(strings.Join(sel, ",")), time.Duration(p.Interval).String(),
-			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas)})
+			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas), dash(p.Fence)})
 	}
-	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS", rows)
+	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS FENCE", rows)
 }
 
 type checkpointPolicyDeleteCmd struct{}

@@ -79,6 +79,7 @@ func (c *runCmd) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.uid, "uid", "", "run as `user` (a uid or a name), with its groups from the node's user database (default: the daemon's user)")
 	fs.StringVar(&c.gid, "gid", "", "with this primary `group` (a gid or a name; default: the user's primary group)")
 	fs.StringVar(&c.req.Migrate, "migrate", "", "`never`: the balancer must not move the workload (drains and pclusterctl migrate still may)")
+	fs.StringVar(&c.req.Fence, "fence", "", "`freeze` or off: whether a node cut off from the cluster's majority freezes the workload before a failover could run it elsewhere (default: as its checkpoint policies say, else freeze)")
 	fs.StringVar(&c.req.Restart, "restart", "never", "restart `policy`: never, on-failure or always")
 	fs.IntVar(&c.req.MaxRestarts, "max-restarts", 0, "stop restarting after `N` restarts (0: no bound)")
 	fs.Uint64Var(&c.req.MemoryMB, "memory", 0, "memory hint in `MB` for placement")

@@ -51,6 +51,9 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 		}
 		fmt.Fprintf(e.stdout, "Limits:    %s\n", strings.Join(l, ", "))
 	}
+	if w.Fence != "" {
+		fmt.Fprintf(e.stdout, "Fence:     %s\n", shown(w.Fence))
+	}
 	if w.Migrate != "" {
 		fmt.Fprintf(e.stdout, "Migrate:   %s (the balancer leaves it where it is)\n", shown(w.Migrate))
 	}

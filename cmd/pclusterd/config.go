@@ -48,8 +48,9 @@ type fileConfig struct {
 	// CheckpointReserveMB: free MiB a checkpoint must leave on the data
 	// directory's filesystem (nil: defaultCheckpointReserveMB).
 	CheckpointReserveMB *uint64 `json:"checkpoint_reserve_mb"`
-	Failover            bool    `json:"failover"`
+	Failover            bool    `json:"failover"` // on by default: a file's false turns it off
 	FailoverAfter       string  `json:"failover_after"`
+	FenceAfter          string  `json:"fence_after"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -64,6 +65,16 @@ const defaultDrainTimeout = 2 * time.Minute
 // checkpoint that could leave less free on the data directory's
 // filesystem is refused (and reported failed).
 const defaultCheckpointReserveMB = 1024
+
+// defaultFailoverAfter and defaultFenceAfter are -failover-after's and
+// -fence-after's defaults: a cut-off node fences 3 s after its last raft
+// contact, the leader fails over no sooner than 5 s after the cut
+// (memberlist's detection, at least 4 s, then 1 s); cluster.Start checks
+// the relation for any values given.
+const (
+	defaultFailoverAfter = time.Second
+	defaultFenceAfter    = 3 * time.Second
+)
 
 // mergeFile fills the settings not given as flags from a JSON file.
 func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
@@ -127,8 +138,13 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	pick("balance-interval", &c.BalanceInterval, f.BalanceInterval)
 	pick("balance-cooldown", &c.BalanceCooldown, f.BalanceCooldown)
 	pick("failover-after", &c.FailoverAfter, f.FailoverAfter)
-	if !set["failover"] && f.Failover {
-		c.Failover = true
+	pick("fence-after", &c.FenceAfter, f.FenceAfter)
+	var given struct {
+		Failover *bool `json:"failover"`
+	}
+	json.Unmarshal(b, &given) // decoded above: it parses
+	if !set["failover"] && given.Failover != nil {
+		c.Failover = *given.Failover
 	}
 	if !set["checkpoint-reserve-mb"] && f.CheckpointReserveMB != nil {
 		c.CheckpointReserveMB = f.CheckpointReserveMB
@@ -174,12 +190,20 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 		cfg.CheckpointReserve = *c.CheckpointReserveMB << 20
 	}
 	cfg.Failover = c.Failover
+	cfg.FailoverAfter, cfg.FenceAfter = defaultFailoverAfter, defaultFenceAfter
 	if c.FailoverAfter != "" {
 		d, err := time.ParseDuration(c.FailoverAfter)
 		if err != nil || d < 0 {
 			return cfg, cleanup, fmt.Errorf("failover after %q: want a duration such as 5s", c.FailoverAfter)
 		}
 		cfg.FailoverAfter = d
+	}
+	if c.FenceAfter != "" {
+		d, err := time.ParseDuration(c.FenceAfter)
+		if err != nil || d < 0 {
+			return cfg, cleanup, fmt.Errorf("fence after %q: want a duration such as 3s (0: no fencing)", c.FenceAfter)
+		}
+		cfg.FenceAfter = d
 	}
 	if cfg.Socket == "" {
 		cfg.Socket = api.DefaultSocket

@@ -90,3 +90,48 @@ func TestConfigBalance(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigFailover: failover is on unless the flag or the file turns
+// it off; failover_after and fence_after have their defaults and must be
+// durations.
+func TestConfigFailover(t *testing.T) {
+	dir := t.TempDir()
+	key, _ := pki.NewKey()
+	path := filepath.Join(dir, "pclusterd.json")
+	base := `"data_dir":"` + dir + `","encrypt":"` + key.String() + `","bootstrap_expect":1`
+	cases := []struct {
+		file                 string
+		flagOn               bool // -failover's value (its default: true)
+		set                  map[string]bool
+		wantOn               bool
+		wantAfter, wantFence time.Duration
+	}{
+		{file: `{` + base + `}`, flagOn: true, wantOn: true, wantAfter: defaultFailoverAfter, wantFence: defaultFenceAfter},
+		{file: `{` + base + `,"failover":false}`, flagOn: true, wantAfter: defaultFailoverAfter, wantFence: defaultFenceAfter},
+		{file: `{` + base + `,"failover":false}`, flagOn: true, set: map[string]bool{"failover": true}, wantOn: true,
+			wantAfter: defaultFailoverAfter, wantFence: defaultFenceAfter},
+		{file: `{` + base + `,"failover_after":"3s","fence_after":"0s"}`, flagOn: true, wantOn: true, wantAfter: 3 * time.Second},
+	}
+	for _, tc := range cases {
+		os.WriteFile(path, []byte(tc.file), 0o600)
+		c := fileConfig{Labels: labelFlag{}, Failover: tc.flagOn}
+		if err := c.mergeFile(path, tc.set); err != nil {
+			t.Fatal(err)
+		}
+		cfg, cleanup, err := c.resolve(false)
+		cleanup()
+		if err != nil {
+			t.Fatalf("%s: %v", tc.file, err)
+		}
+		if cfg.Failover != tc.wantOn || cfg.FailoverAfter != tc.wantAfter || cfg.FenceAfter != tc.wantFence {
+			t.Errorf("%s (flags %v): failover %v after %v, fence after %v; want %v, %v, %v", tc.file, tc.set,
+				cfg.Failover, cfg.FailoverAfter, cfg.FenceAfter, tc.wantOn, tc.wantAfter, tc.wantFence)
+		}
+	}
+	for _, bad := range []string{"-1s", "soon"} {
+		_, _, err := (&fileConfig{DataDir: dir, Encrypt: key.String(), BootstrapExpect: 1, FenceAfter: bad}).resolve(false)
+		if err == nil || !strings.Contains(err.Error(), "fence after") {
+			t.Errorf("fence after %q: got %v, want a refusal naming it", bad, err)
+		}
+	}
+}

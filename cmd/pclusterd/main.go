@@ -115,8 +115,9 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&c.WebTokenFile, "web-token-file", "", "`file` holding the status page's access token (default DATA_DIR/web-token, made when missing)")
 	fs.StringVar(&c.WebCert, "web-cert", "", "TLS certificate `file` (PEM) for the status page")
 	fs.StringVar(&c.WebKey, "web-key", "", "TLS key `file` (PEM) for the status page")
-	fs.BoolVar(&c.Failover, "failover", false, "bring the workloads of a node declared down back on others (from their newest checkpoint, else from their command as their restart policy says); a node that is only cut off runs its copies on until it rejoins")
-	fs.StringVar(&c.FailoverAfter, "failover-after", "", "with -failover: wait this `duration` after a node is declared down (default 0)")
+	fs.BoolVar(&c.Failover, "failover", true, "bring the workloads of a node declared down back on others (from their newest checkpoint, else from their command as their restart policy says); a node cut off from the majority fences its own (-fence-after)")
+	fs.StringVar(&c.FailoverAfter, "failover-after", "", "with -failover: wait this `duration` after a node is declared down (default 1s)")
+	fs.StringVar(&c.FenceAfter, "fence-after", "", "with -failover: freeze the workloads a failover could restore elsewhere once this node has been out of contact with the raft majority this `long` (default 3s; 0: never; must end before the leader's failover: detection 4s + -failover-after)")
 	reserve := fs.Uint64("checkpoint-reserve-mb", defaultCheckpointReserveMB, "refuse a checkpoint that could leave less than `MiB` free on the data directory's filesystem (0: no check)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err

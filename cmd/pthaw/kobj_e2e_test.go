@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -524,5 +525,50 @@ func TestThreadCredentials(t *testing.T) {
 		if got := statusField(t, pid, tid, "Uid"); got != want {
 			t.Errorf("thread %d: Uid %q, want %q", tid, got, want)
 		}
+	}
+}
+
+// TestZombieLeader moves a process whose main thread ended with
+// pthread_exit while two threads run on (fixture zombieleader, zdtm's
+// zombie_leader): pfreeze -debug says so; after the thaw the main thread
+// is a zombie again with the same PID and TIDs, the first thread's ticks
+// go on, and once the last thread calls exit(7) the process's status,
+// pthaw's, is 7.
+func TestZombieLeader(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "zombieleader"))
+	m := p.Lines.Expect(t, `^ready (\d+),(\d+)$`, waitFor)
+	pid := p.Pid()
+	if desc := debugOf(t, pid); !strings.Contains(desc, fmt.Sprintf("Main thread %d had exited (pthread_exit)", pid)) ||
+		!strings.Contains(desc, "2 thread(s)") {
+		t.Errorf("pfreeze -debug does not show the exited main thread and 2 threads:\n%s", desc)
+	}
+	th := migrate(t, p)
+	if got := th.restoredPid(t); got != pid {
+		t.Fatalf("restored pid %d, want %d", got, pid)
+	}
+	// Ticks after the thaw come from the restored first thread.
+	th.out.Expect(t, `^tick \d+$`, waitFor)
+	th.out.Expect(t, `^tick \d+$`, waitFor)
+	if got := statusField(t, pid, pid, "State"); !strings.HasPrefix(got, "Z") {
+		t.Errorf("restored main thread state %q, want Z (zombie)", got)
+	}
+	tasks, err := fixture.Tasks(pid)
+	want := []int{pid, atoi(t, m[1]), atoi(t, m[2])}
+	slices.Sort(want)
+	if err != nil || fmt.Sprint(tasks) != fmt.Sprint(want) {
+		t.Errorf("restored tasks %v (%v), want %v", tasks, err, want)
+	}
+	for _, tid := range []int{atoi(t, m[1]), atoi(t, m[2])} {
+		if got := statusField(t, pid, tid, "State"); strings.HasPrefix(got, "Z") {
+			t.Errorf("restored thread %d state %q, want running", tid, got)
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	th.out.Expect(t, `^bye$`, waitFor)
+	if code := th.exit(t); code != 7 {
+		t.Errorf("pthaw exit code %d, want the process's 7", code)
 	}
 }

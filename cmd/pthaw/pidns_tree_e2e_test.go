@@ -549,3 +549,40 @@ func commOf(pid int) string {
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
 	return strings.TrimSpace(string(b))
 }
+
+// TestUnixPairTreePIDNamespace clones a parent and the child it forked
+// after socketpair (a stream and a datagram pair, bytes queued both ways)
+// into a new PID namespace while the original runs on: each member takes
+// its end from pthaw through a pidfd of pthaw it reopened by /proc (it
+// cannot name pthaw's PID there); each reads what the other had sent
+// before the freeze, and they still talk.
+func TestUnixPairTreePIDNamespace(t *testing.T) {
+	needRoot(t)
+	p := fixture.StartGroup(t, fixture.Build(t, "unixpair"), "tree")
+	p.Lines.Expect(t, `^ready$`, waitFor)
+	snap := filepath.Join(t.TempDir(), "snap")
+	freeze(t, "-pid", strconv.Itoa(p.Pid()), "-tree", "-dest", snap)
+	th := thaw(t, "-src", snap, "-pidns")
+	members := nsMembers(t, th.restoredPid(t))
+	root := members[p.Pid()]
+	if root == 0 {
+		t.Fatalf("no pid %d in the new namespace (it has %v)", p.Pid(), members)
+	}
+	if err := syscall.Kill(root, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for i := 0; i < 2; i++ {
+		line, err := th.out.Next(waitFor)
+		if err != nil {
+			t.Fatalf("after %v: %v", got, err)
+		}
+		got[line] = true
+	}
+	if !got["ok"] || !got["child ok"] {
+		t.Fatalf("the copies said %v, want ok and child ok", got)
+	}
+	if code := th.exit(t); code != 0 {
+		t.Errorf("pthaw exit code %d, want 0 (the root's)", code)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -53,8 +54,16 @@ type Frozen struct {
 	queried func()
 	Pid     int
 	tr      *ptrace.Tracer
-	mem     *ptrace.Mem
-	threads []*thread // main thread first
+	mem     *ptrace.Mem // reaches the memory through rd
+	threads []*thread   // main thread first, unless leaderExited
+	// rd is the thread through which /proc/PID and the memory are read:
+	// Pid, or when the main thread has exited (leaderExited) the first
+	// stopped thread (procfs.Reader says why).
+	rd int
+	// leaderExited: the main thread ended with pthread_exit while the
+	// others run on; it is a zombie that cannot be seized, and is not
+	// among threads.
+	leaderExited bool
 	// inner: the snapshot records the PID and TIDs of the process's own
 	// PID namespace, a child of ours frozen whole (pidns_linux.go).
 	inner bool
@@ -96,7 +105,7 @@ func Attach(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	if err := checkSupported(pid, false, ""); err != nil {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
-	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
+	f := &Frozen{Pid: pid, tr: tr}
 	if err := tr.Do(f.stopAll); err != nil {
 		f.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
@@ -127,6 +136,12 @@ func (f *Frozen) stopAll() error {
 				continue
 			}
 			seen[tid] = true
+			if tid == f.Pid && threadState(f.Pid, tid) == 'Z' {
+				// The main thread has exited (pthread_exit): a zombie
+				// until the last thread ends, never seized.
+				f.leaderExited = true
+				continue
+			}
 			if err := mayTrace(f.Pid, tid); err != nil {
 				if errors.Is(err, fs.ErrNotExist) {
 					continue // exited meanwhile
@@ -166,9 +181,12 @@ func (f *Frozen) stopAll() error {
 			}
 		}
 	}
-	if len(f.threads) == 0 || f.threads[0].tid != f.Pid {
+	if len(f.threads) == 0 || (f.threads[0].tid != f.Pid && !f.leaderExited) {
 		return fmt.Errorf("main thread gone")
 	}
+	// Stopped, the first thread cannot exit: it reads for the process.
+	f.rd = f.threads[0].tid
+	f.mem = ptrace.NewMem(f.rd)
 	return f.mayTraceStopped()
 }
 
@@ -223,12 +241,15 @@ func explainPtraceErr(err error) error {
 // is the PID namespace, other than ours, that the tree is (its root the
 // namespace's init), or "".
 func checkSupported(pid int, inTree bool, pidNS string) error {
-	st, err := procfs.Status(pid)
+	// A main thread that ended with pthread_exit is a zombie in /proc
+	// while the others run on: the process is read through one of them.
+	rd := procfs.Reader(pid)
+	if rd == 0 {
+		return fmt.Errorf("process is a zombie")
+	}
+	st, err := procfs.Status(rd)
 	if err != nil {
 		return err
-	}
-	if strings.HasPrefix(st["State"], "Z") {
-		return fmt.Errorf("process is a zombie")
 	}
 	// Before anything else: a vfork parent cannot be stopped, whatever
 	// else would be refused about it (its vfork child, as a child
@@ -248,7 +269,7 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	}
 	for _, ns := range []string{"mnt", "uts", "ipc", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
-		theirs, err2 := os.Readlink(procfs.Path(pid, "ns/"+ns))
+		theirs, err2 := os.Readlink(procfs.Path(rd, "ns/"+ns))
 		if err1 != nil || err2 != nil || mine == theirs {
 			continue
 		}
@@ -261,18 +282,18 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 			return unsupported("process is in another %s namespace (a container is frozen whole: the init of its PID namespace, with -tree)", ns)
 		}
 	}
-	if err := checkPidNS(pid, st, pidNS); err != nil {
+	if err := checkPidNS(rd, st, pidNS); err != nil {
 		return err
 	}
 	if ppid, _ := strconv.Atoi(st["PPid"]); ppid > 1 {
 		if err := vforkChildError(pid, ppid); err != nil {
 			return err
 		}
-		if shared := sharedWith(pid, ppid); len(shared) > 0 {
+		if shared := sharedWith(rd, ppid); len(shared) > 0 {
 			return unsupported("shares its %s with its parent %d", strings.Join(shared, ", "), ppid)
 		}
 	}
-	if root, err := os.Readlink(procfs.Path(pid, "root")); err == nil && root != "/" {
+	if root, err := os.Readlink(procfs.Path(rd, "root")); err == nil && root != "/" {
 		return unsupported("chroot %s", root)
 	}
 	return nil
@@ -289,11 +310,11 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 func (f *Frozen) write(enc *image.Encoder) error {
 	// A process's own pipes (both ends in it) are carried with their
 	// buffered bytes, as a tree's are.
-	inner, err := innerPipes([]int{f.Pid})
+	inner, err := innerPipes([]int{f.rd})
 	if err != nil {
 		return err
 	}
-	if f.socks.ptys, err = innerPtys([]int{f.Pid}); err != nil {
+	if f.socks.ptys, err = innerPtys([]int{f.rd}); err != nil {
 		return err
 	}
 	if err := f.writeRecords(enc, nil, inner); err != nil {
@@ -328,21 +349,21 @@ type records struct {
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
 func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
-	maps, err := procfs.Maps(f.Pid)
+	maps, err := procfs.Maps(f.rd)
 	if err != nil {
 		return nil, err
 	}
-	vmas, err := describeVMAs(f.Pid, maps, f.mem)
+	vmas, err := describeVMAs(f.rd, maps, f.mem)
 	if err != nil {
 		return nil, err
 	}
 	dump := vmas
 	if shm != nil {
-		if dump, err = identifyShm(f.Pid, vmas, shm); err != nil {
+		if dump, err = identifyShm(f.rd, vmas, shm); err != nil {
 			return nil, err
 		}
 	}
-	fds, err := describeFDs(f.Pid, inner, &f.socks)
+	fds, err := describeFDs(f.rd, inner, &f.socks)
 	if err != nil {
 		return nil, err
 	}
@@ -387,7 +408,7 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
-	files, err := fileRecords(f.Pid, r.vmas, r.fds, f.files)
+	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
 	if err != nil {
 		return err
 	}
@@ -396,7 +417,7 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
-	if err := dumpMemory(f.Pid, f.mem, r.dump, enc); err != nil {
+	if err := dumpMemory(f.rd, f.mem, r.dump, enc); err != nil {
 		return err
 	}
 	for i := range r.fds {
@@ -409,15 +430,18 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 
 // describe reads the process and thread state, injecting the calls it needs.
 func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, []*image.Thread, error) {
-	pid := f.Pid
-	p := &image.Process{Pid: pid, Threads: len(f.threads), FrozenAt: time.Now().UnixNano()}
+	// The process's /proc entries through its reader thread (f.rd); its
+	// name through its own, which even an exited main thread keeps.
+	pid := f.rd
+	p := &image.Process{Pid: f.Pid, Threads: len(f.threads), FrozenAt: time.Now().UnixNano(),
+		LeaderExited: f.leaderExited}
 	var uts unix.Utsname
 	if unix.Uname(&uts) == nil {
 		p.Kernel = unix.ByteSliceToString(uts.Release[:])
 		p.Host = unix.ByteSliceToString(uts.Nodename[:])
 	}
 	var err error
-	if b, err := os.ReadFile(procfs.Path(pid, "comm")); err == nil {
+	if b, err := os.ReadFile(procfs.Path(f.Pid, "comm")); err == nil {
 		p.Comm = strings.TrimSuffix(string(b), "\n")
 	}
 	if p.Exe, err = os.Readlink(procfs.Path(pid, "exe")); err != nil {
@@ -437,7 +461,7 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 		return nil, nil, err
 	}
 	if f.inner {
-		if p.Pid, err = innermost(st, "NSpid"); err != nil {
+		if p.Pid, err = innermost(st, "NStgid"); err != nil {
 			return nil, nil, err
 		}
 	}
@@ -477,7 +501,7 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 
 	var out []*image.Thread
 	err = f.tr.Do(func() error {
-		if p.Pending, err = peek(pid, true); err != nil {
+		if p.Pending, err = peek(f.rd, true); err != nil {
 			return err
 		}
 		var chains [][]image.SeccompFilter
@@ -547,7 +571,7 @@ func (f *Frozen) describe(site uint64, maps []procfs.Mapping) (*image.Process, [
 // describeThread reads one thread's state. Runs on the tracer thread.
 func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) (*image.Thread, error) {
 	tid := th.tid
-	st, err := procfs.Status(f.Pid)
+	st, err := procfs.Status(f.rd)
 	if err != nil {
 		return nil, err
 	}
@@ -888,14 +912,30 @@ func kill(members []*Frozen) (left []int, err error) {
 	for i, f := range members {
 		ours[i] = ourChild(f.Pid) // before the kill: see ourChild
 	}
+	var released sync.WaitGroup
 	for _, f := range members {
+		pidfd, perr := unix.PidfdOpen(f.Pid, 0)
 		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
+		}
+		if perr == nil {
+			// The killed process's own exit frees its memory on one
+			// core (about 100 ms a GiB), and its PID, which a
+			// migration's copy on this host waits for, only after
+			// that: process_mrelease frees it from here as well, side
+			// by side. Failing (an older kernel), the exit does it all.
+			released.Add(1)
+			go func() {
+				defer released.Done()
+				unix.Syscall(unix.SYS_PROCESS_MRELEASE, uintptr(pidfd), 0, 0)
+				unix.Close(pidfd)
+			}()
 		}
 	}
 	if len(members) > 0 {
 		left = reap(members[0].tr, members, ours)
 	}
+	released.Wait()
 	for _, f := range members {
 		f.socks.kill()
 		f.mem.Close()

@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -35,10 +36,18 @@ func slaveIndex(rdev uint64) (int, bool) {
 	return int(maj-136)*256 + int(unix.Minor(rdev)), true
 }
 
+// pidfdThread is PIDFD_THREAD (O_EXCL): a pidfd for one thread.
+const pidfdThread = unix.O_EXCL
+
 // dupFd duplicates pid's fd into this process (pidfd_getfd): the same
-// open file, for reading its state or holding it.
+// open file, for reading its state or holding it. pid may be a thread
+// (a Frozen's reader, when the main thread has exited): its pidfd is then
+// the thread's (PIDFD_THREAD), and the fd table the same.
 func dupFd(pid, fd int) (int, error) {
 	pidfd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, unix.EINVAL) {
+		pidfd, err = unix.PidfdOpen(pid, pidfdThread)
+	}
 	if err != nil {
 		return -1, fmt.Errorf("pidfd_open: %w", err)
 	}

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/tcprepair"
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
@@ -23,17 +24,6 @@ import (
 // original is killed its connections vanish without a reset, for their
 // copies to take over. Resuming the original removes the filters and
 // turns repair mode off again.
-
-// Kernel constants x/sys/unix does not name.
-const (
-	tcpNoQueue   = 0 // TCP_REPAIR_QUEUE values
-	tcpRecvQueue = 1
-	tcpSendQueue = 2
-	// TCPI_OPT_* bits of tcpi_options.
-	tcpiOptTimestamps = 1
-	tcpiOptSack       = 2
-	tcpiOptWscale     = 4
-)
 
 // ErrConnectionStays wraps the refusal of a TCP connection whose local
 // address does not move with the process (TCPOptions).
@@ -104,6 +94,9 @@ type sockets struct {
 	ptys map[int]bool
 	// tree: the process is a member of a frozen tree.
 	tree bool
+	// members are the tree's live members, for fds queued in a unix
+	// socket (SCM_RIGHTS) that another member holds.
+	members []treeMember
 	// reconnect: a unix socket connected outside is connected again by
 	// the copy (FreezeOptions.UnixReconnect).
 	reconnect bool
@@ -282,7 +275,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 		return nil, fmt.Errorf("%s in state %s: only established connections, and those closed in one direction or both whose socket is open, are carried", what, image.TCPStateName(c.State))
 	}
 	c.Options = info.Options
-	if c.Options&tcpiOptWscale != 0 {
+	if c.Options&tcprepair.OptWscale != 0 {
 		// x/sys leaves out the byte after tcpi_options: the bit fields
 		// tcpi_snd_wscale:4, tcpi_rcv_wscale:4.
 		var raw [8]byte
@@ -296,7 +289,7 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 		return nil, fmt.Errorf("%s: TCP_MAXSEG: %w", what, err)
 	}
 	c.MSS = uint32(mss)
-	if c.Options&tcpiOptTimestamps != 0 {
+	if c.Options&tcprepair.OptTimestamps != 0 {
 		ts, err := unix.GetsockoptInt(s, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
 		if err != nil {
 			return nil, fmt.Errorf("%s: TCP_TIMESTAMP: %w", what, err)
@@ -339,13 +332,13 @@ func describeTCP(h *heldSocket, family int, policy TCPOptions) (*image.TCPConn, 
 	if image.TCPFinUnacked(c.State) {
 		outq, c.Unsent = max(outq-1, 0), max(c.Unsent-1, 0)
 	}
-	if c.RecvSeq, c.RecvQueue, err = peekQueue(s, tcpRecvQueue, inq); err != nil {
+	if c.RecvSeq, c.RecvQueue, err = peekQueue(s, tcprepair.RecvQueue, inq); err != nil {
 		return nil, fmt.Errorf("%s: receive queue: %w", what, err)
 	}
-	if c.SendSeq, c.SendQueue, err = peekQueue(s, tcpSendQueue, outq); err != nil {
+	if c.SendSeq, c.SendQueue, err = peekQueue(s, tcprepair.SendQueue, outq); err != nil {
 		return nil, fmt.Errorf("%s: send queue: %w", what, err)
 	}
-	if err := unix.SetsockoptInt(s, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+	if err := unix.SetsockoptInt(s, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcprepair.NoQueue); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	c.Opts = sockOpts(s, family, true)

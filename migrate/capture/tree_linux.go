@@ -74,7 +74,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		// A zombie child (exited, not yet reaped by its parent) is only
 		// its place in the tree and its wait status: it cannot be
 		// traced and has no children.
-		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" {
+		// (Not a main thread that exited while others run on: that
+		// process lives, and checkSupported names it.)
+		if pid != t.Pid && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
 			m.Zombie, m.ExitStatus = true, int(procfs.StatField(stat, 52))
 			t.procs = append(t.procs, m)
 			continue
@@ -139,23 +141,20 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
-	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+	// A container's namespaces are described (and refused) first.
+	ns, err := t.namespaces()
+	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	}
-	if ns, err := t.namespaces(); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
-	} else if ns != nil {
-		if err := enc.Write(ns); err != nil {
-			return fmt.Errorf("freeze %d: %w", t.Pid, err)
-		}
 	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	// Each member's /proc is read through its reader (Frozen.rd), a
+	// live thread when the main one has exited.
 	pids := make([]int, len(t.members))
 	for i, f := range t.members {
-		pids[i] = f.Pid
+		pids[i] = f.rd
 	}
 	ptys, err := innerPtys(pids)
 	if err != nil {
@@ -172,8 +171,16 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			own[ino] = true
 		}
 	}
+	var members []treeMember
+	j := 0
+	for _, m := range t.procs {
+		if !m.Zombie && j < len(t.members) {
+			members = append(members, treeMember{pid: t.members[j].rd, saved: m.Pid})
+			j++
+		}
+	}
 	for _, f := range t.members {
-		f.socks.ptys, f.socks.unixOwn, f.socks.tree = ptys, own, true
+		f.socks.ptys, f.socks.unixOwn, f.socks.tree, f.socks.members = ptys, own, true, members
 	}
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
@@ -187,6 +194,19 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if t.queried != nil {
 		t.queried()
+	}
+	// The tree record first, once it knows which members share pages
+	// with their parent.
+	if err := t.markCow(rs); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if ns != nil {
+		if err := enc.Write(ns); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
 	}
 	for i, f := range t.members {
 		f.files = files
@@ -206,7 +226,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
 	pids := make([]int, len(t.members))
 	for i, f := range t.members {
-		pids[i] = f.Pid
+		pids[i] = f.rd
 	}
 	return innerPipes(pids)
 }

@@ -205,17 +205,21 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		// without names.
 		socks.say("fd %d (%s) is connected to a socket of the process: carried as a pair without its name (getsockname and getpeername in the copy return none)", h.target, what)
 	}
-	queue, rights, err := peekUnix(pid, h.fd, d.typ)
+	queue, rights, from, err := peekUnix(pid, socks.members, h.fd, d.typ)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
-	if rights != nil && socks.tree {
-		return fmt.Errorf("%s: file descriptors queued in it (SCM_RIGHTS) are carried only for a single process, not yet in a tree", what)
-	}
 	rec.Kind = image.FDUnix
 	sndbuf, _ := unix.GetsockoptInt(h.fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
-	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Rights: rights, Shutdown: d.shutdown, SndBuf: sndbuf}
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Peer: d.peer, Queue: queue, Rights: rights, RightsFrom: from, Shutdown: d.shutdown, SndBuf: sndbuf}
 	return nil
+}
+
+// treeMember is a member of a frozen tree, for a queued fd (SCM_RIGHTS)
+// held by another member than the socket's.
+type treeMember struct {
+	pid   int // ours
+	saved int // as the snapshot names it
 }
 
 // unixTCPListen is the state sock_diag reports for a listening unix
@@ -226,19 +230,20 @@ const unixTCPListen = 10
 // it: MSG_PEEK at an advancing SO_PEEK_OFF, which is put back after. A
 // stream's bytes come as one entry (one for each run that carried fds),
 // every datagram or packet as one. A message's fds (SCM_RIGHTS) are
-// recorded as the fds of pid that hold the same files; one pid does not
-// hold is refused.
-func peekUnix(pid, s, typ int) (queue [][]byte, rights [][]int, err error) {
+// recorded as the fds of pid that hold the same files, or, in a tree,
+// of another member (members), whose saved PID from names (nil when
+// every fd is pid's own); one nobody holds is refused.
+func peekUnix(pid int, members []treeMember, s, typ int) (queue [][]byte, rights, from [][]int, err error) {
 	old, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF)
 	if err != nil {
-		return nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
+		return nil, nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
 	}
 	if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
-		return nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
+		return nil, nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
 	}
 	defer unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF, old)
 	var stream []byte
-	anyRights := false
+	anyRights, anyFrom := false, false
 	buf := make([]byte, 1<<20)
 	oob := make([]byte, unix.CmsgSpace(253*4))
 	for total := 0; ; {
@@ -247,16 +252,16 @@ func peekUnix(pid, s, typ int) (queue [][]byte, rights [][]int, err error) {
 			break
 		}
 		if err != nil {
-			return nil, nil, fmt.Errorf("peek at its queue: %w", err)
+			return nil, nil, nil, fmt.Errorf("peek at its queue: %w", err)
 		}
-		var carried []int
+		var carried, holders []int
 		if oobn > 0 {
-			if carried, err = heldRights(pid, oob[:oobn]); err != nil {
-				return nil, nil, err
+			if carried, holders, err = heldRights(pid, members, oob[:oobn]); err != nil {
+				return nil, nil, nil, err
 			}
 		}
 		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-			return nil, nil, fmt.Errorf("a queued message larger than %d bytes or with more than 253 fds", len(buf))
+			return nil, nil, nil, fmt.Errorf("a queued message larger than %d bytes or with more than 253 fds", len(buf))
 		}
 		if typ == unix.SOCK_STREAM && n == 0 {
 			break // the end of the stream: the peer shut down
@@ -265,31 +270,39 @@ func peekUnix(pid, s, typ int) (queue [][]byte, rights [][]int, err error) {
 			stream = append(stream, buf[:n]...)
 		} else {
 			if len(stream) > 0 {
-				queue, rights = append(queue, stream), append(rights, nil)
+				queue, rights, from = append(queue, stream), append(rights, nil), append(from, nil)
 				stream = nil
 			}
-			queue, rights = append(queue, append([]byte(nil), buf[:n]...)), append(rights, carried)
+			queue, rights, from = append(queue, append([]byte(nil), buf[:n]...)), append(rights, carried), append(from, holders)
 			anyRights = anyRights || carried != nil
+			for _, h := range holders {
+				anyFrom = anyFrom || h != 0
+			}
 		}
 		if total += n; total > image.MaxSockQueue || len(queue) > image.MaxUnixQueue {
-			return nil, nil, fmt.Errorf("more than %d bytes or %d messages queued", image.MaxSockQueue, image.MaxUnixQueue)
+			return nil, nil, nil, fmt.Errorf("more than %d bytes or %d messages queued", image.MaxSockQueue, image.MaxUnixQueue)
 		}
 	}
 	if len(stream) > 0 {
-		queue, rights = append(queue, stream), append(rights, nil)
+		queue, rights, from = append(queue, stream), append(rights, nil), append(from, nil)
 	}
 	if !anyRights {
 		rights = nil
 	}
-	return queue, rights, nil
+	if !anyFrom {
+		from = nil
+	}
+	return queue, rights, from, nil
 }
 
 // heldRights returns, for each fd an SCM_RIGHTS message in oob gave us
-// (which it closes), the fd of pid that holds the same open file.
-func heldRights(pid int, oob []byte) ([]int, error) {
+// (which it closes), the fd of pid that holds the same open file, or
+// else of another member of its tree (members), and who holds it: 0 for
+// pid itself, else the member's saved PID.
+func heldRights(pid int, members []treeMember, oob []byte) (held, from []int, err error) {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
-		return nil, fmt.Errorf("control message: %w", err)
+		return nil, nil, fmt.Errorf("control message: %w", err)
 	}
 	var got []int
 	for i := range msgs {
@@ -303,30 +316,44 @@ func heldRights(pid int, oob []byte) ([]int, error) {
 		}
 	}()
 	if len(got) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
-	infos, err := procfs.FDs(pid)
-	if err != nil {
-		return nil, fmt.Errorf("fds: %w", err)
+	// pid first: a file it holds itself is taken from it.
+	holders := []treeMember{{pid: pid}}
+	for _, m := range members {
+		if m.pid != pid {
+			holders = append(holders, m)
+		}
 	}
-	held := make([]int, 0, len(got))
+	infos := make([][]procfs.FDInfo, len(holders))
 	for _, fd := range got {
-		found := -1
-		for _, fi := range infos {
-			const kcmpFile = 0
-			r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(os.Getpid()), uintptr(pid), kcmpFile, uintptr(fd), uintptr(fi.Fd), 0)
-			if e == 0 && r == 0 {
-				found = fi.Fd
-				break
+		found, by := -1, 0
+		for i := 0; i < len(holders) && found < 0; i++ {
+			if infos[i] == nil {
+				if infos[i], err = procfs.FDs(holders[i].pid); err != nil {
+					return nil, nil, fmt.Errorf("pid %d: fds: %w", holders[i].pid, err)
+				}
+			}
+			for _, fi := range infos[i] {
+				const kcmpFile = 0
+				r, _, e := unix.Syscall6(unix.SYS_KCMP, uintptr(os.Getpid()), uintptr(holders[i].pid), kcmpFile, uintptr(fd), uintptr(fi.Fd), 0)
+				if e == 0 && r == 0 {
+					found, by = fi.Fd, holders[i].saved
+					break
+				}
 			}
 		}
 		if found < 0 {
 			link, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
-			return nil, fmt.Errorf("a file descriptor queued in it (SCM_RIGHTS, %s) is not open in the process: not carried", link)
+			who := "the process"
+			if len(members) > 0 {
+				who = "any process of the tree"
+			}
+			return nil, nil, fmt.Errorf("a file descriptor queued in it (SCM_RIGHTS, %s) is not open in %s: not carried", link, who)
 		}
-		held = append(held, found)
+		held, from = append(held, found), append(from, by)
 	}
-	return held, nil
+	return held, from, nil
 }
 
 // describeUnixUnconnected records a unix socket neither connected nor
@@ -397,7 +424,7 @@ func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *soc
 		q, err = unix.IoctlGetInt(h.fd, unix.TIOCINQ)
 	} else {
 		var queue [][]byte
-		queue, _, err = peekUnix(0, h.fd, d.typ)
+		queue, _, _, err = peekUnix(0, nil, h.fd, d.typ)
 		q = len(queue)
 	}
 	if err != nil || q > 0 {

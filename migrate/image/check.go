@@ -50,10 +50,15 @@ type checker struct {
 	meta    bool // the process's metadata (threads, areas) is complete
 	lastFd  int
 	fds     int
-	fdSet   map[int]bool     // the process's fds so far
-	fdRefs  []fdRef          // fds one of them names, checked at its end
-	files   map[uint64]int64 // File records so far (of every member): the next offset of each
-	sizes   map[uint64]int64 // and their sizes
+	fdSet   map[int]bool // the process's fds so far
+	fdRefs  []fdRef      // fds one of them names, checked at its end
+	// treeFds are the fds of each tree member read so far, by saved
+	// PID, and treeRefs the fds of other members a member names,
+	// checked at the tree's end.
+	treeFds  map[int]map[int]bool
+	treeRefs []treeRef
+	files    map[uint64]int64 // File records so far (of every member): the next offset of each
+	sizes    map[uint64]int64 // and their sizes
 }
 
 // fdRef is an fd that fd from names (the description it shares, or an
@@ -61,6 +66,13 @@ type checker struct {
 type fdRef struct {
 	from, to int
 	what     string
+}
+
+// treeRef is fd to of tree member holder that fd from of member pid
+// names (a queued fd, SCM_RIGHTS): it must be in the snapshot too.
+type treeRef struct {
+	pid, from  int
+	holder, to int
 }
 
 // check applies the rules to rec, the next record.
@@ -129,7 +141,7 @@ func (c *checker) check(rec any) error {
 		if p == nil || len(c.vmas) > 0 || len(c.threads) >= p.Threads || p.Threads > MaxThreads {
 			return c.wrap(corruptf("unexpected thread record"))
 		}
-		if (len(c.threads) == 0) != (r.Tid == p.Pid) || r.Tid <= 0 {
+		if !ThreadInPlace(p, len(c.threads), r.Tid) {
 			return c.wrap(corruptf("thread %d out of place", r.Tid))
 		}
 		if c.regs > 0 && len(r.Regs) != c.regs {
@@ -178,8 +190,15 @@ func (c *checker) check(rec any) error {
 			c.fdRefs = append(c.fdRefs, fdRef{r.Fd, r.Desc, "shares fd"})
 		}
 		if r.Unix != nil {
-			for _, m := range r.Unix.Rights {
-				for _, x := range m {
+			for i, m := range r.Unix.Rights {
+				for j, x := range m {
+					if by := r.Unix.Holder(i, j); by != 0 {
+						if c.tree == nil {
+							return c.wrap(corruptf("fd %d (unix socket) carries fd %d of pid %d, outside a tree", r.Fd, x, by))
+						}
+						c.treeRefs = append(c.treeRefs, treeRef{c.tree.Procs[c.member].Pid, r.Fd, by, x})
+						continue
+					}
 					c.fdRefs = append(c.fdRefs, fdRef{r.Fd, x, "(unix socket) carries fd"})
 				}
 			}
@@ -203,6 +222,11 @@ func (c *checker) check(rec any) error {
 		c.skipZombies()
 		if c.member < len(c.tree.Procs) {
 			return corruptf("unexpected %T record after the tree", r)
+		}
+		for _, t := range c.treeRefs {
+			if !c.treeFds[t.holder][t.to] {
+				return corruptf("pid %d: fd %d (unix socket) carries fd %d of pid %d, which is not in the snapshot", t.pid, t.from, t.to, t.holder)
+			}
 		}
 		return nil
 	}
@@ -277,6 +301,10 @@ func (c *checker) endProcess() error {
 	if c.proc.Pid != m.Pid || c.proc.Threads != m.Threads {
 		return c.wrap(corruptf("process %d where the tree has %d", c.proc.Pid, m.Pid))
 	}
+	if c.treeFds == nil {
+		c.treeFds = map[int]map[int]bool{}
+	}
+	c.treeFds[m.Pid] = c.fdSet
 	return nil
 }
 
@@ -310,7 +338,67 @@ func CheckTree(t *Tree) error {
 		seen[m.Pid] = true
 		zombie[m.Pid] = m.Zombie
 	}
+	// A member forked late (Cow, and every descendant of one) is one
+	// nothing else needs earlier: whoever is in the group or session it
+	// leads is forked late too, after it.
+	for i, m := range t.Procs {
+		if m.Cow && (i == 0 || m.Zombie) {
+			return corruptf("tree member pid %d forked from its parent late", m.Pid)
+		}
+	}
+	late := LateMembers(t.Procs)
+	for i, o := range t.Procs {
+		for _, l := range []int{o.Pgid, o.Sid} {
+			if j, ok := late[l]; ok && l != o.Pid && (!lateAt(late, o.Pid) || i < j) {
+				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", l, o.Pid)
+			}
+		}
+	}
 	return nil
+}
+
+// LateMembers returns the members of a tree (procs, every parent before
+// its children) that are forked from their parent only once the parent's
+// memory is built: every Cow member and every descendant of one, each
+// with its index in procs.
+func LateMembers(procs []TreeProc) map[int]int {
+	late := map[int]int{}
+	for i, m := range procs {
+		if _, ok := late[m.PPid]; i > 0 && (m.Cow || ok) {
+			late[m.Pid] = i
+		}
+	}
+	return late
+}
+
+func lateAt(late map[int]int, pid int) bool {
+	_, ok := late[pid]
+	return ok
+}
+
+// MayForkLate reports whether procs[i] may be forked from its parent
+// once the parent's memory is built (marked Cow), it and its descendants
+// (which then come late too) needed by nobody earlier: every member in a
+// group or session one of them leads is one of them, after its leader.
+// Never the root or a zombie.
+func MayForkLate(procs []TreeProc, i int) bool {
+	if i <= 0 || i >= len(procs) || procs[i].Zombie {
+		return false
+	}
+	sub := map[int]int{procs[i].Pid: i} // the subtree, by index
+	for j := i + 1; j < len(procs); j++ {
+		if _, ok := sub[procs[j].PPid]; ok {
+			sub[procs[j].Pid] = j
+		}
+	}
+	for j, o := range procs {
+		for _, l := range []int{o.Pgid, o.Sid} {
+			if k, ok := sub[l]; ok && l != o.Pid && (!lateAt(sub, o.Pid) || j < k) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // CheckProcess checks the bounds of a process record and its threads'.
@@ -380,6 +468,12 @@ func CheckVMA(v *VMA, prev []*VMA) error {
 	}
 	if v.Start%pageSize != 0 || v.End%pageSize != 0 || v.End <= v.Start || v.End > MaxAddr {
 		return corruptf("memory area %#x-%#x", v.Start, v.End)
+	}
+	for i, r := range v.InParent {
+		if v.Kind != VMAAnon || v.Shared || r[0]%pageSize != 0 || r[1]%pageSize != 0 || r[1] <= r[0] ||
+			r[0] < v.Start || r[1] > v.End || (i > 0 && r[0] < v.InParent[i-1][1]) {
+			return corruptf("memory area %#x-%#x: pages in its parent %#x-%#x", v.Start, v.End, r[0], r[1])
+		}
 	}
 	if len(prev) > 0 && prev[len(prev)-1].End > v.Start {
 		return corruptf("memory areas overlap or are out of order at %#x", v.Start)
@@ -515,6 +609,21 @@ func checkUnix(fd int, u *UnixSocket) error {
 	if len(u.Rights) > len(u.Queue) {
 		return corruptf("fd %d: unix socket with fds for %d of %d messages", fd, len(u.Rights), len(u.Queue))
 	}
+	if len(u.RightsFrom) > 0 {
+		if len(u.RightsFrom) != len(u.Rights) {
+			return corruptf("fd %d: unix socket with holders for %d of %d messages", fd, len(u.RightsFrom), len(u.Rights))
+		}
+		for i, h := range u.RightsFrom {
+			if len(h) != len(u.Rights[i]) {
+				return corruptf("fd %d: unix socket message %d with holders for %d of %d fds", fd, i, len(h), len(u.Rights[i]))
+			}
+			for _, pid := range h {
+				if pid < 0 || pid > 1<<22 { // PID_MAX_LIMIT
+					return corruptf("fd %d: unix socket message %d carries an fd of pid %d", fd, i, pid)
+				}
+			}
+		}
+	}
 	for _, r := range u.Rights {
 		if len(r) > 253 { // SCM_MAX_FD
 			return corruptf("fd %d: unix socket message with %d fds", fd, len(r))
@@ -632,3 +741,16 @@ func (c *checker) checkFile(f *File) error {
 
 // MaxFiles bounds the File objects of a process.
 const MaxFiles = 1 << 12
+
+// ThreadInPlace reports whether a thread record for tid may follow n
+// thread records of process p: the main thread's (tid == pid) comes
+// first, or never when the main thread had exited (p.LeaderExited).
+func ThreadInPlace(p *Process, n, tid int) bool {
+	if tid <= 0 {
+		return false
+	}
+	if p.LeaderExited {
+		return tid != p.Pid
+	}
+	return (n == 0) == (tid == p.Pid)
+}

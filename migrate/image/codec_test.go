@@ -276,6 +276,7 @@ func TestStructureOneVerdict(t *testing.T) {
 		{"thread first", []any{&Thread{Tid: 1}}, "unexpected thread record"},
 		{"no thread", []any{proc(1, 1), vma(0x1000, 0x3000)}, "memory area before the thread records"},
 		{"thread out of place", []any{proc(1, 2), &Thread{Tid: 2}}, "thread 2 out of place"},
+		{"exited main thread recorded", []any{&Process{Pid: 1, Threads: 2, LeaderExited: true}, &Thread{Tid: 2}, &Thread{Tid: 1}}, "thread 1 out of place"},
 		{"too many threads", []any{proc(1, 1), &Thread{Tid: 1}, &Thread{Tid: 2}}, "unexpected thread record"},
 		{"areas overlap", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1000, 0x3000), vma(0x2000, 0x4000)}, "memory areas overlap"},
 		{"area unaligned", []any{proc(1, 1), &Thread{Tid: 1}, vma(0x1001, 0x3000)}, "memory area 0x1001-0x3000"},
@@ -400,5 +401,125 @@ func TestDecoderSemanticRules(t *testing.T) {
 				t.Errorf("got %v, want a corrupt snapshot error saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestTreeRightsFrom: a fd queued in a tree member's unix socket may be
+// another member's (RightsFrom); it must then be among that member's
+// fds, whichever member comes first, and outside a tree it is corrupt.
+func TestTreeRightsFrom(t *testing.T) {
+	sock := func(from int) *FD {
+		return &FD{Fd: 3, Desc: 3, Kind: FDUnix, Unix: &UnixSocket{Type: 1, ID: 5, Peer: 6, Queue: [][]byte{[]byte("m")}, Rights: [][]int{{4}}, RightsFrom: [][]int{{from}}}}
+	}
+	tree := &Tree{Procs: []TreeProc{{Pid: 10, PPid: 1, Pgid: 10, Sid: 10, Threads: 1}, {Pid: 11, PPid: 10, Pgid: 10, Sid: 10, Threads: 1}}}
+	for name, tc := range map[string]struct {
+		recs []any
+		want string // "" when whole
+	}{
+		"held by a later member": {[]any{tree, &Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(11),
+			&Process{Pid: 11, Threads: 1}, &Thread{Tid: 11}, &FD{Fd: 4, Desc: 4, Kind: FDFile}}, ""},
+		"not held by the member": {[]any{tree, &Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(11),
+			&Process{Pid: 11, Threads: 1}, &Thread{Tid: 11}, &FD{Fd: 5, Desc: 5, Kind: FDFile}}, "carries fd 4 of pid 11, which is not in the snapshot"},
+		"not a member": {[]any{tree, &Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(12),
+			&Process{Pid: 11, Threads: 1}, &Thread{Tid: 11}, &FD{Fd: 4, Desc: 4, Kind: FDFile}}, "carries fd 4 of pid 12"},
+		"outside a tree": {[]any{&Process{Pid: 10, Threads: 1}, &Thread{Tid: 10}, sock(11), &FD{Fd: 4, Desc: 4, Kind: FDFile}}, "outside a tree"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var buf bytes.Buffer
+			enc := NewEncoder(&buf)
+			for _, r := range tc.recs {
+				if err := enc.Write(r); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := enc.Close(); err != nil {
+				t.Fatal(err)
+			}
+			_, err := decodeAll(buf.Bytes())
+			if tc.want == "" && err != nil {
+				t.Errorf("got %v, want a whole snapshot", err)
+			}
+			if tc.want != "" && (!errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want)) {
+				t.Errorf("got %v, want a corrupt snapshot error saying %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestSummedPages checks that pages checksummed by a PageSum (pfreeze
+// sums them on its reader goroutine) give the very bytes WritePages
+// gives, that the stream decodes, and that a PageSum that missed a run
+// makes the end record's checksum wrong.
+func TestSummedPages(t *testing.T) {
+	runs := []struct {
+		addr uint64
+		data []byte
+	}{
+		{0x2000, bytes.Repeat([]byte{0xab}, 8192)},
+		{0x5000, bytes.Repeat([]byte{0xcd}, 4096)},
+	}
+	head := func(enc *Encoder) {
+		for _, r := range []any{
+			&Process{Pid: 42, Threads: 1, Comm: "x", Exe: "/bin/x"},
+			&Thread{Tid: 42, Regs: make([]uint64, 27)},
+			&VMA{Start: 0x1000, End: 0x8000, Prot: 3, Kind: VMAAnon},
+		} {
+			if err := enc.Write(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tail := func(enc *Encoder) {
+		if err := enc.Write(&FD{Fd: 3, Kind: FDFile, Path: "/tmp/f", Desc: 3}); err != nil {
+			t.Fatal(err)
+		}
+		if err := enc.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var plain bytes.Buffer
+	enc := NewEncoder(&plain)
+	head(enc)
+	for _, r := range runs {
+		if err := enc.WritePages(r.addr, r.data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tail(enc)
+	want := plain.Bytes()
+
+	// Another record while the sum is handed out is refused.
+	enc = NewEncoder(io.Discard)
+	head(enc)
+	enc.BeginPages()
+	if err := enc.Write(&FD{Fd: 3, Kind: FDFile, Path: "/tmp/f", Desc: 3}); err == nil {
+		t.Fatal("a record written between BeginPages and EndPages: got no error")
+	}
+
+	summed := func(skipOne bool) []byte {
+		var buf bytes.Buffer
+		enc := NewEncoder(&buf)
+		head(enc)
+		sum := enc.BeginPages()
+		for i, r := range runs {
+			if !(skipOne && i == 1) {
+				sum.Add(r.addr, r.data)
+			}
+			if err := enc.WriteSummedPages(r.addr, r.data); err != nil {
+				t.Fatal(err)
+			}
+		}
+		enc.EndPages(sum)
+		tail(enc)
+		return buf.Bytes()
+	}
+	if got := summed(false); !bytes.Equal(got, want) {
+		t.Fatalf("summed pages: got %d bytes, want the %d bytes WritePages gives (equal: false)", len(got), len(want))
+	}
+	if _, err := decodeAll(want); err != nil {
+		t.Fatalf("decode: %v", err)
+	}
+	if _, err := decodeAll(summed(true)); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "checksum") {
+		t.Fatalf("a run left out of the sum: got %v, want a checksum mismatch", err)
 	}
 }

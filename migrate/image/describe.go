@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -65,6 +66,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 				fmt.Fprintf(w, "  pid %d ppid %d pgid %d sid %d threads %d", m.Pid, m.PPid, m.Pgid, m.Sid, m.Threads)
 				if m.Zombie {
 					fmt.Fprintf(w, " zombie (status %#x)", m.ExitStatus)
+				}
+				if m.Cow {
+					fmt.Fprint(w, " cow (forked from its parent, sharing pages)")
 				}
 				fmt.Fprintln(w)
 			}
@@ -144,6 +148,9 @@ func describeObjects(w io.Writer, objects []string) {
 func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []hash.Hash, saved []uint64, fds []*FD, regNames []string) {
 	fmt.Fprintf(w, "Process: %s (pid %d), exe %s, cwd %s\n", p.Comm, p.Pid, p.Exe, p.Cwd)
 	fmt.Fprintf(w, "Frozen on %s (kernel %s), %d thread(s)\n", p.Host, p.Kernel, p.Threads)
+	if p.LeaderExited {
+		fmt.Fprintf(w, "Main thread %d had exited (pthread_exit): a zombie until the last thread ends\n", p.Pid)
+	}
 	c := p.Creds
 	fmt.Fprintf(w, "Credentials: uid %v gid %v groups %v cap_eff %#x cap_prm %#x cap_bnd %#x\n", c.Uid, c.Gid, c.Groups, c.CapEff, c.CapPrm, c.CapBnd)
 	fmt.Fprintf(w, "mm: code %#x-%#x data %#x-%#x brk %#x-%#x stack %#x\n", p.MM.StartCode, p.MM.EndCode, p.MM.StartData, p.MM.EndData, p.MM.StartBrk, p.MM.Brk, p.MM.StartStack)
@@ -244,9 +251,16 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			fmt.Fprintf(w, " %s socket %d peer %d queued %d messages %d bytes shutdown %d",
 				map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Peer, len(u.Queue), n, u.Shutdown)
 			for i, r := range u.Rights {
-				if len(r) > 0 {
-					fmt.Fprintf(w, " [message %d carries fds %v]", i, r)
+				if len(r) == 0 {
+					continue
 				}
+				fds := make([]string, len(r))
+				for j, x := range r {
+					if fds[j] = strconv.Itoa(x); u.Holder(i, j) != 0 {
+						fds[j] += fmt.Sprintf(" of pid %d", u.Holder(i, j))
+					}
+				}
+				fmt.Fprintf(w, " [message %d carries fds [%s]]", i, strings.Join(fds, " "))
 			}
 		}
 		if t := f.Pty; t != nil {

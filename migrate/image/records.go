@@ -97,6 +97,12 @@ type Process struct {
 	Seccomp []SeccompFilter `msgpack:"seccomp,omitempty"`
 	// Timers are the POSIX timers (timer_create), by id.
 	Timers []PosixTimer `msgpack:"timers,omitempty"`
+
+	// LeaderExited: the main thread had ended (pthread_exit) while the
+	// others ran on, a zombie until the last of them ends. No thread
+	// record is the main thread's; Threads counts the others, and the
+	// restore makes the main thread exit again before the process runs.
+	LeaderExited bool `msgpack:"leader_exited,omitempty"`
 }
 
 // PosixTimer is one POSIX timer (timer_create) and its state.
@@ -273,6 +279,14 @@ type VMA struct {
 	// Object, for a VMAFile area, is the File record of a file that has
 	// no path to map it by (a memfd, a deleted file): the area maps it.
 	Object uint64 `msgpack:"object,omitempty"`
+
+	// InParent, in a tree member forked from its parent once the
+	// parent's memory is built (TreeProc.Cow), are the page ranges
+	// [start, end) of this private anonymous area that were its parent's
+	// very pages (one physical page, copy-on-write since a fork), at the
+	// same address in an area of the parent: no pages records carry them,
+	// and the fork shares them again.
+	InParent [][2]uint64 `msgpack:"in_parent,omitempty"`
 }
 
 // FileKind says how a File is made again.
@@ -449,7 +463,13 @@ type UnixSocket struct {
 	// Rights, parallel to Queue, are the fds of the process a message
 	// carries (SCM_RIGHTS), by their numbers in the process.
 	Rights [][]int `msgpack:"rights,omitempty"`
-	Listen bool    `msgpack:"listen,omitempty"`
+	// RightsFrom, in a tree, parallel to Rights, names who holds each
+	// of those fds: 0 the process itself, else the saved PID of
+	// another member (the fd number is then that member's). Absent
+	// when every fd is the process's own. A reader that does not know
+	// it refuses queued fds in a tree.
+	RightsFrom [][]int `msgpack:"rights_from,omitempty"`
+	Listen     bool    `msgpack:"listen,omitempty"`
 	// SndBuf is SO_SNDBUF as getsockopt reports it (twice what was
 	// set): a pair's queue is charged to the sending end's buffer.
 	SndBuf int `msgpack:"sndbuf,omitempty"`
@@ -669,6 +689,14 @@ type TreeProc struct {
 	Threads    int  `msgpack:"threads"`
 	Zombie     bool `msgpack:"zombie,omitempty"`
 	ExitStatus int  `msgpack:"exit_status,omitempty"` // wait status, /proc/PID/stat field 52
+
+	// Cow: the member shares pages with its parent (VMA.InParent), so its
+	// stub is forked from its parent's once the parent's memory is
+	// built, not before, and so are its descendants' (LateMembers), each
+	// from its parent once that is built. Only where nothing else
+	// depends on their early existence (MayForkLate): every member of a
+	// group or session one of them leads is one of them, after it.
+	Cow bool `msgpack:"cow,omitempty"`
 }
 
 // End closes a snapshot.

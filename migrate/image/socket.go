@@ -58,3 +58,12 @@ func TCPFinOut(s int) bool {
 // TCPFinUnacked reports whether in state s our FIN is not yet acknowledged
 // (the kernel counts it in the send queue's length).
 func TCPFinUnacked(s int) bool { return s == TCPFinWait1 || s == TCPLastAck || s == TCPClosing }
+
+// Holder returns who holds fd j of queued message i (RightsFrom): 0 the
+// process itself, else a tree member's saved PID.
+func (u *UnixSocket) Holder(i, j int) int {
+	if i < len(u.RightsFrom) && j < len(u.RightsFrom[i]) {
+		return u.RightsFrom[i][j]
+	}
+	return 0
+}

@@ -330,3 +330,40 @@ func UnescapeMount(s string) string {
 	}
 	return b.String()
 }
+
+// Reader returns the thread through which pid's state is read from /proc
+// (maps, fds, cwd, auxv, namespaces) and its memory reached: pid itself,
+// or, when its main thread has ended (pthread_exit) while others run on,
+// its first live thread. The exited main thread is a zombie whose /proc
+// entries are empty or unreadable (the memory, fd table and fs it shared
+// are no longer its own), while every thread's /proc/TID shows the
+// process's. 0 when pid has no live thread.
+func Reader(pid int) int {
+	if threadAlive(pid, pid) {
+		return pid
+	}
+	tasks, err := Tasks(pid)
+	if err != nil {
+		return 0
+	}
+	for _, t := range tasks {
+		if t != pid && threadAlive(pid, t) {
+			return t
+		}
+	}
+	return 0
+}
+
+// threadAlive reports whether thread tid of pid exists and is not a
+// zombie or dead.
+func threadAlive(pid, tid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/stat", pid, tid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	return b[i+2] != 'Z' && b[i+2] != 'X'
+}
