@@ -52,9 +52,19 @@ var containerKinds = []string{"uts", "ipc", "net", "mnt"}
 // travel in one record).
 const maxTmpfsBytes = 48 << 20
 
-// nsLink reads pid's namespace link of kind.
+// nsLink reads pid's namespace link of kind (through a live thread when
+// its main one has exited).
 func nsLink(pid int, kind string) (string, error) {
-	return os.Readlink(procfs.Path(pid, "ns/"+kind))
+	return os.Readlink(procfs.Path(live(pid), "ns/"+kind))
+}
+
+// live returns the thread through which pid's /proc is read: pid, or a
+// live thread of it when its main thread has exited (procfs.Reader).
+func live(pid int) int {
+	if rd := procfs.Reader(pid); rd > 0 {
+		return rd
+	}
+	return pid
 }
 
 // containerNS returns the namespaces (kind -> link) of the init root of a
@@ -157,24 +167,25 @@ func (t *FrozenTree) namespaces() (*image.Namespaces, error) {
 	}
 	n := &image.Namespaces{}
 	var err error
+	rd := live(t.Pid)
 	if t.ctrNS["uts"] != "" {
-		if n.UTS, err = readUTS(t.Pid); err != nil {
+		if n.UTS, err = readUTS(rd); err != nil {
 			return nil, fmt.Errorf("uts namespace: %w", err)
 		}
 	}
 	if t.ctrNS["ipc"] != "" {
-		if err := checkIPC(t.Pid); err != nil {
+		if err := checkIPC(rd); err != nil {
 			return nil, fmt.Errorf("ipc namespace: %w", err)
 		}
 		n.IPC = &image.IPCNamespace{}
 	}
 	if t.ctrNS["net"] != "" {
-		if n.Net, err = readNet(t.Pid); err != nil {
+		if n.Net, err = readNet(rd); err != nil {
 			return nil, fmt.Errorf("net namespace: %w", err)
 		}
 	}
 	if t.ctrNS["mnt"] != "" {
-		if n.Mount, err = readMounts(t.Pid); err != nil {
+		if n.Mount, err = readMounts(rd); err != nil {
 			return nil, fmt.Errorf("mount namespace: %w", err)
 		}
 	}
@@ -535,7 +546,7 @@ func fileType(mode uint32) string {
 // "mapped file".
 func namesFile(pid int, path string, st *syscall.Stat_t, what string) error {
 	var pst syscall.Stat_t
-	if err := syscall.Stat(procfs.Path(pid, "root")+path, &pst); err == nil && pst.Ino == st.Ino && pst.Dev == st.Dev {
+	if err := syscall.Stat(procfs.Path(live(pid), "root")+path, &pst); err == nil && pst.Ino == st.Ino && pst.Dev == st.Dev {
 		return nil
 	}
 	// A link shows the path from pfreeze's root when the file is
@@ -557,7 +568,7 @@ func diagSocket(pid int) (int, error) {
 	if err1 != nil || err2 != nil || mine == theirs {
 		return open()
 	}
-	th, err := nsthread.Enter(pid, "net")
+	th, err := nsthread.Enter(live(pid), "net")
 	if err != nil {
 		return -1, err
 	}
@@ -579,7 +590,7 @@ func readSysVIn(pid int) func(id uint64, kind image.FileKind, name, src string) 
 		if err1 != nil || err2 != nil || mine == theirs {
 			return readSysV(id, kind, name, src)
 		}
-		th, err := nsthread.Enter(pid, "ipc")
+		th, err := nsthread.Enter(live(pid), "ipc")
 		if err != nil {
 			return nil, err
 		}
