@@ -282,11 +282,19 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if len(kids) > 0 && !inTree {
 		return unsupported("child processes %v (freeze the whole tree with -tree)", kids)
 	}
-	for _, ns := range []string{"mnt", "user"} {
+	for _, ns := range []string{"mnt", "uts", "ipc", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
 		theirs, err2 := os.Readlink(procfs.Path(rd, "ns/"+ns))
-		if err1 == nil && err2 == nil && mine != theirs {
-			return unsupported("process is in another %s namespace", ns)
+		if err1 != nil || err2 != nil || mine == theirs {
+			continue
+		}
+		switch {
+		case ns == "user":
+			return unsupported("process is in another user namespace")
+		case pidNS == "":
+			// Carried only with a PID namespace frozen whole, as the
+			// container's own (container_linux.go).
+			return unsupported("process is in another %s namespace (a container is frozen whole: the init of its PID namespace, with -tree)", ns)
 		}
 	}
 	if err := checkPidNS(rd, st, pidNS); err != nil {

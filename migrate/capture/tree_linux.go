@@ -31,6 +31,9 @@ type FrozenTree struct {
 	// precopy: the members' pre-copy of a live migration, whose final
 	// rounds come before the tree record.
 	precopy *treePrecopy
+	// ctrNS are the root's namespaces of the other kinds that are not
+	// ours, carried with the PID namespace (container_linux.go).
+	ctrNS map[string]string
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -48,6 +51,11 @@ func AttachTree(tr *ptrace.Tracer, pid int) (*FrozenTree, error) {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	t := &FrozenTree{Pid: pid, pidNS: ns}
+	if ns != "" {
+		if t.ctrNS, err = containerNS(pid); err != nil {
+			return nil, fmt.Errorf("freeze %d: %w", pid, err)
+		}
+	}
 	if err := t.stopAll(tr); err != nil {
 		t.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
@@ -131,6 +139,9 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if err := t.checkWholeNS(in); err != nil {
 			return err
 		}
+		if err := t.checkOutsiders(in); err != nil {
+			return err
+		}
 		return t.nsNumbers()
 	}
 	return nil
@@ -144,6 +155,11 @@ func (t *FrozenTree) stopMember(tr *ptrace.Tracer, pid int) (*Frozen, error) {
 	}
 	if err := checkSupported(pid, true, t.pidNS); err != nil {
 		return nil, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	if t.pidNS != "" {
+		if err := t.checkMemberNS(pid); err != nil {
+			return nil, fmt.Errorf("pid %d: %w", pid, err)
+		}
 	}
 	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
 	if err := tr.Do(f.stopAll); err != nil {
@@ -170,6 +186,11 @@ func endedMember(pid int) (zombie []string, gone bool) {
 
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
+	// A container's namespaces are described (and refused) first.
+	ns, err := t.namespaces()
+	if err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -239,6 +260,11 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if ns != nil {
+		if err := enc.Write(ns); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
 	}
 	// Members are matched with the parent snapshot's by the PIDs the
 	// records say (in a PID namespace's snapshot, the namespace's).
