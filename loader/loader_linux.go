@@ -151,6 +151,8 @@ type Process struct {
 	// createdShm are the System V segments made for this restore, removed
 	// if it fails.
 	createdShm []int
+	// ctr, on a tree's root, is the container restored (container_linux.go).
+	ctr *container
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -239,7 +241,19 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 			return fmt.Errorf("%w: a single process's pre-copy records before a tree", image.ErrCorrupt)
 		}
 		<-items // the tree record itself
-		return p.buildTree(t, items)
+		// A container's namespaces come next.
+		it, err := next(items)
+		if err != nil {
+			return err
+		}
+		rec := it.rec
+		if ns, ok := rec.(*image.Namespaces); ok {
+			if p.ctr, err = p.newContainer(ns); err != nil {
+				return err
+			}
+			rec = nil
+		}
+		return p.buildTree(t, items, rec)
 	}
 	if p.staged != nil && p.staged.members != nil {
 		return fmt.Errorf("%w: pre-copy member records before a single process", image.ErrCorrupt)
@@ -516,9 +530,19 @@ func (p *Process) checkFiles() error {
 			}
 			continue
 		}
+		// In a container, the path of the host's or of the container's
+		// tmpfs, which the restore fills.
+		name, saved := p.containerFile(v.Name)
 		var st syscall.Stat_t
-		if err := syscall.Stat(v.Name, &st); err != nil {
-			return fmt.Errorf("%s: %w", vmaName(v), err)
+		switch {
+		case saved != nil:
+			st.Size, st.Mtim = int64(len(saved.Data)), syscall.NsecToTimespec(saved.Mtime)
+		case name == "":
+			continue
+		default:
+			if err := syscall.Stat(name, &st); err != nil {
+				return fmt.Errorf("%s: %w", vmaName(v), err)
+			}
 		}
 		mtime := st.Mtim.Sec*1e9 + st.Mtim.Nsec
 		if st.Size != v.FileSize || mtime != v.FileMtime {
@@ -584,12 +608,28 @@ func (p *Process) launchStub(base uint64) error {
 		// set must not be left stopped forever.
 		sys := &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps(), Pdeathsig: syscall.SIGKILL}
 		if p.opts.PIDNamespace {
-			sys.Cloneflags = syscall.CLONE_NEWPID
+			sys.Cloneflags = syscall.CLONE_NEWPID | p.ctr.cloneFlags()
 		}
 		files := []uintptr{0, 1, 2, memfd.Fd()}
 		for i, f := range p.opts.Stdio {
 			if f != nil {
 				files[i] = f.Fd()
+			}
+		}
+		nsFd := len(files)
+		if p.ctr != nil && p.ctr.th != nil {
+			// The container's namespaces to join: fds nsFd...
+			nsFiles, err := p.ctr.stubFiles()
+			if err != nil {
+				return err
+			}
+			defer func() {
+				for _, f := range nsFiles {
+					f.Close()
+				}
+			}()
+			for _, f := range nsFiles {
+				files = append(files, f.Fd())
 			}
 		}
 		pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"pcluster-stub"}, &syscall.ProcAttr{
@@ -635,6 +675,9 @@ func (p *Process) launchStub(base uint64) error {
 		}
 		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NAME, name); err != nil {
 			return fmt.Errorf("name stub: %w", err)
+		}
+		if p.ctr != nil {
+			return p.enterContainer(p.ctr, nsFd)
 		}
 		return nil
 	})
@@ -852,6 +895,7 @@ func putLE64(b []byte, v uint64) {
 // Abort kills the process (every member of a tree) if it was not started,
 // and reaps it: nothing of the restore is left, not even a zombie.
 func (p *Process) Abort() {
+	defer p.ctr.close()
 	if p.tree != nil && p.parent == nil {
 		p.abortTree()
 		return

@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/nsthread"
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
@@ -31,6 +32,7 @@ type object struct {
 	shmid  int
 	shm    []byte
 	reused bool
+	ipc    *nsthread.Thread // the container's IPC namespace it is in, or nil
 }
 
 // addFile takes one File record: the first of an object makes it, every

@@ -68,6 +68,8 @@ func (t *tree) closePipes() {
 	t.closeUnix()
 	closeAllObjects(t.objects)
 	t.objects = nil
+	// The namespaces are the members' now (or gone with them).
+	t.members[0].ctr.close()
 }
 
 type shmArea struct {
@@ -88,7 +90,8 @@ func checkTree(t *image.Tree) error { return image.CheckTree(t) }
 // first, then, before any memory arrives, every other member's as a fork
 // of its parent's, each put in its process group and session before it
 // has children. Then each member is built as its records stream in.
-func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
+// rec, when set, is the record after the tree's (and its namespaces').
+func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
@@ -97,7 +100,6 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 	staged := p.staged
 	p.staged = nil
 	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
-	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {
 			// No records: it was made and ended with the stubs, or,
@@ -452,6 +454,9 @@ func (p *Process) startTree() error {
 		return err
 	}
 	p.tree.virtWanted = p.tree.wantVirt(p.opts)
+	if err := p.lateMounts(); err != nil {
+		return err
+	}
 	for _, m := range p.tree.members {
 		if m.zombie {
 			continue

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 
@@ -430,7 +431,13 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 	key := min(u.ID, u.Peer)
 	pair, ok := p.tree.unix[key]
 	if !ok {
-		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		var fds [2]int
+		// In a container's own network namespace, where its members'
+		// sockets are (and sock_diag finds them at the next freeze).
+		err := p.inContainerNet(func() (err error) {
+			fds, err = unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
 		}
@@ -588,7 +595,13 @@ func (p *Process) treeUnixListener(f *image.FD) (uintptr, error) {
 	u := f.Unix
 	l, ok := p.tree.listeners[u.ID]
 	if !ok {
-		s, err := unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		s := -1
+		// In a container's own network namespace: an abstract name is
+		// its namespace's.
+		err := p.inContainerNet(func() (err error) {
+			s, err = unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
 		}
@@ -623,31 +636,54 @@ func (p *Process) bindTreeListeners() error {
 		if u.Name == "" || len(u.Name) > 107 {
 			return fmt.Errorf("%w: fd %d: listening unix socket", image.ErrCorrupt, l.rec.Fd)
 		}
-		if u.Name[0] != '@' && !staleSocket(u.Name) {
+		// A path as the tree sees it: in a container's own mount
+		// namespace, reached from here through its directory.
+		name, done, err := p.containerPath(u.Name)
+		if err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
+		}
+		err = bindTreeListener(l, name)
+		done()
+		if errors.Is(err, errListenerTaken) {
 			p.notice("fd %d (unix socket listening on %s) cannot be bound here: another process listens there; the tree finds it unbound", l.rec.Fd, u.Name)
 			continue
 		}
-		name := u.Name
-		if name[0] == '@' {
-			name = "\x00" + name[1:]
+		if err != nil {
+			return err
 		}
-		if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
-			return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+	}
+	return nil
+}
+
+// errListenerTaken: another process listens on a listener's path.
+var errListenerTaken = errors.New("another process listens there")
+
+// bindTreeListener binds l to name (its saved name, or the path that
+// reaches it from here) and makes it listen.
+func bindTreeListener(l *treeListener, name string) error {
+	u := l.rec.Unix
+	if u.Name[0] != '@' && !staleSocket(name) {
+		return errListenerTaken
+	}
+	if name[0] == '@' {
+		name = "\x00" + name[1:]
+	}
+	if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
+		return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+	}
+	if u.Name[0] == '/' {
+		if err := os.Lchown(name, int(u.Uid), int(u.Gid)); err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
 		}
-		if u.Name[0] == '/' {
-			if err := os.Lchown(u.Name, int(u.Uid), int(u.Gid)); err != nil {
-				return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
-			}
-			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
-				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
-			}
+		if err := unix.Fchmodat(unix.AT_FDCWD, name, u.Mode&0o7777, 0); err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
 		}
-		if !u.Listen {
-			continue // bound, not listening
-		}
-		if err := unix.Listen(l.fd, listenBacklog); err != nil {
-			return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
-		}
+	}
+	if !u.Listen {
+		return nil // bound, not listening
+	}
+	if err := unix.Listen(l.fd, listenBacklog); err != nil {
+		return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
 	}
 	return nil
 }

@@ -164,8 +164,8 @@ func (f *Frozen) stopAll() error {
 			}
 			t := &thread{tid: tid}
 			if err := ptrace.Seize(tid, 0); err != nil {
-				if errors.Is(err, unix.ESRCH) {
-					continue // exited meanwhile
+				if errors.Is(err, unix.ESRCH) || (errors.Is(err, unix.EPERM) && ended(f.Pid, tid)) {
+					continue // exited meanwhile (EPERM: a thread in exit)
 				}
 				return fmt.Errorf("attach thread %d: %w", tid, explainPtraceErr(err))
 			}
@@ -191,12 +191,18 @@ func (f *Frozen) stopAll() error {
 				if errors.Is(err, ptrace.ErrTimeout) {
 					return f.stopTimeout(t.tid, err)
 				}
+				if errors.Is(err, ptrace.ErrExited) && t.tid != f.Pid {
+					// A thread that ended between its seize and its
+					// stop: the process runs on without it.
+					f.dropThread(t)
+					continue
+				}
 				return err
 			}
 		}
 	}
 	if len(f.threads) == 0 || (f.threads[0].tid != f.Pid && !f.leaderExited) {
-		return fmt.Errorf("main thread gone")
+		return fmt.Errorf("main thread gone: %w", ptrace.ErrExited)
 	}
 	// Stopped, the first thread cannot exit: it reads for the process.
 	f.rd = f.threads[0].tid
@@ -281,11 +287,19 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if len(kids) > 0 && !inTree {
 		return unsupported("child processes %v (freeze the whole tree with -tree)", kids)
 	}
-	for _, ns := range []string{"mnt", "user"} {
+	for _, ns := range []string{"mnt", "uts", "ipc", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
 		theirs, err2 := os.Readlink(procfs.Path(rd, "ns/"+ns))
-		if err1 == nil && err2 == nil && mine != theirs {
-			return unsupported("process is in another %s namespace", ns)
+		if err1 != nil || err2 != nil || mine == theirs {
+			continue
+		}
+		switch {
+		case ns == "user":
+			return unsupported("process is in another user namespace")
+		case pidNS == "":
+			// Carried only with a PID namespace frozen whole, as the
+			// container's own (container_linux.go).
+			return unsupported("process is in another %s namespace (a container is frozen whole: the init of its PID namespace, with -tree)", ns)
 		}
 	}
 	if err := checkPidNS(rd, st, pidNS); err != nil {
@@ -959,6 +973,28 @@ func (f *Frozen) Resume() error {
 		return fmt.Errorf("resume %d: %w", f.Pid, err)
 	}
 	return nil
+}
+
+// ended reports whether thread tid of pid has exited: a zombie, dead, or
+// gone from /proc.
+func ended(pid, tid int) bool {
+	switch threadState(pid, tid) {
+	case 0, 'Z', 'X':
+		return true
+	}
+	return false
+}
+
+// dropThread forgets t, a thread that exited while being stopped (its
+// exit was taken by waitInterrupt).
+func (f *Frozen) dropThread(t *thread) {
+	t.attached = false
+	for i, th := range f.threads {
+		if th == t {
+			f.threads = append(f.threads[:i], f.threads[i+1:]...)
+			return
+		}
+	}
 }
 
 func (f *Frozen) detach() {

@@ -136,9 +136,8 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			}
 			fd.Kind, fd.Path = image.FDFile, fi.Link
 		case kind == syscall.S_IFREG || kind == syscall.S_IFDIR || kind == syscall.S_IFBLK:
-			var pst syscall.Stat_t
-			if err := syscall.Stat(fi.Link, &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
-				return nil, unsupported("%s: path no longer names the open file", where)
+			if err := namesFile(pid, fi.Link, &st, "open file"); err != nil {
+				return nil, unsupported("%s: %v", where, err)
 			}
 			fd.Kind, fd.Path = image.FDFile, fi.Link
 		default:

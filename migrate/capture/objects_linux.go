@@ -98,7 +98,7 @@ func fileRecords(pid int, vmas []image.VMA, fds []image.FD, saved map[uint64]boo
 		o := objs[id]
 		read := readFileObject
 		if o.kind == image.FileSysV {
-			read = readSysV
+			read = readSysVIn(pid)
 		}
 		recs, err := read(id, o.kind, o.name, o.src)
 		if err != nil {

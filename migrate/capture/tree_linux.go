@@ -3,6 +3,7 @@ package capture
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"slices"
 	"strconv"
@@ -33,6 +34,9 @@ type FrozenTree struct {
 	// precopy: the members' pre-copy of a live migration, whose final
 	// rounds come before the tree record.
 	precopy *treePrecopy
+	// ctrNS are the root's namespaces of the other kinds that are not
+	// ours, carried with the PID namespace (container_linux.go).
+	ctrNS map[string]string
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -50,6 +54,11 @@ func AttachTree(tr *ptrace.Tracer, pid int) (*FrozenTree, error) {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	t := &FrozenTree{Pid: pid, pidNS: ns}
+	if ns != "" {
+		if t.ctrNS, err = containerNS(pid); err != nil {
+			return nil, fmt.Errorf("freeze %d: %w", pid, err)
+		}
+	}
 	if err := t.stopAll(tr); err != nil {
 		t.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
@@ -82,16 +91,22 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 			t.procs = append(t.procs, m)
 			continue
 		}
-		if err := mayTrace(pid, pid); err != nil {
+		f, err := t.stopMember(tr, pid)
+		if err != nil && pid != t.Pid {
+			// It may have ended meanwhile (a shell's short-lived
+			// child): its parent, stopped already, has not reaped it,
+			// so it is a zombie member, as if it had ended before.
+			switch zombie, gone := endedMember(pid); {
+			case gone:
+				continue // reaped at once: its parent ignores SIGCHLD
+			case zombie != nil:
+				m.Zombie, m.ExitStatus = true, int(procfs.StatField(zombie, 52))
+				t.procs = append(t.procs, m)
+				continue
+			}
+		}
+		if err != nil {
 			return err
-		}
-		if err := checkSupported(pid, true, t.pidNS); err != nil {
-			return fmt.Errorf("pid %d: %w", pid, err)
-		}
-		f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
-		t.members = append(t.members, f)
-		if err := tr.Do(f.stopAll); err != nil {
-			return fmt.Errorf("pid %d: %w", pid, err)
 		}
 		m.Threads = len(f.threads)
 		// Read again now that it is stopped: it may have moved meanwhile.
@@ -127,13 +142,58 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if err := t.checkWholeNS(in); err != nil {
 			return err
 		}
+		if err := t.checkOutsiders(in); err != nil {
+			return err
+		}
 		return t.nsNumbers()
 	}
 	return nil
 }
 
+// stopMember checks that pid may be frozen and stops all its threads; it
+// is a member once stopped. A failure leaves it running.
+func (t *FrozenTree) stopMember(tr *ptrace.Tracer, pid int) (*Frozen, error) {
+	if err := mayTrace(pid, pid); err != nil {
+		return nil, err
+	}
+	if err := checkSupported(pid, true, t.pidNS); err != nil {
+		return nil, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	if t.pidNS != "" {
+		if err := t.checkMemberNS(pid); err != nil {
+			return nil, fmt.Errorf("pid %d: %w", pid, err)
+		}
+	}
+	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
+	if err := tr.Do(f.stopAll); err != nil {
+		f.detach()
+		f.mem.Close()
+		return nil, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	t.members = append(t.members, f)
+	return f, nil
+}
+
+// endedMember says whether pid, which failed to stop, has ended since:
+// its stat when it is a zombie (every thread gone), or gone.
+func endedMember(pid int) (zombie []string, gone bool) {
+	stat, err := procfs.Stat(pid)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, true
+	}
+	if err == nil && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
+		return stat, false
+	}
+	return nil, false
+}
+
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
+	// A container's namespaces are described (and refused) first.
+	ns, err := t.namespaces()
+	if err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
@@ -235,6 +295,11 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if ns != nil {
+		if err := enc.Write(ns); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
 	}
 	// Members are matched with the parent snapshot's by the PIDs the
 	// records say (in a PID namespace's snapshot, the namespace's).

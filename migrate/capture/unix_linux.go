@@ -45,11 +45,15 @@ type unixDiag struct {
 	shutdown   int
 	hasPeer    bool
 	vfsIno     uint64 // the inode of a path's socket file
+	// root is where its holder's paths are reached from here (its
+	// /proc/PID/root: a container's mount namespace).
+	root string
 }
 
-// diagUnix asks sock_diag about the unix socket with inode ino.
-func diagUnix(ino uint64) (*unixDiag, error) {
-	s, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+// diagUnix asks sock_diag about the unix socket with inode ino, held by
+// pid: in pid's network namespace, the only one whose sock_diag knows it.
+func diagUnix(pid int, ino uint64) (*unixDiag, error) {
+	s, err := diagSocket(pid)
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag: %w", err)
 	}
@@ -92,7 +96,7 @@ func diagUnix(ino uint64) (*unixDiag, error) {
 	if len(data) < 16 {
 		return nil, fmt.Errorf("sock_diag: short answer")
 	}
-	d := &unixDiag{typ: int(data[1]), state: int(data[2]), ino: uint64(binary.LittleEndian.Uint32(data[4:]))}
+	d := &unixDiag{typ: int(data[1]), state: int(data[2]), ino: uint64(binary.LittleEndian.Uint32(data[4:])), root: procfs.Path(pid, "root")}
 	for b := data[16:]; len(b) >= 4; {
 		l := int(binary.LittleEndian.Uint16(b))
 		if l < 4 || l > len(b) {
@@ -161,7 +165,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	if err := unix.Fstat(h.fd, &st); err != nil {
 		return fmt.Errorf("stat: %w", err)
 	}
-	d, err := diagUnix(st.Ino)
+	d, err := diagUnix(pid, st.Ino)
 	if err != nil {
 		return err
 	}
@@ -200,7 +204,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	}
 	if !socks.unixOwn[d.peer] {
 		peer := fmt.Sprintf("socket:[%d]", d.peer)
-		pd, err := diagUnix(d.peer)
+		pd, err := diagUnix(pid, d.peer)
 		if err == nil && pd.name != "" {
 			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
 		}
@@ -408,7 +412,7 @@ func describeUnixListener(d *unixDiag, what string, rec *image.FD) error {
 		// The file must still be this socket's: a restore binds the
 		// name again.
 		var st unix.Stat_t
-		if err := unix.Lstat(d.name, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != d.vfsIno {
+		if err := unix.Lstat(d.root+d.name, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != d.vfsIno {
 			return fmt.Errorf("%s: its path no longer names its socket file", what)
 		}
 		u.Mode, u.Uid, u.Gid = st.Mode&0o7777, st.Uid, st.Gid

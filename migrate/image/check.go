@@ -44,7 +44,8 @@ type checker struct {
 
 	started bool
 	tree    *Tree
-	member  int // index in tree.Procs of the member being read
+	ns      bool // a Namespaces record was read
+	member  int  // index in tree.Procs of the member being read
 
 	proc    *Process
 	threads []*Thread
@@ -121,6 +122,14 @@ func (c *checker) check(rec any) error {
 	switch r := rec.(type) {
 	case *Tree:
 		return c.unexpected(r)
+	case *Namespaces:
+		// Right after the tree record, once; the tree's root is the init
+		// of its PID namespace (pid 1).
+		if c.tree == nil || c.proc != nil || c.ns || c.tree.Procs[0].Pid != 1 {
+			return c.unexpected(r)
+		}
+		c.ns = true
+		return CheckNamespaces(r)
 	case *Process:
 		if c.proc != nil {
 			// The next member of a tree.

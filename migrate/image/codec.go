@@ -39,6 +39,9 @@ func maxLen(t Type) int {
 	case TypeParentPages:
 		return 16 + MaxParentPages*DigestSize
 	}
+	if t == TypeNamespaces {
+		return MaxNamespacesLen
+	}
 	return MaxMetaLen
 }
 
@@ -82,7 +85,7 @@ func (e *Encoder) write(p []byte) {
 	_, e.err = e.w.Write(p)
 }
 
-// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA, *File or *FD).
+// Write encodes one metadata record (*Tree, *Namespaces, *Process, *Thread, *VMA, *File or *FD).
 func (e *Encoder) Write(rec any) error {
 	var t Type
 	switch rec.(type) {
@@ -98,6 +101,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeTree
 	case *File:
 		t = TypeFile
+	case *Namespaces:
+		t = TypeNamespaces
 	case *Drop:
 		t = TypeDrop
 	case *Round:
@@ -465,6 +470,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Tree)
 	case TypeFile:
 		rec = new(File)
+	case TypeNamespaces:
+		rec = new(Namespaces)
 	case TypeDrop:
 		rec = new(Drop)
 	case TypeRound:

@@ -79,6 +79,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 				}
 				fmt.Fprintln(w)
 			}
+		case *Namespaces:
+			describeNamespaces(w, r)
 		case *Process:
 			// A tree holds one process after another: describe each.
 			if p != nil {

@@ -25,6 +25,8 @@ const (
 	// Incremental snapshots (pfreeze -parent, parent.go).
 	TypeParent      Type = 9
 	TypeParentPages Type = 10
+	// TypeNamespaces follows a container's Tree record (namespaces.go).
+	TypeNamespaces Type = 20
 	// Pre-copy (pfreeze -live): memory sent while the process still
 	// runs, before its process record (precopy.go).
 	TypePrecopy Type = 40
@@ -62,6 +64,8 @@ func (t Type) String() string {
 		return "parent"
 	case TypeParentPages:
 		return "parent pages"
+	case TypeNamespaces:
+		return "namespaces"
 	case TypePrecopy:
 		return "precopy pages"
 	case TypeDrop:
