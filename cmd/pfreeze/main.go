@@ -43,6 +43,7 @@ func main() {
 	liveDowntime := flag.Duration("live-downtime", 100*time.Millisecond, "with -live: the stop aimed at; rounds go on until what is left can be sent in this long")
 	parent := flag.String("parent", "", "write an incremental snapshot: only the pages whose contents differ from those of this earlier snapshot FILE (of the same process or tree, not -live), which the new one names by path and SHA-256; pthaw then needs it too")
 	liveBandwidth := flag.Int64("live-bandwidth", 0, "with -live: bytes per second the rounds may send (0: no cap)")
+	stopCopy := flag.Bool("stop-copy", false, "without -halt: keep the process stopped for the whole copy, instead of the short stop of a copy-on-write checkpoint (its memory read from a fork of it while it runs)")
 	flag.Parse()
 	tcp, err := tcpOptions(*tcpAddrs, *tcpClose)
 	if err != nil {
@@ -57,8 +58,8 @@ func main() {
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())), TCP: tcp,
 		Notice:        func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) },
-		UnixReconnect: *unixReconnect,
-		Live:          *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
+		UnixReconnect: *unixReconnect, StopAndCopy: *stopCopy,
+		Live: *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
 			Notice: func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) }},
 	})
 	switch {
@@ -190,7 +191,7 @@ func describe(ctx context.Context, tr *ptrace.Tracer, pid int, o capture.SendOpt
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Parent: o.Parent})
+	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Parent: o.Parent, StopAndCopy: true})
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr

@@ -80,6 +80,11 @@ type Frozen struct {
 	parent *Parent
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
+	// cow, for a checkpoint that leaves the process running: its memory
+	// is read from a snapshot child after an early Resume (forksnap_linux.go).
+	cow *cowRun
+	// resumed: Resume ran; a second call does nothing.
+	resumed bool
 	// precopyDone: in a tree's live migration, the areas (by start)
 	// whose pages are all sent before the tree record.
 	precopyDone map[uint64]bool
@@ -275,7 +280,7 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if st["Seccomp"] == "1" {
 		return unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
-	kids, err := procfs.Children(pid)
+	kids, err := liveChildren(pid)
 	if err != nil {
 		return err
 	}
@@ -352,6 +357,26 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, in
 	if err != nil {
 		return err
 	}
+	if f.cow != nil {
+		snap, err := f.snapshotFork(f.cow, r)
+		if err != nil {
+			return err
+		}
+		if snap != nil {
+			if f.queried != nil {
+				f.queried()
+			}
+			// The memory is read from the child from here on: the
+			// process runs on.
+			if err := f.Resume(); err != nil {
+				f.tr.Do(func() error { snap.kill(); return nil })
+				return err
+			}
+			f.cow.released = time.Now()
+			defer f.releaseSnapshot(snap)
+			return f.emit(enc, r)
+		}
+	}
 	if f.queried != nil {
 		f.queried()
 	}
@@ -364,12 +389,27 @@ type records struct {
 	thrs       []*image.Thread
 	vmas, dump []image.VMA
 	fds        []image.FD
+	// A copy-on-write checkpoint (forksnap_linux.go) reads the File records
+	// and the pages a fork does not copy while the process is stopped
+	// (filesTaken, files, stopped), and r.dump from snap after.
+	filesTaken bool
+	files      []image.File
+	stopped    *stoppedPages
+	snap       *snapshot
+	// noFlags: vmas and dump have no VmFlags yet (fillFlags).
+	noFlags bool
 }
 
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
 func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*records, error) {
-	maps, err := procfs.Maps(f.rd)
+	// A copy-on-write checkpoint reads the areas' VmFlags later, from its
+	// snapshot child's smaps, after the stop (forksnap_linux.go).
+	read := procfs.Maps
+	if f.cow != nil {
+		read = procfs.MapsLayout
+	}
+	maps, err := read(f.rd)
 	if err != nil {
 		return nil, err
 	}
@@ -395,7 +435,7 @@ func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*rec
 	if err != nil {
 		return nil, err
 	}
-	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds}, nil
+	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds, noFlags: f.cow != nil}, nil
 }
 
 // emit writes what gather learnt and the process's pages.
@@ -429,24 +469,45 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
+	// VmFlags left out by gather (forksnap_linux.go): from the snapshot
+	// child, or from the process while it is still stopped.
+	flagsFrom := f.rd
+	if r.snap != nil {
+		flagsFrom = r.snap.pid
+	}
+	if err := f.fillFlags(r, flagsFrom); err != nil {
+		return err
+	}
 	for i := range r.vmas {
 		if err := enc.Write(&r.vmas[i]); err != nil {
 			return err
 		}
 	}
-	if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
-		return err
-	}
-	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
-	if err != nil {
-		return err
+	files := r.files
+	if !r.filesTaken {
+		if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+			return err
+		}
+		var err error
+		if files, err = fileRecords(f.rd, r.vmas, r.fds, f.files); err != nil {
+			return err
+		}
 	}
 	for i := range files {
 		if err := enc.Write(&files[i]); err != nil {
 			return err
 		}
 	}
-	if err := dumpMemory(f.rd, f.mem, r.dump, enc, f.parentPages); err != nil {
+	pid, mem := f.rd, f.mem
+	if r.snap != nil {
+		pid, mem = r.snap.pid, r.snap.mem
+	}
+	if r.stopped != nil {
+		// Some areas were read during the stop (forksnap_linux.go).
+		if err := f.dumpInOrder(r, pid, mem, enc); err != nil {
+			return err
+		}
+	} else if err := dumpMemory(pid, mem, r.dump, enc, f.parentPages); err != nil {
 		return err
 	}
 	for i := range r.fds {
@@ -882,6 +943,10 @@ func (f *Frozen) putBack(th *thread) error {
 
 // Resume puts the process back as it was and lets it run on.
 func (f *Frozen) Resume() error {
+	if f.resumed {
+		return nil
+	}
+	f.resumed = true
 	err := f.tr.Do(func() error {
 		var errs []error
 		// In reverse: scratch areas borrowed later may hold earlier ones.

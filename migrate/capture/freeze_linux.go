@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -67,6 +68,13 @@ type FreezeOptions struct {
 	// stop (pre-copy, precopy_linux.go; for a tree, every member's:
 	// precopy_tree_linux.go).
 	Live *LiveOptions
+	// StopAndCopy keeps a checkpoint (no Halt, no Live) stopped for the
+	// whole copy. Without it the process is stopped only to be described
+	// and forked, and its memory is copied from the fork's
+	// copy-on-write view while it runs (forksnap_linux.go).
+	StopAndCopy bool
+	// COWStats, if set, is filled in by a copy-on-write checkpoint.
+	COWStats *COWStats
 	// Parent, when set, makes the snapshot incremental: it refers to
 	// Parent for the pages unchanged since (parent.go). Not live.
 	Parent *Parent
@@ -104,6 +112,11 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 		}
 		t.queried = o.Queried
+		t.cow = newCOW(o)
+		for _, m := range t.members {
+			m.cow = t.cow
+		}
+		defer t.cow.done()
 		t.parent = o.Parent
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
@@ -124,6 +137,8 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			}
 		}
 	}
+	c := newCOW(o)
+	defer c.done()
 	f, err := Attach(tr, pid)
 	if err != nil {
 		return err
@@ -131,8 +146,35 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
 	f.queried = o.Queried
 	f.precopy = pc
+	f.cow = c
 	f.parent = o.Parent
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
+}
+
+// newCOW returns the state of a copy-on-write checkpoint if o asks for
+// one (no Halt, no Live, no StopAndCopy), else nil.
+func newCOW(o FreezeOptions) *cowRun {
+	if o.Halt || o.Live != nil || o.StopAndCopy {
+		return nil
+	}
+	c := &cowRun{t0: time.Now(), stats: o.COWStats, notice: o.Notice}
+	if c.stats == nil {
+		c.stats = &COWStats{}
+	}
+	return c
+}
+
+// done fills in the stop and copy times once the checkpoint ended.
+func (c *cowRun) done() {
+	if c == nil {
+		return
+	}
+	end := time.Now()
+	if c.released.IsZero() {
+		c.stats.Stop = end.Sub(c.t0)
+		return
+	}
+	c.stats.Stop, c.stats.Copy = c.released.Sub(c.t0), end.Sub(c.released)
 }
 
 // freeze writes f to enc, then commits and kills or resumes it; what says what

@@ -56,6 +56,11 @@ type SendOptions struct {
 	// tree, every member's memory.
 	Live        bool
 	LiveOptions LiveOptions
+	// StopAndCopy and COWStats are FreezeOptions': without Halt or Live
+	// the process is stopped only to be described and forked, unless
+	// StopAndCopy (forksnap_linux.go).
+	StopAndCopy bool
+	COWStats    *COWStats
 	// Parent makes the snapshot incremental (FreezeOptions.Parent).
 	Parent *Parent
 }
@@ -128,7 +133,8 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen, Parent: o.Parent}
+	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen,
+		Parent: o.Parent, StopAndCopy: o.StopAndCopy, COWStats: o.COWStats}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -28,6 +29,8 @@ type FrozenTree struct {
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// cow, for a checkpoint that leaves the tree running (forksnap_linux.go).
+	cow *cowRun
 	// precopy: the members' pre-copy of a live migration, whose final
 	// rounds come before the tree record.
 	precopy *treePrecopy
@@ -112,7 +115,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		}
 		m.Pgid, m.Sid = int(procfs.StatField(stat, 5)), int(procfs.StatField(stat, 6))
 		t.procs = append(t.procs, m)
-		kids, err := procfs.Children(pid)
+		kids, err := liveChildren(pid)
 		if err != nil {
 			return fmt.Errorf("pid %d: children: %w", pid, err)
 		}
@@ -237,21 +240,53 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}
 	}
+	// Which members share pages with their parent, read while all are
+	// stopped (before the forks let them run: the pages must be those of
+	// the snapshot); not in a live migration (below).
+	if t.precopy == nil {
+		if err := t.markCow(rs); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
+	if t.cow != nil {
+		forked, err := t.snapshotForks(rs, files)
+		if err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+		if forked {
+			if t.queried != nil {
+				t.queried()
+			}
+			// Every member's memory is read from its child from here
+			// on: the tree runs on.
+			if err := t.Resume(); err != nil {
+				for i, f := range t.members {
+					if rs[i].snap != nil {
+						f.tr.Do(func() error { rs[i].snap.kill(); return nil })
+					}
+				}
+				return fmt.Errorf("freeze %d: %w", t.Pid, err)
+			}
+			t.cow.released = time.Now()
+			defer func() {
+				for i, f := range t.members {
+					f.releaseSnapshot(rs[i].snap)
+				}
+			}()
+			t.queried = nil
+		}
+	}
 	if t.queried != nil {
 		t.queried()
 	}
 	// A live migration's final rounds: all pre-copy records come
 	// before the tree record. Its members' pages are their own on the
 	// receiver (written from the pre-copy), so none is marked as shared
-	// with its parent's.
+	// with its parent's (markCow, above, is for the others).
 	if t.precopy != nil {
 		if err := t.precopy.finish(enc, t.members, rs); err != nil {
 			return fmt.Errorf("freeze %d: %w", t.Pid, err)
 		}
-	} else if err := t.markCow(rs); err != nil {
-		// The tree record first, once it knows which members share
-		// pages with their parent.
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	if t.parent != nil {
 		if err := enc.Write(&t.parent.Record); err != nil {
@@ -392,6 +427,26 @@ func (t *FrozenTree) detach() {
 func (t *FrozenTree) Kill() error {
 	_, err := kill(t.members)
 	return err
+}
+
+// snapshotForks forks every member for a copy-on-write checkpoint
+// (forksnap_linux.go) and reads what the children cannot give. If one cannot
+// be forked, the children made are dropped and false returned: the tree
+// stays stopped for the whole copy.
+func (t *FrozenTree) snapshotForks(rs []*records, files map[uint64]bool) (bool, error) {
+	for i, f := range t.members {
+		f.files = files
+		f.cow = t.cow
+		snap, err := f.snapshotFork(t.cow, rs[i])
+		if err == nil && snap != nil {
+			continue
+		}
+		for j := 0; j < i; j++ {
+			t.members[j].dropSnapshot(rs[j])
+		}
+		return false, err
+	}
+	return true, nil
 }
 
 // groupOnlyInside reports whether process group pgid, whose leader is not
