@@ -129,6 +129,11 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		return sink.Close()
 	}
 	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen, Parent: o.Parent}
+	// A receiver that builds the copy while the original is held may
+	// take the original's unix connections to outside peers over.
+	if b, ok := sink.(interface{ BuildsFirst() bool }); ok && o.Halt && b.BuildsFirst() {
+		fo.UnixHandover = true
+	}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}
