@@ -500,9 +500,9 @@ type UnixSocket struct {
 	// it: its queues and state stay in the socket.
 	Handover *UnixHandover `msgpack:"handover,omitempty"`
 	Name     string        `msgpack:"name,omitempty"`
-	Mode    uint32 `msgpack:"mode,omitempty"`
-	Uid     uint32 `msgpack:"uid,omitempty"`
-	Gid     uint32 `msgpack:"gid,omitempty"`
+	Mode     uint32        `msgpack:"mode,omitempty"`
+	Uid      uint32        `msgpack:"uid,omitempty"`
+	Gid      uint32        `msgpack:"gid,omitempty"`
 	// PeerClosed: a connected stream or seqpacket socket whose peer was
 	// closed (Peer 0): Queue is what the peer sent before; reads return
 	// it, then the end of the stream.
