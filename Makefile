@@ -12,8 +12,9 @@ GOFLAGS   ?=
 # redis-tools (a real server the tests move: redis-check-rdb is redis-server),
 # nginx (a master and workers moved as a tree, TestMigrateNginxTree),
 # lintian and systemd (systemd-analyze): the Debian package's test,
-# crun (a real runtime's container moved with its namespaces, TestContainerCrun).
-DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools nginx lintian systemd chromium crun
+# crun (a real runtime's container moved with its namespaces, TestContainerCrun),
+# memcached (moved with a client's connection kept, TestMemcachedKeptConnection).
+DEBS      := gcc libc6-dev python3 iproute2 util-linux libcap2-bin time redis-tools nginx lintian systemd chromium crun memcached
 export GOFLAGS
 
 .PHONY: all build deps test lint bench demo deb clean zdtm zdtm-deps
@@ -27,7 +28,7 @@ build:
 # deps installs the Debian packages and Go tools the tests use, once.
 deps:
 	@missing=""; \
-	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb nginx lintian systemd-analyze chromium crun; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	for c in gcc python3 ip nsenter setpriv setcap /usr/bin/time redis-check-rdb nginx lintian systemd-analyze chromium crun memcached; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $(DEBS)"; \

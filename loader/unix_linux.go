@@ -29,6 +29,9 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	if u.PeerClosed {
 		return p.peerClosedEnd(f)
 	}
+	if u.Handover != nil {
+		return p.handOverUnix(f)
+	}
 	unconnected := u.Peer == 0 && u.Connect == ""
 	if unconnected && u.Name == "" {
 		// Unbound: a socket of its type is all there is to it.
@@ -772,4 +775,52 @@ func (p *Process) unixOptions(scratch uintptr) error {
 		}
 	}
 	return nil
+}
+
+// handOverUnix gives the process the very socket f its original held at
+// u.Handover's pid and fd, connected to a peer outside (pfreeze -halt to
+// a listening pthaw): pthaw takes it from the original, held frozen by
+// pfreeze until the copy is built, and the process takes it from pthaw.
+// The peer keeps its connection and every byte queued either way. Only
+// on the host the original runs on: pthaw's network namespace must be
+// the one pfreeze ran in, and the fd must still be that socket.
+// Runs on the tracer thread.
+func (p *Process) handOverUnix(f *image.FD) (uintptr, error) {
+	h := f.Unix.Handover
+	what := fmt.Sprintf("fd %d (unix socket connected outside, pid %d's fd %d)", f.Fd, h.Pid, h.Fd)
+	if own, err := ownNetNS(); err != nil {
+		return 0, fmt.Errorf("%s: %w", what, err)
+	} else if own != h.NetNS {
+		return 0, fmt.Errorf("%s: frozen on another host (network namespace): a connection to a peer outside is handed over only on its own host", what)
+	}
+	pidfd, err := unix.PidfdOpen(h.Pid, 0)
+	if err != nil {
+		return 0, fmt.Errorf("%s: the original is gone (the connection is handed over only while pfreeze -halt holds it): %w", what, err)
+	}
+	mine, err := unix.PidfdGetfd(pidfd, h.Fd, 0)
+	unix.Close(pidfd)
+	if err != nil {
+		return 0, fmt.Errorf("%s: take it from the original: %w", what, err)
+	}
+	defer unix.Close(mine)
+	var st unix.Stat_t
+	if err := unix.Fstat(mine, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != f.Unix.ID {
+		return 0, fmt.Errorf("%s: that fd is no longer socket:[%d] (the original is gone)", what, f.Unix.ID)
+	}
+	return p.takeFromPthaw(f, mine)
+}
+
+// ownNetNS returns the cookie of pthaw's network namespace
+// (SO_NETNS_COOKIE of a socket it makes).
+func ownNetNS() (uint64, error) {
+	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("network namespace: %w", err)
+	}
+	defer unix.Close(s)
+	v, err := unix.GetsockoptUint64(s, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("network namespace: SO_NETNS_COOKIE: %w", err)
+	}
+	return v, nil
 }

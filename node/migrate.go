@@ -243,7 +243,7 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 		// hook below (cgroup freeze, VIP away) runs only at the final
 		// stop, and a failure before it leaves the workload as it was,
 		// never stopped.
-		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
+		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, OtherHost: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
 			Live: !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
 				Notice: func(s string) { log.Info("live migration: " + s) }},

@@ -60,6 +60,12 @@ type FreezeOptions struct {
 	// process (or tree) is connected again to the peer's name by the
 	// copy, instead of refused (pfreeze -unix-reconnect).
 	UnixReconnect bool
+	// UnixHandover: a unix socket connected to a peer outside the
+	// process (or tree) is taken over, the same socket, by the copy:
+	// pthaw takes it from the original on this host. Only for a -halt
+	// move to a receiver that builds the copy while the original is
+	// held (SendTo sets it then; UnixReconnect comes first).
+	UnixHandover bool
 	// Queried, if set, is called once every thread is stopped and the
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot is written.
@@ -109,7 +115,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 		}
 		t.precopy = tp
 		for _, m := range t.members {
-			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
+			m.socks.policy, m.socks.notice, m.socks.reconnect, m.socks.handover = o.TCP, o.Notice, o.UnixReconnect, o.UnixHandover
 		}
 		t.queried = o.Queried
 		t.cow = newCOW(o)
@@ -143,7 +149,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	if err != nil {
 		return err
 	}
-	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
+	f.socks.policy, f.socks.notice, f.socks.reconnect, f.socks.handover = o.TCP, o.Notice, o.UnixReconnect, o.UnixHandover
 	f.queried = o.Queried
 	f.precopy = pc
 	f.cow = c

@@ -39,6 +39,11 @@ type SendOptions struct {
 	Notice func(string)
 	// UnixReconnect is FreezeOptions.UnixReconnect.
 	UnixReconnect bool
+	// OtherHost says the receiver runs on another host (a cluster
+	// migration): a unix connection to a peer outside is then never
+	// handed over (FreezeOptions.UnixHandover) but refused at the freeze,
+	// before anything is sent.
+	OtherHost bool
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
@@ -135,6 +140,12 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 	}
 	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen,
 		Parent: o.Parent, StopAndCopy: o.StopAndCopy, COWStats: o.COWStats}
+	// A receiver on this host that builds the copy while the original is
+	// held may take the original's unix connections to outside peers
+	// over.
+	if b, ok := sink.(interface{ BuildsFirst() bool }); ok && o.Halt && !o.OtherHost && b.BuildsFirst() {
+		fo.UnixHandover = true
+	}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}

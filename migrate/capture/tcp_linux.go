@@ -100,6 +100,9 @@ type sockets struct {
 	// reconnect: a unix socket connected outside is connected again by
 	// the copy (FreezeOptions.UnixReconnect).
 	reconnect bool
+	// handover: a unix socket connected outside is taken over by the
+	// copy (FreezeOptions.UnixHandover).
+	handover bool
 }
 
 // say passes a one-line message for the user to notice.

@@ -208,10 +208,13 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		if err == nil && pd.name != "" {
 			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
 		}
-		if !socks.reconnect {
-			return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried (pfreeze -unix-reconnect connects the copy to it again)", what, peer)
+		if socks.reconnect {
+			return reconnectUnix(d, pd, what, peer, h, socks, rec)
 		}
-		return reconnectUnix(d, pd, what, peer, h, socks, rec)
+		if socks.handover {
+			return handOverUnix(pid, d, what, peer, h, socks, rec)
+		}
+		return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried (pfreeze -unix-reconnect connects the copy to it again; pfreeze -halt to a listening pthaw on this host hands the connection itself over)", what, peer)
 	}
 	if d.name != "" {
 		// An accepted connection carries its listener's name, a client
@@ -452,4 +455,37 @@ func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *soc
 	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Connect: pd.name}
 	socks.say("fd %d (%s) is connected to %s outside the process: the copy connects to it again", h.target, what, peer)
 	return nil
+}
+
+// handOverUnix records a unix socket connected to a peer outside the
+// frozen set as one pthaw takes from the original (pid) itself and gives
+// the copy: the same socket, so the peer keeps its connection, with
+// whatever is queued either way. It can be done only on this host and
+// while the original is held, which a -halt move to a receiver that
+// builds the copy before the original is killed guarantees
+// (FreezeOptions.UnixHandover).
+func handOverUnix(pid int, d *unixDiag, what, peer string, h *heldSocket, socks *sockets, rec *image.FD) error {
+	cookie, err := ownNetNS()
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	rec.Kind = image.FDUnix
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Handover: &image.UnixHandover{Pid: pid, Fd: h.target, NetNS: cookie}}
+	socks.say("fd %d (%s) is connected to %s outside the process: the copy takes over this connection from the original, held until then (on this host only)", h.target, what, peer)
+	return nil
+}
+
+// ownNetNS returns the cookie of the network namespace we run in
+// (SO_NETNS_COOKIE of a socket we make).
+func ownNetNS() (uint64, error) {
+	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("network namespace: %w", err)
+	}
+	defer unix.Close(s)
+	v, err := unix.GetsockoptUint64(s, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0, fmt.Errorf("network namespace: SO_NETNS_COOKIE: %w", err)
+	}
+	return v, nil
 }

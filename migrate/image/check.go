@@ -623,6 +623,13 @@ func checkUnix(fd int, u *UnixSocket) error {
 		}
 		return nil
 	}
+	if u != nil && u.Handover != nil {
+		if u.ID == 0 || u.Peer != 0 || u.Connect != "" || len(u.Queue) > 0 || u.Listen || u.PeerClosed || u.Handover.Pid <= 0 || u.Handover.Fd < 0 ||
+			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unix socket handed over", fd)
+		}
+		return nil
+	}
 	if u != nil && u.Connect != "" {
 		if len(u.Connect) > 107 || (u.Connect[0] != '/' && u.Connect[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 || u.Listen ||
 			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {

@@ -265,6 +265,8 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 				map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name, u.Mode, u.Uid, u.Gid)
 		} else if u != nil && u.PeerClosed {
 			fmt.Fprintf(w, " %s socket %d, its peer closed, queue %d bytes", map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, queueLen(u.Queue))
+		} else if u != nil && u.Handover != nil {
+			fmt.Fprintf(w, " %s socket %d connected outside, handed over from pid %d fd %d", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Handover.Pid, u.Handover.Fd)
 		} else if u != nil && u.Peer == 0 && u.Connect == "" {
 			fmt.Fprintf(w, " %s socket %d unconnected, bound to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name)
 		} else if u != nil && u.Connect != "" {

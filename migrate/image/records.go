@@ -493,10 +493,16 @@ type UnixSocket struct {
 	// -unix-reconnect), is the peer's name (a path, or "@" and an
 	// abstract name): the copy connects to it again when it starts.
 	Connect string `msgpack:"connect,omitempty"`
-	Name    string `msgpack:"name,omitempty"`
-	Mode    uint32 `msgpack:"mode,omitempty"`
-	Uid     uint32 `msgpack:"uid,omitempty"`
-	Gid     uint32 `msgpack:"gid,omitempty"`
+	// Handover, for a connected socket whose peer is outside the frozen
+	// process (or tree), names where pthaw takes the very socket from:
+	// the original, held frozen on this host until the copy is built
+	// (pfreeze -halt to a listening pthaw). Nothing else is recorded of
+	// it: its queues and state stay in the socket.
+	Handover *UnixHandover `msgpack:"handover,omitempty"`
+	Name     string        `msgpack:"name,omitempty"`
+	Mode     uint32        `msgpack:"mode,omitempty"`
+	Uid      uint32        `msgpack:"uid,omitempty"`
+	Gid      uint32        `msgpack:"gid,omitempty"`
 	// PeerClosed: a connected stream or seqpacket socket whose peer was
 	// closed (Peer 0): Queue is what the peer sent before; reads return
 	// it, then the end of the stream.
@@ -504,6 +510,16 @@ type UnixSocket struct {
 	// SO_PASSCRED, SO_PASSSEC.
 	PassCred bool `msgpack:"passcred,omitempty"`
 	PassSec  bool `msgpack:"passsec,omitempty"`
+}
+
+// UnixHandover names a socket held by the original process: its PID and
+// fd number on the host, and the network namespace pfreeze ran in (its
+// SO_NETNS_COOKIE), which pthaw's must be: another host's is not this
+// one's, even when it shares the kernel (a test host).
+type UnixHandover struct {
+	Pid   int    `msgpack:"pid"`
+	Fd    int    `msgpack:"fd"`
+	NetNS uint64 `msgpack:"netns"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
