@@ -353,7 +353,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fillAreas)
+		err := p.applyStaged(p.staged)
 		p.staged = nil
 		if err != nil {
 			return nil, err
