@@ -367,7 +367,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fillAreas)
+		err := p.applyStaged(p.staged)
 		p.staged = nil
 		if err != nil {
 			return nil, err
@@ -765,6 +765,15 @@ func (p *Process) takePID(late bool) error {
 	p.retryPID = false
 	return nil
 }
+
+// PIDPending reports whether the built process still waits for its saved
+// PID: the original held it when the build began (a migration between
+// hosts that share a PID namespace, or on one host), and Start takes it,
+// once the original is gone. A caller that learns of the move some other
+// way than the sender's commit (a cluster's replicated state) must still
+// let the original go before Start then; otherwise (a PID namespace of
+// its own, a host where the PID was free) Start needs nothing of it.
+func (p *Process) PIDPending() bool { return p.retryPID }
 
 // pidInUse reports whether a process or thread has pid here.
 func pidInUse(pid int) bool {

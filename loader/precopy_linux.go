@@ -3,6 +3,7 @@ package loader
 import (
 	"bytes"
 	"fmt"
+	"runtime"
 	"sort"
 	"time"
 
@@ -466,6 +467,98 @@ func (p *Process) fillAreas(addr uint64, data []byte) error {
 		addr, data = addr+n, data[n:]
 	}
 	return nil
+}
+
+// stagedRun is a run of staged pages: data goes at addr.
+type stagedRun struct {
+	addr uint64
+	data []byte
+}
+
+// runs returns the staged pages as runs, by address.
+func (st *staging) runs() []stagedRun {
+	bases := make([]uint64, 0, len(st.blocks))
+	for a := range st.blocks {
+		bases = append(bases, a)
+	}
+	sort.Slice(bases, func(i, j int) bool { return bases[i] < bases[j] })
+	var out []stagedRun
+	for _, base := range bases {
+		b := st.blocks[base]
+		for p := 0; p < stagePages; {
+			if !b.have[p] {
+				p++
+				continue
+			}
+			q := p + 1
+			for q < stagePages && b.have[q] {
+				q++
+			}
+			out = append(out, stagedRun{base + uint64(p)*pageSize, b.data[p*pageSize : q*pageSize]})
+			p = q
+		}
+	}
+	return out
+}
+
+// applyStaged writes the pages staged for p into it. A tree member's
+// whole memory may be staged (its process is made only once the tree
+// record comes, in the stop), in runs of at most a staging block, each
+// below uffdFill's split: with a userfaultfd and two CPUs the runs are
+// shared by two threads copying at once instead (uffdSplit's reason: the
+// copy's cost is the kernel's, per page). A run that is not wholly in
+// one area registered with the userfaultfd, or the part of one it could
+// not place, is written afterwards the usual way (fillAreas).
+func (p *Process) applyStaged(st *staging) error {
+	staged := 0
+	for _, b := range st.blocks {
+		staged += b.n * pageSize
+	}
+	if p.uffd == nil || staged < 2*uffdSplit || runtime.GOMAXPROCS(0) < 2 {
+		return st.apply(p.fillAreas)
+	}
+	runs := st.runs()
+	half, acc := 0, 0
+	for half < len(runs) && acc < staged/2 {
+		acc += len(runs[half].data)
+		half++
+	}
+	var rest [2][]stagedRun
+	place := func(k int, rs []stagedRun) {
+		for _, r := range rs {
+			placed := 0
+			if p.uffdHolds(r.addr, uint64(len(r.data))) {
+				placed = uffdFillOne(p.uffd, r.addr, r.data)
+			}
+			if placed < len(r.data) {
+				rest[k] = append(rest[k], stagedRun{r.addr + uint64(placed), r.data[placed:]})
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		place(1, runs[half:])
+	}()
+	place(0, runs[:half])
+	<-done
+	for _, rs := range rest {
+		for _, r := range rs {
+			if err := p.fillAreas(r.addr, r.data); err != nil {
+				return fmt.Errorf("pre-copied pages: %w", err)
+			}
+		}
+	}
+	st.blocks = nil
+	return nil
+}
+
+// uffdHolds reports whether addr+n lies wholly in one area registered
+// with the userfaultfd.
+func (p *Process) uffdHolds(addr, n uint64) bool {
+	i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
+	return i < len(p.vmas) && p.vmas[i].Start <= addr && addr+n <= p.vmas[i].End && addr+n > addr &&
+		uffdArea(p.vmas[i]) && addr%pageSize == 0 && n%pageSize == 0
 }
 
 // apply writes the staged pages into the process, by runs.

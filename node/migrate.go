@@ -34,8 +34,9 @@ import (
 //	                                ◀── built ──
 //	                                           step committed (one raft entry)
 //	wait until its replica shows               wait until its replica shows
-//	committed: kill ── commit ──▶              committed; the wire's commit (or
-//	                                           its loss): start, step done
+//	committed: kill ── commit ──▶              committed: start, step done (a
+//	                                           copy waiting for the original's
+//	                                           PID: after the wire's commit)
 //
 // Before the commit any failure aborts (a raft step) and the source
 // resumes the original where it was; the source resumes only once its
@@ -53,8 +54,9 @@ const (
 	// abort (which the state refuses if the commit won).
 	commitWait = 30 * time.Second
 	// startWait bounds the target's wait for the source's wire commit
-	// once its replica shows the raft commit: the source kills its copy
-	// first, and the PID is taken only once it is gone.
+	// once its replica shows the raft commit. A copy that still waits for
+	// its saved PID (loader's PIDPending) starts only then, once the
+	// original holding it is gone; any other starts on the raft commit.
 	startWait = 20 * time.Second
 )
 
@@ -665,10 +667,29 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	// agent adopts it then).
 	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), startWait+30*time.Second)
 	defer cancelPost()
-	// The source kills its copy and tells us; without its word (cut off,
-	// dead) we start anyway once startWait has passed.
-	if err := src.AwaitCommit(startWait); err != nil {
-		log.Warn("no commit from the source on the wire; starting on the state's word", "err", err)
+	// The source kills its copy and tells us on the wire. The state's
+	// commit, not that word, lets the copy start: the original is frozen
+	// in its cgroup on another host, its virtual IP gone, its moving TCP
+	// connections silent in repair mode, its logs and status file that
+	// host's; the two end and begin each on the commit, not one after the
+	// other (docs/cluster.md, "Migration protocol"). Only a copy that
+	// still waits for its saved PID, which the original holds (hosts that
+	// share a PID namespace, a workload that is not one of its own),
+	// waits for the kill, and without the source's word (cut off, dead)
+	// starts once startWait has passed.
+	if p.PIDPending() {
+		if err := src.AwaitCommit(startWait); err != nil {
+			log.Warn("no commit from the source on the wire; starting on the state's word", "err", err)
+		}
+	} else {
+		// Read, and acknowledged, while the copy starts.
+		wire := make(chan error, 1)
+		go func() { wire <- src.AwaitCommit(startWait) }()
+		defer func() {
+			if err := <-wire; err != nil {
+				log.Info("no commit from the source on the wire; started on the state's word", "err", err)
+			}
+		}()
 	}
 	attempt := m.Attempt + 1
 	a.mu.Lock()
