@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"runtime"
+	"slices"
 	"sort"
 	"time"
 
@@ -477,28 +478,44 @@ type stagedRun struct {
 
 // runs returns the staged pages as runs, by address.
 func (st *staging) runs() []stagedRun {
+	var out []stagedRun
+	for _, base := range st.bases() {
+		st.blocks[base].eachRun(base, func(r stagedRun) error {
+			out = append(out, r)
+			return nil
+		})
+	}
+	return out
+}
+
+// bases returns the addresses of the staging blocks, ascending.
+func (st *staging) bases() []uint64 {
 	bases := make([]uint64, 0, len(st.blocks))
 	for a := range st.blocks {
 		bases = append(bases, a)
 	}
-	sort.Slice(bases, func(i, j int) bool { return bases[i] < bases[j] })
-	var out []stagedRun
-	for _, base := range bases {
-		b := st.blocks[base]
-		for p := 0; p < stagePages; {
-			if !b.have[p] {
-				p++
-				continue
-			}
-			q := p + 1
-			for q < stagePages && b.have[q] {
-				q++
-			}
-			out = append(out, stagedRun{base + uint64(p)*pageSize, b.data[p*pageSize : q*pageSize]})
-			p = q
+	slices.Sort(bases)
+	return bases
+}
+
+// eachRun calls fn with each run of pages block b (at base) holds, by
+// address, and stops at its first error.
+func (b *stageBlockT) eachRun(base uint64, fn func(stagedRun) error) error {
+	for p := 0; p < stagePages; {
+		if !b.have[p] {
+			p++
+			continue
 		}
+		q := p + 1
+		for q < stagePages && b.have[q] {
+			q++
+		}
+		if err := fn(stagedRun{base + uint64(p)*pageSize, b.data[p*pageSize : q*pageSize]}); err != nil {
+			return err
+		}
+		p = q
 	}
-	return out
+	return nil
 }
 
 // applyStaged writes the pages staged for p into it. A tree member's
@@ -563,26 +580,10 @@ func (p *Process) uffdHolds(addr, n uint64) bool {
 
 // apply writes the staged pages into the process, by runs.
 func (st *staging) apply(fill func(addr uint64, data []byte) error) error {
-	bases := make([]uint64, 0, len(st.blocks))
-	for a := range st.blocks {
-		bases = append(bases, a)
-	}
-	sort.Slice(bases, func(i, j int) bool { return bases[i] < bases[j] })
-	for _, base := range bases {
-		b := st.blocks[base]
-		for p := 0; p < stagePages; {
-			if !b.have[p] {
-				p++
-				continue
-			}
-			q := p + 1
-			for q < stagePages && b.have[q] {
-				q++
-			}
-			if err := fill(base+uint64(p)*pageSize, b.data[p*pageSize:q*pageSize]); err != nil {
-				return fmt.Errorf("pre-copied pages: %w", err)
-			}
-			p = q
+	for _, base := range st.bases() {
+		err := st.blocks[base].eachRun(base, func(r stagedRun) error { return fill(r.addr, r.data) })
+		if err != nil {
+			return fmt.Errorf("pre-copied pages: %w", err)
 		}
 		delete(st.blocks, base) // memory back as it goes
 	}

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/netns"
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
@@ -788,7 +789,7 @@ func (p *Process) unixOptions(scratch uintptr) error {
 func (p *Process) handOverUnix(f *image.FD) (uintptr, error) {
 	h := f.Unix.Handover
 	what := fmt.Sprintf("fd %d (unix socket connected outside, pid %d's fd %d)", f.Fd, h.Pid, h.Fd)
-	if own, err := ownNetNS(); err != nil {
+	if own, err := netns.Cookie(); err != nil {
 		return 0, fmt.Errorf("%s: %w", what, err)
 	} else if own != h.NetNS {
 		return 0, fmt.Errorf("%s: frozen on another host (network namespace): a connection to a peer outside is handed over only on its own host", what)
@@ -808,19 +809,4 @@ func (p *Process) handOverUnix(f *image.FD) (uintptr, error) {
 		return 0, fmt.Errorf("%s: that fd is no longer socket:[%d] (the original is gone)", what, f.Unix.ID)
 	}
 	return p.takeFromPthaw(f, mine)
-}
-
-// ownNetNS returns the cookie of pthaw's network namespace
-// (SO_NETNS_COOKIE of a socket it makes).
-func ownNetNS() (uint64, error) {
-	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, fmt.Errorf("network namespace: %w", err)
-	}
-	defer unix.Close(s)
-	v, err := unix.GetsockoptUint64(s, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-	if err != nil {
-		return 0, fmt.Errorf("network namespace: SO_NETNS_COOKIE: %w", err)
-	}
-	return v, nil
 }

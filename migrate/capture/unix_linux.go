@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/netns"
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/procfs"
 )
@@ -465,7 +466,7 @@ func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *soc
 // builds the copy before the original is killed guarantees
 // (FreezeOptions.UnixHandover).
 func handOverUnix(pid int, d *unixDiag, what, peer string, h *heldSocket, socks *sockets, rec *image.FD) error {
-	cookie, err := ownNetNS()
+	cookie, err := netns.Cookie()
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
@@ -473,19 +474,4 @@ func handOverUnix(pid int, d *unixDiag, what, peer string, h *heldSocket, socks 
 	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Handover: &image.UnixHandover{Pid: pid, Fd: h.target, NetNS: cookie}}
 	socks.say("fd %d (%s) is connected to %s outside the process: the copy takes over this connection from the original, held until then (on this host only)", h.target, what, peer)
 	return nil
-}
-
-// ownNetNS returns the cookie of the network namespace we run in
-// (SO_NETNS_COOKIE of a socket we make).
-func ownNetNS() (uint64, error) {
-	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, fmt.Errorf("network namespace: %w", err)
-	}
-	defer unix.Close(s)
-	v, err := unix.GetsockoptUint64(s, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-	if err != nil {
-		return 0, fmt.Errorf("network namespace: SO_NETNS_COOKIE: %w", err)
-	}
-	return v, nil
 }
