@@ -602,6 +602,26 @@ func (s *Server) Leader() string {
 	return string(id)
 }
 
+// WaitListed waits, at most d, until this node's replica of the state
+// lists it (the leader registered it and the entry is applied here), and
+// reports whether it does: until then no workload can be placed on it.
+func (s *Server) WaitListed(d time.Duration) bool {
+	deadline := time.After(d)
+	for {
+		changed := s.fsm.Changed()
+		listed := false
+		s.fsm.Read(func(st *scheduler.State) { listed = st.Nodes[s.cfg.Name] != nil })
+		if listed {
+			return true
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			return false
+		}
+	}
+}
+
 // FSM returns the node's replica of the state.
 func (s *Server) FSM() *scheduler.FSM { return s.fsm }
 

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
@@ -151,6 +152,11 @@ func run(args []string, stderr io.Writer) error {
 		return err
 	}
 	if *dev {
+		// Up once the replicated state lists this node: until then a
+		// run finds no node to place on (the demo's first run did).
+		if !srv.WaitListed(10 * time.Second) {
+			fmt.Fprintf(stderr, "pclusterd: this node is not in the cluster state after 10s: runs fail until it is\n")
+		}
 		fmt.Fprintf(stderr, "pclusterd: dev cluster up; data in %s; try: pclusterctl -address %s members\n", cfg.DataDir, cfg.Socket)
 		if url, token := srv.WebURL(); url != "" {
 			fmt.Fprintf(stderr, "pclusterd: status page: %s?token=%s\n", url, token)
