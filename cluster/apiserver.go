@@ -860,6 +860,14 @@ func unixTime(ns int64) time.Time {
 	return time.Unix(0, ns).UTC()
 }
 
+// unixNano is unixTime's inverse: 0 for the zero time.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
 func apiNode(st *scheduler.State, n *scheduler.Node) api.Node {
 	return api.Node{Name: n.Name, GossipAddr: n.GossipAddr, RaftAddr: n.RaftAddr, APIAddr: n.APIAddr, Labels: n.Labels,
 		Status: string(n.Status), Eligible: n.Eligible, Load: apiLoad(n.Load), LoadAt: unixTime(n.LoadAt),

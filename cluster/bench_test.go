@@ -187,7 +187,7 @@ func BenchmarkDrain10x64MiB(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		c := newTestCluster(b)
-		nodes := startDrainLab(b, c, 150+int(c.prefix[2])%50, nil)
+		nodes := startDrainLab(b, c, 150+int(c.prefix[2])%50, migrateLiveFlag())
 		from, via := nodes[0], nodes[1]
 		var ids []string
 		for j := range 10 {
@@ -218,7 +218,7 @@ func BenchmarkDrain10x64MiB(b *testing.B) {
 		}
 		for _, m := range ms {
 			if m.State == "done" && !m.TransferAt.IsZero() {
-				longest = max(longest, m.EndedAt.Sub(m.TransferAt))
+				longest = max(longest, m.Stopped())
 			}
 		}
 		for _, id := range ids {
@@ -263,6 +263,16 @@ func toolBinaries(tb testing.TB) (pfreeze, pthaw string) {
 	return filepath.Join(binDir, "pfreeze"), filepath.Join(binDir, "pthaw")
 }
 
+// migrateLiveFlag gives the benchmarks' nodes -migrate-live=false when
+// PCLUSTER_MIGRATE_LIVE=false (stop-and-copy figures); nil otherwise:
+// live, the default.
+func migrateLiveFlag() func(int) []string {
+	if os.Getenv("PCLUSTER_MIGRATE_LIVE") != "false" {
+		return nil
+	}
+	return func(int) []string { return []string{"-migrate-live=false"} }
+}
+
 // migrateBenchMiB is the heap of BenchmarkMigrate1GiB's processes.
 const migrateBenchMiB = 1024
 
@@ -278,12 +288,16 @@ const migrateBenchMiB = 1024
 // migration (freeze to start on the target, as the state records it;
 // target ≤ 1.2 s), and both rates (VmRSS over the time).
 //
+// The agents migrate live (their default); PCLUSTER_MIGRATE_LIVE=false
+// starts them with -migrate-live=false, for the stop-and-copy figures
+// (BenchmarkDrain10x64MiB too).
+//
 //	go test -run '^$' -bench Migrate1GiB -benchtime 1x ./cluster
 func BenchmarkMigrate1GiB(b *testing.B) {
 	bin := fixture.Build(b, "bigheap")
 	pfreeze, pthaw := toolBinaries(b)
 	c := newTestCluster(b)
-	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, nil)
+	nodes := startDrainLab(b, c, 200+int(c.prefix[2])%50, migrateLiveFlag())
 	src, dst := nodes[0], nodes[1]
 	keyDir := b.TempDir()
 	keyFile := filepath.Join(keyDir, "bench.key")
@@ -355,14 +369,19 @@ func BenchmarkMigrate1GiB(b *testing.B) {
 			b.Fatalf("no done migration of %s with its transfer time: %+v", w.ID, ms)
 		}
 		mig += m.EndedAt.Sub(m.PlannedAt)
-		b.Logf("migrate: %d MiB in %.2f s (planned→transferring %.2f s, stopped %.2f s; source pclusterd usr %.2f sys %.2f, target usr %.2f sys %.2f; machine %.2f cores busy)",
-			rss>>20, m.EndedAt.Sub(m.PlannedAt).Seconds(), m.TransferAt.Sub(m.PlannedAt).Seconds(), m.EndedAt.Sub(m.TransferAt).Seconds(),
+		b.Logf("migrate: %d MiB in %.2f s (planned→transferring %.2f s, %d live rounds of %d MiB, stopped %.2f s; source pclusterd usr %.2f sys %.2f, target usr %.2f sys %.2f; machine %.2f cores busy)",
+			rss>>20, m.EndedAt.Sub(m.PlannedAt).Seconds(), m.TransferAt.Sub(m.PlannedAt).Seconds(), m.Rounds, m.PrecopyBytes>>20, m.Stopped().Seconds(),
 			srcUser1-srcUser0, srcSys1-srcSys0, dstUser1-dstUser0, dstSys1-dstSys0, float64(runtime.NumCPU())*(busy1-busy0)/(total1-total0))
 		b.Logf("pclusterctl migrate:\n%s", phases)
-		stopped += m.EndedAt.Sub(m.TransferAt)
+		stopped += m.Stopped()
 		migBytes += float64(rss)
 		// The moved process is the original: its heap hashes the same.
-		syscall.Kill(w.PID, syscall.SIGUSR1)
+		// (Its PID here is new: the source's copy held the old one.)
+		moved, err := workloadOn(dst, w.ID)
+		if err != nil || moved.PID <= 0 {
+			b.Fatalf("the moved workload: pid %d (%v)", moved.PID, err)
+		}
+		syscall.Kill(moved.PID, syscall.SIGUSR1)
 		c.waitFor(time.Minute, "the moved heap's check", func() error {
 			out, err := os.ReadFile(filepath.Join(dst.dataDir, "workloads", w.ID, "stdout.log"))
 			if strings.Contains(string(out), "check hash="+hash+" MISMATCH") {

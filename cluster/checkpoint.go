@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"time"
@@ -34,12 +35,13 @@ func (s *Server) checkpointRoutes(m *http.ServeMux) {
 }
 
 func apiPolicy(p *scheduler.CheckpointPolicy) api.CheckpointPolicy {
-	return api.CheckpointPolicy{Name: p.Name, Selector: p.Selector, Interval: api.Duration(p.Interval), Keep: p.Keep, Replicas: p.Replicas, Fence: p.Fence}
+	return api.CheckpointPolicy{Name: p.Name, Selector: p.Selector, Interval: api.Duration(p.Interval), Keep: p.Keep, Replicas: p.Replicas, Fence: p.Fence,
+		FullEvery: p.FullEvery}
 }
 
 func apiCheckpoint(c *scheduler.Checkpoint) api.Checkpoint {
 	return api.Checkpoint{Workload: c.WorkloadID, Seq: c.Seq, Node: c.Node, Attempt: c.Attempt, At: unixTime(c.At), Size: c.Size,
-		Targets: append([]string{}, c.Targets...), Holders: append([]string{}, c.Holders...)}
+		Targets: append([]string{}, c.Targets...), Holders: append([]string{}, c.Holders...), Parent: c.Parent}
 }
 
 func (s *Server) handleCheckpointPolicies(w http.ResponseWriter, r *http.Request) {
@@ -62,7 +64,11 @@ func (s *Server) handleCheckpointPolicySet(w http.ResponseWriter, r *http.Reques
 	if req.Keep == 0 {
 		req.Keep = scheduler.DefaultCheckpointKeep
 	}
-	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas, Fence: req.Fence}
+	if req.FullEvery == 0 {
+		req.FullEvery = scheduler.DefaultCheckpointFullEvery
+	}
+	p := scheduler.CheckpointPolicy{Name: req.Name, Selector: req.Selector, Interval: int64(req.Interval), Keep: req.Keep, Replicas: req.Replicas, Fence: req.Fence,
+		FullEvery: req.FullEvery}
 	if err := scheduler.ValidateCheckpointPolicy(&p); err != nil {
 		writeErr(w, badRequest("checkpoint policy %.64q: %v", req.Name, err))
 		return
@@ -173,9 +179,16 @@ func (s *Server) applyCheckpointReport(rep api.CheckpointReport) (api.Checkpoint
 				replicas = p.Replicas
 			}
 			targets = scheduler.ReplicaTargets(st, rep.Node, replicas)
+			// An incremental checkpoint goes where its parent went: a
+			// copy is of use only beside the chain it needs.
+			if r := st.Checkpoints[rep.Workload]; r != nil && rep.Parent != 0 {
+				if p := r.Find(rep.Parent); p != nil {
+					targets = slices.Clone(p.Targets)
+				}
+			}
 		})
 		res, err := s.apply(scheduler.CmdCheckpointTaken, &scheduler.CheckpointTakenCmd{WorkloadID: rep.Workload, Node: rep.Node,
-			Attempt: rep.Attempt, At: rep.At.UnixNano(), Size: rep.Size, Targets: targets, NSPID: rep.NSPID})
+			Attempt: rep.Attempt, At: rep.At.UnixNano(), Size: rep.Size, Targets: targets, NSPID: rep.NSPID, Parent: rep.Parent})
 		if err != nil {
 			return api.Checkpoint{}, err
 		}
@@ -324,9 +337,16 @@ func (s *Server) handleRestore(w http.ResponseWriter, r *http.Request) {
 		}
 		node := req.Node
 		if node == "" {
-			for _, h := range cp.Holders {
-				if n, ok := st.Nodes[h]; ok && n.Status == scheduler.NodeReady && (node == "" || h == wl.Node) {
-					node = h
+			// A node holding every checkpoint this one needs first;
+			// else one holding it, to which the others are copied.
+			for _, whole := range []bool{true, false} {
+				for _, h := range cp.Holders {
+					if n, ok := st.Nodes[h]; ok && n.Status == scheduler.NodeReady && (!whole || rec.ChainHeld(cp.Seq, h)) && (node == "" || h == wl.Node) {
+						node = h
+					}
+				}
+				if node != "" {
+					break
 				}
 			}
 			if node == "" {
@@ -355,17 +375,26 @@ func (s *Server) handleRestore(w http.ResponseWriter, r *http.Request) {
 }
 
 // copyForRestore has the checkpoint of a restore copied to its node first
-// when that node holds none: the node becomes one of its targets, a
-// holder pushes it there (node.Agent.repairCopies), and the restore waits
-// (at most restoreCopyWait) until the state shows the copy held.
+// when that node lacks it or one that it needs (an incremental
+// checkpoint's chain): the node becomes one of the targets of each it
+// lacks, a holder pushes them there (node.Agent.repairCopies), and the
+// restore waits (at most restoreCopyWait) until the state shows the whole
+// chain held.
 func (s *Server) copyForRestore(ctx context.Context, cmd scheduler.WorkloadRestoreCmd) error {
+	var missing []uint64
 	held := func() (bool, bool) {
 		h, found := false, false
+		missing = missing[:0]
 		s.fsm.Read(func(st *scheduler.State) {
 			if r := st.Checkpoints[cmd.ID]; r != nil {
-				if cp := r.Find(cmd.Seq); cp != nil {
-					found, h = true, cp.Held(cmd.Node)
+				chain := r.Chain(cmd.Seq)
+				found = chain != nil
+				for _, c := range chain {
+					if !c.Held(cmd.Node) {
+						missing = append(missing, c.Seq)
+					}
 				}
+				h = found && len(missing) == 0
 			}
 		})
 		return h, found
@@ -373,10 +402,12 @@ func (s *Server) copyForRestore(ctx context.Context, cmd scheduler.WorkloadResto
 	if h, found := held(); h || !found {
 		return nil // the restore's own checks answer
 	}
-	if _, err := s.apply(scheduler.CmdCheckpointTarget, &scheduler.CheckpointTargetCmd{WorkloadID: cmd.ID, Seq: cmd.Seq, Node: cmd.Node}); err != nil {
-		return fmt.Errorf("restore %s: copy checkpoint %d to %s: %w", cmd.ID, cmd.Seq, cmd.Node, err)
+	for _, seq := range missing {
+		if _, err := s.apply(scheduler.CmdCheckpointTarget, &scheduler.CheckpointTargetCmd{WorkloadID: cmd.ID, Seq: seq, Node: cmd.Node}); err != nil {
+			return fmt.Errorf("restore %s: copy checkpoint %d to %s: %w", cmd.ID, seq, cmd.Node, err)
+		}
 	}
-	s.log.Info("restore: copying the checkpoint to its node first", "workload", cmd.ID, "checkpoint", cmd.Seq, "node", cmd.Node)
+	s.log.Info("restore: copying the checkpoint to its node first", "workload", cmd.ID, "checkpoint", cmd.Seq, "node", cmd.Node, "copies", missing)
 	ctx, cancel := context.WithTimeout(ctx, restoreCopyWait)
 	defer cancel()
 	for {
@@ -384,12 +415,12 @@ func (s *Server) copyForRestore(ctx context.Context, cmd scheduler.WorkloadResto
 		if h, found := held(); h {
 			return nil
 		} else if !found {
-			return fmt.Errorf("restore %s: checkpoint %d: %w", cmd.ID, cmd.Seq, scheduler.ErrNotFound)
+			return fmt.Errorf("restore %s: checkpoint %d or one it needs: %w", cmd.ID, cmd.Seq, scheduler.ErrNotFound)
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			return &httpError{http.StatusConflict, fmt.Errorf("restore %s: checkpoint %d not copied to %s within %v", cmd.ID, cmd.Seq, cmd.Node, restoreCopyWait)}
+			return &httpError{http.StatusConflict, fmt.Errorf("restore %s: checkpoints %v not copied to %s within %v", cmd.ID, missing, cmd.Node, restoreCopyWait)}
 		}
 	}
 }

@@ -23,11 +23,14 @@ func ckptFile(nd *testNode, id string, seq uint64) string {
 }
 
 // TestCheckpointPolicy runs a counter under a policy with a 5 s interval,
-// keep 2, one replica, on a 3-node cluster in network namespaces, each
-// node with its own data directory: checkpoints appear, each with a copy
-// on another node whose bytes are the original's (the copy is found in the
-// other node's directory; the nodes never read each other's); the
-// retention deletes the older ones from every directory; and on the node
+// keep 2, one replica, every second checkpoint full (the others
+// incremental on the one before), on a 3-node cluster in network
+// namespaces, each node with its own data directory: checkpoints appear,
+// each with a copy on another node whose bytes are the original's (the
+// copy is found in the other node's directory; the nodes never read each
+// other's), an incremental one's copy beside its parent's; the retention
+// deletes the older ones from every directory, but never one a kept
+// checkpoint needs; and on the node
 // whose disk reserve cannot be met, checkpoints of a second workload fail
 // and are reported, retried, in `checkpoint list`.
 func TestCheckpointPolicy(t *testing.T) {
@@ -46,7 +49,8 @@ func TestCheckpointPolicy(t *testing.T) {
 	var w, bad api.Workload
 	c.ctlJSON(nodes[0], &w, "run", "-node", nodes[0].name, "-label", "app=ckpt", "-name", "counter", bin, "200")
 	c.ctlJSON(nodes[0], &bad, "run", "-node", nodes[2].name, "-label", "app=ckpt", "-name", "full", bin, "200")
-	out := c.ctl(nodes[1], "checkpoint", "policy", "set", "-selector", "app=ckpt", "-interval", "5s", "-keep", "2", "-replicas", "1", "every5s")
+	out := c.ctl(nodes[1], "checkpoint", "policy", "set", "-selector", "app=ckpt", "-interval", "5s", "-keep", "2", "-replicas", "1",
+		"-full-every", "2", "every5s")
 	if !strings.Contains(out, "every5s set") {
 		t.Fatalf("policy set: got %q", out)
 	}
@@ -72,9 +76,38 @@ func TestCheckpointPolicy(t *testing.T) {
 	if wc.Policy != "every5s" || wc.FailedTotal != 0 {
 		t.Errorf("counter: policy %q, %d failures (%s): want every5s and none", wc.Policy, wc.FailedTotal, wc.LastError)
 	}
-	if len(wc.Checkpoints) > 2 {
+	if len(wc.Checkpoints) > 3 {
 		// The retention may lag a round: wait for it below.
 		t.Logf("%d checkpoints listed before the retention ran", len(wc.Checkpoints))
+	}
+	// Full every second: 1 full, 2 on 1, 3 full, 4 on 3...
+	bySeq := map[uint64]api.Checkpoint{}
+	for _, cp := range wc.Checkpoints {
+		bySeq[cp.Seq] = cp
+	}
+	incremental := 0
+	for _, cp := range wc.Checkpoints {
+		if cp.Seq%2 == 0 && cp.Parent != cp.Seq-1 || cp.Seq%2 == 1 && cp.Parent != 0 {
+			t.Errorf("checkpoint %d has parent %d: want every second one full, the others on the one before", cp.Seq, cp.Parent)
+		}
+		if p, ok := bySeq[cp.Parent]; ok && cp.Parent != 0 {
+			incremental++
+			if strings.Join(cp.Holders, ",") != strings.Join(p.Holders, ",") {
+				t.Errorf("checkpoint %d held by %v, its parent %d by %v: want its copy beside its parent's", cp.Seq, cp.Holders, p.Seq, p.Holders)
+			}
+			t.Logf("checkpoint %d: %d bytes, on %d of %d bytes", cp.Seq, cp.Size, p.Seq, p.Size)
+			// The counter writes a few pages between two checkpoints;
+			// its 1 MiB heap and the rest stay as they were.
+			if cp.Size*4 > p.Size {
+				t.Errorf("checkpoint %d: %d bytes, its full parent %d: want it a fraction", cp.Seq, cp.Size, p.Size)
+			}
+		}
+	}
+	if incremental == 0 {
+		t.Errorf("no incremental checkpoint listed with its parent: %+v", wc.Checkpoints)
+	}
+	if out := c.ctl(nodes[2], "checkpoint", "list", w.ID); !strings.Contains(out, "KIND") || !strings.Contains(out, "full") || !strings.Contains(out, "on ") {
+		t.Errorf("checkpoint list: got %q, want full and incremental (on SEQ) ones told apart", out)
 	}
 	for _, cp := range wc.Checkpoints {
 		if cp.Node != nodes[0].name || cp.Holders[0] != nodes[0].name || cp.Size <= 0 {
@@ -106,13 +139,23 @@ func TestCheckpointPolicy(t *testing.T) {
 		}
 	}
 
-	// Retention: at most two kept, and no node keeps a file of an older
-	// one (the first checkpoint had its original and a copy).
+	// Retention: two kept and the full one the older of them needs, and
+	// no node keeps a file of an older one (the first checkpoint had its
+	// original and a copy).
 	c.waitFor(30*time.Second, "the retention to delete checkpoint 1 everywhere", func() error {
 		wc = api.WorkloadCheckpoints{}
 		c.ctlJSON(nodes[0], &wc, "checkpoint", "list", w.ID)
-		if len(wc.Checkpoints) > 2 {
+		if len(wc.Checkpoints) > 3 {
 			return fmt.Errorf("%d checkpoints kept", len(wc.Checkpoints))
+		}
+		kept := map[uint64]bool{}
+		for _, cp := range wc.Checkpoints {
+			kept[cp.Seq] = true
+		}
+		for _, cp := range wc.Checkpoints {
+			if cp.Parent != 0 && !kept[cp.Parent] {
+				t.Fatalf("checkpoint %d kept without its parent %d: %+v", cp.Seq, cp.Parent, wc.Checkpoints)
+			}
 		}
 		for _, nd := range nodes {
 			if _, err := os.Stat(ckptFile(nd, w.ID, 1)); err == nil {

@@ -133,7 +133,7 @@ func checkDrained(t *testing.T, via *testNode, name string) {
 	var longest time.Duration
 	for _, m := range ms {
 		if m.Source == name && m.State == "done" && !m.TransferAt.IsZero() && !m.PlannedAt.Before(n.Drain.StartedAt) {
-			longest = max(longest, m.EndedAt.Sub(m.TransferAt))
+			longest = max(longest, m.Stopped())
 		}
 	}
 	t.Logf("drain of %s: %v, %d moved, longest stop %v", name, n.Drain.CompletedAt.Sub(n.Drain.StartedAt).Round(time.Millisecond),

@@ -40,7 +40,8 @@ type failoverTimes struct {
 // TestFailoverFromCheckpoint runs a counter (migcount) under a 2 s
 // checkpoint policy on one node of three (failover on by default, no
 // flag) and loses that node: the leader brings the workload back on the
-// node holding the newest copy, restored from it (the counter goes on
+// node holding the newest copy (an incremental checkpoint and the ones it
+// needs), restored from it (the counter goes on
 // from the checkpoint's value with the same getpid() and heap checksum,
 // not from 0), and `status` says so. Never two copies serving: with the
 // link cut, the cut-off copy is frozen by the node's fence before the
@@ -154,10 +155,12 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	reader := fl.nodes[(v+1)%len(fl.nodes)]
 	var w api.Workload
 	c.ctlJSON(reader, &w, "run", "-node", victim.name, "-label", "app=fo", "-name", fmt.Sprintf("counter-%s-%d", mode, i), fl.bin, "100")
-	c.waitFor(30*time.Second, "a checkpoint with its copy", func() error {
+	// Every checkpoint after the first is incremental on the one before
+	// (full every 8): the restore reads the chain.
+	c.waitFor(30*time.Second, "an incremental checkpoint with its copy", func() error {
 		var wc api.WorkloadCheckpoints
 		c.ctlJSON(reader, &wc, "checkpoint", "list", w.ID)
-		if n := len(wc.Checkpoints); n == 0 || len(wc.Checkpoints[n-1].Holders) < 2 {
+		if n := len(wc.Checkpoints); n == 0 || len(wc.Checkpoints[n-1].Holders) < 2 || wc.Checkpoints[n-1].Parent == 0 {
 			return fmt.Errorf("%+v", wc.Checkpoints)
 		}
 		return nil
@@ -244,6 +247,15 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	}
 	t.Logf("trial %s %d: running elsewhere %v after the %s; checkpoint %d, %v of work rolled back", mode, i,
 		ft.running.Round(time.Millisecond), mode, got.Failover.Checkpoint, time.Duration(got.Failover.Age))
+	if wc, err := stale.Checkpoints(context.Background(), w.ID); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, cp := range wc.Checkpoints {
+			if cp.Seq == got.Failover.Checkpoint && cp.Parent == 0 {
+				t.Errorf("trial %s %d: restored from checkpoint %d, a full one: want an incremental one (its chain read)", mode, i, cp.Seq)
+			}
+		}
+	}
 	var there *testNode
 	for _, nd := range fl.nodes {
 		if nd.name == got.Node {

@@ -39,7 +39,8 @@ func (s *Server) migrationRoutes(m *http.ServeMux) {
 func apiMigration(st *scheduler.State, m *scheduler.Migration) api.Migration {
 	out := api.Migration{ID: m.ID, Workload: m.WorkloadID, Source: m.Source, Target: m.Target, State: string(m.State),
 		Attempt: m.Attempt, Reason: m.Reason, Origin: m.Origin, Error: m.Error, PlannedAt: unixTime(m.PlannedAt), UpdatedAt: unixTime(m.UpdatedAt),
-		EndedAt: unixTime(m.EndedAt), ModifyIndex: m.ModifyIndex, TransferAt: unixTime(m.TransferAt), Bytes: m.Bytes}
+		EndedAt: unixTime(m.EndedAt), ModifyIndex: m.ModifyIndex, TransferAt: unixTime(m.TransferAt), Bytes: m.Bytes,
+		Rounds: m.Rounds, PrecopyBytes: m.PrecopyBytes, StoppedAt: unixTime(m.StoppedAt)}
 	if w, ok := st.Workloads[m.WorkloadID]; ok {
 		out.Name = w.Name
 	}
@@ -210,7 +211,8 @@ func (s *Server) applyStep(st api.MigrationStep) (any, error) {
 	}
 	return s.apply(scheduler.CmdMigrationStep, &scheduler.MigrationStepCmd{ID: st.ID, Attempt: st.Attempt, Node: st.Node,
 		To: scheduler.MigrationState(st.To), Error: scheduler.CutMessage(st.Error), PID: st.PID, StartTicks: st.StartTicks,
-		InitPID: st.InitPID, Bytes: st.Bytes, At: st.At.UnixNano()})
+		InitPID: st.InitPID, Bytes: st.Bytes, Rounds: st.Rounds, PrecopyBytes: st.PrecopyBytes, StoppedAt: unixNano(st.StoppedAt),
+		At: st.At.UnixNano()})
 }
 
 // step is the node agent's way to write a migration step (toLeader).

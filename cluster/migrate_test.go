@@ -26,10 +26,15 @@ import (
 // startLab starts a 3-node cluster, each pclusterd in its own network
 // namespace on 198.18.x.0/24, each with its own data directory.
 func startLab(t testing.TB, c *testCluster, subnet int) (*netlab.Lab, []*testNode) {
+	return startLabWith(t, c, subnet)
+}
+
+// startLabWith is startLab giving every node the flags more.
+func startLabWith(t testing.TB, c *testCluster, subnet int, more ...string) (*netlab.Lab, []*testNode) {
 	lab := netlab.New(t, 3, subnet)
 	var nodes []*testNode
 	for i := 1; i <= 3; i++ {
-		extra := []string{"-bootstrap-expect", "3"}
+		extra := append([]string{"-bootstrap-expect", "3"}, more...)
 		if i > 1 {
 			extra = append(extra, "-join", lab.Hosts[0].Addr+":7946")
 		}

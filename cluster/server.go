@@ -46,6 +46,9 @@ type Config struct {
 	Key             pki.Key           // cluster key
 	Labels          map[string]string // node labels, for placement constraints
 	VIPInterface    string            // interface for virtual IPs; "": the one whose subnet holds each
+	// MigrateStopAndCopy: migrations stop the workload for the whole
+	// transfer instead of copying its memory live first (node.Config).
+	MigrateStopAndCopy bool
 	// CheckpointReserve is the free space (bytes) a checkpoint must leave
 	// on the data directory's filesystem; 0: no check.
 	CheckpointReserve uint64
@@ -277,7 +280,7 @@ func Start(cfg Config) (s *Server, err error) {
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
 		VIPInterface: cfg.VIPInterface, Checkpoint: s.checkpointReport, PushCheckpoint: s.pushCheckpoint,
 		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve,
-		FenceAfter: fenceAfter, Contact: s.majorityContact, Watchdog: true})
+		FenceAfter: fenceAfter, Contact: s.majorityContact, Watchdog: true, StopAndCopy: cfg.MigrateStopAndCopy})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}
@@ -621,6 +624,26 @@ func (s *Server) IsLeader() bool { return s.raft.State() == raft.Leader }
 func (s *Server) Leader() string {
 	_, id := s.raft.LeaderWithID()
 	return string(id)
+}
+
+// WaitListed waits, at most d, until this node's replica of the state
+// lists it (the leader registered it and the entry is applied here), and
+// reports whether it does: until then no workload can be placed on it.
+func (s *Server) WaitListed(d time.Duration) bool {
+	deadline := time.After(d)
+	for {
+		changed := s.fsm.Changed()
+		listed := false
+		s.fsm.Read(func(st *scheduler.State) { listed = st.Nodes[s.cfg.Name] != nil })
+		if listed {
+			return true
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			return false
+		}
+	}
 }
 
 // FSM returns the node's replica of the state.

@@ -233,7 +233,7 @@ func TestVIPFollowsMigrations(t *testing.T) {
 		}
 		t.Logf("move %d to %s: client's neighbour entry switched %v after the freeze, %v after the migration's end (stopped %v)",
 			hop+1, target.name, ch.at.Sub(m.TransferAt).Round(time.Millisecond), ch.at.Sub(m.EndedAt).Round(time.Millisecond),
-			m.EndedAt.Sub(m.TransferAt).Round(time.Millisecond))
+			m.Stopped().Round(time.Millisecond))
 		check(fmt.Sprintf("after move %d", hop+1), target.name)
 	}
 

@@ -447,7 +447,7 @@ func TestVIPHeldConnection(t *testing.T) {
 			}
 			return nil
 		})
-		stopped := m.EndedAt.Sub(m.TransferAt)
+		stopped := m.Stopped()
 		stall := h.stall(m.TransferAt, m.EndedAt)
 		longest, excess = max(longest, stall), max(excess, stall-stopped)
 		t.Logf("move %d to %s: stopped %v, client's longest wait %v (%v more), neighbour entry switched %v after the end",
@@ -583,7 +583,7 @@ func TestVIPRedisHeldConnection(t *testing.T) {
 			}
 			return nil
 		})
-		t.Logf("move to %s: stopped %v, %d bytes", l.nodes[to].name, m.EndedAt.Sub(m.TransferAt).Round(time.Millisecond), m.Bytes)
+		t.Logf("move to %s: stopped %v, %d bytes", l.nodes[to].name, m.Stopped().Round(time.Millisecond), m.Bytes)
 	}
 	close(stop)
 	<-done
@@ -651,7 +651,7 @@ func BenchmarkVIPStall64MiB(b *testing.B) {
 				}
 				return nil
 			})
-			st, s := m.EndedAt.Sub(m.TransferAt), h.stall(m.TransferAt, m.EndedAt)
+			st, s := m.Stopped(), h.stall(m.TransferAt, m.EndedAt)
 			stall, stopped, excess = max(stall, s), max(stopped, st), max(excess, s-st)
 			b.Logf("move to %s: %d bytes, stopped %v, longest stall %v", target.name, m.Bytes, st.Round(time.Millisecond), s.Round(time.Millisecond))
 		}

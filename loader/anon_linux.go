@@ -125,7 +125,14 @@ func (p *Process) openInotify(f *image.FD, nonblock uintptr, scratch uint64) (ui
 		return 0, fmt.Errorf("fd %d: inotify_init1: %w", f.Fd, err)
 	}
 	for _, w := range f.Watches {
-		path, err := p.putString(w.Path)
+		name := w.Path
+		if w.Object != 0 {
+			// A deleted file: its copy, through pthaw's fd of it.
+			if name = p.objectPath(w.Object); name == "" {
+				return 0, fmt.Errorf("%w: fd %d: inotify watch %d: file object %#x not in the snapshot", image.ErrCorrupt, f.Fd, w.Wd, w.Object)
+			}
+		}
+		path, err := p.putString(name)
 		if err != nil {
 			return 0, err
 		}

@@ -117,7 +117,7 @@ func moveDirtier(b *testing.B, bin string, live bool) moveFigures {
 	if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
 		b.Fatal(err)
 	}
-	got, err := out.Match(`^check ok pages=\d+ maxgap_us=(\d+)$|^check .*`, 120*time.Second)
+	got, err := out.Match(`^check ok (?:member=\d+ )?pages=\d+ maxgap_us=(\d+)$|^check .*`, 120*time.Second)
 	if err != nil {
 		b.Fatalf("check after the move: %v", err)
 	}

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -162,7 +163,7 @@ func (p *Process) openFile(f *image.FD) error {
 			return err
 		}
 		return p.moveFd(f, tmp)
-	case image.FDTCP, image.FDUDP:
+	case image.FDTCP, image.FDUDP, image.FDTCPNew:
 		if tmp, err = p.newSocket(f); err != nil {
 			return err
 		}
@@ -192,6 +193,12 @@ func (p *Process) openFile(f *image.FD) error {
 		if name, err = p.pipeEnd(f); err != nil {
 			return err
 		}
+		if tmp, ok, err := p.takePipeEnd(f, name); ok || err != nil {
+			if err != nil {
+				return err
+			}
+			return p.moveFd(f, tmp)
+		}
 	}
 	if f.Kind == image.FDPtySlave {
 		if name, err = p.ptySlavePath(f); err != nil {
@@ -202,7 +209,9 @@ func (p *Process) openFile(f *image.FD) error {
 	if err != nil {
 		return err
 	}
-	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY)
+	// O_ASYNC too: open keeps the flag but registers nothing, and then
+	// F_SETFL cannot (it acts only on a change); setOwners sets it.
+	flags := uintptr(f.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC | unix.O_NOCTTY | unix.O_ASYNC)
 	if f.Kind == image.FDPtySlave {
 		flags |= unix.O_NOCTTY // made the controlling terminal on purpose below
 	}
@@ -266,6 +275,55 @@ func (p *Process) pipeEnd(f *image.FD) (string, error) {
 		end = ends[1]
 	}
 	return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), end), nil
+}
+
+// takePipeEnd gives the process pthaw's own end of an unnamed pipe (at
+// path, /proc/<pthaw>/fd/N) by an injected pidfd_getfd, for the first fd
+// of the process that holds that end, and sets its status flags: the
+// pipe() the original made has no O_LARGEFILE, which an open through
+// /proc adds (and file_fown-like checks see). ok is false when the fd is
+// to be opened by path instead: a FIFO, an end given by -inherit-fd, an
+// fd that holds both ends (opened read-write through /proc), a second
+// open file description of the same end, or a process restored into a
+// PID namespace of its own. Runs on the tracer thread.
+func (p *Process) takePipeEnd(f *image.FD, path string) (tmp uintptr, ok bool, err error) {
+	var end int
+	// In a PID namespace of its own the process cannot name pthaw.
+	if f.Path != "" || f.Flags&unix.O_ACCMODE == unix.O_RDWR || p.opts.PIDNamespace {
+		return 0, false, nil
+	}
+	if _, err := fmt.Sscanf(path, fmt.Sprintf("/proc/%d/fd/%%d", os.Getpid()), &end); err != nil {
+		return 0, false, nil
+	}
+	if f.Kind == image.FDPipeOut {
+		if _, inherited := p.opts.InheritFDs[f.Fd]; inherited {
+			return 0, false, nil
+		}
+	}
+	key := [2]uint64{f.Pipe, uint64(f.Flags & unix.O_ACCMODE)}
+	if p.pipesTaken[key] {
+		return 0, false, nil
+	}
+	pidfd, err := p.call(unix.SYS_PIDFD_OPEN, uintptr(os.Getpid()), 0)
+	if err != nil {
+		return 0, false, fmt.Errorf("fd %d: pidfd_open of pthaw: %w", f.Fd, err)
+	}
+	tmp, err = p.call(unix.SYS_PIDFD_GETFD, pidfd, uintptr(end), 0)
+	p.call(unix.SYS_CLOSE, pidfd)
+	if err != nil {
+		return 0, false, fmt.Errorf("fd %d: pidfd_getfd of pthaw's pipe end: %w", f.Fd, err)
+	}
+	// O_DIRECT is a pipe's packet mode; O_ASYNC comes with its owner
+	// (setOwners).
+	if _, err := p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, uintptr(f.Flags&(unix.O_NONBLOCK|unix.O_APPEND|unix.O_DIRECT|unix.O_NOATIME))); err != nil {
+		p.call(unix.SYS_CLOSE, tmp)
+		return 0, false, fmt.Errorf("fd %d: flags: %w", f.Fd, err)
+	}
+	if p.pipesTaken == nil {
+		p.pipesTaken = map[[2]uint64]bool{}
+	}
+	p.pipesTaken[key] = true
+	return tmp, true, nil
 }
 
 // newPipe makes the pipe of f (its first fd record) in pthaw, with the
@@ -373,6 +431,41 @@ func (p *Process) watch(f *image.FD, have map[int]bool) error {
 		}
 		if _, err := p.call(unix.SYS_EPOLL_CTL, uintptr(f.Fd), unix.EPOLL_CTL_ADD, uintptr(t.Fd), uintptr(scratch)); err != nil {
 			return fmt.Errorf("fd %d: epoll_ctl add fd %d events %#x: %w", f.Fd, t.Fd, t.Events, err)
+		}
+	}
+	return nil
+}
+
+// setOwners gives every open file description that had O_ASYNC its
+// signal (F_SETSIG), owner (F_SETOWN) and O_ASYNC back, once per
+// description. After the sockets are connected and before the
+// credentials: F_SETOWN records the caller's, and the kernel lets an
+// owner with root's signal anyone, as the original owner could signal
+// the process. An owner that is not on this host any more (a process
+// outside the snapshot) is left out, and said. Runs on the tracer thread.
+func (p *Process) setOwners() error {
+	for _, f := range p.fds {
+		if f.Flags&unix.O_ASYNC == 0 || f.Desc != f.Fd || f.Kind == image.FDInherit || p.replaced(f) {
+			continue
+		}
+		fd := uintptr(f.Fd)
+		if _, err := p.call(unix.SYS_FCNTL, fd, unix.F_SETSIG, uintptr(f.Signal)); err != nil {
+			return fmt.Errorf("fd %d (%s): F_SETSIG %d: %w", f.Fd, f.What, f.Signal, err)
+		}
+		if f.Owner != 0 {
+			_, err := p.call(unix.SYS_FCNTL, fd, unix.F_SETOWN, uintptr(f.Owner))
+			if errors.Is(err, unix.ESRCH) {
+				p.notice("fd %d (%s): its owner for I/O signals, %d, is gone: it has none", f.Fd, f.What, f.Owner)
+			} else if err != nil {
+				return fmt.Errorf("fd %d (%s): F_SETOWN %d: %w", f.Fd, f.What, f.Owner, err)
+			}
+		}
+		fl, err := p.call(unix.SYS_FCNTL, fd, unix.F_GETFL)
+		if err == nil {
+			_, err = p.call(unix.SYS_FCNTL, fd, unix.F_SETFL, fl|unix.O_ASYNC)
+		}
+		if err != nil {
+			return fmt.Errorf("fd %d (%s): O_ASYNC: %w", f.Fd, f.What, err)
 		}
 	}
 	return nil

@@ -108,6 +108,9 @@ type Process struct {
 	// pipes holds pthaw's ends of a single process's own pipes while its
 	// fds are opened (a tree's are in tree.pipes).
 	pipes map[uint64][2]int
+	// pipesTaken: the pipe ends (pipe id, O_RDONLY or O_WRONLY) whose
+	// pthaw file the process took by pidfd_getfd (takePipeEnd).
+	pipesTaken map[[2]uint64]bool
 	// ptys holds pthaw's masters of a single process's ptys, by saved
 	// index, likewise (a tree's are in tree.ptys).
 	ptys map[int]*heldPty
@@ -123,8 +126,11 @@ type Process struct {
 	// the areas (by start) mapped as they came, left in place.
 	staged *staging
 	kept   map[uint64]bool
+	// precopyStats: what the pre-copy records said (Precopy).
+	precopyStats PrecopyStats
 	// cow: a tree member forked from its parent only once the parent's
-	// memory is built, to share its pages (forkLate).
+	// memory is built, to share its pages, or under such a member
+	// (forkLate, image.LateMembers).
 	cow   bool
 	built bool
 	done  bool
@@ -145,6 +151,8 @@ type Process struct {
 	// createdShm are the System V segments made for this restore, removed
 	// if it fails.
 	createdShm []int
+	// ctr, on a tree's root, is the container restored (container_linux.go).
+	ctr *container
 }
 
 // Pid returns the restored process's PID (in our namespace).
@@ -229,11 +237,26 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 	}()
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
-		if p.staged != nil {
-			return fmt.Errorf("%w: pre-copy records before a tree", image.ErrCorrupt)
+		if p.staged != nil && p.staged.members == nil {
+			return fmt.Errorf("%w: a single process's pre-copy records before a tree", image.ErrCorrupt)
 		}
 		<-items // the tree record itself
-		return p.buildTree(t, items)
+		// A container's namespaces come next.
+		it, err := next(items)
+		if err != nil {
+			return err
+		}
+		rec := it.rec
+		if ns, ok := rec.(*image.Namespaces); ok {
+			if p.ctr, err = p.newContainer(ns); err != nil {
+				return err
+			}
+			rec = nil
+		}
+		return p.buildTree(t, items, rec)
+	}
+	if p.staged != nil && p.staged.members != nil {
+		return fmt.Errorf("%w: pre-copy member records before a single process", image.ErrCorrupt)
 	}
 	prepare := p.startStub
 	if p.staged != nil {
@@ -344,7 +367,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
-		err := p.staged.apply(p.fill)
+		err := p.applyStaged(p.staged)
 		p.staged = nil
 		if err != nil {
 			return nil, err
@@ -507,9 +530,19 @@ func (p *Process) checkFiles() error {
 			}
 			continue
 		}
+		// In a container, the path of the host's or of the container's
+		// tmpfs, which the restore fills.
+		name, saved := p.containerFile(v.Name)
 		var st syscall.Stat_t
-		if err := syscall.Stat(v.Name, &st); err != nil {
-			return fmt.Errorf("%s: %w", vmaName(v), err)
+		switch {
+		case saved != nil:
+			st.Size, st.Mtim = int64(len(saved.Data)), syscall.NsecToTimespec(saved.Mtime)
+		case name == "":
+			continue
+		default:
+			if err := syscall.Stat(name, &st); err != nil {
+				return fmt.Errorf("%s: %w", vmaName(v), err)
+			}
 		}
 		mtime := st.Mtim.Sec*1e9 + st.Mtim.Nsec
 		if st.Size != v.FileSize || mtime != v.FileMtime {
@@ -575,12 +608,28 @@ func (p *Process) launchStub(base uint64) error {
 		// set must not be left stopped forever.
 		sys := &syscall.SysProcAttr{Ptrace: true, AmbientCaps: stubAmbientCaps(), Pdeathsig: syscall.SIGKILL}
 		if p.opts.PIDNamespace {
-			sys.Cloneflags = syscall.CLONE_NEWPID
+			sys.Cloneflags = syscall.CLONE_NEWPID | p.ctr.cloneFlags()
 		}
 		files := []uintptr{0, 1, 2, memfd.Fd()}
 		for i, f := range p.opts.Stdio {
 			if f != nil {
 				files[i] = f.Fd()
+			}
+		}
+		nsFd := len(files)
+		if p.ctr != nil && p.ctr.th != nil {
+			// The container's namespaces to join: fds nsFd...
+			nsFiles, err := p.ctr.stubFiles()
+			if err != nil {
+				return err
+			}
+			defer func() {
+				for _, f := range nsFiles {
+					f.Close()
+				}
+			}()
+			for _, f := range nsFiles {
+				files = append(files, f.Fd())
 			}
 		}
 		pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"pcluster-stub"}, &syscall.ProcAttr{
@@ -626,6 +675,9 @@ func (p *Process) launchStub(base uint64) error {
 		}
 		if _, err := p.call(unix.SYS_PRCTL, unix.PR_SET_NAME, name); err != nil {
 			return fmt.Errorf("name stub: %w", err)
+		}
+		if p.ctr != nil {
+			return p.enterContainer(p.ctr, nsFd)
 		}
 		return nil
 	})
@@ -714,6 +766,15 @@ func (p *Process) takePID(late bool) error {
 	return nil
 }
 
+// PIDPending reports whether the built process still waits for its saved
+// PID: the original held it when the build began (a migration between
+// hosts that share a PID namespace, or on one host), and Start takes it,
+// once the original is gone. A caller that learns of the move some other
+// way than the sender's commit (a cluster's replicated state) must still
+// let the original go before Start then; otherwise (a PID namespace of
+// its own, a host where the PID was free) Start needs nothing of it.
+func (p *Process) PIDPending() bool { return p.retryPID }
+
 // pidInUse reports whether a process or thread has pid here.
 func pidInUse(pid int) bool {
 	err := unix.Kill(pid, 0)
@@ -745,13 +806,18 @@ const blockAll = ^uint64(0) &^ (1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1))
 // errCloneSetup marks clonePID failures that are not about the PID.
 var errCloneSetup = errors.New("clone3")
 
-// clonePID makes the stub clone3 a copy of itself with the saved PID, as a
-// child of ours (CLONE_PARENT), and continues with the copy; the first stub
-// is killed. Runs on the tracer thread.
+// clonePID makes the stub clone3 a process with the saved PID, as a child
+// of ours (CLONE_PARENT), and continues with it; the first stub is killed.
+// The child shares the stub's memory (CLONE_VM) rather than copying it:
+// late in a build that memory is the process's, and a copy of its page
+// tables (and the stub's exit freeing the original's) cost about 150 ms a
+// GiB, in the stop of a migration on this host. Once the stub is gone,
+// the child is the memory's only user, as after a fork. Runs on the
+// tracer thread.
 func (p *Process) clonePID() error {
 	old := p.stub
 	// exit_signal stays 0: with CLONE_PARENT the child inherits ours.
-	if err := p.cloneSelf(unix.CLONE_PARENT, 0, p.proc.Pid); err != nil {
+	if err := p.cloneSelf(unix.CLONE_PARENT|unix.CLONE_VM, 0, p.proc.Pid); err != nil {
 		return err
 	}
 	unix.Kill(old, unix.SIGKILL)
@@ -838,6 +904,7 @@ func putLE64(b []byte, v uint64) {
 // Abort kills the process (every member of a tree) if it was not started,
 // and reaps it: nothing of the restore is left, not even a zombie.
 func (p *Process) Abort() {
+	defer p.ctr.close()
 	if p.tree != nil && p.parent == nil {
 		p.abortTree()
 		return

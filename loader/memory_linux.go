@@ -84,6 +84,14 @@ func (p *Process) mapMemory() error {
 				if v.GrowsDown() {
 					flags |= unix.MAP_GROWSDOWN
 				}
+				// Flags only mmap sets (smaps: "nr" no swap space
+				// accounted, "dp" pages the kernel may drop).
+				if hasVmFlag(v.VmFlags, "nr") {
+					flags |= unix.MAP_NORESERVE
+				}
+				if hasVmFlag(v.VmFlags, "dp") {
+					flags = flags&^unix.MAP_PRIVATE | unix.MAP_DROPPABLE
+				}
 			case image.VMASharedAnon:
 				if err := p.mapSharedAnon(v); err != nil {
 					return err
@@ -164,6 +172,11 @@ func (p *Process) mapSharedAnon(v *image.VMA) error {
 		}
 		defer p.call(unix.SYS_CLOSE, fd)
 		what = " " + path
+	} else if whole := p.wholeObject(v); whole > 0 {
+		// The first of several areas at other offsets of one object
+		// (areas moved or cut apart, zdtm's maps01): the object is made
+		// whole, and v is its part at v's offset.
+		return p.mapObjectPart(v, whole)
 	} else {
 		flags |= unix.MAP_ANONYMOUS
 		off = 0
@@ -176,17 +189,66 @@ func (p *Process) mapSharedAnon(v *image.VMA) error {
 		return fmt.Errorf("%s: mapped at %#x", vmaName(v), r)
 	}
 	if !ok {
-		p.mappedShared(v)
+		p.mappedShared(v, false, 0)
 	}
 	return nil
 }
 
-// advise re-applies the madvise flags /proc reported for v.
+// wholeObject returns the size of the memory object of v, a tree's shared
+// anonymous area, when v is not all of it (other areas may map the rest),
+// or 0.
+func (p *Process) wholeObject(v *image.VMA) uint64 {
+	size := uint64(v.FileSize)
+	if p.tree == nil || v.Shm == 0 || v.FileSize <= 0 || size%pageSize != 0 || v.Offset+v.Len() > size || (v.Offset == 0 && v.Len() == size) {
+		return 0
+	}
+	return size
+}
+
+// mapObjectPart makes v's memory object whole (size bytes: a shared
+// anonymous mapping anywhere) and moves v's part of it to v's place
+// (mremap keeps its offset in the object), unmapping the rest: later
+// areas of the object map it by offset. Runs on the tracer thread.
+func (p *Process) mapObjectPart(v *image.VMA, size uint64) error {
+	prot := uintptr(buildProt(v))
+	// v's place must be free, as for every area.
+	r, err := p.call(unix.SYS_MMAP, uintptr(v.Start), uintptr(v.Len()), unix.PROT_NONE, unix.MAP_FIXED_NOREPLACE|unix.MAP_PRIVATE|unix.MAP_ANONYMOUS, ^uintptr(0), 0)
+	if err != nil || uint64(r) != v.Start {
+		return fmt.Errorf("%s: its place is not free: %v", vmaName(v), err)
+	}
+	whole, err := p.call(unix.SYS_MMAP, 0, uintptr(size), prot, unix.MAP_SHARED|unix.MAP_ANONYMOUS, ^uintptr(0), 0)
+	if err != nil {
+		return fmt.Errorf("%s: its memory object of %#x bytes: %w", vmaName(v), size, err)
+	}
+	if _, err := p.call(unix.SYS_MREMAP, whole+uintptr(v.Offset), uintptr(v.Len()), uintptr(v.Len()), unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, uintptr(v.Start)); err != nil {
+		p.call(unix.SYS_MUNMAP, whole, uintptr(size))
+		return fmt.Errorf("%s: mremap its part of its memory object: %w", vmaName(v), err)
+	}
+	if v.Offset > 0 {
+		p.call(unix.SYS_MUNMAP, whole, uintptr(v.Offset))
+	}
+	if rest := v.Offset + v.Len(); rest < size {
+		p.call(unix.SYS_MUNMAP, whole+uintptr(rest), uintptr(size-rest))
+	}
+	p.mappedShared(v, true, size)
+	return nil
+}
+
+// advise re-applies the madvise flags /proc reported for v, and mlock
+// ("lo": after the contents are written, which it keeps in memory).
 func (p *Process) advise(v *image.VMA) error {
+	if hasVmFlag(v.VmFlags, "lo") {
+		if _, err := p.call(unix.SYS_MLOCK, uintptr(v.Start), uintptr(v.Len())); err != nil {
+			return fmt.Errorf("%s: mlock: %w", vmaName(v), err)
+		}
+	}
 	for _, a := range []struct {
 		flag   string
 		advice uintptr
 	}{
+		{"sr", unix.MADV_SEQUENTIAL},
+		{"rr", unix.MADV_RANDOM},
+		{"mg", unix.MADV_MERGEABLE},
 		{"dd", unix.MADV_DONTDUMP},
 		{"dc", unix.MADV_DONTFORK},
 		{"wf", unix.MADV_WIPEONFORK},

@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/nsthread"
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
@@ -31,6 +32,7 @@ type object struct {
 	shmid  int
 	shm    []byte
 	reused bool
+	ipc    *nsthread.Thread // the container's IPC namespace it is in, or nil
 }
 
 // addFile takes one File record: the first of an object makes it, every
@@ -51,6 +53,9 @@ func (p *Process) addFile(r *image.File) error {
 		}
 		o = &object{f: f, img: r}
 		objs[r.ID] = o
+		if err := ownFile(f, r); err != nil {
+			return fmt.Errorf("file %s: %w", r.Name, err)
+		}
 		if err := f.Truncate(r.Size); err != nil {
 			return fmt.Errorf("file %s: size %d: %w", r.Name, r.Size, err)
 		}
@@ -89,10 +94,29 @@ func makeObject(r *image.File) (*os.File, error) {
 		if err != nil {
 			return nil, fmt.Errorf("unnamed copy (O_TMPFILE): %w", err)
 		}
-		unix.Fchmod(fd, perm) // beyond the umask, as it was
 		return os.NewFile(uintptr(fd), r.Name), nil
 	}
 	return nil, fmt.Errorf("%w: file %#x of kind %d", image.ErrCorrupt, r.ID, r.Kind)
+}
+
+// ownFile gives a made memfd or deleted file its owner and mode back
+// (fchmod after fchown, which clears set-id bits; the mode is beyond the
+// umask, as it was). The owner is changed only when it differs: an
+// unprivileged pthaw restores its own user's files.
+func ownFile(f *os.File, r *image.File) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	if st.Uid != r.Uid || st.Gid != r.Gid {
+		if err := unix.Fchown(int(f.Fd()), int(r.Uid), int(r.Gid)); err != nil {
+			return fmt.Errorf("owner %d:%d: %w", r.Uid, r.Gid, err)
+		}
+	}
+	if err := unix.Fchmod(int(f.Fd()), r.Mode&0o7777); err != nil {
+		return fmt.Errorf("mode %#o: %w", r.Mode&0o7777, err)
+	}
+	return nil
 }
 
 // sealFiles gives every memfd its seals, once its contents are written

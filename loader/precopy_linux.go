@@ -3,7 +3,10 @@ package loader
 import (
 	"bytes"
 	"fmt"
+	"runtime"
+	"slices"
 	"sort"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -55,7 +58,52 @@ type staging struct {
 	launched  bool        // the stub was started at the first page
 	placed    [][2]uint64 // announced areas mapped in the stub, by address
 	buf       []byte
+	// members: in a tree's live migration, each member's pages by the
+	// saved pid (image.PrecopyMember), staged until it is built; final:
+	// those whose last round came (the others are forgotten).
+	members map[int]*staging
+	final   map[int]bool
 }
+
+// member returns the staging of the tree member with saved pid pid.
+func (st *staging) member(pid int) *staging {
+	if st.members == nil {
+		st.members, st.final = map[int]*staging{}, map[int]bool{}
+	}
+	m := st.members[pid]
+	if m == nil {
+		// Never placed: a member's stub is forked from its parent's
+		// once the tree is known, so its pages wait here.
+		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: true}
+		st.members[pid] = m
+	}
+	return m
+}
+
+// forMember returns the pages staged for the tree member with saved pid
+// pid, if its last round came, and forgets them.
+func (st *staging) forMember(pid int) *staging {
+	if st == nil || !st.final[pid] {
+		return nil
+	}
+	m := st.members[pid]
+	delete(st.members, pid)
+	return m
+}
+
+// maxMembers bounds the tree members a sender may name (as many as PIDs).
+const maxMembers = 1 << 22
+
+// PrecopyStats is what a live migration's sender said of its pre-copy.
+type PrecopyStats struct {
+	Rounds    int       // rounds sent while the process ran (the full copy included)
+	Bytes     uint64    // page contents sent in them
+	StoppedAt time.Time // when the sender stopped the process for the last round (its clock); zero if not said
+}
+
+// Precopy returns what the snapshot's sender said of its pre-copy (zero
+// without one: not a live migration).
+func (p *Process) Precopy() PrecopyStats { return p.precopyStats }
 
 // stagePrecopy reads the pre-copy records at the start of a snapshot,
 // first being the first record, and returns the first record after them.
@@ -68,12 +116,35 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 		}
 		return st
 	}
+	// cur is where the pages go: the whole snapshot's, or in a tree the
+	// member last named.
+	var cur *staging
 	rec := first
 	for {
 		switch r := rec.(type) {
+		case *image.PrecopyMember:
+			top := get()
+			if top.launched || len(top.announced) > 0 {
+				return nil, nil, fmt.Errorf("%w: pre-copy member record after a single process's pages", image.ErrCorrupt)
+			}
+			if _, ok := top.members[r.Pid]; !ok && len(top.members) >= maxMembers {
+				return nil, nil, fmt.Errorf("%w: more than %d pre-copy members", image.ErrCorrupt, maxMembers)
+			}
+			cur = top.member(r.Pid)
+			if r.Final {
+				top.final[r.Pid] = true
+			}
 		case *image.PrecopyArea:
-			get().announce(r.Start, r.End)
+			if cur == nil {
+				get().announce(r.Start, r.End)
+			}
 		case *image.Precopy:
+			if cur != nil {
+				if err := cur.put(dec, r.Addr, r.Len); err != nil {
+					return nil, nil, err
+				}
+				break
+			}
 			st := get()
 			if !st.launched {
 				st.launched = true
@@ -85,14 +156,25 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				return nil, nil, err
 			}
 		case *image.Drop:
-			if st != nil {
+			if cur != nil {
+				cur.drop(r.Addr, r.Len)
+			} else if st != nil {
 				st.drop(r.Addr, r.Len)
 				if err := p.dropPlaced(st, r.Addr, r.Len); err != nil {
 					return nil, nil, err
 				}
 			}
 		case *image.Round:
-			get().rounds++
+			top := get()
+			if r.Final {
+				if r.At > 0 {
+					p.precopyStats.StoppedAt = time.Unix(0, r.At)
+				}
+			} else {
+				top.rounds++
+				p.precopyStats.Rounds++
+				p.precopyStats.Bytes += r.Bytes
+			}
 		default:
 			// The stub, if started, is p's: Abort ends it.
 			return st, rec, nil
@@ -370,28 +452,138 @@ func (st *staging) drop(addr, n uint64) {
 	}
 }
 
-// apply writes the staged pages into the process, by runs.
-func (st *staging) apply(fill func(addr uint64, data []byte) error) error {
+// fillAreas is fill for a run of pages that may span adjacent areas (the
+// staged pages of two areas that touch make one run): each area's part is
+// filled on its own.
+func (p *Process) fillAreas(addr uint64, data []byte) error {
+	for len(data) > 0 {
+		n := uint64(len(data))
+		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
+		if i < len(p.vmas) && p.vmas[i].Start <= addr {
+			n = min(n, p.vmas[i].End-addr)
+		}
+		if err := p.fill(addr, data[:n]); err != nil {
+			return err
+		}
+		addr, data = addr+n, data[n:]
+	}
+	return nil
+}
+
+// stagedRun is a run of staged pages: data goes at addr.
+type stagedRun struct {
+	addr uint64
+	data []byte
+}
+
+// runs returns the staged pages as runs, by address.
+func (st *staging) runs() []stagedRun {
+	var out []stagedRun
+	for _, base := range st.bases() {
+		st.blocks[base].eachRun(base, func(r stagedRun) error {
+			out = append(out, r)
+			return nil
+		})
+	}
+	return out
+}
+
+// bases returns the addresses of the staging blocks, ascending.
+func (st *staging) bases() []uint64 {
 	bases := make([]uint64, 0, len(st.blocks))
 	for a := range st.blocks {
 		bases = append(bases, a)
 	}
-	sort.Slice(bases, func(i, j int) bool { return bases[i] < bases[j] })
-	for _, base := range bases {
-		b := st.blocks[base]
-		for p := 0; p < stagePages; {
-			if !b.have[p] {
-				p++
-				continue
+	slices.Sort(bases)
+	return bases
+}
+
+// eachRun calls fn with each run of pages block b (at base) holds, by
+// address, and stops at its first error.
+func (b *stageBlockT) eachRun(base uint64, fn func(stagedRun) error) error {
+	for p := 0; p < stagePages; {
+		if !b.have[p] {
+			p++
+			continue
+		}
+		q := p + 1
+		for q < stagePages && b.have[q] {
+			q++
+		}
+		if err := fn(stagedRun{base + uint64(p)*pageSize, b.data[p*pageSize : q*pageSize]}); err != nil {
+			return err
+		}
+		p = q
+	}
+	return nil
+}
+
+// applyStaged writes the pages staged for p into it. A tree member's
+// whole memory may be staged (its process is made only once the tree
+// record comes, in the stop), in runs of at most a staging block, each
+// below uffdFill's split: with a userfaultfd and two CPUs the runs are
+// shared by two threads copying at once instead (uffdSplit's reason: the
+// copy's cost is the kernel's, per page). A run that is not wholly in
+// one area registered with the userfaultfd, or the part of one it could
+// not place, is written afterwards the usual way (fillAreas).
+func (p *Process) applyStaged(st *staging) error {
+	staged := 0
+	for _, b := range st.blocks {
+		staged += b.n * pageSize
+	}
+	if p.uffd == nil || staged < 2*uffdSplit || runtime.GOMAXPROCS(0) < 2 {
+		return st.apply(p.fillAreas)
+	}
+	runs := st.runs()
+	half, acc := 0, 0
+	for half < len(runs) && acc < staged/2 {
+		acc += len(runs[half].data)
+		half++
+	}
+	var rest [2][]stagedRun
+	place := func(k int, rs []stagedRun) {
+		for _, r := range rs {
+			placed := 0
+			if p.uffdHolds(r.addr, uint64(len(r.data))) {
+				placed = uffdFillOne(p.uffd, r.addr, r.data)
 			}
-			q := p + 1
-			for q < stagePages && b.have[q] {
-				q++
+			if placed < len(r.data) {
+				rest[k] = append(rest[k], stagedRun{r.addr + uint64(placed), r.data[placed:]})
 			}
-			if err := fill(base+uint64(p)*pageSize, b.data[p*pageSize:q*pageSize]); err != nil {
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		place(1, runs[half:])
+	}()
+	place(0, runs[:half])
+	<-done
+	for _, rs := range rest {
+		for _, r := range rs {
+			if err := p.fillAreas(r.addr, r.data); err != nil {
 				return fmt.Errorf("pre-copied pages: %w", err)
 			}
-			p = q
+		}
+	}
+	st.blocks = nil
+	return nil
+}
+
+// uffdHolds reports whether addr+n lies wholly in one area registered
+// with the userfaultfd.
+func (p *Process) uffdHolds(addr, n uint64) bool {
+	i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
+	return i < len(p.vmas) && p.vmas[i].Start <= addr && addr+n <= p.vmas[i].End && addr+n > addr &&
+		uffdArea(p.vmas[i]) && addr%pageSize == 0 && n%pageSize == 0
+}
+
+// apply writes the staged pages into the process, by runs.
+func (st *staging) apply(fill func(addr uint64, data []byte) error) error {
+	for _, base := range st.bases() {
+		err := st.blocks[base].eachRun(base, func(r stagedRun) error { return fill(r.addr, r.data) })
+		if err != nil {
+			return fmt.Errorf("pre-copied pages: %w", err)
 		}
 		delete(st.blocks, base) // memory back as it goes
 	}

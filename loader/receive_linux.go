@@ -37,6 +37,11 @@ type ReceiveOptions struct {
 	// built to a -halt sender (which then kills its original) it is no
 	// longer heeded: from then on only the sender decides.
 	Interrupt <-chan os.Signal
+	// Parents are files that may be the parents of an incremental
+	// snapshot (pthaw -parent); a parent not among them is looked for at
+	// the path the snapshot records. Either is used only if its SHA-256
+	// is the one the snapshot records.
+	Parents []string
 	Options
 }
 
@@ -213,5 +218,18 @@ func openBody(src stream.Source, o ReceiveOptions) (io.ReadCloser, *image.Decode
 	}
 	dec := image.NewDecoder(body)
 	dec.CheckRegisters(ptrace.NumRegs)
-	return body, dec, nil
+	c := &chain{}
+	dec.ResolveParents(c.resolver(o, 0))
+	return &chainBody{body, c}, dec, nil
+}
+
+// chainBody is a snapshot's body and the parents it refers to.
+type chainBody struct {
+	io.ReadCloser
+	parents *chain
+}
+
+func (b *chainBody) Close() error {
+	b.parents.Close()
+	return b.ReadCloser.Close()
 }

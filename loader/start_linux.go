@@ -154,6 +154,12 @@ func (p *Process) finish() error {
 	if err := p.connectUnix(borrow); err != nil {
 		return err
 	}
+	if err := p.setOwners(); err != nil {
+		return err
+	}
+	if err := p.unixOptions(borrow); err != nil {
+		return err
+	}
 	if err := p.setMM(borrow); err != nil {
 		return err
 	}
@@ -272,6 +278,14 @@ func (p *Process) finish() error {
 	for which, it := range pr.Itimers {
 		if it == (image.Itimer{}) {
 			continue
+		}
+		// An interval ITIMER_REAL reads as no time left while its
+		// expiry's SIGALRM is pending: the kernel re-arms it only when
+		// the signal is taken. Set with no time left it would stay
+		// disarmed; one microsecond expires at once, into the SIGALRM
+		// pending already, and leaves it armed as it was.
+		if which == unix.ITIMER_REAL && it.ValueSec == 0 && it.ValueUsec == 0 {
+			it.ValueUsec = 1
 		}
 		b := make([]byte, 32)
 		binary.LittleEndian.PutUint64(b[0:], uint64(it.IntervalSec))

@@ -27,8 +27,29 @@ import (
 const shmNextID = "/proc/sys/kernel/shm_next_id"
 
 // makeSysV finds or makes the segment r describes and attaches it to
-// pthaw, to be filled. Runs on any goroutine.
+// pthaw, to be filled: in a container's new IPC namespace, on the thread
+// that holds it (container_linux.go), where nothing needs removing after
+// a failure (the namespace goes with the restore). Runs on any goroutine.
 func (p *Process) makeSysV(r *image.File) (*object, error) {
+	ipc := p.containerIPC()
+	if ipc == nil {
+		return p.makeSysVHere(r)
+	}
+	var o *object
+	err := ipc.Do(func() (err error) {
+		n := len(p.createdShm)
+		o, err = p.makeSysVHere(r)
+		p.createdShm = p.createdShm[:n]
+		return err
+	})
+	if o != nil {
+		o.ipc = ipc
+	}
+	return o, err
+}
+
+// makeSysVHere is makeSysV in the calling thread's IPC namespace.
+func (p *Process) makeSysVHere(r *image.File) (*object, error) {
 	o := &object{img: r, shmid: r.ShmID}
 	var desc unix.SysvShmDesc
 	if _, err := unix.SysvShmCtl(r.ShmID, unix.IPC_STAT, &desc); err == nil {
@@ -87,7 +108,15 @@ func (o *object) closeSysV() {
 		o.shm = nil
 	}
 	if o.img.Removed {
-		unix.SysvShmCtl(o.shmid, unix.IPC_RMID, nil)
+		rm := func() error {
+			_, err := unix.SysvShmCtl(o.shmid, unix.IPC_RMID, nil)
+			return err
+		}
+		if o.ipc != nil {
+			o.ipc.Do(rm)
+		} else {
+			rm()
+		}
 	}
 }
 

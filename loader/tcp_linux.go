@@ -34,6 +34,8 @@ func (p *Process) newSocket(f *image.FD) (uintptr, error) {
 		family = f.TCP.Family
 	case f.Kind == image.FDUDP && f.UDP != nil:
 		family, typ, proto = f.UDP.Family, unix.SOCK_DGRAM, unix.IPPROTO_UDP
+	case f.Kind == image.FDTCPNew && f.UDP != nil:
+		family = f.UDP.Family
 	default:
 		return 0, fmt.Errorf("%w: fd %d: socket", image.ErrCorrupt, f.Fd)
 	}
@@ -109,7 +111,7 @@ func (p *Process) restoreSockets(scratch uintptr) error {
 				}
 			}
 		} else {
-			err = s.bindUDP(f.UDP)
+			err = s.bindUDP(f.UDP, f.Kind == image.FDTCPNew)
 		}
 		if err == nil {
 			// The file status flags last: O_NONBLOCK as it was.
@@ -128,6 +130,9 @@ func sockWhat(f *image.FD) string {
 		return fmt.Sprintf("TCP connection %s -> %s", c.Local, c.Peer)
 	}
 	u := f.UDP
+	if f.Kind == image.FDTCPNew {
+		return fmt.Sprintf("unconnected TCP socket %s", u.Local)
+	}
 	if u.Peer != nil {
 		return fmt.Sprintf("UDP socket %s -> %s", u.Local, *u.Peer)
 	}
@@ -188,6 +193,23 @@ func (s *sockCalls) options(family int, o image.SockOpts, tcp bool) error {
 	}
 	if family == unix.AF_INET6 {
 		opts = append(opts, opt{unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, boolInt(o.V6Only), "IPV6_V6ONLY"})
+	}
+	for _, k := range []opt{{unix.SOL_SOCKET, unix.SO_PRIORITY, o.Priority, "SO_PRIORITY"},
+		{unix.SOL_SOCKET, unix.SO_MARK, o.Mark, "SO_MARK"},
+		{unix.SOL_SOCKET, unix.SO_DONTROUTE, boolInt(o.DontRoute), "SO_DONTROUTE"},
+		{unix.SOL_SOCKET, unix.SO_NO_CHECK, boolInt(o.NoCheck), "SO_NO_CHECK"},
+		{unix.SOL_SOCKET, unix.SO_OOBINLINE, boolInt(o.OOBInline), "SO_OOBINLINE"}} {
+		if k.v != 0 {
+			opts = append(opts, k)
+		}
+	}
+	if o.RcvLowat > 1 {
+		opts = append(opts, opt{unix.SOL_SOCKET, unix.SO_RCVLOWAT, o.RcvLowat, "SO_RCVLOWAT"})
+	}
+	if o.BindToDevice != "" {
+		if err := s.set(unix.SOL_SOCKET, unix.SO_BINDTODEVICE, append([]byte(o.BindToDevice), 0)); err != nil {
+			return fmt.Errorf("SO_BINDTODEVICE %s: %w", o.BindToDevice, err)
+		}
 	}
 	if tcp {
 		opts = append(opts, opt{unix.IPPROTO_TCP, unix.TCP_NODELAY, boolInt(o.NoDelay), "TCP_NODELAY"},
@@ -467,8 +489,8 @@ func (s *sockCalls) fill(queue int, data []byte, bufSize int) error {
 }
 
 // bindUDP gives a UDP socket its options, address and peer.
-func (s *sockCalls) bindUDP(u *image.UDPSocket) error {
-	if err := s.options(u.Family, u.Opts, false); err != nil {
+func (s *sockCalls) bindUDP(u *image.UDPSocket, tcp bool) error {
+	if err := s.options(u.Family, u.Opts, tcp); err != nil {
 		return err
 	}
 	if u.Local.Port != 0 {

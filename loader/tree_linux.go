@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -67,12 +68,18 @@ func (t *tree) closePipes() {
 	t.closeUnix()
 	closeAllObjects(t.objects)
 	t.objects = nil
+	// The namespaces are the members' now (or gone with them).
+	t.members[0].ctr.close()
 }
 
 type shmArea struct {
 	pid        int // ours
 	start, end uint64
-	offset     uint64 // the saved offset of that area in its object
+	// delta is the saved offset of an area less its offset in the object
+	// made here (the first area's saved offset when that area made its
+	// object alone, 0 when the object was made whole); size is the
+	// object's size here.
+	delta, size uint64
 }
 
 // checkTree validates the tree record: every parent before its children,
@@ -83,15 +90,26 @@ func checkTree(t *image.Tree) error { return image.CheckTree(t) }
 // first, then, before any memory arrives, every other member's as a fork
 // of its parent's, each put in its process group and session before it
 // has children. Then each member is built as its records stream in.
-func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
+// rec, when set, is the record after the tree's (and its namespaces').
+func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 	if err := checkTree(img); err != nil {
 		return err
 	}
+	// A live migration's pages, by member: each member's go into it
+	// once its areas are mapped (buildOne).
+	staged := p.staged
+	p.staged = nil
 	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
-	var rec any
 	for i, m := range img.Procs {
 		if m.Zombie {
-			continue // no records: it was made and ended with the stubs
+			// No records: it was made and ended with the stubs, or,
+			// under a member forked late, is now, its parent built.
+			if zp := p.tree.members[i]; i > 0 && zp.cow {
+				if err := p.tr.Do(func() error { return zp.forkMember(m) }); err != nil {
+					return fmt.Errorf("pid %d: %w", m.Pid, err)
+				}
+			}
+			continue
 		}
 		var mp *Process
 		prepare := p.startTreeRoot
@@ -111,6 +129,7 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item) error {
 		} else {
 			return fmt.Errorf("%w: unexpected %T record", image.ErrCorrupt, rec)
 		}
+		mp.staged = staged.forMember(m.Pid)
 		var err error
 		if rec, err = mp.buildOne(items, rec, prepare); err != nil {
 			return fmt.Errorf("pid %d: %w", m.Pid, err)
@@ -147,32 +166,116 @@ func (p *Process) startTreeRoot() error {
 			return fmt.Errorf("pid %d: %w", p.proc.Pid, err)
 		}
 		byPid := map[int]*Process{p.proc.Pid: p}
+		helpers, err := p.groupHelpers()
+		if err != nil {
+			return err
+		}
 		for _, m := range t.img.Procs[1:] {
 			parent := byPid[m.PPid]
 			c := &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
 			t.members = append(t.members, c)
-			if m.Cow {
-				// Forked once its parent's memory is built (forkLate).
+			byPid[m.Pid] = c
+			if m.Cow || parent.cow {
+				// Forked once its parent's memory is built (forkLate),
+				// as is every descendant of such a member: its parent
+				// does not exist yet.
 				c.cow = true
-				byPid[m.Pid] = c
 				continue
 			}
-			if err := parent.fork(c, m.Pid); err != nil {
+			if err := c.forkMember(m); err != nil {
 				return fmt.Errorf("pid %d: %w", m.Pid, err)
-			}
-			t.pids[m.Pid] = c.pid
-			byPid[m.Pid] = c
-			if err := c.setGroup(m); err != nil {
-				return fmt.Errorf("pid %d: %w", m.Pid, err)
-			}
-			if m.Zombie {
-				if err := c.exitAs(m.ExitStatus); err != nil {
-					return fmt.Errorf("zombie pid %d: %w", m.Pid, err)
-				}
 			}
 		}
-		return nil
+		return p.endGroupHelpers(helpers)
 	})
+}
+
+// forkMember makes the stub of member m, p, as a fork of its parent's, in
+// its group and session; a zombie's stub ends at once (exitAs). Runs on
+// the tracer thread.
+func (p *Process) forkMember(m image.TreeProc) error {
+	if err := p.parent.fork(p, m.Pid); err != nil {
+		return err
+	}
+	p.tree.pids[m.Pid] = p.pid
+	if err := p.setGroup(m); err != nil {
+		return err
+	}
+	if m.Zombie {
+		if err := p.exitAs(m.ExitStatus); err != nil {
+			return fmt.Errorf("zombie: %w", err)
+		}
+	}
+	return nil
+}
+
+// groupHelpers makes, for each process group of members whose leader is
+// gone (no member leads it; the freeze checked that nothing outside the
+// tree is in it), a helper: a fork of the root's stub with the group's
+// number as its PID, leading a group of its own, for the members to join
+// (setGroup); endGroupHelpers then ends and reaps it, and the group goes
+// on as long as a member is in it, as it did. In a tree's own PID
+// namespace stand-ins do this (pidns_linux.go). Runs on the tracer
+// thread.
+func (p *Process) groupHelpers() ([]*Process, error) {
+	t := p.tree
+	if t.ns != nil {
+		return nil, nil
+	}
+	members := map[int]bool{}
+	for _, m := range t.img.Procs {
+		members[m.Pid] = true
+	}
+	var helpers []*Process
+	for _, m := range t.img.Procs[1:] {
+		if members[m.Pgid] || m.Pgid == t.img.Procs[0].Pgid || t.pids[m.Pgid] != 0 {
+			continue
+		}
+		h := &Process{tr: p.tr, opts: p.opts, tree: t, parent: p, base: p.base}
+		if err := p.fork(h, m.Pgid); err != nil {
+			return helpers, fmt.Errorf("process group %d: helper: %w", m.Pgid, err)
+		}
+		helpers = append(helpers, h)
+		if _, err := h.call(unix.SYS_SETPGID, 0, 0); err != nil {
+			return helpers, fmt.Errorf("process group %d: helper: setpgid(0, 0): %w", m.Pgid, err)
+		}
+		t.pids[m.Pgid] = h.pid
+	}
+	return helpers, nil
+}
+
+// endGroupHelpers ends the helpers groupHelpers made, reaps them in the
+// root and takes their SIGCHLD back (the root's pending signals are the
+// saved ones, queued later). Runs on the tracer thread.
+func (p *Process) endGroupHelpers(helpers []*Process) error {
+	if len(helpers) == 0 {
+		return nil
+	}
+	for _, h := range helpers {
+		if err := h.exitAs(0); err != nil {
+			return fmt.Errorf("process group helper %d: %w", h.pid, err)
+		}
+		if _, err := p.call(unix.SYS_WAIT4, uintptr(h.pid), 0, unix.WALL, 0); err != nil {
+			return fmt.Errorf("process group helper %d: wait4: %w", h.pid, err)
+		}
+		for saved, here := range p.tree.pids {
+			if here == h.pid {
+				delete(p.tree.pids, saved)
+			}
+		}
+	}
+	scratch := p.base + stubScratchOff
+	b := make([]byte, 32)
+	binary.LittleEndian.PutUint64(b, 1<<(unix.SIGCHLD-1)) // and a zero timeout at 16
+	if err := p.mem.Write(scratch, b); err != nil {
+		return err
+	}
+	for {
+		if _, err := p.call(unix.SYS_RT_SIGTIMEDWAIT, uintptr(scratch), 0, uintptr(scratch+16), 8); err != nil {
+			break // EAGAIN: none left
+		}
+	}
+	return nil
 }
 
 // exitAs ends the stub of a zombie member with its saved wait status,
@@ -198,7 +301,9 @@ func (p *Process) exitAs(status int) error {
 		if err := unix.Tgkill(p.pid, p.pid, sig); err != nil {
 			return fmt.Errorf("kill with %v: %w", sig, err)
 		}
-		if err := ptrace.Cont(p.pid, 0); err != nil {
+		// SIGKILL ends the stub at once, traced and stopped as it is:
+		// there is nothing to resume (ESRCH), only the exit to wait for.
+		if err := ptrace.Cont(p.pid, 0); err != nil && !(sig == unix.SIGKILL && errors.Is(err, unix.ESRCH)) {
 			return err
 		}
 		// One bound for the whole death, however many stops come first.
@@ -216,7 +321,7 @@ func (p *Process) exitAs(status int) error {
 			if st.Sig() == sig && st.Event() == 0 {
 				deliver = sig
 			}
-			if err := ptrace.Cont(p.pid, deliver); err != nil {
+			if err := ptrace.Cont(p.pid, deliver); err != nil && !(sig == unix.SIGKILL && errors.Is(err, unix.ESRCH)) {
 				return err
 			}
 		}
@@ -318,17 +423,22 @@ func (p *Process) sharedArea(v *image.VMA) (path string, off uint64, ok bool, er
 	if !ok {
 		return "", 0, false, nil
 	}
-	if v.Offset < a.offset || v.Offset-a.offset+v.Len() > a.end-a.start {
-		return "", 0, false, fmt.Errorf("%s: shares only part of %#x-%#x of pid %d: not supported yet", vmaName(v), a.start, a.end, a.pid)
+	if v.Offset < a.delta || v.Offset-a.delta+v.Len() > a.size {
+		return "", 0, false, fmt.Errorf("%s: lies outside the %#x bytes of its memory object (mapped first at %#x-%#x of pid %d): not supported yet", vmaName(v), a.size, a.start, a.end, a.pid)
 	}
-	return fmt.Sprintf("/proc/%d/map_files/%x-%x", a.pid, a.start, a.end), v.Offset - a.offset, true, nil
+	return fmt.Sprintf("/proc/%d/map_files/%x-%x", a.pid, a.start, a.end), v.Offset - a.delta, true, nil
 }
 
 // mappedShared records v, just mapped as a fresh shared anonymous area, as
-// the first of its object.
-func (p *Process) mappedShared(v *image.VMA) {
+// the first of its object, which is whole (size bytes, v at its saved
+// offset) or v alone.
+func (p *Process) mappedShared(v *image.VMA, whole bool, size uint64) {
 	if p.tree != nil && v.Shm != 0 {
-		p.tree.shm[v.Shm] = shmArea{pid: p.pid, start: v.Start, end: v.End, offset: v.Offset}
+		a := shmArea{pid: p.pid, start: v.Start, end: v.End, delta: v.Offset, size: v.Len()}
+		if whole {
+			a.delta, a.size = 0, size
+		}
+		p.tree.shm[v.Shm] = a
 	}
 }
 
@@ -344,6 +454,9 @@ func (p *Process) startTree() error {
 		return err
 	}
 	p.tree.virtWanted = p.tree.wantVirt(p.opts)
+	if err := p.lateMounts(); err != nil {
+		return err
+	}
 	for _, m := range p.tree.members {
 		if m.zombie {
 			continue
@@ -451,7 +564,9 @@ func (p *Process) Pids() []int {
 // (image.TreeProc.Cow: zdtm's cow00): a fork of its parent's stub once the
 // parent's memory is built, so that the pages the two had in common
 // (image.VMA.InParent) are one physical page again, copy-on-write, not
-// two copies. Its areas with such pages are kept from the fork (p.kept),
+// two copies. (A descendant of such a member, whose parent did not exist
+// before, is forked so too, image.LateMembers, with no pages kept unless
+// it is Cow itself.) Its areas with such pages are kept from the fork (p.kept),
 // read-write for the pages records to come, and their other pages
 // dropped (they read as zero until those records fill them); every other
 // area of the parent's goes when the member's memory is mapped
@@ -459,11 +574,7 @@ func (p *Process) Pids() []int {
 func (p *Process) forkLate(m image.TreeProc) error {
 	return p.tr.Do(func() error {
 		parent := p.parent
-		if err := parent.fork(p, m.Pid); err != nil {
-			return fmt.Errorf("fork: %w", err)
-		}
-		p.tree.pids[m.Pid] = p.pid
-		if err := p.setGroup(m); err != nil {
+		if err := p.forkMember(m); err != nil {
 			return err
 		}
 		if err := p.checkStubRoom(); err != nil {

@@ -2,11 +2,13 @@ package loader
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/netns"
 	"github.com/pcluster/pcluster/migrate/image"
 )
 
@@ -24,6 +26,12 @@ func (p *Process) unixSocket(f *image.FD) (uintptr, error) {
 	u := f.Unix
 	if u == nil {
 		return 0, fmt.Errorf("%w: fd %d: unix socket", image.ErrCorrupt, f.Fd)
+	}
+	if u.PeerClosed {
+		return p.peerClosedEnd(f)
+	}
+	if u.Handover != nil {
+		return p.handOverUnix(f)
 	}
 	unconnected := u.Peer == 0 && u.Connect == ""
 	if unconnected && u.Name == "" {
@@ -427,7 +435,13 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 	key := min(u.ID, u.Peer)
 	pair, ok := p.tree.unix[key]
 	if !ok {
-		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		var fds [2]int
+		// In a container's own network namespace, where its members'
+		// sockets are (and sock_diag finds them at the next freeze).
+		err := p.inContainerNet(func() (err error) {
+			fds, err = unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
 		}
@@ -446,14 +460,8 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		// The other end's own size may not be known yet (its record may
 		// come later, and it is set with the shutdowns): room enough for
 		// this queue meanwhile.
-		total := 0
-		for _, m := range u.Queue {
-			total += len(m) + 1024 // and each message's overhead
-		}
-		if cur, err := unix.GetsockoptInt(other, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur < 2*total {
-			if err := setSndBuf(other, 2*total); err != nil {
-				return 0, fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
-			}
+		if err := roomFor(other, u.Queue); err != nil {
+			return 0, fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
 		}
 		if len(u.Rights) > 0 {
 			// Its messages carry fds, which members not yet built
@@ -474,6 +482,65 @@ func (p *Process) treeUnixEnd(f *image.FD) (uintptr, error) {
 		}
 	}
 	return tmp, nil
+}
+
+// peerClosedEnd makes a unix socket whose peer was closed: pthaw makes a
+// pair, sends the saved queue from the other end and closes that, and
+// the process takes the first end (in a tree, members that held it take
+// the same one). Runs on the tracer thread.
+func (p *Process) peerClosedEnd(f *image.FD) (uintptr, error) {
+	u := f.Unix
+	if p.opts.PIDNamespace {
+		// The process, in its own PID namespace, cannot name pthaw.
+		return 0, fmt.Errorf("fd %d (%s): a unix socket whose peer was closed is not carried into a new PID namespace (-pidns) yet", f.Fd, f.What)
+	}
+	var pair *treePair
+	if p.tree != nil {
+		pair = p.tree.unix[u.ID]
+	}
+	if pair == nil {
+		fds, err := unix.Socketpair(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return 0, fmt.Errorf("fd %d: socketpair: %w", f.Fd, err)
+		}
+		pair = &treePair{ends: map[uint64]int{u.ID: fds[0]}, shutdown: map[uint64]int{u.ID: u.Shutdown}, sndbuf: map[uint64]int{}}
+		err = roomFor(fds[1], u.Queue)
+		if err == nil {
+			err = sendQueue(fds[1], u, nil)
+		}
+		unix.Close(fds[1])
+		if err != nil {
+			unix.Close(fds[0])
+			return 0, fmt.Errorf("fd %d (%s): refill its queue: %w", f.Fd, f.What, err)
+		}
+		if p.tree != nil {
+			p.tree.unix[u.ID] = pair
+		}
+	}
+	tmp, err := p.takeFromPthaw(f, pair.ends[u.ID])
+	if p.tree == nil {
+		unix.Close(pair.ends[u.ID])
+	}
+	if err == nil && f.Flags&unix.O_NONBLOCK != 0 {
+		if _, err = p.call(unix.SYS_FCNTL, tmp, unix.F_SETFL, unix.O_NONBLOCK); err != nil {
+			p.call(unix.SYS_CLOSE, tmp)
+			return 0, fmt.Errorf("fd %d: O_NONBLOCK: %w", f.Fd, err)
+		}
+	}
+	return tmp, err
+}
+
+// roomFor makes the send buffer of s big enough for queue, so that
+// sendQueue never blocks on it.
+func roomFor(s int, queue [][]byte) error {
+	total := 0
+	for _, m := range queue {
+		total += len(m) + 1024 // and each message's overhead
+	}
+	if cur, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && cur < 2*total {
+		return setSndBuf(s, 2*total)
+	}
+	return nil
 }
 
 // takeFromPthaw gives the process a new fd of pthaw's fd mine (an
@@ -532,7 +599,13 @@ func (p *Process) treeUnixListener(f *image.FD) (uintptr, error) {
 	u := f.Unix
 	l, ok := p.tree.listeners[u.ID]
 	if !ok {
-		s, err := unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+		s := -1
+		// In a container's own network namespace: an abstract name is
+		// its namespace's.
+		err := p.inContainerNet(func() (err error) {
+			s, err = unix.Socket(unix.AF_UNIX, u.Type|unix.SOCK_CLOEXEC, 0)
+			return err
+		})
 		if err != nil {
 			return 0, fmt.Errorf("fd %d: socket: %w", f.Fd, err)
 		}
@@ -567,31 +640,54 @@ func (p *Process) bindTreeListeners() error {
 		if u.Name == "" || len(u.Name) > 107 {
 			return fmt.Errorf("%w: fd %d: listening unix socket", image.ErrCorrupt, l.rec.Fd)
 		}
-		if u.Name[0] != '@' && !staleSocket(u.Name) {
+		// A path as the tree sees it: in a container's own mount
+		// namespace, reached from here through its directory.
+		name, done, err := p.containerPath(u.Name)
+		if err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
+		}
+		err = bindTreeListener(l, name)
+		done()
+		if errors.Is(err, errListenerTaken) {
 			p.notice("fd %d (unix socket listening on %s) cannot be bound here: another process listens there; the tree finds it unbound", l.rec.Fd, u.Name)
 			continue
 		}
-		name := u.Name
-		if name[0] == '@' {
-			name = "\x00" + name[1:]
+		if err != nil {
+			return err
 		}
-		if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
-			return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+	}
+	return nil
+}
+
+// errListenerTaken: another process listens on a listener's path.
+var errListenerTaken = errors.New("another process listens there")
+
+// bindTreeListener binds l to name (its saved name, or the path that
+// reaches it from here) and makes it listen.
+func bindTreeListener(l *treeListener, name string) error {
+	u := l.rec.Unix
+	if u.Name[0] != '@' && !staleSocket(name) {
+		return errListenerTaken
+	}
+	if name[0] == '@' {
+		name = "\x00" + name[1:]
+	}
+	if err := unix.Bind(l.fd, &unix.SockaddrUnix{Name: name}); err != nil {
+		return fmt.Errorf("fd %d: bind unix socket %s: %w", l.rec.Fd, u.Name, err)
+	}
+	if u.Name[0] == '/' {
+		if err := os.Lchown(name, int(u.Uid), int(u.Gid)); err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
 		}
-		if u.Name[0] == '/' {
-			if err := os.Lchown(u.Name, int(u.Uid), int(u.Gid)); err != nil {
-				return fmt.Errorf("fd %d: unix socket %s: %w", l.rec.Fd, u.Name, err)
-			}
-			if err := unix.Fchmodat(unix.AT_FDCWD, u.Name, u.Mode&0o7777, 0); err != nil {
-				return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
-			}
+		if err := unix.Fchmodat(unix.AT_FDCWD, name, u.Mode&0o7777, 0); err != nil {
+			return fmt.Errorf("fd %d: unix socket %s: chmod: %w", l.rec.Fd, u.Name, err)
 		}
-		if !u.Listen {
-			continue // bound, not listening
-		}
-		if err := unix.Listen(l.fd, listenBacklog); err != nil {
-			return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
-		}
+	}
+	if !u.Listen {
+		return nil // bound, not listening
+	}
+	if err := unix.Listen(l.fd, listenBacklog); err != nil {
+		return fmt.Errorf("fd %d: listen on unix socket %s: %w", l.rec.Fd, u.Name, err)
 	}
 	return nil
 }
@@ -656,4 +752,61 @@ func setSndBuf(s, sndbuf int) error {
 		return fmt.Errorf("SO_SNDBUFFORCE %d: %w", sndbuf/2, err)
 	}
 	return nil
+}
+
+// unixOptions sets SO_PASSCRED and SO_PASSSEC on the unix sockets that
+// had them, however they were made again. Runs on the tracer thread;
+// scratch is argument memory in the process.
+func (p *Process) unixOptions(scratch uintptr) error {
+	for _, f := range p.fds {
+		u := f.Unix
+		if f.Kind != image.FDUnix || u == nil || f.Desc != f.Fd || p.replaced(f) {
+			continue
+		}
+		s := &sockCalls{p: p, fd: uintptr(f.Fd), scratch: scratch}
+		if u.PassCred {
+			if err := s.setInt(unix.SOL_SOCKET, unix.SO_PASSCRED, 1, "SO_PASSCRED"); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+		if u.PassSec {
+			if err := s.setInt(unix.SOL_SOCKET, unix.SO_PASSSEC, 1, "SO_PASSSEC"); err != nil {
+				return fmt.Errorf("fd %d (%s): %w", f.Fd, f.What, err)
+			}
+		}
+	}
+	return nil
+}
+
+// handOverUnix gives the process the very socket f its original held at
+// u.Handover's pid and fd, connected to a peer outside (pfreeze -halt to
+// a listening pthaw): pthaw takes it from the original, held frozen by
+// pfreeze until the copy is built, and the process takes it from pthaw.
+// The peer keeps its connection and every byte queued either way. Only
+// on the host the original runs on: pthaw's network namespace must be
+// the one pfreeze ran in, and the fd must still be that socket.
+// Runs on the tracer thread.
+func (p *Process) handOverUnix(f *image.FD) (uintptr, error) {
+	h := f.Unix.Handover
+	what := fmt.Sprintf("fd %d (unix socket connected outside, pid %d's fd %d)", f.Fd, h.Pid, h.Fd)
+	if own, err := netns.Cookie(); err != nil {
+		return 0, fmt.Errorf("%s: %w", what, err)
+	} else if own != h.NetNS {
+		return 0, fmt.Errorf("%s: frozen on another host (network namespace): a connection to a peer outside is handed over only on its own host", what)
+	}
+	pidfd, err := unix.PidfdOpen(h.Pid, 0)
+	if err != nil {
+		return 0, fmt.Errorf("%s: the original is gone (the connection is handed over only while pfreeze -halt holds it): %w", what, err)
+	}
+	mine, err := unix.PidfdGetfd(pidfd, h.Fd, 0)
+	unix.Close(pidfd)
+	if err != nil {
+		return 0, fmt.Errorf("%s: take it from the original: %w", what, err)
+	}
+	defer unix.Close(mine)
+	var st unix.Stat_t
+	if err := unix.Fstat(mine, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != f.Unix.ID {
+		return 0, fmt.Errorf("%s: that fd is no longer socket:[%d] (the original is gone)", what, f.Unix.ID)
+	}
+	return p.takeFromPthaw(f, mine)
 }

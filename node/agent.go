@@ -97,6 +97,11 @@ type Config struct {
 	// Contact returns when this node was last in contact with the raft
 	// majority: now while it leads, else its last contact with a leader.
 	Contact func() time.Time
+	// StopAndCopy moves workloads stopped for the whole transfer, as
+	// before live migration (pclusterd -migrate-live=false). By default a
+	// migration copies the workload's memory while it runs, in rounds
+	// (capture.LiveOptions), and stops it only for the last.
+	StopAndCopy bool
 	// Watchdog (with FenceAfter and cgroups): the agent starts a fence
 	// watchdog that freezes what the fence covers if the agent dies and
 	// no new one takes over within FenceAfter of its last contact

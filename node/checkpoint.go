@@ -181,7 +181,7 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 		log.Info("checkpoint not taken: the workload is fenced")
 		return
 	}
-	size, err := a.writeCheckpoint(ctx, w, pid, pidns, tmp)
+	size, parent, err := a.writeCheckpoint(ctx, w, pid, pidns, tmp)
 	a.mu.Lock()
 	delete(a.capturing, w.ID)
 	a.mu.Unlock()
@@ -201,7 +201,7 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 		nsPid = w.NSPID
 	}
 	cp, err := a.reportCheckpoint(ctx, api.CheckpointReport{Kind: api.CheckpointTaken, Workload: w.ID, Attempt: w.Attempt,
-		Size: size, NSPID: nsPid, At: at})
+		Size: size, NSPID: nsPid, Parent: parent, At: at})
 	if err != nil {
 		os.Remove(tmp)
 		log.Info("checkpoint not recorded; file removed", "err", err)
@@ -216,7 +216,7 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 		log.Warn("checkpoint recorded but its file is lost", "seq", cp.Seq, "err", err)
 		return
 	}
-	log.Info("checkpoint taken", "seq", cp.Seq, "bytes", size, "took", time.Since(at).Round(time.Millisecond), "copies_to", cp.Targets)
+	log.Info("checkpoint taken", "seq", cp.Seq, "parent", parent, "bytes", size, "took", time.Since(at).Round(time.Millisecond), "copies_to", cp.Targets)
 	if len(cp.Targets) == 0 {
 		return
 	}
@@ -240,30 +240,69 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 
 // writeCheckpoint freezes w's process (its whole namespace) without
 // halting it into the file tmp, once the disk reserve allows it, and
-// returns the file's size.
-func (a *Agent) writeCheckpoint(ctx context.Context, w scheduler.Workload, pid int, pidns bool, tmp string) (int64, error) {
+// returns the file's size and, for an incremental checkpoint, the
+// checkpoint it refers to (checkpointParent).
+func (a *Agent) writeCheckpoint(ctx context.Context, w scheduler.Workload, pid int, pidns bool, tmp string) (int64, uint64, error) {
 	dir := a.CheckpointDir()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return 0, fmt.Errorf("checkpoint of %s: %w", w.ID, err)
+		return 0, 0, fmt.Errorf("checkpoint of %s: %w", w.ID, err)
 	}
 	if err := a.checkReserve(w, pid, dir); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
+	seq, parent := a.checkpointParent(w, pidns)
 	os.Remove(tmp)
 	sink, err := stream.OpenSink(tmp, stream.SinkOptions{WriteTimeout: transferIO})
 	if err != nil {
-		return 0, fmt.Errorf("checkpoint of %s: %w", w.ID, err)
+		return 0, 0, fmt.Errorf("checkpoint of %s: %w", w.ID, err)
 	}
 	err = capture.SendTo(ctx, a.tracer(), pid, sink, capture.SendOptions{Tree: pidns,
-		Codec: stream.Codec{Name: stream.CompressAuto}, Cipher: stream.CipherAESGCM, Key: a.checkpointKey()})
+		Codec: stream.Codec{Name: stream.CompressAuto}, Cipher: stream.CipherAESGCM, Key: a.checkpointKey(), Parent: parent})
 	if err != nil {
-		return 0, fmt.Errorf("checkpoint of %s (pid %d): %w", w.ID, pid, err)
+		return 0, 0, fmt.Errorf("checkpoint of %s (pid %d): %w", w.ID, pid, err)
 	}
 	fi, err := os.Stat(tmp)
 	if err != nil {
-		return 0, fmt.Errorf("checkpoint of %s: %w", w.ID, err)
+		return 0, 0, fmt.Errorf("checkpoint of %s: %w", w.ID, err)
 	}
-	return fi.Size(), nil
+	return fi.Size(), seq, nil
+}
+
+// checkpointParent picks the parent of w's next checkpoint: the last one,
+// if this node took it of the same attempt (and the same kind, namespace
+// or process) and holds it and every one it needs, and a full one is not
+// due (EffectivePolicy's FullEvery). It reads the parent's page digests
+// from its file (cheap for an incremental one: its own pages only). 0 and
+// nil: the checkpoint is full.
+func (a *Agent) checkpointParent(w scheduler.Workload, pidns bool) (uint64, *capture.Parent) {
+	var seq uint64
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		r := s.Checkpoints[w.ID]
+		if r == nil || len(r.List) == 0 {
+			return
+		}
+		last := r.List[len(r.List)-1]
+		p, _ := scheduler.EffectivePolicy(s, &w)
+		chain := r.Chain(last.Seq)
+		if last.Node != a.cfg.Name || last.Attempt != w.Attempt || (last.NSPID > 0) != pidns ||
+			len(chain) == 0 || len(chain) >= p.FullEvery || !r.ChainHeld(last.Seq, a.cfg.Name) {
+			return
+		}
+		seq = last.Seq
+	})
+	if seq == 0 {
+		return 0, nil
+	}
+	path, err := a.CheckpointPath(w.ID, seq)
+	if err != nil {
+		return 0, nil
+	}
+	p, err := capture.OpenParent(path, []stream.Key{*a.checkpointKey()})
+	if err != nil {
+		a.log.Warn("checkpoint parent unreadable: taking a full checkpoint", "workload", w.ID, "parent", seq, "err", err)
+		return 0, nil
+	}
+	return seq, p
 }
 
 // checkReserve refuses a checkpoint that could leave less than the
@@ -563,6 +602,19 @@ func (a *Agent) buildFromCheckpoint(ctx context.Context, w scheduler.Workload, l
 	defer body.Close()
 	dec := image.NewDecoder(body)
 	dec.CheckRegisters(ptrace.NumRegs)
+	// An incremental checkpoint reads the ones it needs, from this
+	// node's files only.
+	var chain []string
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		if r := s.Checkpoints[w.ID]; r != nil {
+			for _, c := range r.Chain(w.Restore.Seq) {
+				if p, err := a.CheckpointPath(w.ID, c.Seq); err == nil && c.Seq != w.Restore.Seq {
+					chain = append(chain, p)
+				}
+			}
+		}
+	})
+	defer loader.FollowParents(dec, chain, []stream.Key{*a.checkpointKey()}).Close()
 	pidns := w.Restore.NSPID > 0
 	p, err := loader.Build(ctx, a.tracer(), dec, loader.Options{Detach: true, Stdio: stdio, StdioFiles: true,
 		PIDNamespace: pidns, Notice: func(s string) { log.Info("restore: " + s) }})

@@ -34,8 +34,9 @@ import (
 //	                                ◀── built ──
 //	                                           step committed (one raft entry)
 //	wait until its replica shows               wait until its replica shows
-//	committed: kill ── commit ──▶              committed; the wire's commit (or
-//	                                           its loss): start, step done
+//	committed: kill ── commit ──▶              committed: start, step done (a
+//	                                           copy waiting for the original's
+//	                                           PID: after the wire's commit)
 //
 // Before the commit any failure aborts (a raft step) and the source
 // resumes the original where it was; the source resumes only once its
@@ -53,8 +54,9 @@ const (
 	// abort (which the state refuses if the commit won).
 	commitWait = 30 * time.Second
 	// startWait bounds the target's wait for the source's wire commit
-	// once its replica shows the raft commit: the source kills its copy
-	// first, and the PID is taken only once it is gone.
+	// once its replica shows the raft commit. A copy that still waits for
+	// its saved PID (loader's PIDPending) starts only then, once the
+	// original holding it is gone; any other starts on the raft commit.
 	startWait = 20 * time.Second
 )
 
@@ -213,8 +215,9 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 	// stream end (the target would report its own, "connection closed",
 	// and the state keeps the first): Close waits for release.
 	// With cgroups the hold outlives the agent instead: the original's
-	// cgroup is frozen before the first byte of its snapshot leaves
-	// (capture's Frozen hook: every thread is ptrace-stopped and the
+	// cgroup is frozen at the stop, before the first byte sent after it
+	// (the pre-copy rounds before it go while the workload runs:
+	// capture's Frozen hook: every thread is ptrace-stopped and the
 	// capture's injected calls are done; a task of a frozen cgroup that
 	// the tracer resumes would drop into the freezer instead of running
 	// them), so that whatever happens to this agent the original neither
@@ -235,10 +238,17 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 		defer a.unhold(m.WorkloadID)
 	}
 	conn = ac
+	var live capture.LiveStats
 	sink, err := stream.NewConnSink(sendCtx, conn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: transferIO})
 	if err == nil {
-		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
+		// Live by default: the memory goes while the workload runs; the
+		// hook below (cgroup freeze, VIP away) runs only at the final
+		// stop, and a failure before it leaves the workload as it was,
+		// never stopped.
+		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, OtherHost: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
+			Live: !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
+				Notice: func(s string) { log.Info("live migration: " + s) }},
 			Frozen: func() {
 				if hold != nil {
 					hold.freeze()
@@ -263,7 +273,8 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 			// own replica's word, with or without our commit on the wire.
 			log.Warn("migration committed; the target did not confirm on the wire", "err", err)
 		}
-		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond))
+		log.Info("migration committed: workload left this node", "took", time.Since(start).Round(time.Millisecond),
+			"rounds", live.Rounds, "precopy_bytes", live.PrecopyBytes, "final_bytes", live.FinalBytes)
 		return
 	}
 	if hold == nil || !hold.frozen.Load() {
@@ -642,8 +653,9 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	*committing = true
 	// The commit: one raft entry moves the workload here. Retried while
 	// there is no leader; the state's answer, not ours, decides.
+	pre := p.Precopy()
 	err = a.step(rctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationCommitted),
-		Bytes: counted.n.Load()})
+		Bytes: counted.n.Load(), Rounds: pre.Rounds, PrecopyBytes: int64(pre.Bytes), StoppedAt: pre.StoppedAt})
 	got, ok, werr := a.awaitMigration(context.Background(), m.ID, scheduler.MigrationCommitted, scheduler.MigrationDone, scheduler.MigrationAborted)
 	if werr != nil || !ok || got.State == scheduler.MigrationAborted {
 		p.Abort()
@@ -655,10 +667,29 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	// agent adopts it then).
 	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), startWait+30*time.Second)
 	defer cancelPost()
-	// The source kills its copy and tells us; without its word (cut off,
-	// dead) we start anyway once startWait has passed.
-	if err := src.AwaitCommit(startWait); err != nil {
-		log.Warn("no commit from the source on the wire; starting on the state's word", "err", err)
+	// The source kills its copy and tells us on the wire. The state's
+	// commit, not that word, lets the copy start: the original is frozen
+	// in its cgroup on another host, its virtual IP gone, its moving TCP
+	// connections silent in repair mode, its logs and status file that
+	// host's; the two end and begin each on the commit, not one after the
+	// other (docs/cluster.md, "Migration protocol"). Only a copy that
+	// still waits for its saved PID, which the original holds (hosts that
+	// share a PID namespace, a workload that is not one of its own),
+	// waits for the kill, and without the source's word (cut off, dead)
+	// starts once startWait has passed.
+	if p.PIDPending() {
+		if err := src.AwaitCommit(startWait); err != nil {
+			log.Warn("no commit from the source on the wire; starting on the state's word", "err", err)
+		}
+	} else {
+		// Read, and acknowledged, while the copy starts.
+		wire := make(chan error, 1)
+		go func() { wire <- src.AwaitCommit(startWait) }()
+		defer func() {
+			if err := <-wire; err != nil {
+				log.Info("no commit from the source on the wire; started on the state's word", "err", err)
+			}
+		}()
 	}
 	attempt := m.Attempt + 1
 	a.mu.Lock()

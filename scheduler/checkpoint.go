@@ -13,12 +13,14 @@ import (
 
 // Defaults and limits of a checkpoint policy.
 const (
-	DefaultCheckpointKeep     = 3
-	DefaultCheckpointReplicas = 1
-	MinCheckpointInterval     = time.Second
-	MaxCheckpointKeep         = 100
-	MaxCheckpointReplicas     = 16
-	MaxCheckpointPolicies     = 256
+	DefaultCheckpointKeep      = 3
+	DefaultCheckpointReplicas  = 1
+	DefaultCheckpointFullEvery = 8
+	MinCheckpointInterval      = time.Second
+	MaxCheckpointKeep          = 100
+	MaxCheckpointReplicas      = 16
+	MaxCheckpointPolicies      = 256
+	MaxCheckpointFullEvery     = 256
 )
 
 // ValidateCheckpointPolicy checks a policy before it is proposed.
@@ -41,6 +43,9 @@ func ValidateCheckpointPolicy(p *CheckpointPolicy) error {
 	if p.Replicas < 0 || p.Replicas > MaxCheckpointReplicas {
 		return invalid("replicas", "%d, out of range 0..%d", p.Replicas, MaxCheckpointReplicas)
 	}
+	if p.FullEvery < 0 || p.FullEvery > MaxCheckpointFullEvery {
+		return invalid("full_every", "%d, out of range 1..%d", p.FullEvery, MaxCheckpointFullEvery)
+	}
 	return validFence(p.Fence)
 }
 
@@ -56,7 +61,8 @@ func (p *CheckpointPolicy) Matches(w *Workload) bool {
 }
 
 // EffectivePolicy merges the policies that apply to w: the shortest
-// interval, the largest keep and replicas. ok is false when none applies;
+// interval, the largest keep and replicas, the most frequent full
+// checkpoint. ok is false when none applies;
 // the result still has the defaults for keep and replicas then (a
 // `checkpoint now` of such a workload uses them).
 func EffectivePolicy(s *State, w *Workload) (p CheckpointPolicy, ok bool) {
@@ -74,8 +80,12 @@ func EffectivePolicy(s *State, w *Workload) (p CheckpointPolicy, ok bool) {
 		if keep == 0 {
 			keep = DefaultCheckpointKeep
 		}
+		full := q.FullEvery
+		if full == 0 {
+			full = DefaultCheckpointFullEvery
+		}
 		if !ok {
-			p = CheckpointPolicy{Name: q.Name, Interval: q.Interval, Keep: keep, Replicas: q.Replicas}
+			p = CheckpointPolicy{Name: q.Name, Interval: q.Interval, Keep: keep, Replicas: q.Replicas, FullEvery: full}
 			ok = true
 			continue
 		}
@@ -83,9 +93,10 @@ func EffectivePolicy(s *State, w *Workload) (p CheckpointPolicy, ok bool) {
 		p.Interval = min(p.Interval, q.Interval)
 		p.Keep = max(p.Keep, keep)
 		p.Replicas = max(p.Replicas, q.Replicas)
+		p.FullEvery = min(p.FullEvery, full)
 	}
 	if !ok {
-		p = CheckpointPolicy{Keep: DefaultCheckpointKeep, Replicas: DefaultCheckpointReplicas}
+		p = CheckpointPolicy{Keep: DefaultCheckpointKeep, Replicas: DefaultCheckpointReplicas, FullEvery: DefaultCheckpointFullEvery}
 	}
 	return p, ok
 }
@@ -174,9 +185,10 @@ func ReplicaTargets(s *State, taker string, n int) []string {
 }
 
 // PlanCheckpointPrune is the retention: for every workload with more
-// checkpoints than its effective keep, a command forgetting the oldest.
-// A workload that has ended keeps its checkpoints (to bring it back)
-// until it is collected.
+// checkpoints than its effective keep, a command forgetting the oldest,
+// but never one that a kept (incremental) checkpoint needs. A workload
+// that has ended keeps its checkpoints (to bring it back) until it is
+// collected.
 func PlanCheckpointPrune(s *State) []Command {
 	ids := make([]string, 0, len(s.Checkpoints))
 	for id := range s.Checkpoints {
@@ -194,9 +206,20 @@ func PlanCheckpointPrune(s *State) []Command {
 		if len(r.List) <= p.Keep {
 			continue
 		}
+		needed := map[uint64]bool{}
+		for _, c := range r.List[len(r.List)-p.Keep:] {
+			for _, a := range r.Chain(c.Seq) {
+				needed[a.Seq] = true
+			}
+		}
 		var seqs []uint64
 		for _, c := range r.List[:len(r.List)-p.Keep] {
-			seqs = append(seqs, c.Seq)
+			if !needed[c.Seq] {
+				seqs = append(seqs, c.Seq)
+			}
+		}
+		if len(seqs) == 0 {
+			continue
 		}
 		out = append(out, Command{Type: CmdCheckpointPrune, Payload: &CheckpointPruneCmd{WorkloadID: id, Seqs: seqs}})
 	}

@@ -139,6 +139,9 @@ func TestValidateCheckpointPolicy(t *testing.T) {
 		{CheckpointPolicy{Name: "p", Interval: 1e6}, false},
 		{CheckpointPolicy{Name: "p", Interval: 5e9, Keep: -1}, false},
 		{CheckpointPolicy{Name: "p", Interval: 5e9, Replicas: 99}, false},
+		{CheckpointPolicy{Name: "p", Interval: 5e9, FullEvery: 1}, true},
+		{CheckpointPolicy{Name: "p", Interval: 5e9, FullEvery: -1}, false},
+		{CheckpointPolicy{Name: "p", Interval: 5e9, FullEvery: 257}, false},
 	} {
 		err := ValidateCheckpointPolicy(&c.p)
 		if (err == nil) != c.ok || err != nil && !errors.Is(err, ErrInvalid) {
@@ -238,4 +241,65 @@ func TestPlanFailover(t *testing.T) {
 			t.Errorf("after the failover: got %+v, want nothing", p)
 		}
 	})
+}
+
+// TestCheckpointChains: an incremental checkpoint names a kept parent
+// held by its taker; the retention keeps what a kept checkpoint needs;
+// a restore or failover goes only to a node holding the whole chain.
+func TestCheckpointChains(t *testing.T) {
+	a := checkpointLab(t)
+	a.ok(CmdCheckpointPolicyUpsert, &CheckpointPolicyUpsertCmd{Policy: CheckpointPolicy{Name: "p", Interval: 5e9, Keep: 2, Replicas: 1}})
+	if err, _ := a.apply(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 20e9, Parent: 7}).(error); !errors.Is(err, ErrRefused) {
+		t.Fatalf("a parent never taken: got %v, want ErrRefused", err)
+	}
+	// 1 full (copies on b and c), 2 on 1 (copy on b only), 3 on 2, 4 full.
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 20e9, Targets: []string{"b", "c"}})
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w1", Seq: 1, Node: "b"})
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w1", Seq: 1, Node: "c"})
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 21e9, Targets: []string{"b"}, Parent: 1})
+	a.ok(CmdCheckpointCopied, &CheckpointCopiedCmd{WorkloadID: "w1", Seq: 2, Node: "b"})
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 22e9, Targets: []string{"b"}, Parent: 2})
+	a.f.Read(func(s *State) {
+		r := s.Checkpoints["w1"]
+		if c := r.Chain(3); len(c) != 3 || c[0].Seq != 3 || c[1].Seq != 2 || c[2].Seq != 1 {
+			t.Errorf("chain of 3: got %d checkpoints", len(c))
+		}
+		for _, tc := range []struct {
+			seq  uint64
+			node string
+			want bool
+		}{{3, "a", true}, {3, "b", false}, {2, "b", true}, {2, "c", false}, {1, "c", true}} {
+			if got := r.ChainHeld(tc.seq, tc.node); got != tc.want {
+				t.Errorf("chain of %d held by %s: got %v, want %v", tc.seq, tc.node, got, tc.want)
+			}
+		}
+		// Keep 2 of 3: checkpoint 1 is the oldest, but 2 and 3 need it.
+		if p := PlanCheckpointPrune(s); len(p) != 0 {
+			t.Errorf("prune: got %+v, want nothing (1 is needed)", p)
+		}
+	})
+	if err, _ := a.apply(CmdWorkloadRestore, &WorkloadRestoreCmd{ID: "w1", Seq: 2, Node: "c", At: 23e9}).(error); !errors.Is(err, ErrRefused) {
+		t.Errorf("restore of 2 on c, which lacks 2: got %v, want ErrRefused", err)
+	}
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 24e9, Targets: []string{"c"}})
+	var plan []Command
+	a.f.Read(func(s *State) { plan = PlanCheckpointPrune(s) })
+	// Kept: 3 and 4; 3 needs 2 and 1.
+	if len(plan) != 0 {
+		t.Errorf("prune with 4 full: got %+v, want nothing (3 needs 1 and 2)", plan)
+	}
+	a.ok(CmdCheckpointTaken, &CheckpointTakenCmd{WorkloadID: "w1", Node: "a", Attempt: 1, At: 25e9, Targets: []string{"c"}, Parent: 4})
+	a.f.Read(func(s *State) { plan = PlanCheckpointPrune(s) })
+	want := []Command{{Type: CmdCheckpointPrune, Payload: &CheckpointPruneCmd{WorkloadID: "w1", Seqs: []uint64{1, 2, 3}}}}
+	if !reflect.DeepEqual(plan, want) {
+		t.Fatalf("prune with 4 and 5 kept: got %+v, want %+v", plan, want)
+	}
+	// a goes down: b holds 3's chain but c only 1 (and 4, 5 are not
+	// copied yet): the failover takes 2 from b, the newest whole chain.
+	a.ok(CmdNodeStatus, &NodeStatusCmd{Name: "a", Status: NodeDown, At: 30e9})
+	a.f.Read(func(s *State) { plan = PlanFailover(s, time.Unix(0, 40e9), time.Second) })
+	want = []Command{{Type: CmdWorkloadRestore, Payload: &WorkloadRestoreCmd{ID: "w1", Seq: 2, Node: "b", At: 40e9, Failover: true}}}
+	if !reflect.DeepEqual(plan, want) {
+		t.Fatalf("failover: got %+v, want %+v", plan, want)
+	}
 }

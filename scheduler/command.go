@@ -207,7 +207,9 @@ type MigrationPlanCmd struct {
 // writes the step ("" for the leader's own decisions, aborts only): a step
 // from another attempt or another node is refused as stale. PID and
 // StartTicks come with done: the target's process; Bytes with committed:
-// the size of the stream the target received.
+// the size of the stream the target received, and for a live migration
+// Rounds, PrecopyBytes and StoppedAt, what the stream said of its
+// pre-copy.
 type MigrationStepCmd struct {
 	ID         string         `msgpack:"id"`
 	Attempt    int            `msgpack:"attempt"`
@@ -219,6 +221,12 @@ type MigrationStepCmd struct {
 	InitPID    int            `msgpack:"init_pid"` // with done: the namespace's init on the target
 	At         int64          `msgpack:"at"`
 	Bytes      int64          `msgpack:"bytes"`
+	// Rounds and PrecopyBytes: the pre-copy rounds sent while the
+	// workload ran and their bytes; StoppedAt: when the source stopped it
+	// for the last (0: stopped for the whole transfer, from TransferAt).
+	Rounds       int   `msgpack:"rounds,omitempty"`
+	PrecopyBytes int64 `msgpack:"precopy_bytes,omitempty"`
+	StoppedAt    int64 `msgpack:"stopped_at,omitempty"`
 }
 
 // NodeDrainCmd starts (Drain set) or cancels (Drain nil) a node's drain.
@@ -280,6 +288,8 @@ type CheckpointTakenCmd struct {
 	Size       int64    `msgpack:"size"`
 	Targets    []string `msgpack:"targets"`
 	NSPID      int      `msgpack:"ns_pid"`
+	// Parent: the checkpoint an incremental one refers to (0: full).
+	Parent uint64 `msgpack:"parent,omitempty"`
 }
 
 // CheckpointFailedCmd is reported by the node running attempt Attempt of

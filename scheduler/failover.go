@@ -45,7 +45,7 @@ func PlanFailover(s *State, now time.Time, after time.Duration) []Command {
 }
 
 // failoverCheckpoint finds the newest checkpoint of w with a copy on a
-// ready node other than w's.
+// ready node other than w's, which holds every checkpoint it needs too.
 func failoverCheckpoint(s *State, w *Workload) (uint64, string, bool) {
 	r := s.Checkpoints[w.ID]
 	if r == nil {
@@ -54,7 +54,7 @@ func failoverCheckpoint(s *State, w *Workload) (uint64, string, bool) {
 	for i := len(r.List) - 1; i >= 0; i-- {
 		c := r.List[i]
 		for _, h := range c.Holders {
-			if n, ok := s.Nodes[h]; ok && h != w.Node && n.Status == NodeReady {
+			if n, ok := s.Nodes[h]; ok && h != w.Node && n.Status == NodeReady && r.ChainHeld(c.Seq, h) {
 				return c.Seq, h, true
 			}
 		}

@@ -82,9 +82,13 @@ func applyCheckpointTaken(s *State, idx uint64, c *CheckpointTakenCmd) any {
 		return err
 	}
 	r := checkpointsOf(s, c.WorkloadID)
+	if c.Parent != 0 && !r.ChainHeld(c.Parent, c.Node) {
+		return refused(fmt.Sprintf("checkpoint taken (workload %s)", c.WorkloadID),
+			"its parent, checkpoint %d, or one it needs is no longer kept or not held by %s", c.Parent, c.Node)
+	}
 	r.Seq++
 	cp := &Checkpoint{WorkloadID: c.WorkloadID, Seq: r.Seq, Node: c.Node, Attempt: c.Attempt, At: c.At, Size: c.Size,
-		Targets: slices.Clone(c.Targets), Holders: []string{c.Node}, NSPID: c.NSPID}
+		Targets: slices.Clone(c.Targets), Holders: []string{c.Node}, NSPID: c.NSPID, Parent: c.Parent}
 	r.List = append(r.List, cp)
 	r.LastAt = max(r.LastAt, c.At)
 	r.Failures = 0
@@ -164,6 +168,9 @@ func applyWorkloadRestore(s *State, idx uint64, c *WorkloadRestoreCmd) any {
 	}
 	if !cp.Held(c.Node) {
 		return refused(op, "node %s holds no copy of checkpoint %d (held by %v)", c.Node, c.Seq, cp.Holders)
+	}
+	if !s.Checkpoints[c.ID].ChainHeld(c.Seq, c.Node) {
+		return refused(op, "node %s does not hold every checkpoint incremental checkpoint %d needs", c.Node, c.Seq)
 	}
 	if n, ok := s.Nodes[c.Node]; !ok || n.Status != NodeReady {
 		return refused(op, "node %s is not ready", c.Node)

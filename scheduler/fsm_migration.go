@@ -195,6 +195,7 @@ func applyMigrationStep(s *State, idx uint64, c *MigrationStepCmd) any {
 		m.TransferAt = c.At
 	case MigrationCommitted:
 		m.Bytes = max(c.Bytes, 0)
+		m.Rounds, m.PrecopyBytes, m.StoppedAt = max(c.Rounds, 0), max(c.PrecopyBytes, 0), max(c.StoppedAt, 0)
 		// The move itself. The process exists on no node until the target
 		// starts it (done): PID 0, which no agent adopts.
 		w.Node, w.DesiredNode = m.Target, m.Target

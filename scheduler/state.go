@@ -284,11 +284,16 @@ type Migration struct {
 	EndedAt     int64  `msgpack:"ended_at"` // done or aborted; 0 while active
 	PlanIndex   uint64 `msgpack:"plan_index"`
 	ModifyIndex uint64 `msgpack:"modify_index"`
-	// TransferAt is when the source froze the process (the transferring
+	// TransferAt is when the source began the transfer (the transferring
 	// step); Bytes, the size of the stream the target received (the
-	// commit). The process is stopped from TransferAt to the done step.
-	TransferAt int64 `msgpack:"transfer_at"`
-	Bytes      int64 `msgpack:"bytes"`
+	// commit). The process is stopped from StoppedAt (a live migration:
+	// it ran while Rounds rounds sent PrecopyBytes of its memory), or
+	// without one from TransferAt, to the done step.
+	TransferAt   int64 `msgpack:"transfer_at"`
+	Bytes        int64 `msgpack:"bytes"`
+	Rounds       int   `msgpack:"rounds,omitempty"`
+	PrecopyBytes int64 `msgpack:"precopy_bytes,omitempty"`
+	StoppedAt    int64 `msgpack:"stopped_at,omitempty"`
 }
 
 // DrainSpec is a node's drain, kept in the raft state so that a new leader
@@ -319,6 +324,10 @@ type CheckpointPolicy struct {
 	// node cut off from the majority (unless their own Fence says
 	// otherwise); "" or FenceFreeze: the default, freeze.
 	Fence string `msgpack:"fence,omitempty"`
+	// FullEvery: every FullEvery-th checkpoint of a chain is full, the
+	// others incremental against the one before (0:
+	// DefaultCheckpointFullEvery; 1: every checkpoint full).
+	FullEvery int `msgpack:"full_every,omitempty"`
 }
 
 // Checkpoint is one leave-running checkpoint of a workload, a file in the
@@ -337,6 +346,9 @@ type Checkpoint struct {
 	// NSPID is the program's PID in the workload's namespace, which the
 	// checkpoint holds whole; 0: the checkpoint is of the process alone.
 	NSPID int `msgpack:"ns_pid"`
+	// Parent, for an incremental checkpoint, is the checkpoint (taken
+	// before, kept) whose unchanged pages it refers to; 0: full.
+	Parent uint64 `msgpack:"parent,omitempty"`
 }
 
 // Held reports whether node holds a copy of c.
@@ -361,6 +373,37 @@ type WorkloadCheckpoints struct {
 	FailedTotal int           `msgpack:"failed_total"`
 	LastError   string        `msgpack:"last_error"`
 	LastErrorAt int64         `msgpack:"last_error_at"`
+}
+
+// Chain returns checkpoint seq and the checkpoints it needs to be
+// restored, itself first, then its parent, and so on to a full one; nil
+// if seq or one of them is not kept.
+func (r *WorkloadCheckpoints) Chain(seq uint64) []*Checkpoint {
+	var out []*Checkpoint
+	for seq != 0 && len(out) <= len(r.List) {
+		c := r.Find(seq)
+		if c == nil {
+			return nil
+		}
+		out = append(out, c)
+		seq = c.Parent
+	}
+	if seq != 0 {
+		return nil // a loop: never recorded, but never followed forever
+	}
+	return out
+}
+
+// ChainHeld reports whether node holds checkpoint seq and every
+// checkpoint it needs.
+func (r *WorkloadCheckpoints) ChainHeld(seq uint64, node string) bool {
+	chain := r.Chain(seq)
+	for _, c := range chain {
+		if !c.Held(node) {
+			return false
+		}
+	}
+	return chain != nil
 }
 
 // Find returns checkpoint seq, nil if it is not kept.

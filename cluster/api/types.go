@@ -257,25 +257,49 @@ type Migration struct {
 	UpdatedAt   time.Time `json:"updated_at"`
 	EndedAt     time.Time `json:"ended_at,omitzero"`
 	ModifyIndex uint64    `json:"modify_index"`
-	// TransferAt is when the source froze the process; it is stopped from
-	// then until the done step (EndedAt). Bytes is the stream's size.
-	TransferAt time.Time `json:"transfer_at,omitzero"`
-	Bytes      int64     `json:"bytes,omitempty"`
+	// TransferAt is when the source began the transfer. The process is
+	// stopped from StoppedAt (a live migration: it ran on while Rounds
+	// rounds sent PrecopyBytes of its memory), or without one from
+	// TransferAt, until the done step (EndedAt). Bytes is the stream's
+	// size.
+	TransferAt   time.Time `json:"transfer_at,omitzero"`
+	Bytes        int64     `json:"bytes,omitempty"`
+	Rounds       int       `json:"rounds,omitempty"`
+	PrecopyBytes int64     `json:"precopy_bytes,omitempty"`
+	StoppedAt    time.Time `json:"stopped_at,omitzero"`
+}
+
+// Stopped returns how long a finished migration's process was stopped
+// (0 while it is not done).
+func (m Migration) Stopped() time.Duration {
+	from := m.StoppedAt
+	if from.IsZero() {
+		from = m.TransferAt
+	}
+	if from.IsZero() || m.EndedAt.IsZero() || m.State != "done" {
+		return 0
+	}
+	return m.EndedAt.Sub(from)
 }
 
 // MigrationStep is a node agent moving a migration forward (POST
 // /v1/migrations/ID/step): To is transferring, committed, done or aborted.
 type MigrationStep struct {
-	ID         string    `json:"id"`
-	Attempt    int       `json:"attempt"`
-	Node       string    `json:"node"`
-	To         string    `json:"to"`
-	Error      string    `json:"error,omitempty"`
-	PID        int       `json:"pid,omitempty"`
-	StartTicks uint64    `json:"start_ticks,omitempty"`
-	InitPID    int       `json:"init_pid,omitempty"`
-	Bytes      int64     `json:"bytes,omitempty"` // with committed: the stream's size
-	At         time.Time `json:"at"`
+	ID         string `json:"id"`
+	Attempt    int    `json:"attempt"`
+	Node       string `json:"node"`
+	To         string `json:"to"`
+	Error      string `json:"error,omitempty"`
+	PID        int    `json:"pid,omitempty"`
+	StartTicks uint64 `json:"start_ticks,omitempty"`
+	InitPID    int    `json:"init_pid,omitempty"`
+	Bytes      int64  `json:"bytes,omitempty"` // with committed: the stream's size
+	// With committed, of a live migration: its pre-copy rounds, their
+	// bytes, and when the source stopped the process for the last.
+	Rounds       int       `json:"rounds,omitempty"`
+	PrecopyBytes int64     `json:"precopy_bytes,omitempty"`
+	StoppedAt    time.Time `json:"stopped_at,omitzero"`
+	At           time.Time `json:"at"`
 }
 
 // Balancer modes (BalanceRequest.Mode, BalanceStatus.Mode).
@@ -360,6 +384,9 @@ type CheckpointPolicy struct {
 	Keep     int               `json:"keep"`
 	Replicas int               `json:"replicas"`
 	Fence    string            `json:"fence,omitempty"` // "off": the workloads it applies to are not fenced
+	// FullEvery: every FullEvery-th checkpoint is full, the others
+	// incremental (0: the default, 8; 1: all full).
+	FullEvery int `json:"full_every,omitempty"`
 }
 
 // Duration is a time.Duration that JSON carries as a string ("5m0s").
@@ -393,6 +420,8 @@ type Checkpoint struct {
 	Size     int64     `json:"size"`
 	Targets  []string  `json:"targets"` // the nodes chosen for its copies
 	Holders  []string  `json:"holders"` // the nodes holding the file
+	// Parent: the checkpoint an incremental one needs (0: full).
+	Parent uint64 `json:"parent,omitempty"`
 }
 
 // WorkloadCheckpoints is a workload's checkpoints, oldest first, its
@@ -426,6 +455,7 @@ type CheckpointReport struct {
 	Seq      uint64    `json:"seq"`
 	Size     int64     `json:"size"`
 	NSPID    int       `json:"ns_pid,omitempty"` // taken: the program's PID in its namespace
+	Parent   uint64    `json:"parent,omitempty"` // taken: the checkpoint an incremental one needs
 	Error    string    `json:"error,omitempty"`
 	At       time.Time `json:"at"`
 }

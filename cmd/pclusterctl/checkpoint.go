@@ -32,7 +32,7 @@ type checkpointListCmd struct{}
 
 func (*checkpointListCmd) name() string { return "checkpoint list" }
 func (*checkpointListCmd) synopsis() string {
-	return "checkpoint list ID       a workload's checkpoints: sequence, time, size, nodes holding a copy"
+	return "checkpoint list ID       a workload's checkpoints: sequence, time, size, full or incremental on which, nodes holding a copy"
 }
 func (*checkpointListCmd) flags(*flag.FlagSet) {}
 
@@ -62,7 +62,11 @@ func (*checkpointListCmd) run(ctx context.Context, e *env, args []string) error 
 		if missing > 0 {
 			h += fmt.Sprintf(" (%d copy pending)", missing)
 		}
-		rows = append(rows, []string{strconv.FormatUint(c.Seq, 10), c.At.Format(time.RFC3339), ago(c.At), bytesHuman(uint64(c.Size)), h})
+		parent := "full"
+		if c.Parent != 0 {
+			parent = "on " + strconv.FormatUint(c.Parent, 10)
+		}
+		rows = append(rows, []string{strconv.FormatUint(c.Seq, 10), c.At.Format(time.RFC3339), ago(c.At), bytesHuman(uint64(c.Size)), parent, h})
 	}
-	return table(e.stdout, "SEQ TIME AGE SIZE HOLDERS", rows)
+	return table(e.stdout, "SEQ TIME AGE SIZE KIND HOLDERS", rows)
 }

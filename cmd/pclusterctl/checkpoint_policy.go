@@ -13,16 +13,17 @@ import (
 )
 
 type checkpointPolicySetCmd struct {
-	selector kvFlag
-	interval time.Duration
-	keep     int
-	replicas int
-	fence    string
+	selector  kvFlag
+	interval  time.Duration
+	keep      int
+	replicas  int
+	fence     string
+	fullEvery int
 }
 
 func (*checkpointPolicySetCmd) name() string { return "checkpoint policy set" }
 func (*checkpointPolicySetCmd) synopsis() string {
-	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] [-fence off] NAME   checkpoint matching workloads every D"
+	return "checkpoint policy set [-selector k=v]... -interval D [-keep 3] [-replicas 1] [-fence off] [-full-every 8] NAME   checkpoint matching workloads every D"
 }
 func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	c.selector = kvFlag{}
@@ -31,6 +32,7 @@ func (c *checkpointPolicySetCmd) flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.keep, "keep", 3, "checkpoints kept per workload; older ones are deleted everywhere")
 	fs.IntVar(&c.replicas, "replicas", 1, "copies of each checkpoint on other nodes")
 	fs.StringVar(&c.fence, "fence", "", "`off`: a node cut off from the majority leaves the matching workloads running (default freeze; a workload's own -fence wins)")
+	fs.IntVar(&c.fullEvery, "full-every", 8, "every Nth checkpoint is full, the others carry only the pages changed since the one before (1: all full)")
 }
 
 func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string) error {
@@ -41,7 +43,7 @@ func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string)
 		return usagef("-interval is required (a duration such as 5m)")
 	}
 	p, err := e.client.SetCheckpointPolicy(ctx, api.CheckpointPolicy{Name: args[0], Selector: c.selector,
-		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas, Fence: c.fence})
+		Interval: api.Duration(c.interval), Keep: c.keep, Replicas: c.replicas, Fence: c.fence, FullEvery: c.fullEvery})
 	if err != nil {
 		return err
 	}
@@ -52,7 +54,8 @@ func (c *checkpointPolicySetCmd) run(ctx context.Context, e *env, args []string)
 	if p.Fence != "" {
 		fence = ", fence " + shown(p.Fence)
 	}
-	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas%s\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas, fence)
+	fmt.Fprintf(e.stdout, "checkpoint policy %s set: every %v, keep %d, %d replicas, full every %d%s\n", shown(p.Name), time.Duration(p.Interval), p.Keep, p.Replicas,
+		p.FullEvery, fence)
 	return nil
 }
 
@@ -83,9 +86,9 @@ func (*checkpointPolicyListCmd) run(ctx context.Context, e *env, args []string) 
 		}
 		sort.Strings(sel)
 		rows = append(rows, []string{shown(p.Name), dash(strings.Join(sel, ",")), time.Duration(p.Interval).String(),
-			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas), dash(p.Fence)})
+			strconv.Itoa(p.Keep), strconv.Itoa(p.Replicas), strconv.Itoa(p.FullEvery), dash(p.Fence)})
 	}
-	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS FENCE", rows)
+	return table(e.stdout, "NAME SELECTOR INTERVAL KEEP REPLICAS FULL-EVERY FENCE", rows)
 }
 
 type checkpointPolicyDeleteCmd struct{}

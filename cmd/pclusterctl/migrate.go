@@ -92,14 +92,27 @@ func (c *migrateCmd) run(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("migration %s committed, but %s is %s on %s: %s", m.ID, m.Workload, w.State, w.Node, shown(m.Error))
 	}
 	if !e.json {
-		stopped := "-"
-		if !m.TransferAt.IsZero() && !m.EndedAt.IsZero() {
-			stopped = m.EndedAt.Sub(m.TransferAt).Round(time.Millisecond).String()
-		}
-		fmt.Fprintf(e.stdout, "moved %s from %s to %s: %s in %v, process stopped %s (pid %d)\n", shown(m.Workload), shown(m.Source),
-			shown(m.Target), bytesHuman(uint64(m.Bytes)), m.EndedAt.Sub(m.PlannedAt).Round(time.Millisecond), stopped, w.PID)
+		fmt.Fprintf(e.stdout, "moved %s from %s to %s: %s in %v, process stopped %s%s (pid %d)\n", shown(m.Workload), shown(m.Source),
+			shown(m.Target), bytesHuman(uint64(m.Bytes)), m.EndedAt.Sub(m.PlannedAt).Round(time.Millisecond), stoppedFor(m), precopied(m), w.PID)
 	}
 	return nil
+}
+
+// stoppedFor says how long a done migration's process was stopped.
+func stoppedFor(m api.Migration) string {
+	if d := m.Stopped(); d > 0 {
+		return d.Round(time.Millisecond).String()
+	}
+	return "-"
+}
+
+// precopied says what a live migration sent while the process ran:
+// "" for a stop-and-copy.
+func precopied(m api.Migration) string {
+	if m.Rounds == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" after %d live rounds of %s", m.Rounds, bytesHuman(uint64(m.PrecopyBytes)))
 }
 
 // phases is the order of a migration's steps that reach done.

@@ -5,7 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"strings"
 	"time"
 
 	"github.com/pcluster/pcluster/cluster/api"
@@ -201,15 +200,11 @@ func printMoves(w io.Writer, node string, since time.Time, ms []api.Migration, p
 			continue
 		}
 		printed[m.ID] = true
-		stopped := "-"
-		if !m.TransferAt.IsZero() && !m.EndedAt.IsZero() {
-			stopped = m.EndedAt.Sub(m.TransferAt).Round(time.Millisecond).String()
-		}
 		label := shown(m.Workload)
 		if m.Name != "" {
 			label += " (" + shown(m.Name) + ")"
 		}
-		fmt.Fprintf(w, "moved %s to %s: %s, process stopped %s\n", label, shown(m.Target), bytesHuman(uint64(m.Bytes)),
-			strings.TrimSpace(stopped))
+		fmt.Fprintf(w, "moved %s to %s: %s, process stopped %s%s\n", label, shown(m.Target), bytesHuman(uint64(m.Bytes)),
+			stoppedFor(m), precopied(m))
 	}
 }

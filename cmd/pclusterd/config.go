@@ -51,6 +51,9 @@ type fileConfig struct {
 	Failover            bool    `json:"failover"` // on by default: a file's false turns it off
 	FailoverAfter       string  `json:"failover_after"`
 	FenceAfter          string  `json:"fence_after"`
+	// MigrateLive: migrations copy memory while the workload runs (nil:
+	// true).
+	MigrateLive *bool `json:"migrate_live"`
 
 	encryptFlag  bool          // Encrypt came from the command line
 	drainTimeout time.Duration // DrainTimeout parsed by resolve
@@ -146,6 +149,9 @@ func (c *fileConfig) mergeFile(path string, set map[string]bool) error {
 	if !set["failover"] && given.Failover != nil {
 		c.Failover = *given.Failover
 	}
+	if !set["migrate-live"] && f.MigrateLive != nil {
+		c.MigrateLive = f.MigrateLive
+	}
 	if !set["checkpoint-reserve-mb"] && f.CheckpointReserveMB != nil {
 		c.CheckpointReserveMB = f.CheckpointReserveMB
 	}
@@ -189,6 +195,7 @@ func (c *fileConfig) resolve(dev bool) (cluster.Config, func(), error) {
 	if c.CheckpointReserveMB != nil {
 		cfg.CheckpointReserve = *c.CheckpointReserveMB << 20
 	}
+	cfg.MigrateStopAndCopy = c.MigrateLive != nil && !*c.MigrateLive
 	cfg.Failover = c.Failover
 	cfg.FailoverAfter, cfg.FenceAfter = defaultFailoverAfter, defaultFenceAfter
 	if c.FailoverAfter != "" {

@@ -135,3 +135,42 @@ func TestConfigFailover(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigMigrateLive: migrations are live unless the file or the flag
+// says false; the flag wins over the file.
+func TestConfigMigrateLive(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "pclusterd.json")
+	os.WriteFile(path, []byte(`{"data_dir":"`+dir+`","migrate_live":false}`), 0o600)
+	key, _ := pki.NewKey()
+	yes := true
+	for _, tc := range []struct {
+		name    string
+		file    bool
+		flag    *bool
+		stopped bool // want MigrateStopAndCopy
+	}{
+		{"default", false, nil, false},
+		{"file false", true, nil, true},
+		{"file false, flag true", true, &yes, false},
+	} {
+		c := fileConfig{Labels: labelFlag{}, DataDir: dir, MigrateLive: tc.flag, Encrypt: key.String(), BootstrapExpect: 1}
+		set := map[string]bool{}
+		if tc.flag != nil {
+			set["migrate-live"] = true
+		}
+		if tc.file {
+			if err := c.mergeFile(path, set); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cfg, cleanup, err := c.resolve(false)
+		cleanup()
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if cfg.MigrateStopAndCopy != tc.stopped {
+			t.Errorf("%s: MigrateStopAndCopy = %v, want %v", tc.name, cfg.MigrateStopAndCopy, tc.stopped)
+		}
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/pcluster/pcluster/cluster"
 	"github.com/pcluster/pcluster/cluster/api"
@@ -122,6 +123,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.BoolVar(&c.Failover, "failover", true, "bring the workloads of a node declared down back on others (from their newest checkpoint, else from their command as their restart policy says); a node cut off from the majority fences its own (-fence-after)")
 	fs.StringVar(&c.FailoverAfter, "failover-after", "", "with -failover: wait this `duration` after a node is declared down (default 1s)")
 	fs.StringVar(&c.FenceAfter, "fence-after", "", "with -failover: freeze the workloads a failover could restore elsewhere once this node has been out of contact with the raft majority this `long` (default 3s; 0: never; must end before the leader's failover: detection 4s + -failover-after)")
+	live := fs.Bool("migrate-live", true, "move workloads by live migration: copy their memory while they run, in rounds, and stop them only for the last (false: stopped for the whole transfer)")
 	reserve := fs.Uint64("checkpoint-reserve-mb", defaultCheckpointReserveMB, "refuse a checkpoint that could leave less than `MiB` free on the data directory's filesystem (0: no check)")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -134,6 +136,9 @@ func run(args []string, stderr io.Writer) error {
 	c.encryptFlag = set["encrypt"]
 	if set["checkpoint-reserve-mb"] {
 		c.CheckpointReserveMB = reserve
+	}
+	if set["migrate-live"] {
+		c.MigrateLive = live
 	}
 	if *configPath != "" {
 		if err := c.mergeFile(*configPath, set); err != nil {
@@ -151,6 +156,11 @@ func run(args []string, stderr io.Writer) error {
 		return err
 	}
 	if *dev {
+		// Up once the replicated state lists this node: until then a
+		// run finds no node to place on (the demo's first run did).
+		if !srv.WaitListed(10 * time.Second) {
+			fmt.Fprintf(stderr, "pclusterd: this node is not in the cluster state after 10s: runs fail until it is\n")
+		}
 		fmt.Fprintf(stderr, "pclusterd: dev cluster up; data in %s; try: pclusterctl -address %s members\n", cfg.DataDir, cfg.Socket)
 		if url, token := srv.WebURL(); url != "" {
 			fmt.Fprintf(stderr, "pclusterd: status page: %s?token=%s\n", url, token)

@@ -38,10 +38,12 @@ func main() {
 	tcpAddrs := flag.String("tcp-addrs", "", "the local addresses that move with the process, comma-separated IP or IP/PREFIX (its virtual IPs): a TCP connection from any other address is refused, or with -tcp-close closed; empty: every connection moves (pthaw on this host)")
 	unixReconnect := flag.Bool("unix-reconnect", false, "connect the restored process again to the named unix sockets (a daemon's, such as journald's) it was connected to outside the process, instead of refusing them")
 	tcpClose := flag.Bool("tcp-close", false, "close the TCP connections whose local address does not move (-tcp-addrs) instead of refusing: their peers get a reset, the restored process finds them aborted")
-	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; a process tree is stopped for the whole copy)")
+	live := flag.Bool("live", false, "with -halt to a listening pthaw (tcp:/unix:): copy memory while the process runs, in rounds, and stop it only for the last (live migration; with -tree, every member's memory)")
 	liveRounds := flag.Int("live-rounds", 8, "with -live: the most rounds after the first full copy")
 	liveDowntime := flag.Duration("live-downtime", 100*time.Millisecond, "with -live: the stop aimed at; rounds go on until what is left can be sent in this long")
+	parent := flag.String("parent", "", "write an incremental snapshot: only the pages whose contents differ from those of this earlier snapshot FILE (of the same process or tree, not -live), which the new one names by path and SHA-256; pthaw then needs it too")
 	liveBandwidth := flag.Int64("live-bandwidth", 0, "with -live: bytes per second the rounds may send (0: no cap)")
+	stopCopy := flag.Bool("stop-copy", false, "without -halt: keep the process stopped for the whole copy, instead of the short stop of a copy-on-write checkpoint (its memory read from a fork of it while it runs)")
 	flag.Parse()
 	tcp, err := tcpOptions(*tcpAddrs, *tcpClose)
 	if err != nil {
@@ -51,13 +53,13 @@ func main() {
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
-	err = run(interruptible(), *pid, *debug, *compress, *encrypt, capture.SendOptions{
+	err = run(interruptible(), *pid, *debug, *compress, *encrypt, *parent, capture.SendOptions{
 		Dest: *dest, Tree: *tree, Halt: *halt, Insecure: *insecure,
 		DialTimeout: *dialTimeout, WriteTimeout: *writeTimeout, ReadyTimeout: *readyTimeout,
 		Progress: term.IsTerminal(int(os.Stderr.Fd())), TCP: tcp,
 		Notice:        func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) },
-		UnixReconnect: *unixReconnect,
-		Live:          *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
+		UnixReconnect: *unixReconnect, StopAndCopy: *stopCopy,
+		Live: *live, LiveOptions: capture.LiveOptions{MaxRounds: *liveRounds, Downtime: *liveDowntime, Bandwidth: *liveBandwidth,
 			Notice: func(s string) { fmt.Fprintf(os.Stderr, "pfreeze: %s\n", s) }},
 	})
 	switch {
@@ -120,7 +122,7 @@ func interruptible() context.Context {
 	return ctx
 }
 
-func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o capture.SendOptions) error {
+func run(ctx context.Context, pid int, debug bool, compress, encrypt, parent string, o capture.SendOptions) error {
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q (flags come first: pfreeze -pid P)", flag.Arg(0))
 	}
@@ -150,6 +152,24 @@ func run(ctx context.Context, pid int, debug bool, compress, encrypt string, o c
 		}
 		o.Codec, o.Cipher, o.Key = so.Codec, so.Cipher, so.Key
 	}
+	if parent != "" {
+		if o.Live {
+			return errors.New("-parent makes an incremental snapshot to a file: it cannot be combined with -live")
+		}
+		if same(parent, o.Dest) {
+			return fmt.Errorf("-parent %s is also -dest: the new snapshot would overwrite the parent it needs", parent)
+		}
+		// The parent is read before the process is stopped.
+		var keys []stream.Key
+		if o.Key != nil {
+			keys = append(keys, *o.Key)
+		}
+		p, err := capture.OpenParent(parent, keys)
+		if err != nil {
+			return err
+		}
+		o.Parent = p
+	}
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	if debug {
@@ -171,10 +191,17 @@ func describe(ctx context.Context, tr *ptrace.Tracer, pid int, o capture.SendOpt
 		pr.CloseWithError(err)
 		done <- err
 	}()
-	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect})
+	err := capture.FreezeWith(ctx, tr, pid, pw, capture.FreezeOptions{Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Parent: o.Parent, StopAndCopy: true})
 	pw.CloseWithError(err)
 	if derr := <-done; err == nil {
 		err = derr
 	}
 	return err
+}
+
+// same reports whether paths a and b name the same existing file.
+func same(a, b string) bool {
+	sa, err1 := os.Stat(a)
+	sb, err2 := os.Stat(b)
+	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
 }

@@ -238,7 +238,8 @@ func TestPosixTimers(t *testing.T) {
 // privately. After the thaw the memfd has its name, seals (growing it
 // fails) and contents, and its mapping still shares pages with its fd; the
 // mapped-only memfd and the deleted file keep their contents and sharing;
-// the private mapping keeps its own change.
+// the private mapping keeps its own change; the memfd keeps its mode and
+// the deleted file its owner and mode (zdtm's memfd00, unlink_fstat00).
 func TestMemfdsAndDeletedFiles(t *testing.T) {
 	needRoot(t)
 	dir := t.TempDir()
@@ -246,7 +247,7 @@ func TestMemfdsAndDeletedFiles(t *testing.T) {
 	p.Lines.Expect(t, `^ready$`, waitFor)
 	desc := debugOf(t, p.Pid())
 	for _, want := range []string{
-		`File object 0x[0-9a-f]+: memfd "pcluster-memfd" size 12288 mode \d+ seals 0x6`,
+		`File object 0x[0-9a-f]+: memfd "pcluster-memfd" size 12288 mode 0100642 seals 0x6`,
 		`File object 0x[0-9a-f]+: memfd "pcluster-maponly" size 4096`,
 		`File object 0x[0-9a-f]+: deleted "` + regexp.QuoteMeta(dir) + `/gone" size 4096 mode 0100640`,
 		`fd 3: file "/memfd:pcluster-memfd \(deleted\)" .* object 0x`,
@@ -258,9 +259,9 @@ func TestMemfdsAndDeletedFiles(t *testing.T) {
 	th := migrate(t, p)
 	th.restoredPid(t)
 	fmt.Fprintln(th.stdin, "check")
-	th.out.Expect(t, `^memfd link=/memfd:pcluster-memfd \(deleted\) seals=6 size=12288 grow=EPERM head=hello memfd shared=yes$`, waitFor)
+	th.out.Expect(t, `^memfd link=/memfd:pcluster-memfd \(deleted\) seals=6 size=12288 grow=EPERM head=hello memfd shared=yes mode=642$`, waitFor)
 	th.out.Expect(t, `^maponly only in the map$`, waitFor)
-	th.out.Expect(t, `^deleted data=deleted contents shared=yes private=Deleted contents$`, waitFor)
+	th.out.Expect(t, `^deleted data=deleted contents shared=yes private=Deleted contents owner=1:2 mode=640$`, waitFor)
 	// The copy of the deleted file is hidden: nothing new in its
 	// directory, and pthaw holds none of them once the process runs.
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {

@@ -32,12 +32,17 @@ func main() {
 	newPID := flag.Bool("new-pid", false, "restore with a new PID even when the saved one is free")
 	virtpid := flag.Bool("virtpid", false, "when the saved PID is taken, restore with a new one and make getpid/gettid (and signals the process sends itself) answer with the saved ids, by a seccomp filter pthaw serves; for a tree also getppid/getpgid/getsid, signals by PID and wait4/waitid, with pthaw as the members' tracer")
 	pidns := flag.Bool("pidns", false, "restore into a new PID namespace, where the process (every member of a tree) has its saved PID even when that PID is taken here")
+	var parents []string
+	flag.Func("parent", "FILE: a parent of an incremental snapshot (pfreeze -parent), used if its SHA-256 is the one the snapshot names; repeatable; without it the path the snapshot records is tried", func(s string) error {
+		parents = append(parents, s)
+		return nil
+	})
 	inherit := inheritFDs{}
 	flag.Var(inherit, "inherit-fd", "N=FD: give the process, for its fd N that was a pipe leading outside, a new open of pthaw's fd FD (a pipe or FIFO) instead of a pipe whose far end is closed; repeatable")
 	flag.Parse()
 	o := loader.ReceiveOptions{
 		Src: *src, KeyDir: *keydir, ReadTimeout: *readTimeout, CommitTimeout: *commitTimeout,
-		Insecure: *insecure, Warn: os.Stderr, Progress: term.IsTerminal(int(os.Stderr.Fd())),
+		Insecure: *insecure, Warn: os.Stderr, Progress: term.IsTerminal(int(os.Stderr.Fd())), Parents: parents,
 		Options: loader.Options{InheritFDs: inherit, NewPID: *newPID, PIDNamespace: *pidns, VirtPID: *virtpid, Detach: *detach, Notice: func(s string) {
 			fmt.Fprintf(os.Stderr, "pthaw: %s\n", s)
 		}},

@@ -220,18 +220,19 @@ func zombiesOf(pid int) []int {
 	return out
 }
 
-// TestZombieTree moves a process with two unreaped children, one exited
-// with status 3, one killed by SIGTERM: after thaw both are zombies again,
-// children of the restored parent, with the same PIDs and wait statuses.
+// TestZombieTree moves a process with three unreaped children, one exited
+// with status 3, one killed by SIGTERM, one by SIGKILL (zdtm's zombie00):
+// after thaw all are zombies again, children of the restored parent, with
+// the same PIDs and wait statuses.
 func TestZombieTree(t *testing.T) {
 	needRoot(t)
-	p := fixture.StartGroup(t, "/bin/sh", "-c", `(exit 3) & sh -c 'kill -TERM $$' & exec "$0" 5`, fixture.Build(t, "countforever"))
+	p := fixture.StartGroup(t, "/bin/sh", "-c", `(exit 3) & sh -c 'kill -TERM $$' & sh -c 'kill -KILL $$' & exec "$0" 5`, fixture.Build(t, "countforever"))
 	p.Lines.Expect(t, `^\d+$`, waitFor)
 	var zombies []int
 	deadline := time.Now().Add(waitFor)
-	for len(zombies) < 2 {
+	for len(zombies) < 3 {
 		if time.Now().After(deadline) {
-			t.Fatalf("no two zombie children of %d (have %v)", p.Pid(), zombies)
+			t.Fatalf("no three zombie children of %d (have %v)", p.Pid(), zombies)
 		}
 		time.Sleep(10 * time.Millisecond)
 		zombies = zombiesOf(p.Pid())
@@ -256,8 +257,8 @@ func TestZombieTree(t *testing.T) {
 			t.Errorf("pid %d after thaw: state %s ppid %s exit status %s, want Z, %d, %s", z, st[0], st[1], st[52-3], root, status[z])
 		}
 	}
-	if want := map[string]bool{"768": true, "15": true}; !want[status[zombies[0]]] || !want[status[zombies[1]]] {
-		t.Errorf("zombies' statuses %v, want 768 (exit 3) and 15 (SIGTERM)", status)
+	if want := map[string]bool{"768": true, "15": true, "9": true}; !want[status[zombies[0]]] || !want[status[zombies[1]]] || !want[status[zombies[2]]] {
+		t.Errorf("zombies' statuses %v, want 768 (exit 3), 15 (SIGTERM) and 9 (SIGKILL)", status)
 	}
 	th.out.Expect(t, `^\d+$`, waitFor)
 }

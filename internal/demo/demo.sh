@@ -118,7 +118,8 @@ daemon=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
 for d in "$tmp"/pclusterd-dev-*; do [ -d "$d" ] && devdir=$d; done
 ctl() { cmd=$1; shift; "$bin/pclusterctl" "$cmd" -address "$sock" "$@"; }
-for _ in $(seq 100); do ctl members >/dev/null 2>&1 && break; sleep 0.1; done
+# Up once the replicated state lists the node (gossip may list it first).
+for _ in $(seq 100); do ctl node status demo >/dev/null 2>&1 && break; sleep 0.1; done
 echo "== pclusterctl members"
 ctl members
 echo "== pclusterctl run -name counter -- countforever 500"
@@ -168,7 +169,9 @@ for h in $hosts; do
 done
 on() { h=$1 cmd=$2; shift 2; "$bin/pclusterctl" "$cmd" -address "$tmp/$h.sock" "$@"; }
 for _ in $(seq 300); do
-	[ "$(on a members 2>/dev/null | grep -c alive)" = 3 ] && on a members 2>/dev/null | grep -q leader && break
+	[ "$(on a members 2>/dev/null | grep -c alive)" = 3 ] && on a members 2>/dev/null | grep -q leader &&
+		on a node status a >/dev/null 2>&1 && on a node status b >/dev/null 2>&1 &&
+		on a node status c >/dev/null 2>&1 && break
 	sleep 0.1
 done
 echo "== pclusterctl members"

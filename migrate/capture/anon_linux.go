@@ -3,7 +3,9 @@ package capture
 import (
 	"bufio"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
 	"strconv"
 	"strings"
@@ -170,6 +172,20 @@ func parseWatch(line string) (image.InotifyWatch, error) {
 	}
 	w.Wd, w.Mask = wd, uint32(mask)
 	path, err := handlePath(uint32(sdev>>20), uint32(sdev&0xfffff), int32(typ), handle)
+	var gone *deletedError
+	if errors.As(err, &gone) {
+		// A deleted file: watched again on the copy of it, which an fd
+		// or area of the process must hold (checked with the file
+		// records). Its ID is the one fileObject gives it.
+		ino, ierr := strconv.ParseUint(kv["ino"], 16, 64)
+		if ierr != nil {
+			return w, fmt.Errorf("inotify: fdinfo line %q: %w", line, ierr)
+		}
+		h := fnv.New64a()
+		fmt.Fprintf(h, "%d:%d", unix.Mkdev(uint32(sdev>>20), uint32(sdev&0xfffff)), ino)
+		w.Path, w.Object = strings.TrimSuffix(gone.path, " (deleted)"), h.Sum64()|1
+		return w, nil
+	}
 	if err != nil {
 		return w, unsupported("inotify watch %d (inode %s): %v", wd, kv["ino"], err)
 	}
@@ -285,11 +301,19 @@ func handlePath(major, minor uint32, typ int32, handle []byte) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if strings.HasSuffix(path, " (deleted)") || !strings.HasPrefix(path, "/") {
+	if strings.HasSuffix(path, " (deleted)") {
+		return "", &deletedError{path}
+	}
+	if !strings.HasPrefix(path, "/") {
 		return "", fmt.Errorf("watched file %s has no path", path)
 	}
 	return path, nil
 }
+
+// deletedError says that a watched file was deleted: it has no path.
+type deletedError struct{ path string }
+
+func (e *deletedError) Error() string { return fmt.Sprintf("watched file %s has no path", e.path) }
 
 // mountOf returns a mount point of device major:minor, from our mountinfo.
 func mountOf(major, minor uint32) (string, error) {

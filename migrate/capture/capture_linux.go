@@ -19,6 +19,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -71,8 +72,22 @@ type Frozen struct {
 	files map[uint64]bool
 	// socks are the sockets held while the process is frozen.
 	socks sockets
+	// parentPages, in an incremental snapshot (pfreeze -parent): the
+	// digests of the parent's pages this process may refer to.
+	parentPages map[uint64][image.DigestSize]byte
+	// parent makes the snapshot of this single process incremental
+	// (FreezeOptions.Parent).
+	parent *Parent
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
+	// cow, for a checkpoint that leaves the process running: its memory
+	// is read from a snapshot child after an early Resume (forksnap_linux.go).
+	cow *cowRun
+	// resumed: Resume ran; a second call does nothing.
+	resumed bool
+	// precopyDone: in a tree's live migration, the areas (by start)
+	// whose pages are all sent before the tree record.
+	precopyDone map[uint64]bool
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -149,8 +164,8 @@ func (f *Frozen) stopAll() error {
 			}
 			t := &thread{tid: tid}
 			if err := ptrace.Seize(tid, 0); err != nil {
-				if errors.Is(err, unix.ESRCH) {
-					continue // exited meanwhile
+				if errors.Is(err, unix.ESRCH) || (errors.Is(err, unix.EPERM) && ended(f.Pid, tid)) {
+					continue // exited meanwhile (EPERM: a thread in exit)
 				}
 				return fmt.Errorf("attach thread %d: %w", tid, explainPtraceErr(err))
 			}
@@ -176,12 +191,18 @@ func (f *Frozen) stopAll() error {
 				if errors.Is(err, ptrace.ErrTimeout) {
 					return f.stopTimeout(t.tid, err)
 				}
+				if errors.Is(err, ptrace.ErrExited) && t.tid != f.Pid {
+					// A thread that ended between its seize and its
+					// stop: the process runs on without it.
+					f.dropThread(t)
+					continue
+				}
 				return err
 			}
 		}
 	}
 	if len(f.threads) == 0 || (f.threads[0].tid != f.Pid && !f.leaderExited) {
-		return fmt.Errorf("main thread gone")
+		return fmt.Errorf("main thread gone: %w", ptrace.ErrExited)
 	}
 	// Stopped, the first thread cannot exit: it reads for the process.
 	f.rd = f.threads[0].tid
@@ -246,9 +267,6 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if rd == 0 {
 		return fmt.Errorf("process is a zombie")
 	}
-	if rd != pid && inTree {
-		return unsupported("the main thread has exited (pthread_exit) while other threads run: carried for a single process, not yet in a tree")
-	}
 	st, err := procfs.Status(rd)
 	if err != nil {
 		return err
@@ -262,18 +280,26 @@ func checkSupported(pid int, inTree bool, pidNS string) error {
 	if st["Seccomp"] == "1" {
 		return unsupported("strict seccomp mode (SECCOMP_MODE_STRICT)")
 	}
-	kids, err := procfs.Children(pid)
+	kids, err := liveChildren(pid)
 	if err != nil {
 		return err
 	}
 	if len(kids) > 0 && !inTree {
 		return unsupported("child processes %v (freeze the whole tree with -tree)", kids)
 	}
-	for _, ns := range []string{"mnt", "user"} {
+	for _, ns := range []string{"mnt", "uts", "ipc", "user"} {
 		mine, err1 := os.Readlink("/proc/self/ns/" + ns)
 		theirs, err2 := os.Readlink(procfs.Path(rd, "ns/"+ns))
-		if err1 == nil && err2 == nil && mine != theirs {
-			return unsupported("process is in another %s namespace", ns)
+		if err1 != nil || err2 != nil || mine == theirs {
+			continue
+		}
+		switch {
+		case ns == "user":
+			return unsupported("process is in another user namespace")
+		case pidNS == "":
+			// Carried only with a PID namespace frozen whole, as the
+			// container's own (container_linux.go).
+			return unsupported("process is in another %s namespace (a container is frozen whole: the init of its PID namespace, with -tree)", ns)
 		}
 	}
 	if err := checkPidNS(rd, st, pidNS); err != nil {
@@ -302,6 +328,11 @@ func (f *Frozen) Write(enc *image.Encoder) error {
 }
 
 func (f *Frozen) write(enc *image.Encoder) error {
+	if f.parent != nil {
+		if err := enc.Write(&f.parent.Record); err != nil {
+			return err
+		}
+	}
 	// A process's own pipes (both ends in it) are carried with their
 	// buffered bytes, as a tree's are.
 	inner, err := innerPipes([]int{f.rd})
@@ -321,10 +352,30 @@ func (f *Frozen) write(enc *image.Encoder) error {
 // a tree, shm holds the shared memory objects whose pages an earlier
 // member saved: their areas are recorded by identity only; inner holds
 // the pipes with both ends inside the tree.
-func (f *Frozen) writeRecords(enc *image.Encoder, shm, inner map[uint64]bool) error {
+func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, inner map[uint64]bool) error {
 	r, err := f.gather(shm, inner)
 	if err != nil {
 		return err
+	}
+	if f.cow != nil {
+		snap, err := f.snapshotFork(f.cow, r)
+		if err != nil {
+			return err
+		}
+		if snap != nil {
+			if f.queried != nil {
+				f.queried()
+			}
+			// The memory is read from the child from here on: the
+			// process runs on.
+			if err := f.Resume(); err != nil {
+				f.tr.Do(func() error { snap.kill(); return nil })
+				return err
+			}
+			f.cow.released = time.Now()
+			defer f.releaseSnapshot(snap)
+			return f.emit(enc, r)
+		}
 	}
 	if f.queried != nil {
 		f.queried()
@@ -338,12 +389,27 @@ type records struct {
 	thrs       []*image.Thread
 	vmas, dump []image.VMA
 	fds        []image.FD
+	// A copy-on-write checkpoint (forksnap_linux.go) reads the File records
+	// and the pages a fork does not copy while the process is stopped
+	// (filesTaken, files, stopped), and r.dump from snap after.
+	filesTaken bool
+	files      []image.File
+	stopped    *stoppedPages
+	snap       *snapshot
+	// noFlags: vmas and dump have no VmFlags yet (fillFlags).
+	noFlags bool
 }
 
 // gather describes the process: everything that needs calls injected
 // into it is done here, before the first record is written.
-func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
-	maps, err := procfs.Maps(f.rd)
+func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*records, error) {
+	// A copy-on-write checkpoint reads the areas' VmFlags later, from its
+	// snapshot child's smaps, after the stop (forksnap_linux.go).
+	read := procfs.Maps
+	if f.cow != nil {
+		read = procfs.MapsLayout
+	}
+	maps, err := read(f.rd)
 	if err != nil {
 		return nil, err
 	}
@@ -369,18 +435,21 @@ func (f *Frozen) gather(shm, inner map[uint64]bool) (*records, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds}, nil
+	return &records{proc: proc, thrs: thrs, vmas: vmas, dump: dump, fds: fds, noFlags: f.cow != nil}, nil
 }
 
 // emit writes what gather learnt and the process's pages.
 func (f *Frozen) emit(enc *image.Encoder, r *records) error {
+	done := f.precopyDone
 	if f.precopy != nil {
 		// The final round, before the process record; the areas it
 		// completed are left out of the pages records.
-		done, err := f.precopy.finish(enc, r.vmas)
-		if err != nil {
+		var err error
+		if done, err = f.precopy.finish(enc, r.vmas); err != nil {
 			return fmt.Errorf("live: %w", err)
 		}
+	}
+	if done != nil {
 		var rest []image.VMA
 		for _, v := range r.dump {
 			if !(done[v.Start] && v.Kind == image.VMAAnon && !v.Shared) {
@@ -388,6 +457,9 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			}
 		}
 		r.dump = rest
+	}
+	if f.parent != nil {
+		f.parentPages = f.parent.pagesOf([]int{r.proc.Pid})[0]
 	}
 	if err := enc.Write(r.proc); err != nil {
 		return err
@@ -397,21 +469,45 @@ func (f *Frozen) emit(enc *image.Encoder, r *records) error {
 			return err
 		}
 	}
+	// VmFlags left out by gather (forksnap_linux.go): from the snapshot
+	// child, or from the process while it is still stopped.
+	flagsFrom := f.rd
+	if r.snap != nil {
+		flagsFrom = r.snap.pid
+	}
+	if err := f.fillFlags(r, flagsFrom); err != nil {
+		return err
+	}
 	for i := range r.vmas {
 		if err := enc.Write(&r.vmas[i]); err != nil {
 			return err
 		}
 	}
-	files, err := fileRecords(f.rd, r.vmas, r.fds, f.files)
-	if err != nil {
-		return err
+	files := r.files
+	if !r.filesTaken {
+		if err := checkWatchedObjects(r.vmas, r.fds, f.files); err != nil {
+			return err
+		}
+		var err error
+		if files, err = fileRecords(f.rd, r.vmas, r.fds, f.files); err != nil {
+			return err
+		}
 	}
 	for i := range files {
 		if err := enc.Write(&files[i]); err != nil {
 			return err
 		}
 	}
-	if err := dumpMemory(f.rd, f.mem, r.dump, enc); err != nil {
+	pid, mem := f.rd, f.mem
+	if r.snap != nil {
+		pid, mem = r.snap.pid, r.snap.mem
+	}
+	if r.stopped != nil {
+		// Some areas were read during the stop (forksnap_linux.go).
+		if err := f.dumpInOrder(r, pid, mem, enc); err != nil {
+			return err
+		}
+	} else if err := dumpMemory(pid, mem, r.dump, enc, f.parentPages); err != nil {
 		return err
 	}
 	for i := range r.fds {
@@ -847,6 +943,10 @@ func (f *Frozen) putBack(th *thread) error {
 
 // Resume puts the process back as it was and lets it run on.
 func (f *Frozen) Resume() error {
+	if f.resumed {
+		return nil
+	}
+	f.resumed = true
 	err := f.tr.Do(func() error {
 		var errs []error
 		// In reverse: scratch areas borrowed later may hold earlier ones.
@@ -873,6 +973,28 @@ func (f *Frozen) Resume() error {
 		return fmt.Errorf("resume %d: %w", f.Pid, err)
 	}
 	return nil
+}
+
+// ended reports whether thread tid of pid has exited: a zombie, dead, or
+// gone from /proc.
+func ended(pid, tid int) bool {
+	switch threadState(pid, tid) {
+	case 0, 'Z', 'X':
+		return true
+	}
+	return false
+}
+
+// dropThread forgets t, a thread that exited while being stopped (its
+// exit was taken by waitInterrupt).
+func (f *Frozen) dropThread(t *thread) {
+	t.attached = false
+	for i, th := range f.threads {
+		if th == t {
+			f.threads = append(f.threads[:i], f.threads[i+1:]...)
+			return
+		}
+	}
 }
 
 func (f *Frozen) detach() {
@@ -906,14 +1028,30 @@ func kill(members []*Frozen) (left []int, err error) {
 	for i, f := range members {
 		ours[i] = ourChild(f.Pid) // before the kill: see ourChild
 	}
+	var released sync.WaitGroup
 	for _, f := range members {
+		pidfd, perr := unix.PidfdOpen(f.Pid, 0)
 		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
+		}
+		if perr == nil {
+			// The killed process's own exit frees its memory on one
+			// core (about 100 ms a GiB), and its PID, which a
+			// migration's copy on this host waits for, only after
+			// that: process_mrelease frees it from here as well, side
+			// by side. Failing (an older kernel), the exit does it all.
+			released.Add(1)
+			go func() {
+				defer released.Done()
+				unix.Syscall(unix.SYS_PROCESS_MRELEASE, uintptr(pidfd), 0, 0)
+				unix.Close(pidfd)
+			}()
 		}
 	}
 	if len(members) > 0 {
 		left = reap(members[0].tr, members, ours)
 	}
+	released.Wait()
 	for _, f := range members {
 		f.socks.kill()
 		f.mem.Close()

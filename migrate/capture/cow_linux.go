@@ -13,10 +13,10 @@ import (
 const pmPFN = 1<<55 - 1
 
 // markCow finds, for every member of the tree that may be forked from its
-// parent once the parent's memory is built (image.TreeProc.Cow: a leaf
-// whose PID leads no other member's group or session, outside a PID
-// namespace of its own), the pages of its private anonymous areas that
-// are still its parent's (zdtm's cow00): the same physical page at the
+// parent once the parent's memory is built (image.TreeProc.Cow,
+// image.MayForkLate: it and its descendants lead no group or session of
+// a member forked before them), the pages of its private anonymous areas
+// that are still its parent's (zdtm's cow00): the same physical page at the
 // same address in a private anonymous area of the parent, as a fork left
 // them where neither wrote since. Those pages are recorded in the area's
 // InParent and not saved, so that the restore shares them again rather
@@ -24,28 +24,22 @@ const pmPFN = 1<<55 - 1
 // t.members' order. Without CAP_SYS_ADMIN pagemap shows no frame numbers
 // and nothing is marked.
 func (t *FrozenTree) markCow(rs []*records) error {
-	if t.pidNS != "" {
-		return nil
-	}
+	// The members are t.procs' living ones in the same order; t.procs
+	// names them as the snapshot does (a frozen PID namespace's own
+	// numbers), t.members as this host does.
 	byPid := map[int]int{} // saved pid -> index in t.members
-	for i, f := range t.members {
-		byPid[f.Pid] = i
-	}
-	leads := map[int]bool{} // pids with a child, or leading another's group or session
+	j := 0
 	for _, m := range t.procs {
-		leads[m.PPid] = true
-		if m.Pgid != m.Pid {
-			leads[m.Pgid] = true
-		}
-		if m.Sid != m.Pid {
-			leads[m.Sid] = true
+		if !m.Zombie && j < len(t.members) {
+			byPid[m.Pid] = j
+			j++
 		}
 	}
 	for k := range t.procs {
 		m := &t.procs[k]
 		ci, ok := byPid[m.Pid]
 		pi, pok := byPid[m.PPid]
-		if !ok || !pok || ci == 0 || m.Zombie || leads[m.Pid] || t.members[ci].leaderExited {
+		if !ok || !pok || ci == 0 || t.members[ci].leaderExited || !image.MayForkLate(t.procs, k) {
 			continue
 		}
 		n, err := inParent(t.members[ci].rd, t.members[pi].rd, rs[ci], rs[pi])

@@ -26,28 +26,51 @@ type run struct {
 	addr uint64
 	len  int
 	anon bool // contents of an anonymous area: all-zero pages may be dropped
+	off  int  // where the contents are in the chunk's buffer (runs to write)
 }
 
 type chunk struct {
 	buf  []byte
-	runs []run
+	runs []run // what to write: the read runs less their all-zero anonymous pages
 	err  error
 }
 
-// dumpMemory writes the saved pages of every VMA as Pages records.
-func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder) error {
+// dumpMemory writes the saved pages of every VMA as Pages records; with
+// a parent, those the parent holds unchanged as ParentPages records.
+func dumpMemory(pid int, mem *ptrace.Mem, vmas []image.VMA, enc *image.Encoder, parent map[uint64][image.DigestSize]byte) error {
 	pagemap, err := os.Open(procfs.Path(pid, "pagemap"))
 	if err != nil {
 		return err
 	}
 	defer pagemap.Close()
-	return copyMemory(mem, enc.WritePages, func(r *reader) error { return r.readAll(pagemap, vmas) })
+	if parent != nil {
+		// An incremental snapshot writes other records than the runs
+		// read (ParentPages for the unchanged pages): they are summed as
+		// they are written.
+		dw := &deltaWriter{enc: enc, parent: parent}
+		if err := copyMemory(mem, dw.write, func(r *reader) error { return r.readAll(pagemap, vmas) }); err != nil {
+			return err
+		}
+		return dw.flush()
+	}
+	// The reader goroutine checksums the pages it has just read (still
+	// in the cache), while this one writes the previous chunk.
+	sum := enc.BeginPages()
+	err = copyPages(mem, sum.Add, enc.WriteSummedPages, func(r *reader) error { return r.readAll(pagemap, vmas) })
+	enc.EndPages(sum)
+	return err
 }
 
 // copyMemory reads the runs that queue adds to the reader it is given and
 // passes their contents to write (all-zero pages of anonymous runs left
 // out), reading the next chunk while write handles the previous one.
 func copyMemory(mem *ptrace.Mem, write func(addr uint64, data []byte) error, queue func(r *reader) error) error {
+	return copyPages(mem, nil, write, queue)
+}
+
+// copyPages is copyMemory with sum, when not nil, called on the reader
+// goroutine for every run before it is passed to write, in write's order.
+func copyPages(mem *ptrace.Mem, sum func(addr uint64, data []byte), write func(addr uint64, data []byte) error, queue func(r *reader) error) error {
 	free := make(chan []byte, nbufs)
 	for i := 0; i < nbufs; i++ {
 		free <- make([]byte, chunkSize)
@@ -58,7 +81,7 @@ func copyMemory(mem *ptrace.Mem, write func(addr uint64, data []byte) error, que
 	// error, or when stop is closed because the writer failed.
 	go func() {
 		defer close(full)
-		r := &reader{mem: mem, free: free, full: full, stop: stop}
+		r := &reader{mem: mem, sum: sum, free: free, full: full, stop: stop}
 		err := queue(r)
 		if err == nil {
 			err = r.flush()
@@ -79,11 +102,8 @@ func copyMemory(mem *ptrace.Mem, write func(addr uint64, data []byte) error, que
 		if c.err != nil {
 			return c.err
 		}
-		off := 0
 		for _, r := range c.runs {
-			data := c.buf[off : off+r.len]
-			off += r.len
-			if err := writeRun(write, r, data); err != nil {
+			if err := write(r.addr, c.buf[r.off:r.off+r.len]); err != nil {
 				return err
 			}
 		}
@@ -94,12 +114,16 @@ func copyMemory(mem *ptrace.Mem, write func(addr uint64, data []byte) error, que
 
 var zeroPage [pageSize]byte
 
-// writeRun writes one run, leaving out all-zero pages of anonymous areas
-// (they read back as zero from a fresh mapping).
-func writeRun(write func(addr uint64, data []byte) error, r run, data []byte) error {
+// dropZeros appends to out the runs to write for the read run r, whose
+// contents are buf[off:off+r.len]: all of it, or for an anonymous area the
+// spans between its all-zero pages (they read back as zero from a fresh
+// mapping). Each run's off is where its contents are in buf.
+func dropZeros(out []run, r run, buf []byte, off int) []run {
 	if !r.anon {
-		return write(r.addr, data)
+		r.off = off
+		return append(out, r)
 	}
+	data := buf[off : off+r.len]
 	start := -1
 	for p := 0; p <= len(data); p += pageSize {
 		zero := p == len(data) || bytes.Equal(data[p:p+pageSize], zeroPage[:])
@@ -107,17 +131,16 @@ func writeRun(write func(addr uint64, data []byte) error, r run, data []byte) er
 			start = p
 		}
 		if zero && start >= 0 {
-			if err := write(r.addr+uint64(start), data[start:p]); err != nil {
-				return err
-			}
+			out = append(out, run{addr: r.addr + uint64(start), len: p - start, off: off + start})
 			start = -1
 		}
 	}
-	return nil
+	return out
 }
 
 type reader struct {
 	mem  *ptrace.Mem
+	sum  func(addr uint64, data []byte) // see copyPages
 	free chan []byte
 	full chan chunk
 	stop chan struct{}
@@ -211,9 +234,21 @@ func (r *reader) flush() error {
 	if err := r.mem.ReadV(r.buf[:r.used], r.iov); err != nil {
 		return fmt.Errorf("read memory: %w", err)
 	}
-	runs := append([]run(nil), r.runs...)
+	// Zero pages are dropped and the rest summed here, on the pages just
+	// read, rather than by the writer after they have left the cache.
+	var runs []run
+	off := 0
+	for _, rr := range r.runs {
+		runs = dropZeros(runs, rr, r.buf, off)
+		off += rr.len
+	}
+	if r.sum != nil {
+		for _, o := range runs {
+			r.sum(o.addr, r.buf[o.off:o.off+o.len])
+		}
+	}
 	select {
-	case r.full <- chunk{buf: r.buf[:r.used], runs: runs}:
+	case r.full <- chunk{buf: r.buf, runs: runs}:
 	case <-r.stop:
 		return fmt.Errorf("stopped")
 	}

@@ -136,13 +136,17 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 			}
 			fd.Kind, fd.Path = image.FDFile, fi.Link
 		case kind == syscall.S_IFREG || kind == syscall.S_IFDIR || kind == syscall.S_IFBLK:
-			var pst syscall.Stat_t
-			if err := syscall.Stat(fi.Link, &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
-				return nil, unsupported("%s: path no longer names the open file", where)
+			if err := namesFile(pid, fi.Link, &st, "open file"); err != nil {
+				return nil, unsupported("%s: %v", where, err)
 			}
 			fd.Kind, fd.Path = image.FDFile, fi.Link
 		default:
 			return nil, unsupported("%s: file type %#o", where, kind)
+		}
+		if fi.Flags&unix.O_ASYNC != 0 && fd.Kind != image.FDInherit {
+			if fd.Owner, fd.Signal, err = fileOwner(pid, fi.Fd); err != nil {
+				return nil, fmt.Errorf("%s: %w", where, err)
+			}
 		}
 		out = append(out, fd)
 	}
@@ -171,11 +175,30 @@ func describeFDs(pid int, inner map[uint64]bool, socks *sockets) ([]image.FD, er
 	return out, nil
 }
 
+// fileOwner reads the owner (F_GETOWN) and signal (F_GETSIG) of pid's fd
+// through a duplicate: they belong to the open file description, which
+// the duplicate shares (closing it drops no O_ASYNC registration: that
+// goes only with the description's last reference).
+func fileOwner(pid, fd int) (owner, sig int, err error) {
+	dup, err := dupFd(pid, fd)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer unix.Close(dup)
+	if owner, err = unix.FcntlInt(uintptr(dup), unix.F_GETOWN, 0); err != nil {
+		return 0, 0, fmt.Errorf("F_GETOWN: %w", err)
+	}
+	if sig, err = unix.FcntlInt(uintptr(dup), unix.F_GETSIG, 0); err != nil {
+		return 0, 0, fmt.Errorf("F_GETSIG: %w", err)
+	}
+	return owner, sig, nil
+}
+
 // dupOfSocket reports whether pid's fd shares its open file description
 // with a socket fd in prev, and if so gives rec that fd's socket.
 func dupOfSocket(pid, fd int, prev []image.FD, rec *image.FD) bool {
 	for _, o := range prev {
-		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP && o.Kind != image.FDUnix {
+		if o.Kind != image.FDListen && o.Kind != image.FDTCP && o.Kind != image.FDUDP && o.Kind != image.FDTCPNew && o.Kind != image.FDUnix {
 			continue
 		}
 		if same, err := kcmpFile(pid, fd, o.Fd); err == nil && same {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -59,31 +60,70 @@ type FreezeOptions struct {
 	// process (or tree) is connected again to the peer's name by the
 	// copy, instead of refused (pfreeze -unix-reconnect).
 	UnixReconnect bool
+	// UnixHandover: a unix socket connected to a peer outside the
+	// process (or tree) is taken over, the same socket, by the copy:
+	// pthaw takes it from the original on this host. Only for a -halt
+	// move to a receiver that builds the copy while the original is
+	// held (SendTo sets it then; UnixReconnect comes first).
+	UnixHandover bool
 	// Queried, if set, is called once every thread is stopped and the
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot is written.
 	Queried func()
 	// Live, when set, copies memory while the process runs before the
-	// stop (pre-copy, precopy_linux.go): for a single process; a tree is
-	// frozen as without it, with a notice.
+	// stop (pre-copy, precopy_linux.go; for a tree, every member's:
+	// precopy_tree_linux.go).
 	Live *LiveOptions
+	// StopAndCopy keeps a checkpoint (no Halt, no Live) stopped for the
+	// whole copy. Without it the process is stopped only to be described
+	// and forked, and its memory is copied from the fork's
+	// copy-on-write view while it runs (forksnap_linux.go).
+	StopAndCopy bool
+	// COWStats, if set, is filled in by a copy-on-write checkpoint.
+	COWStats *COWStats
+	// Parent, when set, makes the snapshot incremental: it refers to
+	// Parent for the pages unchanged since (parent.go). Not live.
+	Parent *Parent
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
 func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o FreezeOptions) error {
-	enc := image.NewEncoder(ctxWriter{ctx, w})
-	if o.Tree && o.Live != nil && o.Live.Notice != nil {
-		o.Live.Notice(fmt.Sprintf("live %d: a process tree is not copied live: stopped for the whole copy (stop-and-copy)", pid))
+	if o.Parent != nil && o.Live != nil {
+		return fmt.Errorf("freeze %d: an incremental snapshot (with a parent) is not live", pid)
 	}
+	enc := image.NewEncoder(ctxWriter{ctx, w})
 	if o.Tree {
+		var tp *treePrecopy
+		if o.Live != nil {
+			var err error
+			if tp, err = startTreePrecopy(tr, pid, *o.Live); err != nil {
+				return err
+			}
+			if tp == nil && o.Live.Notice != nil {
+				o.Live.Notice(fmt.Sprintf("live %d: no member of the tree can be copied live: stopped for the whole copy (stop-and-copy)", pid))
+			}
+		}
+		if tp != nil {
+			defer tp.close()
+			if err := tp.run(enc); err != nil {
+				return fmt.Errorf("live %d: %w (process tree running)", pid, err)
+			}
+		}
 		t, err := AttachTree(tr, pid)
 		if err != nil {
 			return err
 		}
+		t.precopy = tp
 		for _, m := range t.members {
-			m.socks.policy, m.socks.notice, m.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
+			m.socks.policy, m.socks.notice, m.socks.reconnect, m.socks.handover = o.TCP, o.Notice, o.UnixReconnect, o.UnixHandover
 		}
 		t.queried = o.Queried
+		t.cow = newCOW(o)
+		for _, m := range t.members {
+			m.cow = t.cow
+		}
+		defer t.cow.done()
+		t.parent = o.Parent
 		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
 	}
 	var pc *precopy
@@ -103,14 +143,44 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 			}
 		}
 	}
+	c := newCOW(o)
+	defer c.done()
 	f, err := Attach(tr, pid)
 	if err != nil {
 		return err
 	}
-	f.socks.policy, f.socks.notice, f.socks.reconnect = o.TCP, o.Notice, o.UnixReconnect
+	f.socks.policy, f.socks.notice, f.socks.reconnect, f.socks.handover = o.TCP, o.Notice, o.UnixReconnect, o.UnixHandover
 	f.queried = o.Queried
 	f.precopy = pc
+	f.cow = c
+	f.parent = o.Parent
 	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
+}
+
+// newCOW returns the state of a copy-on-write checkpoint if o asks for
+// one (no Halt, no Live, no StopAndCopy), else nil.
+func newCOW(o FreezeOptions) *cowRun {
+	if o.Halt || o.Live != nil || o.StopAndCopy {
+		return nil
+	}
+	c := &cowRun{t0: time.Now(), stats: o.COWStats, notice: o.Notice}
+	if c.stats == nil {
+		c.stats = &COWStats{}
+	}
+	return c
+}
+
+// done fills in the stop and copy times once the checkpoint ended.
+func (c *cowRun) done() {
+	if c == nil {
+		return
+	}
+	end := time.Now()
+	if c.released.IsZero() {
+		c.stats.Stop = end.Sub(c.t0)
+		return
+	}
+	c.stats.Stop, c.stats.Copy = c.released.Sub(c.t0), end.Sub(c.released)
 }
 
 // freeze writes f to enc, then commits and kills or resumes it; what says what

@@ -23,7 +23,7 @@ import (
 // measure.
 const wait = 20 * time.Second
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the restore clones the saved PID (CAP_CHECKPOINT_RESTORE)")

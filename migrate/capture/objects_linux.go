@@ -98,7 +98,7 @@ func fileRecords(pid int, vmas []image.VMA, fds []image.FD, saved map[uint64]boo
 		o := objs[id]
 		read := readFileObject
 		if o.kind == image.FileSysV {
-			read = readSysV
+			read = readSysVIn(pid)
 		}
 		recs, err := read(id, o.kind, o.name, o.src)
 		if err != nil {
@@ -127,7 +127,7 @@ func readFileObject(id uint64, kind image.FileKind, name, src string) ([]image.F
 	if st.Size > image.MaxFileSize {
 		return nil, unsupported("%s of %d bytes", name, st.Size)
 	}
-	first := image.File{ID: id, Kind: kind, Name: name, Size: st.Size, Mode: st.Mode}
+	first := image.File{ID: id, Kind: kind, Name: name, Size: st.Size, Mode: st.Mode, Uid: st.Uid, Gid: st.Gid}
 	if kind == image.FileMemfd {
 		seals, err := unix.FcntlInt(f.Fd(), unix.F_GET_SEALS, 0)
 		if err != nil {
@@ -221,3 +221,24 @@ func readSysV(id uint64, kind image.FileKind, name, src string) ([]image.File, e
 
 // shmDest is SHM_DEST in a segment's mode: marked for removal.
 const shmDest = 0o1000
+
+// checkWatchedObjects refuses an inotify watch on a deleted file that no
+// fd or area of the process holds (nor, in a tree, an earlier member:
+// saved): there would be no copy of the file to watch.
+func checkWatchedObjects(vmas []image.VMA, fds []image.FD, saved map[uint64]bool) error {
+	held := map[uint64]bool{}
+	for _, v := range vmas {
+		held[v.Object] = true
+	}
+	for _, f := range fds {
+		held[f.Object] = true
+	}
+	for _, f := range fds {
+		for _, w := range f.Watches {
+			if w.Object != 0 && !held[w.Object] && !saved[w.Object] {
+				return unsupported("fd %d (%s): inotify watch %d: watched file %s was deleted, and no fd or mapping of the process holds it", f.Fd, f.What, w.Wd, w.Path)
+			}
+		}
+	}
+	return nil
+}

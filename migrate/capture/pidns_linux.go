@@ -133,7 +133,7 @@ func innermost(st map[string]string, key string) (int, error) {
 // now on is not seen.
 func (t *FrozenTree) checkWholeNS(in map[int]bool) error {
 	for _, pid := range inPidNS(t.pidNS) {
-		if !in[pid] {
+		if !in[pid] && !isSnapshotRemains(pid) {
 			return unsupported("pid %d is in the pid namespace of %d but not in its tree (entered with setns): the namespace cannot move without it", pid, t.Pid)
 		}
 	}

@@ -109,6 +109,8 @@ func (a *trackedArea) isSent(p uint64) bool { return a.sent[p/64]&(1<<(p%64)) !=
 // precopy is the state of one process's pre-copy.
 type precopy struct {
 	pid     int
+	saved   int    // in a tree, the pid the snapshot knows it by
+	started uint64 // in a tree, its start time (PID reuse shows)
 	o       LiveOptions
 	stats   *LiveStats
 	mem     *ptrace.Mem
@@ -121,6 +123,11 @@ type precopy struct {
 // startPrecopy opens the tracking of pid's private anonymous memory:
 // stopped only for the one injected call that makes the userfaultfd.
 func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
+	return startPrecopyWith(tr, pid, o, func() (*Frozen, error) { return Attach(tr, pid) })
+}
+
+// startPrecopyWith is startPrecopy stopping pid with attach.
+func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (*Frozen, error)) (*precopy, error) {
 	if o.MaxRounds <= 0 {
 		o.MaxRounds = 8
 	}
@@ -141,7 +148,7 @@ func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
 	// may have grown since, would split its area in two, and an mremap
 	// of the whole would then fail (EFAULT) in the process.
 	var apiErr error
-	uffd, err := openTargetUffd(tr, pid, func(uffd *os.File) error {
+	uffd, err := openTargetUffd(tr, pid, attach, func(uffd *os.File) error {
 		api := uffdioAPIArg{API: uffdAPI, Features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
 		if err := uffdIoctl(uffd, uffdioAPI, &api); err != nil {
 			apiErr = err
@@ -187,8 +194,8 @@ func trackable(m *procfs.Mapping) bool {
 // openTargetUffd makes pid create a userfaultfd of its own mm and hands
 // it to us, and calls stopped with it: pid is stopped for the injected
 // calls and stopped only.
-func openTargetUffd(tr *ptrace.Tracer, pid int, stopped func(*os.File) error) (*os.File, error) {
-	f, err := Attach(tr, pid)
+func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), stopped func(*os.File) error) (*os.File, error) {
+	f, err := attach()
 	if err != nil {
 		return nil, err
 	}
@@ -304,8 +311,10 @@ func (pc *precopy) scanFor(a *trackedArea, flags, mask, anyof, ret, skip uint64)
 	for start := a.start; start < a.end; {
 		regs, walkEnd, err := pagemapScan(pc.pagemap, start, a.end, flags, mask, anyof, ret, pc.vec)
 		if err != nil {
-			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-				a.ok = false // unmapped or remapped: no longer ours to follow
+			// Unmapped or remapped, or (ESRCH) the process is gone, a
+			// tree member that exited: no longer ours to follow.
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
+				a.ok = false
 				return nil, nil
 			}
 			return nil, fmt.Errorf("pagemap scan %#x-%#x: %w", start, a.end, err)
@@ -323,11 +332,12 @@ func (pc *precopy) scanFor(a *trackedArea, flags, mask, anyof, ret, skip uint64)
 	return out, nil
 }
 
-// sender writes pre-copy pages to enc, marking them sent and keeping the
-// bandwidth cap.
+// sender writes pre-copy pages to enc, marking them sent (in pc, the
+// process they are read from) and keeping the bandwidth cap.
 type sender struct {
 	pc    *precopy
 	enc   *image.Encoder
+	bw    int64 // bytes per second, 0: no cap
 	t0    time.Time
 	bytes uint64
 	werr  error // the sink's failure, if any
@@ -339,7 +349,7 @@ func (s *sender) write(addr uint64, data []byte) error {
 		return err
 	}
 	s.bytes += uint64(len(data))
-	if bw := s.pc.o.Bandwidth; bw > 0 {
+	if bw := s.bw; bw > 0 {
 		due := time.Duration(float64(s.bytes) / float64(bw) * float64(time.Second))
 		if wait := due - time.Since(s.t0); wait > 0 {
 			time.Sleep(wait)
@@ -358,13 +368,100 @@ func (pc *precopy) enc(enc *image.Encoder, addr uint64, data []byte) error {
 // run sends the rounds while the process runs, and returns when it
 // should be stopped for the final one.
 func (pc *precopy) run(enc *image.Encoder) error {
-	// Round 0: protect everything, then send every page there is.
+	return runRounds(enc, pc.pid, pc.o, pc.stats, []*precopy{pc}, false)
+}
+
+// runRounds sends the rounds of every process of pcs while they run,
+// and returns when they should be stopped for the final one; pid names
+// them in notices. In a tree each process's records follow a
+// PrecopyMember record naming it; the bounds (rounds, downtime,
+// bandwidth) hold for all of them together.
+func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs []*precopy, tree bool) error {
+	member := func(pc *precopy) error {
+		if !tree {
+			return nil
+		}
+		return enc.Write(&image.PrecopyMember{Pid: pc.saved})
+	}
+	s := &sender{enc: enc, bw: o.Bandwidth, t0: time.Now()}
+	for _, pc := range pcs {
+		if err := member(pc); err != nil {
+			return err
+		}
+		s.pc = pc
+		if err := pc.first(s, !tree); err != nil {
+			return err
+		}
+	}
+	if err := enc.Write(&image.Round{N: 0, Bytes: s.bytes}); err != nil {
+		return err
+	}
+	stats.Rounds, stats.PrecopyBytes = 1, s.bytes
+	rate := float64(s.bytes) / max(time.Since(s.t0).Seconds(), 1e-6) // bytes/s the link took
+	prev := uint64(s.bytes)
+	for round := 1; round <= o.MaxRounds; round++ {
+		s := &sender{enc: enc, bw: o.Bandwidth, t0: time.Now()}
+		for _, pc := range pcs {
+			if !pc.tracking() {
+				continue
+			}
+			if err := member(pc); err != nil {
+				return err
+			}
+			s.pc = pc
+			if err := pc.round(s); err != nil {
+				return err
+			}
+		}
+		dirty := s.bytes
+		if err := enc.Write(&image.Round{N: round, Bytes: dirty}); err != nil {
+			return err
+		}
+		stats.Rounds++
+		stats.PrecopyBytes += dirty
+		if took := time.Since(s.t0).Seconds(); dirty > 1<<20 && took > 0 {
+			rate = float64(dirty) / took
+		}
+		// Small enough: what the next round would send fits the downtime.
+		if float64(dirty) <= rate*o.Downtime.Seconds() {
+			return nil
+		}
+		if dirty >= prev && round >= 2 {
+			stats.Fallback = true
+			what := "process writes"
+			if tree {
+				what = "process tree writes"
+			}
+			if o.Notice != nil {
+				o.Notice(fmt.Sprintf("live %d: the %s %d MiB a round, faster than the link carries it (%.0f MiB/s): stopping it for the rest (stop-and-copy)",
+					pid, what, dirty>>20, rate/(1<<20)))
+			}
+			return nil
+		}
+		prev = dirty
+	}
+	return nil
+}
+
+// tracking reports whether an area of pc is still followed.
+func (pc *precopy) tracking() bool {
+	for _, a := range pc.areas {
+		if a.ok {
+			return true
+		}
+	}
+	return false
+}
+
+// first sends round 0 of pc through s: it protects everything, then
+// sends every page there is; announce: the areas are announced first
+// (PrecopyArea, a single process's).
+func (pc *precopy) first(s *sender, announce bool) error {
 	for _, a := range pc.areas {
 		if _, err := pc.scan(a, true); err != nil {
 			return err
 		}
 	}
-	s := &sender{pc: pc, enc: enc, t0: time.Now()}
 	var vmas []image.VMA
 	for _, a := range pc.areas {
 		if a.ok {
@@ -372,8 +469,8 @@ func (pc *precopy) run(enc *image.Encoder) error {
 			// The receiver maps it now and writes the pages into the
 			// process it builds as they come (finish drops all of an
 			// area that changes).
-			if !a.stack {
-				if err := enc.Write(&image.PrecopyArea{Start: a.start, End: a.end}); err != nil {
+			if announce && !a.stack {
+				if err := s.enc.Write(&image.PrecopyArea{Start: a.start, End: a.end}); err != nil {
 					return err
 				}
 			}
@@ -392,35 +489,6 @@ func (pc *precopy) run(enc *image.Encoder) error {
 	})
 	if err != nil {
 		return pc.giveUp(err)
-	}
-	if err := enc.Write(&image.Round{N: 0, Bytes: s.bytes}); err != nil {
-		return err
-	}
-	pc.stats.Rounds, pc.stats.PrecopyBytes = 1, s.bytes
-	rate := float64(s.bytes) / max(time.Since(s.t0).Seconds(), 1e-6) // bytes/s the link took
-	prev := uint64(s.bytes)
-	for round := 1; round <= pc.o.MaxRounds; round++ {
-		t0 := time.Now()
-		dirty, err := pc.round(enc, round)
-		if err != nil {
-			return err
-		}
-		pc.stats.Rounds++
-		pc.stats.PrecopyBytes += dirty
-		if took := time.Since(t0).Seconds(); dirty > 1<<20 && took > 0 {
-			rate = float64(dirty) / took
-		}
-		// Small enough: what the next round would send fits the downtime.
-		if float64(dirty) <= rate*pc.o.Downtime.Seconds() {
-			return nil
-		}
-		if dirty >= prev && round >= 2 {
-			pc.stats.Fallback = true
-			pc.notice(fmt.Sprintf("live %d: the process writes %d MiB a round, faster than the link carries it (%.0f MiB/s): stopping it for the rest (stop-and-copy)",
-				pc.pid, dirty>>20, rate/(1<<20)))
-			return nil
-		}
-		prev = dirty
 	}
 	return nil
 }
@@ -450,9 +518,8 @@ func isReadErr(err error) bool {
 	return errors.As(err, &r)
 }
 
-// round sends the pages written since the last scan and returns their size.
-func (pc *precopy) round(enc *image.Encoder, n int) (uint64, error) {
-	s := &sender{pc: pc, enc: enc, t0: time.Now()}
+// round sends through s the pages of pc written since the last scan.
+func (pc *precopy) round(s *sender) error {
 	err := copyMemory(pc.mem, s.write, func(r *reader) error {
 		for _, a := range pc.areas {
 			if !a.ok {
@@ -471,11 +538,9 @@ func (pc *precopy) round(enc *image.Encoder, n int) (uint64, error) {
 		return nil
 	})
 	if err != nil {
-		if gerr := pc.giveUp(err); gerr != nil {
-			return 0, gerr
-		}
+		return pc.giveUp(err)
 	}
-	return s.bytes, enc.Write(&image.Round{N: n, Bytes: s.bytes})
+	return nil
 }
 
 func (pc *precopy) notice(s string) {
@@ -491,6 +556,20 @@ func (pc *precopy) notice(s string) {
 // all sent (the snapshot's pages records leave them out).
 func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, error) {
 	pc.stats.StoppedAt = time.Now()
+	done, n, err := pc.last(enc, vmas)
+	if err != nil {
+		return nil, err
+	}
+	pc.stats.FinalBytes = n
+	if err := enc.Write(&image.Round{N: pc.stats.Rounds, Bytes: n, Final: true, At: pc.stats.StoppedAt.UnixNano()}); err != nil {
+		return nil, err
+	}
+	return done, nil
+}
+
+// last is finish but for the round record: it returns the areas whose
+// pages are all sent and the bytes of pages it sent.
+func (pc *precopy) last(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, uint64, error) {
 	same := map[[2]uint64]bool{}
 	for _, v := range vmas {
 		if v.Kind == image.VMAAnon && !v.Shared {
@@ -498,8 +577,7 @@ func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool
 		}
 	}
 	done := map[uint64]bool{}
-	s := &sender{pc: pc, enc: enc, t0: time.Now()}
-	pc.o.Bandwidth = 0 // the process is stopped: as fast as it goes
+	s := &sender{pc: pc, enc: enc, t0: time.Now()} // stopped: no cap
 	var kept []*trackedArea
 	for _, a := range pc.areas {
 		if a.ok && !same[[2]uint64{a.start, a.end}] {
@@ -507,13 +585,13 @@ func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool
 		}
 		if a.ok {
 			if _, err := pc.scan(a, false); err != nil { // still registered?
-				return nil, err
+				return nil, 0, err
 			}
 		}
 		if !a.ok {
 			pc.stats.Untracked++
 			if err := enc.Write(&image.Drop{Addr: a.start, Len: a.end - a.start}); err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			continue
 		}
@@ -534,17 +612,17 @@ func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	// Pages the receiver holds that the process no longer has: freed
 	// (madvise) since they were sent, or the shared zero page since.
 	for _, a := range kept {
 		held, err := pc.held(a)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if !a.ok {
-			return nil, fmt.Errorf("area %#x-%#x changed while stopped", a.start, a.end)
+			return nil, 0, fmt.Errorf("area %#x-%#x changed while stopped", a.start, a.end)
 		}
 		has := make([]uint64, len(a.sent))
 		for _, h := range held {
@@ -564,15 +642,11 @@ func (pc *precopy) finish(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool
 				q++
 			}
 			if err := enc.Write(&image.Drop{Addr: a.start + p*pageSize, Len: (q - p) * pageSize}); err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			p = q
 		}
 		done[a.start] = true
 	}
-	pc.stats.FinalBytes = s.bytes
-	if err := enc.Write(&image.Round{N: pc.stats.Rounds, Bytes: s.bytes, Final: true}); err != nil {
-		return nil, err
-	}
-	return done, nil
+	return done, s.bytes, nil
 }

@@ -39,6 +39,11 @@ type SendOptions struct {
 	Notice func(string)
 	// UnixReconnect is FreezeOptions.UnixReconnect.
 	UnixReconnect bool
+	// OtherHost says the receiver runs on another host (a cluster
+	// migration): a unix connection to a peer outside is then never
+	// handed over (FreezeOptions.UnixHandover) but refused at the freeze,
+	// before anything is sent.
+	OtherHost bool
 	// Decide, with Halt, is called once the receiver has built the
 	// process (the sink's AwaitReady returned nil) and before the
 	// original is killed: nil goes on (kill, then the sink's Commit); an
@@ -52,10 +57,17 @@ type SendOptions struct {
 	// (node/vip.go, node/migrate.go).
 	Frozen func()
 	// Live copies memory while the process runs, in rounds, and stops
-	// it only for the last (pfreeze -live; LiveOptions bound it). A
-	// process tree is frozen as without it.
+	// it only for the last (pfreeze -live; LiveOptions bound it); a
+	// tree, every member's memory.
 	Live        bool
 	LiveOptions LiveOptions
+	// StopAndCopy and COWStats are FreezeOptions': without Halt or Live
+	// the process is stopped only to be described and forked, unless
+	// StopAndCopy (forksnap_linux.go).
+	StopAndCopy bool
+	COWStats    *COWStats
+	// Parent makes the snapshot incremental (FreezeOptions.Parent).
+	Parent *Parent
 }
 
 // Send freezes pid into the sink named by o.Dest. With o.Halt the process
@@ -126,7 +138,14 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		return sink.Close()
 	}
-	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen}
+	fo := FreezeOptions{Halt: o.Halt, Commit: commit, Tree: o.Tree, TCP: o.TCP, Notice: o.Notice, UnixReconnect: o.UnixReconnect, Queried: o.Frozen,
+		Parent: o.Parent, StopAndCopy: o.StopAndCopy, COWStats: o.COWStats}
+	// A receiver on this host that builds the copy while the original is
+	// held may take the original's unix connections to outside peers
+	// over.
+	if b, ok := sink.(interface{ BuildsFirst() bool }); ok && o.Halt && !o.OtherHost && b.BuildsFirst() {
+		fo.UnixHandover = true
+	}
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}

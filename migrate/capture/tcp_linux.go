@@ -100,6 +100,9 @@ type sockets struct {
 	// reconnect: a unix socket connected outside is connected again by
 	// the copy (FreezeOptions.UnixReconnect).
 	reconnect bool
+	// handover: a unix socket connected outside is taken over by the
+	// copy (FreezeOptions.UnixHandover).
+	handover bool
 }
 
 // say passes a one-line message for the user to notice.
@@ -196,7 +199,13 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 	}
 	domain, typ, proto := opt(unix.SOL_SOCKET, unix.SO_DOMAIN), opt(unix.SOL_SOCKET, unix.SO_TYPE), opt(unix.SOL_SOCKET, unix.SO_PROTOCOL)
 	if domain == unix.AF_UNIX {
-		return describeUnix(pid, h, socks, rec)
+		if err := describeUnix(pid, h, socks, rec); err != nil {
+			return err
+		}
+		if u := rec.Unix; u != nil {
+			u.PassCred, u.PassSec = opt(unix.SOL_SOCKET, unix.SO_PASSCRED) != 0, opt(unix.SOL_SOCKET, unix.SO_PASSSEC) != 0
+		}
+		return nil
 	}
 	if domain != unix.AF_INET && domain != unix.AF_INET6 {
 		return fmt.Errorf("sockets of family %d are not supported yet (only IPv4, IPv6 and unix)", domain)
@@ -208,6 +217,13 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 			return err
 		}
 		rec.Kind, rec.Listen = image.FDListen, l
+	case typ == unix.SOCK_STREAM && proto == unix.IPPROTO_TCP && neverConnected(s):
+		u, err := describeUDP(s, domain)
+		if err != nil {
+			return err
+		}
+		u.Opts = sockOpts(s, domain, true)
+		rec.Kind, rec.UDP = image.FDTCPNew, u
 	case typ == unix.SOCK_STREAM && proto == unix.IPPROTO_TCP:
 		c, err := describeTCP(h, domain, socks.policy)
 		if err != nil {
@@ -395,6 +411,24 @@ func describeUDP(s, family int) (*image.UDPSocket, error) {
 	return u, nil
 }
 
+// neverConnected reports whether TCP socket s is in state CLOSE having
+// never sent or received a segment: made by socket(), perhaps bound,
+// never connected (one reset or closed after a connection has counted
+// segments).
+func neverConnected(s int) bool {
+	info, err := unix.GetsockoptTCPInfo(s, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil || info.State != tcpClose {
+		return false
+	}
+	if _, err := unix.Getpeername(s); err != unix.ENOTCONN {
+		return false
+	}
+	return info.Segs_out == 0 && info.Segs_in == 0 && info.Bytes_received == 0 && info.Bytes_acked == 0
+}
+
+// tcpClose is TCP_CLOSE (include/net/tcp_states.h).
+const tcpClose = 7
+
 // sockOpts reads the options carried with a connection or UDP socket.
 func sockOpts(s, family int, tcp bool) image.SockOpts {
 	opt := func(level, name int) int {
@@ -409,6 +443,13 @@ func sockOpts(s, family int, tcp bool) image.SockOpts {
 		SndBuf:    opt(unix.SOL_SOCKET, unix.SO_SNDBUF),
 		RcvBuf:    opt(unix.SOL_SOCKET, unix.SO_RCVBUF),
 	}
+	o.Priority = opt(unix.SOL_SOCKET, unix.SO_PRIORITY)
+	o.RcvLowat = opt(unix.SOL_SOCKET, unix.SO_RCVLOWAT)
+	o.Mark = opt(unix.SOL_SOCKET, unix.SO_MARK)
+	o.DontRoute = opt(unix.SOL_SOCKET, unix.SO_DONTROUTE) != 0
+	o.NoCheck = opt(unix.SOL_SOCKET, unix.SO_NO_CHECK) != 0
+	o.OOBInline = opt(unix.SOL_SOCKET, unix.SO_OOBINLINE) != 0
+	o.BindToDevice, _ = unix.GetsockoptString(s, unix.SOL_SOCKET, unix.SO_BINDTODEVICE)
 	if family == unix.AF_INET6 {
 		o.V6Only = opt(unix.IPPROTO_IPV6, unix.IPV6_V6ONLY) != 0
 		o.FreeBind = opt(unix.IPPROTO_IPV6, unix.IPV6_FREEBIND) != 0

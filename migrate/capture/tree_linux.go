@@ -3,8 +3,12 @@ package capture
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"slices"
+	"strconv"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -19,11 +23,20 @@ import (
 type FrozenTree struct {
 	Pid     int
 	queried func()           // as Frozen's, once for every member
+	parent  *Parent          // makes the snapshot incremental (FreezeOptions.Parent)
 	members []*Frozen        // creation order: every parent before its children
 	procs   []image.TreeProc // the same order, zombies included
 	// pidNS is set when the root is the init of a child PID namespace,
 	// which is frozen whole (pidns_linux.go).
 	pidNS string
+	// cow, for a checkpoint that leaves the tree running (forksnap_linux.go).
+	cow *cowRun
+	// precopy: the members' pre-copy of a live migration, whose final
+	// rounds come before the tree record.
+	precopy *treePrecopy
+	// ctrNS are the root's namespaces of the other kinds that are not
+	// ours, carried with the PID namespace (container_linux.go).
+	ctrNS map[string]string
 }
 
 // AttachTree stops pid and every descendant. Members are stopped parent
@@ -41,6 +54,11 @@ func AttachTree(tr *ptrace.Tracer, pid int) (*FrozenTree, error) {
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
 	}
 	t := &FrozenTree{Pid: pid, pidNS: ns}
+	if ns != "" {
+		if t.ctrNS, err = containerNS(pid); err != nil {
+			return nil, fmt.Errorf("freeze %d: %w", pid, err)
+		}
+	}
 	if err := t.stopAll(tr); err != nil {
 		t.detach()
 		return nil, fmt.Errorf("freeze %d: %w", pid, err)
@@ -73,16 +91,22 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 			t.procs = append(t.procs, m)
 			continue
 		}
-		if err := mayTrace(pid, pid); err != nil {
+		f, err := t.stopMember(tr, pid)
+		if err != nil && pid != t.Pid {
+			// It may have ended meanwhile (a shell's short-lived
+			// child): its parent, stopped already, has not reaped it,
+			// so it is a zombie member, as if it had ended before.
+			switch zombie, gone := endedMember(pid); {
+			case gone:
+				continue // reaped at once: its parent ignores SIGCHLD
+			case zombie != nil:
+				m.Zombie, m.ExitStatus = true, int(procfs.StatField(zombie, 52))
+				t.procs = append(t.procs, m)
+				continue
+			}
+		}
+		if err != nil {
 			return err
-		}
-		if err := checkSupported(pid, true, t.pidNS); err != nil {
-			return fmt.Errorf("pid %d: %w", pid, err)
-		}
-		f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
-		t.members = append(t.members, f)
-		if err := tr.Do(f.stopAll); err != nil {
-			return fmt.Errorf("pid %d: %w", pid, err)
 		}
 		m.Threads = len(f.threads)
 		// Read again now that it is stopped: it may have moved meanwhile.
@@ -91,7 +115,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		}
 		m.Pgid, m.Sid = int(procfs.StatField(stat, 5)), int(procfs.StatField(stat, 6))
 		t.procs = append(t.procs, m)
-		kids, err := procfs.Children(pid)
+		kids, err := liveChildren(pid)
 		if err != nil {
 			return fmt.Errorf("pid %d: children: %w", pid, err)
 		}
@@ -107,7 +131,7 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 	// unless it leads them).
 	root := t.procs[0]
 	for _, m := range t.procs[1:] {
-		if !in[m.Pgid] && m.Pgid != root.Pgid {
+		if !in[m.Pgid] && m.Pgid != root.Pgid && !groupOnlyInside(m.Pgid, in) {
 			return unsupported("pid %d: process group %d is led from outside the tree", m.Pid, m.Pgid)
 		}
 		if !in[m.Sid] && m.Sid != root.Sid {
@@ -118,20 +142,67 @@ func (t *FrozenTree) stopAll(tr *ptrace.Tracer) error {
 		if err := t.checkWholeNS(in); err != nil {
 			return err
 		}
+		if err := t.checkOutsiders(in); err != nil {
+			return err
+		}
 		return t.nsNumbers()
 	}
 	return nil
 }
 
+// stopMember checks that pid may be frozen and stops all its threads; it
+// is a member once stopped. A failure leaves it running.
+func (t *FrozenTree) stopMember(tr *ptrace.Tracer, pid int) (*Frozen, error) {
+	if err := mayTrace(pid, pid); err != nil {
+		return nil, err
+	}
+	if err := checkSupported(pid, true, t.pidNS); err != nil {
+		return nil, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	if t.pidNS != "" {
+		if err := t.checkMemberNS(pid); err != nil {
+			return nil, fmt.Errorf("pid %d: %w", pid, err)
+		}
+	}
+	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
+	if err := tr.Do(f.stopAll); err != nil {
+		f.detach()
+		f.mem.Close()
+		return nil, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	t.members = append(t.members, f)
+	return f, nil
+}
+
+// endedMember says whether pid, which failed to stop, has ended since:
+// its stat when it is a zombie (every thread gone), or gone.
+func endedMember(pid int) (zombie []string, gone bool) {
+	stat, err := procfs.Stat(pid)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, true
+	}
+	if err == nil && len(stat) > 0 && stat[0] == "Z" && procfs.Reader(pid) == 0 {
+		return stat, false
+	}
+	return nil, false
+}
+
 // Write streams the state of every member to enc and closes enc.
 func (t *FrozenTree) Write(enc *image.Encoder) error {
+	// A container's namespaces are described (and refused) first.
+	ns, err := t.namespaces()
+	if err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
 	inner, err := t.innerPipes()
 	if err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
+	// Each member's /proc is read through its reader (Frozen.rd), a
+	// live thread when the main one has exited.
 	pids := make([]int, len(t.members))
 	for i, f := range t.members {
-		pids[i] = f.Pid
+		pids[i] = f.rd
 	}
 	ptys, err := innerPtys(pids)
 	if err != nil {
@@ -152,7 +223,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	j := 0
 	for _, m := range t.procs {
 		if !m.Zombie && j < len(t.members) {
-			members = append(members, treeMember{pid: t.members[j].Pid, saved: m.Pid})
+			members = append(members, treeMember{pid: t.members[j].rd, saved: m.Pid})
 			j++
 		}
 	}
@@ -162,23 +233,82 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
-	shm, files := map[uint64]bool{}, map[uint64]bool{}
+	shm, files := map[uint64][][2]uint64{}, map[uint64]bool{}
 	rs := make([]*records, len(t.members))
 	for i, f := range t.members {
 		if rs[i], err = f.gather(shm, inner); err != nil {
 			return fmt.Errorf("freeze %d: pid %d: %w", t.Pid, f.Pid, err)
 		}
 	}
+	// Which members share pages with their parent, read while all are
+	// stopped (before the forks let them run: the pages must be those of
+	// the snapshot); not in a live migration (below).
+	if t.precopy == nil {
+		if err := t.markCow(rs); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
+	if t.cow != nil {
+		forked, err := t.snapshotForks(rs, files)
+		if err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+		if forked {
+			if t.queried != nil {
+				t.queried()
+			}
+			// Every member's memory is read from its child from here
+			// on: the tree runs on.
+			if err := t.Resume(); err != nil {
+				for i, f := range t.members {
+					if rs[i].snap != nil {
+						f.tr.Do(func() error { rs[i].snap.kill(); return nil })
+					}
+				}
+				return fmt.Errorf("freeze %d: %w", t.Pid, err)
+			}
+			t.cow.released = time.Now()
+			defer func() {
+				for i, f := range t.members {
+					f.releaseSnapshot(rs[i].snap)
+				}
+			}()
+			t.queried = nil
+		}
+	}
 	if t.queried != nil {
 		t.queried()
 	}
-	// The tree record first, once it knows which members share pages
-	// with their parent.
-	if err := t.markCow(rs); err != nil {
-		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	// A live migration's final rounds: all pre-copy records come
+	// before the tree record. Its members' pages are their own on the
+	// receiver (written from the pre-copy), so none is marked as shared
+	// with its parent's (markCow, above, is for the others).
+	if t.precopy != nil {
+		if err := t.precopy.finish(enc, t.members, rs); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
+	if t.parent != nil {
+		if err := enc.Write(&t.parent.Record); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
 	}
 	if err := enc.Write(&image.Tree{Procs: t.procs}); err != nil {
 		return fmt.Errorf("freeze %d: %w", t.Pid, err)
+	}
+	if ns != nil {
+		if err := enc.Write(ns); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
+	// Members are matched with the parent snapshot's by the PIDs the
+	// records say (in a PID namespace's snapshot, the namespace's).
+	recorded := make([]int, len(rs))
+	for i, r := range rs {
+		recorded[i] = r.proc.Pid
+	}
+	for i, m := range t.parent.pagesOf(recorded) {
+		t.members[i].parentPages = m
 	}
 	for i, f := range t.members {
 		f.files = files
@@ -198,7 +328,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 func (t *FrozenTree) innerPipes() (map[uint64]bool, error) {
 	pids := make([]int, len(t.members))
 	for i, f := range t.members {
-		pids[i] = f.Pid
+		pids[i] = f.rd
 	}
 	return innerPipes(pids)
 }
@@ -243,10 +373,11 @@ func innerPipes(pids []int) (map[uint64]bool, error) {
 }
 
 // identifyShm gives every shared anonymous area of pid the identity of its
-// memory object (the inode behind /proc/PID/map_files) and returns the
-// areas whose pages are to be saved: all but those of objects an earlier
-// area already saved (seen).
-func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, error) {
+// memory object (the inode behind /proc/PID/map_files) and the object's
+// size (FileSize), and returns the areas whose pages are to be saved: all
+// but those whose part of the object an earlier area already saved (seen:
+// the ranges of each object saved, by offset).
+func identifyShm(pid int, vmas []image.VMA, seen map[uint64][][2]uint64) ([]image.VMA, error) {
 	var dump []image.VMA
 	for i := range vmas {
 		v := &vmas[i]
@@ -256,11 +387,12 @@ func identifyShm(pid int, vmas []image.VMA, seen map[uint64]bool) ([]image.VMA, 
 			if err := syscall.Stat(mf, &st); err != nil {
 				return nil, fmt.Errorf("map %#x-%#x (shared): %w", v.Start, v.End, err)
 			}
-			v.Shm = st.Ino
-			if seen[st.Ino] {
+			v.Shm, v.FileSize = st.Ino, st.Size
+			lo, hi := v.Offset, v.Offset+v.Len()
+			if slices.ContainsFunc(seen[st.Ino], func(r [2]uint64) bool { return r[0] <= lo && hi <= r[1] }) {
 				continue
 			}
-			seen[st.Ino] = true
+			seen[st.Ino] = append(seen[st.Ino], [2]uint64{lo, hi})
 		}
 		dump = append(dump, *v)
 	}
@@ -295,4 +427,49 @@ func (t *FrozenTree) detach() {
 func (t *FrozenTree) Kill() error {
 	_, err := kill(t.members)
 	return err
+}
+
+// snapshotForks forks every member for a copy-on-write checkpoint
+// (forksnap_linux.go) and reads what the children cannot give. If one cannot
+// be forked, the children made are dropped and false returned: the tree
+// stays stopped for the whole copy.
+func (t *FrozenTree) snapshotForks(rs []*records, files map[uint64]bool) (bool, error) {
+	for i, f := range t.members {
+		f.files = files
+		f.cow = t.cow
+		snap, err := f.snapshotFork(t.cow, rs[i])
+		if err == nil && snap != nil {
+			continue
+		}
+		for j := 0; j < i; j++ {
+			t.members[j].dropSnapshot(rs[j])
+		}
+		return false, err
+	}
+	return true, nil
+}
+
+// groupOnlyInside reports whether process group pgid, whose leader is not
+// in the tree, has no process outside the tree: its leader is gone (a
+// zombie's group after its leader was reaped, zdtm's zombie01), so pthaw
+// makes the group again with a helper of that PID.
+func groupOnlyInside(pgid int, in map[int]bool) bool {
+	if err := unix.Kill(pgid, 0); err != unix.ESRCH {
+		return false
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || in[pid] {
+			continue
+		}
+		stat, err := procfs.Stat(pid)
+		if err == nil && int(procfs.StatField(stat, 5)) == pgid {
+			return false
+		}
+	}
+	return true
 }

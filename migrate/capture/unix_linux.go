@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/netns"
 	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/procfs"
 )
@@ -45,11 +46,15 @@ type unixDiag struct {
 	shutdown   int
 	hasPeer    bool
 	vfsIno     uint64 // the inode of a path's socket file
+	// root is where its holder's paths are reached from here (its
+	// /proc/PID/root: a container's mount namespace).
+	root string
 }
 
-// diagUnix asks sock_diag about the unix socket with inode ino.
-func diagUnix(ino uint64) (*unixDiag, error) {
-	s, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+// diagUnix asks sock_diag about the unix socket with inode ino, held by
+// pid: in pid's network namespace, the only one whose sock_diag knows it.
+func diagUnix(pid int, ino uint64) (*unixDiag, error) {
+	s, err := diagSocket(pid)
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag: %w", err)
 	}
@@ -92,7 +97,7 @@ func diagUnix(ino uint64) (*unixDiag, error) {
 	if len(data) < 16 {
 		return nil, fmt.Errorf("sock_diag: short answer")
 	}
-	d := &unixDiag{typ: int(data[1]), state: int(data[2]), ino: uint64(binary.LittleEndian.Uint32(data[4:]))}
+	d := &unixDiag{typ: int(data[1]), state: int(data[2]), ino: uint64(binary.LittleEndian.Uint32(data[4:])), root: procfs.Path(pid, "root")}
 	for b := data[16:]; len(b) >= 4; {
 		l := int(binary.LittleEndian.Uint16(b))
 		if l < 4 || l > len(b) {
@@ -161,7 +166,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	if err := unix.Fstat(h.fd, &st); err != nil {
 		return fmt.Errorf("stat: %w", err)
 	}
-	d, err := diagUnix(st.Ino)
+	d, err := diagUnix(pid, st.Ino)
 	if err != nil {
 		return err
 	}
@@ -176,6 +181,20 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	if d.state == unixTCPListen {
 		return describeUnixListener(d, what, rec)
 	}
+	if d.hasPeer && d.peer == 0 && (d.typ == unix.SOCK_STREAM || d.typ == unix.SOCK_SEQPACKET) {
+		// Connected, and its peer closed since: what the peer sent
+		// before is still to be read.
+		queue, rights, _, err := peekUnix(pid, socks.members, h.fd, d.typ, d.shutdown&1 != 0)
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if rights != nil {
+			return fmt.Errorf("%s (its peer closed): file descriptors queued in it (SCM_RIGHTS) are not carried yet", what)
+		}
+		rec.Kind = image.FDUnix
+		rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Queue: queue, Shutdown: d.shutdown, PeerClosed: true}
+		return nil
+	}
 	if !d.hasPeer || d.peer == 0 {
 		return describeUnixUnconnected(d, what, rec)
 	}
@@ -186,14 +205,17 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 	}
 	if !socks.unixOwn[d.peer] {
 		peer := fmt.Sprintf("socket:[%d]", d.peer)
-		pd, err := diagUnix(d.peer)
+		pd, err := diagUnix(pid, d.peer)
 		if err == nil && pd.name != "" {
 			peer = fmt.Sprintf("%q (%s)", pd.name, peer)
 		}
-		if !socks.reconnect {
-			return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried (pfreeze -unix-reconnect connects the copy to it again)", what, peer)
+		if socks.reconnect {
+			return reconnectUnix(d, pd, what, peer, h, socks, rec)
 		}
-		return reconnectUnix(d, pd, what, peer, h, socks, rec)
+		if socks.handover {
+			return handOverUnix(pid, d, what, peer, h, socks, rec)
+		}
+		return fmt.Errorf("%s is connected to %s outside the frozen process (or tree): not carried (pfreeze -unix-reconnect connects the copy to it again; pfreeze -halt to a listening pthaw on this host hands the connection itself over)", what, peer)
 	}
 	if d.name != "" {
 		// An accepted connection carries its listener's name, a client
@@ -201,7 +223,7 @@ func describeUnix(pid int, h *heldSocket, socks *sockets, rec *image.FD) error {
 		// without names.
 		socks.say("fd %d (%s) is connected to a socket of the process: carried as a pair without its name (getsockname and getpeername in the copy return none)", h.target, what)
 	}
-	queue, rights, from, err := peekUnix(pid, socks.members, h.fd, d.typ)
+	queue, rights, from, err := peekUnix(pid, socks.members, h.fd, d.typ, d.shutdown&1 != 0)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
@@ -228,8 +250,12 @@ const unixTCPListen = 10
 // every datagram or packet as one. A message's fds (SCM_RIGHTS) are
 // recorded as the fds of pid that hold the same files, or, in a tree,
 // of another member (members), whose saved PID from names (nil when
-// every fd is pid's own); one nobody holds is refused.
-func peekUnix(pid int, members []treeMember, s, typ int) (queue [][]byte, rights, from [][]int, err error) {
+// every fd is pid's own); one nobody holds is refused. rcvShut says the
+// receiving side is shut down (its peer closed or shut down writing):
+// then reads end with 0 bytes, which for a seqpacket socket is taken as
+// the end, not as an empty packet (empty packets queued last before
+// that end are not carried).
+func peekUnix(pid int, members []treeMember, s, typ int, rcvShut bool) (queue [][]byte, rights, from [][]int, err error) {
 	old, err := unix.GetsockoptInt(s, unix.SOL_SOCKET, unix.SO_PEEK_OFF)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("SO_PEEK_OFF: %w", err)
@@ -259,7 +285,7 @@ func peekUnix(pid int, members []treeMember, s, typ int) (queue [][]byte, rights
 		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
 			return nil, nil, nil, fmt.Errorf("a queued message larger than %d bytes or with more than 253 fds", len(buf))
 		}
-		if typ == unix.SOCK_STREAM && n == 0 {
+		if n == 0 && (typ == unix.SOCK_STREAM || (typ == unix.SOCK_SEQPACKET && rcvShut && carried == nil)) {
 			break // the end of the stream: the peer shut down
 		}
 		if typ == unix.SOCK_STREAM && carried == nil {
@@ -390,7 +416,7 @@ func describeUnixListener(d *unixDiag, what string, rec *image.FD) error {
 		// The file must still be this socket's: a restore binds the
 		// name again.
 		var st unix.Stat_t
-		if err := unix.Lstat(d.name, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != d.vfsIno {
+		if err := unix.Lstat(d.root+d.name, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Ino != d.vfsIno {
 			return fmt.Errorf("%s: its path no longer names its socket file", what)
 		}
 		u.Mode, u.Uid, u.Gid = st.Mode&0o7777, st.Uid, st.Gid
@@ -420,7 +446,7 @@ func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *soc
 		q, err = unix.IoctlGetInt(h.fd, unix.TIOCINQ)
 	} else {
 		var queue [][]byte
-		queue, _, _, err = peekUnix(0, nil, h.fd, d.typ)
+		queue, _, _, err = peekUnix(0, nil, h.fd, d.typ, d.shutdown&1 != 0)
 		q = len(queue)
 	}
 	if err != nil || q > 0 {
@@ -429,5 +455,23 @@ func reconnectUnix(d, pd *unixDiag, what, peer string, h *heldSocket, socks *soc
 	rec.Kind = image.FDUnix
 	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Connect: pd.name}
 	socks.say("fd %d (%s) is connected to %s outside the process: the copy connects to it again", h.target, what, peer)
+	return nil
+}
+
+// handOverUnix records a unix socket connected to a peer outside the
+// frozen set as one pthaw takes from the original (pid) itself and gives
+// the copy: the same socket, so the peer keeps its connection, with
+// whatever is queued either way. It can be done only on this host and
+// while the original is held, which a -halt move to a receiver that
+// builds the copy before the original is killed guarantees
+// (FreezeOptions.UnixHandover).
+func handOverUnix(pid int, d *unixDiag, what, peer string, h *heldSocket, socks *sockets, rec *image.FD) error {
+	cookie, err := netns.Cookie()
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	rec.Kind = image.FDUnix
+	rec.Unix = &image.UnixSocket{Type: d.typ, ID: d.ino, Handover: &image.UnixHandover{Pid: pid, Fd: h.target, NetNS: cookie}}
+	socks.say("fd %d (%s) is connected to %s outside the process: the copy takes over this connection from the original, held until then (on this host only)", h.target, what, peer)
 	return nil
 }

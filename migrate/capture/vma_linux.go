@@ -77,9 +77,8 @@ func describeVMAs(pid int, maps []procfs.Mapping, mem *ptrace.Mem) ([]image.VMA,
 			if err := syscall.Stat(mf, &st); err != nil {
 				return nil, fmt.Errorf("%s: %w", where, explainMapFilesErr(err))
 			}
-			var pst syscall.Stat_t
-			if err := syscall.Stat(m.Path, &pst); err != nil || pst.Ino != st.Ino || pst.Dev != st.Dev {
-				return nil, unsupported("%s: path no longer names the mapped file", where)
+			if err := namesFile(pid, m.Path, &st, "mapped file"); err != nil {
+				return nil, unsupported("%s: %v", where, err)
 			}
 			v.FileSize = st.Size
 			v.FileMtime = st.Mtim.Sec*1e9 + st.Mtim.Nsec

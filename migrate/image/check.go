@@ -39,9 +39,13 @@ const pageSize = 4096
 type checker struct {
 	regs int // registers per thread; 0: not checked
 
+	seen   bool // a record was read
+	parent bool // the snapshot has a Parent record (incremental)
+
 	started bool
 	tree    *Tree
-	member  int // index in tree.Procs of the member being read
+	ns      bool // a Namespaces record was read
+	member  int  // index in tree.Procs of the member being read
 
 	proc    *Process
 	threads []*Thread
@@ -76,9 +80,27 @@ type treeRef struct {
 
 // check applies the rules to rec, the next record.
 func (c *checker) check(rec any) error {
-	// Pre-copy records come before everything else, and only for a
-	// single process (a tree's members have address spaces of their own).
+	first := !c.seen
+	c.seen = true
+	// An incremental snapshot names its parent first (parent.go).
+	if r, ok := rec.(*Parent); ok {
+		if !first {
+			return c.unexpected(r)
+		}
+		if len(r.SHA256) != DigestSize {
+			return corruptf("parent record: digest of %d bytes", len(r.SHA256))
+		}
+		c.parent = true
+		return nil
+	}
+	// Pre-copy records come before everything else; a tree's are each
+	// after the PrecopyMember record of the member they are for.
 	switch r := rec.(type) {
+	case *PrecopyMember:
+		if r.Pid <= 0 {
+			return corruptf("pre-copy member pid %d", r.Pid)
+		}
+		return c.precopy(r, 0, pageSize)
 	case *Precopy:
 		return c.precopy(r, r.Addr, r.Len)
 	case *Drop:
@@ -100,6 +122,14 @@ func (c *checker) check(rec any) error {
 	switch r := rec.(type) {
 	case *Tree:
 		return c.unexpected(r)
+	case *Namespaces:
+		// Right after the tree record, once; the tree's root is the init
+		// of its PID namespace (pid 1).
+		if c.tree == nil || c.proc != nil || c.ns || c.tree.Procs[0].Pid != 1 {
+			return c.unexpected(r)
+		}
+		c.ns = true
+		return CheckNamespaces(r)
 	case *Process:
 		if c.proc != nil {
 			// The next member of a tree.
@@ -165,6 +195,12 @@ func (c *checker) check(rec any) error {
 	switch r := rec.(type) {
 	case *Pages:
 		return c.wrap(CheckPages(r.Addr, r.Len, c.vmas))
+	case *ParentPages:
+		n := len(r.Digests)
+		if !c.parent || n == 0 || n%DigestSize != 0 || n > MaxParentPages*DigestSize || r.Addr%pageSize != 0 {
+			return c.wrap(corruptf("parent pages at %#x (%d digest bytes) in a snapshot without a parent record, or malformed", r.Addr, n))
+		}
+		return c.wrap(CheckPages(r.Addr, r.Len(), c.vmas))
 	case *FD:
 		if err := CheckFD(r); err != nil {
 			return c.wrap(err)
@@ -329,22 +365,67 @@ func CheckTree(t *Tree) error {
 		seen[m.Pid] = true
 		zombie[m.Pid] = m.Zombie
 	}
-	// A member forked late (Cow) is one nothing else needs earlier: no
-	// child, no other member in its group or session.
+	// A member forked late (Cow, and every descendant of one) is one
+	// nothing else needs earlier: whoever is in the group or session it
+	// leads is forked late too, after it.
 	for i, m := range t.Procs {
-		if !m.Cow {
-			continue
-		}
-		if i == 0 || m.Zombie {
+		if m.Cow && (i == 0 || m.Zombie) {
 			return corruptf("tree member pid %d forked from its parent late", m.Pid)
 		}
-		for _, o := range t.Procs {
-			if o.Pid != m.Pid && (o.PPid == m.Pid || o.Pgid == m.Pid || o.Sid == m.Pid) {
-				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", m.Pid, o.Pid)
+	}
+	late := LateMembers(t.Procs)
+	for i, o := range t.Procs {
+		for _, l := range []int{o.Pgid, o.Sid} {
+			if j, ok := late[l]; ok && l != o.Pid && (!lateAt(late, o.Pid) || i < j) {
+				return corruptf("tree member pid %d forked from its parent late, but pid %d needs it earlier", l, o.Pid)
 			}
 		}
 	}
 	return nil
+}
+
+// LateMembers returns the members of a tree (procs, every parent before
+// its children) that are forked from their parent only once the parent's
+// memory is built: every Cow member and every descendant of one, each
+// with its index in procs.
+func LateMembers(procs []TreeProc) map[int]int {
+	late := map[int]int{}
+	for i, m := range procs {
+		if _, ok := late[m.PPid]; i > 0 && (m.Cow || ok) {
+			late[m.Pid] = i
+		}
+	}
+	return late
+}
+
+func lateAt(late map[int]int, pid int) bool {
+	_, ok := late[pid]
+	return ok
+}
+
+// MayForkLate reports whether procs[i] may be forked from its parent
+// once the parent's memory is built (marked Cow), it and its descendants
+// (which then come late too) needed by nobody earlier: every member in a
+// group or session one of them leads is one of them, after its leader.
+// Never the root or a zombie.
+func MayForkLate(procs []TreeProc, i int) bool {
+	if i <= 0 || i >= len(procs) || procs[i].Zombie {
+		return false
+	}
+	sub := map[int]int{procs[i].Pid: i} // the subtree, by index
+	for j := i + 1; j < len(procs); j++ {
+		if _, ok := sub[procs[j].PPid]; ok {
+			sub[procs[j].Pid] = j
+		}
+	}
+	for j, o := range procs {
+		for _, l := range []int{o.Pgid, o.Sid} {
+			if k, ok := sub[l]; ok && l != o.Pid && (!lateAt(sub, o.Pid) || j < k) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // CheckProcess checks the bounds of a process record and its threads'.
@@ -451,6 +532,9 @@ func CheckFD(f *FD) error {
 	if f.Fd < 0 || f.Fd > MaxFd {
 		return corruptf("fd %d", f.Fd)
 	}
+	if f.Signal < 0 || f.Signal > 64 {
+		return corruptf("fd %d: owner signal %d", f.Fd, f.Signal)
+	}
 	switch f.Kind {
 	case FDFile, FDEpoll, FDPipe, FDListen:
 	case FDEventfd:
@@ -488,6 +572,11 @@ func CheckFD(f *FD) error {
 		u := f.UDP
 		if u == nil || !checkAddr(u.Family, u.Local) || (u.Peer != nil && !checkAddr(u.Family, *u.Peer)) {
 			return corruptf("fd %d: UDP socket", f.Fd)
+		}
+	case FDTCPNew:
+		u := f.UDP
+		if u == nil || !checkAddr(u.Family, u.Local) || u.Peer != nil || len(u.Opts.BindToDevice) > 15 {
+			return corruptf("fd %d: unconnected TCP socket", f.Fd)
 		}
 	case FDPtyMaster, FDPtySlave:
 		if t := f.Pty; t == nil || t.Index < 0 || t.Index > MaxPtyIndex || (t.Termios != nil && len(t.Termios.Cc) != 19) {
@@ -534,10 +623,23 @@ func checkUnix(fd int, u *UnixSocket) error {
 		}
 		return nil
 	}
+	if u != nil && u.Handover != nil {
+		if u.ID == 0 || u.Peer != 0 || u.Connect != "" || len(u.Queue) > 0 || u.Listen || u.PeerClosed || u.Handover.Pid <= 0 || u.Handover.Fd < 0 ||
+			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unix socket handed over", fd)
+		}
+		return nil
+	}
 	if u != nil && u.Connect != "" {
 		if len(u.Connect) > 107 || (u.Connect[0] != '/' && u.Connect[0] != '@') || u.Peer != 0 || len(u.Queue) > 0 || u.Listen ||
 			(u.Type != sockStream && u.Type != sockDgram && u.Type != sockSeqpacket) {
 			return corruptf("fd %d: reconnected unix socket", fd)
+		}
+		return nil
+	}
+	if u != nil && u.PeerClosed {
+		if u.ID == 0 || u.Peer != 0 || u.Listen || len(u.Rights) > 0 || (u.Type != sockStream && u.Type != sockSeqpacket) {
+			return corruptf("fd %d: unix socket whose peer was closed", fd)
 		}
 		return nil
 	}

@@ -33,8 +33,14 @@ const (
 
 // maxLen is the largest payload of a record of type t (but Pages).
 func maxLen(t Type) int {
-	if t == TypeFD {
+	switch t {
+	case TypeFD:
 		return MaxFDLen
+	case TypeParentPages:
+		return 16 + MaxParentPages*DigestSize
+	}
+	if t == TypeNamespaces {
+		return MaxNamespacesLen
 	}
 	return MaxMetaLen
 }
@@ -51,28 +57,35 @@ func corruptf(format string, args ...any) error {
 // Encoder writes records to a stream. It is not safe for concurrent use.
 type Encoder struct {
 	w   *bufio.Writer
-	crc hash.Hash32
+	crc uint32 // CRC-32C of the n bytes written so far (while sum is nil)
 	n   uint64
 	err error
 	hdr [frameHeaderLen + pagesHeadLen]byte
+	// sum, between BeginPages and EndPages, holds the running checksum
+	// instead of crc and n: another goroutine adds the pages to it.
+	sum *PageSum
 }
 
 // NewEncoder returns an Encoder writing to w. Close must be called to
 // write the end record; it does not close w.
 func NewEncoder(w io.Writer) *Encoder {
-	return &Encoder{w: bufio.NewWriterSize(w, 256<<10), crc: crc32.New(castagnoli)}
+	return &Encoder{w: bufio.NewWriterSize(w, 256<<10)}
 }
 
 func (e *Encoder) write(p []byte) {
 	if e.err != nil {
 		return
 	}
-	e.crc.Write(p)
+	if e.sum != nil {
+		e.err = errors.New("image: a record written between BeginPages and EndPages")
+		return
+	}
+	e.crc = crc32.Update(e.crc, castagnoli, p)
 	e.n += uint64(len(p))
 	_, e.err = e.w.Write(p)
 }
 
-// Write encodes one metadata record (*Tree, *Process, *Thread, *VMA, *File or *FD).
+// Write encodes one metadata record (*Tree, *Namespaces, *Process, *Thread, *VMA, *File or *FD).
 func (e *Encoder) Write(rec any) error {
 	var t Type
 	switch rec.(type) {
@@ -88,12 +101,20 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeTree
 	case *File:
 		t = TypeFile
+	case *Namespaces:
+		t = TypeNamespaces
 	case *Drop:
 		t = TypeDrop
 	case *Round:
 		t = TypeRound
 	case *PrecopyArea:
 		t = TypePrecopyArea
+	case *Parent:
+		t = TypeParent
+	case *ParentPages:
+		t = TypeParentPages
+	case *PrecopyMember:
+		t = TypePrecopyMember
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -126,18 +147,8 @@ func (e *Encoder) WritePrecopy(addr uint64, data []byte) error {
 
 func (e *Encoder) writeRun(t Type, addr uint64, data []byte) error {
 	for len(data) > 0 {
-		n := len(data)
-		if n > MaxPagesLen {
-			n = MaxPagesLen
-		}
-		h := e.hdr[:]
-		h[0] = byte(t)
-		binary.LittleEndian.PutUint32(h[1:5], uint32(pagesHeadLen+n))
-		h[5] = 0x92 // fixarray of 2
-		h[6] = 0xcf // uint64
-		binary.BigEndian.PutUint64(h[7:15], addr)
-		h[15] = 0xc6 // bin32
-		binary.BigEndian.PutUint32(h[16:20], uint32(n))
+		n := min(len(data), MaxPagesLen)
+		h := runHeader(&e.hdr, t, addr, n)
 		e.write(h)
 		e.write(data[:n])
 		addr += uint64(n)
@@ -146,12 +157,95 @@ func (e *Encoder) writeRun(t Type, addr uint64, data []byte) error {
 	return e.err
 }
 
+// runHeader fills hdr with the frame header and msgpack prefix of a
+// record of type t carrying n bytes of pages at addr.
+func runHeader(hdr *[frameHeaderLen + pagesHeadLen]byte, t Type, addr uint64, n int) []byte {
+	h := hdr[:]
+	h[0] = byte(t)
+	binary.LittleEndian.PutUint32(h[1:5], uint32(pagesHeadLen+n))
+	h[5] = 0x92 // fixarray of 2
+	h[6] = 0xcf // uint64
+	binary.BigEndian.PutUint64(h[7:15], addr)
+	h[15] = 0xc6 // bin32
+	binary.BigEndian.PutUint32(h[16:20], uint32(n))
+	return h
+}
+
+// PageSum checksums pages records on one goroutine while the Encoder
+// writes them on another: checksumming is a pass over every byte, and
+// done where the pages were just read (still in the cache) it overlaps
+// the write instead of adding to it. Add must see exactly the runs that
+// WriteSummedPages writes, in the same order.
+type PageSum struct {
+	crc uint32
+	n   uint64
+	hdr [frameHeaderLen + pagesHeadLen]byte
+}
+
+// Add sums the pages records WriteSummedPages(addr, data) writes.
+func (s *PageSum) Add(addr uint64, data []byte) {
+	for len(data) > 0 {
+		n := min(len(data), MaxPagesLen)
+		h := runHeader(&s.hdr, TypePages, addr, n)
+		s.crc = crc32.Update(s.crc, castagnoli, h)
+		s.crc = crc32.Update(s.crc, castagnoli, data[:n])
+		s.n += uint64(len(h) + n)
+		addr += uint64(n)
+		data = data[n:]
+	}
+}
+
+// BeginPages hands the running checksum to a PageSum: until EndPages,
+// pages are written with WriteSummedPages and summed by the PageSum's
+// Add, and no other record may be written.
+func (e *Encoder) BeginPages() *PageSum {
+	s := &PageSum{crc: e.crc, n: e.n}
+	if e.sum == nil {
+		e.sum = s
+	}
+	return s
+}
+
+// WriteSummedPages writes a run of memory contents as WritePages does,
+// leaving the checksum to the PageSum of BeginPages.
+func (e *Encoder) WriteSummedPages(addr uint64, data []byte) error {
+	if e.err == nil && e.sum == nil {
+		e.err = errors.New("image: WriteSummedPages outside BeginPages and EndPages")
+	}
+	for len(data) > 0 && e.err == nil {
+		n := min(len(data), MaxPagesLen)
+		h := runHeader(&e.hdr, TypePages, addr, n)
+		if _, e.err = e.w.Write(h); e.err == nil {
+			_, e.err = e.w.Write(data[:n])
+		}
+		addr += uint64(n)
+		data = data[n:]
+	}
+	return e.err
+}
+
+// EndPages takes the running checksum back from s, which has summed
+// every run written since BeginPages. Call it once s's goroutine is done.
+func (e *Encoder) EndPages(s *PageSum) {
+	if e.sum != s {
+		if e.err == nil {
+			e.err = errors.New("image: EndPages without its BeginPages")
+		}
+		return
+	}
+	e.sum = nil
+	e.crc, e.n = s.crc, s.n
+}
+
 // Close writes the end record and flushes.
 func (e *Encoder) Close() error {
 	if e.err != nil {
 		return e.err
 	}
-	end := End{CRC: e.crc.Sum32(), Length: e.n}
+	if e.sum != nil {
+		return errors.New("image: Close between BeginPages and EndPages")
+	}
+	end := End{CRC: e.crc, Length: e.n}
 	b, err := msgpack.Marshal(&end)
 	if err != nil {
 		return err
@@ -180,6 +274,16 @@ type Decoder struct {
 	done    bool
 	buf     []byte
 	hdr     [frameHeaderLen + pagesHeadLen]byte
+
+	// An incremental snapshot's parent (parent.go): resolve opens it,
+	// parent serves its pages; pdata, when not nil, holds the data of
+	// the current Pages record (read from the parent), pid the process
+	// whose records are being read.
+	resolve ParentResolver
+	parent  PageSource
+	pdata   []byte
+	pbuf    []byte
+	pid     int
 }
 
 // NewDecoder returns a Decoder reading from r.
@@ -221,12 +325,52 @@ func (d *Decoder) Next() (any, error) {
 		if err == nil {
 			err = d.check.check(rec)
 		}
+		if err == nil {
+			rec, err = d.chain(rec)
+		}
+		if err == errSkipped {
+			continue
+		}
 		if err != nil {
 			d.err = err
 			return nil, err
 		}
 		return rec, nil
 	}
+}
+
+// chain follows the parent of an incremental snapshot, when the decoder
+// was told how (ResolveParents): the Parent record opens it and is not
+// returned (errSkipped), ParentPages records become Pages.
+func (d *Decoder) chain(rec any) (any, error) {
+	switch r := rec.(type) {
+	case *Process:
+		d.pid = r.Pid
+	case *Parent:
+		if d.resolve == nil {
+			return rec, nil
+		}
+		src, err := d.resolve(r)
+		if err != nil {
+			return nil, err
+		}
+		d.parent = src
+		return nil, errSkipped
+	case *ParentPages:
+		if d.parent == nil {
+			return rec, nil
+		}
+		return d.fromParent(r)
+	case *End:
+		if d.parent != nil {
+			src := d.parent
+			d.parent = nil
+			if err := src.Close(); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return rec, nil
 }
 
 // CheckRegisters makes the decoder refuse a thread record without exactly
@@ -245,6 +389,7 @@ func (d *Decoder) next() (any, error) {
 			return nil, err
 		}
 	}
+	d.pdata = nil
 	crcBefore, nBefore := d.crc.Sum32(), d.n
 	if err := d.read(d.hdr[:frameHeaderLen]); err != nil {
 		return nil, err
@@ -325,12 +470,20 @@ func (d *Decoder) next() (any, error) {
 		rec = new(Tree)
 	case TypeFile:
 		rec = new(File)
+	case TypeNamespaces:
+		rec = new(Namespaces)
 	case TypeDrop:
 		rec = new(Drop)
 	case TypeRound:
 		rec = new(Round)
 	case TypePrecopyArea:
 		rec = new(PrecopyArea)
+	case TypeParent:
+		rec = new(Parent)
+	case TypeParentPages:
+		rec = new(ParentPages)
+	case TypePrecopyMember:
+		rec = new(PrecopyMember)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped
@@ -354,6 +507,11 @@ func (d *Decoder) ReadData(p []byte) (int, error) {
 	}
 	if uint64(len(p)) > d.pending {
 		p = p[:d.pending]
+	}
+	if d.pdata != nil {
+		n := copy(p, d.pdata[uint64(len(d.pdata))-d.pending:])
+		d.pending -= uint64(n)
+		return n, nil
 	}
 	if err := d.read(p); err != nil {
 		d.err = err

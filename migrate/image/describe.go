@@ -37,6 +37,7 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 		ths     []*Thread
 	)
 	var precopied, dropped uint64 // pre-copy (pfreeze -live)
+	var parentBytes uint64        // incremental (pfreeze -parent)
 	buf := make([]byte, 1<<20)
 	zero := make([]byte, 4096)
 	for {
@@ -54,6 +55,12 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			dropped += r.Len
 		case *PrecopyArea:
 			fmt.Fprintf(w, "Pre-copy area %#x-%#x\n", r.Start, r.End)
+		case *PrecopyMember:
+			if r.Final {
+				fmt.Fprintf(w, "Pre-copy member pid %d (after the stop)\n", r.Pid)
+			} else {
+				fmt.Fprintf(w, "Pre-copy member pid %d\n", r.Pid)
+			}
 		case *Round:
 			final := ""
 			if r.Final {
@@ -72,6 +79,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 				}
 				fmt.Fprintln(w)
 			}
+		case *Namespaces:
+			describeNamespaces(w, r)
 		case *Process:
 			// A tree holds one process after another: describe each.
 			if p != nil {
@@ -97,6 +106,10 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			}
 		case *FD:
 			fds = append(fds, r)
+		case *Parent:
+			fmt.Fprintf(w, "Parent %s (sha256 %x, %d bytes)\n", r.Path, r.SHA256, r.Size)
+		case *ParentPages:
+			parentBytes += r.Len()
 		case *Pages:
 			i := sort.Search(len(vmas), func(i int) bool { return vmas[i].End > r.Addr })
 			if i == len(vmas) || r.Addr < vmas[i].Start || r.Addr+r.Len > vmas[i].End {
@@ -132,6 +145,9 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 	}
 	describeOne(w, p, ths, vmas, hashes, saved, fds, regNames)
 	describeObjects(w, objects)
+	if parentBytes > 0 {
+		fmt.Fprintf(w, "Pages in the parent snapshot (not in the hashes above): %d bytes\n", parentBytes)
+	}
 	return nil
 }
 
@@ -204,7 +220,7 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 	}
 	fmt.Fprintln(w, "Files:")
 	for _, f := range fds {
-		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp",
+		kind := map[FDKind]string{FDFile: "file", FDInherit: "inherit", FDEventfd: "eventfd", FDEpoll: "epoll", FDPipe: "pipe", FDListen: "listen", FDTCP: "tcp", FDUDP: "udp", FDTCPNew: "tcp-unconnected",
 			FDTimerfd: "timerfd", FDSignalfd: "signalfd", FDInotify: "inotify", FDFanotify: "fanotify", FDUnix: "unix", FDPipeOut: "pipe-outside", FDPtyMaster: "pty-master", FDPtySlave: "pty-slave"}[f.Kind]
 		if f.Kind == FDPipe && f.Path != "" {
 			kind = "fifo"
@@ -212,6 +228,9 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 		fmt.Fprintf(w, "  fd %d: %s %q flags %#o pos %d mode %#o desc %d", f.Fd, kind, f.What, f.Flags, f.Pos, f.Mode, f.Desc)
 		if f.Object != 0 {
 			fmt.Fprintf(w, " object %#x", f.Object)
+		}
+		if f.Owner != 0 || f.Signal != 0 {
+			fmt.Fprintf(w, " owner %d signal %d", f.Owner, f.Signal)
 		}
 		if f.Kind == FDPipe || f.Kind == FDPipeOut {
 			fmt.Fprintf(w, " pipe %d size %d buffered %d", f.Pipe, f.PipeSize, len(f.PipeData))
@@ -233,10 +252,21 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			if u.Peer != nil {
 				fmt.Fprintf(w, " -> %s", *u.Peer)
 			}
+			if o := u.Opts; o.Priority != 0 || o.RcvLowat > 1 || o.Mark != 0 || o.DontRoute || o.NoCheck || o.OOBInline || o.BindToDevice != "" {
+				fmt.Fprintf(w, " priority %d rcvlowat %d mark %d dontroute %v nocheck %v oobinline %v device %q",
+					o.Priority, o.RcvLowat, o.Mark, o.DontRoute, o.NoCheck, o.OOBInline, o.BindToDevice)
+			}
+		}
+		if u := f.Unix; u != nil && (u.PassCred || u.PassSec) {
+			fmt.Fprintf(w, " passcred %v passsec %v", u.PassCred, u.PassSec)
 		}
 		if u := f.Unix; u != nil && u.Listen {
 			fmt.Fprintf(w, " %s socket %d listening on %q mode %#o owner %d:%d",
 				map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name, u.Mode, u.Uid, u.Gid)
+		} else if u != nil && u.PeerClosed {
+			fmt.Fprintf(w, " %s socket %d, its peer closed, queue %d bytes", map[int]string{sockStream: "stream", sockSeqpacket: "seqpacket"}[u.Type], u.ID, queueLen(u.Queue))
+		} else if u != nil && u.Handover != nil {
+			fmt.Fprintf(w, " %s socket %d connected outside, handed over from pid %d fd %d", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Handover.Pid, u.Handover.Fd)
 		} else if u != nil && u.Peer == 0 && u.Connect == "" {
 			fmt.Fprintf(w, " %s socket %d unconnected, bound to %q", map[int]string{sockStream: "stream", sockDgram: "dgram", sockSeqpacket: "seqpacket"}[u.Type], u.ID, u.Name)
 		} else if u != nil && u.Connect != "" {
@@ -283,7 +313,11 @@ func describeOne(w io.Writer, p *Process, ths []*Thread, vmas []*VMA, hashes []h
 			}
 		}
 		for _, iw := range f.Watches {
-			fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
+			if iw.Object != 0 {
+				fmt.Fprintf(w, " [wd %d mask %#x %s (deleted) object %#x]", iw.Wd, iw.Mask, iw.Path, iw.Object)
+			} else {
+				fmt.Fprintf(w, " [wd %d mask %#x %s]", iw.Wd, iw.Mask, iw.Path)
+			}
 		}
 		for _, t := range f.Epoll {
 			if t.Via != nil {
@@ -301,4 +335,13 @@ func describeSeccomp(w io.Writer, indent string, fs []SeccompFilter) {
 	for i, f := range fs {
 		fmt.Fprintf(w, "%sSeccomp filter %d: %d instructions flags %#x sha256 %x\n", indent, i, len(f.Prog)/8, f.Flags, sha256.Sum256(f.Prog))
 	}
+}
+
+// queueLen is the bytes queued in a unix socket's messages.
+func queueLen(q [][]byte) int {
+	n := 0
+	for _, m := range q {
+		n += len(m)
+	}
+	return n
 }

@@ -35,6 +35,21 @@ type PrecopyArea struct {
 	End      uint64
 }
 
+// PrecopyMember, in a live migration of a process tree (pfreeze -live
+// -tree), says that the pre-copy records after it, up to the next
+// PrecopyMember, are for the member with saved PID Pid (the namespace's
+// number in a PID namespace frozen whole): every member has an address
+// space of its own. Final says that the member was found again, the same
+// process, at the stop: its last round follows. A receiver uses the
+// pages of a member only once it saw its final PrecopyMember; a member
+// that was gone at the stop (another process may have its PID by then)
+// never has one, and its pages are forgotten. A tree's pre-copy records,
+// final rounds included, all come before its tree record.
+type PrecopyMember struct {
+	Pid   int  `msgpack:"pid"`
+	Final bool `msgpack:"final,omitempty"`
+}
+
 // Round closes one pre-copy round: its number (0 is the first, full
 // copy) and the bytes of page contents it sent. The round sent after the
 // stop has Final set.
@@ -42,6 +57,9 @@ type Round struct {
 	N     int    `msgpack:"n"`
 	Bytes uint64 `msgpack:"bytes"`
 	Final bool   `msgpack:"final,omitempty"`
+	// At, on the final round, is when the process (every member of a
+	// tree) was stopped for it, in unix nanoseconds of the sender's clock.
+	At int64 `msgpack:"at,omitempty"`
 }
 
 // checkPrecopy checks a pre-copy record's range: page aligned, inside the

@@ -22,6 +22,11 @@ const (
 	TypeEnd     Type = 6
 	TypeTree    Type = 7
 	TypeFile    Type = 8
+	// Incremental snapshots (pfreeze -parent, parent.go).
+	TypeParent      Type = 9
+	TypeParentPages Type = 10
+	// TypeNamespaces follows a container's Tree record (namespaces.go).
+	TypeNamespaces Type = 20
 	// Pre-copy (pfreeze -live): memory sent while the process still
 	// runs, before its process record (precopy.go).
 	TypePrecopy Type = 40
@@ -29,6 +34,9 @@ const (
 	TypeRound   Type = 42
 	// TypePrecopyArea is a hint a reader may skip: map the area now.
 	TypePrecopyArea Type = Skippable | 43
+	// TypePrecopyMember says which member of a tree the pre-copy
+	// records after it are for.
+	TypePrecopyMember Type = 44
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -52,6 +60,12 @@ func (t Type) String() string {
 		return "tree"
 	case TypeFile:
 		return "file"
+	case TypeParent:
+		return "parent"
+	case TypeParentPages:
+		return "parent pages"
+	case TypeNamespaces:
+		return "namespaces"
 	case TypePrecopy:
 		return "precopy pages"
 	case TypeDrop:
@@ -60,6 +74,8 @@ func (t Type) String() string {
 		return "precopy round"
 	case TypePrecopyArea:
 		return "precopy area"
+	case TypePrecopyMember:
+		return "precopy member"
 	}
 	return "unknown"
 }
@@ -369,6 +385,10 @@ const (
 	// FDUDP is a UDP socket, re-created, bound and connected again; the
 	// datagrams queued in it are not carried.
 	FDUDP FDKind = 8
+	// FDTCPNew is a TCP socket never connected and not listening, bound
+	// or not: made again with its options (and address). Its UDP field
+	// holds its family, address and options, and no peer.
+	FDTCPNew FDKind = 9
 
 	// Anonymous inodes (numbered apart from the socket kinds).
 
@@ -473,10 +493,33 @@ type UnixSocket struct {
 	// -unix-reconnect), is the peer's name (a path, or "@" and an
 	// abstract name): the copy connects to it again when it starts.
 	Connect string `msgpack:"connect,omitempty"`
-	Name    string `msgpack:"name,omitempty"`
-	Mode    uint32 `msgpack:"mode,omitempty"`
-	Uid     uint32 `msgpack:"uid,omitempty"`
-	Gid     uint32 `msgpack:"gid,omitempty"`
+	// Handover, for a connected socket whose peer is outside the frozen
+	// process (or tree), names where pthaw takes the very socket from:
+	// the original, held frozen on this host until the copy is built
+	// (pfreeze -halt to a listening pthaw). Nothing else is recorded of
+	// it: its queues and state stay in the socket.
+	Handover *UnixHandover `msgpack:"handover,omitempty"`
+	Name     string        `msgpack:"name,omitempty"`
+	Mode     uint32        `msgpack:"mode,omitempty"`
+	Uid      uint32        `msgpack:"uid,omitempty"`
+	Gid      uint32        `msgpack:"gid,omitempty"`
+	// PeerClosed: a connected stream or seqpacket socket whose peer was
+	// closed (Peer 0): Queue is what the peer sent before; reads return
+	// it, then the end of the stream.
+	PeerClosed bool `msgpack:"peer_closed,omitempty"`
+	// SO_PASSCRED, SO_PASSSEC.
+	PassCred bool `msgpack:"passcred,omitempty"`
+	PassSec  bool `msgpack:"passsec,omitempty"`
+}
+
+// UnixHandover names a socket held by the original process: its PID and
+// fd number on the host, and the network namespace pfreeze ran in (its
+// SO_NETNS_COOKIE), which pthaw's must be: another host's is not this
+// one's, even when it shares the kernel (a test host).
+type UnixHandover struct {
+	Pid   int    `msgpack:"pid"`
+	Fd    int    `msgpack:"fd"`
+	NetNS uint64 `msgpack:"netns"`
 }
 
 // MaxUnixQueue bounds the messages queued on one unix socket end.
@@ -520,6 +563,10 @@ type InotifyWatch struct {
 	Wd   int    `msgpack:"wd"`
 	Mask uint32 `msgpack:"mask"`
 	Path string `msgpack:"path"`
+	// Object, for a watched file deleted since, is its File record (an fd
+	// or area of the process holds it): the watch is added on the copy.
+	// Path is then the deleted file's old path, for messages.
+	Object uint64 `msgpack:"object,omitempty"`
 }
 
 // Listener describes a listening TCP socket.
@@ -559,6 +606,15 @@ type SockOpts struct {
 	KeepIntvl   int  `msgpack:"keepintvl,omitempty"`
 	KeepCnt     int  `msgpack:"keepcnt,omitempty"`
 	UserTimeout int  `msgpack:"user_timeout,omitempty"`
+	// SOL_SOCKET options beyond those above, set when they differ from a
+	// new socket's (RcvLowat 1, the others 0 or empty).
+	Priority     int    `msgpack:"priority,omitempty"`
+	RcvLowat     int    `msgpack:"rcvlowat,omitempty"`
+	Mark         int    `msgpack:"mark,omitempty"`
+	DontRoute    bool   `msgpack:"dontroute,omitempty"`
+	NoCheck      bool   `msgpack:"nocheck,omitempty"`
+	OOBInline    bool   `msgpack:"oobinline,omitempty"`
+	BindToDevice string `msgpack:"bindtodevice,omitempty"`
 }
 
 // TCPWindow is struct tcp_repair_window.
@@ -661,6 +717,13 @@ type FD struct {
 	// (a memfd, a deleted file).
 	Object uint64 `msgpack:"object,omitempty"`
 
+	// Owner and Signal are the open file description's F_GETOWN (a
+	// process group negative) and F_GETSIG, read when O_ASYNC is in
+	// Flags: whom the kernel signals when I/O is possible, with which
+	// signal (0: SIGIO).
+	Owner  int `msgpack:"owner,omitempty"`
+	Signal int `msgpack:"signal,omitempty"`
+
 	Timer    *Timerfd       `msgpack:"timerfd,omitempty"`  // FDTimerfd
 	SigMask  uint64         `msgpack:"sigmask,omitempty"`  // FDSignalfd
 	Watches  []InotifyWatch `msgpack:"watches,omitempty"`  // FDInotify
@@ -688,8 +751,10 @@ type TreeProc struct {
 
 	// Cow: the member shares pages with its parent (VMA.InParent), so its
 	// stub is forked from its parent's once the parent's memory is
-	// built, not before. Only a leaf whose PID leads no group or session
-	// of another member: nothing else depends on its early existence.
+	// built, not before, and so are its descendants' (LateMembers), each
+	// from its parent once that is built. Only where nothing else
+	// depends on their early existence (MayForkLate): every member of a
+	// group or session one of them leads is one of them, after it.
 	Cow bool `msgpack:"cow,omitempty"`
 }
 

@@ -162,6 +162,12 @@ func dialErr(spec string, timeout time.Duration, err error) error {
 
 func (s *netSink) String() string { return s.spec }
 
+// BuildsFirst says that a -halt sender's AwaitReady returns only once the
+// receiver has built the process: the original is still held (frozen, on
+// its host) while the receiver builds the copy, which a file sink does
+// not promise.
+func (s *netSink) BuildsFirst() bool { return true }
+
 func (s *netSink) link(k []byte, encrypted bool) error {
 	if s.linked {
 		return fmt.Errorf("stream: %s: already carries a stream", s.spec)

@@ -1,0 +1,73 @@
+package loader
+
+import (
+	"bytes"
+	"os"
+	"runtime"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestUffdFillSplit fills an area of this test process through a
+// userfaultfd, as pthaw fills a restored process's heap: a fill large
+// enough to be shared between two threads places every byte, and one
+// that meets a page already present in its first half reports only what
+// lies before that page (the caller writes the rest the usual way), even
+// though its second half was placed too.
+func TestUffdFillSplit(t *testing.T) {
+	const size = 4 * uffdSplit
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte(i*7 + i>>12)
+	}
+	for _, tc := range []struct {
+		name    string
+		present int // offset of a page touched before the fill, or -1
+		want    int
+	}{
+		{"all missing", -1, size},
+		{"a page present in the first half", 5 * pageSize, 5 * pageSize},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			area, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Munmap(area)
+			if tc.present >= 0 {
+				area[tc.present] = 1
+			}
+			fd, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly, 0, 0)
+			if errno != 0 {
+				t.Skipf("userfaultfd: %v", errno)
+			}
+			f := os.NewFile(fd, "userfaultfd")
+			api := uffdioAPIArg{API: uffdAPI}
+			if err := uffdIoctl(f, uffdioAPI, &api); err != nil {
+				f.Close()
+				t.Fatalf("UFFDIO_API: %v", err)
+			}
+			addr := uint64(uintptr(unsafe.Pointer(&area[0])))
+			reg := uffdioRegisterArg{Range: uffdioRange{addr, size}, Mode: uffdRegisterMissing}
+			if err := uffdIoctl(f, uffdioRegister, &reg); err != nil {
+				f.Close()
+				t.Fatalf("UFFDIO_REGISTER: %v", err)
+			}
+			got := uffdFill(f, addr, data)
+			// Unregister before reading: a missing page of a registered
+			// area would wait for a fault handler there is none of.
+			f.Close()
+			if got != tc.want {
+				t.Fatalf("placed %d bytes, want %d", got, tc.want)
+			}
+			if !bytes.Equal(area[:got], data[:got]) {
+				t.Fatal("the placed bytes differ from the data")
+			}
+			if tc.present >= 0 && runtime.GOMAXPROCS(0) >= 2 && !bytes.Equal(area[size/2:], data[size/2:]) {
+				t.Fatal("the second half was not placed")
+			}
+		})
+	}
+}

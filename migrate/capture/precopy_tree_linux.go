@@ -1,0 +1,165 @@
+package capture
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// Live migration of a process tree (pfreeze -live -tree, and a PID
+// namespace frozen whole through its init). Every member found while the
+// tree runs gets a pre-copy of its own (its own userfaultfd: each member
+// has an address space of its own), and the rounds send every member's
+// written pages, each after a PrecopyMember record naming it by the PID
+// the snapshot knows it by. The bounds hold for the tree as a whole.
+// Then the tree is stopped as without -live (AttachTree: every member,
+// the members forked meanwhile too), and before the tree record each
+// member found again — the same process: its start time is unchanged —
+// gets its final round, after a final PrecopyMember record. A member gone
+// by then gets none, and the receiver forgets its pages (its PID may be
+// another process's by now); a member forked during the rounds was never
+// tracked and is sent in full, as are shared memory (MAP_SHARED, memfd,
+// System V: never tracked, so exact as of the stop) and every area whose
+// tracking was lost.
+
+// treePrecopy is the pre-copy of a tree's members.
+type treePrecopy struct {
+	pid     int // the root
+	o       LiveOptions
+	stats   *LiveStats
+	members []*precopy
+}
+
+// startTreePrecopy starts tracking every member of the running tree of
+// pid. A member that cannot be tracked is told (Notice) and sent in full
+// at the stop; nil, nil when none can.
+func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, error) {
+	if o.MaxRounds <= 0 {
+		o.MaxRounds = 8
+	}
+	if o.Downtime <= 0 {
+		o.Downtime = 100 * time.Millisecond
+	}
+	if o.Stats == nil {
+		o.Stats = &LiveStats{}
+	}
+	ns, err := childNSInit(pid)
+	if err != nil {
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	t := &treePrecopy{pid: pid, o: o, stats: o.Stats}
+	queue, seen := []int{pid}, map[int]bool{pid: true}
+	for len(queue) > 0 {
+		m := queue[0]
+		queue = queue[1:]
+		stat, err := procfs.Stat(m)
+		if err != nil || len(stat) == 0 || stat[0] == "Z" {
+			continue // gone or a zombie: AttachTree sees to it
+		}
+		kids, _ := procfs.Children(m)
+		for _, k := range kids {
+			if !seen[k] {
+				seen[k] = true
+				queue = append(queue, k)
+			}
+		}
+		if m == os.Getpid() {
+			continue // AttachTree refuses it
+		}
+		saved := m
+		if ns != "" {
+			st, err := procfs.Status(m)
+			if err == nil {
+				saved, err = innermost(st, "NSpid")
+			}
+			if err != nil {
+				continue
+			}
+		}
+		pc, err := startPrecopyWith(tr, m, o, func() (*Frozen, error) { return attachMember(tr, m, ns) })
+		if err != nil {
+			t.notice(fmt.Sprintf("live %d: pid %d is not copied live (%v): stopped for the whole copy", pid, m, err))
+			continue
+		}
+		pc.saved, pc.started = saved, procfs.StatField(stat, 22)
+		t.members = append(t.members, pc)
+	}
+	if len(t.members) == 0 {
+		return nil, nil
+	}
+	return t, nil
+}
+
+// attachMember stops every thread of pid, a member of a tree in PID
+// namespace ns ("" for ours), for the calls that open its pre-copy.
+func attachMember(tr *ptrace.Tracer, pid int, ns string) (*Frozen, error) {
+	if err := mayTrace(pid, pid); err != nil {
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	if err := checkSupported(pid, true, ns); err != nil {
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	f := &Frozen{Pid: pid, tr: tr, mem: ptrace.NewMem(pid)}
+	if err := tr.Do(f.stopAll); err != nil {
+		f.detach()
+		return nil, fmt.Errorf("freeze %d: %w", pid, err)
+	}
+	return f, nil
+}
+
+func (t *treePrecopy) notice(s string) {
+	if t.o.Notice != nil {
+		t.o.Notice(s)
+	}
+}
+
+// run sends the rounds while the tree runs, and returns when it should
+// be stopped for the final one.
+func (t *treePrecopy) run(enc *image.Encoder) error {
+	return runRounds(enc, t.pid, t.o, t.stats, t.members, true)
+}
+
+// finish runs with the tree stopped, its members described (rs, in the
+// order of members), before the tree record: the final round of every
+// member still the process that was tracked. It leaves in each member
+// the areas whose pages are all sent (Frozen.precopyDone).
+func (t *treePrecopy) finish(enc *image.Encoder, members []*Frozen, rs []*records) error {
+	t.stats.StoppedAt = time.Now()
+	at := map[int]int{}
+	for i, f := range members {
+		at[f.Pid] = i
+	}
+	var bytes uint64
+	for _, pc := range t.members {
+		i, ok := at[pc.pid]
+		if ok {
+			stat, err := procfs.Stat(pc.pid)
+			ok = err == nil && procfs.StatField(stat, 22) == pc.started
+		}
+		if !ok {
+			t.stats.Untracked += len(pc.areas)
+			continue
+		}
+		if err := enc.Write(&image.PrecopyMember{Pid: pc.saved, Final: true}); err != nil {
+			return err
+		}
+		done, n, err := pc.last(enc, rs[i].vmas)
+		if err != nil {
+			return fmt.Errorf("live: pid %d: %w", pc.pid, err)
+		}
+		members[i].precopyDone = done
+		bytes += n
+	}
+	t.stats.FinalBytes = bytes
+	return enc.Write(&image.Round{N: t.stats.Rounds, Bytes: bytes, Final: true, At: t.stats.StoppedAt.UnixNano()})
+}
+
+func (t *treePrecopy) close() {
+	for _, pc := range t.members {
+		pc.close()
+	}
+}
