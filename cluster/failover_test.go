@@ -20,13 +20,17 @@ import (
 
 // The ways TestFailoverFromCheckpoint loses a node: "cut", its link down
 // (its pclusterd runs on, cut off: it fences its copy, and kills it when
-// the link is back); "kill", its pclusterd SIGKILLed (the copy runs on
-// with no agent; the restarted agent kills it at once).
-var failoverModes = []string{"cut", "kill"}
+// the link is back); "kill", its pclusterd SIGKILLed (its watchdog
+// fences the copy; the restarted agent kills it); "cutkill", its link
+// down and its pclusterd SIGKILLed and started again 2 s later, still cut
+// off (the new agent fences from the dead one's last contact and lease,
+// its replica lacking what raft has not replayed, and kills the copy when
+// the link is back).
+var failoverModes = []string{"cut", "kill", "cutkill"}
 
 // failoverTimes is one trial's timeline, from the cut or the kill.
 type failoverTimes struct {
-	fenced   time.Duration // the cut-off copy's cgroup frozen (cut only)
+	fenced   time.Duration // the lost node's copy's cgroup frozen (cut: by its agent's fence; kill: by its watchdog)
 	lost     time.Duration // detection: the majority's state says lost
 	decided  time.Duration // decision: placed on another node
 	running  time.Duration // restore: running there
@@ -43,8 +47,9 @@ type failoverTimes struct {
 // link cut, the cut-off copy is frozen by the node's fence before the
 // leader decides the failover, and its log does not grow from then on;
 // when the link comes back its agent kills it. With the node's pclusterd
-// killed instead, the copy runs on without an agent; the restarted agent
-// kills it at once.
+// SIGKILLed instead, the node's fence watchdog freezes the copy before
+// the leader decides, as the fence would (and it writes nothing from
+// then on); the restarted agent kills it.
 //
 // PCLUSTER_FAILOVER_TRIALS (default 1) sets the trials per mode; each
 // trial loses the next node in turn and logs its timeline, the last line
@@ -99,13 +104,11 @@ func TestFailoverFromCheckpoint(t *testing.T) {
 			return fmt.Sprintf("%s %.1f/%.1f/%.1f s", what, ds[0].Seconds(), ds[len(ds)/2].Seconds(), ds[len(ds)-1].Seconds())
 		}
 		parts := []string{
+			spread("fenced", func(x failoverTimes) time.Duration { return x.fenced }),
 			spread("lost", func(x failoverTimes) time.Duration { return x.lost }),
 			spread("decided", func(x failoverTimes) time.Duration { return x.decided }),
 			spread("running", func(x failoverTimes) time.Duration { return x.running }),
 			spread("stale copy gone", func(x failoverTimes) time.Duration { return x.staleEnd }),
-		}
-		if mode == "cut" {
-			parts = append([]string{spread("fenced", func(x failoverTimes) time.Duration { return x.fenced })}, parts...)
 		}
 		t.Logf("%s: %d trials (min/median/max): %s", mode, len(ts), strings.Join(parts, ", "))
 	}
@@ -174,20 +177,33 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	var ft failoverTimes
 	frozenSize := -1
 	start := time.Now()
-	if mode == "cut" {
+	switch mode {
+	case "cut":
 		fl.lab.Cut(t, v, true)
-	} else {
+	case "kill":
+		c.kill(victim)
+	case "cutkill":
+		fl.lab.Cut(t, v, true)
 		c.kill(victim)
 	}
 	var got api.Workload
 	seen := ""
+	restarted := false
 	for deadline := start.Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if mode == "cutkill" && !restarted && time.Since(start) >= 2*time.Second {
+			// Restarted 2 s later, as a service manager would, and not
+			// waited for: its fence must come -fence-after from the dead
+			// agent's last contact, not from its own start (which would
+			// be after the leader can decide).
+			c.startDaemon(victim)
+			restarted = true
+		}
 		// The fence first: a freeze seen before the state's decision in
 		// the same round came before it.
-		if mode == "cut" && frozenSize < 0 && frozen(victim, w.ID, 1) {
+		if frozenSize < 0 && frozen(victim, w.ID, 1) {
 			ft.fenced = time.Since(start)
 			_, frozenSize = fl.logOf(victim, w.ID)
-			t.Logf("trial %s %d: %6.2fs the cut-off copy on %s is frozen", mode, i, ft.fenced.Seconds(), victim.name)
+			t.Logf("trial %s %d: %6.2fs the lost node's copy on %s is frozen", mode, i, ft.fenced.Seconds(), victim.name)
 		}
 		got, err = stale.Workload(context.Background(), w.ID)
 		now := time.Since(start)
@@ -201,9 +217,9 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 			}
 			if got.Node != victim.name && ft.decided == 0 {
 				ft.decided = now
-				if mode == "cut" && frozenSize < 0 {
-					t.Fatalf("trial %s %d: the failover to %s was decided %.2fs after the cut, before the cut-off copy on %s was frozen",
-						mode, i, got.Node, now.Seconds(), victim.name)
+				if frozenSize < 0 {
+					t.Fatalf("trial %s %d: the failover to %s was decided %.2fs after the %s, before the lost node's copy on %s was frozen",
+						mode, i, got.Node, now.Seconds(), mode, victim.name)
 				}
 			}
 			if got.State == "running" && got.Node != victim.name && got.PID != 0 && got.Failover != nil {
@@ -218,6 +234,13 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	}
 	if ft.lost == 0 {
 		ft.lost = ft.decided // lost and decided between two reads
+	}
+	// Which fence froze it: the agent's, or the watchdog of a dead one.
+	for _, l := range strings.Split(logBetween(victim.logPath, start, time.Now()), "\n") {
+		if strings.Contains(l, "fenced: workload frozen") && strings.Contains(l, w.ID) {
+			_, msg, _ := strings.Cut(l, "msg=")
+			t.Logf("trial %s %d: %s", mode, i, msg)
+		}
 	}
 	if got.Failover.Checkpoint == 0 || got.Failover.From != victim.name || got.Failover.To != got.Node {
 		t.Fatalf("trial %s %d: failover %+v: want from %s, restored from a checkpoint on %s", mode, i, got.Failover, victim.name, got.Node)
@@ -239,6 +262,11 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 			there = nd
 		}
 	}
+	if ft.running-ft.decided > time.Second {
+		// Where a slow restore went: the target's log meanwhile.
+		t.Logf("trial %s %d: %v from the decision to running; %s's log meanwhile:\n%s", mode, i, (ft.running - ft.decided).Round(time.Millisecond),
+			there.name, logBetween(there.logPath, start.Add(ft.decided-100*time.Millisecond), start.Add(ft.running)))
+	}
 	var restored []counterLine
 	c.waitFor(20*time.Second, "the restored counter's lines on "+there.name, func() error {
 		if restored, _ = fl.logOf(there, w.ID); len(restored) < 3 {
@@ -259,16 +287,20 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		!strings.Contains(out, fmt.Sprintf("restored from checkpoint %d", got.Failover.Checkpoint)) {
 		t.Errorf("trial %s %d: status: got %q, want the failover line", mode, i, out)
 	}
-	if mode == "cut" {
-		if oldSize != frozenSize {
-			t.Fatalf("trial %s %d: the cut-off copy's log grew from %d to %d bytes after it was frozen", mode, i, frozenSize, oldSize)
-		}
-		if !frozen(victim, w.ID, 1) {
-			t.Fatalf("trial %s %d: the cut-off copy on %s is no longer frozen while the link is down", mode, i, victim.name)
-		}
-		fl.lab.Cut(t, v, false)
-	} else {
+	if oldSize != frozenSize {
+		t.Fatalf("trial %s %d: the lost node's copy's log grew from %d to %d bytes after it was frozen", mode, i, frozenSize, oldSize)
+	}
+	if !frozen(victim, w.ID, 1) {
+		t.Fatalf("trial %s %d: the lost node's copy on %s is no longer frozen while the node is lost", mode, i, victim.name)
+	}
+	switch mode {
+	case "kill":
 		c.launch(victim)
+	case "cut":
+		fl.lab.Cut(t, v, false)
+	case "cutkill":
+		c.waitSocket(victim)
+		fl.lab.Cut(t, v, false)
 	}
 	back := time.Now()
 	c.waitFor(120*time.Second, "the old copy on "+victim.name+" to be killed", func() error {
@@ -278,9 +310,9 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		return nil
 	})
 	ft.staleEnd = time.Since(back)
-	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart"}[mode],
+	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart", "cutkill": "link up"}[mode],
 		ft.staleEnd.Round(time.Millisecond))
-	if _, size := fl.logOf(victim, w.ID); mode == "cut" && size != frozenSize {
+	if _, size := fl.logOf(victim, w.ID); size != frozenSize {
 		t.Errorf("trial %s %d: the fenced copy wrote %d bytes before it was killed: it was thawed", mode, i, size-frozenSize)
 	}
 	c.waitFor(15*time.Second, victim.name+"'s log to say it killed its stale copy", func() error {
@@ -306,4 +338,18 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		return nil
 	})
 	return ft
+}
+
+// logBetween returns the lines of a daemon's log stamped from from to to.
+func logBetween(path string, from, to time.Time) string {
+	b, _ := os.ReadFile(path)
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		ts, _, ok := strings.Cut(strings.TrimPrefix(l, "time="), " ")
+		at, err := time.Parse(time.RFC3339Nano, ts)
+		if ok && err == nil && !at.Before(from) && !at.After(to) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

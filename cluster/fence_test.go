@@ -4,16 +4,14 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/memberlist"
 )
 
 // TestCheckFence: a fence time is refused unless the fence acts a margin
 // before the leader's earliest failover (memberlist's least detection
-// time, 4 s in the LAN profile, + FailoverAfter) and is longer than an
+// time, 4 s with our gossip config, + FailoverAfter) and is longer than an
 // election.
 func TestCheckFence(t *testing.T) {
-	mc := memberlist.DefaultLANConfig()
+	mc := gossipConfig()
 	cases := []struct {
 		failover     bool
 		after, fence time.Duration

@@ -195,6 +195,14 @@ func containsFlag(args []string, f string) bool {
 
 func (c *testCluster) launch(nd *testNode) {
 	c.tb.Helper()
+	c.startDaemon(nd)
+	c.waitSocket(nd)
+}
+
+// startDaemon starts a node's daemon without waiting for it (waitSocket
+// does).
+func (c *testCluster) startDaemon(nd *testNode) {
+	c.tb.Helper()
 	logf, err := os.OpenFile(nd.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		c.tb.Fatal(err)
@@ -223,6 +231,12 @@ func (c *testCluster) launch(nd *testNode) {
 		c.tb.Fatal(err)
 	}
 	nd.client = cl
+}
+
+// waitSocket waits for a launched daemon's API socket to answer.
+func (c *testCluster) waitSocket(nd *testNode) {
+	c.tb.Helper()
+	cl := nd.client
 	c.waitFor(10*time.Second, nd.name+" socket", func() error {
 		_, err := cl.Members(context.Background())
 		return err

@@ -30,11 +30,17 @@ func (s *Server) leaderLoop(ctx context.Context) {
 	defer loads.Stop()
 	gc := time.NewTicker(min(max(s.cfg.WorkloadGCAfter/4, time.Second), time.Minute))
 	defer gc.Stop()
+	// due wakes the loop when a lost workload becomes due for failover
+	// (scheduler.NextFailover): the decision comes -failover-after after
+	// the loss, not up to a reconcile tick later.
+	due := time.NewTimer(time.Hour)
+	defer due.Stop()
 	leaderCh := s.raft.LeaderCh()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-due.C:
 		case isLeader := <-leaderCh:
 			s.metrics.leaderChanges.Inc()
 			s.log.Info("leadership changed", "leader", isLeader)
@@ -69,7 +75,14 @@ func (s *Server) leaderLoop(ctx context.Context) {
 			s.timeOutMigrations(time.Now())
 			s.pruneCheckpoints()
 			if s.cfg.Failover {
-				s.failover(time.Now())
+				now := time.Now()
+				s.failover(now)
+				var next time.Time
+				var ok bool
+				s.fsm.Read(func(st *scheduler.State) { next, ok = scheduler.NextFailover(st, now, s.cfg.FailoverAfter) })
+				if ok {
+					due.Reset(next.Sub(now))
+				}
 			}
 			if _, err := drainer.Round(time.Now()); err != nil {
 				s.log.Warn("drain", "err", err)

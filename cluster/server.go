@@ -199,7 +199,7 @@ func Start(cfg Config) (s *Server, err error) {
 	if cfg.WorkloadGCAfter < 0 {
 		return nil, fmt.Errorf("start: workload gc retention %v: want a positive duration", cfg.WorkloadGCAfter)
 	}
-	if err := checkFence(cfg, memberlist.DefaultLANConfig()); err != nil {
+	if err := checkFence(cfg, gossipConfig()); err != nil {
 		return nil, fmt.Errorf("start: %w", err)
 	}
 	var fenceAfter time.Duration // the agent's: fencing follows failover
@@ -247,6 +247,12 @@ func Start(cfg Config) (s *Server, err error) {
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
 		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv,
 		ledAt: time.Now()} // the fence's clock starts with the daemon
+	if c, ok := node.LeaseContact(cfg.DataDir); ok && c.Before(s.ledAt) {
+		// Or earlier: a previous daemon's last contact, which its
+		// watchdog counts from (node/watchdog_linux.go). A restart must
+		// not push the fence past the leader's failover.
+		s.ledAt = c
+	}
 	s.metrics = newMetrics(s)
 	s.balancer = NewBalancer(s.Applier(), s.unreachable, scheduler.BalanceParams{Cooldown: cfg.BalanceCooldown}, s.log)
 	started := s // "return nil, err" sets s to nil before this runs
@@ -274,7 +280,7 @@ func Start(cfg Config) (s *Server, err error) {
 		Report: s.report, Step: s.step, DialTarget: s.dialTarget, Sync: s.leaderIndex, Leader: s.Leader, Cgroups: true, Logger: s.log,
 		VIPInterface: cfg.VIPInterface, Checkpoint: s.checkpointReport, PushCheckpoint: s.pushCheckpoint,
 		CheckpointKey: cfg.Key.CheckpointKey(), CheckpointReserve: cfg.CheckpointReserve,
-		FenceAfter: fenceAfter, Contact: s.majorityContact, StopAndCopy: cfg.MigrateStopAndCopy})
+		FenceAfter: fenceAfter, Contact: s.majorityContact, Watchdog: true, StopAndCopy: cfg.MigrateStopAndCopy})
 	if err := s.setupGossip(); err != nil {
 		return nil, err
 	}
@@ -443,8 +449,26 @@ func (s *Server) bootstrap(servers []raft.Server) error {
 	return nil
 }
 
-func (s *Server) setupGossip() error {
+// gossipConfig is memberlist's LAN profile with a faster probe and the
+// same 4 s of suspicion (docs/cluster.md, "Failure detection"): a probe
+// every 500 ms (LAN: 1 s) with a 200 ms direct-ack timeout (LAN: 500 ms;
+// the indirect probe's nack, sent by the relay after its own timeout,
+// then comes within the probe's 500 ms), and SuspicionMult 8 (LAN: 4), so
+// that a suspect still has 8 × 500 ms = 4 s (× log10 of the node count
+// from 10 nodes on) to refute before it is declared dead. What the faster
+// probe buys is the time from a failure to the first failed probe, the
+// spread of the detection: with 3 nodes each peer probes a node every 1–3
+// probe periods.
+func gossipConfig() *memberlist.Config {
 	mc := memberlist.DefaultLANConfig()
+	mc.ProbeInterval = 500 * time.Millisecond
+	mc.ProbeTimeout = 200 * time.Millisecond
+	mc.SuspicionMult = 8
+	return mc
+}
+
+func (s *Server) setupGossip() error {
+	mc := gossipConfig()
 	mc.Name = s.cfg.Name
 	host, port, _ := net.SplitHostPort(s.cfg.BindAddr)
 	mc.BindAddr = host

@@ -102,6 +102,12 @@ type Config struct {
 	// migration copies the workload's memory while it runs, in rounds
 	// (capture.LiveOptions), and stops it only for the last.
 	StopAndCopy bool
+	// Watchdog (with FenceAfter and cgroups): the agent starts a fence
+	// watchdog that freezes what the fence covers if the agent dies and
+	// no new one takes over within FenceAfter of its last contact
+	// (node/watchdog_linux.go). The program must call WatchdogMain first
+	// when IsWatchdog.
+	Watchdog bool
 }
 
 // proc is one workload process this agent watches.
@@ -198,6 +204,17 @@ type Agent struct {
 	cutOff    bool
 	fenced    map[string]int
 	capturing map[string]bool
+	// leaseOwner: this agent's token in the fence lease; leaseErr: a
+	// failed renewal was logged (fenceLoop only, once started).
+	leaseOwner string
+	leaseErr   bool
+	// leaseIdx: the replica's index the last lease was written from.
+	leaseIdx atomic.Uint64
+	// inherited: the cgroups the previous agent's lease listed, which the
+	// fence covers too until the replica is current for the first time
+	// (a restarted daemon's replica is its last snapshot until a leader
+	// speaks to it). Under mu.
+	inherited []leaseCgroup
 }
 
 // New returns an agent; call Run to start it. The agent starts each
@@ -269,6 +286,21 @@ func (a *Agent) Run(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	if a.cfg.FenceAfter > 0 && a.cfg.Contact != nil {
+		if a.cfg.Watchdog && a.cg != nil {
+			a.takeWatchdogFrozen()
+			if l, err := readLease(a.cfg.DataDir); err == nil {
+				a.mu.Lock()
+				a.inherited = l.Cgroups
+				a.mu.Unlock()
+			}
+			if w, err := a.startWatchdog(a.cfg.Contact()); err != nil {
+				a.log.Error("no fence watchdog: the workloads are not fenced if pclusterd dies", "err", err)
+			} else {
+				// Closed when Run ends, or by the kernel when this
+				// process dies: the watchdog's clock starts.
+				defer w.Close()
+			}
+		}
 		a.wg.Add(1)
 		go a.fenceLoop(ctx) // ends with ctx; Run waits for it
 	}
@@ -327,7 +359,13 @@ func (a *Agent) current(ctx context.Context) bool {
 	}
 	var at uint64
 	a.cfg.FSM.Read(func(s *scheduler.State) { at = s.Index })
-	return at >= a.syncIndex
+	if at < a.syncIndex {
+		return false
+	}
+	a.mu.Lock()
+	a.inherited = nil // the replica is current: it says what the fence covers
+	a.mu.Unlock()
+	return true
 }
 
 // adopt takes over a process that an earlier agent on this node started:

@@ -226,6 +226,11 @@ func (a *Agent) checkpoint(ctx context.Context, w scheduler.Workload, pid int, p
 		log.Warn("checkpoint not copied", "seq", cp.Seq, "err", err)
 		return
 	}
+	// A copy elsewhere makes the workload one a failover can restore
+	// there: the fence watchdog's lease must list it first.
+	var idx uint64
+	a.cfg.FSM.Read(func(s *scheduler.State) { idx = s.Index })
+	a.awaitLease(idx)
 	for _, t := range cp.Targets {
 		if err := a.pushCheckpoint(ctx, t, cp, final); err != nil {
 			log.Warn("checkpoint copy failed", "seq", cp.Seq, "target", t, "err", err)

@@ -36,20 +36,49 @@ func (a *Agent) fenceLoop(ctx context.Context) {
 	t := time.NewTicker(fenceCheckEvery)
 	defer t.Stop()
 	for {
+		// The replica's changes too, for the watchdog's lease: a
+		// checkpoint whose copy goes to another node makes its workload
+		// one the watchdog must freeze before the copy exists
+		// (awaitLease).
+		var changed <-chan struct{}
+		if a.leaseOwner != "" {
+			changed = a.cfg.FSM.Changed()
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
 			a.checkFence(now)
+		case <-changed:
+			a.checkFence(time.Now())
 		}
+	}
+}
+
+// awaitLease returns once the lease has been written from a replica at
+// index idx or later (at once without a watchdog), or after a second.
+func (a *Agent) awaitLease(idx uint64) {
+	if a.leaseOwner == "" {
+		return
+	}
+	for deadline := time.Now().Add(time.Second); a.leaseIdx.Load() < idx && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
 // checkFence freezes what the fence covers once the node has been out of
 // contact for longer than FenceAfter (fenceLoop only).
 func (a *Agent) checkFence(now time.Time) {
-	since := now.Sub(a.cfg.Contact())
+	contact := a.cfg.Contact()
+	since := now.Sub(contact)
 	cut := since > a.cfg.FenceAfter
+	if a.leaseOwner != "" {
+		a.takeWatchdogFrozen()
+		cgs, idx := a.fenceCandidates()
+		if a.writeLease(contact, cgs) {
+			a.leaseIdx.Store(idx)
+		}
+	}
 	a.mu.Lock()
 	was := a.cutOff
 	a.cutOff = cut
@@ -101,6 +130,14 @@ func (a *Agent) checkFence(now time.Time) {
 			if scheduler.FenceApplies(s, w, a.cfg.Name) {
 				a.fenced[id] = w.Attempt // from now on no capture starts
 				vs = append(vs, victim{id, w.Attempt})
+			}
+		}
+		// What the previous agent's lease listed, while the replica may
+		// still lack it.
+		for _, c := range a.inherited {
+			if _, done := a.fenced[c.Workload]; !done && c.Dir == a.cg.dir(c.Workload, c.Attempt) {
+				a.fenced[c.Workload] = c.Attempt
+				vs = append(vs, victim{c.Workload, c.Attempt})
 			}
 		}
 	})
@@ -237,4 +274,34 @@ func (a *Agent) killStrays() {
 			p.stopping, p.killAt = true, now.Add(a.cfg.StopTimeout)
 		}
 	}
+}
+
+// fenceCandidates lists the cgroups the fence would freeze now, for the
+// watchdog's lease: the workloads the replica runs here that a failover
+// could restore elsewhere, but for those a migration past planned holds
+// (their source decides), and until the replica is current those the
+// previous agent's lease listed.
+func (a *Agent) fenceCandidates() (cgs []leaseCgroup, index uint64) {
+	a.mu.Lock()
+	out := append([]leaseCgroup(nil), a.inherited...)
+	a.mu.Unlock()
+	seen := map[string]bool{}
+	for _, c := range out {
+		seen[c.Dir] = true
+	}
+	a.cfg.FSM.Read(func(s *scheduler.State) {
+		index = s.Index
+		for id, w := range s.Workloads {
+			if w.Node != a.cfg.Name {
+				continue
+			}
+			if m := s.ActiveMigration(id); m != nil && m.State != scheduler.MigrationPlanned {
+				continue
+			}
+			if dir := a.cg.dir(id, w.Attempt); scheduler.FenceApplies(s, w, a.cfg.Name) && !seen[dir] {
+				out = append(out, leaseCgroup{Dir: dir, Workload: id, Attempt: w.Attempt})
+			}
+		}
+	})
+	return out, index
 }

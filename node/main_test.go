@@ -14,6 +14,9 @@ func TestMain(m *testing.M) {
 	if IsInit() {
 		os.Exit(InitMain())
 	}
+	if IsWatchdog() {
+		os.Exit(WatchdogMain())
+	}
 	fixture.KeepFDsFromTargets()
 	os.Exit(m.Run())
 }

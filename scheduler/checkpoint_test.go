@@ -207,6 +207,12 @@ func TestPlanFailover(t *testing.T) {
 		if p := PlanFailover(s, time.Unix(0, 30e9), time.Second); len(p) != 0 {
 			t.Errorf("before the failover delay: got %+v, want nothing", p)
 		}
+		if next, ok := NextFailover(s, time.Unix(0, 30e9), time.Second); !ok || !next.Equal(time.Unix(0, 31e9)) {
+			t.Errorf("next failover before the delay: got %v %v, want %v", next, ok, time.Unix(0, 31e9))
+		}
+		if next, ok := NextFailover(s, time.Unix(0, 31e9), time.Second); ok {
+			t.Errorf("next failover once due: got %v, want none (PlanFailover's now)", next)
+		}
 		plan = PlanFailover(s, time.Unix(0, 31e9), time.Second)
 	})
 	want := []Command{

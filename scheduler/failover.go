@@ -88,3 +88,21 @@ func applyWorkloadFailover(s *State, idx uint64, c *WorkloadFailoverCmd) any {
 	w.ModifyIndex = idx
 	return *w
 }
+
+// NextFailover returns the earliest time after now at which a lost
+// workload becomes due for PlanFailover (lost for after), so that the
+// leader can plan it then rather than at its next reconcile tick; ok is
+// false when none is waiting. Workloads already due are PlanFailover's
+// (and stay lost if nothing can replace them): not counted.
+func NextFailover(s *State, now time.Time, after time.Duration) (next time.Time, ok bool) {
+	for _, w := range s.Workloads {
+		if w.State != StateLost || w.Desired != DesiredRunning {
+			continue
+		}
+		due := time.Unix(0, w.LostAt).Add(after)
+		if due.After(now) && (!ok || due.Before(next)) {
+			next, ok = due, true
+		}
+	}
+	return next, ok
+}

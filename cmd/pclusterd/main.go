@@ -31,6 +31,10 @@ func main() {
 		// A workload's init, pid 1 of its PID namespace (node/init_linux.go).
 		os.Exit(node.InitMain())
 	}
+	if node.IsWatchdog() {
+		// The fence's dead-man switch (node/watchdog_linux.go).
+		os.Exit(node.WatchdogMain())
+	}
 	err := run(os.Args[1:], os.Stderr)
 	var ue usageError
 	switch {
