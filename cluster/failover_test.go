@@ -25,8 +25,12 @@ import (
 // down and its pclusterd SIGKILLed and started again 2 s later, still cut
 // off (the new agent fences from the dead one's last contact and lease,
 // its replica lacking what raft has not replayed, and kills the copy when
-// the link is back).
-var failoverModes = []string{"cut", "kill", "cutkill"}
+// the link is back); "term", its pclusterd stopped gracefully (SIGTERM,
+// as a service manager stops it: with workloads a failover could restore
+// it leaves the cluster silently, so it fails as after a crash and its
+// watchdog fences the copy; a graceful leave would have the leader fail
+// the workload over at once while the copy ran on).
+var failoverModes = []string{"cut", "kill", "cutkill", "term"}
 
 // failoverTimes is one trial's timeline, from the cut or the kill.
 type failoverTimes struct {
@@ -157,11 +161,24 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 	c.ctlJSON(reader, &w, "run", "-node", victim.name, "-label", "app=fo", "-name", fmt.Sprintf("counter-%s-%d", mode, i), fl.bin, "100")
 	// Every checkpoint after the first is incremental on the one before
 	// (full every 8): the restore reads the chain.
-	c.waitFor(30*time.Second, "an incremental checkpoint with its copy", func() error {
+	c.waitFor(30*time.Second, "an incremental checkpoint with its copy, and its chain's", func() error {
 		var wc api.WorkloadCheckpoints
 		c.ctlJSON(reader, &wc, "checkpoint", "list", w.ID)
-		if n := len(wc.Checkpoints); n == 0 || len(wc.Checkpoints[n-1].Holders) < 2 || wc.Checkpoints[n-1].Parent == 0 {
+		n := len(wc.Checkpoints)
+		if n == 0 || wc.Checkpoints[n-1].Parent == 0 {
 			return fmt.Errorf("%+v", wc.Checkpoints)
+		}
+		bySeq := map[uint64]api.Checkpoint{}
+		for _, cp := range wc.Checkpoints {
+			bySeq[cp.Seq] = cp
+		}
+		for cp, ok := wc.Checkpoints[n-1], true; ok; cp, ok = bySeq[cp.Parent] {
+			if len(cp.Holders) < 2 {
+				return fmt.Errorf("checkpoint %d has no copy yet: %+v", cp.Seq, wc.Checkpoints)
+			}
+			if cp.Parent == 0 {
+				break
+			}
 		}
 		return nil
 	})
@@ -182,6 +199,14 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		fl.lab.Cut(t, v, true)
 	case "kill":
 		c.kill(victim)
+	case "term":
+		c.stop(victim)
+		// Not a graceful leave: the leader would fail the workload
+		// over at once, and only how long the daemon took to stop
+		// would keep the copy's freeze ahead of that.
+		if b, _ := os.ReadFile(victim.logPath); !bytes.Contains(b, []byte("stopping without leaving the cluster")) {
+			t.Fatalf("trial %s %d: %s left the cluster gracefully with a workload a failover could restore elsewhere", mode, i, victim.name)
+		}
 	case "cutkill":
 		fl.lab.Cut(t, v, true)
 		c.kill(victim)
@@ -294,7 +319,7 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		t.Fatalf("trial %s %d: the lost node's copy on %s is no longer frozen while the node is lost", mode, i, victim.name)
 	}
 	switch mode {
-	case "kill":
+	case "kill", "term":
 		c.launch(victim)
 	case "cut":
 		fl.lab.Cut(t, v, false)
@@ -310,7 +335,7 @@ func (fl *failoverLab) trial(mode string, i, v int) failoverTimes {
 		return nil
 	})
 	ft.staleEnd = time.Since(back)
-	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart", "cutkill": "link up"}[mode],
+	t.Logf("trial %s %d: %s to the old copy gone: %v", mode, i, map[string]string{"cut": "link up", "kill": "restart", "cutkill": "link up", "term": "restart"}[mode],
 		ft.staleEnd.Round(time.Millisecond))
 	if _, size := fl.logOf(victim, w.ID); size != frozenSize {
 		t.Errorf("trial %s %d: the fenced copy wrote %d bytes before it was killed: it was thawed", mode, i, size-frozenSize)

@@ -525,7 +525,16 @@ func (s *Server) Shutdown() {
 	s.once.Do(func() {
 		s.cancel()
 		if s.ml != nil {
-			_ = s.ml.Leave(time.Second)
+			if n := s.failoverable(); n > 0 {
+				// A graceful leave would have the leader fail these
+				// over at once while they still run here (pclusterd's
+				// workloads outlive it): go silent instead, as a crash
+				// does, so that the watchdog fences them before the
+				// peers declare this node dead (docs/cluster.md).
+				s.log.Warn("stopping without leaving the cluster: workloads a failover could restore elsewhere run here; the cluster sees this node fail, and fencing and failover apply as after a crash (drain the node first to move them)", "workloads", n)
+			} else {
+				_ = s.ml.Leave(time.Second)
+			}
 		}
 		for _, h := range s.httpSrvs {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -559,6 +568,24 @@ func (s *Server) Shutdown() {
 		}
 		s.log.Info("pclusterd stopped")
 	})
+}
+
+// failoverable counts the workloads this node's replica runs here that a
+// failover could bring back elsewhere (scheduler.FenceApplies), when the
+// cluster fails over.
+func (s *Server) failoverable() int {
+	if !s.cfg.Failover || s.fsm == nil {
+		return 0
+	}
+	n := 0
+	s.fsm.Read(func(st *scheduler.State) {
+		for _, w := range st.Workloads {
+			if scheduler.FenceApplies(st, w, s.cfg.Name) {
+				n++
+			}
+		}
+	})
+	return n
 }
 
 // majorityContact is when this node was last in contact with the raft

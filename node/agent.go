@@ -187,11 +187,13 @@ type Agent struct {
 	usageMu sync.Mutex
 	usage   map[string]usageSample
 	// ckpting holds the workloads with a checkpoint under way (mu);
-	// ckptSwept is when Run last swept the checkpoint files.
-	ckpting       map[string]bool
-	ckptSwept     time.Time
-	ckptSweptOnce bool
-	ckptFailures  atomic.Int64
+	// ckptSwept is when Run last swept the checkpoint files; born, when
+	// this agent was made (unfinished files older than it are an earlier
+	// agent's).
+	ckpting      map[string]bool
+	ckptSwept    time.Time
+	born         time.Time
+	ckptFailures atomic.Int64
 	// ckptPushAt: when each copy (workload/seq/target) may be pushed
 	// again by repairCopies (Run only).
 	ckptPushAt map[string]time.Time
@@ -228,7 +230,7 @@ func New(cfg Config) *Agent {
 		cfg.Logger = slog.Default()
 	}
 	a := &Agent{
-		cfg: cfg, log: cfg.Logger.With("component", "agent"),
+		cfg: cfg, log: cfg.Logger.With("component", "agent"), born: time.Now(),
 		exits: make(chan exitEvent, 64), procs: map[string]*proc{}, started: map[string]int{},
 		incoming: map[string]string{}, claimed: map[string]int{}, outgoing: map[string]bool{}, moved: map[string]int{},
 		departures: make(chan departure), arrivals: make(chan arrival), holding: map[string]int{}, ckpting: map[string]bool{}, ckptPushAt: map[string]time.Time{},

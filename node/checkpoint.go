@@ -522,8 +522,6 @@ func (a *Agent) sweepCheckpoints() {
 	if err != nil {
 		return
 	}
-	first := !a.ckptSweptOnce
-	a.ckptSweptOnce = true
 	keep := map[string]bool{}
 	a.cfg.FSM.Read(func(s *scheduler.State) {
 		for id, r := range s.Checkpoints {
@@ -535,7 +533,11 @@ func (a *Agent) sweepCheckpoints() {
 	for _, e := range ents {
 		name := e.Name()
 		if strings.HasPrefix(name, ".") {
-			if first {
+			// An unfinished copy or checkpoint: an earlier agent's if
+			// older than this one, else one under way (a copy being
+			// received creates the directory, and so comes before the
+			// first sweep that reads it).
+			if info, err := e.Info(); err == nil && info.ModTime().Before(a.born) {
 				os.Remove(filepath.Join(a.CheckpointDir(), name))
 			}
 			continue
