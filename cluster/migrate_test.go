@@ -21,6 +21,7 @@ import (
 	"github.com/pcluster/pcluster/cluster/pki"
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/internal/netlab"
+	"github.com/pcluster/pcluster/node"
 )
 
 // startLab starts a 3-node cluster, each pclusterd in its own network
@@ -312,6 +313,14 @@ func nsIDs(t *testing.T, pid int) []int {
 	return nil
 }
 
+// isWatchdog reports whether pid is a pclusterd's fence watchdog (a child
+// it keeps for as long as it runs: node.WatchdogName), not a workload.
+func isWatchdog(pid int) bool {
+	b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+	argv0, _, _ := strings.Cut(string(b), "\x00")
+	return argv0 == node.WatchdogName
+}
+
 // childrenOf lists pid's children with their state letters.
 func childrenOf(pid int) map[int]byte {
 	out := map[int]byte{}
@@ -331,7 +340,7 @@ func childrenOf(pid int) map[int]byte {
 		}
 		f := strings.Fields(string(b[i+1:]))
 		if len(f) > 1 {
-			if ppid, _ := strconv.Atoi(f[1]); ppid == pid {
+			if ppid, _ := strconv.Atoi(f[1]); ppid == pid && !isWatchdog(child) {
 				out[child] = f[0][0]
 			}
 		}

@@ -301,8 +301,8 @@ type vipLab struct {
 	prefix  string // the VIP with its prefix, for -vip
 }
 
-func newVIPLab(tb testing.TB, c *testCluster, subnet int) *vipLab {
-	lab, nodes := startLab(tb, c, subnet)
+func newVIPLab(tb testing.TB, c *testCluster, subnet int, more ...string) *vipLab {
+	lab, nodes := startLabWith(tb, c, subnet, more...)
 	l := &vipLab{c: c, nodes: nodes, hosts: lab.Hosts[:3], client: lab.AddHost(tb),
 		macs: map[string]string{}, nsOf: map[string]string{}}
 	for i, h := range l.hosts {
@@ -715,11 +715,12 @@ func TestVIPAnnouncedAfterSockets(t *testing.T) {
 // killed) leaves the original running with its held connection: the
 // client's requests, stalled while the process was frozen, are answered
 // by the same process afterwards, the VIP is back on the source only, and
-// no reset reached the client.
+// no reset reached the client. Stop-and-copy, as TestVIPFollowsMigrations
+// says why.
 func TestVIPHeldConnectionAbort(t *testing.T) {
 	c := newTestCluster(t)
 	bin := fixture.Build(t, "vipconn")
-	l := newVIPLab(t, c, 100+int(c.prefix[1])%50)
+	l := newVIPLab(t, c, 100+int(c.prefix[1])%50, "-migrate-live=false")
 	src, dst := l.nodes[0], l.nodes[1]
 	const port = 8080
 	var w api.Workload
