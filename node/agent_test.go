@@ -24,6 +24,21 @@ type fakeLeader struct {
 	idx uint64
 }
 
+// index is the index the fake leader applied last (Config.Sync).
+func (l *fakeLeader) index(context.Context) (uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.idx, nil
+}
+
+// startRun runs a's loop until stop, which waits for it to end.
+func startRun(a *Agent) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.Run(ctx); close(done) }()
+	return func() { cancel(); <-done }
+}
+
 func (l *fakeLeader) apply(t scheduler.CommandType, cmd any) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -82,11 +97,9 @@ func (l *fakeLeader) wait(t *testing.T, id string, state scheduler.WorkloadState
 // runAgent starts an agent and returns a function that stops it and waits.
 func runAgent(t *testing.T, l *fakeLeader, dir string) (*Agent, func()) {
 	a := New(Config{Name: "a", DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.Run(ctx); close(done) }()
+	run := startRun(a)
 	var once sync.Once
-	stop := func() { once.Do(func() { cancel(); <-done }) }
+	stop := func() { once.Do(run) }
 	t.Cleanup(stop)
 	return a, stop
 }

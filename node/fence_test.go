@@ -2,7 +2,6 @@ package node
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -71,24 +70,14 @@ func TestFence(t *testing.T) {
 			}
 			return "leader"
 		},
-		Sync: func(context.Context) (uint64, error) {
-			l.mu.Lock()
-			defer l.mu.Unlock()
-			return l.idx, nil
-		},
+		Sync: l.index,
 	}
 	a := New(cfg)
 	if a.cg == nil {
 		t.Skip("no cgroup v2 freezer here")
 	}
 	var stop func()
-	run := func(a *Agent) {
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { a.Run(ctx); close(done) }()
-		stop = func() { cancel(); <-done }
-	}
-	run(a)
+	stop = startRun(a)
 	t.Cleanup(func() {
 		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
@@ -190,7 +179,7 @@ func TestFence(t *testing.T) {
 	stop()
 	cut.Store(true)
 	b := New(cfg)
-	run(b)
+	stop = startRun(b)
 	waitFor("w4 frozen by the new agent", func() bool { return isFrozen("w4", 1) })
 	if isFrozen("w2", 1) || isFrozen("w3", 1) {
 		t.Errorf("the new agent froze w2 %v, w3 %v; want neither", isFrozen("w2", 1), isFrozen("w3", 1))

@@ -2,7 +2,6 @@ package node
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -52,23 +51,13 @@ func TestFenceWatchdog(t *testing.T) {
 		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second, Watchdog: true,
 		Contact: time.Now,
 		Leader:  func() string { return "leader" },
-		Sync: func(context.Context) (uint64, error) {
-			l.mu.Lock()
-			defer l.mu.Unlock()
-			return l.idx, nil
-		},
+		Sync:    l.index,
 	}
 	a := New(cfg)
 	if a.cg == nil {
 		t.Skip("no cgroup v2 freezer here")
 	}
 	var stop func()
-	run := func(a *Agent) {
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { a.Run(ctx); close(done) }()
-		stop = func() { cancel(); <-done }
-	}
 	waitFor := func(what string, f func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(15 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
@@ -78,7 +67,7 @@ func TestFenceWatchdog(t *testing.T) {
 		}
 	}
 	var owners []string
-	run(a)
+	stop = startRun(a)
 	t.Cleanup(func() {
 		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
@@ -128,7 +117,7 @@ func TestFenceWatchdog(t *testing.T) {
 	}
 
 	b := New(cfg)
-	run(b)
+	stop = startRun(b)
 	waitFor("w1 thawed by the new agent (still this node's)", func() bool { return !isFrozen("w1") })
 	if s := logs.String(); !strings.Contains(s, "frozen by the fence's watchdog") {
 		t.Errorf("the new agent's log does not say it took the watchdog's freeze:\n%s", s)
@@ -168,11 +157,7 @@ func TestFenceInherited(t *testing.T) {
 		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second, Watchdog: true,
 		Contact: time.Now,
 		Leader:  func() string { return "leader" },
-		Sync: func(context.Context) (uint64, error) {
-			l.mu.Lock()
-			defer l.mu.Unlock()
-			return l.idx, nil
-		},
+		Sync:    l.index,
 	}
 	a := New(cfg)
 	if a.cg == nil {
@@ -188,13 +173,7 @@ func TestFenceInherited(t *testing.T) {
 	}
 	var owners []string
 	var stop func()
-	run := func(a *Agent) {
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { a.Run(ctx); close(done) }()
-		stop = func() { cancel(); <-done }
-	}
-	run(a)
+	stop = startRun(a)
 	t.Cleanup(func() {
 		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
@@ -225,7 +204,7 @@ func TestFenceInherited(t *testing.T) {
 	cut.Contact = func() time.Time { return time.Now().Add(-time.Hour) }
 	cut.Leader = func() string { return "" }
 	b := New(cut)
-	run(b)
+	stop = startRun(b)
 	waitFor("w1 frozen by the new agent's fence", func() bool {
 		return frozen(dirW1) && strings.Contains(logs.String(), "fenced: workload frozen while this node is cut off")
 	})
