@@ -43,41 +43,26 @@ func (s *syncBuffer) String() string {
 // the leader fails w1 over to another node: back in contact, the agent
 // kills it.
 func TestFence(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: workloads in cgroups of their own")
-	}
-	l := &fakeLeader{fsm: scheduler.NewFSM()}
-	dir := t.TempDir()
-	name := fmt.Sprintf("fence%d", os.Getpid())
-	for _, n := range []string{name, "b"} {
-		if err := l.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: n}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l, cfg, logs := fenceSetup(t, "fence")
+	name, dir := cfg.Name, cfg.DataDir
 	var cut atomic.Bool
-	logs := &syncBuffer{}
-	cfg := Config{Name: name, DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
-		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second,
-		Contact: func() time.Time {
-			if cut.Load() {
-				return time.Now().Add(-time.Hour)
-			}
-			return time.Now()
-		},
-		Leader: func() string {
-			if cut.Load() {
-				return ""
-			}
-			return "leader"
-		},
-		Sync: l.index,
+	cfg.Contact = func() time.Time {
+		if cut.Load() {
+			return time.Now().Add(-time.Hour)
+		}
+		return time.Now()
+	}
+	cfg.Leader = func() string {
+		if cut.Load() {
+			return ""
+		}
+		return "leader"
 	}
 	a := New(cfg)
 	if a.cg == nil {
 		t.Skip("no cgroup v2 freezer here")
 	}
-	var stop func()
-	stop = startRun(a)
+	stop := startRun(a)
 	t.Cleanup(func() {
 		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
@@ -99,17 +84,9 @@ func TestFence(t *testing.T) {
 		b, err := os.ReadFile(filepath.Join(a.cg.dir(id, attempt), "cgroup.events"))
 		return err == nil && bytes.Contains(b, []byte("frozen 1"))
 	}
-	waitFor := func(what string, f func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(15 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("waiting 15s for %s; agent log:\n%s", what, logs.String())
-			}
-		}
-	}
 	fencedOnly := func() {
 		t.Helper()
-		waitFor("w1 frozen", func() bool { return isFrozen("w1", 1) })
+		waitLogged(t, logs, "w1 frozen", func() bool { return isFrozen("w1", 1) })
 		if isFrozen("w2", 1) || isFrozen("w3", 1) {
 			t.Fatalf("frozen: w2 (fence off) %v, w3 (no failover could replace it) %v; want neither", isFrozen("w2", 1), isFrozen("w3", 1))
 		}
@@ -118,7 +95,7 @@ func TestFence(t *testing.T) {
 	cut.Store(true)
 	fencedOnly()
 	cut.Store(false)
-	waitFor("w1 thawed (still this node's)", func() bool { return !isFrozen("w1", 1) })
+	waitLogged(t, logs, "w1 thawed (still this node's)", func() bool { return !isFrozen("w1", 1) })
 
 	cut.Store(true)
 	fencedOnly()
@@ -135,7 +112,7 @@ func TestFence(t *testing.T) {
 	}
 	cut.Store(false)
 	l.wait(t, "w1", scheduler.StateRunning)
-	waitFor("w1 thawed (running here again)", func() bool { return !isFrozen("w1", 1) })
+	waitLogged(t, logs, "w1 thawed (running here again)", func() bool { return !isFrozen("w1", 1) })
 
 	cut.Store(true)
 	fencedOnly()
@@ -159,7 +136,7 @@ func TestFence(t *testing.T) {
 		t.Fatalf("w1 not frozen and alive while cut off (frozen %v)", isFrozen("w1", 1))
 	}
 	cut.Store(false)
-	waitFor("w1's stale copy killed", func() bool { return len(procsOf(a.cg.dir("w1", 1))) == 0 })
+	waitLogged(t, logs, "w1's stale copy killed", func() bool { return len(procsOf(a.cg.dir("w1", 1))) == 0 })
 	if s := logs.String(); !strings.Contains(s, "killing this node's stale copy (frozen by the fence)") {
 		t.Errorf("the agent's log does not say the fence's copy was killed:\n%s", s)
 	}
@@ -180,13 +157,50 @@ func TestFence(t *testing.T) {
 	cut.Store(true)
 	b := New(cfg)
 	stop = startRun(b)
-	waitFor("w4 frozen by the new agent", func() bool { return isFrozen("w4", 1) })
+	waitLogged(t, logs, "w4 frozen by the new agent", func() bool { return isFrozen("w4", 1) })
 	if isFrozen("w2", 1) || isFrozen("w3", 1) {
 		t.Errorf("the new agent froze w2 %v, w3 %v; want neither", isFrozen("w2", 1), isFrozen("w3", 1))
 	}
 	cut.Store(false)
-	waitFor("w4 thawed and adopted", func() bool { return !isFrozen("w4", 1) && b.Workloads() >= 3 })
+	waitLogged(t, logs, "w4 thawed and adopted", func() bool { return !isFrozen("w4", 1) && b.Workloads() >= 3 })
 	if got := l.get("w4"); got.State != scheduler.StateRunning || got.PID != w4.PID {
 		t.Errorf("w4 after the new agent's return: %s pid %d, want running pid %d", got.State, got.PID, w4.PID)
+	}
+}
+
+// fenceSetup is what the fence and watchdog tests share: root, a fake
+// leader that knows this node (prefix and the test's pid: cgroups of its
+// own) and node "b", and an agent config in contact with a leader, with a
+// 1 s fence and its log in logs.
+func fenceSetup(t *testing.T, prefix string) (l *fakeLeader, cfg Config, logs *syncBuffer) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: workloads in cgroups of their own")
+	}
+	l = &fakeLeader{fsm: scheduler.NewFSM()}
+	name := fmt.Sprintf("%s%d", prefix, os.Getpid())
+	for _, n := range []string{name, "b"} {
+		if err := l.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: n}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logs = &syncBuffer{}
+	cfg = Config{Name: name, DataDir: t.TempDir(), FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
+		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second,
+		Contact: time.Now,
+		Leader:  func() string { return "leader" },
+		Sync:    l.index,
+	}
+	return l, cfg, logs
+}
+
+// waitLogged waits up to 15 s for f, then fails naming what, with the
+// agent's log.
+func waitLogged(t *testing.T, logs *syncBuffer, what string, f func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(15 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waiting 15s for %s; agent log:\n%s", what, logs.String())
+		}
 	}
 }

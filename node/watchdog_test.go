@@ -2,8 +2,6 @@ package node
 
 import (
 	"bytes"
-	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -35,39 +33,15 @@ func watchdogsOf(owner string) []string {
 // new agent, in contact and with w1 still this node's, takes the record
 // and thaws w1.
 func TestFenceWatchdog(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: workloads in cgroups of their own")
-	}
-	l := &fakeLeader{fsm: scheduler.NewFSM()}
-	dir := t.TempDir()
-	name := fmt.Sprintf("fencewd%d", os.Getpid())
-	for _, n := range []string{name, "b"} {
-		if err := l.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: n}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	logs := &syncBuffer{}
-	cfg := Config{Name: name, DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
-		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second, Watchdog: true,
-		Contact: time.Now,
-		Leader:  func() string { return "leader" },
-		Sync:    l.index,
-	}
+	l, cfg, logs := fenceSetup(t, "fencewd")
+	name, dir := cfg.Name, cfg.DataDir
+	cfg.Watchdog = true
 	a := New(cfg)
 	if a.cg == nil {
 		t.Skip("no cgroup v2 freezer here")
 	}
-	var stop func()
-	waitFor := func(what string, f func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(15 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("waiting 15s for %s; agent log:\n%s", what, logs.String())
-			}
-		}
-	}
 	var owners []string
-	stop = startRun(a)
+	stop := startRun(a)
 	t.Cleanup(func() {
 		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
@@ -75,7 +49,7 @@ func TestFenceWatchdog(t *testing.T) {
 		}
 		// The last agent's watchdog finds nothing left to freeze.
 		for _, o := range owners {
-			waitFor("watchdog "+o+" to exit", func() bool { return len(watchdogsOf(o)) == 0 })
+			waitLogged(t, logs, "watchdog "+o+" to exit", func() bool { return len(watchdogsOf(o)) == 0 })
 		}
 	})
 	for _, w := range []scheduler.Workload{
@@ -93,7 +67,7 @@ func TestFenceWatchdog(t *testing.T) {
 		return err == nil && bytes.Contains(b, []byte("frozen 1"))
 	}
 	var ls lease
-	waitFor("the lease to list w1", func() bool {
+	waitLogged(t, logs, "the lease to list w1", func() bool {
 		var err error
 		ls, err = readLease(dir)
 		return err == nil && len(ls.Cgroups) == 1 && ls.Cgroups[0].Workload == "w1"
@@ -107,8 +81,8 @@ func TestFenceWatchdog(t *testing.T) {
 	}
 
 	stop()
-	waitFor("w1 frozen by the watchdog", func() bool { return isFrozen("w1") })
-	waitFor("the watchdog to exit", func() bool { return len(watchdogsOf(ls.Owner)) == 0 })
+	waitLogged(t, logs, "w1 frozen by the watchdog", func() bool { return isFrozen("w1") })
+	waitLogged(t, logs, "the watchdog to exit", func() bool { return len(watchdogsOf(ls.Owner)) == 0 })
 	if isFrozen("w3") || len(procsOf(a.cg.dir("w3", 1))) == 0 {
 		t.Fatalf("w3 (no failover could replace it): frozen %v, alive %v; want it running", isFrozen("w3"), len(procsOf(a.cg.dir("w3", 1))) > 0)
 	}
@@ -118,7 +92,7 @@ func TestFenceWatchdog(t *testing.T) {
 
 	b := New(cfg)
 	stop = startRun(b)
-	waitFor("w1 thawed by the new agent (still this node's)", func() bool { return !isFrozen("w1") })
+	waitLogged(t, logs, "w1 thawed by the new agent (still this node's)", func() bool { return !isFrozen("w1") })
 	if s := logs.String(); !strings.Contains(s, "frozen by the fence's watchdog") {
 		t.Errorf("the new agent's log does not say it took the watchdog's freeze:\n%s", s)
 	}
@@ -141,46 +115,22 @@ func TestFenceWatchdog(t *testing.T) {
 // the lease from its predecessor (whose watchdog stands down without
 // freezing anything) and fences what that lease listed.
 func TestFenceInherited(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: workloads in cgroups of their own")
-	}
-	l := &fakeLeader{fsm: scheduler.NewFSM()}
-	dir := t.TempDir()
-	name := fmt.Sprintf("fenceinh%d", os.Getpid())
-	for _, n := range []string{name, "b"} {
-		if err := l.apply(scheduler.CmdNodeUpsert, &scheduler.NodeUpsertCmd{Node: scheduler.Node{Name: n}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	logs := &syncBuffer{}
-	cfg := Config{Name: name, DataDir: dir, FSM: l.fsm, Report: l.report, StopTimeout: 2 * time.Second, Cgroups: true,
-		Logger: slog.New(slog.NewTextHandler(logs, nil)), FenceAfter: time.Second, Watchdog: true,
-		Contact: time.Now,
-		Leader:  func() string { return "leader" },
-		Sync:    l.index,
-	}
+	l, cfg, logs := fenceSetup(t, "fenceinh")
+	name, dir := cfg.Name, cfg.DataDir
+	cfg.Watchdog = true
 	a := New(cfg)
 	if a.cg == nil {
 		t.Skip("no cgroup v2 freezer here")
 	}
-	waitFor := func(what string, f func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(15 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("waiting 15s for %s; agent log:\n%s", what, logs.String())
-			}
-		}
-	}
 	var owners []string
-	var stop func()
-	stop = startRun(a)
+	stop := startRun(a)
 	t.Cleanup(func() {
 		stop()
 		if err := RemoveCgroups(name, dir); err != nil {
 			t.Error(err)
 		}
 		for _, o := range owners {
-			waitFor("watchdog "+o+" to exit", func() bool { return len(watchdogsOf(o)) == 0 })
+			waitLogged(t, logs, "watchdog "+o+" to exit", func() bool { return len(watchdogsOf(o)) == 0 })
 		}
 	})
 	w := scheduler.Workload{ID: "w1", Command: "sleep", Args: []string{"1000"}, UID: -1, GID: -1, DesiredNode: name,
@@ -190,7 +140,7 @@ func TestFenceInherited(t *testing.T) {
 	}
 	l.wait(t, "w1", scheduler.StateRunning)
 	var old lease
-	waitFor("the lease to list w1", func() bool {
+	waitLogged(t, logs, "the lease to list w1", func() bool {
 		var err error
 		old, err = readLease(dir)
 		return err == nil && len(old.Cgroups) == 1
@@ -205,10 +155,10 @@ func TestFenceInherited(t *testing.T) {
 	cut.Leader = func() string { return "" }
 	b := New(cut)
 	stop = startRun(b)
-	waitFor("w1 frozen by the new agent's fence", func() bool {
+	waitLogged(t, logs, "w1 frozen by the new agent's fence", func() bool {
 		return frozen(dirW1) && strings.Contains(logs.String(), "fenced: workload frozen while this node is cut off")
 	})
-	waitFor("the old watchdog to stand down", func() bool { return len(watchdogsOf(old.Owner)) == 0 })
+	waitLogged(t, logs, "the old watchdog to stand down", func() bool { return len(watchdogsOf(old.Owner)) == 0 })
 	if _, err := os.Stat(filepath.Join(dir, frozenFile)); err == nil {
 		t.Errorf("the old watchdog froze something (%s exists); the new agent took over before its deadline", frozenFile)
 	}
