@@ -247,7 +247,8 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 		// never stopped.
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, OtherHost: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
-			Live: !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
+			Unconfirmed: func(why error) error { return a.verdictLost(m, why, log) },
+			Live:        !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
 				Notice: func(s string) { log.Info("live migration: " + s) }},
 			Frozen: func() {
 				if hold != nil {
@@ -292,6 +293,27 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 	if hold != nil && hold.frozen.Load() {
 		a.settleOut(ctx, m, hold, err, log)
 	}
+}
+
+// verdictLost decides migration m when the source's wait for the
+// target's verdict failed (why), capture's Unconfirmed. That wait begins
+// once the whole snapshot is written: from then on the target may have
+// built the copy and committed it (a link cut after the last byte: its
+// "built" is lost, its commit goes through the leader), so the failure
+// says nothing of where the workload runs. The source asks the state for
+// the abort and obeys its answer. Aborted: why (the capture resumes the
+// original). Committed (the target's commit came first, and the abort was
+// refused): nil, and decide then has the original killed. Without a
+// leader it waits: resuming on a guess could make two copies.
+func (a *Agent) verdictLost(m scheduler.Migration, why error, log interface{ Warn(string, ...any) }) error {
+	err := a.step(context.Background(), api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+		Error: fmt.Sprintf("source %s: %v", a.cfg.Name, why)})
+	got, ok, _ := a.awaitMigration(context.Background(), m.ID, scheduler.MigrationAborted, scheduler.MigrationCommitted, scheduler.MigrationDone)
+	if ok && got.State != scheduler.MigrationAborted {
+		log.Warn("no verdict from the target, but the state has its commit: the original goes", "err", why, "abort", err)
+		return nil
+	}
+	return why
 }
 
 // settleOut ends a failed migration whose original the capture let go
