@@ -60,6 +60,11 @@ const (
 	startWait = 20 * time.Second
 )
 
+// doneWait bounds the target's work once the commit is in its replica:
+// the start (with the wait for the source's wire commit) and the done
+// step. A var for tests.
+var doneWait = startWait + 30*time.Second
+
 // errMigrationAborted is the source's decision when the state aborted the
 // migration: the original is resumed.
 var errMigrationAborted = errors.New("migration aborted")
@@ -687,7 +692,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	// Committed: from here on the process is the workload, and an agent
 	// shutting down must still start it and record its PID (the next
 	// agent adopts it then).
-	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), startWait+30*time.Second)
+	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), doneWait)
 	defer cancelPost()
 	// The source kills its copy and tells us on the wire. The state's
 	// commit, not that word, lets the copy start: the original is frozen

@@ -266,3 +266,34 @@ func TestMigrateCutAfterSnapshot(t *testing.T) {
 		return nw.Node == "b" && nw.InitPID > 0 && alive(nw.InitPID)
 	})
 }
+
+// TestMigrateDoneLost: the target starts the copy after the commit, but
+// its done step cannot be written (no leader) for longer than the
+// target's bound on it. The start still reaches the state, as an ordinary
+// started report retried for the agent's life, which ends the migration
+// as done would; a migration left committed forever would keep the
+// workload from ever moving again, from checkpoints and from the fence,
+// and a drain of the source from completing.
+func TestMigrateDoneLost(t *testing.T) {
+	defer func(d time.Duration) { doneWait = d }(doneWait)
+	doneWait = 2 * time.Second
+	ml := newMigLab(t, true)
+	step := ml.a.cfg.Step
+	noDone := func(ctx context.Context, st api.MigrationStep) error {
+		if st.To == string(scheduler.MigrationDone) {
+			return errors.New("no cluster leader") // what the API says without one
+		}
+		return step(ctx, st)
+	}
+	ml.a.cfg.Step, ml.b.cfg.Step = noDone, noDone
+	w := ml.run("w1")
+	m := ml.migrate(w.ID)
+	ml.waitLogged("the copy's start to be recorded", func() bool {
+		nw := ml.l.get(w.ID)
+		return nw.Node == "b" && nw.PID > 0 && ml.l.migration(m.ID).State == scheduler.MigrationDone
+	})
+	if nw := ml.l.get(w.ID); !alive(nw.InitPID) || alive(w.InitPID) {
+		t.Errorf("after the move: the copy (init %d) alive %v, the original (init %d) alive %v; want only the copy",
+			nw.InitPID, alive(nw.InitPID), w.InitPID, alive(w.InitPID))
+	}
+}
