@@ -83,6 +83,9 @@ type arrival struct {
 	attempt int
 	pid     int
 	pidns   bool
+	// report, if set, is queued with Run's reports (pid 0 then: the
+	// process arrived already).
+	report *api.Report
 }
 
 // migration reads migration id from this node's replica.
@@ -779,8 +782,20 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: watched, pidns: pidns})
 	ticks, _ := startTicks(watched)
 	log.Info("migrated workload started here", "pid", pid, "init", initPid)
-	if err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
-		PID: pid, StartTicks: ticks, InitPID: initPid}); err != nil {
+	err = a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
+		PID: pid, StartTicks: ticks, InitPID: initPid})
+	var ae *api.Error
+	if err != nil && !errors.As(err, &ae) {
+		// Not delivered in time (no leader): the start must still reach
+		// the state, or the migration stays committed and the workload at
+		// PID 0 for good. Run's reports are retried for the agent's life,
+		// and the state takes the started report for the done step.
+		log.Warn("done step not delivered; the start goes as a report", "err", err)
+		a.arrive(context.Background(), arrival{wid: m.WorkloadID, attempt: attempt, report: &api.Report{Kind: api.ReportStarted,
+			ID: m.WorkloadID, Node: a.cfg.Name, Attempt: attempt, PID: pid, StartTicks: ticks, NSPID: nsPid, InitPID: initPid, At: time.Now()}})
+		return nil
+	}
+	if err != nil {
 		return fmt.Errorf("migration %s: started as pid %d; done not recorded: %w", m.ID, pid, err)
 	}
 	return nil
