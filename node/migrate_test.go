@@ -86,8 +86,21 @@ func newMigLab(t *testing.T, cgroups bool) *migLab {
 	go ml.serve()
 	t.Cleanup(func() {
 		ln.Close()
+		// Every process the agents watch (a namespace's init: its end
+		// ends the namespace), whatever the state recorded.
+		var inits []int
+		for _, ag := range []*Agent{ml.a, ml.b} {
+			ag.mu.Lock()
+			for _, p := range ag.procs {
+				inits = append(inits, p.pid)
+			}
+			ag.mu.Unlock()
+		}
 		stopA()
 		stopB()
+		for _, pid := range inits {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
 		ml.mu.Lock()
 		for _, c := range ml.served {
 			c.Close()
