@@ -88,6 +88,13 @@ func (in *Injector) SetSigreturn(gadget uint64, gadgetLen int, low, top uint64, 
 	if xcr0&3 != 3 {
 		return fmt.Errorf("sigreturn frame: xsave area with features %#x", xcr0)
 	}
+	if xcr0&(3<<17) != 0 {
+		// AMX: the regset is sized for tile data, a thread without
+		// permission for it has a smaller signal frame, and
+		// rt_sigreturn would take an oversized one for legacy FP/SSE
+		// only, dropping the rest.
+		return fmt.Errorf("sigreturn frame: AMX state (features %#x)", xcr0)
+	}
 	fp := (top - uint64(xs) - 4) &^ 63
 	addr := ((fp - rtSigframeSize) &^ 15) - 8
 	if top < uint64(xs)+4+rtSigframeSize+128 || addr < low {
