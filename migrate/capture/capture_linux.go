@@ -78,6 +78,11 @@ type Frozen struct {
 	// parent makes the snapshot of this single process incremental
 	// (FreezeOptions.Parent).
 	parent *Parent
+	// gadgetAt is the process's rt_sigreturn sequence (sigframe_linux.go),
+	// once gadgetSought.
+	gadgetAt     uint64
+	gadgetLen    int
+	gadgetSought bool
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
 	// cow, for a checkpoint that leaves the process running: its memory
@@ -163,7 +168,7 @@ func (f *Frozen) stopAll() error {
 				return err
 			}
 			t := &thread{tid: tid}
-			if err := ptrace.Seize(tid, 0); err != nil {
+			if err := ptrace.Seize(tid, seizeOptions); err != nil {
 				if errors.Is(err, unix.ESRCH) || (errors.Is(err, unix.EPERM) && ended(f.Pid, tid)) {
 					continue // exited meanwhile (EPERM: a thread in exit)
 				}
@@ -713,6 +718,8 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if err := f.borrowScratch(th, regs.Rsp, maps); err != nil {
 		return nil, err
 	}
+	g, gl := f.gadget(maps)
+	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState)
 	if err := f.injectThreadQueries(th, t); err != nil {
 		return nil, err
 	}
@@ -936,6 +943,9 @@ func (f *Frozen) putBack(th *thread) error {
 		th.scratchOrig = nil
 	}
 	if th.in != nil {
+		if err := th.in.ReleaseSigreturn(); err != nil {
+			return err
+		}
 		return th.in.Restore()
 	}
 	return nil

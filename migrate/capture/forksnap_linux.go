@@ -126,13 +126,13 @@ func (f *Frozen) fork() (*snapshot, error) {
 	// The child inherits these options: born traced by us (TRACECLONE:
 	// its exit signal is not SIGCHLD) and killed if we die (EXITKILL).
 	// The process's own thread carries EXITKILL for this one call only.
-	if err := ptrace.SetOptions(th.tid, unix.PTRACE_O_TRACECLONE|unix.PTRACE_O_EXITKILL); err != nil {
+	if err := ptrace.SetOptions(th.tid, seizeOptions|unix.PTRACE_O_TRACECLONE|unix.PTRACE_O_EXITKILL); err != nil {
 		return nil, fmt.Errorf("thread %d: ptrace options: %w", th.tid, err)
 	}
 	th.in.NewChild = 0
 	_, cerr := th.in.Syscall(unix.SYS_CLONE, cloneSnapshotFlags, 0, 0, 0, 0)
 	child := th.in.NewChild
-	if err := ptrace.SetOptions(th.tid, 0); err != nil {
+	if err := ptrace.SetOptions(th.tid, seizeOptions); err != nil {
 		if child > 0 {
 			f.discard(child)
 		}

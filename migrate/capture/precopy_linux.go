@@ -214,6 +214,10 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 			return err
 		}
 		f.threads[0].in = in
+		if xs, err := ptrace.GetXState(pid); err == nil {
+			g, gl := f.gadget(maps)
+			guardCalls(in, g, gl, pid, pid, in.Saved().Rsp, maps, xs)
+		}
 		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 		if err != nil {
 			return err
