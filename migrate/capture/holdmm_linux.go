@@ -1,0 +1,98 @@
+package capture
+
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/ptrace"
+)
+
+// A halted process's PID before its memory. The copy of a process moved
+// on the same host needs the original's PID, which is free only once the
+// original is reaped, and its exit frees its memory first (exit_mm, before
+// it becomes a zombie): about 100 ms a GiB on one core, all of it in the
+// stop. So, at the stop, one clone injected into the main thread (as for a
+// copy-on-write checkpoint, forksnap_linux.go) makes a holder: a process
+// that shares the memory (CLONE_VM). The original's exit then only drops a
+// reference to it, and its PID is free at once; the holder is killed once
+// the receiver was told to start the copy, and its own exit frees the
+// memory, off the stop.
+//
+// The holder is a snapshot child (forksnap_linux.go) in all but its clone
+// flags, and so it is as hard to see: it never runs an instruction of the
+// program's (born traced, in a stop; armed to exit_group if we die), its
+// exit signal is 0 (no SIGCHLD, not seen by wait without __WALL or
+// __WCLONE), and when the freeze fails it is killed and reaped by a wait4
+// injected into the still-stopped original, before the original runs
+// again. After a kill it has been handed to the original's reaper (init or
+// a subreaper) with the original's other children, as they are.
+//
+// It must not keep the original's files open once the original is dead (a
+// listening socket, a pipe's write end whose reader waits for EOF): born
+// with CLONE_FILES (no reference to each file taken), it is then made to
+// run close_range(0, ~0, CLOSE_RANGE_UNSHARE), which gives it a table of
+// its own, empty, and leaves the original's alone.
+
+// holdFlags: a process sharing the memory, the fd table (until the
+// close_range) and the filesystem context, with no exit signal.
+const holdFlags = unix.CLONE_VM | unix.CLONE_FILES | unix.CLONE_FS
+
+// closeRangeAll is close_range's first, last and flags for the holder.
+var closeRangeAll = []uint64{0, 1<<32 - 1, unix.CLOSE_RANGE_UNSHARE}
+
+// makeHolder makes f's holder; nil and a reason when it cannot be made
+// (the kill then frees the memory before the PID, as without it).
+// Runs on the tracer thread.
+func (f *Frozen) makeHolder() (*snapshot, error) {
+	s, err := f.forkWith(holdFlags, []childCall{{"close_range", unix.SYS_CLOSE_RANGE, closeRangeAll}})
+	if err != nil {
+		return nil, err
+	}
+	in, err := ptrace.NewSeizedInjector(s.pid, uintptr(s.site))
+	if err == nil {
+		_, err = in.Syscall(unix.SYS_CLOSE_RANGE, uintptr(closeRangeAll[0]), uintptr(closeRangeAll[1]), uintptr(closeRangeAll[2]))
+	}
+	if err != nil {
+		f.discard(s.pid)
+		s.mem.Close()
+		return nil, fmt.Errorf("holder %d: close its files: %w", s.pid, err)
+	}
+	return s, nil
+}
+
+// hold gives f a holder, saying in a notice why if it cannot.
+func (f *Frozen) hold() {
+	err := f.tr.Do(func() (err error) {
+		f.holder, err = f.makeHolder()
+		return err
+	})
+	if err != nil && f.socks.notice != nil {
+		f.socks.notice(fmt.Sprintf("halt %d: %v: its memory is freed before its PID, in the stop", f.Pid, err))
+	}
+}
+
+// dropHolder kills f's holder while f is still stopped and has f reap it
+// (the freeze failed: f runs on). Runs on the tracer thread.
+func (f *Frozen) dropHolder() {
+	if f.holder == nil {
+		return
+	}
+	f.discard(f.holder.pid)
+	f.holder.mem.Close()
+	f.holder = nil
+}
+
+// releaseHolder ends the holder of a killed f: its exit frees the memory.
+// Its remains go to the reaper the original's children went to.
+func (f *Frozen) releaseHolder() {
+	if f.holder == nil {
+		return
+	}
+	h := f.holder
+	f.holder = nil
+	f.tr.Do(func() error {
+		h.kill()
+		return nil
+	})
+}
