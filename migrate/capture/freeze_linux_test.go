@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
@@ -297,4 +299,40 @@ func tracedByUs(t *testing.T) []int {
 		}
 	}
 	return out
+}
+
+// TestHaltHolderOurs: when the freezing process is the reaper the
+// original's children go to (a subreaper here; an agent running as a PID
+// namespace's init), the holder let go after the kill is its child, and
+// it must reap it by its PID: nothing is left, not even a zombie.
+func TestHaltHolderOurs(t *testing.T) {
+	needRoot(t)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatalf("subreaper: %v", err)
+	}
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "bigheap"), "8")
+	orig.Expect(t, `^tick 1$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	holder := 0
+	killed := func() error {
+		if held := tracedByUs(t); len(held) == 1 {
+			holder = held[0]
+		}
+		return nil
+	}
+	err := capture.FreezeWith(context.Background(), tr, pid, io.Discard, capture.FreezeOptions{Halt: true,
+		Commit: func() error { return nil }, Killed: killed, Notice: func(s string) { t.Log(s) }})
+	if err != nil {
+		t.Fatalf("freeze -halt %d: %v", pid, err)
+	}
+	if holder == 0 {
+		t.Fatal("no holder when Killed ran")
+	}
+	for deadline := time.Now().Add(wait); procState(holder) != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("holder %d, our child, still there (state %c): not reaped", holder, procState(holder))
+		}
+	}
 }

@@ -88,8 +88,9 @@ func (f *Frozen) dropHolder() {
 // waiting for it, in the idle scheduling class (SCHED_IDLE), so that the
 // teardown takes no core from the copy that starts beside it (on two busy
 // cores it delayed the copy's start by as long: 100 ms a GiB). Its
-// remains go to the reaper the original's children went to. A holder not
-// found parked as armed is killed and waited for instead.
+// remains go to the reaper the original's children went to (reaped here
+// if that is us). A holder not found parked as armed is killed and waited
+// for instead.
 func (f *Frozen) releaseHolder() {
 	if f.holder == nil {
 		return
@@ -104,8 +105,19 @@ func (f *Frozen) releaseHolder() {
 		if err == nil {
 			err = ptrace.SetSigmask(h.pid, ^uint64(0))
 		}
+		// Its parent now: the reaper the original's children went to,
+		// read before it is let go.
+		ours := ourChild(h.pid)
 		if err == nil && r.Rip == h.site && r.Rax == unix.SYS_EXIT_GROUP && r.Rdi == snapshotExitCode && ptrace.Detach(h.pid, 0) == nil {
 			h.mem.Close()
+			if ours {
+				// We are that reaper (an agent running as a PID
+				// namespace's init, or a subreaper), which must
+				// never wait for any child: this one is waited for
+				// by its PID. The wait ends with its exit, which
+				// the exit_group it was let go to makes.
+				go unix.Wait4(h.pid, nil, unix.WALL, nil)
+			}
 			return nil
 		}
 		h.kill()
