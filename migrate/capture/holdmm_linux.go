@@ -49,9 +49,18 @@ func (f *Frozen) makeHolder() (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	in, err := ptrace.NewSeizedInjector(s.pid, uintptr(s.site))
+	// Killed if we die during the call (EXITKILL), rather than let go
+	// after it, into the program's code: it shares the memory.
+	err = ptrace.SetOptions(s.pid, unix.PTRACE_O_EXITKILL)
+	var in *ptrace.Injector
+	if err == nil {
+		in, err = ptrace.NewSeizedInjector(s.pid, uintptr(s.site))
+	}
 	if err == nil {
 		_, err = in.Syscall(unix.SYS_CLOSE_RANGE, uintptr(closeRangeAll[0]), uintptr(closeRangeAll[1]), uintptr(closeRangeAll[2]))
+	}
+	if err == nil {
+		err = ptrace.SetOptions(s.pid, 0) // as armExit left it
 	}
 	if err != nil {
 		f.discard(s.pid)
