@@ -2,9 +2,12 @@ package capture
 
 import (
 	"fmt"
+	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 )
 
@@ -93,10 +96,11 @@ func (f *Frozen) dropHolder() {
 }
 
 // releaseHolder ends the holder of a killed f: it is let go where armExit
-// parked it, on an exit_group, and its exit frees the memory with nobody
-// waiting for it, in the idle scheduling class (SCHED_IDLE), so that the
-// teardown takes no core from the copy that starts beside it (on two busy
-// cores it delayed the copy's start by as long: 100 ms a GiB). Its
+// parked it, on an exit_group, and once its exit dropped the memory (and
+// with it the program's look in /proc) the teardown that frees it goes on
+// with nobody waiting for it, in the idle scheduling class (SCHED_IDLE),
+// so that it takes no core from the copy that starts beside it (on two
+// busy cores it delayed the copy's start by as long: 100 ms a GiB). Its
 // remains go to the reaper the original's children went to (reaped here
 // if that is us). A holder not found parked as armed is killed and waited
 // for instead.
@@ -107,7 +111,6 @@ func (f *Frozen) releaseHolder() {
 	h := f.holder
 	f.holder = nil
 	f.tr.Do(func() error {
-		unix.SchedSetAttr(h.pid, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}, 0)
 		// Every signal blocked: none can run a handler of the
 		// program's in it on its way to the exit_group.
 		r, err := ptrace.GetRegs(h.pid)
@@ -119,6 +122,12 @@ func (f *Frozen) releaseHolder() {
 		ours := ourChild(h.pid)
 		if err == nil && r.Rip == h.site && r.Rax == unix.SYS_EXIT_GROUP && r.Rdi == snapshotExitCode && ptrace.Detach(h.pid, 0) == nil {
 			h.mem.Close()
+			// Until its exit drops the memory it looks like the
+			// program (/proc's exe and cmdline are the memory's): it
+			// gets there at the priority it has, then is moved to
+			// the idle class for the teardown that follows.
+			mmDropped(h.pid)
+			unix.SchedSetAttr(h.pid, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}, 0)
 			if ours {
 				// We are that reaper (an agent running as a PID
 				// namespace's init, or a subreaper), which must
@@ -132,4 +141,18 @@ func (f *Frozen) releaseHolder() {
 		h.kill()
 		return nil
 	})
+}
+
+// mmDropped waits, up to ptrace.StopTimeout, until pid has no memory of
+// its own any more (its /proc exe link is gone): the first step of its
+// exit, or gone.
+func mmDropped(pid int) {
+	path := procfs.Path(pid, "exe")
+	deadline := time.Now().Add(ptrace.StopTimeout)
+	for pause := 20 * time.Microsecond; time.Now().Before(deadline); pause = min(2*pause, time.Millisecond) {
+		if _, err := os.Readlink(path); err != nil {
+			return
+		}
+		time.Sleep(pause)
+	}
 }
