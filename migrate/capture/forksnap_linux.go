@@ -99,7 +99,7 @@ const cloneSnapshotFlags = unix.CLONE_FILES | unix.CLONE_FS
 // seccomp filters would not let the clone through as it is (refuse it,
 // trap it, kill the process for it) is not forked: errNoFork, and the
 // caller copies while it is stopped. Runs on the tracer thread.
-func (f *Frozen) fork() (*snapshot, error) { return f.forkWith(cloneSnapshotFlags, nil) }
+func (f *Frozen) fork() (*snapshot, error) { return f.forkWith(cloneSnapshotFlags, nil, nil) }
 
 // childCall is a system call a child made by forkWith will have to run:
 // the seccomp filters it inherits must allow it.
@@ -110,9 +110,11 @@ type childCall struct {
 }
 
 // forkWith is fork with the clone flags (the exit signal always 0) and the
-// calls (more) the child will be made to run besides its exit_group.
-// Runs on the tracer thread.
-func (f *Frozen) forkWith(cloneFlags uintptr, more []childCall) (*snapshot, error) {
+// calls (more) the child will be made to run besides its exit_group;
+// prepare, if set, runs them in its first stop, while it still carries
+// the options it was born with (PTRACE_O_EXITKILL among them), before
+// armExit. Runs on the tracer thread.
+func (f *Frozen) forkWith(cloneFlags uintptr, more []childCall, prepare func(*snapshot) error) (*snapshot, error) {
 	th := f.threads[0]
 	if th.in == nil {
 		return nil, errNoFork{"no injector on the main thread"}
@@ -176,6 +178,12 @@ func (f *Frozen) forkWith(cloneFlags uintptr, more []childCall) (*snapshot, erro
 	if s.nsPid, err = nsPidOf(f.rd, child); err != nil {
 		f.discard(child)
 		return nil, fmt.Errorf("fork: child %d: %w", child, err)
+	}
+	if prepare != nil {
+		if err := prepare(s); err != nil {
+			f.discard(child)
+			return nil, fmt.Errorf("child %d: %w", child, err)
+		}
 	}
 	if err := armExit(child, s.site); err != nil {
 		f.discard(child)

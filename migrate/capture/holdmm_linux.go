@@ -48,27 +48,23 @@ var closeRangeAll = []uint64{0, 1<<32 - 1, unix.CLOSE_RANGE_UNSHARE}
 // (the kill then frees the memory before the PID, as without it).
 // Runs on the tracer thread.
 func (f *Frozen) makeHolder() (*snapshot, error) {
-	s, err := f.forkWith(holdFlags, []childCall{{"close_range", unix.SYS_CLOSE_RANGE, closeRangeAll}})
+	// Its files let go in its first stop, where it still carries the
+	// options it was born with: killed if we die during the call
+	// (PTRACE_O_EXITKILL), rather than let go after it into the
+	// program's code, with the program's memory.
+	closeFiles := func(s *snapshot) error {
+		in, err := ptrace.NewSeizedInjector(s.pid, uintptr(s.site))
+		if err == nil {
+			_, err = in.Syscall(unix.SYS_CLOSE_RANGE, uintptr(closeRangeAll[0]), uintptr(closeRangeAll[1]), uintptr(closeRangeAll[2]))
+		}
+		if err != nil {
+			return fmt.Errorf("close its files: %w", err)
+		}
+		return nil
+	}
+	s, err := f.forkWith(holdFlags, []childCall{{"close_range", unix.SYS_CLOSE_RANGE, closeRangeAll}}, closeFiles)
 	if err != nil {
-		return nil, err
-	}
-	// Killed if we die during the call (EXITKILL), rather than let go
-	// after it, into the program's code: it shares the memory.
-	err = ptrace.SetOptions(s.pid, unix.PTRACE_O_EXITKILL)
-	var in *ptrace.Injector
-	if err == nil {
-		in, err = ptrace.NewSeizedInjector(s.pid, uintptr(s.site))
-	}
-	if err == nil {
-		_, err = in.Syscall(unix.SYS_CLOSE_RANGE, uintptr(closeRangeAll[0]), uintptr(closeRangeAll[1]), uintptr(closeRangeAll[2]))
-	}
-	if err == nil {
-		err = ptrace.SetOptions(s.pid, 0) // as armExit left it
-	}
-	if err != nil {
-		f.discard(s.pid)
-		s.mem.Close()
-		return nil, fmt.Errorf("holder %d: close its files: %w", s.pid, err)
+		return nil, fmt.Errorf("holder: %w", err)
 	}
 	return s, nil
 }
