@@ -93,6 +93,12 @@ type Frozen struct {
 	// precopyDone: in a tree's live migration, the areas (by start)
 	// whose pages are all sent before the tree record.
 	precopyDone map[uint64]bool
+	// holdMM: a halted single process is given a holder at the stop, a
+	// process sharing its memory, so that its kill frees its PID before
+	// its memory (holdmm_linux.go). Kill leaves the holder stopped;
+	// releaseHolder ends it, Resume drops it.
+	holdMM bool
+	holder *snapshot
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -381,6 +387,11 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, in
 			defer f.releaseSnapshot(snap)
 			return f.emit(enc, r)
 		}
+	}
+	if f.holdMM {
+		// Before queried: a cluster agent freezes the cgroup there,
+		// and nothing could be injected after.
+		f.hold()
 	}
 	if f.queried != nil {
 		f.queried()
@@ -958,6 +969,7 @@ func (f *Frozen) Resume() error {
 	}
 	f.resumed = true
 	err := f.tr.Do(func() error {
+		f.dropHolder()
 		var errs []error
 		// In reverse: scratch areas borrowed later may hold earlier ones.
 		for i := len(f.threads) - 1; i >= 0; i-- {
@@ -1020,6 +1032,7 @@ func (f *Frozen) detach() {
 }
 
 // Kill ends the frozen process (after its snapshot is safely written).
+// Its holder, if it has one, stays until releaseHolder.
 func (f *Frozen) Kill() error {
 	_, err := kill([]*Frozen{f})
 	return err
@@ -1040,7 +1053,11 @@ func kill(members []*Frozen) (left []int, err error) {
 	}
 	var released sync.WaitGroup
 	for _, f := range members {
-		pidfd, perr := unix.PidfdOpen(f.Pid, 0)
+		// A member with a holder (holdmm_linux.go) frees no memory.
+		pidfd, perr := -1, error(unix.ESRCH)
+		if f.holder == nil {
+			pidfd, perr = unix.PidfdOpen(f.Pid, 0)
+		}
 		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
 		}

@@ -161,19 +161,21 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}
+	if o.Halt {
+		// Told as soon as the process is killed: its memory is freed
+		// after (holdmm_linux.go).
+		fo.Killed = func() error {
+			if err := sink.Commit(); err != nil {
+				return fmt.Errorf("freeze %d: the process was halted but the receiver did not confirm it started it: %w", pid, err)
+			}
+			return nil
+		}
+	}
 	err = FreezeWith(ctx, tr, pid, body, fo)
 	if prog != nil {
 		prog.Finish()
 	}
-	if err != nil {
-		return err
-	}
-	if o.Halt {
-		if err := sink.Commit(); err != nil {
-			return fmt.Errorf("freeze %d: the process was halted but the receiver did not confirm it started it: %w", pid, err)
-		}
-	}
-	return nil
+	return err
 }
 
 // ownerUID returns the user pid wholly belongs to — real, effective,
