@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/stream"
 )
 
@@ -34,12 +36,157 @@ func TestLiveMigrateTreeExact(t *testing.T) {
 // whole through its init (dirtier as pid 1, its children 2 and 3), built
 // into a new namespace as an agent does: the pre-copy records name the
 // members by their numbers in the namespace.
+// The tree, announced before the rounds, is made as they start and the
+// pages go straight into its members (loader.PrecopyStats.Early).
 func TestLiveMigratePIDNamespaceExact(t *testing.T) {
 	needRoot(t)
-	st := liveMoveTreeChecked(t, true, capture.LiveOptions{}, 3, "32", "1", "8192", "0", "3")
+	pid, lines := startDirtierTree(t, true, "32", "1", "8192", "0", "3")
+	lines.Expect(t, `^ready$`, waitFor)
+	p, out, st := liveMoveTree(t, pid, true, capture.LiveOptions{})
+	checkTree(t, p, out, 3)
 	if st.Rounds < 2 || st.PrecopyBytes < 3*32<<20 {
 		t.Errorf("pre-copy: %d rounds, %d bytes; want at least 2 rounds and every member's area (3 × 32 MiB) sent before the stop", st.Rounds, st.PrecopyBytes)
 	}
+	if !p.Precopy().Early {
+		t.Errorf("the tree was made at the stop; want it made as the rounds began (announced, unchanged)")
+	}
+}
+
+// TestLiveMigratePIDNamespaceChanged kills a member of the namespace
+// after the first round: the tree made early is no longer the one at the
+// stop (a zombie now), so the copy is rebuilt from the tree record, the
+// pages read back from the processes made early, which are killed and
+// reaped. The two members left must check out exactly; the zombie stays
+// one, for its parent.
+func TestLiveMigratePIDNamespaceChanged(t *testing.T) {
+	needRoot(t)
+	pid, lines := startDirtierTree(t, true, "32", "1", "8192", "0", "3")
+	lines.Expect(t, `^ready$`, waitFor)
+	kids, err := procfs.Children(pid)
+	if err != nil || len(kids) != 2 {
+		t.Fatalf("children of %d: %v (%v), want 2", pid, kids, err)
+	}
+	before := descendants(t)
+	p, out, _ := liveMoveTree(t, pid, true, capture.LiveOptions{Round: func(n int, _ uint64) {
+		if n == 0 {
+			syscall.Kill(kids[1], syscall.SIGKILL)
+		}
+	}})
+	if p.Precopy().Early {
+		t.Errorf("the tree made early was kept; want it rebuilt at the stop (a member died during the rounds)")
+	}
+	if n := len(p.Pids()); n != 3 {
+		t.Fatalf("the copy has %d members %v, want 3 (one a zombie)", n, p.Pids())
+	}
+	for _, m := range p.Pids() {
+		syscall.Kill(m, syscall.SIGUSR1)
+	}
+	for i := 0; i < 2; i++ {
+		got, err := out.Match(`^check .*`, waitFor)
+		if err != nil {
+			t.Fatalf("check: %v", err)
+		}
+		if !strings.HasPrefix(got[0], "check ok ") {
+			t.Fatalf("check after the move: %s", got[0])
+		}
+	}
+	// The processes made early are gone: only the copy's are new.
+	copies := map[int]bool{}
+	for _, m := range append(p.Pids(), p.WaitPid()) {
+		copies[m] = true
+	}
+	for d := range descendants(t) {
+		if !before[d] && !copies[d] {
+			t.Errorf("pid %d (%s) is left of the restore", d, comm(d))
+		}
+	}
+}
+
+// TestLiveMigratePIDNamespaceAbort cuts the connection after the first
+// round, when the target has made the tree and written pages into it:
+// the target must kill and reap every process it made, and the source
+// resume the original, whole.
+func TestLiveMigratePIDNamespaceAbort(t *testing.T) {
+	needRoot(t)
+	pid, lines := startDirtierTree(t, true, "32", "1", "8192", "0", "3")
+	lines.Expect(t, `^ready$`, waitFor)
+	before := descendants(t)
+	a := newAgents(t)
+	_, _, _, err := tryLiveMoveTree(t, a, pid, true, capture.LiveOptions{Round: func(n int, _ uint64) {
+		if n == 0 {
+			a.dstConn.Close()
+		}
+	}})
+	if err == nil {
+		t.Fatal("the move succeeded with its connection cut")
+	}
+	t.Logf("the move failed, as it must: %v", err)
+	for d := range descendants(t) {
+		if !before[d] {
+			t.Errorf("pid %d (%s) is left of the aborted restore", d, comm(d))
+		}
+	}
+	// The original runs on: every member checks out.
+	for _, m := range append([]int{pid}, mustChildren(t, pid)...) {
+		syscall.Kill(m, syscall.SIGUSR1)
+	}
+	for i := 0; i < 3; i++ {
+		got, err := lines.Match(`^check .*`, waitFor)
+		if err != nil {
+			t.Fatalf("the original's check: %v", err)
+		}
+		if !strings.HasPrefix(got[0], "check ok ") {
+			t.Fatalf("the original after the failed move: %s", got[0])
+		}
+	}
+}
+
+// descendants returns every process below this one (not its threads).
+func descendants(t *testing.T) map[int]bool {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kids := map[int][]int{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := procfs.Stat(pid)
+		if err != nil {
+			continue
+		}
+		pp := int(procfs.StatField(st, 4))
+		kids[pp] = append(kids[pp], pid)
+	}
+	out := map[int]bool{}
+	queue := []int{os.Getpid()}
+	for len(queue) > 0 {
+		for _, k := range kids[queue[0]] {
+			if !out[k] {
+				out[k] = true
+				queue = append(queue, k)
+			}
+		}
+		queue = queue[1:]
+	}
+	return out
+}
+
+func comm(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return strings.TrimSpace(string(b))
+}
+
+func mustChildren(t *testing.T, pid int) []int {
+	t.Helper()
+	kids, err := procfs.Children(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kids
 }
 
 // liveMoveTreeChecked starts dirtier with args (procs processes), as the
@@ -101,7 +248,16 @@ func startDirtierTree(t *testing.T, pidns bool, args ...string) (int, *fixture.L
 // this process and returns the copy (killed at the test's end) and its
 // output.
 func liveMoveTree(t *testing.T, pid int, pidns bool, o capture.LiveOptions) (*loader.Process, *fixture.Lines, capture.LiveStats) {
-	a := newAgents(t)
+	p, out, st, err := tryLiveMoveTree(t, newAgents(t), pid, pidns, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, out, st
+}
+
+// tryLiveMoveTree is liveMoveTree through the agents a, returning what
+// failed instead of failing the test.
+func tryLiveMoveTree(t *testing.T, a *agents, pid int, pidns bool, o capture.LiveOptions) (*loader.Process, *fixture.Lines, capture.LiveStats, error) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -141,13 +297,13 @@ func liveMoveTree(t *testing.T, pid int, pidns bool, o capture.LiveOptions) (*lo
 		})
 	}
 	if err != nil || serr != nil {
-		t.Fatalf("target: %v; source: %v", err, serr)
+		return nil, nil, st, fmt.Errorf("target: %v; source: %v", err, serr)
 	}
 	t.Logf("rounds %d, pre-copied %d bytes, after the stop %d bytes, untracked areas %d", st.Rounds, st.PrecopyBytes, st.FinalBytes, st.Untracked)
 	if frozen != 1 || roundsThen != st.Rounds || roundsThen == 0 {
 		t.Errorf("the Frozen hook ran %d times, after %d of the %d rounds; want once, after all of them", frozen, roundsThen, st.Rounds)
 	}
-	return p, out, st
+	return p, out, st, nil
 }
 
 // checkTree has every member of p check every page twice, each printing

@@ -63,6 +63,13 @@ type staging struct {
 	// those whose last round came (the others are forgotten).
 	members map[int]*staging
 	final   map[int]bool
+	// tree: the tree the sender announced before its rounds
+	// (image.PrecopyTree); early: its processes were made then, and
+	// proc, on a member's staging, is its process, whose placed areas
+	// its pages go into (early_linux.go).
+	tree  *image.PrecopyTree
+	early bool
+	proc  *Process
 }
 
 // member returns the staging of the tree member with saved pid pid.
@@ -72,9 +79,10 @@ func (st *staging) member(pid int) *staging {
 	}
 	m := st.members[pid]
 	if m == nil {
-		// Never placed: a member's stub is forked from its parent's
-		// once the tree is known, so its pages wait here.
-		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: true}
+		// Never placed, unless the tree was announced: a member's stub
+		// is forked from its parent's once the tree is known, so its
+		// pages wait here.
+		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: st.tree == nil || st.early}
 		st.members[pid] = m
 	}
 	return m
@@ -99,6 +107,10 @@ type PrecopyStats struct {
 	Rounds    int       // rounds sent while the process ran (the full copy included)
 	Bytes     uint64    // page contents sent in them
 	StoppedAt time.Time // when the sender stopped the process for the last round (its clock); zero if not said
+	// Early: a tree whose processes were made while the rounds came,
+	// the rounds written straight into them, and kept at the stop
+	// (early_linux.go); false when its pages waited for the stop.
+	Early bool
 }
 
 // Precopy returns what the snapshot's sender said of its pre-copy (zero
@@ -122,6 +134,12 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 	rec := first
 	for {
 		switch r := rec.(type) {
+		case *image.PrecopyTree:
+			top := get()
+			if top.launched || len(top.announced) > 0 || top.members != nil || top.tree != nil {
+				return nil, nil, fmt.Errorf("%w: pre-copy tree record after pre-copied pages", image.ErrCorrupt)
+			}
+			top.tree = r
 		case *image.PrecopyMember:
 			top := get()
 			if top.launched || len(top.announced) > 0 {
@@ -135,11 +153,26 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				top.final[r.Pid] = true
 			}
 		case *image.PrecopyArea:
-			if cur == nil {
+			// A tree member's, once the tree is announced: noted
+			// until its first page (cur.announce ignores it after).
+			if cur != nil {
+				cur.announce(r.Start, r.End)
+			} else {
 				get().announce(r.Start, r.End)
 			}
 		case *image.Precopy:
 			if cur != nil {
+				if top := get(); top.tree != nil && !top.early {
+					if err := p.buildEarly(top); err != nil {
+						return nil, nil, err
+					}
+				}
+				if cur.proc != nil {
+					if err := cur.proc.putPrecopy(cur, dec, r.Addr, r.Len); err != nil {
+						return nil, nil, err
+					}
+					break
+				}
 				if err := cur.put(dec, r.Addr, r.Len); err != nil {
 					return nil, nil, err
 				}
@@ -158,6 +191,11 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 		case *image.Drop:
 			if cur != nil {
 				cur.drop(r.Addr, r.Len)
+				if cur.proc != nil {
+					if err := cur.proc.dropPlaced(cur, r.Addr, r.Len); err != nil {
+						return nil, nil, err
+					}
+				}
 			} else if st != nil {
 				st.drop(r.Addr, r.Len)
 				if err := p.dropPlaced(st, r.Addr, r.Len); err != nil {

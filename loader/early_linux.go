@@ -1,0 +1,212 @@
+package loader
+
+import (
+	"fmt"
+	"sort"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/image"
+)
+
+// A tree's live migration, its processes made early. The sender announces
+// the tree before its rounds (image.PrecopyTree: each member's saved PID,
+// parent, group and session) and each member's areas (PrecopyArea after a
+// PrecopyMember). At the first pre-copied page the receiver makes the
+// tree as startTreeRoot does at the tree record — the namespace's init,
+// every other member forked from its parent's stub, in its group and
+// session — then maps each member's announced areas in its stub, and the
+// pages of every round go straight into them (putPrecopy), as for a
+// single process. Without this the pages of a member wait in this
+// process's memory until the tree record, in the stop, and are copied
+// into the member then: twice the memory touched, and a copy of the
+// whole tree's memory on the critical path (docs/benchmarks.md).
+//
+// Only a PID namespace moved whole (pthaw -pidns, the agents' workloads:
+// the root is pid 1, so every PID is free from the start) is made early;
+// any other tree waits for its tree record. At the tree record, the tree
+// made is kept if it is exactly the one the record describes — the same
+// members in the same order, each with the same parent, group and
+// session, none a zombie or sharing pages with its parent (Cow), each
+// found again at the stop (its final round came), no container
+// namespaces — and the root's memory leaves room for the stubs' code.
+// Otherwise it falls back: the pages of every placed area are read back
+// into the member's staging, every process made is killed and reaped,
+// and the tree is built from the record as without the announcement.
+
+// buildEarly makes the announced tree, if it can be made early, and maps
+// each member's announced areas; it marks top.early whatever it decides.
+func (p *Process) buildEarly(top *staging) error {
+	top.early = true
+	a := top.tree
+	var img *image.Tree
+	if p.opts.PIDNamespace && a.Procs[0].Pid == 1 && a.Procs[0].PPid == 0 {
+		img = &image.Tree{}
+		for _, m := range a.Procs {
+			img.Procs = append(img.Procs, image.TreeProc{Pid: m.Pid, PPid: m.PPid, Pgid: m.Pgid, Sid: m.Sid, Threads: 1})
+		}
+		if image.CheckTree(img) != nil {
+			img = nil
+		}
+	}
+	for _, m := range top.members {
+		m.launched = true // no more announcements
+	}
+	if img == nil {
+		top.tree = nil
+		return nil
+	}
+	avoid := append([][2]uint64(nil), a.Avoid...)
+	for _, m := range top.members {
+		avoid = append(avoid, m.announced...)
+	}
+	p.tree = newTree(img)
+	p.tree.members, p.tree.made = []*Process{p}, img
+	if err := p.startTreeAt(freeRange(stubSize, avoid)); err != nil {
+		return fmt.Errorf("pre-copy: %w", err)
+	}
+	for i, m := range p.tree.members {
+		m.early = true
+		st := top.member(img.Procs[i].Pid)
+		st.proc = m
+		if err := m.placeMember(st); err != nil {
+			return fmt.Errorf("pre-copy: pid %d: %w", img.Procs[i].Pid, err)
+		}
+	}
+	return nil
+}
+
+// placeMember maps the areas announced for member p (stub forked, no area
+// of its own yet) where they were; one that cannot be (the stub's own
+// memory is there) is left out, its pages staged.
+func (p *Process) placeMember(st *staging) error {
+	st.buf = make([]byte, readAheadSize)
+	sort.Slice(st.announced, func(i, j int) bool { return st.announced[i][0] < st.announced[j][0] })
+	return p.tr.Do(func() error {
+		for _, a := range st.announced {
+			got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
+				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
+			if err != nil {
+				continue
+			}
+			if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
+				if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
+					return fmt.Errorf("unmap %#x: %w", got, err)
+				}
+				continue
+			}
+			st.placed = append(st.placed, a)
+		}
+		return nil
+	})
+}
+
+// earlyMatches reports whether the tree made early is the one img
+// describes, every member found again at the stop (staged).
+func (p *Process) earlyMatches(img *image.Tree, staged *staging) bool {
+	made := p.tree.made.Procs
+	if p.ctr != nil || len(made) != len(img.Procs) || len(p.tree.members) != len(made) {
+		return false
+	}
+	for i, m := range img.Procs {
+		e := made[i]
+		if m.Pid != e.Pid || m.PPid != e.PPid || m.Pgid != e.Pgid || m.Sid != e.Sid || m.Zombie || m.Cow || !staged.final[m.Pid] {
+			return false
+		}
+	}
+	return true
+}
+
+// prepareEarlyRoot, the root's prepare step when the tree was made early
+// (its metadata read, staged holding every member's staging): it keeps
+// the tree if it is the one the records describe and the root's memory
+// leaves the stubs' code room, and keeps the root's placed areas its
+// memory areas are exactly; otherwise it falls back to making the tree
+// as without the announcement (startTreeRoot), every placed area's pages
+// read back first.
+func (p *Process) prepareEarlyRoot(staged *staging) error {
+	if p.earlyMatches(p.tree.img, staged) && p.checkStubRoom() == nil {
+		p.precopyStats.Early = true
+		return p.keepPlaced(p.staged)
+	}
+	if err := p.abandonEarly(staged); err != nil {
+		return err
+	}
+	p.notice("the tree changed during the live migration, or its memory is where its stubs were: rebuilt at the stop")
+	return p.startTreeRoot()
+}
+
+// prepareEarly is a member's prepare step in a tree made early (the root
+// kept it): the member's memory must leave room for the stub's code, and
+// its placed areas are kept where its memory areas are exactly them.
+func (p *Process) prepareEarly() error {
+	if err := p.checkStubRoom(); err != nil {
+		return err
+	}
+	return p.keepPlaced(p.staged)
+}
+
+// keepPlaced keeps each placed area of st that a memory area of p's
+// snapshot is exactly (private, anonymous, not growing down), reads the
+// others back into st and unmaps them.
+func (p *Process) keepPlaced(st *staging) error {
+	p.kept = map[uint64]bool{}
+	if st == nil {
+		return nil
+	}
+	for _, a := range st.placed {
+		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].Start >= a[0] })
+		if i < len(p.vmas) {
+			if v := p.vmas[i]; v.Start == a[0] && v.End == a[1] && v.Kind == image.VMAAnon && !v.Shared && !v.GrowsDown() {
+				p.kept[a[0]] = true
+				continue
+			}
+		}
+		if err := p.unplace(st, a, true); err != nil {
+			return err
+		}
+	}
+	st.placed = nil
+	return nil
+}
+
+// abandonEarly reads back the pages of every member's placed areas into
+// its staging (the root's is p.staged, the others' still in staged), then
+// kills and reaps every process of the early tree, and leaves p as before
+// its stub was started.
+func (p *Process) abandonEarly(staged *staging) error {
+	t := p.tree
+	for i, m := range t.members {
+		st := p.staged
+		if i > 0 || st == nil {
+			st = staged.members[t.made.Procs[i].Pid]
+		}
+		if st == nil {
+			continue
+		}
+		for _, a := range st.placed {
+			if err := m.unplace(st, a, false); err != nil {
+				return err
+			}
+		}
+		st.placed, st.proc = nil, nil
+	}
+	var pids []int
+	for _, m := range t.members[1:] {
+		pids = append(pids, m.release()...)
+	}
+	if t.ns != nil {
+		pids = append(pids, t.ns.release()...)
+	}
+	if p.mem != nil {
+		p.mem.Close()
+	}
+	pids = append(pids, p.pid, p.stub, p.init)
+	becomeSubreaper()
+	killAndReap(p.tr, pids)
+	endSubreaper()
+	p.pid, p.stub, p.init, p.in, p.mem, p.base = 0, 0, 0, nil, nil, 0
+	p.early = false
+	t.members, t.pids, t.ns, t.made = []*Process{p}, map[int]int{}, nil, nil
+	return nil
+}
