@@ -97,8 +97,26 @@ func (p *Process) placeMember(st *staging) error {
 			}
 			st.placed = append(st.placed, a)
 		}
+		// The first round's pages land on pages not there yet: copied
+		// in with UFFDIO_COPY (no fault, no zeroing per page), until
+		// that round ends (closeEarlyUffds).
+		if len(st.placed) > 0 {
+			p.uffd = p.openUffdAreas(st.placed)
+		}
 		return nil
 	})
+}
+
+// closeEarlyUffds closes the userfaultfd of every member made early, at
+// the end of the first round: a later round's page may land where a page
+// was given back (a drop), and with the userfaultfd registered there the
+// usual write would fail (it is opened for faults from user mode only).
+func (top *staging) closeEarlyUffds() {
+	for _, m := range top.members {
+		if m.proc != nil {
+			m.proc.closeUffd()
+		}
+	}
 }
 
 // earlyMatches reports whether the tree made early is the one img
@@ -150,6 +168,7 @@ func (p *Process) prepareEarly() error {
 // snapshot is exactly (private, anonymous, not growing down), reads the
 // others back into st and unmaps them.
 func (p *Process) keepPlaced(st *staging) error {
+	p.closeUffd()
 	p.kept = map[uint64]bool{}
 	if st == nil {
 		return nil
@@ -177,6 +196,7 @@ func (p *Process) keepPlaced(st *staging) error {
 func (p *Process) abandonEarly(staged *staging) error {
 	t := p.tree
 	for i, m := range t.members {
+		m.closeUffd() // unplace reads the areas
 		st := p.staged
 		if i > 0 || st == nil {
 			st = staged.members[t.made.Procs[i].Pid]

@@ -209,6 +209,7 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 					p.precopyStats.StoppedAt = time.Unix(0, r.At)
 				}
 			} else {
+				top.closeEarlyUffds()
 				top.rounds++
 				p.precopyStats.Rounds++
 				p.precopyStats.Bytes += r.Bytes
@@ -297,7 +298,20 @@ func (p *Process) putPrecopy(st *staging, dec *image.Decoder, addr, n uint64) er
 		if err := readAll(dec, st.buf[:take]); err != nil {
 			return err
 		}
-		if err := p.mem.Write(addr, st.buf[:take]); err != nil {
+		done := uint64(0)
+		if p.uffd != nil {
+			// A tree member's first round (early_linux.go). Where the
+			// kernel refuses, the usual way, without the userfaultfd.
+			if done = uint64(uffdFillOne(p.uffd, addr, st.buf[:take])); done < take {
+				p.closeUffd()
+			}
+		}
+		if done == take {
+			addr += take
+			n -= take
+			continue
+		}
+		if err := p.mem.Write(addr+done, st.buf[done:take]); err != nil {
 			return fmt.Errorf("pre-copied pages %#x+%#x: %w", addr, take, err)
 		}
 		addr += take
