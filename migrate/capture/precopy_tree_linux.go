@@ -103,6 +103,13 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 	if len(t.members) == 0 {
 		return nil, nil
 	}
+	if ns != "" {
+		// A container's namespaces come with the tree record, made at
+		// the stop: its processes cannot be made before.
+		if ctr, err := containerNS(pid); err != nil || len(ctr) > 0 {
+			whole = false
+		}
+	}
 	if whole {
 		t.announce = announceTree(found, t.members, ns != "")
 	}
