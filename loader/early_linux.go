@@ -119,31 +119,127 @@ func (top *staging) closeEarlyUffds() {
 	}
 }
 
-// earlyMatches reports whether the tree made early is the one img
-// describes, every member found again at the stop (staged).
-func (p *Process) earlyMatches(img *image.Tree, staged *staging) bool {
-	made := p.tree.made.Procs
-	if p.ctr != nil || len(made) != len(img.Procs) || len(p.tree.members) != len(made) {
+// earlyKeeps reports whether the tree made early can become the one img
+// describes (every member found again at the stop: staged.final): the
+// same root, no container; each member made early and still in img with
+// the same parent, group and session, not sharing pages with its parent
+// (Cow), and found again unless it is a zombie now; each member new in
+// img (forked during the rounds) not Cow; no group or session of img led
+// by a member that is gone (its stub ends: a member joining the group
+// after would not find it).
+func (p *Process) earlyKeeps(img *image.Tree, staged *staging) bool {
+	made := map[int]image.TreeProc{}
+	for _, m := range p.tree.made.Procs {
+		made[m.Pid] = m
+	}
+	in := map[int]bool{}
+	for _, m := range img.Procs {
+		in[m.Pid] = true
+	}
+	if p.ctr != nil || len(p.tree.members) != len(p.tree.made.Procs) || img.Procs[0].Pid != p.tree.made.Procs[0].Pid {
 		return false
 	}
-	for i, m := range img.Procs {
-		e := made[i]
-		if m.Pid != e.Pid || m.PPid != e.PPid || m.Pgid != e.Pgid || m.Sid != e.Sid || m.Zombie || m.Cow || !staged.final[m.Pid] {
+	for _, m := range img.Procs {
+		if m.Cow {
 			return false
+		}
+		if e, ok := made[m.Pid]; ok && (m.PPid != e.PPid || m.Pgid != e.Pgid || m.Sid != e.Sid || !m.Zombie && !staged.final[m.Pid]) {
+			return false
+		}
+		for _, led := range []int{m.Pgid, m.Sid} {
+			if _, ok := made[led]; ok && !in[led] {
+				return false
+			}
 		}
 	}
 	return true
 }
 
+// reconcileEarly turns the tree made early into the one img describes
+// (earlyKeeps said it can): a member gone since is ended and reaped by
+// its parent's stub, as if it had never been; one that is a zombie now
+// ends with its status, for its parent to reap; one forked during the
+// rounds is forked now from its parent's stub (whose placed areas it
+// inherits, to be unmapped when its own memory is mapped, as for a
+// member forked late: forkLate); the members are then in img's order.
+// Runs on the tracer thread.
+func (p *Process) reconcileEarly(img *image.Tree) error {
+	t := p.tree
+	byPid := map[int]*Process{}
+	for i, m := range t.made.Procs {
+		byPid[m.Pid] = t.members[i]
+	}
+	in := map[int]bool{}
+	for _, m := range img.Procs {
+		in[m.Pid] = true
+	}
+	// Gone: children before their parents (the made order reversed).
+	for i := len(t.made.Procs) - 1; i > 0; i-- {
+		m := t.made.Procs[i]
+		if in[m.Pid] {
+			continue
+		}
+		mp := byPid[m.Pid]
+		mp.closeUffd()
+		if err := mp.exitAs(0); err != nil {
+			return fmt.Errorf("pid %d, gone since the pre-copy began: %w", m.Pid, err)
+		}
+		if err := mp.parent.reap(m.Pid); err != nil {
+			return fmt.Errorf("pid %d, gone since the pre-copy began: %w", m.Pid, err)
+		}
+		mp.done = true // nothing left to kill
+		delete(t.pids, m.Pid)
+		delete(byPid, m.Pid)
+	}
+	members := make([]*Process, 0, len(img.Procs))
+	for _, m := range img.Procs {
+		mp := byPid[m.Pid]
+		switch {
+		case mp != nil && m.Zombie:
+			mp.closeUffd()
+			mp.early = false
+			if err := mp.exitAs(m.ExitStatus); err != nil {
+				return fmt.Errorf("pid %d: zombie: %w", m.Pid, err)
+			}
+		case mp == nil:
+			parent := byPid[m.PPid]
+			if parent == nil {
+				return fmt.Errorf("%w: pid %d: parent %d is not in the tree", image.ErrCorrupt, m.Pid, m.PPid)
+			}
+			mp = &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base}
+			if err := mp.forkMember(m); err != nil {
+				return fmt.Errorf("pid %d, forked during the pre-copy: %w", m.Pid, err)
+			}
+			byPid[m.Pid] = mp
+		}
+		members = append(members, mp)
+	}
+	t.members = members
+	return nil
+}
+
+// reap takes, in stub p, the exit of its child whose pid in p's
+// namespace is pid (ended by exitAs, its tracer's notification taken),
+// and the SIGCHLD it sent p. Runs on the tracer thread.
+func (p *Process) reap(pid int) error {
+	if _, err := p.call(unix.SYS_WAIT4, uintptr(pid), 0, unix.WALL, 0); err != nil {
+		return fmt.Errorf("wait4 in pid %d: %w", p.pid, err)
+	}
+	return p.takeSIGCHLD()
+}
+
 // prepareEarlyRoot, the root's prepare step when the tree was made early
 // (its metadata read, staged holding every member's staging): it keeps
-// the tree if it is the one the records describe and the root's memory
-// leaves the stubs' code room, and keeps the root's placed areas its
-// memory areas are exactly; otherwise it falls back to making the tree
-// as without the announcement (startTreeRoot), every placed area's pages
-// read back first.
+// the tree if it can become the one the records describe
+// (reconcileEarly) and the root's memory leaves the stubs' code room,
+// and keeps the root's placed areas its memory areas are exactly;
+// otherwise it falls back to making the tree as without the announcement
+// (startTreeRoot), every placed area's pages read back first.
 func (p *Process) prepareEarlyRoot(staged *staging) error {
-	if p.earlyMatches(p.tree.img, staged) && p.checkStubRoom() == nil {
+	if p.earlyKeeps(p.tree.img, staged) && p.checkStubRoom() == nil {
+		if err := p.tr.Do(func() error { return p.reconcileEarly(p.tree.img) }); err != nil {
+			return err
+		}
 		p.precopyStats.Early = true
 		return p.keepPlaced(p.staged)
 	}

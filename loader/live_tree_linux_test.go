@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/loader"
@@ -52,19 +53,18 @@ func TestLiveMigratePIDNamespaceExact(t *testing.T) {
 	}
 }
 
-// TestLiveMigratePIDNamespaceChanged kills a member of the namespace
-// after the first round: the tree made early is no longer the one at the
-// stop (a zombie now), so the copy is rebuilt from the tree record, the
-// pages read back from the processes made early, which are killed and
-// reaped. The two members left must check out exactly; the zombie stays
-// one, for its parent.
-func TestLiveMigratePIDNamespaceChanged(t *testing.T) {
+// TestLiveMigratePIDNamespaceMemberDied kills a member of the namespace
+// after the first round: a zombie at the stop (its parent does not reap
+// it). The tree made early is kept, the member's stub ended with its
+// status for its parent to reap; the two members left must check out
+// exactly, and nothing but the copy's processes is left.
+func TestLiveMigratePIDNamespaceMemberDied(t *testing.T) {
 	needRoot(t)
 	pid, lines := startDirtierTree(t, true, "32", "1", "8192", "0", "3")
 	lines.Expect(t, `^ready$`, waitFor)
-	kids, err := procfs.Children(pid)
-	if err != nil || len(kids) != 2 {
-		t.Fatalf("children of %d: %v (%v), want 2", pid, kids, err)
+	kids := mustChildren(t, pid)
+	if len(kids) != 2 {
+		t.Fatalf("children of %d: %v, want 2", pid, kids)
 	}
 	before := descendants(t)
 	p, out, _ := liveMoveTree(t, pid, true, capture.LiveOptions{Round: func(n int, _ uint64) {
@@ -72,8 +72,8 @@ func TestLiveMigratePIDNamespaceChanged(t *testing.T) {
 			syscall.Kill(kids[1], syscall.SIGKILL)
 		}
 	}})
-	if p.Precopy().Early {
-		t.Errorf("the tree made early was kept; want it rebuilt at the stop (a member died during the rounds)")
+	if !p.Precopy().Early {
+		t.Errorf("the tree was rebuilt at the stop; want the one made early kept (a member that became a zombie ends as one)")
 	}
 	if n := len(p.Pids()); n != 3 {
 		t.Fatalf("the copy has %d members %v, want 3 (one a zombie)", n, p.Pids())
@@ -90,9 +90,108 @@ func TestLiveMigratePIDNamespaceChanged(t *testing.T) {
 			t.Fatalf("check after the move: %s", got[0])
 		}
 	}
-	// The processes made early are gone: only the copy's are new.
-	copies := map[int]bool{}
-	for _, m := range append(p.Pids(), p.WaitPid()) {
+	noneLeft(t, before, p)
+}
+
+// TestLiveMigratePIDNamespaceGrows changes the tree after the first
+// round: the parent forks a new member and the first one ends (reaped at
+// once: the parent ignores SIGCHLD). The tree made early is kept: the new
+// member forked at the stop from its parent's stub, the one gone ended
+// and reaped by its parent's stub. Each member of the copy checks its
+// memory (the new one its own and the parent's it inherited).
+func TestLiveMigratePIDNamespaceGrows(t *testing.T) {
+	needRoot(t)
+	pid, lines := startInPIDNS(t, fixture.Build(t, "treegrow"), "32", "1")
+	lines.Expect(t, `^(ready|kid \d+ ready)$`, waitFor)
+	lines.Expect(t, `^(ready|kid \d+ ready)$`, waitFor)
+	kids := mustChildren(t, pid)
+	if len(kids) != 1 {
+		t.Fatalf("children of %d: %v, want 1", pid, kids)
+	}
+	before := descendants(t)
+	var newKid string
+	p, out, _ := liveMoveTree(t, pid, true, capture.LiveOptions{Round: func(n int, _ uint64) {
+		if n != 0 {
+			return
+		}
+		syscall.Kill(pid, syscall.SIGUSR2)
+		newKid = lines.Expect(t, `^kid (\d+) ready$`, waitFor)[1]
+		syscall.Kill(kids[0], syscall.SIGTERM)
+		for deadline := time.Now().Add(waitFor); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", kids[0])); err != nil {
+				return
+			}
+		}
+		t.Errorf("pid %d did not end", kids[0])
+	}})
+	if !p.Precopy().Early {
+		t.Errorf("the tree was rebuilt at the stop; want the one made early kept (a member forked and one gone since)")
+	}
+	if n := len(p.Pids()); n != 2 {
+		t.Fatalf("the copy has %d members %v, want 2", n, p.Pids())
+	}
+	for _, m := range p.Pids() {
+		syscall.Kill(m, syscall.SIGUSR1)
+	}
+	seen := map[string]bool{}
+	for len(seen) < 2 {
+		got, err := out.Match(`^check .*`, waitFor)
+		if err != nil {
+			t.Fatalf("check: %v (answered: %v)", err, seen)
+		}
+		var pid string
+		if _, err := fmt.Sscanf(got[0], "check ok pid=%s", &pid); err != nil {
+			t.Fatalf("check after the move: %s", got[0])
+		}
+		seen[strings.Fields(pid)[0]] = true
+	}
+	if !seen["1"] || !seen[newKid] {
+		t.Errorf("checked: %v, want pid 1 and the new member %s", seen, newKid)
+	}
+	noneLeft(t, before, p)
+}
+
+// TestLiveMigratePIDNamespaceReparented kills a member with a child of
+// its own after the first round: the child (PDEATHSIG) dies too, as a
+// zombie of the namespace's init now, not of its parent. A member whose
+// parent changed cannot be kept from the tree made early: it is rebuilt
+// at the stop from the tree record, and the processes made early are
+// killed and reaped. The root runs on in the copy, its ids unchanged.
+func TestLiveMigratePIDNamespaceReparented(t *testing.T) {
+	needRoot(t)
+	pid, lines := startInPIDNS(t, fixture.Build(t, "pidtree"))
+	lines.Expect(t, `^grandkid 1 `, waitFor)
+	kids := mustChildren(t, pid)
+	if len(kids) != 1 {
+		t.Fatalf("children of %d: %v, want 1", pid, kids)
+	}
+	before := descendants(t)
+	p, out, _ := liveMoveTree(t, pid, true, capture.LiveOptions{Round: func(n int, _ uint64) {
+		if n == 0 {
+			syscall.Kill(kids[0], syscall.SIGKILL)
+		}
+	}})
+	if p.Precopy().Early {
+		t.Errorf("the tree made early was kept; want it rebuilt at the stop (a member's parent changed)")
+	}
+	for i := 0; i < 3; i++ {
+		got, err := out.Match(`^(root \d+|FAIL) .*`, waitFor)
+		if err != nil {
+			t.Fatalf("the copy's root: %v", err)
+		}
+		if strings.HasPrefix(got[0], "FAIL") {
+			t.Fatalf("the copy: %s", got[0])
+		}
+	}
+	noneLeft(t, before, p)
+}
+
+// noneLeft fails t if a process below this one is neither one of before
+// nor of the copy p.
+func noneLeft(t *testing.T, before map[int]bool, p *loader.Process) {
+	t.Helper()
+	copies := map[int]bool{p.WaitPid(): true}
+	for _, m := range p.Pids() {
 		copies[m] = true
 	}
 	for d := range descendants(t) {
@@ -228,6 +327,12 @@ func startDirtierTree(t *testing.T, pidns bool, args ...string) (int, *fixture.L
 		orig, root := fixture.StartUnderShell(t, bin, args...)
 		return root, orig.Lines
 	}
+	return startInPIDNS(t, bin, args...)
+}
+
+// startInPIDNS starts bin with args as the init of a PID namespace of its
+// own and returns its pid and output.
+func startInPIDNS(t *testing.T, bin string, args ...string) (int, *fixture.Lines) {
 	cmd := exec.Command(bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()

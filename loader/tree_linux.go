@@ -296,6 +296,12 @@ func (p *Process) endGroupHelpers(helpers []*Process) error {
 			}
 		}
 	}
+	return p.takeSIGCHLD()
+}
+
+// takeSIGCHLD takes back the SIGCHLD pending in stub p (its pending
+// signals are the saved ones, queued later). Runs on the tracer thread.
+func (p *Process) takeSIGCHLD() error {
 	scratch := p.base + stubScratchOff
 	b := make([]byte, 32)
 	binary.LittleEndian.PutUint64(b, 1<<(unix.SIGCHLD-1)) // and a zero timeout at 16
