@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -52,6 +53,15 @@ func TestDevMode(t *testing.T) {
 	}
 	if out := c.ctl(nd, "node", "status", nd.name); !strings.Contains(out, "ready") {
 		t.Errorf("node status: %q", out)
+	}
+	// The command pclusterd -dev suggests works as printed.
+	logb, _ := os.ReadFile(logf.Name())
+	m := regexp.MustCompile(`(?m)dev cluster up; .*; try: pclusterctl (.*)$`).FindSubmatch(logb)
+	if m == nil {
+		t.Fatalf("pclusterd -dev suggests no pclusterctl command:\n%s", logb)
+	}
+	if out, errs, code := c.ctlRun(strings.Fields(string(m[1]))...); code != 0 || !strings.Contains(out, nd.name) {
+		t.Errorf("the suggested pclusterctl %s: exit %d, %q%s, want 0 and the node", m[1], code, out, errs)
 	}
 
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

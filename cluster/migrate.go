@@ -340,10 +340,11 @@ func (s *Server) dialTarget(ctx context.Context, m scheduler.Migration) (net.Con
 }
 
 // timeOutMigrations aborts, on the leader, the migrations stuck before
-// their commit (scheduler.PlanMigrationTimeouts decides).
+// their commit (scheduler.MigrationClock decides, on this server's clock;
+// the leader loop alone calls it).
 func (s *Server) timeOutMigrations(now time.Time) {
 	var cmds []scheduler.Command
-	s.fsm.Read(func(st *scheduler.State) { cmds = scheduler.PlanMigrationTimeouts(st, now, s.cfg.MigrationTimeout) })
+	s.fsm.Read(func(st *scheduler.State) { cmds = s.migClock.Timeouts(st, now, s.cfg.MigrationTimeout) })
 	for _, c := range cmds {
 		if _, err := s.apply(c.Type, c.Payload); err != nil {
 			s.log.Info("migration timeout not applied", "err", err)

@@ -101,6 +101,9 @@ type Server struct {
 	metrics *metrics
 	// balancer is the leader's (it runs only while this node leads).
 	balancer *Balancer
+	// migClock times the migrations out on this server's clock (the
+	// leader loop only).
+	migClock scheduler.MigrationClock
 
 	ca       *pki.Authority
 	peerTLS  *tls.Config

@@ -43,7 +43,10 @@ func buildProt(v *image.VMA) uint32 {
 // they map are opened one by one, then every area is mapped in one batch.
 func (p *Process) mapMemory() error {
 	return p.tr.Do(func() error {
-		cur, err := procfs.Maps(p.pid)
+		// The layout only (maps, not smaps): smaps walks the page
+		// tables, and a live migration's stub holds the pre-copied
+		// memory by now (20 ms a GiB, in the stop).
+		cur, err := procfs.MapsLayout(p.pid)
 		if err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"golang.org/x/sys/unix"
 
@@ -101,14 +102,18 @@ func makeObject(r *image.File) (*os.File, error) {
 
 // ownFile gives a made memfd or deleted file its owner and mode back
 // (fchmod after fchown, which clears set-id bits; the mode is beyond the
-// umask, as it was). The owner is changed only when it differs: an
-// unprivileged pthaw restores its own user's files.
+// umask, as it was). The owner is changed only when it differs, and by a
+// pthaw acting for an ordinary user only to one that user may give (their
+// uid, their gid or one of their groups): a copy owned by another — root's
+// memfd handed to the user's process, or a snapshot whose file records
+// carry no owner (read as 0:0) — stays the user's who made it. It is a
+// file nobody else holds, so that gives the user nothing of another's.
 func ownFile(f *os.File, r *image.File) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return err
 	}
-	if st.Uid != r.Uid || st.Gid != r.Gid {
+	if (st.Uid != r.Uid || st.Gid != r.Gid) && mayChown(r.Uid, r.Gid) {
 		if err := unix.Fchown(int(f.Fd()), int(r.Uid), int(r.Gid)); err != nil {
 			return fmt.Errorf("owner %d:%d: %w", r.Uid, r.Gid, err)
 		}
@@ -117,6 +122,25 @@ func ownFile(f *os.File, r *image.File) error {
 		return fmt.Errorf("mode %#o: %w", r.Mode&0o7777, err)
 	}
 	return nil
+}
+
+// mayChown reports whether pthaw may give a file it made the owner
+// uid:gid: root always; an ordinary user (forUser) only their own uid
+// with their gid or one of their supplementary groups, as chown(2) allows
+// without CAP_CHOWN (which pthaw's file capabilities do not include).
+func mayChown(uid, gid uint32) bool {
+	me, mygid, user := forUser()
+	if !user {
+		return true
+	}
+	if int(uid) != me {
+		return false
+	}
+	if int(gid) == mygid {
+		return true
+	}
+	groups, err := unix.Getgroups()
+	return err == nil && slices.Contains(groups, int(gid))
 }
 
 // sealFiles gives every memfd its seals, once its contents are written

@@ -503,6 +503,12 @@ func (p *Process) startTree() error {
 			return fmt.Errorf("pid %d: %w", m.proc.Pid, err)
 		}
 	}
+	// Every member holds its own attachments and fds of the objects by
+	// now: pthaw's go before any member runs, so that what the program
+	// sees (a SysV segment's attachment count, a file's holders) is its
+	// own from its first instruction on.
+	closeAllObjects(p.tree.objects)
+	p.tree.objects = nil
 	// Init and the stand-ins first: each blocks in wait4 for a child that
 	// is still stopped, and a failure here still finds every member
 	// stopped, to kill.

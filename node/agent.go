@@ -680,6 +680,17 @@ func (a *Agent) departed(d departure) {
 // arrived takes over a workload restored here by a migration: a child of
 // ours, waited for by wait4(pid) once it has exited.
 func (a *Agent) arrived(ar arrival) {
+	if ar.report != nil {
+		// Only while its process is still here: once its exit was
+		// queued, the exit ends the migration (endMigration), and a
+		// start queued after it would bring the ended workload back.
+		a.mu.Lock()
+		p := a.procs[ar.wid]
+		a.mu.Unlock()
+		if p != nil && p.attempt == ar.attempt {
+			a.queue(*ar.report)
+		}
+	}
 	a.started[ar.wid] = ar.attempt
 	delete(a.moved, ar.wid)
 	a.mu.Lock()

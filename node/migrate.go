@@ -60,6 +60,11 @@ const (
 	startWait = 20 * time.Second
 )
 
+// doneWait bounds the target's work once the commit is in its replica:
+// the start (with the wait for the source's wire commit) and the done
+// step. A var for tests.
+var doneWait = startWait + 30*time.Second
+
 // errMigrationAborted is the source's decision when the state aborted the
 // migration: the original is resumed.
 var errMigrationAborted = errors.New("migration aborted")
@@ -78,6 +83,9 @@ type arrival struct {
 	attempt int
 	pid     int
 	pidns   bool
+	// report, if set, is queued with Run's reports (pid 0 then: the
+	// process arrived already).
+	report *api.Report
 }
 
 // migration reads migration id from this node's replica.
@@ -247,7 +255,8 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 		// never stopped.
 		err = capture.SendTo(sendCtx, a.tracer(), pid, sink, capture.SendOptions{Halt: true, OtherHost: true, Tree: pidns, TCP: a.movingTCP(m.WorkloadID),
 			Codec: stream.Codec{Name: stream.CompressAuto}, ReadyTimeout: builtWait, Decide: decide,
-			Live: !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
+			Unconfirmed: func(why error) error { return a.verdictLost(m, why, log) },
+			Live:        !a.cfg.StopAndCopy, LiveOptions: capture.LiveOptions{Stats: &live,
 				Notice: func(s string) { log.Info("live migration: " + s) }},
 			Frozen: func() {
 				if hold != nil {
@@ -292,6 +301,27 @@ func (a *Agent) migrateOut(ctx context.Context, m scheduler.Migration, pid int, 
 	if hold != nil && hold.frozen.Load() {
 		a.settleOut(ctx, m, hold, err, log)
 	}
+}
+
+// verdictLost decides migration m when the source's wait for the
+// target's verdict failed (why), capture's Unconfirmed. That wait begins
+// once the whole snapshot is written: from then on the target may have
+// built the copy and committed it (a link cut after the last byte: its
+// "built" is lost, its commit goes through the leader), so the failure
+// says nothing of where the workload runs. The source asks the state for
+// the abort and obeys its answer. Aborted: why (the capture resumes the
+// original). Committed (the target's commit came first, and the abort was
+// refused): nil, and decide then has the original killed. Without a
+// leader it waits: resuming on a guess could make two copies.
+func (a *Agent) verdictLost(m scheduler.Migration, why error, log interface{ Warn(string, ...any) }) error {
+	err := a.step(context.Background(), api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationAborted),
+		Error: fmt.Sprintf("source %s: %v", a.cfg.Name, why)})
+	got, ok, _ := a.awaitMigration(context.Background(), m.ID, scheduler.MigrationAborted, scheduler.MigrationCommitted, scheduler.MigrationDone)
+	if ok && got.State != scheduler.MigrationAborted {
+		log.Warn("no verdict from the target, but the state has its commit: the original goes", "err", why, "abort", err)
+		return nil
+	}
+	return why
 }
 
 // settleOut ends a failed migration whose original the capture let go
@@ -665,7 +695,7 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	// Committed: from here on the process is the workload, and an agent
 	// shutting down must still start it and record its PID (the next
 	// agent adopts it then).
-	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), startWait+30*time.Second)
+	ctx, cancelPost := context.WithTimeout(context.WithoutCancel(ctx), doneWait)
 	defer cancelPost()
 	// The source kills its copy and tells us on the wire. The state's
 	// commit, not that word, lets the copy start: the original is frozen
@@ -752,8 +782,20 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 	a.arrive(ctx, arrival{wid: m.WorkloadID, attempt: attempt, pid: watched, pidns: pidns})
 	ticks, _ := startTicks(watched)
 	log.Info("migrated workload started here", "pid", pid, "init", initPid)
-	if err := a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
-		PID: pid, StartTicks: ticks, InitPID: initPid}); err != nil {
+	err = a.step(ctx, api.MigrationStep{ID: m.ID, Attempt: m.Attempt, To: string(scheduler.MigrationDone),
+		PID: pid, StartTicks: ticks, InitPID: initPid})
+	var ae *api.Error
+	if err != nil && !errors.As(err, &ae) {
+		// Not delivered in time (no leader): the start must still reach
+		// the state, or the migration stays committed and the workload at
+		// PID 0 for good. Run's reports are retried for the agent's life,
+		// and the state takes the started report for the done step.
+		log.Warn("done step not delivered; the start goes as a report", "err", err)
+		a.arrive(context.Background(), arrival{wid: m.WorkloadID, attempt: attempt, report: &api.Report{Kind: api.ReportStarted,
+			ID: m.WorkloadID, Node: a.cfg.Name, Attempt: attempt, PID: pid, StartTicks: ticks, NSPID: nsPid, InitPID: initPid, At: time.Now()}})
+		return nil
+	}
+	if err != nil {
 		return fmt.Errorf("migration %s: started as pid %d; done not recorded: %w", m.ID, pid, err)
 	}
 	return nil

@@ -152,7 +152,7 @@ func TestHumanOutput(t *testing.T) {
 				continue
 			}
 			if args[0] == "status" {
-				for _, want := range []string{`\nCreated:   \d+m\d+s ago\n`, `\nStarted:   \d+m\d+s ago\n`, `\nLimits:    memory 512M, cpu 500m\n`} {
+				for _, want := range []string{`\nCreated:   \d+m\d+s ago\n`, `\nStarted:   \d+m\d+s ago\n`, `\nLimits:    memory 512M, cpu 500m\n`, `\nExit:      -\n`} {
 					if !regexp.MustCompile(want).MatchString(got) {
 						t.Errorf("status: lacks %q:\n%s", want, got)
 					}

@@ -33,8 +33,13 @@ func (*statusCmd) run(ctx context.Context, e *env, args []string) error {
 	if w.NSPID > 0 && w.NSPID != w.PID {
 		pid += fmt.Sprintf(" (%d in its PID namespace, whose init is %d)", w.NSPID, w.InitPID)
 	}
-	fmt.Fprintf(e.stdout, "PID:       %s\nAttempt:   %d (restarts %d, policy %s)\nExit:      %d %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
-		pid, w.Attempt, w.Restarts, shown(w.Restart), w.ExitCode, shown(w.Signal), vipWhere(w), dash(w.Message), ago(w.CreatedAt))
+	// A workload that never ended has no exit status (not 0).
+	exit := "-"
+	if !w.EndedAt.IsZero() {
+		exit = strings.TrimSpace(fmt.Sprintf("%d %s", w.ExitCode, shown(w.Signal)))
+	}
+	fmt.Fprintf(e.stdout, "PID:       %s\nAttempt:   %d (restarts %d, policy %s)\nExit:      %s\nVIP:       %s\nMessage:   %s\nCreated:   %s\n",
+		pid, w.Attempt, w.Restarts, shown(w.Restart), exit, vipWhere(w), dash(w.Message), ago(w.CreatedAt))
 	if !w.StartedAt.IsZero() {
 		fmt.Fprintf(e.stdout, "Started:   %s\n", ago(w.StartedAt))
 	}

@@ -161,7 +161,13 @@ func run(args []string, stderr io.Writer) error {
 		if !srv.WaitListed(10 * time.Second) {
 			fmt.Fprintf(stderr, "pclusterd: this node is not in the cluster state after 10s: runs fail until it is\n")
 		}
-		fmt.Fprintf(stderr, "pclusterd: dev cluster up; data in %s; try: pclusterctl -address %s members\n", cfg.DataDir, cfg.Socket)
+		// pclusterctl takes its flags after the command words, and
+		// needs none for the default socket.
+		try := "pclusterctl members"
+		if cfg.Socket != api.DefaultSocket {
+			try += " -address " + cfg.Socket
+		}
+		fmt.Fprintf(stderr, "pclusterd: dev cluster up; data in %s; try: %s\n", cfg.DataDir, try)
 		if url, token := srv.WebURL(); url != "" {
 			fmt.Fprintf(stderr, "pclusterd: status page: %s?token=%s\n", url, token)
 		}

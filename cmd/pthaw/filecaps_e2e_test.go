@@ -515,3 +515,78 @@ func TestFileCapabilitiesRefuseTree(t *testing.T) {
 	}
 	oneLine(t, "pthaw", stderr, fmt.Sprintf(`^pthaw: thaw: pid %d: process %d was uid 0/0/0/0 `, child, child))
 }
+
+// TestFileCapabilitiesMemfd moves an ordinary user's process holding a
+// sealed memfd, a mapped-only memfd and a deleted file (fixture memfds)
+// by pfreeze and pthaw run as that user with the documented capabilities:
+// nothing in it is root's, so it comes back whole, its files the user's
+// with their modes. A user's process that holds a memfd root made (handed
+// to it across setuid and exec) comes back too: the copy is a file
+// nobody else holds, made by and given to the user, with its mode and
+// contents.
+func TestFileCapabilitiesMemfd(t *testing.T) {
+	setpriv := capTools(t)
+	dir := userDir(t)
+	pfreeze := capBinary(t, dir, "pfreeze", pfreezeCaps)
+	pthaw := capBinary(t, dir, "pthaw", pthawCaps)
+	user := as(userID, userID)
+	moved := func(t *testing.T, p *fixture.Proc) *thawed {
+		t.Helper()
+		snap := filepath.Join(dir, t.Name()[strings.LastIndex(t.Name(), "/")+1:])
+		if stderr, ok := runAs(t, setpriv, user, pfreeze, "-pid", strconv.Itoa(p.Pid()), "-halt", "-dest", snap); !ok {
+			t.Fatalf("pfreeze (%s) on the user's process: %s", pfreezeCaps, stderr)
+		}
+		<-p.Exited()
+		th := thawCmd(t, exec.Command(setpriv, append(user, pthaw, "-src", snap)...))
+		if pid := th.restoredPid(t); pid != p.Pid() {
+			t.Errorf("restored pid %d, want %d", pid, p.Pid())
+		}
+		wantUserCreds(t, "restored process", p.Pid())
+		return th
+	}
+
+	t.Run("own", func(t *testing.T) {
+		p := fixture.Start(t, setpriv, append(user, fixtureAs(t, "memfds"), dir)...)
+		p.Lines.Expect(t, `^ready$`, waitFor)
+		th := moved(t, p)
+		fmt.Fprintln(th.stdin, "check")
+		th.out.Expect(t, `^memfd link=/memfd:pcluster-memfd \(deleted\) seals=6 size=12288 grow=EPERM head=hello memfd shared=yes mode=642$`, waitFor)
+		th.out.Expect(t, `^maponly only in the map$`, waitFor)
+		th.out.Expect(t, fmt.Sprintf(`^deleted data=deleted contents shared=yes private=Deleted contents owner=%d:%d mode=640$`, userID, userID), waitFor)
+	})
+
+	t.Run("roots", func(t *testing.T) {
+		// fd 7: a memfd of root's that others may read (the user's
+		// pfreeze reads it), with contents; then the user's credentials
+		// and the user's program.
+		script := `import os, sys
+fd = os.memfd_create("pcluster-root", 0)
+os.write(fd, b"made by root")
+os.fchmod(fd, 0o604)
+os.dup2(fd, 7)
+os.close(fd)
+os.setgroups([])
+os.setresgid(` + strconv.Itoa(userID) + `, ` + strconv.Itoa(userID) + `, ` + strconv.Itoa(userID) + `)
+os.setresuid(` + strconv.Itoa(userID) + `, ` + strconv.Itoa(userID) + `, ` + strconv.Itoa(userID) + `)
+os.execv(sys.argv[1], [sys.argv[1], "10"])
+`
+		p := fixture.Start(t, fixture.Python(t), "-c", script, fixtureAs(t, "countforever"))
+		p.Lines.Expect(t, `^\d+$`, waitFor)
+		var st syscall.Stat_t
+		if err := syscall.Stat(fmt.Sprintf("/proc/%d/fd/7", p.Pid()), &st); err != nil || st.Uid != 0 {
+			t.Fatalf("the original's fd 7: owner %d (%v), want root's memfd", st.Uid, err)
+		}
+		th := moved(t, p)
+		th.out.Expect(t, `^\d+$`, waitFor)
+		fd7 := fmt.Sprintf("/proc/%d/fd/7", p.Pid())
+		if link, _ := os.Readlink(fd7); link != "/memfd:pcluster-root (deleted)" {
+			t.Errorf("restored fd 7 is %q, want the memfd", link)
+		}
+		if b, err := os.ReadFile(fd7); err != nil || string(b) != "made by root" {
+			t.Errorf("restored memfd holds %q (%v), want %q", b, err, "made by root")
+		}
+		if err := syscall.Stat(fd7, &st); err != nil || st.Uid != userID || st.Gid != userID || st.Mode&0o7777 != 0o604 {
+			t.Errorf("restored memfd: owner %d:%d mode %#o (%v), want %d:%d mode 0604", st.Uid, st.Gid, st.Mode&0o7777, err, userID, userID)
+		}
+	})
+}

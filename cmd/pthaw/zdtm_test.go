@@ -60,12 +60,21 @@ func TestZdtm(t *testing.T) {
 	var rows []row
 	for _, name := range tests {
 		r := row{name: name}
+		// Only pcluster's failures fail the test: CRIU is the tool we
+		// compare with, and what it fails here (docs/zdtm.md) is in the
+		// table and the log, not in make zdtm's exit status.
 		t.Run(name+"/pcluster", func(t *testing.T) {
 			r.pc = zdtmRun(t, static, name, pclusterEngine{})
+			if r.pc != "pass" {
+				t.Error(r.pc)
+			}
 		})
 		if criu != "" {
 			t.Run(name+"/criu", func(t *testing.T) {
 				r.criu = zdtmRun(t, static, name, criuEngine{bin: criu})
+				if r.criu != "pass" {
+					t.Logf("criu (for comparison, not a failure): %s", r.criu)
+				}
 			})
 		}
 		rows = append(rows, r)
@@ -211,14 +220,9 @@ func zdtmDescOpts(desc string) []string {
 	return strings.Fields(string(m[1]))
 }
 
-// zdtmRun runs one zdtm test through e and returns "pass" or why not.
-// A failure fails t too.
-func zdtmRun(t *testing.T, static, name string, e engine) (res string) {
-	defer func() {
-		if res != "pass" {
-			t.Error(res)
-		}
-	}()
+// zdtmRun runs one zdtm test through e and returns "pass" or why not; t
+// only owns the cleanup, the caller decides whether a failure fails it.
+func zdtmRun(t *testing.T, static, name string, e engine) string {
 	files := func() []string {
 		m, _ := filepath.Glob(filepath.Join(static, name+".*"))
 		var out []string

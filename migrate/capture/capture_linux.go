@@ -78,6 +78,11 @@ type Frozen struct {
 	// parent makes the snapshot of this single process incremental
 	// (FreezeOptions.Parent).
 	parent *Parent
+	// gadgetAt is the process's rt_sigreturn sequence (sigframe_linux.go),
+	// once gadgetSought.
+	gadgetAt     uint64
+	gadgetLen    int
+	gadgetSought bool
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
 	// cow, for a checkpoint that leaves the process running: its memory
@@ -88,6 +93,12 @@ type Frozen struct {
 	// precopyDone: in a tree's live migration, the areas (by start)
 	// whose pages are all sent before the tree record.
 	precopyDone map[uint64]bool
+	// holdMM: a halted single process is given a holder at the stop, a
+	// process sharing its memory, so that its kill frees its PID before
+	// its memory (holdmm_linux.go). Kill leaves the holder stopped;
+	// releaseHolder ends it, Resume drops it.
+	holdMM bool
+	holder *snapshot
 }
 
 // thread is one stopped thread of a Frozen process.
@@ -163,7 +174,7 @@ func (f *Frozen) stopAll() error {
 				return err
 			}
 			t := &thread{tid: tid}
-			if err := ptrace.Seize(tid, 0); err != nil {
+			if err := ptrace.Seize(tid, seizeOptions); err != nil {
 				if errors.Is(err, unix.ESRCH) || (errors.Is(err, unix.EPERM) && ended(f.Pid, tid)) {
 					continue // exited meanwhile (EPERM: a thread in exit)
 				}
@@ -376,6 +387,11 @@ func (f *Frozen) writeRecords(enc *image.Encoder, shm map[uint64][][2]uint64, in
 			defer f.releaseSnapshot(snap)
 			return f.emit(enc, r)
 		}
+	}
+	if f.holdMM {
+		// Before queried: a cluster agent freezes the cgroup there,
+		// and nothing could be injected after.
+		f.hold()
 	}
 	if f.queried != nil {
 		f.queried()
@@ -713,6 +729,8 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	if err := f.borrowScratch(th, regs.Rsp, maps); err != nil {
 		return nil, err
 	}
+	g, gl := f.gadget(maps)
+	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState)
 	if err := f.injectThreadQueries(th, t); err != nil {
 		return nil, err
 	}
@@ -936,6 +954,9 @@ func (f *Frozen) putBack(th *thread) error {
 		th.scratchOrig = nil
 	}
 	if th.in != nil {
+		if err := th.in.ReleaseSigreturn(); err != nil {
+			return err
+		}
 		return th.in.Restore()
 	}
 	return nil
@@ -948,6 +969,7 @@ func (f *Frozen) Resume() error {
 	}
 	f.resumed = true
 	err := f.tr.Do(func() error {
+		f.dropHolder()
 		var errs []error
 		// In reverse: scratch areas borrowed later may hold earlier ones.
 		for i := len(f.threads) - 1; i >= 0; i-- {
@@ -1010,6 +1032,7 @@ func (f *Frozen) detach() {
 }
 
 // Kill ends the frozen process (after its snapshot is safely written).
+// Its holder, if it has one, stays until releaseHolder.
 func (f *Frozen) Kill() error {
 	_, err := kill([]*Frozen{f})
 	return err
@@ -1030,7 +1053,11 @@ func kill(members []*Frozen) (left []int, err error) {
 	}
 	var released sync.WaitGroup
 	for _, f := range members {
-		pidfd, perr := unix.PidfdOpen(f.Pid, 0)
+		// A member with a holder (holdmm_linux.go) frees no memory.
+		pidfd, perr := -1, error(unix.ESRCH)
+		if f.holder == nil {
+			pidfd, perr = unix.PidfdOpen(f.Pid, 0)
+		}
 		if err := unix.Kill(f.Pid, unix.SIGKILL); err != nil {
 			errs = append(errs, fmt.Errorf("kill %d: %w", f.Pid, err))
 		}

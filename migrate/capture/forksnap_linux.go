@@ -99,7 +99,22 @@ const cloneSnapshotFlags = unix.CLONE_FILES | unix.CLONE_FS
 // seccomp filters would not let the clone through as it is (refuse it,
 // trap it, kill the process for it) is not forked: errNoFork, and the
 // caller copies while it is stopped. Runs on the tracer thread.
-func (f *Frozen) fork() (*snapshot, error) {
+func (f *Frozen) fork() (*snapshot, error) { return f.forkWith(cloneSnapshotFlags, nil, nil) }
+
+// childCall is a system call a child made by forkWith will have to run:
+// the seccomp filters it inherits must allow it.
+type childCall struct {
+	name string
+	nr   uintptr
+	args []uint64
+}
+
+// forkWith is fork with the clone flags (the exit signal always 0) and the
+// calls (more) the child will be made to run besides its exit_group;
+// prepare, if set, runs them in its first stop, while it still carries
+// the options it was born with (PTRACE_O_EXITKILL among them), before
+// armExit. Runs on the tracer thread.
+func (f *Frozen) forkWith(cloneFlags uintptr, more []childCall, prepare func(*snapshot) error) (*snapshot, error) {
 	th := f.threads[0]
 	if th.in == nil {
 		return nil, errNoFork{"no injector on the main thread"}
@@ -108,12 +123,8 @@ func (f *Frozen) fork() (*snapshot, error) {
 	// The clone runs through the thread's seccomp filters, and so do the
 	// child's exit_group and the wait4 that reaps it: all must be
 	// allowed as they are, or a filter might kill the process for one.
-	for _, c := range []struct {
-		name string
-		nr   uintptr
-		args []uint64
-	}{{"clone", unix.SYS_CLONE, []uint64{cloneSnapshotFlags}}, {"exit_group", unix.SYS_EXIT_GROUP, []uint64{snapshotExitCode}},
-		{"wait4", unix.SYS_WAIT4, []uint64{0, 0, unix.WNOHANG | unix.WALL}}} {
+	for _, c := range append([]childCall{{"clone", unix.SYS_CLONE, []uint64{uint64(cloneFlags)}}, {"exit_group", unix.SYS_EXIT_GROUP, []uint64{snapshotExitCode}},
+		{"wait4", unix.SYS_WAIT4, []uint64{0, 0, unix.WNOHANG | unix.WALL}}}, more...) {
 		ok, err := seccompAllows(f.rd, th.tid, th.in.Site, c.nr, c.args...)
 		if err != nil {
 			return nil, errNoFork{fmt.Sprintf("thread %d: seccomp filters: %v", th.tid, err)}
@@ -126,13 +137,13 @@ func (f *Frozen) fork() (*snapshot, error) {
 	// The child inherits these options: born traced by us (TRACECLONE:
 	// its exit signal is not SIGCHLD) and killed if we die (EXITKILL).
 	// The process's own thread carries EXITKILL for this one call only.
-	if err := ptrace.SetOptions(th.tid, unix.PTRACE_O_TRACECLONE|unix.PTRACE_O_EXITKILL); err != nil {
+	if err := ptrace.SetOptions(th.tid, seizeOptions|unix.PTRACE_O_TRACECLONE|unix.PTRACE_O_EXITKILL); err != nil {
 		return nil, fmt.Errorf("thread %d: ptrace options: %w", th.tid, err)
 	}
 	th.in.NewChild = 0
-	_, cerr := th.in.Syscall(unix.SYS_CLONE, cloneSnapshotFlags, 0, 0, 0, 0)
+	_, cerr := th.in.Syscall(unix.SYS_CLONE, cloneFlags, 0, 0, 0, 0)
 	child := th.in.NewChild
-	if err := ptrace.SetOptions(th.tid, 0); err != nil {
+	if err := ptrace.SetOptions(th.tid, seizeOptions); err != nil {
 		if child > 0 {
 			f.discard(child)
 		}
@@ -167,6 +178,12 @@ func (f *Frozen) fork() (*snapshot, error) {
 	if s.nsPid, err = nsPidOf(f.rd, child); err != nil {
 		f.discard(child)
 		return nil, fmt.Errorf("fork: child %d: %w", child, err)
+	}
+	if prepare != nil {
+		if err := prepare(s); err != nil {
+			f.discard(child)
+			return nil, fmt.Errorf("child %d: %w", child, err)
+		}
 	}
 	if err := armExit(child, s.site); err != nil {
 		f.discard(child)

@@ -84,6 +84,11 @@ type FreezeOptions struct {
 	// Parent, when set, makes the snapshot incremental: it refers to
 	// Parent for the pages unchanged since (parent.go). Not live.
 	Parent *Parent
+	// Killed, with Halt, is called once the process is killed and its
+	// PID free, before a single process's memory is freed (holdmm_linux.go):
+	// a receiver told here to start the copy does not wait for that. Its
+	// error is FreezeWith's.
+	Killed func() error
 }
 
 // FreezeWith is Freeze (or with o.Tree, FreezeTree) with every option.
@@ -124,7 +129,7 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 		}
 		defer t.cow.done()
 		t.parent = o.Parent
-		return freeze(ctx, t, pid, "process tree", enc, o.Halt, o.Commit)
+		return freeze(ctx, t, pid, "process tree", enc, o)
 	}
 	var pc *precopy
 	if o.Live != nil {
@@ -154,7 +159,10 @@ func FreezeWith(ctx context.Context, tr *ptrace.Tracer, pid int, w io.Writer, o 
 	f.precopy = pc
 	f.cow = c
 	f.parent = o.Parent
-	return freeze(ctx, f, pid, "process", enc, o.Halt, o.Commit)
+	// (A single process is in our PID namespace, never the init of one,
+	// whose exit would wait for the holder: checkPidNS.)
+	f.holdMM = o.Halt
+	return freeze(ctx, f, pid, "process", enc, o)
 }
 
 // newCOW returns the state of a copy-on-write checkpoint if o asks for
@@ -183,9 +191,10 @@ func (c *cowRun) done() {
 	c.stats.Stop, c.stats.Copy = c.released.Sub(c.t0), end.Sub(c.released)
 }
 
-// freeze writes f to enc, then commits and kills or resumes it; what says what
-// pid is in an interruption's message.
-func freeze(ctx context.Context, f stopped, pid int, what string, enc *image.Encoder, halt bool, commit Commit) error {
+// freeze writes f to enc, then commits and kills or resumes it (o.Halt,
+// o.Commit, o.Killed); what says what pid is in an interruption's message.
+func freeze(ctx context.Context, f stopped, pid int, what string, enc *image.Encoder, o FreezeOptions) error {
+	halt, commit := o.Halt, o.Commit
 	if err := f.Write(enc); err != nil {
 		if ierr := interrupted(ctx, f, pid, what); ierr != nil {
 			return ierr
@@ -215,7 +224,14 @@ func freeze(ctx context.Context, f stopped, pid int, what string, enc *image.Enc
 	if ierr := interrupted(ctx, f, pid, what); ierr != nil {
 		return ierr
 	}
-	return f.Kill()
+	err := f.Kill()
+	if err == nil && o.Killed != nil {
+		err = o.Killed()
+	}
+	if fr, ok := f.(*Frozen); ok {
+		fr.releaseHolder()
+	}
+	return err
 }
 
 // interrupted resumes f if ctx was cancelled and returns the one line to

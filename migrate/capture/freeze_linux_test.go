@@ -3,6 +3,7 @@ package capture_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"strconv"
@@ -12,10 +13,13 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/migrate/image"
+	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 )
 
@@ -167,6 +171,11 @@ func TestFreezeResumes(t *testing.T) {
 	if got, err := orig.Next(wait); err != nil || got != "tick "+strconv.Itoa(n+1) {
 		t.Fatalf("after the failed commit the original printed %q (%v), want tick %d", got, err, n+1)
 	}
+	// The holder a halt makes at the stop (holdmm_linux.go) is killed
+	// and reaped before the process runs again: it has no child.
+	if kids, err := procfs.Children(pid); err != nil || len(kids) != 0 {
+		t.Errorf("children of %d after the failed freezes: %v (%v), want none", pid, kids, err)
+	}
 }
 
 // TestHaltLeavesExitStatusToParent freezes with halt a process whose
@@ -195,5 +204,141 @@ func TestHaltLeavesExitStatusToParent(t *testing.T) {
 	}
 	if sig := p.ExitSignal(); code != -1 || sig != syscall.SIGKILL {
 		t.Errorf("the parent's wait for %d: got exit %d signal %v, want killed by SIGKILL", p.Pid(), code, sig)
+	}
+}
+
+// TestHaltHolder: a halt freeze of a single process keeps its memory in a
+// holder past the kill (holdmm_linux.go). When Killed runs the original
+// is dead while a process traced by us, stopped, holds its memory (its
+// VmRSS at least the 8 MiB heap) and no file; once the freeze returned,
+// that holder is no longer held and exits.
+func TestHaltHolder(t *testing.T) {
+	needRoot(t)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "bigheap"), "8")
+	orig.Expect(t, `^tick 1$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	holder := 0
+	killed := func() error {
+		if st := procState(pid); st != 0 && st != 'Z' && st != 'X' {
+			t.Errorf("pid %d when Killed runs: state %c, want dead", pid, st)
+		}
+		held := tracedByUs(t)
+		if len(held) != 1 {
+			t.Errorf("processes traced by us when Killed runs: %v, want one holder", held)
+			return nil
+		}
+		holder = held[0]
+		st, err := procfs.Status(holder)
+		if err != nil {
+			t.Fatalf("holder %d: %v", holder, err)
+		}
+		var kb int
+		fmt.Sscanf(st["VmRSS"], "%d", &kb)
+		if kb < 8<<10 {
+			t.Errorf("holder %d: VmRSS %d kB, want the heap's 8 MiB at least", holder, kb)
+		}
+		if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", holder)); err != nil || len(fds) != 0 {
+			t.Errorf("holder %d: %d fds open (%v), want none", holder, len(fds), err)
+		}
+		return nil
+	}
+	err := capture.FreezeWith(context.Background(), tr, pid, io.Discard, capture.FreezeOptions{Halt: true,
+		Commit: func() error { return nil }, Killed: killed, Notice: func(s string) { t.Log(s) }})
+	if err != nil {
+		t.Fatalf("freeze -halt %d: %v", pid, err)
+	}
+	if holder == 0 {
+		return
+	}
+	// No longer the program's look-alike: its exit dropped the memory
+	// (a test counting the program's copies by /proc exe counts it no
+	// more).
+	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", holder)); err == nil {
+		t.Errorf("holder %d after the freeze: exe %s, want its memory dropped", holder, exe)
+	}
+	// Let go to exit, it frees the memory on its own: it must end.
+	for deadline := time.Now().Add(wait); ; time.Sleep(time.Millisecond) {
+		st := procState(holder)
+		if st == 0 || st == 'Z' || st == 'X' {
+			break
+		}
+		if st == 't' || time.Now().After(deadline) {
+			t.Fatalf("holder %d after the freeze: state %c, want it exiting", holder, st)
+		}
+	}
+}
+
+// procState returns the state letter of pid, 0 if it is gone.
+func procState(pid int) byte {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 || i+2 >= len(b) {
+		return 0
+	}
+	return b[i+2]
+}
+
+// tracedByUs lists the live processes a thread of this test process
+// traces.
+func tracedByUs(t *testing.T) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := procfs.Status(pid)
+		if err != nil || st["TracerPid"] == "0" || strings.HasPrefix(st["State"], "Z") {
+			continue
+		}
+		// TracerPid is the tracing thread's id: one of ours?
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/task/%s", os.Getpid(), st["TracerPid"])); err == nil {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// TestHaltHolderOurs: when the freezing process is the reaper the
+// original's children go to (a subreaper here; an agent running as a PID
+// namespace's init), the holder let go after the kill is its child, and
+// it must reap it by its PID: nothing is left, not even a zombie.
+func TestHaltHolderOurs(t *testing.T) {
+	needRoot(t)
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Fatalf("subreaper: %v", err)
+	}
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "bigheap"), "8")
+	orig.Expect(t, `^tick 1$`, wait)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	holder := 0
+	killed := func() error {
+		if held := tracedByUs(t); len(held) == 1 {
+			holder = held[0]
+		}
+		return nil
+	}
+	err := capture.FreezeWith(context.Background(), tr, pid, io.Discard, capture.FreezeOptions{Halt: true,
+		Commit: func() error { return nil }, Killed: killed, Notice: func(s string) { t.Log(s) }})
+	if err != nil {
+		t.Fatalf("freeze -halt %d: %v", pid, err)
+	}
+	if holder == 0 {
+		t.Fatal("no holder when Killed ran")
+	}
+	for deadline := time.Now().Add(wait); procState(holder) != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("holder %d, our child, still there (state %c): not reaped", holder, procState(holder))
+		}
 	}
 }

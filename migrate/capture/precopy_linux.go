@@ -138,12 +138,20 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 	if o.Downtime <= 0 {
 		o.Downtime = 100 * time.Millisecond
 	}
-	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(pid), vec: make([]pageRegion, 4096)}
+	// The memory is read through a live thread: a main thread that ended
+	// with pthread_exit is a zombie without an mm (its /proc files fail
+	// with ESRCH) while the others run on. The files opened hold the mm,
+	// whichever thread later ends.
+	rd := procfs.Reader(pid)
+	if rd == 0 {
+		return nil, fmt.Errorf("live %d: process is a zombie", pid)
+	}
+	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(rd), vec: make([]pageRegion, 4096)}
 	if pc.stats == nil {
 		pc.stats = &LiveStats{}
 	}
 	var err error
-	if pc.pagemap, err = os.Open(procfs.Path(pid, "pagemap")); err != nil {
+	if pc.pagemap, err = os.Open(procfs.Path(rd, "pagemap")); err != nil {
 		pc.close()
 		return nil, fmt.Errorf("live %d: %w", pid, err)
 	}
@@ -158,7 +166,10 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 			apiErr = err
 			return nil
 		}
-		maps, err := procfs.Maps(pid)
+		// maps, not smaps: the layout is all it needs, and smaps
+		// walks the page tables (20 ms a GiB, with the process
+		// stopped).
+		maps, err := procfs.MapsLayout(rd)
 		if err != nil {
 			return err
 		}
@@ -205,7 +216,9 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 	}
 	var mine int
 	err = tr.Do(func() error {
-		maps, err := procfs.Maps(pid)
+		// The first stopped thread makes the call: the main thread
+		// unless it has exited (f.rd).
+		maps, err := procfs.MapsLayout(f.rd)
 		if err != nil {
 			return err
 		}
@@ -213,16 +226,26 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 		if err != nil {
 			return err
 		}
-		in, err := ptrace.NewSeizedInjector(pid, uintptr(site))
+		in, err := ptrace.NewSeizedInjector(f.threads[0].tid, uintptr(site))
 		if err != nil {
 			return err
 		}
 		f.threads[0].in = in
+		if xs, err := ptrace.GetXState(in.Tid); err == nil {
+			g, gl := f.gadget(maps)
+			guardCalls(in, g, gl, pid, in.Tid, in.Saved().Rsp, maps, xs)
+		}
 		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 		if err != nil {
 			return err
 		}
+		// pidfd_getfd takes the fd from the pidfd's task: a zombie main
+		// thread has no fd table any more, so then the thread's own
+		// pidfd (PIDFD_THREAD, Linux 6.9).
 		pidfd, err := unix.PidfdOpen(pid, 0)
+		if f.rd != pid {
+			pidfd, err = unix.PidfdOpen(f.rd, unix.PIDFD_THREAD)
+		}
 		if err == nil {
 			mine, err = unix.PidfdGetfd(pidfd, int(fd), 0)
 			unix.Close(pidfd)

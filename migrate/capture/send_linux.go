@@ -50,6 +50,13 @@ type SendOptions struct {
 	// error resumes the original, and the receiver, never told to
 	// commit, kills its copy. A cluster agent records the move here.
 	Decide func() error
+	// Unconfirmed, with Halt, is called when the wait for the receiver's
+	// verdict fails (why): the whole snapshot was sent, so the receiver
+	// may have built the process and gone on without us (a link cut
+	// after the last byte), and only the caller can know. An error
+	// resumes the original; nil goes on to Decide as if the receiver had
+	// said built. Unset: the failure resumes the original.
+	Unconfirmed func(why error) error
 	// Frozen, if set, is called once every thread is stopped and the
 	// calls injected to describe the process (every member of a tree)
 	// are done, before the first byte of the snapshot: a cluster agent
@@ -120,7 +127,12 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 		}
 		if o.Halt {
 			if err := sink.AwaitReady(o.ReadyTimeout); err != nil {
-				return err
+				if o.Unconfirmed == nil {
+					return err
+				}
+				if err := o.Unconfirmed(err); err != nil {
+					return err
+				}
 			}
 			if o.Decide != nil {
 				if err := o.Decide(); err != nil {
@@ -149,19 +161,21 @@ func SendTo(ctx context.Context, tr *ptrace.Tracer, pid int, sink stream.Sink, o
 	if o.Live {
 		fo.Live = &o.LiveOptions
 	}
+	if o.Halt {
+		// Told as soon as the process is killed: its memory is freed
+		// after (holdmm_linux.go).
+		fo.Killed = func() error {
+			if err := sink.Commit(); err != nil {
+				return fmt.Errorf("freeze %d: the process was halted but the receiver did not confirm it started it: %w", pid, err)
+			}
+			return nil
+		}
+	}
 	err = FreezeWith(ctx, tr, pid, body, fo)
 	if prog != nil {
 		prog.Finish()
 	}
-	if err != nil {
-		return err
-	}
-	if o.Halt {
-		if err := sink.Commit(); err != nil {
-			return fmt.Errorf("freeze %d: the process was halted but the receiver did not confirm it started it: %w", pid, err)
-		}
-	}
-	return nil
+	return err
 }
 
 // ownerUID returns the user pid wholly belongs to — real, effective,

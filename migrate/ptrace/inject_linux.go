@@ -34,6 +34,8 @@ type Injector struct {
 	// thread's own signal mask, put back after each call.
 	seized bool
 	mask   uint64
+	// frame, set by SetSigreturn, makes calls safe against our death.
+	frame *sigFrame
 	// Signals holds signals that arrived while injecting; they were
 	// dequeued by the stop and must be re-queued or recorded by the caller.
 	Signals []unix.Signal
@@ -101,9 +103,19 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 	if err := SetSigmask(in.Tid, blockable); err != nil {
 		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	}
-	ret, err := in.syscall(nr, args)
+	var ret uintptr
+	var err error
+	if in.frame != nil && !makesTask(nr) {
+		ret, err = in.frameSyscall(nr, args)
+	} else {
+		ret, err = in.syscall(nr, args)
+	}
 	if serr := in.settle(); serr != nil {
 		return 0, errors.Join(err, fmt.Errorf("inject syscall %d: %w", nr, serr))
+	}
+	// Nothing of ours is left in the thread's memory between two calls.
+	if rerr := in.ReleaseSigreturn(); rerr != nil {
+		return 0, errors.Join(err, rerr)
 	}
 	return ret, err
 }
@@ -327,5 +339,16 @@ func trapPending(tid int) bool {
 func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
 
 // SetSaved replaces the registers Restore will write and on which injected
-// calls are based.
-func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c }
+// calls are based. A sigreturn frame built on the old ones is dropped.
+func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c; in.frame = nil }
+
+// makesTask: a call that makes a process or thread, which is stepped: made
+// through the frame, the new task would return into the sigreturn sequence
+// and run on as a copy of the thread.
+func makesTask(nr uintptr) bool {
+	switch nr {
+	case unix.SYS_CLONE, unix.SYS_CLONE3, unix.SYS_FORK, unix.SYS_VFORK:
+		return true
+	}
+	return false
+}
