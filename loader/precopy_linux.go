@@ -70,6 +70,7 @@ type staging struct {
 	tree  *image.PrecopyTree
 	early bool
 	proc  *Process
+	pid   int // a member's saved pid
 }
 
 // member returns the staging of the tree member with saved pid pid.
@@ -82,7 +83,7 @@ func (st *staging) member(pid int) *staging {
 		// Never placed, unless the tree was announced: a member's stub
 		// is forked from its parent's once the tree is known, so its
 		// pages wait here.
-		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: st.tree == nil || st.early}
+		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: st.tree == nil || st.early, pid: pid}
 		st.members[pid] = m
 	}
 	return m
@@ -144,6 +145,9 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				q = dropsIn.proc
 			}
 			if err := q.dropPlaced(dropsIn, drops); err != nil {
+				if dropsIn.proc != nil {
+					err = fmt.Errorf("pid %d: %w", dropsIn.pid, err)
+				}
 				return nil, nil, err
 			}
 			drops = drops[:0]
@@ -184,7 +188,7 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				}
 				if cur.proc != nil {
 					if err := cur.proc.putPrecopy(cur, dec, r.Addr, r.Len); err != nil {
-						return nil, nil, err
+						return nil, nil, fmt.Errorf("pid %d: %w", cur.pid, err)
 					}
 					break
 				}
