@@ -131,7 +131,10 @@ type Process struct {
 	// cow: a tree member forked from its parent only once the parent's
 	// memory is built, to share its pages, or under such a member
 	// (forkLate, image.LateMembers).
-	cow   bool
+	cow bool
+	// early: a tree member made while the pre-copy rounds came, its
+	// announced areas mapped and filled (early_linux.go).
+	early bool
 	built bool
 	done  bool
 	tasks []*task // the threads finish made ready, detached to start

@@ -63,6 +63,14 @@ type staging struct {
 	// those whose last round came (the others are forgotten).
 	members map[int]*staging
 	final   map[int]bool
+	// tree: the tree the sender announced before its rounds
+	// (image.PrecopyTree); early: its processes were made then, and
+	// proc, on a member's staging, is its process, whose placed areas
+	// its pages go into (early_linux.go).
+	tree  *image.PrecopyTree
+	early bool
+	proc  *Process
+	pid   int // a member's saved pid
 }
 
 // member returns the staging of the tree member with saved pid pid.
@@ -72,9 +80,10 @@ func (st *staging) member(pid int) *staging {
 	}
 	m := st.members[pid]
 	if m == nil {
-		// Never placed: a member's stub is forked from its parent's
-		// once the tree is known, so its pages wait here.
-		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: true}
+		// Never placed, unless the tree was announced: a member's stub
+		// is forked from its parent's once the tree is known, so its
+		// pages wait here.
+		m = &staging{blocks: map[uint64]*stageBlockT{}, launched: st.tree == nil || st.early, pid: pid}
 		st.members[pid] = m
 	}
 	return m
@@ -99,6 +108,10 @@ type PrecopyStats struct {
 	Rounds    int       // rounds sent while the process ran (the full copy included)
 	Bytes     uint64    // page contents sent in them
 	StoppedAt time.Time // when the sender stopped the process for the last round (its clock); zero if not said
+	// Early: a tree whose processes were made while the rounds came,
+	// the rounds written straight into them, and kept at the stop
+	// (early_linux.go); false when its pages waited for the stop.
+	Early bool
 }
 
 // Precopy returns what the snapshot's sender said of its pre-copy (zero
@@ -119,18 +132,33 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 	// cur is where the pages go: the whole snapshot's, or in a tree the
 	// member last named.
 	var cur *staging
-	// drops: the Drop records in a row for the placed areas, applied
-	// together before the next record of another kind.
+	// drops: the Drop records in a row for the placed areas of dropsIn
+	// (the process's, or a tree member's made early), applied together
+	// before the next record of another kind.
 	var drops [][2]uint64
+	var dropsIn *staging
 	rec := first
 	for {
 		if _, ok := rec.(*image.Drop); !ok && len(drops) > 0 {
-			if err := p.dropPlaced(st, drops); err != nil {
+			q := p
+			if dropsIn.proc != nil {
+				q = dropsIn.proc
+			}
+			if err := q.dropPlaced(dropsIn, drops); err != nil {
+				if dropsIn.proc != nil {
+					err = fmt.Errorf("pid %d: %w", dropsIn.pid, err)
+				}
 				return nil, nil, err
 			}
 			drops = drops[:0]
 		}
 		switch r := rec.(type) {
+		case *image.PrecopyTree:
+			top := get()
+			if top.launched || len(top.announced) > 0 || top.members != nil || top.tree != nil {
+				return nil, nil, fmt.Errorf("%w: pre-copy tree record after pre-copied pages", image.ErrCorrupt)
+			}
+			top.tree = r
 		case *image.PrecopyMember:
 			top := get()
 			if top.launched || len(top.announced) > 0 {
@@ -144,11 +172,26 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 				top.final[r.Pid] = true
 			}
 		case *image.PrecopyArea:
-			if cur == nil {
+			// A tree member's, once the tree is announced: noted
+			// until its first page (cur.announce ignores it after).
+			if cur != nil {
+				cur.announce(r.Start, r.End)
+			} else {
 				get().announce(r.Start, r.End)
 			}
 		case *image.Precopy:
 			if cur != nil {
+				if top := get(); top.tree != nil && !top.early {
+					if err := p.buildEarly(top); err != nil {
+						return nil, nil, err
+					}
+				}
+				if cur.proc != nil {
+					if err := cur.proc.putPrecopy(cur, dec, r.Addr, r.Len); err != nil {
+						return nil, nil, fmt.Errorf("pid %d: %w", cur.pid, err)
+					}
+					break
+				}
 				if err := cur.put(dec, r.Addr, r.Len); err != nil {
 					return nil, nil, err
 				}
@@ -166,10 +209,15 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 			}
 		case *image.Drop:
 			if cur != nil {
+				// Consecutive drops are one member's: a PrecopyMember
+				// record applies those before.
 				cur.drop(r.Addr, r.Len)
+				if cur.proc != nil {
+					dropsIn, drops = cur, append(drops, [2]uint64{r.Addr, r.Len})
+				}
 			} else if st != nil {
 				st.drop(r.Addr, r.Len)
-				drops = append(drops, [2]uint64{r.Addr, r.Len})
+				dropsIn, drops = st, append(drops, [2]uint64{r.Addr, r.Len})
 			}
 		case *image.Round:
 			top := get()
@@ -178,6 +226,7 @@ func (p *Process) stagePrecopy(dec *image.Decoder, first any) (*staging, any, er
 					p.precopyStats.StoppedAt = time.Unix(0, r.At)
 				}
 			} else {
+				top.closeEarlyUffds()
 				top.rounds++
 				p.precopyStats.Rounds++
 				p.precopyStats.Bytes += r.Bytes
@@ -266,7 +315,20 @@ func (p *Process) putPrecopy(st *staging, dec *image.Decoder, addr, n uint64) er
 		if err := readAll(dec, st.buf[:take]); err != nil {
 			return err
 		}
-		if err := p.mem.Write(addr, st.buf[:take]); err != nil {
+		done := uint64(0)
+		if p.uffd != nil {
+			// A tree member's first round (early_linux.go). Where the
+			// kernel refuses, the usual way, without the userfaultfd.
+			if done = uint64(uffdFillOne(p.uffd, addr, st.buf[:take])); done < take {
+				p.closeUffd()
+			}
+		}
+		if done == take {
+			addr += take
+			n -= take
+			continue
+		}
+		if err := p.mem.Write(addr+done, st.buf[done:take]); err != nil {
 			return fmt.Errorf("pre-copied pages %#x+%#x: %w", addr, take, err)
 		}
 		addr += take

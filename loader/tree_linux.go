@@ -16,7 +16,10 @@ import (
 // tree is what the members of a restored process tree share. The root's
 // Process owns it; every member points to it.
 type tree struct {
-	img     *image.Tree
+	img *image.Tree
+	// made is the tree announced before a live migration's rounds, as it
+	// was made then (early_linux.go); nil otherwise.
+	made    *image.Tree
 	members []*Process  // creation order: every parent before its children
 	pids    map[int]int // saved pid -> pid here
 	// shm maps a shared memory object's identity (image.VMA.Shm) to the
@@ -99,7 +102,15 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 	// once its areas are mapped (buildOne).
 	staged := p.staged
 	p.staged = nil
-	p.tree = &tree{img: img, members: []*Process{p}, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
+	// The tree's processes made while the rounds came (early_linux.go)
+	// are kept when the tree is the one announced.
+	early := p.tree != nil
+	if early {
+		p.tree.img = img
+	} else {
+		p.tree = newTree(img)
+		p.tree.members = []*Process{p}
+	}
 	for i, m := range img.Procs {
 		if m.Zombie {
 			// No records: it was made and ended with the stubs, or,
@@ -113,6 +124,9 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 		}
 		var mp *Process
 		prepare := p.startTreeRoot
+		if early {
+			prepare = func() error { return p.prepareEarlyRoot(staged) }
+		}
 		if i == 0 {
 			mp = p
 		} else {
@@ -120,6 +134,8 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 			prepare = mp.checkStubRoom
 			if mp.cow {
 				prepare = func() error { return mp.forkLate(m) }
+			} else if mp.early {
+				prepare = mp.prepareEarly
 			}
 		}
 		if pr, ok := rec.(*image.Process); ok || i == 0 {
@@ -147,11 +163,26 @@ func (p *Process) buildTree(img *image.Tree, items <-chan item, rec any) error {
 	return nil
 }
 
+// newTree returns the shared state of a tree being restored from img,
+// with no member made yet.
+func newTree(img *image.Tree) *tree {
+	return &tree{img: img, pids: map[int]int{}, shm: map[uint64]shmArea{}, pipes: map[uint64][2]int{}, ptys: map[int]*heldPty{}, unix: map[uint64]*treePair{}, listeners: map[uint64]*treeListener{}, self: -1}
+}
+
 // startTreeRoot starts the root's stub with its saved PID (a new one, said,
 // when it stays taken: a tree is not retried just before it starts), and
 // forks every other member's stub from it.
 func (p *Process) startTreeRoot() error {
-	if err := p.startStub(); err != nil {
+	return p.startTreeAt(freeRange(stubSize, p.snapshotRanges()))
+}
+
+// startTreeAt is startTreeRoot with the stubs' code at base.
+func (p *Process) startTreeAt(base uint64) error {
+	p.tree.members = []*Process{p}
+	if err := p.launchStub(base); err != nil {
+		return err
+	}
+	if err := p.tr.Do(p.stubPID); err != nil {
 		return err
 	}
 	return p.tr.Do(func() error {
@@ -161,11 +192,12 @@ func (p *Process) startTreeRoot() error {
 			}
 		}
 		t := p.tree
-		t.pids[p.proc.Pid] = p.pid
+		root := t.img.Procs[0].Pid // p.proc's, when read (not early)
+		t.pids[root] = p.pid
 		if err := p.setGroup(t.img.Procs[0]); err != nil {
-			return fmt.Errorf("pid %d: %w", p.proc.Pid, err)
+			return fmt.Errorf("pid %d: %w", root, err)
 		}
-		byPid := map[int]*Process{p.proc.Pid: p}
+		byPid := map[int]*Process{root: p}
 		helpers, err := p.groupHelpers()
 		if err != nil {
 			return err
@@ -264,6 +296,12 @@ func (p *Process) endGroupHelpers(helpers []*Process) error {
 			}
 		}
 	}
+	return p.takeSIGCHLD()
+}
+
+// takeSIGCHLD takes back the SIGCHLD pending in stub p (its pending
+// signals are the saved ones, queued later). Runs on the tracer thread.
+func (p *Process) takeSIGCHLD() error {
 	scratch := p.base + stubScratchOff
 	b := make([]byte, 32)
 	binary.LittleEndian.PutUint64(b, 1<<(unix.SIGCHLD-1)) // and a zero timeout at 16

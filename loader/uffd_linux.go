@@ -51,6 +51,18 @@ type uffdioCopyArg struct {
 // private anonymous area registered, or nil when the kernel offers none.
 // Runs on the tracer thread, after mapMemory.
 func (p *Process) openUffd() *os.File {
+	var areas [][2]uint64
+	for _, v := range p.vmas {
+		if uffdArea(v) {
+			areas = append(areas, [2]uint64{v.Start, v.End})
+		}
+	}
+	return p.openUffdAreas(areas)
+}
+
+// openUffdAreas is openUffd for the ranges areas (each one private
+// anonymous area). Runs on the tracer thread.
+func (p *Process) openUffdAreas(areas [][2]uint64) *os.File {
 	fd, err := p.call(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 	if err != nil {
 		return nil
@@ -71,11 +83,8 @@ func (p *Process) openUffd() *os.File {
 		f.Close()
 		return nil
 	}
-	for _, v := range p.vmas {
-		if !uffdArea(v) {
-			continue
-		}
-		reg := uffdioRegisterArg{Range: uffdioRange{v.Start, v.Len()}, Mode: uffdRegisterMissing}
+	for _, a := range areas {
+		reg := uffdioRegisterArg{Range: uffdioRange{a[0], a[1] - a[0]}, Mode: uffdRegisterMissing}
 		if uffdIoctl(f, uffdioRegister, &reg) != nil {
 			f.Close() // unregisters what was registered
 			return nil

@@ -55,6 +55,10 @@ type LiveOptions struct {
 	Notice func(string)
 	// Stats, if set, is filled in as the migration goes.
 	Stats *LiveStats
+	// Round, if set, is called after each round sent while the process
+	// runs (n: 0 for the full copy), with the bytes of pages it sent:
+	// progress, before the next round or the stop.
+	Round func(n int, bytes uint64)
 }
 
 // LiveStats report what a live migration did.
@@ -420,6 +424,9 @@ func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs
 		return err
 	}
 	stats.Rounds, stats.PrecopyBytes = 1, s.bytes
+	if o.Round != nil {
+		o.Round(0, s.bytes)
+	}
 	rate := float64(s.bytes) / max(time.Since(s.t0).Seconds(), 1e-6) // bytes/s the link took
 	prev := uint64(s.bytes)
 	for round := 1; round <= o.MaxRounds; round++ {
@@ -442,6 +449,9 @@ func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs
 		}
 		stats.Rounds++
 		stats.PrecopyBytes += dirty
+		if o.Round != nil {
+			o.Round(round, dirty)
+		}
 		if took := time.Since(s.t0).Seconds(); dirty > 1<<20 && took > 0 {
 			rate = float64(dirty) / took
 		}
@@ -512,6 +522,20 @@ func (pc *precopy) first(s *sender, announce bool) error {
 	})
 	if err != nil {
 		return pc.giveUp(err)
+	}
+	return nil
+}
+
+// announce writes a PrecopyArea record for each area of pc followed,
+// but a stack (a receiver maps it flat), as first does for a single
+// process: a tree's, before its rounds.
+func (pc *precopy) announce(enc *image.Encoder) error {
+	for _, a := range pc.areas {
+		if a.ok && !a.stack {
+			if err := enc.Write(&image.PrecopyArea{Start: a.start, End: a.end}); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -32,6 +32,9 @@ type treePrecopy struct {
 	o       LiveOptions
 	stats   *LiveStats
 	members []*precopy
+	// announce is the tree as the pre-copy found it, every member tracked
+	// (nil when one is not: the receiver keeps the pages until the stop).
+	announce *image.PrecopyTree
 }
 
 // startTreePrecopy starts tracking every member of the running tree of
@@ -53,11 +56,14 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 	}
 	t := &treePrecopy{pid: pid, o: o, stats: o.Stats}
 	queue, seen := []int{pid}, map[int]bool{pid: true}
+	whole := true // every process of the tree tracked
+	var found []treeFound
 	for len(queue) > 0 {
 		m := queue[0]
 		queue = queue[1:]
 		stat, err := procfs.Stat(m)
 		if err != nil || len(stat) == 0 || stat[0] == "Z" {
+			whole = false
 			continue // gone or a zombie: AttachTree sees to it
 		}
 		kids, _ := procfs.Children(m)
@@ -68,30 +74,98 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 			}
 		}
 		if m == os.Getpid() {
+			whole = false
 			continue // AttachTree refuses it
 		}
 		saved := m
+		f := treeFound{pid: m, stat: stat}
 		if ns != "" {
 			st, err := procfs.Status(m)
 			if err == nil {
 				saved, err = innermost(st, "NSpid")
 			}
 			if err != nil {
+				whole = false
 				continue
 			}
+			f.status = st
 		}
 		pc, err := startPrecopyWith(tr, m, o, func() (*Frozen, error) { return attachMember(tr, m, ns) })
 		if err != nil {
+			whole = false
 			t.notice(fmt.Sprintf("live %d: pid %d is not copied live (%v): stopped for the whole copy", pid, m, err))
 			continue
 		}
 		pc.saved, pc.started = saved, procfs.StatField(stat, 22)
 		t.members = append(t.members, pc)
+		found = append(found, f)
 	}
 	if len(t.members) == 0 {
 		return nil, nil
 	}
+	if ns != "" {
+		// A container's namespaces come with the tree record, made at
+		// the stop: its processes cannot be made before.
+		if ctr, err := containerNS(pid); err != nil || len(ctr) > 0 {
+			whole = false
+		}
+	}
+	if whole {
+		t.announce = announceTree(found, t.members, ns != "")
+	}
 	return t, nil
+}
+
+// treeFound is a process of the tree as startTreePrecopy found it: its
+// stat fields, and in a PID namespace frozen whole its status.
+type treeFound struct {
+	pid    int
+	stat   []string
+	status map[string]string
+}
+
+// announceTree describes the tree found (parents before children, each
+// with its pre-copy in pcs) as its members know it: in a PID namespace
+// frozen whole (inNS) by the namespace's numbers, as nsNumbers does for
+// the tree record. Nil when a number cannot be read: the receiver then
+// makes the processes at the stop.
+func announceTree(found []treeFound, pcs []*precopy, inNS bool) *image.PrecopyTree {
+	saved := map[int]int{}
+	for i, f := range found {
+		saved[f.pid] = pcs[i].saved
+	}
+	a := &image.PrecopyTree{}
+	for i, f := range found {
+		m := image.PrecopyProc{Pid: pcs[i].saved, PPid: saved[int(procfs.StatField(f.stat, 4))],
+			Pgid: int(procfs.StatField(f.stat, 5)), Sid: int(procfs.StatField(f.stat, 6))}
+		if !inNS {
+			// The root's parent is outside the tree: its number as is.
+			if i == 0 {
+				m.PPid = int(procfs.StatField(f.stat, 4))
+			}
+		} else {
+			var err error
+			if m.Pgid, err = innermost(f.status, "NSpgid"); err != nil {
+				return nil
+			}
+			if m.Sid, err = innermost(f.status, "NSsid"); err != nil {
+				return nil
+			}
+		}
+		a.Procs = append(a.Procs, m)
+		maps, err := procfs.MapsLayout(f.pid)
+		if err != nil {
+			return nil
+		}
+		for _, r := range maps {
+			end := r.End
+			if r.Path == "[heap]" {
+				end += 64 << 20 // room for it to grow, as a receiver leaves
+			}
+			a.Avoid = append(a.Avoid, [2]uint64{r.Start, end})
+		}
+	}
+	return a
 }
 
 // attachMember stops every thread of pid, a member of a tree in PID
@@ -120,6 +194,19 @@ func (t *treePrecopy) notice(s string) {
 // run sends the rounds while the tree runs, and returns when it should
 // be stopped for the final one.
 func (t *treePrecopy) run(enc *image.Encoder) error {
+	if t.announce != nil {
+		if err := enc.Write(t.announce); err != nil {
+			return err
+		}
+		for _, pc := range t.members {
+			if err := enc.Write(&image.PrecopyMember{Pid: pc.saved}); err != nil {
+				return err
+			}
+			if err := pc.announce(enc); err != nil {
+				return err
+			}
+		}
+	}
 	return runRounds(enc, t.pid, t.o, t.stats, t.members, true)
 }
 

@@ -107,6 +107,16 @@ func (c *checker) check(rec any) error {
 		return c.precopy(r, r.Addr, r.Len)
 	case *Round:
 		return c.precopy(r, 0, pageSize)
+	case *PrecopyTree:
+		if len(r.Procs) == 0 {
+			return corruptf("pre-copy tree of no process")
+		}
+		for _, m := range r.Procs {
+			if m.Pid <= 0 {
+				return corruptf("pre-copy tree: pid %d", m.Pid)
+			}
+		}
+		return c.precopy(r, 0, pageSize)
 	case *PrecopyArea:
 		if r.End <= r.Start {
 			return corruptf("pre-copy area %#x-%#x", r.Start, r.End)

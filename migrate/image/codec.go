@@ -115,6 +115,8 @@ func (e *Encoder) Write(rec any) error {
 		t = TypeParentPages
 	case *PrecopyMember:
 		t = TypePrecopyMember
+	case *PrecopyTree:
+		t = TypePrecopyTree
 	default:
 		return fmt.Errorf("image: cannot encode %T", rec)
 	}
@@ -484,6 +486,8 @@ func (d *Decoder) next() (any, error) {
 		rec = new(ParentPages)
 	case TypePrecopyMember:
 		rec = new(PrecopyMember)
+	case TypePrecopyTree:
+		rec = new(PrecopyTree)
 	default:
 		if t&Skippable != 0 {
 			return nil, errSkipped

@@ -523,3 +523,45 @@ func TestSummedPages(t *testing.T) {
 		t.Fatalf("a run left out of the sum: got %v, want a checksum mismatch", err)
 	}
 }
+
+// TestPrecopyTreeRecord: a tree's announcement comes back as written,
+// ahead of its members' areas; one naming no process, or after the
+// snapshot proper has begun, is corrupt.
+func TestPrecopyTreeRecord(t *testing.T) {
+	encode := func(recs ...any) []byte {
+		var buf bytes.Buffer
+		enc := NewEncoder(&buf)
+		for _, r := range recs {
+			if err := enc.Write(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := enc.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return buf.Bytes()
+	}
+	ann := &PrecopyTree{Procs: []PrecopyProc{{Pid: 1, Pgid: 1, Sid: 1}, {Pid: 2, PPid: 1, Pgid: 1, Sid: 1}}, Avoid: [][2]uint64{{0x1000, 0x3000}}}
+	recs := []any{ann, &PrecopyMember{Pid: 2}, &PrecopyArea{Start: 0x10000, End: 0x20000}}
+	got, err := decodeAll(encode(append(recs, &Process{Pid: 1, Threads: 1}, &Thread{Tid: 1})...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range recs {
+		if !reflect.DeepEqual(got[i], r) {
+			t.Errorf("record %d: got %+v, want %+v", i, got[i], r)
+		}
+	}
+	for name, recs := range map[string][]any{
+		"no process":     {&PrecopyTree{}},
+		"pid 0":          {&PrecopyTree{Procs: []PrecopyProc{{Pid: 0}}}},
+		"after the tree": {&Tree{Procs: []TreeProc{{Pid: 1, Threads: 1}}}, ann},
+	} {
+		if _, err := decodeAll(encode(recs...)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: got %v, want a corrupt snapshot error", name, err)
+		}
+	}
+	if TypePrecopyTree&Skippable == 0 {
+		t.Errorf("the precopy tree record is not skippable: a reader that does not know it must be able to ignore it")
+	}
+}

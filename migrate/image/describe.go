@@ -55,6 +55,8 @@ func Describe(w io.Writer, dec *Decoder, regNames []string) error {
 			dropped += r.Len
 		case *PrecopyArea:
 			fmt.Fprintf(w, "Pre-copy area %#x-%#x\n", r.Start, r.End)
+		case *PrecopyTree:
+			fmt.Fprintf(w, "Pre-copy tree of %d processes\n", len(r.Procs))
 		case *PrecopyMember:
 			if r.Final {
 				fmt.Fprintf(w, "Pre-copy member pid %d (after the stop)\n", r.Pid)

@@ -50,6 +50,31 @@ type PrecopyMember struct {
 	Final bool `msgpack:"final,omitempty"`
 }
 
+// PrecopyTree announces, in a tree's live migration, before its first
+// PrecopyMember record, the members being pre-copied as they were when
+// the pre-copy started (every parent before its children), and Avoid,
+// every range any of them had mapped then. Each member's PrecopyArea
+// records then follow a PrecopyMember record naming it, before the first
+// Precopy record. A reader may make the tree's processes at once (each
+// forked from its parent's, in its group and session), map the announced
+// areas and write the rounds straight into them; the tree record at the
+// stop says whether the tree is still the one announced (skippable: a
+// reader that does not know it keeps every member's pages until its
+// process is made).
+type PrecopyTree struct {
+	Procs []PrecopyProc `msgpack:"procs"`
+	Avoid [][2]uint64   `msgpack:"avoid,omitempty"`
+}
+
+// PrecopyProc is a member of an announced tree: its saved PID, parent,
+// process group and session, as in TreeProc.
+type PrecopyProc struct {
+	Pid  int `msgpack:"pid"`
+	PPid int `msgpack:"ppid"`
+	Pgid int `msgpack:"pgid"`
+	Sid  int `msgpack:"sid"`
+}
+
 // Round closes one pre-copy round: its number (0 is the first, full
 // copy) and the bytes of page contents it sent. The round sent after the
 // stop has Final set.

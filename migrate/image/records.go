@@ -37,6 +37,9 @@ const (
 	// TypePrecopyMember says which member of a tree the pre-copy
 	// records after it are for.
 	TypePrecopyMember Type = 44
+	// TypePrecopyTree is a hint a reader may skip: build a tree's
+	// processes now.
+	TypePrecopyTree Type = Skippable | 45
 
 	// Skippable marks a record that older readers may skip.
 	Skippable Type = 0x80
@@ -76,6 +79,8 @@ func (t Type) String() string {
 		return "precopy area"
 	case TypePrecopyMember:
 		return "precopy member"
+	case TypePrecopyTree:
+		return "precopy tree"
 	}
 	return "unknown"
 }
