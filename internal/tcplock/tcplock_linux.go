@@ -17,6 +17,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"strconv"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -28,9 +30,15 @@ import (
 const Prefix = "pcluster-tcplock-"
 
 // Name is the nftables table (family inet) that locks the connection
-// between local and peer: `pcluster-tcplock-127.0.0.1:8880-127.0.0.1:40512`.
+// between local and peer, a name nft takes without quotes (no colon):
+// `pcluster-tcplock-127.0.0.1-8880-127.0.0.1-40512`, for IPv6
+// `pcluster-tcplock-__1-80-__1-5000`.
 func Name(local, peer netip.AddrPort) string {
-	return Prefix + unmap(local).String() + "-" + unmap(peer).String()
+	part := func(a netip.AddrPort) string {
+		a = unmap(a)
+		return strings.ReplaceAll(a.Addr().String(), ":", "_") + "-" + strconv.Itoa(int(a.Port()))
+	}
+	return Prefix + part(local) + "-" + part(peer)
 }
 
 func unmap(a netip.AddrPort) netip.AddrPort {

@@ -140,10 +140,10 @@ func lockDropsPeerPackets(t *testing.T, host string) {
 func TestName(t *testing.T) {
 	l := netip.MustParseAddrPort("[::ffff:127.0.0.1]:8880")
 	p := netip.MustParseAddrPort("127.0.0.1:40512")
-	if got, want := Name(l, p), "pcluster-tcplock-127.0.0.1:8880-127.0.0.1:40512"; got != want {
+	if got, want := Name(l, p), "pcluster-tcplock-127.0.0.1-8880-127.0.0.1-40512"; got != want {
 		t.Errorf("Name: %q, want %q", got, want)
 	}
-	if got, want := Name(netip.MustParseAddrPort("[::1]:80"), netip.MustParseAddrPort("[::1]:5000")), "pcluster-tcplock-[::1]:80-[::1]:5000"; got != want {
+	if got, want := Name(netip.MustParseAddrPort("[::1]:80"), netip.MustParseAddrPort("[::1]:5000")), "pcluster-tcplock-__1-80-__1-5000"; got != want {
 		t.Errorf("Name: %q, want %q", got, want)
 	}
 	if err := Lock(-1, l, netip.MustParseAddrPort("[::1]:1")); err == nil {
