@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/tcplock"
 	"github.com/pcluster/pcluster/internal/tcprepair"
 	"github.com/pcluster/pcluster/migrate/image"
 )
@@ -109,6 +110,8 @@ func (p *Process) restoreSockets(scratch uintptr) error {
 				if err = s.replace(f); err == nil {
 					err = s.aborted(f.TCP)
 				}
+				// The peer gets its reset at its next packet.
+				p.unlockTCP(f.TCP)
 			}
 		} else {
 			err = s.bindUDP(f.UDP, f.Kind == image.FDTCPNew)
@@ -122,6 +125,21 @@ func (p *Process) restoreSockets(scratch uintptr) error {
 		}
 	}
 	return nil
+}
+
+// unlockTCP lifts the lock pfreeze put on c's packets (capture.
+// TCPOptions.Lock; none: nothing to do) in the process's network
+// namespace. It comes after the commit: a failure is told, not fatal.
+func (p *Process) unlockTCP(c *image.TCPConn) {
+	local, peer := c.Local.AddrPort(), c.Peer.AddrPort()
+	ns, err := unix.Open(fmt.Sprintf("/proc/%d/ns/net", p.pid), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err == nil {
+		err = tcplock.Unlock(ns, local, peer)
+		unix.Close(ns)
+	}
+	if err != nil {
+		p.notice("TCP connection %s -> %s: the lock on its packets stays (%v): remove it with nft delete table inet %s", c.Local, c.Peer, err, tcplock.Name(local, peer))
+	}
 }
 
 // sockWhat names a socket in messages.
@@ -353,6 +371,10 @@ func (s *sockCalls) repairTCP(c *image.TCPConn) error {
 	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcprepair.NoQueue, "TCP_REPAIR_QUEUE"); err != nil {
 		return err
 	}
+	// The socket holds the connection again: the peer's packets, held
+	// off since the freeze (capture.TCPOptions.Lock), may come in. Just
+	// before repair mode goes off, for the answer to its probe.
+	s.p.unlockTCP(c)
 	// Out of repair mode the kernel sends a window probe: the peer
 	// answers with its window, and what is unacknowledged is resent.
 	if err := s.setInt(unix.IPPROTO_TCP, unix.TCP_REPAIR, 0, "repair mode off"); err != nil {

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/internal/tcplock"
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
 	"github.com/pcluster/pcluster/migrate/image"
@@ -202,7 +204,7 @@ func TestMigrateTCP(t *testing.T) {
 			var held []string
 			sent := make(chan error, 1)
 			go func() {
-				sent <- a.sendTCP(a.srcConn, pid, capture.TCPOptions{Held: func(local, peer netip.AddrPort) {
+				sent <- a.sendTCP(a.srcConn, pid, capture.TCPOptions{Lock: true, Held: func(local, peer netip.AddrPort) {
 					held = append(held, local.String()+" -> "+peer.String())
 				}})
 			}()
@@ -237,7 +239,13 @@ func TestMigrateTCPDecisionFails(t *testing.T) {
 	a := newAgents(t)
 	sent := make(chan error, 1)
 	go func() {
-		sent <- a.send(context.Background(), a.srcConn, pid, func() error { return errors.New("the scheduler changed its mind") })
+		sink, err := stream.NewConnSink(context.Background(), a.srcConn, stream.SinkOptions{Authenticated: true, Halt: true, WriteTimeout: waitFor})
+		if err == nil {
+			err = capture.SendTo(context.Background(), a.srcTr, pid, sink, capture.SendOptions{Halt: true,
+				Cipher: stream.CipherAESGCM, Key: &a.key, ReadyTimeout: waitFor, TCP: capture.TCPOptions{Lock: true},
+				Decide: func() error { return errors.New("the scheduler changed its mind") }})
+		}
+		sent <- err
 	}()
 	p, rerr := a.receive(context.Background(), a.dstConn, nil)
 	serr := <-sent
@@ -251,8 +259,15 @@ func TestMigrateTCPDecisionFails(t *testing.T) {
 	if !alive(pid) {
 		t.Fatal("the original is gone")
 	}
+	// The lock on the peer's packets went with the resume (else our
+	// acknowledgements below would not reach the original).
+	if names, err := tcplock.Locked(-1); err != nil || slices.Contains(names, tcplock.Name(netipOf(conn.RemoteAddr()), netipOf(conn.LocalAddr()))) {
+		t.Errorf("after the resume: locks %q (%v), want not this connection's", names, err)
+	}
 	finishPair(t, conn, orig.Lines)
 }
+
+func netipOf(a net.Addr) netip.AddrPort { return a.(*net.TCPAddr).AddrPort() }
 
 // freezeRefused freezes pid to a snapshot nobody reads, expecting a
 // refusal that names all of want; the process runs on.

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -50,6 +51,9 @@ func main() {
 		fmt.Fprintf(os.Stderr, "pfreeze: %v\n", err)
 		os.Exit(2)
 	}
+	// -halt on this host (every connection moves): hold off the peers'
+	// packets until pthaw has rebuilt the connections (docs/pfreeze.md).
+	tcp.Lock = *halt && tcp.Moving == nil && restoresHere(*dest)
 	// A reader that goes away (pfreeze | head) must give us EPIPE, an
 	// error we handle by resuming the process, not a silent death.
 	signal.Ignore(syscall.SIGPIPE)
@@ -78,6 +82,24 @@ func main() {
 		fmt.Fprintf(os.Stderr, "pfreeze: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// restoresHere reports whether a snapshot sent to dest is restored on
+// this host: a file, a unix socket, or a tcp: receiver on loopback.
+func restoresHere(dest string) bool {
+	hostPort, ok := strings.CutPrefix(dest, "tcp:")
+	if !ok {
+		return true
+	}
+	host, _, err := net.SplitHostPort(hostPort)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
 }
 
 // tcpOptions parses -tcp-addrs and -tcp-close.

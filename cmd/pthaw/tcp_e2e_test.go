@@ -8,12 +8,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/internal/tcplock"
 )
 
 // TestGoHTTPKeepAlive moves a Go HTTP server while a client holds a
@@ -183,5 +187,87 @@ func TestTCPFlagsBadInput(t *testing.T) {
 		if msg := stderr.String(); strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "pfreeze: -tcp-") {
 			t.Errorf("pfreeze %v: stderr %q, want one line naming the flag", args, msg)
 		}
+	}
+}
+
+// TestPeerSendsWhileHalted: a client sends a request while the server is
+// halted to a file, after the original's kill and before pthaw: no socket
+// holds the connection then, and this host answered the request with a
+// reset until pfreeze held the peer's packets off with netfilter
+// (internal/tcplock) for pthaw to let in once it has rebuilt the
+// connection (zdtm's socket-tcpbuf, whose peer keeps sending, failed so
+// in most runs). The request, dropped, is retransmitted to the copy,
+// which answers it on the same connection; no lock is left.
+func TestPeerSendsWhileHalted(t *testing.T) {
+	needRoot(t)
+	p := fixture.Start(t, fixture.Build(t, "gohttp"), "127.0.0.1:0")
+	addr := p.Lines.Expect(t, `^listening (\S+)$`, waitFor)[1]
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	request := func(path string) {
+		t.Helper()
+		if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path); err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+	}
+	answer := func(path string) string {
+		t.Helper()
+		conn.SetDeadline(time.Now().Add(waitFor))
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b := make([]byte, 64)
+		n, _ := resp.Body.Read(b)
+		return strings.TrimSpace(string(b[:n]))
+	}
+	request("/inc?k=n")
+	if got := answer("/inc?k=n"); got != "1" {
+		t.Fatalf("inc: got %q, want 1", got)
+	}
+	local := conn.RemoteAddr().(*net.TCPAddr).AddrPort()
+	peer := conn.LocalAddr().(*net.TCPAddr).AddrPort()
+	t.Cleanup(func() { tcplock.Unlock(-1, local, peer) })
+	acked(t, int(local.Port()), int(peer.Port()))
+
+	snap := haltToFile(t, p)
+	request("/inc?k=n")
+	// Wait until the request has met the window: retransmitted (dropped
+	// the first time) or reset.
+	raw, err := conn.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	for deadline := time.Now().Add(waitFor); ; time.Sleep(5 * time.Millisecond) {
+		var ierr error
+		if err := raw.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || ierr != nil {
+			t.Fatalf("TCP_INFO: %v %v", err, ierr)
+		}
+		if info.State != unix.BPF_TCP_ESTABLISHED || info.Total_retrans > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the request was neither retransmitted nor reset while the server was halted")
+		}
+	}
+	if info.State != unix.BPF_TCP_ESTABLISHED {
+		t.Fatalf("the request sent while the server was halted drew a reset (client in state %d)", info.State)
+	}
+	if names, err := tcplock.Locked(-1); err != nil || !slices.Contains(names, tcplock.Name(local, peer)) {
+		t.Errorf("while halted: locks %q (%v), want %q among them", names, err, tcplock.Name(local, peer))
+	}
+	th := thaw(t, "-src", snap)
+	th.out.Expect(t, `^tick \d+$`, waitFor)
+	if got := answer("/inc?k=n"); got != "2" {
+		t.Fatalf("the request sent while halted, answered by the copy: got %q, want 2", got)
+	}
+	if names, err := tcplock.Locked(-1); err != nil || slices.Contains(names, tcplock.Name(local, peer)) {
+		t.Errorf("after pthaw: locks %q (%v), want none of %s", names, err, tcplock.Name(local, peer))
 	}
 }

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pcluster/pcluster/internal/tcplock"
 	"github.com/pcluster/pcluster/internal/tcprepair"
 	"github.com/pcluster/pcluster/migrate/image"
 )
@@ -46,6 +47,13 @@ type TCPOptions struct {
 	// address off the source before the kill drops these 4-tuples'
 	// packets there until the address has moved (docs/pfreeze.md).
 	Held func(local, peer netip.AddrPort)
+	// Lock drops each moving connection's incoming packets with netfilter
+	// (internal/tcplock) from the moment it is held until a pthaw on
+	// this host has rebuilt it (loader lifts the lock) or the original
+	// resumes: from the kill until the copy's connect no socket holds
+	// the connection, and a packet of its peer would draw a reset. Only
+	// for a restore on this host: a pthaw elsewhere cannot lift it.
+	Lock bool
 }
 
 // moves reports whether a connection from local moves with the process.
@@ -76,6 +84,10 @@ type heldSocket struct {
 	// window is the connection's TCP_REPAIR_WINDOW, set back on resume
 	// (the freeze closed its send window).
 	window []byte
+	// locked: the connection's packets are dropped (TCPOptions.Lock)
+	// from peer to local, until pthaw or resume lifts it.
+	locked      bool
+	local, peer netip.AddrPort
 }
 
 // sockets are the held sockets of one frozen process. Exactly one of
@@ -135,14 +147,48 @@ func (s *sockets) resume() error {
 				errs = append(errs, fmt.Errorf("fd %d: repair mode off: %w", h.target, err))
 			}
 		}
+		if h.locked {
+			if err := unlock(h); err != nil {
+				errs = append(errs, fmt.Errorf("fd %d: %w", h.target, err))
+			}
+		}
 		unix.Close(h.fd)
 	}
 	s.held = nil
 	return errors.Join(errs...)
 }
 
+// lock takes the netfilter lock of h's connection (TCPOptions.Lock) in
+// the socket's network namespace. A lock that cannot be taken does not
+// fail the freeze: the connection moves as before, and the user is told
+// that its peer may reset it meanwhile.
+func (s *sockets) lock(h *heldSocket, c *image.TCPConn) {
+	h.local, h.peer = unmap(c.Local.AddrPort()), unmap(c.Peer.AddrPort())
+	ns, err := unix.IoctlRetInt(h.fd, unix.SIOCGSKNS)
+	if err == nil {
+		err = tcplock.Lock(ns, h.local, h.peer)
+		unix.Close(ns)
+	}
+	if err != nil {
+		s.say("fd %d (TCP connection %s -> %s): its packets are not held off until pthaw rebuilds it (%v): if its peer sends meanwhile, it resets the connection", h.target, h.local, h.peer, err)
+		return
+	}
+	h.locked = true
+}
+
+// unlock lifts the lock of h's connection.
+func unlock(h *heldSocket) error {
+	ns, err := unix.IoctlRetInt(h.fd, unix.SIOCGSKNS)
+	if err != nil {
+		return fmt.Errorf("network namespace of the socket: %w", err)
+	}
+	defer unix.Close(ns)
+	return tcplock.Unlock(ns, h.local, h.peer)
+}
+
 // kill lets the held sockets go once the process is dead: connections,
-// still in repair mode, close without a word to their peers.
+// still in repair mode, close without a word to their peers; their locks
+// (TCPOptions.Lock) stay, for pthaw to lift once it has rebuilt them.
 func (s *sockets) kill() {
 	for _, h := range s.held {
 		if h.reset {
@@ -228,6 +274,9 @@ func describeSocket(pid, fd int, socks *sockets, rec *image.FD) error {
 		c, err := describeTCP(h, domain, socks.policy)
 		if err != nil {
 			return err
+		}
+		if socks.policy.Lock && h.repair {
+			socks.lock(h, c)
 		}
 		rec.Kind, rec.TCP = image.FDTCP, c
 	case typ == unix.SOCK_DGRAM && proto == unix.IPPROTO_UDP:
