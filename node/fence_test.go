@@ -137,8 +137,13 @@ func TestFence(t *testing.T) {
 	}
 	cut.Store(false)
 	waitLogged(t, logs, "w1's stale copy killed", func() bool { return len(procsOf(a.cg.dir("w1", 1))) == 0 })
-	if s := logs.String(); !strings.Contains(s, "killing this node's stale copy (frozen by the fence)") {
+	// Killed by the fence's settling or, when the agent's reconcile gets
+	// to the current replica first, by its stale-copy rule: either way
+	// killed, never thawed to run beside the copy on b.
+	if s := logs.String(); !strings.Contains(s, "killing this node's stale copy") {
 		t.Errorf("the agent's log does not say the fence's copy was killed:\n%s", s)
+	} else if i := strings.LastIndex(s, "fenced: workload frozen"); strings.Contains(s[i:], "thawing") {
+		t.Errorf("the fence's copy was thawed after the failover:\n%s", s[i:])
 	}
 	for _, id := range []string{"w2", "w3"} {
 		if w := l.get(id); w.State != scheduler.StateLost && w.State != scheduler.StateRunning || isFrozen(id, 1) {
