@@ -462,7 +462,7 @@ func (p *Process) fillAreas(addr uint64, data []byte) error {
 		if i < len(p.vmas) && p.vmas[i].Start <= addr {
 			n = min(n, p.vmas[i].End-addr)
 		}
-		if err := p.fill(addr, data[:n]); err != nil {
+		if err := p.fill(addr, data[:n], nil); err != nil {
 			return err
 		}
 		addr, data = addr+n, data[n:]
@@ -545,7 +545,7 @@ func (p *Process) applyStaged(st *staging) error {
 		for _, r := range rs {
 			placed := 0
 			if p.uffdHolds(r.addr, uint64(len(r.data))) {
-				placed = uffdFillOne(p.uffd, r.addr, r.data)
+				placed, _ = uffdFillOne(p.uffd, r.addr, r.data, false)
 			}
 			if placed < len(r.data) {
 				rest[k] = append(rest[k], stagedRun{r.addr + uint64(placed), r.data[placed:]})

@@ -2,6 +2,7 @@ package loader
 
 import (
 	"errors"
+	"hash/crc32"
 	"os"
 	"runtime"
 
@@ -98,25 +99,61 @@ const uffdSplit = 1 << 20
 // returns how many bytes it placed from the start; the caller closes the
 // userfaultfd and writes the rest the usual way (and reports any error
 // that is real). A large fill is split in two halves copied at once, the
-// second by a goroutine that ends before uffdFill returns.
-func uffdFill(f *os.File, addr uint64, data []byte) int {
+// second by a goroutine that ends before uffdFill returns. When summed,
+// crc is the CRC-32C of all of data (placed or not), computed by the two
+// threads piece by piece right after each piece's copy, while its bytes
+// are still in the core's cache.
+func uffdFill(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
 	if len(data) < uffdSplit || runtime.GOMAXPROCS(0) < 2 {
-		return uffdFillOne(f, addr, data)
+		return uffdFillOne(f, addr, data, summed)
 	}
 	half := len(data) / 2 &^ (pageSize - 1)
-	second := make(chan int, 1)
-	go func() { second <- uffdFillOne(f, addr+uint64(half), data[half:]) }()
-	first := uffdFillOne(f, addr, data[:half])
+	type result struct {
+		placed int
+		crc    uint32
+	}
+	second := make(chan result, 1)
+	go func() {
+		n, c := uffdFillOne(f, addr+uint64(half), data[half:], summed)
+		second <- result{n, c}
+	}()
+	first, crc := uffdFillOne(f, addr, data[:half], summed)
 	rest := <-second
+	if summed {
+		crc = image.CRCJoin(crc, rest.crc, uint64(len(data)-half))
+	}
 	if first < half {
 		// What the second half placed is written again the usual way
 		// (process_vm_writev overwrites present pages).
-		return first
+		return first, crc
 	}
-	return half + rest
+	return half + rest.placed, crc
 }
 
-func uffdFillOne(f *os.File, addr uint64, data []byte) int {
+// uffdPiece is how much uffdFillOne copies before it sums what it
+// copied: small enough to be still in the core's cache.
+const uffdPiece = 256 << 10
+
+func uffdFillOne(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
+	failed := false
+	for off := 0; off < len(data); off += uffdPiece {
+		piece := data[off:min(off+uffdPiece, len(data))]
+		if !failed {
+			n := uffdCopyAll(f, addr+uint64(off), piece)
+			placed += n
+			failed = n < len(piece)
+		}
+		if summed {
+			crc = crc32.Update(crc, castagnoli, piece)
+		}
+	}
+	return placed, crc
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// uffdCopyAll places as much of data at addr as UFFDIO_COPY will.
+func uffdCopyAll(f *os.File, addr uint64, data []byte) int {
 	done := 0
 	for done < len(data) {
 		c := uffdioCopyArg{Dst: addr + uint64(done), Len: uint64(len(data) - done)}
