@@ -545,7 +545,7 @@ func (p *Process) applyStaged(st *staging) error {
 		for _, r := range rs {
 			placed := 0
 			if p.uffdHolds(r.addr, uint64(len(r.data))) {
-				placed, _ = uffdFillOne(p.uffd, r.addr, r.data, false)
+				placed = uffdFillOne(p.uffd, r.addr, r.data)
 			}
 			if placed < len(r.data) {
 				rest[k] = append(rest[k], stagedRun{r.addr + uint64(placed), r.data[placed:]})

@@ -112,7 +112,7 @@ const uffdPiece = 256 << 10
 // the pieces are still summed.
 func uffdFill(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
 	if len(data) < uffdSplit || runtime.GOMAXPROCS(0) < 2 {
-		return uffdFillOne(f, addr, data, summed)
+		return uffdFillSummed(f, addr, data, summed)
 	}
 	type result struct {
 		placed int
@@ -164,7 +164,15 @@ func uffdFill(f *os.File, addr uint64, data []byte, summed bool) (placed int, cr
 	return placed, crc
 }
 
-func uffdFillOne(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
+// uffdFillOne places data at addr on this thread, as uffdFill does.
+func uffdFillOne(f *os.File, addr uint64, data []byte) int {
+	placed, _ := uffdFillSummed(f, addr, data, false)
+	return placed
+}
+
+// uffdFillSummed is uffdFillOne that also returns, when summed, the
+// CRC-32C of all of data, each piece summed right after its copy.
+func uffdFillSummed(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
 	refused := false
 	for off := 0; off < len(data); off += uffdPiece {
 		piece := data[off:min(off+uffdPiece, len(data))]
