@@ -238,6 +238,9 @@ func (p *Process) build(ctx context.Context, dec *image.Decoder) (err error) {
 		for range items {
 		}
 	}()
+	// The builder checksums the page data it fills; the decoder stops
+	// waiting for those sums when the builder stops.
+	dec.GiveUpSums(stop)
 	go readAhead(ctx, dec, first, items, stop)
 	if t, ok := first.(*image.Tree); ok {
 		if p.staged != nil && p.staged.members == nil {
@@ -381,7 +384,7 @@ meta:
 	for {
 		switch r := rec.(type) {
 		case *image.Pages:
-			err := p.fill(r.Addr, it.data)
+			err := p.fill(r.Addr, it.data, it.sum)
 			it.free <- it.data[:cap(it.data)]
 			if err != nil {
 				return nil, err
@@ -418,10 +421,13 @@ const (
 )
 
 // item is one decoded record; for *image.Pages, data holds (part of) its
-// contents at the record's Addr, in a buffer to give back on free.
+// contents at the record's Addr, in a buffer to give back on free, and
+// sum, when not nil, waits for their CRC-32C (the filler computes it:
+// image.Decoder.ReadDataDeferred).
 type item struct {
 	rec  any
 	data []byte
+	sum  *image.DeferredSum
 	free chan []byte
 	err  error
 }
@@ -463,11 +469,12 @@ func readAhead(ctx context.Context, dec *image.Decoder, first any, items chan<- 
 					return
 				}
 				n := min(uint64(len(buf)), left)
-				if err := readAll(dec, buf[:n]); err != nil {
+				sum, err := readPages(dec, buf[:n])
+				if err != nil {
 					send(item{err: err})
 					return
 				}
-				if !send(item{rec: &image.Pages{Addr: addr, Len: n}, data: buf[:n], free: free}) {
+				if !send(item{rec: &image.Pages{Addr: addr, Len: n}, data: buf[:n], sum: sum, free: free}) {
 					return
 				}
 				addr += n
@@ -1011,4 +1018,18 @@ func readAll(dec *image.Decoder, b []byte) error {
 		b = b[n:]
 	}
 	return nil
+}
+
+// readPages reads len(b) bytes of page data from dec, leaving their
+// checksum to whoever fills them when dec allows it (the returned sum;
+// nil when dec summed them itself, or had nothing to sum).
+func readPages(dec *image.Decoder, b []byte) (*image.DeferredSum, error) {
+	n, sum, err := dec.ReadDataDeferred(b)
+	if err == io.EOF || (sum != nil && n < len(b)) {
+		return nil, fmt.Errorf("%w: short page data", image.ErrCorrupt)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return sum, readAll(dec, b[n:])
 }

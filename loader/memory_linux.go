@@ -360,8 +360,11 @@ func (p *Process) moveKernelAreas(cur []procfs.Mapping) error {
 	return nil
 }
 
-// fill writes saved page contents at addr into the process.
-func (p *Process) fill(addr uint64, data []byte) error {
+// fill writes saved page contents at addr into the process. When sum is
+// not nil it is given their CRC-32C, the stream's checksum that the
+// decoder left to the filler (image.Decoder.ReadDataDeferred): summed
+// here, on the threads that copy, while the bytes are in their cache.
+func (p *Process) fill(addr uint64, data []byte, sum *image.DeferredSum) error {
 	n := uint64(len(data))
 	i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].End > addr })
 	if i == len(p.vmas) || addr < p.vmas[i].Start || addr+n > p.vmas[i].End || addr+n < addr {
@@ -371,9 +374,13 @@ func (p *Process) fill(addr uint64, data []byte) error {
 	if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
 		return fmt.Errorf("%w: pages for %s", image.ErrCorrupt, vmaName(v))
 	}
+	whole, summed := data, false
+	var crc uint32
 	if p.uffd != nil && uffdArea(v) {
 		if addr%pageSize == 0 && n%pageSize == 0 {
-			placed := uffdFill(p.uffd, addr, data)
+			var placed int
+			placed, crc = uffdFill(p.uffd, addr, data, sum != nil)
+			summed = sum != nil
 			addr, data = addr+uint64(placed), data[placed:]
 		}
 		if len(data) > 0 {
@@ -383,8 +390,14 @@ func (p *Process) fill(addr uint64, data []byte) error {
 			p.closeUffd()
 		}
 	}
+	if sum != nil && !summed {
+		crc = image.CRC(whole)
+	}
 	if err := p.mem.Write(addr, data); err != nil {
 		return fmt.Errorf("%s: %w", vmaName(v), err)
+	}
+	if sum != nil {
+		sum.Set(crc)
 	}
 	return nil
 }

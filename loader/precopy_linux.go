@@ -539,7 +539,7 @@ func (p *Process) fillAreas(addr uint64, data []byte) error {
 		if i < len(p.vmas) && p.vmas[i].Start <= addr {
 			n = min(n, p.vmas[i].End-addr)
 		}
-		if err := p.fill(addr, data[:n]); err != nil {
+		if err := p.fill(addr, data[:n], nil); err != nil {
 			return err
 		}
 		addr, data = addr+n, data[n:]

@@ -212,15 +212,28 @@ func openBody(src stream.Source, o ReceiveOptions) (io.ReadCloser, *image.Decode
 	if o.Progress {
 		r = stream.NewProgressReader(src, "pthaw", 0)
 	}
-	body, _, err := stream.NewReader(r, stream.ReaderOptions{Keys: o.Keys, KeyDir: o.KeyDir, RequireEncryption: o.KeyDir != "" || len(o.Keys) > 0})
+	body, h, err := stream.NewReader(r, stream.ReaderOptions{Keys: o.Keys, KeyDir: o.KeyDir, RequireEncryption: o.KeyDir != "" || len(o.Keys) > 0})
 	if err != nil {
 		return nil, nil, err
 	}
-	dec := image.NewDecoder(body)
-	dec.CheckRegisters(ptrace.NumRegs)
+	dec := NewDecoder(body, h)
 	c := &chain{}
 	dec.ResolveParents(c.resolver(o, 0))
 	return &chainBody{body, c}, dec, nil
+}
+
+// NewDecoder returns the decoder that a restore reads a snapshot's body
+// with (body and h from stream.NewReader): thread records are checked
+// for this architecture's registers, and an encrypted stream's CRC-32C is
+// not computed (every chunk is authenticated, the last one marked: the
+// checksum would add nothing).
+func NewDecoder(body io.Reader, h *stream.Header) *image.Decoder {
+	dec := image.NewDecoder(body)
+	dec.CheckRegisters(ptrace.NumRegs)
+	if h.Get(stream.KeyEncrypt, stream.CipherNone) != stream.CipherNone {
+		dec.SkipChecksum()
+	}
+	return dec
 }
 
 // chainBody is a snapshot's body and the parents it refers to.

@@ -2,8 +2,10 @@ package loader
 
 import (
 	"errors"
+	"hash/crc32"
 	"os"
 	"runtime"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -103,29 +105,102 @@ func uffdArea(v *image.VMA) bool { return v.Kind == image.VMAAnon }
 // thread (docs/benchmarks.md).
 const uffdSplit = 1 << 20
 
+// uffdPiece is the unit of a fill: copied by one thread, then summed by
+// it while its bytes are still in the core's cache.
+const uffdPiece = 256 << 10
+
 // uffdFill copies data to addr (both page-aligned) with UFFDIO_COPY and
 // returns how many bytes it placed from the start; the caller closes the
 // userfaultfd and writes the rest the usual way (and reports any error
-// that is real). A large fill is split in two halves copied at once, the
-// second by a goroutine that ends before uffdFill returns.
-func uffdFill(f *os.File, addr uint64, data []byte) int {
+// that is real). When summed, crc is the CRC-32C of all of data (placed
+// or not). A large fill is shared, piece by piece, by this thread and a
+// goroutine that ends before uffdFill returns: each takes the next piece
+// when done with its last, so neither waits on the other for long when
+// the other is slowed (the read-ahead goroutine, or another program,
+// taking its core). After a piece is refused, no further piece is copied;
+// the pieces are still summed.
+func uffdFill(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
 	if len(data) < uffdSplit || runtime.GOMAXPROCS(0) < 2 {
-		return uffdFillOne(f, addr, data)
+		return uffdFillSummed(f, addr, data, summed)
 	}
-	half := len(data) / 2 &^ (pageSize - 1)
-	second := make(chan int, 1)
-	go func() { second <- uffdFillOne(f, addr+uint64(half), data[half:]) }()
-	first := uffdFillOne(f, addr, data[:half])
-	rest := <-second
-	if first < half {
-		// What the second half placed is written again the usual way
-		// (process_vm_writev overwrites present pages).
-		return first
+	type result struct {
+		placed int
+		crc    uint32
 	}
-	return half + rest
+	res := make([]result, (len(data)+uffdPiece-1)/uffdPiece)
+	var next atomic.Int64
+	var refused atomic.Bool
+	work := func() {
+		for {
+			i := int(next.Add(1) - 1)
+			if i >= len(res) {
+				return
+			}
+			off := i * uffdPiece
+			piece := data[off:min(off+uffdPiece, len(data))]
+			if !refused.Load() {
+				res[i].placed = uffdCopyAll(f, addr+uint64(off), piece)
+				if res[i].placed < len(piece) {
+					refused.Store(true)
+				}
+			}
+			if summed {
+				res[i].crc = crc32.Update(0, castagnoli, piece)
+			}
+		}
+	}
+	helper := make(chan struct{})
+	go func() {
+		defer close(helper)
+		work()
+	}()
+	work()
+	<-helper
+	whole := true // every piece so far placed in full
+	for i, r := range res {
+		n := min(uffdPiece, len(data)-i*uffdPiece)
+		if summed {
+			crc = image.CRCJoin(crc, r.crc, uint64(n))
+		}
+		if whole {
+			// Pieces placed after a refused one are written again
+			// the usual way (process_vm_writev overwrites present
+			// pages).
+			placed += r.placed
+			whole = r.placed == n
+		}
+	}
+	return placed, crc
 }
 
+// uffdFillOne places data at addr on this thread, as uffdFill does.
 func uffdFillOne(f *os.File, addr uint64, data []byte) int {
+	placed, _ := uffdFillSummed(f, addr, data, false)
+	return placed
+}
+
+// uffdFillSummed is uffdFillOne that also returns, when summed, the
+// CRC-32C of all of data, each piece summed right after its copy.
+func uffdFillSummed(f *os.File, addr uint64, data []byte, summed bool) (placed int, crc uint32) {
+	refused := false
+	for off := 0; off < len(data); off += uffdPiece {
+		piece := data[off:min(off+uffdPiece, len(data))]
+		if !refused {
+			n := uffdCopyAll(f, addr+uint64(off), piece)
+			placed += n
+			refused = n < len(piece)
+		}
+		if summed {
+			crc = crc32.Update(crc, castagnoli, piece)
+		}
+	}
+	return placed, crc
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// uffdCopyAll places as much of data at addr as UFFDIO_COPY will.
+func uffdCopyAll(f *os.File, addr uint64, data []byte) int {
 	done := 0
 	for done < len(data) {
 		c := uffdioCopyArg{Dst: addr + uint64(done), Len: uint64(len(data) - done)}

@@ -16,8 +16,6 @@ import (
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
-	"github.com/pcluster/pcluster/migrate/image"
-	"github.com/pcluster/pcluster/migrate/ptrace"
 	"github.com/pcluster/pcluster/migrate/stream"
 	"github.com/pcluster/pcluster/scheduler"
 )
@@ -597,13 +595,12 @@ func (a *Agent) buildFromCheckpoint(ctx context.Context, w scheduler.Workload, l
 			f.Close()
 		}
 	}()
-	body, _, err := stream.NewReader(f, stream.ReaderOptions{Keys: []stream.Key{*a.checkpointKey()}, RequireEncryption: true})
+	body, h, err := stream.NewReader(f, stream.ReaderOptions{Keys: []stream.Key{*a.checkpointKey()}, RequireEncryption: true})
 	if err != nil {
 		return 0, 0, 0, fmt.Errorf("checkpoint %d of %s: %w", w.Restore.Seq, w.ID, err)
 	}
 	defer body.Close()
-	dec := image.NewDecoder(body)
-	dec.CheckRegisters(ptrace.NumRegs)
+	dec := loader.NewDecoder(body, h)
 	// An incremental checkpoint reads the ones it needs, from this
 	// node's files only.
 	var chain []string

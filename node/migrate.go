@@ -18,7 +18,6 @@ import (
 	"github.com/pcluster/pcluster/cluster/api"
 	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
-	"github.com/pcluster/pcluster/migrate/image"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 	"github.com/pcluster/pcluster/migrate/stream"
 	"github.com/pcluster/pcluster/scheduler"
@@ -646,14 +645,13 @@ func (a *Agent) receive(ctx context.Context, conn net.Conn, m scheduler.Migratio
 			f.Close()
 		}
 	}()
-	body, _, err := stream.NewReader(src, stream.ReaderOptions{})
+	body, h, err := stream.NewReader(src, stream.ReaderOptions{})
 	if err != nil {
 		src.Ready(err)
 		return fmt.Errorf("migration %s: %w", m.ID, err)
 	}
 	defer body.Close()
-	dec := image.NewDecoder(body)
-	dec.CheckRegisters(ptrace.NumRegs)
+	dec := loader.NewDecoder(body, h)
 	// A workload that runs as a PID namespace of its own moves as one: a
 	// new namespace here gets the saved numbers back, its init first.
 	var nsPid int

@@ -62,6 +62,56 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
+// TestCorruptHeapRefused: a bit flipped in a heap large enough that the
+// restore fills it on two threads, which checksum the pages they copy
+// (the decoder joins their sums before the end check), is refused with
+// the checksum named, and nothing is left behind: the check still
+// decides before the process is built.
+func TestCorruptHeapRefused(t *testing.T) {
+	needRoot(t)
+	bin := fixture.Build(t, "bigheap")
+	p := fixture.Start(t, bin, "16", "9")
+	p.Lines.Expect(t, `^ready hash=`, waitFor)
+	good, err := os.ReadFile(haltToFile(t, p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, at := range []int{len(good) / 3, len(good) / 2, len(good) * 2 / 3} {
+		b := append([]byte(nil), good...)
+		b[at] ^= 0x04
+		path := filepath.Join(t.TempDir(), "snap")
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// Files, not pipes: a process wrongly restored and detached
+		// would hold a pipe open, and Run wait for it.
+		out, err := os.CreateTemp(t.TempDir(), "out")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(filepath.Join(binDir, "pthaw"), "-detach", "-src", path)
+		cmd.Stdout, cmd.Stderr = out, out
+		err = cmd.Run()
+		out.Close()
+		got, _ := os.ReadFile(out.Name())
+		if err == nil {
+			// Restored and detached: its PID is the last line.
+			if f := strings.Fields(string(got)); len(f) > 0 {
+				if pid, err := strconv.Atoi(f[len(f)-1]); err == nil {
+					fixture.KillAtCleanup(t, pid)
+				}
+			}
+			t.Fatalf("byte %d flipped: pthaw accepted the snapshot", at)
+		}
+		if msg := string(got); strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "checksum mismatch") {
+			t.Errorf("byte %d flipped: stderr %q, want one line naming the checksum mismatch", at, msg)
+		}
+		if pids := processesOf(bin); len(pids) > 0 {
+			t.Errorf("byte %d flipped: processes %v left behind", at, pids)
+		}
+	}
+}
+
 // damage adds to cases 12 truncations of snapshot good (after its header,
 // of hdr bytes; the first cuts only the last byte) and 12 copies with one
 // bit flipped at or after byte from (the first in the last byte).

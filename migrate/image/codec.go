@@ -267,9 +267,16 @@ func (e *Encoder) Close() error {
 // Decoder reads records from a stream, verifying framing as it goes and
 // the checksum at the end. Errors stick: once Next fails, it keeps failing.
 type Decoder struct {
-	check   checker
-	r       *bufio.Reader
+	check checker
+	r     *bufio.Reader
+	// The checksum of the body so far is that of segs (pieces in order,
+	// some summed by ReadDataDeferred's caller) joined with crc, the
+	// running CRC-32C of the runN bytes read since (crcsum.go).
 	crc     hash.Hash32
+	runN    uint64
+	segs    []segment
+	giveUp  <-chan struct{} // closed: stop waiting for deferred sums
+	trusted bool            // SkipChecksum: the layer below authenticates
 	n       uint64
 	err     error
 	pending uint64 // unread data bytes of the current Pages record
@@ -300,9 +307,102 @@ func (d *Decoder) read(p []byte) error {
 		}
 		return err
 	}
-	d.crc.Write(p)
+	if !d.trusted {
+		d.crc.Write(p)
+		d.runN += uint64(len(p))
+	}
 	d.n += uint64(len(p))
 	return nil
+}
+
+// SkipChecksum tells d that the layer below authenticates every byte of
+// the body and its end (an AEAD stream, whose last chunk is marked): the
+// CRC-32C would add nothing, so it is neither computed nor compared with
+// the end record's (the end record's length still is).
+func (d *Decoder) SkipChecksum() { d.trusted = true }
+
+// GiveUpSums makes the end check stop waiting for the sums that
+// ReadDataDeferred left to its caller once c is closed (and fail): a
+// caller that stops consuming page data closes c.
+func (d *Decoder) GiveUpSums(c <-chan struct{}) { d.giveUp = c }
+
+// ReadDataDeferred reads like ReadData, but leaves the checksum of the
+// bytes read (p[:n]) to the caller: it must Set the returned sum to
+// their CRC-32C (CRC), on any goroutine, or close the GiveUpSums
+// channel. The end record is verified once every sum has been set. The
+// sum is nil when there is nothing to sum (SkipChecksum, or a parent's
+// pages).
+func (d *Decoder) ReadDataDeferred(p []byte) (int, *DeferredSum, error) {
+	if d.trusted || d.pdata != nil || d.err != nil || d.pending == 0 {
+		n, err := d.ReadData(p)
+		return n, nil, err
+	}
+	if uint64(len(p)) > d.pending {
+		p = p[:d.pending]
+	}
+	if _, err := io.ReadFull(d.r, p); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			err = corruptf("truncated after %d bytes", d.n)
+		}
+		d.err = err
+		return 0, nil, err
+	}
+	n := uint64(len(p))
+	d.n += n
+	d.pending -= n
+	sum := &DeferredSum{n: n, done: make(chan struct{})}
+	d.segs = append(d.segs, segment{crc: d.crc.Sum32(), n: d.runN}, segment{n: n, def: sum})
+	d.crc.Reset()
+	d.runN = 0
+	d.foldSums()
+	return int(n), sum, nil
+}
+
+// foldSums joins the leading segments whose sums are known into one.
+func (d *Decoder) foldSums() {
+	crc, n, i := uint32(0), uint64(0), 0
+	for ; i < len(d.segs); i++ {
+		s := d.segs[i]
+		if s.def != nil {
+			if !isDone(s.def) {
+				break
+			}
+			s.crc = s.def.crc
+		}
+		crc, n = CRCJoin(crc, s.crc, s.n), n+s.n
+	}
+	if i > 1 {
+		d.segs[i-1] = segment{crc: crc, n: n}
+		d.segs = append(d.segs[:0], d.segs[i-1:]...)
+	}
+}
+
+func isDone(s *DeferredSum) bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// bodySum returns the CRC-32C of the body up to the running CRC run
+// (runN bytes), waiting for the deferred sums.
+func (d *Decoder) bodySum(run uint32, runN uint64) (uint32, error) {
+	crc := uint32(0)
+	for _, s := range d.segs {
+		c := s.crc
+		if s.def != nil {
+			select {
+			case <-s.def.done:
+			case <-d.giveUp:
+				return 0, errNoSum
+			}
+			c = s.def.crc
+		}
+		crc = CRCJoin(crc, c, s.n)
+	}
+	return CRCJoin(crc, run, runN), nil
 }
 
 // Next returns the next record: *Precopy, *Drop, *Round (pre-copy, first),
@@ -392,7 +492,7 @@ func (d *Decoder) next() (any, error) {
 		}
 	}
 	d.pdata = nil
-	crcBefore, nBefore := d.crc.Sum32(), d.n
+	runBefore, runNBefore, nBefore := d.crc.Sum32(), d.runN, d.n
 	if err := d.read(d.hdr[:frameHeaderLen]); err != nil {
 		return nil, err
 	}
@@ -433,7 +533,11 @@ func (d *Decoder) next() (any, error) {
 		if err := msgpack.Unmarshal(b, &end); err != nil {
 			return nil, corruptf("end record: %v", err)
 		}
-		if end.Length != nBefore || end.CRC != crcBefore {
+		crcBefore, err := d.bodySum(runBefore, runNBefore)
+		if err != nil {
+			return nil, err
+		}
+		if end.Length != nBefore || (end.CRC != crcBefore && !d.trusted) {
 			return nil, corruptf("checksum mismatch (crc32c %08x over %d bytes, snapshot says %08x over %d)",
 				crcBefore, nBefore, end.CRC, end.Length)
 		}
