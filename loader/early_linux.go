@@ -83,19 +83,8 @@ func (p *Process) placeMember(st *staging) error {
 	st.buf = make([]byte, readAheadSize)
 	sort.Slice(st.announced, func(i, j int) bool { return st.announced[i][0] < st.announced[j][0] })
 	return p.tr.Do(func() error {
-		for _, a := range st.announced {
-			got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
-				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
-			if err != nil {
-				continue
-			}
-			if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
-				if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
-					return fmt.Errorf("unmap %#x: %w", got, err)
-				}
-				continue
-			}
-			st.placed = append(st.placed, a)
+		if err := p.mapAnnounced(st); err != nil {
+			return err
 		}
 		// The first round's pages land on pages not there yet: copied
 		// in with UFFDIO_COPY (no fault, no zeroing per page), until

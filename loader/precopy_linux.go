@@ -269,22 +269,32 @@ func (p *Process) placeAreas(st *staging) error {
 	}
 	st.buf = make([]byte, readAheadSize)
 	return p.tr.Do(func() error {
-		for _, a := range st.announced {
-			got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
-				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
-			if err != nil {
-				continue
-			}
-			if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
-				if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
-					return fmt.Errorf("pre-copy: unmap %#x: %w", got, err)
-				}
-				continue
-			}
-			st.placed = append(st.placed, a)
+		if err := p.mapAnnounced(st); err != nil {
+			return fmt.Errorf("pre-copy: %w", err)
 		}
 		return nil
 	})
+}
+
+// mapAnnounced maps each area announced for p where it was and adds it to
+// st.placed; one that cannot be (the stub's own memory is there) is left
+// out, its pages staged. Runs on the tracer thread.
+func (p *Process) mapAnnounced(st *staging) error {
+	for _, a := range st.announced {
+		got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
+		if err != nil {
+			continue
+		}
+		if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
+			if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
+				return fmt.Errorf("unmap %#x: %w", got, err)
+			}
+			continue
+		}
+		st.placed = append(st.placed, a)
+	}
+	return nil
 }
 
 // placedAt returns the index of the placed area holding addr, or of the
