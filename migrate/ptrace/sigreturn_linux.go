@@ -174,26 +174,36 @@ func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 	if err := SetRegs(in.Tid, &r); err != nil {
 		return 0, err
 	}
+	frameStep(1)
 	deadline := time.Now().Add(in.bound())
 	cur, err := in.syscallStop(nr, syscallEntry, deadline)
 	if err != nil {
 		return 0, err
 	}
+	frameStep(2)
 	cur.setSyscall(uintptr(sf.gadget), nr, args)
 	cur.Orig_rax = uint64(nr)
 	if err := SetRegs(in.Tid, cur); err != nil {
 		return 0, err
 	}
+	frameStep(3)
 	out, err := in.syscallStop(nr, syscallExit, deadline)
 	if err != nil {
 		return 0, err
 	}
+	frameStep(4)
 	ret := int64(out.Rax)
 	if ret < 0 && ret > -4096 {
 		return 0, syscall.Errno(-ret)
 	}
 	return uintptr(ret), nil
 }
+
+// frameStep is called at each step of a call made through a frame, the
+// thread stopped there: 1 pointed at the sequence, 2 in the rt_sigreturn's
+// entry stop, 3 given the call there, 4 in the call's exit stop. Tests set
+// it to have the tracer die at a chosen step.
+var frameStep = func(step int) {}
 
 // syscallStop resumes the thread with PTRACE_SYSCALL until it stops at a
 // syscall entry or exit (kind) and returns its registers there; signals
