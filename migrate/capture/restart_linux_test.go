@@ -62,6 +62,9 @@ func restartOutcome(t *testing.T, call string, nr int, flags string, between fun
 		}
 		got = append(got, l)
 		if l == "handler" && strings.Count(strings.Join(got, ";"), "handler") == 1 {
+			// Back in the call (after EINTR, the next one), not still
+			// in the handler, where the wake's signal would be held.
+			waitInSyscall(t, p.Pid(), nr, unix.SYS_RESTART_SYSCALL)
 			if err := p.WriteLine("wake"); err != nil {
 				t.Fatal(err)
 			}

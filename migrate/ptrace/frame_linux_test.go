@@ -25,8 +25,8 @@ const frameTracerEnv = "PCLUSTER_TEST_FRAME_TRACER"
 
 // TestFrameKilledRestarts has a tracer die at each step of a call made
 // through the frame into a thread stopped in a blocking call of each
-// restart kind (fixture restarts), with or without a SIGUSR1 sent
-// meanwhile and pending. The thread must then see what it sees when its
+// restart kind (fixture restarts), with or without a SIGUSR1 sent while
+// the thread was stopped, pending when the call starts. The thread must then see what it sees when its
 // tracer dies with it merely stopped (step 0, the kernel's own detach):
 // the handler and EINTR, or the handler and the call restarted
 // (SA_RESTART), not the call restarted after a handler that should have
@@ -69,8 +69,9 @@ func TestFrameKilledRestarts(t *testing.T) {
 	}
 }
 
-// frameKilledOutcome starts fixture restarts, has a tracer stop at step
-// of a call through the frame, sends SIGUSR1, kills the tracer, and
+// frameKilledOutcome starts fixture restarts, has a tracer stop its main
+// thread, sends SIGUSR1 (if signal), has the tracer make a call through
+// the frame and stop for good at step, kills the tracer, and
 // returns what the program reports up to the call's first return after
 // the handler (a second SIGUSR1 or a wake is sent after the first
 // handler: a call restarted shows as a second handler or its result).
@@ -83,6 +84,10 @@ func frameKilledOutcome(t *testing.T, call string, nr int, flags string, signal 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestFrameTracer$")
 	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d:%d", frameTracerEnv, pid, step))
 	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -90,21 +95,29 @@ func frameKilledOutcome(t *testing.T, call string, nr int, flags string, signal 
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	l, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil || l != fmt.Sprintf("step %d\n", step) {
-		cmd.Process.Kill()
-		cmd.Wait()
-		t.Fatalf("%s %s step %d: tracer said %q (%v)", call, flags, step, l, err)
+	said := bufio.NewReader(out)
+	expect := func(want string) {
+		if l, err := said.ReadString('\n'); err != nil || l != want+"\n" {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("%s %s step %d: tracer said %q (%v), want %q", call, flags, step, l, err, want)
+		}
 	}
+	expect("stopped")
 	if signal {
+		// Sent while the thread is merely stopped: pending (shared,
+		// sent to the process) before the call starts.
 		if err := p.Signal(syscall.SIGUSR1); err != nil {
 			t.Fatal(err)
 		}
-		// Pending (shared: sent to the process) before the tracer dies.
 		for !pendingIn(pid, "ShdPnd", unix.SIGUSR1) {
 			time.Sleep(time.Millisecond)
 		}
 	}
+	if _, err := in.Write([]byte("go\n")); err != nil {
+		t.Fatal(err)
+	}
+	expect(fmt.Sprintf("step %d", step))
 	cmd.Process.Kill()
 	cmd.Wait()
 	if !signal {
@@ -174,6 +187,10 @@ func TestFrameTracer(t *testing.T) {
 		}
 		g, gl, low := frameArea(t, tid, in.Saved().Rsp)
 		if err := in.SetSigreturn(g, gl, low, (in.Saved().Rsp-128-64)&^63, xs); err != nil {
+			return err
+		}
+		fmt.Println("stopped")
+		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
 			return err
 		}
 		park(0)
