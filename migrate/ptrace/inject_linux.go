@@ -342,6 +342,10 @@ func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
 // calls are based. A sigreturn frame built on the old ones is dropped.
 func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c; in.frame = nil }
 
+// Guarded reports whether the injector's calls go through a sigreturn
+// frame (SetSigreturn).
+func (in *Injector) Guarded() bool { return in.frame != nil }
+
 // makesTask: a call that makes a process or thread, which is stepped: made
 // through the frame, the new task would return into the sigreturn sequence
 // and run on as a copy of the thread.
