@@ -696,6 +696,9 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 		return nil, err
 	}
 	th.in = in
+	if in.Check, err = seccompCheck(f.Pid, tid); err != nil {
+		return nil, err
+	}
 	regs := in.Saved()
 	t.Regs = regs.Slice()
 	if t.XState, err = ptrace.GetXState(tid); err != nil {

@@ -214,6 +214,9 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 			return err
 		}
 		f.threads[0].in = in
+		if in.Check, err = seccompCheck(pid, pid); err != nil {
+			return err
+		}
 		if xs, err := ptrace.GetXState(pid); err == nil {
 			g, gl := f.gadget(maps)
 			guardCalls(in, g, gl, pid, pid, in.Saved().Rsp, maps, xs)

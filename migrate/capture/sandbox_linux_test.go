@@ -28,6 +28,7 @@ func TestInjectSeccompRefused(t *testing.T) {
 			p := fixture.Start(t, fixture.Build(t, "sandbox"), strconv.Itoa(unix.SYS_PRCTL), mode)
 			p.Expect(t, `^3$`, waitFor)
 			err := FreezeWith(context.Background(), tr, p.Pid(), io.Discard, FreezeOptions{StopAndCopy: true})
+			t.Logf("freeze: %v", err)
 			if err == nil || !strings.Contains(err.Error(), "seccomp") || !strings.Contains(err.Error(), "157") {
 				t.Errorf("freeze of a process whose filter refuses prctl: got %v, want an error naming its seccomp filter and call 157", err)
 			}

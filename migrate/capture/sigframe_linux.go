@@ -22,8 +22,9 @@ import (
 // sigreturn frame of the thread's own state instead (ptrace.SetSigreturn):
 // whenever we die, the thread restores itself. Without one (a static
 // program that never installs a handler, a thread with a shadow stack,
-// whose rt_sigreturn would want a token), calls are stepped as before and
-// the window is one call long.
+// whose rt_sigreturn would want a token, a thread whose seccomp filters
+// refuse rt_sigreturn), calls are stepped as before and the window is one
+// call long.
 
 // seizeOptions are the ptrace options of a captured thread: a call made
 // through a sigreturn frame stops at syscall entry and exit, and a tracer
@@ -96,6 +97,13 @@ func (f *Frozen) gadget(maps []procfs.Mapping) (uint64, int) {
 // tracer thread.
 func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int, rsp uint64, maps []procfs.Mapping, xstate []byte) {
 	if gadget == 0 || shadowStack(pid, tid) {
+		return
+	}
+	// Let go by a dead tracer, the thread makes the rt_sigreturn: a
+	// filter that refuses it would kill the process for it or, with
+	// EPERM, leave the thread to run on from the sequence on our
+	// registers.
+	if ok, err := seccompAllows(pid, tid, uintptr(gadget)+uintptr(gadgetLen), unix.SYS_RT_SIGRETURN); err != nil || !ok {
 		return
 	}
 	top := (rsp - 128 - scratchLen - 64) &^ 63

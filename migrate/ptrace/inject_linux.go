@@ -44,6 +44,11 @@ type Injector struct {
 	NewChild int
 	// Timeout bounds each call or batch; 0 means StopTimeout.
 	Timeout time.Duration
+	// Check, when set, is asked before each call whether the thread may
+	// make it (its seccomp filters): nr and args, and ip, the address
+	// the kernel will see it made from. Its error is returned and the
+	// call is not made.
+	Check func(nr uintptr, ip uint64, args []uintptr) error
 }
 
 func (in *Injector) bound() time.Duration {
@@ -97,6 +102,18 @@ const blockable = ^uint64(1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1) | 1<<(unix.S
 // result; a negative result in -4095..-1 is returned as an Errno.
 // Runs on the tracer thread.
 func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
+	if in.Check != nil {
+		// The frame's call is made at the entry of the sequence's
+		// rt_sigreturn, rip pointed at the sequence; a stepped one at
+		// Site.
+		ip := uint64(in.Site) + 2
+		if in.frame != nil && !makesTask(nr) {
+			ip = in.frame.gadget
+		}
+		if err := in.Check(nr, ip, args); err != nil {
+			return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+		}
+	}
 	if !in.seized {
 		return in.syscall(nr, args)
 	}
