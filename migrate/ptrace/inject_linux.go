@@ -75,13 +75,18 @@ func NewInjector(tid int, site uintptr) (*Injector, error) {
 // otherwise be dequeued by the stop, held only by us and lost if we died)
 // and ends with settle: from one call to the next, and after the last, the
 // thread is exactly as it was, so the window in which our death would
-// harm it is one call long. Runs on the tracer thread.
+// harm it is one call long. A thread inside an rseq critical section is
+// taken to be at its abort handler (rseq_linux.go). Runs on the tracer
+// thread.
 func NewSeizedInjector(tid int, site uintptr) (*Injector, error) {
 	in, err := NewInjector(tid, site)
 	if err != nil {
 		return nil, err
 	}
 	if in.mask, err = GetSigmask(tid); err != nil {
+		return nil, err
+	}
+	if err := in.rseqAbort(); err != nil {
 		return nil, err
 	}
 	in.seized = true
