@@ -50,5 +50,3 @@ func TestInjectAltstack(t *testing.T) {
 		})
 	}
 }
-
-const ssOnStack = 1 // SS_ONSTACK

@@ -722,8 +722,17 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 		return nil, err
 	}
 	g, gl := f.gadget(maps)
-	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState)
-	if err := f.injectThreadQueries(th, t); err != nil {
+	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, 0)
+	onAlt := func() {
+		// The frame is bounded by the altstack, not by the mapping
+		// that holds it (the heap, another stack): it must not reach
+		// below it again. No room there, the calls are stepped.
+		if in.Guarded() {
+			in.DropSigreturn()
+			guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, t.AltSP)
+		}
+	}
+	if err := f.injectThreadQueries(th, t, onAlt); err != nil {
 		return nil, err
 	}
 	return t, nil
@@ -838,15 +847,38 @@ func (f *Frozen) injectProcessQueries(th *thread, p *image.Process, caught uint6
 	return nil
 }
 
-// injectThreadQueries reads per-thread state only the thread can report.
+// SS_ONSTACK and SS_DISABLE (sigaltstack(2)).
+const (
+	ssOnStack = 1
+	ssDisable = 2
+)
+
+// onAltstack reports whether rsp is on t's altstack, as the kernel's
+// on_sig_stack decides it.
+func onAltstack(t *image.Thread, rsp uint64) bool {
+	return t.AltFlags&ssDisable == 0 && t.AltSize > 0 && rsp > t.AltSP && rsp-t.AltSP <= t.AltSize
+}
+
+// injectThreadQueries reads per-thread state only the thread can report,
+// calling onAlt first thing once it knows the thread is on its altstack.
 // Runs on the tracer thread.
-func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
+func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread, onAlt func()) error {
 	s := uintptr(th.scratchAddr)
 	_, b, err := f.call(th, 24, unix.SYS_SIGALTSTACK, 0, s)
 	if err != nil {
 		return fmt.Errorf("sigaltstack: %w", err)
 	}
 	t.AltSP, t.AltFlags, t.AltSize = le64(b[0:]), int32(le64(b[8:])), le64(b[16:])
+	// The kernel says SS_ONSTACK from the rsp of the call, which a
+	// sigreturn frame's call has below the thread's own (possibly below
+	// the altstack); the thread's own rsp says it.
+	if t.AltFlags&ssDisable == 0 {
+		t.AltFlags &^= ssOnStack
+		if onAltstack(t, th.in.Saved().Rsp) {
+			t.AltFlags |= ssOnStack
+			onAlt()
+		}
+	}
 	if _, b, err = f.call(th, 8, unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
 	}

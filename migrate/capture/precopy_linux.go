@@ -219,7 +219,7 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 		}
 		if xs, err := ptrace.GetXState(pid); err == nil {
 			g, gl := f.gadget(maps)
-			guardCalls(in, g, gl, pid, pid, in.Saved().Rsp, maps, xs)
+			guardCalls(in, g, gl, pid, pid, in.Saved().Rsp, maps, xs, 0)
 		}
 		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 		if err != nil {

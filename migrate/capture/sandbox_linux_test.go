@@ -79,7 +79,7 @@ func TestInjectSeccompNoFrame(t *testing.T) {
 				return err
 			}
 			g, gl := sigreturnGadget(ptrace.NewMem(pid), maps)
-			guardCalls(in, g, gl, pid, pid, in.Saved().Rsp, maps, xs)
+			guardCalls(in, g, gl, pid, pid, in.Saved().Rsp, maps, xs, 0)
 			if in.Guarded() != c.frame {
 				t.Errorf("filter refusing syscall %d: frame %v, want %v", c.nr, in.Guarded(), c.frame)
 			}

@@ -93,9 +93,9 @@ func (f *Frozen) gadget(maps []procfs.Mapping) (uint64, int) {
 }
 
 // guardCalls gives th's injector a sigreturn frame below its stack's red
-// zone and the scratch memory, when it can (see above). Runs on the
-// tracer thread.
-func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int, rsp uint64, maps []procfs.Mapping, xstate []byte) {
+// zone and the scratch memory, not below low (0: the mapping's start),
+// when it can (see above). Runs on the tracer thread.
+func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int, rsp uint64, maps []procfs.Mapping, xstate []byte, low uint64) {
 	if gadget == 0 || shadowStack(pid, tid) {
 		return
 	}
@@ -111,7 +111,7 @@ func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int,
 		if m.Start <= top && rsp <= m.End && m.Writable() && !m.Shared() {
 			// Without a frame (an xsave area of another layout, no
 			// room) calls are stepped, as they always were.
-			in.SetSigreturn(gadget, gadgetLen, m.Start, top, xstate)
+			in.SetSigreturn(gadget, gadgetLen, max(m.Start, low), top, xstate)
 			return
 		}
 	}

@@ -364,6 +364,10 @@ func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
 // calls are based. A sigreturn frame built on the old ones is dropped.
 func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c; in.frame = nil }
 
+// DropSigreturn makes the injector's calls stepped again, until another
+// SetSigreturn. Runs on the tracer thread, between calls.
+func (in *Injector) DropSigreturn() { in.frame = nil }
+
 // Guarded reports whether the injector's calls go through a sigreturn
 // frame (SetSigreturn).
 func (in *Injector) Guarded() bool { return in.frame != nil }
