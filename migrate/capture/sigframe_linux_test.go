@@ -154,3 +154,28 @@ func stateOf(pid int) byte {
 	}
 	return '?'
 }
+
+// TestInjectTracerKilledGo is TestInjectTracerKilled for a Go program
+// (gohttp -nonet: several OS threads, goroutines checking their counts):
+// its calls go through frames on Go's own rt_sigreturn sequence
+// (runtime.sigreturn), on goroutine and system stacks. It must go on
+// ticking, its checks passing.
+func TestInjectTracerKilledGo(t *testing.T) {
+	if os.Getenv(injectLoopEnv) != "" {
+		t.Skip("the tracer's own run")
+	}
+	p := fixture.Start(t, fixture.Build(t, "gohttp"), "-nonet", "8")
+	p.Lines.Expect(t, `^tick 1 `, 30*time.Second)
+	killTracers(t, p, 30)
+	for _, l := range p.Drain() {
+		if strings.HasPrefix(l, "FAIL") {
+			t.Fatalf("gohttp: %s", l)
+		}
+	}
+	for n := 0; n < 3; n++ {
+		l, err := p.Lines.Match(`^(tick \d+ |FAIL)`, 10*time.Second)
+		if err != nil || strings.HasPrefix(l[0], "FAIL") {
+			t.Fatalf("gohttp after 30 killed tracers: %q %v", l, err)
+		}
+	}
+}
