@@ -179,3 +179,45 @@ func TestInjectTracerKilledGo(t *testing.T) {
 		}
 	}
 }
+
+// TestInjectTracerKilledTinyStacks is TestInjectTracerKilled for a process
+// whose threads run on 16 KiB stacks (fixture tinystack), one blocked in
+// read, one sleeping: every thread's calls go through a frame of its own
+// within its stack, and the threads go on (the reader still reads, the
+// sleeper still ticks).
+func TestInjectTracerKilledTinyStacks(t *testing.T) {
+	if os.Getenv(injectLoopEnv) != "" {
+		t.Skip("the tracer's own run")
+	}
+	p := fixture.Start(t, fixture.Build(t, "tinystack"))
+	p.Lines.Expect(t, `^ready$`, 10*time.Second)
+	p.Lines.Expect(t, `^tick 1$`, 10*time.Second)
+	tr := ptrace.NewTracer()
+	f, err := Attach(tr, p.Pid())
+	if err != nil {
+		tr.Close()
+		t.Fatal(err)
+	}
+	_, err = f.gather(nil, nil)
+	guarded := 0
+	for _, th := range f.threads {
+		if th.in != nil && th.in.Guarded() {
+			guarded++
+		}
+	}
+	f.Resume()
+	tr.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if guarded != 3 {
+		t.Errorf("%d of 3 threads' calls made through a frame", guarded)
+	}
+	killTracers(t, p, 30)
+	if err := p.WriteLine("wake"); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, `^woke 1$`, 10*time.Second)
+	p.Drain()
+	p.Lines.Expect(t, `^tick \d+$`, 10*time.Second)
+}
