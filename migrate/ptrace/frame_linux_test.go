@@ -18,12 +18,12 @@ import (
 )
 
 // frameTracerEnv makes the test binary the tracer of
-// TestFrameKilledRestarts: "PID:STEP" injects one call into PID's main
+// TestInjectFrameKilledRestarts: "PID:STEP" injects one call into PID's main
 // thread through a sigreturn frame and stops for good at STEP
 // (frameStep; 0: in the interrupt stop, before any call).
 const frameTracerEnv = "PCLUSTER_TEST_FRAME_TRACER"
 
-// TestFrameKilledRestarts has a tracer die at each step of a call made
+// TestInjectFrameKilledRestarts has a tracer die at each step of a call made
 // through the frame into a thread stopped in a blocking call of each
 // restart kind (fixture restarts), with or without a SIGUSR1 sent while
 // the thread was stopped, pending when the call starts. The thread must then see what it sees when its
@@ -32,7 +32,7 @@ const frameTracerEnv = "PCLUSTER_TEST_FRAME_TRACER"
 // (SA_RESTART), not the call restarted after a handler that should have
 // ended it; without a signal, its call goes on (a sleep is not cut
 // short).
-func TestFrameKilledRestarts(t *testing.T) {
+func TestInjectFrameKilledRestarts(t *testing.T) {
 	if os.Getenv(frameTracerEnv) != "" {
 		t.Skip("the tracer's own run")
 	}
@@ -81,7 +81,7 @@ func frameKilledOutcome(t *testing.T, call string, nr int, flags string, signal 
 	p.Expect(t, `^ready \d+$`, waitFor)
 	pid := p.Pid()
 	waitIn(t, pid, nr)
-	cmd := exec.Command(os.Args[0], "-test.run=^TestFrameTracer$")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestInjectFrameTracer$")
 	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d:%d", frameTracerEnv, pid, step))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
@@ -152,11 +152,11 @@ func frameKilledOutcome(t *testing.T, call string, nr int, flags string, signal 
 	}
 }
 
-// TestFrameTracer is TestFrameKilledRestarts's tracer (run only by it).
-func TestFrameTracer(t *testing.T) {
+// TestInjectFrameTracer is TestInjectFrameKilledRestarts's tracer (run only by it).
+func TestInjectFrameTracer(t *testing.T) {
 	pid, step, ok := strings.Cut(os.Getenv(frameTracerEnv), ":")
 	if !ok {
-		t.Skip("run by TestFrameKilledRestarts")
+		t.Skip("run by TestInjectFrameKilledRestarts")
 	}
 	tid, _ := strconv.Atoi(pid)
 	at, _ := strconv.Atoi(step)
