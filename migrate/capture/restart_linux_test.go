@@ -25,6 +25,7 @@ var restartCases = []struct {
 }{
 	{"pause", unix.SYS_PAUSE},
 	{"sigsuspend", unix.SYS_RT_SIGSUSPEND},
+	{"ppoll", unix.SYS_PPOLL},
 	{"nanosleep", unix.SYS_NANOSLEEP},
 	{"read", unix.SYS_READ},
 	{"futex", unix.SYS_FUTEX},

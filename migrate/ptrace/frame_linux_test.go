@@ -45,6 +45,7 @@ func TestInjectFrameKilledRestarts(t *testing.T) {
 	}{
 		{"pause", unix.SYS_PAUSE},
 		{"sigsuspend", unix.SYS_RT_SIGSUSPEND},
+		{"ppoll", unix.SYS_PPOLL},
 		{"nanosleep", unix.SYS_NANOSLEEP},
 		{"read", unix.SYS_READ},
 		{"futex", unix.SYS_FUTEX},
