@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 )
@@ -220,4 +222,25 @@ func TestInjectTracerKilledTinyStacks(t *testing.T) {
 	p.Lines.Expect(t, `^woke 1$`, 10*time.Second)
 	p.Drain()
 	p.Lines.Expect(t, `^tick \d+$`, 10*time.Second)
+}
+
+// TestInjectTracerKilledCoroutine is TestInjectTracerKilled for a thread
+// blocked in read on a coroutine stack in the heap (fixture costack:
+// makecontext, as green threads and Go's goroutines run) with 1200 bytes
+// left below it, right above a canary block. The memory below its stack
+// pointer is not its to lend: its frame goes on its altstack (unused,
+// armed). Before, the frame went below the coroutine stack, into the
+// canary, and a tracer killed mid-call left it there.
+func TestInjectTracerKilledCoroutine(t *testing.T) {
+	if os.Getenv(injectLoopEnv) != "" {
+		t.Skip("the tracer's own run")
+	}
+	p := fixture.Start(t, fixture.Build(t, "costack"))
+	p.Lines.Expect(t, `^ready$`, 10*time.Second)
+	waitInSyscall(t, p.Pid(), unix.SYS_READ)
+	killTracers(t, p, 30)
+	if err := p.WriteLine("wake"); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, `^woke canary ok$`, 10*time.Second)
 }
