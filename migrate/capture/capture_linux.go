@@ -723,16 +723,31 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	}
 	g, gl := f.gadget(maps)
 	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, 0)
-	onAlt := func() {
-		// The frame is bounded by the altstack, not by the mapping
-		// that holds it (the heap, another stack): it must not reach
-		// below it again. No room there, the calls are stepped.
-		if in.Guarded() {
+	altKnown := func() {
+		switch {
+		case onAltstack(t, regs.Rsp):
+			// The frame is bounded by the altstack, not by the
+			// mapping that holds it (the heap, another stack): it
+			// must not reach below it again. No room there, the
+			// calls are stepped.
+			if in.Guarded() {
+				in.DropSigreturn()
+				guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, t.AltSP)
+			}
+		case t.AltFlags&ssDisable == 0 && t.AltSize > 0 && !threadStack(maps, regs.Rsp):
+			// Below rsp may not be the thread's (a coroutine's
+			// or goroutine's stack in the heap): the frame goes
+			// on its altstack, armed and unused (no signal is
+			// taken during a call, and the frame's rt_sigreturn
+			// restores the mask before any can be).
 			in.DropSigreturn()
-			guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, t.AltSP)
+			guardCalls(in, g, gl, f.Pid, tid, t.AltSP+t.AltSize, maps, t.XState, t.AltSP)
+			if !in.Guarded() {
+				guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, 0)
+			}
 		}
 	}
-	if err := f.injectThreadQueries(th, t, onAlt); err != nil {
+	if err := f.injectThreadQueries(th, t, altKnown); err != nil {
 		return nil, err
 	}
 	return t, nil
@@ -860,9 +875,9 @@ func onAltstack(t *image.Thread, rsp uint64) bool {
 }
 
 // injectThreadQueries reads per-thread state only the thread can report,
-// calling onAlt first thing once it knows the thread is on its altstack.
+// calling altKnown first thing once it knows the thread's altstack.
 // Runs on the tracer thread.
-func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread, onAlt func()) error {
+func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread, altKnown func()) error {
 	s := uintptr(th.scratchAddr)
 	_, b, err := f.call(th, 24, unix.SYS_SIGALTSTACK, 0, s)
 	if err != nil {
@@ -876,9 +891,9 @@ func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread, onAlt func()) 
 		t.AltFlags &^= ssOnStack
 		if onAltstack(t, th.in.Saved().Rsp) {
 			t.AltFlags |= ssOnStack
-			onAlt()
 		}
 	}
+	altKnown()
 	if _, b, err = f.call(th, 8, unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
 	}

@@ -24,7 +24,9 @@ import (
 // program that never installs a handler, a thread with a shadow stack,
 // whose rt_sigreturn would want a token, a thread whose seccomp filters
 // refuse rt_sigreturn), calls are stepped as before and the window is one
-// call long.
+// call long. A thread whose stack pointer is not in a thread stack
+// (threadStack) has its frame moved onto its altstack, armed and unused,
+// once the first call (sigaltstack) has told where it is.
 
 // seizeOptions are the ptrace options of a captured thread: a call made
 // through a sigreturn frame stops at syscall entry and exit, and a tracer
@@ -115,4 +117,23 @@ func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int,
 			return
 		}
 	}
+}
+
+// threadStack reports whether rsp lies in a stack the kernel or libc laid
+// out for a thread: the main thread's [stack], or a mapping right above a
+// guard (an inaccessible mapping ending where it starts), as glibc's and
+// musl's thread stacks are. Below rsp there, down to the mapping's start,
+// is the thread's own to lend. Elsewhere (a coroutine's stack or a
+// goroutine's, in the heap) its stack may end just below rsp, and what
+// lies below is someone else's.
+func threadStack(maps []procfs.Mapping, rsp uint64) bool {
+	for i, m := range maps {
+		if m.Start < rsp && rsp <= m.End {
+			if m.Path == "[stack]" {
+				return true
+			}
+			return i > 0 && maps[i-1].End == m.Start && strings.HasPrefix(maps[i-1].Perms, "---")
+		}
+	}
+	return false
 }

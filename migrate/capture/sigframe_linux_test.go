@@ -224,21 +224,36 @@ func TestInjectTracerKilledTinyStacks(t *testing.T) {
 	p.Lines.Expect(t, `^tick \d+$`, 10*time.Second)
 }
 
-// TestInjectTracerKilledCoroutine is TestInjectTracerKilled for a thread
-// blocked in read on a coroutine stack in the heap (fixture costack:
-// makecontext, as green threads and Go's goroutines run) with 1200 bytes
-// left below it, right above a canary block. The memory below its stack
-// pointer is not its to lend: its frame goes on its altstack (unused,
-// armed). Before, the frame went below the coroutine stack, into the
-// canary, and a tracer killed mid-call left it there.
-func TestInjectTracerKilledCoroutine(t *testing.T) {
-	if os.Getenv(injectLoopEnv) != "" {
-		t.Skip("the tracer's own run")
-	}
+// TestInjectCoroutineFrame describes a thread blocked in read on a
+// coroutine stack in the heap (fixture costack: makecontext, as green
+// threads and Go's goroutines run) with 1200 bytes left below it, right
+// above a canary block. The memory below its stack pointer is not its to
+// lend: once its altstack is known (the first call), its frame goes there
+// (armed, unused). Before, the frame went below the coroutine stack, into
+// the canary, and 30 tracers killed mid-capture left it corrupted.
+func TestInjectCoroutineFrame(t *testing.T) {
 	p := fixture.Start(t, fixture.Build(t, "costack"))
 	p.Lines.Expect(t, `^ready$`, 10*time.Second)
 	waitInSyscall(t, p.Pid(), unix.SYS_READ)
-	killTracers(t, p, 30)
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	f, err := Attach(tr, p.Pid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := f.gather(nil, nil)
+	if err != nil {
+		f.Resume()
+		t.Fatal(err)
+	}
+	lo, hi := f.threads[0].in.FrameArea()
+	alt := r.thrs[0]
+	if alt.AltSize == 0 || lo < alt.AltSP || hi > alt.AltSP+alt.AltSize {
+		t.Errorf("frame at %#x-%#x, want it within the altstack %#x-%#x", lo, hi, alt.AltSP, alt.AltSP+alt.AltSize)
+	}
+	if err := f.Resume(); err != nil {
+		t.Fatal(err)
+	}
 	if err := p.WriteLine("wake"); err != nil {
 		t.Fatal(err)
 	}

@@ -368,6 +368,15 @@ func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c; in.frame = nil }
 // SetSigreturn. Runs on the tracer thread, between calls.
 func (in *Injector) DropSigreturn() { in.frame = nil }
 
+// FrameArea returns the memory a sigreturn frame borrows for each call,
+// [lo, hi), or zeros without one.
+func (in *Injector) FrameArea() (lo, hi uint64) {
+	if in.frame == nil {
+		return 0, 0
+	}
+	return in.frame.base, in.frame.base + uint64(len(in.frame.bytes))
+}
+
 // Guarded reports whether the injector's calls go through a sigreturn
 // frame (SetSigreturn).
 func (in *Injector) Guarded() bool { return in.frame != nil }
