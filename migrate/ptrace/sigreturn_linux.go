@@ -65,6 +65,7 @@ type sigFrame struct {
 	// SA_RESTART (bit sig-1), once known (bit in known).
 	restarts, known uint64
 	querying        bool // a query of ours for the frame is under way
+	noneCaught      bool // no unblocked signal has a handler (nextCaught)
 }
 
 // frameScratch is the room below the frame for the result of a query the
