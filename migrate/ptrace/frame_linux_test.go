@@ -59,7 +59,7 @@ func TestInjectFrameKilledRestarts(t *testing.T) {
 				}
 				t.Run(name, func(t *testing.T) {
 					want := frameKilledOutcome(t, c.call, c.nr, flags, signal, 0)
-					for step := 1; step <= 4; step++ {
+					for step := 1; step <= 6; step++ {
 						if got := frameKilledOutcome(t, c.call, c.nr, flags, signal, step); got != want {
 							t.Errorf("tracer killed at step %d: got %q, want %q (as killed with the thread merely stopped)", step, got, want)
 						}

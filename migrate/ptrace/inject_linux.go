@@ -125,6 +125,7 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 	if err := SetSigmask(in.Tid, blockable); err != nil {
 		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	}
+	in.step(5)
 	var ret uintptr
 	var err error
 	if in.frame != nil && !makesTask(nr) {
@@ -155,6 +156,7 @@ func (in *Injector) settle() error {
 	if err := SetRegs(in.Tid, in.saved); err != nil {
 		return err
 	}
+	in.step(6)
 	if err := SetSigmask(in.Tid, in.mask); err != nil {
 		return err
 	}

@@ -206,15 +206,16 @@ func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 }
 
 // frameStep is called at each step of a call made through a frame, the
-// thread stopped there: 1 pointed at the sequence, 2 in the rt_sigreturn's
-// entry stop, 3 given the call there, 4 in the call's exit stop. Tests set
-// it to have the tracer die at a chosen step.
+// thread stopped there: 5 its signals blocked, 1 pointed at the sequence,
+// 2 in the rt_sigreturn's entry stop, 3 given the call there, 4 in the
+// call's exit stop, 6 its registers put back (settle). Tests set it to
+// have the tracer die at a chosen step.
 var frameStep = func(step int) {}
 
-// step calls frameStep but during a query of the frame's own (see
-// handlerRestarts).
+// step calls frameStep for a call through a frame but one of the frame's
+// own queries (see handlerRestarts).
 func (in *Injector) step(n int) {
-	if !in.frame.querying {
+	if in.frame != nil && !in.frame.querying {
 		frameStep(n)
 	}
 }
