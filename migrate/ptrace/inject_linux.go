@@ -122,14 +122,15 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 	if !in.seized {
 		return in.syscall(nr, args)
 	}
-	if err := SetSigmask(in.Tid, blockable); err != nil {
-		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
-	}
-	in.step(5)
 	var ret uintptr
 	var err error
 	if in.frame != nil && !makesTask(nr) {
+		// Signals are blocked once the thread points at the frame
+		// (frameSyscall): blocked before, a tracer dying in between
+		// would leave it to run on with every signal blocked.
 		ret, err = in.frameSyscall(nr, args)
+	} else if err = SetSigmask(in.Tid, blockable); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	} else {
 		ret, err = in.syscall(nr, args)
 	}
@@ -153,13 +154,17 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 // a system call it was in restarted as the kernel would have.
 // Runs on the tracer thread.
 func (in *Injector) settle() error {
+	// The mask first: with the registers still at the frame's sequence,
+	// a tracer dying in between leaves the thread to restore itself
+	// from the frame, mask and all; put back after the registers, the
+	// thread would run on with every signal blocked.
+	if err := SetSigmask(in.Tid, in.mask); err != nil {
+		return err
+	}
 	if err := SetRegs(in.Tid, in.saved); err != nil {
 		return err
 	}
 	in.step(6)
-	if err := SetSigmask(in.Tid, in.mask); err != nil {
-		return err
-	}
 	if err := Interrupt(in.Tid); err != nil {
 		return fmt.Errorf("interrupt %d: %w", in.Tid, err)
 	}

@@ -180,6 +180,13 @@ func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 	if err := SetRegs(in.Tid, &r); err != nil {
 		return 0, err
 	}
+	// Pointed at the frame, the thread may have its signals blocked
+	// (Syscall): a tracer dying from here on leaves it to restore its own
+	// mask from the frame.
+	if err := SetSigmask(in.Tid, blockable); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+	}
+	in.step(5)
 	in.step(1)
 	deadline := time.Now().Add(in.bound())
 	cur, err := in.syscallStop(nr, syscallEntry, deadline)
