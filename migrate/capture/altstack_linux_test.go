@@ -2,6 +2,7 @@ package capture
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"testing"
 
@@ -49,4 +50,24 @@ func TestInjectAltstack(t *testing.T) {
 			p.Expect(t, fmt.Sprintf(`^after %s %s 0 canary ok$`, m[1], m[2]), waitFor)
 		})
 	}
+}
+
+// TestInjectTracerKilledAltstack is TestInjectTracerKilled for a thread in
+// a handler on its sigaltstack (fixture altstack, 8 KiB): its frame within
+// the altstack, it comes back from each killed tracer still in its
+// handler, the altstack kept (the frame's rt_sigreturn leaves it alone)
+// and the memory below it untouched.
+func TestInjectTracerKilledAltstack(t *testing.T) {
+	if os.Getenv(injectLoopEnv) != "" {
+		t.Skip("the tracer's own run")
+	}
+	p := fixture.Start(t, fixture.Build(t, "altstack"), "8192")
+	m := p.Expect(t, `^ready (0x[0-9a-f]+) (\d+)$`, waitFor)
+	p.Expect(t, `^handler 1$`, waitFor)
+	waitInSyscall(t, p.Pid(), unix.SYS_READ)
+	killTracers(t, p, 30)
+	if err := p.WriteLine("wake"); err != nil {
+		t.Fatal(err)
+	}
+	p.Expect(t, fmt.Sprintf(`^after %s %s 0 canary ok$`, m[1], m[2]), waitFor)
 }
