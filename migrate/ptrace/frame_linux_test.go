@@ -271,3 +271,71 @@ func pendingIn(pid int, field string, sig unix.Signal) bool {
 	}
 	return false
 }
+
+// TestInjectFrameQueryChecked: the frame's own query of a handler's
+// SA_RESTART (a thread stopped in read, a signal with a handler pending)
+// is an injected call like any other, which the thread's seccomp filters
+// (Check) must be asked about first; refused, it is not made.
+func TestInjectFrameQueryChecked(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: ptrace (CI runs as root)")
+	}
+	tr := NewTracer()
+	t.Cleanup(tr.Close)
+	p := fixture.Start(t, fixture.Build(t, "restarts"), "read", "norestart")
+	p.Expect(t, `^ready \d+$`, waitFor)
+	pid := p.Pid()
+	waitIn(t, pid, unix.SYS_READ)
+	var asked []uintptr
+	err := tr.Do(func() error {
+		if err := Seize(pid, unix.PTRACE_O_TRACESYSGOOD); err != nil {
+			return err
+		}
+		defer Detach(pid, 0)
+		if err := Interrupt(pid); err != nil {
+			return err
+		}
+		if _, err := Wait(pid); err != nil {
+			return err
+		}
+		if err := p.Signal(syscall.SIGUSR1); err != nil {
+			return err
+		}
+		for !pendingIn(pid, "ShdPnd", unix.SIGUSR1) {
+			time.Sleep(time.Millisecond)
+		}
+		in, err := NewSeizedInjector(pid, 0)
+		if err != nil {
+			return err
+		}
+		xs, err := GetXState(pid)
+		if err != nil {
+			return err
+		}
+		g, gl, low := frameArea(t, pid, in.Saved().Rsp)
+		if err := in.SetSigreturn(g, gl, low, (in.Saved().Rsp-128-64)&^63, xs); err != nil {
+			return err
+		}
+		in.Check = func(nr uintptr, ip uint64, args []uintptr) error {
+			asked = append(asked, nr)
+			if nr == unix.SYS_RT_SIGACTION {
+				return fmt.Errorf("refused")
+			}
+			return nil
+		}
+		got, err := in.Syscall(unix.SYS_GETPID)
+		if err != nil || int(got) != pid {
+			return fmt.Errorf("getpid: %d %v, want %d", got, err, pid)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(asked) != fmt.Sprint([]uintptr{unix.SYS_GETPID, unix.SYS_RT_SIGACTION}) {
+		t.Errorf("calls checked: %v, want [getpid rt_sigaction] (%d %d)", asked, unix.SYS_GETPID, unix.SYS_RT_SIGACTION)
+	}
+	// The signal still pending: the handler runs and the read ends.
+	p.Expect(t, `^handler$`, waitFor)
+	p.Expect(t, `^ret -1 errno 4 `, waitFor)
+}
