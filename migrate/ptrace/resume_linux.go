@@ -24,9 +24,10 @@ import (
 //     without SA_RESTART) or is made again after the handler (ERESTARTSYS
 //     with SA_RESTART, ERESTARTNOINTR). The handler's SA_RESTART is asked
 //     of the thread (rt_sigaction, through a frame) the first time it
-//     matters; a tracer that dies during that one query leaves the call
-//     to be made again after the handler, as with SA_RESTART (what
-//     signal(3) installs and Go's runtime asks for);
+//     matters (if the thread's seccomp filters let it: Check); a tracer
+//     that dies during that one query, or a filter that refuses it,
+//     leaves the call to be made again after the handler, as with
+//     SA_RESTART (what signal(3) installs and Go's runtime asks for);
 //   - otherwise the call is made again. One stopped with
 //     ERESTART_RESTARTBLOCK cannot go through restart_syscall: rt_sigreturn
 //     points the restart block at do_no_restart_syscall, an EINTR no
@@ -160,8 +161,16 @@ func (in *Injector) handlerRestarts(sig int) (bool, error) {
 	if sf.querying {
 		return true, nil
 	}
+	args := []uintptr{uintptr(sig), 0, uintptr(sf.base), 8}
+	if in.Check != nil && in.Check(unix.SYS_RT_SIGACTION, sf.gadget, args) != nil {
+		// Not to be asked (the thread's seccomp filters): taken to
+		// restart, as during the query.
+		sf.known |= bit
+		sf.restarts |= bit
+		return true, nil
+	}
 	sf.querying = true
-	_, err := in.frameSyscall(unix.SYS_RT_SIGACTION, []uintptr{uintptr(sig), 0, uintptr(sf.base), 8})
+	_, err := in.frameSyscall(unix.SYS_RT_SIGACTION, args)
 	sf.querying = false
 	if err != nil {
 		return false, fmt.Errorf("handler of signal %d: %w", sig, err)
