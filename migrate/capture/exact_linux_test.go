@@ -16,6 +16,8 @@ import (
 // checks them without end: its registers and its whole XSAVE area must be
 // bit for bit what they were, and it must go on checking.
 func TestInjectExactAfterThousandCalls(t *testing.T) {
+	tr := ptrace.NewTracer() // before the fixture: see TestInjectTracerKilledTinyStacks
+	defer tr.Close()
 	p := fixture.Start(t, fixture.Build(t, "avx"), "7", "18")
 	first, err := p.Next(waitFor)
 	if err != nil {
@@ -24,8 +26,6 @@ func TestInjectExactAfterThousandCalls(t *testing.T) {
 	if first == "noavx" {
 		t.Skip("no AVX2 here")
 	}
-	tr := ptrace.NewTracer()
-	defer tr.Close()
 	f, err := Attach(tr, p.Pid())
 	if err != nil {
 		t.Fatal(err)

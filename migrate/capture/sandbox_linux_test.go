@@ -51,10 +51,11 @@ func TestInjectSeccompNoFrame(t *testing.T) {
 		nr    int
 		frame bool
 	}{{unix.SYS_RT_SIGRETURN, false}, {unix.SYS_GETPRIORITY, true}} {
+		tr := ptrace.NewTracer() // before the fixture: see TestInjectTracerKilledTinyStacks
+		t.Cleanup(tr.Close)      // after the fixture's end
 		p := fixture.Start(t, fixture.Build(t, "sandbox"), strconv.Itoa(c.nr), "errno")
 		p.Expect(t, `^3$`, waitFor)
 		pid := p.Pid()
-		tr := ptrace.NewTracer()
 		err := tr.Do(func() error {
 			if err := ptrace.Seize(pid, seizeOptions); err != nil {
 				return err
@@ -85,7 +86,6 @@ func TestInjectSeccompNoFrame(t *testing.T) {
 			}
 			return nil
 		})
-		tr.Close()
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -191,13 +191,15 @@ func TestInjectTracerKilledTinyStacks(t *testing.T) {
 	if os.Getenv(injectLoopEnv) != "" {
 		t.Skip("the tracer's own run")
 	}
+	// The tracer before the fixture, which dies with the thread that
+	// forked it (Pdeathsig): the tracer's, locked, ends with Close.
+	tr := ptrace.NewTracer()
+	defer tr.Close()
 	p := fixture.Start(t, fixture.Build(t, "tinystack"))
 	p.Lines.Expect(t, `^ready$`, 10*time.Second)
 	p.Lines.Expect(t, `^tick 1$`, 10*time.Second)
-	tr := ptrace.NewTracer()
 	f, err := Attach(tr, p.Pid())
 	if err != nil {
-		tr.Close()
 		t.Fatal(err)
 	}
 	_, err = f.gather(nil, nil)
@@ -207,8 +209,9 @@ func TestInjectTracerKilledTinyStacks(t *testing.T) {
 			guarded++
 		}
 	}
-	f.Resume()
-	tr.Close()
+	if rerr := f.Resume(); rerr != nil {
+		t.Fatal(rerr)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,11 +235,11 @@ func TestInjectTracerKilledTinyStacks(t *testing.T) {
 // (armed, unused). Before, the frame went below the coroutine stack, into
 // the canary, and 30 tracers killed mid-capture left it corrupted.
 func TestInjectCoroutineFrame(t *testing.T) {
+	tr := ptrace.NewTracer() // before the fixture: see TestInjectTracerKilledTinyStacks
+	defer tr.Close()
 	p := fixture.Start(t, fixture.Build(t, "costack"))
 	p.Lines.Expect(t, `^ready$`, 10*time.Second)
 	waitInSyscall(t, p.Pid(), unix.SYS_READ)
-	tr := ptrace.NewTracer()
-	defer tr.Close()
 	f, err := Attach(tr, p.Pid())
 	if err != nil {
 		t.Fatal(err)
