@@ -231,9 +231,12 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 			return err
 		}
 		f.threads[0].in = in
+		if in.Check, err = seccompCheck(pid, in.Tid); err != nil {
+			return err
+		}
 		if xs, err := ptrace.GetXState(in.Tid); err == nil {
 			g, gl := f.gadget(maps)
-			guardCalls(in, g, gl, pid, in.Tid, in.Saved().Rsp, maps, xs)
+			guardCalls(in, g, gl, pid, in.Tid, in.Saved().Rsp, maps, xs, 0)
 		}
 		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 		if err != nil {
