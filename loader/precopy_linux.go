@@ -595,6 +595,23 @@ func (b *stageBlockT) eachRun(base uint64, fn func(stagedRun) error) error {
 	return nil
 }
 
+// dropInParent forgets the pages staged for p (a live migration's
+// pre-copy) that it shares with its parent (image.VMA.InParent, in the
+// areas kept from the fork of its parent's built stub: forkLate). They
+// are its parent's as of the stop, the same frame, so the fork holds
+// them already; writing the pre-copied ones would be exact too, but
+// would make each a copy of its own.
+func (p *Process) dropInParent(st *staging) {
+	for _, v := range p.vmas {
+		if !p.kept[v.Start] {
+			continue
+		}
+		for _, r := range v.InParent {
+			st.drop(r[0], r[1]-r[0])
+		}
+	}
+}
+
 // applyStaged writes the pages staged for p into it. A tree member's
 // whole memory may be staged (its process is made only once the tree
 // record comes, in the stop), in runs of at most a staging block, each
