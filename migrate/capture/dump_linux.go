@@ -155,7 +155,19 @@ type reader struct {
 }
 
 func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
+	return r.readAreas(pagemap, nil, vmas, nil)
+}
+
+// readAreas is readAll leaving out, when parent (the pagemap of the
+// process's parent) is not nil, the private anonymous pages that are
+// still the parent's (the same frame at the same address), each told to
+// skipped.
+func (r *reader) readAreas(pagemap, parent *os.File, vmas []image.VMA, skipped func(addr uint64)) error {
 	entries := make([]uint64, pagemapStep)
+	var pe []uint64
+	if parent != nil {
+		pe = make([]uint64, pagemapStep)
+	}
 	for i := range vmas {
 		v := &vmas[i]
 		if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
@@ -171,6 +183,22 @@ func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
 			if v.Kind != image.VMASharedAnon {
 				if err := readPagemap(pagemap, base, e); err != nil {
 					return err
+				}
+			}
+			fromParent := parent != nil && v.Kind == image.VMAAnon && !v.Shared
+			if fromParent {
+				// A range the parent has not mapped reads as zeros.
+				if err := readPagemap(parent, base, pe[:n]); err != nil {
+					fromParent = false
+				}
+			}
+			if fromParent {
+				for j := range e {
+					c, p := e[j], pe[j]
+					if c&pmPresent != 0 && p&pmPresent != 0 && c&pmExclusive == 0 && c&pmPFN != 0 && c&pmPFN == p&pmPFN {
+						e[j] = 0 // not wanted
+						skipped(base + uint64(j)*pageSize)
+					}
 				}
 			}
 			want := func(j int) bool {
