@@ -12,19 +12,22 @@ import (
 )
 
 // BenchmarkInjectedCall measures what one injected call costs a stopped
-// process, made through a sigreturn frame (safe against our death,
-// sigframe_linux.go) and single-stepped (the way without a frame), in
-// alternating batches of 200 getpid calls on the same process, and
-// reports both and their ratio.
+// process: single-stepped (the way without a frame), made through a
+// sigreturn frame (safe against our death, sigframe_linux.go) and settled
+// after each, and through the frame chained (Injector.Chain, as the
+// capture makes them: settled once after the batch), in alternating
+// batches of 200 getpid calls on the same process; it reports each and
+// their ratios to stepped.
 func BenchmarkInjectedCall(b *testing.B) {
 	p := fixture.Start(b, fixture.Build(b, "bigheap"), "8")
 	p.Lines.Expect(b, `^tick 1$`, 10*time.Second)
 	tr := ptrace.NewTracer()
 	defer tr.Close()
 	const calls = 200
-	var took [2]time.Duration // stepped, framed
+	var took [3]time.Duration // stepped, framed, chained
 	for i := 0; i < b.N; i++ {
-		for _, framed := range []bool{false, true} {
+		for mode := range took {
+			framed := mode > 0
 			f, err := Attach(tr, p.Pid())
 			if err != nil {
 				b.Fatal(err)
@@ -53,17 +56,17 @@ func BenchmarkInjectedCall(b *testing.B) {
 						return err
 					}
 				}
+				in.Chain = mode == 2
 				t0 := time.Now()
 				for j := 0; j < calls; j++ {
 					if _, err := in.Syscall(unix.SYS_GETPID); err != nil {
 						return err
 					}
 				}
-				if framed {
-					took[1] += time.Since(t0)
-				} else {
-					took[0] += time.Since(t0)
+				if err := in.Settle(); err != nil {
+					return err
 				}
+				took[mode] += time.Since(t0)
 				return nil
 			})
 			if rerr := f.Resume(); err == nil {
@@ -77,5 +80,7 @@ func BenchmarkInjectedCall(b *testing.B) {
 	n := float64(b.N * calls)
 	b.ReportMetric(float64(took[0].Microseconds())/n, "stepped-us/call")
 	b.ReportMetric(float64(took[1].Microseconds())/n, "framed-us/call")
+	b.ReportMetric(float64(took[2].Microseconds())/n, "chained-us/call")
 	b.ReportMetric(float64(took[1])/float64(took[0]), "framed/stepped")
+	b.ReportMetric(float64(took[2])/float64(took[0]), "chained/stepped")
 }

@@ -734,6 +734,9 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 	}
 	g, gl := f.gadget(maps)
 	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, 0)
+	// The describing calls follow one another without settling the
+	// thread between them; putBack settles it.
+	in.Chain = true
 	altKnown := func() {
 		switch {
 		case onAltstack(t, regs.Rsp):
@@ -1004,10 +1007,13 @@ func (f *Frozen) putBack(th *thread) error {
 		th.scratchOrig = nil
 	}
 	if th.in != nil {
-		if err := th.in.ReleaseSigreturn(); err != nil {
+		// Restore first: a thread parked in a call made through its
+		// sigreturn frame is settled, then the frame's memory goes
+		// back.
+		if err := th.in.Restore(); err != nil {
 			return err
 		}
-		return th.in.Restore()
+		return th.in.ReleaseSigreturn()
 	}
 	return nil
 }

@@ -53,6 +53,11 @@ func TestInjectExactAfterThousandCalls(t *testing.T) {
 				t.Fatalf("call %d: getpid %d %v, want %d", i, got, err, p.Pid())
 			}
 		}
+		// The capture chains its calls (Injector.Chain): settled here,
+		// as putBack does.
+		if err := th.in.Settle(); err != nil {
+			return err
+		}
 		r1, err := ptrace.GetRegs(th.tid)
 		if err != nil {
 			return err

@@ -252,6 +252,7 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 			g, gl := f.gadget(maps)
 			guardCalls(in, g, gl, pid, in.Tid, in.Saved().Rsp, maps, xs, 0)
 		}
+		in.Chain = true // settled by Resume (putBack)
 		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 		if err != nil {
 			return err

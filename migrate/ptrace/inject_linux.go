@@ -36,6 +36,15 @@ type Injector struct {
 	mask   uint64
 	// frame, set by SetSigreturn, makes calls safe against our death.
 	frame *sigFrame
+	// Chain, set by the caller, keeps the thread between two calls made
+	// through the frame in the exit stop of the first, pointed at the
+	// sequence (as safe), rather than settled after each: one stop less
+	// a call. The caller then settles it (Settle, Restore) before it
+	// looks at the thread or lets it go.
+	Chain bool
+	// parked: the thread is in the exit stop of the last call made
+	// through frame, pointed at the sequence (Syscall, Settle).
+	parked bool
 	// Signals holds signals that arrived while injecting; they were
 	// dequeued by the stop and must be re-queued or recorded by the caller.
 	Signals []unix.Signal
@@ -129,11 +138,22 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 		// (frameSyscall): blocked before, a tracer dying in between
 		// would leave it to run on with every signal blocked.
 		ret, err = in.frameSyscall(nr, args)
+		if err == nil && in.Chain {
+			// Parked in the call's exit stop, pointed at the
+			// sequence, its frame in place: let go now, the thread
+			// restores itself; the next call goes on from here, one
+			// stop saved (settle's). Settle (or Restore) ends it.
+			in.parked = true
+			return ret, nil
+		}
+	} else if err = in.Settle(); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	} else if err = SetSigmask(in.Tid, blockable); err != nil {
 		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	} else {
 		ret, err = in.syscall(nr, args)
 	}
+	in.parked = false
 	if serr := in.settle(); serr != nil {
 		return 0, errors.Join(err, fmt.Errorf("inject syscall %d: %w", nr, serr))
 	}
@@ -365,15 +385,46 @@ func trapPending(tid int) bool {
 
 // Restore puts back the registers saved when the injector was made (or
 // last given to SetSaved). Runs on the tracer thread.
-func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
+func (in *Injector) Restore() error {
+	if in.parked {
+		return in.Settle()
+	}
+	return SetRegs(in.Tid, in.saved)
+}
+
+// Settle ends a run of calls made through the frame (the thread parked in
+// the last one's exit stop): the thread is put back as it was, parked in
+// its interrupt stop, and the frame's memory written back. Nothing to do
+// otherwise. Runs on the tracer thread.
+func (in *Injector) Settle() error {
+	if !in.parked {
+		return nil
+	}
+	in.parked = false
+	if err := in.settle(); err != nil {
+		return err
+	}
+	return in.ReleaseSigreturn()
+}
 
 // SetSaved replaces the registers Restore will write and on which injected
 // calls are based. A sigreturn frame built on the old ones is dropped.
-func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c; in.frame = nil }
+func (in *Injector) SetSaved(r *Regs) {
+	if in.parked {
+		in.Settle()
+	}
+	c := *r
+	in.saved = &c
+	in.frame = nil
+}
 
 // DropSigreturn makes the injector's calls stepped again, until another
 // SetSigreturn. Runs on the tracer thread, between calls.
-func (in *Injector) DropSigreturn() { in.frame = nil }
+func (in *Injector) DropSigreturn() error {
+	err := in.Settle()
+	in.frame = nil
+	return err
+}
 
 // FrameArea returns the memory a sigreturn frame borrows for each call,
 // [lo, hi), or zeros without one.

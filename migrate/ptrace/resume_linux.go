@@ -38,8 +38,9 @@ import (
 //     longer, never cut short. A thread stopped in restart_syscall itself
 //     (its call restarted once already) gets the EINTR.
 //
-// A signal that arrives during the call itself, in the microseconds the
-// tracer dies in, is taken after the restart.
+// A signal that arrives during the call itself (during a chain of calls,
+// Injector.Chain: any of them), in the moment the tracer dies in, is taken
+// after the restart.
 
 // syncSignals are dequeued before any other (kernel/signal.c
 // SYNCHRONOUS_MASK).

@@ -155,6 +155,11 @@ func (in *Injector) ReleaseSigreturn() error {
 // the thread in the call's exit stop for settle.
 func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 	sf := in.frame
+	if in.parked && !sf.querying {
+		// In the last call's exit stop: on into the sequence's
+		// rt_sigreturn, the frame written and the signals blocked.
+		return in.frameCall(nr, args, time.Now().Add(in.bound()))
+	}
 	if sf.orig == nil {
 		orig := make([]byte, len(sf.bytes))
 		if err := sf.mem.Read(sf.base, orig); err != nil {
@@ -188,7 +193,14 @@ func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 	}
 	in.step(5)
 	in.step(1)
-	deadline := time.Now().Add(in.bound())
+	return in.frameCall(nr, args, time.Now().Add(in.bound()))
+}
+
+// frameCall makes the call from the thread pointed at the sequence (or
+// parked in the exit stop of the call before): stopped entering the
+// sequence's rt_sigreturn, it is given the call there.
+func (in *Injector) frameCall(nr uintptr, args []uintptr, deadline time.Time) (uintptr, error) {
+	sf := in.frame
 	cur, err := in.syscallStop(nr, syscallEntry, deadline)
 	if err != nil {
 		return 0, err
