@@ -1,0 +1,140 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pcluster/pcluster/cluster/pki"
+)
+
+// countingConn counts the writes that reach the socket.
+type countingConn struct {
+	net.Conn
+	writes atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(p)
+}
+
+// batchedPair returns a batchedTLS client over a counted TCP connection on
+// loopback and the server's end of it, both with the cluster's mutual TLS.
+func batchedPair(t *testing.T) (*batchedTLS, *countingConn, *tls.Conn) {
+	t.Helper()
+	key, err := pki.NewKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := key.CA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := ca.Issue("node", net.IPv4(127, 0, 0, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan *tls.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		s := tls.Server(c, ca.ServerTLS(cert))
+		if err := s.Handshake(); err != nil {
+			c.Close()
+			accepted <- nil
+			return
+		}
+		accepted <- s
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	counted := &countingConn{Conn: raw}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := dialBatchedTLS(ctx, counted, ca.ClientTLS(cert))
+	s := <-accepted
+	if err != nil || s == nil {
+		t.Fatalf("handshake: client %v, server end %v", err, s)
+	}
+	t.Cleanup(func() {
+		c.Close()
+		s.Close()
+	})
+	return c, counted, s
+}
+
+// TestBatchedTLSWritesOnce: a 1 MiB Write, 64 TLS records, leaves in one
+// write(2), and the peer reads exactly what was written; a Close after
+// it ends the stream cleanly (close_notify after the data).
+func TestBatchedTLSWritesOnce(t *testing.T) {
+	c, counted, s := batchedPair(t)
+	msg := make([]byte, 1<<20)
+	rand.Read(msg)
+	got := make(chan []byte, 1)
+	go func() {
+		b, err := io.ReadAll(s)
+		if err != nil {
+			t.Errorf("server read: %v", err)
+		}
+		got <- b
+	}()
+	for i := range 3 {
+		before := counted.writes.Load()
+		n, err := c.Write(msg)
+		if err != nil || n != len(msg) {
+			t.Fatalf("write %d: %d, %v; want %d, nil", i, n, err, len(msg))
+		}
+		if w := counted.writes.Load() - before; w != 1 {
+			t.Errorf("write %d of 1 MiB: %d writes to the socket, want 1", i, w)
+		}
+	}
+	// Small writes too go out at once, each with its own write(2): the
+	// stream's handshake writes, then waits for the answer.
+	before := counted.writes.Load()
+	if _, err := c.Write([]byte("end")); err != nil {
+		t.Fatal(err)
+	}
+	if w := counted.writes.Load() - before; w != 1 {
+		t.Errorf("write of 3 bytes: %d writes to the socket, want 1", w)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	b := <-got
+	want := append(bytes.Repeat(msg, 3), "end"...)
+	if !bytes.Equal(b, want) {
+		t.Fatalf("server read %d bytes, want %d equal to those written", len(b), len(want))
+	}
+}
+
+// TestBatchedTLSWriteFailSticks: once a gathered write fails, the Write
+// reports it (none of it written) and so does every later one, even when
+// the socket would take them: the peer must never see records after a gap.
+func TestBatchedTLSWriteFailSticks(t *testing.T) {
+	c, _, _ := batchedPair(t)
+	c.SetWriteDeadline(time.Unix(1, 0))
+	if n, err := c.Write(make([]byte, 64<<10)); err == nil || n != 0 {
+		t.Fatalf("write past the deadline: %d, %v; want 0 and an error", n, err)
+	}
+	c.SetWriteDeadline(time.Time{})
+	if _, err := c.Write([]byte("more")); err == nil {
+		t.Fatal("write after a failed one: no error")
+	}
+}
