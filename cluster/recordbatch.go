@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"time"
 )
 
 // A source agent sends a migration's snapshot on mutual TLS, and
@@ -15,9 +16,21 @@ import (
 // cluster"). batchedTLS gathers the records of each Write under the
 // tls.Conn and sends them with one write when that Write ends. Nothing
 // changes on the wire: the same records, in the same order, sealed the
-// same way; a Write still returns only once its bytes are in the socket,
-// so the stream's handshake (write, then wait for the receiver's answer)
-// sees no delay.
+// same way.
+//
+// A Write of at most holdMax bytes is held a little longer: the stream
+// frames each 64 KiB block with a 5-byte header written on its own
+// (net.Buffers, which a tls.Conn cannot send as one writev), and sent
+// alone it would cost a system call and a packet of its own, 16,384 a
+// GiB. It leaves with the next Write, before any Read (the stream's
+// handshake writes, then waits for the receiver's answer: that answer
+// cannot depend on bytes still held), at Close, or after holdFor.
+
+// holdMax is the longest Write that is held; holdFor the longest it is.
+const (
+	holdMax = 64
+	holdFor = 2 * time.Millisecond
+)
 
 // batchMax is the most recordBatch holds before it writes during a Write:
 // the stream's largest frame (1 MiB) and its records' overhead.
@@ -81,6 +94,35 @@ func (b *recordBatch) start() {
 	b.mu.Unlock()
 }
 
+// hold stops gathering and keeps what was gathered for the next write or
+// end.
+func (b *recordBatch) hold() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.on = false
+	return b.err
+}
+
+// flush writes what is held, whether or not a Write is under way.
+func (b *recordBatch) flush() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.err != nil {
+		return b.err
+	}
+	return b.flushLocked()
+}
+
+// flushIdle writes what is held unless a Write is under way, whose end
+// will. A failure sticks, for the next Write or Read to report.
+func (b *recordBatch) flushIdle() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.on && b.err == nil {
+		_ = b.flushLocked()
+	}
+}
+
 // end stops gathering and writes what was gathered.
 func (b *recordBatch) end() error {
 	b.mu.Lock()
@@ -97,7 +139,9 @@ func (b *recordBatch) end() error {
 type batchedTLS struct {
 	*tls.Conn
 	batch *recordBatch
-	wmu   sync.Mutex // one Write at a time: start and end bracket its records
+	wmu   sync.Mutex    // one Write at a time: start and end bracket its records
+	timer *time.Timer   // sends what a short Write left held
+	wait  time.Duration // holdFor; tests make it longer
 }
 
 // dialBatchedTLS runs the client side of the handshake (cfg) on raw and
@@ -109,7 +153,10 @@ func dialBatchedTLS(ctx context.Context, raw net.Conn, cfg *tls.Config) (*batche
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", raw.RemoteAddr(), err)
 	}
-	return &batchedTLS{Conn: tc, batch: b}, nil
+	c := &batchedTLS{Conn: tc, batch: b, wait: holdFor}
+	c.timer = time.AfterFunc(time.Hour, b.flushIdle)
+	c.timer.Stop()
+	return c, nil
 }
 
 func (c *batchedTLS) Write(p []byte) (int, error) {
@@ -117,9 +164,32 @@ func (c *batchedTLS) Write(p []byte) (int, error) {
 	defer c.wmu.Unlock()
 	c.batch.start()
 	n, err := c.Conn.Write(p)
+	if err == nil && len(p) <= holdMax {
+		if ferr := c.batch.hold(); ferr != nil {
+			return 0, ferr
+		}
+		c.timer.Reset(c.wait)
+		return n, nil
+	}
 	if ferr := c.batch.end(); ferr != nil && err == nil {
 		// Sealed but not sent: none of it may count as written.
 		return 0, ferr
 	}
 	return n, err
+}
+
+// Read first sends what a short Write left held.
+func (c *batchedTLS) Read(p []byte) (int, error) {
+	if err := c.batch.flush(); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+// Close closes; what is held leaves first, with the close_notify
+// (recordBatch.Write), under the deadline crypto/tls sets for it. It
+// does not wait for a Write under way (it is what ends a blocked one).
+func (c *batchedTLS) Close() error {
+	c.timer.Stop()
+	return c.Conn.Close()
 }

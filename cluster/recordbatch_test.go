@@ -81,8 +81,9 @@ func batchedPair(t *testing.T) (*batchedTLS, *countingConn, *tls.Conn) {
 }
 
 // TestBatchedTLSWritesOnce: a 1 MiB Write, 64 TLS records, leaves in one
-// write(2), and the peer reads exactly what was written; a Close after
-// it ends the stream cleanly (close_notify after the data).
+// write(2); a frame header's 5 bytes leave with the Write after them; the
+// peer reads exactly what was written; a Close after it ends the stream
+// cleanly (close_notify after the data).
 func TestBatchedTLSWritesOnce(t *testing.T) {
 	c, counted, s := batchedPair(t)
 	msg := make([]byte, 1<<20)
@@ -95,32 +96,70 @@ func TestBatchedTLSWritesOnce(t *testing.T) {
 		}
 		got <- b
 	}()
+	var want []byte
 	for i := range 3 {
 		before := counted.writes.Load()
+		if n, err := c.Write([]byte("hdr")); err != nil || n != 3 {
+			t.Fatalf("write %d's header: %d, %v; want 3, nil", i, n, err)
+		}
 		n, err := c.Write(msg)
 		if err != nil || n != len(msg) {
 			t.Fatalf("write %d: %d, %v; want %d, nil", i, n, err, len(msg))
 		}
 		if w := counted.writes.Load() - before; w != 1 {
-			t.Errorf("write %d of 1 MiB: %d writes to the socket, want 1", i, w)
+			t.Errorf("write %d of 3 bytes and 1 MiB: %d writes to the socket, want 1", i, w)
 		}
+		want = append(append(want, "hdr"...), msg...)
 	}
-	// Small writes too go out at once, each with its own write(2): the
-	// stream's handshake writes, then waits for the answer.
-	before := counted.writes.Load()
 	if _, err := c.Write([]byte("end")); err != nil {
 		t.Fatal(err)
 	}
-	if w := counted.writes.Load() - before; w != 1 {
-		t.Errorf("write of 3 bytes: %d writes to the socket, want 1", w)
-	}
+	want = append(want, "end"...)
 	if err := c.Close(); err != nil {
 		t.Fatalf("close: %v", err)
 	}
 	b := <-got
-	want := append(bytes.Repeat(msg, 3), "end"...)
 	if !bytes.Equal(b, want) {
-		t.Fatalf("server read %d bytes, want %d equal to those written", len(b), len(want))
+		t.Fatalf("server read %d bytes, want the %d written", len(b), len(want))
+	}
+}
+
+// TestBatchedTLSHeldLeaves: a short Write held leaves before a Read (the
+// stream's handshake: a frame, then the wait for the answer to it) and,
+// with nothing after it, on its own.
+func TestBatchedTLSHeldLeaves(t *testing.T) {
+	c, _, s := batchedPair(t)
+	go func() {
+		// An echo of each 4-byte message.
+		var b [4]byte
+		for {
+			if _, err := io.ReadFull(s, b[:]); err != nil {
+				return
+			}
+			if _, err := s.Write(b[:]); err != nil {
+				return
+			}
+		}
+	}()
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	c.wait = time.Hour // only the Read sends these
+	for _, m := range []string{"ping", "pong"} {
+		if _, err := c.Write([]byte(m)); err != nil {
+			t.Fatal(err)
+		}
+		var b [4]byte
+		if _, err := io.ReadFull(c, b[:]); err != nil || string(b[:]) != m {
+			t.Fatalf("echo of %q: %q, %v", m, b[:], err)
+		}
+	}
+	// Nothing read after it: the timer sends it, and the echo comes.
+	c.wait = holdFor
+	if _, err := c.Write([]byte("last")); err != nil {
+		t.Fatal(err)
+	}
+	var b [4]byte
+	if _, err := io.ReadFull(c.Conn, b[:]); err != nil || string(b[:]) != "last" {
+		t.Fatalf("echo of a held write nothing followed: %q, %v", b[:], err)
 	}
 }
 
