@@ -3,7 +3,6 @@ package cluster
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -302,8 +301,21 @@ func (s *Server) dialTarget(ctx context.Context, m scheduler.Migration) (net.Con
 	if addr == "" {
 		return nil, fmt.Errorf("migration %s: target %s: API address unknown", m.ID, m.Target)
 	}
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}, Config: s.peerTLS}
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: 15 * time.Second}
+	raw, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("migration %s: target %s at %s: %w", m.ID, m.Target, addr, err)
+	}
+	cfg := s.peerTLS
+	if cfg.ServerName == "" {
+		// As tls.Dialer does: the certificate is checked against the
+		// address dialled.
+		cfg = cfg.Clone()
+		cfg.ServerName, _, _ = net.SplitHostPort(addr)
+	}
+	hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	conn, err := dialBatchedTLS(hctx, raw, cfg)
+	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("migration %s: target %s at %s: %w", m.ID, m.Target, addr, err)
 	}
