@@ -82,7 +82,7 @@ func liveMoveChecked(t *testing.T, o capture.LiveOptions, args ...string) captur
 		}
 		t.Fatalf("target: %v; source: %v", rerr, serr)
 	}
-	t.Logf("rounds %d, pre-copied %d bytes, after the stop %d bytes, untracked areas %d", st.Rounds, st.PrecopyBytes, st.FinalBytes, st.Untracked)
+	t.Logf("rounds %d, pre-copied %d bytes, after the stop %d bytes, untracked areas %d, flags read at the stop %v", st.Rounds, st.PrecopyBytes, st.FinalBytes, st.Untracked, st.FlagsAtStop)
 	for i := 0; i < 2; i++ {
 		if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
 			t.Fatal(err)

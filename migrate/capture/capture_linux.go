@@ -425,9 +425,22 @@ func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*rec
 	if f.cow != nil {
 		read = procfs.MapsLayout
 	}
-	maps, err := read(f.rd)
-	if err != nil {
-		return nil, err
+	var maps []procfs.Mapping
+	var err error
+	if f.precopy != nil {
+		// A live migration's flags read while the process ran, if no
+		// call can have changed them since (vmwatch_linux.go); read
+		// first: the calls injected below are counted too.
+		var ok bool
+		if maps, ok, err = f.precopy.watch.layout(f.rd); err != nil {
+			return nil, err
+		}
+		f.precopy.stats.FlagsAtStop = !ok
+	}
+	if maps == nil {
+		if maps, err = read(f.rd); err != nil {
+			return nil, err
+		}
 	}
 	vmas, err := describeVMAs(f.rd, maps, f.mem)
 	if err != nil {

@@ -69,6 +69,10 @@ type LiveStats struct {
 	Untracked    int       // areas sent in full after the stop
 	StoppedAt    time.Time // when the process was stopped for the final round
 	Fallback     bool      // the writer outran the link: stopped early
+	// FlagsAtStop: the areas' VmFlags were read (smaps, a walk of every
+	// page table) with the process stopped, not while it ran
+	// (vmwatch_linux.go).
+	FlagsAtStop bool
 }
 
 const (
@@ -122,16 +126,21 @@ type precopy struct {
 	pagemap *os.File
 	areas   []*trackedArea
 	vec     []pageRegion
+	// watch: the areas' flags read while it ran, and the calls that can
+	// have changed them since (vmwatch_linux.go); nil in a tree.
+	watch *vmWatch
+	rd    int // the thread through which pid's /proc is read
 }
 
 // startPrecopy opens the tracking of pid's private anonymous memory:
 // stopped only for the one injected call that makes the userfaultfd.
 func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
-	return startPrecopyWith(tr, pid, o, func() (*Frozen, error) { return Attach(tr, pid) })
+	return startPrecopyWith(tr, pid, o, func() (*Frozen, error) { return Attach(tr, pid) }, true)
 }
 
-// startPrecopyWith is startPrecopy stopping pid with attach.
-func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (*Frozen, error)) (*precopy, error) {
+// startPrecopyWith is startPrecopy stopping pid with attach; watch: the
+// calls that change the areas' flags are counted (vmwatch_linux.go).
+func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (*Frozen, error), watch bool) (*precopy, error) {
 	if o.MaxRounds <= 0 {
 		o.MaxRounds = 8
 	}
@@ -146,7 +155,7 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 	if rd == 0 {
 		return nil, fmt.Errorf("live %d: process is a zombie", pid)
 	}
-	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(rd), vec: make([]pageRegion, 4096)}
+	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(rd), vec: make([]pageRegion, 4096), rd: rd}
 	if pc.stats == nil {
 		pc.stats = &LiveStats{}
 	}
@@ -183,6 +192,9 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 			}
 			n := (m.End - m.Start) / pageSize
 			pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true, stack: m.Path == "[stack]"})
+		}
+		if watch {
+			pc.watch = startVMWatch(pid)
 		}
 		return nil
 	})
@@ -294,6 +306,8 @@ func vdsoSyscallSite(mem *ptrace.Mem, maps []procfs.Mapping) (uint64, error) {
 }
 
 func (pc *precopy) close() {
+	pc.watch.close()
+	pc.watch = nil
 	if pc.uffd != nil {
 		pc.uffd.Close() // unregisters every area
 		pc.uffd = nil
@@ -436,7 +450,21 @@ func (pc *precopy) enc(enc *image.Encoder, addr uint64, data []byte) error {
 // run sends the rounds while the process runs, and returns when it
 // should be stopped for the final one.
 func (pc *precopy) run(enc *image.Encoder) error {
-	return runRounds(enc, pc.pid, pc.o, pc.stats, []*precopy{pc}, false)
+	o := pc.o
+	if pc.watch != nil {
+		// The areas' flags, read after the full copy: round 1 sends
+		// what the process wrote meanwhile.
+		round := o.Round
+		o.Round = func(n int, bytes uint64) {
+			if n == 0 {
+				pc.watch.readFlags(pc.rd)
+			}
+			if round != nil {
+				round(n, bytes)
+			}
+		}
+	}
+	return runRounds(enc, pc.pid, o, pc.stats, []*precopy{pc}, false)
 }
 
 // runRounds sends the rounds of every process of pcs while they run,

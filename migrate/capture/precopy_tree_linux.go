@@ -90,7 +90,7 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 			}
 			f.status = st
 		}
-		pc, err := startPrecopyWith(tr, m, o, func() (*Frozen, error) { return attachMember(tr, m, ns) })
+		pc, err := startPrecopyWith(tr, m, o, func() (*Frozen, error) { return attachMember(tr, m, ns) }, false)
 		if err != nil {
 			whole = false
 			t.notice(fmt.Sprintf("live %d: pid %d is not copied live (%v): stopped for the whole copy", pid, m, err))

@@ -1,0 +1,169 @@
+package capture
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pcluster/pcluster/migrate/procfs"
+)
+
+// The VmFlags of a live migration's areas, without smaps at the stop.
+//
+// The flags the receiver re-applies (mlock, madvise's DONTFORK,
+// WIPEONFORK, HUGEPAGE, DONTDUMP...) are only in /proc/PID/smaps, and
+// reading it walks every page table of the process: 16-19 ms a GiB, with
+// the process stopped. So a live migration reads smaps while the process
+// runs (after its first round) and at the stop only maps, which walks
+// none, taking each area's flags from the earlier read when its maps line
+// is the same. Most changes of flags show in maps (an area split, merged,
+// moved, its protection or name), but not all: madvise or mlock of a
+// whole area, an area unmapped and mapped again as it was, exec. Those
+// take calls of the process, and the calls are counted: from the
+// pre-copy's first stop, when no call of the process is under way (a
+// stopped thread is never inside one; an interrupted call enters again),
+// every thread carries counters of the calls that can change an area's
+// flags (perf_event_open of syscall tracepoints, inherited by the threads
+// and processes it makes), whatever thread makes them. If any counted a
+// call by the stop, smaps is read at the stop, as without the counters;
+// so it is too when they cannot be opened (no tracefs, no perf), an area
+// is new or changed in maps, or the process has too many threads.
+//
+// Counted: munmap, brk, mremap, shmat, shmdt, mlock, mlock2, munlock,
+// mlockall, munlockall, mseal, prctl (PR_SET_MEMORY_MERGE), remap_file_pages,
+// process_madvise, execve, execveat; madvise but for the advice that sets
+// no flag (WILLNEED, DONTNEED, FREE, REMOVE, COLD, PAGEOUT, POPULATE_*,
+// DONTNEED_LOCKED: glibc's free gives pages back with DONTNEED); mmap
+// with MAP_FIXED (without it, an mmap replaces nothing: an area ends in
+// the same place only after one of the others removed the old one).
+// Not counted: userfaultfd registration (the receiver re-applies none of
+// its flags), mprotect (it changes the protection, which maps shows),
+// io_uring's madvise (an io_uring fd is refused at the stop).
+var vmFlagCalls = []struct{ event, filter string }{
+	{"raw_syscalls/sys_enter", "id == 11 || id == 12 || id == 25 || id == 30 || id == 67 || id == 149 || id == 150 || id == 151 || id == 152 || id == 325 || id == 462 || id == 157 || id == 216 || id == 440 || id == 59 || id == 322"},
+	{"syscalls/sys_enter_madvise", "behavior != 3 && behavior != 4 && behavior != 8 && behavior != 9 && behavior != 20 && behavior != 21 && behavior != 22 && behavior != 23 && behavior != 24"},
+	{"syscalls/sys_enter_mmap", "flags & 16"},
+}
+
+// maxWatchedThreads bounds the counters opened (three a thread).
+const maxWatchedThreads = 64
+
+// vmWatch counts pid's calls that can change its areas' flags, and
+// holds the flags read while it ran.
+type vmWatch struct {
+	pid   int
+	fds   []int
+	flags map[string]string // by maps line (mapKey): VmFlags
+}
+
+// startVMWatch opens the counters on every thread of pid, which must be
+// stopped, all of its threads; nil when they cannot be opened.
+func startVMWatch(pid int) *vmWatch {
+	tids, err := procfs.Tasks(pid)
+	if err != nil || len(tids) > maxWatchedThreads {
+		return nil
+	}
+	w := &vmWatch{pid: pid}
+	for _, c := range vmFlagCalls {
+		id, err := tracepointID(c.event)
+		if err != nil {
+			w.close()
+			return nil
+		}
+		for _, tid := range tids {
+			fd, err := openTracepointCounter(tid, id, c.filter)
+			if err == unix.ESRCH {
+				continue // a zombie main thread: it makes no calls
+			}
+			if err != nil {
+				w.close()
+				return nil
+			}
+			w.fds = append(w.fds, fd)
+		}
+	}
+	return w
+}
+
+func tracepointID(event string) (uint64, error) {
+	var err error
+	for _, dir := range []string{"/sys/kernel/tracing/events/", "/sys/kernel/debug/tracing/events/"} {
+		var b []byte
+		if b, err = os.ReadFile(dir + event + "/id"); err == nil {
+			return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		}
+	}
+	return 0, err
+}
+
+// calls returns how many counted calls pid made since the counters were
+// opened.
+func (w *vmWatch) calls() (uint64, error) {
+	var n uint64
+	var b [8]byte
+	for _, fd := range w.fds {
+		if k, err := unix.Read(fd, b[:]); err != nil || k != 8 {
+			return 0, fmt.Errorf("syscall counter: %d bytes: %v", k, err)
+		}
+		n += binary.NativeEndian.Uint64(b[:])
+	}
+	return n, nil
+}
+
+// readFlags reads the areas' flags from rd's smaps (rd: the thread
+// through which pid's /proc is read), while the process runs, unless a
+// call was counted already (they would be read at the stop anyway).
+func (w *vmWatch) readFlags(rd int) {
+	if n, err := w.calls(); err != nil || n > 0 {
+		return
+	}
+	maps, err := procfs.Maps(rd)
+	if err != nil {
+		return
+	}
+	w.flags = map[string]string{}
+	for _, m := range maps {
+		w.flags[mapKey(&m)] = m.VmFlags
+	}
+}
+
+// layout returns rd's areas with their flags, the process stopped: from
+// maps and the flags read while it ran, if no call could have changed
+// them since; ok false if smaps must be read.
+func (w *vmWatch) layout(rd int) (maps []procfs.Mapping, ok bool, err error) {
+	if w == nil || w.flags == nil {
+		return nil, false, nil
+	}
+	if n, err := w.calls(); err != nil || n > 0 {
+		return nil, false, nil
+	}
+	if maps, err = procfs.MapsLayout(rd); err != nil {
+		return nil, false, err
+	}
+	for i := range maps {
+		fl, found := w.flags[mapKey(&maps[i])]
+		if !found {
+			return nil, false, nil
+		}
+		maps[i].VmFlags = fl
+	}
+	return maps, true, nil
+}
+
+func mapKey(m *procfs.Mapping) string {
+	return fmt.Sprintf("%x-%x %s %x %s %d %s", m.Start, m.End, m.Perms, m.Offset, m.Dev, m.Inode, m.Path)
+}
+
+func (w *vmWatch) close() {
+	if w == nil {
+		return
+	}
+	for _, fd := range w.fds {
+		unix.Close(fd)
+	}
+	w.fds = nil
+}
