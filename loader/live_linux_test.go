@@ -3,12 +3,17 @@ package loader_test
 import (
 	"context"
 	"os"
+	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pcluster/pcluster/internal/fixture"
+	"github.com/pcluster/pcluster/loader"
 	"github.com/pcluster/pcluster/migrate/capture"
+	"github.com/pcluster/pcluster/migrate/procfs"
 	"github.com/pcluster/pcluster/migrate/stream"
 )
 
@@ -40,17 +45,108 @@ func TestLiveMigrateChurn(t *testing.T) {
 	}
 }
 
+// TestLiveMigrateFlags moves a program whose areas carry flags that
+// /proc/PID/maps does not show (MADV_DONTFORK, MADV_WIPEONFORK, mlock of
+// whole areas): set before the migration (read while the process runs,
+// not at the stop), and set during the pre-copy, after the flags were
+// read (the counted calls make the stop read them again). The copy's
+// smaps must show them either way.
+func TestLiveMigrateFlags(t *testing.T) {
+	needRoot(t)
+	for _, early := range []bool{true, false} {
+		name := "late"
+		if early {
+			name = "early"
+		}
+		t.Run(name, func(t *testing.T) {
+			var args []string
+			if early {
+				args = append(args, "early")
+			}
+			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "vmadvise"), args...)
+			ready := orig.Expect(t, `^ready (\S+) (\S+) (\S+)$`, waitFor)
+			var advised error
+			o := capture.LiveOptions{}
+			if !early {
+				// After round 0: after the flags were read.
+				o.Round = func(n int, _ uint64) {
+					if n != 0 {
+						return
+					}
+					if advised = syscall.Kill(pid, syscall.SIGUSR2); advised == nil {
+						_, advised = orig.Match(`^advised$`, waitFor)
+					}
+				}
+			}
+			st, p, out := liveMove(t, orig, pid, o)
+			defer reap(t, p)
+			if advised != nil {
+				t.Fatalf("advise during the pre-copy: %v", advised)
+			}
+			if st.FlagsAtStop == early {
+				t.Errorf("flags read at the stop: %v, want %v", st.FlagsAtStop, !early)
+			}
+			maps, err := procfs.Maps(p.Pid())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, want := range []string{"dc", "wf", "lo"} {
+				start, err := strconv.ParseUint(ready[i+1], 16, 64)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var flags string
+				found := false
+				for _, m := range maps {
+					if m.Start == start {
+						flags, found = m.VmFlags, true
+					}
+				}
+				if !found {
+					t.Errorf("area %#x: not in the copy's smaps", start)
+				} else if !slices.Contains(strings.Fields(flags), want) {
+					t.Errorf("area %#x in the copy: VmFlags %q, want %s among them", start, flags, want)
+				}
+			}
+			if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			if got := out.Expect(t, `^sum .*`, waitFor); got[0] != "sum 73728" {
+				t.Errorf("copy: %s, want sum 73728 (3 areas of 3 pages of bytes 1, 2, 3)", got[0])
+			}
+		})
+	}
+}
+
 // liveMoveChecked starts dirtier with args, moves it live with o between
 // two agents of this process, and has the copy check every page twice.
 func liveMoveChecked(t *testing.T, o capture.LiveOptions, args ...string) capture.LiveStats {
 	orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "dirtier"), args...)
 	orig.Expect(t, `^ready$`, waitFor)
+	st, p, out := liveMove(t, orig, pid, o)
+	defer reap(t, p)
+	for i := 0; i < 2; i++ {
+		if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := out.Match(`^check .*`, waitFor); err != nil {
+			t.Fatalf("check %d: %v", i, err)
+		} else if m := got[0]; m[:8] != "check ok" {
+			t.Fatalf("check %d after the move: %s", i, m)
+		}
+	}
+	return st
+}
+
+// liveMove moves pid (orig's) live with o between two agents of this
+// process: the copy, to be reaped, and its output.
+func liveMove(t *testing.T, orig *fixture.Proc, pid int, o capture.LiveOptions) (capture.LiveStats, *loader.Process, *fixture.Lines) {
 	a := newAgents(t)
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pr.Close()
+	t.Cleanup(func() { pr.Close() })
 	out := fixture.FollowReader(t, pr)
 	var st capture.LiveStats
 	o.Stats, o.Notice = &st, func(s string) { t.Log(s) }
@@ -68,7 +164,7 @@ func liveMoveChecked(t *testing.T, o capture.LiveOptions, args ...string) captur
 	p, rerr := a.receive(context.Background(), a.dstConn, pw)
 	pw.Close()
 	serr := <-sent
-	if p != nil {
+	if p != nil && (rerr != nil || serr != nil) {
 		defer reap(t, p)
 	}
 	if rerr != nil || serr != nil {
@@ -83,15 +179,5 @@ func liveMoveChecked(t *testing.T, o capture.LiveOptions, args ...string) captur
 		t.Fatalf("target: %v; source: %v", rerr, serr)
 	}
 	t.Logf("rounds %d, pre-copied %d bytes, after the stop %d bytes, untracked areas %d, flags read at the stop %v", st.Rounds, st.PrecopyBytes, st.FinalBytes, st.Untracked, st.FlagsAtStop)
-	for i := 0; i < 2; i++ {
-		if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
-			t.Fatal(err)
-		}
-		if got, err := out.Match(`^check .*`, waitFor); err != nil {
-			t.Fatalf("check %d: %v", i, err)
-		} else if m := got[0]; m[:8] != "check ok" {
-			t.Fatalf("check %d after the move: %s", i, m)
-		}
-	}
-	return st
+	return st, p, out
 }
