@@ -49,72 +49,101 @@ func TestLiveMigrateChurn(t *testing.T) {
 // /proc/PID/maps does not show (MADV_DONTFORK, MADV_WIPEONFORK, mlock of
 // whole areas): set before the migration (read while the process runs,
 // not at the stop), and set during the pre-copy, after the flags were
-// read (the counted calls make the stop read them again). The copy's
-// smaps must show them either way.
+// read (the counted calls make the stop read them again); alone, and as
+// the init of a PID namespace moved whole (a tree, the agents' way). The
+// copy's smaps must show them each time.
 func TestLiveMigrateFlags(t *testing.T) {
 	needRoot(t)
-	for _, early := range []bool{true, false} {
-		name := "late"
-		if early {
-			name = "early"
+	bin := fixture.Build(t, "vmadvise")
+	for _, tree := range []bool{false, true} {
+		for _, early := range []bool{true, false} {
+			name := map[bool]string{true: "early", false: "late"}[early]
+			if tree {
+				name = "pidns-" + name
+			}
+			t.Run(name, func(t *testing.T) { liveMoveFlags(t, bin, tree, early) })
 		}
-		t.Run(name, func(t *testing.T) {
-			var args []string
-			if early {
-				args = append(args, "early")
+	}
+}
+
+func liveMoveFlags(t *testing.T, bin string, tree, early bool) {
+	var args []string
+	if early {
+		args = append(args, "early")
+	}
+	var orig *fixture.Proc
+	var pid int
+	var lines *fixture.Lines
+	if tree {
+		pid, lines = startInPIDNS(t, bin, args...)
+	} else {
+		orig, pid = fixture.StartUnderShell(t, bin, args...)
+		lines = orig.Lines
+	}
+	ready := lines.Expect(t, `^ready (\S+) (\S+) (\S+)$`, waitFor)
+	var advised error
+	o := capture.LiveOptions{}
+	if !early {
+		// After round 0: after the flags were read.
+		o.Round = func(n int, _ uint64) {
+			if n != 0 {
+				return
 			}
-			orig, pid := fixture.StartUnderShell(t, fixture.Build(t, "vmadvise"), args...)
-			ready := orig.Expect(t, `^ready (\S+) (\S+) (\S+)$`, waitFor)
-			var advised error
-			o := capture.LiveOptions{}
-			if !early {
-				// After round 0: after the flags were read.
-				o.Round = func(n int, _ uint64) {
-					if n != 0 {
-						return
-					}
-					if advised = syscall.Kill(pid, syscall.SIGUSR2); advised == nil {
-						_, advised = orig.Match(`^advised$`, waitFor)
-					}
-				}
+			if advised = syscall.Kill(pid, syscall.SIGUSR2); advised == nil {
+				_, advised = lines.Match(`^advised$`, waitFor)
 			}
-			st, p, out := liveMove(t, orig, pid, o)
-			defer reap(t, p)
-			if advised != nil {
-				t.Fatalf("advise during the pre-copy: %v", advised)
+		}
+	}
+	var copyPid int
+	var out *fixture.Lines
+	var st capture.LiveStats
+	if tree {
+		var p *loader.Process
+		p, out, st = liveMoveTree(t, pid, true, o)
+		if pids := p.Pids(); len(pids) != 1 {
+			t.Fatalf("the copy has members %v, want one", pids)
+		} else {
+			copyPid = pids[0]
+		}
+	} else {
+		var p *loader.Process
+		st, p, out = liveMove(t, orig, pid, o)
+		defer reap(t, p)
+		copyPid = p.Pid()
+	}
+	if advised != nil {
+		t.Fatalf("advise during the pre-copy: %v", advised)
+	}
+	if st.FlagsAtStop == early {
+		t.Errorf("flags read at the stop: %v, want %v", st.FlagsAtStop, !early)
+	}
+	maps, err := procfs.Maps(copyPid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []string{"dc", "wf", "lo"} {
+		start, err := strconv.ParseUint(ready[i+1], 16, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var flags string
+		found := false
+		for _, m := range maps {
+			if m.Start == start {
+				flags, found = m.VmFlags, true
 			}
-			if st.FlagsAtStop == early {
-				t.Errorf("flags read at the stop: %v, want %v", st.FlagsAtStop, !early)
-			}
-			maps, err := procfs.Maps(p.Pid())
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i, want := range []string{"dc", "wf", "lo"} {
-				start, err := strconv.ParseUint(ready[i+1], 16, 64)
-				if err != nil {
-					t.Fatal(err)
-				}
-				var flags string
-				found := false
-				for _, m := range maps {
-					if m.Start == start {
-						flags, found = m.VmFlags, true
-					}
-				}
-				if !found {
-					t.Errorf("area %#x: not in the copy's smaps", start)
-				} else if !slices.Contains(strings.Fields(flags), want) {
-					t.Errorf("area %#x in the copy: VmFlags %q, want %s among them", start, flags, want)
-				}
-			}
-			if err := syscall.Kill(p.Pid(), syscall.SIGUSR1); err != nil {
-				t.Fatal(err)
-			}
-			if got := out.Expect(t, `^sum .*`, waitFor); got[0] != "sum 73728" {
-				t.Errorf("copy: %s, want sum 73728 (3 areas of 3 pages of bytes 1, 2, 3)", got[0])
-			}
-		})
+		}
+		if !found {
+			t.Errorf("area %#x: not in the copy's smaps", start)
+		} else if !slices.Contains(strings.Fields(flags), want) {
+			t.Errorf("area %#x in the copy: VmFlags %q, want %s among them", start, flags, want)
+		}
+	}
+	if err := syscall.Kill(copyPid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	if got := out.Expect(t, `^sum .*`, waitFor); got[0] != "sum 73728" {
+		t.Errorf("copy: %s, want sum 73728 (3 areas of 3 pages of bytes 1, 2, 3)", got[0])
 	}
 }
 

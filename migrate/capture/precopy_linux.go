@@ -127,7 +127,7 @@ type precopy struct {
 	areas   []*trackedArea
 	vec     []pageRegion
 	// watch: the areas' flags read while it ran, and the calls that can
-	// have changed them since (vmwatch_linux.go); nil in a tree.
+	// have changed them since (vmwatch_linux.go).
 	watch *vmWatch
 	rd    int // the thread through which pid's /proc is read
 }
@@ -450,21 +450,7 @@ func (pc *precopy) enc(enc *image.Encoder, addr uint64, data []byte) error {
 // run sends the rounds while the process runs, and returns when it
 // should be stopped for the final one.
 func (pc *precopy) run(enc *image.Encoder) error {
-	o := pc.o
-	if pc.watch != nil {
-		// The areas' flags, read after the full copy: round 1 sends
-		// what the process wrote meanwhile.
-		round := o.Round
-		o.Round = func(n int, bytes uint64) {
-			if n == 0 {
-				pc.watch.readFlags(pc.rd)
-			}
-			if round != nil {
-				round(n, bytes)
-			}
-		}
-	}
-	return runRounds(enc, pc.pid, o, pc.stats, []*precopy{pc}, false)
+	return runRounds(enc, pc.pid, pc.o, pc.stats, []*precopy{pc}, false)
 }
 
 // runRounds sends the rounds of every process of pcs while they run,
@@ -493,6 +479,13 @@ func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs
 		return err
 	}
 	stats.Rounds, stats.PrecopyBytes = 1, s.bytes
+	// The areas' flags, read after the full copy (vmwatch_linux.go):
+	// round 1 sends what the processes wrote meanwhile.
+	for _, pc := range pcs {
+		if pc.watch != nil {
+			pc.watch.readFlags(pc.rd)
+		}
+	}
 	if o.Round != nil {
 		o.Round(0, s.bytes)
 	}

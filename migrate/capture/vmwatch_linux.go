@@ -154,6 +154,14 @@ func (w *vmWatch) layout(rd int) (maps []procfs.Mapping, ok bool, err error) {
 	return maps, true, nil
 }
 
+// takeFlags gives f, stopped, the areas with the flags pc's watch read
+// while it ran, if they are still right (before any call is injected
+// into f: those are counted too); ok false if gather must read smaps.
+func (f *Frozen) takeFlags(pc *precopy) (ok bool, err error) {
+	f.flagsMaps, ok, err = pc.watch.layout(f.rd)
+	return ok, err
+}
+
 func mapKey(m *procfs.Mapping) string {
 	return fmt.Sprintf("%x-%x %s %x %s %d %s", m.Start, m.End, m.Perms, m.Offset, m.Dev, m.Inode, m.Path)
 }
