@@ -465,6 +465,14 @@ func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs
 		}
 		return enc.Write(&image.PrecopyMember{Pid: pc.saved})
 	}
+	// The areas' flags (vmwatch_linux.go), read before the full copy:
+	// read after it, the 20 ms of smaps a GiB lengthened round 1 (more
+	// pages written in it, at times one round more).
+	for _, pc := range pcs {
+		if pc.watch != nil {
+			pc.watch.readFlags(pc.rd)
+		}
+	}
 	s := &sender{enc: enc, bw: o.Bandwidth, t0: time.Now()}
 	for _, pc := range pcs {
 		if err := member(pc); err != nil {
@@ -479,13 +487,6 @@ func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs
 		return err
 	}
 	stats.Rounds, stats.PrecopyBytes = 1, s.bytes
-	// The areas' flags, read after the full copy (vmwatch_linux.go):
-	// round 1 sends what the processes wrote meanwhile.
-	for _, pc := range pcs {
-		if pc.watch != nil {
-			pc.watch.readFlags(pc.rd)
-		}
-	}
 	if o.Round != nil {
 		o.Round(0, s.bytes)
 	}

@@ -18,7 +18,7 @@ import (
 // WIPEONFORK, HUGEPAGE, DONTDUMP...) are only in /proc/PID/smaps, and
 // reading it walks every page table of the process: 16-19 ms a GiB, with
 // the process stopped. So a live migration reads smaps while the process
-// runs (after its first round) and at the stop only maps, which walks
+// runs (before its first round) and at the stop only maps, which walks
 // none, taking each area's flags from the earlier read when its maps line
 // is the same. Most changes of flags show in maps (an area split, merged,
 // moved, its protection or name), but not all: madvise or mlock of a
