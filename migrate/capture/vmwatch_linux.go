@@ -43,14 +43,33 @@ import (
 // Not counted: userfaultfd registration (the receiver re-applies none of
 // its flags), mprotect (it changes the protection, which maps shows),
 // io_uring's madvise (an io_uring fd is refused at the stop).
+//
+// One tracepoint a call, not raw_syscalls/sys_enter filtered by number:
+// that one's handler builds a record for every call of every process on
+// the host while the counters are open, the rounds' own calls included.
 var vmFlagCalls = []struct{ event, filter string }{
-	{"raw_syscalls/sys_enter", "id == 11 || id == 12 || id == 25 || id == 30 || id == 67 || id == 149 || id == 150 || id == 151 || id == 152 || id == 325 || id == 462 || id == 157 || id == 216 || id == 440 || id == 59 || id == 322"},
+	{"syscalls/sys_enter_munmap", ""},
+	{"syscalls/sys_enter_brk", ""},
+	{"syscalls/sys_enter_mremap", ""},
+	{"syscalls/sys_enter_shmat", ""},
+	{"syscalls/sys_enter_shmdt", ""},
+	{"syscalls/sys_enter_mlock", ""},
+	{"syscalls/sys_enter_mlock2", ""},
+	{"syscalls/sys_enter_munlock", ""},
+	{"syscalls/sys_enter_mlockall", ""},
+	{"syscalls/sys_enter_munlockall", ""},
+	{"syscalls/sys_enter_mseal", ""},
+	{"syscalls/sys_enter_prctl", ""},
+	{"syscalls/sys_enter_remap_file_pages", ""},
+	{"syscalls/sys_enter_process_madvise", ""},
+	{"syscalls/sys_enter_execve", ""},
+	{"syscalls/sys_enter_execveat", ""},
 	{"syscalls/sys_enter_madvise", "behavior != 3 && behavior != 4 && behavior != 8 && behavior != 9 && behavior != 20 && behavior != 21 && behavior != 22 && behavior != 23 && behavior != 24"},
 	{"syscalls/sys_enter_mmap", "flags & 16"},
 }
 
-// maxWatchedThreads bounds the counters opened (three a thread).
-const maxWatchedThreads = 64
+// maxWatchedThreads bounds the counters opened (one a call a thread).
+const maxWatchedThreads = 32
 
 // vmWatch counts pid's calls that can change its areas' flags, and
 // holds the flags read while it ran.
