@@ -168,6 +168,13 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 	// registering a range read from a running process's maps, which it
 	// may have grown since, would split its area in two, and an mremap
 	// of the whole would then fail (EFAULT) in the process.
+	// The counters open while it runs (tens of milliseconds), before
+	// the stop, which they must cover (vmwatch_linux.go).
+	var w *vmWatch
+	if watch {
+		w = startVMWatch(pid)
+	}
+	defer func() { w.release() }() // unless the stop took it
 	var apiErr error
 	uffd, err := openTargetUffd(tr, pid, attach, func(uffd *os.File) error {
 		api := uffdioAPIArg{API: uffdAPI, Features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
@@ -193,9 +200,7 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 			n := (m.End - m.Start) / pageSize
 			pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true, stack: m.Path == "[stack]"})
 		}
-		if watch {
-			pc.watch = startVMWatch(pid)
-		}
+		pc.watch, w = w.stopped(pid), nil
 		return nil
 	})
 	pc.uffd = uffd
@@ -306,7 +311,7 @@ func vdsoSyscallSite(mem *ptrace.Mem, maps []procfs.Mapping) (uint64, error) {
 }
 
 func (pc *precopy) close() {
-	pc.watch.close()
+	pc.watch.release()
 	pc.watch = nil
 	if pc.uffd != nil {
 		pc.uffd.Close() // unregisters every area
