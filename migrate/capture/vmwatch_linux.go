@@ -31,17 +31,19 @@ import (
 // stop no call of the process is under way (a stopped thread is never
 // inside one; an interrupted call enters again), so every call that
 // changes flags after it is counted, and smaps is read after it. A
-// thread at that stop that has no counter of its own (made by one whose
-// counters were not open yet) gives the counters up. If any counted a
+// thread found at that stop that was not there when they were opened
+// gives them up (its maker's counters may not have been open yet when
+// it was made). If any counted a
 // call by the stop, smaps is read at the stop, as without the counters;
 // so it is too when they cannot be opened (no tracefs, no perf), an area
 // is new or changed in maps, or the process has too many threads.
 //
 // Counted: munmap, brk, mremap, shmat, shmdt, mlock, mlock2, munlock,
-// mlockall, munlockall, mseal, prctl (PR_SET_MEMORY_MERGE), remap_file_pages,
-// process_madvise, execve, execveat; madvise but for the advice that sets
-// no flag (WILLNEED, DONTNEED, FREE, REMOVE, COLD, PAGEOUT, POPULATE_*,
-// DONTNEED_LOCKED: glibc's free gives pages back with DONTNEED); mmap
+// mlockall, munlockall, mseal, prctl (any: PR_SET_MEMORY_MERGE marks
+// every area mergeable), remap_file_pages, process_madvise, execve,
+// execveat; madvise but for the advice that sets no flag (WILLNEED,
+// DONTNEED, FREE, REMOVE, COLD, PAGEOUT, POPULATE_*, DONTNEED_LOCKED:
+// glibc's free gives pages back with DONTNEED); mmap
 // with MAP_FIXED (without it, an mmap replaces nothing: an area ends in
 // the same place only after one of the others removed the old one).
 // Not counted: userfaultfd registration (the receiver re-applies none of
@@ -169,6 +171,9 @@ func (w *vmWatch) calls() (uint64, error) {
 // through which pid's /proc is read), while the process runs, unless a
 // call was counted already (they would be read at the stop anyway).
 func (w *vmWatch) readFlags(rd int) {
+	if len(w.fds) == 0 {
+		return
+	}
 	if n, err := w.calls(); err != nil || n != w.base {
 		return
 	}
@@ -186,7 +191,7 @@ func (w *vmWatch) readFlags(rd int) {
 // maps and the flags read while it ran, if no call could have changed
 // them since; ok false if smaps must be read.
 func (w *vmWatch) layout(rd int) (maps []procfs.Mapping, ok bool, err error) {
-	if w == nil || w.flags == nil {
+	if w == nil || w.flags == nil || len(w.fds) == 0 {
 		return nil, false, nil
 	}
 	if n, err := w.calls(); err != nil || n != w.base {
