@@ -28,6 +28,10 @@ func TestLiveMigrateExact(t *testing.T) {
 	if st.Rounds < 2 || st.PrecopyBytes < 64<<20 {
 		t.Errorf("pre-copy: %d rounds, %d bytes; want at least 2 rounds and the whole area (64 MiB) sent before the stop", st.Rounds, st.PrecopyBytes)
 	}
+	// Its MADV_DONTNEED changes no flag: the flags read while it ran do.
+	if st.FlagsAtStop {
+		t.Errorf("the areas' flags were read at the stop; want them read while it ran (no call that changes flags, no area changed)")
+	}
 }
 
 // TestLiveMigrateChurn moves the same program while a thread of it also
@@ -51,7 +55,8 @@ func TestLiveMigrateChurn(t *testing.T) {
 // not at the stop), and set during the pre-copy, after the flags were
 // read (the counted calls make the stop read them again); alone, and as
 // the init of a PID namespace moved whole (a tree, the agents' way). The
-// copy's smaps must show them each time.
+// copy's smaps must show them each time. "late-dontfork" makes only the
+// madvise call (a counter with a filter on the advice).
 func TestLiveMigrateFlags(t *testing.T) {
 	needRoot(t)
 	bin := fixture.Build(t, "vmadvise")
@@ -61,15 +66,19 @@ func TestLiveMigrateFlags(t *testing.T) {
 			if tree {
 				name = "pidns-" + name
 			}
-			t.Run(name, func(t *testing.T) { liveMoveFlags(t, bin, tree, early) })
+			t.Run(name, func(t *testing.T) { liveMoveFlags(t, bin, tree, early, false) })
 		}
 	}
+	t.Run("late-dontfork", func(t *testing.T) { liveMoveFlags(t, bin, false, false, true) })
 }
 
-func liveMoveFlags(t *testing.T, bin string, tree, early bool) {
+func liveMoveFlags(t *testing.T, bin string, tree, early, onlyDontfork bool) {
 	var args []string
 	if early {
 		args = append(args, "early")
+	}
+	if onlyDontfork {
+		args = append(args, "dontfork")
 	}
 	var orig *fixture.Proc
 	var pid int
@@ -121,7 +130,11 @@ func liveMoveFlags(t *testing.T, bin string, tree, early bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, want := range []string{"dc", "wf", "lo"} {
+	wants := []string{"dc", "wf", "lo"}
+	if onlyDontfork {
+		wants = wants[:1]
+	}
+	for i, want := range wants {
 		start, err := strconv.ParseUint(ready[i+1], 16, 64)
 		if err != nil {
 			t.Fatal(err)
