@@ -27,9 +27,13 @@ import (
 // any other tree waits for its tree record. At the tree record, the tree
 // made is kept if it is exactly the one the record describes — the same
 // members in the same order, each with the same parent, group and
-// session, none a zombie or sharing pages with its parent (Cow), each
-// found again at the stop (its final round came), no container
-// namespaces — and the root's memory leaves room for the stubs' code.
+// session, none a zombie, each found again at the stop (its final round
+// came), no container namespaces — and the root's memory leaves room for
+// the stubs' code. A member that shares pages with its parent at the stop
+// (Cow), and every descendant of one (image.LateMembers), is made again:
+// its pre-copied pages are read back into its staging, its stub ended,
+// and it is forked from its parent's once that is built (forkLate), as
+// without -live, so that the pages the two share are one page again.
 // Otherwise it falls back: the pages of every placed area are read back
 // into the member's staging, every process made is killed and reaped,
 // and the tree is built from the record as without the announcement.
@@ -83,19 +87,8 @@ func (p *Process) placeMember(st *staging) error {
 	st.buf = make([]byte, readAheadSize)
 	sort.Slice(st.announced, func(i, j int) bool { return st.announced[i][0] < st.announced[j][0] })
 	return p.tr.Do(func() error {
-		for _, a := range st.announced {
-			got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
-				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
-			if err != nil {
-				continue
-			}
-			if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
-				if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
-					return fmt.Errorf("unmap %#x: %w", got, err)
-				}
-				continue
-			}
-			st.placed = append(st.placed, a)
+		if err := p.mapAnnounced(st); err != nil {
+			return err
 		}
 		// The first round's pages land on pages not there yet: copied
 		// in with UFFDIO_COPY (no fault, no zeroing per page), until
@@ -122,11 +115,12 @@ func (top *staging) closeEarlyUffds() {
 // earlyKeeps reports whether the tree made early can become the one img
 // describes (every member found again at the stop: staged.final): the
 // same root, no container; each member made early and still in img with
-// the same parent, group and session, not sharing pages with its parent
-// (Cow), and found again unless it is a zombie now; each member new in
-// img (forked during the rounds) not Cow; no group or session of img led
-// by a member that is gone (its stub ends: a member joining the group
-// after would not find it).
+// the same parent, group and session, and found again unless it is a
+// zombie now; no group or session of img led by a member that is gone
+// (its stub ends: a member joining the group after would not find it).
+// Members forked late (Cow, and their descendants) are made again by
+// reconcileEarly: image.CheckTree has seen that nobody forked before them
+// needs them.
 func (p *Process) earlyKeeps(img *image.Tree, staged *staging) bool {
 	made := map[int]image.TreeProc{}
 	for _, m := range p.tree.made.Procs {
@@ -140,9 +134,6 @@ func (p *Process) earlyKeeps(img *image.Tree, staged *staging) bool {
 		return false
 	}
 	for _, m := range img.Procs {
-		if m.Cow {
-			return false
-		}
 		if e, ok := made[m.Pid]; ok && (m.PPid != e.PPid || m.Pgid != e.Pgid || m.Sid != e.Sid || !m.Zombie && !staged.final[m.Pid]) {
 			return false
 		}
@@ -157,13 +148,17 @@ func (p *Process) earlyKeeps(img *image.Tree, staged *staging) bool {
 
 // reconcileEarly turns the tree made early into the one img describes
 // (earlyKeeps said it can): a member gone since is ended and reaped by
-// its parent's stub, as if it had never been; one that is a zombie now
+// its parent's stub, as if it had never been; one forked late
+// (image.LateMembers: it shares pages with its parent, or descends from
+// one that does) has the pages of its placed areas read back into its
+// staging (in staged), and is ended and reaped so too, to be forked once
+// its parent is built (forkLate, p.cow); one that is a zombie now
 // ends with its status, for its parent to reap; one forked during the
 // rounds is forked now from its parent's stub (whose placed areas it
 // inherits, to be unmapped when its own memory is mapped, as for a
 // member forked late: forkLate); the members are then in img's order.
 // Runs on the tracer thread.
-func (p *Process) reconcileEarly(img *image.Tree) error {
+func (p *Process) reconcileEarly(img *image.Tree, staged *staging) error {
 	t := p.tree
 	byPid := map[int]*Process{}
 	for i, m := range t.made.Procs {
@@ -173,19 +168,34 @@ func (p *Process) reconcileEarly(img *image.Tree) error {
 	for _, m := range img.Procs {
 		in[m.Pid] = true
 	}
-	// Gone: children before their parents (the made order reversed).
+	late := image.LateMembers(img.Procs)
+	// Gone, or forked late: children before their parents (the made
+	// order reversed).
 	for i := len(t.made.Procs) - 1; i > 0; i-- {
 		m := t.made.Procs[i]
-		if in[m.Pid] {
+		_, redo := late[m.Pid]
+		if in[m.Pid] && !redo {
 			continue
 		}
+		what := "gone since the pre-copy began"
+		if redo {
+			what = "made again to share pages with its parent"
+		}
 		mp := byPid[m.Pid]
-		mp.closeUffd()
+		mp.closeUffd() // unplace reads the areas
+		if st := staged.members[m.Pid]; redo && st != nil {
+			for _, a := range st.placed {
+				if err := mp.unplace(st, a, false); err != nil {
+					return fmt.Errorf("pid %d, %s: %w", m.Pid, what, err)
+				}
+			}
+			st.placed, st.proc = nil, nil
+		}
 		if err := mp.exitAs(0); err != nil {
-			return fmt.Errorf("pid %d, gone since the pre-copy began: %w", m.Pid, err)
+			return fmt.Errorf("pid %d, %s: %w", m.Pid, what, err)
 		}
 		if err := mp.parent.reap(m.Pid); err != nil {
-			return fmt.Errorf("pid %d, gone since the pre-copy began: %w", m.Pid, err)
+			return fmt.Errorf("pid %d, %s: %w", m.Pid, what, err)
 		}
 		mp.done = true // nothing left to kill
 		delete(t.pids, m.Pid)
@@ -194,6 +204,18 @@ func (p *Process) reconcileEarly(img *image.Tree) error {
 	members := make([]*Process, 0, len(img.Procs))
 	for _, m := range img.Procs {
 		mp := byPid[m.Pid]
+		if _, ok := late[m.Pid]; ok {
+			// Forked once its parent is built (buildTree), as
+			// startTreeAt leaves such a member.
+			parent := byPid[m.PPid]
+			if parent == nil {
+				return fmt.Errorf("%w: pid %d: parent %d is not in the tree", image.ErrCorrupt, m.Pid, m.PPid)
+			}
+			mp = &Process{tr: p.tr, opts: p.opts, tree: t, parent: parent, base: parent.base, cow: true}
+			byPid[m.Pid] = mp
+			members = append(members, mp)
+			continue
+		}
 		switch {
 		case mp != nil && m.Zombie:
 			mp.closeUffd()
@@ -237,7 +259,7 @@ func (p *Process) reap(pid int) error {
 // (startTreeRoot), every placed area's pages read back first.
 func (p *Process) prepareEarlyRoot(staged *staging) error {
 	if p.earlyKeeps(p.tree.img, staged) && p.checkStubRoom() == nil {
-		if err := p.tr.Do(func() error { return p.reconcileEarly(p.tree.img) }); err != nil {
+		if err := p.tr.Do(func() error { return p.reconcileEarly(p.tree.img, staged) }); err != nil {
 			return err
 		}
 		p.precopyStats.Early = true

@@ -373,6 +373,7 @@ meta:
 		return nil, err
 	}
 	if p.staged != nil {
+		p.dropInParent(p.staged)
 		err := p.applyStaged(p.staged)
 		p.staged = nil
 		if err != nil {

@@ -2,7 +2,9 @@ package loader
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
+	"os"
 	"runtime"
 	"slices"
 	"sort"
@@ -269,22 +271,32 @@ func (p *Process) placeAreas(st *staging) error {
 	}
 	st.buf = make([]byte, readAheadSize)
 	return p.tr.Do(func() error {
-		for _, a := range st.announced {
-			got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
-				unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
-			if err != nil {
-				continue
-			}
-			if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
-				if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
-					return fmt.Errorf("pre-copy: unmap %#x: %w", got, err)
-				}
-				continue
-			}
-			st.placed = append(st.placed, a)
+		if err := p.mapAnnounced(st); err != nil {
+			return fmt.Errorf("pre-copy: %w", err)
 		}
 		return nil
 	})
+}
+
+// mapAnnounced maps each area announced for p where it was and adds it to
+// st.placed; one that cannot be (the stub's own memory is there) is left
+// out, its pages staged. Runs on the tracer thread.
+func (p *Process) mapAnnounced(st *staging) error {
+	for _, a := range st.announced {
+		got, err := p.call(unix.SYS_MMAP, uintptr(a[0]), uintptr(a[1]-a[0]), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uintptr(0), 0)
+		if err != nil {
+			continue
+		}
+		if uint64(got) != a[0] { // a kernel without MAP_FIXED_NOREPLACE
+			if _, err := p.call(unix.SYS_MUNMAP, got, uintptr(a[1]-a[0])); err != nil {
+				return fmt.Errorf("unmap %#x: %w", got, err)
+			}
+			continue
+		}
+		st.placed = append(st.placed, a)
+	}
+	return nil
 }
 
 // placedAt returns the index of the placed area holding addr, or of the
@@ -377,21 +389,25 @@ func (p *Process) dropPlaced(st *staging, drops [][2]uint64) error {
 }
 
 // unplace reads the pages of a placed area back into staging (all-zero
-// pages read as zero anyway) and, if unmap, unmaps it.
+// pages read as zero anyway; only the pages the stub has, by its
+// pagemap: a tree member's area holds none of those it shares with its
+// parent) and, if unmap, unmaps it.
 func (p *Process) unplace(st *staging, a [2]uint64, unmap bool) error {
 	zero := make([]byte, pageSize)
-	for addr := a[0]; addr < a[1]; {
-		take := min(a[1]-addr, uint64(len(st.buf)))
-		b := st.buf[:take]
-		if err := p.mem.Read(addr, b); err != nil {
-			return fmt.Errorf("pre-copied area %#x-%#x: read back: %w", a[0], a[1], err)
-		}
-		for off := uint64(0); off < take; off += pageSize {
-			if pg := b[off : off+pageSize]; !bytes.Equal(pg, zero) {
-				st.putBytes(addr+off, pg)
+	for _, r := range p.residentRuns(a) {
+		for addr := r[0]; addr < r[1]; {
+			take := min(r[1]-addr, uint64(len(st.buf)))
+			b := st.buf[:take]
+			if err := p.mem.Read(addr, b); err != nil {
+				return fmt.Errorf("pre-copied area %#x-%#x: read back: %w", a[0], a[1], err)
 			}
+			for off := uint64(0); off < take; off += pageSize {
+				if pg := b[off : off+pageSize]; !bytes.Equal(pg, zero) {
+					st.putBytes(addr+off, pg)
+				}
+			}
+			addr += take
 		}
-		addr += take
 	}
 	if !unmap {
 		return nil
@@ -402,6 +418,39 @@ func (p *Process) unplace(st *staging, a [2]uint64, unmap bool) error {
 		}
 		return nil
 	})
+}
+
+// residentRuns returns the runs of a (a placed area) that the stub has
+// pages in (present or swapped, by /proc/PID/pagemap), ascending; the
+// whole of a if its pagemap cannot be read.
+func (p *Process) residentRuns(a [2]uint64) [][2]uint64 {
+	whole := [][2]uint64{a}
+	f, err := os.Open(fmt.Sprintf("/proc/%d/pagemap", p.mem.Pid))
+	if err != nil {
+		return whole
+	}
+	defer f.Close()
+	const step = 4096 // entries read at once
+	buf := make([]byte, 8*step)
+	var out [][2]uint64
+	for base := a[0]; base < a[1]; base += step * pageSize {
+		n := min((a[1]-base)/pageSize, step)
+		if _, err := f.ReadAt(buf[:8*n], int64(base/pageSize*8)); err != nil {
+			return whole
+		}
+		for j := uint64(0); j < n; j++ {
+			if binary.LittleEndian.Uint64(buf[8*j:])&(1<<63|1<<62) == 0 {
+				continue
+			}
+			addr := base + j*pageSize
+			if k := len(out) - 1; k >= 0 && out[k][1] == addr {
+				out[k][1] += pageSize
+			} else {
+				out = append(out, [2]uint64{addr, addr + pageSize})
+			}
+		}
+	}
+	return out
 }
 
 // prepareLive, the prepare step of a live migration's process, keeps the
@@ -593,6 +642,23 @@ func (b *stageBlockT) eachRun(base uint64, fn func(stagedRun) error) error {
 		p = q
 	}
 	return nil
+}
+
+// dropInParent forgets the pages staged for p (a live migration's
+// pre-copy) that it shares with its parent (image.VMA.InParent, in the
+// areas kept from the fork of its parent's built stub: forkLate). They
+// are its parent's as of the stop, the same frame, so the fork holds
+// them already; writing the pre-copied ones would be exact too, but
+// would make each a copy of its own.
+func (p *Process) dropInParent(st *staging) {
+	for _, v := range p.vmas {
+		if !p.kept[v.Start] {
+			continue
+		}
+		for _, r := range v.InParent {
+			st.drop(r[0], r[1]-r[0])
+		}
+	}
 }
 
 // applyStaged writes the pages staged for p into it. A tree member's

@@ -481,7 +481,9 @@ func (a *Agent) killWithTracer(pid int) error {
 			if err != nil {
 				continue
 			}
-			if err := ptrace.SetOptions(tid, unix.PTRACE_O_EXITKILL); err != nil {
+			// TRACESYSGOOD kept: the capture seized it so (a call
+			// through a sigreturn frame needs it).
+			if err := ptrace.SetOptions(tid, unix.PTRACE_O_EXITKILL|unix.PTRACE_O_TRACESYSGOOD); err != nil {
 				return fmt.Errorf("thread %d of pid %d: PTRACE_O_EXITKILL: %w", tid, pid, err)
 			}
 		}

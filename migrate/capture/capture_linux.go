@@ -721,6 +721,9 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 		return nil, err
 	}
 	th.in = in
+	if in.Check, err = seccompCheck(f.Pid, tid); err != nil {
+		return nil, err
+	}
 	regs := in.Saved()
 	t.Regs = regs.Slice()
 	if t.XState, err = ptrace.GetXState(tid); err != nil {
@@ -744,8 +747,35 @@ func (f *Frozen) describeThread(th *thread, site uint64, maps []procfs.Mapping) 
 		return nil, err
 	}
 	g, gl := f.gadget(maps)
-	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState)
-	if err := f.injectThreadQueries(th, t); err != nil {
+	guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, 0)
+	// The describing calls follow one another without settling the
+	// thread between them; putBack settles it.
+	in.Chain = true
+	altKnown := func() {
+		switch {
+		case onAltstack(t, regs.Rsp):
+			// The frame is bounded by the altstack, not by the
+			// mapping that holds it (the heap, another stack): it
+			// must not reach below it again. No room there, the
+			// calls are stepped.
+			if in.Guarded() {
+				in.DropSigreturn()
+				guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, t.AltSP)
+			}
+		case t.AltFlags&ssDisable == 0 && t.AltSize > 0 && !threadStack(maps, regs.Rsp):
+			// Below rsp may not be the thread's (a coroutine's
+			// or goroutine's stack in the heap): the frame goes
+			// on its altstack, armed and unused (no signal is
+			// taken during a call, and the frame's rt_sigreturn
+			// restores the mask before any can be).
+			in.DropSigreturn()
+			guardCalls(in, g, gl, f.Pid, tid, t.AltSP+t.AltSize, maps, t.XState, t.AltSP)
+			if !in.Guarded() {
+				guardCalls(in, g, gl, f.Pid, tid, regs.Rsp, maps, t.XState, 0)
+			}
+		}
+	}
+	if err := f.injectThreadQueries(th, t, altKnown); err != nil {
 		return nil, err
 	}
 	return t, nil
@@ -860,15 +890,38 @@ func (f *Frozen) injectProcessQueries(th *thread, p *image.Process, caught uint6
 	return nil
 }
 
-// injectThreadQueries reads per-thread state only the thread can report.
+// SS_ONSTACK and SS_DISABLE (sigaltstack(2)).
+const (
+	ssOnStack = 1
+	ssDisable = 2
+)
+
+// onAltstack reports whether rsp is on t's altstack, as the kernel's
+// on_sig_stack decides it.
+func onAltstack(t *image.Thread, rsp uint64) bool {
+	return t.AltFlags&ssDisable == 0 && t.AltSize > 0 && rsp > t.AltSP && rsp-t.AltSP <= t.AltSize
+}
+
+// injectThreadQueries reads per-thread state only the thread can report,
+// calling altKnown first thing once it knows the thread's altstack.
 // Runs on the tracer thread.
-func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread) error {
+func (f *Frozen) injectThreadQueries(th *thread, t *image.Thread, altKnown func()) error {
 	s := uintptr(th.scratchAddr)
 	_, b, err := f.call(th, 24, unix.SYS_SIGALTSTACK, 0, s)
 	if err != nil {
 		return fmt.Errorf("sigaltstack: %w", err)
 	}
 	t.AltSP, t.AltFlags, t.AltSize = le64(b[0:]), int32(le64(b[8:])), le64(b[16:])
+	// The kernel says SS_ONSTACK from the rsp of the call, which a
+	// sigreturn frame's call has below the thread's own (possibly below
+	// the altstack); the thread's own rsp says it.
+	if t.AltFlags&ssDisable == 0 {
+		t.AltFlags &^= ssOnStack
+		if onAltstack(t, th.in.Saved().Rsp) {
+			t.AltFlags |= ssOnStack
+		}
+	}
+	altKnown()
 	if _, b, err = f.call(th, 8, unix.SYS_PRCTL, unix.PR_GET_TID_ADDRESS, s); err != nil {
 		return fmt.Errorf("prctl(PR_GET_TID_ADDRESS): %w", err)
 	}
@@ -968,10 +1021,13 @@ func (f *Frozen) putBack(th *thread) error {
 		th.scratchOrig = nil
 	}
 	if th.in != nil {
-		if err := th.in.ReleaseSigreturn(); err != nil {
+		// Restore first: a thread parked in a call made through its
+		// sigreturn frame is settled, then the frame's memory goes
+		// back.
+		if err := th.in.Restore(); err != nil {
 			return err
 		}
-		return th.in.Restore()
+		return th.in.ReleaseSigreturn()
 	}
 	return nil
 }

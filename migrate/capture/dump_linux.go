@@ -26,7 +26,10 @@ type run struct {
 	addr uint64
 	len  int
 	anon bool // contents of an anonymous area: all-zero pages may be dropped
-	off  int  // where the contents are in the chunk's buffer (runs to write)
+	// shared: pages shared copy-on-write with another process, read
+	// through /proc/PID/mem (ptrace.Mem.ReadFile), which leaves them so
+	shared bool
+	off    int // where the contents are in the chunk's buffer (runs to write)
 }
 
 type chunk struct {
@@ -152,7 +155,19 @@ type reader struct {
 }
 
 func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
+	return r.readAreas(pagemap, nil, vmas, nil)
+}
+
+// readAreas is readAll leaving out, when parent (the pagemap of the
+// process's parent) is not nil, the private anonymous pages that are
+// still the parent's (the same frame at the same address), each told to
+// skipped.
+func (r *reader) readAreas(pagemap, parent *os.File, vmas []image.VMA, skipped func(addr uint64)) error {
 	entries := make([]uint64, pagemapStep)
+	var pe []uint64
+	if parent != nil {
+		pe = make([]uint64, pagemapStep)
+	}
 	for i := range vmas {
 		v := &vmas[i]
 		if v.Kind.Kernel() || (v.Kind == image.VMAFile && v.Shared) {
@@ -170,6 +185,22 @@ func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
 					return err
 				}
 			}
+			fromParent := parent != nil && v.Kind == image.VMAAnon && !v.Shared
+			if fromParent {
+				// A range the parent has not mapped reads as zeros.
+				if err := readPagemap(parent, base, pe[:n]); err != nil {
+					fromParent = false
+				}
+			}
+			if fromParent {
+				for j := range e {
+					c, p := e[j], pe[j]
+					if c&pmPresent != 0 && p&pmPresent != 0 && c&pmExclusive == 0 && c&pmPFN != 0 && c&pmPFN == p&pmPFN {
+						e[j] = 0 // not wanted
+						skipped(base + uint64(j)*pageSize)
+					}
+				}
+			}
 			want := func(j int) bool {
 				if !wantPage(v, e[j]) {
 					return false
@@ -178,16 +209,22 @@ func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
 				_, shared := inParentAt(v, base+uint64(j)*pageSize)
 				return !shared
 			}
+			// A private anonymous page mapped elsewhere too (a fork's,
+			// copy-on-write) is read so as to stay shared: a live
+			// migration's or a failed freeze's original keeps it one
+			// page, and a tree's sharing is still there to be found
+			// at the stop (markCow).
+			cow := func(j int) bool { return v.Kind == image.VMAAnon && !v.Shared && e[j]&pmExclusive == 0 }
 			for j := 0; j < n; {
 				if !want(j) {
 					j++
 					continue
 				}
 				k := j + 1
-				for k < n && want(k) {
+				for k < n && want(k) && cow(k) == cow(j) {
 					k++
 				}
-				if err := r.add(base+uint64(j)*pageSize, (k-j)*pageSize, anon); err != nil {
+				if err := r.addRun(base+uint64(j)*pageSize, (k-j)*pageSize, anon, cow(j)); err != nil {
 					return err
 				}
 				j = k
@@ -197,8 +234,32 @@ func (r *reader) readAll(pagemap *os.File, vmas []image.VMA) error {
 	return r.flush()
 }
 
+// read fills r.buf with the queued runs: the shared ones each through
+// /proc/PID/mem, the others gathered by process_vm_readv between them.
+func (r *reader) read() error {
+	off, from, fromOff := 0, 0, 0 // from: the first run not read yet
+	for i, rr := range r.runs {
+		if rr.shared {
+			if err := r.mem.ReadV(r.buf[fromOff:off], r.iov[from:i]); err != nil {
+				return err
+			}
+			if err := r.mem.ReadFile(rr.addr, r.buf[off:off+rr.len]); err != nil {
+				return err
+			}
+			from, fromOff = i+1, off+rr.len
+		}
+		off += rr.len
+	}
+	return r.mem.ReadV(r.buf[fromOff:off], r.iov[from:])
+}
+
 // add queues a run of pages, flushing full buffers.
 func (r *reader) add(addr uint64, n int, anon bool) error {
+	return r.addRun(addr, n, anon, false)
+}
+
+// addRun is add for pages that may be shared copy-on-write (run.shared).
+func (r *reader) addRun(addr uint64, n int, anon, shared bool) error {
 	for n > 0 {
 		if r.buf == nil {
 			select {
@@ -213,7 +274,7 @@ func (r *reader) add(addr uint64, n int, anon bool) error {
 		if take > n {
 			take = n
 		}
-		r.runs = append(r.runs, run{addr: addr, len: take, anon: anon})
+		r.runs = append(r.runs, run{addr: addr, len: take, anon: anon, shared: shared})
 		r.iov = append(r.iov, unix.RemoteIovec{Base: uintptr(addr), Len: take})
 		r.used += take
 		addr += uint64(take)
@@ -231,7 +292,7 @@ func (r *reader) flush() error {
 	if r.buf == nil {
 		return nil
 	}
-	if err := r.mem.ReadV(r.buf[:r.used], r.iov); err != nil {
+	if err := r.read(); err != nil {
 		return fmt.Errorf("read memory: %w", err)
 	}
 	// Zero pages are dropped and the rest summed here, on the pages just

@@ -3,6 +3,7 @@ package capture
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
@@ -41,6 +42,45 @@ func seccompAllows(pid, tid int, ip uintptr, nr uintptr, args ...uint64) (bool, 
 		}
 	}
 	return true, nil
+}
+
+// seccompCheck returns a check for thread tid's injector (ptrace.Injector
+// Check) that refuses a call its seccomp filters would not let through as
+// it is: refused, trapped, or killed for, which would take the process
+// with it. nil for a thread without filters. The filters are read once:
+// only the thread itself can add one, and it is stopped. Runs on the
+// tracer thread.
+func seccompCheck(pid, tid int) (func(nr uintptr, ip uint64, args []uintptr) error, error) {
+	st, err := procfs.ThreadStatus(pid, tid)
+	if err != nil {
+		return nil, err
+	}
+	if st["Seccomp"] == "0" || st["Seccomp"] == "" {
+		return nil, nil
+	}
+	fs, err := ptrace.SeccompFilters(tid)
+	if err != nil {
+		return nil, fmt.Errorf("thread %d: seccomp filters: %w", tid, err)
+	}
+	return func(nr uintptr, ip uint64, args []uintptr) error {
+		a := make([]uint64, len(args))
+		for i, v := range args {
+			a[i] = uint64(v)
+		}
+		data := seccompData(nr, ip, a)
+		for i, f := range fs {
+			ret, err := runFilter(f.Prog, data)
+			if err != nil {
+				return fmt.Errorf("thread %d: seccomp filter %d: %w", tid, i, err)
+			}
+			switch ret & unix.SECCOMP_RET_ACTION_FULL {
+			case unix.SECCOMP_RET_ALLOW, unix.SECCOMP_RET_LOG:
+			default:
+				return fmt.Errorf("thread %d: its seccomp filter %d does not allow system call %d (action %#x): not injected", tid, i, nr, ret)
+			}
+		}
+		return nil
+	}, nil
 }
 
 // seccompData lays out struct seccomp_data for x86-64. Classic BPF loads

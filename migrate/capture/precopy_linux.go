@@ -63,12 +63,17 @@ type LiveOptions struct {
 
 // LiveStats report what a live migration did.
 type LiveStats struct {
-	Rounds       int       // pre-copy rounds before the stop (the full copy included)
-	PrecopyBytes uint64    // page contents sent while the process ran
-	FinalBytes   uint64    // page contents of tracked areas sent after the stop
-	Untracked    int       // areas sent in full after the stop
-	StoppedAt    time.Time // when the process was stopped for the final round
-	Fallback     bool      // the writer outran the link: stopped early
+	Rounds       int    // pre-copy rounds before the stop (the full copy included)
+	PrecopyBytes uint64 // page contents sent while the process ran
+	FinalBytes   uint64 // page contents of tracked areas sent after the stop
+	// SharedBytes: pages a tree member shared with its parent (copy on
+	// write) when its pre-copy began, left out of it: they come with the
+	// fork of its parent on the receiver, or, those unshared by the
+	// stop, in FinalBytes.
+	SharedBytes uint64
+	Untracked   int       // areas sent in full after the stop
+	StoppedAt   time.Time // when the process was stopped for the final round
+	Fallback    bool      // the writer outran the link: stopped early
 	// FlagsAtStop: the areas' VmFlags were read (smaps, a walk of every
 	// page table) with the process stopped, not while it ran
 	// (vmwatch_linux.go).
@@ -104,6 +109,9 @@ type trackedArea struct {
 	sent       []uint64 // bitmap: pages the receiver holds
 	ok         bool     // every write since registration is accounted for
 	stack      bool     // grows down: not announced (a receiver maps it flat)
+	// deferred: pages round 0 left out as its parent's (precopy.parent),
+	// to be sent at the stop unless they are its parent's still
+	deferred int
 }
 
 func (a *trackedArea) mark(addr, n uint64) {
@@ -130,6 +138,12 @@ type precopy struct {
 	// have changed them since (vmwatch_linux.go).
 	watch *vmWatch
 	rd    int // the thread through which pid's /proc is read
+	// parent: in a tree, the pre-copy of the member's parent, if
+	// tracked. Round 0 leaves out the pages the member still shares
+	// with it copy-on-write (the receiver forks the member from its
+	// parent once that is built, image.TreeProc.Cow): what is still
+	// shared at the stop comes with the fork, the rest is sent then.
+	parent *precopy
 }
 
 // startPrecopy opens the tracking of pid's private anonymous memory:
@@ -248,10 +262,14 @@ func openTargetUffd(tr *ptrace.Tracer, pid int, attach func() (*Frozen, error), 
 			return err
 		}
 		f.threads[0].in = in
+		if in.Check, err = seccompCheck(pid, in.Tid); err != nil {
+			return err
+		}
 		if xs, err := ptrace.GetXState(in.Tid); err == nil {
 			g, gl := f.gadget(maps)
-			guardCalls(in, g, gl, pid, in.Tid, in.Saved().Rsp, maps, xs)
+			guardCalls(in, g, gl, pid, in.Tid, in.Saved().Rsp, maps, xs, 0)
 		}
+		in.Chain = true // settled by Resume (putBack)
 		fd, err := in.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|uffdUserModeOnly)
 		if err != nil {
 			return err
@@ -581,7 +599,11 @@ func (pc *precopy) first(s *sender, announce bool) error {
 		// An area unmapped or shrunk while it is read fails its pagemap
 		// or memory read: like a later round's, given up (sent after the
 		// stop), unless the sink failed.
-		if err := r.readAll(pc.pagemap, vmas); err != nil && s.werr == nil {
+		var parent *os.File
+		if pc.parent != nil {
+			parent = pc.parent.pagemap
+		}
+		if err := r.readAreas(pc.pagemap, parent, vmas, pc.deferPage); err != nil && s.werr == nil {
 			return readErr{err}
 		} else if err != nil {
 			return err
@@ -592,6 +614,69 @@ func (pc *precopy) first(s *sender, announce bool) error {
 		return pc.giveUp(err)
 	}
 	return nil
+}
+
+// deferPage counts a page round 0 left out as its parent's.
+func (pc *precopy) deferPage(addr uint64) {
+	if a := pc.area(addr); a != nil {
+		a.deferred++
+		pc.stats.SharedBytes += pageSize
+	}
+}
+
+// sendDeferred sends, at the stop, the pages of the areas kept that
+// round 0 left out as the parent's (trackedArea.deferred) and that are
+// neither sent since nor the parent's now (vmas: the areas as frozen,
+// image.VMA.InParent marked): the parent wrote them during the rounds.
+func (pc *precopy) sendDeferred(s *sender, kept []*trackedArea, vmas []image.VMA) error {
+	var areas []*trackedArea
+	for _, a := range kept {
+		if a.deferred > 0 {
+			areas = append(areas, a)
+		}
+	}
+	if len(areas) == 0 {
+		return nil
+	}
+	return copyMemory(pc.mem, s.write, func(r *reader) error {
+		entries := make([]uint64, pagemapStep)
+		for _, a := range areas {
+			v := &image.VMA{Start: a.start, End: a.end, Kind: image.VMAAnon}
+			for i := range vmas {
+				if vmas[i].Start == a.start && vmas[i].End == a.end {
+					v = &vmas[i]
+				}
+			}
+			for base := a.start; base < a.end; base += pagemapStep * pageSize {
+				n := int(min((a.end-base)/pageSize, pagemapStep))
+				e := entries[:n]
+				if err := readPagemap(pc.pagemap, base, e); err != nil {
+					return err
+				}
+				want := func(j int) bool {
+					addr := base + uint64(j)*pageSize
+					_, shared := inParentAt(v, addr)
+					return wantPage(v, e[j]) && !a.isSent((addr-a.start)/pageSize) && !shared
+				}
+				cow := func(j int) bool { return e[j]&pmExclusive == 0 }
+				for j := 0; j < n; {
+					if !want(j) {
+						j++
+						continue
+					}
+					k := j + 1
+					for k < n && want(k) && cow(k) == cow(j) {
+						k++
+					}
+					if err := r.addRun(base+uint64(j)*pageSize, (k-j)*pageSize, true, cow(j)); err != nil {
+						return err
+					}
+					j = k
+				}
+			}
+		}
+		return r.flush()
+	})
 }
 
 // announce writes a PrecopyArea record for each area of pc followed,
@@ -729,6 +814,16 @@ func (pc *precopy) last(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, 
 		return nil
 	})
 	if err != nil {
+		return nil, 0, err
+	}
+	// After the written pages are marked sent (by s.write). (The held
+	// pages scanned before include those it sends: present, the
+	// process stopped.)
+	areas := make([]*trackedArea, len(kept))
+	for i := range kept {
+		areas[i] = kept[i].trackedArea
+	}
+	if err := pc.sendDeferred(s, areas, vmas); err != nil {
 		return nil, 0, err
 	}
 	// Pages the receiver holds that the process no longer has: freed

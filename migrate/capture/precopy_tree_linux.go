@@ -58,6 +58,7 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 	queue, seen := []int{pid}, map[int]bool{pid: true}
 	whole := true // every process of the tree tracked
 	var found []treeFound
+	byPid := map[int]*precopy{} // the members tracked, by host pid
 	for len(queue) > 0 {
 		m := queue[0]
 		queue = queue[1:]
@@ -97,6 +98,9 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 			continue
 		}
 		pc.saved, pc.started = saved, procfs.StatField(stat, 22)
+		// Its parent was found before it (breadth first).
+		pc.parent = byPid[int(procfs.StatField(stat, 4))]
+		byPid[m] = pc
 		t.members = append(t.members, pc)
 		found = append(found, f)
 	}

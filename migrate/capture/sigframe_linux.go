@@ -22,8 +22,11 @@ import (
 // sigreturn frame of the thread's own state instead (ptrace.SetSigreturn):
 // whenever we die, the thread restores itself. Without one (a static
 // program that never installs a handler, a thread with a shadow stack,
-// whose rt_sigreturn would want a token), calls are stepped as before and
-// the window is one call long.
+// whose rt_sigreturn would want a token, a thread whose seccomp filters
+// refuse rt_sigreturn), calls are stepped as before and the window is one
+// call long. A thread whose stack pointer is not in a thread stack
+// (threadStack) has its frame moved onto its altstack, armed and unused,
+// once the first call (sigaltstack) has told where it is.
 
 // seizeOptions are the ptrace options of a captured thread: a call made
 // through a sigreturn frame stops at syscall entry and exit, and a tracer
@@ -92,10 +95,17 @@ func (f *Frozen) gadget(maps []procfs.Mapping) (uint64, int) {
 }
 
 // guardCalls gives th's injector a sigreturn frame below its stack's red
-// zone and the scratch memory, when it can (see above). Runs on the
-// tracer thread.
-func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int, rsp uint64, maps []procfs.Mapping, xstate []byte) {
+// zone and the scratch memory, not below low (0: the mapping's start),
+// when it can (see above). Runs on the tracer thread.
+func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int, rsp uint64, maps []procfs.Mapping, xstate []byte, low uint64) {
 	if gadget == 0 || shadowStack(pid, tid) {
+		return
+	}
+	// Let go by a dead tracer, the thread makes the rt_sigreturn: a
+	// filter that refuses it would kill the process for it or, with
+	// EPERM, leave the thread to run on from the sequence on our
+	// registers.
+	if ok, err := seccompAllows(pid, tid, uintptr(gadget)+uintptr(gadgetLen), unix.SYS_RT_SIGRETURN); err != nil || !ok {
 		return
 	}
 	top := (rsp - 128 - scratchLen - 64) &^ 63
@@ -103,8 +113,27 @@ func guardCalls(in *ptrace.Injector, gadget uint64, gadgetLen int, pid, tid int,
 		if m.Start <= top && rsp <= m.End && m.Writable() && !m.Shared() {
 			// Without a frame (an xsave area of another layout, no
 			// room) calls are stepped, as they always were.
-			in.SetSigreturn(gadget, gadgetLen, m.Start, top, xstate)
+			in.SetSigreturn(gadget, gadgetLen, max(m.Start, low), top, xstate)
 			return
 		}
 	}
+}
+
+// threadStack reports whether rsp lies in a stack the kernel or libc laid
+// out for a thread: the main thread's [stack], or a mapping right above a
+// guard (an inaccessible mapping ending where it starts), as glibc's and
+// musl's thread stacks are. Below rsp there, down to the mapping's start,
+// is the thread's own to lend. Elsewhere (a coroutine's stack or a
+// goroutine's, in the heap) its stack may end just below rsp, and what
+// lies below is someone else's.
+func threadStack(maps []procfs.Mapping, rsp uint64) bool {
+	for i, m := range maps {
+		if m.Start < rsp && rsp <= m.End {
+			if m.Path == "[stack]" {
+				return true
+			}
+			return i > 0 && maps[i-1].End == m.Start && strings.HasPrefix(maps[i-1].Perms, "---")
+		}
+	}
+	return false
 }

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/pcluster/pcluster/internal/fixture"
 	"github.com/pcluster/pcluster/migrate/ptrace"
 )
@@ -153,4 +155,110 @@ func stateOf(pid int) byte {
 		return s[i+2]
 	}
 	return '?'
+}
+
+// TestInjectTracerKilledGo is TestInjectTracerKilled for a Go program
+// (gohttp -nonet: several OS threads, goroutines checking their counts):
+// its calls go through frames on Go's own rt_sigreturn sequence
+// (runtime.sigreturn), on goroutine and system stacks. It must go on
+// ticking, its checks passing.
+func TestInjectTracerKilledGo(t *testing.T) {
+	if os.Getenv(injectLoopEnv) != "" {
+		t.Skip("the tracer's own run")
+	}
+	p := fixture.Start(t, fixture.Build(t, "gohttp"), "-nonet", "8")
+	p.Lines.Expect(t, `^tick 1 `, 30*time.Second)
+	killTracers(t, p, 30)
+	for _, l := range p.Drain() {
+		if strings.HasPrefix(l, "FAIL") {
+			t.Fatalf("gohttp: %s", l)
+		}
+	}
+	for n := 0; n < 3; n++ {
+		l, err := p.Lines.Match(`^(tick \d+ |FAIL)`, 10*time.Second)
+		if err != nil || strings.HasPrefix(l[0], "FAIL") {
+			t.Fatalf("gohttp after 30 killed tracers: %q %v", l, err)
+		}
+	}
+}
+
+// TestInjectTracerKilledTinyStacks is TestInjectTracerKilled for a process
+// whose threads run on 16 KiB stacks (fixture tinystack), one blocked in
+// read, one sleeping: every thread's calls go through a frame of its own
+// within its stack, and the threads go on (the reader still reads, the
+// sleeper still ticks).
+func TestInjectTracerKilledTinyStacks(t *testing.T) {
+	if os.Getenv(injectLoopEnv) != "" {
+		t.Skip("the tracer's own run")
+	}
+	// The tracer before the fixture, which dies with the thread that
+	// forked it (Pdeathsig): the tracer's, locked, ends with Close.
+	tr := ptrace.NewTracer()
+	defer tr.Close()
+	p := fixture.Start(t, fixture.Build(t, "tinystack"))
+	p.Lines.Expect(t, `^ready$`, 10*time.Second)
+	p.Lines.Expect(t, `^tick 1$`, 10*time.Second)
+	f, err := Attach(tr, p.Pid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.gather(nil, nil)
+	guarded := 0
+	for _, th := range f.threads {
+		if th.in != nil && th.in.Guarded() {
+			guarded++
+		}
+	}
+	if rerr := f.Resume(); rerr != nil {
+		t.Fatal(rerr)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if guarded != 3 {
+		t.Errorf("%d of 3 threads' calls made through a frame", guarded)
+	}
+	killTracers(t, p, 30)
+	if err := p.WriteLine("wake"); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, `^woke 1$`, 10*time.Second)
+	p.Drain()
+	p.Lines.Expect(t, `^tick \d+$`, 10*time.Second)
+}
+
+// TestInjectCoroutineFrame describes a thread blocked in read on a
+// coroutine stack in the heap (fixture costack: makecontext, as green
+// threads and Go's goroutines run) with 1200 bytes left below it, right
+// above a canary block. The memory below its stack pointer is not its to
+// lend: once its altstack is known (the first call), its frame goes there
+// (armed, unused). Before, the frame went below the coroutine stack, into
+// the canary, and 30 tracers killed mid-capture left it corrupted.
+func TestInjectCoroutineFrame(t *testing.T) {
+	tr := ptrace.NewTracer() // before the fixture: see TestInjectTracerKilledTinyStacks
+	defer tr.Close()
+	p := fixture.Start(t, fixture.Build(t, "costack"))
+	p.Lines.Expect(t, `^ready$`, 10*time.Second)
+	waitInSyscall(t, p.Pid(), unix.SYS_READ)
+	f, err := Attach(tr, p.Pid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := f.gather(nil, nil)
+	if err != nil {
+		f.Resume()
+		t.Fatal(err)
+	}
+	lo, hi := f.threads[0].in.FrameArea()
+	alt := r.thrs[0]
+	if alt.AltSize == 0 || lo < alt.AltSP || hi > alt.AltSP+alt.AltSize {
+		t.Errorf("frame at %#x-%#x, want it within the altstack %#x-%#x", lo, hi, alt.AltSP, alt.AltSP+alt.AltSize)
+	}
+	if err := f.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WriteLine("wake"); err != nil {
+		t.Fatal(err)
+	}
+	p.Lines.Expect(t, `^woke canary ok$`, 10*time.Second)
 }

@@ -247,11 +247,11 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	}
 	// Which members share pages with their parent, read while all are
 	// stopped (before the forks let them run: the pages must be those of
-	// the snapshot); not in a live migration (below).
-	if t.precopy == nil {
-		if err := t.markCow(rs); err != nil {
-			return fmt.Errorf("freeze %d: %w", t.Pid, err)
-		}
+	// the snapshot). In a live migration too: the frames shared at the
+	// stop are what counts, whatever the rounds sent of those pages (the
+	// receiver drops its pre-copy of the ranges marked).
+	if err := t.markCow(rs); err != nil {
+		return fmt.Errorf("freeze %d: %w", t.Pid, err)
 	}
 	if t.cow != nil {
 		forked, err := t.snapshotForks(rs, files)
@@ -285,9 +285,7 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 		t.queried()
 	}
 	// A live migration's final rounds: all pre-copy records come
-	// before the tree record. Its members' pages are their own on the
-	// receiver (written from the pre-copy), so none is marked as shared
-	// with its parent's (markCow, above, is for the others).
+	// before the tree record.
 	if t.precopy != nil {
 		if err := t.precopy.finish(enc, t.members, rs); err != nil {
 			return fmt.Errorf("freeze %d: %w", t.Pid, err)

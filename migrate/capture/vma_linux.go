@@ -107,6 +107,9 @@ const (
 	pmPresent = 1 << 63
 	pmSwap    = 1 << 62
 	pmFile    = 1 << 61 // file page or shared anonymous
+	// pmExclusive: the page is mapped by this process only (a present
+	// page's mapcount is 1): not shared copy-on-write with a fork.
+	pmExclusive = 1 << 56
 )
 
 const pageSize = 4096

@@ -36,6 +36,15 @@ type Injector struct {
 	mask   uint64
 	// frame, set by SetSigreturn, makes calls safe against our death.
 	frame *sigFrame
+	// Chain, set by the caller, keeps the thread between two calls made
+	// through the frame in the exit stop of the first, pointed at the
+	// sequence (as safe), rather than settled after each: one stop less
+	// a call. The caller then settles it (Settle, Restore) before it
+	// looks at the thread or lets it go.
+	Chain bool
+	// parked: the thread is in the exit stop of the last call made
+	// through frame, pointed at the sequence (Syscall, Settle).
+	parked bool
 	// Signals holds signals that arrived while injecting; they were
 	// dequeued by the stop and must be re-queued or recorded by the caller.
 	Signals []unix.Signal
@@ -44,6 +53,11 @@ type Injector struct {
 	NewChild int
 	// Timeout bounds each call or batch; 0 means StopTimeout.
 	Timeout time.Duration
+	// Check, when set, is asked before each call whether the thread may
+	// make it (its seccomp filters): nr and args, and ip, the address
+	// the kernel will see it made from. Its error is returned and the
+	// call is not made.
+	Check func(nr uintptr, ip uint64, args []uintptr) error
 }
 
 func (in *Injector) bound() time.Duration {
@@ -70,13 +84,18 @@ func NewInjector(tid int, site uintptr) (*Injector, error) {
 // otherwise be dequeued by the stop, held only by us and lost if we died)
 // and ends with settle: from one call to the next, and after the last, the
 // thread is exactly as it was, so the window in which our death would
-// harm it is one call long. Runs on the tracer thread.
+// harm it is one call long. A thread inside an rseq critical section is
+// taken to be at its abort handler (rseq_linux.go). Runs on the tracer
+// thread.
 func NewSeizedInjector(tid int, site uintptr) (*Injector, error) {
 	in, err := NewInjector(tid, site)
 	if err != nil {
 		return nil, err
 	}
 	if in.mask, err = GetSigmask(tid); err != nil {
+		return nil, err
+	}
+	if err := in.rseqAbort(); err != nil {
 		return nil, err
 	}
 	in.seized = true
@@ -97,19 +116,44 @@ const blockable = ^uint64(1<<(unix.SIGKILL-1) | 1<<(unix.SIGSTOP-1) | 1<<(unix.S
 // result; a negative result in -4095..-1 is returned as an Errno.
 // Runs on the tracer thread.
 func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
+	if in.Check != nil {
+		// The frame's call is made at the entry of the sequence's
+		// rt_sigreturn, rip pointed at the sequence; a stepped one at
+		// Site.
+		ip := uint64(in.Site) + 2
+		if in.frame != nil && !makesTask(nr) {
+			ip = in.frame.gadget
+		}
+		if err := in.Check(nr, ip, args); err != nil {
+			return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+		}
+	}
 	if !in.seized {
 		return in.syscall(nr, args)
-	}
-	if err := SetSigmask(in.Tid, blockable); err != nil {
-		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	}
 	var ret uintptr
 	var err error
 	if in.frame != nil && !makesTask(nr) {
+		// Signals are blocked once the thread points at the frame
+		// (frameSyscall): blocked before, a tracer dying in between
+		// would leave it to run on with every signal blocked.
 		ret, err = in.frameSyscall(nr, args)
+		if err == nil && in.Chain {
+			// Parked in the call's exit stop, pointed at the
+			// sequence, its frame in place: let go now, the thread
+			// restores itself; the next call goes on from here, one
+			// stop saved (settle's). Settle (or Restore) ends it.
+			in.parked = true
+			return ret, nil
+		}
+	} else if err = in.Settle(); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+	} else if err = SetSigmask(in.Tid, blockable); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	} else {
 		ret, err = in.syscall(nr, args)
 	}
+	in.parked = false
 	if serr := in.settle(); serr != nil {
 		return 0, errors.Join(err, fmt.Errorf("inject syscall %d: %w", nr, serr))
 	}
@@ -130,12 +174,17 @@ func (in *Injector) Syscall(nr uintptr, args ...uintptr) (uintptr, error) {
 // a system call it was in restarted as the kernel would have.
 // Runs on the tracer thread.
 func (in *Injector) settle() error {
-	if err := SetRegs(in.Tid, in.saved); err != nil {
-		return err
-	}
+	// The mask first: with the registers still at the frame's sequence,
+	// a tracer dying in between leaves the thread to restore itself
+	// from the frame, mask and all; put back after the registers, the
+	// thread would run on with every signal blocked.
 	if err := SetSigmask(in.Tid, in.mask); err != nil {
 		return err
 	}
+	if err := SetRegs(in.Tid, in.saved); err != nil {
+		return err
+	}
+	in.step(6)
 	if err := Interrupt(in.Tid); err != nil {
 		return fmt.Errorf("interrupt %d: %w", in.Tid, err)
 	}
@@ -336,11 +385,59 @@ func trapPending(tid int) bool {
 
 // Restore puts back the registers saved when the injector was made (or
 // last given to SetSaved). Runs on the tracer thread.
-func (in *Injector) Restore() error { return SetRegs(in.Tid, in.saved) }
+func (in *Injector) Restore() error {
+	if in.parked {
+		return in.Settle()
+	}
+	return SetRegs(in.Tid, in.saved)
+}
+
+// Settle ends a run of calls made through the frame (the thread parked in
+// the last one's exit stop): the thread is put back as it was, parked in
+// its interrupt stop, and the frame's memory written back. Nothing to do
+// otherwise. Runs on the tracer thread.
+func (in *Injector) Settle() error {
+	if !in.parked {
+		return nil
+	}
+	in.parked = false
+	if err := in.settle(); err != nil {
+		return err
+	}
+	return in.ReleaseSigreturn()
+}
 
 // SetSaved replaces the registers Restore will write and on which injected
 // calls are based. A sigreturn frame built on the old ones is dropped.
-func (in *Injector) SetSaved(r *Regs) { c := *r; in.saved = &c; in.frame = nil }
+func (in *Injector) SetSaved(r *Regs) {
+	if in.parked {
+		in.Settle()
+	}
+	c := *r
+	in.saved = &c
+	in.frame = nil
+}
+
+// DropSigreturn makes the injector's calls stepped again, until another
+// SetSigreturn. Runs on the tracer thread, between calls.
+func (in *Injector) DropSigreturn() error {
+	err := in.Settle()
+	in.frame = nil
+	return err
+}
+
+// FrameArea returns the memory a sigreturn frame borrows for each call,
+// [lo, hi), or zeros without one.
+func (in *Injector) FrameArea() (lo, hi uint64) {
+	if in.frame == nil {
+		return 0, 0
+	}
+	return in.frame.base, in.frame.base + uint64(len(in.frame.bytes))
+}
+
+// Guarded reports whether the injector's calls go through a sigreturn
+// frame (SetSigreturn).
+func (in *Injector) Guarded() bool { return in.frame != nil }
 
 // makesTask: a call that makes a process or thread, which is stepped: made
 // through the frame, the new task would return into the sigreturn sequence

@@ -44,6 +44,25 @@ func (m *Mem) Read(addr uint64, buf []byte) error {
 	return m.move(addr, buf, unix.ProcessVMReadv, (*os.File).ReadAt, "read")
 }
 
+// ReadFile fills buf from addr through /proc/PID/mem only. Unlike
+// process_vm_readv, which pins the pages it reads (FOLL_PIN) and so makes
+// the tracee's own copy of every anonymous page it still shares
+// copy-on-write with another process (a fork's parent or child), it
+// leaves such pages shared.
+func (m *Mem) ReadFile(addr uint64, buf []byte) error {
+	if len(buf) == 0 {
+		return nil
+	}
+	f, err := m.procMem()
+	if err != nil {
+		return fmt.Errorf("read %#x: %w", addr, err)
+	}
+	if _, err := f.ReadAt(buf, int64(addr)); err != nil {
+		return fmt.Errorf("read %d bytes at %#x: %w", len(buf), addr, err)
+	}
+	return nil
+}
+
 // ReadV gathers several remote ranges into buf in one system call where
 // possible. ranges are (addr, len) pairs whose lengths add up to len(buf).
 func (m *Mem) ReadV(buf []byte, ranges []unix.RemoteIovec) error {

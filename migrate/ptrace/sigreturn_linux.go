@@ -56,11 +56,21 @@ const (
 type sigFrame struct {
 	gadget    uint64 // the sequence's first byte
 	gadgetLen int
+	base      uint64 // frameScratch bytes for a query of ours, then the frame
 	addr      uint64 // the frame (struct rt_sigframe); rsp = addr + 8
-	bytes     []byte // the frame and its XSAVE area, from addr
+	bytes     []byte // the scratch, the frame and its XSAVE area, from base
 	orig      []byte // what the thread's memory held there
 	mem       *Mem
+	// restarts caches, for signals 1–64, whether their handler has
+	// SA_RESTART (bit sig-1), once known (bit in known).
+	restarts, known uint64
+	querying        bool // a query of ours for the frame is under way
+	noneCaught      bool // no unblocked signal has a handler (nextCaught)
 }
+
+// frameScratch is the room below the frame for the result of a query the
+// frame itself needs (rt_sigaction's old action).
+const frameScratch = 32
 
 // SetSigreturn makes in's calls safe against the tracer's death (see
 // above). gadget is the address of GadgetEAX or GadgetRAX (gadgetLen
@@ -97,37 +107,24 @@ func (in *Injector) SetSigreturn(gadget uint64, gadgetLen int, low, top uint64, 
 	}
 	fp := (top - uint64(xs) - 4) &^ 63
 	addr := ((fp - rtSigframeSize) &^ 15) - 8
-	if top < uint64(xs)+4+rtSigframeSize+128 || addr < low {
+	base := addr - frameScratch
+	if top < uint64(xs)+4+rtSigframeSize+frameScratch+128 || base < low {
 		return fmt.Errorf("sigreturn frame: no room below %#x (stack from %#x)", top, low)
 	}
-	b := make([]byte, fp+uint64(xs)+4-addr)
+	b := make([]byte, fp+uint64(xs)+4-base)
 	le := binary.LittleEndian
-	le.PutUint64(b[8:], ucFlags) // uc_flags: UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
-	le.PutUint32(b[32:], 3)      // uc_stack.ss_flags: invalid, so the altstack is left alone
+	f := b[frameScratch:]
+	le.PutUint64(f[8:], ucFlags) // uc_flags: UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+	le.PutUint32(f[32:], 3)      // uc_stack.ss_flags: invalid, so the altstack is left alone
 	r := *in.saved
-	rax, rip := r.Rax, r.Rip
-	if int64(r.Orig_rax) >= 0 {
-		// What the kernel does for a stopped syscall resumed without a
-		// handler; rt_sigreturn sets orig_rax to -1, so it would not.
-		switch -int64(r.Rax) {
-		case ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND:
-			rax, rip = r.Orig_rax, rip-2
-		case ERESTART_RESTARTBLOCK:
-			rax, rip = unix.SYS_RESTART_SYSCALL, rip-2
-		}
-	}
-	mc := b[48:304]
-	for i, v := range []uint64{r.R8, r.R9, r.R10, r.R11, r.R12, r.R13, r.R14, r.R15,
-		r.Rdi, r.Rsi, r.Rbp, r.Rbx, r.Rdx, rax, r.Rcx, r.Rsp, rip, r.Eflags} {
-		le.PutUint64(mc[i*8:], v)
-	}
+	mc := f[48:304]
 	le.PutUint16(mc[144:], uint16(r.Cs))
 	le.PutUint16(mc[146:], uint16(r.Gs))
 	le.PutUint16(mc[148:], uint16(r.Fs))
 	le.PutUint16(mc[150:], uint16(r.Ss))
 	le.PutUint64(mc[184:], fp) // fpstate
-	le.PutUint64(b[304:], in.mask)
-	x := b[fp-addr:]
+	le.PutUint64(f[304:], in.mask)
+	x := b[fp-base:]
 	copy(x, xstate)
 	sw := x[464:512]
 	clear(sw)
@@ -136,7 +133,7 @@ func (in *Injector) SetSigreturn(gadget uint64, gadgetLen int, low, top uint64, 
 	le.PutUint64(sw[8:], xcr0)
 	le.PutUint32(sw[16:], uint32(xs)) // xstate_size
 	le.PutUint32(x[xs:], fpXStateMagic2)
-	in.frame = &sigFrame{gadget: gadget, gadgetLen: gadgetLen, addr: addr, bytes: b, mem: NewMem(in.Tid)}
+	in.frame = &sigFrame{gadget: gadget, gadgetLen: gadgetLen, base: base, addr: addr, bytes: b, mem: NewMem(in.Tid)}
 	return nil
 }
 
@@ -147,7 +144,7 @@ func (in *Injector) ReleaseSigreturn() error {
 	if sf == nil || sf.orig == nil {
 		return nil
 	}
-	if err := sf.mem.Write(sf.addr, sf.orig); err != nil {
+	if err := sf.mem.Write(sf.base, sf.orig); err != nil {
 		return fmt.Errorf("thread %d: put back the sigreturn frame's memory: %w", in.Tid, err)
 	}
 	sf.orig = nil
@@ -158,14 +155,28 @@ func (in *Injector) ReleaseSigreturn() error {
 // the thread in the call's exit stop for settle.
 func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 	sf := in.frame
+	if in.parked && !sf.querying {
+		// In the last call's exit stop: on into the sequence's
+		// rt_sigreturn, the frame written and the signals blocked.
+		return in.frameCall(nr, args, time.Now().Add(in.bound()))
+	}
 	if sf.orig == nil {
 		orig := make([]byte, len(sf.bytes))
-		if err := sf.mem.Read(sf.addr, orig); err != nil {
+		if err := sf.mem.Read(sf.base, orig); err != nil {
 			return 0, fmt.Errorf("inject syscall %d: read the frame's memory: %w", nr, err)
 		}
 		sf.orig = orig
 	}
-	if err := sf.mem.Write(sf.addr, sf.bytes); err != nil {
+	res, err := in.resumeRegs()
+	if err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+	}
+	mc := sf.bytes[frameScratch+48:]
+	for i, v := range []uint64{res.R8, res.R9, res.R10, res.R11, res.R12, res.R13, res.R14, res.R15,
+		res.Rdi, res.Rsi, res.Rbp, res.Rbx, res.Rdx, res.Rax, res.Rcx, res.Rsp, res.Rip, res.Eflags} {
+		binary.LittleEndian.PutUint64(mc[i*8:], v)
+	}
+	if err := sf.mem.Write(sf.base, sf.bytes); err != nil {
 		return 0, fmt.Errorf("inject syscall %d: write the sigreturn frame: %w", nr, err)
 	}
 	r := *in.saved
@@ -174,25 +185,58 @@ func (in *Injector) frameSyscall(nr uintptr, args []uintptr) (uintptr, error) {
 	if err := SetRegs(in.Tid, &r); err != nil {
 		return 0, err
 	}
-	deadline := time.Now().Add(in.bound())
+	// Pointed at the frame, the thread may have its signals blocked
+	// (Syscall): a tracer dying from here on leaves it to restore its own
+	// mask from the frame.
+	if err := SetSigmask(in.Tid, blockable); err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+	}
+	in.step(5)
+	in.step(1)
+	return in.frameCall(nr, args, time.Now().Add(in.bound()))
+}
+
+// frameCall makes the call from the thread pointed at the sequence (or
+// parked in the exit stop of the call before): stopped entering the
+// sequence's rt_sigreturn, it is given the call there.
+func (in *Injector) frameCall(nr uintptr, args []uintptr, deadline time.Time) (uintptr, error) {
+	sf := in.frame
 	cur, err := in.syscallStop(nr, syscallEntry, deadline)
 	if err != nil {
 		return 0, err
 	}
+	in.step(2)
 	cur.setSyscall(uintptr(sf.gadget), nr, args)
 	cur.Orig_rax = uint64(nr)
 	if err := SetRegs(in.Tid, cur); err != nil {
 		return 0, err
 	}
+	in.step(3)
 	out, err := in.syscallStop(nr, syscallExit, deadline)
 	if err != nil {
 		return 0, err
 	}
+	in.step(4)
 	ret := int64(out.Rax)
 	if ret < 0 && ret > -4096 {
 		return 0, syscall.Errno(-ret)
 	}
 	return uintptr(ret), nil
+}
+
+// frameStep is called at each step of a call made through a frame, the
+// thread stopped there: 5 its signals blocked, 1 pointed at the sequence,
+// 2 in the rt_sigreturn's entry stop, 3 given the call there, 4 in the
+// call's exit stop, 6 its registers put back (settle). Tests set it to
+// have the tracer die at a chosen step.
+var frameStep = func(step int) {}
+
+// step calls frameStep for a call through a frame but one of the frame's
+// own queries (see handlerRestarts).
+func (in *Injector) step(n int) {
+	if in.frame != nil && !in.frame.querying {
+		frameStep(n)
+	}
 }
 
 // syscallStop resumes the thread with PTRACE_SYSCALL until it stops at a
