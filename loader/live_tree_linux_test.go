@@ -404,7 +404,7 @@ func tryLiveMoveTree(t *testing.T, a *agents, pid int, pidns bool, o capture.Liv
 	if err != nil || serr != nil {
 		return nil, nil, st, fmt.Errorf("target: %v; source: %v", err, serr)
 	}
-	t.Logf("rounds %d, pre-copied %d bytes, shared with the parent %d, after the stop %d bytes, untracked areas %d", st.Rounds, st.PrecopyBytes, st.SharedBytes, st.FinalBytes, st.Untracked)
+	t.Logf("rounds %d, pre-copied %d bytes, shared with the parent %d, after the stop %d bytes, untracked areas %d, flags read at the stop %v", st.Rounds, st.PrecopyBytes, st.SharedBytes, st.FinalBytes, st.Untracked, st.FlagsAtStop)
 	if frozen != 1 || roundsThen != st.Rounds || roundsThen == 0 {
 		t.Errorf("the Frozen hook ran %d times, after %d of the %d rounds; want once, after all of them", frozen, roundsThen, st.Rounds)
 	}

@@ -85,6 +85,9 @@ type Frozen struct {
 	gadgetSought bool
 	// precopy, for pfreeze -live: the pages already sent while it ran.
 	precopy *precopy
+	// flagsMaps: the areas at the stop with the VmFlags read while the
+	// process ran, still right (takeFlags); gather reads smaps without.
+	flagsMaps []procfs.Mapping
 	// cow, for a checkpoint that leaves the process running: its memory
 	// is read from a snapshot child after an early Resume (forksnap_linux.go).
 	cow *cowRun
@@ -425,9 +428,20 @@ func (f *Frozen) gather(shm map[uint64][][2]uint64, inner map[uint64]bool) (*rec
 	if f.cow != nil {
 		read = procfs.MapsLayout
 	}
-	maps, err := read(f.rd)
-	if err != nil {
-		return nil, err
+	if f.precopy != nil {
+		// First: the calls injected below are counted too.
+		ok, err := f.takeFlags(f.precopy)
+		if err != nil {
+			return nil, err
+		}
+		f.precopy.stats.FlagsAtStop = !ok
+	}
+	maps := f.flagsMaps
+	if maps == nil {
+		var err error
+		if maps, err = read(f.rd); err != nil {
+			return nil, err
+		}
 	}
 	vmas, err := describeVMAs(f.rd, maps, f.mem)
 	if err != nil {

@@ -74,6 +74,10 @@ type LiveStats struct {
 	Untracked   int       // areas sent in full after the stop
 	StoppedAt   time.Time // when the process was stopped for the final round
 	Fallback    bool      // the writer outran the link: stopped early
+	// FlagsAtStop: the areas' VmFlags were read (smaps, a walk of every
+	// page table) with the process stopped, not while it ran
+	// (vmwatch_linux.go).
+	FlagsAtStop bool
 }
 
 const (
@@ -130,6 +134,10 @@ type precopy struct {
 	pagemap *os.File
 	areas   []*trackedArea
 	vec     []pageRegion
+	// watch: the areas' flags read while it ran, and the calls that can
+	// have changed them since (vmwatch_linux.go).
+	watch *vmWatch
+	rd    int // the thread through which pid's /proc is read
 	// parent: in a tree, the pre-copy of the member's parent, if
 	// tracked. Round 0 leaves out the pages the member still shares
 	// with it copy-on-write (the receiver forks the member from its
@@ -141,11 +149,12 @@ type precopy struct {
 // startPrecopy opens the tracking of pid's private anonymous memory:
 // stopped only for the one injected call that makes the userfaultfd.
 func startPrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*precopy, error) {
-	return startPrecopyWith(tr, pid, o, func() (*Frozen, error) { return Attach(tr, pid) })
+	return startPrecopyWith(tr, pid, o, func() (*Frozen, error) { return Attach(tr, pid) }, true)
 }
 
-// startPrecopyWith is startPrecopy stopping pid with attach.
-func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (*Frozen, error)) (*precopy, error) {
+// startPrecopyWith is startPrecopy stopping pid with attach; watch: the
+// calls that change the areas' flags are counted (vmwatch_linux.go).
+func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (*Frozen, error), watch bool) (*precopy, error) {
 	if o.MaxRounds <= 0 {
 		o.MaxRounds = 8
 	}
@@ -160,7 +169,7 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 	if rd == 0 {
 		return nil, fmt.Errorf("live %d: process is a zombie", pid)
 	}
-	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(rd), vec: make([]pageRegion, 4096)}
+	pc := &precopy{pid: pid, o: o, stats: o.Stats, mem: ptrace.NewMem(rd), vec: make([]pageRegion, 4096), rd: rd}
 	if pc.stats == nil {
 		pc.stats = &LiveStats{}
 	}
@@ -173,6 +182,13 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 	// registering a range read from a running process's maps, which it
 	// may have grown since, would split its area in two, and an mremap
 	// of the whole would then fail (EFAULT) in the process.
+	// The counters open while it runs (tens of milliseconds), before
+	// the stop, which they must cover (vmwatch_linux.go).
+	var w *vmWatch
+	if watch {
+		w = startVMWatch(pid)
+	}
+	defer func() { w.release() }() // unless the stop took it
 	var apiErr error
 	uffd, err := openTargetUffd(tr, pid, attach, func(uffd *os.File) error {
 		api := uffdioAPIArg{API: uffdAPI, Features: uffdFeatureWPAsync | uffdFeatureWPUnpopulated}
@@ -198,6 +214,7 @@ func startPrecopyWith(tr *ptrace.Tracer, pid int, o LiveOptions, attach func() (
 			n := (m.End - m.Start) / pageSize
 			pc.areas = append(pc.areas, &trackedArea{start: m.Start, end: m.End, sent: make([]uint64, (n+63)/64), ok: true, stack: m.Path == "[stack]"})
 		}
+		pc.watch, w = w.stopped(pid), nil
 		return nil
 	})
 	pc.uffd = uffd
@@ -312,6 +329,8 @@ func vdsoSyscallSite(mem *ptrace.Mem, maps []procfs.Mapping) (uint64, error) {
 }
 
 func (pc *precopy) close() {
+	pc.watch.release()
+	pc.watch = nil
 	if pc.uffd != nil {
 		pc.uffd.Close() // unregisters every area
 		pc.uffd = nil
@@ -343,16 +362,59 @@ func (pc *precopy) scan(a *trackedArea, protect bool) ([][2]uint64, error) {
 	return pc.scanFor(a, flags, pageIsWritten, 0, pageIsWritten, 0)
 }
 
-// held returns the pages of a that hold contents: present (the shared
-// zero page excepted) or swapped out.
-func (pc *precopy) held(a *trackedArea) ([][2]uint64, error) {
-	return pc.scanFor(a, pmScanCheckWPAsync, 0, pageIsPresent|pageIsSwapped, pageIsPresent|pageIsSwapped|pageIsPfnZero, pageIsPfnZero)
+// stopScan walks a once with the process stopped: the pages written
+// since the last round (which the final round sends) and those that hold
+// contents (present, the shared zero page excepted, or swapped out: any
+// other page the receiver holds is dropped there), from one PAGEMAP_SCAN
+// returning each page's categories. Three walks did it before (still
+// registered?, the written pages, the held ones): 4-5 ms each for a GiB
+// of present pages. An area no longer registered as it was is marked
+// not ok.
+func (pc *precopy) stopScan(a *trackedArea) (written, held [][2]uint64, err error) {
+	err = pc.walk(a, pmScanCheckWPAsync, 0, pageIsWritten|pageIsPresent|pageIsSwapped,
+		pageIsWritten|pageIsPresent|pageIsSwapped|pageIsPfnZero, func(r pageRegion) {
+			if r.Categories&pageIsWritten != 0 {
+				written = appendRun(written, r.Start, r.End)
+			}
+			if r.Categories&(pageIsPresent|pageIsSwapped) != 0 && r.Categories&pageIsPfnZero == 0 {
+				held = appendRun(held, r.Start, r.End)
+			}
+		})
+	if err != nil || !a.ok {
+		return nil, nil, err
+	}
+	return written, held, nil
+}
+
+// appendRun appends [start, end) to runs, joined to the last run when it
+// follows it: the scan splits a run where other categories change.
+func appendRun(runs [][2]uint64, start, end uint64) [][2]uint64 {
+	if n := len(runs); n > 0 && runs[n-1][1] == start {
+		runs[n-1][1] = end
+		return runs
+	}
+	return append(runs, [2]uint64{start, end})
 }
 
 // scanFor runs PAGEMAP_SCAN over a, leaving out regions with a category
 // of skip.
 func (pc *precopy) scanFor(a *trackedArea, flags, mask, anyof, ret, skip uint64) ([][2]uint64, error) {
 	var out [][2]uint64
+	err := pc.walk(a, flags, mask, anyof, ret, func(r pageRegion) {
+		if r.Categories&skip == 0 {
+			out = append(out, [2]uint64{r.Start, r.End})
+		}
+	})
+	if err != nil || !a.ok {
+		return nil, err
+	}
+	return out, nil
+}
+
+// walk runs PAGEMAP_SCAN over a and gives each region found to fn. An
+// area no longer registered as it was is marked not ok (fn may have been
+// given regions of it by then).
+func (pc *precopy) walk(a *trackedArea, flags, mask, anyof, ret uint64, fn func(pageRegion)) error {
 	for start := a.start; start < a.end; {
 		regs, walkEnd, err := pagemapScan(pc.pagemap, start, a.end, flags, mask, anyof, ret, pc.vec)
 		if err != nil {
@@ -360,21 +422,19 @@ func (pc *precopy) scanFor(a *trackedArea, flags, mask, anyof, ret, skip uint64)
 			// tree member that exited: no longer ours to follow.
 			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) {
 				a.ok = false
-				return nil, nil
+				return nil
 			}
-			return nil, fmt.Errorf("pagemap scan %#x-%#x: %w", start, a.end, err)
+			return fmt.Errorf("pagemap scan %#x-%#x: %w", start, a.end, err)
 		}
 		for _, r := range regs {
-			if r.Categories&skip == 0 {
-				out = append(out, [2]uint64{r.Start, r.End})
-			}
+			fn(r)
 		}
 		if walkEnd <= start {
-			return nil, fmt.Errorf("pagemap scan %#x-%#x made no progress", start, a.end)
+			return fmt.Errorf("pagemap scan %#x-%#x made no progress", start, a.end)
 		}
 		start = walkEnd
 	}
-	return out, nil
+	return nil
 }
 
 // sender writes pre-copy pages to enc, marking them sent (in pc, the
@@ -427,6 +487,14 @@ func runRounds(enc *image.Encoder, pid int, o LiveOptions, stats *LiveStats, pcs
 			return nil
 		}
 		return enc.Write(&image.PrecopyMember{Pid: pc.saved})
+	}
+	// The areas' flags (vmwatch_linux.go), read before the full copy:
+	// read after it, the 20 ms of smaps a GiB lengthened round 1 (more
+	// pages written in it, at times one round more).
+	for _, pc := range pcs {
+		if pc.watch != nil {
+			pc.watch.readFlags(pc.rd)
+		}
 	}
 	s := &sender{enc: enc, bw: o.Bandwidth, t0: time.Now()}
 	for _, pc := range pcs {
@@ -710,13 +778,19 @@ func (pc *precopy) last(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, 
 	}
 	done := map[uint64]bool{}
 	s := &sender{pc: pc, enc: enc, t0: time.Now()} // stopped: no cap
-	var kept []*trackedArea
+	type keptArea struct {
+		*trackedArea
+		written, held [][2]uint64
+	}
+	var kept []keptArea
 	for _, a := range pc.areas {
 		if a.ok && !same[[2]uint64{a.start, a.end}] {
 			a.ok = false
 		}
+		k := keptArea{trackedArea: a}
 		if a.ok {
-			if _, err := pc.scan(a, false); err != nil { // still registered?
+			var err error
+			if k.written, k.held, err = pc.stopScan(a); err != nil {
 				return nil, 0, err
 			}
 		}
@@ -727,15 +801,11 @@ func (pc *precopy) last(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, 
 			}
 			continue
 		}
-		kept = append(kept, a)
+		kept = append(kept, k)
 	}
 	err := copyMemory(pc.mem, s.write, func(r *reader) error {
 		for _, a := range kept {
-			runs, err := pc.scan(a, false)
-			if err != nil {
-				return err
-			}
-			for _, run := range runs {
+			for _, run := range a.written {
 				if err := r.add(run[0], int(run[1]-run[0]), false); err != nil {
 					return err
 				}
@@ -746,22 +816,21 @@ func (pc *precopy) last(enc *image.Encoder, vmas []image.VMA) (map[uint64]bool, 
 	if err != nil {
 		return nil, 0, err
 	}
-	// After the written pages are marked sent (by s.write).
-	if err := pc.sendDeferred(s, kept, vmas); err != nil {
+	// After the written pages are marked sent (by s.write). (The held
+	// pages scanned before include those it sends: present, the
+	// process stopped.)
+	areas := make([]*trackedArea, len(kept))
+	for i := range kept {
+		areas[i] = kept[i].trackedArea
+	}
+	if err := pc.sendDeferred(s, areas, vmas); err != nil {
 		return nil, 0, err
 	}
 	// Pages the receiver holds that the process no longer has: freed
 	// (madvise) since they were sent, or the shared zero page since.
 	for _, a := range kept {
-		held, err := pc.held(a)
-		if err != nil {
-			return nil, 0, err
-		}
-		if !a.ok {
-			return nil, 0, fmt.Errorf("area %#x-%#x changed while stopped", a.start, a.end)
-		}
 		has := make([]uint64, len(a.sent))
-		for _, h := range held {
+		for _, h := range a.held {
 			for p := (h[0] - a.start) / pageSize; p < (h[1]-a.start)/pageSize; p++ {
 				has[p/64] |= 1 << (p % 64)
 			}

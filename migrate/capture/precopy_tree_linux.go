@@ -91,7 +91,7 @@ func startTreePrecopy(tr *ptrace.Tracer, pid int, o LiveOptions) (*treePrecopy, 
 			}
 			f.status = st
 		}
-		pc, err := startPrecopyWith(tr, m, o, func() (*Frozen, error) { return attachMember(tr, m, ns) })
+		pc, err := startPrecopyWith(tr, m, o, func() (*Frozen, error) { return attachMember(tr, m, ns) }, true)
 		if err != nil {
 			whole = false
 			t.notice(fmt.Sprintf("live %d: pid %d is not copied live (%v): stopped for the whole copy", pid, m, err))
@@ -247,6 +247,35 @@ func (t *treePrecopy) finish(enc *image.Encoder, members []*Frozen, rs []*record
 	}
 	t.stats.FinalBytes = bytes
 	return enc.Write(&image.Round{N: t.stats.Rounds, Bytes: bytes, Final: true, At: t.stats.StoppedAt.UnixNano()})
+}
+
+// takeFlags gives every member of the tree, stopped, the flags its
+// pre-copy read while it ran, if still right (Frozen.takeFlags), before
+// any call is injected into any of them: a member forked during the
+// rounds counts its calls in its parent's counters too.
+func (t *treePrecopy) takeFlags(members []*Frozen) error {
+	at := map[int]*Frozen{}
+	for _, f := range members {
+		at[f.Pid] = f
+	}
+	all := len(members) == len(t.members)
+	for _, pc := range t.members {
+		f := at[pc.pid]
+		if f == nil {
+			continue
+		}
+		if stat, err := procfs.Stat(pc.pid); err != nil || procfs.StatField(stat, 22) != pc.started {
+			all = false
+			continue
+		}
+		ok, err := f.takeFlags(pc)
+		if err != nil {
+			return fmt.Errorf("pid %d: %w", pc.pid, err)
+		}
+		all = all && ok
+	}
+	t.stats.FlagsAtStop = !all
+	return nil
 }
 
 func (t *treePrecopy) close() {

@@ -233,6 +233,11 @@ func (t *FrozenTree) Write(enc *image.Encoder) error {
 	// Every member is described (the calls injected into it) before the
 	// first of them is written: queried may freeze them all another way
 	// (an agent's cgroup), after which no injected call would run.
+	if t.precopy != nil {
+		if err := t.precopy.takeFlags(t.members); err != nil {
+			return fmt.Errorf("freeze %d: %w", t.Pid, err)
+		}
+	}
 	shm, files := map[uint64][][2]uint64{}, map[uint64]bool{}
 	rs := make([]*records, len(t.members))
 	for i, f := range t.members {
