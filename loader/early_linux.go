@@ -291,6 +291,13 @@ func (p *Process) keepPlaced(st *staging) error {
 	if st == nil {
 		return nil
 	}
+	return p.keepExact(st)
+}
+
+// keepExact keeps (p.kept) each placed area of st that a memory area of
+// p's snapshot is exactly (private, anonymous, not growing down), reads
+// the others back into st and unmaps them.
+func (p *Process) keepExact(st *staging) error {
 	for _, a := range st.placed {
 		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].Start >= a[0] })
 		if i < len(p.vmas) {

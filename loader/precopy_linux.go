@@ -477,19 +477,9 @@ func (p *Process) prepareLive() error {
 		}
 	}
 	p.kept = map[uint64]bool{}
-	for _, a := range st.placed {
-		i := sort.Search(len(p.vmas), func(i int) bool { return p.vmas[i].Start >= a[0] })
-		if i < len(p.vmas) {
-			if v := p.vmas[i]; v.Start == a[0] && v.End == a[1] && v.Kind == image.VMAAnon && !v.Shared && !v.GrowsDown() {
-				p.kept[a[0]] = true
-				continue
-			}
-		}
-		if err := p.unplace(st, a, true); err != nil {
-			return err
-		}
+	if err := p.keepExact(st); err != nil {
+		return err
 	}
-	st.placed = nil
 	return p.tr.Do(p.stubPID)
 }
 

@@ -215,19 +215,8 @@ func (r *reader) readAreas(pagemap, parent *os.File, vmas []image.VMA, skipped f
 			// page, and a tree's sharing is still there to be found
 			// at the stop (markCow).
 			cow := func(j int) bool { return v.Kind == image.VMAAnon && !v.Shared && e[j]&pmExclusive == 0 }
-			for j := 0; j < n; {
-				if !want(j) {
-					j++
-					continue
-				}
-				k := j + 1
-				for k < n && want(k) && cow(k) == cow(j) {
-					k++
-				}
-				if err := r.addRun(base+uint64(j)*pageSize, (k-j)*pageSize, anon, cow(j)); err != nil {
-					return err
-				}
-				j = k
+			if err := r.addRuns(base, n, anon, want, cow); err != nil {
+				return err
 			}
 		}
 	}
@@ -256,6 +245,26 @@ func (r *reader) read() error {
 // add queues a run of pages, flushing full buffers.
 func (r *reader) add(addr uint64, n int, anon bool) error {
 	return r.addRun(addr, n, anon, false)
+}
+
+// addRuns queues the pages j < n from base that want(j), in runs of pages
+// alike in cow(j) (shared with another process: read so as to stay so).
+func (r *reader) addRuns(base uint64, n int, anon bool, want, cow func(j int) bool) error {
+	for j := 0; j < n; {
+		if !want(j) {
+			j++
+			continue
+		}
+		k := j + 1
+		for k < n && want(k) && cow(k) == cow(j) {
+			k++
+		}
+		if err := r.addRun(base+uint64(j)*pageSize, (k-j)*pageSize, anon, cow(j)); err != nil {
+			return err
+		}
+		j = k
+	}
+	return nil
 }
 
 // addRun is add for pages that may be shared copy-on-write (run.shared).

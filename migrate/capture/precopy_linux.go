@@ -659,19 +659,8 @@ func (pc *precopy) sendDeferred(s *sender, kept []*trackedArea, vmas []image.VMA
 					return wantPage(v, e[j]) && !a.isSent((addr-a.start)/pageSize) && !shared
 				}
 				cow := func(j int) bool { return e[j]&pmExclusive == 0 }
-				for j := 0; j < n; {
-					if !want(j) {
-						j++
-						continue
-					}
-					k := j + 1
-					for k < n && want(k) && cow(k) == cow(j) {
-						k++
-					}
-					if err := r.addRun(base+uint64(j)*pageSize, (k-j)*pageSize, true, cow(j)); err != nil {
-						return err
-					}
-					j = k
+				if err := r.addRuns(base, n, true, want, cow); err != nil {
+					return err
 				}
 			}
 		}
