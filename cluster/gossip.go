@@ -45,7 +45,14 @@ func (e *events) poke() {
 // memberlist calls these with its node lock held, so copying the node here
 // is safe; reading the *Node that Members() returns later is not (memberlist
 // keeps changing it).
-func (e *events) NotifyJoin(n *memberlist.Node)   { e.s.setMember(n, true); e.poke() }
+func (e *events) NotifyJoin(n *memberlist.Node) {
+	e.s.setMember(n, true)
+	e.poke()
+	select {
+	case e.s.joined <- struct{}{}:
+	default:
+	}
+}
 func (e *events) NotifyLeave(n *memberlist.Node)  { e.s.setMember(n, false); e.poke() }
 func (e *events) NotifyUpdate(n *memberlist.Node) { e.s.setMember(n, true); e.poke() }
 
@@ -76,6 +83,8 @@ func (s *Server) gossipLoop(ctx context.Context) {
 			return
 		case <-load.C:
 			s.refreshLoad()
+			s.savePeers()
+		case <-s.joined:
 			s.savePeers()
 		case <-rejoin.C:
 			if s.ml.NumMembers() > 1 {

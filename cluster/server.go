@@ -130,7 +130,11 @@ type Server struct {
 	gossipAddr string // this node's gossip address, fixed at start
 	advertise  net.IP // the IP peers reach this node at
 
-	events   chan struct{} // member change notifications (coalesced)
+	events chan struct{} // member change notifications (coalesced)
+	// joined is poked when a member joins: the peer list is saved then,
+	// not only at the next load tick (a node restarted before that tick
+	// had no one to rejoin).
+	joined   chan struct{}
 	apiLn    net.Listener
 	sockLn   net.Listener
 	peers    peerPolicy // who the socket serves
@@ -248,7 +252,7 @@ func Start(cfg Config) (s *Server, err error) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s = &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.Name), fsm: scheduler.NewFSM(), evlog: newEventLog(DefaultEventBuffer),
-		events: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv,
+		events: make(chan struct{}, 1), joined: make(chan struct{}, 1), ctx: ctx, cancel: cancel, live: map[string]memberlist.Node{}, advertise: adv,
 		ledAt: time.Now()} // the fence's clock starts with the daemon
 	if c, ok := node.LeaseContact(cfg.DataDir); ok && c.Before(s.ledAt) {
 		// Or earlier: a previous daemon's last contact, which its

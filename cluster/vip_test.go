@@ -280,6 +280,10 @@ func TestVIPFollowsMigrations(t *testing.T) {
 	// stream slowed, so that the target is caught building it.
 	big := fixture.Build(t, "bigheap")
 	src, dst := nodes[0], nodes[1]
+	// Restarted above: its agent adopted the server at once, but the
+	// leader marks the node ready again only once gossip sees it back
+	// (a run placed there before is refused: "node is down").
+	c.waitFor(30*time.Second, src.name+" ready again", nodeStatus(dst, src.name, "ready"))
 	var bw api.Workload
 	c.ctlJSON(src, &bw, "run", "-node", src.name, "-vip", vip.String(), big, "32")
 	c.waitFor(20*time.Second, "the VIP on "+src.name, func() error {

@@ -47,7 +47,8 @@ func seccompAllows(pid, tid int, ip uintptr, nr uintptr, args ...uint64) (bool, 
 // seccompCheck returns a check for thread tid's injector (ptrace.Injector
 // Check) that refuses a call its seccomp filters would not let through as
 // it is: refused, trapped, or killed for, which would take the process
-// with it. nil for a thread without filters. The filters are read once:
+// with it. A call they hand to a supervisor (SECCOMP_RET_USER_NOTIF) is
+// made, but for rt_sigreturn, which a sigreturn frame needs to run. nil for a thread without filters. The filters are read once:
 // only the thread itself can add one, and it is stopped. Runs on the
 // tracer thread.
 func seccompCheck(pid, tid int) (func(nr uintptr, ip uint64, args []uintptr) error, error) {
@@ -75,7 +76,19 @@ func seccompCheck(pid, tid int) (func(nr uintptr, ip uint64, args []uintptr) err
 			}
 			switch ret & unix.SECCOMP_RET_ACTION_FULL {
 			case unix.SECCOMP_RET_ALLOW, unix.SECCOMP_RET_LOG:
+			case unix.SECCOMP_RET_USER_NOTIF:
+				// Its supervisor answers it (pthaw -virtpid answers
+				// the pid calls of what it restored so): the call is
+				// made, nothing happens to the process. Not so for
+				// the frame's rt_sigreturn, which must run itself.
+				if nr != unix.SYS_RT_SIGRETURN {
+					continue
+				}
+				return fmt.Errorf("thread %d: its seccomp filter %d hands rt_sigreturn to a supervisor (action %#x)", tid, i, ret)
 			default:
+				// Trapped (SIGSYS) or killed for, which would take
+				// the process with it, or made to fail: not made,
+				// and the reason said.
 				return fmt.Errorf("thread %d: its seccomp filter %d does not allow system call %d (action %#x): not injected", tid, i, nr, ret)
 			}
 		}
