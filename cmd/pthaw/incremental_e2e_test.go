@@ -135,9 +135,7 @@ func TestIncrementalTree(t *testing.T) {
 		t.Fatalf("pid %d still running after pfreeze -tree -halt", root)
 	}
 	for _, pid := range []int{w1, w2} {
-		if err := fixture.WaitExit(pid, waitFor); err != nil {
-			t.Fatalf("after pfreeze -tree -halt: %v", err)
-		}
+		waitReaped(t, pid) // its group's id is the root's PID
 	}
 	if ps, cs := size(t, parent), size(t, child); cs >= ps {
 		t.Errorf("child of %d bytes, parent %d: want it smaller", cs, ps)
@@ -177,9 +175,9 @@ func TestIncrementalCow(t *testing.T) {
 	case <-time.After(waitFor):
 		t.Fatalf("pid %d still running after pfreeze -tree -halt", parent)
 	}
-	if err := fixture.WaitExit(child, waitFor); err != nil {
-		t.Fatal(err)
-	}
+	// Reaped, not only a zombie: until then it keeps its process
+	// group's id, the parent's PID, which the restore takes again.
+	waitReaped(t, child)
 	// The child, which shared its pages with its parent in the full
 	// snapshot (cow: its own records had none of them) and no longer
 	// does, is saved in full; the parent refers to the full snapshot.

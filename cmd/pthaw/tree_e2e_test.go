@@ -28,10 +28,10 @@ func haltTreeToFile(t *testing.T, p *fixture.Proc, others ...int) string {
 	case <-time.After(waitFor):
 		t.Fatalf("pid %d still running after pfreeze -tree -halt", p.Pid())
 	}
+	// Reaped, not only zombies: until then a member keeps its process
+	// group's and session's ids, which the restore takes again.
 	for _, pid := range others {
-		if err := fixture.WaitExit(pid, waitFor); err != nil {
-			t.Fatalf("after pfreeze -tree -halt: %v", err)
-		}
+		waitReaped(t, pid)
 	}
 	return snap
 }
