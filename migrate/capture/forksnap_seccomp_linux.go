@@ -18,14 +18,7 @@ import (
 // (SECCOMP_RET_ALLOW or SECCOMP_RET_LOG). A thread without filters
 // allows everything. Runs on the tracer thread.
 func seccompAllows(pid, tid int, ip uintptr, nr uintptr, args ...uint64) (bool, error) {
-	st, err := procfs.ThreadStatus(pid, tid)
-	if err != nil {
-		return false, err
-	}
-	if st["Seccomp"] == "0" || st["Seccomp"] == "" {
-		return true, nil
-	}
-	fs, err := ptrace.SeccompFilters(tid)
+	fs, err := threadFilters(pid, tid)
 	if err != nil {
 		return false, err
 	}
@@ -52,16 +45,9 @@ func seccompAllows(pid, tid int, ip uintptr, nr uintptr, args ...uint64) (bool, 
 // only the thread itself can add one, and it is stopped. Runs on the
 // tracer thread.
 func seccompCheck(pid, tid int) (func(nr uintptr, ip uint64, args []uintptr) error, error) {
-	st, err := procfs.ThreadStatus(pid, tid)
-	if err != nil {
+	fs, err := threadFilters(pid, tid)
+	if err != nil || fs == nil {
 		return nil, err
-	}
-	if st["Seccomp"] == "0" || st["Seccomp"] == "" {
-		return nil, nil
-	}
-	fs, err := ptrace.SeccompFilters(tid)
-	if err != nil {
-		return nil, fmt.Errorf("thread %d: seccomp filters: %w", tid, err)
 	}
 	return func(nr uintptr, ip uint64, args []uintptr) error {
 		a := make([]uint64, len(args))
@@ -94,6 +80,23 @@ func seccompCheck(pid, tid int) (func(nr uintptr, ip uint64, args []uintptr) err
 		}
 		return nil
 	}, nil
+}
+
+// threadFilters returns the seccomp filters of thread tid of pid, nil for
+// a thread that runs none. Runs on the tracer thread.
+func threadFilters(pid, tid int) ([]ptrace.SeccompFilter, error) {
+	st, err := procfs.ThreadStatus(pid, tid)
+	if err != nil {
+		return nil, err
+	}
+	if st["Seccomp"] == "0" || st["Seccomp"] == "" {
+		return nil, nil
+	}
+	fs, err := ptrace.SeccompFilters(tid)
+	if err != nil {
+		return nil, fmt.Errorf("thread %d: seccomp filters: %w", tid, err)
+	}
+	return fs, nil
 }
 
 // seccompData lays out struct seccomp_data for x86-64. Classic BPF loads
